@@ -1,0 +1,78 @@
+//! One error type for the library. Every variant renders as one line that names the file,
+//! field or key at fault; the CLI prints it and exits non-zero (no panic, no backtrace).
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A file could not be read or is malformed. `what` says what is wrong with it.
+    #[error("{path}: {what}")]
+    File { path: PathBuf, what: String },
+    /// A configuration value (config.json key, GGUF metadata key, CLI flag) is missing or invalid.
+    #[error("{source_name}: key `{key}`: {what}")]
+    Key {
+        source_name: String,
+        key: String,
+        what: String,
+    },
+    /// The model's architecture is not one we implement.
+    #[error("{source_name}: unsupported architecture `{arch}` (supported: {supported})")]
+    UnsupportedArch {
+        source_name: String,
+        arch: String,
+        supported: String,
+    },
+    /// A prompt does not fit the model's context window.
+    #[error("prompt is {tokens} tokens but the model's context window is {context} tokens{hint}")]
+    ContextOverflow {
+        tokens: usize,
+        context: usize,
+        hint: String,
+    },
+    /// A chat template failed to render (e.g. an unknown variable).
+    #[error("chat template: {0}")]
+    Template(String),
+    /// Anything else that is the user's input at fault, already phrased as one line.
+    #[error("{0}")]
+    Msg(String),
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub fn file(path: impl Into<PathBuf>, what: impl std::fmt::Display) -> Self {
+        Error::File {
+            path: path.into(),
+            what: what.to_string(),
+        }
+    }
+    pub fn key(source_name: impl Into<String>, key: impl Into<String>, what: impl std::fmt::Display) -> Self {
+        Error::Key {
+            source_name: source_name.into(),
+            key: key.into(),
+            what: what.to_string(),
+        }
+    }
+    pub fn msg(m: impl std::fmt::Display) -> Self {
+        Error::Msg(m.to_string())
+    }
+}
+
+/// Attach a file path to errors from lower layers.
+pub trait WithPath<T> {
+    fn with_path(self, path: &std::path::Path) -> Result<T>;
+}
+
+impl<T, E: std::fmt::Display> WithPath<T> for std::result::Result<T, E> {
+    fn with_path(self, path: &std::path::Path) -> Result<T> {
+        self.map_err(|e| Error::file(path, first_line(&e.to_string())))
+    }
+}
+
+/// candle errors can carry multi-line backtraces; keep the message to one line.
+pub fn first_line(s: &str) -> String {
+    s.lines().next().unwrap_or("").trim().to_string()
+}

@@ -1,0 +1,1 @@
+//! icl (to be written)

@@ -1,0 +1,21 @@
+//! ferrotune: adapt pre-trained foundation models — prompt, fine-tune, evaluate, ship.
+//!
+//! The library is usable without the CLI. Layers, bottom up:
+//! - [`ops`]: differentiable ops with hand-written backward passes (candle's fused ops drop gradients).
+//! - [`quant`]: GGML-quantized weights with SIMD kernels and an input-gradient path.
+//! - [`nn`]: our layers (`Linear`, `Embedding`, `RmsNorm`) — the seam PEFT methods wrap.
+//! - [`model`]: model code (LLaMA family) and loading from HF folders, GGUF files and the hub.
+//! - [`tokenizer`]: tokenizers from `tokenizer.json` or GGUF metadata, chat templates.
+//! - [`generate`], [`icl`], [`perplexity`], [`inspect`]: what users run.
+pub mod error;
+pub mod generate;
+pub mod icl;
+pub mod inspect;
+pub mod model;
+pub mod nn;
+pub mod ops;
+pub mod perplexity;
+pub mod quant;
+pub mod tokenizer;
+
+pub use error::{Error, Result};

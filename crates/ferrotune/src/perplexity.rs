@@ -1,0 +1,1 @@
+//! perplexity (to be written)
