@@ -1,0 +1,306 @@
+//! LLaMA-family decoder (SmolLM2, TinyLlama, Llama 2/3, Mistral, Qwen2): RMSNorm, RoPE, GQA
+//! attention, SwiGLU MLP, tied or untied embeddings. Every op it uses has a backward pass
+//! (see `ops`), so the same code serves generation and training.
+use super::config::{rope_inv_freq, LlamaConfig};
+use super::weights::WeightSource;
+use crate::nn::{Embedding, Linear, LinearWeight, RmsNorm};
+use crate::ops;
+use candle_core::{DType, Device, Result, Tensor, D};
+
+pub struct Attention {
+    pub q_proj: Linear,
+    pub k_proj: Linear,
+    pub v_proj: Linear,
+    pub o_proj: Linear,
+    n_heads: usize,
+    n_kv_heads: usize,
+    head_dim: usize,
+}
+
+pub struct Mlp {
+    pub gate_proj: Linear,
+    pub up_proj: Linear,
+    pub down_proj: Linear,
+}
+
+pub struct DecoderLayer {
+    pub input_layernorm: RmsNorm,
+    pub self_attn: Attention,
+    pub post_attention_layernorm: RmsNorm,
+    pub mlp: Mlp,
+}
+
+/// Keys and values of past positions, one entry per layer: (batch, kv_heads, seq, head_dim).
+#[derive(Clone, Default)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+}
+
+impl KvCache {
+    pub fn new(n_layers: usize) -> Self {
+        Self {
+            layers: vec![None; n_layers],
+        }
+    }
+    /// Number of cached positions.
+    pub fn len(&self) -> usize {
+        self.layers
+            .first()
+            .and_then(|l| l.as_ref())
+            .map(|(k, _)| k.dim(2).unwrap_or(0))
+            .unwrap_or(0)
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    pub fn clear(&mut self) {
+        self.layers.iter_mut().for_each(|l| *l = None);
+    }
+}
+
+pub struct Llama {
+    pub cfg: LlamaConfig,
+    pub embed_tokens: Embedding,
+    pub layers: Vec<DecoderLayer>,
+    pub norm: RmsNorm,
+    /// None when tied to the embeddings.
+    pub lm_head: Linear,
+    cos: Tensor,
+    sin: Tensor,
+    device: Device,
+}
+
+fn linear(src: &dyn WeightSource, name: &str, bias: bool) -> crate::Result<Linear> {
+    let weight = src.linear_weight(&format!("{name}.weight"))?;
+    let bias = if bias {
+        Some(src.dense(&format!("{name}.bias"))?.to_dtype(DType::F32)?)
+    } else {
+        None
+    };
+    Ok(Linear::new(name, weight, bias))
+}
+
+impl Llama {
+    /// Build the model from a weight source that speaks HF tensor names.
+    pub fn load(src: &dyn WeightSource, cfg: &LlamaConfig) -> crate::Result<Self> {
+        let device = src.device().clone();
+        let embed_tokens = Embedding::new("model.embed_tokens", src.embedding_weight("model.embed_tokens.weight")?);
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for i in 0..cfg.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            let norm = |n: &str| -> crate::Result<RmsNorm> {
+                Ok(RmsNorm::new(src.dense(&format!("{p}.{n}.weight"))?, cfg.rms_norm_eps)?)
+            };
+            layers.push(DecoderLayer {
+                input_layernorm: norm("input_layernorm")?,
+                self_attn: Attention {
+                    q_proj: linear(src, &format!("{p}.self_attn.q_proj"), cfg.qkv_bias)?,
+                    k_proj: linear(src, &format!("{p}.self_attn.k_proj"), cfg.qkv_bias)?,
+                    v_proj: linear(src, &format!("{p}.self_attn.v_proj"), cfg.qkv_bias)?,
+                    o_proj: linear(src, &format!("{p}.self_attn.o_proj"), cfg.o_bias)?,
+                    n_heads: cfg.num_attention_heads,
+                    n_kv_heads: cfg.num_key_value_heads,
+                    head_dim: cfg.head_dim,
+                },
+                post_attention_layernorm: norm("post_attention_layernorm")?,
+                mlp: Mlp {
+                    gate_proj: linear(src, &format!("{p}.mlp.gate_proj"), cfg.mlp_bias)?,
+                    up_proj: linear(src, &format!("{p}.mlp.up_proj"), cfg.mlp_bias)?,
+                    down_proj: linear(src, &format!("{p}.mlp.down_proj"), cfg.mlp_bias)?,
+                },
+            });
+        }
+        let norm = RmsNorm::new(src.dense("model.norm.weight")?, cfg.rms_norm_eps)?;
+        let lm_head = if cfg.tie_word_embeddings || !src.contains("lm_head.weight") {
+            // Tied: the LM head reads the embedding table (same storage, no copy).
+            Linear::new("lm_head", src.linear_weight("model.embed_tokens.weight")?, None)
+        } else {
+            linear(src, "lm_head", false)?
+        };
+        let (cos, sin) = rope_tables(cfg, &device)?;
+        Ok(Self {
+            cfg: cfg.clone(),
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            cos,
+            sin,
+            device,
+        })
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(self.layers.len())
+    }
+
+    /// All linear layers with their module names, for PEFT methods to wrap.
+    pub fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        let mut out = Vec::new();
+        for l in self.layers.iter_mut() {
+            let a = &mut l.self_attn;
+            out.extend([&mut a.q_proj, &mut a.k_proj, &mut a.v_proj, &mut a.o_proj]);
+            let m = &mut l.mlp;
+            out.extend([&mut m.gate_proj, &mut m.up_proj, &mut m.down_proj]);
+        }
+        out.push(&mut self.lm_head);
+        out
+    }
+
+    pub fn linears(&self) -> Vec<&Linear> {
+        let mut out = Vec::new();
+        for l in self.layers.iter() {
+            let a = &l.self_attn;
+            out.extend([&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj]);
+            let m = &l.mlp;
+            out.extend([&m.gate_proj, &m.up_proj, &m.down_proj]);
+        }
+        out.push(&self.lm_head);
+        out
+    }
+
+    /// Hidden states after the final norm: ids (b, t) -> (b, t, hidden).
+    /// With a cache, `ids` are the new tokens after the cached ones and the cache is extended.
+    pub fn forward_hidden(&self, ids: &Tensor, cache: Option<&mut KvCache>, train: bool) -> Result<Tensor> {
+        let (_b, t) = ids.dims2()?;
+        let offset = cache.as_ref().map(|c| c.len()).unwrap_or(0);
+        if offset + t > self.cos.dim(0)? {
+            candle_core::bail!(
+                "sequence of {} positions exceeds the model's context window of {}",
+                offset + t,
+                self.cos.dim(0)?
+            );
+        }
+        let cos = self.cos.narrow(0, offset, t)?;
+        let sin = self.sin.narrow(0, offset, t)?;
+        let mut x = self.embed_tokens.forward(ids)?;
+        let mut cache = cache;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let slot = cache.as_mut().map(|c| &mut c.layers[i]);
+            x = layer.forward(&x, &cos, &sin, offset, slot, train)?;
+        }
+        self.norm.forward(&x)
+    }
+
+    /// Logits for every position: (b, t, vocab) f32.
+    pub fn forward(&self, ids: &Tensor, cache: Option<&mut KvCache>) -> Result<Tensor> {
+        let h = self.forward_hidden(ids, cache, false)?;
+        self.lm_head.forward(&h)
+    }
+
+    /// Logits of the last position only: (b, vocab). Generation needs no more, and the
+    /// vocabulary projection is the single largest matmul.
+    pub fn forward_last(&self, ids: &Tensor, cache: Option<&mut KvCache>) -> Result<Tensor> {
+        let h = self.forward_hidden(ids, cache, false)?;
+        let t = h.dim(1)?;
+        let last = h.narrow(1, t - 1, 1)?;
+        self.lm_head.forward(&last)?.squeeze(1)
+    }
+}
+
+impl DecoderLayer {
+    fn forward(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        offset: usize,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        train: bool,
+    ) -> Result<Tensor> {
+        let h = self.input_layernorm.forward(x)?;
+        let h = self.self_attn.forward(&h, cos, sin, offset, cache, train)?;
+        let x = (x + h)?;
+        let h = self.post_attention_layernorm.forward(&x)?;
+        let h = self.mlp.forward(&h, train)?;
+        x + h
+    }
+}
+
+impl Attention {
+    fn forward(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        offset: usize,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        train: bool,
+    ) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let heads = |y: Tensor, n: usize| -> Result<Tensor> {
+            y.reshape((b, t, n, self.head_dim))?.transpose(1, 2)?.contiguous()
+        };
+        let q = heads(self.q_proj.forward_t(x, train)?, self.n_heads)?;
+        let k = heads(self.k_proj.forward_t(x, train)?, self.n_kv_heads)?;
+        let v = heads(self.v_proj.forward_t(x, train)?, self.n_kv_heads)?;
+        let q = ops::rope(&q, cos, sin)?;
+        let k = ops::rope(&k, cos, sin)?;
+        let (k, v) = match cache {
+            None => (k, v),
+            Some(slot) => {
+                let kv = match slot.take() {
+                    None => (k, v),
+                    Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+                };
+                *slot = Some(kv.clone());
+                kv
+            }
+        };
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let y = ops::causal_attention(&q, &k, &v, scale, offset)?;
+        let y = y.transpose(1, 2)?.reshape((b, t, self.n_heads * self.head_dim))?;
+        self.o_proj.forward_t(&y, train)
+    }
+}
+
+impl Mlp {
+    fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let g = self.gate_proj.forward_t(x, train)?;
+        let u = self.up_proj.forward_t(x, train)?;
+        self.down_proj.forward_t(&ops::swiglu(&g, &u)?, train)
+    }
+}
+
+/// cos/sin tables (max_positions, head_dim/2), f32, computed the way transformers does.
+fn rope_tables(cfg: &LlamaConfig, dev: &Device) -> Result<(Tensor, Tensor)> {
+    let inv = rope_inv_freq(cfg);
+    let n = cfg.max_position_embeddings;
+    let half = inv.len();
+    let mut cos = Vec::with_capacity(n * half);
+    let mut sin = Vec::with_capacity(n * half);
+    for p in 0..n {
+        for f in &inv {
+            let a = p as f32 * f;
+            cos.push(a.cos());
+            sin.push(a.sin());
+        }
+    }
+    Ok((
+        Tensor::from_vec(cos, (n, half), dev)?,
+        Tensor::from_vec(sin, (n, half), dev)?,
+    ))
+}
+
+/// Make sure a weight's dtype is what the op wants (f32 compute).
+pub fn ensure_f32(t: &Tensor) -> Result<Tensor> {
+    if t.dtype() == DType::F32 {
+        Ok(t.clone())
+    } else {
+        t.to_dtype(DType::F32)
+    }
+}
+
+#[allow(dead_code)]
+fn last_dim(t: &Tensor) -> Result<usize> {
+    t.dim(D::Minus1)
+}
+
+#[allow(dead_code)]
+fn is_quantized(l: &Linear) -> bool {
+    matches!(l.weight(), LinearWeight::Quantized(_))
+}

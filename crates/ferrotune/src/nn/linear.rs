@@ -1,0 +1,149 @@
+use crate::quant::QuantWeight;
+use candle_core::{DType, Result, Tensor, Var};
+use std::sync::Arc;
+
+/// The base weight of a linear layer, shape (out_features, in_features) like torch's `nn.Linear`.
+#[derive(Clone)]
+pub enum LinearWeight {
+    /// Frozen dense weight in its stored dtype. Backward yields only the input gradient:
+    /// computing a gradient for a weight nobody trains would cost time and memory.
+    Frozen(Tensor),
+    /// Trainable dense weight (full fine-tuning).
+    Trainable(Var),
+    /// Frozen GGML-quantized weight; stays quantized, gradients still reach the input.
+    Quantized(Arc<QuantWeight>),
+}
+
+impl LinearWeight {
+    /// The weight as a dense f32 tensor (dequantizing if needed).
+    pub fn to_dense_f32(&self) -> Result<Tensor> {
+        match self {
+            LinearWeight::Frozen(w) => w.to_dtype(DType::F32),
+            LinearWeight::Trainable(v) => v.as_tensor().to_dtype(DType::F32),
+            LinearWeight::Quantized(q) => q.dequantize(),
+        }
+    }
+    pub fn shape(&self) -> (usize, usize) {
+        match self {
+            LinearWeight::Frozen(w) => (w.dim(0).unwrap_or(0), w.dim(1).unwrap_or(0)),
+            LinearWeight::Trainable(v) => (v.dim(0).unwrap_or(0), v.dim(1).unwrap_or(0)),
+            LinearWeight::Quantized(q) => q.shape(),
+        }
+    }
+    /// Human-readable stored type: "f32", "bf16", "q4_1", ...
+    pub fn stored_type(&self) -> String {
+        match self {
+            LinearWeight::Frozen(w) => format!("{:?}", w.dtype()).to_lowercase(),
+            LinearWeight::Trainable(v) => format!("{:?}", v.dtype()).to_lowercase(),
+            LinearWeight::Quantized(q) => format!("{:?}", q.dtype()).to_lowercase(),
+        }
+    }
+    /// Bytes used to hold this weight in memory.
+    pub fn storage_bytes(&self) -> usize {
+        match self {
+            LinearWeight::Frozen(w) => w.elem_count() * w.dtype().size_in_bytes(),
+            LinearWeight::Trainable(v) => v.elem_count() * v.dtype().size_in_bytes(),
+            LinearWeight::Quantized(q) => q.storage_bytes(),
+        }
+    }
+}
+
+/// What every PEFT method that wraps a linear layer implements (LoRA, IA3, adapters, ...).
+/// A method sees the layer input and the base output and returns the adapted output, so adding a
+/// method never touches another one or the layer itself.
+pub trait LinearAdapter: Send + Sync {
+    /// Short method name, e.g. "lora".
+    fn method(&self) -> &'static str;
+    /// `x`: the layer input (..., in); `base_out`: base(x) (..., out). `train` enables dropout.
+    fn forward(&self, x: &Tensor, base_out: Tensor, train: bool) -> Result<Tensor>;
+    /// Trainable parameters, named relative to the wrapped layer (e.g. "lora_A.weight").
+    fn trainable_params(&self) -> Vec<(String, Var)>;
+    /// The change this adapter makes to the base weight, if it can be merged (out, in), f32.
+    fn delta_weight(&self) -> Result<Option<Tensor>> {
+        Ok(None)
+    }
+}
+
+/// A linear layer `y = x W^T + b`, followed by its attached adapters in order.
+pub struct Linear {
+    name: String,
+    weight: LinearWeight,
+    bias: Option<Tensor>,
+    adapters: Vec<(String, Box<dyn LinearAdapter>)>,
+    /// Adapters temporarily disabled (e.g. to score the base model with adapters loaded).
+    adapters_enabled: bool,
+}
+
+impl Linear {
+    pub fn new(name: impl Into<String>, weight: LinearWeight, bias: Option<Tensor>) -> Self {
+        Self {
+            name: name.into(),
+            weight,
+            bias,
+            adapters: Vec::new(),
+            adapters_enabled: true,
+        }
+    }
+    /// Module path, e.g. `model.layers.3.self_attn.q_proj` (what PEFT's `target_modules` match).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+    pub fn weight(&self) -> &LinearWeight {
+        &self.weight
+    }
+    pub fn set_weight(&mut self, weight: LinearWeight) {
+        self.weight = weight;
+    }
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+    pub fn in_features(&self) -> usize {
+        self.weight.shape().1
+    }
+    pub fn out_features(&self) -> usize {
+        self.weight.shape().0
+    }
+    pub fn add_adapter(&mut self, adapter_name: impl Into<String>, adapter: Box<dyn LinearAdapter>) {
+        self.adapters.push((adapter_name.into(), adapter));
+    }
+    pub fn remove_adapter(&mut self, adapter_name: &str) -> Option<Box<dyn LinearAdapter>> {
+        let i = self.adapters.iter().position(|(n, _)| n == adapter_name)?;
+        Some(self.adapters.remove(i).1)
+    }
+    pub fn adapters(&self) -> impl Iterator<Item = (&str, &dyn LinearAdapter)> {
+        self.adapters.iter().map(|(n, a)| (n.as_str(), a.as_ref()))
+    }
+    pub fn set_adapters_enabled(&mut self, on: bool) {
+        self.adapters_enabled = on;
+    }
+    pub fn has_active_adapters(&self) -> bool {
+        self.adapters_enabled && !self.adapters.is_empty()
+    }
+
+    /// The base projection only (no adapters).
+    pub fn forward_base(&self, x: &Tensor) -> Result<Tensor> {
+        let y = match &self.weight {
+            LinearWeight::Frozen(w) => crate::ops::frozen_linear(x, w)?,
+            LinearWeight::Trainable(w) => x.broadcast_matmul(&w.as_tensor().t()?)?,
+            LinearWeight::Quantized(q) => crate::quant::linear(x, q)?,
+        };
+        match &self.bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
+    }
+
+    pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let mut y = self.forward_base(x)?;
+        if self.adapters_enabled {
+            for (_, a) in &self.adapters {
+                y = a.forward(x, y, train)?;
+            }
+        }
+        Ok(y)
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_t(x, false)
+    }
+}
