@@ -240,3 +240,58 @@ pub fn rope_inv_freq(cfg: &LlamaConfig) -> Vec<f32> {
     }
     inv
 }
+
+impl LlamaConfig {
+    /// The HF `config.json` for this model (transformers 4.x layout, which 5.x also reads).
+    pub fn to_hf_json(&self) -> Value {
+        let model_type = match self.architecture.as_str() {
+            "MistralForCausalLM" => "mistral",
+            "Qwen2ForCausalLM" => "qwen2",
+            _ => "llama",
+        };
+        let mut v = serde_json::json!({
+            "architectures": [self.architecture],
+            "model_type": model_type,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "vocab_size": self.vocab_size,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "attention_bias": self.o_bias,
+            "mlp_bias": self.mlp_bias,
+            "hidden_act": "silu",
+            "torch_dtype": "float32",
+        });
+        if let Some(b) = self.bos_token_id {
+            v["bos_token_id"] = b.into();
+        }
+        match self.eos_token_ids.as_slice() {
+            [] => {}
+            [e] => v["eos_token_id"] = (*e).into(),
+            many => v["eos_token_id"] = many.to_vec().into(),
+        }
+        match &self.rope_scaling {
+            None => {}
+            Some(RopeScaling::Linear { factor }) => {
+                v["rope_scaling"] = serde_json::json!({"rope_type": "linear", "factor": factor})
+            }
+            Some(RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            }) => {
+                v["rope_scaling"] = serde_json::json!({"rope_type": "llama3", "factor": factor,
+                    "low_freq_factor": low_freq_factor, "high_freq_factor": high_freq_factor,
+                    "original_max_position_embeddings": original_max_position_embeddings})
+            }
+        }
+        v
+    }
+}
