@@ -1,1 +1,352 @@
-fn main() {}
+//! The `ferrotune` command: a thin layer over the library.
+use anyhow::{anyhow, bail, Context, Result};
+use candle_core::{DType, Device};
+use clap::{Args, Parser, Subcommand};
+use ferrotune::generate::{generate, GenerationConfig, LlamaDecoder};
+use ferrotune::icl::{read_jsonl, FewShot, Template};
+use ferrotune::model::{self, LoadOptions, LoadedModel};
+use ferrotune::tokenizer::ChatMessage;
+use std::io::Write;
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(name = "ferrotune", version, about = "Adapt pre-trained LLMs: prompt, fine-tune, evaluate, ship.")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate text (plain prompt, chat, or few-shot).
+    Generate(GenerateArgs),
+    /// Show a model's architecture, size, stored types and memory needs.
+    Inspect(InspectArgs),
+    /// Perplexity of a model on a text or JSONL file.
+    Perplexity(PerplexityArgs),
+    /// Write a model as a Hugging Face folder (safetensors; quantized weights are dequantized).
+    Convert(ConvertArgs),
+}
+
+#[derive(Args, Clone)]
+struct ModelArgs {
+    /// A .gguf file, an HF folder, or hf:org/name[@revision].
+    #[arg(long)]
+    model: String,
+    /// Hold dense weights in this dtype (f32, bf16, f16); default: as stored.
+    #[arg(long)]
+    dtype: Option<String>,
+    /// Dequantize quantized (GGUF) weights to dense at load.
+    #[arg(long)]
+    dequantize: bool,
+    /// Re-quantize weights at load (q8_0, q4_0, q4_1, q4k, q6k, ...).
+    #[arg(long)]
+    requantize: Option<String>,
+    /// Compute device: cpu or cuda[:N].
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Worker threads (default: all cores).
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    #[command(flatten)]
+    m: ModelArgs,
+    #[arg(long, conflicts_with = "prompt_file")]
+    prompt: Option<String>,
+    #[arg(long)]
+    prompt_file: Option<PathBuf>,
+    /// Wrap the prompt in the model's chat template.
+    #[arg(long)]
+    chat: bool,
+    /// System prompt (with --chat).
+    #[arg(long)]
+    system: Option<String>,
+    #[arg(long, default_value_t = 256)]
+    max_new_tokens: usize,
+    /// Sampling temperature; 0 (the default) decodes greedily.
+    #[arg(long)]
+    temperature: Option<f64>,
+    #[arg(long)]
+    top_k: Option<usize>,
+    #[arg(long)]
+    top_p: Option<f64>,
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    #[arg(long, default_value_t = 1.0)]
+    repetition_penalty: f32,
+    /// Stop when this string is generated (repeatable).
+    #[arg(long)]
+    stop: Vec<String>,
+    /// Keep generating past end-of-sequence tokens.
+    #[arg(long)]
+    ignore_eos: bool,
+    /// JSONL file of examples for few-shot prompting.
+    #[arg(long, requires = "template")]
+    shots: Option<PathBuf>,
+    /// Number of examples to put in the prompt (0 = zero-shot).
+    #[arg(long, default_value_t = 0)]
+    k: usize,
+    /// Example template with {field} placeholders (repeatable: one is picked per example).
+    #[arg(long)]
+    template: Vec<String>,
+    /// Text between examples.
+    #[arg(long, default_value = "\n\n")]
+    shot_separator: String,
+    /// Pick the k shots at random (seeded) instead of the first k.
+    #[arg(long)]
+    random_shots: bool,
+    /// Print one JSON line instead of streaming text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct InspectArgs {
+    #[command(flatten)]
+    m: ModelArgs,
+    #[arg(long)]
+    json: bool,
+    /// Batch size for the training-memory estimate.
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    /// Sequence length for the training-memory estimate.
+    #[arg(long, default_value_t = 512)]
+    seq_len: usize,
+}
+
+#[derive(Args)]
+struct PerplexityArgs {
+    #[command(flatten)]
+    m: ModelArgs,
+    /// Text file, or JSONL with a "text" field per line.
+    #[arg(long)]
+    file: PathBuf,
+    /// Tokens per window (default: the model's context length).
+    #[arg(long)]
+    window: Option<usize>,
+    /// Tokens between window starts (default: half the window).
+    #[arg(long)]
+    stride: Option<usize>,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct ConvertArgs {
+    #[command(flatten)]
+    m: ModelArgs,
+    #[arg(long)]
+    out: PathBuf,
+    /// Stored dtype of the written weights: f32, bf16 or f16.
+    #[arg(long = "out-dtype", default_value = "f32")]
+    out_dtype: String,
+}
+
+fn parse_dtype(s: &str) -> Result<DType> {
+    Ok(match s.to_ascii_lowercase().as_str() {
+        "f32" | "fp32" | "float32" => DType::F32,
+        "bf16" | "bfloat16" => DType::BF16,
+        "f16" | "fp16" | "float16" => DType::F16,
+        other => bail!("--dtype `{other}`: expected f32, bf16 or f16"),
+    })
+}
+
+fn parse_ggml(s: &str) -> Result<candle_core::quantized::GgmlDType> {
+    use candle_core::quantized::GgmlDType as G;
+    Ok(match s.to_ascii_lowercase().replace('_', "").as_str() {
+        "q80" => G::Q8_0,
+        "q40" => G::Q4_0,
+        "q41" => G::Q4_1,
+        "q50" => G::Q5_0,
+        "q51" => G::Q5_1,
+        "q4k" => G::Q4K,
+        "q5k" => G::Q5K,
+        "q6k" => G::Q6K,
+        "q8k" => G::Q8K,
+        other => bail!("--requantize `{other}`: expected q8_0, q4_0, q4_1, q5_0, q5_1, q4k, q5k, q6k or q8k"),
+    })
+}
+
+fn device(s: &str) -> Result<Device> {
+    match s {
+        "cpu" => Ok(Device::Cpu),
+        s if s.starts_with("cuda") => {
+            let ord = s.strip_prefix("cuda").and_then(|r| r.strip_prefix(':')).unwrap_or("0");
+            let ord: usize = ord.parse().map_err(|_| anyhow!("--device `{s}`: expected cuda or cuda:N"))?;
+            Device::new_cuda(ord).map_err(|e| anyhow!("--device {s}: {}", ferrotune::error::first_line(&e.to_string())))
+        }
+        other => bail!("--device `{other}`: expected cpu or cuda[:N]"),
+    }
+}
+
+fn load(m: &ModelArgs) -> Result<LoadedModel> {
+    if let Some(n) = m.threads {
+        // Read by rayon and by candle's matmul when their pools start.
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    }
+    let opts = LoadOptions {
+        dtype: m.dtype.as_deref().map(parse_dtype).transpose()?,
+        dequantize: m.dequantize,
+        requantize: m.requantize.as_deref().map(parse_ggml).transpose()?,
+    };
+    Ok(model::load(&m.model, &opts, &device(&m.device)?)?)
+}
+
+fn run_generate(a: GenerateArgs) -> Result<()> {
+    let prompt = match (&a.prompt, &a.prompt_file) {
+        (Some(p), _) => p.clone(),
+        (None, Some(f)) => std::fs::read_to_string(f).with_context(|| format!("{}", f.display()))?,
+        (None, None) => bail!("give --prompt TEXT or --prompt-file FILE"),
+    };
+    if a.system.is_some() && !a.chat {
+        bail!("--system needs --chat");
+    }
+    if a.shots.is_none() && a.k > 0 {
+        bail!("--k needs --shots FILE");
+    }
+    let lm = load(&a.m)?;
+    let user_text = match &a.shots {
+        None => prompt,
+        Some(f) => {
+            let templates = a.template.iter().map(|t| Template::parse(t)).collect::<ferrotune::Result<Vec<_>>>()?;
+            let fs = FewShot {
+                templates,
+                shots: read_jsonl(f)?,
+                k: a.k,
+                separator: a.shot_separator.clone(),
+                random: a.random_shots,
+                seed: a.seed,
+            };
+            fs.build(&prompt, f)?
+        }
+    };
+    let tok = &lm.tokenizer;
+    let ids = if a.chat {
+        let tmpl = tok
+            .chat_template()
+            .ok_or_else(|| anyhow!("{}: the model has no chat template; drop --chat", lm.source.path().display()))?;
+        let mut msgs = Vec::new();
+        if let Some(s) = &a.system {
+            msgs.push(ChatMessage { role: "system".into(), content: s.clone() });
+        }
+        msgs.push(ChatMessage { role: "user".into(), content: user_text });
+        let extra = serde_json::json!({ "bos_token": tok.bos_token(), "eos_token": tok.eos_token() });
+        let text = tmpl.render(&msgs, true, &extra)?;
+        tok.encode(&text, false)?
+    } else {
+        tok.encode(&user_text, true)?
+    };
+    let ctx = lm.model.cfg.max_position_embeddings;
+    if ids.len() >= ctx {
+        let hint = if a.shots.is_some() { " (use fewer shots: lower --k)" } else { " (shorten the prompt)" };
+        return Err(ferrotune::Error::ContextOverflow { tokens: ids.len(), context: ctx, hint: hint.into() }.into());
+    }
+    let temperature = a.temperature.unwrap_or(if a.top_k.is_some() || a.top_p.is_some() { 1.0 } else { 0.0 });
+    let cfg = GenerationConfig {
+        max_new_tokens: a.max_new_tokens,
+        temperature,
+        top_k: a.top_k,
+        top_p: a.top_p,
+        seed: a.seed,
+        repetition_penalty: a.repetition_penalty,
+        stop: a.stop.clone(),
+        stop_on_eos: !a.ignore_eos,
+    };
+    let mut dec = LlamaDecoder::new(&lm.model);
+    let stdout = std::io::stdout();
+    let json = a.json;
+    let mut on_text = |t: &str| {
+        if !json {
+            let mut o = stdout.lock();
+            let _ = o.write_all(t.as_bytes());
+            let _ = o.flush();
+        }
+    };
+    let out = generate(&mut dec, tok, &ids, &cfg, &mut on_text)?;
+    if json {
+        let v = serde_json::json!({
+            "text": out.text,
+            "prompt_tokens": out.prompt_tokens,
+            "generated_tokens": out.generated_tokens,
+            "prompt_tokens_per_s": out.prompt_tokens_per_s,
+            "decode_tokens_per_s": out.decode_tokens_per_s,
+            "stop_reason": out.stop_reason.as_str(),
+        });
+        println!("{v}");
+    } else {
+        println!();
+        eprintln!(
+            "[{} prompt tokens, {:.1} tok/s | {} generated, {:.1} tok/s | stop: {}]",
+            out.prompt_tokens,
+            out.prompt_tokens_per_s,
+            out.generated_tokens,
+            out.decode_tokens_per_s,
+            out.stop_reason.as_str()
+        );
+    }
+    Ok(())
+}
+
+fn run_inspect(a: InspectArgs) -> Result<()> {
+    let lm = load(&a.m)?;
+    let r = ferrotune::inspect::inspect(&lm, &a.m.model, a.batch, a.seq_len);
+    if a.json {
+        println!("{}", serde_json::to_string(&r)?);
+    } else {
+        print!("{}", r.to_text());
+    }
+    Ok(())
+}
+
+fn run_perplexity(a: PerplexityArgs) -> Result<()> {
+    let lm = load(&a.m)?;
+    let window = a.window.unwrap_or(lm.model.cfg.max_position_embeddings);
+    let stride = a.stride.unwrap_or((window / 2).max(1));
+    let nll = ferrotune::perplexity::file_perplexity(&lm.model, &lm.tokenizer, &a.file, window, stride)?;
+    if a.json {
+        println!("{}", serde_json::json!({"tokens": nll.tokens, "nll": nll.mean(), "perplexity": nll.perplexity()}));
+    } else {
+        println!("tokens {}  nll {:.5}  perplexity {:.4}", nll.tokens, nll.mean(), nll.perplexity());
+    }
+    Ok(())
+}
+
+fn run_convert(a: ConvertArgs) -> Result<()> {
+    let lm = load(&a.m)?;
+    let quantized = lm.model.linears().iter().any(|l| matches!(l.weight(), ferrotune::nn::LinearWeight::Quantized(_)));
+    if quantized {
+        eprintln!("note: quantized weights are dequantized to {} for the HF folder", a.out_dtype);
+    }
+    ferrotune::model::convert::write_hf_folder_dtype(&lm, &a.out, parse_dtype(&a.out_dtype)?)?;
+    eprintln!("wrote {}", a.out.display());
+    Ok(())
+}
+
+fn main() {
+    // A bug must still end in one line, not a backtrace.
+    std::panic::set_hook(Box::new(|info| {
+        let msg = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(|s| s.as_str())
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or("unknown");
+        let loc = info.location().map(|l| format!(" at {}:{}", l.file(), l.line())).unwrap_or_default();
+        eprintln!("error: internal error{loc}: {}", ferrotune::error::first_line(msg));
+    }));
+    let cli = Cli::parse();
+    let res = match cli.cmd {
+        Command::Generate(a) => run_generate(a),
+        Command::Inspect(a) => run_inspect(a),
+        Command::Perplexity(a) => run_perplexity(a),
+        Command::Convert(a) => run_convert(a),
+    };
+    if let Err(e) = res {
+        let chain: Vec<String> = e.chain().map(|c| ferrotune::error::first_line(&c.to_string())).collect();
+        eprintln!("error: {}", chain.join(": "));
+        std::process::exit(1);
+    }
+}

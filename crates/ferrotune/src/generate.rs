@@ -1,1 +1,354 @@
-//! generate (to be written)
+//! Text generation: KV-cache decoding, greedy or sampled (temperature, top-k, top-p, seed),
+//! repetition penalty, stop on EOS or stop strings, streaming text as it is produced.
+use crate::model::{KvCache, Llama};
+use crate::tokenizer::Tokenizer;
+use crate::{Error, Result};
+use candle_core::Tensor;
+use rand::{Rng, SeedableRng};
+use std::time::Instant;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerationConfig {
+    pub max_new_tokens: usize,
+    /// 0 means greedy (argmax).
+    pub temperature: f64,
+    pub top_k: Option<usize>,
+    pub top_p: Option<f64>,
+    pub seed: u64,
+    /// HF-style: logits of tokens already present are divided (if > 0) or multiplied (if < 0) by it.
+    pub repetition_penalty: f32,
+    pub stop: Vec<String>,
+    /// Stop at the tokenizer's end-of-sequence tokens.
+    pub stop_on_eos: bool,
+}
+
+impl Default for GenerationConfig {
+    fn default() -> Self {
+        Self {
+            max_new_tokens: 256,
+            temperature: 0.0,
+            top_k: None,
+            top_p: None,
+            seed: 42,
+            repetition_penalty: 1.0,
+            stop: Vec::new(),
+            stop_on_eos: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopReason {
+    Eos,
+    StopString,
+    MaxTokens,
+    /// The context window is full.
+    Length,
+}
+
+impl StopReason {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            StopReason::Eos => "eos",
+            StopReason::StopString => "stop_string",
+            StopReason::MaxTokens => "max_tokens",
+            StopReason::Length => "context_length",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct GenerationOutput {
+    pub text: String,
+    pub token_ids: Vec<u32>,
+    pub prompt_tokens: usize,
+    pub generated_tokens: usize,
+    pub prompt_tokens_per_s: f64,
+    pub decode_tokens_per_s: f64,
+    pub stop_reason: StopReason,
+}
+
+/// A model that can be driven one token at a time. The candle [`Llama`] implements it; faster
+/// inference-only engines can too, and `generate` works with any of them.
+pub trait Decoder {
+    /// Feed the prompt; return the logits of its last position.
+    fn prefill(&mut self, ids: &[u32]) -> Result<Vec<f32>>;
+    /// Feed one more token; return its logits.
+    fn step(&mut self, id: u32) -> Result<Vec<f32>>;
+    fn context_length(&self) -> usize;
+}
+
+/// The differentiable model with a KV cache.
+pub struct LlamaDecoder<'a> {
+    model: &'a Llama,
+    cache: KvCache,
+}
+
+impl<'a> LlamaDecoder<'a> {
+    pub fn new(model: &'a Llama) -> Self {
+        Self {
+            model,
+            cache: model.new_cache(),
+        }
+    }
+    fn run(&mut self, ids: &[u32]) -> Result<Vec<f32>> {
+        let t = Tensor::new(ids, self.model.device())?.unsqueeze(0)?;
+        let logits = self.model.forward_last(&t, Some(&mut self.cache))?;
+        Ok(logits.squeeze(0)?.to_dtype(candle_core::DType::F32)?.to_vec1()?)
+    }
+}
+
+impl Decoder for LlamaDecoder<'_> {
+    fn prefill(&mut self, ids: &[u32]) -> Result<Vec<f32>> {
+        self.cache.clear();
+        self.run(ids)
+    }
+    fn step(&mut self, id: u32) -> Result<Vec<f32>> {
+        self.run(&[id])
+    }
+    fn context_length(&self) -> usize {
+        self.model.cfg.max_position_embeddings
+    }
+}
+
+/// Picks the next token from logits.
+pub struct Sampler {
+    cfg: GenerationConfig,
+    rng: rand::rngs::StdRng,
+}
+
+impl Sampler {
+    pub fn new(cfg: &GenerationConfig) -> Self {
+        Self {
+            cfg: cfg.clone(),
+            rng: rand::rngs::StdRng::seed_from_u64(cfg.seed),
+        }
+    }
+
+    pub fn sample(&mut self, logits: &mut [f32], history: &[u32]) -> u32 {
+        let p = self.cfg.repetition_penalty;
+        if p != 1.0 {
+            let mut seen = std::collections::HashSet::new();
+            for &t in history {
+                if seen.insert(t) {
+                    if let Some(l) = logits.get_mut(t as usize) {
+                        *l = if *l > 0.0 { *l / p } else { *l * p };
+                    }
+                }
+            }
+        }
+        if self.cfg.temperature <= 0.0 {
+            return argmax(logits);
+        }
+        let t = self.cfg.temperature as f32;
+        let mut cand: Vec<(u32, f32)> = logits.iter().enumerate().map(|(i, &l)| (i as u32, l / t)).collect();
+        // Sort descending once; top-k and top-p then cut prefixes.
+        cand.sort_unstable_by(|a, b| b.1.total_cmp(&a.1));
+        if let Some(k) = self.cfg.top_k.filter(|&k| k > 0) {
+            cand.truncate(k.max(1));
+        }
+        let max = cand[0].1;
+        let mut probs: Vec<f32> = cand.iter().map(|c| (c.1 - max).exp()).collect();
+        let sum: f32 = probs.iter().sum();
+        probs.iter_mut().for_each(|x| *x /= sum);
+        if let Some(top_p) = self.cfg.top_p.filter(|&p| p < 1.0) {
+            let mut acc = 0.0;
+            let mut keep = probs.len();
+            for (i, &pr) in probs.iter().enumerate() {
+                acc += pr;
+                if acc as f64 >= top_p {
+                    keep = i + 1;
+                    break;
+                }
+            }
+            probs.truncate(keep);
+            let s: f32 = probs.iter().sum();
+            probs.iter_mut().for_each(|x| *x /= s);
+        }
+        let r: f32 = self.rng.random();
+        let mut acc = 0.0;
+        for (i, &pr) in probs.iter().enumerate() {
+            acc += pr;
+            if r < acc {
+                return cand[i].0;
+            }
+        }
+        cand[probs.len() - 1].0
+    }
+}
+
+pub fn argmax(xs: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &x) in xs.iter().enumerate() {
+        if x > xs[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// Length of the longest suffix of `text` that is a proper prefix of some stop string: that much
+/// text must be held back while streaming, since the next token may complete the stop string.
+fn held_back(text: &str, stops: &[String]) -> usize {
+    let mut hold = 0;
+    for s in stops {
+        for (i, _) in s.char_indices().skip(1) {
+            if text.ends_with(&s[..i]) {
+                hold = hold.max(i);
+            }
+        }
+    }
+    hold
+}
+
+/// Generate from `prompt_ids`. `on_text` receives the text as it becomes final (streaming).
+pub fn generate(
+    dec: &mut dyn Decoder,
+    tok: &Tokenizer,
+    prompt_ids: &[u32],
+    cfg: &GenerationConfig,
+    on_text: &mut dyn FnMut(&str),
+) -> Result<GenerationOutput> {
+    if prompt_ids.is_empty() {
+        return Err(Error::msg("the prompt is empty (0 tokens)"));
+    }
+    let ctx = dec.context_length();
+    if prompt_ids.len() >= ctx {
+        return Err(Error::ContextOverflow {
+            tokens: prompt_ids.len(),
+            context: ctx,
+            hint: String::new(),
+        });
+    }
+    let mut sampler = Sampler::new(cfg);
+    let t0 = Instant::now();
+    let mut logits = dec.prefill(prompt_ids)?;
+    let prefill_s = t0.elapsed().as_secs_f64();
+    let t1 = Instant::now();
+    let mut history: Vec<u32> = prompt_ids.to_vec();
+    let mut generated: Vec<u32> = Vec::new();
+    let mut emitted = 0usize; // bytes of `text` already streamed
+    let mut text = String::new();
+    let mut stop_reason = StopReason::MaxTokens;
+    while generated.len() < cfg.max_new_tokens {
+        let next = sampler.sample(&mut logits, &history);
+        if cfg.stop_on_eos && tok.eos_ids().contains(&next) {
+            stop_reason = StopReason::Eos;
+            break;
+        }
+        generated.push(next);
+        history.push(next);
+        text = tok.decode(&generated, true)?;
+        if let Some(pos) = cfg.stop.iter().filter_map(|s| text.find(s.as_str())).min() {
+            text.truncate(pos);
+            stop_reason = StopReason::StopString;
+            break;
+        }
+        // Hold back an incomplete UTF-8 sequence (decoded as U+FFFD) and possible stop-string starts.
+        let mut safe = text.len() - held_back(&text, &cfg.stop);
+        if text[..safe].ends_with('\u{FFFD}') {
+            safe -= '\u{FFFD}'.len_utf8();
+        }
+        if safe > emitted && text.is_char_boundary(safe) {
+            on_text(&text[emitted..safe]);
+            emitted = safe;
+        }
+        if generated.len() >= cfg.max_new_tokens {
+            break;
+        }
+        if history.len() >= ctx {
+            stop_reason = StopReason::Length;
+            break;
+        }
+        logits = dec.step(next)?;
+    }
+    if text.len() > emitted {
+        on_text(&text[emitted..]);
+    }
+    let decode_s = t1.elapsed().as_secs_f64();
+    // The first generated token comes from the prefill logits; the rest each cost one step.
+    let steps = generated.len().saturating_sub(1) + usize::from(stop_reason == StopReason::Eos && !generated.is_empty());
+    Ok(GenerationOutput {
+        text,
+        token_ids: generated.clone(),
+        prompt_tokens: prompt_ids.len(),
+        generated_tokens: generated.len(),
+        prompt_tokens_per_s: prompt_ids.len() as f64 / prefill_s.max(1e-9),
+        decode_tokens_per_s: if steps == 0 { 0.0 } else { steps as f64 / decode_s.max(1e-9) },
+        stop_reason,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(t: f64, k: Option<usize>, p: Option<f64>) -> GenerationConfig {
+        GenerationConfig {
+            temperature: t,
+            top_k: k,
+            top_p: p,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn greedy_is_argmax() {
+        let mut s = Sampler::new(&cfg(0.0, None, None));
+        let mut l = vec![0.1, 2.0, -1.0, 1.9];
+        assert_eq!(s.sample(&mut l, &[]), 1);
+    }
+
+    #[test]
+    fn top_k_one_is_greedy_at_any_temperature() {
+        let mut s = Sampler::new(&cfg(5.0, Some(1), None));
+        for _ in 0..20 {
+            let mut l = vec![0.1, 2.0, -1.0, 1.9];
+            assert_eq!(s.sample(&mut l, &[]), 1);
+        }
+    }
+
+    #[test]
+    fn top_p_keeps_only_the_nucleus() {
+        // p(0)=~0.88 after softmax: top_p 0.5 keeps only token 0.
+        let mut s = Sampler::new(&cfg(1.0, None, Some(0.5)));
+        for _ in 0..50 {
+            let mut l = vec![3.0, 1.0, 0.0, -1.0];
+            assert_eq!(s.sample(&mut l, &[]), 0);
+        }
+    }
+
+    #[test]
+    fn sampling_follows_the_distribution_and_the_seed() {
+        let c = cfg(1.0, None, None);
+        let draw = |seed| {
+            let mut s = Sampler::new(&GenerationConfig { seed, ..c.clone() });
+            (0..2000)
+                .map(|_| s.sample(&mut vec![0.0f32, (3.0f32).ln()], &[]))
+                .collect::<Vec<_>>()
+        };
+        let a = draw(7);
+        assert_eq!(a, draw(7), "same seed, same tokens");
+        assert_ne!(a, draw(8));
+        let ones = a.iter().filter(|&&t| t == 1).count() as f64 / a.len() as f64;
+        assert!((ones - 0.75).abs() < 0.04, "P(token 1) should be 0.75, got {ones}");
+    }
+
+    #[test]
+    fn repetition_penalty_demotes_seen_tokens() {
+        let mut s = Sampler::new(&GenerationConfig {
+            repetition_penalty: 2.0,
+            ..Default::default()
+        });
+        let mut l = vec![1.0, 1.5, 0.0];
+        assert_eq!(s.sample(&mut l, &[1]), 0);
+        assert_eq!(l[1], 0.75);
+    }
+
+    #[test]
+    fn stop_prefix_is_held_back() {
+        let stops = vec!["\nUser:".to_string()];
+        assert_eq!(held_back("Hello\nUs", &stops), 3);
+        assert_eq!(held_back("Hello", &stops), 0);
+    }
+}

@@ -1,1 +1,216 @@
-//! inspect (to be written)
+//! `inspect`: what a model is and what it takes to run and to train it.
+//!
+//! Training memory is for full fine-tuning with AdamW, per parameter:
+//! | precision | weights | gradients | Adam moments (2) | bytes/param |
+//! |---|---|---|---|---|
+//! | fp32 | 4 | 4 (fp32) | 8 (fp32) | 16 |
+//! | bf16 | 2 | 2 (bf16) | 8 (fp32) | 12 |
+//! | int8 | ~1.03 (int8 + per-block scales) | 2 (bf16) | 8 (fp32) | ~11 |
+//! | nf4  | ~0.52 (4 bit + double-quantized scales, QLoRA layout) | 2 (bf16) | 8 (fp32) | ~10.5 |
+//! plus activations: per layer and token, (34·h + 5·a·s) bytes at 16 bits (Korthikanti et al.,
+//! "Reducing Activation Recomputation in Large Transformer Models"), scaled by the activation
+//! width, plus the logits and their gradient in fp32 (2·s·V·4 bytes per sequence).
+use crate::model::LoadedModel;
+use crate::nn::{EmbeddingWeight, LinearWeight};
+use serde::Serialize;
+use std::collections::BTreeMap;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct MemoryRow {
+    pub precision: String,
+    pub weights_bytes: u64,
+    pub gradients_bytes: u64,
+    pub optimizer_bytes: u64,
+    pub activations_bytes: u64,
+    pub train_total_bytes: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub model: String,
+    pub format: String,
+    pub architecture: String,
+    pub family: String,
+    pub parameters: u64,
+    /// Number of parameters held in each stored type, e.g. {"q4_1": ..., "f32": ...}.
+    pub stored_types: BTreeMap<String, u64>,
+    pub in_memory_bytes: u64,
+    pub file_bytes: u64,
+    pub context_length: usize,
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub layers: usize,
+    pub attention_heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub intermediate_size: usize,
+    pub tied_embeddings: bool,
+    pub rope_theta: f32,
+    pub chat_template: bool,
+    pub train_batch_size: usize,
+    pub train_seq_len: usize,
+    pub memory: Vec<MemoryRow>,
+}
+
+/// Bytes per parameter of the stored weights at each precision (block scales included).
+fn weight_bytes_per_param(precision: &str) -> f64 {
+    match precision {
+        "fp32" => 4.0,
+        "bf16" => 2.0,
+        // int8 with one fp32 absmax scale per 128-value block.
+        "int8" => 1.0 + 4.0 / 128.0,
+        // NF4, blocks of 64 with absmax quantized to 8 bits in blocks of 256 (QLoRA double quant).
+        "nf4" => 0.5 + 1.0 / 64.0 + 4.0 / (64.0 * 256.0),
+        _ => 4.0,
+    }
+}
+
+pub fn inspect(lm: &LoadedModel, name: &str, batch: usize, seq_len: usize) -> Report {
+    let m = &lm.model;
+    let cfg = &m.cfg;
+    let mut stored_types: BTreeMap<String, u64> = BTreeMap::new();
+    let mut in_memory = 0u64;
+    let mut count = |ty: String, n: u64, bytes: u64| {
+        *stored_types.entry(ty).or_default() += n;
+        in_memory += bytes;
+    };
+    let (ety, en, eb) = match m.embed_tokens.weight() {
+        EmbeddingWeight::Frozen(t) => (format!("{:?}", t.dtype()).to_lowercase(), t.elem_count(), t.elem_count() * t.dtype().size_in_bytes()),
+        EmbeddingWeight::Trainable(v) => (format!("{:?}", v.dtype()).to_lowercase(), v.elem_count(), v.elem_count() * v.dtype().size_in_bytes()),
+        EmbeddingWeight::Quantized(q) => (format!("{:?}", q.dtype()).to_lowercase(), q.shape().0 * q.shape().1, q.storage_bytes()),
+    };
+    count(ety, en as u64, eb as u64);
+    for l in m.linears() {
+        if l.name() == "lm_head" && cfg.tie_word_embeddings {
+            continue;
+        }
+        let (o, i) = l.weight().shape();
+        let ty = match l.weight() {
+            LinearWeight::Quantized(q) => format!("{:?}", q.dtype()).to_lowercase(),
+            w => w.stored_type(),
+        };
+        count(ty, (o * i) as u64, l.weight().storage_bytes() as u64);
+        if let Some(b) = l.bias() {
+            count("f32".into(), b.elem_count() as u64, (b.elem_count() * 4) as u64);
+        }
+    }
+    let norms = (cfg.num_hidden_layers * 2 + 1) * cfg.hidden_size;
+    count("f32".into(), norms as u64, (norms * 4) as u64);
+    let params: u64 = stored_types.values().sum();
+
+    let h = cfg.hidden_size as f64;
+    let a = cfg.num_attention_heads as f64;
+    let s = seq_len as f64;
+    let b = batch as f64;
+    let act16 = cfg.num_hidden_layers as f64 * s * b * (34.0 * h + 5.0 * a * s);
+    let logits = 2.0 * b * s * cfg.vocab_size as f64 * 4.0;
+    let memory = ["fp32", "bf16", "int8", "nf4"]
+        .iter()
+        .map(|&p| {
+            let w = params as f64 * weight_bytes_per_param(p);
+            let g = params as f64 * if p == "fp32" { 4.0 } else { 2.0 };
+            let opt = params as f64 * 8.0;
+            let act = act16 * if p == "fp32" { 2.0 } else { 1.0 } + logits;
+            MemoryRow {
+                precision: p.to_string(),
+                weights_bytes: w as u64,
+                gradients_bytes: g as u64,
+                optimizer_bytes: opt as u64,
+                activations_bytes: act as u64,
+                train_total_bytes: (w + g + opt + act) as u64,
+            }
+        })
+        .collect();
+    Report {
+        model: name.to_string(),
+        format: lm.source.format().to_string(),
+        architecture: cfg.architecture.clone(),
+        family: "decoder".to_string(),
+        parameters: params,
+        stored_types,
+        in_memory_bytes: in_memory,
+        file_bytes: lm.file_bytes,
+        context_length: cfg.max_position_embeddings,
+        vocab_size: cfg.vocab_size,
+        hidden_size: cfg.hidden_size,
+        layers: cfg.num_hidden_layers,
+        attention_heads: cfg.num_attention_heads,
+        kv_heads: cfg.num_key_value_heads,
+        head_dim: cfg.head_dim,
+        intermediate_size: cfg.intermediate_size,
+        tied_embeddings: cfg.tie_word_embeddings,
+        rope_theta: cfg.rope_theta,
+        chat_template: lm.tokenizer.chat_template().is_some(),
+        train_batch_size: batch,
+        train_seq_len: seq_len,
+        memory,
+    }
+}
+
+pub fn human_bytes(b: u64) -> String {
+    let b = b as f64;
+    if b >= 1e9 {
+        format!("{:.2} GB", b / 1e9)
+    } else if b >= 1e6 {
+        format!("{:.1} MB", b / 1e6)
+    } else if b >= 1e3 {
+        format!("{:.1} kB", b / 1e3)
+    } else {
+        format!("{b} B")
+    }
+}
+
+impl Report {
+    pub fn to_text(&self) -> String {
+        let mut s = String::new();
+        let types: Vec<String> = self
+            .stored_types
+            .iter()
+            .map(|(t, n)| format!("{t} {:.1}%", 100.0 * *n as f64 / self.parameters.max(1) as f64))
+            .collect();
+        let kv = [
+            ("model", self.model.clone()),
+            ("format", self.format.clone()),
+            ("architecture", format!("{} ({})", self.architecture, self.family)),
+            ("parameters", format!("{} ({:.1} M)", self.parameters, self.parameters as f64 / 1e6)),
+            ("stored as", types.join(", ")),
+            ("in memory", human_bytes(self.in_memory_bytes)),
+            ("file size", human_bytes(self.file_bytes)),
+            ("context length", self.context_length.to_string()),
+            ("vocab size", self.vocab_size.to_string()),
+            (
+                "shape",
+                format!(
+                    "{} layers, hidden {}, ffn {}, {} heads / {} kv heads of {}",
+                    self.layers, self.hidden_size, self.intermediate_size, self.attention_heads, self.kv_heads, self.head_dim
+                ),
+            ),
+            ("tied embeddings", self.tied_embeddings.to_string()),
+            ("rope theta", self.rope_theta.to_string()),
+            ("chat template", if self.chat_template { "yes" } else { "no" }.to_string()),
+        ];
+        for (k, v) in kv {
+            s.push_str(&format!("{k:<16} {v}\n"));
+        }
+        s.push_str(&format!(
+            "\nMemory (full fine-tuning with AdamW, batch {} x {} tokens):\n",
+            self.train_batch_size, self.train_seq_len
+        ));
+        s.push_str(&format!(
+            "{:<9} {:>11} {:>11} {:>11} {:>12} {:>11}\n",
+            "precision", "weights", "gradients", "adam", "activations", "train total"
+        ));
+        for r in &self.memory {
+            s.push_str(&format!(
+                "{:<9} {:>11} {:>11} {:>11} {:>12} {:>11}\n",
+                r.precision,
+                human_bytes(r.weights_bytes),
+                human_bytes(r.gradients_bytes),
+                human_bytes(r.optimizer_bytes),
+                human_bytes(r.activations_bytes),
+                human_bytes(r.train_total_bytes)
+            ));
+        }
+        s
+    }
+}
