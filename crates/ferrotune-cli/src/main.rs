@@ -10,7 +10,11 @@ use std::io::Write;
 use std::path::PathBuf;
 
 #[derive(Parser)]
-#[command(name = "ferrotune", version, about = "Adapt pre-trained LLMs: prompt, fine-tune, evaluate, ship.")]
+#[command(
+    name = "ferrotune",
+    version,
+    about = "Adapt pre-trained LLMs: prompt, fine-tune, evaluate, ship."
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Command,
@@ -166,7 +170,9 @@ fn parse_ggml(s: &str) -> Result<candle_core::quantized::GgmlDType> {
         "q5k" => G::Q5K,
         "q6k" => G::Q6K,
         "q8k" => G::Q8K,
-        other => bail!("--requantize `{other}`: expected q8_0, q4_0, q4_1, q5_0, q5_1, q4k, q5k, q6k or q8k"),
+        other => bail!(
+            "--requantize `{other}`: expected q8_0, q4_0, q4_1, q5_0, q5_1, q4k, q5k, q6k or q8k"
+        ),
     })
 }
 
@@ -174,9 +180,19 @@ fn device(s: &str) -> Result<Device> {
     match s {
         "cpu" => Ok(Device::Cpu),
         s if s.starts_with("cuda") => {
-            let ord = s.strip_prefix("cuda").and_then(|r| r.strip_prefix(':')).unwrap_or("0");
-            let ord: usize = ord.parse().map_err(|_| anyhow!("--device `{s}`: expected cuda or cuda:N"))?;
-            Device::new_cuda(ord).map_err(|e| anyhow!("--device {s}: {}", ferrotune::error::first_line(&e.to_string())))
+            let ord = s
+                .strip_prefix("cuda")
+                .and_then(|r| r.strip_prefix(':'))
+                .unwrap_or("0");
+            let ord: usize = ord
+                .parse()
+                .map_err(|_| anyhow!("--device `{s}`: expected cuda or cuda:N"))?;
+            Device::new_cuda(ord).map_err(|e| {
+                anyhow!(
+                    "--device {s}: {}",
+                    ferrotune::error::first_line(&e.to_string())
+                )
+            })
         }
         other => bail!("--device `{other}`: expected cpu or cuda[:N]"),
     }
@@ -198,7 +214,9 @@ fn load(m: &ModelArgs) -> Result<LoadedModel> {
 fn run_generate(a: GenerateArgs) -> Result<()> {
     let prompt = match (&a.prompt, &a.prompt_file) {
         (Some(p), _) => p.clone(),
-        (None, Some(f)) => std::fs::read_to_string(f).with_context(|| format!("{}", f.display()))?,
+        (None, Some(f)) => {
+            std::fs::read_to_string(f).with_context(|| format!("{}", f.display()))?
+        }
         (None, None) => bail!("give --prompt TEXT or --prompt-file FILE"),
     };
     if a.system.is_some() && !a.chat {
@@ -211,7 +229,11 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
     let user_text = match &a.shots {
         None => prompt,
         Some(f) => {
-            let templates = a.template.iter().map(|t| Template::parse(t)).collect::<ferrotune::Result<Vec<_>>>()?;
+            let templates = a
+                .template
+                .iter()
+                .map(|t| Template::parse(t))
+                .collect::<ferrotune::Result<Vec<_>>>()?;
             let fs = FewShot {
                 templates,
                 shots: read_jsonl(f)?,
@@ -225,15 +247,25 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
     };
     let tok = &lm.tokenizer;
     let ids = if a.chat {
-        let tmpl = tok
-            .chat_template()
-            .ok_or_else(|| anyhow!("{}: the model has no chat template; drop --chat", lm.source.path().display()))?;
+        let tmpl = tok.chat_template().ok_or_else(|| {
+            anyhow!(
+                "{}: the model has no chat template; drop --chat",
+                lm.source.path().display()
+            )
+        })?;
         let mut msgs = Vec::new();
         if let Some(s) = &a.system {
-            msgs.push(ChatMessage { role: "system".into(), content: s.clone() });
+            msgs.push(ChatMessage {
+                role: "system".into(),
+                content: s.clone(),
+            });
         }
-        msgs.push(ChatMessage { role: "user".into(), content: user_text });
-        let extra = serde_json::json!({ "bos_token": tok.bos_token(), "eos_token": tok.eos_token() });
+        msgs.push(ChatMessage {
+            role: "user".into(),
+            content: user_text,
+        });
+        let extra =
+            serde_json::json!({ "bos_token": tok.bos_token(), "eos_token": tok.eos_token() });
         let text = tmpl.render(&msgs, true, &extra)?;
         tok.encode(&text, false)?
     } else {
@@ -241,10 +273,25 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
     };
     let ctx = lm.model.cfg.max_position_embeddings;
     if ids.len() >= ctx {
-        let hint = if a.shots.is_some() { " (use fewer shots: lower --k)" } else { " (shorten the prompt)" };
-        return Err(ferrotune::Error::ContextOverflow { tokens: ids.len(), context: ctx, hint: hint.into() }.into());
+        let hint = if a.shots.is_some() {
+            " (use fewer shots: lower --k)"
+        } else {
+            " (shorten the prompt)"
+        };
+        return Err(ferrotune::Error::ContextOverflow {
+            tokens: ids.len(),
+            context: ctx,
+            hint: hint.into(),
+        }
+        .into());
     }
-    let temperature = a.temperature.unwrap_or(if a.top_k.is_some() || a.top_p.is_some() { 1.0 } else { 0.0 });
+    let temperature = a
+        .temperature
+        .unwrap_or(if a.top_k.is_some() || a.top_p.is_some() {
+            1.0
+        } else {
+            0.0
+        });
     let cfg = GenerationConfig {
         max_new_tokens: a.max_new_tokens,
         temperature,
@@ -305,20 +352,36 @@ fn run_perplexity(a: PerplexityArgs) -> Result<()> {
     let lm = load(&a.m)?;
     let window = a.window.unwrap_or(lm.model.cfg.max_position_embeddings);
     let stride = a.stride.unwrap_or((window / 2).max(1));
-    let nll = ferrotune::perplexity::file_perplexity(&lm.model, &lm.tokenizer, &a.file, window, stride)?;
+    let nll =
+        ferrotune::perplexity::file_perplexity(&lm.model, &lm.tokenizer, &a.file, window, stride)?;
     if a.json {
-        println!("{}", serde_json::json!({"tokens": nll.tokens, "nll": nll.mean(), "perplexity": nll.perplexity()}));
+        println!(
+            "{}",
+            serde_json::json!({"tokens": nll.tokens, "nll": nll.mean(), "perplexity": nll.perplexity()})
+        );
     } else {
-        println!("tokens {}  nll {:.5}  perplexity {:.4}", nll.tokens, nll.mean(), nll.perplexity());
+        println!(
+            "tokens {}  nll {:.5}  perplexity {:.4}",
+            nll.tokens,
+            nll.mean(),
+            nll.perplexity()
+        );
     }
     Ok(())
 }
 
 fn run_convert(a: ConvertArgs) -> Result<()> {
     let lm = load(&a.m)?;
-    let quantized = lm.model.linears().iter().any(|l| matches!(l.weight(), ferrotune::nn::LinearWeight::Quantized(_)));
+    let quantized = lm
+        .model
+        .linears()
+        .iter()
+        .any(|l| matches!(l.weight(), ferrotune::nn::LinearWeight::Quantized(_)));
     if quantized {
-        eprintln!("note: quantized weights are dequantized to {} for the HF folder", a.out_dtype);
+        eprintln!(
+            "note: quantized weights are dequantized to {} for the HF folder",
+            a.out_dtype
+        );
     }
     ferrotune::model::convert::write_hf_folder_dtype(&lm, &a.out, parse_dtype(&a.out_dtype)?)?;
     eprintln!("wrote {}", a.out.display());
@@ -334,8 +397,14 @@ fn main() {
             .map(|s| s.as_str())
             .or_else(|| info.payload().downcast_ref::<&str>().copied())
             .unwrap_or("unknown");
-        let loc = info.location().map(|l| format!(" at {}:{}", l.file(), l.line())).unwrap_or_default();
-        eprintln!("error: internal error{loc}: {}", ferrotune::error::first_line(msg));
+        let loc = info
+            .location()
+            .map(|l| format!(" at {}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        eprintln!(
+            "error: internal error{loc}: {}",
+            ferrotune::error::first_line(msg)
+        );
     }));
     let cli = Cli::parse();
     let res = match cli.cmd {
@@ -345,7 +414,10 @@ fn main() {
         Command::Convert(a) => run_convert(a),
     };
     if let Err(e) = res {
-        let chain: Vec<String> = e.chain().map(|c| ferrotune::error::first_line(&c.to_string())).collect();
+        let chain: Vec<String> = e
+            .chain()
+            .map(|c| ferrotune::error::first_line(&c.to_string()))
+            .collect();
         eprintln!("error: {}", chain.join(": "));
         std::process::exit(1);
     }

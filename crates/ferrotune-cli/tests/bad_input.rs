@@ -16,14 +16,34 @@ fn tmp(name: &str) -> PathBuf {
 
 /// Run the CLI, expect failure, return the single stderr line.
 fn fails(args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_ferrotune")).args(args).output().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_ferrotune"))
+        .args(args)
+        .output()
+        .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-    assert!(!out.status.success(), "expected failure for {args:?}, got success; stderr: {stderr}");
-    assert_eq!(out.status.code(), Some(1), "exit code for {args:?}: {:?}; stderr: {stderr}", out.status.code());
+    assert!(
+        !out.status.success(),
+        "expected failure for {args:?}, got success; stderr: {stderr}"
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "exit code for {args:?}: {:?}; stderr: {stderr}",
+        out.status.code()
+    );
     let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert_eq!(lines.len(), 1, "expected one line of error for {args:?}, got: {stderr}");
+    assert_eq!(
+        lines.len(),
+        1,
+        "expected one line of error for {args:?}, got: {stderr}"
+    );
     assert!(lines[0].starts_with("error: "), "{stderr}");
-    assert!(!stderr.contains("panicked") && !stderr.contains("backtrace") && !stderr.contains("internal error"), "{stderr}");
+    assert!(
+        !stderr.contains("panicked")
+            && !stderr.contains("backtrace")
+            && !stderr.contains("internal error"),
+        "{stderr}"
+    );
     lines[0].to_string()
 }
 
@@ -38,10 +58,18 @@ fn copy_dir(from: &Path, to: &Path) {
 /// A tiny model folder with a small word-level tokenizer, so the CLI can run it end to end.
 fn tiny_model_with_tokenizer(name: &str) -> PathBuf {
     let d = tmp(name).join("model");
-    copy_dir(&repo().join("tests/fixtures/models/tiny-llama-gqa-untied"), &d);
-    let words = ["<unk>", "<s>", "</s>", "hello", "world", "the", "a", "cat", "sat"];
-    let vocab: serde_json::Map<String, serde_json::Value> =
-        words.iter().enumerate().map(|(i, w)| (w.to_string(), (i as u64).into())).collect();
+    copy_dir(
+        &repo().join("tests/fixtures/models/tiny-llama-gqa-untied"),
+        &d,
+    );
+    let words = [
+        "<unk>", "<s>", "</s>", "hello", "world", "the", "a", "cat", "sat",
+    ];
+    let vocab: serde_json::Map<String, serde_json::Value> = words
+        .iter()
+        .enumerate()
+        .map(|(i, w)| (w.to_string(), (i as u64).into()))
+        .collect();
     let tok = serde_json::json!({
         "version": "1.0", "truncation": null, "padding": null,
         "added_tokens": [
@@ -65,7 +93,11 @@ fn tiny_model_with_tokenizer(name: &str) -> PathBuf {
 
 fn smollm2() -> PathBuf {
     let p = repo().join(".cache/models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(p.exists(), "{} is missing: run scripts/fetch-models.sh", p.display());
+    assert!(
+        p.exists(),
+        "{} is missing: run scripts/fetch-models.sh",
+        p.display()
+    );
     p
 }
 
@@ -73,13 +105,32 @@ fn smollm2() -> PathBuf {
 fn tiny_model_runs_end_to_end() {
     let d = tiny_model_with_tokenizer("ok");
     let out = Command::new(env!("CARGO_BIN_EXE_ferrotune"))
-        .args(["generate", "--model", d.to_str().unwrap(), "--prompt", "hello world", "--max-new-tokens", "5", "--json"])
+        .args([
+            "generate",
+            "--model",
+            d.to_str().unwrap(),
+            "--prompt",
+            "hello world",
+            "--max-new-tokens",
+            "5",
+            "--json",
+        ])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["prompt_tokens"], 2);
-    for k in ["text", "generated_tokens", "prompt_tokens_per_s", "decode_tokens_per_s", "stop_reason"] {
+    for k in [
+        "text",
+        "generated_tokens",
+        "prompt_tokens_per_s",
+        "decode_tokens_per_s",
+        "stop_reason",
+    ] {
         assert!(v.get(k).is_some(), "missing {k} in {v}");
     }
 }
@@ -136,11 +187,15 @@ fn missing_tokenizer() {
 fn unknown_architecture() {
     let d = tiny_model_with_tokenizer("arch");
     let cfg = d.join("config.json");
-    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
     v["architectures"] = serde_json::json!(["GPT2LMHeadModel"]);
     std::fs::write(&cfg, v.to_string()).unwrap();
     let e = fails(&["inspect", "--model", d.to_str().unwrap()]);
-    assert!(e.contains("config.json") && e.contains("GPT2LMHeadModel"), "{e}");
+    assert!(
+        e.contains("config.json") && e.contains("GPT2LMHeadModel"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -151,22 +206,41 @@ fn unknown_chat_template_variable() {
         serde_json::json!({"eos_token": "</s>", "chat_template": "{{ no_such_variable }}{% for m in messages %}{{ m.content }}{% endfor %}"}).to_string(),
     )
     .unwrap();
-    let e = fails(&["generate", "--chat", "--model", d.to_str().unwrap(), "--prompt", "hello"]);
-    assert!(e.contains("template") && e.contains("no_such_variable") || e.contains("undefined"), "{e}");
+    let e = fails(&[
+        "generate",
+        "--chat",
+        "--model",
+        d.to_str().unwrap(),
+        "--prompt",
+        "hello",
+    ]);
+    assert!(
+        e.contains("template") && e.contains("no_such_variable") || e.contains("undefined"),
+        "{e}"
+    );
 }
 
 #[test]
 fn prompt_longer_than_context() {
     let d = tiny_model_with_tokenizer("ctx");
     let long = "hello ".repeat(300);
-    let e = fails(&["generate", "--model", d.to_str().unwrap(), "--prompt", &long]);
+    let e = fails(&[
+        "generate",
+        "--model",
+        d.to_str().unwrap(),
+        "--prompt",
+        &long,
+    ]);
     assert!(e.contains("300 tokens") && e.contains("256"), "{e}");
 }
 
 #[test]
 fn missing_model_path() {
     let e = fails(&["inspect", "--model", "/no/such/model.gguf"]);
-    assert!(e.contains("/no/such/model.gguf") && e.contains("no such file"), "{e}");
+    assert!(
+        e.contains("/no/such/model.gguf") && e.contains("no such file"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -176,8 +250,17 @@ fn few_shot_overflow_suggests_fewer_shots() {
     let line = serde_json::json!({"text": "hello world ".repeat(30), "label": "cat"}).to_string();
     std::fs::write(&shots, format!("{line}\n").repeat(10)).unwrap();
     let e = fails(&[
-        "generate", "--model", d.to_str().unwrap(), "--prompt", "the cat", "--shots", shots.to_str().unwrap(),
-        "--k", "8", "--template", "{text} => {label}",
+        "generate",
+        "--model",
+        d.to_str().unwrap(),
+        "--prompt",
+        "the cat",
+        "--shots",
+        shots.to_str().unwrap(),
+        "--k",
+        "8",
+        "--template",
+        "{text} => {label}",
     ]);
     assert!(e.contains("context window") && e.contains("--k"), "{e}");
 }
@@ -188,8 +271,17 @@ fn malformed_shots_line() {
     let shots = d.join("shots.jsonl");
     std::fs::write(&shots, "{\"text\": \"a\", \"label\": \"b\"}\n{oops\n").unwrap();
     let e = fails(&[
-        "generate", "--model", d.to_str().unwrap(), "--prompt", "x", "--shots", shots.to_str().unwrap(), "--k", "1",
-        "--template", "{text} {label}",
+        "generate",
+        "--model",
+        d.to_str().unwrap(),
+        "--prompt",
+        "x",
+        "--shots",
+        shots.to_str().unwrap(),
+        "--k",
+        "1",
+        "--template",
+        "{text} {label}",
     ]);
     assert!(e.contains("shots.jsonl") && e.contains("line 2"), "{e}");
 }

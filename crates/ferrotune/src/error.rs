@@ -49,7 +49,11 @@ impl Error {
             what: what.to_string(),
         }
     }
-    pub fn key(source_name: impl Into<String>, key: impl Into<String>, what: impl std::fmt::Display) -> Self {
+    pub fn key(
+        source_name: impl Into<String>,
+        key: impl Into<String>,
+        what: impl std::fmt::Display,
+    ) -> Self {
         Error::Key {
             source_name: source_name.into(),
             key: key.into(),

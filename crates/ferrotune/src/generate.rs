@@ -94,7 +94,10 @@ impl<'a> LlamaDecoder<'a> {
     fn run(&mut self, ids: &[u32]) -> Result<Vec<f32>> {
         let t = Tensor::new(ids, self.model.device())?.unsqueeze(0)?;
         let logits = self.model.forward_last(&t, Some(&mut self.cache))?;
-        Ok(logits.squeeze(0)?.to_dtype(candle_core::DType::F32)?.to_vec1()?)
+        Ok(logits
+            .squeeze(0)?
+            .to_dtype(candle_core::DType::F32)?
+            .to_vec1()?)
     }
 }
 
@@ -141,7 +144,11 @@ impl Sampler {
             return argmax(logits);
         }
         let t = self.cfg.temperature as f32;
-        let mut cand: Vec<(u32, f32)> = logits.iter().enumerate().map(|(i, &l)| (i as u32, l / t)).collect();
+        let mut cand: Vec<(u32, f32)> = logits
+            .iter()
+            .enumerate()
+            .map(|(i, &l)| (i as u32, l / t))
+            .collect();
         // Sort descending once; top-k and top-p then cut prefixes.
         cand.sort_unstable_by(|a, b| b.1.total_cmp(&a.1));
         if let Some(k) = self.cfg.top_k.filter(|&k| k > 0) {
@@ -267,14 +274,19 @@ pub fn generate(
     }
     let decode_s = t1.elapsed().as_secs_f64();
     // The first generated token comes from the prefill logits; the rest each cost one step.
-    let steps = generated.len().saturating_sub(1) + usize::from(stop_reason == StopReason::Eos && !generated.is_empty());
+    let steps = generated.len().saturating_sub(1)
+        + usize::from(stop_reason == StopReason::Eos && !generated.is_empty());
     Ok(GenerationOutput {
         text,
         token_ids: generated.clone(),
         prompt_tokens: prompt_ids.len(),
         generated_tokens: generated.len(),
         prompt_tokens_per_s: prompt_ids.len() as f64 / prefill_s.max(1e-9),
-        decode_tokens_per_s: if steps == 0 { 0.0 } else { steps as f64 / decode_s.max(1e-9) },
+        decode_tokens_per_s: if steps == 0 {
+            0.0
+        } else {
+            steps as f64 / decode_s.max(1e-9)
+        },
         stop_reason,
     })
 }
@@ -324,14 +336,17 @@ mod tests {
         let draw = |seed| {
             let mut s = Sampler::new(&GenerationConfig { seed, ..c.clone() });
             (0..2000)
-                .map(|_| s.sample(&mut vec![0.0f32, (3.0f32).ln()], &[]))
+                .map(|_| s.sample(&mut [0.0f32, (3.0f32).ln()], &[]))
                 .collect::<Vec<_>>()
         };
         let a = draw(7);
         assert_eq!(a, draw(7), "same seed, same tokens");
         assert_ne!(a, draw(8));
         let ones = a.iter().filter(|&&t| t == 1).count() as f64 / a.len() as f64;
-        assert!((ones - 0.75).abs() < 0.04, "P(token 1) should be 0.75, got {ones}");
+        assert!(
+            (ones - 0.75).abs() < 0.04,
+            "P(token 1) should be 0.75, got {ones}"
+        );
     }
 
     #[test]

@@ -44,19 +44,29 @@ impl Template {
                         match chars.next() {
                             Some('}') => break,
                             Some(c) => name.push(c),
-                            None => return Err(Error::msg(format!("template {source:?}: unclosed `{{`"))),
+                            None => {
+                                return Err(Error::msg(format!(
+                                    "template {source:?}: unclosed `{{`"
+                                )))
+                            }
                         }
                     }
                     let name = name.trim().to_string();
                     if name.is_empty() {
-                        return Err(Error::msg(format!("template {source:?}: empty placeholder `{{}}`")));
+                        return Err(Error::msg(format!(
+                            "template {source:?}: empty placeholder `{{}}`"
+                        )));
                     }
                     if !text.is_empty() {
                         parts.push(Part::Text(std::mem::take(&mut text)));
                     }
                     parts.push(Part::Field(name));
                 }
-                '}' => return Err(Error::msg(format!("template {source:?}: unmatched `}}` (write `}}}}` for a literal brace)"))),
+                '}' => {
+                    return Err(Error::msg(format!(
+                        "template {source:?}: unmatched `}}` (write `}}}}` for a literal brace)"
+                    )))
+                }
                 c => text.push(c),
             }
         }
@@ -90,7 +100,9 @@ impl Template {
             match p {
                 Part::Text(t) => out.push_str(t),
                 Part::Field(f) => out.push_str(&field_text(row, f).ok_or_else(|| {
-                    Error::msg(format!("{what}: template placeholder `{{{f}}}` has no field `{f}` in the data"))
+                    Error::msg(format!(
+                        "{what}: template placeholder `{{{f}}}` has no field `{f}` in the data"
+                    ))
                 })?),
             }
         }
@@ -131,8 +143,18 @@ pub fn read_jsonl(path: &Path) -> Result<Vec<Map<String, Value>>> {
         }
         match serde_json::from_str::<Value>(line) {
             Ok(Value::Object(m)) => rows.push(m),
-            Ok(_) => return Err(Error::file(path, format!("line {}: expected a JSON object", i + 1))),
-            Err(e) => return Err(Error::file(path, format!("line {}: invalid JSON: {e}", i + 1))),
+            Ok(_) => {
+                return Err(Error::file(
+                    path,
+                    format!("line {}: expected a JSON object", i + 1),
+                ))
+            }
+            Err(e) => {
+                return Err(Error::file(
+                    path,
+                    format!("line {}: invalid JSON: {e}", i + 1),
+                ))
+            }
         }
     }
     Ok(rows)
@@ -159,7 +181,11 @@ impl FewShot {
         if self.k > self.shots.len() {
             return Err(Error::file(
                 shots_file,
-                format!("--k {} but the file has only {} examples", self.k, self.shots.len()),
+                format!(
+                    "--k {} but the file has only {} examples",
+                    self.k,
+                    self.shots.len()
+                ),
             ));
         }
         let mut rng = rand::rngs::StdRng::seed_from_u64(self.seed);
@@ -176,17 +202,21 @@ impl FewShot {
         let mut pieces = Vec::new();
         for i in chosen {
             let t = &self.templates[rng.random_range(0..self.templates.len())];
-            pieces.push(t.render(&self.shots[i], &format!("{} line {}", shots_file.display(), i + 1))?);
+            pieces.push(t.render(
+                &self.shots[i],
+                &format!("{} line {}", shots_file.display(), i + 1),
+            )?);
         }
         let t = &self.templates[rng.random_range(0..self.templates.len())];
         let row = match serde_json::from_str::<Value>(query) {
             Ok(Value::Object(m)) => m,
             _ => {
-                let first = t
-                    .fields()
-                    .first()
-                    .map(|f| f.to_string())
-                    .ok_or_else(|| Error::msg(format!("template {:?} has no placeholder for the prompt", t.source())))?;
+                let first = t.fields().first().map(|f| f.to_string()).ok_or_else(|| {
+                    Error::msg(format!(
+                        "template {:?} has no placeholder for the prompt",
+                        t.source()
+                    ))
+                })?;
                 let mut m = Map::new();
                 m.insert(first, Value::String(query.to_string()));
                 m
@@ -211,14 +241,23 @@ mod tests {
         assert_eq!(t.fields(), vec!["question", "answer"]);
         let r = row(serde_json::json!({"question": "2+2?", "answer": 4}));
         assert_eq!(t.render(&r, "x").unwrap(), "Q: 2+2? {x}\nA: 4");
-        assert_eq!(t.render_query(&row(serde_json::json!({"question": "3+3?"}))), "Q: 3+3? {x}\nA:");
+        assert_eq!(
+            t.render_query(&row(serde_json::json!({"question": "3+3?"}))),
+            "Q: 3+3? {x}\nA:"
+        );
     }
 
     #[test]
     fn template_errors_are_clear() {
-        assert!(Template::parse("a {b").unwrap_err().to_string().contains("unclosed"));
+        assert!(Template::parse("a {b")
+            .unwrap_err()
+            .to_string()
+            .contains("unclosed"));
         let t = Template::parse("{a} {b}").unwrap();
-        let e = t.render(&row(serde_json::json!({"a": 1})), "shots.jsonl line 3").unwrap_err().to_string();
+        let e = t
+            .render(&row(serde_json::json!({"a": 1})), "shots.jsonl line 3")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("shots.jsonl line 3") && e.contains("`b`"), "{e}");
     }
 
@@ -239,9 +278,14 @@ mod tests {
         };
         let p = fs.build("boring", Path::new("s.jsonl")).unwrap();
         assert_eq!(p, "Review: great\nSentiment: positive\n\nReview: awful\nSentiment: negative\n\nReview: boring\nSentiment:");
-        let zero = FewShot { k: 0, ..fs.clone() }.build("boring", Path::new("s.jsonl")).unwrap();
+        let zero = FewShot { k: 0, ..fs.clone() }
+            .build("boring", Path::new("s.jsonl"))
+            .unwrap();
         assert_eq!(zero, "Review: boring\nSentiment:");
-        let e = FewShot { k: 9, ..fs }.build("x", Path::new("s.jsonl")).unwrap_err().to_string();
+        let e = FewShot { k: 9, ..fs }
+            .build("x", Path::new("s.jsonl"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("only 3 examples"), "{e}");
     }
 }

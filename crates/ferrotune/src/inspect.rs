@@ -75,9 +75,21 @@ pub fn inspect(lm: &LoadedModel, name: &str, batch: usize, seq_len: usize) -> Re
         in_memory += bytes;
     };
     let (ety, en, eb) = match m.embed_tokens.weight() {
-        EmbeddingWeight::Frozen(t) => (format!("{:?}", t.dtype()).to_lowercase(), t.elem_count(), t.elem_count() * t.dtype().size_in_bytes()),
-        EmbeddingWeight::Trainable(v) => (format!("{:?}", v.dtype()).to_lowercase(), v.elem_count(), v.elem_count() * v.dtype().size_in_bytes()),
-        EmbeddingWeight::Quantized(q) => (format!("{:?}", q.dtype()).to_lowercase(), q.shape().0 * q.shape().1, q.storage_bytes()),
+        EmbeddingWeight::Frozen(t) => (
+            format!("{:?}", t.dtype()).to_lowercase(),
+            t.elem_count(),
+            t.elem_count() * t.dtype().size_in_bytes(),
+        ),
+        EmbeddingWeight::Trainable(v) => (
+            format!("{:?}", v.dtype()).to_lowercase(),
+            v.elem_count(),
+            v.elem_count() * v.dtype().size_in_bytes(),
+        ),
+        EmbeddingWeight::Quantized(q) => (
+            format!("{:?}", q.dtype()).to_lowercase(),
+            q.shape().0 * q.shape().1,
+            q.storage_bytes(),
+        ),
     };
     count(ety, en as u64, eb as u64);
     for l in m.linears() {
@@ -91,7 +103,11 @@ pub fn inspect(lm: &LoadedModel, name: &str, batch: usize, seq_len: usize) -> Re
         };
         count(ty, (o * i) as u64, l.weight().storage_bytes() as u64);
         if let Some(b) = l.bias() {
-            count("f32".into(), b.elem_count() as u64, (b.elem_count() * 4) as u64);
+            count(
+                "f32".into(),
+                b.elem_count() as u64,
+                (b.elem_count() * 4) as u64,
+            );
         }
     }
     let norms = (cfg.num_hidden_layers * 2 + 1) * cfg.hidden_size;
@@ -166,13 +182,28 @@ impl Report {
         let types: Vec<String> = self
             .stored_types
             .iter()
-            .map(|(t, n)| format!("{t} {:.1}%", 100.0 * *n as f64 / self.parameters.max(1) as f64))
+            .map(|(t, n)| {
+                format!(
+                    "{t} {:.1}%",
+                    100.0 * *n as f64 / self.parameters.max(1) as f64
+                )
+            })
             .collect();
         let kv = [
             ("model", self.model.clone()),
             ("format", self.format.clone()),
-            ("architecture", format!("{} ({})", self.architecture, self.family)),
-            ("parameters", format!("{} ({:.1} M)", self.parameters, self.parameters as f64 / 1e6)),
+            (
+                "architecture",
+                format!("{} ({})", self.architecture, self.family),
+            ),
+            (
+                "parameters",
+                format!(
+                    "{} ({:.1} M)",
+                    self.parameters,
+                    self.parameters as f64 / 1e6
+                ),
+            ),
             ("stored as", types.join(", ")),
             ("in memory", human_bytes(self.in_memory_bytes)),
             ("file size", human_bytes(self.file_bytes)),
@@ -182,12 +213,20 @@ impl Report {
                 "shape",
                 format!(
                     "{} layers, hidden {}, ffn {}, {} heads / {} kv heads of {}",
-                    self.layers, self.hidden_size, self.intermediate_size, self.attention_heads, self.kv_heads, self.head_dim
+                    self.layers,
+                    self.hidden_size,
+                    self.intermediate_size,
+                    self.attention_heads,
+                    self.kv_heads,
+                    self.head_dim
                 ),
             ),
             ("tied embeddings", self.tied_embeddings.to_string()),
             ("rope theta", self.rope_theta.to_string()),
-            ("chat template", if self.chat_template { "yes" } else { "no" }.to_string()),
+            (
+                "chat template",
+                if self.chat_template { "yes" } else { "no" }.to_string(),
+            ),
         ];
         for (k, v) in kv {
             s.push_str(&format!("{k:<16} {v}\n"));

@@ -98,8 +98,18 @@ pub fn read_texts(path: &Path) -> Result<Vec<String>> {
             .map_err(|e| Error::file(path, format!("line {}: invalid JSON: {e}", i + 1)))?;
         let text = match v.get("text") {
             Some(serde_json::Value::String(s)) => s.clone(),
-            Some(_) => return Err(Error::file(path, format!("line {}: field `text` is not a string", i + 1))),
-            None => return Err(Error::file(path, format!("line {}: missing field `text`", i + 1))),
+            Some(_) => {
+                return Err(Error::file(
+                    path,
+                    format!("line {}: field `text` is not a string", i + 1),
+                ))
+            }
+            None => {
+                return Err(Error::file(
+                    path,
+                    format!("line {}: missing field `text`", i + 1),
+                ))
+            }
         };
         texts.push(text);
     }
@@ -110,14 +120,23 @@ pub fn read_texts(path: &Path) -> Result<Vec<String>> {
 }
 
 /// Perplexity of a model over a file (see [`read_texts`]); each text is scored independently.
-pub fn file_perplexity(model: &Llama, tok: &Tokenizer, path: &Path, window: usize, stride: usize) -> Result<Nll> {
+pub fn file_perplexity(
+    model: &Llama,
+    tok: &Tokenizer,
+    path: &Path,
+    window: usize,
+    stride: usize,
+) -> Result<Nll> {
     let mut total = Nll::default();
     for text in read_texts(path)? {
         let ids = tok.encode(&text, true)?;
         total.add(sequence_nll(model, &ids, window, stride)?);
     }
     if total.tokens == 0 {
-        return Err(Error::file(path, "no tokens to score (every text is shorter than two tokens)"));
+        return Err(Error::file(
+            path,
+            "no tokens to score (every text is shorter than two tokens)",
+        ));
     }
     Ok(total)
 }

@@ -10,15 +10,26 @@ fn repo() -> PathBuf {
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 fn floats(v: &Value) -> Vec<f32> {
-    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect()
 }
 
 fn ids(v: &Value) -> Vec<u32> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
 }
 
 fn check_tiny(name: &str) {
@@ -26,11 +37,15 @@ fn check_tiny(name: &str) {
     let cfg = model::config_from_hf_dir(&dir).unwrap();
     let src = SafetensorsSource::open(&dir, &LoadOptions::default(), &Device::Cpu).unwrap();
     let m = model::Llama::load(&src, &cfg).unwrap();
-    let exp: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
+    let exp: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
     let mut worst = 0f32;
     for seq in exp["sequences"].as_array().unwrap() {
         let input = ids(&seq["input_ids"]);
-        let t = Tensor::new(input.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        let t = Tensor::new(input.as_slice(), &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
         let logits = m.forward(&t, None).unwrap().squeeze(0).unwrap();
         let got: Vec<Vec<f32>> = logits.to_vec2().unwrap();
         for (row, want) in got.iter().zip(seq["logits"].as_array().unwrap()) {
@@ -40,14 +55,27 @@ fn check_tiny(name: &str) {
         let nll = ferrotune::perplexity::sequence_nll(&m, &input, usize::MAX, usize::MAX).unwrap();
         let want_nll = seq["nll_mean"].as_f64().unwrap();
         let mean = nll.total / nll.tokens as f64;
-        assert!(((mean.exp() - want_nll.exp()) / want_nll.exp()).abs() < 1e-3, "{name}: ppl {} vs {}", mean.exp(), want_nll.exp());
+        assert!(
+            ((mean.exp() - want_nll.exp()) / want_nll.exp()).abs() < 1e-3,
+            "{name}: ppl {} vs {}",
+            mean.exp(),
+            want_nll.exp()
+        );
     }
     // Batch of two sequences.
-    let batch: Vec<Vec<u32>> = exp["batch"]["input_ids"].as_array().unwrap().iter().map(ids).collect();
+    let batch: Vec<Vec<u32>> = exp["batch"]["input_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(ids)
+        .collect();
     let flat: Vec<u32> = batch.concat();
     let t = Tensor::from_vec(flat, (batch.len(), batch[0].len()), &Device::Cpu).unwrap();
     let logits: Vec<Vec<Vec<f32>>> = m.forward(&t, None).unwrap().to_vec3().unwrap();
-    for (b, want_b) in logits.iter().zip(exp["batch"]["logits"].as_array().unwrap()) {
+    for (b, want_b) in logits
+        .iter()
+        .zip(exp["batch"]["logits"].as_array().unwrap())
+    {
         for (row, want) in b.iter().zip(want_b.as_array().unwrap()) {
             worst = worst.max(max_abs_diff(row, &floats(want)));
         }
@@ -90,7 +118,13 @@ fn kv_cache_decode_equals_full_forward() {
     let m = model::Llama::load(&src, &cfg).unwrap();
     let input: Vec<u32> = (0..20u32).map(|i| (i * 37 + 5) % 256).collect();
     let full: Vec<Vec<f32>> = m
-        .forward(&Tensor::new(input.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap(), None)
+        .forward(
+            &Tensor::new(input.as_slice(), &Device::Cpu)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap(),
+            None,
+        )
         .unwrap()
         .squeeze(0)
         .unwrap()
@@ -98,12 +132,38 @@ fn kv_cache_decode_equals_full_forward() {
         .unwrap();
     let mut cache = m.new_cache();
     // Prefill 7 tokens, then one at a time.
-    let pre = Tensor::new(&input[..7], &Device::Cpu).unwrap().unsqueeze(0).unwrap();
-    let mut rows: Vec<Vec<f32>> = m.forward(&pre, Some(&mut cache)).unwrap().squeeze(0).unwrap().to_vec2().unwrap();
+    let pre = Tensor::new(&input[..7], &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let mut rows: Vec<Vec<f32>> = m
+        .forward(&pre, Some(&mut cache))
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+        .to_vec2()
+        .unwrap();
     for &tok in &input[7..] {
-        let t = Tensor::new(&[tok], &Device::Cpu).unwrap().unsqueeze(0).unwrap();
-        rows.push(m.forward_last(&t, Some(&mut cache)).unwrap().squeeze(0).unwrap().to_vec1().unwrap());
+        let t = Tensor::new(&[tok], &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        rows.push(
+            m.forward_last(&t, Some(&mut cache))
+                .unwrap()
+                .squeeze(0)
+                .unwrap()
+                .to_vec1()
+                .unwrap(),
+        );
     }
-    let worst = rows.iter().zip(&full).map(|(a, b)| max_abs_diff(a, b)).fold(0.0, f32::max);
-    assert!(worst < 1e-4, "cached decode differs from full forward by {worst}");
+    let worst = rows
+        .iter()
+        .zip(&full)
+        .map(|(a, b)| max_abs_diff(a, b))
+        .fold(0.0, f32::max);
+    assert!(
+        worst < 1e-4,
+        "cached decode differs from full forward by {worst}"
+    );
 }

@@ -12,25 +12,53 @@ fn repo() -> PathBuf {
 
 pub fn gguf_path() -> PathBuf {
     let p = repo().join(".cache/models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(p.exists(), "{} is missing: run scripts/fetch-models.sh", p.display());
+    assert!(
+        p.exists(),
+        "{} is missing: run scripts/fetch-models.sh",
+        p.display()
+    );
     p
 }
 
 fn fixture() -> Value {
-    serde_json::from_str(&std::fs::read_to_string(repo().join("tests/fixtures/smollm2/logits.json")).unwrap()).unwrap()
+    serde_json::from_str(
+        &std::fs::read_to_string(repo().join("tests/fixtures/smollm2/logits.json")).unwrap(),
+    )
+    .unwrap()
 }
 
 fn last_logits() -> Vec<f32> {
     let b = std::fs::read(repo().join("tests/fixtures/smollm2/last_logits.f32")).unwrap();
-    b.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()
+    b.chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect()
 }
 
 fn check_logits(m: &model::Llama, tol: f32) -> f32 {
     let fx = fixture();
-    let ids: Vec<u32> = fx["input_ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
-    let sample: Vec<usize> = fx["sample_vocab"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as usize).collect();
-    let t = Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
-    let logits: Vec<Vec<f32>> = m.forward(&t, None).unwrap().squeeze(0).unwrap().to_vec2().unwrap();
+    let ids: Vec<u32> = fx["input_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect();
+    let sample: Vec<usize> = fx["sample_vocab"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as usize)
+        .collect();
+    let t = Tensor::new(ids.as_slice(), &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let logits: Vec<Vec<f32>> = m
+        .forward(&t, None)
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+        .to_vec2()
+        .unwrap();
     let mut worst = 0f32;
     for (row, want) in logits.iter().zip(fx["logits_sample"].as_array().unwrap()) {
         for (j, &v) in sample.iter().enumerate() {
@@ -41,7 +69,10 @@ fn check_logits(m: &model::Llama, tol: f32) -> f32 {
     for (a, b) in last.iter().zip(last_logits()) {
         worst = worst.max((a - b).abs());
     }
-    assert!(worst < tol, "max |logit diff| vs transformers = {worst} (tolerance {tol})");
+    assert!(
+        worst < tol,
+        "max |logit diff| vs transformers = {worst} (tolerance {tol})"
+    );
     worst
 }
 
@@ -73,7 +104,12 @@ fn smollm2_converted_hf_folder_logits_match_transformers() {
     // The folder transformers itself wrote (scripts/convert-smollm2-hf.sh), when present.
     let tf_dir = repo().join(".cache/models/smollm2-hf");
     if tf_dir.join("model.safetensors").exists() {
-        let m3 = model::load(tf_dir.to_str().unwrap(), &LoadOptions::default(), &Device::Cpu).unwrap();
+        let m3 = model::load(
+            tf_dir.to_str().unwrap(),
+            &LoadOptions::default(),
+            &Device::Cpu,
+        )
+        .unwrap();
         let worst = check_logits(&m3.model, 1e-3);
         eprintln!("SmolLM2 transformers-saved HF folder: max |logit diff| = {worst:e}");
     }
@@ -83,17 +119,35 @@ fn smollm2_converted_hf_folder_logits_match_transformers() {
 #[test]
 fn smollm2_perplexity_matches_transformers() {
     let m = load_f32(gguf_path().to_str().unwrap());
-    let fx: Value = serde_json::from_str(&std::fs::read_to_string(repo().join("tests/fixtures/smollm2/perplexity.json")).unwrap()).unwrap();
+    let fx: Value = serde_json::from_str(
+        &std::fs::read_to_string(repo().join("tests/fixtures/smollm2/perplexity.json")).unwrap(),
+    )
+    .unwrap();
     for case in fx["cases"].as_array().unwrap() {
         let file = repo().join(case["file"].as_str().unwrap());
         let w = case["window"].as_u64().unwrap() as usize;
         let s = case["stride"].as_u64().unwrap() as usize;
-        let nll = ferrotune::perplexity::file_perplexity(&m.model, &m.tokenizer, &file, w, s).unwrap();
-        assert_eq!(nll.tokens, case["tokens"].as_u64().unwrap() as usize, "{}: token count", file.display());
+        let nll =
+            ferrotune::perplexity::file_perplexity(&m.model, &m.tokenizer, &file, w, s).unwrap();
+        assert_eq!(
+            nll.tokens,
+            case["tokens"].as_u64().unwrap() as usize,
+            "{}: token count",
+            file.display()
+        );
         let want = case["perplexity"].as_f64().unwrap();
         let rel = (nll.perplexity() - want).abs() / want;
-        assert!(rel < 1e-3, "{} (window {w}, stride {s}): perplexity {} vs transformers {want} (rel {rel:e})", file.display(), nll.perplexity());
-        eprintln!("{} w={w} s={s}: ppl {} vs {want}, rel {rel:e}", file.display(), nll.perplexity());
+        assert!(
+            rel < 1e-3,
+            "{} (window {w}, stride {s}): perplexity {} vs transformers {want} (rel {rel:e})",
+            file.display(),
+            nll.perplexity()
+        );
+        eprintln!(
+            "{} w={w} s={s}: ppl {} vs {want}, rel {rel:e}",
+            file.display(),
+            nll.perplexity()
+        );
     }
 }
 

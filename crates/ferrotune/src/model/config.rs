@@ -3,7 +3,8 @@ use crate::{Error, Result};
 use serde_json::Value;
 
 /// Architectures that share the LLaMA block (RMSNorm, RoPE, GQA attention, SwiGLU MLP).
-pub const SUPPORTED_ARCHS: &[&str] = &["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"];
+pub const SUPPORTED_ARCHS: &[&str] =
+    &["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"];
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum RopeScaling {
@@ -74,14 +75,18 @@ impl LlamaConfig {
             .and_then(|a| a.as_str())
             .map(str::to_string)
             .or_else(|| {
-                v.get("model_type").and_then(|m| m.as_str()).and_then(|m| match m {
-                    "llama" => Some("LlamaForCausalLM".to_string()),
-                    "mistral" => Some("MistralForCausalLM".to_string()),
-                    "qwen2" => Some("Qwen2ForCausalLM".to_string()),
-                    _ => None,
-                })
+                v.get("model_type")
+                    .and_then(|m| m.as_str())
+                    .and_then(|m| match m {
+                        "llama" => Some("LlamaForCausalLM".to_string()),
+                        "mistral" => Some("MistralForCausalLM".to_string()),
+                        "qwen2" => Some("Qwen2ForCausalLM".to_string()),
+                        _ => None,
+                    })
             })
-            .ok_or_else(|| Error::key(source, "architectures", "missing (and no known model_type)"))?;
+            .ok_or_else(|| {
+                Error::key(source, "architectures", "missing (and no known model_type)")
+            })?;
         if !SUPPORTED_ARCHS.contains(&arch.as_str()) {
             return Err(Error::UnsupportedArch {
                 source_name: source.to_string(),
@@ -108,28 +113,43 @@ impl LlamaConfig {
         let opt_f64 = |k: &str| -> Result<Option<f64>> {
             match v.get(k) {
                 None | Some(Value::Null) => Ok(None),
-                Some(x) => x.as_f64().map(Some).ok_or_else(|| Error::key(source, k, "expected a number")),
+                Some(x) => x
+                    .as_f64()
+                    .map(Some)
+                    .ok_or_else(|| Error::key(source, k, "expected a number")),
             }
         };
         let opt_bool = |k: &str| -> Result<Option<bool>> {
             match v.get(k) {
                 None | Some(Value::Null) => Ok(None),
-                Some(x) => x.as_bool().map(Some).ok_or_else(|| Error::key(source, k, "expected true or false")),
+                Some(x) => x
+                    .as_bool()
+                    .map(Some)
+                    .ok_or_else(|| Error::key(source, k, "expected true or false")),
             }
         };
         if let Some(act) = v.get("hidden_act").and_then(|a| a.as_str()) {
             if act != "silu" {
-                return Err(Error::key(source, "hidden_act", format!("`{act}` is not supported (only silu)")));
+                return Err(Error::key(
+                    source,
+                    "hidden_act",
+                    format!("`{act}` is not supported (only silu)"),
+                ));
             }
         }
         let hidden_size = usize_key("hidden_size")?;
         let num_attention_heads = usize_key("num_attention_heads")?;
         let num_key_value_heads = opt_usize("num_key_value_heads")?.unwrap_or(num_attention_heads);
-        if num_attention_heads == 0 || num_key_value_heads == 0 || num_attention_heads % num_key_value_heads != 0 {
+        if num_attention_heads == 0
+            || num_key_value_heads == 0
+            || num_attention_heads % num_key_value_heads != 0
+        {
             return Err(Error::key(
                 source,
                 "num_key_value_heads",
-                format!("{num_key_value_heads} must divide num_attention_heads {num_attention_heads}"),
+                format!(
+                    "{num_key_value_heads} must divide num_attention_heads {num_attention_heads}"
+                ),
             ));
         }
         let head_dim = opt_usize("head_dim")?.unwrap_or(hidden_size / num_attention_heads);
@@ -144,7 +164,10 @@ impl LlamaConfig {
             .and_then(|t| t.as_f64())
             .or(opt_f64("rope_theta")?)
             .unwrap_or(10000.0) as f32;
-        let scaling_v = v.get("rope_scaling").filter(|s| s.is_object()).or(rope_params);
+        let scaling_v = v
+            .get("rope_scaling")
+            .filter(|s| s.is_object())
+            .or(rope_params);
         let rope_scaling = match scaling_v {
             None => None,
             Some(s) => parse_rope_scaling(s, source)?,
@@ -153,7 +176,10 @@ impl LlamaConfig {
         let attention_bias = opt_bool("attention_bias")?.unwrap_or(false);
         let eos_token_ids = match v.get("eos_token_id") {
             Some(Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
-            Some(Value::Array(a)) => a.iter().filter_map(|x| x.as_u64().map(|x| x as u32)).collect(),
+            Some(Value::Array(a)) => a
+                .iter()
+                .filter_map(|x| x.as_u64().map(|x| x as u32))
+                .collect(),
             _ => vec![],
         };
         let default_tied = false;
@@ -190,11 +216,19 @@ fn parse_rope_scaling(s: &Value, source: &str) -> Result<Option<RopeScaling>> {
         s.get(k)
             .and_then(|x| x.as_f64())
             .map(|x| x as f32)
-            .ok_or_else(|| Error::key(source, format!("rope_scaling.{k}"), "missing or not a number"))
+            .ok_or_else(|| {
+                Error::key(
+                    source,
+                    format!("rope_scaling.{k}"),
+                    "missing or not a number",
+                )
+            })
     };
     match kind {
         "default" => Ok(None),
-        "linear" => Ok(Some(RopeScaling::Linear { factor: f("factor")? })),
+        "linear" => Ok(Some(RopeScaling::Linear {
+            factor: f("factor")?,
+        })),
         "llama3" => Ok(Some(RopeScaling::Llama3 {
             factor: f("factor")?,
             low_freq_factor: f("low_freq_factor")?,
@@ -231,9 +265,11 @@ pub fn rope_inv_freq(cfg: &LlamaConfig) -> Vec<f32> {
             for f in inv.iter_mut() {
                 let wavelen = 2.0 * std::f32::consts::PI / *f;
                 let scaled = if wavelen > low_wl { *f / factor } else { *f };
-                let smooth = (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                let smooth =
+                    (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
                 let smoothed = (1.0 - smooth) * scaled / factor + smooth * scaled;
-                let is_medium = !(wavelen < high_wl) && !(wavelen > low_wl);
+                // transformers: not (wavelen < high) and not (wavelen > low); no NaNs occur here.
+                let is_medium = wavelen >= high_wl && wavelen <= low_wl;
                 *f = if is_medium { smoothed } else { scaled };
             }
         }

@@ -28,24 +28,36 @@ pub fn state_dict(lm: &LoadedModel, dtype: DType) -> Result<HashMap<String, Tens
         EmbeddingWeight::Trainable(v) => v.as_tensor().clone(),
         EmbeddingWeight::Quantized(q) => q.dequantize()?,
     };
-    sd.insert("model.embed_tokens.weight".to_string(), emb.to_dtype(dtype)?);
+    sd.insert(
+        "model.embed_tokens.weight".to_string(),
+        emb.to_dtype(dtype)?,
+    );
     for lin in m.linears() {
         if lin.name() == "lm_head" && m.cfg.tie_word_embeddings {
             continue;
         }
-        sd.insert(format!("{}.weight", lin.name()), lin.weight().to_dense_f32()?.to_dtype(dtype)?);
+        sd.insert(
+            format!("{}.weight", lin.name()),
+            lin.weight().to_dense_f32()?.to_dtype(dtype)?,
+        );
         if let Some(b) = lin.bias() {
             sd.insert(format!("{}.bias", lin.name()), b.to_dtype(dtype)?);
         }
     }
     for (i, l) in m.layers.iter().enumerate() {
-        sd.insert(format!("model.layers.{i}.input_layernorm.weight"), l.input_layernorm.weight().to_dtype(dtype)?);
+        sd.insert(
+            format!("model.layers.{i}.input_layernorm.weight"),
+            l.input_layernorm.weight().to_dtype(dtype)?,
+        );
         sd.insert(
             format!("model.layers.{i}.post_attention_layernorm.weight"),
             l.post_attention_layernorm.weight().to_dtype(dtype)?,
         );
     }
-    sd.insert("model.norm.weight".to_string(), m.norm.weight().to_dtype(dtype)?);
+    sd.insert(
+        "model.norm.weight".to_string(),
+        m.norm.weight().to_dtype(dtype)?,
+    );
     Ok(sd)
 }
 
@@ -67,7 +79,10 @@ pub fn write_hf_folder_dtype(lm: &LoadedModel, dir: &Path, dtype: DType) -> Resu
         _ => "float32",
     }
     .into();
-    write_atomic(&dir.join("config.json"), serde_json::to_string_pretty(&cfg).unwrap().as_bytes())?;
+    write_atomic(
+        &dir.join("config.json"),
+        serde_json::to_string_pretty(&cfg).unwrap().as_bytes(),
+    )?;
 
     let tok = &lm.tokenizer;
     let tok_json = tok
@@ -85,15 +100,29 @@ pub fn write_hf_folder_dtype(lm: &LoadedModel, dir: &Path, dtype: DType) -> Resu
     if let Some(e) = tok.eos_token() {
         tcfg["eos_token"] = e.into();
     }
-    write_atomic(&dir.join("tokenizer_config.json"), serde_json::to_string_pretty(&tcfg).unwrap().as_bytes())?;
+    write_atomic(
+        &dir.join("tokenizer_config.json"),
+        serde_json::to_string_pretty(&tcfg).unwrap().as_bytes(),
+    )?;
     let mut gen = serde_json::json!({});
     if let Some(b) = lm.model.cfg.bos_token_id {
         gen["bos_token_id"] = b.into();
     }
-    let eos: Vec<u32> = if tok.eos_ids().is_empty() { lm.model.cfg.eos_token_ids.clone() } else { tok.eos_ids().to_vec() };
+    let eos: Vec<u32> = if tok.eos_ids().is_empty() {
+        lm.model.cfg.eos_token_ids.clone()
+    } else {
+        tok.eos_ids().to_vec()
+    };
     if !eos.is_empty() {
-        gen["eos_token_id"] = if eos.len() == 1 { eos[0].into() } else { eos.into() };
+        gen["eos_token_id"] = if eos.len() == 1 {
+            eos[0].into()
+        } else {
+            eos.into()
+        };
     }
-    write_atomic(&dir.join("generation_config.json"), serde_json::to_string_pretty(&gen).unwrap().as_bytes())?;
+    write_atomic(
+        &dir.join("generation_config.json"),
+        serde_json::to_string_pretty(&gen).unwrap().as_bytes(),
+    )?;
     Ok(())
 }

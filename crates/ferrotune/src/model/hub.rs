@@ -10,17 +10,27 @@ pub fn download(spec: &str) -> Result<ModelSource> {
     };
     let parts: Vec<&str> = repo_part.split('/').collect();
     if parts.len() < 2 || parts[0].is_empty() || parts[1].is_empty() {
-        return Err(Error::msg(format!("--model hf:{spec}: expected hf:org/name[@revision] or hf:org/name/file.gguf")));
+        return Err(Error::msg(format!(
+            "--model hf:{spec}: expected hf:org/name[@revision] or hf:org/name/file.gguf"
+        )));
     }
     let repo_id = format!("{}/{}", parts[0], parts[1]);
     let api = hf_hub::api::sync::ApiBuilder::from_env()
         .with_progress(true)
         .build()
         .map_err(|e| Error::msg(format!("hf:{spec}: cannot start the Hub client: {e}")))?;
-    let repo = api.repo(hf_hub::Repo::with_revision(repo_id.clone(), hf_hub::RepoType::Model, revision));
+    let repo = api.repo(hf_hub::Repo::with_revision(
+        repo_id.clone(),
+        hf_hub::RepoType::Model,
+        revision,
+    ));
     let fetch = |f: &str| {
-        repo.get(f)
-            .map_err(|e| Error::msg(format!("hf:{spec}: cannot download `{f}`: {}", crate::error::first_line(&e.to_string()))))
+        repo.get(f).map_err(|e| {
+            Error::msg(format!(
+                "hf:{spec}: cannot download `{f}`: {}",
+                crate::error::first_line(&e.to_string())
+            ))
+        })
     };
     if parts.len() > 2 {
         let file = parts[2..].join("/");
@@ -28,17 +38,26 @@ pub fn download(spec: &str) -> Result<ModelSource> {
     }
     let config = fetch("config.json")?;
     fetch("tokenizer.json")?;
-    for optional in ["tokenizer_config.json", "generation_config.json", "special_tokens_map.json"] {
+    for optional in [
+        "tokenizer_config.json",
+        "generation_config.json",
+        "special_tokens_map.json",
+    ] {
         let _ = repo.get(optional);
     }
     match repo.get("model.safetensors.index.json") {
         Ok(index) => {
             let text = std::fs::read_to_string(&index).map_err(|e| Error::file(&index, e))?;
-            let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::file(&index, e))?;
+            let v: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| Error::file(&index, e))?;
             let mut shards: Vec<String> = v
                 .get("weight_map")
                 .and_then(|m| m.as_object())
-                .map(|m| m.values().filter_map(|s| s.as_str().map(str::to_string)).collect())
+                .map(|m| {
+                    m.values()
+                        .filter_map(|s| s.as_str().map(str::to_string))
+                        .collect()
+                })
                 .unwrap_or_default();
             shards.sort();
             shards.dedup();

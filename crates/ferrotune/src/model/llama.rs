@@ -3,9 +3,9 @@
 //! (see `ops`), so the same code serves generation and training.
 use super::config::{rope_inv_freq, LlamaConfig};
 use super::weights::WeightSource;
-use crate::nn::{Embedding, Linear, LinearWeight, RmsNorm};
+use crate::nn::{Embedding, Linear, RmsNorm};
 use crate::ops;
-use candle_core::{DType, Device, Result, Tensor, D};
+use candle_core::{DType, Device, Result, Tensor};
 
 pub struct Attention {
     pub q_proj: Linear,
@@ -84,12 +84,18 @@ impl Llama {
     /// Build the model from a weight source that speaks HF tensor names.
     pub fn load(src: &dyn WeightSource, cfg: &LlamaConfig) -> crate::Result<Self> {
         let device = src.device().clone();
-        let embed_tokens = Embedding::new("model.embed_tokens", src.embedding_weight("model.embed_tokens.weight")?);
+        let embed_tokens = Embedding::new(
+            "model.embed_tokens",
+            src.embedding_weight("model.embed_tokens.weight")?,
+        );
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
             let p = format!("model.layers.{i}");
             let norm = |n: &str| -> crate::Result<RmsNorm> {
-                Ok(RmsNorm::new(src.dense(&format!("{p}.{n}.weight"))?, cfg.rms_norm_eps)?)
+                Ok(RmsNorm::new(
+                    src.dense(&format!("{p}.{n}.weight"))?,
+                    cfg.rms_norm_eps,
+                )?)
             };
             layers.push(DecoderLayer {
                 input_layernorm: norm("input_layernorm")?,
@@ -113,7 +119,11 @@ impl Llama {
         let norm = RmsNorm::new(src.dense("model.norm.weight")?, cfg.rms_norm_eps)?;
         let lm_head = if cfg.tie_word_embeddings || !src.contains("lm_head.weight") {
             // Tied: the LM head reads the embedding table (same storage, no copy).
-            Linear::new("lm_head", src.linear_weight("model.embed_tokens.weight")?, None)
+            Linear::new(
+                "lm_head",
+                src.linear_weight("model.embed_tokens.weight")?,
+                None,
+            )
         } else {
             linear(src, "lm_head", false)?
         };
@@ -165,7 +175,12 @@ impl Llama {
 
     /// Hidden states after the final norm: ids (b, t) -> (b, t, hidden).
     /// With a cache, `ids` are the new tokens after the cached ones and the cache is extended.
-    pub fn forward_hidden(&self, ids: &Tensor, cache: Option<&mut KvCache>, train: bool) -> Result<Tensor> {
+    pub fn forward_hidden(
+        &self,
+        ids: &Tensor,
+        cache: Option<&mut KvCache>,
+        train: bool,
+    ) -> Result<Tensor> {
         let (_b, t) = ids.dims2()?;
         let offset = cache.as_ref().map(|c| c.len()).unwrap_or(0);
         if offset + t > self.cos.dim(0)? {
@@ -233,7 +248,9 @@ impl Attention {
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let heads = |y: Tensor, n: usize| -> Result<Tensor> {
-            y.reshape((b, t, n, self.head_dim))?.transpose(1, 2)?.contiguous()
+            y.reshape((b, t, n, self.head_dim))?
+                .transpose(1, 2)?
+                .contiguous()
         };
         let q = heads(self.q_proj.forward_t(x, train)?, self.n_heads)?;
         let k = heads(self.k_proj.forward_t(x, train)?, self.n_kv_heads)?;
@@ -253,7 +270,9 @@ impl Attention {
         };
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         let y = ops::causal_attention(&q, &k, &v, scale, offset)?;
-        let y = y.transpose(1, 2)?.reshape((b, t, self.n_heads * self.head_dim))?;
+        let y = y
+            .transpose(1, 2)?
+            .reshape((b, t, self.n_heads * self.head_dim))?;
         self.o_proj.forward_t(&y, train)
     }
 }
@@ -284,23 +303,4 @@ fn rope_tables(cfg: &LlamaConfig, dev: &Device) -> Result<(Tensor, Tensor)> {
         Tensor::from_vec(cos, (n, half), dev)?,
         Tensor::from_vec(sin, (n, half), dev)?,
     ))
-}
-
-/// Make sure a weight's dtype is what the op wants (f32 compute).
-pub fn ensure_f32(t: &Tensor) -> Result<Tensor> {
-    if t.dtype() == DType::F32 {
-        Ok(t.clone())
-    } else {
-        t.to_dtype(DType::F32)
-    }
-}
-
-#[allow(dead_code)]
-fn last_dim(t: &Tensor) -> Result<usize> {
-    t.dim(D::Minus1)
-}
-
-#[allow(dead_code)]
-fn is_quantized(l: &Linear) -> bool {
-    matches!(l.weight(), LinearWeight::Quantized(_))
 }

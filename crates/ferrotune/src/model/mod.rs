@@ -45,13 +45,19 @@ pub fn resolve(spec: &str) -> Result<ModelSource> {
     }
     let p = PathBuf::from(spec);
     if !p.exists() {
-        return Err(Error::file(&p, "no such file or folder (use hf:org/name for the Hugging Face Hub)"));
+        return Err(Error::file(
+            &p,
+            "no such file or folder (use hf:org/name for the Hugging Face Hub)",
+        ));
     }
     if p.is_file() {
         if is_gguf(&p)? {
             return Ok(ModelSource::Gguf(p));
         }
-        return Err(Error::file(&p, "not a GGUF file (bad magic); pass a .gguf file or an HF model folder"));
+        return Err(Error::file(
+            &p,
+            "not a GGUF file (bad magic); pass a .gguf file or an HF model folder",
+        ));
     }
     if p.join("config.json").exists() {
         return Ok(ModelSource::HfDir(p));
@@ -63,8 +69,14 @@ pub fn resolve(spec: &str) -> Result<ModelSource> {
         .collect();
     match ggufs.len() {
         1 => Ok(ModelSource::Gguf(ggufs[0].clone())),
-        0 => Err(Error::file(&p, "folder has no config.json and no .gguf file")),
-        _ => Err(Error::file(&p, "folder has several .gguf files; pass one of them")),
+        0 => Err(Error::file(
+            &p,
+            "folder has no config.json and no .gguf file",
+        )),
+        _ => Err(Error::file(
+            &p,
+            "folder has several .gguf files; pass one of them",
+        )),
     }
 }
 
@@ -87,8 +99,15 @@ pub struct LoadedModel {
 /// Read a GGUF header (metadata and tensor index) with a one-line error on corruption.
 pub fn read_gguf(path: &Path) -> Result<gguf_file::Content> {
     let mut f = std::fs::File::open(path).map_err(|e| Error::file(path, e))?;
-    gguf_file::Content::read(&mut f)
-        .map_err(|e| Error::file(path, format!("corrupt or unsupported GGUF: {}", crate::error::first_line(&e.to_string()))))
+    gguf_file::Content::read(&mut f).map_err(|e| {
+        Error::file(
+            path,
+            format!(
+                "corrupt or unsupported GGUF: {}",
+                crate::error::first_line(&e.to_string())
+            ),
+        )
+    })
 }
 
 pub fn load(spec: &str, opts: &LoadOptions, device: &Device) -> Result<LoadedModel> {
@@ -96,13 +115,18 @@ pub fn load(spec: &str, opts: &LoadOptions, device: &Device) -> Result<LoadedMod
     load_source(source, opts, device)
 }
 
-pub fn load_source(source: ModelSource, opts: &LoadOptions, device: &Device) -> Result<LoadedModel> {
+pub fn load_source(
+    source: ModelSource,
+    opts: &LoadOptions,
+    device: &Device,
+) -> Result<LoadedModel> {
     match &source {
         ModelSource::Gguf(path) => {
             let content = read_gguf(path)?;
             let cfg = config_from_gguf(&content, path)?;
             let tokenizer = Tokenizer::from_gguf(&content, path)?;
-            let permute = (content_arch(&content, path)? == "llama").then_some((cfg.num_attention_heads, cfg.num_key_value_heads));
+            let permute = (content_arch(&content, path)? == "llama")
+                .then_some((cfg.num_attention_heads, cfg.num_key_value_heads));
             let file_bytes = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
             let src = GgufSource::open(path, content, permute, opts, device)?;
             let model = Llama::load(&src, &cfg)?;
@@ -121,7 +145,12 @@ pub fn load_source(source: ModelSource, opts: &LoadOptions, device: &Device) -> 
             let file_bytes = std::fs::read_dir(dir)
                 .map(|rd| {
                     rd.filter_map(|e| e.ok())
-                        .filter(|e| e.path().extension().map(|x| x == "safetensors").unwrap_or(false))
+                        .filter(|e| {
+                            e.path()
+                                .extension()
+                                .map(|x| x == "safetensors")
+                                .unwrap_or(false)
+                        })
                         .filter_map(|e| e.metadata().ok().map(|m| m.len()))
                         .sum()
                 })
@@ -139,7 +168,8 @@ pub fn load_source(source: ModelSource, opts: &LoadOptions, device: &Device) -> 
 pub fn config_from_hf_dir(dir: &Path) -> Result<LlamaConfig> {
     let p = dir.join("config.json");
     let text = std::fs::read_to_string(&p).map_err(|e| Error::file(&p, e))?;
-    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::file(&p, format!("invalid JSON: {e}")))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| Error::file(&p, format!("invalid JSON: {e}")))?;
     LlamaConfig::from_hf_json(&v, &p.display().to_string())
 }
 
@@ -148,7 +178,13 @@ fn content_arch(ct: &gguf_file::Content, path: &Path) -> Result<String> {
         .get("general.architecture")
         .and_then(|v| v.to_string().ok())
         .cloned()
-        .ok_or_else(|| Error::key(path.display().to_string(), "general.architecture", "missing"))
+        .ok_or_else(|| {
+            Error::key(
+                path.display().to_string(),
+                "general.architecture",
+                "missing",
+            )
+        })
 }
 
 /// Hyper-parameters from GGUF metadata (`{arch}.*` keys as written by llama.cpp's converter).
@@ -182,30 +218,57 @@ pub fn config_from_gguf(ct: &gguf_file::Content, path: &Path) -> Result<LlamaCon
     let req_u = |k: &str| -> Result<usize> {
         get_u(k)?.ok_or_else(|| Error::key(&src, format!("{arch}.{k}"), "missing"))
     };
-    let get_f = |k: &str| -> Option<f64> { md.get(&format!("{arch}.{k}")).and_then(|v| v.to_f32().map(|x| x as f64).or_else(|_| v.to_f64()).ok()) };
+    let get_f = |k: &str| -> Option<f64> {
+        md.get(&format!("{arch}.{k}"))
+            .and_then(|v| v.to_f32().map(|x| x as f64).or_else(|_| v.to_f64()).ok())
+    };
     let hidden = req_u("embedding_length")?;
     let heads = req_u("attention.head_count")?;
     let kv = get_u("attention.head_count_kv")?.unwrap_or(heads);
     if heads == 0 || kv == 0 || heads % kv != 0 {
-        return Err(Error::key(&src, format!("{arch}.attention.head_count_kv"), format!("{kv} must divide head_count {heads}")));
+        return Err(Error::key(
+            &src,
+            format!("{arch}.attention.head_count_kv"),
+            format!("{kv} must divide head_count {heads}"),
+        ));
     }
-    let head_dim = get_u("attention.key_length")?.or(get_u("rope.dimension_count")?).unwrap_or(hidden / heads);
+    let head_dim = get_u("attention.key_length")?
+        .or(get_u("rope.dimension_count")?)
+        .unwrap_or(hidden / heads);
     let vocab = match get_u("vocab_size")? {
         Some(v) => v,
         None => md
             .get("tokenizer.ggml.tokens")
             .and_then(|t| t.to_vec().ok())
             .map(|t| t.len())
-            .or_else(|| ct.tensor_infos.get("token_embd.weight").map(|i| i.shape.dims()[0]))
-            .ok_or_else(|| Error::key(&src, "tokenizer.ggml.tokens", "missing (cannot tell the vocabulary size)"))?,
+            .or_else(|| {
+                ct.tensor_infos
+                    .get("token_embd.weight")
+                    .map(|i| i.shape.dims()[0])
+            })
+            .ok_or_else(|| {
+                Error::key(
+                    &src,
+                    "tokenizer.ggml.tokens",
+                    "missing (cannot tell the vocabulary size)",
+                )
+            })?,
     };
-    let rope_scaling = match md.get(&format!("{arch}.rope.scaling.type")).and_then(|v| v.to_string().ok()).map(|s| s.as_str()) {
+    let rope_scaling = match md
+        .get(&format!("{arch}.rope.scaling.type"))
+        .and_then(|v| v.to_string().ok())
+        .map(|s| s.as_str())
+    {
         None | Some("none") => None,
         Some("linear") => Some(RopeScaling::Linear {
             factor: get_f("rope.scaling.factor").unwrap_or(1.0) as f32,
         }),
         Some(other) => {
-            return Err(Error::key(&src, format!("{arch}.rope.scaling.type"), format!("`{other}` is not supported")))
+            return Err(Error::key(
+                &src,
+                format!("{arch}.rope.scaling.type"),
+                format!("`{other}` is not supported"),
+            ))
         }
     };
     if ct.tensor_infos.contains_key("rope_freqs.weight") {
@@ -230,6 +293,8 @@ pub fn config_from_gguf(ct: &gguf_file::Content, path: &Path) -> Result<LlamaCon
         o_bias: ct.tensor_infos.contains_key("blk.0.attn_output.bias"),
         mlp_bias: ct.tensor_infos.contains_key("blk.0.ffn_up.bias"),
         bos_token_id: meta_u32("tokenizer.ggml.bos_token_id"),
-        eos_token_ids: meta_u32("tokenizer.ggml.eos_token_id").into_iter().collect(),
+        eos_token_ids: meta_u32("tokenizer.ggml.eos_token_id")
+            .into_iter()
+            .collect(),
     })
 }

@@ -56,12 +56,18 @@ impl SafetensorsSource {
         let index = dir.join("model.safetensors.index.json");
         let files: Vec<PathBuf> = if index.exists() {
             let text = std::fs::read_to_string(&index).map_err(|e| Error::file(&index, e))?;
-            let v: serde_json::Value =
-                serde_json::from_str(&text).map_err(|e| Error::file(&index, format!("invalid JSON: {e}")))?;
+            let v: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| Error::file(&index, format!("invalid JSON: {e}")))?;
             let map = v
                 .get("weight_map")
                 .and_then(|m| m.as_object())
-                .ok_or_else(|| Error::key(index.display().to_string(), "weight_map", "missing or not an object"))?;
+                .ok_or_else(|| {
+                    Error::key(
+                        index.display().to_string(),
+                        "weight_map",
+                        "missing or not an object",
+                    )
+                })?;
             let mut files: Vec<PathBuf> = map
                 .values()
                 .filter_map(|f| f.as_str())
@@ -83,7 +89,10 @@ impl SafetensorsSource {
         let mut names = HashMap::new();
         for f in &files {
             if !f.exists() {
-                return Err(Error::file(f, "shard listed in model.safetensors.index.json is missing"));
+                return Err(Error::file(
+                    f,
+                    "shard listed in model.safetensors.index.json is missing",
+                ));
             }
             // Validate the header and every tensor's byte range before use: a truncated or corrupt
             // file must be a clear error, not a crash deep inside a matmul.
@@ -111,14 +120,21 @@ impl SafetensorsSource {
         if let Some(t) = self.loaded.borrow().get(name) {
             return Ok(t.clone());
         }
-        let file = self
-            .names
-            .get(name)
-            .ok_or_else(|| Error::file(&self.dir, format!("tensor `{name}` not found in the safetensors files")))?;
-        let t = self
-            .st
-            .load(name, &self.device)
-            .map_err(|e| Error::file(file, format!("tensor `{name}`: {}", crate::error::first_line(&e.to_string()))))?;
+        let file = self.names.get(name).ok_or_else(|| {
+            Error::file(
+                &self.dir,
+                format!("tensor `{name}` not found in the safetensors files"),
+            )
+        })?;
+        let t = self.st.load(name, &self.device).map_err(|e| {
+            Error::file(
+                file,
+                format!(
+                    "tensor `{name}`: {}",
+                    crate::error::first_line(&e.to_string())
+                ),
+            )
+        })?;
         let t = convert_dense(t, &self.opts)?;
         self.loaded.borrow_mut().insert(name.to_string(), t.clone());
         Ok(t)
@@ -141,7 +157,10 @@ impl WeightSource for SafetensorsSource {
     fn linear_weight(&self, name: &str) -> Result<LinearWeight> {
         let t = self.raw(name)?;
         if let Some(q) = self.opts.requantize {
-            return Ok(LinearWeight::Quantized(Arc::new(QuantWeight::quantize(&t.to_dtype(DType::F32)?, q)?)));
+            return Ok(LinearWeight::Quantized(Arc::new(QuantWeight::quantize(
+                &t.to_dtype(DType::F32)?,
+                q,
+            )?)));
         }
         Ok(LinearWeight::Frozen(t))
     }
@@ -232,7 +251,9 @@ impl GgufSource {
             if end > len {
                 return Err(Error::file(
                     path,
-                    format!("truncated: tensor `{name}` needs bytes up to {end} but the file has {len}"),
+                    format!(
+                        "truncated: tensor `{name}` needs bytes up to {end} but the file has {len}"
+                    ),
                 ));
             }
         }
@@ -248,23 +269,36 @@ impl GgufSource {
     }
 
     fn qtensor(&self, hf_name: &str) -> Result<QTensor> {
-        let g = gguf_tensor_name(hf_name)
-            .ok_or_else(|| Error::file(&self.path, format!("no GGUF name for tensor `{hf_name}`")))?;
+        let g = gguf_tensor_name(hf_name).ok_or_else(|| {
+            Error::file(&self.path, format!("no GGUF name for tensor `{hf_name}`"))
+        })?;
         if !self.content.tensor_infos.contains_key(&g) {
-            return Err(Error::file(&self.path, format!("tensor `{g}` ({hf_name}) not found")));
+            return Err(Error::file(
+                &self.path,
+                format!("tensor `{g}` ({hf_name}) not found"),
+            ));
         }
         let q = self
             .content
             .tensor(&mut *self.file.borrow_mut(), &g, &Device::Cpu)
-            .map_err(|e| Error::file(&self.path, format!("tensor `{g}`: {}", crate::error::first_line(&e.to_string()))))?;
+            .map_err(|e| {
+                Error::file(
+                    &self.path,
+                    format!("tensor `{g}`: {}", crate::error::first_line(&e.to_string())),
+                )
+            })?;
         Ok(q)
     }
 
     fn qk_heads(&self, hf_name: &str) -> Option<usize> {
         let (n_head, n_kv) = self.permute_qk?;
-        if hf_name.ends_with("self_attn.q_proj.weight") || hf_name.ends_with("self_attn.q_proj.bias") {
+        if hf_name.ends_with("self_attn.q_proj.weight")
+            || hf_name.ends_with("self_attn.q_proj.bias")
+        {
             Some(n_head)
-        } else if hf_name.ends_with("self_attn.k_proj.weight") || hf_name.ends_with("self_attn.k_proj.bias") {
+        } else if hf_name.ends_with("self_attn.k_proj.weight")
+            || hf_name.ends_with("self_attn.k_proj.bias")
+        {
             Some(n_kv)
         } else {
             None
@@ -283,7 +317,10 @@ impl GgufSource {
         };
         let mut t = q.dequantize(&Device::Cpu)?;
         if let Some(n) = self.qk_heads(hf_name) {
-            let perm: Vec<u32> = unpermute_rows(t.dim(0)?, n).into_iter().map(|p| p as u32).collect();
+            let perm: Vec<u32> = unpermute_rows(t.dim(0)?, n)
+                .into_iter()
+                .map(|p| p as u32)
+                .collect();
             t = t.index_select(&Tensor::new(perm.as_slice(), &Device::Cpu)?, 0)?;
         }
         let target = self.opts.dtype.unwrap_or(stored);
@@ -317,7 +354,9 @@ impl WeightSource for GgufSource {
             LinearWeight::Frozen(self.dense_of(&q, name)?)
         } else {
             let qw = match self.opts.requantize {
-                Some(target) if target != q.dtype() => QuantWeight::quantize(&q.dequantize(&Device::Cpu)?, target)?,
+                Some(target) if target != q.dtype() => {
+                    QuantWeight::quantize(&q.dequantize(&Device::Cpu)?, target)?
+                }
                 _ => QuantWeight::from_qtensor(q)?,
             };
             let qw = match self.qk_heads(name) {

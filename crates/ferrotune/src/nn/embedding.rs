@@ -37,8 +37,12 @@ impl Embedding {
         let flat = ids.flatten_all()?;
         let rows = match &self.weight {
             EmbeddingWeight::Frozen(w) => w.index_select(&flat, 0)?.to_dtype(DType::F32)?,
-            EmbeddingWeight::Trainable(w) => w.as_tensor().index_select(&flat, 0)?.to_dtype(DType::F32)?,
-            EmbeddingWeight::Quantized(q) => q.embedding(&flat.to_vec1::<u32>()?)?.to_device(ids.device())?,
+            EmbeddingWeight::Trainable(w) => {
+                w.as_tensor().index_select(&flat, 0)?.to_dtype(DType::F32)?
+            }
+            EmbeddingWeight::Quantized(q) => q
+                .embedding(&flat.to_vec1::<u32>()?)?
+                .to_device(ids.device())?,
         };
         let hidden = rows.dim(1)?;
         rows.reshape((b, t, hidden))

@@ -103,7 +103,11 @@ impl Linear {
     pub fn out_features(&self) -> usize {
         self.weight.shape().0
     }
-    pub fn add_adapter(&mut self, adapter_name: impl Into<String>, adapter: Box<dyn LinearAdapter>) {
+    pub fn add_adapter(
+        &mut self,
+        adapter_name: impl Into<String>,
+        adapter: Box<dyn LinearAdapter>,
+    ) {
         self.adapters.push((adapter_name.into(), adapter));
     }
     pub fn remove_adapter(&mut self, adapter_name: &str) -> Option<Box<dyn LinearAdapter>> {

@@ -3,7 +3,8 @@ use candle_core::{Result, Tensor, D};
 
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     let var = x.sqr()?.mean_keepdim(D::Minus1)?;
-    x.broadcast_div(&(var + eps)?.sqrt()?)?.broadcast_mul(weight)
+    x.broadcast_div(&(var + eps)?.sqrt()?)?
+        .broadcast_mul(weight)
 }
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     let max = x.max_keepdim(D::Minus1)?.detach();
@@ -19,15 +20,35 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let rot = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
     x.broadcast_mul(&cos)?.add(&rot.broadcast_mul(&sin)?)
 }
-pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, q_offset: usize) -> Result<Tensor> {
+pub fn causal_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    q_offset: usize,
+) -> Result<Tensor> {
     let (b, hq, t, d) = q.dims4()?;
     let (_, hkv, s, _) = k.dims4()?;
     let rep = hq / hkv;
-    let k = k.unsqueeze(2)?.expand((b, hkv, rep, s, d))?.reshape((b, hq, s, d))?;
-    let v = v.unsqueeze(2)?.expand((b, hkv, rep, s, d))?.reshape((b, hq, s, d))?;
+    let k = k
+        .unsqueeze(2)?
+        .expand((b, hkv, rep, s, d))?
+        .reshape((b, hq, s, d))?;
+    let v = v
+        .unsqueeze(2)?
+        .expand((b, hkv, rep, s, d))?
+        .reshape((b, hq, s, d))?;
     let att = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * scale)?;
     let mask: Vec<f32> = (0..t)
-        .flat_map(|i| (0..s).map(move |j| if j <= q_offset + i { 0.0 } else { f32::NEG_INFINITY }))
+        .flat_map(|i| {
+            (0..s).map(move |j| {
+                if j <= q_offset + i {
+                    0.0
+                } else {
+                    f32::NEG_INFINITY
+                }
+            })
+        })
         .collect();
     let mask = Tensor::from_vec(mask, (t, s), q.device())?.to_dtype(q.dtype())?;
     let att = softmax_last_dim(&att.broadcast_add(&mask)?)?;

@@ -10,14 +10,21 @@ pub struct QuantWeight {
 impl QuantWeight {
     pub fn from_qtensor(q: QTensor) -> crate::Result<Self> {
         let q = Arc::new(q);
-        Ok(Self { mm: QMatMul::from_arc(q.clone())?, q })
+        Ok(Self {
+            mm: QMatMul::from_arc(q.clone())?,
+            q,
+        })
     }
     pub fn quantize(w: &Tensor, dtype: GgmlDType) -> crate::Result<Self> {
         Self::from_qtensor(QTensor::quantize(w, dtype)?)
     }
     pub fn permute_rows(&self, perm: &[usize]) -> crate::Result<Self> {
         let w = self.dequantize()?;
-        let idx = Tensor::from_vec(perm.iter().map(|&p| p as u32).collect::<Vec<_>>(), perm.len(), &Device::Cpu)?;
+        let idx = Tensor::from_vec(
+            perm.iter().map(|&p| p as u32).collect::<Vec<_>>(),
+            perm.len(),
+            &Device::Cpu,
+        )?;
         Self::quantize(&w.index_select(&idx, 0)?, self.dtype())
     }
     pub fn shape(&self) -> (usize, usize) {
