@@ -14,6 +14,8 @@ Writes
   tests/fixtures/tokenizer/tiny-spm.json  ids sentencepiece gives for it, applied to each stretch of
                                           text between special tokens as llama.cpp does (and, for
                                           information, transformers' GGUF-loader ids, which differ)
+  tests/fixtures/tokenizer/pre_tokenizers.json  how each `tokenizer.ggml.pre` we map splits text,
+                                          by llama.cpp's regex lists run with Python's `regex`
   .cache/models/smollm2-hf-tokenizer/     `tok.save_pretrained` of the SmolLM2 tokenizer (an HF
                                           tokenizer folder; git-ignored, for the from_hf_dir test)
 """
@@ -28,6 +30,7 @@ import time
 
 import gguf
 import numpy as np
+import regex
 import sentencepiece as spm
 from transformers import AutoTokenizer
 
@@ -289,6 +292,120 @@ def tiny_spm():
     )
 
 
+# llama.cpp's regex lists (src/llama-vocab.cpp, llm_tokenizer_bpe), applied in order, each to every
+# piece the previous ones produced, matches isolated. For tekken and gpt-4o llama.cpp runs a rewrite
+# that approximates \p{Lu}/\p{Ll} with lookaheads; the tokenizer.json original (quoted in its
+# comments, and what transformers uses) is the reference there.
+LLAMA_CPP_SPLITS = {
+    "DEFAULT": [
+        "[\\p{P}\\$\\+<=>\\^~\\|]+",
+        "'s|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)",
+        "\\p{N}+",
+        "[0-9][0-9][0-9]",
+    ],
+    "GPT2": [
+        "'s|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)",
+    ],
+    "LLAMA3": [
+        "(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+",
+    ],
+    "DBRX": [
+        "(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+",
+    ],
+    "DEEPSEEK_LLM": [
+        "[\r\n]",
+        "\\s?[A-Za-z\u00b5\u00c0-\u00d6\u00d8-\u00f6\u00f8-\u01ba\u01bc-\u01bf\u01c4-\u0293\u0295-\u02af\u0370-\u0373\u0376\u0377\u037b-\u037d\u037f\u0386\u0388-\u038a\u038c\u038e-\u03a1\u03a3-\u03f5\u03f7-\u0481\u048a-\u052f\u0531-\u0556\u10a0-\u10c5\u13a0-\u13f5\u13f8-\u13fd\u1c90-\u1cba\u1cbd-\u1cbf\u1d00-\u1d2b\u1d6b-\u1d77\u1d79-\u1d9a\u1e00-\u1f15\u1f18-\u1f1d\u1f20-\u1f45\u1f48-\u1f4d\u1f50-\u1f57\u1f59\u1f5b\u1f5d\u1f5f-\u1f7d\u1f80-\u1fb4\u1fb6-\u1fbc\u1fbe\u1fc2-\u1fc4\u1fc6-\u1fcc\u1fd0-\u1fd3\u1fd6-\u1fdb\u1fe0-\u1fec\u1ff2-\u1ff4\u1ff6-\u1ffc\u2102\u2107\u210a-\u2113\u2115\u2119-\u211d\u2124\u2126\u2128\u212a-\u212d\u212f-\u2134\u2139\u213c-\u213f\u2145-\u2149\u214e\u2183\u2184\u2c00-\u2c7b\u2c7e-\u2ce4\u2ceb-\u2cee\u2cf2\u2cf3\ua640-\ua66d\ua680-\ua69b\ua722-\ua76f\ua771-\ua787\ua78b-\ua78e\uab70-\uabbf\ufb00-\ufb06\ufb13-\ufb17\uff21-\uff3a\uff41-\uff5a\U00010400-\U0001044f\U000104b0-\U000104d3\U000104d8-\U000104fb\U00010c80-\U00010cb2\U00010cc0-\U00010cf2\U000118a0-\U000118df\U0001e900-\U0001e943]+",
+        "\\s?[!-/:-~\uff01-\uff0f\uff1a-\uff5e\u2018-\u201f\u3000-\u3002]+",
+        "\\s+$",
+        "[\u4e00-\u9fa5\u0800-\u4e00\uac00-\ud7ff]+",
+        "\\p{N}+",
+    ],
+    "DEEPSEEK_CODER": [
+        "[\r\n]",
+        "\\s?\\p{L}+",
+        "\\s?\\p{P}+",
+        "[\u4e00-\u9fa5\u0800-\u4e00\uac00-\ud7ff]+",
+        "\\p{N}",
+    ],
+    "FALCON": [
+        "[\\p{P}\\$\\+<=>\\^~\\|`]+",
+        "'s|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)",
+        "[0-9][0-9][0-9]",
+    ],
+    "STARCODER": [
+        "\\p{N}",
+        "'s|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)",
+    ],
+    "QWEN2": [
+        "(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+",
+    ],
+    "TEKKEN": [
+        "[^\\r\\n\\p{L}\\p{N}]?[\\p{Lu}\\p{Lt}\\p{Lm}\\p{Lo}\\p{M}]*[\\p{Ll}\\p{Lm}\\p{Lo}\\p{M}]+|[^\\r\\n\\p{L}\\p{N}]?[\\p{Lu}\\p{Lt}\\p{Lm}\\p{Lo}\\p{M}]+[\\p{Ll}\\p{Lm}\\p{Lo}\\p{M}]*|\\p{N}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n/]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+",
+    ],
+    "GPT4O": [
+        "[^\\r\\n\\p{L}\\p{N}]?[\\p{Lu}\\p{Lt}\\p{Lm}\\p{Lo}\\p{M}]*[\\p{Ll}\\p{Lm}\\p{Lo}\\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?|[^\\r\\n\\p{L}\\p{N}]?[\\p{Lu}\\p{Lt}\\p{Lm}\\p{Lo}\\p{M}]+[\\p{Ll}\\p{Lm}\\p{Lo}\\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n/]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+",
+    ],
+}
+
+# tokenizer.ggml.pre value -> llama.cpp's pre-tokenizer type (llama_vocab::impl::load).
+PRE_TYPES = {
+    "default": "DEFAULT",
+    "gpt-2": "GPT2", "phi-2": "GPT2", "mpt": "GPT2", "olmo": "GPT2", "jais": "GPT2",
+    "llama3": "LLAMA3", "llama-v3": "LLAMA3", "llama-bpe": "LLAMA3", "falcon3": "LLAMA3",
+    "falcon-h1": "LLAMA3", "pixtral": "LLAMA3", "lfm2": "LLAMA3",
+    "dbrx": "DBRX", "smaug-bpe": "DBRX",
+    "deepseek-llm": "DEEPSEEK_LLM", "deepseek-coder": "DEEPSEEK_CODER", "falcon": "FALCON",
+    "starcoder": "STARCODER", "refact": "STARCODER", "command-r": "STARCODER", "smollm": "STARCODER",
+    "codeshell": "STARCODER", "exaone": "STARCODER", "minerva-7b": "STARCODER",
+    "qwen2": "QWEN2", "deepseek-r1-qwen": "QWEN2", "stablelm2": "QWEN2", "megrez": "QWEN2",
+    "tekken": "TEKKEN", "gpt-4o": "GPT4O", "llama4": "GPT4O",
+}
+
+PRE_STRESS = [
+    "Hello world, it's 2024! I'M HERE; they'll see. DON'T",
+    "1234567 12 3.14159 $100 #tag @user",
+    "  leading\tand\t\ttabs   trailing   \n\n\r\nlines\n",
+    "Ωμέγα Straße café naïve \u212a\u2126 ﬁ Ｆｕｌｌ",
+    "日本語のテキスト 中文 한국어 😀👍🏽",
+    "def f(x):\n    return x**2  # sq\n",
+    "CamelCase snake_case kebab-case a.b/c?d=e&f",
+    "!!!... ---- ~~~ <=> ^| `tick`",
+]
+
+
+def llama_cpp_split(text, regexes):
+    """llama.cpp's unicode_regex_split semantics with Python's `regex` engine."""
+    pieces = [text]
+    for pattern in regexes:
+        out = []
+        for piece in pieces:
+            last = 0
+            for m in regex.finditer(pattern, piece):
+                if m.start() > last:
+                    out.append(piece[last : m.start()])
+                if m.end() > m.start():
+                    out.append(m.group())
+                last = m.end()
+            if last < len(piece):
+                out.append(piece[last:])
+        pieces = out
+    return pieces
+
+
+def pre_tokenizers():
+    write_json(
+        "pre_tokenizers.json",
+        {
+            "source": "llama.cpp's regex lists run with Python's `regex` module (reference/tokenizer_fixtures.py)",
+            "cases": [
+                {"pre": pre, "text": t, "pieces": llama_cpp_split(t, LLAMA_CPP_SPLITS[kind])}
+                for pre, kind in PRE_TYPES.items()
+                for t in PRE_STRESS
+            ],
+        },
+    )
+
+
 def write_json(name, obj):
     path = os.path.join(OUT, name)
     with io.open(path, "w", encoding="utf-8") as f:
@@ -301,3 +418,4 @@ if __name__ == "__main__":
     os.makedirs(OUT, exist_ok=True)
     smollm2()
     tiny_spm()
+    pre_tokenizers()

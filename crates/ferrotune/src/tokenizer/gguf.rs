@@ -72,7 +72,7 @@ pub(crate) fn build(ct: &Content, path: &Path) -> Result<GgufTokenizer> {
     }
 
     let (mut inner, default_add_bos) = match model.as_str() {
-        "gpt2" => (byte_level_bpe(&md, &tokens)?, false),
+        "gpt2" => byte_level_bpe(&md, &tokens)?,
         // llama.cpp and transformers both add BOS to a sentencepiece vocabulary unless told otherwise.
         "llama" => (sentencepiece_bpe(&md, &tokens, unk_id)?, true),
         other => {
@@ -144,8 +144,9 @@ pub(crate) fn build(ct: &Content, path: &Path) -> Result<GgufTokenizer> {
     })
 }
 
-/// GPT-2 style byte-level BPE (`tokenizer.ggml.model = gpt2`).
-fn byte_level_bpe(md: &Meta, tokens: &[String]) -> Result<tokenizers::Tokenizer> {
+/// GPT-2 style byte-level BPE (`tokenizer.ggml.model = gpt2`). Also returns whether BOS is added
+/// when the file has no `tokenizer.ggml.add_bos_token`.
+fn byte_level_bpe(md: &Meta, tokens: &[String]) -> Result<(tokenizers::Tokenizer, bool)> {
     let pre = match md.opt_str("tokenizer.ggml.pre")? {
         Some(p) => p,
         None => {
@@ -221,7 +222,7 @@ fn byte_level_bpe(md: &Meta, tokens: &[String]) -> Result<tokenizers::Tokenizer>
         })?;
     }
     tok.with_decoder(Some(ByteLevelDecoder::new(false, true, false)));
-    Ok(tok)
+    Ok((tok, spec.add_bos))
 }
 
 /// SentencePiece-style BPE with byte fallback (`tokenizer.ggml.model = llama`: Llama 2, TinyLlama,
@@ -375,6 +376,8 @@ pub(crate) struct PreSpec {
     pub nfc: bool,
     /// A word that is itself a vocabulary token is not run through the merges (Llama 3, Tekken).
     pub ignore_merges: bool,
+    /// llama.cpp adds BOS for these when the file does not say (Llama 3, Tekken).
+    pub add_bos: bool,
 }
 
 // Regexes from llama.cpp's `llama-vocab.cpp` (`llm_tokenizer_bpe`) and transformers'
@@ -413,6 +416,18 @@ const DEEPSEEK_CODER_SPLITS: &[&str] = &[
     r"\p{N}",
 ];
 
+/// DeepSeek LLM: newlines, runs of (mostly cased) letters, ASCII/full-width punctuation, trailing
+/// whitespace, CJK/Hangul runs, digit runs. Spelled as escapes so look-alike code points (U+212A
+/// KELVIN SIGN, U+2126 OHM SIGN...) cannot be normalized away in an edit.
+const DEEPSEEK_LLM_SPLITS: &[&str] = &[
+    "[\r\n]",
+    "\\s?[A-Za-z\u{00B5}\u{00C0}-\u{00D6}\u{00D8}-\u{00F6}\u{00F8}-\u{01BA}\u{01BC}-\u{01BF}\u{01C4}-\u{0293}\u{0295}-\u{02AF}\u{0370}-\u{0373}\u{0376}\u{0377}\u{037B}-\u{037D}\u{037F}\u{0386}\u{0388}-\u{038A}\u{038C}\u{038E}-\u{03A1}\u{03A3}-\u{03F5}\u{03F7}-\u{0481}\u{048A}-\u{052F}\u{0531}-\u{0556}\u{10A0}-\u{10C5}\u{13A0}-\u{13F5}\u{13F8}-\u{13FD}\u{1C90}-\u{1CBA}\u{1CBD}-\u{1CBF}\u{1D00}-\u{1D2B}\u{1D6B}-\u{1D77}\u{1D79}-\u{1D9A}\u{1E00}-\u{1F15}\u{1F18}-\u{1F1D}\u{1F20}-\u{1F45}\u{1F48}-\u{1F4D}\u{1F50}-\u{1F57}\u{1F59}\u{1F5B}\u{1F5D}\u{1F5F}-\u{1F7D}\u{1F80}-\u{1FB4}\u{1FB6}-\u{1FBC}\u{1FBE}\u{1FC2}-\u{1FC4}\u{1FC6}-\u{1FCC}\u{1FD0}-\u{1FD3}\u{1FD6}-\u{1FDB}\u{1FE0}-\u{1FEC}\u{1FF2}-\u{1FF4}\u{1FF6}-\u{1FFC}\u{2102}\u{2107}\u{210A}-\u{2113}\u{2115}\u{2119}-\u{211D}\u{2124}\u{2126}\u{2128}\u{212A}-\u{212D}\u{212F}-\u{2134}\u{2139}\u{213C}-\u{213F}\u{2145}-\u{2149}\u{214E}\u{2183}\u{2184}\u{2C00}-\u{2C7B}\u{2C7E}-\u{2CE4}\u{2CEB}-\u{2CEE}\u{2CF2}\u{2CF3}\u{A640}-\u{A66D}\u{A680}-\u{A69B}\u{A722}-\u{A76F}\u{A771}-\u{A787}\u{A78B}-\u{A78E}\u{AB70}-\u{ABBF}\u{FB00}-\u{FB06}\u{FB13}-\u{FB17}\u{FF21}-\u{FF3A}\u{FF41}-\u{FF5A}\u{10400}-\u{1044F}\u{104B0}-\u{104D3}\u{104D8}-\u{104FB}\u{10C80}-\u{10CB2}\u{10CC0}-\u{10CF2}\u{118A0}-\u{118DF}\u{1E900}-\u{1E943}]+",
+    "\\s?[!-/:-~\u{FF01}-\u{FF0F}\u{FF1A}-\u{FF5E}\u{2018}-\u{201F}\u{3000}-\u{3002}]+",
+    "\\s+$",
+    "[\u{4E00}-\u{9FA5}\u{0800}-\u{4E00}\u{AC00}-\u{D7FF}]+",
+    "\\p{N}+",
+];
+
 /// Every `pre` value we accept, for the error message.
 pub(crate) const KNOWN_PRE: &[&str] = &[
     "default",
@@ -425,9 +440,12 @@ pub(crate) const KNOWN_PRE: &[&str] = &[
     "llama-v3",
     "llama-bpe",
     "falcon3",
+    "falcon-h1",
+    "lfm2",
     "pixtral",
     "dbrx",
     "smaug-bpe",
+    "deepseek-llm",
     "deepseek-coder",
     "falcon",
     "starcoder",
@@ -435,9 +453,12 @@ pub(crate) const KNOWN_PRE: &[&str] = &[
     "command-r",
     "smollm",
     "codeshell",
+    "exaone",
+    "minerva-7b",
     "qwen2",
     "deepseek-r1-qwen",
     "stablelm2",
+    "megrez",
     "tekken",
     "gpt-4o",
     "llama4",
@@ -450,23 +471,36 @@ pub(crate) fn pre_spec(pre: &str) -> Option<PreSpec> {
             splits,
             nfc,
             ignore_merges,
+            add_bos: false,
+        })
+    };
+    // The Llama 3 and Tekken groups: no merges for whole-token words, BOS by default.
+    let bos = |splits| {
+        Some(PreSpec {
+            splits,
+            nfc: false,
+            ignore_merges: true,
+            add_bos: true,
         })
     };
     match pre {
         "default" => s(DEFAULT_SPLITS, false, false),
         "gpt-2" | "phi-2" | "mpt" | "olmo" | "jais" => s(&[GPT2], false, false),
         // llama.cpp sets ignore_merges for the Llama 3 group (as their tokenizer.json does), not for dbrx/smaug.
-        "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "pixtral" => s(&[LLAMA3], false, true),
+        "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "falcon-h1" | "pixtral" | "lfm2" => {
+            bos(&[LLAMA3])
+        }
         "dbrx" | "smaug-bpe" => s(&[LLAMA3], false, false),
+        "deepseek-llm" => s(DEEPSEEK_LLM_SPLITS, false, false),
         "deepseek-coder" => s(DEEPSEEK_CODER_SPLITS, false, false),
         "falcon" => s(FALCON_SPLITS, false, false),
-        "starcoder" | "refact" | "command-r" | "smollm" | "codeshell" => {
+        "starcoder" | "refact" | "command-r" | "smollm" | "codeshell" | "exaone" | "minerva-7b" => {
             s(STARCODER_SPLITS, false, false)
         }
         // Qwen2's tokenizer.json normalizes to NFC; llama.cpp skips that, which only matters for non-NFC input.
         "qwen2" | "deepseek-r1-qwen" => s(&[QWEN2], true, false),
-        "stablelm2" => s(&[QWEN2], false, false),
-        "tekken" => s(&[TEKKEN], false, true),
+        "stablelm2" | "megrez" => s(&[QWEN2], false, false),
+        "tekken" => bos(&[TEKKEN]),
         "gpt-4o" | "llama4" => s(&[GPT4O], false, false),
         _ => None,
     }

@@ -267,17 +267,39 @@ fn tiny_spm_gguf_matches_sentencepiece() {
 }
 
 #[test]
-fn every_pre_tokenizer_in_the_table_builds() {
+fn pre_tokenizer_table_splits_like_llama_cpp() {
+    use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+    use tokenizers::tokenizer::{OffsetReferential, OffsetType, PreTokenizedString, PreTokenizer};
+    let fx = fixture("pre_tokenizers.json");
+    let cases = fx["cases"].as_array().unwrap();
     for pre in gguf::KNOWN_PRE {
-        let spec = gguf::pre_spec(pre).unwrap_or_else(|| panic!("`{pre}` listed but not mapped"));
+        assert!(
+            cases.iter().any(|c| c["pre"] == *pre),
+            "no fixture for `{pre}`"
+        );
+    }
+    for c in cases {
+        let (pre, text) = (c["pre"].as_str().unwrap(), c["text"].as_str().unwrap());
+        let spec = gguf::pre_spec(pre)
+            .unwrap_or_else(|| panic!("`{pre}` is in the fixture but not mapped"));
+        let mut pts = PreTokenizedString::from(text);
         for re in spec.splits {
-            tokenizers::pre_tokenizers::split::Split::new(
-                tokenizers::pre_tokenizers::split::SplitPattern::Regex(re.to_string()),
+            Split::new(
+                SplitPattern::Regex(re.to_string()),
                 tokenizers::SplitDelimiterBehavior::Isolated,
                 false,
             )
-            .unwrap_or_else(|e| panic!("{pre}: {re}: {e}"));
+            .unwrap()
+            .pre_tokenize(&mut pts)
+            .unwrap();
         }
+        let got: Vec<&str> = pts
+            .get_splits(OffsetReferential::Original, OffsetType::Byte)
+            .into_iter()
+            .map(|(s, _, _)| s)
+            .collect();
+        let want: Vec<String> = serde_json::from_value(c["pieces"].clone()).unwrap();
+        assert_eq!(got, want, "pre `{pre}` on {text:?}");
     }
 }
 
