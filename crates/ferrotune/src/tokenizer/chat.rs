@@ -37,6 +37,8 @@ impl ChatMessage {
 #[derive(Debug, Clone)]
 pub struct ChatTemplate {
     env: Environment<'static>,
+    /// Set when the source did not compile (see [`ChatTemplate::compile`]); `render` returns it.
+    compile_error: Option<String>,
     source: String,
     bos_token: String,
     eos_token: String,
@@ -50,6 +52,21 @@ impl ChatTemplate {
         bos_token: Option<&str>,
         eos_token: Option<&str>,
     ) -> Result<Self> {
+        let t = Self::compile(source, bos_token, eos_token);
+        match &t.compile_error {
+            Some(msg) => Err(Error::Template(msg.clone())),
+            None => Ok(t),
+        }
+    }
+
+    /// Like [`ChatTemplate::new`], but a template that does not compile is kept and reports its
+    /// error when rendered. Model loaders use this so that a template minijinja cannot parse
+    /// only breaks chat formatting, not loading the model for plain prompts.
+    pub fn compile(
+        source: impl Into<String>,
+        bos_token: Option<&str>,
+        eos_token: Option<&str>,
+    ) -> Self {
         let source = source.into();
         let mut env = Environment::new();
         // jinja2 settings transformers uses (ImmutableSandboxedEnvironment(trim_blocks, lstrip_blocks)).
@@ -61,14 +78,22 @@ impl ChatTemplate {
         env.add_function("raise_exception", raise_exception);
         env.add_function("strftime_now", strftime_now);
         env.add_filter("tojson", tojson);
-        env.add_template_owned(NAME, source.clone())
-            .map_err(|e| template_error(&e, &source))?;
-        Ok(ChatTemplate {
+        let compile_error = env
+            .add_template_owned(NAME, source.clone())
+            .err()
+            .map(|e| template_msg(&e, &source));
+        ChatTemplate {
             env,
+            compile_error,
             source,
             bos_token: bos_token.unwrap_or("").to_string(),
             eos_token: eos_token.unwrap_or("").to_string(),
-        })
+        }
+    }
+
+    /// Why the template cannot be rendered, if it did not compile.
+    pub fn compile_error(&self) -> Option<&str> {
+        self.compile_error.as_deref()
     }
 
     /// The template text.
@@ -84,6 +109,9 @@ impl ChatTemplate {
         add_generation_prompt: bool,
         extra: &serde_json::Value,
     ) -> Result<String> {
+        if let Some(msg) = &self.compile_error {
+            return Err(Error::Template(msg.clone()));
+        }
         let mut ctx = serde_json::Map::new();
         ctx.insert(
             "messages".into(),
@@ -117,12 +145,16 @@ impl ChatTemplate {
     }
 }
 
-/// One line: what went wrong, the offending source text (e.g. the undefined variable) and the line.
 fn template_error(e: &minijinja::Error, source: &str) -> Error {
+    Error::Template(template_msg(e, source))
+}
+
+/// One line: what went wrong, the offending source text (e.g. the undefined variable) and the line.
+fn template_msg(e: &minijinja::Error, source: &str) -> String {
     // `raise_exception` messages are the template author's words; show them as they are.
     if e.kind() == ErrorKind::InvalidOperation {
         if let Some(msg) = e.detail().and_then(|d| d.strip_prefix(RAISED)) {
-            return Error::Template(one_line(msg));
+            return one_line(msg);
         }
     }
     let mut msg = match e.detail() {
@@ -137,7 +169,7 @@ fn template_error(e: &minijinja::Error, source: &str) -> Error {
     if let Some(line) = e.line() {
         msg.push_str(&format!(" (template line {line})"));
     }
-    Error::Template(one_line(&msg))
+    one_line(&msg)
 }
 
 fn one_line(s: &str) -> String {

@@ -144,17 +144,8 @@ impl Tokenizer {
                 })?),
             }
         };
-        let chat_template = match template_src {
-            Some(src) => Some(
-                ChatTemplate::new(
-                    src,
-                    bos.as_ref().map(|b| b.1.as_str()),
-                    eos.as_ref().map(|e| e.1.as_str()),
-                )
-                .map_err(|e| Error::file(dir, e))?,
-            ),
-            None => None,
-        };
+        let chat_template =
+            template_src.map(|src| load_template(src, &bos, &eos, &dir.display().to_string()));
         Ok(Self::assemble(
             inner,
             bos,
@@ -174,19 +165,10 @@ impl Tokenizer {
         let eos = text(g.eos_id);
         let mut eos_ids: Vec<u32> = eos.iter().map(|(id, _)| *id).collect();
         eos_ids.extend(&g.extra_eog_ids);
-        let chat_template = match &g.chat_template {
-            Some(src) => Some(
-                ChatTemplate::new(
-                    src.as_str(),
-                    bos.as_ref().map(|b| b.1.as_str()),
-                    eos.as_ref().map(|e| e.1.as_str()),
-                )
-                .map_err(|e| {
-                    Error::key(path.display().to_string(), "tokenizer.chat_template", e)
-                })?,
-            ),
-            None => None,
-        };
+        let chat_template = g.chat_template.map(|src| {
+            let origin = format!("{}: tokenizer.chat_template", path.display());
+            load_template(src, &bos, &eos, &origin)
+        });
         Ok(Self::assemble(
             g.inner,
             bos,
@@ -304,6 +286,25 @@ impl Tokenizer {
     pub fn stream(&self) -> TokenStream<'_> {
         TokenStream::new(self)
     }
+}
+
+/// Compile a model's chat template. One minijinja cannot parse is kept (its error comes back from
+/// `render`) so the model still loads for plain prompts; the problem is logged now.
+fn load_template(
+    src: String,
+    bos: &Option<(u32, String)>,
+    eos: &Option<(u32, String)>,
+    origin: &str,
+) -> ChatTemplate {
+    let t = ChatTemplate::compile(
+        src,
+        bos.as_ref().map(|b| b.1.as_str()),
+        eos.as_ref().map(|e| e.1.as_str()),
+    );
+    if let Some(e) = t.compile_error() {
+        tracing::warn!("{origin}: chat template does not compile: {e}");
+    }
+    t
 }
 
 /// Whether the folder's own post-processor (e.g. Llama's `TemplateProcessing "<s> $A"`) adds BOS.

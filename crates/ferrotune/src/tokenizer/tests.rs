@@ -496,6 +496,31 @@ fn hf_chat_template_unknown_variable_is_an_error() {
         msg.contains("eos_tokn") && msg.contains("line 2") && !msg.contains('\n'),
         "{msg}"
     );
+
+    // A template that does not compile still lets the tokenizer load; rendering reports the line.
+    let cfg = json!({"chat_template": "{% for m in messages %}\n{{ m.content }\n{% endfor %}"});
+    dir.write("tokenizer_config.json", &cfg.to_string());
+    let tok = Tokenizer::from_hf_dir(&dir.0).unwrap();
+    assert_eq!(tok.encode(" hi", false).unwrap().len(), 1);
+    let tmpl = tok.chat_template().unwrap();
+    let msg = tmpl
+        .render(
+            &[ChatMessage::new("user", "hi")],
+            false,
+            &serde_json::Value::Null,
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(
+        msg.starts_with("chat template: syntax error")
+            && msg.contains("line 2")
+            && !msg.contains('\n'),
+        "{msg}"
+    );
+    assert_eq!(
+        tmpl.compile_error().map(|e| format!("chat template: {e}")),
+        Some(msg)
+    );
 }
 
 #[test]
