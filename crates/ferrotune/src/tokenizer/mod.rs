@@ -1,117 +1,384 @@
-//! TEMPORARY (replaced by the tok branch).
-use crate::{Error, Result};
-use candle_core::quantized::gguf_file;
+//! Tokenizers from Hugging Face folders (`tokenizer.json` + configs) or from GGUF metadata, plus
+//! chat templates and a streaming detokenizer.
+//!
+//! [`Tokenizer`] wraps a `tokenizers::Tokenizer` and adds what the model files say around it:
+//! which BOS to add, which ids end generation, the chat template.
+use std::fmt;
 use std::path::Path;
 
-pub struct ChatTemplate {
-    source: String,
-}
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-pub struct ChatMessage {
-    pub role: String,
-    pub content: String,
-}
-impl ChatTemplate {
-    pub fn source(&self) -> &str {
-        &self.source
-    }
-    pub fn render(
-        &self,
-        messages: &[ChatMessage],
-        add_generation_prompt: bool,
-        extra: &serde_json::Value,
-    ) -> Result<String> {
-        let mut env = minijinja::Environment::new();
-        env.set_undefined_behavior(minijinja::UndefinedBehavior::Strict);
-        minijinja_contrib::add_to_environment(&mut env);
-        env.add_template("chat", &self.source)
-            .map_err(|e| Error::Template(e.to_string()))?;
-        let t = env.get_template("chat").unwrap();
-        t.render(minijinja::context! { messages => messages, add_generation_prompt => add_generation_prompt, bos_token => extra.get("bos_token"), eos_token => extra.get("eos_token") })
-            .map_err(|e| Error::Template(e.to_string()))
-    }
-}
+use candle_core::quantized::gguf_file;
+
+use crate::error::WithPath;
+use crate::{Error, Result};
+
+mod chat;
+mod gguf;
+mod stream;
+
+pub use chat::{ChatMessage, ChatTemplate};
+pub use stream::TokenStream;
+
+/// Texts of special tokens that end a turn, after llama.cpp's end-of-generation list
+/// (`llama-vocab.cpp`): a chat model stops on these even when the file's eos id is another token.
+const EOG_TOKENS: &[&str] = &[
+    "<|eot_id|>",
+    "<|im_end|>",
+    "<|end|>",
+    "<end_of_turn>",
+    "<|endoftext|>",
+    "<|eom_id|>",
+    "<EOT>",
+    "_<EOT>",
+    "<|end_of_text|>",
+    "<end_of_utterance>",
+];
+
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
-    eos: Vec<u32>,
-    tmpl: Option<ChatTemplate>,
+    bos: Option<(u32, String)>,
+    eos: Option<(u32, String)>,
+    eos_ids: Vec<u32>,
+    pad_id: Option<u32>,
+    add_bos: bool,
+    chat_template: Option<ChatTemplate>,
 }
+
+impl fmt::Debug for Tokenizer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Tokenizer")
+            .field("vocab_size", &self.vocab_size())
+            .field("bos", &self.bos)
+            .field("eos", &self.eos)
+            .field("eos_ids", &self.eos_ids)
+            .field("pad_id", &self.pad_id)
+            .field("add_bos", &self.add_bos)
+            .field("chat_template", &self.chat_template.is_some())
+            .finish()
+    }
+}
+
 impl Tokenizer {
+    /// Load an HF tokenizer folder: `tokenizer.json` (required) and, when present,
+    /// `tokenizer_config.json`, `special_tokens_map.json`, `chat_template.jinja`,
+    /// `generation_config.json`.
     pub fn from_hf_dir(dir: &Path) -> Result<Self> {
-        let p = dir.join("tokenizer.json");
-        let inner = tokenizers::Tokenizer::from_file(&p).map_err(|e| Error::file(&p, e))?;
-        let cfg: serde_json::Value = std::fs::read_to_string(dir.join("tokenizer_config.json"))
-            .ok()
-            .and_then(|s| serde_json::from_str(&s).ok())
-            .unwrap_or_default();
-        let tmpl = cfg
-            .get("chat_template")
-            .and_then(|t| t.as_str())
-            .map(|s| ChatTemplate {
-                source: s.to_string(),
-            });
-        let eos = cfg
-            .get("eos_token")
-            .and_then(|t| t.as_str())
-            .and_then(|t| inner.token_to_id(t))
-            .into_iter()
-            .collect();
-        Ok(Self { inner, eos, tmpl })
-    }
-    pub fn from_gguf(content: &gguf_file::Content, path: &Path) -> Result<Self> {
-        use candle_core::quantized::tokenizer::TokenizerFromGguf;
-        use tokenizers::pre_tokenizers::{
-            byte_level::ByteLevel, digits::Digits, sequence::Sequence,
+        let tj = dir.join("tokenizer.json");
+        if !tj.is_file() {
+            return Err(Error::file(
+                dir,
+                "no tokenizer.json in this folder (an HF tokenizer folder needs one)",
+            ));
+        }
+        let inner = tokenizers::Tokenizer::from_file(&tj).with_path(&tj)?;
+        let config = read_json(&dir.join("tokenizer_config.json"))?;
+        let special_map = read_json(&dir.join("special_tokens_map.json"))?;
+        let gen_config = read_json(&dir.join("generation_config.json"))?;
+
+        // tokenizer_config.json wins over special_tokens_map.json, as in transformers.
+        let token_text = |name: &str| -> Result<Option<String>> {
+            for (file, json) in [
+                ("tokenizer_config.json", &config),
+                ("special_tokens_map.json", &special_map),
+            ] {
+                if let Some(v) = json.as_ref().and_then(|j| j.get(name)) {
+                    return token_field(v).map_err(|what| {
+                        Error::key(dir.join(file).display().to_string(), name, what)
+                    });
+                }
+            }
+            Ok(None)
         };
-        let mut inner =
-            tokenizers::Tokenizer::from_gguf(content).map_err(|e| Error::file(path, e))?;
-        inner.with_pre_tokenizer(Some(Sequence::new(vec![
-            Digits::new(true).into(),
-            ByteLevel::new(false, true, true).into(),
-        ])));
-        inner.with_post_processor(None::<tokenizers::PostProcessorWrapper>);
-        let eos = content
-            .metadata
-            .get("tokenizer.ggml.eos_token_id")
-            .and_then(|v| v.to_u32().ok())
+        let resolve = |name: &str| -> Result<Option<(u32, String)>> {
+            let Some(text) = token_text(name)? else {
+                return Ok(None);
+            };
+            let id = inner.token_to_id(&text).ok_or_else(|| {
+                Error::key(
+                    dir.display().to_string(),
+                    name,
+                    format!("`{text}` is not in the vocabulary"),
+                )
+            })?;
+            Ok(Some((id, text)))
+        };
+        let bos = resolve("bos_token")?;
+        let eos = resolve("eos_token")?;
+        let pad_id = resolve("pad_token")?.map(|(id, _)| id);
+
+        let gen_path = dir.join("generation_config.json");
+        let mut eos_ids: Vec<u32> = eos.iter().map(|(id, _)| *id).collect();
+        if let Some(v) = gen_config.as_ref().and_then(|g| g.get("eos_token_id")) {
+            eos_ids.extend(id_list(v).map_err(|what| {
+                Error::key(gen_path.display().to_string(), "eos_token_id", what)
+            })?);
+        }
+
+        let add_bos = match config.as_ref().and_then(|c| c.get("add_bos_token")) {
+            Some(serde_json::Value::Bool(b)) => *b,
+            Some(serde_json::Value::Null) | None => {
+                post_processor_adds(&inner, bos.as_ref().map(|b| b.0))
+            }
+            Some(other) => {
+                return Err(Error::key(
+                    dir.join("tokenizer_config.json").display().to_string(),
+                    "add_bos_token",
+                    format!("expected true or false, found {other}"),
+                ))
+            }
+        };
+
+        // transformers v5 saves the template as chat_template.jinja; older folders keep it in
+        // tokenizer_config.json (a string, or a list of named templates).
+        let jinja = dir.join("chat_template.jinja");
+        let template_src = if jinja.is_file() {
+            Some(std::fs::read_to_string(&jinja).with_path(&jinja)?)
+        } else {
+            match config.as_ref().and_then(|c| c.get("chat_template")) {
+                None | Some(serde_json::Value::Null) => None,
+                Some(v) => Some(template_field(v).map_err(|what| {
+                    Error::key(
+                        dir.join("tokenizer_config.json").display().to_string(),
+                        "chat_template",
+                        what,
+                    )
+                })?),
+            }
+        };
+        let chat_template =
+            template_src.map(|src| load_template(src, &bos, &eos, &dir.display().to_string()));
+        Ok(Self::assemble(
+            inner,
+            bos,
+            eos,
+            eos_ids,
+            pad_id,
+            add_bos,
+            chat_template,
+        ))
+    }
+
+    /// Build the tokenizer a GGUF file describes (`path` is only used in error messages).
+    pub fn from_gguf(content: &gguf_file::Content, path: &Path) -> Result<Self> {
+        let g = gguf::build(content, path)?;
+        let text = |id: Option<u32>| id.and_then(|id| g.inner.id_to_token(id).map(|t| (id, t)));
+        let bos = text(g.bos_id);
+        let eos = text(g.eos_id);
+        let mut eos_ids: Vec<u32> = eos.iter().map(|(id, _)| *id).collect();
+        eos_ids.extend(&g.extra_eog_ids);
+        let chat_template = g.chat_template.map(|src| {
+            let origin = format!("{}: tokenizer.chat_template", path.display());
+            load_template(src, &bos, &eos, &origin)
+        });
+        Ok(Self::assemble(
+            g.inner,
+            bos,
+            eos,
+            eos_ids,
+            g.pad_id,
+            g.add_bos,
+            chat_template,
+        ))
+    }
+
+    fn assemble(
+        inner: tokenizers::Tokenizer,
+        bos: Option<(u32, String)>,
+        eos: Option<(u32, String)>,
+        mut eos_ids: Vec<u32>,
+        pad_id: Option<u32>,
+        add_bos: bool,
+        chat_template: Option<ChatTemplate>,
+    ) -> Self {
+        let mut named: Vec<u32> = inner
+            .get_added_tokens_decoder()
             .into_iter()
+            .filter(|(_, t)| t.special && EOG_TOKENS.contains(&t.content.as_str()))
+            .map(|(id, _)| id)
             .collect();
-        let tmpl = content
-            .metadata
-            .get("tokenizer.chat_template")
-            .and_then(|v| v.to_string().ok())
-            .map(|s| ChatTemplate { source: s.clone() });
-        Ok(Self { inner, eos, tmpl })
+        named.sort_unstable();
+        eos_ids.extend(named);
+        let mut seen = std::collections::HashSet::new();
+        eos_ids.retain(|id| seen.insert(*id));
+        Tokenizer {
+            inner,
+            bos,
+            eos,
+            eos_ids,
+            pad_id,
+            add_bos,
+            chat_template,
+        }
     }
+
+    /// Token ids of `text`. Special-token text in `text` (e.g. `<|im_start|>`) becomes its single
+    /// id. With `add_special_tokens`, BOS is prepended if (and only if) the model asks for it.
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
-        Ok(self
+        // The model's post-processor is not used: which BOS to add is decided here, the same way
+        // for GGUF and HF folders (and EOS is never appended to a prompt).
+        let enc = self
             .inner
-            .encode(text, add_special_tokens)
-            .map_err(|e| Error::msg(e))?
-            .get_ids()
-            .to_vec())
+            .encode_fast(text, false)
+            .map_err(|e| Error::msg(format!("tokenizer: encoding failed: {e}")))?;
+        let ids = enc.get_ids();
+        match (&self.bos, add_special_tokens && self.add_bos) {
+            (Some((bos, _)), true) => {
+                Ok(std::iter::once(*bos).chain(ids.iter().copied()).collect())
+            }
+            _ => Ok(ids.to_vec()),
+        }
     }
+
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
         self.inner
             .decode(ids, skip_special_tokens)
-            .map_err(|e| Error::msg(e))
+            .map_err(|e| Error::msg(format!("tokenizer: decoding failed: {e}")))
     }
+
+    /// Number of ids, added tokens included.
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
     }
-    pub fn eos_ids(&self) -> &[u32] {
-        &self.eos
+
+    pub fn bos_id(&self) -> Option<u32> {
+        self.bos.as_ref().map(|b| b.0)
     }
+
     pub fn bos_token(&self) -> Option<&str> {
-        None
+        self.bos.as_ref().map(|b| b.1.as_str())
     }
+
+    /// Whether `encode(_, true)` prepends BOS.
+    pub fn add_bos(&self) -> bool {
+        self.add_bos && self.bos.is_some()
+    }
+
+    /// Every id that ends generation: the eos token, `generation_config.json`'s `eos_token_id`s,
+    /// GGUF eot/eom ids, and special tokens such as `<|im_end|>` / `<|eot_id|>`.
+    pub fn eos_ids(&self) -> &[u32] {
+        &self.eos_ids
+    }
+
     pub fn eos_token(&self) -> Option<&str> {
-        None
+        self.eos.as_ref().map(|e| e.1.as_str())
     }
+
+    pub fn pad_id(&self) -> Option<u32> {
+        self.pad_id
+    }
+
+    pub fn token_to_id(&self, s: &str) -> Option<u32> {
+        self.inner.token_to_id(s)
+    }
+
+    pub fn id_to_token(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
+    }
+
     pub fn chat_template(&self) -> Option<&ChatTemplate> {
-        self.tmpl.as_ref()
+        self.chat_template.as_ref()
     }
+
     pub fn inner(&self) -> &tokenizers::Tokenizer {
         &self.inner
     }
+
+    /// Incremental detokenizer for streaming generated text.
+    pub fn stream(&self) -> TokenStream<'_> {
+        TokenStream::new(self)
+    }
 }
+
+/// Compile a model's chat template. One minijinja cannot parse is kept (its error comes back from
+/// `render`) so the model still loads for plain prompts; the problem is logged now.
+fn load_template(
+    src: String,
+    bos: &Option<(u32, String)>,
+    eos: &Option<(u32, String)>,
+    origin: &str,
+) -> ChatTemplate {
+    let t = ChatTemplate::compile(
+        src,
+        bos.as_ref().map(|b| b.1.as_str()),
+        eos.as_ref().map(|e| e.1.as_str()),
+    );
+    if let Some(e) = t.compile_error() {
+        tracing::warn!("{origin}: chat template does not compile: {e}");
+    }
+    t
+}
+
+/// Whether the folder's own post-processor (e.g. Llama's `TemplateProcessing "<s> $A"`) adds BOS.
+fn post_processor_adds(inner: &tokenizers::Tokenizer, bos: Option<u32>) -> bool {
+    let (Some(bos), Some(_)) = (bos, inner.get_post_processor()) else {
+        return false;
+    };
+    let first = |special| {
+        inner
+            .encode_fast("a", special)
+            .ok()
+            .and_then(|e| e.get_ids().first().copied())
+    };
+    first(true) == Some(bos) && first(false) != Some(bos)
+}
+
+fn read_json(path: &Path) -> Result<Option<serde_json::Value>> {
+    if !path.is_file() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(path).with_path(path)?;
+    serde_json::from_str(&text).map(Some).with_path(path)
+}
+
+/// A special-token entry: `"<s>"`, `{"content": "<s>", ...}` (an AddedToken dump) or `null`.
+fn token_field(v: &serde_json::Value) -> std::result::Result<Option<String>, String> {
+    match v {
+        serde_json::Value::Null => Ok(None),
+        serde_json::Value::String(s) => Ok(Some(s.clone())),
+        serde_json::Value::Object(m) => match m.get("content") {
+            Some(serde_json::Value::String(s)) => Ok(Some(s.clone())),
+            _ => Err("object without a string `content`".into()),
+        },
+        other => Err(format!(
+            "expected a string or {{\"content\": ...}}, found {other}"
+        )),
+    }
+}
+
+/// `eos_token_id`: an int or a list of ints.
+fn id_list(v: &serde_json::Value) -> std::result::Result<Vec<u32>, String> {
+    let one = |x: &serde_json::Value| {
+        x.as_u64()
+            .and_then(|n| u32::try_from(n).ok())
+            .ok_or_else(|| format!("expected a token id, found {x}"))
+    };
+    match v {
+        serde_json::Value::Null => Ok(vec![]),
+        serde_json::Value::Array(xs) => xs.iter().map(one).collect(),
+        x => Ok(vec![one(x)?]),
+    }
+}
+
+/// `chat_template`: a string, or a list of `{name, template}` (the one named `default`, else the first).
+fn template_field(v: &serde_json::Value) -> std::result::Result<String, String> {
+    match v {
+        serde_json::Value::String(s) => Ok(s.clone()),
+        serde_json::Value::Array(items) => {
+            let named = |want: Option<&str>| {
+                items.iter().find_map(|it| {
+                    let name = it.get("name").and_then(|n| n.as_str());
+                    let tmpl = it.get("template").and_then(|t| t.as_str())?;
+                    (want.is_none() || name == want).then(|| tmpl.to_string())
+                })
+            };
+            named(Some("default"))
+                .or_else(|| named(None))
+                .ok_or_else(|| "a list without any {\"name\", \"template\"} entry".to_string())
+        }
+        other => Err(format!(
+            "expected a string or a list of named templates, found {other}"
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests;
