@@ -1,1 +1,27 @@
-//! ops
+//! Differentiable ops for LLaMA-family models, each with a hand-written backward pass.
+//!
+//! Why: candle 0.11's fused `softmax_last_dim`, `rms_norm`, `rope*` and `sdpa` are forward-only
+//! and silently cut the graph (no error, just no gradient), and its matmul backward always
+//! computes the weight gradient, even for frozen weights (see stack.md §3).
+//!
+//! Each op is a candle `CustomOp` with a CPU forward kernel (f32 and f64, rayon over rows/heads,
+//! AVX2 when the CPU has it) and a backward pass. On other devices and dtypes every public
+//! function falls back to its `*_reference` twin, the same function composed from ordinary
+//! differentiable candle ops; the tests check the two against each other and against finite
+//! differences ([`gradcheck`]). [`frozen_linear`] is the exception: it uses the backend's matmul
+//! on every device, since the composed version would compute the weight gradient it exists to avoid.
+mod attention;
+pub mod gradcheck;
+pub(crate) mod kernels;
+mod linear;
+mod rms_norm;
+mod rope;
+mod softmax;
+mod swiglu;
+
+pub use attention::{causal_attention, causal_attention_reference};
+pub use linear::{frozen_linear, frozen_linear_reference};
+pub use rms_norm::{rms_norm, rms_norm_reference};
+pub use rope::{rope, rope_reference};
+pub use softmax::{softmax_last_dim, softmax_last_dim_reference};
+pub use swiglu::{swiglu, swiglu_reference};
