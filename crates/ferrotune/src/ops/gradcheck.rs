@@ -19,7 +19,11 @@ pub fn rand_tensor(shape: &[usize], dtype: DType, seed: u64) -> Result<Tensor> {
 /// max|got − want| ≤ tol · max(1, max|want|). The message names the worst element.
 pub fn assert_close(got: &Tensor, want: &Tensor, tol: f64, what: &str) -> Result<()> {
     if got.dims() != want.dims() {
-        bail!("{what}: shape {:?} vs expected {:?}", got.dims(), want.dims())
+        bail!(
+            "{what}: shape {:?} vs expected {:?}",
+            got.dims(),
+            want.dims()
+        )
     }
     let g = got.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
     let w = want.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
@@ -104,11 +108,18 @@ pub fn check_gradients(
             }
         }
         if !any_effect {
-            bail!("gradcheck: input {i} {:?} does not affect the output, so its check is vacuous", x.dims())
+            bail!(
+                "gradcheck: input {i} {:?} does not affect the output, so its check is vacuous",
+                x.dims()
+            )
         }
         if let Some((k, err, a, n)) = worst {
             if err > tol {
-                let missing = if grads.get(var.as_tensor()).is_none() { " (autograd gave NO gradient)" } else { "" };
+                let missing = if grads.get(var.as_tensor()).is_none() {
+                    " (autograd gave NO gradient)"
+                } else {
+                    ""
+                };
                 bail!(
                     "gradcheck: input {i} {:?} element {k}: autograd {a:.9e} vs finite differences {n:.9e} (error {err:.3e} > tol {tol:.1e}){missing}",
                     x.dims()
@@ -134,7 +145,10 @@ pub fn compare_grads(
         let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
         let y = f(&ts)?;
         let grads = weighted_loss(&y, &loss_weights(&y)?)?.backward()?;
-        let gs = vars.iter().map(|v| grads.get(v.as_tensor()).cloned()).collect();
+        let gs = vars
+            .iter()
+            .map(|v| grads.get(v.as_tensor()).cloned())
+            .collect();
         Ok((y, gs))
     };
     let (y1, g1) = run(&fused)?;
@@ -142,7 +156,9 @@ pub fn compare_grads(
     assert_close(&y1, &y2, tol, &format!("{what}: forward"))?;
     for (i, (a, b)) in g1.iter().zip(&g2).enumerate() {
         match (a, b) {
-            (Some(a), Some(b)) => assert_close(a, b, tol, &format!("{what}: gradient of input {i}"))?,
+            (Some(a), Some(b)) => {
+                assert_close(a, b, tol, &format!("{what}: gradient of input {i}"))?
+            }
             (None, None) => {}
             (None, Some(_)) => bail!("{what}: fused op gave no gradient for input {i}"),
             (Some(_), None) => bail!("{what}: reference gave no gradient for input {i}"),
@@ -183,7 +199,14 @@ mod tests {
     fn compare_grads_rejects_a_wrong_gradient() -> Result<()> {
         let x = rand_tensor(&[5], DType::F64, 5)?;
         // Same forward value, but x·detach(x) differentiates only one factor: half the gradient.
-        let err = compare_grads(|v| v[0].sqr(), |v| v[0].mul(&v[0].detach()), &[x], 1e-9, "t").unwrap_err();
+        let err = compare_grads(
+            |v| v[0].sqr(),
+            |v| v[0].mul(&v[0].detach()),
+            &[x],
+            1e-9,
+            "t",
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("gradient of input 0"), "{err}");
         Ok(())
     }

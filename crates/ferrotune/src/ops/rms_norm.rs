@@ -61,7 +61,11 @@ fn bwd_rows_body<T: Float>(x: &[T], w: &[T], g: &[T], dx: &mut [T], dw: &mut [T]
     let d = w.len();
     let inv_d = T::ONE / T::from_f64(d as f64);
     let need_dw = !dw.is_empty();
-    for ((xr, gr), dxr) in x.chunks_exact(d).zip(g.chunks_exact(d)).zip(dx.chunks_exact_mut(d)) {
+    for ((xr, gr), dxr) in x
+        .chunks_exact(d)
+        .zip(g.chunks_exact(d))
+        .zip(dx.chunks_exact_mut(d))
+    {
         let r = T::ONE / (kernels::dot(xr, xr) * inv_d + eps).sqrt();
         let c = kernels::dot3(gr, w, xr) * r * r * r * inv_d;
         for (((o, xv), gv), wv) in dxr.iter_mut().zip(xr).zip(gr).zip(w) {
@@ -77,7 +81,13 @@ fn bwd_rows_body<T: Float>(x: &[T], w: &[T], g: &[T], dx: &mut [T], dw: &mut [T]
 multiversion!(fn bwd_rows<T>(x: &[T], w: &[T], g: &[T], dx: &mut [T], dw: &mut [T], eps: T) = bwd_rows_body;);
 
 impl RmsNorm {
-    fn fwd<T: Float>(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn fwd<T: Float>(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let x = kernels::contiguous::<T>(s1, l1, "rms_norm")?;
         let w = kernels::contiguous::<T>(s2, l2, "rms_norm")?;
         let d = w.len();
@@ -91,7 +101,12 @@ impl RmsNorm {
         Ok((T::to_cpu_storage_owned(out), l1.shape().clone()))
     }
 
-    fn bwd_t<T: Float>(&self, x: &Tensor, w: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd_t<T: Float>(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let need_dw = w.track_op();
         let g = g.contiguous()?;
         let (xs, xl) = x.storage_and_layout();
@@ -107,7 +122,11 @@ impl RmsNorm {
         // Each task sums its own rows' dw; the partial sums are added at the end.
         let partial_dw = kernels::map_chunks_mut(&mut dx, rows * d, |i, dxc| {
             let start = i * rows * d;
-            let mut dw = if need_dw { vec![T::ZERO; d] } else { Vec::new() };
+            let mut dw = if need_dw {
+                vec![T::ZERO; d]
+            } else {
+                Vec::new()
+            };
             let end = start + dxc.len();
             bwd_rows(&xv[start..end], wv, &gv[start..end], dxc, &mut dw, eps);
             dw
@@ -131,7 +150,13 @@ impl CustomOp2 for RmsNorm {
         "ferrotune-rms-norm"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         match s1.dtype() {
             DType::F32 => self.fwd::<f32>(s1, l1, s2, l2),
             DType::F64 => self.fwd::<f64>(s1, l1, s2, l2),
@@ -139,7 +164,13 @@ impl CustomOp2 for RmsNorm {
         }
     }
 
-    fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         match x.dtype() {
             DType::F32 => self.bwd_t::<f32>(x, w, g),
             DType::F64 => self.bwd_t::<f64>(x, w, g),
@@ -177,7 +208,12 @@ mod tests {
         // Enough rows to split across rayon tasks.
         let x = rand_tensor(&[600, 96], DType::F32, 3)?;
         let w = rand_tensor(&[96], DType::F32, 4)?;
-        assert_close(&rms_norm(&x, &w, 1e-6)?, &rms_norm_reference(&x, &w, 1e-6)?, 1e-5, "rms_norm large")
+        assert_close(
+            &rms_norm(&x, &w, 1e-6)?,
+            &rms_norm_reference(&x, &w, 1e-6)?,
+            1e-5,
+            "rms_norm large",
+        )
     }
 
     #[test]

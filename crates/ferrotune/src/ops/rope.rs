@@ -16,7 +16,11 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     if kernels::cpu_kernel_dtype(&[x, cos, sin]).is_none() {
         return rope_reference(x, cos, sin);
     }
-    let x = if x.stride()[3] == 1 { x.clone() } else { x.contiguous()? };
+    let x = if x.stride()[3] == 1 {
+        x.clone()
+    } else {
+        x.contiguous()?
+    };
     // cos/sin are constants: detach so the graph never asks for their gradient.
     let cos = cos.detach().contiguous()?;
     let sin = sin.detach().contiguous()?;
@@ -44,7 +48,12 @@ fn check_shapes(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<()> {
     }
     for (name, c) in [("cos", cos), ("sin", sin)] {
         if c.dims() != [t, d / 2] {
-            bail!("rope: {name} has shape {:?} but x {:?} needs ({t}, {})", c.dims(), x.dims(), d / 2)
+            bail!(
+                "rope: {name} has shape {:?} but x {:?} needs ({t}, {})",
+                c.dims(),
+                x.dims(),
+                d / 2
+            )
         }
     }
     Ok(())
@@ -86,7 +95,15 @@ impl Geom {
 
 /// Rotates rows `first_row..` of `x` into `out`; `sign` = −1 gives the inverse rotation.
 #[inline(always)]
-fn rows_body<T: Float>(x: &[T], geom: &Geom, cos: &[T], sin: &[T], out: &mut [T], first_row: usize, sign: T) {
+fn rows_body<T: Float>(
+    x: &[T],
+    geom: &Geom,
+    cos: &[T],
+    sin: &[T],
+    out: &mut [T],
+    first_row: usize,
+    sign: T,
+) {
     let d = geom.d;
     let half = d / 2;
     for (k, or) in out.chunks_exact_mut(d).enumerate() {
@@ -97,7 +114,13 @@ fn rows_body<T: Float>(x: &[T], geom: &Geom, cos: &[T], sin: &[T], out: &mut [T]
         let c = &cos[ti * half..(ti + 1) * half];
         let s = &sin[ti * half..(ti + 1) * half];
         let (o1, o2) = or.split_at_mut(half);
-        for ((((o1, o2), (a, b)), cv), sv) in o1.iter_mut().zip(o2.iter_mut()).zip(x1.iter().zip(x2)).zip(c).zip(s) {
+        for ((((o1, o2), (a, b)), cv), sv) in o1
+            .iter_mut()
+            .zip(o2.iter_mut())
+            .zip(x1.iter().zip(x2))
+            .zip(c)
+            .zip(s)
+        {
             let sv = sign * *sv;
             *o1 = *a * *cv - *b * sv;
             *o2 = *b * *cv + *a * sv;
@@ -112,7 +135,9 @@ fn rotate<T: Float>(x: &[T], geom: &Geom, cos: &[T], sin: &[T], sign: T) -> Vec<
     let n_rows = geom.dims.iter().product::<usize>();
     let mut out = vec![T::ZERO; n_rows * d];
     let rows = kernels::rows_per_task(n_rows, d);
-    kernels::for_each_chunk_mut(&mut out, rows * d, |i, oc| rotate_rows(x, geom, cos, sin, oc, i * rows, sign));
+    kernels::for_each_chunk_mut(&mut out, rows * d, |i, oc| {
+        rotate_rows(x, geom, cos, sin, oc, i * rows, sign)
+    });
     out
 }
 
@@ -127,7 +152,13 @@ impl Rope {
         Ok((T::to_cpu_storage_owned(out), xl.shape().clone()))
     }
 
-    fn bwd_t<T: Float>(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, g: &Tensor) -> Result<Tensor> {
+    fn bwd_t<T: Float>(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        g: &Tensor,
+    ) -> Result<Tensor> {
         let g = g.contiguous()?;
         let (gs, gl) = g.storage_and_layout();
         let (cs, cl) = cos.storage_and_layout();
@@ -182,7 +213,12 @@ impl CustomOp3 for Rope {
 
 /// HF-style cos/sin tables `(t, d/2)` for positions `offset..offset+t` (test helper).
 #[cfg(test)]
-pub(crate) fn rope_tables(t: usize, d: usize, offset: usize, dtype: DType) -> Result<(Tensor, Tensor)> {
+pub(crate) fn rope_tables(
+    t: usize,
+    d: usize,
+    offset: usize,
+    dtype: DType,
+) -> Result<(Tensor, Tensor)> {
     let half = d / 2;
     let mut c = Vec::with_capacity(t * half);
     let mut s = Vec::with_capacity(t * half);
@@ -207,7 +243,12 @@ mod tests {
     use crate::ops::gradcheck::{assert_close, check_gradients, compare_grads, rand_tensor};
 
     /// (b, h, t, d, position offset)
-    const CASES: &[(usize, usize, usize, usize, usize)] = &[(1, 1, 1, 2, 0), (2, 3, 5, 8, 0), (1, 9, 1, 64, 517), (2, 2, 7, 6, 3)];
+    const CASES: &[(usize, usize, usize, usize, usize)] = &[
+        (1, 1, 1, 2, 0),
+        (2, 3, 5, 8, 0),
+        (1, 9, 1, 64, 517),
+        (2, 2, 7, 6, 3),
+    ];
 
     #[test]
     fn forward_matches_reference() -> Result<()> {
@@ -216,7 +257,12 @@ mod tests {
                 let x = rand_tensor(&[b, h, t, d], dt, 700 + i as u64)?;
                 let (c, s) = rope_tables(t, d, off, dt)?;
                 let tol = if dt == DType::F32 { 1e-6 } else { 1e-14 };
-                assert_close(&rope(&x, &c, &s)?, &rope_reference(&x, &c, &s)?, tol, &format!("rope {dt:?} {:?}", x.dims()))?;
+                assert_close(
+                    &rope(&x, &c, &s)?,
+                    &rope_reference(&x, &c, &s)?,
+                    tol,
+                    &format!("rope {dt:?} {:?}", x.dims()),
+                )?;
             }
         }
         Ok(())
@@ -229,7 +275,12 @@ mod tests {
         let x = rand_tensor(&[b, t, h, d], DType::F32, 9)?.transpose(1, 2)?;
         assert!(!x.is_contiguous());
         let (c, s) = rope_tables(t, d, 4, DType::F32)?;
-        assert_close(&rope(&x, &c, &s)?, &rope_reference(&x, &c, &s)?, 1e-6, "rope transposed")
+        assert_close(
+            &rope(&x, &c, &s)?,
+            &rope_reference(&x, &c, &s)?,
+            1e-6,
+            "rope transposed",
+        )
     }
 
     #[test]

@@ -35,7 +35,11 @@ multiversion!(fn fwd_rows<T>(x: &[T], out: &mut [T], d: usize) = fwd_rows_body;)
 
 #[inline(always)]
 fn bwd_rows_body<T: Float>(y: &[T], g: &[T], dx: &mut [T], d: usize) {
-    for ((yr, gr), dr) in y.chunks_exact(d).zip(g.chunks_exact(d)).zip(dx.chunks_exact_mut(d)) {
+    for ((yr, gr), dr) in y
+        .chunks_exact(d)
+        .zip(g.chunks_exact(d))
+        .zip(dx.chunks_exact_mut(d))
+    {
         let c = kernels::dot(yr, gr);
         for ((o, yv), gv) in dr.iter_mut().zip(yr).zip(gr) {
             *o = *yv * (*gv - c);
@@ -125,8 +129,19 @@ mod tests {
 
     #[test]
     fn forward_handles_minus_infinity_entries() -> Result<()> {
-        let x = Tensor::new(&[[0f32, f32::NEG_INFINITY, 1.0], [f32::NEG_INFINITY, 2.0, 2.0]], &candle_core::Device::Cpu)?;
-        assert_close(&softmax_last_dim(&x)?, &softmax_last_dim_reference(&x)?, 1e-6, "softmax -inf")
+        let x = Tensor::new(
+            &[
+                [0f32, f32::NEG_INFINITY, 1.0],
+                [f32::NEG_INFINITY, 2.0, 2.0],
+            ],
+            &candle_core::Device::Cpu,
+        )?;
+        assert_close(
+            &softmax_last_dim(&x)?,
+            &softmax_last_dim_reference(&x)?,
+            1e-6,
+            "softmax -inf",
+        )
     }
 
     #[test]

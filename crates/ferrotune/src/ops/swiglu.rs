@@ -21,7 +21,11 @@ pub fn swiglu_reference(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
 
 fn check_shapes(gate: &Tensor, up: &Tensor) -> Result<()> {
     if gate.dims() != up.dims() {
-        bail!("swiglu: gate {:?} and up {:?} must have the same shape", gate.dims(), up.dims())
+        bail!(
+            "swiglu: gate {:?} and up {:?} must have the same shape",
+            gate.dims(),
+            up.dims()
+        )
     }
     Ok(())
 }
@@ -62,7 +66,13 @@ fn bwd_body<T: Float>(gate: &[T], up: &[T], dy: &[T], dgate: &mut [T], dup: &mut
 multiversion!(fn bwd_chunk<T>(gate: &[T], up: &[T], dy: &[T], dgate: &mut [T], dup: &mut [T]) = bwd_body;);
 
 impl SwiGlu {
-    fn fwd<T: Float>(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn fwd<T: Float>(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let gate = kernels::contiguous::<T>(s1, l1, "swiglu")?;
         let up = kernels::contiguous::<T>(s2, l2, "swiglu")?;
         let mut out = vec![T::ZERO; gate.len()];
@@ -73,7 +83,12 @@ impl SwiGlu {
         Ok((T::to_cpu_storage_owned(out), l1.shape().clone()))
     }
 
-    fn bwd_t<T: Float>(&self, gate: &Tensor, up: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd_t<T: Float>(
+        &self,
+        gate: &Tensor,
+        up: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let (need_gate, need_up) = (gate.track_op(), up.track_op());
         let dy = dy.contiguous()?;
         let (gs, gl) = gate.storage_and_layout();
@@ -83,8 +98,16 @@ impl SwiGlu {
         let u = kernels::cpu_contiguous::<T>(&us, ul, "swiglu")?;
         let d = kernels::cpu_contiguous::<T>(&ds, dl, "swiglu")?;
         let n = g.len();
-        let mut dgate = if need_gate { vec![T::ZERO; n] } else { Vec::new() };
-        let mut dup = if need_up { vec![T::ZERO; n] } else { Vec::new() };
+        let mut dgate = if need_gate {
+            vec![T::ZERO; n]
+        } else {
+            Vec::new()
+        };
+        let mut dup = if need_up {
+            vec![T::ZERO; n]
+        } else {
+            Vec::new()
+        };
         // Both outputs are chunked identically; the one(s) not needed stay empty.
         let tasks = n.div_ceil(CHUNK).max(1);
         let run = |i: usize, dg: &mut [T], du: &mut [T]| {
@@ -113,8 +136,16 @@ impl SwiGlu {
             }
         }
         let shape = gate.shape();
-        let dgate = if need_gate { Some(kernels::tensor_from_vec(dgate, shape)?) } else { None };
-        let dup = if need_up { Some(kernels::tensor_from_vec(dup, shape)?) } else { None };
+        let dgate = if need_gate {
+            Some(kernels::tensor_from_vec(dgate, shape)?)
+        } else {
+            None
+        };
+        let dup = if need_up {
+            Some(kernels::tensor_from_vec(dup, shape)?)
+        } else {
+            None
+        };
         Ok((dgate, dup))
     }
 }
@@ -124,7 +155,13 @@ impl CustomOp2 for SwiGlu {
         "ferrotune-swiglu"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         match s1.dtype() {
             DType::F32 => self.fwd::<f32>(s1, l1, s2, l2),
             DType::F64 => self.fwd::<f64>(s1, l1, s2, l2),
@@ -132,7 +169,13 @@ impl CustomOp2 for SwiGlu {
         }
     }
 
-    fn bwd(&self, gate: &Tensor, up: &Tensor, _res: &Tensor, dy: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        gate: &Tensor,
+        up: &Tensor,
+        _res: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         match gate.dtype() {
             DType::F32 => self.bwd_t::<f32>(gate, up, dy),
             DType::F64 => self.bwd_t::<f64>(gate, up, dy),
@@ -157,7 +200,12 @@ mod tests {
                 let g = (rand_tensor(shape, dt, 300 + i as u64)? * 12.0)?;
                 let u = rand_tensor(shape, dt, 400 + i as u64)?;
                 let tol = if dt == DType::F32 { 1e-6 } else { 1e-14 };
-                assert_close(&swiglu(&g, &u)?, &swiglu_reference(&g, &u)?, tol, &format!("swiglu {dt:?} {shape:?}"))?;
+                assert_close(
+                    &swiglu(&g, &u)?,
+                    &swiglu_reference(&g, &u)?,
+                    tol,
+                    &format!("swiglu {dt:?} {shape:?}"),
+                )?;
             }
         }
         Ok(())
@@ -198,6 +246,11 @@ mod tests {
         let grads = swiglu(g.as_tensor(), &u)?.sum_all()?.backward()?;
         assert!(grads.get(&u).is_none());
         let want = swiglu_reference(g.as_tensor(), &u)?.sum_all()?.backward()?;
-        assert_close(grads.get(g.as_tensor()).unwrap(), want.get(g.as_tensor()).unwrap(), 1e-5, "dgate")
+        assert_close(
+            grads.get(g.as_tensor()).unwrap(),
+            want.get(g.as_tensor()).unwrap(),
+            1e-5,
+            "dgate",
+        )
     }
 }
