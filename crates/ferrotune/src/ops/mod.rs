@@ -1,63 +1,27 @@
-//! TEMPORARY composed ops (replaced by the ops branch with fused ops + hand-written backward).
-use candle_core::{Result, Tensor, D};
+//! Differentiable ops for LLaMA-family models, each with a hand-written backward pass.
+//!
+//! Why: candle 0.11's fused `softmax_last_dim`, `rms_norm`, `rope*` and `sdpa` are forward-only
+//! and silently cut the graph (no error, just no gradient), and its matmul backward always
+//! computes the weight gradient, even for frozen weights (see stack.md §3).
+//!
+//! Each op is a candle `CustomOp` with a CPU forward kernel (f32 and f64, rayon over rows/heads,
+//! AVX2 when the CPU has it) and a backward pass. On other devices and dtypes every public
+//! function falls back to its `*_reference` twin, the same function composed from ordinary
+//! differentiable candle ops; the tests check the two against each other and against finite
+//! differences ([`gradcheck`]). [`frozen_linear`] is the exception: it uses the backend's matmul
+//! on every device, since the composed version would compute the weight gradient it exists to avoid.
+mod attention;
+pub mod gradcheck;
+pub(crate) mod kernels;
+mod linear;
+mod rms_norm;
+mod rope;
+mod softmax;
+mod swiglu;
 
-pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
-    let var = x.sqr()?.mean_keepdim(D::Minus1)?;
-    x.broadcast_div(&(var + eps)?.sqrt()?)?
-        .broadcast_mul(weight)
-}
-pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
-    let max = x.max_keepdim(D::Minus1)?.detach();
-    let e = x.broadcast_sub(&max)?.exp()?;
-    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
-}
-pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    let d = x.dim(D::Minus1)?;
-    let x1 = x.narrow(D::Minus1, 0, d / 2)?;
-    let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
-    let cos = Tensor::cat(&[cos, cos], D::Minus1)?;
-    let sin = Tensor::cat(&[sin, sin], D::Minus1)?;
-    let rot = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
-    x.broadcast_mul(&cos)?.add(&rot.broadcast_mul(&sin)?)
-}
-pub fn causal_attention(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    scale: f64,
-    q_offset: usize,
-) -> Result<Tensor> {
-    let (b, hq, t, d) = q.dims4()?;
-    let (_, hkv, s, _) = k.dims4()?;
-    let rep = hq / hkv;
-    let k = k
-        .unsqueeze(2)?
-        .expand((b, hkv, rep, s, d))?
-        .reshape((b, hq, s, d))?;
-    let v = v
-        .unsqueeze(2)?
-        .expand((b, hkv, rep, s, d))?
-        .reshape((b, hq, s, d))?;
-    let att = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * scale)?;
-    let mask: Vec<f32> = (0..t)
-        .flat_map(|i| {
-            (0..s).map(move |j| {
-                if j <= q_offset + i {
-                    0.0
-                } else {
-                    f32::NEG_INFINITY
-                }
-            })
-        })
-        .collect();
-    let mask = Tensor::from_vec(mask, (t, s), q.device())?.to_dtype(q.dtype())?;
-    let att = softmax_last_dim(&att.broadcast_add(&mask)?)?;
-    att.matmul(&v.contiguous()?)
-}
-pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
-    (gate * candle_nn::ops::sigmoid(gate)?)? * up
-}
-pub fn frozen_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    let w = w.to_dtype(x.dtype())?;
-    x.broadcast_matmul(&w.t()?)
-}
+pub use attention::{causal_attention, causal_attention_reference};
+pub use linear::{frozen_linear, frozen_linear_reference};
+pub use rms_norm::{rms_norm, rms_norm_reference};
+pub use rope::{rope, rope_reference};
+pub use softmax::{softmax_last_dim, softmax_last_dim_reference};
+pub use swiglu::{swiglu, swiglu_reference};
