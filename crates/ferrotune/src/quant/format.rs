@@ -1,0 +1,215 @@
+//! Byte layouts of the GGML blocks we run our own kernels on, the 8-bit activation format the
+//! kernels consume, and the portable (scalar) reference kernels.
+//!
+//! Block layouts (little-endian, as in GGUF files; `QK` = 32 values per block):
+//! - Q4_0 (18 B): `d: f16`, `qs: [u8; 16]`; value j = d * (nibble_j - 8)
+//! - Q4_1 (20 B): `d: f16`, `m: f16`, `qs: [u8; 16]`; value j = d * nibble_j + m
+//! - Q8_0 (34 B): `d: f16`, `qs: [i8; 32]`; value j = d * qs[j]
+//!
+//! where nibble_j is the low nibble of `qs[j]` for j < 16 and the high nibble of `qs[j - 16]`.
+use candle_core::quantized::GgmlDType;
+use half::f16;
+
+/// Values per block for every format we implement.
+pub(crate) const QK: usize = 32;
+
+/// The GGML formats with our own kernels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Fmt {
+    Q4_0,
+    Q4_1,
+    Q8_0,
+}
+
+impl Fmt {
+    pub(crate) fn from_ggml(d: GgmlDType) -> Option<Self> {
+        match d {
+            GgmlDType::Q4_0 => Some(Fmt::Q4_0),
+            GgmlDType::Q4_1 => Some(Fmt::Q4_1),
+            GgmlDType::Q8_0 => Some(Fmt::Q8_0),
+            _ => None,
+        }
+    }
+
+    pub(crate) const fn block_bytes(self) -> usize {
+        match self {
+            Fmt::Q4_0 => 18,
+            Fmt::Q4_1 => 20,
+            Fmt::Q8_0 => 34,
+        }
+    }
+}
+
+#[inline(always)]
+pub(crate) fn f16_at(b: &[u8], off: usize) -> f32 {
+    f16::from_bits(u16::from_le_bytes([b[off], b[off + 1]])).to_f32()
+}
+
+/// Activation rows quantized to 8 bits per value in blocks of 32: `q = round_even(x / d)` with
+/// `d = max|x| / 127`, so `q` is in -127..=127 (never -128, which the AVX2 sign trick for Q8_0
+/// weights could not negate). Per block we also keep `d * sum(q)` for the offset terms of Q4_1
+/// (`m * sum x`) and Q4_0 (`-8 d * sum x`), like GGML's Q8_1. Using the quantised sum rather
+/// than the exact one matters: then the whole dot product sees the same rounded activations and
+/// its error is `sum_j W_j (xq_j - x_j)`; with the exact sum the offset would not cancel and the
+/// error would scale with `W_j - m` (up to 15 d) instead of `W_j`.
+pub(crate) struct QAct {
+    pub rows: usize,
+    /// Values per row (a multiple of `QK`).
+    pub k: usize,
+    /// `rows * k` quantised values, row-major.
+    pub qs: Vec<i8>,
+    /// `rows * k / QK` pairs `[d, d * sum(q)]`, one per block, row-major. Interleaved so a kernel
+    /// fetches both with one 8-byte load.
+    pub ds: Vec<[f32; 2]>,
+}
+
+impl QAct {
+    pub(crate) fn nb(&self) -> usize {
+        self.k / QK
+    }
+    pub(crate) fn row_qs(&self, r: usize) -> &[i8] {
+        &self.qs[r * self.k..(r + 1) * self.k]
+    }
+    pub(crate) fn row_ds(&self, r: usize) -> &[[f32; 2]] {
+        &self.ds[r * self.nb()..(r + 1) * self.nb()]
+    }
+    pub(crate) fn zeros(rows: usize, k: usize) -> Self {
+        debug_assert_eq!(k % QK, 0);
+        QAct {
+            rows,
+            k,
+            qs: vec![0; rows * k],
+            ds: vec![[0.0; 2]; rows * k / QK],
+        }
+    }
+}
+
+/// The scale of one activation block. The SIMD quantisers compute it with exactly these scalar
+/// operations so every path produces bit-identical quantised activations.
+#[inline(always)]
+pub(crate) fn act_scale(amax: f32) -> (f32, f32) {
+    let d = amax / 127.0;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    (d, id)
+}
+
+/// Portable activation quantiser for one block of 32 values.
+pub(crate) fn quantize_block_scalar(x: &[f32], q: &mut [i8]) -> [f32; 2] {
+    let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let (d, id) = act_scale(amax);
+    let mut isum = 0i32;
+    for (qi, &xi) in q.iter_mut().zip(x) {
+        // round-half-even, like the SIMD `cvtps2dq` under the default rounding mode
+        *qi = (xi * id).round_ties_even() as i8;
+        isum += *qi as i32;
+    }
+    [d, d * isum as f32]
+}
+
+/// Dot products of `out.len()` consecutive weight rows (starting at `w`) with activation row
+/// `ar` of `act`. `w` rows are `nb` blocks of `fmt` each.
+pub(crate) fn gemv_scalar(fmt: Fmt, w: &[u8], act: &QAct, ar: usize, out: &mut [f32]) {
+    let row_bytes = act.nb() * fmt.block_bytes();
+    let (aq, ads) = (act.row_qs(ar), act.row_ds(ar));
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = dot_row_scalar(fmt, &w[i * row_bytes..(i + 1) * row_bytes], aq, ads);
+    }
+}
+
+/// One weight row (whole blocks) times one quantised activation row.
+pub(crate) fn dot_row_scalar(fmt: Fmt, row: &[u8], aq: &[i8], ads: &[[f32; 2]]) -> f32 {
+    let bb = fmt.block_bytes();
+    let mut acc = 0f32;
+    for (b, blk) in row.chunks_exact(bb).enumerate() {
+        let q8 = &aq[b * QK..(b + 1) * QK];
+        let [d8, s8] = ads[b];
+        acc += match fmt {
+            Fmt::Q4_1 | Fmt::Q4_0 => {
+                let off = if fmt == Fmt::Q4_1 { 4 } else { 2 };
+                let qs = &blk[off..off + 16];
+                let mut isum = 0i32;
+                for j in 0..16 {
+                    isum += (qs[j] & 0x0F) as i32 * q8[j] as i32;
+                    isum += (qs[j] >> 4) as i32 * q8[j + 16] as i32;
+                }
+                let d = f16_at(blk, 0);
+                let m = if fmt == Fmt::Q4_1 {
+                    f16_at(blk, 2)
+                } else {
+                    -8.0 * d
+                };
+                d * d8 * isum as f32 + m * s8
+            }
+            Fmt::Q8_0 => {
+                let mut isum = 0i32;
+                for j in 0..QK {
+                    isum += blk[2 + j] as i8 as i32 * q8[j] as i32;
+                }
+                f16_at(blk, 0) * d8 * isum as f32
+            }
+        };
+    }
+    acc
+}
+
+/// Dequantise whole blocks: `out.len()` must be `QK * bytes.len() / block_bytes`.
+pub(crate) fn dequant_blocks(fmt: Fmt, bytes: &[u8], out: &mut [f32]) {
+    let bb = fmt.block_bytes();
+    debug_assert_eq!(out.len() * bb, bytes.len() * QK);
+    for (blk, o) in bytes.chunks_exact(bb).zip(out.chunks_exact_mut(QK)) {
+        let d = f16_at(blk, 0);
+        match fmt {
+            Fmt::Q4_0 | Fmt::Q4_1 => {
+                let (off, m) = if fmt == Fmt::Q4_1 {
+                    (4, f16_at(blk, 2))
+                } else {
+                    (2, -8.0 * d)
+                };
+                let (lo, hi) = o.split_at_mut(16);
+                for j in 0..16 {
+                    let b = blk[off + j];
+                    lo[j] = (b & 0x0F) as f32 * d + m;
+                    hi[j] = (b >> 4) as f32 * d + m;
+                }
+            }
+            Fmt::Q8_0 => {
+                for j in 0..QK {
+                    o[j] = blk[2 + j] as i8 as f32 * d;
+                }
+            }
+        }
+    }
+}
+
+/// The offset term of a weight block (`m` for Q4_1, `-8 d` for Q4_0, none for Q8_0): the batched
+/// kernels add `sum_b offset_b * (sum of x over block b)` after their integer loop.
+pub(crate) fn block_offset(fmt: Fmt, blk: &[u8]) -> f32 {
+    match fmt {
+        Fmt::Q4_1 => f16_at(blk, 2),
+        Fmt::Q4_0 => -8.0 * f16_at(blk, 0),
+        Fmt::Q8_0 => 0.0,
+    }
+}
+
+/// Portable batched kernel: `out[r * ldo + c] = dot(weight row c, activation row r)` for all
+/// activation rows and `n_w` weight rows starting at `w`.
+///
+/// # Safety
+/// `out` must be valid for writes at `r * ldo + c` for `r < act.rows`, `c < n_w`.
+pub(crate) unsafe fn gemm_scalar(
+    fmt: Fmt,
+    w: &[u8],
+    n_w: usize,
+    act: &QAct,
+    out: *mut f32,
+    ldo: usize,
+) {
+    let row_bytes = act.nb() * fmt.block_bytes();
+    for r in 0..act.rows {
+        let (aq, ads) = (act.row_qs(r), act.row_ds(r));
+        for c in 0..n_w {
+            *out.add(r * ldo + c) =
+                dot_row_scalar(fmt, &w[c * row_bytes..(c + 1) * row_bytes], aq, ads);
+        }
+    }
+}

@@ -1,0 +1,205 @@
+//! Kernel dispatch: picks the instruction set once at run time and offers safe, slice-based
+//! entry points (single-threaded; `mod.rs` splits the work across threads).
+use super::format::{self, Fmt, QAct, QK};
+use std::sync::OnceLock;
+
+/// The instruction-set level a kernel runs with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Isa {
+    /// Portable Rust, any target.
+    Scalar,
+    /// x86-64 AVX2 + FMA + F16C.
+    Avx2,
+    /// x86-64 AVX-512 F/BW/VL + VNNI (on top of AVX2).
+    Avx512,
+}
+
+impl Isa {
+    /// Whether this CPU can run kernels of this level.
+    pub fn available(self) -> bool {
+        match self {
+            Isa::Scalar => true,
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => super::x86::has_avx2(),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => super::x86::has_avx512(),
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => false,
+        }
+    }
+
+    /// The best level this CPU supports, capped by `FERROTUNE_QUANT_ISA` (`scalar`, `avx2`,
+    /// `avx512`) when set, which is how to check a slower path end to end.
+    pub fn best() -> Isa {
+        static BEST: OnceLock<Isa> = OnceLock::new();
+        *BEST.get_or_init(|| {
+            let cap = match std::env::var("FERROTUNE_QUANT_ISA").as_deref() {
+                Ok("scalar") => Isa::Scalar,
+                Ok("avx2") => Isa::Avx2,
+                _ => Isa::Avx512,
+            };
+            [Isa::Avx512, Isa::Avx2, Isa::Scalar]
+                .into_iter()
+                .find(|i| *i <= cap && i.available())
+                .unwrap_or(Isa::Scalar)
+        })
+    }
+}
+
+/// Quantise `rows` activation rows of `k` values each (`k` a multiple of 32).
+#[cfg(test)]
+pub(crate) fn quantize_act(isa: Isa, x: &[f32], rows: usize, k: usize) -> QAct {
+    assert_eq!(x.len(), rows * k);
+    let mut act = QAct::zeros(rows, k);
+    quantize_into(isa, x, &mut act.qs, &mut act.ds);
+    act
+}
+
+/// Quantise whole blocks of `x` into `q` / `ds` (used per row range by the threaded callers).
+pub(crate) fn quantize_into(isa: Isa, x: &[f32], q: &mut [i8], ds: &mut [[f32; 2]]) {
+    assert!(x.len() % QK == 0 && q.len() == x.len() && ds.len() * QK == x.len());
+    assert!(
+        isa.available(),
+        "{isa:?} kernels are not supported on this CPU"
+    );
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the CPU supports the level (checked above); lengths checked above.
+        Isa::Avx2 => unsafe { super::x86::quantize_avx2(x, q, ds) },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => unsafe { super::x86::quantize_avx512(x, q, ds) },
+        _ => {
+            for ((xb, qb), d) in x
+                .chunks_exact(QK)
+                .zip(q.chunks_exact_mut(QK))
+                .zip(ds.iter_mut())
+            {
+                *d = format::quantize_block_scalar(xb, qb);
+            }
+        }
+    }
+}
+
+/// `out[i] = W[i, :] . x` for `out.len()` weight rows starting at the beginning of `w`, with
+/// `x` = activation row `ar` of `act`.
+pub(crate) fn gemv(isa: Isa, fmt: Fmt, w: &[u8], act: &QAct, ar: usize, out: &mut [f32]) {
+    let nb = act.nb();
+    assert!(ar < act.rows && w.len() >= out.len() * nb * fmt.block_bytes());
+    assert!(
+        isa.available(),
+        "{isa:?} kernels are not supported on this CPU"
+    );
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 | Isa::Avx512 => {
+            let (aq, ads) = (act.row_qs(ar).as_ptr(), act.row_ds(ar).as_ptr());
+            let (n, wp, op) = (out.len(), w.as_ptr(), out.as_mut_ptr());
+            // SAFETY: `w` holds `n` rows of `nb` blocks and `act` row `ar` holds `nb` blocks
+            // (asserted above); the CPU supports the level.
+            unsafe {
+                if isa == Isa::Avx512 {
+                    super::x86::gemv_avx512(fmt, wp, n, nb, aq, ads, op)
+                } else {
+                    super::x86::gemv_avx2(fmt, wp, n, nb, aq, ads, op)
+                }
+            }
+        }
+        _ => format::gemv_scalar(fmt, w, act, ar, out),
+    }
+}
+
+/// `out[r * ldo + c] = W[c, :] . x_r` for every activation row `r` of `act` and weight rows
+/// `c < n_w` at the start of `w`. `s` is the per-block activation sums, `act.rows x nb`
+/// row-major (see [`block_sums`]).
+///
+/// # Safety
+/// `out` must be valid for writes at `r * ldo + c` for all `r < act.rows`, `c < n_w`, and no
+/// other thread may access those elements during the call.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemm(
+    isa: Isa,
+    fmt: Fmt,
+    w: &[u8],
+    n_w: usize,
+    act: &QAct,
+    s: &[f32],
+    out: *mut f32,
+    ldo: usize,
+) {
+    let nb = act.nb();
+    let row_bytes = nb * fmt.block_bytes();
+    assert!(w.len() >= n_w * row_bytes && n_w <= ldo && s.len() == act.rows * nb);
+    assert!(
+        isa.available(),
+        "{isa:?} kernels are not supported on this CPU"
+    );
+    if n_w == 0 || act.rows == 0 {
+        return;
+    }
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 | Isa::Avx512 => {
+            // SAFETY: `w` bounds asserted above, `out` per the contract; the CPU supports the level.
+            if isa == Isa::Avx512 {
+                super::x86::gemm_avx512(fmt, w.as_ptr(), n_w, act, out, ldo)
+            } else {
+                super::x86::gemm_avx2(fmt, w.as_ptr(), n_w, act, out, ldo)
+            }
+            if fmt != Fmt::Q8_0 {
+                add_offsets(fmt, &w[..n_w * row_bytes], n_w, nb, s, act.rows, out, ldo);
+            }
+        }
+        _ => format::gemm_scalar(fmt, w, n_w, act, out, ldo),
+    }
+}
+
+/// The per-block activation sums of `act` as a contiguous `rows x nb` matrix.
+pub(crate) fn block_sums(act: &QAct) -> Vec<f32> {
+    act.ds.iter().map(|p| p[1]).collect()
+}
+
+/// Adds the Q4 offset terms `sum_b offset(W[c, b]) * s[r, b]` to a block of outputs: a small
+/// `(rows x nb) @ (nb x n_w)` product, done with `gemm` on the f32 offsets of these weight rows.
+#[allow(clippy::too_many_arguments)]
+unsafe fn add_offsets(
+    fmt: Fmt,
+    w: &[u8],
+    n_w: usize,
+    nb: usize,
+    s: &[f32],
+    rows: usize,
+    out: *mut f32,
+    ldo: usize,
+) {
+    let bb = fmt.block_bytes();
+    let offs: Vec<f32> = w
+        .chunks_exact(bb)
+        .map(|blk| format::block_offset(fmt, blk))
+        .collect();
+    debug_assert_eq!(offs.len(), n_w * nb);
+    // SAFETY: dst is `rows x n_w` with row stride `ldo` (the caller's contract), lhs is `s`
+    // (`rows x nb`), rhs is `offs` read as `nb x n_w` (column stride nb).
+    unsafe {
+        gemm::gemm(
+            rows,
+            n_w,
+            nb,
+            out,
+            1,
+            ldo as isize,
+            true,
+            s.as_ptr(),
+            1,
+            nb as isize,
+            offs.as_ptr(),
+            nb as isize,
+            1,
+            1.0f32,
+            1.0f32,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
+    }
+}

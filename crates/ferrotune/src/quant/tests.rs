@@ -1,0 +1,670 @@
+//! Tests for quantized weights. Every expected value comes from an unfused reference: the weight
+//! dequantised by candle (`QTensor::dequantize`) and an f64 matmul, or from finite differences.
+//!
+//! Error bound used for the forward kernels (8-bit activations): activation `x_j` of block `b`
+//! is replaced by `d_b * round(x_j / d_b)` with `d_b = max_{j in b} |x_j| / 127`, so it moves by at
+//! most `d_b / 2`. Hence for output `i`:
+//!   `|y_i - sum_j W_ij x_j| <= sum_b (d_b / 2) * sum_{j in b} |W_ij|`  (plus f32 rounding).
+//! (The Q4 offset terms use the same rounded activations, so the bound covers them.) Tests check
+//! this bound per element
+//! and, as a coarser summary, that the max error is below 1% of `max |y|`.
+use super::format::{Fmt, QK};
+use super::kernels::{self, Isa};
+use super::*;
+use candle_core::Var;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+const OWN: [GgmlDType; 3] = [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0];
+
+fn randn(rng: &mut StdRng, n: usize, scale: f32) -> Vec<f32> {
+    // Box-Muller; plus an occasional 8x outlier, as in real activations and weights
+    (0..n)
+        .map(|_| {
+            let (u1, u2): (f32, f32) = (rng.random::<f32>().max(1e-7), rng.random());
+            let z = (-2.0 * u1.ln()).sqrt() * (std::f32::consts::TAU * u2).cos();
+            let big = if rng.random::<f32>() < 0.01 { 8.0 } else { 1.0 };
+            z * scale * big
+        })
+        .collect()
+}
+
+fn weight(rng: &mut StdRng, n: usize, k: usize, dtype: GgmlDType) -> (QuantWeight, Vec<f32>) {
+    let w = Tensor::from_vec(randn(rng, n * k, 0.05), (n, k), &Device::Cpu).unwrap();
+    let q = QTensor::quantize(&w, dtype).unwrap();
+    // the reference: candle's own dequantisation of the same blocks
+    let deq = q
+        .dequantize(&Device::Cpu)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    (QuantWeight::from_qtensor(q).unwrap(), deq)
+}
+
+/// `x (m x k) @ w^T (k x n)` in f64.
+fn ref_matmul(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f64> {
+    let mut y = vec![0f64; m * n];
+    for r in 0..m {
+        for c in 0..n {
+            y[r * n + c] = (0..k)
+                .map(|j| x[r * k + j] as f64 * w[c * k + j] as f64)
+                .sum();
+        }
+    }
+    y
+}
+
+/// Per-element bound on the activation-quantisation error (see the module comment), plus a small
+/// allowance for f32 accumulation.
+fn act_error_bound(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f64> {
+    let mut bound = vec![0f64; m * n];
+    for r in 0..m {
+        let xr = &x[r * k..(r + 1) * k];
+        for c in 0..n {
+            let wc = &w[c * k..(c + 1) * k];
+            let mut b = 0f64;
+            let mut mag = 0f64;
+            for (xb, wb) in xr.chunks(QK).zip(wc.chunks(QK)) {
+                let amax = xb.iter().fold(0f32, |a, v| a.max(v.abs())) as f64;
+                let wl1: f64 = wb.iter().map(|v| v.abs() as f64).sum();
+                b += amax / 127.0 / 2.0 * wl1;
+                mag += xb
+                    .iter()
+                    .zip(wb)
+                    .map(|(a, b)| (a * b).abs() as f64)
+                    .sum::<f64>();
+            }
+            bound[r * n + c] = b * 1.001 + 1e-5 * mag + 1e-6;
+        }
+    }
+    bound
+}
+
+fn check_against_reference(
+    what: &str,
+    y: &[f32],
+    x: &[f32],
+    deq: &[f32],
+    m: usize,
+    k: usize,
+    n: usize,
+) {
+    let yr = ref_matmul(x, deq, m, k, n);
+    let bound = act_error_bound(x, deq, m, k, n);
+    for i in 0..m * n {
+        let e = (y[i] as f64 - yr[i]).abs();
+        assert!(
+            e <= bound[i],
+            "{what}: element {i}: got {} want {} (err {e:.3e} > bound {:.3e})",
+            y[i],
+            yr[i],
+            bound[i]
+        );
+    }
+    let rel = rel_l2(y, &yr);
+    assert!(rel <= 3e-2, "{what}: relative L2 error {rel:.3e}");
+}
+
+fn rel_l2(y: &[f32], yr: &[f64]) -> f64 {
+    let num: f64 = y.iter().zip(yr).map(|(a, b)| (*a as f64 - b).powi(2)).sum();
+    let den: f64 = yr.iter().map(|b| b * b).sum();
+    (num / den.max(1e-300)).sqrt()
+}
+
+fn isas() -> Vec<Isa> {
+    let v: Vec<Isa> = [Isa::Scalar, Isa::Avx2, Isa::Avx512]
+        .into_iter()
+        .filter(|i| i.available())
+        .collect();
+    println!("kernel levels tested on this CPU: {v:?}");
+    v
+}
+
+#[test]
+fn own_kernels_match_dequantised_reference() {
+    let mut rng = StdRng::seed_from_u64(1);
+    // odd row counts exercise the 4-row groups and the tiles' tails
+    for &(n, k) in &[(67usize, 96usize), (16, 32), (130, 576)] {
+        for dtype in OWN {
+            let (w, deq) = weight(&mut rng, n, k, dtype);
+            for isa in isas() {
+                for threads in [1, 2] {
+                    for m in [1usize, 2, 5, 9] {
+                        let x = randn(&mut rng, m * k, 1.0);
+                        let mut y = vec![0f32; m * n];
+                        if m == 1 {
+                            w.matvec_with(isa, threads, &x, &mut y);
+                        } else {
+                            w.matmul_with(isa, threads, &x, m, &mut y);
+                        }
+                        let what = format!("{dtype:?} {n}x{k} m={m} {isa:?} threads={threads}");
+                        check_against_reference(&what, &y, &x, &deq, m, k, n);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn public_forward_matches_reference_and_shapes() {
+    let mut rng = StdRng::seed_from_u64(2);
+    let (n, k) = (48, 64);
+    for dtype in OWN {
+        let (w, deq) = weight(&mut rng, n, k, dtype);
+        let x = randn(&mut rng, 2 * 3 * k, 1.0);
+        let xt = Tensor::from_vec(x.clone(), (2, 3, k), &Device::Cpu).unwrap();
+        let y = w.forward(&xt).unwrap();
+        assert_eq!(y.dims(), &[2, 3, n]);
+        let yv = y.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        check_against_reference(&format!("{dtype:?} forward"), &yv, &x, &deq, 6, k, n);
+        // single row through the Tensor API and the raw decode path give the same numbers
+        let x1 = Tensor::from_vec(x[..k].to_vec(), k, &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let y1 = w
+            .forward(&x1)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let mut y2 = vec![0f32; n];
+        w.matvec_into(&x[..k], &mut y2);
+        assert_eq!(y1, y2);
+        // bf16 input comes back as bf16
+        let yb = w.forward(&xt.to_dtype(DType::BF16).unwrap()).unwrap();
+        assert_eq!(yb.dtype(), DType::BF16);
+        assert!(w
+            .forward(&Tensor::zeros((2, k + 32), DType::F32, &Device::Cpu).unwrap())
+            .is_err());
+    }
+}
+
+#[test]
+fn quantised_activations_identical_on_every_isa() {
+    let mut rng = StdRng::seed_from_u64(3);
+    let k = 320;
+    let mut x = randn(&mut rng, 3 * k, 1.0);
+    x[32..64].iter_mut().for_each(|v| *v = 0.0); // an all-zero block: d = 0
+    x[70] = 1e-30; // tiny values next to normal ones
+    let base = kernels::quantize_act(Isa::Scalar, &x, 3, k);
+    for isa in isas() {
+        let a = kernels::quantize_act(isa, &x, 3, k);
+        assert_eq!(a.qs, base.qs, "{isa:?} quantised values");
+        assert_eq!(a.ds, base.ds, "{isa:?} block scales and sums");
+        assert!(a.qs.iter().all(|&v| v != i8::MIN));
+    }
+}
+
+#[test]
+fn isa_paths_agree() {
+    // same quantised activations into every kernel level: only f32 summation order may differ
+    let mut rng = StdRng::seed_from_u64(4);
+    let (n, k, m) = (37, 352, 7);
+    for dtype in OWN {
+        let fmt = Fmt::from_ggml(dtype).unwrap();
+        let (w, _) = weight(&mut rng, n, k, dtype);
+        let Repr::Own { data, .. } = &w.repr else {
+            unreachable!()
+        };
+        let x = randn(&mut rng, m * k, 1.0);
+        let act = kernels::quantize_act(Isa::Scalar, &x, m, k);
+        let s = kernels::block_sums(&act);
+        let run = |isa: Isa| {
+            let mut gv = vec![0f32; m * n];
+            for r in 0..m {
+                kernels::gemv(isa, fmt, data, &act, r, &mut gv[r * n..(r + 1) * n]);
+            }
+            let mut gm = vec![0f32; m * n];
+            // SAFETY: gm is m x n.
+            unsafe { kernels::gemm(isa, fmt, data, n, &act, &s, gm.as_mut_ptr(), n) };
+            (gv, gm)
+        };
+        let (sv, _) = run(Isa::Scalar);
+        let scale = sv.iter().fold(0f32, |a, v| a.max(v.abs()));
+        for isa in isas() {
+            let (gv, gm) = run(isa);
+            for i in 0..m * n {
+                assert!(
+                    (gv[i] - sv[i]).abs() <= 1e-5 * scale,
+                    "{dtype:?} {isa:?} gemv[{i}] {} vs scalar {}",
+                    gv[i],
+                    sv[i]
+                );
+                assert!(
+                    (gm[i] - sv[i]).abs() <= 1e-5 * scale,
+                    "{dtype:?} {isa:?} gemm[{i}] {} vs scalar {}",
+                    gm[i],
+                    sv[i]
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn thread_count_does_not_change_results() {
+    let mut rng = StdRng::seed_from_u64(5);
+    let (n, k) = (1000, 256);
+    for dtype in OWN {
+        let (w, _) = weight(&mut rng, n, k, dtype);
+        let x = randn(&mut rng, 6 * k, 1.0);
+        let mut a = vec![0f32; n];
+        let mut b = vec![0f32; n];
+        w.matvec_with(Isa::best(), 1, &x[..k], &mut a);
+        w.matvec_with(Isa::best(), 2, &x[..k], &mut b);
+        assert_eq!(a, b, "{dtype:?} matvec");
+        let mut a = vec![0f32; 6 * n];
+        let mut b = vec![0f32; 6 * n];
+        w.matmul_with(Isa::best(), 1, &x, 6, &mut a);
+        w.matmul_with(Isa::best(), 2, &x, 6, &mut b);
+        assert_eq!(a, b, "{dtype:?} matmul");
+    }
+}
+
+/// Every GGML type candle can quantise to: forward (ours or candle's), backward, embedding,
+/// permutation and dequantisation all agree with candle's dequantised weight.
+#[test]
+fn every_ggml_type_works() {
+    use GgmlDType::*;
+    let mut rng = StdRng::seed_from_u64(6);
+    let (n, k, m) = (40, 512, 3);
+    for dtype in [
+        F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q8_1, Q2K, Q3K, Q4K, Q5K, Q6K, Q8K,
+    ] {
+        let (w, deq) = weight(&mut rng, n, k, dtype);
+        assert_eq!(w.shape(), (n, k));
+        assert_eq!(w.dtype(), dtype);
+        assert_eq!(
+            w.storage_bytes(),
+            n * k / dtype.block_size() * dtype.type_size()
+        );
+        let got = w
+            .dequantize()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert_eq!(got, deq, "{dtype:?} dequantize");
+
+        // forward: candle quantises activations to Q8_K / Q8_1 for its own kernels, with errors of
+        // the same kind as ours; the f32/f16/bf16 types multiply exactly
+        let x = randn(&mut rng, m * k, 1.0);
+        let y = w
+            .forward(&Tensor::from_vec(x.clone(), (m, k), &Device::Cpu).unwrap())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let rel = rel_l2(&y, &ref_matmul(&x, &deq, m, k, n));
+        println!("{dtype:?}: forward relative L2 error {rel:.2e}");
+        assert!(
+            rel <= 3e-2,
+            "{dtype:?} forward: relative L2 error {rel:.3e}"
+        );
+
+        // backward to the input: exact up to f32 rounding
+        let gy = randn(&mut rng, m * n, 1.0);
+        let gx = w
+            .backward_input(&Tensor::from_vec(gy.clone(), (m, n), &Device::Cpu).unwrap())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        check_close(
+            &format!("{dtype:?} backward"),
+            &gx,
+            &ref_backward(&gy, &deq, m, n, k),
+            1e-5,
+        );
+
+        // embedding rows and exact row permutation
+        let ids = [3u32, 0, 39, 3];
+        let e = w
+            .embedding(&ids)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        for (i, &id) in ids.iter().enumerate() {
+            assert_eq!(
+                &e[i * k..(i + 1) * k],
+                &deq[id as usize * k..(id as usize + 1) * k],
+                "{dtype:?} embedding"
+            );
+        }
+        assert!(w.embedding(&[40]).is_err());
+        let perm: Vec<usize> = (0..n).rev().collect();
+        let p = w.permute_rows(&perm).unwrap();
+        let pd = p
+            .dequantize()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        for (i, &src) in perm.iter().enumerate() {
+            assert_eq!(
+                &pd[i * k..(i + 1) * k],
+                &deq[src * k..(src + 1) * k],
+                "{dtype:?} permute_rows"
+            );
+        }
+    }
+}
+
+/// `gy (m x n) @ w (n x k)` in f64.
+fn ref_backward(gy: &[f32], w: &[f32], m: usize, n: usize, k: usize) -> Vec<f64> {
+    let mut gx = vec![0f64; m * k];
+    for r in 0..m {
+        for c in 0..n {
+            let g = gy[r * n + c] as f64;
+            for j in 0..k {
+                gx[r * k + j] += g * w[c * k + j] as f64;
+            }
+        }
+    }
+    gx
+}
+
+fn check_close(what: &str, got: &[f32], want: &[f64], rel: f64) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    let scale = want.iter().fold(0f64, |a, v| a.max(v.abs())).max(1e-30);
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!(
+            (*g as f64 - w).abs() <= rel * scale,
+            "{what}[{i}]: got {g}, want {w}"
+        );
+    }
+}
+
+#[test]
+fn backward_input_tiles_cover_large_shapes() {
+    // more rows than one dequantisation tile, several column chunks, both thread counts
+    let mut rng = StdRng::seed_from_u64(7);
+    let (n, k, m) = (600, 1024, 5);
+    for dtype in OWN {
+        let (w, deq) = weight(&mut rng, n, k, dtype);
+        let gy = randn(&mut rng, m * n, 1.0);
+        let want = ref_backward(&gy, &deq, m, n, k);
+        for threads in [1, 2] {
+            let gx = w.backward_slice(&gy, m, threads).unwrap();
+            check_close(
+                &format!("{dtype:?} backward threads={threads}"),
+                &gx,
+                &want,
+                1e-5,
+            );
+        }
+    }
+}
+
+#[test]
+fn linear_gradient_reaches_x_only() {
+    let mut rng = StdRng::seed_from_u64(8);
+    let (n, k) = (24, 256);
+    // Q4K covers the path where candle runs the forward
+    for dtype in [GgmlDType::Q4_1, GgmlDType::Q8_0, GgmlDType::Q4K] {
+        let (w, deq) = weight(&mut rng, n, k, dtype);
+        let w = Arc::new(w);
+        let x = Var::from_vec(randn(&mut rng, 2 * 3 * k, 1.0), (2, 3, k), &Device::Cpu).unwrap();
+        let r = randn(&mut rng, 2 * 3 * n, 1.0);
+        let rt = Tensor::from_vec(r.clone(), (2, 3, n), &Device::Cpu).unwrap();
+        let y = linear(x.as_tensor(), &w).unwrap();
+        assert_eq!(y.dims(), &[2, 3, n]);
+        // forward through the op equals the plain forward
+        let yf = w.forward(x.as_tensor()).unwrap();
+        assert_eq!(
+            y.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            yf.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        );
+        let loss = (y * &rt).unwrap().sum_all().unwrap();
+        let grads = loss.backward().unwrap();
+        let gx = grads.get(x.as_tensor()).expect("x gets a gradient");
+        let gx = gx.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        check_close(
+            &format!("{dtype:?} grad x"),
+            &gx,
+            &ref_backward(&r, &deq, 6, n, k),
+            1e-5,
+        );
+        // nothing of the weight's shape was ever given a gradient
+        for id in grads.get_ids() {
+            let g = grads.get_id(*id).unwrap();
+            assert_ne!(
+                g.dims(),
+                &[n, k],
+                "{dtype:?}: a weight-shaped gradient was computed"
+            );
+            assert_ne!(
+                g.dims(),
+                &[k, n],
+                "{dtype:?}: a weight-shaped gradient was computed"
+            );
+        }
+    }
+}
+
+/// Central finite differences of `L(x) = sum(linear(x) * r)`.
+///
+/// With arbitrary `x` the forward rounds activations to 8 bits, so finite differences carry that
+/// rounding noise. Here `x` lies on the quantisation grid: each 32-block is `d_b * q` with integer
+/// `q`, one element pinned at `127 d_b` (so the block scale is `d_b`), and the direction `v` moves
+/// the other elements by integer multiples of `d_b` without reaching 127. Both evaluations are
+/// then computed without activation rounding, `L` is exactly linear along `v`, and the finite
+/// difference must equal `<grad, v>` to f32 accuracy.
+#[test]
+fn linear_gradient_finite_differences() {
+    let mut rng = StdRng::seed_from_u64(9);
+    let (n, k, m) = (32, 128, 2);
+    for dtype in [GgmlDType::Q4_1, GgmlDType::Q8_0] {
+        let (w, _) = weight(&mut rng, n, k, dtype);
+        let w = Arc::new(w);
+        let nb = m * k / QK;
+        let d: Vec<f32> = (0..nb)
+            .map(|_| 2f32.powi(rng.random_range(-8..-4)))
+            .collect();
+        let on_grid = |q: &dyn Fn(usize) -> i32| -> Vec<f32> {
+            (0..m * k).map(|i| d[i / QK] * q(i) as f32).collect()
+        };
+        let q0: Vec<i32> = (0..m * k)
+            .map(|i| {
+                if i % QK == 0 {
+                    127
+                } else {
+                    rng.random_range(-100..=100)
+                }
+            })
+            .collect();
+        let x0 = on_grid(&|i| q0[i]);
+        let r = randn(&mut rng, m * n, 1.0);
+        let rt = Tensor::from_vec(r.clone(), (m, n), &Device::Cpu).unwrap();
+        let loss = |x: &[f32]| -> f64 {
+            let xt = Tensor::from_vec(x.to_vec(), (m, k), &Device::Cpu).unwrap();
+            let y = linear(&xt, &w)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            y.iter().zip(&r).map(|(a, b)| *a as f64 * *b as f64).sum()
+        };
+        let x = Var::from_vec(x0.clone(), (m, k), &Device::Cpu).unwrap();
+        let l = (linear(x.as_tensor(), &w).unwrap() * &rt)
+            .unwrap()
+            .sum_all()
+            .unwrap();
+        let g = l
+            .backward()
+            .unwrap()
+            .get(x.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        for trial in 0..5 {
+            let u: Vec<i32> = (0..m * k)
+                .map(|i| {
+                    if i % QK == 0 {
+                        0
+                    } else {
+                        rng.random_range(-3..=3)
+                    }
+                })
+                .collect();
+            let v = on_grid(&|i| u[i]);
+            let xp = on_grid(&|i| q0[i] + u[i]);
+            let xm = on_grid(&|i| q0[i] - u[i]);
+            let fd = (loss(&xp) - loss(&xm)) / 2.0;
+            let gv: f64 = g.iter().zip(&v).map(|(a, b)| *a as f64 * *b as f64).sum();
+            // f32 accumulation over k terms of size |x||W|
+            let scale: f64 = g
+                .iter()
+                .zip(&v)
+                .map(|(a, b)| (*a as f64 * *b as f64).abs())
+                .sum::<f64>()
+                + loss(&xp).abs();
+            assert!(
+                (fd - gv).abs() <= 1e-5 * scale,
+                "{dtype:?} trial {trial}: finite difference {fd} vs gradient {gv}"
+            );
+            assert!(
+                gv.abs() > 1e-3 * scale,
+                "{dtype:?} trial {trial}: degenerate direction"
+            );
+        }
+    }
+}
+
+#[test]
+fn permute_rows_is_exact() {
+    let mut rng = StdRng::seed_from_u64(10);
+    let (n, k) = (50, 64);
+    for dtype in OWN {
+        let (w, _) = weight(&mut rng, n, k, dtype);
+        let mut perm: Vec<usize> = (0..n).collect();
+        for i in (1..n).rev() {
+            perm.swap(i, rng.random_range(0..=i));
+        }
+        let p = w.permute_rows(&perm).unwrap();
+        assert_eq!(p.storage_bytes(), w.storage_bytes());
+        let (Repr::Own { data: a, .. }, Repr::Own { data: b, .. }) = (&w.repr, &p.repr) else {
+            unreachable!()
+        };
+        let rb = w.row_bytes();
+        for (i, &src) in perm.iter().enumerate() {
+            assert_eq!(
+                &b[i * rb..(i + 1) * rb],
+                &a[src * rb..(src + 1) * rb],
+                "{dtype:?} row {i}"
+            );
+        }
+        // outputs are permuted exactly too (each row's dot product runs the same instructions)
+        let x = randn(&mut rng, k, 1.0);
+        let (mut y, mut yp) = (vec![0f32; n], vec![0f32; n]);
+        w.matvec_into(&x, &mut y);
+        p.matvec_into(&x, &mut yp);
+        for (i, &src) in perm.iter().enumerate() {
+            assert_eq!(yp[i], y[src]);
+        }
+        assert!(w.permute_rows(&perm[1..]).is_err());
+        let mut dup = perm.clone();
+        dup[0] = dup[1];
+        assert!(w.permute_rows(&dup).is_err());
+    }
+}
+
+#[test]
+fn bad_shapes_are_errors() {
+    let w = Tensor::zeros((4, 40), DType::F32, &Device::Cpu).unwrap();
+    let e = QuantWeight::quantize(&w, GgmlDType::Q4_1)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("40") && e.contains("32"), "{e}");
+    assert!(!e.contains('\n'));
+    let w3 = Tensor::zeros((2, 4, 64), DType::F32, &Device::Cpu).unwrap();
+    assert!(QuantWeight::quantize(&w3, GgmlDType::Q8_0).is_err());
+}
+
+/// A real tensor from the SmolLM2 GGUF, when the file is present.
+#[test]
+fn from_real_gguf_tensor() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../.cache/models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let path = if path.exists() {
+        path
+    } else {
+        std::path::PathBuf::from("/work/main/.cache/models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+    };
+    if !path.exists() {
+        println!(
+            "skipping from_real_gguf_tensor: {} not found",
+            path.display()
+        );
+        return;
+    }
+    let mut f = std::fs::File::open(&path).unwrap();
+    let ct = candle_core::quantized::gguf_file::Content::read(&mut f).unwrap();
+    for name in [
+        "blk.0.attn_q.weight",
+        "blk.0.ffn_down.weight",
+        "blk.0.attn_k.weight",
+    ] {
+        let q = ct.tensor(&mut f, name, &Device::Cpu).unwrap();
+        let dtype = q.dtype();
+        let deq = q
+            .dequantize(&Device::Cpu)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let (n, k) = q.shape().dims2().unwrap();
+        let w = QuantWeight::from_qtensor(q).unwrap();
+        assert_eq!(w.shape(), (n, k), "{name}");
+        let got = w
+            .dequantize()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert_eq!(got, deq, "{name} ({dtype:?}) dequantize");
+        let mut rng = StdRng::seed_from_u64(11);
+        let x = randn(&mut rng, 3 * k, 1.0);
+        let mut y = vec![0f32; n];
+        w.matvec_into(&x[..k], &mut y);
+        check_against_reference(
+            &format!("{name} ({dtype:?}) matvec"),
+            &y,
+            &x[..k],
+            &deq,
+            1,
+            k,
+            n,
+        );
+        let mut y3 = vec![0f32; 3 * n];
+        if Fmt::from_ggml(dtype).is_some() {
+            w.matmul_with(Isa::best(), 2, &x, 3, &mut y3);
+            check_against_reference(
+                &format!("{name} ({dtype:?}) matmul"),
+                &y3,
+                &x,
+                &deq,
+                3,
+                k,
+                n,
+            );
+        }
+        println!("{name}: {n}x{k} {dtype:?} ok");
+    }
+}

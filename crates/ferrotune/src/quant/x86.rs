@@ -1,0 +1,362 @@
+//! x86-64 SIMD kernels for Q4_0 / Q4_1 / Q8_0 weights against 8-bit activations (`QAct`).
+//!
+//! Two instruction-set levels, chosen at run time (see `kernels::Isa`):
+//! - AVX2 (+FMA, F16C): `vpmaddubsw` + `vpmaddwd` per 32-value block (llama.cpp's AVX2 scheme).
+//! - AVX-512 (F, BW, VL, VNNI): the same loops on 256-bit registers but with `vpdpbusd` (one
+//!   instruction instead of two per block and row) and 32 vector registers, which lets the batched
+//!   kernel keep a 4x4 tile of accumulators. 512-bit registers would mean assembling two 20-byte
+//!   blocks per register with extra shuffles, and on Zen 4 (this project's machine) a 512-bit op
+//!   costs two 256-bit slots anyway.
+//!
+//! Every block's integer dot product is scaled by `d_w * d_x` in f32; the Q4 offset terms use the
+//! per-block activation sums `d_x * sum(q_x)` kept in `QAct::ds` (see `format.rs`).
+//!
+//! The kernels are written once as `#[inline(always)]` generic bodies; the `#[target_feature]`
+//! entry points at the bottom instantiate them per format and level, so the intrinsics inline.
+#![allow(clippy::missing_safety_doc)]
+use super::format::{act_scale, Fmt, QAct, QK};
+use std::arch::x86_64::*;
+
+const F_Q4_0: u8 = 0;
+const F_Q4_1: u8 = 1;
+const F_Q8_0: u8 = 2;
+
+const fn bb(f: u8) -> usize {
+    match f {
+        F_Q4_0 => 18,
+        F_Q4_1 => 20,
+        _ => 34,
+    }
+}
+
+#[inline(always)]
+unsafe fn hsum(v: __m256) -> f32 {
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    _mm_cvtss_f32(s)
+}
+
+/// Sum of `u[i] * s[i]` (u8 times i8) over groups of four bytes, as eight i32 lanes.
+#[inline(always)]
+unsafe fn dot_us<const VNNI: bool>(u: __m256i, s: __m256i) -> __m256i {
+    if VNNI {
+        _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s)
+    } else {
+        // products are at most 15*127 (Q4) or 128*127 (Q8 via the sign trick), so the pairwise
+        // i16 sums cannot saturate
+        _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1))
+    }
+}
+
+/// The 32 quantised weights of one block as bytes: nibbles 0..15 for Q4 (unsigned), raw i8 for Q8_0.
+#[inline(always)]
+unsafe fn wload<const F: u8>(blk: *const u8) -> __m256i {
+    if F == F_Q8_0 {
+        _mm256_loadu_si256(blk.add(2) as *const __m256i)
+    } else {
+        let off = if F == F_Q4_1 { 4 } else { 2 };
+        let x = _mm_loadu_si128(blk.add(off) as *const __m128i);
+        // low nibbles are values 0..15, high nibbles 16..31
+        let both = _mm256_set_m128i(_mm_srli_epi16(x, 4), x);
+        _mm256_and_si256(both, _mm256_set1_epi8(0x0F))
+    }
+}
+
+/// Integer block dot product of weights `w` (from `wload`) with activations `a`.
+#[inline(always)]
+unsafe fn wdot<const F: u8, const VNNI: bool>(w: __m256i, a: __m256i) -> __m256i {
+    if F == F_Q8_0 {
+        // signed x signed: move the weight's sign onto the activation (llama.cpp's trick)
+        dot_us::<VNNI>(_mm256_abs_epi8(w), _mm256_sign_epi8(a, w))
+    } else {
+        dot_us::<VNNI>(w, a)
+    }
+}
+
+/// Lanes 0 and 1: `[d, m]` for Q4_1, `[d, d]` for Q4_0 / Q8_0.
+#[inline(always)]
+unsafe fn wscale<const F: u8>(blk: *const u8) -> __m128 {
+    if F == F_Q4_1 {
+        _mm_cvtph_ps(_mm_cvtsi32_si128((blk as *const i32).read_unaligned()))
+    } else {
+        _mm_cvtph_ps(_mm_set1_epi16((blk as *const i16).read_unaligned()))
+    }
+}
+
+/// `R` consecutive weight rows times one activation row. The activation block is loaded once
+/// per block for all `R` rows, and `R` independent accumulators hide the FMA latency.
+#[inline(always)]
+unsafe fn gemv_rows<const F: u8, const R: usize, const VNNI: bool>(
+    w: *const u8,
+    row_bytes: usize,
+    nb: usize,
+    aq: *const i8,
+    ads: *const [f32; 2],
+    out: *mut f32,
+) {
+    let mut acc = [_mm256_setzero_ps(); R];
+    // lane 1 accumulates the offset term (m * sum x, or d * sum x for Q4_0)
+    let mut acco = [_mm_setzero_ps(); R];
+    for b in 0..nb {
+        let a = _mm256_loadu_si256(aq.add(b * QK) as *const __m256i);
+        let a_ds = _mm_castpd_ps(_mm_load_sd(ads.add(b) as *const f64));
+        for r in 0..R {
+            let blk = w.add(r * row_bytes + b * bb(F));
+            let sc = _mm_mul_ps(wscale::<F>(blk), a_ds);
+            let dot = wdot::<F, VNNI>(wload::<F>(blk), a);
+            acc[r] = _mm256_fmadd_ps(_mm256_broadcastss_ps(sc), _mm256_cvtepi32_ps(dot), acc[r]);
+            if F != F_Q8_0 {
+                acco[r] = _mm_add_ps(acco[r], sc);
+            }
+        }
+    }
+    for r in 0..R {
+        let mut v = hsum(acc[r]);
+        let o = _mm_cvtss_f32(_mm_movehdup_ps(acco[r]));
+        if F == F_Q4_1 {
+            v += o;
+        } else if F == F_Q4_0 {
+            v -= 8.0 * o;
+        }
+        *out.add(r) = v;
+    }
+}
+
+#[inline(always)]
+unsafe fn gemv_impl<const F: u8, const VNNI: bool>(
+    w: *const u8,
+    n: usize,
+    nb: usize,
+    aq: *const i8,
+    ads: *const [f32; 2],
+    out: *mut f32,
+) {
+    let row_bytes = nb * bb(F);
+    let mut i = 0;
+    while i + 4 <= n {
+        gemv_rows::<F, 4, VNNI>(w.add(i * row_bytes), row_bytes, nb, aq, ads, out.add(i));
+        i += 4;
+    }
+    while i < n {
+        gemv_rows::<F, 1, VNNI>(w.add(i * row_bytes), row_bytes, nb, aq, ads, out.add(i));
+        i += 1;
+    }
+}
+
+/// An `RA x RW` tile: activation rows `0..RA` (stride `k` values) times weight rows `0..RW`.
+/// Writes the block-scaled integer part only; the caller adds the Q4 offset terms.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_tile<const F: u8, const RA: usize, const RW: usize, const VNNI: bool>(
+    w: *const u8,
+    row_bytes: usize,
+    nb: usize,
+    aq: *const i8,
+    k: usize,
+    ads: *const [f32; 2],
+    out: *mut f32,
+    ldo: usize,
+) {
+    let mut acc = [[_mm256_setzero_ps(); RW]; RA];
+    for b in 0..nb {
+        let mut wq = [_mm256_setzero_si256(); RW];
+        let mut wd = [_mm256_setzero_ps(); RW];
+        for c in 0..RW {
+            let blk = w.add(c * row_bytes + b * bb(F));
+            wq[c] = wload::<F>(blk);
+            wd[c] = _mm256_broadcastss_ps(wscale::<F>(blk));
+        }
+        for r in 0..RA {
+            let a = _mm256_loadu_si256(aq.add(r * k + b * QK) as *const __m256i);
+            let dx = _mm256_broadcast_ss(&(*ads.add(r * nb + b))[0]);
+            for c in 0..RW {
+                let t = _mm256_mul_ps(_mm256_cvtepi32_ps(wdot::<F, VNNI>(wq[c], a)), dx);
+                acc[r][c] = _mm256_fmadd_ps(t, wd[c], acc[r][c]);
+            }
+        }
+    }
+    for r in 0..RA {
+        for c in 0..RW {
+            *out.add(r * ldo + c) = hsum(acc[r][c]);
+        }
+    }
+}
+
+/// All activation rows of `act` times weight rows `0..n_w`, tiled `RA x RW`, with tails.
+#[inline(always)]
+unsafe fn gemm_impl<const F: u8, const RA: usize, const RW: usize, const VNNI: bool>(
+    w: *const u8,
+    n_w: usize,
+    act: &QAct,
+    out: *mut f32,
+    ldo: usize,
+) {
+    let (k, nb) = (act.k, act.nb());
+    let row_bytes = nb * bb(F);
+    let (aq, ads) = (act.qs.as_ptr(), act.ds.as_ptr());
+    let m = act.rows;
+    let mut r = 0;
+    while r < m {
+        let ra = (m - r).min(RA);
+        let (aq_r, ads_r, out_r) = (aq.add(r * k), ads.add(r * nb), out.add(r * ldo));
+        let mut c = 0;
+        while c < n_w {
+            let rw = (n_w - c).min(RW);
+            let (w_c, out_c) = (w.add(c * row_bytes), out_r.add(c));
+            if ra == RA && rw == RW {
+                gemm_tile::<F, RA, RW, VNNI>(w_c, row_bytes, nb, aq_r, k, ads_r, out_c, ldo);
+            } else {
+                // tails: one activation row or one weight row at a time
+                for rr in 0..ra {
+                    let (aq1, ads1) = (aq_r.add(rr * k), ads_r.add(rr * nb));
+                    let mut cc = 0;
+                    while cc + RW <= rw {
+                        let o = out_c.add(rr * ldo + cc);
+                        gemm_tile::<F, 1, RW, VNNI>(
+                            w_c.add(cc * row_bytes),
+                            row_bytes,
+                            nb,
+                            aq1,
+                            k,
+                            ads1,
+                            o,
+                            ldo,
+                        );
+                        cc += RW;
+                    }
+                    while cc < rw {
+                        let o = out_c.add(rr * ldo + cc);
+                        gemm_tile::<F, 1, 1, VNNI>(
+                            w_c.add(cc * row_bytes),
+                            row_bytes,
+                            nb,
+                            aq1,
+                            k,
+                            ads1,
+                            o,
+                            ldo,
+                        );
+                        cc += 1;
+                    }
+                }
+            }
+            c += rw;
+        }
+        r += ra;
+    }
+}
+
+#[inline(always)]
+unsafe fn quantize_impl(x: &[f32], q: &mut [i8], ds: &mut [[f32; 2]]) {
+    let sign = _mm256_set1_ps(-0.0);
+    let perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for ((xb, qb), dsb) in x
+        .chunks_exact(QK)
+        .zip(q.chunks_exact_mut(QK))
+        .zip(ds.iter_mut())
+    {
+        let p = xb.as_ptr();
+        let v = [
+            _mm256_loadu_ps(p),
+            _mm256_loadu_ps(p.add(8)),
+            _mm256_loadu_ps(p.add(16)),
+            _mm256_loadu_ps(p.add(24)),
+        ];
+        let m01 = _mm256_max_ps(_mm256_andnot_ps(sign, v[0]), _mm256_andnot_ps(sign, v[1]));
+        let m23 = _mm256_max_ps(_mm256_andnot_ps(sign, v[2]), _mm256_andnot_ps(sign, v[3]));
+        let m = _mm256_max_ps(m01, m23);
+        let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+        let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+        let m = _mm_max_ss(m, _mm_movehdup_ps(m));
+        let (d, id) = act_scale(_mm_cvtss_f32(m));
+        let idv = _mm256_set1_ps(id);
+        // cvtps2dq rounds half to even, matching `quantize_block_scalar`
+        let qi = |v: __m256| _mm256_cvtps_epi32(_mm256_mul_ps(v, idv));
+        let q = [qi(v[0]), qi(v[1]), qi(v[2]), qi(v[3])];
+        let p01 = _mm256_packs_epi32(q[0], q[1]);
+        let p23 = _mm256_packs_epi32(q[2], q[3]);
+        let packed = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(p01, p23), perm);
+        _mm256_storeu_si256(qb.as_mut_ptr() as *mut __m256i, packed);
+        // the integer sum is exact, so `d * isum` is bit-identical to the scalar quantiser
+        let s = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+        let s = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+        let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
+        let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
+        *dsb = [d, d * _mm_cvtsi128_si32(s) as f32];
+    }
+}
+
+macro_rules! entry_points {
+    ($feat:literal, $vnni:literal, $gemv:ident, $gemm:ident, $quant:ident) => {
+        #[target_feature(enable = $feat)]
+        pub(crate) unsafe fn $gemv(
+            fmt: Fmt,
+            w: *const u8,
+            n: usize,
+            nb: usize,
+            aq: *const i8,
+            ads: *const [f32; 2],
+            out: *mut f32,
+        ) {
+            match fmt {
+                Fmt::Q4_0 => gemv_impl::<F_Q4_0, $vnni>(w, n, nb, aq, ads, out),
+                Fmt::Q4_1 => gemv_impl::<F_Q4_1, $vnni>(w, n, nb, aq, ads, out),
+                Fmt::Q8_0 => gemv_impl::<F_Q8_0, $vnni>(w, n, nb, aq, ads, out),
+            }
+        }
+
+        #[target_feature(enable = $feat)]
+        pub(crate) unsafe fn $gemm(
+            fmt: Fmt,
+            w: *const u8,
+            n_w: usize,
+            act: &QAct,
+            out: *mut f32,
+            ldo: usize,
+        ) {
+            // 16 ymm registers without AVX-512: a 2x4 tile still fits; with AVX-512VL, 4x4.
+            if $vnni {
+                match fmt {
+                    Fmt::Q4_0 => gemm_impl::<F_Q4_0, 4, 4, $vnni>(w, n_w, act, out, ldo),
+                    Fmt::Q4_1 => gemm_impl::<F_Q4_1, 4, 4, $vnni>(w, n_w, act, out, ldo),
+                    Fmt::Q8_0 => gemm_impl::<F_Q8_0, 4, 4, $vnni>(w, n_w, act, out, ldo),
+                }
+            } else {
+                match fmt {
+                    Fmt::Q4_0 => gemm_impl::<F_Q4_0, 2, 4, $vnni>(w, n_w, act, out, ldo),
+                    Fmt::Q4_1 => gemm_impl::<F_Q4_1, 2, 4, $vnni>(w, n_w, act, out, ldo),
+                    Fmt::Q8_0 => gemm_impl::<F_Q8_0, 2, 4, $vnni>(w, n_w, act, out, ldo),
+                }
+            }
+        }
+
+        #[target_feature(enable = $feat)]
+        pub(crate) unsafe fn $quant(x: &[f32], q: &mut [i8], ds: &mut [[f32; 2]]) {
+            quantize_impl(x, q, ds)
+        }
+    };
+}
+
+entry_points!("avx2,fma,f16c", false, gemv_avx2, gemm_avx2, quantize_avx2);
+entry_points!(
+    "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni",
+    true,
+    gemv_avx512,
+    gemm_avx512,
+    quantize_avx512
+);
+
+pub(crate) fn has_avx2() -> bool {
+    is_x86_feature_detected!("avx2")
+        && is_x86_feature_detected!("fma")
+        && is_x86_feature_detected!("f16c")
+}
+
+pub(crate) fn has_avx512() -> bool {
+    has_avx2()
+        && is_x86_feature_detected!("avx512f")
+        && is_x86_feature_detected!("avx512bw")
+        && is_x86_feature_detected!("avx512vl")
+        && is_x86_feature_detected!("avx512vnni")
+}
