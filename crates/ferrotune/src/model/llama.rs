@@ -65,8 +65,8 @@ pub struct Llama {
     pub norm: RmsNorm,
     /// None when tied to the embeddings.
     pub lm_head: Linear,
-    cos: Tensor,
-    sin: Tensor,
+    pub cos: Tensor,
+    pub sin: Tensor,
     device: Device,
 }
 
@@ -218,7 +218,7 @@ impl Llama {
 }
 
 impl DecoderLayer {
-    fn forward(
+    pub fn forward(
         &self,
         x: &Tensor,
         cos: &Tensor,
