@@ -5,7 +5,7 @@ use super::config::{rope_inv_freq, LlamaConfig};
 use super::weights::WeightSource;
 use crate::nn::{Embedding, Linear, RmsNorm};
 use crate::ops;
-use candle_core::{DType, Device, Result, Tensor};
+use candle_core::{DType, Device, Result, Tensor, Var};
 
 pub struct Attention {
     pub q_proj: Linear,
@@ -146,6 +146,53 @@ impl Llama {
 
     pub fn new_cache(&self) -> KvCache {
         KvCache::new(self.layers.len())
+    }
+
+    /// Make every weight trainable (full fine-tuning) and return the parameters by HF name.
+    /// Quantized weights cannot be trained in place: load with `dequantize` first.
+    pub fn make_all_trainable(&mut self) -> crate::Result<Vec<(String, Var)>> {
+        use crate::nn::{EmbeddingWeight, LinearWeight};
+        let mut params = Vec::new();
+        let emb = match self.embed_tokens.weight() {
+            EmbeddingWeight::Frozen(t) => Var::from_tensor(&t.to_dtype(DType::F32)?)?,
+            EmbeddingWeight::Trainable(v) => v.clone(),
+            EmbeddingWeight::Quantized(_) => {
+                return Err(crate::Error::msg(
+                    "full fine-tuning needs dense weights: load the model with --dequantize",
+                ))
+            }
+        };
+        self.embed_tokens.set_weight(EmbeddingWeight::Trainable(emb.clone()));
+        params.push(("model.embed_tokens.weight".to_string(), emb.clone()));
+        let tied = self.cfg.tie_word_embeddings;
+        for lin in self.linears_mut() {
+            let v = match lin.weight() {
+                // The tied head shares the embedding parameter.
+                _ if tied && lin.name() == "lm_head" => {
+                    lin.set_weight(LinearWeight::Trainable(emb.clone()));
+                    continue;
+                }
+                LinearWeight::Frozen(t) => Var::from_tensor(&t.to_dtype(DType::F32)?)?,
+                LinearWeight::Trainable(v) => v.clone(),
+                LinearWeight::Quantized(_) => {
+                    return Err(crate::Error::msg(format!(
+                        "{}: full fine-tuning needs dense weights: load the model with --dequantize",
+                        lin.name()
+                    )))
+                }
+            };
+            lin.set_weight(LinearWeight::Trainable(v.clone()));
+            params.push((format!("{}.weight", lin.name()), v));
+        }
+        for (i, l) in self.layers.iter_mut().enumerate() {
+            params.push((format!("model.layers.{i}.input_layernorm.weight"), l.input_layernorm.make_trainable()?));
+            params.push((
+                format!("model.layers.{i}.post_attention_layernorm.weight"),
+                l.post_attention_layernorm.make_trainable()?,
+            ));
+        }
+        params.push(("model.norm.weight".to_string(), self.norm.make_trainable()?));
+        Ok(params)
     }
 
     /// All linear layers with their module names, for PEFT methods to wrap.

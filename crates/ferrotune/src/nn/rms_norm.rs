@@ -16,6 +16,13 @@ impl RmsNorm {
     pub fn weight(&self) -> &Tensor {
         &self.weight
     }
+    /// Make the scale trainable; returns the new parameter.
+    pub fn make_trainable(&mut self) -> Result<candle_core::Var> {
+        let v = candle_core::Var::from_tensor(&self.weight)?;
+        // A Var's tensor is tracked by autograd; the layer keeps using it as a plain tensor.
+        self.weight = v.as_tensor().clone();
+        Ok(v)
+    }
     pub fn eps(&self) -> f64 {
         self.eps
     }
