@@ -42,7 +42,11 @@ pub fn causal_attention(
     q_offset: usize,
 ) -> Result<Tensor> {
     let dims = Dims::new(q, k, v, q_offset)?;
-    if kernels::cpu_kernel_dtype(&[q, k, v]).is_none() {
+    // Empty tensors (e.g. a zero-sized head dim) take the composed path; the kernels assume
+    // non-empty rows.
+    if kernels::cpu_kernel_dtype(&[q, k, v]).is_none()
+        || [q, k, v].iter().any(|t| t.elem_count() == 0)
+    {
         return causal_attention_reference(q, k, v, scale, q_offset);
     }
     // The kernels read rows through strides; only the head dim must be contiguous.
@@ -411,10 +415,11 @@ fn forward_decode<T: Float>(c: &Ctx<'_, T>) -> (Vec<T>, Vec<T>) {
                 let p = &parts[ch * part_len + r * (d + 2)..ch * part_len + (r + 1) * (d + 2)];
                 (p[d], p[d + 1])
             };
-            // Chunk 0 always holds key 0, which every row sees, so m is finite.
+            // A chunk with no visible key has sum 0 and only a placeholder max: skip it. Chunk 0
+            // holds key 0, which every row sees, so m ends up finite.
             let m = (1..n_chunks).fold(stat(0).0, |m, ch| {
-                let mc = stat(ch).0;
-                if mc > m {
+                let (mc, lc) = stat(ch);
+                if lc != T::ZERO && mc > m {
                     mc
                 } else {
                     m
@@ -425,7 +430,7 @@ fn forward_decode<T: Float>(c: &Ctx<'_, T>) -> (Vec<T>, Vec<T>) {
             for ch in 0..n_chunks {
                 let (mc, lc) = stat(ch);
                 if lc == T::ZERO {
-                    continue; // no visible key in this chunk (its max is a placeholder)
+                    continue;
                 }
                 let w = (mc - m).exp();
                 l += w * lc;
@@ -844,6 +849,22 @@ mod tests {
         )
     }
 
+    /// All scores far below zero, with a key chunk that some rows cannot see: the chunk merge
+    /// must not let an invisible chunk's placeholder take part in the running max.
+    #[test]
+    fn decode_merge_with_very_negative_scores() -> Result<()> {
+        let (hq, hkv, t, off, d) = (4, 2, 2, 255, 8);
+        let q = (rand_tensor(&[1, hq, t, d], DType::F32, 21)?.abs()? + 0.5)?.neg()?;
+        let k = (rand_tensor(&[1, hkv, off + t, d], DType::F32, 22)?.abs()? + 0.5)?;
+        let v = rand_tensor(&[1, hkv, off + t, d], DType::F32, 23)?;
+        assert_close(
+            &causal_attention(&q, &k, &v, 20.0, off)?,
+            &causal_attention_reference(&q, &k, &v, 20.0, off)?,
+            1e-5,
+            "negative scores",
+        )
+    }
+
     #[test]
     fn strided_inputs_match_reference() -> Result<()> {
         // q as it comes from a projection: (b, t, h, d) transposed; k/v narrowed from a
@@ -1011,7 +1032,7 @@ mod tests {
             })?;
             counts.push(n);
         }
-        // Output buffer, tensor bookkeeping and one score buffer per rayon split (≤ 9 heads).
+        // Output, lse, partials, scores and tensor bookkeeping: 10 here, for either length.
         assert!(
             counts.iter().all(|&n| n <= 32),
             "allocations per decode step: {counts:?}"

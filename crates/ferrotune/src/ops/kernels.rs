@@ -211,13 +211,12 @@ macro_rules! multiversion {
 }
 pub(crate) use multiversion;
 
-/// Lanes of the explicit accumulators: the compiler will not reassociate a float sum, so
-/// reductions keep 32 independent partial sums (4 AVX2 registers of f32) and add them up as a tree.
+/// Lanes of the explicit accumulators in the portable reductions: the compiler will not
+/// reassociate a float sum, so they keep 32 independent partial sums and add them up at the end
+/// (this gets partly vectorised; the hot f32 reductions use [`x86`] instead).
 const LANES: usize = 32;
 
-/// Sums the lanes. The order matters for code generation, not just rounding: adding whole
-/// 8-lane groups first lets LLVM keep `acc` as four 8-wide vectors (a halving tree from 32
-/// lanes made it pair lanes i and i+16 and fall back to 2-wide vectors).
+/// Sums the lanes: 8-lane groups first, then a small tree.
 #[inline(always)]
 fn reduce_lanes<T: Float>(acc: [T; LANES]) -> T {
     let mut s = [T::ZERO; 8];

@@ -10,7 +10,11 @@ use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Ten
 /// `weight` (the latter only when it is tracked, e.g. a trainable `Var`).
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     check_shapes(x, weight)?;
-    if kernels::cpu_kernel_dtype(&[x, weight]).is_none() {
+    // Empty tensors (e.g. a zero-sized head dim) take the composed path; the kernels assume
+    // non-empty rows.
+    if kernels::cpu_kernel_dtype(&[x, weight]).is_none()
+        || [x, weight].iter().any(|t| t.elem_count() == 0)
+    {
         return rms_norm_reference(x, weight, eps);
     }
     let x = x.contiguous()?;
@@ -244,6 +248,14 @@ mod tests {
                 )?;
             }
         }
+        Ok(())
+    }
+
+    #[test]
+    fn empty_input_gives_empty_output() -> Result<()> {
+        let x = Tensor::zeros((0, 4), DType::F32, &candle_core::Device::Cpu)?;
+        let w = rand_tensor(&[4], DType::F32, 1)?;
+        assert_eq!(rms_norm(&x, &w, 1e-5)?.dims(), &[0, 4]);
         Ok(())
     }
 

@@ -13,7 +13,11 @@ use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Ten
 /// Gradient reaches `x` only (cos/sin are position tables).
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     check_shapes(x, cos, sin)?;
-    if kernels::cpu_kernel_dtype(&[x, cos, sin]).is_none() {
+    // Empty tensors (e.g. a zero-sized head dim) take the composed path; the kernels assume
+    // non-empty rows.
+    if kernels::cpu_kernel_dtype(&[x, cos, sin]).is_none()
+        || [x, cos, sin].iter().any(|t| t.elem_count() == 0)
+    {
         return rope_reference(x, cos, sin);
     }
     let x = if x.stride()[3] == 1 {
@@ -84,11 +88,15 @@ impl Geom {
         })
     }
 
-    #[inline(always)]
-    fn row_offset(&self, row: usize) -> usize {
+    /// (b, h, t) of a row index in (b, h, t) order.
+    fn row_index(&self, row: usize) -> [usize; 3] {
         let t = row % self.dims[2];
         let bh = row / self.dims[2];
-        let (h, b) = (bh % self.dims[1], bh / self.dims[1]);
+        [bh / self.dims[1], bh % self.dims[1], t]
+    }
+
+    #[inline(always)]
+    fn offset(&self, [b, h, t]: [usize; 3]) -> usize {
         self.start + b * self.strides[0] + h * self.strides[1] + t * self.strides[2]
     }
 }
@@ -106,10 +114,20 @@ fn rows_body<T: Float>(
 ) {
     let d = geom.d;
     let half = d / 2;
-    for (k, or) in out.chunks_exact_mut(d).enumerate() {
-        let row = first_row + k;
-        let off = geom.row_offset(row);
-        let ti = row % geom.dims[2];
+    // Walk (b, h, t) with counters: a division per row would cost as much as rotating it.
+    let mut idx = geom.row_index(first_row);
+    for or in out.chunks_exact_mut(d) {
+        let off = geom.offset(idx);
+        let ti = idx[2];
+        idx[2] += 1;
+        if idx[2] == geom.dims[2] {
+            idx[2] = 0;
+            idx[1] += 1;
+            if idx[1] == geom.dims[1] {
+                idx[1] = 0;
+                idx[0] += 1;
+            }
+        }
         let (x1, x2) = x[off..off + d].split_at(half);
         let c = &cos[ti * half..(ti + 1) * half];
         let s = &sin[ti * half..(ti + 1) * half];
@@ -248,6 +266,8 @@ mod tests {
         (2, 3, 5, 8, 0),
         (1, 9, 1, 64, 517),
         (2, 2, 7, 6, 3),
+        // Enough rows for several parallel tasks, whose first rows fall mid-sequence.
+        (4, 9, 70, 64, 3),
     ];
 
     #[test]

@@ -51,6 +51,21 @@ multiversion!(fn fwd_chunk<T>(gate: &[T], up: &[T], out: &mut [T]) = fwd_body;);
 /// d gate = dy·up·σ(g)·(1 + g·(1 − σ(g))), d up = dy·g·σ(g). Either output may be empty (not needed).
 #[inline(always)]
 fn bwd_body<T: Float>(gate: &[T], up: &[T], dy: &[T], dgate: &mut [T], dup: &mut [T]) {
+    if !dgate.is_empty() && !dup.is_empty() {
+        // The usual case: one sigmoid per element for both gradients.
+        for ((((og, ou), g), u), d) in dgate
+            .iter_mut()
+            .zip(dup.iter_mut())
+            .zip(gate)
+            .zip(up)
+            .zip(dy)
+        {
+            let s = sigmoid(*g);
+            *og = *d * *u * s * (T::ONE + *g * (T::ONE - s));
+            *ou = *d * *g * s;
+        }
+        return;
+    }
     if !dgate.is_empty() {
         for (((o, g), u), d) in dgate.iter_mut().zip(gate).zip(up).zip(dy) {
             let s = sigmoid(*g);
