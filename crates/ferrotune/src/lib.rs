@@ -8,6 +8,7 @@
 //! - [`tokenizer`]: tokenizers from `tokenizer.json` or GGUF metadata, chat templates.
 //! - [`generate`], [`icl`], [`perplexity`], [`inspect`]: what users run.
 pub mod error;
+pub mod eval;
 pub mod generate;
 pub mod icl;
 pub mod inspect;

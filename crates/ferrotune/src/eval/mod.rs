@@ -1,0 +1,2 @@
+//! Evaluation of generated text against references.
+pub mod metrics;
