@@ -162,7 +162,8 @@ impl Llama {
                 ))
             }
         };
-        self.embed_tokens.set_weight(EmbeddingWeight::Trainable(emb.clone()));
+        self.embed_tokens
+            .set_weight(EmbeddingWeight::Trainable(emb.clone()));
         params.push(("model.embed_tokens.weight".to_string(), emb.clone()));
         let tied = self.cfg.tie_word_embeddings;
         for lin in self.linears_mut() {
@@ -174,18 +175,19 @@ impl Llama {
                 }
                 LinearWeight::Frozen(t) => Var::from_tensor(&t.to_dtype(DType::F32)?)?,
                 LinearWeight::Trainable(v) => v.clone(),
-                LinearWeight::Quantized(_) => {
-                    return Err(crate::Error::msg(format!(
-                        "{}: full fine-tuning needs dense weights: load the model with --dequantize",
-                        lin.name()
-                    )))
-                }
+                LinearWeight::Quantized(_) => return Err(crate::Error::msg(format!(
+                    "{}: full fine-tuning needs dense weights: load the model with --dequantize",
+                    lin.name()
+                ))),
             };
             lin.set_weight(LinearWeight::Trainable(v.clone()));
             params.push((format!("{}.weight", lin.name()), v));
         }
         for (i, l) in self.layers.iter_mut().enumerate() {
-            params.push((format!("model.layers.{i}.input_layernorm.weight"), l.input_layernorm.make_trainable()?));
+            params.push((
+                format!("model.layers.{i}.input_layernorm.weight"),
+                l.input_layernorm.make_trainable()?,
+            ));
             params.push((
                 format!("model.layers.{i}.post_attention_layernorm.weight"),
                 l.post_attention_layernorm.make_trainable()?,
