@@ -30,6 +30,17 @@ enum Command {
     Perplexity(PerplexityArgs),
     /// Write a model as a Hugging Face folder (safetensors; quantized weights are dequantized).
     Convert(ConvertArgs),
+    /// Score predictions made elsewhere: ROUGE-1/2/L/Lsum (rouge-score), BLEU (sacrebleu), exact match.
+    Score(ScoreArgs),
+}
+
+#[derive(Args)]
+struct ScoreArgs {
+    /// JSONL rows {"prediction", "reference"} or {"prediction", "references": [...]}.
+    #[arg(long)]
+    predictions: PathBuf,
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args, Clone)]
@@ -388,6 +399,24 @@ fn run_convert(a: ConvertArgs) -> Result<()> {
     Ok(())
 }
 
+fn run_score(a: ScoreArgs) -> Result<()> {
+    use ferrotune::eval::metrics::{read_predictions, score_rows};
+    let rows = read_predictions(&a.predictions)?;
+    let s = score_rows(&rows);
+    if a.json {
+        println!("{}", serde_json::to_string(&s)?);
+    } else {
+        println!("n          {}", s.n);
+        println!("rouge1     {:.4}", s.rouge1);
+        println!("rouge2     {:.4}", s.rouge2);
+        println!("rougeL     {:.4}", s.rouge_l);
+        println!("rougeLsum  {:.4}", s.rouge_lsum);
+        println!("bleu       {:.2}", s.bleu);
+        println!("exact      {:.4}", s.exact_match);
+    }
+    Ok(())
+}
+
 fn main() {
     // A bug must still end in one line, not a backtrace.
     std::panic::set_hook(Box::new(|info| {
@@ -412,6 +441,7 @@ fn main() {
         Command::Inspect(a) => run_inspect(a),
         Command::Perplexity(a) => run_perplexity(a),
         Command::Convert(a) => run_convert(a),
+        Command::Score(a) => run_score(a),
     };
     if let Err(e) = res {
         let chain: Vec<String> = e
