@@ -46,6 +46,16 @@ impl BatchConfig {
     }
 }
 
+impl BatchConfig {
+    /// The same settings with packing on.
+    pub fn with_packing(self) -> Self {
+        BatchConfig {
+            packing: true,
+            ..self
+        }
+    }
+}
+
 /// Where a run is in its data: the next batch is batch `index` of epoch `epoch`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct DataCursor {
@@ -139,20 +149,37 @@ impl Batcher {
         };
         let len = |i: usize| self.examples[i].len();
         let rows: Vec<Vec<usize>> = if self.cfg.packing {
-            // Greedy in (shuffled) order: an example that does not fit starts the next row.
-            let mut rows = Vec::new();
-            let mut row = Vec::new();
-            let mut used = 0;
-            for i in order {
-                if used + len(i) > self.cfg.max_seq_len && !row.is_empty() {
-                    rows.push(std::mem::take(&mut row));
-                    used = 0;
+            // Best-fit decreasing: longest first, each into the fullest row it still fits in
+            // (a new row if none). Rows come out nearly full, unlike filling rows in shuffled
+            // order (77% full on DialogSum at 512 tokens). Row composition is then driven by
+            // lengths (ties broken by the shuffled order), so the rows themselves are shuffled.
+            let mut by_len = order;
+            by_len.sort_by_key(|&i| std::cmp::Reverse(len(i)));
+            let mut rows: Vec<Vec<usize>> = Vec::new();
+            // (room left, row index) of every row.
+            let mut room = std::collections::BTreeSet::new();
+            for i in by_len {
+                let l = len(i);
+                match room.range((l, 0)..).next().copied() {
+                    Some((left, r)) => {
+                        room.remove(&(left, r));
+                        room.insert((left - l, r));
+                        rows[r].push(i);
+                    }
+                    None => {
+                        room.insert((self.cfg.max_seq_len - l, rows.len()));
+                        rows.push(vec![i]);
+                    }
                 }
-                used += len(i);
-                row.push(i);
             }
-            rows.push(row);
-            rows
+            if self.cfg.shuffle {
+                let p = permutation(rows.len(), &mut rng);
+                p.into_iter()
+                    .map(|r| std::mem::take(&mut rows[r]))
+                    .collect()
+            } else {
+                rows
+            }
         } else {
             let window = self.cfg.batch_size * self.cfg.group_window;
             order
@@ -357,22 +384,27 @@ mod tests {
         cfg.packing = true;
         cfg.shuffle = false;
         let mut b = Batcher::new(exs.clone(), cfg, Device::Cpu).unwrap();
-        // In order: [3, 4] (7 tokens), then 2 + 6 = 8 fits exactly.
-        assert_eq!(b.plan_for(0), vec![vec![vec![0, 1], vec![2, 3]]]);
+        // Best fit decreasing into rows of 8: 6 opens row 0 (room 2), 4 opens row 1 (room 4),
+        // 3 goes to row 1 (room 1), 2 fills row 0.
+        assert_eq!(b.plan_for(0), vec![vec![vec![3, 2], vec![1, 0]]]);
         let batch = b.next_batch().unwrap();
         assert_eq!(
             rows2(&batch.position_ids),
-            vec![vec![0, 1, 2, 0, 1, 2, 3, 0], vec![0, 1, 0, 1, 2, 3, 4, 5]]
+            vec![vec![0, 1, 2, 3, 4, 5, 0, 1], vec![0, 1, 2, 3, 0, 1, 2, 0]]
         );
         assert_eq!(
             rows2(batch.segment_ids.as_ref().unwrap()),
-            vec![vec![1, 1, 1, 2, 2, 2, 2, 0], vec![1, 1, 2, 2, 2, 2, 2, 2]]
+            vec![vec![1, 1, 1, 1, 1, 1, 2, 2], vec![1, 1, 1, 1, 2, 2, 2, 0]]
+        );
+        assert_eq!(
+            rows2(&batch.input_ids)[1],
+            vec![2000, 2001, 2002, 2003, 1000, 1001, 1002, 0]
         );
         let labels = rows2(&batch.labels);
         // Each example's first label is ignored, including at a segment start mid-row.
         assert_eq!(
-            labels[0],
-            vec![IGNORE, 1001, 1002, IGNORE, IGNORE, 2002, 2003, IGNORE]
+            labels[1],
+            vec![IGNORE, IGNORE, 2002, 2003, IGNORE, 1001, 1002, IGNORE]
         );
         let trained: usize = exs.iter().map(|e| e.n_trained()).sum();
         assert_eq!(batch.n_loss_tokens, trained);

@@ -107,8 +107,13 @@ pub fn read_rows(path: &Path, format: Option<Format>) -> Result<Rows> {
     })
 }
 
+/// A text file, without the UTF-8 byte order mark some editors write (JSON parsers reject it).
 fn read_text(path: &Path) -> Result<String> {
-    std::fs::read_to_string(path).map_err(|e| Error::file(path, e))
+    let text = std::fs::read_to_string(path).map_err(|e| Error::file(path, e))?;
+    Ok(match text.strip_prefix('\u{feff}') {
+        Some(rest) => rest.to_string(),
+        None => text,
+    })
 }
 
 /// The JSON type of a value, for "expected X, found Y" messages.
@@ -306,9 +311,11 @@ fn arrow_value(arr: &dyn arrow_array::Array, i: usize) -> std::result::Result<Va
             let key = d.normalized_keys()[i];
             arrow_value(d.values().as_ref(), key)?
         }
-        other => return Err(format!(
+        other => {
+            return Err(format!(
             "type {other} is not supported (string, number, boolean, list and struct columns are)"
-        )),
+        ))
+        }
     })
 }
 
@@ -335,7 +342,10 @@ mod tests {
     #[test]
     fn jsonl_rows_keep_their_line_numbers() {
         let d = TempDir::new("read-jsonl");
-        let p = d.write("a.jsonl", "{\"x\": 1}\n\n{\"x\": \"two\", \"y\": [1]}\n");
+        let p = d.write(
+            "a.jsonl",
+            "\u{feff}{\"x\": 1}\r\n\n{\"x\": \"two\", \"y\": [1]}\n",
+        );
         let rows = read_rows(&p, None).unwrap();
         assert_eq!(
             fields(&rows),

@@ -185,9 +185,11 @@ pub fn parse_messages(row: &Row, field: &str, src: &Source) -> Result<Vec<ChatMe
     let bad = |path: String, what: String| Error::msg(format!("{src}: field `{path}`: {what}"));
     let items = match row.fields.get(field) {
         Some(Value::Array(items)) => items,
-        None => return Err(Error::msg(format!(
+        None => {
+            return Err(Error::msg(format!(
             "{src}: no field `{field}` (a chat dataset needs a list of {{role, content}} messages)"
-        ))),
+        )))
+        }
         Some(other) => {
             return Err(bad(
                 field.to_string(),
