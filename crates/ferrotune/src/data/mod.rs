@@ -41,7 +41,7 @@ pub use preview::{preview, preview_with, PreviewStyle};
 pub use read::{read_rows, Loc, Row, Rows};
 pub use split::{mix, split_rows};
 pub use template::{PromptTemplate, TemplateSet};
-pub use tokenize::{encode_chat, encode_pair, Encoder, Example};
+pub use tokenize::{encode_chat, encode_pair, parse_messages, Encoder, Example};
 
 /// The label of a token that is not trained on (PyTorch's `ignore_index`).
 pub const IGNORE: i64 = -100;
