@@ -7,6 +7,7 @@
 //! - [`model`]: model code (LLaMA family) and loading from HF folders, GGUF files and the hub.
 //! - [`tokenizer`]: tokenizers from `tokenizer.json` or GGUF metadata, chat templates.
 //! - [`generate`], [`icl`], [`perplexity`], [`inspect`]: what users run.
+pub mod data;
 pub mod error;
 pub mod eval;
 pub mod generate;

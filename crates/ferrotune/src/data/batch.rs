@@ -1,0 +1,498 @@
+//! Batches as tensors: length-grouped with right padding, or packed rows; a resumable cursor.
+//!
+//! Each epoch has a plan (which examples go in which row of which batch) that is a pure function
+//! of the examples, the config and the epoch number, so a [`DataCursor`] `(epoch, index)` saved
+//! with a checkpoint is enough to continue a run with exactly the batches it would have seen.
+use candle_core::{Device, Tensor};
+use rand::SeedableRng;
+use serde::{Deserialize, Serialize};
+
+use super::split::permutation;
+use super::template::splitmix64;
+use super::{Example, Source, IGNORE};
+use crate::{Error, Result};
+
+/// How examples are grouped into batches.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BatchConfig {
+    /// Rows per batch.
+    pub batch_size: usize,
+    /// Longest row (packing fills rows up to it; examples are already at most this long).
+    pub max_seq_len: usize,
+    /// Concatenate examples into rows of up to `max_seq_len` tokens.
+    pub packing: bool,
+    /// Shuffle each epoch (seeded); `false` keeps the given order (evaluation).
+    pub shuffle: bool,
+    pub seed: u64,
+    /// Without packing: examples are sorted by length within windows of
+    /// `group_window * batch_size` consecutive (shuffled) examples, so a batch holds examples of
+    /// similar length (little padding) while the order stays random at a larger scale.
+    pub group_window: usize,
+    /// Id written into padding positions (the tokenizer's pad id, else its eos id).
+    pub pad_id: u32,
+}
+
+impl BatchConfig {
+    pub fn new(batch_size: usize, max_seq_len: usize, pad_id: u32) -> Self {
+        BatchConfig {
+            batch_size,
+            max_seq_len,
+            packing: false,
+            shuffle: true,
+            seed: 0,
+            group_window: 50,
+            pad_id,
+        }
+    }
+}
+
+impl BatchConfig {
+    /// The same settings with packing on.
+    pub fn with_packing(self) -> Self {
+        BatchConfig {
+            packing: true,
+            ..self
+        }
+    }
+}
+
+/// Where a run is in its data: the next batch is batch `index` of epoch `epoch`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct DataCursor {
+    pub epoch: usize,
+    pub index: usize,
+}
+
+/// One batch, all tensors `(b, t)`, right padded.
+///
+/// `labels` are aligned with `input_ids` (the loss compares the logits at `i - 1` with
+/// `labels[i]`). The first label of every example is [`IGNORE`]: nothing in the example predicts
+/// it, and in a packed row the position before it belongs to another example. So
+/// `n_loss_tokens` is exactly the number of tokens the loss sums over.
+#[derive(Debug)]
+pub struct Batch {
+    pub input_ids: Tensor,
+    /// `i64`, [`IGNORE`] on untrained and padding positions.
+    pub labels: Tensor,
+    /// `u8`, 1 on tokens, 0 on padding.
+    pub attention_mask: Tensor,
+    /// `u32`, 0, 1, 2... restarting at the start of each example (so packed examples each see
+    /// positions from 0).
+    pub position_ids: Tensor,
+    /// With packing: `u32`, 1, 2, ... the index of the example within its row, 0 on padding;
+    /// attention must stay within a segment.
+    pub segment_ids: Option<Tensor>,
+    pub n_loss_tokens: usize,
+    /// Non-padding tokens.
+    pub n_tokens: usize,
+    /// The examples in the batch, row by row.
+    pub sources: Vec<Source>,
+}
+
+/// A batch plan: batches of rows of example indices.
+pub type Plan = Vec<Vec<Vec<usize>>>;
+
+/// Serves batches of a list of examples, epoch after epoch.
+pub struct Batcher {
+    examples: Vec<Example>,
+    cfg: BatchConfig,
+    device: Device,
+    cursor: DataCursor,
+    /// The plan of `cursor.epoch`.
+    plan: Plan,
+}
+
+impl Batcher {
+    pub fn new(examples: Vec<Example>, cfg: BatchConfig, device: Device) -> Result<Self> {
+        if examples.is_empty() {
+            return Err(Error::msg("no training examples to batch"));
+        }
+        if cfg.batch_size == 0 || cfg.group_window == 0 {
+            return Err(Error::msg("batch size and group window must be at least 1"));
+        }
+        if let Some(ex) = examples.iter().find(|e| e.len() > cfg.max_seq_len) {
+            return Err(Error::msg(format!(
+                "{}: example is {} tokens, more than max_seq_len {} (apply a length policy first)",
+                ex.source,
+                ex.len(),
+                cfg.max_seq_len
+            )));
+        }
+        let mut b = Batcher {
+            examples,
+            cfg,
+            device,
+            cursor: DataCursor::default(),
+            plan: Vec::new(),
+        };
+        b.plan = b.plan_for(0);
+        Ok(b)
+    }
+
+    pub fn examples(&self) -> &[Example] {
+        &self.examples
+    }
+
+    pub fn config(&self) -> &BatchConfig {
+        &self.cfg
+    }
+
+    /// The batches of one epoch.
+    pub fn plan_for(&self, epoch: usize) -> Plan {
+        let n = self.examples.len();
+        let mut rng =
+            rand::rngs::StdRng::seed_from_u64(splitmix64(self.cfg.seed ^ splitmix64(epoch as u64)));
+        let order = if self.cfg.shuffle {
+            permutation(n, &mut rng)
+        } else {
+            (0..n).collect()
+        };
+        let len = |i: usize| self.examples[i].len();
+        let rows: Vec<Vec<usize>> = if self.cfg.packing {
+            // Best-fit decreasing: longest first, each into the fullest row it still fits in
+            // (a new row if none). Rows come out nearly full, unlike filling rows in shuffled
+            // order (77% full on DialogSum at 512 tokens). Row composition is then driven by
+            // lengths (ties broken by the shuffled order), so the rows themselves are shuffled.
+            let mut by_len = order;
+            by_len.sort_by_key(|&i| std::cmp::Reverse(len(i)));
+            let mut rows: Vec<Vec<usize>> = Vec::new();
+            // (room left, row index) of every row.
+            let mut room = std::collections::BTreeSet::new();
+            for i in by_len {
+                let l = len(i);
+                match room.range((l, 0)..).next().copied() {
+                    Some((left, r)) => {
+                        room.remove(&(left, r));
+                        room.insert((left - l, r));
+                        rows[r].push(i);
+                    }
+                    None => {
+                        room.insert((self.cfg.max_seq_len - l, rows.len()));
+                        rows.push(vec![i]);
+                    }
+                }
+            }
+            if self.cfg.shuffle {
+                let p = permutation(rows.len(), &mut rng);
+                p.into_iter()
+                    .map(|r| std::mem::take(&mut rows[r]))
+                    .collect()
+            } else {
+                rows
+            }
+        } else {
+            let window = self.cfg.batch_size * self.cfg.group_window;
+            order
+                .chunks(window)
+                .flat_map(|w| {
+                    let mut w = w.to_vec();
+                    w.sort_by_key(|&i| std::cmp::Reverse(len(i)));
+                    w.into_iter().map(|i| vec![i])
+                })
+                .collect()
+        };
+        let mut batches: Plan = rows
+            .chunks(self.cfg.batch_size)
+            .map(|c| c.to_vec())
+            .collect();
+        if self.cfg.shuffle && !self.cfg.packing {
+            let p = permutation(batches.len(), &mut rng);
+            let mut shuffled: Plan = p.into_iter().map(|i| batches[i].clone()).collect();
+            // The longest batch goes first, so running out of memory shows at the first step.
+            let row_len = |r: &Vec<usize>| r.iter().map(|&i| len(i)).sum::<usize>();
+            let longest = (0..shuffled.len())
+                .max_by_key(|&b| {
+                    (
+                        shuffled[b].iter().map(row_len).max().unwrap_or(0),
+                        std::cmp::Reverse(b),
+                    )
+                })
+                .unwrap_or(0);
+            shuffled.swap(0, longest);
+            batches = shuffled;
+        }
+        batches
+    }
+
+    pub fn batches_per_epoch(&self) -> usize {
+        self.plan.len()
+    }
+
+    pub fn cursor(&self) -> DataCursor {
+        self.cursor
+    }
+
+    /// Continue from a saved cursor.
+    pub fn seek(&mut self, cursor: DataCursor) -> Result<()> {
+        if cursor.epoch != self.cursor.epoch {
+            self.plan = self.plan_for(cursor.epoch);
+        }
+        if cursor.index > self.plan.len() {
+            return Err(Error::msg(format!(
+                "data cursor (epoch {}, batch {}) is past the {} batches of an epoch: the data or batch settings changed since it was saved",
+                cursor.epoch,
+                cursor.index,
+                self.plan.len()
+            )));
+        }
+        self.cursor = cursor;
+        Ok(())
+    }
+
+    /// The batch at the cursor; the cursor moves on (into the next epoch after the last batch).
+    pub fn next_batch(&mut self) -> Result<Batch> {
+        if self.cursor.index >= self.plan.len() {
+            self.cursor = DataCursor {
+                epoch: self.cursor.epoch + 1,
+                index: 0,
+            };
+            self.plan = self.plan_for(self.cursor.epoch);
+        }
+        let rows = self.plan[self.cursor.index].clone();
+        self.cursor.index += 1;
+        self.build(&rows)
+    }
+
+    /// Tensors for rows of example indices.
+    pub fn build(&self, rows: &[Vec<usize>]) -> Result<Batch> {
+        let b = rows.len();
+        let t = rows
+            .iter()
+            .map(|r| r.iter().map(|&i| self.examples[i].len()).sum::<usize>())
+            .max()
+            .unwrap_or(0);
+        let mut ids = vec![self.cfg.pad_id; b * t];
+        let mut labels = vec![IGNORE; b * t];
+        let mut mask = vec![0u8; b * t];
+        let mut pos = vec![0u32; b * t];
+        let mut seg = vec![0u32; b * t];
+        let mut sources = Vec::new();
+        let mut n_tokens = 0;
+        for (r, row) in rows.iter().enumerate() {
+            let mut at = r * t;
+            for (s, &i) in row.iter().enumerate() {
+                let ex = &self.examples[i];
+                sources.push(ex.source.clone());
+                for (k, (&id, &l)) in ex.input_ids.iter().zip(&ex.labels).enumerate() {
+                    ids[at] = id;
+                    labels[at] = if k == 0 { IGNORE } else { l };
+                    mask[at] = 1;
+                    pos[at] = k as u32;
+                    seg[at] = s as u32 + 1;
+                    at += 1;
+                }
+                n_tokens += ex.len();
+            }
+        }
+        let n_loss_tokens = labels.iter().filter(|&&l| l != IGNORE).count();
+        let dev = &self.device;
+        Ok(Batch {
+            input_ids: Tensor::from_vec(ids, (b, t), dev)?,
+            labels: Tensor::from_vec(labels, (b, t), dev)?,
+            attention_mask: Tensor::from_vec(mask, (b, t), dev)?,
+            position_ids: Tensor::from_vec(pos, (b, t), dev)?,
+            segment_ids: if self.cfg.packing {
+                Some(Tensor::from_vec(seg, (b, t), dev)?)
+            } else {
+                None
+            },
+            n_loss_tokens,
+            n_tokens,
+            sources,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::{Loc, Source};
+    use std::path::Path;
+    use std::sync::Arc;
+
+    /// Example `i` has length `lens[i]`, ids `1000 * (i + 1) + k`, the last half trained.
+    fn examples(lens: &[usize]) -> Vec<Example> {
+        lens.iter()
+            .enumerate()
+            .map(|(i, &n)| {
+                let ids: Vec<u32> = (0..n).map(|k| (1000 * (i + 1) + k) as u32).collect();
+                let labels = ids
+                    .iter()
+                    .enumerate()
+                    .map(|(k, &id)| if k >= n / 2 { id as i64 } else { IGNORE })
+                    .collect();
+                Example {
+                    input_ids: ids,
+                    labels,
+                    source: Source {
+                        file: Arc::from(Path::new("t.jsonl")),
+                        loc: Loc::Line(i + 1),
+                    },
+                }
+            })
+            .collect()
+    }
+
+    fn rows2(t: &Tensor) -> Vec<Vec<i64>> {
+        t.to_dtype(candle_core::DType::I64)
+            .unwrap()
+            .to_vec2()
+            .unwrap()
+    }
+
+    #[test]
+    fn padded_batch_tensors_and_counts() {
+        let exs = examples(&[3, 5]);
+        let mut cfg = BatchConfig::new(2, 8, 7);
+        cfg.shuffle = false;
+        let b = Batcher::new(exs, cfg, Device::Cpu).unwrap();
+        let batch = b.build(&[vec![0], vec![1]]).unwrap();
+        assert_eq!(batch.input_ids.dims(), &[2, 5]);
+        assert_eq!(
+            rows2(&batch.input_ids),
+            vec![
+                vec![1000, 1001, 1002, 7, 7],
+                vec![2000, 2001, 2002, 2003, 2004]
+            ]
+        );
+        assert_eq!(
+            rows2(&batch.labels),
+            vec![
+                vec![IGNORE, 1001, 1002, IGNORE, IGNORE],
+                vec![IGNORE, IGNORE, 2002, 2003, 2004]
+            ]
+        );
+        assert_eq!(
+            rows2(&batch.attention_mask),
+            vec![vec![1, 1, 1, 0, 0], vec![1; 5]]
+        );
+        assert_eq!(
+            rows2(&batch.position_ids),
+            vec![vec![0, 1, 2, 0, 0], vec![0, 1, 2, 3, 4]]
+        );
+        assert!(batch.segment_ids.is_none());
+        assert_eq!(batch.n_tokens, 8);
+        assert_eq!(batch.n_loss_tokens, 5);
+        assert_eq!(batch.labels.dtype(), candle_core::DType::I64);
+        assert_eq!(batch.input_ids.dtype(), candle_core::DType::U32);
+    }
+
+    #[test]
+    fn packing_resets_positions_and_numbers_segments() {
+        let exs = examples(&[3, 4, 2, 6]);
+        let mut cfg = BatchConfig::new(2, 8, 0);
+        cfg.packing = true;
+        cfg.shuffle = false;
+        let mut b = Batcher::new(exs.clone(), cfg, Device::Cpu).unwrap();
+        // Best fit decreasing into rows of 8: 6 opens row 0 (room 2), 4 opens row 1 (room 4),
+        // 3 goes to row 1 (room 1), 2 fills row 0.
+        assert_eq!(b.plan_for(0), vec![vec![vec![3, 2], vec![1, 0]]]);
+        let batch = b.next_batch().unwrap();
+        assert_eq!(
+            rows2(&batch.position_ids),
+            vec![vec![0, 1, 2, 3, 4, 5, 0, 1], vec![0, 1, 2, 3, 0, 1, 2, 0]]
+        );
+        assert_eq!(
+            rows2(batch.segment_ids.as_ref().unwrap()),
+            vec![vec![1, 1, 1, 1, 1, 1, 2, 2], vec![1, 1, 1, 1, 2, 2, 2, 0]]
+        );
+        assert_eq!(
+            rows2(&batch.input_ids)[1],
+            vec![2000, 2001, 2002, 2003, 1000, 1001, 1002, 0]
+        );
+        let labels = rows2(&batch.labels);
+        // Each example's first label is ignored, including at a segment start mid-row.
+        assert_eq!(
+            labels[1],
+            vec![IGNORE, IGNORE, 2002, 2003, IGNORE, 1001, 1002, IGNORE]
+        );
+        let trained: usize = exs.iter().map(|e| e.n_trained()).sum();
+        assert_eq!(batch.n_loss_tokens, trained);
+        assert_eq!(batch.n_tokens, 15);
+    }
+
+    #[test]
+    fn length_grouping_sorts_within_windows_and_shuffles_deterministically() {
+        let lens: Vec<usize> = (0..64).map(|i| 1 + (i * 37) % 31).collect();
+        let mut cfg = BatchConfig::new(4, 64, 0);
+        cfg.group_window = 4; // windows of 16 examples
+        cfg.seed = 3;
+        let b = Batcher::new(examples(&lens), cfg.clone(), Device::Cpu).unwrap();
+        let plan = b.plan_for(0);
+        assert_eq!(plan.len(), 16);
+        let mut seen: Vec<usize> = plan.iter().flatten().flatten().copied().collect();
+        seen.sort_unstable();
+        assert_eq!(seen, (0..64).collect::<Vec<_>>());
+        // Sorting within windows: the spread of lengths inside a batch is far below random.
+        let spread: usize = plan
+            .iter()
+            .map(|bt| {
+                let l: Vec<usize> = bt.iter().map(|r| lens[r[0]]).collect();
+                l.iter().max().unwrap() - l.iter().min().unwrap()
+            })
+            .sum();
+        assert!(spread < 16 * 10, "total in-batch spread {spread}");
+        // The batch holding the longest example comes first.
+        assert!(plan[0]
+            .iter()
+            .any(|r| lens[r[0]] == *lens.iter().max().unwrap()));
+        assert_eq!(
+            plan,
+            Batcher::new(examples(&lens), cfg.clone(), Device::Cpu)
+                .unwrap()
+                .plan_for(0)
+        );
+        assert_ne!(plan, b.plan_for(1));
+        cfg.seed = 4;
+        assert_ne!(
+            plan,
+            Batcher::new(examples(&lens), cfg, Device::Cpu)
+                .unwrap()
+                .plan_for(0)
+        );
+    }
+
+    #[test]
+    fn a_restored_cursor_continues_with_the_same_batches() {
+        let lens: Vec<usize> = (0..10).map(|i| 2 + i % 4).collect();
+        let mut cfg = BatchConfig::new(3, 16, 0);
+        cfg.seed = 11;
+        let mut a = Batcher::new(examples(&lens), cfg.clone(), Device::Cpu).unwrap();
+        assert_eq!(a.batches_per_epoch(), 4);
+        let mut saved = None;
+        let mut after = Vec::new();
+        for step in 0..11 {
+            if step == 6 {
+                saved = Some(a.cursor());
+            }
+            let batch = a.next_batch().unwrap();
+            if step >= 6 {
+                after.push(rows2(&batch.input_ids));
+            }
+        }
+        let cursor = saved.unwrap();
+        assert_eq!(cursor, DataCursor { epoch: 1, index: 2 });
+        // The cursor survives a JSON round trip (as in a checkpoint).
+        let cursor: DataCursor =
+            serde_json::from_str(&serde_json::to_string(&cursor).unwrap()).unwrap();
+        let mut b = Batcher::new(examples(&lens), cfg, Device::Cpu).unwrap();
+        b.seek(cursor).unwrap();
+        let resumed: Vec<_> = (0..5)
+            .map(|_| rows2(&b.next_batch().unwrap().input_ids))
+            .collect();
+        assert_eq!(resumed, after);
+        assert!(b.seek(DataCursor { epoch: 0, index: 9 }).is_err());
+    }
+
+    #[test]
+    fn too_long_examples_are_rejected() {
+        let e = Batcher::new(examples(&[3, 9]), BatchConfig::new(2, 8, 0), Device::Cpu)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("t.jsonl: line 2") && e.contains("9 tokens"),
+            "{e}"
+        );
+    }
+}
