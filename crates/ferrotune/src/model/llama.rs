@@ -175,10 +175,12 @@ impl Llama {
                 }
                 LinearWeight::Frozen(t) => Var::from_tensor(&t.to_dtype(DType::F32)?)?,
                 LinearWeight::Trainable(v) => v.clone(),
-                LinearWeight::Quantized(_) => return Err(crate::Error::msg(format!(
+                LinearWeight::Quantized(_) => {
+                    return Err(crate::Error::msg(format!(
                     "{}: full fine-tuning needs dense weights: load the model with --dequantize",
                     lin.name()
-                ))),
+                )))
+                }
             };
             lin.set_weight(LinearWeight::Trainable(v.clone()));
             params.push((format!("{}.weight", lin.name()), v));
