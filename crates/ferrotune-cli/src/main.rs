@@ -116,6 +116,9 @@ struct GenerateArgs {
     /// Print one JSON line instead of streaming text.
     #[arg(long)]
     json: bool,
+    /// Decoding engine: auto (the fast CPU engine when it supports the model) or model.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "model"])]
+    engine: String,
 }
 
 #[derive(Args)]
@@ -213,6 +216,7 @@ fn load(m: &ModelArgs) -> Result<LoadedModel> {
     if let Some(n) = m.threads {
         // Read by rayon and by candle's matmul when their pools start.
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+        ferrotune::quant::set_num_threads(n);
     }
     let opts = LoadOptions {
         dtype: m.dtype.as_deref().map(parse_dtype).transpose()?,
@@ -313,7 +317,17 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
         stop: a.stop.clone(),
         stop_on_eos: !a.ignore_eos,
     };
-    let mut dec = LlamaDecoder::new(&lm.model);
+    // The allocation-free engine when it supports the model (CPU, no adapters); else the
+    // differentiable model. `--engine model` forces the latter (e.g. to compare them).
+    let mut fast = match a.engine.as_str() {
+        "model" => None,
+        _ => ferrotune::engine::FastDecoder::new(&lm.model),
+    };
+    let mut slow = LlamaDecoder::new(&lm.model);
+    let dec: &mut dyn ferrotune::generate::Decoder = match fast.as_mut() {
+        Some(f) => f,
+        None => &mut slow,
+    };
     let stdout = std::io::stdout();
     let json = a.json;
     let mut on_text = |t: &str| {
@@ -323,7 +337,7 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
             let _ = o.flush();
         }
     };
-    let out = generate(&mut dec, tok, &ids, &cfg, &mut on_text)?;
+    let out = generate(dec, tok, &ids, &cfg, &mut on_text)?;
     if json {
         let v = serde_json::json!({
             "text": out.text,

@@ -8,6 +8,7 @@
 //! - [`tokenizer`]: tokenizers from `tokenizer.json` or GGUF metadata, chat templates.
 //! - [`generate`], [`icl`], [`perplexity`], [`inspect`]: what users run.
 pub mod data;
+pub mod engine;
 pub mod error;
 pub mod eval;
 pub mod generate;

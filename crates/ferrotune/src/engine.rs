@@ -1,0 +1,407 @@
+//! An inference-only decoder for CPU: the same LLaMA model as [`crate::model::Llama`], run on
+//! plain f32 buffers with preallocated scratch space and KV cache, so a decode step makes no
+//! allocations and no tensor-graph bookkeeping — only the quantized matrix-vector kernels and
+//! a few short loops. It reads the weights of a loaded `Llama` (no copy of the big matrices)
+//! and is checked against it in tests. Prefill runs batched through the same kernels.
+//!
+//! Used by `generate` when every linear layer is quantized or dense f32 on the CPU and no
+//! adapter is attached; anything else decodes through the differentiable model.
+use crate::generate::Decoder;
+use crate::model::Llama;
+use crate::nn::{EmbeddingWeight, Linear, LinearWeight};
+use crate::quant::QuantWeight;
+use crate::Result;
+use candle_core::{DType, Device, Tensor};
+use std::sync::Arc;
+
+enum Mat {
+    Quant(Arc<QuantWeight>),
+    /// Dense f32 (out, in), row-major.
+    Dense(Vec<f32>, usize, usize),
+}
+
+impl Mat {
+    fn from_linear(l: &Linear) -> Option<Self> {
+        match l.weight() {
+            LinearWeight::Quantized(q) => Some(Mat::Quant(q.clone())),
+            LinearWeight::Frozen(w) if w.device().is_cpu() => {
+                let (o, i) = w.dims2().ok()?;
+                let v = w.to_dtype(DType::F32).ok()?.flatten_all().ok()?.to_vec1::<f32>().ok()?;
+                Some(Mat::Dense(v, o, i))
+            }
+            _ => None,
+        }
+    }
+
+    fn out_dim(&self) -> usize {
+        match self {
+            Mat::Quant(q) => q.shape().0,
+            Mat::Dense(_, o, _) => *o,
+        }
+    }
+
+    /// out = W x for one row.
+    fn matvec(&self, x: &[f32], out: &mut [f32]) {
+        match self {
+            Mat::Quant(q) => q.matvec_into(x, out),
+            Mat::Dense(w, _, i) => {
+                for (o, row) in out.iter_mut().zip(w.chunks_exact(*i)) {
+                    *o = dot(row, x);
+                }
+            }
+        }
+    }
+
+    /// out (m, out) = x (m, in) W^T.
+    fn matmul(&self, x: &[f32], m: usize, out: &mut [f32]) -> Result<()> {
+        match self {
+            Mat::Quant(q) => {
+                let k = q.shape().1;
+                let y = q.forward(&Tensor::from_slice(x, (m, k), &Device::Cpu)?)?;
+                out.copy_from_slice(&y.flatten_all()?.to_vec1::<f32>()?);
+            }
+            Mat::Dense(_, _, i) => {
+                for (xr, or) in x.chunks_exact(*i).zip(out.chunks_exact_mut(self.out_dim())) {
+                    self.matvec(xr, or);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+struct Lin {
+    w: Mat,
+    bias: Option<Vec<f32>>,
+}
+
+impl Lin {
+    fn new(l: &Linear) -> Option<Self> {
+        if l.has_active_adapters() {
+            return None;
+        }
+        let bias = match l.bias() {
+            Some(b) => Some(b.to_dtype(DType::F32).ok()?.to_vec1::<f32>().ok()?),
+            None => None,
+        };
+        Some(Self {
+            w: Mat::from_linear(l)?,
+            bias,
+        })
+    }
+    fn add_bias(&self, out: &mut [f32]) {
+        if let Some(b) = &self.bias {
+            let n = b.len();
+            for row in out.chunks_exact_mut(n) {
+                row.iter_mut().zip(b).for_each(|(o, b)| *o += b);
+            }
+        }
+    }
+    fn matvec(&self, x: &[f32], out: &mut [f32]) {
+        self.w.matvec(x, out);
+        self.add_bias(out);
+    }
+    fn matmul(&self, x: &[f32], m: usize, out: &mut [f32]) -> Result<()> {
+        self.w.matmul(x, m, out)?;
+        self.add_bias(out);
+        Ok(())
+    }
+}
+
+struct Layer {
+    attn_norm: Vec<f32>,
+    ffn_norm: Vec<f32>,
+    q: Lin,
+    k: Lin,
+    v: Lin,
+    o: Lin,
+    gate: Lin,
+    up: Lin,
+    down: Lin,
+    /// Keys and values, [kv_head][position][head_dim], capacity `cap` positions.
+    k_cache: Vec<f32>,
+    v_cache: Vec<f32>,
+}
+
+pub struct FastDecoder {
+    layers: Vec<Layer>,
+    embed: EmbeddingWeight,
+    norm: Vec<f32>,
+    lm_head: Lin,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    eps: f32,
+    hidden: usize,
+    n_heads: usize,
+    n_kv: usize,
+    head_dim: usize,
+    inter: usize,
+    vocab: usize,
+    ctx: usize,
+    /// Positions the caches can hold before growing.
+    cap: usize,
+    pos: usize,
+}
+
+fn vec_f32(t: &Tensor) -> Option<Vec<f32>> {
+    t.to_dtype(DType::F32).ok()?.flatten_all().ok()?.to_vec1::<f32>().ok()
+}
+
+impl FastDecoder {
+    /// None when the model cannot run here (not on CPU, adapters attached, unsupported weights).
+    pub fn new(model: &Llama) -> Option<Self> {
+        if !model.device().is_cpu() {
+            return None;
+        }
+        let cfg = &model.cfg;
+        let mut layers = Vec::with_capacity(model.layers.len());
+        for l in &model.layers {
+            let a = &l.self_attn;
+            let m = &l.mlp;
+            layers.push(Layer {
+                attn_norm: vec_f32(l.input_layernorm.weight())?,
+                ffn_norm: vec_f32(l.post_attention_layernorm.weight())?,
+                q: Lin::new(&a.q_proj)?,
+                k: Lin::new(&a.k_proj)?,
+                v: Lin::new(&a.v_proj)?,
+                o: Lin::new(&a.o_proj)?,
+                gate: Lin::new(&m.gate_proj)?,
+                up: Lin::new(&m.up_proj)?,
+                down: Lin::new(&m.down_proj)?,
+                k_cache: Vec::new(),
+                v_cache: Vec::new(),
+            });
+        }
+        if matches!(model.embed_tokens.weight(), EmbeddingWeight::Trainable(_)) {
+            return None;
+        }
+        Some(Self {
+            layers,
+            embed: model.embed_tokens.weight().clone(),
+            norm: vec_f32(model.norm.weight())?,
+            lm_head: Lin::new(&model.lm_head)?,
+            cos: vec_f32(&model.cos)?,
+            sin: vec_f32(&model.sin)?,
+            eps: cfg.rms_norm_eps as f32,
+            hidden: cfg.hidden_size,
+            n_heads: cfg.num_attention_heads,
+            n_kv: cfg.num_key_value_heads,
+            head_dim: cfg.head_dim,
+            inter: cfg.intermediate_size,
+            vocab: cfg.vocab_size,
+            ctx: cfg.max_position_embeddings,
+            cap: 0,
+            pos: 0,
+        })
+    }
+
+    /// Make room for `n` positions in every layer's cache (grows by doubling, copying heads).
+    fn reserve(&mut self, n: usize) {
+        if n <= self.cap {
+            return;
+        }
+        let new_cap = n.max(self.cap * 2).max(256).min(self.ctx.max(n));
+        let (hd, old) = (self.head_dim, self.cap);
+        for l in &mut self.layers {
+            for cache in [&mut l.k_cache, &mut l.v_cache] {
+                let mut grown = vec![0f32; self.n_kv * new_cap * hd];
+                for h in 0..self.n_kv {
+                    let used = self.pos.min(old) * hd;
+                    grown[h * new_cap * hd..h * new_cap * hd + used]
+                        .copy_from_slice(&cache[h * old * hd..h * old * hd + used]);
+                }
+                *cache = grown;
+            }
+        }
+        self.cap = new_cap;
+    }
+
+    fn embed_rows(&self, ids: &[u32], out: &mut [f32]) -> Result<()> {
+        let t = match &self.embed {
+            EmbeddingWeight::Quantized(q) => q.embedding(ids)?,
+            EmbeddingWeight::Frozen(w) => w
+                .index_select(&Tensor::new(ids, &Device::Cpu)?, 0)?
+                .to_dtype(DType::F32)?,
+            EmbeddingWeight::Trainable(_) => unreachable!("rejected in new()"),
+        };
+        out.copy_from_slice(&t.flatten_all()?.to_vec1::<f32>()?);
+        Ok(())
+    }
+
+    /// Run `ids` (new positions after the cached ones); return the last position's logits.
+    fn forward(&mut self, ids: &[u32]) -> Result<Vec<f32>> {
+        let t = ids.len();
+        if self.pos + t > self.ctx {
+            return Err(crate::Error::ContextOverflow {
+                tokens: self.pos + t,
+                context: self.ctx,
+                hint: String::new(),
+            });
+        }
+        self.reserve(self.pos + t);
+        let (h, hd, nh, nkv, inter) = (self.hidden, self.head_dim, self.n_heads, self.n_kv, self.inter);
+        let mut x = vec![0f32; t * h];
+        self.embed_rows(ids, &mut x)?;
+        let mut xn = vec![0f32; t * h];
+        let mut q = vec![0f32; t * nh * hd];
+        let mut k = vec![0f32; t * nkv * hd];
+        let mut v = vec![0f32; t * nkv * hd];
+        let mut att = vec![0f32; t * nh * hd];
+        let mut o = vec![0f32; t * h];
+        let mut g = vec![0f32; t * inter];
+        let mut u = vec![0f32; t * inter];
+        let mut scores = vec![0f32; self.pos + t];
+        let scale = 1.0 / (hd as f32).sqrt();
+        let cap = self.cap;
+        for li in 0..self.layers.len() {
+            let layer = &self.layers[li];
+            rms_norm_rows(&x, &layer.attn_norm, self.eps, &mut xn);
+            if t == 1 {
+                layer.q.matvec(&xn, &mut q);
+                layer.k.matvec(&xn, &mut k);
+                layer.v.matvec(&xn, &mut v);
+            } else {
+                layer.q.matmul(&xn, t, &mut q)?;
+                layer.k.matmul(&xn, t, &mut k)?;
+                layer.v.matmul(&xn, t, &mut v)?;
+            }
+            for i in 0..t {
+                let p = self.pos + i;
+                let (cos, sin) = (&self.cos[p * hd / 2..(p + 1) * hd / 2], &self.sin[p * hd / 2..(p + 1) * hd / 2]);
+                for hq in q[i * nh * hd..(i + 1) * nh * hd].chunks_exact_mut(hd) {
+                    rope(hq, cos, sin);
+                }
+                for hk in k[i * nkv * hd..(i + 1) * nkv * hd].chunks_exact_mut(hd) {
+                    rope(hk, cos, sin);
+                }
+            }
+            let layer = &mut self.layers[li];
+            for i in 0..t {
+                let p = self.pos + i;
+                for kh in 0..nkv {
+                    let dst = (kh * cap + p) * hd;
+                    let src = (i * nkv + kh) * hd;
+                    layer.k_cache[dst..dst + hd].copy_from_slice(&k[src..src + hd]);
+                    layer.v_cache[dst..dst + hd].copy_from_slice(&v[src..src + hd]);
+                }
+            }
+            let group = nh / nkv;
+            for i in 0..t {
+                let n_keys = self.pos + i + 1;
+                for head in 0..nh {
+                    let kh = head / group;
+                    let qv = &q[(i * nh + head) * hd..(i * nh + head + 1) * hd];
+                    let kc = &layer.k_cache[kh * cap * hd..];
+                    let vc = &layer.v_cache[kh * cap * hd..];
+                    let s = &mut scores[..n_keys];
+                    let mut max = f32::NEG_INFINITY;
+                    for (j, sj) in s.iter_mut().enumerate() {
+                        *sj = dot(qv, &kc[j * hd..(j + 1) * hd]) * scale;
+                        max = max.max(*sj);
+                    }
+                    let mut sum = 0f32;
+                    for sj in s.iter_mut() {
+                        *sj = (*sj - max).exp();
+                        sum += *sj;
+                    }
+                    let out = &mut att[(i * nh + head) * hd..(i * nh + head + 1) * hd];
+                    out.iter_mut().for_each(|o| *o = 0.0);
+                    for (j, &w) in s.iter().enumerate() {
+                        axpy(w / sum, &vc[j * hd..(j + 1) * hd], out);
+                    }
+                }
+            }
+            let layer = &self.layers[li];
+            if t == 1 {
+                layer.o.matvec(&att, &mut o);
+            } else {
+                layer.o.matmul(&att, t, &mut o)?;
+            }
+            x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
+            rms_norm_rows(&x, &layer.ffn_norm, self.eps, &mut xn);
+            if t == 1 {
+                layer.gate.matvec(&xn, &mut g);
+                layer.up.matvec(&xn, &mut u);
+            } else {
+                layer.gate.matmul(&xn, t, &mut g)?;
+                layer.up.matmul(&xn, t, &mut u)?;
+            }
+            for (gi, ui) in g.iter_mut().zip(&u) {
+                *gi = *gi / (1.0 + (-*gi).exp()) * ui;
+            }
+            if t == 1 {
+                layer.down.matvec(&g, &mut o);
+            } else {
+                layer.down.matmul(&g, t, &mut o)?;
+            }
+            x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
+        }
+        self.pos += t;
+        let last = &x[(t - 1) * h..];
+        let mut ln = vec![0f32; h];
+        rms_norm_rows(last, &self.norm, self.eps, &mut ln);
+        let mut logits = vec![0f32; self.vocab];
+        self.lm_head.matvec(&ln, &mut logits);
+        Ok(logits)
+    }
+}
+
+fn rms_norm_rows(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    let n = w.len();
+    for (xr, or) in x.chunks_exact(n).zip(out.chunks_exact_mut(n)) {
+        let ms = dot(xr, xr) / n as f32;
+        let r = 1.0 / (ms + eps).sqrt();
+        for ((o, &xi), &wi) in or.iter_mut().zip(xr).zip(w) {
+            *o = xi * r * wi;
+        }
+    }
+}
+
+/// HF rotate-half RoPE on one head.
+fn rope(x: &mut [f32], cos: &[f32], sin: &[f32]) {
+    let half = x.len() / 2;
+    let (a, b) = x.split_at_mut(half);
+    for i in 0..half {
+        let (x1, x2) = (a[i], b[i]);
+        a[i] = x1 * cos[i] - x2 * sin[i];
+        b[i] = x2 * cos[i] + x1 * sin[i];
+    }
+}
+
+/// Dot product with 8 independent accumulators so the compiler vectorises it.
+#[inline]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for j in 0..8 {
+            acc[j] += x[j] * y[j];
+        }
+    }
+    let mut s: f32 = acc.iter().sum();
+    for (x, y) in ra.iter().zip(rb) {
+        s += x * y;
+    }
+    s
+}
+
+#[inline]
+fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
+    for (yi, xi) in y.iter_mut().zip(x) {
+        *yi += a * xi;
+    }
+}
+
+impl Decoder for FastDecoder {
+    fn prefill(&mut self, ids: &[u32]) -> Result<Vec<f32>> {
+        self.pos = 0;
+        self.forward(ids)
+    }
+    fn step(&mut self, id: u32) -> Result<Vec<f32>> {
+        self.forward(&[id])
+    }
+    fn context_length(&self) -> usize {
+        self.ctx
+    }
+}
