@@ -181,6 +181,7 @@ pub(crate) fn dequant_blocks(fmt: Fmt, bytes: &[u8], out: &mut [f32]) {
     }
 }
 
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 /// The offset term of a weight block (`m` for Q4_1, `-8 d` for Q4_0, none for Q8_0): the batched
 /// kernels add `sum_b offset_b * (sum of x over block b)` after their integer loop.
 pub(crate) fn block_offset(fmt: Fmt, blk: &[u8]) -> f32 {

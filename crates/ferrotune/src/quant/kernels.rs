@@ -57,7 +57,7 @@ pub(crate) fn quantize_act(isa: Isa, x: &[f32], rows: usize, k: usize) -> QAct {
 
 /// Quantise whole blocks of `x` into `q` / `ds` (used per row range by the threaded callers).
 pub(crate) fn quantize_into(isa: Isa, x: &[f32], q: &mut [i8], ds: &mut [[f32; 2]]) {
-    assert!(x.len() % QK == 0 && q.len() == x.len() && ds.len() * QK == x.len());
+    assert!(x.len().is_multiple_of(QK) && q.len() == x.len() && ds.len() * QK == x.len());
     assert!(
         isa.available(),
         "{isa:?} kernels are not supported on this CPU"
@@ -158,6 +158,7 @@ pub(crate) fn block_sums(act: &QAct) -> Vec<f32> {
     act.ds.iter().map(|p| p[1]).collect()
 }
 
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 /// Adds the Q4 offset terms `sum_b offset(W[c, b]) * s[r, b]` to a block of outputs: a small
 /// `(rows x nb) @ (nb x n_w)` product, done with `gemm` on the f32 offsets of these weight rows.
 #[allow(clippy::too_many_arguments)]

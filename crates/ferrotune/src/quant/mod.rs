@@ -31,6 +31,17 @@ use std::sync::{Arc, OnceLock};
 pub use kernels::Isa;
 pub use pool::{num_threads, set_num_threads};
 
+/// The pool's fork/join entry point, exposed for the overhead benchmark only.
+#[doc(hidden)]
+pub fn parallel_chunks<F: Fn(std::ops::Range<usize>) + Sync>(
+    n_items: usize,
+    min_chunk: usize,
+    threads: usize,
+    f: F,
+) {
+    pool::for_each_chunk(n_items, min_chunk, threads, f)
+}
+
 /// An `(out, in)` weight matrix stored as GGML blocks (row-major, rows are whole blocks).
 pub struct QuantWeight {
     out_dim: usize,
@@ -330,11 +341,10 @@ impl QuantWeight {
             let act = &*act;
             let nb = k / QK;
             let rb = nb * fmt.block_bytes();
-            // whole groups of 4 rows per chunk (the kernel's multi-row unit)
-            let min_rows = MIN_BLOCKS_PER_CHUNK.div_ceil(nb).next_multiple_of(4);
+            let min_rows = MIN_BLOCKS_PER_CHUNK.div_ceil(nb).max(16);
             let outp = SyncPtr(out.as_mut_ptr());
-            pool::for_each_chunk(n.div_ceil(4), min_rows / 4, threads, |units| {
-                let (r0, r1) = (units.start * 4, (units.end * 4).min(n));
+            pool::for_each_chunk(n, min_rows, threads, |rows| {
+                let (r0, r1) = (rows.start, rows.end);
                 // SAFETY: chunks are disjoint row ranges of `out`.
                 let o = unsafe { std::slice::from_raw_parts_mut(outp.get().add(r0), r1 - r0) };
                 kernels::gemv(isa, fmt, &data[r0 * rb..r1 * rb], act, 0, o);
