@@ -181,17 +181,6 @@ pub(crate) fn dequant_blocks(fmt: Fmt, bytes: &[u8], out: &mut [f32]) {
     }
 }
 
-#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
-/// The offset term of a weight block (`m` for Q4_1, `-8 d` for Q4_0, none for Q8_0): the batched
-/// kernels add `sum_b offset_b * (sum of x over block b)` after their integer loop.
-pub(crate) fn block_offset(fmt: Fmt, blk: &[u8]) -> f32 {
-    match fmt {
-        Fmt::Q4_1 => f16_at(blk, 2),
-        Fmt::Q4_0 => -8.0 * f16_at(blk, 0),
-        Fmt::Q8_0 => 0.0,
-    }
-}
-
 /// Portable batched kernel: `out[r * ldo + c] = dot(weight row c, activation row r)` for all
 /// activation rows and `n_w` weight rows starting at `w`.
 ///

@@ -378,7 +378,6 @@ impl QuantWeight {
                 kernels::quantize_into(isa, &x[rows.start * k..rows.end * k], q, d);
             });
         }
-        let s = kernels::block_sums(&act);
         let rb = act.nb() * fmt.block_bytes();
         let outp = SyncPtr(out.as_mut_ptr());
         // 16 weight rows is 4 of the 4x4 kernel tiles; small enough that every thread gets work
@@ -392,7 +391,6 @@ impl QuantWeight {
                     &data[c0 * rb..c1 * rb],
                     c1 - c0,
                     &act,
-                    &s,
                     outp.get().add(c0),
                     n,
                 )

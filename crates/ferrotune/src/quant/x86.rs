@@ -162,8 +162,9 @@ unsafe fn gemv_impl<const F: u8, const VNNI: bool>(
     }
 }
 
-/// An `RA x RW` tile: activation rows `0..RA` (stride `k` values) times weight rows `0..RW`.
-/// Writes the block-scaled integer part only; the caller adds the Q4 offset terms.
+/// An `RA x RW` tile on unpacked blocks: activation rows `0..RA` (stride `k` values) times
+/// weight rows `0..RW`. Integer part only (no Q4 offset terms), so it serves Q8_0 on AVX2 only,
+/// where the packed kernel cannot be used.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 unsafe fn gemm_tile<const F: u8, const RA: usize, const RW: usize, const VNNI: bool>(
@@ -265,6 +266,219 @@ unsafe fn gemm_impl<const F: u8, const RA: usize, const RW: usize, const VNNI: b
     }
 }
 
+/// One block (32 values) of 8 weight rows, repacked for the batched kernel: `qs[g]` holds values
+/// `4g..4g+4` of rows 0..7 as unsigned bytes (Q4 nibbles; Q8_0 values + 128), so one
+/// `vpdpbusd` against 4 broadcast activation bytes yields 8 output columns at once and no
+/// horizontal sums are needed. Per row: the scale `d` and the offset `o` such that a weight is
+/// `d * u + o` (`o` = m for Q4_1, -8d for Q4_0, -128d for Q8_0).
+#[repr(C, align(32))]
+#[derive(Clone, Copy)]
+pub(crate) struct PanelBlock {
+    qs: [[u8; 32]; 8],
+    d: [f32; 8],
+    o: [f32; 8],
+}
+
+/// Rows of 8 dwords in, columns out: `out[g][j] = v[j][g]`.
+#[inline(always)]
+unsafe fn transpose8(v: [__m256i; 8]) -> [__m256i; 8] {
+    let t0 = _mm256_unpacklo_epi32(v[0], v[1]);
+    let t1 = _mm256_unpackhi_epi32(v[0], v[1]);
+    let t2 = _mm256_unpacklo_epi32(v[2], v[3]);
+    let t3 = _mm256_unpackhi_epi32(v[2], v[3]);
+    let t4 = _mm256_unpacklo_epi32(v[4], v[5]);
+    let t5 = _mm256_unpackhi_epi32(v[4], v[5]);
+    let t6 = _mm256_unpacklo_epi32(v[6], v[7]);
+    let t7 = _mm256_unpackhi_epi32(v[6], v[7]);
+    let u0 = _mm256_unpacklo_epi64(t0, t2);
+    let u1 = _mm256_unpackhi_epi64(t0, t2);
+    let u2 = _mm256_unpacklo_epi64(t1, t3);
+    let u3 = _mm256_unpackhi_epi64(t1, t3);
+    let u4 = _mm256_unpacklo_epi64(t4, t6);
+    let u5 = _mm256_unpackhi_epi64(t4, t6);
+    let u6 = _mm256_unpacklo_epi64(t5, t7);
+    let u7 = _mm256_unpackhi_epi64(t5, t7);
+    [
+        _mm256_permute2x128_si256(u0, u4, 0x20),
+        _mm256_permute2x128_si256(u1, u5, 0x20),
+        _mm256_permute2x128_si256(u2, u6, 0x20),
+        _mm256_permute2x128_si256(u3, u7, 0x20),
+        _mm256_permute2x128_si256(u0, u4, 0x31),
+        _mm256_permute2x128_si256(u1, u5, 0x31),
+        _mm256_permute2x128_si256(u2, u6, 0x31),
+        _mm256_permute2x128_si256(u3, u7, 0x31),
+    ]
+}
+
+/// Repack `rows` (<= 8) weight rows of `nb` blocks into `dst[0..nb]`; missing rows are zero.
+#[inline(always)]
+unsafe fn pack_panel<const F: u8>(
+    w: *const u8,
+    row_bytes: usize,
+    rows: usize,
+    nb: usize,
+    dst: *mut PanelBlock,
+) {
+    for b in 0..nb {
+        let mut v = [_mm256_setzero_si256(); 8];
+        let mut d = [0f32; 8];
+        let mut o = [0f32; 8];
+        for j in 0..rows {
+            let blk = w.add(j * row_bytes + b * bb(F));
+            v[j] = wload::<F>(blk);
+            let sc = wscale::<F>(blk);
+            d[j] = _mm_cvtss_f32(sc);
+            o[j] = match F {
+                F_Q4_1 => _mm_cvtss_f32(_mm_movehdup_ps(sc)),
+                F_Q4_0 => -8.0 * d[j],
+                _ => {
+                    v[j] = _mm256_xor_si256(v[j], _mm256_set1_epi8(-128));
+                    -128.0 * d[j]
+                }
+            };
+        }
+        let t = transpose8(v);
+        let pb = &mut *dst.add(b);
+        for g in 0..8 {
+            _mm256_store_si256(pb.qs[g].as_mut_ptr() as *mut __m256i, t[g]);
+        }
+        pb.d = d;
+        pb.o = o;
+    }
+}
+
+/// `RA` activation rows times `NP` packed panels (8 output columns each). Integer sums per block
+/// stay in registers (`vpdpbusd`, or `vpmaddubsw` into i16 for AVX2, which cannot overflow for
+/// Q4 nibbles: 8 groups x 2 x 15 x 127 < 2^15), then one scale-and-offset step per block.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn packed_tile<const RA: usize, const NP: usize, const VNNI: bool>(
+    panels: *const PanelBlock,
+    nb: usize,
+    aq: *const i8,
+    k: usize,
+    ads: *const [f32; 2],
+    out: *mut f32,
+    ldo: usize,
+    ncols: usize,
+) {
+    let mut facc = [[_mm256_setzero_ps(); NP]; RA];
+    for b in 0..nb {
+        let mut iacc = [[_mm256_setzero_si256(); NP]; RA];
+        for g in 0..8 {
+            let mut wv = [_mm256_setzero_si256(); NP];
+            for p in 0..NP {
+                wv[p] =
+                    _mm256_load_si256((*panels.add(p * nb + b)).qs[g].as_ptr() as *const __m256i);
+            }
+            for r in 0..RA {
+                let xb = _mm256_set1_epi32(
+                    (aq.add(r * k + b * QK + 4 * g) as *const i32).read_unaligned(),
+                );
+                for p in 0..NP {
+                    iacc[r][p] = if VNNI {
+                        _mm256_dpbusd_epi32(iacc[r][p], wv[p], xb)
+                    } else {
+                        _mm256_add_epi16(iacc[r][p], _mm256_maddubs_epi16(wv[p], xb))
+                    };
+                }
+            }
+        }
+        for r in 0..RA {
+            let [dx, sx] = *ads.add(r * nb + b);
+            let (dxv, sxv) = (_mm256_set1_ps(dx), _mm256_set1_ps(sx));
+            for p in 0..NP {
+                let pb = &*panels.add(p * nb + b);
+                let isum = if VNNI {
+                    iacc[r][p]
+                } else {
+                    _mm256_madd_epi16(iacc[r][p], _mm256_set1_epi16(1))
+                };
+                let t = _mm256_mul_ps(_mm256_cvtepi32_ps(isum), dxv);
+                facc[r][p] = _mm256_fmadd_ps(t, _mm256_load_ps(pb.d.as_ptr()), facc[r][p]);
+                facc[r][p] = _mm256_fmadd_ps(_mm256_load_ps(pb.o.as_ptr()), sxv, facc[r][p]);
+            }
+        }
+    }
+    for r in 0..RA {
+        for p in 0..NP {
+            let o = out.add(r * ldo + p * 8);
+            if ncols >= (p + 1) * 8 {
+                _mm256_storeu_ps(o, facc[r][p]);
+            } else if ncols > p * 8 {
+                let mut tmp = [0f32; 8];
+                _mm256_storeu_ps(tmp.as_mut_ptr(), facc[r][p]);
+                std::ptr::copy_nonoverlapping(tmp.as_ptr(), o, ncols - p * 8);
+            }
+        }
+    }
+}
+
+/// Batched product on packed panels: weight rows in groups of 16 (two panels) are repacked
+/// once per call into a per-thread buffer, then every tile of `RA` activation rows runs
+/// against them, so the packed weights (12-30 KB for SmolLM2 shapes) stay in L1/L2.
+#[inline(always)]
+unsafe fn gemm_packed<const F: u8, const RA: usize, const VNNI: bool>(
+    w: *const u8,
+    n_w: usize,
+    act: &QAct,
+    out: *mut f32,
+    ldo: usize,
+) {
+    const NP: usize = 2;
+    let (k, nb, m) = (act.k, act.nb(), act.rows);
+    let row_bytes = nb * bb(F);
+    let (aq, ads) = (act.qs.as_ptr(), act.ds.as_ptr());
+    // A fresh buffer per call (one call is one 16-row chunk, tens of microseconds of work).
+    // Not a thread-local: code inside its `with` closure would lose this function's target
+    // features and the intrinsics would stop inlining.
+    let zero = PanelBlock {
+        qs: [[0; 32]; 8],
+        d: [0.0; 8],
+        o: [0.0; 8],
+    };
+    let mut buf = vec![zero; NP * nb];
+    let panels = buf.as_mut_ptr();
+    let mut c0 = 0;
+    while c0 < n_w {
+        let cols = (n_w - c0).min(8 * NP);
+        let np = cols.div_ceil(8);
+        for p in 0..np {
+            let rows = (cols - 8 * p).min(8);
+            pack_panel::<F>(
+                w.add((c0 + 8 * p) * row_bytes),
+                row_bytes,
+                rows,
+                nb,
+                panels.add(p * nb),
+            );
+        }
+        let mut r0 = 0;
+        while r0 < m {
+            let ra = (m - r0).min(RA);
+            let (a, d, o) = (aq.add(r0 * k), ads.add(r0 * nb), out.add(r0 * ldo + c0));
+            macro_rules! tile {
+                ($ra:literal) => {
+                    if np == NP {
+                        packed_tile::<$ra, NP, VNNI>(panels, nb, a, k, d, o, ldo, cols)
+                    } else {
+                        packed_tile::<$ra, 1, VNNI>(panels, nb, a, k, d, o, ldo, cols)
+                    }
+                };
+            }
+            match ra {
+                1 => tile!(1),
+                2 => tile!(2),
+                3 if RA > 3 => tile!(3),
+                _ if RA > 3 => tile!(4),
+                _ => tile!(2),
+            }
+            r0 += ra;
+        }
+        c0 += cols;
+    }
+}
+
 #[inline(always)]
 unsafe fn quantize_impl(x: &[f32], q: &mut [i8], ds: &mut [[f32; 2]]) {
     let sign = _mm256_set1_ps(-0.0);
@@ -289,9 +503,14 @@ unsafe fn quantize_impl(x: &[f32], q: &mut [i8], ds: &mut [[f32; 2]]) {
         let m = _mm_max_ss(m, _mm_movehdup_ps(m));
         let (d, id) = act_scale(_mm_cvtss_f32(m));
         let idv = _mm256_set1_ps(id);
-        // cvtps2dq rounds half to even, matching `quantize_block_scalar`
-        let qi = |v: __m256| _mm256_cvtps_epi32(_mm256_mul_ps(v, idv));
-        let q = [qi(v[0]), qi(v[1]), qi(v[2]), qi(v[3])];
+        // cvtps2dq rounds half to even, matching `quantize_block_scalar`. (No closure here: a
+        // closure does not inherit the caller's target features, so its intrinsics would not inline.)
+        let q = [
+            _mm256_cvtps_epi32(_mm256_mul_ps(v[0], idv)),
+            _mm256_cvtps_epi32(_mm256_mul_ps(v[1], idv)),
+            _mm256_cvtps_epi32(_mm256_mul_ps(v[2], idv)),
+            _mm256_cvtps_epi32(_mm256_mul_ps(v[3], idv)),
+        ];
         let p01 = _mm256_packs_epi32(q[0], q[1]);
         let p23 = _mm256_packs_epi32(q[2], q[3]);
         let packed = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(p01, p23), perm);
@@ -333,17 +552,19 @@ macro_rules! entry_points {
             out: *mut f32,
             ldo: usize,
         ) {
-            // 16 ymm registers without AVX-512: a 2x4 tile still fits; with AVX-512VL, 4x4.
+            // With AVX-512VL there are 32 vector registers: 4 activation rows x 2 panels of int
+            // and float accumulators fit; AVX2's 16 hold 2 rows. Q8_0 as u8 (+128) would overflow
+            // `vpmaddubsw`'s i16 pairs, so AVX2 runs Q8_0 on the unpacked blocks instead.
             if $vnni {
                 match fmt {
-                    Fmt::Q4_0 => gemm_impl::<F_Q4_0, 4, 4, $vnni>(w, n_w, act, out, ldo),
-                    Fmt::Q4_1 => gemm_impl::<F_Q4_1, 4, 4, $vnni>(w, n_w, act, out, ldo),
-                    Fmt::Q8_0 => gemm_impl::<F_Q8_0, 4, 4, $vnni>(w, n_w, act, out, ldo),
+                    Fmt::Q4_0 => gemm_packed::<F_Q4_0, 4, $vnni>(w, n_w, act, out, ldo),
+                    Fmt::Q4_1 => gemm_packed::<F_Q4_1, 4, $vnni>(w, n_w, act, out, ldo),
+                    Fmt::Q8_0 => gemm_packed::<F_Q8_0, 4, $vnni>(w, n_w, act, out, ldo),
                 }
             } else {
                 match fmt {
-                    Fmt::Q4_0 => gemm_impl::<F_Q4_0, 2, 4, $vnni>(w, n_w, act, out, ldo),
-                    Fmt::Q4_1 => gemm_impl::<F_Q4_1, 2, 4, $vnni>(w, n_w, act, out, ldo),
+                    Fmt::Q4_0 => gemm_packed::<F_Q4_0, 2, $vnni>(w, n_w, act, out, ldo),
+                    Fmt::Q4_1 => gemm_packed::<F_Q4_1, 2, $vnni>(w, n_w, act, out, ldo),
                     Fmt::Q8_0 => gemm_impl::<F_Q8_0, 2, 4, $vnni>(w, n_w, act, out, ldo),
                 }
             }
