@@ -1,11 +1,19 @@
 //! Micro-benchmark of the quantized kernels against candle's `QMatMul` on SmolLM2-135M shapes.
 //!
-//! `cargo run --release --example quant_bench [-- matvec|batch|all] [--quick]`
+//! ```text
+//! cargo run --release --example quant_bench -- [overhead|matvec|batch|all] [--quick]
+//! cargo run --release --example quant_bench -- one q4_1|q8_0 OUT IN THREADS   # one matvec shape
+//! ```
 //!
-//! candle's thread count is fixed when its pool starts: run with `CANDLE_NUM_THREADS=1` and `=2`
-//! to get both candle columns. Our thread count is set per call. Each number is the best (minimum)
-//! per-call average over several short timing batches: the 2 cores of the project machine are
-//! shared with other jobs, and the minimum is the estimate least moved by their bursts.
+//! * "hot": the same matrix every call (it stays in cache). "cold": calls rotate over copies
+//!   totalling more than 150 MB, so weights come from DRAM, as in decode, where a token touches
+//!   every weight of the model once.
+//! * candle's thread count is fixed when its pool starts: run with `CANDLE_NUM_THREADS=1` and
+//!   `=2` to get both candle columns (and `RAYON_NUM_THREADS` for the f32 matmul). Our thread
+//!   count is set per call.
+//! * Each number is the best (minimum) per-call average over several short timing batches: the 2
+//!   cores of the project machine are shared with other jobs, and the minimum is the estimate
+//!   least moved by their bursts.
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
 use ferrotune::quant::{Isa, QuantWeight};
@@ -19,6 +27,9 @@ const SHAPES: [(usize, usize, &str); 5] = [
     (49152, 576, "lm_head"),
 ];
 
+/// Bytes of weight copies the "cold" measurements rotate over (several times any L3).
+const COLD_BYTES: usize = 150_000_000;
+
 /// Best seconds per call of `f`, over `batches` batches each lasting about `per_batch`.
 fn time(mut f: impl FnMut(), per_batch: Duration, batches: usize) -> f64 {
     let t0 = Instant::now();
@@ -27,9 +38,9 @@ fn time(mut f: impl FnMut(), per_batch: Duration, batches: usize) -> f64 {
         f();
         n += 1;
     }
-    let reps =
-        ((per_batch.as_secs_f64() / (t0.elapsed().as_secs_f64() / n as f64)) as usize).max(1);
-    let mut v: Vec<f64> = (0..batches)
+    let per_call = t0.elapsed().as_secs_f64() / n as f64;
+    let reps = ((per_batch.as_secs_f64() / per_call) as usize).max(1);
+    (0..batches)
         .map(|_| {
             let t = Instant::now();
             for _ in 0..reps {
@@ -37,18 +48,19 @@ fn time(mut f: impl FnMut(), per_batch: Duration, batches: usize) -> f64 {
             }
             t.elapsed().as_secs_f64() / reps as f64
         })
-        .collect();
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[0]
+        .fold(f64::INFINITY, f64::min)
 }
 
-fn weights(n: usize, k: usize, dtype: GgmlDType) -> (QuantWeight, QMatMul, Tensor) {
-    let w = (Tensor::randn(0f32, 0.05, (n, k), &Device::Cpu).unwrap())
-        .contiguous()
-        .unwrap();
-    let ours = QuantWeight::quantize(&w, dtype).unwrap();
-    let candle = QMatMul::from_qtensor(QTensor::quantize(&w, dtype).unwrap()).unwrap();
-    (ours, candle, w)
+fn dtype_arg(s: Option<&String>) -> GgmlDType {
+    match s.map(String::as_str) {
+        Some("q4_0") => GgmlDType::Q4_0,
+        Some("q8_0") => GgmlDType::Q8_0,
+        _ => GgmlDType::Q4_1,
+    }
+}
+
+fn random_weight(n: usize, k: usize) -> Tensor {
+    Tensor::randn(0f32, 0.05, (n, k), &Device::Cpu).unwrap()
 }
 
 fn main() {
@@ -60,87 +72,28 @@ fn main() {
     } else {
         (Duration::from_millis(20), 25)
     };
-    let candle_threads = std::env::var("CANDLE_NUM_THREADS").unwrap_or_else(|_| "default".into());
+    let env = |k: &str| std::env::var(k).unwrap_or_else(|_| "default".into());
     println!(
-        "best kernel level: {:?}; candle threads: {candle_threads}",
-        Isa::best()
+        "best kernel level: {:?}; CANDLE_NUM_THREADS={}, RAYON_NUM_THREADS={}",
+        Isa::best(),
+        env("CANDLE_NUM_THREADS"),
+        env("RAYON_NUM_THREADS")
     );
-    if what == "expb" {
-        let dt = match args.get(2).map(String::as_str) {
-            Some("q4_1") => GgmlDType::Q4_1,
-            _ => GgmlDType::Q8_0,
-        };
-        let n: usize = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(1536);
-        let th: usize = args.get(4).and_then(|s| s.parse().ok()).unwrap_or(1);
-        let k: usize = args.get(5).and_then(|s| s.parse().ok()).unwrap_or(576);
-        let m = 512;
-        let (ours, _, wf) = weights(n, k, dt);
-        let x = Tensor::randn(0f32, 1.0, (m, k), &Device::Cpu).unwrap();
-        let xv: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
-        let mut y = vec![0f32; m * n];
-        let wt = wf.t().unwrap();
-        for _ in 0..3 {
-            let t = time(
-                || ours.matmul_with(Isa::best(), th, &xv, m, &mut y),
-                per_batch,
-                batches,
-            );
-            let tf = time(|| drop(x.matmul(&wt).unwrap()), per_batch, batches);
-            let gmac = (m * n * k) as f64 / 1e9;
-            println!("{dt:?} {m}x{k} @ {n}x{k}^T {th}T: ours {:.2} ms {:.1} GMAC/s | f32 {:.2} ms {:.1} GMAC/s", t * 1e3, gmac / t, tf * 1e3, gmac / tf);
+    match what {
+        "one" => {
+            let arg = |i: usize, d: usize| args.get(i).and_then(|s| s.parse().ok()).unwrap_or(d);
+            let dtype = dtype_arg(args.get(2));
+            let (n, k, threads) = (arg(3, 576), arg(4, 576), arg(5, 1));
+            one(dtype, n, k, threads, per_batch, batches);
         }
-        return;
-    }
-    if what == "exp" {
-        let dt = match args.get(2).map(String::as_str) {
-            Some("q4_1") => GgmlDType::Q4_1,
-            _ => GgmlDType::Q8_0,
-        };
-        let n: usize = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(49152);
-        let th: usize = args.get(4).and_then(|s| s.parse().ok()).unwrap_or(1);
-        let k: usize = args.get(5).and_then(|s| s.parse().ok()).unwrap_or(576);
-        let (ours, _, _) = weights(n, k, dt);
-        let copies = (256_000_000 / ours.storage_bytes()).max(1);
-        let all: Vec<QuantWeight> = (0..copies).map(|_| weights(n, k, dt).0).collect();
-        let x: Vec<f32> = Tensor::randn(0f32, 1.0, k, &Device::Cpu)
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        let mut y = vec![0f32; n];
-        for _ in 0..3 {
-            let t = time(
-                || ours.matvec_with(Isa::best(), th, &x, &mut y),
-                per_batch,
-                batches,
-            );
-            let mut i = 0;
-            let tc = time(
-                || {
-                    i = (i + 1) % copies;
-                    all[i].matvec_with(Isa::best(), th, &x, &mut y)
-                },
-                per_batch,
-                batches,
-            );
-            let gb = ours.storage_bytes() as f64 / 1e9;
-            println!(
-                "{dt:?} {n}x{k} {th}T: hot {:.1} us {:.1} GB/s | cold {:.1} us {:.1} GB/s",
-                t * 1e6,
-                gb / t,
-                tc * 1e6,
-                gb / tc
-            );
+        "overhead" => overhead(per_batch, batches),
+        "matvec" => matvec(per_batch, batches),
+        "batch" => batch(per_batch, batches),
+        _ => {
+            overhead(per_batch, batches);
+            matvec(per_batch, batches);
+            batch(per_batch, batches);
         }
-        return;
-    }
-    if what == "overhead" || what == "all" {
-        overhead(per_batch, batches);
-    }
-    if what == "matvec" || what == "all" {
-        matvec(per_batch, batches);
-    }
-    if what == "batch" || what == "all" {
-        batch(per_batch, batches);
     }
 }
 
@@ -164,7 +117,7 @@ fn overhead(per_batch: Duration, batches: usize) {
         per_batch,
         batches,
     );
-    let scope = time(
+    let par_iter = time(
         || {
             use rayon::prelude::*;
             (0..2usize).into_par_iter().for_each(|i| work(i..i + 1))
@@ -178,19 +131,63 @@ fn overhead(per_batch: Duration, batches: usize) {
         "| {:.2} | {:.2} | {:.2} |",
         ours * 1e6,
         join * 1e6,
-        scope * 1e6
+        par_iter * 1e6
     );
 }
 
+/// One matvec shape, hot and cold, a few repetitions (for quick kernel experiments).
+fn one(dtype: GgmlDType, n: usize, k: usize, threads: usize, per_batch: Duration, batches: usize) {
+    let w = QuantWeight::quantize(&random_weight(n, k), dtype).unwrap();
+    let copies = (COLD_BYTES / w.storage_bytes()).max(2);
+    let all: Vec<QuantWeight> = (0..copies)
+        .map(|_| QuantWeight::quantize(&random_weight(n, k), dtype).unwrap())
+        .collect();
+    let x: Vec<f32> = Tensor::randn(0f32, 1.0, k, &Device::Cpu)
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let mut y = vec![0f32; n];
+    let gb = w.storage_bytes() as f64 / 1e9;
+    for _ in 0..3 {
+        let hot = time(
+            || w.matvec_with(Isa::best(), threads, &x, &mut y),
+            per_batch,
+            batches,
+        );
+        let mut i = 0;
+        let cold = time(
+            || {
+                i = (i + 1) % copies;
+                all[i].matvec_with(Isa::best(), threads, &x, &mut y)
+            },
+            per_batch,
+            batches,
+        );
+        println!(
+            "{dtype:?} {n}x{k} {threads}T: hot {:.1} us {:.1} GB/s | cold {:.1} us {:.1} GB/s",
+            hot * 1e6,
+            gb / hot,
+            cold * 1e6,
+            gb / cold
+        );
+    }
+}
+
 fn matvec(per_batch: Duration, batches: usize) {
-    println!("\n## matvec (one activation row): us per call, (GB/s of weight data)");
-    println!(
-        "| dtype | shape (out x in) | MB | ours 1T | ours 2T | ours AVX2 1T | candle QMatMul |"
-    );
-    println!("|---|---|---|---|---|---|---|");
+    println!("\n## matvec (one activation row): us per call (GB/s of weight data)");
+    println!("| dtype | shape (out x in) | MB | ours 1T hot | ours 1T cold | ours 2T hot | ours 2T cold | ours AVX2 1T hot | candle hot | candle cold |");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
     for dtype in [GgmlDType::Q4_1, GgmlDType::Q8_0, GgmlDType::Q4_0] {
         for &(n, k, name) in &SHAPES {
-            let (ours, candle, _) = weights(n, k, dtype);
+            let make = || {
+                let w = random_weight(n, k);
+                let ours = QuantWeight::quantize(&w, dtype).unwrap();
+                let candle = QMatMul::from_qtensor(QTensor::quantize(&w, dtype).unwrap()).unwrap();
+                (ours, candle)
+            };
+            let (ours, candle) = make();
+            let copies = (COLD_BYTES / ours.storage_bytes()).max(2);
+            let all: Vec<_> = (0..copies).map(|_| make()).collect();
             let x: Vec<f32> = Tensor::randn(0f32, 1.0, k, &Device::Cpu)
                 .unwrap()
                 .to_vec1()
@@ -199,97 +196,87 @@ fn matvec(per_batch: Duration, batches: usize) {
             let mut y = vec![0f32; n];
             let mb = ours.storage_bytes() as f64 / 1e6;
             let cell = |s: f64| format!("{:.2} ({:.1})", s * 1e6, mb / 1e3 / s);
-            let t1 = time(
-                || ours.matvec_with(Isa::best(), 1, &x, &mut y),
-                per_batch,
-                batches,
-            );
-            let t2 = time(
-                || ours.matvec_with(Isa::best(), 2, &x, &mut y),
-                per_batch,
-                batches,
-            );
-            let ta = if Isa::Avx2.available() {
-                cell(time(
-                    || ours.matvec_with(Isa::Avx2, 1, &x, &mut y),
-                    per_batch,
-                    batches,
-                ))
+            let mut i = 0;
+            let mut next = || {
+                i = (i + 1) % copies;
+                &all[i]
+            };
+            let mut ours_at = |isa: Isa, threads: usize, cold: bool| {
+                if cold {
+                    time(
+                        || next().0.matvec_with(isa, threads, &x, &mut y),
+                        per_batch,
+                        batches,
+                    )
+                } else {
+                    time(
+                        || ours.matvec_with(isa, threads, &x, &mut y),
+                        per_batch,
+                        batches,
+                    )
+                }
+            };
+            let o1h = cell(ours_at(Isa::best(), 1, false));
+            let o1c = cell(ours_at(Isa::best(), 1, true));
+            let o2h = cell(ours_at(Isa::best(), 2, false));
+            let o2c = cell(ours_at(Isa::best(), 2, true));
+            let avx2 = if Isa::Avx2.available() {
+                cell(ours_at(Isa::Avx2, 1, false))
             } else {
                 "-".into()
             };
-            let tc = time(
+            let ch = cell(time(
                 || {
                     candle.forward(&xt).unwrap();
                 },
                 per_batch,
                 batches,
-            );
-            println!(
-                "| {dtype:?} | {n}x{k} {name} | {mb:.2} | {} | {} | {ta} | {} |",
-                cell(t1),
-                cell(t2),
-                cell(tc)
-            );
+            ));
+            let mut j = 0;
+            let cc = cell(time(
+                || {
+                    j = (j + 1) % copies;
+                    all[j].1.forward(&xt).unwrap();
+                },
+                per_batch,
+                batches,
+            ));
+            println!("| {dtype:?} | {n}x{k} {name} | {mb:.2} | {o1h} | {o1c} | {o2h} | {o2c} | {avx2} | {ch} | {cc} |");
         }
     }
 }
 
 fn batch(per_batch: Duration, batches: usize) {
-    println!("\n## batched (training / prefill): ms per call, 2 threads");
-    println!("| dtype | shape | rows | ours fwd | candle QMatMul fwd | f32 matmul fwd | ours backward_input | f32 matmul bwd (g @ W) |");
-    println!("|---|---|---|---|---|---|---|---|");
+    let threads = ferrotune::quant::num_threads();
+    println!("\n## batched (training / prefill): ms per call; ours on {threads} threads, candle/f32 per the env vars above");
+    println!("| dtype | shape | rows | ours fwd | ours fwd AVX2 | candle QMatMul fwd | f32 matmul fwd | ours backward_input | f32 matmul bwd (g @ W) |");
+    println!("|---|---|---|---|---|---|---|---|---|");
     for dtype in [GgmlDType::Q4_1, GgmlDType::Q8_0] {
         for &(n, k, name) in &SHAPES[..4] {
+            let wf = random_weight(n, k);
+            let ours = QuantWeight::quantize(&wf, dtype).unwrap();
+            let candle = QMatMul::from_qtensor(QTensor::quantize(&wf, dtype).unwrap()).unwrap();
+            let wt = wf.t().unwrap();
             for m in [128usize, 512] {
-                let (ours, candle, wf) = weights(n, k, dtype);
                 let x = Tensor::randn(0f32, 1.0, (m, k), &Device::Cpu).unwrap();
                 let g = Tensor::randn(0f32, 1.0, (m, n), &Device::Cpu).unwrap();
                 let xv: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
                 let mut y = vec![0f32; m * n];
-                let wt = wf.t().unwrap();
                 let ms = |s: f64| format!("{:.2}", s * 1e3);
-                let to = time(
-                    || ours.matmul_with(Isa::best(), 2, &xv, m, &mut y),
-                    per_batch,
-                    batches,
-                );
-                let tc = time(
-                    || {
-                        candle.forward(&x).unwrap();
-                    },
-                    per_batch,
-                    batches,
-                );
-                let tf = time(
-                    || {
-                        x.matmul(&wt).unwrap();
-                    },
-                    per_batch,
-                    batches,
-                );
-                let tb = time(
-                    || {
-                        ours.backward_input(&g).unwrap();
-                    },
-                    per_batch,
-                    batches,
-                );
-                let tfb = time(
-                    || {
-                        g.matmul(&wf).unwrap();
-                    },
-                    per_batch,
-                    batches,
-                );
-                println!(
-                    "| {dtype:?} | {n}x{k} {name} | {m} | {} | {} | {} | {} | {} |",
-                    ms(to),
-                    ms(tc),
-                    ms(tf),
-                    ms(tb),
-                    ms(tfb)
-                );
+                let mut ours_at = |isa: Isa| {
+                    ms(time(
+                        || ours.matmul_with(isa, threads, &xv, m, &mut y),
+                        per_batch,
+                        batches,
+                    ))
+                };
+                let (fwd, fwd2) = (ours_at(Isa::best()), ours_at(Isa::Avx2));
+                let t = |f: &dyn Fn()| ms(time(f, per_batch, batches));
+                let tc = t(&|| drop(candle.forward(&x).unwrap()));
+                let tf = t(&|| drop(x.matmul(&wt).unwrap()));
+                let tb = t(&|| drop(ours.backward_input(&g).unwrap()));
+                let tfb = t(&|| drop(g.matmul(&wf).unwrap()));
+                println!("| {dtype:?} | {n}x{k} {name} | {m} | {fwd} | {fwd2} | {tc} | {tf} | {tb} | {tfb} |");
             }
         }
     }

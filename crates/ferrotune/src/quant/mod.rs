@@ -2,15 +2,18 @@
 //! training: the quantized base stays frozen, gradients flow through it to the input).
 //!
 //! [`QuantWeight`] holds an `(out, in)` matrix as GGML blocks, row-major, each row a whole number
-//! of blocks. Q4_0, Q4_1 and Q8_0 run on our kernels: the activation row is quantised to 8 bits
-//! per 32-value block (f32 scale plus the exact block sum), then integer block dot products run
-//! with AVX2 (`vpmaddubsw`) or AVX-512 VNNI (`vpdpbusd`), chosen at run time, or portable Rust.
-//! Every other type candle reads (K-quants, Q5_x, F16, BF16, F32, ...) runs forward through
-//! candle's `QMatMul`, and backward through our tiled dequantisation.
+//! of blocks. Q4_0, Q4_1 and Q8_0 run on our kernels: activation rows are quantised to 8 bits per
+//! 32-value block (an f32 scale per block, like GGML's Q8_0/Q8_1), then integer block dot
+//! products run with AVX2 (`vpmaddubsw`) or AVX-512 VNNI (`vpdpbusd`), chosen at run time, or
+//! in portable Rust. One activation row (decode) streams each weight row once; many rows
+//! (prefill, training) repack 16 weight rows at a time into 8-row panels and run tiles of
+//! activation rows against them. Every other type candle reads (K-quants, Q5_x, F16, BF16, F32,
+//! ...) runs forward through candle's `QMatMul`, and backward through our tiled dequantisation.
 //!
-//! Accuracy: the 8-bit activation quantisation makes a forward output differ from
-//! `x @ dequant(W)^T` by about 0.4% of `|x|.|W row|` in the worst case (each activation is off by
-//! at most half a step of `max|x_block| / 127`); `backward_input` is exact up to f32 rounding.
+//! Accuracy: only the activation rounding differs from `x @ dequant(W)^T`: for output `i`,
+//! `|error| <= sum over blocks b of max|x_b| / 254 * sum_{j in b} |W_ij|` (half a quantisation
+//! step per activation), about 0.5-1% relative in practice. `backward_input` is exact up to f32
+//! rounding.
 //!
 //! Threads: a dedicated pool (see [`set_num_threads`]) splits output rows across cores; small
 //! matrices run on the calling thread because waking a worker costs more than the work.

@@ -673,13 +673,13 @@ fn from_real_gguf_tensor() {
 /// i16 overflow in a `vpmaddubsw` path would show up as a wildly wrong result here.
 #[test]
 fn extreme_values_do_not_overflow() {
-    let (n, k, m) = (24, 256, 5);
+    let (n, k, m): (usize, usize, usize) = (24, 256, 5);
     for dtype in OWN {
         // each 32-block: 31 values at +1 and one at 0 (Q4: nibbles 15 and 0), or all at +-1 (Q8)
         let wv: Vec<f32> = (0..n * k)
             .map(|i| match dtype {
                 GgmlDType::Q8_0 => {
-                    if (i / k) % 2 == 0 {
+                    if (i / k).is_multiple_of(2) {
                         1.0
                     } else {
                         -1.0
@@ -710,7 +710,7 @@ fn extreme_values_do_not_overflow() {
                 0 => 1.0,
                 1 => -1.0,
                 _ => {
-                    if (i / QK) % 2 == 0 {
+                    if (i / QK).is_multiple_of(2) {
                         1.0
                     } else {
                         -1.0
