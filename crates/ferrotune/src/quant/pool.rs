@@ -273,9 +273,11 @@ fn broadcast<F: Fn() + Sync>(n: usize, f: F) {
     }
 }
 
-/// Calls `f` on disjoint ranges covering `0..n_items`, on up to `threads` threads. Items are
-/// handed out in chunks of at least `min_chunk` through a shared cursor, about four chunks per
-/// thread, so uneven progress (a late worker, a core shared with another process) evens out.
+/// Calls `f` on disjoint ranges covering `0..n_items`, on up to `threads` threads, never giving
+/// a thread less than about `min_chunk` items. Items are handed out in equal chunks through a
+/// shared cursor, up to four per thread and a multiple of the thread count, so uneven progress
+/// (a late worker, a core shared with another process) evens out without leaving one odd chunk
+/// for the end.
 pub(crate) fn for_each_chunk<F: Fn(Range<usize>) + Sync>(
     n_items: usize,
     min_chunk: usize,
@@ -285,12 +287,14 @@ pub(crate) fn for_each_chunk<F: Fn(Range<usize>) + Sync>(
     if n_items == 0 {
         return;
     }
-    let threads = threads.min(n_items.div_ceil(min_chunk.max(1))).max(1);
+    let min_chunk = min_chunk.max(1);
+    let threads = threads.min(n_items / min_chunk).max(1);
     if threads == 1 {
         f(0..n_items);
         return;
     }
-    let chunk = n_items.div_ceil(threads * 4).max(min_chunk.max(1));
+    let n_chunks = threads * (n_items / (min_chunk * threads)).clamp(1, 4);
+    let chunk = n_items.div_ceil(n_chunks);
     let cursor = AtomicUsize::new(0);
     let stop = AtomicBool::new(false);
     broadcast(threads, || {

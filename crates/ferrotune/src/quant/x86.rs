@@ -1,18 +1,24 @@
 //! x86-64 SIMD kernels for Q4_0 / Q4_1 / Q8_0 weights against 8-bit activations (`QAct`).
 //!
 //! Two instruction-set levels, chosen at run time (see `kernels::Isa`):
-//! - AVX2 (+FMA, F16C): `vpmaddubsw` + `vpmaddwd` per 32-value block (llama.cpp's AVX2 scheme).
-//! - AVX-512 (F, BW, VL, VNNI): the same loops on 256-bit registers but with `vpdpbusd` (one
-//!   instruction instead of two per block and row) and 32 vector registers, which lets the batched
-//!   kernel keep a 4x4 tile of accumulators. 512-bit registers would mean assembling two 20-byte
-//!   blocks per register with extra shuffles, and on Zen 4 (this project's machine) a 512-bit op
-//!   costs two 256-bit slots anyway.
+//! - AVX2 (+FMA, F16C): `vpmaddubsw` + `vpmaddwd` for u8 x i8 products.
+//! - AVX-512 (F, BW, VL, VNNI): the same loops with `vpdpbusd` (one instruction instead of two)
+//!   and 32 vector registers, which the batched kernel uses for a larger register tile. Vectors
+//!   stay 256 bits wide: on Zen 4 (this project's machine) a 512-bit op costs two 256-bit slots,
+//!   and 512-bit loads of two 20-byte Q4_1 blocks would need extra shuffles.
 //!
-//! Every block's integer dot product is scaled by `d_w * d_x` in f32; the Q4 offset terms use the
-//! per-block activation sums `d_x * sum(q_x)` kept in `QAct::ds` (see `format.rs`).
+//! Matvec (decode): per weight row and 32-value block, one integer dot product scaled by
+//! `d_w * d_x` into an f32 accumulator, like llama.cpp's `ggml_vec_dot_q4_1_q8_1`; the Q4 offset
+//! terms use the per-block activation sums `d_x * sum(q_x)` kept in `QAct::ds` (see `format.rs`).
+//!
+//! Batched (prefill, training): weights are repacked per call into 8-row panels (`PanelBlock`)
+//! so one `vpdpbusd` of a panel against four broadcast activation bytes produces 8 output
+//! columns, and scaling happens once per block and 8 columns instead of once per block and column.
 //!
 //! The kernels are written once as `#[inline(always)]` generic bodies; the `#[target_feature]`
 //! entry points at the bottom instantiate them per format and level, so the intrinsics inline.
+//! (Closures are avoided inside them: a closure does not inherit the enclosing function's target
+//! features, and its intrinsics then compile to calls; that made the batched kernel 100x slower.)
 // Index loops over small const-size register arrays read better than iterator chains here.
 #![allow(clippy::missing_safety_doc, clippy::needless_range_loop)]
 use super::format::{act_scale, Fmt, QAct, QK};
@@ -143,13 +149,19 @@ unsafe fn gemv_impl<const F: u8, const VNNI: bool>(
         // vs 22.7 GB/s on one core), and in decode every weight comes from DRAM.
         let q = n / 4;
         for j in 0..q {
-            let rows = [j, j + q, j + 2 * q, j + 3 * q];
+            let (r0, r1, r2, r3) = (j, j + q, j + 2 * q, j + 3 * q);
+            let rows = [
+                w.add(r0 * row_bytes),
+                w.add(r1 * row_bytes),
+                w.add(r2 * row_bytes),
+                w.add(r3 * row_bytes),
+            ];
             gemv_rows::<F, 4, VNNI>(
-                rows.map(|r| w.add(r * row_bytes)),
+                rows,
                 nb,
                 aq,
                 ads,
-                rows.map(|r| out.add(r)),
+                [out.add(r0), out.add(r1), out.add(r2), out.add(r3)],
             );
         }
         i = 4 * q;
@@ -503,8 +515,7 @@ unsafe fn quantize_impl(x: &[f32], q: &mut [i8], ds: &mut [[f32; 2]]) {
         let m = _mm_max_ss(m, _mm_movehdup_ps(m));
         let (d, id) = act_scale(_mm_cvtss_f32(m));
         let idv = _mm256_set1_ps(id);
-        // cvtps2dq rounds half to even, matching `quantize_block_scalar`. (No closure here: a
-        // closure does not inherit the caller's target features, so its intrinsics would not inline.)
+        // cvtps2dq rounds half to even, matching `quantize_block_scalar` (no closure: see top)
         let q = [
             _mm256_cvtps_epi32(_mm256_mul_ps(v[0], idv)),
             _mm256_cvtps_epi32(_mm256_mul_ps(v[1], idv)),
