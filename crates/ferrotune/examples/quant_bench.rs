@@ -148,6 +148,12 @@ fn one(dtype: GgmlDType, n: usize, k: usize, threads: usize, per_batch: Duration
         .unwrap();
     let mut y = vec![0f32; n];
     let gb = w.storage_bytes() as f64 / 1e9;
+    let deq = time(|| drop(w.dequantize().unwrap()), per_batch, batches);
+    println!(
+        "dequantize: {:.1} us ({:.2} ns per value)",
+        deq * 1e6,
+        deq * 1e9 / (n * k) as f64
+    );
     for _ in 0..3 {
         let hot = time(
             || w.matvec_with(Isa::best(), threads, &x, &mut y),

@@ -80,6 +80,21 @@ pub(crate) fn quantize_into(isa: Isa, x: &[f32], q: &mut [i8], ds: &mut [[f32; 2
     }
 }
 
+/// Dequantise whole blocks of `fmt` (`out.len() == 32 * bytes.len() / block_bytes`).
+pub(crate) fn dequant(isa: Isa, fmt: Fmt, bytes: &[u8], out: &mut [f32]) {
+    assert_eq!(out.len() * fmt.block_bytes(), bytes.len() * QK);
+    assert!(
+        isa.available(),
+        "{isa:?} kernels are not supported on this CPU"
+    );
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: lengths checked above; the CPU supports AVX2 (implied by either level).
+        Isa::Avx2 | Isa::Avx512 => unsafe { super::x86::dequant_avx2(fmt, bytes, out) },
+        _ => format::dequant_blocks(fmt, bytes, out),
+    }
+}
+
 /// `out[i] = W[i, :] . x` for `out.len()` weight rows starting at the beginning of `w`, with
 /// `x` = activation row `ar` of `act`.
 pub(crate) fn gemv(isa: Isa, fmt: Fmt, w: &[u8], act: &QAct, ar: usize, out: &mut [f32]) {

@@ -415,7 +415,7 @@ impl QuantWeight {
         let start = row * self.row_bytes();
         let (lo, hi) = (start + b0 * ts, start + b1 * ts);
         match &self.repr {
-            Repr::Own { fmt, data } => format::dequant_blocks(*fmt, &data[lo..hi], out),
+            Repr::Own { fmt, data } => kernels::dequant(Isa::best(), *fmt, &data[lo..hi], out),
             Repr::Candle { q, .. } => {
                 let data = q.data()?;
                 // `data` is candle's typed block vector, so every block boundary is aligned
@@ -530,7 +530,7 @@ impl QuantWeight {
         match &self.repr {
             Repr::Own { fmt, data } => {
                 let mut out = vec![0f32; self.out_dim * self.in_dim];
-                format::dequant_blocks(*fmt, data, &mut out);
+                kernels::dequant(Isa::best(), *fmt, data, &mut out);
                 Tensor::from_vec(out, (self.out_dim, self.in_dim), &Device::Cpu)
             }
             Repr::Candle { q, .. } => q.dequantize(&Device::Cpu),

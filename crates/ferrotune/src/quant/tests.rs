@@ -246,6 +246,22 @@ fn isa_paths_agree() {
 }
 
 #[test]
+fn dequantisation_identical_on_every_isa() {
+    let mut rng = StdRng::seed_from_u64(12);
+    for dtype in OWN {
+        let (w, deq) = weight(&mut rng, 9, 160, dtype);
+        let Repr::Own { fmt, data } = &w.repr else {
+            unreachable!()
+        };
+        for isa in isas() {
+            let mut out = vec![0f32; 9 * 160];
+            kernels::dequant(isa, *fmt, data, &mut out);
+            assert_eq!(out, deq, "{dtype:?} {isa:?}");
+        }
+    }
+}
+
+#[test]
 fn thread_count_does_not_change_results() {
     let mut rng = StdRng::seed_from_u64(5);
     let (n, k) = (1000, 256);

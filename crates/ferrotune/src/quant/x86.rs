@@ -535,6 +535,48 @@ unsafe fn quantize_impl(x: &[f32], q: &mut [i8], ds: &mut [[f32; 2]]) {
     }
 }
 
+#[inline(always)]
+unsafe fn dequant_impl<const F: u8>(bytes: &[u8], out: &mut [f32]) {
+    for (blk, o) in bytes.chunks_exact(bb(F)).zip(out.chunks_exact_mut(QK)) {
+        let p = blk.as_ptr();
+        let v = wload::<F>(p);
+        let sc = wscale::<F>(p);
+        let d = _mm256_broadcastss_ps(sc);
+        let m = match F {
+            F_Q4_1 => _mm256_broadcastss_ps(_mm_movehdup_ps(sc)),
+            F_Q4_0 => _mm256_mul_ps(d, _mm256_set1_ps(-8.0)),
+            _ => _mm256_setzero_ps(),
+        };
+        let halves = [_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1)];
+        for (h, half) in halves.into_iter().enumerate() {
+            for q in 0..2 {
+                let part = if q == 0 {
+                    half
+                } else {
+                    _mm_unpackhi_epi64(half, half)
+                };
+                let ints = if F == F_Q8_0 {
+                    _mm256_cvtepi8_epi32(part)
+                } else {
+                    _mm256_cvtepu8_epi32(part)
+                };
+                let vals = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ints), d, m);
+                _mm256_storeu_ps(o.as_mut_ptr().add(16 * h + 8 * q), vals);
+            }
+        }
+    }
+}
+
+/// Dequantise whole blocks (`out.len() == QK * bytes.len() / block_bytes`).
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn dequant_avx2(fmt: Fmt, bytes: &[u8], out: &mut [f32]) {
+    match fmt {
+        Fmt::Q4_0 => dequant_impl::<F_Q4_0>(bytes, out),
+        Fmt::Q4_1 => dequant_impl::<F_Q4_1>(bytes, out),
+        Fmt::Q8_0 => dequant_impl::<F_Q8_0>(bytes, out),
+    }
+}
+
 macro_rules! entry_points {
     ($feat:literal, $vnni:literal, $gemv:ident, $gemm:ident, $quant:ident) => {
         #[target_feature(enable = $feat)]
