@@ -97,42 +97,49 @@ fn main() {
     }
 }
 
-/// Fork/join cost with (almost) no work: what a tiny decode matvec pays to use a second thread.
+/// Fork/join cost: 2 items of no work (the caller's fixed cost), and 2 items of 2 us of busy
+/// work each (ideal: 2 us on two threads, 4 us on one).
 fn overhead(per_batch: Duration, batches: usize) {
     use std::sync::atomic::{AtomicUsize, Ordering};
     let sink = AtomicUsize::new(0);
-    let work = |r: std::ops::Range<usize>| {
-        sink.fetch_add(r.len(), Ordering::Relaxed);
-    };
-    println!("\n## fork/join overhead, 2 items of no work: us per call");
-    let ours = time(
-        || ferrotune::quant::parallel_chunks(2, 1, 2, work),
-        per_batch,
-        batches,
-    );
-    let join = time(
-        || {
-            rayon::join(|| work(0..1), || work(1..2));
-        },
-        per_batch,
-        batches,
-    );
-    let par_iter = time(
-        || {
-            use rayon::prelude::*;
-            (0..2usize).into_par_iter().for_each(|i| work(i..i + 1))
-        },
-        per_batch,
-        batches,
-    );
-    println!("| ferrotune pool (2 threads) | rayon::join | rayon par_iter |");
-    println!("|---|---|---|");
-    println!(
-        "| {:.2} | {:.2} | {:.2} |",
-        ours * 1e6,
-        join * 1e6,
-        par_iter * 1e6
-    );
+    println!("\n## fork/join: us per call");
+    println!("| work per item | ferrotune pool (2 threads) | rayon::join | rayon par_iter |");
+    println!("|---|---|---|---|");
+    for busy_us in [0u64, 2] {
+        let work = |r: std::ops::Range<usize>| {
+            let t = Instant::now();
+            while t.elapsed() < Duration::from_micros(busy_us) {
+                std::hint::spin_loop();
+            }
+            sink.fetch_add(r.len(), Ordering::Relaxed);
+        };
+        let ours = time(
+            || ferrotune::quant::parallel_chunks(2, 1, 2, work),
+            per_batch,
+            batches,
+        );
+        let join = time(
+            || {
+                rayon::join(|| work(0..1), || work(1..2));
+            },
+            per_batch,
+            batches,
+        );
+        let par_iter = time(
+            || {
+                use rayon::prelude::*;
+                (0..2usize).into_par_iter().for_each(|i| work(i..i + 1))
+            },
+            per_batch,
+            batches,
+        );
+        println!(
+            "| {busy_us} us | {:.2} | {:.2} | {:.2} |",
+            ours * 1e6,
+            join * 1e6,
+            par_iter * 1e6
+        );
+    }
 }
 
 /// One matvec shape, hot and cold, a few repetitions (for quick kernel experiments).

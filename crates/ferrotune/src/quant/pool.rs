@@ -19,6 +19,8 @@ use std::time::{Duration, Instant};
 /// enough not to hold a shared core once the model stops calling. A parked worker costs only
 /// parallelism, never correctness or a stall: it joins late and takes fewer chunks.
 const SPIN: Duration = Duration::from_micros(100);
+/// Pure spinning (lowest wake-up latency) for this long, then spin with `yield_now`.
+const SPIN_BEFORE_YIELD: Duration = Duration::from_micros(5);
 
 #[repr(C, align(64))]
 struct Slot {
@@ -154,10 +156,16 @@ fn worker(shared: &'static Shared, tid: usize) {
                 continue;
             }
             let t0 = *since.get_or_insert_with(Instant::now);
-            if t0.elapsed() > SPIN {
+            let idle = t0.elapsed();
+            if idle > SPIN {
                 // An unpark() that raced ahead of this park() leaves a token: no lost wake-up.
                 std::thread::park();
                 since = None;
+            } else if idle > SPIN_BEFORE_YIELD {
+                // Let another runnable thread on this core go first (candle's rayon or barrier
+                // pool workers between our calls): a pure spin would hold the core for its
+                // whole time slice and stall them. With nothing else runnable this returns at once.
+                std::thread::yield_now();
             }
         };
         seen = g;
