@@ -3,6 +3,7 @@
 //! ```text
 //! cargo run --release --example quant_bench -- [overhead|matvec|batch|all] [--quick]
 //! cargo run --release --example quant_bench -- one q4_1|q8_0 OUT IN THREADS   # one matvec shape
+//! cargo run --release --example quant_bench -- one-batch q4_1|q8_0 OUT IN ROWS THREADS
 //! ```
 //!
 //! * "hot": the same matrix every call (it stays in cache). "cold": calls rotate over copies
@@ -85,6 +86,12 @@ fn main() {
             let dtype = dtype_arg(args.get(2));
             let (n, k, threads) = (arg(3, 576), arg(4, 576), arg(5, 1));
             one(dtype, n, k, threads, per_batch, batches);
+        }
+        "one-batch" => {
+            let arg = |i: usize, d: usize| args.get(i).and_then(|s| s.parse().ok()).unwrap_or(d);
+            let dtype = dtype_arg(args.get(2));
+            let (n, k, m, threads) = (arg(3, 1536), arg(4, 576), arg(5, 512), arg(6, 1));
+            one_batch(dtype, n, k, m, threads, per_batch, batches);
         }
         "overhead" => overhead(per_batch, batches),
         "matvec" => matvec(per_batch, batches),
@@ -184,6 +191,46 @@ fn one(dtype: GgmlDType, n: usize, k: usize, threads: usize, per_batch: Duration
             gb / cold
         );
     }
+}
+
+/// One batched shape: ours (every kernel level) against candle's f32 matmul, in GMAC/s.
+fn one_batch(
+    dtype: GgmlDType,
+    n: usize,
+    k: usize,
+    m: usize,
+    threads: usize,
+    per_batch: Duration,
+    batches: usize,
+) {
+    let wf = random_weight(n, k);
+    let w = QuantWeight::quantize(&wf, dtype).unwrap();
+    let x = Tensor::randn(0f32, 1.0, (m, k), &Device::Cpu).unwrap();
+    let xv: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
+    let mut y = vec![0f32; m * n];
+    let wt = wf.t().unwrap();
+    let gmac = (m * n * k) as f64 / 1e9;
+    for isa in [Isa::Avx512, Isa::Avx2, Isa::Scalar]
+        .into_iter()
+        .filter(|i| i.available())
+    {
+        let t = time(
+            || w.matmul_with(isa, threads, &xv, m, &mut y),
+            per_batch,
+            batches,
+        );
+        println!(
+            "{dtype:?} ({m}x{k}) @ ({n}x{k})^T, {threads}T, {isa:?}: {:.2} ms, {:.1} GMAC/s",
+            t * 1e3,
+            gmac / t
+        );
+    }
+    let t = time(|| drop(x.matmul(&wt).unwrap()), per_batch, batches);
+    println!(
+        "f32 matmul (RAYON_NUM_THREADS threads): {:.2} ms, {:.1} GMAC/s",
+        t * 1e3,
+        gmac / t
+    );
 }
 
 fn matvec(per_batch: Duration, batches: usize) {

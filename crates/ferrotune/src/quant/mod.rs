@@ -385,7 +385,7 @@ impl QuantWeight {
         }
         let rb = act.nb() * fmt.block_bytes();
         let outp = SyncPtr(out.as_mut_ptr());
-        // 16 weight rows is 4 of the 4x4 kernel tiles; small enough that every thread gets work
+        // 16 weight rows = two 8-row panels per kernel call; small units so every thread gets work
         pool::for_each_chunk(n.div_ceil(16), 1, threads, |units| {
             let (c0, c1) = (units.start * 16, (units.end * 16).min(n));
             // SAFETY: `out` is m x n; this chunk alone writes its columns c0..c1.

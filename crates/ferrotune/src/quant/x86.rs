@@ -174,110 +174,6 @@ unsafe fn gemv_impl<const F: u8, const VNNI: bool>(
     }
 }
 
-/// An `RA x RW` tile on unpacked blocks: activation rows `0..RA` (stride `k` values) times
-/// weight rows `0..RW`. Integer part only (no Q4 offset terms), so it serves Q8_0 on AVX2 only,
-/// where the packed kernel cannot be used.
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-unsafe fn gemm_tile<const F: u8, const RA: usize, const RW: usize, const VNNI: bool>(
-    w: *const u8,
-    row_bytes: usize,
-    nb: usize,
-    aq: *const i8,
-    k: usize,
-    ads: *const [f32; 2],
-    out: *mut f32,
-    ldo: usize,
-) {
-    let mut acc = [[_mm256_setzero_ps(); RW]; RA];
-    for b in 0..nb {
-        let mut wq = [_mm256_setzero_si256(); RW];
-        let mut wd = [_mm256_setzero_ps(); RW];
-        for c in 0..RW {
-            let blk = w.add(c * row_bytes + b * bb(F));
-            wq[c] = wload::<F>(blk);
-            wd[c] = _mm256_broadcastss_ps(wscale::<F>(blk));
-        }
-        for r in 0..RA {
-            let a = _mm256_loadu_si256(aq.add(r * k + b * QK) as *const __m256i);
-            let dx = _mm256_broadcast_ss(&(*ads.add(r * nb + b))[0]);
-            for c in 0..RW {
-                let t = _mm256_mul_ps(_mm256_cvtepi32_ps(wdot::<F, VNNI>(wq[c], a)), dx);
-                acc[r][c] = _mm256_fmadd_ps(t, wd[c], acc[r][c]);
-            }
-        }
-    }
-    for r in 0..RA {
-        for c in 0..RW {
-            *out.add(r * ldo + c) = hsum(acc[r][c]);
-        }
-    }
-}
-
-/// All activation rows of `act` times weight rows `0..n_w`, tiled `RA x RW`, with tails.
-#[inline(always)]
-unsafe fn gemm_impl<const F: u8, const RA: usize, const RW: usize, const VNNI: bool>(
-    w: *const u8,
-    n_w: usize,
-    act: &QAct,
-    out: *mut f32,
-    ldo: usize,
-) {
-    let (k, nb) = (act.k, act.nb());
-    let row_bytes = nb * bb(F);
-    let (aq, ads) = (act.qs.as_ptr(), act.ds.as_ptr());
-    let m = act.rows;
-    let mut r = 0;
-    while r < m {
-        let ra = (m - r).min(RA);
-        let (aq_r, ads_r, out_r) = (aq.add(r * k), ads.add(r * nb), out.add(r * ldo));
-        let mut c = 0;
-        while c < n_w {
-            let rw = (n_w - c).min(RW);
-            let (w_c, out_c) = (w.add(c * row_bytes), out_r.add(c));
-            if ra == RA && rw == RW {
-                gemm_tile::<F, RA, RW, VNNI>(w_c, row_bytes, nb, aq_r, k, ads_r, out_c, ldo);
-            } else {
-                // tails: one activation row or one weight row at a time
-                for rr in 0..ra {
-                    let (aq1, ads1) = (aq_r.add(rr * k), ads_r.add(rr * nb));
-                    let mut cc = 0;
-                    while cc + RW <= rw {
-                        let o = out_c.add(rr * ldo + cc);
-                        gemm_tile::<F, 1, RW, VNNI>(
-                            w_c.add(cc * row_bytes),
-                            row_bytes,
-                            nb,
-                            aq1,
-                            k,
-                            ads1,
-                            o,
-                            ldo,
-                        );
-                        cc += RW;
-                    }
-                    while cc < rw {
-                        let o = out_c.add(rr * ldo + cc);
-                        gemm_tile::<F, 1, 1, VNNI>(
-                            w_c.add(cc * row_bytes),
-                            row_bytes,
-                            nb,
-                            aq1,
-                            k,
-                            ads1,
-                            o,
-                            ldo,
-                        );
-                        cc += 1;
-                    }
-                }
-            }
-            c += rw;
-        }
-        r += ra;
-    }
-}
-
 /// One block (32 values) of 8 weight rows, repacked for the batched kernel: `qs[g]` holds values
 /// `4g..4g+4` of rows 0..7 as unsigned bytes (Q4 nibbles; Q8_0 values + 128), so one
 /// `vpdpbusd` against 4 broadcast activation bytes yields 8 output columns at once and no
@@ -323,8 +219,9 @@ unsafe fn transpose8(v: [__m256i; 8]) -> [__m256i; 8] {
 }
 
 /// Repack `rows` (<= 8) weight rows of `nb` blocks into `dst[0..nb]`; missing rows are zero.
+/// `MODE_SIGN` keeps Q8_0 values signed (offset 0) for the AVX2 sign trick.
 #[inline(always)]
-unsafe fn pack_panel<const F: u8>(
+unsafe fn pack_panel<const F: u8, const MODE: u8>(
     w: *const u8,
     row_bytes: usize,
     rows: usize,
@@ -343,6 +240,7 @@ unsafe fn pack_panel<const F: u8>(
             o[j] = match F {
                 F_Q4_1 => _mm_cvtss_f32(_mm_movehdup_ps(sc)),
                 F_Q4_0 => -8.0 * d[j],
+                _ if MODE == MODE_SIGN => 0.0,
                 _ => {
                     v[j] = _mm256_xor_si256(v[j], _mm256_set1_epi8(-128));
                     -128.0 * d[j]
@@ -359,12 +257,20 @@ unsafe fn pack_panel<const F: u8>(
     }
 }
 
+/// How a packed tile forms its integer block sums.
+/// VNNI: `vpdpbusd` on u8 weights. I16: `vpmaddubsw` on u8 weights, summed in i16 lanes over the
+/// 8 groups of a block (no overflow for Q4 nibbles: 8 x 2 x 15 x 127 < 2^15). SIGN: Q8_0 kept
+/// signed, `vpsignb` moves each weight's sign onto the activation and `vpmaddubsw` multiplies
+/// by `|w|` (u8 + 128 would overflow `vpmaddubsw`'s i16 pairs), widened to i32 every group.
+const MODE_VNNI: u8 = 0;
+const MODE_I16: u8 = 1;
+const MODE_SIGN: u8 = 2;
+
 /// `RA` activation rows times `NP` packed panels (8 output columns each). Integer sums per block
-/// stay in registers (`vpdpbusd`, or `vpmaddubsw` into i16 for AVX2, which cannot overflow for
-/// Q4 nibbles: 8 groups x 2 x 15 x 127 < 2^15), then one scale-and-offset step per block.
+/// stay in registers, then one scale-and-offset step per block and 8 columns.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn packed_tile<const RA: usize, const NP: usize, const VNNI: bool>(
+unsafe fn packed_tile<const RA: usize, const NP: usize, const MODE: u8>(
     panels: *const PanelBlock,
     nb: usize,
     aq: *const i8,
@@ -374,24 +280,33 @@ unsafe fn packed_tile<const RA: usize, const NP: usize, const VNNI: bool>(
     ldo: usize,
     ncols: usize,
 ) {
+    let ones = _mm256_set1_epi16(1);
     let mut facc = [[_mm256_setzero_ps(); NP]; RA];
     for b in 0..nb {
         let mut iacc = [[_mm256_setzero_si256(); NP]; RA];
         for g in 0..8 {
             let mut wv = [_mm256_setzero_si256(); NP];
+            let mut wa = [_mm256_setzero_si256(); NP];
             for p in 0..NP {
                 wv[p] =
                     _mm256_load_si256((*panels.add(p * nb + b)).qs[g].as_ptr() as *const __m256i);
+                if MODE == MODE_SIGN {
+                    wa[p] = _mm256_abs_epi8(wv[p]);
+                }
             }
             for r in 0..RA {
                 let xb = _mm256_set1_epi32(
                     (aq.add(r * k + b * QK + 4 * g) as *const i32).read_unaligned(),
                 );
                 for p in 0..NP {
-                    iacc[r][p] = if VNNI {
-                        _mm256_dpbusd_epi32(iacc[r][p], wv[p], xb)
-                    } else {
-                        _mm256_add_epi16(iacc[r][p], _mm256_maddubs_epi16(wv[p], xb))
+                    iacc[r][p] = match MODE {
+                        MODE_VNNI => _mm256_dpbusd_epi32(iacc[r][p], wv[p], xb),
+                        MODE_I16 => _mm256_add_epi16(iacc[r][p], _mm256_maddubs_epi16(wv[p], xb)),
+                        _ => {
+                            let xs = _mm256_sign_epi8(xb, wv[p]);
+                            let pairs = _mm256_maddubs_epi16(wa[p], xs);
+                            _mm256_add_epi32(iacc[r][p], _mm256_madd_epi16(pairs, ones))
+                        }
                     };
                 }
             }
@@ -401,14 +316,16 @@ unsafe fn packed_tile<const RA: usize, const NP: usize, const VNNI: bool>(
             let (dxv, sxv) = (_mm256_set1_ps(dx), _mm256_set1_ps(sx));
             for p in 0..NP {
                 let pb = &*panels.add(p * nb + b);
-                let isum = if VNNI {
-                    iacc[r][p]
+                let isum = if MODE == MODE_I16 {
+                    _mm256_madd_epi16(iacc[r][p], ones)
                 } else {
-                    _mm256_madd_epi16(iacc[r][p], _mm256_set1_epi16(1))
+                    iacc[r][p]
                 };
                 let t = _mm256_mul_ps(_mm256_cvtepi32_ps(isum), dxv);
                 facc[r][p] = _mm256_fmadd_ps(t, _mm256_load_ps(pb.d.as_ptr()), facc[r][p]);
-                facc[r][p] = _mm256_fmadd_ps(_mm256_load_ps(pb.o.as_ptr()), sxv, facc[r][p]);
+                if MODE != MODE_SIGN {
+                    facc[r][p] = _mm256_fmadd_ps(_mm256_load_ps(pb.o.as_ptr()), sxv, facc[r][p]);
+                }
             }
         }
     }
@@ -430,7 +347,7 @@ unsafe fn packed_tile<const RA: usize, const NP: usize, const VNNI: bool>(
 /// once per call into a per-thread buffer, then every tile of `RA` activation rows runs
 /// against them, so the packed weights (12-30 KB for SmolLM2 shapes) stay in L1/L2.
 #[inline(always)]
-unsafe fn gemm_packed<const F: u8, const RA: usize, const VNNI: bool>(
+unsafe fn gemm_packed<const F: u8, const RA: usize, const MODE: u8>(
     w: *const u8,
     n_w: usize,
     act: &QAct,
@@ -457,7 +374,7 @@ unsafe fn gemm_packed<const F: u8, const RA: usize, const VNNI: bool>(
         let np = cols.div_ceil(8);
         for p in 0..np {
             let rows = (cols - 8 * p).min(8);
-            pack_panel::<F>(
+            pack_panel::<F, MODE>(
                 w.add((c0 + 8 * p) * row_bytes),
                 row_bytes,
                 rows,
@@ -472,9 +389,9 @@ unsafe fn gemm_packed<const F: u8, const RA: usize, const VNNI: bool>(
             macro_rules! tile {
                 ($ra:literal) => {
                     if np == NP {
-                        packed_tile::<$ra, NP, VNNI>(panels, nb, a, k, d, o, ldo, cols)
+                        packed_tile::<$ra, NP, MODE>(panels, nb, a, k, d, o, ldo, cols)
                     } else {
-                        packed_tile::<$ra, 1, VNNI>(panels, nb, a, k, d, o, ldo, cols)
+                        packed_tile::<$ra, 1, MODE>(panels, nb, a, k, d, o, ldo, cols)
                     }
                 };
             }
@@ -606,19 +523,18 @@ macro_rules! entry_points {
             ldo: usize,
         ) {
             // With AVX-512VL there are 32 vector registers: 4 activation rows x 2 panels of int
-            // and float accumulators fit; AVX2's 16 hold 2 rows. Q8_0 as u8 (+128) would overflow
-            // `vpmaddubsw`'s i16 pairs, so AVX2 runs Q8_0 on the unpacked blocks instead.
+            // and float accumulators fit; AVX2's 16 hold 2 rows.
             if $vnni {
                 match fmt {
-                    Fmt::Q4_0 => gemm_packed::<F_Q4_0, 4, $vnni>(w, n_w, act, out, ldo),
-                    Fmt::Q4_1 => gemm_packed::<F_Q4_1, 4, $vnni>(w, n_w, act, out, ldo),
-                    Fmt::Q8_0 => gemm_packed::<F_Q8_0, 4, $vnni>(w, n_w, act, out, ldo),
+                    Fmt::Q4_0 => gemm_packed::<F_Q4_0, 4, MODE_VNNI>(w, n_w, act, out, ldo),
+                    Fmt::Q4_1 => gemm_packed::<F_Q4_1, 4, MODE_VNNI>(w, n_w, act, out, ldo),
+                    Fmt::Q8_0 => gemm_packed::<F_Q8_0, 4, MODE_VNNI>(w, n_w, act, out, ldo),
                 }
             } else {
                 match fmt {
-                    Fmt::Q4_0 => gemm_packed::<F_Q4_0, 2, $vnni>(w, n_w, act, out, ldo),
-                    Fmt::Q4_1 => gemm_packed::<F_Q4_1, 2, $vnni>(w, n_w, act, out, ldo),
-                    Fmt::Q8_0 => gemm_impl::<F_Q8_0, 2, 4, $vnni>(w, n_w, act, out, ldo),
+                    Fmt::Q4_0 => gemm_packed::<F_Q4_0, 2, MODE_I16>(w, n_w, act, out, ldo),
+                    Fmt::Q4_1 => gemm_packed::<F_Q4_1, 2, MODE_I16>(w, n_w, act, out, ldo),
+                    Fmt::Q8_0 => gemm_packed::<F_Q8_0, 2, MODE_SIGN>(w, n_w, act, out, ldo),
                 }
             }
         }
