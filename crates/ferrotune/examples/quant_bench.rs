@@ -4,6 +4,7 @@
 //! cargo run --release --example quant_bench -- [overhead|matvec|batch|all] [--quick]
 //! cargo run --release --example quant_bench -- one q4_1|q8_0 OUT IN THREADS   # one matvec shape
 //! cargo run --release --example quant_bench -- one-batch q4_1|q8_0 OUT IN ROWS THREADS
+//! cargo run --release --example quant_bench -- decode [GGUF]   # every matvec of one token
 //! ```
 //!
 //! * "hot": the same matrix every call (it stays in cache). "cold": calls rotate over copies
@@ -93,6 +94,16 @@ fn main() {
             let (n, k, m, threads) = (arg(3, 1536), arg(4, 576), arg(5, 512), arg(6, 1));
             one_batch(dtype, n, k, m, threads, per_batch, batches);
         }
+        "decode" => {
+            let path = args
+                .get(2)
+                .filter(|a| !a.starts_with("--"))
+                .cloned()
+                .unwrap_or_else(|| {
+                    "/work/main/.cache/models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf".into()
+                });
+            decode(&path, per_batch, batches);
+        }
         "overhead" => overhead(per_batch, batches),
         "matvec" => matvec(per_batch, batches),
         "batch" => batch(per_batch, batches),
@@ -102,6 +113,72 @@ fn main() {
             batch(per_batch, batches);
         }
     }
+}
+
+/// All weight matvecs of one decode step of a real GGUF model (every 2-D tensor once, the tied
+/// embedding as the lm_head), in file order: the matmul budget of a token, weights from DRAM.
+fn decode(path: &str, per_batch: Duration, batches: usize) {
+    use candle_core::quantized::gguf_file;
+    let Ok(mut f) = std::fs::File::open(path) else {
+        println!("{path} not found; skipping the decode benchmark");
+        return;
+    };
+    let ct = gguf_file::Content::read(&mut f).unwrap();
+    let mut ours = Vec::new();
+    let mut candle = Vec::new();
+    let mut bytes = 0usize;
+    for (name, info) in &ct.tensor_infos {
+        if info.shape.rank() != 2 || name == "output.weight" {
+            continue;
+        }
+        let q = ct.tensor(&mut f, name, &Device::Cpu).unwrap();
+        bytes += q.storage_size_in_bytes();
+        candle.push(QMatMul::from_qtensor(ct.tensor(&mut f, name, &Device::Cpu).unwrap()).unwrap());
+        ours.push(QuantWeight::from_qtensor(q).unwrap());
+    }
+    let xs: Vec<Vec<f32>> = ours
+        .iter()
+        .map(|w| {
+            Tensor::randn(0f32, 1.0, w.shape().1, &Device::Cpu)
+                .unwrap()
+                .to_vec1()
+                .unwrap()
+        })
+        .collect();
+    let xts: Vec<Tensor> = xs
+        .iter()
+        .map(|x| Tensor::from_vec(x.clone(), (1, x.len()), &Device::Cpu).unwrap())
+        .collect();
+    let mut ys: Vec<Vec<f32>> = ours.iter().map(|w| vec![0f32; w.shape().0]).collect();
+    println!(
+        "\n## decode: all {} weight matvecs of one token ({:.1} MB), ms per token",
+        ours.len(),
+        bytes as f64 / 1e6
+    );
+    println!("| ours 1T | ours 2T | candle QMatMul |");
+    println!("|---|---|---|");
+    let mut run = |threads: usize| {
+        time(
+            || {
+                for ((w, x), y) in ours.iter().zip(&xs).zip(ys.iter_mut()) {
+                    w.matvec_with(Isa::best(), threads, x, y);
+                }
+            },
+            per_batch,
+            batches,
+        )
+    };
+    let (t1, t2) = (run(1), run(2));
+    let tc = time(
+        || {
+            for (w, x) in candle.iter().zip(&xts) {
+                w.forward(x).unwrap();
+            }
+        },
+        per_batch,
+        batches,
+    );
+    println!("| {:.2} | {:.2} | {:.2} |", t1 * 1e3, t2 * 1e3, tc * 1e3);
 }
 
 /// Fork/join cost: 2 items of no work (the caller's fixed cost), and 2 items of 2 us of busy
