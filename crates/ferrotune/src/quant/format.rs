@@ -40,9 +40,11 @@ impl Fmt {
     }
 }
 
+/// The f16 at byte `off`. `to_f32_const` is plain integer code that inlines: `to_f32` checks
+/// for F16C at run time on every call, which made the portable kernels several times slower.
 #[inline(always)]
 pub(crate) fn f16_at(b: &[u8], off: usize) -> f32 {
-    f16::from_bits(u16::from_le_bytes([b[off], b[off + 1]])).to_f32()
+    f16::from_bits(u16::from_le_bytes([b[off], b[off + 1]])).to_f32_const()
 }
 
 /// Activation rows quantized to 8 bits per value in blocks of 32: `q = round_even(x / d)` with
@@ -118,35 +120,39 @@ pub(crate) fn gemv_scalar(fmt: Fmt, w: &[u8], act: &QAct, ar: usize, out: &mut [
 
 /// One weight row (whole blocks) times one quantised activation row.
 pub(crate) fn dot_row_scalar(fmt: Fmt, row: &[u8], aq: &[i8], ads: &[[f32; 2]]) -> f32 {
-    let bb = fmt.block_bytes();
+    match fmt {
+        Fmt::Q4_0 => dot_row::<18, 2>(row, aq, ads),
+        Fmt::Q4_1 => dot_row::<20, 4>(row, aq, ads),
+        Fmt::Q8_0 => dot_row::<34, 2>(row, aq, ads),
+    }
+}
+
+/// Monomorphised per format (block bytes `BB`, quants at byte `OFF`) with fixed-size array views,
+/// so the compiler sees constant trip counts without bounds checks and vectorises the integer
+/// dot products (this is the path on targets without our SIMD kernels, e.g. aarch64 NEON).
+#[inline(always)]
+fn dot_row<const BB: usize, const OFF: usize>(row: &[u8], aq: &[i8], ads: &[[f32; 2]]) -> f32 {
     let mut acc = 0f32;
-    for (b, blk) in row.chunks_exact(bb).enumerate() {
-        let q8 = &aq[b * QK..(b + 1) * QK];
-        let [d8, s8] = ads[b];
-        acc += match fmt {
-            Fmt::Q4_1 | Fmt::Q4_0 => {
-                let off = if fmt == Fmt::Q4_1 { 4 } else { 2 };
-                let qs = &blk[off..off + 16];
-                let mut isum = 0i32;
-                for j in 0..16 {
-                    isum += (qs[j] & 0x0F) as i32 * q8[j] as i32;
-                    isum += (qs[j] >> 4) as i32 * q8[j + 16] as i32;
-                }
-                let d = f16_at(blk, 0);
-                let m = if fmt == Fmt::Q4_1 {
-                    f16_at(blk, 2)
-                } else {
-                    -8.0 * d
-                };
-                d * d8 * isum as f32 + m * s8
+    for ((blk, q8), &[d8, s8]) in row.chunks_exact(BB).zip(aq.chunks_exact(QK)).zip(ads) {
+        let q8: &[i8; QK] = q8.try_into().expect("32-value block");
+        let d = f16_at(blk, 0);
+        acc += if BB == 34 {
+            let w: &[u8; QK] = blk[2..2 + QK].try_into().expect("Q8_0 block");
+            let mut isum = 0i32;
+            for j in 0..QK {
+                isum += w[j] as i8 as i32 * q8[j] as i32;
             }
-            Fmt::Q8_0 => {
-                let mut isum = 0i32;
-                for j in 0..QK {
-                    isum += blk[2 + j] as i8 as i32 * q8[j] as i32;
-                }
-                f16_at(blk, 0) * d8 * isum as f32
+            d * d8 * isum as f32
+        } else {
+            let qs: &[u8; 16] = blk[OFF..OFF + 16].try_into().expect("Q4 block");
+            // nibble x i8 products are at most 15 x 127, so 16 of them fit an i16 sum
+            let (mut lo, mut hi) = (0i16, 0i16);
+            for j in 0..16 {
+                lo += (qs[j] & 0x0F) as i16 * q8[j] as i16;
+                hi += (qs[j] >> 4) as i16 * q8[j + 16] as i16;
             }
+            let m = if BB == 20 { f16_at(blk, 2) } else { -8.0 * d };
+            d * d8 * (lo as i32 + hi as i32) as f32 + m * s8
         };
     }
     acc
@@ -178,16 +184,6 @@ pub(crate) fn dequant_blocks(fmt: Fmt, bytes: &[u8], out: &mut [f32]) {
                 }
             }
         }
-    }
-}
-
-/// The offset term of a weight block (`m` for Q4_1, `-8 d` for Q4_0, none for Q8_0): the batched
-/// kernels add `sum_b offset_b * (sum of x over block b)` after their integer loop.
-pub(crate) fn block_offset(fmt: Fmt, blk: &[u8]) -> f32 {
-    match fmt {
-        Fmt::Q4_1 => f16_at(blk, 2),
-        Fmt::Q4_0 => -8.0 * f16_at(blk, 0),
-        Fmt::Q8_0 => 0.0,
     }
 }
 

@@ -57,7 +57,7 @@ pub(crate) fn quantize_act(isa: Isa, x: &[f32], rows: usize, k: usize) -> QAct {
 
 /// Quantise whole blocks of `x` into `q` / `ds` (used per row range by the threaded callers).
 pub(crate) fn quantize_into(isa: Isa, x: &[f32], q: &mut [i8], ds: &mut [[f32; 2]]) {
-    assert!(x.len() % QK == 0 && q.len() == x.len() && ds.len() * QK == x.len());
+    assert!(x.len().is_multiple_of(QK) && q.len() == x.len() && ds.len() * QK == x.len());
     assert!(
         isa.available(),
         "{isa:?} kernels are not supported on this CPU"
@@ -77,6 +77,21 @@ pub(crate) fn quantize_into(isa: Isa, x: &[f32], q: &mut [i8], ds: &mut [[f32; 2
                 *d = format::quantize_block_scalar(xb, qb);
             }
         }
+    }
+}
+
+/// Dequantise whole blocks of `fmt` (`out.len() == 32 * bytes.len() / block_bytes`).
+pub(crate) fn dequant(isa: Isa, fmt: Fmt, bytes: &[u8], out: &mut [f32]) {
+    assert_eq!(out.len() * fmt.block_bytes(), bytes.len() * QK);
+    assert!(
+        isa.available(),
+        "{isa:?} kernels are not supported on this CPU"
+    );
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: lengths checked above; the CPU supports AVX2 (implied by either level).
+        Isa::Avx2 | Isa::Avx512 => unsafe { super::x86::dequant_avx2(fmt, bytes, out) },
+        _ => format::dequant_blocks(fmt, bytes, out),
     }
 }
 
@@ -109,26 +124,23 @@ pub(crate) fn gemv(isa: Isa, fmt: Fmt, w: &[u8], act: &QAct, ar: usize, out: &mu
 }
 
 /// `out[r * ldo + c] = W[c, :] . x_r` for every activation row `r` of `act` and weight rows
-/// `c < n_w` at the start of `w`. `s` is the per-block activation sums, `act.rows x nb`
-/// row-major (see [`block_sums`]).
+/// `c < n_w` at the start of `w`.
 ///
 /// # Safety
 /// `out` must be valid for writes at `r * ldo + c` for all `r < act.rows`, `c < n_w`, and no
 /// other thread may access those elements during the call.
-#[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn gemm(
     isa: Isa,
     fmt: Fmt,
     w: &[u8],
     n_w: usize,
     act: &QAct,
-    s: &[f32],
     out: *mut f32,
     ldo: usize,
 ) {
     let nb = act.nb();
     let row_bytes = nb * fmt.block_bytes();
-    assert!(w.len() >= n_w * row_bytes && n_w <= ldo && s.len() == act.rows * nb);
+    assert!(w.len() >= n_w * row_bytes && n_w <= ldo);
     assert!(
         isa.available(),
         "{isa:?} kernels are not supported on this CPU"
@@ -145,61 +157,7 @@ pub(crate) unsafe fn gemm(
             } else {
                 super::x86::gemm_avx2(fmt, w.as_ptr(), n_w, act, out, ldo)
             }
-            if fmt != Fmt::Q8_0 {
-                add_offsets(fmt, &w[..n_w * row_bytes], n_w, nb, s, act.rows, out, ldo);
-            }
         }
         _ => format::gemm_scalar(fmt, w, n_w, act, out, ldo),
-    }
-}
-
-/// The per-block activation sums of `act` as a contiguous `rows x nb` matrix.
-pub(crate) fn block_sums(act: &QAct) -> Vec<f32> {
-    act.ds.iter().map(|p| p[1]).collect()
-}
-
-/// Adds the Q4 offset terms `sum_b offset(W[c, b]) * s[r, b]` to a block of outputs: a small
-/// `(rows x nb) @ (nb x n_w)` product, done with `gemm` on the f32 offsets of these weight rows.
-#[allow(clippy::too_many_arguments)]
-unsafe fn add_offsets(
-    fmt: Fmt,
-    w: &[u8],
-    n_w: usize,
-    nb: usize,
-    s: &[f32],
-    rows: usize,
-    out: *mut f32,
-    ldo: usize,
-) {
-    let bb = fmt.block_bytes();
-    let offs: Vec<f32> = w
-        .chunks_exact(bb)
-        .map(|blk| format::block_offset(fmt, blk))
-        .collect();
-    debug_assert_eq!(offs.len(), n_w * nb);
-    // SAFETY: dst is `rows x n_w` with row stride `ldo` (the caller's contract), lhs is `s`
-    // (`rows x nb`), rhs is `offs` read as `nb x n_w` (column stride nb).
-    unsafe {
-        gemm::gemm(
-            rows,
-            n_w,
-            nb,
-            out,
-            1,
-            ldo as isize,
-            true,
-            s.as_ptr(),
-            1,
-            nb as isize,
-            offs.as_ptr(),
-            nb as isize,
-            1,
-            1.0f32,
-            1.0f32,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        )
     }
 }

@@ -2,15 +2,18 @@
 //! training: the quantized base stays frozen, gradients flow through it to the input).
 //!
 //! [`QuantWeight`] holds an `(out, in)` matrix as GGML blocks, row-major, each row a whole number
-//! of blocks. Q4_0, Q4_1 and Q8_0 run on our kernels: the activation row is quantised to 8 bits
-//! per 32-value block (f32 scale plus the exact block sum), then integer block dot products run
-//! with AVX2 (`vpmaddubsw`) or AVX-512 VNNI (`vpdpbusd`), chosen at run time, or portable Rust.
-//! Every other type candle reads (K-quants, Q5_x, F16, BF16, F32, ...) runs forward through
-//! candle's `QMatMul`, and backward through our tiled dequantisation.
+//! of blocks. Q4_0, Q4_1 and Q8_0 run on our kernels: activation rows are quantised to 8 bits per
+//! 32-value block (an f32 scale per block, like GGML's Q8_0/Q8_1), then integer block dot
+//! products run with AVX2 (`vpmaddubsw`) or AVX-512 VNNI (`vpdpbusd`), chosen at run time, or
+//! in portable Rust. One activation row (decode) streams each weight row once; many rows
+//! (prefill, training) repack 16 weight rows at a time into 8-row panels and run tiles of
+//! activation rows against them. Every other type candle reads (K-quants, Q5_x, F16, BF16, F32,
+//! ...) runs forward through candle's `QMatMul`, and backward through our tiled dequantisation.
 //!
-//! Accuracy: the 8-bit activation quantisation makes a forward output differ from
-//! `x @ dequant(W)^T` by about 0.4% of `|x|.|W row|` in the worst case (each activation is off by
-//! at most half a step of `max|x_block| / 127`); `backward_input` is exact up to f32 rounding.
+//! Accuracy: only the activation rounding differs from `x @ dequant(W)^T`: for output `i`,
+//! `|error| <= sum over blocks b of max|x_b| / 254 * sum_{j in b} |W_ij|` (half a quantisation
+//! step per activation), about 0.5-1% relative in practice. `backward_input` is exact up to f32
+//! rounding.
 //!
 //! Threads: a dedicated pool (see [`set_num_threads`]) splits output rows across cores; small
 //! matrices run on the calling thread because waking a worker costs more than the work.
@@ -30,6 +33,17 @@ use std::sync::{Arc, OnceLock};
 
 pub use kernels::Isa;
 pub use pool::{num_threads, set_num_threads};
+
+/// The pool's fork/join entry point, exposed for the overhead benchmark only.
+#[doc(hidden)]
+pub fn parallel_chunks<F: Fn(std::ops::Range<usize>) + Sync>(
+    n_items: usize,
+    min_chunk: usize,
+    threads: usize,
+    f: F,
+) {
+    pool::for_each_chunk(n_items, min_chunk, threads, f)
+}
 
 /// An `(out, in)` weight matrix stored as GGML blocks (row-major, rows are whole blocks).
 pub struct QuantWeight {
@@ -72,9 +86,11 @@ impl<T> SyncPtr<T> {
     }
 }
 
-/// Below this many weight blocks per call a matvec stays on the calling thread: waking a worker
-/// and joining it (about 1-3 us measured) would cost more than it saves.
-const MIN_BLOCKS_PER_CHUNK: usize = 2048;
+/// Weight blocks per thread below which a matvec does not split further: about a microsecond
+/// of kernel time. Handing a chunk to a spinning worker costs a few hundred nanoseconds (the
+/// pool's no-work fork/join measured 0.1 us, against 13 us for `rayon::join`), so a 192x576
+/// matvec (3456 blocks, ~3 us) still splits in two.
+const MIN_BLOCKS_PER_CHUNK: usize = 1024;
 
 fn qerr(m: impl std::fmt::Display) -> candle_core::Error {
     candle_core::Error::Msg(m.to_string())
@@ -330,11 +346,10 @@ impl QuantWeight {
             let act = &*act;
             let nb = k / QK;
             let rb = nb * fmt.block_bytes();
-            // whole groups of 4 rows per chunk (the kernel's multi-row unit)
-            let min_rows = MIN_BLOCKS_PER_CHUNK.div_ceil(nb).next_multiple_of(4);
+            let min_rows = MIN_BLOCKS_PER_CHUNK.div_ceil(nb).max(16);
             let outp = SyncPtr(out.as_mut_ptr());
-            pool::for_each_chunk(n.div_ceil(4), min_rows / 4, threads, |units| {
-                let (r0, r1) = (units.start * 4, (units.end * 4).min(n));
+            pool::for_each_chunk(n, min_rows, threads, |rows| {
+                let (r0, r1) = (rows.start, rows.end);
                 // SAFETY: chunks are disjoint row ranges of `out`.
                 let o = unsafe { std::slice::from_raw_parts_mut(outp.get().add(r0), r1 - r0) };
                 kernels::gemv(isa, fmt, &data[r0 * rb..r1 * rb], act, 0, o);
@@ -368,10 +383,9 @@ impl QuantWeight {
                 kernels::quantize_into(isa, &x[rows.start * k..rows.end * k], q, d);
             });
         }
-        let s = kernels::block_sums(&act);
         let rb = act.nb() * fmt.block_bytes();
         let outp = SyncPtr(out.as_mut_ptr());
-        // 16 weight rows is 4 of the 4x4 kernel tiles; small enough that every thread gets work
+        // 16 weight rows = two 8-row panels per kernel call; small units so every thread gets work
         pool::for_each_chunk(n.div_ceil(16), 1, threads, |units| {
             let (c0, c1) = (units.start * 16, (units.end * 16).min(n));
             // SAFETY: `out` is m x n; this chunk alone writes its columns c0..c1.
@@ -382,7 +396,6 @@ impl QuantWeight {
                     &data[c0 * rb..c1 * rb],
                     c1 - c0,
                     &act,
-                    &s,
                     outp.get().add(c0),
                     n,
                 )
@@ -402,7 +415,7 @@ impl QuantWeight {
         let start = row * self.row_bytes();
         let (lo, hi) = (start + b0 * ts, start + b1 * ts);
         match &self.repr {
-            Repr::Own { fmt, data } => format::dequant_blocks(*fmt, &data[lo..hi], out),
+            Repr::Own { fmt, data } => kernels::dequant(Isa::best(), *fmt, &data[lo..hi], out),
             Repr::Candle { q, .. } => {
                 let data = q.data()?;
                 // `data` is candle's typed block vector, so every block boundary is aligned
@@ -517,7 +530,7 @@ impl QuantWeight {
         match &self.repr {
             Repr::Own { fmt, data } => {
                 let mut out = vec![0f32; self.out_dim * self.in_dim];
-                format::dequant_blocks(*fmt, data, &mut out);
+                kernels::dequant(Isa::best(), *fmt, data, &mut out);
                 Tensor::from_vec(out, (self.out_dim, self.in_dim), &Device::Cpu)
             }
             Repr::Candle { q, .. } => q.dequantize(&Device::Cpu),

@@ -6,46 +6,61 @@
 //! work is handed out through one atomic cursor, so a worker that wakes late simply takes fewer
 //! chunks instead of stalling the call.
 use std::any::Any;
-use std::cell::Cell;
+use std::cell::{Cell, UnsafeCell};
 use std::hint::spin_loop;
 use std::ops::Range;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::thread::Thread;
+use std::time::{Duration, Instant};
 
 /// How long an idle worker polls before parking. Long enough to bridge the gap between two
-/// matmuls of one decode step (the norms and attention in between take tens of microseconds),
-/// short enough not to burn a shared core when the model is idle.
-const SPIN_ITERS: u32 = 20_000;
+/// matmuls of one decode step (a norm or a RoPE in between takes a few microseconds), short
+/// enough not to hold a shared core once the model stops calling. A parked worker costs only
+/// parallelism, never correctness or a stall: it joins late and takes fewer chunks.
+const SPIN: Duration = Duration::from_micros(100);
+/// Pure spinning (lowest wake-up latency) for this long, then spin with `yield_now`.
+const SPIN_BEFORE_YIELD: Duration = Duration::from_micros(5);
 
 #[repr(C, align(64))]
 struct Slot {
     go: AtomicUsize,
-    done: AtomicUsize,
 }
 
-/// The job of the current call: a type-erased `&dyn Fn(usize)` (argument: worker index).
+/// The job of the current call: a type-erased `&F` with `F: Fn(usize) + Sync`.
 #[derive(Clone, Copy)]
 struct Job {
     data: *const (),
-    call: unsafe fn(*const (), usize),
+    call: unsafe fn(*const ()),
 }
+
+/// `state` packs the call's generation (high 32 bits), a "closed" bit and the number of workers
+/// that entered the call. A worker may run the job only by incrementing `entered` while the
+/// generation matches and the call is open; the caller closes the call when its own share is
+/// done and then waits only for the workers that entered. A worker the OS has not scheduled yet
+/// therefore never delays the caller (with 2 cores shared by other processes this is common).
+const CLOSED: u64 = 1 << 31;
+const ENTERED: u64 = CLOSED - 1;
 
 struct Shared {
     slots: Box<[Slot]>,
-    job: Mutex<Option<Job>>,
+    state: AtomicU64,
+    done: AtomicUsize,
+    /// Written by the caller before it opens a call, read by workers that entered it.
+    job: UnsafeCell<Job>,
     handles: OnceLock<Box<[Thread]>>,
     panic: Mutex<Option<Box<dyn Any + Send>>>,
 }
 
-// SAFETY: `Job` holds a pointer to a closure that is `Sync` and outlives the call that published it
-// (the caller waits for every worker's `done` before returning).
-unsafe impl Send for Job {}
+// SAFETY: `job` is written only while no worker can be inside a call (see `state`), and the
+// pointer it holds refers to a `Sync` closure that outlives every worker that runs it.
+unsafe impl Sync for Shared {}
+unsafe impl Send for Shared {}
 
 pub(crate) struct Pool {
     shared: &'static Shared,
     /// Serialises callers; holds the current generation.
-    call: Mutex<usize>,
+    call: Mutex<u32>,
     n_workers: usize,
 }
 
@@ -70,7 +85,8 @@ fn default_threads() -> usize {
     env.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
 
-/// Number of threads the quantized kernels use (the caller included).
+/// Number of threads the quantized kernels use (the caller included): `set_num_threads`, else
+/// `FERROTUNE_NUM_THREADS`, else `RAYON_NUM_THREADS`, else the number of cores.
 pub fn num_threads() -> usize {
     match THREADS.load(Ordering::Relaxed) {
         0 => default_threads(),
@@ -79,7 +95,7 @@ pub fn num_threads() -> usize {
 }
 
 /// Set the number of threads the quantized kernels use (the caller included). Takes effect on
-/// the next call; the pool grows to the largest value ever asked for.
+/// the next call; the pool is sized on first use to the larger of this and the default.
 pub fn set_num_threads(n: usize) {
     THREADS.store(n.max(1), Ordering::Relaxed);
 }
@@ -94,10 +110,14 @@ impl Pool {
             slots: (0..n_workers)
                 .map(|_| Slot {
                     go: AtomicUsize::new(0),
-                    done: AtomicUsize::new(0),
                 })
                 .collect(),
-            job: Mutex::new(None),
+            state: AtomicU64::new(CLOSED),
+            done: AtomicUsize::new(0),
+            job: UnsafeCell::new(Job {
+                data: std::ptr::null(),
+                call: |_| {},
+            }),
             handles: OnceLock::new(),
             panic: Mutex::new(None),
         }));
@@ -121,52 +141,79 @@ impl Pool {
 fn worker(shared: &'static Shared, tid: usize) {
     IN_POOL.with(|f| f.set(true));
     let slot = &shared.slots[tid];
-    let mut gen = 0usize;
+    let mut seen = 0usize;
     loop {
+        let mut since: Option<Instant> = None;
         let mut spins = 0u32;
-        loop {
+        let g = loop {
             let g = slot.go.load(Ordering::Acquire);
-            if g != gen {
-                gen = g;
-                break;
+            if g != seen {
+                break g;
             }
-            spins += 1;
-            if spins < SPIN_ITERS {
+            spins = spins.wrapping_add(1);
+            if !spins.is_multiple_of(64) {
                 spin_loop();
-            } else {
-                // An unpark() that raced ahead of this park() leaves a token, so no wake-up is lost.
+                continue;
+            }
+            let t0 = *since.get_or_insert_with(Instant::now);
+            let idle = t0.elapsed();
+            if idle > SPIN {
+                // An unpark() that raced ahead of this park() leaves a token: no lost wake-up.
                 std::thread::park();
-                spins = 0;
+                since = None;
+            } else if idle > SPIN_BEFORE_YIELD {
+                // Let another runnable thread on this core go first (candle's rayon or barrier
+                // pool workers between our calls): a pure spin would hold the core for its
+                // whole time slice and stall them. With nothing else runnable this returns at once.
+                std::thread::yield_now();
             }
-        }
-        let job = *shared.job.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(job) = job {
-            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| unsafe {
-                (job.call)(job.data, tid + 1)
-            }));
-            if let Err(p) = r {
-                shared
-                    .panic
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .get_or_insert(p);
+        };
+        seen = g;
+        // enter call `g` if it is still open
+        let mut s = shared.state.load(Ordering::Acquire);
+        let entered = loop {
+            if (s >> 32) as u32 != g as u32 || s & CLOSED != 0 {
+                break false;
             }
+            match shared
+                .state
+                .compare_exchange_weak(s, s + 1, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => break true,
+                Err(now) => s = now,
+            }
+        };
+        if !entered {
+            continue;
         }
-        slot.done.store(gen, Ordering::Release);
+        // SAFETY: the caller wrote `job` before opening this call and waits for us.
+        let job = unsafe { *shared.job.get() };
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| unsafe {
+            (job.call)(job.data)
+        }));
+        if let Err(p) = r {
+            shared
+                .panic
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get_or_insert(p);
+        }
+        shared.done.fetch_add(1, Ordering::Release);
     }
 }
 
-unsafe fn call_job<F: Fn(usize) + Sync>(data: *const (), tid: usize) {
-    (*(data as *const F))(tid)
+unsafe fn call_job<F: Fn() + Sync>(data: *const ()) {
+    (*(data as *const F))()
 }
 
-/// Runs `f(tid)` on `n` threads (tid 0 is the caller). Runs inline when the pool is busy with
-/// another caller or when called from inside a worker, so it never deadlocks.
-fn broadcast<F: Fn(usize) + Sync>(n: usize, f: F) {
+/// Runs `f` on the calling thread and on up to `n - 1` pool workers that start in time.
+/// Runs inline when the pool is busy with another caller or when called from a worker, so it
+/// never deadlocks.
+fn broadcast<F: Fn() + Sync>(n: usize, f: F) {
     let pool = pool();
     let n = n.min(pool.n_workers + 1);
     if n <= 1 || IN_POOL.with(|c| c.get()) {
-        f(0);
+        f();
         return;
     }
     let mut gen = match pool.call.try_lock() {
@@ -174,40 +221,44 @@ fn broadcast<F: Fn(usize) + Sync>(n: usize, f: F) {
         // A panic in an earlier call's closure poisoned the lock; the pool itself is fine.
         Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner(),
         Err(std::sync::TryLockError::WouldBlock) => {
-            f(0);
+            f();
             return;
         }
     };
     *gen = gen.wrapping_add(1);
     let g = *gen;
     let shared = pool.shared;
-    *shared.job.lock().unwrap_or_else(|e| e.into_inner()) = Some(Job {
-        data: &f as *const F as *const (),
-        call: call_job::<F>,
-    });
+    // SAFETY: the previous call is closed and all its entrants are done, so nobody reads `job`.
+    unsafe {
+        *shared.job.get() = Job {
+            data: &f as *const F as *const (),
+            call: call_job::<F>,
+        }
+    };
+    shared.done.store(0, Ordering::Relaxed);
+    shared.state.store((g as u64) << 32, Ordering::Release);
     let handles = shared.handles.get().expect("pool initialised");
     for (slot, h) in shared.slots[..n - 1].iter().zip(handles.iter()) {
-        slot.go.store(g, Ordering::Release);
+        slot.go.store(g as usize, Ordering::Release);
         h.unpark();
     }
-    // Wait for the workers even if our own share panics: they hold a pointer to `f`.
-    struct Wait<'a>(&'a [Slot], usize, &'a Shared);
-    impl Drop for Wait<'_> {
+    // Close the call and wait for the entrants even if our own share panics: they use `f`.
+    struct Close(&'static Shared);
+    impl Drop for Close {
         fn drop(&mut self) {
-            for s in self.0 {
-                let mut spins = 0u32;
-                while s.done.load(Ordering::Acquire) != self.1 {
-                    spins += 1;
-                    if spins < 1 << 16 {
-                        spin_loop();
-                    } else {
-                        std::thread::yield_now();
-                    }
+            let entered = (self.0.state.fetch_or(CLOSED, Ordering::AcqRel) & ENTERED) as usize;
+            let mut spins = 0u32;
+            while self.0.done.load(Ordering::Acquire) < entered {
+                spins = spins.wrapping_add(1);
+                if spins < 1 << 16 {
+                    spin_loop();
+                } else {
+                    std::thread::yield_now();
                 }
             }
             if std::thread::panicking() {
-                // The caller's own panic wins; drop a worker's so it does not leak into the next call.
-                self.2
+                // the caller's own panic wins; drop a worker's so it does not leak into the next call
+                self.0
                     .panic
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
@@ -216,10 +267,9 @@ fn broadcast<F: Fn(usize) + Sync>(n: usize, f: F) {
         }
     }
     {
-        let _wait = Wait(&shared.slots[..n - 1], g, shared);
-        f(0);
+        let _close = Close(shared);
+        f();
     }
-    *shared.job.lock().unwrap_or_else(|e| e.into_inner()) = None;
     drop(gen);
     if let Some(p) = shared
         .panic
@@ -231,9 +281,11 @@ fn broadcast<F: Fn(usize) + Sync>(n: usize, f: F) {
     }
 }
 
-/// Calls `f` on disjoint ranges covering `0..n_items`, on up to `threads` threads. Items are
-/// handed out in chunks of at least `min_chunk` through a shared cursor, about four chunks per
-/// thread, so uneven progress (a late worker, a core shared with another process) evens out.
+/// Calls `f` on disjoint ranges covering `0..n_items`, on up to `threads` threads, never giving
+/// a thread less than about `min_chunk` items. Items are handed out in equal chunks through a
+/// shared cursor, up to four per thread and a multiple of the thread count, so uneven progress
+/// (a late worker, a core shared with another process) evens out without leaving one odd chunk
+/// for the end.
 pub(crate) fn for_each_chunk<F: Fn(Range<usize>) + Sync>(
     n_items: usize,
     min_chunk: usize,
@@ -243,15 +295,17 @@ pub(crate) fn for_each_chunk<F: Fn(Range<usize>) + Sync>(
     if n_items == 0 {
         return;
     }
-    let threads = threads.min(n_items.div_ceil(min_chunk.max(1))).max(1);
+    let min_chunk = min_chunk.max(1);
+    let threads = threads.min(n_items / min_chunk).max(1);
     if threads == 1 {
         f(0..n_items);
         return;
     }
-    let chunk = n_items.div_ceil(threads * 4).max(min_chunk.max(1));
+    let n_chunks = threads * (n_items / (min_chunk * threads)).clamp(1, 4);
+    let chunk = n_items.div_ceil(n_chunks);
     let cursor = AtomicUsize::new(0);
     let stop = AtomicBool::new(false);
-    broadcast(threads, |_| {
+    broadcast(threads, || {
         while !stop.load(Ordering::Relaxed) {
             let start = cursor.fetch_add(chunk, Ordering::Relaxed);
             if start >= n_items {

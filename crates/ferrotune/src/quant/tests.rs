@@ -213,7 +213,6 @@ fn isa_paths_agree() {
         };
         let x = randn(&mut rng, m * k, 1.0);
         let act = kernels::quantize_act(Isa::Scalar, &x, m, k);
-        let s = kernels::block_sums(&act);
         let run = |isa: Isa| {
             let mut gv = vec![0f32; m * n];
             for r in 0..m {
@@ -221,7 +220,7 @@ fn isa_paths_agree() {
             }
             let mut gm = vec![0f32; m * n];
             // SAFETY: gm is m x n.
-            unsafe { kernels::gemm(isa, fmt, data, n, &act, &s, gm.as_mut_ptr(), n) };
+            unsafe { kernels::gemm(isa, fmt, data, n, &act, gm.as_mut_ptr(), n) };
             (gv, gm)
         };
         let (sv, _) = run(Isa::Scalar);
@@ -242,6 +241,22 @@ fn isa_paths_agree() {
                     sv[i]
                 );
             }
+        }
+    }
+}
+
+#[test]
+fn dequantisation_identical_on_every_isa() {
+    let mut rng = StdRng::seed_from_u64(12);
+    for dtype in OWN {
+        let (w, deq) = weight(&mut rng, 9, 160, dtype);
+        let Repr::Own { fmt, data } = &w.repr else {
+            unreachable!()
+        };
+        for isa in isas() {
+            let mut out = vec![0f32; 9 * 160];
+            kernels::dequant(isa, *fmt, data, &mut out);
+            assert_eq!(out, deq, "{dtype:?} {isa:?}");
         }
     }
 }
@@ -666,5 +681,82 @@ fn from_real_gguf_tensor() {
             );
         }
         println!("{name}: {n}x{k} {dtype:?} ok");
+    }
+}
+
+/// Largest possible integer partial sums: every 4-bit weight at 15 (or Q8 weight at +-127) against
+/// activations all at +-127, on every kernel level and both the matvec and batched kernels. An
+/// i16 overflow in a `vpmaddubsw` path would show up as a wildly wrong result here.
+#[test]
+fn extreme_values_do_not_overflow() {
+    let (n, k, m): (usize, usize, usize) = (24, 256, 5);
+    for dtype in OWN {
+        // each 32-block: 31 values at +1 and one at 0 (Q4: nibbles 15 and 0), or all at +-1 (Q8)
+        let wv: Vec<f32> = (0..n * k)
+            .map(|i| match dtype {
+                GgmlDType::Q8_0 => {
+                    if (i / k).is_multiple_of(2) {
+                        1.0
+                    } else {
+                        -1.0
+                    }
+                }
+                _ => {
+                    if i % QK == 0 {
+                        0.0
+                    } else {
+                        1.0
+                    }
+                }
+            })
+            .collect();
+        let q =
+            QTensor::quantize(&Tensor::from_vec(wv, (n, k), &Device::Cpu).unwrap(), dtype).unwrap();
+        let deq = q
+            .dequantize(&Device::Cpu)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let w = QuantWeight::from_qtensor(q).unwrap();
+        // activation rows: all +1, all -1, and alternating blocks
+        let x: Vec<f32> = (0..m * k)
+            .map(|i| match (i / k) % 3 {
+                0 => 1.0,
+                1 => -1.0,
+                _ => {
+                    if (i / QK).is_multiple_of(2) {
+                        1.0
+                    } else {
+                        -1.0
+                    }
+                }
+            })
+            .collect();
+        for isa in isas() {
+            let mut y = vec![0f32; m * n];
+            w.matmul_with(isa, 1, &x, m, &mut y);
+            check_against_reference(
+                &format!("{dtype:?} {isa:?} extreme matmul"),
+                &y,
+                &x,
+                &deq,
+                m,
+                k,
+                n,
+            );
+            let mut y1 = vec![0f32; n];
+            w.matvec_with(isa, 1, &x[k..2 * k], &mut y1);
+            check_against_reference(
+                &format!("{dtype:?} {isa:?} extreme matvec"),
+                &y1,
+                &x[k..2 * k],
+                &deq,
+                1,
+                k,
+                n,
+            );
+        }
     }
 }

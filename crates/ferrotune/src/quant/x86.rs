@@ -1,19 +1,26 @@
 //! x86-64 SIMD kernels for Q4_0 / Q4_1 / Q8_0 weights against 8-bit activations (`QAct`).
 //!
 //! Two instruction-set levels, chosen at run time (see `kernels::Isa`):
-//! - AVX2 (+FMA, F16C): `vpmaddubsw` + `vpmaddwd` per 32-value block (llama.cpp's AVX2 scheme).
-//! - AVX-512 (F, BW, VL, VNNI): the same loops on 256-bit registers but with `vpdpbusd` (one
-//!   instruction instead of two per block and row) and 32 vector registers, which lets the batched
-//!   kernel keep a 4x4 tile of accumulators. 512-bit registers would mean assembling two 20-byte
-//!   blocks per register with extra shuffles, and on Zen 4 (this project's machine) a 512-bit op
-//!   costs two 256-bit slots anyway.
+//! - AVX2 (+FMA, F16C): `vpmaddubsw` + `vpmaddwd` for u8 x i8 products.
+//! - AVX-512 (F, BW, VL, VNNI): the same loops with `vpdpbusd` (one instruction instead of two)
+//!   and 32 vector registers, which the batched kernel uses for a larger register tile. Vectors
+//!   stay 256 bits wide: on Zen 4 (this project's machine) a 512-bit op costs two 256-bit slots,
+//!   and 512-bit loads of two 20-byte Q4_1 blocks would need extra shuffles.
 //!
-//! Every block's integer dot product is scaled by `d_w * d_x` in f32; the Q4 offset terms use the
-//! per-block activation sums `d_x * sum(q_x)` kept in `QAct::ds` (see `format.rs`).
+//! Matvec (decode): per weight row and 32-value block, one integer dot product scaled by
+//! `d_w * d_x` into an f32 accumulator, like llama.cpp's `ggml_vec_dot_q4_1_q8_1`; the Q4 offset
+//! terms use the per-block activation sums `d_x * sum(q_x)` kept in `QAct::ds` (see `format.rs`).
+//!
+//! Batched (prefill, training): weights are repacked per call into 8-row panels (`PanelBlock`)
+//! so one `vpdpbusd` of a panel against four broadcast activation bytes produces 8 output
+//! columns, and scaling happens once per block and 8 columns instead of once per block and column.
 //!
 //! The kernels are written once as `#[inline(always)]` generic bodies; the `#[target_feature]`
 //! entry points at the bottom instantiate them per format and level, so the intrinsics inline.
-#![allow(clippy::missing_safety_doc)]
+//! (Closures are avoided inside them: a closure does not inherit the enclosing function's target
+//! features, and its intrinsics then compile to calls; that made the batched kernel 100x slower.)
+// Index loops over small const-size register arrays read better than iterator chains here.
+#![allow(clippy::missing_safety_doc, clippy::needless_range_loop)]
 use super::format::{act_scale, Fmt, QAct, QK};
 use std::arch::x86_64::*;
 
@@ -56,10 +63,12 @@ unsafe fn wload<const F: u8>(blk: *const u8) -> __m256i {
         _mm256_loadu_si256(blk.add(2) as *const __m256i)
     } else {
         let off = if F == F_Q4_1 { 4 } else { 2 };
-        let x = _mm_loadu_si128(blk.add(off) as *const __m128i);
-        // low nibbles are values 0..15, high nibbles 16..31
-        let both = _mm256_set_m128i(_mm_srli_epi16(x, 4), x);
-        _mm256_and_si256(both, _mm256_set1_epi8(0x0F))
+        // the 16 bytes in both lanes (a load-broadcast, no shuffle uop), then shift the upper lane
+        // by 4 so low nibbles (values 0..15) land in the lower lane and high nibbles (16..31) in
+        // the upper one; bits shifted across byte boundaries are masked off
+        let x = _mm256_broadcastsi128_si256(_mm_loadu_si128(blk.add(off) as *const __m128i));
+        let x = _mm256_srlv_epi64(x, _mm256_setr_epi64x(0, 0, 4, 4));
+        _mm256_and_si256(x, _mm256_set1_epi8(0x0F))
     }
 }
 
@@ -74,35 +83,35 @@ unsafe fn wdot<const F: u8, const VNNI: bool>(w: __m256i, a: __m256i) -> __m256i
     }
 }
 
-/// Lanes 0 and 1: `[d, m]` for Q4_1, `[d, d]` for Q4_0 / Q8_0.
+/// Lanes 0 and 1: `[d, m]` for Q4_1, `[d, d]` for Q4_0; lane 0 `d` for Q8_0 (lane 1 is junk
+/// there: a 4-byte load that includes two quant bytes converts in one step without a shuffle).
 #[inline(always)]
 unsafe fn wscale<const F: u8>(blk: *const u8) -> __m128 {
-    if F == F_Q4_1 {
-        _mm_cvtph_ps(_mm_cvtsi32_si128((blk as *const i32).read_unaligned()))
-    } else {
+    if F == F_Q4_0 {
         _mm_cvtph_ps(_mm_set1_epi16((blk as *const i16).read_unaligned()))
+    } else {
+        _mm_cvtph_ps(_mm_cvtsi32_si128((blk as *const i32).read_unaligned()))
     }
 }
 
-/// `R` consecutive weight rows times one activation row. The activation block is loaded once
-/// per block for all `R` rows, and `R` independent accumulators hide the FMA latency.
+/// `R` weight rows (any addresses) times one activation row: each activation block is loaded
+/// once for all `R` rows, and the `R` rows are `R` independent FMA chains (one chain alone is
+/// latency-bound at about 4 cycles per block).
 #[inline(always)]
 unsafe fn gemv_rows<const F: u8, const R: usize, const VNNI: bool>(
-    w: *const u8,
-    row_bytes: usize,
+    w: [*const u8; R],
     nb: usize,
     aq: *const i8,
     ads: *const [f32; 2],
-    out: *mut f32,
+    out: [*mut f32; R],
 ) {
     let mut acc = [_mm256_setzero_ps(); R];
-    // lane 1 accumulates the offset term (m * sum x, or d * sum x for Q4_0)
     let mut acco = [_mm_setzero_ps(); R];
     for b in 0..nb {
         let a = _mm256_loadu_si256(aq.add(b * QK) as *const __m256i);
         let a_ds = _mm_castpd_ps(_mm_load_sd(ads.add(b) as *const f64));
         for r in 0..R {
-            let blk = w.add(r * row_bytes + b * bb(F));
+            let blk = w[r].add(b * bb(F));
             let sc = _mm_mul_ps(wscale::<F>(blk), a_ds);
             let dot = wdot::<F, VNNI>(wload::<F>(blk), a);
             acc[r] = _mm256_fmadd_ps(_mm256_broadcastss_ps(sc), _mm256_cvtepi32_ps(dot), acc[r]);
@@ -112,14 +121,13 @@ unsafe fn gemv_rows<const F: u8, const R: usize, const VNNI: bool>(
         }
     }
     for r in 0..R {
-        let mut v = hsum(acc[r]);
+        let v = hsum(acc[r]);
         let o = _mm_cvtss_f32(_mm_movehdup_ps(acco[r]));
-        if F == F_Q4_1 {
-            v += o;
-        } else if F == F_Q4_0 {
-            v -= 8.0 * o;
-        }
-        *out.add(r) = v;
+        *out[r] = match F {
+            F_Q4_1 => v + o,
+            F_Q4_0 => v - 8.0 * o,
+            _ => v,
+        };
     }
 }
 
@@ -134,116 +142,269 @@ unsafe fn gemv_impl<const F: u8, const VNNI: bool>(
 ) {
     let row_bytes = nb * bb(F);
     let mut i = 0;
-    while i + 4 <= n {
-        gemv_rows::<F, 4, VNNI>(w.add(i * row_bytes), row_bytes, nb, aq, ads, out.add(i));
-        i += 4;
+    if n >= 16 {
+        // Four rows a quarter of the range apart: four sequential read streams in different
+        // pages. Four *adjacent* rows (four streams interleaved within the same pages) measured
+        // 20-70% slower once the weights come from DRAM rather than cache (Q8_0 576x1536: 7.5
+        // vs 22.7 GB/s on one core), and in decode every weight comes from DRAM.
+        let q = n / 4;
+        for j in 0..q {
+            let (r0, r1, r2, r3) = (j, j + q, j + 2 * q, j + 3 * q);
+            let rows = [
+                w.add(r0 * row_bytes),
+                w.add(r1 * row_bytes),
+                w.add(r2 * row_bytes),
+                w.add(r3 * row_bytes),
+            ];
+            gemv_rows::<F, 4, VNNI>(
+                rows,
+                nb,
+                aq,
+                ads,
+                [out.add(r0), out.add(r1), out.add(r2), out.add(r3)],
+            );
+        }
+        i = 4 * q;
     }
+    // the same instruction sequence per row as above, so results do not depend on how rows
+    // were split between threads
     while i < n {
-        gemv_rows::<F, 1, VNNI>(w.add(i * row_bytes), row_bytes, nb, aq, ads, out.add(i));
+        gemv_rows::<F, 1, VNNI>([w.add(i * row_bytes)], nb, aq, ads, [out.add(i)]);
         i += 1;
     }
 }
 
-/// An `RA x RW` tile: activation rows `0..RA` (stride `k` values) times weight rows `0..RW`.
-/// Writes the block-scaled integer part only; the caller adds the Q4 offset terms.
+/// One block (32 values) of 8 weight rows, repacked for the batched kernel: `qs[g]` holds values
+/// `4g..4g+4` of rows 0..7 as unsigned bytes (Q4 nibbles; Q8_0 values + 128), so one
+/// `vpdpbusd` against 4 broadcast activation bytes yields 8 output columns at once and no
+/// horizontal sums are needed. Per row: the scale `d` and the offset `o` such that a weight is
+/// `d * u + o` (`o` = m for Q4_1, -8d for Q4_0, -128d for Q8_0).
+#[repr(C, align(32))]
+#[derive(Clone, Copy)]
+pub(crate) struct PanelBlock {
+    qs: [[u8; 32]; 8],
+    d: [f32; 8],
+    o: [f32; 8],
+}
+
+/// Rows of 8 dwords in, columns out: `out[g][j] = v[j][g]`.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-unsafe fn gemm_tile<const F: u8, const RA: usize, const RW: usize, const VNNI: bool>(
+unsafe fn transpose8(v: [__m256i; 8]) -> [__m256i; 8] {
+    let t0 = _mm256_unpacklo_epi32(v[0], v[1]);
+    let t1 = _mm256_unpackhi_epi32(v[0], v[1]);
+    let t2 = _mm256_unpacklo_epi32(v[2], v[3]);
+    let t3 = _mm256_unpackhi_epi32(v[2], v[3]);
+    let t4 = _mm256_unpacklo_epi32(v[4], v[5]);
+    let t5 = _mm256_unpackhi_epi32(v[4], v[5]);
+    let t6 = _mm256_unpacklo_epi32(v[6], v[7]);
+    let t7 = _mm256_unpackhi_epi32(v[6], v[7]);
+    let u0 = _mm256_unpacklo_epi64(t0, t2);
+    let u1 = _mm256_unpackhi_epi64(t0, t2);
+    let u2 = _mm256_unpacklo_epi64(t1, t3);
+    let u3 = _mm256_unpackhi_epi64(t1, t3);
+    let u4 = _mm256_unpacklo_epi64(t4, t6);
+    let u5 = _mm256_unpackhi_epi64(t4, t6);
+    let u6 = _mm256_unpacklo_epi64(t5, t7);
+    let u7 = _mm256_unpackhi_epi64(t5, t7);
+    [
+        _mm256_permute2x128_si256(u0, u4, 0x20),
+        _mm256_permute2x128_si256(u1, u5, 0x20),
+        _mm256_permute2x128_si256(u2, u6, 0x20),
+        _mm256_permute2x128_si256(u3, u7, 0x20),
+        _mm256_permute2x128_si256(u0, u4, 0x31),
+        _mm256_permute2x128_si256(u1, u5, 0x31),
+        _mm256_permute2x128_si256(u2, u6, 0x31),
+        _mm256_permute2x128_si256(u3, u7, 0x31),
+    ]
+}
+
+/// Repack `rows` (<= 8) weight rows of `nb` blocks into `dst[0..nb]`; missing rows are zero.
+/// `MODE_SIGN` keeps Q8_0 values signed (offset 0) for the AVX2 sign trick.
+#[inline(always)]
+unsafe fn pack_panel<const F: u8, const MODE: u8>(
     w: *const u8,
     row_bytes: usize,
+    rows: usize,
+    nb: usize,
+    dst: *mut PanelBlock,
+) {
+    for b in 0..nb {
+        let mut v = [_mm256_setzero_si256(); 8];
+        let mut d = [0f32; 8];
+        let mut o = [0f32; 8];
+        for j in 0..rows {
+            let blk = w.add(j * row_bytes + b * bb(F));
+            v[j] = wload::<F>(blk);
+            let sc = wscale::<F>(blk);
+            d[j] = _mm_cvtss_f32(sc);
+            o[j] = match F {
+                F_Q4_1 => _mm_cvtss_f32(_mm_movehdup_ps(sc)),
+                F_Q4_0 => -8.0 * d[j],
+                _ if MODE == MODE_SIGN => 0.0,
+                _ => {
+                    v[j] = _mm256_xor_si256(v[j], _mm256_set1_epi8(-128));
+                    -128.0 * d[j]
+                }
+            };
+        }
+        let t = transpose8(v);
+        let pb = &mut *dst.add(b);
+        for g in 0..8 {
+            _mm256_store_si256(pb.qs[g].as_mut_ptr() as *mut __m256i, t[g]);
+        }
+        pb.d = d;
+        pb.o = o;
+    }
+}
+
+/// How a packed tile forms its integer block sums.
+/// VNNI: `vpdpbusd` on u8 weights. I16: `vpmaddubsw` on u8 weights, summed in i16 lanes over the
+/// 8 groups of a block (no overflow for Q4 nibbles: 8 x 2 x 15 x 127 < 2^15). SIGN: Q8_0 kept
+/// signed, `vpsignb` moves each weight's sign onto the activation and `vpmaddubsw` multiplies
+/// by `|w|` (u8 + 128 would overflow `vpmaddubsw`'s i16 pairs), widened to i32 every group.
+const MODE_VNNI: u8 = 0;
+const MODE_I16: u8 = 1;
+const MODE_SIGN: u8 = 2;
+
+/// `RA` activation rows times `NP` packed panels (8 output columns each). Integer sums per block
+/// stay in registers, then one scale-and-offset step per block and 8 columns.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn packed_tile<const RA: usize, const NP: usize, const MODE: u8>(
+    panels: *const PanelBlock,
     nb: usize,
     aq: *const i8,
     k: usize,
     ads: *const [f32; 2],
     out: *mut f32,
     ldo: usize,
+    ncols: usize,
 ) {
-    let mut acc = [[_mm256_setzero_ps(); RW]; RA];
+    let ones = _mm256_set1_epi16(1);
+    let mut facc = [[_mm256_setzero_ps(); NP]; RA];
     for b in 0..nb {
-        let mut wq = [_mm256_setzero_si256(); RW];
-        let mut wd = [_mm256_setzero_ps(); RW];
-        for c in 0..RW {
-            let blk = w.add(c * row_bytes + b * bb(F));
-            wq[c] = wload::<F>(blk);
-            wd[c] = _mm256_broadcastss_ps(wscale::<F>(blk));
+        let mut iacc = [[_mm256_setzero_si256(); NP]; RA];
+        for g in 0..8 {
+            let mut wv = [_mm256_setzero_si256(); NP];
+            let mut wa = [_mm256_setzero_si256(); NP];
+            for p in 0..NP {
+                wv[p] =
+                    _mm256_load_si256((*panels.add(p * nb + b)).qs[g].as_ptr() as *const __m256i);
+                if MODE == MODE_SIGN {
+                    wa[p] = _mm256_abs_epi8(wv[p]);
+                }
+            }
+            for r in 0..RA {
+                let xb = _mm256_set1_epi32(
+                    (aq.add(r * k + b * QK + 4 * g) as *const i32).read_unaligned(),
+                );
+                for p in 0..NP {
+                    iacc[r][p] = match MODE {
+                        MODE_VNNI => _mm256_dpbusd_epi32(iacc[r][p], wv[p], xb),
+                        MODE_I16 => _mm256_add_epi16(iacc[r][p], _mm256_maddubs_epi16(wv[p], xb)),
+                        _ => {
+                            let xs = _mm256_sign_epi8(xb, wv[p]);
+                            let pairs = _mm256_maddubs_epi16(wa[p], xs);
+                            _mm256_add_epi32(iacc[r][p], _mm256_madd_epi16(pairs, ones))
+                        }
+                    };
+                }
+            }
         }
         for r in 0..RA {
-            let a = _mm256_loadu_si256(aq.add(r * k + b * QK) as *const __m256i);
-            let dx = _mm256_broadcast_ss(&(*ads.add(r * nb + b))[0]);
-            for c in 0..RW {
-                let t = _mm256_mul_ps(_mm256_cvtepi32_ps(wdot::<F, VNNI>(wq[c], a)), dx);
-                acc[r][c] = _mm256_fmadd_ps(t, wd[c], acc[r][c]);
+            let [dx, sx] = *ads.add(r * nb + b);
+            let (dxv, sxv) = (_mm256_set1_ps(dx), _mm256_set1_ps(sx));
+            for p in 0..NP {
+                let pb = &*panels.add(p * nb + b);
+                let isum = if MODE == MODE_I16 {
+                    _mm256_madd_epi16(iacc[r][p], ones)
+                } else {
+                    iacc[r][p]
+                };
+                let t = _mm256_mul_ps(_mm256_cvtepi32_ps(isum), dxv);
+                facc[r][p] = _mm256_fmadd_ps(t, _mm256_load_ps(pb.d.as_ptr()), facc[r][p]);
+                if MODE != MODE_SIGN {
+                    facc[r][p] = _mm256_fmadd_ps(_mm256_load_ps(pb.o.as_ptr()), sxv, facc[r][p]);
+                }
             }
         }
     }
     for r in 0..RA {
-        for c in 0..RW {
-            *out.add(r * ldo + c) = hsum(acc[r][c]);
+        for p in 0..NP {
+            let o = out.add(r * ldo + p * 8);
+            if ncols >= (p + 1) * 8 {
+                _mm256_storeu_ps(o, facc[r][p]);
+            } else if ncols > p * 8 {
+                let mut tmp = [0f32; 8];
+                _mm256_storeu_ps(tmp.as_mut_ptr(), facc[r][p]);
+                std::ptr::copy_nonoverlapping(tmp.as_ptr(), o, ncols - p * 8);
+            }
         }
     }
 }
 
-/// All activation rows of `act` times weight rows `0..n_w`, tiled `RA x RW`, with tails.
+/// Batched product on packed panels: weight rows in groups of 16 (two panels) are repacked
+/// once per call into a per-thread buffer, then every tile of `RA` activation rows runs
+/// against them, so the packed weights (12-30 KB for SmolLM2 shapes) stay in L1/L2.
 #[inline(always)]
-unsafe fn gemm_impl<const F: u8, const RA: usize, const RW: usize, const VNNI: bool>(
+unsafe fn gemm_packed<const F: u8, const RA: usize, const MODE: u8>(
     w: *const u8,
     n_w: usize,
     act: &QAct,
     out: *mut f32,
     ldo: usize,
 ) {
-    let (k, nb) = (act.k, act.nb());
+    const NP: usize = 2;
+    let (k, nb, m) = (act.k, act.nb(), act.rows);
     let row_bytes = nb * bb(F);
     let (aq, ads) = (act.qs.as_ptr(), act.ds.as_ptr());
-    let m = act.rows;
-    let mut r = 0;
-    while r < m {
-        let ra = (m - r).min(RA);
-        let (aq_r, ads_r, out_r) = (aq.add(r * k), ads.add(r * nb), out.add(r * ldo));
-        let mut c = 0;
-        while c < n_w {
-            let rw = (n_w - c).min(RW);
-            let (w_c, out_c) = (w.add(c * row_bytes), out_r.add(c));
-            if ra == RA && rw == RW {
-                gemm_tile::<F, RA, RW, VNNI>(w_c, row_bytes, nb, aq_r, k, ads_r, out_c, ldo);
-            } else {
-                // tails: one activation row or one weight row at a time
-                for rr in 0..ra {
-                    let (aq1, ads1) = (aq_r.add(rr * k), ads_r.add(rr * nb));
-                    let mut cc = 0;
-                    while cc + RW <= rw {
-                        let o = out_c.add(rr * ldo + cc);
-                        gemm_tile::<F, 1, RW, VNNI>(
-                            w_c.add(cc * row_bytes),
-                            row_bytes,
-                            nb,
-                            aq1,
-                            k,
-                            ads1,
-                            o,
-                            ldo,
-                        );
-                        cc += RW;
-                    }
-                    while cc < rw {
-                        let o = out_c.add(rr * ldo + cc);
-                        gemm_tile::<F, 1, 1, VNNI>(
-                            w_c.add(cc * row_bytes),
-                            row_bytes,
-                            nb,
-                            aq1,
-                            k,
-                            ads1,
-                            o,
-                            ldo,
-                        );
-                        cc += 1;
-                    }
-                }
-            }
-            c += rw;
+    // A fresh buffer per call (one call is one 16-row chunk, tens of microseconds of work).
+    // Not a thread-local: code inside its `with` closure would lose this function's target
+    // features and the intrinsics would stop inlining.
+    let zero = PanelBlock {
+        qs: [[0; 32]; 8],
+        d: [0.0; 8],
+        o: [0.0; 8],
+    };
+    let mut buf = vec![zero; NP * nb];
+    let panels = buf.as_mut_ptr();
+    let mut c0 = 0;
+    while c0 < n_w {
+        let cols = (n_w - c0).min(8 * NP);
+        let np = cols.div_ceil(8);
+        for p in 0..np {
+            let rows = (cols - 8 * p).min(8);
+            pack_panel::<F, MODE>(
+                w.add((c0 + 8 * p) * row_bytes),
+                row_bytes,
+                rows,
+                nb,
+                panels.add(p * nb),
+            );
         }
-        r += ra;
+        let mut r0 = 0;
+        while r0 < m {
+            let ra = (m - r0).min(RA);
+            let (a, d, o) = (aq.add(r0 * k), ads.add(r0 * nb), out.add(r0 * ldo + c0));
+            macro_rules! tile {
+                ($ra:literal) => {
+                    if np == NP {
+                        packed_tile::<$ra, NP, MODE>(panels, nb, a, k, d, o, ldo, cols)
+                    } else {
+                        packed_tile::<$ra, 1, MODE>(panels, nb, a, k, d, o, ldo, cols)
+                    }
+                };
+            }
+            match ra {
+                1 => tile!(1),
+                2 => tile!(2),
+                3 if RA > 3 => tile!(3),
+                _ if RA > 3 => tile!(4),
+                _ => tile!(2),
+            }
+            r0 += ra;
+        }
+        c0 += cols;
     }
 }
 
@@ -271,9 +432,13 @@ unsafe fn quantize_impl(x: &[f32], q: &mut [i8], ds: &mut [[f32; 2]]) {
         let m = _mm_max_ss(m, _mm_movehdup_ps(m));
         let (d, id) = act_scale(_mm_cvtss_f32(m));
         let idv = _mm256_set1_ps(id);
-        // cvtps2dq rounds half to even, matching `quantize_block_scalar`
-        let qi = |v: __m256| _mm256_cvtps_epi32(_mm256_mul_ps(v, idv));
-        let q = [qi(v[0]), qi(v[1]), qi(v[2]), qi(v[3])];
+        // cvtps2dq rounds half to even, matching `quantize_block_scalar` (no closure: see top)
+        let q = [
+            _mm256_cvtps_epi32(_mm256_mul_ps(v[0], idv)),
+            _mm256_cvtps_epi32(_mm256_mul_ps(v[1], idv)),
+            _mm256_cvtps_epi32(_mm256_mul_ps(v[2], idv)),
+            _mm256_cvtps_epi32(_mm256_mul_ps(v[3], idv)),
+        ];
         let p01 = _mm256_packs_epi32(q[0], q[1]);
         let p23 = _mm256_packs_epi32(q[2], q[3]);
         let packed = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(p01, p23), perm);
@@ -284,6 +449,48 @@ unsafe fn quantize_impl(x: &[f32], q: &mut [i8], ds: &mut [[f32; 2]]) {
         let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
         let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
         *dsb = [d, d * _mm_cvtsi128_si32(s) as f32];
+    }
+}
+
+#[inline(always)]
+unsafe fn dequant_impl<const F: u8>(bytes: &[u8], out: &mut [f32]) {
+    for (blk, o) in bytes.chunks_exact(bb(F)).zip(out.chunks_exact_mut(QK)) {
+        let p = blk.as_ptr();
+        let v = wload::<F>(p);
+        let sc = wscale::<F>(p);
+        let d = _mm256_broadcastss_ps(sc);
+        let m = match F {
+            F_Q4_1 => _mm256_broadcastss_ps(_mm_movehdup_ps(sc)),
+            F_Q4_0 => _mm256_mul_ps(d, _mm256_set1_ps(-8.0)),
+            _ => _mm256_setzero_ps(),
+        };
+        let halves = [_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1)];
+        for (h, half) in halves.into_iter().enumerate() {
+            for q in 0..2 {
+                let part = if q == 0 {
+                    half
+                } else {
+                    _mm_unpackhi_epi64(half, half)
+                };
+                let ints = if F == F_Q8_0 {
+                    _mm256_cvtepi8_epi32(part)
+                } else {
+                    _mm256_cvtepu8_epi32(part)
+                };
+                let vals = _mm256_fmadd_ps(_mm256_cvtepi32_ps(ints), d, m);
+                _mm256_storeu_ps(o.as_mut_ptr().add(16 * h + 8 * q), vals);
+            }
+        }
+    }
+}
+
+/// Dequantise whole blocks (`out.len() == QK * bytes.len() / block_bytes`).
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn dequant_avx2(fmt: Fmt, bytes: &[u8], out: &mut [f32]) {
+    match fmt {
+        Fmt::Q4_0 => dequant_impl::<F_Q4_0>(bytes, out),
+        Fmt::Q4_1 => dequant_impl::<F_Q4_1>(bytes, out),
+        Fmt::Q8_0 => dequant_impl::<F_Q8_0>(bytes, out),
     }
 }
 
@@ -315,18 +522,19 @@ macro_rules! entry_points {
             out: *mut f32,
             ldo: usize,
         ) {
-            // 16 ymm registers without AVX-512: a 2x4 tile still fits; with AVX-512VL, 4x4.
+            // With AVX-512VL there are 32 vector registers: 4 activation rows x 2 panels of int
+            // and float accumulators fit; AVX2's 16 hold 2 rows.
             if $vnni {
                 match fmt {
-                    Fmt::Q4_0 => gemm_impl::<F_Q4_0, 4, 4, $vnni>(w, n_w, act, out, ldo),
-                    Fmt::Q4_1 => gemm_impl::<F_Q4_1, 4, 4, $vnni>(w, n_w, act, out, ldo),
-                    Fmt::Q8_0 => gemm_impl::<F_Q8_0, 4, 4, $vnni>(w, n_w, act, out, ldo),
+                    Fmt::Q4_0 => gemm_packed::<F_Q4_0, 4, MODE_VNNI>(w, n_w, act, out, ldo),
+                    Fmt::Q4_1 => gemm_packed::<F_Q4_1, 4, MODE_VNNI>(w, n_w, act, out, ldo),
+                    Fmt::Q8_0 => gemm_packed::<F_Q8_0, 4, MODE_VNNI>(w, n_w, act, out, ldo),
                 }
             } else {
                 match fmt {
-                    Fmt::Q4_0 => gemm_impl::<F_Q4_0, 2, 4, $vnni>(w, n_w, act, out, ldo),
-                    Fmt::Q4_1 => gemm_impl::<F_Q4_1, 2, 4, $vnni>(w, n_w, act, out, ldo),
-                    Fmt::Q8_0 => gemm_impl::<F_Q8_0, 2, 4, $vnni>(w, n_w, act, out, ldo),
+                    Fmt::Q4_0 => gemm_packed::<F_Q4_0, 2, MODE_I16>(w, n_w, act, out, ldo),
+                    Fmt::Q4_1 => gemm_packed::<F_Q4_1, 2, MODE_I16>(w, n_w, act, out, ldo),
+                    Fmt::Q8_0 => gemm_packed::<F_Q8_0, 2, MODE_SIGN>(w, n_w, act, out, ldo),
                 }
             }
         }
