@@ -238,10 +238,7 @@ impl LoraConfig {
     pub fn validate(&self, source: &str) -> Result<()> {
         let bad = |key: &str, what: String| Err(Error::key(source, key, what));
         if self.peft_type != "LORA" {
-            return bad(
-                "peft_type",
-                format!("`{}` is not LORA", self.peft_type),
-            );
+            return bad("peft_type", format!("`{}` is not LORA", self.peft_type));
         }
         if self.r == 0 {
             return bad("r", "must be at least 1".into());
@@ -293,9 +290,7 @@ impl LoraConfig {
             return bad("rank_pattern", format!("rank of `{k}` is {r}"));
         }
         for k in self.rank_pattern.keys().chain(self.alpha_pattern.keys()) {
-            pattern_regex(k).map_err(|e| {
-                Error::key(source, "rank_pattern/alpha_pattern", e)
-            })?;
+            pattern_regex(k).map_err(|e| Error::key(source, "rank_pattern/alpha_pattern", e))?;
         }
         if let Some(ModuleSpec::One(s)) = &self.target_modules {
             if !s.eq_ignore_ascii_case("all-linear") {
@@ -486,13 +481,18 @@ mod tests {
         // A suffix must start at a '.': "proj" alone is not a module name.
         let c = LoraConfig::new(4, 8.0, &["proj"]);
         assert!(matched(&c).is_empty());
-        assert!(!name_matches_entry("model.layers.0.self_attn.xq_proj", "q_proj"));
+        assert!(!name_matches_entry(
+            "model.layers.0.self_attn.xq_proj",
+            "q_proj"
+        ));
     }
 
     #[test]
     fn a_string_is_a_full_match_regex_and_all_linear_skips_the_head() {
-        let mut c = LoraConfig::default();
-        c.target_modules = Some(ModuleSpec::One(r".*\.1\..*_proj".into()));
+        let mut c = LoraConfig {
+            target_modules: Some(ModuleSpec::One(r".*\.1\..*_proj".into())),
+            ..Default::default()
+        };
         assert_eq!(
             matched(&c),
             [
@@ -538,7 +538,8 @@ mod tests {
     fn rank_and_alpha_patterns_and_rslora_scale() {
         let mut c = LoraConfig::new(8, 16.0, &["q_proj", "v_proj"]);
         c.rank_pattern.insert("v_proj".into(), 2);
-        c.alpha_pattern.insert(r"layers\.1\.self_attn\.q_proj".into(), 4.0);
+        c.alpha_pattern
+            .insert(r"layers\.1\.self_attn\.q_proj".into(), 4.0);
         let q0 = c.module_params("model.layers.0.self_attn.q_proj");
         assert_eq!((q0.r, q0.alpha, q0.scale), (8, 16.0, 2.0));
         let v0 = c.module_params("model.layers.0.self_attn.v_proj");
@@ -575,7 +576,10 @@ mod tests {
         let mut c = base.clone();
         c.extra.insert("use_dora".into(), Value::Bool(true));
         let e = c.validate("a/adapter_config.json").unwrap_err().to_string();
-        assert_eq!(e, "a/adapter_config.json: key `use_dora`: DoRA is not supported");
+        assert_eq!(
+            e,
+            "a/adapter_config.json: key `use_dora`: DoRA is not supported"
+        );
         let mut c = base.clone();
         c.bias = "all".into();
         assert!(c.validate("x").unwrap_err().to_string().contains("`bias`"));

@@ -175,7 +175,9 @@ impl LinearAdapter for LoraAdapter {
         let in_f = dims[dims.len() - 1];
         let rows: usize = dims[..dims.len() - 1].iter().product();
         // 2-D matmuls: (rows, in) @ Aᵀ (in, r) @ Bᵀ (r, out).
-        let h = x32.reshape((rows, in_f))?.matmul(&self.a.as_tensor().t()?)?;
+        let h = x32
+            .reshape((rows, in_f))?
+            .matmul(&self.a.as_tensor().t()?)?;
         let lora = (h.matmul(&self.b.as_tensor().t()?)? * self.scale)?;
         let mut out_dims = dims;
         *out_dims.last_mut().unwrap() = lora.dim(1)?;
@@ -220,18 +222,43 @@ mod tests {
     #[test]
     fn default_init_is_kaiming_a_and_zero_b() {
         let mut rng = StdRng::seed_from_u64(1);
-        let l = LoraAdapter::new(256, 32, 8, 16.0, 2.0, 0.0, LoraInit::Default, &mut rng, 0, &Device::Cpu)
-            .unwrap();
+        let l = LoraAdapter::new(
+            256,
+            32,
+            8,
+            16.0,
+            2.0,
+            0.0,
+            LoraInit::Default,
+            &mut rng,
+            0,
+            &Device::Cpu,
+        )
+        .unwrap();
         let a: Vec<f32> = l.a().as_tensor().flatten_all().unwrap().to_vec1().unwrap();
         let bound = 1.0 / 16.0;
         assert!(a.iter().all(|x| x.abs() <= bound));
         // U(-b, b) has variance b²/3.
         let var = a.iter().map(|x| x * x).sum::<f32>() / a.len() as f32;
-        assert!((var - bound * bound / 3.0).abs() < 0.1 * bound * bound / 3.0, "{var}");
+        assert!(
+            (var - bound * bound / 3.0).abs() < 0.1 * bound * bound / 3.0,
+            "{var}"
+        );
         let b: Vec<f32> = l.b().as_tensor().flatten_all().unwrap().to_vec1().unwrap();
         assert!(b.iter().all(|&x| x == 0.0));
-        let g = LoraAdapter::new(256, 32, 8, 16.0, 2.0, 0.0, LoraInit::Gaussian, &mut rng, 0, &Device::Cpu)
-            .unwrap();
+        let g = LoraAdapter::new(
+            256,
+            32,
+            8,
+            16.0,
+            2.0,
+            0.0,
+            LoraInit::Gaussian,
+            &mut rng,
+            0,
+            &Device::Cpu,
+        )
+        .unwrap();
         let a: Vec<f32> = g.a().as_tensor().flatten_all().unwrap().to_vec1().unwrap();
         let var = a.iter().map(|x| x * x).sum::<f32>() / a.len() as f32;
         assert!((var - 1.0 / 64.0).abs() < 0.1 / 64.0, "{var}");
@@ -244,8 +271,12 @@ mod tests {
         let a = rand_tensor(&mut rng, (r, in_f));
         let b = rand_tensor(&mut rng, (out_f, r));
         let l = LoraAdapter::from_weights(a.clone(), b.clone(), 6.0, 2.0, 0.0, 0).unwrap();
-        let x = rand_tensor(&mut rng, (5, in_f)).reshape((1, 5, in_f)).unwrap();
-        let base = rand_tensor(&mut rng, (5, out_f)).reshape((1, 5, out_f)).unwrap();
+        let x = rand_tensor(&mut rng, (5, in_f))
+            .reshape((1, 5, in_f))
+            .unwrap();
+        let base = rand_tensor(&mut rng, (5, out_f))
+            .reshape((1, 5, out_f))
+            .unwrap();
         let got = l.forward(&x, base.clone(), false).unwrap();
         // Reference: x (B A)ᵀ · scale, through the dense product.
         let want = (base.clone()
@@ -262,13 +293,20 @@ mod tests {
             .unwrap();
         assert!(d < 1e-5, "{d}");
         let got16 = l
-            .forward(&x.to_dtype(DType::BF16).unwrap(), base.to_dtype(DType::BF16).unwrap(), false)
+            .forward(
+                &x.to_dtype(DType::BF16).unwrap(),
+                base.to_dtype(DType::BF16).unwrap(),
+                false,
+            )
             .unwrap();
         assert_eq!(got16.dtype(), DType::BF16);
         // Inactive or merged: the base output passes through unchanged.
         l.set_active(false);
         let off = l.forward(&x, base.clone(), false).unwrap();
-        assert_eq!(off.to_vec3::<f32>().unwrap(), base.to_vec3::<f32>().unwrap());
+        assert_eq!(
+            off.to_vec3::<f32>().unwrap(),
+            base.to_vec3::<f32>().unwrap()
+        );
     }
 
     #[test]

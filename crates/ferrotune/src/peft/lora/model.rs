@@ -89,7 +89,11 @@ fn available_names(names: &[String]) -> String {
 /// The names `cfg` selects, in model order. A target that matches no linear at all is an error
 /// naming it (PEFT only fails when nothing matches; naming the culprit is friendlier).
 pub fn resolve_targets(model: &Llama, cfg: &LoraConfig) -> Result<Vec<String>> {
-    let names: Vec<String> = model.linears().iter().map(|l| l.name().to_string()).collect();
+    let names: Vec<String> = model
+        .linears()
+        .iter()
+        .map(|l| l.name().to_string())
+        .collect();
     match cfg.targets() {
         ModuleSpec::List(list) => {
             if list.is_empty() {
@@ -111,9 +115,8 @@ pub fn resolve_targets(model: &Llama, cfg: &LoraConfig) -> Result<Vec<String>> {
                 }
             }
         }
-        ModuleSpec::One(s) if cfg.is_all_linear() => {
-            let _ = s;
-        }
+        // "all-linear" always matches the decoder linears.
+        ModuleSpec::One(_) if cfg.is_all_linear() => {}
         ModuleSpec::One(s) => {
             let re = fancy_regex::Regex::new(&format!("^(?:{s})$"))
                 .map_err(|e| Error::key("LoRA config", "target_modules", e))?;
@@ -292,7 +295,11 @@ fn check_mergeable(model: &Llama, adapter_name: &str, want_merged: bool) -> Resu
 
 /// Add (sign +1) or subtract (-1) `delta` (f32, (out, in)) to the base weight of `lin`.
 /// Dense weights keep their dtype; a quantized weight becomes dense f32 (its type is returned).
-fn add_to_weight(lin: &mut Linear, delta: &candle_core::Tensor, sign: f64) -> Result<Option<String>> {
+fn add_to_weight(
+    lin: &mut Linear,
+    delta: &candle_core::Tensor,
+    sign: f64,
+) -> Result<Option<String>> {
     let delta = (delta * sign)?;
     let (new, deq) = match lin.weight() {
         LinearWeight::Frozen(w) => {
