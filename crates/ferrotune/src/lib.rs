@@ -17,6 +17,7 @@ pub mod inspect;
 pub mod model;
 pub mod nn;
 pub mod ops;
+pub mod peft;
 pub mod perplexity;
 pub mod quant;
 pub mod tokenizer;

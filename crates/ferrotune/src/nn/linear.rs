@@ -51,7 +51,7 @@ impl LinearWeight {
 /// What every PEFT method that wraps a linear layer implements (LoRA, IA3, adapters, ...).
 /// A method sees the layer input and the base output and returns the adapted output, so adding a
 /// method never touches another one or the layer itself.
-pub trait LinearAdapter: Send + Sync {
+pub trait LinearAdapter: std::any::Any + Send + Sync {
     /// Short method name, e.g. "lora".
     fn method(&self) -> &'static str;
     /// `x`: the layer input (..., in); `base_out`: base(x) (..., out). `train` enables dropout.

@@ -1,0 +1,196 @@
+//! PEFT adapter folders: `adapter_config.json` plus `adapter_model.safetensors`, with tensors
+//! named as PEFT's `save_pretrained` names them for a causal LM
+//! (`base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`: no adapter name in the key).
+//! Folders written here load in PEFT and folders written by PEFT load here.
+use super::lora::LoraConfig;
+use super::{adapter_params, param_count, ParamCount, PeftMethod};
+use crate::model::convert::write_atomic;
+use crate::model::Llama;
+use crate::{Error, Result};
+use candle_core::{DType, Tensor};
+use serde_json::Value;
+use std::collections::HashMap;
+use std::path::Path;
+
+pub const CONFIG_FILE: &str = "adapter_config.json";
+pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
+/// What PEFT puts before the module name: `PeftModel.base_model` (the tuner) wraps `.model`.
+pub const KEY_PREFIX: &str = "base_model.model.";
+
+/// An adapter config of any supported method, as read from `adapter_config.json`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AdapterConfig {
+    Lora(LoraConfig),
+}
+
+impl AdapterConfig {
+    pub fn peft_type(&self) -> &'static str {
+        match self {
+            AdapterConfig::Lora(_) => <LoraConfig as PeftMethod>::PEFT_TYPE,
+        }
+    }
+}
+
+/// Read and validate `dir/adapter_config.json`.
+pub fn read_adapter_config(dir: &Path) -> Result<AdapterConfig> {
+    let path = dir.join(CONFIG_FILE);
+    if !path.exists() {
+        return Err(Error::file(
+            &path,
+            "missing: not a PEFT adapter folder (expected adapter_config.json and adapter_model.safetensors)",
+        ));
+    }
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::file(&path, e))?;
+    let v: Value = serde_json::from_str(&text)
+        .map_err(|e| Error::file(&path, format!("invalid JSON: {e}")))?;
+    let src = path.display().to_string();
+    let peft_type = v
+        .get("peft_type")
+        .and_then(Value::as_str)
+        .ok_or_else(|| Error::key(&src, "peft_type", "missing or not a string"))?;
+    match peft_type {
+        "LORA" => {
+            let cfg: LoraConfig = serde_json::from_value(v.clone())
+                .map_err(|e| Error::file(&path, format!("invalid LoRA config: {e}")))?;
+            cfg.validate(&src)?;
+            Ok(AdapterConfig::Lora(cfg))
+        }
+        other => Err(Error::key(
+            &src,
+            "peft_type",
+            format!("`{other}` is not supported (supported: LORA)"),
+        )),
+    }
+}
+
+/// Write adapter `adapter_name` of `model` with its config `cfg` as a PEFT folder in `dir`
+/// (created if needed). Both files are written to a temporary name and renamed, so an
+/// interrupted save never leaves a truncated adapter behind.
+pub fn save_adapter<M: PeftMethod>(
+    model: &Llama,
+    adapter_name: &str,
+    cfg: &M,
+    dir: &Path,
+) -> Result<()> {
+    let params = adapter_params(model, adapter_name);
+    if params.is_empty() {
+        return Err(super::no_such_adapter(model, adapter_name));
+    }
+    std::fs::create_dir_all(dir).map_err(|e| Error::file(dir, e))?;
+    let mut sd: HashMap<String, Tensor> = HashMap::new();
+    for (name, v) in params {
+        let t = v.as_tensor().detach().to_dtype(DType::F32)?.contiguous()?;
+        sd.insert(format!("{KEY_PREFIX}{name}"), t);
+    }
+    let path = dir.join(WEIGHTS_FILE);
+    let tmp = dir.join(format!("{WEIGHTS_FILE}.tmp"));
+    candle_core::safetensors::save(&sd, &tmp)
+        .map_err(|e| Error::file(&tmp, crate::error::first_line(&e.to_string())))?;
+    std::fs::rename(&tmp, &path).map_err(|e| Error::file(&path, e))?;
+
+    let mut json = serde_json::to_value(cfg)
+        .map_err(|e| Error::msg(format!("cannot serialize the adapter config: {e}")))?;
+    json["peft_type"] = M::PEFT_TYPE.into();
+    let text = serde_json::to_string_pretty(&json).expect("a JSON value always serializes");
+    write_atomic(&dir.join(CONFIG_FILE), text.as_bytes())
+}
+
+/// An adapter read by [`load_adapter`].
+#[derive(Debug, Clone)]
+pub struct LoadedAdapter {
+    pub adapter_name: String,
+    pub config: AdapterConfig,
+    /// Module names the adapter wraps.
+    pub modules: Vec<String>,
+    pub params: ParamCount,
+}
+
+/// Attach the adapter in `dir` (written by PEFT or by us) to `model` as `adapter_name`.
+/// The config is validated, every tensor the config implies must be in the file with the
+/// shape the model implies, and the file may hold nothing else. On error nothing stays attached.
+pub fn load_adapter(model: &mut Llama, dir: &Path, adapter_name: &str) -> Result<LoadedAdapter> {
+    let config = read_adapter_config(dir)?;
+    let path = dir.join(WEIGHTS_FILE);
+    if !path.exists() {
+        let bin = dir.join("adapter_model.bin");
+        return Err(if bin.exists() {
+            Error::file(
+                &bin,
+                "pickled adapters are not supported; re-save it with PEFT's save_pretrained(safe_serialization=True)",
+            )
+        } else {
+            Error::file(&path, "missing")
+        });
+    }
+    let tensors = candle_core::safetensors::load(&path, model.device())
+        .map_err(|e| Error::file(&path, crate::error::first_line(&e.to_string())))?;
+    match &config {
+        AdapterConfig::Lora(cfg) => {
+            // Initial values do not matter: every tensor is overwritten from the file.
+            cfg.attach(model, adapter_name, 0)
+                .map_err(|e| Error::file(dir.join(CONFIG_FILE), e))?;
+        }
+    }
+    if let Err(e) = fill_from(model, adapter_name, tensors, &path) {
+        // Leave the model as it was.
+        for lin in model.linears_mut() {
+            lin.remove_adapter(adapter_name);
+        }
+        return Err(e);
+    }
+    let modules = model
+        .linears()
+        .iter()
+        .filter(|l| l.adapters().any(|(n, _)| n == adapter_name))
+        .map(|l| l.name().to_string())
+        .collect();
+    Ok(LoadedAdapter {
+        adapter_name: adapter_name.to_string(),
+        config,
+        modules,
+        params: param_count(model, adapter_name),
+    })
+}
+
+/// Copy the file's tensors into the freshly attached adapter's parameters.
+fn fill_from(
+    model: &Llama,
+    adapter_name: &str,
+    mut tensors: HashMap<String, Tensor>,
+    path: &Path,
+) -> Result<()> {
+    for (name, var) in adapter_params(model, adapter_name) {
+        let key = format!("{KEY_PREFIX}{name}");
+        let t = tensors.remove(&key).ok_or_else(|| {
+            Error::file(
+                path,
+                format!("tensor `{key}` is missing (the config targets this module)"),
+            )
+        })?;
+        if t.dims() != var.dims() {
+            return Err(Error::file(
+                path,
+                format!(
+                    "tensor `{key}` has shape {:?} but the model and config imply {:?}",
+                    t.dims(),
+                    var.dims()
+                ),
+            ));
+        }
+        var.set(&t.to_dtype(DType::F32)?)?;
+    }
+    if let Some(extra) = {
+        let mut left: Vec<&String> = tensors.keys().collect();
+        left.sort();
+        left.first().map(|s| s.to_string())
+    } {
+        return Err(Error::file(
+            path,
+            format!(
+                "tensor `{extra}` belongs to no module the config targets ({} unexpected tensors)",
+                tensors.len()
+            ),
+        ));
+    }
+    Ok(())
+}

@@ -1,0 +1,601 @@
+//! `LoraConfig`: the fields of PEFT's `adapter_config.json` for `peft_type: "LORA"`, with the
+//! same names, defaults and meaning, so a config written by PEFT loads here and ours loads there.
+//!
+//! Module matching follows PEFT's `check_target_module_exists`: a list entry matches a module
+//! whose name equals it or ends in `.entry`; a single string is a regex that must match the whole
+//! name (`"all-linear"` is the exception: every linear but the output layer).
+use crate::{Error, Result};
+use fancy_regex::Regex;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use std::collections::BTreeMap;
+
+/// A list of module names, or one string (a regex matched against the whole module name, or
+/// `"all-linear"`). PEFT's `target_modules` / `exclude_modules` / `layers_pattern` take either.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum ModuleSpec {
+    List(Vec<String>),
+    One(String),
+}
+
+/// `init_lora_weights`: `true` (A Kaiming-uniform, B zero), `false` (both Kaiming-uniform, so the
+/// adapter changes the output from the start; PEFT uses it for tests) or `"gaussian"`
+/// (A ~ N(0, 1/r), B zero). PEFT's data-driven inits (PiSSA, LoftQ, EVA, ...) are not supported.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum InitLoraWeights {
+    Bool(bool),
+    Name(String),
+}
+
+/// `layers_to_transform`: one layer index or a list of them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum LayerIndices {
+    One(usize),
+    List(Vec<usize>),
+}
+
+impl LayerIndices {
+    fn contains(&self, i: usize) -> bool {
+        match self {
+            LayerIndices::One(j) => *j == i,
+            LayerIndices::List(v) => v.contains(&i),
+        }
+    }
+    fn is_empty(&self) -> bool {
+        matches!(self, LayerIndices::List(v) if v.is_empty())
+    }
+}
+
+fn default_peft_type() -> String {
+    "LORA".into()
+}
+fn default_task_type() -> Option<String> {
+    Some("CAUSAL_LM".into())
+}
+fn default_r() -> usize {
+    8
+}
+fn default_alpha() -> f64 {
+    8.0
+}
+fn default_bias() -> String {
+    "none".into()
+}
+fn default_init() -> InitLoraWeights {
+    InitLoraWeights::Bool(true)
+}
+
+/// PEFT writes `lora_alpha` and `alpha_pattern` values as integers when they are whole numbers;
+/// writing `16` rather than `16.0` keeps our files byte-compatible in spirit with theirs.
+mod int_if_whole {
+    use serde::Serializer;
+    pub fn ser<S: Serializer>(x: &f64, s: S) -> Result<S::Ok, S::Error> {
+        if x.fract() == 0.0 && x.abs() < 1e15 {
+            s.serialize_i64(*x as i64)
+        } else {
+            s.serialize_f64(*x)
+        }
+    }
+    pub fn ser_map<S: Serializer>(
+        m: &std::collections::BTreeMap<String, f64>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = s.serialize_map(Some(m.len()))?;
+        for (k, v) in m {
+            if v.fract() == 0.0 && v.abs() < 1e15 {
+                map.serialize_entry(k, &(*v as i64))?;
+            } else {
+                map.serialize_entry(k, v)?;
+            }
+        }
+        map.end()
+    }
+}
+
+/// PEFT's `LoraConfig` as stored in `adapter_config.json`. Unknown keys written by other PEFT
+/// versions are kept in `extra` and written back; the ones that switch on a feature we do not
+/// implement (DoRA, LoRA bias, ...) are rejected by [`LoraConfig::validate`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LoraConfig {
+    #[serde(default = "default_peft_type")]
+    pub peft_type: String,
+    #[serde(default = "default_task_type")]
+    pub task_type: Option<String>,
+    #[serde(default)]
+    pub base_model_name_or_path: Option<String>,
+    #[serde(default)]
+    pub revision: Option<String>,
+    #[serde(default)]
+    pub inference_mode: bool,
+    /// LoRA rank.
+    #[serde(default = "default_r")]
+    pub r: usize,
+    #[serde(default = "default_alpha", serialize_with = "int_if_whole::ser")]
+    pub lora_alpha: f64,
+    #[serde(default)]
+    pub lora_dropout: f64,
+    /// None: PEFT's default for LLaMA-family models (`q_proj`, `v_proj`).
+    #[serde(default)]
+    pub target_modules: Option<ModuleSpec>,
+    #[serde(default)]
+    pub exclude_modules: Option<ModuleSpec>,
+    /// Scale by alpha/sqrt(r) (rank-stabilized LoRA) instead of alpha/r.
+    #[serde(default)]
+    pub use_rslora: bool,
+    /// Only "none" is supported (no bias is trained).
+    #[serde(default = "default_bias")]
+    pub bias: String,
+    #[serde(default = "default_init")]
+    pub init_lora_weights: InitLoraWeights,
+    /// Only meaningful for GPT-2 style Conv1D weights; must be false for our linears.
+    #[serde(default)]
+    pub fan_in_fan_out: bool,
+    /// Not supported (would train full copies of other modules); must be null or empty.
+    #[serde(default)]
+    pub modules_to_save: Option<Vec<String>>,
+    #[serde(default)]
+    pub layers_to_transform: Option<LayerIndices>,
+    #[serde(default)]
+    pub layers_pattern: Option<ModuleSpec>,
+    /// Per-module rank overrides: key is a regex matched as PEFT's `get_pattern_key` does.
+    #[serde(default)]
+    pub rank_pattern: BTreeMap<String, usize>,
+    /// Per-module alpha overrides, matched like `rank_pattern`.
+    #[serde(default, serialize_with = "int_if_whole::ser_map")]
+    pub alpha_pattern: BTreeMap<String, f64>,
+    #[serde(flatten)]
+    pub extra: BTreeMap<String, Value>,
+}
+
+impl Default for LoraConfig {
+    fn default() -> Self {
+        Self {
+            peft_type: default_peft_type(),
+            task_type: default_task_type(),
+            base_model_name_or_path: None,
+            revision: None,
+            inference_mode: false,
+            r: default_r(),
+            lora_alpha: default_alpha(),
+            lora_dropout: 0.0,
+            target_modules: None,
+            exclude_modules: None,
+            use_rslora: false,
+            bias: default_bias(),
+            init_lora_weights: default_init(),
+            fan_in_fan_out: false,
+            modules_to_save: None,
+            layers_to_transform: None,
+            layers_pattern: None,
+            rank_pattern: BTreeMap::new(),
+            alpha_pattern: BTreeMap::new(),
+            extra: BTreeMap::new(),
+        }
+    }
+}
+
+/// PEFT features switched on by keys we keep in `extra` but do not implement. A key is "on" when
+/// its value is not null/false/empty.
+const UNSUPPORTED_KEYS: &[(&str, &str)] = &[
+    ("use_dora", "DoRA"),
+    ("lora_bias", "LoRA bias"),
+    ("target_parameters", "targeting parameters"),
+    ("trainable_token_indices", "trainable tokens"),
+    ("layer_replication", "layer replication"),
+    ("use_qalora", "QA-LoRA"),
+    ("alora_invocation_tokens", "activated LoRA"),
+    ("megatron_config", "Megatron"),
+    ("use_bdlora", "block-diagonal LoRA"),
+];
+
+fn is_on(v: &Value) -> bool {
+    match v {
+        Value::Null => false,
+        Value::Bool(b) => *b,
+        Value::Array(a) => !a.is_empty(),
+        Value::Object(o) => !o.is_empty(),
+        _ => true,
+    }
+}
+
+/// Python `re.fullmatch(pattern, name)`.
+fn full_regex(pattern: &str) -> std::result::Result<Regex, String> {
+    Regex::new(&format!("^(?:{pattern})$")).map_err(|e| format!("invalid regex `{pattern}`: {e}"))
+}
+
+fn regex_matches(re: &Regex, s: &str) -> bool {
+    // Backtracking-limit errors mean "no match" here, as the pattern came from the user.
+    re.is_match(s).unwrap_or(false)
+}
+
+/// Resolved per-module hyper-parameters.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ModuleParams {
+    pub r: usize,
+    pub alpha: f64,
+    /// alpha / r, or alpha / sqrt(r) with rsLoRA.
+    pub scale: f64,
+}
+
+impl LoraConfig {
+    /// A config for the common case: rank, alpha and target module names.
+    pub fn new(r: usize, lora_alpha: f64, targets: &[&str]) -> Self {
+        Self {
+            r,
+            lora_alpha,
+            target_modules: Some(ModuleSpec::List(
+                targets.iter().map(|s| s.to_string()).collect(),
+            )),
+            ..Default::default()
+        }
+    }
+
+    /// Check the hyper-parameters; `source` names the file (or "--lora-*" flags) in messages.
+    pub fn validate(&self, source: &str) -> Result<()> {
+        let bad = |key: &str, what: String| Err(Error::key(source, key, what));
+        if self.peft_type != "LORA" {
+            return bad("peft_type", format!("`{}` is not LORA", self.peft_type));
+        }
+        if self.r == 0 {
+            return bad("r", "must be at least 1".into());
+        }
+        if !(self.lora_alpha.is_finite()) {
+            return bad("lora_alpha", "must be a finite number".into());
+        }
+        if !(0.0..1.0).contains(&self.lora_dropout) {
+            return bad(
+                "lora_dropout",
+                format!("{} is not in [0, 1)", self.lora_dropout),
+            );
+        }
+        if self.bias != "none" {
+            return bad(
+                "bias",
+                format!("`{}` is not supported (only \"none\")", self.bias),
+            );
+        }
+        if self.fan_in_fan_out {
+            return bad(
+                "fan_in_fan_out",
+                "must be false: LLaMA-family linears store (out, in) weights".into(),
+            );
+        }
+        if self.modules_to_save.as_ref().is_some_and(|m| !m.is_empty()) {
+            return bad(
+                "modules_to_save",
+                "is not supported (train those modules with full fine-tuning)".into(),
+            );
+        }
+        match &self.init_lora_weights {
+            InitLoraWeights::Bool(_) => {}
+            InitLoraWeights::Name(n) if n.eq_ignore_ascii_case("gaussian") => {}
+            InitLoraWeights::Name(n) => {
+                return bad(
+                    "init_lora_weights",
+                    format!("`{n}` is not supported (true, false or \"gaussian\")"),
+                )
+            }
+        }
+        if let Some((k, what)) = UNSUPPORTED_KEYS
+            .iter()
+            .find(|(k, _)| self.extra.get(*k).is_some_and(is_on))
+        {
+            return bad(k, format!("{what} is not supported"));
+        }
+        if let Some((k, &r)) = self.rank_pattern.iter().find(|(_, &r)| r == 0) {
+            return bad("rank_pattern", format!("rank of `{k}` is {r}"));
+        }
+        for k in self.rank_pattern.keys().chain(self.alpha_pattern.keys()) {
+            pattern_regex(k).map_err(|e| Error::key(source, "rank_pattern/alpha_pattern", e))?;
+        }
+        if let Some(ModuleSpec::One(s)) = &self.target_modules {
+            if !s.eq_ignore_ascii_case("all-linear") {
+                full_regex(s).map_err(|e| Error::key(source, "target_modules", e))?;
+            }
+            // PEFT rejects these combinations too (LoraConfig.__post_init__).
+            if self.layers_to_transform.is_some() {
+                return bad(
+                    "layers_to_transform",
+                    "cannot be used when target_modules is a regex string".into(),
+                );
+            }
+        }
+        if let Some(ModuleSpec::One(s)) = &self.exclude_modules {
+            full_regex(s).map_err(|e| Error::key(source, "exclude_modules", e))?;
+        }
+        if self.layers_pattern.is_some() && self.layers_to_transform.is_none() {
+            return bad(
+                "layers_pattern",
+                "needs layers_to_transform to be set".into(),
+            );
+        }
+        Ok(())
+    }
+
+    /// The target list after applying PEFT's default for LLaMA-family models.
+    pub fn targets(&self) -> ModuleSpec {
+        self.target_modules
+            .clone()
+            .unwrap_or_else(|| ModuleSpec::List(vec!["q_proj".into(), "v_proj".into()]))
+    }
+
+    pub fn is_all_linear(&self) -> bool {
+        matches!(&self.target_modules, Some(ModuleSpec::One(s)) if s.eq_ignore_ascii_case("all-linear"))
+    }
+
+    /// Whether PEFT would wrap the module `name` (`lm_head` only counts as a linear when named
+    /// explicitly: "all-linear" excludes the output layer, as PEFT does).
+    pub fn matches(&self, name: &str) -> Result<bool> {
+        if self.is_excluded(name)? {
+            return Ok(false);
+        }
+        let found = match self.targets() {
+            ModuleSpec::One(s) if s.eq_ignore_ascii_case("all-linear") => name != "lm_head",
+            ModuleSpec::One(s) => regex_matches(
+                &full_regex(&s).map_err(|e| Error::key("LoRA config", "target_modules", e))?,
+                name,
+            ),
+            ModuleSpec::List(list) => list.iter().any(|t| name_matches_entry(name, t)),
+        };
+        if !found {
+            return Ok(false);
+        }
+        self.layer_selected(name)
+    }
+
+    fn is_excluded(&self, name: &str) -> Result<bool> {
+        Ok(match &self.exclude_modules {
+            None => false,
+            Some(ModuleSpec::One(s)) => regex_matches(
+                &full_regex(s).map_err(|e| Error::key("LoRA config", "exclude_modules", e))?,
+                name,
+            ),
+            Some(ModuleSpec::List(l)) => l.iter().any(|t| name_matches_entry(name, t)),
+        })
+    }
+
+    /// `layers_to_transform` / `layers_pattern`: the first numbered segment of the name is its
+    /// layer index (PEFT's lazy `.*?\.[^.]*\.(\d+)\.` so nested indices are not picked up).
+    fn layer_selected(&self, name: &str) -> Result<bool> {
+        let Some(layers) = &self.layers_to_transform else {
+            return Ok(true);
+        };
+        if layers.is_empty() {
+            return Ok(true);
+        }
+        let patterns: Vec<String> = match &self.layers_pattern {
+            None => vec![],
+            Some(ModuleSpec::One(s)) => vec![s.clone()],
+            Some(ModuleSpec::List(l)) => l.clone(),
+        };
+        let idx_re = |p: &str| -> Result<Regex> {
+            Regex::new(p).map_err(|e| Error::key("LoRA config", "layers_pattern", e))
+        };
+        let mut idx = None;
+        if patterns.is_empty() {
+            idx = first_capture(&idx_re(r"^.*?\.[^.]*\.(\d+)\.")?, name);
+        } else {
+            for p in patterns {
+                idx = first_capture(&idx_re(&format!(r"^(?:^|.*?\.){p}\.(\d+)\."))?, name);
+                if idx.is_some() {
+                    break;
+                }
+            }
+        }
+        Ok(idx.is_some_and(|i| layers.contains(i)))
+    }
+
+    /// Rank, alpha and scale for module `name` (rank_pattern / alpha_pattern applied; the first
+    /// key in the map's order that matches wins, like PEFT iterating its dict).
+    pub fn module_params(&self, name: &str) -> ModuleParams {
+        let find = |keys: Vec<&String>| -> Option<String> {
+            keys.into_iter()
+                .find(|k| {
+                    pattern_regex(k)
+                        .map(|re| regex_matches(&re, name))
+                        .unwrap_or(false)
+                })
+                .cloned()
+        };
+        let r = find(self.rank_pattern.keys().collect())
+            .and_then(|k| self.rank_pattern.get(&k).copied())
+            .unwrap_or(self.r);
+        let alpha = find(self.alpha_pattern.keys().collect())
+            .and_then(|k| self.alpha_pattern.get(&k).copied())
+            .unwrap_or(self.lora_alpha);
+        let scale = if self.use_rslora {
+            alpha / (r as f64).sqrt()
+        } else {
+            alpha / r as f64
+        };
+        ModuleParams { r, alpha, scale }
+    }
+
+    /// The dropout probability, as f32.
+    pub fn dropout(&self) -> f32 {
+        self.lora_dropout as f32
+    }
+}
+
+/// PEFT's `get_pattern_key`: `re.match(rf"(.*\.)?({key})$", name)`.
+fn pattern_regex(key: &str) -> std::result::Result<Regex, String> {
+    Regex::new(&format!(r"^(.*\.)?({key})$")).map_err(|e| format!("invalid regex `{key}`: {e}"))
+}
+
+fn first_capture(re: &Regex, s: &str) -> Option<usize> {
+    re.captures(s)
+        .ok()
+        .flatten()
+        .and_then(|c| c.get(1))
+        .and_then(|m| m.as_str().parse().ok())
+}
+
+/// A list entry matches the module with exactly that name, or any module whose name ends in
+/// `.entry` (so "q_proj" and "self_attn.q_proj" both match `model.layers.0.self_attn.q_proj`).
+pub fn name_matches_entry(name: &str, entry: &str) -> bool {
+    name == entry
+        || (name.len() > entry.len()
+            && name.ends_with(entry)
+            && name.as_bytes()[name.len() - entry.len() - 1] == b'.')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names() -> Vec<String> {
+        let mut v = Vec::new();
+        for i in 0..3 {
+            for m in ["self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj"] {
+                v.push(format!("model.layers.{i}.{m}"));
+            }
+        }
+        v.push("lm_head".into());
+        v
+    }
+
+    fn matched(cfg: &LoraConfig) -> Vec<String> {
+        names()
+            .into_iter()
+            .filter(|n| cfg.matches(n).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn list_entries_match_exact_names_and_dot_suffixes() {
+        let c = LoraConfig::new(4, 8.0, &["q_proj", "layers.2.mlp.down_proj", "lm_head"]);
+        assert_eq!(
+            matched(&c),
+            [
+                "model.layers.0.self_attn.q_proj",
+                "model.layers.1.self_attn.q_proj",
+                "model.layers.2.self_attn.q_proj",
+                "model.layers.2.mlp.down_proj",
+                "lm_head"
+            ]
+        );
+        // A suffix must start at a '.': "proj" alone is not a module name.
+        let c = LoraConfig::new(4, 8.0, &["proj"]);
+        assert!(matched(&c).is_empty());
+        assert!(!name_matches_entry(
+            "model.layers.0.self_attn.xq_proj",
+            "q_proj"
+        ));
+    }
+
+    #[test]
+    fn a_string_is_a_full_match_regex_and_all_linear_skips_the_head() {
+        let mut c = LoraConfig {
+            target_modules: Some(ModuleSpec::One(r".*\.1\..*_proj".into())),
+            ..Default::default()
+        };
+        assert_eq!(
+            matched(&c),
+            [
+                "model.layers.1.self_attn.q_proj",
+                "model.layers.1.self_attn.v_proj",
+                "model.layers.1.mlp.down_proj"
+            ]
+        );
+        // fullmatch: a pattern matching only part of the name does not count.
+        c.target_modules = Some(ModuleSpec::One("q_proj".into()));
+        assert!(matched(&c).is_empty());
+        c.target_modules = Some(ModuleSpec::One("all-linear".into()));
+        assert_eq!(matched(&c).len(), 9);
+        assert!(!matched(&c).contains(&"lm_head".to_string()));
+    }
+
+    #[test]
+    fn layers_to_transform_and_exclude_modules() {
+        let mut c = LoraConfig::new(4, 8.0, &["q_proj", "v_proj"]);
+        c.layers_to_transform = Some(LayerIndices::List(vec![0, 2]));
+        c.exclude_modules = Some(ModuleSpec::List(vec!["layers.2.self_attn.v_proj".into()]));
+        assert_eq!(
+            matched(&c),
+            [
+                "model.layers.0.self_attn.q_proj",
+                "model.layers.0.self_attn.v_proj",
+                "model.layers.2.self_attn.q_proj"
+            ]
+        );
+        c.layers_pattern = Some(ModuleSpec::One("layers".into()));
+        c.layers_to_transform = Some(LayerIndices::One(1));
+        c.exclude_modules = None;
+        assert_eq!(
+            matched(&c),
+            [
+                "model.layers.1.self_attn.q_proj",
+                "model.layers.1.self_attn.v_proj"
+            ]
+        );
+    }
+
+    #[test]
+    fn rank_and_alpha_patterns_and_rslora_scale() {
+        let mut c = LoraConfig::new(8, 16.0, &["q_proj", "v_proj"]);
+        c.rank_pattern.insert("v_proj".into(), 2);
+        c.alpha_pattern
+            .insert(r"layers\.1\.self_attn\.q_proj".into(), 4.0);
+        let q0 = c.module_params("model.layers.0.self_attn.q_proj");
+        assert_eq!((q0.r, q0.alpha, q0.scale), (8, 16.0, 2.0));
+        let v0 = c.module_params("model.layers.0.self_attn.v_proj");
+        assert_eq!((v0.r, v0.alpha, v0.scale), (2, 16.0, 8.0));
+        let q1 = c.module_params("model.layers.1.self_attn.q_proj");
+        assert_eq!((q1.r, q1.alpha, q1.scale), (8, 4.0, 0.5));
+        // `v_proj` must match a whole trailing segment, not "xv_proj".
+        assert_eq!(c.module_params("model.layers.0.self_attn.xv_proj").r, 8);
+        c.use_rslora = true;
+        let v0 = c.module_params("model.layers.0.self_attn.v_proj");
+        assert!((v0.scale - 16.0 / 2f64.sqrt()).abs() < 1e-12);
+    }
+
+    #[test]
+    fn config_json_roundtrip_keeps_unknown_keys_and_writes_integers() {
+        let text = r#"{"peft_type":"LORA","task_type":"CAUSAL_LM","r":4,"lora_alpha":8,
+            "target_modules":["q_proj","v_proj"],"use_dora":false,"peft_version":"0.21.2",
+            "alpha_pattern":{"q_proj":2},"layers_to_transform":null}"#;
+        let c: LoraConfig = serde_json::from_str(text).unwrap();
+        assert_eq!(c.lora_alpha, 8.0);
+        assert_eq!(c.extra.get("peft_version").unwrap(), "0.21.2");
+        c.validate("adapter_config.json").unwrap();
+        let out = serde_json::to_value(&c).unwrap();
+        assert_eq!(out["lora_alpha"], serde_json::json!(8));
+        assert_eq!(out["alpha_pattern"]["q_proj"], serde_json::json!(2));
+        assert_eq!(out["use_dora"], serde_json::json!(false));
+        let back: LoraConfig = serde_json::from_value(out).unwrap();
+        assert_eq!(back, c);
+    }
+
+    #[test]
+    fn unsupported_settings_are_one_line_errors_naming_the_key() {
+        let base = LoraConfig::new(4, 8.0, &["q_proj"]);
+        let mut c = base.clone();
+        c.extra.insert("use_dora".into(), Value::Bool(true));
+        let e = c.validate("a/adapter_config.json").unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "a/adapter_config.json: key `use_dora`: DoRA is not supported"
+        );
+        let mut c = base.clone();
+        c.bias = "all".into();
+        assert!(c.validate("x").unwrap_err().to_string().contains("`bias`"));
+        let mut c = base.clone();
+        c.init_lora_weights = InitLoraWeights::Name("pissa".into());
+        assert!(c
+            .validate("x")
+            .unwrap_err()
+            .to_string()
+            .contains("`init_lora_weights`"));
+        let mut c = base.clone();
+        c.target_modules = Some(ModuleSpec::One("(".into()));
+        let e = c.validate("x").unwrap_err().to_string();
+        assert!(e.contains("`target_modules`") && !e.contains('\n'), "{e}");
+        let mut c = base;
+        c.lora_dropout = 1.0;
+        assert!(c.validate("x").is_err());
+    }
+}

@@ -1,0 +1,349 @@
+//! The LoRA adapter of one linear layer: `out = base_out + scale · B(A(dropout(x)))`.
+//!
+//! The low-rank path is computed on the fly (never `W + BA`), so training touches only the two
+//! small matrices and a quantized base stays quantized. A and B are f32 `Var`s whatever the base
+//! dtype: optimizer updates to small LoRA weights vanish in bf16.
+use crate::nn::LinearAdapter;
+use candle_core::{DType, Device, Result, Tensor, Var};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+pub struct LoraAdapter {
+    /// (r, in)
+    a: Var,
+    /// (out, r)
+    b: Var,
+    r: usize,
+    alpha: f64,
+    scale: f64,
+    dropout: f32,
+    /// Dropout masks come from `seed` and a per-call counter, so a run is reproducible.
+    seed: u64,
+    calls: AtomicU64,
+    /// Selected by the user (PEFT's `set_adapter` / enabling one adapter of several).
+    active: AtomicBool,
+    /// Its delta is in the base weight: the on-the-fly path must be skipped.
+    merged: AtomicBool,
+}
+
+/// How A and B start (PEFT's `init_lora_weights`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoraInit {
+    /// A Kaiming-uniform (torch `kaiming_uniform_(a=sqrt(5))`: U(±1/sqrt(in))), B zero.
+    Default,
+    /// A ~ N(0, 1/r), B zero.
+    Gaussian,
+    /// A and B both Kaiming-uniform, like two fresh `nn.Linear`s (the adapter is not a no-op).
+    Random,
+}
+
+/// torch `kaiming_uniform_(w, a=sqrt(5))` on a (rows, fan_in) weight: gain sqrt(2/(1+5)),
+/// bound gain·sqrt(3/fan_in) = 1/sqrt(fan_in).
+fn kaiming_uniform(rng: &mut StdRng, rows: usize, fan_in: usize, dev: &Device) -> Result<Tensor> {
+    let bound = 1.0 / (fan_in as f32).sqrt();
+    let v: Vec<f32> = (0..rows * fan_in)
+        .map(|_| rng.random_range(-bound..bound))
+        .collect();
+    Tensor::from_vec(v, (rows, fan_in), dev)
+}
+
+fn gaussian(rng: &mut StdRng, rows: usize, cols: usize, std: f32, dev: &Device) -> Result<Tensor> {
+    // Box-Muller; rand 0.9 has no normal distribution without rand_distr.
+    let v: Vec<f32> = (0..rows * cols)
+        .map(|_| {
+            let u1: f32 = rng.random_range(f32::EPSILON..1.0);
+            let u2: f32 = rng.random();
+            std * (-2.0 * u1.ln()).sqrt() * (std::f32::consts::TAU * u2).cos()
+        })
+        .collect();
+    Tensor::from_vec(v, (rows, cols), dev)
+}
+
+impl LoraAdapter {
+    /// A fresh adapter for a (out_f, in_f) linear. `rng` draws the initial weights.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        in_f: usize,
+        out_f: usize,
+        r: usize,
+        alpha: f64,
+        scale: f64,
+        dropout: f32,
+        init: LoraInit,
+        rng: &mut StdRng,
+        dropout_seed: u64,
+        dev: &Device,
+    ) -> Result<Self> {
+        let a = match init {
+            LoraInit::Default | LoraInit::Random => kaiming_uniform(rng, r, in_f, dev)?,
+            LoraInit::Gaussian => gaussian(rng, r, in_f, 1.0 / r as f32, dev)?,
+        };
+        let b = match init {
+            LoraInit::Random => kaiming_uniform(rng, out_f, r, dev)?,
+            _ => Tensor::zeros((out_f, r), DType::F32, dev)?,
+        };
+        Self::from_weights(a, b, alpha, scale, dropout, dropout_seed)
+    }
+
+    /// An adapter with given A (r, in) and B (out, r), converted to f32.
+    pub fn from_weights(
+        a: Tensor,
+        b: Tensor,
+        alpha: f64,
+        scale: f64,
+        dropout: f32,
+        dropout_seed: u64,
+    ) -> Result<Self> {
+        let (r, _) = a.dims2()?;
+        let (_, r2) = b.dims2()?;
+        if r != r2 {
+            candle_core::bail!("LoRA: A is {:?} but B is {:?}", a.dims(), b.dims());
+        }
+        Ok(Self {
+            a: Var::from_tensor(&a.to_dtype(DType::F32)?.contiguous()?)?,
+            b: Var::from_tensor(&b.to_dtype(DType::F32)?.contiguous()?)?,
+            r,
+            alpha,
+            scale,
+            dropout,
+            seed: dropout_seed,
+            calls: AtomicU64::new(0),
+            active: AtomicBool::new(true),
+            merged: AtomicBool::new(false),
+        })
+    }
+
+    pub fn a(&self) -> &Var {
+        &self.a
+    }
+    pub fn b(&self) -> &Var {
+        &self.b
+    }
+    pub fn r(&self) -> usize {
+        self.r
+    }
+    pub fn alpha(&self) -> f64 {
+        self.alpha
+    }
+    pub fn scale(&self) -> f64 {
+        self.scale
+    }
+    pub fn is_active(&self) -> bool {
+        self.active.load(Ordering::Relaxed)
+    }
+    pub fn set_active(&self, on: bool) {
+        self.active.store(on, Ordering::Relaxed)
+    }
+    pub fn is_merged(&self) -> bool {
+        self.merged.load(Ordering::Relaxed)
+    }
+    pub(crate) fn set_merged(&self, on: bool) {
+        self.merged.store(on, Ordering::Relaxed)
+    }
+
+    /// Inverted dropout: zero each element with probability p, scale the rest by 1/(1-p).
+    fn dropout_mask(&self, shape: &[usize], dev: &Device) -> Result<Tensor> {
+        let call = self.calls.fetch_add(1, Ordering::Relaxed);
+        let mut rng = StdRng::seed_from_u64(self.seed ^ call.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let p = self.dropout;
+        let keep = 1.0 / (1.0 - p);
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n)
+            .map(|_| if rng.random::<f32>() < p { 0.0 } else { keep })
+            .collect();
+        Tensor::from_vec(v, shape, dev)
+    }
+}
+
+impl LinearAdapter for LoraAdapter {
+    fn method(&self) -> &'static str {
+        "lora"
+    }
+
+    fn forward(&self, x: &Tensor, base_out: Tensor, train: bool) -> Result<Tensor> {
+        if !self.is_active() || self.is_merged() {
+            return Ok(base_out);
+        }
+        let x32 = x.to_dtype(DType::F32)?;
+        let x32 = if train && self.dropout > 0.0 {
+            (x32.clone() * self.dropout_mask(x32.dims(), x32.device())?)?
+        } else {
+            x32
+        };
+        let dims = x32.dims().to_vec();
+        let in_f = dims[dims.len() - 1];
+        let rows: usize = dims[..dims.len() - 1].iter().product();
+        // 2-D matmuls: (rows, in) @ Aᵀ (in, r) @ Bᵀ (r, out).
+        let h = x32
+            .reshape((rows, in_f))?
+            .matmul(&self.a.as_tensor().t()?)?;
+        let lora = (h.matmul(&self.b.as_tensor().t()?)? * self.scale)?;
+        let mut out_dims = dims;
+        *out_dims.last_mut().unwrap() = lora.dim(1)?;
+        let lora = lora.reshape(out_dims)?;
+        // Add in f32 and cast back, as PEFT's type promotion does for a bf16 base.
+        let dt = base_out.dtype();
+        if dt == DType::F32 {
+            base_out + lora
+        } else {
+            (base_out.to_dtype(DType::F32)? + lora)?.to_dtype(dt)
+        }
+    }
+
+    fn trainable_params(&self) -> Vec<(String, Var)> {
+        vec![
+            ("lora_A.weight".to_string(), self.a.clone()),
+            ("lora_B.weight".to_string(), self.b.clone()),
+        ]
+    }
+
+    fn delta_weight(&self) -> Result<Option<Tensor>> {
+        let d = self
+            .b
+            .as_tensor()
+            .detach()
+            .matmul(&self.a.as_tensor().detach())?;
+        Ok(Some((d * self.scale)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rand_tensor(rng: &mut StdRng, shape: (usize, usize)) -> Tensor {
+        let v: Vec<f32> = (0..shape.0 * shape.1)
+            .map(|_| rng.random_range(-1.0..1.0))
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn default_init_is_kaiming_a_and_zero_b() {
+        let mut rng = StdRng::seed_from_u64(1);
+        let l = LoraAdapter::new(
+            256,
+            32,
+            8,
+            16.0,
+            2.0,
+            0.0,
+            LoraInit::Default,
+            &mut rng,
+            0,
+            &Device::Cpu,
+        )
+        .unwrap();
+        let a: Vec<f32> = l.a().as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+        let bound = 1.0 / 16.0;
+        assert!(a.iter().all(|x| x.abs() <= bound));
+        // U(-b, b) has variance b²/3.
+        let var = a.iter().map(|x| x * x).sum::<f32>() / a.len() as f32;
+        assert!(
+            (var - bound * bound / 3.0).abs() < 0.1 * bound * bound / 3.0,
+            "{var}"
+        );
+        let b: Vec<f32> = l.b().as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+        assert!(b.iter().all(|&x| x == 0.0));
+        let g = LoraAdapter::new(
+            256,
+            32,
+            8,
+            16.0,
+            2.0,
+            0.0,
+            LoraInit::Gaussian,
+            &mut rng,
+            0,
+            &Device::Cpu,
+        )
+        .unwrap();
+        let a: Vec<f32> = g.a().as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+        let var = a.iter().map(|x| x * x).sum::<f32>() / a.len() as f32;
+        assert!((var - 1.0 / 64.0).abs() < 0.1 / 64.0, "{var}");
+    }
+
+    #[test]
+    fn forward_is_base_plus_scaled_low_rank_and_bf16_base_is_cast_back() {
+        let mut rng = StdRng::seed_from_u64(7);
+        let (in_f, out_f, r) = (12, 10, 3);
+        let a = rand_tensor(&mut rng, (r, in_f));
+        let b = rand_tensor(&mut rng, (out_f, r));
+        let l = LoraAdapter::from_weights(a.clone(), b.clone(), 6.0, 2.0, 0.0, 0).unwrap();
+        let x = rand_tensor(&mut rng, (5, in_f))
+            .reshape((1, 5, in_f))
+            .unwrap();
+        let base = rand_tensor(&mut rng, (5, out_f))
+            .reshape((1, 5, out_f))
+            .unwrap();
+        let got = l.forward(&x, base.clone(), false).unwrap();
+        // Reference: x (B A)ᵀ · scale, through the dense product.
+        let want = (base.clone()
+            + x.broadcast_matmul(&(b.matmul(&a).unwrap() * 2.0).unwrap().t().unwrap())
+                .unwrap())
+        .unwrap();
+        let d = (got - &want)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(d < 1e-5, "{d}");
+        let got16 = l
+            .forward(
+                &x.to_dtype(DType::BF16).unwrap(),
+                base.to_dtype(DType::BF16).unwrap(),
+                false,
+            )
+            .unwrap();
+        assert_eq!(got16.dtype(), DType::BF16);
+        // Inactive or merged: the base output passes through unchanged.
+        l.set_active(false);
+        let off = l.forward(&x, base.clone(), false).unwrap();
+        assert_eq!(
+            off.to_vec3::<f32>().unwrap(),
+            base.to_vec3::<f32>().unwrap()
+        );
+    }
+
+    #[test]
+    fn dropout_zeroes_about_p_and_rescales_the_rest_only_in_training() {
+        let n = 64;
+        let eye = Tensor::eye(n, DType::F32, &Device::Cpu).unwrap();
+        let p = 0.25f32;
+        let l = LoraAdapter::from_weights(eye.clone(), eye, 1.0, 1.0, p, 42).unwrap();
+        let x = Tensor::ones((1, 64, n), DType::F32, &Device::Cpu).unwrap();
+        let base = Tensor::zeros((1, 64, n), DType::F32, &Device::Cpu).unwrap();
+        let eval: Vec<f32> = l
+            .forward(&x, base.clone(), false)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert!(eval.iter().all(|&v| v == 1.0));
+        let train: Vec<f32> = l
+            .forward(&x, base.clone(), true)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let keep = 1.0 / (1.0 - p);
+        assert!(train.iter().all(|&v| v == 0.0 || (v - keep).abs() < 1e-6));
+        let zeros = train.iter().filter(|&&v| v == 0.0).count() as f32 / train.len() as f32;
+        assert!((zeros - p).abs() < 0.03, "dropped fraction {zeros}");
+        // A new mask each call.
+        let again: Vec<f32> = l
+            .forward(&x, base, true)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert_ne!(train, again);
+    }
+}

@@ -1,0 +1,15 @@
+//! LoRA (Hu et al. 2021) as PEFT implements it: `out = W x + (alpha / r) · B A x`, with A
+//! (r, in) and B (out, r) trained and W frozen; rsLoRA scales by alpha / sqrt(r) instead.
+//! - [`config`]: `LoraConfig`, PEFT's `adapter_config.json` fields and module matching.
+//! - [`layer`]: `LoraAdapter`, the per-linear adapter.
+//! - [`model`]: attach / select / merge / unmerge on a whole model.
+pub mod config;
+pub mod layer;
+pub mod model;
+
+pub use config::{InitLoraWeights, LayerIndices, LoraConfig, ModuleParams, ModuleSpec};
+pub use layer::{LoraAdapter, LoraInit};
+pub use model::{
+    as_lora, attach_lora, merge_adapter, merge_and_unload, resolve_targets, set_active_adapters,
+    set_adapter_active, unmerge_adapter, LoraModelInfo, LoraModuleInfo, MergeReport,
+};

@@ -1,0 +1,381 @@
+//! Model-level LoRA: attach adapters to the targeted linears, select adapters, merge them into
+//! the base weights and back (PEFT's `LoraModel`).
+use super::config::{InitLoraWeights, LoraConfig, ModuleSpec};
+use super::layer::{LoraAdapter, LoraInit};
+use crate::model::Llama;
+use crate::nn::{Linear, LinearAdapter, LinearWeight};
+use crate::peft::{adapter_names, no_such_adapter, param_count, ParamCount, PeftMethod};
+use crate::{Error, Result};
+use candle_core::DType;
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use std::any::Any;
+
+/// One wrapped linear.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraModuleInfo {
+    /// HF module name, e.g. `model.layers.0.self_attn.q_proj`.
+    pub name: String,
+    pub in_features: usize,
+    pub out_features: usize,
+    pub r: usize,
+    pub alpha: f64,
+    pub scale: f64,
+}
+
+/// What [`attach_lora`] did.
+#[derive(Debug, Clone)]
+pub struct LoraModelInfo {
+    pub adapter_name: String,
+    pub modules: Vec<LoraModuleInfo>,
+    /// Counted after attaching; `params.to_string()` is PEFT's `print_trainable_parameters` line.
+    pub params: ParamCount,
+}
+
+impl LoraModelInfo {
+    /// `trainable params: N || all params: M || trainable%: P`, as PEFT prints it.
+    pub fn report(&self) -> String {
+        self.params.to_string()
+    }
+}
+
+impl PeftMethod for LoraConfig {
+    const PEFT_TYPE: &'static str = "LORA";
+    type Info = LoraModelInfo;
+    fn validate(&self, source: &str) -> Result<()> {
+        LoraConfig::validate(self, source)
+    }
+    fn attach(&self, model: &mut Llama, adapter_name: &str, seed: u64) -> Result<LoraModelInfo> {
+        attach_lora(model, self, adapter_name, seed)
+    }
+}
+
+/// The LoRA adapter behind a `dyn LinearAdapter`, if it is one.
+pub fn as_lora(a: &dyn LinearAdapter) -> Option<&LoraAdapter> {
+    let any: &dyn Any = a;
+    any.downcast_ref::<LoraAdapter>()
+}
+
+/// Adapter `adapter_name` of `lin` as LoRA; Ok(None) when the layer does not have it.
+fn lora_on<'a>(lin: &'a Linear, adapter_name: &str) -> Result<Option<&'a LoraAdapter>> {
+    match lin.adapters().find(|(n, _)| *n == adapter_name) {
+        None => Ok(None),
+        Some((_, a)) => as_lora(a).map(Some).ok_or_else(|| {
+            Error::msg(format!(
+                "adapter `{adapter_name}` on {} is a {} adapter, not LoRA",
+                lin.name(),
+                a.method()
+            ))
+        }),
+    }
+}
+
+/// Short names of the model's linears (`q_proj`, ..., `lm_head`) and one full name, for errors.
+fn available_names(names: &[String]) -> String {
+    let mut leaves: Vec<&str> = Vec::new();
+    for n in names {
+        let leaf = n.rsplit('.').next().unwrap_or(n);
+        if !leaves.contains(&leaf) {
+            leaves.push(leaf);
+        }
+    }
+    format!(
+        "available: {}; full names look like {}",
+        leaves.join(", "),
+        names.first().map(String::as_str).unwrap_or("-")
+    )
+}
+
+/// The names `cfg` selects, in model order. A target that matches no linear at all is an error
+/// naming it (PEFT only fails when nothing matches; naming the culprit is friendlier).
+pub fn resolve_targets(model: &Llama, cfg: &LoraConfig) -> Result<Vec<String>> {
+    let names: Vec<String> = model
+        .linears()
+        .iter()
+        .map(|l| l.name().to_string())
+        .collect();
+    match cfg.targets() {
+        ModuleSpec::List(list) => {
+            if list.is_empty() {
+                return Err(Error::key(
+                    "LoRA config",
+                    "target_modules",
+                    "is empty (name at least one module, e.g. q_proj)",
+                ));
+            }
+            for t in &list {
+                if !names
+                    .iter()
+                    .any(|n| super::config::name_matches_entry(n, t))
+                {
+                    return Err(Error::msg(format!(
+                        "LoRA target module `{t}` matches no linear layer of the model ({})",
+                        available_names(&names)
+                    )));
+                }
+            }
+        }
+        // "all-linear" always matches the decoder linears.
+        ModuleSpec::One(_) if cfg.is_all_linear() => {}
+        ModuleSpec::One(s) => {
+            let re = fancy_regex::Regex::new(&format!("^(?:{s})$"))
+                .map_err(|e| Error::key("LoRA config", "target_modules", e))?;
+            if !names.iter().any(|n| re.is_match(n).unwrap_or(false)) {
+                return Err(Error::msg(format!(
+                    "LoRA target module regex `{s}` matches no linear layer of the model ({})",
+                    available_names(&names)
+                )));
+            }
+        }
+    }
+    let mut out = Vec::new();
+    for n in &names {
+        if cfg.matches(n)? {
+            out.push(n.clone());
+        }
+    }
+    if out.is_empty() {
+        return Err(Error::msg(
+            "the LoRA config selects no module once layers_to_transform / exclude_modules are applied",
+        ));
+    }
+    Ok(out)
+}
+
+/// Wrap every linear `cfg` targets with a LoRA adapter named `adapter_name`. The base weights
+/// stay frozen in the type they were loaded in (a quantized base stays quantized; gradients
+/// reach the input through `quant::linear`). `seed` fixes A/B initialisation and dropout masks.
+pub fn attach_lora(
+    model: &mut Llama,
+    cfg: &LoraConfig,
+    adapter_name: &str,
+    seed: u64,
+) -> Result<LoraModelInfo> {
+    cfg.validate("LoRA config")?;
+    if adapter_name.is_empty() || adapter_name.contains('.') {
+        return Err(Error::msg(format!(
+            "adapter name `{adapter_name}` must be non-empty and contain no '.'"
+        )));
+    }
+    if adapter_names(model).iter().any(|n| n == adapter_name) {
+        return Err(Error::msg(format!(
+            "an adapter named `{adapter_name}` is already attached; pick another name or remove it first"
+        )));
+    }
+    let targets = resolve_targets(model, cfg)?;
+    let init = match &cfg.init_lora_weights {
+        InitLoraWeights::Bool(true) => LoraInit::Default,
+        InitLoraWeights::Bool(false) => LoraInit::Random,
+        InitLoraWeights::Name(_) => LoraInit::Gaussian, // validate() allows only "gaussian"
+    };
+    let dev = model.device().clone();
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut modules = Vec::new();
+    for (i, lin) in model
+        .linears_mut()
+        .into_iter()
+        .filter(|l| targets.iter().any(|t| t == l.name()))
+        .enumerate()
+    {
+        let p = cfg.module_params(lin.name());
+        let (in_f, out_f) = (lin.in_features(), lin.out_features());
+        let dropout_seed = seed
+            .wrapping_add(i as u64 + 1)
+            .wrapping_mul(0xD6E8_FEB8_6659_FD93);
+        let a = LoraAdapter::new(
+            in_f,
+            out_f,
+            p.r,
+            p.alpha,
+            p.scale,
+            cfg.dropout(),
+            init,
+            &mut rng,
+            dropout_seed,
+            &dev,
+        )?;
+        modules.push(LoraModuleInfo {
+            name: lin.name().to_string(),
+            in_features: in_f,
+            out_features: out_f,
+            r: p.r,
+            alpha: p.alpha,
+            scale: p.scale,
+        });
+        lin.add_adapter(adapter_name, Box::new(a));
+    }
+    Ok(LoraModelInfo {
+        adapter_name: adapter_name.to_string(),
+        modules,
+        params: param_count(model, adapter_name),
+    })
+}
+
+/// Every LoRA layer of adapter `adapter_name` with its module name; errors if there is none.
+fn for_each_lora(
+    model: &Llama,
+    adapter_name: &str,
+    mut f: impl FnMut(&Linear, &LoraAdapter) -> Result<()>,
+) -> Result<()> {
+    let mut found = false;
+    for lin in model.linears() {
+        if let Some(a) = lora_on(lin, adapter_name)? {
+            found = true;
+            f(lin, a)?;
+        }
+    }
+    if !found {
+        return Err(no_such_adapter(model, adapter_name));
+    }
+    Ok(())
+}
+
+/// Switch one LoRA adapter on or off, leaving the others as they are.
+pub fn set_adapter_active(model: &Llama, adapter_name: &str, on: bool) -> Result<()> {
+    for_each_lora(model, adapter_name, |_, a| {
+        a.set_active(on);
+        Ok(())
+    })
+}
+
+/// Make exactly `names` the active LoRA adapters (PEFT's `set_adapter`); other LoRA adapters
+/// are switched off. Every name must be attached.
+pub fn set_active_adapters(model: &Llama, names: &[&str]) -> Result<()> {
+    let attached = adapter_names(model);
+    if let Some(n) = names.iter().find(|n| !attached.iter().any(|a| a == *n)) {
+        return Err(no_such_adapter(model, n));
+    }
+    for lin in model.linears() {
+        for (n, a) in lin.adapters() {
+            if let Some(l) = as_lora(a) {
+                l.set_active(names.contains(&n));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// What merging changed.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct MergeReport {
+    /// Modules whose base weight now includes the adapter.
+    pub modules: Vec<String>,
+    /// Stored types of quantized bases that had to be dequantized to f32 ("Q4_1", ...).
+    pub dequantized: Vec<String>,
+}
+
+impl MergeReport {
+    /// e.g. "dequantized Q4_1 base to f32 for merging" when a quantized base was replaced.
+    pub fn message(&self) -> Option<String> {
+        let mut types: Vec<&str> = self.dequantized.iter().map(String::as_str).collect();
+        types.sort();
+        types.dedup();
+        (!types.is_empty())
+            .then(|| format!("dequantized {} base to f32 for merging", types.join(", ")))
+    }
+}
+
+fn check_mergeable(model: &Llama, adapter_name: &str, want_merged: bool) -> Result<()> {
+    for_each_lora(model, adapter_name, |lin, a| {
+        if a.is_merged() != want_merged {
+            return Err(Error::msg(format!(
+                "adapter `{adapter_name}` is {} merged into {}",
+                if a.is_merged() { "already" } else { "not" },
+                lin.name()
+            )));
+        }
+        if lin.name() == "lm_head" && model.cfg.tie_word_embeddings {
+            return Err(Error::msg(format!(
+                "adapter `{adapter_name}` adapts the LM head, which is tied to the embeddings: merging would change the input embeddings too"
+            )));
+        }
+        Ok(())
+    })
+}
+
+/// Add (sign +1) or subtract (-1) `delta` (f32, (out, in)) to the base weight of `lin`.
+/// Dense weights keep their dtype; a quantized weight becomes dense f32 (its type is returned).
+fn add_to_weight(
+    lin: &mut Linear,
+    delta: &candle_core::Tensor,
+    sign: f64,
+) -> Result<Option<String>> {
+    let delta = (delta * sign)?;
+    let (new, deq) = match lin.weight() {
+        LinearWeight::Frozen(w) => {
+            let dt = w.dtype();
+            let sum = (w.to_dtype(DType::F32)? + delta.to_device(w.device())?)?;
+            (LinearWeight::Frozen(sum.to_dtype(dt)?), None)
+        }
+        LinearWeight::Trainable(v) => {
+            let sum = (v.as_tensor().detach() + delta.to_dtype(v.dtype())?)?;
+            v.set(&sum)?;
+            return Ok(None);
+        }
+        LinearWeight::Quantized(q) => {
+            let ty = lin.weight().stored_type().to_uppercase();
+            (LinearWeight::Frozen((q.dequantize()? + delta)?), Some(ty))
+        }
+    };
+    lin.set_weight(new);
+    Ok(deq)
+}
+
+fn deltas(model: &Llama, adapter_name: &str) -> Result<Vec<(String, candle_core::Tensor)>> {
+    let mut out = Vec::new();
+    for_each_lora(model, adapter_name, |lin, a| {
+        let d = a
+            .delta_weight()?
+            .ok_or_else(|| Error::msg("LoRA adapter without a delta weight"))?;
+        out.push((lin.name().to_string(), d));
+        Ok(())
+    })?;
+    Ok(out)
+}
+
+fn set_merged(model: &Llama, adapter_name: &str, on: bool) -> Result<()> {
+    for_each_lora(model, adapter_name, |_, a| {
+        a.set_merged(on);
+        Ok(())
+    })
+}
+
+/// Fold adapter `adapter_name` into the base weights: `W += scale · B A` in W's stored dtype
+/// (a quantized W is dequantized to f32 first; see [`MergeReport::message`]). The adapter stays
+/// attached but is skipped in forward, so [`unmerge_adapter`] can take it out again.
+pub fn merge_adapter(model: &mut Llama, adapter_name: &str) -> Result<MergeReport> {
+    check_mergeable(model, adapter_name, false)?;
+    let deltas = deltas(model, adapter_name)?;
+    let mut report = MergeReport::default();
+    for lin in model.linears_mut() {
+        if let Some((_, d)) = deltas.iter().find(|(n, _)| n == lin.name()) {
+            if let Some(ty) = add_to_weight(lin, d, 1.0)? {
+                report.dequantized.push(ty);
+            }
+            report.modules.push(lin.name().to_string());
+        }
+    }
+    set_merged(model, adapter_name, true)?;
+    Ok(report)
+}
+
+/// Undo [`merge_adapter`]: `W -= scale · B A` and run the adapter on the fly again. A base that
+/// was dequantized for merging stays dense f32.
+pub fn unmerge_adapter(model: &mut Llama, adapter_name: &str) -> Result<()> {
+    check_mergeable(model, adapter_name, true)?;
+    let deltas = deltas(model, adapter_name)?;
+    for lin in model.linears_mut() {
+        if let Some((_, d)) = deltas.iter().find(|(n, _)| n == lin.name()) {
+            add_to_weight(lin, d, -1.0)?;
+        }
+    }
+    set_merged(model, adapter_name, false)
+}
+
+/// Merge adapter `adapter_name` and detach it (PEFT's `merge_and_unload` for one adapter);
+/// the model is then a plain model that `model::convert::write_hf_folder` can save.
+pub fn merge_and_unload(model: &mut Llama, adapter_name: &str) -> Result<MergeReport> {
+    let report = merge_adapter(model, adapter_name)?;
+    crate::peft::remove_adapter(model, adapter_name)?;
+    Ok(report)
+}
