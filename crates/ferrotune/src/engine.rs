@@ -26,7 +26,13 @@ impl Mat {
             LinearWeight::Quantized(q) => Some(Mat::Quant(q.clone())),
             LinearWeight::Frozen(w) if w.device().is_cpu() => {
                 let (o, i) = w.dims2().ok()?;
-                let v = w.to_dtype(DType::F32).ok()?.flatten_all().ok()?.to_vec1::<f32>().ok()?;
+                let v = w
+                    .to_dtype(DType::F32)
+                    .ok()?
+                    .flatten_all()
+                    .ok()?
+                    .to_vec1::<f32>()
+                    .ok()?;
                 Some(Mat::Dense(v, o, i))
             }
             _ => None,
@@ -144,7 +150,12 @@ pub struct FastDecoder {
 }
 
 fn vec_f32(t: &Tensor) -> Option<Vec<f32>> {
-    t.to_dtype(DType::F32).ok()?.flatten_all().ok()?.to_vec1::<f32>().ok()
+    t.to_dtype(DType::F32)
+        .ok()?
+        .flatten_all()
+        .ok()?
+        .to_vec1::<f32>()
+        .ok()
 }
 
 impl FastDecoder {
@@ -239,7 +250,13 @@ impl FastDecoder {
             });
         }
         self.reserve(self.pos + t);
-        let (h, hd, nh, nkv, inter) = (self.hidden, self.head_dim, self.n_heads, self.n_kv, self.inter);
+        let (h, hd, nh, nkv, inter) = (
+            self.hidden,
+            self.head_dim,
+            self.n_heads,
+            self.n_kv,
+            self.inter,
+        );
         let mut x = vec![0f32; t * h];
         self.embed_rows(ids, &mut x)?;
         let mut xn = vec![0f32; t * h];
@@ -267,7 +284,10 @@ impl FastDecoder {
             }
             for i in 0..t {
                 let p = self.pos + i;
-                let (cos, sin) = (&self.cos[p * hd / 2..(p + 1) * hd / 2], &self.sin[p * hd / 2..(p + 1) * hd / 2]);
+                let (cos, sin) = (
+                    &self.cos[p * hd / 2..(p + 1) * hd / 2],
+                    &self.sin[p * hd / 2..(p + 1) * hd / 2],
+                );
                 for hq in q[i * nh * hd..(i + 1) * nh * hd].chunks_exact_mut(hd) {
                     rope(hq, cos, sin);
                 }

@@ -7,14 +7,19 @@ use ferrotune::model::{self, LoadOptions, SafetensorsSource};
 use std::path::PathBuf;
 
 fn tiny(name: &str, opts: &LoadOptions) -> model::Llama {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/models").join(name);
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/models")
+        .join(name);
     let cfg = model::config_from_hf_dir(&dir).unwrap();
     let src = SafetensorsSource::open(&dir, opts, &Device::Cpu).unwrap();
     model::Llama::load(&src, &cfg).unwrap()
 }
 
 fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 fn compare(m: &model::Llama, tol: f32) {
@@ -22,13 +27,22 @@ fn compare(m: &model::Llama, tol: f32) {
     let mut fast = FastDecoder::new(m).expect("engine supports this model");
     let mut slow = LlamaDecoder::new(m);
     // Prefill 9 tokens, then decode the rest one by one.
-    let mut worst = max_diff(&fast.prefill(&ids[..9]).unwrap(), &slow.prefill(&ids[..9]).unwrap());
+    let mut worst = max_diff(
+        &fast.prefill(&ids[..9]).unwrap(),
+        &slow.prefill(&ids[..9]).unwrap(),
+    );
     for &id in &ids[9..] {
         worst = worst.max(max_diff(&fast.step(id).unwrap(), &slow.step(id).unwrap()));
     }
     // And against a full forward without any cache.
     let full: Vec<Vec<f32>> = m
-        .forward(&Tensor::new(ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap(), None)
+        .forward(
+            &Tensor::new(ids.as_slice(), &Device::Cpu)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap(),
+            None,
+        )
         .unwrap()
         .squeeze(0)
         .unwrap()
@@ -37,12 +51,21 @@ fn compare(m: &model::Llama, tol: f32) {
     let mut fast2 = FastDecoder::new(m).unwrap();
     let last = fast2.prefill(&ids).unwrap();
     worst = worst.max(max_diff(&last, full.last().unwrap()));
-    assert!(worst < tol, "engine vs model: max |logit diff| {worst} >= {tol}");
+    assert!(
+        worst < tol,
+        "engine vs model: max |logit diff| {worst} >= {tol}"
+    );
 }
 
 #[test]
 fn engine_matches_model_dense() {
-    for name in ["tiny-llama-gqa-untied", "tiny-llama-mha-tied", "tiny-qwen2", "tiny-llama3-rope-scaling", "tiny-llama-head-dim"] {
+    for name in [
+        "tiny-llama-gqa-untied",
+        "tiny-llama-mha-tied",
+        "tiny-qwen2",
+        "tiny-llama3-rope-scaling",
+        "tiny-llama-head-dim",
+    ] {
         compare(&tiny(name, &LoadOptions::default()), 1e-4);
     }
 }
@@ -50,6 +73,15 @@ fn engine_matches_model_dense() {
 #[test]
 fn engine_matches_model_quantized() {
     for q in [GgmlDType::Q8_0, GgmlDType::Q4_1, GgmlDType::Q4_0] {
-        compare(&tiny("tiny-llama-gqa-untied", &LoadOptions { requantize: Some(q), ..Default::default() }), 2e-2);
+        compare(
+            &tiny(
+                "tiny-llama-gqa-untied",
+                &LoadOptions {
+                    requantize: Some(q),
+                    ..Default::default()
+                },
+            ),
+            2e-2,
+        );
     }
 }
