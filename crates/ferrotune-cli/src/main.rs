@@ -440,6 +440,10 @@ fn main() {
             .map(|s| s.as_str())
             .or_else(|| info.payload().downcast_ref::<&str>().copied())
             .unwrap_or("unknown");
+        // `ferrotune ... | head` closes stdout early: end quietly, like a tool killed by SIGPIPE.
+        if msg.contains("Broken pipe") {
+            std::process::exit(141);
+        }
         let loc = info
             .location()
             .map(|l| format!(" at {}:{}", l.file(), l.line()))
