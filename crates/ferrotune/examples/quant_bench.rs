@@ -308,6 +308,20 @@ fn one_batch(
         t * 1e3,
         gmac / t
     );
+    let g = Tensor::randn(0f32, 1.0, (m, n), &Device::Cpu).unwrap();
+    ferrotune::quant::set_num_threads(threads);
+    let t = time(|| drop(w.backward_input(&g).unwrap()), per_batch, batches);
+    println!(
+        "backward_input, {threads}T: {:.2} ms, {:.1} GMAC/s",
+        t * 1e3,
+        gmac / t
+    );
+    let t = time(|| drop(g.matmul(&wf).unwrap()), per_batch, batches);
+    println!(
+        "f32 g @ W (RAYON_NUM_THREADS threads): {:.2} ms, {:.1} GMAC/s",
+        t * 1e3,
+        gmac / t
+    );
 }
 
 fn matvec(per_batch: Duration, batches: usize) {
