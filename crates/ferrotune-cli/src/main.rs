@@ -20,6 +20,8 @@ struct Cli {
     cmd: Command,
 }
 
+// Parsed once per run: the size difference between variants does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Generate text (plain prompt, chat, or few-shot).
