@@ -75,3 +75,26 @@ pub fn download(spec: &str) -> Result<ModelSource> {
         .to_path_buf();
     Ok(ModelSource::HfDir(dir))
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn malformed_hub_specs_are_one_line_errors() {
+        for spec in ["", "org", "org/", "/name"] {
+            let e = super::download(spec).unwrap_err().to_string();
+            assert!(e.contains("expected hf:org/name"), "{spec}: {e}");
+            assert_eq!(e.lines().count(), 1);
+        }
+    }
+
+    /// Offline (no network here): the failure names the repo and the file it tried.
+    #[test]
+    fn unreachable_hub_names_the_file() {
+        std::env::set_var("HF_HUB_OFFLINE", "1");
+        let home = std::env::temp_dir().join(format!("ferrotune-hf-home-{}", std::process::id()));
+        std::env::set_var("HF_HOME", &home);
+        let e = super::download("no-such-org/no-such-model").unwrap_err().to_string();
+        assert!(e.contains("no-such-org/no-such-model") && e.contains("config.json"), "{e}");
+        let _ = std::fs::remove_dir_all(home);
+    }
+}
