@@ -160,7 +160,10 @@ mod tests {
             step,
             max_steps: 10,
             method: "lora".into(),
-            data_cursor: DataCursor { epoch: 0, index: step },
+            data_cursor: DataCursor {
+                epoch: 0,
+                index: step,
+            },
             epoch: 0.0,
             rng: RngState {
                 seed: 1,

@@ -178,7 +178,9 @@ pub fn compare(
     o: &CompareOptions,
 ) -> Result<Vec<CompareRow>> {
     if !peft::adapter_names(&lm.model).is_empty() {
-        return Err(Error::msg("compare: the base model already has adapters attached"));
+        return Err(Error::msg(
+            "compare: the base model already has adapters attached",
+        ));
     }
     let (exs, refs) = examples(lm, data, o)?;
     let mut out = Vec::new();

@@ -307,9 +307,9 @@ pub fn parse_config(
         if p.is_absolute() {
             p.to_path_buf()
         } else if from_cli.iter().any(|k| k == key) {
-            cwd.join(p)
+            normalize(&cwd.join(p))
         } else {
-            base_dir.join(p)
+            normalize(&base_dir.join(p))
         }
     };
     if !config.model.starts_with("hf:") {
@@ -327,7 +327,7 @@ pub fn parse_config(
     ] {
         if let Some(p) = slot.as_mut() {
             if from_cli.iter().any(|k| k == key) && p.is_relative() {
-                *p = cwd.join(&*p);
+                *p = normalize(&cwd.join(&*p));
             }
         }
     }
@@ -341,6 +341,30 @@ pub fn parse_config(
     Ok(loaded)
 }
 
+/// Drop `.` and fold `dir/..` without touching the file system (so `examples/x/../../runs`
+/// prints as `runs`). A leading `..` stays.
+fn normalize(p: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out: Vec<Component> = Vec::new();
+    for c in p.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => match out.last() {
+                Some(Component::Normal(_)) => {
+                    out.pop();
+                }
+                Some(Component::RootDir) => {}
+                _ => out.push(c),
+            },
+            c => out.push(c),
+        }
+    }
+    if out.is_empty() {
+        return PathBuf::from(".");
+    }
+    out.iter().collect()
+}
+
 /// Set `key=value` (dotted key, TOML-typed value; a value that is not valid TOML is taken as a
 /// string, so `--set data.train=../x.jsonl` needs no quotes). Returns the key.
 pub fn apply_override(table: &mut toml::Table, o: &str) -> Result<String> {
@@ -350,7 +374,9 @@ pub fn apply_override(table: &mut toml::Table, o: &str) -> Result<String> {
     let key = key.trim();
     let parts: Vec<&str> = key.split('.').map(str::trim).collect();
     if parts.iter().any(|p| p.is_empty()) {
-        return Err(Error::msg(format!("--set `{o}`: empty key part in `{key}`")));
+        return Err(Error::msg(format!(
+            "--set `{o}`: empty key part in `{key}`"
+        )));
     }
     let value = parse_value(value.trim());
     let mut t = table;
@@ -608,9 +634,17 @@ completion = " {a}"
         assert_eq!(cfg.lora.targets, ModuleSpec::One("all-linear".into()));
         assert_eq!(cfg.data.seed, 5);
         let cwd = std::env::current_dir().unwrap();
-        assert_eq!(cfg.data.train.as_deref(), Some(&*cwd.join("../x/y.jsonl")));
+        assert_eq!(
+            cfg.data.train.as_deref(),
+            Some(&*normalize(&cwd.join("../x/y.jsonl")))
+        );
+        assert_eq!(normalize(Path::new("a/b/../../c/./d")), Path::new("c/d"));
+        assert_eq!(normalize(Path::new("../a/..")), Path::new(".."));
         let e = parse(MINIMAL, &["model.x=1"]).unwrap_err().to_string();
-        assert!(e.contains("--set `model.x=1`: `model` is not a table"), "{e}");
+        assert!(
+            e.contains("--set `model.x=1`: `model` is not a table"),
+            "{e}"
+        );
         let e = parse(MINIMAL, &["train"]).unwrap_err().to_string();
         assert!(e.contains("expected key=value"), "{e}");
     }
@@ -621,9 +655,14 @@ completion = " {a}"
         let e = parse(&text, &[]).unwrap_err().to_string();
         assert!(!e.contains('\n'), "{e}");
         assert!(e.starts_with("cfg/run.toml: line 10"), "{e}");
-        assert!(e.contains("unknown key `lr_sched`") && e.contains("[train]"), "{e}");
+        assert!(
+            e.contains("unknown key `lr_sched`") && e.contains("[train]"),
+            "{e}"
+        );
         // Through --set: no line, but the section is named.
-        let e = parse(MINIMAL, &["train.lr_sched=1"]).unwrap_err().to_string();
+        let e = parse(MINIMAL, &["train.lr_sched=1"])
+            .unwrap_err()
+            .to_string();
         assert!(!e.contains('\n'), "{e}");
         assert!(
             e.contains("unknown key `lr_sched`") && e.contains("(in [train])"),
@@ -636,7 +675,10 @@ completion = " {a}"
         let e = parse(&format!("{MINIMAL}[lora]\nrank = 4\n"), &[])
             .unwrap_err()
             .to_string();
-        assert!(e.contains("unknown key `rank`") && e.contains("[lora]"), "{e}");
+        assert!(
+            e.contains("unknown key `rank`") && e.contains("[lora]"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -644,7 +686,10 @@ completion = " {a}"
         let e = parse("model = \"x\"\noutput_dir = \n", &[])
             .unwrap_err()
             .to_string();
-        assert!(e.starts_with("cfg/run.toml: line 2") && !e.contains('\n'), "{e}");
+        assert!(
+            e.starts_with("cfg/run.toml: line 2") && !e.contains('\n'),
+            "{e}"
+        );
         let e = parse(&MINIMAL.replace("model = \"m.gguf\"\n", ""), &[])
             .unwrap_err()
             .to_string();
@@ -660,7 +705,10 @@ completion = " {a}"
             ("lora.dropout=1.5", "lora.dropout"),
             ("train.device=\"tpu\"", "train.device"),
             ("data.packing=true", "data.packing"),
-            ("train.early_stopping_patience=2", "train.early_stopping_patience"),
+            (
+                "train.early_stopping_patience=2",
+                "train.early_stopping_patience",
+            ),
             ("method=\"ia3\"", "method"),
         ] {
             let e = parse(MINIMAL, &[set]).unwrap_err().to_string();

@@ -56,7 +56,10 @@ pub fn batch_loss_sum(model: &Llama, batch: &Batch, train: bool) -> Result<(Tens
     let picked = hidden
         .reshape((b * t, h))?
         .index_select(&Tensor::from_vec(rows, n, dev)?, 0)?;
-    let logits = model.lm_head.forward_t(&picked.unsqueeze(0)?, train)?.squeeze(0)?;
+    let logits = model
+        .lm_head
+        .forward_t(&picked.unsqueeze(0)?, train)?
+        .squeeze(0)?;
     let loss = cross_entropy_sum(&logits, &Tensor::from_vec(targets, n, dev)?)?;
     Ok((loss, n))
 }

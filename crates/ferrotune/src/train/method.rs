@@ -17,7 +17,10 @@ pub const ADAPTER_NAME: &str = "default";
 /// A method attached to a model.
 #[derive(Debug, Clone)]
 pub enum Tuner {
-    Lora { config: LoraConfig, params: ParamCount },
+    Lora {
+        config: LoraConfig,
+        params: ParamCount,
+    },
 }
 
 impl Tuner {
@@ -78,9 +81,9 @@ impl Tuner {
                     .map_err(|e| Error::file(&path, crate::error::first_line(&e.to_string())))?;
                 for (name, var) in adapter_params(model, ADAPTER_NAME) {
                     let key = format!("{KEY_PREFIX}{name}");
-                    let t: Tensor = tensors.remove(&key).ok_or_else(|| {
-                        Error::file(&path, format!("tensor `{key}` is missing"))
-                    })?;
+                    let t: Tensor = tensors
+                        .remove(&key)
+                        .ok_or_else(|| Error::file(&path, format!("tensor `{key}` is missing")))?;
                     if t.dims() != var.dims() {
                         return Err(Error::file(
                             &path,

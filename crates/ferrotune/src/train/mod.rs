@@ -28,7 +28,7 @@ pub use optim::{AdamW, AdamWConfig};
 pub use report::ProgressMode;
 pub use schedule::Schedule;
 
-use crate::data::{self, Batch, Batcher, BatchConfig, Prepared};
+use crate::data::{self, Batch, BatchConfig, Batcher, Prepared};
 use crate::model::{self, LoadOptions, LoadedModel, ModelSource};
 use crate::tokenizer::Tokenizer;
 use crate::{Error, Result};
@@ -36,7 +36,7 @@ use checkpoint::{RngState, TrainerState};
 use report::{MetricsLog, Progress, StepLine};
 use serde::Serialize;
 use serde_json::json;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 /// Where the final adapter goes, under `output_dir`.
@@ -106,8 +106,21 @@ pub struct EvalResult {
 /// call in a process can size rayon's global pool.
 pub fn set_threads(n: usize) {
     std::env::set_var("RAYON_NUM_THREADS", n.to_string());
-    let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
+    let _ = rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .build_global();
     crate::quant::set_num_threads(n);
+}
+
+/// candle runs element-wise ops on large tensors through a spin-barrier pool of its own. Next
+/// to our kernel pool and rayon that oversubscribes the cores, and a waiting thread spins while
+/// the one it waits for is descheduled: on the 2-core dev machine a LoRA backward pass took
+/// 2.2-4.4 s with it and 1.4 s with those ops inline (SmolLM2, batch 8 x 53). So training runs
+/// them inline unless `CANDLE_NUM_THREADS` is set. Must run before candle's pool first starts.
+fn inline_candle_elementwise() {
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
+    }
 }
 
 /// Only the tokenizer of a model spec (for `data preview`), without loading the weights.
@@ -220,7 +233,11 @@ pub fn accumulate_gradients(
         .zip(params)
         .map(|(g, (_, v))| match g {
             Some(g) => Ok(g),
-            None => Ok(candle_core::Tensor::zeros(v.shape(), v.dtype(), v.device())?),
+            None => Ok(candle_core::Tensor::zeros(
+                v.shape(),
+                v.dtype(),
+                v.device(),
+            )?),
         })
         .collect::<Result<Vec<_>>>()?;
     let mean = if n_total == 0 {
@@ -239,6 +256,7 @@ pub fn accumulate_gradients(
 /// Run the recipe. See the module docs; `c` comes from [`load_config`].
 pub fn run(c: &LoadedConfig, opts: &RunOptions) -> Result<Summary> {
     let wall = Instant::now();
+    inline_candle_elementwise();
     let cfg = &c.config;
     let t = &cfg.train;
     let out = cfg.output_dir.clone();
@@ -276,7 +294,9 @@ pub fn run(c: &LoadedConfig, opts: &RunOptions) -> Result<Summary> {
             ),
         ));
     }
-    let mut train_bc = cfg.data.batch_config(t.batch_size, prepared.max_seq_len, &tok);
+    let mut train_bc = cfg
+        .data
+        .batch_config(t.batch_size, prepared.max_seq_len, &tok);
     train_bc.shuffle = true;
     let n_train = prepared.train.len();
     let mut batcher = Batcher::new(prepared.train.clone(), train_bc.clone(), device.clone())?;
@@ -287,7 +307,11 @@ pub fn run(c: &LoadedConfig, opts: &RunOptions) -> Result<Summary> {
             shuffle: false,
             ..train_bc.clone()
         };
-        Some(Batcher::new(prepared.validation.clone(), vc, device.clone())?)
+        Some(Batcher::new(
+            prepared.validation.clone(),
+            vc,
+            device.clone(),
+        )?)
     };
     let bpe = batcher.batches_per_epoch();
     let max_steps = match t.max_steps {
@@ -354,8 +378,12 @@ pub fn run(c: &LoadedConfig, opts: &RunOptions) -> Result<Summary> {
     let mut resumed_from_step = None;
     if let Some((step, dir)) = &resume_from {
         let saved = checkpoint::read_state(dir)?;
-        if (saved.train_examples, saved.batches_per_epoch, saved.batch_size, saved.grad_accum)
-            != (n_train, bpe, t.batch_size, t.grad_accum)
+        if (
+            saved.train_examples,
+            saved.batches_per_epoch,
+            saved.batch_size,
+            saved.grad_accum,
+        ) != (n_train, bpe, t.batch_size, t.grad_accum)
             || saved.method != tuner.method()
             || saved.rng.seed != t.seed
         {
@@ -368,10 +396,7 @@ pub fn run(c: &LoadedConfig, opts: &RunOptions) -> Result<Summary> {
         opt.load(&dir.join(checkpoint::OPTIMIZER_FILE))?;
         batcher.seek(saved.data_cursor)?;
         tuner.replay_rng(&llama, saved.rng.dropout_calls)?;
-        state = TrainerState {
-            max_steps,
-            ..saved
-        };
+        state = TrainerState { max_steps, ..saved };
         resumed_from_step = Some(*step);
     }
     let mut metrics = MetricsLog::open(&out, resumed_from_step)?;
@@ -399,8 +424,8 @@ pub fn run(c: &LoadedConfig, opts: &RunOptions) -> Result<Summary> {
 
     // ---- Helpers of the loop --------------------------------------------------------------
     let run_eval = |state: &mut TrainerState,
-                        metrics: &mut MetricsLog,
-                        progress: &Progress|
+                    metrics: &mut MetricsLog,
+                    progress: &Progress|
      -> Result<Option<EvalResult>> {
         let Some(vb) = &val_batcher else {
             return Ok(None);
@@ -478,7 +503,9 @@ pub fn run(c: &LoadedConfig, opts: &RunOptions) -> Result<Summary> {
             let kept = match last_saved {
                 Some(s) => format!(
                     "the last good checkpoint is {}",
-                    checkpoint::checkpoints_dir(&out).join(format!("step-{s}")).display()
+                    checkpoint::checkpoints_dir(&out)
+                        .join(format!("step-{s}"))
+                        .display()
                 ),
                 None => "no checkpoint was written".to_string(),
             };
@@ -512,7 +539,7 @@ pub fn run(c: &LoadedConfig, opts: &RunOptions) -> Result<Summary> {
             lr,
             tokens_per_s: tps,
         });
-        if t.eval_every.is_some_and(|e| step % e == 0) {
+        if t.eval_every.is_some_and(|e| step.is_multiple_of(e)) {
             run_eval(&mut state, &mut metrics, &progress)?;
             last_eval = Some(step);
             if let Some(p) = t.early_stopping_patience {
@@ -529,7 +556,7 @@ pub fn run(c: &LoadedConfig, opts: &RunOptions) -> Result<Summary> {
         let stopping = stop_reason != StopReason::MaxSteps
             || t.stop_after.is_some_and(|s| step >= s)
             || step == max_steps;
-        if t.save_every.is_some_and(|e| step % e == 0) || stopping {
+        if t.save_every.is_some_and(|e| step.is_multiple_of(e)) || stopping {
             save(&state, &opt)?;
             last_saved = Some(step);
         }
@@ -589,9 +616,4 @@ pub fn run(c: &LoadedConfig, opts: &RunOptions) -> Result<Summary> {
     let text = serde_json::to_string_pretty(&summary).expect("the summary always serializes");
     model::convert::write_atomic(&out.join(SUMMARY_FILE), text.as_bytes())?;
     Ok(summary)
-}
-
-/// Relative paths inside a summary are shown as given; this makes a path printable.
-pub fn display_path(p: &Path) -> String {
-    p.display().to_string()
 }

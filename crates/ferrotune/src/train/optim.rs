@@ -43,8 +43,14 @@ impl AdamW {
     /// A fresh optimizer over named parameters (the names key the saved state).
     pub fn new(params: Vec<(String, Var)>, cfg: AdamWConfig) -> Result<Self> {
         let zeros = |v: &Var| Tensor::zeros(v.shape(), DType::F32, v.device());
-        let m = params.iter().map(|(_, v)| zeros(v)).collect::<candle_core::Result<_>>()?;
-        let v = params.iter().map(|(_, v)| zeros(v)).collect::<candle_core::Result<_>>()?;
+        let m = params
+            .iter()
+            .map(|(_, v)| zeros(v))
+            .collect::<candle_core::Result<_>>()?;
+        let v = params
+            .iter()
+            .map(|(_, v)| zeros(v))
+            .collect::<candle_core::Result<_>>()?;
         Ok(AdamW {
             params,
             m,
@@ -122,9 +128,9 @@ impl AdamW {
         let mut sd = candle_core::safetensors::load(path, &dev)
             .map_err(|e| Error::file(path, crate::error::first_line(&e.to_string())))?;
         let mut take = |key: String, shape: &[usize]| -> Result<Tensor> {
-            let t = sd.remove(&key).ok_or_else(|| {
-                Error::file(path, format!("optimizer state `{key}` is missing"))
-            })?;
+            let t = sd
+                .remove(&key)
+                .ok_or_else(|| Error::file(path, format!("optimizer state `{key}` is missing")))?;
             if t.dims() != shape {
                 return Err(Error::file(
                     path,
@@ -232,8 +238,12 @@ mod tests {
         let want = reference(&p0, &grads, lr, cfg);
         let dev = Device::Cpu;
         let var = Var::from_tensor(
-            &Tensor::from_vec(p0.iter().map(|&x| x as f32).collect::<Vec<_>>(), (2, 3), &dev)
-                .unwrap(),
+            &Tensor::from_vec(
+                p0.iter().map(|&x| x as f32).collect::<Vec<_>>(),
+                (2, 3),
+                &dev,
+            )
+            .unwrap(),
         )
         .unwrap();
         let mut opt = AdamW::new(vec![("w".into(), var.clone())], cfg).unwrap();

@@ -10,6 +10,9 @@ use std::path::{Path, PathBuf};
 pub const METRICS_FILE: &str = "metrics.jsonl";
 pub const PLOT_FILE: &str = "loss.png";
 
+/// (step, loss) points of one curve.
+pub type Curve = Vec<(f64, f64)>;
+
 /// Appends to `metrics.jsonl`.
 pub struct MetricsLog {
     path: PathBuf,
@@ -49,12 +52,12 @@ impl MetricsLog {
     }
 
     /// (step, train loss) and (step, val loss) points from the log.
-    pub fn curves(&self) -> (Vec<(f64, f64)>, Vec<(f64, f64)>) {
+    pub fn curves(&self) -> (Curve, Curve) {
         read_curves(&self.path)
     }
 }
 
-pub fn read_curves(path: &Path) -> (Vec<(f64, f64)>, Vec<(f64, f64)>) {
+pub fn read_curves(path: &Path) -> (Curve, Curve) {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let mut train = Vec::new();
     let mut val = Vec::new();
@@ -147,7 +150,11 @@ pub fn render_loss_png(train: &[(f64, f64)], val: &[(f64, f64)]) -> Result<Vec<u
         let pts = || train.iter().chain(val.iter());
         let finite = |p: &&(f64, f64)| p.0.is_finite() && p.1.is_finite();
         let xmax = pts().filter(finite).map(|p| p.0).fold(1.0, f64::max);
-        let xmin = pts().filter(finite).map(|p| p.0).fold(xmax, f64::min).min(0.0);
+        let xmin = pts()
+            .filter(finite)
+            .map(|p| p.0)
+            .fold(xmax, f64::min)
+            .min(0.0);
         let ymax = pts().filter(finite).map(|p| p.1).fold(f64::MIN, f64::max);
         let ymin = pts().filter(finite).map(|p| p.1).fold(f64::MAX, f64::min);
         let (ymin, ymax) = if ymax < ymin {
@@ -375,7 +382,7 @@ impl Progress {
         if let Some(b) = &self.bar {
             b.set_message(msg);
             b.set_position(s.step as u64);
-        } else if self.lines && (s.step % self.log_every == 0 || s.step == self.total) {
+        } else if self.lines && (s.step.is_multiple_of(self.log_every) || s.step == self.total) {
             let done = (s.step - self.start_step) as f64;
             let el = self.start.elapsed().as_secs_f64();
             let eta = if done > 0.0 {
@@ -455,7 +462,10 @@ mod tests {
 
     #[test]
     fn nice_ticks() {
-        assert_eq!(ticks(0.0, 30.0, 8), vec![0.0, 5.0, 10.0, 15.0, 20.0, 25.0, 30.0]);
+        assert_eq!(
+            ticks(0.0, 30.0, 8),
+            vec![0.0, 5.0, 10.0, 15.0, 20.0, 25.0, 30.0]
+        );
         let t = ticks(0.83, 3.57, 6);
         assert_eq!(t, vec![1.0, 1.5, 2.0, 2.5, 3.0, 3.5]);
         assert_eq!(fmt_tick(2.5, 0.5), "2.5");

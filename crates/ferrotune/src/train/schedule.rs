@@ -79,6 +79,9 @@ mod tests {
         let r = s(LrSchedule::InverseSqrt, 4, 100, 0.2);
         assert_eq!(r.lr_at(4), 1.0);
         assert!((r.lr_at(16) - 0.5).abs() < 1e-12);
-        assert!((r.lr_at(1000) - 0.2).abs() < 1e-12, "floored at min_lr_ratio");
+        assert!(
+            (r.lr_at(1000) - 0.2).abs() < 1e-12,
+            "floored at min_lr_ratio"
+        );
     }
 }
