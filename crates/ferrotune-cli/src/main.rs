@@ -34,6 +34,17 @@ enum Command {
     Convert(ConvertArgs),
     /// Score predictions made elsewhere: ROUGE-1/2/L/Lsum (rouge-score), BLEU (sacrebleu), exact match.
     Score(ScoreArgs),
+    /// Fine-tune (LoRA) from a TOML config; --resume continues from the newest checkpoint.
+    Train(TrainArgs),
+    /// Fold an adapter into its base model and write an HF folder.
+    Merge(MergeArgs),
+    /// Generate over a data file with the base model and each adapter; score them side by side.
+    Eval(EvalArgs),
+    /// Inspect training data.
+    Data {
+        #[command(subcommand)]
+        cmd: DataCommand,
+    },
 }
 
 #[derive(Args)]
@@ -121,6 +132,9 @@ struct GenerateArgs {
     /// Decoding engine: auto (the fast CPU engine when it supports the model) or model.
     #[arg(long, default_value = "auto", value_parser = ["auto", "model"])]
     engine: String,
+    /// PEFT adapter folder to apply (repeatable: all are active).
+    #[arg(long)]
+    adapter: Vec<PathBuf>,
 }
 
 #[derive(Args)]
@@ -152,6 +166,9 @@ struct PerplexityArgs {
     stride: Option<usize>,
     #[arg(long)]
     json: bool,
+    /// PEFT adapter folder to apply (repeatable: all are active).
+    #[arg(long)]
+    adapter: Vec<PathBuf>,
 }
 
 #[derive(Args)]
@@ -242,7 +259,8 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
     if a.shots.is_none() && a.k > 0 {
         bail!("--k needs --shots FILE");
     }
-    let lm = load(&a.m)?;
+    let mut lm = load(&a.m)?;
+    attach_adapters(&mut lm, &a.adapter)?;
     let user_text = match &a.shots {
         None => prompt,
         Some(f) => {
@@ -376,7 +394,8 @@ fn run_inspect(a: InspectArgs) -> Result<()> {
 }
 
 fn run_perplexity(a: PerplexityArgs) -> Result<()> {
-    let lm = load(&a.m)?;
+    let mut lm = load(&a.m)?;
+    attach_adapters(&mut lm, &a.adapter)?;
     let window = a.window.unwrap_or(lm.model.cfg.max_position_embeddings);
     let stride = a.stride.unwrap_or((window / 2).max(1));
     let nll =
@@ -462,6 +481,12 @@ fn main() {
         Command::Perplexity(a) => run_perplexity(a),
         Command::Convert(a) => run_convert(a),
         Command::Score(a) => run_score(a),
+        Command::Train(a) => run_train(a),
+        Command::Merge(a) => run_merge(a),
+        Command::Eval(a) => run_eval(a),
+        Command::Data {
+            cmd: DataCommand::Preview(a),
+        } => run_data_preview(a),
     };
     if let Err(e) = res {
         let chain: Vec<String> = e
@@ -471,4 +496,193 @@ fn main() {
         eprintln!("error: {}", chain.join(": "));
         std::process::exit(1);
     }
+}
+
+// ---- Training: train, merge, eval, data preview, and --adapter for generate/perplexity ----
+
+#[derive(Args)]
+struct TrainArgs {
+    /// The run's TOML config (see docs/training.md).
+    #[arg(long)]
+    config: PathBuf,
+    /// Override a config key: --set train.lr=1e-4 (dotted key, TOML value; repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    /// Continue from the newest checkpoint in output_dir.
+    #[arg(long)]
+    resume: bool,
+}
+
+#[derive(Subcommand)]
+enum DataCommand {
+    /// Show the split sizes and the first examples as the model sees them, trained span marked.
+    Preview(DataPreviewArgs),
+}
+
+#[derive(Args)]
+struct DataPreviewArgs {
+    #[arg(long)]
+    config: PathBuf,
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    /// Number of examples to show.
+    #[arg(long, default_value_t = 3)]
+    n: usize,
+}
+
+#[derive(Args)]
+struct MergeArgs {
+    #[command(flatten)]
+    m: ModelArgs,
+    /// PEFT adapter folder.
+    #[arg(long)]
+    adapter: PathBuf,
+    /// Output HF folder.
+    #[arg(long)]
+    out: PathBuf,
+    /// Stored dtype of the written weights: f32, bf16 or f16.
+    #[arg(long = "out-dtype", default_value = "f32")]
+    out_dtype: String,
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    #[command(flatten)]
+    m: ModelArgs,
+    /// PEFT adapter folder to compare with the base model (repeatable).
+    #[arg(long)]
+    adapter: Vec<PathBuf>,
+    /// Rows to evaluate (JSONL, JSON, CSV or Parquet).
+    #[arg(long)]
+    data: PathBuf,
+    /// Prompt template with {field} placeholders.
+    #[arg(long)]
+    template: String,
+    /// Completion template; its text is the reference (e.g. " {summary}").
+    #[arg(long)]
+    completion: String,
+    /// Render the prompt as a user turn of the model's chat template.
+    #[arg(long)]
+    chat: bool,
+    /// Evaluate only the first N rows.
+    #[arg(long)]
+    limit: Option<usize>,
+    #[arg(long, default_value_t = 64)]
+    max_new_tokens: usize,
+    /// Stop generating at this string (repeatable).
+    #[arg(long)]
+    stop: Vec<String>,
+    /// Comma-separated: rouge, bleu, accuracy, perplexity.
+    #[arg(long, default_value = "rouge,bleu")]
+    metrics: String,
+    /// One JSON line instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Load each `--adapter` folder onto the model (named adapter0, adapter1, ...; all active).
+fn attach_adapters(lm: &mut LoadedModel, dirs: &[PathBuf]) -> Result<()> {
+    for (i, d) in dirs.iter().enumerate() {
+        let a = ferrotune::peft::load_adapter(&mut lm.model, d, &format!("adapter{i}"))?;
+        eprintln!(
+            "adapter {} ({}, {} modules)",
+            d.display(),
+            a.config.peft_type(),
+            a.modules.len()
+        );
+    }
+    Ok(())
+}
+
+fn run_train(a: TrainArgs) -> Result<()> {
+    use ferrotune::train;
+    let c = train::load_config(&a.config, &a.set)?;
+    let opts = train::RunOptions {
+        resume: a.resume,
+        progress: train::ProgressMode::Auto,
+    };
+    let s = train::run(&c, &opts)?;
+    let val = match (s.initial_val_loss, s.final_val_loss) {
+        (Some(a), Some(b)) => format!(", val loss {a:.4} -> {b:.4}"),
+        (None, Some(b)) => format!(", val loss {b:.4}"),
+        _ => String::new(),
+    };
+    eprintln!(
+        "{} steps ({:?}), train loss {}{val}, {:.0} tok/s, peak RSS {:.2} GB, {:.1} s",
+        s.steps,
+        s.stop_reason,
+        s.final_train_loss
+            .map_or("-".to_string(), |l| format!("{l:.4}")),
+        s.train_tokens_per_s,
+        s.peak_rss_bytes as f64 / 1e9,
+        s.wall_s
+    );
+    match &s.adapter_dir {
+        Some(d) => eprintln!("adapter: {}", d.display()),
+        None => eprintln!(
+            "stopped at step {} of {}: continue with --resume",
+            s.steps, s.max_steps
+        ),
+    }
+    Ok(())
+}
+
+fn run_data_preview(a: DataPreviewArgs) -> Result<()> {
+    use std::io::IsTerminal;
+    let c = ferrotune::train::load_config(&a.config, &a.set)?;
+    let text = ferrotune::train::preview(&c, a.n, std::io::stdout().is_terminal())?;
+    print!("{text}");
+    Ok(())
+}
+
+fn run_merge(a: MergeArgs) -> Result<()> {
+    let mut lm = load(&a.m)?;
+    ferrotune::peft::load_adapter(&mut lm.model, &a.adapter, "merge")?;
+    let report = ferrotune::peft::merge_and_unload(&mut lm.model, "merge")?;
+    if let Some(msg) = report.message() {
+        eprintln!("note: {msg}");
+    }
+    let still_quantized = lm
+        .model
+        .linears()
+        .iter()
+        .any(|l| matches!(l.weight(), ferrotune::nn::LinearWeight::Quantized(_)));
+    if still_quantized {
+        eprintln!(
+            "note: the other quantized weights are dequantized to {} for the HF folder",
+            a.out_dtype
+        );
+    }
+    ferrotune::model::convert::write_hf_folder_dtype(&lm, &a.out, parse_dtype(&a.out_dtype)?)?;
+    eprintln!(
+        "merged {} modules; wrote {}",
+        report.modules.len(),
+        a.out.display()
+    );
+    Ok(())
+}
+
+fn run_eval(a: EvalArgs) -> Result<()> {
+    use ferrotune::train::compare::{compare, table, CompareOptions, Metric};
+    let metrics = Metric::parse_list(&a.metrics)?;
+    if metrics.is_empty() {
+        bail!("--metrics: name at least one of rouge, bleu, accuracy, perplexity");
+    }
+    let mut lm = load(&a.m)?;
+    let opts = CompareOptions {
+        template: a.template.clone(),
+        completion: a.completion.clone(),
+        chat: a.chat,
+        limit: a.limit,
+        max_new_tokens: a.max_new_tokens,
+        stop: a.stop.clone(),
+        metrics,
+    };
+    let rows = compare(&mut lm, &a.adapter, &a.data, &opts)?;
+    if a.json {
+        println!("{}", serde_json::json!({ "rows": rows }));
+    } else {
+        print!("{}", table(&rows));
+    }
+    Ok(())
 }

@@ -7,6 +7,7 @@
 //! - [`model`]: model code (LLaMA family) and loading from HF folders, GGUF files and the hub.
 //! - [`tokenizer`]: tokenizers from `tokenizer.json` or GGUF metadata, chat templates.
 //! - [`generate`], [`icl`], [`perplexity`], [`inspect`]: what users run.
+//! - [`train`]: fine-tuning recipes (LoRA) from a TOML config, with checkpoints and exact resume.
 pub mod data;
 pub mod engine;
 pub mod error;
@@ -21,5 +22,6 @@ pub mod peft;
 pub mod perplexity;
 pub mod quant;
 pub mod tokenizer;
+pub mod train;
 
 pub use error::{Error, Result};

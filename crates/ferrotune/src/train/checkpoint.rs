@@ -1,0 +1,223 @@
+//! Checkpoints: `output_dir/checkpoints/step-N/` holds the adapter (PEFT files), the optimizer
+//! state, and `trainer_state.json` (step, data cursor, RNG state, counters). A checkpoint is
+//! written into a temporary folder and renamed into place, so a run killed at any moment leaves
+//! either the complete checkpoint or none; [`latest`] only sees complete ones.
+use crate::data::DataCursor;
+use crate::{Error, Result};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+pub const STATE_FILE: &str = "trainer_state.json";
+pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+const PREFIX: &str = "step-";
+const TMP_PREFIX: &str = ".tmp-";
+
+/// Random state beyond the data cursor. LoRA dropout masks are a function of the run's seed
+/// and how many training forward passes each adapter has seen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RngState {
+    pub seed: u64,
+    /// Training forward passes so far (micro-batches), i.e. dropout masks drawn per adapter.
+    pub dropout_calls: u64,
+}
+
+/// Everything besides tensors that a resumed run needs to continue exactly.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainerState {
+    /// Optimizer updates done.
+    pub step: usize,
+    pub max_steps: usize,
+    pub method: String,
+    /// The next training batch.
+    pub data_cursor: DataCursor,
+    /// Epochs done, fractional.
+    pub epoch: f64,
+    pub rng: RngState,
+    /// Non-padding tokens processed (prompt and completion).
+    pub train_tokens: u64,
+    /// Tokens the loss was computed on.
+    pub loss_tokens: u64,
+    /// Seconds spent in training steps (not evaluation or saving), over all sessions.
+    pub train_time_s: f64,
+    pub last_train_loss: Option<f64>,
+    pub initial_val_loss: Option<f64>,
+    pub last_val_loss: Option<f64>,
+    pub best_val_loss: Option<f64>,
+    pub best_step: Option<usize>,
+    /// Evaluations since the best one (early stopping).
+    pub evals_since_best: usize,
+    /// Checked on resume: the batches would differ if these changed.
+    pub train_examples: usize,
+    pub batches_per_epoch: usize,
+    pub batch_size: usize,
+    pub grad_accum: usize,
+}
+
+pub fn checkpoints_dir(output_dir: &Path) -> PathBuf {
+    output_dir.join("checkpoints")
+}
+
+fn step_of(name: &str) -> Option<usize> {
+    name.strip_prefix(PREFIX)?.parse().ok()
+}
+
+/// Complete checkpoints, oldest first: (step, folder).
+pub fn list(output_dir: &Path) -> Result<Vec<(usize, PathBuf)>> {
+    let dir = checkpoints_dir(output_dir);
+    if !dir.exists() {
+        return Ok(Vec::new());
+    }
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(&dir).map_err(|e| Error::file(&dir, e))? {
+        let e = e.map_err(|e| Error::file(&dir, e))?;
+        let name = e.file_name().to_string_lossy().to_string();
+        if let Some(step) = step_of(&name) {
+            if e.path().join(STATE_FILE).exists() {
+                out.push((step, e.path()));
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// The newest complete checkpoint.
+pub fn latest(output_dir: &Path) -> Result<Option<(usize, PathBuf)>> {
+    Ok(list(output_dir)?.pop())
+}
+
+/// Remove temporary folders left by a run killed while saving.
+pub fn remove_partial(output_dir: &Path) -> Result<()> {
+    let dir = checkpoints_dir(output_dir);
+    if !dir.exists() {
+        return Ok(());
+    }
+    for e in std::fs::read_dir(&dir).map_err(|e| Error::file(&dir, e))? {
+        let e = e.map_err(|e| Error::file(&dir, e))?;
+        if e.file_name().to_string_lossy().starts_with(TMP_PREFIX) {
+            std::fs::remove_dir_all(e.path()).map_err(|err| Error::file(e.path(), err))?;
+        }
+    }
+    Ok(())
+}
+
+/// Write checkpoint `step`: `fill` writes the files into a temporary folder, which is then
+/// renamed to `step-N` (replacing an older one of the same step). Returns the final folder.
+pub fn save(
+    output_dir: &Path,
+    step: usize,
+    state: &TrainerState,
+    fill: impl FnOnce(&Path) -> Result<()>,
+) -> Result<PathBuf> {
+    let dir = checkpoints_dir(output_dir);
+    std::fs::create_dir_all(&dir).map_err(|e| Error::file(&dir, e))?;
+    let tmp = dir.join(format!("{TMP_PREFIX}{PREFIX}{step}"));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(|e| Error::file(&tmp, e))?;
+    }
+    std::fs::create_dir_all(&tmp).map_err(|e| Error::file(&tmp, e))?;
+    fill(&tmp)?;
+    let json = serde_json::to_string_pretty(state).expect("the state always serializes");
+    let state_path = tmp.join(STATE_FILE);
+    std::fs::write(&state_path, json).map_err(|e| Error::file(&state_path, e))?;
+    let fin = dir.join(format!("{PREFIX}{step}"));
+    if fin.exists() {
+        // Replacing a checkpoint of the same step (a resumed run saving it again): move the old
+        // one aside first so that some complete copy exists at every moment.
+        let old = dir.join(format!("{TMP_PREFIX}old-{PREFIX}{step}"));
+        std::fs::rename(&fin, &old).map_err(|e| Error::file(&fin, e))?;
+        std::fs::rename(&tmp, &fin).map_err(|e| Error::file(&fin, e))?;
+        std::fs::remove_dir_all(&old).map_err(|e| Error::file(&old, e))?;
+    } else {
+        std::fs::rename(&tmp, &fin).map_err(|e| Error::file(&fin, e))?;
+    }
+    Ok(fin)
+}
+
+/// Delete the oldest checkpoints so that at most `keep` remain.
+pub fn prune(output_dir: &Path, keep: usize) -> Result<()> {
+    let all = list(output_dir)?;
+    if all.len() > keep {
+        for (_, p) in &all[..all.len() - keep] {
+            std::fs::remove_dir_all(p).map_err(|e| Error::file(p, e))?;
+        }
+    }
+    Ok(())
+}
+
+pub fn read_state(checkpoint: &Path) -> Result<TrainerState> {
+    let p = checkpoint.join(STATE_FILE);
+    let text = std::fs::read_to_string(&p).map_err(|e| Error::file(&p, e))?;
+    serde_json::from_str(&text).map_err(|e| Error::file(&p, format!("invalid trainer state: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(step: usize) -> TrainerState {
+        TrainerState {
+            step,
+            max_steps: 10,
+            method: "lora".into(),
+            data_cursor: DataCursor {
+                epoch: 0,
+                index: step,
+            },
+            epoch: 0.0,
+            rng: RngState {
+                seed: 1,
+                dropout_calls: step as u64,
+            },
+            train_tokens: 0,
+            loss_tokens: 0,
+            train_time_s: 0.0,
+            last_train_loss: None,
+            initial_val_loss: None,
+            last_val_loss: None,
+            best_val_loss: None,
+            best_step: None,
+            evals_since_best: 0,
+            train_examples: 1,
+            batches_per_epoch: 1,
+            batch_size: 1,
+            grad_accum: 1,
+        }
+    }
+
+    #[test]
+    fn save_list_prune_and_ignore_partial_folders() {
+        let out = std::env::temp_dir().join(format!("ferrotune-ckpt-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&out);
+        for s in [2, 4, 6] {
+            save(&out, s, &state(s), |d| {
+                std::fs::write(d.join("x"), s.to_string()).map_err(|e| Error::file(d, e))
+            })
+            .unwrap();
+        }
+        // A folder left by a kill during a save, and one without a state file: both ignored.
+        std::fs::create_dir_all(checkpoints_dir(&out).join(".tmp-step-8")).unwrap();
+        std::fs::create_dir_all(checkpoints_dir(&out).join("step-9")).unwrap();
+        let (step, p) = latest(&out).unwrap().unwrap();
+        assert_eq!(step, 6);
+        assert_eq!(read_state(&p).unwrap(), state(6));
+        // A failing fill leaves the previous checkpoints as they were.
+        assert!(save(&out, 7, &state(7), |_| Err(Error::msg("disk full"))).is_err());
+        assert_eq!(latest(&out).unwrap().unwrap().0, 6);
+        remove_partial(&out).unwrap();
+        assert!(!checkpoints_dir(&out).join(".tmp-step-8").exists());
+        // Saving the same step again replaces it.
+        save(&out, 6, &state(6), |d| {
+            std::fs::write(d.join("x"), "again").map_err(|e| Error::file(d, e))
+        })
+        .unwrap();
+        assert_eq!(
+            std::fs::read_to_string(checkpoints_dir(&out).join("step-6/x")).unwrap(),
+            "again"
+        );
+        prune(&out, 2).unwrap();
+        let steps: Vec<usize> = list(&out).unwrap().into_iter().map(|(s, _)| s).collect();
+        assert_eq!(steps, vec![4, 6]);
+        std::fs::remove_dir_all(&out).unwrap();
+    }
+}

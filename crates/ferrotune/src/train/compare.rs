@@ -1,0 +1,258 @@
+//! Compare a base model with its adapters on a data file: greedy generation for every row from
+//! the prompt template, scored against the completion template's text (ROUGE, BLEU, exact
+//! match), and the teacher-forced loss of the reference completion (perplexity).
+//!
+//! The base model runs first, on the allocation-light decoder when it supports the model; each
+//! adapter is then attached alone, run, and detached again.
+use super::evaluate;
+use crate::data::{self, BatchConfig, Batcher, Encoder, Example, TemplateSet};
+use crate::eval::metrics;
+use crate::generate::{generate, Decoder, GenerationConfig, LlamaDecoder};
+use crate::model::LoadedModel;
+use crate::peft::{self, format::load_adapter};
+use crate::{Error, Result};
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Metric {
+    Rouge,
+    Bleu,
+    /// Exact match after normalisation (lower case, no punctuation, single spaces).
+    Accuracy,
+    /// Perplexity of the reference completion given the prompt.
+    Perplexity,
+}
+
+impl Metric {
+    /// `rouge,bleu,accuracy,perplexity`.
+    pub fn parse_list(s: &str) -> Result<Vec<Metric>> {
+        s.split(',')
+            .map(str::trim)
+            .filter(|m| !m.is_empty())
+            .map(|m| match m.to_ascii_lowercase().as_str() {
+                "rouge" => Ok(Metric::Rouge),
+                "bleu" => Ok(Metric::Bleu),
+                "accuracy" | "exact_match" => Ok(Metric::Accuracy),
+                "perplexity" | "ppl" => Ok(Metric::Perplexity),
+                other => Err(Error::msg(format!(
+                    "--metrics: unknown metric `{other}` (rouge, bleu, accuracy, perplexity)"
+                ))),
+            })
+            .collect()
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct CompareOptions {
+    pub template: String,
+    pub completion: String,
+    /// Render the prompt as a user turn of the model's chat template.
+    pub chat: bool,
+    pub limit: Option<usize>,
+    pub max_new_tokens: usize,
+    pub stop: Vec<String>,
+    pub metrics: Vec<Metric>,
+}
+
+/// One model's scores (a row of the comparison). Metrics not asked for are absent.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct CompareRow {
+    /// "base" or the adapter folder.
+    pub name: String,
+    pub n: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rouge1: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rouge2: Option<f64>,
+    #[serde(rename = "rougeL", skip_serializing_if = "Option::is_none")]
+    pub rouge_l: Option<f64>,
+    #[serde(rename = "rougeLsum", skip_serializing_if = "Option::is_none")]
+    pub rouge_lsum: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bleu: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub accuracy: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub loss: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub perplexity: Option<f64>,
+    /// The generations, in row order (not in the JSON line).
+    #[serde(skip)]
+    pub predictions: Vec<String>,
+}
+
+/// The rows of `data` as examples (prompt + reference completion), with the reference texts.
+fn examples(
+    lm: &LoadedModel,
+    data: &Path,
+    o: &CompareOptions,
+) -> Result<(Vec<Example>, Vec<Vec<String>>)> {
+    let rows = data::read_rows(data, None)?;
+    let templates = TemplateSet::new(std::slice::from_ref(&o.template), &o.completion, 0)?;
+    let enc = Encoder::Pair {
+        templates: templates.clone(),
+        chat: o.chat,
+    };
+    let n = o.limit.unwrap_or(usize::MAX).min(rows.rows.len());
+    let mut exs = Vec::with_capacity(n);
+    let mut refs = Vec::with_capacity(n);
+    for row in &rows.rows[..n] {
+        let src = rows.source(row);
+        let (_, completion) = templates.render(row, &src)?;
+        exs.push(enc.encode(&lm.tokenizer, row, src)?);
+        refs.push(vec![completion.trim().to_string()]);
+    }
+    if exs.is_empty() {
+        return Err(Error::file(data, "no rows to evaluate"));
+    }
+    Ok((exs, refs))
+}
+
+fn generate_all(
+    dec: &mut dyn Decoder,
+    lm: &LoadedModel,
+    exs: &[Example],
+    o: &CompareOptions,
+) -> Result<Vec<String>> {
+    let cfg = GenerationConfig {
+        max_new_tokens: o.max_new_tokens,
+        stop: o.stop.clone(),
+        ..GenerationConfig::default()
+    };
+    exs.iter()
+        .map(|ex| {
+            let prompt = &ex.input_ids[..ex.completion_start()];
+            let out = generate(dec, &lm.tokenizer, prompt, &cfg, &mut |_| {})
+                .map_err(|e| Error::msg(format!("{}: {e}", ex.source)))?;
+            Ok(out.text.trim().to_string())
+        })
+        .collect()
+}
+
+fn score(
+    name: String,
+    lm: &LoadedModel,
+    preds: Vec<String>,
+    refs: &[Vec<String>],
+    exs: &[Example],
+    o: &CompareOptions,
+) -> Result<CompareRow> {
+    let mut row = CompareRow {
+        name,
+        n: preds.len(),
+        ..Default::default()
+    };
+    for m in &o.metrics {
+        match m {
+            Metric::Rouge => {
+                let r = metrics::corpus_rouge(&preds, refs);
+                row.rouge1 = Some(r.rouge1);
+                row.rouge2 = Some(r.rouge2);
+                row.rouge_l = Some(r.rouge_l);
+                row.rouge_lsum = Some(r.rouge_lsum);
+            }
+            Metric::Bleu => row.bleu = Some(metrics::corpus_bleu(&preds, refs)),
+            Metric::Accuracy => row.accuracy = Some(metrics::accuracy(&preds, refs, true)),
+            Metric::Perplexity => {
+                let longest = exs.iter().map(Example::len).max().unwrap_or(1);
+                let mut bc = BatchConfig::new(1, longest, data::pad_id(&lm.tokenizer));
+                bc.shuffle = false;
+                let b = Batcher::new(exs.to_vec(), bc, lm.model.device().clone())?;
+                let r = evaluate(&lm.model, &b, 0)?;
+                row.loss = Some(r.loss);
+                row.perplexity = Some(r.perplexity);
+            }
+        }
+    }
+    row.predictions = preds;
+    Ok(row)
+}
+
+/// Score the base model of `lm` and each adapter in `adapters` on `data` (see the module docs).
+/// `lm` must have no adapters attached; it has none again when this returns.
+pub fn compare(
+    lm: &mut LoadedModel,
+    adapters: &[PathBuf],
+    data: &Path,
+    o: &CompareOptions,
+) -> Result<Vec<CompareRow>> {
+    if !peft::adapter_names(&lm.model).is_empty() {
+        return Err(Error::msg(
+            "compare: the base model already has adapters attached",
+        ));
+    }
+    let (exs, refs) = examples(lm, data, o)?;
+    let mut out = Vec::new();
+    let base_preds = {
+        let mut fast = crate::engine::FastDecoder::new(&lm.model);
+        let mut slow = LlamaDecoder::new(&lm.model);
+        let dec: &mut dyn Decoder = match fast.as_mut() {
+            Some(f) => f,
+            None => &mut slow,
+        };
+        generate_all(dec, lm, &exs, o)?
+    };
+    out.push(score("base".into(), lm, base_preds, &refs, &exs, o)?);
+    for (i, dir) in adapters.iter().enumerate() {
+        let name = format!("compare{i}");
+        load_adapter(&mut lm.model, dir, &name)?;
+        let result = (|| {
+            let preds = generate_all(&mut LlamaDecoder::new(&lm.model), lm, &exs, o)?;
+            score(dir.display().to_string(), lm, preds, &refs, &exs, o)
+        })();
+        peft::remove_adapter(&mut lm.model, &name)?;
+        out.push(result?);
+    }
+    Ok(out)
+}
+
+/// The rows side by side: one line per metric, one column per model.
+pub fn table(rows: &[CompareRow]) -> String {
+    let mut lines: Vec<(String, Vec<String>)> = Vec::new();
+    let mut add = |name: &str, get: &dyn Fn(&CompareRow) -> Option<String>| {
+        if rows.iter().any(|r| get(r).is_some()) {
+            lines.push((
+                name.to_string(),
+                rows.iter()
+                    .map(|r| get(r).unwrap_or_else(|| "-".into()))
+                    .collect(),
+            ));
+        }
+    };
+    let f4 = |x: Option<f64>| x.map(|v| format!("{v:.4}"));
+    add("rouge1", &|r| f4(r.rouge1));
+    add("rouge2", &|r| f4(r.rouge2));
+    add("rougeL", &|r| f4(r.rouge_l));
+    add("rougeLsum", &|r| f4(r.rouge_lsum));
+    add("bleu", &|r| r.bleu.map(|v| format!("{v:.2}")));
+    add("accuracy", &|r| f4(r.accuracy));
+    add("loss", &|r| f4(r.loss));
+    add("perplexity", &|r| r.perplexity.map(|v| format!("{v:.3}")));
+    add("n", &|r| Some(r.n.to_string()));
+    let header: Vec<String> = rows.iter().map(|r| r.name.clone()).collect();
+    let w0 = lines.iter().map(|(n, _)| n.len()).max().unwrap_or(6).max(6);
+    let widths: Vec<usize> = (0..rows.len())
+        .map(|j| {
+            lines
+                .iter()
+                .map(|(_, v)| v[j].len())
+                .chain(std::iter::once(header[j].len()))
+                .max()
+                .unwrap_or(4)
+        })
+        .collect();
+    let mut s = format!("{:w0$}", "metric");
+    for (j, h) in header.iter().enumerate() {
+        s.push_str(&format!("  {:>w$}", h, w = widths[j]));
+    }
+    s.push('\n');
+    for (name, vals) in &lines {
+        s.push_str(&format!("{name:w0$}"));
+        for (j, v) in vals.iter().enumerate() {
+            s.push_str(&format!("  {:>w$}", v, w = widths[j]));
+        }
+        s.push('\n');
+    }
+    s
+}

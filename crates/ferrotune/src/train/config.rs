@@ -1,0 +1,720 @@
+//! The training config: one TOML file, every section with `deny_unknown_fields`, so a typo is a
+//! one-line error naming the file and the key instead of a silently ignored setting.
+//!
+//! ```toml
+//! model = "path/or/hf:org/name"   # a .gguf file, an HF folder, or hf:org/name[@revision]
+//! method = "lora"                 # the fine-tuning method (only "lora" for now)
+//! output_dir = "runs/dialogsum-lora"
+//!
+//! [data]                          # see data::config: train/validation/split/template/...
+//! train = "train.jsonl"
+//! template = "Summarize the following conversation.\n\n{dialogue}\n\nSummary:"
+//! completion = " {summary}"
+//!
+//! [lora]
+//! r = 16                  # rank (default 8)
+//! alpha = 32              # scale is alpha / r (default 2 r)
+//! dropout = 0.05          # on the adapter input (default 0)
+//! targets = ["q_proj", "v_proj"]   # module names, "all-linear", or one regex string
+//! rslora = false          # scale by alpha / sqrt(r)
+//!
+//! [train]
+//! batch_size = 4          # examples per micro-batch (default 4)
+//! grad_accum = 1          # micro-batches per optimizer step (default 1)
+//! max_steps = 300         # optimizer steps; overrides `epochs` (HF semantics)
+//! epochs = 1.0            # used when max_steps is unset (default 1)
+//! max_seq_len = 512       # longest example, in tokens (default min(512, model context))
+//! lr = 2e-4               # peak learning rate (default 2e-4)
+//! lr_schedule = "cosine"  # cosine | linear | constant | inverse_sqrt (default cosine)
+//! warmup_steps = 20       # linear warmup from lr/warmup to lr (default 0)
+//! min_lr_ratio = 0.0      # decay ends at min_lr_ratio * lr (default 0)
+//! weight_decay = 0.0      # decoupled, as torch.optim.AdamW (default 0)
+//! betas = [0.9, 0.999]    # AdamW betas
+//! eps = 1e-8              # AdamW epsilon
+//! max_grad_norm = 1.0     # clip the global gradient norm; 0 disables (default 1.0)
+//! eval_every = 50         # validation every N steps (default: only before and after training)
+//! eval_batches = 10       # validation batches per evaluation (default 10; 0 = all)
+//! early_stopping_patience = 3   # stop after N evaluations without a better val loss
+//! save_every = 100        # checkpoint every N steps (a checkpoint is always written at the end)
+//! keep_checkpoints = 3    # keep only the newest N checkpoints (default: all)
+//! log_every = 10          # plain log line every N steps when stderr is not a terminal (default 10)
+//! seed = 42               # LoRA init, dropout, data order (default 42; [data] seed defaults to it)
+//! threads = 2             # worker threads (default: all cores)
+//! dequantize = false      # dequantize a quantized (GGUF) base to f32 at load
+//! device = "cpu"          # cpu or cuda[:N]
+//! stop_after = 150        # stop (with a checkpoint) after this step; resume continues the run
+//! ```
+//!
+//! Relative paths in the file (`model`, `output_dir`, data files) are relative to the file's
+//! folder; relative paths given with `--set` are relative to the current directory.
+use crate::data::DataConfig;
+use crate::peft::lora::{LoraConfig, ModuleSpec};
+use crate::{Error, Result};
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+
+/// The whole run.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    /// `--model` spec: a GGUF file, an HF folder or `hf:org/name[@revision]`.
+    pub model: String,
+    /// Fine-tuning method.
+    #[serde(default)]
+    pub method: Method,
+    /// Where checkpoints, metrics, the plot, the final adapter and the summary go.
+    pub output_dir: PathBuf,
+    pub data: DataConfig,
+    #[serde(default)]
+    pub lora: LoraSection,
+    #[serde(default)]
+    pub train: TrainSection,
+}
+
+/// Fine-tuning methods. Each has its own config section; only that section may be present.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Method {
+    #[default]
+    Lora,
+}
+
+impl Method {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Method::Lora => "lora",
+        }
+    }
+}
+
+/// `[lora]`: the hyper-parameters users set; everything else keeps PEFT's defaults.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoraSection {
+    #[serde(default = "default_r")]
+    pub r: usize,
+    /// Default: 2 r (scale 2), the common choice.
+    pub alpha: Option<f64>,
+    #[serde(default)]
+    pub dropout: f64,
+    /// A list of module names (`q_proj` matches every `*.q_proj`), `"all-linear"`, or one regex
+    /// string matched against the whole module name.
+    #[serde(default = "default_targets")]
+    pub targets: ModuleSpec,
+    /// Rank-stabilized LoRA: scale by alpha / sqrt(r).
+    #[serde(default)]
+    pub rslora: bool,
+}
+
+fn default_r() -> usize {
+    8
+}
+fn default_targets() -> ModuleSpec {
+    ModuleSpec::List(vec!["q_proj".into(), "v_proj".into()])
+}
+
+impl Default for LoraSection {
+    fn default() -> Self {
+        LoraSection {
+            r: default_r(),
+            alpha: None,
+            dropout: 0.0,
+            targets: default_targets(),
+            rslora: false,
+        }
+    }
+}
+
+impl LoraSection {
+    /// The PEFT config this section stands for (what `adapter_config.json` will hold).
+    pub fn to_peft(&self, base_model: &str) -> LoraConfig {
+        LoraConfig {
+            r: self.r,
+            lora_alpha: self.alpha.unwrap_or(2.0 * self.r as f64),
+            lora_dropout: self.dropout,
+            target_modules: Some(self.targets.clone()),
+            use_rslora: self.rslora,
+            base_model_name_or_path: Some(base_model.to_string()),
+            ..LoraConfig::default()
+        }
+    }
+}
+
+/// Learning-rate schedule after the warmup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LrSchedule {
+    #[default]
+    Cosine,
+    Linear,
+    Constant,
+    InverseSqrt,
+}
+
+/// `[train]`: the loop, the optimizer and the schedule.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainSection {
+    #[serde(default = "default_batch_size")]
+    pub batch_size: usize,
+    #[serde(default = "one")]
+    pub grad_accum: usize,
+    pub max_steps: Option<usize>,
+    pub epochs: Option<f64>,
+    pub max_seq_len: Option<usize>,
+    #[serde(default = "default_lr")]
+    pub lr: f64,
+    #[serde(default)]
+    pub lr_schedule: LrSchedule,
+    #[serde(default)]
+    pub warmup_steps: usize,
+    #[serde(default)]
+    pub min_lr_ratio: f64,
+    #[serde(default)]
+    pub weight_decay: f64,
+    #[serde(default = "default_betas")]
+    pub betas: [f64; 2],
+    #[serde(default = "default_eps")]
+    pub eps: f64,
+    #[serde(default = "default_max_grad_norm")]
+    pub max_grad_norm: f64,
+    pub eval_every: Option<usize>,
+    #[serde(default = "default_eval_batches")]
+    pub eval_batches: usize,
+    pub early_stopping_patience: Option<usize>,
+    pub save_every: Option<usize>,
+    pub keep_checkpoints: Option<usize>,
+    #[serde(default = "default_log_every")]
+    pub log_every: usize,
+    #[serde(default = "default_seed")]
+    pub seed: u64,
+    pub threads: Option<usize>,
+    #[serde(default)]
+    pub dequantize: bool,
+    #[serde(default = "default_device")]
+    pub device: String,
+    /// Stop after this optimizer step (writing a checkpoint) as if interrupted; the schedule
+    /// still runs to `max_steps`, so `--resume` continues the same run.
+    pub stop_after: Option<usize>,
+}
+
+fn default_batch_size() -> usize {
+    4
+}
+fn one() -> usize {
+    1
+}
+fn default_lr() -> f64 {
+    2e-4
+}
+fn default_betas() -> [f64; 2] {
+    [0.9, 0.999]
+}
+fn default_eps() -> f64 {
+    1e-8
+}
+fn default_max_grad_norm() -> f64 {
+    1.0
+}
+fn default_eval_batches() -> usize {
+    10
+}
+fn default_log_every() -> usize {
+    10
+}
+fn default_seed() -> u64 {
+    42
+}
+fn default_device() -> String {
+    "cpu".into()
+}
+
+impl Default for TrainSection {
+    fn default() -> Self {
+        // The serde defaults, in one place: deserializing an empty table.
+        toml::Value::Table(toml::Table::new())
+            .try_into()
+            .expect("every [train] key has a default")
+    }
+}
+
+/// A parsed config with where it came from.
+#[derive(Debug, Clone)]
+pub struct LoadedConfig {
+    pub config: TrainConfig,
+    /// The config file (for messages).
+    pub path: PathBuf,
+    /// Folder that relative data paths are resolved against (the config file's folder).
+    pub base_dir: PathBuf,
+    /// The effective config as TOML (after `--set`), saved next to the run for the record.
+    pub effective: toml::Table,
+}
+
+impl LoadedConfig {
+    pub fn source(&self) -> String {
+        self.path.display().to_string()
+    }
+}
+
+/// Read `path`, apply `--set key=value` overrides, check every value. See the module docs.
+pub fn load_config(path: &Path, overrides: &[String]) -> Result<LoadedConfig> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::file(path, e))?;
+    let base_dir = path
+        .parent()
+        .map(|p| {
+            if p.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                p
+            }
+        })
+        .unwrap_or(Path::new("."))
+        .to_path_buf();
+    parse_config(&text, path, &base_dir, overrides)
+}
+
+/// [`load_config`] on text already read; `path` is only used in messages.
+pub fn parse_config(
+    text: &str,
+    path: &Path,
+    base_dir: &Path,
+    overrides: &[String],
+) -> Result<LoadedConfig> {
+    let mut table: toml::Table = toml::from_str(text).map_err(|e| toml_error(path, text, &e))?;
+    let mut from_cli: Vec<String> = Vec::new();
+    for o in overrides {
+        let key = apply_override(&mut table, o)?;
+        from_cli.push(key);
+    }
+    // Deserialize from the text when nothing was overridden: errors then carry a line number.
+    let mut config: TrainConfig = if overrides.is_empty() {
+        toml::from_str(text).map_err(|e| toml_error(path, text, &e))?
+    } else {
+        toml::Value::Table(table.clone())
+            .try_into()
+            .map_err(|e| toml_error(path, "", &e))?
+    };
+    // The data order follows the run's seed unless [data] sets its own.
+    let data_seed_set = table
+        .get("data")
+        .and_then(|d| d.as_table())
+        .is_some_and(|d| d.contains_key("seed"));
+    if !data_seed_set {
+        config.data.seed = config.train.seed;
+    }
+    let cwd = std::env::current_dir().map_err(|e| Error::msg(format!("current directory: {e}")))?;
+    let resolve = |key: &str, p: &Path| -> PathBuf {
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else if from_cli.iter().any(|k| k == key) {
+            normalize(&cwd.join(p))
+        } else {
+            normalize(&base_dir.join(p))
+        }
+    };
+    if !config.model.starts_with("hf:") {
+        config.model = resolve("model", Path::new(&config.model))
+            .display()
+            .to_string();
+    }
+    config.output_dir = resolve("output_dir", &config.output_dir);
+    // Data paths from --set are made absolute here; the ones from the file stay relative and
+    // data::load joins them to base_dir.
+    for (key, slot) in [
+        ("data.train", &mut config.data.train),
+        ("data.validation", &mut config.data.validation),
+        ("data.test", &mut config.data.test),
+    ] {
+        if let Some(p) = slot.as_mut() {
+            if from_cli.iter().any(|k| k == key) && p.is_relative() {
+                *p = normalize(&cwd.join(&*p));
+            }
+        }
+    }
+    let loaded = LoadedConfig {
+        config,
+        path: path.to_path_buf(),
+        base_dir: base_dir.to_path_buf(),
+        effective: table,
+    };
+    validate(&loaded)?;
+    Ok(loaded)
+}
+
+/// Drop `.` and fold `dir/..` without touching the file system (so `examples/x/../../runs`
+/// prints as `runs`). A leading `..` stays.
+fn normalize(p: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out: Vec<Component> = Vec::new();
+    for c in p.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => match out.last() {
+                Some(Component::Normal(_)) => {
+                    out.pop();
+                }
+                Some(Component::RootDir) => {}
+                _ => out.push(c),
+            },
+            c => out.push(c),
+        }
+    }
+    if out.is_empty() {
+        return PathBuf::from(".");
+    }
+    out.iter().collect()
+}
+
+/// Set `key=value` (dotted key, TOML-typed value; a value that is not valid TOML is taken as a
+/// string, so `--set data.train=../x.jsonl` needs no quotes). Returns the key.
+pub fn apply_override(table: &mut toml::Table, o: &str) -> Result<String> {
+    let (key, value) = o
+        .split_once('=')
+        .ok_or_else(|| Error::msg(format!("--set `{o}`: expected key=value")))?;
+    let key = key.trim();
+    let parts: Vec<&str> = key.split('.').map(str::trim).collect();
+    if parts.iter().any(|p| p.is_empty()) {
+        return Err(Error::msg(format!(
+            "--set `{o}`: empty key part in `{key}`"
+        )));
+    }
+    let value = parse_value(value.trim());
+    let mut t = table;
+    for (i, p) in parts[..parts.len() - 1].iter().enumerate() {
+        let entry = t
+            .entry(p.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        t = entry.as_table_mut().ok_or_else(|| {
+            Error::msg(format!(
+                "--set `{o}`: `{}` is not a table",
+                parts[..=i].join(".")
+            ))
+        })?;
+    }
+    t.insert(parts[parts.len() - 1].to_string(), value);
+    Ok(parts.join("."))
+}
+
+fn parse_value(s: &str) -> toml::Value {
+    match toml::from_str::<toml::Table>(&format!("v = {s}")) {
+        Ok(mut t) => t.remove("v").expect("just parsed"),
+        Err(_) => toml::Value::String(s.to_string()),
+    }
+}
+
+/// One line: `file: line L, column C: message` (or `file: message in `section``).
+fn toml_error(path: &Path, text: &str, e: &toml::de::Error) -> Error {
+    let msg = e
+        .message()
+        .trim()
+        .replace("unknown field", "unknown key")
+        .replace("missing field", "missing key");
+    match e.span() {
+        Some(span) if !text.is_empty() => {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let col = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+            let section = section_at(before);
+            let within = section.map(|s| format!(" (in [{s}])")).unwrap_or_default();
+            Error::file(path, format!("line {line}, column {col}{within}: {msg}"))
+        }
+        _ => {
+            // The key path is only in Display ("...\nin `train`"); keep it, on one line.
+            let full = e.to_string();
+            let within = full
+                .lines()
+                .find_map(|l| l.strip_prefix("in `"))
+                .map(|k| format!(" (in [{}]", k.trim_end_matches('`')) + ")")
+                .unwrap_or_default();
+            Error::file(path, format!("{msg}{within}"))
+        }
+    }
+}
+
+/// The `[section]` header in force at the end of `before`, if any.
+fn section_at(before: &str) -> Option<String> {
+    before.lines().rev().find_map(|l| {
+        let l = l.trim();
+        (l.starts_with('[') && l.ends_with(']'))
+            .then(|| l.trim_matches(|c| c == '[' || c == ']').trim().to_string())
+    })
+}
+
+fn validate(c: &LoadedConfig) -> Result<()> {
+    let src = c.source();
+    let bad = |key: &str, what: &str| Err(Error::key(&src, key, what));
+    let cfg = &c.config;
+    let t = &cfg.train;
+    if cfg.model.trim().is_empty() {
+        return bad("model", "is empty");
+    }
+    if t.batch_size == 0 {
+        return bad("train.batch_size", "must be at least 1");
+    }
+    if t.grad_accum == 0 {
+        return bad("train.grad_accum", "must be at least 1");
+    }
+    if t.max_steps == Some(0) {
+        return bad("train.max_steps", "must be at least 1");
+    }
+    if let Some(e) = t.epochs {
+        if !(e.is_finite() && e > 0.0) {
+            return bad("train.epochs", "must be a positive number");
+        }
+    }
+    if t.max_seq_len.is_some_and(|n| n < 2) {
+        return bad("train.max_seq_len", "must be at least 2");
+    }
+    if let (Some(a), Some(b)) = (t.max_seq_len, cfg.data.max_seq_len) {
+        if a != b {
+            return bad(
+                "train.max_seq_len",
+                &format!("is {a} but [data] max_seq_len is {b}; set only one"),
+            );
+        }
+    }
+    if !(t.lr.is_finite() && t.lr > 0.0) {
+        return bad("train.lr", "must be a positive number");
+    }
+    if !(0.0..=1.0).contains(&t.min_lr_ratio) {
+        return bad("train.min_lr_ratio", "must be in [0, 1]");
+    }
+    if !(t.weight_decay.is_finite() && t.weight_decay >= 0.0) {
+        return bad("train.weight_decay", "must be >= 0");
+    }
+    if t.betas.iter().any(|b| !(0.0..1.0).contains(b)) {
+        return bad("train.betas", "each beta must be in [0, 1)");
+    }
+    if !(t.eps.is_finite() && t.eps > 0.0) {
+        return bad("train.eps", "must be a positive number");
+    }
+    if !(t.max_grad_norm.is_finite() && t.max_grad_norm >= 0.0) {
+        return bad("train.max_grad_norm", "must be >= 0 (0 disables clipping)");
+    }
+    for (k, v) in [
+        ("train.eval_every", t.eval_every),
+        ("train.save_every", t.save_every),
+        ("train.keep_checkpoints", t.keep_checkpoints),
+        ("train.early_stopping_patience", t.early_stopping_patience),
+        ("train.threads", t.threads),
+        ("train.stop_after", t.stop_after),
+    ] {
+        if v == Some(0) {
+            return bad(k, "must be at least 1 (leave it out to disable)");
+        }
+    }
+    if t.log_every == 0 {
+        return bad("train.log_every", "must be at least 1");
+    }
+    if t.early_stopping_patience.is_some()
+        && cfg.data.validation.is_none()
+        && cfg.data.split.is_none()
+    {
+        return bad(
+            "train.early_stopping_patience",
+            "needs a validation split ([data] validation or split)",
+        );
+    }
+    parse_device(&t.device).map_err(|e| Error::key(&src, "train.device", e))?;
+    if cfg.data.packing {
+        // Packed rows would need attention kept within each example (segment ids) and positions
+        // restarting per example; the model's forward has neither yet.
+        return bad(
+            "data.packing",
+            "is not supported for training yet (the model has no per-example attention masking in packed rows)",
+        );
+    }
+    match cfg.method {
+        Method::Lora => {
+            let l = &cfg.lora;
+            if let Some(a) = l.alpha {
+                if !(a.is_finite() && a > 0.0) {
+                    return bad("lora.alpha", "must be a positive number");
+                }
+            }
+            if !(0.0..1.0).contains(&l.dropout) {
+                return bad("lora.dropout", "must be in [0, 1)");
+            }
+            if l.r == 0 {
+                return bad("lora.r", "must be at least 1");
+            }
+            l.to_peft(&cfg.model)
+                .validate(&format!("{src}: [lora]"))
+                .map_err(|e| Error::msg(e.to_string()))?;
+        }
+    }
+    Ok(())
+}
+
+/// `cpu`, `cuda` or `cuda:N`.
+pub fn parse_device(s: &str) -> std::result::Result<DeviceSpec, String> {
+    match s {
+        "cpu" => Ok(DeviceSpec::Cpu),
+        "cuda" => Ok(DeviceSpec::Cuda(0)),
+        s => s
+            .strip_prefix("cuda:")
+            .and_then(|n| n.parse().ok())
+            .map(DeviceSpec::Cuda)
+            .ok_or_else(|| format!("`{s}`: expected cpu, cuda or cuda:N")),
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceSpec {
+    Cpu,
+    Cuda(usize),
+}
+
+impl DeviceSpec {
+    pub fn device(&self) -> Result<candle_core::Device> {
+        match self {
+            DeviceSpec::Cpu => Ok(candle_core::Device::Cpu),
+            DeviceSpec::Cuda(n) => candle_core::Device::new_cuda(*n).map_err(|e| {
+                Error::msg(format!(
+                    "device cuda:{n}: {}",
+                    crate::error::first_line(&e.to_string())
+                ))
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+model = "m.gguf"
+output_dir = "out"
+[data]
+train = "train.jsonl"
+template = "Q: {q}\nA:"
+completion = " {a}"
+"#;
+
+    fn parse(text: &str, overrides: &[&str]) -> Result<LoadedConfig> {
+        let o: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
+        parse_config(text, Path::new("cfg/run.toml"), Path::new("cfg"), &o)
+    }
+
+    #[test]
+    fn defaults_and_path_resolution() {
+        let c = parse(MINIMAL, &[]).unwrap();
+        let cfg = &c.config;
+        assert_eq!(cfg.method, Method::Lora);
+        assert_eq!(cfg.model, "cfg/m.gguf");
+        assert_eq!(cfg.output_dir, Path::new("cfg/out"));
+        assert_eq!(cfg.train.batch_size, 4);
+        assert_eq!(cfg.train.seed, 42);
+        assert_eq!(cfg.data.seed, 42, "[data] seed follows the run's seed");
+        assert_eq!(cfg.train.max_grad_norm, 1.0);
+        assert_eq!(cfg.lora.to_peft("m").lora_alpha, 16.0);
+        // Data paths from the file stay relative (data::load joins them to base_dir).
+        assert_eq!(cfg.data.train.as_deref(), Some(Path::new("train.jsonl")));
+    }
+
+    #[test]
+    fn overrides_are_typed_and_relative_to_the_current_directory() {
+        let c = parse(
+            MINIMAL,
+            &[
+                "train.lr=1e-3",
+                "train.max_steps = 7",
+                "lora.targets=\"all-linear\"",
+                "data.train=../x/y.jsonl",
+                "train.betas=[0.8, 0.9]",
+                "data.seed=5",
+            ],
+        )
+        .unwrap();
+        let cfg = &c.config;
+        assert_eq!(cfg.train.lr, 1e-3);
+        assert_eq!(cfg.train.max_steps, Some(7));
+        assert_eq!(cfg.train.betas, [0.8, 0.9]);
+        assert_eq!(cfg.lora.targets, ModuleSpec::One("all-linear".into()));
+        assert_eq!(cfg.data.seed, 5);
+        let cwd = std::env::current_dir().unwrap();
+        assert_eq!(
+            cfg.data.train.as_deref(),
+            Some(&*normalize(&cwd.join("../x/y.jsonl")))
+        );
+        assert_eq!(normalize(Path::new("a/b/../../c/./d")), Path::new("c/d"));
+        assert_eq!(normalize(Path::new("../a/..")), Path::new(".."));
+        let e = parse(MINIMAL, &["model.x=1"]).unwrap_err().to_string();
+        assert!(
+            e.contains("--set `model.x=1`: `model` is not a table"),
+            "{e}"
+        );
+        let e = parse(MINIMAL, &["train"]).unwrap_err().to_string();
+        assert!(e.contains("expected key=value"), "{e}");
+    }
+
+    #[test]
+    fn unknown_keys_are_one_line_errors_naming_file_key_and_line() {
+        let text = format!("{MINIMAL}[train]\nbatch_size = 2\nlr_sched = \"cosine\"\n");
+        let e = parse(&text, &[]).unwrap_err().to_string();
+        assert!(!e.contains('\n'), "{e}");
+        assert!(e.starts_with("cfg/run.toml: line 10"), "{e}");
+        assert!(
+            e.contains("unknown key `lr_sched`") && e.contains("[train]"),
+            "{e}"
+        );
+        // Through --set: no line, but the section is named.
+        let e = parse(MINIMAL, &["train.lr_sched=1"])
+            .unwrap_err()
+            .to_string();
+        assert!(!e.contains('\n'), "{e}");
+        assert!(
+            e.contains("unknown key `lr_sched`") && e.contains("(in [train])"),
+            "{e}"
+        );
+        let e = parse(&format!("{MINIMAL}colour = 1\n"), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown key `colour`"), "{e}");
+        let e = parse(&format!("{MINIMAL}[lora]\nrank = 4\n"), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("unknown key `rank`") && e.contains("[lora]"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn malformed_missing_and_invalid_values() {
+        let e = parse("model = \"x\"\noutput_dir = \n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("cfg/run.toml: line 2") && !e.contains('\n'),
+            "{e}"
+        );
+        let e = parse(&MINIMAL.replace("model = \"m.gguf\"\n", ""), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("missing key `model`"), "{e}");
+        let e = parse(&format!("{MINIMAL}[train]\nbatch_size = \"four\"\n"), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("line 9") && e.contains("[train]"), "{e}");
+        for (set, key) in [
+            ("train.batch_size=0", "train.batch_size"),
+            ("train.lr=-1", "train.lr"),
+            ("train.betas=[0.9, 1.0]", "train.betas"),
+            ("lora.dropout=1.5", "lora.dropout"),
+            ("train.device=\"tpu\"", "train.device"),
+            ("data.packing=true", "data.packing"),
+            (
+                "train.early_stopping_patience=2",
+                "train.early_stopping_patience",
+            ),
+            ("method=\"ia3\"", "method"),
+        ] {
+            let e = parse(MINIMAL, &[set]).unwrap_err().to_string();
+            assert!(e.contains(key.rsplit('.').next().unwrap()), "{set}: {e}");
+            assert!(e.starts_with("cfg/run.toml"), "{set}: {e}");
+            assert!(!e.contains('\n'), "{e}");
+        }
+    }
+}

@@ -1,0 +1,137 @@
+//! What the training loop needs from a fine-tuning method: attach it to a model, list its
+//! trainable parameters, save and restore them, and replay its random state on resume.
+//! Adding a method (IA3, prompt tuning, full fine-tuning) means a new variant here and a config
+//! section; the loop itself does not change.
+use super::config::{Method, TrainConfig};
+use crate::model::Llama;
+use crate::peft::format::{save_adapter, KEY_PREFIX, WEIGHTS_FILE};
+use crate::peft::lora::{as_lora, attach_lora, LoraConfig};
+use crate::peft::{adapter_params, ParamCount};
+use crate::{Error, Result};
+use candle_core::{DType, Tensor, Var};
+use std::path::Path;
+
+/// PEFT's name for the adapter of a single-adapter model.
+pub const ADAPTER_NAME: &str = "default";
+
+/// A method attached to a model.
+#[derive(Debug, Clone)]
+pub enum Tuner {
+    Lora {
+        config: LoraConfig,
+        params: ParamCount,
+    },
+}
+
+impl Tuner {
+    /// Attach the configured method to `model` with freshly initialised weights (seeded).
+    pub fn attach(cfg: &TrainConfig, model: &mut Llama, model_name: &str) -> Result<Tuner> {
+        match cfg.method {
+            Method::Lora => {
+                let config = cfg.lora.to_peft(model_name);
+                let info = attach_lora(model, &config, ADAPTER_NAME, cfg.train.seed)?;
+                Ok(Tuner::Lora {
+                    config,
+                    params: info.params,
+                })
+            }
+        }
+    }
+
+    pub fn method(&self) -> &'static str {
+        match self {
+            Tuner::Lora { .. } => Method::Lora.as_str(),
+        }
+    }
+
+    /// PEFT's `print_trainable_parameters` line.
+    pub fn params_report(&self) -> String {
+        match self {
+            Tuner::Lora { params, .. } => params.to_string(),
+        }
+    }
+
+    pub fn param_count(&self) -> ParamCount {
+        match self {
+            Tuner::Lora { params, .. } => *params,
+        }
+    }
+
+    /// The parameters the optimizer updates, with stable names.
+    pub fn trainable(&self, model: &Llama) -> Vec<(String, Var)> {
+        match self {
+            Tuner::Lora { .. } => adapter_params(model, ADAPTER_NAME),
+        }
+    }
+
+    /// Write the trained weights in the method's usual format (a PEFT adapter folder).
+    pub fn save(&self, model: &Llama, dir: &Path) -> Result<()> {
+        match self {
+            Tuner::Lora { config, .. } => save_adapter(model, ADAPTER_NAME, config, dir),
+        }
+    }
+
+    /// Set the trained weights from a folder written by [`Tuner::save`]. The adapter stays the
+    /// one attached (same dropout seeds); only the tensor values change.
+    pub fn restore(&self, model: &Llama, dir: &Path) -> Result<()> {
+        match self {
+            Tuner::Lora { .. } => {
+                let path = dir.join(WEIGHTS_FILE);
+                let mut tensors = candle_core::safetensors::load(&path, model.device())
+                    .map_err(|e| Error::file(&path, crate::error::first_line(&e.to_string())))?;
+                for (name, var) in adapter_params(model, ADAPTER_NAME) {
+                    let key = format!("{KEY_PREFIX}{name}");
+                    let t: Tensor = tensors
+                        .remove(&key)
+                        .ok_or_else(|| Error::file(&path, format!("tensor `{key}` is missing")))?;
+                    if t.dims() != var.dims() {
+                        return Err(Error::file(
+                            &path,
+                            format!(
+                                "tensor `{key}` has shape {:?}, the adapter {:?} (the [lora] settings changed?)",
+                                t.dims(),
+                                var.dims()
+                            ),
+                        ));
+                    }
+                    var.set(&t.to_dtype(DType::F32)?)?;
+                }
+                if let Some(k) = tensors.keys().min() {
+                    return Err(Error::file(
+                        &path,
+                        format!("tensor `{k}` belongs to no adapted module (the [lora] settings changed?)"),
+                    ));
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Bring the dropout masks to where they were after `calls` training forward passes: each
+    /// LoRA layer draws its mask from its seed and a per-layer call counter, which a fresh
+    /// adapter starts at 0. The counter only moves through a training forward, so this runs
+    /// `calls` of them on a one-row input (a few microseconds each).
+    pub fn replay_rng(&self, model: &Llama, calls: u64) -> Result<()> {
+        match self {
+            Tuner::Lora { config, .. } => {
+                if config.lora_dropout == 0.0 || calls == 0 {
+                    return Ok(());
+                }
+                let dev = model.device();
+                for lin in model.linears() {
+                    for (name, a) in lin.adapters() {
+                        if name != ADAPTER_NAME || as_lora(a).is_none() {
+                            continue;
+                        }
+                        let x = Tensor::zeros((1, lin.in_features()), DType::F32, dev)?;
+                        let base = Tensor::zeros((1, lin.out_features()), DType::F32, dev)?;
+                        for _ in 0..calls {
+                            a.forward(&x, base.clone(), true)?;
+                        }
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+}

@@ -1,0 +1,619 @@
+//! Fine-tuning recipes. [`run`] is the whole recipe and reads top to bottom: load the model,
+//! attach the method, load the data, then the loop (micro-batches, loss, gradient accumulation,
+//! clipping, AdamW, schedule, evaluation, early stopping, checkpoints), then the final adapter
+//! and `summary.json`.
+//!
+//! - [`config`]: the TOML run config (`--set` overrides, one-line errors).
+//! - [`loss`]: the causal-LM loss over completion tokens, from hidden states.
+//! - [`optim`]: AdamW, gradient clipping. [`schedule`]: learning-rate schedules.
+//! - [`method`]: what the loop needs from a method (LoRA today).
+//! - [`checkpoint`]: atomic checkpoints and exact resume. [`report`]: metrics, plot, progress.
+//! - [`compare`]: generate over a data file with the base model and adapters and score them.
+//!
+//! A resumed run continues exactly: the adapter, the optimizer state, the data cursor and the
+//! dropout RNG are restored, so on CPU a run interrupted and resumed ends with the same adapter,
+//! bit for bit, as one that was never interrupted.
+pub mod checkpoint;
+pub mod compare;
+pub mod config;
+pub mod loss;
+pub mod method;
+pub mod optim;
+pub mod report;
+pub mod schedule;
+
+pub use config::{load_config, parse_config, LoadedConfig, LrSchedule, Method, TrainConfig};
+pub use method::{Tuner, ADAPTER_NAME};
+pub use optim::{AdamW, AdamWConfig};
+pub use report::ProgressMode;
+pub use schedule::Schedule;
+
+use crate::data::{self, Batch, BatchConfig, Batcher, Prepared};
+use crate::model::{self, LoadOptions, LoadedModel, ModelSource};
+use crate::tokenizer::Tokenizer;
+use crate::{Error, Result};
+use checkpoint::{RngState, TrainerState};
+use report::{MetricsLog, Progress, StepLine};
+use serde::Serialize;
+use serde_json::json;
+use std::path::PathBuf;
+use std::time::Instant;
+
+/// Where the final adapter goes, under `output_dir`.
+pub const ADAPTER_DIR: &str = "adapter";
+pub const SUMMARY_FILE: &str = "summary.json";
+/// The effective config (after `--set`), saved with the run.
+pub const CONFIG_FILE: &str = "config.toml";
+
+/// How to run, besides the config.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Continue from the newest checkpoint in `output_dir` (start fresh if there is none).
+    pub resume: bool,
+    pub progress: ProgressMode,
+}
+
+/// Why the loop ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StopReason {
+    MaxSteps,
+    EarlyStopping,
+    StopAfter,
+}
+
+/// `summary.json`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    pub method: String,
+    /// Optimizer steps done (over all sessions of a resumed run).
+    pub steps: usize,
+    pub max_steps: usize,
+    pub epochs: f64,
+    /// Non-padding tokens processed, prompt and completion (over all sessions).
+    pub train_tokens: u64,
+    /// Tokens the loss was computed on.
+    pub loss_tokens: u64,
+    /// `train_tokens / train_time_s`: training steps only, not evaluation or saving.
+    pub train_tokens_per_s: f64,
+    pub train_time_s: f64,
+    pub peak_rss_bytes: u64,
+    pub final_train_loss: Option<f64>,
+    pub initial_val_loss: Option<f64>,
+    pub final_val_loss: Option<f64>,
+    pub final_val_perplexity: Option<f64>,
+    pub best_val_loss: Option<f64>,
+    pub best_step: Option<usize>,
+    /// Wall time of this session (load, data, steps, evaluation, saving).
+    pub wall_s: f64,
+    pub stop_reason: StopReason,
+    pub resumed_from_step: Option<usize>,
+    pub trainable_params: usize,
+    pub all_params: usize,
+    /// The final adapter; None when the run stopped early on `stop_after` (not finished).
+    pub adapter_dir: Option<PathBuf>,
+}
+
+/// Validation loss of some batches: mean NLL per loss token and its perplexity.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct EvalResult {
+    pub loss: f64,
+    pub perplexity: f64,
+    pub tokens: usize,
+}
+
+/// Set the worker threads for rayon, candle's matmul and our quantized kernels. Only the first
+/// call in a process can size rayon's global pool.
+pub fn set_threads(n: usize) {
+    std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    let _ = rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .build_global();
+    crate::quant::set_num_threads(n);
+}
+
+/// candle runs element-wise ops on large tensors through a spin-barrier pool of its own. Next
+/// to our kernel pool and rayon that oversubscribes the cores, and a waiting thread spins while
+/// the one it waits for is descheduled: on the 2-core dev machine a LoRA backward pass took
+/// 2.2-4.4 s with it and 1.4 s with those ops inline (SmolLM2, batch 8 x 53). So training runs
+/// them inline unless `CANDLE_NUM_THREADS` is set. Must run before candle's pool first starts.
+fn inline_candle_elementwise() {
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
+    }
+}
+
+/// Only the tokenizer of a model spec (for `data preview`), without loading the weights.
+pub fn load_tokenizer(spec: &str) -> Result<Tokenizer> {
+    match model::resolve(spec)? {
+        ModelSource::Gguf(p) => Tokenizer::from_gguf(&model::read_gguf(&p)?, &p),
+        ModelSource::HfDir(d) => Tokenizer::from_hf_dir(&d),
+    }
+}
+
+/// The examples the config describes, tokenized with `tok` (what training sees).
+pub fn prepare_data(c: &LoadedConfig, tok: &Tokenizer, context: Option<usize>) -> Result<Prepared> {
+    let t = &c.config.train;
+    let default_len = t.max_seq_len.unwrap_or(context.unwrap_or(512).min(512));
+    data::load(&c.config.data, &c.base_dir, tok, default_len)
+}
+
+/// `data preview`: the split summary, then the first `n` training examples with the trained
+/// span marked (`ansi`: in green, else in `[[ ]]`).
+pub fn preview(c: &LoadedConfig, n: usize, ansi: bool) -> Result<String> {
+    let tok = load_tokenizer(&c.config.model)?;
+    let prepared = prepare_data(c, &tok, None)?;
+    let style = if ansi {
+        data::PreviewStyle::Ansi
+    } else {
+        data::PreviewStyle::Brackets
+    };
+    Ok(format!(
+        "{}\n\n{}",
+        prepared.summary(),
+        data::preview_with(&prepared.train, &tok, n, style)
+    ))
+}
+
+/// Mean loss over the first `max_batches` batches of `batcher` (0 = all), without dropout.
+pub fn evaluate(model: &model::Llama, batcher: &Batcher, max_batches: usize) -> Result<EvalResult> {
+    let plan = batcher.plan_for(0);
+    let n = if max_batches == 0 {
+        plan.len()
+    } else {
+        max_batches.min(plan.len())
+    };
+    let mut total = 0.0f64;
+    let mut tokens = 0usize;
+    for rows in &plan[..n] {
+        let batch = batcher.build(rows)?;
+        let (sum, k) = loss::batch_loss_sum(model, &batch, false)?;
+        total += sum.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+        tokens += k;
+    }
+    let loss = if tokens == 0 {
+        f64::NAN
+    } else {
+        total / tokens as f64
+    };
+    Ok(EvalResult {
+        loss,
+        perplexity: loss.exp(),
+        tokens,
+    })
+}
+
+/// What [`accumulate_gradients`] computed for one optimizer step.
+pub struct StepGrads {
+    /// Mean loss per loss token over the step's micro-batches.
+    pub loss: f64,
+    /// Gradients of the parameters, in order.
+    pub grads: Vec<candle_core::Tensor>,
+    /// Loss tokens over the step.
+    pub loss_tokens: usize,
+    /// Training forward passes run (micro-batches with at least one loss token).
+    pub forwards: usize,
+}
+
+/// One optimizer step's worth of micro-batches: the loss of each is its token sum divided by
+/// the loss tokens of *all* of them, so the accumulated gradient is that of the mean over the
+/// step's tokens (k micro-batches equal one batch k times larger).
+pub fn accumulate_gradients(
+    model: &model::Llama,
+    params: &[(String, candle_core::Var)],
+    batches: &[Batch],
+) -> Result<StepGrads> {
+    let n_total: usize = batches.iter().map(|b| b.n_loss_tokens).sum();
+    let mut grads: Vec<Option<candle_core::Tensor>> = vec![None; params.len()];
+    let mut loss_sum = 0.0f64;
+    let mut forwards = 0;
+    for batch in batches {
+        if batch.n_loss_tokens == 0 {
+            continue;
+        }
+        let (sum, _) = loss::batch_loss_sum(model, batch, true)?;
+        forwards += 1;
+        loss_sum += sum.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+        let scaled = (sum / n_total as f64)?;
+        let store = scaled.backward()?;
+        for (i, (name, var)) in params.iter().enumerate() {
+            let g = store.get(var.as_tensor()).ok_or_else(|| {
+                Error::msg(format!(
+                    "parameter {name} got no gradient (an op without a backward pass cut the graph)"
+                ))
+            })?;
+            grads[i] = Some(match grads[i].take() {
+                None => g.clone(),
+                Some(acc) => (acc + g)?,
+            });
+        }
+    }
+    let grads = grads
+        .into_iter()
+        .zip(params)
+        .map(|(g, (_, v))| match g {
+            Some(g) => Ok(g),
+            None => Ok(candle_core::Tensor::zeros(
+                v.shape(),
+                v.dtype(),
+                v.device(),
+            )?),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let mean = if n_total == 0 {
+        0.0
+    } else {
+        loss_sum / n_total as f64
+    };
+    Ok(StepGrads {
+        loss: mean,
+        grads,
+        loss_tokens: n_total,
+        forwards,
+    })
+}
+
+/// Run the recipe. See the module docs; `c` comes from [`load_config`].
+pub fn run(c: &LoadedConfig, opts: &RunOptions) -> Result<Summary> {
+    let wall = Instant::now();
+    inline_candle_elementwise();
+    let cfg = &c.config;
+    let t = &cfg.train;
+    let out = cfg.output_dir.clone();
+
+    // ---- Model and method ----------------------------------------------------------------
+    if let Some(n) = t.threads {
+        set_threads(n);
+    }
+    let device = config::parse_device(&t.device)
+        .map_err(|e| Error::key(c.source(), "train.device", e))?
+        .device()?;
+    let load_opts = LoadOptions {
+        dequantize: t.dequantize,
+        ..Default::default()
+    };
+    let LoadedModel {
+        model: mut llama,
+        tokenizer: tok,
+        source,
+        ..
+    } = model::load(&cfg.model, &load_opts, &device)?;
+    let tuner = Tuner::attach(cfg, &mut llama, &cfg.model)?;
+    let params = tuner.trainable(&llama);
+
+    // ---- Data -----------------------------------------------------------------------------
+    let ctx = llama.cfg.max_position_embeddings;
+    let prepared = prepare_data(c, &tok, Some(ctx))?;
+    if prepared.max_seq_len > ctx {
+        return Err(Error::key(
+            c.source(),
+            "train.max_seq_len",
+            format!(
+                "{} is more than the model's context window of {ctx}",
+                prepared.max_seq_len
+            ),
+        ));
+    }
+    let mut train_bc = cfg
+        .data
+        .batch_config(t.batch_size, prepared.max_seq_len, &tok);
+    train_bc.shuffle = true;
+    let n_train = prepared.train.len();
+    let mut batcher = Batcher::new(prepared.train.clone(), train_bc.clone(), device.clone())?;
+    let val_batcher = if prepared.validation.is_empty() {
+        None
+    } else {
+        let vc = BatchConfig {
+            shuffle: false,
+            ..train_bc.clone()
+        };
+        Some(Batcher::new(
+            prepared.validation.clone(),
+            vc,
+            device.clone(),
+        )?)
+    };
+    let bpe = batcher.batches_per_epoch();
+    let max_steps = match t.max_steps {
+        Some(n) => n,
+        None => ((t.epochs.unwrap_or(1.0) * bpe as f64) / t.grad_accum as f64)
+            .ceil()
+            .max(1.0) as usize,
+    };
+    let schedule = Schedule {
+        kind: t.lr_schedule,
+        lr: t.lr,
+        warmup: t.warmup_steps,
+        total: max_steps,
+        min_lr_ratio: t.min_lr_ratio,
+    };
+    let mut opt = AdamW::new(
+        params.clone(),
+        AdamWConfig {
+            betas: t.betas,
+            eps: t.eps,
+            weight_decay: t.weight_decay,
+        },
+    )?;
+
+    // ---- Output folder, resume ------------------------------------------------------------
+    std::fs::create_dir_all(&out).map_err(|e| Error::file(&out, e))?;
+    checkpoint::remove_partial(&out)?;
+    let resume_from = if opts.resume {
+        checkpoint::latest(&out)?
+    } else {
+        if checkpoint::latest(&out)?.is_some() || out.join(ADAPTER_DIR).exists() {
+            return Err(Error::file(
+                &out,
+                "already holds a run (checkpoints or adapter); continue it with --resume, or choose another output_dir",
+            ));
+        }
+        None
+    };
+    let mut state = TrainerState {
+        step: 0,
+        max_steps,
+        method: tuner.method().to_string(),
+        data_cursor: batcher.cursor(),
+        epoch: 0.0,
+        rng: RngState {
+            seed: t.seed,
+            dropout_calls: 0,
+        },
+        train_tokens: 0,
+        loss_tokens: 0,
+        train_time_s: 0.0,
+        last_train_loss: None,
+        initial_val_loss: None,
+        last_val_loss: None,
+        best_val_loss: None,
+        best_step: None,
+        evals_since_best: 0,
+        train_examples: n_train,
+        batches_per_epoch: bpe,
+        batch_size: t.batch_size,
+        grad_accum: t.grad_accum,
+    };
+    let progress_total = max_steps.min(t.stop_after.unwrap_or(usize::MAX));
+    let mut resumed_from_step = None;
+    if let Some((step, dir)) = &resume_from {
+        let saved = checkpoint::read_state(dir)?;
+        if (
+            saved.train_examples,
+            saved.batches_per_epoch,
+            saved.batch_size,
+            saved.grad_accum,
+        ) != (n_train, bpe, t.batch_size, t.grad_accum)
+            || saved.method != tuner.method()
+            || saved.rng.seed != t.seed
+        {
+            return Err(Error::file(
+                dir,
+                "cannot resume: the method, seed, data or batch settings differ from the checkpoint's",
+            ));
+        }
+        tuner.restore(&llama, dir)?;
+        opt.load(&dir.join(checkpoint::OPTIMIZER_FILE))?;
+        batcher.seek(saved.data_cursor)?;
+        tuner.replay_rng(&llama, saved.rng.dropout_calls)?;
+        state = TrainerState { max_steps, ..saved };
+        resumed_from_step = Some(*step);
+    }
+    let mut metrics = MetricsLog::open(&out, resumed_from_step)?;
+    let effective = toml::to_string(&c.effective).unwrap_or_default();
+    model::convert::write_atomic(&out.join(CONFIG_FILE), effective.as_bytes())?;
+
+    let progress = Progress::new(opts.progress, progress_total, state.step, t.log_every);
+    progress.println(&format!(
+        "model {} ({}, {} layers); method {}",
+        cfg.model,
+        source.format(),
+        llama.cfg.num_hidden_layers,
+        tuner.method()
+    ));
+    progress.println(&tuner.params_report());
+    progress.println(&prepared.summary());
+    match resumed_from_step {
+        Some(s) => progress.println(&format!("resuming from step {s} of {max_steps}")),
+        None if opts.resume => progress.println(&format!(
+            "--resume: no checkpoint in {}; starting from step 0",
+            checkpoint::checkpoints_dir(&out).display()
+        )),
+        None => {}
+    }
+
+    // ---- Helpers of the loop --------------------------------------------------------------
+    let run_eval = |state: &mut TrainerState,
+                    metrics: &mut MetricsLog,
+                    progress: &Progress|
+     -> Result<Option<EvalResult>> {
+        let Some(vb) = &val_batcher else {
+            return Ok(None);
+        };
+        let r = evaluate(&llama, vb, t.eval_batches)?;
+        metrics.write(&json!({
+            "type": "eval", "step": state.step, "val_loss": r.loss,
+            "val_perplexity": r.perplexity, "val_tokens": r.tokens,
+        }))?;
+        progress.println(&format!(
+            "step {}: val loss {:.4} perplexity {:.3} ({} tokens)",
+            state.step, r.loss, r.perplexity, r.tokens
+        ));
+        if state.initial_val_loss.is_none() {
+            state.initial_val_loss = Some(r.loss);
+        }
+        state.last_val_loss = Some(r.loss);
+        if state.best_val_loss.is_none_or(|b| r.loss < b) {
+            state.best_val_loss = Some(r.loss);
+            state.best_step = Some(state.step);
+            state.evals_since_best = 0;
+        } else {
+            state.evals_since_best += 1;
+        }
+        let (train_curve, val_curve) = metrics.curves();
+        report::plot_loss(&out.join(report::PLOT_FILE), &train_curve, &val_curve)?;
+        Ok(Some(r))
+    };
+    let save = |state: &TrainerState, opt: &AdamW| -> Result<PathBuf> {
+        let dir = checkpoint::save(&out, state.step, state, |tmp| {
+            tuner.save(&llama, tmp)?;
+            opt.save(&tmp.join(checkpoint::OPTIMIZER_FILE))
+        })?;
+        if let Some(k) = t.keep_checkpoints {
+            checkpoint::prune(&out, k)?;
+        }
+        Ok(dir)
+    };
+
+    // ---- The loop --------------------------------------------------------------------------
+    if resumed_from_step.is_none() {
+        run_eval(&mut state, &mut metrics, &progress)?;
+    }
+    let mut last_saved: Option<usize> = resumed_from_step;
+    let mut last_eval: Option<usize> = None;
+    let mut session_tokens = 0u64;
+    let mut session_time = 0.0f64;
+    let mut stop_reason = StopReason::MaxSteps;
+    while state.step < max_steps {
+        if t.stop_after.is_some_and(|s| state.step >= s) {
+            stop_reason = StopReason::StopAfter;
+            break;
+        }
+        let t0 = Instant::now();
+        let step = state.step + 1;
+        let batches = (0..t.grad_accum)
+            .map(|_| batcher.next_batch())
+            .collect::<Result<Vec<_>>>()?;
+        let StepGrads {
+            loss,
+            mut grads,
+            loss_tokens: n_loss,
+            forwards,
+        } = accumulate_gradients(&llama, &params, &batches)?;
+        state.rng.dropout_calls += forwards as u64;
+        let lr = schedule.lr_at(step);
+        let norm = optim::clip_grad_norm(&mut grads, t.max_grad_norm)?;
+        if !loss.is_finite() || !norm.is_finite() {
+            progress.finish();
+            let what = if loss.is_finite() {
+                format!("the gradient norm is {norm}")
+            } else {
+                format!("the training loss is {loss}")
+            };
+            let kept = match last_saved {
+                Some(s) => format!(
+                    "the last good checkpoint is {}",
+                    checkpoint::checkpoints_dir(&out)
+                        .join(format!("step-{s}"))
+                        .display()
+                ),
+                None => "no checkpoint was written".to_string(),
+            };
+            return Err(Error::msg(format!(
+                "step {step}: {what} (lr {lr:.3e}); training stopped without saving, {kept} (lower train.lr or check the data)"
+            )));
+        }
+        if n_loss > 0 {
+            opt.step(&grads, lr)?;
+        }
+        let tokens: usize = batches.iter().map(|b| b.n_tokens).sum();
+        let dt = t0.elapsed().as_secs_f64();
+        session_time += dt;
+        session_tokens += tokens as u64;
+        state.step = step;
+        state.train_tokens += tokens as u64;
+        state.loss_tokens += n_loss as u64;
+        state.train_time_s += dt;
+        state.last_train_loss = Some(loss);
+        state.data_cursor = batcher.cursor();
+        state.epoch = state.data_cursor.epoch as f64 + state.data_cursor.index as f64 / bpe as f64;
+        let tps = session_tokens as f64 / session_time.max(1e-9);
+        metrics.write(&json!({
+            "type": "train", "step": step, "loss": loss, "lr": lr, "grad_norm": norm,
+            "tokens": tokens, "loss_tokens": n_loss, "tokens_per_s": tokens as f64 / dt.max(1e-9),
+            "epoch": state.epoch, "elapsed_s": wall.elapsed().as_secs_f64(),
+        }))?;
+        progress.step(&StepLine {
+            step,
+            loss,
+            lr,
+            tokens_per_s: tps,
+        });
+        if t.eval_every.is_some_and(|e| step.is_multiple_of(e)) {
+            run_eval(&mut state, &mut metrics, &progress)?;
+            last_eval = Some(step);
+            if let Some(p) = t.early_stopping_patience {
+                if state.evals_since_best >= p {
+                    progress.println(&format!(
+                        "early stopping: no better val loss in {p} evaluations (best {:.4} at step {})",
+                        state.best_val_loss.unwrap_or(f64::NAN),
+                        state.best_step.unwrap_or(0)
+                    ));
+                    stop_reason = StopReason::EarlyStopping;
+                }
+            }
+        }
+        let stopping = stop_reason != StopReason::MaxSteps
+            || t.stop_after.is_some_and(|s| step >= s)
+            || step == max_steps;
+        if t.save_every.is_some_and(|e| step.is_multiple_of(e)) || stopping {
+            save(&state, &opt)?;
+            last_saved = Some(step);
+        }
+        if stop_reason != StopReason::MaxSteps {
+            break;
+        }
+    }
+    if t.stop_after.is_some_and(|s| state.step >= s) && state.step < max_steps {
+        stop_reason = StopReason::StopAfter;
+    }
+    progress.finish();
+
+    // ---- The end ---------------------------------------------------------------------------
+    let finished = stop_reason != StopReason::StopAfter;
+    if finished && last_eval != Some(state.step) {
+        run_eval(&mut state, &mut metrics, &progress)?;
+    }
+    if last_saved != Some(state.step) {
+        save(&state, &opt)?;
+    }
+    let (train_curve, val_curve) = metrics.curves();
+    report::plot_loss(&out.join(report::PLOT_FILE), &train_curve, &val_curve)?;
+    let adapter_dir = if finished {
+        let dir = out.join(ADAPTER_DIR);
+        tuner.save(&llama, &dir)?;
+        Some(dir)
+    } else {
+        None
+    };
+    let summary = Summary {
+        method: tuner.method().to_string(),
+        steps: state.step,
+        max_steps,
+        epochs: state.epoch,
+        train_tokens: state.train_tokens,
+        loss_tokens: state.loss_tokens,
+        train_tokens_per_s: if session_time > 0.0 {
+            session_tokens as f64 / session_time
+        } else {
+            0.0
+        },
+        train_time_s: state.train_time_s,
+        peak_rss_bytes: report::peak_rss_bytes(),
+        final_train_loss: state.last_train_loss,
+        initial_val_loss: state.initial_val_loss,
+        final_val_loss: state.last_val_loss,
+        final_val_perplexity: state.last_val_loss.map(f64::exp),
+        best_val_loss: state.best_val_loss,
+        best_step: state.best_step,
+        wall_s: wall.elapsed().as_secs_f64(),
+        stop_reason,
+        resumed_from_step,
+        trainable_params: tuner.param_count().trainable,
+        all_params: tuner.param_count().all,
+        adapter_dir,
+    };
+    let text = serde_json::to_string_pretty(&summary).expect("the summary always serializes");
+    model::convert::write_atomic(&out.join(SUMMARY_FILE), text.as_bytes())?;
+    Ok(summary)
+}

@@ -1,0 +1,537 @@
+//! The training recipe end to end on a tiny model (tests/fixtures/models, 2 layers, vocab 256)
+//! with a small word-level tokenizer: gradient accumulation equals one big batch, an
+//! interrupted and resumed run ends bit for bit where an uninterrupted one does, a NaN loss
+//! stops the run and keeps the last good checkpoint, the loss goes down on a task the model can
+//! overfit, early stopping, and what a run leaves behind (summary.json, metrics, plot, adapter).
+use candle_core::{Device, Tensor};
+use ferrotune::data::{self, BatchConfig, Batcher, Example, IGNORE};
+use ferrotune::model::{self, LoadOptions};
+use ferrotune::peft;
+use ferrotune::train::{self, checkpoint, LoadedConfig, ProgressMode, RunOptions, StopReason};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+
+const WORDS: &[&str] = &[
+    "<unk>", "<s>", "</s>", "<pad>", "=", "say", "rev", "red", "green", "blue", "cat", "dog",
+    "sun", "moon", "tree", "rock", "fish", "bird", "one", "two", "three", "four", "five", "six",
+];
+
+fn repo() -> PathBuf {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    p.canonicalize().unwrap_or(p)
+}
+
+/// A fresh folder for one test.
+fn tmp(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("ferrotune-train-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// Copy of the tiny GQA fixture with a word-level tokenizer over `WORDS`.
+fn tiny_model(dir: &Path) -> PathBuf {
+    let d = dir.join("model");
+    std::fs::create_dir_all(&d).unwrap();
+    let src = repo().join("tests/fixtures/models/tiny-llama-gqa-untied");
+    for f in ["config.json", "model.safetensors", "generation_config.json"] {
+        std::fs::copy(src.join(f), d.join(f)).unwrap();
+    }
+    let vocab: serde_json::Map<String, Value> = WORDS
+        .iter()
+        .enumerate()
+        .map(|(i, w)| (w.to_string(), (i as u64).into()))
+        .collect();
+    let special = |id: usize| {
+        serde_json::json!({"id": id, "content": WORDS[id], "single_word": false, "lstrip": false,
+            "rstrip": false, "normalized": false, "special": true})
+    };
+    let tok = serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null,
+        "added_tokens": [special(1), special(2), special(3)],
+        "normalizer": null, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null,
+        "decoder": null,
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"}
+    });
+    std::fs::write(d.join("tokenizer.json"), tok.to_string()).unwrap();
+    std::fs::write(
+        d.join("tokenizer_config.json"),
+        serde_json::json!({"eos_token": "</s>", "bos_token": "<s>", "pad_token": "<pad>",
+            "add_bos_token": true})
+        .to_string(),
+    )
+    .unwrap();
+    d
+}
+
+/// `n` rows of "say a b c =" -> " c b a" (reverse the words), of varying length.
+fn reverse_rows(n: usize, seed: u64) -> String {
+    let content = &WORDS[7..];
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut out = String::new();
+    for _ in 0..n {
+        let k = rng.random_range(1..=6);
+        let ws: Vec<&str> = (0..k)
+            .map(|_| content[rng.random_range(0..content.len())])
+            .collect();
+        let rev: Vec<&str> = ws.iter().rev().copied().collect();
+        out.push_str(
+            &serde_json::json!({"q": format!("rev {}", ws.join(" ")), "a": rev.join(" ")})
+                .to_string(),
+        );
+        out.push('\n');
+    }
+    out
+}
+
+/// A run folder: model, train.jsonl / dev.jsonl, and a config with `extra` appended to
+/// [train] (and `lora_extra` to [lora]).
+struct Setup {
+    dir: PathBuf,
+    config: PathBuf,
+}
+
+fn setup(
+    tag: &str,
+    train_rows: &str,
+    dev_rows: &str,
+    train_extra: &str,
+    lora_extra: &str,
+) -> Setup {
+    let dir = tmp(tag);
+    tiny_model(&dir);
+    std::fs::write(dir.join("train.jsonl"), train_rows).unwrap();
+    std::fs::write(dir.join("dev.jsonl"), dev_rows).unwrap();
+    let text = format!(
+        r#"model = "model"
+method = "lora"
+output_dir = "out"
+[data]
+train = "train.jsonl"
+validation = "dev.jsonl"
+template = "{{q}} ="
+completion = " {{a}}"
+[lora]
+r = 4
+alpha = 8
+targets = "all-linear"
+{lora_extra}
+[train]
+batch_size = 2
+max_seq_len = 32
+log_every = 1000
+{train_extra}
+"#
+    );
+    let config = dir.join("run.toml");
+    std::fs::write(&config, text).unwrap();
+    Setup { dir, config }
+}
+
+fn load(s: &Setup, set: &[&str]) -> LoadedConfig {
+    let set: Vec<String> = set.iter().map(|x| x.to_string()).collect();
+    train::load_config(&s.config, &set).unwrap()
+}
+
+fn quiet(resume: bool) -> RunOptions {
+    RunOptions {
+        resume,
+        progress: ProgressMode::Quiet,
+    }
+}
+
+fn metrics(out: &Path) -> Vec<Value> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn train_losses(out: &Path) -> Vec<(u64, f64)> {
+    metrics(out)
+        .iter()
+        .filter(|v| v["type"] == "train")
+        .map(|v| (v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap()))
+        .collect()
+}
+
+#[test]
+fn grad_accum_equals_one_k_times_larger_batch() {
+    let s = setup("accum", &reverse_rows(4, 1), &reverse_rows(2, 2), "", "");
+    let c = load(&s, &[]);
+    let lm = model::load(&c.config.model, &LoadOptions::default(), &Device::Cpu).unwrap();
+    let mut llama = lm.model;
+    let tuner = train::Tuner::attach(&c.config, &mut llama, "tiny").unwrap();
+    let params = tuner.trainable(&llama);
+    // B starts at zero, which would make every gradient of A zero: give all LoRA weights values.
+    let mut rng = StdRng::seed_from_u64(3);
+    for (_, v) in &params {
+        let vals: Vec<f32> = (0..v.elem_count())
+            .map(|_| rng.random_range(-0.3..0.3))
+            .collect();
+        v.set(&Tensor::from_vec(vals, v.shape(), &Device::Cpu).unwrap())
+            .unwrap();
+    }
+    let prepared = train::prepare_data(&c, &lm.tokenizer, None).unwrap();
+    let exs: Vec<Example> = prepared.train.clone();
+    let lens: Vec<usize> = exs.iter().map(|e| e.n_trained()).collect();
+    assert!(
+        lens.windows(2).any(|w| w[0] != w[1]),
+        "examples must differ in loss tokens for the test to mean anything: {lens:?}"
+    );
+    let mut bc = BatchConfig::new(4, 32, data::pad_id(&lm.tokenizer));
+    bc.shuffle = false;
+    let b = Batcher::new(exs, bc, Device::Cpu).unwrap();
+    let big = b.build(&[vec![0], vec![1], vec![2], vec![3]]).unwrap();
+    // Two micro-batches of two examples with different numbers of loss tokens.
+    let n = |i: usize| b.examples()[i].n_trained();
+    let (p, q) = [([0, 1], [2, 3]), ([0, 2], [1, 3]), ([0, 3], [1, 2])]
+        .into_iter()
+        .find(|(p, q)| n(p[0]) + n(p[1]) != n(q[0]) + n(q[1]))
+        .expect("a split with unequal loss tokens");
+    let micro = [
+        b.build(&[vec![p[0]], vec![p[1]]]).unwrap(),
+        b.build(&[vec![q[0]], vec![q[1]]]).unwrap(),
+    ];
+    let one = train::accumulate_gradients(&llama, &params, std::slice::from_ref(&big)).unwrap();
+    let acc = train::accumulate_gradients(&llama, &params, &micro).unwrap();
+    assert_eq!(one.loss_tokens, acc.loss_tokens);
+    assert!(
+        (one.loss - acc.loss).abs() < 1e-5 * one.loss.abs(),
+        "{} vs {}",
+        one.loss,
+        acc.loss
+    );
+    let mut max_rel = 0.0f64;
+    for (g1, g2) in one.grads.iter().zip(&acc.grads) {
+        let d = (g1 - g2).unwrap().abs().unwrap().max_all().unwrap();
+        let scale = g1.abs().unwrap().max_all().unwrap();
+        let (d, scale) = (
+            d.to_scalar::<f32>().unwrap() as f64,
+            scale.to_scalar::<f32>().unwrap() as f64,
+        );
+        assert!(scale > 0.0, "a gradient is all zero");
+        max_rel = max_rel.max(d / scale);
+    }
+    assert!(max_rel < 1e-4, "accumulated gradients differ by {max_rel}");
+    // Averaging each micro-batch on its own (the common bug) weights the tokens of the smaller
+    // micro-batch more: its gradient is far from the reference, so this test would catch it.
+    assert_ne!(micro[0].n_loss_tokens, micro[1].n_loss_tokens);
+    let per_batch: Vec<train::StepGrads> = micro
+        .iter()
+        .map(|m| train::accumulate_gradients(&llama, &params, std::slice::from_ref(m)).unwrap())
+        .collect();
+    let mut naive_rel = 0.0f64;
+    for (i, g1) in one.grads.iter().enumerate() {
+        let naive = ((&per_batch[0].grads[i] + &per_batch[1].grads[i]).unwrap() * 0.5).unwrap();
+        let d = (g1 - naive).unwrap().abs().unwrap().max_all().unwrap();
+        let scale = g1.abs().unwrap().max_all().unwrap();
+        naive_rel = naive_rel
+            .max(d.to_scalar::<f32>().unwrap() as f64 / scale.to_scalar::<f32>().unwrap() as f64);
+    }
+    assert!(
+        naive_rel > 1e-2,
+        "per-micro-batch averaging differs by only {naive_rel}"
+    );
+}
+
+#[test]
+fn loss_positions_skip_padding_and_prompt() {
+    // The batch's first label is always ignored and padding carries IGNORE: the loss counts
+    // exactly n_loss_tokens positions.
+    let s = setup(
+        "positions",
+        &reverse_rows(3, 5),
+        &reverse_rows(1, 6),
+        "",
+        "",
+    );
+    let c = load(&s, &[]);
+    let tok = train::load_tokenizer(&c.config.model).unwrap();
+    let prepared = train::prepare_data(&c, &tok, None).unwrap();
+    let bc = BatchConfig::new(3, 32, data::pad_id(&tok));
+    let mut b = Batcher::new(prepared.train, bc, Device::Cpu).unwrap();
+    let batch = b.next_batch().unwrap();
+    let (rows, targets) = train::loss::loss_positions(&batch.labels).unwrap();
+    assert_eq!(rows.len(), batch.n_loss_tokens);
+    let labels: Vec<Vec<i64>> = batch.labels.to_vec2().unwrap();
+    let t = labels[0].len();
+    for (r, tg) in rows.iter().zip(&targets) {
+        let (i, j) = (*r as usize / t, *r as usize % t);
+        assert_eq!(labels[i][j + 1], *tg as i64);
+        assert_ne!(labels[i][j + 1], IGNORE);
+    }
+}
+
+#[test]
+fn resumed_run_equals_uninterrupted_run_bit_for_bit() {
+    // Dropout on, gradient accumulation, several epochs (the data cursor wraps), evaluations
+    // and checkpoints: everything a resume has to restore.
+    let extra = "lr = 5e-3\ngrad_accum = 2\nmax_steps = 8\nsave_every = 2\neval_every = 3\neval_batches = 1\nwarmup_steps = 2\nweight_decay = 0.01\nseed = 7";
+    let s = setup(
+        "resume",
+        &reverse_rows(10, 11),
+        &reverse_rows(4, 12),
+        extra,
+        "dropout = 0.1",
+    );
+    let set_a = format!("output_dir={}", s.dir.join("a").display());
+    let straight = load(&s, &[set_a.as_str()]);
+    let sa = train::run(&straight, &quiet(false)).unwrap();
+    assert_eq!(sa.steps, 8);
+    assert!(sa.epochs > 2.0, "the run must cross epochs: {}", sa.epochs);
+
+    let out_b = s.dir.join("b");
+    let set_b = format!("output_dir={}", out_b.display());
+    let first = load(&s, &[set_b.as_str(), "train.stop_after=3"]);
+    let s1 = train::run(&first, &quiet(false)).unwrap();
+    assert_eq!(s1.stop_reason, StopReason::StopAfter);
+    assert_eq!(s1.steps, 3);
+    assert!(s1.adapter_dir.is_none() && !out_b.join("adapter").exists());
+    assert_eq!(checkpoint::latest(&out_b).unwrap().unwrap().0, 3);
+    // What a kill during the next steps leaves: a half-written checkpoint folder and metrics
+    // lines of steps that the checkpoint does not include.
+    std::fs::create_dir_all(out_b.join("checkpoints/.tmp-step-4")).unwrap();
+    std::fs::write(out_b.join("checkpoints/.tmp-step-4/junk"), "x").unwrap();
+    let mut m = std::fs::read_to_string(out_b.join("metrics.jsonl")).unwrap();
+    m.push_str("{\"type\":\"train\",\"step\":4,\"loss\":99.0}\n");
+    std::fs::write(out_b.join("metrics.jsonl"), m).unwrap();
+
+    // Starting again without --resume refuses to overwrite the run.
+    let e = train::run(&load(&s, &[set_b.as_str()]), &quiet(false))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("--resume"), "{e}");
+    // Resuming with other batch settings is refused.
+    let e = train::run(
+        &load(&s, &[set_b.as_str(), "train.batch_size=3"]),
+        &quiet(true),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("cannot resume"), "{e}");
+
+    let s2 = train::run(&load(&s, &[set_b.as_str()]), &quiet(true)).unwrap();
+    assert_eq!(s2.resumed_from_step, Some(3));
+    assert_eq!(s2.steps, 8);
+    assert!(!out_b.join("checkpoints/.tmp-step-4").exists());
+
+    let a = std::fs::read(s.dir.join("a/adapter/adapter_model.safetensors")).unwrap();
+    let b = std::fs::read(out_b.join("adapter/adapter_model.safetensors")).unwrap();
+    assert!(
+        a == b,
+        "the resumed adapter differs from the uninterrupted one"
+    );
+    let opt_a = std::fs::read(s.dir.join("a/checkpoints/step-8/optimizer.safetensors")).unwrap();
+    let opt_b = std::fs::read(out_b.join("checkpoints/step-8/optimizer.safetensors")).unwrap();
+    assert!(opt_a == opt_b, "optimizer state differs");
+    // The logged losses match step for step, and the stale step-4 line is gone.
+    assert_eq!(train_losses(&s.dir.join("a")), train_losses(&out_b));
+    assert_eq!(sa.final_val_loss, s2.final_val_loss);
+    assert_eq!(sa.train_tokens, s2.train_tokens);
+}
+
+#[test]
+fn nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint() {
+    let extra =
+        "max_steps = 6\nsave_every = 1\nlr = 1e30\nlr_schedule = \"constant\"\nmax_grad_norm = 0";
+    let s = setup("nan", &reverse_rows(8, 3), &reverse_rows(2, 4), extra, "");
+    let c = load(&s, &[]);
+    let e = train::run(&c, &quiet(false)).unwrap_err().to_string();
+    assert!(!e.contains('\n'), "{e}");
+    assert!(
+        e.contains("training loss is NaN")
+            || e.contains("training loss is inf")
+            || e.contains("gradient norm is"),
+        "{e}"
+    );
+    let out = s.dir.join("out");
+    let (step, dir) = checkpoint::latest(&out)
+        .unwrap()
+        .expect("a checkpoint before the NaN");
+    assert!(e.contains(&format!("step {}:", step + 1)), "{e}");
+    assert!(e.contains(&format!("step-{step}")), "{e}");
+    assert!(
+        !out.join("adapter").exists(),
+        "no final adapter after a failed run"
+    );
+    // The kept checkpoint is complete: its adapter loads.
+    let mut m = model::load(
+        s.dir.join("model").to_str().unwrap(),
+        &LoadOptions::default(),
+        &Device::Cpu,
+    )
+    .unwrap();
+    peft::load_adapter(&mut m.model, &dir, "kept").unwrap();
+}
+
+#[test]
+fn loss_decreases_on_a_task_the_model_can_overfit() {
+    let rows = reverse_rows(6, 21);
+    // Validation on the same rows: the model memorises them.
+    let extra = "max_steps = 40\nlr = 1e-2\neval_every = 20\neval_batches = 0\nwarmup_steps = 4";
+    let s = setup("overfit", &rows, &rows, extra, "");
+    let summary = train::run(&load(&s, &[]), &quiet(false)).unwrap();
+    let first = summary.initial_val_loss.unwrap();
+    let last = summary.final_val_loss.unwrap();
+    assert!(last < 0.3 * first, "val loss {first} -> {last}");
+    let losses = train_losses(&s.dir.join("out"));
+    let head: f64 = losses[..5].iter().map(|x| x.1).sum::<f64>() / 5.0;
+    let tail: f64 = losses[35..].iter().map(|x| x.1).sum::<f64>() / 5.0;
+    assert!(tail < 0.3 * head, "train loss {head} -> {tail}");
+}
+
+#[test]
+fn run_outputs_summary_metrics_plot_and_a_loadable_adapter() {
+    // 10 examples in batches of 2: 5 batches per epoch; 10 steps are exactly 2 epochs, so every
+    // token of the split is processed twice.
+    let extra = "lr = 5e-3\nmax_steps = 10\neval_every = 5\nsave_every = 4\nkeep_checkpoints = 2";
+    let s = setup(
+        "outputs",
+        &reverse_rows(10, 31),
+        &reverse_rows(3, 32),
+        extra,
+        "",
+    );
+    let c = load(&s, &[]);
+    let summary = train::run(&c, &quiet(false)).unwrap();
+    let out = s.dir.join("out");
+    let v: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    for k in [
+        "steps",
+        "train_tokens",
+        "train_tokens_per_s",
+        "peak_rss_bytes",
+        "final_train_loss",
+        "final_val_loss",
+        "wall_s",
+    ] {
+        assert!(
+            v.get(k).is_some_and(|x| !x.is_null()),
+            "summary.json lacks {k}: {v}"
+        );
+    }
+    assert_eq!(v["steps"], 10);
+    let tok = train::load_tokenizer(&c.config.model).unwrap();
+    let prepared = train::prepare_data(&c, &tok, None).unwrap();
+    let split_tokens: usize = prepared.train.iter().map(Example::len).sum();
+    assert_eq!(v["train_tokens"].as_u64().unwrap(), 2 * split_tokens as u64);
+    let trained: usize = prepared.train.iter().map(|e| e.n_trained()).sum();
+    // Each example's first label is never predicted (nothing precedes it).
+    assert!(v["loss_tokens"].as_u64().unwrap() <= 2 * trained as u64);
+    assert!(v["peak_rss_bytes"].as_u64().unwrap() > 1 << 20);
+    assert!(v["train_tokens_per_s"].as_f64().unwrap() > 0.0);
+    assert!(v["wall_s"].as_f64().unwrap() > 0.0);
+    assert_eq!(v["epochs"].as_f64().unwrap(), 2.0);
+    assert!((summary.epochs - 2.0).abs() < 1e-12);
+
+    let m = metrics(&out);
+    let steps: Vec<u64> = m
+        .iter()
+        .filter(|x| x["type"] == "train")
+        .map(|x| x["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(steps, (1..=10).collect::<Vec<_>>());
+    let evals: Vec<u64> = m
+        .iter()
+        .filter(|x| x["type"] == "eval")
+        .map(|x| x["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(evals, vec![0, 5, 10]);
+    let png = std::fs::read(out.join("loss.png")).unwrap();
+    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+    let kept: Vec<usize> = checkpoint::list(&out)
+        .unwrap()
+        .into_iter()
+        .map(|x| x.0)
+        .collect();
+    assert_eq!(kept, vec![8, 10]);
+    assert!(out.join("config.toml").exists());
+
+    // The adapter is a PEFT folder that reproduces the trained model's outputs.
+    let mut fresh = model::load(&c.config.model, &LoadOptions::default(), &Device::Cpu).unwrap();
+    let a = peft::load_adapter(&mut fresh.model, &out.join("adapter"), "t").unwrap();
+    assert_eq!(
+        a.modules.len(),
+        14,
+        "all-linear on 2 layers: 7 linears each"
+    );
+    let ids = Tensor::new(&[[1u32, 6, 7, 8, 4]], &Device::Cpu).unwrap();
+    let base = model::load(&c.config.model, &LoadOptions::default(), &Device::Cpu).unwrap();
+    let d = (fresh.model.forward(&ids, None).unwrap() - base.model.forward(&ids, None).unwrap())
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(d > 1e-4, "the trained adapter changes nothing");
+    // The final checkpoint holds the same adapter.
+    assert_eq!(
+        std::fs::read(out.join("adapter/adapter_model.safetensors")).unwrap(),
+        std::fs::read(out.join("checkpoints/step-10/adapter_model.safetensors")).unwrap()
+    );
+}
+
+#[test]
+fn early_stopping_when_validation_gets_worse() {
+    // Train teaches "say X =" -> " one"; validation wants " two" for the same prompts, so its
+    // loss rises while training goes on.
+    let mut train_rows = String::new();
+    let mut dev_rows = String::new();
+    for w in ["red", "green", "blue", "cat"] {
+        train_rows.push_str(&format!("{{\"q\": \"say {w}\", \"a\": \"one\"}}\n"));
+        dev_rows.push_str(&format!("{{\"q\": \"say {w}\", \"a\": \"two\"}}\n"));
+    }
+    let extra = "max_steps = 50\nlr = 1e-2\neval_every = 1\nearly_stopping_patience = 2\nlr_schedule = \"constant\"";
+    let s = setup("early", &train_rows, &dev_rows, extra, "");
+    let summary = train::run(&load(&s, &[]), &quiet(false)).unwrap();
+    assert_eq!(summary.stop_reason, StopReason::EarlyStopping);
+    assert!(summary.steps < 50, "{}", summary.steps);
+    assert_eq!(summary.steps, summary.best_step.unwrap() + 2);
+    assert!(s.dir.join("out/adapter/adapter_model.safetensors").exists());
+}
+
+#[test]
+fn config_errors_name_the_file_and_key() {
+    let s = setup(
+        "cfg",
+        &reverse_rows(2, 1),
+        &reverse_rows(1, 1),
+        "lr_schedul = \"cosine\"",
+        "",
+    );
+    let e = train::load_config(&s.config, &[]).unwrap_err().to_string();
+    assert!(!e.contains('\n'), "{e}");
+    assert!(
+        e.contains("run.toml") && e.contains("unknown key `lr_schedul`"),
+        "{e}"
+    );
+    assert!(e.contains("[train]"), "{e}");
+    std::fs::write(&s.config, "model = \"x\"\n[data\n").unwrap();
+    let e = train::load_config(&s.config, &[]).unwrap_err().to_string();
+    assert!(e.contains("run.toml: line 2") && !e.contains('\n'), "{e}");
+    std::fs::write(&s.config, "model = \"x\"\n[data]\ntrain = \"t.jsonl\"\n").unwrap();
+    let e = train::load_config(&s.config, &[]).unwrap_err().to_string();
+    assert!(e.contains("missing key `output_dir`"), "{e}");
+    let e = train::load_config(&s.dir.join("nope.toml"), &[])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("nope.toml"), "{e}");
+    // A data file that does not exist is named when the run starts.
+    let s = setup(
+        "cfg2",
+        &reverse_rows(2, 1),
+        &reverse_rows(1, 1),
+        "max_steps = 1",
+        "",
+    );
+    let c = load(&s, &["data.train=/nonexistent/train.jsonl"]);
+    let e = train::run(&c, &quiet(false)).unwrap_err().to_string();
+    assert!(e.contains("/nonexistent/train.jsonl"), "{e}");
+}
