@@ -7,6 +7,8 @@
 //! cargo run --release --example quant_bench -- decode [GGUF]   # every matvec of one token
 //! ```
 //!
+//! * `decode`, `one`, `one-batch` and `batch` time both activation precisions (16-bit, the
+//!   default, and 8-bit); the `matvec` table uses the one `FERROTUNE_ACT_BITS` selects.
 //! * "hot": the same matrix every call (it stays in cache). "cold": calls rotate over copies
 //!   totalling more than 150 MB, so weights come from DRAM, as in decode, where a token touches
 //!   every weight of the model once.
@@ -18,7 +20,7 @@
 //!   least moved by their bursts.
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
-use ferrotune::quant::{Isa, QuantWeight};
+use ferrotune::quant::{activation_precision, ActPrecision, Isa, QuantWeight};
 use std::time::{Duration, Instant};
 
 const SHAPES: [(usize, usize, &str); 5] = [
@@ -31,6 +33,8 @@ const SHAPES: [(usize, usize, &str); 5] = [
 
 /// Bytes of weight copies the "cold" measurements rotate over (several times any L3).
 const COLD_BYTES: usize = 150_000_000;
+
+const PRECS: [ActPrecision; 2] = [ActPrecision::I16, ActPrecision::I8];
 
 /// Best seconds per call of `f`, over `batches` batches each lasting about `per_batch`.
 fn time(mut f: impl FnMut(), per_batch: Duration, batches: usize) -> f64 {
@@ -155,20 +159,27 @@ fn decode(path: &str, per_batch: Duration, batches: usize) {
         ours.len(),
         bytes as f64 / 1e6
     );
-    println!("| ours 1T | ours 2T | candle QMatMul |");
-    println!("|---|---|---|");
-    let mut run = |threads: usize| {
+    println!("| ours I16 1T | ours I16 2T | ours I8 1T | ours I8 2T | candle QMatMul |");
+    println!("|---|---|---|---|---|");
+    let mut run = |prec: ActPrecision, threads: usize| {
         time(
             || {
                 for ((w, x), y) in ours.iter().zip(&xs).zip(ys.iter_mut()) {
-                    w.matvec_with(Isa::best(), threads, x, y);
+                    w.matvec_with(Isa::best(), prec, threads, x, y);
                 }
             },
             per_batch,
             batches,
         )
     };
-    let (t1, t2) = (run(1), run(2));
+    // interleaved, so a burst of load from other jobs hits both precisions alike
+    let (mut t16, mut t8) = ([f64::INFINITY; 2], [f64::INFINITY; 2]);
+    for _ in 0..2 {
+        for (i, threads) in [1, 2].into_iter().enumerate() {
+            t16[i] = t16[i].min(run(ActPrecision::I16, threads));
+            t8[i] = t8[i].min(run(ActPrecision::I8, threads));
+        }
+    }
     let tc = time(
         || {
             for (w, x) in candle.iter().zip(&xts) {
@@ -178,7 +189,14 @@ fn decode(path: &str, per_batch: Duration, batches: usize) {
         per_batch,
         batches,
     );
-    println!("| {:.2} | {:.2} | {:.2} |", t1 * 1e3, t2 * 1e3, tc * 1e3);
+    println!(
+        "| {:.2} | {:.2} | {:.2} | {:.2} | {:.2} |",
+        t16[0] * 1e3,
+        t16[1] * 1e3,
+        t8[0] * 1e3,
+        t8[1] * 1e3,
+        tc * 1e3
+    );
 }
 
 /// Fork/join cost: 2 items of no work (the caller's fixed cost), and 2 items of 2 us of busy
@@ -246,27 +264,29 @@ fn one(dtype: GgmlDType, n: usize, k: usize, threads: usize, per_batch: Duration
         deq * 1e9 / (n * k) as f64
     );
     for _ in 0..3 {
-        let hot = time(
-            || w.matvec_with(Isa::best(), threads, &x, &mut y),
-            per_batch,
-            batches,
-        );
-        let mut i = 0;
-        let cold = time(
-            || {
-                i = (i + 1) % copies;
-                all[i].matvec_with(Isa::best(), threads, &x, &mut y)
-            },
-            per_batch,
-            batches,
-        );
-        println!(
-            "{dtype:?} {n}x{k} {threads}T: hot {:.1} us {:.1} GB/s | cold {:.1} us {:.1} GB/s",
-            hot * 1e6,
-            gb / hot,
-            cold * 1e6,
-            gb / cold
-        );
+        for prec in PRECS {
+            let hot = time(
+                || w.matvec_with(Isa::best(), prec, threads, &x, &mut y),
+                per_batch,
+                batches,
+            );
+            let mut i = 0;
+            let cold = time(
+                || {
+                    i = (i + 1) % copies;
+                    all[i].matvec_with(Isa::best(), prec, threads, &x, &mut y)
+                },
+                per_batch,
+                batches,
+            );
+            println!(
+                "{dtype:?} {n}x{k} {threads}T {prec:?}: hot {:.1} us {:.1} GB/s | cold {:.1} us {:.1} GB/s",
+                hot * 1e6,
+                gb / hot,
+                cold * 1e6,
+                gb / cold
+            );
+        }
     }
 }
 
@@ -291,16 +311,18 @@ fn one_batch(
         .into_iter()
         .filter(|i| i.available())
     {
-        let t = time(
-            || w.matmul_with(isa, threads, &xv, m, &mut y),
-            per_batch,
-            batches,
-        );
-        println!(
-            "{dtype:?} ({m}x{k}) @ ({n}x{k})^T, {threads}T, {isa:?}: {:.2} ms, {:.1} GMAC/s",
-            t * 1e3,
-            gmac / t
-        );
+        for prec in PRECS {
+            let t = time(
+                || w.matmul_with(isa, prec, threads, &xv, m, &mut y),
+                per_batch,
+                batches,
+            );
+            println!(
+                "{dtype:?} ({m}x{k}) @ ({n}x{k})^T, {threads}T, {isa:?} {prec:?}: {:.2} ms, {:.1} GMAC/s",
+                t * 1e3,
+                gmac / t
+            );
+        }
     }
     let t = time(|| drop(x.matmul(&wt).unwrap()), per_batch, batches);
     println!(
@@ -325,7 +347,10 @@ fn one_batch(
 }
 
 fn matvec(per_batch: Duration, batches: usize) {
-    println!("\n## matvec (one activation row): us per call (GB/s of weight data)");
+    let prec = activation_precision();
+    println!(
+        "\n## matvec (one activation row), {prec:?} activations: us per call (GB/s of weight data)"
+    );
     println!("| dtype | shape (out x in) | MB | ours 1T hot | ours 1T cold | ours 2T hot | ours 2T cold | ours AVX2 1T hot | candle hot | candle cold |");
     println!("|---|---|---|---|---|---|---|---|---|---|");
     for dtype in [GgmlDType::Q4_1, GgmlDType::Q8_0, GgmlDType::Q4_0] {
@@ -355,13 +380,13 @@ fn matvec(per_batch: Duration, batches: usize) {
             let mut ours_at = |isa: Isa, threads: usize, cold: bool| {
                 if cold {
                     time(
-                        || next().0.matvec_with(isa, threads, &x, &mut y),
+                        || next().0.matvec_with(isa, prec, threads, &x, &mut y),
                         per_batch,
                         batches,
                     )
                 } else {
                     time(
-                        || ours.matvec_with(isa, threads, &x, &mut y),
+                        || ours.matvec_with(isa, prec, threads, &x, &mut y),
                         per_batch,
                         batches,
                     )
@@ -400,8 +425,8 @@ fn matvec(per_batch: Duration, batches: usize) {
 fn batch(per_batch: Duration, batches: usize) {
     let threads = ferrotune::quant::num_threads();
     println!("\n## batched (training / prefill): ms per call; ours on {threads} threads, candle/f32 per the env vars above");
-    println!("| dtype | shape | rows | ours fwd | ours fwd AVX2 | candle QMatMul fwd | f32 matmul fwd | ours backward_input | f32 matmul bwd (g @ W) |");
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("| dtype | shape | rows | ours fwd I16 | ours fwd I8 | ours fwd AVX2 I16 | ours fwd AVX2 I8 | candle QMatMul fwd | f32 matmul fwd | ours backward_input | f32 matmul bwd (g @ W) |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
     for dtype in [GgmlDType::Q4_1, GgmlDType::Q8_0] {
         for &(n, k, name) in &SHAPES[..4] {
             let wf = random_weight(n, k);
@@ -414,20 +439,27 @@ fn batch(per_batch: Duration, batches: usize) {
                 let xv: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
                 let mut y = vec![0f32; m * n];
                 let ms = |s: f64| format!("{:.2}", s * 1e3);
-                let mut ours_at = |isa: Isa| {
+                let mut ours_at = |isa: Isa, prec: ActPrecision| {
                     ms(time(
-                        || ours.matmul_with(isa, threads, &xv, m, &mut y),
+                        || ours.matmul_with(isa, prec, threads, &xv, m, &mut y),
                         per_batch,
                         batches,
                     ))
                 };
-                let (fwd, fwd2) = (ours_at(Isa::best()), ours_at(Isa::Avx2));
+                let (fwd, fwd8) = (
+                    ours_at(Isa::best(), ActPrecision::I16),
+                    ours_at(Isa::best(), ActPrecision::I8),
+                );
+                let (fwd2, fwd28) = (
+                    ours_at(Isa::Avx2, ActPrecision::I16),
+                    ours_at(Isa::Avx2, ActPrecision::I8),
+                );
                 let t = |f: &dyn Fn()| ms(time(f, per_batch, batches));
                 let tc = t(&|| drop(candle.forward(&x).unwrap()));
                 let tf = t(&|| drop(x.matmul(&wt).unwrap()));
                 let tb = t(&|| drop(ours.backward_input(&g).unwrap()));
                 let tfb = t(&|| drop(g.matmul(&wf).unwrap()));
-                println!("| {dtype:?} | {n}x{k} {name} | {m} | {fwd} | {fwd2} | {tc} | {tf} | {tb} | {tfb} |");
+                println!("| {dtype:?} | {n}x{k} {name} | {m} | {fwd} | {fwd8} | {fwd2} | {fwd28} | {tc} | {tf} | {tb} | {tfb} |");
             }
         }
     }

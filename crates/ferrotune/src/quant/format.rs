@@ -1,4 +1,4 @@
-//! Byte layouts of the GGML blocks we run our own kernels on, the 8-bit activation format the
+//! Byte layouts of the GGML blocks we run our own kernels on, the quantised activation formats the
 //! kernels consume, and the portable (scalar) reference kernels.
 //!
 //! Block layouts (little-endian, as in GGUF files; `QK` = 32 values per block):
@@ -47,29 +47,81 @@ pub(crate) fn f16_at(b: &[u8], off: usize) -> f32 {
     f16::from_bits(u16::from_le_bytes([b[off], b[off + 1]])).to_f32_const()
 }
 
-/// Activation rows quantized to 8 bits per value in blocks of 32: `q = round_even(x / d)` with
-/// `d = max|x| / 127`, so `q` is in -127..=127 (never -128, which the AVX2 sign trick for Q8_0
-/// weights could not negate). Per block we also keep `d * sum(q)` for the offset terms of Q4_1
-/// (`m * sum x`) and Q4_0 (`-8 d * sum x`), like GGML's Q8_1. Using the quantised sum rather
-/// than the exact one matters: then the whole dot product sees the same rounded activations and
-/// its error is `sum_j W_j (xq_j - x_j)`; with the exact sum the offset would not cancel and the
-/// error would scale with `W_j - m` (up to 15 d) instead of `W_j`.
-pub(crate) struct QAct {
+/// How finely the kernels quantise activations: per block of 32 values, `q = round_even(x / d)`
+/// with `d = max|x| / QMAX`, integers of 16 bits (`QMAX` = 32767, the default) or 8 bits
+/// (`QMAX` = 127, like GGML's Q8_0/Q8_1 and llama.cpp). Each activation moves by at most `d / 2`,
+/// so 16 bits cut the activation error 258x: enough for a quantized model to follow its f32
+/// reference (8 bits flip SmolLM2-135M's greedy answer to "What is the capital of France?").
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ActPrecision {
+    /// 16-bit activations (`vpdpwssd` / `vpmaddwd` on i16 weights): about 100x closer to the f32
+    /// matmul than `I8`; decode costs about the same (it is memory-bound), batched work more.
+    I16,
+    /// 8-bit activations (`vpdpbusd` / `vpmaddubsw`): llama.cpp's choice, fastest batched.
+    I8,
+}
+
+/// An integer type activations are quantised to (`i8` or `i16`).
+pub(crate) trait ActInt:
+    Copy + Default + Send + Sync + PartialEq + std::fmt::Debug + 'static
+{
+    const PREC: ActPrecision;
+    /// Largest magnitude of a quantised value. Symmetric, so the i8 minimum -128 never occurs
+    /// (the AVX2 sign trick for Q8_0 weights could not negate it).
+    const QMAX: f32;
+    /// `v` is already rounded and within `-QMAX..=QMAX`.
+    fn from_rounded(v: f32) -> Self;
+    fn widen(self) -> i32;
+}
+
+impl ActInt for i8 {
+    const PREC: ActPrecision = ActPrecision::I8;
+    const QMAX: f32 = 127.0;
+    #[inline(always)]
+    fn from_rounded(v: f32) -> Self {
+        v as i8
+    }
+    #[inline(always)]
+    fn widen(self) -> i32 {
+        self as i32
+    }
+}
+
+impl ActInt for i16 {
+    const PREC: ActPrecision = ActPrecision::I16;
+    const QMAX: f32 = 32767.0;
+    #[inline(always)]
+    fn from_rounded(v: f32) -> Self {
+        v as i16
+    }
+    #[inline(always)]
+    fn widen(self) -> i32 {
+        self as i32
+    }
+}
+
+/// Activation rows quantised in blocks of 32 (see [`ActPrecision`]). Per block we also keep
+/// `d * sum(q)` for the offset terms of Q4_1 (`m * sum x`) and Q4_0 (`-8 d * sum x`), like GGML's
+/// Q8_1. Using the quantised sum rather than the exact one matters: then the whole dot product
+/// sees the same rounded activations and its error is `sum_j W_j (xq_j - x_j)`; with the exact
+/// sum the offset would not cancel and the error would scale with `W_j - m` (up to 15 d) instead
+/// of `W_j`.
+pub(crate) struct QAct<T> {
     pub rows: usize,
     /// Values per row (a multiple of `QK`).
     pub k: usize,
     /// `rows * k` quantised values, row-major.
-    pub qs: Vec<i8>,
+    pub qs: Vec<T>,
     /// `rows * k / QK` pairs `[d, d * sum(q)]`, one per block, row-major. Interleaved so a kernel
     /// fetches both with one 8-byte load.
     pub ds: Vec<[f32; 2]>,
 }
 
-impl QAct {
+impl<T: ActInt> QAct<T> {
     pub(crate) fn nb(&self) -> usize {
         self.k / QK
     }
-    pub(crate) fn row_qs(&self, r: usize) -> &[i8] {
+    pub(crate) fn row_qs(&self, r: usize) -> &[T] {
         &self.qs[r * self.k..(r + 1) * self.k]
     }
     pub(crate) fn row_ds(&self, r: usize) -> &[[f32; 2]] {
@@ -80,37 +132,50 @@ impl QAct {
         QAct {
             rows,
             k,
-            qs: vec![0; rows * k],
+            qs: vec![T::default(); rows * k],
             ds: vec![[0.0; 2]; rows * k / QK],
         }
     }
 }
 
-/// The scale of one activation block. The SIMD quantisers compute it with exactly these scalar
-/// operations so every path produces bit-identical quantised activations.
+/// The scale of one activation block and its inverse. The SIMD quantisers compute it with
+/// exactly these scalar operations so every path produces bit-identical quantised activations.
+/// A block so tiny that `1 / d` overflows (max|x| below about 1e-34 for 16 bits) is stored as
+/// zeros: an infinite inverse would turn its values into NaN / saturated integers.
 #[inline(always)]
-pub(crate) fn act_scale(amax: f32) -> (f32, f32) {
-    let d = amax / 127.0;
+pub(crate) fn act_scale(amax: f32, qmax: f32) -> (f32, f32) {
+    let d = amax / qmax;
     let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-    (d, id)
+    if id.is_finite() {
+        (d, id)
+    } else {
+        (0.0, 0.0)
+    }
 }
 
 /// Portable activation quantiser for one block of 32 values.
-pub(crate) fn quantize_block_scalar(x: &[f32], q: &mut [i8]) -> [f32; 2] {
+pub(crate) fn quantize_block_scalar<T: ActInt>(x: &[f32], q: &mut [T]) -> [f32; 2] {
     let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
-    let (d, id) = act_scale(amax);
+    let (d, id) = act_scale(amax, T::QMAX);
     let mut isum = 0i32;
     for (qi, &xi) in q.iter_mut().zip(x) {
         // round-half-even, like the SIMD `cvtps2dq` under the default rounding mode
-        *qi = (xi * id).round_ties_even() as i8;
-        isum += *qi as i32;
+        *qi = T::from_rounded((xi * id).round_ties_even());
+        isum += qi.widen();
     }
+    // |isum| <= 32 * 32767 < 2^24: exact in f32
     [d, d * isum as f32]
 }
 
 /// Dot products of `out.len()` consecutive weight rows (starting at `w`) with activation row
 /// `ar` of `act`. `w` rows are `nb` blocks of `fmt` each.
-pub(crate) fn gemv_scalar(fmt: Fmt, w: &[u8], act: &QAct, ar: usize, out: &mut [f32]) {
+pub(crate) fn gemv_scalar<T: ActInt>(
+    fmt: Fmt,
+    w: &[u8],
+    act: &QAct<T>,
+    ar: usize,
+    out: &mut [f32],
+) {
     let row_bytes = act.nb() * fmt.block_bytes();
     let (aq, ads) = (act.row_qs(ar), act.row_ds(ar));
     for (i, o) in out.iter_mut().enumerate() {
@@ -119,40 +184,45 @@ pub(crate) fn gemv_scalar(fmt: Fmt, w: &[u8], act: &QAct, ar: usize, out: &mut [
 }
 
 /// One weight row (whole blocks) times one quantised activation row.
-pub(crate) fn dot_row_scalar(fmt: Fmt, row: &[u8], aq: &[i8], ads: &[[f32; 2]]) -> f32 {
+pub(crate) fn dot_row_scalar<T: ActInt>(fmt: Fmt, row: &[u8], aq: &[T], ads: &[[f32; 2]]) -> f32 {
     match fmt {
-        Fmt::Q4_0 => dot_row::<18, 2>(row, aq, ads),
-        Fmt::Q4_1 => dot_row::<20, 4>(row, aq, ads),
-        Fmt::Q8_0 => dot_row::<34, 2>(row, aq, ads),
+        Fmt::Q4_0 => dot_row::<T, 18, 2>(row, aq, ads),
+        Fmt::Q4_1 => dot_row::<T, 20, 4>(row, aq, ads),
+        Fmt::Q8_0 => dot_row::<T, 34, 2>(row, aq, ads),
     }
 }
 
-/// Monomorphised per format (block bytes `BB`, quants at byte `OFF`) with fixed-size array views,
-/// so the compiler sees constant trip counts without bounds checks and vectorises the integer
-/// dot products (this is the path on targets without our SIMD kernels, e.g. aarch64 NEON).
+/// Monomorphised per activation type and format (block bytes `BB`, quants at byte `OFF`) with
+/// fixed-size array views, so the compiler sees constant trip counts without bounds checks and
+/// vectorises the integer dot products (this is the path on targets without our SIMD kernels,
+/// e.g. aarch64 NEON). Integer sums are i32: a block's products are at most 32 x 128 x 32767
+/// in magnitude (< 2^28), so they cannot overflow.
 #[inline(always)]
-fn dot_row<const BB: usize, const OFF: usize>(row: &[u8], aq: &[i8], ads: &[[f32; 2]]) -> f32 {
+fn dot_row<T: ActInt, const BB: usize, const OFF: usize>(
+    row: &[u8],
+    aq: &[T],
+    ads: &[[f32; 2]],
+) -> f32 {
     let mut acc = 0f32;
-    for ((blk, q8), &[d8, s8]) in row.chunks_exact(BB).zip(aq.chunks_exact(QK)).zip(ads) {
-        let q8: &[i8; QK] = q8.try_into().expect("32-value block");
+    for ((blk, qx), &[dx, sx]) in row.chunks_exact(BB).zip(aq.chunks_exact(QK)).zip(ads) {
+        let qx: &[T; QK] = qx.try_into().expect("32-value block");
         let d = f16_at(blk, 0);
         acc += if BB == 34 {
             let w: &[u8; QK] = blk[2..2 + QK].try_into().expect("Q8_0 block");
             let mut isum = 0i32;
             for j in 0..QK {
-                isum += w[j] as i8 as i32 * q8[j] as i32;
+                isum += w[j] as i8 as i32 * qx[j].widen();
             }
-            d * d8 * isum as f32
+            d * dx * isum as f32
         } else {
             let qs: &[u8; 16] = blk[OFF..OFF + 16].try_into().expect("Q4 block");
-            // nibble x i8 products are at most 15 x 127, so 16 of them fit an i16 sum
-            let (mut lo, mut hi) = (0i16, 0i16);
+            let mut isum = 0i32;
             for j in 0..16 {
-                lo += (qs[j] & 0x0F) as i16 * q8[j] as i16;
-                hi += (qs[j] >> 4) as i16 * q8[j + 16] as i16;
+                isum += (qs[j] & 0x0F) as i32 * qx[j].widen();
+                isum += (qs[j] >> 4) as i32 * qx[j + 16].widen();
             }
             let m = if BB == 20 { f16_at(blk, 2) } else { -8.0 * d };
-            d * d8 * (lo as i32 + hi as i32) as f32 + m * s8
+            d * dx * isum as f32 + m * sx
         };
     }
     acc
@@ -192,11 +262,11 @@ pub(crate) fn dequant_blocks(fmt: Fmt, bytes: &[u8], out: &mut [f32]) {
 ///
 /// # Safety
 /// `out` must be valid for writes at `r * ldo + c` for `r < act.rows`, `c < n_w`.
-pub(crate) unsafe fn gemm_scalar(
+pub(crate) unsafe fn gemm_scalar<T: ActInt>(
     fmt: Fmt,
     w: &[u8],
     n_w: usize,
-    act: &QAct,
+    act: &QAct<T>,
     out: *mut f32,
     ldo: usize,
 ) {

@@ -1,6 +1,6 @@
 //! Kernel dispatch: picks the instruction set once at run time and offers safe, slice-based
 //! entry points (single-threaded; `mod.rs` splits the work across threads).
-use super::format::{self, Fmt, QAct, QK};
+use super::format::{self, ActInt, ActPrecision, Fmt, QAct, QK};
 use std::sync::OnceLock;
 
 /// The instruction-set level a kernel runs with.
@@ -48,7 +48,7 @@ impl Isa {
 
 /// Quantise `rows` activation rows of `k` values each (`k` a multiple of 32).
 #[cfg(test)]
-pub(crate) fn quantize_act(isa: Isa, x: &[f32], rows: usize, k: usize) -> QAct {
+pub(crate) fn quantize_act<T: ActInt>(isa: Isa, x: &[f32], rows: usize, k: usize) -> QAct<T> {
     assert_eq!(x.len(), rows * k);
     let mut act = QAct::zeros(rows, k);
     quantize_into(isa, x, &mut act.qs, &mut act.ds);
@@ -56,7 +56,7 @@ pub(crate) fn quantize_act(isa: Isa, x: &[f32], rows: usize, k: usize) -> QAct {
 }
 
 /// Quantise whole blocks of `x` into `q` / `ds` (used per row range by the threaded callers).
-pub(crate) fn quantize_into(isa: Isa, x: &[f32], q: &mut [i8], ds: &mut [[f32; 2]]) {
+pub(crate) fn quantize_into<T: ActInt>(isa: Isa, x: &[f32], q: &mut [T], ds: &mut [[f32; 2]]) {
     assert!(x.len().is_multiple_of(QK) && q.len() == x.len() && ds.len() * QK == x.len());
     assert!(
         isa.available(),
@@ -64,10 +64,18 @@ pub(crate) fn quantize_into(isa: Isa, x: &[f32], q: &mut [i8], ds: &mut [[f32; 2
     );
     match isa {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: the CPU supports the level (checked above); lengths checked above.
-        Isa::Avx2 => unsafe { super::x86::quantize_avx2(x, q, ds) },
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => unsafe { super::x86::quantize_avx512(x, q, ds) },
+        // SAFETY: the CPU supports the level (checked above); lengths checked above; `q` holds
+        // `x.len()` values of the type `T::PREC` names.
+        Isa::Avx2 | Isa::Avx512 => unsafe {
+            use super::x86::*;
+            let qp = q.as_mut_ptr() as *mut u8;
+            match (T::PREC, isa) {
+                (ActPrecision::I8, Isa::Avx2) => quantize_avx2(x, qp, ds),
+                (ActPrecision::I8, _) => quantize_avx512(x, qp, ds),
+                (ActPrecision::I16, Isa::Avx2) => quantize16_avx2(x, qp, ds),
+                (ActPrecision::I16, _) => quantize16_avx512(x, qp, ds),
+            }
+        },
         _ => {
             for ((xb, qb), d) in x
                 .chunks_exact(QK)
@@ -97,7 +105,14 @@ pub(crate) fn dequant(isa: Isa, fmt: Fmt, bytes: &[u8], out: &mut [f32]) {
 
 /// `out[i] = W[i, :] . x` for `out.len()` weight rows starting at the beginning of `w`, with
 /// `x` = activation row `ar` of `act`.
-pub(crate) fn gemv(isa: Isa, fmt: Fmt, w: &[u8], act: &QAct, ar: usize, out: &mut [f32]) {
+pub(crate) fn gemv<T: ActInt>(
+    isa: Isa,
+    fmt: Fmt,
+    w: &[u8],
+    act: &QAct<T>,
+    ar: usize,
+    out: &mut [f32],
+) {
     let nb = act.nb();
     assert!(ar < act.rows && w.len() >= out.len() * nb * fmt.block_bytes());
     assert!(
@@ -109,13 +124,15 @@ pub(crate) fn gemv(isa: Isa, fmt: Fmt, w: &[u8], act: &QAct, ar: usize, out: &mu
         Isa::Avx2 | Isa::Avx512 => {
             let (aq, ads) = (act.row_qs(ar).as_ptr(), act.row_ds(ar).as_ptr());
             let (n, wp, op) = (out.len(), w.as_ptr(), out.as_mut_ptr());
+            use super::x86::*;
             // SAFETY: `w` holds `n` rows of `nb` blocks and `act` row `ar` holds `nb` blocks
-            // (asserted above); the CPU supports the level.
+            // (asserted above); the CPU supports the level; `T` is the type `T::PREC` names.
             unsafe {
-                if isa == Isa::Avx512 {
-                    super::x86::gemv_avx512(fmt, wp, n, nb, aq, ads, op)
-                } else {
-                    super::x86::gemv_avx2(fmt, wp, n, nb, aq, ads, op)
+                match (T::PREC, isa) {
+                    (ActPrecision::I8, Isa::Avx2) => gemv_avx2(fmt, wp, n, nb, aq as _, ads, op),
+                    (ActPrecision::I8, _) => gemv_avx512(fmt, wp, n, nb, aq as _, ads, op),
+                    (ActPrecision::I16, Isa::Avx2) => gemv16_avx2(fmt, wp, n, nb, aq as _, ads, op),
+                    (ActPrecision::I16, _) => gemv16_avx512(fmt, wp, n, nb, aq as _, ads, op),
                 }
             }
         }
@@ -129,18 +146,19 @@ pub(crate) fn gemv(isa: Isa, fmt: Fmt, w: &[u8], act: &QAct, ar: usize, out: &mu
 /// # Safety
 /// `out` must be valid for writes at `r * ldo + c` for all `r < act.rows`, `c < n_w`, and no
 /// other thread may access those elements during the call.
-pub(crate) unsafe fn gemm(
+pub(crate) unsafe fn gemm<T: ActInt>(
     isa: Isa,
     fmt: Fmt,
     w: &[u8],
     n_w: usize,
-    act: &QAct,
+    act: &QAct<T>,
     out: *mut f32,
     ldo: usize,
 ) {
     let nb = act.nb();
     let row_bytes = nb * fmt.block_bytes();
     assert!(w.len() >= n_w * row_bytes && n_w <= ldo);
+    assert!(act.qs.len() == act.rows * act.k && act.ds.len() == act.rows * nb);
     assert!(
         isa.available(),
         "{isa:?} kernels are not supported on this CPU"
@@ -151,11 +169,21 @@ pub(crate) unsafe fn gemm(
     match isa {
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 | Isa::Avx512 => {
-            // SAFETY: `w` bounds asserted above, `out` per the contract; the CPU supports the level.
-            if isa == Isa::Avx512 {
-                super::x86::gemm_avx512(fmt, w.as_ptr(), n_w, act, out, ldo)
-            } else {
-                super::x86::gemm_avx2(fmt, w.as_ptr(), n_w, act, out, ldo)
+            use super::x86::*;
+            let a = ActPtrs {
+                qs: act.qs.as_ptr() as *const u8,
+                ds: act.ds.as_ptr(),
+                rows: act.rows,
+                k: act.k,
+            };
+            let wp = w.as_ptr();
+            // SAFETY: `w` and `act` bounds asserted above, `out` per the contract; the CPU
+            // supports the level; `T` is the type `T::PREC` names.
+            match (T::PREC, isa) {
+                (ActPrecision::I8, Isa::Avx2) => gemm_avx2(fmt, wp, n_w, a, out, ldo),
+                (ActPrecision::I8, _) => gemm_avx512(fmt, wp, n_w, a, out, ldo),
+                (ActPrecision::I16, Isa::Avx2) => gemm16_avx2(fmt, wp, n_w, a, out, ldo),
+                (ActPrecision::I16, _) => gemm16_avx512(fmt, wp, n_w, a, out, ldo),
             }
         }
         _ => format::gemm_scalar(fmt, w, n_w, act, out, ldo),

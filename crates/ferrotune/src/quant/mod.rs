@@ -2,18 +2,22 @@
 //! training: the quantized base stays frozen, gradients flow through it to the input).
 //!
 //! [`QuantWeight`] holds an `(out, in)` matrix as GGML blocks, row-major, each row a whole number
-//! of blocks. Q4_0, Q4_1 and Q8_0 run on our kernels: activation rows are quantised to 8 bits per
-//! 32-value block (an f32 scale per block, like GGML's Q8_0/Q8_1), then integer block dot
-//! products run with AVX2 (`vpmaddubsw`) or AVX-512 VNNI (`vpdpbusd`), chosen at run time, or
-//! in portable Rust. One activation row (decode) streams each weight row once; many rows
+//! of blocks. Q4_0, Q4_1 and Q8_0 run on our kernels: activation rows are quantised per 32-value
+//! block (an f32 scale per block) to 16-bit integers by default, or to 8 bits like GGML's
+//! Q8_0/Q8_1 (see [`ActPrecision`], [`set_activation_precision`]), then integer block dot
+//! products run with AVX2 (`vpmaddwd`, `vpmaddubsw`) or AVX-512 VNNI (`vpdpwssd`, `vpdpbusd`),
+//! chosen at run time, or in portable Rust. One activation row (decode) streams each weight row once; many rows
 //! (prefill, training) repack 16 weight rows at a time into 8-row panels and run tiles of
 //! activation rows against them. Every other type candle reads (K-quants, Q5_x, F16, BF16, F32,
 //! ...) runs forward through candle's `QMatMul`, and backward through our tiled dequantisation.
 //!
 //! Accuracy: only the activation rounding differs from `x @ dequant(W)^T`: for output `i`,
-//! `|error| <= sum over blocks b of max|x_b| / 254 * sum_{j in b} |W_ij|` (half a quantisation
-//! step per activation), about 0.5-1% relative in practice. `backward_input` is exact up to f32
-//! rounding.
+//! `|error| <= sum over blocks b of max|x_b| / (2 QMAX) * sum_{j in b} |W_ij|` (half a
+//! quantisation step per activation; `QMAX` = 32767 or 127). In relative L2 terms that is about
+//! 1e-5 with 16 bits and 3e-3 with 8 bits. The 8-bit error is enough to change a small model's
+//! greedy output (SmolLM2-135M answers "What is the capital of France?" with "L'Étoile..."
+//! instead of the f32 model's "The capital of France is Paris."), hence the 16-bit default.
+//! `backward_input` is exact up to f32 rounding.
 //!
 //! Threads: a dedicated pool (see [`set_num_threads`]) splits output rows across cores; small
 //! matrices run on the calling thread because waking a worker costs more than the work.
@@ -27,12 +31,57 @@ mod x86;
 
 use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor};
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Module, Shape, Storage, Tensor};
-use format::{Fmt, QAct, QK};
+use format::{ActInt, Fmt, QAct, QK};
 use std::borrow::Cow;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, OnceLock};
 
+pub use format::ActPrecision;
 pub use kernels::Isa;
 pub use pool::{num_threads, set_num_threads};
+
+/// 0: not set yet (read `FERROTUNE_ACT_BITS` on first use), 8 or 16: the setting.
+static ACT_BITS: AtomicU8 = AtomicU8::new(0);
+
+/// `FERROTUNE_ACT_BITS`: "8" selects 8 bits; unset, "16" or anything else, 16 bits.
+fn act_bits_from_env(v: Option<&str>) -> ActPrecision {
+    match v {
+        Some("8") => ActPrecision::I8,
+        _ => ActPrecision::I16,
+    }
+}
+
+/// The activation precision the quantized kernels use (all threads, from the next call on).
+pub fn set_activation_precision(p: ActPrecision) {
+    let bits = match p {
+        ActPrecision::I16 => 16,
+        ActPrecision::I8 => 8,
+    };
+    ACT_BITS.store(bits, Ordering::Relaxed);
+}
+
+/// The activation precision in use: what [`set_activation_precision`] set, else
+/// `FERROTUNE_ACT_BITS=8` or `=16` from the environment, else [`ActPrecision::I16`]. (Another
+/// value of the variable is ignored, so a typo never makes inference less precise.)
+pub fn activation_precision() -> ActPrecision {
+    let mut bits = ACT_BITS.load(Ordering::Relaxed);
+    if bits == 0 {
+        bits = match act_bits_from_env(std::env::var("FERROTUNE_ACT_BITS").ok().as_deref()) {
+            ActPrecision::I8 => 8,
+            ActPrecision::I16 => 16,
+        };
+        // a concurrent `set_activation_precision` wins over the environment
+        bits = match ACT_BITS.compare_exchange(0, bits, Ordering::Relaxed, Ordering::Relaxed) {
+            Ok(_) => bits,
+            Err(set) => set,
+        };
+    }
+    if bits == 8 {
+        ActPrecision::I8
+    } else {
+        ActPrecision::I16
+    }
+}
 
 /// The pool's fork/join entry point, exposed for the overhead benchmark only.
 #[doc(hidden)]
@@ -275,10 +324,11 @@ impl QuantWeight {
         match &self.repr {
             Repr::Own { .. } => {
                 let mut y = vec![0f32; m * self.out_dim];
+                let p = activation_precision();
                 if m == 1 {
-                    self.matvec_with(Isa::best(), num_threads(), x, &mut y);
+                    self.matvec_with(Isa::best(), p, num_threads(), x, &mut y);
                 } else {
-                    self.matmul_with(Isa::best(), num_threads(), x, m, &mut y);
+                    self.matmul_with(Isa::best(), p, num_threads(), x, m, &mut y);
                 }
                 Ok(y)
             }
@@ -314,7 +364,9 @@ impl QuantWeight {
             self.out_dim
         );
         match &self.repr {
-            Repr::Own { .. } => self.matvec_with(Isa::best(), num_threads(), x, out),
+            Repr::Own { .. } => {
+                self.matvec_with(Isa::best(), activation_precision(), num_threads(), x, out)
+            }
             Repr::Candle { .. } => {
                 let y = self
                     .forward_slice(x, 1)
@@ -324,50 +376,96 @@ impl QuantWeight {
         }
     }
 
-    /// [`Self::matvec_into`] with an explicit kernel level and thread count (tests, benchmarks).
+    /// [`Self::matvec_into`] with an explicit kernel level, activation precision and thread
+    /// count (tests, benchmarks).
     #[doc(hidden)]
-    pub fn matvec_with(&self, isa: Isa, threads: usize, x: &[f32], out: &mut [f32]) {
+    pub fn matvec_with(
+        &self,
+        isa: Isa,
+        prec: ActPrecision,
+        threads: usize,
+        x: &[f32],
+        out: &mut [f32],
+    ) {
+        thread_local! {
+            // decode calls this hundreds of times per token: reuse the quantised activation
+            static ACT8: std::cell::RefCell<QAct<i8>> = std::cell::RefCell::new(QAct::zeros(0, 0));
+            static ACT16: std::cell::RefCell<QAct<i16>> =
+                std::cell::RefCell::new(QAct::zeros(0, 0));
+        }
+        match prec {
+            ActPrecision::I8 => {
+                ACT8.with(|cell| self.matvec_act(isa, threads, x, out, &mut cell.borrow_mut()))
+            }
+            ActPrecision::I16 => {
+                ACT16.with(|cell| self.matvec_act(isa, threads, x, out, &mut cell.borrow_mut()))
+            }
+        }
+    }
+
+    fn matvec_act<T: ActInt>(
+        &self,
+        isa: Isa,
+        threads: usize,
+        x: &[f32],
+        out: &mut [f32],
+        act: &mut QAct<T>,
+    ) {
         let Repr::Own { fmt, data } = &self.repr else {
             panic!("matvec_with: {:?} has no own kernel", self.dtype)
         };
         let (fmt, k, n) = (*fmt, self.in_dim, self.out_dim);
         assert!(x.len() == k && out.len() == n);
-        thread_local! {
-            // decode calls this hundreds of times per token: reuse the quantised activation
-            static ACT: std::cell::RefCell<QAct> = std::cell::RefCell::new(QAct::zeros(0, 0));
+        if act.k != k || act.rows != 1 {
+            *act = QAct::zeros(1, k);
         }
-        ACT.with(|cell| {
-            let mut act = cell.borrow_mut();
-            if act.k != k || act.rows != 1 {
-                *act = QAct::zeros(1, k);
-            }
-            let QAct { qs, ds, .. } = &mut *act;
-            kernels::quantize_into(isa, x, qs, ds);
-            let act = &*act;
-            let nb = k / QK;
-            let rb = nb * fmt.block_bytes();
-            let min_rows = MIN_BLOCKS_PER_CHUNK.div_ceil(nb).max(16);
-            let outp = SyncPtr(out.as_mut_ptr());
-            pool::for_each_chunk(n, min_rows, threads, |rows| {
-                let (r0, r1) = (rows.start, rows.end);
-                // SAFETY: chunks are disjoint row ranges of `out`.
-                let o = unsafe { std::slice::from_raw_parts_mut(outp.get().add(r0), r1 - r0) };
-                kernels::gemv(isa, fmt, &data[r0 * rb..r1 * rb], act, 0, o);
-            });
+        kernels::quantize_into(isa, x, &mut act.qs, &mut act.ds);
+        let act = &*act;
+        let nb = k / QK;
+        let rb = nb * fmt.block_bytes();
+        let min_rows = MIN_BLOCKS_PER_CHUNK.div_ceil(nb).max(16);
+        let outp = SyncPtr(out.as_mut_ptr());
+        pool::for_each_chunk(n, min_rows, threads, |rows| {
+            let (r0, r1) = (rows.start, rows.end);
+            // SAFETY: chunks are disjoint row ranges of `out`.
+            let o = unsafe { std::slice::from_raw_parts_mut(outp.get().add(r0), r1 - r0) };
+            kernels::gemv(isa, fmt, &data[r0 * rb..r1 * rb], act, 0, o);
         });
     }
 
-    /// Batched forward with an explicit kernel level and thread count (tests, benchmarks):
-    /// `x` is `m x in`, `out` is `m x out`. Quantises `x` once, then runs tiles of activation
-    /// rows x weight rows, each thread owning a range of weight rows.
+    /// Batched forward with an explicit kernel level, activation precision and thread count
+    /// (tests, benchmarks): `x` is `m x in`, `out` is `m x out`. Quantises `x` once, then runs
+    /// tiles of activation rows x weight rows, each thread owning a range of weight rows.
     #[doc(hidden)]
-    pub fn matmul_with(&self, isa: Isa, threads: usize, x: &[f32], m: usize, out: &mut [f32]) {
+    pub fn matmul_with(
+        &self,
+        isa: Isa,
+        prec: ActPrecision,
+        threads: usize,
+        x: &[f32],
+        m: usize,
+        out: &mut [f32],
+    ) {
+        match prec {
+            ActPrecision::I8 => self.matmul_act::<i8>(isa, threads, x, m, out),
+            ActPrecision::I16 => self.matmul_act::<i16>(isa, threads, x, m, out),
+        }
+    }
+
+    fn matmul_act<T: ActInt>(
+        &self,
+        isa: Isa,
+        threads: usize,
+        x: &[f32],
+        m: usize,
+        out: &mut [f32],
+    ) {
         let Repr::Own { fmt, data } = &self.repr else {
             panic!("matmul_with: {:?} has no own kernel", self.dtype)
         };
         let (fmt, k, n) = (*fmt, self.in_dim, self.out_dim);
         assert!(x.len() == m * k && out.len() == m * n);
-        let mut act = QAct::zeros(m, k);
+        let mut act = QAct::<T>::zeros(m, k);
         {
             let (qp, dp) = (SyncPtr(act.qs.as_mut_ptr()), SyncPtr(act.ds.as_mut_ptr()));
             let nb = k / QK;

@@ -1,27 +1,38 @@
-//! x86-64 SIMD kernels for Q4_0 / Q4_1 / Q8_0 weights against 8-bit activations (`QAct`).
+//! x86-64 SIMD kernels for Q4_0 / Q4_1 / Q8_0 weights against quantised activations (`QAct`),
+//! 8 or 16 bits per value (see `format::ActPrecision`).
 //!
 //! Two instruction-set levels, chosen at run time (see `kernels::Isa`):
-//! - AVX2 (+FMA, F16C): `vpmaddubsw` + `vpmaddwd` for u8 x i8 products.
-//! - AVX-512 (F, BW, VL, VNNI): the same loops with `vpdpbusd` (one instruction instead of two)
-//!   and 32 vector registers, which the batched kernel uses for a larger register tile. Vectors
-//!   stay 256 bits wide: on Zen 4 (this project's machine) a 512-bit op costs two 256-bit slots,
-//!   and 512-bit loads of two 20-byte Q4_1 blocks would need extra shuffles.
+//! - AVX2 (+FMA, F16C): 8-bit activations with `vpmaddubsw` + `vpmaddwd` (u8 x i8 products);
+//!   16-bit activations with `vpmaddwd` on weights widened to i16.
+//! - AVX-512 (F, BW, VL, VNNI): the same loops with `vpdpbusd` / `vpdpwssd` (one instruction
+//!   instead of two) and 32 vector registers, which the batched kernels use for larger register
+//!   tiles. Vectors stay 256 bits wide: on Zen 4 (this project's machine) a 512-bit op costs two
+//!   256-bit slots, and 512-bit loads of two 20-byte Q4_1 blocks would need extra shuffles.
 //!
 //! Matvec (decode): per weight row and 32-value block, one integer dot product scaled by
 //! `d_w * d_x` into an f32 accumulator, like llama.cpp's `ggml_vec_dot_q4_1_q8_1`; the Q4 offset
 //! terms use the per-block activation sums `d_x * sum(q_x)` kept in `QAct::ds` (see `format.rs`).
+//! With 16-bit activations a block is two `vpdpwssd` (16 i16 pairs each) on weights widened with
+//! one `vpmovzxbw`/`vpmovsxbw`; decode reads each weight byte once from DRAM either way, so the
+//! extra instructions mostly hide behind memory.
 //!
-//! Batched (prefill, training): weights are repacked per call into 8-row panels (`PanelBlock`)
-//! so one `vpdpbusd` of a panel against four broadcast activation bytes produces 8 output
-//! columns, and scaling happens once per block and 8 columns instead of once per block and column.
+//! Batched (prefill, training): weights are repacked per call into 8-row panels so one
+//! `vpdpbusd` of a panel against four broadcast activation bytes (or one `vpdpwssd` against two
+//! broadcast i16 activations) produces 8 output columns, and scaling happens once per block and
+//! 8 columns instead of once per block and column.
+//!
+//! Integer overflow: per block, an i32 lane sums at most 32 products; with 16-bit activations
+//! each is at most 128 x 32767 in magnitude (Q8_0; Q4 nibbles 15 x 32767), so a block's sum stays
+//! below 2^28. Sums never span blocks: each is converted to f32 and scaled at the block's end.
 //!
 //! The kernels are written once as `#[inline(always)]` generic bodies; the `#[target_feature]`
-//! entry points at the bottom instantiate them per format and level, so the intrinsics inline.
-//! (Closures are avoided inside them: a closure does not inherit the enclosing function's target
-//! features, and its intrinsics then compile to calls; that made the batched kernel 100x slower.)
+//! entry points at the bottom instantiate them per format, activation width and level, so the
+//! intrinsics inline. (Closures are avoided inside them: a closure does not inherit the enclosing
+//! function's target features, and its intrinsics then compile to calls; that made the batched
+//! kernel 100x slower.)
 // Index loops over small const-size register arrays read better than iterator chains here.
 #![allow(clippy::missing_safety_doc, clippy::needless_range_loop)]
-use super::format::{act_scale, Fmt, QAct, QK};
+use super::format::{act_scale, Fmt, QK};
 use std::arch::x86_64::*;
 
 const F_Q4_0: u8 = 0;
@@ -34,6 +45,25 @@ const fn bb(f: u8) -> usize {
         F_Q4_1 => 20,
         _ => 34,
     }
+}
+
+/// Bytes per quantised activation value.
+const fn act_bytes(a16: bool) -> usize {
+    if a16 {
+        2
+    } else {
+        1
+    }
+}
+
+/// One matrix of quantised activations, as raw parts (`qs` holds `rows * k` values of 1 or 2
+/// bytes each, `ds` one `[d, d * sum(q)]` per block).
+#[derive(Clone, Copy)]
+pub(crate) struct ActPtrs {
+    pub qs: *const u8,
+    pub ds: *const [f32; 2],
+    pub rows: usize,
+    pub k: usize,
 }
 
 #[inline(always)]
@@ -94,26 +124,70 @@ unsafe fn wscale<const F: u8>(blk: *const u8) -> __m128 {
     }
 }
 
-/// `R` weight rows (any addresses) times one activation row: each activation block is loaded
-/// once for all `R` rows, and the `R` rows are `R` independent FMA chains (one chain alone is
-/// latency-bound at about 4 cycles per block).
+/// The 32 quantised weights of one block widened to i16: values 0..15 and 16..31 (Q4 nibbles
+/// 0..15 unsigned, Q8_0 signed).
 #[inline(always)]
-unsafe fn gemv_rows<const F: u8, const R: usize, const VNNI: bool>(
+unsafe fn wload16<const F: u8>(blk: *const u8) -> [__m256i; 2] {
+    if F == F_Q8_0 {
+        [
+            _mm256_cvtepi8_epi16(_mm_loadu_si128(blk.add(2) as *const __m128i)),
+            _mm256_cvtepi8_epi16(_mm_loadu_si128(blk.add(18) as *const __m128i)),
+        ]
+    } else {
+        let off = if F == F_Q4_1 { 4 } else { 2 };
+        // byte j holds values j (low nibble) and j + 16 (high nibble); widened to i16 the high
+        // nibble is a plain shift away
+        let q = _mm256_cvtepu8_epi16(_mm_loadu_si128(blk.add(off) as *const __m128i));
+        [
+            _mm256_and_si256(q, _mm256_set1_epi16(0x0F)),
+            _mm256_srli_epi16(q, 4),
+        ]
+    }
+}
+
+/// `acc + sum of w[i] * a[i]` over pairs of i16, as eight i32 lanes.
+#[inline(always)]
+unsafe fn dot16<const VNNI: bool>(acc: __m256i, w: __m256i, a: __m256i) -> __m256i {
+    if VNNI {
+        _mm256_dpwssd_epi32(acc, w, a)
+    } else {
+        // a pair sum overflows only for (-32768)^2 * 2; activations stay within +-32767
+        _mm256_add_epi32(acc, _mm256_madd_epi16(w, a))
+    }
+}
+
+/// `R` weight rows (any addresses) times one activation row (`A16`: i16 values, else i8): each
+/// activation block is loaded once for all `R` rows, and the `R` rows are `R` independent FMA
+/// chains (one chain alone is latency-bound at about 4 cycles per block).
+#[inline(always)]
+unsafe fn gemv_rows<const F: u8, const R: usize, const VNNI: bool, const A16: bool>(
     w: [*const u8; R],
     nb: usize,
-    aq: *const i8,
+    aq: *const u8,
     ads: *const [f32; 2],
     out: [*mut f32; R],
 ) {
+    let ab = QK * act_bytes(A16);
     let mut acc = [_mm256_setzero_ps(); R];
     let mut acco = [_mm_setzero_ps(); R];
     for b in 0..nb {
-        let a = _mm256_loadu_si256(aq.add(b * QK) as *const __m256i);
+        let a0 = _mm256_loadu_si256(aq.add(b * ab) as *const __m256i);
+        // the second half of a 16-bit block (unused, and not loaded, for 8 bits)
+        let a1 = if A16 {
+            _mm256_loadu_si256(aq.add(b * ab + 32) as *const __m256i)
+        } else {
+            a0
+        };
         let a_ds = _mm_castpd_ps(_mm_load_sd(ads.add(b) as *const f64));
         for r in 0..R {
             let blk = w[r].add(b * bb(F));
             let sc = _mm_mul_ps(wscale::<F>(blk), a_ds);
-            let dot = wdot::<F, VNNI>(wload::<F>(blk), a);
+            let dot = if A16 {
+                let [w0, w1] = wload16::<F>(blk);
+                dot16::<VNNI>(dot16::<VNNI>(_mm256_setzero_si256(), w0, a0), w1, a1)
+            } else {
+                wdot::<F, VNNI>(wload::<F>(blk), a0)
+            };
             acc[r] = _mm256_fmadd_ps(_mm256_broadcastss_ps(sc), _mm256_cvtepi32_ps(dot), acc[r]);
             if F != F_Q8_0 {
                 acco[r] = _mm_add_ps(acco[r], sc);
@@ -132,11 +206,11 @@ unsafe fn gemv_rows<const F: u8, const R: usize, const VNNI: bool>(
 }
 
 #[inline(always)]
-unsafe fn gemv_impl<const F: u8, const VNNI: bool>(
+unsafe fn gemv_impl<const F: u8, const VNNI: bool, const A16: bool>(
     w: *const u8,
     n: usize,
     nb: usize,
-    aq: *const i8,
+    aq: *const u8,
     ads: *const [f32; 2],
     out: *mut f32,
 ) {
@@ -156,7 +230,7 @@ unsafe fn gemv_impl<const F: u8, const VNNI: bool>(
                 w.add(r2 * row_bytes),
                 w.add(r3 * row_bytes),
             ];
-            gemv_rows::<F, 4, VNNI>(
+            gemv_rows::<F, 4, VNNI, A16>(
                 rows,
                 nb,
                 aq,
@@ -169,22 +243,9 @@ unsafe fn gemv_impl<const F: u8, const VNNI: bool>(
     // the same instruction sequence per row as above, so results do not depend on how rows
     // were split between threads
     while i < n {
-        gemv_rows::<F, 1, VNNI>([w.add(i * row_bytes)], nb, aq, ads, [out.add(i)]);
+        gemv_rows::<F, 1, VNNI, A16>([w.add(i * row_bytes)], nb, aq, ads, [out.add(i)]);
         i += 1;
     }
-}
-
-/// One block (32 values) of 8 weight rows, repacked for the batched kernel: `qs[g]` holds values
-/// `4g..4g+4` of rows 0..7 as unsigned bytes (Q4 nibbles; Q8_0 values + 128), so one
-/// `vpdpbusd` against 4 broadcast activation bytes yields 8 output columns at once and no
-/// horizontal sums are needed. Per row: the scale `d` and the offset `o` such that a weight is
-/// `d * u + o` (`o` = m for Q4_1, -8d for Q4_0, -128d for Q8_0).
-#[repr(C, align(32))]
-#[derive(Clone, Copy)]
-pub(crate) struct PanelBlock {
-    qs: [[u8; 32]; 8],
-    d: [f32; 8],
-    o: [f32; 8],
 }
 
 /// Rows of 8 dwords in, columns out: `out[g][j] = v[j][g]`.
@@ -218,90 +279,141 @@ unsafe fn transpose8(v: [__m256i; 8]) -> [__m256i; 8] {
     ]
 }
 
-/// Repack `rows` (<= 8) weight rows of `nb` blocks into `dst[0..nb]`; missing rows are zero.
-/// `MODE_SIGN` keeps Q8_0 values signed (offset 0) for the AVX2 sign trick.
+/// How a packed tile forms its integer block sums.
+/// 8-bit activations: VNNI: `vpdpbusd` on u8 weights. UBS: `vpmaddubsw` on u8 weights, summed in
+/// i16 lanes over the 8 groups of a block (no overflow for Q4 nibbles: 8 x 2 x 15 x 127 < 2^15).
+/// SIGN: Q8_0 kept signed, `vpsignb` moves each weight's sign onto the activation and
+/// `vpmaddubsw` multiplies by `|w|` (u8 + 128 would overflow `vpmaddubsw`'s i16 pairs), widened
+/// to i32 every group.
+/// 16-bit activations: W16_VNNI: `vpdpwssd` on i16 weights; W16: `vpmaddwd` + `vpaddd`. Q8_0
+/// stays signed (no offset), the products being signed x signed.
+const MODE_VNNI: u8 = 0;
+const MODE_UBS: u8 = 1;
+const MODE_SIGN: u8 = 2;
+const MODE_W16_VNNI: u8 = 3;
+const MODE_W16: u8 = 4;
+
+const fn is_w16(mode: u8) -> bool {
+    mode == MODE_W16_VNNI || mode == MODE_W16
+}
+
+/// Groups of 32 bytes per block of an 8-row panel: 4 values of 8 rows as u8, or 2 as i16.
+const fn groups(mode: u8) -> usize {
+    if is_w16(mode) {
+        16
+    } else {
+        8
+    }
+}
+
+/// One block (32 values) of 8 weight rows, repacked for the batched kernel, as `panel_units(MODE)`
+/// aligned 32-byte units: `groups(MODE)` units of weights, then `d` and `o` for the 8 rows.
+/// Unit `g` holds values `4g..4g+4` of rows 0..7 as unsigned bytes (Q4 nibbles; Q8_0 values +
+/// 128, or signed for `MODE_SIGN`), or for the 16-bit modes values `2g, 2g+1` of rows 0..7 as
+/// i16, so one `vpdpbusd` / `vpdpwssd` against broadcast activations yields 8 output columns at
+/// once and no horizontal sums are needed. Per row: the scale `d` and the offset `o` such that a
+/// weight is `d * u + o` (`o` = m for Q4_1, -8d for Q4_0, -128d for Q8_0 in `MODE_VNNI`, else 0).
+const fn panel_units(mode: u8) -> usize {
+    groups(mode) + 2
+}
+
+/// Repack `rows` (<= 8) weight rows of `nb` blocks into `nb` panel blocks at `dst`; missing
+/// rows are zero.
 #[inline(always)]
 unsafe fn pack_panel<const F: u8, const MODE: u8>(
     w: *const u8,
     row_bytes: usize,
     rows: usize,
     nb: usize,
-    dst: *mut PanelBlock,
+    dst: *mut __m256i,
 ) {
+    let units = panel_units(MODE);
     for b in 0..nb {
         let mut v = [_mm256_setzero_si256(); 8];
+        let mut v2 = [_mm256_setzero_si256(); 8];
         let mut d = [0f32; 8];
         let mut o = [0f32; 8];
         for j in 0..rows {
             let blk = w.add(j * row_bytes + b * bb(F));
-            v[j] = wload::<F>(blk);
+            if is_w16(MODE) {
+                [v[j], v2[j]] = wload16::<F>(blk);
+            } else {
+                v[j] = wload::<F>(blk);
+            }
             let sc = wscale::<F>(blk);
             d[j] = _mm_cvtss_f32(sc);
             o[j] = match F {
                 F_Q4_1 => _mm_cvtss_f32(_mm_movehdup_ps(sc)),
                 F_Q4_0 => -8.0 * d[j],
-                _ if MODE == MODE_SIGN => 0.0,
+                _ if MODE != MODE_VNNI => 0.0,
                 _ => {
                     v[j] = _mm256_xor_si256(v[j], _mm256_set1_epi8(-128));
                     -128.0 * d[j]
                 }
             };
         }
+        let pb = dst.add(b * units);
+        // a dword of a weight vector is 4 u8 values or 2 i16 values: either way the transpose
+        // gathers dword g of the 8 rows
         let t = transpose8(v);
-        let pb = &mut *dst.add(b);
         for g in 0..8 {
-            _mm256_store_si256(pb.qs[g].as_mut_ptr() as *mut __m256i, t[g]);
+            _mm256_store_si256(pb.add(g), t[g]);
         }
-        pb.d = d;
-        pb.o = o;
+        if is_w16(MODE) {
+            let t = transpose8(v2);
+            for g in 0..8 {
+                _mm256_store_si256(pb.add(8 + g), t[g]);
+            }
+        }
+        let ng = groups(MODE);
+        _mm256_store_ps(pb.add(ng) as *mut f32, _mm256_loadu_ps(d.as_ptr()));
+        _mm256_store_ps(pb.add(ng + 1) as *mut f32, _mm256_loadu_ps(o.as_ptr()));
     }
 }
-
-/// How a packed tile forms its integer block sums.
-/// VNNI: `vpdpbusd` on u8 weights. I16: `vpmaddubsw` on u8 weights, summed in i16 lanes over the
-/// 8 groups of a block (no overflow for Q4 nibbles: 8 x 2 x 15 x 127 < 2^15). SIGN: Q8_0 kept
-/// signed, `vpsignb` moves each weight's sign onto the activation and `vpmaddubsw` multiplies
-/// by `|w|` (u8 + 128 would overflow `vpmaddubsw`'s i16 pairs), widened to i32 every group.
-const MODE_VNNI: u8 = 0;
-const MODE_I16: u8 = 1;
-const MODE_SIGN: u8 = 2;
 
 /// `RA` activation rows times `NP` packed panels (8 output columns each). Integer sums per block
 /// stay in registers, then one scale-and-offset step per block and 8 columns.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn packed_tile<const RA: usize, const NP: usize, const MODE: u8>(
-    panels: *const PanelBlock,
+unsafe fn packed_tile<const F: u8, const RA: usize, const NP: usize, const MODE: u8>(
+    panels: *const __m256i,
     nb: usize,
-    aq: *const i8,
+    aq: *const u8,
     k: usize,
     ads: *const [f32; 2],
     out: *mut f32,
     ldo: usize,
     ncols: usize,
 ) {
+    let units = panel_units(MODE);
+    let ng = groups(MODE);
+    let ab = act_bytes(is_w16(MODE));
+    // Q8_0 has no offset term unless it was made unsigned (`MODE_VNNI`)
+    let offset = F != F_Q8_0 || MODE == MODE_VNNI;
     let ones = _mm256_set1_epi16(1);
     let mut facc = [[_mm256_setzero_ps(); NP]; RA];
     for b in 0..nb {
         let mut iacc = [[_mm256_setzero_si256(); NP]; RA];
-        for g in 0..8 {
+        for g in 0..ng {
             let mut wv = [_mm256_setzero_si256(); NP];
             let mut wa = [_mm256_setzero_si256(); NP];
             for p in 0..NP {
-                wv[p] =
-                    _mm256_load_si256((*panels.add(p * nb + b)).qs[g].as_ptr() as *const __m256i);
+                wv[p] = _mm256_load_si256(panels.add((p * nb + b) * units + g));
                 if MODE == MODE_SIGN {
                     wa[p] = _mm256_abs_epi8(wv[p]);
                 }
             }
             for r in 0..RA {
+                // 4 bytes: four 8-bit activations or two 16-bit ones
                 let xb = _mm256_set1_epi32(
-                    (aq.add(r * k + b * QK + 4 * g) as *const i32).read_unaligned(),
+                    (aq.add((r * k + b * QK) * ab + 4 * g) as *const i32).read_unaligned(),
                 );
                 for p in 0..NP {
                     iacc[r][p] = match MODE {
                         MODE_VNNI => _mm256_dpbusd_epi32(iacc[r][p], wv[p], xb),
-                        MODE_I16 => _mm256_add_epi16(iacc[r][p], _mm256_maddubs_epi16(wv[p], xb)),
+                        MODE_UBS => _mm256_add_epi16(iacc[r][p], _mm256_maddubs_epi16(wv[p], xb)),
+                        MODE_W16_VNNI => _mm256_dpwssd_epi32(iacc[r][p], wv[p], xb),
+                        MODE_W16 => _mm256_add_epi32(iacc[r][p], _mm256_madd_epi16(wv[p], xb)),
                         _ => {
                             let xs = _mm256_sign_epi8(xb, wv[p]);
                             let pairs = _mm256_maddubs_epi16(wa[p], xs);
@@ -315,16 +427,18 @@ unsafe fn packed_tile<const RA: usize, const NP: usize, const MODE: u8>(
             let [dx, sx] = *ads.add(r * nb + b);
             let (dxv, sxv) = (_mm256_set1_ps(dx), _mm256_set1_ps(sx));
             for p in 0..NP {
-                let pb = &*panels.add(p * nb + b);
-                let isum = if MODE == MODE_I16 {
+                let pb = panels.add((p * nb + b) * units);
+                let isum = if MODE == MODE_UBS {
                     _mm256_madd_epi16(iacc[r][p], ones)
                 } else {
                     iacc[r][p]
                 };
                 let t = _mm256_mul_ps(_mm256_cvtepi32_ps(isum), dxv);
-                facc[r][p] = _mm256_fmadd_ps(t, _mm256_load_ps(pb.d.as_ptr()), facc[r][p]);
-                if MODE != MODE_SIGN {
-                    facc[r][p] = _mm256_fmadd_ps(_mm256_load_ps(pb.o.as_ptr()), sxv, facc[r][p]);
+                let d = _mm256_load_ps(pb.add(ng) as *const f32);
+                facc[r][p] = _mm256_fmadd_ps(t, d, facc[r][p]);
+                if offset {
+                    let o = _mm256_load_ps(pb.add(ng + 1) as *const f32);
+                    facc[r][p] = _mm256_fmadd_ps(o, sxv, facc[r][p]);
                 }
             }
         }
@@ -345,28 +459,26 @@ unsafe fn packed_tile<const RA: usize, const NP: usize, const MODE: u8>(
 
 /// Batched product on packed panels: weight rows in groups of 16 (two panels) are repacked
 /// once per call into a per-thread buffer, then every tile of `RA` activation rows runs
-/// against them, so the packed weights (12-30 KB for SmolLM2 shapes) stay in L1/L2.
+/// against them, so the packed weights (12-55 KB for SmolLM2 shapes) stay in L1/L2.
 #[inline(always)]
 unsafe fn gemm_packed<const F: u8, const RA: usize, const MODE: u8>(
     w: *const u8,
     n_w: usize,
-    act: &QAct,
+    act: ActPtrs,
     out: *mut f32,
     ldo: usize,
 ) {
     const NP: usize = 2;
-    let (k, nb, m) = (act.k, act.nb(), act.rows);
+    let (k, m) = (act.k, act.rows);
+    let nb = k / QK;
     let row_bytes = nb * bb(F);
-    let (aq, ads) = (act.qs.as_ptr(), act.ds.as_ptr());
+    let ab = act_bytes(is_w16(MODE));
+    let (aq, ads) = (act.qs, act.ds);
+    let units = panel_units(MODE);
     // A fresh buffer per call (one call is one 16-row chunk, tens of microseconds of work).
     // Not a thread-local: code inside its `with` closure would lose this function's target
     // features and the intrinsics would stop inlining.
-    let zero = PanelBlock {
-        qs: [[0; 32]; 8],
-        d: [0.0; 8],
-        o: [0.0; 8],
-    };
-    let mut buf = vec![zero; NP * nb];
+    let mut buf = vec![_mm256_setzero_si256(); NP * nb * units];
     let panels = buf.as_mut_ptr();
     let mut c0 = 0;
     while c0 < n_w {
@@ -379,19 +491,23 @@ unsafe fn gemm_packed<const F: u8, const RA: usize, const MODE: u8>(
                 row_bytes,
                 rows,
                 nb,
-                panels.add(p * nb),
+                panels.add(p * nb * units),
             );
         }
         let mut r0 = 0;
         while r0 < m {
             let ra = (m - r0).min(RA);
-            let (a, d, o) = (aq.add(r0 * k), ads.add(r0 * nb), out.add(r0 * ldo + c0));
+            let (a, d, o) = (
+                aq.add(r0 * k * ab),
+                ads.add(r0 * nb),
+                out.add(r0 * ldo + c0),
+            );
             macro_rules! tile {
                 ($ra:literal) => {
                     if np == NP {
-                        packed_tile::<$ra, NP, MODE>(panels, nb, a, k, d, o, ldo, cols)
+                        packed_tile::<F, $ra, NP, MODE>(panels, nb, a, k, d, o, ldo, cols)
                     } else {
-                        packed_tile::<$ra, 1, MODE>(panels, nb, a, k, d, o, ldo, cols)
+                        packed_tile::<F, $ra, 1, MODE>(panels, nb, a, k, d, o, ldo, cols)
                     }
                 };
             }
@@ -408,15 +524,13 @@ unsafe fn gemm_packed<const F: u8, const RA: usize, const MODE: u8>(
     }
 }
 
+/// Quantise whole blocks of `x` to `QK`-value blocks of i8 (`A16` false) or i16 at `q`.
 #[inline(always)]
-unsafe fn quantize_impl(x: &[f32], q: &mut [i8], ds: &mut [[f32; 2]]) {
+unsafe fn quantize_impl<const A16: bool>(x: &[f32], q: *mut u8, ds: &mut [[f32; 2]]) {
     let sign = _mm256_set1_ps(-0.0);
     let perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
-    for ((xb, qb), dsb) in x
-        .chunks_exact(QK)
-        .zip(q.chunks_exact_mut(QK))
-        .zip(ds.iter_mut())
-    {
+    let qmax = if A16 { 32767.0 } else { 127.0 };
+    for (i, (xb, dsb)) in x.chunks_exact(QK).zip(ds.iter_mut()).enumerate() {
         let p = xb.as_ptr();
         let v = [
             _mm256_loadu_ps(p),
@@ -430,21 +544,31 @@ unsafe fn quantize_impl(x: &[f32], q: &mut [i8], ds: &mut [[f32; 2]]) {
         let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
         let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
         let m = _mm_max_ss(m, _mm_movehdup_ps(m));
-        let (d, id) = act_scale(_mm_cvtss_f32(m));
+        let (d, id) = act_scale(_mm_cvtss_f32(m), qmax);
         let idv = _mm256_set1_ps(id);
         // cvtps2dq rounds half to even, matching `quantize_block_scalar` (no closure: see top)
-        let q = [
+        let q32 = [
             _mm256_cvtps_epi32(_mm256_mul_ps(v[0], idv)),
             _mm256_cvtps_epi32(_mm256_mul_ps(v[1], idv)),
             _mm256_cvtps_epi32(_mm256_mul_ps(v[2], idv)),
             _mm256_cvtps_epi32(_mm256_mul_ps(v[3], idv)),
         ];
-        let p01 = _mm256_packs_epi32(q[0], q[1]);
-        let p23 = _mm256_packs_epi32(q[2], q[3]);
-        let packed = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(p01, p23), perm);
-        _mm256_storeu_si256(qb.as_mut_ptr() as *mut __m256i, packed);
+        // packs work within 128-bit lanes; the permutes restore value order
+        let p01 = _mm256_packs_epi32(q32[0], q32[1]);
+        let p23 = _mm256_packs_epi32(q32[2], q32[3]);
+        if A16 {
+            let dst = q.add(i * QK * 2) as *mut __m256i;
+            _mm256_storeu_si256(dst, _mm256_permute4x64_epi64(p01, 0b11_01_10_00));
+            _mm256_storeu_si256(dst.add(1), _mm256_permute4x64_epi64(p23, 0b11_01_10_00));
+        } else {
+            let packed = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(p01, p23), perm);
+            _mm256_storeu_si256(q.add(i * QK) as *mut __m256i, packed);
+        }
         // the integer sum is exact, so `d * isum` is bit-identical to the scalar quantiser
-        let s = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+        let s = _mm256_add_epi32(
+            _mm256_add_epi32(q32[0], q32[1]),
+            _mm256_add_epi32(q32[2], q32[3]),
+        );
         let s = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
         let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
         let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
@@ -494,65 +618,94 @@ pub(crate) unsafe fn dequant_avx2(fmt: Fmt, bytes: &[u8], out: &mut [f32]) {
     }
 }
 
+/// The `#[target_feature]` entry points of one level and activation width. `$ra` is the
+/// batched kernel's row tile: with AVX-512VL there are 32 vector registers, so 4 activation
+/// rows x 2 panels of int and float accumulators fit; AVX2's 16 hold 2 rows.
 macro_rules! entry_points {
-    ($feat:literal, $vnni:literal, $gemv:ident, $gemm:ident, $quant:ident) => {
+    ($feat:literal, $vnni:literal, $a16:literal, $ra:literal, [$m40:ident, $m41:ident, $m80:ident],
+     $gemv:ident, $gemm:ident, $quant:ident) => {
+        /// `out[i] = W[i, :] . x` for `n` rows of `nb` blocks at `w`, `x` at `aq` / `ads`.
         #[target_feature(enable = $feat)]
         pub(crate) unsafe fn $gemv(
             fmt: Fmt,
             w: *const u8,
             n: usize,
             nb: usize,
-            aq: *const i8,
+            aq: *const u8,
             ads: *const [f32; 2],
             out: *mut f32,
         ) {
             match fmt {
-                Fmt::Q4_0 => gemv_impl::<F_Q4_0, $vnni>(w, n, nb, aq, ads, out),
-                Fmt::Q4_1 => gemv_impl::<F_Q4_1, $vnni>(w, n, nb, aq, ads, out),
-                Fmt::Q8_0 => gemv_impl::<F_Q8_0, $vnni>(w, n, nb, aq, ads, out),
+                Fmt::Q4_0 => gemv_impl::<F_Q4_0, $vnni, $a16>(w, n, nb, aq, ads, out),
+                Fmt::Q4_1 => gemv_impl::<F_Q4_1, $vnni, $a16>(w, n, nb, aq, ads, out),
+                Fmt::Q8_0 => gemv_impl::<F_Q8_0, $vnni, $a16>(w, n, nb, aq, ads, out),
             }
         }
 
+        /// `out[r * ldo + c] = W[c, :] . x_r` for `n_w` weight rows at `w`.
         #[target_feature(enable = $feat)]
         pub(crate) unsafe fn $gemm(
             fmt: Fmt,
             w: *const u8,
             n_w: usize,
-            act: &QAct,
+            act: ActPtrs,
             out: *mut f32,
             ldo: usize,
         ) {
-            // With AVX-512VL there are 32 vector registers: 4 activation rows x 2 panels of int
-            // and float accumulators fit; AVX2's 16 hold 2 rows.
-            if $vnni {
-                match fmt {
-                    Fmt::Q4_0 => gemm_packed::<F_Q4_0, 4, MODE_VNNI>(w, n_w, act, out, ldo),
-                    Fmt::Q4_1 => gemm_packed::<F_Q4_1, 4, MODE_VNNI>(w, n_w, act, out, ldo),
-                    Fmt::Q8_0 => gemm_packed::<F_Q8_0, 4, MODE_VNNI>(w, n_w, act, out, ldo),
-                }
-            } else {
-                match fmt {
-                    Fmt::Q4_0 => gemm_packed::<F_Q4_0, 2, MODE_I16>(w, n_w, act, out, ldo),
-                    Fmt::Q4_1 => gemm_packed::<F_Q4_1, 2, MODE_I16>(w, n_w, act, out, ldo),
-                    Fmt::Q8_0 => gemm_packed::<F_Q8_0, 2, MODE_SIGN>(w, n_w, act, out, ldo),
-                }
+            match fmt {
+                Fmt::Q4_0 => gemm_packed::<F_Q4_0, $ra, $m40>(w, n_w, act, out, ldo),
+                Fmt::Q4_1 => gemm_packed::<F_Q4_1, $ra, $m41>(w, n_w, act, out, ldo),
+                Fmt::Q8_0 => gemm_packed::<F_Q8_0, $ra, $m80>(w, n_w, act, out, ldo),
             }
         }
 
+        /// Quantise whole blocks of `x` into `q` (`x.len()` values) and `ds`.
         #[target_feature(enable = $feat)]
-        pub(crate) unsafe fn $quant(x: &[f32], q: &mut [i8], ds: &mut [[f32; 2]]) {
-            quantize_impl(x, q, ds)
+        pub(crate) unsafe fn $quant(x: &[f32], q: *mut u8, ds: &mut [[f32; 2]]) {
+            quantize_impl::<$a16>(x, q, ds)
         }
     };
 }
 
-entry_points!("avx2,fma,f16c", false, gemv_avx2, gemm_avx2, quantize_avx2);
+entry_points!(
+    "avx2,fma,f16c",
+    false,
+    false,
+    2,
+    [MODE_UBS, MODE_UBS, MODE_SIGN],
+    gemv_avx2,
+    gemm_avx2,
+    quantize_avx2
+);
 entry_points!(
     "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni",
     true,
+    false,
+    4,
+    [MODE_VNNI, MODE_VNNI, MODE_VNNI],
     gemv_avx512,
     gemm_avx512,
     quantize_avx512
+);
+entry_points!(
+    "avx2,fma,f16c",
+    false,
+    true,
+    2,
+    [MODE_W16, MODE_W16, MODE_W16],
+    gemv16_avx2,
+    gemm16_avx2,
+    quantize16_avx2
+);
+entry_points!(
+    "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni",
+    true,
+    true,
+    4,
+    [MODE_W16_VNNI, MODE_W16_VNNI, MODE_W16_VNNI],
+    gemv16_avx512,
+    gemm16_avx512,
+    quantize16_avx512
 );
 
 pub(crate) fn has_avx2() -> bool {
