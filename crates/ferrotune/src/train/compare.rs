@@ -80,6 +80,9 @@ pub struct CompareRow {
     /// The generations, in row order (not in the JSON line).
     #[serde(skip)]
     pub predictions: Vec<String>,
+    /// The references, in row order (not in the JSON line).
+    #[serde(skip)]
+    pub references: Vec<Vec<String>>,
 }
 
 /// The rows of `data` as examples (prompt + reference completion), with the reference texts.
@@ -166,6 +169,7 @@ fn score(
         }
     }
     row.predictions = preds;
+    row.references = refs.to_vec();
     Ok(row)
 }
 
