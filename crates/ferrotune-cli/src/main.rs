@@ -674,6 +674,7 @@ fn run_eval(a: EvalArgs) -> Result<()> {
         max_new_tokens: a.max_new_tokens,
         stop: a.stop.clone(),
         metrics,
+        progress: !a.json,
     };
     let rows = compare(&mut lm, &a.adapter, &a.data, &opts)?;
     if let Some(path) = &a.output {
