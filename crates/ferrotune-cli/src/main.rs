@@ -578,6 +578,9 @@ struct EvalArgs {
     /// One JSON line instead of a table.
     #[arg(long)]
     json: bool,
+    /// Also write every generation to this JSONL file ({model, row, prediction, reference}).
+    #[arg(long)]
+    output: Option<PathBuf>,
 }
 
 /// Load each `--adapter` folder onto the model (named adapter0, adapter1, ...; all active).
@@ -677,8 +680,20 @@ fn run_eval(a: EvalArgs) -> Result<()> {
         max_new_tokens: a.max_new_tokens,
         stop: a.stop.clone(),
         metrics,
+        progress: !a.json,
     };
     let rows = compare(&mut lm, &a.adapter, &a.data, &opts)?;
+    if let Some(path) = &a.output {
+        let mut text = String::new();
+        for r in &rows {
+            for (i, (p, refs)) in r.predictions.iter().zip(&r.references).enumerate() {
+                let line = serde_json::json!({"model": r.name, "row": i + 1,
+                    "prediction": p, "reference": refs.first()});
+                text.push_str(&format!("{line}\n"));
+            }
+        }
+        ferrotune::model::convert::write_atomic(path, text.as_bytes())?;
+    }
     if a.json {
         println!("{}", serde_json::json!({ "rows": rows }));
     } else {

@@ -535,3 +535,52 @@ fn config_errors_name_the_file_and_key() {
     let e = train::run(&c, &quiet(false)).unwrap_err().to_string();
     assert!(e.contains("/nonexistent/train.jsonl"), "{e}");
 }
+
+#[test]
+fn compare_scores_the_base_model_and_a_trained_adapter() {
+    use train::compare::{compare, table, CompareOptions, Metric};
+    let rows = reverse_rows(6, 41);
+    let extra = "max_steps = 40\nlr = 1e-2\nwarmup_steps = 4";
+    let s = setup("compare", &rows, &rows, extra, "");
+    let c = load(&s, &[]);
+    train::run(&c, &quiet(false)).unwrap();
+    let adapter = s.dir.join("out/adapter");
+    let mut lm = model::load(&c.config.model, &LoadOptions::default(), &Device::Cpu).unwrap();
+    let opts = CompareOptions {
+        template: "{q} =".into(),
+        completion: " {a}".into(),
+        chat: false,
+        limit: Some(5),
+        max_new_tokens: 8,
+        stop: Vec::new(),
+        metrics: Metric::parse_list("rouge,accuracy,perplexity").unwrap(),
+        progress: false,
+    };
+    let out = compare(&mut lm, &[adapter.clone()], &s.dir.join("train.jsonl"), &opts).unwrap();
+    assert_eq!(out.len(), 2);
+    assert_eq!(out[0].name, "base");
+    assert_eq!(out[1].name, adapter.display().to_string());
+    assert!(out.iter().all(|r| r.n == 5 && r.predictions.len() == 5));
+    assert!(out[0].bleu.is_none(), "only the metrics asked for");
+    // The adapter memorised these rows: lower loss, and its greedy answers match more often.
+    let (base, tuned) = (&out[0], &out[1]);
+    assert!(tuned.loss.unwrap() < 0.5 * base.loss.unwrap());
+    assert!(tuned.rouge1.unwrap() > base.rouge1.unwrap());
+    assert!(tuned.accuracy.unwrap() >= base.accuracy.unwrap());
+    // The adapter's loss is the training recipe's evaluation of the same rows.
+    peft::load_adapter(&mut lm.model, &adapter, "check").unwrap();
+    let prepared = train::prepare_data(&c, &lm.tokenizer, None).unwrap();
+    let mut bc = BatchConfig::new(1, 32, data::pad_id(&lm.tokenizer));
+    bc.shuffle = false;
+    let exs: Vec<Example> = prepared.train[..5].to_vec();
+    let want = train::evaluate(&lm.model, &Batcher::new(exs, bc, Device::Cpu).unwrap(), 0).unwrap();
+    assert!((want.loss - tuned.loss.unwrap()).abs() < 1e-9);
+    peft::remove_adapter(&mut lm.model, "check").unwrap();
+    // compare leaves no adapter behind, and refuses a model that has one.
+    assert!(peft::adapter_names(&lm.model).is_empty());
+    peft::load_adapter(&mut lm.model, &adapter, "x").unwrap();
+    assert!(compare(&mut lm, &[], &s.dir.join("train.jsonl"), &opts).is_err());
+    let t = table(&out);
+    assert!(t.starts_with("metric") && t.contains("accuracy") && t.contains("perplexity"));
+    assert!(Metric::parse_list("rouge,meteor").is_err());
+}

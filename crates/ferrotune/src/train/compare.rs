@@ -53,6 +53,8 @@ pub struct CompareOptions {
     pub max_new_tokens: usize,
     pub stop: Vec<String>,
     pub metrics: Vec<Metric>,
+    /// Print one line per model to stderr as it finishes (rows, seconds).
+    pub progress: bool,
 }
 
 /// One model's scores (a row of the comparison). Metrics not asked for are absent.
@@ -80,6 +82,9 @@ pub struct CompareRow {
     /// The generations, in row order (not in the JSON line).
     #[serde(skip)]
     pub predictions: Vec<String>,
+    /// The references, in row order (not in the JSON line).
+    #[serde(skip)]
+    pub references: Vec<Vec<String>>,
 }
 
 /// The rows of `data` as examples (prompt + reference completion), with the reference texts.
@@ -166,6 +171,7 @@ fn score(
         }
     }
     row.predictions = preds;
+    row.references = refs.to_vec();
     Ok(row)
 }
 
@@ -184,6 +190,7 @@ pub fn compare(
     }
     let (exs, refs) = examples(lm, data, o)?;
     let mut out = Vec::new();
+    let t0 = std::time::Instant::now();
     let base_preds = {
         let mut fast = crate::engine::FastDecoder::new(&lm.model);
         let mut slow = LlamaDecoder::new(&lm.model);
@@ -193,12 +200,24 @@ pub fn compare(
         };
         generate_all(dec, lm, &exs, o)?
     };
+    let note = |name: &str, t0: std::time::Instant| {
+        if o.progress {
+            eprintln!(
+                "{name}: {} rows in {:.1} s",
+                exs.len(),
+                t0.elapsed().as_secs_f64()
+            );
+        }
+    };
+    note("base", t0);
     out.push(score("base".into(), lm, base_preds, &refs, &exs, o)?);
     for (i, dir) in adapters.iter().enumerate() {
         let name = format!("compare{i}");
         load_adapter(&mut lm.model, dir, &name)?;
+        let t0 = std::time::Instant::now();
         let result = (|| {
             let preds = generate_all(&mut LlamaDecoder::new(&lm.model), lm, &exs, o)?;
+            note(&dir.display().to_string(), t0);
             score(dir.display().to_string(), lm, preds, &refs, &exs, o)
         })();
         peft::remove_adapter(&mut lm.model, &name)?;

@@ -424,7 +424,15 @@ fn toml_error(path: &Path, text: &str, e: &toml::de::Error) -> Error {
             let within = full
                 .lines()
                 .find_map(|l| l.strip_prefix("in `"))
-                .map(|k| format!(" (in [{}]", k.trim_end_matches('`')) + ")")
+                .map(|k| {
+                    let k = k.trim_end_matches('`');
+                    // An unknown key is reported at its table, other errors at the value.
+                    if msg.starts_with("unknown key") {
+                        format!(" (in [{k}])")
+                    } else {
+                        format!(" (at `{k}`)")
+                    }
+                })
                 .unwrap_or_default();
             Error::file(path, format!("{msg}{within}"))
         }

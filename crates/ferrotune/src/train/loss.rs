@@ -31,7 +31,7 @@ pub fn loss_positions(labels: &Tensor) -> Result<(Vec<u32>, Vec<u32>)> {
     Ok((rows, targets))
 }
 
-/// Σ over rows of −log softmax(logits)[target]: logits (n, vocab), targets (n,) u32.
+/// Σ over rows of `−log softmax(logits)[target]`: logits (n, vocab), targets (n,) u32.
 /// Composed of differentiable ops; the row max is detached (log-softmax does not depend on it).
 pub fn cross_entropy_sum(logits: &Tensor, targets: &Tensor) -> candle_core::Result<Tensor> {
     let logits = logits.to_dtype(DType::F32)?;

@@ -1,5 +1,5 @@
-//! Fine-tuning recipes. [`run`] is the whole recipe and reads top to bottom: load the model,
-//! attach the method, load the data, then the loop (micro-batches, loss, gradient accumulation,
+//! Fine-tuning recipes. [`run`] is the whole recipe and reads top to bottom: load the data,
+//! the model and the method, then the loop (micro-batches, loss, gradient accumulation,
 //! clipping, AdamW, schedule, evaluation, early stopping, checkpoints), then the final adapter
 //! and `summary.json`.
 //!
@@ -125,9 +125,21 @@ fn inline_candle_elementwise() {
 
 /// Only the tokenizer of a model spec (for `data preview`), without loading the weights.
 pub fn load_tokenizer(spec: &str) -> Result<Tokenizer> {
-    match model::resolve(spec)? {
-        ModelSource::Gguf(p) => Tokenizer::from_gguf(&model::read_gguf(&p)?, &p),
-        ModelSource::HfDir(d) => Tokenizer::from_hf_dir(&d),
+    Ok(tokenizer_and_context(&model::resolve(spec)?)?.0)
+}
+
+/// The tokenizer and context length of a model, from its metadata only (no weights read).
+fn tokenizer_and_context(source: &ModelSource) -> Result<(Tokenizer, usize)> {
+    match source {
+        ModelSource::Gguf(p) => {
+            let content = model::read_gguf(p)?;
+            let ctx = model::config_from_gguf(&content, p)?.max_position_embeddings;
+            Ok((Tokenizer::from_gguf(&content, p)?, ctx))
+        }
+        ModelSource::HfDir(d) => {
+            let ctx = model::config_from_hf_dir(d)?.max_position_embeddings;
+            Ok((Tokenizer::from_hf_dir(d)?, ctx))
+        }
     }
 }
 
@@ -261,28 +273,15 @@ pub fn run(c: &LoadedConfig, opts: &RunOptions) -> Result<Summary> {
     let t = &cfg.train;
     let out = cfg.output_dir.clone();
 
-    // ---- Model and method ----------------------------------------------------------------
+    // ---- Data (first: its errors should not wait for the weights to load) -----------------
     if let Some(n) = t.threads {
         set_threads(n);
     }
     let device = config::parse_device(&t.device)
         .map_err(|e| Error::key(c.source(), "train.device", e))?
         .device()?;
-    let load_opts = LoadOptions {
-        dequantize: t.dequantize,
-        ..Default::default()
-    };
-    let LoadedModel {
-        model: mut llama,
-        tokenizer: tok,
-        source,
-        ..
-    } = model::load(&cfg.model, &load_opts, &device)?;
-    let tuner = Tuner::attach(cfg, &mut llama, &cfg.model)?;
-    let params = tuner.trainable(&llama);
-
-    // ---- Data -----------------------------------------------------------------------------
-    let ctx = llama.cfg.max_position_embeddings;
+    let source = model::resolve(&cfg.model)?;
+    let (tok, ctx) = tokenizer_and_context(&source)?;
     let prepared = prepare_data(c, &tok, Some(ctx))?;
     if prepared.max_seq_len > ctx {
         return Err(Error::key(
@@ -294,6 +293,21 @@ pub fn run(c: &LoadedConfig, opts: &RunOptions) -> Result<Summary> {
             ),
         ));
     }
+
+    // ---- Model and method ----------------------------------------------------------------
+    let load_opts = LoadOptions {
+        dequantize: t.dequantize,
+        ..Default::default()
+    };
+    let LoadedModel {
+        model: mut llama,
+        source,
+        ..
+    } = model::load_source(source, &load_opts, &device)?;
+    let tuner = Tuner::attach(cfg, &mut llama, &cfg.model)?;
+    let params = tuner.trainable(&llama);
+
+    // ---- Batches, schedule, optimizer ------------------------------------------------------
     let mut train_bc = cfg
         .data
         .batch_config(t.batch_size, prepared.max_seq_len, &tok);
