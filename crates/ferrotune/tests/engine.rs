@@ -22,7 +22,7 @@ fn max_diff(a: &[f32], b: &[f32]) -> f32 {
         .fold(0.0, f32::max)
 }
 
-fn compare(m: &model::Llama, tol: f32) {
+fn compare(m: &model::Llama, tol: f32) -> f32 {
     let ids: Vec<u32> = (0..30u32).map(|i| (i * 31 + 11) % 256).collect();
     let mut fast = FastDecoder::new(m).expect("engine supports this model");
     let mut slow = LlamaDecoder::new(m);
@@ -55,6 +55,7 @@ fn compare(m: &model::Llama, tol: f32) {
         worst < tol,
         "engine vs model: max |logit diff| {worst} >= {tol}"
     );
+    worst
 }
 
 #[test]
@@ -66,14 +67,15 @@ fn engine_matches_model_dense() {
         "tiny-llama3-rope-scaling",
         "tiny-llama-head-dim",
     ] {
-        compare(&tiny(name, &LoadOptions::default()), 1e-4);
+        let worst = compare(&tiny(name, &LoadOptions::default()), 1e-4);
+        eprintln!("{name} (dense): engine vs model max |logit diff| {worst:e}");
     }
 }
 
 #[test]
 fn engine_matches_model_quantized() {
     for q in [GgmlDType::Q8_0, GgmlDType::Q4_1, GgmlDType::Q4_0] {
-        compare(
+        let worst = compare(
             &tiny(
                 "tiny-llama-gqa-untied",
                 &LoadOptions {
@@ -81,7 +83,12 @@ fn engine_matches_model_quantized() {
                     ..Default::default()
                 },
             ),
-            2e-2,
+            // The two paths differ by f32 rounding (~1e-5, see the dense case), which moves some
+            // activations across a quantisation boundary. With 16-bit activations those steps are
+            // small and frequent: measured 5e-4 to 7e-4. (8-bit ones flip rarely but by 258x more;
+            // that needed 2e-2.)
+            5e-3,
         );
+        eprintln!("{q:?}: engine vs model max |logit diff| {worst:e}");
     }
 }

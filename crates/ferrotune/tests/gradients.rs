@@ -160,8 +160,9 @@ fn gradients_reach_the_input_through_quantized_linears() {
             .unwrap();
         let rel = (grad_norm(&(&gq - &gd).unwrap()) / grad_norm(&gd)) as f64;
         assert!(grad_norm(&gq) > 0.0);
+        // 16-bit activations: measured 1.0e-4 (Q8_0) and 1.2e-4 (Q4_1); 8-bit ones give 4e-2
         assert!(
-            rel < 0.05,
+            rel < 1e-3,
             "{q:?}: quantized-model input gradient differs from dequantized by {rel}"
         );
         eprintln!("{q:?}: relative input-gradient difference vs dequantized weights {rel:e}");
