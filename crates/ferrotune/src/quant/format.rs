@@ -216,13 +216,16 @@ fn dot_row<T: ActInt, const BB: usize, const OFF: usize>(
             d * dx * isum as f32
         } else {
             let qs: &[u8; 16] = blk[OFF..OFF + 16].try_into().expect("Q4 block");
-            let mut isum = 0i32;
+            // two separate loops: one loop doing both nibbles did not vectorise (3x slower)
+            let (mut lo, mut hi) = (0i32, 0i32);
             for j in 0..16 {
-                isum += (qs[j] & 0x0F) as i32 * qx[j].widen();
-                isum += (qs[j] >> 4) as i32 * qx[j + 16].widen();
+                lo += (qs[j] & 0x0F) as i32 * qx[j].widen();
+            }
+            for j in 0..16 {
+                hi += (qs[j] >> 4) as i32 * qx[j + 16].widen();
             }
             let m = if BB == 20 { f16_at(blk, 2) } else { -8.0 * d };
-            d * dx * isum as f32 + m * sx
+            d * dx * (lo + hi) as f32 + m * sx
         };
     }
     acc
