@@ -1,6 +1,6 @@
 //! Kernel dispatch: picks the instruction set once at run time and offers safe, slice-based
 //! entry points (single-threaded; `mod.rs` splits the work across threads).
-use super::format::{self, ActInt, ActPrecision, Fmt, QAct, QK};
+use super::format::{self, ActInt, Fmt, QAct, QK};
 use std::sync::OnceLock;
 
 /// The instruction-set level a kernel runs with.
@@ -67,7 +67,7 @@ pub(crate) fn quantize_into<T: ActInt>(isa: Isa, x: &[f32], q: &mut [T], ds: &mu
         // SAFETY: the CPU supports the level (checked above); lengths checked above; `q` holds
         // `x.len()` values of the type `T::PREC` names.
         Isa::Avx2 | Isa::Avx512 => unsafe {
-            use super::x86::*;
+            use super::{format::ActPrecision, x86::*};
             let qp = q.as_mut_ptr() as *mut u8;
             match (T::PREC, isa) {
                 (ActPrecision::I8, Isa::Avx2) => quantize_avx2(x, qp, ds),
@@ -124,7 +124,7 @@ pub(crate) fn gemv<T: ActInt>(
         Isa::Avx2 | Isa::Avx512 => {
             let (aq, ads) = (act.row_qs(ar).as_ptr(), act.row_ds(ar).as_ptr());
             let (n, wp, op) = (out.len(), w.as_ptr(), out.as_mut_ptr());
-            use super::x86::*;
+            use super::{format::ActPrecision, x86::*};
             // SAFETY: `w` holds `n` rows of `nb` blocks and `act` row `ar` holds `nb` blocks
             // (asserted above); the CPU supports the level; `T` is the type `T::PREC` names.
             unsafe {
@@ -169,7 +169,7 @@ pub(crate) unsafe fn gemm<T: ActInt>(
     match isa {
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 | Isa::Avx512 => {
-            use super::x86::*;
+            use super::{format::ActPrecision, x86::*};
             let a = ActPtrs {
                 qs: act.qs.as_ptr() as *const u8,
                 ds: act.ds.as_ptr(),

@@ -6,17 +6,19 @@
 //! block (an f32 scale per block) to 16-bit integers by default, or to 8 bits like GGML's
 //! Q8_0/Q8_1 (see [`ActPrecision`], [`set_activation_precision`]), then integer block dot
 //! products run with AVX2 (`vpmaddwd`, `vpmaddubsw`) or AVX-512 VNNI (`vpdpwssd`, `vpdpbusd`),
-//! chosen at run time, or in portable Rust. One activation row (decode) streams each weight row once; many rows
-//! (prefill, training) repack 16 weight rows at a time into 8-row panels and run tiles of
-//! activation rows against them. Every other type candle reads (K-quants, Q5_x, F16, BF16, F32,
-//! ...) runs forward through candle's `QMatMul`, and backward through our tiled dequantisation.
+//! chosen at run time, or in portable Rust. One activation row (decode) streams each weight row
+//! once; many rows (prefill, training) repack 16 weight rows at a time into 8-row panels and run
+//! tiles of activation rows against them. Every other type candle reads (K-quants, Q5_x, F16,
+//! BF16, F32, ...) runs forward through candle's `QMatMul`, and backward through our tiled
+//! dequantisation.
 //!
 //! Accuracy: only the activation rounding differs from `x @ dequant(W)^T`: for output `i`,
 //! `|error| <= sum over blocks b of max|x_b| / (2 QMAX) * sum_{j in b} |W_ij|` (half a
 //! quantisation step per activation; `QMAX` = 32767 or 127). In relative L2 terms that is about
-//! 1e-5 with 16 bits and 3e-3 with 8 bits. The 8-bit error is enough to change a small model's
-//! greedy output (SmolLM2-135M answers "What is the capital of France?" with "L'Étoile..."
-//! instead of the f32 model's "The capital of France is Paris."), hence the 16-bit default.
+//! 3e-5 with 16 bits and 8e-3 with 8 bits (random activations against SmolLM2's weights). The
+//! 8-bit error is enough to change a small model's greedy output (SmolLM2-135M answers "What is
+//! the capital of France?" with "L'Étoile..." instead of the f32 model's "The capital of France
+//! is Paris."), hence the 16-bit default.
 //! `backward_input` is exact up to f32 rounding.
 //!
 //! Threads: a dedicated pool (see [`set_num_threads`]) splits output rows across cores; small

@@ -286,7 +286,8 @@ unsafe fn transpose8(v: [__m256i; 8]) -> [__m256i; 8] {
 /// `vpmaddubsw` multiplies by `|w|` (u8 + 128 would overflow `vpmaddubsw`'s i16 pairs), widened
 /// to i32 every group.
 /// 16-bit activations: W16_VNNI: `vpdpwssd` on i16 weights; W16: `vpmaddwd` + `vpaddd`. Q8_0
-/// stays signed (no offset), the products being signed x signed.
+/// and Q4_0 (as nibble - 8) are packed signed, with no offset term: the products are signed x
+/// signed.
 const MODE_VNNI: u8 = 0;
 const MODE_UBS: u8 = 1;
 const MODE_SIGN: u8 = 2;
@@ -312,7 +313,8 @@ const fn groups(mode: u8) -> usize {
 /// 128, or signed for `MODE_SIGN`), or for the 16-bit modes values `2g, 2g+1` of rows 0..7 as
 /// i16, so one `vpdpbusd` / `vpdpwssd` against broadcast activations yields 8 output columns at
 /// once and no horizontal sums are needed. Per row: the scale `d` and the offset `o` such that a
-/// weight is `d * u + o` (`o` = m for Q4_1, -8d for Q4_0, -128d for Q8_0 in `MODE_VNNI`, else 0).
+/// weight is `d * u + o` (`o` = m for Q4_1; -8d for Q4_0 and -128d for Q8_0 where they are packed
+/// unsigned; else 0).
 const fn panel_units(mode: u8) -> usize {
     groups(mode) + 2
 }
@@ -337,6 +339,12 @@ unsafe fn pack_panel<const F: u8, const MODE: u8>(
             let blk = w.add(j * row_bytes + b * bb(F));
             if is_w16(MODE) {
                 [v[j], v2[j]] = wload16::<F>(blk);
+                if F == F_Q4_0 {
+                    // signed i16 weights need no offset term (one FMA less per block)
+                    let eight = _mm256_set1_epi16(8);
+                    v[j] = _mm256_sub_epi16(v[j], eight);
+                    v2[j] = _mm256_sub_epi16(v2[j], eight);
+                }
             } else {
                 v[j] = wload::<F>(blk);
             }
@@ -344,6 +352,7 @@ unsafe fn pack_panel<const F: u8, const MODE: u8>(
             d[j] = _mm_cvtss_f32(sc);
             o[j] = match F {
                 F_Q4_1 => _mm_cvtss_f32(_mm_movehdup_ps(sc)),
+                F_Q4_0 if is_w16(MODE) => 0.0,
                 F_Q4_0 => -8.0 * d[j],
                 _ if MODE != MODE_VNNI => 0.0,
                 _ => {
@@ -388,8 +397,13 @@ unsafe fn packed_tile<const F: u8, const RA: usize, const NP: usize, const MODE:
     let units = panel_units(MODE);
     let ng = groups(MODE);
     let ab = act_bytes(is_w16(MODE));
-    // Q8_0 has no offset term unless it was made unsigned (`MODE_VNNI`)
-    let offset = F != F_Q8_0 || MODE == MODE_VNNI;
+    // Q4_1 always has an offset term (its `m`); Q4_0 and Q8_0 only where their weights were
+    // packed unsigned (see `pack_panel`)
+    let offset = match F {
+        F_Q4_1 => true,
+        F_Q4_0 => !is_w16(MODE),
+        _ => MODE == MODE_VNNI,
+    };
     let ones = _mm256_set1_epi16(1);
     let mut facc = [[_mm256_setzero_ps(); NP]; RA];
     for b in 0..nb {
