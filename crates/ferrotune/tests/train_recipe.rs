@@ -558,7 +558,7 @@ fn compare_scores_the_base_model_and_a_trained_adapter() {
     };
     let out = compare(
         &mut lm,
-        &[adapter.clone()],
+        std::slice::from_ref(&adapter),
         &s.dir.join("train.jsonl"),
         &opts,
     )
