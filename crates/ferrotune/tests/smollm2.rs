@@ -246,6 +246,39 @@ fn smollm2_gguf_quantized_chat_answers_paris() {
     );
 }
 
+/// The quantized model's perplexity equals transformers' f32 value to about 1e-6 relative (8-bit
+/// activations: 1.3e-3), on the first fixture case.
+#[test]
+fn smollm2_gguf_quantized_perplexity_matches_transformers() {
+    let m = model::load(
+        gguf_path().to_str().unwrap(),
+        &LoadOptions::default(),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let fx: Value = serde_json::from_str(
+        &std::fs::read_to_string(repo().join("tests/fixtures/smollm2/perplexity.json")).unwrap(),
+    )
+    .unwrap();
+    let case = &fx["cases"][0];
+    let file = repo().join(case["file"].as_str().unwrap());
+    let w = case["window"].as_u64().unwrap() as usize;
+    let s = case["stride"].as_u64().unwrap() as usize;
+    let nll = ferrotune::perplexity::file_perplexity(&m.model, &m.tokenizer, &file, w, s).unwrap();
+    let want = case["perplexity"].as_f64().unwrap();
+    let rel = (nll.perplexity() - want).abs() / want;
+    eprintln!(
+        "quantized {} w={w}: ppl {} vs transformers f32 {want}, rel {rel:e}",
+        file.display(),
+        nll.perplexity()
+    );
+    assert!(
+        rel < 1e-4,
+        "quantized perplexity {} vs transformers {want} (rel {rel:e})",
+        nll.perplexity()
+    );
+}
+
 fn tempdir(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("ferrotune-test-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);

@@ -67,6 +67,8 @@ pub enum ActPrecision {
 pub(crate) trait ActInt:
     Copy + Default + Send + Sync + PartialEq + std::fmt::Debug + 'static
 {
+    /// Which SIMD kernels take this type (only the x86 dispatch and the tests read it).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     const PREC: ActPrecision;
     /// Largest magnitude of a quantised value. Symmetric, so the i8 minimum -128 never occurs
     /// (the AVX2 sign trick for Q8_0 weights could not negate it).

@@ -19,7 +19,11 @@
 //! Batched (prefill, training): weights are repacked per call into 8-row panels so one
 //! `vpdpbusd` of a panel against four broadcast activation bytes (or one `vpdpwssd` against two
 //! broadcast i16 activations) produces 8 output columns, and scaling happens once per block and
-//! 8 columns instead of once per block and column.
+//! 8 columns instead of once per block and column. 16-bit activations need 16 `vpdpwssd` per
+//! block where 8 bits need 8 `vpdpbusd`; both share Zen 4's two multiply pipes with the 2-3
+//! scaling FMAs per block, which bounds the 16-bit cost at about (16 + 3) / (8 + 3) = 1.7x
+//! (measured 1.5-1.75x; one core runs about 87 GMAC/s, near that bound). 512-bit `vpdpwssd`
+//! would issue fewer instructions but run on the same two 256-bit pipes.
 //!
 //! Integer overflow: per block, an i32 lane sums at most 32 products; with 16-bit activations
 //! each is at most 128 x 32767 in magnitude (Q8_0; Q4 nibbles 15 x 32767), so a block's sum stays
