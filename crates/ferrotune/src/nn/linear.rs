@@ -62,6 +62,13 @@ pub trait LinearAdapter: std::any::Any + Send + Sync {
     fn delta_weight(&self) -> Result<Option<Tensor>> {
         Ok(None)
     }
+    /// Where the adapter's random stream (dropout masks) stands. Activation checkpointing
+    /// reads it before a layer's forward pass and restores it with [`Self::set_rng_state`]
+    /// before recomputing that pass, so both see the same masks. `None`: no randomness.
+    fn rng_state(&self) -> Option<u64> {
+        None
+    }
+    fn set_rng_state(&self, _state: u64) {}
 }
 
 /// A linear layer `y = x W^T + b`, followed by its attached adapters in order.
@@ -149,5 +156,20 @@ impl Linear {
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         self.forward_t(x, false)
+    }
+
+    /// The random-stream states of the attached adapters, in order (see
+    /// [`LinearAdapter::rng_state`]).
+    pub fn adapter_rng_states(&self) -> Vec<Option<u64>> {
+        self.adapters.iter().map(|(_, a)| a.rng_state()).collect()
+    }
+
+    /// Restore what [`Self::adapter_rng_states`] returned.
+    pub fn set_adapter_rng_states(&self, states: &[Option<u64>]) {
+        for ((_, a), s) in self.adapters.iter().zip(states) {
+            if let Some(s) = s {
+                a.set_rng_state(*s);
+            }
+        }
     }
 }

@@ -14,6 +14,7 @@ mod attention;
 pub mod gradcheck;
 pub(crate) mod kernels;
 mod linear;
+mod linear_cross_entropy;
 mod rms_norm;
 mod rope;
 mod softmax;
@@ -21,6 +22,9 @@ mod swiglu;
 
 pub use attention::{causal_attention, causal_attention_reference};
 pub use linear::{frozen_linear, frozen_linear_reference};
+pub use linear_cross_entropy::{
+    linear_cross_entropy_sum, linear_cross_entropy_sum_reference, FrozenHead,
+};
 pub use rms_norm::{rms_norm, rms_norm_reference};
 pub use rope::{rope, rope_reference};
 pub use softmax::{softmax_last_dim, softmax_last_dim_reference};

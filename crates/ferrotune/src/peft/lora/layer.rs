@@ -161,6 +161,14 @@ impl LinearAdapter for LoraAdapter {
         "lora"
     }
 
+    fn rng_state(&self) -> Option<u64> {
+        Some(self.calls.load(Ordering::Relaxed))
+    }
+
+    fn set_rng_state(&self, state: u64) {
+        self.calls.store(state, Ordering::Relaxed)
+    }
+
     fn forward(&self, x: &Tensor, base_out: Tensor, train: bool) -> Result<Tensor> {
         if !self.is_active() || self.is_merged() {
             return Ok(base_out);
