@@ -90,7 +90,9 @@ pub fn write_hf_folder_dtype(lm: &LoadedModel, dir: &Path, dtype: DType) -> Resu
         .to_string(true)
         .map_err(|e| Error::msg(format!("cannot serialize the tokenizer: {e}")))?;
     write_atomic(&dir.join("tokenizer.json"), tok_json.as_bytes())?;
-    let mut tcfg = serde_json::json!({ "model_max_length": lm.model.cfg.max_position_embeddings, "add_bos_token": false });
+    // The source's BOS behaviour: a folder that dropped (or added) BOS would encode prompts
+    // differently from the model it was written from.
+    let mut tcfg = serde_json::json!({ "model_max_length": lm.model.cfg.max_position_embeddings, "add_bos_token": tok.add_bos() });
     if let Some(t) = tok.chat_template() {
         tcfg["chat_template"] = t.source().into();
     }
@@ -99,6 +101,9 @@ pub fn write_hf_folder_dtype(lm: &LoadedModel, dir: &Path, dtype: DType) -> Resu
     }
     if let Some(e) = tok.eos_token() {
         tcfg["eos_token"] = e.into();
+    }
+    if let Some(p) = tok.pad_id().and_then(|id| tok.inner().id_to_token(id)) {
+        tcfg["pad_token"] = p.into();
     }
     write_atomic(
         &dir.join("tokenizer_config.json"),

@@ -292,7 +292,7 @@ pub fn parse_config(
     } else {
         toml::Value::Table(table.clone())
             .try_into()
-            .map_err(|e| toml_error(path, "", &e))?
+            .map_err(|e| override_error(path, text, &e, overrides, &from_cli))?
     };
     // The data order follows the run's seed unless [data] sets its own.
     let data_seed_set = table
@@ -337,7 +337,22 @@ pub fn parse_config(
         base_dir: base_dir.to_path_buf(),
         effective: table,
     };
-    validate(&loaded)?;
+    // A bad value that came from `--set` is blamed on it, not on the file.
+    validate(&loaded).map_err(|e| match e {
+        Error::Key {
+            source_name,
+            key,
+            what,
+        } => match from_cli.iter().rposition(|k| *k == key) {
+            Some(i) => Error::key(format!("--set `{}`", overrides[i]), key, what),
+            None => Error::Key {
+                source_name,
+                key,
+                what,
+            },
+        },
+        e => e,
+    })?;
     Ok(loaded)
 }
 
@@ -404,6 +419,11 @@ fn parse_value(s: &str) -> toml::Value {
 
 /// One line: `file: line L, column C: message` (or `file: message in `section``).
 fn toml_error(path: &Path, text: &str, e: &toml::de::Error) -> Error {
+    Error::file(path, toml_message(text, e))
+}
+
+/// [`toml_error`] without the file: `line L, column C: message`, or `message (in [table])`.
+fn toml_message(text: &str, e: &toml::de::Error) -> String {
     let msg = e
         .message()
         .trim()
@@ -416,7 +436,7 @@ fn toml_error(path: &Path, text: &str, e: &toml::de::Error) -> Error {
             let col = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
             let section = section_at(before);
             let within = section.map(|s| format!(" (in [{s}])")).unwrap_or_default();
-            Error::file(path, format!("line {line}, column {col}{within}: {msg}"))
+            format!("line {line}, column {col}{within}: {msg}")
         }
         _ => {
             // The key path is only in Display ("...\nin `train`"); keep it, on one line.
@@ -434,8 +454,57 @@ fn toml_error(path: &Path, text: &str, e: &toml::de::Error) -> Error {
                     }
                 })
                 .unwrap_or_default();
-            Error::file(path, format!("{msg}{within}"))
+            format!("{msg}{within}")
         }
+    }
+}
+
+/// An error of the config with `--set` overrides applied, blamed on what caused it: the
+/// `--set` whose key it is about, else the file, with the line number that deserializing the
+/// file alone gives for the same error (the merged table has no spans).
+fn override_error(
+    path: &Path,
+    text: &str,
+    e: &toml::de::Error,
+    overrides: &[String],
+    keys: &[String],
+) -> Error {
+    if let Some(at) = error_key(e) {
+        // `--set a.b=..` causes errors at `a.b` and below, and the unknown key `a` when no table
+        // `a` exists. (A missing key is reported at its table, which a `--set` below it does
+        // not cause.) The last `--set` of a key is the one in force.
+        let unknown = e.message().starts_with("unknown field");
+        let hit = keys.iter().rposition(|k| {
+            *k == at
+                || at.starts_with(&format!("{k}."))
+                || (unknown && k.starts_with(&format!("{at}.")))
+        });
+        if let Some(i) = hit {
+            return Error::msg(format!("--set `{}`: {}", overrides[i], toml_message("", e)));
+        }
+    }
+    match toml::from_str::<TrainConfig>(text) {
+        Err(alone) if alone.message() == e.message() => toml_error(path, text, &alone),
+        _ => toml_error(path, "", e),
+    }
+}
+
+/// The dotted key a span-less error is about: the value's key, or for an unknown key the key
+/// itself (its table is in Display's "in `table`" line; top-level keys have none).
+fn error_key(e: &toml::de::Error) -> Option<String> {
+    let full = e.to_string();
+    let table = full
+        .lines()
+        .find_map(|l| l.strip_prefix("in `"))
+        .map(|k| k.trim_end_matches('`').to_string());
+    let unknown = e
+        .message()
+        .strip_prefix("unknown field `")
+        .and_then(|r| r.split('`').next());
+    match (table, unknown) {
+        (Some(t), Some(k)) => Some(format!("{t}.{k}")),
+        (None, Some(k)) => Some(k.to_string()),
+        (t, None) => t,
     }
 }
 
@@ -721,7 +790,7 @@ completion = " {a}"
         ] {
             let e = parse(MINIMAL, &[set]).unwrap_err().to_string();
             assert!(e.contains(key.rsplit('.').next().unwrap()), "{set}: {e}");
-            assert!(e.starts_with("cfg/run.toml"), "{set}: {e}");
+            assert!(e.starts_with(&format!("--set `{set}`")), "{set}: {e}");
             assert!(!e.contains('\n'), "{e}");
         }
     }

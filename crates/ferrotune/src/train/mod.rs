@@ -304,6 +304,12 @@ pub fn run(c: &LoadedConfig, opts: &RunOptions) -> Result<Summary> {
         source,
         ..
     } = model::load_source(source, &load_opts, &device)?;
+    // The module names are only known once the model is loaded; a target that matches none is
+    // the config's error, so name the file and the key.
+    if cfg.method == Method::Lora {
+        crate::peft::lora::model::resolve_targets(&llama, &cfg.lora.to_peft(&cfg.model))
+            .map_err(|e| Error::key(c.source(), "lora.targets", e))?;
+    }
     let tuner = Tuner::attach(cfg, &mut llama, &cfg.model)?;
     let params = tuner.trainable(&llama);
 

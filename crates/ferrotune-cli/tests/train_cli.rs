@@ -1,0 +1,657 @@
+//! `ferrotune train`, `merge` and `generate --adapter` through the real binary, on the tiny test
+//! model (tests/fixtures/models, 2 layers, vocab 256) with a word-level tokenizer:
+//! - every bad input is one `error:` line naming the file and the line, field or key, exit code
+//!   1, and no output folder left behind;
+//! - a run killed with SIGKILL right after its first checkpoint and continued with `--resume`
+//!   ends with the adapter bytes of an uninterrupted run, and its metrics continue without
+//!   repeating steps;
+//! - a merged model generates what the base model with the adapter attached generates;
+//! - a run leaves summary.json (with its fields), the adapter, metrics.jsonl and loss.png.
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// The first words of the tokenizer; ids 24..256 are `w24`..`w255`, so that every id the model
+/// can generate decodes to a word and generated texts can be compared token for token.
+const WORDS: &[&str] = &[
+    "<unk>", "<s>", "</s>", "<pad>", "=", "say", "rev", "red", "green", "blue", "cat", "dog",
+    "sun", "moon", "tree", "rock", "fish", "bird", "one", "two", "three", "four", "five", "six",
+];
+const VOCAB: usize = 256;
+
+fn repo() -> PathBuf {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    p.canonicalize().unwrap_or(p)
+}
+
+/// A fresh folder for one test.
+fn tmp(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("ferrotune-cli-train-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// `dir/model`: the tiny GQA fixture with a word-level tokenizer that adds BOS.
+fn tiny_model(dir: &Path) -> PathBuf {
+    let d = dir.join("model");
+    std::fs::create_dir_all(&d).unwrap();
+    let src = repo().join("tests/fixtures/models/tiny-llama-gqa-untied");
+    for f in ["config.json", "model.safetensors", "generation_config.json"] {
+        std::fs::copy(src.join(f), d.join(f)).unwrap();
+    }
+    let vocab: serde_json::Map<String, Value> = (0..VOCAB)
+        .map(|i| {
+            let w = WORDS.get(i).map_or(format!("w{i}"), |w| w.to_string());
+            (w, (i as u64).into())
+        })
+        .collect();
+    let special = |id: usize| {
+        serde_json::json!({"id": id, "content": WORDS[id], "single_word": false, "lstrip": false,
+            "rstrip": false, "normalized": false, "special": true})
+    };
+    let tok = serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null,
+        "added_tokens": [special(1), special(2), special(3)],
+        "normalizer": null, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null,
+        "decoder": null,
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"}
+    });
+    std::fs::write(d.join("tokenizer.json"), tok.to_string()).unwrap();
+    std::fs::write(
+        d.join("tokenizer_config.json"),
+        serde_json::json!({"eos_token": "</s>", "bos_token": "<s>", "pad_token": "<pad>",
+            "add_bos_token": true})
+        .to_string(),
+    )
+    .unwrap();
+    d
+}
+
+fn splitmix64(x: &mut u64) -> u64 {
+    *x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    let mut z = *x;
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// `n` JSONL rows {"q": "rev a b c", "a": "c b a"} of 1 to 6 words, seeded.
+fn reverse_rows(n: usize, seed: u64) -> String {
+    let content = &WORDS[7..];
+    let mut s = seed;
+    let mut out = String::new();
+    for _ in 0..n {
+        let k = 1 + (splitmix64(&mut s) % 6) as usize;
+        let ws: Vec<&str> = (0..k)
+            .map(|_| content[(splitmix64(&mut s) % content.len() as u64) as usize])
+            .collect();
+        let rev: Vec<&str> = ws.iter().rev().copied().collect();
+        out.push_str(
+            &serde_json::json!({"q": format!("rev {}", ws.join(" ")), "a": rev.join(" ")})
+                .to_string(),
+        );
+        out.push('\n');
+    }
+    out
+}
+
+/// A run folder: `model/`, `train.jsonl`, `dev.jsonl` and `run.toml` (output_dir `out`), with
+/// `data_extra`, `lora_extra` and `train_extra` appended to their sections.
+struct Setup {
+    dir: PathBuf,
+    config: PathBuf,
+}
+
+impl Setup {
+    fn new(tag: &str, data_extra: &str, lora_extra: &str, train_extra: &str) -> Setup {
+        let dir = tmp(tag);
+        tiny_model(&dir);
+        std::fs::write(dir.join("train.jsonl"), reverse_rows(10, 1)).unwrap();
+        std::fs::write(dir.join("dev.jsonl"), reverse_rows(4, 2)).unwrap();
+        let text = format!(
+            r#"model = "model"
+output_dir = "out"
+
+[data]
+train = "train.jsonl"
+validation = "dev.jsonl"
+template = "{{q}} ="
+completion = " {{a}}"
+{data_extra}
+
+[lora]
+r = 4
+alpha = 8
+targets = "all-linear"
+{lora_extra}
+
+[train]
+batch_size = 2
+max_seq_len = 32
+log_every = 1000
+{train_extra}
+"#
+        );
+        let config = dir.join("run.toml");
+        std::fs::write(&config, text).unwrap();
+        Setup { dir, config }
+    }
+
+    fn out(&self) -> PathBuf {
+        self.dir.join("out")
+    }
+
+    /// `train --config run.toml` plus `args`.
+    fn train_args(&self, args: &[&str]) -> Vec<String> {
+        let mut v = vec![
+            "train".to_string(),
+            "--config".to_string(),
+            self.config.display().to_string(),
+        ];
+        v.extend(args.iter().map(|s| s.to_string()));
+        v
+    }
+
+    /// `ferrotune train` that must fail: its error line, after checking that nothing was
+    /// written (the output folder was never created).
+    fn train_fails(&self, args: &[&str]) -> String {
+        let e = fails(&self.train_args(args));
+        assert!(
+            !self.out().exists(),
+            "a failed run left {} behind: {e}",
+            self.out().display()
+        );
+        e
+    }
+
+    fn train_ok(&self, args: &[&str]) -> Output {
+        succeeds(&self.train_args(args))
+    }
+}
+
+fn ferrotune<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_ferrotune"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn succeeds<S: AsRef<std::ffi::OsStr> + std::fmt::Debug>(args: &[S]) -> Output {
+    let out = ferrotune(args);
+    assert!(
+        out.status.success(),
+        "{args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Run the CLI, expect exit code 1 and exactly one `error:` line on stderr (no panic, no
+/// backtrace); return that line.
+fn fails<S: AsRef<std::ffi::OsStr> + std::fmt::Debug>(args: &[S]) -> String {
+    let out = ferrotune(args);
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "exit code for {args:?}; stderr: {stderr}"
+    );
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "one error line for {args:?}, got: {stderr}");
+    assert!(lines[0].starts_with("error: "), "{stderr}");
+    assert!(
+        !stderr.contains("panicked")
+            && !stderr.contains("backtrace")
+            && !stderr.contains("internal error"),
+        "{stderr}"
+    );
+    lines[0].to_string()
+}
+
+fn metrics(out: &Path) -> Vec<Value> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// (step, loss) of the train lines, and (step, val_loss) of the eval lines.
+type Points = Vec<(u64, f64)>;
+fn curves(out: &Path) -> (Points, Points) {
+    let m = metrics(out);
+    let pick = |kind: &str, field: &str| -> Points {
+        m.iter()
+            .filter(|v| v["type"] == kind)
+            .map(|v| (v["step"].as_u64().unwrap(), v[field].as_f64().unwrap()))
+            .collect()
+    };
+    (pick("train", "loss"), pick("eval", "val_loss"))
+}
+
+// ---- Bad input ---------------------------------------------------------------------------------
+
+#[test]
+fn malformed_jsonl_line_names_the_file_and_line() {
+    let s = Setup::new("badjson", "", "", "max_steps = 2");
+    let rows = reverse_rows(6, 3);
+    let mut lines: Vec<&str> = rows.lines().collect();
+    lines.insert(4, "{\"q\": \"rev red\", \"a\": ");
+    std::fs::write(s.dir.join("train.jsonl"), lines.join("\n") + "\n").unwrap();
+    let e = s.train_fails(&[]);
+    assert!(e.contains("train.jsonl: line 5:"), "{e}");
+    assert!(e.contains("invalid JSON"), "{e}");
+    // The same in the validation file.
+    std::fs::write(s.dir.join("train.jsonl"), reverse_rows(6, 3)).unwrap();
+    std::fs::write(
+        s.dir.join("dev.jsonl"),
+        "{\"q\": \"rev red\", \"a\": \"red\"}\nnot json\n",
+    )
+    .unwrap();
+    let e = s.train_fails(&[]);
+    assert!(e.contains("dev.jsonl: line 2:"), "{e}");
+}
+
+#[test]
+fn row_missing_a_template_field_names_the_file_line_and_field() {
+    let s = Setup::new("missingfield", "", "", "max_steps = 2");
+    let mut rows = reverse_rows(5, 4);
+    rows.push_str("{\"q\": \"rev red cat\"}\n");
+    rows.push_str(&reverse_rows(2, 5));
+    std::fs::write(s.dir.join("train.jsonl"), rows).unwrap();
+    let e = s.train_fails(&[]);
+    assert!(e.contains("train.jsonl: line 6"), "{e}");
+    assert!(e.contains("`a`"), "the field is named: {e}");
+}
+
+#[test]
+fn template_placeholder_absent_from_the_data_is_named() {
+    let s = Setup::new("placeholder", "", "", "max_steps = 2");
+    let e = s.train_fails(&["--set", "data.template=Question: {question} ="]);
+    assert!(e.contains("train.jsonl: line 1"), "{e}");
+    assert!(e.contains("`question`"), "the placeholder is named: {e}");
+}
+
+#[test]
+fn empty_dataset_names_the_file() {
+    let s = Setup::new("empty", "", "", "max_steps = 2");
+    std::fs::write(s.dir.join("train.jsonl"), "").unwrap();
+    let e = s.train_fails(&[]);
+    assert!(e.contains("train.jsonl") && e.contains("empty"), "{e}");
+    // Blank lines only are no rows either.
+    std::fs::write(s.dir.join("train.jsonl"), "\n\n  \n").unwrap();
+    let e = s.train_fails(&[]);
+    assert!(e.contains("train.jsonl") && e.contains("empty"), "{e}");
+}
+
+#[test]
+fn example_too_long_with_length_policy_error_names_the_example() {
+    let s = Setup::new("toolong", "length_policy = \"error\"", "", "max_steps = 2");
+    let mut rows = reverse_rows(3, 6);
+    // BOS + rev + 12 words + "=" prompt, 12 words + EOS completion: 28 tokens.
+    let long = ["red"; 12].join(" ");
+    rows.push_str(&serde_json::json!({"q": format!("rev {long}"), "a": long}).to_string());
+    rows.push('\n');
+    std::fs::write(s.dir.join("train.jsonl"), rows).unwrap();
+    let e = s.train_fails(&["--set", "train.max_seq_len=20"]);
+    assert!(e.contains("train.jsonl: line 4"), "{e}");
+    assert!(
+        e.contains("max_seq_len 20") && e.contains("28 tokens"),
+        "{e}"
+    );
+    // The same rows fit once the limit allows them: the error is about that one example.
+    let out = s.dir.join("fits");
+    s.train_ok(&[
+        "--set",
+        "train.max_seq_len=28",
+        "--set",
+        &format!("output_dir={}", out.display()),
+    ]);
+    assert!(out.join("adapter/adapter_model.safetensors").exists());
+}
+
+#[test]
+fn unknown_lora_target_module_is_named_with_the_config_key() {
+    let s = Setup::new("target", "", "", "max_steps = 2");
+    let text = std::fs::read_to_string(&s.config).unwrap();
+    let text = text.replace(
+        "targets = \"all-linear\"",
+        "targets = [\"q_proj\", \"qkv_proj\"]",
+    );
+    std::fs::write(&s.config, text).unwrap();
+    let e = s.train_fails(&[]);
+    assert!(e.contains("`qkv_proj`"), "{e}");
+    assert!(e.contains("run.toml") && e.contains("lora.targets"), "{e}");
+    // It says which names exist.
+    assert!(e.contains("q_proj") && e.contains("down_proj"), "{e}");
+}
+
+#[test]
+fn unknown_config_key_names_the_file_line_and_key() {
+    let s = Setup::new("cfgkey", "", "", "max_steps = 2\nlr_sheduler = \"cosine\"");
+    let e = s.train_fails(&[]);
+    let line = std::fs::read_to_string(&s.config)
+        .unwrap()
+        .lines()
+        .position(|l| l.starts_with("lr_sheduler"))
+        .unwrap()
+        + 1;
+    assert!(
+        e.contains(&format!("run.toml: line {line},")),
+        "line {line}: {e}"
+    );
+    assert!(e.contains("unknown key `lr_sheduler`"), "{e}");
+    // An unrelated --set does not lose the line number.
+    let e = s.train_fails(&["--set", "train.lr=1e-3"]);
+    assert!(
+        e.contains(&format!("run.toml: line {line},")) && e.contains("`lr_sheduler`"),
+        "line {line} with --set: {e}"
+    );
+    // A bad value in the file: line and key.
+    let s = Setup::new("cfgval", "", "", "max_steps = \"many\"");
+    let e = s.train_fails(&["--set", "train.lr=1e-3"]);
+    assert!(
+        e.contains("run.toml: line") && e.contains("\"many\""),
+        "{e}"
+    );
+}
+
+#[test]
+fn bad_set_key_names_the_override() {
+    let s = Setup::new("setkey", "", "", "max_steps = 2");
+    let e = s.train_fails(&["--set", "train.lr_shedule=linear"]);
+    assert!(e.contains("--set `train.lr_shedule=linear`"), "{e}");
+    assert!(e.contains("unknown key `lr_shedule`"), "{e}");
+    assert!(!e.contains("run.toml"), "the file is not at fault: {e}");
+    // A misspelt section.
+    let e = s.train_fails(&["--set", "trian.lr=1e-3"]);
+    assert!(
+        e.contains("--set `trian.lr=1e-3`") && e.contains("unknown key `trian`"),
+        "{e}"
+    );
+    // A bad value for a real key.
+    let e = s.train_fails(&["--set", "train.max_steps=-3"]);
+    assert!(e.contains("--set `train.max_steps=-3`"), "{e}");
+    // A value of the right type that the checks refuse.
+    let e = s.train_fails(&["--set", "train.lr=-1"]);
+    assert!(
+        e.contains("--set `train.lr=-1`") && e.contains("train.lr"),
+        "{e}"
+    );
+    // Not key=value at all.
+    let e = s.train_fails(&["--set", "train.lr"]);
+    assert!(
+        e.contains("--set `train.lr`") && e.contains("key=value"),
+        "{e}"
+    );
+}
+
+// ---- Kill and resume ---------------------------------------------------------------------------
+
+/// The complete checkpoints of a run (a checkpoint folder appears by rename, complete).
+fn checkpoint_steps(out: &Path) -> Vec<usize> {
+    let Ok(rd) = std::fs::read_dir(out.join("checkpoints")) else {
+        return Vec::new();
+    };
+    let mut v: Vec<usize> = rd
+        .filter_map(|e| {
+            let name = e.ok()?.file_name().to_string_lossy().to_string();
+            name.strip_prefix("step-")?.parse().ok()
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+/// The steps of the complete train lines of metrics.jsonl (a kill may cut the last line).
+fn logged_steps(out: &Path) -> Vec<u64> {
+    let text = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap_or_default();
+    text.lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v["type"] == "train")
+        .filter_map(|v| v["step"].as_u64())
+        .collect()
+}
+
+#[test]
+fn kill_9_then_resume_equals_an_uninterrupted_run() {
+    // Dropout, gradient accumulation, evaluations and several epochs: everything a resume has
+    // to restore. 120 steps take about a second; the kill comes right after step 11 is logged.
+    let max_steps = 120;
+    let s = Setup::new(
+        "resume",
+        "",
+        "dropout = 0.1",
+        &format!(
+            "max_steps = {max_steps}\ngrad_accum = 2\nsave_every = 10\neval_every = 15\nlr = 5e-3\nwarmup_steps = 5\nseed = 9"
+        ),
+    );
+    let out_a = s.dir.join("a");
+    let set_a = format!("output_dir={}", out_a.display());
+    s.train_ok(&["--set", &set_a]);
+
+    let out_b = s.dir.join("b");
+    let set_b = format!("output_dir={}", out_b.display());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ferrotune"))
+        .args(s.train_args(&["--set", &set_b]))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    let first = loop {
+        if let Some(&k) = checkpoint_steps(&out_b).first() {
+            break k;
+        }
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the run ended before its first checkpoint"
+        );
+        assert!(t0.elapsed() < Duration::from_secs(120), "no checkpoint");
+        std::thread::sleep(Duration::from_millis(1));
+    };
+    // Kill as soon as a step after the checkpoint is logged, so that the resume has lines to
+    // drop (a step the checkpoint does not include).
+    while logged_steps(&out_b)
+        .last()
+        .is_none_or(|&s| s <= first as u64)
+    {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the run finished before the kill: make it longer"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    child.kill().unwrap(); // SIGKILL on unix
+    let status = child.wait().unwrap();
+    assert!(!status.success());
+    // The kill landed mid-training: no final adapter or summary, some checkpoints, and logged
+    // steps past the last of them.
+    assert!(!out_b.join("adapter").exists() && !out_b.join("summary.json").exists());
+    let kept = checkpoint_steps(&out_b);
+    let last = *kept.last().unwrap();
+    assert!(first == 10 && last < max_steps, "checkpoints {kept:?}");
+    let logged = logged_steps(&out_b);
+    assert!(
+        *logged.last().unwrap() > last as u64,
+        "steps logged {logged:?}, checkpoints {kept:?}"
+    );
+
+    // Without --resume the folder is refused, and left as it was.
+    let e = fails(&s.train_args(&["--set", &set_b]));
+    assert!(e.contains("--resume") && e.contains("/b"), "{e}");
+    assert_eq!(checkpoint_steps(&out_b), kept);
+
+    let r = s.train_ok(&["--set", &set_b, "--resume"]);
+    let stderr = String::from_utf8_lossy(&r.stderr);
+    assert!(
+        stderr.contains(&format!("resuming from step {last} of {max_steps}")),
+        "{stderr}"
+    );
+    let a = std::fs::read(out_a.join("adapter/adapter_model.safetensors")).unwrap();
+    let b = std::fs::read(out_b.join("adapter/adapter_model.safetensors")).unwrap();
+    assert!(
+        a == b,
+        "the resumed adapter differs from the uninterrupted one"
+    );
+    assert_eq!(
+        std::fs::read(out_a.join("adapter/adapter_config.json")).unwrap(),
+        std::fs::read(out_b.join("adapter/adapter_config.json")).unwrap()
+    );
+
+    // metrics.jsonl continues: each step once, in order, with the uninterrupted run's losses
+    // (steps the kill cut off after the checkpoint were dropped and done again).
+    let (train_a, val_a) = curves(&out_a);
+    let (train_b, val_b) = curves(&out_b);
+    let steps: Vec<u64> = train_b.iter().map(|p| p.0).collect();
+    assert_eq!(steps, (1..=max_steps as u64).collect::<Vec<_>>());
+    assert_eq!(train_a, train_b);
+    assert_eq!(val_a, val_b);
+    let summary: Value =
+        serde_json::from_str(&std::fs::read_to_string(out_b.join("summary.json")).unwrap())
+            .unwrap();
+    assert_eq!(summary["steps"], max_steps);
+    assert_eq!(summary["resumed_from_step"], last);
+    let summary_a: Value =
+        serde_json::from_str(&std::fs::read_to_string(out_a.join("summary.json")).unwrap())
+            .unwrap();
+    assert_eq!(summary["train_tokens"], summary_a["train_tokens"]);
+    assert_eq!(summary["final_val_loss"], summary_a["final_val_loss"]);
+}
+
+// ---- Merge, generate -----------------------------------------------------------------------------
+
+/// `generate --json` greedily, 16 tokens past any EOS: (text, prompt tokens, generated tokens).
+fn generate(model: &Path, adapter: Option<&Path>) -> (String, u64, u64) {
+    let mut args: Vec<String> = [
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "rev red cat fish =",
+        "--max-new-tokens",
+        "16",
+        "--ignore-eos",
+        "--json",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    if let Some(a) = adapter {
+        args.extend(["--adapter".to_string(), a.display().to_string()]);
+    }
+    let out = succeeds(&args);
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    (
+        v["text"].as_str().unwrap().to_string(),
+        v["prompt_tokens"].as_u64().unwrap(),
+        v["generated_tokens"].as_u64().unwrap(),
+    )
+}
+
+#[test]
+fn merged_model_generates_what_the_adapter_on_the_fly_generates() {
+    let s = Setup::new(
+        "merge",
+        "",
+        "",
+        "max_steps = 30\nlr = 1e-2\nwarmup_steps = 3",
+    );
+    s.train_ok(&[]);
+    let model = s.dir.join("model");
+    let adapter = s.out().join("adapter");
+    let merged = s.dir.join("merged");
+    let m = succeeds(&[
+        "merge",
+        "--model",
+        model.to_str().unwrap(),
+        "--adapter",
+        adapter.to_str().unwrap(),
+        "--out",
+        merged.to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&m.stderr);
+    assert!(stderr.contains("merged 14 modules"), "{stderr}");
+
+    let base = generate(&model, None);
+    let on_the_fly = generate(&model, Some(&adapter));
+    let from_merged = generate(&merged, None);
+    // Same prompt tokens: the merged folder keeps the tokenizer's BOS behaviour.
+    assert_eq!(from_merged.1, base.1);
+    assert_eq!(on_the_fly.1, base.1);
+    assert_eq!((on_the_fly.2, from_merged.2), (16, 16));
+    assert_eq!(
+        from_merged.0, on_the_fly.0,
+        "merged vs on-the-fly (base: {:?})",
+        base.0
+    );
+    // Special tokens (BOS, EOS, padding) decode to nothing; the others to one word each.
+    assert!(
+        on_the_fly.0.split_whitespace().count() >= 8,
+        "{on_the_fly:?}"
+    );
+    assert_ne!(on_the_fly.0, base.0, "the adapter changes nothing");
+}
+
+// ---- What a run leaves -----------------------------------------------------------------------
+
+#[test]
+fn train_writes_summary_adapter_metrics_and_plot() {
+    let s = Setup::new("outputs", "", "", "max_steps = 6\neval_every = 3");
+    let r = s.train_ok(&[]);
+    let stderr = String::from_utf8_lossy(&r.stderr);
+    let out = s.out();
+    assert!(
+        stderr.contains(&format!("adapter: {}", out.join("adapter").display())),
+        "{stderr}"
+    );
+    let v: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    for k in [
+        "steps",
+        "train_tokens",
+        "train_tokens_per_s",
+        "peak_rss_bytes",
+        "final_train_loss",
+        "final_val_loss",
+        "wall_s",
+    ] {
+        assert!(
+            v.get(k).is_some_and(Value::is_number),
+            "summary.json: {k} is not a number: {v}"
+        );
+    }
+    assert_eq!(v["steps"], 6);
+    assert!(v["train_tokens"].as_u64().unwrap() > 0);
+    assert!(v["train_tokens_per_s"].as_f64().unwrap() > 0.0);
+    assert!(v["peak_rss_bytes"].as_u64().unwrap() > 1 << 20);
+    assert!(v["wall_s"].as_f64().unwrap() > 0.0);
+    // The summary's losses are the last ones logged.
+    let (train, val) = curves(&out);
+    assert_eq!(
+        train.iter().map(|p| p.0).collect::<Vec<_>>(),
+        vec![1, 2, 3, 4, 5, 6]
+    );
+    assert_eq!(v["final_train_loss"].as_f64(), Some(train[5].1));
+    assert_eq!(val.iter().map(|p| p.0).collect::<Vec<_>>(), vec![0, 3, 6]);
+    assert_eq!(v["final_val_loss"].as_f64(), Some(val[2].1));
+
+    let cfg: Value = serde_json::from_str(
+        &std::fs::read_to_string(out.join("adapter/adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(cfg["peft_type"], "LORA");
+    assert_eq!(cfg["r"], 4);
+    let st = std::fs::read(out.join("adapter/adapter_model.safetensors")).unwrap();
+    // safetensors: an 8-byte header length, then the JSON header naming LoRA tensors.
+    let n = u64::from_le_bytes(st[..8].try_into().unwrap()) as usize;
+    let header = std::str::from_utf8(&st[8..8 + n]).unwrap();
+    assert!(
+        header.contains("lora_A") && header.contains("lora_B"),
+        "{header}"
+    );
+    let png = std::fs::read(out.join("loss.png")).unwrap();
+    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+}
