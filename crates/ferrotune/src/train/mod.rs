@@ -17,6 +17,7 @@ pub mod checkpoint;
 pub mod compare;
 pub mod config;
 pub mod loss;
+pub mod memory;
 pub mod method;
 pub mod optim;
 pub mod report;

@@ -1,0 +1,232 @@
+//! The memory a training run will need, estimated before it starts, and the check that refuses
+//! a run that cannot fit.
+//!
+//! The estimate adds up what the trainer actually allocates (CPU, f32 activations):
+//! - the model's weights as loaded (quantized blocks stay quantized), plus the transposed Q8_0
+//!   copies the quantized backward pass builds ([`crate::quant::BackwardWeights`]);
+//! - trainable parameters with their gradient and AdamW's two moments (f32, 4 copies);
+//! - activations kept for the backward pass, counted tensor by tensor from the decoder layer's
+//!   forward pass (see [`layer_floats_per_token`]); with activation checkpointing, each layer's
+//!   input plus one layer's full set;
+//! - the LM head's working set: one chunk of logits and the gradient of the loss rows;
+//! - the tokenized data set, and a fixed runtime share (code, tokenizer, allocator slack)
+//!   measured on this implementation.
+use crate::model::Llama;
+use crate::nn::{EmbeddingWeight, Linear, LinearWeight};
+
+/// Bytes, by component. `total()` is the expected peak resident set.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct MemoryEstimate {
+    pub weights: u64,
+    pub backward_copies: u64,
+    pub trainable_state: u64,
+    pub activations: u64,
+    pub head: u64,
+    pub data: u64,
+    pub runtime: u64,
+}
+
+/// What the estimate depends on besides the model.
+#[derive(Clone, Debug)]
+pub struct TrainShape {
+    /// Largest micro-batch: rows × padded length.
+    pub max_batch_tokens: usize,
+    /// Largest number of loss tokens in one micro-batch (bounded by `max_batch_tokens`).
+    pub max_loss_tokens: usize,
+    pub trainable_params: usize,
+    pub checkpointing: bool,
+    /// LoRA dropout > 0 keeps a mask and a masked copy of each adapted input.
+    pub dropout: bool,
+    /// Whether quantized linears build transposed Q8_0 copies for the backward pass.
+    pub q8_backward: bool,
+    /// Tokens in the tokenized train and validation sets.
+    pub data_tokens: usize,
+}
+
+/// Code, tokenizer, thread stacks and allocator slack: the resident set of a run with a tiny
+/// model, measured on the development machine.
+const RUNTIME_BYTES: u64 = 60 << 20;
+/// Logits per chunk of the fused LM-head loss (see `ops::linear_cross_entropy`).
+const HEAD_CHUNK_FLOATS: u64 = 8 << 20;
+
+impl MemoryEstimate {
+    pub fn total(&self) -> u64 {
+        self.weights
+            + self.backward_copies
+            + self.trainable_state
+            + self.activations
+            + self.head
+            + self.data
+            + self.runtime
+    }
+
+    /// One line per component, then the total.
+    pub fn table(&self) -> String {
+        let h = crate::inspect::human_bytes;
+        format!(
+            "memory estimate: weights {} + backward copies {} + trainable state {} + activations {} + LM head {} + data {} + runtime {} = {}",
+            h(self.weights),
+            h(self.backward_copies),
+            h(self.trainable_state),
+            h(self.activations),
+            h(self.head),
+            h(self.data),
+            h(self.runtime),
+            h(self.total())
+        )
+    }
+}
+
+/// f32 values one decoder layer keeps per token for the backward pass, by the tensors its
+/// forward pass creates (every one stays referenced by the autograd graph):
+/// - attention: input norm (h), q/k/v projections (q + 2kv), their head-major copies (q + 2kv),
+///   RoPE of q and k (q + kv), the attention output (q) and its token-major copy (q), the
+///   output projection (h), the residual sum (h);
+/// - MLP: the norm (h), gate and up (2i), SwiGLU (i), down (h), the residual sum (h);
+/// - each adapted linear (in → out, rank r): A·x (r), B·A·x (out), the scaled copy (out) and
+///   the sum with the base output (out); with dropout also the mask and masked input (2 in).
+pub fn layer_floats_per_token(model: &Llama, dropout: bool) -> u64 {
+    let c = &model.cfg;
+    let h = c.hidden_size as u64;
+    let hd = c.head_dim as u64;
+    let q = c.num_attention_heads as u64 * hd;
+    let kv = c.num_key_value_heads as u64 * hd;
+    let i = c.intermediate_size as u64;
+    let base = 6 * h + 5 * q + 5 * kv + 3 * i;
+    let adapters: u64 = model
+        .layers
+        .first()
+        .map(|l| {
+            let (a, m) = (&l.self_attn, &l.mlp);
+            [
+                &a.q_proj,
+                &a.k_proj,
+                &a.v_proj,
+                &a.o_proj,
+                &m.gate_proj,
+                &m.up_proj,
+                &m.down_proj,
+            ]
+            .into_iter()
+            .map(|lin| adapter_floats(lin, dropout))
+            .sum()
+        })
+        .unwrap_or(0);
+    base + adapters
+}
+
+fn adapter_floats(lin: &Linear, dropout: bool) -> u64 {
+    if !lin.has_active_adapters() {
+        return 0;
+    }
+    let (out, inp) = (lin.out_features() as u64, lin.in_features() as u64);
+    lin.adapters()
+        .map(|(_, a)| {
+            let r: u64 = a
+                .trainable_params()
+                .iter()
+                .find(|(n, _)| n.contains("lora_A"))
+                .map(|(_, v)| v.dims()[0] as u64)
+                .unwrap_or(0);
+            r + 3 * out + if dropout { 2 * inp } else { 0 }
+        })
+        .sum()
+}
+
+fn linear_bytes(lin: &Linear) -> u64 {
+    lin.weight().storage_bytes() as u64 + lin.bias().map_or(0, |b| (b.elem_count() * 4) as u64)
+}
+
+/// The estimate for training `model` (adapters attached) at `shape`.
+pub fn estimate(model: &Llama, shape: &TrainShape) -> MemoryEstimate {
+    let c = &model.cfg;
+    let h = c.hidden_size as u64;
+    let layers = model.layers.len() as u64;
+    let tokens = shape.max_batch_tokens as u64;
+
+    // Weights; a tied LM head shares the embedding's storage.
+    let emb = match model.embed_tokens.weight() {
+        EmbeddingWeight::Frozen(w) => (w.elem_count() * w.dtype().size_in_bytes()) as u64,
+        EmbeddingWeight::Trainable(v) => (v.elem_count() * v.dtype().size_in_bytes()) as u64,
+        EmbeddingWeight::Quantized(q) => q.storage_bytes() as u64,
+    };
+    // norms: two per layer and the final one, f32
+    let mut weights = emb + (2 * layers + 1) * h * 4;
+    let mut backward_copies = 0u64;
+    let tied = c.tie_word_embeddings;
+    let linears = model.linears();
+    let n_linears = linears.len();
+    for (k, lin) in linears.into_iter().enumerate() {
+        let is_head = k + 1 == n_linears;
+        if !(is_head && tied) {
+            weights += linear_bytes(lin);
+        }
+        if shape.q8_backward {
+            if let LinearWeight::Quantized(q) = lin.weight() {
+                let (out, inp) = q.shape();
+                if out % 32 == 0 {
+                    backward_copies += (inp * out / 32 * 34) as u64;
+                }
+            }
+        }
+    }
+
+    let trainable_state = shape.trainable_params as u64 * 4 * 4;
+
+    let per_layer = layer_floats_per_token(model, shape.dropout) * 4;
+    let activations = if shape.checkpointing {
+        // every layer's input, plus one layer recomputed with its graph
+        tokens * ((layers + 1) * h * 4 + per_layer)
+    } else {
+        // embeddings, every layer's graph, the final norm
+        tokens * (layers * per_layer + 2 * h * 4)
+    };
+    // the backward pass holds about one layer's worth of gradients at a time
+    let backward_transient = tokens * per_layer;
+
+    let vocab = c.vocab_size as u64;
+    let chunk = HEAD_CHUNK_FLOATS.min(shape.max_loss_tokens as u64 * vocab);
+    let head = chunk * 4 * 2 + shape.max_loss_tokens as u64 * h * 4 * 2;
+
+    // ids (u32) and labels (i64) per token, plus the text they came from (about 4 bytes a token)
+    let data = shape.data_tokens as u64 * 16;
+
+    MemoryEstimate {
+        weights,
+        backward_copies,
+        trainable_state,
+        activations: activations + backward_transient,
+        head,
+        data,
+        runtime: RUNTIME_BYTES,
+    }
+}
+
+/// Memory this process may still use: the cgroup limit (containers) or `MemAvailable`, plus
+/// what the process already holds. `None` where neither can be read.
+pub fn available_bytes() -> Option<u64> {
+    let cgroup = std::fs::read_to_string("/sys/fs/cgroup/memory.max")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok());
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok().and_then(|s| {
+        s.lines()
+            .find_map(|l| l.strip_prefix("MemAvailable:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map(|kb| kb * 1024 + current_rss_bytes())
+    });
+    match (cgroup, meminfo) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+fn current_rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
