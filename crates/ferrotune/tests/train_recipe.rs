@@ -384,6 +384,36 @@ fn loss_decreases_on_a_task_the_model_can_overfit() {
     assert!(tail < 0.3 * head, "train loss {head} -> {tail}");
 }
 
+/// `data.packing = true` end to end: the config is accepted, validation (packed too) scores
+/// the untrained model exactly as an unpacked run does, and the packed run learns the task.
+#[test]
+fn packed_run_scores_validation_like_an_unpacked_run_and_learns() {
+    let rows = reverse_rows(12, 31);
+    let extra = "max_steps = 30\nlr = 1e-2\neval_every = 30\neval_batches = 0\nwarmup_steps = 3";
+    let s = setup("packed", &rows, &rows, extra, "");
+    let out = |d: &str| format!("output_dir={}", s.dir.join(d).display());
+    let plain = train::run(&load(&s, &[out("plain").as_str()]), &quiet(false)).unwrap();
+    let packed = train::run(
+        &load(&s, &[out("packed").as_str(), "data.packing=true"]),
+        &quiet(false),
+    )
+    .unwrap();
+    let (p0, u0) = (
+        packed.initial_val_loss.unwrap(),
+        plain.initial_val_loss.unwrap(),
+    );
+    assert!((p0 - u0).abs() < 1e-5 * u0, "initial val loss {p0} vs {u0}");
+    // Rows hold several examples, so the same steps cover more epochs.
+    assert!(
+        packed.epochs > 1.5 * plain.epochs,
+        "epochs {} vs {}",
+        packed.epochs,
+        plain.epochs
+    );
+    let last = packed.final_val_loss.unwrap();
+    assert!(last < 0.3 * p0, "packed val loss {p0} -> {last}");
+}
+
 #[test]
 fn run_outputs_summary_metrics_plot_and_a_loadable_adapter() {
     // 10 examples in batches of 2: 5 batches per epoch; 10 steps are exactly 2 epochs, so every

@@ -247,7 +247,59 @@ impl Llama {
         let mut cache = cache;
         for (i, layer) in self.layers.iter().enumerate() {
             let slot = cache.as_mut().map(|c| &mut c.layers[i]);
-            x = layer.forward(&x, &cos, &sin, offset, slot, train)?;
+            x = layer.forward_masked(&x, &cos, &sin, offset, slot, None, train)?;
+        }
+        self.norm.forward(&x)
+    }
+
+    /// Hidden states after the final norm for packed rows: ids (b, t) -> (b, t, hidden).
+    ///
+    /// `positions` (b, t) is each token's position within its own example and `segments`
+    /// (b, t) the example it belongs to (ids as [`ops::causal_attention_segments`] takes them;
+    /// the data pipeline's `position_ids` and `segment_ids`). A token attends only to earlier
+    /// tokens of its segment, so each example of a row computes exactly what it would alone.
+    /// No KV cache: this is for training and scoring whole rows.
+    ///
+    /// RoPE scores depend only on relative positions, so once attention stays within segments
+    /// an offset per example changes nothing but rounding; the positions still restart so that
+    /// each example sees the very tables (and rounding) it sees alone.
+    pub fn forward_hidden_packed(
+        &self,
+        ids: &Tensor,
+        positions: &Tensor,
+        segments: &Tensor,
+        train: bool,
+    ) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        for (name, x) in [("positions", positions), ("segments", segments)] {
+            if x.dims() != [b, t] {
+                candle_core::bail!(
+                    "packed forward: {name} have shape {:?} but the ids have ({b}, {t})",
+                    x.dims()
+                );
+            }
+        }
+        let positions = positions.to_dtype(DType::U32)?.flatten_all()?;
+        let max_pos = positions.max(0)?.to_scalar::<u32>()? as usize;
+        if max_pos >= self.cos.dim(0)? {
+            candle_core::bail!(
+                "position {max_pos} exceeds the model's context window of {}",
+                self.cos.dim(0)?
+            );
+        }
+        // Per-token rope tables (b, t, head_dim/2), gathered once for all layers.
+        let half = self.cos.dim(1)?;
+        let cos = self
+            .cos
+            .index_select(&positions, 0)?
+            .reshape((b, t, half))?;
+        let sin = self
+            .sin
+            .index_select(&positions, 0)?
+            .reshape((b, t, half))?;
+        let mut x = self.embed_tokens.forward(ids)?;
+        for layer in &self.layers {
+            x = layer.forward_masked(&x, &cos, &sin, 0, None, Some(segments), train)?;
         }
         self.norm.forward(&x)
     }
@@ -278,8 +330,26 @@ impl DecoderLayer {
         cache: Option<&mut Option<(Tensor, Tensor)>>,
         train: bool,
     ) -> Result<Tensor> {
+        self.forward_masked(x, cos, sin, offset, cache, None, train)
+    }
+
+    /// [`Self::forward`] with optional segment ids (b, t) that keep attention within each
+    /// packed example (no cache then); cos/sin may be per-row `(b, t, head_dim/2)` tables.
+    #[allow(clippy::too_many_arguments)]
+    fn forward_masked(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        offset: usize,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        segments: Option<&Tensor>,
+        train: bool,
+    ) -> Result<Tensor> {
         let h = self.input_layernorm.forward(x)?;
-        let h = self.self_attn.forward(&h, cos, sin, offset, cache, train)?;
+        let h = self
+            .self_attn
+            .forward(&h, cos, sin, offset, cache, segments, train)?;
         let x = (x + h)?;
         let h = self.post_attention_layernorm.forward(&x)?;
         let h = self.mlp.forward(&h, train)?;
@@ -288,6 +358,7 @@ impl DecoderLayer {
 }
 
 impl Attention {
+    #[allow(clippy::too_many_arguments)]
     fn forward(
         &self,
         x: &Tensor,
@@ -295,6 +366,7 @@ impl Attention {
         sin: &Tensor,
         offset: usize,
         cache: Option<&mut Option<(Tensor, Tensor)>>,
+        segments: Option<&Tensor>,
         train: bool,
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
@@ -308,6 +380,7 @@ impl Attention {
         let v = heads(self.v_proj.forward_t(x, train)?, self.n_kv_heads)?;
         let q = ops::rope(&q, cos, sin)?;
         let k = ops::rope(&k, cos, sin)?;
+        let cache_used = cache.is_some();
         let (k, v) = match cache {
             None => (k, v),
             Some(slot) => {
@@ -320,7 +393,13 @@ impl Attention {
             }
         };
         let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let y = ops::causal_attention(&q, &k, &v, scale, offset)?;
+        let y = match segments {
+            Some(_) if cache_used => {
+                candle_core::bail!("segment ids cannot be combined with a KV cache")
+            }
+            Some(seg) => ops::causal_attention_segments(&q, &k, &v, scale, seg)?,
+            None => ops::causal_attention(&q, &k, &v, scale, offset)?,
+        };
         let y = y
             .transpose(1, 2)?
             .reshape((b, t, self.n_heads * self.head_dim))?;

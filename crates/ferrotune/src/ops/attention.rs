@@ -12,6 +12,12 @@
 //! with fewer than [`DECODE_MAX_T`] query tokens (the per-token decode step) take a
 //! flash-decoding path instead ([`forward_decode`]): dot/axpy loops over key chunks, each
 //! query-head group sharing its kv rows.
+//!
+//! Packed rows ([`causal_attention_segments`]) hold several examples one after the other; a
+//! query only sees keys of its own example. The row is cut into runs of equal segment id and
+//! query blocks never straddle a run boundary, so a block's keys start at its run's first
+//! position: the kernel computes no score across examples, and a packed row costs what its
+//! examples cost one by one (plus nothing but the same partial last block per example).
 use super::kernels::{self, multiversion, Float};
 use super::softmax::softmax_last_dim_reference;
 use candle_core::backend::BackendStorage;
@@ -49,6 +55,19 @@ pub fn causal_attention(
     {
         return causal_attention_reference(q, k, v, scale, q_offset);
     }
+    attention_kernel(q, k, v, scale, q_offset, dims, None)
+}
+
+/// The fused op on CPU f32/f64 inputs, with `runs` from [`segment_runs`] for packed rows.
+fn attention_kernel(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    q_offset: usize,
+    dims: Dims,
+    runs: Option<Vec<Vec<(usize, usize)>>>,
+) -> Result<Tensor> {
     // The kernels read rows through strides; only the head dim must be contiguous.
     let rows_ok = |x: &Tensor| -> Result<Tensor> {
         if x.stride()[3] == 1 {
@@ -63,10 +82,35 @@ pub fn causal_attention(
         dims,
         scale,
         q_offset,
+        runs,
         keep_lse,
         lse: Mutex::new(None),
     };
     q.apply_op3(&k, &v, op)
+}
+
+/// Causal attention within segments, for packed rows: query `i` of batch row `r` attends key
+/// `j` iff `j <= i` and `segments[r][i] == segments[r][j]`.
+///
+/// `q` is `(b, hq, t, d)`, `k`, `v` are `(b, hkv, t, d)` (no KV cache) and `segments` is
+/// `(b, t)` of an integer dtype: the example index of each token (the data pipeline writes 1, 2,
+/// ... and 0 on padding). Each id must occupy one contiguous run of its row, as packing
+/// produces; padding is just another segment, so its rows stay finite. Gradients reach q, k, v.
+pub fn causal_attention_segments(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    segments: &Tensor,
+) -> Result<Tensor> {
+    let dims = Dims::new(q, k, v, 0)?;
+    let runs = segment_runs(segments, dims.b, dims.t)?;
+    if kernels::cpu_kernel_dtype(&[q, k, v]).is_none()
+        || [q, k, v].iter().any(|t| t.elem_count() == 0)
+    {
+        return causal_attention_segments_reference(q, k, v, scale, segments);
+    }
+    attention_kernel(q, k, v, scale, 0, dims, Some(runs))
 }
 
 /// The same function composed from ordinary differentiable candle ops (used off-CPU, for
@@ -79,18 +123,8 @@ pub fn causal_attention_reference(
     scale: f64,
     q_offset: usize,
 ) -> Result<Tensor> {
-    let Dims {
-        b,
-        hq,
-        hkv,
-        t,
-        s,
-        d,
-    } = Dims::new(q, k, v, q_offset)?;
-    let n_rep = hq / hkv;
-    let qg = q.reshape((b, hkv, n_rep * t, d))?;
-    let att = (qg.matmul(&k.t()?)? * scale)?.reshape((b, hkv, n_rep, t, s))?;
-    let att = if t > 1 {
+    let Dims { t, s, .. } = Dims::new(q, k, v, q_offset)?;
+    let mask = if t > 1 {
         let mask: Vec<f32> = (0..t)
             .flat_map(|i| {
                 (0..s).map(move |j| {
@@ -102,13 +136,95 @@ pub fn causal_attention_reference(
                 })
             })
             .collect();
-        let mask = Tensor::from_vec(mask, (t, s), q.device())?.to_dtype(att.dtype())?;
-        att.broadcast_add(&mask)?
+        Some(Tensor::from_vec(mask, (t, s), q.device())?)
     } else {
-        att
+        None
+    };
+    masked_attention(q, k, v, scale, mask.as_ref())
+}
+
+/// [`causal_attention_segments`] composed from ordinary differentiable candle ops: the mask is
+/// a `(b, 1, 1, t, t)` tensor of 0/−inf, built from `segments` with candle ops too.
+pub fn causal_attention_segments_reference(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    segments: &Tensor,
+) -> Result<Tensor> {
+    let Dims { b, t, .. } = Dims::new(q, k, v, 0)?;
+    segment_runs(segments, b, t)?;
+    let seg = segments.to_dtype(DType::U32)?;
+    let same = seg.unsqueeze(2)?.broadcast_eq(&seg.unsqueeze(1)?)?; // (b, t, t)
+    let causal = Tensor::tril2(t, DType::U8, q.device())?;
+    let allowed = same.broadcast_mul(&causal)?;
+    let zero = Tensor::zeros((b, t, t), DType::F32, q.device())?;
+    let minus_inf = Tensor::full(f32::NEG_INFINITY, (b, t, t), q.device())?;
+    let mask = allowed
+        .where_cond(&zero, &minus_inf)?
+        .reshape((b, 1, 1, t, t))?;
+    masked_attention(q, k, v, scale, Some(&mask))
+}
+
+/// `softmax(scale · q kᵀ + mask) v` with query heads grouped by kv head; `mask` (f32) broadcasts
+/// to `(b, hkv, n_rep, t, s)`.
+fn masked_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    mask: Option<&Tensor>,
+) -> Result<Tensor> {
+    let (b, hq, t, d) = q.dims4()?;
+    let (_, hkv, s, _) = k.dims4()?;
+    let n_rep = hq / hkv;
+    let qg = q.reshape((b, hkv, n_rep * t, d))?;
+    let att = (qg.matmul(&k.t()?)? * scale)?.reshape((b, hkv, n_rep, t, s))?;
+    let att = match mask {
+        Some(m) => att.broadcast_add(&m.to_dtype(att.dtype())?)?,
+        None => att,
     };
     let p = softmax_last_dim_reference(&att)?.reshape((b, hkv, n_rep * t, s))?;
     p.matmul(v)?.reshape((b, hq, t, d))
+}
+
+/// The runs `(start, end)` of equal id in each row of `segments` `(b, t)`. Errors if the shape
+/// is wrong or an id comes back after another one (it would not be one example).
+fn segment_runs(segments: &Tensor, b: usize, t: usize) -> Result<Vec<Vec<(usize, usize)>>> {
+    if segments.dims() != [b, t] {
+        bail!(
+            "causal_attention: segments have shape {:?} but q needs ({b}, {t})",
+            segments.dims()
+        )
+    }
+    if !segments.dtype().is_int() {
+        bail!(
+            "causal_attention: segments must be integer ids, not {:?}",
+            segments.dtype()
+        )
+    }
+    let ids: Vec<Vec<u32>> = segments.to_dtype(DType::U32)?.to_vec2()?;
+    let mut out = Vec::with_capacity(b);
+    for (r, row) in ids.iter().enumerate() {
+        let mut runs = Vec::new();
+        let mut start = 0;
+        for j in 1..=t {
+            if j == t || row[j] != row[start] {
+                runs.push((start, j));
+                start = j;
+            }
+        }
+        let mut seen: Vec<u32> = runs.iter().map(|&(a, _)| row[a]).collect();
+        seen.sort_unstable();
+        if let Some(w) = seen.windows(2).find(|w| w[0] == w[1]) {
+            bail!(
+                "causal_attention: segment id {} is not contiguous in row {r} of segments",
+                w[0]
+            )
+        }
+        out.push(runs);
+    }
+    Ok(out)
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -260,6 +376,10 @@ struct Ctx<'a, T> {
     dims: Dims,
     scale: T,
     q_offset: usize,
+    /// Packed rows: the runs of each batch row (see [`segment_runs`]); `q_offset` is then 0.
+    runs: Option<&'a [Vec<(usize, usize)>]>,
+    /// The single run `(0, t)` of an unpacked row.
+    whole: [(usize, usize); 1],
 }
 
 impl<T> Ctx<'_, T> {
@@ -268,6 +388,16 @@ impl<T> Ctx<'_, T> {
     fn head(&self, bh: usize) -> (usize, usize, usize) {
         let (b, h) = (bh / self.dims.hq, bh % self.dims.hq);
         (b, h, h / (self.dims.hq / self.dims.hkv))
+    }
+
+    /// The query runs of batch row `b`: a query of run `(a, e)` sees keys
+    /// `a ..= q_offset + i` (and `a` is 0 without segments).
+    #[inline(always)]
+    fn runs(&self, b: usize) -> &[(usize, usize)] {
+        match self.runs {
+            Some(r) => &r[b],
+            None => &self.whole,
+        }
     }
 }
 
@@ -292,50 +422,54 @@ fn head_forward_body<T: Float>(
     lse: &mut [T],
     scratch: &mut Vec<T>,
 ) {
-    let Dims { t, d, .. } = c.dims;
+    let d = c.dims.d;
     let (b, h, g) = c.head(bh);
     let q = &c.q[c.qr.head(b, h)..];
-    let k = &c.k[c.kr.head(b, g)..];
-    let v = &c.v[c.vr.head(b, g)..];
-    for r0 in (0..t).step_by(BLOCK_ROWS) {
-        let rows = BLOCK_ROWS.min(t - r0);
-        let nk = c.q_offset + r0 + rows; // keys visible to the block's last row
-        scratch.clear();
-        scratch.resize(rows * nk, T::ZERO);
-        let q_blk = &q[r0 * c.qr.rs..];
-        let out_blk = &mut out[r0 * d..(r0 + rows) * d];
-        block_gemm(
-            (rows, nk, d),
-            scratch,
-            (nk, 1),
-            false,
-            q_blk,
-            (c.qr.rs, 1),
-            k,
-            (1, c.kr.rs),
-            c.scale,
-        );
-        for (i, srow) in scratch.chunks_exact_mut(nk).enumerate() {
-            lse[r0 + i] = softmax_row(srow, c.q_offset + r0 + i + 1);
+    for &(a, e) in c.runs(b) {
+        // Keys a.. only: the run's first key (0 without segments).
+        let k = &c.k[c.kr.head(b, g) + a * c.kr.rs..];
+        let v = &c.v[c.vr.head(b, g) + a * c.vr.rs..];
+        for r0 in (a..e).step_by(BLOCK_ROWS) {
+            let rows = BLOCK_ROWS.min(e - r0);
+            let nk = c.q_offset + r0 + rows - a; // keys visible to the block's last row
+            scratch.clear();
+            scratch.resize(rows * nk, T::ZERO);
+            let q_blk = &q[r0 * c.qr.rs..];
+            let out_blk = &mut out[r0 * d..(r0 + rows) * d];
+            block_gemm(
+                (rows, nk, d),
+                scratch,
+                (nk, 1),
+                false,
+                q_blk,
+                (c.qr.rs, 1),
+                k,
+                (1, c.kr.rs),
+                c.scale,
+            );
+            for (i, srow) in scratch.chunks_exact_mut(nk).enumerate() {
+                lse[r0 + i] = softmax_row(srow, c.q_offset + r0 + i + 1 - a);
+            }
+            block_gemm(
+                (rows, d, nk),
+                out_blk,
+                (d, 1),
+                false,
+                scratch,
+                (nk, 1),
+                v,
+                (c.vr.rs, 1),
+                T::ONE,
+            );
         }
-        block_gemm(
-            (rows, d, nk),
-            out_blk,
-            (d, 1),
-            false,
-            scratch,
-            (nk, 1),
-            v,
-            (c.vr.rs, 1),
-            T::ONE,
-        );
     }
 }
 multiversion!(fn head_forward<T>(c: &Ctx<'_, T>, bh: usize, out: &mut [T], lse: &mut [T], scratch: &mut Vec<T>) = head_forward_body;);
 
 fn forward<T: Float>(c: &Ctx<'_, T>) -> (Vec<T>, Vec<T>) {
     let Dims { b, hq, t, s, d, .. } = c.dims;
-    if t < DECODE_MAX_T {
+    // The decode path knows no segments; packed rows are long anyway.
+    if t < DECODE_MAX_T && c.runs.is_none() {
         return forward_decode(c);
     }
     let mut out = vec![T::ZERO; b * hq * t * d];
@@ -514,96 +648,99 @@ fn head_backward_body<T: Float>(
     let Dims { t, d, .. } = c.dims;
     let (b, h, g) = c.head(bh);
     let q = &c.q[c.qr.head(b, h)..];
-    let k = &c.k[c.kr.head(b, g)..];
-    let v = &c.v[c.vr.head(b, g)..];
     let o = &gr.o[bh * t * d..(bh + 1) * t * d];
     let dout = &gr.dout[bh * t * d..(bh + 1) * t * d];
     let lse = &gr.lse[bh * t..(bh + 1) * t];
     let (p, ds) = scratch;
-    for r0 in (0..t).step_by(BLOCK_ROWS) {
-        let rows = BLOCK_ROWS.min(t - r0);
-        let nk = c.q_offset + r0 + rows;
-        p.clear();
-        p.resize(rows * nk, T::ZERO);
-        ds.clear();
-        ds.resize(rows * nk, T::ZERO);
-        let q_blk = &q[r0 * c.qr.rs..];
-        let do_blk = &dout[r0 * d..(r0 + rows) * d];
-        // P = exp(scale·Q Kᵀ − lse), zero above the diagonal.
-        block_gemm(
-            (rows, nk, d),
-            p,
-            (nk, 1),
-            false,
-            q_blk,
-            (c.qr.rs, 1),
-            k,
-            (1, c.kr.rs),
-            c.scale,
-        );
-        for (i, prow) in p.chunks_exact_mut(nk).enumerate() {
-            let n_valid = c.q_offset + r0 + i + 1;
-            let l = lse[r0 + i];
-            let (valid, masked) = prow.split_at_mut(n_valid);
-            for x in valid.iter_mut() {
-                *x = (*x - l).exp();
+    for &(a, e) in c.runs(b) {
+        // Keys a.. only (see head_forward_body); dk/dv rows a.. receive this run's gradient.
+        let k = &c.k[c.kr.head(b, g) + a * c.kr.rs..];
+        let v = &c.v[c.vr.head(b, g) + a * c.vr.rs..];
+        for r0 in (a..e).step_by(BLOCK_ROWS) {
+            let rows = BLOCK_ROWS.min(e - r0);
+            let nk = c.q_offset + r0 + rows - a;
+            p.clear();
+            p.resize(rows * nk, T::ZERO);
+            ds.clear();
+            ds.resize(rows * nk, T::ZERO);
+            let q_blk = &q[r0 * c.qr.rs..];
+            let do_blk = &dout[r0 * d..(r0 + rows) * d];
+            // P = exp(scale·Q Kᵀ − lse), zero above the diagonal.
+            block_gemm(
+                (rows, nk, d),
+                p,
+                (nk, 1),
+                false,
+                q_blk,
+                (c.qr.rs, 1),
+                k,
+                (1, c.kr.rs),
+                c.scale,
+            );
+            for (i, prow) in p.chunks_exact_mut(nk).enumerate() {
+                let n_valid = c.q_offset + r0 + i + 1 - a;
+                let l = lse[r0 + i];
+                let (valid, masked) = prow.split_at_mut(n_valid);
+                for x in valid.iter_mut() {
+                    *x = (*x - l).exp();
+                }
+                masked.fill(T::ZERO);
             }
-            masked.fill(T::ZERO);
-        }
-        // dV += Pᵀ dO;  dP = dO Vᵀ
-        block_gemm(
-            (nk, d, rows),
-            dv,
-            (d, 1),
-            true,
-            p,
-            (1, nk),
-            do_blk,
-            (d, 1),
-            T::ONE,
-        );
-        block_gemm(
-            (rows, nk, d),
-            ds,
-            (nk, 1),
-            false,
-            do_blk,
-            (d, 1),
-            v,
-            (1, c.vr.rs),
-            T::ONE,
-        );
-        // dS = P ∘ (dP − ⟨dO, O⟩) · scale  (the row sum of P ∘ dP equals ⟨dO_i, O_i⟩)
-        for (i, (prow, dsrow)) in p.chunks_exact(nk).zip(ds.chunks_exact_mut(nk)).enumerate() {
-            let oi = &o[(r0 + i) * d..(r0 + i + 1) * d];
-            let di = kernels::dot(&do_blk[i * d..(i + 1) * d], oi);
-            for (x, pv) in dsrow.iter_mut().zip(prow) {
-                *x = *pv * (*x - di) * c.scale;
+            // dV += Pᵀ dO;  dP = dO Vᵀ
+            block_gemm(
+                (nk, d, rows),
+                &mut dv[a * d..],
+                (d, 1),
+                true,
+                p,
+                (1, nk),
+                do_blk,
+                (d, 1),
+                T::ONE,
+            );
+            block_gemm(
+                (rows, nk, d),
+                ds,
+                (nk, 1),
+                false,
+                do_blk,
+                (d, 1),
+                v,
+                (1, c.vr.rs),
+                T::ONE,
+            );
+            // dS = P ∘ (dP − ⟨dO, O⟩) · scale  (the row sum of P ∘ dP equals ⟨dO_i, O_i⟩)
+            for (i, (prow, dsrow)) in p.chunks_exact(nk).zip(ds.chunks_exact_mut(nk)).enumerate() {
+                let oi = &o[(r0 + i) * d..(r0 + i + 1) * d];
+                let di = kernels::dot(&do_blk[i * d..(i + 1) * d], oi);
+                for (x, pv) in dsrow.iter_mut().zip(prow) {
+                    *x = *pv * (*x - di) * c.scale;
+                }
             }
+            // dQ = dS K;  dK += dSᵀ Q
+            block_gemm(
+                (rows, d, nk),
+                &mut dq[r0 * d..(r0 + rows) * d],
+                (d, 1),
+                false,
+                ds,
+                (nk, 1),
+                k,
+                (c.kr.rs, 1),
+                T::ONE,
+            );
+            block_gemm(
+                (nk, d, rows),
+                &mut dk[a * d..],
+                (d, 1),
+                true,
+                ds,
+                (1, nk),
+                q_blk,
+                (c.qr.rs, 1),
+                T::ONE,
+            );
         }
-        // dQ = dS K;  dK += dSᵀ Q
-        block_gemm(
-            (rows, d, nk),
-            &mut dq[r0 * d..(r0 + rows) * d],
-            (d, 1),
-            false,
-            ds,
-            (nk, 1),
-            k,
-            (c.kr.rs, 1),
-            T::ONE,
-        );
-        block_gemm(
-            (nk, d, rows),
-            dk,
-            (d, 1),
-            true,
-            ds,
-            (1, nk),
-            q_blk,
-            (c.qr.rs, 1),
-            T::ONE,
-        );
     }
 }
 multiversion!(fn head_backward<T>(c: &Ctx<'_, T>, gr: &Grads<'_, T>, bh: usize, dq: &mut [T], dk: &mut [T], dv: &mut [T], scratch: &mut (Vec<T>, Vec<T>)) = head_backward_body;);
@@ -660,6 +797,8 @@ struct Attention {
     dims: Dims,
     scale: f64,
     q_offset: usize,
+    /// Packed rows: runs of equal segment id per batch row (see [`segment_runs`]).
+    runs: Option<Vec<Vec<(usize, usize)>>>,
     /// Whether a backward pass may follow (any input tracked); otherwise lse is not kept.
     keep_lse: bool,
     /// Per-row log-sum-exp `(b, hq, t)`, written by the forward pass for the backward pass.
@@ -668,7 +807,7 @@ struct Attention {
 
 impl Attention {
     fn ctx<'a, T: Float>(
-        &self,
+        &'a self,
         q: (&'a [T], Rows),
         k: (&'a [T], Rows),
         v: (&'a [T], Rows),
@@ -683,6 +822,8 @@ impl Attention {
             dims: self.dims,
             scale: T::from_f64(self.scale),
             q_offset: self.q_offset,
+            runs: self.runs.as_deref(),
+            whole: [(0, self.dims.t)],
         }
     }
 
@@ -977,6 +1118,188 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("not a multiple"), "{err}");
+        Ok(())
+    }
+
+    /// Segment ids `(b, t)` for rows of example lengths: 1, 2, ... per example, 0 after them.
+    fn segments(rows: &[&[usize]], t: usize) -> Result<Tensor> {
+        let mut ids = vec![0u32; rows.len() * t];
+        for (r, lens) in rows.iter().enumerate() {
+            let mut at = r * t;
+            for (s, &n) in lens.iter().enumerate() {
+                ids[at..at + n].fill(s as u32 + 1);
+                at += n;
+            }
+            assert!(at <= (r + 1) * t, "row {r} is longer than {t}");
+        }
+        Tensor::from_vec(ids, (rows.len(), t), &candle_core::Device::Cpu)
+    }
+
+    /// (b, hq, hkv, t, d, example lengths per row): one segment, several, padding, segments
+    /// across and inside 64-row blocks, a run ending exactly on a block edge, t below the
+    /// decode threshold, single-token segments.
+    type SegCase = (
+        usize,
+        usize,
+        usize,
+        usize,
+        usize,
+        &'static [&'static [usize]],
+    );
+    const SEG_CASES: &[SegCase] = &[
+        (1, 2, 1, 3, 4, &[&[1, 2]]),
+        (2, 4, 2, 9, 8, &[&[4, 3], &[2, 2, 2, 1, 1]]),
+        (2, 3, 3, 7, 5, &[&[7], &[3]]),
+        (1, 6, 2, 150, 16, &[&[50, 30, 64, 3]]),
+        (2, 9, 3, 140, 12, &[&[64, 64, 12], &[1, 70, 60]]),
+    ];
+
+    fn seg_inputs(case: SegCase, dt: DType, seed: u64) -> Result<([Tensor; 3], Tensor)> {
+        let (b, hq, hkv, t, d, rows) = case;
+        assert_eq!(rows.len(), b);
+        let [q, k, v] = qkv((b, hq, hkv, t, 0, d), dt, seed)?;
+        Ok(([q, k, v], segments(rows, t)?))
+    }
+
+    #[test]
+    fn segments_forward_matches_reference() -> Result<()> {
+        for dt in [DType::F32, DType::F64] {
+            for (i, &case) in SEG_CASES.iter().enumerate() {
+                let ([q, k, v], seg) = seg_inputs(case, dt, 4000 + 10 * i as u64)?;
+                let scale = 2.0 / (case.4 as f64).sqrt();
+                let tol = if dt == DType::F32 { 1e-5 } else { 1e-13 };
+                let got = causal_attention_segments(&q, &k, &v, scale, &seg)?;
+                let want = causal_attention_segments_reference(&q, &k, &v, scale, &seg)?;
+                let finite = got.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
+                assert!(finite.iter().all(|x| x.is_finite()), "{case:?}: not finite");
+                assert_close(&got, &want, tol, &format!("segments {dt:?} {case:?}"))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// With a single segment per row (no padding) the mask is plain causal: both the kernel and
+    /// the reference must agree with the unpacked function.
+    #[test]
+    fn one_segment_per_row_equals_plain_causal_attention() -> Result<()> {
+        let [q, k, v] = qkv((2, 4, 2, 70, 0, 8), DType::F64, 31)?;
+        let seg = Tensor::ones((2, 70), DType::U32, &candle_core::Device::Cpu)?;
+        let want = causal_attention_reference(&q, &k, &v, 0.4, 0)?;
+        for got in [
+            causal_attention_segments(&q, &k, &v, 0.4, &seg)?,
+            causal_attention_segments_reference(&q, &k, &v, 0.4, &seg)?,
+        ] {
+            assert_close(&got, &want, 1e-13, "single segment")?;
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn segments_backward_matches_reference_autograd() -> Result<()> {
+        for dt in [DType::F32, DType::F64] {
+            for (i, &case) in SEG_CASES.iter().enumerate() {
+                let ([q, k, v], seg) = seg_inputs(case, dt, 5000 + 10 * i as u64)?;
+                let scale = 1.0 / (case.4 as f64).sqrt();
+                let tol = if dt == DType::F32 { 1e-5 } else { 1e-12 };
+                compare_grads(
+                    |x| causal_attention_segments(&x[0], &x[1], &x[2], scale, &seg),
+                    |x| causal_attention_segments_reference(&x[0], &x[1], &x[2], scale, &seg),
+                    &[q, k, v],
+                    tol,
+                    &format!("segments {dt:?} {case:?}"),
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn segments_backward_matches_finite_differences() -> Result<()> {
+        let case: SegCase = (2, 4, 2, 6, 3, &[&[2, 3], &[1, 4, 1]]);
+        let ([q, k, v], seg) = seg_inputs(case, DType::F64, 6000)?;
+        check_gradients(
+            |x| causal_attention_segments(&x[0], &x[1], &x[2], 0.7, &seg),
+            &[q, k, v],
+            1e-6,
+            1e-7,
+        )
+    }
+
+    /// A packed row (two examples and padding) gives each example exactly what attention over
+    /// that example alone gives, forward and backward; padding gets no gradient from a loss
+    /// that ignores it.
+    #[test]
+    fn packed_row_equals_examples_run_separately() -> Result<()> {
+        let (hq, hkv, d, t) = (4, 2, 8, 100);
+        let lens = [67usize, 29];
+        let dev = candle_core::Device::Cpu;
+        let [q, k, v] = qkv((1, hq, hkv, t, 0, d), DType::F64, 7000)?;
+        let seg = segments(&[&lens], t)?;
+        // A loss over the examples' outputs only, with fixed random weights.
+        let w = rand_tensor(&[1, hq, t, d], DType::F64, 7001)?;
+        let used = lens.iter().sum::<usize>();
+        let keep = Tensor::from_vec(
+            (0..t).map(|i| (i < used) as u8 as f64).collect::<Vec<_>>(),
+            (1, 1, t, 1),
+            &dev,
+        )?;
+        let w = w.broadcast_mul(&keep)?;
+        let (qv, kv, vv) = (
+            Var::from_tensor(&q)?,
+            Var::from_tensor(&k)?,
+            Var::from_tensor(&v)?,
+        );
+        let packed =
+            causal_attention_segments(qv.as_tensor(), kv.as_tensor(), vv.as_tensor(), 0.35, &seg)?;
+        let g = (&packed * &w)?.sum_all()?.backward()?;
+        let grad = |x: &Var| g.get(x.as_tensor()).unwrap().clone();
+        let (gq, gk, gv) = (grad(&qv), grad(&kv), grad(&vv));
+        let mut at = 0;
+        for &n in &lens {
+            let part = |x: &Tensor| x.narrow(2, at, n);
+            let (qe, ke, ve) = (
+                Var::from_tensor(&part(&q)?)?,
+                Var::from_tensor(&part(&k)?)?,
+                Var::from_tensor(&part(&v)?)?,
+            );
+            let alone = causal_attention(qe.as_tensor(), ke.as_tensor(), ve.as_tensor(), 0.35, 0)?;
+            let what = format!("example at {at}");
+            assert_close(&part(&packed)?, &alone, 1e-13, &what)?;
+            let ge = (&alone * part(&w)?)?.sum_all()?.backward()?;
+            for (x, gx) in [(&qe, &gq), (&ke, &gk), (&ve, &gv)] {
+                assert_close(&part(gx)?, ge.get(x.as_tensor()).unwrap(), 1e-12, &what)?;
+            }
+            at += n;
+        }
+        for gx in [&gq, &gk, &gv] {
+            let pad = gx
+                .narrow(2, used, t - used)?
+                .abs()?
+                .max_all()?
+                .to_scalar::<f64>()?;
+            assert_eq!(pad, 0.0, "padding got a gradient");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn rejects_bad_segments() -> Result<()> {
+        let [q, k, v] = qkv((1, 2, 1, 4, 0, 8), DType::F32, 8)?;
+        let dev = candle_core::Device::Cpu;
+        let split = Tensor::new(&[[1u32, 2, 1, 0]], &dev)?;
+        for f in [
+            causal_attention_segments,
+            causal_attention_segments_reference,
+        ] {
+            let err = f(&q, &k, &v, 1.0, &split).unwrap_err().to_string();
+            assert!(err.contains("segment id 1 is not contiguous"), "{err}");
+            let short = Tensor::new(&[[1u32, 1, 1]], &dev)?;
+            let err = f(&q, &k, &v, 1.0, &short).unwrap_err().to_string();
+            assert!(err.contains("segments have shape [1, 3]"), "{err}");
+            let float = Tensor::ones((1, 4), DType::F32, &dev)?;
+            let err = f(&q, &k, &v, 1.0, &float).unwrap_err().to_string();
+            assert!(err.contains("integer"), "{err}");
+        }
         Ok(())
     }
 

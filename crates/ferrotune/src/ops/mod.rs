@@ -20,7 +20,10 @@ mod rope;
 mod softmax;
 mod swiglu;
 
-pub use attention::{causal_attention, causal_attention_reference};
+pub use attention::{
+    causal_attention, causal_attention_reference, causal_attention_segments,
+    causal_attention_segments_reference,
+};
 pub use linear::{frozen_linear, frozen_linear_reference};
 pub use linear_cross_entropy::{
     linear_cross_entropy_sum, linear_cross_entropy_sum_reference, FrozenHead,

@@ -4,11 +4,17 @@
 //!
 //! The CPU kernel reads x through its strides (only the last dim must be contiguous), so the
 //! usual `(b, t, h, d) → (b, h, t, d)` transpose before rope costs no extra copy.
+//!
+//! The tables are `(t, d/2)` when every row of the batch has positions `offset..offset + t`,
+//! or `(b, t, d/2)` when positions differ per row (packed rows restart at 0 for each example):
+//! the caller gathers the table rows of each token's position, which costs `b·t·d` floats once
+//! per forward pass, against a rope kernel that stays a straight walk over contiguous rows.
 use super::kernels::{self, multiversion, Float};
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
 
-/// Rotates `x` `(b, h, t, d)` by `cos`/`sin` `(t, d/2)`:
+/// Rotates `x` `(b, h, t, d)` by `cos`/`sin` `(t, d/2)`, or `(b, t, d/2)` for per-row positions
+/// (every head of row `b` uses table row `(b, t)`):
 /// `out[i] = x[i]·cos[i] − x[i+d/2]·sin[i]`, `out[i+d/2] = x[i+d/2]·cos[i] + x[i]·sin[i]`.
 /// Gradient reaches `x` only (cos/sin are position tables).
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
@@ -34,31 +40,40 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 /// The same function composed from ordinary differentiable candle ops.
 pub fn rope_reference(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     check_shapes(x, cos, sin)?;
-    let (_, _, t, d) = x.dims4()?;
+    let (b, _, t, d) = x.dims4()?;
     let half = d / 2;
     let x1 = x.narrow(D::Minus1, 0, half)?;
     let x2 = x.narrow(D::Minus1, half, half)?;
-    let c = cos.reshape((1, 1, t, half))?;
-    let s = sin.reshape((1, 1, t, half))?;
+    let bt = if cos.rank() == 3 { b } else { 1 };
+    let c = cos.reshape((bt, 1, t, half))?;
+    let s = sin.reshape((bt, 1, t, half))?;
     let o1 = (x1.broadcast_mul(&c)? - x2.broadcast_mul(&s)?)?;
     let o2 = (x2.broadcast_mul(&c)? + x1.broadcast_mul(&s)?)?;
     Tensor::cat(&[o1, o2], D::Minus1)
 }
 
 fn check_shapes(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<()> {
-    let (_, _, t, d) = x.dims4()?;
+    let (b, _, t, d) = x.dims4()?;
     if d % 2 != 0 {
         bail!("rope: head dim {d} of x {:?} must be even", x.dims())
     }
     for (name, c) in [("cos", cos), ("sin", sin)] {
-        if c.dims() != [t, d / 2] {
+        if c.dims() != [t, d / 2] && c.dims() != [b, t, d / 2] {
             bail!(
-                "rope: {name} has shape {:?} but x {:?} needs ({t}, {})",
+                "rope: {name} has shape {:?} but x {:?} needs ({t}, {}) or ({b}, {t}, {})",
                 c.dims(),
                 x.dims(),
+                d / 2,
                 d / 2
             )
         }
+    }
+    if cos.dims() != sin.dims() {
+        bail!(
+            "rope: cos {:?} and sin {:?} differ in shape",
+            cos.dims(),
+            sin.dims()
+        )
     }
     Ok(())
 }
@@ -102,12 +117,13 @@ impl Geom {
 }
 
 /// Rotates rows `first_row..` of `x` into `out`; `sign` = −1 gives the inverse rotation.
+/// Position `t` of batch row `b` uses table row `b · table_b + t` (`table_b` = 0 for a `(t, d/2)`
+/// table shared by the batch, `t` for a `(b, t, d/2)` one).
 #[inline(always)]
 fn rows_body<T: Float>(
     x: &[T],
     geom: &Geom,
-    cos: &[T],
-    sin: &[T],
+    (cos, sin, table_b): (&[T], &[T], usize),
     out: &mut [T],
     first_row: usize,
     sign: T,
@@ -118,7 +134,7 @@ fn rows_body<T: Float>(
     let mut idx = geom.row_index(first_row);
     for or in out.chunks_exact_mut(d) {
         let off = geom.offset(idx);
-        let ti = idx[2];
+        let ti = idx[0] * table_b + idx[2];
         idx[2] += 1;
         if idx[2] == geom.dims[2] {
             idx[2] = 0;
@@ -145,16 +161,22 @@ fn rows_body<T: Float>(
         }
     }
 }
-multiversion!(fn rotate_rows<T>(x: &[T], geom: &Geom, cos: &[T], sin: &[T], out: &mut [T], first_row: usize, sign: T) = rows_body;);
+multiversion!(fn rotate_rows<T>(x: &[T], geom: &Geom, table: (&[T], &[T], usize), out: &mut [T], first_row: usize, sign: T) = rows_body;);
 
-/// Rotates every row of the tensor described by `geom` into a new contiguous buffer.
+/// Rotates every row of the tensor described by `geom` into a new contiguous buffer. The
+/// tables are contiguous, `(t, d/2)` or `(b, t, d/2)`, told apart by their length.
 fn rotate<T: Float>(x: &[T], geom: &Geom, cos: &[T], sin: &[T], sign: T) -> Vec<T> {
     let d = geom.d;
     let n_rows = geom.dims.iter().product::<usize>();
+    let table_b = if cos.len() == geom.dims[2] * (d / 2) {
+        0
+    } else {
+        geom.dims[2]
+    };
     let mut out = vec![T::ZERO; n_rows * d];
     let rows = kernels::rows_per_task(n_rows, d);
     kernels::for_each_chunk_mut(&mut out, rows * d, |i, oc| {
-        rotate_rows(x, geom, cos, sin, oc, i * rows, sign)
+        rotate_rows(x, geom, (cos, sin, table_b), oc, i * rows, sign)
     });
     out
 }
@@ -340,6 +362,89 @@ mod tests {
             1e-14,
             "rope transposed",
         )
+    }
+
+    /// Per-row tables `(b, t, d/2)`: the rows of a `(max_pos, d/2)` table at `positions`, the
+    /// way the model gathers them for packed rows.
+    fn gathered_tables(positions: &[Vec<u32>], d: usize, dt: DType) -> Result<(Tensor, Tensor)> {
+        let (b, t) = (positions.len(), positions[0].len());
+        let max = *positions.iter().flatten().max().unwrap() as usize + 1;
+        let (c, s) = rope_tables(max, d, 0, dt)?;
+        let flat: Vec<u32> = positions.iter().flatten().copied().collect();
+        let idx = Tensor::new(flat.as_slice(), &candle_core::Device::Cpu)?;
+        Ok((
+            c.index_select(&idx, 0)?.reshape((b, t, d / 2))?,
+            s.index_select(&idx, 0)?.reshape((b, t, d / 2))?,
+        ))
+    }
+
+    /// Positions restarting per packed example, as the batcher writes them; t = 70 gives
+    /// several parallel tasks whose first rows fall mid-row.
+    fn packed_positions(b: usize, t: usize) -> Vec<Vec<u32>> {
+        (0..b)
+            .map(|r| {
+                let cut = 5 + 17 * r % (t - 5);
+                (0..t)
+                    .map(|i| (if i < cut { i } else { i - cut }) as u32)
+                    .collect()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn per_row_positions_forward_and_backward_match_reference() -> Result<()> {
+        for dt in [DType::F32, DType::F64] {
+            for (i, &(b, h, t, d)) in [(1, 2, 6, 4), (3, 3, 9, 8), (4, 9, 70, 64)]
+                .iter()
+                .enumerate()
+            {
+                let (c, s) = gathered_tables(&packed_positions(b, t), d, dt)?;
+                let x = rand_tensor(&[b, t, h, d], dt, 900 + i as u64)?;
+                let tol = if dt == DType::F32 { 1e-6 } else { 1e-14 };
+                // Through the transposed layout the model uses.
+                compare_grads(
+                    |v| rope(&v[0].transpose(1, 2)?, &c, &s),
+                    |v| rope_reference(&v[0].transpose(1, 2)?, &c, &s),
+                    &[x],
+                    tol,
+                    &format!("per-row rope {dt:?} case {i}"),
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Each batch row rotated with per-row tables equals that row alone rotated with the shared
+    /// `(t, d/2)` table of its positions, which pins the batch indexing of the kernel.
+    #[test]
+    fn per_row_positions_equal_rows_rotated_one_by_one() -> Result<()> {
+        let (b, h, t, d) = (3, 2, 20, 8);
+        let positions = packed_positions(b, t);
+        let (c, s) = gathered_tables(&positions, d, DType::F64)?;
+        let x = rand_tensor(&[b, h, t, d], DType::F64, 31)?;
+        let all = rope(&x, &c, &s)?;
+        for r in 0..b {
+            let (cr, sr) = (c.get(r)?, s.get(r)?);
+            let alone = rope(&x.narrow(0, r, 1)?, &cr, &sr)?;
+            assert_close(&all.narrow(0, r, 1)?, &alone, 0.0, &format!("row {r}"))?;
+        }
+        // And the tables differ between rows, so a kernel ignoring the batch index would fail.
+        assert!(
+            (c.get(0)? - c.get(1)?)?
+                .abs()?
+                .max_all()?
+                .to_scalar::<f64>()?
+                > 0.1,
+            "rows share positions"
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn per_row_positions_backward_matches_finite_differences() -> Result<()> {
+        let x = rand_tensor(&[2, 2, 3, 4], DType::F64, 14)?;
+        let (c, s) = gathered_tables(&[vec![0, 1, 0], vec![4, 0, 1]], 4, DType::F64)?;
+        check_gradients(|v| rope(&v[0], &c, &s), &[x], 1e-6, 1e-8)
     }
 
     #[test]

@@ -593,14 +593,6 @@ fn validate(c: &LoadedConfig) -> Result<()> {
         );
     }
     parse_device(&t.device).map_err(|e| Error::key(&src, "train.device", e))?;
-    if cfg.data.packing {
-        // Packed rows would need attention kept within each example (segment ids) and positions
-        // restarting per example; the model's forward has neither yet.
-        return bad(
-            "data.packing",
-            "is not supported for training yet (the model has no per-example attention masking in packed rows)",
-        );
-    }
     match cfg.method {
         Method::Lora => {
             let l = &cfg.lora;
@@ -701,6 +693,7 @@ completion = " {a}"
                 "data.train=../x/y.jsonl",
                 "train.betas=[0.8, 0.9]",
                 "data.seed=5",
+                "data.packing=true",
             ],
         )
         .unwrap();
@@ -710,6 +703,7 @@ completion = " {a}"
         assert_eq!(cfg.train.betas, [0.8, 0.9]);
         assert_eq!(cfg.lora.targets, ModuleSpec::One("all-linear".into()));
         assert_eq!(cfg.data.seed, 5);
+        assert!(cfg.data.packing, "packing is accepted for training");
         let cwd = std::env::current_dir().unwrap();
         assert_eq!(
             cfg.data.train.as_deref(),
@@ -781,7 +775,6 @@ completion = " {a}"
             ("train.betas=[0.9, 1.0]", "train.betas"),
             ("lora.dropout=1.5", "lora.dropout"),
             ("train.device=\"tpu\"", "train.device"),
-            ("data.packing=true", "data.packing"),
             (
                 "train.early_stopping_patience=2",
                 "train.early_stopping_patience",

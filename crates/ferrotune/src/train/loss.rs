@@ -8,6 +8,11 @@
 //! The loss of a micro-batch is a *sum* over its tokens; the trainer divides by the number of
 //! loss tokens of the whole optimizer step, so k micro-batches give the same gradient as one
 //! batch k times larger.
+//!
+//! Packed batches (with `segment_ids`) run the model's packed forward pass: attention stays
+//! within each example and positions restart at 0 for each. No loss position crosses an example
+//! boundary either, because the batcher ignores the first label of every example (nothing in
+//! that example predicts it), so the loss of a packed batch is the sum of its examples' losses.
 use crate::data::{Batch, IGNORE};
 use crate::model::Llama;
 use crate::Result;
@@ -50,7 +55,12 @@ pub fn batch_loss_sum(model: &Llama, batch: &Batch, train: bool) -> Result<(Tens
     if rows.is_empty() {
         return Ok((Tensor::zeros((), DType::F32, dev)?, 0));
     }
-    let hidden = model.forward_hidden(&batch.input_ids, None, train)?;
+    let hidden = match &batch.segment_ids {
+        Some(seg) => {
+            model.forward_hidden_packed(&batch.input_ids, &batch.position_ids, seg, train)?
+        }
+        None => model.forward_hidden(&batch.input_ids, None, train)?,
+    };
     let (b, t, h) = hidden.dims3()?;
     let n = rows.len();
     let picked = hidden
@@ -79,6 +89,59 @@ mod tests {
         // Row 0: positions 1 and 2 predict labels 7 and 8; row 1: position 0 predicts 5.
         assert_eq!(rows, vec![1, 2, 4]);
         assert_eq!(targets, vec![7, 8, 5]);
+    }
+
+    /// In packed rows every loss position predicts a token of its own example: the label at
+    /// an example's start is never a target of the previous example's last token.
+    #[test]
+    fn packed_loss_positions_stay_within_examples() {
+        use crate::data::{BatchConfig, Batcher, Example, Loc, Source};
+        let lens = [5usize, 3, 7, 2, 6, 4];
+        let examples: Vec<Example> = lens
+            .iter()
+            .enumerate()
+            .map(|(e, &n)| {
+                let ids: Vec<u32> = (0..n as u32).map(|k| 100 * (e as u32 + 1) + k).collect();
+                Example {
+                    // Every token trained: the harshest case for a boundary.
+                    labels: ids.iter().map(|&i| i as i64).collect(),
+                    input_ids: ids,
+                    source: Source {
+                        file: std::sync::Arc::from(std::path::Path::new("t.jsonl")),
+                        loc: Loc::Line(e + 1),
+                    },
+                }
+            })
+            .collect();
+        let cfg = BatchConfig {
+            shuffle: false,
+            ..BatchConfig::new(3, 12, 0).with_packing()
+        };
+        let b = Batcher::new(examples, cfg, candle_core::Device::Cpu).unwrap();
+        let plan = b.plan_for(0);
+        let mut n_targets = 0;
+        for rows in &plan {
+            let batch = b.build(rows).unwrap();
+            let seg: Vec<Vec<u32>> = batch.segment_ids.as_ref().unwrap().to_vec2().unwrap();
+            let ids: Vec<Vec<u32>> = batch.input_ids.to_vec2().unwrap();
+            let t = seg[0].len();
+            assert!(seg.iter().flatten().any(|&s| s == 2), "no packed row");
+            let (pos, targets) = loss_positions(&batch.labels).unwrap();
+            assert_eq!(pos.len(), batch.n_loss_tokens);
+            for (&p, &target) in pos.iter().zip(&targets) {
+                let (r, j) = (p as usize / t, p as usize % t);
+                assert!(seg[r][j] != 0, "padding predicts {target}");
+                assert_eq!(
+                    seg[r][j],
+                    seg[r][j + 1],
+                    "position {j} of row {r} crosses examples"
+                );
+                assert_eq!(ids[r][j + 1], target);
+            }
+            n_targets += pos.len();
+        }
+        // Each example of n tokens contributes its n − 1 next-token predictions.
+        assert_eq!(n_targets, lens.iter().map(|n| n - 1).sum::<usize>());
     }
 
     #[test]
