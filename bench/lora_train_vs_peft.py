@@ -135,16 +135,27 @@ threads = {a.threads}
 dequantize = {"true" if dequantize else "false"}
 seed = 0
 ''')
-    subprocess.run([exe, "train", "--config", cfg] + sum((["--set", s] for s in a.ft_set), []),
-                   check=True, capture_output=True, text=True)
+    r = subprocess.run([exe, "train", "--config", cfg] + sum((["--set", s] for s in a.ft_set), []),
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        sys.exit(f"ferrotune train failed:\n{r.stderr}")
+    for line in (r.stdout + r.stderr).splitlines():
+        if line.startswith("memory estimate"):
+            print(f"    ({'f32' if dequantize else 'q4_1'} {batch}x{seq_len}) {line}", flush=True)
     steps = [json.loads(l) for l in open(os.path.join(out_dir, "metrics.jsonl"))]
     steps = [s for s in steps if s.get("type") == "train"]
     summary = json.load(open(os.path.join(out_dir, "summary.json")))
-    times, prev = [], 0.0
+    times, prev, breakdown = [], 0.0, []
     for s in steps:
         times.append(s["step_s"] if "step_s" in s else s["elapsed_s"] - prev)
+        if "forward_s" in s:
+            breakdown.append((s["forward_s"], s["backward_s"], s["optimizer_s"]))
         prev = s["elapsed_s"]
     toks = steps[-1]["tokens"]
+    if len(breakdown) > 1:
+        f, b, o = (statistics.median(x[i] for x in breakdown[1:]) for i in range(3))
+        print(f"    ({'f32' if dequantize else 'q4_1'} {batch}x{seq_len}) s/step: forward {f:.2f}, "
+              f"backward {b:.2f}, optimizer {o:.3f}", flush=True)
     return times, toks, summary["peak_rss_bytes"], steps
 
 

@@ -270,7 +270,37 @@ impl Llama {
         segments: &Tensor,
         train: bool,
     ) -> Result<Tensor> {
+        let ctx = self.layer_context(ids, Some((positions, segments)))?;
+        let mut x = self.embed_tokens.forward(ids)?;
+        for i in 0..self.layers.len() {
+            x = self.run_layer(i, &x, &ctx, train)?;
+        }
+        self.norm.forward(&x)
+    }
+
+    /// What every decoder layer of one whole-sequence pass (no KV cache) shares: the RoPE
+    /// tables for `ids (b, t)`, and for packed rows the per-token `(positions, segments)` (see
+    /// [`Self::forward_hidden_packed`]). With [`Self::run_layer`] it lets a caller step through
+    /// the layers one at a time (activation checkpointing does).
+    pub fn layer_context(
+        &self,
+        ids: &Tensor,
+        packed: Option<(&Tensor, &Tensor)>,
+    ) -> Result<LayerContext> {
         let (b, t) = ids.dims2()?;
+        let Some((positions, segments)) = packed else {
+            if t > self.cos.dim(0)? {
+                candle_core::bail!(
+                    "sequence of {t} positions exceeds the model's context window of {}",
+                    self.cos.dim(0)?
+                );
+            }
+            return Ok(LayerContext {
+                cos: self.cos.narrow(0, 0, t)?,
+                sin: self.sin.narrow(0, 0, t)?,
+                segments: None,
+            });
+        };
         for (name, x) in [("positions", positions), ("segments", segments)] {
             if x.dims() != [b, t] {
                 candle_core::bail!(
@@ -297,11 +327,47 @@ impl Llama {
             .sin
             .index_select(&positions, 0)?
             .reshape((b, t, half))?;
-        let mut x = self.embed_tokens.forward(ids)?;
-        for layer in &self.layers {
-            x = layer.forward_masked(&x, &cos, &sin, 0, None, Some(segments), train)?;
+        Ok(LayerContext {
+            cos,
+            sin,
+            segments: Some(segments.clone()),
+        })
+    }
+
+    /// Decoder layer `i` on the hidden states `x (b, t, hidden)` of a whole-sequence pass.
+    pub fn run_layer(
+        &self,
+        i: usize,
+        x: &Tensor,
+        ctx: &LayerContext,
+        train: bool,
+    ) -> Result<Tensor> {
+        self.layers[i].forward_masked(
+            x,
+            &ctx.cos,
+            &ctx.sin,
+            0,
+            None,
+            ctx.segments.as_ref(),
+            train,
+        )
+    }
+
+    /// The adapters' random-stream states of layer `i` (see
+    /// [`crate::nn::LinearAdapter::rng_state`]), one list per linear.
+    pub fn layer_rng_states(&self, i: usize) -> Vec<Vec<Option<u64>>> {
+        self.layers[i]
+            .linears()
+            .iter()
+            .map(|l| l.adapter_rng_states())
+            .collect()
+    }
+
+    /// Restore what [`Self::layer_rng_states`] returned.
+    pub fn set_layer_rng_states(&self, i: usize, states: &[Vec<Option<u64>>]) {
+        for (l, s) in self.layers[i].linears().iter().zip(states) {
+            l.set_adapter_rng_states(s);
         }
-        self.norm.forward(&x)
     }
 
     /// Logits for every position: (b, t, vocab) f32.
@@ -320,7 +386,28 @@ impl Llama {
     }
 }
 
+/// See [`Llama::layer_context`].
+pub struct LayerContext {
+    cos: Tensor,
+    sin: Tensor,
+    segments: Option<Tensor>,
+}
+
 impl DecoderLayer {
+    /// The layer's linears: q, k, v, o, gate, up, down.
+    pub fn linears(&self) -> [&Linear; 7] {
+        let (a, m) = (&self.self_attn, &self.mlp);
+        [
+            &a.q_proj,
+            &a.k_proj,
+            &a.v_proj,
+            &a.o_proj,
+            &m.gate_proj,
+            &m.up_proj,
+            &m.down_proj,
+        ]
+    }
+
     pub fn forward(
         &self,
         x: &Tensor,

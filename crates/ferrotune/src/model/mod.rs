@@ -7,7 +7,7 @@ pub mod llama;
 pub mod weights;
 
 pub use config::{LlamaConfig, RopeScaling};
-pub use llama::{KvCache, Llama};
+pub use llama::{KvCache, LayerContext, Llama};
 pub use weights::{GgufSource, LoadOptions, SafetensorsSource, WeightSource};
 
 use crate::tokenizer::Tokenizer;

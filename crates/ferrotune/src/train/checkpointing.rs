@@ -16,17 +16,21 @@
 use super::loss;
 use crate::data::Batch;
 use crate::model::Llama;
+use crate::nn::EmbeddingWeight;
 use crate::{Error, Result};
 use candle_core::{Tensor, Var};
+use std::time::Instant;
 
-/// One micro-batch's loss sum (as f64) and the gradients of `params` of `loss_sum · scale`,
-/// aligned with `params` (`None` where a parameter took no part).
+/// One micro-batch's loss sum (as f64), its number of loss tokens, the gradients of `params`
+/// of `loss_sum · scale`, aligned with `params` (`None` where a parameter took no part), and
+/// the seconds spent in the forward pass and in the backward pass (recomputation included).
 pub fn loss_and_grads(
     model: &Llama,
     params: &[(String, Var)],
     batch: &Batch,
     scale: f64,
-) -> Result<(f64, usize, Vec<Option<Tensor>>)> {
+) -> Result<(f64, usize, Vec<Option<Tensor>>, (f64, f64))> {
+    let t0 = Instant::now();
     let mut grads: Vec<Option<Tensor>> = vec![None; params.len()];
     let collect = |store: &candle_core::backprop::GradStore,
                    grads: &mut Vec<Option<Tensor>>|
@@ -43,7 +47,11 @@ pub fn loss_and_grads(
     };
 
     // Forward: keep each layer's input, drop its graph.
-    let ctx = model.layer_context(batch)?;
+    let packed = batch
+        .segment_ids
+        .as_ref()
+        .map(|seg| (&batch.position_ids, seg));
+    let ctx = model.layer_context(&batch.input_ids, packed)?;
     let mut inputs: Vec<Tensor> = Vec::with_capacity(model.layers.len() + 1);
     inputs.push(model.embed_tokens.forward(&batch.input_ids)?);
     // (before, after) each layer's first pass: the recomputation replays from `before`, then
@@ -58,11 +66,12 @@ pub fn loss_and_grads(
         rng_states.push((before, model.layer_rng_states(i)));
     }
 
-    // The head: final norm, LM head on the loss rows, the loss.
+    // The head: final norm, LM head on the loss rows, the loss (counted as forward time).
     let last = Var::from_tensor(&inputs.pop().expect("one input per layer"))?;
     let hidden = model.norm.forward(last.as_tensor())?;
     let (sum, n) = loss::loss_from_hidden(model, &hidden, batch, true)?;
     let loss_sum = sum.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+    let t1 = Instant::now();
     let store = (sum * scale)?.backward()?;
     collect(&store, &mut grads)?;
     let mut g = store
@@ -85,10 +94,15 @@ pub fn loss_and_grads(
             .detach();
     }
     // The embeddings: only when they are trained (full fine-tuning).
-    if params.iter().any(|(_, v)| model.embed_tokens.is_var(v)) {
+    if let EmbeddingWeight::Trainable(_) = model.embed_tokens.weight() {
         let e = model.embed_tokens.forward(&batch.input_ids)?;
         let store = (e * &g)?.sum_all()?.backward()?;
         collect(&store, &mut grads)?;
     }
-    Ok((loss_sum, n, grads))
+    Ok((
+        loss_sum,
+        n,
+        grads,
+        ((t1 - t0).as_secs_f64(), t1.elapsed().as_secs_f64()),
+    ))
 }

@@ -15,6 +15,8 @@
 //! that example predicts it), so the loss of a packed batch is the sum of its examples' losses.
 use crate::data::{Batch, IGNORE};
 use crate::model::Llama;
+use crate::nn::LinearWeight;
+use crate::ops;
 use crate::Result;
 use candle_core::{DType, Tensor, D};
 
@@ -50,10 +52,8 @@ pub fn cross_entropy_sum(logits: &Tensor, targets: &Tensor) -> candle_core::Resu
 /// The summed loss of one batch (a scalar f32 tensor, differentiable with respect to the
 /// trainable parameters) and the number of tokens it sums over. `train` enables dropout.
 pub fn batch_loss_sum(model: &Llama, batch: &Batch, train: bool) -> Result<(Tensor, usize)> {
-    let (rows, targets) = loss_positions(&batch.labels)?;
-    let dev = model.device();
-    if rows.is_empty() {
-        return Ok((Tensor::zeros((), DType::F32, dev)?, 0));
+    if batch.n_loss_tokens == 0 {
+        return Ok((Tensor::zeros((), DType::F32, model.device())?, 0));
     }
     let hidden = match &batch.segment_ids {
         Some(seg) => {
@@ -61,16 +61,43 @@ pub fn batch_loss_sum(model: &Llama, batch: &Batch, train: bool) -> Result<(Tens
         }
         None => model.forward_hidden(&batch.input_ids, None, train)?,
     };
+    loss_from_hidden(model, &hidden, batch, train)
+}
+
+/// The summed loss of `batch` given the final hidden states `(b, t, hidden)` (after the last
+/// norm), and the number of tokens it sums over. Only the rows that predict a trained label go
+/// through the LM head; a frozen head (the usual case) runs fused with the loss, chunk by chunk,
+/// so the full logits never exist ([`ops::linear_cross_entropy_sum`]).
+pub fn loss_from_hidden(
+    model: &Llama,
+    hidden: &Tensor,
+    batch: &Batch,
+    train: bool,
+) -> Result<(Tensor, usize)> {
+    let (rows, targets) = loss_positions(&batch.labels)?;
+    let dev = model.device();
+    if rows.is_empty() {
+        return Ok((Tensor::zeros((), DType::F32, dev)?, 0));
+    }
     let (b, t, h) = hidden.dims3()?;
     let n = rows.len();
     let picked = hidden
         .reshape((b * t, h))?
         .index_select(&Tensor::from_vec(rows, n, dev)?, 0)?;
-    let logits = model
-        .lm_head
-        .forward_t(&picked.unsqueeze(0)?, train)?
-        .squeeze(0)?;
-    let loss = cross_entropy_sum(&logits, &Tensor::from_vec(targets, n, dev)?)?;
+    let head = &model.lm_head;
+    let frozen = match head.weight() {
+        _ if head.has_active_adapters() || head.bias().is_some() => None,
+        LinearWeight::Frozen(w) => Some(ops::FrozenHead::Dense(w.clone())),
+        LinearWeight::Quantized(q) => Some(ops::FrozenHead::Quantized(q.clone())),
+        LinearWeight::Trainable(_) => None,
+    };
+    let loss = match frozen {
+        Some(fh) => ops::linear_cross_entropy_sum(&picked, &fh, &targets)?,
+        None => {
+            let logits = head.forward_t(&picked.unsqueeze(0)?, train)?.squeeze(0)?;
+            cross_entropy_sum(&logits, &Tensor::from_vec(targets, n, dev)?)?
+        }
+    };
     Ok((loss, n))
 }
 

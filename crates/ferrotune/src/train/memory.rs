@@ -43,6 +43,62 @@ pub struct TrainShape {
     pub data_tokens: usize,
 }
 
+impl TrainShape {
+    /// The shape of a run of `cfg` on `prepared` data batched by `bc`.
+    pub fn for_run(
+        prepared: &crate::data::Prepared,
+        bc: &crate::data::BatchConfig,
+        params: &[(String, candle_core::Var)],
+        cfg: &super::config::TrainConfig,
+        t: &super::config::TrainSection,
+    ) -> Self {
+        let longest = prepared
+            .train
+            .iter()
+            .chain(&prepared.validation)
+            .map(|e| e.len())
+            .max()
+            .unwrap_or(0);
+        let max_batch_tokens = if bc.packing {
+            bc.batch_size * bc.max_seq_len
+        } else {
+            bc.batch_size * longest
+        };
+        // the largest loss-token counts of single examples, as many as a batch holds
+        let mut loss: Vec<usize> = prepared
+            .train
+            .iter()
+            .map(|e| e.labels.iter().filter(|&&l| l != crate::data::IGNORE).count())
+            .collect();
+        loss.sort_unstable_by(|a, b| b.cmp(a));
+        let per_batch = if bc.packing {
+            loss.len()
+        } else {
+            bc.batch_size
+        };
+        let max_loss_tokens = loss
+            .iter()
+            .take(per_batch)
+            .sum::<usize>()
+            .min(max_batch_tokens);
+        let data_tokens = prepared
+            .train
+            .iter()
+            .chain(&prepared.validation)
+            .map(|e| e.len())
+            .sum();
+        TrainShape {
+            max_batch_tokens,
+            max_loss_tokens,
+            trainable_params: params.iter().map(|(_, v)| v.elem_count()).sum(),
+            checkpointing: t.gradient_checkpointing,
+            dropout: cfg.lora.dropout > 0.0,
+            q8_backward: t.quantized_backward == super::config::QuantizedBackward::Q8_0,
+            data_tokens,
+        }
+    }
+}
+
 /// Code, tokenizer, thread stacks and allocator slack: the resident set of a run with a tiny
 /// model, measured on the development machine.
 const RUNTIME_BYTES: u64 = 60 << 20;
@@ -97,19 +153,10 @@ pub fn layer_floats_per_token(model: &Llama, dropout: bool) -> u64 {
         .layers
         .first()
         .map(|l| {
-            let (a, m) = (&l.self_attn, &l.mlp);
-            [
-                &a.q_proj,
-                &a.k_proj,
-                &a.v_proj,
-                &a.o_proj,
-                &m.gate_proj,
-                &m.up_proj,
-                &m.down_proj,
-            ]
-            .into_iter()
-            .map(|lin| adapter_floats(lin, dropout))
-            .sum()
+            l.linears()
+                .into_iter()
+                .map(|lin| adapter_floats(lin, dropout))
+                .sum()
         })
         .unwrap_or(0);
     base + adapters

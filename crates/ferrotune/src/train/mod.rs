@@ -14,6 +14,7 @@
 //! dropout RNG are restored, so on CPU a run interrupted and resumed ends with the same adapter,
 //! bit for bit, as one that was never interrupted.
 pub mod checkpoint;
+pub mod checkpointing;
 pub mod compare;
 pub mod config;
 pub mod loss;
@@ -206,6 +207,10 @@ pub struct StepGrads {
     pub loss_tokens: usize,
     /// Training forward passes run (micro-batches with at least one loss token).
     pub forwards: usize,
+    /// Seconds in forward passes (with checkpointing: the first, graph-free pass).
+    pub forward_s: f64,
+    /// Seconds in backward passes (with checkpointing: including the recomputation).
+    pub backward_s: f64,
 }
 
 /// One optimizer step's worth of micro-batches: the loss of each is its token sum divided by
@@ -216,30 +221,58 @@ pub fn accumulate_gradients(
     params: &[(String, candle_core::Var)],
     batches: &[Batch],
 ) -> Result<StepGrads> {
+    accumulate_gradients_with(model, params, batches, false)
+}
+
+/// [`accumulate_gradients`], with activation checkpointing per decoder layer when
+/// `checkpointing` is set (the same gradients up to float rounding; see [`checkpointing`]).
+pub fn accumulate_gradients_with(
+    model: &model::Llama,
+    params: &[(String, candle_core::Var)],
+    batches: &[Batch],
+    checkpointing: bool,
+) -> Result<StepGrads> {
     let n_total: usize = batches.iter().map(|b| b.n_loss_tokens).sum();
     let mut grads: Vec<Option<candle_core::Tensor>> = vec![None; params.len()];
     let mut loss_sum = 0.0f64;
     let mut forwards = 0;
+    let (mut forward_s, mut backward_s) = (0.0, 0.0);
+    let mut add = |i: usize, g: &candle_core::Tensor| -> Result<()> {
+        grads[i] = Some(match grads[i].take() {
+            None => g.clone(),
+            Some(acc) => (acc + g)?,
+        });
+        Ok(())
+    };
     for batch in batches {
         if batch.n_loss_tokens == 0 {
             continue;
         }
-        let (sum, _) = loss::batch_loss_sum(model, batch, true)?;
         forwards += 1;
+        if checkpointing {
+            let (sum, _, g, times) =
+                checkpointing::loss_and_grads(model, params, batch, 1.0 / n_total as f64)?;
+            loss_sum += sum;
+            forward_s += times.0;
+            backward_s += times.1;
+            for (i, ((name, _), g)) in params.iter().zip(g).enumerate() {
+                let g = g.ok_or_else(|| no_gradient(name))?;
+                add(i, &g)?;
+            }
+            continue;
+        }
+        let t0 = Instant::now();
+        let (sum, _) = loss::batch_loss_sum(model, batch, true)?;
         loss_sum += sum.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+        let t1 = Instant::now();
+        forward_s += (t1 - t0).as_secs_f64();
         let scaled = (sum / n_total as f64)?;
         let store = scaled.backward()?;
         for (i, (name, var)) in params.iter().enumerate() {
-            let g = store.get(var.as_tensor()).ok_or_else(|| {
-                Error::msg(format!(
-                    "parameter {name} got no gradient (an op without a backward pass cut the graph)"
-                ))
-            })?;
-            grads[i] = Some(match grads[i].take() {
-                None => g.clone(),
-                Some(acc) => (acc + g)?,
-            });
+            let g = store.get(var.as_tensor()).ok_or_else(|| no_gradient(name))?;
+            add(i, g)?;
         }
+        backward_s += t1.elapsed().as_secs_f64();
     }
     let grads = grads
         .into_iter()
@@ -263,7 +296,15 @@ pub fn accumulate_gradients(
         grads,
         loss_tokens: n_total,
         forwards,
+        forward_s,
+        backward_s,
     })
+}
+
+fn no_gradient(name: &str) -> Error {
+    Error::msg(format!(
+        "parameter {name} got no gradient (an op without a backward pass cut the graph)"
+    ))
 }
 
 /// Run the recipe. See the module docs; `c` comes from [`load_config`].
@@ -357,6 +398,39 @@ pub fn run(c: &LoadedConfig, opts: &RunOptions) -> Result<Summary> {
         },
     )?;
 
+    // ---- Memory: estimate, and refuse what cannot fit (before anything is written) ----------
+    crate::quant::set_backward_weights(match t.quantized_backward {
+        config::QuantizedBackward::Q8_0 => crate::quant::BackwardWeights::Q8Transposed,
+        config::QuantizedBackward::Exact => crate::quant::BackwardWeights::Exact,
+    });
+    let mem = memory::estimate(
+        &llama,
+        &memory::TrainShape::for_run(&prepared, &train_bc, &params, cfg, t),
+    );
+    let mem_line = mem.table();
+    if t.memory_check {
+        if let Some(avail) = memory::available_bytes() {
+            if mem.total() > avail {
+                let h = crate::inspect::human_bytes;
+                let hint = if t.gradient_checkpointing {
+                    "lower train.batch_size or train.max_seq_len"
+                } else {
+                    "set train.gradient_checkpointing = true, or lower train.batch_size or train.max_seq_len"
+                };
+                return Err(Error::key(
+                    c.source(),
+                    "train.batch_size",
+                    format!(
+                        "this run needs about {} of memory but {} is available ({}); {hint} (train.memory_check = false skips this check)",
+                        h(mem.total()),
+                        h(avail),
+                        mem_line
+                    ),
+                ));
+            }
+        }
+    }
+
     // ---- Output folder, resume ------------------------------------------------------------
     std::fs::create_dir_all(&out).map_err(|e| Error::file(&out, e))?;
     checkpoint::remove_partial(&out)?;
@@ -433,6 +507,7 @@ pub fn run(c: &LoadedConfig, opts: &RunOptions) -> Result<Summary> {
         tuner.method()
     ));
     progress.println(&tuner.params_report());
+    progress.println(&mem_line);
     progress.println(&prepared.summary());
     match resumed_from_step {
         Some(s) => progress.println(&format!("resuming from step {s} of {max_steps}")),
@@ -510,7 +585,10 @@ pub fn run(c: &LoadedConfig, opts: &RunOptions) -> Result<Summary> {
             mut grads,
             loss_tokens: n_loss,
             forwards,
-        } = accumulate_gradients(&llama, &params, &batches)?;
+            forward_s,
+            backward_s,
+        } = accumulate_gradients_with(&llama, &params, &batches, t.gradient_checkpointing)?;
+        let t_opt = Instant::now();
         state.rng.dropout_calls += forwards as u64;
         let lr = schedule.lr_at(step);
         let norm = optim::clip_grad_norm(&mut grads, t.max_grad_norm)?;
@@ -537,6 +615,7 @@ pub fn run(c: &LoadedConfig, opts: &RunOptions) -> Result<Summary> {
         if n_loss > 0 {
             opt.step(&grads, lr)?;
         }
+        let optimizer_s = t_opt.elapsed().as_secs_f64();
         let tokens: usize = batches.iter().map(|b| b.n_tokens).sum();
         let dt = t0.elapsed().as_secs_f64();
         session_time += dt;
@@ -553,6 +632,8 @@ pub fn run(c: &LoadedConfig, opts: &RunOptions) -> Result<Summary> {
             "type": "train", "step": step, "loss": loss, "lr": lr, "grad_norm": norm,
             "tokens": tokens, "loss_tokens": n_loss, "tokens_per_s": tokens as f64 / dt.max(1e-9),
             "epoch": state.epoch, "elapsed_s": wall.elapsed().as_secs_f64(),
+            "step_s": dt, "forward_s": forward_s, "backward_s": backward_s,
+            "optimizer_s": optimizer_s,
         }))?;
         progress.step(&StepLine {
             step,
