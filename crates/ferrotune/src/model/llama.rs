@@ -457,10 +457,11 @@ impl Attention {
         train: bool,
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
+        // Head-major views, no copies: RoPE reads q and k through their strides and writes
+        // contiguous results, attention reads v likewise. (A copy here would be kept by the
+        // autograd graph until backward: 960 floats per token and layer for SmolLM2.)
         let heads = |y: Tensor, n: usize| -> Result<Tensor> {
-            y.reshape((b, t, n, self.head_dim))?
-                .transpose(1, 2)?
-                .contiguous()
+            y.reshape((b, t, n, self.head_dim))?.transpose(1, 2)
         };
         let q = heads(self.q_proj.forward_t(x, train)?, self.n_heads)?;
         let k = heads(self.k_proj.forward_t(x, train)?, self.n_kv_heads)?;

@@ -68,6 +68,18 @@ pub trait LinearAdapter: std::any::Any + Send + Sync {
     fn rng_state(&self) -> Option<u64> {
         None
     }
+    /// The whole layer, base and adapter, as one op when this adapter is the layer's only one:
+    /// `Some` where the method has a fused training path that keeps fewer activations (LoRA
+    /// does); `None` to take the composed path (base, then [`Self::forward`]).
+    fn forward_fused(
+        &self,
+        _x: &Tensor,
+        _weight: &LinearWeight,
+        _bias: Option<&Tensor>,
+        _train: bool,
+    ) -> Option<Result<Tensor>> {
+        None
+    }
     fn set_rng_state(&self, _state: u64) {}
 }
 
@@ -145,6 +157,14 @@ impl Linear {
     }
 
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        if self.adapters_enabled && self.adapters.len() == 1 {
+            if let Some(y) = self.adapters[0]
+                .1
+                .forward_fused(x, &self.weight, self.bias.as_ref(), train)
+            {
+                return y;
+            }
+        }
         let mut y = self.forward_base(x)?;
         if self.adapters_enabled {
             for (_, a) in &self.adapters {

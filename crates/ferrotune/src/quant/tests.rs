@@ -559,10 +559,11 @@ fn q8_transposed_backward_is_close_to_exact() {
             .to_vec1()
             .unwrap();
         let err = rel_l2(&got, &want);
-        // Q8_0 moves each weight by at most 1/254 of its block's largest magnitude; for Gaussian
-        // weights with 1% 8x outliers that is 0.6-0.8% relative in L2 (measured 7.8e-3 for
-        // Q4_0); nonzero, or the copy was not used
-        assert!(err < 1.2e-2 && err > 1e-6, "{dtype:?}: relative L2 error {err}");
+        // Q8_0 moves each weight, and the 8-bit gradient blocks each gradient entry, by at most
+        // 1/254 of its block's largest magnitude: for Gaussian values with 1% 8x outliers about
+        // 0.8% relative in L2 each; nonzero, or the copy was not used
+        assert!(err < 2e-2 && err > 1e-6, "{dtype:?}: relative L2 error {err}");
+        eprintln!("{dtype:?}: q8 transposed backward relative L2 error {err:.2e}");
         assert!(w.transposed.get().is_some_and(|t| t.is_some()));
         // 600 rows do not split into Q8_0 blocks: the exact path runs instead
         let (w, deq) = weight(&mut rng, 600, k, dtype);

@@ -212,8 +212,8 @@ pub struct TrainSection {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum QuantizedBackward {
-    /// `grad_y @ W` on a transposed Q8_0 copy of each quantized weight: faster, under 1%
-    /// relative error in the base's input gradients.
+    /// `grad_y @ W` on a transposed Q8_0 copy of each quantized weight with 8-bit gradient
+    /// blocks: faster, about 1% relative error in the base's input gradients.
     #[default]
     #[serde(rename = "q8_0")]
     Q8_0,

@@ -134,13 +134,13 @@ impl MemoryEstimate {
 }
 
 /// f32 values one decoder layer keeps per token for the backward pass, by the tensors its
-/// forward pass creates (every one stays referenced by the autograd graph):
-/// - attention: input norm (h), q/k/v projections (q + 2kv), their head-major copies (q + 2kv),
-///   RoPE of q and k (q + kv), the attention output (q) and its token-major copy (q), the
-///   output projection (h), the residual sum (h);
+/// forward pass creates (autograd keeps every op's inputs alive, needed or not):
+/// - attention: the input norm (h), the q/k/v projections (q + 2kv; the head-major views share
+///   them), RoPE of q and k (q + kv), the attention output (q) and its token-major copy (q),
+///   the output projection (h), the residual sum (h);
 /// - MLP: the norm (h), gate and up (2i), SwiGLU (i), down (h), the residual sum (h);
-/// - each adapted linear (in → out, rank r): A·x (r), B·A·x (out), the scaled copy (out) and
-///   the sum with the base output (out); with dropout also the mask and masked input (2 in).
+/// - each LoRA-adapted linear (fused with its base, see `peft::lora::fused`): the rank-r
+///   product (r) and, with dropout, the masked input (in).
 pub fn layer_floats_per_token(model: &Llama, dropout: bool) -> u64 {
     let c = &model.cfg;
     let h = c.hidden_size as u64;
@@ -148,7 +148,7 @@ pub fn layer_floats_per_token(model: &Llama, dropout: bool) -> u64 {
     let q = c.num_attention_heads as u64 * hd;
     let kv = c.num_key_value_heads as u64 * hd;
     let i = c.intermediate_size as u64;
-    let base = 6 * h + 5 * q + 5 * kv + 3 * i;
+    let base = 6 * h + 4 * q + 3 * kv + 3 * i;
     let adapters: u64 = model
         .layers
         .first()
@@ -166,7 +166,7 @@ fn adapter_floats(lin: &Linear, dropout: bool) -> u64 {
     if !lin.has_active_adapters() {
         return 0;
     }
-    let (out, inp) = (lin.out_features() as u64, lin.in_features() as u64);
+    let inp = lin.in_features() as u64;
     lin.adapters()
         .map(|(_, a)| {
             let r: u64 = a
@@ -175,7 +175,7 @@ fn adapter_floats(lin: &Linear, dropout: bool) -> u64 {
                 .find(|(n, _)| n.contains("lora_A"))
                 .map(|(_, v)| v.dims()[0] as u64)
                 .unwrap_or(0);
-            r + 3 * out + if dropout { 2 * inp } else { 0 }
+            r + if dropout { inp } else { 0 }
         })
         .sum()
 }

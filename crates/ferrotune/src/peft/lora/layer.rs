@@ -3,7 +3,7 @@
 //! The low-rank path is computed on the fly (never `W + BA`), so training touches only the two
 //! small matrices and a quantized base stays quantized. A and B are f32 `Var`s whatever the base
 //! dtype: optimizer updates to small LoRA weights vanish in bf16.
-use crate::nn::LinearAdapter;
+use crate::nn::{LinearAdapter, LinearWeight};
 use candle_core::{DType, Device, Result, Tensor, Var};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -169,6 +169,53 @@ impl LinearAdapter for LoraAdapter {
         self.calls.store(state, Ordering::Relaxed)
     }
 
+    /// Training on the CPU in f32 over a frozen base: one op that keeps fewer activations
+    /// (see `fused.rs`). Inference and everything else take the composed path.
+    fn forward_fused(
+        &self,
+        x: &Tensor,
+        weight: &LinearWeight,
+        bias: Option<&Tensor>,
+        train: bool,
+    ) -> Option<Result<Tensor>> {
+        let frozen = matches!(
+            weight,
+            LinearWeight::Frozen(_) | LinearWeight::Quantized(_)
+        );
+        if !train
+            || !frozen
+            || !self.is_active()
+            || self.is_merged()
+            || !x.device().is_cpu()
+            || x.dtype() != DType::F32
+        {
+            return None;
+        }
+        Some((|| {
+            let dims = x.dims().to_vec();
+            let in_f = *dims.last().unwrap_or(&0);
+            let rows: usize = dims[..dims.len().saturating_sub(1)].iter().product();
+            let x2 = x.reshape((rows, in_f))?.contiguous()?;
+            let mask = if self.dropout > 0.0 {
+                Some(self.dropout_mask(x2.dims(), x2.device())?)
+            } else {
+                None
+            };
+            let y = super::fused::lora_linear(
+                &x2,
+                weight,
+                bias,
+                self.a.as_tensor(),
+                self.b.as_tensor(),
+                self.scale,
+                mask,
+            )?;
+            let mut out_dims = dims;
+            *out_dims.last_mut().expect("non-empty dims") = y.dim(1)?;
+            y.reshape(out_dims)
+        })())
+    }
+
     fn forward(&self, x: &Tensor, base_out: Tensor, train: bool) -> Result<Tensor> {
         if !self.is_active() || self.is_merged() {
             return Ok(base_out);
@@ -186,7 +233,9 @@ impl LinearAdapter for LoraAdapter {
         let h = x32
             .reshape((rows, in_f))?
             .matmul(&self.a.as_tensor().t()?)?;
-        let lora = (h.matmul(&self.b.as_tensor().t()?)? * self.scale)?;
+        // Scale the rank-r intermediate rather than the output: the same product, and one
+        // fewer out-sized tensor for autograd to keep.
+        let lora = (h * self.scale)?.matmul(&self.b.as_tensor().t()?)?;
         let mut out_dims = dims;
         *out_dims.last_mut().unwrap() = lora.dim(1)?;
         let lora = lora.reshape(out_dims)?;

@@ -4,6 +4,7 @@
 //! - [`layer`]: `LoraAdapter`, the per-linear adapter.
 //! - [`model`]: attach / select / merge / unmerge on a whole model.
 pub mod config;
+mod fused;
 pub mod layer;
 pub mod model;
 
