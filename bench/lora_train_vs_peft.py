@@ -198,7 +198,7 @@ def main():
             tps = toks / s
             if base is None:
                 base = (tps, rss)
-            print(f"{shape:>8} {name:<22} {s:8.2f} {tps:8.1f} {rss / 2**30:8.2f}GB "
+            print(f"{shape:>8} {name:<22} {s:8.2f} {tps:8.1f} {rss / 1e9:8.2f}GB "
                   f"{tps / base[0]:6.2f}x {rss / base[1]:5.2f}x", flush=True)
 
 

@@ -329,6 +329,20 @@ fn unknown_lora_target_module_is_named_with_the_config_key() {
 }
 
 #[test]
+fn a_run_that_cannot_fit_in_memory_is_refused_before_it_starts() {
+    // Ten million rows per micro-batch: the activations alone would need terabytes.
+    let s = Setup::new("oom", "", "", "max_steps = 2");
+    let e = s.train_fails(&["--set", "train.batch_size=10000000"]);
+    assert!(e.contains("train.batch_size"), "{e}");
+    assert!(e.contains("needs about") && e.contains("available"), "{e}");
+    assert!(e.contains("gradient_checkpointing"), "{e}");
+    assert!(e.contains("memory estimate: weights"), "{e}");
+    // An unsupported activation width is refused the same way, before anything is written.
+    let e = s.train_fails(&["--set", "train.activation_bits=12"]);
+    assert!(e.contains("train.activation_bits"), "{e}");
+}
+
+#[test]
 fn unknown_config_key_names_the_file_line_and_key() {
     let s = Setup::new("cfgkey", "", "", "max_steps = 2\nlr_sheduler = \"cosine\"");
     let e = s.train_fails(&[]);

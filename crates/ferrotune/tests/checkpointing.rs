@@ -84,10 +84,9 @@ fn checkpointed_gradients_equal_plain_gradients() {
         assert!(batches.len() >= 2, "want several micro-batches");
         // two optimizer-step-sized calls, so the dropout streams must also stay in step
         for round in 0..2 {
-            let p = train::accumulate_gradients_with(&plain, &plain_params, &batches, false)
-                .unwrap();
-            let c =
-                train::accumulate_gradients_with(&ckpt, &ckpt_params, &batches, true).unwrap();
+            let p =
+                train::accumulate_gradients_with(&plain, &plain_params, &batches, false).unwrap();
+            let c = train::accumulate_gradients_with(&ckpt, &ckpt_params, &batches, true).unwrap();
             assert_eq!(p.loss_tokens, c.loss_tokens);
             assert!(
                 (p.loss - c.loss).abs() <= 1e-6 * p.loss.abs(),

@@ -342,15 +342,7 @@ impl Llama {
         ctx: &LayerContext,
         train: bool,
     ) -> Result<Tensor> {
-        self.layers[i].forward_masked(
-            x,
-            &ctx.cos,
-            &ctx.sin,
-            0,
-            None,
-            ctx.segments.as_ref(),
-            train,
-        )
+        self.layers[i].forward_masked(x, &ctx.cos, &ctx.sin, 0, None, ctx.segments.as_ref(), train)
     }
 
     /// The adapters' random-stream states of layer `i` (see

@@ -158,9 +158,10 @@ impl Linear {
 
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         if self.adapters_enabled && self.adapters.len() == 1 {
-            if let Some(y) = self.adapters[0]
-                .1
-                .forward_fused(x, &self.weight, self.bias.as_ref(), train)
+            if let Some(y) =
+                self.adapters[0]
+                    .1
+                    .forward_fused(x, &self.weight, self.bias.as_ref(), train)
             {
                 return y;
             }

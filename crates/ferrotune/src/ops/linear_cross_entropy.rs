@@ -11,9 +11,7 @@
 //! scales the stored `dh`: no logits are ever recomputed or held. What stays alive is `dh`,
 //! as large as `h` itself.
 use crate::quant::QuantWeight;
-use candle_core::{
-    bail, CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, Tensor, D,
-};
+use candle_core::{bail, CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, Tensor, D};
 use rayon::prelude::*;
 use std::sync::{Arc, Mutex};
 
@@ -43,10 +41,7 @@ impl FrozenHead {
     /// `x (c, hidden)` -> logits `(c, vocab)` f32, no autograd.
     fn logits(&self, x: &Tensor) -> Result<Tensor> {
         match self {
-            FrozenHead::Dense(w) => x
-                .to_dtype(w.dtype())?
-                .matmul(&w.t()?)?
-                .to_dtype(DType::F32),
+            FrozenHead::Dense(w) => x.to_dtype(w.dtype())?.matmul(&w.t()?)?.to_dtype(DType::F32),
             FrozenHead::Quantized(q) => q.forward(x),
         }
     }
@@ -99,10 +94,7 @@ pub fn linear_cross_entropy_sum(
         keep_grad: hidden.track_op(),
         grad: Mutex::new(None),
     };
-    hidden
-        .to_dtype(DType::F32)?
-        .contiguous()?
-        .apply_op1(op)
+    hidden.to_dtype(DType::F32)?.contiguous()?.apply_op1(op)
 }
 
 /// The same sum composed from differentiable candle ops on a dense f32 head `(vocab, hidden)`:
@@ -204,10 +196,7 @@ mod tests {
     use candle_core::quantized::GgmlDType;
     use candle_core::Var;
 
-    fn loss_and_grad(
-        h: &Var,
-        f: impl Fn(&Tensor) -> Result<Tensor>,
-    ) -> (f32, Tensor) {
+    fn loss_and_grad(h: &Var, f: impl Fn(&Tensor) -> Result<Tensor>) -> (f32, Tensor) {
         let loss = f(h.as_tensor()).unwrap();
         let g = loss.backward().unwrap();
         (
@@ -223,9 +212,8 @@ mod tests {
         let w = (rand_tensor(&[3000, 64], DType::F32, 1).unwrap() * 0.2).unwrap();
         let h = Var::from_tensor(&rand_tensor(&[7, 64], DType::F32, 2).unwrap()).unwrap();
         let targets = [0u32, 5, 2999, 17, 17, 1200, 3];
-        let (want_l, want_g) = loss_and_grad(&h, |x| {
-            linear_cross_entropy_sum_reference(x, &w, &targets)
-        });
+        let (want_l, want_g) =
+            loss_and_grad(&h, |x| linear_cross_entropy_sum_reference(x, &w, &targets));
         let dense = FrozenHead::Dense(w.clone());
         let (l, g) = loss_and_grad(&h, |x| linear_cross_entropy_sum(x, &dense, &targets));
         assert!((l - want_l).abs() <= 1e-5 * want_l.abs(), "{l} vs {want_l}");
@@ -250,9 +238,8 @@ mod tests {
         let w = (rand_tensor(&[40000, 8], DType::F32, 3).unwrap() * 0.3).unwrap();
         let h = Var::from_tensor(&rand_tensor(&[500, 8], DType::F32, 4).unwrap()).unwrap();
         let targets: Vec<u32> = (0..500).map(|i| (i * 7919 % 40000) as u32).collect();
-        let (want_l, want_g) = loss_and_grad(&h, |x| {
-            linear_cross_entropy_sum_reference(x, &w, &targets)
-        });
+        let (want_l, want_g) =
+            loss_and_grad(&h, |x| linear_cross_entropy_sum_reference(x, &w, &targets));
         let head = FrozenHead::Dense(w);
         let (l, g) = loss_and_grad(&h, |x| linear_cross_entropy_sum(x, &head, &targets));
         assert!((l - want_l).abs() <= 1e-5 * want_l.abs(), "{l} vs {want_l}");

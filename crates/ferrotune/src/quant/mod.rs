@@ -614,14 +614,7 @@ impl QuantWeight {
                 // 8-bit gradient blocks whatever the forward's activation setting (see
                 // `BackwardWeights::Q8Transposed`)
                 let mut gx = vec![0f32; m * self.in_dim];
-                t.matmul_with(
-                    Isa::best(),
-                    ActPrecision::I8,
-                    num_threads(),
-                    s,
-                    m,
-                    &mut gx,
-                );
+                t.matmul_with(Isa::best(), ActPrecision::I8, num_threads(), s, m, &mut gx);
                 Ok(gx)
             })?,
             None => with_f32_slice(&g, |s| self.backward_slice(s, m, num_threads()))?,
@@ -905,4 +898,3 @@ pub fn linear(x: &Tensor, w: &Arc<QuantWeight>) -> candle_core::Result<Tensor> {
     let xf = x.to_dtype(DType::F32)?.contiguous()?;
     xf.apply_op1(QLinear(w.clone()))?.to_dtype(dtype)
 }
-

@@ -562,7 +562,10 @@ fn q8_transposed_backward_is_close_to_exact() {
         // Q8_0 moves each weight, and the 8-bit gradient blocks each gradient entry, by at most
         // 1/254 of its block's largest magnitude: for Gaussian values with 1% 8x outliers about
         // 0.8% relative in L2 each; nonzero, or the copy was not used
-        assert!(err < 2e-2 && err > 1e-6, "{dtype:?}: relative L2 error {err}");
+        assert!(
+            err < 2e-2 && err > 1e-6,
+            "{dtype:?}: relative L2 error {err}"
+        );
         eprintln!("{dtype:?}: q8 transposed backward relative L2 error {err:.2e}");
         assert!(w.transposed.get().is_some_and(|t| t.is_some()));
         // 600 rows do not split into Q8_0 blocks: the exact path runs instead

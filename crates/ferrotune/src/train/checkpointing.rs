@@ -21,30 +21,41 @@ use crate::{Error, Result};
 use candle_core::{Tensor, Var};
 use std::time::Instant;
 
-/// One micro-batch's loss sum (as f64), its number of loss tokens, the gradients of `params`
-/// of `loss_sum · scale`, aligned with `params` (`None` where a parameter took no part), and
-/// the seconds spent in the forward pass and in the backward pass (recomputation included).
+/// What [`loss_and_grads`] returns for one micro-batch.
+pub struct MicroBatchGrads {
+    /// The loss summed over the micro-batch's loss tokens.
+    pub loss_sum: f64,
+    pub loss_tokens: usize,
+    /// Gradients of `loss_sum · scale`, aligned with the parameters (`None` where a parameter
+    /// took no part).
+    pub grads: Vec<Option<Tensor>>,
+    /// Seconds in the forward pass and in the backward pass (recomputation included).
+    pub forward_s: f64,
+    pub backward_s: f64,
+}
+
+/// The loss of one micro-batch and the gradients of `params`, layer by layer (see the module
+/// docs).
 pub fn loss_and_grads(
     model: &Llama,
     params: &[(String, Var)],
     batch: &Batch,
     scale: f64,
-) -> Result<(f64, usize, Vec<Option<Tensor>>, (f64, f64))> {
+) -> Result<MicroBatchGrads> {
     let t0 = Instant::now();
     let mut grads: Vec<Option<Tensor>> = vec![None; params.len()];
-    let collect = |store: &candle_core::backprop::GradStore,
-                   grads: &mut Vec<Option<Tensor>>|
-     -> Result<()> {
-        for (i, (_, var)) in params.iter().enumerate() {
-            if let Some(g) = store.get(var.as_tensor()) {
-                grads[i] = Some(match grads[i].take() {
-                    None => g.clone(),
-                    Some(acc) => (acc + g)?,
-                });
+    let collect =
+        |store: &candle_core::backprop::GradStore, grads: &mut Vec<Option<Tensor>>| -> Result<()> {
+            for (i, (_, var)) in params.iter().enumerate() {
+                if let Some(g) = store.get(var.as_tensor()) {
+                    grads[i] = Some(match grads[i].take() {
+                        None => g.clone(),
+                        Some(acc) => (acc + g)?,
+                    });
+                }
             }
-        }
-        Ok(())
-    };
+            Ok(())
+        };
 
     // Forward: keep each layer's input, drop its graph.
     let packed = batch
@@ -99,10 +110,11 @@ pub fn loss_and_grads(
         let store = (e * &g)?.sum_all()?.backward()?;
         collect(&store, &mut grads)?;
     }
-    Ok((
+    Ok(MicroBatchGrads {
         loss_sum,
-        n,
+        loss_tokens: n,
         grads,
-        ((t1 - t0).as_secs_f64(), t1.elapsed().as_secs_f64()),
-    ))
+        forward_s: (t1 - t0).as_secs_f64(),
+        backward_s: t1.elapsed().as_secs_f64(),
+    })
 }

@@ -198,6 +198,10 @@ pub struct TrainSection {
     /// How a quantized base computes input gradients (see `quant::BackwardWeights`).
     #[serde(default)]
     pub quantized_backward: QuantizedBackward,
+    /// Bits per activation value in the quantized base's forward kernels while training (8 or
+    /// 16; see `quant::ActPrecision`). Inference keeps its own default (16).
+    #[serde(default = "default_activation_bits")]
+    pub activation_bits: u8,
     /// Refuse to start when the memory estimate exceeds the memory available (default true).
     #[serde(default = "yes")]
     pub memory_check: bool,
@@ -219,6 +223,10 @@ pub enum QuantizedBackward {
     Q8_0,
     /// Dequantize tiles to f32: exact up to f32 rounding.
     Exact,
+}
+
+fn default_activation_bits() -> u8 {
+    8
 }
 
 fn yes() -> bool {

@@ -68,7 +68,12 @@ impl TrainShape {
         let mut loss: Vec<usize> = prepared
             .train
             .iter()
-            .map(|e| e.labels.iter().filter(|&&l| l != crate::data::IGNORE).count())
+            .map(|e| {
+                e.labels
+                    .iter()
+                    .filter(|&&l| l != crate::data::IGNORE)
+                    .count()
+            })
             .collect();
         loss.sort_unstable_by(|a, b| b.cmp(a));
         let per_batch = if bc.packing {
@@ -228,8 +233,13 @@ pub fn estimate(model: &Llama, shape: &TrainShape) -> MemoryEstimate {
         // embeddings, every layer's graph, the final norm
         tokens * (layers * per_layer + 2 * h * 4)
     };
-    // the backward pass holds about one layer's worth of gradients at a time
-    let backward_transient = tokens * per_layer;
+    // the backward pass holds about one layer's worth of gradients at a time (with
+    // checkpointing, inside the recomputed layer counted above)
+    let backward_transient = if shape.checkpointing {
+        0
+    } else {
+        tokens * per_layer
+    };
 
     let vocab = c.vocab_size as u64;
     let chunk = HEAD_CHUNK_FLOATS.min(shape.max_loss_tokens as u64 * vocab);

@@ -250,12 +250,11 @@ pub fn accumulate_gradients_with(
         }
         forwards += 1;
         if checkpointing {
-            let (sum, _, g, times) =
-                checkpointing::loss_and_grads(model, params, batch, 1.0 / n_total as f64)?;
-            loss_sum += sum;
-            forward_s += times.0;
-            backward_s += times.1;
-            for (i, ((name, _), g)) in params.iter().zip(g).enumerate() {
+            let mb = checkpointing::loss_and_grads(model, params, batch, 1.0 / n_total as f64)?;
+            loss_sum += mb.loss_sum;
+            forward_s += mb.forward_s;
+            backward_s += mb.backward_s;
+            for (i, ((name, _), g)) in params.iter().zip(mb.grads).enumerate() {
                 let g = g.ok_or_else(|| no_gradient(name))?;
                 add(i, &g)?;
             }
@@ -269,7 +268,9 @@ pub fn accumulate_gradients_with(
         let scaled = (sum / n_total as f64)?;
         let store = scaled.backward()?;
         for (i, (name, var)) in params.iter().enumerate() {
-            let g = store.get(var.as_tensor()).ok_or_else(|| no_gradient(name))?;
+            let g = store
+                .get(var.as_tensor())
+                .ok_or_else(|| no_gradient(name))?;
             add(i, g)?;
         }
         backward_s += t1.elapsed().as_secs_f64();
@@ -399,6 +400,17 @@ pub fn run(c: &LoadedConfig, opts: &RunOptions) -> Result<Summary> {
     )?;
 
     // ---- Memory: estimate, and refuse what cannot fit (before anything is written) ----------
+    crate::quant::set_activation_precision(match t.activation_bits {
+        8 => crate::quant::ActPrecision::I8,
+        16 => crate::quant::ActPrecision::I16,
+        n => {
+            return Err(Error::key(
+                c.source(),
+                "train.activation_bits",
+                format!("{n} is not supported: use 8 or 16"),
+            ))
+        }
+    });
     crate::quant::set_backward_weights(match t.quantized_backward {
         config::QuantizedBackward::Q8_0 => crate::quant::BackwardWeights::Q8Transposed,
         config::QuantizedBackward::Exact => crate::quant::BackwardWeights::Exact,

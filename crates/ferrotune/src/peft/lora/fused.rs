@@ -173,7 +173,12 @@ mod tests {
                         let base = lin.forward_base(x.as_tensor()).unwrap();
                         adapter.forward(x.as_tensor(), base, true).unwrap()
                     };
-                    let g = (&y * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+                    let g = (&y * &probe)
+                        .unwrap()
+                        .sum_all()
+                        .unwrap()
+                        .backward()
+                        .unwrap();
                     let grads = [x.as_tensor(), vars[0].1.as_tensor(), vars[1].1.as_tensor()]
                         .map(|t| g.get(t).expect("a gradient").clone());
                     (y, grads)

@@ -178,10 +178,7 @@ impl LinearAdapter for LoraAdapter {
         bias: Option<&Tensor>,
         train: bool,
     ) -> Option<Result<Tensor>> {
-        let frozen = matches!(
-            weight,
-            LinearWeight::Frozen(_) | LinearWeight::Quantized(_)
-        );
+        let frozen = matches!(weight, LinearWeight::Frozen(_) | LinearWeight::Quantized(_));
         if !train
             || !frozen
             || !self.is_active()
