@@ -47,6 +47,9 @@ pub fn causal_attention(
     scale: f64,
     q_offset: usize,
 ) -> Result<Tensor> {
+    if super::reference_ops() {
+        return causal_attention_reference(q, k, v, scale, q_offset);
+    }
     let dims = Dims::new(q, k, v, q_offset)?;
     // Empty tensors (e.g. a zero-sized head dim) take the composed path; the kernels assume
     // non-empty rows.
@@ -103,6 +106,9 @@ pub fn causal_attention_segments(
     scale: f64,
     segments: &Tensor,
 ) -> Result<Tensor> {
+    if super::reference_ops() {
+        return causal_attention_segments_reference(q, k, v, scale, segments);
+    }
     let dims = Dims::new(q, k, v, 0)?;
     let runs = segment_runs(segments, dims.b, dims.t)?;
     if kernels::cpu_kernel_dtype(&[q, k, v]).is_none()
@@ -123,6 +129,8 @@ pub fn causal_attention_reference(
     scale: f64,
     q_offset: usize,
 ) -> Result<Tensor> {
+    // candle's matmul needs contiguous operands; the model passes strided head-major views
+    let (q, k, v) = (&q.contiguous()?, &k.contiguous()?, &v.contiguous()?);
     let Dims { t, s, .. } = Dims::new(q, k, v, q_offset)?;
     let mask = if t > 1 {
         let mask: Vec<f32> = (0..t)
@@ -152,6 +160,8 @@ pub fn causal_attention_segments_reference(
     scale: f64,
     segments: &Tensor,
 ) -> Result<Tensor> {
+    // candle's matmul needs contiguous operands; the model passes strided head-major views
+    let (q, k, v) = (&q.contiguous()?, &k.contiguous()?, &v.contiguous()?);
     let Dims { b, t, .. } = Dims::new(q, k, v, 0)?;
     segment_runs(segments, b, t)?;
     let seg = segments.to_dtype(DType::U32)?;

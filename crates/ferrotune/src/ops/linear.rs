@@ -17,6 +17,9 @@ use candle_core::{
 /// whose matmul has no bf16 kernel) and cast back; that converted copy of `w` stays alive in the
 /// graph until backward, so store frozen weights in the compute dtype when training.
 pub fn frozen_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    if super::reference_ops() {
+        return frozen_linear_reference(x, w);
+    }
     let (out_f, in_f, lead, dt) = check(x, w)?;
     let w = w.detach().to_dtype(dt)?.contiguous()?;
     let x2 = x

@@ -68,6 +68,9 @@ pub fn linear_cross_entropy_sum(
     head: &FrozenHead,
     targets: &[u32],
 ) -> Result<Tensor> {
+    if super::reference_ops() {
+        return linear_cross_entropy_sum_reference(hidden, &head.dense_f32()?, targets);
+    }
     let (n, h) = hidden.dims2()?;
     let vocab = head.vocab()?;
     if h != head.hidden()? {

@@ -10,6 +10,22 @@
 //! differentiable candle ops; the tests check the two against each other and against finite
 //! differences ([`gradcheck`]). [`frozen_linear`] is the exception: it uses the backend's matmul
 //! on every device, since the composed version would compute the weight gradient it exists to avoid.
+use std::sync::atomic::{AtomicBool, Ordering};
+
+static REFERENCE_OPS: AtomicBool = AtomicBool::new(false);
+
+/// Route every fused op (and the fused training paths built on them, such as LoRA's fused
+/// linear) to its composed `*_reference` twin, process-wide. For tests that hold the fused
+/// implementation to the unfused one end to end (a whole training run); it is much slower.
+pub fn set_reference_ops(on: bool) {
+    REFERENCE_OPS.store(on, Ordering::Relaxed)
+}
+
+/// Whether [`set_reference_ops`] is on.
+pub fn reference_ops() -> bool {
+    REFERENCE_OPS.load(Ordering::Relaxed)
+}
+
 mod attention;
 pub mod gradcheck;
 pub(crate) mod kernels;

@@ -9,6 +9,9 @@ use candle_core::{bail, CpuStorage, CustomOp2, DType, Layout, Result, Shape, Ten
 /// RMSNorm over the last dim of `x` (`(..., d)`) with weight `(d)`. Gradients reach `x` and
 /// `weight` (the latter only when it is tracked, e.g. a trainable `Var`).
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    if super::reference_ops() {
+        return rms_norm_reference(x, weight, eps);
+    }
     check_shapes(x, weight)?;
     // Empty tensors (e.g. a zero-sized head dim) take the composed path; the kernels assume
     // non-empty rows.

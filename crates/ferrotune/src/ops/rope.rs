@@ -18,6 +18,9 @@ use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Ten
 /// `out[i] = x[i]·cos[i] − x[i+d/2]·sin[i]`, `out[i+d/2] = x[i+d/2]·cos[i] + x[i]·sin[i]`.
 /// Gradient reaches `x` only (cos/sin are position tables).
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    if super::reference_ops() {
+        return rope_reference(x, cos, sin);
+    }
     check_shapes(x, cos, sin)?;
     // Empty tensors (e.g. a zero-sized head dim) take the composed path; the kernels assume
     // non-empty rows.

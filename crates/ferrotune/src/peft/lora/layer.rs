@@ -180,6 +180,7 @@ impl LinearAdapter for LoraAdapter {
     ) -> Option<Result<Tensor>> {
         let frozen = matches!(weight, LinearWeight::Frozen(_) | LinearWeight::Quantized(_));
         if !train
+            || crate::ops::reference_ops()
             || !frozen
             || !self.is_active()
             || self.is_merged()
