@@ -329,6 +329,24 @@ fn unknown_lora_target_module_is_named_with_the_config_key() {
 }
 
 #[test]
+fn bf16_base_with_checkpointing_trains() {
+    // bf16 frozen weights, f32 LoRA master copies, activation checkpointing: the loss falls
+    let s = Setup::new("bf16", "", "", "max_steps = 8\nlr = 1e-2");
+    s.train_ok(&[
+        "--set",
+        "train.dtype=bf16",
+        "--set",
+        "train.gradient_checkpointing=true",
+    ]);
+    let (train, _) = curves(&s.out());
+    assert!(train.len() >= 2, "{train:?}");
+    assert!(
+        train.last().unwrap().1 < train[0].1,
+        "loss did not fall: {train:?}"
+    );
+}
+
+#[test]
 fn a_run_that_cannot_fit_in_memory_is_refused_before_it_starts() {
     // Ten million rows per micro-batch: the activations alone would need terabytes.
     let s = Setup::new("oom", "", "", "max_steps = 2");
@@ -337,9 +355,12 @@ fn a_run_that_cannot_fit_in_memory_is_refused_before_it_starts() {
     assert!(e.contains("needs about") && e.contains("available"), "{e}");
     assert!(e.contains("gradient_checkpointing"), "{e}");
     assert!(e.contains("memory estimate: weights"), "{e}");
-    // An unsupported activation width is refused the same way, before anything is written.
+    // An unsupported activation width or dtype is refused the same way, before anything is
+    // written.
     let e = s.train_fails(&["--set", "train.activation_bits=12"]);
     assert!(e.contains("train.activation_bits"), "{e}");
+    let e = s.train_fails(&["--set", "train.dtype=f8"]);
+    assert!(e.contains("train.dtype") && e.contains("`f8`"), "{e}");
 }
 
 #[test]

@@ -191,6 +191,9 @@ pub struct TrainSection {
     pub threads: Option<usize>,
     #[serde(default)]
     pub dequantize: bool,
+    /// Hold the frozen dense base weights in this dtype (`f32`, `bf16`, `f16`; default: as
+    /// stored). Trainable parameters (the LoRA matrices) stay f32 master copies whatever it is.
+    pub dtype: Option<String>,
     /// Recompute each decoder layer's forward pass during backward instead of keeping its
     /// activations (see `train::checkpointing`).
     #[serde(default)]

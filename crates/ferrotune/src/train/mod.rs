@@ -338,7 +338,21 @@ pub fn run(c: &LoadedConfig, opts: &RunOptions) -> Result<Summary> {
     }
 
     // ---- Model and method ----------------------------------------------------------------
+    let dtype = match t.dtype.as_deref() {
+        None => None,
+        Some("f32") => Some(candle_core::DType::F32),
+        Some("bf16") => Some(candle_core::DType::BF16),
+        Some("f16") => Some(candle_core::DType::F16),
+        Some(other) => {
+            return Err(Error::key(
+                c.source(),
+                "train.dtype",
+                format!("`{other}` is not one of f32, bf16, f16"),
+            ))
+        }
+    };
     let load_opts = LoadOptions {
+        dtype,
         dequantize: t.dequantize,
         ..Default::default()
     };
