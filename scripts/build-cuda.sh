@@ -31,4 +31,4 @@ if ! ldconfig -p 2>/dev/null | grep -q 'libcuda\.so '; then
   cc -shared -fPIC -o "$cache/stubs/libcuda.so" "$cache/stubs/libcuda_stub.c"
   export LIBRARY_PATH="$cache/stubs:$LIBRARY_PATH"
 fi
-cargo build --release --features cuda
+cargo build --release --features cuda -p ferrotune-cli
