@@ -1,49 +1,13 @@
 //! Activation checkpointing gives the gradients of the plain backward pass: on the tiny HF
 //! fixtures, with LoRA dropout (the recomputation must replay the same masks), padded and packed
 //! batches, and gradient accumulation.
-use candle_core::{Device, Tensor};
-use ferrotune::data::{BatchConfig, Batcher, Example, Loc, Source, IGNORE};
-use ferrotune::model::{self, LoadOptions, SafetensorsSource};
+use candle_core::Device;
+use ferrotune::data::{BatchConfig, Batcher};
 use ferrotune::peft::{self, lora};
 use ferrotune::train;
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
-fn tiny(name: &str) -> model::Llama {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/models");
-    let dir = p.join(name);
-    let cfg = model::config_from_hf_dir(&dir).unwrap();
-    let src = SafetensorsSource::open(&dir, &LoadOptions::default(), &Device::Cpu).unwrap();
-    model::Llama::load(&src, &cfg).unwrap()
-}
-
-fn examples(lens: &[usize], vocab: u32, seed: u64) -> Vec<Example> {
-    let mut rng = StdRng::seed_from_u64(seed);
-    lens.iter()
-        .enumerate()
-        .map(|(e, &n)| {
-            let ids: Vec<u32> = (0..n).map(|_| rng.random_range(0..vocab)).collect();
-            Example {
-                labels: ids
-                    .iter()
-                    .enumerate()
-                    .map(|(k, &id)| if k >= n / 2 { id as i64 } else { IGNORE })
-                    .collect(),
-                input_ids: ids,
-                source: Source {
-                    file: Arc::from(Path::new("t.jsonl")),
-                    loc: Loc::Line(e + 1),
-                },
-            }
-        })
-        .collect()
-}
-
-fn max_abs(t: &Tensor) -> f32 {
-    t.abs().unwrap().max_all().unwrap().to_scalar().unwrap()
-}
+mod common;
+use common::{examples, max_abs, tiny};
 
 #[test]
 fn checkpointed_gradients_equal_plain_gradients() {

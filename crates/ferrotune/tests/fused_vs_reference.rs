@@ -4,43 +4,20 @@
 //! packed segments, SwiGLU, frozen linears, the fused LoRA linear, the fused LM-head loss).
 //! One test in its own binary, because the switch is process-wide.
 use candle_core::Device;
-use ferrotune::data::{BatchConfig, Batcher, Example, Loc, Source, IGNORE};
-use ferrotune::model::{self, LoadOptions, SafetensorsSource};
+use ferrotune::data::{BatchConfig, Batcher};
 use ferrotune::peft::{self, lora};
 use ferrotune::train::{self, AdamW, AdamWConfig};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
-fn tiny(name: &str) -> model::Llama {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/models");
-    let dir = p.join(name);
-    let cfg = model::config_from_hf_dir(&dir).unwrap();
-    let src = SafetensorsSource::open(&dir, &LoadOptions::default(), &Device::Cpu).unwrap();
-    model::Llama::load(&src, &cfg).unwrap()
-}
+mod common;
+use common::{examples, tiny};
 
-fn examples(n: usize, vocab: u32, seed: u64) -> Vec<Example> {
+/// `n` examples of random lengths (6..20 tokens).
+fn random_examples(n: usize, vocab: u32, seed: u64) -> Vec<ferrotune::data::Example> {
     let mut rng = StdRng::seed_from_u64(seed);
-    (0..n)
-        .map(|e| {
-            let len = rng.random_range(6..20);
-            let ids: Vec<u32> = (0..len).map(|_| rng.random_range(0..vocab)).collect();
-            Example {
-                labels: ids
-                    .iter()
-                    .enumerate()
-                    .map(|(k, &id)| if k >= len / 2 { id as i64 } else { IGNORE })
-                    .collect(),
-                input_ids: ids,
-                source: Source {
-                    file: Arc::from(Path::new("t.jsonl")),
-                    loc: Loc::Line(e + 1),
-                },
-            }
-        })
-        .collect()
+    let lens: Vec<usize> = (0..n).map(|_| rng.random_range(6..20)).collect();
+    examples(&lens, vocab, seed)
 }
 
 /// Eight AdamW steps of LoRA (all linears, dropout 0.1) on a fixed seed; the loss per step.
@@ -59,7 +36,12 @@ fn loss_curve(name: &str, packing: bool) -> Vec<f64> {
             BatchConfig::new(4, 32, 0)
         }
     };
-    let batcher = Batcher::new(examples(24, m.cfg.vocab_size as u32, 1), bc, Device::Cpu).unwrap();
+    let batcher = Batcher::new(
+        random_examples(24, m.cfg.vocab_size as u32, 1),
+        bc,
+        Device::Cpu,
+    )
+    .unwrap();
     let batches: Vec<_> = batcher
         .plan_for(0)
         .iter()

@@ -2,14 +2,12 @@
 //! exactly what the example computes alone (hidden states, every architecture), and a packed
 //! batch gives the same summed loss and LoRA gradients as the same examples one per row.
 use candle_core::{Device, Tensor};
-use ferrotune::data::{BatchConfig, Batcher, Example, Loc, Source, IGNORE};
-use ferrotune::model::{self, LoadOptions, SafetensorsSource};
+use ferrotune::data::{BatchConfig, Batcher};
 use ferrotune::peft::{self, lora};
 use ferrotune::train;
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
+
+mod common;
+use common::{examples, max_abs, tiny};
 
 const MODELS: &[&str] = &[
     "tiny-llama-gqa-untied",
@@ -19,42 +17,6 @@ const MODELS: &[&str] = &[
     "tiny-mistral",
     "tiny-qwen2",
 ];
-
-fn tiny(name: &str) -> model::Llama {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/models");
-    let dir = p.join(name);
-    let cfg = model::config_from_hf_dir(&dir).unwrap();
-    let src = SafetensorsSource::open(&dir, &LoadOptions::default(), &Device::Cpu).unwrap();
-    model::Llama::load(&src, &cfg).unwrap()
-}
-
-/// Examples of the given lengths with random ids below `vocab`; the first half of each is
-/// prompt (ignored), the rest trained.
-fn examples(lens: &[usize], vocab: u32, seed: u64) -> Vec<Example> {
-    let mut rng = StdRng::seed_from_u64(seed);
-    lens.iter()
-        .enumerate()
-        .map(|(e, &n)| {
-            let ids: Vec<u32> = (0..n).map(|_| rng.random_range(0..vocab)).collect();
-            Example {
-                labels: ids
-                    .iter()
-                    .enumerate()
-                    .map(|(k, &id)| if k >= n / 2 { id as i64 } else { IGNORE })
-                    .collect(),
-                input_ids: ids,
-                source: Source {
-                    file: Arc::from(Path::new("t.jsonl")),
-                    loc: Loc::Line(e + 1),
-                },
-            }
-        })
-        .collect()
-}
-
-fn max_abs(t: &Tensor) -> f32 {
-    t.abs().unwrap().max_all().unwrap().to_scalar().unwrap()
-}
 
 #[test]
 fn packed_row_hidden_states_equal_each_example_alone() {

@@ -111,6 +111,13 @@ pub fn linear_cross_entropy_sum_reference(
         .to_dtype(DType::F32)?
         .matmul(&weight.to_dtype(DType::F32)?.t()?)?;
     let targets = Tensor::from_slice(targets, targets.len(), hidden.device())?;
+    cross_entropy_sum(&logits, &targets)
+}
+
+/// Σ over rows of `−log softmax(logits)[target]`: logits (n, vocab), targets (n,) u32.
+/// Composed of differentiable ops; the row max is detached (log-softmax does not depend on it).
+pub fn cross_entropy_sum(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    let logits = logits.to_dtype(DType::F32)?;
     let max = logits.detach().max_keepdim(D::Minus1)?;
     let shifted = logits.broadcast_sub(&max)?;
     let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;

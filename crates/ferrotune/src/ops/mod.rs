@@ -42,7 +42,7 @@ pub use attention::{
 };
 pub use linear::{frozen_linear, frozen_linear_reference};
 pub use linear_cross_entropy::{
-    linear_cross_entropy_sum, linear_cross_entropy_sum_reference, FrozenHead,
+    cross_entropy_sum, linear_cross_entropy_sum, linear_cross_entropy_sum_reference, FrozenHead,
 };
 pub use rms_norm::{rms_norm, rms_norm_reference};
 pub use rope::{rope, rope_reference};

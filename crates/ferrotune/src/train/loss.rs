@@ -18,7 +18,7 @@ use crate::model::Llama;
 use crate::nn::LinearWeight;
 use crate::ops;
 use crate::Result;
-use candle_core::{DType, Tensor, D};
+use candle_core::{DType, Tensor};
 
 /// Rows of the flattened (b·t) hidden states that predict a trained label, and those labels.
 pub fn loss_positions(labels: &Tensor) -> Result<(Vec<u32>, Vec<u32>)> {
@@ -38,16 +38,7 @@ pub fn loss_positions(labels: &Tensor) -> Result<(Vec<u32>, Vec<u32>)> {
     Ok((rows, targets))
 }
 
-/// Σ over rows of `−log softmax(logits)[target]`: logits (n, vocab), targets (n,) u32.
-/// Composed of differentiable ops; the row max is detached (log-softmax does not depend on it).
-pub fn cross_entropy_sum(logits: &Tensor, targets: &Tensor) -> candle_core::Result<Tensor> {
-    let logits = logits.to_dtype(DType::F32)?;
-    let max = logits.detach().max_keepdim(D::Minus1)?;
-    let shifted = logits.broadcast_sub(&max)?;
-    let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
-    let picked = shifted.gather(&targets.unsqueeze(1)?, 1)?;
-    (lse - picked)?.sum_all()
-}
+pub use crate::ops::cross_entropy_sum;
 
 /// The summed loss of one batch (a scalar f32 tensor, differentiable with respect to the
 /// trainable parameters) and the number of tokens it sums over. `train` enables dropout.

@@ -85,11 +85,16 @@ pub fn read_curves(path: &Path) -> (Curve, Curve) {
 
 /// Peak resident memory of this process (VmHWM), in bytes; 0 where /proc is not available.
 pub fn peak_rss_bytes() -> u64 {
+    proc_status_bytes("VmHWM:")
+}
+
+/// A `kB` field of `/proc/self/status` in bytes (0 where it cannot be read).
+pub fn proc_status_bytes(field: &str) -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
             s.lines()
-                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .find_map(|l| l.strip_prefix(field))
                 .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
         })
         .map_or(0, |kb| kb * 1024)
