@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# Create the reference environment that bench/ and reference/ run in: a git-ignored virtualenv
+# at .venv with every reference tool pinned here (the one place versions are pinned).
+#   scripts/setup-reference.sh            # everything (llama-cpp-python builds llama.cpp, ~5 min)
+#   scripts/setup-reference.sh --no-llama # skip llama-cpp-python (bench/decode_vs_llamacpp.py needs it)
+# Then: .venv/bin/python bench/... or .venv/bin/python reference/...
+# Idempotent: a venv already built with these exact pins is left alone (FORCE=1 rebuilds it).
+# The interpreter that creates the venv is $PYTHON, else python3 (3.10 or newer).
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+venv="$root/.venv"
+PY="${PYTHON:-python3}"
+
+# Pinned reference versions. Fixtures in tests/fixtures were written with these.
+PINS=(
+  "torch==2.15.0"          # CUDA wheel from PyPI; runs on the CPU here
+  "transformers==5.24.0"
+  "peft==0.21.2"
+  "accelerate==1.16.0"
+  "gguf==0.19.0"
+  "safetensors==0.8.0"
+  "numpy==2.4.6"
+  "rouge-score==0.1.2"
+  "nltk==3.10.4"
+  "sacrebleu==2.6.0"
+)
+LLAMA_PIN="llama-cpp-python==0.3.36"
+
+with_llama=1
+for a in "$@"; do
+  case "$a" in
+    --no-llama) with_llama=0 ;;
+    -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
+    *) echo "setup-reference.sh: unknown argument \`$a\` (expected --no-llama)" >&2; exit 2 ;;
+  esac
+done
+
+want="${PINS[*]}"
+[ "$with_llama" = 1 ] && want="$want $LLAMA_PIN"
+stamp="$venv/.ferrotune-pins"
+if [ -z "${FORCE:-}" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  echo "$venv is up to date ($(wc -w <"$stamp") pinned packages; FORCE=1 to rebuild)"
+  exit 0
+fi
+
+if [ ! -x "$venv/bin/python" ] || [ -n "${FORCE:-}" ]; then
+  rm -rf "$venv"
+  "$PY" -m venv "$venv"
+fi
+"$venv/bin/python" -m pip install -q --upgrade pip
+"$venv/bin/python" -m pip install -q "${PINS[@]}"
+if [ "$with_llama" = 1 ]; then
+  # Builds llama.cpp from source for this CPU (GGML_NATIVE), as a user of llama.cpp would.
+  CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=ON}" "$venv/bin/python" -m pip install -q --no-cache-dir "$LLAMA_PIN"
+fi
+"$venv/bin/python" - <<'PYEOF'
+import importlib
+for m in ["torch", "transformers", "peft", "gguf", "safetensors", "numpy", "rouge_score", "sacrebleu", "nltk"]:
+    importlib.import_module(m)
+try:
+    import llama_cpp  # noqa: F401
+except ImportError:
+    pass
+print("reference environment ready")
+PYEOF
+echo "$want" >"$stamp"
+echo "$venv: ready (use .venv/bin/python for bench/ and reference/)"
