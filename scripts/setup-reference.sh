@@ -23,6 +23,8 @@ PINS=(
   "rouge-score==0.1.2"
   "nltk==3.10.4"
   "sacrebleu==2.6.0"
+  "sentencepiece==0.2.3"   # reference/tokenizer_fixtures.py
+  "regex==2026.11.19"      # reference/tokenizer_fixtures.py (llama.cpp's pre-tokenizer regexes)
 )
 LLAMA_PIN="llama-cpp-python==0.3.36"
 
@@ -55,7 +57,8 @@ if [ "$with_llama" = 1 ]; then
 fi
 "$venv/bin/python" - <<'PYEOF'
 import importlib
-for m in ["torch", "transformers", "peft", "gguf", "safetensors", "numpy", "rouge_score", "sacrebleu", "nltk"]:
+for m in ["torch", "transformers", "peft", "gguf", "safetensors", "numpy", "rouge_score", "sacrebleu", "nltk",
+          "sentencepiece", "regex"]:
     importlib.import_module(m)
 try:
     import llama_cpp  # noqa: F401
