@@ -90,7 +90,7 @@ def peer_worker(a):
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(HF_DIR)
-    model = AutoModelForCausalLM.from_pretrained(HF_DIR, torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(HF_DIR, dtype=torch.float32)
     model = get_peft_model(model, LoraConfig(r=a.rank, lora_alpha=2 * a.rank, lora_dropout=0.0,
                                              target_modules=a.targets.split(","), task_type="CAUSAL_LM"))
     model.train()
@@ -226,7 +226,9 @@ def main():
             sys.exit(f"{path}: not found ({how})")
     if not os.path.exists(os.path.join(HF_DIR, ".complete")):
         env = dict(os.environ, PYTHON=os.environ.get("PYTHON", sys.executable))
-        subprocess.run([os.path.join(ROOT, "scripts/convert-smollm2-hf.sh")], check=True, env=env)
+        # Its report goes to stderr, so that stdout holds only this script's results.
+        subprocess.run([os.path.join(ROOT, "scripts/convert-smollm2-hf.sh")], check=True, env=env,
+                       stdout=sys.stderr)
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(HF_DIR)
     work = tempfile.mkdtemp(prefix="ferrotune-bench-")

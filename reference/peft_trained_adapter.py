@@ -35,7 +35,9 @@ def main():
             sys.exit(f"{path}: not found ({how})")
     if not os.path.exists(os.path.join(HF_DIR, ".complete")):
         env = dict(os.environ, PYTHON=os.environ.get("PYTHON", sys.executable))
-        subprocess.run([os.path.join(ROOT, "scripts/convert-smollm2-hf.sh")], check=True, env=env)
+        # Its report goes to stderr, so that stdout holds only this script's results.
+        subprocess.run([os.path.join(ROOT, "scripts/convert-smollm2-hf.sh")], check=True, env=env,
+                       stdout=sys.stderr)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from peft import PeftModel
@@ -47,7 +49,7 @@ def main():
         f.write(text)
 
     tok = AutoTokenizer.from_pretrained(HF_DIR)
-    model = AutoModelForCausalLM.from_pretrained(HF_DIR, torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(HF_DIR, dtype=torch.float32)
     model = PeftModel.from_pretrained(model, a.adapter)
     model.eval()
     ids = tok(text, return_tensors="pt")["input_ids"]
