@@ -802,11 +802,9 @@ fn committed_ferrotune_adapter_matches_peft() {
     assert!(rel < 1e-6, "nll {nll} vs PEFT {want} (rel {rel:e})");
 
     let report = lora::merge_adapter(&mut m, "default").unwrap();
-    let merged = candle_core::safetensors::load(
-        dir.join("peft_merged_targets.safetensors"),
-        &Device::Cpu,
-    )
-    .unwrap();
+    let merged =
+        candle_core::safetensors::load(dir.join("peft_merged_targets.safetensors"), &Device::Cpu)
+            .unwrap();
     assert_eq!(merged.len(), report.modules.len());
     let mut worst = 0f32;
     let mut compared = 0;
@@ -816,10 +814,17 @@ fn committed_ferrotune_adapter_matches_peft() {
             compared += 1;
         }
     }
-    assert_eq!(compared, merged.len(), "every PEFT-merged weight has a module here");
+    assert_eq!(
+        compared,
+        merged.len(),
+        "every PEFT-merged weight has a module here"
+    );
     eprintln!("ferrotune adapter: max |merged weight diff| vs PEFT {worst:e}");
     assert!(worst < 1e-5, "merged weights differ from PEFT's by {worst}");
     let want = exp["merged_nll_mean"].as_f64().unwrap();
     let rel = ((nll_mean(&m, &ids) - want) / want).abs();
-    assert!(rel < 1e-6, "merged nll rel diff to PEFT's merged model {rel:e}");
+    assert!(
+        rel < 1e-6,
+        "merged nll rel diff to PEFT's merged model {rel:e}"
+    );
 }

@@ -100,10 +100,9 @@ fn machine_paths(text: &str) -> Vec<(usize, String)> {
             {
                 let rest: String = chars[i + 3..].iter().collect();
                 let rest = rest.trim_start_matches(['\\', '/']);
-                if ["Users", "home", "work"]
-                    .iter()
-                    .any(|r| rest.starts_with(&format!("{r}\\")) || rest.starts_with(&format!("{r}/")))
-                {
+                if ["Users", "home", "work"].iter().any(|r| {
+                    rest.starts_with(&format!("{r}\\")) || rest.starts_with(&format!("{r}/"))
+                }) {
                     found.push((n + 1, path_at(&chars, i)));
                 }
             }

@@ -189,7 +189,8 @@ fn assert_weights_equal_transformers_export(dir: &Path) {
     got_names.sort();
     let want_names: Vec<String> = want.keys().cloned().collect();
     assert_eq!(
-        got_names, want_names,
+        got_names,
+        want_names,
         "{}: tensor names differ from transformers' export",
         path.display()
     );

@@ -264,7 +264,11 @@ fn hf_dir_matches_gguf() {
             gg.encode(text, true).unwrap(),
             "{text:?} (GGUF)"
         );
-        assert_eq!(hf.decode(&got, false).unwrap(), text, "roundtrip of {text:?}");
+        assert_eq!(
+            hf.decode(&got, false).unwrap(),
+            text,
+            "roundtrip of {text:?}"
+        );
         assert_eq!(
             hf.decode(&got, true).unwrap(),
             c["decoded_skip_special"].as_str().unwrap(),
@@ -283,10 +287,7 @@ fn hf_dir_matches_gguf() {
         (hf.bos_id(), hf.eos_token(), hf.pad_id()),
         (gg.bos_id(), gg.eos_token(), gg.pad_id())
     );
-    assert_eq!(
-        hf.eos_ids()[0],
-        fx["eos_token_id"].as_u64().unwrap() as u32
-    );
+    assert_eq!(hf.eos_ids()[0], fx["eos_token_id"].as_u64().unwrap() as u32);
     assert_eq!(hf.eos_ids(), gg.eos_ids());
     let (ht, gt) = (hf.chat_template().unwrap(), gg.chat_template().unwrap());
     assert_eq!(ht.source(), fx["chat_template"].as_str().unwrap());
