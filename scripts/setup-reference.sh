@@ -46,8 +46,16 @@ if [ -z "${FORCE:-}" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; th
 fi
 
 if [ ! -x "$venv/bin/python" ] || [ -n "${FORCE:-}" ]; then
+  if ! "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null; then
+    echo "setup-reference.sh: $PY is not a Python 3.10 or newer (set PYTHON to one)" >&2
+    exit 1
+  fi
   rm -rf "$venv"
-  "$PY" -m venv "$venv"
+  if ! "$PY" -m venv "$venv"; then
+    rm -rf "$venv"
+    echo "setup-reference.sh: \`$PY -m venv\` failed (on Debian/Ubuntu: apt-get install python3-venv)" >&2
+    exit 1
+  fi
 fi
 "$venv/bin/python" -m pip install -q --upgrade pip
 "$venv/bin/python" -m pip install -q "${PINS[@]}"
