@@ -77,21 +77,21 @@ pub fn inspect(lm: &LoadedModel, name: &str, batch: usize, seq_len: usize) -> Re
     let (ety, en, eb) = match m.embed_tokens.weight() {
         EmbeddingWeight::Frozen(t) => (
             format!("{:?}", t.dtype()).to_lowercase(),
-            t.elem_count(),
-            t.elem_count() * t.dtype().size_in_bytes(),
+            t.elem_count() as u64,
+            (t.elem_count() * t.dtype().size_in_bytes()) as u64,
         ),
         EmbeddingWeight::Trainable(v) => (
             format!("{:?}", v.dtype()).to_lowercase(),
-            v.elem_count(),
-            v.elem_count() * v.dtype().size_in_bytes(),
+            v.elem_count() as u64,
+            (v.elem_count() * v.dtype().size_in_bytes()) as u64,
         ),
         EmbeddingWeight::Quantized(q) => (
             format!("{:?}", q.dtype()).to_lowercase(),
-            q.shape().0 * q.shape().1,
-            q.storage_bytes(),
+            q.shape().0 as u64 * q.shape().1 as u64,
+            q.storage_bytes() as u64,
         ),
     };
-    count(ety, en as u64, eb as u64);
+    count(ety, en, eb);
     for l in m.linears() {
         if l.name() == "lm_head" && cfg.tie_word_embeddings {
             continue;
@@ -101,7 +101,7 @@ pub fn inspect(lm: &LoadedModel, name: &str, batch: usize, seq_len: usize) -> Re
             LinearWeight::Quantized(q) => format!("{:?}", q.dtype()).to_lowercase(),
             w => w.stored_type(),
         };
-        count(ty, (o * i) as u64, l.weight().storage_bytes() as u64);
+        count(ty, o as u64 * i as u64, l.weight().storage_bytes() as u64);
         if let Some(b) = l.bias() {
             count(
                 "f32".into(),
@@ -110,8 +110,9 @@ pub fn inspect(lm: &LoadedModel, name: &str, batch: usize, seq_len: usize) -> Re
             );
         }
     }
-    let norms = (cfg.num_hidden_layers * 2 + 1) * cfg.hidden_size;
-    count("f32".into(), norms as u64, (norms * 4) as u64);
+    // u64: the sizes come from the model file.
+    let norms = (cfg.num_hidden_layers as u64 * 2 + 1) * cfg.hidden_size as u64;
+    count("f32".into(), norms, norms * 4);
     let params: u64 = stored_types.values().sum();
 
     let h = cfg.hidden_size as f64;
