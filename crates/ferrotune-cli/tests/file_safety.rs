@@ -418,6 +418,27 @@ fn resume_of_a_finished_run_says_so_and_changes_nothing() {
     assert_eq!(logged_steps(&s.out()), vec![1, 2, 3, 4, 5]);
 }
 
+#[test]
+fn a_run_folder_from_before_markers_is_recognised_by_its_checkpoint() {
+    let s = Setup::new("legacy", "", "max_steps = 4");
+    succeeds(&s.train_args(&["--set", "train.stop_after=2"]));
+    // What an older ferrotune left: the same files without the marker.
+    std::fs::remove_file(s.out().join(".ferrotune")).unwrap();
+    let e = fails(&s.train_args(&[]));
+    assert!(
+        e.contains("already holds a run (checkpoints up to step 2)"),
+        "{e}"
+    );
+    let r = succeeds(&s.train_args(&["--resume"]));
+    let stderr = String::from_utf8_lossy(&r.stderr);
+    assert!(stderr.contains("resuming from step 2 of 4"), "{stderr}");
+    assert!(
+        s.out().join(".ferrotune").exists(),
+        "the resumed run marks its folder"
+    );
+    assert_eq!(logged_steps(&s.out()), vec![1, 2, 3, 4]);
+}
+
 // ---- train: checkpoints that do not follow from the run ----------------------------------------
 
 #[test]
