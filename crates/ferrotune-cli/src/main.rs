@@ -2,12 +2,15 @@
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Device};
 use clap::{Args, Parser, Subcommand};
+use ferrotune::fsutil::{self, Input};
 use ferrotune::generate::{generate, GenerationConfig, LlamaDecoder};
 use ferrotune::icl::{read_jsonl, FewShot, Template};
 use ferrotune::model::{self, LoadOptions, LoadedModel};
 use ferrotune::tokenizer::ChatMessage;
 use std::io::Write;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::Arc;
 
 #[derive(Parser)]
 #[command(
@@ -175,8 +178,12 @@ struct PerplexityArgs {
 struct ConvertArgs {
     #[command(flatten)]
     m: ModelArgs,
+    /// Output HF folder: written whole into a temporary sibling, then renamed into place.
     #[arg(long)]
     out: PathBuf,
+    /// Replace --out even if it holds files ferrotune did not write (never an input).
+    #[arg(long)]
+    overwrite: bool,
     /// Stored dtype of the written weights: f32, bf16 or f16.
     #[arg(long = "out-dtype", default_value = "f32")]
     out_dtype: String,
@@ -416,8 +423,24 @@ fn run_perplexity(a: PerplexityArgs) -> Result<()> {
     Ok(())
 }
 
+/// `--model` as an input that no output may touch: its file or folder, as given; once loaded,
+/// also where it was found (for `hf:` specs, in the hub cache).
+fn model_inputs(spec: &str, loaded: Option<&LoadedModel>) -> Vec<Input> {
+    let given = (!spec.starts_with("hf:")).then(|| Input::new("the --model", spec));
+    let found = loaded.map(|lm| Input::new("the --model", lm.source.path()));
+    given.into_iter().chain(found).collect()
+}
+
 fn run_convert(a: ConvertArgs) -> Result<()> {
+    fsutil::check_output_dir(
+        &a.out,
+        "--out",
+        a.overwrite,
+        &model_inputs(&a.m.model, None),
+    )?;
     let lm = load(&a.m)?;
+    let inputs = model_inputs(&a.m.model, Some(&lm));
+    fsutil::check_output_dir(&a.out, "--out", a.overwrite, &inputs)?;
     let quantized = lm
         .model
         .linears()
@@ -429,7 +452,10 @@ fn run_convert(a: ConvertArgs) -> Result<()> {
             a.out_dtype
         );
     }
-    ferrotune::model::convert::write_hf_folder_dtype(&lm, &a.out, parse_dtype(&a.out_dtype)?)?;
+    let dtype = parse_dtype(&a.out_dtype)?;
+    fsutil::replace_dir(&a.out, |dir| {
+        ferrotune::model::convert::write_hf_folder_dtype(&lm, dir, dtype)
+    })?;
     eprintln!("wrote {}", a.out.display());
     Ok(())
 }
@@ -489,13 +515,18 @@ fn main() {
         } => run_data_preview(a),
     };
     if let Err(e) = res {
-        let chain: Vec<String> = e
-            .chain()
-            .map(|c| ferrotune::error::first_line(&c.to_string()))
-            .collect();
-        eprintln!("error: {}", chain.join(": "));
+        print_error(&e);
         std::process::exit(1);
     }
+}
+
+/// `error: ...` on one line.
+fn print_error(e: &anyhow::Error) {
+    let chain: Vec<String> = e
+        .chain()
+        .map(|c| ferrotune::error::first_line(&c.to_string()))
+        .collect();
+    eprintln!("error: {}", chain.join(": "));
 }
 
 // ---- Training: train, merge, eval, data preview, and --adapter for generate/perplexity ----
@@ -511,6 +542,12 @@ struct TrainArgs {
     /// Continue from the newest checkpoint in output_dir.
     #[arg(long)]
     resume: bool,
+    /// Start again in an output_dir that holds a run, removing only the files the run wrote.
+    #[arg(long, conflicts_with = "resume")]
+    overwrite: bool,
+    /// Check everything (config, data, model, targets, memory, output_dir) and write nothing.
+    #[arg(long)]
+    dry_run: bool,
 }
 
 #[derive(Subcommand)]
@@ -537,9 +574,12 @@ struct MergeArgs {
     /// PEFT adapter folder.
     #[arg(long)]
     adapter: PathBuf,
-    /// Output HF folder.
+    /// Output HF folder: written whole into a temporary sibling, then renamed into place.
     #[arg(long)]
     out: PathBuf,
+    /// Replace --out even if it holds files ferrotune did not write (never an input).
+    #[arg(long)]
+    overwrite: bool,
     /// Stored dtype of the written weights: f32, bf16 or f16.
     #[arg(long = "out-dtype", default_value = "f32")]
     out_dtype: String,
@@ -581,6 +621,9 @@ struct EvalArgs {
     /// Also write every generation to this JSONL file ({model, row, prediction, reference}).
     #[arg(long)]
     output: Option<PathBuf>,
+    /// Replace an existing --output file (never an input: --data, an adapter, the model).
+    #[arg(long, requires = "output")]
+    overwrite: bool,
 }
 
 /// Load each `--adapter` folder onto the model (named adapter0, adapter1, ...; all active).
@@ -597,14 +640,123 @@ fn attach_adapters(lm: &mut LoadedModel, dirs: &[PathBuf]) -> Result<()> {
     Ok(())
 }
 
+/// The first Ctrl-C (SIGINT) or SIGTERM during `train` asks the run to stop at the next step
+/// boundary with a checkpoint; a second one quits at once. Returns the flag the run polls and
+/// where the signal that set it is recorded.
+fn on_interrupt_stop_at_step_boundary() -> Result<(Arc<AtomicBool>, Arc<AtomicI32>)> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let stop = Arc::new(AtomicBool::new(false));
+    let signal = Arc::new(AtomicI32::new(0));
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])
+        .context("cannot install the Ctrl-C handler")?;
+    let (flag, first) = (Arc::clone(&stop), Arc::clone(&signal));
+    std::thread::spawn(move || {
+        for sig in signals.forever() {
+            let name = if sig == SIGINT { "Ctrl-C" } else { "SIGTERM" };
+            if flag.swap(true, Ordering::SeqCst) {
+                eprintln!("\n{name} again: quitting at once, without a checkpoint");
+                std::process::exit(128 + sig);
+            }
+            first.store(sig, Ordering::SeqCst);
+            eprintln!(
+                "\n{name}: stopping after this step and writing a checkpoint (press Ctrl-C again to quit at once)"
+            );
+        }
+    });
+    Ok((stop, signal))
+}
+
+/// `s` as one shell word.
+fn shell_word(s: &str) -> String {
+    let plain = !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c));
+    if plain {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', r"'\''"))
+    }
+}
+
 fn run_train(a: TrainArgs) -> Result<()> {
-    use ferrotune::train;
-    let c = train::load_config(&a.config, &a.set)?;
-    let opts = train::RunOptions {
-        resume: a.resume,
-        progress: train::ProgressMode::Auto,
+    use ferrotune::train::{self, Outcome, StopReason};
+    // First of all, so that a Ctrl-C at any point takes the graceful path: while the config,
+    // data or model load, the run stops before writing anything; later, at a step boundary.
+    let (stop, signal) = if a.dry_run {
+        (
+            Arc::new(AtomicBool::new(false)),
+            Arc::new(AtomicI32::new(0)),
+        )
+    } else {
+        on_interrupt_stop_at_step_boundary()?
     };
-    let s = train::run(&c, &opts)?;
+    let exit_code_if_interrupted = || {
+        stop.load(Ordering::SeqCst)
+            .then(|| 128 + signal.load(Ordering::SeqCst))
+    };
+    let result = (|| -> Result<(PathBuf, Outcome)> {
+        let c = train::load_config(&a.config, &a.set)?;
+        let out = c.config.output_dir.clone();
+        let opts = train::RunOptions {
+            resume: a.resume,
+            overwrite: a.overwrite,
+            progress: train::ProgressMode::Auto,
+            interrupt: Some(Arc::clone(&stop)),
+        };
+        if a.dry_run {
+            return Ok((out, train::dry_run(&c, &opts)?));
+        }
+        let s = train::run(&c, &opts)?;
+        let outcome = if s.already_finished {
+            Outcome::AlreadyFinished(s)
+        } else {
+            Outcome::Trained(s)
+        };
+        Ok((out, outcome))
+    })();
+    let (output_dir, outcome) = match result {
+        Ok(o) => o,
+        Err(e) => {
+            if let Some(code) = exit_code_if_interrupted() {
+                print_error(&e);
+                std::process::exit(code);
+            }
+            return Err(e);
+        }
+    };
+    let resume_command = || {
+        let mut words = vec![
+            "ferrotune".to_string(),
+            "train".into(),
+            "--config".into(),
+            shell_word(&a.config.display().to_string()),
+        ];
+        for o in &a.set {
+            words.push("--set".into());
+            words.push(shell_word(o));
+        }
+        words.push("--resume".into());
+        words.join(" ")
+    };
+    let s = match outcome {
+        Outcome::DryRun(d) => {
+            println!("{d}");
+            return Ok(());
+        }
+        Outcome::AlreadyFinished(s) => {
+            let dir = s.adapter_dir.as_ref().map_or(String::new(), |d| {
+                format!("; its adapter is {}", d.display())
+            });
+            eprintln!(
+                "the run is already finished: step {} of {} (stop reason: {}){dir}. Nothing was changed (to train again, pass --overwrite; to train further, raise train.max_steps and --resume)",
+                s.steps,
+                s.max_steps,
+                s.stop_reason.as_str()
+            );
+            return Ok(());
+        }
+        Outcome::Trained(s) => s,
+    };
     let val = match (s.initial_val_loss, s.final_val_loss) {
         (Some(a), Some(b)) => format!(", val loss {a:.4} -> {b:.4}"),
         (None, Some(b)) => format!(", val loss {b:.4}"),
@@ -620,11 +772,25 @@ fn run_train(a: TrainArgs) -> Result<()> {
         s.peak_rss_bytes as f64 / 1e9,
         s.wall_s
     );
-    match &s.adapter_dir {
-        Some(d) => eprintln!("adapter: {}", d.display()),
-        None => eprintln!(
-            "stopped at step {} of {}: continue with --resume",
-            s.steps, s.max_steps
+    match (&s.adapter_dir, s.stop_reason) {
+        (Some(d), _) => eprintln!("adapter: {}", d.display()),
+        (None, StopReason::Interrupted) => {
+            let ckpt =
+                train::checkpoint::checkpoints_dir(&output_dir).join(format!("step-{}", s.steps));
+            eprintln!(
+                "interrupted at step {} of {}: checkpoint {}; continue with: {}",
+                s.steps,
+                s.max_steps,
+                ckpt.display(),
+                resume_command()
+            );
+            std::process::exit(exit_code_if_interrupted().unwrap_or(130));
+        }
+        (None, _) => eprintln!(
+            "stopped at step {} of {}: continue with: {}",
+            s.steps,
+            s.max_steps,
+            resume_command()
         ),
     }
     Ok(())
@@ -639,7 +805,12 @@ fn run_data_preview(a: DataPreviewArgs) -> Result<()> {
 }
 
 fn run_merge(a: MergeArgs) -> Result<()> {
+    let mut inputs = model_inputs(&a.m.model, None);
+    inputs.push(Input::new("the --adapter folder", &a.adapter));
+    fsutil::check_output_dir(&a.out, "--out", a.overwrite, &inputs)?;
     let mut lm = load(&a.m)?;
+    inputs.push(Input::new("the --model", lm.source.path()));
+    fsutil::check_output_dir(&a.out, "--out", a.overwrite, &inputs)?;
     ferrotune::peft::load_adapter(&mut lm.model, &a.adapter, "merge")?;
     let report = ferrotune::peft::merge_and_unload(&mut lm.model, "merge")?;
     if let Some(msg) = report.message() {
@@ -656,7 +827,10 @@ fn run_merge(a: MergeArgs) -> Result<()> {
             a.out_dtype
         );
     }
-    ferrotune::model::convert::write_hf_folder_dtype(&lm, &a.out, parse_dtype(&a.out_dtype)?)?;
+    let dtype = parse_dtype(&a.out_dtype)?;
+    fsutil::replace_dir(&a.out, |dir| {
+        ferrotune::model::convert::write_hf_folder_dtype(&lm, dir, dtype)
+    })?;
     eprintln!(
         "merged {} modules; wrote {}",
         report.modules.len(),
@@ -671,7 +845,17 @@ fn run_eval(a: EvalArgs) -> Result<()> {
     if metrics.is_empty() {
         bail!("--metrics: name at least one of rouge, bleu, accuracy, perplexity");
     }
+    // The output is checked before the minutes of generation, and again before it is written.
+    let mut inputs = model_inputs(&a.m.model, None);
+    inputs.push(Input::new("the --data file", &a.data));
+    for d in &a.adapter {
+        inputs.push(Input::new("an --adapter folder", d));
+    }
+    if let Some(path) = &a.output {
+        fsutil::check_output_file(path, "--output", a.overwrite, &inputs)?;
+    }
     let mut lm = load(&a.m)?;
+    inputs.push(Input::new("the --model", lm.source.path()));
     let opts = CompareOptions {
         template: a.template.clone(),
         completion: a.completion.clone(),
@@ -692,7 +876,8 @@ fn run_eval(a: EvalArgs) -> Result<()> {
                 text.push_str(&format!("{line}\n"));
             }
         }
-        ferrotune::model::convert::write_atomic(path, text.as_bytes())?;
+        fsutil::check_output_file(path, "--output", a.overwrite, &inputs)?;
+        fsutil::write_atomic(path, text.as_bytes())?;
     }
     if a.json {
         println!("{}", serde_json::json!({ "rows": rows }));

@@ -12,6 +12,7 @@ pub mod data;
 pub mod engine;
 pub mod error;
 pub mod eval;
+pub mod fsutil;
 pub mod generate;
 pub mod icl;
 pub mod inspect;
