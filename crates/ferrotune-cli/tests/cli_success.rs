@@ -826,3 +826,34 @@ fn quiet_leaves_stderr_empty() {
     let p = succeeds(&["perplexity", "--model", &m, "--file", &arg(&txt)]);
     assert_eq!(stderr(&p), "");
 }
+
+#[test]
+fn quiet_training_prints_nothing_and_still_writes_the_adapter() {
+    let d = tmp("ok-quiet-train");
+    tiny_model(&d, true);
+    let rows: String = ["red cat", "sun moon", "tree rock", "fish bird"]
+        .iter()
+        .map(|q| serde_json::json!({"q": q, "a": "one"}).to_string() + "\n")
+        .collect();
+    std::fs::write(d.join("train.jsonl"), rows).unwrap();
+    let config = |out: &str| {
+        let p = d.join(format!("{out}.toml"));
+        std::fs::write(
+            &p,
+            format!(
+                "model = \"model\"\noutput_dir = \"{out}\"\n[data]\ntrain = \"train.jsonl\"\ntemplate = \"{{q}} =\"\ncompletion = \" {{a}}\"\n[lora]\nr = 2\n[train]\nbatch_size = 2\nmax_steps = 2\nmax_seq_len = 16\n"
+            ),
+        )
+        .unwrap();
+        arg(&p)
+    };
+    let loud = succeeds(&["train", "--config", &config("loud")]);
+    assert!(
+        stderr(&loud).contains("trainable params"),
+        "{}",
+        stderr(&loud)
+    );
+    let quiet = succeeds(&["train", "--config", &config("quiet"), "--quiet"]);
+    assert_eq!(stderr(&quiet), "");
+    assert!(d.join("quiet/adapter/adapter_model.safetensors").exists());
+}

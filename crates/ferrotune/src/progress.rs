@@ -85,9 +85,9 @@ impl Progress for Bar {
         )
         .progress_chars("=> ");
         let bar = indicatif::ProgressBar::with_draw_target(Some(total), target());
-        bar.set_style(style);
-        bar.set_prefix(task.to_string());
         bar.set_message(unit.to_string());
+        bar.set_prefix(task.to_string());
+        bar.set_style(style);
         bar.tick();
         *self.current.borrow_mut() = Some(bar);
     }
