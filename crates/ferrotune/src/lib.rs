@@ -7,6 +7,7 @@
 //! - [`model`]: model code (LLaMA family) and loading from HF folders, GGUF files and the hub.
 //! - [`tokenizer`]: tokenizers from `tokenizer.json` or GGUF metadata, chat templates.
 //! - [`generate`], [`icl`], [`perplexity`], [`inspect`]: what users run.
+//! - [`progress`]: how long calls report their progress (the caller picks a bar or nothing).
 //! - [`train`]: fine-tuning recipes (LoRA) from a TOML config, with checkpoints and exact resume.
 pub mod data;
 pub mod engine;
@@ -21,6 +22,7 @@ pub mod nn;
 pub mod ops;
 pub mod peft;
 pub mod perplexity;
+pub mod progress;
 pub mod quant;
 pub mod tokenizer;
 pub mod train;

@@ -10,6 +10,7 @@ pub use config::{ConfigKeys, LlamaConfig, RopeScaling};
 pub use llama::{KvCache, LayerContext, Llama};
 pub use weights::{GgufSource, LoadOptions, SafetensorsSource, WeightSource};
 
+use crate::progress::{CountingSource, NoProgress, Progress};
 use crate::tokenizer::Tokenizer;
 use crate::{Error, Result};
 use candle_core::quantized::gguf_file;
@@ -111,14 +112,55 @@ pub fn read_gguf(path: &Path) -> Result<gguf_file::Content> {
 }
 
 pub fn load(spec: &str, opts: &LoadOptions, device: &Device) -> Result<LoadedModel> {
+    load_with_progress(spec, opts, device, &NoProgress)
+}
+
+/// [`load`], reporting each tensor loaded (converted, quantized) to `progress`.
+pub fn load_with_progress(
+    spec: &str,
+    opts: &LoadOptions,
+    device: &Device,
+    progress: &dyn Progress,
+) -> Result<LoadedModel> {
     let source = resolve(spec)?;
-    load_source(source, opts, device)
+    load_source_with_progress(source, opts, device, progress)
 }
 
 pub fn load_source(
     source: ModelSource,
     opts: &LoadOptions,
     device: &Device,
+) -> Result<LoadedModel> {
+    load_source_with_progress(source, opts, device, &NoProgress)
+}
+
+/// The tensors `Llama::load` asks for: the embedding, the final norm and the LM head, and per
+/// layer two norms, seven linears and their biases.
+fn tensor_count(cfg: &LlamaConfig) -> u64 {
+    let biases =
+        3 * usize::from(cfg.qkv_bias) + usize::from(cfg.o_bias) + 3 * usize::from(cfg.mlp_bias);
+    (3 + cfg.num_hidden_layers.saturating_mul(9 + biases)) as u64
+}
+
+/// `Llama::load` from `src`, counting its tensors on `progress`.
+fn load_llama(src: &dyn WeightSource, cfg: &LlamaConfig, progress: &dyn Progress) -> Result<Llama> {
+    progress.start("loading", tensor_count(cfg), "tensors");
+    let model = Llama::load(
+        &CountingSource {
+            inner: src,
+            progress,
+        },
+        cfg,
+    );
+    progress.finish();
+    model
+}
+
+pub fn load_source_with_progress(
+    source: ModelSource,
+    opts: &LoadOptions,
+    device: &Device,
+    progress: &dyn Progress,
 ) -> Result<LoadedModel> {
     match &source {
         ModelSource::Gguf(path) => {
@@ -130,7 +172,7 @@ pub fn load_source(
                 .then_some((cfg.num_attention_heads, cfg.num_key_value_heads));
             let file_bytes = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
             let src = GgufSource::open(path, content, permute, opts, device)?;
-            let model = Llama::load(&src, &cfg)?;
+            let model = load_llama(&src, &cfg, progress)?;
             Ok(LoadedModel {
                 model,
                 tokenizer,
@@ -143,7 +185,7 @@ pub fn load_source(
             let tokenizer = Tokenizer::from_hf_dir(dir)?;
             check_tokenizer_fits(&tokenizer, &cfg, &dir.join("tokenizer.json"))?;
             let src = SafetensorsSource::open(dir, opts, device)?;
-            let model = Llama::load(&src, &cfg)?;
+            let model = load_llama(&src, &cfg, progress)?;
             let file_bytes = std::fs::read_dir(dir)
                 .map(|rd| {
                     rd.filter_map(|e| e.ok())
