@@ -991,7 +991,7 @@ fn lora_section_of_a_train_config() {
     lora_section_fails(
         "lora-r2e40",
         "r = 1099511627776",
-        &["[lora]", "`r`", "limit"],
+        &["lora.r", "1099511627776", "at most"],
     );
     lora_section_fails("lora-alpha-nan", "alpha = nan", &["lora.alpha"]);
     lora_section_fails("lora-alpha-inf", "alpha = inf", &["lora.alpha"]);

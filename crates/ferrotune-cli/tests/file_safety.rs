@@ -377,7 +377,15 @@ fn a_run_folder_needs_resume_or_overwrite_and_overwrite_removes_only_the_runs_fi
     assert_eq!(snapshot(&out), before);
     // --resume and --overwrite together make no sense.
     let r = ferrotune(&s.train_args(&["--resume", "--overwrite"]));
-    assert_eq!(r.status.code(), Some(2), "clap refuses the pair");
+    // Usage errors exit 1 with one line (see bad_flags.rs), as every other error.
+    assert_eq!(r.status.code(), Some(1), "clap refuses the pair");
+    let stderr = String::from_utf8_lossy(&r.stderr);
+    assert!(
+        stderr.trim().lines().count() == 1
+            && stderr.contains("--resume")
+            && stderr.contains("--overwrite"),
+        "{stderr}"
+    );
     assert_eq!(snapshot(&out), before);
 
     // Start again with fewer steps: the old checkpoints go, the user's files stay.
