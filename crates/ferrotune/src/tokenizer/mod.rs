@@ -69,7 +69,7 @@ impl Tokenizer {
                 "no tokenizer.json in this folder (an HF tokenizer folder needs one)",
             ));
         }
-        let inner = tokenizers::Tokenizer::from_file(&tj).with_path(&tj)?;
+        let inner = parse_tokenizer_json(&tj)?;
         let config = read_json(&dir.join("tokenizer_config.json"))?;
         let special_map = read_json(&dir.join("special_tokens_map.json"))?;
         let gen_config = read_json(&dir.join("generation_config.json"))?;
@@ -319,6 +319,23 @@ fn post_processor_adds(inner: &tokenizers::Tokenizer, bos: Option<u32>) -> bool 
             .and_then(|e| e.get_ids().first().copied())
     };
     first(true) == Some(bos) && first(false) != Some(bos)
+}
+
+/// `tokenizer.json` through the tokenizers crate, which panics on some malformed files: on a
+/// JSON syntax error inside `decoder` (`expect("Helper")`) and on a bad `Precompiled`
+/// normalizer. So the syntax is checked first (an error with line and column), and the rest
+/// runs under [`catch_panic`](crate::error::catch_panic).
+fn parse_tokenizer_json(path: &Path) -> Result<tokenizers::Tokenizer> {
+    let text = std::fs::read_to_string(path).with_path(path)?;
+    serde_json::from_str::<serde::de::IgnoredAny>(&text)
+        .map_err(|e| Error::file(path, format!("invalid JSON: {e}")))?;
+    match crate::error::catch_panic(|| text.parse::<tokenizers::Tokenizer>()) {
+        Ok(parsed) => parsed.with_path(path),
+        Err(panic) => Err(Error::file(
+            path,
+            format!("malformed tokenizer (the tokenizers library failed: {panic})"),
+        )),
+    }
 }
 
 fn read_json(path: &Path) -> Result<Option<serde_json::Value>> {
