@@ -66,7 +66,7 @@ pub const TARGETS: &[Target] = &[
         name: "hf_model",
         run: hf_model,
         seeds: hf_model_seeds,
-        fields: bundle_fields,
+        fields: model_bundle_fields,
         smoke_iterations: 200,
     },
     Target {
@@ -648,12 +648,13 @@ fn hf_model_seeds() -> Vec<Vec<u8>> {
             let config = fixture(&format!("{dir}/config.json"));
             let weights = fixture(&format!("{dir}/model.safetensors"));
             let gen = fixture(&format!("{dir}/generation_config.json"));
+            // Weights last: a truncation then mostly cuts tensor data, not a whole file.
             pack(&[
-                ("config.json", &config),
-                ("model.safetensors", &weights),
                 ("tokenizer.json", tj.as_bytes()),
                 ("tokenizer_config.json", tc.as_bytes()),
                 ("generation_config.json", &gen),
+                ("config.json", &config),
+                ("model.safetensors", &weights),
             ])
         })
         .collect()
@@ -803,6 +804,24 @@ fn gguf_fields(data: &[u8]) -> Vec<Field> {
     gguf::size_fields(data)
         .into_iter()
         .map(|(at, width)| Field::Binary { at, width })
+        .collect()
+}
+
+/// [`bundle_fields`] without the tokenizer files of an HF model bundle: its sizes are in
+/// config.json and the safetensors header.
+fn model_bundle_fields(data: &[u8]) -> Vec<Field> {
+    let tokenizer = unpack(data)
+        .into_iter()
+        .filter(|(name, _)| name.starts_with("tokenizer"))
+        .map(|(_, r)| r)
+        .collect::<Vec<_>>();
+    bundle_fields(data)
+        .into_iter()
+        .filter(|f| {
+            !tokenizer
+                .iter()
+                .any(|r| r.contains(&field_end(f).saturating_sub(1)))
+        })
         .collect()
 }
 
@@ -956,17 +975,20 @@ const NASTY: &[&[u8]] = &[
 
 /// One mutant of `seed`: 1 to 4 stacked edits chosen by `rng` among bit flips, interesting
 /// integers written at `fields` (binary or as text), nasty bytes, truncation, duplication and
-/// deletion of a chunk. Edits that are not byte flips favour the first 4 KiB (the header).
+/// deletion of a chunk. Half of the positions are chosen near a field.
 pub fn mutate(seed: &[u8], fields: &[Field], rng: &mut Rng) -> Vec<u8> {
     let mut out = seed.to_vec();
     let mut fields = fields.to_vec();
     for _ in 0..1 + rng.below(4) {
         let len = out.len();
+        // Half the edits land near a field (the header, the sizes), the rest anywhere.
+        let near: Vec<usize> = fields.iter().map(|f| field_end(f).min(len)).collect();
         let pos = |rng: &mut Rng| {
             if len == 0 {
                 0
-            } else if rng.below(4) > 0 {
-                rng.below(len.min(4096))
+            } else if !near.is_empty() && rng.below(2) == 0 {
+                let p = near[rng.below(near.len())] + rng.below(16);
+                p.saturating_sub(8).min(len - 1)
             } else {
                 rng.below(len)
             }
