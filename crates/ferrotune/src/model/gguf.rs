@@ -550,7 +550,7 @@ impl<R: Read> HeaderReader<R> {
             );
         };
         let block = dtype.block_size() as u64;
-        if dims[0] as u64 % block != 0 {
+        if !(dims[0] as u64).is_multiple_of(block) {
             return self.fault(
                 dims_at,
                 format!(
@@ -567,7 +567,7 @@ impl<R: Read> HeaderReader<R> {
             })?;
         let offset_at = self.pos;
         let offset = self.u64()?;
-        if offset % alignment != 0 {
+        if !offset.is_multiple_of(alignment) {
             return self.fault(
                 offset_at,
                 format!("data offset {offset} is not a multiple of the alignment {alignment}"),
