@@ -1,6 +1,7 @@
 //! Write the seed corpus of every fuzz target for cargo-fuzz: the seeds `ferrotune::fuzzing`
 //! builds from the repository's fixtures, plus the regression inputs of
-//! `tests/fuzz/regressions/<target>/` (pending ones included).
+//! `tests/fuzz/regressions/<target>/` (not the `pending/` ones: they still crash, and libFuzzer
+//! stops at the first crash of its corpus).
 //!
 //! ```sh
 //! cargo run --release -p ferrotune --example fuzz_seeds -- fuzz/corpus
@@ -22,13 +23,7 @@ fn main() -> std::io::Result<()> {
             std::fs::write(dir.join(format!("seed-{i}")), s)?;
         }
         let mut copied = 0;
-        for sub in [
-            regressions.join(t.name),
-            regressions.join(t.name).join("pending"),
-        ] {
-            let Ok(entries) = std::fs::read_dir(&sub) else {
-                continue;
-            };
+        if let Ok(entries) = std::fs::read_dir(regressions.join(t.name)) {
             for e in entries.flatten() {
                 if e.path().is_file() {
                     std::fs::copy(
