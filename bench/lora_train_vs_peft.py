@@ -1,30 +1,53 @@
 #!/usr/bin/env python3
 """LoRA training tokens/s and peak RSS: ferrotune vs PyTorch + PEFT, same model, data, batch,
-sequence length, rank, targets and thread count, in one run; prints the ratios.
+sequence length, rank, targets and thread count, in one run; prints the ratios, then the rows of
+the README tables ("Speed and memory vs PyTorch + PEFT", and the memory estimate against the
+measured peak) in their markdown format.
 
-    /work/cache/venv/bin/python bench/lora_train_vs_peft.py [--shapes 4x256,1x1024] [--steps 6]
-        [--rank 8] [--targets q_proj,v_proj] [--threads 2] [--rows peft,f32,q4_1]
+    scripts/bench.sh train [flags]        # the README tables: builds, fetches, prints the CPU
+    .venv/bin/python bench/lora_train_vs_peft.py [--shapes 4x256,1x1024] [--steps 6]
+        [--rank 8] [--targets q_proj,v_proj] [--threads 2] [--rows peft,f32,q4_1,q4_1_ckpt]
+        [--ft-set key=value ...]
+
+Rows: `peft` PyTorch + PEFT on the f32 weights; `f32` ferrotune on the same f32 weights
+(`train.dequantize = true`); `q4_1` ferrotune on the Q4_1 base kept quantized (QLoRA-style);
+`q4_1_ckpt` the same with `train.gradient_checkpointing = true`. Ratios are against the
+PyTorch + PEFT row of the same shape (the first row when `peft` is not run).
 
 The model is SmolLM2-135M-Instruct from the shipped Q4_1 GGUF. PyTorch loads it through
-transformers (`scripts/convert-smollm2-hf.sh` dequantizes it to an f32 HF folder once, so the
-GGUF dequantization spike is not counted in the peer's RSS). ferrotune trains twice: on the same
-f32 weights (`train.dequantize = true`), and on the Q4_1 base kept quantized (QLoRA-style).
+transformers (`scripts/convert-smollm2-hf.sh`, run here when needed, dequantizes it to an f32 HF
+folder once, so the GGUF dequantization spike is not counted in the peer's RSS).
 
 Data: DialogSum training rows under the summarization template, each row's prompt made of
 consecutive dialogues and truncated from the start so that every example is exactly L tokens
 (prompt + " summary" + EOS): no padding on either side, and the loss covers the summary tokens
-only (labels -100 on the prompt, as TRL's completion-only collator does).
+only (labels -100 on the prompt, as TRL's completion-only collator does). DialogSum is read from
+data/dialogsum in $FERROTUNE_SHARED_DIR, default the `../shared` beside the repository.
 
 Each side runs in its own process; peak RSS is that process's high-water mark (VmHWM) and
-includes loading. Time per step is the median over steps after the first (warm-up). It needs
-torch, transformers, peft and a release build (`cargo build --release`).
+includes loading. Time per step is the median over steps after the first (warm-up). It needs the
+reference environment (`scripts/setup-reference.sh`: torch, transformers, peft), the model
+(`scripts/fetch-models.sh`) and a release build (`cargo build --release`); `scripts/bench.sh
+train` does the last two.
 """
 import argparse, json, os, statistics, subprocess, sys, tempfile, time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-GGUF = os.path.join(ROOT, ".cache/models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
-HF_DIR = os.path.join(ROOT, ".cache/models/smollm2-hf")
-DIALOGSUM = os.path.join(ROOT, "../shared/data/dialogsum/dialogsum.train.jsonl")
+CACHE = os.environ.get("FERROTUNE_CACHE", os.path.join(ROOT, ".cache"))
+GGUF = os.path.join(CACHE, "models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+HF_DIR = os.path.join(CACHE, "models/smollm2-hf")
+SHARED = os.environ.get("FERROTUNE_SHARED_DIR", os.path.join(ROOT, "../shared"))
+DIALOGSUM = os.path.join(SHARED, "data/dialogsum/dialogsum.train.jsonl")
+# --rows name -> (README engine label, ferrotune dequantize?, extra --set for ferrotune train)
+ENGINES = {
+    "peft": ("PyTorch + PEFT, f32", None, []),
+    "f32": ("ferrotune, same f32 weights", True, []),
+    "q4_1": ("**ferrotune, Q4_1 base (QLoRA)**", False, []),
+    "q4_1_ckpt": ("ferrotune, Q4_1, `gradient_checkpointing`", False,
+                  ["train.gradient_checkpointing=true"]),
+}
+# README memory-estimate table labels of the ferrotune rows.
+ESTIMATE_LABELS = {"f32": "f32", "q4_1": "Q4_1", "q4_1_ckpt": "Q4_1, {shape}, checkpointing"}
 TEMPLATE = "Summarize the following conversation.\n\n{dialogue}\n\nSummary:"
 COMPLETION = " {summary}"
 
@@ -67,7 +90,7 @@ def peer_worker(a):
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(HF_DIR)
-    model = AutoModelForCausalLM.from_pretrained(HF_DIR, torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(HF_DIR, dtype=torch.float32)
     model = get_peft_model(model, LoraConfig(r=a.rank, lora_alpha=2 * a.rank, lora_dropout=0.0,
                                              target_modules=a.targets.split(","), task_type="CAUSAL_LM"))
     model.train()
@@ -105,17 +128,31 @@ def run_peer(a, data, batch, seq_len):
     return v["step_s"], v["tokens_per_step"], v["peak_rss_bytes"]
 
 
-def run_ferrotune(a, data, batch, seq_len, dequantize, work):
+def human_bytes(b):
+    """README style: 1.72 GB, 480 MB."""
+    return f"{b / 1e9:.2f} GB" if b >= 1e9 else f"{b / 1e6:.0f} MB"
+
+
+def parse_human_bytes(text):
+    """ferrotune's human_bytes ("1.77 GB", "496.3 MB", "12.0 kB", "5 B") -> bytes."""
+    value, unit = text.split()
+    return float(value) * {"GB": 1e9, "MB": 1e6, "kB": 1e3, "B": 1}[unit]
+
+
+def run_ferrotune(a, data, batch, seq_len, row, work):
     exe = os.path.join(ROOT, "target/release/ferrotune")
-    out_dir = os.path.join(work, f"ft-{batch}x{seq_len}-{'f32' if dequantize else 'q'}")
+    if not os.path.exists(exe):
+        sys.exit(f"{exe} missing: run cargo build --release (scripts/bench.sh train does)")
+    _, dequantize, row_set = ENGINES[row]
+    out_dir = os.path.join(work, f"ft-{batch}x{seq_len}-{row}")
     cfg = os.path.join(work, "bench.toml")
     targets = ", ".join(f'"{t}"' for t in a.targets.split(","))
     with open(cfg, "w") as f:
-        f.write(f'''model = "{GGUF}"
+        f.write(f'''model = {json.dumps(GGUF)}
 method = "lora"
-output_dir = "{out_dir}"
+output_dir = {json.dumps(out_dir)}
 [data]
-train = "{data}"
+train = {json.dumps(data)}
 template = {json.dumps(TEMPLATE)}
 completion = {json.dumps(COMPLETION)}
 length_policy = "truncate_prompt_start"
@@ -135,13 +172,16 @@ threads = {a.threads}
 dequantize = {"true" if dequantize else "false"}
 seed = 0
 ''')
-    r = subprocess.run([exe, "train", "--config", cfg] + sum((["--set", s] for s in a.ft_set), []),
+    sets = row_set + a.ft_set
+    r = subprocess.run([exe, "train", "--config", cfg] + sum((["--set", s] for s in sets), []),
                        capture_output=True, text=True)
     if r.returncode != 0:
         sys.exit(f"ferrotune train failed:\n{r.stderr}")
+    estimate = None
     for line in (r.stdout + r.stderr).splitlines():
         if line.startswith("memory estimate"):
-            print(f"    ({'f32' if dequantize else 'q4_1'} {batch}x{seq_len}) {line}", flush=True)
+            print(f"    ({row} {batch}x{seq_len}) {line}", flush=True)
+            estimate = parse_human_bytes(line.rsplit("=", 1)[1].strip())
     steps = [json.loads(l) for l in open(os.path.join(out_dir, "metrics.jsonl"))]
     steps = [s for s in steps if s.get("type") == "train"]
     summary = json.load(open(os.path.join(out_dir, "summary.json")))
@@ -154,52 +194,94 @@ seed = 0
     toks = steps[-1]["tokens"]
     if len(breakdown) > 1:
         f, b, o = (statistics.median(x[i] for x in breakdown[1:]) for i in range(3))
-        print(f"    ({'f32' if dequantize else 'q4_1'} {batch}x{seq_len}) s/step: forward {f:.2f}, "
+        print(f"    ({row} {batch}x{seq_len}) s/step: forward {f:.2f}, "
               f"backward {b:.2f}, optimizer {o:.3f}", flush=True)
-    return times, toks, summary["peak_rss_bytes"], steps
+    return times, toks, summary["peak_rss_bytes"], estimate
 
 
 def main():
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shapes", default="4x256,1x1024")
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--targets", default="q_proj,v_proj")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--rows", default="peft,f32,q4_1")
+    ap.add_argument("--rows", default="peft,f32,q4_1",
+                    help=f"engines to run, of {','.join(ENGINES)}")
     ap.add_argument("--ft-set", action="append", default=[], help="extra --set for ferrotune train")
     ap.add_argument("--peer-worker", action="store_true")
     ap.add_argument("--data"), ap.add_argument("--batch", type=int), ap.add_argument("--seq-len", type=int)
     a = ap.parse_args()
     if a.peer_worker:
         return peer_worker(a)
+    rows = a.rows.split(",")
+    unknown = [r for r in rows if r not in ENGINES]
+    if unknown:
+        sys.exit(f"--rows: unknown {unknown} (expected some of {','.join(ENGINES)})")
+    if a.steps < 1:
+        sys.exit("--steps must be at least 1")
+    for path, how in [(GGUF, "run scripts/fetch-models.sh"),
+                      (DIALOGSUM, "put ../shared beside the repository or set FERROTUNE_SHARED_DIR")]:
+        if not os.path.isfile(path):
+            sys.exit(f"{path}: not found ({how})")
     if not os.path.exists(os.path.join(HF_DIR, ".complete")):
-        subprocess.run([os.path.join(ROOT, "scripts/convert-smollm2-hf.sh")], check=True)
+        env = dict(os.environ, PYTHON=os.environ.get("PYTHON", sys.executable))
+        # Its report goes to stderr, so that stdout holds only this script's results.
+        subprocess.run([os.path.join(ROOT, "scripts/convert-smollm2-hf.sh")], check=True, env=env,
+                       stdout=sys.stderr)
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(HF_DIR)
     work = tempfile.mkdtemp(prefix="ferrotune-bench-")
-    rows = a.rows.split(",")
     print(f"LoRA r={a.rank} on {a.targets}, {a.threads} threads, {a.steps} steps (median s/step after the first)")
     print(f"{'shape':>8} {'engine':<22} {'s/step':>8} {'tok/s':>8} {'peak RSS':>10} {'speed':>7} {'RSS':>6}")
+    table, estimates = [], []
     for shape in a.shapes.split(","):
-        batch, seq_len = (int(x) for x in shape.split("x"))
+        try:
+            batch, seq_len = (int(x) for x in shape.split("x"))
+        except ValueError:
+            sys.exit(f"--shapes: `{shape}` is not BATCHxLENGTH (e.g. 4x256)")
         data = os.path.join(work, f"rows-{seq_len}.jsonl")
         make_rows(tok, seq_len, batch * a.steps, data)
         results = []
-        if "peft" in rows:
-            results.append(("PyTorch+PEFT f32",) + run_peer(a, data, batch, seq_len))
-        if "f32" in rows:
-            results.append(("ferrotune f32",) + run_ferrotune(a, data, batch, seq_len, True, work)[:3])
-        if "q4_1" in rows:
-            results.append(("ferrotune Q4_1 (QLoRA)",) + run_ferrotune(a, data, batch, seq_len, False, work)[:3])
-        base = None
-        for name, times, toks, rss in results:
-            s = statistics.median(times[1:] if len(times) > 1 else times)
+        for row in rows:
+            if row == "peft":
+                results.append((row,) + run_peer(a, data, batch, seq_len) + (None,))
+            else:
+                results.append((row,) + run_ferrotune(a, data, batch, seq_len, row, work))
+        def step_s(times):
+            return statistics.median(times[1:] if len(times) > 1 else times)
+
+        # Ratios against PyTorch + PEFT of the same shape (the first row without it).
+        _, b_times, b_toks, b_rss, _ = next((r for r in results if r[0] == "peft"), results[0])
+        b_tps = b_toks / step_s(b_times)
+        for row, times, toks, rss, estimate in results:
+            s = step_s(times)
             tps = toks / s
-            if base is None:
-                base = (tps, rss)
-            print(f"{shape:>8} {name:<22} {s:8.2f} {tps:8.1f} {rss / 1e9:8.2f}GB "
-                  f"{tps / base[0]:6.2f}x {rss / base[1]:5.2f}x", flush=True)
+            speed, mem = tps / b_tps, rss / b_rss
+            print(f"{shape:>8} {row:<22} {s:8.2f} {tps:8.1f} {rss / 1e9:8.2f}GB "
+                  f"{speed:6.2f}x {mem:5.2f}x", flush=True)
+            label = ENGINES[row][0]
+            bold = "**" if label.startswith("**") else ""
+            pretty = f"{batch} × {seq_len}"
+            table.append(f"| {pretty} | {label} | {s:.2f} | {tps:.1f} | {rss / 1e9:.2f} GB | "
+                         f"{bold}{speed:.2f}x{bold} | {bold}{mem:.2f}x{bold} |")
+            if estimate is not None:
+                name = ESTIMATE_LABELS[row].format(shape=pretty)
+                if "{shape}" not in ESTIMATE_LABELS[row]:
+                    name = f"{name}, {pretty}"
+                pct = (estimate - rss) / rss * 100
+                sign = "+" if pct >= 0 else "\u2212"
+                estimates.append(f"| {name} | {human_bytes(estimate)} | "
+                                 f"{human_bytes(rss)} ({sign}{abs(pct):.1f}%) |")
+    print()
+    print("| batch | engine | s/step | tokens/s | peak RSS | speed | RSS |")
+    print("|---|---|---|---|---|---|---|")
+    print("\n".join(table))
+    if estimates:
+        print()
+        print("| config | estimate | measured |")
+        print("|---|---|---|")
+        print("\n".join(estimates))
 
 
 if __name__ == "__main__":

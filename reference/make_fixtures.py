@@ -1,12 +1,16 @@
 #!/usr/bin/env python3
 """Reference fixtures for ferrotune's Rust tests, produced with PyTorch + transformers.
 
-Usage (from the repository root, with the venv that has torch/transformers/gguf/safetensors):
+Usage (from the repository root):
 
     python reference/make_fixtures.py tiny         # tests/fixtures/models/<name>/
     python reference/make_fixtures.py smollm2      # tests/fixtures/smollm2/logits.json + last_logits.f32
     python reference/make_fixtures.py perplexity   # tests/fixtures/smollm2/perplexity.json
+    python reference/make_fixtures.py hf-export    # tests/fixtures/smollm2/hf-export/
     python reference/make_fixtures.py all
+
+`python` is the reference environment's interpreter: `.venv/bin/python` after
+`scripts/setup-reference.sh` (which pins the versions these fixtures were written with).
 
 The SmolLM2 GGUF is looked up at $FERROTUNE_CACHE/models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 (FERROTUNE_CACHE defaults to <repo>/.cache, as in scripts/fetch-models.sh) or given with --gguf.
@@ -43,14 +47,32 @@ perplexity = exp(nll_mean). The batch has no padding and no attention mask.
 config.json uses the classic hub layout (top-level "rope_theta", "rope_scaling" only when not
 default) except tiny-llama-head-dim, which keeps the transformers>=5 layout ("rope_parameters"
 holding rope_theta), so that loaders are tested on both.
+
+TRANSFORMERS' HF EXPORT OF SMOLLM2 (tests/fixtures/smollm2/hf-export/)
+--------------------------------------------------------------------
+What `save_pretrained` writes for the GGUF loaded by transformers (dequantized to f32), minus the
+538 MB of weights, which ferrotune's tests recreate and check against this record:
+* config.json, generation_config.json, tokenizer_config.json, chat_template.jinja: verbatim.
+* tokenizer.json.gz: transformers' tokenizer.json (3.5 MB), gzip-compressed (mtime 0).
+* manifest.json: {"transformers_version", "torch_version", "gguf": file name,
+    "files": {name: {"stored_as": name in this folder, "bytes": n, "crc32": c}},
+    "tensors": {name: {"dtype": "F32", "shape": [...], "crc32": c, "sum": f64,
+                       "samples": [[flat index, f32 value], ...]}}}
+  crc32 is zlib's CRC-32 of the tensor's little-endian bytes exactly as model.safetensors holds
+  them (the same CRC-32 as Rust's crc32fast). The set of names is exactly what transformers saved
+  (a tied lm_head is not saved). sum (float64) and the samples are only there to describe a
+  mismatch; equality is decided by the CRC-32 of every tensor.
 """
 
 import argparse
+import gzip
 import json
 import math
 import os
 import shutil
 import sys
+import tempfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -429,9 +451,94 @@ def make_perplexity(args) -> None:
     write_json(ROOT / "tests/fixtures/smollm2/perplexity.json", {"cases": cases})
 
 
+HF_EXPORT_VERBATIM = ["config.json", "generation_config.json", "tokenizer_config.json",
+                      "chat_template.jinja"]
+HF_EXPORT_GZIPPED = ["tokenizer.json"]
+
+
+def _tensor_record(arr: np.ndarray) -> dict:
+    flat = arr.reshape(-1)
+    n = flat.size
+    # First, last and six evenly spaced elements between them.
+    idx = sorted({int(round(x)) for x in np.linspace(0, n - 1, 8)})
+    return {
+        "dtype": {np.dtype("float32"): "F32"}[arr.dtype],
+        "shape": list(arr.shape),
+        "crc32": zlib.crc32(np.ascontiguousarray(arr, dtype="<f4").tobytes()),
+        "sum": float(flat.astype(np.float64).sum()),
+        "samples": [[i, float(flat[i])] for i in idx],  # exact: every f32 is an f64
+    }
+
+
+def make_hf_export(args) -> None:
+    from safetensors.numpy import load_file
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = gguf_path(args.gguf)
+    tok, model = load_smollm2(path)
+    # The weights are dequantized already; without this the saved config would claim a GGUF
+    # quantization that the safetensors file does not have (as scripts/convert-smollm2-hf.sh).
+    model.config.quantization_config = None
+    model.config.__dict__.pop("quantization_config", None)
+    model.hf_quantizer = None
+    out_dir = ROOT / "tests/fixtures/smollm2/hf-export"
+    with tempfile.TemporaryDirectory(prefix="ferrotune-hf-export-") as tmp:
+        tmp = Path(tmp)
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        saved = sorted(p.name for p in tmp.iterdir())
+        expected = sorted(HF_EXPORT_VERBATIM + HF_EXPORT_GZIPPED + ["model.safetensors"])
+        if saved != expected:
+            raise SystemExit(f"save_pretrained wrote {saved}, expected {expected}: update "
+                             "HF_EXPORT_VERBATIM / HF_EXPORT_GZIPPED and the Rust tests")
+
+        # The saved folder must be the GGUF model: same tokens, bit-identical logits.
+        reloaded = AutoModelForCausalLM.from_pretrained(
+            tmp, dtype=torch.float32, attn_implementation="eager").eval()
+        tok2 = AutoTokenizer.from_pretrained(tmp)
+        text = tok.apply_chat_template(PROMPT_MESSAGES, add_generation_prompt=True, tokenize=False)
+        if tok2.apply_chat_template(PROMPT_MESSAGES, add_generation_prompt=True,
+                                    tokenize=False) != text:
+            raise SystemExit("the saved tokenizer renders the chat template differently")
+        ids = tok(text, add_special_tokens=False).input_ids
+        if tok2(text, add_special_tokens=False).input_ids != ids:
+            raise SystemExit("the saved tokenizer tokenizes differently")
+        if not torch.equal(forward_logits(model, ids), forward_logits(reloaded, ids)):
+            raise SystemExit("the saved folder's logits differ from the GGUF model's")
+
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        out_dir.mkdir(parents=True)
+        files = {}
+        for name in HF_EXPORT_VERBATIM + HF_EXPORT_GZIPPED:
+            data = (tmp / name).read_bytes()
+            stored = name if name in HF_EXPORT_VERBATIM else name + ".gz"
+            if name in HF_EXPORT_VERBATIM:
+                (out_dir / stored).write_bytes(data)
+            else:
+                (out_dir / stored).write_bytes(gzip.compress(data, compresslevel=9, mtime=0))
+            files[name] = {"stored_as": stored, "bytes": len(data), "crc32": zlib.crc32(data)}
+            print(f"wrote {(out_dir / stored).relative_to(ROOT)} "
+                  f"({(out_dir / stored).stat().st_size} bytes)")
+        weights = load_file(str(tmp / "model.safetensors"))
+        tensors = {name: _tensor_record(weights[name]) for name in sorted(weights)}
+    write_json(out_dir / "manifest.json", {
+        "source": f"transformers save_pretrained of AutoModelForCausalLM.from_pretrained("
+                  f"gguf_file={path.name}, dtype=float32) and its AutoTokenizer",
+        "transformers_version": transformers.__version__,
+        "torch_version": torch.__version__,
+        "gguf": path.name,
+        "files": files,
+        "tensors": tensors,
+    })
+    print(f"  {len(tensors)} tensors, {sum(int(np.prod(t['shape'])) for t in tensors.values())} "
+          f"values; prompt tokens {len(ids)}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("what", choices=["tiny", "smollm2", "perplexity", "all"])
+    ap.add_argument("what", choices=["tiny", "smollm2", "perplexity", "hf-export", "all"])
     ap.add_argument("--gguf", help=f"path to {GGUF_NAME}")
     ap.add_argument("--only", nargs="*", help="tiny: restrict to these model names")
     args = ap.parse_args()
@@ -444,6 +551,8 @@ def main() -> None:
         make_smollm2(args)
     if args.what in ("perplexity", "all"):
         make_perplexity(args)
+    if args.what in ("hf-export", "all"):
+        make_hf_export(args)
 
 
 if __name__ == "__main__":

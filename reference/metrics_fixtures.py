@@ -1,9 +1,9 @@
 """Golden fixtures for ferrotune's text-generation metrics (crates/ferrotune/src/eval/metrics/).
 
-Run from the repository root, with `rouge-score`, `sacrebleu` and `nltk` installed
-(written with rouge-score 0.1.2, sacrebleu 2.6.0, nltk 3.10.4):
+Run from the repository root, with the reference environment (`scripts/setup-reference.sh`
+pins rouge-score 0.1.2, sacrebleu 2.6.0 and nltk 3.10.4, which wrote the fixtures):
 
-    /work/cache/venv/bin/python reference/metrics_fixtures.py [--shared DIR]
+    .venv/bin/python reference/metrics_fixtures.py [--shared DIR]
 
 `--shared` is the folder holding `data/dialogsum/dialogsum.test.jsonl` (default: `../shared`
 beside the repository, as CI lays it out; `FERROTUNE_SHARED_DIR` overrides the default too).

@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """PEFT (LoRA) compatibility fixtures and checks for ferrotune's `peft` module.
 
-Run from the repository root:
+Run from the repository root, with the reference environment (`scripts/setup-reference.sh`):
 
-    /work/cache/venv/bin/python reference/peft_check.py
+    .venv/bin/python reference/peft_check.py
         (a) writes tests/fixtures/peft/tiny-lora-peft/ : a LoRA made by PEFT on
             tests/fixtures/models/tiny-llama-gqa-untied (r=4, alpha=8, q_proj+v_proj, random
             non-zero A and B from a seeded generator), saved with save_pretrained, plus
@@ -12,16 +12,27 @@ Run from the repository root:
               merged_targets.safetensors  the q_proj/v_proj weights after merge_and_unload()
             and tests/fixtures/peft/matching.json: for several target_modules configs, the
             module names PEFT wraps and its print_trainable_parameters() line.
+        (d) loads the committed adapter ferrotune wrote, tests/fixtures/peft/tiny-lora-ferrotune/
+            (adapter_config.json, adapter_model.safetensors), into PEFT and writes PEFT's own
+            numbers for it there, which the Rust test compares with ferrotune's:
+              peft_expected.json               input_ids, PEFT logits [T, vocab], nll_mean,
+                                               merged_nll_mean (after merge_and_unload()), report
+              peft_merged_targets.safetensors  every adapted weight after merge_and_unload()
 
-    /work/cache/venv/bin/python reference/peft_check.py --check-ours DIR
+    .venv/bin/python reference/peft_check.py --ferrotune-fixture-only
+        only (d).
+
+    .venv/bin/python reference/peft_check.py --check-ours DIR
         (b) loads the adapter ferrotune wrote in DIR into PEFT on the same base, computes PEFT's
             logits and mean NLL on DIR/expected.json's input_ids and asserts they equal
             ferrotune's (expected.json "logits" within 1e-4 absolute, "nll_mean" within 1e-4
             relative); (c) runs merge_and_unload() and asserts the merged weights equal
             ferrotune's merged weights in DIR/merged_targets.safetensors (1e-5 absolute) and
             that the merged model's NLL is unchanged. Exit status 1 on any mismatch.
-        DIR is tests/fixtures/peft/tiny-lora-ferrotune (committed) or the temp folder printed by
-        `cargo test -p ferrotune --test peft_lora ferrotune_adapter_for_peft -- --nocapture`.
+        DIR is the temp folder printed by
+        `cargo test --release -p ferrotune --test peft_lora ferrotune_adapter_for_peft -- --nocapture`
+        (FERROTUNE_WRITE_PEFT_FIXTURE=1 makes that test rewrite the committed adapter instead:
+        then run (d) again).
 
 NLL convention (same as reference/make_fixtures.py): nll_mean is the mean over i of
 -log p(ids[i+1] | ids[..=i]), log-softmax in float64 of the float32 logits. One CPU thread,
@@ -32,6 +43,7 @@ import argparse
 import contextlib
 import copy
 import io
+import json
 import sys
 from pathlib import Path
 
@@ -43,6 +55,7 @@ from make_fixtures import ROOT, forward_logits, token_nlls, write_json  # noqa: 
 
 BASE = "tests/fixtures/models/tiny-llama-gqa-untied"
 PEFT_DIR = ROOT / "tests/fixtures/peft/tiny-lora-peft"
+OURS_DIR = ROOT / "tests/fixtures/peft/tiny-lora-ferrotune"
 MATCHING = ROOT / "tests/fixtures/peft/matching.json"
 INPUT_IDS = [(i * 37 + 11) % 256 for i in range(24)]
 
@@ -120,6 +133,12 @@ def make_peft_fixture():
     PEFT_DIR.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(PEFT_DIR)
     (PEFT_DIR / "README.md").unlink(missing_ok=True)  # PEFT's model-card boilerplate
+    # PEFT keeps target_modules as a set, saved in hash order: sort it so reruns write the same file.
+    cfg_path = PEFT_DIR / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    if isinstance(cfg.get("target_modules"), list):
+        cfg["target_modules"] = sorted(cfg["target_modules"])
+        cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True))
     print(f"wrote {PEFT_DIR.relative_to(ROOT)}/adapter_config.json, adapter_model.safetensors")
     logits, nll = logits_and_nll(model, INPUT_IDS)
     _, base_nll = logits_and_nll(load_base(), INPUT_IDS)
@@ -137,9 +156,36 @@ def make_peft_fixture():
     print(f"PEFT adapter: nll_mean {nll:.6f} (base {base_nll:.6f}), merged nll {merged_nll:.6f}")
 
 
-def check_ours(d: Path) -> int:
-    import json
+def make_ferrotune_adapter_expected(d: Path = OURS_DIR):
+    """PEFT's logits, NLL and merged weights for the adapter ferrotune wrote in d."""
+    import peft
+    from peft import PeftModel
 
+    for name in ["adapter_config.json", "adapter_model.safetensors"]:
+        if not (d / name).is_file():
+            raise SystemExit(f"{d / name}: missing (FERROTUNE_WRITE_PEFT_FIXTURE=1 cargo test "
+                             "--release -p ferrotune --test peft_lora ferrotune_adapter_for_peft "
+                             "writes it)")
+    # is_trainable: the report then counts the adapter's parameters, as ferrotune's load does.
+    model = PeftModel.from_pretrained(load_base(), d, is_trainable=True).eval()
+    logits, nll = logits_and_nll(model, INPUT_IDS)
+    weights, merged = merged_targets(model)
+    _, merged_nll = logits_and_nll(merged, INPUT_IDS)
+    assert abs(merged_nll - nll) < 1e-5 * abs(nll), (merged_nll, nll)
+    save_file(weights, str(d / "peft_merged_targets.safetensors"))
+    write_json(d / "peft_expected.json", {
+        "source": f"PEFT {peft.__version__}: PeftModel.from_pretrained({BASE}, this folder)",
+        "input_ids": INPUT_IDS,
+        "logits": logits,
+        "nll_mean": nll,
+        "merged_nll_mean": merged_nll,
+        "report": report_line(model),
+    })
+    print(f"PEFT on ferrotune's adapter: nll_mean {nll:.8f}, merged {merged_nll:.8f}, "
+          f"{len(weights)} merged weights")
+
+
+def check_ours(d: Path) -> int:
     from peft import PeftModel
 
     exp = json.loads((d / "expected.json").read_text())
@@ -173,12 +219,16 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--check-ours", type=Path, metavar="DIR",
                     help="verify an adapter folder written by ferrotune against PEFT")
+    ap.add_argument("--ferrotune-fixture-only", action="store_true",
+                    help="only write PEFT's numbers for tests/fixtures/peft/tiny-lora-ferrotune")
     args = ap.parse_args()
     torch.set_num_threads(1)
     if args.check_ours:
         return check_ours(args.check_ours)
-    make_peft_fixture()
-    make_matching()
+    if not args.ferrotune_fixture_only:
+        make_peft_fixture()
+        make_matching()
+    make_ferrotune_adapter_expected()
     return 0
 
 

@@ -1,9 +1,12 @@
 #!/usr/bin/env python3
 """Does an adapter that ferrotune trained load in PEFT and score the same? (issue 3 acceptance)
 
-    /work/cache/venv/bin/python reference/peft_trained_adapter.py ADAPTER_DIR [--texts N]
+    .venv/bin/python reference/peft_trained_adapter.py ADAPTER_DIR [--texts N]
 
-Needs the f32 HF folder of SmolLM2 (`scripts/convert-smollm2-hf.sh`) and a release build.
+Needs the reference environment (`scripts/setup-reference.sh`), a release build (`cargo build
+--release`), DialogSum in data/dialogsum of $FERROTUNE_SHARED_DIR (default: the `../shared`
+beside the repository) and the f32 HF folder of SmolLM2, which `scripts/convert-smollm2-hf.sh`
+writes (run here when it is missing).
 Writes the first N DialogSum test dialogues (default 8) to a temp file, one document, then:
 - PyTorch: `PeftModel.from_pretrained(AutoModelForCausalLM(f32 folder), ADAPTER_DIR)`, mean NLL of
   the tokens (one window; the text fits the context), in float64 from float32 logits;
@@ -13,8 +16,11 @@ and prints both perplexities and their relative difference; exit status 1 above 
 import argparse, json, math, os, subprocess, sys, tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-HF_DIR = os.path.join(ROOT, ".cache/models/smollm2-hf")
-DIALOGSUM = os.path.join(ROOT, "../shared/data/dialogsum/dialogsum.test.jsonl")
+CACHE = os.environ.get("FERROTUNE_CACHE", os.path.join(ROOT, ".cache"))
+HF_DIR = os.path.join(CACHE, "models/smollm2-hf")
+SHARED = os.environ.get("FERROTUNE_SHARED_DIR", os.path.join(ROOT, "../shared"))
+DIALOGSUM = os.path.join(SHARED, "data/dialogsum/dialogsum.test.jsonl")
+EXE = os.path.join(ROOT, "target/release/ferrotune")
 
 
 def main():
@@ -22,6 +28,16 @@ def main():
     ap.add_argument("adapter")
     ap.add_argument("--texts", type=int, default=8)
     a = ap.parse_args()
+    for path, how in [(EXE, "run cargo build --release"),
+                      (DIALOGSUM, "put ../shared beside the repository or set FERROTUNE_SHARED_DIR"),
+                      (os.path.join(a.adapter, "adapter_config.json"), "not an adapter folder")]:
+        if not os.path.isfile(path):
+            sys.exit(f"{path}: not found ({how})")
+    if not os.path.exists(os.path.join(HF_DIR, ".complete")):
+        env = dict(os.environ, PYTHON=os.environ.get("PYTHON", sys.executable))
+        # Its report goes to stderr, so that stdout holds only this script's results.
+        subprocess.run([os.path.join(ROOT, "scripts/convert-smollm2-hf.sh")], check=True, env=env,
+                       stdout=sys.stderr)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from peft import PeftModel
@@ -33,7 +49,7 @@ def main():
         f.write(text)
 
     tok = AutoTokenizer.from_pretrained(HF_DIR)
-    model = AutoModelForCausalLM.from_pretrained(HF_DIR, torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(HF_DIR, dtype=torch.float32)
     model = PeftModel.from_pretrained(model, a.adapter)
     model.eval()
     ids = tok(text, return_tensors="pt")["input_ids"]
@@ -43,8 +59,7 @@ def main():
     nll = -logp.gather(1, ids[0, 1:].unsqueeze(1)).mean().item()
     ppl_peft = math.exp(nll)
 
-    exe = os.path.join(ROOT, "target/release/ferrotune")
-    out = subprocess.run([exe, "perplexity", "--model", HF_DIR, "--adapter", a.adapter, "--file", path,
+    out = subprocess.run([EXE, "perplexity", "--model", HF_DIR, "--adapter", a.adapter, "--file", path,
                           "--json"], check=True, capture_output=True, text=True)
     v = json.loads(out.stdout)
     rel = abs(v["perplexity"] - ppl_peft) / ppl_peft

@@ -1,8 +1,9 @@
 """Golden tokenizer fixtures from transformers (the reference the Rust tokenizer must match).
 
-Run from the repository root (needs scripts/fetch-models.sh to have fetched the SmolLM2 GGUF):
+Run from the repository root (needs scripts/fetch-models.sh to have fetched the SmolLM2 GGUF,
+and the reference environment from scripts/setup-reference.sh):
 
-    /work/cache/venv/bin/python reference/tokenizer_fixtures.py
+    .venv/bin/python reference/tokenizer_fixtures.py
 
 Writes
   tests/fixtures/tokenizer/smollm2.json   ids of stress strings, decodes, rendered chat templates,
@@ -16,8 +17,8 @@ Writes
                                           information, transformers' GGUF-loader ids, which differ)
   tests/fixtures/tokenizer/pre_tokenizers.json  how each `tokenizer.ggml.pre` we map splits text,
                                           by llama.cpp's regex lists run with Python's `regex`
-  .cache/models/smollm2-hf-tokenizer/     `tok.save_pretrained` of the SmolLM2 tokenizer (an HF
-                                          tokenizer folder; git-ignored, for the from_hf_dir test)
+The HF tokenizer folder that the from_hf_dir test reads is the one transformers saves with the
+whole model: tests/fixtures/smollm2/hf-export (`reference/make_fixtures.py hf-export`).
 """
 
 import io
@@ -38,7 +39,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join(ROOT, "tests", "fixtures", "tokenizer")
 SMOL_DIR = os.path.join(ROOT, ".cache", "models", "smollm2")
 SMOL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-HF_DIR = os.path.join(ROOT, ".cache", "models", "smollm2-hf-tokenizer")
 
 STRESS = [
     "1234567",
@@ -155,10 +155,6 @@ def smollm2():
         ],
     }
     write_json("smollm2.json", fixture)
-
-    os.makedirs(HF_DIR, exist_ok=True)
-    tok.save_pretrained(HF_DIR)
-    print(f"saved HF tokenizer folder to {HF_DIR}: {sorted(os.listdir(HF_DIR))}")
 
 
 SPM_CORPUS = """The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs.

@@ -6,16 +6,20 @@
 # Weights are the Q4_1 blocks dequantized by transformers (so they equal the GGUF values exactly
 # in f32). config.json is written in the classic hub layout (top-level rope_theta) rather than the
 # transformers>=5 "rope_parameters" layout, matching the upstream SmolLM2 config.json.
-# Needs a Python with torch, transformers, gguf, safetensors: $PYTHON, else the shared venv,
-# else python3. Idempotent: an existing complete conversion is left alone (FORCE=1 redoes it).
+# Needs a Python with torch, transformers, gguf, safetensors: $PYTHON, else the reference
+# environment's .venv/bin/python (scripts/setup-reference.sh creates it).
+# Idempotent: an existing complete conversion is left alone (FORCE=1 redoes it).
+# tests/fixtures/smollm2/hf-export records what transformers writes here (reference/README.md).
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cache="${FERROTUNE_CACHE:-$root/.cache}"
 src="$cache/models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 dest="$cache/models/smollm2-hf"
-if [ -n "${PYTHON:-}" ]; then PY="$PYTHON"
-elif [ -x /work/cache/venv/bin/python ]; then PY=/work/cache/venv/bin/python
-else PY=python3; fi
+PY="${PYTHON:-$root/.venv/bin/python}"
+if [ ! -x "$PY" ] && ! command -v "$PY" >/dev/null; then
+  echo "$PY: not found: run scripts/setup-reference.sh first (or set PYTHON)" >&2
+  exit 1
+fi
 
 if [ ! -f "$src" ]; then
   echo "$src: not found (run scripts/fetch-models.sh first)" >&2

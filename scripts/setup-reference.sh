@@ -23,6 +23,8 @@ PINS=(
   "rouge-score==0.1.2"
   "nltk==3.10.4"
   "sacrebleu==2.6.0"
+  "sentencepiece==0.2.3"   # reference/tokenizer_fixtures.py
+  "regex==2026.11.19"      # reference/tokenizer_fixtures.py (llama.cpp's pre-tokenizer regexes)
 )
 LLAMA_PIN="llama-cpp-python==0.3.36"
 
@@ -44,8 +46,16 @@ if [ -z "${FORCE:-}" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; th
 fi
 
 if [ ! -x "$venv/bin/python" ] || [ -n "${FORCE:-}" ]; then
+  if ! "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null; then
+    echo "setup-reference.sh: $PY is not a Python 3.10 or newer (set PYTHON to one)" >&2
+    exit 1
+  fi
   rm -rf "$venv"
-  "$PY" -m venv "$venv"
+  if ! "$PY" -m venv "$venv"; then
+    rm -rf "$venv"
+    echo "setup-reference.sh: \`$PY -m venv\` failed (on Debian/Ubuntu: apt-get install python3-venv)" >&2
+    exit 1
+  fi
 fi
 "$venv/bin/python" -m pip install -q --upgrade pip
 "$venv/bin/python" -m pip install -q "${PINS[@]}"
@@ -55,7 +65,8 @@ if [ "$with_llama" = 1 ]; then
 fi
 "$venv/bin/python" - <<'PYEOF'
 import importlib
-for m in ["torch", "transformers", "peft", "gguf", "safetensors", "numpy", "rouge_score", "sacrebleu", "nltk"]:
+for m in ["torch", "transformers", "peft", "gguf", "safetensors", "numpy", "rouge_score", "sacrebleu", "nltk",
+          "sentencepiece", "regex"]:
     importlib.import_module(m)
 try:
     import llama_cpp  # noqa: F401

@@ -2,12 +2,43 @@
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Device};
 use clap::{Args, Parser, Subcommand};
+use ferrotune::fsutil::{self, Input};
 use ferrotune::generate::{generate, GenerationConfig, LlamaDecoder};
 use ferrotune::icl::{read_jsonl, FewShot, Template};
 use ferrotune::model::{self, LoadOptions, LoadedModel};
+use ferrotune::progress::Bar;
 use ferrotune::tokenizer::ChatMessage;
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::Arc;
+
+/// `--quiet`: no progress bars and no informational lines on stderr.
+static QUIET: AtomicBool = AtomicBool::new(false);
+
+/// An informational line on stderr (silenced by `--quiet`).
+macro_rules! info {
+    ($($arg:tt)*) => {
+        if !QUIET.load(Ordering::Relaxed) {
+            eprintln!($($arg)*);
+        }
+    };
+}
+
+/// A warning about a valid but odd input, on stderr (printed even with `--quiet`).
+macro_rules! warn {
+    ($($arg:tt)*) => {
+        eprintln!("warning: {}", format!($($arg)*));
+    };
+}
+
+/// The progress bar of a long command: shown on a terminal, never with `--quiet`.
+fn bar() -> Bar {
+    Bar::stderr(QUIET.load(Ordering::Relaxed))
+}
+
+/// Most worker threads `--threads` accepts: more is a typo, and each one is an OS thread.
+const MAX_THREADS: usize = 1024;
 
 #[derive(Parser)]
 #[command(
@@ -16,6 +47,9 @@ use std::path::PathBuf;
     about = "Adapt pre-trained LLMs: prompt, fine-tune, evaluate, ship."
 )]
 struct Cli {
+    /// No progress bars and no informational lines on stderr (warnings and errors still print).
+    #[arg(long, short = 'q', global = true)]
+    quiet: bool,
     #[command(subcommand)]
     cmd: Command,
 }
@@ -74,7 +108,7 @@ struct ModelArgs {
     #[arg(long, default_value = "cpu")]
     device: String,
     /// Worker threads (default: all cores).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     threads: Option<usize>,
 }
 
@@ -92,18 +126,21 @@ struct GenerateArgs {
     /// System prompt (with --chat).
     #[arg(long)]
     system: Option<String>,
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 256, allow_negative_numbers = true)]
     max_new_tokens: usize,
     /// Sampling temperature; 0 (the default) decodes greedily.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     temperature: Option<f64>,
-    #[arg(long)]
+    /// Sample from the k most likely tokens (at least 1).
+    #[arg(long, allow_negative_numbers = true)]
     top_k: Option<usize>,
-    #[arg(long)]
+    /// Sample from the smallest set of tokens whose probability reaches p, in (0, 1].
+    #[arg(long, allow_negative_numbers = true)]
     top_p: Option<f64>,
     #[arg(long, default_value_t = 42)]
     seed: u64,
-    #[arg(long, default_value_t = 1.0)]
+    /// Divide the logits of tokens already present by this (> 0; 1 = no penalty).
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     repetition_penalty: f32,
     /// Stop when this string is generated (repeatable).
     #[arg(long)]
@@ -115,7 +152,7 @@ struct GenerateArgs {
     #[arg(long, requires = "template")]
     shots: Option<PathBuf>,
     /// Number of examples to put in the prompt (0 = zero-shot).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
     k: usize,
     /// Example template with {field} placeholders (repeatable: one is picked per example).
     #[arg(long)]
@@ -144,11 +181,12 @@ struct InspectArgs {
     #[arg(long)]
     json: bool,
     /// Batch size for the training-memory estimate.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, allow_negative_numbers = true)]
     batch: usize,
-    /// Sequence length for the training-memory estimate.
-    #[arg(long, default_value_t = 512)]
-    seq_len: usize,
+    /// Sequence length for the training-memory estimate (default: 512, or the context length
+    /// when that is shorter).
+    #[arg(long, allow_negative_numbers = true)]
+    seq_len: Option<usize>,
 }
 
 #[derive(Args)]
@@ -158,11 +196,11 @@ struct PerplexityArgs {
     /// Text file, or JSONL with a "text" field per line.
     #[arg(long)]
     file: PathBuf,
-    /// Tokens per window (default: the model's context length).
-    #[arg(long)]
+    /// Tokens per window, at least 2 (default: the model's context length).
+    #[arg(long, allow_negative_numbers = true)]
     window: Option<usize>,
-    /// Tokens between window starts (default: half the window).
-    #[arg(long)]
+    /// Tokens between window starts, at least 1 (default: half the window).
+    #[arg(long, allow_negative_numbers = true)]
     stride: Option<usize>,
     #[arg(long)]
     json: bool,
@@ -175,20 +213,62 @@ struct PerplexityArgs {
 struct ConvertArgs {
     #[command(flatten)]
     m: ModelArgs,
+    /// Output HF folder: written whole into a temporary sibling, then renamed into place.
     #[arg(long)]
     out: PathBuf,
+    /// Replace --out even if it holds files ferrotune did not write (never an input).
+    #[arg(long)]
+    overwrite: bool,
     /// Stored dtype of the written weights: f32, bf16 or f16.
     #[arg(long = "out-dtype", default_value = "f32")]
     out_dtype: String,
 }
 
-fn parse_dtype(s: &str) -> Result<DType> {
+/// A dense dtype given to `flag` (`--dtype`, `--out-dtype`).
+fn parse_dtype(flag: &str, s: &str) -> Result<DType> {
     Ok(match s.to_ascii_lowercase().as_str() {
         "f32" | "fp32" | "float32" => DType::F32,
         "bf16" | "bfloat16" => DType::BF16,
         "f16" | "fp16" | "float16" => DType::F16,
-        other => bail!("--dtype `{other}`: expected f32, bf16 or f16"),
+        other => bail!("{flag} `{other}`: expected f32, bf16 or f16"),
     })
+}
+
+/// Library range errors name the field (`top_p`); on the command line it is the flag (`--top-p`).
+fn flag_error(e: ferrotune::Error) -> anyhow::Error {
+    match e {
+        ferrotune::Error::Key { key, what, .. } => {
+            anyhow!("--{}: {what}", key.replace('_', "-"))
+        }
+        e => e.into(),
+    }
+}
+
+/// An input file of `flag`, checked before anything slow (loading the model) starts.
+fn input_file(flag: &str, path: &Path) -> Result<()> {
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_dir() => bail!("{flag} {}: is a folder, expected a file", path.display()),
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            bail!("{flag} {}: no such file", path.display())
+        }
+        Err(e) => bail!("{flag} {}: {e}", path.display()),
+    }
+}
+
+/// An input folder of `flag` (a PEFT adapter), checked before the model is loaded.
+fn input_dir(flag: &str, path: &Path) -> Result<()> {
+    match std::fs::metadata(path) {
+        Ok(m) if !m.is_dir() => bail!(
+            "{flag} {}: is a file, expected a folder (a PEFT adapter folder)",
+            path.display()
+        ),
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            bail!("{flag} {}: no such folder", path.display())
+        }
+        Err(e) => bail!("{flag} {}: {e}", path.display()),
+    }
 }
 
 fn parse_ggml(s: &str) -> Result<candle_core::quantized::GgmlDType> {
@@ -231,24 +311,46 @@ fn device(s: &str) -> Result<Device> {
     }
 }
 
+impl ModelArgs {
+    /// The flags' values, checked before the model is loaded.
+    fn load_options(&self) -> Result<LoadOptions> {
+        if let Some(n) = self.threads {
+            if n == 0 || n > MAX_THREADS {
+                bail!("--threads {n}: expected 1 to {MAX_THREADS}");
+            }
+        }
+        Ok(LoadOptions {
+            dtype: self
+                .dtype
+                .as_deref()
+                .map(|s| parse_dtype("--dtype", s))
+                .transpose()?,
+            dequantize: self.dequantize,
+            requantize: self.requantize.as_deref().map(parse_ggml).transpose()?,
+        })
+    }
+}
+
 fn load(m: &ModelArgs) -> Result<LoadedModel> {
+    let opts = m.load_options()?;
     if let Some(n) = m.threads {
         // Read by rayon and by candle's matmul when their pools start.
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
         ferrotune::quant::set_num_threads(n);
     }
-    let opts = LoadOptions {
-        dtype: m.dtype.as_deref().map(parse_dtype).transpose()?,
-        dequantize: m.dequantize,
-        requantize: m.requantize.as_deref().map(parse_ggml).transpose()?,
-    };
-    Ok(model::load(&m.model, &opts, &device(&m.device)?)?)
+    Ok(model::load_with_progress(
+        &m.model,
+        &opts,
+        &device(&m.device)?,
+        &bar(),
+    )?)
 }
 
 fn run_generate(a: GenerateArgs) -> Result<()> {
     let prompt = match (&a.prompt, &a.prompt_file) {
         (Some(p), _) => p.clone(),
         (None, Some(f)) => {
+            input_file("--prompt-file", f)?;
             std::fs::read_to_string(f).with_context(|| format!("{}", f.display()))?
         }
         (None, None) => bail!("give --prompt TEXT or --prompt-file FILE"),
@@ -256,14 +358,44 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
     if a.system.is_some() && !a.chat {
         bail!("--system needs --chat");
     }
-    if a.shots.is_none() && a.k > 0 {
-        bail!("--k needs --shots FILE");
+    if a.shots.is_none() {
+        // Few-shot flags without the examples would be ignored without a word.
+        if a.k > 0 {
+            bail!("--k needs --shots FILE");
+        }
+        if !a.template.is_empty() {
+            bail!("--template needs --shots FILE (the examples it renders)");
+        }
+        if a.random_shots {
+            bail!("--random-shots needs --shots FILE");
+        }
     }
-    let mut lm = load(&a.m)?;
-    attach_adapters(&mut lm, &a.adapter)?;
+    let temperature = a
+        .temperature
+        .unwrap_or(if a.top_k.is_some() || a.top_p.is_some() {
+            1.0
+        } else {
+            0.0
+        });
+    let cfg = GenerationConfig {
+        max_new_tokens: a.max_new_tokens,
+        temperature,
+        top_k: a.top_k,
+        top_p: a.top_p,
+        seed: a.seed,
+        repetition_penalty: a.repetition_penalty,
+        stop: a.stop.clone(),
+        stop_on_eos: !a.ignore_eos,
+    };
+    cfg.validate().map_err(flag_error)?;
+    for d in &a.adapter {
+        input_dir("--adapter", d)?;
+    }
+    // The few-shot prompt needs no model: a bad --shots file or --k fails before the load.
     let user_text = match &a.shots {
         None => prompt,
         Some(f) => {
+            input_file("--shots", f)?;
             let templates = a
                 .template
                 .iter()
@@ -280,6 +412,8 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
             fs.build(&prompt, f)?
         }
     };
+    let mut lm = load(&a.m)?;
+    attach_adapters(&mut lm, &a.adapter)?;
     let tok = &lm.tokenizer;
     let ids = if a.chat {
         let tmpl = tok.chat_template().ok_or_else(|| {
@@ -320,23 +454,12 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
         }
         .into());
     }
-    let temperature = a
-        .temperature
-        .unwrap_or(if a.top_k.is_some() || a.top_p.is_some() {
-            1.0
-        } else {
-            0.0
-        });
-    let cfg = GenerationConfig {
-        max_new_tokens: a.max_new_tokens,
-        temperature,
-        top_k: a.top_k,
-        top_p: a.top_p,
-        seed: a.seed,
-        repetition_penalty: a.repetition_penalty,
-        stop: a.stop.clone(),
-        stop_on_eos: !a.ignore_eos,
-    };
+    if cfg.max_new_tokens > ctx {
+        warn!(
+            "--max-new-tokens {} is more than the model's context window ({ctx} tokens); generation stops at the context length",
+            cfg.max_new_tokens
+        );
+    }
     // The allocation-free engine when it supports the model (CPU, no adapters); else the
     // differentiable model. `--engine model` forces the latter (e.g. to compare them).
     let mut fast = match a.engine.as_str() {
@@ -370,7 +493,7 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
         println!("{v}");
     } else {
         println!();
-        eprintln!(
+        info!(
             "[{} prompt tokens, {:.1} tok/s | {} generated, {:.1} tok/s | stop: {}]",
             out.prompt_tokens,
             out.prompt_tokens_per_s,
@@ -384,7 +507,10 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
 
 fn run_inspect(a: InspectArgs) -> Result<()> {
     let lm = load(&a.m)?;
-    let r = ferrotune::inspect::inspect(&lm, &a.m.model, a.batch, a.seq_len);
+    let seq_len = a
+        .seq_len
+        .unwrap_or(512.min(lm.model.cfg.max_position_embeddings));
+    let r = ferrotune::inspect::inspect(&lm, &a.m.model, a.batch, seq_len).map_err(flag_error)?;
     if a.json {
         println!("{}", serde_json::to_string(&r)?);
     } else {
@@ -394,12 +520,35 @@ fn run_inspect(a: InspectArgs) -> Result<()> {
 }
 
 fn run_perplexity(a: PerplexityArgs) -> Result<()> {
+    use ferrotune::perplexity::{check_window, file_perplexity_with_progress};
+    input_file("--file", &a.file)?;
+    let ext = a.file.extension().and_then(|e| e.to_str()).unwrap_or("");
+    if ["json", "csv", "tsv", "parquet", "ndjson"].contains(&ext.to_ascii_lowercase().as_str()) {
+        warn!(
+            "--file {}: scored as plain text (only .jsonl files are read as one \"text\" per line)",
+            a.file.display()
+        );
+    }
+    // The values given, before the load (the defaults depend on the model).
+    check_window(a.window.unwrap_or(2), a.stride.unwrap_or(1)).map_err(flag_error)?;
+    for d in &a.adapter {
+        input_dir("--adapter", d)?;
+    }
     let mut lm = load(&a.m)?;
     attach_adapters(&mut lm, &a.adapter)?;
-    let window = a.window.unwrap_or(lm.model.cfg.max_position_embeddings);
-    let stride = a.stride.unwrap_or((window / 2).max(1));
+    let ctx = lm.model.cfg.max_position_embeddings;
+    let mut window = a.window.unwrap_or(ctx);
+    if window > ctx {
+        warn!("--window {window} is longer than the model's context window; using {ctx}");
+        window = ctx;
+    }
+    let mut stride = a.stride.unwrap_or((window / 2).max(1));
+    if stride > window {
+        warn!("--stride {stride} is longer than the window; using {window}");
+        stride = window;
+    }
     let nll =
-        ferrotune::perplexity::file_perplexity(&lm.model, &lm.tokenizer, &a.file, window, stride)?;
+        file_perplexity_with_progress(&lm.model, &lm.tokenizer, &a.file, window, stride, &bar())?;
     if a.json {
         println!(
             "{}",
@@ -416,28 +565,48 @@ fn run_perplexity(a: PerplexityArgs) -> Result<()> {
     Ok(())
 }
 
+/// `--model` as an input that no output may touch: its file or folder, as given; once loaded,
+/// also where it was found (for `hf:` specs, in the hub cache).
+fn model_inputs(spec: &str, loaded: Option<&LoadedModel>) -> Vec<Input> {
+    let given = (!spec.starts_with("hf:")).then(|| Input::new("the --model", spec));
+    let found = loaded.map(|lm| Input::new("the --model", lm.source.path()));
+    given.into_iter().chain(found).collect()
+}
+
 fn run_convert(a: ConvertArgs) -> Result<()> {
+    let out_dtype = parse_dtype("--out-dtype", &a.out_dtype)?;
+    fsutil::check_output_dir(
+        &a.out,
+        "--out",
+        a.overwrite,
+        &model_inputs(&a.m.model, None),
+    )?;
     let lm = load(&a.m)?;
+    let inputs = model_inputs(&a.m.model, Some(&lm));
+    fsutil::check_output_dir(&a.out, "--out", a.overwrite, &inputs)?;
     let quantized = lm
         .model
         .linears()
         .iter()
         .any(|l| matches!(l.weight(), ferrotune::nn::LinearWeight::Quantized(_)));
     if quantized {
-        eprintln!(
+        info!(
             "note: quantized weights are dequantized to {} for the HF folder",
             a.out_dtype
         );
     }
-    ferrotune::model::convert::write_hf_folder_dtype(&lm, &a.out, parse_dtype(&a.out_dtype)?)?;
-    eprintln!("wrote {}", a.out.display());
+    fsutil::replace_dir(&a.out, |dir| {
+        ferrotune::model::convert::write_hf_folder_dtype(&lm, dir, out_dtype)
+    })?;
+    info!("wrote {}", a.out.display());
     Ok(())
 }
 
 fn run_score(a: ScoreArgs) -> Result<()> {
-    use ferrotune::eval::metrics::{read_predictions, score_rows};
+    use ferrotune::eval::metrics::{read_predictions, score_rows_with_progress};
+    input_file("--predictions", &a.predictions)?;
     let rows = read_predictions(&a.predictions)?;
-    let s = score_rows(&rows);
+    let s = score_rows_with_progress(&rows, &bar());
     if a.json {
         println!("{}", serde_json::to_string(&s)?);
     } else {
@@ -474,7 +643,21 @@ fn main() {
             ferrotune::error::first_line(msg)
         );
     }));
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        // --help, --version, and the help shown for a bare `ferrotune`.
+        Err(e)
+            if !e.use_stderr()
+                || e.kind() == clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand =>
+        {
+            e.exit()
+        }
+        Err(e) => {
+            eprintln!("error: {}", usage_error_line(&e));
+            std::process::exit(1);
+        }
+    };
+    QUIET.store(cli.quiet, Ordering::Relaxed);
     let res = match cli.cmd {
         Command::Generate(a) => run_generate(a),
         Command::Inspect(a) => run_inspect(a),
@@ -489,13 +672,30 @@ fn main() {
         } => run_data_preview(a),
     };
     if let Err(e) = res {
-        let chain: Vec<String> = e
-            .chain()
-            .map(|c| ferrotune::error::first_line(&c.to_string()))
-            .collect();
-        eprintln!("error: {}", chain.join(": "));
+        print_error(&e);
         std::process::exit(1);
     }
+}
+
+/// `error: ...` on one line.
+fn print_error(e: &anyhow::Error) {
+    let chain: Vec<String> = e
+        .chain()
+        .map(|c| ferrotune::error::first_line(&c.to_string()))
+        .collect();
+    eprintln!("error: {}", chain.join(": "));
+}
+
+/// clap's message for a bad command line as one line: its text up to the usage block, e.g.
+/// "invalid value 'abc' for '--temperature <TEMPERATURE>': invalid float literal".
+fn usage_error_line(e: &clap::Error) -> String {
+    let text = e.render().to_string();
+    let text = text.trim_start().strip_prefix("error:").unwrap_or(&text);
+    text.lines()
+        .map(str::trim)
+        .take_while(|l| !l.is_empty() && !l.starts_with("Usage:"))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 // ---- Training: train, merge, eval, data preview, and --adapter for generate/perplexity ----
@@ -511,6 +711,12 @@ struct TrainArgs {
     /// Continue from the newest checkpoint in output_dir.
     #[arg(long)]
     resume: bool,
+    /// Start again in an output_dir that holds a run, removing only the files the run wrote.
+    #[arg(long, conflicts_with = "resume")]
+    overwrite: bool,
+    /// Check everything (config, data, model, targets, memory, output_dir) and write nothing.
+    #[arg(long)]
+    dry_run: bool,
 }
 
 #[derive(Subcommand)]
@@ -537,9 +743,12 @@ struct MergeArgs {
     /// PEFT adapter folder.
     #[arg(long)]
     adapter: PathBuf,
-    /// Output HF folder.
+    /// Output HF folder: written whole into a temporary sibling, then renamed into place.
     #[arg(long)]
     out: PathBuf,
+    /// Replace --out even if it holds files ferrotune did not write (never an input).
+    #[arg(long)]
+    overwrite: bool,
     /// Stored dtype of the written weights: f32, bf16 or f16.
     #[arg(long = "out-dtype", default_value = "f32")]
     out_dtype: String,
@@ -565,9 +774,9 @@ struct EvalArgs {
     #[arg(long)]
     chat: bool,
     /// Evaluate only the first N rows.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     limit: Option<usize>,
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, allow_negative_numbers = true)]
     max_new_tokens: usize,
     /// Stop generating at this string (repeatable).
     #[arg(long)]
@@ -581,13 +790,16 @@ struct EvalArgs {
     /// Also write every generation to this JSONL file ({model, row, prediction, reference}).
     #[arg(long)]
     output: Option<PathBuf>,
+    /// Replace an existing --output file (never an input: --data, an adapter, the model).
+    #[arg(long, requires = "output")]
+    overwrite: bool,
 }
 
 /// Load each `--adapter` folder onto the model (named adapter0, adapter1, ...; all active).
 fn attach_adapters(lm: &mut LoadedModel, dirs: &[PathBuf]) -> Result<()> {
     for (i, d) in dirs.iter().enumerate() {
         let a = ferrotune::peft::load_adapter(&mut lm.model, d, &format!("adapter{i}"))?;
-        eprintln!(
+        info!(
             "adapter {} ({}, {} modules)",
             d.display(),
             a.config.peft_type(),
@@ -597,20 +809,133 @@ fn attach_adapters(lm: &mut LoadedModel, dirs: &[PathBuf]) -> Result<()> {
     Ok(())
 }
 
+/// The first Ctrl-C (SIGINT) or SIGTERM during `train` asks the run to stop at the next step
+/// boundary with a checkpoint; a second one quits at once. Returns the flag the run polls and
+/// where the signal that set it is recorded.
+fn on_interrupt_stop_at_step_boundary() -> Result<(Arc<AtomicBool>, Arc<AtomicI32>)> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let stop = Arc::new(AtomicBool::new(false));
+    let signal = Arc::new(AtomicI32::new(0));
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])
+        .context("cannot install the Ctrl-C handler")?;
+    let (flag, first) = (Arc::clone(&stop), Arc::clone(&signal));
+    std::thread::spawn(move || {
+        for sig in signals.forever() {
+            let name = if sig == SIGINT { "Ctrl-C" } else { "SIGTERM" };
+            if flag.swap(true, Ordering::SeqCst) {
+                eprintln!("\n{name} again: quitting at once, without a checkpoint");
+                std::process::exit(128 + sig);
+            }
+            first.store(sig, Ordering::SeqCst);
+            eprintln!(
+                "\n{name}: stopping after this step and writing a checkpoint (press Ctrl-C again to quit at once)"
+            );
+        }
+    });
+    Ok((stop, signal))
+}
+
+/// `s` as one shell word.
+fn shell_word(s: &str) -> String {
+    let plain = !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c));
+    if plain {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', r"'\''"))
+    }
+}
+
 fn run_train(a: TrainArgs) -> Result<()> {
-    use ferrotune::train;
-    let c = train::load_config(&a.config, &a.set)?;
-    let opts = train::RunOptions {
-        resume: a.resume,
-        progress: train::ProgressMode::Auto,
+    use ferrotune::train::{self, Outcome, StopReason};
+    // First of all, so that a Ctrl-C at any point takes the graceful path: while the config,
+    // data or model load, the run stops before writing anything; later, at a step boundary.
+    let (stop, signal) = if a.dry_run {
+        (
+            Arc::new(AtomicBool::new(false)),
+            Arc::new(AtomicI32::new(0)),
+        )
+    } else {
+        on_interrupt_stop_at_step_boundary()?
     };
-    let s = train::run(&c, &opts)?;
+    let exit_code_if_interrupted = || {
+        stop.load(Ordering::SeqCst)
+            .then(|| 128 + signal.load(Ordering::SeqCst))
+    };
+    let result = (|| -> Result<(PathBuf, Outcome)> {
+        let c = train::load_config(&a.config, &a.set)?;
+        let out = c.config.output_dir.clone();
+        let opts = train::RunOptions {
+            resume: a.resume,
+            overwrite: a.overwrite,
+            progress: if QUIET.load(Ordering::Relaxed) {
+                train::ProgressMode::Quiet
+            } else {
+                train::ProgressMode::Auto
+            },
+            interrupt: Some(Arc::clone(&stop)),
+        };
+        if a.dry_run {
+            return Ok((out, train::dry_run(&c, &opts)?));
+        }
+        let s = train::run(&c, &opts)?;
+        let outcome = if s.already_finished {
+            Outcome::AlreadyFinished(s)
+        } else {
+            Outcome::Trained(s)
+        };
+        Ok((out, outcome))
+    })();
+    let (output_dir, outcome) = match result {
+        Ok(o) => o,
+        Err(e) => {
+            if let Some(code) = exit_code_if_interrupted() {
+                print_error(&e);
+                std::process::exit(code);
+            }
+            return Err(e);
+        }
+    };
+    let resume_command = || {
+        let mut words = vec![
+            "ferrotune".to_string(),
+            "train".into(),
+            "--config".into(),
+            shell_word(&a.config.display().to_string()),
+        ];
+        for o in &a.set {
+            words.push("--set".into());
+            words.push(shell_word(o));
+        }
+        words.push("--resume".into());
+        words.join(" ")
+    };
+    let s = match outcome {
+        Outcome::DryRun(d) => {
+            println!("{d}");
+            return Ok(());
+        }
+        Outcome::AlreadyFinished(s) => {
+            let dir = s.adapter_dir.as_ref().map_or(String::new(), |d| {
+                format!("; its adapter is {}", d.display())
+            });
+            eprintln!(
+                "the run is already finished: step {} of {} (stop reason: {}){dir}. Nothing was changed (to train again, pass --overwrite; to train further, raise train.max_steps and --resume)",
+                s.steps,
+                s.max_steps,
+                s.stop_reason.as_str()
+            );
+            return Ok(());
+        }
+        Outcome::Trained(s) => s,
+    };
     let val = match (s.initial_val_loss, s.final_val_loss) {
         (Some(a), Some(b)) => format!(", val loss {a:.4} -> {b:.4}"),
         (None, Some(b)) => format!(", val loss {b:.4}"),
         _ => String::new(),
     };
-    eprintln!(
+    info!(
         "{} steps ({:?}), train loss {}{val}, {:.0} tok/s, peak RSS {:.2} GB, {:.1} s",
         s.steps,
         s.stop_reason,
@@ -620,11 +945,25 @@ fn run_train(a: TrainArgs) -> Result<()> {
         s.peak_rss_bytes as f64 / 1e9,
         s.wall_s
     );
-    match &s.adapter_dir {
-        Some(d) => eprintln!("adapter: {}", d.display()),
-        None => eprintln!(
-            "stopped at step {} of {}: continue with --resume",
-            s.steps, s.max_steps
+    match (&s.adapter_dir, s.stop_reason) {
+        (Some(d), _) => info!("adapter: {}", d.display()),
+        (None, StopReason::Interrupted) => {
+            let ckpt =
+                train::checkpoint::checkpoints_dir(&output_dir).join(format!("step-{}", s.steps));
+            eprintln!(
+                "interrupted at step {} of {}: checkpoint {}; continue with: {}",
+                s.steps,
+                s.max_steps,
+                ckpt.display(),
+                resume_command()
+            );
+            std::process::exit(exit_code_if_interrupted().unwrap_or(130));
+        }
+        (None, _) => info!(
+            "stopped at step {} of {}: continue with: {}",
+            s.steps,
+            s.max_steps,
+            resume_command()
         ),
     }
     Ok(())
@@ -639,11 +978,18 @@ fn run_data_preview(a: DataPreviewArgs) -> Result<()> {
 }
 
 fn run_merge(a: MergeArgs) -> Result<()> {
+    let out_dtype = parse_dtype("--out-dtype", &a.out_dtype)?;
+    input_dir("--adapter", &a.adapter)?;
+    let mut inputs = model_inputs(&a.m.model, None);
+    inputs.push(Input::new("the --adapter folder", &a.adapter));
+    fsutil::check_output_dir(&a.out, "--out", a.overwrite, &inputs)?;
     let mut lm = load(&a.m)?;
+    inputs.push(Input::new("the --model", lm.source.path()));
+    fsutil::check_output_dir(&a.out, "--out", a.overwrite, &inputs)?;
     ferrotune::peft::load_adapter(&mut lm.model, &a.adapter, "merge")?;
     let report = ferrotune::peft::merge_and_unload(&mut lm.model, "merge")?;
     if let Some(msg) = report.message() {
-        eprintln!("note: {msg}");
+        info!("note: {msg}");
     }
     let still_quantized = lm
         .model
@@ -651,13 +997,15 @@ fn run_merge(a: MergeArgs) -> Result<()> {
         .iter()
         .any(|l| matches!(l.weight(), ferrotune::nn::LinearWeight::Quantized(_)));
     if still_quantized {
-        eprintln!(
+        info!(
             "note: the other quantized weights are dequantized to {} for the HF folder",
             a.out_dtype
         );
     }
-    ferrotune::model::convert::write_hf_folder_dtype(&lm, &a.out, parse_dtype(&a.out_dtype)?)?;
-    eprintln!(
+    fsutil::replace_dir(&a.out, |dir| {
+        ferrotune::model::convert::write_hf_folder_dtype(&lm, dir, out_dtype)
+    })?;
+    info!(
         "merged {} modules; wrote {}",
         report.modules.len(),
         a.out.display()
@@ -666,12 +1014,17 @@ fn run_merge(a: MergeArgs) -> Result<()> {
 }
 
 fn run_eval(a: EvalArgs) -> Result<()> {
-    use ferrotune::train::compare::{compare, table, CompareOptions, Metric};
+    use ferrotune::train::compare::{compare_with_progress, table, CompareOptions, Metric};
     let metrics = Metric::parse_list(&a.metrics)?;
-    if metrics.is_empty() {
-        bail!("--metrics: name at least one of rouge, bleu, accuracy, perplexity");
+    // The output is checked before the minutes of generation, and again before it is written.
+    let mut inputs = model_inputs(&a.m.model, None);
+    inputs.push(Input::new("the --data file", &a.data));
+    for d in &a.adapter {
+        inputs.push(Input::new("an --adapter folder", d));
     }
-    let mut lm = load(&a.m)?;
+    if let Some(path) = &a.output {
+        fsutil::check_output_file(path, "--output", a.overwrite, &inputs)?;
+    }
     let opts = CompareOptions {
         template: a.template.clone(),
         completion: a.completion.clone(),
@@ -680,9 +1033,16 @@ fn run_eval(a: EvalArgs) -> Result<()> {
         max_new_tokens: a.max_new_tokens,
         stop: a.stop.clone(),
         metrics,
-        progress: !a.json,
+        progress: !a.json && !QUIET.load(Ordering::Relaxed),
     };
-    let rows = compare(&mut lm, &a.adapter, &a.data, &opts)?;
+    opts.validate().map_err(flag_error)?;
+    input_file("--data", &a.data)?;
+    for d in &a.adapter {
+        input_dir("--adapter", d)?;
+    }
+    let mut lm = load(&a.m)?;
+    inputs.push(Input::new("the --model", lm.source.path()));
+    let rows = compare_with_progress(&mut lm, &a.adapter, &a.data, &opts, &bar())?;
     if let Some(path) = &a.output {
         let mut text = String::new();
         for r in &rows {
@@ -692,7 +1052,8 @@ fn run_eval(a: EvalArgs) -> Result<()> {
                 text.push_str(&format!("{line}\n"));
             }
         }
-        ferrotune::model::convert::write_atomic(path, text.as_bytes())?;
+        fsutil::check_output_file(path, "--output", a.overwrite, &inputs)?;
+        fsutil::write_atomic(path, text.as_bytes())?;
     }
     if a.json {
         println!("{}", serde_json::json!({ "rows": rows }));

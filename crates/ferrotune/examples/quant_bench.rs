@@ -104,7 +104,12 @@ fn main() {
                 .filter(|a| !a.starts_with("--"))
                 .cloned()
                 .unwrap_or_else(|| {
-                    "/work/main/.cache/models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf".into()
+                    // The model scripts/fetch-models.sh fetches, relative to the repository.
+                    concat!(
+                        env!("CARGO_MANIFEST_DIR"),
+                        "/../../.cache/models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+                    )
+                    .into()
                 });
             decode(&path, per_batch, batches);
         }
@@ -123,10 +128,10 @@ fn main() {
 /// embedding as the lm_head), in file order: the matmul budget of a token, weights from DRAM.
 fn decode(path: &str, per_batch: Duration, batches: usize) {
     use candle_core::quantized::gguf_file;
-    let Ok(mut f) = std::fs::File::open(path) else {
-        println!("{path} not found; skipping the decode benchmark");
-        return;
-    };
+    let mut f = std::fs::File::open(path).unwrap_or_else(|e| {
+        eprintln!("error: {path}: {e} (run scripts/fetch-models.sh, or pass a GGUF path)");
+        std::process::exit(1)
+    });
     let ct = gguf_file::Content::read(&mut f).unwrap();
     let mut ours = Vec::new();
     let mut candle = Vec::new();

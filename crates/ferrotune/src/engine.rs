@@ -46,6 +46,14 @@ impl Mat {
         }
     }
 
+    /// (out, in).
+    fn shape(&self) -> (usize, usize) {
+        match self {
+            Mat::Quant(q) => q.shape(),
+            Mat::Dense(_, o, i) => (*o, *i),
+        }
+    }
+
     /// out = W x for one row.
     fn matvec(&self, x: &[f32], out: &mut [f32]) {
         match self {
@@ -94,6 +102,10 @@ impl Lin {
             w: Mat::from_linear(l)?,
             bias,
         })
+    }
+    /// Whether this is an (out, in) matrix with a bias of `out` values, if any.
+    fn has_shape(&self, out: usize, inp: usize) -> bool {
+        self.w.shape() == (out, inp) && self.bias.as_ref().is_none_or(|b| b.len() == out)
     }
     fn add_bias(&self, out: &mut [f32]) {
         if let Some(b) = &self.bias {
@@ -186,7 +198,7 @@ impl FastDecoder {
         if matches!(model.embed_tokens.weight(), EmbeddingWeight::Trainable(_)) {
             return None;
         }
-        Some(Self {
+        let decoder = Self {
             layers,
             embed: model.embed_tokens.weight().clone(),
             norm: vec_f32(model.norm.weight())?,
@@ -203,7 +215,44 @@ impl FastDecoder {
             ctx: cfg.max_position_embeddings,
             cap: 0,
             pos: 0,
-        })
+        };
+        decoder.shapes_fit().then_some(decoder)
+    }
+
+    /// Every buffer below is sized from the config and sliced without bounds checks of its own:
+    /// each weight must have the shape the config implies. `Llama::load` guarantees it for a
+    /// loaded model; anything else decodes through the differentiable model, which reports a
+    /// mismatch as an error.
+    fn shapes_fit(&self) -> bool {
+        let (h, hd, nh, nkv) = (self.hidden, self.head_dim, self.n_heads, self.n_kv);
+        let (q_rows, kv_rows) = match (nh.checked_mul(hd), nkv.checked_mul(hd)) {
+            (Some(q), Some(kv)) => (q, kv),
+            _ => return false,
+        };
+        let embed_shape = match &self.embed {
+            EmbeddingWeight::Quantized(q) => q.shape(),
+            EmbeddingWeight::Frozen(w) => w.dims2().unwrap_or((0, 0)),
+            EmbeddingWeight::Trainable(_) => return false,
+        };
+        let tables = self.ctx.checked_mul(hd / 2);
+        hd.is_multiple_of(2)
+            && nkv > 0
+            && nh.is_multiple_of(nkv)
+            && embed_shape == (self.vocab, h)
+            && self.norm.len() == h
+            && self.lm_head.has_shape(self.vocab, h)
+            && tables.is_some_and(|n| self.cos.len() >= n && self.sin.len() >= n)
+            && self.layers.iter().all(|l| {
+                l.attn_norm.len() == h
+                    && l.ffn_norm.len() == h
+                    && l.q.has_shape(q_rows, h)
+                    && l.k.has_shape(kv_rows, h)
+                    && l.v.has_shape(kv_rows, h)
+                    && l.o.has_shape(h, q_rows)
+                    && l.gate.has_shape(self.inter, h)
+                    && l.up.has_shape(self.inter, h)
+                    && l.down.has_shape(h, self.inter)
+            })
     }
 
     /// Make room for `n` positions in every layer's cache (grows by doubling, copying heads).
@@ -235,7 +284,17 @@ impl FastDecoder {
                 .to_dtype(DType::F32)?,
             EmbeddingWeight::Trainable(_) => unreachable!("rejected in new()"),
         };
-        out.copy_from_slice(&t.flatten_all()?.to_vec1::<f32>()?);
+        let rows = t.flatten_all()?.to_vec1::<f32>()?;
+        if rows.len() != out.len() {
+            return Err(crate::Error::msg(format!(
+                "embedding rows hold {} values, expected {} ({} ids x hidden {})",
+                rows.len(),
+                out.len(),
+                ids.len(),
+                self.hidden
+            )));
+        }
+        out.copy_from_slice(&rows);
         Ok(())
     }
 
@@ -423,5 +482,38 @@ impl Decoder for FastDecoder {
     }
     fn context_length(&self) -> usize {
         self.ctx
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{config_from_hf_dir, LoadOptions, SafetensorsSource};
+
+    fn tiny() -> Llama {
+        let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/fixtures/models/tiny-llama-gqa-untied");
+        let cfg = config_from_hf_dir(&dir).unwrap();
+        let src = SafetensorsSource::open(&dir, &LoadOptions::default(), &Device::Cpu).unwrap();
+        Llama::load(&src, &cfg).unwrap()
+    }
+
+    /// The engine slices buffers sized from the config; a config that disagrees with the weights
+    /// (possible only for a model not built by `Llama::load`) must not reach those slices.
+    #[test]
+    fn engine_refuses_a_config_that_disagrees_with_the_weights() {
+        assert!(FastDecoder::new(&tiny()).is_some());
+        let edits: [fn(&mut crate::model::LlamaConfig); 5] = [
+            |c| c.hidden_size += 1,
+            |c| c.intermediate_size -= 1,
+            |c| c.vocab_size += 1,
+            |c| c.num_attention_heads *= 2,
+            |c| c.max_position_embeddings *= 2,
+        ];
+        for (i, edit) in edits.iter().enumerate() {
+            let mut m = tiny();
+            edit(&mut m.cfg);
+            assert!(FastDecoder::new(&m).is_none(), "edit {i} was accepted");
+        }
     }
 }

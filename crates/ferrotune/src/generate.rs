@@ -37,6 +37,55 @@ impl Default for GenerationConfig {
     }
 }
 
+/// The largest generation budget accepted: beyond the context window of any model, so a larger
+/// value can only be a typo (generation stops at the context length anyway).
+pub const MAX_NEW_TOKENS_LIMIT: usize = 1 << 24;
+
+impl GenerationConfig {
+    /// Range checks: NaN, negative or zero values where they mean nothing are errors that name
+    /// the field (`generation config: key `top_p`: ...`; the CLI shows it as its flag).
+    pub fn validate(&self) -> Result<()> {
+        let bad = |key: &str, what: String| Err(Error::key("generation config", key, what));
+        if !(self.temperature.is_finite() && self.temperature >= 0.0) {
+            return bad(
+                "temperature",
+                format!(
+                    "got {}, expected a number >= 0 (0 decodes greedily)",
+                    self.temperature
+                ),
+            );
+        }
+        if let Some(p) = self.top_p {
+            if !(p > 0.0 && p <= 1.0) {
+                return bad("top_p", format!("got {p}, expected a number in (0, 1]"));
+            }
+        }
+        if self.top_k == Some(0) {
+            return bad(
+                "top_k",
+                "got 0, expected at least 1 (leave it out to keep every token)".into(),
+            );
+        }
+        let rp = self.repetition_penalty;
+        if !(rp.is_finite() && rp > 0.0) {
+            return bad(
+                "repetition_penalty",
+                format!("got {rp}, expected a number > 0 (1 = no penalty)"),
+            );
+        }
+        if self.max_new_tokens > MAX_NEW_TOKENS_LIMIT {
+            return bad(
+                "max_new_tokens",
+                format!(
+                    "got {}, expected at most {MAX_NEW_TOKENS_LIMIT} (longer than any context window)",
+                    self.max_new_tokens
+                ),
+            );
+        }
+        Ok(())
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StopReason {
     Eos,
@@ -143,11 +192,14 @@ impl Sampler {
         if self.cfg.temperature <= 0.0 {
             return argmax(logits);
         }
-        let t = self.cfg.temperature as f32;
+        // Scaled from the largest logit down, and never by 0: a tiny temperature (below f32's
+        // range) then tends to greedy instead of turning every logit into inf - inf = NaN.
+        let t = (self.cfg.temperature as f32).max(f32::MIN_POSITIVE);
+        let top = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let mut cand: Vec<(u32, f32)> = logits
             .iter()
             .enumerate()
-            .map(|(i, &l)| (i as u32, l / t))
+            .map(|(i, &l)| (i as u32, (l - top) / t))
             .collect();
         // Sort descending once; top-k and top-p then cut prefixes.
         cand.sort_unstable_by(|a, b| b.1.total_cmp(&a.1));
@@ -216,6 +268,7 @@ pub fn generate(
     cfg: &GenerationConfig,
     on_text: &mut dyn FnMut(&str),
 ) -> Result<GenerationOutput> {
+    cfg.validate()?;
     if prompt_ids.is_empty() {
         return Err(Error::msg("the prompt is empty (0 tokens)"));
     }
@@ -358,6 +411,106 @@ mod tests {
         let mut l = vec![1.0, 1.5, 0.0];
         assert_eq!(s.sample(&mut l, &[1]), 0);
         assert_eq!(l[1], 0.75);
+    }
+
+    #[test]
+    fn a_tiny_temperature_is_greedy_not_nan() {
+        // 1e-300 is 0 as f32: the logits once became inf - inf = NaN and the sampler returned
+        // the least likely token.
+        for t in [1e-300, 1e-40] {
+            let mut s = Sampler::new(&cfg(t, None, None));
+            let mut l = vec![0.1, 2.0, -1.0, 1.9, 0.0];
+            assert_eq!(s.sample(&mut l, &[]), 1, "temperature {t}");
+        }
+    }
+
+    #[test]
+    fn out_of_range_settings_are_errors_naming_the_field() {
+        let bad = [
+            (cfg(f64::NAN, None, None), "temperature"),
+            (cfg(-0.5, None, None), "temperature"),
+            (cfg(f64::INFINITY, None, None), "temperature"),
+            (cfg(1.0, None, Some(f64::NAN)), "top_p"),
+            (cfg(1.0, None, Some(0.0)), "top_p"),
+            (cfg(1.0, None, Some(1.5)), "top_p"),
+            (cfg(1.0, None, Some(-0.1)), "top_p"),
+            (cfg(1.0, Some(0), None), "top_k"),
+            (
+                GenerationConfig {
+                    repetition_penalty: f32::NAN,
+                    ..Default::default()
+                },
+                "repetition_penalty",
+            ),
+            (
+                GenerationConfig {
+                    repetition_penalty: 0.0,
+                    ..Default::default()
+                },
+                "repetition_penalty",
+            ),
+            (
+                GenerationConfig {
+                    repetition_penalty: -1.0,
+                    ..Default::default()
+                },
+                "repetition_penalty",
+            ),
+            (
+                GenerationConfig {
+                    max_new_tokens: usize::MAX,
+                    ..Default::default()
+                },
+                "max_new_tokens",
+            ),
+        ];
+        for (c, key) in bad {
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains(&format!("`{key}`")), "{c:?}: {e}");
+            assert_eq!(e.lines().count(), 1, "{e}");
+        }
+        let fine = [
+            cfg(0.0, None, None),
+            cfg(0.7, Some(1), Some(1.0)),
+            cfg(1e-300, None, Some(1e-9)),
+            GenerationConfig {
+                repetition_penalty: 1.3,
+                max_new_tokens: MAX_NEW_TOKENS_LIMIT,
+                ..Default::default()
+            },
+        ];
+        for c in fine {
+            c.validate().unwrap();
+        }
+    }
+
+    /// A decoder that must never be called: `generate` checks its settings first.
+    struct Unreachable;
+    impl Decoder for Unreachable {
+        fn prefill(&mut self, _: &[u32]) -> Result<Vec<f32>> {
+            unreachable!("prefill with invalid settings")
+        }
+        fn step(&mut self, _: u32) -> Result<Vec<f32>> {
+            unreachable!("step with invalid settings")
+        }
+        fn context_length(&self) -> usize {
+            64
+        }
+    }
+
+    #[test]
+    fn generate_refuses_invalid_settings_before_decoding() {
+        let tok = crate::data::testutil::tiny_tokenizer(None);
+        let e = generate(
+            &mut Unreachable,
+            &tok,
+            &[1, 2],
+            &cfg(f64::NAN, None, None),
+            &mut |_| {},
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("`temperature`"), "{e}");
     }
 
     #[test]

@@ -12,6 +12,7 @@
 //! width, plus the logits and their gradient in fp32 (2·s·V·4 bytes per sequence).
 use crate::model::LoadedModel;
 use crate::nn::{EmbeddingWeight, LinearWeight};
+use crate::{Error, Result};
 use serde::Serialize;
 use std::collections::BTreeMap;
 
@@ -65,9 +66,62 @@ fn weight_bytes_per_param(precision: &str) -> f64 {
     }
 }
 
-pub fn inspect(lm: &LoadedModel, name: &str, batch: usize, seq_len: usize) -> Report {
+/// Activation bytes at 16 bits, and the logits with their gradient in fp32, for training at
+/// `batch` x `seq_len` (see the module docs), in checked arithmetic: user sizes must not wrap.
+/// Errors name the field (`batch`, `seq_len`; the CLI shows them as flags).
+fn activation_bytes(
+    cfg: &crate::model::LlamaConfig,
+    batch: usize,
+    seq_len: usize,
+) -> Result<(u64, u64)> {
+    let bad = |key: &str, what: String| Err(Error::key("inspect", key, what));
+    if batch == 0 {
+        return bad("batch", "got 0, expected at least 1".into());
+    }
+    if seq_len == 0 {
+        return bad("seq_len", "got 0, expected at least 1".into());
+    }
+    if seq_len > cfg.max_position_embeddings {
+        return bad(
+            "seq_len",
+            format!(
+                "got {seq_len}, longer than the model's context window ({} tokens)",
+                cfg.max_position_embeddings
+            ),
+        );
+    }
+    let (b, s) = (batch as u64, seq_len as u64);
+    let (h, a) = (cfg.hidden_size as u64, cfg.num_attention_heads as u64);
+    let (layers, vocab) = (cfg.num_hidden_layers as u64, cfg.vocab_size as u64);
+    let estimate = || -> Option<(u64, u64)> {
+        let per_token = 34u64
+            .checked_mul(h)?
+            .checked_add(5u64.checked_mul(a)?.checked_mul(s)?)?;
+        let act16 = per_token
+            .checked_mul(layers)?
+            .checked_mul(s)?
+            .checked_mul(b)?;
+        let logits = 8u64.checked_mul(vocab)?.checked_mul(s)?.checked_mul(b)?;
+        // Leave room for the fp32 activations (twice these), the weights and the optimizer.
+        act16
+            .checked_mul(2)?
+            .checked_add(logits)
+            .filter(|&x| x < u64::MAX / 2)?;
+        Some((act16, logits))
+    };
+    estimate().ok_or_else(|| {
+        Error::key(
+            "inspect",
+            "batch",
+            format!("got {batch} (with seq_len {seq_len}): the memory estimate overflows 64 bits"),
+        )
+    })
+}
+
+pub fn inspect(lm: &LoadedModel, name: &str, batch: usize, seq_len: usize) -> Result<Report> {
     let m = &lm.model;
     let cfg = &m.cfg;
+    let (act16, logits) = activation_bytes(cfg, batch, seq_len)?;
     let mut stored_types: BTreeMap<String, u64> = BTreeMap::new();
     let mut in_memory = 0u64;
     let mut count = |ty: String, n: u64, bytes: u64| {
@@ -77,21 +131,21 @@ pub fn inspect(lm: &LoadedModel, name: &str, batch: usize, seq_len: usize) -> Re
     let (ety, en, eb) = match m.embed_tokens.weight() {
         EmbeddingWeight::Frozen(t) => (
             format!("{:?}", t.dtype()).to_lowercase(),
-            t.elem_count(),
-            t.elem_count() * t.dtype().size_in_bytes(),
+            t.elem_count() as u64,
+            (t.elem_count() * t.dtype().size_in_bytes()) as u64,
         ),
         EmbeddingWeight::Trainable(v) => (
             format!("{:?}", v.dtype()).to_lowercase(),
-            v.elem_count(),
-            v.elem_count() * v.dtype().size_in_bytes(),
+            v.elem_count() as u64,
+            (v.elem_count() * v.dtype().size_in_bytes()) as u64,
         ),
         EmbeddingWeight::Quantized(q) => (
             format!("{:?}", q.dtype()).to_lowercase(),
-            q.shape().0 * q.shape().1,
-            q.storage_bytes(),
+            q.shape().0 as u64 * q.shape().1 as u64,
+            q.storage_bytes() as u64,
         ),
     };
-    count(ety, en as u64, eb as u64);
+    count(ety, en, eb);
     for l in m.linears() {
         if l.name() == "lm_head" && cfg.tie_word_embeddings {
             continue;
@@ -101,7 +155,7 @@ pub fn inspect(lm: &LoadedModel, name: &str, batch: usize, seq_len: usize) -> Re
             LinearWeight::Quantized(q) => format!("{:?}", q.dtype()).to_lowercase(),
             w => w.stored_type(),
         };
-        count(ty, (o * i) as u64, l.weight().storage_bytes() as u64);
+        count(ty, o as u64 * i as u64, l.weight().storage_bytes() as u64);
         if let Some(b) = l.bias() {
             count(
                 "f32".into(),
@@ -110,34 +164,30 @@ pub fn inspect(lm: &LoadedModel, name: &str, batch: usize, seq_len: usize) -> Re
             );
         }
     }
-    let norms = (cfg.num_hidden_layers * 2 + 1) * cfg.hidden_size;
-    count("f32".into(), norms as u64, (norms * 4) as u64);
+    // u64: the sizes come from the model file.
+    let norms = (cfg.num_hidden_layers as u64 * 2 + 1) * cfg.hidden_size as u64;
+    count("f32".into(), norms, norms * 4);
     let params: u64 = stored_types.values().sum();
 
-    let h = cfg.hidden_size as f64;
-    let a = cfg.num_attention_heads as f64;
-    let s = seq_len as f64;
-    let b = batch as f64;
-    let act16 = cfg.num_hidden_layers as f64 * s * b * (34.0 * h + 5.0 * a * s);
-    let logits = 2.0 * b * s * cfg.vocab_size as f64 * 4.0;
     let memory = ["fp32", "bf16", "int8", "nf4"]
         .iter()
         .map(|&p| {
-            let w = params as f64 * weight_bytes_per_param(p);
-            let g = params as f64 * if p == "fp32" { 4.0 } else { 2.0 };
-            let opt = params as f64 * 8.0;
-            let act = act16 * if p == "fp32" { 2.0 } else { 1.0 } + logits;
+            let w = (params as f64 * weight_bytes_per_param(p)) as u64;
+            let g = params * if p == "fp32" { 4 } else { 2 };
+            let opt = params * 8;
+            // Cannot overflow: activation_bytes leaves half of u64 for the rest.
+            let act = act16 * if p == "fp32" { 2 } else { 1 } + logits;
             MemoryRow {
                 precision: p.to_string(),
-                weights_bytes: w as u64,
-                gradients_bytes: g as u64,
-                optimizer_bytes: opt as u64,
-                activations_bytes: act as u64,
-                train_total_bytes: (w + g + opt + act) as u64,
+                weights_bytes: w,
+                gradients_bytes: g,
+                optimizer_bytes: opt,
+                activations_bytes: act,
+                train_total_bytes: w + g + opt + act,
             }
         })
         .collect();
-    Report {
+    Ok(Report {
         model: name.to_string(),
         format: lm.source.format().to_string(),
         architecture: cfg.architecture.clone(),
@@ -160,7 +210,7 @@ pub fn inspect(lm: &LoadedModel, name: &str, batch: usize, seq_len: usize) -> Re
         train_batch_size: batch,
         train_seq_len: seq_len,
         memory,
-    }
+    })
 }
 
 pub fn human_bytes(b: u64) -> String {
@@ -251,5 +301,45 @@ impl Report {
             ));
         }
         s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tiny_config() -> crate::model::LlamaConfig {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/fixtures/models/tiny-llama-gqa-untied");
+        crate::model::config_from_hf_dir(&dir).unwrap()
+    }
+
+    #[test]
+    fn zero_long_and_huge_training_shapes_are_errors_naming_the_field() {
+        let cfg = tiny_config();
+        let ctx = cfg.max_position_embeddings;
+        let cases = [
+            (0, 16, "`batch`"),
+            (1, 0, "`seq_len`"),
+            (1, ctx + 1, "`seq_len`"),
+            (usize::MAX, 16, "overflows"),
+            (1 << 44, ctx, "overflows"),
+        ];
+        for (b, s, want) in cases {
+            let e = activation_bytes(&cfg, b, s).unwrap_err().to_string();
+            assert!(e.contains(want), "batch {b} seq_len {s}: {e}");
+            assert_eq!(e.lines().count(), 1);
+        }
+    }
+
+    #[test]
+    fn activation_estimate_follows_the_formula() {
+        let cfg = tiny_config();
+        let (b, s) = (3u64, 100u64);
+        let (act16, logits) = activation_bytes(&cfg, b as usize, s as usize).unwrap();
+        let (h, a) = (cfg.hidden_size as u64, cfg.num_attention_heads as u64);
+        let layers = cfg.num_hidden_layers as u64;
+        assert_eq!(act16, layers * s * b * (34 * h + 5 * a * s));
+        assert_eq!(logits, 2 * b * s * cfg.vocab_size as u64 * 4);
     }
 }

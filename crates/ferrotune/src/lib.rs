@@ -7,11 +7,13 @@
 //! - [`model`]: model code (LLaMA family) and loading from HF folders, GGUF files and the hub.
 //! - [`tokenizer`]: tokenizers from `tokenizer.json` or GGUF metadata, chat templates.
 //! - [`generate`], [`icl`], [`perplexity`], [`inspect`]: what users run.
+//! - [`progress`]: how long calls report their progress (the caller picks a bar or nothing).
 //! - [`train`]: fine-tuning recipes (LoRA) from a TOML config, with checkpoints and exact resume.
 pub mod data;
 pub mod engine;
 pub mod error;
 pub mod eval;
+pub mod fsutil;
 /// Fuzz targets shared by `fuzz/` (cargo-fuzz) and the `fuzz_smoke` test; not a public API.
 #[doc(hidden)]
 pub mod fuzzing;
@@ -23,6 +25,7 @@ pub mod nn;
 pub mod ops;
 pub mod peft;
 pub mod perplexity;
+pub mod progress;
 pub mod quant;
 pub mod tokenizer;
 pub mod train;

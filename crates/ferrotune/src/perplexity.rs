@@ -3,6 +3,7 @@
 //! guide: windows of `window` tokens every `stride` tokens; each token is scored exactly once,
 //! with as much left context as its window gives it).
 use crate::model::Llama;
+use crate::progress::{NoProgress, Progress};
 use crate::tokenizer::Tokenizer;
 use crate::{Error, Result};
 use candle_core::{Tensor, D};
@@ -32,12 +33,45 @@ impl Nll {
     }
 }
 
+/// Checks sliding-window settings: a window needs at least 2 tokens (one to predict from, one
+/// to score) and windows must advance. Errors name the field (`window`, `stride`).
+pub fn check_window(window: usize, stride: usize) -> Result<()> {
+    if window < 2 {
+        return Err(Error::key(
+            "perplexity",
+            "window",
+            format!("got {window}, expected at least 2 tokens (one to predict from, one to score)"),
+        ));
+    }
+    if stride == 0 {
+        return Err(Error::key(
+            "perplexity",
+            "stride",
+            "got 0, expected at least 1 token (windows must advance)",
+        ));
+    }
+    Ok(())
+}
+
 /// NLL of `ids[1..]` under the model. `window`/`stride` cap the context (usize::MAX: whole text,
-/// limited to the model's context length).
+/// limited to the model's context length; a stride larger than the window is the window).
+/// A window under 2 tokens or a stride of 0 is an error (see [`check_window`]).
 pub fn sequence_nll(model: &Llama, ids: &[u32], window: usize, stride: usize) -> Result<Nll> {
+    sequence_nll_counted(model, ids, window, stride, &mut |_| {})
+}
+
+/// [`sequence_nll`], calling `scored(n)` as each window scores its `n` tokens.
+fn sequence_nll_counted(
+    model: &Llama,
+    ids: &[u32],
+    window: usize,
+    stride: usize,
+    scored: &mut dyn FnMut(usize),
+) -> Result<Nll> {
+    check_window(window, stride)?;
     let ctx = model.cfg.max_position_embeddings;
     let window = window.min(ctx).max(2);
-    let stride = stride.min(window).max(1);
+    let stride = stride.min(window);
     let mut out = Nll::default();
     if ids.len() < 2 {
         return Ok(out);
@@ -45,7 +79,7 @@ pub fn sequence_nll(model: &Llama, ids: &[u32], window: usize, stride: usize) ->
     let mut prev_end = 0usize;
     let mut begin = 0usize;
     loop {
-        let end = (begin + window).min(ids.len());
+        let end = begin.saturating_add(window).min(ids.len());
         let first_target = prev_end.max(begin + 1);
         if first_target < end {
             let input = Tensor::new(&ids[begin..end - 1], model.device())?.unsqueeze(0)?;
@@ -61,6 +95,7 @@ pub fn sequence_nll(model: &Llama, ids: &[u32], window: usize, stride: usize) ->
             let v: Vec<f32> = picked.to_vec1()?;
             out.total += v.iter().map(|&x| -(x as f64)).sum::<f64>();
             out.tokens += n;
+            scored(n);
         }
         prev_end = end;
         if end == ids.len() {
@@ -127,16 +162,115 @@ pub fn file_perplexity(
     window: usize,
     stride: usize,
 ) -> Result<Nll> {
-    let mut total = Nll::default();
-    for text in read_texts(path)? {
-        let ids = tok.encode(&text, true)?;
-        total.add(sequence_nll(model, &ids, window, stride)?);
-    }
-    if total.tokens == 0 {
+    file_perplexity_with_progress(model, tok, path, window, stride, &NoProgress)
+}
+
+/// [`file_perplexity`], reporting the tokens scored to `progress`.
+pub fn file_perplexity_with_progress(
+    model: &Llama,
+    tok: &Tokenizer,
+    path: &Path,
+    window: usize,
+    stride: usize,
+    progress: &dyn Progress,
+) -> Result<Nll> {
+    check_window(window, stride)?;
+    let texts = read_texts(path)?
+        .iter()
+        .map(|text| tok.encode(text, true))
+        .collect::<Result<Vec<_>>>()?;
+    let to_score: usize = texts.iter().map(|ids| ids.len().saturating_sub(1)).sum();
+    if to_score == 0 {
         return Err(Error::file(
             path,
             "no tokens to score (every text is shorter than two tokens)",
         ));
     }
+    progress.start("perplexity", to_score as u64, "tokens");
+    let mut total = Nll::default();
+    for ids in &texts {
+        let nll = sequence_nll_counted(model, ids, window, stride, &mut |n| {
+            progress.advance(n as u64)
+        });
+        match nll {
+            Ok(nll) => total.add(nll),
+            Err(e) => {
+                progress.finish();
+                return Err(e);
+            }
+        }
+    }
+    progress.finish();
     Ok(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{config_from_hf_dir, LoadOptions, SafetensorsSource};
+    use crate::progress::Recorder;
+
+    fn tiny_model() -> Llama {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/fixtures/models/tiny-llama-gqa-untied");
+        let cfg = config_from_hf_dir(&dir).unwrap();
+        let src = SafetensorsSource::open(&dir, &LoadOptions::default(), &candle_core::Device::Cpu)
+            .unwrap();
+        Llama::load(&src, &cfg).unwrap()
+    }
+
+    fn ids(n: usize) -> Vec<u32> {
+        (0..n as u32).map(|i| (i * 37 + 11) % 200).collect()
+    }
+
+    #[test]
+    fn window_under_two_or_stride_zero_is_an_error_naming_it() {
+        let m = tiny_model();
+        let e = sequence_nll(&m, &ids(40), 0, 4).unwrap_err().to_string();
+        assert!(e.contains("`window`") && e.contains("got 0"), "{e}");
+        let e = sequence_nll(&m, &ids(40), 1, 1).unwrap_err().to_string();
+        assert!(e.contains("`window`") && e.contains("got 1"), "{e}");
+        // A stride of 0 once became 1: one forward pass per token over the whole window.
+        let e = sequence_nll(&m, &ids(40), 16, 0).unwrap_err().to_string();
+        assert!(e.contains("`stride`") && e.contains("got 0"), "{e}");
+        assert_eq!(e.lines().count(), 1);
+    }
+
+    #[test]
+    fn oversized_window_and_stride_are_clamped_to_the_context_and_window() {
+        let m = tiny_model();
+        let ctx = m.cfg.max_position_embeddings;
+        let xs = ids(ctx + 40);
+        let at_context = sequence_nll(&m, &xs, ctx, ctx).unwrap();
+        assert!(at_context.tokens > ctx, "{at_context:?}");
+        assert_eq!(
+            sequence_nll(&m, &xs, usize::MAX, usize::MAX).unwrap(),
+            at_context
+        );
+        assert_eq!(sequence_nll(&m, &xs, ctx, 10 * ctx).unwrap(), at_context);
+    }
+
+    #[test]
+    fn file_perplexity_reports_every_scored_token() {
+        let m = tiny_model();
+        let tok = crate::data::testutil::tiny_tokenizer(None);
+        let d = crate::data::testutil::TempDir::new("ppl-progress");
+        let text = "the cat sat on the mat ".repeat(12);
+        d.write("t.txt", &text);
+        let rec = Recorder::default();
+        let nll = file_perplexity_with_progress(&m, &tok, &d.path("t.txt"), 16, 8, &rec).unwrap();
+        let events = rec.0.borrow();
+        assert_eq!(
+            events[0],
+            ("start perplexity tokens".into(), nll.tokens as u64)
+        );
+        assert_eq!(events.last().unwrap().0, "finish");
+        assert_eq!(rec.advanced(), nll.tokens as u64);
+        // Several windows: the bar moves more than once.
+        assert!(events.iter().filter(|e| e.0 == "advance").count() > 3);
+        assert_eq!(
+            nll,
+            file_perplexity(&m, &tok, &d.path("t.txt"), 16, 8).unwrap()
+        );
+    }
 }

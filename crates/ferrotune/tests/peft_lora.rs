@@ -704,9 +704,10 @@ fn ferrotune_adapter_config() -> LoraConfig {
     cfg
 }
 
-/// Write our adapter plus expected.json (our logits and NLL) and merged_targets.safetensors
-/// (our merged weights) into `dir`; returns our NLL.
-fn write_ferrotune_adapter(dir: &Path) -> f64 {
+/// Write our adapter into `dir`; returns our NLL. With `own_numbers`, also expected.json (our
+/// logits and NLL) and merged_targets.safetensors (our merged weights), which
+/// `reference/peft_check.py --check-ours DIR` compares with PEFT's.
+fn write_ferrotune_adapter(dir: &Path, own_numbers: bool) -> f64 {
     let mut m = tiny();
     let cfg = ferrotune_adapter_config();
     lora::attach_lora(&mut m, &cfg, "default", 2024).unwrap();
@@ -717,6 +718,9 @@ fn write_ferrotune_adapter(dir: &Path) -> f64 {
     format::save_adapter(&m, "default", &cfg, dir).unwrap();
     let ids = ids();
     let nll = nll_mean(&m, &ids);
+    if !own_numbers {
+        return nll;
+    }
     let lg = logits(&m, &ids);
     let vocab = m.cfg.vocab_size;
     let rows: Vec<Vec<f32>> = lg.chunks(vocab).map(|c| c.to_vec()).collect();
@@ -736,33 +740,46 @@ fn write_ferrotune_adapter(dir: &Path) -> f64 {
     nll
 }
 
-/// (b) Writes a ferrotune adapter to a temp folder for `reference/peft_check.py --check-ours`.
-/// With FERROTUNE_WRITE_PEFT_FIXTURE=1 it (re)writes tests/fixtures/peft/tiny-lora-ferrotune.
-/// Reloading the folder must reproduce the NLL exactly.
+/// (b) Writes a ferrotune adapter with our own numbers to a temp folder for
+/// `reference/peft_check.py --check-ours`. With FERROTUNE_WRITE_PEFT_FIXTURE=1 it (re)writes the
+/// adapter of tests/fixtures/peft/tiny-lora-ferrotune instead, whose PEFT numbers
+/// `reference/peft_check.py --ferrotune-fixture-only` then rewrites. Reloading the folder must
+/// reproduce the NLL exactly.
 #[test]
 fn ferrotune_adapter_for_peft() {
-    let dir = if std::env::var_os("FERROTUNE_WRITE_PEFT_FIXTURE").is_some() {
+    let write_fixture = std::env::var_os("FERROTUNE_WRITE_PEFT_FIXTURE").is_some();
+    let dir = if write_fixture {
         repo().join("tests/fixtures/peft/tiny-lora-ferrotune")
     } else {
         temp_dir("ours")
     };
-    let nll = write_ferrotune_adapter(&dir);
-    eprintln!(
-        "ferrotune adapter in {}: nll_mean {nll:.8}\n  check: /work/cache/venv/bin/python reference/peft_check.py --check-ours {}",
-        dir.display(),
-        dir.display()
-    );
+    let nll = write_ferrotune_adapter(&dir, !write_fixture);
+    if write_fixture {
+        eprintln!(
+            "ferrotune adapter in {}: nll_mean {nll:.8}\n  now write PEFT's numbers for it: \
+             .venv/bin/python reference/peft_check.py --ferrotune-fixture-only",
+            dir.display()
+        );
+    } else {
+        eprintln!(
+            "ferrotune adapter in {}: nll_mean {nll:.8}\n  check: .venv/bin/python \
+             reference/peft_check.py --check-ours {}",
+            dir.display(),
+            dir.display()
+        );
+    }
     let mut m = tiny();
     format::load_adapter(&mut m, &dir, "default").unwrap();
     assert_eq!(nll_mean(&m, &ids()), nll);
 }
 
-/// The committed ferrotune-written adapter (verified against PEFT by peft_check.py) still loads
-/// and scores as it did when written.
+/// (c) The committed adapter ferrotune wrote (rsLoRA, all-linear, rank and alpha patterns) gives
+/// PEFT's own logits, NLL, parameter report and merged weights (peft_expected.json and
+/// peft_merged_targets.safetensors, written by `reference/peft_check.py` with PEFT).
 #[test]
-fn committed_ferrotune_adapter_still_matches() {
+fn committed_ferrotune_adapter_matches_peft() {
     let dir = repo().join("tests/fixtures/peft/tiny-lora-ferrotune");
-    let exp = read_json(&dir.join("expected.json"));
+    let exp = read_json(&dir.join("peft_expected.json"));
     let ids: Vec<u32> = exp["input_ids"]
         .as_array()
         .unwrap()
@@ -772,8 +789,42 @@ fn committed_ferrotune_adapter_still_matches() {
     let mut m = tiny();
     let loaded = format::load_adapter(&mut m, &dir, "default").unwrap();
     assert_eq!(loaded.modules.len(), 14);
+    assert_eq!(loaded.params.to_string(), exp["report"].as_str().unwrap());
     let d = max_diff(&logits(&m, &ids), &floats(&exp["logits"]));
-    assert!(d < 1e-5, "{d}");
+    let nll = nll_mean(&m, &ids);
     let want = exp["nll_mean"].as_f64().unwrap();
-    assert!(((nll_mean(&m, &ids) - want) / want).abs() < 1e-6);
+    let rel = ((nll - want) / want).abs();
+    eprintln!(
+        "ferrotune adapter vs PEFT: max |logit diff| {d:e}; nll {nll:.8} vs PEFT {want:.8} \
+         (rel {rel:e})"
+    );
+    assert!(d < 1e-4, "max |logit diff| vs PEFT {d}");
+    assert!(rel < 1e-6, "nll {nll} vs PEFT {want} (rel {rel:e})");
+
+    let report = lora::merge_adapter(&mut m, "default").unwrap();
+    let merged =
+        candle_core::safetensors::load(dir.join("peft_merged_targets.safetensors"), &Device::Cpu)
+            .unwrap();
+    assert_eq!(merged.len(), report.modules.len());
+    let mut worst = 0f32;
+    let mut compared = 0;
+    for lin in m.linears() {
+        if let Some(w) = merged.get(&format!("{}.weight", lin.name())) {
+            worst = worst.max(tensor_diff(w, &lin.weight().to_dense_f32().unwrap()));
+            compared += 1;
+        }
+    }
+    assert_eq!(
+        compared,
+        merged.len(),
+        "every PEFT-merged weight has a module here"
+    );
+    eprintln!("ferrotune adapter: max |merged weight diff| vs PEFT {worst:e}");
+    assert!(worst < 1e-5, "merged weights differ from PEFT's by {worst}");
+    let want = exp["merged_nll_mean"].as_f64().unwrap();
+    let rel = ((nll_mean(&m, &ids) - want) / want).abs();
+    assert!(
+        rel < 1e-6,
+        "merged nll rel diff to PEFT's merged model {rel:e}"
+    );
 }

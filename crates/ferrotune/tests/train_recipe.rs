@@ -139,6 +139,7 @@ fn quiet(resume: bool) -> RunOptions {
     RunOptions {
         resume,
         progress: ProgressMode::Quiet,
+        ..Default::default()
     }
 }
 

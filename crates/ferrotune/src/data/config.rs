@@ -608,20 +608,27 @@ mod tests {
         assert!(e.contains("t.jsonl: line 1: example is 8 tokens"), "{e}");
     }
 
+    /// $FERROTUNE_DIALOGSUM, else data/dialogsum in $FERROTUNE_SHARED_DIR or in the `../shared`
+    /// beside the repository (as on CI).
     fn dialogsum_dir() -> PathBuf {
-        let candidates = [
-            std::env::var("FERROTUNE_DIALOGSUM").ok().map(PathBuf::from),
-            Some(PathBuf::from(concat!(
+        let dir = match (
+            std::env::var_os("FERROTUNE_DIALOGSUM"),
+            std::env::var_os("FERROTUNE_SHARED_DIR"),
+        ) {
+            (Some(d), _) => PathBuf::from(d),
+            (None, Some(shared)) => PathBuf::from(shared).join("data/dialogsum"),
+            (None, None) => PathBuf::from(concat!(
                 env!("CARGO_MANIFEST_DIR"),
                 "/../../../shared/data/dialogsum"
-            ))),
-            Some(PathBuf::from("/work/shared/data/dialogsum")),
-        ];
-        candidates
-            .into_iter()
-            .flatten()
-            .find(|p| p.join("dialogsum.dev.jsonl").is_file())
-            .expect("DialogSum not found: set FERROTUNE_DIALOGSUM to the folder with dialogsum.dev.jsonl")
+            )),
+        };
+        assert!(
+            dir.join("dialogsum.dev.jsonl").is_file(),
+            "{}: no dialogsum.dev.jsonl (put ../shared beside the repository, or set \
+             FERROTUNE_SHARED_DIR or FERROTUNE_DIALOGSUM)",
+            dir.display()
+        );
+        dir
     }
 
     /// The brief's config on real data: DialogSum dev with SmolLM2's tokenizer. The trained

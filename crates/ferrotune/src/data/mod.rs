@@ -32,7 +32,7 @@ pub mod template;
 pub mod tokenize;
 
 #[cfg(test)]
-mod testutil;
+pub(crate) mod testutil;
 
 pub use batch::{Batch, BatchConfig, Batcher, DataCursor};
 pub use config::{load, pad_id, DataConfig, Format, Mixing, MixtureEntry, Prepared, SplitStats};

@@ -87,6 +87,14 @@ impl Format {
 
 /// Read every row of a file. `format` overrides the extension. An empty dataset is an error.
 pub fn read_rows(path: &Path, format: Option<Format>) -> Result<Rows> {
+    // A missing file is named as missing, not as a file of unknown format.
+    match std::fs::metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(Error::file(path, "no such file"))
+        }
+        Err(e) => return Err(Error::file(path, e)),
+        Ok(_) => {}
+    }
     let format = match format {
         Some(f) => f,
         None => Format::from_path(path)?,

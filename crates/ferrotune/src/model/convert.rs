@@ -66,13 +66,14 @@ pub fn write_hf_folder(lm: &LoadedModel, dir: &Path) -> Result<()> {
 }
 
 pub fn write_hf_folder_dtype(lm: &LoadedModel, dir: &Path, dtype: DType) -> Result<()> {
+    // First, so a config that cannot be written fails before any file is.
+    let mut cfg = lm.model.cfg.to_hf_json()?;
     std::fs::create_dir_all(dir).map_err(|e| Error::file(dir, e))?;
     let sd = state_dict(lm, dtype)?;
     let st_tmp = dir.join("model.safetensors.tmp");
     candle_core::safetensors::save(&sd, &st_tmp).map_err(|e| Error::file(&st_tmp, e))?;
     std::fs::rename(&st_tmp, dir.join("model.safetensors")).map_err(|e| Error::file(dir, e))?;
 
-    let mut cfg = lm.model.cfg.to_hf_json();
     cfg["torch_dtype"] = match dtype {
         DType::BF16 => "bfloat16",
         DType::F16 => "float16",

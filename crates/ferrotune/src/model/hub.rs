@@ -2,6 +2,7 @@
 //! `$HF_HOME/hub`, so Python tools share them).
 use super::ModelSource;
 use crate::{Error, Result};
+use std::path::PathBuf;
 
 pub fn download(spec: &str) -> Result<ModelSource> {
     let (repo_part, revision) = match spec.split_once('@') {
@@ -24,28 +25,49 @@ pub fn download(spec: &str) -> Result<ModelSource> {
         hf_hub::RepoType::Model,
         revision,
     ));
-    let fetch = |f: &str| {
-        repo.get(f).map_err(|e| {
-            Error::msg(format!(
-                "hf:{spec}: cannot download `{f}`: {}",
-                crate::error::first_line(&e.to_string())
-            ))
-        })
+    let mut get = |f: &str| {
+        repo.get(f)
+            .map_err(|e| crate::error::first_line(&e.to_string()))
     };
     if parts.len() > 2 {
         let file = parts[2..].join("/");
-        return Ok(ModelSource::Gguf(fetch(&file)?));
+        return Ok(ModelSource::Gguf(
+            get(&file).map_err(|e| download_error(spec, &file, &e))?,
+        ));
     }
+    Ok(ModelSource::HfDir(fetch_hf_folder(spec, &mut get)?))
+}
+
+/// Files of an HF model folder fetched when the repository has them: what
+/// `Tokenizer::from_hf_dir` reads besides tokenizer.json (`chat_template.jinja` is where
+/// transformers >= 4.43 saves the chat template).
+pub const OPTIONAL_FILES: &[&str] = &[
+    "tokenizer_config.json",
+    "generation_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+];
+
+fn download_error(spec: &str, file: &str, why: &str) -> Error {
+    Error::msg(format!("hf:{spec}: cannot download `{file}`: {why}"))
+}
+
+/// Fetch an HF model folder through `get` (a file name -> its local path, or why not; a file
+/// the repository lacks is an error too): config.json and tokenizer.json, each of
+/// [`OPTIONAL_FILES`] the repository has, and the weights, that is the shards
+/// `model.safetensors.index.json` lists (names that would leave the folder are refused) or
+/// `model.safetensors`. Returns the local folder.
+fn fetch_hf_folder(
+    spec: &str,
+    get: &mut dyn FnMut(&str) -> std::result::Result<PathBuf, String>,
+) -> Result<PathBuf> {
+    let mut fetch = |f: &str| get(f).map_err(|e| download_error(spec, f, &e));
     let config = fetch("config.json")?;
     fetch("tokenizer.json")?;
-    for optional in [
-        "tokenizer_config.json",
-        "generation_config.json",
-        "special_tokens_map.json",
-    ] {
-        let _ = repo.get(optional);
+    for optional in OPTIONAL_FILES {
+        let _ = fetch(optional);
     }
-    match repo.get("model.safetensors.index.json") {
+    match fetch("model.safetensors.index.json") {
         Ok(index) => {
             let text = std::fs::read_to_string(&index).map_err(|e| Error::file(&index, e))?;
             let v: serde_json::Value =
@@ -62,6 +84,8 @@ pub fn download(spec: &str) -> Result<ModelSource> {
             shards.sort();
             shards.dedup();
             for s in shards {
+                // The name becomes a path in the local cache: it must not climb out of it.
+                super::weights::check_relative_name(&s).map_err(|e| Error::file(&index, e))?;
                 fetch(&s)?;
             }
         }
@@ -69,15 +93,15 @@ pub fn download(spec: &str) -> Result<ModelSource> {
             fetch("model.safetensors")?;
         }
     }
-    let dir = config
+    Ok(config
         .parent()
         .ok_or_else(|| Error::msg("hub cache path has no parent"))?
-        .to_path_buf();
-    Ok(ModelSource::HfDir(dir))
+        .to_path_buf())
 }
 
 #[cfg(test)]
 mod tests {
+    use std::path::{Path, PathBuf};
     #[test]
     fn malformed_hub_specs_are_one_line_errors() {
         for spec in ["", "org", "org/", "/name"] {
@@ -101,5 +125,110 @@ mod tests {
             "{e}"
         );
         let _ = std::fs::remove_dir_all(home);
+    }
+
+    /// A stand-in for the Hub: `remote` holds the repository's files; fetching copies one into
+    /// `local` (the cache folder) and records its name.
+    fn fake_hub<'a>(
+        remote: &Path,
+        local: &Path,
+        fetched: &'a mut Vec<String>,
+    ) -> impl FnMut(&str) -> Result<PathBuf, String> + 'a {
+        let (remote, local) = (remote.to_path_buf(), local.to_path_buf());
+        move |f: &str| {
+            let from = remote.join(f);
+            if !from.is_file() {
+                return Err("404 Not Found".into());
+            }
+            let to = local.join(f);
+            std::fs::copy(&from, &to).map_err(|e| e.to_string())?;
+            fetched.push(f.to_string());
+            Ok(to)
+        }
+    }
+
+    fn repo_with(files: &[(&str, &str)]) -> (PathBuf, PathBuf) {
+        // One folder per call: tests run in parallel.
+        static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let root = std::env::temp_dir().join(format!("ferrotune-hub-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let (remote, local) = (root.join("remote"), root.join("local"));
+        std::fs::create_dir_all(&remote).unwrap();
+        std::fs::create_dir_all(&local).unwrap();
+        for (name, text) in files {
+            std::fs::write(remote.join(name), text).unwrap();
+        }
+        (remote, local)
+    }
+
+    #[test]
+    fn hf_folder_fetch_includes_chat_template_jinja_when_the_repo_has_it() {
+        let base = [
+            ("config.json", "{}"),
+            ("tokenizer.json", "{}"),
+            ("tokenizer_config.json", "{}"),
+            ("model.safetensors", ""),
+        ];
+        let (remote, local) = repo_with(&base);
+        let mut fetched = Vec::new();
+        let dir = super::fetch_hf_folder("o/n", &mut fake_hub(&remote, &local, &mut fetched));
+        assert_eq!(dir.unwrap(), local);
+        assert!(
+            !fetched.iter().any(|f| f == "chat_template.jinja"),
+            "{fetched:?}"
+        );
+
+        let mut with_template = base.to_vec();
+        with_template.push(("chat_template.jinja", "{{ messages }}"));
+        let (remote, local) = repo_with(&with_template);
+        let mut fetched = Vec::new();
+        super::fetch_hf_folder("o/n", &mut fake_hub(&remote, &local, &mut fetched)).unwrap();
+        assert!(
+            fetched.iter().any(|f| f == "chat_template.jinja"),
+            "{fetched:?}"
+        );
+        assert!(local.join("chat_template.jinja").is_file());
+        assert!(
+            fetched.iter().any(|f| f == "model.safetensors"),
+            "{fetched:?}"
+        );
+    }
+
+    #[test]
+    fn hf_folder_fetch_gets_the_indexed_shards_and_refuses_escaping_names() {
+        let index = r#"{"weight_map": {"a": "model-00001.safetensors", "b": "model-00002.safetensors", "c": "model-00001.safetensors"}}"#;
+        let (remote, local) = repo_with(&[
+            ("config.json", "{}"),
+            ("tokenizer.json", "{}"),
+            ("model.safetensors.index.json", index),
+            ("model-00001.safetensors", ""),
+            ("model-00002.safetensors", ""),
+        ]);
+        let mut fetched = Vec::new();
+        super::fetch_hf_folder("o/n", &mut fake_hub(&remote, &local, &mut fetched)).unwrap();
+        let shards: Vec<&String> = fetched.iter().filter(|f| f.starts_with("model-")).collect();
+        assert_eq!(
+            shards,
+            ["model-00001.safetensors", "model-00002.safetensors"]
+        );
+
+        for bad in ["../x.safetensors", "/etc/x.safetensors"] {
+            let index = format!(r#"{{"weight_map": {{"a": "{bad}"}}}}"#);
+            let (remote, local) = repo_with(&[
+                ("config.json", "{}"),
+                ("tokenizer.json", "{}"),
+                ("model.safetensors.index.json", &index),
+            ]);
+            let mut fetched = Vec::new();
+            let e = super::fetch_hf_folder("o/n", &mut fake_hub(&remote, &local, &mut fetched))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("model.safetensors.index.json") && e.contains(bad) && !e.contains('\n'),
+                "{e}"
+            );
+            assert!(!fetched.iter().any(|f| f == bad), "{fetched:?}");
+        }
     }
 }

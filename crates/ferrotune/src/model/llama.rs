@@ -80,9 +80,160 @@ fn linear(src: &dyn WeightSource, name: &str, bias: bool) -> crate::Result<Linea
     Ok(Linear::new(name, weight, bias))
 }
 
+/// A tensor the config implies: HF name, shape, and the config values that imply the shape.
+struct ExpectedTensor<'a> {
+    name: String,
+    shape: Vec<usize>,
+    because: Vec<(&'a str, usize)>,
+}
+
+/// Every tensor `cfg` implies, with its shape. The LM head is listed only when the source has an
+/// untied one.
+fn expected_tensors<'a>(cfg: &'a LlamaConfig, src: &dyn WeightSource) -> Vec<ExpectedTensor<'a>> {
+    let k = &cfg.keys;
+    let h = (k.hidden_size.as_str(), cfg.hidden_size);
+    let heads = (k.num_attention_heads.as_str(), cfg.num_attention_heads);
+    let kv = (k.num_key_value_heads.as_str(), cfg.num_key_value_heads);
+    let hd = (k.head_dim.as_str(), cfg.head_dim);
+    let inter = (k.intermediate_size.as_str(), cfg.intermediate_size);
+    let vocab = (k.vocab_size.as_str(), cfg.vocab_size);
+    // validate() bounds every factor, so these products cannot wrap.
+    let q_rows = cfg.num_attention_heads * cfg.head_dim;
+    let kv_rows = cfg.num_key_value_heads * cfg.head_dim;
+    let mut out = Vec::new();
+    let mut t = |name: String, shape: &[usize], because: &[(&'a str, usize)]| {
+        out.push(ExpectedTensor {
+            name,
+            shape: shape.to_vec(),
+            because: because.to_vec(),
+        })
+    };
+    t(
+        "model.embed_tokens.weight".into(),
+        &[cfg.vocab_size, cfg.hidden_size],
+        &[vocab, h],
+    );
+    for i in 0..cfg.num_hidden_layers {
+        let p = format!("model.layers.{i}");
+        for norm in ["input_layernorm", "post_attention_layernorm"] {
+            t(format!("{p}.{norm}.weight"), &[cfg.hidden_size], &[h]);
+        }
+        let attn = format!("{p}.self_attn");
+        t(
+            format!("{attn}.q_proj.weight"),
+            &[q_rows, cfg.hidden_size],
+            &[heads, hd, h],
+        );
+        t(
+            format!("{attn}.k_proj.weight"),
+            &[kv_rows, cfg.hidden_size],
+            &[kv, hd, h],
+        );
+        t(
+            format!("{attn}.v_proj.weight"),
+            &[kv_rows, cfg.hidden_size],
+            &[kv, hd, h],
+        );
+        t(
+            format!("{attn}.o_proj.weight"),
+            &[cfg.hidden_size, q_rows],
+            &[h, heads, hd],
+        );
+        if cfg.qkv_bias {
+            t(format!("{attn}.q_proj.bias"), &[q_rows], &[heads, hd]);
+            t(format!("{attn}.k_proj.bias"), &[kv_rows], &[kv, hd]);
+            t(format!("{attn}.v_proj.bias"), &[kv_rows], &[kv, hd]);
+        }
+        if cfg.o_bias {
+            t(format!("{attn}.o_proj.bias"), &[cfg.hidden_size], &[h]);
+        }
+        let mlp = format!("{p}.mlp");
+        for proj in ["gate_proj", "up_proj"] {
+            t(
+                format!("{mlp}.{proj}.weight"),
+                &[cfg.intermediate_size, cfg.hidden_size],
+                &[inter, h],
+            );
+            if cfg.mlp_bias {
+                t(
+                    format!("{mlp}.{proj}.bias"),
+                    &[cfg.intermediate_size],
+                    &[inter],
+                );
+            }
+        }
+        t(
+            format!("{mlp}.down_proj.weight"),
+            &[cfg.hidden_size, cfg.intermediate_size],
+            &[h, inter],
+        );
+        if cfg.mlp_bias {
+            t(format!("{mlp}.down_proj.bias"), &[cfg.hidden_size], &[h]);
+        }
+    }
+    t("model.norm.weight".into(), &[cfg.hidden_size], &[h]);
+    if !cfg.tie_word_embeddings && src.contains("lm_head.weight") {
+        t(
+            "lm_head.weight".into(),
+            &[cfg.vocab_size, cfg.hidden_size],
+            &[vocab, h],
+        );
+    }
+    out
+}
+
+/// Check the source against the config before any weight is read: the layers present match the
+/// layer count, and every tensor the config implies is there with the implied shape. The
+/// decoders index their buffers by the config's sizes, so a tensor one column short must be an
+/// error here, naming the tensor and the keys, rather than a crash in a matmul.
+pub fn check_shapes(src: &dyn WeightSource, cfg: &LlamaConfig) -> crate::Result<()> {
+    let k = &cfg.keys;
+    let source = src.source_name();
+    let layers = src.layers_present();
+    if layers != cfg.num_hidden_layers {
+        return Err(k.err(
+            &k.num_hidden_layers,
+            format!(
+                "{} but {source} has tensors for {layers} layers",
+                cfg.num_hidden_layers
+            ),
+        ));
+    }
+    // In a GGUF the metadata is in the same file as the tensors.
+    let config_file = if k.file == source {
+        "the metadata".to_string()
+    } else {
+        k.file.clone()
+    };
+    for t in expected_tensors(cfg, src) {
+        let label = src.tensor_label(&t.name);
+        let Some(shape) = src.tensor_shape(&t.name) else {
+            return Err(crate::Error::msg(format!(
+                "{source}: tensor `{label}` is missing"
+            )));
+        };
+        if shape != t.shape {
+            let because: Vec<String> = t
+                .because
+                .iter()
+                .map(|(key, v)| format!("{key} {v}"))
+                .collect();
+            return Err(crate::Error::msg(format!(
+                "{source}: tensor `{label}` is {shape:?} but {config_file} ({}) implies {:?}",
+                because.join(", "),
+                t.shape
+            )));
+        }
+    }
+    Ok(())
+}
+
 impl Llama {
-    /// Build the model from a weight source that speaks HF tensor names.
+    /// Build the model from a weight source that speaks HF tensor names. The config is
+    /// validated and every tensor's shape checked against it before any weight is read.
     pub fn load(src: &dyn WeightSource, cfg: &LlamaConfig) -> crate::Result<Self> {
+        cfg.validate()?;
+        check_shapes(src, cfg)?;
         let device = src.device().clone();
         let embed_tokens = Embedding::new(
             "model.embed_tokens",

@@ -7,10 +7,11 @@ pub mod hub;
 pub mod llama;
 pub mod weights;
 
-pub use config::{LlamaConfig, RopeScaling};
+pub use config::{ConfigKeys, LlamaConfig, RopeScaling};
 pub use llama::{KvCache, LayerContext, Llama};
 pub use weights::{GgufSource, LoadOptions, SafetensorsSource, WeightSource};
 
+use crate::progress::{CountingSource, NoProgress, Progress};
 use crate::tokenizer::Tokenizer;
 use crate::{Error, Result};
 use candle_core::quantized::gguf_file;
@@ -104,8 +105,18 @@ pub fn read_gguf(path: &Path) -> Result<gguf_file::Content> {
 }
 
 pub fn load(spec: &str, opts: &LoadOptions, device: &Device) -> Result<LoadedModel> {
+    load_with_progress(spec, opts, device, &NoProgress)
+}
+
+/// [`load`], reporting each tensor loaded (converted, quantized) to `progress`.
+pub fn load_with_progress(
+    spec: &str,
+    opts: &LoadOptions,
+    device: &Device,
+    progress: &dyn Progress,
+) -> Result<LoadedModel> {
     let source = resolve(spec)?;
-    load_source(source, opts, device)
+    load_source_with_progress(source, opts, device, progress)
 }
 
 pub fn load_source(
@@ -113,16 +124,48 @@ pub fn load_source(
     opts: &LoadOptions,
     device: &Device,
 ) -> Result<LoadedModel> {
+    load_source_with_progress(source, opts, device, &NoProgress)
+}
+
+/// The tensors `Llama::load` asks for: the embedding, the final norm and the LM head, and per
+/// layer two norms, seven linears and their biases.
+fn tensor_count(cfg: &LlamaConfig) -> u64 {
+    let biases =
+        3 * usize::from(cfg.qkv_bias) + usize::from(cfg.o_bias) + 3 * usize::from(cfg.mlp_bias);
+    (3 + cfg.num_hidden_layers.saturating_mul(9 + biases)) as u64
+}
+
+/// `Llama::load` from `src`, counting its tensors on `progress`.
+fn load_llama(src: &dyn WeightSource, cfg: &LlamaConfig, progress: &dyn Progress) -> Result<Llama> {
+    progress.start("loading", tensor_count(cfg), "tensors");
+    let model = Llama::load(
+        &CountingSource {
+            inner: src,
+            progress,
+        },
+        cfg,
+    );
+    progress.finish();
+    model
+}
+
+pub fn load_source_with_progress(
+    source: ModelSource,
+    opts: &LoadOptions,
+    device: &Device,
+    progress: &dyn Progress,
+) -> Result<LoadedModel> {
     match &source {
         ModelSource::Gguf(path) => {
             let content = read_gguf(path)?;
             let cfg = config_from_gguf(&content, path)?;
             let tokenizer = Tokenizer::from_gguf(&content, path)?;
+            check_tokenizer_fits(&tokenizer, &cfg, path)?;
             let permute = (content_arch(&content, path)? == "llama")
                 .then_some((cfg.num_attention_heads, cfg.num_key_value_heads));
             let file_bytes = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
             let src = GgufSource::open(path, content, permute, opts, device)?;
-            let model = Llama::load(&src, &cfg)?;
+            let model = load_llama(&src, &cfg, progress)?;
             Ok(LoadedModel {
                 model,
                 tokenizer,
@@ -133,8 +176,9 @@ pub fn load_source(
         ModelSource::HfDir(dir) => {
             let cfg = config_from_hf_dir(dir)?;
             let tokenizer = Tokenizer::from_hf_dir(dir)?;
+            check_tokenizer_fits(&tokenizer, &cfg, &dir.join("tokenizer.json"))?;
             let src = SafetensorsSource::open(dir, opts, device)?;
-            let model = Llama::load(&src, &cfg)?;
+            let model = load_llama(&src, &cfg, progress)?;
             let file_bytes = std::fs::read_dir(dir)
                 .map(|rd| {
                     rd.filter_map(|e| e.ok())
@@ -166,6 +210,30 @@ pub fn config_from_hf_dir(dir: &Path) -> Result<LlamaConfig> {
     LlamaConfig::from_hf_json(&v, &p.display().to_string())
 }
 
+/// Every id the tokenizer can produce must have a row in the embedding table (`vocab_size` rows,
+/// checked against the tensor by `Llama::load`); a larger id would index past it. A smaller
+/// tokenizer is normal: HF models pad the table.
+fn check_tokenizer_fits(
+    tokenizer: &Tokenizer,
+    cfg: &LlamaConfig,
+    tokenizer_file: &Path,
+) -> Result<()> {
+    let vocab = tokenizer.inner().get_vocab(true);
+    if let Some((token, &id)) = vocab.iter().max_by_key(|(_, &id)| id) {
+        if id as usize >= cfg.vocab_size {
+            return Err(cfg.keys.err(
+                &cfg.keys.vocab_size,
+                format!(
+                    "{} but the tokenizer ({}) has token `{token}` with id {id}",
+                    cfg.vocab_size,
+                    tokenizer_file.display()
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 fn content_arch(ct: &gguf_file::Content, path: &Path) -> Result<String> {
     ct.metadata
         .get("general.architecture")
@@ -180,7 +248,26 @@ fn content_arch(ct: &gguf_file::Content, path: &Path) -> Result<String> {
         })
 }
 
-/// Hyper-parameters from GGUF metadata (`{arch}.*` keys as written by llama.cpp's converter).
+/// A non-negative integer GGUF metadata value of any integer type.
+fn meta_usize(v: &gguf_file::Value) -> Option<usize> {
+    use gguf_file::Value as V;
+    let x: u64 = match v {
+        V::U8(x) => (*x).into(),
+        V::U16(x) => (*x).into(),
+        V::U32(x) => (*x).into(),
+        V::U64(x) => *x,
+        V::I8(x) => u64::try_from(*x).ok()?,
+        V::I16(x) => u64::try_from(*x).ok()?,
+        V::I32(x) => u64::try_from(*x).ok()?,
+        V::I64(x) => u64::try_from(*x).ok()?,
+        _ => return None,
+    };
+    usize::try_from(x).ok()
+}
+
+/// Hyper-parameters from GGUF metadata (`{arch}.*` keys as written by llama.cpp's converter),
+/// validated (see [`LlamaConfig::validate`]); a `rope_freqs.weight` tensor (llama.cpp's form of
+/// Llama 3.1 RoPE scaling) is read from the file once its size is known to be right.
 pub fn config_from_gguf(ct: &gguf_file::Content, path: &Path) -> Result<LlamaConfig> {
     let src = path.display().to_string();
     let arch = content_arch(ct, path)?;
@@ -196,79 +283,133 @@ pub fn config_from_gguf(ct: &gguf_file::Content, path: &Path) -> Result<LlamaCon
             })
         }
     };
+    let mut keys = ConfigKeys::gguf(&src, &arch);
     let md = &ct.metadata;
     let get_u = |k: &str| -> Result<Option<usize>> {
         let key = format!("{arch}.{k}");
         match md.get(&key) {
             None => Ok(None),
-            Some(v) => v
-                .to_u64()
-                .or_else(|_| v.to_u32().map(|x| x as u64))
-                .map(|x| Some(x as usize))
-                .map_err(|_| Error::key(&src, &key, "expected an integer")),
+            Some(v) => meta_usize(v)
+                .map(Some)
+                .ok_or_else(|| Error::key(&src, &key, "expected a non-negative integer")),
         }
     };
     let req_u = |k: &str| -> Result<usize> {
         get_u(k)?.ok_or_else(|| Error::key(&src, format!("{arch}.{k}"), "missing"))
     };
-    let get_f = |k: &str| -> Option<f64> {
-        md.get(&format!("{arch}.{k}"))
-            .and_then(|v| v.to_f32().map(|x| x as f64).or_else(|_| v.to_f64()).ok())
+    let get_f = |k: &str| -> Result<Option<f64>> {
+        let key = format!("{arch}.{k}");
+        match md.get(&key) {
+            None => Ok(None),
+            Some(v) => v
+                .to_f32()
+                .map(f64::from)
+                .or_else(|_| v.to_f64())
+                .map(Some)
+                .map_err(|_| Error::key(&src, &key, "expected a number")),
+        }
     };
     let hidden = req_u("embedding_length")?;
     let heads = req_u("attention.head_count")?;
     let kv = get_u("attention.head_count_kv")?.unwrap_or(heads);
-    if heads == 0 || kv == 0 || heads % kv != 0 {
-        return Err(Error::key(
-            &src,
-            format!("{arch}.attention.head_count_kv"),
-            format!("{kv} must divide head_count {heads}"),
-        ));
+    if heads == 0 {
+        return Err(keys.err(&keys.num_attention_heads, "must be at least 1"));
     }
-    let head_dim = get_u("attention.key_length")?
-        .or(get_u("rope.dimension_count")?)
-        .unwrap_or(hidden / heads);
-    let vocab = match get_u("vocab_size")? {
-        Some(v) => v,
-        None => md
-            .get("tokenizer.ggml.tokens")
-            .and_then(|t| t.to_vec().ok())
-            .map(|t| t.len())
-            .or_else(|| {
-                ct.tensor_infos
-                    .get("token_embd.weight")
-                    .map(|i| i.shape.dims()[0])
-            })
-            .ok_or_else(|| {
-                Error::key(
-                    &src,
-                    "tokenizer.ggml.tokens",
-                    "missing (cannot tell the vocabulary size)",
-                )
-            })?,
-    };
-    let rope_scaling = match md
-        .get(&format!("{arch}.rope.scaling.type"))
-        .and_then(|v| v.to_string().ok())
-        .map(|s| s.as_str())
-    {
-        None | Some("none") => None,
-        Some("linear") => Some(RopeScaling::Linear {
-            factor: get_f("rope.scaling.factor").unwrap_or(1.0) as f32,
-        }),
-        Some(other) => {
-            return Err(Error::key(
-                &src,
-                format!("{arch}.rope.scaling.type"),
-                format!("`{other}` is not supported"),
+    // llama.cpp: the head size is attention.key_length, else embedding_length / head_count; RoPE
+    // turns rope.dimension_count of those dimensions (default: all of them).
+    let head_dim = match get_u("attention.key_length")? {
+        Some(d) => d,
+        None if !hidden.is_multiple_of(heads) => {
+            return Err(keys.err(
+                &keys.hidden_size,
+                format!(
+                    "{hidden} is not a multiple of {} {heads} (and there is no {})",
+                    keys.num_attention_heads, keys.head_dim
+                ),
             ))
         }
+        None => hidden / heads,
     };
-    if ct.tensor_infos.contains_key("rope_freqs.weight") {
-        return Err(Error::file(path, "per-frequency RoPE factors (rope_freqs.weight, Llama 3.1 GGUF) are not supported yet; use the HF folder"));
+    if let Some(v) = get_u("attention.value_length")? {
+        if v != head_dim {
+            return Err(Error::key(
+                &src,
+                format!("{arch}.attention.value_length"),
+                format!(
+                    "{v} differs from {} {head_dim}; different key and value sizes are not supported",
+                    keys.head_dim
+                ),
+            ));
+        }
     }
+    if let Some(r) = get_u("rope.dimension_count")? {
+        if r != head_dim {
+            return Err(Error::key(
+                &src,
+                format!("{arch}.rope.dimension_count"),
+                format!("{r} differs from the head size {head_dim}: partial rotary embeddings are not supported"),
+            ));
+        }
+    }
+    let token_count = match md.get("tokenizer.ggml.tokens") {
+        None => None,
+        Some(t) => Some(
+            t.to_vec()
+                .map_err(|_| Error::key(&src, "tokenizer.ggml.tokens", "expected an array"))?
+                .len(),
+        ),
+    };
+    let vocab = match (get_u("vocab_size")?, token_count) {
+        (Some(v), Some(n)) if v != n => {
+            return Err(keys.err(
+                &keys.vocab_size,
+                format!("{v} but tokenizer.ggml.tokens has {n} tokens"),
+            ))
+        }
+        (Some(v), _) => v,
+        (None, Some(n)) => {
+            keys.vocab_size = "tokenizer.ggml.tokens".into();
+            n
+        }
+        (None, None) => {
+            keys.vocab_size = "tokenizer.ggml.tokens".into();
+            ct.tensor_infos
+                .get("token_embd.weight")
+                .and_then(|i| i.shape.dims().first().copied())
+                .ok_or_else(|| {
+                    Error::key(
+                        &src,
+                        "tokenizer.ggml.tokens",
+                        "missing (cannot tell the vocabulary size)",
+                    )
+                })?
+        }
+    };
+    let rope_scaling = match md.get(&format!("{arch}.rope.scaling.type")) {
+        None => None,
+        Some(t) => match t.to_string().map(String::as_str) {
+            Ok("none") => None,
+            Ok("linear") => Some(RopeScaling::Linear {
+                factor: get_f("rope.scaling.factor")?.unwrap_or(1.0) as f32,
+            }),
+            Ok(other) => {
+                return Err(Error::key(
+                    &src,
+                    format!("{arch}.rope.scaling.type"),
+                    format!("`{other}` is not supported (supported: none, linear)"),
+                ))
+            }
+            Err(_) => {
+                return Err(Error::key(
+                    &src,
+                    format!("{arch}.rope.scaling.type"),
+                    "expected a string",
+                ))
+            }
+        },
+    };
     let meta_u32 = |k: &str| md.get(k).and_then(|v| v.to_u32().ok());
-    Ok(LlamaConfig {
+    let mut cfg = LlamaConfig {
         architecture: hf_arch.to_string(),
         hidden_size: hidden,
         intermediate_size: req_u("feed_forward_length")?,
@@ -277,8 +418,8 @@ pub fn config_from_gguf(ct: &gguf_file::Content, path: &Path) -> Result<LlamaCon
         num_key_value_heads: kv,
         head_dim,
         vocab_size: vocab,
-        rms_norm_eps: get_f("attention.layer_norm_rms_epsilon").unwrap_or(1e-5),
-        rope_theta: get_f("rope.freq_base").unwrap_or(10000.0) as f32,
+        rms_norm_eps: get_f("attention.layer_norm_rms_epsilon")?.unwrap_or(1e-5),
+        rope_theta: get_f("rope.freq_base")?.unwrap_or(10000.0) as f32,
         rope_scaling,
         max_position_embeddings: get_u("context_length")?.unwrap_or(2048),
         tie_word_embeddings: !ct.tensor_infos.contains_key("output.weight"),
@@ -289,5 +430,208 @@ pub fn config_from_gguf(ct: &gguf_file::Content, path: &Path) -> Result<LlamaCon
         eos_token_ids: meta_u32("tokenizer.ggml.eos_token_id")
             .into_iter()
             .collect(),
-    })
+        keys,
+    };
+    cfg.validate()?;
+    if let Some(info) = ct.tensor_infos.get(ROPE_FREQS) {
+        if cfg.rope_scaling.is_some() {
+            return Err(Error::file(
+                path,
+                format!("both {arch}.rope.scaling.type and tensor `{ROPE_FREQS}`: combining two RoPE scalings is not supported"),
+            ));
+        }
+        // Validated above, so head_dim / 2 is small: the read below is bounded by it.
+        if info.shape.dims() != [cfg.head_dim / 2] {
+            return Err(Error::file(
+                path,
+                format!(
+                    "tensor `{ROPE_FREQS}` is {:?} but {} {} implies [{}]",
+                    info.shape.dims(),
+                    cfg.keys.head_dim,
+                    cfg.head_dim,
+                    cfg.head_dim / 2
+                ),
+            ));
+        }
+        let factors = read_small_tensor(ct, path, ROPE_FREQS)?;
+        cfg.rope_scaling = Some(RopeScaling::Freqs { factors });
+        cfg.validate()?;
+    }
+    cfg.warnings().into_iter().for_each(config::warn);
+    Ok(cfg)
+}
+
+/// llama.cpp's per-frequency RoPE divisors (Llama 3.1 scaling), one per rotated pair.
+const ROPE_FREQS: &str = "rope_freqs.weight";
+
+/// A small tensor of a GGUF file as f32 values (its shape already checked by the caller).
+fn read_small_tensor(ct: &gguf_file::Content, path: &Path, name: &str) -> Result<Vec<f32>> {
+    let err = |e: candle_core::Error| {
+        Error::file(
+            path,
+            format!(
+                "tensor `{name}`: {}",
+                crate::error::first_line(&e.to_string())
+            ),
+        )
+    };
+    let mut f = std::fs::File::open(path).map_err(|e| Error::file(path, e))?;
+    let q = ct.tensor(&mut f, name, &Device::Cpu).map_err(err)?;
+    q.dequantize(&Device::Cpu)
+        .and_then(|t| t.flatten_all())
+        .and_then(|t| t.to_vec1::<f32>())
+        .map_err(err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::generate::Decoder;
+    use candle_core::Tensor;
+
+    fn repo() -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+    }
+
+    /// The transformers logits of the tiny Llama 3 RoPE-scaling model: (input ids, logits rows).
+    fn expected() -> Vec<(Vec<u32>, Vec<Vec<f32>>)> {
+        let p = repo().join("tests/fixtures/models/tiny-llama3-rope-scaling/expected.json");
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+        v["sequences"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| {
+                let ids = s["input_ids"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.as_u64().unwrap() as u32)
+                    .collect();
+                let rows = s["logits"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|r| {
+                        r.as_array()
+                            .unwrap()
+                            .iter()
+                            .map(|x| x.as_f64().unwrap() as f32)
+                            .collect()
+                    })
+                    .collect();
+                (ids, rows)
+            })
+            .collect()
+    }
+
+    fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+        assert_eq!(a.len(), b.len());
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max)
+    }
+
+    const ROPE_FREQS_GGUF: &str = "tests/fixtures/gguf/tiny-llama3-rope-freqs.gguf";
+
+    /// The fixture: the tiny HF model written as llama.cpp writes Llama 3.1 (per-frequency
+    /// factors in `rope_freqs.weight`, permuted q/k), by reference/tiny_gguf_fixture.py.
+    fn rope_freqs_model() -> LoadedModel {
+        let path = repo().join(ROPE_FREQS_GGUF);
+        assert!(
+            path.is_file(),
+            "{} is missing (it is committed; .venv/bin/python reference/tiny_gguf_fixture.py writes it)",
+            path.display()
+        );
+        load_source(
+            ModelSource::Gguf(path),
+            &LoadOptions::default(),
+            &Device::Cpu,
+        )
+        .unwrap()
+    }
+
+    /// Largest |logit - transformers| over the expected sequences.
+    fn worst_diff(model: &Llama) -> f32 {
+        let mut worst = 0f32;
+        for (ids, want) in expected() {
+            let t = Tensor::new(ids.as_slice(), &Device::Cpu)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap();
+            let got: Vec<Vec<f32>> = model
+                .forward(&t, None)
+                .unwrap()
+                .squeeze(0)
+                .unwrap()
+                .to_vec2()
+                .unwrap();
+            for (g, w) in got.iter().zip(&want) {
+                worst = worst.max(max_diff(g, w));
+            }
+        }
+        worst
+    }
+
+    #[test]
+    fn gguf_with_rope_freqs_matches_transformers() {
+        let lm = rope_freqs_model();
+        match &lm.model.cfg.rope_scaling {
+            Some(RopeScaling::Freqs { factors }) => {
+                assert_eq!(factors.len(), 8);
+                assert_eq!((factors[0], factors[7]), (1.0, 8.0));
+            }
+            other => panic!("expected per-frequency factors, got {other:?}"),
+        }
+        let worst = worst_diff(&lm.model);
+        assert!(worst < 1e-4, "max |logit diff| {worst} >= 1e-4");
+        // The same weights without the factors are far off: the comparison sees the scaling.
+        let path = repo().join(ROPE_FREQS_GGUF);
+        let ct = read_gguf(&path).unwrap();
+        let mut cfg = config_from_gguf(&ct, &path).unwrap();
+        cfg.rope_scaling = None;
+        let src = GgufSource::open(
+            &path,
+            ct,
+            Some((4, 2)),
+            &LoadOptions::default(),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let unscaled = Llama::load(&src, &cfg).unwrap();
+        let off = worst_diff(&unscaled);
+        assert!(
+            off > 1e-2,
+            "without rope_freqs the logits differ by only {off}"
+        );
+    }
+
+    #[test]
+    fn gguf_with_rope_freqs_decodes_in_the_engine_like_transformers() {
+        let lm = rope_freqs_model();
+        let mut dec = crate::engine::FastDecoder::new(&lm.model).expect("engine supports it");
+        for (ids, want) in expected() {
+            // prefill all but the last token, then one decode step
+            let n = ids.len();
+            let prefill = dec.prefill(&ids[..n - 1]).unwrap();
+            assert!(max_diff(&prefill, &want[n - 2]) < 1e-4);
+            let step = dec.step(ids[n - 1]).unwrap();
+            let d = max_diff(&step, &want[n - 1]);
+            assert!(d < 1e-4, "max |logit diff| {d}");
+        }
+    }
+
+    #[test]
+    fn gguf_rope_freqs_that_config_json_cannot_express_are_not_converted() {
+        let lm = rope_freqs_model();
+        let dir =
+            std::env::temp_dir().join(format!("ferrotune-freqs-convert-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let e = convert::write_hf_folder(&lm, &dir).unwrap_err().to_string();
+        assert!(e.contains("rope_freqs.weight"), "{e}");
+        // refused before anything is written
+        assert!(!dir.exists());
+    }
 }

@@ -7,7 +7,7 @@ use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 
 /// How weights are held in memory once loaded.
@@ -26,6 +26,15 @@ pub trait WeightSource {
     /// Name of the file or folder, for messages.
     fn source_name(&self) -> String;
     fn contains(&self, name: &str) -> bool;
+    /// The stored shape of tensor `name` (HF name), read from the file's header without loading
+    /// the data; None when the source does not have it.
+    fn tensor_shape(&self, name: &str) -> Option<Vec<usize>>;
+    /// How the file names tensor `name`, for messages (a GGUF says `blk.0.attn_q.weight`).
+    fn tensor_label(&self, name: &str) -> String {
+        name.to_string()
+    }
+    /// One more than the highest decoder layer index any tensor belongs to (0: none).
+    fn layers_present(&self) -> usize;
     /// A dense tensor (norms, biases) as stored.
     fn dense(&self, name: &str) -> Result<Tensor>;
     fn linear_weight(&self, name: &str) -> Result<LinearWeight>;
@@ -45,7 +54,8 @@ fn convert_dense(t: Tensor, opts: &LoadOptions) -> Result<Tensor> {
 pub struct SafetensorsSource {
     dir: PathBuf,
     st: candle_core::safetensors::MmapedSafetensors,
-    names: HashMap<String, PathBuf>,
+    /// Tensor name -> (shard, stored shape).
+    names: HashMap<String, (PathBuf, Vec<usize>)>,
     opts: LoadOptions,
     device: Device,
     loaded: RefCell<HashMap<String, Tensor>>,
@@ -69,10 +79,18 @@ impl SafetensorsSource {
                     )
                 })?;
             let mut files: Vec<PathBuf> = map
-                .values()
-                .filter_map(|f| f.as_str())
-                .map(|f| dir.join(f))
-                .collect();
+                .iter()
+                .map(|(tensor, f)| {
+                    let f = f.as_str().ok_or_else(|| {
+                        Error::key(
+                            index.display().to_string(),
+                            format!("weight_map.{tensor}"),
+                            "expected a file name",
+                        )
+                    })?;
+                    file_inside(dir, f, &index)
+                })
+                .collect::<Result<_>>()?;
             files.sort();
             files.dedup();
             files
@@ -100,8 +118,8 @@ impl SafetensorsSource {
             let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::file(f, e))?;
             let st = safetensors::SafeTensors::deserialize(&mmap)
                 .map_err(|e| Error::file(f, format!("not a valid safetensors file: {e}")))?;
-            for n in st.names() {
-                names.insert(n.to_string(), f.clone());
+            for (n, view) in st.tensors() {
+                names.insert(n, (f.clone(), view.shape().to_vec()));
             }
         }
         let st = unsafe { candle_core::safetensors::MmapedSafetensors::multi(&files) }
@@ -120,7 +138,7 @@ impl SafetensorsSource {
         if let Some(t) = self.loaded.borrow().get(name) {
             return Ok(t.clone());
         }
-        let file = self.names.get(name).ok_or_else(|| {
+        let (file, _) = self.names.get(name).ok_or_else(|| {
             Error::file(
                 &self.dir,
                 format!("tensor `{name}` not found in the safetensors files"),
@@ -151,6 +169,12 @@ impl WeightSource for SafetensorsSource {
     fn contains(&self, name: &str) -> bool {
         self.names.contains_key(name)
     }
+    fn tensor_shape(&self, name: &str) -> Option<Vec<usize>> {
+        self.names.get(name).map(|(_, shape)| shape.clone())
+    }
+    fn layers_present(&self) -> usize {
+        layers_present(self.names.keys().map(|n| n.strip_prefix("model.layers.")))
+    }
     fn dense(&self, name: &str) -> Result<Tensor> {
         self.raw(name)
     }
@@ -166,6 +190,66 @@ impl WeightSource for SafetensorsSource {
     }
     fn embedding_weight(&self, name: &str) -> Result<EmbeddingWeight> {
         Ok(EmbeddingWeight::Frozen(self.raw(name)?))
+    }
+}
+
+/// One more than the highest layer index among tensor names with their layer prefix stripped
+/// (`3.mlp.up_proj.weight` -> 3; None for names outside the layers).
+fn layers_present<'a>(rests: impl Iterator<Item = Option<&'a str>>) -> usize {
+    rests
+        .flatten()
+        .filter_map(|rest| rest.split_once('.')?.0.parse::<usize>().ok())
+        .map(|i| i.saturating_add(1))
+        .max()
+        .unwrap_or(0)
+}
+
+/// A file that another file of a model folder names (a shard in `model.safetensors.index.json`),
+/// resolved so that it stays inside the folder `dir`: `name` must be a relative path without
+/// `..`, and once symlinks are resolved it must still lie under `dir`, or, when `dir` is a
+/// Hugging Face cache snapshot (`.../models--org--name/snapshots/<revision>`), under that
+/// repository's `blobs/` folder, where the hub keeps the files a snapshot links to.
+/// `named_in` is the file that named it, for the error.
+pub fn file_inside(dir: &Path, name: &str, named_in: &Path) -> Result<PathBuf> {
+    check_relative_name(name).map_err(|what| Error::file(named_in, what))?;
+    let path = dir.join(name);
+    // A missing file is reported by the caller; there is no link to follow.
+    if let Ok(real) = path.canonicalize() {
+        let root = dir.canonicalize().map_err(|e| Error::file(dir, e))?;
+        let hub_blobs = root
+            .parent()
+            .filter(|p| p.file_name() == Some("snapshots".as_ref()))
+            .and_then(Path::parent)
+            .map(|repo| repo.join("blobs"));
+        let inside =
+            real.starts_with(&root) || hub_blobs.is_some_and(|blobs| real.starts_with(blobs));
+        if !inside {
+            return Err(Error::file(
+                named_in,
+                format!(
+                    "`{name}` leads to {}, outside the model folder; refused",
+                    real.display()
+                ),
+            ));
+        }
+    }
+    Ok(path)
+}
+
+/// A file name read from inside a model folder or repository: a relative path that cannot climb
+/// out of it (no `..`, no root, no drive prefix).
+pub fn check_relative_name(name: &str) -> std::result::Result<(), String> {
+    let p = Path::new(name);
+    let plain = !name.is_empty()
+        && p.components()
+            .all(|c| matches!(c, Component::Normal(_) | Component::CurDir))
+        && p.components().any(|c| matches!(c, Component::Normal(_)));
+    if plain {
+        Ok(())
+    } else {
+        Err(format!(
+            "`{name}` is not a relative file name inside the model folder (absolute paths and `..` are refused)"
+        ))
     }
 }
 
@@ -238,23 +322,52 @@ impl GgufSource {
     ) -> Result<Self> {
         let file = std::fs::File::open(path).map_err(|e| Error::file(path, e))?;
         let len = file.metadata().map_err(|e| Error::file(path, e))?.len();
-        // Check every tensor's byte range up front: a truncated download must fail here with
-        // the tensor's name rather than later with a short read.
+        // Check every tensor's size and byte range up front, in checked arithmetic (a dimension
+        // of 2^62 must not wrap into a small size): a truncated or corrupt file must fail here
+        // with the tensor's name rather than later with a short read or an abort on allocation.
         for (name, info) in &content.tensor_infos {
-            let elems = info.shape.elem_count();
-            let bs = info.ggml_dtype.block_size();
-            if elems % bs != 0 {
-                return Err(Error::file(path, format!("tensor `{name}`: {elems} elements is not a multiple of the block size {bs}")));
+            let dims = info.shape.dims();
+            let bad = |what: String| Error::file(path, format!("tensor `{name}`: {what}"));
+            if dims.contains(&0) {
+                return Err(bad(format!("shape {dims:?} has a dimension of 0")));
             }
-            let bytes = (elems / bs * info.ggml_dtype.type_size()) as u64;
-            let end = content.tensor_data_offset + info.offset + bytes;
-            if end > len {
-                return Err(Error::file(
-                    path,
-                    format!(
+            let elems = dims
+                .iter()
+                .try_fold(1usize, |n, &d| n.checked_mul(d))
+                .ok_or_else(|| bad(format!("shape {dims:?} has more elements than can exist")))?;
+            let bs = info.ggml_dtype.block_size();
+            // GGML blocks run along a row (the innermost dimension).
+            let row = dims.last().copied().unwrap_or(1);
+            if !row.is_multiple_of(bs) {
+                return Err(bad(format!(
+                    "rows of {row} values are not a whole number of {:?} blocks of {bs}",
+                    info.ggml_dtype
+                )));
+            }
+            let end = (elems / bs)
+                .checked_mul(info.ggml_dtype.type_size())
+                .and_then(|bytes| u64::try_from(bytes).ok())
+                .and_then(|bytes| {
+                    (content.tensor_data_offset)
+                        .checked_add(info.offset)?
+                        .checked_add(bytes)
+                });
+            match end {
+                Some(end) if end <= len => {}
+                Some(end) => {
+                    return Err(Error::file(
+                        path,
+                        format!(
                         "truncated: tensor `{name}` needs bytes up to {end} but the file has {len}"
                     ),
-                ));
+                    ))
+                }
+                None => {
+                    return Err(bad(format!(
+                        "shape {dims:?} at offset {} does not fit in a file of {len} bytes",
+                        info.offset
+                    )))
+                }
             }
         }
         Ok(Self {
@@ -340,6 +453,21 @@ impl WeightSource for GgufSource {
             .map(|g| self.content.tensor_infos.contains_key(&g))
             .unwrap_or(false)
     }
+    fn tensor_shape(&self, name: &str) -> Option<Vec<usize>> {
+        let g = gguf_tensor_name(name)?;
+        Some(self.content.tensor_infos.get(&g)?.shape.dims().to_vec())
+    }
+    fn tensor_label(&self, name: &str) -> String {
+        gguf_tensor_name(name).unwrap_or_else(|| name.to_string())
+    }
+    fn layers_present(&self) -> usize {
+        layers_present(
+            self.content
+                .tensor_infos
+                .keys()
+                .map(|n| n.strip_prefix("blk.")),
+        )
+    }
     fn dense(&self, name: &str) -> Result<Tensor> {
         let q = self.qtensor(name)?;
         self.dense_of(&q, name)
@@ -374,5 +502,96 @@ impl WeightSource for GgufSource {
             LinearWeight::Frozen(t) => Ok(EmbeddingWeight::Frozen(t)),
             LinearWeight::Trainable(v) => Ok(EmbeddingWeight::Trainable(v)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tmp(name: &str) -> PathBuf {
+        let d =
+            std::env::temp_dir().join(format!("ferrotune-weights-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn names_from_a_model_folder_must_stay_inside_it() {
+        let root = tmp("inside");
+        let dir = root.join("model");
+        std::fs::create_dir_all(dir.join("sub")).unwrap();
+        std::fs::write(dir.join("a.safetensors"), b"").unwrap();
+        std::fs::write(dir.join("sub/b.safetensors"), b"").unwrap();
+        std::fs::write(root.join("outside.safetensors"), b"").unwrap();
+        let index = dir.join("model.safetensors.index.json");
+        assert_eq!(
+            file_inside(&dir, "a.safetensors", &index).unwrap(),
+            dir.join("a.safetensors")
+        );
+        file_inside(&dir, "sub/b.safetensors", &index).unwrap();
+        for bad in [
+            "../outside.safetensors",
+            "sub/../../outside.safetensors",
+            "/etc/passwd",
+            "",
+            ".",
+        ] {
+            let e = file_inside(&dir, bad, &index).unwrap_err().to_string();
+            assert!(
+                e.starts_with(&index.display().to_string()) && e.contains(&format!("`{bad}`")),
+                "{bad}: {e}"
+            );
+        }
+        // A link inside the folder to a file outside it.
+        std::os::unix::fs::symlink(
+            root.join("outside.safetensors"),
+            dir.join("link.safetensors"),
+        )
+        .unwrap();
+        let e = file_inside(&dir, "link.safetensors", &index)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("outside the model folder"), "{e}");
+        // A link that stays inside is fine.
+        std::os::unix::fs::symlink(dir.join("a.safetensors"), dir.join("alias.safetensors"))
+            .unwrap();
+        file_inside(&dir, "alias.safetensors", &index).unwrap();
+    }
+
+    #[test]
+    fn hub_cache_snapshots_may_link_into_their_blobs() {
+        // The layout hf-hub writes: snapshots/<rev>/<file> -> ../../blobs/<hash>.
+        let repo = tmp("hub").join("models--org--name");
+        let snap = repo.join("snapshots/abc123");
+        std::fs::create_dir_all(&snap).unwrap();
+        std::fs::create_dir_all(repo.join("blobs")).unwrap();
+        std::fs::write(repo.join("blobs/0123"), b"").unwrap();
+        std::os::unix::fs::symlink("../../blobs/0123", snap.join("model-1.safetensors")).unwrap();
+        let index = snap.join("model.safetensors.index.json");
+        file_inside(&snap, "model-1.safetensors", &index).unwrap();
+        // ...but not anywhere else outside the snapshot.
+        std::fs::write(repo.join("elsewhere"), b"").unwrap();
+        std::os::unix::fs::symlink("../../elsewhere", snap.join("model-2.safetensors")).unwrap();
+        assert!(file_inside(&snap, "model-2.safetensors", &index).is_err());
+        // A folder that is not a snapshot gets no such allowance.
+        let plain = repo.join("plain");
+        std::fs::create_dir_all(&plain).unwrap();
+        std::os::unix::fs::symlink("../blobs/0123", plain.join("m.safetensors")).unwrap();
+        assert!(file_inside(&plain, "m.safetensors", &index).is_err());
+    }
+
+    #[test]
+    fn layers_present_counts_to_the_highest_index() {
+        let names = [
+            "model.embed_tokens.weight",
+            "model.layers.0.mlp.up_proj.weight",
+            "model.layers.11.input_layernorm.weight",
+            "model.layers.x.bogus",
+        ];
+        let n = layers_present(names.iter().map(|n| n.strip_prefix("model.layers.")));
+        assert_eq!(n, 12);
+        assert_eq!(layers_present(["lm_head.weight"].iter().map(|_| None)), 0);
     }
 }

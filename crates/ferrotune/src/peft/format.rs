@@ -122,6 +122,12 @@ pub fn load_adapter(model: &mut Llama, dir: &Path, adapter_name: &str) -> Result
             Error::file(&path, "missing")
         });
     }
+    // Shapes first, from the header: nothing is allocated for a rank or a module the file does
+    // not back with tensors of the right size.
+    let shapes = header_shapes(&path)?;
+    match &config {
+        AdapterConfig::Lora(cfg) => check_lora_shapes(model, cfg, dir, &path, &shapes)?,
+    }
     let tensors = candle_core::safetensors::load(&path, model.device())
         .map_err(|e| Error::file(&path, crate::error::first_line(&e.to_string())))?;
     match &config {
@@ -150,6 +156,76 @@ pub fn load_adapter(model: &mut Llama, dir: &Path, adapter_name: &str) -> Result
         modules,
         params: param_count(model, adapter_name),
     })
+}
+
+/// Tensor name -> shape, from a safetensors header (the header and byte ranges are validated).
+fn header_shapes(path: &Path) -> Result<HashMap<String, Vec<usize>>> {
+    let file = std::fs::File::open(path).map_err(|e| Error::file(path, e))?;
+    // SAFETY: read-only map of a file we only read; a concurrent writer could change the bytes
+    // but not the memory safety of reading them.
+    let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::file(path, e))?;
+    let st = safetensors::SafeTensors::deserialize(&mmap)
+        .map_err(|e| Error::file(path, format!("not a valid safetensors file: {e}")))?;
+    Ok(st
+        .tensors()
+        .into_iter()
+        .map(|(name, view)| (name, view.shape().to_vec()))
+        .collect())
+}
+
+/// Every LoRA tensor the config implies must be in the file with the shape its base module and
+/// rank imply (A: (r, in), B: (out, r)), and the file may hold nothing else.
+fn check_lora_shapes(
+    model: &Llama,
+    cfg: &LoraConfig,
+    dir: &Path,
+    path: &Path,
+    shapes: &HashMap<String, Vec<usize>>,
+) -> Result<()> {
+    let config_path = dir.join(CONFIG_FILE);
+    let targets =
+        super::lora::resolve_targets(model, cfg).map_err(|e| Error::file(&config_path, e))?;
+    let mut expected = std::collections::HashSet::new();
+    for lin in model.linears() {
+        if !targets.iter().any(|t| t == lin.name()) {
+            continue;
+        }
+        let (in_f, out_f) = (lin.in_features(), lin.out_features());
+        let r = cfg.module_params(lin.name()).r;
+        let rank_key = if cfg.r == r { "r" } else { "rank_pattern" };
+        for (part, want) in [("lora_A", [r, in_f]), ("lora_B", [out_f, r])] {
+            let key = format!("{KEY_PREFIX}{}.{part}.weight", lin.name());
+            let got = shapes.get(&key).ok_or_else(|| {
+                Error::file(
+                    path,
+                    format!("tensor `{key}` is missing (the config targets this module)"),
+                )
+            })?;
+            if got.as_slice() != want {
+                return Err(Error::file(
+                    path,
+                    format!(
+                        "tensor `{key}` is {got:?} but module `{}` ({in_f} in, {out_f} out) with {} key `{rank_key}` {r} implies {want:?}",
+                        lin.name(),
+                        config_path.display()
+                    ),
+                ));
+            }
+            expected.insert(key);
+        }
+    }
+    let mut extra: Vec<&String> = shapes.keys().filter(|k| !expected.contains(*k)).collect();
+    extra.sort();
+    if let Some(first) = extra.first() {
+        return Err(Error::file(
+            path,
+            format!(
+                "tensor `{first}` belongs to no module the config targets ({} unexpected tensors)",
+                extra.len()
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Copy the file's tensors into the freshly attached adapter's parameters.

@@ -13,9 +13,9 @@ const SMOL_GGUF: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
     "/../../.cache/models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 );
-const SMOL_HF_DIR: &str = concat!(
+const SMOL_HF_EXPORT: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
-    "/../../.cache/models/smollm2-hf-tokenizer"
+    "/../../tests/fixtures/smollm2/hf-export"
 );
 const FIXTURES: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
@@ -187,50 +187,126 @@ fn smollm2_stream_matches_full_decode() {
     }
 }
 
+/// The tokenizer files transformers' `save_pretrained` wrote for SmolLM2 (committed by
+/// `reference/make_fixtures.py hf-export`; tokenizer.json is stored gzip-compressed), unpacked
+/// into a fresh folder after checking each file's size and CRC-32 against the fixture manifest.
+fn transformers_tokenizer_dir() -> PathBuf {
+    use std::io::Read;
+    let fixture_dir = Path::new(SMOL_HF_EXPORT);
+    let manifest_path = fixture_dir.join("manifest.json");
+    let manifest: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(&manifest_path).unwrap_or_else(|e| {
+            panic!(
+                "{}: {e} (written by reference/make_fixtures.py hf-export)",
+                manifest_path.display()
+            )
+        }),
+    )
+    .unwrap();
+    let dir = std::env::temp_dir().join(format!(
+        "ferrotune-test-hf-tokenizer-{}",
+        std::process::id()
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    for name in [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+        "generation_config.json",
+    ] {
+        let entry = &manifest["files"][name];
+        let stored = fixture_dir.join(entry["stored_as"].as_str().unwrap());
+        let raw = std::fs::read(&stored).unwrap_or_else(|e| panic!("{}: {e}", stored.display()));
+        let bytes = if stored.extension().is_some_and(|e| e == "gz") {
+            let mut out = Vec::new();
+            flate2::read::GzDecoder::new(raw.as_slice())
+                .read_to_end(&mut out)
+                .unwrap_or_else(|e| panic!("{}: {e}", stored.display()));
+            out
+        } else {
+            raw
+        };
+        assert_eq!(
+            (bytes.len() as u64, crc32fast::hash(&bytes) as u64),
+            (
+                entry["bytes"].as_u64().unwrap(),
+                entry["crc32"].as_u64().unwrap()
+            ),
+            "{}: size and CRC-32 differ from what transformers wrote (manifest.json)",
+            stored.display()
+        );
+        std::fs::write(dir.join(name), bytes).unwrap();
+    }
+    dir
+}
+
+/// The HF tokenizer folder transformers saved for SmolLM2 tokenizes, decodes and renders chats
+/// like transformers (smollm2.json) and like the GGUF tokenizer.
 #[test]
 fn hf_dir_matches_gguf() {
-    let dir = Path::new(SMOL_HF_DIR);
-    if !dir.join("tokenizer.json").is_file() {
-        println!(
-            "note: skipping, {} is absent (written by reference/tokenizer_fixtures.py)",
-            dir.display()
-        );
-        return;
-    }
-    let hf = Tokenizer::from_hf_dir(dir).unwrap();
+    let dir = transformers_tokenizer_dir();
+    let hf = Tokenizer::from_hf_dir(&dir).unwrap();
     let gg = smollm2();
     let fx = fixture("smollm2.json");
     for c in fx["cases"].as_array().unwrap() {
         let text = c["text"].as_str().unwrap();
+        let got = hf.encode(text, false).unwrap();
+        assert_eq!(got, ids(&c["ids"]), "ids of {text:?} (transformers)");
         assert_eq!(
-            hf.encode(text, false).unwrap(),
-            gg.encode(text, false).unwrap(),
-            "{text:?}"
+            hf.encode(text, true).unwrap(),
+            ids(&c["ids_with_special"]),
+            "ids (add_special_tokens) of {text:?} (transformers)"
         );
+        assert_eq!(got, gg.encode(text, false).unwrap(), "{text:?} (GGUF)");
         assert_eq!(
             hf.encode(text, true).unwrap(),
             gg.encode(text, true).unwrap(),
-            "{text:?}"
+            "{text:?} (GGUF)"
+        );
+        assert_eq!(
+            hf.decode(&got, false).unwrap(),
+            text,
+            "roundtrip of {text:?}"
+        );
+        assert_eq!(
+            hf.decode(&got, true).unwrap(),
+            c["decoded_skip_special"].as_str().unwrap(),
+            "decode(skip_special_tokens) of {text:?}"
         );
     }
+    assert_eq!(hf.vocab_size() as u64, fx["vocab_size"].as_u64().unwrap());
     assert_eq!(hf.vocab_size(), gg.vocab_size());
+    assert_eq!(hf.bos_token(), fx["bos_token"].as_str());
+    assert_eq!(hf.eos_token(), fx["eos_token"].as_str());
+    assert_eq!(
+        hf.pad_id(),
+        fx["pad_token"].as_str().and_then(|t| hf.token_to_id(t))
+    );
     assert_eq!(
         (hf.bos_id(), hf.eos_token(), hf.pad_id()),
         (gg.bos_id(), gg.eos_token(), gg.pad_id())
     );
+    assert_eq!(hf.eos_ids()[0], fx["eos_token_id"].as_u64().unwrap() as u32);
     assert_eq!(hf.eos_ids(), gg.eos_ids());
     let (ht, gt) = (hf.chat_template().unwrap(), gg.chat_template().unwrap());
+    assert_eq!(ht.source(), fx["chat_template"].as_str().unwrap());
     for c in fx["chat"].as_array().unwrap() {
         let (m, gen) = (
             messages(&c["messages"]),
             c["add_generation_prompt"].as_bool().unwrap(),
         );
         let null = serde_json::Value::Null;
+        let rendered = ht.render(&m, gen, &null).unwrap();
         assert_eq!(
-            ht.render(&m, gen, &null).unwrap(),
-            gt.render(&m, gen, &null).unwrap()
+            rendered,
+            c["rendered"].as_str().unwrap(),
+            "{} gen={gen} (transformers)",
+            c["name"]
         );
+        assert_eq!(rendered, gt.render(&m, gen, &null).unwrap(), "(GGUF)");
     }
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

@@ -61,6 +61,12 @@ fn step_of(name: &str) -> Option<usize> {
     name.strip_prefix(PREFIX)?.parse().ok()
 }
 
+/// Whether `name`, in the checkpoints folder, is one that [`save`] writes: a checkpoint or the
+/// temporary folder of one.
+pub fn is_checkpoint_entry(name: &str) -> bool {
+    step_of(name).is_some() || name.starts_with(TMP_PREFIX)
+}
+
 /// Complete checkpoints, oldest first: (step, folder).
 pub fn list(output_dir: &Path) -> Result<Vec<(usize, PathBuf)>> {
     let dir = checkpoints_dir(output_dir);
@@ -149,6 +155,144 @@ pub fn read_state(checkpoint: &Path) -> Result<TrainerState> {
     let p = checkpoint.join(STATE_FILE);
     let text = std::fs::read_to_string(&p).map_err(|e| Error::file(&p, e))?;
     serde_json::from_str(&text).map_err(|e| Error::file(&p, format!("invalid trainer state: {e}")))
+}
+
+/// What the run about to resume is: a checkpoint's state must agree with it.
+#[derive(Debug, Clone)]
+pub struct RunShape<'a> {
+    pub max_steps: usize,
+    pub method: &'a str,
+    pub seed: u64,
+    pub train_examples: usize,
+    pub batches_per_epoch: usize,
+    pub batch_size: usize,
+    pub grad_accum: usize,
+    /// With packing an epoch's number of batches varies, so the data cursor is only bounded.
+    pub packing: bool,
+}
+
+/// Check the state read from `checkpoint` (folder `step-N`) against the run and against itself
+/// before anything is restored from it: a hand-edited or corrupt `trainer_state.json` is a
+/// one-line error naming the file and the field, not a hang or a wrong run.
+pub fn validate_state(checkpoint: &Path, s: &TrainerState, run: &RunShape) -> Result<()> {
+    let path = checkpoint.join(STATE_FILE);
+    let field =
+        |name: &str, what: String| Err(Error::file(&path, format!("field `{name}`: {what}")));
+    for (name, saved, now) in [
+        ("batch_size", s.batch_size, run.batch_size),
+        ("grad_accum", s.grad_accum, run.grad_accum),
+        ("train_examples", s.train_examples, run.train_examples),
+        (
+            "batches_per_epoch",
+            s.batches_per_epoch,
+            run.batches_per_epoch,
+        ),
+    ] {
+        if saved != now {
+            return field(
+                name,
+                format!("cannot resume: {saved} in the checkpoint but {now} in this run (the data or batch settings changed)"),
+            );
+        }
+    }
+    if s.method != run.method {
+        return field(
+            "method",
+            format!(
+                "cannot resume: `{}` in the checkpoint but `{}` in this run",
+                s.method, run.method
+            ),
+        );
+    }
+    if s.rng.seed != run.seed {
+        return field(
+            "rng.seed",
+            format!(
+                "cannot resume: {} in the checkpoint but train.seed is {}",
+                s.rng.seed, run.seed
+            ),
+        );
+    }
+    let folder_step = checkpoint
+        .file_name()
+        .and_then(|n| step_of(&n.to_string_lossy()));
+    if folder_step.is_some_and(|f| f != s.step) {
+        return field(
+            "step",
+            format!("is {} but the folder is {}", s.step, checkpoint.display()),
+        );
+    }
+    if s.step > run.max_steps {
+        return field(
+            "step",
+            format!("{} is past the run's max_steps {}", s.step, run.max_steps),
+        );
+    }
+    // Every step draws grad_accum micro-batches; each training forward pass draws one dropout
+    // mask per adapter (a micro-batch without loss tokens is skipped).
+    let Some(micro) = s.step.checked_mul(s.grad_accum) else {
+        return field(
+            "step",
+            format!("{} steps of grad_accum {} overflow", s.step, s.grad_accum),
+        );
+    };
+    if s.rng.dropout_calls > micro as u64 {
+        return field(
+            "rng.dropout_calls",
+            format!(
+                "{} is more than the {micro} micro-batches of {} steps of grad_accum {}",
+                s.rng.dropout_calls, s.step, s.grad_accum
+            ),
+        );
+    }
+    let cursor = s.data_cursor;
+    let drawn = cursor
+        .epoch
+        .checked_mul(s.batches_per_epoch)
+        .and_then(|n| n.checked_add(cursor.index));
+    let consistent = if run.packing {
+        cursor.epoch <= micro && cursor.index <= micro
+    } else {
+        cursor.index <= s.batches_per_epoch && drawn == Some(micro)
+    };
+    if !consistent {
+        return field(
+            "data_cursor",
+            format!(
+                "epoch {} batch {} does not follow from {micro} micro-batches of {} per epoch",
+                cursor.epoch, cursor.index, s.batches_per_epoch
+            ),
+        );
+    }
+    if !(s.epoch.is_finite() && s.epoch >= 0.0) {
+        return field("epoch", format!("{} is not a number of epochs", s.epoch));
+    }
+    if !(s.train_time_s.is_finite() && s.train_time_s >= 0.0) {
+        return field(
+            "train_time_s",
+            format!("{} is not a duration", s.train_time_s),
+        );
+    }
+    if s.loss_tokens > s.train_tokens {
+        return field(
+            "loss_tokens",
+            format!(
+                "{} is more than train_tokens {}",
+                s.loss_tokens, s.train_tokens
+            ),
+        );
+    }
+    if s.best_step.is_some_and(|b| b > s.step) {
+        return field(
+            "best_step",
+            format!(
+                "{} is after the checkpoint's step {}",
+                s.best_step.unwrap_or(0),
+                s.step
+            ),
+        );
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -10,6 +10,7 @@ use crate::eval::metrics;
 use crate::generate::{generate, Decoder, GenerationConfig, LlamaDecoder};
 use crate::model::LoadedModel;
 use crate::peft::{self, format::load_adapter};
+use crate::progress::{NoProgress, Progress};
 use crate::{Error, Result};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
@@ -55,6 +56,36 @@ pub struct CompareOptions {
     pub metrics: Vec<Metric>,
     /// Print one line per model to stderr as it finishes (rows, seconds).
     pub progress: bool,
+}
+
+impl CompareOptions {
+    /// The greedy generation settings every row is decoded with.
+    pub fn generation_config(&self) -> GenerationConfig {
+        GenerationConfig {
+            max_new_tokens: self.max_new_tokens,
+            stop: self.stop.clone(),
+            ..GenerationConfig::default()
+        }
+    }
+
+    /// Range checks (errors name the field: `limit`, `max_new_tokens`; the CLI shows the flag).
+    pub fn validate(&self) -> Result<()> {
+        if self.limit == Some(0) {
+            return Err(Error::key(
+                "eval",
+                "limit",
+                "got 0, expected at least 1 row (leave it out to evaluate every row)",
+            ));
+        }
+        if self.metrics.is_empty() {
+            return Err(Error::key(
+                "eval",
+                "metrics",
+                "name at least one of rouge, bleu, accuracy, perplexity",
+            ));
+        }
+        self.generation_config().validate()
+    }
 }
 
 /// One model's scores (a row of the comparison). Metrics not asked for are absent.
@@ -119,17 +150,15 @@ fn generate_all(
     lm: &LoadedModel,
     exs: &[Example],
     o: &CompareOptions,
+    progress: &dyn Progress,
 ) -> Result<Vec<String>> {
-    let cfg = GenerationConfig {
-        max_new_tokens: o.max_new_tokens,
-        stop: o.stop.clone(),
-        ..GenerationConfig::default()
-    };
+    let cfg = o.generation_config();
     exs.iter()
         .map(|ex| {
             let prompt = &ex.input_ids[..ex.completion_start()];
             let out = generate(dec, &lm.tokenizer, prompt, &cfg, &mut |_| {})
                 .map_err(|e| Error::msg(format!("{}: {e}", ex.source)))?;
+            progress.advance(1);
             Ok(out.text.trim().to_string())
         })
         .collect()
@@ -183,12 +212,39 @@ pub fn compare(
     data: &Path,
     o: &CompareOptions,
 ) -> Result<Vec<CompareRow>> {
+    compare_with_progress(lm, adapters, data, o, &NoProgress)
+}
+
+/// [`compare`], reporting each row generated (rows x models) to `progress`.
+pub fn compare_with_progress(
+    lm: &mut LoadedModel,
+    adapters: &[PathBuf],
+    data: &Path,
+    o: &CompareOptions,
+    progress: &dyn Progress,
+) -> Result<Vec<CompareRow>> {
+    o.validate()?;
     if !peft::adapter_names(&lm.model).is_empty() {
         return Err(Error::msg(
             "compare: the base model already has adapters attached",
         ));
     }
     let (exs, refs) = examples(lm, data, o)?;
+    let models = 1 + adapters.len() as u64;
+    progress.start("eval", exs.len() as u64 * models, "rows");
+    let result = compare_models(lm, adapters, &exs, &refs, o, progress);
+    progress.finish();
+    result
+}
+
+fn compare_models(
+    lm: &mut LoadedModel,
+    adapters: &[PathBuf],
+    exs: &[Example],
+    refs: &[Vec<String>],
+    o: &CompareOptions,
+    progress: &dyn Progress,
+) -> Result<Vec<CompareRow>> {
     let mut out = Vec::new();
     let t0 = std::time::Instant::now();
     let base_preds = {
@@ -198,27 +254,27 @@ pub fn compare(
             Some(f) => f,
             None => &mut slow,
         };
-        generate_all(dec, lm, &exs, o)?
+        generate_all(dec, lm, exs, o, progress)?
     };
     let note = |name: &str, t0: std::time::Instant| {
         if o.progress {
-            eprintln!(
+            progress.println(&format!(
                 "{name}: {} rows in {:.1} s",
                 exs.len(),
                 t0.elapsed().as_secs_f64()
-            );
+            ));
         }
     };
     note("base", t0);
-    out.push(score("base".into(), lm, base_preds, &refs, &exs, o)?);
+    out.push(score("base".into(), lm, base_preds, refs, exs, o)?);
     for (i, dir) in adapters.iter().enumerate() {
         let name = format!("compare{i}");
         load_adapter(&mut lm.model, dir, &name)?;
         let t0 = std::time::Instant::now();
         let result = (|| {
-            let preds = generate_all(&mut LlamaDecoder::new(&lm.model), lm, &exs, o)?;
+            let preds = generate_all(&mut LlamaDecoder::new(&lm.model), lm, exs, o, progress)?;
             note(&dir.display().to_string(), t0);
-            score(dir.display().to_string(), lm, preds, &refs, &exs, o)
+            score(dir.display().to_string(), lm, preds, refs, exs, o)
         })();
         peft::remove_adapter(&mut lm.model, &name)?;
         out.push(result?);

@@ -286,12 +286,70 @@ pub struct LoadedConfig {
     pub base_dir: PathBuf,
     /// The effective config as TOML (after `--set`), saved next to the run for the record.
     pub effective: toml::Table,
+    /// The file's text, to name the line of a key in messages.
+    pub text: String,
+    /// The `--set` overrides in order, with the dotted key each sets.
+    pub overrides: Vec<(String, String)>,
 }
 
 impl LoadedConfig {
     pub fn source(&self) -> String {
         self.path.display().to_string()
     }
+
+    /// Where `key` was set, for messages: the last `--set` of it, else the file and the line
+    /// (`run.toml: line 12`), else the file.
+    pub fn key_source(&self, key: &str) -> String {
+        if let Some((_, o)) = self.overrides.iter().rev().find(|(k, _)| k == key) {
+            return format!("--set `{o}`");
+        }
+        match key_line(&self.text, key) {
+            Some(line) => format!("{}: line {line}", self.source()),
+            None => self.source(),
+        }
+    }
+
+    /// A one-line error about the value of `key`, blamed on where it was set.
+    pub fn key_error(&self, key: &str, what: impl std::fmt::Display) -> Error {
+        Error::key(self.key_source(key), key, what)
+    }
+}
+
+/// The 1-based line of the dotted `key` in TOML `text` (`[train]` then `lr = ...`, or
+/// `train.lr = ...`), if it is there.
+pub fn key_line(text: &str, key: &str) -> Option<usize> {
+    let unquote = |k: &str| -> String {
+        k.split('.')
+            .map(|p| p.trim().trim_matches('"').trim_matches('\'').to_string())
+            .collect::<Vec<_>>()
+            .join(".")
+    };
+    let mut table = String::new();
+    for (i, line) in text.lines().enumerate() {
+        let l = line.trim();
+        if l.starts_with('#') || l.is_empty() {
+            continue;
+        }
+        if l.starts_with('[') {
+            let inner = l.trim_start_matches('[');
+            if let Some(end) = inner.find(']') {
+                table = unquote(&inner[..end]);
+            }
+            continue;
+        }
+        if let Some((k, _)) = l.split_once('=') {
+            let k = unquote(k);
+            let full = if table.is_empty() {
+                k
+            } else {
+                format!("{table}.{k}")
+            };
+            if full == key {
+                return Some(i + 1);
+            }
+        }
+    }
+    None
 }
 
 /// Read `path`, apply `--set key=value` overrides, check every value. See the module docs.
@@ -374,23 +432,14 @@ pub fn parse_config(
         path: path.to_path_buf(),
         base_dir: base_dir.to_path_buf(),
         effective: table,
+        text: text.to_string(),
+        overrides: from_cli
+            .into_iter()
+            .zip(overrides.iter().cloned())
+            .collect(),
     };
-    // A bad value that came from `--set` is blamed on it, not on the file.
-    validate(&loaded).map_err(|e| match e {
-        Error::Key {
-            source_name,
-            key,
-            what,
-        } => match from_cli.iter().rposition(|k| *k == key) {
-            Some(i) => Error::key(format!("--set `{}`", overrides[i]), key, what),
-            None => Error::Key {
-                source_name,
-                key,
-                what,
-            },
-        },
-        e => e,
-    })?;
+    // A bad value is blamed on where it was set: its `--set`, else the file and the line.
+    validate(&loaded)?;
     Ok(loaded)
 }
 
@@ -473,8 +522,20 @@ fn toml_message(text: &str, e: &toml::de::Error) -> String {
             let line = before.matches('\n').count() + 1;
             let col = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
             let section = section_at(before);
+            // A bad value: name its key too (an unknown key is already named).
+            let key = text
+                .lines()
+                .nth(line - 1)
+                .and_then(|l| l.split_once('='))
+                .map(|(k, _)| k.trim().trim_matches('"'))
+                .filter(|k| !k.is_empty() && !k.starts_with('[') && !msg.starts_with("unknown key"))
+                .map(|k| match &section {
+                    Some(s) => format!("key `{s}.{k}`: "),
+                    None => format!("key `{k}`: "),
+                })
+                .unwrap_or_default();
             let within = section.map(|s| format!(" (in [{s}])")).unwrap_or_default();
-            format!("line {line}, column {col}{within}: {msg}")
+            format!("line {line}, column {col}{within}: {key}{msg}")
         }
         _ => {
             // The key path is only in Display ("...\nin `train`"); keep it, on one line.
@@ -555,19 +616,55 @@ fn section_at(before: &str) -> Option<String> {
     })
 }
 
+/// Largest micro-batch, in rows: far beyond any machine's memory, small enough that sizes
+/// computed from it cannot overflow.
+pub const MAX_BATCH_SIZE: usize = 1 << 24;
+/// Largest number of micro-batches per optimizer step.
+pub const MAX_GRAD_ACCUM: usize = 1 << 20;
+/// Largest example length, in tokens (no model has a context this long).
+pub const MAX_SEQ_LEN: usize = 1 << 24;
+/// Largest number of epochs.
+pub const MAX_EPOCHS: f64 = 1e6;
+/// Largest LoRA rank.
+pub const MAX_LORA_R: usize = 1 << 16;
+/// Most worker threads.
+pub const MAX_THREADS: usize = 4096;
+
 fn validate(c: &LoadedConfig) -> Result<()> {
-    let src = c.source();
-    let bad = |key: &str, what: &str| Err(Error::key(&src, key, what));
+    let bad = |key: &str, what: &str| Err(c.key_error(key, what));
     let cfg = &c.config;
     let t = &cfg.train;
     if cfg.model.trim().is_empty() {
         return bad("model", "is empty");
     }
+    // The raw value: after resolving, "" would be the config's own folder.
+    let raw_out = c.effective.get("output_dir").and_then(|v| v.as_str());
+    if raw_out.is_some_and(|o| o.trim().is_empty()) {
+        return bad("output_dir", "is empty: name a new folder for the run");
+    }
+    if cfg.output_dir.parent().is_none() {
+        return bad(
+            "output_dir",
+            "is the root of the file system: name a new folder for the run",
+        );
+    }
     if t.batch_size == 0 {
         return bad("train.batch_size", "must be at least 1");
     }
+    if t.batch_size > MAX_BATCH_SIZE {
+        return bad(
+            "train.batch_size",
+            &format!("{} is absurd (at most {MAX_BATCH_SIZE})", t.batch_size),
+        );
+    }
     if t.grad_accum == 0 {
         return bad("train.grad_accum", "must be at least 1");
+    }
+    if t.grad_accum > MAX_GRAD_ACCUM {
+        return bad(
+            "train.grad_accum",
+            &format!("{} is absurd (at most {MAX_GRAD_ACCUM})", t.grad_accum),
+        );
     }
     if t.max_steps == Some(0) {
         return bad("train.max_steps", "must be at least 1");
@@ -576,9 +673,21 @@ fn validate(c: &LoadedConfig) -> Result<()> {
         if !(e.is_finite() && e > 0.0) {
             return bad("train.epochs", "must be a positive number");
         }
+        if e > MAX_EPOCHS {
+            return bad(
+                "train.epochs",
+                &format!("{e} is absurd (at most {MAX_EPOCHS})"),
+            );
+        }
     }
     if t.max_seq_len.is_some_and(|n| n < 2) {
         return bad("train.max_seq_len", "must be at least 2");
+    }
+    if t.max_seq_len.is_some_and(|n| n > MAX_SEQ_LEN) {
+        return bad(
+            "train.max_seq_len",
+            &format!("is absurd (at most {MAX_SEQ_LEN})"),
+        );
     }
     if let (Some(a), Some(b)) = (t.max_seq_len, cfg.data.max_seq_len) {
         if a != b {
@@ -594,6 +703,7 @@ fn validate(c: &LoadedConfig) -> Result<()> {
     if !(0.0..=1.0).contains(&t.min_lr_ratio) {
         return bad("train.min_lr_ratio", "must be in [0, 1]");
     }
+
     if !(t.weight_decay.is_finite() && t.weight_decay >= 0.0) {
         return bad("train.weight_decay", "must be >= 0");
     }
@@ -618,8 +728,28 @@ fn validate(c: &LoadedConfig) -> Result<()> {
             return bad(k, "must be at least 1 (leave it out to disable)");
         }
     }
+    if t.threads.is_some_and(|n| n > MAX_THREADS) {
+        return bad(
+            "train.threads",
+            &format!("is absurd (at most {MAX_THREADS})"),
+        );
+    }
     if t.log_every == 0 {
         return bad("train.log_every", "must be at least 1");
+    }
+    if !matches!(t.activation_bits, 8 | 16) {
+        return bad(
+            "train.activation_bits",
+            &format!("{} is not supported: use 8 or 16", t.activation_bits),
+        );
+    }
+    if let Some(d) = t.dtype.as_deref() {
+        if !matches!(d, "f32" | "bf16" | "f16") {
+            return bad(
+                "train.dtype",
+                &format!("`{d}` is not one of f32, bf16, f16"),
+            );
+        }
     }
     if t.early_stopping_patience.is_some()
         && cfg.data.validation.is_none()
@@ -630,7 +760,7 @@ fn validate(c: &LoadedConfig) -> Result<()> {
             "needs a validation split ([data] validation or split)",
         );
     }
-    parse_device(&t.device).map_err(|e| Error::key(&src, "train.device", e))?;
+    parse_device(&t.device).map_err(|e| c.key_error("train.device", e))?;
     match cfg.method {
         Method::Lora => {
             let l = &cfg.lora;
@@ -645,8 +775,14 @@ fn validate(c: &LoadedConfig) -> Result<()> {
             if l.r == 0 {
                 return bad("lora.r", "must be at least 1");
             }
+            if l.r > MAX_LORA_R {
+                return bad(
+                    "lora.r",
+                    &format!("{} is absurd (at most {MAX_LORA_R})", l.r),
+                );
+            }
             l.to_peft(&cfg.model)
-                .validate(&format!("{src}: [lora]"))
+                .validate(&format!("{}: [lora]", c.source()))
                 .map_err(|e| Error::msg(e.to_string()))?;
         }
     }

@@ -59,10 +59,12 @@ impl TrainShape {
             .map(|e| e.len())
             .max()
             .unwrap_or(0);
+        // Saturating: a batch size of 2^63 must come out as "too much", not wrap around to
+        // a small number that the memory check approves.
         let max_batch_tokens = if bc.packing {
-            bc.batch_size * bc.max_seq_len
+            bc.batch_size.saturating_mul(bc.max_seq_len)
         } else {
-            bc.batch_size * longest
+            bc.batch_size.saturating_mul(longest)
         };
         // the largest loss-token counts of single examples, as many as a batch holds
         let mut loss: Vec<usize> = prepared
@@ -84,18 +86,19 @@ impl TrainShape {
         let max_loss_tokens = loss
             .iter()
             .take(per_batch)
-            .sum::<usize>()
+            .fold(0usize, |a, &b| a.saturating_add(b))
             .min(max_batch_tokens);
         let data_tokens = prepared
             .train
             .iter()
             .chain(&prepared.validation)
-            .map(|e| e.len())
-            .sum();
+            .fold(0usize, |a, e| a.saturating_add(e.len()));
         TrainShape {
             max_batch_tokens,
             max_loss_tokens,
-            trainable_params: params.iter().map(|(_, v)| v.elem_count()).sum(),
+            trainable_params: params
+                .iter()
+                .fold(0usize, |a, (_, v)| a.saturating_add(v.elem_count())),
             checkpointing: t.gradient_checkpointing,
             dropout: cfg.lora.dropout > 0.0,
             q8_backward: t.quantized_backward == super::config::QuantizedBackward::Q8_0,
@@ -111,14 +114,18 @@ const RUNTIME_BYTES: u64 = 60 << 20;
 const HEAD_CHUNK_FLOATS: u64 = 8 << 20;
 
 impl MemoryEstimate {
+    /// The sum, saturating at `u64::MAX` (which no machine has).
     pub fn total(&self) -> u64 {
-        self.weights
-            + self.backward_copies
-            + self.trainable_state
-            + self.activations
-            + self.head
-            + self.data
-            + self.runtime
+        [
+            self.backward_copies,
+            self.trainable_state,
+            self.activations,
+            self.head,
+            self.data,
+            self.runtime,
+        ]
+        .iter()
+        .fold(self.weights, |a, &b| a.saturating_add(b))
     }
 
     /// One line per component, then the total.
@@ -148,23 +155,41 @@ impl MemoryEstimate {
 ///   product (r) and, with dropout, the masked input (in).
 pub fn layer_floats_per_token(model: &Llama, dropout: bool) -> u64 {
     let c = &model.cfg;
-    let h = c.hidden_size as u64;
-    let hd = c.head_dim as u64;
-    let q = c.num_attention_heads as u64 * hd;
-    let kv = c.num_key_value_heads as u64 * hd;
-    let i = c.intermediate_size as u64;
-    let base = 6 * h + 4 * q + 3 * kv + 3 * i;
-    let adapters: u64 = model
+    let h = Sat(c.hidden_size as u64);
+    let hd = Sat(c.head_dim as u64);
+    let q = Sat(c.num_attention_heads as u64) * hd;
+    let kv = Sat(c.num_key_value_heads as u64) * hd;
+    let i = Sat(c.intermediate_size as u64);
+    let base = Sat(6) * h + Sat(4) * q + Sat(3) * kv + Sat(3) * i;
+    let adapters = model
         .layers
         .first()
         .map(|l| {
             l.linears()
                 .into_iter()
-                .map(|lin| adapter_floats(lin, dropout))
-                .sum()
+                .fold(Sat(0), |a, lin| a + Sat(adapter_floats(lin, dropout)))
         })
-        .unwrap_or(0);
-    base + adapters
+        .unwrap_or(Sat(0));
+    (base + adapters).0
+}
+
+/// Saturating u64 arithmetic: the estimate multiplies sizes from the config and the model, and
+/// an absurd one must give an absurd total (refused), never wrap around to a small one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct Sat(u64);
+
+impl std::ops::Add for Sat {
+    type Output = Sat;
+    fn add(self, o: Sat) -> Sat {
+        Sat(self.0.saturating_add(o.0))
+    }
+}
+
+impl std::ops::Mul for Sat {
+    type Output = Sat;
+    fn mul(self, o: Sat) -> Sat {
+        Sat(self.0.saturating_mul(o.0))
+    }
 }
 
 fn adapter_floats(lin: &Linear, dropout: bool) -> u64 {
@@ -180,81 +205,90 @@ fn adapter_floats(lin: &Linear, dropout: bool) -> u64 {
                 .find(|(n, _)| n.contains("lora_A"))
                 .map(|(_, v)| v.dims()[0] as u64)
                 .unwrap_or(0);
-            r + if dropout { inp } else { 0 }
+            r.saturating_add(if dropout { inp } else { 0 })
         })
-        .sum()
+        .fold(0u64, u64::saturating_add)
 }
 
-fn linear_bytes(lin: &Linear) -> u64 {
-    lin.weight().storage_bytes() as u64 + lin.bias().map_or(0, |b| (b.elem_count() * 4) as u64)
+fn linear_bytes(lin: &Linear) -> Sat {
+    Sat(lin.weight().storage_bytes() as u64)
+        + Sat(lin.bias().map_or(0, |b| b.elem_count() as u64)) * Sat(4)
 }
 
-/// The estimate for training `model` (adapters attached) at `shape`.
+/// The estimate for training `model` (adapters attached) at `shape`. Every sum and product
+/// saturates, so the total of an absurd shape is at least as absurd.
 pub fn estimate(model: &Llama, shape: &TrainShape) -> MemoryEstimate {
     let c = &model.cfg;
-    let h = c.hidden_size as u64;
-    let layers = model.layers.len() as u64;
-    let tokens = shape.max_batch_tokens as u64;
+    let h = Sat(c.hidden_size as u64);
+    let layers = Sat(model.layers.len() as u64);
+    let tokens = Sat(shape.max_batch_tokens as u64);
+    let f32_bytes = Sat(4);
 
     // Weights; a tied LM head shares the embedding's storage.
     let emb = match model.embed_tokens.weight() {
-        EmbeddingWeight::Frozen(w) => (w.elem_count() * w.dtype().size_in_bytes()) as u64,
-        EmbeddingWeight::Trainable(v) => (v.elem_count() * v.dtype().size_in_bytes()) as u64,
-        EmbeddingWeight::Quantized(q) => q.storage_bytes() as u64,
+        EmbeddingWeight::Frozen(w) => {
+            Sat(w.elem_count() as u64) * Sat(w.dtype().size_in_bytes() as u64)
+        }
+        EmbeddingWeight::Trainable(v) => {
+            Sat(v.elem_count() as u64) * Sat(v.dtype().size_in_bytes() as u64)
+        }
+        EmbeddingWeight::Quantized(q) => Sat(q.storage_bytes() as u64),
     };
     // norms: two per layer and the final one, f32
-    let mut weights = emb + (2 * layers + 1) * h * 4;
-    let mut backward_copies = 0u64;
+    let mut weights = emb + (Sat(2) * layers + Sat(1)) * h * f32_bytes;
+    let mut backward_copies = Sat(0);
     let tied = c.tie_word_embeddings;
     let linears = model.linears();
     let n_linears = linears.len();
     for (k, lin) in linears.into_iter().enumerate() {
         let is_head = k + 1 == n_linears;
         if !(is_head && tied) {
-            weights += linear_bytes(lin);
+            weights = weights + linear_bytes(lin);
         }
         if shape.q8_backward {
             if let LinearWeight::Quantized(q) = lin.weight() {
                 let (out, inp) = q.shape();
                 if out % 32 == 0 {
-                    backward_copies += (inp * out / 32 * 34) as u64;
+                    backward_copies =
+                        backward_copies + Sat(inp as u64) * Sat(out as u64 / 32) * Sat(34);
                 }
             }
         }
     }
 
-    let trainable_state = shape.trainable_params as u64 * 4 * 4;
+    let trainable_state = Sat(shape.trainable_params as u64) * f32_bytes * Sat(4);
 
-    let per_layer = layer_floats_per_token(model, shape.dropout) * 4;
+    let per_layer = Sat(layer_floats_per_token(model, shape.dropout)) * f32_bytes;
     let activations = if shape.checkpointing {
         // every layer's input, plus one layer recomputed with its graph
-        tokens * ((layers + 1) * h * 4 + per_layer)
+        tokens * ((layers + Sat(1)) * h * f32_bytes + per_layer)
     } else {
         // embeddings, every layer's graph, the final norm
-        tokens * (layers * per_layer + 2 * h * 4)
+        tokens * (layers * per_layer + Sat(2) * h * f32_bytes)
     };
     // the backward pass holds about one layer's worth of gradients at a time (with
     // checkpointing, inside the recomputed layer counted above)
     let backward_transient = if shape.checkpointing {
-        0
+        Sat(0)
     } else {
         tokens * per_layer
     };
 
-    let vocab = c.vocab_size as u64;
-    let chunk = HEAD_CHUNK_FLOATS.min(shape.max_loss_tokens as u64 * vocab);
-    let head = chunk * 4 * 2 + shape.max_loss_tokens as u64 * h * 4 * 2;
+    let vocab = Sat(c.vocab_size as u64);
+    let loss_tokens = Sat(shape.max_loss_tokens as u64);
+    let chunk = Sat(HEAD_CHUNK_FLOATS).min(loss_tokens * vocab);
+    let head = chunk * f32_bytes * Sat(2) + loss_tokens * h * f32_bytes * Sat(2);
 
     // ids (u32) and labels (i64) per token, plus the text they came from (about 4 bytes a token)
-    let data = shape.data_tokens as u64 * 16;
+    let data = Sat(shape.data_tokens as u64) * Sat(16);
 
     MemoryEstimate {
-        weights,
-        backward_copies,
-        trainable_state,
-        activations: activations + backward_transient,
-        head,
-        data,
+        weights: weights.0,
+        backward_copies: backward_copies.0,
+        trainable_state: trainable_state.0,
+        activations: (activations + backward_transient).0,
+        head: head.0,
+        data: data.0,
         runtime: RUNTIME_BYTES,
     }
 }

@@ -107,26 +107,16 @@ impl Tuner {
         }
     }
 
-    /// Bring the dropout masks to where they were after `calls` training forward passes: each
-    /// LoRA layer draws its mask from its seed and a per-layer call counter, which a fresh
-    /// adapter starts at 0. The counter only moves through a training forward, so this runs
-    /// `calls` of them on a one-row input (a few microseconds each).
+    /// Bring the dropout masks to where they were after `calls` training forward passes. Each
+    /// LoRA layer draws its k-th mask from its own seed and k alone (a counter-based stream, see
+    /// `peft::lora::layer`), so this sets the counters: no mask is drawn, whatever `calls` is.
     pub fn replay_rng(&self, model: &Llama, calls: u64) -> Result<()> {
         match self {
-            Tuner::Lora { config, .. } => {
-                if config.lora_dropout == 0.0 || calls == 0 {
-                    return Ok(());
-                }
-                let dev = model.device();
+            Tuner::Lora { .. } => {
                 for lin in model.linears() {
                     for (name, a) in lin.adapters() {
-                        if name != ADAPTER_NAME || as_lora(a).is_none() {
-                            continue;
-                        }
-                        let x = Tensor::zeros((1, lin.in_features()), DType::F32, dev)?;
-                        let base = Tensor::zeros((1, lin.out_features()), DType::F32, dev)?;
-                        for _ in 0..calls {
-                            a.forward(&x, base.clone(), true)?;
+                        if name == ADAPTER_NAME && as_lora(a).is_some() {
+                            a.set_rng_state(calls);
                         }
                     }
                 }

@@ -8,11 +8,14 @@
 //! - [`optim`]: AdamW, gradient clipping. [`schedule`]: learning-rate schedules.
 //! - [`method`]: what the loop needs from a method (LoRA today).
 //! - [`checkpoint`]: atomic checkpoints and exact resume. [`report`]: metrics, plot, progress.
+//! - [`output`]: the run folder: created and marked by ferrotune, never a folder of the user's;
+//!   a run in it needs `--resume` or `--overwrite`.
 //! - [`compare`]: generate over a data file with the base model and adapters and score them.
 //!
 //! A resumed run continues exactly: the adapter, the optimizer state, the data cursor and the
 //! dropout RNG are restored, so on CPU a run interrupted and resumed ends with the same adapter,
-//! bit for bit, as one that was never interrupted.
+//! bit for bit, as one that was never interrupted. [`RunOptions::interrupt`] (Ctrl-C) stops a
+//! run at the next step boundary with a checkpoint; `--resume` of a finished run does nothing.
 pub mod checkpoint;
 pub mod checkpointing;
 pub mod compare;
@@ -21,6 +24,7 @@ pub mod loss;
 pub mod memory;
 pub mod method;
 pub mod optim;
+pub mod output;
 pub mod report;
 pub mod schedule;
 
@@ -36,9 +40,11 @@ use crate::tokenizer::Tokenizer;
 use crate::{Error, Result};
 use checkpoint::{RngState, TrainerState};
 use report::{MetricsLog, Progress, StepLine};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 use std::time::Instant;
 
 /// Where the final adapter goes, under `output_dir`.
@@ -52,20 +58,39 @@ pub const CONFIG_FILE: &str = "config.toml";
 pub struct RunOptions {
     /// Continue from the newest checkpoint in `output_dir` (start fresh if there is none).
     pub resume: bool,
+    /// Start again in an `output_dir` that holds a run, removing only the files a run writes.
+    pub overwrite: bool,
     pub progress: ProgressMode,
+    /// Set (e.g. by a Ctrl-C handler) to stop at the next step boundary: the run writes a
+    /// checkpoint and returns with [`StopReason::Interrupted`]; `--resume` continues it.
+    pub interrupt: Option<Arc<AtomicBool>>,
 }
 
 /// Why the loop ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum StopReason {
     MaxSteps,
     EarlyStopping,
     StopAfter,
+    /// [`RunOptions::interrupt`] was set (Ctrl-C).
+    Interrupted,
+}
+
+impl StopReason {
+    /// The name `summary.json` uses.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            StopReason::MaxSteps => "max_steps",
+            StopReason::EarlyStopping => "early_stopping",
+            StopReason::StopAfter => "stop_after",
+            StopReason::Interrupted => "interrupted",
+        }
+    }
 }
 
 /// `summary.json`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Summary {
     pub method: String,
     /// Optimizer steps done (over all sessions of a resumed run).
@@ -94,6 +119,10 @@ pub struct Summary {
     pub all_params: usize,
     /// The final adapter; None when the run stopped early on `stop_after` (not finished).
     pub adapter_dir: Option<PathBuf>,
+    /// Set (not saved) when `--resume` found the run finished: this is its saved summary and
+    /// nothing was done.
+    #[serde(skip)]
+    pub already_finished: bool,
 }
 
 /// Validation loss of some batches: mean NLL per loss token and its perplexity.
@@ -308,28 +337,127 @@ fn no_gradient(name: &str) -> Error {
     ))
 }
 
-/// Run the recipe. See the module docs; `c` comes from [`load_config`].
+/// What [`execute`] did.
+#[derive(Debug, Clone)]
+pub enum Outcome {
+    /// The run trained (to the end, or until it stopped early or was interrupted).
+    Trained(Summary),
+    /// `--resume` of a run that had finished: nothing was done or written; its summary.
+    AlreadyFinished(Summary),
+    /// `dry_run`: everything was checked and nothing was written.
+    DryRun(DryRun),
+}
+
+/// What a dry run found: what the run would train, on what, and where.
+#[derive(Debug, Clone)]
+pub struct DryRun {
+    /// `model M (gguf, 30 layers); method lora`.
+    pub model: String,
+    /// PEFT's trainable-parameters line.
+    pub params: String,
+    pub memory: memory::MemoryEstimate,
+    /// The memory available to the run, where it can be read.
+    pub available_bytes: Option<u64>,
+    /// The split summary of the data.
+    pub data: String,
+    pub max_steps: usize,
+    /// What the run would do with `output_dir`.
+    pub output: String,
+}
+
+impl std::fmt::Display for DryRun {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "{}", self.model)?;
+        writeln!(f, "{}", self.params)?;
+        writeln!(f, "{}", self.memory.table())?;
+        if let Some(a) = self.available_bytes {
+            writeln!(f, "memory available: {}", crate::inspect::human_bytes(a))?;
+        }
+        writeln!(f, "{}", self.data)?;
+        writeln!(f, "max_steps: {}", self.max_steps)?;
+        writeln!(f, "{}", self.output)?;
+        write!(f, "dry run: nothing was written")
+    }
+}
+
+/// Run the recipe. See the module docs; `c` comes from [`load_config`]. `--resume` of a run
+/// that had finished returns its saved summary (with `already_finished` set) and writes
+/// nothing.
 pub fn run(c: &LoadedConfig, opts: &RunOptions) -> Result<Summary> {
+    match execute(c, opts, false)? {
+        Outcome::Trained(s) | Outcome::AlreadyFinished(s) => Ok(s),
+        Outcome::DryRun(_) => Err(Error::msg("a dry run trains nothing")),
+    }
+}
+
+/// Everything [`run`] checks before it writes: the config, the data (read and tokenized), the
+/// model (loaded), the targets, the memory estimate, the output folder and the checkpoint to
+/// resume from. Writes nothing.
+pub fn dry_run(c: &LoadedConfig, opts: &RunOptions) -> Result<Outcome> {
+    execute(c, opts, true)
+}
+
+/// Whether the run was asked to stop (Ctrl-C).
+fn interrupted(opts: &RunOptions) -> bool {
+    opts.interrupt
+        .as_ref()
+        .is_some_and(|f| f.load(std::sync::atomic::Ordering::SeqCst))
+}
+
+/// The summary of the run in `out` if it finished (its max_steps reached, or early stopping)
+/// with its adapter written and no checkpoint after it: then `--resume` has nothing to do.
+fn finished_summary(out: &std::path::Path, max_steps: usize) -> Option<Summary> {
+    let text = std::fs::read_to_string(out.join(SUMMARY_FILE)).ok()?;
+    let s: Summary = serde_json::from_str(&text).ok()?;
+    let done = match s.stop_reason {
+        StopReason::MaxSteps => s.steps >= max_steps,
+        StopReason::EarlyStopping => true,
+        StopReason::StopAfter | StopReason::Interrupted => false,
+    };
+    let adapter = out
+        .join(ADAPTER_DIR)
+        .join(crate::peft::format::WEIGHTS_FILE)
+        .is_file();
+    let newer_checkpoint = checkpoint::latest(out)
+        .ok()
+        .flatten()
+        .is_some_and(|(step, _)| step > s.steps);
+    (done && s.adapter_dir.is_some() && adapter && !newer_checkpoint).then_some(Summary {
+        already_finished: true,
+        ..s
+    })
+}
+
+fn execute(c: &LoadedConfig, opts: &RunOptions, dry: bool) -> Result<Outcome> {
     let wall = Instant::now();
     inline_candle_elementwise();
     let cfg = &c.config;
     let t = &cfg.train;
     let out = cfg.output_dir.clone();
+    if opts.resume && opts.overwrite {
+        return Err(Error::msg(
+            "--resume continues the run in output_dir and --overwrite starts it again: give one of them",
+        ));
+    }
 
     // ---- Data (first: its errors should not wait for the weights to load) -----------------
     if let Some(n) = t.threads {
         set_threads(n);
     }
     let device = config::parse_device(&t.device)
-        .map_err(|e| Error::key(c.source(), "train.device", e))?
+        .map_err(|e| c.key_error("train.device", e))?
         .device()?;
     let source = model::resolve(&cfg.model)?;
     let (tok, ctx) = tokenizer_and_context(&source)?;
     let prepared = prepare_data(c, &tok, Some(ctx))?;
     if prepared.max_seq_len > ctx {
-        return Err(Error::key(
-            c.source(),
-            "train.max_seq_len",
+        let key = if t.max_seq_len.is_some() {
+            "train.max_seq_len"
+        } else {
+            "data.max_seq_len"
+        };
+        return Err(c.key_error(
+            key,
             format!(
                 "{} is more than the model's context window of {ctx}",
                 prepared.max_seq_len
@@ -337,40 +465,7 @@ pub fn run(c: &LoadedConfig, opts: &RunOptions) -> Result<Summary> {
         ));
     }
 
-    // ---- Model and method ----------------------------------------------------------------
-    let dtype = match t.dtype.as_deref() {
-        None => None,
-        Some("f32") => Some(candle_core::DType::F32),
-        Some("bf16") => Some(candle_core::DType::BF16),
-        Some("f16") => Some(candle_core::DType::F16),
-        Some(other) => {
-            return Err(Error::key(
-                c.source(),
-                "train.dtype",
-                format!("`{other}` is not one of f32, bf16, f16"),
-            ))
-        }
-    };
-    let load_opts = LoadOptions {
-        dtype,
-        dequantize: t.dequantize,
-        ..Default::default()
-    };
-    let LoadedModel {
-        model: mut llama,
-        source,
-        ..
-    } = model::load_source(source, &load_opts, &device)?;
-    // The module names are only known once the model is loaded; a target that matches none is
-    // the config's error, so name the file and the key.
-    if cfg.method == Method::Lora {
-        crate::peft::lora::model::resolve_targets(&llama, &cfg.lora.to_peft(&cfg.model))
-            .map_err(|e| Error::key(c.source(), "lora.targets", e))?;
-    }
-    let tuner = Tuner::attach(cfg, &mut llama, &cfg.model)?;
-    let params = tuner.trainable(&llama);
-
-    // ---- Batches, schedule, optimizer ------------------------------------------------------
+    // ---- Batches and the number of steps ---------------------------------------------------
     let mut train_bc = cfg
         .data
         .batch_config(t.batch_size, prepared.max_seq_len, &tok);
@@ -397,6 +492,107 @@ pub fn run(c: &LoadedConfig, opts: &RunOptions) -> Result<Summary> {
             .ceil()
             .max(1.0) as usize,
     };
+
+    // ---- Output folder: decide, writing nothing yet -----------------------------------------
+    let folder = output::inspect(&out, |what| c.key_error("output_dir", what))?;
+    let mut inputs = vec![crate::fsutil::Input::new("the config", &c.path)];
+    for (key, p) in [
+        ("data.train", &cfg.data.train),
+        ("data.validation", &cfg.data.validation),
+        ("data.test", &cfg.data.test),
+    ] {
+        if let Some(p) = p {
+            inputs.push(crate::fsutil::Input::new(
+                format!("the {key} file"),
+                c.base_dir.join(p),
+            ));
+        }
+    }
+    for m in &cfg.data.mixture {
+        inputs.push(crate::fsutil::Input::new(
+            "a data.mixture file",
+            c.base_dir.join(&m.path),
+        ));
+    }
+    inputs.push(crate::fsutil::Input::new("the model", source.path()));
+    output::check_inputs(&out, &inputs)?;
+    let resume_from = match folder {
+        output::RunFolder::Fresh => None,
+        output::RunFolder::Run { .. } if opts.resume => {
+            if let Some(s) = finished_summary(&out, max_steps) {
+                return Ok(Outcome::AlreadyFinished(s));
+            }
+            match checkpoint::latest(&out)? {
+                Some((step, dir)) => {
+                    let saved = checkpoint::read_state(&dir)?;
+                    checkpoint::validate_state(
+                        &dir,
+                        &saved,
+                        &checkpoint::RunShape {
+                            max_steps,
+                            method: cfg.method.as_str(),
+                            seed: t.seed,
+                            train_examples: n_train,
+                            batches_per_epoch: bpe,
+                            batch_size: t.batch_size,
+                            grad_accum: t.grad_accum,
+                            packing: train_bc.packing,
+                        },
+                    )?;
+                    Some((step, dir, saved))
+                }
+                None => None,
+            }
+        }
+        output::RunFolder::Run { .. } if opts.overwrite => None,
+        output::RunFolder::Run { .. } => {
+            let at = match checkpoint::latest(&out)? {
+                Some((step, _)) => format!("checkpoints up to step {step}"),
+                None => "no checkpoint yet".to_string(),
+            };
+            return Err(c.key_error(
+                "output_dir",
+                format!(
+                    "{} already holds a run ({at}); continue it with --resume, start it again with --overwrite (removes only the run's files), or choose another output_dir",
+                    out.display()
+                ),
+            ));
+        }
+    };
+
+    // ---- Model and method ----------------------------------------------------------------
+    let dtype = match t.dtype.as_deref() {
+        None => None,
+        Some("f32") => Some(candle_core::DType::F32),
+        Some("bf16") => Some(candle_core::DType::BF16),
+        Some("f16") => Some(candle_core::DType::F16),
+        Some(other) => {
+            return Err(c.key_error(
+                "train.dtype",
+                format!("`{other}` is not one of f32, bf16, f16"),
+            ))
+        }
+    };
+    let load_opts = LoadOptions {
+        dtype,
+        dequantize: t.dequantize,
+        ..Default::default()
+    };
+    let LoadedModel {
+        model: mut llama,
+        source,
+        ..
+    } = model::load_source(source, &load_opts, &device)?;
+    // The module names are only known once the model is loaded; a target that matches none is
+    // the config's error, so name the file and the key.
+    if cfg.method == Method::Lora {
+        crate::peft::lora::model::resolve_targets(&llama, &cfg.lora.to_peft(&cfg.model))
+            .map_err(|e| c.key_error("lora.targets", e))?;
+    }
+    let tuner = Tuner::attach(cfg, &mut llama, &cfg.model)?;
+    let params = tuner.trainable(&llama);
+
+    // ---- Schedule, optimizer ---------------------------------------------------------------
     let schedule = Schedule {
         kind: t.lr_schedule,
         lr: t.lr,
@@ -418,8 +614,7 @@ pub fn run(c: &LoadedConfig, opts: &RunOptions) -> Result<Summary> {
         8 => crate::quant::ActPrecision::I8,
         16 => crate::quant::ActPrecision::I16,
         n => {
-            return Err(Error::key(
-                c.source(),
+            return Err(c.key_error(
                 "train.activation_bits",
                 format!("{n} is not supported: use 8 or 16"),
             ))
@@ -434,8 +629,9 @@ pub fn run(c: &LoadedConfig, opts: &RunOptions) -> Result<Summary> {
         &memory::TrainShape::for_run(&prepared, &train_bc, &params, cfg, t),
     );
     let mem_line = mem.table();
+    let available = memory::available_bytes();
     if t.memory_check {
-        if let Some(avail) = memory::available_bytes() {
+        if let Some(avail) = available {
             if mem.total() > avail {
                 let h = crate::inspect::human_bytes;
                 let hint = if t.gradient_checkpointing {
@@ -443,8 +639,7 @@ pub fn run(c: &LoadedConfig, opts: &RunOptions) -> Result<Summary> {
                 } else {
                     "set train.gradient_checkpointing = true, or lower train.batch_size or train.max_seq_len"
                 };
-                return Err(Error::key(
-                    c.source(),
+                return Err(c.key_error(
                     "train.batch_size",
                     format!(
                         "this run needs about {} of memory but {} is available ({}); {hint} (train.memory_check = false skips this check)",
@@ -456,21 +651,57 @@ pub fn run(c: &LoadedConfig, opts: &RunOptions) -> Result<Summary> {
             }
         }
     }
+    let model_line = format!(
+        "model {} ({}, {} layers); method {}",
+        cfg.model,
+        source.format(),
+        llama.cfg.num_hidden_layers,
+        tuner.method()
+    );
+    if dry {
+        let output = match (&resume_from, folder) {
+            (Some((step, _, _)), _) => format!(
+                "output_dir {}: would resume the run from step {step} of {max_steps}",
+                out.display()
+            ),
+            (None, output::RunFolder::Run { .. }) if opts.overwrite => format!(
+                "output_dir {}: would remove the run's files and start again",
+                out.display()
+            ),
+            (None, output::RunFolder::Run { .. }) => format!(
+                "output_dir {}: holds a run without a checkpoint; would start it from step 0",
+                out.display()
+            ),
+            (None, output::RunFolder::Fresh) if out.exists() => format!(
+                "output_dir {}: empty; the run would start there",
+                out.display()
+            ),
+            (None, output::RunFolder::Fresh) => {
+                format!("output_dir {}: would be created", out.display())
+            }
+        };
+        return Ok(Outcome::DryRun(DryRun {
+            model: model_line,
+            params: tuner.params_report(),
+            memory: mem,
+            available_bytes: available,
+            data: prepared.summary(),
+            max_steps,
+            output,
+        }));
+    }
+    if interrupted(opts) {
+        return Err(Error::msg(
+            "interrupted before training started; nothing was written",
+        ));
+    }
 
-    // ---- Output folder, resume ------------------------------------------------------------
-    std::fs::create_dir_all(&out).map_err(|e| Error::file(&out, e))?;
+    // ---- Output folder, resume: from here on the run writes --------------------------------
+    if opts.overwrite && folder != output::RunFolder::Fresh {
+        output::remove_run_files(&out)?;
+    }
+    output::create(&out)?;
     checkpoint::remove_partial(&out)?;
-    let resume_from = if opts.resume {
-        checkpoint::latest(&out)?
-    } else {
-        if checkpoint::latest(&out)?.is_some() || out.join(ADAPTER_DIR).exists() {
-            return Err(Error::file(
-                &out,
-                "already holds a run (checkpoints or adapter); continue it with --resume, or choose another output_dir",
-            ));
-        }
-        None
-    };
     let mut state = TrainerState {
         step: 0,
         max_steps,
@@ -497,41 +728,22 @@ pub fn run(c: &LoadedConfig, opts: &RunOptions) -> Result<Summary> {
     };
     let progress_total = max_steps.min(t.stop_after.unwrap_or(usize::MAX));
     let mut resumed_from_step = None;
-    if let Some((step, dir)) = &resume_from {
-        let saved = checkpoint::read_state(dir)?;
-        if (
-            saved.train_examples,
-            saved.batches_per_epoch,
-            saved.batch_size,
-            saved.grad_accum,
-        ) != (n_train, bpe, t.batch_size, t.grad_accum)
-            || saved.method != tuner.method()
-            || saved.rng.seed != t.seed
-        {
-            return Err(Error::file(
-                dir,
-                "cannot resume: the method, seed, data or batch settings differ from the checkpoint's",
-            ));
-        }
-        tuner.restore(&llama, dir)?;
+    if let Some((step, dir, saved)) = resume_from {
+        tuner.restore(&llama, &dir)?;
         opt.load(&dir.join(checkpoint::OPTIMIZER_FILE))?;
-        batcher.seek(saved.data_cursor)?;
+        batcher
+            .seek(saved.data_cursor)
+            .map_err(|e| Error::file(dir.join(checkpoint::STATE_FILE), e))?;
         tuner.replay_rng(&llama, saved.rng.dropout_calls)?;
         state = TrainerState { max_steps, ..saved };
-        resumed_from_step = Some(*step);
+        resumed_from_step = Some(step);
     }
     let mut metrics = MetricsLog::open(&out, resumed_from_step)?;
     let effective = toml::to_string(&c.effective).unwrap_or_default();
-    model::convert::write_atomic(&out.join(CONFIG_FILE), effective.as_bytes())?;
+    crate::fsutil::write_atomic(&out.join(CONFIG_FILE), effective.as_bytes())?;
 
     let progress = Progress::new(opts.progress, progress_total, state.step, t.log_every);
-    progress.println(&format!(
-        "model {} ({}, {} layers); method {}",
-        cfg.model,
-        source.format(),
-        llama.cfg.num_hidden_layers,
-        tuner.method()
-    ));
+    progress.println(&model_line);
     progress.println(&tuner.params_report());
     progress.println(&mem_line);
     progress.println(&prepared.summary());
@@ -599,6 +811,11 @@ pub fn run(c: &LoadedConfig, opts: &RunOptions) -> Result<Summary> {
     while state.step < max_steps {
         if t.stop_after.is_some_and(|s| state.step >= s) {
             stop_reason = StopReason::StopAfter;
+            break;
+        }
+        // Ctrl-C: stop here, between two steps; the checkpoint is written below.
+        if interrupted(opts) {
+            stop_reason = StopReason::Interrupted;
             break;
         }
         let t0 = Instant::now();
@@ -692,13 +909,16 @@ pub fn run(c: &LoadedConfig, opts: &RunOptions) -> Result<Summary> {
             break;
         }
     }
-    if t.stop_after.is_some_and(|s| state.step >= s) && state.step < max_steps {
+    if stop_reason != StopReason::Interrupted
+        && t.stop_after.is_some_and(|s| state.step >= s)
+        && state.step < max_steps
+    {
         stop_reason = StopReason::StopAfter;
     }
     progress.finish();
 
     // ---- The end ---------------------------------------------------------------------------
-    let finished = stop_reason != StopReason::StopAfter;
+    let finished = !matches!(stop_reason, StopReason::StopAfter | StopReason::Interrupted);
     if finished && last_eval != Some(state.step) {
         run_eval(&mut state, &mut metrics, &progress)?;
     }
@@ -740,8 +960,9 @@ pub fn run(c: &LoadedConfig, opts: &RunOptions) -> Result<Summary> {
         trainable_params: tuner.param_count().trainable,
         all_params: tuner.param_count().all,
         adapter_dir,
+        already_finished: false,
     };
     let text = serde_json::to_string_pretty(&summary).expect("the summary always serializes");
-    model::convert::write_atomic(&out.join(SUMMARY_FILE), text.as_bytes())?;
-    Ok(summary)
+    crate::fsutil::write_atomic(&out.join(SUMMARY_FILE), text.as_bytes())?;
+    Ok(Outcome::Trained(summary))
 }

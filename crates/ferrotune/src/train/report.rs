@@ -1,7 +1,7 @@
 //! What a run shows and leaves behind besides weights: `metrics.jsonl` (one JSON object per
 //! step and per evaluation), `loss.png` (train and validation loss against the step), the
 //! progress display (a bar on a terminal, plain lines otherwise) and the peak memory.
-use crate::model::convert::write_atomic;
+use crate::fsutil::write_atomic;
 use crate::{Error, Result};
 use serde_json::Value;
 use std::io::Write;

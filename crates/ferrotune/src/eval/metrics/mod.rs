@@ -26,6 +26,7 @@ pub use io::read_predictions;
 pub use porter::stem as porter_stem;
 pub use rouge::{rouge_detail, tokenize as rouge_tokenize, Prf, RougeDetail};
 
+use crate::progress::{NoProgress, Progress};
 use pytext::{py_split, py_strip};
 
 /// ROUGE F-measures (0..=1) of one example or the mean over a corpus.
@@ -56,10 +57,14 @@ pub fn rouge(prediction: &str, references: &[&str]) -> RougeScores {
     rouge_detail(prediction, references).into()
 }
 
-fn mean_rouge<'a>(rows: impl Iterator<Item = (&'a str, &'a [String])>) -> RougeScores {
+fn mean_rouge<'a>(
+    rows: impl Iterator<Item = (&'a str, &'a [String])>,
+    progress: &dyn Progress,
+) -> RougeScores {
     let mut sum = RougeScores::default();
     let mut n = 0usize;
     for (pred, refs) in rows {
+        progress.advance(1);
         let refs: Vec<&str> = refs.iter().map(String::as_str).collect();
         let s = rouge(pred, &refs);
         // Left-to-right sums, like Python's `sum(list) / len(list)`.
@@ -96,6 +101,7 @@ pub fn corpus_rouge(preds: &[String], refs: &[Vec<String>]) -> RougeScores {
             .iter()
             .map(String::as_str)
             .zip(refs.iter().map(Vec::as_slice)),
+        &NoProgress,
     )
 }
 
@@ -175,7 +181,17 @@ pub struct Scores {
 
 /// All metrics over `(prediction, references)` rows (as [`read_predictions`] returns them).
 pub fn score_rows(rows: &[(String, Vec<String>)]) -> Scores {
-    let r = mean_rouge(rows.iter().map(|(p, refs)| (p.as_str(), refs.as_slice())));
+    score_rows_with_progress(rows, &NoProgress)
+}
+
+/// [`score_rows`], reporting the rows scored (ROUGE, the per-row part) to `progress`.
+pub fn score_rows_with_progress(rows: &[(String, Vec<String>)], progress: &dyn Progress) -> Scores {
+    progress.start("score", rows.len() as u64, "rows");
+    let r = mean_rouge(
+        rows.iter().map(|(p, refs)| (p.as_str(), refs.as_slice())),
+        progress,
+    );
+    progress.finish();
     let (preds, refs): (Vec<String>, Vec<Vec<String>>) = rows.iter().cloned().unzip();
     Scores {
         rouge1: r.rouge1,

@@ -503,3 +503,17 @@ fn read_predictions_errors_name_file_line_and_field() {
     let msg = read_predictions(&missing).unwrap_err().to_string();
     assert!(msg.contains("no-such-file"), "{msg}");
 }
+
+#[test]
+fn score_rows_reports_each_row_to_its_progress() {
+    let rows: Vec<(String, Vec<String>)> = (0..5)
+        .map(|i| (format!("a b {i}"), vec![format!("a b c {i}")]))
+        .collect();
+    let rec = crate::progress::Recorder::default();
+    let s = super::score_rows_with_progress(&rows, &rec);
+    assert_eq!(s, score_rows(&rows));
+    let events = rec.0.borrow();
+    assert_eq!(events[0], ("start score rows".to_string(), 5));
+    assert_eq!(rec.advanced(), 5);
+    assert_eq!(events.last().unwrap().0, "finish");
+}

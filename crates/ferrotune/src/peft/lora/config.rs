@@ -212,6 +212,11 @@ fn regex_matches(re: &Regex, s: &str) -> bool {
     re.is_match(s).unwrap_or(false)
 }
 
+/// The largest LoRA rank accepted (`r` and `rank_pattern` values). Ranks used in practice are
+/// 4 to 256; the bound stops a typo such as 2^40 from sizing an allocation, while the adapter
+/// tensors in a file are checked against the base model's modules as well.
+pub const MAX_RANK: usize = 1 << 16;
+
 /// Resolved per-module hyper-parameters.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ModuleParams {
@@ -243,8 +248,20 @@ impl LoraConfig {
         if self.r == 0 {
             return bad("r", "must be at least 1".into());
         }
+        if self.r > MAX_RANK {
+            return bad(
+                "r",
+                format!("{} is larger than the limit {MAX_RANK}", self.r),
+            );
+        }
         if !(self.lora_alpha.is_finite()) {
             return bad("lora_alpha", "must be a finite number".into());
+        }
+        if let Some((k, a)) = self.alpha_pattern.iter().find(|(_, a)| !a.is_finite()) {
+            return bad(
+                "alpha_pattern",
+                format!("alpha of `{k}` is {a}; it must be a finite number"),
+            );
         }
         if !(0.0..1.0).contains(&self.lora_dropout) {
             return bad(
@@ -286,8 +303,15 @@ impl LoraConfig {
         {
             return bad(k, format!("{what} is not supported"));
         }
-        if let Some((k, &r)) = self.rank_pattern.iter().find(|(_, &r)| r == 0) {
-            return bad("rank_pattern", format!("rank of `{k}` is {r}"));
+        if let Some((k, &r)) = self
+            .rank_pattern
+            .iter()
+            .find(|(_, &r)| r == 0 || r > MAX_RANK)
+        {
+            return bad(
+                "rank_pattern",
+                format!("rank of `{k}` is {r}; it must be in 1..={MAX_RANK}"),
+            );
         }
         for k in self.rank_pattern.keys().chain(self.alpha_pattern.keys()) {
             pattern_regex(k).map_err(|e| Error::key(source, "rank_pattern/alpha_pattern", e))?;
@@ -597,5 +621,45 @@ mod tests {
         let mut c = base;
         c.lora_dropout = 1.0;
         assert!(c.validate("x").is_err());
+    }
+
+    #[test]
+    fn ranks_are_bounded_and_alphas_finite() {
+        let base = LoraConfig::new(4, 8.0, &["q_proj"]);
+        let mut c = base.clone();
+        c.r = 1 << 40;
+        let e = c.validate("a/adapter_config.json").unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "a/adapter_config.json: key `r`: 1099511627776 is larger than the limit 65536"
+        );
+        c.r = MAX_RANK;
+        c.validate("x").unwrap();
+        let mut c = base.clone();
+        c.rank_pattern.insert("v_proj".into(), 1 << 40);
+        let e = c.validate("x").unwrap_err().to_string();
+        assert!(e.contains("`rank_pattern`") && e.contains("v_proj"), "{e}");
+        for alpha in [f64::NAN, f64::INFINITY] {
+            let mut c = base.clone();
+            c.lora_alpha = alpha;
+            assert!(c
+                .validate("x")
+                .unwrap_err()
+                .to_string()
+                .contains("`lora_alpha`"));
+            let mut c = base.clone();
+            c.alpha_pattern.insert("q_proj".into(), alpha);
+            let e = c.validate("x").unwrap_err().to_string();
+            assert!(e.contains("`alpha_pattern`") && e.contains("q_proj"), "{e}");
+        }
+        for p in [f64::NAN, -0.1, 1.0] {
+            let mut c = base.clone();
+            c.lora_dropout = p;
+            assert!(c
+                .validate("x")
+                .unwrap_err()
+                .to_string()
+                .contains("`lora_dropout`"));
+        }
     }
 }

@@ -18,7 +18,9 @@ pub struct LoraAdapter {
     alpha: f64,
     scale: f64,
     dropout: f32,
-    /// Dropout masks come from `seed` and a per-call counter, so a run is reproducible.
+    /// Dropout masks come from `seed` and a per-call counter, so a run is reproducible. The
+    /// stream is counter-based: mask k depends on (seed, k) only, so a resumed run seeks to
+    /// any k in O(1) by setting the counter ([`LinearAdapter::set_rng_state`]).
     seed: u64,
     calls: AtomicU64,
     /// Selected by the user (PEFT's `set_adapter` / enabling one adapter of several).
@@ -142,7 +144,9 @@ impl LoraAdapter {
         self.merged.store(on, Ordering::Relaxed)
     }
 
-    /// Inverted dropout: zero each element with probability p, scale the rest by 1/(1-p).
+    /// Inverted dropout: zero each element with probability p, scale the rest by 1/(1-p). The
+    /// mask of call k is drawn from a generator seeded with (seed, k) alone, never from the
+    /// previous call's state.
     fn dropout_mask(&self, shape: &[usize], dev: &Device) -> Result<Tensor> {
         let call = self.calls.fetch_add(1, Ordering::Relaxed);
         let mut rng = StdRng::seed_from_u64(self.seed ^ call.wrapping_mul(0x9E37_79B9_7F4A_7C15));

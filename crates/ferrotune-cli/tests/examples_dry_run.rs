@@ -1,0 +1,126 @@
+//! Every training config under `examples/` parses and dry-runs as written: the data is read and
+//! tokenized, the model loaded, the targets resolved and the memory estimated, and nothing is
+//! written. The examples read the model that `scripts/fetch-models.sh` fetches into `.cache/`
+//! and the data sets in `../shared/data` beside the repository; a missing one fails the test
+//! naming what provides it.
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::SystemTime;
+
+fn repo() -> PathBuf {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    p.canonicalize().unwrap_or(p)
+}
+
+fn toml_files(dir: &Path, out: &mut Vec<PathBuf>) {
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            toml_files(&p, out);
+        } else if p.extension().is_some_and(|x| x == "toml") {
+            out.push(p);
+        }
+    }
+}
+
+/// Every file under `dir` with its size and modification time (empty if `dir` is absent).
+fn listing(dir: &Path) -> BTreeMap<PathBuf, (u64, SystemTime)> {
+    fn walk(d: &Path, out: &mut BTreeMap<PathBuf, (u64, SystemTime)>) {
+        let Ok(rd) = std::fs::read_dir(d) else {
+            return;
+        };
+        for e in rd {
+            let p = e.unwrap().path();
+            let m = std::fs::symlink_metadata(&p).unwrap();
+            if m.is_dir() {
+                walk(&p, out);
+            }
+            out.insert(p, (m.len(), m.modified().unwrap()));
+        }
+    }
+    let mut out = BTreeMap::new();
+    walk(dir, &mut out);
+    out
+}
+
+#[test]
+fn every_example_config_parses_and_dry_runs_without_writing() {
+    let mut configs = Vec::new();
+    toml_files(&repo().join("examples"), &mut configs);
+    configs.sort();
+    assert!(!configs.is_empty(), "no configs under examples/");
+    for config in &configs {
+        let c = ferrotune::train::load_config(config, &[])
+            .unwrap_or_else(|e| panic!("{}: {e}", config.display()));
+        let model = Path::new(&c.config.model);
+        assert!(
+            c.config.model.starts_with("hf:") || model.exists(),
+            "{}: the model {} is missing: run scripts/fetch-models.sh",
+            config.display(),
+            model.display()
+        );
+        let d = &c.config.data;
+        for p in [&d.train, &d.validation, &d.test].into_iter().flatten() {
+            let p = c.base_dir.join(p);
+            assert!(
+                p.exists(),
+                "{}: {} is missing: the examples read the data sets in ../shared/data beside the repository",
+                config.display(),
+                p.display()
+            );
+        }
+        let out = &c.config.output_dir;
+        let before = listing(out);
+        let existed = out.exists();
+        let mut args = vec![
+            "train".to_string(),
+            "--config".into(),
+            config.display().to_string(),
+            "--dry-run".into(),
+        ];
+        // A checkout where the example already ran: the dry run of continuing it.
+        if existed {
+            args.push("--resume".into());
+        }
+        let r = Command::new(env!("CARGO_BIN_EXE_ferrotune"))
+            .args(&args)
+            .output()
+            .unwrap();
+        let (stdout, stderr) = (
+            String::from_utf8_lossy(&r.stdout),
+            String::from_utf8_lossy(&r.stderr),
+        );
+        assert!(r.status.success(), "{args:?} failed: {stderr}");
+        let finished = stderr.contains("already finished");
+        if !finished {
+            for want in [
+                "memory estimate: weights",
+                "trainable params",
+                "train: ",
+                "validation: ",
+                "dry run: nothing was written",
+            ] {
+                assert!(
+                    stdout.contains(want),
+                    "{}: `{want}` missing from the dry run: {stdout}",
+                    config.display()
+                );
+            }
+        }
+        assert_eq!(
+            out.exists(),
+            existed,
+            "{}: the dry run created {}",
+            config.display(),
+            out.display()
+        );
+        assert_eq!(
+            listing(out),
+            before,
+            "{}: the dry run wrote into {}",
+            config.display(),
+            out.display()
+        );
+    }
+}

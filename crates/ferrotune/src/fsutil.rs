@@ -1,0 +1,455 @@
+//! Writing without losing the user's files: atomic writes, output paths checked against the
+//! command's own inputs, and folders that ferrotune recognises as its own by a marker file it
+//! writes when it creates them.
+//!
+//! The rules every command follows:
+//! - a file is written into a temporary sibling and renamed into place, so a kill leaves the old
+//!   file or the new one, never half of one;
+//! - an output never lands on an input (the data file, the model, an adapter), whatever the
+//!   flags: paths are compared after resolving symbolic links and `..`;
+//! - an existing output file, or a folder holding files ferrotune did not write, is replaced only
+//!   with `--overwrite`;
+//! - a folder output (`convert`, `merge`) is built in a temporary sibling folder and renamed into
+//!   place whole.
+use crate::{Error, Result};
+use serde::{Deserialize, Serialize};
+use std::path::{Component, Path, PathBuf};
+
+/// The marker file ferrotune writes into every folder it creates.
+pub const MARKER_FILE: &str = ".ferrotune";
+
+/// What a marker says: who wrote the folder, what kind of folder it is, and (for folders
+/// written whole, such as an HF folder) the files in it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Marker {
+    pub written_by: String,
+    /// `run` (a training run folder) or `hf_folder` (convert, merge).
+    pub kind: String,
+    /// The entries ferrotune wrote (empty for run folders, whose files change as they run).
+    #[serde(default)]
+    pub files: Vec<String>,
+}
+
+impl Marker {
+    pub fn new(kind: &str, files: Vec<String>) -> Self {
+        Marker {
+            written_by: "ferrotune".into(),
+            kind: kind.into(),
+            files,
+        }
+    }
+}
+
+/// The marker of `dir`, if it has one that parses.
+pub fn read_marker(dir: &Path) -> Option<Marker> {
+    let text = std::fs::read_to_string(dir.join(MARKER_FILE)).ok()?;
+    serde_json::from_str::<Marker>(&text)
+        .ok()
+        .filter(|m| m.written_by == "ferrotune")
+}
+
+pub fn write_marker(dir: &Path, marker: &Marker) -> Result<()> {
+    let text = serde_json::to_string_pretty(marker).expect("a marker always serializes");
+    write_atomic(&dir.join(MARKER_FILE), text.as_bytes())
+}
+
+/// Write `bytes` to `path` through a temporary sibling (`.NAME.PID.tmp`), flushed to disk, and
+/// a rename: a crash never leaves a half-written file under the final name.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let name = path
+        .file_name()
+        .ok_or_else(|| Error::file(path, "is not a file path"))?
+        .to_string_lossy();
+    let tmp = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
+    let write = || -> std::io::Result<()> {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()
+    };
+    if let Err(e) = write() {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(Error::file(&tmp, e));
+    }
+    std::fs::rename(&tmp, path).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        Error::file(path, e)
+    })
+}
+
+/// `p` made absolute (against the current directory) with `.` and `dir/..` folded, without
+/// touching the file system.
+pub fn absolute(p: &Path) -> PathBuf {
+    let joined = if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        std::env::current_dir()
+            .map(|d| d.join(p))
+            .unwrap_or_else(|_| p.to_path_buf())
+    };
+    let mut out = PathBuf::new();
+    for c in joined.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                out.pop();
+            }
+            c => out.push(c.as_os_str()),
+        }
+    }
+    out
+}
+
+/// Where `p` really is: symbolic links resolved in the longest part of it that exists, the rest
+/// appended. Two paths naming the same file resolve to the same path.
+pub fn resolve(p: &Path) -> PathBuf {
+    let abs = absolute(p);
+    let mut existing = abs.clone();
+    let mut rest: Vec<std::ffi::OsString> = Vec::new();
+    loop {
+        if let Ok(c) = existing.canonicalize() {
+            let mut out = c;
+            for r in rest.iter().rev() {
+                out.push(r);
+            }
+            return out;
+        }
+        match (existing.file_name(), existing.parent()) {
+            (Some(name), Some(parent)) => {
+                rest.push(name.to_os_string());
+                existing = parent.to_path_buf();
+            }
+            _ => return abs,
+        }
+    }
+}
+
+/// Whether writing (or removing) `a` could touch `b`: the same path, or one inside the other.
+pub fn overlaps(a: &Path, b: &Path) -> bool {
+    let (a, b) = (resolve(a), resolve(b));
+    a.starts_with(&b) || b.starts_with(&a)
+}
+
+/// An input of a command, for messages: what it is (`--data`) and where.
+#[derive(Debug, Clone)]
+pub struct Input {
+    pub what: String,
+    pub path: PathBuf,
+}
+
+impl Input {
+    pub fn new(what: impl Into<String>, path: impl Into<PathBuf>) -> Self {
+        Input {
+            what: what.into(),
+            path: path.into(),
+        }
+    }
+}
+
+/// Refuse an output (`what`, e.g. `--output`) that is, contains or lies inside one of the
+/// command's inputs: that holds even with `--overwrite`.
+pub fn check_not_input(out: &Path, what: &str, inputs: &[Input]) -> Result<()> {
+    for i in inputs {
+        if overlaps(out, &i.path) {
+            let how = if resolve(out) == resolve(&i.path) {
+                "is".to_string()
+            } else if resolve(&i.path).starts_with(resolve(out)) {
+                "contains".to_string()
+            } else {
+                "is inside".to_string()
+            };
+            return Err(Error::file(
+                out,
+                format!(
+                    "{what} {how} {} ({}), an input of this command; it is never written over, choose another path",
+                    i.what,
+                    i.path.display()
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Why `dir` may never be replaced or filled, whatever the flags: the root of the file system,
+/// the home folder, or the current directory or one above it.
+pub fn protected_dir(dir: &Path) -> Option<&'static str> {
+    let r = resolve(dir);
+    if r.parent().is_none() {
+        return Some("the root of the file system");
+    }
+    if let Some(home) = std::env::var_os("HOME").filter(|h| !h.is_empty()) {
+        if r == resolve(Path::new(&home)) {
+            return Some("the home folder");
+        }
+    }
+    if let Ok(cwd) = std::env::current_dir() {
+        if resolve(&cwd).starts_with(&r) {
+            return Some("the current directory or a folder above it");
+        }
+    }
+    None
+}
+
+/// An output file (`flag` names it in messages): never an input; an existing file only with
+/// `overwrite`; never a folder.
+pub fn check_output_file(path: &Path, flag: &str, overwrite: bool, inputs: &[Input]) -> Result<()> {
+    check_not_input(path, flag, inputs)?;
+    if path.is_dir() {
+        return Err(Error::file(path, format!("{flag} is a folder, not a file")));
+    }
+    if !overwrite && (path.exists() || path.is_symlink()) {
+        return Err(Error::file(
+            path,
+            format!(
+                "{flag}: the file exists; pass --overwrite to replace it, or choose another path"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// What is in a folder, for deciding whether ferrotune may write there.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DirState {
+    Missing,
+    /// A file (or anything else) that is not a folder.
+    NotADir,
+    Empty,
+    /// Entries (sorted), and the marker if there is one.
+    Holds {
+        entries: Vec<String>,
+        marker: Option<Marker>,
+    },
+}
+
+pub fn dir_state(dir: &Path) -> Result<DirState> {
+    let meta = match std::fs::metadata(dir) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            // A dangling symbolic link is not a place to create a folder.
+            return Ok(if dir.is_symlink() {
+                DirState::NotADir
+            } else {
+                DirState::Missing
+            });
+        }
+        Err(e) => return Err(Error::file(dir, e)),
+    };
+    if !meta.is_dir() {
+        return Ok(DirState::NotADir);
+    }
+    let mut entries = Vec::new();
+    for e in std::fs::read_dir(dir).map_err(|e| Error::file(dir, e))? {
+        let e = e.map_err(|e| Error::file(dir, e))?;
+        entries.push(e.file_name().to_string_lossy().to_string());
+    }
+    if entries.is_empty() {
+        return Ok(DirState::Empty);
+    }
+    entries.sort();
+    Ok(DirState::Holds {
+        marker: read_marker(dir),
+        entries,
+    })
+}
+
+/// The marker kind of HF folders written by `convert` and `merge`.
+pub const HF_FOLDER_KIND: &str = "hf_folder";
+
+/// An output folder that is written whole (`convert --out`, `merge --out`): never an input or a
+/// protected folder; an existing folder that holds anything ferrotune did not write there only
+/// with `overwrite` (a folder that ferrotune wrote and nobody added to is replaced).
+pub fn check_output_dir(dir: &Path, flag: &str, overwrite: bool, inputs: &[Input]) -> Result<()> {
+    if let Some(why) = protected_dir(dir) {
+        return Err(Error::file(
+            dir,
+            format!("{flag} is {why}; it is never replaced, choose a new folder"),
+        ));
+    }
+    check_not_input(dir, flag, inputs)?;
+    match dir_state(dir)? {
+        DirState::Missing | DirState::Empty => Ok(()),
+        DirState::NotADir => Err(Error::file(
+            dir,
+            format!("{flag} exists and is not a folder"),
+        )),
+        DirState::Holds { entries, marker } => {
+            let ours = marker.as_ref().filter(|m| m.kind == HF_FOLDER_KIND);
+            let foreign: Vec<&String> = entries
+                .iter()
+                .filter(|e| *e != MARKER_FILE && !ours.is_some_and(|m| m.files.contains(e)))
+                .collect();
+            if foreign.is_empty() || overwrite {
+                return Ok(());
+            }
+            let what = if ours.is_some() {
+                "holds files that ferrotune did not write there"
+            } else {
+                "is not empty and was not written by ferrotune"
+            };
+            Err(Error::file(
+                dir,
+                format!(
+                    "{flag} {what} (e.g. `{}`); pass --overwrite to replace the whole folder, or choose a new one",
+                    foreign[0]
+                ),
+            ))
+        }
+    }
+}
+
+/// Write the folder `dir` whole: `fill` writes the files into a temporary sibling folder, which
+/// is then renamed into place (an existing `dir` is moved aside first and removed after), so a
+/// kill leaves the old folder or the new one, never a half-written one. Call
+/// [`check_output_dir`] first.
+pub fn replace_dir(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let name = dir
+        .file_name()
+        .ok_or_else(|| Error::file(dir, "is not a folder name that can be written"))?
+        .to_string_lossy()
+        .to_string();
+    let parent = match dir.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    std::fs::create_dir_all(&parent).map_err(|e| Error::file(&parent, e))?;
+    let tmp = parent.join(format!(".{name}.ferrotune-tmp"));
+    let old = parent.join(format!(".{name}.ferrotune-old"));
+    // Left by a kill: a half-written folder (ours by its marker, or still empty) goes; an old
+    // folder that a kill caught between the two renames goes back into place.
+    remove_if_ours(&tmp)?;
+    if old.exists() {
+        if dir_state(dir)? == DirState::Missing {
+            std::fs::rename(&old, dir).map_err(|e| Error::file(dir, e))?;
+        } else {
+            remove_if_ours(&old)?;
+        }
+    }
+    std::fs::create_dir(&tmp).map_err(|e| Error::file(&tmp, e))?;
+    // The marker goes first, so that a half-written folder is recognisably ours.
+    write_marker(&tmp, &Marker::new(HF_FOLDER_KIND, Vec::new()))?;
+    let filled = fill(&tmp).and_then(|()| {
+        let mut files: Vec<String> = std::fs::read_dir(&tmp)
+            .map_err(|e| Error::file(&tmp, e))?
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().to_string())
+            .filter(|n| n != MARKER_FILE)
+            .collect();
+        files.sort();
+        write_marker(&tmp, &Marker::new(HF_FOLDER_KIND, files))
+    });
+    if let Err(e) = filled {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
+    match dir_state(dir)? {
+        DirState::Missing | DirState::Empty => {
+            // rename(2) replaces an empty folder atomically.
+            std::fs::rename(&tmp, dir).map_err(|e| Error::file(dir, e))?;
+        }
+        _ => {
+            std::fs::rename(dir, &old).map_err(|e| Error::file(dir, e))?;
+            std::fs::rename(&tmp, dir).map_err(|e| Error::file(dir, e))?;
+            std::fs::remove_dir_all(&old).map_err(|e| Error::file(&old, e))?;
+        }
+    }
+    Ok(())
+}
+
+/// Remove a leftover temporary folder of ours: one with our marker, one that a kill caught
+/// while it wrote the marker, or an empty one. Anything else under that name is not ours and is
+/// an error.
+fn remove_if_ours(p: &Path) -> Result<()> {
+    let marker_tmp = format!(".{MARKER_FILE}.");
+    match dir_state(p)? {
+        DirState::Missing => Ok(()),
+        DirState::Empty => std::fs::remove_dir(p).map_err(|e| Error::file(p, e)),
+        DirState::Holds {
+            marker: Some(_), ..
+        } => std::fs::remove_dir_all(p).map_err(|e| Error::file(p, e)),
+        DirState::Holds { entries, .. } if entries.iter().all(|e| e.starts_with(&marker_tmp)) => {
+            std::fs::remove_dir_all(p).map_err(|e| Error::file(p, e))
+        }
+        _ => Err(Error::file(
+            p,
+            "is in the way of ferrotune's temporary folder and was not written by ferrotune; move it",
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tmp(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("ferrotune-fsutil-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn write_atomic_replaces_and_leaves_no_temporary_file() {
+        let d = tmp("atomic");
+        let p = d.join("x.json");
+        write_atomic(&p, b"one").unwrap();
+        write_atomic(&p, b"two").unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), b"two");
+        let names: Vec<_> = std::fs::read_dir(&d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("x.json")]);
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn overlap_sees_through_links_and_dot_dot() {
+        let d = tmp("overlap");
+        std::fs::create_dir_all(d.join("model")).unwrap();
+        std::fs::write(d.join("data.jsonl"), "{}").unwrap();
+        std::os::unix::fs::symlink(d.join("data.jsonl"), d.join("link.jsonl")).unwrap();
+        assert!(overlaps(&d.join("link.jsonl"), &d.join("data.jsonl")));
+        assert!(overlaps(
+            &d.join("model/../data.jsonl"),
+            &d.join("data.jsonl")
+        ));
+        assert!(overlaps(&d.join("model/new/file"), &d.join("model")));
+        assert!(overlaps(&d, &d.join("model")));
+        assert!(!overlaps(&d.join("other.jsonl"), &d.join("data.jsonl")));
+        assert!(!overlaps(&d.join("model2"), &d.join("model")));
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn replace_dir_swaps_whole_folders_and_cleans_up_after_a_kill() {
+        let d = tmp("replace");
+        let out = d.join("out");
+        replace_dir(&out, |t| write_atomic(&t.join("a"), b"1")).unwrap();
+        assert_eq!(read_marker(&out).unwrap().files, vec!["a".to_string()]);
+        // Ours and untouched: replaced without --overwrite.
+        check_output_dir(&out, "--out", false, &[]).unwrap();
+        // What a kill mid-write leaves: a temporary folder of ours.
+        std::fs::create_dir_all(d.join(".out.ferrotune-tmp")).unwrap();
+        write_marker(
+            &d.join(".out.ferrotune-tmp"),
+            &Marker::new(HF_FOLDER_KIND, vec![]),
+        )
+        .unwrap();
+        replace_dir(&out, |t| write_atomic(&t.join("b"), b"2")).unwrap();
+        assert!(!out.join("a").exists() && out.join("b").exists());
+        assert!(!d.join(".out.ferrotune-tmp").exists() && !d.join(".out.ferrotune-old").exists());
+        // A failing fill leaves the old folder as it was.
+        assert!(replace_dir(&out, |_| Err(Error::msg("disk full"))).is_err());
+        assert!(out.join("b").exists() && !d.join(".out.ferrotune-tmp").exists());
+        // A file the user added: only with --overwrite.
+        std::fs::write(out.join("notes.txt"), "mine").unwrap();
+        let e = check_output_dir(&out, "--out", false, &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("notes.txt") && e.contains("--overwrite"), "{e}");
+        check_output_dir(&out, "--out", true, &[]).unwrap();
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+}
