@@ -80,3 +80,33 @@ impl<T, E: std::fmt::Display> WithPath<T> for std::result::Result<T, E> {
 pub fn first_line(s: &str) -> String {
     s.lines().next().unwrap_or("").trim().to_string()
 }
+
+/// Run `f`, turning a panic inside it into `Err(message)` without printing it. Only for
+/// third-party code that panics on malformed input (e.g. the tokenizers crate on some broken
+/// tokenizer.json files): that is a bug there, but the user is still owed a one-line error.
+pub(crate) fn catch_panic<T>(f: impl FnOnce() -> T) -> std::result::Result<T, String> {
+    use std::cell::Cell;
+    thread_local!(static QUIET: Cell<bool> = const { Cell::new(false) });
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    // Wrap whatever hook is installed (the CLI's one-line reporter, libFuzzer's abort) so that
+    // it is skipped only for panics caught here, on this thread.
+    HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !QUIET.with(Cell::get) {
+                previous(info)
+            }
+        }));
+    });
+    let was_quiet = QUIET.with(|q| q.replace(true));
+    let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    QUIET.with(|q| q.set(was_quiet));
+    out.map_err(|payload| {
+        let msg = payload
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| payload.downcast_ref::<&str>().copied())
+            .unwrap_or("unknown panic");
+        first_line(msg)
+    })
+}

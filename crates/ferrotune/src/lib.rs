@@ -14,6 +14,9 @@ pub mod engine;
 pub mod error;
 pub mod eval;
 pub mod fsutil;
+/// Fuzz targets shared by `fuzz/` (cargo-fuzz) and the `fuzz_smoke` test; not a public API.
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod generate;
 pub mod icl;
 pub mod inspect;

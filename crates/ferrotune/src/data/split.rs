@@ -86,6 +86,9 @@ pub enum Mixing {
     Sample,
 }
 
+/// How many times over a mixture may draw its examples (`mixture_size` / examples available).
+pub const MAX_UPSAMPLING: usize = 1000;
+
 /// Mix datasets by weight into `size` examples (default: the total number of examples).
 pub fn mix(
     datasets: &[(String, Vec<Example>)],
@@ -111,7 +114,26 @@ pub fn mix(
         }
     }
     let total_w: f64 = weights.iter().sum();
-    let size = size.unwrap_or_else(|| datasets.iter().map(|d| d.1.len()).sum());
+    if !total_w.is_finite() {
+        return Err(Error::key(
+            "[data]",
+            "mixture",
+            "the weights add up to infinity; use smaller weights (only their ratios matter)",
+        ));
+    }
+    let available: usize = datasets.iter().map(|d| d.1.len()).sum();
+    let size = size.unwrap_or(available);
+    // Every drawn example is a copy: a size far beyond the data would exhaust memory (2^32
+    // copies abort) while adding nothing that more epochs would not.
+    if size == 0 || size > available.saturating_mul(MAX_UPSAMPLING) {
+        return Err(Error::key(
+            "[data]",
+            "mixture_size",
+            format!(
+                "{size} must be between 1 and {MAX_UPSAMPLING} times the {available} examples of the mixture (train longer with max_steps to see them more often)"
+            ),
+        ));
+    }
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut out = Vec::with_capacity(size);
     match mixing {
@@ -299,5 +321,38 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("e.jsonl") && e.contains("no examples"), "{e}");
+    }
+
+    /// Found by the `data_rows` fuzz target: `mixture_size = 4294967296` aborted on allocation.
+    #[test]
+    fn absurd_mixture_sizes_and_weights_are_refused_before_allocating() {
+        let data = vec![("a".to_string(), exs(0, 3)), ("b".to_string(), exs(1, 3))];
+        for size in [0, 6 * MAX_UPSAMPLING + 1, 1 << 32, usize::MAX] {
+            for mixing in [Mixing::Sample, Mixing::Interleave] {
+                let e = mix(&data, &[1.0, 1.0], Some(size), mixing, 1)
+                    .unwrap_err()
+                    .to_string();
+                assert!(
+                    e.contains("mixture_size") && e.contains(&size.to_string()),
+                    "{e}"
+                );
+            }
+        }
+        assert_eq!(
+            mix(
+                &data,
+                &[1.0, 1.0],
+                Some(6 * MAX_UPSAMPLING),
+                Mixing::Sample,
+                1
+            )
+            .unwrap()
+            .len(),
+            6 * MAX_UPSAMPLING
+        );
+        let e = mix(&data, &[f64::MAX, f64::MAX], None, Mixing::Sample, 1)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("infinity"), "{e}");
     }
 }

@@ -2,6 +2,7 @@
 //! `hf:org/name[@revision]`) into a ready [`Llama`] plus its [`Tokenizer`].
 pub mod config;
 pub mod convert;
+pub mod gguf;
 pub mod hub;
 pub mod llama;
 pub mod weights;
@@ -97,18 +98,10 @@ pub struct LoadedModel {
     pub file_bytes: u64,
 }
 
-/// Read a GGUF header (metadata and tensor index) with a one-line error on corruption.
+/// Read a GGUF header (metadata and tensor index) with a one-line error on corruption. Every
+/// count and size is checked before anything is allocated ([`gguf::read_header`]).
 pub fn read_gguf(path: &Path) -> Result<gguf_file::Content> {
-    let mut f = std::fs::File::open(path).map_err(|e| Error::file(path, e))?;
-    gguf_file::Content::read(&mut f).map_err(|e| {
-        Error::file(
-            path,
-            format!(
-                "corrupt or unsupported GGUF: {}",
-                crate::error::first_line(&e.to_string())
-            ),
-        )
-    })
+    gguf::read_header(path)
 }
 
 pub fn load(spec: &str, opts: &LoadOptions, device: &Device) -> Result<LoadedModel> {

@@ -69,7 +69,7 @@ impl Tokenizer {
                 "no tokenizer.json in this folder (an HF tokenizer folder needs one)",
             ));
         }
-        let inner = tokenizers::Tokenizer::from_file(&tj).with_path(&tj)?;
+        let inner = parse_tokenizer_json(&tj)?;
         let config = read_json(&dir.join("tokenizer_config.json"))?;
         let special_map = read_json(&dir.join("special_tokens_map.json"))?;
         let gen_config = read_json(&dir.join("generation_config.json"))?;
@@ -215,9 +215,10 @@ impl Tokenizer {
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
         // The model's post-processor is not used: which BOS to add is decided here, the same way
         // for GGUF and HF folders (and EOS is never appended to a prompt).
-        let enc = self
-            .inner
-            .encode_fast(text, false)
+        // Under catch_panic: a malformed tokenizer.json can make the tokenizers crate panic
+        // while encoding or decoding (e.g. a Strip decoder on an empty token).
+        let enc = crate::error::catch_panic(|| self.inner.encode_fast(text, false))
+            .map_err(|p| Error::msg(format!("tokenizer: encoding failed: {p}")))?
             .map_err(|e| Error::msg(format!("tokenizer: encoding failed: {e}")))?;
         let ids = enc.get_ids();
         match (&self.bos, add_special_tokens && self.add_bos) {
@@ -229,8 +230,8 @@ impl Tokenizer {
     }
 
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
-        self.inner
-            .decode(ids, skip_special_tokens)
+        crate::error::catch_panic(|| self.inner.decode(ids, skip_special_tokens))
+            .map_err(|p| Error::msg(format!("tokenizer: decoding failed: {p}")))?
             .map_err(|e| Error::msg(format!("tokenizer: decoding failed: {e}")))
     }
 
@@ -321,6 +322,23 @@ fn post_processor_adds(inner: &tokenizers::Tokenizer, bos: Option<u32>) -> bool 
     first(true) == Some(bos) && first(false) != Some(bos)
 }
 
+/// `tokenizer.json` through the tokenizers crate, which panics on some malformed files: on a
+/// JSON syntax error inside `decoder` (`expect("Helper")`) and on a bad `Precompiled`
+/// normalizer. So the syntax is checked first (an error with line and column), and the rest
+/// runs under [`catch_panic`](crate::error::catch_panic).
+fn parse_tokenizer_json(path: &Path) -> Result<tokenizers::Tokenizer> {
+    let text = std::fs::read_to_string(path).with_path(path)?;
+    serde_json::from_str::<serde::de::IgnoredAny>(&text)
+        .map_err(|e| Error::file(path, format!("invalid JSON: {e}")))?;
+    match crate::error::catch_panic(|| text.parse::<tokenizers::Tokenizer>()) {
+        Ok(parsed) => parsed.with_path(path),
+        Err(panic) => Err(Error::file(
+            path,
+            format!("malformed tokenizer (the tokenizers library failed: {panic})"),
+        )),
+    }
+}
+
 fn read_json(path: &Path) -> Result<Option<serde_json::Value>> {
     if !path.is_file() {
         return Ok(None);
@@ -382,3 +400,65 @@ fn template_field(v: &serde_json::Value) -> std::result::Result<String, String> 
 
 #[cfg(test)]
 mod tests;
+
+/// Malformed tokenizer.json files that make the tokenizers crate panic: each must be a one-line
+/// error naming the file (found by the `hf_tokenizer` fuzz target).
+#[cfg(test)]
+mod robustness_tests {
+    use super::*;
+
+    fn load(tag: &str, tokenizer_json: &str) -> String {
+        let dir =
+            std::env::temp_dir().join(format!("ferrotune-tok-robust-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("tokenizer.json"), tokenizer_json).unwrap();
+        let e =
+            Tokenizer::from_hf_dir(&dir).expect_err("a malformed tokenizer.json must be refused");
+        let _ = std::fs::remove_dir_all(&dir);
+        let e = e.to_string();
+        assert!(!e.contains('\n'), "{e}");
+        assert!(e.contains("tokenizer.json"), "{e}");
+        e
+    }
+
+    const MODEL: &str =
+        r#""model": {"type": "WordLevel", "vocab": {"<unk>": 0, "a": 1}, "unk_token": "<unk>"}"#;
+
+    #[test]
+    fn syntax_error_inside_decoder() {
+        // tokenizers 0.23 `expect("Helper")`s on this instead of returning its error.
+        let json = format!(r#"{{"decoder": {{"type": "ByteLevel" "x": 1}}, {MODEL}}}"#);
+        let e = load("decoder", &json);
+        assert!(e.contains("invalid JSON") && e.contains("line 1"), "{e}");
+    }
+
+    #[test]
+    fn bad_precompiled_normalizer() {
+        // Valid JSON, but tokenizers `expect("Precompiled")`s on a charsmap it cannot read.
+        let json = format!(
+            r#"{{"normalizer": {{"type": "Precompiled", "precompiled_charsmap": "not base64!"}}, {MODEL}}}"#
+        );
+        let e = load("precompiled", &json);
+        assert!(e.contains("malformed tokenizer"), "{e}");
+    }
+
+    #[test]
+    fn strip_decoder_on_an_empty_token() {
+        // tokenizers 0.23 indexes chars[len - 1] of an empty token in its Strip decoder.
+        let dir =
+            std::env::temp_dir().join(format!("ferrotune-tok-robust-strip-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let json = r#"{"decoder": {"type": "Strip", "content": " ", "start": 0, "stop": 1},
+            "model": {"type": "WordLevel", "vocab": {"<unk>": 0, "": 1, "a": 2}, "unk_token": "<unk>"}}"#;
+        std::fs::write(dir.join("tokenizer.json"), json).unwrap();
+        let tok = Tokenizer::from_hf_dir(&dir).unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        let e = tok.decode(&[2, 1], false).unwrap_err().to_string();
+        assert!(
+            e.starts_with("tokenizer: decoding failed") && !e.contains('\n'),
+            "{e}"
+        );
+    }
+}

@@ -1,0 +1,7 @@
+#![no_main]
+//! `ferrotune::fuzzing::gguf_tokenizer`: see its documentation and docs/fuzzing.md.
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    ferrotune::fuzzing::gguf_tokenizer(data);
+});
