@@ -651,11 +651,23 @@ struct ExpectedTensor {
     because: Vec<(&'static str, usize)>,
 }
 
+/// One linear layer of a head.
+struct HeadLinear {
+    /// The module name the model gives it (`bert.pooler.dense`, `classifier`).
+    module: String,
+    /// Its name in the file, without `.weight` / `.bias`.
+    file: String,
+    /// (out, in) features and the config keys they come from.
+    dims: [(&'static str, usize); 2],
+    /// Whether fine-tuning may initialise it when the file lacks it (classifiers, pooler).
+    may_init: bool,
+}
+
 /// Where the head's tensors live in the file, and which are optional (initialised when absent).
 struct HeadNames {
-    /// (module name, file name, shape-implying keys, may be initialised when missing).
-    linears: Vec<(String, String, [(&'static str, usize); 2], bool)>,
-    norms: Vec<(String, String)>,
+    linears: Vec<HeadLinear>,
+    /// LayerNorms: file names.
+    norms: Vec<String>,
 }
 
 /// The file's encoder prefix: `bert.`, `roberta.` or none (a bare `BertModel`).
@@ -673,15 +685,20 @@ fn file_prefix(src: &dyn WeightSource, flavor: BertFlavor) -> Result<&'static st
     )))
 }
 
-/// The head's linears and norms: (module name, name in the file).
+/// The head's linears and norms, with their names in the model and in the file.
 fn head_names(cfg: &BertConfig, head: BertHead, fp: &str, src: &dyn WeightSource) -> HeadNames {
     let h = ("hidden_size", cfg.hidden_size);
     let n = ("num_labels", cfg.num_labels());
     let mp = cfg.flavor.prefix();
     let mut linears = Vec::new();
     let mut norms = Vec::new();
-    let mut lin = |module: String, file: String, because: [(&'static str, usize); 2], init| {
-        linears.push((module, file, because, init))
+    let mut lin = |module: String, file: String, dims: [(&'static str, usize); 2], may_init| {
+        linears.push(HeadLinear {
+            module,
+            file,
+            dims,
+            may_init,
+        })
     };
     match (head, cfg.flavor) {
         (BertHead::None, _) => {
@@ -728,10 +745,7 @@ fn head_names(cfg: &BertConfig, head: BertHead, fp: &str, src: &dyn WeightSource
                 [h, h],
                 false,
             );
-            norms.push((
-                "cls.predictions.transform.LayerNorm".into(),
-                "cls.predictions.transform.LayerNorm".into(),
-            ));
+            norms.push("cls.predictions.transform.LayerNorm".into());
         }
         (BertHead::MaskedLm, BertFlavor::Roberta) => {
             lin(
@@ -740,7 +754,7 @@ fn head_names(cfg: &BertConfig, head: BertHead, fp: &str, src: &dyn WeightSource
                 [h, h],
                 false,
             );
-            norms.push(("lm_head.layer_norm".into(), "lm_head.layer_norm".into()));
+            norms.push("lm_head.layer_norm".into());
         }
     }
     HeadNames { linears, norms }
@@ -826,15 +840,15 @@ fn expected_tensors(
         }
     }
     let names = head_names(cfg, head, fp, src);
-    for (_, file, because, may_init) in &names.linears {
-        let w = format!("{file}.weight");
-        if *may_init && allow_new_head && !src.contains(&w) {
+    for l in &names.linears {
+        let w = format!("{}.weight", l.file);
+        if l.may_init && allow_new_head && !src.contains(&w) {
             continue;
         }
-        t(w, &[because[0].1, because[1].1], because);
-        t(format!("{file}.bias"), &[because[0].1], &because[..1]);
+        t(w, &[l.dims[0].1, l.dims[1].1], &l.dims);
+        t(format!("{}.bias", l.file), &[l.dims[0].1], &l.dims[..1]);
     }
-    for (_, file) in &names.norms {
+    for file in &names.norms {
         for p in ["weight", "bias"] {
             t(format!("{file}.{p}"), &[cfg.hidden_size], &[h]);
         }
@@ -947,8 +961,8 @@ impl Bert {
         Ok(head_names(cfg, head, fp, src)
             .linears
             .into_iter()
-            .filter(|(_, file, _, may_init)| *may_init && !src.contains(&format!("{file}.weight")))
-            .map(|(_, file, _, _)| file)
+            .filter(|l| l.may_init && !src.contains(&format!("{}.weight", l.file)))
+            .map(|l| l.file)
             .collect())
     }
 
@@ -1006,23 +1020,23 @@ impl Bert {
         let mut rng = rand::rngs::StdRng::seed_from_u64(new_head_seed.unwrap_or(0));
         let names = head_names(cfg, head, fp, src);
         let mut heads = BertHeads::default();
-        for (module, file, because, may_init) in names.linears {
-            let l = if may_init
+        for h in names.linears {
+            let l = if h.may_init
                 && new_head_seed.is_some()
-                && !src.contains(&format!("{file}.weight"))
+                && !src.contains(&format!("{}.weight", h.file))
             {
                 new_linear(
-                    &module,
-                    because[0].1,
-                    because[1].1,
+                    &h.module,
+                    h.dims[0].1,
+                    h.dims[1].1,
                     cfg.initializer_range,
                     &mut rng,
                     &device,
                 )?
             } else {
-                linear(src, &module, &file)?
+                linear(src, &h.module, &h.file)?
             };
-            let slot = match module.as_str() {
+            let slot = match h.module.as_str() {
                 m if m.ends_with("pooler.dense") => &mut heads.pooler,
                 "classifier" | "classifier.out_proj" => &mut heads.classifier,
                 "classifier.dense" => &mut heads.classifier_dense,
@@ -1030,7 +1044,7 @@ impl Bert {
             };
             *slot = Some(l);
         }
-        for (_, file) in names.norms {
+        for file in names.norms {
             heads.mlm_norm = Some(layer_norm(src, &file, eps)?);
         }
         if head == BertHead::MaskedLm {
@@ -1986,8 +2000,8 @@ mod tests {
         // The encoder uses candle's own gelu_erf / gelu / tanh; their backward passes must be
         // right (and not silently cut), which finite differences check.
         let x = (rand_tensor(&[3, 7], DType::F64, 1)? * 3.0)?;
-        check_gradients(|v| v[0].gelu_erf(), &[x.clone()], 1e-6, 1e-6)?;
-        check_gradients(|v| v[0].gelu(), &[x.clone()], 1e-6, 1e-5)?;
+        check_gradients(|v| v[0].gelu_erf(), std::slice::from_ref(&x), 1e-6, 1e-6)?;
+        check_gradients(|v| v[0].gelu(), std::slice::from_ref(&x), 1e-6, 1e-5)?;
         check_gradients(|v| v[0].tanh(), &[x], 1e-6, 1e-6)
     }
 

@@ -199,18 +199,19 @@ impl LayerNorm {
             (dw, db)
         });
         let dx = kernels::tensor_from_vec(dx, x.shape())?;
-        let total = |need: bool, pick: &dyn Fn(&(Vec<T>, Vec<T>)) -> &Vec<T>, like: &Tensor| {
+        // Sum the tasks' partial dw (index 0) or db (index 1).
+        let total = |need: bool, which: usize, like: &Tensor| -> Result<Option<Tensor>> {
             if !need {
                 return Ok(None);
             }
             let mut acc = vec![T::ZERO; d];
-            for p in &partial {
-                kernels::axpy(&mut acc, T::ONE, pick(p));
+            for (dw, db) in &partial {
+                kernels::axpy(&mut acc, T::ONE, if which == 0 { dw } else { db });
             }
             kernels::tensor_from_vec(acc, like.shape()).map(Some)
         };
-        let dw = total(need_dw, &|p| &p.0, w)?;
-        let db = total(need_db, &|p| &p.1, b)?;
+        let dw = total(need_dw, 0, w)?;
+        let db = total(need_db, 1, b)?;
         Ok((Some(dx), dw, db))
     }
 }
