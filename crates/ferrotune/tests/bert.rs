@@ -230,11 +230,39 @@ fn linears_carry_transformers_module_names() {
         "{names:?}"
     );
     assert_eq!(seq.modules_to_save(), ["classifier"]);
+    assert_eq!(seq.output_layer(), Some("classifier"));
     let mlm = Bert::load(&t.src, &t.cfg, BertHead::MaskedLm).unwrap();
     let names: Vec<&str> = mlm.linears().iter().map(|l| l.name()).collect();
     assert!(
         names.ends_with(&["cls.predictions.transform.dense", "cls.predictions.decoder"]),
         "{names:?}"
+    );
+    assert_eq!(mlm.tied_linear(), Some("cls.predictions.decoder"));
+    let norms: Vec<String> = mlm.norms().into_iter().map(|(n, _)| n).collect();
+    assert_eq!(norms.len(), 1 + 2 * 2 + 1);
+    assert_eq!(norms[0], "bert.embeddings.LayerNorm");
+    assert_eq!(norms[5], "cls.predictions.transform.LayerNorm");
+    let mut mlm = mlm;
+    let e = mlm
+        .make_modules_trainable(&["classifier".to_string()])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("no layer of this model is called `classifier`"),
+        "{e}"
+    );
+    // The tied decoder's weight is the embedding table: only its bias becomes a parameter here.
+    let p = mlm
+        .make_modules_trainable(&["cls.predictions".to_string()])
+        .unwrap();
+    let names: Vec<&str> = p.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "cls.predictions.transform.dense.weight",
+            "cls.predictions.transform.dense.bias",
+            "cls.predictions.bias"
+        ]
     );
     // The bare encoder is named as transformers' BertModel names it: no prefix.
     let base = Bert::load(&t.src, &t.cfg, BertHead::None).unwrap();
@@ -696,4 +724,38 @@ fn minilm_gets_a_fresh_classification_head() {
         .to_dense_f32()
         .unwrap();
     assert_eq!(flat(&w), flat(&w2), "the seed fixes the new head");
+}
+
+#[test]
+fn one_label_is_regression_with_squared_error() {
+    let dir = minilm_dir();
+    let mut cfg = bert::config_from_hf_dir(&dir).unwrap();
+    cfg.labels = vec!["score".into()];
+    cfg.problem_type = bert::ProblemType::Regression;
+    let src = SafetensorsSource::open(&dir, &LoadOptions::default(), &Device::Cpu).unwrap();
+    let head = BertHead::SequenceClassification;
+    let mut model = Bert::load_with_new_head(&src, &cfg, head, 3).unwrap();
+    let rows = [vec![101, 7592, 102], vec![101, 2088, 2003, 2204, 102]];
+    let input = BertInput::from_ids(&rows, 0, &Device::Cpu).unwrap();
+    let logits: Vec<f32> = model
+        .sequence_logits(&input)
+        .unwrap()
+        .squeeze(1)
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let y = [0.5f32, -1.25];
+    let want: f32 = logits.iter().zip(&y).map(|(l, y)| (l - y) * (l - y)).sum();
+    let labels = Tensor::new(&y, &Device::Cpu).unwrap();
+    let (sum, n) = model.loss_sum(&input, &labels, false).unwrap();
+    assert_eq!(n, 2);
+    let got = sum.to_scalar::<f32>().unwrap();
+    assert!((got - want).abs() < 1e-5 * want.max(1.0), "{got} vs {want}");
+    // The head trains: both classifier tensors get gradients through the squared error.
+    let params = model.make_head_trainable().unwrap();
+    let (sum, _) = model.loss_sum(&input, &labels, true).unwrap();
+    let grads = sum.backward().unwrap();
+    for (name, v) in &params {
+        assert!(grads.get(v.as_tensor()).is_some(), "no gradient for {name}");
+    }
 }

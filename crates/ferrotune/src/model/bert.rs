@@ -1158,31 +1158,62 @@ impl Bert {
         ]
     }
 
-    /// The LayerNorms with their module names.
-    fn norms_mut(&mut self) -> Vec<(String, &mut LayerNorm)> {
-        let mp = self.module_prefix.clone();
-        let mut out = vec![(
-            format!("{mp}embeddings.LayerNorm"),
-            &mut self.embeddings.layer_norm,
-        )];
-        for (i, l) in self.layers.iter_mut().enumerate() {
-            out.push((
-                format!("{mp}encoder.layer.{i}.attention.output.LayerNorm"),
-                &mut l.attention_norm,
-            ));
-            out.push((
-                format!("{mp}encoder.layer.{i}.output.LayerNorm"),
-                &mut l.output_norm,
-            ));
+    /// Module names of the LayerNorms, in the order of [`Self::norms`].
+    fn norm_names(&self) -> Vec<String> {
+        let mp = &self.module_prefix;
+        let mut out = vec![format!("{mp}embeddings.LayerNorm")];
+        for i in 0..self.layers.len() {
+            out.push(format!("{mp}encoder.layer.{i}.attention.output.LayerNorm"));
+            out.push(format!("{mp}encoder.layer.{i}.output.LayerNorm"));
         }
-        if let Some(n) = &mut self.heads.mlm_norm {
-            let name = match self.cfg.flavor {
-                BertFlavor::Bert => "cls.predictions.transform.LayerNorm",
-                BertFlavor::Roberta => "lm_head.layer_norm",
-            };
-            out.push((name.to_string(), n));
+        if self.heads.mlm_norm.is_some() {
+            out.push(
+                match self.cfg.flavor {
+                    BertFlavor::Bert => "cls.predictions.transform.LayerNorm",
+                    BertFlavor::Roberta => "lm_head.layer_norm",
+                }
+                .to_string(),
+            );
         }
         out
+    }
+
+    /// The LayerNorms with their module names (their `.weight` / `.bias` are parameters that
+    /// are neither linears nor embeddings).
+    pub fn norms(&self) -> Vec<(String, &LayerNorm)> {
+        let mut refs = vec![&self.embeddings.layer_norm];
+        for l in &self.layers {
+            refs.extend([&l.attention_norm, &l.output_norm]);
+        }
+        refs.extend(self.heads.mlm_norm.as_ref());
+        self.norm_names().into_iter().zip(refs).collect()
+    }
+
+    fn norms_mut(&mut self) -> Vec<(String, &mut LayerNorm)> {
+        let names = self.norm_names();
+        let mut refs = vec![&mut self.embeddings.layer_norm];
+        for l in &mut self.layers {
+            refs.extend([&mut l.attention_norm, &mut l.output_norm]);
+        }
+        refs.extend(self.heads.mlm_norm.as_mut());
+        names.into_iter().zip(refs).collect()
+    }
+
+    /// The linear whose weight is the word-embedding table (the tied MLM decoder), if any.
+    pub fn tied_linear(&self) -> Option<&str> {
+        let decoder = self.heads.mlm_decoder.as_ref()?;
+        self.cfg.tie_word_embeddings.then(|| decoder.name())
+    }
+
+    /// The head's output layer (PEFT's `all-linear` leaves it out): the classifier or the MLM
+    /// decoder; `None` for the bare encoder.
+    pub fn output_layer(&self) -> Option<&str> {
+        let h = &self.heads;
+        match self.head {
+            BertHead::None => None,
+            BertHead::MaskedLm => h.mlm_decoder.as_ref().map(|l| l.name()),
+            _ => h.classifier.as_ref().map(|l| l.name()),
+        }
     }
 
     /// Make every weight, bias and norm trainable (full fine-tuning); returns the parameters by
@@ -1240,13 +1271,7 @@ impl Bert {
             if let Some(b) = lin.bias() {
                 let v = Var::from_tensor(b)?;
                 lin.set_bias(Some(v.as_tensor().clone()));
-                let name = if is_decoder {
-                    // transformers names the shared decoder bias `cls.predictions.bias`.
-                    format!("{}.bias", lin.name().trim_end_matches(".decoder"))
-                } else {
-                    format!("{}.bias", lin.name())
-                };
-                params.push((name, v));
+                params.push((bias_param_name(lin.name()), v));
             }
         }
         for (name, norm) in self.norms_mut() {
@@ -1260,25 +1285,46 @@ impl Bert {
     /// Make the head's `modules_to_save` layers (the classifier) trainable, as PEFT does for
     /// SEQ_CLS / TOKEN_CLS; returns their parameters by HF name.
     pub fn make_head_trainable(&mut self) -> Result<Vec<(String, Var)>> {
-        let mut params = Vec::new();
-        let h = &mut self.heads;
-        for lin in [&mut h.classifier_dense, &mut h.classifier]
-            .into_iter()
-            .flatten()
-        {
-            let w = Var::from_tensor(&lin.weight().to_dense_f32()?)?;
-            lin.set_weight(LinearWeight::Trainable(w.clone()));
-            params.push((format!("{}.weight", lin.name()), w));
-            if let Some(b) = lin.bias() {
-                let v = Var::from_tensor(b)?;
-                lin.set_bias(Some(v.as_tensor().clone()));
-                params.push((format!("{}.bias", lin.name()), v));
-            }
-        }
-        if params.is_empty() {
+        let modules = self.modules_to_save();
+        if modules.is_empty() {
             return Err(Error::msg(
                 "this model has no classification head to train (load it with a classification head)",
             ));
+        }
+        self.make_modules_trainable(&modules)
+    }
+
+    /// Make the weights and biases of the linears under `modules` (a module name or a prefix
+    /// of one: `classifier` covers `classifier.dense` and `classifier.out_proj`) trainable;
+    /// returns them by HF name. A module that matches nothing is an error.
+    pub fn make_modules_trainable(&mut self, modules: &[String]) -> Result<Vec<(String, Var)>> {
+        let under = |name: &str, m: &str| name == m || name.starts_with(&format!("{m}."));
+        for m in modules {
+            if !self.linears().iter().any(|l| under(l.name(), m)) {
+                return Err(Error::msg(format!(
+                    "no layer of this model is called `{m}` (or lies under it)"
+                )));
+            }
+        }
+        let tied = self.tied_linear().map(str::to_string);
+        let mut params = Vec::new();
+        for lin in self.linears_mut() {
+            if !modules.iter().any(|m| under(lin.name(), m)) {
+                continue;
+            }
+            if tied.as_deref() != Some(lin.name()) {
+                let w = match lin.weight() {
+                    LinearWeight::Trainable(v) => v.clone(),
+                    other => Var::from_tensor(&other.to_dense_f32()?)?,
+                };
+                lin.set_weight(LinearWeight::Trainable(w.clone()));
+                params.push((format!("{}.weight", lin.name()), w));
+            }
+            if let Some(b) = lin.bias() {
+                let v = Var::from_tensor(b)?;
+                lin.set_bias(Some(v.as_tensor().clone()));
+                params.push((bias_param_name(lin.name()), v));
+            }
         }
         Ok(params)
     }
@@ -1571,6 +1617,15 @@ impl Bert {
     pub fn embed(&self, input: &BertInput, pooling: Pooling, normalize: bool) -> Result<Tensor> {
         let hidden = self.forward_hidden(input, false)?;
         pool(&hidden, &input.attention_mask, pooling, normalize)
+    }
+}
+
+/// The HF name of a linear's bias: transformers keeps the MLM decoder's bias as
+/// `cls.predictions.bias` / `lm_head.bias` (the decoder's own is an alias of it).
+fn bias_param_name(linear: &str) -> String {
+    match linear.strip_suffix(".decoder") {
+        Some(head) => format!("{head}.bias"),
+        None => format!("{linear}.bias"),
     }
 }
 
