@@ -25,6 +25,7 @@ PINS=(
   "sacrebleu==2.6.0"
   "sentencepiece==0.2.3"   # reference/tokenizer_fixtures.py
   "regex==2026.11.19"      # reference/tokenizer_fixtures.py (llama.cpp's pre-tokenizer regexes)
+  "sentence-transformers==6.2.0"  # reference/bert_fixtures.py (all-MiniLM-L6-v2 embeddings)
 )
 LLAMA_PIN="llama-cpp-python==0.3.36"
 
@@ -66,7 +67,7 @@ fi
 "$venv/bin/python" - <<'PYEOF'
 import importlib
 for m in ["torch", "transformers", "peft", "gguf", "safetensors", "numpy", "rouge_score", "sacrebleu", "nltk",
-          "sentencepiece", "regex"]:
+          "sentencepiece", "regex", "sentence_transformers"]:
     importlib.import_module(m)
 try:
     import llama_cpp  # noqa: F401

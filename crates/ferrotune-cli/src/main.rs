@@ -74,6 +74,8 @@ enum Command {
     Merge(MergeArgs),
     /// Generate over a data file with the base model and each adapter; score them side by side.
     Eval(EvalArgs),
+    /// Sentence embeddings from a BERT-family encoder: one JSON line {"embedding": [...]} per row.
+    Embed(EmbedArgs),
     /// Inspect training data.
     Data {
         #[command(subcommand)]
@@ -667,6 +669,7 @@ fn main() {
         Command::Train(a) => run_train(a),
         Command::Merge(a) => run_merge(a),
         Command::Eval(a) => run_eval(a),
+        Command::Embed(a) => run_embed(a),
         Command::Data {
             cmd: DataCommand::Preview(a),
         } => run_data_preview(a),
@@ -1060,5 +1063,84 @@ fn run_eval(a: EvalArgs) -> Result<()> {
     } else {
         print!("{}", table(&rows));
     }
+    Ok(())
+}
+
+#[derive(Args)]
+struct EmbedArgs {
+    #[command(flatten)]
+    m: ModelArgs,
+    /// Rows to embed: JSONL, JSON, CSV, TSV or Parquet.
+    #[arg(long)]
+    data: PathBuf,
+    /// The field holding each row's text.
+    #[arg(long, default_value = "text")]
+    field: String,
+    /// mean, cls, max or mean_sqrt_len (default: the model folder's sentence-transformers
+    /// pooling, else mean).
+    #[arg(long)]
+    pooling: Option<String>,
+    /// L2-normalise (the default when the folder's modules.json has a Normalize module).
+    #[arg(long, conflicts_with = "no_normalize")]
+    normalize: bool,
+    /// Do not L2-normalise, whatever the folder says.
+    #[arg(long)]
+    no_normalize: bool,
+    /// Rows per forward pass.
+    #[arg(long, default_value_t = 32, allow_negative_numbers = true)]
+    batch_size: usize,
+    /// Most tokens per row (default: the folder's max_seq_length, else the model's limit).
+    #[arg(long, allow_negative_numbers = true)]
+    max_length: Option<usize>,
+}
+
+fn run_embed(a: EmbedArgs) -> Result<()> {
+    use ferrotune::embed::{embed_texts_with_progress, read_texts, EmbedOptions};
+    use ferrotune::model::Pooling;
+    input_file("--data", &a.data)?;
+    let pooling = a
+        .pooling
+        .as_deref()
+        .map(|p| {
+            Pooling::parse(p)
+                .ok_or_else(|| anyhow!("--pooling `{p}`: expected mean, cls, max or mean_sqrt_len"))
+        })
+        .transpose()?;
+    let normalize = match (a.normalize, a.no_normalize) {
+        (true, _) => Some(true),
+        (_, true) => Some(false),
+        _ => None,
+    };
+    let opts = EmbedOptions {
+        field: a.field.clone(),
+        pooling,
+        normalize,
+        batch_size: a.batch_size,
+        max_length: a.max_length,
+    };
+    opts.validate().map_err(flag_error)?;
+    if let Some(n) = a.max_length {
+        if n < ferrotune::tokenizer::MIN_INPUT_LEN {
+            bail!(
+                "--max-length {n}: expected at least {} tokens",
+                ferrotune::tokenizer::MIN_INPUT_LEN
+            );
+        }
+    }
+    // The rows first: a missing field is found before the model is loaded.
+    let texts = read_texts(&a.data, &a.field, None)?;
+    let load_opts = a.m.load_options()?;
+    if let Some(n) = a.m.threads {
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    }
+    // The bare encoder: whatever head the folder was saved with is not needed for embeddings.
+    let head = Some(model::BertHead::None);
+    let lm = model::load_bert(&a.m.model, &load_opts, head, &device(&a.m.device)?, &bar())?;
+    let embeddings = embed_texts_with_progress(&lm, &texts, &opts, &bar())?;
+    let mut out = std::io::stdout().lock();
+    for e in embeddings {
+        writeln!(out, "{}", serde_json::json!({ "embedding": e }))?;
+    }
+    out.flush()?;
     Ok(())
 }

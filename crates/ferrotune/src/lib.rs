@@ -10,6 +10,7 @@
 //! - [`progress`]: how long calls report their progress (the caller picks a bar or nothing).
 //! - [`train`]: fine-tuning recipes (LoRA) from a TOML config, with checkpoints and exact resume.
 pub mod data;
+pub mod embed;
 pub mod engine;
 pub mod error;
 pub mod eval;

@@ -1,5 +1,6 @@
 //! Model code and loading. `load` turns a user's `--model` value (a GGUF file, an HF folder, or
 //! `hf:org/name[@revision]`) into a ready [`Llama`] plus its [`Tokenizer`].
+pub mod bert;
 pub mod config;
 pub mod convert;
 pub mod gguf;
@@ -7,6 +8,7 @@ pub mod hub;
 pub mod llama;
 pub mod weights;
 
+pub use bert::{load_bert, Bert, BertConfig, BertHead, BertInput, LoadedBert, Pooling};
 pub use config::{ConfigKeys, LlamaConfig, RopeScaling};
 pub use llama::{KvCache, LayerContext, Llama};
 pub use weights::{GgufSource, LoadOptions, SafetensorsSource, WeightSource};
@@ -207,6 +209,13 @@ pub fn config_from_hf_dir(dir: &Path) -> Result<LlamaConfig> {
     let text = std::fs::read_to_string(&p).map_err(|e| Error::file(&p, e))?;
     let v: serde_json::Value =
         serde_json::from_str(&text).map_err(|e| Error::file(&p, format!("invalid JSON: {e}")))?;
+    if bert::BertConfig::is_bert_family(&v) {
+        // An encoder has no next-token head: say so rather than "unsupported architecture".
+        return Err(Error::file(
+            &p,
+            "a BERT-family encoder (model_type bert/roberta) cannot generate or score text as a decoder; use `ferrotune embed`",
+        ));
+    }
     LlamaConfig::from_hf_json(&v, &p.display().to_string())
 }
 

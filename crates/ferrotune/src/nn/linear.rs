@@ -116,6 +116,10 @@ impl Linear {
     pub fn bias(&self) -> Option<&Tensor> {
         self.bias.as_ref()
     }
+    /// Replace the bias (e.g. with a trainable `Var`'s tensor for full fine-tuning).
+    pub fn set_bias(&mut self, bias: Option<Tensor>) {
+        self.bias = bias;
+    }
     pub fn in_features(&self) -> usize {
         self.weight.shape().1
     }

@@ -2,9 +2,11 @@
 //! PEFT's tuners wrap torch modules: a [`Linear`] owns its base weight (dense, trainable or
 //! quantized) plus a list of [`LinearAdapter`]s that each method attaches by module name.
 mod embedding;
+mod layer_norm;
 mod linear;
 mod rms_norm;
 
 pub use embedding::{Embedding, EmbeddingWeight};
+pub use layer_norm::LayerNorm;
 pub use linear::{Linear, LinearAdapter, LinearWeight};
 pub use rms_norm::RmsNorm;

@@ -29,6 +29,7 @@ pub fn reference_ops() -> bool {
 mod attention;
 pub mod gradcheck;
 pub(crate) mod kernels;
+mod layer_norm;
 mod linear;
 mod linear_cross_entropy;
 mod rms_norm;
@@ -40,6 +41,7 @@ pub use attention::{
     causal_attention, causal_attention_reference, causal_attention_segments,
     causal_attention_segments_reference,
 };
+pub use layer_norm::{layer_norm, layer_norm_reference};
 pub use linear::{frozen_linear, frozen_linear_reference};
 pub use linear_cross_entropy::{
     cross_entropy_sum, linear_cross_entropy_sum, linear_cross_entropy_sum_reference, FrozenHead,

@@ -12,10 +12,12 @@ use crate::error::WithPath;
 use crate::{Error, Result};
 
 mod chat;
+mod encoder_input;
 mod gguf;
 mod stream;
 
 pub use chat::{ChatMessage, ChatTemplate};
+pub use encoder_input::{EncodedInput, InputEncoder, MIN_INPUT_LEN};
 pub use stream::TokenStream;
 
 /// Texts of special tokens that end a turn, after llama.cpp's end-of-generation list
