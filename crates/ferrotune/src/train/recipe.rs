@@ -124,191 +124,63 @@ impl<'a> Recipe<'a> {
 
     /// Everything checked before the run writes: the config, the data (read and tokenized;
     /// first, so its errors do not wait for the weights), the output folder and the checkpoint
-    /// to resume from, the model, the task and objective, the method, the memory estimate.
+    /// to resume from, the model with its task, objective and method, the optimizer, the memory
+    /// estimate.
     fn setup(c: &'a LoadedConfig, opts: &'a RunOptions) -> Result<Setup<'a>> {
         let wall = Instant::now();
         super::inline_candle_elementwise();
         let cfg = &c.config;
-        let t = &cfg.train;
         if opts.resume && opts.overwrite {
             return Err(Error::msg(
                 "--resume continues the run in output_dir and --overwrite starts it again: give one of them",
             ));
         }
-
-        // ---- Data --------------------------------------------------------------------------
-        if let Some(n) = t.threads {
+        if let Some(n) = cfg.train.threads {
             set_threads(n);
         }
-        let device = config::parse_device(&t.device)
+        let device = config::parse_device(&cfg.train.device)
             .map_err(|e| c.key_error("train.device", e))?
             .device()?;
         let source = model::resolve(&cfg.model)?;
-        let (tok, ctx) = tokenizer_and_context(&source)?;
-        let prepared = prepare_data(c, &tok, Some(ctx))?;
-        if prepared.max_seq_len > ctx {
-            let key = if t.max_seq_len.is_some() {
-                "train.max_seq_len"
-            } else {
-                "data.max_seq_len"
-            };
-            return Err(c.key_error(
-                key,
-                format!(
-                    "{} is more than the model's context window of {ctx}",
-                    prepared.max_seq_len
-                ),
-            ));
-        }
-
-        // ---- Batches and the number of steps -----------------------------------------------
-        let mut train_bc = cfg
-            .data
-            .batch_config(t.batch_size, prepared.max_seq_len, &tok);
-        train_bc.shuffle = true;
-        let n_train = prepared.train.len();
-        let batcher = Batcher::new(prepared.train.clone(), train_bc.clone(), device.clone())?;
-        let val_batcher = if prepared.validation.is_empty() {
-            None
-        } else {
-            let vc = BatchConfig {
-                shuffle: false,
-                ..train_bc.clone()
-            };
-            Some(Batcher::new(
-                prepared.validation.clone(),
-                vc,
-                device.clone(),
-            )?)
+        let data = setup_data(c, &source, &device)?;
+        let (folder, resume_from) = match decide_output(c, opts, &source, &data)? {
+            OutputPlan::AlreadyFinished(s) => return Ok(Setup::AlreadyFinished(Box::new(s))),
+            OutputPlan::Run { folder, resume } => (folder, resume),
         };
-        let bpe = batcher.batches_per_epoch();
-        let max_steps = match t.max_steps {
-            Some(n) => n,
-            None => ((t.epochs.unwrap_or(1.0) * bpe as f64) / t.grad_accum as f64)
-                .ceil()
-                .max(1.0) as usize,
-        };
-
-        // ---- Output folder: decide, writing nothing yet --------------------------------------
-        let out = cfg.output_dir.clone();
-        let folder = output::inspect(&out, |what| c.key_error("output_dir", what))?;
-        check_inputs(c, &source)?;
-        let resume_from = match folder {
-            output::RunFolder::Fresh => None,
-            output::RunFolder::Run { .. } if opts.resume => {
-                if let Some(s) = finished_summary(&out, max_steps) {
-                    return Ok(Setup::AlreadyFinished(Box::new(s)));
-                }
-                match checkpoint::latest(&out)? {
-                    Some((step, dir)) => {
-                        let saved = checkpoint::read_state(&dir)?;
-                        checkpoint::validate_state(
-                            &dir,
-                            &saved,
-                            &checkpoint::RunShape {
-                                max_steps,
-                                method: cfg.method.as_str(),
-                                seed: t.seed,
-                                train_examples: n_train,
-                                batches_per_epoch: bpe,
-                                batch_size: t.batch_size,
-                                grad_accum: t.grad_accum,
-                                packing: train_bc.packing,
-                            },
-                        )?;
-                        Some((step, dir, saved))
-                    }
-                    None => None,
-                }
-            }
-            output::RunFolder::Run { .. } if opts.overwrite => None,
-            output::RunFolder::Run { .. } => {
-                let at = match checkpoint::latest(&out)? {
-                    Some((step, _)) => format!("checkpoints up to step {step}"),
-                    None => "no checkpoint yet".to_string(),
-                };
-                return Err(c.key_error(
-                    "output_dir",
-                    format!(
-                        "{} already holds a run ({at}); continue it with --resume, start it again with --overwrite (removes only the run's files), or choose another output_dir",
-                        out.display()
-                    ),
-                ));
-            }
-        };
-
-        // ---- Model, task, objective, method --------------------------------------------------
-        let LoadedModel {
-            model: mut m,
+        let RunModel {
+            model,
             source,
-            ..
-        } = model::load_source(source, &load_options(c)?, &device)?;
-        let task =
-            model::family::resolve_task(&*m, cfg.task).map_err(|e| c.key_error("task", e))?;
-        cfg.objective
-            .check_fits(&*m)
-            .map_err(|e| c.key_error("objective", e))?;
-        check_data_fits_task(c, task, &train_bc)?;
-        // The module names are only known once the model is loaded; a target that matches none
-        // is the config's error, so name the file and the key.
-        if cfg.method == Method::Lora {
-            crate::peft::lora::model::resolve_targets(&*m, &cfg.lora.to_peft(&cfg.model))
-                .map_err(|e| c.key_error("lora.targets", e))?;
-        }
-        let tuner = Tuner::attach(cfg, &mut *m, &cfg.model)?;
-        let params = tuner.trainable(&*m);
-
-        // ---- Schedule, optimizer -------------------------------------------------------------
-        let schedule = Schedule {
-            kind: t.lr_schedule,
-            lr: t.lr,
-            warmup: t.warmup_steps,
-            total: max_steps,
-            min_lr_ratio: t.min_lr_ratio,
-        };
-        let opt = AdamW::new(
-            params.clone(),
-            AdamWConfig {
-                betas: t.betas,
-                eps: t.eps,
-                weight_decay: t.weight_decay,
-            },
-        )?;
-
-        // ---- Memory: the run's settings of its model, the estimate, the refusal ---------------
-        m.set_quant_settings(quant_settings(c)?);
-        let mem = memory::estimate(
-            &*m,
-            &memory::TrainShape::for_run(&prepared, &train_bc, &params, cfg, t),
-        );
-        let available = memory::available_bytes();
-        check_memory(c, &mem, available)?;
+            tuner,
+            params,
+        } = setup_model(c, source, &device, &data)?;
+        let (schedule, opt) = setup_optimizer(c, &params, data.max_steps)?;
+        let (memory, available) = setup_memory(c, &*model, &data, &params)?;
         let model_line = format!(
             "model {} ({}, {} layers); method {}",
             cfg.model,
             source.format(),
-            m.dims().layers,
+            model.dims().layers,
             tuner.method()
         );
         Ok(Setup::Ready(Box::new(Recipe {
             c,
             opts,
             wall,
-            out,
-            model: m,
+            out: cfg.output_dir.clone(),
+            model,
             tuner,
             params,
             opt,
             schedule,
-            batcher,
-            val_batcher,
-            data_summary: prepared.summary(),
-            n_train,
-            batches_per_epoch: bpe,
-            max_steps,
+            data_summary: data.prepared.summary(),
+            batcher: data.batcher,
+            val_batcher: data.val_batcher,
+            n_train: data.n_train,
+            batches_per_epoch: data.batches_per_epoch,
+            max_steps: data.max_steps,
             folder,
             resume_from,
-            memory: mem,
+            memory,
             available,
             model_line,
         })))
@@ -643,6 +515,238 @@ impl<'a> Recipe<'a> {
         crate::fsutil::write_atomic(&self.out.join(SUMMARY_FILE), text.as_bytes())?;
         Ok(Outcome::Trained(summary))
     }
+}
+
+// ---- setup steps ------------------------------------------------------------------------------
+
+/// The data of a run, tokenized and batched, and the number of steps it makes.
+struct RunData {
+    prepared: crate::data::Prepared,
+    train_bc: BatchConfig,
+    batcher: Batcher,
+    val_batcher: Option<Batcher>,
+    n_train: usize,
+    batches_per_epoch: usize,
+    max_steps: usize,
+}
+
+/// Read and tokenize the data with the model's tokenizer (no weights read yet), check it
+/// against the context window, batch it, and count the steps.
+fn setup_data(
+    c: &LoadedConfig,
+    source: &ModelSource,
+    device: &candle_core::Device,
+) -> Result<RunData> {
+    let t = &c.config.train;
+    let (tok, ctx) = tokenizer_and_context(source)?;
+    let prepared = prepare_data(c, &tok, Some(ctx))?;
+    if prepared.max_seq_len > ctx {
+        let key = if t.max_seq_len.is_some() {
+            "train.max_seq_len"
+        } else {
+            "data.max_seq_len"
+        };
+        return Err(c.key_error(
+            key,
+            format!(
+                "{} is more than the model's context window of {ctx}",
+                prepared.max_seq_len
+            ),
+        ));
+    }
+    let mut train_bc = c
+        .config
+        .data
+        .batch_config(t.batch_size, prepared.max_seq_len, &tok);
+    train_bc.shuffle = true;
+    let batcher = Batcher::new(prepared.train.clone(), train_bc.clone(), device.clone())?;
+    let val_batcher = if prepared.validation.is_empty() {
+        None
+    } else {
+        let vc = BatchConfig {
+            shuffle: false,
+            ..train_bc.clone()
+        };
+        Some(Batcher::new(
+            prepared.validation.clone(),
+            vc,
+            device.clone(),
+        )?)
+    };
+    let bpe = batcher.batches_per_epoch();
+    let max_steps = match t.max_steps {
+        Some(n) => n,
+        None => ((t.epochs.unwrap_or(1.0) * bpe as f64) / t.grad_accum as f64)
+            .ceil()
+            .max(1.0) as usize,
+    };
+    Ok(RunData {
+        n_train: prepared.train.len(),
+        prepared,
+        train_bc,
+        batcher,
+        val_batcher,
+        batches_per_epoch: bpe,
+        max_steps,
+    })
+}
+
+/// What the run will do with `output_dir`.
+enum OutputPlan {
+    /// `--resume` of a finished run: its saved summary; nothing to do.
+    AlreadyFinished(Summary),
+    /// Train there, from the checkpoint `resume` (step, folder, state) or from step 0.
+    Run {
+        folder: output::RunFolder,
+        resume: Option<(usize, PathBuf, TrainerState)>,
+    },
+}
+
+/// Decide what happens to `output_dir` (a fresh run, a resumed one, one started again, or a
+/// refusal) and check that no output lands on an input, writing nothing yet.
+fn decide_output(
+    c: &LoadedConfig,
+    opts: &RunOptions,
+    source: &ModelSource,
+    data: &RunData,
+) -> Result<OutputPlan> {
+    let (cfg, t) = (&c.config, &c.config.train);
+    let out = &cfg.output_dir;
+    let folder = output::inspect(out, |what| c.key_error("output_dir", what))?;
+    check_inputs(c, source)?;
+    let resume = match folder {
+        output::RunFolder::Fresh => None,
+        output::RunFolder::Run { .. } if opts.resume => {
+            if let Some(s) = finished_summary(out, data.max_steps) {
+                return Ok(OutputPlan::AlreadyFinished(s));
+            }
+            match checkpoint::latest(out)? {
+                Some((step, dir)) => {
+                    let saved = checkpoint::read_state(&dir)?;
+                    checkpoint::validate_state(
+                        &dir,
+                        &saved,
+                        &checkpoint::RunShape {
+                            max_steps: data.max_steps,
+                            method: cfg.method.as_str(),
+                            seed: t.seed,
+                            train_examples: data.n_train,
+                            batches_per_epoch: data.batches_per_epoch,
+                            batch_size: t.batch_size,
+                            grad_accum: t.grad_accum,
+                            packing: data.train_bc.packing,
+                        },
+                    )?;
+                    Some((step, dir, saved))
+                }
+                None => None,
+            }
+        }
+        output::RunFolder::Run { .. } if opts.overwrite => None,
+        output::RunFolder::Run { .. } => {
+            let at = match checkpoint::latest(out)? {
+                Some((step, _)) => format!("checkpoints up to step {step}"),
+                None => "no checkpoint yet".to_string(),
+            };
+            return Err(c.key_error(
+                "output_dir",
+                format!(
+                    "{} already holds a run ({at}); continue it with --resume, start it again with --overwrite (removes only the run's files), or choose another output_dir",
+                    out.display()
+                ),
+            ));
+        }
+    };
+    Ok(OutputPlan::Run { folder, resume })
+}
+
+/// The model of a run with its method attached.
+struct RunModel {
+    model: Box<dyn Model>,
+    /// Where it was found.
+    source: ModelSource,
+    tuner: Tuner,
+    /// The method's trainable parameters.
+    params: Vec<(String, Var)>,
+}
+
+/// Load the model, check the config's `task` and `objective` against it, and attach the
+/// method.
+fn setup_model(
+    c: &LoadedConfig,
+    source: ModelSource,
+    device: &candle_core::Device,
+    data: &RunData,
+) -> Result<RunModel> {
+    let cfg = &c.config;
+    let LoadedModel {
+        model: mut m,
+        source,
+        ..
+    } = model::load_source(source, &load_options(c)?, device)?;
+    let task = model::family::resolve_task(&*m, cfg.task).map_err(|e| c.key_error("task", e))?;
+    cfg.objective
+        .check_fits(&*m)
+        .map_err(|e| c.key_error("objective", e))?;
+    check_data_fits_task(c, task, &data.train_bc)?;
+    // The module names are only known once the model is loaded; a target that matches none is
+    // the config's error, so name the file and the key.
+    if cfg.method == Method::Lora {
+        crate::peft::lora::model::resolve_targets(&*m, &cfg.lora.to_peft(&cfg.model))
+            .map_err(|e| c.key_error("lora.targets", e))?;
+    }
+    let tuner = Tuner::attach(cfg, &mut *m, &cfg.model)?;
+    let params = tuner.trainable(&*m);
+    Ok(RunModel {
+        model: m,
+        source,
+        tuner,
+        params,
+    })
+}
+
+/// The learning-rate schedule and AdamW over the trainable parameters.
+fn setup_optimizer(
+    c: &LoadedConfig,
+    params: &[(String, Var)],
+    max_steps: usize,
+) -> Result<(Schedule, AdamW)> {
+    let t = &c.config.train;
+    let schedule = Schedule {
+        kind: t.lr_schedule,
+        lr: t.lr,
+        warmup: t.warmup_steps,
+        total: max_steps,
+        min_lr_ratio: t.min_lr_ratio,
+    };
+    let opt = AdamW::new(
+        params.to_vec(),
+        AdamWConfig {
+            betas: t.betas,
+            eps: t.eps,
+            weight_decay: t.weight_decay,
+        },
+    )?;
+    Ok((schedule, opt))
+}
+
+/// The run's quantization settings on its model, the memory estimate, and the refusal of a
+/// run that cannot fit; returns the estimate and the memory available.
+fn setup_memory(
+    c: &LoadedConfig,
+    model: &dyn Model,
+    data: &RunData,
+    params: &[(String, Var)],
+) -> Result<(memory::MemoryEstimate, Option<u64>)> {
+    let (cfg, t) = (&c.config, &c.config.train);
+    model.set_quant_settings(quant_settings(c)?);
+    let mem = memory::estimate(
+        model,
+        &memory::TrainShape::for_run(&data.prepared, &data.train_bc, params, cfg, t),
+    );
+    let available = memory::available_bytes();
+    check_memory(c, &mem, available)?;
+    Ok((mem, available))
 }
 
 // ---- setup helpers ----------------------------------------------------------------------------
