@@ -34,14 +34,17 @@ pub mod tokenize;
 #[cfg(test)]
 pub(crate) mod testutil;
 
-pub use batch::{Batch, BatchConfig, Batcher, DataCursor};
+pub use batch::{Batch, BatchConfig, Batcher, DataCursor, Targets};
 pub use config::{load, pad_id, DataConfig, Format, Mixing, MixtureEntry, Prepared, SplitStats};
 pub use length::{apply_length_policy, LengthPolicy, LengthStats};
 pub use preview::{preview, preview_with, PreviewStyle};
 pub use read::{read_rows, Loc, Row, Rows};
 pub use split::{mix, split_rows};
 pub use template::{PromptTemplate, TemplateSet};
-pub use tokenize::{encode_chat, encode_pair, parse_messages, Encoder, Example};
+pub use tokenize::{
+    encode_chat, encode_pair, encode_pair_for, encode_seq2seq_pair, parse_messages, prompt_ids,
+    Encoder, Example,
+};
 
 /// The label of a token that is not trained on (PyTorch's `ignore_index`).
 pub const IGNORE: i64 = -100;
