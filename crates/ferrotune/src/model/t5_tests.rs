@@ -265,6 +265,36 @@ fn greedy_generation_matches_transformers() {
     }
 }
 
+/// Sampling reuses the decoders' sampler: the same seed gives the same tokens, another seed
+/// other ones.
+#[test]
+fn sampled_generation_follows_the_seed() {
+    let lm = load("t5-v1_1");
+    let prompt = ids(&expected("t5-v1_1")["generate"][0]["input_ids"]);
+    let sample = |seed| {
+        let cfg = GenerationConfig {
+            max_new_tokens: 12,
+            temperature: 1.5,
+            seed,
+            stop_on_eos: false,
+            ..Default::default()
+        };
+        crate::generate::generate(
+            &mut lm.model.decoder(),
+            &lm.tokenizer,
+            &prompt,
+            &cfg,
+            &mut |_| {},
+        )
+        .unwrap()
+        .token_ids
+    };
+    let a = sample(1);
+    assert_eq!(a.len(), 12);
+    assert_eq!(a, sample(1));
+    assert!((2..6).any(|s| sample(s) != a), "every seed sampled {a:?}");
+}
+
 #[test]
 fn beam_search_matches_transformers() {
     let mut ended_by_eos = 0;

@@ -244,6 +244,22 @@ fn piece_at(m: &SpModel, id: i64) -> Option<&str> {
         .map(|p| p.piece.as_str())
 }
 
+/// The character map starts with the byte size of its trie; the tokenizers crate reserves
+/// that much before reading it, so a size past the end must be refused first.
+fn check_charsmap(map: &[u8]) -> std::result::Result<(), String> {
+    let Some(head) = map.get(..4) else {
+        return Err(format!("{} bytes is too short", map.len()));
+    };
+    let trie = u32::from_le_bytes(head.try_into().expect("4 bytes")) as usize;
+    if trie > map.len() - 4 {
+        return Err(format!(
+            "its trie of {trie} bytes is longer than the map ({} bytes)",
+            map.len()
+        ));
+    }
+    Ok(())
+}
+
 /// The special tokens a SentencePiece model names: (unk, eos, pad, bos) texts.
 pub struct SpSpecials {
     pub unk: Option<String>,
@@ -312,6 +328,8 @@ pub fn t5_tokenizer(path: &Path, extra_ids: usize) -> Result<(tokenizers::Tokeni
         .map_err(|e| Error::file(path, format!("cannot build the Unigram model: {e}")))?;
     let mut tok = tokenizers::Tokenizer::new(model);
     if !m.precompiled_charsmap.is_empty() {
+        check_charsmap(&m.precompiled_charsmap)
+            .map_err(|e| Error::file(path, format!("normalizer_spec.precompiled_charsmap: {e}")))?;
         let pc = Precompiled::from(&m.precompiled_charsmap)
             .map_err(|e| Error::file(path, format!("normalizer_spec.precompiled_charsmap: {e}")))?;
         tok.with_normalizer(Some(pc))
@@ -418,5 +436,47 @@ mod tests {
         let mut nan = Vec::new();
         bytes_field(1, &piece("x", f32::NAN, 1), &mut nan);
         assert!(parse_model(&nan).unwrap_err().contains("score"));
+        assert!(check_charsmap(&[0xff, 0xff, 0xff, 0xff, 0, 0])
+            .unwrap_err()
+            .contains("longer than the map"));
+        assert!(check_charsmap(&[1, 0]).is_err());
+        assert!(check_charsmap(&[4, 0, 0, 0, 1, 2, 3, 4]).is_ok());
+    }
+
+    /// Random byte changes to T5's fixture model: parsing and building the tokenizer end in
+    /// a tokenizer or an error, never a panic or an abort.
+    #[test]
+    fn mutated_models_never_panic() {
+        use rand::{Rng, SeedableRng};
+        let path = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/fixtures/t5/tokenizer/spiece.model");
+        let good = std::fs::read(&path).unwrap();
+        assert!(parse_model(&good).is_ok());
+        let dir = std::env::temp_dir().join(format!("ferrotune-spm-mut-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("spiece.model");
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        let mut built = 0;
+        for i in 0..300 {
+            let mut b = good.clone();
+            for _ in 0..rng.random_range(1..=4) {
+                let at = rng.random_range(0..b.len());
+                b[at] = rng.random();
+            }
+            if i % 3 == 0 {
+                b.truncate(rng.random_range(0..b.len()));
+            }
+            std::fs::write(&file, &b).unwrap();
+            if let Ok((tok, _)) = t5_tokenizer(&file, 4) {
+                built += 1;
+                // Encoding may fail (a broken character map); Tokenizer::encode catches panics.
+                let _ = crate::error::catch_panic(|| tok.encode_fast("a b", false));
+            }
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(
+            built > 0,
+            "every mutation was refused: the test exercises nothing past parsing"
+        );
     }
 }
