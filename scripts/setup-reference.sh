@@ -24,6 +24,7 @@ PINS=(
   "nltk==3.10.4"
   "sacrebleu==2.6.0"
   "sentencepiece==0.2.3"   # reference/tokenizer_fixtures.py
+  "protobuf==7.36.2"       # reference/t5_fixtures.py (transformers reads spiece.model with it)
   "regex==2026.11.19"      # reference/tokenizer_fixtures.py (llama.cpp's pre-tokenizer regexes)
   "sentence-transformers==6.2.0"  # reference/bert_fixtures.py (all-MiniLM-L6-v2 embeddings)
 )

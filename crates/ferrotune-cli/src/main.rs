@@ -174,6 +174,9 @@ struct GenerateArgs {
     /// PEFT adapter folder to apply (repeatable: all are active).
     #[arg(long)]
     adapter: Vec<PathBuf>,
+    /// Beam search with this many beams (encoder-decoder models such as T5; 1 = no beams).
+    #[arg(long, default_value_t = 1, allow_negative_numbers = true)]
+    num_beams: usize,
 }
 
 #[derive(Args)]
@@ -347,17 +350,102 @@ impl ModelArgs {
 
 fn load(m: &ModelArgs) -> Result<LoadedModel> {
     let opts = m.load_options()?;
-    if let Some(n) = m.threads {
-        // Read by rayon and by candle's matmul when their pools start.
-        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
-        ferrotune::quant::set_num_threads(n);
-    }
+    set_threads(m);
     Ok(model::load_with_progress(
         &m.model,
         &opts,
         &device(&m.device)?,
         &bar(),
     )?)
+}
+
+fn set_threads(m: &ModelArgs) {
+    if let Some(n) = m.threads {
+        // Read by rayon and by candle's matmul when their pools start.
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+        ferrotune::quant::set_num_threads(n);
+    }
+}
+
+/// Print a generation as `generate` does: the text was streamed already (then a stats line on
+/// stderr), or one JSON line.
+fn print_generation(out: &ferrotune::generate::GenerationOutput, json: bool) {
+    if json {
+        let v = serde_json::json!({
+            "text": out.text,
+            "prompt_tokens": out.prompt_tokens,
+            "generated_tokens": out.generated_tokens,
+            "prompt_tokens_per_s": out.prompt_tokens_per_s,
+            "decode_tokens_per_s": out.decode_tokens_per_s,
+            "stop_reason": out.stop_reason.as_str(),
+        });
+        println!("{v}");
+    } else {
+        println!();
+        info!(
+            "[{} prompt tokens, {:.1} tok/s | {} generated, {:.1} tok/s | stop: {}]",
+            out.prompt_tokens,
+            out.prompt_tokens_per_s,
+            out.generated_tokens,
+            out.decode_tokens_per_s,
+            out.stop_reason.as_str()
+        );
+    }
+}
+
+/// `generate` for an encoder-decoder (T5): the prompt is the encoder input; greedy or sampled
+/// decoding streams like a decoder's, `--num-beams N` runs beam search.
+fn run_generate_t5(
+    a: &GenerateArgs,
+    cfg: &GenerationConfig,
+    prompt: &str,
+    source: model::ModelSource,
+    opts: &LoadOptions,
+    dev: &Device,
+) -> Result<()> {
+    if a.chat {
+        bail!(
+            "--chat: {} is an encoder-decoder (T5) model without a chat template; drop --chat",
+            source.path().display()
+        );
+    }
+    if !a.adapter.is_empty() {
+        bail!("--adapter: adapters on T5 models are not supported yet");
+    }
+    set_threads(&a.m);
+    let lm = model::t5::load_source(source, opts, dev, &bar())?;
+    let ids = lm.tokenizer.encode(prompt, true)?;
+    let stdout = std::io::stdout();
+    let json = a.json;
+    let mut on_text = |t: &str| {
+        if !json {
+            let mut o = stdout.lock();
+            let _ = o.write_all(t.as_bytes());
+            let _ = o.flush();
+        }
+    };
+    let out = if a.num_beams > 1 {
+        let beams = ferrotune::beam::BeamConfig {
+            num_beams: a.num_beams,
+            max_new_tokens: cfg.max_new_tokens,
+            eos_ids: if cfg.stop_on_eos {
+                lm.eos_ids()
+            } else {
+                vec![]
+            },
+            ..Default::default()
+        };
+        let mut dec = lm.model.beam_decoder(&ids);
+        ferrotune::beam::generate(&mut dec, &lm.tokenizer, ids.len(), &beams, &cfg.stop)?
+    } else {
+        let mut dec = lm.model.decoder();
+        generate(&mut dec, &lm.tokenizer, &ids, cfg, &mut on_text)?
+    };
+    if a.num_beams > 1 {
+        on_text(&out.text);
+    }
+    print_generation(&out, json);
+    Ok(())
 }
 
 fn run_generate(a: GenerateArgs) -> Result<()> {
@@ -402,6 +490,21 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
         stop_on_eos: !a.ignore_eos,
     };
     cfg.validate().map_err(flag_error)?;
+    if a.num_beams == 0 || a.num_beams > ferrotune::beam::MAX_BEAMS {
+        bail!(
+            "--num-beams {}: expected 1 to {} (1 decodes without beams)",
+            a.num_beams,
+            ferrotune::beam::MAX_BEAMS
+        );
+    }
+    if a.num_beams > 1 {
+        if cfg.temperature > 0.0 {
+            bail!("--num-beams: beam search picks tokens by score; drop --temperature, --top-k and --top-p");
+        }
+        if cfg.repetition_penalty != 1.0 {
+            bail!("--num-beams: --repetition-penalty is not supported with beam search");
+        }
+    }
     for d in &a.adapter {
         input_dir("--adapter", d)?;
     }
@@ -426,7 +529,20 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
             fs.build(&prompt, f)?
         }
     };
-    let mut lm = load(&a.m)?;
+    let opts = a.m.load_options()?;
+    let dev = device(&a.m.device)?;
+    let source = model::resolve(&a.m.model)?;
+    if model::t5::is_t5_source(&source) {
+        return run_generate_t5(&a, &cfg, &user_text, source, &opts, &dev);
+    }
+    if a.num_beams > 1 {
+        bail!(
+            "--num-beams: beam search is available for encoder-decoder (T5) models; {} is a decoder",
+            a.m.model
+        );
+    }
+    set_threads(&a.m);
+    let mut lm = model::load_source_with_progress(source, &opts, &dev, &bar())?;
     if lm.model.kind() == ArchitectureKind::Encoder {
         return Err(ferrotune::model::family::cannot_generate(&*lm.model).into());
     }
@@ -494,27 +610,7 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
         }
     };
     let out = generate(&mut *dec, tok, &ids, &cfg, &mut on_text)?;
-    if json {
-        let v = serde_json::json!({
-            "text": out.text,
-            "prompt_tokens": out.prompt_tokens,
-            "generated_tokens": out.generated_tokens,
-            "prompt_tokens_per_s": out.prompt_tokens_per_s,
-            "decode_tokens_per_s": out.decode_tokens_per_s,
-            "stop_reason": out.stop_reason.as_str(),
-        });
-        println!("{v}");
-    } else {
-        println!();
-        info!(
-            "[{} prompt tokens, {:.1} tok/s | {} generated, {:.1} tok/s | stop: {}]",
-            out.prompt_tokens,
-            out.prompt_tokens_per_s,
-            out.generated_tokens,
-            out.decode_tokens_per_s,
-            out.stop_reason.as_str()
-        );
-    }
+    print_generation(&out, json);
     Ok(())
 }
 

@@ -10,12 +10,14 @@ pub mod hub;
 pub mod llama;
 #[cfg(test)]
 mod tests_interface;
+pub mod t5;
 pub mod weights;
 
 pub use bert::{load_bert, Bert, BertConfig, BertHead, BertInput, LoadedBert, Pooling};
 pub use config::{ConfigKeys, LlamaConfig, RopeScaling};
 pub use family::{ArchitectureKind, Dims, MicroBatchGrads, Model, Objective, Task, TaskType};
 pub use llama::{KvCache, LayerContext, Llama};
+pub use t5::{LoadedT5, T5Config, T5};
 pub use weights::{GgufSource, LoadOptions, SafetensorsSource, WeightSource};
 
 use crate::progress::{CountingSource, NoProgress, Progress};
@@ -132,6 +134,12 @@ pub fn load_with_progress(
 ) -> Result<LoadedModel> {
     let source = resolve(spec)?;
     load_source_with_progress(source, opts, device, progress)
+}
+
+/// Load a T5-family model (`model_type` t5 / mt5) from `--model`'s value; see
+/// [`t5::load_source`]. [`t5::is_t5_source`] tells whether a resolved source is one.
+pub fn load_t5(spec: &str, opts: &LoadOptions, device: &Device) -> Result<LoadedT5> {
+    t5::load_source(resolve(spec)?, opts, device, &NoProgress)
 }
 
 pub fn load_source(

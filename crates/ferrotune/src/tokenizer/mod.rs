@@ -14,6 +14,7 @@ use crate::{Error, Result};
 mod chat;
 mod encoder_input;
 mod gguf;
+pub mod spiece;
 mod stream;
 
 pub use chat::{ChatMessage, ChatTemplate};
@@ -42,6 +43,8 @@ pub struct Tokenizer {
     eos_ids: Vec<u32>,
     pad_id: Option<u32>,
     add_bos: bool,
+    /// Append EOS to encoded text (T5's tokenizer does; decoders' prompts never get one).
+    add_eos: bool,
     chat_template: Option<ChatTemplate>,
 }
 
@@ -54,25 +57,34 @@ impl fmt::Debug for Tokenizer {
             .field("eos_ids", &self.eos_ids)
             .field("pad_id", &self.pad_id)
             .field("add_bos", &self.add_bos)
+            .field("add_eos", &self.add_eos)
             .field("chat_template", &self.chat_template.is_some())
             .finish()
     }
 }
 
 impl Tokenizer {
-    /// Load an HF tokenizer folder: `tokenizer.json` (required) and, when present,
-    /// `tokenizer_config.json`, `special_tokens_map.json`, `chat_template.jinja`,
-    /// `generation_config.json`.
+    /// Load an HF tokenizer folder: `tokenizer.json` (or, where that is all the folder has,
+    /// T5's `spiece.model`: see [`spiece`]) and, when present, `tokenizer_config.json`,
+    /// `special_tokens_map.json`, `chat_template.jinja`, `generation_config.json`.
     pub fn from_hf_dir(dir: &Path) -> Result<Self> {
         let tj = dir.join("tokenizer.json");
-        if !tj.is_file() {
+        let spm = dir.join("spiece.model");
+        let config_path = dir.join("tokenizer_config.json");
+        let (inner, spm_specials, config) = if tj.is_file() {
+            let inner = parse_tokenizer_json(&tj)?;
+            (inner, None, read_json(&config_path)?)
+        } else if spm.is_file() {
+            let config = read_json(&config_path)?;
+            let extra_ids = t5_extra_ids(config.as_ref(), &config_path)?;
+            let (inner, specials) = spiece::t5_tokenizer(&spm, extra_ids)?;
+            (inner, Some(specials), config)
+        } else {
             return Err(Error::file(
                 dir,
-                "no tokenizer.json in this folder (an HF tokenizer folder needs one)",
+                "no tokenizer.json in this folder (an HF tokenizer folder needs one; T5 folders may have spiece.model instead)",
             ));
-        }
-        let inner = parse_tokenizer_json(&tj)?;
-        let config = read_json(&dir.join("tokenizer_config.json"))?;
+        };
         let special_map = read_json(&dir.join("special_tokens_map.json"))?;
         let gen_config = read_json(&dir.join("generation_config.json"))?;
 
@@ -88,7 +100,13 @@ impl Tokenizer {
                     });
                 }
             }
-            Ok(None)
+            // A SentencePiece model names its own (transformers falls back to them too).
+            Ok(spm_specials.as_ref().and_then(|s| match name {
+                "bos_token" => s.bos.clone(),
+                "eos_token" => s.eos.clone(),
+                "pad_token" => s.pad.clone(),
+                _ => None,
+            }))
         };
         let resolve = |name: &str| -> Result<Option<(u32, String)>> {
             let Some(text) = token_text(name)? else {
@@ -208,8 +226,20 @@ impl Tokenizer {
             eos_ids,
             pad_id,
             add_bos,
+            add_eos: false,
             chat_template,
         }
+    }
+
+    /// Append the EOS token to text encoded with special tokens (T5's tokenizers end every
+    /// input with `</s>`). Off by default: a decoder's prompt must not end its own turn.
+    pub fn set_add_eos(&mut self, on: bool) {
+        self.add_eos = on;
+    }
+
+    /// Whether `encode(_, true)` appends EOS.
+    pub fn add_eos(&self) -> bool {
+        self.add_eos && self.eos.is_some()
     }
 
     /// Token ids of `text`. Special-token text in `text` (e.g. `<|im_start|>`) becomes its single
@@ -223,12 +253,14 @@ impl Tokenizer {
             .map_err(|p| Error::msg(format!("tokenizer: encoding failed: {p}")))?
             .map_err(|e| Error::msg(format!("tokenizer: encoding failed: {e}")))?;
         let ids = enc.get_ids();
-        match (&self.bos, add_special_tokens && self.add_bos) {
-            (Some((bos, _)), true) => {
-                Ok(std::iter::once(*bos).chain(ids.iter().copied()).collect())
-            }
-            _ => Ok(ids.to_vec()),
+        let mut out = match (&self.bos, add_special_tokens && self.add_bos) {
+            (Some((bos, _)), true) => std::iter::once(*bos).chain(ids.iter().copied()).collect(),
+            _ => ids.to_vec(),
+        };
+        if let (Some((eos, _)), true) = (&self.eos, add_special_tokens && self.add_eos) {
+            out.push(*eos);
         }
+        Ok(out)
     }
 
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
@@ -347,6 +379,35 @@ fn read_json(path: &Path) -> Result<Option<serde_json::Value>> {
     }
     let text = std::fs::read_to_string(path).with_path(path)?;
     serde_json::from_str(&text).map(Some).with_path(path)
+}
+
+/// T5's number of sentinel tokens: tokenizer_config.json's `extra_ids`, else the number of
+/// `<extra_id_N>` in its `additional_special_tokens`, else 100 (`T5Tokenizer`'s default).
+fn t5_extra_ids(config: Option<&serde_json::Value>, file: &Path) -> Result<usize> {
+    let Some(c) = config else { return Ok(100) };
+    match c.get("extra_ids") {
+        None | Some(serde_json::Value::Null) => {}
+        Some(v) => {
+            return v
+                .as_u64()
+                .and_then(|n| usize::try_from(n).ok())
+                .ok_or_else(|| {
+                    Error::key(
+                        file.display().to_string(),
+                        "extra_ids",
+                        format!("expected a non-negative integer, found {v}"),
+                    )
+                })
+        }
+    }
+    let listed = ["additional_special_tokens", "extra_special_tokens"]
+        .iter()
+        .filter_map(|k| c.get(*k).and_then(|v| v.as_array()))
+        .flatten()
+        .filter_map(|t| token_field(t).ok().flatten())
+        .filter(|t| t.starts_with("<extra_id_"))
+        .count();
+    Ok(if listed > 0 { listed } else { 100 })
 }
 
 /// A special-token entry: `"<s>"`, `{"content": "<s>", ...}` (an AddedToken dump) or `null`.
