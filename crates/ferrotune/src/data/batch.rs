@@ -3,10 +3,18 @@
 //! Each epoch has a plan (which examples go in which row of which batch) that is a pure function
 //! of the examples, the config and the epoch number, so a [`DataCursor`] `(epoch, index)` saved
 //! with a checkpoint is enough to continue a run with exactly the batches it would have seen.
+//!
+//! What the labels are depends on the task ([`Targets`]): next-token labels for causal LMs,
+//! per-token labels (MLM, token classification), decoder targets (seq2seq), or one class per row.
+//! Pre-training objectives that draw masks (MLM, span corruption) are applied as each batch is
+//! built ([`BatchConfig::masking`]), from the seed, the epoch and the example's index.
+use std::borrow::Cow;
+
 use candle_core::{Device, Tensor};
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
+use super::objectives::Masking;
 use super::split::permutation;
 use super::template::splitmix64;
 use super::{Example, Source, IGNORE};
@@ -30,6 +38,38 @@ pub struct BatchConfig {
     pub group_window: usize,
     /// Id written into padding positions (the tokenizer's pad id, else its eos id).
     pub pad_id: u32,
+    /// What the examples' labels are, and so how they are laid out in a batch.
+    pub targets: Targets,
+    /// Masks drawn per batch (MLM, span corruption): examples are raw token chunks and become
+    /// training examples when their batch is built.
+    pub masking: Option<Masking>,
+}
+
+/// What an example's `labels` hold, and how a batch lays them out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Targets {
+    /// Causal LM: one label per input id, aligned (the logits at `i - 1` predict
+    /// `labels[i]`). Batch labels `(b, t)`; packing allowed.
+    #[default]
+    NextToken,
+    /// MLM / token classification: one label per input id, not shifted. Batch labels `(b, t)`.
+    Token,
+    /// Seq2seq: the decoder's target ids (EOS included), any length. Batch labels `(b, s)`
+    /// ([`IGNORE`] on padding); the model builds decoder inputs by shifting them right.
+    Decoder,
+    /// Sequence classification: `labels == [class id]`. Batch labels `(b,)`.
+    Sequence,
+}
+
+impl Targets {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Targets::NextToken => "next-token",
+            Targets::Token => "per-token",
+            Targets::Decoder => "decoder",
+            Targets::Sequence => "sequence",
+        }
+    }
 }
 
 impl BatchConfig {
@@ -42,6 +82,8 @@ impl BatchConfig {
             seed: 0,
             group_window: 50,
             pad_id,
+            targets: Targets::NextToken,
+            masking: None,
         }
     }
 }
@@ -82,8 +124,11 @@ pub struct Batch {
     /// With packing: `u32`, 1, 2, ... the index of the example within its row, 0 on padding;
     /// attention must stay within a segment.
     pub segment_ids: Option<Tensor>,
+    /// What `labels` hold (and their shape).
+    pub targets: Targets,
+    /// Positions (rows, for [`Targets::Sequence`]) the loss sums over.
     pub n_loss_tokens: usize,
-    /// Non-padding tokens.
+    /// Non-padding tokens read (encoder and decoder).
     pub n_tokens: usize,
     /// The examples in the batch, row by row.
     pub sources: Vec<Source>,
@@ -110,13 +155,42 @@ impl Batcher {
         if cfg.batch_size == 0 || cfg.group_window == 0 {
             return Err(Error::msg("batch size and group window must be at least 1"));
         }
-        if let Some(ex) = examples.iter().find(|e| e.len() > cfg.max_seq_len) {
+        if cfg.packing && cfg.targets != Targets::NextToken {
+            return Err(Error::key(
+                "[data]",
+                "packing",
+                format!(
+                    "packing is for causal LM examples, not {} targets",
+                    cfg.targets.as_str()
+                ),
+            ));
+        }
+        if let Some(m) = &cfg.masking {
+            if m.targets() != cfg.targets {
+                return Err(Error::msg(format!(
+                    "{} masking makes {} targets, but the batches are set up for {} targets",
+                    m.name(),
+                    m.targets().as_str(),
+                    cfg.targets.as_str()
+                )));
+            }
+        }
+        let input_len = |e: &Example| match &cfg.masking {
+            Some(m) => m.input_len(e.len()),
+            None => e.len(),
+        };
+        if let Some(ex) = examples.iter().find(|e| input_len(e) > cfg.max_seq_len) {
             return Err(Error::msg(format!(
                 "{}: example is {} tokens, more than max_seq_len {} (apply a length policy first)",
                 ex.source,
-                ex.len(),
+                input_len(ex),
                 cfg.max_seq_len
             )));
+        }
+        if cfg.masking.is_none() {
+            for ex in &examples {
+                check_labels(ex, cfg.targets)?;
+            }
         }
         let mut b = Batcher {
             examples,
@@ -147,7 +221,7 @@ impl Batcher {
         } else {
             (0..n).collect()
         };
-        let len = |i: usize| self.examples[i].len();
+        let len = |i: usize| self.input_len(i);
         let rows: Vec<Vec<usize>> = if self.cfg.packing {
             // Best-fit decreasing: longest first, each into the fullest row it still fits in
             // (a new row if none). Rows come out nearly full, unlike filling rows in shuffled
@@ -214,6 +288,15 @@ impl Batcher {
         batches
     }
 
+    /// The input length of example `i` once masked (span corruption shortens chunks).
+    fn input_len(&self, i: usize) -> usize {
+        let n = self.examples[i].len();
+        match &self.cfg.masking {
+            Some(m) => m.input_len(n),
+            None => n,
+        }
+    }
+
     pub fn batches_per_epoch(&self) -> usize {
         self.plan.len()
     }
@@ -253,29 +336,49 @@ impl Batcher {
         self.build(&rows)
     }
 
-    /// Tensors for rows of example indices.
+    /// Tensors for rows of example indices (masks, if any, drawn for the cursor's epoch).
     pub fn build(&self, rows: &[Vec<usize>]) -> Result<Batch> {
-        let b = rows.len();
-        let t = rows
+        self.build_for_epoch(rows, self.cursor.epoch)
+    }
+
+    /// Example `i` as trained on in `epoch`: masked when the batches draw masks.
+    pub fn example(&self, i: usize, epoch: usize) -> Result<Cow<'_, Example>> {
+        let ex = &self.examples[i];
+        Ok(match &self.cfg.masking {
+            Some(m) => Cow::Owned(m.apply(ex, self.cfg.seed, epoch, i)?),
+            None => Cow::Borrowed(ex),
+        })
+    }
+
+    /// Tensors for rows of example indices, with the masks of `epoch`.
+    pub fn build_for_epoch(&self, rows: &[Vec<usize>], epoch: usize) -> Result<Batch> {
+        let exs: Vec<Vec<Cow<'_, Example>>> = rows
             .iter()
-            .map(|r| r.iter().map(|&i| self.examples[i].len()).sum::<usize>())
+            .map(|r| {
+                r.iter()
+                    .map(|&i| self.example(i, epoch))
+                    .collect::<Result<Vec<_>>>()
+            })
+            .collect::<Result<_>>()?;
+        let b = rows.len();
+        let t = exs
+            .iter()
+            .map(|r| r.iter().map(|e| e.len()).sum::<usize>())
             .max()
             .unwrap_or(0);
+        let targets = self.cfg.targets;
         let mut ids = vec![self.cfg.pad_id; b * t];
-        let mut labels = vec![IGNORE; b * t];
         let mut mask = vec![0u8; b * t];
         let mut pos = vec![0u32; b * t];
         let mut seg = vec![0u32; b * t];
         let mut sources = Vec::new();
         let mut n_tokens = 0;
-        for (r, row) in rows.iter().enumerate() {
+        for (r, row) in exs.iter().enumerate() {
             let mut at = r * t;
-            for (s, &i) in row.iter().enumerate() {
-                let ex = &self.examples[i];
+            for (s, ex) in row.iter().enumerate() {
                 sources.push(ex.source.clone());
-                for (k, (&id, &l)) in ex.input_ids.iter().zip(&ex.labels).enumerate() {
+                for (k, &id) in ex.input_ids.iter().enumerate() {
                     ids[at] = id;
-                    labels[at] = if k == 0 { IGNORE } else { l };
                     mask[at] = 1;
                     pos[at] = k as u32;
                     seg[at] = s as u32 + 1;
@@ -284,11 +387,52 @@ impl Batcher {
                 n_tokens += ex.len();
             }
         }
-        let n_loss_tokens = labels.iter().filter(|&&l| l != IGNORE).count();
         let dev = &self.device;
+        let (labels, n_loss_tokens) = match targets {
+            Targets::NextToken | Targets::Token => {
+                let mut labels = vec![IGNORE; b * t];
+                for (r, row) in exs.iter().enumerate() {
+                    let mut at = r * t;
+                    for ex in row {
+                        for (k, &l) in ex.labels.iter().enumerate() {
+                            // Nothing in a causal example predicts its first token.
+                            let first = targets == Targets::NextToken && k == 0;
+                            labels[at] = if first { IGNORE } else { l };
+                            at += 1;
+                        }
+                    }
+                }
+                let n = labels.iter().filter(|&&l| l != IGNORE).count();
+                (Tensor::from_vec(labels, (b, t), dev)?, n)
+            }
+            Targets::Decoder => {
+                let s = exs
+                    .iter()
+                    .flat_map(|r| r.iter().map(|e| e.labels.len()))
+                    .max()
+                    .unwrap_or(0);
+                let mut labels = vec![IGNORE; b * s];
+                for (r, row) in exs.iter().enumerate() {
+                    for ex in row {
+                        labels[r * s..r * s + ex.labels.len()].copy_from_slice(&ex.labels);
+                        n_tokens += ex.labels.len();
+                    }
+                }
+                let n = labels.iter().filter(|&&l| l != IGNORE).count();
+                (Tensor::from_vec(labels, (b, s), dev)?, n)
+            }
+            Targets::Sequence => {
+                let labels: Vec<i64> = exs
+                    .iter()
+                    .map(|r| r.first().map_or(IGNORE, |e| e.labels[0]))
+                    .collect();
+                let n = labels.iter().filter(|&&l| l != IGNORE).count();
+                (Tensor::from_vec(labels, b, dev)?, n)
+            }
+        };
         Ok(Batch {
             input_ids: Tensor::from_vec(ids, (b, t), dev)?,
-            labels: Tensor::from_vec(labels, (b, t), dev)?,
+            labels,
             attention_mask: Tensor::from_vec(mask, (b, t), dev)?,
             position_ids: Tensor::from_vec(pos, (b, t), dev)?,
             segment_ids: if self.cfg.packing {
@@ -296,11 +440,31 @@ impl Batcher {
             } else {
                 None
             },
+            targets,
             n_loss_tokens,
             n_tokens,
             sources,
         })
     }
+}
+
+/// An example's labels must have the shape its targets need.
+fn check_labels(ex: &Example, targets: Targets) -> Result<()> {
+    let ok = match targets {
+        Targets::NextToken | Targets::Token => ex.labels.len() == ex.input_ids.len(),
+        Targets::Decoder => !ex.labels.is_empty(),
+        Targets::Sequence => ex.labels.len() == 1,
+    };
+    if ok {
+        return Ok(());
+    }
+    Err(Error::msg(format!(
+        "{}: example has {} labels for {} input ids, which does not fit {} targets",
+        ex.source,
+        ex.labels.len(),
+        ex.input_ids.len(),
+        targets.as_str()
+    )))
 }
 
 #[cfg(test)]

@@ -45,7 +45,7 @@ impl Example {
 }
 
 /// The end-of-sequence id appended after a completion: the first of the tokenizer's eos ids.
-fn eos_id(tok: &Tokenizer) -> Result<u32> {
+pub(crate) fn eos_id(tok: &Tokenizer) -> Result<u32> {
     tok.eos_ids().first().copied().ok_or_else(|| {
         Error::msg("the tokenizer has no end-of-sequence token to end completions with")
     })
@@ -99,6 +99,31 @@ pub fn encode_pair(
         labels,
         source,
     })
+}
+
+/// A seq2seq pair as an [`Example`] with decoder targets: the encoder input is `prompt` with the
+/// model's special tokens (T5: `prompt </s>`), the labels are `completion` + EOS. No length
+/// limit is applied (see [`super::tasks::encode_seq2seq`] for that, and for many pairs with one
+/// [`super::TextEncoder`]).
+pub fn encode_seq2seq_pair(
+    tok: &Tokenizer,
+    prompt: &str,
+    completion: &str,
+    source: Source,
+) -> Result<Example> {
+    let enc = super::TextEncoder::new(tok)?;
+    let mut stats = super::LengthStats::default();
+    let ex = super::tasks::encode_seq2seq(
+        &enc,
+        prompt,
+        completion,
+        source,
+        usize::MAX,
+        usize::MAX,
+        super::LengthPolicy::Error,
+        &mut stats,
+    )?;
+    Ok(ex.expect("no length limit, nothing dropped"))
 }
 
 /// A conversation rendered with the model's chat template, trained on the assistant turns.
