@@ -53,7 +53,7 @@ pub use config::{
 pub use labels::LabelMap;
 pub use length::{apply_length_policy, LengthPolicy, LengthStats};
 pub use objectives::{Masking, MlmMasking, SpanCorruption};
-pub use preview::{preview, preview_with, PreviewStyle};
+pub use preview::{preview, preview_targets, preview_with, PreviewStyle};
 pub use read::{read_rows, Loc, Row, Rows};
 pub use split::{mix, split_rows};
 pub use tasks::DataTask;
