@@ -3,9 +3,9 @@ use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Device};
 use clap::{Args, Parser, Subcommand};
 use ferrotune::fsutil::{self, Input};
-use ferrotune::generate::{generate, GenerationConfig, LlamaDecoder};
+use ferrotune::generate::{decoder_for, generate, Engine, GenerationConfig};
 use ferrotune::icl::{read_jsonl, FewShot, Template};
-use ferrotune::model::{self, LoadOptions, LoadedModel};
+use ferrotune::model::{self, ArchitectureKind, LoadOptions, LoadedModel};
 use ferrotune::progress::Bar;
 use ferrotune::tokenizer::ChatMessage;
 use std::io::Write;
@@ -193,9 +193,21 @@ struct InspectArgs {
 struct PerplexityArgs {
     #[command(flatten)]
     m: ModelArgs,
-    /// Text file, or JSONL with a "text" field per line.
-    #[arg(long)]
-    file: PathBuf,
+    /// Text file, or JSONL with a "text" field per line (decoders: every token given the ones
+    /// before it).
+    #[arg(long, required_unless_present = "data", conflicts_with = "data")]
+    file: Option<PathBuf>,
+    /// Data file (JSONL, JSON, CSV, Parquet): the completion of each row given its prompt
+    /// (decoders and encoder-decoders), with --template and --completion.
+    #[arg(long, requires_all = ["template", "completion"], conflicts_with_all = ["window", "stride"])]
+    data: Option<PathBuf>,
+    /// Prompt template with {field} placeholders (with --data).
+    #[arg(long, requires = "data")]
+    template: Option<String>,
+    /// Completion template with {field} placeholders (with --data): the tokens scored, EOS
+    /// included.
+    #[arg(long, requires = "data")]
+    completion: Option<String>,
     /// Tokens per window, at least 2 (default: the model's context length).
     #[arg(long, allow_negative_numbers = true)]
     window: Option<usize>,
@@ -413,6 +425,9 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
         }
     };
     let mut lm = load(&a.m)?;
+    if lm.model.kind() == ArchitectureKind::Encoder {
+        return Err(ferrotune::model::family::cannot_generate(&*lm.model).into());
+    }
     attach_adapters(&mut lm, &a.adapter)?;
     let tok = &lm.tokenizer;
     let ids = if a.chat {
@@ -440,8 +455,8 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
     } else {
         tok.encode(&user_text, true)?
     };
-    let ctx = lm.model.cfg.max_position_embeddings;
-    if ids.len() >= ctx {
+    let ctx = lm.model.context_length().unwrap_or(usize::MAX);
+    if ids.len() >= ctx && lm.model.kind() == ArchitectureKind::Decoder {
         let hint = if a.shots.is_some() {
             " (use fewer shots: lower --k)"
         } else {
@@ -460,17 +475,13 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
             cfg.max_new_tokens
         );
     }
-    // The allocation-free engine when it supports the model (CPU, no adapters); else the
-    // differentiable model. `--engine model` forces the latter (e.g. to compare them).
-    let mut fast = match a.engine.as_str() {
-        "model" => None,
-        _ => ferrotune::engine::FastDecoder::new(&lm.model),
+    // The allocation-free engine when it supports the model (LLaMA family, CPU, no adapters);
+    // else the model's own decoder. `--engine model` forces the latter (e.g. to compare them).
+    let engine = match a.engine.as_str() {
+        "model" => Engine::Model,
+        _ => Engine::Auto,
     };
-    let mut slow = LlamaDecoder::new(&lm.model);
-    let dec: &mut dyn ferrotune::generate::Decoder = match fast.as_mut() {
-        Some(f) => f,
-        None => &mut slow,
-    };
+    let mut dec = decoder_for(&*lm.model, engine)?;
     let stdout = std::io::stdout();
     let json = a.json;
     let mut on_text = |t: &str| {
@@ -480,7 +491,7 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
             let _ = o.flush();
         }
     };
-    let out = generate(dec, tok, &ids, &cfg, &mut on_text)?;
+    let out = generate(&mut *dec, tok, &ids, &cfg, &mut on_text)?;
     if json {
         let v = serde_json::json!({
             "text": out.text,
@@ -509,7 +520,7 @@ fn run_inspect(a: InspectArgs) -> Result<()> {
     let lm = load(&a.m)?;
     let seq_len = a
         .seq_len
-        .unwrap_or(512.min(lm.model.cfg.max_position_embeddings));
+        .unwrap_or(512.min(lm.model.context_length().unwrap_or(512)));
     let r = ferrotune::inspect::inspect(&lm, &a.m.model, a.batch, seq_len).map_err(flag_error)?;
     if a.json {
         println!("{}", serde_json::to_string(&r)?);
@@ -520,35 +531,67 @@ fn run_inspect(a: InspectArgs) -> Result<()> {
 }
 
 fn run_perplexity(a: PerplexityArgs) -> Result<()> {
-    use ferrotune::perplexity::{check_window, file_perplexity_with_progress};
-    input_file("--file", &a.file)?;
-    let ext = a.file.extension().and_then(|e| e.to_str()).unwrap_or("");
-    if ["json", "csv", "tsv", "parquet", "ndjson"].contains(&ext.to_ascii_lowercase().as_str()) {
-        warn!(
-            "--file {}: scored as plain text (only .jsonl files are read as one \"text\" per line)",
-            a.file.display()
+    use ferrotune::perplexity::{
+        check_window, completion_perplexity, file_perplexity_with_progress,
+    };
+    let nll = if let Some(data) = &a.data {
+        // Completions given prompts: any model that predicts tokens (decoders, encoder-decoders).
+        input_file("--data", data)?;
+        let (template, completion) = (
+            a.template.as_deref().unwrap_or_default(),
+            a.completion.as_deref().unwrap_or_default(),
         );
-    }
-    // The values given, before the load (the defaults depend on the model).
-    check_window(a.window.unwrap_or(2), a.stride.unwrap_or(1)).map_err(flag_error)?;
-    for d in &a.adapter {
-        input_dir("--adapter", d)?;
-    }
-    let mut lm = load(&a.m)?;
-    attach_adapters(&mut lm, &a.adapter)?;
-    let ctx = lm.model.cfg.max_position_embeddings;
-    let mut window = a.window.unwrap_or(ctx);
-    if window > ctx {
-        warn!("--window {window} is longer than the model's context window; using {ctx}");
-        window = ctx;
-    }
-    let mut stride = a.stride.unwrap_or((window / 2).max(1));
-    if stride > window {
-        warn!("--stride {stride} is longer than the window; using {window}");
-        stride = window;
-    }
-    let nll =
-        file_perplexity_with_progress(&lm.model, &lm.tokenizer, &a.file, window, stride, &bar())?;
+        for (flag, t) in [("--template", template), ("--completion", completion)] {
+            ferrotune::icl::Template::parse(t).map_err(|e| anyhow!("{flag}: {e}"))?;
+        }
+        for d in &a.adapter {
+            input_dir("--adapter", d)?;
+        }
+        let mut lm = load(&a.m)?;
+        attach_adapters(&mut lm, &a.adapter)?;
+        completion_perplexity(
+            &*lm.model,
+            &lm.tokenizer,
+            data,
+            template,
+            completion,
+            None,
+            &bar(),
+        )?
+    } else {
+        let file = a
+            .file
+            .as_ref()
+            .expect("clap requires --file without --data");
+        input_file("--file", file)?;
+        let ext = file.extension().and_then(|e| e.to_str()).unwrap_or("");
+        if ["json", "csv", "tsv", "parquet", "ndjson"].contains(&ext.to_ascii_lowercase().as_str())
+        {
+            warn!(
+                "--file {}: scored as plain text (only .jsonl files are read as one \"text\" per line)",
+                file.display()
+            );
+        }
+        // The values given, before the load (the defaults depend on the model).
+        check_window(a.window.unwrap_or(2), a.stride.unwrap_or(1)).map_err(flag_error)?;
+        for d in &a.adapter {
+            input_dir("--adapter", d)?;
+        }
+        let mut lm = load(&a.m)?;
+        attach_adapters(&mut lm, &a.adapter)?;
+        let ctx = lm.model.context_length().unwrap_or(usize::MAX);
+        let mut window = a.window.unwrap_or(ctx);
+        if window > ctx {
+            warn!("--window {window} is longer than the model's context window; using {ctx}");
+            window = ctx;
+        }
+        let mut stride = a.stride.unwrap_or((window / 2).max(1));
+        if stride > window {
+            warn!("--stride {stride} is longer than the window; using {window}");
+            stride = window;
+        }
+        file_perplexity_with_progress(&*lm.model, &lm.tokenizer, file, window, stride, &bar())?
+    };
     if a.json {
         println!(
             "{}",
@@ -798,7 +841,7 @@ struct EvalArgs {
 /// Load each `--adapter` folder onto the model (named adapter0, adapter1, ...; all active).
 fn attach_adapters(lm: &mut LoadedModel, dirs: &[PathBuf]) -> Result<()> {
     for (i, d) in dirs.iter().enumerate() {
-        let a = ferrotune::peft::load_adapter(&mut lm.model, d, &format!("adapter{i}"))?;
+        let a = ferrotune::peft::load_adapter(&mut *lm.model, d, &format!("adapter{i}"))?;
         info!(
             "adapter {} ({}, {} modules)",
             d.display(),
@@ -986,8 +1029,8 @@ fn run_merge(a: MergeArgs) -> Result<()> {
     let mut lm = load(&a.m)?;
     inputs.push(Input::new("the --model", lm.source.path()));
     fsutil::check_output_dir(&a.out, "--out", a.overwrite, &inputs)?;
-    ferrotune::peft::load_adapter(&mut lm.model, &a.adapter, "merge")?;
-    let report = ferrotune::peft::merge_and_unload(&mut lm.model, "merge")?;
+    ferrotune::peft::load_adapter(&mut *lm.model, &a.adapter, "merge")?;
+    let report = ferrotune::peft::merge_and_unload(&mut *lm.model, "merge")?;
     if let Some(msg) = report.message() {
         info!("note: {msg}");
     }

@@ -346,7 +346,8 @@ fn tiny_logits(model: &Path) -> Vec<Vec<f32>> {
         .unwrap()
         .unsqueeze(0)
         .unwrap();
-    lm.model
+    lm.llama()
+        .unwrap()
         .forward(&t, None)
         .unwrap()
         .squeeze(0)

@@ -20,7 +20,7 @@
 //!   least moved by their bursts.
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
-use ferrotune::quant::{activation_precision, ActPrecision, Isa, QuantWeight};
+use ferrotune::quant::{ActPrecision, Isa, QuantSettings, QuantWeight};
 use std::time::{Duration, Instant};
 
 const SHAPES: [(usize, usize, &str); 5] = [
@@ -352,7 +352,7 @@ fn one_batch(
 }
 
 fn matvec(per_batch: Duration, batches: usize) {
-    let prec = activation_precision();
+    let prec = QuantSettings::default().activation;
     println!(
         "\n## matvec (one activation row), {prec:?} activations: us per call (GB/s of weight data)"
     );

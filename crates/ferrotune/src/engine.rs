@@ -7,7 +7,7 @@
 //! Used by `generate` when every linear layer is quantized or dense f32 on the CPU and no
 //! adapter is attached; anything else decodes through the differentiable model.
 use crate::generate::Decoder;
-use crate::model::Llama;
+use crate::model::{Llama, Model};
 use crate::nn::{EmbeddingWeight, Linear, LinearWeight};
 use crate::quant::QuantWeight;
 use crate::Result;
@@ -171,8 +171,10 @@ fn vec_f32(t: &Tensor) -> Option<Vec<f32>> {
 }
 
 impl FastDecoder {
-    /// None when the model cannot run here (not on CPU, adapters attached, unsupported weights).
-    pub fn new(model: &Llama) -> Option<Self> {
+    /// None when the model cannot run here (not a LLaMA-family model, not on CPU, adapters
+    /// attached, unsupported weights).
+    pub fn new(model: &dyn Model) -> Option<Self> {
+        let model: &Llama = model.downcast_ref::<Llama>()?;
         if !model.device().is_cpu() {
             return None;
         }

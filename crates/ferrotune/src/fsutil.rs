@@ -53,15 +53,28 @@ pub fn write_marker(dir: &Path, marker: &Marker) -> Result<()> {
     write_atomic(&dir.join(MARKER_FILE), text.as_bytes())
 }
 
-/// Write `bytes` to `path` through a temporary sibling (`.NAME.PID.tmp`), flushed to disk, and
-/// a rename: a crash never leaves a half-written file under the final name.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    use std::io::Write;
+/// The temporary sibling an atomic write of `path` goes through: `.NAME.PID.tmp`.
+fn tmp_sibling(path: &Path) -> Result<PathBuf> {
     let name = path
         .file_name()
         .ok_or_else(|| Error::file(path, "is not a file path"))?
         .to_string_lossy();
-    let tmp = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
+    Ok(path.with_file_name(format!(".{name}.{}.tmp", std::process::id())))
+}
+
+/// Rename the finished temporary file `tmp` to `path` (removing `tmp` on failure).
+fn rename_into_place(tmp: &Path, path: &Path) -> Result<()> {
+    std::fs::rename(tmp, path).map_err(|e| {
+        let _ = std::fs::remove_file(tmp);
+        Error::file(path, e)
+    })
+}
+
+/// Write `bytes` to `path` through a temporary sibling (`.NAME.PID.tmp`), flushed to disk, and
+/// a rename: a crash never leaves a half-written file under the final name.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let tmp = tmp_sibling(path)?;
     let write = || -> std::io::Result<()> {
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(bytes)?;
@@ -71,10 +84,21 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         let _ = std::fs::remove_file(&tmp);
         return Err(Error::file(&tmp, e));
     }
-    std::fs::rename(&tmp, path).map_err(|e| {
+    rename_into_place(&tmp, path)
+}
+
+/// Write `tensors` as a safetensors file at `path` the same way as [`write_atomic`] (a
+/// temporary sibling, then a rename), without holding the file's bytes in memory.
+pub fn write_safetensors(
+    path: &Path,
+    tensors: &std::collections::HashMap<String, candle_core::Tensor>,
+) -> Result<()> {
+    let tmp = tmp_sibling(path)?;
+    if let Err(e) = candle_core::safetensors::save(tensors, &tmp) {
         let _ = std::fs::remove_file(&tmp);
-        Error::file(path, e)
-    })
+        return Err(Error::file(&tmp, crate::error::first_line(&e.to_string())));
+    }
+    rename_into_place(&tmp, path)
 }
 
 /// `p` made absolute (against the current directory) with `.` and `dir/..` folded, without

@@ -22,7 +22,7 @@ use serde_json::json;
 
 use crate::data::{self, Batcher, DataConfig};
 use crate::engine::FastDecoder;
-use crate::generate::{Decoder, LlamaDecoder};
+use crate::generate::Decoder;
 use crate::model::{self, gguf, LoadOptions};
 use crate::tokenizer::{ChatMessage, Tokenizer};
 
@@ -288,9 +288,10 @@ fn load_and_run(path: &Path) -> bool {
             let _ = fast.step(crate::generate::argmax(&logits));
         }
     }
-    let mut slow = LlamaDecoder::new(&loaded.model);
-    if let Ok(logits) = slow.prefill(&ids) {
-        let _ = slow.step(crate::generate::argmax(&logits));
+    if let Ok(mut slow) = loaded.model.decoder() {
+        if let Ok(logits) = slow.prefill(&ids) {
+            let _ = slow.step(crate::generate::argmax(&logits));
+        }
     }
     true
 }

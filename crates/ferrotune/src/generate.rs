@@ -1,6 +1,6 @@
 //! Text generation: KV-cache decoding, greedy or sampled (temperature, top-k, top-p, seed),
 //! repetition penalty, stop on EOS or stop strings, streaming text as it is produced.
-use crate::model::{KvCache, Llama};
+use crate::model::{KvCache, Llama, Model};
 use crate::tokenizer::Tokenizer;
 use crate::{Error, Result};
 use candle_core::Tensor;
@@ -117,14 +117,46 @@ pub struct GenerationOutput {
     pub stop_reason: StopReason,
 }
 
-/// A model that can be driven one token at a time. The candle [`Llama`] implements it; faster
-/// inference-only engines can too, and `generate` works with any of them.
+/// A model that can be driven one token at a time. Every family that generates gives one
+/// ([`Model::decoder`]); faster inference-only engines can too, and `generate` works with any
+/// of them.
 pub trait Decoder {
-    /// Feed the prompt; return the logits of its last position.
+    /// Feed the prompt; return the logits of the first token to generate (a decoder: of the
+    /// prompt's last position; an encoder-decoder encodes the prompt and runs its decoder start
+    /// token).
     fn prefill(&mut self, ids: &[u32]) -> Result<Vec<f32>>;
     /// Feed one more token; return its logits.
     fn step(&mut self, id: u32) -> Result<Vec<f32>>;
+    /// The most positions the generated tokens may reach (with the prompt, where
+    /// [`Self::prompt_in_context`]).
     fn context_length(&self) -> usize;
+    /// Whether the prompt occupies the context the generated tokens extend (decoders), or is
+    /// read by an encoder (encoder-decoders: the context budget and the repetition-penalty
+    /// history then start with the first generated token).
+    fn prompt_in_context(&self) -> bool {
+        true
+    }
+}
+
+/// Which decoder runs generation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Engine {
+    /// The fast CPU engine where it supports the model (LLaMA family, CPU, no adapters), else
+    /// the model's own decoder.
+    #[default]
+    Auto,
+    /// Always the model's own (differentiable) decoder.
+    Model,
+}
+
+/// The decoder `engine` picks for `model`; an encoder is a one-line error.
+pub fn decoder_for<'a>(model: &'a dyn Model, engine: Engine) -> Result<Box<dyn Decoder + 'a>> {
+    if engine == Engine::Auto {
+        if let Some(fast) = crate::engine::FastDecoder::new(model) {
+            return Ok(Box::new(fast));
+        }
+    }
+    model.decoder()
 }
 
 /// The differentiable model with a KV cache.
@@ -273,7 +305,8 @@ pub fn generate(
         return Err(Error::msg("the prompt is empty (0 tokens)"));
     }
     let ctx = dec.context_length();
-    if prompt_ids.len() >= ctx {
+    let prompt_in_context = dec.prompt_in_context();
+    if prompt_in_context && prompt_ids.len() >= ctx {
         return Err(Error::ContextOverflow {
             tokens: prompt_ids.len(),
             context: ctx,
@@ -285,7 +318,11 @@ pub fn generate(
     let mut logits = dec.prefill(prompt_ids)?;
     let prefill_s = t0.elapsed().as_secs_f64();
     let t1 = Instant::now();
-    let mut history: Vec<u32> = prompt_ids.to_vec();
+    let mut history: Vec<u32> = if prompt_in_context {
+        prompt_ids.to_vec()
+    } else {
+        Vec::new()
+    };
     let mut generated: Vec<u32> = Vec::new();
     let mut emitted = 0usize; // bytes of `text` already streamed
     let mut text = String::new();

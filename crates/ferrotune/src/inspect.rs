@@ -9,9 +9,12 @@
 //! | nf4  | ~0.52 (4 bit + double-quantized scales, QLoRA layout) | 2 (bf16) | 8 (fp32) | ~10.5 |
 //! plus activations: per layer and token, (34·h + 5·a·s) bytes at 16 bits (Korthikanti et al.,
 //! "Reducing Activation Recomputation in Large Transformer Models"), scaled by the activation
-//! width, plus the logits and their gradient in fp32 (2·s·V·4 bytes per sequence).
-use crate::model::LoadedModel;
-use crate::nn::{EmbeddingWeight, LinearWeight};
+//! width, over every layer of every stack (encoder and decoder), plus the logits and their
+//! gradient in fp32 (2·s·V·4 bytes per sequence).
+//!
+//! Everything comes through the model interface ([`Model`]), so every family is inspected the
+//! same way; the report names the family, its architecture kind and its pre-training objective.
+use crate::model::{Dims, LoadedModel, Model};
 use crate::{Error, Result};
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -31,7 +34,14 @@ pub struct Report {
     pub model: String,
     pub format: String,
     pub architecture: String,
+    /// The model family: `llama`, `t5`, `bert`.
     pub family: String,
+    /// `encoder`, `decoder` or `encoder-decoder`.
+    pub kind: String,
+    /// The objective it was pre-trained with: `clm`, `mlm`, `span_corruption`.
+    pub pretraining_objective: String,
+    /// PEFT's task type of the loaded model (what its adapters are): `CAUSAL_LM`, ...
+    pub task_type: String,
     pub parameters: u64,
     /// Number of parameters held in each stored type, e.g. {"q4_1": ..., "f32": ...}.
     pub stored_types: BTreeMap<String, u64>,
@@ -46,7 +56,8 @@ pub struct Report {
     pub head_dim: usize,
     pub intermediate_size: usize,
     pub tied_embeddings: bool,
-    pub rope_theta: f32,
+    /// `null` for families without rotary embeddings.
+    pub rope_theta: Option<f32>,
     pub chat_template: bool,
     pub train_batch_size: usize,
     pub train_seq_len: usize,
@@ -70,7 +81,8 @@ fn weight_bytes_per_param(precision: &str) -> f64 {
 /// `batch` x `seq_len` (see the module docs), in checked arithmetic: user sizes must not wrap.
 /// Errors name the field (`batch`, `seq_len`; the CLI shows them as flags).
 fn activation_bytes(
-    cfg: &crate::model::LlamaConfig,
+    d: &Dims,
+    context: Option<usize>,
     batch: usize,
     seq_len: usize,
 ) -> Result<(u64, u64)> {
@@ -81,18 +93,15 @@ fn activation_bytes(
     if seq_len == 0 {
         return bad("seq_len", "got 0, expected at least 1".into());
     }
-    if seq_len > cfg.max_position_embeddings {
+    if let Some(ctx) = context.filter(|&c| seq_len > c) {
         return bad(
             "seq_len",
-            format!(
-                "got {seq_len}, longer than the model's context window ({} tokens)",
-                cfg.max_position_embeddings
-            ),
+            format!("got {seq_len}, longer than the model's context window ({ctx} tokens)"),
         );
     }
     let (b, s) = (batch as u64, seq_len as u64);
-    let (h, a) = (cfg.hidden_size as u64, cfg.num_attention_heads as u64);
-    let (layers, vocab) = (cfg.num_hidden_layers as u64, cfg.vocab_size as u64);
+    let (h, a) = (d.hidden_size as u64, d.attention_heads as u64);
+    let (layers, vocab) = (d.layers as u64, d.vocab_size as u64);
     let estimate = || -> Option<(u64, u64)> {
         let per_token = 34u64
             .checked_mul(h)?
@@ -119,54 +128,15 @@ fn activation_bytes(
 }
 
 pub fn inspect(lm: &LoadedModel, name: &str, batch: usize, seq_len: usize) -> Result<Report> {
-    let m = &lm.model;
-    let cfg = &m.cfg;
-    let (act16, logits) = activation_bytes(cfg, batch, seq_len)?;
+    let m: &dyn Model = &*lm.model;
+    let d = m.dims();
+    let (act16, logits) = activation_bytes(&d, m.context_length(), batch, seq_len)?;
     let mut stored_types: BTreeMap<String, u64> = BTreeMap::new();
     let mut in_memory = 0u64;
-    let mut count = |ty: String, n: u64, bytes: u64| {
+    for (ty, n, bytes) in crate::model::family::parameter_storage(m) {
         *stored_types.entry(ty).or_default() += n;
         in_memory += bytes;
-    };
-    let (ety, en, eb) = match m.embed_tokens.weight() {
-        EmbeddingWeight::Frozen(t) => (
-            format!("{:?}", t.dtype()).to_lowercase(),
-            t.elem_count() as u64,
-            (t.elem_count() * t.dtype().size_in_bytes()) as u64,
-        ),
-        EmbeddingWeight::Trainable(v) => (
-            format!("{:?}", v.dtype()).to_lowercase(),
-            v.elem_count() as u64,
-            (v.elem_count() * v.dtype().size_in_bytes()) as u64,
-        ),
-        EmbeddingWeight::Quantized(q) => (
-            format!("{:?}", q.dtype()).to_lowercase(),
-            q.shape().0 as u64 * q.shape().1 as u64,
-            q.storage_bytes() as u64,
-        ),
-    };
-    count(ety, en, eb);
-    for l in m.linears() {
-        if l.name() == "lm_head" && cfg.tie_word_embeddings {
-            continue;
-        }
-        let (o, i) = l.weight().shape();
-        let ty = match l.weight() {
-            LinearWeight::Quantized(q) => format!("{:?}", q.dtype()).to_lowercase(),
-            w => w.stored_type(),
-        };
-        count(ty, o as u64 * i as u64, l.weight().storage_bytes() as u64);
-        if let Some(b) = l.bias() {
-            count(
-                "f32".into(),
-                b.elem_count() as u64,
-                (b.elem_count() * 4) as u64,
-            );
-        }
     }
-    // u64: the sizes come from the model file.
-    let norms = (cfg.num_hidden_layers as u64 * 2 + 1) * cfg.hidden_size as u64;
-    count("f32".into(), norms, norms * 4);
     let params: u64 = stored_types.values().sum();
 
     let memory = ["fp32", "bf16", "int8", "nf4"]
@@ -190,22 +160,25 @@ pub fn inspect(lm: &LoadedModel, name: &str, batch: usize, seq_len: usize) -> Re
     Ok(Report {
         model: name.to_string(),
         format: lm.source.format().to_string(),
-        architecture: cfg.architecture.clone(),
-        family: "decoder".to_string(),
+        architecture: m.architecture(),
+        family: m.family().to_string(),
+        kind: m.kind().as_str().to_string(),
+        pretraining_objective: m.pretraining_objective().as_str().to_string(),
+        task_type: m.task_type().as_peft().to_string(),
         parameters: params,
         stored_types,
         in_memory_bytes: in_memory,
         file_bytes: lm.file_bytes,
-        context_length: cfg.max_position_embeddings,
-        vocab_size: cfg.vocab_size,
-        hidden_size: cfg.hidden_size,
-        layers: cfg.num_hidden_layers,
-        attention_heads: cfg.num_attention_heads,
-        kv_heads: cfg.num_key_value_heads,
-        head_dim: cfg.head_dim,
-        intermediate_size: cfg.intermediate_size,
-        tied_embeddings: cfg.tie_word_embeddings,
-        rope_theta: cfg.rope_theta,
+        context_length: m.context_length().unwrap_or(0),
+        vocab_size: d.vocab_size,
+        hidden_size: d.hidden_size,
+        layers: d.layers,
+        attention_heads: d.attention_heads,
+        kv_heads: d.kv_heads,
+        head_dim: d.head_dim,
+        intermediate_size: d.intermediate_size,
+        tied_embeddings: d.tied_embeddings,
+        rope_theta: d.rope_theta,
         chat_template: lm.tokenizer.chat_template().is_some(),
         train_batch_size: batch,
         train_seq_len: seq_len,
@@ -244,8 +217,12 @@ impl Report {
             ("format", self.format.clone()),
             (
                 "architecture",
-                format!("{} ({})", self.architecture, self.family),
+                format!("{} ({})", self.architecture, self.kind),
             ),
+            ("family", self.family.clone()),
+            ("kind", self.kind.clone()),
+            ("pre-training", self.pretraining_objective.clone()),
+            ("task type", self.task_type.clone()),
             (
                 "parameters",
                 format!(
@@ -257,7 +234,14 @@ impl Report {
             ("stored as", types.join(", ")),
             ("in memory", human_bytes(self.in_memory_bytes)),
             ("file size", human_bytes(self.file_bytes)),
-            ("context length", self.context_length.to_string()),
+            (
+                "context length",
+                if self.context_length == 0 {
+                    "no limit (relative positions)".to_string()
+                } else {
+                    self.context_length.to_string()
+                },
+            ),
             ("vocab size", self.vocab_size.to_string()),
             (
                 "shape",
@@ -272,7 +256,10 @@ impl Report {
                 ),
             ),
             ("tied embeddings", self.tied_embeddings.to_string()),
-            ("rope theta", self.rope_theta.to_string()),
+            (
+                "rope theta",
+                self.rope_theta.map_or("-".to_string(), |t| t.to_string()),
+            ),
             (
                 "chat template",
                 if self.chat_template { "yes" } else { "no" }.to_string(),
@@ -314,6 +301,23 @@ mod tests {
         crate::model::config_from_hf_dir(&dir).unwrap()
     }
 
+    /// The sizes a LLaMA model of `cfg` reports (`Model::dims`).
+    fn dims(cfg: &crate::model::LlamaConfig) -> Dims {
+        Dims {
+            hidden_size: cfg.hidden_size,
+            layers: cfg.num_hidden_layers,
+            encoder_layers: 0,
+            decoder_layers: cfg.num_hidden_layers,
+            attention_heads: cfg.num_attention_heads,
+            kv_heads: cfg.num_key_value_heads,
+            head_dim: cfg.head_dim,
+            intermediate_size: cfg.intermediate_size,
+            vocab_size: cfg.vocab_size,
+            tied_embeddings: cfg.tie_word_embeddings,
+            rope_theta: Some(cfg.rope_theta),
+        }
+    }
+
     #[test]
     fn zero_long_and_huge_training_shapes_are_errors_naming_the_field() {
         let cfg = tiny_config();
@@ -326,7 +330,9 @@ mod tests {
             (1 << 44, ctx, "overflows"),
         ];
         for (b, s, want) in cases {
-            let e = activation_bytes(&cfg, b, s).unwrap_err().to_string();
+            let e = activation_bytes(&dims(&cfg), Some(ctx), b, s)
+                .unwrap_err()
+                .to_string();
             assert!(e.contains(want), "batch {b} seq_len {s}: {e}");
             assert_eq!(e.lines().count(), 1);
         }
@@ -336,7 +342,8 @@ mod tests {
     fn activation_estimate_follows_the_formula() {
         let cfg = tiny_config();
         let (b, s) = (3u64, 100u64);
-        let (act16, logits) = activation_bytes(&cfg, b as usize, s as usize).unwrap();
+        let ctx = Some(cfg.max_position_embeddings);
+        let (act16, logits) = activation_bytes(&dims(&cfg), ctx, b as usize, s as usize).unwrap();
         let (h, a) = (cfg.hidden_size as u64, cfg.num_attention_heads as u64);
         let layers = cfg.num_hidden_layers as u64;
         assert_eq!(act16, layers * s * b * (34 * h + 5 * a * s));

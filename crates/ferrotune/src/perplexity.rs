@@ -1,12 +1,16 @@
-//! Perplexity: mean negative log-likelihood of each token given the ones before it, with a
-//! sliding window for texts longer than the context (the convention of transformers' perplexity
-//! guide: windows of `window` tokens every `stride` tokens; each token is scored exactly once,
-//! with as much left context as its window gives it).
-use crate::model::Llama;
+//! Perplexity, through the model interface (any family that predicts tokens):
+//! - of raw text ([`file_perplexity`], decoders): mean negative log-likelihood of each token
+//!   given the ones before it, with a sliding window for texts longer than the context (the
+//!   convention of transformers' perplexity guide: windows of `window` tokens every `stride`
+//!   tokens; each token is scored exactly once, with as much left context as its window gives
+//!   it);
+//! - of completions given prompts ([`completion_perplexity`], decoders and encoder-decoders):
+//!   mean NLL of the completion tokens (EOS included) given the prompt, as the model is trained.
+use crate::data::{self, BatchConfig, Batcher, Example, TemplateSet, IGNORE};
+use crate::model::{ArchitectureKind, Model};
 use crate::progress::{NoProgress, Progress};
 use crate::tokenizer::Tokenizer;
 use crate::{Error, Result};
-use candle_core::{Tensor, D};
 use std::path::Path;
 
 /// Sum of NLL (nats) and the number of scored tokens.
@@ -53,23 +57,51 @@ pub fn check_window(window: usize, stride: usize) -> Result<()> {
     Ok(())
 }
 
-/// NLL of `ids[1..]` under the model. `window`/`stride` cap the context (usize::MAX: whole text,
-/// limited to the model's context length; a stride larger than the window is the window).
-/// A window under 2 tokens or a stride of 0 is an error (see [`check_window`]).
-pub fn sequence_nll(model: &Llama, ids: &[u32], window: usize, stride: usize) -> Result<Nll> {
+/// NLL of `ids[1..]` under the model (a decoder). `window`/`stride` cap the context
+/// (usize::MAX: whole text, limited to the model's context length; a stride larger than the
+/// window is the window). A window under 2 tokens or a stride of 0 is an error (see
+/// [`check_window`]).
+pub fn sequence_nll(model: &dyn Model, ids: &[u32], window: usize, stride: usize) -> Result<Nll> {
     sequence_nll_counted(model, ids, window, stride, &mut |_| {})
+}
+
+/// Text is scored left to right: only a decoder predicts each token from the ones before it.
+fn check_decoder(model: &dyn Model) -> Result<()> {
+    if model.kind() != ArchitectureKind::Decoder {
+        return Err(Error::msg(format!(
+            "{} is not a decoder: perplexity of raw text needs one; score completions given prompts instead (--data with --template and --completion)",
+            model.describe()
+        )));
+    }
+    Ok(())
+}
+
+/// The summed NLL of `ex`'s trained labels (one example, one batch: no padding) and how many.
+fn example_nll(model: &dyn Model, ex: Example, targets: data::Targets) -> Result<Nll> {
+    let len = ex.len();
+    let bc = BatchConfig {
+        shuffle: false,
+        ..BatchConfig::new(1, len.max(1), 0).with_targets(targets)
+    };
+    let batch = Batcher::new(vec![ex], bc, model.device().clone())?.build(&[vec![0]])?;
+    let (sum, n) = model.loss_sum(&batch, false)?;
+    Ok(Nll {
+        total: sum.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?,
+        tokens: n,
+    })
 }
 
 /// [`sequence_nll`], calling `scored(n)` as each window scores its `n` tokens.
 fn sequence_nll_counted(
-    model: &Llama,
+    model: &dyn Model,
     ids: &[u32],
     window: usize,
     stride: usize,
     scored: &mut dyn FnMut(usize),
 ) -> Result<Nll> {
     check_window(window, stride)?;
-    let ctx = model.cfg.max_position_embeddings;
+    check_decoder(model)?;
+    let ctx = model.context_length().unwrap_or(usize::MAX);
     let window = window.min(ctx).max(2);
     let stride = stride.min(window);
     let mut out = Nll::default();
@@ -82,20 +114,28 @@ fn sequence_nll_counted(
         let end = begin.saturating_add(window).min(ids.len());
         let first_target = prev_end.max(begin + 1);
         if first_target < end {
-            let input = Tensor::new(&ids[begin..end - 1], model.device())?.unsqueeze(0)?;
-            let hidden = model.forward_hidden(&input, None, false)?;
-            // Only positions that predict a scored target go through the LM head.
-            let from = first_target - 1 - begin;
-            let n = end - first_target;
-            let h = hidden.narrow(1, from, n)?;
-            let logits = model.lm_head.forward(&h)?.squeeze(0)?;
-            let targets = Tensor::new(&ids[first_target..end], model.device())?;
-            let logp = log_softmax_rows(&logits)?;
-            let picked = logp.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)?;
-            let v: Vec<f32> = picked.to_vec1()?;
-            out.total += v.iter().map(|&x| -(x as f64)).sum::<f64>();
-            out.tokens += n;
-            scored(n);
+            // Next-token labels: only the targets of this window are scored.
+            let input_ids = ids[begin..end].to_vec();
+            let labels = (begin..end)
+                .map(|i| {
+                    if i >= first_target {
+                        i64::from(ids[i])
+                    } else {
+                        IGNORE
+                    }
+                })
+                .collect();
+            let ex = Example {
+                input_ids,
+                labels,
+                source: data::Source {
+                    file: std::sync::Arc::from(Path::new("text")),
+                    loc: data::Loc::Line(1),
+                },
+            };
+            let nll = example_nll(model, ex, data::Targets::NextToken)?;
+            out.add(nll);
+            scored(nll.tokens);
         }
         prev_end = end;
         if end == ids.len() {
@@ -106,11 +146,66 @@ fn sequence_nll_counted(
     Ok(out)
 }
 
-fn log_softmax_rows(logits: &Tensor) -> candle_core::Result<Tensor> {
-    let max = logits.max_keepdim(D::Minus1)?;
-    let shifted = logits.broadcast_sub(&max)?;
-    let lse = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
-    shifted.broadcast_sub(&lse)
+/// Mean NLL of each row's completion given its prompt (`template` and `completion` render a
+/// row of `data`, as in training): the completion tokens and EOS are scored, as the model is
+/// trained on them (a decoder reads the prompt before them, an encoder-decoder encodes it).
+/// `limit`: the first rows only.
+pub fn completion_perplexity(
+    model: &dyn Model,
+    tok: &Tokenizer,
+    data: &Path,
+    template: &str,
+    completion: &str,
+    limit: Option<usize>,
+    progress: &dyn Progress,
+) -> Result<Nll> {
+    let kind = model.kind();
+    let targets = match kind {
+        ArchitectureKind::Decoder => data::Targets::NextToken,
+        ArchitectureKind::EncoderDecoder => data::Targets::Decoder,
+        ArchitectureKind::Encoder => {
+            return Err(Error::msg(format!(
+            "{} is an encoder: it does not predict completions, so it has no completion perplexity",
+            model.describe()
+        )))
+        }
+    };
+    let rows = data::read_rows(data, None)?;
+    let templates = TemplateSet::new(&[template.to_string()], completion, 0)?;
+    let n = limit.unwrap_or(usize::MAX).min(rows.rows.len());
+    if n == 0 {
+        return Err(Error::file(data, "no rows to score"));
+    }
+    let mut exs = Vec::with_capacity(n);
+    for row in &rows.rows[..n] {
+        let src = rows.source(row);
+        let (prompt, completion) = templates.render(row, &src)?;
+        let ex = data::encode_pair_for(kind, tok, &prompt, &completion, src)?;
+        if let Some(ctx) = model.context_length() {
+            if ex.len() > ctx {
+                return Err(Error::msg(format!(
+                    "{}: {} tokens, more than the model's context window of {ctx}",
+                    ex.source,
+                    ex.len()
+                )));
+            }
+        }
+        exs.push(ex);
+    }
+    progress.start("perplexity", exs.len() as u64, "rows");
+    let mut total = Nll::default();
+    for ex in exs {
+        match example_nll(model, ex, targets) {
+            Ok(nll) => total.add(nll),
+            Err(e) => {
+                progress.finish();
+                return Err(e);
+            }
+        }
+        progress.advance(1);
+    }
+    progress.finish();
+    Ok(total)
 }
 
 /// Texts to score from a file: a `.jsonl` file gives one text per line (field `text`, or the
@@ -156,7 +251,7 @@ pub fn read_texts(path: &Path) -> Result<Vec<String>> {
 
 /// Perplexity of a model over a file (see [`read_texts`]); each text is scored independently.
 pub fn file_perplexity(
-    model: &Llama,
+    model: &dyn Model,
     tok: &Tokenizer,
     path: &Path,
     window: usize,
@@ -167,7 +262,7 @@ pub fn file_perplexity(
 
 /// [`file_perplexity`], reporting the tokens scored to `progress`.
 pub fn file_perplexity_with_progress(
-    model: &Llama,
+    model: &dyn Model,
     tok: &Tokenizer,
     path: &Path,
     window: usize,
@@ -175,6 +270,7 @@ pub fn file_perplexity_with_progress(
     progress: &dyn Progress,
 ) -> Result<Nll> {
     check_window(window, stride)?;
+    check_decoder(model)?;
     let texts = read_texts(path)?
         .iter()
         .map(|text| tok.encode(text, true))
@@ -207,7 +303,7 @@ pub fn file_perplexity_with_progress(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{config_from_hf_dir, LoadOptions, SafetensorsSource};
+    use crate::model::{config_from_hf_dir, Llama, LoadOptions, SafetensorsSource};
     use crate::progress::Recorder;
 
     fn tiny_model() -> Llama {

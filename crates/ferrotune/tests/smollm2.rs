@@ -91,7 +91,7 @@ fn load_f32(spec: &str) -> model::LoadedModel {
 #[test]
 fn smollm2_gguf_dequantized_logits_match_transformers() {
     let m = load_f32(gguf_path().to_str().unwrap());
-    let worst = check_logits(&m.model, 1e-3);
+    let worst = check_logits(m.llama().unwrap(), 1e-3);
     eprintln!("SmolLM2 GGUF (f32): max |logit diff| = {worst:e}");
 }
 
@@ -139,7 +139,7 @@ fn smollm2_gguf_dequantized_greedy_matches_transformers() {
     let m = load_f32(gguf_path().to_str().unwrap());
     let mut fast = FastDecoder::new(&m.model).expect("the engine supports SmolLM2");
     check_greedy_continuation(&mut fast, &m.tokenizer, "engine, f32");
-    let mut slow = LlamaDecoder::new(&m.model);
+    let mut slow = LlamaDecoder::new(m.llama().unwrap());
     check_greedy_continuation(&mut slow, &m.tokenizer, "differentiable model, f32");
 }
 
@@ -155,7 +155,7 @@ fn smollm2_gguf_quantized_greedy_matches_transformers() {
     .unwrap();
     let mut fast = FastDecoder::new(&m.model).expect("the engine supports SmolLM2");
     check_greedy_continuation(&mut fast, &m.tokenizer, "engine, Q4_1");
-    let mut slow = LlamaDecoder::new(&m.model);
+    let mut slow = LlamaDecoder::new(m.llama().unwrap());
     check_greedy_continuation(&mut slow, &m.tokenizer, "differentiable model, Q4_1");
 }
 
@@ -263,7 +263,7 @@ fn smollm2_converted_hf_folder_logits_match_transformers() {
     );
     let m2 = model::load(dir.to_str().unwrap(), &LoadOptions::default(), &Device::Cpu).unwrap();
     assert_eq!(m2.source, ModelSource::HfDir(dir.clone()));
-    let worst = check_logits(&m2.model, 1e-3);
+    let worst = check_logits(m2.llama().unwrap(), 1e-3);
     eprintln!("SmolLM2 converted HF folder: max |logit diff| = {worst:e}");
     let _ = std::fs::remove_dir_all(dir.parent().unwrap());
 }
@@ -329,7 +329,7 @@ fn smollm2_transformers_hf_export_logits_match_transformers() {
         fixture_ids(&fx, "input_ids"),
         "chat prompt tokens"
     );
-    let worst = check_logits(&m3.model, 1e-3);
+    let worst = check_logits(m3.llama().unwrap(), 1e-3);
     eprintln!("SmolLM2 transformers-saved HF folder: max |logit diff| = {worst:e}");
     let _ = std::fs::remove_dir_all(&work);
 }
@@ -404,7 +404,7 @@ fn smollm2_gguf_quantized_logits_match_transformers() {
     let fx = fixture();
     let want = last_logits();
     // the differentiable model (batched kernels) over every position
-    let worst = check_logits(&m.model, 0.03);
+    let worst = check_logits(m.llama().unwrap(), 0.03);
     eprintln!("SmolLM2 GGUF (Q4_1, quantized): max |logit diff| = {worst:e}");
     // the inference engine's prefill (the path `ferrotune generate` takes)
     let mut fast = FastDecoder::new(&m.model).expect("the engine supports SmolLM2");

@@ -493,14 +493,15 @@ fn run_outputs_summary_metrics_plot_and_a_loadable_adapter() {
     );
     let ids = Tensor::new(&[[1u32, 6, 7, 8, 4]], &Device::Cpu).unwrap();
     let base = model::load(&c.config.model, &LoadOptions::default(), &Device::Cpu).unwrap();
-    let d = (fresh.model.forward(&ids, None).unwrap() - base.model.forward(&ids, None).unwrap())
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let d = (fresh.llama().unwrap().forward(&ids, None).unwrap()
+        - base.llama().unwrap().forward(&ids, None).unwrap())
+    .unwrap()
+    .abs()
+    .unwrap()
+    .max_all()
+    .unwrap()
+    .to_scalar::<f32>()
+    .unwrap();
     assert!(d > 1e-4, "the trained adapter changes nothing");
     // The final checkpoint holds the same adapter.
     assert_eq!(

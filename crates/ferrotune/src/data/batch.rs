@@ -4,8 +4,6 @@
 //! of the examples, the config and the epoch number, so a [`DataCursor`] `(epoch, index)` saved
 //! with a checkpoint is enough to continue a run with exactly the batches it would have seen.
 //!
-//! What the labels are depends on the task ([`Targets`]): next-token labels for causal LMs,
-//! per-token labels (MLM, token classification), decoder targets (seq2seq), or one class per row.
 //! Pre-training objectives that draw masks (MLM, span corruption) are applied as each batch is
 //! built ([`BatchConfig::masking`]), from the seed, the epoch and the example's index.
 use std::borrow::Cow;
@@ -38,38 +36,11 @@ pub struct BatchConfig {
     pub group_window: usize,
     /// Id written into padding positions (the tokenizer's pad id, else its eos id).
     pub pad_id: u32,
-    /// What the examples' labels are, and so how they are laid out in a batch.
+    /// What the examples' labels are (next-token labels unless set).
     pub targets: Targets,
-    /// Masks drawn per batch (MLM, span corruption): examples are raw token chunks and become
-    /// training examples when their batch is built.
+    /// Masks drawn per batch (MLM, span corruption): the examples are raw token chunks and
+    /// become training examples (of the masking's targets) when their batch is built.
     pub masking: Option<Masking>,
-}
-
-/// What an example's `labels` hold, and how a batch lays them out.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Targets {
-    /// Causal LM: one label per input id, aligned (the logits at `i - 1` predict
-    /// `labels[i]`). Batch labels `(b, t)`; packing allowed.
-    #[default]
-    NextToken,
-    /// MLM / token classification: one label per input id, not shifted. Batch labels `(b, t)`.
-    Token,
-    /// Seq2seq: the decoder's target ids (EOS included), any length. Batch labels `(b, s)`
-    /// ([`IGNORE`] on padding); the model builds decoder inputs by shifting them right.
-    Decoder,
-    /// Sequence classification: `labels == [class id]`. Batch labels `(b,)`.
-    Sequence,
-}
-
-impl Targets {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Targets::NextToken => "next-token",
-            Targets::Token => "per-token",
-            Targets::Decoder => "decoder",
-            Targets::Sequence => "sequence",
-        }
-    }
 }
 
 impl BatchConfig {
@@ -84,6 +55,41 @@ impl BatchConfig {
             pad_id,
             targets: Targets::NextToken,
             masking: None,
+        }
+    }
+
+    /// The same settings for examples whose labels are `targets`.
+    pub fn with_targets(self, targets: Targets) -> Self {
+        BatchConfig { targets, ..self }
+    }
+}
+
+/// What the labels of a [`Batch`] (and of the [`Example`]s it is built from) are: one batch
+/// type serves every task, and the model reads `labels` by this.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Targets {
+    /// Causal LM: labels `(b, t)` aligned with `input_ids`; the logits at `i - 1` predict
+    /// `labels[i]`. An example's labels: one per input id. Packing is allowed.
+    #[default]
+    NextToken,
+    /// Masked LM, token classification: labels `(b, t)`, one per input token, not shifted.
+    Token,
+    /// Encoder-decoder: `input_ids` are the encoder's input and labels `(b, s)` the decoder's
+    /// targets (any length); the model reads them shifted right after its decoder start token,
+    /// as transformers does. An example's labels: the target ids (ending with EOS).
+    Decoder,
+    /// Sequence classification: labels `(b,)`, one class id per row. An example's labels:
+    /// `[class]`.
+    Sequence,
+}
+
+impl Targets {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Targets::NextToken => "next-token targets",
+            Targets::Token => "per-token targets",
+            Targets::Decoder => "decoder (sequence-to-sequence) targets",
+            Targets::Sequence => "one class per sequence",
         }
     }
 }
@@ -105,17 +111,22 @@ pub struct DataCursor {
     pub index: usize,
 }
 
-/// One batch, all tensors `(b, t)`, right padded.
+/// One batch, right padded: the one training batch type of every task (see [`Targets`]).
 ///
-/// `labels` are aligned with `input_ids` (the loss compares the logits at `i - 1` with
-/// `labels[i]`). The first label of every example is [`IGNORE`]: nothing in the example predicts
-/// it, and in a packed row the position before it belongs to another example. So
-/// `n_loss_tokens` is exactly the number of tokens the loss sums over.
+/// With [`Targets::NextToken`] (causal LM) `labels` are `(b, t)` aligned with `input_ids` (the
+/// loss compares the logits at `i - 1` with `labels[i]`). The first label of every example is
+/// [`IGNORE`]: nothing in the example predicts it, and in a packed row the position before it
+/// belongs to another example. So `n_loss_tokens` is exactly the number of tokens the loss
+/// sums over (rows, for [`Targets::Sequence`]).
 #[derive(Debug)]
 pub struct Batch {
+    /// `u32 (b, t)`: the sequence (decoders), or the encoder's input (encoders and
+    /// encoder-decoders).
     pub input_ids: Tensor,
-    /// `i64`, [`IGNORE`] on untrained and padding positions.
+    /// `i64`, [`IGNORE`] on untrained and padding positions; shape by `targets`.
     pub labels: Tensor,
+    /// What `labels` are.
+    pub targets: Targets,
     /// `u8`, 1 on tokens, 0 on padding.
     pub attention_mask: Tensor,
     /// `u32`, 0, 1, 2... restarting at the start of each example (so packed examples each see
@@ -124,14 +135,20 @@ pub struct Batch {
     /// With packing: `u32`, 1, 2, ... the index of the example within its row, 0 on padding;
     /// attention must stay within a segment.
     pub segment_ids: Option<Tensor>,
-    /// What `labels` hold (and their shape).
-    pub targets: Targets,
-    /// Positions (rows, for [`Targets::Sequence`]) the loss sums over.
     pub n_loss_tokens: usize,
-    /// Non-padding tokens read (encoder and decoder).
+    /// Non-padding tokens.
     pub n_tokens: usize,
     /// The examples in the batch, row by row.
     pub sources: Vec<Source>,
+}
+
+/// Whether an example's labels have the shape `targets` gives them.
+fn labels_fit(targets: Targets, ex: &Example) -> bool {
+    match targets {
+        Targets::NextToken | Targets::Token => ex.labels.len() == ex.len(),
+        Targets::Decoder => !ex.labels.is_empty(),
+        Targets::Sequence => ex.labels.len() == 1,
+    }
 }
 
 /// A batch plan: batches of rows of example indices.
@@ -156,24 +173,34 @@ impl Batcher {
             return Err(Error::msg("batch size and group window must be at least 1"));
         }
         if cfg.packing && cfg.targets != Targets::NextToken {
-            return Err(Error::key(
-                "[data]",
-                "packing",
-                format!(
-                    "packing is for causal LM examples, not {} targets",
-                    cfg.targets.as_str()
-                ),
-            ));
+            return Err(Error::msg(format!(
+                "packing is for next-token (causal LM) targets, not {}: set data.packing = false",
+                cfg.targets.as_str()
+            )));
         }
         if let Some(m) = &cfg.masking {
             if m.targets() != cfg.targets {
                 return Err(Error::msg(format!(
-                    "{} masking makes {} targets, but the batches are set up for {} targets",
+                    "{} masking makes {}, but the batches are set up for {}",
                     m.name(),
                     m.targets().as_str(),
                     cfg.targets.as_str()
                 )));
             }
+        }
+        // Raw chunks for a masking objective get their labels when masked.
+        let unmasked = cfg.masking.is_none();
+        if let Some(ex) = examples
+            .iter()
+            .find(|e| unmasked && !labels_fit(cfg.targets, e))
+        {
+            return Err(Error::msg(format!(
+                "{}: {} labels for {} input tokens do not fit {}",
+                ex.source,
+                ex.labels.len(),
+                ex.len(),
+                cfg.targets.as_str()
+            )));
         }
         let input_len = |e: &Example| match &cfg.masking {
             Some(m) => m.input_len(e.len()),
@@ -186,11 +213,6 @@ impl Batcher {
                 input_len(ex),
                 cfg.max_seq_len
             )));
-        }
-        if cfg.masking.is_none() {
-            for ex in &examples {
-                check_labels(ex, cfg.targets)?;
-            }
         }
         let mut b = Batcher {
             examples,
@@ -288,15 +310,6 @@ impl Batcher {
         batches
     }
 
-    /// The input length of example `i` once masked (span corruption shortens chunks).
-    fn input_len(&self, i: usize) -> usize {
-        let n = self.examples[i].len();
-        match &self.cfg.masking {
-            Some(m) => m.input_len(n),
-            None => n,
-        }
-    }
-
     pub fn batches_per_epoch(&self) -> usize {
         self.plan.len()
     }
@@ -336,7 +349,8 @@ impl Batcher {
         self.build(&rows)
     }
 
-    /// Tensors for rows of example indices (masks, if any, drawn for the cursor's epoch).
+    /// Tensors for rows of example indices.
+    /// With a masking objective, the masks are those of the cursor's epoch.
     pub fn build(&self, rows: &[Vec<usize>]) -> Result<Batch> {
         self.build_for_epoch(rows, self.cursor.epoch)
     }
@@ -350,6 +364,15 @@ impl Batcher {
         })
     }
 
+    /// The input length of example `i` once masked (span corruption shortens chunks).
+    fn input_len(&self, i: usize) -> usize {
+        let n = self.examples[i].len();
+        match &self.cfg.masking {
+            Some(m) => m.input_len(n),
+            None => n,
+        }
+    }
+
     /// Tensors for rows of example indices, with the masks of `epoch`.
     pub fn build_for_epoch(&self, rows: &[Vec<usize>], epoch: usize) -> Result<Batch> {
         let exs: Vec<Vec<Cow<'_, Example>>> = rows
@@ -360,25 +383,88 @@ impl Batcher {
                     .collect::<Result<Vec<_>>>()
             })
             .collect::<Result<_>>()?;
-        let b = rows.len();
-        let t = exs
+        match self.cfg.targets {
+            Targets::NextToken => self.build_next_token(&exs),
+            targets => self.build_unpacked(&exs, targets),
+        }
+    }
+
+    /// Rows of one example each, padded on the right; labels as [`Targets`] says.
+    fn build_unpacked(&self, rows: &[Vec<Cow<'_, Example>>], targets: Targets) -> Result<Batch> {
+        let exs: Vec<&Example> = rows
             .iter()
-            .map(|r| r.iter().map(|e| e.len()).sum::<usize>())
+            .map(|r| match r.as_slice() {
+                [ex] => Ok(ex.as_ref()),
+                _ => Err(Error::msg(
+                    "a batch row holds one example unless packing (next-token targets)",
+                )),
+            })
+            .collect::<Result<_>>()?;
+        let b = exs.len();
+        let t = exs.iter().map(|e| e.len()).max().unwrap_or(0);
+        let s = match targets {
+            Targets::Decoder => exs.iter().map(|e| e.labels.len()).max().unwrap_or(0),
+            Targets::Sequence => 1,
+            _ => t,
+        };
+        let mut ids = vec![self.cfg.pad_id; b * t];
+        let mut mask = vec![0u8; b * t];
+        let mut pos = vec![0u32; b * t];
+        let mut labels = vec![IGNORE; b * s];
+        let mut n_tokens = 0;
+        for (r, ex) in exs.iter().enumerate() {
+            for (k, &id) in ex.input_ids.iter().enumerate() {
+                ids[r * t + k] = id;
+                mask[r * t + k] = 1;
+                pos[r * t + k] = k as u32;
+            }
+            labels[r * s..r * s + ex.labels.len()].copy_from_slice(&ex.labels);
+            n_tokens += ex.len();
+            if targets == Targets::Decoder {
+                // the decoder reads the targets too (shifted right)
+                n_tokens += ex.labels.len();
+            }
+        }
+        let n_loss_tokens = labels.iter().filter(|&&l| l != IGNORE).count();
+        let dev = &self.device;
+        let labels = match targets {
+            Targets::Sequence => Tensor::from_vec(labels, b, dev)?,
+            _ => Tensor::from_vec(labels, (b, s), dev)?,
+        };
+        Ok(Batch {
+            input_ids: Tensor::from_vec(ids, (b, t), dev)?,
+            labels,
+            targets,
+            attention_mask: Tensor::from_vec(mask, (b, t), dev)?,
+            position_ids: Tensor::from_vec(pos, (b, t), dev)?,
+            segment_ids: None,
+            n_loss_tokens,
+            n_tokens,
+            sources: exs.iter().map(|e| e.source.clone()).collect(),
+        })
+    }
+
+    fn build_next_token(&self, rows: &[Vec<Cow<'_, Example>>]) -> Result<Batch> {
+        let b = rows.len();
+        let t = rows
+            .iter()
+            .map(|r| r.iter().map(|ex| ex.len()).sum::<usize>())
             .max()
             .unwrap_or(0);
-        let targets = self.cfg.targets;
         let mut ids = vec![self.cfg.pad_id; b * t];
+        let mut labels = vec![IGNORE; b * t];
         let mut mask = vec![0u8; b * t];
         let mut pos = vec![0u32; b * t];
         let mut seg = vec![0u32; b * t];
         let mut sources = Vec::new();
         let mut n_tokens = 0;
-        for (r, row) in exs.iter().enumerate() {
+        for (r, row) in rows.iter().enumerate() {
             let mut at = r * t;
             for (s, ex) in row.iter().enumerate() {
                 sources.push(ex.source.clone());
-                for (k, &id) in ex.input_ids.iter().enumerate() {
+                for (k, (&id, &l)) in ex.input_ids.iter().zip(&ex.labels).enumerate() {
                     ids[at] = id;
+                    labels[at] = if k == 0 { IGNORE } else { l };
                     mask[at] = 1;
                     pos[at] = k as u32;
                     seg[at] = s as u32 + 1;
@@ -387,52 +473,12 @@ impl Batcher {
                 n_tokens += ex.len();
             }
         }
+        let n_loss_tokens = labels.iter().filter(|&&l| l != IGNORE).count();
         let dev = &self.device;
-        let (labels, n_loss_tokens) = match targets {
-            Targets::NextToken | Targets::Token => {
-                let mut labels = vec![IGNORE; b * t];
-                for (r, row) in exs.iter().enumerate() {
-                    let mut at = r * t;
-                    for ex in row {
-                        for (k, &l) in ex.labels.iter().enumerate() {
-                            // Nothing in a causal example predicts its first token.
-                            let first = targets == Targets::NextToken && k == 0;
-                            labels[at] = if first { IGNORE } else { l };
-                            at += 1;
-                        }
-                    }
-                }
-                let n = labels.iter().filter(|&&l| l != IGNORE).count();
-                (Tensor::from_vec(labels, (b, t), dev)?, n)
-            }
-            Targets::Decoder => {
-                let s = exs
-                    .iter()
-                    .flat_map(|r| r.iter().map(|e| e.labels.len()))
-                    .max()
-                    .unwrap_or(0);
-                let mut labels = vec![IGNORE; b * s];
-                for (r, row) in exs.iter().enumerate() {
-                    for ex in row {
-                        labels[r * s..r * s + ex.labels.len()].copy_from_slice(&ex.labels);
-                        n_tokens += ex.labels.len();
-                    }
-                }
-                let n = labels.iter().filter(|&&l| l != IGNORE).count();
-                (Tensor::from_vec(labels, (b, s), dev)?, n)
-            }
-            Targets::Sequence => {
-                let labels: Vec<i64> = exs
-                    .iter()
-                    .map(|r| r.first().map_or(IGNORE, |e| e.labels[0]))
-                    .collect();
-                let n = labels.iter().filter(|&&l| l != IGNORE).count();
-                (Tensor::from_vec(labels, b, dev)?, n)
-            }
-        };
         Ok(Batch {
             input_ids: Tensor::from_vec(ids, (b, t), dev)?,
-            labels,
+            labels: Tensor::from_vec(labels, (b, t), dev)?,
+            targets: Targets::NextToken,
             attention_mask: Tensor::from_vec(mask, (b, t), dev)?,
             position_ids: Tensor::from_vec(pos, (b, t), dev)?,
             segment_ids: if self.cfg.packing {
@@ -440,31 +486,11 @@ impl Batcher {
             } else {
                 None
             },
-            targets,
             n_loss_tokens,
             n_tokens,
             sources,
         })
     }
-}
-
-/// An example's labels must have the shape its targets need.
-fn check_labels(ex: &Example, targets: Targets) -> Result<()> {
-    let ok = match targets {
-        Targets::NextToken | Targets::Token => ex.labels.len() == ex.input_ids.len(),
-        Targets::Decoder => !ex.labels.is_empty(),
-        Targets::Sequence => ex.labels.len() == 1,
-    };
-    if ok {
-        return Ok(());
-    }
-    Err(Error::msg(format!(
-        "{}: example has {} labels for {} input ids, which does not fit {} targets",
-        ex.source,
-        ex.labels.len(),
-        ex.input_ids.len(),
-        targets.as_str()
-    )))
 }
 
 #[cfg(test)]
@@ -646,6 +672,95 @@ mod tests {
             .collect();
         assert_eq!(resumed, after);
         assert!(b.seek(DataCursor { epoch: 0, index: 9 }).is_err());
+    }
+
+    fn ex(input: &[u32], labels: &[i64], line: usize) -> Example {
+        Example {
+            input_ids: input.to_vec(),
+            labels: labels.to_vec(),
+            source: Source {
+                file: Arc::from(Path::new("t.jsonl")),
+                loc: Loc::Line(line),
+            },
+        }
+    }
+
+    /// Every task's batch: encoder-decoder targets padded on their own length, token labels
+    /// unshifted, one class per row; the counts are what the loss sums over.
+    #[test]
+    fn batches_for_every_kind_of_target() {
+        let unpacked = |targets| BatchConfig {
+            shuffle: false,
+            ..BatchConfig::new(2, 8, 9).with_targets(targets)
+        };
+        // seq2seq: encoder 3 and 2 tokens, targets 2 and 4 (one ignored)
+        let exs = vec![
+            ex(&[10, 11, 12], &[20, 21], 1),
+            ex(&[13, 14], &[22, IGNORE, 24, 25], 2),
+        ];
+        let b = Batcher::new(exs, unpacked(Targets::Decoder), Device::Cpu).unwrap();
+        let batch = b.build(&[vec![0], vec![1]]).unwrap();
+        assert_eq!(batch.targets, Targets::Decoder);
+        assert_eq!(
+            rows2(&batch.input_ids),
+            vec![vec![10, 11, 12], vec![13, 14, 9]]
+        );
+        assert_eq!(
+            rows2(&batch.attention_mask),
+            vec![vec![1, 1, 1], vec![1, 1, 0]]
+        );
+        assert_eq!(
+            rows2(&batch.labels),
+            vec![vec![20, 21, IGNORE, IGNORE], vec![22, IGNORE, 24, 25]]
+        );
+        assert_eq!(batch.n_loss_tokens, 5);
+        assert_eq!(batch.n_tokens, 5 + 6);
+
+        // token labels: not shifted, the first one kept
+        let exs = vec![ex(&[1, 2, 3], &[IGNORE, 7, 8], 1), ex(&[4], &[5], 2)];
+        let b = Batcher::new(exs, unpacked(Targets::Token), Device::Cpu).unwrap();
+        let batch = b.build(&[vec![0], vec![1]]).unwrap();
+        assert_eq!(
+            rows2(&batch.labels),
+            vec![vec![IGNORE, 7, 8], vec![5, IGNORE, IGNORE]]
+        );
+        assert_eq!(batch.n_loss_tokens, 3);
+
+        // one class per row
+        let exs = vec![ex(&[1, 2, 3], &[1], 1), ex(&[4, 5], &[0], 2)];
+        let b = Batcher::new(exs, unpacked(Targets::Sequence), Device::Cpu).unwrap();
+        let batch = b.build(&[vec![1], vec![0]]).unwrap();
+        assert_eq!(batch.labels.dims(), &[2]);
+        assert_eq!(batch.labels.to_vec1::<i64>().unwrap(), vec![0, 1]);
+        assert_eq!(batch.n_loss_tokens, 2);
+        assert_eq!(batch.input_ids.dims(), &[2, 3]);
+    }
+
+    #[test]
+    fn labels_of_the_wrong_shape_and_packing_other_targets_are_errors() {
+        let e = Batcher::new(
+            vec![ex(&[1, 2], &[1, 0], 4)],
+            BatchConfig::new(1, 8, 0).with_targets(Targets::Sequence),
+            Device::Cpu,
+        )
+        .err()
+        .unwrap()
+        .to_string();
+        assert!(
+            e.contains("t.jsonl: line 4") && e.contains("one class per sequence"),
+            "{e}"
+        );
+        let e = Batcher::new(
+            vec![ex(&[1, 2], &[1], 1)],
+            BatchConfig::new(1, 8, 0)
+                .with_targets(Targets::Decoder)
+                .with_packing(),
+            Device::Cpu,
+        )
+        .err()
+        .unwrap()
+        .to_string();
+        assert!(e.contains("packing") && e.contains("data.packing"), "{e}");
     }
 
     #[test]

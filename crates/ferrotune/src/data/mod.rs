@@ -60,7 +60,8 @@ pub use tasks::DataTask;
 pub use template::{PromptTemplate, TemplateSet};
 pub use text::TextEncoder;
 pub use tokenize::{
-    encode_chat, encode_pair, encode_seq2seq_pair, parse_messages, Encoder, Example,
+    encode_chat, encode_pair, encode_pair_for, encode_seq2seq_pair, parse_messages, prompt_ids,
+    Encoder, Example,
 };
 
 /// The label of a token that is not trained on (PyTorch's `ignore_index`).

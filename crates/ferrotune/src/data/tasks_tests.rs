@@ -329,10 +329,11 @@ fn seq2seq_pairs_put_the_prompt_in_the_encoder_and_the_completion_in_the_targets
     let base = json!({"train": "t.jsonl", "template": "summarize : {q}", "completion": "{a}"});
     let p = load_task(&config(base.clone()), d.dir(), &tok, 64, DataTask::Seq2Seq).unwrap();
     assert_eq!(p.targets, Targets::Decoder);
-    // No post-processor: no BOS, EOS closes the encoder input (as T5's inputs end with </s>).
+    // No post-processor: the model's BOS, and EOS closes the encoder input (as T5's inputs
+    // end with </s>).
     assert_eq!(
         p.train[0].input_ids,
-        words(&tok, "summarize : the cat sat </s>")
+        words(&tok, "<s> summarize : the cat sat </s>")
     );
     let target = |s: &str| -> Vec<i64> { words(&tok, s).into_iter().map(i64::from).collect() };
     assert_eq!(p.train[0].labels, target("on the mat </s>"));
@@ -357,22 +358,23 @@ fn seq2seq_pairs_put_the_prompt_in_the_encoder_and_the_completion_in_the_targets
     let b = Batcher::new(p.train.clone(), bc, Device::Cpu).unwrap();
     let batch = b.build(&[vec![0], vec![1]]).unwrap();
     assert_eq!(batch.targets, Targets::Decoder);
-    assert_eq!(batch.input_ids.dims(), &[2, 8]);
+    assert_eq!(batch.input_ids.dims(), &[2, 9]);
     let labels: Vec<Vec<i64>> = batch.labels.to_vec2().unwrap();
     assert_eq!(labels[0], target("on the mat </s>"));
     let mut short = target("x y </s>");
     short.push(IGNORE);
     assert_eq!(labels[1], short);
     assert_eq!(batch.n_loss_tokens, 4 + 3);
-    assert_eq!(batch.n_tokens, 6 + 8 + 4 + 3);
+    assert_eq!(batch.n_tokens, 7 + 9 + 4 + 3);
 
-    // Too long: the prompt start is cut (EOS kept); a target is cut at its end, keeping EOS.
+    // Too long: the prompt start is cut (BOS and EOS kept); a target is cut at its end,
+    // keeping EOS.
     let mut v = base;
     v["max_seq_len"] = json!(4);
     v["max_target_len"] = json!(3);
     let p = load_task(&config(v.clone()), d.dir(), &tok, 64, DataTask::Seq2Seq).unwrap();
-    assert_eq!(p.train[0].input_ids, words(&tok, "the cat sat </s>"));
-    assert_eq!(p.train[1].input_ids, words(&tok, "c d e </s>"));
+    assert_eq!(p.train[0].input_ids, words(&tok, "<s> cat sat </s>"));
+    assert_eq!(p.train[1].input_ids, words(&tok, "<s> d e </s>"));
     assert_eq!(p.train[0].labels, target("on the </s>"));
     assert_eq!(p.train[1].labels, target("x y </s>"));
     assert_eq!(
@@ -387,11 +389,11 @@ fn seq2seq_pairs_put_the_prompt_in_the_encoder_and_the_completion_in_the_targets
         .unwrap_err()
         .to_string();
     assert!(
-        e.contains("t.jsonl: line 1: the encoder input is 5 tokens, more than the 3 that fit"),
+        e.contains("t.jsonl: line 1: the encoder input is 5 tokens, more than the 2 that fit"),
         "{e}"
     );
     v["length_policy"] = json!("drop");
-    v["max_seq_len"] = json!(6);
+    v["max_seq_len"] = json!(7);
     v["max_target_len"] = json!(8);
     let p = load_task(&config(v), d.dir(), &tok, 64, DataTask::Seq2Seq).unwrap();
     assert_eq!(p.train.len(), 1);
@@ -424,6 +426,16 @@ fn seq2seq_dialogsum_targets_are_the_summary() {
         assert_eq!(ex.labels, want, "{}", ex.source);
         assert_eq!(*ex.input_ids.last().unwrap(), eos);
         assert!(ex.len() <= 512);
+        // What perplexity scores is what training sees.
+        if ex.len() < 512 {
+            let prompt = format!(
+                "Summarize the following conversation.\n\n{}\n\nSummary:",
+                row.fields["dialogue"].as_str().unwrap()
+            );
+            let summary = row.fields["summary"].as_str().unwrap();
+            let pair = encode_seq2seq_pair(tok, &prompt, summary, ex.source.clone()).unwrap();
+            assert_eq!(&pair, ex);
+        }
     }
 }
 
@@ -550,31 +562,20 @@ fn batches_lay_out_labels_by_targets() {
         .to_vec2()
         .unwrap();
     assert_eq!(labels, vec![vec![IGNORE, IGNORE, 70], vec![IGNORE; 3]]);
-    // Labels of the wrong shape for the targets, and packing beyond causal LM, are errors.
+    // Raw chunks of a masking objective carry no labels until masked; without the masking
+    // they are refused.
     let e = Batcher::new(
-        vec![example(&[1, 2], &[3, 4])],
-        cfg(Targets::Sequence),
+        vec![example(&[1, 2], &[])],
+        cfg(Targets::Token),
         Device::Cpu,
     )
     .err()
     .unwrap()
     .to_string();
     assert!(
-        e.contains("t.jsonl: line 1: example has 2 labels for 2 input ids"),
+        e.contains("t.jsonl: line 1: 0 labels for 2 input tokens"),
         "{e}"
     );
-    let e = Batcher::new(
-        vec![example(&[1, 2], &[3])],
-        BatchConfig {
-            packing: true,
-            ..cfg(Targets::Sequence)
-        },
-        Device::Cpu,
-    )
-    .err()
-    .unwrap()
-    .to_string();
-    assert!(e.contains("key `packing`"), "{e}");
 }
 
 #[test]

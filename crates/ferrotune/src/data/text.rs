@@ -22,8 +22,8 @@ pub struct TextEncoder {
     /// Ids the post-processor puts before / after a single sequence.
     prefix: Vec<u32>,
     suffix: Vec<u32>,
-    /// Special tokens around a seq2seq encoder input: the post-processor's, else EOS after it
-    /// (T5's inputs end with `</s>`).
+    /// Special tokens around a seq2seq encoder input: the post-processor's, else BOS (if the
+    /// model adds one) before it and EOS after it (T5's inputs end with `</s>`).
     seq2seq_prefix: Vec<u32>,
     seq2seq_suffix: Vec<u32>,
     /// `special[id]`: an added token marked special (`[CLS]`, `[PAD]`, `<extra_id_0>`, ...),
@@ -90,10 +90,12 @@ impl TextEncoder {
             enc.seq2seq_prefix = enc.prefix.clone();
             enc.seq2seq_suffix = enc.suffix.clone();
         } else {
-            // No post-processor (GGUF tokenizers): the BOS the model file asks for.
+            // No post-processor (GGUF tokenizers): the BOS the model file asks for, and EOS
+            // after a seq2seq input (as `data::encode_seq2seq_pair`).
             if tok.add_bos() {
                 enc.prefix.extend(tok.bos_id());
             }
+            enc.seq2seq_prefix = enc.prefix.clone();
             enc.seq2seq_suffix.extend(enc.eos);
         }
         Ok(enc)

@@ -101,29 +101,58 @@ pub fn encode_pair(
     })
 }
 
-/// A seq2seq pair as an [`Example`] with decoder targets: the encoder input is `prompt` with the
-/// model's special tokens (T5: `prompt </s>`), the labels are `completion` + EOS. No length
-/// limit is applied (see [`super::tasks::encode_seq2seq`] for that, and for many pairs with one
-/// [`super::TextEncoder`]).
+/// A prompt/completion pair for an encoder-decoder, as transformers' seq2seq recipes tokenize
+/// it: the encoder reads `[BOS if the model adds one] prompt EOS`; the labels (the decoder's
+/// targets, [`crate::data::Targets::Decoder`]) are `completion EOS`, every one trained.
 pub fn encode_seq2seq_pair(
     tok: &Tokenizer,
     prompt: &str,
     completion: &str,
     source: Source,
 ) -> Result<Example> {
-    let enc = super::TextEncoder::new(tok)?;
-    let mut stats = super::LengthStats::default();
-    let ex = super::tasks::encode_seq2seq(
-        &enc,
-        prompt,
-        completion,
+    let eos = eos_id(tok)?;
+    let mut input_ids = tok.encode(prompt, true)?;
+    input_ids.push(eos);
+    let mut labels: Vec<i64> = tok
+        .encode(completion, false)?
+        .into_iter()
+        .map(i64::from)
+        .collect();
+    labels.push(eos as i64);
+    Ok(Example {
+        input_ids,
+        labels,
         source,
-        usize::MAX,
-        usize::MAX,
-        super::LengthPolicy::Error,
-        &mut stats,
-    )?;
-    Ok(ex.expect("no length limit, nothing dropped"))
+    })
+}
+
+/// A prompt/completion pair as a model of `kind` trains on it and is scored on: a decoder
+/// reads both ([`encode_pair`]), an encoder-decoder encodes the prompt and predicts the
+/// completion ([`encode_seq2seq_pair`]). Encoders have no completion to predict: an error.
+pub fn encode_pair_for(
+    kind: crate::model::ArchitectureKind,
+    tok: &Tokenizer,
+    prompt: &str,
+    completion: &str,
+    source: Source,
+) -> Result<Example> {
+    use crate::model::ArchitectureKind as K;
+    match kind {
+        K::Decoder => encode_pair(tok, prompt, completion, source),
+        K::EncoderDecoder => encode_seq2seq_pair(tok, prompt, completion, source),
+        K::Encoder => Err(Error::msg(format!(
+            "{source}: an encoder model does not generate, so it has no completion to score"
+        ))),
+    }
+}
+
+/// The prompt of an example made by [`encode_pair_for`] for a model of `kind`: what
+/// generation starts from.
+pub fn prompt_ids(kind: crate::model::ArchitectureKind, ex: &Example) -> &[u32] {
+    match kind {
+        crate::model::ArchitectureKind::Decoder => &ex.input_ids[..ex.completion_start()],
+        _ => &ex.input_ids,
+    }
 }
 
 /// A conversation rendered with the model's chat template, trained on the assistant turns.

@@ -1,64 +1,18 @@
 //! Write a loaded model as a Hugging Face folder (config.json, model.safetensors,
 //! tokenizer.json, tokenizer_config.json, generation_config.json) that transformers loads.
-//! Quantized weights are dequantized to f32. Every file is written atomically.
-use super::LoadedModel;
-use crate::nn::EmbeddingWeight;
+//! Quantized weights are dequantized to f32. Every file is written atomically
+//! ([`crate::fsutil`]). The weights and the config come from the family ([`Model::state_dict`],
+//! [`Model::hf_config`]), so every family converts the same way.
+use super::{LoadedModel, Model};
+use crate::fsutil::{write_atomic, write_safetensors};
 use crate::{Error, Result};
 use candle_core::{DType, Tensor};
 use std::collections::HashMap;
 use std::path::Path;
 
-/// Write `bytes` to `path` through a temporary file and a rename, so a crash never leaves a
-/// half-written file under the final name.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension(format!(
-        "{}.tmp",
-        path.extension().and_then(|e| e.to_str()).unwrap_or("")
-    ));
-    std::fs::write(&tmp, bytes).map_err(|e| Error::file(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::file(path, e))
-}
-
-/// Every weight of the model under its HF name, as f32 (or `dtype`).
+/// Every weight of the model under its HF name, as `dtype`.
 pub fn state_dict(lm: &LoadedModel, dtype: DType) -> Result<HashMap<String, Tensor>> {
-    let m = &lm.model;
-    let mut sd = HashMap::new();
-    let emb = match m.embed_tokens.weight() {
-        EmbeddingWeight::Frozen(t) => t.clone(),
-        EmbeddingWeight::Trainable(v) => v.as_tensor().clone(),
-        EmbeddingWeight::Quantized(q) => q.dequantize()?,
-    };
-    sd.insert(
-        "model.embed_tokens.weight".to_string(),
-        emb.to_dtype(dtype)?,
-    );
-    for lin in m.linears() {
-        if lin.name() == "lm_head" && m.cfg.tie_word_embeddings {
-            continue;
-        }
-        sd.insert(
-            format!("{}.weight", lin.name()),
-            lin.weight().to_dense_f32()?.to_dtype(dtype)?,
-        );
-        if let Some(b) = lin.bias() {
-            sd.insert(format!("{}.bias", lin.name()), b.to_dtype(dtype)?);
-        }
-    }
-    for (i, l) in m.layers.iter().enumerate() {
-        sd.insert(
-            format!("model.layers.{i}.input_layernorm.weight"),
-            l.input_layernorm.weight().to_dtype(dtype)?,
-        );
-        sd.insert(
-            format!("model.layers.{i}.post_attention_layernorm.weight"),
-            l.post_attention_layernorm.weight().to_dtype(dtype)?,
-        );
-    }
-    sd.insert(
-        "model.norm.weight".to_string(),
-        m.norm.weight().to_dtype(dtype)?,
-    );
-    Ok(sd)
+    lm.model.state_dict(dtype)
 }
 
 pub fn write_hf_folder(lm: &LoadedModel, dir: &Path) -> Result<()> {
@@ -66,13 +20,12 @@ pub fn write_hf_folder(lm: &LoadedModel, dir: &Path) -> Result<()> {
 }
 
 pub fn write_hf_folder_dtype(lm: &LoadedModel, dir: &Path, dtype: DType) -> Result<()> {
+    let model: &dyn Model = &*lm.model;
     // First, so a config that cannot be written fails before any file is.
-    let mut cfg = lm.model.cfg.to_hf_json()?;
+    let mut cfg = model.hf_config()?;
     std::fs::create_dir_all(dir).map_err(|e| Error::file(dir, e))?;
-    let sd = state_dict(lm, dtype)?;
-    let st_tmp = dir.join("model.safetensors.tmp");
-    candle_core::safetensors::save(&sd, &st_tmp).map_err(|e| Error::file(&st_tmp, e))?;
-    std::fs::rename(&st_tmp, dir.join("model.safetensors")).map_err(|e| Error::file(dir, e))?;
+    let sd = model.state_dict(dtype)?;
+    write_safetensors(&dir.join("model.safetensors"), &sd)?;
 
     cfg["torch_dtype"] = match dtype {
         DType::BF16 => "bfloat16",
@@ -93,7 +46,10 @@ pub fn write_hf_folder_dtype(lm: &LoadedModel, dir: &Path, dtype: DType) -> Resu
     write_atomic(&dir.join("tokenizer.json"), tok_json.as_bytes())?;
     // The source's BOS behaviour: a folder that dropped (or added) BOS would encode prompts
     // differently from the model it was written from.
-    let mut tcfg = serde_json::json!({ "model_max_length": lm.model.cfg.max_position_embeddings, "add_bos_token": tok.add_bos() });
+    let mut tcfg = serde_json::json!({ "add_bos_token": tok.add_bos() });
+    if let Some(n) = model.context_length() {
+        tcfg["model_max_length"] = n.into();
+    }
     if let Some(t) = tok.chat_template() {
         tcfg["chat_template"] = t.source().into();
     }
@@ -110,12 +66,26 @@ pub fn write_hf_folder_dtype(lm: &LoadedModel, dir: &Path, dtype: DType) -> Resu
         &dir.join("tokenizer_config.json"),
         serde_json::to_string_pretty(&tcfg).unwrap().as_bytes(),
     )?;
+    // generation_config.json: the config's special tokens, the tokenizer's EOS ids first.
     let mut gen = serde_json::json!({});
-    if let Some(b) = lm.model.cfg.bos_token_id {
-        gen["bos_token_id"] = b.into();
+    for key in ["bos_token_id", "decoder_start_token_id", "pad_token_id"] {
+        if let Some(v) = cfg.get(key).filter(|v| !v.is_null()) {
+            if key == "bos_token_id" || model.kind() == super::ArchitectureKind::EncoderDecoder {
+                gen[key] = v.clone();
+            }
+        }
     }
     let eos: Vec<u32> = if tok.eos_ids().is_empty() {
-        lm.model.cfg.eos_token_ids.clone()
+        match cfg.get("eos_token_id") {
+            Some(serde_json::Value::Number(n)) => {
+                n.as_u64().map(|e| e as u32).into_iter().collect()
+            }
+            Some(serde_json::Value::Array(a)) => a
+                .iter()
+                .filter_map(|e| e.as_u64().map(|e| e as u32))
+                .collect(),
+            _ => Vec::new(),
+        }
     } else {
         tok.eos_ids().to_vec()
     };

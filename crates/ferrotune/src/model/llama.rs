@@ -2,10 +2,13 @@
 //! attention, SwiGLU MLP, tied or untied embeddings. Every op it uses has a backward pass
 //! (see `ops`), so the same code serves generation and training.
 use super::config::{rope_inv_freq, LlamaConfig};
+use super::family::{ArchitectureKind, Dims, MicroBatchGrads, Model, Objective, Task, TaskType};
 use super::weights::WeightSource;
-use crate::nn::{Embedding, Linear, RmsNorm};
+use crate::data::{Batch, Targets};
+use crate::nn::{Embedding, EmbeddingWeight, Linear, RmsNorm};
 use crate::ops;
 use candle_core::{DType, Device, Result, Tensor, Var};
+use std::collections::HashMap;
 
 pub struct Attention {
     pub q_proj: Linear,
@@ -302,7 +305,7 @@ impl Llama {
     /// Make every weight trainable (full fine-tuning) and return the parameters by HF name.
     /// Quantized weights cannot be trained in place: load with `dequantize` first.
     pub fn make_all_trainable(&mut self) -> crate::Result<Vec<(String, Var)>> {
-        use crate::nn::{EmbeddingWeight, LinearWeight};
+        use crate::nn::LinearWeight;
         let mut params = Vec::new();
         let emb = match self.embed_tokens.weight() {
             EmbeddingWeight::Frozen(t) => Var::from_tensor(&t.to_dtype(DType::F32)?)?,
@@ -527,6 +530,249 @@ impl Llama {
         let last = h.narrow(1, t - 1, 1)?;
         self.lm_head.forward(&last)?.squeeze(1)
     }
+}
+
+impl Llama {
+    /// Final hidden states for a batch: the packed forward pass when it has segment ids.
+    fn batch_hidden(&self, batch: &Batch, train: bool) -> Result<Tensor> {
+        match &batch.segment_ids {
+            Some(seg) => {
+                self.forward_hidden_packed(&batch.input_ids, &batch.position_ids, seg, train)
+            }
+            None => self.forward_hidden(&batch.input_ids, None, train),
+        }
+    }
+
+    fn check_targets(&self, batch: &Batch) -> crate::Result<()> {
+        if batch.targets != Targets::NextToken {
+            return Err(crate::Error::msg(format!(
+                "{} is a causal language model: it trains on next-token targets, not {}",
+                Model::describe(self),
+                batch.targets.as_str()
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// f32 values one decoder layer keeps per token for the backward pass, by the tensors its
+/// forward pass creates (autograd keeps every op's inputs alive, needed or not):
+/// - attention: the input norm (h), the q/k/v projections (q + 2kv; the head-major views share
+///   them), RoPE of q and k (q + kv), the attention output (q) and its token-major copy (q),
+///   the output projection (h), the residual sum (h);
+/// - MLP: the norm (h), gate and up (2i), SwiGLU (i), down (h), the residual sum (h);
+/// - each LoRA-adapted linear (fused with its base, see `peft::lora::fused`): the rank-r
+///   product (r) and, with dropout, the masked input (in).
+fn layer_floats_per_token(model: &Llama, dropout: bool) -> u64 {
+    use crate::train::memory::{adapter_floats, Sat};
+    let c = &model.cfg;
+    let h = Sat(c.hidden_size as u64);
+    let hd = Sat(c.head_dim as u64);
+    let q = Sat(c.num_attention_heads as u64) * hd;
+    let kv = Sat(c.num_key_value_heads as u64) * hd;
+    let i = Sat(c.intermediate_size as u64);
+    let base = Sat(6) * h + Sat(4) * q + Sat(3) * kv + Sat(3) * i;
+    let adapters = model
+        .layers
+        .first()
+        .map(|l| {
+            l.linears()
+                .into_iter()
+                .fold(Sat(0), |a, lin| a + Sat(adapter_floats(lin, dropout)))
+        })
+        .unwrap_or(Sat(0));
+    (base + adapters).0
+}
+
+impl Model for Llama {
+    fn family(&self) -> &'static str {
+        "llama"
+    }
+    fn architecture(&self) -> String {
+        self.cfg.architecture.clone()
+    }
+    fn kind(&self) -> ArchitectureKind {
+        ArchitectureKind::Decoder
+    }
+    fn pretraining_objective(&self) -> Objective {
+        Objective::Clm
+    }
+    fn task_type(&self) -> TaskType {
+        TaskType::CausalLm
+    }
+    fn tasks(&self) -> Vec<Task> {
+        vec![Task::CausalLm]
+    }
+    fn device(&self) -> &Device {
+        &self.device
+    }
+    fn dims(&self) -> Dims {
+        let c = &self.cfg;
+        Dims {
+            hidden_size: c.hidden_size,
+            layers: c.num_hidden_layers,
+            encoder_layers: 0,
+            decoder_layers: c.num_hidden_layers,
+            attention_heads: c.num_attention_heads,
+            kv_heads: c.num_key_value_heads,
+            head_dim: c.head_dim,
+            intermediate_size: c.intermediate_size,
+            vocab_size: c.vocab_size,
+            tied_embeddings: c.tie_word_embeddings,
+            rope_theta: Some(c.rope_theta),
+        }
+    }
+    fn context_length(&self) -> Option<usize> {
+        Some(self.cfg.max_position_embeddings)
+    }
+
+    fn linears(&self) -> Vec<&Linear> {
+        Llama::linears(self)
+    }
+    fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        Llama::linears_mut(self)
+    }
+    fn embeddings(&self) -> Vec<&Embedding> {
+        vec![&self.embed_tokens]
+    }
+    fn embeddings_mut(&mut self) -> Vec<&mut Embedding> {
+        vec![&mut self.embed_tokens]
+    }
+    fn tied(&self, name: &str) -> bool {
+        name == "lm_head" && self.cfg.tie_word_embeddings
+    }
+    fn output_layer(&self) -> Option<&str> {
+        Some("lm_head")
+    }
+    fn other_params(&self) -> Vec<(String, Tensor)> {
+        let mut out = Vec::with_capacity(2 * self.layers.len() + 1);
+        for (i, l) in self.layers.iter().enumerate() {
+            out.push((
+                format!("model.layers.{i}.input_layernorm.weight"),
+                l.input_layernorm.weight().clone(),
+            ));
+            out.push((
+                format!("model.layers.{i}.post_attention_layernorm.weight"),
+                l.post_attention_layernorm.weight().clone(),
+            ));
+        }
+        out.push(("model.norm.weight".to_string(), self.norm.weight().clone()));
+        out
+    }
+    fn make_trainable(&mut self, modules: Option<&[String]>) -> crate::Result<Vec<(String, Var)>> {
+        let Some(modules) = modules else {
+            return self.make_all_trainable();
+        };
+        // A causal LM has no head of its own to save beside an adapter; only linears by name.
+        let mut params = Vec::new();
+        for m in modules {
+            let mut found = false;
+            for lin in Llama::linears_mut(self) {
+                if lin.name() == m || lin.name().starts_with(&format!("{m}.")) {
+                    found = true;
+                    params.push((
+                        format!("{}.weight", lin.name()),
+                        make_linear_trainable(lin)?,
+                    ));
+                }
+            }
+            if !found {
+                return Err(crate::Error::msg(format!(
+                    "module `{m}` is not a linear layer of the model (modules to save must be linears, e.g. lm_head)"
+                )));
+            }
+        }
+        Ok(params)
+    }
+
+    fn loss_sum(&self, batch: &Batch, train: bool) -> crate::Result<(Tensor, usize)> {
+        self.check_targets(batch)?;
+        if batch.n_loss_tokens == 0 {
+            return Ok((Tensor::zeros((), DType::F32, &self.device)?, 0));
+        }
+        let hidden = self.batch_hidden(batch, train)?;
+        crate::train::loss::loss_from_hidden(&self.lm_head, &hidden, batch, train)
+    }
+    fn logits(&self, batch: &Batch) -> crate::Result<Tensor> {
+        self.check_targets(batch)?;
+        let hidden = self.batch_hidden(batch, false)?;
+        Ok(self.lm_head.forward(&hidden)?)
+    }
+    fn loss_and_grads_checkpointed(
+        &self,
+        params: &[(String, Var)],
+        batch: &Batch,
+        scale: f64,
+    ) -> crate::Result<MicroBatchGrads> {
+        self.check_targets(batch)?;
+        crate::train::checkpointing::loss_and_grads(self, params, batch, scale)
+    }
+    fn activation_floats_per_token(&self, dropout: bool) -> u64 {
+        layer_floats_per_token(self, dropout).saturating_mul(self.layers.len() as u64)
+    }
+    fn layer_floats_per_token(&self, dropout: bool) -> u64 {
+        layer_floats_per_token(self, dropout)
+    }
+
+    fn decoder(&self) -> crate::Result<Box<dyn crate::generate::Decoder + '_>> {
+        Ok(Box::new(crate::generate::LlamaDecoder::new(self)))
+    }
+
+    fn state_dict(&self, dtype: DType) -> crate::Result<HashMap<String, Tensor>> {
+        let mut sd = HashMap::new();
+        let emb = match self.embed_tokens.weight() {
+            EmbeddingWeight::Frozen(t) => t.clone(),
+            EmbeddingWeight::Trainable(v) => v.as_tensor().clone(),
+            EmbeddingWeight::Quantized(q) => q.dequantize()?,
+        };
+        sd.insert(
+            "model.embed_tokens.weight".to_string(),
+            emb.to_dtype(dtype)?,
+        );
+        for lin in Llama::linears(self) {
+            if Model::tied(self, lin.name()) {
+                continue;
+            }
+            sd.insert(
+                format!("{}.weight", lin.name()),
+                lin.weight().to_dense_f32()?.to_dtype(dtype)?,
+            );
+            if let Some(b) = lin.bias() {
+                sd.insert(format!("{}.bias", lin.name()), b.to_dtype(dtype)?);
+            }
+        }
+        for (name, t) in self.other_params() {
+            sd.insert(name, t.to_dtype(dtype)?);
+        }
+        Ok(sd)
+    }
+    fn hf_config(&self) -> crate::Result<serde_json::Value> {
+        self.cfg.to_hf_json()
+    }
+
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
+        self
+    }
+}
+
+/// Make `lin`'s weight a trainable f32 parameter (or return the one it has).
+fn make_linear_trainable(lin: &mut Linear) -> crate::Result<Var> {
+    use crate::nn::LinearWeight;
+    let v = match lin.weight() {
+        LinearWeight::Frozen(t) => Var::from_tensor(&t.to_dtype(DType::F32)?)?,
+        LinearWeight::Trainable(v) => return Ok(v.clone()),
+        LinearWeight::Quantized(_) => {
+            return Err(crate::Error::msg(format!(
+                "{}: training this weight needs dense weights: load the model with --dequantize",
+                lin.name()
+            )))
+        }
+    };
+    lin.set_weight(LinearWeight::Trainable(v.clone()));
+    Ok(v)
 }
 
 /// See [`Llama::layer_context`].

@@ -1,13 +1,18 @@
 //! Model code and loading. `load` turns a user's `--model` value (a GGUF file, an HF folder, or
-//! `hf:org/name[@revision]`) into a ready [`Llama`] plus its [`Tokenizer`].
+//! `hf:org/name[@revision]`) into a ready model of its family (a `Box<dyn` [`Model`]`>`, see
+//! [`family`]) plus its [`Tokenizer`].
 pub mod config;
 pub mod convert;
+pub mod family;
 pub mod gguf;
 pub mod hub;
 pub mod llama;
+#[cfg(test)]
+mod tests_interface;
 pub mod weights;
 
 pub use config::{ConfigKeys, LlamaConfig, RopeScaling};
+pub use family::{ArchitectureKind, Dims, MicroBatchGrads, Model, Objective, Task, TaskType};
 pub use llama::{KvCache, LayerContext, Llama};
 pub use weights::{GgufSource, LoadOptions, SafetensorsSource, WeightSource};
 
@@ -89,13 +94,21 @@ fn is_gguf(p: &Path) -> Result<bool> {
     Ok(f.read_exact(&mut magic).is_ok() && &magic == b"GGUF")
 }
 
-/// A model ready to run.
+/// A model ready to run: any family, behind the [`Model`] interface.
 pub struct LoadedModel {
-    pub model: Llama,
+    pub model: Box<dyn Model>,
     pub tokenizer: Tokenizer,
     pub source: ModelSource,
     /// Bytes of the weight files on disk.
     pub file_bytes: u64,
+}
+
+impl LoadedModel {
+    /// The model as a LLaMA-family decoder, if it is one (the fast engine, family-specific
+    /// tests).
+    pub fn llama(&self) -> Option<&Llama> {
+        self.model.downcast_ref::<Llama>()
+    }
 }
 
 /// Read a GGUF header (metadata and tensor index) with a one-line error on corruption. Every
@@ -165,7 +178,7 @@ pub fn load_source_with_progress(
                 .then_some((cfg.num_attention_heads, cfg.num_key_value_heads));
             let file_bytes = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
             let src = GgufSource::open(path, content, permute, opts, device)?;
-            let model = load_llama(&src, &cfg, progress)?;
+            let model = Box::new(load_llama(&src, &cfg, progress)?);
             Ok(LoadedModel {
                 model,
                 tokenizer,
@@ -173,12 +186,15 @@ pub fn load_source_with_progress(
                 file_bytes,
             })
         }
+        // Families other than LLaMA are told apart by config.json's `model_type` here, one arm
+        // each (`"t5" | "mt5"`, `"bert" | "roberta"`), before the LLaMA config parser, which
+        // names what it does not support.
         ModelSource::HfDir(dir) => {
             let cfg = config_from_hf_dir(dir)?;
             let tokenizer = Tokenizer::from_hf_dir(dir)?;
             check_tokenizer_fits(&tokenizer, &cfg, &dir.join("tokenizer.json"))?;
             let src = SafetensorsSource::open(dir, opts, device)?;
-            let model = load_llama(&src, &cfg, progress)?;
+            let model = Box::new(load_llama(&src, &cfg, progress)?);
             let file_bytes = std::fs::read_dir(dir)
                 .map(|rd| {
                     rd.filter_map(|e| e.ok())
@@ -578,14 +594,14 @@ mod tests {
     #[test]
     fn gguf_with_rope_freqs_matches_transformers() {
         let lm = rope_freqs_model();
-        match &lm.model.cfg.rope_scaling {
+        match &lm.llama().unwrap().cfg.rope_scaling {
             Some(RopeScaling::Freqs { factors }) => {
                 assert_eq!(factors.len(), 8);
                 assert_eq!((factors[0], factors[7]), (1.0, 8.0));
             }
             other => panic!("expected per-frequency factors, got {other:?}"),
         }
-        let worst = worst_diff(&lm.model);
+        let worst = worst_diff(lm.llama().unwrap());
         assert!(worst < 1e-4, "max |logit diff| {worst} >= 1e-4");
         // The same weights without the factors are far off: the comparison sees the scaling.
         let path = repo().join(ROPE_FREQS_GGUF);
@@ -611,7 +627,8 @@ mod tests {
     #[test]
     fn gguf_with_rope_freqs_decodes_in_the_engine_like_transformers() {
         let lm = rope_freqs_model();
-        let mut dec = crate::engine::FastDecoder::new(&lm.model).expect("engine supports it");
+        let mut dec =
+            crate::engine::FastDecoder::new(lm.llama().unwrap()).expect("engine supports it");
         for (ids, want) in expected() {
             // prefill all but the last token, then one decode step
             let n = ids.len();

@@ -4,8 +4,8 @@
 //! Folders written here load in PEFT and folders written by PEFT load here.
 use super::lora::LoraConfig;
 use super::{adapter_params, param_count, ParamCount, PeftMethod};
-use crate::model::convert::write_atomic;
-use crate::model::Llama;
+use crate::fsutil::{write_atomic, write_safetensors};
+use crate::model::{Model, TaskType};
 use crate::{Error, Result};
 use candle_core::{DType, Tensor};
 use serde_json::Value;
@@ -64,10 +64,10 @@ pub fn read_adapter_config(dir: &Path) -> Result<AdapterConfig> {
 }
 
 /// Write adapter `adapter_name` of `model` with its config `cfg` as a PEFT folder in `dir`
-/// (created if needed). Both files are written to a temporary name and renamed, so an
-/// interrupted save never leaves a truncated adapter behind.
+/// (created if needed); `task_type` is the model's. Both files are written to a temporary name
+/// and renamed, so an interrupted save never leaves a truncated adapter behind.
 pub fn save_adapter<M: PeftMethod>(
-    model: &Llama,
+    model: &dyn Model,
     adapter_name: &str,
     cfg: &M,
     dir: &Path,
@@ -82,15 +82,12 @@ pub fn save_adapter<M: PeftMethod>(
         let t = v.as_tensor().detach().to_dtype(DType::F32)?.contiguous()?;
         sd.insert(format!("{KEY_PREFIX}{name}"), t);
     }
-    let path = dir.join(WEIGHTS_FILE);
-    let tmp = dir.join(format!("{WEIGHTS_FILE}.tmp"));
-    candle_core::safetensors::save(&sd, &tmp)
-        .map_err(|e| Error::file(&tmp, crate::error::first_line(&e.to_string())))?;
-    std::fs::rename(&tmp, &path).map_err(|e| Error::file(&path, e))?;
+    write_safetensors(&dir.join(WEIGHTS_FILE), &sd)?;
 
     let mut json = serde_json::to_value(cfg)
         .map_err(|e| Error::msg(format!("cannot serialize the adapter config: {e}")))?;
     json["peft_type"] = M::PEFT_TYPE.into();
+    json["task_type"] = model.task_type().as_peft().into();
     let text = serde_json::to_string_pretty(&json).expect("a JSON value always serializes");
     write_atomic(&dir.join(CONFIG_FILE), text.as_bytes())
 }
@@ -105,11 +102,56 @@ pub struct LoadedAdapter {
     pub params: ParamCount,
 }
 
+/// Check the `task_type` of `dir/adapter_config.json` against the model's: an adapter made for
+/// another kind of model (a CAUSAL_LM adapter on a SEQ_2_SEQ_LM model) is a one-line error. A
+/// missing or null `task_type` is accepted (PEFT allows it).
+pub fn check_task_type(model: &dyn Model, dir: &Path) -> Result<()> {
+    let path = dir.join(CONFIG_FILE);
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::file(&path, e))?;
+    let v: Value = serde_json::from_str(&text)
+        .map_err(|e| Error::file(&path, format!("invalid JSON: {e}")))?;
+    let src = path.display().to_string();
+    let want = model.task_type();
+    match v.get("task_type") {
+        None | Some(Value::Null) => Ok(()),
+        Some(Value::String(t)) => match TaskType::from_peft(t) {
+            Some(got) if got == want => Ok(()),
+            Some(got) => Err(Error::key(
+                &src,
+                "task_type",
+                format!(
+                    "the adapter is {got} but the model, {}, is {want}",
+                    model.describe()
+                ),
+            )),
+            None => Err(Error::key(
+                &src,
+                "task_type",
+                format!(
+                    "`{t}` is not supported (supported: {})",
+                    TaskType::ALL.map(TaskType::as_peft).join(", ")
+                ),
+            )),
+        },
+        Some(other) => Err(Error::key(
+            &src,
+            "task_type",
+            format!("expected a string, found {other}"),
+        )),
+    }
+}
+
 /// Attach the adapter in `dir` (written by PEFT or by us) to `model` as `adapter_name`.
-/// The config is validated, every tensor the config implies must be in the file with the
-/// shape the model implies, and the file may hold nothing else. On error nothing stays attached.
-pub fn load_adapter(model: &mut Llama, dir: &Path, adapter_name: &str) -> Result<LoadedAdapter> {
+/// The config is validated (its `task_type` must be the model's), every tensor the config
+/// implies must be in the file with the shape the model implies, and the file may hold nothing
+/// else. On error nothing stays attached.
+pub fn load_adapter(
+    model: &mut dyn Model,
+    dir: &Path,
+    adapter_name: &str,
+) -> Result<LoadedAdapter> {
     let config = read_adapter_config(dir)?;
+    check_task_type(model, dir)?;
     let path = dir.join(WEIGHTS_FILE);
     if !path.exists() {
         let bin = dir.join("adapter_model.bin");
@@ -176,7 +218,7 @@ fn header_shapes(path: &Path) -> Result<HashMap<String, Vec<usize>>> {
 /// Every LoRA tensor the config implies must be in the file with the shape its base module and
 /// rank imply (A: (r, in), B: (out, r)), and the file may hold nothing else.
 fn check_lora_shapes(
-    model: &Llama,
+    model: &dyn Model,
     cfg: &LoraConfig,
     dir: &Path,
     path: &Path,
@@ -230,7 +272,7 @@ fn check_lora_shapes(
 
 /// Copy the file's tensors into the freshly attached adapter's parameters.
 fn fill_from(
-    model: &Llama,
+    model: &dyn Model,
     adapter_name: &str,
     mut tensors: HashMap<String, Tensor>,
     path: &Path,

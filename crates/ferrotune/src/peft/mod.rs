@@ -15,7 +15,7 @@ pub use lora::{
     unmerge_adapter, LoraAdapter, LoraConfig, LoraModelInfo, MergeReport,
 };
 
-use crate::model::Llama;
+use crate::model::Model;
 use crate::nn::{EmbeddingWeight, LinearWeight};
 use crate::{Error, Result};
 use candle_core::Var;
@@ -31,11 +31,11 @@ pub trait PeftMethod: Clone + Serialize + DeserializeOwned {
     fn validate(&self, source: &str) -> Result<()>;
     /// Wrap every targeted linear of `model` with a fresh adapter called `adapter_name`;
     /// `seed` makes the initial weights (and dropout masks) reproducible.
-    fn attach(&self, model: &mut Llama, adapter_name: &str, seed: u64) -> Result<Self::Info>;
+    fn attach(&self, model: &mut dyn Model, adapter_name: &str, seed: u64) -> Result<Self::Info>;
 }
 
 /// Names of the adapters attached to the model, in order of first appearance.
-pub fn adapter_names(model: &Llama) -> Vec<String> {
+pub fn adapter_names(model: &dyn Model) -> Vec<String> {
     let mut out: Vec<String> = Vec::new();
     for lin in model.linears() {
         for (n, _) in lin.adapters() {
@@ -49,7 +49,7 @@ pub fn adapter_names(model: &Llama) -> Vec<String> {
 
 /// The trainable tensors of adapter `adapter_name`, named as in PEFT's state dict minus the
 /// `base_model.model.` prefix: `model.layers.0.self_attn.q_proj.lora_A.weight`.
-pub fn adapter_params(model: &Llama, adapter_name: &str) -> Vec<(String, Var)> {
+pub fn adapter_params(model: &dyn Model, adapter_name: &str) -> Vec<(String, Var)> {
     let mut out = Vec::new();
     for lin in model.linears() {
         for (n, a) in lin.adapters() {
@@ -64,7 +64,7 @@ pub fn adapter_params(model: &Llama, adapter_name: &str) -> Vec<(String, Var)> {
 }
 
 /// Detach adapter `adapter_name` from every layer; returns how many layers had it.
-pub fn remove_adapter(model: &mut Llama, adapter_name: &str) -> Result<usize> {
+pub fn remove_adapter(model: &mut dyn Model, adapter_name: &str) -> Result<usize> {
     let mut n = 0;
     for lin in model.linears_mut() {
         n += usize::from(lin.remove_adapter(adapter_name).is_some());
@@ -77,13 +77,13 @@ pub fn remove_adapter(model: &mut Llama, adapter_name: &str) -> Result<usize> {
 
 /// Turn every adapter of every method on or off at once (PEFT's `disable_adapter()`), e.g. to
 /// score the base model with adapters loaded.
-pub fn set_adapters_enabled(model: &mut Llama, on: bool) {
+pub fn set_adapters_enabled(model: &mut dyn Model, on: bool) {
     for lin in model.linears_mut() {
         lin.set_adapters_enabled(on);
     }
 }
 
-pub(crate) fn no_such_adapter(model: &Llama, adapter_name: &str) -> Error {
+pub(crate) fn no_such_adapter(model: &dyn Model, adapter_name: &str) -> Error {
     let names = adapter_names(model);
     Error::msg(format!(
         "no adapter named `{adapter_name}` is attached (attached: {})",
@@ -132,22 +132,21 @@ fn thousands(n: usize) -> String {
 /// Parameters as PEFT counts them (`named_parameters`, a tied LM head counted once, a quantized
 /// weight by its logical element count): `trainable` is adapter `adapter_name`'s tensors plus
 /// any base weight made trainable; `all` is the base plus every attached adapter.
-pub fn param_count(model: &Llama, adapter_name: &str) -> ParamCount {
-    let cfg = &model.cfg;
+pub fn param_count(model: &dyn Model, adapter_name: &str) -> ParamCount {
     let mut all = 0usize;
     let mut trainable = 0usize;
-    let emb = match model.embed_tokens.weight() {
-        EmbeddingWeight::Frozen(t) => t.elem_count(),
-        EmbeddingWeight::Trainable(v) => {
-            trainable += v.elem_count();
-            v.elem_count()
-        }
-        EmbeddingWeight::Quantized(q) => q.shape().0 * q.shape().1,
-    };
-    all += emb;
+    for e in model.embeddings() {
+        all += match e.weight() {
+            EmbeddingWeight::Frozen(t) => t.elem_count(),
+            EmbeddingWeight::Trainable(v) => {
+                trainable += v.elem_count();
+                v.elem_count()
+            }
+            EmbeddingWeight::Quantized(q) => q.shape().0 * q.shape().1,
+        };
+    }
     for lin in model.linears() {
-        let tied_head = lin.name() == "lm_head" && cfg.tie_word_embeddings;
-        if !tied_head {
+        if !model.tied(lin.name()) {
             let (o, i) = lin.weight().shape();
             all += o * i + lin.bias().map(|b| b.elem_count()).unwrap_or(0);
             if matches!(lin.weight(), LinearWeight::Trainable(_)) {
@@ -166,11 +165,12 @@ pub fn param_count(model: &Llama, adapter_name: &str) -> ParamCount {
             }
         }
     }
-    for l in &model.layers {
-        all += l.input_layernorm.weight().elem_count();
-        all += l.post_attention_layernorm.weight().elem_count();
+    for (_, t) in model.other_params() {
+        all += t.elem_count();
+        if t.is_variable() {
+            trainable += t.elem_count();
+        }
     }
-    all += model.norm.weight().elem_count();
     ParamCount { trainable, all }
 }
 

@@ -4,7 +4,7 @@
 //! [`QuantWeight`] holds an `(out, in)` matrix as GGML blocks, row-major, each row a whole number
 //! of blocks. Q4_0, Q4_1 and Q8_0 run on our kernels: activation rows are quantised per 32-value
 //! block (an f32 scale per block) to 16-bit integers by default, or to 8 bits like GGML's
-//! Q8_0/Q8_1 (see [`ActPrecision`], [`set_activation_precision`]), then integer block dot
+//! Q8_0/Q8_1 (see [`ActPrecision`], [`QuantSettings`]), then integer block dot
 //! products run with AVX2 (`vpmaddwd`, `vpmaddubsw`) or AVX-512 VNNI (`vpdpwssd`, `vpdpbusd`),
 //! chosen at run time, or in portable Rust. One activation row (decode) streams each weight row
 //! once; many rows (prefill, training) repack 16 weight rows at a time into 8-row panels and run
@@ -20,7 +20,7 @@
 //! the capital of France?" with "L'Étoile..." instead of the f32 model's "The capital of France
 //! is Paris."), hence the 16-bit default.
 //! `backward_input` is exact up to f32 rounding by default. With
-//! [`BackwardWeights::Q8Transposed`] (what training selects) it instead runs the 8-bit integer
+//! [`BackwardWeights::Q8Transposed`] (what training selects for its model) it instead runs the 8-bit integer
 //! kernels on a transposed copy of `W` requantised to Q8_0 along the output dimension, with the
 //! incoming gradient quantised to 8 bits per 32-value block: both operands at about bf16's
 //! precision (8 significant bits; bf16 autocast, the usual training precision, rounds every
@@ -50,46 +50,11 @@ pub use format::ActPrecision;
 pub use kernels::Isa;
 pub use pool::{num_threads, set_num_threads};
 
-/// 0: not set yet (read `FERROTUNE_ACT_BITS` on first use), 8 or 16: the setting.
-static ACT_BITS: AtomicU8 = AtomicU8::new(0);
-
 /// `FERROTUNE_ACT_BITS`: "8" selects 8 bits; unset, "16" or anything else, 16 bits.
 fn act_bits_from_env(v: Option<&str>) -> ActPrecision {
     match v {
         Some("8") => ActPrecision::I8,
         _ => ActPrecision::I16,
-    }
-}
-
-/// The activation precision the quantized kernels use (all threads, from the next call on).
-pub fn set_activation_precision(p: ActPrecision) {
-    let bits = match p {
-        ActPrecision::I16 => 16,
-        ActPrecision::I8 => 8,
-    };
-    ACT_BITS.store(bits, Ordering::Relaxed);
-}
-
-/// The activation precision in use: what [`set_activation_precision`] set, else
-/// `FERROTUNE_ACT_BITS=8` or `=16` from the environment, else [`ActPrecision::I16`]. (Another
-/// value of the variable is ignored, so a typo never makes inference less precise.)
-pub fn activation_precision() -> ActPrecision {
-    let mut bits = ACT_BITS.load(Ordering::Relaxed);
-    if bits == 0 {
-        bits = match act_bits_from_env(std::env::var("FERROTUNE_ACT_BITS").ok().as_deref()) {
-            ActPrecision::I8 => 8,
-            ActPrecision::I16 => 16,
-        };
-        // a concurrent `set_activation_precision` wins over the environment
-        bits = match ACT_BITS.compare_exchange(0, bits, Ordering::Relaxed, Ordering::Relaxed) {
-            Ok(_) => bits,
-            Err(set) => set,
-        };
-    }
-    if bits == 8 {
-        ActPrecision::I8
-    } else {
-        ActPrecision::I16
     }
 }
 
@@ -103,25 +68,46 @@ pub enum BackwardWeights {
     Q8Transposed,
 }
 
-/// 0: exact (the default), 1: Q8 transposed.
-static BACKWARD_WEIGHTS: AtomicU8 = AtomicU8::new(0);
-
-/// Select how quantized linears compute input gradients (all threads, from the next call on).
-pub fn set_backward_weights(b: BackwardWeights) {
-    BACKWARD_WEIGHTS.store(
-        match b {
-            BackwardWeights::Exact => 0,
-            BackwardWeights::Q8Transposed => 1,
-        },
-        Ordering::Relaxed,
-    );
+/// How a quantized weight runs: the activation precision of its forward kernels and how its
+/// backward pass computes input gradients. Each [`QuantWeight`] holds its own, so they are
+/// settings of the model that owns the weights (`Model::set_quant_settings`), not of the
+/// process: one process can serve a model at 16 bits while it trains another at 8.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct QuantSettings {
+    pub activation: ActPrecision,
+    pub backward: BackwardWeights,
 }
 
-/// The setting of [`set_backward_weights`]; [`BackwardWeights::Exact`] unless changed.
-pub fn backward_weights() -> BackwardWeights {
-    match BACKWARD_WEIGHTS.load(Ordering::Relaxed) {
-        1 => BackwardWeights::Q8Transposed,
-        _ => BackwardWeights::Exact,
+impl Default for QuantSettings {
+    /// 16-bit activations (`FERROTUNE_ACT_BITS=8` selects 8; another value of the variable is
+    /// ignored, so a typo never makes inference less precise) and the exact backward pass.
+    fn default() -> Self {
+        QuantSettings {
+            activation: act_bits_from_env(std::env::var("FERROTUNE_ACT_BITS").ok().as_deref()),
+            backward: BackwardWeights::Exact,
+        }
+    }
+}
+
+impl QuantSettings {
+    /// One byte, for an atomic: bit 0 = 8-bit activations, bit 1 = Q8 transposed backward.
+    fn encode(self) -> u8 {
+        u8::from(self.activation == ActPrecision::I8)
+            | (u8::from(self.backward == BackwardWeights::Q8Transposed) << 1)
+    }
+    fn decode(b: u8) -> Self {
+        QuantSettings {
+            activation: if b & 1 != 0 {
+                ActPrecision::I8
+            } else {
+                ActPrecision::I16
+            },
+            backward: if b & 2 != 0 {
+                BackwardWeights::Q8Transposed
+            } else {
+                BackwardWeights::Exact
+            },
+        }
     }
 }
 
@@ -145,6 +131,8 @@ pub struct QuantWeight {
     /// `W^T` as Q8_0 `(in, out)` for [`BackwardWeights::Q8Transposed`]; `None` inside when the
     /// output dimension is not a whole number of blocks.
     transposed: OnceLock<Option<Box<QuantWeight>>>,
+    /// [`QuantSettings::encode`]d: how this weight runs (see [`QuantWeight::set_settings`]).
+    settings: AtomicU8,
 }
 
 enum Repr {
@@ -233,6 +221,7 @@ impl QuantWeight {
             dtype,
             repr,
             transposed: OnceLock::new(),
+            settings: AtomicU8::new(QuantSettings::default().encode()),
         };
         let expect = out_dim * (in_dim / bs) * dtype.type_size();
         if w.storage_bytes() != expect {
@@ -313,6 +302,7 @@ impl QuantWeight {
             dtype: self.dtype,
             repr,
             transposed: OnceLock::new(),
+            settings: AtomicU8::new(self.settings.load(Ordering::Relaxed)),
         })
     }
 
@@ -323,6 +313,16 @@ impl QuantWeight {
 
     pub fn dtype(&self) -> GgmlDType {
         self.dtype
+    }
+
+    /// How this weight runs (see [`QuantSettings`]).
+    pub fn settings(&self) -> QuantSettings {
+        QuantSettings::decode(self.settings.load(Ordering::Relaxed))
+    }
+
+    /// Change how this weight runs, from its next call on (all threads).
+    pub fn set_settings(&self, s: QuantSettings) {
+        self.settings.store(s.encode(), Ordering::Relaxed);
     }
 
     /// Bytes of block data held (what the weight costs in memory).
@@ -371,7 +371,7 @@ impl QuantWeight {
         match &self.repr {
             Repr::Own { .. } => {
                 let mut y = vec![0f32; m * self.out_dim];
-                let p = activation_precision();
+                let p = self.settings().activation;
                 if m == 1 {
                     self.matvec_with(Isa::best(), p, num_threads(), x, &mut y);
                 } else {
@@ -411,9 +411,13 @@ impl QuantWeight {
             self.out_dim
         );
         match &self.repr {
-            Repr::Own { .. } => {
-                self.matvec_with(Isa::best(), activation_precision(), num_threads(), x, out)
-            }
+            Repr::Own { .. } => self.matvec_with(
+                Isa::best(),
+                self.settings().activation,
+                num_threads(),
+                x,
+                out,
+            ),
             Repr::Candle { .. } => {
                 let y = self
                     .forward_slice(x, 1)
@@ -577,11 +581,12 @@ impl QuantWeight {
     /// `grad_x = grad_y @ dequant(W)`: `grad_y (..., out)` -> `(..., in)`. W is dequantised a
     /// tile of rows at a time inside the kernel, never as a whole matrix; each thread owns a
     /// range of input columns.
+    /// How: the weight's [`QuantSettings::backward`].
     pub fn backward_input(&self, grad_y: &Tensor) -> candle_core::Result<Tensor> {
-        self.backward_input_with(grad_y, backward_weights())
+        self.backward_input_with(grad_y, self.settings().backward)
     }
 
-    /// [`Self::backward_input`] with an explicit method instead of the global setting.
+    /// [`Self::backward_input`] with an explicit method instead of the weight's setting.
     pub fn backward_input_with(
         &self,
         grad_y: &Tensor,
@@ -762,6 +767,7 @@ impl QuantWeight {
                 data,
             },
             transposed: OnceLock::new(),
+            settings: AtomicU8::new(QuantSettings::default().encode()),
         }))
     }
 

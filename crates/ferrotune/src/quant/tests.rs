@@ -37,14 +37,6 @@ fn rel_l2_bound(p: ActPrecision) -> f64 {
     }
 }
 
-/// Serialises the tests that read or change the global activation precision (the others name
-/// their precision explicitly).
-static GLOBAL_PRECISION: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn global_lock() -> std::sync::MutexGuard<'static, ()> {
-    GLOBAL_PRECISION.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 fn randn(rng: &mut StdRng, n: usize, scale: f32) -> Vec<f32> {
     // Box-Muller; plus an occasional 8x outlier, as in real activations and weights
     (0..n)
@@ -243,8 +235,7 @@ fn i16_activations_are_over_100x_closer_than_i8() {
 
 #[test]
 fn public_forward_matches_reference_and_shapes() {
-    let _g = global_lock();
-    let prec = activation_precision();
+    let prec = QuantSettings::default().activation;
     let mut rng = StdRng::seed_from_u64(2);
     let (n, k) = (48, 64);
     for dtype in OWN {
@@ -640,8 +631,7 @@ fn linear_gradient_reaches_x_only() {
 /// `v`, and the finite difference must equal `<grad, v>` to f32 accuracy.
 #[test]
 fn linear_gradient_finite_differences() {
-    let _g = global_lock();
-    let qm = qmax(activation_precision()) as i32;
+    let qm = qmax(QuantSettings::default().activation) as i32;
     // d_b a power of two, so `QMAX d_b`, its division by QMAX and `x / d_b` are all exact; about
     // 2^-6 / 127 to 2^-2 / 127 whatever QMAX is, so x stays within +-2
     let shift = (qm as f32 / 127.0).log2().round() as i32;
@@ -818,11 +808,10 @@ fn from_real_gguf_tensor() {
         let x = randn(&mut rng, 3 * k, 1.0);
         let mut y = vec![0f32; n];
         {
-            let _g = global_lock();
             w.matvec_into(&x[..k], &mut y);
             check_against_reference(
                 &format!("{name} ({dtype:?}) matvec"),
-                activation_precision(),
+                w.settings().activation,
                 &y,
                 &x[..k],
                 &deq,
@@ -934,43 +923,84 @@ fn extreme_values_do_not_overflow() {
     }
 }
 
-/// The global setting picks the kernels behind the public API (`forward`, `matvec_into`,
-/// `linear`): each gives bit-for-bit the explicit-precision result.
+/// A weight's settings pick the kernels behind the public API (`forward`, `matvec_into`,
+/// `linear`, `backward_input`): each gives bit-for-bit the explicit result. Two copies of one
+/// weight with different settings run side by side, each with its own (no process-wide state).
 #[test]
-fn activation_precision_setting_selects_the_kernels() {
-    let _g = global_lock();
-    let before = activation_precision();
+fn weight_settings_select_the_kernels() {
     let mut rng = StdRng::seed_from_u64(14);
-    let (n, k, m) = (40, 192, 3);
+    let (n, k, m) = (64, 192, 3);
     let (w, _) = weight(&mut rng, n, k, GgmlDType::Q4_1);
     let w = Arc::new(w);
+    let other = Arc::new(w.permute_rows(&(0..n).collect::<Vec<_>>()).unwrap());
+    assert_eq!(other.settings(), w.settings(), "a copy keeps the settings");
     let x = randn(&mut rng, m * k, 1.0);
     let xt = Tensor::from_vec(x.clone(), (m, k), &Device::Cpu).unwrap();
-    for prec in PRECS {
-        set_activation_precision(prec);
-        assert_eq!(activation_precision(), prec);
-        let mut want = vec![0f32; m * n];
-        w.matmul_with(Isa::best(), prec, num_threads(), &x, m, &mut want);
-        let got = linear(&xt, &w)
+    let g = randn(&mut rng, m * n, 1.0);
+    let gt = Tensor::from_vec(g, (m, n), &Device::Cpu).unwrap();
+    let run = |w: &Arc<QuantWeight>| {
+        let y = linear(&xt, w)
             .unwrap()
             .flatten_all()
             .unwrap()
             .to_vec1::<f32>()
             .unwrap();
-        assert_eq!(got, want, "{prec:?} linear");
-        let mut want1 = vec![0f32; n];
-        w.matvec_with(Isa::best(), prec, num_threads(), &x[..k], &mut want1);
-        let mut got1 = vec![0f32; n];
-        w.matvec_into(&x[..k], &mut got1);
-        assert_eq!(got1, want1, "{prec:?} matvec_into");
+        let mut y1 = vec![0f32; n];
+        w.matvec_into(&x[..k], &mut y1);
+        let gx = w
+            .backward_input(&gt)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        (y, y1, gx)
+    };
+    let flat = |t: Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    for prec in PRECS {
+        for backward in [BackwardWeights::Exact, BackwardWeights::Q8Transposed] {
+            let s = QuantSettings {
+                activation: prec,
+                backward,
+            };
+            w.set_settings(s);
+            assert_eq!(w.settings(), s);
+            // the other copy is untouched
+            let o = QuantSettings {
+                activation: if prec == ActPrecision::I8 {
+                    ActPrecision::I16
+                } else {
+                    ActPrecision::I8
+                },
+                backward: BackwardWeights::Exact,
+            };
+            other.set_settings(o);
+            let (y, y1, gx) = run(&w);
+            let mut want = vec![0f32; m * n];
+            w.matmul_with(Isa::best(), prec, num_threads(), &x, m, &mut want);
+            assert_eq!(y, want, "{s:?} linear");
+            let mut want1 = vec![0f32; n];
+            w.matvec_with(Isa::best(), prec, num_threads(), &x[..k], &mut want1);
+            assert_eq!(y1, want1, "{s:?} matvec_into");
+            assert_eq!(gx, flat(w.backward_input_with(&gt, backward).unwrap()));
+            let (oy, _, ogx) = run(&other);
+            let mut owant = vec![0f32; m * n];
+            other.matmul_with(Isa::best(), o.activation, num_threads(), &x, m, &mut owant);
+            assert_eq!(oy, owant, "the other weight runs with its own precision");
+            assert_ne!(oy, y, "the two precisions really are different kernels");
+            assert_eq!(
+                ogx,
+                flat(
+                    other
+                        .backward_input_with(&gt, BackwardWeights::Exact)
+                        .unwrap()
+                )
+            );
+            if backward == BackwardWeights::Q8Transposed {
+                assert_ne!(gx, ogx, "the two backward methods differ");
+            }
+        }
     }
-    // the two precisions really are different kernels
-    let mut y8 = vec![0f32; n];
-    let mut y16 = vec![0f32; n];
-    w.matvec_with(Isa::best(), ActPrecision::I8, 1, &x[..k], &mut y8);
-    w.matvec_with(Isa::best(), ActPrecision::I16, 1, &x[..k], &mut y16);
-    assert_ne!(y8, y16);
-    set_activation_precision(before);
 }
 
 #[test]

@@ -1,4 +1,5 @@
-//! Activation checkpointing per decoder layer (`[train] gradient_checkpointing = true`).
+//! Activation checkpointing per decoder layer (`[train] gradient_checkpointing = true`), for the
+//! LLaMA family (`Model::loss_and_grads_checkpointed` of `Llama`).
 //!
 //! Without it, autograd keeps every intermediate tensor of every layer alive until the backward
 //! pass: about 57 KB per token and layer for SmolLM2 with LoRA on q/v, 1.7 MB per token in all.
@@ -21,18 +22,7 @@ use crate::{Error, Result};
 use candle_core::{Tensor, Var};
 use std::time::Instant;
 
-/// What [`loss_and_grads`] returns for one micro-batch.
-pub struct MicroBatchGrads {
-    /// The loss summed over the micro-batch's loss tokens.
-    pub loss_sum: f64,
-    pub loss_tokens: usize,
-    /// Gradients of `loss_sum · scale`, aligned with the parameters (`None` where a parameter
-    /// took no part).
-    pub grads: Vec<Option<Tensor>>,
-    /// Seconds in the forward pass and in the backward pass (recomputation included).
-    pub forward_s: f64,
-    pub backward_s: f64,
-}
+pub use crate::model::MicroBatchGrads;
 
 /// The loss of one micro-batch and the gradients of `params`, layer by layer (see the module
 /// docs).
@@ -80,7 +70,7 @@ pub fn loss_and_grads(
     // The head: final norm, LM head on the loss rows, the loss (counted as forward time).
     let last = Var::from_tensor(&inputs.pop().expect("one input per layer"))?;
     let hidden = model.norm.forward(last.as_tensor())?;
-    let (sum, n) = loss::loss_from_hidden(model, &hidden, batch, true)?;
+    let (sum, n) = loss::loss_from_hidden(&model.lm_head, &hidden, batch, true)?;
     let loss_sum = sum.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
     let t1 = Instant::now();
     let store = (sum * scale)?.backward()?;

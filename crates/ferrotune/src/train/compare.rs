@@ -7,8 +7,8 @@
 use super::evaluate;
 use crate::data::{self, BatchConfig, Batcher, Encoder, Example, TemplateSet};
 use crate::eval::metrics;
-use crate::generate::{generate, Decoder, GenerationConfig, LlamaDecoder};
-use crate::model::LoadedModel;
+use crate::generate::{decoder_for, generate, Decoder, Engine, GenerationConfig};
+use crate::model::{ArchitectureKind, LoadedModel};
 use crate::peft::{self, format::load_adapter};
 use crate::progress::{NoProgress, Progress};
 use crate::{Error, Result};
@@ -131,12 +131,22 @@ fn examples(
         chat: o.chat,
     };
     let n = o.limit.unwrap_or(usize::MAX).min(rows.rows.len());
+    let kind = lm.model.kind();
+    if o.chat && kind != ArchitectureKind::Decoder {
+        return Err(Error::msg(format!(
+            "--chat: {} is not a decoder; chat templates are for decoders",
+            lm.model.describe()
+        )));
+    }
     let mut exs = Vec::with_capacity(n);
     let mut refs = Vec::with_capacity(n);
     for row in &rows.rows[..n] {
         let src = rows.source(row);
-        let (_, completion) = templates.render(row, &src)?;
-        exs.push(enc.encode(&lm.tokenizer, row, src)?);
+        let (prompt, completion) = templates.render(row, &src)?;
+        exs.push(match kind {
+            ArchitectureKind::Decoder => enc.encode(&lm.tokenizer, row, src)?,
+            _ => data::encode_pair_for(kind, &lm.tokenizer, &prompt, &completion, src)?,
+        });
         refs.push(vec![completion.trim().to_string()]);
     }
     if exs.is_empty() {
@@ -155,7 +165,7 @@ fn generate_all(
     let cfg = o.generation_config();
     exs.iter()
         .map(|ex| {
-            let prompt = &ex.input_ids[..ex.completion_start()];
+            let prompt = data::prompt_ids(lm.model.kind(), ex);
             let out = generate(dec, &lm.tokenizer, prompt, &cfg, &mut |_| {})
                 .map_err(|e| Error::msg(format!("{}: {e}", ex.source)))?;
             progress.advance(1);
@@ -192,8 +202,11 @@ fn score(
                 let longest = exs.iter().map(Example::len).max().unwrap_or(1);
                 let mut bc = BatchConfig::new(1, longest, data::pad_id(&lm.tokenizer));
                 bc.shuffle = false;
+                if lm.model.kind() == ArchitectureKind::EncoderDecoder {
+                    bc.targets = data::Targets::Decoder;
+                }
                 let b = Batcher::new(exs.to_vec(), bc, lm.model.device().clone())?;
-                let r = evaluate(&lm.model, &b, 0)?;
+                let r = evaluate(&*lm.model, &b, 0)?;
                 row.loss = Some(r.loss);
                 row.perplexity = Some(r.perplexity);
             }
@@ -224,7 +237,7 @@ pub fn compare_with_progress(
     progress: &dyn Progress,
 ) -> Result<Vec<CompareRow>> {
     o.validate()?;
-    if !peft::adapter_names(&lm.model).is_empty() {
+    if !peft::adapter_names(&*lm.model).is_empty() {
         return Err(Error::msg(
             "compare: the base model already has adapters attached",
         ));
@@ -248,13 +261,8 @@ fn compare_models(
     let mut out = Vec::new();
     let t0 = std::time::Instant::now();
     let base_preds = {
-        let mut fast = crate::engine::FastDecoder::new(&lm.model);
-        let mut slow = LlamaDecoder::new(&lm.model);
-        let dec: &mut dyn Decoder = match fast.as_mut() {
-            Some(f) => f,
-            None => &mut slow,
-        };
-        generate_all(dec, lm, exs, o, progress)?
+        let mut dec = decoder_for(&*lm.model, Engine::Auto)?;
+        generate_all(&mut *dec, lm, exs, o, progress)?
     };
     let note = |name: &str, t0: std::time::Instant| {
         if o.progress {
@@ -269,14 +277,15 @@ fn compare_models(
     out.push(score("base".into(), lm, base_preds, refs, exs, o)?);
     for (i, dir) in adapters.iter().enumerate() {
         let name = format!("compare{i}");
-        load_adapter(&mut lm.model, dir, &name)?;
+        load_adapter(&mut *lm.model, dir, &name)?;
         let t0 = std::time::Instant::now();
         let result = (|| {
-            let preds = generate_all(&mut LlamaDecoder::new(&lm.model), lm, exs, o, progress)?;
+            let mut dec = lm.model.decoder()?;
+            let preds = generate_all(&mut *dec, lm, exs, o, progress)?;
             note(&dir.display().to_string(), t0);
             score(dir.display().to_string(), lm, preds, refs, exs, o)
         })();
-        peft::remove_adapter(&mut lm.model, &name)?;
+        peft::remove_adapter(&mut *lm.model, &name)?;
         out.push(result?);
     }
     Ok(out)

@@ -4,6 +4,9 @@
 //! ```toml
 //! model = "path/or/hf:org/name"   # a .gguf file, an HF folder, or hf:org/name[@revision]
 //! method = "lora"                 # the fine-tuning method (only "lora" for now)
+//! task = "causal_lm"              # causal_lm | seq2seq_lm | sequence_classification |
+//!                                 # token_classification (default: the model's own)
+//! objective = "sft"               # sft | clm | mlm | span_corruption (default sft)
 //! output_dir = "runs/dialogsum-lora"
 //!
 //! [data]                          # see data::config: train/validation/split/template/...
@@ -62,6 +65,13 @@ pub struct TrainConfig {
     /// Fine-tuning method.
     #[serde(default)]
     pub method: Method,
+    /// What the run teaches the model; `None`: the model's default task (checked against the
+    /// model once it is loaded).
+    #[serde(default)]
+    pub task: Option<crate::model::Task>,
+    /// Supervised pairs (`sft`) or a pre-training objective on raw text.
+    #[serde(default)]
+    pub objective: Objective,
     /// Where checkpoints, metrics, the plot, the final adapter and the summary go.
     pub output_dir: PathBuf,
     pub data: DataConfig,
@@ -84,6 +94,70 @@ impl Method {
         match self {
             Method::Lora => "lora",
         }
+    }
+}
+
+/// `objective = ...`: what the loss is computed on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Objective {
+    /// Supervised fine-tuning: prompt / completion (or chat) pairs, loss on the completion.
+    #[default]
+    Sft,
+    /// Causal language modelling on raw text (decoders).
+    Clm,
+    /// Masked language modelling on raw text (encoders).
+    Mlm,
+    /// T5's span corruption on raw text (encoder-decoders).
+    SpanCorruption,
+}
+
+impl Objective {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Objective::Sft => "sft",
+            Objective::Clm => "clm",
+            Objective::Mlm => "mlm",
+            Objective::SpanCorruption => "span_corruption",
+        }
+    }
+
+    /// The pre-training objective this continues (`None` for `sft`).
+    pub fn pretraining(self) -> Option<crate::model::Objective> {
+        match self {
+            Objective::Sft => None,
+            Objective::Clm => Some(crate::model::Objective::Clm),
+            Objective::Mlm => Some(crate::model::Objective::Mlm),
+            Objective::SpanCorruption => Some(crate::model::Objective::SpanCorruption),
+        }
+    }
+
+    /// Whether a model can train with it: `sft` any, a pre-training objective only the kind of
+    /// model it was made for (`clm` decoders, `mlm` encoders, `span_corruption`
+    /// encoder-decoders). The error is one line for the `objective` key.
+    pub fn check_fits(self, model: &dyn crate::model::Model) -> std::result::Result<(), String> {
+        use crate::model::ArchitectureKind as K;
+        let Some(pre) = self.pretraining() else {
+            return Ok(());
+        };
+        let fits = match pre {
+            crate::model::Objective::Clm => K::Decoder,
+            crate::model::Objective::Mlm => K::Encoder,
+            crate::model::Objective::SpanCorruption => K::EncoderDecoder,
+        };
+        if model.kind() != fits {
+            return Err(format!(
+                "`{}` is for {fits} models, but the model, {}, was pre-trained with `{}`; use \"sft\" or \"{}\"",
+                self.as_str(),
+                model.describe(),
+                model.pretraining_objective(),
+                model.pretraining_objective()
+            ));
+        }
+        Err(format!(
+            "`{}` is not supported for this model yet: raw-text pre-training data ([data] text) is not wired into training; use \"sft\"",
+            self.as_str()
+        ))
     }
 }
 

@@ -14,11 +14,29 @@
 //! boundary either, because the batcher ignores the first label of every example (nothing in
 //! that example predicts it), so the loss of a packed batch is the sum of its examples' losses.
 use crate::data::{Batch, IGNORE};
-use crate::model::Llama;
-use crate::nn::LinearWeight;
+use crate::model::Model;
+use crate::nn::{Linear, LinearWeight};
 use crate::ops;
 use crate::Result;
 use candle_core::{DType, Tensor};
+
+/// Rows of the flattened (b·t) hidden states whose own label is trained (labels not shifted:
+/// a decoder's targets, masked LM, token classification), and those labels.
+pub fn token_positions(labels: &Tensor) -> Result<(Vec<u32>, Vec<u32>)> {
+    let (b, t) = labels.dims2()?;
+    let labels: Vec<Vec<i64>> = labels.to_dtype(DType::I64)?.to_vec2()?;
+    let mut rows = Vec::new();
+    let mut targets = Vec::new();
+    for (i, row) in labels.iter().enumerate().take(b) {
+        for (j, &l) in row.iter().enumerate().take(t) {
+            if l != IGNORE {
+                rows.push((i * t + j) as u32);
+                targets.push(l as u32);
+            }
+        }
+    }
+    Ok((rows, targets))
+}
 
 /// Rows of the flattened (b·t) hidden states that predict a trained label, and those labels.
 pub fn loss_positions(labels: &Tensor) -> Result<(Vec<u32>, Vec<u32>)> {
@@ -42,31 +60,36 @@ pub use crate::ops::cross_entropy_sum;
 
 /// The summed loss of one batch (a scalar f32 tensor, differentiable with respect to the
 /// trainable parameters) and the number of tokens it sums over. `train` enables dropout.
-pub fn batch_loss_sum(model: &Llama, batch: &Batch, train: bool) -> Result<(Tensor, usize)> {
-    if batch.n_loss_tokens == 0 {
-        return Ok((Tensor::zeros((), DType::F32, model.device())?, 0));
-    }
-    let hidden = match &batch.segment_ids {
-        Some(seg) => {
-            model.forward_hidden_packed(&batch.input_ids, &batch.position_ids, seg, train)?
-        }
-        None => model.forward_hidden(&batch.input_ids, None, train)?,
-    };
-    loss_from_hidden(model, &hidden, batch, train)
+/// Whatever the family: this is [`Model::loss_sum`].
+pub fn batch_loss_sum(model: &dyn Model, batch: &Batch, train: bool) -> Result<(Tensor, usize)> {
+    model.loss_sum(batch, train)
 }
 
-/// The summed loss of `batch` given the final hidden states `(b, t, hidden)` (after the last
-/// norm), and the number of tokens it sums over. Only the rows that predict a trained label go
-/// through the LM head; a frozen head (the usual case) runs fused with the loss, chunk by chunk,
-/// so the full logits never exist ([`ops::linear_cross_entropy_sum`]).
+/// The summed next-token loss of `batch` given the final hidden states `(b, t, hidden)` (after
+/// the last norm) and the LM head, and the number of tokens it sums over (see
+/// [`head_loss_sum`]).
 pub fn loss_from_hidden(
-    model: &Llama,
+    head: &Linear,
     hidden: &Tensor,
     batch: &Batch,
     train: bool,
 ) -> Result<(Tensor, usize)> {
     let (rows, targets) = loss_positions(&batch.labels)?;
-    let dev = model.device();
+    head_loss_sum(head, hidden, rows, targets, train)
+}
+
+/// The summed cross-entropy of `head(hidden)` at the flattened positions `rows` of `hidden`
+/// `(b, t, h)` against `targets`, and their number. Only those rows go through the head; a
+/// frozen head (the usual case) runs fused with the loss, chunk by chunk, so the full logits
+/// never exist ([`ops::linear_cross_entropy_sum`]). Any family's LM-style head can use it.
+pub fn head_loss_sum(
+    head: &Linear,
+    hidden: &Tensor,
+    rows: Vec<u32>,
+    targets: Vec<u32>,
+    train: bool,
+) -> Result<(Tensor, usize)> {
+    let dev = hidden.device();
     if rows.is_empty() {
         return Ok((Tensor::zeros((), DType::F32, dev)?, 0));
     }
@@ -75,7 +98,6 @@ pub fn loss_from_hidden(
     let picked = hidden
         .reshape((b * t, h))?
         .index_select(&Tensor::from_vec(rows, n, dev)?, 0)?;
-    let head = &model.lm_head;
     let frozen = match head.weight() {
         _ if head.has_active_adapters() || head.bias().is_some() => None,
         LinearWeight::Frozen(w) => Some(ops::FrozenHead::Dense(w.clone())),
@@ -95,6 +117,18 @@ pub fn loss_from_hidden(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn token_positions_are_not_shifted() {
+        let labels = Tensor::new(
+            &[[IGNORE, IGNORE, 7, 8], [IGNORE, 5, IGNORE, IGNORE]],
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
+        let (rows, targets) = token_positions(&labels).unwrap();
+        assert_eq!(rows, vec![2, 3, 5]);
+        assert_eq!(targets, vec![7, 8, 5]);
+    }
 
     #[test]
     fn positions_are_shifted_by_one() {

@@ -5,14 +5,14 @@
 //! - the model's weights as loaded (quantized blocks stay quantized), plus the transposed Q8_0
 //!   copies the quantized backward pass builds ([`crate::quant::BackwardWeights`]);
 //! - trainable parameters with their gradient and AdamW's two moments (f32, 4 copies);
-//! - activations kept for the backward pass, counted tensor by tensor from the decoder layer's
-//!   forward pass (see [`layer_floats_per_token`]); with activation checkpointing, each layer's
-//!   input plus one layer's full set;
+//! - activations kept for the backward pass, counted tensor by tensor from each family's
+//!   forward pass ([`Model::activation_floats_per_token`]; LLaMA: `llama.rs`); with activation
+//!   checkpointing, each layer's input plus one layer's full set;
 //! - the LM head's working set: one chunk of logits and the gradient of the loss rows;
 //! - the tokenized data set, and a fixed runtime share (code, tokenizer, allocator slack)
 //!   measured on this implementation.
-use crate::model::Llama;
-use crate::nn::{EmbeddingWeight, Linear, LinearWeight};
+use crate::model::Model;
+use crate::nn::{Linear, LinearWeight};
 
 /// Bytes, by component. `total()` is the expected peak resident set.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -145,38 +145,10 @@ impl MemoryEstimate {
     }
 }
 
-/// f32 values one decoder layer keeps per token for the backward pass, by the tensors its
-/// forward pass creates (autograd keeps every op's inputs alive, needed or not):
-/// - attention: the input norm (h), the q/k/v projections (q + 2kv; the head-major views share
-///   them), RoPE of q and k (q + kv), the attention output (q) and its token-major copy (q),
-///   the output projection (h), the residual sum (h);
-/// - MLP: the norm (h), gate and up (2i), SwiGLU (i), down (h), the residual sum (h);
-/// - each LoRA-adapted linear (fused with its base, see `peft::lora::fused`): the rank-r
-///   product (r) and, with dropout, the masked input (in).
-pub fn layer_floats_per_token(model: &Llama, dropout: bool) -> u64 {
-    let c = &model.cfg;
-    let h = Sat(c.hidden_size as u64);
-    let hd = Sat(c.head_dim as u64);
-    let q = Sat(c.num_attention_heads as u64) * hd;
-    let kv = Sat(c.num_key_value_heads as u64) * hd;
-    let i = Sat(c.intermediate_size as u64);
-    let base = Sat(6) * h + Sat(4) * q + Sat(3) * kv + Sat(3) * i;
-    let adapters = model
-        .layers
-        .first()
-        .map(|l| {
-            l.linears()
-                .into_iter()
-                .fold(Sat(0), |a, lin| a + Sat(adapter_floats(lin, dropout)))
-        })
-        .unwrap_or(Sat(0));
-    (base + adapters).0
-}
-
 /// Saturating u64 arithmetic: the estimate multiplies sizes from the config and the model, and
 /// an absurd one must give an absurd total (refused), never wrap around to a small one.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-struct Sat(u64);
+pub struct Sat(pub u64);
 
 impl std::ops::Add for Sat {
     type Output = Sat;
@@ -192,7 +164,10 @@ impl std::ops::Mul for Sat {
     }
 }
 
-fn adapter_floats(lin: &Linear, dropout: bool) -> u64 {
+/// f32 values the adapters of `lin` keep per token for the backward pass: each LoRA adapter
+/// (fused with its base, see `peft::lora::fused`) its rank-r product (r) and, with dropout, the
+/// masked input (in).
+pub fn adapter_floats(lin: &Linear, dropout: bool) -> u64 {
     if !lin.has_active_adapters() {
         return 0;
     }
@@ -210,42 +185,23 @@ fn adapter_floats(lin: &Linear, dropout: bool) -> u64 {
         .fold(0u64, u64::saturating_add)
 }
 
-fn linear_bytes(lin: &Linear) -> Sat {
-    Sat(lin.weight().storage_bytes() as u64)
-        + Sat(lin.bias().map_or(0, |b| b.elem_count() as u64)) * Sat(4)
-}
-
 /// The estimate for training `model` (adapters attached) at `shape`. Every sum and product
 /// saturates, so the total of an absurd shape is at least as absurd.
-pub fn estimate(model: &Llama, shape: &TrainShape) -> MemoryEstimate {
-    let c = &model.cfg;
-    let h = Sat(c.hidden_size as u64);
-    let layers = Sat(model.layers.len() as u64);
+pub fn estimate(model: &dyn Model, shape: &TrainShape) -> MemoryEstimate {
+    let d = model.dims();
+    let h = Sat(d.hidden_size as u64);
+    let layers = Sat(d.layers as u64);
     let tokens = Sat(shape.max_batch_tokens as u64);
     let f32_bytes = Sat(4);
 
-    // Weights; a tied LM head shares the embedding's storage.
-    let emb = match model.embed_tokens.weight() {
-        EmbeddingWeight::Frozen(w) => {
-            Sat(w.elem_count() as u64) * Sat(w.dtype().size_in_bytes() as u64)
-        }
-        EmbeddingWeight::Trainable(v) => {
-            Sat(v.elem_count() as u64) * Sat(v.dtype().size_in_bytes() as u64)
-        }
-        EmbeddingWeight::Quantized(q) => Sat(q.storage_bytes() as u64),
-    };
-    // norms: two per layer and the final one, f32
-    let mut weights = emb + (Sat(2) * layers + Sat(1)) * h * f32_bytes;
+    // Weights as held (a tied LM head shares the embedding's storage), and the transposed Q8_0
+    // copies the quantized backward pass builds.
+    let weights = crate::model::family::parameter_storage(model)
+        .iter()
+        .fold(Sat(0), |a, (_, _, bytes)| a + Sat(*bytes));
     let mut backward_copies = Sat(0);
-    let tied = c.tie_word_embeddings;
-    let linears = model.linears();
-    let n_linears = linears.len();
-    for (k, lin) in linears.into_iter().enumerate() {
-        let is_head = k + 1 == n_linears;
-        if !(is_head && tied) {
-            weights = weights + linear_bytes(lin);
-        }
-        if shape.q8_backward {
+    if shape.q8_backward {
+        for lin in model.linears() {
             if let LinearWeight::Quantized(q) = lin.weight() {
                 let (out, inp) = q.shape();
                 if out % 32 == 0 {
@@ -258,13 +214,14 @@ pub fn estimate(model: &Llama, shape: &TrainShape) -> MemoryEstimate {
 
     let trainable_state = Sat(shape.trainable_params as u64) * f32_bytes * Sat(4);
 
-    let per_layer = Sat(layer_floats_per_token(model, shape.dropout)) * f32_bytes;
+    let per_layer = Sat(model.layer_floats_per_token(shape.dropout)) * f32_bytes;
+    let all_layers = Sat(model.activation_floats_per_token(shape.dropout)) * f32_bytes;
     let activations = if shape.checkpointing {
         // every layer's input, plus one layer recomputed with its graph
         tokens * ((layers + Sat(1)) * h * f32_bytes + per_layer)
     } else {
         // embeddings, every layer's graph, the final norm
-        tokens * (layers * per_layer + Sat(2) * h * f32_bytes)
+        tokens * (all_layers + Sat(2) * h * f32_bytes)
     };
     // the backward pass holds about one layer's worth of gradients at a time (with
     // checkpointing, inside the recomputed layer counted above)
@@ -274,7 +231,7 @@ pub fn estimate(model: &Llama, shape: &TrainShape) -> MemoryEstimate {
         tokens * per_layer
     };
 
-    let vocab = Sat(c.vocab_size as u64);
+    let vocab = Sat(d.vocab_size as u64);
     let loss_tokens = Sat(shape.max_loss_tokens as u64);
     let chunk = Sat(HEAD_CHUNK_FLOATS).min(loss_tokens * vocab);
     let head = chunk * f32_bytes * Sat(2) + loss_tokens * h * f32_bytes * Sat(2);

@@ -3,7 +3,7 @@
 //! Adding a method (IA3, prompt tuning, full fine-tuning) means a new variant here and a config
 //! section; the loop itself does not change.
 use super::config::{Method, TrainConfig};
-use crate::model::Llama;
+use crate::model::Model;
 use crate::peft::format::{save_adapter, KEY_PREFIX, WEIGHTS_FILE};
 use crate::peft::lora::{as_lora, attach_lora, LoraConfig};
 use crate::peft::{adapter_params, ParamCount};
@@ -25,10 +25,11 @@ pub enum Tuner {
 
 impl Tuner {
     /// Attach the configured method to `model` with freshly initialised weights (seeded).
-    pub fn attach(cfg: &TrainConfig, model: &mut Llama, model_name: &str) -> Result<Tuner> {
+    pub fn attach(cfg: &TrainConfig, model: &mut dyn Model, model_name: &str) -> Result<Tuner> {
         match cfg.method {
             Method::Lora => {
-                let config = cfg.lora.to_peft(model_name);
+                let mut config = cfg.lora.to_peft(model_name);
+                config.task_type = Some(model.task_type().as_peft().to_string());
                 let info = attach_lora(model, &config, ADAPTER_NAME, cfg.train.seed)?;
                 Ok(Tuner::Lora {
                     config,
@@ -58,14 +59,14 @@ impl Tuner {
     }
 
     /// The parameters the optimizer updates, with stable names.
-    pub fn trainable(&self, model: &Llama) -> Vec<(String, Var)> {
+    pub fn trainable(&self, model: &dyn Model) -> Vec<(String, Var)> {
         match self {
             Tuner::Lora { .. } => adapter_params(model, ADAPTER_NAME),
         }
     }
 
     /// Write the trained weights in the method's usual format (a PEFT adapter folder).
-    pub fn save(&self, model: &Llama, dir: &Path) -> Result<()> {
+    pub fn save(&self, model: &dyn Model, dir: &Path) -> Result<()> {
         match self {
             Tuner::Lora { config, .. } => save_adapter(model, ADAPTER_NAME, config, dir),
         }
@@ -73,7 +74,7 @@ impl Tuner {
 
     /// Set the trained weights from a folder written by [`Tuner::save`]. The adapter stays the
     /// one attached (same dropout seeds); only the tensor values change.
-    pub fn restore(&self, model: &Llama, dir: &Path) -> Result<()> {
+    pub fn restore(&self, model: &dyn Model, dir: &Path) -> Result<()> {
         match self {
             Tuner::Lora { .. } => {
                 let path = dir.join(WEIGHTS_FILE);
@@ -110,7 +111,7 @@ impl Tuner {
     /// Bring the dropout masks to where they were after `calls` training forward passes. Each
     /// LoRA layer draws its k-th mask from its own seed and k alone (a counter-based stream, see
     /// `peft::lora::layer`), so this sets the counters: no mask is drawn, whatever `calls` is.
-    pub fn replay_rng(&self, model: &Llama, calls: u64) -> Result<()> {
+    pub fn replay_rng(&self, model: &dyn Model, calls: u64) -> Result<()> {
         match self {
             Tuner::Lora { .. } => {
                 for lin in model.linears() {

@@ -1,10 +1,11 @@
-//! Fine-tuning recipes. [`run`] is the whole recipe and reads top to bottom: load the data,
-//! the model and the method, then the loop (micro-batches, loss, gradient accumulation,
-//! clipping, AdamW, schedule, evaluation, early stopping, checkpoints), then the final adapter
-//! and `summary.json`.
+//! Fine-tuning recipes. [`run`] runs the recipe (`recipe.rs`), a few named steps that read top
+//! to bottom: setup (the data, the model, its task and objective, the method, the optimizer,
+//! the memory check), then the loop of step / evaluate / save (micro-batches, loss, gradient
+//! accumulation, clipping, AdamW, schedule, early stopping, checkpoints), then finish (the
+//! final adapter and `summary.json`). Any model family trains through `model::Model`.
 //!
 //! - [`config`]: the TOML run config (`--set` overrides, one-line errors).
-//! - [`loss`]: the causal-LM loss over completion tokens, from hidden states.
+//! - [`loss`]: LM-head losses over the trained positions only, from hidden states.
 //! - [`optim`]: AdamW, gradient clipping. [`schedule`]: learning-rate schedules.
 //! - [`method`]: what the loop needs from a method (LoRA today).
 //! - [`checkpoint`]: atomic checkpoints and exact resume. [`report`]: metrics, plot, progress.
@@ -25,6 +26,7 @@ pub mod memory;
 pub mod method;
 pub mod optim;
 pub mod output;
+mod recipe;
 pub mod report;
 pub mod schedule;
 
@@ -34,14 +36,11 @@ pub use optim::{AdamW, AdamWConfig};
 pub use report::ProgressMode;
 pub use schedule::Schedule;
 
-use crate::data::{self, Batch, BatchConfig, Batcher, Prepared};
-use crate::model::{self, LoadOptions, LoadedModel, ModelSource};
+use crate::data::{self, Batch, Batcher, Prepared};
+use crate::model::{self, Model, ModelSource};
 use crate::tokenizer::Tokenizer;
 use crate::{Error, Result};
-use checkpoint::{RngState, TrainerState};
-use report::{MetricsLog, Progress, StepLine};
 use serde::{Deserialize, Serialize};
-use serde_json::json;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -199,7 +198,7 @@ pub fn preview(c: &LoadedConfig, n: usize, ansi: bool) -> Result<String> {
 }
 
 /// Mean loss over the first `max_batches` batches of `batcher` (0 = all), without dropout.
-pub fn evaluate(model: &model::Llama, batcher: &Batcher, max_batches: usize) -> Result<EvalResult> {
+pub fn evaluate(model: &dyn Model, batcher: &Batcher, max_batches: usize) -> Result<EvalResult> {
     let plan = batcher.plan_for(0);
     let n = if max_batches == 0 {
         plan.len()
@@ -210,7 +209,7 @@ pub fn evaluate(model: &model::Llama, batcher: &Batcher, max_batches: usize) -> 
     let mut tokens = 0usize;
     for rows in &plan[..n] {
         let batch = batcher.build(rows)?;
-        let (sum, k) = loss::batch_loss_sum(model, &batch, false)?;
+        let (sum, k) = model.loss_sum(&batch, false)?;
         total += sum.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
         tokens += k;
     }
@@ -246,7 +245,7 @@ pub struct StepGrads {
 /// the loss tokens of *all* of them, so the accumulated gradient is that of the mean over the
 /// step's tokens (k micro-batches equal one batch k times larger).
 pub fn accumulate_gradients(
-    model: &model::Llama,
+    model: &dyn Model,
     params: &[(String, candle_core::Var)],
     batches: &[Batch],
 ) -> Result<StepGrads> {
@@ -256,7 +255,7 @@ pub fn accumulate_gradients(
 /// [`accumulate_gradients`], with activation checkpointing per decoder layer when
 /// `checkpointing` is set (the same gradients up to float rounding; see [`checkpointing`]).
 pub fn accumulate_gradients_with(
-    model: &model::Llama,
+    model: &dyn Model,
     params: &[(String, candle_core::Var)],
     batches: &[Batch],
     checkpointing: bool,
@@ -279,7 +278,7 @@ pub fn accumulate_gradients_with(
         }
         forwards += 1;
         if checkpointing {
-            let mb = checkpointing::loss_and_grads(model, params, batch, 1.0 / n_total as f64)?;
+            let mb = model.loss_and_grads_checkpointed(params, batch, 1.0 / n_total as f64)?;
             loss_sum += mb.loss_sum;
             forward_s += mb.forward_s;
             backward_s += mb.backward_s;
@@ -290,7 +289,7 @@ pub fn accumulate_gradients_with(
             continue;
         }
         let t0 = Instant::now();
-        let (sum, _) = loss::batch_loss_sum(model, batch, true)?;
+        let (sum, _) = model.loss_sum(batch, true)?;
         loss_sum += sum.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
         let t1 = Instant::now();
         forward_s += (t1 - t0).as_secs_f64();
@@ -429,540 +428,5 @@ fn finished_summary(out: &std::path::Path, max_steps: usize) -> Option<Summary> 
 }
 
 fn execute(c: &LoadedConfig, opts: &RunOptions, dry: bool) -> Result<Outcome> {
-    let wall = Instant::now();
-    inline_candle_elementwise();
-    let cfg = &c.config;
-    let t = &cfg.train;
-    let out = cfg.output_dir.clone();
-    if opts.resume && opts.overwrite {
-        return Err(Error::msg(
-            "--resume continues the run in output_dir and --overwrite starts it again: give one of them",
-        ));
-    }
-
-    // ---- Data (first: its errors should not wait for the weights to load) -----------------
-    if let Some(n) = t.threads {
-        set_threads(n);
-    }
-    let device = config::parse_device(&t.device)
-        .map_err(|e| c.key_error("train.device", e))?
-        .device()?;
-    let source = model::resolve(&cfg.model)?;
-    let (tok, ctx) = tokenizer_and_context(&source)?;
-    let prepared = prepare_data(c, &tok, Some(ctx))?;
-    if prepared.max_seq_len > ctx {
-        let key = if t.max_seq_len.is_some() {
-            "train.max_seq_len"
-        } else {
-            "data.max_seq_len"
-        };
-        return Err(c.key_error(
-            key,
-            format!(
-                "{} is more than the model's context window of {ctx}",
-                prepared.max_seq_len
-            ),
-        ));
-    }
-
-    // ---- Batches and the number of steps ---------------------------------------------------
-    let mut train_bc = cfg
-        .data
-        .batch_config(t.batch_size, prepared.max_seq_len, &tok);
-    train_bc.shuffle = true;
-    let n_train = prepared.train.len();
-    let mut batcher = Batcher::new(prepared.train.clone(), train_bc.clone(), device.clone())?;
-    let val_batcher = if prepared.validation.is_empty() {
-        None
-    } else {
-        let vc = BatchConfig {
-            shuffle: false,
-            ..train_bc.clone()
-        };
-        Some(Batcher::new(
-            prepared.validation.clone(),
-            vc,
-            device.clone(),
-        )?)
-    };
-    let bpe = batcher.batches_per_epoch();
-    let max_steps = match t.max_steps {
-        Some(n) => n,
-        None => ((t.epochs.unwrap_or(1.0) * bpe as f64) / t.grad_accum as f64)
-            .ceil()
-            .max(1.0) as usize,
-    };
-
-    // ---- Output folder: decide, writing nothing yet -----------------------------------------
-    let folder = output::inspect(&out, |what| c.key_error("output_dir", what))?;
-    let mut inputs = vec![crate::fsutil::Input::new("the config", &c.path)];
-    for (key, p) in [
-        ("data.train", &cfg.data.train),
-        ("data.validation", &cfg.data.validation),
-        ("data.test", &cfg.data.test),
-    ] {
-        if let Some(p) = p {
-            inputs.push(crate::fsutil::Input::new(
-                format!("the {key} file"),
-                c.base_dir.join(p),
-            ));
-        }
-    }
-    for m in &cfg.data.mixture {
-        inputs.push(crate::fsutil::Input::new(
-            "a data.mixture file",
-            c.base_dir.join(&m.path),
-        ));
-    }
-    inputs.push(crate::fsutil::Input::new("the model", source.path()));
-    output::check_inputs(&out, &inputs)?;
-    let resume_from = match folder {
-        output::RunFolder::Fresh => None,
-        output::RunFolder::Run { .. } if opts.resume => {
-            if let Some(s) = finished_summary(&out, max_steps) {
-                return Ok(Outcome::AlreadyFinished(s));
-            }
-            match checkpoint::latest(&out)? {
-                Some((step, dir)) => {
-                    let saved = checkpoint::read_state(&dir)?;
-                    checkpoint::validate_state(
-                        &dir,
-                        &saved,
-                        &checkpoint::RunShape {
-                            max_steps,
-                            method: cfg.method.as_str(),
-                            seed: t.seed,
-                            train_examples: n_train,
-                            batches_per_epoch: bpe,
-                            batch_size: t.batch_size,
-                            grad_accum: t.grad_accum,
-                            packing: train_bc.packing,
-                        },
-                    )?;
-                    Some((step, dir, saved))
-                }
-                None => None,
-            }
-        }
-        output::RunFolder::Run { .. } if opts.overwrite => None,
-        output::RunFolder::Run { .. } => {
-            let at = match checkpoint::latest(&out)? {
-                Some((step, _)) => format!("checkpoints up to step {step}"),
-                None => "no checkpoint yet".to_string(),
-            };
-            return Err(c.key_error(
-                "output_dir",
-                format!(
-                    "{} already holds a run ({at}); continue it with --resume, start it again with --overwrite (removes only the run's files), or choose another output_dir",
-                    out.display()
-                ),
-            ));
-        }
-    };
-
-    // ---- Model and method ----------------------------------------------------------------
-    let dtype = match t.dtype.as_deref() {
-        None => None,
-        Some("f32") => Some(candle_core::DType::F32),
-        Some("bf16") => Some(candle_core::DType::BF16),
-        Some("f16") => Some(candle_core::DType::F16),
-        Some(other) => {
-            return Err(c.key_error(
-                "train.dtype",
-                format!("`{other}` is not one of f32, bf16, f16"),
-            ))
-        }
-    };
-    let load_opts = LoadOptions {
-        dtype,
-        dequantize: t.dequantize,
-        ..Default::default()
-    };
-    let LoadedModel {
-        model: mut llama,
-        source,
-        ..
-    } = model::load_source(source, &load_opts, &device)?;
-    // The module names are only known once the model is loaded; a target that matches none is
-    // the config's error, so name the file and the key.
-    if cfg.method == Method::Lora {
-        crate::peft::lora::model::resolve_targets(&llama, &cfg.lora.to_peft(&cfg.model))
-            .map_err(|e| c.key_error("lora.targets", e))?;
-    }
-    let tuner = Tuner::attach(cfg, &mut llama, &cfg.model)?;
-    let params = tuner.trainable(&llama);
-
-    // ---- Schedule, optimizer ---------------------------------------------------------------
-    let schedule = Schedule {
-        kind: t.lr_schedule,
-        lr: t.lr,
-        warmup: t.warmup_steps,
-        total: max_steps,
-        min_lr_ratio: t.min_lr_ratio,
-    };
-    let mut opt = AdamW::new(
-        params.clone(),
-        AdamWConfig {
-            betas: t.betas,
-            eps: t.eps,
-            weight_decay: t.weight_decay,
-        },
-    )?;
-
-    // ---- Memory: estimate, and refuse what cannot fit (before anything is written) ----------
-    crate::quant::set_activation_precision(match t.activation_bits {
-        8 => crate::quant::ActPrecision::I8,
-        16 => crate::quant::ActPrecision::I16,
-        n => {
-            return Err(c.key_error(
-                "train.activation_bits",
-                format!("{n} is not supported: use 8 or 16"),
-            ))
-        }
-    });
-    crate::quant::set_backward_weights(match t.quantized_backward {
-        config::QuantizedBackward::Q8_0 => crate::quant::BackwardWeights::Q8Transposed,
-        config::QuantizedBackward::Exact => crate::quant::BackwardWeights::Exact,
-    });
-    let mem = memory::estimate(
-        &llama,
-        &memory::TrainShape::for_run(&prepared, &train_bc, &params, cfg, t),
-    );
-    let mem_line = mem.table();
-    let available = memory::available_bytes();
-    if t.memory_check {
-        if let Some(avail) = available {
-            if mem.total() > avail {
-                let h = crate::inspect::human_bytes;
-                let hint = if t.gradient_checkpointing {
-                    "lower train.batch_size or train.max_seq_len"
-                } else {
-                    "set train.gradient_checkpointing = true, or lower train.batch_size or train.max_seq_len"
-                };
-                return Err(c.key_error(
-                    "train.batch_size",
-                    format!(
-                        "this run needs about {} of memory but {} is available ({}); {hint} (train.memory_check = false skips this check)",
-                        h(mem.total()),
-                        h(avail),
-                        mem_line
-                    ),
-                ));
-            }
-        }
-    }
-    let model_line = format!(
-        "model {} ({}, {} layers); method {}",
-        cfg.model,
-        source.format(),
-        llama.cfg.num_hidden_layers,
-        tuner.method()
-    );
-    if dry {
-        let output = match (&resume_from, folder) {
-            (Some((step, _, _)), _) => format!(
-                "output_dir {}: would resume the run from step {step} of {max_steps}",
-                out.display()
-            ),
-            (None, output::RunFolder::Run { .. }) if opts.overwrite => format!(
-                "output_dir {}: would remove the run's files and start again",
-                out.display()
-            ),
-            (None, output::RunFolder::Run { .. }) => format!(
-                "output_dir {}: holds a run without a checkpoint; would start it from step 0",
-                out.display()
-            ),
-            (None, output::RunFolder::Fresh) if out.exists() => format!(
-                "output_dir {}: empty; the run would start there",
-                out.display()
-            ),
-            (None, output::RunFolder::Fresh) => {
-                format!("output_dir {}: would be created", out.display())
-            }
-        };
-        return Ok(Outcome::DryRun(DryRun {
-            model: model_line,
-            params: tuner.params_report(),
-            memory: mem,
-            available_bytes: available,
-            data: prepared.summary(),
-            max_steps,
-            output,
-        }));
-    }
-    if interrupted(opts) {
-        return Err(Error::msg(
-            "interrupted before training started; nothing was written",
-        ));
-    }
-
-    // ---- Output folder, resume: from here on the run writes --------------------------------
-    if opts.overwrite && folder != output::RunFolder::Fresh {
-        output::remove_run_files(&out)?;
-    }
-    output::create(&out)?;
-    checkpoint::remove_partial(&out)?;
-    let mut state = TrainerState {
-        step: 0,
-        max_steps,
-        method: tuner.method().to_string(),
-        data_cursor: batcher.cursor(),
-        epoch: 0.0,
-        rng: RngState {
-            seed: t.seed,
-            dropout_calls: 0,
-        },
-        train_tokens: 0,
-        loss_tokens: 0,
-        train_time_s: 0.0,
-        last_train_loss: None,
-        initial_val_loss: None,
-        last_val_loss: None,
-        best_val_loss: None,
-        best_step: None,
-        evals_since_best: 0,
-        train_examples: n_train,
-        batches_per_epoch: bpe,
-        batch_size: t.batch_size,
-        grad_accum: t.grad_accum,
-    };
-    let progress_total = max_steps.min(t.stop_after.unwrap_or(usize::MAX));
-    let mut resumed_from_step = None;
-    if let Some((step, dir, saved)) = resume_from {
-        tuner.restore(&llama, &dir)?;
-        opt.load(&dir.join(checkpoint::OPTIMIZER_FILE))?;
-        batcher
-            .seek(saved.data_cursor)
-            .map_err(|e| Error::file(dir.join(checkpoint::STATE_FILE), e))?;
-        tuner.replay_rng(&llama, saved.rng.dropout_calls)?;
-        state = TrainerState { max_steps, ..saved };
-        resumed_from_step = Some(step);
-    }
-    let mut metrics = MetricsLog::open(&out, resumed_from_step)?;
-    let effective = toml::to_string(&c.effective).unwrap_or_default();
-    crate::fsutil::write_atomic(&out.join(CONFIG_FILE), effective.as_bytes())?;
-
-    let progress = Progress::new(opts.progress, progress_total, state.step, t.log_every);
-    progress.println(&model_line);
-    progress.println(&tuner.params_report());
-    progress.println(&mem_line);
-    progress.println(&prepared.summary());
-    match resumed_from_step {
-        Some(s) => progress.println(&format!("resuming from step {s} of {max_steps}")),
-        None if opts.resume => progress.println(&format!(
-            "--resume: no checkpoint in {}; starting from step 0",
-            checkpoint::checkpoints_dir(&out).display()
-        )),
-        None => {}
-    }
-
-    // ---- Helpers of the loop --------------------------------------------------------------
-    let run_eval = |state: &mut TrainerState,
-                    metrics: &mut MetricsLog,
-                    progress: &Progress|
-     -> Result<Option<EvalResult>> {
-        let Some(vb) = &val_batcher else {
-            return Ok(None);
-        };
-        let r = evaluate(&llama, vb, t.eval_batches)?;
-        metrics.write(&json!({
-            "type": "eval", "step": state.step, "val_loss": r.loss,
-            "val_perplexity": r.perplexity, "val_tokens": r.tokens,
-        }))?;
-        progress.println(&format!(
-            "step {}: val loss {:.4} perplexity {:.3} ({} tokens)",
-            state.step, r.loss, r.perplexity, r.tokens
-        ));
-        if state.initial_val_loss.is_none() {
-            state.initial_val_loss = Some(r.loss);
-        }
-        state.last_val_loss = Some(r.loss);
-        if state.best_val_loss.is_none_or(|b| r.loss < b) {
-            state.best_val_loss = Some(r.loss);
-            state.best_step = Some(state.step);
-            state.evals_since_best = 0;
-        } else {
-            state.evals_since_best += 1;
-        }
-        let (train_curve, val_curve) = metrics.curves();
-        report::plot_loss(&out.join(report::PLOT_FILE), &train_curve, &val_curve)?;
-        Ok(Some(r))
-    };
-    let save = |state: &TrainerState, opt: &AdamW| -> Result<PathBuf> {
-        let dir = checkpoint::save(&out, state.step, state, |tmp| {
-            tuner.save(&llama, tmp)?;
-            opt.save(&tmp.join(checkpoint::OPTIMIZER_FILE))
-        })?;
-        if let Some(k) = t.keep_checkpoints {
-            checkpoint::prune(&out, k)?;
-        }
-        Ok(dir)
-    };
-
-    // ---- The loop --------------------------------------------------------------------------
-    if resumed_from_step.is_none() {
-        run_eval(&mut state, &mut metrics, &progress)?;
-    }
-    let mut last_saved: Option<usize> = resumed_from_step;
-    let mut last_eval: Option<usize> = None;
-    let mut session_tokens = 0u64;
-    let mut session_time = 0.0f64;
-    let mut stop_reason = StopReason::MaxSteps;
-    while state.step < max_steps {
-        if t.stop_after.is_some_and(|s| state.step >= s) {
-            stop_reason = StopReason::StopAfter;
-            break;
-        }
-        // Ctrl-C: stop here, between two steps; the checkpoint is written below.
-        if interrupted(opts) {
-            stop_reason = StopReason::Interrupted;
-            break;
-        }
-        let t0 = Instant::now();
-        let step = state.step + 1;
-        let batches = (0..t.grad_accum)
-            .map(|_| batcher.next_batch())
-            .collect::<Result<Vec<_>>>()?;
-        let StepGrads {
-            loss,
-            mut grads,
-            loss_tokens: n_loss,
-            forwards,
-            forward_s,
-            backward_s,
-        } = accumulate_gradients_with(&llama, &params, &batches, t.gradient_checkpointing)?;
-        let t_opt = Instant::now();
-        state.rng.dropout_calls += forwards as u64;
-        let lr = schedule.lr_at(step);
-        let norm = optim::clip_grad_norm(&mut grads, t.max_grad_norm)?;
-        if !loss.is_finite() || !norm.is_finite() {
-            progress.finish();
-            let what = if loss.is_finite() {
-                format!("the gradient norm is {norm}")
-            } else {
-                format!("the training loss is {loss}")
-            };
-            let kept = match last_saved {
-                Some(s) => format!(
-                    "the last good checkpoint is {}",
-                    checkpoint::checkpoints_dir(&out)
-                        .join(format!("step-{s}"))
-                        .display()
-                ),
-                None => "no checkpoint was written".to_string(),
-            };
-            return Err(Error::msg(format!(
-                "step {step}: {what} (lr {lr:.3e}); training stopped without saving, {kept} (lower train.lr or check the data)"
-            )));
-        }
-        if n_loss > 0 {
-            opt.step(&grads, lr)?;
-        }
-        let optimizer_s = t_opt.elapsed().as_secs_f64();
-        let tokens: usize = batches.iter().map(|b| b.n_tokens).sum();
-        let dt = t0.elapsed().as_secs_f64();
-        session_time += dt;
-        session_tokens += tokens as u64;
-        state.step = step;
-        state.train_tokens += tokens as u64;
-        state.loss_tokens += n_loss as u64;
-        state.train_time_s += dt;
-        state.last_train_loss = Some(loss);
-        state.data_cursor = batcher.cursor();
-        state.epoch = state.data_cursor.epoch as f64 + state.data_cursor.index as f64 / bpe as f64;
-        let tps = session_tokens as f64 / session_time.max(1e-9);
-        metrics.write(&json!({
-            "type": "train", "step": step, "loss": loss, "lr": lr, "grad_norm": norm,
-            "tokens": tokens, "loss_tokens": n_loss, "tokens_per_s": tokens as f64 / dt.max(1e-9),
-            "epoch": state.epoch, "elapsed_s": wall.elapsed().as_secs_f64(),
-            "step_s": dt, "forward_s": forward_s, "backward_s": backward_s,
-            "optimizer_s": optimizer_s,
-        }))?;
-        progress.step(&StepLine {
-            step,
-            loss,
-            lr,
-            tokens_per_s: tps,
-        });
-        if t.eval_every.is_some_and(|e| step.is_multiple_of(e)) {
-            run_eval(&mut state, &mut metrics, &progress)?;
-            last_eval = Some(step);
-            if let Some(p) = t.early_stopping_patience {
-                if state.evals_since_best >= p {
-                    progress.println(&format!(
-                        "early stopping: no better val loss in {p} evaluations (best {:.4} at step {})",
-                        state.best_val_loss.unwrap_or(f64::NAN),
-                        state.best_step.unwrap_or(0)
-                    ));
-                    stop_reason = StopReason::EarlyStopping;
-                }
-            }
-        }
-        let stopping = stop_reason != StopReason::MaxSteps
-            || t.stop_after.is_some_and(|s| step >= s)
-            || step == max_steps;
-        if t.save_every.is_some_and(|e| step.is_multiple_of(e)) || stopping {
-            save(&state, &opt)?;
-            last_saved = Some(step);
-        }
-        if stop_reason != StopReason::MaxSteps {
-            break;
-        }
-    }
-    if stop_reason != StopReason::Interrupted
-        && t.stop_after.is_some_and(|s| state.step >= s)
-        && state.step < max_steps
-    {
-        stop_reason = StopReason::StopAfter;
-    }
-    progress.finish();
-
-    // ---- The end ---------------------------------------------------------------------------
-    let finished = !matches!(stop_reason, StopReason::StopAfter | StopReason::Interrupted);
-    if finished && last_eval != Some(state.step) {
-        run_eval(&mut state, &mut metrics, &progress)?;
-    }
-    if last_saved != Some(state.step) {
-        save(&state, &opt)?;
-    }
-    let (train_curve, val_curve) = metrics.curves();
-    report::plot_loss(&out.join(report::PLOT_FILE), &train_curve, &val_curve)?;
-    let adapter_dir = if finished {
-        let dir = out.join(ADAPTER_DIR);
-        tuner.save(&llama, &dir)?;
-        Some(dir)
-    } else {
-        None
-    };
-    let summary = Summary {
-        method: tuner.method().to_string(),
-        steps: state.step,
-        max_steps,
-        epochs: state.epoch,
-        train_tokens: state.train_tokens,
-        loss_tokens: state.loss_tokens,
-        train_tokens_per_s: if session_time > 0.0 {
-            session_tokens as f64 / session_time
-        } else {
-            0.0
-        },
-        train_time_s: state.train_time_s,
-        peak_rss_bytes: report::peak_rss_bytes(),
-        final_train_loss: state.last_train_loss,
-        initial_val_loss: state.initial_val_loss,
-        final_val_loss: state.last_val_loss,
-        final_val_perplexity: state.last_val_loss.map(f64::exp),
-        best_val_loss: state.best_val_loss,
-        best_step: state.best_step,
-        wall_s: wall.elapsed().as_secs_f64(),
-        stop_reason,
-        resumed_from_step,
-        trainable_params: tuner.param_count().trainable,
-        all_params: tuner.param_count().all,
-        adapter_dir,
-        already_finished: false,
-    };
-    let text = serde_json::to_string_pretty(&summary).expect("the summary always serializes");
-    crate::fsutil::write_atomic(&out.join(SUMMARY_FILE), text.as_bytes())?;
-    Ok(Outcome::Trained(summary))
+    recipe::execute(c, opts, dry)
 }

@@ -2,7 +2,7 @@
 //! the base weights and back (PEFT's `LoraModel`).
 use super::config::{InitLoraWeights, LoraConfig, ModuleSpec};
 use super::layer::{LoraAdapter, LoraInit};
-use crate::model::Llama;
+use crate::model::Model;
 use crate::nn::{Linear, LinearAdapter, LinearWeight};
 use crate::peft::{adapter_names, no_such_adapter, param_count, ParamCount, PeftMethod};
 use crate::{Error, Result};
@@ -45,7 +45,12 @@ impl PeftMethod for LoraConfig {
     fn validate(&self, source: &str) -> Result<()> {
         LoraConfig::validate(self, source)
     }
-    fn attach(&self, model: &mut Llama, adapter_name: &str, seed: u64) -> Result<LoraModelInfo> {
+    fn attach(
+        &self,
+        model: &mut dyn Model,
+        adapter_name: &str,
+        seed: u64,
+    ) -> Result<LoraModelInfo> {
         attach_lora(model, self, adapter_name, seed)
     }
 }
@@ -88,7 +93,7 @@ fn available_names(names: &[String]) -> String {
 
 /// The names `cfg` selects, in model order. A target that matches no linear at all is an error
 /// naming it (PEFT only fails when nothing matches; naming the culprit is friendlier).
-pub fn resolve_targets(model: &Llama, cfg: &LoraConfig) -> Result<Vec<String>> {
+pub fn resolve_targets(model: &dyn Model, cfg: &LoraConfig) -> Result<Vec<String>> {
     let names: Vec<String> = model
         .linears()
         .iter()
@@ -129,8 +134,10 @@ pub fn resolve_targets(model: &Llama, cfg: &LoraConfig) -> Result<Vec<String>> {
         }
     }
     let mut out = Vec::new();
+    // PEFT's "all-linear" leaves out the model's output layer, whatever it is called.
+    let output = model.output_layer().filter(|_| cfg.is_all_linear());
     for n in &names {
-        if cfg.matches(n)? {
+        if cfg.matches(n)? && output != Some(n.as_str()) {
             out.push(n.clone());
         }
     }
@@ -146,7 +153,7 @@ pub fn resolve_targets(model: &Llama, cfg: &LoraConfig) -> Result<Vec<String>> {
 /// stay frozen in the type they were loaded in (a quantized base stays quantized; gradients
 /// reach the input through `quant::linear`). `seed` fixes A/B initialisation and dropout masks.
 pub fn attach_lora(
-    model: &mut Llama,
+    model: &mut dyn Model,
     cfg: &LoraConfig,
     adapter_name: &str,
     seed: u64,
@@ -213,7 +220,7 @@ pub fn attach_lora(
 
 /// Every LoRA layer of adapter `adapter_name` with its module name; errors if there is none.
 fn for_each_lora(
-    model: &Llama,
+    model: &dyn Model,
     adapter_name: &str,
     mut f: impl FnMut(&Linear, &LoraAdapter) -> Result<()>,
 ) -> Result<()> {
@@ -231,7 +238,7 @@ fn for_each_lora(
 }
 
 /// Switch one LoRA adapter on or off, leaving the others as they are.
-pub fn set_adapter_active(model: &Llama, adapter_name: &str, on: bool) -> Result<()> {
+pub fn set_adapter_active(model: &dyn Model, adapter_name: &str, on: bool) -> Result<()> {
     for_each_lora(model, adapter_name, |_, a| {
         a.set_active(on);
         Ok(())
@@ -240,7 +247,7 @@ pub fn set_adapter_active(model: &Llama, adapter_name: &str, on: bool) -> Result
 
 /// Make exactly `names` the active LoRA adapters (PEFT's `set_adapter`); other LoRA adapters
 /// are switched off. Every name must be attached.
-pub fn set_active_adapters(model: &Llama, names: &[&str]) -> Result<()> {
+pub fn set_active_adapters(model: &dyn Model, names: &[&str]) -> Result<()> {
     let attached = adapter_names(model);
     if let Some(n) = names.iter().find(|n| !attached.iter().any(|a| a == *n)) {
         return Err(no_such_adapter(model, n));
@@ -275,7 +282,7 @@ impl MergeReport {
     }
 }
 
-fn check_mergeable(model: &Llama, adapter_name: &str, want_merged: bool) -> Result<()> {
+fn check_mergeable(model: &dyn Model, adapter_name: &str, want_merged: bool) -> Result<()> {
     for_each_lora(model, adapter_name, |lin, a| {
         if a.is_merged() != want_merged {
             return Err(Error::msg(format!(
@@ -284,9 +291,10 @@ fn check_mergeable(model: &Llama, adapter_name: &str, want_merged: bool) -> Resu
                 lin.name()
             )));
         }
-        if lin.name() == "lm_head" && model.cfg.tie_word_embeddings {
+        if model.tied(lin.name()) {
             return Err(Error::msg(format!(
-                "adapter `{adapter_name}` adapts the LM head, which is tied to the embeddings: merging would change the input embeddings too"
+                "adapter `{adapter_name}` adapts {}, which is tied to the embeddings: merging would change the input embeddings too",
+                if lin.name() == "lm_head" { "the LM head".to_string() } else { format!("`{}`", lin.name()) }
             )));
         }
         Ok(())
@@ -321,7 +329,7 @@ fn add_to_weight(
     Ok(deq)
 }
 
-fn deltas(model: &Llama, adapter_name: &str) -> Result<Vec<(String, candle_core::Tensor)>> {
+fn deltas(model: &dyn Model, adapter_name: &str) -> Result<Vec<(String, candle_core::Tensor)>> {
     let mut out = Vec::new();
     for_each_lora(model, adapter_name, |lin, a| {
         let d = a
@@ -333,7 +341,7 @@ fn deltas(model: &Llama, adapter_name: &str) -> Result<Vec<(String, candle_core:
     Ok(out)
 }
 
-fn set_merged(model: &Llama, adapter_name: &str, on: bool) -> Result<()> {
+fn set_merged(model: &dyn Model, adapter_name: &str, on: bool) -> Result<()> {
     for_each_lora(model, adapter_name, |_, a| {
         a.set_merged(on);
         Ok(())
@@ -343,7 +351,7 @@ fn set_merged(model: &Llama, adapter_name: &str, on: bool) -> Result<()> {
 /// Fold adapter `adapter_name` into the base weights: `W += scale · B A` in W's stored dtype
 /// (a quantized W is dequantized to f32 first; see [`MergeReport::message`]). The adapter stays
 /// attached but is skipped in forward, so [`unmerge_adapter`] can take it out again.
-pub fn merge_adapter(model: &mut Llama, adapter_name: &str) -> Result<MergeReport> {
+pub fn merge_adapter(model: &mut dyn Model, adapter_name: &str) -> Result<MergeReport> {
     check_mergeable(model, adapter_name, false)?;
     let deltas = deltas(model, adapter_name)?;
     let mut report = MergeReport::default();
@@ -361,7 +369,7 @@ pub fn merge_adapter(model: &mut Llama, adapter_name: &str) -> Result<MergeRepor
 
 /// Undo [`merge_adapter`]: `W -= scale · B A` and run the adapter on the fly again. A base that
 /// was dequantized for merging stays dense f32.
-pub fn unmerge_adapter(model: &mut Llama, adapter_name: &str) -> Result<()> {
+pub fn unmerge_adapter(model: &mut dyn Model, adapter_name: &str) -> Result<()> {
     check_mergeable(model, adapter_name, true)?;
     let deltas = deltas(model, adapter_name)?;
     for lin in model.linears_mut() {
@@ -374,7 +382,7 @@ pub fn unmerge_adapter(model: &mut Llama, adapter_name: &str) -> Result<()> {
 
 /// Merge adapter `adapter_name` and detach it (PEFT's `merge_and_unload` for one adapter);
 /// the model is then a plain model that `model::convert::write_hf_folder` can save.
-pub fn merge_and_unload(model: &mut Llama, adapter_name: &str) -> Result<MergeReport> {
+pub fn merge_and_unload(model: &mut dyn Model, adapter_name: &str) -> Result<MergeReport> {
     let report = merge_adapter(model, adapter_name)?;
     crate::peft::remove_adapter(model, adapter_name)?;
     Ok(report)

@@ -1,0 +1,767 @@
+//! The fine-tuning recipe, in named steps that read top to bottom (as torchtune's recipes do):
+//!
+//! ```text
+//! setup      data → batches → output folder (decided, nothing written) → model → task and
+//!            objective → method → optimizer and schedule → memory check
+//! open       the output folder, resume state, metrics log      (from here on the run writes)
+//! loop       step (micro-batches, loss, backward, clip, AdamW) → evaluate → save, on their
+//!            schedules, until max_steps, early stopping, stop_after or Ctrl-C
+//! finish     last evaluation and checkpoint, the adapter, summary.json
+//! ```
+//!
+//! Everything model-specific goes through [`Model`]: any family trains here.
+use super::checkpoint::{self, RngState, TrainerState};
+use super::config::{self, LoadedConfig, Method, TrainSection};
+use super::report::{self, MetricsLog, Progress, StepLine};
+use super::{
+    accumulate_gradients_with, evaluate, finished_summary, interrupted, memory, optim, output,
+    prepare_data, set_threads, tokenizer_and_context, AdamW, AdamWConfig, DryRun, EvalResult,
+    Outcome, RunOptions, Schedule, StepGrads, StopReason, Summary, Tuner, ADAPTER_DIR, CONFIG_FILE,
+    SUMMARY_FILE,
+};
+use crate::data::{BatchConfig, Batcher};
+use crate::model::{self, LoadOptions, LoadedModel, Model, ModelSource, Task};
+use crate::{Error, Result};
+use candle_core::Var;
+use serde_json::json;
+use std::path::PathBuf;
+use std::time::Instant;
+
+/// Run the recipe. `dry`: stop after setup, having checked everything and written nothing.
+pub(super) fn execute(c: &LoadedConfig, opts: &RunOptions, dry: bool) -> Result<Outcome> {
+    let mut run = match Recipe::setup(c, opts)? {
+        Setup::Ready(run) => run,
+        Setup::AlreadyFinished(s) => return Ok(Outcome::AlreadyFinished(*s)),
+    };
+    if dry {
+        return Ok(Outcome::DryRun(run.dry_run()));
+    }
+    if interrupted(opts) {
+        return Err(Error::msg(
+            "interrupted before training started; nothing was written",
+        ));
+    }
+    let mut session = run.open()?;
+    if session.resumed_from_step.is_none() {
+        run.evaluate(&mut session)?;
+    }
+    let mut stop_reason = StopReason::MaxSteps;
+    while session.state.step < run.max_steps {
+        if let Some(reason) = run.stop_before_step(&session) {
+            stop_reason = reason;
+            break;
+        }
+        let step = run.step(&mut session)?;
+        if run.t().eval_every.is_some_and(|e| step.is_multiple_of(e)) {
+            run.evaluate(&mut session)?;
+            session.last_eval = Some(step);
+            if run.early_stopping(&session) {
+                stop_reason = StopReason::EarlyStopping;
+            }
+        }
+        let stopping = stop_reason != StopReason::MaxSteps
+            || run.t().stop_after.is_some_and(|s| step >= s)
+            || step == run.max_steps;
+        if run.t().save_every.is_some_and(|e| step.is_multiple_of(e)) || stopping {
+            run.save(&mut session)?;
+        }
+        if stop_reason != StopReason::MaxSteps {
+            break;
+        }
+    }
+    run.finish(session, stop_reason)
+}
+
+/// What [`Recipe::setup`] found.
+enum Setup<'a> {
+    Ready(Box<Recipe<'a>>),
+    /// `--resume` of a run that had finished: its saved summary.
+    AlreadyFinished(Box<Summary>),
+}
+
+/// Everything a run holds once set up.
+struct Recipe<'a> {
+    c: &'a LoadedConfig,
+    opts: &'a RunOptions,
+    wall: Instant,
+    out: PathBuf,
+    model: Box<dyn Model>,
+    tuner: Tuner,
+    params: Vec<(String, Var)>,
+    opt: AdamW,
+    schedule: Schedule,
+    batcher: Batcher,
+    val_batcher: Option<Batcher>,
+    data_summary: String,
+    n_train: usize,
+    batches_per_epoch: usize,
+    max_steps: usize,
+    folder: output::RunFolder,
+    resume_from: Option<(usize, PathBuf, TrainerState)>,
+    memory: memory::MemoryEstimate,
+    available: Option<u64>,
+    model_line: String,
+}
+
+/// The state of this session of a run (a resumed run is a new session).
+struct Session {
+    state: TrainerState,
+    metrics: MetricsLog,
+    progress: Progress,
+    resumed_from_step: Option<usize>,
+    last_saved: Option<usize>,
+    last_eval: Option<usize>,
+    session_tokens: u64,
+    session_time: f64,
+}
+
+impl<'a> Recipe<'a> {
+    fn t(&self) -> &'a TrainSection {
+        &self.c.config.train
+    }
+
+    // ---- setup ------------------------------------------------------------------------------
+
+    /// Everything checked before the run writes: the config, the data (read and tokenized;
+    /// first, so its errors do not wait for the weights), the output folder and the checkpoint
+    /// to resume from, the model, the task and objective, the method, the memory estimate.
+    fn setup(c: &'a LoadedConfig, opts: &'a RunOptions) -> Result<Setup<'a>> {
+        let wall = Instant::now();
+        super::inline_candle_elementwise();
+        let cfg = &c.config;
+        let t = &cfg.train;
+        if opts.resume && opts.overwrite {
+            return Err(Error::msg(
+                "--resume continues the run in output_dir and --overwrite starts it again: give one of them",
+            ));
+        }
+
+        // ---- Data --------------------------------------------------------------------------
+        if let Some(n) = t.threads {
+            set_threads(n);
+        }
+        let device = config::parse_device(&t.device)
+            .map_err(|e| c.key_error("train.device", e))?
+            .device()?;
+        let source = model::resolve(&cfg.model)?;
+        let (tok, ctx) = tokenizer_and_context(&source)?;
+        let prepared = prepare_data(c, &tok, Some(ctx))?;
+        if prepared.max_seq_len > ctx {
+            let key = if t.max_seq_len.is_some() {
+                "train.max_seq_len"
+            } else {
+                "data.max_seq_len"
+            };
+            return Err(c.key_error(
+                key,
+                format!(
+                    "{} is more than the model's context window of {ctx}",
+                    prepared.max_seq_len
+                ),
+            ));
+        }
+
+        // ---- Batches and the number of steps -----------------------------------------------
+        let mut train_bc = cfg
+            .data
+            .batch_config(t.batch_size, prepared.max_seq_len, &tok);
+        train_bc.shuffle = true;
+        let n_train = prepared.train.len();
+        let batcher = Batcher::new(prepared.train.clone(), train_bc.clone(), device.clone())?;
+        let val_batcher = if prepared.validation.is_empty() {
+            None
+        } else {
+            let vc = BatchConfig {
+                shuffle: false,
+                ..train_bc.clone()
+            };
+            Some(Batcher::new(
+                prepared.validation.clone(),
+                vc,
+                device.clone(),
+            )?)
+        };
+        let bpe = batcher.batches_per_epoch();
+        let max_steps = match t.max_steps {
+            Some(n) => n,
+            None => ((t.epochs.unwrap_or(1.0) * bpe as f64) / t.grad_accum as f64)
+                .ceil()
+                .max(1.0) as usize,
+        };
+
+        // ---- Output folder: decide, writing nothing yet --------------------------------------
+        let out = cfg.output_dir.clone();
+        let folder = output::inspect(&out, |what| c.key_error("output_dir", what))?;
+        check_inputs(c, &source)?;
+        let resume_from = match folder {
+            output::RunFolder::Fresh => None,
+            output::RunFolder::Run { .. } if opts.resume => {
+                if let Some(s) = finished_summary(&out, max_steps) {
+                    return Ok(Setup::AlreadyFinished(Box::new(s)));
+                }
+                match checkpoint::latest(&out)? {
+                    Some((step, dir)) => {
+                        let saved = checkpoint::read_state(&dir)?;
+                        checkpoint::validate_state(
+                            &dir,
+                            &saved,
+                            &checkpoint::RunShape {
+                                max_steps,
+                                method: cfg.method.as_str(),
+                                seed: t.seed,
+                                train_examples: n_train,
+                                batches_per_epoch: bpe,
+                                batch_size: t.batch_size,
+                                grad_accum: t.grad_accum,
+                                packing: train_bc.packing,
+                            },
+                        )?;
+                        Some((step, dir, saved))
+                    }
+                    None => None,
+                }
+            }
+            output::RunFolder::Run { .. } if opts.overwrite => None,
+            output::RunFolder::Run { .. } => {
+                let at = match checkpoint::latest(&out)? {
+                    Some((step, _)) => format!("checkpoints up to step {step}"),
+                    None => "no checkpoint yet".to_string(),
+                };
+                return Err(c.key_error(
+                    "output_dir",
+                    format!(
+                        "{} already holds a run ({at}); continue it with --resume, start it again with --overwrite (removes only the run's files), or choose another output_dir",
+                        out.display()
+                    ),
+                ));
+            }
+        };
+
+        // ---- Model, task, objective, method --------------------------------------------------
+        let LoadedModel {
+            model: mut m,
+            source,
+            ..
+        } = model::load_source(source, &load_options(c)?, &device)?;
+        let task =
+            model::family::resolve_task(&*m, cfg.task).map_err(|e| c.key_error("task", e))?;
+        cfg.objective
+            .check_fits(&*m)
+            .map_err(|e| c.key_error("objective", e))?;
+        check_data_fits_task(c, task, &train_bc)?;
+        // The module names are only known once the model is loaded; a target that matches none
+        // is the config's error, so name the file and the key.
+        if cfg.method == Method::Lora {
+            crate::peft::lora::model::resolve_targets(&*m, &cfg.lora.to_peft(&cfg.model))
+                .map_err(|e| c.key_error("lora.targets", e))?;
+        }
+        let tuner = Tuner::attach(cfg, &mut *m, &cfg.model)?;
+        let params = tuner.trainable(&*m);
+
+        // ---- Schedule, optimizer -------------------------------------------------------------
+        let schedule = Schedule {
+            kind: t.lr_schedule,
+            lr: t.lr,
+            warmup: t.warmup_steps,
+            total: max_steps,
+            min_lr_ratio: t.min_lr_ratio,
+        };
+        let opt = AdamW::new(
+            params.clone(),
+            AdamWConfig {
+                betas: t.betas,
+                eps: t.eps,
+                weight_decay: t.weight_decay,
+            },
+        )?;
+
+        // ---- Memory: the run's settings of its model, the estimate, the refusal ---------------
+        m.set_quant_settings(quant_settings(c)?);
+        let mem = memory::estimate(
+            &*m,
+            &memory::TrainShape::for_run(&prepared, &train_bc, &params, cfg, t),
+        );
+        let available = memory::available_bytes();
+        check_memory(c, &mem, available)?;
+        let model_line = format!(
+            "model {} ({}, {} layers); method {}",
+            cfg.model,
+            source.format(),
+            m.dims().layers,
+            tuner.method()
+        );
+        Ok(Setup::Ready(Box::new(Recipe {
+            c,
+            opts,
+            wall,
+            out,
+            model: m,
+            tuner,
+            params,
+            opt,
+            schedule,
+            batcher,
+            val_batcher,
+            data_summary: prepared.summary(),
+            n_train,
+            batches_per_epoch: bpe,
+            max_steps,
+            folder,
+            resume_from,
+            memory: mem,
+            available,
+            model_line,
+        })))
+    }
+
+    /// What the run would do (`train --dry-run`).
+    fn dry_run(&self) -> DryRun {
+        let out = &self.out;
+        let output = match (&self.resume_from, &self.folder) {
+            (Some((step, _, _)), _) => format!(
+                "output_dir {}: would resume the run from step {step} of {}",
+                out.display(),
+                self.max_steps
+            ),
+            (None, output::RunFolder::Run { .. }) if self.opts.overwrite => format!(
+                "output_dir {}: would remove the run's files and start again",
+                out.display()
+            ),
+            (None, output::RunFolder::Run { .. }) => format!(
+                "output_dir {}: holds a run without a checkpoint; would start it from step 0",
+                out.display()
+            ),
+            (None, output::RunFolder::Fresh) if out.exists() => format!(
+                "output_dir {}: empty; the run would start there",
+                out.display()
+            ),
+            (None, output::RunFolder::Fresh) => {
+                format!("output_dir {}: would be created", out.display())
+            }
+        };
+        DryRun {
+            model: self.model_line.clone(),
+            params: self.tuner.params_report(),
+            memory: self.memory.clone(),
+            available_bytes: self.available,
+            data: self.data_summary.clone(),
+            max_steps: self.max_steps,
+            output,
+        }
+    }
+
+    // ---- open -------------------------------------------------------------------------------
+
+    /// The output folder, the state to resume from, the metrics log and the progress display:
+    /// from here on the run writes.
+    fn open(&mut self) -> Result<Session> {
+        let (out, t) = (&self.out, self.t());
+        if self.opts.overwrite && self.folder != output::RunFolder::Fresh {
+            output::remove_run_files(out)?;
+        }
+        output::create(out)?;
+        checkpoint::remove_partial(out)?;
+        let mut state = TrainerState {
+            step: 0,
+            max_steps: self.max_steps,
+            method: self.tuner.method().to_string(),
+            data_cursor: self.batcher.cursor(),
+            epoch: 0.0,
+            rng: RngState {
+                seed: t.seed,
+                dropout_calls: 0,
+            },
+            train_tokens: 0,
+            loss_tokens: 0,
+            train_time_s: 0.0,
+            last_train_loss: None,
+            initial_val_loss: None,
+            last_val_loss: None,
+            best_val_loss: None,
+            best_step: None,
+            evals_since_best: 0,
+            train_examples: self.n_train,
+            batches_per_epoch: self.batches_per_epoch,
+            batch_size: t.batch_size,
+            grad_accum: t.grad_accum,
+        };
+        let progress_total = self.max_steps.min(t.stop_after.unwrap_or(usize::MAX));
+        let mut resumed_from_step = None;
+        if let Some((step, dir, saved)) = self.resume_from.take() {
+            self.tuner.restore(&*self.model, &dir)?;
+            self.opt.load(&dir.join(checkpoint::OPTIMIZER_FILE))?;
+            self.batcher
+                .seek(saved.data_cursor)
+                .map_err(|e| Error::file(dir.join(checkpoint::STATE_FILE), e))?;
+            self.tuner
+                .replay_rng(&*self.model, saved.rng.dropout_calls)?;
+            state = TrainerState {
+                max_steps: self.max_steps,
+                ..saved
+            };
+            resumed_from_step = Some(step);
+        }
+        let metrics = MetricsLog::open(out, resumed_from_step)?;
+        let effective = toml::to_string(&self.c.effective).unwrap_or_default();
+        crate::fsutil::write_atomic(&out.join(CONFIG_FILE), effective.as_bytes())?;
+
+        let progress = Progress::new(self.opts.progress, progress_total, state.step, t.log_every);
+        progress.println(&self.model_line);
+        progress.println(&self.tuner.params_report());
+        progress.println(&self.memory.table());
+        progress.println(&self.data_summary);
+        match resumed_from_step {
+            Some(s) => progress.println(&format!("resuming from step {s} of {}", self.max_steps)),
+            None if self.opts.resume => progress.println(&format!(
+                "--resume: no checkpoint in {}; starting from step 0",
+                checkpoint::checkpoints_dir(out).display()
+            )),
+            None => {}
+        }
+        Ok(Session {
+            state,
+            metrics,
+            progress,
+            resumed_from_step,
+            last_saved: resumed_from_step,
+            last_eval: None,
+            session_tokens: 0,
+            session_time: 0.0,
+        })
+    }
+
+    // ---- the loop ---------------------------------------------------------------------------
+
+    /// Why the run stops before the next step, if it does: `stop_after` reached, or Ctrl-C
+    /// (then the checkpoint is written by [`Self::finish`]).
+    fn stop_before_step(&self, s: &Session) -> Option<StopReason> {
+        if self.t().stop_after.is_some_and(|a| s.state.step >= a) {
+            return Some(StopReason::StopAfter);
+        }
+        interrupted(self.opts).then_some(StopReason::Interrupted)
+    }
+
+    /// One optimizer step: `grad_accum` micro-batches, their loss and gradients, clipping, the
+    /// AdamW update; metrics and progress. Returns the step number.
+    fn step(&mut self, s: &mut Session) -> Result<usize> {
+        let t = self.t();
+        let t0 = Instant::now();
+        let step = s.state.step + 1;
+        let batches = (0..t.grad_accum)
+            .map(|_| self.batcher.next_batch())
+            .collect::<Result<Vec<_>>>()?;
+        let StepGrads {
+            loss,
+            mut grads,
+            loss_tokens: n_loss,
+            forwards,
+            forward_s,
+            backward_s,
+        } = accumulate_gradients_with(
+            &*self.model,
+            &self.params,
+            &batches,
+            t.gradient_checkpointing,
+        )?;
+        let t_opt = Instant::now();
+        s.state.rng.dropout_calls += forwards as u64;
+        let lr = self.schedule.lr_at(step);
+        let norm = optim::clip_grad_norm(&mut grads, t.max_grad_norm)?;
+        if !loss.is_finite() || !norm.is_finite() {
+            s.progress.finish();
+            let what = if loss.is_finite() {
+                format!("the gradient norm is {norm}")
+            } else {
+                format!("the training loss is {loss}")
+            };
+            let kept = match s.last_saved {
+                Some(at) => format!(
+                    "the last good checkpoint is {}",
+                    checkpoint::checkpoints_dir(&self.out)
+                        .join(format!("step-{at}"))
+                        .display()
+                ),
+                None => "no checkpoint was written".to_string(),
+            };
+            return Err(Error::msg(format!(
+                "step {step}: {what} (lr {lr:.3e}); training stopped without saving, {kept} (lower train.lr or check the data)"
+            )));
+        }
+        if n_loss > 0 {
+            self.opt.step(&grads, lr)?;
+        }
+        let optimizer_s = t_opt.elapsed().as_secs_f64();
+        let tokens: usize = batches.iter().map(|b| b.n_tokens).sum();
+        let dt = t0.elapsed().as_secs_f64();
+        s.session_time += dt;
+        s.session_tokens += tokens as u64;
+        let st = &mut s.state;
+        st.step = step;
+        st.train_tokens += tokens as u64;
+        st.loss_tokens += n_loss as u64;
+        st.train_time_s += dt;
+        st.last_train_loss = Some(loss);
+        st.data_cursor = self.batcher.cursor();
+        st.epoch = st.data_cursor.epoch as f64
+            + st.data_cursor.index as f64 / self.batches_per_epoch as f64;
+        let tps = s.session_tokens as f64 / s.session_time.max(1e-9);
+        s.metrics.write(&json!({
+            "type": "train", "step": step, "loss": loss, "lr": lr, "grad_norm": norm,
+            "tokens": tokens, "loss_tokens": n_loss, "tokens_per_s": tokens as f64 / dt.max(1e-9),
+            "epoch": st.epoch, "elapsed_s": self.wall.elapsed().as_secs_f64(),
+            "step_s": dt, "forward_s": forward_s, "backward_s": backward_s,
+            "optimizer_s": optimizer_s,
+        }))?;
+        s.progress.step(&StepLine {
+            step,
+            loss,
+            lr,
+            tokens_per_s: tps,
+        });
+        Ok(step)
+    }
+
+    /// Validation loss (if there is validation data): metrics, progress, best-so-far, plot.
+    fn evaluate(&self, s: &mut Session) -> Result<Option<EvalResult>> {
+        let Some(vb) = &self.val_batcher else {
+            return Ok(None);
+        };
+        let r = evaluate(&*self.model, vb, self.t().eval_batches)?;
+        let st = &mut s.state;
+        s.metrics.write(&json!({
+            "type": "eval", "step": st.step, "val_loss": r.loss,
+            "val_perplexity": r.perplexity, "val_tokens": r.tokens,
+        }))?;
+        s.progress.println(&format!(
+            "step {}: val loss {:.4} perplexity {:.3} ({} tokens)",
+            st.step, r.loss, r.perplexity, r.tokens
+        ));
+        if st.initial_val_loss.is_none() {
+            st.initial_val_loss = Some(r.loss);
+        }
+        st.last_val_loss = Some(r.loss);
+        if st.best_val_loss.is_none_or(|b| r.loss < b) {
+            st.best_val_loss = Some(r.loss);
+            st.best_step = Some(st.step);
+            st.evals_since_best = 0;
+        } else {
+            st.evals_since_best += 1;
+        }
+        let (train_curve, val_curve) = s.metrics.curves();
+        report::plot_loss(&self.out.join(report::PLOT_FILE), &train_curve, &val_curve)?;
+        Ok(Some(r))
+    }
+
+    /// Whether the last evaluations call for early stopping (printed when they do).
+    fn early_stopping(&self, s: &Session) -> bool {
+        let Some(p) = self.t().early_stopping_patience else {
+            return false;
+        };
+        if s.state.evals_since_best < p {
+            return false;
+        }
+        s.progress.println(&format!(
+            "early stopping: no better val loss in {p} evaluations (best {:.4} at step {})",
+            s.state.best_val_loss.unwrap_or(f64::NAN),
+            s.state.best_step.unwrap_or(0)
+        ));
+        true
+    }
+
+    /// A checkpoint of the current step (the method's weights, the optimizer, the state).
+    fn save(&self, s: &mut Session) -> Result<PathBuf> {
+        let dir = checkpoint::save(&self.out, s.state.step, &s.state, |tmp| {
+            self.tuner.save(&*self.model, tmp)?;
+            self.opt.save(&tmp.join(checkpoint::OPTIMIZER_FILE))
+        })?;
+        if let Some(k) = self.t().keep_checkpoints {
+            checkpoint::prune(&self.out, k)?;
+        }
+        s.last_saved = Some(s.state.step);
+        Ok(dir)
+    }
+
+    // ---- finish -----------------------------------------------------------------------------
+
+    /// The end of the session: the last evaluation and checkpoint, the plot, the adapter (when
+    /// the run finished) and `summary.json`.
+    fn finish(self, mut s: Session, mut stop_reason: StopReason) -> Result<Outcome> {
+        let t = self.t();
+        if stop_reason != StopReason::Interrupted
+            && t.stop_after.is_some_and(|a| s.state.step >= a)
+            && s.state.step < self.max_steps
+        {
+            stop_reason = StopReason::StopAfter;
+        }
+        s.progress.finish();
+        let finished = !matches!(stop_reason, StopReason::StopAfter | StopReason::Interrupted);
+        if finished && s.last_eval != Some(s.state.step) {
+            self.evaluate(&mut s)?;
+        }
+        if s.last_saved != Some(s.state.step) {
+            self.save(&mut s)?;
+        }
+        let (train_curve, val_curve) = s.metrics.curves();
+        report::plot_loss(&self.out.join(report::PLOT_FILE), &train_curve, &val_curve)?;
+        let adapter_dir = if finished {
+            let dir = self.out.join(ADAPTER_DIR);
+            self.tuner.save(&*self.model, &dir)?;
+            Some(dir)
+        } else {
+            None
+        };
+        let st = &s.state;
+        let summary = Summary {
+            method: self.tuner.method().to_string(),
+            steps: st.step,
+            max_steps: self.max_steps,
+            epochs: st.epoch,
+            train_tokens: st.train_tokens,
+            loss_tokens: st.loss_tokens,
+            train_tokens_per_s: if s.session_time > 0.0 {
+                s.session_tokens as f64 / s.session_time
+            } else {
+                0.0
+            },
+            train_time_s: st.train_time_s,
+            peak_rss_bytes: report::peak_rss_bytes(),
+            final_train_loss: st.last_train_loss,
+            initial_val_loss: st.initial_val_loss,
+            final_val_loss: st.last_val_loss,
+            final_val_perplexity: st.last_val_loss.map(f64::exp),
+            best_val_loss: st.best_val_loss,
+            best_step: st.best_step,
+            wall_s: self.wall.elapsed().as_secs_f64(),
+            stop_reason,
+            resumed_from_step: s.resumed_from_step,
+            trainable_params: self.tuner.param_count().trainable,
+            all_params: self.tuner.param_count().all,
+            adapter_dir,
+            already_finished: false,
+        };
+        let text = serde_json::to_string_pretty(&summary).expect("the summary always serializes");
+        crate::fsutil::write_atomic(&self.out.join(SUMMARY_FILE), text.as_bytes())?;
+        Ok(Outcome::Trained(summary))
+    }
+}
+
+// ---- setup helpers ----------------------------------------------------------------------------
+
+/// No output of the run may land on one of its inputs (the config, the data, the model).
+fn check_inputs(c: &LoadedConfig, source: &ModelSource) -> Result<()> {
+    let cfg = &c.config;
+    let mut inputs = vec![crate::fsutil::Input::new("the config", &c.path)];
+    for (key, p) in [
+        ("data.train", &cfg.data.train),
+        ("data.validation", &cfg.data.validation),
+        ("data.test", &cfg.data.test),
+    ] {
+        if let Some(p) = p {
+            inputs.push(crate::fsutil::Input::new(
+                format!("the {key} file"),
+                c.base_dir.join(p),
+            ));
+        }
+    }
+    for m in &cfg.data.mixture {
+        inputs.push(crate::fsutil::Input::new(
+            "a data.mixture file",
+            c.base_dir.join(&m.path),
+        ));
+    }
+    inputs.push(crate::fsutil::Input::new("the model", source.path()));
+    output::check_inputs(&cfg.output_dir, &inputs)
+}
+
+/// How the run loads its model (`train.dtype`, `train.dequantize`).
+fn load_options(c: &LoadedConfig) -> Result<LoadOptions> {
+    let t = &c.config.train;
+    let dtype = match t.dtype.as_deref() {
+        None => None,
+        Some("f32") => Some(candle_core::DType::F32),
+        Some("bf16") => Some(candle_core::DType::BF16),
+        Some("f16") => Some(candle_core::DType::F16),
+        Some(other) => {
+            return Err(c.key_error(
+                "train.dtype",
+                format!("`{other}` is not one of f32, bf16, f16"),
+            ))
+        }
+    };
+    Ok(LoadOptions {
+        dtype,
+        dequantize: t.dequantize,
+        ..Default::default()
+    })
+}
+
+/// How the run's quantized base computes (`train.activation_bits`, `train.quantized_backward`):
+/// settings of the run's model, not of the process.
+fn quant_settings(c: &LoadedConfig) -> Result<crate::quant::QuantSettings> {
+    use crate::quant::{ActPrecision, BackwardWeights, QuantSettings};
+    let t = &c.config.train;
+    Ok(QuantSettings {
+        activation: match t.activation_bits {
+            8 => ActPrecision::I8,
+            16 => ActPrecision::I16,
+            n => {
+                return Err(c.key_error(
+                    "train.activation_bits",
+                    format!("{n} is not supported: use 8 or 16"),
+                ))
+            }
+        },
+        backward: match t.quantized_backward {
+            config::QuantizedBackward::Q8_0 => BackwardWeights::Q8Transposed,
+            config::QuantizedBackward::Exact => BackwardWeights::Exact,
+        },
+    })
+}
+
+/// The training data is built for the task: today the data pipeline makes next-token
+/// (causal LM) examples; the other tasks' data (seq2seq pairs, classification rows, raw-text
+/// objectives) plugs in here.
+fn check_data_fits_task(c: &LoadedConfig, task: Task, bc: &BatchConfig) -> Result<()> {
+    if task.targets() != bc.targets {
+        return Err(c.key_error(
+            "task",
+            format!(
+                "`{task}` needs {} but the data gives {}: training data for this task is not supported yet",
+                task.targets().as_str(),
+                bc.targets.as_str()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Refuse a run whose estimate exceeds the memory available (unless `train.memory_check` is
+/// off).
+fn check_memory(
+    c: &LoadedConfig,
+    mem: &memory::MemoryEstimate,
+    available: Option<u64>,
+) -> Result<()> {
+    let t = &c.config.train;
+    let Some(avail) = available.filter(|_| t.memory_check) else {
+        return Ok(());
+    };
+    if mem.total() <= avail {
+        return Ok(());
+    }
+    let h = crate::inspect::human_bytes;
+    let hint = if t.gradient_checkpointing {
+        "lower train.batch_size or train.max_seq_len"
+    } else {
+        "set train.gradient_checkpointing = true, or lower train.batch_size or train.max_seq_len"
+    };
+    Err(c.key_error(
+        "train.batch_size",
+        format!(
+            "this run needs about {} of memory but {} is available ({}); {hint} (train.memory_check = false skips this check)",
+            h(mem.total()),
+            h(avail),
+            mem.table()
+        ),
+    ))
+}
