@@ -272,6 +272,9 @@ fn mlm_masks_on_dialogsum_have_bert_statistics() {
         p.train.len(),
         "every chunk gets new masks in the next epoch"
     );
+    // `data preview` shows the masks of epoch 0, the loss positions marked.
+    let text = p.preview(tok, 2, 5, super::PreviewStyle::Brackets);
+    assert!(text.contains("[[[MASK]"), "{text}");
 
     // Batches carry exactly these masks: per-token labels, not shifted, first position kept.
     let bc = p.configure(BatchConfig {

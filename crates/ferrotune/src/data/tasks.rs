@@ -30,6 +30,7 @@ use super::{
     LabelMap, LengthPolicy, LengthStats, PromptTemplate, Row, Rows, Source, Targets, TemplateSet,
     IGNORE,
 };
+use crate::model::Task;
 use crate::tokenizer::Tokenizer;
 use crate::{Error, Result};
 
@@ -54,55 +55,57 @@ pub enum DataTask {
     SpanCorruption,
 }
 
-pub const TASKS: &[&str] = &[
-    "causal_lm",
-    "seq2seq_lm",
-    "sequence_classification",
-    "token_classification",
-];
 pub const OBJECTIVES: &[&str] = &["sft", "clm", "mlm", "span_corruption"];
 
 impl DataTask {
-    /// From the train config's `task` and `objective` strings. A pre-training objective decides
-    /// on its own, but must fit the task when one is given: `clm` trains decoders
-    /// (`causal_lm`), `span_corruption` encoder-decoders (`seq2seq_lm`), `mlm` encoders.
+    /// From the train config's `task` and `objective` strings (see [`DataTask::for_run`]).
     pub fn new(task: Option<&str>, objective: &str) -> Result<Self> {
-        if let Some(t) = task {
-            if !TASKS.contains(&t) {
-                return Err(Error::key(
+        let task = match task {
+            None => None,
+            Some(t) => Some(Task::parse(t).ok_or_else(|| {
+                let all: Vec<&str> = Task::ALL.iter().map(|t| t.as_str()).collect();
+                Error::key(
                     "[train]",
                     "task",
-                    format!("unknown task `{t}` (expected one of {})", TASKS.join(", ")),
-                ));
-            }
-        }
+                    format!("unknown task `{t}` (expected one of {})", all.join(", ")),
+                )
+            })?),
+        };
+        Self::for_run(task, objective)
+    }
+
+    /// From a run's task (`None`: not given) and objective (`sft`, `clm`, `mlm`,
+    /// `span_corruption`). A pre-training objective decides on its own, but must fit the task
+    /// when one is given: `clm` trains decoders (`causal_lm`), `span_corruption`
+    /// encoder-decoders (`seq2seq_lm`), `mlm` encoders.
+    pub fn for_run(task: Option<Task>, objective: &str) -> Result<Self> {
         let mismatch = |needs: &str| {
             Err(Error::key(
                 "[train]",
                 "objective",
                 format!(
                     "objective = \"{objective}\" trains {needs}, not task = \"{}\"",
-                    task.unwrap_or("")
+                    task.map_or("", Task::as_str)
                 ),
             ))
         };
         match objective {
-            "sft" => match task.unwrap_or("causal_lm") {
-                "causal_lm" => Ok(DataTask::CausalSft),
-                "seq2seq_lm" => Ok(DataTask::Seq2Seq),
-                "sequence_classification" => Ok(DataTask::SequenceClassification),
-                _ => Ok(DataTask::TokenClassification),
-            },
+            "sft" => Ok(match task.unwrap_or(Task::CausalLm) {
+                Task::CausalLm => DataTask::CausalSft,
+                Task::Seq2SeqLm => DataTask::Seq2Seq,
+                Task::SequenceClassification => DataTask::SequenceClassification,
+                Task::TokenClassification => DataTask::TokenClassification,
+            }),
             "clm" => match task {
-                None | Some("causal_lm") => Ok(DataTask::Clm),
+                None | Some(Task::CausalLm) => Ok(DataTask::Clm),
                 Some(_) => mismatch("decoders (task = \"causal_lm\")"),
             },
             "span_corruption" => match task {
-                None | Some("seq2seq_lm") => Ok(DataTask::SpanCorruption),
+                None | Some(Task::Seq2SeqLm) => Ok(DataTask::SpanCorruption),
                 Some(_) => mismatch("encoder-decoders (task = \"seq2seq_lm\")"),
             },
             "mlm" => match task {
-                Some("causal_lm" | "seq2seq_lm") => mismatch("encoders"),
+                Some(Task::CausalLm | Task::Seq2SeqLm) => mismatch("encoders"),
                 _ => Ok(DataTask::Mlm),
             },
             other => Err(Error::key(
