@@ -129,6 +129,7 @@ fn the_memory_estimate_saturates_instead_of_wrapping_around() {
         test: Vec::new(),
         stats: Vec::new(),
         max_seq_len: 16,
+        ..Default::default()
     };
     let c = parse(&config("", "dropout = 0.25")).unwrap();
     for packing in [false, true] {

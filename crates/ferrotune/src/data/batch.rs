@@ -3,10 +3,16 @@
 //! Each epoch has a plan (which examples go in which row of which batch) that is a pure function
 //! of the examples, the config and the epoch number, so a [`DataCursor`] `(epoch, index)` saved
 //! with a checkpoint is enough to continue a run with exactly the batches it would have seen.
+//!
+//! Pre-training objectives that draw masks (MLM, span corruption) are applied as each batch is
+//! built ([`BatchConfig::masking`]), from the seed, the epoch and the example's index.
+use std::borrow::Cow;
+
 use candle_core::{Device, Tensor};
 use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
+use super::objectives::Masking;
 use super::split::permutation;
 use super::template::splitmix64;
 use super::{Example, Source, IGNORE};
@@ -32,6 +38,9 @@ pub struct BatchConfig {
     pub pad_id: u32,
     /// What the examples' labels are (next-token labels unless set).
     pub targets: Targets,
+    /// Masks drawn per batch (MLM, span corruption): the examples are raw token chunks and
+    /// become training examples (of the masking's targets) when their batch is built.
+    pub masking: Option<Masking>,
 }
 
 impl BatchConfig {
@@ -45,6 +54,7 @@ impl BatchConfig {
             group_window: 50,
             pad_id,
             targets: Targets::NextToken,
+            masking: None,
         }
     }
 
@@ -168,7 +178,22 @@ impl Batcher {
                 cfg.targets.as_str()
             )));
         }
-        if let Some(ex) = examples.iter().find(|e| !labels_fit(cfg.targets, e)) {
+        if let Some(m) = &cfg.masking {
+            if m.targets() != cfg.targets {
+                return Err(Error::msg(format!(
+                    "{} masking makes {}, but the batches are set up for {}",
+                    m.name(),
+                    m.targets().as_str(),
+                    cfg.targets.as_str()
+                )));
+            }
+        }
+        // Raw chunks for a masking objective get their labels when masked.
+        let unmasked = cfg.masking.is_none();
+        if let Some(ex) = examples
+            .iter()
+            .find(|e| unmasked && !labels_fit(cfg.targets, e))
+        {
             return Err(Error::msg(format!(
                 "{}: {} labels for {} input tokens do not fit {}",
                 ex.source,
@@ -177,11 +202,15 @@ impl Batcher {
                 cfg.targets.as_str()
             )));
         }
-        if let Some(ex) = examples.iter().find(|e| e.len() > cfg.max_seq_len) {
+        let input_len = |e: &Example| match &cfg.masking {
+            Some(m) => m.input_len(e.len()),
+            None => e.len(),
+        };
+        if let Some(ex) = examples.iter().find(|e| input_len(e) > cfg.max_seq_len) {
             return Err(Error::msg(format!(
                 "{}: example is {} tokens, more than max_seq_len {} (apply a length policy first)",
                 ex.source,
-                ex.len(),
+                input_len(ex),
                 cfg.max_seq_len
             )));
         }
@@ -214,7 +243,7 @@ impl Batcher {
         } else {
             (0..n).collect()
         };
-        let len = |i: usize| self.examples[i].len();
+        let len = |i: usize| self.input_len(i);
         let rows: Vec<Vec<usize>> = if self.cfg.packing {
             // Best-fit decreasing: longest first, each into the fullest row it still fits in
             // (a new row if none). Rows come out nearly full, unlike filling rows in shuffled
@@ -321,19 +350,51 @@ impl Batcher {
     }
 
     /// Tensors for rows of example indices.
+    /// With a masking objective, the masks are those of the cursor's epoch.
     pub fn build(&self, rows: &[Vec<usize>]) -> Result<Batch> {
+        self.build_for_epoch(rows, self.cursor.epoch)
+    }
+
+    /// Example `i` as trained on in `epoch`: masked when the batches draw masks.
+    pub fn example(&self, i: usize, epoch: usize) -> Result<Cow<'_, Example>> {
+        let ex = &self.examples[i];
+        Ok(match &self.cfg.masking {
+            Some(m) => Cow::Owned(m.apply(ex, self.cfg.seed, epoch, i)?),
+            None => Cow::Borrowed(ex),
+        })
+    }
+
+    /// The input length of example `i` once masked (span corruption shortens chunks).
+    fn input_len(&self, i: usize) -> usize {
+        let n = self.examples[i].len();
+        match &self.cfg.masking {
+            Some(m) => m.input_len(n),
+            None => n,
+        }
+    }
+
+    /// Tensors for rows of example indices, with the masks of `epoch`.
+    pub fn build_for_epoch(&self, rows: &[Vec<usize>], epoch: usize) -> Result<Batch> {
+        let exs: Vec<Vec<Cow<'_, Example>>> = rows
+            .iter()
+            .map(|r| {
+                r.iter()
+                    .map(|&i| self.example(i, epoch))
+                    .collect::<Result<Vec<_>>>()
+            })
+            .collect::<Result<_>>()?;
         match self.cfg.targets {
-            Targets::NextToken => self.build_next_token(rows),
-            targets => self.build_unpacked(rows, targets),
+            Targets::NextToken => self.build_next_token(&exs),
+            targets => self.build_unpacked(&exs, targets),
         }
     }
 
     /// Rows of one example each, padded on the right; labels as [`Targets`] says.
-    fn build_unpacked(&self, rows: &[Vec<usize>], targets: Targets) -> Result<Batch> {
+    fn build_unpacked(&self, rows: &[Vec<Cow<'_, Example>>], targets: Targets) -> Result<Batch> {
         let exs: Vec<&Example> = rows
             .iter()
             .map(|r| match r.as_slice() {
-                [i] => Ok(&self.examples[*i]),
+                [ex] => Ok(ex.as_ref()),
                 _ => Err(Error::msg(
                     "a batch row holds one example unless packing (next-token targets)",
                 )),
@@ -383,11 +444,11 @@ impl Batcher {
         })
     }
 
-    fn build_next_token(&self, rows: &[Vec<usize>]) -> Result<Batch> {
+    fn build_next_token(&self, rows: &[Vec<Cow<'_, Example>>]) -> Result<Batch> {
         let b = rows.len();
         let t = rows
             .iter()
-            .map(|r| r.iter().map(|&i| self.examples[i].len()).sum::<usize>())
+            .map(|r| r.iter().map(|ex| ex.len()).sum::<usize>())
             .max()
             .unwrap_or(0);
         let mut ids = vec![self.cfg.pad_id; b * t];
@@ -399,8 +460,7 @@ impl Batcher {
         let mut n_tokens = 0;
         for (r, row) in rows.iter().enumerate() {
             let mut at = r * t;
-            for (s, &i) in row.iter().enumerate() {
-                let ex = &self.examples[i];
+            for (s, ex) in row.iter().enumerate() {
                 sources.push(ex.source.clone());
                 for (k, (&id, &l)) in ex.input_ids.iter().zip(&ex.labels).enumerate() {
                     ids[at] = id;

@@ -12,17 +12,29 @@
 //! # length_policy = "truncate_prompt_start" | "drop" | "error"
 //! # max_seq_len = 1024, packing = false, seed = 0
 //! # mixture_size = 10000, mixing = "interleave" | "sample"
+//!
+//! # Other tasks (see [`super::tasks`]): the train config's `task` / `objective` pick how rows
+//! # become examples ([`DataTask`]).
+//! # sequence_classification: template = "{sentence}", label_field = "label",
+//! #                          labels = ["negative", "positive"]   (optional)
+//! # token_classification:    tokens_field = "tokens", label_field = "ner_tags", labels = [...]
+//! # seq2seq_lm:              template = "...", completion = "...", max_target_len = 128
+//! # objective = "clm" | "mlm" | "span_corruption": text = "{text}"
+//! #   mlm_probability = 0.15, whole_word_mask = false
+//! #   noise_density = 0.15, mean_noise_span_length = 3.0
 //! ```
 use std::path::{Path, PathBuf};
 
 use rayon::prelude::*;
 use serde::Deserialize;
 
+use super::objectives::Masking;
 pub use super::read::Format;
 pub use super::split::Mixing;
+use super::tasks::{self, DataTask};
 use super::{
-    apply_length_policy, mix, read_rows, split_rows, BatchConfig, Encoder, Example, LengthPolicy,
-    LengthStats, Rows, TemplateSet,
+    apply_length_policy, mix, read_rows, split_rows, BatchConfig, Encoder, Example, LabelMap,
+    LengthPolicy, LengthStats, Rows, Targets, TemplateSet,
 };
 use crate::tokenizer::Tokenizer;
 use crate::{Error, Result};
@@ -62,6 +74,27 @@ pub struct DataConfig {
     pub mixture_size: Option<usize>,
     #[serde(default)]
     pub mixing: Mixing,
+    /// Raw text for pre-training objectives (`clm`, `mlm`, `span_corruption`): a template such
+    /// as `"{text}"`; documents are concatenated and cut into `max_seq_len` chunks.
+    pub text: Option<String>,
+    /// Classification: the field holding the label (default `label`; token classification:
+    /// `labels`), an integer class id or a string.
+    pub label_field: Option<String>,
+    /// Classification: the class names, class `i` = `labels[i]` (default: integer labels as
+    /// they are, string labels in sorted order).
+    pub labels: Option<Vec<String>>,
+    /// Token classification: the field holding the list of words (default `tokens`).
+    pub tokens_field: Option<String>,
+    /// Seq2seq: longest target in tokens, EOS included (default `max_seq_len`).
+    pub max_target_len: Option<usize>,
+    /// MLM: share of non-special tokens selected (default 0.15).
+    pub mlm_probability: Option<f64>,
+    /// MLM: select whole words (WordPiece `##` pieces join the word before them).
+    pub whole_word_mask: Option<bool>,
+    /// Span corruption: share of tokens removed (default 0.15).
+    pub noise_density: Option<f64>,
+    /// Span corruption: mean length of a removed span (default 3).
+    pub mean_noise_span_length: Option<f64>,
 }
 
 /// One dataset of a mixture; unset templates come from the `[data]` section.
@@ -111,9 +144,24 @@ pub struct Prepared {
     /// One entry per split that has data, in the order train, validation, test.
     pub stats: Vec<SplitStats>,
     pub max_seq_len: usize,
+    /// What the examples' labels hold (set it in the [`BatchConfig`]: [`Prepared::configure`]).
+    pub targets: Targets,
+    /// Classification: the class names by id, to record with the trained model.
+    pub labels: Option<LabelMap>,
+    /// MLM / span corruption: the examples are raw chunks, masked as batches are built.
+    pub masking: Option<Masking>,
 }
 
 impl Prepared {
+    /// Batch settings for these examples: `bc` with their targets and masking.
+    pub fn configure(&self, bc: BatchConfig) -> BatchConfig {
+        BatchConfig {
+            targets: self.targets,
+            masking: self.masking.clone(),
+            ..bc
+        }
+    }
+
     /// One line per split, e.g. `train: 450 rows -> 450 examples, 101234 tokens (20811 trained);
     /// 3 prompts truncated, 0 completions truncated, 0 dropped`.
     pub fn summary(&self) -> String {
@@ -132,6 +180,17 @@ impl Prepared {
                     s.length.dropped
                 )
             })
+            .chain(self.labels.iter().map(|l| {
+                let names: Vec<String> = l
+                    .names
+                    .iter()
+                    .enumerate()
+                    .take(20)
+                    .map(|(i, n)| format!("{i} = {n}"))
+                    .collect();
+                let more = if l.len() > 20 { ", ..." } else { "" };
+                format!("classes: {}{more}", names.join(", "))
+            }))
             .collect::<Vec<_>>()
             .join("\n")
     }
@@ -145,6 +204,16 @@ pub fn pad_id(tok: &Tokenizer) -> u32 {
 }
 
 impl DataConfig {
+    /// The kind of examples this section makes when the run does not say (`text` set: causal
+    /// LM pre-training; otherwise supervised causal LM).
+    pub fn default_task(&self) -> DataTask {
+        if self.text.is_some() {
+            DataTask::Clm
+        } else {
+            DataTask::CausalSft
+        }
+    }
+
     /// Batch settings for training on this data: `packing` and `seed` from the config, padding
     /// with [`pad_id`]. `max_seq_len` should be [`Prepared::max_seq_len`].
     pub fn batch_config(
@@ -235,7 +304,8 @@ impl DataConfig {
     }
 }
 
-/// Read, render, tokenize, length-check, split and mix what `cfg` describes. Relative paths are
+/// Read, render, tokenize, length-check, split and mix what `cfg` describes, as causal LM
+/// examples (supervised, or `clm` pre-training when `text` is set). Relative paths are
 /// relative to `base_dir` (the config file's folder); `max_seq_len` is used when the config
 /// sets none.
 pub fn load(
@@ -244,9 +314,25 @@ pub fn load(
     tok: &Tokenizer,
     max_seq_len: usize,
 ) -> Result<Prepared> {
+    load_task(cfg, base_dir, tok, max_seq_len, cfg.default_task())
+}
+
+/// [`load`] for any kind of examples (the run's `task` and `objective`: [`DataTask::new`]).
+pub fn load_task(
+    cfg: &DataConfig,
+    base_dir: &Path,
+    tok: &Tokenizer,
+    max_seq_len: usize,
+    kind: DataTask,
+) -> Result<Prepared> {
     let max_len = cfg.max_seq_len.unwrap_or(max_seq_len);
     if max_len < 2 {
         return Err(Error::key(SECTION, "max_seq_len", "must be at least 2"));
+    }
+    tasks::check_keys(cfg, kind)?;
+    if kind != DataTask::CausalSft {
+        let (train, validation, test) = split_files(cfg, base_dir)?;
+        return tasks::load(cfg, tok, max_len, kind, train, validation, test);
     }
     let path = |p: &Path| base_dir.join(p);
     let read = |p: &Path, format: Option<Format>| read_rows(&path(p), format.or(cfg.format));
@@ -385,6 +471,43 @@ pub fn load(
         prepared.stats.push(test_stats);
     }
     Ok(prepared)
+}
+
+/// The rows of each split of a single-file config: `train` (cut by `split` when given), else
+/// `validation` / `test` files.
+fn split_files(cfg: &DataConfig, base_dir: &Path) -> Result<(Rows, Option<Rows>, Option<Rows>)> {
+    if !cfg.mixture.is_empty() {
+        return Err(Error::key(
+            SECTION,
+            "mixture",
+            "mixtures are for causal LM supervised data; give a `train` file",
+        ));
+    }
+    let train = cfg
+        .train
+        .as_ref()
+        .ok_or_else(|| Error::key(SECTION, "train", "missing: set `train` (a file)"))?;
+    let read = |p: &Path| read_rows(&base_dir.join(p), cfg.format);
+    let rows = read(train)?;
+    match &cfg.split {
+        Some(ratios) => {
+            if cfg.validation.is_some() || cfg.test.is_some() {
+                return Err(Error::key(
+                    SECTION,
+                    "split",
+                    "give either `split` or `validation`/`test` files, not both",
+                ));
+            }
+            let mut parts = split_rows(&rows, ratios, cfg.seed)?.into_iter();
+            let train = parts.next().expect("split gives 2 or 3 parts");
+            Ok((train, parts.next(), parts.next()))
+        }
+        None => Ok((
+            rows,
+            cfg.validation.as_deref().map(read).transpose()?,
+            cfg.test.as_deref().map(read).transpose()?,
+        )),
+    }
 }
 
 #[cfg(test)]

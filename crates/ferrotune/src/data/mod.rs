@@ -15,6 +15,10 @@
 //! - [`preview`]: examples as text with the trained span marked.
 //! - [`config`]: the `[data]` section of a training config and [`config::load`], which runs
 //!   all of the above.
+//! - [`tasks`]: the other tasks and objectives ([`DataTask`]): seq2seq pairs, sequence and token
+//!   classification ([`labels`] maps label values to class ids), raw text for `clm`, `mlm` and
+//!   `span_corruption` ([`objectives`]); [`text`] tokenizes encoder inputs with the model's own
+//!   special tokens.
 //!
 //! Labels follow the Hugging Face convention: `labels[i]` is aligned with `input_ids[i]` (not
 //! shifted); the loss compares the logits at position `i - 1` with `labels[i]`.
@@ -24,23 +28,37 @@ use std::sync::Arc;
 
 pub mod batch;
 pub mod config;
+pub mod labels;
 pub mod length;
+pub mod objectives;
 pub mod preview;
 pub mod read;
 pub mod split;
+pub mod tasks;
 pub mod template;
+pub mod text;
 pub mod tokenize;
 
+#[cfg(test)]
+mod objectives_tests;
+#[cfg(test)]
+mod tasks_tests;
 #[cfg(test)]
 pub(crate) mod testutil;
 
 pub use batch::{Batch, BatchConfig, Batcher, DataCursor, Targets};
-pub use config::{load, pad_id, DataConfig, Format, Mixing, MixtureEntry, Prepared, SplitStats};
+pub use config::{
+    load, load_task, pad_id, DataConfig, Format, Mixing, MixtureEntry, Prepared, SplitStats,
+};
+pub use labels::LabelMap;
 pub use length::{apply_length_policy, LengthPolicy, LengthStats};
-pub use preview::{preview, preview_with, PreviewStyle};
+pub use objectives::{Masking, MlmMasking, SpanCorruption};
+pub use preview::{preview, preview_targets, preview_with, PreviewStyle};
 pub use read::{read_rows, Loc, Row, Rows};
 pub use split::{mix, split_rows};
+pub use tasks::DataTask;
 pub use template::{PromptTemplate, TemplateSet};
+pub use text::TextEncoder;
 pub use tokenize::{
     encode_chat, encode_pair, encode_pair_for, encode_seq2seq_pair, parse_messages, prompt_ids,
     Encoder, Example,

@@ -199,18 +199,36 @@ fn read_json(path: &Path) -> Result<Vec<Row>> {
         .collect()
 }
 
-/// CSV with a header row; every cell is a string (templates render text anyway, and guessing
-/// numbers would turn "007" into 7).
+/// CSV or TSV with a header row; every cell is a string (templates render text anyway, and
+/// guessing numbers would turn "007" into 7).
+///
+/// TSV is read as GLUE writes it: one record per line, no quoting, so a `"` in a sentence is
+/// text (MNLI and QQP sentences have quotes that are not CSV quoting).
 fn read_csv(path: &Path, delimiter: u8) -> Result<Vec<Row>> {
+    let tsv = delimiter == b'\t';
     let csv_err = |e: csv::Error| {
-        let what = crate::error::first_line(&e.to_string());
-        match e.position() {
-            Some(p) => Error::file(path, format!("line {}: {what}", p.line())),
+        let line = e.position().map(|p| p.line());
+        let what = match e.kind() {
+            csv::ErrorKind::UnequalLengths {
+                expected_len, len, ..
+            } => format!(
+                "{len} fields, but the header has {expected_len} ({})",
+                if tsv {
+                    "fields are separated by tabs"
+                } else {
+                    "fields are separated by commas; quote a field that contains one"
+                }
+            ),
+            _ => crate::error::first_line(&e.to_string()),
+        };
+        match line {
+            Some(n) => Error::file(path, format!("line {n}: {what}")),
             None => Error::file(path, what),
         }
     };
     let mut reader = csv::ReaderBuilder::new()
         .delimiter(delimiter)
+        .quoting(!tsv)
         .has_headers(true)
         .from_path(path)
         .map_err(|e| Error::file(path, crate::error::first_line(&e.to_string())))?;

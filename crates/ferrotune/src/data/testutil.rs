@@ -161,3 +161,69 @@ pub fn smollm2() -> &'static Tokenizer {
         Tokenizer::from_gguf(&content, path).unwrap()
     })
 }
+
+pub const MINILM_DIR: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../../.cache/models/all-minilm-l6-v2"
+);
+
+/// The real all-MiniLM-L6-v2 tokenizer (BERT WordPiece, `[CLS] text [SEP]`, `[MASK]`).
+pub fn minilm() -> &'static Tokenizer {
+    static TOK: OnceLock<Tokenizer> = OnceLock::new();
+    TOK.get_or_init(|| {
+        Tokenizer::from_hf_dir(Path::new(MINILM_DIR))
+            .unwrap_or_else(|e| panic!("{e}: run scripts/fetch-models.sh to fetch the test models"))
+    })
+}
+
+/// A T5-style tokenizer for tests: all-MiniLM-L6-v2's WordPiece vocabulary without its
+/// post-processor, plus `</s>` (EOS, appended to encoder inputs) and 100 sentinel tokens
+/// `<extra_id_0>`..`<extra_id_99>` counted down from the top of the vocabulary, as T5's.
+pub fn t5_like() -> &'static Tokenizer {
+    static TOK: OnceLock<Tokenizer> = OnceLock::new();
+    TOK.get_or_init(|| {
+        let text = std::fs::read_to_string(Path::new(MINILM_DIR).join("tokenizer.json"))
+            .unwrap_or_else(|e| {
+                panic!("{e}: run scripts/fetch-models.sh to fetch the test models")
+            });
+        let mut tj: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let base = tj["model"]["vocab"].as_object().unwrap().len();
+        let added = tj["added_tokens"].as_array_mut().unwrap();
+        let mut push = |id: usize, content: String| {
+            added.push(json!({"id": id, "content": content, "single_word": false,
+                              "lstrip": false, "rstrip": false, "normalized": false,
+                              "special": true}))
+        };
+        push(base, "</s>".into());
+        for j in 0..100 {
+            push(base + 100 - j, format!("<extra_id_{j}>"));
+        }
+        tj["post_processor"] = serde_json::Value::Null;
+        tj["truncation"] = serde_json::Value::Null;
+        tj["padding"] = serde_json::Value::Null;
+        let d = TempDir::new("t5-like-tok");
+        d.write("tokenizer.json", &tj.to_string());
+        d.write(
+            "tokenizer_config.json",
+            &json!({"eos_token": "</s>", "pad_token": "[PAD]", "unk_token": "[UNK]"}).to_string(),
+        );
+        // The folder is removed when `d` drops; the tokenizer is in memory by then.
+        Tokenizer::from_hf_dir(d.dir()).unwrap()
+    })
+}
+
+/// `data/<name>` in $FERROTUNE_SHARED_DIR, else in the `../shared` beside the repository.
+pub fn shared_data(name: &str) -> PathBuf {
+    let dir = match std::env::var_os("FERROTUNE_SHARED_DIR") {
+        Some(shared) => PathBuf::from(shared).join("data").join(name),
+        None => {
+            PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../../shared/data")).join(name)
+        }
+    };
+    assert!(
+        dir.is_dir(),
+        "{}: missing (put ../shared beside the repository, or set FERROTUNE_SHARED_DIR)",
+        dir.display()
+    );
+    dir
+}

@@ -45,7 +45,7 @@ impl Example {
 }
 
 /// The end-of-sequence id appended after a completion: the first of the tokenizer's eos ids.
-fn eos_id(tok: &Tokenizer) -> Result<u32> {
+pub(crate) fn eos_id(tok: &Tokenizer) -> Result<u32> {
     tok.eos_ids().first().copied().ok_or_else(|| {
         Error::msg("the tokenizer has no end-of-sequence token to end completions with")
     })
