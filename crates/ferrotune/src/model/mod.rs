@@ -8,9 +8,9 @@ pub mod family;
 pub mod gguf;
 pub mod hub;
 pub mod llama;
+pub mod t5;
 #[cfg(test)]
 mod tests_interface;
-pub mod t5;
 pub mod weights;
 
 pub use bert::{load_bert, Bert, BertConfig, BertHead, BertInput, LoadedBert, Pooling};
