@@ -580,19 +580,15 @@ fn a_decoder_or_gguf_is_refused_by_the_encoder_loader() {
         e.contains("key `model_type`: `qwen2` is not a BERT-family encoder"),
         "{e}"
     );
-    // ...and the decoder loader names an encoder for what it is.
-    let e = ferrotune::model::load(
+    // ...and the generic loader now loads the encoder, which refuses to generate in one line.
+    let lm = ferrotune::model::load(
         fixture_dir("tiny-bert").to_str().unwrap(),
         &opts,
         &Device::Cpu,
     )
-    .err()
-    .unwrap()
-    .to_string();
-    assert!(
-        e.contains("BERT-family encoder") && !e.contains('\n'),
-        "{e}"
-    );
+    .unwrap();
+    let e = lm.model.decoder().err().unwrap().to_string();
+    assert!(e.contains("is an encoder") && !e.contains('\n'), "{e}");
 }
 
 // ---- all-MiniLM-L6-v2 --------------------------------------------------------------------------
@@ -757,5 +753,140 @@ fn one_label_is_regression_with_squared_error() {
     let grads = sum.backward().unwrap();
     for (name, v) in &params {
         assert!(grads.get(v.as_tensor()).is_some(), "no gradient for {name}");
+    }
+}
+
+// ---- The model interface (`impl Model for Bert`, `model::load`) ------------------------------
+
+/// A [`Batch`] over `input` (token types dropped: the interface reads one segment).
+fn interface_batch(
+    input: &BertInput,
+    labels: &Tensor,
+    targets: ferrotune::data::Targets,
+) -> ferrotune::data::Batch {
+    let n_tokens = flat(&input.attention_mask.to_dtype(DType::F32).unwrap())
+        .iter()
+        .filter(|&&m| m > 0.0)
+        .count();
+    ferrotune::data::Batch {
+        input_ids: input.input_ids.clone(),
+        labels: labels.to_dtype(DType::I64).unwrap(),
+        targets,
+        attention_mask: input.attention_mask.to_dtype(DType::U8).unwrap(),
+        position_ids: input.input_ids.zeros_like().unwrap(),
+        segment_ids: None,
+        n_loss_tokens: labels.dims()[0],
+        n_tokens,
+        sources: Vec::new(),
+    }
+}
+
+#[test]
+fn the_generic_loader_gives_bert_through_the_model_interface() {
+    use ferrotune::model::family::{ArchitectureKind, Model, TaskType};
+    let dir = fixture_dir("tiny-bert");
+    let lm = ferrotune::model::load(dir.to_str().unwrap(), &LoadOptions::default(), &Device::Cpu)
+        .unwrap();
+    let m = &lm.model;
+    assert_eq!(m.family(), "bert");
+    assert_eq!(m.architecture(), "BertForMaskedLM");
+    assert_eq!(m.kind(), ArchitectureKind::Encoder);
+    assert_eq!(m.task_type(), TaskType::FeatureExtraction);
+    assert_eq!(m.dims().encoder_layers, 2);
+    assert!(m.tied("cls.predictions.decoder"));
+    let err = m
+        .decoder()
+        .err()
+        .expect("an encoder cannot generate")
+        .to_string();
+    assert!(
+        err.contains("is an encoder") && !err.contains('\n'),
+        "{err}"
+    );
+
+    // Every weight under the file's own name and value; the tied decoder once (as the table).
+    let sd = m.state_dict(DType::F32).unwrap();
+    let file = SafetensorsSource::open(&dir, &LoadOptions::default(), &Device::Cpu).unwrap();
+    assert!(sd.contains_key("cls.predictions.bias"));
+    assert!(!sd.contains_key("cls.predictions.decoder.weight"));
+    assert_eq!(
+        sd.len(),
+        5 + 16 * 2 + 5,
+        "{:?}",
+        sd.keys().collect::<Vec<_>>()
+    );
+    use ferrotune::model::WeightSource;
+    for (name, t) in &sd {
+        let want = file
+            .dense(name)
+            .unwrap_or_else(|e| panic!("{name}: {e}"))
+            .to_dtype(DType::F32)
+            .unwrap();
+        assert_eq!(max_diff(&flat(t), &flat(&want)), 0.0, "{name}");
+    }
+
+    // config.json written back parses to the same config.
+    let v = m.hf_config().unwrap();
+    let back = BertConfig::from_hf_json(&v, "written").unwrap();
+    let cfg = bert::config_from_hf_dir(&dir).unwrap();
+    assert_eq!(back.labels, cfg.labels);
+    assert_eq!(
+        (back.hidden_size, back.num_hidden_layers, back.vocab_size),
+        (cfg.hidden_size, cfg.num_hidden_layers, cfg.vocab_size)
+    );
+    assert_eq!(back.hidden_act, cfg.hidden_act);
+    assert_eq!(v["architectures"][0], "BertForMaskedLM");
+}
+
+#[test]
+fn classification_through_the_interface_matches_the_heads() {
+    use ferrotune::data::Targets;
+    use ferrotune::model::family::{Model, TaskType};
+    let t = tiny("bert");
+    for (head, targets, task_type) in [
+        (
+            BertHead::SequenceClassification,
+            Targets::Sequence,
+            TaskType::SeqCls,
+        ),
+        (
+            BertHead::TokenClassification,
+            Targets::Token,
+            TaskType::TokenCls,
+        ),
+    ] {
+        let model = Bert::load(&t.src, &t.cfg, head).unwrap();
+        assert_eq!(Model::task_type(&model), task_type);
+        assert_eq!(
+            Model::modules_to_save(&model),
+            vec!["classifier".to_string()]
+        );
+        let (mut input, labels) = tiny_batch(&t, head);
+        input.token_type_ids = input.token_type_ids.zeros_like().unwrap();
+        let batch = interface_batch(&input, &labels, targets);
+        let got = Model::logits(&model, &batch).unwrap();
+        let want = match head {
+            BertHead::SequenceClassification => model.sequence_logits(&input),
+            _ => model.token_logits(&input),
+        }
+        .unwrap();
+        assert_eq!(got.dims(), want.dims());
+        assert!(max_diff(&flat(&got), &flat(&want)) < 1e-6);
+        let (loss, n) = Model::loss_sum(&model, &batch, false).unwrap();
+        let (want_loss, want_n) = Bert::loss_sum(&model, &input, &labels, false).unwrap();
+        assert_eq!(n, want_n);
+        assert!(n > 0);
+        let (a, b) = (
+            loss.to_scalar::<f32>().unwrap(),
+            want_loss.to_scalar::<f32>().unwrap(),
+        );
+        assert!(a > 0.0 && (a - b).abs() < 1e-5, "{a} vs {b}");
+
+        // Targets of another task are a one-line error naming both.
+        let wrong = interface_batch(&input, &labels, Targets::NextToken);
+        let err = Model::loss_sum(&model, &wrong, false)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("NextToken") && !err.contains('\n'), "{err}");
     }
 }

@@ -11,8 +11,11 @@
 //! being built names them (`bert.encoder.layer.0.attention.self.query` with a head, without the
 //! prefix for the bare encoder), so PEFT adapter files match the class PEFT would wrap.
 use super::config::limits;
+use super::family::{cannot_generate, ArchitectureKind, Dims, Model, Objective, Task, TaskType};
 use super::weights::WeightSource;
 use super::ModelSource;
+use crate::data::{Batch, Targets};
+use crate::generate::Decoder;
 use crate::nn::{Embedding, EmbeddingWeight, LayerNorm, Linear, LinearWeight};
 use crate::ops;
 use crate::progress::{CountingSource, NoProgress, Progress};
@@ -20,6 +23,7 @@ use crate::tokenizer::{InputEncoder, Tokenizer};
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor, Var, D};
 use serde_json::Value;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 /// Most classes a classification head may have (a larger `num_labels` is a typo or an attack).
@@ -1879,7 +1883,17 @@ pub fn load_bert(
     device: &Device,
     progress: &dyn Progress,
 ) -> Result<LoadedBert> {
-    let source = super::resolve(spec)?;
+    load_bert_source(super::resolve(spec)?, opts, head, device, progress)
+}
+
+/// [`load_bert`] from a resolved source.
+pub fn load_bert_source(
+    source: ModelSource,
+    opts: &super::LoadOptions,
+    head: Option<BertHead>,
+    device: &Device,
+    progress: &dyn Progress,
+) -> Result<LoadedBert> {
     let dir: PathBuf = match &source {
         ModelSource::Gguf(p) => {
             return Err(Error::file(
@@ -1948,6 +1962,285 @@ fn check_tokenizer_fits(tokenizer: &Tokenizer, cfg: &BertConfig, file: &Path) ->
         }
     }
     Ok(())
+}
+
+// ---- The model interface ---------------------------------------------------------------------
+
+impl Bert {
+    /// The transformers class of this encoder with its loaded head.
+    fn class_name(&self) -> String {
+        let head = match self.head {
+            BertHead::None => "Model",
+            BertHead::SequenceClassification => "ForSequenceClassification",
+            BertHead::TokenClassification => "ForTokenClassification",
+            BertHead::MaskedLm => "ForMaskedLM",
+        };
+        format!("{}{head}", self.cfg.flavor.class_prefix())
+    }
+
+    /// The encoder input of a [`Batch`]: one segment (token types 0), the batch's mask.
+    fn batch_input(&self, batch: &Batch) -> Result<BertInput> {
+        let input_ids = batch.input_ids.to_dtype(DType::U32)?;
+        Ok(BertInput {
+            token_type_ids: input_ids.zeros_like()?,
+            attention_mask: batch.attention_mask.to_dtype(DType::U32)?,
+            input_ids,
+        })
+    }
+
+    /// The targets the loaded head trains on: a one-line error for any other.
+    fn check_targets(&self, batch: &Batch) -> Result<()> {
+        let want = match self.head {
+            BertHead::SequenceClassification => Targets::Sequence,
+            BertHead::TokenClassification | BertHead::MaskedLm => Targets::Token,
+            BertHead::None => {
+                return Err(Error::msg(format!(
+                    "{} is a bare encoder: it has no head to train or score (load a model saved with a classification or masked-LM head)",
+                    self.class_name()
+                )))
+            }
+        };
+        if batch.targets != want {
+            return Err(Error::msg(format!(
+                "{} trains on {want:?} targets, but the batch has {:?} targets",
+                self.class_name(),
+                batch.targets
+            )));
+        }
+        Ok(())
+    }
+
+    /// f32 values one encoder layer keeps per token for autograd: the inputs of the six
+    /// linears, the attention output, the two LayerNorms and the FFN activation (the score
+    /// matrices grow with the sequence and are left to the estimate's margin).
+    fn layer_floats(&self, dropout: bool) -> u64 {
+        let (h, i) = (
+            self.cfg.hidden_size as u64,
+            self.cfg.intermediate_size as u64,
+        );
+        let base = 10 * h + 2 * i;
+        let adapters: u64 = self.layers.first().map_or(0, |l| {
+            let a = &l.attention;
+            [
+                &a.query,
+                &a.key,
+                &a.value,
+                &l.attention_output,
+                &l.intermediate,
+                &l.output,
+            ]
+            .into_iter()
+            .map(|lin| crate::train::memory::adapter_floats(lin, dropout))
+            .fold(0u64, u64::saturating_add)
+        });
+        base.saturating_add(adapters)
+    }
+}
+
+fn activation_name(a: Activation) -> &'static str {
+    match a {
+        Activation::GeluErf => "gelu",
+        Activation::GeluTanh => "gelu_new",
+        Activation::Relu => "relu",
+    }
+}
+
+fn embedding_tensor(e: &Embedding) -> Result<Tensor> {
+    Ok(match e.weight() {
+        EmbeddingWeight::Frozen(t) => t.clone(),
+        EmbeddingWeight::Trainable(v) => v.as_tensor().clone(),
+        EmbeddingWeight::Quantized(q) => q.dequantize()?,
+    })
+}
+
+impl Model for Bert {
+    fn family(&self) -> &'static str {
+        "bert"
+    }
+    fn architecture(&self) -> String {
+        self.class_name()
+    }
+    fn kind(&self) -> ArchitectureKind {
+        ArchitectureKind::Encoder
+    }
+    fn pretraining_objective(&self) -> Objective {
+        Objective::Mlm
+    }
+    fn task_type(&self) -> TaskType {
+        match self.head {
+            BertHead::SequenceClassification => TaskType::SeqCls,
+            BertHead::TokenClassification => TaskType::TokenCls,
+            BertHead::None | BertHead::MaskedLm => TaskType::FeatureExtraction,
+        }
+    }
+    fn tasks(&self) -> Vec<Task> {
+        match self.head {
+            BertHead::SequenceClassification => vec![Task::SequenceClassification],
+            BertHead::TokenClassification => vec![Task::TokenClassification],
+            BertHead::None | BertHead::MaskedLm => Vec::new(),
+        }
+    }
+    fn device(&self) -> &Device {
+        &self.device
+    }
+    fn dims(&self) -> Dims {
+        let c = &self.cfg;
+        Dims {
+            hidden_size: c.hidden_size,
+            layers: c.num_hidden_layers,
+            encoder_layers: c.num_hidden_layers,
+            decoder_layers: 0,
+            attention_heads: c.num_attention_heads,
+            kv_heads: c.num_attention_heads,
+            head_dim: c.head_dim(),
+            intermediate_size: c.intermediate_size,
+            vocab_size: c.vocab_size,
+            tied_embeddings: self.tied_linear().is_some(),
+            rope_theta: None,
+        }
+    }
+    fn context_length(&self) -> Option<usize> {
+        Some(self.cfg.max_tokens())
+    }
+
+    fn linears(&self) -> Vec<&Linear> {
+        Bert::linears(self)
+    }
+    fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        Bert::linears_mut(self)
+    }
+    fn embeddings(&self) -> Vec<&Embedding> {
+        Bert::embeddings(self).to_vec()
+    }
+    fn embeddings_mut(&mut self) -> Vec<&mut Embedding> {
+        let e = &mut self.embeddings;
+        vec![
+            &mut e.word_embeddings,
+            &mut e.position_embeddings,
+            &mut e.token_type_embeddings,
+        ]
+    }
+    fn tied(&self, name: &str) -> bool {
+        self.tied_linear() == Some(name)
+    }
+    fn output_layer(&self) -> Option<&str> {
+        Bert::output_layer(self)
+    }
+    fn other_params(&self) -> Vec<(String, Tensor)> {
+        let mut out = Vec::new();
+        for (name, norm) in self.norms() {
+            out.push((format!("{name}.weight"), norm.weight().clone()));
+            out.push((format!("{name}.bias"), norm.bias().clone()));
+        }
+        out
+    }
+    fn modules_to_save(&self) -> Vec<String> {
+        Bert::modules_to_save(self)
+    }
+    fn make_trainable(&mut self, modules: Option<&[String]>) -> Result<Vec<(String, Var)>> {
+        match modules {
+            None => self.make_all_trainable(),
+            Some(m) => self.make_modules_trainable(m),
+        }
+    }
+
+    fn loss_sum(&self, batch: &Batch, train: bool) -> Result<(Tensor, usize)> {
+        self.check_targets(batch)?;
+        Bert::loss_sum(self, &self.batch_input(batch)?, &batch.labels, train)
+    }
+    fn logits(&self, batch: &Batch) -> Result<Tensor> {
+        self.check_targets(batch)?;
+        let input = self.batch_input(batch)?;
+        match self.head {
+            BertHead::SequenceClassification => self.sequence_logits(&input),
+            BertHead::TokenClassification => self.token_logits(&input),
+            _ => self.mlm_logits(&input),
+        }
+    }
+    fn activation_floats_per_token(&self, dropout: bool) -> u64 {
+        self.layer_floats(dropout)
+            .saturating_mul(self.layers.len() as u64)
+    }
+    fn layer_floats_per_token(&self, dropout: bool) -> u64 {
+        self.layer_floats(dropout)
+    }
+
+    fn decoder(&self) -> Result<Box<dyn Decoder + '_>> {
+        Err(cannot_generate(self))
+    }
+
+    fn state_dict(&self, dtype: DType) -> Result<HashMap<String, Tensor>> {
+        let mut sd = HashMap::new();
+        for e in Bert::embeddings(self) {
+            sd.insert(
+                format!("{}.weight", e.name()),
+                embedding_tensor(e)?.to_dtype(dtype)?,
+            );
+        }
+        for lin in Bert::linears(self) {
+            if !Model::tied(self, lin.name()) {
+                sd.insert(
+                    format!("{}.weight", lin.name()),
+                    lin.weight().to_dense_f32()?.to_dtype(dtype)?,
+                );
+            }
+            if let Some(b) = lin.bias() {
+                sd.insert(bias_param_name(lin.name()), b.to_dtype(dtype)?);
+            }
+        }
+        for (name, t) in self.other_params() {
+            sd.insert(name, t.to_dtype(dtype)?);
+        }
+        Ok(sd)
+    }
+    fn hf_config(&self) -> Result<Value> {
+        let c = &self.cfg;
+        let model_type = match c.flavor {
+            BertFlavor::Bert => "bert",
+            BertFlavor::Roberta => "roberta",
+        };
+        let id2label: serde_json::Map<String, Value> = c
+            .labels
+            .iter()
+            .enumerate()
+            .map(|(i, l)| (i.to_string(), Value::from(l.clone())))
+            .collect();
+        let label2id: serde_json::Map<String, Value> = c
+            .labels
+            .iter()
+            .enumerate()
+            .map(|(i, l)| (l.clone(), Value::from(i)))
+            .collect();
+        let mut v = serde_json::json!({
+            "architectures": [self.class_name()],
+            "model_type": model_type,
+            "vocab_size": c.vocab_size,
+            "hidden_size": c.hidden_size,
+            "num_hidden_layers": c.num_hidden_layers,
+            "num_attention_heads": c.num_attention_heads,
+            "intermediate_size": c.intermediate_size,
+            "max_position_embeddings": c.max_position_embeddings,
+            "type_vocab_size": c.type_vocab_size,
+            "layer_norm_eps": c.layer_norm_eps,
+            "pad_token_id": c.pad_token_id,
+            "hidden_act": activation_name(c.hidden_act),
+            "initializer_range": c.initializer_range,
+            "tie_word_embeddings": c.tie_word_embeddings,
+            "id2label": id2label,
+            "label2id": label2id,
+        });
+        if c.problem_type == ProblemType::Regression {
+            v["problem_type"] = Value::from("regression");
+        }
+        Ok(v)
+    }
+
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
+        self
+    }
 }
 
 #[cfg(test)]

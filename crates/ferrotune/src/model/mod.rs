@@ -199,6 +199,16 @@ pub fn load_source_with_progress(
         // Families other than LLaMA are told apart by config.json's `model_type` here, one arm
         // each (`"t5" | "mt5"`, `"bert" | "roberta"`), before the LLaMA config parser, which
         // names what it does not support.
+        ModelSource::HfDir(dir) if is_bert_dir(dir) => {
+            // The head is the one the folder was saved with (architectures[0]).
+            let lb = bert::load_bert_source(source.clone(), opts, None, device, progress)?;
+            Ok(LoadedModel {
+                model: Box::new(lb.model),
+                tokenizer: lb.tokenizer,
+                source,
+                file_bytes: lb.file_bytes,
+            })
+        }
         ModelSource::HfDir(dir) => {
             let cfg = config_from_hf_dir(dir)?;
             let tokenizer = Tokenizer::from_hf_dir(dir)?;
@@ -226,6 +236,15 @@ pub fn load_source_with_progress(
             })
         }
     }
+}
+
+/// Whether `dir/config.json` names a BERT-family encoder (unreadable: no, the LLaMA path
+/// reports the file's error).
+fn is_bert_dir(dir: &Path) -> bool {
+    std::fs::read_to_string(dir.join("config.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .is_some_and(|v| bert::BertConfig::is_bert_family(&v))
 }
 
 pub fn config_from_hf_dir(dir: &Path) -> Result<LlamaConfig> {
