@@ -8,9 +8,9 @@ pub mod family;
 pub mod gguf;
 pub mod hub;
 pub mod llama;
+pub mod t5;
 #[cfg(test)]
 mod tests_interface;
-pub mod t5;
 pub mod weights;
 
 pub use bert::{load_bert, Bert, BertConfig, BertHead, BertInput, LoadedBert, Pooling};
@@ -199,6 +199,15 @@ pub fn load_source_with_progress(
         // Families other than LLaMA are told apart by config.json's `model_type` here, one arm
         // each (`"t5" | "mt5"`, `"bert" | "roberta"`), before the LLaMA config parser, which
         // names what it does not support.
+        ModelSource::HfDir(_) if t5::is_t5_source(&source) => {
+            let t5 = t5::load_source(source, opts, device, progress)?;
+            Ok(LoadedModel {
+                model: Box::new(t5.model),
+                tokenizer: t5.tokenizer,
+                source: t5.source,
+                file_bytes: t5.file_bytes,
+            })
+        }
         ModelSource::HfDir(dir) => {
             let cfg = config_from_hf_dir(dir)?;
             let tokenizer = Tokenizer::from_hf_dir(dir)?;
