@@ -111,3 +111,50 @@ fn what_t5_generation_cannot_do_is_a_one_line_error() {
     assert!(e.contains("decoder"), "{e}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// T5 through the general model interface: `inspect` names it, `perplexity --data` scores
+/// completions given prompts, and `convert` writes a folder that scores the same.
+#[test]
+fn t5_inspect_perplexity_and_convert_through_the_model_interface() {
+    let d = tmp("t5-iface");
+    let m = arg(&model("t5-v1_1"));
+    let v = json(&succeeds(&["inspect", "--model", &m, "--json"]));
+    assert_eq!(v["family"], "t5");
+    assert_eq!(v["kind"], "encoder-decoder");
+    assert_eq!(v["pretraining_objective"], "span_corruption");
+    assert_eq!(v["task_type"], "SEQ_2_SEQ_LM");
+    let data = d.join("qa.jsonl");
+    std::fs::write(
+        &data,
+        "{\"q\": \"cat dog\", \"a\": \"sun moon tree\"}\n{\"q\": \"red\", \"a\": \"blue\"}\n",
+    )
+    .unwrap();
+    let data = arg(&data);
+    let ppl = |model: &str| {
+        json(&succeeds(&[
+            "perplexity",
+            "--model",
+            model,
+            "--data",
+            &data,
+            "--template",
+            "{q}",
+            "--completion",
+            "{a}",
+            "--json",
+        ]))
+    };
+    let v = ppl(&m);
+    let nll = v["nll"].as_f64().unwrap();
+    assert!(v["tokens"].as_u64().unwrap() >= 4, "{v}");
+    assert!(nll.is_finite() && nll > 0.0, "{v}");
+    let out = d.join("converted");
+    succeeds(&["convert", "--model", &m, "--out", &arg(&out)]);
+    let c = ppl(&arg(&out));
+    assert_eq!(c["tokens"], v["tokens"]);
+    assert!(
+        (c["nll"].as_f64().unwrap() - nll).abs() < 1e-5,
+        "{c} vs {v}"
+    );
+    let _ = std::fs::remove_dir_all(&d);
+}

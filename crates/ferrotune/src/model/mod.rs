@@ -209,6 +209,15 @@ pub fn load_source_with_progress(
                 file_bytes: lb.file_bytes,
             })
         }
+        ModelSource::HfDir(_) if t5::is_t5_source(&source) => {
+            let t5 = t5::load_source(source, opts, device, progress)?;
+            Ok(LoadedModel {
+                model: Box::new(t5.model),
+                tokenizer: t5.tokenizer,
+                source: t5.source,
+                file_bytes: t5.file_bytes,
+            })
+        }
         ModelSource::HfDir(dir) => {
             let cfg = config_from_hf_dir(dir)?;
             let tokenizer = Tokenizer::from_hf_dir(dir)?;

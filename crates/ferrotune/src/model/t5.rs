@@ -15,10 +15,12 @@
 //! [`T5::loss_sum`] takes encoder ids and decoder labels (-100 ignored) like
 //! `T5ForConditionalGeneration(labels=...)`.
 use super::config::limits;
+use super::family::{ArchitectureKind, Dims, Model, Objective, Task, TaskType};
 use super::weights::WeightSource;
 use super::ModelSource;
 use crate::beam::{BeamConfig, BeamDecoder, BeamOutput};
 use crate::data::IGNORE;
+use crate::data::{Batch, Targets};
 use crate::nn::{Embedding, EmbeddingWeight, Linear, LinearWeight, RmsNorm};
 use crate::ops;
 use crate::progress::{CountingSource, Progress};
@@ -26,6 +28,7 @@ use crate::tokenizer::Tokenizer;
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use serde_json::Value;
+use std::collections::HashMap;
 use std::path::Path;
 
 /// `model_type`s this file implements.
@@ -1570,6 +1573,10 @@ impl crate::generate::Decoder for T5Decoder<'_> {
     fn context_length(&self) -> usize {
         usize::MAX
     }
+    /// The prompt is the encoder input: the decoder's history starts empty.
+    fn prompt_in_context(&self) -> bool {
+        false
+    }
 }
 
 /// [`BeamDecoder`] for T5: the prompt is encoded once, each beam has its own decoder cache.
@@ -1704,6 +1711,169 @@ pub fn load_source(
         source,
         file_bytes,
     })
+}
+
+// ---------------------------------------------------------------- the model interface
+
+/// f32 values one T5 layer keeps per token for the backward pass (the larger, decoder layer:
+/// self-attention, cross-attention and feed-forward), counted like LLaMA's: the norms' outputs
+/// (h each), q/k/v and the attention output (inner each), the output projections (h), the
+/// feed-forward input projections and activation (ff each, gated: three) and its output (h).
+fn t5_layer_floats_per_token(model: &T5, dropout: bool) -> u64 {
+    use crate::train::memory::{adapter_floats, Sat};
+    let c = &model.cfg;
+    let h = Sat(c.d_model as u64);
+    let inner = Sat(c.inner_dim() as u64);
+    let ff = Sat(c.d_ff as u64) * Sat(if c.gated { 3 } else { 2 });
+    let base = Sat(8) * h + Sat(8) * inner + ff;
+    let adapters = model
+        .decoder
+        .blocks
+        .first()
+        .or(model.encoder.blocks.first())
+        .map(|b| {
+            b.linears()
+                .into_iter()
+                .fold(Sat(0), |a, lin| a + Sat(adapter_floats(lin, dropout)))
+        })
+        .unwrap_or(Sat(0));
+    (base + adapters).0
+}
+
+impl T5 {
+    fn check_targets(&self, batch: &Batch) -> Result<()> {
+        if batch.targets != Targets::Decoder {
+            return Err(Error::msg(format!(
+                "{} is an encoder-decoder: it trains on decoder targets (task seq2seq_lm), not {}",
+                Model::describe(self),
+                batch.targets.as_str()
+            )));
+        }
+        Ok(())
+    }
+}
+
+impl Model for T5 {
+    fn family(&self) -> &'static str {
+        "t5"
+    }
+    fn architecture(&self) -> String {
+        self.cfg
+            .raw
+            .get("architectures")
+            .and_then(|a| a.get(0))
+            .and_then(Value::as_str)
+            .map(str::to_string)
+            .unwrap_or_else(|| {
+                if self.cfg.model_type == "mt5" {
+                    "MT5ForConditionalGeneration".to_string()
+                } else {
+                    "T5ForConditionalGeneration".to_string()
+                }
+            })
+    }
+    fn kind(&self) -> ArchitectureKind {
+        ArchitectureKind::EncoderDecoder
+    }
+    fn pretraining_objective(&self) -> Objective {
+        Objective::SpanCorruption
+    }
+    fn task_type(&self) -> TaskType {
+        TaskType::Seq2SeqLm
+    }
+    fn tasks(&self) -> Vec<Task> {
+        vec![Task::Seq2SeqLm]
+    }
+    fn device(&self) -> &Device {
+        &self.device
+    }
+    fn dims(&self) -> Dims {
+        let c = &self.cfg;
+        Dims {
+            hidden_size: c.d_model,
+            layers: c.num_layers + c.num_decoder_layers,
+            encoder_layers: c.num_layers,
+            decoder_layers: c.num_decoder_layers,
+            attention_heads: c.num_heads,
+            kv_heads: c.num_heads,
+            head_dim: c.d_kv,
+            intermediate_size: c.d_ff,
+            vocab_size: c.vocab_size,
+            tied_embeddings: self.lm_head_tied,
+            rope_theta: None,
+        }
+    }
+    fn context_length(&self) -> Option<usize> {
+        None
+    }
+
+    fn linears(&self) -> Vec<&Linear> {
+        T5::linears(self)
+    }
+    fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        T5::linears_mut(self)
+    }
+    fn embeddings(&self) -> Vec<&Embedding> {
+        T5::embeddings(self)
+    }
+    fn embeddings_mut(&mut self) -> Vec<&mut Embedding> {
+        T5::embeddings_mut(self)
+    }
+    fn tied(&self, name: &str) -> bool {
+        name == "lm_head" && self.lm_head_tied
+    }
+    fn output_layer(&self) -> Option<&str> {
+        Some("lm_head")
+    }
+    fn other_params(&self) -> Vec<(String, Tensor)> {
+        T5::other_params(self)
+    }
+    fn make_trainable(&mut self, modules: Option<&[String]>) -> Result<Vec<(String, Var)>> {
+        T5::make_trainable(self, modules)
+    }
+
+    fn loss_sum(&self, batch: &Batch, train: bool) -> Result<(Tensor, usize)> {
+        self.check_targets(batch)?;
+        T5::loss_sum(
+            self,
+            &batch.input_ids,
+            Some(&batch.attention_mask),
+            &batch.labels,
+            train,
+        )
+    }
+    fn logits(&self, batch: &Batch) -> Result<Tensor> {
+        self.check_targets(batch)?;
+        let rows: Vec<Vec<i64>> = batch.labels.to_dtype(DType::I64)?.to_vec2()?;
+        let (b, t) = batch.labels.dims2()?;
+        let dec = Tensor::from_vec(self.shift_right(&rows).concat(), (b, t), &self.device)?;
+        self.forward(&batch.input_ids, Some(&batch.attention_mask), &dec)
+    }
+    fn activation_floats_per_token(&self, dropout: bool) -> u64 {
+        let layers = (self.cfg.num_layers + self.cfg.num_decoder_layers) as u64;
+        t5_layer_floats_per_token(self, dropout).saturating_mul(layers)
+    }
+    fn layer_floats_per_token(&self, dropout: bool) -> u64 {
+        t5_layer_floats_per_token(self, dropout)
+    }
+
+    fn decoder(&self) -> Result<Box<dyn crate::generate::Decoder + '_>> {
+        Ok(Box::new(T5::decoder(self)))
+    }
+
+    fn state_dict(&self, dtype: DType) -> Result<HashMap<String, Tensor>> {
+        Ok(T5::state_dict(self, dtype)?.into_iter().collect())
+    }
+    fn hf_config(&self) -> Result<Value> {
+        Ok(self.cfg.raw.clone())
+    }
+
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
+        self
+    }
 }
 
 #[cfg(test)]

@@ -835,3 +835,51 @@ fn decoder_edge_cases() {
         .to_string();
     assert!(e.contains("`num_beams`"), "{e}");
 }
+
+/// The general loader (`model::load_source`) gives a T5 behind the `Model` interface, and its
+/// `loss_sum` over a decoder-target batch is transformers' loss times the label count.
+#[test]
+fn t5_through_the_model_interface_matches_transformers_loss() {
+    use crate::model::family::{ArchitectureKind, Model, Objective, TaskType};
+    for variant in VARIANTS {
+        let lm = crate::model::load_source(
+            ModelSource::HfDir(fixtures().join(variant)),
+            &LoadOptions::default(),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let m: &dyn Model = &lm.model;
+        assert_eq!(m.family(), "t5");
+        assert_eq!(m.kind(), ArchitectureKind::EncoderDecoder);
+        assert_eq!(m.pretraining_objective(), Objective::SpanCorruption);
+        assert_eq!(m.task_type(), TaskType::Seq2SeqLm);
+        assert_eq!(m.architecture(), "T5ForConditionalGeneration");
+        let case = &expected(variant)["loss"][0];
+        let labels = int_matrix(&case["labels"], DType::I64);
+        let n_labels = ints(&case["labels"][0]).len();
+        let mut batch = Batch {
+            input_ids: int_matrix(&case["input_ids"], DType::U32),
+            labels: labels.clone(),
+            targets: Targets::Decoder,
+            attention_mask: int_matrix(&case["attention_mask"], DType::U8),
+            position_ids: int_matrix(&case["attention_mask"], DType::U32),
+            segment_ids: None,
+            n_loss_tokens: 0,
+            n_tokens: 0,
+            sources: Vec::new(),
+        };
+        let (sum, n) = m.loss_sum(&batch, false).unwrap();
+        assert!(n > 0 && n <= labels.elem_count() && n_labels > 0);
+        let got = sum.to_scalar::<f32>().unwrap() as f64 / n as f64;
+        let want = case["loss"].as_f64().unwrap();
+        assert!(
+            (got - want).abs() / want.abs() < 1e-5,
+            "{variant}: {got} vs {want}"
+        );
+        let logits = m.logits(&batch).unwrap();
+        assert_eq!(logits.dim(2).unwrap(), m.dims().vocab_size);
+        batch.targets = Targets::NextToken;
+        let e = m.loss_sum(&batch, false).unwrap_err().to_string();
+        assert!(e.contains("encoder-decoder") && !e.contains('\n'), "{e}");
+    }
+}
