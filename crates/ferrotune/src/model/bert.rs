@@ -1470,7 +1470,7 @@ impl Bert {
             .heads
             .classifier
             .as_ref()
-            .expect("loaded with the head");
+            .ok_or_else(|| missing_head_part("classifier"))?;
         match &self.heads.classifier_dense {
             // RoBERTa: dense + tanh on the first token, then out_proj.
             Some(dense) => {
@@ -1478,7 +1478,11 @@ impl Bert {
                 Ok(classifier.forward_t(&x, train)?)
             }
             None => {
-                let pooler = self.heads.pooler.as_ref().expect("loaded with the head");
+                let pooler = self
+                    .heads
+                    .pooler
+                    .as_ref()
+                    .ok_or_else(|| missing_head_part("pooler"))?;
                 let pooled = pooler.forward_t(&first_token(hidden)?, train)?.tanh()?;
                 Ok(classifier.forward_t(&pooled, train)?)
             }
@@ -1499,12 +1503,21 @@ impl Bert {
             BertHead::TokenClassification => Ok(h
                 .classifier
                 .as_ref()
-                .expect("loaded with the head")
+                .ok_or_else(|| missing_head_part("classifier"))?
                 .forward_t(hidden, train)?),
             BertHead::MaskedLm => {
-                let dense = h.mlm_dense.as_ref().expect("loaded with the head");
-                let norm = h.mlm_norm.as_ref().expect("loaded with the head");
-                let decoder = h.mlm_decoder.as_ref().expect("loaded with the head");
+                let dense = h
+                    .mlm_dense
+                    .as_ref()
+                    .ok_or_else(|| missing_head_part("MLM transform dense"))?;
+                let norm = h
+                    .mlm_norm
+                    .as_ref()
+                    .ok_or_else(|| missing_head_part("MLM transform LayerNorm"))?;
+                let decoder = h
+                    .mlm_decoder
+                    .as_ref()
+                    .ok_or_else(|| missing_head_part("MLM decoder"))?;
                 // RoBERTa's lm_head always uses the exact GELU; BERT's uses hidden_act.
                 let act = match self.cfg.flavor {
                     BertFlavor::Bert => self.cfg.hidden_act,
@@ -2241,6 +2254,13 @@ impl Model for Bert {
     fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
         self
     }
+}
+
+/// A head's layer that the loader should have built with the head: an error, never a panic.
+fn missing_head_part(part: &str) -> Error {
+    Error::msg(format!(
+        "the model's head has no {part} (it was not loaded)"
+    ))
 }
 
 #[cfg(test)]
