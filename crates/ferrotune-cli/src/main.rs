@@ -76,6 +76,8 @@ enum Command {
     Eval(EvalArgs),
     /// Sentence embeddings from a BERT-family encoder: one JSON line {"embedding": [...]} per row.
     Embed(EmbedArgs),
+    /// Classify a data file's rows with a sequence-classification model; accuracy and macro-F1.
+    Classify(ClassifyArgs),
     /// Inspect training data.
     Data {
         #[command(subcommand)]
@@ -809,6 +811,7 @@ fn main() {
         Command::Merge(a) => run_merge(a),
         Command::Eval(a) => run_eval(a),
         Command::Embed(a) => run_embed(a),
+        Command::Classify(a) => run_classify(a),
         Command::Data {
             cmd: DataCommand::Preview(a),
         } => run_data_preview(a),
@@ -1281,5 +1284,97 @@ fn run_embed(a: EmbedArgs) -> Result<()> {
         writeln!(out, "{}", serde_json::json!({ "embedding": e }))?;
     }
     out.flush()?;
+    Ok(())
+}
+
+#[derive(Args)]
+struct ClassifyArgs {
+    #[command(flatten)]
+    m: ModelArgs,
+    /// PEFT adapter folder (task_type SEQ_CLS) to apply (repeatable: all are active).
+    #[arg(long)]
+    adapter: Vec<PathBuf>,
+    /// Rows to classify: JSONL, JSON, CSV, TSV or Parquet.
+    #[arg(long)]
+    data: PathBuf,
+    /// The text of each row: a template with {field} placeholders, or a field name.
+    #[arg(long)]
+    text: String,
+    /// The field holding each row's gold label: a class id, or a name from the model's
+    /// id2label (or --labels).
+    #[arg(long)]
+    label_field: String,
+    /// Class names in id order, comma-separated (when the model's id2label does not name the
+    /// data's labels).
+    #[arg(long, value_delimiter = ',')]
+    labels: Option<Vec<String>>,
+    /// Rows per forward pass.
+    #[arg(long, default_value_t = 32, allow_negative_numbers = true)]
+    batch_size: usize,
+    /// Most tokens per row, special tokens included (default: the model's limit); longer texts
+    /// are cut at the end.
+    #[arg(long, allow_negative_numbers = true)]
+    max_seq_len: Option<usize>,
+    /// The data's format: jsonl, json, csv, tsv or parquet (default: from the extension).
+    #[arg(long)]
+    format: Option<String>,
+    /// Classify the first N rows only.
+    #[arg(long, allow_negative_numbers = true)]
+    limit: Option<usize>,
+    /// One JSON line: {"accuracy", "f1", "n", ...}.
+    #[arg(long)]
+    json: bool,
+}
+
+fn run_classify(a: ClassifyArgs) -> Result<()> {
+    use ferrotune::classify::{
+        check_adapter_task, check_model, classify, parse_format, ClassifyOptions,
+    };
+    input_file("--data", &a.data)?;
+    for d in &a.adapter {
+        input_dir("--adapter", d)?;
+    }
+    let format = a
+        .format
+        .as_deref()
+        .map(|f| {
+            parse_format(f)
+                .ok_or_else(|| anyhow!("--format `{f}`: expected jsonl, json, csv, tsv or parquet"))
+        })
+        .transpose()?;
+    let opts = ClassifyOptions {
+        text: a.text.clone(),
+        label_field: a.label_field.clone(),
+        labels: a.labels.clone(),
+        batch_size: a.batch_size,
+        max_seq_len: a.max_seq_len,
+        format,
+        limit: a.limit,
+    };
+    opts.validate().map_err(flag_error)?;
+    for d in &a.adapter {
+        check_adapter_task(d)?;
+    }
+    let mut lm = load(&a.m)?;
+    check_model(&*lm.model).map_err(|e| anyhow!("--model {}: {e}", a.m.model))?;
+    attach_adapters(&mut lm, &a.adapter)?;
+    let r = classify(&*lm.model, &lm.tokenizer, &a.data, &opts, &bar())?;
+    if r.truncated > 0 {
+        warn!(
+            "{} of {} rows were longer than {} tokens and were cut at the end",
+            r.truncated,
+            r.n,
+            a.max_seq_len
+                .or(lm.model.context_length())
+                .map_or("the limit".to_string(), |n| n.to_string())
+        );
+    }
+    if a.json {
+        println!("{}", serde_json::to_string(&r)?);
+    } else {
+        println!("n         {}", r.n);
+        println!("accuracy  {:.4}", r.accuracy);
+        println!("f1        {:.4}  (macro)", r.f1);
+    }
     Ok(())
 }

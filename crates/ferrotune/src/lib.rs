@@ -6,10 +6,12 @@
 //! - [`nn`]: our layers (`Linear`, `Embedding`, `RmsNorm`) — the seam PEFT methods wrap.
 //! - [`model`]: model code (LLaMA family) and loading from HF folders, GGUF files and the hub.
 //! - [`tokenizer`]: tokenizers from `tokenizer.json` or GGUF metadata, chat templates.
-//! - [`generate`], [`beam`], [`icl`], [`perplexity`], [`inspect`]: what users run.
+//! - [`generate`], [`beam`], [`icl`], [`perplexity`], [`inspect`], [`embed`], [`classify`]: what
+//!   users run.
 //! - [`progress`]: how long calls report their progress (the caller picks a bar or nothing).
 //! - [`train`]: fine-tuning recipes (LoRA) from a TOML config, with checkpoints and exact resume.
 pub mod beam;
+pub mod classify;
 pub mod data;
 pub mod embed;
 pub mod engine;

@@ -12,8 +12,12 @@
 //! * Exact match: after stripping surrounding whitespace; [`exact_match_normalized`] also
 //!   ignores case, ASCII punctuation and runs of whitespace.
 //!
-//! `reference/metrics_fixtures.py` writes the fixtures the tests compare against.
+//! * Classification ([`classification`]): accuracy and macro-F1 as scikit-learn computes them.
+//!
+//! `reference/metrics_fixtures.py` writes the fixtures the tests compare against
+//! (`reference/classification_fixtures.py` those of the classification metrics).
 mod bleu;
+pub mod classification;
 mod io;
 mod porter;
 mod pytext;
@@ -22,6 +26,7 @@ mod rouge;
 mod tests;
 
 pub use bleu::{corpus_bleu_detail, tokenize_13a, BleuScore};
+pub use classification::{class_accuracy, class_scores, macro_f1, ClassScores};
 pub use io::read_predictions;
 pub use porter::stem as porter_stem;
 pub use rouge::{rouge_detail, tokenize as rouge_tokenize, Prf, RougeDetail};
