@@ -344,6 +344,7 @@ impl ModelArgs {
                 .transpose()?,
             dequantize: self.dequantize,
             requantize: self.requantize.as_deref().map(parse_ggml).transpose()?,
+            head: None,
         })
     }
 }
