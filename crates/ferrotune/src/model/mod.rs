@@ -211,7 +211,11 @@ pub fn load_source_with_progress(
             })
         }
         ModelSource::HfDir(dir) if t5::is_t5_source(&source) => {
-            check_no_head(opts, "a T5-family encoder-decoder", &dir.join("config.json"))?;
+            check_no_head(
+                opts,
+                "a T5-family encoder-decoder",
+                &dir.join("config.json"),
+            )?;
             let t5 = t5::load_source(source, opts, device, progress)?;
             Ok(LoadedModel {
                 model: Box::new(t5.model),

@@ -174,10 +174,7 @@ impl Objective {
                 model.pretraining_objective()
             ));
         }
-        Err(format!(
-            "`{}` is not supported for this model yet: raw-text pre-training data ([data] text) is not wired into training; use \"sft\"",
-            self.as_str()
-        ))
+        Ok(())
     }
 }
 

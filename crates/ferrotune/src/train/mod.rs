@@ -303,7 +303,10 @@ fn count_correct(model: &dyn Model, batch: &data::Batch) -> Result<(usize, usize
     let logits = model.logits(batch)?;
     let pred = logits.argmax(candle_core::D::Minus1)?.flatten_all()?;
     let pred = pred.to_dtype(candle_core::DType::I64)?.to_vec1::<i64>()?;
-    let gold = batch.labels.flatten_all()?.to_dtype(candle_core::DType::I64)?;
+    let gold = batch
+        .labels
+        .flatten_all()?
+        .to_dtype(candle_core::DType::I64)?;
     let gold = gold.to_vec1::<i64>()?;
     if pred.len() != gold.len() {
         // A regression head (one score) has no classes to count.
@@ -508,15 +511,20 @@ fn finished_summary(out: &std::path::Path, max_steps: usize) -> Option<Summary> 
         StopReason::EarlyStopping => true,
         StopReason::StopAfter | StopReason::Interrupted => false,
     };
-    let adapter = out
-        .join(ADAPTER_DIR)
-        .join(crate::peft::format::WEIGHTS_FILE)
-        .is_file();
+    // The run's result is on disk: its adapter, or the model of a full / selective run.
+    let result = match (&s.adapter_dir, &s.model_dir) {
+        (Some(_), _) => out
+            .join(ADAPTER_DIR)
+            .join(crate::peft::format::WEIGHTS_FILE)
+            .is_file(),
+        (None, Some(_)) => out.join(MODEL_DIR).join("model.safetensors").is_file(),
+        (None, None) => false,
+    };
     let newer_checkpoint = checkpoint::latest(out)
         .ok()
         .flatten()
         .is_some_and(|(step, _)| step > s.steps);
-    (done && s.adapter_dir.is_some() && adapter && !newer_checkpoint).then_some(Summary {
+    (done && result && !newer_checkpoint).then_some(Summary {
         already_finished: true,
         ..s
     })

@@ -750,8 +750,11 @@ fn setup_model(
     // the config's error, so name the file and the key.
     if cfg.method == Method::Lora {
         let defaults = m.default_lora_targets();
-        crate::peft::lora::model::resolve_targets(&*m, &cfg.lora.to_peft_for(&cfg.model, &defaults))
-            .map_err(|e| c.key_error("lora.targets", e))?;
+        crate::peft::lora::model::resolve_targets(
+            &*m,
+            &cfg.lora.to_peft_for(&cfg.model, &defaults),
+        )
+        .map_err(|e| c.key_error("lora.targets", e))?;
     }
     let tuner = Tuner::attach(cfg, &mut *m, &cfg.model)?;
     let params = tuner.trainable(&*m);
