@@ -20,6 +20,8 @@
 //! dropout = 0.05          # on the adapter input (default 0)
 //! targets = ["q_proj", "v_proj"]   # module names, "all-linear", or one regex string
 //! rslora = false          # scale by alpha / sqrt(r)
+//! modules_to_save = ["classifier"]  # trained in full beside the adapter (PEFT's modules_to_save;
+//!                         # classification models: their classifier, always)
 //!
 //! [train]
 //! batch_size = 4          # examples per micro-batch (default 4)
@@ -178,6 +180,10 @@ pub struct LoraSection {
     /// Rank-stabilized LoRA: scale by alpha / sqrt(r).
     #[serde(default)]
     pub rslora: bool,
+    /// Modules trained in full next to the adapter (PEFT's `modules_to_save`); a sequence- or
+    /// token-classification model always adds its classifier, as PEFT does.
+    #[serde(default)]
+    pub modules_to_save: Option<Vec<String>>,
 }
 
 fn default_r() -> usize {
@@ -195,6 +201,7 @@ impl Default for LoraSection {
             dropout: 0.0,
             targets: default_targets(),
             rslora: false,
+            modules_to_save: None,
         }
     }
 }
@@ -208,6 +215,7 @@ impl LoraSection {
             lora_dropout: self.dropout,
             target_modules: Some(self.targets.clone()),
             use_rslora: self.rslora,
+            modules_to_save: self.modules_to_save.clone(),
             base_model_name_or_path: Some(base_model.to_string()),
             ..LoraConfig::default()
         }
