@@ -22,6 +22,8 @@
 //!                                  # (default: PEFT's for the family: q_proj/v_proj, T5 q/v,
 //!                                  # BERT query/value)
 //! rslora = false          # scale by alpha / sqrt(r)
+//! modules_to_save = ["classifier"]  # trained in full beside the adapter (PEFT's modules_to_save;
+//!                         # classification models: their classifier, always)
 //!
 //! [train]
 //! batch_size = 4          # examples per micro-batch (default 4)
@@ -196,6 +198,10 @@ pub struct LoraSection {
     /// Rank-stabilized LoRA: scale by alpha / sqrt(r).
     #[serde(default)]
     pub rslora: bool,
+    /// Modules trained in full next to the adapter (PEFT's `modules_to_save`); a sequence- or
+    /// token-classification model always adds its classifier, as PEFT does.
+    #[serde(default)]
+    pub modules_to_save: Option<Vec<String>>,
 }
 
 fn default_r() -> usize {
@@ -210,6 +216,7 @@ impl Default for LoraSection {
             dropout: 0.0,
             targets: None,
             rslora: false,
+            modules_to_save: None,
         }
     }
 }
@@ -232,6 +239,7 @@ impl LoraSection {
             lora_dropout: self.dropout,
             target_modules: Some(targets),
             use_rslora: self.rslora,
+            modules_to_save: self.modules_to_save.clone(),
             base_model_name_or_path: Some(base_model.to_string()),
             ..LoraConfig::default()
         }

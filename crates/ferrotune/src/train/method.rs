@@ -5,7 +5,7 @@
 use super::config::{Method, TrainConfig};
 use crate::model::Model;
 use crate::peft::format::{save_adapter, KEY_PREFIX, WEIGHTS_FILE};
-use crate::peft::lora::{as_lora, attach_lora, LoraConfig};
+use crate::peft::lora::{as_lora, attach_lora, config_for_model, LoraConfig};
 use crate::peft::{adapter_params, ParamCount};
 use crate::{Error, Result};
 use candle_core::{DType, Tensor, Var};
@@ -40,6 +40,9 @@ impl Tuner {
                 let defaults = model.default_lora_targets();
                 let mut config = cfg.lora.to_peft_for(model_name, &defaults);
                 config.task_type = Some(model.task_type().as_peft().to_string());
+                // The config saved with the adapter lists the classifier of a SEQ_CLS model
+                // in modules_to_save, as PEFT's does.
+                let config = config_for_model(model, &config);
                 let info = attach_lora(model, &config, ADAPTER_NAME, cfg.train.seed)?;
                 Ok(Tuner::Lora {
                     config,
@@ -90,7 +93,8 @@ impl Tuner {
         }
     }
 
-    /// The parameters the optimizer updates, with stable names.
+    /// The parameters the optimizer updates, with stable names: the LoRA tensors and the
+    /// `modules_to_save` copies (`classifier.weight`, ...).
     pub fn trainable(&self, model: &dyn Model) -> Vec<(String, Var)> {
         match self {
             Tuner::Lora { .. } => adapter_params(model, ADAPTER_NAME),
