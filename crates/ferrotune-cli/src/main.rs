@@ -68,7 +68,7 @@ enum Command {
     Convert(ConvertArgs),
     /// Score predictions made elsewhere: ROUGE-1/2/L/Lsum (rouge-score), BLEU (sacrebleu), exact match.
     Score(ScoreArgs),
-    /// Fine-tune (LoRA) from a TOML config; --resume continues from the newest checkpoint.
+    /// Fine-tune (LoRA, full, selective; any task or pre-training objective) from a TOML config; --resume continues from the newest checkpoint.
     Train(TrainArgs),
     /// Fold an adapter into its base model and write an HF folder.
     Merge(MergeArgs),
@@ -346,6 +346,7 @@ impl ModelArgs {
                 .transpose()?,
             dequantize: self.dequantize,
             requantize: self.requantize.as_deref().map(parse_ggml).transpose()?,
+            head: None,
         })
     }
 }
@@ -411,11 +412,17 @@ fn run_generate_t5(
             source.path().display()
         );
     }
-    if !a.adapter.is_empty() {
-        bail!("--adapter: adapters on T5 models are not supported yet");
-    }
     set_threads(&a.m);
-    let lm = model::t5::load_source(source, opts, dev, &bar())?;
+    let mut lm = model::t5::load_source(source, opts, dev, &bar())?;
+    for (i, d) in a.adapter.iter().enumerate() {
+        let ad = ferrotune::peft::load_adapter(&mut lm.model, d, &format!("adapter{i}"))?;
+        info!(
+            "adapter {} ({}, {} modules)",
+            d.display(),
+            ad.config.peft_type(),
+            ad.modules.len()
+        );
+    }
     let ids = lm.tokenizer.encode(prompt, true)?;
     let stdout = std::io::stdout();
     let json = a.json;
@@ -1062,9 +1069,11 @@ fn run_train(a: TrainArgs) -> Result<()> {
             return Ok(());
         }
         Outcome::AlreadyFinished(s) => {
-            let dir = s.adapter_dir.as_ref().map_or(String::new(), |d| {
-                format!("; its adapter is {}", d.display())
-            });
+            let dir = match (&s.adapter_dir, &s.model_dir) {
+                (Some(d), _) => format!("; its adapter is {}", d.display()),
+                (None, Some(d)) => format!("; its model is {}", d.display()),
+                (None, None) => String::new(),
+            };
             eprintln!(
                 "the run is already finished: step {} of {} (stop reason: {}){dir}. Nothing was changed (to train again, pass --overwrite; to train further, raise train.max_steps and --resume)",
                 s.steps,
@@ -1090,8 +1099,12 @@ fn run_train(a: TrainArgs) -> Result<()> {
         s.peak_rss_bytes as f64 / 1e9,
         s.wall_s
     );
-    match (&s.adapter_dir, s.stop_reason) {
-        (Some(d), _) => info!("adapter: {}", d.display()),
+    match (
+        s.adapter_dir.as_ref().or(s.model_dir.as_ref()),
+        s.stop_reason,
+    ) {
+        (Some(d), _) if s.adapter_dir.is_some() => info!("adapter: {}", d.display()),
+        (Some(d), _) => info!("model: {}", d.display()),
         (None, StopReason::Interrupted) => {
             let ckpt =
                 train::checkpoint::checkpoints_dir(&output_dir).join(format!("step-{}", s.steps));

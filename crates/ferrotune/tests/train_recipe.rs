@@ -176,7 +176,13 @@ fn grad_accum_equals_one_k_times_larger_batch() {
         v.set(&Tensor::from_vec(vals, v.shape(), &Device::Cpu).unwrap())
             .unwrap();
     }
-    let prepared = train::prepare_data(&c, &lm.tokenizer, None).unwrap();
+    let prepared = train::prepare_data(
+        &c,
+        &lm.tokenizer,
+        None,
+        ferrotune::data::DataTask::CausalSft,
+    )
+    .unwrap();
     let exs: Vec<Example> = prepared.train.clone();
     let lens: Vec<usize> = exs.iter().map(|e| e.n_trained()).collect();
     assert!(
@@ -252,7 +258,8 @@ fn loss_positions_skip_padding_and_prompt() {
     );
     let c = load(&s, &[]);
     let tok = train::load_tokenizer(&c.config.model).unwrap();
-    let prepared = train::prepare_data(&c, &tok, None).unwrap();
+    let prepared =
+        train::prepare_data(&c, &tok, None, ferrotune::data::DataTask::CausalSft).unwrap();
     let bc = BatchConfig::new(3, 32, data::pad_id(&tok));
     let mut b = Batcher::new(prepared.train, bc, Device::Cpu).unwrap();
     let batch = b.next_batch().unwrap();
@@ -448,7 +455,8 @@ fn run_outputs_summary_metrics_plot_and_a_loadable_adapter() {
     }
     assert_eq!(v["steps"], 10);
     let tok = train::load_tokenizer(&c.config.model).unwrap();
-    let prepared = train::prepare_data(&c, &tok, None).unwrap();
+    let prepared =
+        train::prepare_data(&c, &tok, None, ferrotune::data::DataTask::CausalSft).unwrap();
     let split_tokens: usize = prepared.train.iter().map(Example::len).sum();
     assert_eq!(v["train_tokens"].as_u64().unwrap(), 2 * split_tokens as u64);
     let trained: usize = prepared.train.iter().map(|e| e.n_trained()).sum();
@@ -607,7 +615,13 @@ fn compare_scores_the_base_model_and_a_trained_adapter() {
     assert!(tuned.accuracy.unwrap() >= base.accuracy.unwrap());
     // The adapter's loss is the training recipe's evaluation of the same rows.
     peft::load_adapter(&mut lm.model, &adapter, "check").unwrap();
-    let prepared = train::prepare_data(&c, &lm.tokenizer, None).unwrap();
+    let prepared = train::prepare_data(
+        &c,
+        &lm.tokenizer,
+        None,
+        ferrotune::data::DataTask::CausalSft,
+    )
+    .unwrap();
     let mut bc = BatchConfig::new(1, 32, data::pad_id(&lm.tokenizer));
     bc.shuffle = false;
     let exs: Vec<Example> = prepared.train[..5].to_vec();

@@ -1916,21 +1916,34 @@ pub fn load_bert_source(
         }
         ModelSource::HfDir(d) => d.clone(),
     };
-    let cfg = config_from_hf_dir(&dir)?;
+    let mut cfg = config_from_hf_dir(&dir)?;
     let tokenizer = Tokenizer::from_hf_dir(&dir)?;
     check_tokenizer_fits(&tokenizer, &cfg, &dir.join("tokenizer.json"))?;
     let sentence = SentenceConfig::from_dir(&dir)?;
     let src = super::SafetensorsSource::open(&dir, opts, device)?;
-    let head = head.unwrap_or(cfg.saved_head());
+    // A head asked for (a run's task) wins over the saved one; `head` over both.
+    let spec = opts.head.as_ref();
+    let head = head
+        .or(spec.map(|s| match s.head {
+            super::HeadKind::None => BertHead::None,
+            super::HeadKind::SequenceClassification => BertHead::SequenceClassification,
+            super::HeadKind::TokenClassification => BertHead::TokenClassification,
+            super::HeadKind::MaskedLm => BertHead::MaskedLm,
+        }))
+        .unwrap_or(cfg.saved_head());
+    if let Some(names) = spec.and_then(|s| s.labels.as_ref()) {
+        set_labels(&mut cfg, head, names, &src)?;
+    }
+    let seed = spec.and_then(|s| s.init_seed);
     progress.start("loading", Bert::tensor_count(&cfg, head), "tensors");
-    let model = Bert::load(
-        &CountingSource {
-            inner: &src,
-            progress,
-        },
-        &cfg,
-        head,
-    );
+    let counting = CountingSource {
+        inner: &src,
+        progress,
+    };
+    let model = match seed {
+        Some(seed) => Bert::load_with_new_head(&counting, &cfg, head, seed),
+        None => Bert::load(&counting, &cfg, head),
+    };
     progress.finish();
     let file_bytes = std::fs::read_dir(&dir)
         .map(|rd| {
@@ -1947,6 +1960,49 @@ pub fn load_bert_source(
         sentence,
         file_bytes,
     })
+}
+
+/// Give a classification head `names.len()` classes named `names`. A classifier already in the
+/// file must have as many outputs: a model fine-tuned for other classes is an error, not a
+/// silently re-sized head.
+fn set_labels(
+    cfg: &mut BertConfig,
+    head: BertHead,
+    names: &[String],
+    src: &dyn WeightSource,
+) -> Result<()> {
+    if !matches!(
+        head,
+        BertHead::SequenceClassification | BertHead::TokenClassification
+    ) {
+        return Ok(());
+    }
+    if names.is_empty() {
+        return Err(Error::msg("a classification head needs at least one class"));
+    }
+    let fp = file_prefix(src, cfg.flavor)?;
+    for l in head_names(cfg, head, fp, src).linears {
+        if !(l.module == "classifier" || l.module == "classifier.out_proj") {
+            continue;
+        }
+        if let Some(shape) = src.tensor_shape(&format!("{}.weight", l.file)) {
+            if shape.first() != Some(&names.len()) {
+                return Err(cfg.err(
+                    "id2label",
+                    format!(
+                        "the saved classifier `{}` has {} classes ({}) but the data has {} ({}): fine-tune from the bare encoder, or use data with the model's classes",
+                        l.file,
+                        shape.first().copied().unwrap_or(0),
+                        cfg.labels.join(", "),
+                        names.len(),
+                        names.join(", ")
+                    ),
+                ));
+            }
+        }
+    }
+    cfg.labels = names.to_vec();
+    Ok(())
 }
 
 /// [`load_bert`] without a progress bar.
@@ -2149,6 +2205,9 @@ impl Model for Bert {
     }
     fn modules_to_save(&self) -> Vec<String> {
         Bert::modules_to_save(self)
+    }
+    fn default_lora_targets(&self) -> Vec<&'static str> {
+        vec!["query", "value"]
     }
     fn make_trainable(&mut self, modules: Option<&[String]>) -> Result<Vec<(String, Var)>> {
         match modules {

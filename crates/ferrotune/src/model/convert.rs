@@ -20,7 +20,16 @@ pub fn write_hf_folder(lm: &LoadedModel, dir: &Path) -> Result<()> {
 }
 
 pub fn write_hf_folder_dtype(lm: &LoadedModel, dir: &Path, dtype: DType) -> Result<()> {
-    let model: &dyn Model = &*lm.model;
+    write_model_folder(&*lm.model, &lm.tokenizer, dir, dtype)
+}
+
+/// [`write_hf_folder_dtype`] for a model and its tokenizer (a trained model of a run).
+pub fn write_model_folder(
+    model: &dyn Model,
+    tok: &crate::tokenizer::Tokenizer,
+    dir: &Path,
+    dtype: DType,
+) -> Result<()> {
     // First, so a config that cannot be written fails before any file is.
     let mut cfg = model.hf_config()?;
     std::fs::create_dir_all(dir).map_err(|e| Error::file(dir, e))?;
@@ -38,7 +47,6 @@ pub fn write_hf_folder_dtype(lm: &LoadedModel, dir: &Path, dtype: DType) -> Resu
         serde_json::to_string_pretty(&cfg).unwrap().as_bytes(),
     )?;
 
-    let tok = &lm.tokenizer;
     let tok_json = tok
         .inner()
         .to_string(true)

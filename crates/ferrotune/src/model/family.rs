@@ -252,6 +252,11 @@ pub trait Model: Send + Sync + Any {
     fn modules_to_save(&self) -> Vec<String> {
         Vec::new()
     }
+    /// The modules LoRA adapts when a config names none: PEFT's
+    /// `TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING` for the family.
+    fn default_lora_targets(&self) -> Vec<&'static str> {
+        vec!["q_proj", "v_proj"]
+    }
     /// Make parameters trainable and return them by HF name: every weight (`None`: full
     /// fine-tuning) or those under the given module names (`modules_to_save`). Quantized
     /// weights cannot be trained in place (an error: load with `--dequantize`).
@@ -410,6 +415,9 @@ impl Model for Box<dyn Model> {
     }
     fn modules_to_save(&self) -> Vec<String> {
         (**self).modules_to_save()
+    }
+    fn default_lora_targets(&self) -> Vec<&'static str> {
+        (**self).default_lora_targets()
     }
     fn make_trainable(&mut self, modules: Option<&[String]>) -> Result<Vec<(String, Var)>> {
         (**self).make_trainable(modules)

@@ -18,7 +18,7 @@ pub use config::{ConfigKeys, LlamaConfig, RopeScaling};
 pub use family::{ArchitectureKind, Dims, MicroBatchGrads, Model, Objective, Task, TaskType};
 pub use llama::{KvCache, LayerContext, Llama};
 pub use t5::{LoadedT5, T5Config, T5};
-pub use weights::{GgufSource, LoadOptions, SafetensorsSource, WeightSource};
+pub use weights::{GgufSource, HeadKind, HeadSpec, LoadOptions, SafetensorsSource, WeightSource};
 
 use crate::progress::{CountingSource, NoProgress, Progress};
 use crate::tokenizer::Tokenizer;
@@ -188,6 +188,7 @@ pub fn load_source_with_progress(
                 .then_some((cfg.num_attention_heads, cfg.num_key_value_heads));
             let file_bytes = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
             let src = GgufSource::open(path, content, permute, opts, device)?;
+            check_no_head(opts, "a LLaMA-family decoder", path)?;
             let model = Box::new(load_llama(&src, &cfg, progress)?);
             Ok(LoadedModel {
                 model,
@@ -209,7 +210,12 @@ pub fn load_source_with_progress(
                 file_bytes: lb.file_bytes,
             })
         }
-        ModelSource::HfDir(_) if t5::is_t5_source(&source) => {
+        ModelSource::HfDir(dir) if t5::is_t5_source(&source) => {
+            check_no_head(
+                opts,
+                "a T5-family encoder-decoder",
+                &dir.join("config.json"),
+            )?;
             let t5 = t5::load_source(source, opts, device, progress)?;
             Ok(LoadedModel {
                 model: Box::new(t5.model),
@@ -220,6 +226,7 @@ pub fn load_source_with_progress(
         }
         ModelSource::HfDir(dir) => {
             let cfg = config_from_hf_dir(dir)?;
+            check_no_head(opts, "a LLaMA-family decoder", &dir.join("config.json"))?;
             let tokenizer = Tokenizer::from_hf_dir(dir)?;
             check_tokenizer_fits(&tokenizer, &cfg, &dir.join("tokenizer.json"))?;
             let src = SafetensorsSource::open(dir, opts, device)?;
@@ -244,6 +251,49 @@ pub fn load_source_with_progress(
                 file_bytes,
             })
         }
+    }
+}
+
+/// What a source holds, read from its config alone (no weights): the kind of model and, where
+/// it has one obvious training task, that task (a decoder: `causal_lm`; an encoder-decoder:
+/// `seq2seq_lm`; an encoder saved with a classification head: its task; a bare or masked-LM
+/// encoder: none, the config must say). Unreadable configs give the default; loading reports
+/// them.
+pub fn peek_task(source: &ModelSource) -> (ArchitectureKind, Option<Task>) {
+    match source {
+        ModelSource::Gguf(_) => (ArchitectureKind::Decoder, Some(Task::CausalLm)),
+        ModelSource::HfDir(_) if t5::is_t5_source(source) => {
+            (ArchitectureKind::EncoderDecoder, Some(Task::Seq2SeqLm))
+        }
+        ModelSource::HfDir(dir) if is_bert_dir(dir) => {
+            let task = bert::config_from_hf_dir(dir)
+                .ok()
+                .and_then(|c| match c.saved_head() {
+                    BertHead::SequenceClassification => Some(Task::SequenceClassification),
+                    BertHead::TokenClassification => Some(Task::TokenClassification),
+                    _ => None,
+                });
+            (ArchitectureKind::Encoder, task)
+        }
+        ModelSource::HfDir(_) => (ArchitectureKind::Decoder, Some(Task::CausalLm)),
+    }
+}
+
+/// Families with one head (an LM head) take no [`HeadSpec`] other than the bare model's.
+fn check_no_head(opts: &LoadOptions, what: &str, file: &Path) -> Result<()> {
+    match &opts.head {
+        Some(h) if h.head != HeadKind::None => Err(Error::file(
+            file,
+            format!(
+                "the model is {what}, which has no {} head (that needs a BERT-family encoder)",
+                match h.head {
+                    HeadKind::SequenceClassification => "sequence-classification",
+                    HeadKind::TokenClassification => "token-classification",
+                    _ => "masked-LM",
+                }
+            ),
+        )),
+        _ => Ok(()),
     }
 }
 

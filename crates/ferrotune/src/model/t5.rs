@@ -1828,6 +1828,9 @@ impl Model for T5 {
     fn other_params(&self) -> Vec<(String, Tensor)> {
         T5::other_params(self)
     }
+    fn default_lora_targets(&self) -> Vec<&'static str> {
+        vec!["q", "v"]
+    }
     fn make_trainable(&mut self, modules: Option<&[String]>) -> Result<Vec<(String, Var)>> {
         T5::make_trainable(self, modules)
     }

@@ -374,9 +374,9 @@ fn tasks_and_objectives_are_checked_against_the_model() {
     );
     let e = O::SpanCorruption.check_fits(&enc).unwrap_err();
     assert!(e.contains("encoder-decoder"), "{e}");
-    // The fitting objective is accepted as valid but not wired into training yet.
-    let e = O::Clm.check_fits(&llama).unwrap_err();
-    assert!(e.contains("not supported for this model yet"), "{e}");
+    // The fitting objective trains.
+    assert!(O::Clm.check_fits(&llama).is_ok());
+    assert!(O::Mlm.check_fits(&enc).is_ok());
 }
 
 #[test]

@@ -19,6 +19,31 @@ pub struct LoadOptions {
     pub dequantize: bool,
     /// Re-quantize quantized weights to this GGML type at load (e.g. Q8_0 for faster kernels).
     pub requantize: Option<GgmlDType>,
+    /// The head to put on a family that has several (BERT): `None` loads the one the folder was
+    /// saved with.
+    pub head: Option<HeadSpec>,
+}
+
+/// A head asked for by a run or a command, rather than the one a folder was saved with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeadSpec {
+    pub head: HeadKind,
+    /// The class names (classification heads): the classifier gets one output per name and the
+    /// model's `id2label` these names. `None`: the file's.
+    pub labels: Option<Vec<String>>,
+    /// Head layers the file lacks (a classifier on a bare encoder) are initialised from this
+    /// seed, as transformers initialises them; `None`: they must be in the file.
+    pub init_seed: Option<u64>,
+}
+
+/// Which head ([`HeadSpec`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeadKind {
+    /// The bare model (hidden states).
+    None,
+    SequenceClassification,
+    TokenClassification,
+    MaskedLm,
 }
 
 pub trait WeightSource {

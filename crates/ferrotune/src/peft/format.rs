@@ -1,6 +1,8 @@
 //! PEFT adapter folders: `adapter_config.json` plus `adapter_model.safetensors`, with tensors
 //! named as PEFT's `save_pretrained` names them for a causal LM
-//! (`base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`: no adapter name in the key).
+//! (`base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`: no adapter name in the key)
+//! and, for modules trained in full (`modules_to_save`), the module's own parameter names
+//! (`base_model.model.classifier.weight`, `base_model.model.classifier.bias`).
 //! Folders written here load in PEFT and folders written by PEFT load here.
 use super::lora::LoraConfig;
 use super::{adapter_params, param_count, ParamCount, PeftMethod};
@@ -88,6 +90,12 @@ pub fn save_adapter<M: PeftMethod>(
         .map_err(|e| Error::msg(format!("cannot serialize the adapter config: {e}")))?;
     json["peft_type"] = M::PEFT_TYPE.into();
     json["task_type"] = model.task_type().as_peft().into();
+    // PEFT's SEQ_CLS / TOKEN_CLS models add their classifier names to the config it saves.
+    if let Some(v) = json.get_mut("modules_to_save") {
+        let mut list: Option<Vec<String>> = serde_json::from_value(v.clone()).ok().flatten();
+        super::modules_to_save::add_task_defaults(&mut list, model.task_type());
+        *v = serde_json::to_value(list).expect("a list of strings serializes");
+    }
     let text = serde_json::to_string_pretty(&json).expect("a JSON value always serializes");
     write_atomic(&dir.join(CONFIG_FILE), text.as_bytes())
 }
@@ -216,7 +224,8 @@ fn header_shapes(path: &Path) -> Result<HashMap<String, Vec<usize>>> {
 }
 
 /// Every LoRA tensor the config implies must be in the file with the shape its base module and
-/// rank imply (A: (r, in), B: (out, r)), and the file may hold nothing else.
+/// rank imply (A: (r, in), B: (out, r)), so must the weight and bias of every module in
+/// `modules_to_save` (the base module's shapes), and the file may hold nothing else.
 fn check_lora_shapes(
     model: &dyn Model,
     cfg: &LoraConfig,
@@ -250,6 +259,41 @@ fn check_lora_shapes(
                         "tensor `{key}` is {got:?} but module `{}` ({in_f} in, {out_f} out) with {} key `{rank_key}` {r} implies {want:?}",
                         lin.name(),
                         config_path.display()
+                    ),
+                ));
+            }
+            expected.insert(key);
+        }
+    }
+    let saved = super::lora::resolve_modules_to_save(model, cfg)
+        .map_err(|e| Error::file(&config_path, e))?;
+    for lin in model.linears() {
+        if !saved.iter().any(|s| s == lin.name()) {
+            continue;
+        }
+        let (in_f, out_f) = (lin.in_features(), lin.out_features());
+        let mut parts = vec![("weight", vec![out_f, in_f])];
+        if lin.bias().is_some() {
+            parts.push(("bias", vec![out_f]));
+        }
+        for (part, want) in parts {
+            let key = format!("{KEY_PREFIX}{}.{part}", lin.name());
+            let got = shapes.get(&key).ok_or_else(|| {
+                Error::file(
+                    path,
+                    format!(
+                        "tensor `{key}` is missing (modules_to_save in {} selects module `{}`)",
+                        config_path.display(),
+                        lin.name()
+                    ),
+                )
+            })?;
+            if *got != want {
+                return Err(Error::file(
+                    path,
+                    format!(
+                        "tensor `{key}` is {got:?} but the model's `{}` ({in_f} in, {out_f} out) is {want:?} (a head for another number of labels?)",
+                        lin.name()
                     ),
                 ));
             }

@@ -8,6 +8,7 @@
 //! the loader dispatches on, parameter listing by PEFT name, and PEFT's parameter report.
 pub mod format;
 pub mod lora;
+pub mod modules_to_save;
 
 pub use format::{load_adapter, read_adapter_config, save_adapter, AdapterConfig, LoadedAdapter};
 pub use lora::{
@@ -130,8 +131,9 @@ fn thousands(n: usize) -> String {
 }
 
 /// Parameters as PEFT counts them (`named_parameters`, a tied LM head counted once, a quantized
-/// weight by its logical element count): `trainable` is adapter `adapter_name`'s tensors plus
-/// any base weight made trainable; `all` is the base plus every attached adapter.
+/// weight by its logical element count): `trainable` is adapter `adapter_name`'s tensors (its
+/// `modules_to_save` copies included) plus any base weight made trainable; `all` is the base
+/// plus every attached adapter, copies included, as PEFT counts the wrapper's original and copy.
 pub fn param_count(model: &dyn Model, adapter_name: &str) -> ParamCount {
     let mut all = 0usize;
     let mut trainable = 0usize;
@@ -151,6 +153,9 @@ pub fn param_count(model: &dyn Model, adapter_name: &str) -> ParamCount {
             all += o * i + lin.bias().map(|b| b.elem_count()).unwrap_or(0);
             if matches!(lin.weight(), LinearWeight::Trainable(_)) {
                 trainable += o * i;
+            }
+            if let Some(b) = lin.bias().filter(|b| b.is_variable()) {
+                trainable += b.elem_count();
             }
         }
         for (n, a) in lin.adapters() {

@@ -3,7 +3,7 @@
 //!
 //! ```toml
 //! model = "path/or/hf:org/name"   # a .gguf file, an HF folder, or hf:org/name[@revision]
-//! method = "lora"                 # the fine-tuning method (only "lora" for now)
+//! method = "lora"                 # lora | full (every weight) | selective (the [selective] modules)
 //! task = "causal_lm"              # causal_lm | seq2seq_lm | sequence_classification |
 //!                                 # token_classification (default: the model's own)
 //! objective = "sft"               # sft | clm | mlm | span_corruption (default sft)
@@ -19,7 +19,11 @@
 //! alpha = 32              # scale is alpha / r (default 2 r)
 //! dropout = 0.05          # on the adapter input (default 0)
 //! targets = ["q_proj", "v_proj"]   # module names, "all-linear", or one regex string
+//!                                  # (default: PEFT's for the family: q_proj/v_proj, T5 q/v,
+//!                                  # BERT query/value)
 //! rslora = false          # scale by alpha / sqrt(r)
+//! modules_to_save = ["classifier"]  # trained in full beside the adapter (PEFT's modules_to_save;
+//!                         # classification models: their classifier, always)
 //!
 //! [train]
 //! batch_size = 4          # examples per micro-batch (default 4)
@@ -77,8 +81,20 @@ pub struct TrainConfig {
     pub data: DataConfig,
     #[serde(default)]
     pub lora: LoraSection,
+    /// `[selective]`: the modules `method = "selective"` trains (everything else frozen).
+    #[serde(default)]
+    pub selective: Option<SelectiveSection>,
     #[serde(default)]
     pub train: TrainSection,
+}
+
+/// `[selective]`: train whole modules by name and freeze the rest (e.g. only a classification
+/// head on a frozen encoder: `modules = ["classifier", "bert.pooler"]`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SelectiveSection {
+    /// Module names as in the model's state dict; every parameter under one is trained.
+    pub modules: Vec<String>,
 }
 
 /// Fine-tuning methods. Each has its own config section; only that section may be present.
@@ -87,12 +103,18 @@ pub struct TrainConfig {
 pub enum Method {
     #[default]
     Lora,
+    /// Full fine-tuning: every weight trainable (f32 master weights); saved as an HF folder.
+    Full,
+    /// Whole modules named in `[selective]` trainable, the rest frozen.
+    Selective,
 }
 
 impl Method {
     pub fn as_str(&self) -> &'static str {
         match self {
             Method::Lora => "lora",
+            Method::Full => "full",
+            Method::Selective => "selective",
         }
     }
 }
@@ -154,10 +176,7 @@ impl Objective {
                 model.pretraining_objective()
             ));
         }
-        Err(format!(
-            "`{}` is not supported for this model yet: raw-text pre-training data ([data] text) is not wired into training; use \"sft\"",
-            self.as_str()
-        ))
+        Ok(())
     }
 }
 
@@ -172,19 +191,21 @@ pub struct LoraSection {
     #[serde(default)]
     pub dropout: f64,
     /// A list of module names (`q_proj` matches every `*.q_proj`), `"all-linear"`, or one regex
-    /// string matched against the whole module name.
-    #[serde(default = "default_targets")]
-    pub targets: ModuleSpec,
+    /// string matched against the whole module name. `None`: PEFT's default for the family
+    /// ([`crate::model::Model::default_lora_targets`]).
+    #[serde(default)]
+    pub targets: Option<ModuleSpec>,
     /// Rank-stabilized LoRA: scale by alpha / sqrt(r).
     #[serde(default)]
     pub rslora: bool,
+    /// Modules trained in full next to the adapter (PEFT's `modules_to_save`); a sequence- or
+    /// token-classification model always adds its classifier, as PEFT does.
+    #[serde(default)]
+    pub modules_to_save: Option<Vec<String>>,
 }
 
 fn default_r() -> usize {
     8
-}
-fn default_targets() -> ModuleSpec {
-    ModuleSpec::List(vec!["q_proj".into(), "v_proj".into()])
 }
 
 impl Default for LoraSection {
@@ -193,21 +214,32 @@ impl Default for LoraSection {
             r: default_r(),
             alpha: None,
             dropout: 0.0,
-            targets: default_targets(),
+            targets: None,
             rslora: false,
+            modules_to_save: None,
         }
     }
 }
 
 impl LoraSection {
-    /// The PEFT config this section stands for (what `adapter_config.json` will hold).
+    /// The PEFT config this section stands for (what `adapter_config.json` will hold), with
+    /// LLaMA's default targets when none are set ([`Self::to_peft_for`] takes the model's).
     pub fn to_peft(&self, base_model: &str) -> LoraConfig {
+        self.to_peft_for(base_model, &["q_proj", "v_proj"])
+    }
+
+    /// [`Self::to_peft`] with `default_targets` (the model's) when the section sets none.
+    pub fn to_peft_for(&self, base_model: &str, default_targets: &[&str]) -> LoraConfig {
+        let targets = self.targets.clone().unwrap_or_else(|| {
+            ModuleSpec::List(default_targets.iter().map(|t| t.to_string()).collect())
+        });
         LoraConfig {
             r: self.r,
             lora_alpha: self.alpha.unwrap_or(2.0 * self.r as f64),
             lora_dropout: self.dropout,
-            target_modules: Some(self.targets.clone()),
+            target_modules: Some(targets),
             use_rslora: self.rslora,
+            modules_to_save: self.modules_to_save.clone(),
             base_model_name_or_path: Some(base_model.to_string()),
             ..LoraConfig::default()
         }
@@ -859,6 +891,28 @@ fn validate(c: &LoadedConfig) -> Result<()> {
                 .validate(&format!("{}: [lora]", c.source()))
                 .map_err(|e| Error::msg(e.to_string()))?;
         }
+        Method::Full => {}
+        Method::Selective => match &cfg.selective {
+            None => {
+                return bad(
+                    "selective",
+                    "method = \"selective\" needs a [selective] section with modules = [...]",
+                )
+            }
+            Some(s) if s.modules.is_empty() => {
+                return bad("selective.modules", "the list is empty")
+            }
+            Some(_) => {}
+        },
+    }
+    if cfg.method != Method::Selective && cfg.selective.is_some() {
+        return bad(
+            "selective",
+            &format!(
+                "[selective] is for method = \"selective\", not \"{}\"",
+                cfg.method.as_str()
+            ),
+        );
     }
     Ok(())
 }
@@ -949,7 +1003,7 @@ completion = " {a}"
         assert_eq!(cfg.train.lr, 1e-3);
         assert_eq!(cfg.train.max_steps, Some(7));
         assert_eq!(cfg.train.betas, [0.8, 0.9]);
-        assert_eq!(cfg.lora.targets, ModuleSpec::One("all-linear".into()));
+        assert_eq!(cfg.lora.targets, Some(ModuleSpec::One("all-linear".into())));
         assert_eq!(cfg.data.seed, 5);
         assert!(cfg.data.packing, "packing is accepted for training");
         let cwd = std::env::current_dir().unwrap();

@@ -5,7 +5,7 @@
 use super::config::{Method, TrainConfig};
 use crate::model::Model;
 use crate::peft::format::{save_adapter, KEY_PREFIX, WEIGHTS_FILE};
-use crate::peft::lora::{as_lora, attach_lora, LoraConfig};
+use crate::peft::lora::{as_lora, attach_lora, config_for_model, LoraConfig};
 use crate::peft::{adapter_params, ParamCount};
 use crate::{Error, Result};
 use candle_core::{DType, Tensor, Var};
@@ -14,12 +14,21 @@ use std::path::Path;
 /// PEFT's name for the adapter of a single-adapter model.
 pub const ADAPTER_NAME: &str = "default";
 
+/// The file a full or selective run's checkpoint holds its trained weights in (HF names).
+pub const WEIGHTS_CHECKPOINT_FILE: &str = "model.safetensors";
+
 /// A method attached to a model.
 #[derive(Debug, Clone)]
 pub enum Tuner {
     Lora {
         config: LoraConfig,
         params: ParamCount,
+    },
+    /// `full` (every weight) or `selective` (whole modules): base weights trained in place.
+    Weights {
+        method: Method,
+        params: ParamCount,
+        vars: Vec<(String, Var)>,
     },
 }
 
@@ -28,12 +37,39 @@ impl Tuner {
     pub fn attach(cfg: &TrainConfig, model: &mut dyn Model, model_name: &str) -> Result<Tuner> {
         match cfg.method {
             Method::Lora => {
-                let mut config = cfg.lora.to_peft(model_name);
+                let defaults = model.default_lora_targets();
+                let mut config = cfg.lora.to_peft_for(model_name, &defaults);
                 config.task_type = Some(model.task_type().as_peft().to_string());
+                // The config saved with the adapter lists the classifier of a SEQ_CLS model
+                // in modules_to_save, as PEFT's does.
+                let config = config_for_model(model, &config);
                 let info = attach_lora(model, &config, ADAPTER_NAME, cfg.train.seed)?;
                 Ok(Tuner::Lora {
                     config,
                     params: info.params,
+                })
+            }
+            Method::Full | Method::Selective => {
+                let modules = match cfg.method {
+                    Method::Selective => cfg.selective.as_ref().map(|s| s.modules.clone()),
+                    _ => None,
+                };
+                let vars = model.make_trainable(modules.as_deref())?;
+                if vars.is_empty() {
+                    return Err(Error::msg(format!(
+                        "method = \"{}\": no parameter of {} is trainable",
+                        cfg.method.as_str(),
+                        model.describe()
+                    )));
+                }
+                let params = ParamCount {
+                    trainable: vars.iter().map(|(_, v)| v.elem_count()).sum(),
+                    all: crate::peft::param_count(model, ADAPTER_NAME).all,
+                };
+                Ok(Tuner::Weights {
+                    method: cfg.method,
+                    params,
+                    vars,
                 })
             }
         }
@@ -42,33 +78,43 @@ impl Tuner {
     pub fn method(&self) -> &'static str {
         match self {
             Tuner::Lora { .. } => Method::Lora.as_str(),
+            Tuner::Weights { method, .. } => method.as_str(),
         }
     }
 
     /// PEFT's `print_trainable_parameters` line.
     pub fn params_report(&self) -> String {
-        match self {
-            Tuner::Lora { params, .. } => params.to_string(),
-        }
+        self.param_count().to_string()
     }
 
     pub fn param_count(&self) -> ParamCount {
         match self {
-            Tuner::Lora { params, .. } => *params,
+            Tuner::Lora { params, .. } | Tuner::Weights { params, .. } => *params,
         }
     }
 
-    /// The parameters the optimizer updates, with stable names.
+    /// The parameters the optimizer updates, with stable names: the LoRA tensors and the
+    /// `modules_to_save` copies (`classifier.weight`, ...).
     pub fn trainable(&self, model: &dyn Model) -> Vec<(String, Var)> {
         match self {
             Tuner::Lora { .. } => adapter_params(model, ADAPTER_NAME),
+            Tuner::Weights { vars, .. } => vars.clone(),
         }
     }
 
-    /// Write the trained weights in the method's usual format (a PEFT adapter folder).
+    /// Write the trained weights in the method's checkpoint format: a PEFT adapter folder;
+    /// for `full` / `selective` the trained tensors by HF name ([`WEIGHTS_CHECKPOINT_FILE`]).
     pub fn save(&self, model: &dyn Model, dir: &Path) -> Result<()> {
         match self {
             Tuner::Lora { config, .. } => save_adapter(model, ADAPTER_NAME, config, dir),
+            Tuner::Weights { vars, .. } => {
+                std::fs::create_dir_all(dir).map_err(|e| Error::file(dir, e))?;
+                let tensors = vars
+                    .iter()
+                    .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+                    .collect();
+                crate::fsutil::write_safetensors(&dir.join(WEIGHTS_CHECKPOINT_FILE), &tensors)
+            }
         }
     }
 
@@ -76,6 +122,28 @@ impl Tuner {
     /// one attached (same dropout seeds); only the tensor values change.
     pub fn restore(&self, model: &dyn Model, dir: &Path) -> Result<()> {
         match self {
+            Tuner::Weights { vars, .. } => {
+                let path = dir.join(WEIGHTS_CHECKPOINT_FILE);
+                let mut tensors = candle_core::safetensors::load(&path, model.device())
+                    .map_err(|e| Error::file(&path, crate::error::first_line(&e.to_string())))?;
+                for (name, var) in vars {
+                    let t: Tensor = tensors
+                        .remove(name)
+                        .ok_or_else(|| Error::file(&path, format!("tensor `{name}` is missing")))?;
+                    if t.dims() != var.dims() {
+                        return Err(Error::file(
+                            &path,
+                            format!(
+                                "tensor `{name}` has shape {:?}, the model {:?}",
+                                t.dims(),
+                                var.dims()
+                            ),
+                        ));
+                    }
+                    var.set(&t.to_dtype(var.dtype())?)?;
+                }
+                Ok(())
+            }
             Tuner::Lora { .. } => {
                 let path = dir.join(WEIGHTS_FILE);
                 let mut tensors = candle_core::safetensors::load(&path, model.device())
@@ -113,6 +181,7 @@ impl Tuner {
     /// `peft::lora::layer`), so this sets the counters: no mask is drawn, whatever `calls` is.
     pub fn replay_rng(&self, model: &dyn Model, calls: u64) -> Result<()> {
         match self {
+            Tuner::Weights { .. } => Ok(()),
             Tuner::Lora { .. } => {
                 for lin in model.linears() {
                     for (name, a) in lin.adapters() {

@@ -48,6 +48,10 @@ use std::time::Instant;
 
 /// Where the final adapter goes, under `output_dir`.
 pub const ADAPTER_DIR: &str = "adapter";
+/// Where a full or selective run's model goes (an HF folder), under `output_dir`.
+pub const MODEL_DIR: &str = "model";
+/// A classification adapter's class names (`{"id2label", "label2id"}`), beside the adapter.
+pub const LABELS_FILE: &str = "labels.json";
 pub const SUMMARY_FILE: &str = "summary.json";
 /// The effective config (after `--set`), saved with the run.
 pub const CONFIG_FILE: &str = "config.toml";
@@ -118,6 +122,12 @@ pub struct Summary {
     pub all_params: usize,
     /// The final adapter; None when the run stopped early on `stop_after` (not finished).
     pub adapter_dir: Option<PathBuf>,
+    /// The final model of a full or selective run (an HF folder).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_dir: Option<PathBuf>,
+    /// Classification: accuracy on the validation data at the last evaluation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub final_val_accuracy: Option<f64>,
     /// Set (not saved) when `--resume` found the run finished: this is its saved summary and
     /// nothing was done.
     #[serde(skip)]
@@ -130,6 +140,9 @@ pub struct EvalResult {
     pub loss: f64,
     pub perplexity: f64,
     pub tokens: usize,
+    /// Classification (sequence or token targets of a classifier): the share of labelled rows
+    /// (tokens) whose highest logit is the label.
+    pub accuracy: Option<f64>,
 }
 
 /// Set the worker threads for rayon, candle's matmul and our quantized kernels. Only the first
@@ -166,25 +179,73 @@ fn tokenizer_and_context(source: &ModelSource) -> Result<(Tokenizer, usize)> {
             let ctx = model::config_from_gguf(&content, p)?.max_position_embeddings;
             Ok((Tokenizer::from_gguf(&content, p)?, ctx))
         }
-        ModelSource::HfDir(d) => {
-            let ctx = model::config_from_hf_dir(d)?.max_position_embeddings;
-            Ok((Tokenizer::from_hf_dir(d)?, ctx))
-        }
+        ModelSource::HfDir(d) => match model::peek_task(source).0 {
+            model::ArchitectureKind::Encoder => {
+                let ctx = model::bert::config_from_hf_dir(d)?.max_tokens();
+                Ok((Tokenizer::from_hf_dir(d)?, ctx))
+            }
+            model::ArchitectureKind::EncoderDecoder => {
+                model::t5::config_from_hf_dir(d)?;
+                let mut tok = Tokenizer::from_hf_dir(d)?;
+                tok.set_add_eos(true);
+                // Relative positions: no hard limit (the default length stays 512).
+                Ok((tok, usize::MAX))
+            }
+            model::ArchitectureKind::Decoder => {
+                let ctx = model::config_from_hf_dir(d)?.max_position_embeddings;
+                Ok((Tokenizer::from_hf_dir(d)?, ctx))
+            }
+        },
     }
 }
 
-/// The examples the config describes, tokenized with `tok` (what training sees).
-pub fn prepare_data(c: &LoadedConfig, tok: &Tokenizer, context: Option<usize>) -> Result<Prepared> {
+/// How a run's rows become examples: its `task` (given, or the model's obvious one, read from
+/// its config without loading weights) and `objective`. A bare encoder has no obvious task: a
+/// one-line error asks for one.
+pub fn data_task(c: &LoadedConfig, source: &ModelSource) -> Result<data::DataTask> {
+    let cfg = &c.config;
+    let objective = cfg.objective.as_str();
+    let task = match (cfg.task, cfg.objective.pretraining()) {
+        (Some(t), _) => Some(t),
+        // A pre-training objective decides the examples on its own.
+        (None, Some(_)) => None,
+        (None, None) => match model::peek_task(source) {
+            (_, Some(t)) => Some(t),
+            (kind, None) => {
+                return Err(c.key_error(
+                    "task",
+                    format!(
+                        "missing: the model is a bare {kind} with no head to train; set task = \"sequence_classification\" or \"token_classification\" (a new head is initialised), or objective = \"mlm\""
+                    ),
+                ))
+            }
+        },
+    };
+    data::DataTask::for_run(task, objective).map_err(|e| match e {
+        Error::Key { key, what, .. } => c.key_error(&key, what),
+        other => other,
+    })
+}
+
+/// The examples the config describes, tokenized with `tok` (what training sees), made for
+/// `kind` ([`data_task`]).
+pub fn prepare_data(
+    c: &LoadedConfig,
+    tok: &Tokenizer,
+    context: Option<usize>,
+    kind: data::DataTask,
+) -> Result<Prepared> {
     let t = &c.config.train;
     let default_len = t.max_seq_len.unwrap_or(context.unwrap_or(512).min(512));
-    data::load(&c.config.data, &c.base_dir, tok, default_len)
+    data::load_task(&c.config.data, &c.base_dir, tok, default_len, kind)
 }
 
 /// `data preview`: the split summary, then the first `n` training examples with the trained
 /// span marked (`ansi`: in green, else in `[[ ]]`).
 pub fn preview(c: &LoadedConfig, n: usize, ansi: bool) -> Result<String> {
-    let tok = load_tokenizer(&c.config.model)?;
-    let prepared = prepare_data(c, &tok, None)?;
+    let source = model::resolve(&c.config.model)?;
+    let (tok, _) = tokenizer_and_context(&source)?;
+    let prepared = prepare_data(c, &tok, None, data_task(c, &source)?)?;
     let style = if ansi {
         data::PreviewStyle::Ansi
     } else {
@@ -207,11 +268,21 @@ pub fn evaluate(model: &dyn Model, batcher: &Batcher, max_batches: usize) -> Res
     };
     let mut total = 0.0f64;
     let mut tokens = 0usize;
+    let classifier = matches!(
+        model.task_type(),
+        model::TaskType::SeqCls | model::TaskType::TokenCls
+    );
+    let (mut correct, mut labelled) = (0usize, 0usize);
     for rows in &plan[..n] {
         let batch = batcher.build(rows)?;
         let (sum, k) = model.loss_sum(&batch, false)?;
         total += sum.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
         tokens += k;
+        if classifier {
+            let (c, l) = count_correct(model, &batch)?;
+            correct += c;
+            labelled += l;
+        }
     }
     let loss = if tokens == 0 {
         f64::NAN
@@ -222,7 +293,34 @@ pub fn evaluate(model: &dyn Model, batcher: &Batcher, max_batches: usize) -> Res
         loss,
         perplexity: loss.exp(),
         tokens,
+        accuracy: (labelled > 0).then(|| correct as f64 / labelled as f64),
     })
+}
+
+/// Rows (tokens) of a classification batch whose highest logit is their label, and how many
+/// carry a label.
+fn count_correct(model: &dyn Model, batch: &data::Batch) -> Result<(usize, usize)> {
+    let logits = model.logits(batch)?;
+    let pred = logits.argmax(candle_core::D::Minus1)?.flatten_all()?;
+    let pred = pred.to_dtype(candle_core::DType::I64)?.to_vec1::<i64>()?;
+    let gold = batch
+        .labels
+        .flatten_all()?
+        .to_dtype(candle_core::DType::I64)?;
+    let gold = gold.to_vec1::<i64>()?;
+    if pred.len() != gold.len() {
+        // A regression head (one score) has no classes to count.
+        return Ok((0, 0));
+    }
+    let mut correct = 0;
+    let mut labelled = 0;
+    for (p, g) in pred.iter().zip(&gold) {
+        if *g != data::IGNORE {
+            labelled += 1;
+            correct += usize::from(p == g);
+        }
+    }
+    Ok((correct, labelled))
 }
 
 /// What [`accumulate_gradients`] computed for one optimizer step.
@@ -413,15 +511,20 @@ fn finished_summary(out: &std::path::Path, max_steps: usize) -> Option<Summary> 
         StopReason::EarlyStopping => true,
         StopReason::StopAfter | StopReason::Interrupted => false,
     };
-    let adapter = out
-        .join(ADAPTER_DIR)
-        .join(crate::peft::format::WEIGHTS_FILE)
-        .is_file();
+    // The run's result is on disk: its adapter, or the model of a full / selective run.
+    let result = match (&s.adapter_dir, &s.model_dir) {
+        (Some(_), _) => out
+            .join(ADAPTER_DIR)
+            .join(crate::peft::format::WEIGHTS_FILE)
+            .is_file(),
+        (None, Some(_)) => out.join(MODEL_DIR).join("model.safetensors").is_file(),
+        (None, None) => false,
+    };
     let newer_checkpoint = checkpoint::latest(out)
         .ok()
         .flatten()
         .is_some_and(|(step, _)| step > s.steps);
-    (done && s.adapter_dir.is_some() && adapter && !newer_checkpoint).then_some(Summary {
+    (done && result && !newer_checkpoint).then_some(Summary {
         already_finished: true,
         ..s
     })

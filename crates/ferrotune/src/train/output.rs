@@ -2,7 +2,7 @@
 //! a run with [`crate::fsutil::MARKER_FILE`]. A folder that holds anything else is never used;
 //! a run folder that already holds a run needs `--resume` (continue it) or `--overwrite` (start
 //! again, removing only the files a run writes).
-use super::{checkpoint, report, ADAPTER_DIR, CONFIG_FILE, SUMMARY_FILE};
+use super::{checkpoint, report, ADAPTER_DIR, CONFIG_FILE, LABELS_FILE, MODEL_DIR, SUMMARY_FILE};
 use crate::fsutil::{self, DirState, Input, Marker, MARKER_FILE};
 use crate::{Error, Result};
 use std::path::{Path, PathBuf};
@@ -27,6 +27,7 @@ const RUN_ENTRIES: &[&str] = &[
     report::METRICS_FILE,
     report::PLOT_FILE,
     ADAPTER_DIR,
+    MODEL_DIR,
     "checkpoints",
 ];
 
@@ -167,9 +168,24 @@ pub fn remove_run_files(out: &Path) -> Result<()> {
             &[
                 crate::peft::format::WEIGHTS_FILE,
                 crate::peft::format::CONFIG_FILE,
+                LABELS_FILE,
             ],
         )?;
         rmdir_if_empty(&adapter)?;
+    }
+    let model = out.join(MODEL_DIR);
+    if model.is_dir() {
+        with_temporaries(
+            &model,
+            &[
+                "model.safetensors",
+                "config.json",
+                "tokenizer.json",
+                "tokenizer_config.json",
+                "generation_config.json",
+            ],
+        )?;
+        rmdir_if_empty(&model)?;
     }
     let ckpts = checkpoint::checkpoints_dir(out);
     if ckpts.is_dir() {

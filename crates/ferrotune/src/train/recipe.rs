@@ -19,7 +19,7 @@ use super::{
     Outcome, RunOptions, Schedule, StepGrads, StopReason, Summary, Tuner, ADAPTER_DIR, CONFIG_FILE,
     SUMMARY_FILE,
 };
-use crate::data::{BatchConfig, Batcher};
+use crate::data::{BatchConfig, Batcher, DataTask};
 use crate::model::{self, LoadOptions, LoadedModel, Model, ModelSource, Task};
 use crate::{Error, Result};
 use candle_core::Var;
@@ -86,6 +86,9 @@ struct Recipe<'a> {
     wall: Instant,
     out: PathBuf,
     model: Box<dyn Model>,
+    tokenizer: crate::tokenizer::Tokenizer,
+    /// Classification: the class names by id, saved with the trained model.
+    labels: Option<crate::data::LabelMap>,
     tuner: Tuner,
     params: Vec<(String, Var)>,
     opt: AdamW,
@@ -111,6 +114,8 @@ struct Session {
     resumed_from_step: Option<usize>,
     last_saved: Option<usize>,
     last_eval: Option<usize>,
+    /// Classification: accuracy at the last evaluation.
+    last_val_accuracy: Option<f64>,
     session_tokens: u64,
     session_time: f64,
 }
@@ -150,6 +155,7 @@ impl<'a> Recipe<'a> {
         let RunModel {
             model,
             source,
+            tokenizer,
             tuner,
             params,
         } = setup_model(c, source, &device, &data)?;
@@ -168,6 +174,8 @@ impl<'a> Recipe<'a> {
             wall,
             out: cfg.output_dir.clone(),
             model,
+            tokenizer,
+            labels: data.prepared.labels.clone(),
             tuner,
             params,
             opt,
@@ -297,6 +305,7 @@ impl<'a> Recipe<'a> {
             resumed_from_step,
             last_saved: resumed_from_step,
             last_eval: None,
+            last_val_accuracy: None,
             session_tokens: 0,
             session_time: 0.0,
         })
@@ -400,12 +409,21 @@ impl<'a> Recipe<'a> {
         };
         let r = evaluate(&*self.model, vb, self.t().eval_batches)?;
         let st = &mut s.state;
-        s.metrics.write(&json!({
+        let mut line = json!({
             "type": "eval", "step": st.step, "val_loss": r.loss,
             "val_perplexity": r.perplexity, "val_tokens": r.tokens,
-        }))?;
+        });
+        if let Some(a) = r.accuracy {
+            line["val_accuracy"] = a.into();
+        }
+        s.metrics.write(&line)?;
+        s.last_val_accuracy = r.accuracy;
+        let accuracy = r
+            .accuracy
+            .map(|a| format!(", accuracy {a:.4}"))
+            .unwrap_or_default();
         s.progress.println(&format!(
-            "step {}: val loss {:.4} perplexity {:.3} ({} tokens)",
+            "step {}: val loss {:.4} perplexity {:.3} ({} tokens{accuracy})",
             st.step, r.loss, r.perplexity, r.tokens
         ));
         if st.initial_val_loss.is_none() {
@@ -475,12 +493,31 @@ impl<'a> Recipe<'a> {
         }
         let (train_curve, val_curve) = s.metrics.curves();
         report::plot_loss(&self.out.join(report::PLOT_FILE), &train_curve, &val_curve)?;
-        let adapter_dir = if finished {
-            let dir = self.out.join(ADAPTER_DIR);
-            self.tuner.save(&*self.model, &dir)?;
-            Some(dir)
-        } else {
-            None
+        let (adapter_dir, model_dir) = match (finished, &self.tuner) {
+            (false, _) => (None, None),
+            (true, Tuner::Lora { .. }) => {
+                let dir = self.out.join(ADAPTER_DIR);
+                self.tuner.save(&*self.model, &dir)?;
+                if let Some(l) = &self.labels {
+                    // PEFT keeps no class names; `classify --adapter` and users read them here.
+                    let text = serde_json::to_string_pretty(&l.hf_config())
+                        .expect("a label map always serializes");
+                    crate::fsutil::write_atomic(&dir.join(super::LABELS_FILE), text.as_bytes())?;
+                }
+                (Some(dir), None)
+            }
+            // Full and selective runs change base weights: the whole model, as an HF folder
+            // that transformers and `--model` load (its config has the classes as id2label).
+            (true, Tuner::Weights { .. }) => {
+                let dir = self.out.join(super::MODEL_DIR);
+                crate::model::convert::write_model_folder(
+                    &*self.model,
+                    &self.tokenizer,
+                    &dir,
+                    candle_core::DType::F32,
+                )?;
+                (None, Some(dir))
+            }
         };
         let st = &s.state;
         let summary = Summary {
@@ -509,6 +546,8 @@ impl<'a> Recipe<'a> {
             trainable_params: self.tuner.param_count().trainable,
             all_params: self.tuner.param_count().all,
             adapter_dir,
+            model_dir,
+            final_val_accuracy: s.last_val_accuracy,
             already_finished: false,
         };
         let text = serde_json::to_string_pretty(&summary).expect("the summary always serializes");
@@ -521,6 +560,8 @@ impl<'a> Recipe<'a> {
 
 /// The data of a run, tokenized and batched, and the number of steps it makes.
 struct RunData {
+    /// What the examples are (the run's task and objective).
+    kind: DataTask,
     prepared: crate::data::Prepared,
     train_bc: BatchConfig,
     batcher: Batcher,
@@ -528,6 +569,8 @@ struct RunData {
     n_train: usize,
     batches_per_epoch: usize,
     max_steps: usize,
+    /// The run's seed (a new head's initialisation).
+    seed: u64,
 }
 
 /// Read and tokenize the data with the model's tokenizer (no weights read yet), check it
@@ -539,7 +582,8 @@ fn setup_data(
 ) -> Result<RunData> {
     let t = &c.config.train;
     let (tok, ctx) = tokenizer_and_context(source)?;
-    let prepared = prepare_data(c, &tok, Some(ctx))?;
+    let kind = super::data_task(c, source)?;
+    let prepared = prepare_data(c, &tok, Some(ctx), kind)?;
     if prepared.max_seq_len > ctx {
         let key = if t.max_seq_len.is_some() {
             "train.max_seq_len"
@@ -554,10 +598,11 @@ fn setup_data(
             ),
         ));
     }
-    let mut train_bc = c
-        .config
-        .data
-        .batch_config(t.batch_size, prepared.max_seq_len, &tok);
+    let mut train_bc = prepared.configure(c.config.data.batch_config(
+        t.batch_size,
+        prepared.max_seq_len,
+        &tok,
+    ));
     train_bc.shuffle = true;
     let batcher = Batcher::new(prepared.train.clone(), train_bc.clone(), device.clone())?;
     let val_batcher = if prepared.validation.is_empty() {
@@ -581,6 +626,7 @@ fn setup_data(
             .max(1.0) as usize,
     };
     Ok(RunData {
+        kind,
         n_train: prepared.train.len(),
         prepared,
         train_bc,
@@ -588,6 +634,7 @@ fn setup_data(
         val_batcher,
         batches_per_epoch: bpe,
         max_steps,
+        seed: t.seed,
     })
 }
 
@@ -665,6 +712,7 @@ struct RunModel {
     model: Box<dyn Model>,
     /// Where it was found.
     source: ModelSource,
+    tokenizer: crate::tokenizer::Tokenizer,
     tuner: Tuner,
     /// The method's trainable parameters.
     params: Vec<(String, Var)>,
@@ -679,30 +727,73 @@ fn setup_model(
     data: &RunData,
 ) -> Result<RunModel> {
     let cfg = &c.config;
+    let mut opts = load_options(c)?;
+    opts.head = head_for(data);
     let LoadedModel {
         model: mut m,
         source,
+        tokenizer,
         ..
-    } = model::load_source(source, &load_options(c)?, device)?;
-    let task = model::family::resolve_task(&*m, cfg.task).map_err(|e| c.key_error("task", e))?;
-    cfg.objective
-        .check_fits(&*m)
-        .map_err(|e| c.key_error("objective", e))?;
-    check_data_fits_task(c, task, &data.train_bc)?;
+    } = model::load_source(source, &opts, device)?;
+    match cfg.objective.pretraining() {
+        // A pre-training objective must be the model kind's (mlm: encoders, ...).
+        Some(_) => cfg
+            .objective
+            .check_fits(&*m)
+            .map_err(|e| c.key_error("objective", e))?,
+        None => {
+            let task = data_task_of(data.kind);
+            model::family::resolve_task(&*m, task).map_err(|e| c.key_error("task", e))?;
+        }
+    }
     // The module names are only known once the model is loaded; a target that matches none is
     // the config's error, so name the file and the key.
     if cfg.method == Method::Lora {
-        crate::peft::lora::model::resolve_targets(&*m, &cfg.lora.to_peft(&cfg.model))
-            .map_err(|e| c.key_error("lora.targets", e))?;
+        let defaults = m.default_lora_targets();
+        crate::peft::lora::model::resolve_targets(
+            &*m,
+            &cfg.lora.to_peft_for(&cfg.model, &defaults),
+        )
+        .map_err(|e| c.key_error("lora.targets", e))?;
     }
     let tuner = Tuner::attach(cfg, &mut *m, &cfg.model)?;
     let params = tuner.trainable(&*m);
     Ok(RunModel {
         model: m,
         source,
+        tokenizer,
         tuner,
         params,
     })
+}
+
+/// The head a run's examples need on a family with several (BERT): a classifier with the
+/// data's classes, or the masked-LM head; layers the model lacks are initialised from the
+/// run's seed, as transformers does when fine-tuning a bare encoder.
+fn head_for(data: &RunData) -> Option<model::HeadSpec> {
+    let labels = data.prepared.labels.as_ref().map(|l| l.names.clone());
+    let head = match data.kind {
+        DataTask::SequenceClassification => model::HeadKind::SequenceClassification,
+        DataTask::TokenClassification => model::HeadKind::TokenClassification,
+        DataTask::Mlm => model::HeadKind::MaskedLm,
+        _ => return None,
+    };
+    Some(model::HeadSpec {
+        head,
+        labels,
+        init_seed: Some(data.seed),
+    })
+}
+
+/// The task a supervised run's examples are for.
+fn data_task_of(kind: DataTask) -> Option<Task> {
+    match kind {
+        DataTask::CausalSft => Some(Task::CausalLm),
+        DataTask::Seq2Seq => Some(Task::Seq2SeqLm),
+        DataTask::SequenceClassification => Some(Task::SequenceClassification),
+        DataTask::TokenClassification => Some(Task::TokenClassification),
+        DataTask::Clm | DataTask::Mlm | DataTask::SpanCorruption => None,
+    }
 }
 
 /// The learning-rate schedule and AdamW over the trainable parameters.
@@ -820,23 +911,6 @@ fn quant_settings(c: &LoadedConfig) -> Result<crate::quant::QuantSettings> {
             config::QuantizedBackward::Exact => BackwardWeights::Exact,
         },
     })
-}
-
-/// The training data is built for the task: today the data pipeline makes next-token
-/// (causal LM) examples; the other tasks' data (seq2seq pairs, classification rows, raw-text
-/// objectives) plugs in here.
-fn check_data_fits_task(c: &LoadedConfig, task: Task, bc: &BatchConfig) -> Result<()> {
-    if task.targets() != bc.targets {
-        return Err(c.key_error(
-            "task",
-            format!(
-                "`{task}` needs {} but the data gives {}: training data for this task is not supported yet",
-                task.targets().as_str(),
-                bc.targets.as_str()
-            ),
-        ));
-    }
-    Ok(())
 }
 
 /// Refuse a run whose estimate exceeds the memory available (unless `train.memory_check` is

@@ -134,7 +134,9 @@ pub struct LoraConfig {
     /// Only meaningful for GPT-2 style Conv1D weights; must be false for our linears.
     #[serde(default)]
     pub fan_in_fan_out: bool,
-    /// Not supported (would train full copies of other modules); must be null or empty.
+    /// Modules trained in full next to the adapter (a classification head), as PEFT's
+    /// `ModulesToSaveWrapper` does; see `peft::modules_to_save`. For SEQ_CLS / TOKEN_CLS models
+    /// `["classifier", "score"]` are added, as PEFT adds them.
     #[serde(default)]
     pub modules_to_save: Option<Vec<String>>,
     #[serde(default)]
@@ -281,11 +283,11 @@ impl LoraConfig {
                 "must be false: LLaMA-family linears store (out, in) weights".into(),
             );
         }
-        if self.modules_to_save.as_ref().is_some_and(|m| !m.is_empty()) {
-            return bad(
-                "modules_to_save",
-                "is not supported (train those modules with full fine-tuning)".into(),
-            );
+        for m in self.modules_to_save.iter().flatten() {
+            if m.is_empty() {
+                return bad("modules_to_save", "holds an empty name".into());
+            }
+            saved_module_regex(m).map_err(|e| Error::key(source, "modules_to_save", e))?;
         }
         match &self.init_lora_weights {
             InitLoraWeights::Bool(_) => {}
@@ -372,6 +374,14 @@ impl LoraConfig {
     }
 
     fn is_excluded(&self, name: &str) -> Result<bool> {
+        // PEFT never puts an adapter on a module it saves in full, nor inside one.
+        for m in self.modules_to_save.iter().flatten() {
+            let re = saved_module_regex(m)
+                .map_err(|e| Error::key("LoRA config", "modules_to_save", e))?;
+            if regex_matches(&re, name) {
+                return Ok(true);
+            }
+        }
         Ok(match &self.exclude_modules {
             None => false,
             Some(ModuleSpec::One(s)) => regex_matches(
@@ -443,6 +453,13 @@ impl LoraConfig {
     pub fn dropout(&self) -> f32 {
         self.lora_dropout as f32
     }
+}
+
+/// PEFT's `check_target_module_exists` guard: `re.match(rf"(^|.*\.){m}($|\..*)", key)` keeps
+/// adapters off `modules_to_save` entry `m` and everything inside it.
+fn saved_module_regex(m: &str) -> std::result::Result<Regex, String> {
+    Regex::new(&format!(r"^(^|.*\.){m}($|\..*)"))
+        .map_err(|e| format!("invalid module name `{m}`: {e}"))
 }
 
 /// PEFT's `get_pattern_key`: `re.match(rf"(.*\.)?({key})$", name)`.

@@ -11,6 +11,7 @@ pub mod model;
 pub use config::{InitLoraWeights, LayerIndices, LoraConfig, ModuleParams, ModuleSpec};
 pub use layer::{LoraAdapter, LoraInit};
 pub use model::{
-    as_lora, attach_lora, merge_adapter, merge_and_unload, resolve_targets, set_active_adapters,
-    set_adapter_active, unmerge_adapter, LoraModelInfo, LoraModuleInfo, MergeReport,
+    as_lora, attach_lora, config_for_model, merge_adapter, merge_and_unload,
+    resolve_modules_to_save, resolve_targets, set_active_adapters, set_adapter_active,
+    unmerge_adapter, LoraModelInfo, LoraModuleInfo, MergeReport,
 };

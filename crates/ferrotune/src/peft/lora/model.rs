@@ -4,6 +4,7 @@ use super::config::{InitLoraWeights, LoraConfig, ModuleSpec};
 use super::layer::{LoraAdapter, LoraInit};
 use crate::model::Model;
 use crate::nn::{Linear, LinearAdapter, LinearWeight};
+use crate::peft::modules_to_save::{self, as_saved_module};
 use crate::peft::{adapter_names, no_such_adapter, param_count, ParamCount, PeftMethod};
 use crate::{Error, Result};
 use candle_core::DType;
@@ -28,6 +29,8 @@ pub struct LoraModuleInfo {
 pub struct LoraModelInfo {
     pub adapter_name: String,
     pub modules: Vec<LoraModuleInfo>,
+    /// Linears trained in full next to the adapter (`modules_to_save`, e.g. `classifier`).
+    pub modules_to_save: Vec<String>,
     /// Counted after attaching; `params.to_string()` is PEFT's `print_trainable_parameters` line.
     pub params: ParamCount,
 }
@@ -61,9 +64,13 @@ pub fn as_lora(a: &dyn LinearAdapter) -> Option<&LoraAdapter> {
     any.downcast_ref::<LoraAdapter>()
 }
 
-/// Adapter `adapter_name` of `lin` as LoRA; Ok(None) when the layer does not have it.
+/// Adapter `adapter_name` of `lin` as LoRA; Ok(None) when the layer does not have it (or has
+/// only the adapter's `modules_to_save` copy).
 fn lora_on<'a>(lin: &'a Linear, adapter_name: &str) -> Result<Option<&'a LoraAdapter>> {
-    match lin.adapters().find(|(n, _)| *n == adapter_name) {
+    match lin
+        .adapters()
+        .find(|(n, a)| *n == adapter_name && as_saved_module(*a).is_none())
+    {
         None => Ok(None),
         Some((_, a)) => as_lora(a).map(Some).ok_or_else(|| {
             Error::msg(format!(
@@ -91,9 +98,30 @@ fn available_names(names: &[String]) -> String {
     )
 }
 
+/// `cfg` as PEFT uses it on `model`: for SEQ_CLS / TOKEN_CLS models `modules_to_save` gets the
+/// classifier names PEFT adds (see `peft::modules_to_save::add_task_defaults`).
+pub fn config_for_model(model: &dyn Model, cfg: &LoraConfig) -> LoraConfig {
+    let mut cfg = cfg.clone();
+    modules_to_save::add_task_defaults(&mut cfg.modules_to_save, model.task_type());
+    cfg
+}
+
+/// The linears `cfg`'s `modules_to_save` selects on `model` (after [`config_for_model`]), in
+/// model order.
+pub fn resolve_modules_to_save(model: &dyn Model, cfg: &LoraConfig) -> Result<Vec<String>> {
+    let cfg = config_for_model(model, cfg);
+    modules_to_save::resolve(
+        model,
+        cfg.modules_to_save.as_deref().unwrap_or(&[]),
+        "LoRA config",
+    )
+}
+
 /// The names `cfg` selects, in model order. A target that matches no linear at all is an error
-/// naming it (PEFT only fails when nothing matches; naming the culprit is friendlier).
+/// naming it (PEFT only fails when nothing matches; naming the culprit is friendlier). Modules
+/// in `modules_to_save` (and the classifier of a SEQ_CLS model) are never targets, as in PEFT.
 pub fn resolve_targets(model: &dyn Model, cfg: &LoraConfig) -> Result<Vec<String>> {
+    let cfg = &config_for_model(model, cfg);
     let names: Vec<String> = model
         .linears()
         .iter()
@@ -170,6 +198,7 @@ pub fn attach_lora(
         )));
     }
     let targets = resolve_targets(model, cfg)?;
+    let saved = resolve_modules_to_save(model, cfg)?;
     let init = match &cfg.init_lora_weights {
         InitLoraWeights::Bool(true) => LoraInit::Default,
         InitLoraWeights::Bool(false) => LoraInit::Random,
@@ -211,9 +240,11 @@ pub fn attach_lora(
         });
         lin.add_adapter(adapter_name, Box::new(a));
     }
+    modules_to_save::attach(model, &saved, adapter_name)?;
     Ok(LoraModelInfo {
         adapter_name: adapter_name.to_string(),
         modules,
+        modules_to_save: saved,
         params: param_count(model, adapter_name),
     })
 }
@@ -237,12 +268,21 @@ fn for_each_lora(
     Ok(())
 }
 
-/// Switch one LoRA adapter on or off, leaving the others as they are.
+/// Switch one LoRA adapter (and its `modules_to_save` copies) on or off, leaving the others as
+/// they are.
 pub fn set_adapter_active(model: &dyn Model, adapter_name: &str, on: bool) -> Result<()> {
     for_each_lora(model, adapter_name, |_, a| {
         a.set_active(on);
         Ok(())
-    })
+    })?;
+    for lin in model.linears() {
+        for (n, a) in lin.adapters() {
+            if let Some(s) = as_saved_module(a).filter(|_| n == adapter_name) {
+                s.set_active(on);
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Make exactly `names` the active LoRA adapters (PEFT's `set_adapter`); other LoRA adapters
@@ -256,6 +296,8 @@ pub fn set_active_adapters(model: &dyn Model, names: &[&str]) -> Result<()> {
         for (n, a) in lin.adapters() {
             if let Some(l) = as_lora(a) {
                 l.set_active(names.contains(&n));
+            } else if let Some(s) = as_saved_module(a) {
+                s.set_active(names.contains(&n));
             }
         }
     }
@@ -380,10 +422,28 @@ pub fn unmerge_adapter(model: &mut dyn Model, adapter_name: &str) -> Result<()> 
     set_merged(model, adapter_name, false)
 }
 
-/// Merge adapter `adapter_name` and detach it (PEFT's `merge_and_unload` for one adapter);
-/// the model is then a plain model that `model::convert::write_hf_folder` can save.
+/// Merge adapter `adapter_name` and detach it (PEFT's `merge_and_unload` for one adapter): a
+/// module in `modules_to_save` gets its trained copy's weights in place of the base's. The
+/// model is then a plain model that `model::convert::write_hf_folder` can save.
 pub fn merge_and_unload(model: &mut dyn Model, adapter_name: &str) -> Result<MergeReport> {
-    let report = merge_adapter(model, adapter_name)?;
+    let mut report = merge_adapter(model, adapter_name)?;
+    for lin in model.linears_mut() {
+        let is_saved = lin
+            .adapters()
+            .any(|(n, a)| n == adapter_name && as_saved_module(a).is_some());
+        if !is_saved {
+            continue;
+        }
+        let copy = lin
+            .remove_adapter(adapter_name)
+            .expect("the layer has the adapter");
+        let copy = as_saved_module(&*copy).expect("checked above");
+        // PEFT keeps the original module where the adapter's copy is not active.
+        if copy.is_active() {
+            copy.write_into(lin)?;
+            report.modules.push(lin.name().to_string());
+        }
+    }
     crate::peft::remove_adapter(model, adapter_name)?;
     Ok(report)
 }
