@@ -409,11 +409,20 @@ fn run_generate_t5(
             source.path().display()
         );
     }
-    if !a.adapter.is_empty() {
-        bail!("--adapter: adapters on T5 models are not supported yet");
+    for d in &a.adapter {
+        input_dir("--adapter", d)?;
     }
     set_threads(&a.m);
-    let lm = model::t5::load_source(source, opts, dev, &bar())?;
+    let mut lm = model::t5::load_source(source, opts, dev, &bar())?;
+    for (i, d) in a.adapter.iter().enumerate() {
+        let la = ferrotune::peft::load_adapter(&mut lm.model, d, &format!("adapter{i}"))?;
+        info!(
+            "adapter {} ({}, {} modules)",
+            d.display(),
+            la.config.peft_type(),
+            la.modules.len()
+        );
+    }
     let ids = lm.tokenizer.encode(prompt, true)?;
     let stdout = std::io::stdout();
     let json = a.json;
