@@ -574,6 +574,16 @@ fn modules_to_save_errors_are_one_line() {
     );
     assert!(peft::adapter_names(&m).is_empty());
 
+    // Two adapters cannot both run their own copy of the classifier.
+    format::load_adapter(&mut m, &src, "first").unwrap();
+    let e = format::load_adapter(&mut m, &src, "second").unwrap_err();
+    one_line(e.to_string(), &["classifier", "first", "modules_to_save"]);
+    assert_eq!(peft::adapter_names(&m), ["first"]);
+    lora::set_adapter_active(&m, "first", false).unwrap();
+    format::load_adapter(&mut m, &src, "second").unwrap();
+    peft::remove_adapter(&mut m, "first").unwrap();
+    peft::remove_adapter(&mut m, "second").unwrap();
+
     // LoRA never targets a saved module: naming the classifier as a target matches nothing.
     let mut cfg = LoraConfig::new(2, 4.0, &["classifier"]);
     cfg.task_type = Some("SEQ_CLS".into());

@@ -257,6 +257,27 @@ pub fn as_saved_module(a: &dyn LinearAdapter) -> Option<&SavedModule> {
     any.downcast_ref::<SavedModule>()
 }
 
+/// A layer can run one saved copy at a time (PEFT: "Only one adapter can be set at a time" for
+/// a `ModulesToSaveWrapper`): an error when a linear in `names` already has an active copy of
+/// another adapter.
+pub fn check_free(model: &dyn Model, names: &[String]) -> Result<()> {
+    for lin in model.linears() {
+        if !names.iter().any(|n| n == lin.name()) {
+            continue;
+        }
+        if let Some((other, _)) = lin
+            .adapters()
+            .find(|(_, a)| as_saved_module(*a).is_some_and(|s| s.is_active()))
+        {
+            return Err(Error::msg(format!(
+                "module `{}` is already trained in full by adapter `{other}` (modules_to_save); one adapter's copy can be active at a time: remove or deactivate `{other}` first",
+                lin.name()
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Attach a [`SavedModule`] copy named `adapter_name` to each linear in `names`.
 pub fn attach(model: &mut dyn Model, names: &[String], adapter_name: &str) -> Result<()> {
     for lin in model.linears_mut() {

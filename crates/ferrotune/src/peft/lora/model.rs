@@ -199,6 +199,7 @@ pub fn attach_lora(
     }
     let targets = resolve_targets(model, cfg)?;
     let saved = resolve_modules_to_save(model, cfg)?;
+    modules_to_save::check_free(model, &saved)?;
     let init = match &cfg.init_lora_weights {
         InitLoraWeights::Bool(true) => LoraInit::Default,
         InitLoraWeights::Bool(false) => LoraInit::Random,
