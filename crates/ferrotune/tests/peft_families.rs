@@ -658,3 +658,33 @@ fn train_config_modules_to_save_reaches_the_tuner() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// TOKEN_CLS gets the classifier added as SEQ_CLS does (PEFT's
+/// `PeftModelForTokenClassification`), and the adapter round-trips here bit for bit.
+#[test]
+fn token_classification_saves_its_classifier_too() {
+    let dir = repo().join("tests/fixtures/bert/tiny-bert");
+    let cfg = bert::config_from_hf_dir(&dir).unwrap();
+    let src = SafetensorsSource::open(&dir, &LoadOptions::default(), &Device::Cpu).unwrap();
+    let load = || Bert::load(&src, &cfg, BertHead::TokenClassification).unwrap();
+    let exp = read_json(&peft_dir("bert-lora-peft/expected.json"));
+    let input = bert_input(&exp);
+    let mut m = load();
+    let lcfg = LoraConfig::new(2, 4.0, &["value"]);
+    let info = lora::attach_lora(&mut m, &lcfg, "default", 3).unwrap();
+    assert_eq!(info.modules_to_save, ["classifier"]);
+    randomize(&m, "default", 4, 0.3);
+    let want = flat(&m.token_logits(&input).unwrap());
+    let out = temp_dir("token-cls");
+    format::save_adapter(&m, "default", &lcfg, &out).unwrap();
+    let saved = read_json(&out.join(format::CONFIG_FILE));
+    assert_eq!(saved["task_type"], "TOKEN_CLS");
+    assert_eq!(
+        saved["modules_to_save"],
+        serde_json::json!(["classifier", "score"])
+    );
+    let mut fresh = load();
+    format::load_adapter(&mut fresh, &out, "default").unwrap();
+    assert_eq!(flat(&fresh.token_logits(&input).unwrap()), want);
+    let _ = std::fs::remove_dir_all(&out);
+}
