@@ -412,15 +412,18 @@ fn run_generate_t5(
             source.path().display()
         );
     }
+    for d in &a.adapter {
+        input_dir("--adapter", d)?;
+    }
     set_threads(&a.m);
     let mut lm = model::t5::load_source(source, opts, dev, &bar())?;
     for (i, d) in a.adapter.iter().enumerate() {
-        let ad = ferrotune::peft::load_adapter(&mut lm.model, d, &format!("adapter{i}"))?;
+        let la = ferrotune::peft::load_adapter(&mut lm.model, d, &format!("adapter{i}"))?;
         info!(
             "adapter {} ({}, {} modules)",
             d.display(),
-            ad.config.peft_type(),
-            ad.modules.len()
+            la.config.peft_type(),
+            la.modules.len()
         );
     }
     let ids = lm.tokenizer.encode(prompt, true)?;

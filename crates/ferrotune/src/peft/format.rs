@@ -93,7 +93,7 @@ pub fn save_adapter<M: PeftMethod>(
     // PEFT's SEQ_CLS / TOKEN_CLS models add their classifier names to the config it saves.
     if let Some(v) = json.get_mut("modules_to_save") {
         let mut list: Option<Vec<String>> = serde_json::from_value(v.clone()).ok().flatten();
-        super::modules_to_save::add_task_defaults(&mut list, model.task_type());
+        super::modules_to_save::add_task_defaults(&mut list, model);
         *v = serde_json::to_value(list).expect("a list of strings serializes");
     }
     let text = serde_json::to_string_pretty(&json).expect("a JSON value always serializes");

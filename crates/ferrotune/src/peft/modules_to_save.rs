@@ -24,17 +24,23 @@ use std::sync::atomic::{AtomicBool, Ordering};
 /// `modules_to_save`.
 pub const PEFT_CLASSIFIER_NAMES: [&str; 2] = ["classifier", "score"];
 
-/// What PEFT does to a config's `modules_to_save` for a model of `task`: for `SEQ_CLS` and
-/// `TOKEN_CLS`, append [`PEFT_CLASSIFIER_NAMES`] (PEFT appends them even when present; names
-/// already in the list are not repeated here, which selects the same modules).
-pub fn add_task_defaults(list: &mut Option<Vec<String>>, task: TaskType) {
-    if !matches!(task, TaskType::SeqCls | TaskType::TokenCls) {
+/// What PEFT does to a config's `modules_to_save` for `model`: for `SEQ_CLS` and `TOKEN_CLS`
+/// models, append [`PEFT_CLASSIFIER_NAMES`] (PEFT appends them even when present; names already
+/// in the list are not repeated here, which selects the same modules), then the model's own
+/// head names ([`Model::modules_to_save`]) where a family names its head otherwise.
+pub fn add_task_defaults(list: &mut Option<Vec<String>>, model: &dyn Model) {
+    if !matches!(model.task_type(), TaskType::SeqCls | TaskType::TokenCls) {
         return;
     }
     let l = list.get_or_insert_with(Vec::new);
-    for n in PEFT_CLASSIFIER_NAMES {
-        if !l.iter().any(|x| x == n) {
-            l.push(n.to_string());
+    let own = model.modules_to_save();
+    for n in PEFT_CLASSIFIER_NAMES
+        .iter()
+        .map(|s| s.to_string())
+        .chain(own)
+    {
+        if !l.contains(&n) {
+            l.push(n);
         }
     }
 }
@@ -255,6 +261,27 @@ impl LinearAdapter for SavedModule {
 pub fn as_saved_module(a: &dyn LinearAdapter) -> Option<&SavedModule> {
     let any: &dyn std::any::Any = a;
     any.downcast_ref::<SavedModule>()
+}
+
+/// A layer can run one saved copy at a time (PEFT: "Only one adapter can be set at a time" for
+/// a `ModulesToSaveWrapper`): an error when a linear in `names` already has an active copy of
+/// another adapter.
+pub fn check_free(model: &dyn Model, names: &[String]) -> Result<()> {
+    for lin in model.linears() {
+        if !names.iter().any(|n| n == lin.name()) {
+            continue;
+        }
+        if let Some((other, _)) = lin
+            .adapters()
+            .find(|(_, a)| as_saved_module(*a).is_some_and(|s| s.is_active()))
+        {
+            return Err(Error::msg(format!(
+                "module `{}` is already trained in full by adapter `{other}` (modules_to_save); one adapter's copy can be active at a time: remove or deactivate `{other}` first",
+                lin.name()
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Attach a [`SavedModule`] copy named `adapter_name` to each linear in `names`.

@@ -102,7 +102,7 @@ fn available_names(names: &[String]) -> String {
 /// classifier names PEFT adds (see `peft::modules_to_save::add_task_defaults`).
 pub fn config_for_model(model: &dyn Model, cfg: &LoraConfig) -> LoraConfig {
     let mut cfg = cfg.clone();
-    modules_to_save::add_task_defaults(&mut cfg.modules_to_save, model.task_type());
+    modules_to_save::add_task_defaults(&mut cfg.modules_to_save, model);
     cfg
 }
 
@@ -199,6 +199,7 @@ pub fn attach_lora(
     }
     let targets = resolve_targets(model, cfg)?;
     let saved = resolve_modules_to_save(model, cfg)?;
+    modules_to_save::check_free(model, &saved)?;
     let init = match &cfg.init_lora_weights {
         InitLoraWeights::Bool(true) => LoraInit::Default,
         InitLoraWeights::Bool(false) => LoraInit::Random,
