@@ -1371,7 +1371,11 @@ fn run_classify(a: ClassifyArgs) -> Result<()> {
     for d in &a.adapter {
         check_adapter_task(d)?;
     }
-    let mut lm = load(&a.m)?;
+    // A classifier trained with the adapter (on a bare encoder) sets the head the base needs.
+    let mut load_opts = a.m.load_options()?;
+    load_opts.head = ferrotune::classify::head_for_adapters(&a.adapter, a.labels.as_deref())?;
+    set_threads(&a.m);
+    let mut lm = model::load_with_progress(&a.m.model, &load_opts, &device(&a.m.device)?, &bar())?;
     check_model(&*lm.model).map_err(|e| anyhow!("--model {}: {e}", a.m.model))?;
     attach_adapters(&mut lm, &a.adapter)?;
     let r = classify(&*lm.model, &lm.tokenizer, &a.data, &opts, &bar())?;

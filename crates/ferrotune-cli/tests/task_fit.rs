@@ -46,7 +46,6 @@ fn dry_run(config: &Path) -> String {
 
 /// (a) A decoder asked for sequence classification: the config file, the key and the task.
 #[test]
-#[ignore = "needs the train recipe's task wiring (lead, branch i10-wire): today train reads every config as causal LM data"]
 fn a_task_a_decoder_cannot_do_names_the_config_and_key() {
     let dir = tmp("task-fit-decoder");
     let cfg = config(
@@ -65,7 +64,6 @@ fn a_task_a_decoder_cannot_do_names_the_config_and_key() {
 
 /// (a) An encoder asked for seq2seq LM.
 #[test]
-#[ignore = "needs the train recipe's task wiring (lead, branch i10-wire) and a task check before the data is tokenized"]
 fn a_task_an_encoder_cannot_do_names_the_config_and_key() {
     let dir = tmp("task-fit-encoder");
     let cfg = config(
@@ -84,7 +82,6 @@ fn a_task_an_encoder_cannot_do_names_the_config_and_key() {
 
 /// (b) A label outside `[data] labels`: the data file, its line and the field.
 #[test]
-#[ignore = "needs the train recipe's task wiring (lead, branch i10-wire): today train reads every config as causal LM data"]
 fn b_a_label_outside_the_list_names_file_line_and_field() {
     let dir = tmp("task-fit-labels");
     let cfg = config(

@@ -237,6 +237,29 @@ eval_batches = 0
                 )
                 .unwrap();
                 assert_eq!(cfg["task_type"], "SEQ_CLS");
+                // `classify` with the adapter (its classifier in modules_to_save) scores the
+                // dev set as the run's last evaluation did.
+                let v = support::json(&succeeds(&[
+                    "classify",
+                    "-q",
+                    "--model",
+                    &arg(&base),
+                    "--adapter",
+                    &arg(&d.join(&out).join("adapter")),
+                    "--data",
+                    &arg(&d.join("dev.tsv")),
+                    "--text",
+                    "{sentence}",
+                    "--label-field",
+                    "label",
+                    "--json",
+                ]));
+                assert_eq!(v["n"], 100);
+                assert!(
+                    (v["accuracy"].as_f64().unwrap() - acc).abs() < 1e-9,
+                    "classify {} vs the run's {acc}",
+                    v["accuracy"]
+                );
             }
             _ => {
                 let cfg: Value = serde_json::from_str(

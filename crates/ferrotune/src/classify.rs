@@ -158,6 +158,68 @@ impl ClassifyReport {
     }
 }
 
+/// The head the base needs when an adapter carries the classifier (PEFT's `modules_to_save` of a
+/// `SEQ_CLS` adapter trained on a bare encoder): a sequence-classification head with as many
+/// classes as the adapter's classifier, named from the adapter's `labels.json` (written by
+/// `train`), else `labels`, else `LABEL_0`, ... `None` when no adapter has a classifier (the
+/// base's own head is used). The head's layers are placeholders the adapter's copy replaces.
+pub fn head_for_adapters(
+    adapters: &[std::path::PathBuf],
+    labels: Option<&[String]>,
+) -> Result<Option<crate::model::HeadSpec>> {
+    use crate::peft::format::{KEY_PREFIX, WEIGHTS_FILE};
+    for dir in adapters {
+        let path = dir.join(WEIGHTS_FILE);
+        let Ok(bytes) = std::fs::read(&path) else {
+            // The adapter loader reports a missing or unreadable file with its own message.
+            continue;
+        };
+        let Ok((_, meta)) = safetensors::SafeTensors::read_metadata(&bytes) else {
+            continue;
+        };
+        let tensors = meta.tensors();
+        let rows = ["classifier.weight", "classifier.out_proj.weight"]
+            .iter()
+            .find_map(|n| tensors.get(&format!("{KEY_PREFIX}{n}")))
+            .and_then(|info| info.shape.first().copied());
+        let Some(n) = rows else { continue };
+        let saved = dir.join(crate::train::LABELS_FILE);
+        let names: Vec<String> = if saved.is_file() {
+            let text = std::fs::read_to_string(&saved).map_err(|e| Error::file(&saved, e))?;
+            let v: Value = serde_json::from_str(&text)
+                .map_err(|e| Error::file(&saved, format!("not JSON: {e}")))?;
+            let map = v
+                .get("id2label")
+                .and_then(Value::as_object)
+                .ok_or_else(|| Error::key(saved.display().to_string(), "id2label", "missing"))?;
+            (0..n)
+                .map(|i| {
+                    map.get(&i.to_string())
+                        .and_then(Value::as_str)
+                        .map(str::to_string)
+                        .ok_or_else(|| {
+                            Error::key(
+                                saved.display().to_string(),
+                                "id2label",
+                                format!("no name for class {i} of the adapter's {n}"),
+                            )
+                        })
+                })
+                .collect::<Result<_>>()?
+        } else if let Some(l) = labels.filter(|l| l.len() == n) {
+            l.to_vec()
+        } else {
+            (0..n).map(|i| format!("LABEL_{i}")).collect()
+        };
+        return Ok(Some(crate::model::HeadSpec {
+            head: crate::model::HeadKind::SequenceClassification,
+            labels: Some(names),
+            init_seed: Some(0),
+        }));
+    }
+    Ok(None)
+}
+
 /// The model must classify sequences: a bare encoder, an encoder with another head, a decoder
 /// or an encoder-decoder is a one-line error saying what it is and what classify needs.
 pub fn check_model(model: &dyn Model) -> Result<()> {

@@ -37,7 +37,7 @@ pub use report::ProgressMode;
 pub use schedule::Schedule;
 
 use crate::data::{self, Batch, Batcher, Prepared};
-use crate::model::{self, Model, ModelSource};
+use crate::model::{self, Model, ModelSource, Task};
 use crate::tokenizer::Tokenizer;
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
@@ -206,7 +206,30 @@ pub fn data_task(c: &LoadedConfig, source: &ModelSource) -> Result<data::DataTas
     let cfg = &c.config;
     let objective = cfg.objective.as_str();
     let task = match (cfg.task, cfg.objective.pretraining()) {
-        (Some(t), _) => Some(t),
+        (Some(t), _) => {
+            // Checked from the model's config before any data is read: data made for a task
+            // the model cannot do would fail in the tokenizer with a less helpful message.
+            let kind = model::peek_task(source).0;
+            let fits: &[Task] = match kind {
+                model::ArchitectureKind::Decoder => &[Task::CausalLm],
+                model::ArchitectureKind::EncoderDecoder => &[Task::Seq2SeqLm],
+                model::ArchitectureKind::Encoder => {
+                    &[Task::SequenceClassification, Task::TokenClassification]
+                }
+            };
+            if !fits.contains(&t) {
+                let names: Vec<String> = fits.iter().map(|t| format!("`{t}`")).collect();
+                return Err(c.key_error(
+                    "task",
+                    format!(
+                        "`{t}` does not fit the model, a {kind} ({}): it supports {}",
+                        source.path().display(),
+                        names.join(", ")
+                    ),
+                ));
+            }
+            Some(t)
+        }
         // A pre-training objective decides the examples on its own.
         (None, Some(_)) => None,
         (None, None) => match model::peek_task(source) {
