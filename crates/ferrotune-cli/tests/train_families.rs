@@ -346,3 +346,64 @@ label_field = "label"
     let e = fails(&["train", "--dry-run", "--config", &arg(&d.join("run.toml"))]);
     assert!(e.contains("run.toml") && e.contains("task"), "{e}");
 }
+
+#[test]
+fn a_full_fine_tuning_run_resumes_bit_exact() {
+    let d = tmp("bert-full-resume");
+    write(&d, "train.tsv", &cls_rows(64, 3));
+    write(&d, "dev.tsv", &cls_rows(16, 4));
+    let base = repo().join("tests/fixtures/bert/tiny-bert");
+    for out in ["out-a", "out-b"] {
+        write(
+            &d,
+            &format!("{out}.toml"),
+            &format!(
+                r#"model = "{}"
+method = "full"
+task = "sequence_classification"
+output_dir = "{out}"
+[data]
+train = "train.tsv"
+validation = "dev.tsv"
+template = "{{sentence}}"
+label_field = "label"
+labels = ["negative", "neutral", "positive"]
+[train]
+batch_size = 8
+max_steps = 12
+lr = 1e-3
+save_every = 4
+"#,
+                base.display().to_string().replace('\\', "/")
+            ),
+        );
+    }
+    succeeds(&["train", "-q", "--config", &arg(&d.join("out-a.toml"))]);
+    let cfg_b = arg(&d.join("out-b.toml"));
+    succeeds(&[
+        "train",
+        "-q",
+        "--config",
+        &cfg_b,
+        "--set",
+        "train.stop_after=6",
+    ]);
+    assert!(
+        !d.join("out-b/model").exists(),
+        "a stopped run has no final model"
+    );
+    succeeds(&["train", "-q", "--config", &cfg_b, "--resume"]);
+    let a = std::fs::read(d.join("out-a/model/model.safetensors")).unwrap();
+    let b = std::fs::read(d.join("out-b/model/model.safetensors")).unwrap();
+    assert!(
+        a == b,
+        "the resumed run's model differs from the uninterrupted one's"
+    );
+    // A finished run is not trained again.
+    let out = succeeds(&["train", "--config", &cfg_b, "--resume"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("already finished") && err.contains("its model is"),
+        "{err}"
+    );
+}
