@@ -396,70 +396,6 @@ fn print_generation(out: &ferrotune::generate::GenerationOutput, json: bool) {
     }
 }
 
-/// `generate` for an encoder-decoder (T5): the prompt is the encoder input; greedy or sampled
-/// decoding streams like a decoder's, `--num-beams N` runs beam search.
-fn run_generate_t5(
-    a: &GenerateArgs,
-    cfg: &GenerationConfig,
-    prompt: &str,
-    source: model::ModelSource,
-    opts: &LoadOptions,
-    dev: &Device,
-) -> Result<()> {
-    if a.chat {
-        bail!(
-            "--chat: {} is an encoder-decoder (T5) model without a chat template; drop --chat",
-            source.path().display()
-        );
-    }
-    for d in &a.adapter {
-        input_dir("--adapter", d)?;
-    }
-    set_threads(&a.m);
-    let mut lm = model::t5::load_source(source, opts, dev, &bar())?;
-    for (i, d) in a.adapter.iter().enumerate() {
-        let la = ferrotune::peft::load_adapter(&mut lm.model, d, &format!("adapter{i}"))?;
-        info!(
-            "adapter {} ({}, {} modules)",
-            d.display(),
-            la.config.peft_type(),
-            la.modules.len()
-        );
-    }
-    let ids = lm.tokenizer.encode(prompt, true)?;
-    let stdout = std::io::stdout();
-    let json = a.json;
-    let mut on_text = |t: &str| {
-        if !json {
-            let mut o = stdout.lock();
-            let _ = o.write_all(t.as_bytes());
-            let _ = o.flush();
-        }
-    };
-    let out = if a.num_beams > 1 {
-        let beams = ferrotune::beam::BeamConfig {
-            num_beams: a.num_beams,
-            max_new_tokens: cfg.max_new_tokens,
-            eos_ids: if cfg.stop_on_eos {
-                lm.eos_ids()
-            } else {
-                vec![]
-            },
-            ..Default::default()
-        };
-        let mut dec = lm.model.beam_decoder(&ids);
-        ferrotune::beam::generate(&mut dec, &lm.tokenizer, ids.len(), &beams, &cfg.stop)?
-    } else {
-        let mut dec = lm.model.decoder();
-        generate(&mut dec, &lm.tokenizer, &ids, cfg, &mut on_text)?
-    };
-    if a.num_beams > 1 {
-        on_text(&out.text);
-    }
-    print_generation(&out, json);
-    Ok(())
-}
-
 fn run_generate(a: GenerateArgs) -> Result<()> {
     let prompt = match (&a.prompt, &a.prompt_file) {
         (Some(p), _) => p.clone(),
@@ -544,19 +480,17 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
     let opts = a.m.load_options()?;
     let dev = device(&a.m.device)?;
     let source = model::resolve(&a.m.model)?;
-    if model::t5::is_t5_source(&source) {
-        return run_generate_t5(&a, &cfg, &user_text, source, &opts, &dev);
-    }
-    if a.num_beams > 1 {
-        bail!(
-            "--num-beams: beam search is available for encoder-decoder (T5) models; {} is a decoder",
-            a.m.model
-        );
-    }
     set_threads(&a.m);
     let mut lm = model::load_source_with_progress(source, &opts, &dev, &bar())?;
     if lm.model.kind() == ArchitectureKind::Encoder {
         return Err(ferrotune::model::family::cannot_generate(&*lm.model).into());
+    }
+    if a.num_beams > 1 && lm.model.beam_decoder(&[]).is_none() {
+        bail!(
+            "--num-beams: beam search is available for encoder-decoder (T5) models; {} is a {}",
+            a.m.model,
+            lm.model.kind()
+        );
     }
     attach_adapters(&mut lm, &a.adapter)?;
     let tok = &lm.tokenizer;
@@ -611,7 +545,6 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
         "model" => Engine::Model,
         _ => Engine::Auto,
     };
-    let mut dec = decoder_for(&*lm.model, engine)?;
     let stdout = std::io::stdout();
     let json = a.json;
     let mut on_text = |t: &str| {
@@ -621,7 +554,34 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
             let _ = o.flush();
         }
     };
-    let out = generate(&mut *dec, tok, &ids, &cfg, &mut on_text)?;
+    // Beam search (encoder-decoders): the best beam is known only at the end, so it is printed
+    // whole rather than streamed.
+    let beam_dec = if a.num_beams > 1 {
+        lm.model.beam_decoder(&ids)
+    } else {
+        None
+    };
+    let out = match beam_dec {
+        Some(mut dec) => {
+            let beams = ferrotune::beam::BeamConfig {
+                num_beams: a.num_beams,
+                max_new_tokens: cfg.max_new_tokens,
+                eos_ids: if cfg.stop_on_eos {
+                    tok.eos_ids().to_vec()
+                } else {
+                    vec![]
+                },
+                ..Default::default()
+            };
+            let out = ferrotune::beam::generate(&mut *dec, tok, ids.len(), &beams, &cfg.stop)?;
+            on_text(&out.text);
+            out
+        }
+        None => {
+            let mut dec = decoder_for(&*lm.model, engine)?;
+            generate(&mut *dec, tok, &ids, &cfg, &mut on_text)?
+        }
+    };
     print_generation(&out, json);
     Ok(())
 }

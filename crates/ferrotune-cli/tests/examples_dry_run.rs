@@ -2,7 +2,9 @@
 //! tokenized, the model loaded, the targets resolved and the memory estimated, and nothing is
 //! written. The examples read the model that `scripts/fetch-models.sh` fetches into `.cache/`
 //! and the data sets in `../shared/data` beside the repository; a missing one fails the test
-//! naming what provides it.
+//! naming what provides it. A hub model (`hf:...`) cannot be fetched here: a local fixture of
+//! the same architecture stands in for it ([`HUB_STAND_INS`]), so the config, the data, the
+//! task and the targets are still checked against a model of that family.
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -12,6 +14,13 @@ fn repo() -> PathBuf {
     let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
     p.canonicalize().unwrap_or(p)
 }
+
+/// Hub models the examples name, and the fixture (from the repository root) that stands in for
+/// each in the dry run: same family and architecture, tiny random weights.
+const HUB_STAND_INS: &[(&str, &str)] = &[
+    // T5 v1.1 / FLAN-T5: gated-GELU, untied head.
+    ("hf:google/flan-t5-base", "tests/fixtures/t5/t5-v1_1"),
+];
 
 fn toml_files(dir: &Path, out: &mut Vec<PathBuf>) {
     for e in std::fs::read_dir(dir).unwrap() {
@@ -82,6 +91,20 @@ fn every_example_config_parses_and_dry_runs_without_writing() {
         // A checkout where the example already ran: the dry run of continuing it.
         if existed {
             args.push("--resume".into());
+        }
+        if c.config.model.starts_with("hf:") {
+            let (_, local) = HUB_STAND_INS
+                .iter()
+                .find(|(hub, _)| *hub == c.config.model)
+                .unwrap_or_else(|| {
+                    panic!(
+                        "{}: no stand-in for {} in HUB_STAND_INS (add a fixture of its architecture)",
+                        config.display(),
+                        c.config.model
+                    )
+                });
+            args.push("--set".into());
+            args.push(format!("model={}", repo().join(local).display()));
         }
         let r = Command::new(env!("CARGO_BIN_EXE_ferrotune"))
             .args(&args)

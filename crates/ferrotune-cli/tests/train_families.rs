@@ -352,7 +352,22 @@ fn a_full_fine_tuning_run_resumes_bit_exact() {
     let d = tmp("bert-full-resume");
     write(&d, "train.tsv", &cls_rows(64, 3));
     write(&d, "dev.tsv", &cls_rows(16, 4));
-    let base = repo().join("tests/fixtures/bert/tiny-bert");
+    // The tiny BERT with dropout on, so the resumed run must also replay the model's masks.
+    let src = repo().join("tests/fixtures/bert/tiny-bert");
+    let base = d.join("bert");
+    std::fs::create_dir_all(&base).unwrap();
+    for f in [
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
+        std::fs::copy(src.join(f), base.join(f)).unwrap();
+    }
+    let mut cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+    cfg["hidden_dropout_prob"] = 0.1.into();
+    cfg["attention_probs_dropout_prob"] = 0.1.into();
+    write(&base, "config.json", &cfg.to_string());
     for out in ["out-a", "out-b"] {
         write(
             &d,

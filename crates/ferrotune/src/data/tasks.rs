@@ -549,7 +549,16 @@ pub(crate) fn load(
         ("test", test.as_ref()),
     ];
     if kind.is_pretraining() {
-        let text = PromptTemplate::parse(cfg.text.as_deref().expect("checked"))?;
+        let text = cfg.text.as_deref().ok_or_else(|| {
+            Error::key(
+                SECTION,
+                "text",
+                format!(
+                    "missing: the {kind:?} objective reads raw text (e.g. text = \"{{text}}\")"
+                ),
+            )
+        })?;
+        let text = PromptTemplate::parse(text)?;
         let masking = masking(cfg, kind, &enc, max_len)?;
         let chunk_len = match &masking {
             Some(Masking::SpanCorruption(s)) => {
@@ -654,7 +663,7 @@ pub(crate) fn load(
         let policy = cfg.length_policy;
         let ex = match kind {
             DataTask::Seq2Seq => {
-                let (prompt, completion) = templates.as_ref().expect("set").render(row, &src)?;
+                let (prompt, completion) = set_up(&templates, "templates")?.render(row, &src)?;
                 encode_seq2seq(
                     &enc,
                     &prompt,
@@ -667,9 +676,9 @@ pub(crate) fn load(
                 )?
             }
             DataTask::SequenceClassification => {
-                let set = templates.as_ref().expect("set");
+                let set = set_up(&templates, "templates")?;
                 let text = set.prompts[set.pick(row)].render(&row.fields, &src)?;
-                let class = labels.as_ref().expect("set").id(
+                let class = set_up(&labels, "label list")?.id(
                     field(row, &label_field, &src)?,
                     &src,
                     &label_field,
@@ -678,14 +687,18 @@ pub(crate) fn load(
             }
             DataTask::TokenClassification => {
                 let (words, tags) = words_and_tags(row, &tokens_field, &label_field, &src)?;
-                let map = labels.as_ref().expect("set");
+                let map = set_up(&labels, "label list")?;
                 let classes = tags
                     .iter()
                     .map(|t| map.id(t, &src, &label_field))
                     .collect::<Result<Vec<i64>>>()?;
                 encode_words(&enc, &words, &classes, src, max_len, policy, &mut st)?
             }
-            _ => unreachable!("pre-training and causal SFT data take other paths"),
+            other => {
+                return Err(Error::msg(format!(
+                    "{src}: {other:?} data is not read row by row (pre-training and causal SFT data take other paths)"
+                )))
+            }
         };
         Ok((ex, st))
     };
@@ -744,8 +757,17 @@ fn document(kind: DataTask, tok: &Tokenizer, enc: &TextEncoder, text: &str) -> R
             ids.extend(after);
             Ok(ids)
         }
-        _ => unreachable!("only pre-training objectives make documents"),
+        other => Err(Error::msg(format!(
+            "{other:?} data is not raw text: only pre-training objectives make documents"
+        ))),
     }
+}
+
+/// What `load` prepared for this task before reading rows (templates, the label list): an
+/// error rather than a panic where a task reaches a path it did not prepare for.
+fn set_up<'a, T>(x: &'a Option<T>, what: &str) -> Result<&'a T> {
+    x.as_ref()
+        .ok_or_else(|| Error::msg(format!("[data]: no {what} was prepared for this task")))
 }
 
 /// The masking of an objective, with its settings checked against the tokenizer.

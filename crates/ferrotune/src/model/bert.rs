@@ -16,7 +16,9 @@ use super::weights::WeightSource;
 use super::ModelSource;
 use crate::data::{Batch, Targets};
 use crate::generate::Decoder;
-use crate::nn::{Embedding, EmbeddingWeight, LayerNorm, Linear, LinearWeight};
+use crate::nn::{
+    DropoutPass, Embedding, EmbeddingWeight, LayerNorm, Linear, LinearWeight, ModelDropout,
+};
 use crate::ops;
 use crate::progress::{CountingSource, NoProgress, Progress};
 use crate::tokenizer::{InputEncoder, Tokenizer};
@@ -136,6 +138,13 @@ pub struct BertConfig {
     /// Standard deviation of freshly initialised head weights (transformers' `_init_weights`).
     pub initializer_range: f64,
     pub tie_word_embeddings: bool,
+    /// Dropout in training (transformers' train mode): on the embeddings and each sublayer's
+    /// output (`hidden_dropout_prob`), on the attention weights
+    /// (`attention_probs_dropout_prob`), before the classifier (`classifier_dropout`, else
+    /// `hidden_dropout_prob`).
+    pub hidden_dropout_prob: f64,
+    pub attention_probs_dropout_prob: f64,
+    pub classifier_dropout: Option<f64>,
     /// The config.json, for messages.
     pub file: String,
 }
@@ -309,6 +318,12 @@ impl BertConfig {
             problem_type,
             initializer_range: opt_f64("initializer_range", 0.02)?,
             tie_word_embeddings: opt_bool("tie_word_embeddings", true)?,
+            hidden_dropout_prob: opt_f64("hidden_dropout_prob", 0.1)?,
+            attention_probs_dropout_prob: opt_f64("attention_probs_dropout_prob", 0.1)?,
+            classifier_dropout: match v.get("classifier_dropout") {
+                None | Some(Value::Null) => None,
+                Some(_) => Some(opt_f64("classifier_dropout", 0.0)?),
+            },
             file: source.to_string(),
         };
         cfg.validate()?;
@@ -360,6 +375,18 @@ impl BertConfig {
                 "initializer_range",
                 format!("{} must be a finite number >= 0", self.initializer_range),
             ));
+        }
+        for (key, p) in [
+            ("hidden_dropout_prob", Some(self.hidden_dropout_prob)),
+            (
+                "attention_probs_dropout_prob",
+                Some(self.attention_probs_dropout_prob),
+            ),
+            ("classifier_dropout", self.classifier_dropout),
+        ] {
+            if let Some(p) = p {
+                crate::nn::check_probability(p).map_err(|e| self.err(key, e))?;
+            }
         }
         if self.problem_type == ProblemType::Regression && self.labels.len() != 1 {
             return Err(self.err(
@@ -557,6 +584,8 @@ pub struct Bert {
     pub heads: BertHeads,
     /// Prefix of the encoder's module names (`bert.` with a head, empty for the bare encoder).
     module_prefix: String,
+    /// The model's own dropout in training, seeded per run.
+    pub dropout: ModelDropout,
     device: Device,
 }
 
@@ -1073,6 +1102,7 @@ impl Bert {
             layers,
             heads,
             module_prefix: mp.to_string(),
+            dropout: ModelDropout::default(),
             device,
         })
     }
@@ -1417,8 +1447,18 @@ impl Bert {
     }
 
     /// The encoder's last hidden states `(b, t, hidden)` (transformers' `last_hidden_state`).
-    /// `train` enables adapter dropout (the encoder itself runs without dropout).
+    /// `train` enables adapter dropout (the model's own dropout is [`Self::loss_sum`]'s).
     pub fn forward_hidden(&self, input: &BertInput, train: bool) -> Result<Tensor> {
+        self.forward_hidden_with(input, train, &DropoutPass::off())
+    }
+
+    /// [`Self::forward_hidden`] with the model's dropout of one pass.
+    fn forward_hidden_with(
+        &self,
+        input: &BertInput,
+        train: bool,
+        drop: &DropoutPass,
+    ) -> Result<Tensor> {
         self.check_input(input)?;
         let e = &self.embeddings;
         let words = e
@@ -1430,14 +1470,20 @@ impl Bert {
         let pos = e.position_embeddings.forward(&self.position_ids(input)?)?;
         // transformers' order: (words + types) + positions.
         let x = ((words + types)? + pos)?;
-        let mut x = e.layer_norm.forward(&x)?;
+        let mut x = drop.apply(&e.layer_norm.forward(&x)?, self.cfg.hidden_dropout_prob)?;
         // Additive mask over the keys: 0 on tokens, the lowest f32 on padding (as transformers'
         // eager attention), so padding gets exactly zero weight.
         let (b, t) = input.input_ids.dims2()?;
         let keep = input.attention_mask.to_dtype(DType::F32)?;
         let bias = ((keep - 1.0)? * f64::from(f32::MAX))?.reshape((b, 1, 1, t))?;
         for layer in &self.layers {
-            x = layer.forward(&x, &bias, self.cfg.hidden_act, train)?;
+            x = layer.forward(
+                &x,
+                &bias,
+                self.cfg.hidden_act,
+                train,
+                &self.layer_dropping(drop),
+            )?;
         }
         Ok(x)
     }
@@ -1463,8 +1509,31 @@ impl Bert {
         Ok(())
     }
 
-    /// Sequence-classification logits from the hidden states: `(b, num_labels)`.
-    pub fn sequence_logits_from_hidden(&self, hidden: &Tensor, train: bool) -> Result<Tensor> {
+    /// The dropout probability before the classifier (transformers: `classifier_dropout`, else
+    /// `hidden_dropout_prob`).
+    fn classifier_dropout(&self) -> f64 {
+        self.cfg
+            .classifier_dropout
+            .unwrap_or(self.cfg.hidden_dropout_prob)
+    }
+
+    fn layer_dropping<'a>(&self, pass: &'a DropoutPass) -> LayerDropping<'a> {
+        LayerDropping {
+            pass,
+            hidden: self.cfg.hidden_dropout_prob,
+            attention: self.cfg.attention_probs_dropout_prob,
+        }
+    }
+
+    /// Sequence-classification logits from the hidden states: `(b, num_labels)`. `drop`: the
+    /// model's dropout of a training pass (before the classifier, as transformers' heads).
+    pub fn sequence_logits_from_hidden(
+        &self,
+        hidden: &Tensor,
+        train: bool,
+        drop: &DropoutPass,
+    ) -> Result<Tensor> {
+        let p = self.classifier_dropout();
         self.need_head(BertHead::SequenceClassification)?;
         let classifier = self
             .heads
@@ -1474,8 +1543,9 @@ impl Bert {
         match &self.heads.classifier_dense {
             // RoBERTa: dense + tanh on the first token, then out_proj.
             Some(dense) => {
-                let x = dense.forward_t(&first_token(hidden)?, train)?.tanh()?;
-                Ok(classifier.forward_t(&x, train)?)
+                let x = drop.apply(&first_token(hidden)?, p)?;
+                let x = dense.forward_t(&x, train)?.tanh()?;
+                Ok(classifier.forward_t(&drop.apply(&x, p)?, train)?)
             }
             None => {
                 let pooler = self
@@ -1484,7 +1554,7 @@ impl Bert {
                     .as_ref()
                     .ok_or_else(|| missing_head_part("pooler"))?;
                 let pooled = pooler.forward_t(&first_token(hidden)?, train)?.tanh()?;
-                Ok(classifier.forward_t(&pooled, train)?)
+                Ok(classifier.forward_t(&drop.apply(&pooled, p)?, train)?)
             }
         }
     }
@@ -1492,19 +1562,21 @@ impl Bert {
     /// `BertForSequenceClassification` logits: `(b, num_labels)`.
     pub fn sequence_logits(&self, input: &BertInput) -> Result<Tensor> {
         let h = self.forward_hidden(input, false)?;
-        self.sequence_logits_from_hidden(&h, false)
+        self.sequence_logits_from_hidden(&h, false, &DropoutPass::off())
     }
 
     /// Per-token logits of the token-classification or MLM head from hidden states
     /// `(..., hidden)`: `(..., num_labels)` or `(..., vocab)`.
-    pub fn token_head(&self, hidden: &Tensor, train: bool) -> Result<Tensor> {
+    /// `drop`: the model's dropout of a training pass (before the token classifier; the MLM
+    /// head has none).
+    pub fn token_head(&self, hidden: &Tensor, train: bool, drop: &DropoutPass) -> Result<Tensor> {
         let h = &self.heads;
         match self.head {
             BertHead::TokenClassification => Ok(h
                 .classifier
                 .as_ref()
                 .ok_or_else(|| missing_head_part("classifier"))?
-                .forward_t(hidden, train)?),
+                .forward_t(&drop.apply(hidden, self.classifier_dropout())?, train)?),
             BertHead::MaskedLm => {
                 let dense = h
                     .mlm_dense
@@ -1535,13 +1607,21 @@ impl Bert {
     /// `BertForTokenClassification` logits: `(b, t, num_labels)`.
     pub fn token_logits(&self, input: &BertInput) -> Result<Tensor> {
         self.need_head(BertHead::TokenClassification)?;
-        self.token_head(&self.forward_hidden(input, false)?, false)
+        self.token_head(
+            &self.forward_hidden(input, false)?,
+            false,
+            &DropoutPass::off(),
+        )
     }
 
     /// `BertForMaskedLM` logits: `(b, t, vocab)`.
     pub fn mlm_logits(&self, input: &BertInput) -> Result<Tensor> {
         self.need_head(BertHead::MaskedLm)?;
-        self.token_head(&self.forward_hidden(input, false)?, false)
+        self.token_head(
+            &self.forward_hidden(input, false)?,
+            false,
+            &DropoutPass::off(),
+        )
     }
 
     /// The summed loss of a batch and the number of terms it sums (the mean is `sum / n`, what
@@ -1551,27 +1631,33 @@ impl Bert {
     /// (f32) when `num_labels` is 1 (regression: squared error); for token classification and
     /// MLM `(b, t)` ids with `-100` on positions without loss. Only labelled positions go
     /// through a per-token head (the MLM decoder is the model's largest matmul).
+    ///
+    /// `train` enables dropout: the adapters' and the model's own, where transformers applies
+    /// it in train mode (masks from [`Self::dropout`]'s stream).
     pub fn loss_sum(
         &self,
         input: &BertInput,
         labels: &Tensor,
         train: bool,
     ) -> Result<(Tensor, usize)> {
-        let hidden = self.forward_hidden(input, train)?;
-        self.loss_sum_from_hidden(&hidden, labels, train)
+        let pass = self.dropout.pass(train);
+        let hidden = self.forward_hidden_with(input, train, &pass)?;
+        self.loss_sum_from_hidden(&hidden, labels, train, &pass)
     }
 
-    /// [`Self::loss_sum`] from the encoder's hidden states.
+    /// [`Self::loss_sum`] from the encoder's hidden states (`drop`: the head's dropout of the
+    /// same pass).
     pub fn loss_sum_from_hidden(
         &self,
         hidden: &Tensor,
         labels: &Tensor,
         train: bool,
+        drop: &DropoutPass,
     ) -> Result<(Tensor, usize)> {
         let dev = &self.device;
         match self.head {
             BertHead::SequenceClassification => {
-                let logits = self.sequence_logits_from_hidden(hidden, train)?;
+                let logits = self.sequence_logits_from_hidden(hidden, train, drop)?;
                 let b = logits.dim(0)?;
                 if labels.dims() != [b] {
                     return Err(Error::msg(format!(
@@ -1618,7 +1704,7 @@ impl Bert {
                 let picked = hidden
                     .reshape((b * t, h))?
                     .index_select(&Tensor::from_vec(rows, n, dev)?, 0)?;
-                let logits = self.token_head(&picked, train)?;
+                let logits = self.token_head(&picked, train, drop)?;
                 let targets = Tensor::from_vec(targets, n, dev)?;
                 Ok((ops::cross_entropy_sum(&logits, &targets)?, n))
             }
@@ -1703,6 +1789,13 @@ pub fn pool(hidden: &Tensor, mask: &Tensor, pooling: Pooling, normalize: bool) -
     Ok(pooled.broadcast_div(&norm)?)
 }
 
+/// The dropout of one pass inside the encoder layers, at BERT's two rates.
+struct LayerDropping<'a> {
+    pass: &'a DropoutPass,
+    hidden: f64,
+    attention: f64,
+}
+
 impl BertLayer {
     fn forward(
         &self,
@@ -1710,19 +1803,30 @@ impl BertLayer {
         mask_bias: &Tensor,
         act: Activation,
         train: bool,
+        drop: &LayerDropping,
     ) -> candle_core::Result<Tensor> {
-        let a = self.attention.forward(x, mask_bias, train)?;
-        let a = self.attention_output.forward_t(&a, train)?;
+        let a = self.attention.forward(x, mask_bias, train, drop)?;
+        let a = drop
+            .pass
+            .apply(&self.attention_output.forward_t(&a, train)?, drop.hidden)?;
         let x = self.attention_norm.forward(&(a + x)?)?;
         let h = act.apply(&self.intermediate.forward_t(&x, train)?)?;
-        let h = self.output.forward_t(&h, train)?;
+        let h = drop
+            .pass
+            .apply(&self.output.forward_t(&h, train)?, drop.hidden)?;
         self.output_norm.forward(&(h + x)?)
     }
 }
 
 impl SelfAttention {
     /// softmax(q kᵀ / √d + mask) v over all heads; `mask_bias` is `(b, 1, 1, t)`.
-    fn forward(&self, x: &Tensor, mask_bias: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+    fn forward(
+        &self,
+        x: &Tensor,
+        mask_bias: &Tensor,
+        train: bool,
+        drop: &LayerDropping,
+    ) -> candle_core::Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let heads = |y: Tensor| -> candle_core::Result<Tensor> {
             y.reshape((b, t, self.n_heads, self.head_dim))?
@@ -1734,7 +1838,9 @@ impl SelfAttention {
         let v = heads(self.value.forward_t(x, train)?)?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(mask_bias)?;
-        let p = ops::softmax_last_dim(&scores)?;
+        let p = drop
+            .pass
+            .apply(&ops::softmax_last_dim(&scores)?, drop.attention)?;
         p.matmul(&v)?
             .transpose(1, 2)?
             .reshape((b, t, self.n_heads * self.head_dim))
@@ -2239,6 +2345,16 @@ impl Model for Bert {
 
     fn decoder(&self) -> Result<Box<dyn Decoder + '_>> {
         Err(cannot_generate(self))
+    }
+
+    fn configure_dropout(&self, seed: u64, enabled: bool) {
+        self.dropout.configure(seed, enabled)
+    }
+    fn dropout_calls(&self) -> Option<u64> {
+        Some(self.dropout.calls())
+    }
+    fn set_dropout_calls(&self, calls: u64) {
+        self.dropout.set_calls(calls)
     }
 
     fn state_dict(&self, dtype: DType) -> Result<HashMap<String, Tensor>> {

@@ -1,5 +1,6 @@
 //! Write a loaded model as a Hugging Face folder (config.json, model.safetensors,
-//! tokenizer.json, tokenizer_config.json, generation_config.json) that transformers loads.
+//! tokenizer.json, tokenizer_config.json, and generation_config.json for models that generate)
+//! that transformers loads.
 //! Quantized weights are dequantized to f32. Every file is written atomically
 //! ([`crate::fsutil`]). The weights and the config come from the family ([`Model::state_dict`],
 //! [`Model::hf_config`]), so every family converts the same way.
@@ -74,6 +75,10 @@ pub fn write_model_folder(
         &dir.join("tokenizer_config.json"),
         serde_json::to_string_pretty(&tcfg).unwrap().as_bytes(),
     )?;
+    // An encoder does not generate: transformers writes no generation_config.json for it.
+    if model.kind() == super::ArchitectureKind::Encoder {
+        return Ok(());
+    }
     // generation_config.json: the config's special tokens, the tokenizer's EOS ids first.
     let mut gen = serde_json::json!({});
     for key in ["bos_token_id", "decoder_start_token_id", "pad_token_id"] {

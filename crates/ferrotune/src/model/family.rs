@@ -9,6 +9,7 @@
 //! loss of a [`Batch`] over the positions that carry it), incremental decoding where it
 //! generates, and its weights by HF name for saving. `model::load` returns a
 //! [`LoadedModel`](super::LoadedModel) holding a `Box<dyn Model>`.
+use crate::beam::BeamDecoder;
 use crate::data::Batch;
 use crate::generate::Decoder;
 use crate::nn::{Embedding, EmbeddingWeight, Linear, LinearWeight};
@@ -297,6 +298,27 @@ pub trait Model: Send + Sync + Any {
     /// An incremental decoder over this model (KV cache; prefill reads the prompt). Encoders
     /// cannot generate: a one-line error.
     fn decoder(&self) -> Result<Box<dyn Decoder + '_>>;
+    /// A beam-search decoder over `prompt_ids` ([`crate::beam`]) where the family has one (the
+    /// encoder-decoders: T5 summarizes with beams); `None` otherwise.
+    fn beam_decoder(&self, _prompt_ids: &[u32]) -> Option<Box<dyn BeamDecoder + '_>> {
+        None
+    }
+
+    // ---- Model dropout (transformers' train mode) -------------------------------------------
+
+    /// Seed the model's own dropout (`dropout_rate`, `hidden_dropout_prob`, ...; applied by
+    /// `loss_sum(_, train = true)`) and switch it on or off. Masks are drawn from (seed, the
+    /// number of training forward passes so far, the site in the network) alone, so a resumed
+    /// run sets the count ([`Self::set_dropout_calls`]) and draws the same masks. A no-op for
+    /// families without dropout.
+    fn configure_dropout(&self, _seed: u64, _enabled: bool) {}
+    /// Training forward passes counted by the model's dropout stream (`None`: no dropout).
+    fn dropout_calls(&self) -> Option<u64> {
+        None
+    }
+    /// Seek the model's dropout stream to where it was after `calls` training forward passes
+    /// (O(1): no mask is drawn).
+    fn set_dropout_calls(&self, _calls: u64) {}
 
     // ---- Saving ----------------------------------------------------------------------------
 
@@ -444,6 +466,18 @@ impl Model for Box<dyn Model> {
     }
     fn decoder(&self) -> Result<Box<dyn Decoder + '_>> {
         (**self).decoder()
+    }
+    fn beam_decoder(&self, prompt_ids: &[u32]) -> Option<Box<dyn BeamDecoder + '_>> {
+        (**self).beam_decoder(prompt_ids)
+    }
+    fn configure_dropout(&self, seed: u64, enabled: bool) {
+        (**self).configure_dropout(seed, enabled)
+    }
+    fn dropout_calls(&self) -> Option<u64> {
+        (**self).dropout_calls()
+    }
+    fn set_dropout_calls(&self, calls: u64) {
+        (**self).set_dropout_calls(calls)
     }
     fn state_dict(&self, dtype: DType) -> Result<HashMap<String, Tensor>> {
         (**self).state_dict(dtype)

@@ -53,7 +53,8 @@ fn download_error(spec: &str, file: &str, why: &str) -> Error {
 }
 
 /// Fetch an HF model folder through `get` (a file name -> its local path, or why not; a file
-/// the repository lacks is an error too): config.json and tokenizer.json, each of
+/// the repository lacks is an error too): config.json and tokenizer.json (or spiece.model
+/// where the repository has no tokenizer.json), each of
 /// [`OPTIONAL_FILES`] the repository has, and the weights, that is the shards
 /// `model.safetensors.index.json` lists (names that would leave the folder are refused) or
 /// `model.safetensors`. Returns the local folder.
@@ -63,7 +64,18 @@ fn fetch_hf_folder(
 ) -> Result<PathBuf> {
     let mut fetch = |f: &str| get(f).map_err(|e| download_error(spec, f, &e));
     let config = fetch("config.json")?;
-    fetch("tokenizer.json")?;
+    // A T5 repository may hold only its SentencePiece model; the tokenizer loader reads
+    // spiece.model when there is no tokenizer.json.
+    if let Err(json_err) = get("tokenizer.json") {
+        get("spiece.model").map_err(|_| {
+            download_error(
+                spec,
+                "tokenizer.json",
+                &format!("{json_err} (and there is no spiece.model either)"),
+            )
+        })?;
+    }
+    let mut fetch = |f: &str| get(f).map_err(|e| download_error(spec, f, &e));
     for optional in OPTIONAL_FILES {
         let _ = fetch(optional);
     }
@@ -192,6 +204,39 @@ mod tests {
         assert!(
             fetched.iter().any(|f| f == "model.safetensors"),
             "{fetched:?}"
+        );
+    }
+
+    #[test]
+    fn hf_folder_fetch_takes_spiece_model_when_there_is_no_tokenizer_json() {
+        let (remote, local) = repo_with(&[
+            ("config.json", "{}"),
+            ("spiece.model", "x"),
+            ("model.safetensors", ""),
+        ]);
+        let mut fetched = Vec::new();
+        let dir = super::fetch_hf_folder("o/n", &mut fake_hub(&remote, &local, &mut fetched));
+        assert_eq!(dir.unwrap(), local);
+        assert!(local.join("spiece.model").is_file(), "{fetched:?}");
+        // With a tokenizer.json, spiece.model is not needed.
+        let (remote, local) = repo_with(&[
+            ("config.json", "{}"),
+            ("tokenizer.json", "{}"),
+            ("spiece.model", "x"),
+            ("model.safetensors", ""),
+        ]);
+        let mut fetched = Vec::new();
+        super::fetch_hf_folder("o/n", &mut fake_hub(&remote, &local, &mut fetched)).unwrap();
+        assert!(!fetched.iter().any(|f| f == "spiece.model"), "{fetched:?}");
+        // Neither: one line naming tokenizer.json and spiece.model.
+        let (remote, local) = repo_with(&[("config.json", "{}"), ("model.safetensors", "")]);
+        let mut fetched = Vec::new();
+        let e = super::fetch_hf_folder("o/n", &mut fake_hub(&remote, &local, &mut fetched))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("tokenizer.json") && e.contains("spiece.model") && !e.contains('\n'),
+            "{e}"
         );
     }
 

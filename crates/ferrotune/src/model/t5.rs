@@ -21,7 +21,9 @@ use super::ModelSource;
 use crate::beam::{BeamConfig, BeamDecoder, BeamOutput};
 use crate::data::IGNORE;
 use crate::data::{Batch, Targets};
-use crate::nn::{Embedding, EmbeddingWeight, Linear, LinearWeight, RmsNorm};
+use crate::nn::{
+    DropoutPass, Embedding, EmbeddingWeight, Linear, LinearWeight, ModelDropout, RmsNorm,
+};
 use crate::ops;
 use crate::progress::{CountingSource, Progress};
 use crate::tokenizer::Tokenizer;
@@ -86,6 +88,9 @@ pub struct T5Config {
     pub pad_token_id: u32,
     pub eos_token_ids: Vec<u32>,
     pub decoder_start_token_id: u32,
+    /// Dropout probability in training (`dropout_rate`): on the embeddings, the attention
+    /// weights, inside the feed-forward block, on each sublayer's output and after each stack.
+    pub dropout_rate: f64,
     /// The config.json object as read (what `convert` writes back).
     pub raw: Value,
 }
@@ -168,6 +173,12 @@ impl T5Config {
                 .as_f64()
                 .ok_or_else(|| Error::key(source, "layer_norm_epsilon", "expected a number"))?,
         };
+        let dropout_rate = match v.get("dropout_rate") {
+            None | Some(Value::Null) => 0.1,
+            Some(x) => x
+                .as_f64()
+                .ok_or_else(|| Error::key(source, "dropout_rate", "expected a number"))?,
+        };
         let tie_word_embeddings = bool_key("tie_word_embeddings")?.unwrap_or(true);
         // transformers >= 5 keeps T5 v1.0's output scaling in its own key; older files imply it
         // by a tied head.
@@ -217,6 +228,7 @@ impl T5Config {
             pad_token_id,
             eos_token_ids,
             decoder_start_token_id,
+            dropout_rate,
             raw: v.clone(),
         };
         cfg.validate()?;
@@ -285,6 +297,7 @@ impl T5Config {
                 format!("{eps} must be a finite number >= 0"),
             ));
         }
+        crate::nn::check_probability(self.dropout_rate).map_err(|e| self.err("dropout_rate", e))?;
         let id = |key: &str, id: u32| -> Result<()> {
             if id as usize >= self.vocab_size {
                 return Err(self.err(
@@ -428,7 +441,22 @@ pub struct T5 {
     pub lm_head: Linear,
     /// Whether `lm_head` reads the shared table (same storage).
     lm_head_tied: bool,
+    /// The model's own dropout in training (`cfg.dropout_rate`), seeded per run.
+    pub dropout: ModelDropout,
     device: Device,
+}
+
+/// The dropout of one forward pass at T5's one rate.
+#[derive(Clone, Copy)]
+struct Dropping<'a> {
+    pass: &'a DropoutPass,
+    p: f64,
+}
+
+impl Dropping<'_> {
+    fn apply(self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.pass.apply(x, self.p)
+    }
 }
 
 /// What each stack's layer `i` holds, by transformers' module names.
@@ -730,7 +758,9 @@ impl T5Attention {
 
     /// Attention of the queries of `x (b, t, d_model)` over keys/values (b, heads, s, d_kv),
     /// with additive position `bias` (1, heads, t, s) and `mask` (broadcast to (b, heads, t,
-    /// s)); no score scaling (T5's). Returns the output projection (b, t, d_model).
+    /// s)); no score scaling (T5's); `drop` on the attention weights. Returns the output
+    /// projection (b, t, d_model).
+    #[allow(clippy::too_many_arguments)]
     fn attend(
         &self,
         x: &Tensor,
@@ -739,6 +769,7 @@ impl T5Attention {
         bias: Option<&Tensor>,
         mask: Option<&Tensor>,
         train: bool,
+        drop: Dropping,
     ) -> candle_core::Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let q = self.heads(self.q.forward_t(x, train)?)?;
@@ -749,7 +780,7 @@ impl T5Attention {
         if let Some(mask) = mask {
             scores = scores.broadcast_add(mask)?;
         }
-        let p = ops::softmax_last_dim(&scores)?;
+        let p = drop.apply(&ops::softmax_last_dim(&scores)?)?;
         let y = p
             .matmul(v)?
             .transpose(1, 2)?
@@ -767,15 +798,22 @@ impl T5Attention {
 }
 
 impl DenseReluDense {
-    fn forward(&self, x: &Tensor, act: Activation, train: bool) -> candle_core::Result<Tensor> {
+    fn forward(
+        &self,
+        x: &Tensor,
+        act: Activation,
+        train: bool,
+        drop: Dropping,
+    ) -> candle_core::Result<Tensor> {
         match self {
             DenseReluDense::Plain { wi, wo } => {
-                wo.forward_t(&act.apply(&wi.forward_t(x, train)?)?, train)
+                let h = drop.apply(&act.apply(&wi.forward_t(x, train)?)?)?;
+                wo.forward_t(&h, train)
             }
             DenseReluDense::Gated { wi_0, wi_1, wo } => {
                 let g = act.apply(&wi_0.forward_t(x, train)?)?;
                 let u = wi_1.forward_t(x, train)?;
-                wo.forward_t(&(g * u)?, train)
+                wo.forward_t(&drop.apply(&(g * u)?)?, train)
             }
         }
     }
@@ -806,13 +844,14 @@ impl T5Block {
         mask: Option<&Tensor>,
         act: Activation,
         train: bool,
+        drop: Dropping,
     ) -> candle_core::Result<Tensor> {
         let a = &self.self_attention;
         let h = self.self_attention_norm.forward(x)?;
         let (k, v) = a.key_values(&h, train)?;
-        let x = (x + a.attend(&h, &k, &v, Some(bias), mask, train)?)?;
+        let x = (x + drop.apply(&a.attend(&h, &k, &v, Some(bias), mask, train, drop)?)?)?;
         let h = self.ff_norm.forward(&x)?;
-        &x + self.ff.forward(&h, act, train)?
+        &x + drop.apply(&self.ff.forward(&h, act, train, drop)?)?
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -826,6 +865,7 @@ impl T5Block {
         enc_mask: Option<&Tensor>,
         act: Activation,
         train: bool,
+        drop: Dropping,
     ) -> candle_core::Result<Tensor> {
         let a = &self.self_attention;
         let h = self.self_attention_norm.forward(x)?;
@@ -841,14 +881,15 @@ impl T5Block {
                 kv
             }
         };
-        let x = (x + a.attend(&h, &k, &v, Some(bias), causal, train)?)?;
+        let x = (x + drop.apply(&a.attend(&h, &k, &v, Some(bias), causal, train, drop)?)?)?;
         let Some((cross, cross_norm)) = &self.cross_attention else {
             candle_core::bail!("T5: an encoder block was run as a decoder block")
         };
         let h = cross_norm.forward(&x)?;
-        let x = (&x + cross.attend(&h, &cross_kv.0, &cross_kv.1, None, enc_mask, train)?)?;
+        let y = cross.attend(&h, &cross_kv.0, &cross_kv.1, None, enc_mask, train, drop)?;
+        let x = (&x + drop.apply(&y)?)?;
         let h = self.ff_norm.forward(&x)?;
-        &x + self.ff.forward(&h, act, train)?
+        &x + drop.apply(&self.ff.forward(&h, act, train, drop)?)?
     }
 
     fn linears(&self) -> Vec<&Linear> {
@@ -947,6 +988,7 @@ impl T5 {
             decoder,
             lm_head,
             lm_head_tied,
+            dropout: ModelDropout::default(),
             device: src.device().clone(),
         })
     }
@@ -1190,12 +1232,31 @@ impl T5 {
     }
 
     /// The encoder: ids (b, s) and an optional attention mask (b, s) (1 = token, 0 =
-    /// padding) -> hidden states (b, s, d_model) after the final norm.
+    /// padding) -> hidden states (b, s, d_model) after the final norm. `train` enables adapter
+    /// dropout; the model's own dropout is [`Self::loss_sum`]'s.
     pub fn encode(
         &self,
         input_ids: &Tensor,
         attention_mask: Option<&Tensor>,
         train: bool,
+    ) -> Result<Tensor> {
+        let off = DropoutPass::off();
+        self.encode_with(input_ids, attention_mask, train, self.dropping(&off))
+    }
+
+    fn dropping<'a>(&self, pass: &'a DropoutPass) -> Dropping<'a> {
+        Dropping {
+            pass,
+            p: self.cfg.dropout_rate,
+        }
+    }
+
+    fn encode_with(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        train: bool,
+        drop: Dropping,
     ) -> Result<Tensor> {
         let (b, s) = input_ids.dims2()?;
         self.check_ids(input_ids, "encoder input")?;
@@ -1210,11 +1271,18 @@ impl T5 {
             None => None,
         };
         let bias = self.position_bias(&self.encoder, s, s, 0, true)?;
-        let mut x = self.shared.forward(input_ids)?;
+        let mut x = drop.apply(&self.shared.forward(input_ids)?)?;
         for block in &self.encoder.blocks {
-            x = block.forward_encoder(&x, &bias, mask.as_ref(), self.cfg.activation, train)?;
+            x = block.forward_encoder(
+                &x,
+                &bias,
+                mask.as_ref(),
+                self.cfg.activation,
+                train,
+                drop,
+            )?;
         }
-        Ok(self.encoder.final_layer_norm.forward(&x)?)
+        Ok(drop.apply(&self.encoder.final_layer_norm.forward(&x)?)?)
     }
 
     /// Start decoding over `encoder_out (b, s, d_model)`: its cross-attention keys and values
@@ -1260,6 +1328,7 @@ impl T5 {
         mut self_cache: Option<&mut [KvSlot]>,
         offset: usize,
         train: bool,
+        drop: Dropping,
     ) -> Result<Tensor> {
         let (_, t) = ids.dims2()?;
         self.check_ids(ids, "decoder input")?;
@@ -1269,7 +1338,7 @@ impl T5 {
         } else {
             None
         };
-        let mut x = self.shared.forward(ids)?;
+        let mut x = drop.apply(&self.shared.forward(ids)?)?;
         for (i, block) in self.decoder.blocks.iter().enumerate() {
             let slot = self_cache.as_deref_mut().map(|c| &mut c[i]);
             x = block.forward_decoder(
@@ -1281,9 +1350,10 @@ impl T5 {
                 enc_mask,
                 self.cfg.activation,
                 train,
+                drop,
             )?;
         }
-        let h = self.decoder.final_layer_norm.forward(&x)?;
+        let h = drop.apply(&self.decoder.final_layer_norm.forward(&x)?)?;
         Ok(if self.cfg.scale_decoder_outputs {
             (h * (self.cfg.d_model as f64).powf(-0.5))?
         } else {
@@ -1300,9 +1370,22 @@ impl T5 {
         attention_mask: Option<&Tensor>,
         train: bool,
     ) -> Result<Tensor> {
+        let off = DropoutPass::off();
+        let drop = self.dropping(&off);
+        self.decode_hidden_with(decoder_ids, encoder_out, attention_mask, train, drop)
+    }
+
+    fn decode_hidden_with(
+        &self,
+        decoder_ids: &Tensor,
+        encoder_out: &Tensor,
+        attention_mask: Option<&Tensor>,
+        train: bool,
+        drop: Dropping,
+    ) -> Result<Tensor> {
         let cross_kv = self.cross_key_values(encoder_out, train)?;
         let mask = attention_mask.map(padding_mask).transpose()?;
-        self.run_decoder(decoder_ids, &cross_kv, mask.as_ref(), None, 0, train)
+        self.run_decoder(decoder_ids, &cross_kv, mask.as_ref(), None, 0, train, drop)
     }
 
     /// Logits (b, t, vocab) for encoder ids and whole decoder inputs (transformers'
@@ -1329,6 +1412,7 @@ impl T5 {
             )));
         }
         let offset = cache.len;
+        let off = DropoutPass::off();
         let h = self.run_decoder(
             ids,
             &cache.cross_kv,
@@ -1336,6 +1420,7 @@ impl T5 {
             Some(cache.self_kv.as_mut_slice()),
             offset,
             false,
+            self.dropping(&off),
         )?;
         cache.len += t;
         Ok(self.lm_head.forward(&h)?)
@@ -1363,8 +1448,10 @@ impl T5 {
     /// The summed cross-entropy over the label positions that are not -100, and their count:
     /// `T5ForConditionalGeneration(input_ids, attention_mask, labels=labels).loss` times the
     /// count. `labels (b, t)` are the decoder targets; the decoder inputs are the labels shifted
-    /// right ([`Self::shift_right`]). `train` enables adapter dropout. The sum is
-    /// differentiable with respect to every trainable parameter.
+    /// right ([`Self::shift_right`]). `train` enables dropout: the adapters' and the model's
+    /// own (`dropout_rate`, where transformers' T5 applies it in train mode, masks from
+    /// [`Self::dropout`]'s stream). The sum is differentiable with respect to every trainable
+    /// parameter.
     pub fn loss_sum(
         &self,
         input_ids: &Tensor,
@@ -1391,13 +1478,16 @@ impl T5 {
                 targets.push(l as u32);
             }
         }
+        // Counted even when nothing is scored: the stream counts training passes.
+        let pass = self.dropout.pass(train);
         if picked.is_empty() {
             return Ok((Tensor::zeros((), DType::F32, &self.device)?, 0));
         }
         let dec: Vec<u32> = self.shift_right(&rows).concat();
         let dec = Tensor::from_vec(dec, (b, t), &self.device)?;
-        let enc = self.encode(input_ids, attention_mask, train)?;
-        let h = self.decode_hidden(&dec, &enc, attention_mask, train)?;
+        let drop = self.dropping(&pass);
+        let enc = self.encode_with(input_ids, attention_mask, train, drop)?;
+        let h = self.decode_hidden_with(&dec, &enc, attention_mask, train, drop)?;
         let d = h.dim(2)?;
         let n = picked.len();
         let h = h
@@ -1674,6 +1764,8 @@ pub fn load_source(
     let cfg = config_from_hf_dir(&dir)?;
     let mut tokenizer = Tokenizer::from_hf_dir(&dir)?;
     tokenizer.set_add_eos(true);
+    // config.json's end tokens end generation too, whichever decoder runs it.
+    tokenizer.add_eos_ids(&cfg.eos_token_ids);
     let vocab = tokenizer.inner().get_vocab(true);
     if let Some((token, &id)) = vocab.iter().max_by_key(|(_, &id)| id) {
         if id as usize >= cfg.vocab_size {
@@ -1862,6 +1954,19 @@ impl Model for T5 {
 
     fn decoder(&self) -> Result<Box<dyn crate::generate::Decoder + '_>> {
         Ok(Box::new(T5::decoder(self)))
+    }
+    fn beam_decoder(&self, prompt_ids: &[u32]) -> Option<Box<dyn BeamDecoder + '_>> {
+        Some(Box::new(T5::beam_decoder(self, prompt_ids)))
+    }
+
+    fn configure_dropout(&self, seed: u64, enabled: bool) {
+        self.dropout.configure(seed, enabled)
+    }
+    fn dropout_calls(&self) -> Option<u64> {
+        Some(self.dropout.calls())
+    }
+    fn set_dropout_calls(&self, calls: u64) {
+        self.dropout.set_calls(calls)
     }
 
     fn state_dict(&self, dtype: DType) -> Result<HashMap<String, Tensor>> {

@@ -663,6 +663,8 @@ fn random_t5_folder(tag: &str, vocab: usize) -> PathBuf {
         "relative_attention_max_distance": 32, "feed_forward_proj": "gated-gelu",
         "tie_word_embeddings": false, "pad_token_id": 0, "eos_token_id": 1,
         "decoder_start_token_id": 0,
+        // The backward pass is what these runs check: no dropout (transformers' default is 0.1).
+        "dropout_rate": 0.0,
     });
     std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
     let cfg = T5Config::from_hf_json(&config, "config.json").unwrap();

@@ -293,6 +293,15 @@ impl Tokenizer {
         &self.eos_ids
     }
 
+    /// Add ids that end generation (a model's config.json `eos_token_id`s), once each.
+    pub fn add_eos_ids(&mut self, ids: &[u32]) {
+        for &id in ids {
+            if !self.eos_ids.contains(&id) {
+                self.eos_ids.push(id);
+            }
+        }
+    }
+
     pub fn eos_token(&self) -> Option<&str> {
         self.eos.as_ref().map(|e| e.1.as_str())
     }

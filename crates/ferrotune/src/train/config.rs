@@ -50,6 +50,7 @@
 //! dequantize = false      # dequantize a quantized (GGUF) base to f32 at load
 //! device = "cpu"          # cpu or cuda[:N]
 //! stop_after = 150        # stop (with a checkpoint) after this step; resume continues the run
+//! model_dropout = true    # the model's own dropout (T5 dropout_rate, BERT hidden/attention)
 //! ```
 //!
 //! Relative paths in the file (`model`, `output_dir`, data files) are relative to the file's
@@ -319,6 +320,12 @@ pub struct TrainSection {
     /// Stop after this optimizer step (writing a checkpoint) as if interrupted; the schedule
     /// still runs to `max_steps`, so `--resume` continues the same run.
     pub stop_after: Option<usize>,
+    /// The model's own dropout while training (T5's `dropout_rate`, BERT's
+    /// `hidden_dropout_prob` / `attention_probs_dropout_prob` / `classifier_dropout`), as
+    /// transformers applies it in train mode; `false` trains without it (LoRA's dropout is
+    /// `[lora] dropout`). Families without dropout ignore it.
+    #[serde(default = "yes")]
+    pub model_dropout: bool,
 }
 
 /// `[train] quantized_backward`.

@@ -275,6 +275,7 @@ impl<'a> Recipe<'a> {
                 .map_err(|e| Error::file(dir.join(checkpoint::STATE_FILE), e))?;
             self.tuner
                 .replay_rng(&*self.model, saved.rng.dropout_calls)?;
+            self.model.set_dropout_calls(saved.rng.dropout_calls);
             state = TrainerState {
                 max_steps: self.max_steps,
                 ..saved
@@ -757,6 +758,9 @@ fn setup_model(
         .map_err(|e| c.key_error("lora.targets", e))?;
     }
     let tuner = Tuner::attach(cfg, &mut *m, &cfg.model)?;
+    // The model's own dropout (T5 dropout_rate, BERT hidden / attention dropout), seeded like
+    // the adapters' so a resumed run draws the same masks.
+    m.configure_dropout(cfg.train.seed, cfg.train.model_dropout);
     let params = tuner.trainable(&*m);
     Ok(RunModel {
         model: m,
