@@ -12,7 +12,7 @@
 //! prefix for the bare encoder), so PEFT adapter files match the class PEFT would wrap.
 use super::config::limits;
 use super::family::{cannot_generate, ArchitectureKind, Dims, Model, Objective, Task, TaskType};
-use super::weights::WeightSource;
+use super::weights::{ExpectedTensor, WeightSource};
 use super::ModelSource;
 use crate::data::{Batch, Targets};
 use crate::generate::Decoder;
@@ -335,13 +335,7 @@ impl BertConfig {
     pub fn validate(&self) -> Result<()> {
         use limits::*;
         let size = |key: &str, v: usize, max: usize| -> Result<()> {
-            if v == 0 {
-                return Err(self.err(key, "must be at least 1"));
-            }
-            if v > max {
-                return Err(self.err(key, format!("{v} is larger than the limit {max}")));
-            }
-            Ok(())
+            check_size(v, max).map_err(|e| self.err(key, e))
         };
         size("hidden_size", self.hidden_size, MAX_WIDTH)?;
         size("intermediate_size", self.intermediate_size, MAX_WIDTH)?;
@@ -677,13 +671,6 @@ fn layer_norm(src: &dyn WeightSource, file_name: &str, eps: f64) -> Result<Layer
     )?)
 }
 
-/// A tensor the config implies: file name, shape, and the config keys that imply the shape.
-struct ExpectedTensor {
-    name: String,
-    shape: Vec<usize>,
-    because: Vec<(&'static str, usize)>,
-}
-
 /// One linear layer of a head.
 struct HeadLinear {
     /// The module name the model gives it (`bert.pooler.dense`, `classifier`).
@@ -824,7 +811,7 @@ fn expected_tensors(
     fp: &str,
     src: &dyn WeightSource,
     allow_new_head: bool,
-) -> Vec<ExpectedTensor> {
+) -> Vec<ExpectedTensor<'static>> {
     let h = ("hidden_size", cfg.hidden_size);
     let inter = ("intermediate_size", cfg.intermediate_size);
     let mut out = Vec::new();
@@ -922,20 +909,7 @@ fn check_shapes(
                 t.name
             )));
         };
-        if shape != t.shape {
-            let because: Vec<String> = t
-                .because
-                .iter()
-                .map(|(key, v)| format!("{key} {v}"))
-                .collect();
-            return Err(Error::msg(format!(
-                "{source}: tensor `{}` is {shape:?} but {} ({}) implies {:?}",
-                t.name,
-                cfg.file,
-                because.join(", "),
-                t.shape
-            )));
-        }
+        t.check_shape(&source, &t.name, &shape, &cfg.file)?;
     }
     Ok(())
 }

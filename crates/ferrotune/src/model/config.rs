@@ -29,6 +29,18 @@ pub mod limits {
     /// The RoPE cos/sin tables are computed at load for the whole context: context * head_dim / 2
     /// values each, at most 1 GiB per table.
     pub const MAX_ROPE_TABLE: usize = 1 << 28;
+
+    /// A size read from a config: at least 1 and at most `max`; else what is wrong, for an
+    /// error that names the file and the key.
+    pub fn check_size(v: usize, max: usize) -> std::result::Result<(), String> {
+        if v == 0 {
+            return Err("must be at least 1".into());
+        }
+        if v > max {
+            return Err(format!("{v} is larger than the limit {max}"));
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -214,13 +226,7 @@ impl LlamaConfig {
         use limits::*;
         let k = &self.keys;
         let size = |key: &str, v: usize, max: usize| -> Result<()> {
-            if v == 0 {
-                return Err(k.err(key, "must be at least 1"));
-            }
-            if v > max {
-                return Err(k.err(key, format!("{v} is larger than the limit {max}")));
-            }
-            Ok(())
+            check_size(v, max).map_err(|e| k.err(key, e))
         };
         size(&k.hidden_size, self.hidden_size, MAX_WIDTH)?;
         size(&k.intermediate_size, self.intermediate_size, MAX_WIDTH)?;

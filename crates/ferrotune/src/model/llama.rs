@@ -3,7 +3,7 @@
 //! (see `ops`), so the same code serves generation and training.
 use super::config::{rope_inv_freq, LlamaConfig};
 use super::family::{ArchitectureKind, Dims, MicroBatchGrads, Model, Objective, Task, TaskType};
-use super::weights::WeightSource;
+use super::weights::{ExpectedTensor, WeightSource};
 use crate::data::{Batch, Targets};
 use crate::nn::{Embedding, EmbeddingWeight, Linear, RmsNorm};
 use crate::ops;
@@ -81,13 +81,6 @@ fn linear(src: &dyn WeightSource, name: &str, bias: bool) -> crate::Result<Linea
         None
     };
     Ok(Linear::new(name, weight, bias))
-}
-
-/// A tensor the config implies: HF name, shape, and the config values that imply the shape.
-struct ExpectedTensor<'a> {
-    name: String,
-    shape: Vec<usize>,
-    because: Vec<(&'a str, usize)>,
 }
 
 /// Every tensor `cfg` implies, with its shape. The LM head is listed only when the source has an
@@ -215,18 +208,7 @@ pub fn check_shapes(src: &dyn WeightSource, cfg: &LlamaConfig) -> crate::Result<
                 "{source}: tensor `{label}` is missing"
             )));
         };
-        if shape != t.shape {
-            let because: Vec<String> = t
-                .because
-                .iter()
-                .map(|(key, v)| format!("{key} {v}"))
-                .collect();
-            return Err(crate::Error::msg(format!(
-                "{source}: tensor `{label}` is {shape:?} but {config_file} ({}) implies {:?}",
-                because.join(", "),
-                t.shape
-            )));
-        }
+        t.check_shape(&source, &label, &shape, &config_file)?;
     }
     Ok(())
 }

@@ -16,7 +16,7 @@
 //! `T5ForConditionalGeneration(labels=...)`.
 use super::config::limits;
 use super::family::{ArchitectureKind, Dims, Model, Objective, Task, TaskType};
-use super::weights::WeightSource;
+use super::weights::{ExpectedTensor, WeightSource};
 use super::ModelSource;
 use crate::beam::{BeamConfig, BeamDecoder, BeamOutput};
 use crate::data::IGNORE;
@@ -244,13 +244,7 @@ impl T5Config {
     pub fn validate(&self) -> Result<()> {
         use limits::*;
         let size = |key: &str, v: usize, max: usize| -> Result<()> {
-            if v == 0 {
-                return Err(self.err(key, "must be at least 1"));
-            }
-            if v > max {
-                return Err(self.err(key, format!("{v} is larger than the limit {max}")));
-            }
-            Ok(())
+            check_size(v, max).map_err(|e| self.err(key, e))
         };
         size("vocab_size", self.vocab_size, MAX_VOCAB)?;
         size("d_model", self.d_model, MAX_WIDTH)?;
@@ -476,14 +470,11 @@ fn embedding_name(src: &dyn WeightSource) -> Option<&'static str> {
     EMBEDDING_NAMES.iter().copied().find(|n| src.contains(n))
 }
 
-/// A tensor the config implies: name, shape, and the keys that imply the shape.
-struct Expected {
-    name: String,
-    shape: Vec<usize>,
-    because: Vec<(&'static str, usize)>,
-}
-
-fn expected_tensors(cfg: &T5Config, src: &dyn WeightSource, emb: &str) -> Vec<Expected> {
+fn expected_tensors(
+    cfg: &T5Config,
+    src: &dyn WeightSource,
+    emb: &str,
+) -> Vec<ExpectedTensor<'static>> {
     let d = ("d_model", cfg.d_model);
     let heads = ("num_heads", cfg.num_heads);
     let kv = ("d_kv", cfg.d_kv);
@@ -496,7 +487,7 @@ fn expected_tensors(cfg: &T5Config, src: &dyn WeightSource, emb: &str) -> Vec<Ex
     let inner = cfg.inner_dim();
     let mut out = Vec::new();
     let mut t = |name: String, shape: &[usize], because: &[(&'static str, usize)]| {
-        out.push(Expected {
+        out.push(ExpectedTensor {
             name,
             shape: shape.to_vec(),
             because: because.to_vec(),
@@ -620,20 +611,7 @@ pub fn check_shapes(src: &dyn WeightSource, cfg: &T5Config) -> Result<()> {
                 t.name
             )));
         };
-        if shape != t.shape {
-            let because: Vec<String> = t
-                .because
-                .iter()
-                .map(|(key, v)| format!("{key} {v}"))
-                .collect();
-            return Err(Error::msg(format!(
-                "{source}: tensor `{}` is {shape:?} but {} ({}) implies {:?}",
-                t.name,
-                cfg.file,
-                because.join(", "),
-                t.shape
-            )));
-        }
+        t.check_shape(&source, &t.name, &shape, &cfg.file)?;
     }
     Ok(())
 }

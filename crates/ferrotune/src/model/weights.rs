@@ -530,6 +530,40 @@ impl WeightSource for GgufSource {
     }
 }
 
+/// A tensor a config implies: its HF name, its shape, and the config keys (with their values)
+/// the shape follows from. Every family checks the weights against these before reading any.
+pub(crate) struct ExpectedTensor<'a> {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub because: Vec<(&'a str, usize)>,
+}
+
+impl ExpectedTensor<'_> {
+    /// `shape`, found in `source` for this tensor (shown as `label`), is the implied one; else
+    /// a one-line error naming the tensor, both shapes, `config_file` and the keys.
+    pub(crate) fn check_shape(
+        &self,
+        source: &str,
+        label: &str,
+        shape: &[usize],
+        config_file: &str,
+    ) -> Result<()> {
+        if shape == self.shape.as_slice() {
+            return Ok(());
+        }
+        let because: Vec<String> = self
+            .because
+            .iter()
+            .map(|(key, v)| format!("{key} {v}"))
+            .collect();
+        Err(Error::msg(format!(
+            "{source}: tensor `{label}` is {shape:?} but {config_file} ({}) implies {:?}",
+            because.join(", "),
+            self.shape
+        )))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
