@@ -21,7 +21,7 @@ pub const WEIGHTS_CHECKPOINT_FILE: &str = "model.safetensors";
 #[derive(Debug, Clone)]
 pub enum Tuner {
     Lora {
-        config: LoraConfig,
+        config: Box<LoraConfig>,
         params: ParamCount,
     },
     /// `full` (every weight) or `selective` (whole modules): base weights trained in place.
@@ -45,7 +45,7 @@ impl Tuner {
                 let config = config_for_model(model, &config);
                 let info = attach_lora(model, &config, ADAPTER_NAME, cfg.train.seed)?;
                 Ok(Tuner::Lora {
-                    config,
+                    config: Box::new(config),
                     params: info.params,
                 })
             }
@@ -106,7 +106,7 @@ impl Tuner {
     /// for `full` / `selective` the trained tensors by HF name ([`WEIGHTS_CHECKPOINT_FILE`]).
     pub fn save(&self, model: &dyn Model, dir: &Path) -> Result<()> {
         match self {
-            Tuner::Lora { config, .. } => save_adapter(model, ADAPTER_NAME, config, dir),
+            Tuner::Lora { config, .. } => save_adapter(model, ADAPTER_NAME, &**config, dir),
             Tuner::Weights { vars, .. } => {
                 std::fs::create_dir_all(dir).map_err(|e| Error::file(dir, e))?;
                 let tensors = vars
