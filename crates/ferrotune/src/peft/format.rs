@@ -187,7 +187,10 @@ pub fn load_adapter(
                 .map_err(|e| Error::file(dir.join(CONFIG_FILE), e))?;
         }
     }
-    if let Err(e) = fill_from(model, adapter_name, tensors, &path) {
+    let implied_copies = match &config {
+        AdapterConfig::Lora(cfg) => cfg.modules_to_save.is_none(),
+    };
+    if let Err(e) = fill_from(model, adapter_name, tensors, &path, implied_copies) {
         // Leave the model as it was.
         for lin in model.linears_mut() {
             lin.remove_adapter(adapter_name);
@@ -276,6 +279,13 @@ fn check_lora_shapes(
         if lin.bias().is_some() {
             parts.push(("bias", vec![out_f]));
         }
+        // PEFT adds a SEQ_CLS / TOKEN_CLS model's classifier to modules_to_save on its own; an
+        // adapter whose config names none and whose file has no tensors for it keeps the base's
+        // head (PEFT loads it with the copy left as the original).
+        let weight_key = format!("{KEY_PREFIX}{}.weight", lin.name());
+        if cfg.modules_to_save.is_none() && !shapes.contains_key(&weight_key) {
+            continue;
+        }
         for (part, want) in parts {
             let key = format!("{KEY_PREFIX}{}.{part}", lin.name());
             let got = shapes.get(&key).ok_or_else(|| {
@@ -320,9 +330,15 @@ fn fill_from(
     adapter_name: &str,
     mut tensors: HashMap<String, Tensor>,
     path: &Path,
+    implied_copies: bool,
 ) -> Result<()> {
     for (name, var) in adapter_params(model, adapter_name) {
         let key = format!("{KEY_PREFIX}{name}");
+        // A module copy the config did not ask for (the task type's default head), absent from
+        // the file: it stays the base module's copy ([`check_lora_shapes`]).
+        if implied_copies && !name.contains(".lora_") && !tensors.contains_key(&key) {
+            continue;
+        }
         let t = tensors.remove(&key).ok_or_else(|| {
             Error::file(
                 path,
