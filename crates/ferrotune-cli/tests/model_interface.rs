@@ -157,10 +157,11 @@ fn train_task_and_objective_must_fit_the_model() {
     let c = config("objective = \"mlm\"");
     let e = fails(&["train", "--config", &c, "--dry-run"]);
     assert!(e.contains("`objective`") && e.contains("encoder"), "{e}");
+    // `clm` fits a decoder, but reads raw text: the template is the config's error.
     let c = config("objective = \"clm\"");
     let e = fails(&["train", "--config", &c, "--dry-run"]);
     assert!(
-        e.contains("`objective`") && e.contains("not supported"),
+        e.contains("run.toml") && e.contains("`data.template`") && e.contains("raw text"),
         "{e}"
     );
     // --set reaches them too

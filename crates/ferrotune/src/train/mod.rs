@@ -205,6 +205,25 @@ fn tokenizer_and_context(source: &ModelSource) -> Result<(Tokenizer, usize)> {
 pub fn data_task(c: &LoadedConfig, source: &ModelSource) -> Result<data::DataTask> {
     let cfg = &c.config;
     let objective = cfg.objective.as_str();
+    if let Some(pre) = cfg.objective.pretraining() {
+        // Checked from the model's config, before the data (read as raw text) is.
+        let kind = model::peek_task(source).0;
+        let fits = match pre {
+            model::Objective::Clm => model::ArchitectureKind::Decoder,
+            model::Objective::Mlm => model::ArchitectureKind::Encoder,
+            model::Objective::SpanCorruption => model::ArchitectureKind::EncoderDecoder,
+        };
+        if kind != fits {
+            return Err(c.key_error(
+                "objective",
+                format!(
+                    "`{}` is for {fits} models, but the model ({}) is a {kind}",
+                    cfg.objective.as_str(),
+                    source.path().display()
+                ),
+            ));
+        }
+    }
     let task = match (cfg.task, cfg.objective.pretraining()) {
         (Some(t), _) => {
             // Checked from the model's config before any data is read: data made for a task
@@ -260,7 +279,15 @@ pub fn prepare_data(
 ) -> Result<Prepared> {
     let t = &c.config.train;
     let default_len = t.max_seq_len.unwrap_or(context.unwrap_or(512).min(512));
-    data::load_task(&c.config.data, &c.base_dir, tok, default_len, kind)
+    data::load_task(&c.config.data, &c.base_dir, tok, default_len, kind).map_err(|e| match e {
+        // A `[data]` key's error names the config file and the key's line.
+        Error::Key {
+            source_name,
+            key,
+            what,
+        } if source_name == "[data]" => c.key_error(&format!("data.{key}"), what),
+        other => other,
+    })
 }
 
 /// `data preview`: the split summary, then the first `n` training examples with the trained
