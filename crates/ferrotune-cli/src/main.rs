@@ -78,6 +78,13 @@ enum Command {
     Embed(EmbedArgs),
     /// Classify a data file's rows with a sequence-classification model; accuracy and macro-F1.
     Classify(ClassifyArgs),
+    /// PEFT adapter tools: combine adapters into one.
+    Peft {
+        #[command(subcommand)]
+        cmd: PeftCommand,
+    },
+    /// Run several fine-tuning methods on one config (same data, steps, seed) and print the trade-off table.
+    Compare(CompareArgs),
     /// Inspect training data.
     Data {
         #[command(subcommand)]
@@ -782,6 +789,10 @@ fn main() {
         Command::Eval(a) => run_eval(a),
         Command::Embed(a) => run_embed(a),
         Command::Classify(a) => run_classify(a),
+        Command::Compare(a) => run_compare(a),
+        Command::Peft {
+            cmd: PeftCommand::Combine(a),
+        } => run_peft_combine(a),
         Command::Data {
             cmd: DataCommand::Preview(a),
         } => run_data_preview(a),
@@ -811,6 +822,223 @@ fn usage_error_line(e: &clap::Error) -> String {
         .take_while(|l| !l.is_empty() && !l.starts_with("Usage:"))
         .collect::<Vec<_>>()
         .join(" ")
+}
+
+// ---- peft: adapter tools ----
+
+#[derive(Subcommand)]
+enum PeftCommand {
+    /// Combine LoRA adapters into a new one (PEFT's add_weighted_adapter: linear, cat, svd).
+    Combine(CombineArgs),
+}
+
+#[derive(Args)]
+struct CombineArgs {
+    #[command(flatten)]
+    m: ModelArgs,
+    /// An adapter folder and its weight, DIR:WEIGHT (repeatable; the weight may be negative).
+    #[arg(long, value_name = "DIR:WEIGHT", allow_hyphen_values = true)]
+    adapter: Vec<String>,
+    /// linear (same ranks; cheap, approximate), cat (exact, rank = sum of ranks) or svd (best
+    /// rank-k approximation of the weighted sum).
+    #[arg(long, default_value = "svd")]
+    how: String,
+    /// Rank of the svd result (default: the largest rank of the adapters).
+    #[arg(long)]
+    svd_rank: Option<usize>,
+    /// Output adapter folder (PEFT's files).
+    #[arg(long)]
+    out: PathBuf,
+    /// Replace --out even if it holds files ferrotune did not write (never an input).
+    #[arg(long)]
+    overwrite: bool,
+}
+
+/// `DIR:WEIGHT` (the last `:` splits, so a path may hold colons).
+fn parse_weighted_adapter(s: &str) -> Result<(PathBuf, f64)> {
+    let (dir, w) = s.rsplit_once(':').ok_or_else(|| {
+        anyhow::anyhow!("--adapter `{s}`: expected DIR:WEIGHT, e.g. runs/a/adapter:0.5")
+    })?;
+    let w: f64 = w
+        .trim()
+        .parse()
+        .ok()
+        .filter(|w: &f64| w.is_finite())
+        .ok_or_else(|| anyhow::anyhow!("--adapter `{s}`: the weight `{w}` is not a number"))?;
+    Ok((PathBuf::from(dir), w))
+}
+
+fn run_peft_combine(a: CombineArgs) -> Result<()> {
+    use ferrotune::peft::lora::{add_weighted_adapter, Combination, WeightedAdapter};
+    let how: Combination = a.how.parse().map_err(|e| anyhow::anyhow!("--how: {e}"))?;
+    if a.adapter.is_empty() {
+        anyhow::bail!("--adapter: name at least one adapter as DIR:WEIGHT");
+    }
+    let parsed: Vec<(PathBuf, f64)> = a
+        .adapter
+        .iter()
+        .map(|s| parse_weighted_adapter(s))
+        .collect::<Result<_>>()?;
+    let mut inputs = model_inputs(&a.m.model, None);
+    for (d, _) in &parsed {
+        input_dir("--adapter", d)?;
+        inputs.push(Input::new("an --adapter folder", d));
+    }
+    fsutil::check_output_dir(&a.out, "--out", a.overwrite, &inputs)?;
+    let mut lm = load(&a.m)?;
+    let mut configs = Vec::new();
+    for (i, (d, _)) in parsed.iter().enumerate() {
+        let loaded = ferrotune::peft::load_adapter(&mut *lm.model, d, &format!("adapter{i}"))?;
+        match loaded.config {
+            ferrotune::peft::AdapterConfig::Lora(c) => configs.push(c),
+            other => anyhow::bail!(
+                "--adapter {}: a {} adapter; only LoRA adapters can be combined",
+                d.display(),
+                other.peft_type()
+            ),
+        }
+    }
+    let names: Vec<String> = (0..parsed.len()).map(|i| format!("adapter{i}")).collect();
+    let weighted: Vec<WeightedAdapter> = names
+        .iter()
+        .zip(&configs)
+        .zip(&parsed)
+        .map(|((n, c), (_, w))| WeightedAdapter {
+            name: n,
+            config: c,
+            weight: *w,
+        })
+        .collect();
+    let cfg = add_weighted_adapter(&mut *lm.model, &weighted, "combined", how, a.svd_rank)?;
+    fsutil::replace_dir(&a.out, |dir| {
+        ferrotune::peft::save_adapter(&*lm.model, "combined", &cfg, dir)
+    })?;
+    info!(
+        "combined {} adapters ({}, r = {}); wrote {}",
+        parsed.len(),
+        a.how,
+        cfg.r,
+        a.out.display()
+    );
+    Ok(())
+}
+
+// ---- compare: the trade-off table ----
+
+#[derive(Args)]
+struct CompareArgs {
+    /// The base training config; each method runs it with `--set method=...`.
+    #[arg(long)]
+    config: PathBuf,
+    /// Comma-separated: base, full, selective, lora, dora, ia3, prompt_tuning, prefix_tuning,
+    /// p_tuning, adapter.
+    #[arg(long, value_delimiter = ',')]
+    methods: Vec<String>,
+    /// A LoRA run per rank (the rank sweep), e.g. 4,8,16.
+    #[arg(long, value_delimiter = ',')]
+    lora_ranks: Vec<usize>,
+    /// Folder for runs/, compare.md, compare.json and compare.png.
+    #[arg(long)]
+    out: PathBuf,
+    /// Override a config key in every run: --set train.max_steps=200 (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    /// Rows to score generations on (default: the config's test data, else its validation data).
+    #[arg(long)]
+    eval_data: Option<PathBuf>,
+    /// Score the first N rows.
+    #[arg(long, default_value_t = 200)]
+    eval_limit: usize,
+    #[arg(long, default_value_t = 64)]
+    max_new_tokens: usize,
+}
+
+/// Each run is a `ferrotune train` child process: its peak RSS is its own, and a crash or an
+/// abort stays in its row. Its stderr passes through; the last `error:` line is the row's error.
+struct ProcessRunner {
+    quiet: bool,
+}
+
+impl ferrotune::tradeoff::Runner for ProcessRunner {
+    fn train(&self, config: &Path, set: &[String], resume: bool) -> ferrotune::Result<()> {
+        use std::io::{Read, Write};
+        let exe = std::env::current_exe()
+            .map_err(|e| ferrotune::Error::msg(format!("cannot find the ferrotune binary: {e}")))?;
+        let mut cmd = std::process::Command::new(exe);
+        if self.quiet {
+            cmd.arg("--quiet");
+        }
+        cmd.arg("train").arg("--config").arg(config);
+        for s in set {
+            cmd.arg("--set").arg(s);
+        }
+        if resume {
+            cmd.arg("--resume");
+        }
+        let mut child = cmd
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .map_err(|e| ferrotune::Error::msg(format!("cannot start `ferrotune train`: {e}")))?;
+        let mut tail: Vec<u8> = Vec::new();
+        if let Some(mut err) = child.stderr.take() {
+            let mut buf = [0u8; 4096];
+            let mut out = std::io::stderr();
+            while let Ok(n) = err.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                let _ = out.write_all(&buf[..n]);
+                tail.extend_from_slice(&buf[..n]);
+                if tail.len() > 16384 {
+                    tail.drain(..tail.len() - 8192);
+                }
+            }
+        }
+        let status = child
+            .wait()
+            .map_err(|e| ferrotune::Error::msg(format!("`ferrotune train`: {e}")))?;
+        if status.success() {
+            return Ok(());
+        }
+        let text = String::from_utf8_lossy(&tail);
+        let line = text
+            .lines()
+            .rev()
+            .find_map(|l| l.trim().strip_prefix("error: "))
+            .map(str::to_string)
+            .unwrap_or_else(|| format!("`ferrotune train` ended with {status}"));
+        Err(ferrotune::Error::msg(line))
+    }
+}
+
+fn run_compare(a: CompareArgs) -> Result<()> {
+    let spec = ferrotune::tradeoff::CompareSpec {
+        config: a.config,
+        methods: a.methods,
+        lora_ranks: a.lora_ranks,
+        out: a.out,
+        set: a.set,
+        eval_data: a.eval_data,
+        eval_limit: Some(a.eval_limit),
+        max_new_tokens: a.max_new_tokens,
+    };
+    if a.eval_limit == 0 {
+        anyhow::bail!("--eval-limit: got 0, expected at least 1 row");
+    }
+    let runner = ProcessRunner {
+        quiet: QUIET.load(Ordering::Relaxed),
+    };
+    let report = ferrotune::tradeoff::run(&spec, &runner, &|l| info!("{l}"))?;
+    print!("{}", ferrotune::tradeoff::markdown(&report));
+    info!(
+        "wrote {}, {} and {}",
+        spec.out.join(ferrotune::tradeoff::MARKDOWN_FILE).display(),
+        spec.out.join(ferrotune::tradeoff::JSON_FILE).display(),
+        spec.out.join(ferrotune::tradeoff::CHART_FILE).display()
+    );
+    Ok(())
 }
 
 // ---- Training: train, merge, eval, data preview, and --adapter for generate/perplexity ----

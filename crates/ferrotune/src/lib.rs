@@ -32,6 +32,7 @@ pub mod perplexity;
 pub mod progress;
 pub mod quant;
 pub mod tokenizer;
+pub mod tradeoff;
 pub mod train;
 
 pub use error::{Error, Result};

@@ -4,6 +4,7 @@
 //! and, for modules trained in full (`modules_to_save`), the module's own parameter names
 //! (`base_model.model.classifier.weight`, `base_model.model.classifier.bias`).
 //! Folders written here load in PEFT and folders written by PEFT load here.
+use super::bottleneck::BottleneckConfig;
 use super::lora::LoraConfig;
 use super::{adapter_params, param_count, ParamCount, PeftMethod};
 use crate::fsutil::{write_atomic, write_safetensors};
@@ -23,12 +24,14 @@ pub const KEY_PREFIX: &str = "base_model.model.";
 #[derive(Debug, Clone, PartialEq)]
 pub enum AdapterConfig {
     Lora(LoraConfig),
+    Bottleneck(BottleneckConfig),
 }
 
 impl AdapterConfig {
     pub fn peft_type(&self) -> &'static str {
         match self {
             AdapterConfig::Lora(_) => <LoraConfig as PeftMethod>::PEFT_TYPE,
+            AdapterConfig::Bottleneck(_) => <BottleneckConfig as PeftMethod>::PEFT_TYPE,
         }
     }
 }
@@ -57,10 +60,17 @@ pub fn read_adapter_config(dir: &Path) -> Result<AdapterConfig> {
             cfg.validate(&src)?;
             Ok(AdapterConfig::Lora(cfg))
         }
+        "BOTTLENECK" => {
+            let cfg: BottleneckConfig = serde_json::from_value(v.clone()).map_err(|e| {
+                Error::file(&path, format!("invalid bottleneck adapter config: {e}"))
+            })?;
+            cfg.validate(&src)?;
+            Ok(AdapterConfig::Bottleneck(cfg))
+        }
         other => Err(Error::key(
             &src,
             "peft_type",
-            format!("`{other}` is not supported (supported: LORA)"),
+            format!("`{other}` is not supported (supported: LORA, BOTTLENECK)"),
         )),
     }
 }
@@ -177,6 +187,21 @@ pub fn load_adapter(
     let shapes = header_shapes(&path)?;
     match &config {
         AdapterConfig::Lora(cfg) => check_lora_shapes(model, cfg, dir, &path, &shapes)?,
+        AdapterConfig::Bottleneck(cfg) => {
+            let config_path = dir.join(CONFIG_FILE);
+            let want = super::bottleneck::expected_shapes(model, cfg)
+                .map_err(|e| Error::file(&config_path, e))?;
+            let saved = modules_to_save_of(model, cfg.modules_to_save.as_ref(), &config_path)?;
+            check_shapes(
+                model,
+                &want,
+                &saved,
+                cfg.modules_to_save.is_none(),
+                dir,
+                &path,
+                &shapes,
+            )?
+        }
     }
     let tensors = candle_core::safetensors::load(&path, model.device())
         .map_err(|e| Error::file(&path, crate::error::first_line(&e.to_string())))?;
@@ -186,9 +211,14 @@ pub fn load_adapter(
             cfg.attach(model, adapter_name, 0)
                 .map_err(|e| Error::file(dir.join(CONFIG_FILE), e))?;
         }
+        AdapterConfig::Bottleneck(cfg) => {
+            cfg.attach(model, adapter_name, 0)
+                .map_err(|e| Error::file(dir.join(CONFIG_FILE), e))?;
+        }
     }
     let implied_copies = match &config {
         AdapterConfig::Lora(cfg) => cfg.modules_to_save.is_none(),
+        AdapterConfig::Bottleneck(cfg) => cfg.modules_to_save.is_none(),
     };
     if let Err(e) = fill_from(model, adapter_name, tensors, &path, implied_copies) {
         // Leave the model as it was.
@@ -270,6 +300,84 @@ fn check_lora_shapes(
     }
     let saved = super::lora::resolve_modules_to_save(model, cfg)
         .map_err(|e| Error::file(&config_path, e))?;
+    check_saved_shapes(
+        model,
+        &saved,
+        cfg.modules_to_save.is_none(),
+        dir,
+        path,
+        shapes,
+        &mut expected,
+    )?;
+    check_no_extra(path, shapes, &expected)
+}
+
+/// The linears a config's `modules_to_save` selects on `model` (with the task's classifier).
+fn modules_to_save_of(
+    model: &dyn Model,
+    list: Option<&Vec<String>>,
+    config_path: &Path,
+) -> Result<Vec<String>> {
+    let mut list = list.cloned();
+    super::modules_to_save::add_task_defaults(&mut list, model);
+    super::modules_to_save::resolve(model, list.as_deref().unwrap_or(&[]), "adapter config")
+        .map_err(|e| Error::file(config_path, e))
+}
+
+/// Every tensor in `want` (key, shape) must be in the file with that shape, so must the copies
+/// of `saved` modules, and the file may hold nothing else.
+fn check_shapes(
+    model: &dyn Model,
+    want: &[(String, Vec<usize>)],
+    saved: &[String],
+    implied_copies: bool,
+    dir: &Path,
+    path: &Path,
+    shapes: &HashMap<String, Vec<usize>>,
+) -> Result<()> {
+    let mut expected = std::collections::HashSet::new();
+    for (key, shape) in want {
+        let got = shapes.get(key).ok_or_else(|| {
+            Error::file(
+                path,
+                format!("tensor `{key}` is missing (the config targets this module)"),
+            )
+        })?;
+        if got != shape {
+            return Err(Error::file(
+                path,
+                format!(
+                    "tensor `{key}` is {got:?} but the model and {} imply {shape:?}",
+                    dir.join(CONFIG_FILE).display()
+                ),
+            ));
+        }
+        expected.insert(key.clone());
+    }
+    check_saved_shapes(
+        model,
+        saved,
+        implied_copies,
+        dir,
+        path,
+        shapes,
+        &mut expected,
+    )?;
+    check_no_extra(path, shapes, &expected)
+}
+
+/// The weight and bias of every module in `saved` must be in the file with the base module's
+/// shapes (unless the copy is only implied by the task type and absent).
+fn check_saved_shapes(
+    model: &dyn Model,
+    saved: &[String],
+    implied_copies: bool,
+    dir: &Path,
+    path: &Path,
+    shapes: &HashMap<String, Vec<usize>>,
+    expected: &mut std::collections::HashSet<String>,
+) -> Result<()> {
+    let config_path = dir.join(CONFIG_FILE);
     for lin in model.linears() {
         if !saved.iter().any(|s| s == lin.name()) {
             continue;
@@ -283,7 +391,7 @@ fn check_lora_shapes(
         // adapter whose config names none and whose file has no tensors for it keeps the base's
         // head (PEFT loads it with the copy left as the original).
         let weight_key = format!("{KEY_PREFIX}{}.weight", lin.name());
-        if cfg.modules_to_save.is_none() && !shapes.contains_key(&weight_key) {
+        if implied_copies && !shapes.contains_key(&weight_key) {
             continue;
         }
         for (part, want) in parts {
@@ -310,6 +418,14 @@ fn check_lora_shapes(
             expected.insert(key);
         }
     }
+    Ok(())
+}
+
+fn check_no_extra(
+    path: &Path,
+    shapes: &HashMap<String, Vec<usize>>,
+    expected: &std::collections::HashSet<String>,
+) -> Result<()> {
     let mut extra: Vec<&String> = shapes.keys().filter(|k| !expected.contains(*k)).collect();
     extra.sort();
     if let Some(first) = extra.first() {
@@ -324,6 +440,15 @@ fn check_lora_shapes(
     Ok(())
 }
 
+/// A `modules_to_save` copy's parameter (`classifier.weight`): a linear's own weight or bias,
+/// not an adapter tensor under it (`q_proj.lora_A.weight`).
+fn is_module_copy(model: &dyn Model, param: &str) -> bool {
+    let module = param
+        .strip_suffix(".weight")
+        .or_else(|| param.strip_suffix(".bias"));
+    module.is_some_and(|m| model.linears().iter().any(|l| l.name() == m))
+}
+
 /// Copy the file's tensors into the freshly attached adapter's parameters.
 fn fill_from(
     model: &dyn Model,
@@ -336,7 +461,7 @@ fn fill_from(
         let key = format!("{KEY_PREFIX}{name}");
         // A module copy the config did not ask for (the task type's default head), absent from
         // the file: it stays the base module's copy ([`check_lora_shapes`]).
-        if implied_copies && !name.contains(".lora_") && !tensors.contains_key(&key) {
+        if implied_copies && is_module_copy(model, &name) && !tensors.contains_key(&key) {
             continue;
         }
         let t = tensors.remove(&key).ok_or_else(|| {

@@ -6,6 +6,7 @@
 //! Adapters live inside the model's `Linear` layers under an adapter name, so several can be
 //! attached to one base. What is shared by all methods is here: the [`PeftMethod`] trait that
 //! the loader dispatches on, parameter listing by PEFT name, and PEFT's parameter report.
+pub mod bottleneck;
 pub mod format;
 pub mod lora;
 pub mod modules_to_save;
@@ -118,7 +119,7 @@ impl std::fmt::Display for ParamCount {
 }
 
 /// Python's `f"{n:,d}"`.
-fn thousands(n: usize) -> String {
+pub fn thousands(n: usize) -> String {
     let s = n.to_string();
     let mut out = String::with_capacity(s.len() + s.len() / 3);
     for (i, c) in s.chars().enumerate() {

@@ -85,8 +85,45 @@ pub struct TrainConfig {
     /// `[selective]`: the modules `method = "selective"` trains (everything else frozen).
     #[serde(default)]
     pub selective: Option<SelectiveSection>,
+    /// `[adapter]`: the bottleneck adapters of `method = "adapter"`.
+    #[serde(default)]
+    pub adapter: Option<AdapterSection>,
     #[serde(default)]
     pub train: TrainSection,
+}
+
+/// `[adapter]`: bottleneck adapters (`method = "adapter"`); the keys of the adapter's
+/// `adapter_config.json` (see `peft::bottleneck::BottleneckConfig`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdapterSection {
+    /// `houlsby` (after attention and feed-forward blocks) or `pfeiffer` (after feed-forward).
+    #[serde(default)]
+    pub adapter_type: crate::peft::bottleneck::AdapterType,
+    /// hidden / bottleneck width; default 16.
+    pub reduction_factor: Option<f64>,
+    /// `relu`, `gelu`, `swish` (= `silu`), `tanh`; default swish (Houlsby) / relu (Pfeiffer).
+    pub non_linearity: Option<crate::peft::bottleneck::Activation>,
+    /// Output projections to wrap instead of the family's defaults.
+    pub target_modules: Option<Vec<String>>,
+    /// Modules trained in full next to the adapters (a classifier is added for classifiers).
+    pub modules_to_save: Option<Vec<String>>,
+}
+
+impl AdapterSection {
+    /// The adapter config this section stands for (what `adapter_config.json` will hold).
+    pub fn to_config(&self, base_model: &str) -> crate::peft::bottleneck::BottleneckConfig {
+        let d = crate::peft::bottleneck::BottleneckConfig::default();
+        crate::peft::bottleneck::BottleneckConfig {
+            base_model_name_or_path: Some(base_model.to_string()),
+            adapter_type: self.adapter_type,
+            reduction_factor: self.reduction_factor.unwrap_or(d.reduction_factor),
+            non_linearity: self.non_linearity,
+            target_modules: self.target_modules.clone(),
+            modules_to_save: self.modules_to_save.clone(),
+            ..d
+        }
+    }
 }
 
 /// `[selective]`: train whole modules by name and freeze the rest (e.g. only a classification
@@ -108,6 +145,8 @@ pub enum Method {
     Full,
     /// Whole modules named in `[selective]` trainable, the rest frozen.
     Selective,
+    /// Bottleneck adapters (Houlsby / Pfeiffer), `[adapter]`.
+    Adapter,
 }
 
 impl Method {
@@ -116,6 +155,7 @@ impl Method {
             Method::Lora => "lora",
             Method::Full => "full",
             Method::Selective => "selective",
+            Method::Adapter => "adapter",
         }
     }
 }
@@ -911,8 +951,30 @@ fn validate(c: &LoadedConfig) -> Result<()> {
             }
             Some(_) => {}
         },
+        Method::Adapter => {
+            use crate::peft::PeftMethod;
+            cfg.adapter
+                .clone()
+                .unwrap_or_default()
+                .to_config(&cfg.model)
+                .validate(&format!("{}: [adapter]", c.source()))
+                .map_err(|e| Error::msg(e.to_string()))?;
+        }
     }
-    if cfg.method != Method::Selective && cfg.selective.is_some() {
+    // A config may hold the sections of several methods when `--set method=...` picks one
+    // (`ferrotune compare` runs one base config with each method); otherwise a section of
+    // another method is a mistake (`[adapter]` with the default method = "lora").
+    let method_from_cli = c.overrides.iter().any(|(k, _)| k == "method");
+    if !method_from_cli && cfg.method != Method::Adapter && cfg.adapter.is_some() {
+        return bad(
+            "adapter",
+            &format!(
+                "[adapter] is for method = \"adapter\", not \"{}\"",
+                cfg.method.as_str()
+            ),
+        );
+    }
+    if !method_from_cli && cfg.method != Method::Selective && cfg.selective.is_some() {
         return bad(
             "selective",
             &format!(

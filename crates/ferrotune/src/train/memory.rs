@@ -166,14 +166,26 @@ impl std::ops::Mul for Sat {
 
 /// f32 values the adapters of `lin` keep per token for the backward pass: each LoRA adapter
 /// (fused with its base, see `peft::lora::fused`) its rank-r product (r) and, with dropout, the
-/// masked input (in).
+/// masked input (in); a bottleneck adapter its input and output (2 out) and its two
+/// bottleneck-wide intermediates.
 pub fn adapter_floats(lin: &Linear, dropout: bool) -> u64 {
     if !lin.has_active_adapters() {
         return 0;
     }
     let inp = lin.in_features() as u64;
+    let out = lin.out_features() as u64;
     lin.adapters()
         .map(|(_, a)| {
+            if a.method() == "bottleneck" {
+                // The f32 module output, the bottleneck's pre-activation and activation, and
+                // the up-projection's output.
+                let b: u64 = a
+                    .trainable_params()
+                    .first()
+                    .map(|(_, v)| v.dims()[0] as u64)
+                    .unwrap_or(0);
+                return out.saturating_mul(2).saturating_add(b.saturating_mul(2));
+            }
             let r: u64 = a
                 .trainable_params()
                 .iter()

@@ -4,6 +4,7 @@
 //! section; the loop itself does not change.
 use super::config::{Method, TrainConfig};
 use crate::model::Model;
+use crate::peft::bottleneck::BottleneckConfig;
 use crate::peft::format::{save_adapter, KEY_PREFIX, WEIGHTS_FILE};
 use crate::peft::lora::{as_lora, attach_lora, config_for_model, LoraConfig};
 use crate::peft::{adapter_params, ParamCount};
@@ -22,6 +23,11 @@ pub const WEIGHTS_CHECKPOINT_FILE: &str = "model.safetensors";
 pub enum Tuner {
     Lora {
         config: Box<LoraConfig>,
+        params: ParamCount,
+    },
+    /// Bottleneck adapters (`method = "adapter"`).
+    Adapter {
+        config: Box<BottleneckConfig>,
         params: ParamCount,
     },
     /// `full` (every weight) or `selective` (whole modules): base weights trained in place.
@@ -45,6 +51,22 @@ impl Tuner {
                 let config = config_for_model(model, &config);
                 let info = attach_lora(model, &config, ADAPTER_NAME, cfg.train.seed)?;
                 Ok(Tuner::Lora {
+                    config: Box::new(config),
+                    params: info.params,
+                })
+            }
+            Method::Adapter => {
+                let section = cfg.adapter.clone().unwrap_or_default();
+                let mut config = section.to_config(model_name);
+                config.task_type = Some(model.task_type().as_peft().to_string());
+                let config = crate::peft::bottleneck::model::config_for_model(model, &config);
+                let info = crate::peft::bottleneck::attach_bottleneck(
+                    model,
+                    &config,
+                    ADAPTER_NAME,
+                    cfg.train.seed,
+                )?;
+                Ok(Tuner::Adapter {
                     config: Box::new(config),
                     params: info.params,
                 })
@@ -78,6 +100,7 @@ impl Tuner {
     pub fn method(&self) -> &'static str {
         match self {
             Tuner::Lora { .. } => Method::Lora.as_str(),
+            Tuner::Adapter { .. } => Method::Adapter.as_str(),
             Tuner::Weights { method, .. } => method.as_str(),
         }
     }
@@ -89,7 +112,9 @@ impl Tuner {
 
     pub fn param_count(&self) -> ParamCount {
         match self {
-            Tuner::Lora { params, .. } | Tuner::Weights { params, .. } => *params,
+            Tuner::Lora { params, .. }
+            | Tuner::Adapter { params, .. }
+            | Tuner::Weights { params, .. } => *params,
         }
     }
 
@@ -97,7 +122,7 @@ impl Tuner {
     /// `modules_to_save` copies (`classifier.weight`, ...).
     pub fn trainable(&self, model: &dyn Model) -> Vec<(String, Var)> {
         match self {
-            Tuner::Lora { .. } => adapter_params(model, ADAPTER_NAME),
+            Tuner::Lora { .. } | Tuner::Adapter { .. } => adapter_params(model, ADAPTER_NAME),
             Tuner::Weights { vars, .. } => vars.clone(),
         }
     }
@@ -107,6 +132,7 @@ impl Tuner {
     pub fn save(&self, model: &dyn Model, dir: &Path) -> Result<()> {
         match self {
             Tuner::Lora { config, .. } => save_adapter(model, ADAPTER_NAME, &**config, dir),
+            Tuner::Adapter { config, .. } => save_adapter(model, ADAPTER_NAME, &**config, dir),
             Tuner::Weights { vars, .. } => {
                 std::fs::create_dir_all(dir).map_err(|e| Error::file(dir, e))?;
                 let tensors = vars
@@ -144,7 +170,7 @@ impl Tuner {
                 }
                 Ok(())
             }
-            Tuner::Lora { .. } => {
+            Tuner::Lora { .. } | Tuner::Adapter { .. } => {
                 let path = dir.join(WEIGHTS_FILE);
                 let mut tensors = candle_core::safetensors::load(&path, model.device())
                     .map_err(|e| Error::file(&path, crate::error::first_line(&e.to_string())))?;
@@ -157,9 +183,10 @@ impl Tuner {
                         return Err(Error::file(
                             &path,
                             format!(
-                                "tensor `{key}` has shape {:?}, the adapter {:?} (the [lora] settings changed?)",
+                                "tensor `{key}` has shape {:?}, the adapter {:?} (the [{}] settings changed?)",
                                 t.dims(),
-                                var.dims()
+                                var.dims(),
+                                self.method()
                             ),
                         ));
                     }
@@ -168,7 +195,10 @@ impl Tuner {
                 if let Some(k) = tensors.keys().min() {
                     return Err(Error::file(
                         &path,
-                        format!("tensor `{k}` belongs to no adapted module (the [lora] settings changed?)"),
+                        format!(
+                            "tensor `{k}` belongs to no adapted module (the [{}] settings changed?)",
+                            self.method()
+                        ),
                     ));
                 }
                 Ok(())
@@ -181,7 +211,8 @@ impl Tuner {
     /// `peft::lora::layer`), so this sets the counters: no mask is drawn, whatever `calls` is.
     pub fn replay_rng(&self, model: &dyn Model, calls: u64) -> Result<()> {
         match self {
-            Tuner::Weights { .. } => Ok(()),
+            // Bottleneck adapters draw no random numbers.
+            Tuner::Weights { .. } | Tuner::Adapter { .. } => Ok(()),
             Tuner::Lora { .. } => {
                 for lin in model.linears() {
                     for (name, a) in lin.adapters() {

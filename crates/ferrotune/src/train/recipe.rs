@@ -496,7 +496,7 @@ impl<'a> Recipe<'a> {
         report::plot_loss(&self.out.join(report::PLOT_FILE), &train_curve, &val_curve)?;
         let (adapter_dir, model_dir) = match (finished, &self.tuner) {
             (false, _) => (None, None),
-            (true, Tuner::Lora { .. }) => {
+            (true, Tuner::Lora { .. } | Tuner::Adapter { .. }) => {
                 let dir = self.out.join(ADAPTER_DIR);
                 self.tuner.save(&*self.model, &dir)?;
                 if let Some(l) = &self.labels {

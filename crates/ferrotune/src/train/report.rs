@@ -115,7 +115,7 @@ pub fn plot_loss(path: &Path, train: &[(f64, f64)], val: &[(f64, f64)]) -> Resul
 }
 
 /// "Nice" tick values (1, 2 or 5 times a power of ten apart) covering [lo, hi].
-fn ticks(lo: f64, hi: f64, target: usize) -> Vec<f64> {
+pub(crate) fn ticks(lo: f64, hi: f64, target: usize) -> Vec<f64> {
     let span = (hi - lo).max(1e-12);
     let raw = span / target.max(1) as f64;
     let mag = 10f64.powf(raw.log10().floor());
@@ -134,7 +134,7 @@ fn ticks(lo: f64, hi: f64, target: usize) -> Vec<f64> {
     out
 }
 
-fn fmt_tick(x: f64, step: f64) -> String {
+pub(crate) fn fmt_tick(x: f64, step: f64) -> String {
     let decimals = if step >= 1.0 {
         0
     } else {
@@ -227,21 +227,7 @@ pub fn render_loss_png(train: &[(f64, f64)], val: &[(f64, f64)]) -> Result<Vec<u
             .map_err(|e| err(&e))?;
 
         let text = |x: i32, y: i32, s: &str, color: RGBColor| -> Result<()> {
-            for (i, ch) in s.chars().enumerate() {
-                let glyph = font8x8::legacy::BASIC_LEGACY
-                    .get(ch as usize)
-                    .copied()
-                    .unwrap_or([0; 8]);
-                for (row, bits) in glyph.iter().enumerate() {
-                    for col in 0..8 {
-                        if bits & (1 << col) != 0 {
-                            root.draw_pixel((x + i as i32 * 8 + col, y + row as i32), &color)
-                                .map_err(|e| err(&e))?;
-                        }
-                    }
-                }
-            }
-            Ok(())
+            draw_text(&root, x, y, s, color).map_err(|e| err(&e))
         };
         let black = RGBColor(20, 20, 20);
         let xstep = if xt.len() > 1 { xt[1] - xt[0] } else { 1.0 };
@@ -276,6 +262,30 @@ pub fn render_loss_png(train: &[(f64, f64)], val: &[(f64, f64)]) -> Result<Vec<u
         root.present().map_err(|e| err(&e))?;
     }
     Ok(encode_png_rgb(&buf, W, H))
+}
+
+/// Draw `s` at pixel (x, y) with the 8×8 bitmap font (plotters' own text needs a system font).
+pub(crate) fn draw_text<DB: plotters::prelude::DrawingBackend>(
+    root: &plotters::drawing::DrawingArea<DB, plotters::coord::Shift>,
+    x: i32,
+    y: i32,
+    s: &str,
+    color: plotters::style::RGBColor,
+) -> std::result::Result<(), plotters::drawing::DrawingAreaErrorKind<DB::ErrorType>> {
+    for (i, ch) in s.chars().enumerate() {
+        let glyph = font8x8::legacy::BASIC_LEGACY
+            .get(ch as usize)
+            .copied()
+            .unwrap_or([0; 8]);
+        for (row, bits) in glyph.iter().enumerate() {
+            for col in 0..8 {
+                if bits & (1 << col) != 0 {
+                    root.draw_pixel((x + i as i32 * 8 + col, y + row as i32), &color)?;
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// A minimal PNG encoder: 8-bit RGB, no interlace, filter 0 on every row, zlib via flate2.

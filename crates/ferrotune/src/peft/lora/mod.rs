@@ -3,11 +3,13 @@
 //! - [`config`]: `LoraConfig`, PEFT's `adapter_config.json` fields and module matching.
 //! - [`layer`]: `LoraAdapter`, the per-linear adapter.
 //! - [`model`]: attach / select / merge / unmerge on a whole model.
+pub mod combine;
 pub mod config;
 mod fused;
 pub mod layer;
 pub mod model;
 
+pub use combine::{add_weighted_adapter, Combination, WeightedAdapter};
 pub use config::{InitLoraWeights, LayerIndices, LoraConfig, ModuleParams, ModuleSpec};
 pub use layer::{LoraAdapter, LoraInit};
 pub use model::{
