@@ -1335,7 +1335,13 @@ fn run_merge(a: MergeArgs) -> Result<()> {
     let mut lm = load(&a.m)?;
     inputs.push(Input::new("the --model", lm.source.path()));
     fsutil::check_output_dir(&a.out, "--out", a.overwrite, &inputs)?;
-    ferrotune::peft::load_adapter(&mut *lm.model, &a.adapter, "merge")?;
+    let loaded = ferrotune::peft::load_adapter(&mut *lm.model, &a.adapter, "merge")?;
+    if let ferrotune::peft::AdapterConfig::Bottleneck(_) = loaded.config {
+        anyhow::bail!(
+            "--adapter {}: bottleneck adapters are non-linear in their module's output and cannot be merged into the weights; use the folder with --adapter",
+            a.adapter.display()
+        );
+    }
     let report = ferrotune::peft::merge_and_unload(&mut *lm.model, "merge")?;
     if let Some(msg) = report.message() {
         info!("note: {msg}");

@@ -223,8 +223,16 @@ pub const CHART_FILE: &str = "compare.png";
 /// then the scores, then the three files in `spec.out`. `log` gets one line per step.
 pub fn run(spec: &CompareSpec, runner: &dyn Runner, log: &dyn Fn(&str)) -> Result<Report> {
     let runs = plan(spec)?;
-    // The base config must be valid before anything runs.
-    let base = load_config(&spec.config, &spec.set)?;
+    // The base config must be valid before anything runs. It may hold several methods'
+    // sections, which is allowed when `method` is set from outside, as each run does.
+    let text = std::fs::read_to_string(&spec.config).map_err(|e| Error::file(&spec.config, e))?;
+    let own_method = toml::from_str::<toml::Table>(&text)
+        .ok()
+        .and_then(|t| t.get("method").and_then(|m| m.as_str()).map(str::to_string))
+        .unwrap_or_else(|| "lora".to_string());
+    let mut set = vec![format!("method={}", toml_string(&own_method))];
+    set.extend(spec.set.iter().cloned());
+    let base = load_config(&spec.config, &set)?;
     std::fs::create_dir_all(spec.out.join("runs")).map_err(|e| Error::file(&spec.out, e))?;
     let mut rows: Vec<Row> = Vec::new();
     for (i, r) in runs.iter().enumerate() {

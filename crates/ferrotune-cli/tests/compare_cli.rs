@@ -1,0 +1,297 @@
+//! `ferrotune compare`, `train` with `method = "adapter"` and `peft combine` through the real
+//! binary, on the tiny LLaMA with a word-level tokenizer (tests/support):
+//! - compare trains each method in its own process, keeps going past a method that fails
+//!   (its row says why), scores generations with ROUGE and writes compare.md / .json / .png;
+//!   run again, it keeps the finished runs;
+//! - bottleneck adapters train (validation loss falls) and their folder works with --adapter;
+//! - `peft combine` writes PEFT's add_weighted_adapter result.
+mod support;
+
+use serde_json::Value;
+use std::path::Path;
+use support::{arg, json, repo, succeeds, tiny_model, tmp};
+
+/// `n` JSONL rows {"q": "rev a b c", "a": "c b a"}, seeded.
+fn reverse_rows(n: usize, seed: u64) -> String {
+    let words = &support::WORDS[7..];
+    let mut s = seed;
+    let mut next = || {
+        s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = s;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    };
+    let mut out = String::new();
+    for _ in 0..n {
+        let k = 1 + (next() % 4) as usize;
+        let ws: Vec<&str> = (0..k)
+            .map(|_| words[(next() % words.len() as u64) as usize])
+            .collect();
+        let rev: Vec<&str> = ws.iter().rev().copied().collect();
+        out.push_str(
+            &serde_json::json!({"q": format!("rev {}", ws.join(" ")), "a": rev.join(" ")})
+                .to_string(),
+        );
+        out.push('\n');
+    }
+    out
+}
+
+/// A run folder with the tiny model, data and `base.toml` (extra TOML appended).
+fn setup(tag: &str, extra: &str) -> std::path::PathBuf {
+    let dir = tmp(tag);
+    tiny_model(&dir, true);
+    std::fs::write(dir.join("train.jsonl"), reverse_rows(16, 1)).unwrap();
+    std::fs::write(dir.join("dev.jsonl"), reverse_rows(6, 2)).unwrap();
+    std::fs::write(
+        dir.join("base.toml"),
+        format!(
+            r#"model = "model"
+output_dir = "out"
+
+[data]
+train = "train.jsonl"
+validation = "dev.jsonl"
+template = "{{q}} ="
+completion = " {{a}}"
+
+[lora]
+r = 4
+targets = "all-linear"
+
+[adapter]
+adapter_type = "houlsby"
+reduction_factor = 8
+
+[train]
+batch_size = 4
+max_seq_len = 32
+max_steps = 12
+lr = 1e-2
+log_every = 1000
+{extra}
+"#
+        ),
+    )
+    .unwrap();
+    dir
+}
+
+fn summary(dir: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(dir.join("summary.json")).unwrap()).unwrap()
+}
+
+#[test]
+fn compare_runs_each_method_reports_failures_in_their_row_and_resumes() {
+    let dir = setup("compare", "");
+    let out = dir.join("cmp");
+    let run = || {
+        succeeds(&[
+            "compare",
+            "--config",
+            &arg(&dir.join("base.toml")),
+            "--methods",
+            "base,lora,adapter,selective",
+            "--lora-ranks",
+            "2",
+            "--out",
+            &arg(&out),
+            "--eval-limit",
+            "4",
+            "--max-new-tokens",
+            "6",
+        ])
+    };
+    let r = run();
+    let table = String::from_utf8_lossy(&r.stdout).to_string();
+    let report: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("compare.json")).unwrap()).unwrap();
+    let rows = report["rows"].as_array().unwrap();
+    let names: Vec<&str> = rows.iter().map(|r| r["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["base", "lora", "adapter", "selective", "lora r=2"]);
+    let row = |n: &str| rows.iter().find(|r| r["name"] == n).unwrap();
+    // `selective` without a [selective] section fails; the others carry on.
+    assert_eq!(row("selective")["status"], "failed");
+    assert!(
+        row("selective")["error"]
+            .as_str()
+            .unwrap()
+            .contains("selective"),
+        "{}",
+        row("selective")
+    );
+    for n in ["base", "lora", "adapter", "lora r=2"] {
+        assert_eq!(row(n)["status"], "ok", "{n}: {}", row(n));
+        assert!(row(n)["rouge1"].is_number(), "{n}: {}", row(n));
+        assert_eq!(row(n)["scored_rows"], 4, "{n}");
+    }
+    for n in ["lora", "adapter", "lora r=2"] {
+        let r = row(n);
+        assert!(r["trainable_params"].as_u64().unwrap() > 0, "{r}");
+        assert!(r["adapter_bytes"].as_u64().unwrap() > 0, "{r}");
+        assert!(r["peak_rss_bytes"].as_u64().unwrap() > 1 << 20, "{r}");
+        assert!(r["s_per_step"].as_f64().unwrap() > 0.0, "{r}");
+        assert!(r["final_val_loss"].is_number(), "{r}");
+    }
+    // The rank sweep: rank 2 trains fewer parameters than rank 4.
+    assert!(
+        row("lora r=2")["trainable_params"].as_u64() < row("lora")["trainable_params"].as_u64()
+    );
+    // Each run is an ordinary training run in runs/<name>, with its own method.
+    assert_eq!(summary(&out.join("runs/adapter"))["method"], "adapter");
+    assert_eq!(summary(&out.join("runs/lora-r2"))["method"], "lora");
+    let md = std::fs::read_to_string(out.join("compare.md")).unwrap();
+    assert_eq!(md, table, "stdout is compare.md");
+    assert!(md.contains("| adapter |") && md.contains("ROUGE-1"), "{md}");
+    let png = std::fs::read(out.join("compare.png")).unwrap();
+    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+
+    // Again: the finished runs are kept, not trained again.
+    let before = std::fs::metadata(out.join("runs/lora/summary.json"))
+        .unwrap()
+        .modified()
+        .unwrap();
+    let r = run();
+    let stderr = String::from_utf8_lossy(&r.stderr);
+    assert!(stderr.contains("lora: finished earlier, kept"), "{stderr}");
+    let after = std::fs::metadata(out.join("runs/lora/summary.json"))
+        .unwrap()
+        .modified()
+        .unwrap();
+    assert_eq!(before, after);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn bottleneck_adapters_train_and_load_back() {
+    let dir = setup("adapter-train", "eval_every = 40");
+    let cfg = arg(&dir.join("base.toml"));
+    succeeds(&[
+        "train",
+        "--config",
+        &cfg,
+        "--set",
+        "method=\"adapter\"",
+        "--set",
+        "train.max_steps=40",
+    ]);
+    let out = dir.join("out");
+    let s = summary(&out);
+    assert_eq!(s["method"], "adapter");
+    let (first, last) = (
+        s["initial_val_loss"].as_f64().unwrap(),
+        s["final_val_loss"].as_f64().unwrap(),
+    );
+    assert!(last < 0.8 * first, "validation loss {first} -> {last}");
+    let cfg_json: Value = serde_json::from_str(
+        &std::fs::read_to_string(out.join("adapter/adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(cfg_json["peft_type"], "BOTTLENECK");
+    assert_eq!(cfg_json["adapter_type"], "houlsby");
+    // The adapter scores the validation rows as training last saw them.
+    let ppl = |extra: &[&str]| {
+        let mut a = vec![
+            "perplexity",
+            "--model",
+            &dir.join("model").display().to_string(),
+            "--data",
+            &dir.join("dev.jsonl").display().to_string(),
+            "--template",
+            "{q} =",
+            "--completion",
+            " {a}",
+            "--json",
+        ]
+        .into_iter()
+        .map(String::from)
+        .collect::<Vec<_>>();
+        a.extend(extra.iter().map(|s| s.to_string()));
+        json(&succeeds(&a))["nll"].as_f64().unwrap()
+    };
+    let base = ppl(&[]);
+    let adapter = arg(&out.join("adapter"));
+    let tuned = ppl(&["--adapter", &adapter]);
+    assert!(tuned < 0.8 * base, "{tuned} vs base {base}");
+    // A bottleneck adapter cannot be folded into the weights: one line saying so.
+    let e = support::fails(&[
+        "merge",
+        "--model",
+        &arg(&dir.join("model")),
+        "--adapter",
+        &arg(&out.join("adapter")),
+        "--out",
+        &arg(&dir.join("merged")),
+    ]);
+    assert!(e.contains("cannot be merged"), "{e}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn peft_combine_writes_peft_linear_combination() {
+    let dir = tmp("combine");
+    let model = repo().join("tests/fixtures/models/tiny-llama-gqa-untied");
+    let fx = repo().join("tests/fixtures/peft/combine");
+    // The tiny fixture has no tokenizer; give it the word-level one.
+    let m = tiny_model(&dir, true);
+    assert!(model.exists());
+    let out = dir.join("combined");
+    succeeds(&[
+        "peft",
+        "combine",
+        "--model",
+        &arg(&m),
+        "--adapter",
+        &format!("{}:0.7", arg(&fx.join("a"))),
+        "--adapter",
+        &format!("{}:-0.4", arg(&fx.join("b"))),
+        "--how",
+        "linear",
+        "--out",
+        &arg(&out),
+    ]);
+    let ours = safetensors_f32(&out.join("adapter_model.safetensors"));
+    let peft = safetensors_f32(&fx.join("linear/adapter_model.safetensors"));
+    assert_eq!(
+        ours.keys().collect::<std::collections::BTreeSet<_>>(),
+        peft.keys().collect()
+    );
+    for (k, v) in &peft {
+        let d = ours[k]
+            .iter()
+            .zip(v)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(d < 1e-5, "{k}: {d}");
+    }
+    let e = support::fails(&[
+        "peft",
+        "combine",
+        "--model",
+        &arg(&m),
+        "--adapter",
+        &arg(&fx.join("a")),
+        "--out",
+        &arg(&dir.join("x")),
+    ]);
+    assert!(e.contains("DIR:WEIGHT"), "{e}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Every tensor of a safetensors file as f32 values.
+fn safetensors_f32(p: &Path) -> std::collections::HashMap<String, Vec<f32>> {
+    let bytes = std::fs::read(p).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    st.tensors()
+        .into_iter()
+        .map(|(k, v)| {
+            let vals = v
+                .data()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                .collect();
+            (k, vals)
+        })
+        .collect()
+}
