@@ -91,6 +91,9 @@ pub struct Linear {
     adapters: Vec<(String, Box<dyn LinearAdapter>)>,
     /// Adapters temporarily disabled (e.g. to score the base model with adapters loaded).
     adapters_enabled: bool,
+    /// A mixed batch (PEFT's `adapter_names=`): row i runs only the adapter named
+    /// `row_adapters[i]` (`None`: the base alone), whatever else is attached or active.
+    row_adapters: Option<Arc<[Option<String>]>>,
 }
 
 impl Linear {
@@ -101,6 +104,7 @@ impl Linear {
             bias,
             adapters: Vec::new(),
             adapters_enabled: true,
+            row_adapters: None,
         }
     }
     /// Module path, e.g. `model.layers.3.self_attn.q_proj` (what PEFT's `target_modules` match).
@@ -143,6 +147,14 @@ impl Linear {
     pub fn set_adapters_enabled(&mut self, on: bool) {
         self.adapters_enabled = on;
     }
+    /// Route each row of the next batches through one adapter (see `peft::set_row_adapters`);
+    /// `None` ends the mixed batches.
+    pub fn set_row_adapters(&mut self, rows: Option<Arc<[Option<String>]>>) {
+        self.row_adapters = rows;
+    }
+    pub fn row_adapters(&self) -> Option<&[Option<String>]> {
+        self.row_adapters.as_deref()
+    }
     pub fn has_active_adapters(&self) -> bool {
         self.adapters_enabled && !self.adapters.is_empty()
     }
@@ -161,6 +173,9 @@ impl Linear {
     }
 
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        if let Some(rows) = self.row_adapters.as_ref().filter(|_| self.adapters_enabled) {
+            return self.forward_mixed(x, rows, train);
+        }
         if self.adapters_enabled && self.adapters.len() == 1 {
             if let Some(y) =
                 self.adapters[0]
@@ -181,6 +196,61 @@ impl Linear {
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         self.forward_t(x, false)
+    }
+
+    /// The base, then only the adapters called `name` (none for `None`).
+    fn forward_with(&self, x: &Tensor, name: Option<&str>, train: bool) -> Result<Tensor> {
+        let mut y = self.forward_base(x)?;
+        if let Some(name) = name {
+            for (n, a) in &self.adapters {
+                if n == name {
+                    y = a.forward(x, y, train)?;
+                }
+            }
+        }
+        Ok(y)
+    }
+
+    /// A mixed batch: the rows are grouped by adapter, each group runs through the base and
+    /// its adapter, and the outputs go back in row order — so each row gets exactly what it
+    /// would get alone with its adapter (PEFT's `_mixed_batch_forward`).
+    fn forward_mixed(&self, x: &Tensor, rows: &[Option<String>], train: bool) -> Result<Tensor> {
+        let b = x.dim(0)?;
+        if rows.len() != b {
+            candle_core::bail!(
+                "{}: the mixed batch names adapters for {} rows but the batch has {b}",
+                self.name,
+                rows.len()
+            );
+        }
+        let mut groups: Vec<(Option<&str>, Vec<u32>)> = Vec::new();
+        for (i, r) in rows.iter().enumerate() {
+            // An adapter this layer does not have leaves the row on the base here.
+            let key = r
+                .as_deref()
+                .filter(|n| self.adapters.iter().any(|(a, _)| a == n));
+            match groups.iter_mut().find(|(k, _)| *k == key) {
+                Some((_, v)) => v.push(i as u32),
+                None => groups.push((key, vec![i as u32])),
+            }
+        }
+        if groups.len() == 1 {
+            return self.forward_with(x, groups[0].0, train);
+        }
+        let mut outs = Vec::with_capacity(groups.len());
+        let mut order: Vec<u32> = Vec::with_capacity(b);
+        for (name, idx) in &groups {
+            let ids = Tensor::new(idx.as_slice(), x.device())?;
+            outs.push(self.forward_with(&x.index_select(&ids, 0)?, *name, train)?);
+            order.extend(idx);
+        }
+        // Row order back: output row i is concatenated row position of i.
+        let mut inverse = vec![0u32; b];
+        for (pos, &row) in order.iter().enumerate() {
+            inverse[row as usize] = pos as u32;
+        }
+        let inverse = Tensor::new(inverse.as_slice(), x.device())?;
+        Tensor::cat(&outs, 0)?.index_select(&inverse, 0)
     }
 
     /// The random-stream states of the attached adapters, in order (see

@@ -85,6 +85,30 @@ pub fn set_adapters_enabled(model: &mut dyn Model, on: bool) {
     }
 }
 
+/// A mixed batch (PEFT's `adapter_names=`): row i of every following batch runs through the
+/// base model and adapter `rows[i]` alone (`None`: the base model), so one batch serves several
+/// adapters; `rows = None` returns to the usual behaviour. Every name must be attached. Works
+/// for the methods that wrap linear layers (LoRA, IA3, bottleneck adapters, `modules_to_save`
+/// copies); the batch must have `rows.len()` rows.
+pub fn set_row_adapters(model: &mut dyn Model, rows: Option<&[Option<&str>]>) -> Result<()> {
+    let shared: Option<std::sync::Arc<[Option<String>]>> = match rows {
+        None => None,
+        Some(rows) => {
+            let names = adapter_names(model);
+            for n in rows.iter().flatten() {
+                if !names.iter().any(|a| a == n) {
+                    return Err(no_such_adapter(model, n));
+                }
+            }
+            Some(rows.iter().map(|r| r.map(str::to_string)).collect())
+        }
+    };
+    for lin in model.linears_mut() {
+        lin.set_row_adapters(shared.clone());
+    }
+    Ok(())
+}
+
 pub(crate) fn no_such_adapter(model: &dyn Model, adapter_name: &str) -> Error {
     let names = adapter_names(model);
     Error::msg(format!(
