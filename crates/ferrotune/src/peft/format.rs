@@ -4,6 +4,7 @@
 //! and, for modules trained in full (`modules_to_save`), the module's own parameter names
 //! (`base_model.model.classifier.weight`, `base_model.model.classifier.bias`).
 //! Folders written here load in PEFT and folders written by PEFT load here.
+use super::ia3::Ia3Config;
 use super::lora::LoraConfig;
 use super::{adapter_params, param_count, ParamCount, PeftMethod};
 use crate::fsutil::{write_atomic, write_safetensors};
@@ -23,12 +24,14 @@ pub const KEY_PREFIX: &str = "base_model.model.";
 #[derive(Debug, Clone, PartialEq)]
 pub enum AdapterConfig {
     Lora(LoraConfig),
+    Ia3(Ia3Config),
 }
 
 impl AdapterConfig {
     pub fn peft_type(&self) -> &'static str {
         match self {
             AdapterConfig::Lora(_) => <LoraConfig as PeftMethod>::PEFT_TYPE,
+            AdapterConfig::Ia3(_) => <Ia3Config as PeftMethod>::PEFT_TYPE,
         }
     }
 }
@@ -57,10 +60,16 @@ pub fn read_adapter_config(dir: &Path) -> Result<AdapterConfig> {
             cfg.validate(&src)?;
             Ok(AdapterConfig::Lora(cfg))
         }
+        "IA3" => {
+            let cfg: Ia3Config = serde_json::from_value(v.clone())
+                .map_err(|e| Error::file(&path, format!("invalid IA3 config: {e}")))?;
+            cfg.validate(&src)?;
+            Ok(AdapterConfig::Ia3(cfg))
+        }
         other => Err(Error::key(
             &src,
             "peft_type",
-            format!("`{other}` is not supported (supported: LORA)"),
+            format!("`{other}` is not supported (supported: LORA, IA3)"),
         )),
     }
 }
@@ -177,6 +186,7 @@ pub fn load_adapter(
     let shapes = header_shapes(&path)?;
     match &config {
         AdapterConfig::Lora(cfg) => check_lora_shapes(model, cfg, dir, &path, &shapes)?,
+        AdapterConfig::Ia3(cfg) => check_ia3_shapes(model, cfg, dir, &path, &shapes)?,
     }
     let tensors = candle_core::safetensors::load(&path, model.device())
         .map_err(|e| Error::file(&path, crate::error::first_line(&e.to_string())))?;
@@ -186,9 +196,14 @@ pub fn load_adapter(
             cfg.attach(model, adapter_name, 0)
                 .map_err(|e| Error::file(dir.join(CONFIG_FILE), e))?;
         }
+        AdapterConfig::Ia3(cfg) => {
+            cfg.attach(model, adapter_name, 0)
+                .map_err(|e| Error::file(dir.join(CONFIG_FILE), e))?;
+        }
     }
     let implied_copies = match &config {
         AdapterConfig::Lora(cfg) => cfg.modules_to_save.is_none(),
+        AdapterConfig::Ia3(cfg) => cfg.modules_to_save.is_none(),
     };
     if let Err(e) = fill_from(model, adapter_name, tensors, &path, implied_copies) {
         // Leave the model as it was.
@@ -270,6 +285,84 @@ fn check_lora_shapes(
     }
     let saved = super::lora::resolve_modules_to_save(model, cfg)
         .map_err(|e| Error::file(&config_path, e))?;
+    check_saved_and_extra(
+        model,
+        &saved,
+        cfg.modules_to_save.is_none(),
+        expected,
+        &config_path,
+        path,
+        shapes,
+    )
+}
+
+/// The IA3 vector of every target must be in the file shaped as PEFT saves it ((out, 1), or
+/// (1, in) for a feed-forward module), with the `modules_to_save` tensors, and nothing else.
+fn check_ia3_shapes(
+    model: &dyn Model,
+    cfg: &Ia3Config,
+    dir: &Path,
+    path: &Path,
+    shapes: &HashMap<String, Vec<usize>>,
+) -> Result<()> {
+    let config_path = dir.join(CONFIG_FILE);
+    let targets =
+        super::ia3::resolve_targets(model, cfg).map_err(|e| Error::file(&config_path, e))?;
+    let mut expected = std::collections::HashSet::new();
+    for lin in model.linears() {
+        let Some((_, ff)) = targets.iter().find(|(n, _)| n == lin.name()) else {
+            continue;
+        };
+        let (in_f, out_f) = (lin.in_features(), lin.out_features());
+        let want = if *ff { [1, in_f] } else { [out_f, 1] };
+        let key = format!("{KEY_PREFIX}{}.ia3_l", lin.name());
+        let got = shapes.get(&key).ok_or_else(|| {
+            Error::file(
+                path,
+                format!("tensor `{key}` is missing (the config targets this module)"),
+            )
+        })?;
+        if got.as_slice() != want {
+            return Err(Error::file(
+                path,
+                format!(
+                    "tensor `{key}` is {got:?} but module `{}` ({in_f} in, {out_f} out, {}) implies {want:?}",
+                    lin.name(),
+                    if *ff { "feed-forward: input scaling" } else { "output scaling" }
+                ),
+            ));
+        }
+        expected.insert(key);
+    }
+    let full = super::ia3::config_for_model(model, cfg);
+    let saved = super::modules_to_save::resolve(
+        model,
+        full.modules_to_save.as_deref().unwrap_or(&[]),
+        "IA3 config",
+    )
+    .map_err(|e| Error::file(&config_path, e))?;
+    check_saved_and_extra(
+        model,
+        &saved,
+        cfg.modules_to_save.is_none(),
+        expected,
+        &config_path,
+        path,
+        shapes,
+    )
+}
+
+/// The weight and bias of every module in `modules_to_save` (`saved`) must be in the file
+/// with the base module's shapes, and the file may hold nothing beyond them and `expected`.
+fn check_saved_and_extra(
+    model: &dyn Model,
+    saved: &[String],
+    implied_copies: bool,
+    mut expected: std::collections::HashSet<String>,
+    config_path: &Path,
+    path: &Path,
+    shapes: &HashMap<String, Vec<usize>>,
+) -> Result<()> {
     for lin in model.linears() {
         if !saved.iter().any(|s| s == lin.name()) {
             continue;
@@ -283,7 +376,7 @@ fn check_lora_shapes(
         // adapter whose config names none and whose file has no tensors for it keeps the base's
         // head (PEFT loads it with the copy left as the original).
         let weight_key = format!("{KEY_PREFIX}{}.weight", lin.name());
-        if cfg.modules_to_save.is_none() && !shapes.contains_key(&weight_key) {
+        if implied_copies && !shapes.contains_key(&weight_key) {
             continue;
         }
         for (part, want) in parts {
@@ -336,7 +429,8 @@ fn fill_from(
         let key = format!("{KEY_PREFIX}{name}");
         // A module copy the config did not ask for (the task type's default head), absent from
         // the file: it stays the base module's copy ([`check_lora_shapes`]).
-        if implied_copies && !name.contains(".lora_") && !tensors.contains_key(&key) {
+        let method_tensor = name.contains(".lora_") || name.ends_with(".ia3_l");
+        if implied_copies && !method_tensor && !tensors.contains_key(&key) {
             continue;
         }
         let t = tensors.remove(&key).ok_or_else(|| {

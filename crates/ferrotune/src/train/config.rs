@@ -4,6 +4,7 @@
 //! ```toml
 //! model = "path/or/hf:org/name"   # a .gguf file, an HF folder, or hf:org/name[@revision]
 //! method = "lora"                 # lora | full (every weight) | selective (the [selective] modules)
+//!                                 # | ia3 (the [ia3] table: PEFT's IA3Config keys)
 //! task = "causal_lm"              # causal_lm | seq2seq_lm | sequence_classification |
 //!                                 # token_classification (default: the model's own)
 //! objective = "sft"               # sft | clm | mlm | span_corruption (default sft)
@@ -56,6 +57,7 @@
 //! Relative paths in the file (`model`, `output_dir`, data files) are relative to the file's
 //! folder; relative paths given with `--set` are relative to the current directory.
 use crate::data::DataConfig;
+use crate::peft::ia3::Ia3Config;
 use crate::peft::lora::{LoraConfig, ModuleSpec};
 use crate::{Error, Result};
 use serde::Deserialize;
@@ -82,6 +84,9 @@ pub struct TrainConfig {
     pub data: DataConfig,
     #[serde(default)]
     pub lora: LoraSection,
+    /// `[ia3]`: PEFT's IA3Config keys for `method = "ia3"`.
+    #[serde(default)]
+    pub ia3: Ia3Section,
     /// `[selective]`: the modules `method = "selective"` trains (everything else frozen).
     #[serde(default)]
     pub selective: Option<SelectiveSection>,
@@ -108,6 +113,8 @@ pub enum Method {
     Full,
     /// Whole modules named in `[selective]` trainable, the rest frozen.
     Selective,
+    /// IA3 (PEFT `IA3`): learned vectors rescaling keys, values and the feed-forward input.
+    Ia3,
 }
 
 impl Method {
@@ -116,6 +123,7 @@ impl Method {
             Method::Lora => "lora",
             Method::Full => "full",
             Method::Selective => "selective",
+            Method::Ia3 => "ia3",
         }
     }
 }
@@ -243,6 +251,46 @@ impl LoraSection {
             modules_to_save: self.modules_to_save.clone(),
             base_model_name_or_path: Some(base_model.to_string()),
             ..LoraConfig::default()
+        }
+    }
+}
+
+/// `[ia3]`: PEFT's `IA3Config` keys, with PEFT's defaults (the family's targets and
+/// feed-forward modules when `target_modules` is unset).
+///
+/// ```toml
+/// method = "ia3"
+/// [ia3]
+/// target_modules = ["k_proj", "v_proj", "down_proj"]   # default: PEFT's for the family
+/// feedforward_modules = ["down_proj"]                  # input-scaled; a subset of the targets
+/// ```
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Ia3Section {
+    #[serde(default)]
+    pub target_modules: Option<ModuleSpec>,
+    #[serde(default)]
+    pub feedforward_modules: Option<ModuleSpec>,
+    #[serde(default)]
+    pub exclude_modules: Option<ModuleSpec>,
+    #[serde(default)]
+    pub modules_to_save: Option<Vec<String>>,
+    /// true (default): vectors start at 1, the adapter a no-op.
+    #[serde(default)]
+    pub init_ia3_weights: Option<bool>,
+}
+
+impl Ia3Section {
+    /// The PEFT config this section stands for (family defaults are filled in on attach).
+    pub fn to_peft(&self, base_model: &str) -> Ia3Config {
+        Ia3Config {
+            target_modules: self.target_modules.clone(),
+            feedforward_modules: self.feedforward_modules.clone(),
+            exclude_modules: self.exclude_modules.clone(),
+            modules_to_save: self.modules_to_save.clone(),
+            init_ia3_weights: self.init_ia3_weights.unwrap_or(true),
+            base_model_name_or_path: Some(base_model.to_string()),
+            ..Ia3Config::default()
         }
     }
 }
@@ -899,6 +947,11 @@ fn validate(c: &LoadedConfig) -> Result<()> {
                 .map_err(|e| Error::msg(e.to_string()))?;
         }
         Method::Full => {}
+        Method::Ia3 => cfg
+            .ia3
+            .to_peft(&cfg.model)
+            .validate(&format!("{}: [ia3]", c.source()))
+            .map_err(|e| Error::msg(e.to_string()))?,
         Method::Selective => match &cfg.selective {
             None => {
                 return bad(

@@ -5,6 +5,7 @@
 use super::config::{Method, TrainConfig};
 use crate::model::Model;
 use crate::peft::format::{save_adapter, KEY_PREFIX, WEIGHTS_FILE};
+use crate::peft::ia3::Ia3Config;
 use crate::peft::lora::{as_lora, attach_lora, config_for_model, LoraConfig};
 use crate::peft::{adapter_params, ParamCount};
 use crate::{Error, Result};
@@ -22,6 +23,10 @@ pub const WEIGHTS_CHECKPOINT_FILE: &str = "model.safetensors";
 pub enum Tuner {
     Lora {
         config: Box<LoraConfig>,
+        params: ParamCount,
+    },
+    Ia3 {
+        config: Box<Ia3Config>,
         params: ParamCount,
     },
     /// `full` (every weight) or `selective` (whole modules): base weights trained in place.
@@ -45,6 +50,19 @@ impl Tuner {
                 let config = config_for_model(model, &config);
                 let info = attach_lora(model, &config, ADAPTER_NAME, cfg.train.seed)?;
                 Ok(Tuner::Lora {
+                    config: Box::new(config),
+                    params: info.params,
+                })
+            }
+            Method::Ia3 => {
+                let mut config = cfg.ia3.to_peft(model_name);
+                config.task_type = Some(model.task_type().as_peft().to_string());
+                // The saved config names the family's targets and the classifier of a SEQ_CLS
+                // model, as PEFT's does.
+                let config = crate::peft::ia3::config_for_model(model, &config);
+                let info =
+                    crate::peft::ia3::attach_ia3(model, &config, ADAPTER_NAME, cfg.train.seed)?;
+                Ok(Tuner::Ia3 {
                     config: Box::new(config),
                     params: info.params,
                 })
@@ -78,6 +96,7 @@ impl Tuner {
     pub fn method(&self) -> &'static str {
         match self {
             Tuner::Lora { .. } => Method::Lora.as_str(),
+            Tuner::Ia3 { .. } => Method::Ia3.as_str(),
             Tuner::Weights { method, .. } => method.as_str(),
         }
     }
@@ -89,7 +108,9 @@ impl Tuner {
 
     pub fn param_count(&self) -> ParamCount {
         match self {
-            Tuner::Lora { params, .. } | Tuner::Weights { params, .. } => *params,
+            Tuner::Lora { params, .. }
+            | Tuner::Ia3 { params, .. }
+            | Tuner::Weights { params, .. } => *params,
         }
     }
 
@@ -97,7 +118,7 @@ impl Tuner {
     /// `modules_to_save` copies (`classifier.weight`, ...).
     pub fn trainable(&self, model: &dyn Model) -> Vec<(String, Var)> {
         match self {
-            Tuner::Lora { .. } => adapter_params(model, ADAPTER_NAME),
+            Tuner::Lora { .. } | Tuner::Ia3 { .. } => adapter_params(model, ADAPTER_NAME),
             Tuner::Weights { vars, .. } => vars.clone(),
         }
     }
@@ -107,6 +128,7 @@ impl Tuner {
     pub fn save(&self, model: &dyn Model, dir: &Path) -> Result<()> {
         match self {
             Tuner::Lora { config, .. } => save_adapter(model, ADAPTER_NAME, &**config, dir),
+            Tuner::Ia3 { config, .. } => save_adapter(model, ADAPTER_NAME, &**config, dir),
             Tuner::Weights { vars, .. } => {
                 std::fs::create_dir_all(dir).map_err(|e| Error::file(dir, e))?;
                 let tensors = vars
@@ -144,7 +166,8 @@ impl Tuner {
                 }
                 Ok(())
             }
-            Tuner::Lora { .. } => {
+            Tuner::Lora { .. } | Tuner::Ia3 { .. } => {
+                let section = self.method();
                 let path = dir.join(WEIGHTS_FILE);
                 let mut tensors = candle_core::safetensors::load(&path, model.device())
                     .map_err(|e| Error::file(&path, crate::error::first_line(&e.to_string())))?;
@@ -157,7 +180,7 @@ impl Tuner {
                         return Err(Error::file(
                             &path,
                             format!(
-                                "tensor `{key}` has shape {:?}, the adapter {:?} (the [lora] settings changed?)",
+                                "tensor `{key}` has shape {:?}, the adapter {:?} (the [{section}] settings changed?)",
                                 t.dims(),
                                 var.dims()
                             ),
@@ -168,7 +191,7 @@ impl Tuner {
                 if let Some(k) = tensors.keys().min() {
                     return Err(Error::file(
                         &path,
-                        format!("tensor `{k}` belongs to no adapted module (the [lora] settings changed?)"),
+                        format!("tensor `{k}` belongs to no adapted module (the [{section}] settings changed?)"),
                     ));
                 }
                 Ok(())
@@ -181,7 +204,8 @@ impl Tuner {
     /// `peft::lora::layer`), so this sets the counters: no mask is drawn, whatever `calls` is.
     pub fn replay_rng(&self, model: &dyn Model, calls: u64) -> Result<()> {
         match self {
-            Tuner::Weights { .. } => Ok(()),
+            // IA3 draws no random numbers while training.
+            Tuner::Weights { .. } | Tuner::Ia3 { .. } => Ok(()),
             Tuner::Lora { .. } => {
                 for lin in model.linears() {
                     for (name, a) in lin.adapters() {

@@ -496,7 +496,7 @@ impl<'a> Recipe<'a> {
         report::plot_loss(&self.out.join(report::PLOT_FILE), &train_curve, &val_curve)?;
         let (adapter_dir, model_dir) = match (finished, &self.tuner) {
             (false, _) => (None, None),
-            (true, Tuner::Lora { .. }) => {
+            (true, Tuner::Lora { .. } | Tuner::Ia3 { .. }) => {
                 let dir = self.out.join(ADAPTER_DIR);
                 self.tuner.save(&*self.model, &dir)?;
                 if let Some(l) = &self.labels {
@@ -756,6 +756,10 @@ fn setup_model(
             &cfg.lora.to_peft_for(&cfg.model, &defaults),
         )
         .map_err(|e| c.key_error("lora.targets", e))?;
+    }
+    if cfg.method == Method::Ia3 {
+        crate::peft::ia3::resolve_targets(&*m, &cfg.ia3.to_peft(&cfg.model))
+            .map_err(|e| c.key_error("ia3.target_modules", e))?;
     }
     let tuner = Tuner::attach(cfg, &mut *m, &cfg.model)?;
     // The model's own dropout (T5 dropout_rate, BERT hidden / attention dropout), seeded like
