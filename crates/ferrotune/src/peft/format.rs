@@ -282,6 +282,25 @@ fn check_lora_shapes(
             }
             expected.insert(key);
         }
+        if cfg.use_dora {
+            let key = format!("{KEY_PREFIX}{}.lora_magnitude_vector", lin.name());
+            match shapes.get(&key) {
+                Some(got) if got.as_slice() == [out_f] => {}
+                Some(got) => {
+                    return Err(Error::file(
+                        path,
+                        format!("tensor `{key}` is {got:?} but module `{}` has {out_f} outputs (DoRA: one magnitude per output)", lin.name()),
+                    ))
+                }
+                None => {
+                    return Err(Error::file(
+                        path,
+                        format!("tensor `{key}` is missing ({} sets use_dora)", config_path.display()),
+                    ))
+                }
+            }
+            expected.insert(key);
+        }
     }
     let saved = super::lora::resolve_modules_to_save(model, cfg)
         .map_err(|e| Error::file(&config_path, e))?;

@@ -211,6 +211,31 @@ pub struct LoraSection {
     /// token-classification model always adds its classifier, as PEFT does.
     #[serde(default)]
     pub modules_to_save: Option<Vec<String>>,
+    // PEFT's key names, accepted beside ours (`lora_alpha` = `alpha`, ...); giving both a key
+    // and its alias is an error. [`Self::apply_peft_names`] folds them into the fields above.
+    #[serde(default)]
+    pub lora_alpha: Option<f64>,
+    #[serde(default)]
+    pub lora_dropout: Option<f64>,
+    #[serde(default)]
+    pub target_modules: Option<ModuleSpec>,
+    #[serde(default)]
+    pub use_rslora: Option<bool>,
+    /// DoRA: a trained magnitude per output row (PEFT's `use_dora`).
+    #[serde(default)]
+    pub use_dora: bool,
+    /// PEFT's `init_lora_weights`: true, false or "gaussian".
+    #[serde(default)]
+    pub init_lora_weights: Option<crate::peft::lora::InitLoraWeights>,
+    /// Per-module ranks and alphas (PEFT's regex / suffix keys).
+    #[serde(default)]
+    pub rank_pattern: std::collections::BTreeMap<String, usize>,
+    #[serde(default)]
+    pub alpha_pattern: std::collections::BTreeMap<String, f64>,
+    /// LoRA+ (Hayou et al. 2024): the B matrices learn `loraplus_lr_ratio` times faster (PEFT's
+    /// `create_loraplus_optimizer`; an optimizer setting, so not in adapter_config.json).
+    #[serde(default)]
+    pub loraplus_lr_ratio: Option<f64>,
 }
 
 fn default_r() -> usize {
@@ -226,11 +251,56 @@ impl Default for LoraSection {
             targets: None,
             rslora: false,
             modules_to_save: None,
+            lora_alpha: None,
+            lora_dropout: None,
+            target_modules: None,
+            use_rslora: None,
+            use_dora: false,
+            init_lora_weights: None,
+            rank_pattern: Default::default(),
+            alpha_pattern: Default::default(),
+            loraplus_lr_ratio: None,
         }
     }
 }
 
 impl LoraSection {
+    /// Fold PEFT's key names into ours; `Err((key, message))` when a key and its alias are
+    /// both set.
+    pub fn apply_peft_names(&mut self) -> std::result::Result<(), (String, String)> {
+        fn both(peft: &str, ours: &str) -> (String, String) {
+            (
+                format!("lora.{peft}"),
+                format!("is PEFT's name for `{ours}`, which is set too; set only one"),
+            )
+        }
+        if let Some(a) = self.lora_alpha.take() {
+            if self.alpha.is_some() {
+                return Err(both("lora_alpha", "alpha"));
+            }
+            self.alpha = Some(a);
+        }
+        if let Some(p) = self.lora_dropout.take() {
+            if self.dropout != 0.0 {
+                return Err(both("lora_dropout", "dropout"));
+            }
+            self.dropout = p;
+        }
+        if let Some(t) = self.target_modules.take() {
+            if self.targets.is_some() {
+                return Err(both("target_modules", "targets"));
+            }
+            self.targets = Some(t);
+        }
+        if let Some(r) = self.use_rslora.take() {
+            if self.rslora {
+                return Err(both("use_rslora", "rslora"));
+            }
+            self.rslora = r;
+        }
+        Ok(())
+    }
+
     /// The PEFT config this section stands for (what `adapter_config.json` will hold), with
     /// LLaMA's default targets when none are set ([`Self::to_peft_for`] takes the model's).
     pub fn to_peft(&self, base_model: &str) -> LoraConfig {
@@ -248,6 +318,13 @@ impl LoraSection {
             lora_dropout: self.dropout,
             target_modules: Some(targets),
             use_rslora: self.rslora,
+            use_dora: self.use_dora,
+            init_lora_weights: self
+                .init_lora_weights
+                .clone()
+                .unwrap_or(crate::peft::lora::InitLoraWeights::Bool(true)),
+            rank_pattern: self.rank_pattern.clone(),
+            alpha_pattern: self.alpha_pattern.clone(),
             modules_to_save: self.modules_to_save.clone(),
             base_model_name_or_path: Some(base_model.to_string()),
             ..LoraConfig::default()
@@ -588,7 +665,7 @@ pub fn parse_config(
             }
         }
     }
-    let loaded = LoadedConfig {
+    let mut loaded = LoadedConfig {
         config,
         path: path.to_path_buf(),
         base_dir: base_dir.to_path_buf(),
@@ -599,6 +676,9 @@ pub fn parse_config(
             .zip(overrides.iter().cloned())
             .collect(),
     };
+    if let Err((key, what)) = loaded.config.lora.apply_peft_names() {
+        return Err(loaded.key_error(&key, what));
+    }
     // A bad value is blamed on where it was set: its `--set`, else the file and the line.
     validate(&loaded)?;
     Ok(loaded)
@@ -941,6 +1021,11 @@ fn validate(c: &LoadedConfig) -> Result<()> {
                     "lora.r",
                     &format!("{} is absurd (at most {MAX_LORA_R})", l.r),
                 );
+            }
+            if let Some(k) = l.loraplus_lr_ratio {
+                if !(k.is_finite() && k > 0.0) {
+                    return bad("lora.loraplus_lr_ratio", "must be a positive number");
+                }
             }
             l.to_peft(&cfg.model)
                 .validate(&format!("{}: [lora]", c.source()))

@@ -24,6 +24,8 @@ pub enum Tuner {
     Lora {
         config: Box<LoraConfig>,
         params: ParamCount,
+        /// LoRA+'s learning-rate ratio for the B matrices (`[lora] loraplus_lr_ratio`).
+        loraplus_lr_ratio: Option<f64>,
     },
     Ia3 {
         config: Box<Ia3Config>,
@@ -52,6 +54,7 @@ impl Tuner {
                 Ok(Tuner::Lora {
                     config: Box::new(config),
                     params: info.params,
+                    loraplus_lr_ratio: cfg.lora.loraplus_lr_ratio,
                 })
             }
             Method::Ia3 => {
@@ -98,6 +101,25 @@ impl Tuner {
             Tuner::Lora { .. } => Method::Lora.as_str(),
             Tuner::Ia3 { .. } => Method::Ia3.as_str(),
             Tuner::Weights { method, .. } => method.as_str(),
+        }
+    }
+
+    /// The factor on the learning rate of parameter `param_name` (a name from
+    /// [`Self::trainable`]): LoRA+ gives the B matrices, and the 1-D parameters (DoRA
+    /// magnitudes, biases), `loraplus_lr_ratio` times the rate, as PEFT's
+    /// `create_loraplus_optimizer` groups them; 1.0 everywhere else.
+    pub fn lr_scale(&self, param_name: &str) -> f64 {
+        match self {
+            Tuner::Lora {
+                loraplus_lr_ratio: Some(k),
+                ..
+            } if param_name.contains(".lora_B.")
+                || param_name.ends_with(".lora_magnitude_vector")
+                || param_name.ends_with(".bias") =>
+            {
+                *k
+            }
+            _ => 1.0,
         }
     }
 

@@ -37,6 +37,8 @@ pub struct AdamW {
     /// Updates done so far.
     t: u64,
     cfg: AdamWConfig,
+    /// Per-parameter factor on the learning rate (LoRA+); empty: 1 for all.
+    lr_scales: Vec<f64>,
 }
 
 impl AdamW {
@@ -57,7 +59,13 @@ impl AdamW {
             v,
             t: 0,
             cfg,
+            lr_scales: Vec::new(),
         })
+    }
+
+    /// Scale the learning rate of `params()[i]` by `scales[i]` from now on.
+    pub fn set_lr_scales(&mut self, scales: Vec<f64>) {
+        self.lr_scales = scales;
     }
 
     pub fn params(&self) -> &[(String, Var)] {
@@ -82,9 +90,11 @@ impl AdamW {
         let [b1, b2] = self.cfg.betas;
         let bc1 = 1.0 - b1.powi(self.t as i32);
         let bc2 = 1.0 - b2.powi(self.t as i32);
-        let step_size = lr / bc1;
         let bc2_sqrt = bc2.sqrt();
+        let base_lr = lr;
         for (i, (_, p)) in self.params.iter().enumerate() {
+            let lr = base_lr * self.lr_scales.get(i).copied().unwrap_or(1.0);
+            let step_size = lr / bc1;
             let g = grads[i].to_dtype(DType::F32)?;
             let m = ((&self.m[i] * b1)? + (&g * (1.0 - b1))?)?;
             let v = ((&self.v[i] * b2)? + (g.sqr()? * (1.0 - b2))?)?;

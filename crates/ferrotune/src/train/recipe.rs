@@ -159,7 +159,8 @@ impl<'a> Recipe<'a> {
             tuner,
             params,
         } = setup_model(c, source, &device, &data)?;
-        let (schedule, opt) = setup_optimizer(c, &params, data.max_steps)?;
+        let (schedule, mut opt) = setup_optimizer(c, &params, data.max_steps)?;
+        opt.set_lr_scales(params.iter().map(|(n, _)| tuner.lr_scale(n)).collect());
         let (memory, available) = setup_memory(c, &*model, &data, &params)?;
         let model_line = format!(
             "model {} ({}, {} layers); method {}",
