@@ -1226,7 +1226,7 @@ completion = " {a}"
                 "train.early_stopping_patience=2",
                 "train.early_stopping_patience",
             ),
-            ("method=\"ia3\"", "method"),
+            ("method=\"adalora\"", "method"),
         ] {
             let e = parse(MINIMAL, &[set]).unwrap_err().to_string();
             assert!(e.contains(key.rsplit('.').next().unwrap()), "{set}: {e}");

@@ -241,3 +241,35 @@ impl Tuner {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loraplus_scales_b_and_one_dimensional_parameters_only() {
+        let params = ParamCount { trainable: 0, all: 1 };
+        let t = Tuner::Lora {
+            config: Box::default(),
+            params,
+            loraplus_lr_ratio: Some(16.0),
+        };
+        let q = "model.layers.0.self_attn.q_proj";
+        assert_eq!(t.lr_scale(&format!("{q}.lora_A.weight")), 1.0);
+        assert_eq!(t.lr_scale(&format!("{q}.lora_B.weight")), 16.0);
+        assert_eq!(t.lr_scale(&format!("{q}.lora_magnitude_vector")), 16.0);
+        assert_eq!(t.lr_scale("classifier.bias"), 16.0);
+        assert_eq!(t.lr_scale("classifier.weight"), 1.0);
+        let plain = Tuner::Lora {
+            config: Box::default(),
+            params,
+            loraplus_lr_ratio: None,
+        };
+        assert_eq!(plain.lr_scale(&format!("{q}.lora_B.weight")), 1.0);
+        let ia3 = Tuner::Ia3 {
+            config: Box::default(),
+            params,
+        };
+        assert_eq!(ia3.lr_scale("model.layers.0.mlp.down_proj.ia3_l"), 1.0);
+    }
+}
