@@ -779,7 +779,11 @@ fn lora_table_takes_peft_key_names_and_refuses_a_key_with_its_alias() {
     // `[ia3]` takes PEFT's IA3Config keys only.
     let s = Setup::new("ia3-bad-key", "", "", "max_steps = 1");
     let text = std::fs::read_to_string(&s.config).unwrap();
-    std::fs::write(&s.config, format!("method = \"ia3\"\n{text}\n[ia3]\nr = 4\n")).unwrap();
+    std::fs::write(
+        &s.config,
+        format!("method = \"ia3\"\n{text}\n[ia3]\nr = 4\n"),
+    )
+    .unwrap();
     let e = s.train_fails(&[]);
     assert!(e.contains("unknown key `r`") && e.contains("[ia3]"), "{e}");
 }

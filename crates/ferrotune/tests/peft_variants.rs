@@ -463,7 +463,10 @@ fn committed_ferrotune_variant_adapters_match_peft() {
 
 fn copy_case(name: &str, tag: &str) -> PathBuf {
     let from = variants_dir(name);
-    let to = std::env::temp_dir().join(format!("ferrotune-peft-variants-bad-{tag}-{}", std::process::id()));
+    let to = std::env::temp_dir().join(format!(
+        "ferrotune-peft-variants-bad-{tag}-{}",
+        std::process::id()
+    ));
     let _ = std::fs::remove_dir_all(&to);
     std::fs::create_dir_all(&to).unwrap();
     for f in [format::CONFIG_FILE, format::WEIGHTS_FILE] {
@@ -485,23 +488,43 @@ fn edit_config(d: &Path, f: impl FnOnce(&mut Value)) {
 #[test]
 fn bad_variant_adapters_are_one_line_errors() {
     let t5_ia3 = copy_case("t5-ia3-peft", "ia3");
-    edit_config(&t5_ia3, |v| v["feedforward_modules"] = serde_json::json!([]));
+    edit_config(&t5_ia3, |v| {
+        v["feedforward_modules"] = serde_json::json!([])
+    });
     let mut m = load("t5");
-    let e = format::load_adapter(&mut *m, &t5_ia3, "default").unwrap_err().to_string();
+    let e = format::load_adapter(&mut *m, &t5_ia3, "default")
+        .unwrap_err()
+        .to_string();
     assert!(
-        e.contains("DenseReluDense.wo.ia3_l` is [1, 32]") && e.contains("output scaling") && !e.contains('\n'),
+        e.contains("DenseReluDense.wo.ia3_l` is [1, 32]")
+            && e.contains("output scaling")
+            && !e.contains('\n'),
         "{e}"
     );
     assert!(peft::adapter_names(&*m).is_empty());
 
     let t5_lora = copy_case("t5-patterns-peft", "dora");
     edit_config(&t5_lora, |v| v["use_dora"] = true.into());
-    let e = format::load_adapter(&mut *m, &t5_lora, "default").unwrap_err().to_string();
-    assert!(e.contains("lora_magnitude_vector` is missing") && !e.contains('\n'), "{e}");
+    let e = format::load_adapter(&mut *m, &t5_lora, "default")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("lora_magnitude_vector` is missing") && !e.contains('\n'),
+        "{e}"
+    );
 
     let t5_ff = copy_case("t5-ia3-peft", "ff");
-    edit_config(&t5_ff, |v| v["feedforward_modules"] = serde_json::json!(["wi_0"]));
-    let e = format::load_adapter(&mut *m, &t5_ff, "default").unwrap_err().to_string();
-    assert!(e.contains("`feedforward_modules`") && e.contains("adapter_config.json") && !e.contains('\n'), "{e}");
+    edit_config(&t5_ff, |v| {
+        v["feedforward_modules"] = serde_json::json!(["wi_0"])
+    });
+    let e = format::load_adapter(&mut *m, &t5_ff, "default")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("`feedforward_modules`")
+            && e.contains("adapter_config.json")
+            && !e.contains('\n'),
+        "{e}"
+    );
     assert!(peft::adapter_names(&*m).is_empty());
 }

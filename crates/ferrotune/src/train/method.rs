@@ -248,7 +248,10 @@ mod tests {
 
     #[test]
     fn loraplus_scales_b_and_one_dimensional_parameters_only() {
-        let params = ParamCount { trainable: 0, all: 1 };
+        let params = ParamCount {
+            trainable: 0,
+            all: 1,
+        };
         let t = Tuner::Lora {
             config: Box::default(),
             params,

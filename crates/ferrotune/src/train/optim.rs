@@ -315,10 +315,12 @@ mod tests {
             Var::from_tensor(&t.unwrap()).unwrap()
         };
         let (a, b) = (mk(), mk());
-        let mut opt = AdamW::new(vec![("a".into(), a.clone()), ("b".into(), b.clone())], cfg).unwrap();
+        let mut opt =
+            AdamW::new(vec![("a".into(), a.clone()), ("b".into(), b.clone())], cfg).unwrap();
         opt.set_lr_scales(vec![1.0, 4.0]);
         for g in &grads {
-            let g = Tensor::from_vec(g.iter().map(|&x| x as f32).collect::<Vec<_>>(), 3, &dev).unwrap();
+            let g =
+                Tensor::from_vec(g.iter().map(|&x| x as f32).collect::<Vec<_>>(), 3, &dev).unwrap();
             opt.step(&[g.clone(), g], lr).unwrap();
         }
         for (var, k) in [(a, 1.0), (b, 4.0)] {
