@@ -25,6 +25,16 @@
 //! rslora = false          # scale by alpha / sqrt(r)
 //! modules_to_save = ["classifier"]  # trained in full beside the adapter (PEFT's modules_to_save;
 //!                         # classification models: their classifier, always)
+//! use_dora = false        # DoRA: a trained magnitude per output row (lora_magnitude_vector)
+//! rank_pattern = { v_proj = 2 }      # per-module rank / alpha (PEFT's keys)
+//! alpha_pattern = { v_proj = 4 }
+//! loraplus_lr_ratio = 16  # LoRA+: B matrices learn 16x faster (not saved in the adapter)
+//!                         # PEFT's names work too: lora_alpha, lora_dropout, target_modules,
+//!                         # use_rslora, init_lora_weights (a key and its alias: an error)
+//!
+//! [ia3]                   # method = "ia3": PEFT's IA3Config keys
+//! target_modules = ["k_proj", "v_proj", "down_proj"]   # default: PEFT's for the family
+//! feedforward_modules = ["down_proj"]                  # these scale the input, not the output
 //!
 //! [train]
 //! batch_size = 4          # examples per micro-batch (default 4)
