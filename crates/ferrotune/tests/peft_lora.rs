@@ -497,6 +497,7 @@ fn save_then_load_roundtrip_is_bit_exact() {
     let loaded = format::load_adapter(&mut fresh, &dir, "reloaded").unwrap();
     match &loaded.config {
         format::AdapterConfig::Lora(c) => assert_eq!(c, &cfg),
+        other => panic!("a LoRA adapter read back as {}", other.peft_type()),
     }
     assert_eq!(loaded.modules.len(), 6);
     let a = peft::adapter_params(&m, "default");
@@ -568,13 +569,13 @@ fn bad_adapter_folders_are_one_line_errors_and_attach_nothing() {
     // Unsupported method and r mismatch in the config.
     let cfg_path = dir.join("adapter_config.json");
     let mut v = read_json(&cfg_path);
-    v["peft_type"] = "IA3".into();
+    v["peft_type"] = "ADALORA".into();
     std::fs::write(&cfg_path, v.to_string()).unwrap();
     let e = format::load_adapter(&mut fresh, &dir, "x")
         .unwrap_err()
         .to_string();
     assert!(
-        e.contains("adapter_config.json: key `peft_type`: `IA3` is not supported"),
+        e.contains("adapter_config.json: key `peft_type`: `ADALORA` is not supported"),
         "{e}"
     );
     v["peft_type"] = "LORA".into();

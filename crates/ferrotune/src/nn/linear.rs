@@ -81,6 +81,24 @@ pub trait LinearAdapter: std::any::Any + Send + Sync {
         None
     }
     fn set_rng_state(&self, _state: u64) {}
+    /// The layer input as the base projection should see it, or `None` to leave it as it is.
+    /// IA3 rescales the input of feed-forward layers (PEFT: `base_layer(x * ia3_l)`); the
+    /// transformed input is also what the adapters' forward passes receive.
+    fn transform_input(&self, _x: &Tensor) -> Option<Result<Tensor>> {
+        None
+    }
+    /// [`Self::forward`] for methods that need the base layer itself (DoRA normalises the
+    /// adapted weight per output row, and takes the bias out of `base_out`).
+    fn forward_with_base(
+        &self,
+        x: &Tensor,
+        base_out: Tensor,
+        _weight: &LinearWeight,
+        _bias: Option<&Tensor>,
+        train: bool,
+    ) -> Result<Tensor> {
+        self.forward(x, base_out, train)
+    }
 }
 
 /// A linear layer `y = x W^T + b`, followed by its attached adapters in order.
@@ -185,10 +203,19 @@ impl Linear {
                 return y;
             }
         }
+        let mut transformed = None;
+        if self.adapters_enabled {
+            for (_, a) in &self.adapters {
+                if let Some(t) = a.transform_input(transformed.as_ref().unwrap_or(x)) {
+                    transformed = Some(t?);
+                }
+            }
+        }
+        let x = transformed.as_ref().unwrap_or(x);
         let mut y = self.forward_base(x)?;
         if self.adapters_enabled {
             for (_, a) in &self.adapters {
-                y = a.forward(x, y, train)?;
+                y = a.forward_with_base(x, y, &self.weight, self.bias.as_ref(), train)?;
             }
         }
         Ok(y)

@@ -5,6 +5,7 @@
 //! (`base_model.model.classifier.weight`, `base_model.model.classifier.bias`).
 //! Folders written here load in PEFT and folders written by PEFT load here.
 use super::bottleneck::BottleneckConfig;
+use super::ia3::Ia3Config;
 use super::lora::LoraConfig;
 use super::{adapter_params, param_count, ParamCount, PeftMethod};
 use crate::fsutil::{write_atomic, write_safetensors};
@@ -24,6 +25,7 @@ pub const KEY_PREFIX: &str = "base_model.model.";
 #[derive(Debug, Clone, PartialEq)]
 pub enum AdapterConfig {
     Lora(LoraConfig),
+    Ia3(Ia3Config),
     Bottleneck(BottleneckConfig),
 }
 
@@ -31,6 +33,7 @@ impl AdapterConfig {
     pub fn peft_type(&self) -> &'static str {
         match self {
             AdapterConfig::Lora(_) => <LoraConfig as PeftMethod>::PEFT_TYPE,
+            AdapterConfig::Ia3(_) => <Ia3Config as PeftMethod>::PEFT_TYPE,
             AdapterConfig::Bottleneck(_) => <BottleneckConfig as PeftMethod>::PEFT_TYPE,
         }
     }
@@ -60,6 +63,12 @@ pub fn read_adapter_config(dir: &Path) -> Result<AdapterConfig> {
             cfg.validate(&src)?;
             Ok(AdapterConfig::Lora(cfg))
         }
+        "IA3" => {
+            let cfg: Ia3Config = serde_json::from_value(v.clone())
+                .map_err(|e| Error::file(&path, format!("invalid IA3 config: {e}")))?;
+            cfg.validate(&src)?;
+            Ok(AdapterConfig::Ia3(cfg))
+        }
         "BOTTLENECK" => {
             let cfg: BottleneckConfig = serde_json::from_value(v.clone()).map_err(|e| {
                 Error::file(&path, format!("invalid bottleneck adapter config: {e}"))
@@ -70,7 +79,7 @@ pub fn read_adapter_config(dir: &Path) -> Result<AdapterConfig> {
         other => Err(Error::key(
             &src,
             "peft_type",
-            format!("`{other}` is not supported (supported: LORA, BOTTLENECK)"),
+            format!("`{other}` is not supported (supported: LORA, IA3, BOTTLENECK)"),
         )),
     }
 }
@@ -187,27 +196,18 @@ pub fn load_adapter(
     let shapes = header_shapes(&path)?;
     match &config {
         AdapterConfig::Lora(cfg) => check_lora_shapes(model, cfg, dir, &path, &shapes)?,
-        AdapterConfig::Bottleneck(cfg) => {
-            let config_path = dir.join(CONFIG_FILE);
-            let want = super::bottleneck::expected_shapes(model, cfg)
-                .map_err(|e| Error::file(&config_path, e))?;
-            let saved = modules_to_save_of(model, cfg.modules_to_save.as_ref(), &config_path)?;
-            check_shapes(
-                model,
-                &want,
-                &saved,
-                cfg.modules_to_save.is_none(),
-                dir,
-                &path,
-                &shapes,
-            )?
-        }
+        AdapterConfig::Ia3(cfg) => check_ia3_shapes(model, cfg, dir, &path, &shapes)?,
+        AdapterConfig::Bottleneck(cfg) => check_bottleneck_shapes(model, cfg, dir, &path, &shapes)?,
     }
     let tensors = candle_core::safetensors::load(&path, model.device())
         .map_err(|e| Error::file(&path, crate::error::first_line(&e.to_string())))?;
     match &config {
         AdapterConfig::Lora(cfg) => {
             // Initial values do not matter: every tensor is overwritten from the file.
+            cfg.attach(model, adapter_name, 0)
+                .map_err(|e| Error::file(dir.join(CONFIG_FILE), e))?;
+        }
+        AdapterConfig::Ia3(cfg) => {
             cfg.attach(model, adapter_name, 0)
                 .map_err(|e| Error::file(dir.join(CONFIG_FILE), e))?;
         }
@@ -218,6 +218,7 @@ pub fn load_adapter(
     }
     let implied_copies = match &config {
         AdapterConfig::Lora(cfg) => cfg.modules_to_save.is_none(),
+        AdapterConfig::Ia3(cfg) => cfg.modules_to_save.is_none(),
         AdapterConfig::Bottleneck(cfg) => cfg.modules_to_save.is_none(),
     };
     if let Err(e) = fill_from(model, adapter_name, tensors, &path, implied_copies) {
@@ -297,87 +298,164 @@ fn check_lora_shapes(
             }
             expected.insert(key);
         }
+        if cfg.use_dora {
+            let key = format!("{KEY_PREFIX}{}.lora_magnitude_vector", lin.name());
+            match shapes.get(&key) {
+                Some(got) if got.as_slice() == [out_f] => {}
+                Some(got) => {
+                    return Err(Error::file(
+                        path,
+                        format!("tensor `{key}` is {got:?} but module `{}` has {out_f} outputs (DoRA: one magnitude per output)", lin.name()),
+                    ))
+                }
+                None => {
+                    return Err(Error::file(
+                        path,
+                        format!("tensor `{key}` is missing ({} sets use_dora)", config_path.display()),
+                    ))
+                }
+            }
+            expected.insert(key);
+        }
     }
     let saved = super::lora::resolve_modules_to_save(model, cfg)
         .map_err(|e| Error::file(&config_path, e))?;
-    check_saved_shapes(
+    check_saved_and_extra(
         model,
         &saved,
         cfg.modules_to_save.is_none(),
-        dir,
+        expected,
+        &config_path,
         path,
         shapes,
-        &mut expected,
-    )?;
-    check_no_extra(path, shapes, &expected)
+    )
 }
 
-/// The linears a config's `modules_to_save` selects on `model` (with the task's classifier).
-fn modules_to_save_of(
+/// The IA3 vector of every target must be in the file shaped as PEFT saves it ((out, 1), or
+/// (1, in) for a feed-forward module), with the `modules_to_save` tensors, and nothing else.
+fn check_ia3_shapes(
     model: &dyn Model,
-    list: Option<&Vec<String>>,
-    config_path: &Path,
-) -> Result<Vec<String>> {
-    let mut list = list.cloned();
-    super::modules_to_save::add_task_defaults(&mut list, model);
-    super::modules_to_save::resolve(model, list.as_deref().unwrap_or(&[]), "adapter config")
-        .map_err(|e| Error::file(config_path, e))
-}
-
-/// Every tensor in `want` (key, shape) must be in the file with that shape, so must the copies
-/// of `saved` modules, and the file may hold nothing else.
-fn check_shapes(
-    model: &dyn Model,
-    want: &[(String, Vec<usize>)],
-    saved: &[String],
-    implied_copies: bool,
+    cfg: &Ia3Config,
     dir: &Path,
     path: &Path,
     shapes: &HashMap<String, Vec<usize>>,
 ) -> Result<()> {
+    let config_path = dir.join(CONFIG_FILE);
+    let targets =
+        super::ia3::resolve_targets(model, cfg).map_err(|e| Error::file(&config_path, e))?;
     let mut expected = std::collections::HashSet::new();
-    for (key, shape) in want {
-        let got = shapes.get(key).ok_or_else(|| {
+    for lin in model.linears() {
+        let Some((_, ff)) = targets.iter().find(|(n, _)| n == lin.name()) else {
+            continue;
+        };
+        let (in_f, out_f) = (lin.in_features(), lin.out_features());
+        let want = if *ff { [1, in_f] } else { [out_f, 1] };
+        let key = format!("{KEY_PREFIX}{}.ia3_l", lin.name());
+        let got = shapes.get(&key).ok_or_else(|| {
             Error::file(
                 path,
                 format!("tensor `{key}` is missing (the config targets this module)"),
             )
         })?;
-        if got != shape {
+        if got.as_slice() != want {
+            return Err(Error::file(
+                path,
+                format!(
+                    "tensor `{key}` is {got:?} but module `{}` ({in_f} in, {out_f} out, {}) implies {want:?}",
+                    lin.name(),
+                    if *ff { "feed-forward: input scaling" } else { "output scaling" }
+                ),
+            ));
+        }
+        expected.insert(key);
+    }
+    let full = super::ia3::config_for_model(model, cfg);
+    let saved = super::modules_to_save::resolve(
+        model,
+        full.modules_to_save.as_deref().unwrap_or(&[]),
+        "IA3 config",
+    )
+    .map_err(|e| Error::file(&config_path, e))?;
+    check_saved_and_extra(
+        model,
+        &saved,
+        cfg.modules_to_save.is_none(),
+        expected,
+        &config_path,
+        path,
+        shapes,
+    )
+}
+
+/// Every bottleneck tensor the config implies ([`super::bottleneck::expected_shapes`]) must be
+/// in the file with its shape, with the `modules_to_save` tensors, and nothing else.
+fn check_bottleneck_shapes(
+    model: &dyn Model,
+    cfg: &BottleneckConfig,
+    dir: &Path,
+    path: &Path,
+    shapes: &HashMap<String, Vec<usize>>,
+) -> Result<()> {
+    let config_path = dir.join(CONFIG_FILE);
+    let want =
+        super::bottleneck::expected_shapes(model, cfg).map_err(|e| Error::file(&config_path, e))?;
+    let mut expected = std::collections::HashSet::new();
+    for (key, shape) in want {
+        let got = shapes.get(&key).ok_or_else(|| {
+            Error::file(
+                path,
+                format!("tensor `{key}` is missing (the config targets this module)"),
+            )
+        })?;
+        if *got != shape {
             return Err(Error::file(
                 path,
                 format!(
                     "tensor `{key}` is {got:?} but the model and {} imply {shape:?}",
-                    dir.join(CONFIG_FILE).display()
+                    config_path.display()
                 ),
             ));
         }
-        expected.insert(key.clone());
+        expected.insert(key);
     }
-    check_saved_shapes(
+    let full = super::bottleneck::model::config_for_model(model, cfg);
+    let saved = super::modules_to_save::resolve(
         model,
-        saved,
-        implied_copies,
-        dir,
+        full.modules_to_save.as_deref().unwrap_or(&[]),
+        "adapter config",
+    )
+    .map_err(|e| Error::file(&config_path, e))?;
+    check_saved_and_extra(
+        model,
+        &saved,
+        cfg.modules_to_save.is_none(),
+        expected,
+        &config_path,
         path,
         shapes,
-        &mut expected,
-    )?;
-    check_no_extra(path, shapes, &expected)
+    )
 }
 
-/// The weight and bias of every module in `saved` must be in the file with the base module's
-/// shapes (unless the copy is only implied by the task type and absent).
-fn check_saved_shapes(
+/// A `modules_to_save` copy's parameter (`classifier.weight`): a linear's own weight or bias,
+/// not an adapter tensor under it (`q_proj.lora_A.weight`, `k_proj.ia3_l`).
+fn is_module_copy(model: &dyn Model, param: &str) -> bool {
+    let module = param
+        .strip_suffix(".weight")
+        .or_else(|| param.strip_suffix(".bias"));
+    module.is_some_and(|m| model.linears().iter().any(|l| l.name() == m))
+}
+
+/// The weight and bias of every module in `modules_to_save` (`saved`) must be in the file
+/// with the base module's shapes, and the file may hold nothing beyond them and `expected`.
+fn check_saved_and_extra(
     model: &dyn Model,
     saved: &[String],
     implied_copies: bool,
-    dir: &Path,
+    mut expected: std::collections::HashSet<String>,
+    config_path: &Path,
     path: &Path,
     shapes: &HashMap<String, Vec<usize>>,
-    expected: &mut std::collections::HashSet<String>,
 ) -> Result<()> {
-    let config_path = dir.join(CONFIG_FILE);
     for lin in model.linears() {
         if !saved.iter().any(|s| s == lin.name()) {
             continue;
@@ -418,14 +496,6 @@ fn check_saved_shapes(
             expected.insert(key);
         }
     }
-    Ok(())
-}
-
-fn check_no_extra(
-    path: &Path,
-    shapes: &HashMap<String, Vec<usize>>,
-    expected: &std::collections::HashSet<String>,
-) -> Result<()> {
     let mut extra: Vec<&String> = shapes.keys().filter(|k| !expected.contains(*k)).collect();
     extra.sort();
     if let Some(first) = extra.first() {
@@ -438,15 +508,6 @@ fn check_no_extra(
         ));
     }
     Ok(())
-}
-
-/// A `modules_to_save` copy's parameter (`classifier.weight`): a linear's own weight or bias,
-/// not an adapter tensor under it (`q_proj.lora_A.weight`).
-fn is_module_copy(model: &dyn Model, param: &str) -> bool {
-    let module = param
-        .strip_suffix(".weight")
-        .or_else(|| param.strip_suffix(".bias"));
-    module.is_some_and(|m| model.linears().iter().any(|l| l.name() == m))
 }
 
 /// Copy the file's tensors into the freshly attached adapter's parameters.

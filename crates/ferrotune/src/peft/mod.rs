@@ -8,13 +8,15 @@
 //! the loader dispatches on, parameter listing by PEFT name, and PEFT's parameter report.
 pub mod bottleneck;
 pub mod format;
+pub mod ia3;
 pub mod lora;
 pub mod modules_to_save;
 
 pub use format::{load_adapter, read_adapter_config, save_adapter, AdapterConfig, LoadedAdapter};
+pub use ia3::{attach_ia3, Ia3Config};
 pub use lora::{
-    attach_lora, merge_adapter, merge_and_unload, set_active_adapters, set_adapter_active,
-    unmerge_adapter, LoraAdapter, LoraConfig, LoraModelInfo, MergeReport,
+    attach_lora, merge_adapter, set_active_adapters, set_adapter_active, unmerge_adapter,
+    LoraAdapter, LoraConfig, LoraModelInfo, MergeReport,
 };
 
 use crate::model::Model;
@@ -34,6 +36,16 @@ pub trait PeftMethod: Clone + Serialize + DeserializeOwned {
     /// Wrap every targeted linear of `model` with a fresh adapter called `adapter_name`;
     /// `seed` makes the initial weights (and dropout masks) reproducible.
     fn attach(&self, model: &mut dyn Model, adapter_name: &str, seed: u64) -> Result<Self::Info>;
+}
+
+/// Merge adapter `adapter_name`, of whichever method, and detach it (PEFT's
+/// `merge_and_unload`); see [`lora::merge_and_unload`] and [`ia3::merge_and_unload`].
+pub fn merge_and_unload(model: &mut dyn Model, adapter_name: &str) -> Result<MergeReport> {
+    if ia3::is_ia3(model, adapter_name) {
+        ia3::merge_and_unload(model, adapter_name)
+    } else {
+        lora::merge_and_unload(model, adapter_name)
+    }
 }
 
 /// Names of the adapters attached to the model, in order of first appearance.

@@ -4,6 +4,7 @@
 //! ```toml
 //! model = "path/or/hf:org/name"   # a .gguf file, an HF folder, or hf:org/name[@revision]
 //! method = "lora"                 # lora | full (every weight) | selective (the [selective] modules)
+//!                                 # | ia3 (the [ia3] table: PEFT's IA3Config keys)
 //! task = "causal_lm"              # causal_lm | seq2seq_lm | sequence_classification |
 //!                                 # token_classification (default: the model's own)
 //! objective = "sft"               # sft | clm | mlm | span_corruption (default sft)
@@ -24,6 +25,16 @@
 //! rslora = false          # scale by alpha / sqrt(r)
 //! modules_to_save = ["classifier"]  # trained in full beside the adapter (PEFT's modules_to_save;
 //!                         # classification models: their classifier, always)
+//! use_dora = false        # DoRA: a trained magnitude per output row (lora_magnitude_vector)
+//! rank_pattern = { v_proj = 2 }      # per-module rank / alpha (PEFT's keys)
+//! alpha_pattern = { v_proj = 4 }
+//! loraplus_lr_ratio = 16  # LoRA+: B matrices learn 16x faster (not saved in the adapter)
+//!                         # PEFT's names work too: lora_alpha, lora_dropout, target_modules,
+//!                         # use_rslora, init_lora_weights (a key and its alias: an error)
+//!
+//! [ia3]                   # method = "ia3": PEFT's IA3Config keys
+//! target_modules = ["k_proj", "v_proj", "down_proj"]   # default: PEFT's for the family
+//! feedforward_modules = ["down_proj"]                  # these scale the input, not the output
 //!
 //! [train]
 //! batch_size = 4          # examples per micro-batch (default 4)
@@ -56,6 +67,7 @@
 //! Relative paths in the file (`model`, `output_dir`, data files) are relative to the file's
 //! folder; relative paths given with `--set` are relative to the current directory.
 use crate::data::DataConfig;
+use crate::peft::ia3::Ia3Config;
 use crate::peft::lora::{LoraConfig, ModuleSpec};
 use crate::{Error, Result};
 use serde::Deserialize;
@@ -82,6 +94,9 @@ pub struct TrainConfig {
     pub data: DataConfig,
     #[serde(default)]
     pub lora: LoraSection,
+    /// `[ia3]`: PEFT's IA3Config keys for `method = "ia3"`.
+    #[serde(default)]
+    pub ia3: Ia3Section,
     /// `[selective]`: the modules `method = "selective"` trains (everything else frozen).
     #[serde(default)]
     pub selective: Option<SelectiveSection>,
@@ -147,6 +162,8 @@ pub enum Method {
     Selective,
     /// Bottleneck adapters (Houlsby / Pfeiffer), `[adapter]`.
     Adapter,
+    /// IA3 (PEFT `IA3`): learned vectors rescaling keys, values and the feed-forward input.
+    Ia3,
 }
 
 impl Method {
@@ -156,6 +173,7 @@ impl Method {
             Method::Full => "full",
             Method::Selective => "selective",
             Method::Adapter => "adapter",
+            Method::Ia3 => "ia3",
         }
     }
 }
@@ -243,6 +261,31 @@ pub struct LoraSection {
     /// token-classification model always adds its classifier, as PEFT does.
     #[serde(default)]
     pub modules_to_save: Option<Vec<String>>,
+    // PEFT's key names, accepted beside ours (`lora_alpha` = `alpha`, ...); giving both a key
+    // and its alias is an error. [`Self::apply_peft_names`] folds them into the fields above.
+    #[serde(default)]
+    pub lora_alpha: Option<f64>,
+    #[serde(default)]
+    pub lora_dropout: Option<f64>,
+    #[serde(default)]
+    pub target_modules: Option<ModuleSpec>,
+    #[serde(default)]
+    pub use_rslora: Option<bool>,
+    /// DoRA: a trained magnitude per output row (PEFT's `use_dora`).
+    #[serde(default)]
+    pub use_dora: bool,
+    /// PEFT's `init_lora_weights`: true, false or "gaussian".
+    #[serde(default)]
+    pub init_lora_weights: Option<crate::peft::lora::InitLoraWeights>,
+    /// Per-module ranks and alphas (PEFT's regex / suffix keys).
+    #[serde(default)]
+    pub rank_pattern: std::collections::BTreeMap<String, usize>,
+    #[serde(default)]
+    pub alpha_pattern: std::collections::BTreeMap<String, f64>,
+    /// LoRA+ (Hayou et al. 2024): the B matrices learn `loraplus_lr_ratio` times faster (PEFT's
+    /// `create_loraplus_optimizer`; an optimizer setting, so not in adapter_config.json).
+    #[serde(default)]
+    pub loraplus_lr_ratio: Option<f64>,
 }
 
 fn default_r() -> usize {
@@ -258,11 +301,56 @@ impl Default for LoraSection {
             targets: None,
             rslora: false,
             modules_to_save: None,
+            lora_alpha: None,
+            lora_dropout: None,
+            target_modules: None,
+            use_rslora: None,
+            use_dora: false,
+            init_lora_weights: None,
+            rank_pattern: Default::default(),
+            alpha_pattern: Default::default(),
+            loraplus_lr_ratio: None,
         }
     }
 }
 
 impl LoraSection {
+    /// Fold PEFT's key names into ours; `Err((key, message))` when a key and its alias are
+    /// both set.
+    pub fn apply_peft_names(&mut self) -> std::result::Result<(), (String, String)> {
+        fn both(peft: &str, ours: &str) -> (String, String) {
+            (
+                format!("lora.{peft}"),
+                format!("is PEFT's name for `{ours}`, which is set too; set only one"),
+            )
+        }
+        if let Some(a) = self.lora_alpha.take() {
+            if self.alpha.is_some() {
+                return Err(both("lora_alpha", "alpha"));
+            }
+            self.alpha = Some(a);
+        }
+        if let Some(p) = self.lora_dropout.take() {
+            if self.dropout != 0.0 {
+                return Err(both("lora_dropout", "dropout"));
+            }
+            self.dropout = p;
+        }
+        if let Some(t) = self.target_modules.take() {
+            if self.targets.is_some() {
+                return Err(both("target_modules", "targets"));
+            }
+            self.targets = Some(t);
+        }
+        if let Some(r) = self.use_rslora.take() {
+            if self.rslora {
+                return Err(both("use_rslora", "rslora"));
+            }
+            self.rslora = r;
+        }
+        Ok(())
+    }
+
     /// The PEFT config this section stands for (what `adapter_config.json` will hold), with
     /// LLaMA's default targets when none are set ([`Self::to_peft_for`] takes the model's).
     pub fn to_peft(&self, base_model: &str) -> LoraConfig {
@@ -280,9 +368,56 @@ impl LoraSection {
             lora_dropout: self.dropout,
             target_modules: Some(targets),
             use_rslora: self.rslora,
+            use_dora: self.use_dora,
+            init_lora_weights: self
+                .init_lora_weights
+                .clone()
+                .unwrap_or(crate::peft::lora::InitLoraWeights::Bool(true)),
+            rank_pattern: self.rank_pattern.clone(),
+            alpha_pattern: self.alpha_pattern.clone(),
             modules_to_save: self.modules_to_save.clone(),
             base_model_name_or_path: Some(base_model.to_string()),
             ..LoraConfig::default()
+        }
+    }
+}
+
+/// `[ia3]`: PEFT's `IA3Config` keys, with PEFT's defaults (the family's targets and
+/// feed-forward modules when `target_modules` is unset).
+///
+/// ```toml
+/// method = "ia3"
+/// [ia3]
+/// target_modules = ["k_proj", "v_proj", "down_proj"]   # default: PEFT's for the family
+/// feedforward_modules = ["down_proj"]                  # input-scaled; a subset of the targets
+/// ```
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Ia3Section {
+    #[serde(default)]
+    pub target_modules: Option<ModuleSpec>,
+    #[serde(default)]
+    pub feedforward_modules: Option<ModuleSpec>,
+    #[serde(default)]
+    pub exclude_modules: Option<ModuleSpec>,
+    #[serde(default)]
+    pub modules_to_save: Option<Vec<String>>,
+    /// true (default): vectors start at 1, the adapter a no-op.
+    #[serde(default)]
+    pub init_ia3_weights: Option<bool>,
+}
+
+impl Ia3Section {
+    /// The PEFT config this section stands for (family defaults are filled in on attach).
+    pub fn to_peft(&self, base_model: &str) -> Ia3Config {
+        Ia3Config {
+            target_modules: self.target_modules.clone(),
+            feedforward_modules: self.feedforward_modules.clone(),
+            exclude_modules: self.exclude_modules.clone(),
+            modules_to_save: self.modules_to_save.clone(),
+            init_ia3_weights: self.init_ia3_weights.unwrap_or(true),
+            base_model_name_or_path: Some(base_model.to_string()),
+            ..Ia3Config::default()
         }
     }
 }
@@ -580,7 +715,7 @@ pub fn parse_config(
             }
         }
     }
-    let loaded = LoadedConfig {
+    let mut loaded = LoadedConfig {
         config,
         path: path.to_path_buf(),
         base_dir: base_dir.to_path_buf(),
@@ -591,6 +726,9 @@ pub fn parse_config(
             .zip(overrides.iter().cloned())
             .collect(),
     };
+    if let Err((key, what)) = loaded.config.lora.apply_peft_names() {
+        return Err(loaded.key_error(&key, what));
+    }
     // A bad value is blamed on where it was set: its `--set`, else the file and the line.
     validate(&loaded)?;
     Ok(loaded)
@@ -934,11 +1072,21 @@ fn validate(c: &LoadedConfig) -> Result<()> {
                     &format!("{} is absurd (at most {MAX_LORA_R})", l.r),
                 );
             }
+            if let Some(k) = l.loraplus_lr_ratio {
+                if !(k.is_finite() && k > 0.0) {
+                    return bad("lora.loraplus_lr_ratio", "must be a positive number");
+                }
+            }
             l.to_peft(&cfg.model)
                 .validate(&format!("{}: [lora]", c.source()))
                 .map_err(|e| Error::msg(e.to_string()))?;
         }
         Method::Full => {}
+        Method::Ia3 => cfg
+            .ia3
+            .to_peft(&cfg.model)
+            .validate(&format!("{}: [ia3]", c.source()))
+            .map_err(|e| Error::msg(e.to_string()))?,
         Method::Selective => match &cfg.selective {
             None => {
                 return bad(
@@ -1150,7 +1298,7 @@ completion = " {a}"
                 "train.early_stopping_patience=2",
                 "train.early_stopping_patience",
             ),
-            ("method=\"ia3\"", "method"),
+            ("method=\"adalora\"", "method"),
         ] {
             let e = parse(MINIMAL, &[set]).unwrap_err().to_string();
             assert!(e.contains(key.rsplit('.').next().unwrap()), "{set}: {e}");

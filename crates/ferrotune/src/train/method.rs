@@ -6,6 +6,7 @@ use super::config::{Method, TrainConfig};
 use crate::model::Model;
 use crate::peft::bottleneck::BottleneckConfig;
 use crate::peft::format::{save_adapter, KEY_PREFIX, WEIGHTS_FILE};
+use crate::peft::ia3::Ia3Config;
 use crate::peft::lora::{as_lora, attach_lora, config_for_model, LoraConfig};
 use crate::peft::{adapter_params, ParamCount};
 use crate::{Error, Result};
@@ -23,6 +24,12 @@ pub const WEIGHTS_CHECKPOINT_FILE: &str = "model.safetensors";
 pub enum Tuner {
     Lora {
         config: Box<LoraConfig>,
+        params: ParamCount,
+        /// LoRA+'s learning-rate ratio for the B matrices (`[lora] loraplus_lr_ratio`).
+        loraplus_lr_ratio: Option<f64>,
+    },
+    Ia3 {
+        config: Box<Ia3Config>,
         params: ParamCount,
     },
     /// Bottleneck adapters (`method = "adapter"`).
@@ -51,6 +58,20 @@ impl Tuner {
                 let config = config_for_model(model, &config);
                 let info = attach_lora(model, &config, ADAPTER_NAME, cfg.train.seed)?;
                 Ok(Tuner::Lora {
+                    config: Box::new(config),
+                    params: info.params,
+                    loraplus_lr_ratio: cfg.lora.loraplus_lr_ratio,
+                })
+            }
+            Method::Ia3 => {
+                let mut config = cfg.ia3.to_peft(model_name);
+                config.task_type = Some(model.task_type().as_peft().to_string());
+                // The saved config names the family's targets and the classifier of a SEQ_CLS
+                // model, as PEFT's does.
+                let config = crate::peft::ia3::config_for_model(model, &config);
+                let info =
+                    crate::peft::ia3::attach_ia3(model, &config, ADAPTER_NAME, cfg.train.seed)?;
+                Ok(Tuner::Ia3 {
                     config: Box::new(config),
                     params: info.params,
                 })
@@ -101,7 +122,27 @@ impl Tuner {
         match self {
             Tuner::Lora { .. } => Method::Lora.as_str(),
             Tuner::Adapter { .. } => Method::Adapter.as_str(),
+            Tuner::Ia3 { .. } => Method::Ia3.as_str(),
             Tuner::Weights { method, .. } => method.as_str(),
+        }
+    }
+
+    /// The factor on the learning rate of parameter `param_name` (a name from
+    /// [`Self::trainable`]): LoRA+ gives the B matrices, and the 1-D parameters (DoRA
+    /// magnitudes, biases), `loraplus_lr_ratio` times the rate, as PEFT's
+    /// `create_loraplus_optimizer` groups them; 1.0 everywhere else.
+    pub fn lr_scale(&self, param_name: &str) -> f64 {
+        match self {
+            Tuner::Lora {
+                loraplus_lr_ratio: Some(k),
+                ..
+            } if param_name.contains(".lora_B.")
+                || param_name.ends_with(".lora_magnitude_vector")
+                || param_name.ends_with(".bias") =>
+            {
+                *k
+            }
+            _ => 1.0,
         }
     }
 
@@ -114,6 +155,7 @@ impl Tuner {
         match self {
             Tuner::Lora { params, .. }
             | Tuner::Adapter { params, .. }
+            | Tuner::Ia3 { params, .. }
             | Tuner::Weights { params, .. } => *params,
         }
     }
@@ -122,7 +164,9 @@ impl Tuner {
     /// `modules_to_save` copies (`classifier.weight`, ...).
     pub fn trainable(&self, model: &dyn Model) -> Vec<(String, Var)> {
         match self {
-            Tuner::Lora { .. } | Tuner::Adapter { .. } => adapter_params(model, ADAPTER_NAME),
+            Tuner::Lora { .. } | Tuner::Ia3 { .. } | Tuner::Adapter { .. } => {
+                adapter_params(model, ADAPTER_NAME)
+            }
             Tuner::Weights { vars, .. } => vars.clone(),
         }
     }
@@ -133,6 +177,7 @@ impl Tuner {
         match self {
             Tuner::Lora { config, .. } => save_adapter(model, ADAPTER_NAME, &**config, dir),
             Tuner::Adapter { config, .. } => save_adapter(model, ADAPTER_NAME, &**config, dir),
+            Tuner::Ia3 { config, .. } => save_adapter(model, ADAPTER_NAME, &**config, dir),
             Tuner::Weights { vars, .. } => {
                 std::fs::create_dir_all(dir).map_err(|e| Error::file(dir, e))?;
                 let tensors = vars
@@ -170,7 +215,8 @@ impl Tuner {
                 }
                 Ok(())
             }
-            Tuner::Lora { .. } | Tuner::Adapter { .. } => {
+            Tuner::Lora { .. } | Tuner::Ia3 { .. } | Tuner::Adapter { .. } => {
+                let section = self.method();
                 let path = dir.join(WEIGHTS_FILE);
                 let mut tensors = candle_core::safetensors::load(&path, model.device())
                     .map_err(|e| Error::file(&path, crate::error::first_line(&e.to_string())))?;
@@ -183,10 +229,9 @@ impl Tuner {
                         return Err(Error::file(
                             &path,
                             format!(
-                                "tensor `{key}` has shape {:?}, the adapter {:?} (the [{}] settings changed?)",
+                                "tensor `{key}` has shape {:?}, the adapter {:?} (the [{section}] settings changed?)",
                                 t.dims(),
                                 var.dims(),
-                                self.method()
                             ),
                         ));
                     }
@@ -195,10 +240,7 @@ impl Tuner {
                 if let Some(k) = tensors.keys().min() {
                     return Err(Error::file(
                         &path,
-                        format!(
-                            "tensor `{k}` belongs to no adapted module (the [{}] settings changed?)",
-                            self.method()
-                        ),
+                        format!("tensor `{k}` belongs to no adapted module (the [{section}] settings changed?)"),
                     ));
                 }
                 Ok(())
@@ -211,8 +253,8 @@ impl Tuner {
     /// `peft::lora::layer`), so this sets the counters: no mask is drawn, whatever `calls` is.
     pub fn replay_rng(&self, model: &dyn Model, calls: u64) -> Result<()> {
         match self {
-            // Bottleneck adapters draw no random numbers.
-            Tuner::Weights { .. } | Tuner::Adapter { .. } => Ok(()),
+            // IA3 and bottleneck adapters draw no random numbers while training.
+            Tuner::Weights { .. } | Tuner::Ia3 { .. } | Tuner::Adapter { .. } => Ok(()),
             Tuner::Lora { .. } => {
                 for lin in model.linears() {
                     for (name, a) in lin.adapters() {
@@ -224,5 +266,40 @@ impl Tuner {
                 Ok(())
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loraplus_scales_b_and_one_dimensional_parameters_only() {
+        let params = ParamCount {
+            trainable: 0,
+            all: 1,
+        };
+        let t = Tuner::Lora {
+            config: Box::default(),
+            params,
+            loraplus_lr_ratio: Some(16.0),
+        };
+        let q = "model.layers.0.self_attn.q_proj";
+        assert_eq!(t.lr_scale(&format!("{q}.lora_A.weight")), 1.0);
+        assert_eq!(t.lr_scale(&format!("{q}.lora_B.weight")), 16.0);
+        assert_eq!(t.lr_scale(&format!("{q}.lora_magnitude_vector")), 16.0);
+        assert_eq!(t.lr_scale("classifier.bias"), 16.0);
+        assert_eq!(t.lr_scale("classifier.weight"), 1.0);
+        let plain = Tuner::Lora {
+            config: Box::default(),
+            params,
+            loraplus_lr_ratio: None,
+        };
+        assert_eq!(plain.lr_scale(&format!("{q}.lora_B.weight")), 1.0);
+        let ia3 = Tuner::Ia3 {
+            config: Box::default(),
+            params,
+        };
+        assert_eq!(ia3.lr_scale("model.layers.0.mlp.down_proj.ia3_l"), 1.0);
     }
 }

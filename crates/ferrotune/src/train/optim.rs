@@ -37,6 +37,8 @@ pub struct AdamW {
     /// Updates done so far.
     t: u64,
     cfg: AdamWConfig,
+    /// Per-parameter factor on the learning rate (LoRA+); empty: 1 for all.
+    lr_scales: Vec<f64>,
 }
 
 impl AdamW {
@@ -57,7 +59,13 @@ impl AdamW {
             v,
             t: 0,
             cfg,
+            lr_scales: Vec::new(),
         })
+    }
+
+    /// Scale the learning rate of `params()[i]` by `scales[i]` from now on.
+    pub fn set_lr_scales(&mut self, scales: Vec<f64>) {
+        self.lr_scales = scales;
     }
 
     pub fn params(&self) -> &[(String, Var)] {
@@ -82,9 +90,11 @@ impl AdamW {
         let [b1, b2] = self.cfg.betas;
         let bc1 = 1.0 - b1.powi(self.t as i32);
         let bc2 = 1.0 - b2.powi(self.t as i32);
-        let step_size = lr / bc1;
         let bc2_sqrt = bc2.sqrt();
+        let base_lr = lr;
         for (i, (_, p)) in self.params.iter().enumerate() {
+            let lr = base_lr * self.lr_scales.get(i).copied().unwrap_or(1.0);
+            let step_size = lr / bc1;
             let g = grads[i].to_dtype(DType::F32)?;
             let m = ((&self.m[i] * b1)? + (&g * (1.0 - b1))?)?;
             let v = ((&self.v[i] * b2)? + (g.sqr()? * (1.0 - b2))?)?;
@@ -283,6 +293,43 @@ mod tests {
         let e = opt3.load(&path).unwrap_err().to_string();
         assert!(e.contains("`m.u` is missing"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// LoRA+: a parameter with lr scale k follows the reference update at k · lr, the others
+    /// the plain one.
+    #[test]
+    fn per_parameter_lr_scales_multiply_the_rate() {
+        let cfg = AdamWConfig {
+            betas: [0.9, 0.99],
+            eps: 1e-8,
+            weight_decay: 0.01,
+        };
+        let p0: Vec<f64> = vec![0.5, -0.25, 1.0];
+        let grads: Vec<Vec<f64>> = (0..4)
+            .map(|s| (0..3).map(|i| ((i * 5 + s * 2) % 7) as f64 - 3.0).collect())
+            .collect();
+        let lr = 0.01;
+        let dev = Device::Cpu;
+        let mk = || {
+            let t = Tensor::from_vec(p0.iter().map(|&x| x as f32).collect::<Vec<_>>(), 3, &dev);
+            Var::from_tensor(&t.unwrap()).unwrap()
+        };
+        let (a, b) = (mk(), mk());
+        let mut opt =
+            AdamW::new(vec![("a".into(), a.clone()), ("b".into(), b.clone())], cfg).unwrap();
+        opt.set_lr_scales(vec![1.0, 4.0]);
+        for g in &grads {
+            let g =
+                Tensor::from_vec(g.iter().map(|&x| x as f32).collect::<Vec<_>>(), 3, &dev).unwrap();
+            opt.step(&[g.clone(), g], lr).unwrap();
+        }
+        for (var, k) in [(a, 1.0), (b, 4.0)] {
+            let want = reference(&p0, &grads, k * lr, cfg);
+            let got: Vec<f32> = var.as_tensor().to_vec1().unwrap();
+            for (x, y) in got.iter().zip(&want) {
+                assert!((*x as f64 - y).abs() < 1e-6, "scale {k}: {x} vs {y}");
+            }
+        }
     }
 
     #[test]

@@ -159,7 +159,8 @@ impl<'a> Recipe<'a> {
             tuner,
             params,
         } = setup_model(c, source, &device, &data)?;
-        let (schedule, opt) = setup_optimizer(c, &params, data.max_steps)?;
+        let (schedule, mut opt) = setup_optimizer(c, &params, data.max_steps)?;
+        opt.set_lr_scales(params.iter().map(|(n, _)| tuner.lr_scale(n)).collect());
         let (memory, available) = setup_memory(c, &*model, &data, &params)?;
         let model_line = format!(
             "model {} ({}, {} layers); method {}",
@@ -496,7 +497,7 @@ impl<'a> Recipe<'a> {
         report::plot_loss(&self.out.join(report::PLOT_FILE), &train_curve, &val_curve)?;
         let (adapter_dir, model_dir) = match (finished, &self.tuner) {
             (false, _) => (None, None),
-            (true, Tuner::Lora { .. } | Tuner::Adapter { .. }) => {
+            (true, Tuner::Lora { .. } | Tuner::Ia3 { .. } | Tuner::Adapter { .. }) => {
                 let dir = self.out.join(ADAPTER_DIR);
                 self.tuner.save(&*self.model, &dir)?;
                 if let Some(l) = &self.labels {
@@ -756,6 +757,10 @@ fn setup_model(
             &cfg.lora.to_peft_for(&cfg.model, &defaults),
         )
         .map_err(|e| c.key_error("lora.targets", e))?;
+    }
+    if cfg.method == Method::Ia3 {
+        crate::peft::ia3::resolve_targets(&*m, &cfg.ia3.to_peft(&cfg.model))
+            .map_err(|e| c.key_error("ia3.target_modules", e))?;
     }
     let tuner = Tuner::attach(cfg, &mut *m, &cfg.model)?;
     // The model's own dropout (T5 dropout_rate, BERT hidden / attention dropout), seeded like

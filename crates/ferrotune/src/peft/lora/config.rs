@@ -126,6 +126,9 @@ pub struct LoraConfig {
     /// Scale by alpha/sqrt(r) (rank-stabilized LoRA) instead of alpha/r.
     #[serde(default)]
     pub use_rslora: bool,
+    /// DoRA: a trained magnitude per output row (`lora_magnitude_vector`), see `layer`.
+    #[serde(default)]
+    pub use_dora: bool,
     /// Only "none" is supported (no bias is trained).
     #[serde(default = "default_bias")]
     pub bias: String,
@@ -167,6 +170,7 @@ impl Default for LoraConfig {
             target_modules: None,
             exclude_modules: None,
             use_rslora: false,
+            use_dora: false,
             bias: default_bias(),
             init_lora_weights: default_init(),
             fan_in_fan_out: false,
@@ -183,7 +187,6 @@ impl Default for LoraConfig {
 /// PEFT features switched on by keys we keep in `extra` but do not implement. A key is "on" when
 /// its value is not null/false/empty.
 const UNSUPPORTED_KEYS: &[(&str, &str)] = &[
-    ("use_dora", "DoRA"),
     ("lora_bias", "LoRA bias"),
     ("target_parameters", "targeting parameters"),
     ("trainable_token_indices", "trainable tokens"),
@@ -615,11 +618,11 @@ mod tests {
     fn unsupported_settings_are_one_line_errors_naming_the_key() {
         let base = LoraConfig::new(4, 8.0, &["q_proj"]);
         let mut c = base.clone();
-        c.extra.insert("use_dora".into(), Value::Bool(true));
+        c.extra.insert("use_qalora".into(), Value::Bool(true));
         let e = c.validate("a/adapter_config.json").unwrap_err().to_string();
         assert_eq!(
             e,
-            "a/adapter_config.json: key `use_dora`: DoRA is not supported"
+            "a/adapter_config.json: key `use_qalora`: QA-LoRA is not supported"
         );
         let mut c = base.clone();
         c.bias = "all".into();

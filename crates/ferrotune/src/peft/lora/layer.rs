@@ -3,6 +3,11 @@
 //! The low-rank path is computed on the fly (never `W + BA`), so training touches only the two
 //! small matrices and a quantized base stays quantized. A and B are f32 `Var`s whatever the base
 //! dtype: optimizer updates to small LoRA weights vanish in bf16.
+//!
+//! DoRA (Liu et al. 2024, PEFT's `use_dora`) adds a trained magnitude `m` (one per output row):
+//! `W' = m ⊙ (W + s·BA) / ‖W + s·BA‖_row`, computed as PEFT's `DoraLinearLayer.forward` does,
+//! `y = base + (m/‖·‖ − 1)·(W x) + (m/‖·‖)·s·B A x`, the norm detached (the paper's
+//! memory-saving choice, so the gradient reaches A and B through the low-rank path only).
 use crate::nn::{LinearAdapter, LinearWeight};
 use candle_core::{DType, Device, Result, Tensor, Var};
 use rand::rngs::StdRng;
@@ -27,6 +32,10 @@ pub struct LoraAdapter {
     active: AtomicBool,
     /// Its delta is in the base weight: the on-the-fly path must be skipped.
     merged: AtomicBool,
+    /// DoRA's magnitude vector (out,), PEFT's `lora_magnitude_vector`; `None`: plain LoRA.
+    magnitude: Option<Var>,
+    /// The row norms of W + ΔW when DoRA was merged, to unmerge exactly (PEFT caches them too).
+    merged_norm: std::sync::Mutex<Option<Tensor>>,
 }
 
 /// How A and B start (PEFT's `init_lora_weights`).
@@ -113,7 +122,70 @@ impl LoraAdapter {
             calls: AtomicU64::new(0),
             active: AtomicBool::new(true),
             merged: AtomicBool::new(false),
+            magnitude: None,
+            merged_norm: std::sync::Mutex::new(None),
         })
+    }
+
+    /// Make this a DoRA adapter over the base weight `w` (out, in): the magnitude starts at the
+    /// row norms of W + scale·BA, so the adapted layer starts where plain LoRA would (PEFT's
+    /// `DoraLinearLayer.update_layer`).
+    pub fn with_dora(mut self, w: &LinearWeight) -> Result<Self> {
+        let norm = self.weight_norm(&w.to_dense_f32()?)?;
+        self.magnitude = Some(Var::from_tensor(&norm)?);
+        Ok(self)
+    }
+
+    /// DoRA with a given magnitude (out,), kept in its dtype (the gradient checks run in f64).
+    pub fn with_magnitude(mut self, m: Var) -> Self {
+        self.magnitude = Some(m);
+        self
+    }
+
+    pub fn magnitude(&self) -> Option<&Var> {
+        self.magnitude.as_ref()
+    }
+
+    /// ‖W + scale·BA‖ per output row, detached (PEFT's `get_weight_norm`).
+    fn weight_norm(&self, w: &Tensor) -> Result<Tensor> {
+        let lora_w = self
+            .b
+            .as_tensor()
+            .detach()
+            .matmul(&self.a.as_tensor().detach())?
+            .to_dtype(w.dtype())?;
+        (w.detach() + (lora_w * self.scale)?)?.sqr()?.sum(1)?.sqrt()
+    }
+
+    /// The merged DoRA weight `m/‖W+ΔW‖ ⊙ (W + ΔW)` for base `w` (f32), as PEFT's merge; the
+    /// norm is kept for [`Self::dora_unmerged`].
+    pub(crate) fn dora_merged(&self, w: &Tensor) -> Result<Tensor> {
+        let m = self.magnitude.as_ref().expect("a DoRA adapter");
+        let norm = self.weight_norm(w)?;
+        let factor = (m.as_tensor().detach().to_dtype(w.dtype())? / &norm)?;
+        let delta = self
+            .delta_weight()?
+            .expect("LoRA has a delta")
+            .to_dtype(w.dtype())?;
+        *self.merged_norm.lock().expect("not poisoned") = Some(norm);
+        (w + delta)?.broadcast_mul(&factor.unsqueeze(1)?)
+    }
+
+    /// Undo [`Self::dora_merged`]: `W = W' / factor − ΔW` (PEFT's unmerge).
+    pub(crate) fn dora_unmerged(&self, merged: &Tensor) -> Result<Tensor> {
+        let m = self.magnitude.as_ref().expect("a DoRA adapter");
+        let norm = self
+            .merged_norm
+            .lock()
+            .expect("not poisoned")
+            .take()
+            .ok_or_else(|| candle_core::Error::Msg("DoRA: unmerge without a merge".into()))?;
+        let factor = (m.as_tensor().detach().to_dtype(merged.dtype())? / norm)?;
+        let delta = self
+            .delta_weight()?
+            .expect("LoRA has a delta")
+            .to_dtype(merged.dtype())?;
+        merged.broadcast_div(&factor.unsqueeze(1)?)? - delta
     }
 
     pub fn a(&self) -> &Var {
@@ -184,6 +256,7 @@ impl LinearAdapter for LoraAdapter {
     ) -> Option<Result<Tensor>> {
         let frozen = matches!(weight, LinearWeight::Frozen(_) | LinearWeight::Quantized(_));
         if !train
+            || self.magnitude.is_some()
             || crate::ops::reference_ops()
             || !frozen
             || !self.is_active()
@@ -218,9 +291,62 @@ impl LinearAdapter for LoraAdapter {
         })())
     }
 
+    fn forward_with_base(
+        &self,
+        x: &Tensor,
+        base_out: Tensor,
+        weight: &LinearWeight,
+        bias: Option<&Tensor>,
+        train: bool,
+    ) -> Result<Tensor> {
+        let Some(m) = &self.magnitude else {
+            return self.forward(x, base_out, train);
+        };
+        if !self.is_active() || self.is_merged() {
+            return Ok(base_out);
+        }
+        // DoRA computes in the magnitude's dtype (f32; f64 in the gradient checks).
+        let dt = m.dtype();
+        let w = match weight {
+            LinearWeight::Frozen(w) => w.to_dtype(dt)?,
+            other => other.to_dense_f32()?.to_dtype(dt)?,
+        };
+        let scale_rows = (m.as_tensor() / self.weight_norm(&w)?)?; // (out,)
+        let xd = x.to_dtype(dt)?;
+        let dims = xd.dims().to_vec();
+        let in_f = dims[dims.len() - 1];
+        let rows: usize = dims[..dims.len() - 1].iter().product();
+        let mut x2 = xd.reshape((rows, in_f))?;
+        // PEFT: with dropout in training the base product is recomputed on the dropped input;
+        // otherwise it is the base output minus the bias.
+        let base_part = if train && self.dropout > 0.0 {
+            x2 = (&x2 * self.dropout_mask(x2.dims(), x2.device())?.to_dtype(dt)?)?;
+            x2.matmul(&w.t()?)?
+        } else {
+            let b = base_out.to_dtype(dt)?.reshape((rows, ()))?;
+            match bias {
+                Some(bias) => b.broadcast_sub(&bias.to_dtype(dt)?)?,
+                None => b,
+            }
+        };
+        let lora = x2
+            .matmul(&self.a.as_tensor().to_dtype(dt)?.t()?)?
+            .matmul(&self.b.as_tensor().to_dtype(dt)?.t()?)?;
+        let extra = (base_part.broadcast_mul(&(&scale_rows - 1.0)?)?
+            + (lora * self.scale)?.broadcast_mul(&scale_rows)?)?;
+        let mut out_dims = dims;
+        *out_dims.last_mut().expect("non-empty dims") = extra.dim(1)?;
+        let extra = extra.reshape(out_dims)?;
+        let bt = base_out.dtype();
+        (base_out.to_dtype(dt)? + extra)?.to_dtype(bt)
+    }
+
     fn forward(&self, x: &Tensor, base_out: Tensor, train: bool) -> Result<Tensor> {
         if !self.is_active() || self.is_merged() {
             return Ok(base_out);
+        }
+        if self.magnitude.is_some() {
+            candle_core::bail!("DoRA needs the base weight: call forward_with_base");
         }
         let x32 = x.to_dtype(DType::F32)?;
         let x32 = if train && self.dropout > 0.0 {
@@ -251,10 +377,15 @@ impl LinearAdapter for LoraAdapter {
     }
 
     fn trainable_params(&self) -> Vec<(String, Var)> {
-        vec![
+        let mut v = vec![
             ("lora_A.weight".to_string(), self.a.clone()),
             ("lora_B.weight".to_string(), self.b.clone()),
-        ]
+        ];
+        // PEFT's key has no `.weight`: `...q_proj.lora_magnitude_vector`.
+        if let Some(m) = &self.magnitude {
+            v.push(("lora_magnitude_vector".to_string(), m.clone()));
+        }
+        v
     }
 
     fn delta_weight(&self) -> Result<Option<Tensor>> {
@@ -366,6 +497,110 @@ mod tests {
             off.to_vec3::<f32>().unwrap(),
             base.to_vec3::<f32>().unwrap()
         );
+    }
+
+    /// DoRA through `Linear::forward_t` (frozen W and bias): the gradients of the input, A, B
+    /// and the magnitude match finite differences (the weight norm is detached, as in PEFT, so
+    /// the reference is the same function with the norm held at its value).
+    #[test]
+    fn dora_gradients_match_finite_differences() {
+        use crate::nn::Linear;
+        use crate::ops::gradcheck::{check_gradients, rand_tensor};
+        let (in_f, out_f, r) = (6, 5, 2);
+        let w = rand_tensor(&[out_f, in_f], DType::F64, 3).unwrap();
+        let bias = rand_tensor(&[out_f], DType::F64, 4).unwrap();
+        let f = |xs: &[Tensor]| -> Result<Tensor> {
+            let mut lin = Linear::new("m", LinearWeight::Frozen(w.clone()), Some(bias.clone()));
+            // from_weights stores f32 copies; put the f64 variables in for the check.
+            let mut l = LoraAdapter::from_weights(xs[1].clone(), xs[2].clone(), 3.0, 1.5, 0.0, 0)?;
+            l.a = Var::from_tensor(&xs[1])?;
+            l.b = Var::from_tensor(&xs[2])?;
+            let l = l.with_magnitude(Var::from_tensor(&xs[3])?);
+            lin.add_adapter("default", Box::new(l));
+            lin.forward_t(&xs[0], true)
+        };
+        let x = rand_tensor(&[2, 3, in_f], DType::F64, 1).unwrap();
+        let a = rand_tensor(&[r, in_f], DType::F64, 5).unwrap();
+        let b = rand_tensor(&[out_f, r], DType::F64, 6).unwrap();
+        let m = (rand_tensor(&[out_f], DType::F64, 7).unwrap() + 2.0).unwrap();
+        // x and m do not move the norm: the whole layer against finite differences.
+        let (a0, b0) = (a.clone(), b.clone());
+        let f_xm = |xs: &[Tensor]| f(&[xs[0].clone(), a0.clone(), b0.clone(), xs[1].clone()]);
+        check_gradients(f_xm, &[x.clone(), m.clone()], 1e-5, 1e-6).unwrap();
+        // A and B: the norm is detached (PEFT), so their gradients are those of the same layer
+        // with the norm held at its value; that function passes finite differences, and the
+        // layer's outputs and gradients equal it.
+        let frozen_norm = |xs: &[Tensor]| -> Result<Tensor> {
+            let lw = b0.matmul(&a0)?;
+            let norm = (&w + (lw * 1.5)?)?.sqr()?.sum(1)?.sqrt()?;
+            let s = (&xs[3] / norm)?;
+            let base = xs[0].broadcast_matmul(&w.t()?)?;
+            let lora = xs[0]
+                .broadcast_matmul(&xs[1].t()?)?
+                .broadcast_matmul(&xs[2].t()?)?;
+            let y = (base.broadcast_mul(&s)? + (lora * 1.5)?.broadcast_mul(&s)?)?;
+            y.broadcast_add(&bias)
+        };
+        let all = [x, a, b, m];
+        check_gradients(frozen_norm, &all, 1e-5, 1e-6).unwrap();
+        crate::ops::gradcheck::compare_grads(f, frozen_norm, &all, 1e-9, "DoRA").unwrap();
+    }
+
+    #[test]
+    fn dora_merge_equals_forward_and_unmerge_restores() {
+        let mut rng = StdRng::seed_from_u64(9);
+        let (in_f, out_f, r) = (7, 5, 2);
+        let w = rand_tensor(&mut rng, (out_f, in_f));
+        let l = LoraAdapter::from_weights(
+            rand_tensor(&mut rng, (r, in_f)),
+            rand_tensor(&mut rng, (out_f, r)),
+            4.0,
+            2.0,
+            0.0,
+            0,
+        )
+        .unwrap()
+        .with_dora(&LinearWeight::Frozen(w.clone()))
+        .unwrap();
+        // The magnitude starts at the row norms of W + ΔW.
+        let m0 = l.magnitude().unwrap().as_tensor().clone();
+        let wd = (&w + l.delta_weight().unwrap().unwrap()).unwrap();
+        let n: Vec<f32> = wd
+            .sqr()
+            .unwrap()
+            .sum(1)
+            .unwrap()
+            .sqrt()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert_eq!(m0.to_vec1::<f32>().unwrap(), n);
+        l.magnitude().unwrap().set(&(m0 * 1.3).unwrap()).unwrap();
+        let x = rand_tensor(&mut rng, (4, in_f));
+        let base = x.matmul(&w.t().unwrap()).unwrap();
+        let lw = LinearWeight::Frozen(w.clone());
+        let y = l.forward_with_base(&x, base, &lw, None, false).unwrap();
+        let merged = l.dora_merged(&w).unwrap();
+        let ym = x.matmul(&merged.t().unwrap()).unwrap();
+        let d = (y - ym)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(d < 1e-5, "{d}");
+        let back = l.dora_unmerged(&merged).unwrap();
+        let d = (back - &w)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(d < 1e-5, "{d}");
     }
 
     #[test]

@@ -231,6 +231,11 @@ pub fn attach_lora(
             dropout_seed,
             &dev,
         )?;
+        let a = if cfg.use_dora {
+            a.with_dora(lin.weight())?
+        } else {
+            a
+        };
         modules.push(LoraModuleInfo {
             name: lin.name().to_string(),
             in_features: in_f,
@@ -372,6 +377,42 @@ fn add_to_weight(
     Ok(deq)
 }
 
+/// DoRA merges by rescaling, not by adding a delta (PEFT's `DoraLinearVariant.merge`):
+/// `W' = m/‖W+ΔW‖ ⊙ (W+ΔW)`, and unmerges with the norm kept at merge time. `None` when the
+/// layer's adapter is plain LoRA; `Some(dequantized type)` when it rewrote the weight.
+fn dora_rewrite(
+    lin: &mut Linear,
+    adapter_name: &str,
+    merge: bool,
+) -> Result<Option<Option<String>>> {
+    let Some(a) = lora_on(lin, adapter_name)?.filter(|a| a.magnitude().is_some()) else {
+        return Ok(None);
+    };
+    let w = lin.weight().to_dense_f32()?;
+    let new = if merge {
+        a.dora_merged(&w)?
+    } else {
+        a.dora_unmerged(&w)?
+    };
+    let deq = match lin.weight() {
+        LinearWeight::Frozen(w) => {
+            let dt = w.dtype();
+            lin.set_weight(LinearWeight::Frozen(new.to_dtype(dt)?));
+            None
+        }
+        LinearWeight::Trainable(v) => {
+            v.set(&new.to_dtype(v.dtype())?)?;
+            None
+        }
+        LinearWeight::Quantized(_) => {
+            let ty = lin.weight().stored_type().to_uppercase();
+            lin.set_weight(LinearWeight::Frozen(new));
+            Some(ty)
+        }
+    };
+    Ok(Some(deq))
+}
+
 fn deltas(model: &dyn Model, adapter_name: &str) -> Result<Vec<(String, candle_core::Tensor)>> {
     let mut out = Vec::new();
     for_each_lora(model, adapter_name, |lin, a| {
@@ -400,6 +441,11 @@ pub fn merge_adapter(model: &mut dyn Model, adapter_name: &str) -> Result<MergeR
     let mut report = MergeReport::default();
     for lin in model.linears_mut() {
         if let Some((_, d)) = deltas.iter().find(|(n, _)| n == lin.name()) {
+            if let Some(ty) = dora_rewrite(lin, adapter_name, true)? {
+                report.dequantized.extend(ty);
+                report.modules.push(lin.name().to_string());
+                continue;
+            }
             if let Some(ty) = add_to_weight(lin, d, 1.0)? {
                 report.dequantized.push(ty);
             }
@@ -417,7 +463,9 @@ pub fn unmerge_adapter(model: &mut dyn Model, adapter_name: &str) -> Result<()> 
     let deltas = deltas(model, adapter_name)?;
     for lin in model.linears_mut() {
         if let Some((_, d)) = deltas.iter().find(|(n, _)| n == lin.name()) {
-            add_to_weight(lin, d, -1.0)?;
+            if dora_rewrite(lin, adapter_name, false)?.is_none() {
+                add_to_weight(lin, d, -1.0)?;
+            }
         }
     }
     set_merged(model, adapter_name, false)
