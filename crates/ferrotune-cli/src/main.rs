@@ -83,6 +83,11 @@ enum Command {
         #[command(subcommand)]
         cmd: DataCommand,
     },
+    /// Work with PEFT adapters (soft-prompt readout).
+    Peft {
+        #[command(subcommand)]
+        cmd: PeftCommand,
+    },
 }
 
 #[derive(Args)]
@@ -785,6 +790,9 @@ fn main() {
         Command::Data {
             cmd: DataCommand::Preview(a),
         } => run_data_preview(a),
+        Command::Peft { cmd } => match cmd {
+            PeftCommand::Readout(a) => run_peft_readout(a),
+        },
     };
     if let Err(e) = res {
         print_error(&e);
@@ -832,6 +840,55 @@ struct TrainArgs {
     /// Check everything (config, data, model, targets, memory, output_dir) and write nothing.
     #[arg(long)]
     dry_run: bool,
+}
+
+#[derive(Subcommand)]
+enum PeftCommand {
+    /// For each virtual token of a soft prompt (prompt tuning, P-tuning), its nearest
+    /// vocabulary tokens by cosine similarity to the input embeddings.
+    Readout(PeftReadoutArgs),
+}
+
+#[derive(Args)]
+struct PeftReadoutArgs {
+    #[command(flatten)]
+    m: ModelArgs,
+    /// PEFT adapter folder (PROMPT_TUNING or P_TUNING).
+    #[arg(long)]
+    adapter: PathBuf,
+    /// Nearest tokens per virtual token.
+    #[arg(long, default_value_t = 5)]
+    k: usize,
+    /// Print {"tokens": [{"index", "nearest": [{"token", "id", "cosine"}]}]}.
+    #[arg(long)]
+    json: bool,
+}
+
+fn run_peft_readout(a: PeftReadoutArgs) -> Result<()> {
+    input_dir("--adapter", &a.adapter)?;
+    if a.k == 0 {
+        anyhow::bail!("--k must be at least 1");
+    }
+    let lm = load(&a.m)?;
+    let tokens = ferrotune::peft::prompt_learning::model::readout_adapter(
+        &*lm.model,
+        &lm.tokenizer,
+        &a.adapter,
+        a.k,
+    )?;
+    if a.json {
+        println!("{}", serde_json::json!({ "tokens": tokens }));
+    } else {
+        for t in &tokens {
+            let near: Vec<String> = t
+                .nearest
+                .iter()
+                .map(|n| format!("{:?} ({}, {:.4})", n.token, n.id, n.cosine))
+                .collect();
+            println!("{:>3}: {}", t.index, near.join("  "));
+        }
+    }
+    Ok(())
 }
 
 #[derive(Subcommand)]

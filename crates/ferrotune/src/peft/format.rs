@@ -5,6 +5,7 @@
 //! (`base_model.model.classifier.weight`, `base_model.model.classifier.bias`).
 //! Folders written here load in PEFT and folders written by PEFT load here.
 use super::lora::LoraConfig;
+use super::prompt_learning::{PromptLearningConfig, PromptMethod};
 use super::{adapter_params, param_count, ParamCount, PeftMethod};
 use crate::fsutil::{write_atomic, write_safetensors};
 use crate::model::{Model, TaskType};
@@ -23,12 +24,15 @@ pub const KEY_PREFIX: &str = "base_model.model.";
 #[derive(Debug, Clone, PartialEq)]
 pub enum AdapterConfig {
     Lora(LoraConfig),
+    /// PROMPT_TUNING, PREFIX_TUNING, P_TUNING.
+    Prompt(Box<PromptLearningConfig>),
 }
 
 impl AdapterConfig {
     pub fn peft_type(&self) -> &'static str {
         match self {
             AdapterConfig::Lora(_) => <LoraConfig as PeftMethod>::PEFT_TYPE,
+            AdapterConfig::Prompt(c) => c.peft_type.peft_type(),
         }
     }
 }
@@ -57,10 +61,16 @@ pub fn read_adapter_config(dir: &Path) -> Result<AdapterConfig> {
             cfg.validate(&src)?;
             Ok(AdapterConfig::Lora(cfg))
         }
+        t if PromptMethod::from_peft_type(t).is_some() => {
+            let cfg: PromptLearningConfig = serde_json::from_value(v.clone())
+                .map_err(|e| Error::file(&path, format!("invalid {t} config: {e}")))?;
+            cfg.validate(&src)?;
+            Ok(AdapterConfig::Prompt(Box::new(cfg)))
+        }
         other => Err(Error::key(
             &src,
             "peft_type",
-            format!("`{other}` is not supported (supported: LORA)"),
+            format!("`{other}` is not supported (supported: LORA, PROMPT_TUNING, PREFIX_TUNING, P_TUNING)"),
         )),
     }
 }
@@ -160,6 +170,16 @@ pub fn load_adapter(
 ) -> Result<LoadedAdapter> {
     let config = read_adapter_config(dir)?;
     check_task_type(model, dir)?;
+    if let AdapterConfig::Prompt(cfg) = &config {
+        // A soft prompt wraps no linear: the model reads it before its inputs.
+        let (cfg, params) = super::prompt_learning::load_prompt_adapter(model, cfg, dir)?;
+        return Ok(LoadedAdapter {
+            adapter_name: adapter_name.to_string(),
+            config: AdapterConfig::Prompt(Box::new(cfg)),
+            modules: Vec::new(),
+            params,
+        });
+    }
     let path = dir.join(WEIGHTS_FILE);
     if !path.exists() {
         let bin = dir.join("adapter_model.bin");
@@ -177,6 +197,7 @@ pub fn load_adapter(
     let shapes = header_shapes(&path)?;
     match &config {
         AdapterConfig::Lora(cfg) => check_lora_shapes(model, cfg, dir, &path, &shapes)?,
+        AdapterConfig::Prompt(_) => unreachable!("loaded above"),
     }
     let tensors = candle_core::safetensors::load(&path, model.device())
         .map_err(|e| Error::file(&path, crate::error::first_line(&e.to_string())))?;
@@ -186,9 +207,11 @@ pub fn load_adapter(
             cfg.attach(model, adapter_name, 0)
                 .map_err(|e| Error::file(dir.join(CONFIG_FILE), e))?;
         }
+        AdapterConfig::Prompt(_) => unreachable!("loaded above"),
     }
     let implied_copies = match &config {
         AdapterConfig::Lora(cfg) => cfg.modules_to_save.is_none(),
+        AdapterConfig::Prompt(_) => unreachable!("loaded above"),
     };
     if let Err(e) = fill_from(model, adapter_name, tensors, &path, implied_copies) {
         // Leave the model as it was.

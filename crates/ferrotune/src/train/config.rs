@@ -4,6 +4,7 @@
 //! ```toml
 //! model = "path/or/hf:org/name"   # a .gguf file, an HF folder, or hf:org/name[@revision]
 //! method = "lora"                 # lora | full (every weight) | selective (the [selective] modules)
+//!                                 # | prompt_tuning | prefix_tuning | p_tuning (soft prompts)
 //! task = "causal_lm"              # causal_lm | seq2seq_lm | sequence_classification |
 //!                                 # token_classification (default: the model's own)
 //! objective = "sft"               # sft | clm | mlm | span_corruption (default sft)
@@ -57,6 +58,9 @@
 //! folder; relative paths given with `--set` are relative to the current directory.
 use crate::data::DataConfig;
 use crate::peft::lora::{LoraConfig, ModuleSpec};
+use crate::peft::prompt_learning::config::{
+    PTuningSection, PrefixTuningSection, PromptTuningSection,
+};
 use crate::{Error, Result};
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
@@ -85,8 +89,29 @@ pub struct TrainConfig {
     /// `[selective]`: the modules `method = "selective"` trains (everything else frozen).
     #[serde(default)]
     pub selective: Option<SelectiveSection>,
+    /// `[prompt_tuning]`, `[prefix_tuning]`, `[p_tuning]`: PEFT's config keys of the soft prompt
+    /// methods.
+    #[serde(default)]
+    pub prompt_tuning: Option<PromptTuningSection>,
+    #[serde(default)]
+    pub prefix_tuning: Option<PrefixTuningSection>,
+    #[serde(default)]
+    pub p_tuning: Option<PTuningSection>,
     #[serde(default)]
     pub train: TrainSection,
+}
+
+impl TrainConfig {
+    /// The PEFT config of a soft prompt method (`None` for the other methods, or when its
+    /// section is missing: [`validate`] refuses that).
+    pub fn prompt_config(&self) -> Option<crate::peft::prompt_learning::PromptLearningConfig> {
+        match self.method {
+            Method::PromptTuning => self.prompt_tuning.as_ref().map(|s| s.to_peft(&self.model)),
+            Method::PrefixTuning => self.prefix_tuning.as_ref().map(|s| s.to_peft(&self.model)),
+            Method::PTuning => self.p_tuning.as_ref().map(|s| s.to_peft(&self.model)),
+            _ => None,
+        }
+    }
 }
 
 /// `[selective]`: train whole modules by name and freeze the rest (e.g. only a classification
@@ -108,6 +133,15 @@ pub enum Method {
     Full,
     /// Whole modules named in `[selective]` trainable, the rest frozen.
     Selective,
+    /// PEFT's PROMPT_TUNING: trained virtual-token embeddings (`[prompt_tuning]`).
+    #[serde(rename = "prompt_tuning")]
+    PromptTuning,
+    /// PEFT's PREFIX_TUNING: per-layer key/value prefixes (`[prefix_tuning]`).
+    #[serde(rename = "prefix_tuning")]
+    PrefixTuning,
+    /// PEFT's P_TUNING: virtual tokens from an MLP prompt encoder (`[p_tuning]`).
+    #[serde(rename = "p_tuning")]
+    PTuning,
 }
 
 impl Method {
@@ -116,6 +150,9 @@ impl Method {
             Method::Lora => "lora",
             Method::Full => "full",
             Method::Selective => "selective",
+            Method::PromptTuning => "prompt_tuning",
+            Method::PrefixTuning => "prefix_tuning",
+            Method::PTuning => "p_tuning",
         }
     }
 }
@@ -911,6 +948,43 @@ fn validate(c: &LoadedConfig) -> Result<()> {
             }
             Some(_) => {}
         },
+        Method::PromptTuning | Method::PrefixTuning | Method::PTuning => {
+            let section = cfg.method.as_str();
+            match cfg.prompt_config() {
+                None => {
+                    return bad(
+                        section,
+                        &format!("method = \"{section}\" needs a [{section}] section with num_virtual_tokens = N"),
+                    )
+                }
+                Some(p) => p
+                    .validate(&format!("{}: [{section}]", c.source()))
+                    .map_err(|e| Error::msg(e.to_string()))?,
+            }
+        }
+    }
+    for (section, present, method) in [
+        (
+            "prompt_tuning",
+            cfg.prompt_tuning.is_some(),
+            Method::PromptTuning,
+        ),
+        (
+            "prefix_tuning",
+            cfg.prefix_tuning.is_some(),
+            Method::PrefixTuning,
+        ),
+        ("p_tuning", cfg.p_tuning.is_some(), Method::PTuning),
+    ] {
+        if present && cfg.method != method {
+            return bad(
+                section,
+                &format!(
+                    "[{section}] is for method = \"{section}\", not \"{}\"",
+                    cfg.method.as_str()
+                ),
+            );
+        }
     }
     if cfg.method != Method::Selective && cfg.selective.is_some() {
         return bad(

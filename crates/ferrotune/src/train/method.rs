@@ -6,6 +6,7 @@ use super::config::{Method, TrainConfig};
 use crate::model::Model;
 use crate::peft::format::{save_adapter, KEY_PREFIX, WEIGHTS_FILE};
 use crate::peft::lora::{as_lora, attach_lora, config_for_model, LoraConfig};
+use crate::peft::prompt_learning::{self, PromptEncoder, PromptLearningConfig};
 use crate::peft::{adapter_params, ParamCount};
 use crate::{Error, Result};
 use candle_core::{DType, Tensor, Var};
@@ -13,6 +14,10 @@ use std::path::Path;
 
 /// PEFT's name for the adapter of a single-adapter model.
 pub const ADAPTER_NAME: &str = "default";
+
+/// The file a soft prompt run's checkpoint holds its whole prompt encoder in (the embedding and
+/// the MLP, by PEFT name), beside PEFT's adapter files: the MLP is not in PEFT's file.
+pub const PROMPT_ENCODER_CHECKPOINT_FILE: &str = "prompt_encoder.safetensors";
 
 /// The file a full or selective run's checkpoint holds its trained weights in (HF names).
 pub const WEIGHTS_CHECKPOINT_FILE: &str = "model.safetensors";
@@ -30,12 +35,48 @@ pub enum Tuner {
         params: ParamCount,
         vars: Vec<(String, Var)>,
     },
+    /// `prompt_tuning`, `prefix_tuning`, `p_tuning`: a soft prompt the model reads.
+    Prompt {
+        config: Box<PromptLearningConfig>,
+        encoder: std::sync::Arc<PromptEncoder>,
+        params: ParamCount,
+    },
 }
 
 impl Tuner {
     /// Attach the configured method to `model` with freshly initialised weights (seeded).
     pub fn attach(cfg: &TrainConfig, model: &mut dyn Model, model_name: &str) -> Result<Tuner> {
+        Tuner::attach_with(cfg, model, model_name, None)
+    }
+
+    /// [`Tuner::attach`] with the model's tokenizer (prompt tuning's `TEXT` init needs it).
+    pub fn attach_with(
+        cfg: &TrainConfig,
+        model: &mut dyn Model,
+        model_name: &str,
+        tokenizer: Option<&crate::tokenizer::Tokenizer>,
+    ) -> Result<Tuner> {
         match cfg.method {
+            Method::PromptTuning | Method::PrefixTuning | Method::PTuning => {
+                let section = cfg.method.as_str();
+                let config = cfg.prompt_config().ok_or_else(|| {
+                    Error::msg(format!(
+                        "method = \"{section}\" needs a [{section}] section"
+                    ))
+                })?;
+                let a = prompt_learning::attach_prompt(
+                    model,
+                    &config,
+                    tokenizer,
+                    cfg.train.seed,
+                    &format!("[{section}]"),
+                )?;
+                Ok(Tuner::Prompt {
+                    config: Box::new(a.config),
+                    encoder: a.encoder,
+                    params: a.params,
+                })
+            }
             Method::Lora => {
                 let defaults = model.default_lora_targets();
                 let mut config = cfg.lora.to_peft_for(model_name, &defaults);
@@ -79,6 +120,11 @@ impl Tuner {
         match self {
             Tuner::Lora { .. } => Method::Lora.as_str(),
             Tuner::Weights { method, .. } => method.as_str(),
+            Tuner::Prompt { config, .. } => match config.peft_type {
+                prompt_learning::PromptMethod::PromptTuning => Method::PromptTuning.as_str(),
+                prompt_learning::PromptMethod::PrefixTuning => Method::PrefixTuning.as_str(),
+                prompt_learning::PromptMethod::PTuning => Method::PTuning.as_str(),
+            },
         }
     }
 
@@ -89,7 +135,9 @@ impl Tuner {
 
     pub fn param_count(&self) -> ParamCount {
         match self {
-            Tuner::Lora { params, .. } | Tuner::Weights { params, .. } => *params,
+            Tuner::Lora { params, .. }
+            | Tuner::Weights { params, .. }
+            | Tuner::Prompt { params, .. } => *params,
         }
     }
 
@@ -99,6 +147,21 @@ impl Tuner {
         match self {
             Tuner::Lora { .. } => adapter_params(model, ADAPTER_NAME),
             Tuner::Weights { vars, .. } => vars.clone(),
+            Tuner::Prompt { encoder, .. } => encoder
+                .trainable_params()
+                .into_iter()
+                .map(|(n, v)| (format!("prompt_encoder.{ADAPTER_NAME}.{n}"), v))
+                .collect(),
+        }
+    }
+
+    /// Write the run's final adapter folder (PEFT's files only); LoRA: [`Tuner::save`].
+    pub fn save_adapter(&self, model: &dyn Model, dir: &Path) -> Result<()> {
+        match self {
+            Tuner::Prompt {
+                config, encoder, ..
+            } => prompt_learning::save_prompt_adapter(config, encoder, dir),
+            _ => self.save(model, dir),
         }
     }
 
@@ -107,6 +170,16 @@ impl Tuner {
     pub fn save(&self, model: &dyn Model, dir: &Path) -> Result<()> {
         match self {
             Tuner::Lora { config, .. } => save_adapter(model, ADAPTER_NAME, &**config, dir),
+            Tuner::Prompt {
+                config, encoder, ..
+            } => {
+                prompt_learning::save_prompt_adapter(config, encoder, dir)?;
+                let tensors = prompt_learning::model::encoder_tensors(encoder, ADAPTER_NAME);
+                crate::fsutil::write_safetensors(
+                    &dir.join(PROMPT_ENCODER_CHECKPOINT_FILE),
+                    &tensors,
+                )
+            }
             Tuner::Weights { vars, .. } => {
                 std::fs::create_dir_all(dir).map_err(|e| Error::file(dir, e))?;
                 let tensors = vars
@@ -122,6 +195,29 @@ impl Tuner {
     /// one attached (same dropout seeds); only the tensor values change.
     pub fn restore(&self, model: &dyn Model, dir: &Path) -> Result<()> {
         match self {
+            Tuner::Prompt { .. } => {
+                let path = dir.join(PROMPT_ENCODER_CHECKPOINT_FILE);
+                let mut tensors = candle_core::safetensors::load(&path, model.device())
+                    .map_err(|e| Error::file(&path, crate::error::first_line(&e.to_string())))?;
+                for (name, var) in self.trainable(model) {
+                    let t: Tensor = tensors
+                        .remove(&name)
+                        .ok_or_else(|| Error::file(&path, format!("tensor `{name}` is missing")))?;
+                    if t.dims() != var.dims() {
+                        return Err(Error::file(
+                            &path,
+                            format!(
+                                "tensor `{name}` has shape {:?}, the prompt encoder {:?} (the [{}] settings changed?)",
+                                t.dims(),
+                                var.dims(),
+                                self.method()
+                            ),
+                        ));
+                    }
+                    var.set(&t.to_dtype(DType::F32)?)?;
+                }
+                Ok(())
+            }
             Tuner::Weights { vars, .. } => {
                 let path = dir.join(WEIGHTS_CHECKPOINT_FILE);
                 let mut tensors = candle_core::safetensors::load(&path, model.device())
@@ -181,7 +277,7 @@ impl Tuner {
     /// `peft::lora::layer`), so this sets the counters: no mask is drawn, whatever `calls` is.
     pub fn replay_rng(&self, model: &dyn Model, calls: u64) -> Result<()> {
         match self {
-            Tuner::Weights { .. } => Ok(()),
+            Tuner::Weights { .. } | Tuner::Prompt { .. } => Ok(()),
             Tuner::Lora { .. } => {
                 for lin in model.linears() {
                     for (name, a) in lin.adapters() {
