@@ -690,3 +690,83 @@ fn train_writes_summary_adapter_metrics_and_plot() {
     let png = std::fs::read(out.join("loss.png")).unwrap();
     assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
 }
+
+/// Files anywhere under `dir` named `name`.
+fn find_named(dir: &Path, name: &str) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(find_named(&p, name));
+        } else if p.file_name().is_some_and(|n| n == name) {
+            out.push(p);
+        }
+    }
+    out
+}
+
+/// `method = "prompt_tuning" | "prefix_tuning" | "p_tuning"` train (val loss falls), leave
+/// PEFT's adapter (one tensor, `prompt_embeddings`) and checkpoints with the whole prompt
+/// encoder, and the adapter loads in `generate --adapter`.
+#[test]
+fn soft_prompt_methods_train_and_generate_with_their_adapter() {
+    for (method, peft_type, section) in [
+        (
+            "prompt_tuning",
+            "PROMPT_TUNING",
+            "[prompt_tuning]\nnum_virtual_tokens = 4\nprompt_tuning_init = \"TEXT\"\nprompt_tuning_init_text = \"rev red cat\"\n",
+        ),
+        (
+            "prefix_tuning",
+            "PREFIX_TUNING",
+            "[prefix_tuning]\nnum_virtual_tokens = 4\nprefix_projection = true\nencoder_hidden_size = 16\n",
+        ),
+        (
+            "p_tuning",
+            "P_TUNING",
+            "[p_tuning]\nnum_virtual_tokens = 4\nencoder_hidden_size = 16\n",
+        ),
+    ] {
+        let s = Setup::new(
+            &format!("soft-{method}"),
+            "",
+            "",
+            &format!("max_steps = 20\nlr = 3e-2\neval_every = 10\n\n{section}"),
+        );
+        let text = std::fs::read_to_string(&s.config).unwrap();
+        std::fs::write(&s.config, format!("method = \"{method}\"\n{text}")).unwrap();
+        s.train_ok(&[]);
+        let out = s.out();
+        let (_, val) = curves(&out);
+        assert!(
+            val.last().unwrap().1 < val[0].1,
+            "{method}: val loss did not fall: {val:?}"
+        );
+        let cfg: Value = serde_json::from_str(
+            &std::fs::read_to_string(out.join("adapter/adapter_config.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(cfg["peft_type"], peft_type);
+        assert_eq!(cfg["num_virtual_tokens"], 4);
+        let st = std::fs::read(out.join("adapter/adapter_model.safetensors")).unwrap();
+        let n = u64::from_le_bytes(st[..8].try_into().unwrap()) as usize;
+        let header: Value = serde_json::from_slice(&st[8..8 + n]).unwrap();
+        let names: Vec<&String> = header
+            .as_object()
+            .unwrap()
+            .keys()
+            .filter(|k| *k != "__metadata__")
+            .collect();
+        assert_eq!(names, ["prompt_embeddings"], "{method}");
+        assert!(!out.join("adapter/prompt_encoder.safetensors").exists());
+        assert!(
+            !find_named(&out, "prompt_encoder.safetensors").is_empty(),
+            "{method}: no checkpoint holds the prompt encoder"
+        );
+        let model = s.dir.join("model");
+        let (with, prompt_tokens, generated) = generate(&model, Some(&out.join("adapter")));
+        assert!(prompt_tokens > 0 && generated == 16, "{with}");
+        let (base, _, _) = generate(&model, None);
+        eprintln!("{method}: with the prompt {with:?}; base {base:?}");
+    }
+}
