@@ -1164,7 +1164,14 @@ fn run_merge(a: MergeArgs) -> Result<()> {
     let mut lm = load(&a.m)?;
     inputs.push(Input::new("the --model", lm.source.path()));
     fsutil::check_output_dir(&a.out, "--out", a.overwrite, &inputs)?;
-    ferrotune::peft::load_adapter(&mut *lm.model, &a.adapter, "merge")?;
+    let loaded = ferrotune::peft::load_adapter(&mut *lm.model, &a.adapter, "merge")?;
+    if let ferrotune::peft::AdapterConfig::Prompt(c) = &loaded.config {
+        anyhow::bail!(
+            "{}: a {} adapter is a soft prompt, not a weight change: there is nothing to merge (use it with --adapter in generate, perplexity or eval)",
+            a.adapter.display(),
+            c.peft_type.peft_type()
+        );
+    }
     let report = ferrotune::peft::merge_and_unload(&mut *lm.model, "merge")?;
     if let Some(msg) = report.message() {
         info!("note: {msg}");

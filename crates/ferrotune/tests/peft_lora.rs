@@ -497,6 +497,7 @@ fn save_then_load_roundtrip_is_bit_exact() {
     let loaded = format::load_adapter(&mut fresh, &dir, "reloaded").unwrap();
     match &loaded.config {
         format::AdapterConfig::Lora(c) => assert_eq!(c, &cfg),
+        other => panic!("reloaded as {}, not LORA", other.peft_type()),
     }
     assert_eq!(loaded.modules.len(), 6);
     let a = peft::adapter_params(&m, "default");

@@ -129,7 +129,7 @@ fn peft_made_prompt_adapters_match_peft() {
                 };
                 if cfg.prompt_tuning_init == Some(PromptTuningInit::Text) {
                     // Our TEXT init picks PEFT's tokens.
-                    let mut cfg = (*cfg).clone();
+                    let mut cfg = cfg.clone();
                     cfg.inference_mode = false;
                     let a =
                         attach_prompt(&mut *lm.model, &cfg, Some(&lm.tokenizer), 0, case).unwrap();

@@ -25,7 +25,7 @@ pub const KEY_PREFIX: &str = "base_model.model.";
 pub enum AdapterConfig {
     Lora(LoraConfig),
     /// PROMPT_TUNING, PREFIX_TUNING, P_TUNING.
-    Prompt(Box<PromptLearningConfig>),
+    Prompt(PromptLearningConfig),
 }
 
 impl AdapterConfig {
@@ -65,7 +65,7 @@ pub fn read_adapter_config(dir: &Path) -> Result<AdapterConfig> {
             let cfg: PromptLearningConfig = serde_json::from_value(v.clone())
                 .map_err(|e| Error::file(&path, format!("invalid {t} config: {e}")))?;
             cfg.validate(&src)?;
-            Ok(AdapterConfig::Prompt(Box::new(cfg)))
+            Ok(AdapterConfig::Prompt(cfg))
         }
         other => Err(Error::key(
             &src,
@@ -175,7 +175,7 @@ pub fn load_adapter(
         let (cfg, params) = super::prompt_learning::load_prompt_adapter(model, cfg, dir)?;
         return Ok(LoadedAdapter {
             adapter_name: adapter_name.to_string(),
-            config: AdapterConfig::Prompt(Box::new(cfg)),
+            config: AdapterConfig::Prompt(cfg),
             modules: Vec::new(),
             params,
         });

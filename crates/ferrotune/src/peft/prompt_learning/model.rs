@@ -397,7 +397,7 @@ pub fn readout_adapter(
     };
     if cfg.peft_type == PromptMethod::PrefixTuning {
         return Err(Error::key(
-            &dir.join(CONFIG_FILE).display().to_string(),
+            dir.join(CONFIG_FILE).display().to_string(),
             "peft_type",
             "PREFIX_TUNING holds key/value prefixes, not input embeddings: readout reads PROMPT_TUNING and P_TUNING adapters",
         ));
