@@ -770,3 +770,72 @@ fn soft_prompt_methods_train_and_generate_with_their_adapter() {
         eprintln!("{method}: with the prompt {with:?}; base {base:?}");
     }
 }
+
+/// A P-tuning run stopped at step 10 and resumed ends with the adapter of an uninterrupted
+/// run: checkpoints keep the whole prompt encoder (the MLP is not in PEFT's file).
+#[test]
+fn p_tuning_stop_and_resume_equals_an_uninterrupted_run() {
+    let s = Setup::new(
+        "soft-resume",
+        "",
+        "",
+        "max_steps = 20\nsave_every = 5\nlr = 3e-2\nseed = 3\n\n[p_tuning]\nnum_virtual_tokens = 3\nencoder_hidden_size = 8\n",
+    );
+    let text = std::fs::read_to_string(&s.config).unwrap();
+    std::fs::write(&s.config, format!("method = \"p_tuning\"\n{text}")).unwrap();
+    let set_a = format!("output_dir={}", s.dir.join("a").display());
+    s.train_ok(&["--set", &set_a]);
+    let set_b = format!("output_dir={}", s.dir.join("b").display());
+    s.train_ok(&["--set", &set_b, "--set", "train.stop_after=10"]);
+    assert!(!s.dir.join("b/adapter").exists());
+    s.train_ok(&["--set", &set_b, "--resume"]);
+    let a = std::fs::read(s.dir.join("a/adapter/adapter_model.safetensors")).unwrap();
+    let b = std::fs::read(s.dir.join("b/adapter/adapter_model.safetensors")).unwrap();
+    assert!(
+        a == b,
+        "the resumed prompt differs from the uninterrupted one"
+    );
+}
+
+/// Soft prompt sections: a missing section, an unknown key, a section for another method and
+/// LSTM are one-line errors naming the key.
+#[test]
+fn soft_prompt_config_errors_name_the_key() {
+    for (method, section, want) in [
+        ("prompt_tuning", "", "prompt_tuning"),
+        (
+            "prompt_tuning",
+            "[prompt_tuning]\nnum_virtual_tokens = 4\nnum_tokens = 3\n",
+            "num_tokens",
+        ),
+        (
+            "prompt_tuning",
+            "[prompt_tuning]\nnum_virtual_tokens = 0\n",
+            "num_virtual_tokens",
+        ),
+        (
+            "prompt_tuning",
+            "[prompt_tuning]\nnum_virtual_tokens = 4\nprompt_tuning_init = \"TEXT\"\n",
+            "prompt_tuning_init_text",
+        ),
+        (
+            "lora",
+            "[prefix_tuning]\nnum_virtual_tokens = 4\n",
+            "prefix_tuning",
+        ),
+        (
+            "p_tuning",
+            "[p_tuning]\nnum_virtual_tokens = 4\nencoder_reparameterization_type = \"LSTM\"\n",
+            "LSTM is not supported",
+        ),
+    ] {
+        let s = Setup::new("soft-bad", "", "", &format!("max_steps = 2\n\n{section}"));
+        let text = std::fs::read_to_string(&s.config).unwrap();
+        std::fs::write(&s.config, format!("method = \"{method}\"\n{text}")).unwrap();
+        let e = s.train_fails(&[]);
+        assert!(
+            e.contains(want) && e.contains("run.toml"),
+            "{method} {section:?}: {e}"
+        );
+    }
+}
