@@ -768,6 +768,37 @@ fn soft_prompt_methods_train_and_generate_with_their_adapter() {
         assert!(prompt_tokens > 0 && generated == 16, "{with}");
         let (base, _, _) = generate(&model, None);
         eprintln!("{method}: with the prompt {with:?}; base {base:?}");
+        let adapter = out.join("adapter");
+        let readout = |extra: &[&str]| {
+            let mut args = vec![
+                "peft",
+                "readout",
+                "--model",
+                model.to_str().unwrap(),
+                "--adapter",
+                adapter.to_str().unwrap(),
+            ];
+            args.extend(extra);
+            args.iter().map(|s| s.to_string()).collect::<Vec<_>>()
+        };
+        if method == "prefix_tuning" {
+            let e = fails(&readout(&[]));
+            assert!(e.contains("PREFIX_TUNING"), "{e}");
+            continue;
+        }
+        let r = succeeds(&readout(&["--k", "2", "--json"]));
+        let v: Value = serde_json::from_slice(&r.stdout).unwrap();
+        let tokens = v["tokens"].as_array().unwrap();
+        assert_eq!(tokens.len(), 4, "{v}");
+        for (i, t) in tokens.iter().enumerate() {
+            assert_eq!(t["index"], i);
+            let near = t["nearest"].as_array().unwrap();
+            assert_eq!(near.len(), 2);
+            assert!(near[0]["token"].is_string() && near[0]["id"].is_u64());
+            assert!(near[0]["cosine"].as_f64().unwrap() >= near[1]["cosine"].as_f64().unwrap());
+        }
+        let text = succeeds(&readout(&[]));
+        eprintln!("{method} readout:\n{}", String::from_utf8_lossy(&text.stdout));
     }
 }
 

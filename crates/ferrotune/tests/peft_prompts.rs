@@ -441,6 +441,15 @@ fn bad_prompt_adapters_are_one_line_errors() {
         assert!(e.contains(want) && !e.contains('\n'), "{e}");
         assert!(m.virtual_prompt().is_none());
     }
+    // One soft prompt at a time: a second is refused, the first stays.
+    std::fs::write(&cfg_path, &good).unwrap();
+    format::load_adapter(&mut m, &dir, "a").unwrap();
+    let e = format::load_adapter(&mut m, &dir, "b")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("one prompt learning adapter at a time"), "{e}");
+    assert!(m.virtual_prompt().is_some());
+    m.set_virtual_prompt(None).unwrap();
     std::fs::write(
         &cfg_path,
         good.replace(

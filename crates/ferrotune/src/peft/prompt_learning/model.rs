@@ -300,6 +300,12 @@ pub fn load_prompt_adapter(
     cfg: &PromptLearningConfig,
     dir: &Path,
 ) -> Result<(PromptLearningConfig, ParamCount)> {
+    if model.virtual_prompt().is_some() {
+        return Err(Error::file(
+            dir.join(CONFIG_FILE),
+            "the model already reads a soft prompt: one prompt learning adapter at a time (as PEFT's forward takes one)",
+        ));
+    }
     let (config, t) = read_prompt_embeddings(model, cfg, dir)?;
     let encoder = Arc::new(PromptEncoder::plain(
         kind_of(config.peft_type),
