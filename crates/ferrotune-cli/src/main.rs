@@ -78,17 +78,17 @@ enum Command {
     Embed(EmbedArgs),
     /// Classify a data file's rows with a sequence-classification model; accuracy and macro-F1.
     Classify(ClassifyArgs),
-    /// PEFT adapter tools: combine adapters into one.
-    Peft {
-        #[command(subcommand)]
-        cmd: PeftCommand,
-    },
     /// Run several fine-tuning methods on one config (same data, steps, seed) and print the trade-off table.
     Compare(CompareArgs),
     /// Inspect training data.
     Data {
         #[command(subcommand)]
         cmd: DataCommand,
+    },
+    /// Work with PEFT adapters (soft-prompt readout).
+    Peft {
+        #[command(subcommand)]
+        cmd: PeftCommand,
     },
 }
 
@@ -790,12 +790,13 @@ fn main() {
         Command::Embed(a) => run_embed(a),
         Command::Classify(a) => run_classify(a),
         Command::Compare(a) => run_compare(a),
-        Command::Peft {
-            cmd: PeftCommand::Combine(a),
-        } => run_peft_combine(a),
         Command::Data {
             cmd: DataCommand::Preview(a),
         } => run_data_preview(a),
+        Command::Peft { cmd } => match cmd {
+            PeftCommand::Readout(a) => run_peft_readout(a),
+            PeftCommand::Combine(a) => run_peft_combine(a),
+        },
     };
     if let Err(e) = res {
         print_error(&e);
@@ -825,12 +826,6 @@ fn usage_error_line(e: &clap::Error) -> String {
 }
 
 // ---- peft: adapter tools ----
-
-#[derive(Subcommand)]
-enum PeftCommand {
-    /// Combine LoRA adapters into a new one (PEFT's add_weighted_adapter: linear, cat, svd).
-    Combine(CombineArgs),
-}
 
 #[derive(Args)]
 struct CombineArgs {
@@ -1060,6 +1055,57 @@ struct TrainArgs {
     /// Check everything (config, data, model, targets, memory, output_dir) and write nothing.
     #[arg(long)]
     dry_run: bool,
+}
+
+#[derive(Subcommand)]
+enum PeftCommand {
+    /// For each virtual token of a soft prompt (prompt tuning, P-tuning), its nearest
+    /// vocabulary tokens by cosine similarity to the input embeddings.
+    Readout(PeftReadoutArgs),
+    /// Combine LoRA adapters into a new one (PEFT's add_weighted_adapter: linear, cat, svd).
+    Combine(CombineArgs),
+}
+
+#[derive(Args)]
+struct PeftReadoutArgs {
+    #[command(flatten)]
+    m: ModelArgs,
+    /// PEFT adapter folder (PROMPT_TUNING or P_TUNING).
+    #[arg(long)]
+    adapter: PathBuf,
+    /// Nearest tokens per virtual token.
+    #[arg(long, default_value_t = 5)]
+    k: usize,
+    /// Print {"tokens": [{"index", "nearest": [{"token", "id", "cosine"}]}]}.
+    #[arg(long)]
+    json: bool,
+}
+
+fn run_peft_readout(a: PeftReadoutArgs) -> Result<()> {
+    input_dir("--adapter", &a.adapter)?;
+    if a.k == 0 {
+        anyhow::bail!("--k must be at least 1");
+    }
+    let lm = load(&a.m)?;
+    let tokens = ferrotune::peft::prompt_learning::model::readout_adapter(
+        &*lm.model,
+        &lm.tokenizer,
+        &a.adapter,
+        a.k,
+    )?;
+    if a.json {
+        println!("{}", serde_json::json!({ "tokens": tokens }));
+    } else {
+        for t in &tokens {
+            let near: Vec<String> = t
+                .nearest
+                .iter()
+                .map(|n| format!("{:?} ({}, {:.4})", n.token, n.id, n.cosine))
+                .collect();
+            println!("{:>3}: {}", t.index, near.join("  "));
+        }
+    }
+    Ok(())
 }
 
 #[derive(Subcommand)]
@@ -1336,10 +1382,17 @@ fn run_merge(a: MergeArgs) -> Result<()> {
     inputs.push(Input::new("the --model", lm.source.path()));
     fsutil::check_output_dir(&a.out, "--out", a.overwrite, &inputs)?;
     let loaded = ferrotune::peft::load_adapter(&mut *lm.model, &a.adapter, "merge")?;
-    if let ferrotune::peft::AdapterConfig::Bottleneck(_) = loaded.config {
+    if let ferrotune::peft::AdapterConfig::Bottleneck(_) = &loaded.config {
         anyhow::bail!(
             "--adapter {}: bottleneck adapters are non-linear in their module's output and cannot be merged into the weights; use the folder with --adapter",
             a.adapter.display()
+        );
+    }
+    if let ferrotune::peft::AdapterConfig::Prompt(c) = &loaded.config {
+        anyhow::bail!(
+            "{}: a {} adapter is a soft prompt, not a weight change: there is nothing to merge (use it with --adapter in generate, perplexity or eval)",
+            a.adapter.display(),
+            c.peft_type.peft_type()
         );
     }
     let report = ferrotune::peft::merge_and_unload(&mut *lm.model, "merge")?;

@@ -787,3 +787,183 @@ fn lora_table_takes_peft_key_names_and_refuses_a_key_with_its_alias() {
     let e = s.train_fails(&[]);
     assert!(e.contains("unknown key `r`") && e.contains("[ia3]"), "{e}");
 }
+
+/// Files anywhere under `dir` named `name`.
+fn find_named(dir: &Path, name: &str) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(find_named(&p, name));
+        } else if p.file_name().is_some_and(|n| n == name) {
+            out.push(p);
+        }
+    }
+    out
+}
+
+/// `method = "prompt_tuning" | "prefix_tuning" | "p_tuning"` train (val loss falls), leave
+/// PEFT's adapter (one tensor, `prompt_embeddings`) and checkpoints with the whole prompt
+/// encoder, and the adapter loads in `generate --adapter`.
+#[test]
+fn soft_prompt_methods_train_and_generate_with_their_adapter() {
+    for (method, peft_type, section) in [
+        (
+            "prompt_tuning",
+            "PROMPT_TUNING",
+            "[prompt_tuning]\nnum_virtual_tokens = 4\nprompt_tuning_init = \"TEXT\"\nprompt_tuning_init_text = \"rev red cat\"\n",
+        ),
+        (
+            "prefix_tuning",
+            "PREFIX_TUNING",
+            "[prefix_tuning]\nnum_virtual_tokens = 4\nprefix_projection = true\nencoder_hidden_size = 16\n",
+        ),
+        (
+            "p_tuning",
+            "P_TUNING",
+            "[p_tuning]\nnum_virtual_tokens = 4\nencoder_hidden_size = 16\n",
+        ),
+    ] {
+        let s = Setup::new(
+            &format!("soft-{method}"),
+            "",
+            "",
+            &format!("max_steps = 20\nlr = 3e-2\neval_every = 10\n\n{section}"),
+        );
+        let text = std::fs::read_to_string(&s.config).unwrap();
+        std::fs::write(&s.config, format!("method = \"{method}\"\n{text}")).unwrap();
+        s.train_ok(&[]);
+        let out = s.out();
+        let (_, val) = curves(&out);
+        assert!(
+            val.last().unwrap().1 < val[0].1,
+            "{method}: val loss did not fall: {val:?}"
+        );
+        let cfg: Value = serde_json::from_str(
+            &std::fs::read_to_string(out.join("adapter/adapter_config.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(cfg["peft_type"], peft_type);
+        assert_eq!(cfg["num_virtual_tokens"], 4);
+        let st = std::fs::read(out.join("adapter/adapter_model.safetensors")).unwrap();
+        let n = u64::from_le_bytes(st[..8].try_into().unwrap()) as usize;
+        let header: Value = serde_json::from_slice(&st[8..8 + n]).unwrap();
+        let names: Vec<&String> = header
+            .as_object()
+            .unwrap()
+            .keys()
+            .filter(|k| *k != "__metadata__")
+            .collect();
+        assert_eq!(names, ["prompt_embeddings"], "{method}");
+        assert!(!out.join("adapter/prompt_encoder.safetensors").exists());
+        assert!(
+            !find_named(&out, "prompt_encoder.safetensors").is_empty(),
+            "{method}: no checkpoint holds the prompt encoder"
+        );
+        let model = s.dir.join("model");
+        let (with, prompt_tokens, generated) = generate(&model, Some(&out.join("adapter")));
+        assert!(prompt_tokens > 0 && generated == 16, "{with}");
+        let (base, _, _) = generate(&model, None);
+        eprintln!("{method}: with the prompt {with:?}; base {base:?}");
+        let adapter = out.join("adapter");
+        let readout = |extra: &[&str]| {
+            let mut args = vec![
+                "peft",
+                "readout",
+                "--model",
+                model.to_str().unwrap(),
+                "--adapter",
+                adapter.to_str().unwrap(),
+            ];
+            args.extend(extra);
+            args.iter().map(|s| s.to_string()).collect::<Vec<_>>()
+        };
+        if method == "prefix_tuning" {
+            let e = fails(&readout(&[]));
+            assert!(e.contains("PREFIX_TUNING"), "{e}");
+            continue;
+        }
+        let r = succeeds(&readout(&["--k", "2", "--json"]));
+        let v: Value = serde_json::from_slice(&r.stdout).unwrap();
+        let tokens = v["tokens"].as_array().unwrap();
+        assert_eq!(tokens.len(), 4, "{v}");
+        for (i, t) in tokens.iter().enumerate() {
+            assert_eq!(t["index"], i);
+            let near = t["nearest"].as_array().unwrap();
+            assert_eq!(near.len(), 2);
+            assert!(near[0]["token"].is_string() && near[0]["id"].is_u64());
+            assert!(near[0]["cosine"].as_f64().unwrap() >= near[1]["cosine"].as_f64().unwrap());
+        }
+        let text = succeeds(&readout(&[]));
+        eprintln!("{method} readout:\n{}", String::from_utf8_lossy(&text.stdout));
+    }
+}
+
+/// A P-tuning run stopped at step 10 and resumed ends with the adapter of an uninterrupted
+/// run: checkpoints keep the whole prompt encoder (the MLP is not in PEFT's file).
+#[test]
+fn p_tuning_stop_and_resume_equals_an_uninterrupted_run() {
+    let s = Setup::new(
+        "soft-resume",
+        "",
+        "",
+        "max_steps = 20\nsave_every = 5\nlr = 3e-2\nseed = 3\n\n[p_tuning]\nnum_virtual_tokens = 3\nencoder_hidden_size = 8\n",
+    );
+    let text = std::fs::read_to_string(&s.config).unwrap();
+    std::fs::write(&s.config, format!("method = \"p_tuning\"\n{text}")).unwrap();
+    let set_a = format!("output_dir={}", s.dir.join("a").display());
+    s.train_ok(&["--set", &set_a]);
+    let set_b = format!("output_dir={}", s.dir.join("b").display());
+    s.train_ok(&["--set", &set_b, "--set", "train.stop_after=10"]);
+    assert!(!s.dir.join("b/adapter").exists());
+    s.train_ok(&["--set", &set_b, "--resume"]);
+    let a = std::fs::read(s.dir.join("a/adapter/adapter_model.safetensors")).unwrap();
+    let b = std::fs::read(s.dir.join("b/adapter/adapter_model.safetensors")).unwrap();
+    assert!(
+        a == b,
+        "the resumed prompt differs from the uninterrupted one"
+    );
+}
+
+/// Soft prompt sections: a missing section, an unknown key, a section for another method and
+/// LSTM are one-line errors naming the key.
+#[test]
+fn soft_prompt_config_errors_name_the_key() {
+    for (method, section, want) in [
+        ("prompt_tuning", "", "prompt_tuning"),
+        (
+            "prompt_tuning",
+            "[prompt_tuning]\nnum_virtual_tokens = 4\nnum_tokens = 3\n",
+            "num_tokens",
+        ),
+        (
+            "prompt_tuning",
+            "[prompt_tuning]\nnum_virtual_tokens = 0\n",
+            "num_virtual_tokens",
+        ),
+        (
+            "prompt_tuning",
+            "[prompt_tuning]\nnum_virtual_tokens = 4\nprompt_tuning_init = \"TEXT\"\n",
+            "prompt_tuning_init_text",
+        ),
+        (
+            "lora",
+            "[prefix_tuning]\nnum_virtual_tokens = 4\n",
+            "prefix_tuning",
+        ),
+        (
+            "p_tuning",
+            "[p_tuning]\nnum_virtual_tokens = 4\nencoder_reparameterization_type = \"LSTM\"\n",
+            "LSTM is not supported",
+        ),
+    ] {
+        let s = Setup::new("soft-bad", "", "", &format!("max_steps = 2\n\n{section}"));
+        let text = std::fs::read_to_string(&s.config).unwrap();
+        std::fs::write(&s.config, format!("method = \"{method}\"\n{text}")).unwrap();
+        let e = s.train_fails(&[]);
+        assert!(
+            e.contains(want) && e.contains("run.toml"),
+            "{method} {section:?}: {e}"
+        );
+    }
+}

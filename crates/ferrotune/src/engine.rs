@@ -175,7 +175,8 @@ impl FastDecoder {
     /// attached, unsupported weights).
     pub fn new(model: &dyn Model) -> Option<Self> {
         let model: &Llama = model.downcast_ref::<Llama>()?;
-        if !model.device().is_cpu() {
+        // The engine has no soft prompt (virtual tokens, key/value prefixes).
+        if !model.device().is_cpu() || Model::virtual_prompt(model).is_some() {
             return None;
         }
         let cfg = &model.cfg;

@@ -151,7 +151,8 @@ pub enum Engine {
 
 /// The decoder `engine` picks for `model`; an encoder is a one-line error.
 pub fn decoder_for<'a>(model: &'a dyn Model, engine: Engine) -> Result<Box<dyn Decoder + 'a>> {
-    if engine == Engine::Auto {
+    // The fast engine knows nothing of soft prompts.
+    if engine == Engine::Auto && model.virtual_prompt().is_none() {
         if let Some(fast) = crate::engine::FastDecoder::new(model) {
             return Ok(Box::new(fast));
         }

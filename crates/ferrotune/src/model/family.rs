@@ -211,6 +211,28 @@ pub struct MicroBatchGrads {
     pub backward_s: f64,
 }
 
+/// Where a soft prompt's virtual tokens enter the model (PEFT's prompt learning methods).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VirtualTokens {
+    /// Input embeddings `(n, hidden)` put before every row's token embeddings (prompt tuning,
+    /// P-tuning), as PEFT's `inputs_embeds = cat(prompts, inputs_embeds)`.
+    Embeddings,
+    /// Per-layer key/value prefixes `(n, layers · 2 · kv_heads · head_dim)`, laid out as PEFT's
+    /// prefix encoder output (`view(n, layers · 2, kv_heads, head_dim)`: layer `i`'s keys at
+    /// `2i`, its values at `2i + 1`), fed as the past key/values (prefix tuning).
+    Prefix,
+}
+
+/// A soft prompt the model reads on every forward pass: the values are computed on each call
+/// (from trainable parameters while training, so gradients reach them), `(n, width)` f32.
+pub trait SoftPrompt: Send + Sync {
+    fn kind(&self) -> VirtualTokens;
+    /// Virtual tokens per row (`num_virtual_tokens`).
+    fn num_virtual_tokens(&self) -> usize;
+    /// The prompt values: `(n, hidden)` embeddings or `(n, layers · 2 · kv_dim)` prefixes.
+    fn values(&self) -> Result<Tensor>;
+}
+
 /// A model of any family. Object safe: the library holds `Box<dyn Model>` and passes
 /// `&dyn Model` / `&mut dyn Model`. See the module docs and ARCHITECTURE.md.
 pub trait Model: Send + Sync + Any {
@@ -319,6 +341,24 @@ pub trait Model: Send + Sync + Any {
     /// Seek the model's dropout stream to where it was after `calls` training forward passes
     /// (O(1): no mask is drawn).
     fn set_dropout_calls(&self, _calls: u64) {}
+
+    // ---- Soft prompts (prompt tuning, prefix tuning, P-tuning) -------------------------------
+
+    /// Put a soft prompt in front of every input (training, logits, perplexity and incremental
+    /// decoding all see it), or remove it (`None`). Families that cannot take one: an error.
+    fn set_virtual_prompt(&mut self, prompt: Option<std::sync::Arc<dyn SoftPrompt>>) -> Result<()> {
+        match prompt {
+            None => Ok(()),
+            Some(_) => Err(Error::msg(format!(
+                "soft prompts (prompt tuning, prefix tuning, P-tuning) are not supported for {} yet",
+                self.describe()
+            ))),
+        }
+    }
+    /// The soft prompt set by [`Self::set_virtual_prompt`].
+    fn virtual_prompt(&self) -> Option<std::sync::Arc<dyn SoftPrompt>> {
+        None
+    }
 
     // ---- Saving ----------------------------------------------------------------------------
 
@@ -478,6 +518,12 @@ impl Model for Box<dyn Model> {
     }
     fn set_dropout_calls(&self, calls: u64) {
         (**self).set_dropout_calls(calls)
+    }
+    fn set_virtual_prompt(&mut self, prompt: Option<std::sync::Arc<dyn SoftPrompt>>) -> Result<()> {
+        (**self).set_virtual_prompt(prompt)
+    }
+    fn virtual_prompt(&self) -> Option<std::sync::Arc<dyn SoftPrompt>> {
+        (**self).virtual_prompt()
     }
     fn state_dict(&self, dtype: DType) -> Result<HashMap<String, Tensor>> {
         (**self).state_dict(dtype)

@@ -3,12 +3,14 @@
 //! (see `ops`), so the same code serves generation and training.
 use super::config::{rope_inv_freq, LlamaConfig};
 use super::family::{ArchitectureKind, Dims, MicroBatchGrads, Model, Objective, Task, TaskType};
+use super::family::{SoftPrompt, VirtualTokens};
 use super::weights::{ExpectedTensor, WeightSource};
 use crate::data::{Batch, Targets};
 use crate::nn::{Embedding, EmbeddingWeight, Linear, RmsNorm};
 use crate::ops;
 use candle_core::{DType, Device, Result, Tensor, Var};
 use std::collections::HashMap;
+use std::sync::Arc;
 
 pub struct Attention {
     pub q_proj: Linear,
@@ -71,6 +73,16 @@ pub struct Llama {
     pub cos: Tensor,
     pub sin: Tensor,
     device: Device,
+    /// A soft prompt read by every forward pass (see [`Model::set_virtual_prompt`]).
+    prompt: Option<Arc<dyn SoftPrompt>>,
+}
+
+/// A soft prompt's values shaped for a batch of rows.
+enum PromptInput {
+    /// `(b, n, hidden)`, put before the token embeddings.
+    Embeddings(Tensor),
+    /// Per layer `(k, v)`, each `(b, kv_heads, n, head_dim)`: the first entries of the KV cache.
+    Prefix(Vec<(Tensor, Tensor)>),
 }
 
 fn linear(src: &dyn WeightSource, name: &str, bias: bool) -> crate::Result<Linear> {
@@ -273,6 +285,7 @@ impl Llama {
             cos,
             sin,
             device,
+            prompt: None,
         })
     }
 
@@ -362,13 +375,57 @@ impl Llama {
 
     /// Hidden states after the final norm: ids (b, t) -> (b, t, hidden).
     /// With a cache, `ids` are the new tokens after the cached ones and the cache is extended.
+    /// A soft prompt enters when the cache is empty (or there is none), as PEFT's forward puts
+    /// it before the input: the virtual tokens are cached like tokens and shift the positions.
     pub fn forward_hidden(
         &self,
         ids: &Tensor,
         cache: Option<&mut KvCache>,
         train: bool,
     ) -> Result<Tensor> {
-        let (_b, t) = ids.dims2()?;
+        let t = ids.dim(1)?;
+        let (h, prepended) = self.forward_hidden_prompted(ids, cache, train)?;
+        if prepended == 0 {
+            Ok(h)
+        } else {
+            h.narrow(1, prepended, t)
+        }
+    }
+
+    /// [`Self::forward_hidden`] keeping the hidden states of virtual tokens put before the
+    /// input (prompt tuning): `(b, n + t, hidden)` and `n` (0 without such a prompt).
+    fn forward_hidden_prompted(
+        &self,
+        ids: &Tensor,
+        cache: Option<&mut KvCache>,
+        train: bool,
+    ) -> Result<(Tensor, usize)> {
+        let b = ids.dim(0)?;
+        let fresh = cache.as_ref().map(|c| c.is_empty()).unwrap_or(true);
+        let mut x = self.embed_tokens.forward(ids)?;
+        let mut prepended = 0;
+        let mut prefix = None;
+        match if fresh { self.prompt_input(b)? } else { None } {
+            Some(PromptInput::Embeddings(p)) => {
+                prepended = p.dim(1)?;
+                x = Tensor::cat(&[&p.to_dtype(x.dtype())?, &x], 1)?;
+            }
+            Some(PromptInput::Prefix(kv)) => prefix = Some(kv),
+            None => {}
+        }
+        // A prefix is past keys and values: without a cache, a local one holds them.
+        let mut local = None;
+        let mut cache = match cache {
+            Some(c) => Some(c),
+            None if prefix.is_some() => Some(local.insert(self.new_cache())),
+            None => None,
+        };
+        if let (Some(kv), Some(c)) = (prefix, cache.as_mut()) {
+            for (slot, kv) in c.layers.iter_mut().zip(kv) {
+                *slot = Some(kv);
+            }
+        }
+        let t = x.dim(1)?;
         let offset = cache.as_ref().map(|c| c.len()).unwrap_or(0);
         if offset + t > self.cos.dim(0)? {
             candle_core::bail!(
@@ -379,13 +436,63 @@ impl Llama {
         }
         let cos = self.cos.narrow(0, offset, t)?;
         let sin = self.sin.narrow(0, offset, t)?;
-        let mut x = self.embed_tokens.forward(ids)?;
-        let mut cache = cache;
         for (i, layer) in self.layers.iter().enumerate() {
             let slot = cache.as_mut().map(|c| &mut c.layers[i]);
             x = layer.forward_masked(&x, &cos, &sin, offset, slot, None, train)?;
         }
-        self.norm.forward(&x)
+        Ok((self.norm.forward(&x)?, prepended))
+    }
+
+    /// The soft prompt's values for `b` rows, shaped as the forward pass takes them.
+    fn prompt_input(&self, b: usize) -> Result<Option<PromptInput>> {
+        let Some(p) = &self.prompt else {
+            return Ok(None);
+        };
+        let v = p
+            .values()
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        let n = p.num_virtual_tokens();
+        let c = &self.cfg;
+        match p.kind() {
+            VirtualTokens::Embeddings => {
+                if v.dims() != [n, c.hidden_size] {
+                    candle_core::bail!(
+                        "soft prompt is {:?} but the model takes ({n}, {}) (num_virtual_tokens, hidden_size)",
+                        v.dims(),
+                        c.hidden_size
+                    );
+                }
+                Ok(Some(PromptInput::Embeddings(
+                    v.unsqueeze(0)?
+                        .broadcast_as((b, n, c.hidden_size))?
+                        .contiguous()?,
+                )))
+            }
+            VirtualTokens::Prefix => {
+                let (l, kvh, hd) = (c.num_hidden_layers, c.num_key_value_heads, c.head_dim);
+                if v.dims() != [n, l * 2 * kvh * hd] {
+                    candle_core::bail!(
+                        "prefix is {:?} but the model takes ({n}, {}) (num_virtual_tokens, layers · 2 · kv heads · head dim)",
+                        v.dims(),
+                        l * 2 * kvh * hd
+                    );
+                }
+                // PEFT: view(b, n, layers · 2, kv_heads, head_dim).permute(2, 0, 3, 1, 4).
+                let v = v.reshape((n, l * 2, kvh, hd))?;
+                let part = |j: usize| -> Result<Tensor> {
+                    v.narrow(1, j, 1)?
+                        .squeeze(1)?
+                        .transpose(0, 1)?
+                        .unsqueeze(0)?
+                        .broadcast_as((b, kvh, n, hd))?
+                        .contiguous()
+                };
+                let kv = (0..l)
+                    .map(|i| Ok((part(2 * i)?, part(2 * i + 1)?)))
+                    .collect::<Result<Vec<_>>>()?;
+                Ok(Some(PromptInput::Prefix(kv)))
+            }
+        }
     }
 
     /// Hidden states after the final norm for packed rows: ids (b, t) -> (b, t, hidden).
@@ -517,12 +624,43 @@ impl Llama {
 impl Llama {
     /// Final hidden states for a batch: the packed forward pass when it has segment ids.
     fn batch_hidden(&self, batch: &Batch, train: bool) -> Result<Tensor> {
+        if self.prompt.is_some() {
+            self.check_unpacked(batch)?;
+        }
         match &batch.segment_ids {
             Some(seg) => {
                 self.forward_hidden_packed(&batch.input_ids, &batch.position_ids, seg, train)
             }
             None => self.forward_hidden(&batch.input_ids, None, train),
         }
+    }
+
+    /// Packed rows hold several examples; a soft prompt belongs before each, which one pass
+    /// over the row cannot give.
+    fn check_unpacked(&self, batch: &Batch) -> Result<()> {
+        if batch.segment_ids.is_some() {
+            candle_core::bail!(
+                "a soft prompt (prompt tuning, prefix tuning, P-tuning) cannot run on packed rows: set data.packing = false"
+            );
+        }
+        Ok(())
+    }
+
+    /// The summed loss with a soft prompt: virtual tokens put before the input carry label
+    /// -100, so the last of them predicts the first token, as in PEFT's forward.
+    fn prompted_loss_sum(&self, batch: &Batch, train: bool) -> crate::Result<(Tensor, usize)> {
+        self.check_unpacked(batch)?;
+        let (hidden, n) = self.forward_hidden_prompted(&batch.input_ids, None, train)?;
+        let labels = if n == 0 {
+            batch.labels.clone()
+        } else {
+            let b = batch.labels.dim(0)?;
+            let ignore = Tensor::full(crate::data::IGNORE, (b, n), &self.device)?
+                .to_dtype(batch.labels.dtype())?;
+            Tensor::cat(&[&ignore, &batch.labels], 1)?
+        };
+        let (rows, targets) = crate::train::loss::loss_positions(&labels)?;
+        crate::train::loss::head_loss_sum(&self.lm_head, &hidden, rows, targets, train)
     }
 
     fn check_targets(&self, batch: &Batch) -> crate::Result<()> {
@@ -672,6 +810,9 @@ impl Model for Llama {
         if batch.n_loss_tokens == 0 {
             return Ok((Tensor::zeros((), DType::F32, &self.device)?, 0));
         }
+        if self.prompt.is_some() {
+            return self.prompted_loss_sum(batch, train);
+        }
         let hidden = self.batch_hidden(batch, train)?;
         crate::train::loss::loss_from_hidden(&self.lm_head, &hidden, batch, train)
     }
@@ -687,6 +828,11 @@ impl Model for Llama {
         scale: f64,
     ) -> crate::Result<MicroBatchGrads> {
         self.check_targets(batch)?;
+        if self.prompt.is_some() {
+            return Err(crate::Error::msg(
+                "train.gradient_checkpointing does not support soft prompts (prompt tuning, prefix tuning, P-tuning) yet; set it to false",
+            ));
+        }
         crate::train::checkpointing::loss_and_grads(self, params, batch, scale)
     }
     fn activation_floats_per_token(&self, dropout: bool) -> u64 {
@@ -698,6 +844,14 @@ impl Model for Llama {
 
     fn decoder(&self) -> crate::Result<Box<dyn crate::generate::Decoder + '_>> {
         Ok(Box::new(crate::generate::LlamaDecoder::new(self)))
+    }
+
+    fn set_virtual_prompt(&mut self, prompt: Option<Arc<dyn SoftPrompt>>) -> crate::Result<()> {
+        self.prompt = prompt;
+        Ok(())
+    }
+    fn virtual_prompt(&self) -> Option<Arc<dyn SoftPrompt>> {
+        self.prompt.clone()
     }
 
     fn state_dict(&self, dtype: DType) -> crate::Result<HashMap<String, Tensor>> {

@@ -16,6 +16,7 @@ pub mod weights;
 pub use bert::{load_bert, Bert, BertConfig, BertHead, BertInput, LoadedBert, Pooling};
 pub use config::{ConfigKeys, LlamaConfig, RopeScaling};
 pub use family::{ArchitectureKind, Dims, MicroBatchGrads, Model, Objective, Task, TaskType};
+pub use family::{SoftPrompt, VirtualTokens};
 pub use llama::{KvCache, LayerContext, Llama};
 pub use t5::{LoadedT5, T5Config, T5};
 pub use weights::{GgufSource, HeadKind, HeadSpec, LoadOptions, SafetensorsSource, WeightSource};

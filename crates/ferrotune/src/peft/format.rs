@@ -7,6 +7,7 @@
 use super::bottleneck::BottleneckConfig;
 use super::ia3::Ia3Config;
 use super::lora::LoraConfig;
+use super::prompt_learning::{PromptLearningConfig, PromptMethod};
 use super::{adapter_params, param_count, ParamCount, PeftMethod};
 use crate::fsutil::{write_atomic, write_safetensors};
 use crate::model::{Model, TaskType};
@@ -27,6 +28,8 @@ pub enum AdapterConfig {
     Lora(LoraConfig),
     Ia3(Ia3Config),
     Bottleneck(BottleneckConfig),
+    /// PROMPT_TUNING, PREFIX_TUNING, P_TUNING.
+    Prompt(PromptLearningConfig),
 }
 
 impl AdapterConfig {
@@ -35,6 +38,7 @@ impl AdapterConfig {
             AdapterConfig::Lora(_) => <LoraConfig as PeftMethod>::PEFT_TYPE,
             AdapterConfig::Ia3(_) => <Ia3Config as PeftMethod>::PEFT_TYPE,
             AdapterConfig::Bottleneck(_) => <BottleneckConfig as PeftMethod>::PEFT_TYPE,
+            AdapterConfig::Prompt(c) => c.peft_type.peft_type(),
         }
     }
 }
@@ -76,10 +80,16 @@ pub fn read_adapter_config(dir: &Path) -> Result<AdapterConfig> {
             cfg.validate(&src)?;
             Ok(AdapterConfig::Bottleneck(cfg))
         }
+        t if PromptMethod::from_peft_type(t).is_some() => {
+            let cfg: PromptLearningConfig = serde_json::from_value(v.clone())
+                .map_err(|e| Error::file(&path, format!("invalid {t} config: {e}")))?;
+            cfg.validate(&src)?;
+            Ok(AdapterConfig::Prompt(cfg))
+        }
         other => Err(Error::key(
             &src,
             "peft_type",
-            format!("`{other}` is not supported (supported: LORA, IA3, BOTTLENECK)"),
+            format!("`{other}` is not supported (supported: LORA, IA3, BOTTLENECK, PROMPT_TUNING, PREFIX_TUNING, P_TUNING)"),
         )),
     }
 }
@@ -179,6 +189,16 @@ pub fn load_adapter(
 ) -> Result<LoadedAdapter> {
     let config = read_adapter_config(dir)?;
     check_task_type(model, dir)?;
+    if let AdapterConfig::Prompt(cfg) = &config {
+        // A soft prompt wraps no linear: the model reads it before its inputs.
+        let (cfg, params) = super::prompt_learning::load_prompt_adapter(model, cfg, dir)?;
+        return Ok(LoadedAdapter {
+            adapter_name: adapter_name.to_string(),
+            config: AdapterConfig::Prompt(cfg),
+            modules: Vec::new(),
+            params,
+        });
+    }
     let path = dir.join(WEIGHTS_FILE);
     if !path.exists() {
         let bin = dir.join("adapter_model.bin");
@@ -198,6 +218,7 @@ pub fn load_adapter(
         AdapterConfig::Lora(cfg) => check_lora_shapes(model, cfg, dir, &path, &shapes)?,
         AdapterConfig::Ia3(cfg) => check_ia3_shapes(model, cfg, dir, &path, &shapes)?,
         AdapterConfig::Bottleneck(cfg) => check_bottleneck_shapes(model, cfg, dir, &path, &shapes)?,
+        AdapterConfig::Prompt(_) => unreachable!("loaded above"),
     }
     let tensors = candle_core::safetensors::load(&path, model.device())
         .map_err(|e| Error::file(&path, crate::error::first_line(&e.to_string())))?;
@@ -215,11 +236,13 @@ pub fn load_adapter(
             cfg.attach(model, adapter_name, 0)
                 .map_err(|e| Error::file(dir.join(CONFIG_FILE), e))?;
         }
+        AdapterConfig::Prompt(_) => unreachable!("loaded above"),
     }
     let implied_copies = match &config {
         AdapterConfig::Lora(cfg) => cfg.modules_to_save.is_none(),
         AdapterConfig::Ia3(cfg) => cfg.modules_to_save.is_none(),
         AdapterConfig::Bottleneck(cfg) => cfg.modules_to_save.is_none(),
+        AdapterConfig::Prompt(_) => unreachable!("loaded above"),
     };
     if let Err(e) = fill_from(model, adapter_name, tensors, &path, implied_copies) {
         // Leave the model as it was.

@@ -277,7 +277,7 @@ fn compare_models(
     out.push(score("base".into(), lm, base_preds, refs, exs, o)?);
     for (i, dir) in adapters.iter().enumerate() {
         let name = format!("compare{i}");
-        load_adapter(&mut *lm.model, dir, &name)?;
+        let loaded = load_adapter(&mut *lm.model, dir, &name)?;
         let t0 = std::time::Instant::now();
         let result = (|| {
             let mut dec = lm.model.decoder()?;
@@ -285,7 +285,12 @@ fn compare_models(
             note(&dir.display().to_string(), t0);
             score(dir.display().to_string(), lm, preds, refs, exs, o)
         })();
-        peft::remove_adapter(&mut *lm.model, &name)?;
+        // A soft prompt lives in the model's input, not in its linears.
+        if matches!(loaded.config, peft::AdapterConfig::Prompt(_)) {
+            lm.model.set_virtual_prompt(None)?;
+        } else {
+            peft::remove_adapter(&mut *lm.model, &name)?;
+        }
         out.push(result?);
     }
     Ok(out)

@@ -5,6 +5,7 @@
 //! model = "path/or/hf:org/name"   # a .gguf file, an HF folder, or hf:org/name[@revision]
 //! method = "lora"                 # lora | full (every weight) | selective (the [selective] modules)
 //!                                 # | ia3 (the [ia3] table: PEFT's IA3Config keys)
+//!                                 # | prompt_tuning | prefix_tuning | p_tuning (soft prompts)
 //! task = "causal_lm"              # causal_lm | seq2seq_lm | sequence_classification |
 //!                                 # token_classification (default: the model's own)
 //! objective = "sft"               # sft | clm | mlm | span_corruption (default sft)
@@ -69,6 +70,9 @@
 use crate::data::DataConfig;
 use crate::peft::ia3::Ia3Config;
 use crate::peft::lora::{LoraConfig, ModuleSpec};
+use crate::peft::prompt_learning::config::{
+    PTuningSection, PrefixTuningSection, PromptTuningSection,
+};
 use crate::{Error, Result};
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
@@ -103,6 +107,14 @@ pub struct TrainConfig {
     /// `[adapter]`: the bottleneck adapters of `method = "adapter"`.
     #[serde(default)]
     pub adapter: Option<AdapterSection>,
+    /// `[prompt_tuning]`, `[prefix_tuning]`, `[p_tuning]`: PEFT's config keys of the soft prompt
+    /// methods.
+    #[serde(default)]
+    pub prompt_tuning: Option<PromptTuningSection>,
+    #[serde(default)]
+    pub prefix_tuning: Option<PrefixTuningSection>,
+    #[serde(default)]
+    pub p_tuning: Option<PTuningSection>,
     #[serde(default)]
     pub train: TrainSection,
 }
@@ -141,6 +153,19 @@ impl AdapterSection {
     }
 }
 
+impl TrainConfig {
+    /// The PEFT config of a soft prompt method (`None` for the other methods, or when its
+    /// section is missing: [`validate`] refuses that).
+    pub fn prompt_config(&self) -> Option<crate::peft::prompt_learning::PromptLearningConfig> {
+        match self.method {
+            Method::PromptTuning => self.prompt_tuning.as_ref().map(|s| s.to_peft(&self.model)),
+            Method::PrefixTuning => self.prefix_tuning.as_ref().map(|s| s.to_peft(&self.model)),
+            Method::PTuning => self.p_tuning.as_ref().map(|s| s.to_peft(&self.model)),
+            _ => None,
+        }
+    }
+}
+
 /// `[selective]`: train whole modules by name and freeze the rest (e.g. only a classification
 /// head on a frozen encoder: `modules = ["classifier", "bert.pooler"]`).
 #[derive(Debug, Clone, Deserialize)]
@@ -164,6 +189,15 @@ pub enum Method {
     Adapter,
     /// IA3 (PEFT `IA3`): learned vectors rescaling keys, values and the feed-forward input.
     Ia3,
+    /// PEFT's PROMPT_TUNING: trained virtual-token embeddings (`[prompt_tuning]`).
+    #[serde(rename = "prompt_tuning")]
+    PromptTuning,
+    /// PEFT's PREFIX_TUNING: per-layer key/value prefixes (`[prefix_tuning]`).
+    #[serde(rename = "prefix_tuning")]
+    PrefixTuning,
+    /// PEFT's P_TUNING: virtual tokens from an MLP prompt encoder (`[p_tuning]`).
+    #[serde(rename = "p_tuning")]
+    PTuning,
 }
 
 impl Method {
@@ -174,6 +208,9 @@ impl Method {
             Method::Selective => "selective",
             Method::Adapter => "adapter",
             Method::Ia3 => "ia3",
+            Method::PromptTuning => "prompt_tuning",
+            Method::PrefixTuning => "prefix_tuning",
+            Method::PTuning => "p_tuning",
         }
     }
 }
@@ -1108,11 +1145,48 @@ fn validate(c: &LoadedConfig) -> Result<()> {
                 .validate(&format!("{}: [adapter]", c.source()))
                 .map_err(|e| Error::msg(e.to_string()))?;
         }
+        Method::PromptTuning | Method::PrefixTuning | Method::PTuning => {
+            let section = cfg.method.as_str();
+            match cfg.prompt_config() {
+                None => {
+                    return bad(
+                        section,
+                        &format!("method = \"{section}\" needs a [{section}] section with num_virtual_tokens = N"),
+                    )
+                }
+                Some(p) => p
+                    .validate(&format!("{}: [{section}]", c.source()))
+                    .map_err(|e| Error::msg(e.to_string()))?,
+            }
+        }
     }
     // A config may hold the sections of several methods when `--set method=...` picks one
     // (`ferrotune compare` runs one base config with each method); otherwise a section of
     // another method is a mistake (`[adapter]` with the default method = "lora").
     let method_from_cli = c.overrides.iter().any(|(k, _)| k == "method");
+    for (section, present, method) in [
+        (
+            "prompt_tuning",
+            cfg.prompt_tuning.is_some(),
+            Method::PromptTuning,
+        ),
+        (
+            "prefix_tuning",
+            cfg.prefix_tuning.is_some(),
+            Method::PrefixTuning,
+        ),
+        ("p_tuning", cfg.p_tuning.is_some(), Method::PTuning),
+    ] {
+        if !method_from_cli && present && cfg.method != method {
+            return bad(
+                section,
+                &format!(
+                    "[{section}] is for method = \"{section}\", not \"{}\"",
+                    cfg.method.as_str()
+                ),
+            );
+        }
+    }
     if !method_from_cli && cfg.method != Method::Adapter && cfg.adapter.is_some() {
         return bad(
             "adapter",

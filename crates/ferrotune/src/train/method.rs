@@ -8,6 +8,7 @@ use crate::peft::bottleneck::BottleneckConfig;
 use crate::peft::format::{save_adapter, KEY_PREFIX, WEIGHTS_FILE};
 use crate::peft::ia3::Ia3Config;
 use crate::peft::lora::{as_lora, attach_lora, config_for_model, LoraConfig};
+use crate::peft::prompt_learning::{self, PromptEncoder, PromptLearningConfig};
 use crate::peft::{adapter_params, ParamCount};
 use crate::{Error, Result};
 use candle_core::{DType, Tensor, Var};
@@ -15,6 +16,10 @@ use std::path::Path;
 
 /// PEFT's name for the adapter of a single-adapter model.
 pub const ADAPTER_NAME: &str = "default";
+
+/// The file a soft prompt run's checkpoint holds its whole prompt encoder in (the embedding and
+/// the MLP, by PEFT name), beside PEFT's adapter files: the MLP is not in PEFT's file.
+pub const PROMPT_ENCODER_CHECKPOINT_FILE: &str = "prompt_encoder.safetensors";
 
 /// The file a full or selective run's checkpoint holds its trained weights in (HF names).
 pub const WEIGHTS_CHECKPOINT_FILE: &str = "model.safetensors";
@@ -43,12 +48,48 @@ pub enum Tuner {
         params: ParamCount,
         vars: Vec<(String, Var)>,
     },
+    /// `prompt_tuning`, `prefix_tuning`, `p_tuning`: a soft prompt the model reads.
+    Prompt {
+        config: Box<PromptLearningConfig>,
+        encoder: std::sync::Arc<PromptEncoder>,
+        params: ParamCount,
+    },
 }
 
 impl Tuner {
     /// Attach the configured method to `model` with freshly initialised weights (seeded).
     pub fn attach(cfg: &TrainConfig, model: &mut dyn Model, model_name: &str) -> Result<Tuner> {
+        Tuner::attach_with(cfg, model, model_name, None)
+    }
+
+    /// [`Tuner::attach`] with the model's tokenizer (prompt tuning's `TEXT` init needs it).
+    pub fn attach_with(
+        cfg: &TrainConfig,
+        model: &mut dyn Model,
+        model_name: &str,
+        tokenizer: Option<&crate::tokenizer::Tokenizer>,
+    ) -> Result<Tuner> {
         match cfg.method {
+            Method::PromptTuning | Method::PrefixTuning | Method::PTuning => {
+                let section = cfg.method.as_str();
+                let config = cfg.prompt_config().ok_or_else(|| {
+                    Error::msg(format!(
+                        "method = \"{section}\" needs a [{section}] section"
+                    ))
+                })?;
+                let a = prompt_learning::attach_prompt(
+                    model,
+                    &config,
+                    tokenizer,
+                    cfg.train.seed,
+                    &format!("[{section}]"),
+                )?;
+                Ok(Tuner::Prompt {
+                    config: Box::new(a.config),
+                    encoder: a.encoder,
+                    params: a.params,
+                })
+            }
             Method::Lora => {
                 let defaults = model.default_lora_targets();
                 let mut config = cfg.lora.to_peft_for(model_name, &defaults);
@@ -124,6 +165,11 @@ impl Tuner {
             Tuner::Adapter { .. } => Method::Adapter.as_str(),
             Tuner::Ia3 { .. } => Method::Ia3.as_str(),
             Tuner::Weights { method, .. } => method.as_str(),
+            Tuner::Prompt { config, .. } => match config.peft_type {
+                prompt_learning::PromptMethod::PromptTuning => Method::PromptTuning.as_str(),
+                prompt_learning::PromptMethod::PrefixTuning => Method::PrefixTuning.as_str(),
+                prompt_learning::PromptMethod::PTuning => Method::PTuning.as_str(),
+            },
         }
     }
 
@@ -156,7 +202,8 @@ impl Tuner {
             Tuner::Lora { params, .. }
             | Tuner::Adapter { params, .. }
             | Tuner::Ia3 { params, .. }
-            | Tuner::Weights { params, .. } => *params,
+            | Tuner::Weights { params, .. }
+            | Tuner::Prompt { params, .. } => *params,
         }
     }
 
@@ -168,6 +215,21 @@ impl Tuner {
                 adapter_params(model, ADAPTER_NAME)
             }
             Tuner::Weights { vars, .. } => vars.clone(),
+            Tuner::Prompt { encoder, .. } => encoder
+                .trainable_params()
+                .into_iter()
+                .map(|(n, v)| (format!("prompt_encoder.{ADAPTER_NAME}.{n}"), v))
+                .collect(),
+        }
+    }
+
+    /// Write the run's final adapter folder (PEFT's files only); LoRA: [`Tuner::save`].
+    pub fn save_adapter(&self, model: &dyn Model, dir: &Path) -> Result<()> {
+        match self {
+            Tuner::Prompt {
+                config, encoder, ..
+            } => prompt_learning::save_prompt_adapter(config, encoder, dir),
+            _ => self.save(model, dir),
         }
     }
 
@@ -178,6 +240,16 @@ impl Tuner {
             Tuner::Lora { config, .. } => save_adapter(model, ADAPTER_NAME, &**config, dir),
             Tuner::Adapter { config, .. } => save_adapter(model, ADAPTER_NAME, &**config, dir),
             Tuner::Ia3 { config, .. } => save_adapter(model, ADAPTER_NAME, &**config, dir),
+            Tuner::Prompt {
+                config, encoder, ..
+            } => {
+                prompt_learning::save_prompt_adapter(config, encoder, dir)?;
+                let tensors = prompt_learning::model::encoder_tensors(encoder, ADAPTER_NAME);
+                crate::fsutil::write_safetensors(
+                    &dir.join(PROMPT_ENCODER_CHECKPOINT_FILE),
+                    &tensors,
+                )
+            }
             Tuner::Weights { vars, .. } => {
                 std::fs::create_dir_all(dir).map_err(|e| Error::file(dir, e))?;
                 let tensors = vars
@@ -193,6 +265,29 @@ impl Tuner {
     /// one attached (same dropout seeds); only the tensor values change.
     pub fn restore(&self, model: &dyn Model, dir: &Path) -> Result<()> {
         match self {
+            Tuner::Prompt { .. } => {
+                let path = dir.join(PROMPT_ENCODER_CHECKPOINT_FILE);
+                let mut tensors = candle_core::safetensors::load(&path, model.device())
+                    .map_err(|e| Error::file(&path, crate::error::first_line(&e.to_string())))?;
+                for (name, var) in self.trainable(model) {
+                    let t: Tensor = tensors
+                        .remove(&name)
+                        .ok_or_else(|| Error::file(&path, format!("tensor `{name}` is missing")))?;
+                    if t.dims() != var.dims() {
+                        return Err(Error::file(
+                            &path,
+                            format!(
+                                "tensor `{name}` has shape {:?}, the prompt encoder {:?} (the [{}] settings changed?)",
+                                t.dims(),
+                                var.dims(),
+                                self.method()
+                            ),
+                        ));
+                    }
+                    var.set(&t.to_dtype(DType::F32)?)?;
+                }
+                Ok(())
+            }
             Tuner::Weights { vars, .. } => {
                 let path = dir.join(WEIGHTS_CHECKPOINT_FILE);
                 let mut tensors = candle_core::safetensors::load(&path, model.device())
@@ -253,8 +348,11 @@ impl Tuner {
     /// `peft::lora::layer`), so this sets the counters: no mask is drawn, whatever `calls` is.
     pub fn replay_rng(&self, model: &dyn Model, calls: u64) -> Result<()> {
         match self {
-            // IA3 and bottleneck adapters draw no random numbers while training.
-            Tuner::Weights { .. } | Tuner::Ia3 { .. } | Tuner::Adapter { .. } => Ok(()),
+            // IA3, bottleneck adapters and soft prompts draw no random numbers while training.
+            Tuner::Weights { .. }
+            | Tuner::Ia3 { .. }
+            | Tuner::Adapter { .. }
+            | Tuner::Prompt { .. } => Ok(()),
             Tuner::Lora { .. } => {
                 for lin in model.linears() {
                     for (name, a) in lin.adapters() {

@@ -497,9 +497,15 @@ impl<'a> Recipe<'a> {
         report::plot_loss(&self.out.join(report::PLOT_FILE), &train_curve, &val_curve)?;
         let (adapter_dir, model_dir) = match (finished, &self.tuner) {
             (false, _) => (None, None),
-            (true, Tuner::Lora { .. } | Tuner::Ia3 { .. } | Tuner::Adapter { .. }) => {
+            (
+                true,
+                Tuner::Lora { .. }
+                | Tuner::Ia3 { .. }
+                | Tuner::Adapter { .. }
+                | Tuner::Prompt { .. },
+            ) => {
                 let dir = self.out.join(ADAPTER_DIR);
-                self.tuner.save(&*self.model, &dir)?;
+                self.tuner.save_adapter(&*self.model, &dir)?;
                 if let Some(l) = &self.labels {
                     // PEFT keeps no class names; `classify --adapter` and users read them here.
                     let text = serde_json::to_string_pretty(&l.hf_config())
@@ -762,7 +768,7 @@ fn setup_model(
         crate::peft::ia3::resolve_targets(&*m, &cfg.ia3.to_peft(&cfg.model))
             .map_err(|e| c.key_error("ia3.target_modules", e))?;
     }
-    let tuner = Tuner::attach(cfg, &mut *m, &cfg.model)?;
+    let tuner = Tuner::attach_with(cfg, &mut *m, &cfg.model, Some(&tokenizer))?;
     // The model's own dropout (T5 dropout_rate, BERT hidden / attention dropout), seeded like
     // the adapters' so a resumed run draws the same masks.
     m.configure_dropout(cfg.train.seed, cfg.train.model_dropout);
