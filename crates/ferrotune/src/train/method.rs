@@ -176,6 +176,12 @@ impl Tuner {
         }
     }
 
+    /// The factor on the learning rate of the trainable parameter `param_name` (a name of
+    /// [`Tuner::trainable`]): 1 for every method today (LoRA+ will scale `lora_B`).
+    pub fn lr_scale(&self, _param_name: &str) -> f64 {
+        1.0
+    }
+
     /// Bring the dropout masks to where they were after `calls` training forward passes. Each
     /// LoRA layer draws its k-th mask from its own seed and k alone (a counter-based stream, see
     /// `peft::lora::layer`), so this sets the counters: no mask is drawn, whatever `calls` is.

@@ -6,7 +6,7 @@
 //!
 //! - [`config`]: the TOML run config (`--set` overrides, one-line errors).
 //! - [`loss`]: LM-head losses over the trained positions only, from hidden states.
-//! - [`optim`]: AdamW, gradient clipping. [`schedule`]: learning-rate schedules.
+//! - [`optim`]: the optimizers (AdamW, SGD, Adafactor, 8-bit AdamW), gradient clipping. [`schedule`]: learning-rate schedules.
 //! - [`method`]: what the loop needs from a method (LoRA today).
 //! - [`checkpoint`]: atomic checkpoints and exact resume. [`report`]: metrics, plot, progress.
 //! - [`output`]: the run folder: created and marked by ferrotune, never a folder of the user's;
@@ -32,7 +32,7 @@ pub mod schedule;
 
 pub use config::{load_config, parse_config, LoadedConfig, LrSchedule, Method, TrainConfig};
 pub use method::{Tuner, ADAPTER_NAME};
-pub use optim::{AdamW, AdamWConfig};
+pub use optim::{AdamW, AdamWConfig, Optimizer, OptimizerKind};
 pub use report::ProgressMode;
 pub use schedule::Schedule;
 
