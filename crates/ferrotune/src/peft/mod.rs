@@ -9,6 +9,7 @@
 pub mod format;
 pub mod lora;
 pub mod modules_to_save;
+pub mod selective;
 
 pub use format::{load_adapter, read_adapter_config, save_adapter, AdapterConfig, LoadedAdapter};
 pub use lora::{

@@ -3,7 +3,8 @@
 //!
 //! ```toml
 //! model = "path/or/hf:org/name"   # a .gguf file, an HF folder, or hf:org/name[@revision]
-//! method = "lora"                 # lora | full (every weight) | selective (the [selective] modules)
+//! method = "lora"                 # lora | full (every weight) | selective ([selective]: modules,
+//!                                 # regex, layers = "0-3", bitfit = true)
 //! task = "causal_lm"              # causal_lm | seq2seq_lm | sequence_classification |
 //!                                 # token_classification (default: the model's own)
 //! objective = "sft"               # sft | clm | mlm | span_corruption (default sft)
@@ -45,6 +46,7 @@
 //! adafactor = { scale_parameter = false, relative_step = false, warmup_init = false,
 //!               clip_threshold = 1.0, decay_rate = -0.8, beta1 = 0.9, eps = [1e-30, 1e-3] }
 //! adamw_8bit = { min_8bit_size = 4096 }   # bitsandbytes AdamW8bit (betas, eps: as AdamW)
+//! max_shard_size = "5GB"  # full / selective: model/ weights above it are sharded (transformers')
 //! eval_every = 50         # validation every N steps (default: only before and after training)
 //! eval_batches = 10       # validation batches per evaluation (default 10; 0 = all)
 //! early_stopping_patience = 3   # stop after N evaluations without a better val loss
@@ -95,14 +97,11 @@ pub struct TrainConfig {
     pub train: TrainSection,
 }
 
-/// `[selective]`: train whole modules by name and freeze the rest (e.g. only a classification
-/// head on a frozen encoder: `modules = ["classifier", "bert.pooler"]`).
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SelectiveSection {
-    /// Module names as in the model's state dict; every parameter under one is trained.
-    pub modules: Vec<String>,
-}
+/// `[selective]`: train the base parameters the rules select and freeze the rest: `modules`
+/// (whole modules by name, e.g. only a classification head on a frozen encoder:
+/// `modules = ["classifier", "bert.pooler"]`), `regex` (parameter names), `layers` (`"0-3"` or
+/// `[0, 1]`), `bitfit = true` (biases only). See `peft::selective`.
+pub type SelectiveSection = crate::peft::selective::SelectiveConfig;
 
 /// Fine-tuning methods. Each has its own config section; only that section may be present.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
@@ -303,6 +302,9 @@ pub struct TrainSection {
     /// `[train.adamw_8bit]`: min_8bit_size.
     #[serde(default)]
     pub adamw_8bit: super::optim::AdamW8bitConfig,
+    /// Full / selective runs: the largest weights file of `model/` (transformers'
+    /// `max_shard_size`, default "5GB"); more weights are split into shards with an index.
+    pub max_shard_size: Option<String>,
     pub eval_every: Option<usize>,
     #[serde(default = "default_eval_batches")]
     pub eval_batches: usize,
@@ -866,6 +868,11 @@ fn validate(c: &LoadedConfig) -> Result<()> {
     if t.betas.iter().any(|b| !(0.0..1.0).contains(b)) {
         return bad("train.betas", "each beta must be in [0, 1)");
     }
+    if let Some(m) = &t.max_shard_size {
+        if let Err(e) = crate::model::convert::parse_size(m) {
+            return bad("train.max_shard_size", &e);
+        }
+    }
     if let Err(e) = t.sgd.validate() {
         return bad("train.sgd", &e);
     }
@@ -952,13 +959,14 @@ fn validate(c: &LoadedConfig) -> Result<()> {
             None => {
                 return bad(
                     "selective",
-                    "method = \"selective\" needs a [selective] section with modules = [...]",
+                    "method = \"selective\" needs a [selective] section with modules = [...], regex = \"...\", layers = \"0-3\" or bitfit = true",
                 )
             }
-            Some(s) if s.modules.is_empty() => {
-                return bad("selective.modules", "the list is empty")
+            Some(s) => {
+                if let Err((key, what)) = s.validate() {
+                    return bad(key, &what);
+                }
             }
-            Some(_) => {}
         },
     }
     if cfg.method != Method::Selective && cfg.selective.is_some() {

@@ -563,11 +563,16 @@ fn finished_summary(out: &std::path::Path, max_steps: usize) -> Option<Summary> 
     };
     // The run's result is on disk: its adapter, or the model of a full / selective run.
     let result = match (&s.adapter_dir, &s.model_dir) {
-        (Some(_), _) => out
-            .join(ADAPTER_DIR)
-            .join(crate::peft::format::WEIGHTS_FILE)
-            .is_file(),
-        (None, Some(_)) => out.join(MODEL_DIR).join("model.safetensors").is_file(),
+        (Some(_), _) => {
+            let a = out.join(ADAPTER_DIR);
+            a.join(crate::peft::format::WEIGHTS_FILE).is_file()
+                || a.join(crate::peft::selective::WEIGHTS_FILE).is_file()
+        }
+        (None, Some(_)) => {
+            let m = out.join(MODEL_DIR);
+            m.join("model.safetensors").is_file()
+                || m.join("model.safetensors.index.json").is_file()
+        }
         (None, None) => false,
     };
     let newer_checkpoint = checkpoint::latest(out)

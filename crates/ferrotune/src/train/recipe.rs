@@ -160,13 +160,19 @@ impl<'a> Recipe<'a> {
         } = setup_model(c, source, &device, &data)?;
         let (schedule, opt) = setup_optimizer(c, &tuner, &params, data.max_steps)?;
         let (memory, available) = setup_memory(c, &*model, &data, &params)?;
-        let model_line = format!(
+        let mut model_line = format!(
             "model {} ({}, {} layers); method {}",
             cfg.model,
             source.format(),
             model.dims().layers,
             tuner.method()
         );
+        if cfg.method != Method::Lora && matches!(source, ModelSource::Gguf(_)) {
+            model_line.push_str(&format!(
+                "; the quantized GGUF base is dequantized to f32 for {} fine-tuning",
+                tuner.method()
+            ));
+        }
         Ok(Setup::Ready(Box::new(Recipe {
             c,
             opts,
@@ -508,15 +514,37 @@ impl<'a> Recipe<'a> {
             }
             // Full and selective runs change base weights: the whole model, as an HF folder
             // that transformers and `--model` load (its config has the classes as id2label).
-            (true, Tuner::Weights { .. }) => {
+            (true, Tuner::Weights { vars, method, .. }) => {
                 let dir = self.out.join(super::MODEL_DIR);
-                crate::model::convert::write_model_folder(
+                let max_shard = match &t.max_shard_size {
+                    Some(m) => crate::model::convert::parse_size(m)
+                        .map_err(|e| self.c.key_error("train.max_shard_size", e))?,
+                    None => crate::model::convert::DEFAULT_MAX_SHARD_BYTES,
+                };
+                crate::model::convert::write_model_folder_sharded(
                     &*self.model,
                     &self.tokenizer,
                     &dir,
                     candle_core::DType::F32,
+                    max_shard,
                 )?;
-                (None, Some(dir))
+                // A selective run also keeps only what changed, to put onto the base
+                // (`peft::selective::apply`).
+                let adapter = match (method, &self.c.config.selective) {
+                    (Method::Selective, Some(sel)) => {
+                        let a = self.out.join(ADAPTER_DIR);
+                        crate::peft::selective::save(
+                            &*self.model,
+                            vars,
+                            sel,
+                            &self.c.config.model,
+                            &a,
+                        )?;
+                        Some(a)
+                    }
+                    _ => None,
+                };
+                (adapter, Some(dir))
             }
         };
         let st = &s.state;
@@ -729,6 +757,11 @@ fn setup_model(
     let cfg = &c.config;
     let mut opts = load_options(c)?;
     opts.head = head_for(data);
+    // Full and selective runs train the base's own weights: a quantized (GGUF) base is
+    // dequantized to f32 first (said in the run's model line).
+    if cfg.method != Method::Lora && matches!(source, ModelSource::Gguf(_)) {
+        opts.dequantize = true;
+    }
     let LoadedModel {
         model: mut m,
         source,
