@@ -307,3 +307,28 @@ fn a_full_run_shards_model_weights_above_max_shard_size_and_the_folder_loads_bac
     assert!(e.contains("max_shard_size") && !e.contains('\n'), "{e}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn bitfit_on_bert_trains_only_the_biases_and_freezes_the_rest() {
+    let dir = repo().join("tests/fixtures/bert/tiny-bert");
+    let mut m = model::load(dir.to_str().unwrap(), &LoadOptions::default(), &Device::Cpu).unwrap();
+    let cfg = ferrotune::peft::selective::SelectiveConfig {
+        bitfit: true,
+        layers: Some(ferrotune::peft::selective::LayerRange::Text("0".into())),
+        ..Default::default()
+    };
+    let vars = ferrotune::peft::selective::select(&mut *m.model, &cfg).unwrap();
+    assert!(!vars.is_empty());
+    for (n, _) in &vars {
+        assert!(n.ends_with("bias") && n.contains(".layer.0."), "{n}");
+    }
+    // Every selected bias is a linear's (LayerNorm biases are norms') or a norm's; no linear
+    // weight stayed trainable.
+    for lin in m.model.linears() {
+        assert!(
+            !matches!(lin.weight(), ferrotune::nn::LinearWeight::Trainable(_)),
+            "{} is still trainable",
+            lin.name()
+        );
+    }
+}
