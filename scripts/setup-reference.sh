@@ -27,6 +27,7 @@ PINS=(
   "protobuf==7.36.2"       # reference/t5_fixtures.py (transformers reads spiece.model with it)
   "regex==2026.11.19"      # reference/tokenizer_fixtures.py (llama.cpp's pre-tokenizer regexes)
   "sentence-transformers==6.2.0"  # reference/bert_fixtures.py (all-MiniLM-L6-v2 embeddings)
+  "bitsandbytes==0.50.2"   # reference/optimizer_fixtures.py (8-bit AdamW; runs on the CPU)
   "scikit-learn==1.9.1"    # reference/classification_fixtures.py (accuracy, macro-F1)
 )
 LLAMA_PIN="llama-cpp-python==0.3.36"

@@ -114,6 +114,7 @@ fn the_memory_estimate_saturates_instead_of_wrapping_around() {
             dropout: true,
             q8_backward: true,
             data_tokens: 1 << 62,
+            optimizer_state_bytes: None,
         };
         let est = memory::estimate(&llama, &shape);
         assert_eq!(est.activations, u64::MAX, "{est:?}");

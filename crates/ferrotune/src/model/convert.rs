@@ -24,6 +24,36 @@ pub fn write_hf_folder_dtype(lm: &LoadedModel, dir: &Path, dtype: DType) -> Resu
     write_model_folder(&*lm.model, &lm.tokenizer, dir, dtype)
 }
 
+/// transformers' default `max_shard_size` ("5GB").
+pub const DEFAULT_MAX_SHARD_BYTES: u64 = 5_000_000_000;
+
+/// transformers' `convert_file_size_to_int`: `"5GB"` (10^9), `"500MB"`, `"2GiB"` (2^30),
+/// `"100KB"`, or a plain number of bytes.
+pub fn parse_size(s: &str) -> std::result::Result<u64, String> {
+    let t = s.trim();
+    let units: [(&str, u64); 7] = [
+        ("GIB", 1 << 30),
+        ("MIB", 1 << 20),
+        ("KIB", 1 << 10),
+        ("GB", 1_000_000_000),
+        ("MB", 1_000_000),
+        ("KB", 1_000),
+        ("B", 1),
+    ];
+    let up = t.to_ascii_uppercase();
+    let (num, mult) = units
+        .iter()
+        .find_map(|(u, m)| up.strip_suffix(u).map(|n| (n.trim().to_string(), *m)))
+        .unwrap_or((up.clone(), 1));
+    let v: f64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a size like \"5GB\", \"500MB\" or \"2GiB\""))?;
+    if !(v.is_finite() && v >= 1.0) {
+        return Err(format!("`{s}` must be at least 1 byte"));
+    }
+    Ok((v * mult as f64) as u64)
+}
+
 /// [`write_hf_folder_dtype`] for a model and its tokenizer (a trained model of a run).
 pub fn write_model_folder(
     model: &dyn Model,
@@ -31,11 +61,108 @@ pub fn write_model_folder(
     dir: &Path,
     dtype: DType,
 ) -> Result<()> {
+    write_model_folder_sharded(model, tok, dir, dtype, DEFAULT_MAX_SHARD_BYTES)
+}
+
+/// Split tensors into shards of at most `max_bytes` as huggingface_hub's
+/// `split_state_dict_into_shards` does (in name order: a tensor that does not fit the current
+/// shard starts the next; one larger than `max_bytes` gets a shard of its own).
+pub fn plan_shards(sizes: &[(String, u64)], max_bytes: u64) -> Vec<Vec<String>> {
+    let mut shards: Vec<Vec<String>> = Vec::new();
+    let mut current: Vec<String> = Vec::new();
+    let mut current_bytes = 0u64;
+    for (name, bytes) in sizes {
+        if *bytes > max_bytes {
+            shards.push(vec![name.clone()]);
+            continue;
+        }
+        if !current.is_empty() && current_bytes + bytes > max_bytes {
+            shards.push(std::mem::take(&mut current));
+            current_bytes = 0;
+        }
+        current.push(name.clone());
+        current_bytes += bytes;
+    }
+    if !current.is_empty() {
+        shards.push(current);
+    }
+    shards
+}
+
+/// Write the weights as `model.safetensors`, or, when they exceed `max_bytes`, as
+/// `model-00001-of-0000N.safetensors` shards with `model.safetensors.index.json`
+/// (`{"metadata": {"total_size"}, "weight_map": {name: file}}`), as transformers'
+/// `save_pretrained(max_shard_size=...)` writes them.
+pub fn write_weights_sharded(
+    dir: &Path,
+    sd: &HashMap<String, Tensor>,
+    max_bytes: u64,
+) -> Result<usize> {
+    let mut sizes: Vec<(String, u64)> = sd
+        .iter()
+        .map(|(n, t)| {
+            (
+                n.clone(),
+                (t.elem_count() * t.dtype().size_in_bytes()) as u64,
+            )
+        })
+        .collect();
+    sizes.sort();
+    let shards = plan_shards(&sizes, max_bytes);
+    // A folder written before with another layout must not keep stale files beside this one.
+    let index_path = dir.join("model.safetensors.index.json");
+    for e in std::fs::read_dir(dir)
+        .map_err(|e| Error::file(dir, e))?
+        .flatten()
+    {
+        let name = e.file_name().to_string_lossy().to_string();
+        let stale = name == "model.safetensors.index.json"
+            || name == "model.safetensors"
+            || (name.starts_with("model-") && name.ends_with(".safetensors"));
+        if stale {
+            std::fs::remove_file(e.path()).map_err(|err| Error::file(e.path(), err))?;
+        }
+    }
+    if shards.len() <= 1 {
+        write_safetensors(&dir.join("model.safetensors"), sd)?;
+        return Ok(1);
+    }
+    let n = shards.len();
+    let mut weight_map = serde_json::Map::new();
+    for (i, names) in shards.iter().enumerate() {
+        let file = format!("model-{:05}-of-{n:05}.safetensors", i + 1);
+        let part: HashMap<String, Tensor> =
+            names.iter().map(|k| (k.clone(), sd[k].clone())).collect();
+        write_safetensors(&dir.join(&file), &part)?;
+        for k in names {
+            weight_map.insert(k.clone(), file.clone().into());
+        }
+    }
+    let total: u64 = sizes.iter().map(|(_, b)| b).sum();
+    let index = serde_json::json!({
+        "metadata": {"total_size": total},
+        "weight_map": weight_map,
+    });
+    write_atomic(
+        &index_path,
+        serde_json::to_string_pretty(&index).unwrap().as_bytes(),
+    )?;
+    Ok(n)
+}
+
+/// [`write_model_folder`] with the weights split into shards of at most `max_shard_bytes`.
+pub fn write_model_folder_sharded(
+    model: &dyn Model,
+    tok: &crate::tokenizer::Tokenizer,
+    dir: &Path,
+    dtype: DType,
+    max_shard_bytes: u64,
+) -> Result<()> {
     // First, so a config that cannot be written fails before any file is.
     let mut cfg = model.hf_config()?;
     std::fs::create_dir_all(dir).map_err(|e| Error::file(dir, e))?;
     let sd = model.state_dict(dtype)?;
-    write_safetensors(&dir.join("model.safetensors"), &sd)?;
+    write_weights_sharded(dir, &sd, max_shard_bytes)?;
 
     cfg["torch_dtype"] = match dtype {
         DType::BF16 => "bfloat16",
@@ -114,4 +241,29 @@ pub fn write_model_folder(
         serde_json::to_string_pretty(&gen).unwrap().as_bytes(),
     )?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_and_shard_plans_as_transformers() {
+        assert_eq!(parse_size("5GB").unwrap(), 5_000_000_000);
+        assert_eq!(parse_size("500MB").unwrap(), 500_000_000);
+        assert_eq!(parse_size("2GiB").unwrap(), 2 << 30);
+        assert_eq!(parse_size("100kb").unwrap(), 100_000);
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert!(parse_size("lots").is_err());
+        assert!(parse_size("0GB").is_err());
+        let sizes: Vec<(String, u64)> = [("a", 40), ("b", 50), ("c", 200), ("d", 30), ("e", 70)]
+            .iter()
+            .map(|(n, b)| (n.to_string(), *b))
+            .collect();
+        assert_eq!(
+            plan_shards(&sizes, 100),
+            vec![vec!["a", "b"], vec!["c"], vec!["d", "e"]]
+        );
+        assert_eq!(plan_shards(&sizes, 1000).len(), 1);
+    }
 }

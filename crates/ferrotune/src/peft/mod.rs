@@ -12,6 +12,7 @@ pub mod ia3;
 pub mod lora;
 pub mod modules_to_save;
 pub mod prompt_learning;
+pub mod selective;
 
 pub use format::{load_adapter, read_adapter_config, save_adapter, AdapterConfig, LoadedAdapter};
 pub use ia3::{attach_ia3, Ia3Config};

@@ -3,9 +3,11 @@
 //!
 //! ```toml
 //! model = "path/or/hf:org/name"   # a .gguf file, an HF folder, or hf:org/name[@revision]
-//! method = "lora"                 # lora | full (every weight) | selective (the [selective] modules)
+//! method = "lora"                 # lora | full (every weight) | selective ([selective]: modules,
+//!                                 # regex, layers = "0-3", bitfit = true)
 //!                                 # | ia3 (the [ia3] table: PEFT's IA3Config keys)
 //!                                 # | prompt_tuning | prefix_tuning | p_tuning (soft prompts)
+//!                                 # | adapter (bottleneck adapters, the [adapter] table)
 //! task = "causal_lm"              # causal_lm | seq2seq_lm | sequence_classification |
 //!                                 # token_classification (default: the model's own)
 //! objective = "sft"               # sft | clm | mlm | span_corruption (default sft)
@@ -51,6 +53,13 @@
 //! betas = [0.9, 0.999]    # AdamW betas
 //! eps = 1e-8              # AdamW epsilon
 //! max_grad_norm = 1.0     # clip the global gradient norm; 0 disables (default 1.0)
+//! optimizer = "adamw"     # adamw | sgd | adafactor | adamw_8bit (default adamw); weight decay
+//!                         # skips biases and norm weights (HF Trainer's rule)
+//! sgd = { momentum = 0.9, dampening = 0.0, nesterov = false }      # torch.optim.SGD
+//! adafactor = { scale_parameter = false, relative_step = false, warmup_init = false,
+//!               clip_threshold = 1.0, decay_rate = -0.8, beta1 = 0.9, eps = [1e-30, 1e-3] }
+//! adamw_8bit = { min_8bit_size = 4096 }   # bitsandbytes AdamW8bit (betas, eps: as AdamW)
+//! max_shard_size = "5GB"  # full / selective: model/ weights above it are sharded (transformers')
 //! eval_every = 50         # validation every N steps (default: only before and after training)
 //! eval_batches = 10       # validation batches per evaluation (default 10; 0 = all)
 //! early_stopping_patience = 3   # stop after N evaluations without a better val loss
@@ -166,14 +175,11 @@ impl TrainConfig {
     }
 }
 
-/// `[selective]`: train whole modules by name and freeze the rest (e.g. only a classification
-/// head on a frozen encoder: `modules = ["classifier", "bert.pooler"]`).
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SelectiveSection {
-    /// Module names as in the model's state dict; every parameter under one is trained.
-    pub modules: Vec<String>,
-}
+/// `[selective]`: train the base parameters the rules select and freeze the rest: `modules`
+/// (whole modules by name, e.g. only a classification head on a frozen encoder:
+/// `modules = ["classifier", "bert.pooler"]`), `regex` (parameter names), `layers` (`"0-3"` or
+/// `[0, 1]`), `bitfit = true` (biases only). See `peft::selective`.
+pub type SelectiveSection = crate::peft::selective::SelectiveConfig;
 
 /// Fine-tuning methods. Each has its own config section; only that section may be present.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
@@ -497,6 +503,21 @@ pub struct TrainSection {
     pub eps: f64,
     #[serde(default = "default_max_grad_norm")]
     pub max_grad_norm: f64,
+    /// `adamw` (default) | `sgd` | `adafactor` | `adamw_8bit` (see `train::optim`).
+    #[serde(default)]
+    pub optimizer: super::optim::OptimizerKind,
+    /// `[train.sgd]`: momentum, dampening, nesterov.
+    #[serde(default)]
+    pub sgd: super::optim::SgdConfig,
+    /// `[train.adafactor]`: transformers' Adafactor keys.
+    #[serde(default)]
+    pub adafactor: super::optim::AdafactorConfig,
+    /// `[train.adamw_8bit]`: min_8bit_size.
+    #[serde(default)]
+    pub adamw_8bit: super::optim::AdamW8bitConfig,
+    /// Full / selective runs: the largest weights file of `model/` (transformers'
+    /// `max_shard_size`, default "5GB"); more weights are split into shards with an index.
+    pub max_shard_size: Option<String>,
     pub eval_every: Option<usize>,
     #[serde(default = "default_eval_batches")]
     pub eval_batches: usize,
@@ -590,6 +611,31 @@ fn default_seed() -> u64 {
 }
 fn default_device() -> String {
     "cpu".into()
+}
+
+impl TrainSection {
+    /// The optimizer settings of the run: `optimizer` picks one; `betas`, `eps` and
+    /// `weight_decay` are shared.
+    pub fn optimizer_config(&self) -> super::optim::OptimizerConfig {
+        use super::optim::{AdamWConfig, OptimizerConfig};
+        let mut c = OptimizerConfig {
+            kind: self.optimizer,
+            adamw: AdamWConfig {
+                betas: self.betas,
+                eps: self.eps,
+                weight_decay: self.weight_decay,
+            },
+            sgd: self.sgd,
+            adafactor: self.adafactor,
+            adamw_8bit: self.adamw_8bit,
+        };
+        c.sgd.weight_decay = self.weight_decay;
+        c.adafactor.weight_decay = self.weight_decay;
+        c.adamw_8bit.betas = self.betas;
+        c.adamw_8bit.eps = self.eps;
+        c.adamw_8bit.weight_decay = self.weight_decay;
+        c
+    }
 }
 
 impl Default for TrainSection {
@@ -1038,6 +1084,17 @@ fn validate(c: &LoadedConfig) -> Result<()> {
     if t.betas.iter().any(|b| !(0.0..1.0).contains(b)) {
         return bad("train.betas", "each beta must be in [0, 1)");
     }
+    if let Some(m) = &t.max_shard_size {
+        if let Err(e) = crate::model::convert::parse_size(m) {
+            return bad("train.max_shard_size", &e);
+        }
+    }
+    if let Err(e) = t.sgd.validate() {
+        return bad("train.sgd", &e);
+    }
+    if let Err(e) = t.adafactor.validate() {
+        return bad("train.adafactor", &e);
+    }
     if !(t.eps.is_finite() && t.eps > 0.0) {
         return bad("train.eps", "must be a positive number");
     }
@@ -1128,13 +1185,14 @@ fn validate(c: &LoadedConfig) -> Result<()> {
             None => {
                 return bad(
                     "selective",
-                    "method = \"selective\" needs a [selective] section with modules = [...]",
+                    "method = \"selective\" needs a [selective] section with modules = [...], regex = \"...\", layers = \"0-3\" or bitfit = true",
                 )
             }
-            Some(s) if s.modules.is_empty() => {
-                return bad("selective.modules", "the list is empty")
+            Some(s) => {
+                if let Err((key, what)) = s.validate() {
+                    return bad(key, &what);
+                }
             }
-            Some(_) => {}
         },
         Method::Adapter => {
             use crate::peft::PeftMethod;
@@ -1377,6 +1435,40 @@ completion = " {a}"
             let e = parse(MINIMAL, &[set]).unwrap_err().to_string();
             assert!(e.contains(key.rsplit('.').next().unwrap()), "{set}: {e}");
             assert!(e.starts_with(&format!("--set `{set}`")), "{set}: {e}");
+            assert!(!e.contains('\n'), "{e}");
+        }
+    }
+
+    #[test]
+    fn optimizer_keys_and_their_errors() {
+        use crate::train::optim::OptimizerKind;
+        let c = parse(
+            &format!(
+                "{MINIMAL}[train]\noptimizer = \"adafactor\"\nweight_decay = 0.1\n[train.adafactor]\nbeta1 = 0.9\nrelative_step = true\n"
+            ),
+            &[],
+        )
+        .unwrap();
+        let o = c.config.train.optimizer_config();
+        assert_eq!(o.kind, OptimizerKind::Adafactor);
+        assert_eq!(o.adafactor.beta1, Some(0.9));
+        assert!(o.adafactor.relative_step && !o.adafactor.scale_parameter);
+        assert_eq!(o.adafactor.weight_decay, 0.1);
+        let c = parse(MINIMAL, &["train.optimizer=\"adamw_8bit\""]).unwrap();
+        assert_eq!(c.config.train.optimizer, OptimizerKind::AdamW8bit);
+        assert_eq!(
+            c.config.train.optimizer_config().adamw_8bit.min_8bit_size,
+            4096
+        );
+        for (set, want) in [
+            ("train.optimizer=\"lion\"", "optimizer"),
+            ("train.sgd.nesterov=true", "nesterov"),
+            ("train.sgd.momentum=1.5", "momentum"),
+            ("train.adafactor.warmup_init=true", "warmup_init"),
+            ("train.adafactor.beta2=0.9", "beta2"),
+        ] {
+            let e = parse(MINIMAL, &[set]).unwrap_err().to_string();
+            assert!(e.contains(want), "{set}: {e}");
             assert!(!e.contains('\n'), "{e}");
         }
     }

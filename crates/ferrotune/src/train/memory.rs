@@ -4,7 +4,9 @@
 //! The estimate adds up what the trainer actually allocates (CPU, f32 activations):
 //! - the model's weights as loaded (quantized blocks stay quantized), plus the transposed Q8_0
 //!   copies the quantized backward pass builds ([`crate::quant::BackwardWeights`]);
-//! - trainable parameters with their gradient and AdamW's two moments (f32, 4 copies);
+//! - trainable parameters with their gradient (f32, 8 B each) and the optimizer's state
+//!   ([`crate::train::optim::state_bytes`]: AdamW 8 B per parameter, SGD with momentum 4,
+//!   Adafactor a row and a column per matrix, 8-bit AdamW about 2);
 //! - activations kept for the backward pass, counted tensor by tensor from each family's
 //!   forward pass ([`Model::activation_floats_per_token`]; LLaMA: `llama.rs`); with activation
 //!   checkpointing, each layer's input plus one layer's full set;
@@ -41,6 +43,9 @@ pub struct TrainShape {
     pub q8_backward: bool,
     /// Tokens in the tokenized train and validation sets.
     pub data_tokens: usize,
+    /// Bytes of optimizer state for the trainable parameters; `None`: AdamW's (8 per
+    /// parameter).
+    pub optimizer_state_bytes: Option<u64>,
 }
 
 impl TrainShape {
@@ -103,6 +108,13 @@ impl TrainShape {
             dropout: cfg.lora.dropout > 0.0,
             q8_backward: t.quantized_backward == super::config::QuantizedBackward::Q8_0,
             data_tokens,
+            optimizer_state_bytes: Some(super::optim::state_bytes(
+                &t.optimizer_config(),
+                &params
+                    .iter()
+                    .map(|(_, v)| v.dims().to_vec())
+                    .collect::<Vec<_>>(),
+            )),
         }
     }
 }
@@ -224,7 +236,11 @@ pub fn estimate(model: &dyn Model, shape: &TrainShape) -> MemoryEstimate {
         }
     }
 
-    let trainable_state = Sat(shape.trainable_params as u64) * f32_bytes * Sat(4);
+    // the parameter and its gradient in f32, and the optimizer's state
+    let optimizer_state = Sat(shape
+        .optimizer_state_bytes
+        .unwrap_or_else(|| (shape.trainable_params as u64).saturating_mul(8)));
+    let trainable_state = Sat(shape.trainable_params as u64) * f32_bytes * Sat(2) + optimizer_state;
 
     let per_layer = Sat(model.layer_floats_per_token(shape.dropout)) * f32_bytes;
     let all_layers = Sat(model.activation_floats_per_token(shape.dropout)) * f32_bytes;

@@ -134,14 +134,13 @@ impl Tuner {
                 })
             }
             Method::Full | Method::Selective => {
-                let modules = match cfg.method {
-                    Method::Selective => cfg.selective.as_ref().map(|s| s.modules.clone()),
-                    _ => None,
+                let vars = match (&cfg.method, &cfg.selective) {
+                    (Method::Selective, Some(s)) => crate::peft::selective::select(model, s)?,
+                    _ => model.make_trainable(None)?,
                 };
-                let vars = model.make_trainable(modules.as_deref())?;
                 if vars.is_empty() {
                     return Err(Error::msg(format!(
-                        "method = \"{}\": no parameter of {} is trainable",
+                        "method = \"{}\": no parameter of {} is trainable (the [selective] rules select none)",
                         cfg.method.as_str(),
                         model.describe()
                     )));

@@ -6,7 +6,7 @@
 //!
 //! - [`config`]: the TOML run config (`--set` overrides, one-line errors).
 //! - [`loss`]: LM-head losses over the trained positions only, from hidden states.
-//! - [`optim`]: AdamW, gradient clipping. [`schedule`]: learning-rate schedules.
+//! - [`optim`]: the optimizers (AdamW, SGD, Adafactor, 8-bit AdamW), gradient clipping. [`schedule`]: learning-rate schedules.
 //! - [`method`]: what the loop needs from a method (LoRA today).
 //! - [`checkpoint`]: atomic checkpoints and exact resume. [`report`]: metrics, plot, progress.
 //! - [`output`]: the run folder: created and marked by ferrotune, never a folder of the user's;
@@ -32,7 +32,7 @@ pub mod schedule;
 
 pub use config::{load_config, parse_config, LoadedConfig, LrSchedule, Method, TrainConfig};
 pub use method::{Tuner, ADAPTER_NAME};
-pub use optim::{AdamW, AdamWConfig};
+pub use optim::{AdamW, AdamWConfig, Optimizer, OptimizerKind};
 pub use report::ProgressMode;
 pub use schedule::Schedule;
 
@@ -563,11 +563,16 @@ fn finished_summary(out: &std::path::Path, max_steps: usize) -> Option<Summary> 
     };
     // The run's result is on disk: its adapter, or the model of a full / selective run.
     let result = match (&s.adapter_dir, &s.model_dir) {
-        (Some(_), _) => out
-            .join(ADAPTER_DIR)
-            .join(crate::peft::format::WEIGHTS_FILE)
-            .is_file(),
-        (None, Some(_)) => out.join(MODEL_DIR).join("model.safetensors").is_file(),
+        (Some(_), _) => {
+            let a = out.join(ADAPTER_DIR);
+            a.join(crate::peft::format::WEIGHTS_FILE).is_file()
+                || a.join(crate::peft::selective::WEIGHTS_FILE).is_file()
+        }
+        (None, Some(_)) => {
+            let m = out.join(MODEL_DIR);
+            m.join("model.safetensors").is_file()
+                || m.join("model.safetensors.index.json").is_file()
+        }
         (None, None) => false,
     };
     let newer_checkpoint = checkpoint::latest(out)

@@ -4,7 +4,7 @@
 //! setup      data → batches → output folder (decided, nothing written) → model → task and
 //!            objective → method → optimizer and schedule → memory check
 //! open       the output folder, resume state, metrics log      (from here on the run writes)
-//! loop       step (micro-batches, loss, backward, clip, AdamW) → evaluate → save, on their
+//! loop       step (micro-batches, loss, backward, clip, optimizer) → evaluate → save, on their
 //!            schedules, until max_steps, early stopping, stop_after or Ctrl-C
 //! finish     last evaluation and checkpoint, the adapter, summary.json
 //! ```
@@ -15,9 +15,8 @@ use super::config::{self, LoadedConfig, Method, TrainSection};
 use super::report::{self, MetricsLog, Progress, StepLine};
 use super::{
     accumulate_gradients_with, evaluate, finished_summary, interrupted, memory, optim, output,
-    prepare_data, set_threads, tokenizer_and_context, AdamW, AdamWConfig, DryRun, EvalResult,
-    Outcome, RunOptions, Schedule, StepGrads, StopReason, Summary, Tuner, ADAPTER_DIR, CONFIG_FILE,
-    SUMMARY_FILE,
+    prepare_data, set_threads, tokenizer_and_context, DryRun, EvalResult, Outcome, RunOptions,
+    Schedule, StepGrads, StopReason, Summary, Tuner, ADAPTER_DIR, CONFIG_FILE, SUMMARY_FILE,
 };
 use crate::data::{BatchConfig, Batcher, DataTask};
 use crate::model::{self, LoadOptions, LoadedModel, Model, ModelSource, Task};
@@ -91,7 +90,7 @@ struct Recipe<'a> {
     labels: Option<crate::data::LabelMap>,
     tuner: Tuner,
     params: Vec<(String, Var)>,
-    opt: AdamW,
+    opt: optim::Optimizer,
     schedule: Schedule,
     batcher: Batcher,
     val_batcher: Option<Batcher>,
@@ -159,16 +158,21 @@ impl<'a> Recipe<'a> {
             tuner,
             params,
         } = setup_model(c, source, &device, &data)?;
-        let (schedule, mut opt) = setup_optimizer(c, &params, data.max_steps)?;
-        opt.set_lr_scales(params.iter().map(|(n, _)| tuner.lr_scale(n)).collect());
+        let (schedule, opt) = setup_optimizer(c, &tuner, &params, data.max_steps)?;
         let (memory, available) = setup_memory(c, &*model, &data, &params)?;
-        let model_line = format!(
+        let mut model_line = format!(
             "model {} ({}, {} layers); method {}",
             cfg.model,
             source.format(),
             model.dims().layers,
             tuner.method()
         );
+        if cfg.method != Method::Lora && matches!(source, ModelSource::Gguf(_)) {
+            model_line.push_str(&format!(
+                "; the quantized GGUF base is dequantized to f32 for {} fine-tuning",
+                tuner.method()
+            ));
+        }
         Ok(Setup::Ready(Box::new(Recipe {
             c,
             opts,
@@ -325,7 +329,7 @@ impl<'a> Recipe<'a> {
     }
 
     /// One optimizer step: `grad_accum` micro-batches, their loss and gradients, clipping, the
-    /// AdamW update; metrics and progress. Returns the step number.
+    /// optimizer update; metrics and progress. Returns the step number.
     fn step(&mut self, s: &mut Session) -> Result<usize> {
         let t = self.t();
         let t0 = Instant::now();
@@ -516,15 +520,37 @@ impl<'a> Recipe<'a> {
             }
             // Full and selective runs change base weights: the whole model, as an HF folder
             // that transformers and `--model` load (its config has the classes as id2label).
-            (true, Tuner::Weights { .. }) => {
+            (true, Tuner::Weights { vars, method, .. }) => {
                 let dir = self.out.join(super::MODEL_DIR);
-                crate::model::convert::write_model_folder(
+                let max_shard = match &t.max_shard_size {
+                    Some(m) => crate::model::convert::parse_size(m)
+                        .map_err(|e| self.c.key_error("train.max_shard_size", e))?,
+                    None => crate::model::convert::DEFAULT_MAX_SHARD_BYTES,
+                };
+                crate::model::convert::write_model_folder_sharded(
                     &*self.model,
                     &self.tokenizer,
                     &dir,
                     candle_core::DType::F32,
+                    max_shard,
                 )?;
-                (None, Some(dir))
+                // A selective run also keeps only what changed, to put onto the base
+                // (`peft::selective::apply`).
+                let adapter = match (method, &self.c.config.selective) {
+                    (Method::Selective, Some(sel)) => {
+                        let a = self.out.join(ADAPTER_DIR);
+                        crate::peft::selective::save(
+                            &*self.model,
+                            vars,
+                            sel,
+                            &self.c.config.model,
+                            &a,
+                        )?;
+                        Some(a)
+                    }
+                    _ => None,
+                };
+                (adapter, Some(dir))
             }
         };
         let st = &s.state;
@@ -737,6 +763,11 @@ fn setup_model(
     let cfg = &c.config;
     let mut opts = load_options(c)?;
     opts.head = head_for(data);
+    // Full and selective runs train the base's own weights: a quantized (GGUF) base is
+    // dequantized to f32 first (said in the run's model line).
+    if cfg.method != Method::Lora && matches!(source, ModelSource::Gguf(_)) {
+        opts.dequantize = true;
+    }
     let LoadedModel {
         model: mut m,
         source,
@@ -811,12 +842,14 @@ fn data_task_of(kind: DataTask) -> Option<Task> {
     }
 }
 
-/// The learning-rate schedule and AdamW over the trainable parameters.
+/// The learning-rate schedule and the optimizer over the trainable parameters, each with the
+/// method's lr scale and the weight-decay rule ([`optim::decays`]).
 fn setup_optimizer(
     c: &LoadedConfig,
+    tuner: &Tuner,
     params: &[(String, Var)],
     max_steps: usize,
-) -> Result<(Schedule, AdamW)> {
+) -> Result<(Schedule, optim::Optimizer)> {
     let t = &c.config.train;
     let schedule = Schedule {
         kind: t.lr_schedule,
@@ -825,14 +858,15 @@ fn setup_optimizer(
         total: max_steps,
         min_lr_ratio: t.min_lr_ratio,
     };
-    let opt = AdamW::new(
-        params.to_vec(),
-        AdamWConfig {
-            betas: t.betas,
-            eps: t.eps,
-            weight_decay: t.weight_decay,
-        },
-    )?;
+    let settings = params
+        .iter()
+        .map(|(name, _)| optim::ParamSettings {
+            lr_scale: tuner.lr_scale(name),
+            decay: optim::decays(name),
+        })
+        .collect();
+    let opt = optim::Optimizer::new(&t.optimizer_config(), params.to_vec(), settings)
+        .map_err(|e| c.key_error("train.optimizer", e))?;
     Ok((schedule, opt))
 }
 

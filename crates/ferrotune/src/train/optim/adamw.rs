@@ -1,5 +1,5 @@
 //! AdamW with decoupled weight decay (Loshchilov & Hutter; torch.optim.AdamW's update, no
-//! amsgrad), gradient clipping by global norm, and the optimizer state as safetensors.
+//! amsgrad), and its state as safetensors.
 //!
 //! Per parameter `p` with gradient `g`, at update `t` with learning rate `lr`:
 //! ```text
@@ -7,8 +7,11 @@
 //! m ← β1 m + (1 − β1) g            v ← β2 v + (1 − β2) g²
 //! p ← p − lr / (1 − β1ᵗ) · m / (sqrt(v) / sqrt(1 − β2ᵗ) + eps)
 //! ```
-//! The state is kept in f32 whatever the parameter dtype (LoRA weights are f32 anyway).
-use crate::{Error, Result};
+//! `lr` is the schedule's times the parameter's lr scale; parameters that do not decay
+//! ([`super::decays`]) skip the first line. The state is kept in f32 whatever the parameter
+//! dtype (trained weights are f32 master copies anyway).
+use super::ParamSettings;
+use crate::Result;
 use candle_core::{DType, Tensor, Var};
 use std::collections::HashMap;
 use std::path::Path;
@@ -32,18 +35,28 @@ impl Default for AdamWConfig {
 
 pub struct AdamW {
     params: Vec<(String, Var)>,
+    settings: Vec<ParamSettings>,
     m: Vec<Tensor>,
     v: Vec<Tensor>,
     /// Updates done so far.
     t: u64,
     cfg: AdamWConfig,
-    /// Per-parameter factor on the learning rate (LoRA+); empty: 1 for all.
-    lr_scales: Vec<f64>,
 }
 
 impl AdamW {
-    /// A fresh optimizer over named parameters (the names key the saved state).
+    /// A fresh optimizer over named parameters (the names key the saved state), every one
+    /// decayed at the schedule's lr.
     pub fn new(params: Vec<(String, Var)>, cfg: AdamWConfig) -> Result<Self> {
+        let settings = vec![ParamSettings::default(); params.len()];
+        Self::with_settings(params, cfg, settings)
+    }
+
+    /// [`AdamW::new`] with an lr scale and a weight-decay switch per parameter.
+    pub fn with_settings(
+        params: Vec<(String, Var)>,
+        cfg: AdamWConfig,
+        settings: Vec<ParamSettings>,
+    ) -> Result<Self> {
         let zeros = |v: &Var| Tensor::zeros(v.shape(), DType::F32, v.device());
         let m = params
             .iter()
@@ -55,17 +68,19 @@ impl AdamW {
             .collect::<candle_core::Result<_>>()?;
         Ok(AdamW {
             params,
+            settings,
             m,
             v,
             t: 0,
             cfg,
-            lr_scales: Vec::new(),
         })
     }
 
     /// Scale the learning rate of `params()[i]` by `scales[i]` from now on.
     pub fn set_lr_scales(&mut self, scales: Vec<f64>) {
-        self.lr_scales = scales;
+        for (s, k) in self.settings.iter_mut().zip(scales) {
+            s.lr_scale = k;
+        }
     }
 
     pub fn params(&self) -> &[(String, Var)] {
@@ -79,28 +94,21 @@ impl AdamW {
 
     /// One update with `grads[i]` the gradient of `params()[i]`.
     pub fn step(&mut self, grads: &[Tensor], lr: f64) -> Result<()> {
-        if grads.len() != self.params.len() {
-            return Err(Error::msg(format!(
-                "AdamW: {} gradients for {} parameters",
-                grads.len(),
-                self.params.len()
-            )));
-        }
+        super::check_grads(grads.len(), self.params.len(), super::OptimizerKind::Adamw)?;
         self.t += 1;
         let [b1, b2] = self.cfg.betas;
         let bc1 = 1.0 - b1.powi(self.t as i32);
         let bc2 = 1.0 - b2.powi(self.t as i32);
         let bc2_sqrt = bc2.sqrt();
-        let base_lr = lr;
         for (i, (_, p)) in self.params.iter().enumerate() {
-            let lr = base_lr * self.lr_scales.get(i).copied().unwrap_or(1.0);
+            let lr = lr * self.settings[i].lr_scale;
             let step_size = lr / bc1;
             let g = grads[i].to_dtype(DType::F32)?;
             let m = ((&self.m[i] * b1)? + (&g * (1.0 - b1))?)?;
             let v = ((&self.v[i] * b2)? + (g.sqr()? * (1.0 - b2))?)?;
             let denom = ((v.sqrt()? / bc2_sqrt)? + self.cfg.eps)?;
             let mut w = p.as_tensor().detach().to_dtype(DType::F32)?;
-            if self.cfg.weight_decay != 0.0 {
+            if self.cfg.weight_decay != 0.0 && self.settings[i].decay {
                 w = (w * (1.0 - lr * self.cfg.weight_decay))?;
             }
             let w = (w - ((&m / &denom)? * step_size)?)?;
@@ -118,98 +126,30 @@ impl AdamW {
             sd.insert(format!("m.{name}"), self.m[i].clone());
             sd.insert(format!("v.{name}"), self.v[i].clone());
         }
-        let dev = self
-            .params
-            .first()
-            .map(|(_, v)| v.device().clone())
-            .unwrap_or(candle_core::Device::Cpu);
-        sd.insert("step".into(), Tensor::new(&[self.t as i64], &dev)?);
-        candle_core::safetensors::save(&sd, path)
-            .map_err(|e| Error::file(path, crate::error::first_line(&e.to_string())))
+        super::write_state(path, sd, self.t, &super::device_of(&self.params))
     }
 
     /// Restore what [`AdamW::save`] wrote; the parameters must be the same (names and shapes).
     pub fn load(&mut self, path: &Path) -> Result<()> {
-        let dev = self
-            .params
-            .first()
-            .map(|(_, v)| v.device().clone())
-            .unwrap_or(candle_core::Device::Cpu);
-        let mut sd = candle_core::safetensors::load(path, &dev)
-            .map_err(|e| Error::file(path, crate::error::first_line(&e.to_string())))?;
-        let mut take = |key: String, shape: &[usize]| -> Result<Tensor> {
-            let t = sd
-                .remove(&key)
-                .ok_or_else(|| Error::file(path, format!("optimizer state `{key}` is missing")))?;
-            if t.dims() != shape {
-                return Err(Error::file(
-                    path,
-                    format!(
-                        "optimizer state `{key}` has shape {:?}, the parameter {shape:?}",
-                        t.dims()
-                    ),
-                ));
-            }
-            Ok(t.to_dtype(DType::F32)?)
-        };
+        let mut r = super::StateReader::open(path, &super::device_of(&self.params))?;
         let mut m = Vec::new();
         let mut v = Vec::new();
         for (name, p) in &self.params {
-            m.push(take(format!("m.{name}"), p.dims())?);
-            v.push(take(format!("v.{name}"), p.dims())?);
+            m.push(r.take(&format!("m.{name}"), p.dims(), DType::F32)?);
+            v.push(r.take(&format!("v.{name}"), p.dims(), DType::F32)?);
         }
-        let step = take("step".into(), &[1])?;
-        let step = step.to_dtype(DType::F64)?.to_vec1::<f64>()?[0];
-        if !sd.is_empty() {
-            let mut extra: Vec<_> = sd.keys().collect();
-            extra.sort();
-            return Err(Error::file(
-                path,
-                format!(
-                    "optimizer state `{}` belongs to no parameter (the adapter changed?)",
-                    extra[0]
-                ),
-            ));
-        }
+        let step = r.step()?;
+        r.finish()?;
         self.m = m;
         self.v = v;
-        self.t = step as u64;
+        self.t = step;
         Ok(())
     }
 }
 
-/// sqrt(Σ g²) over all gradients, in f64.
-pub fn global_norm(grads: &[Tensor]) -> Result<f64> {
-    let mut sum = 0.0f64;
-    for g in grads {
-        sum += g
-            .to_dtype(DType::F32)?
-            .sqr()?
-            .sum_all()?
-            .to_dtype(DType::F64)?
-            .to_scalar::<f64>()?;
-    }
-    Ok(sum.sqrt())
-}
-
-/// Scale the gradients so their global norm is at most `max_norm` (torch's
-/// `clip_grad_norm_`: factor `max_norm / (norm + 1e-6)` when below 1). Returns the norm before
-/// clipping. `max_norm = 0` only measures.
-pub fn clip_grad_norm(grads: &mut [Tensor], max_norm: f64) -> Result<f64> {
-    let norm = global_norm(grads)?;
-    if max_norm > 0.0 && norm.is_finite() {
-        let coef = max_norm / (norm + 1e-6);
-        if coef < 1.0 {
-            for g in grads.iter_mut() {
-                *g = (&*g * coef)?;
-            }
-        }
-    }
-    Ok(norm)
-}
-
 #[cfg(test)]
 mod tests {
+    use super::super::{clip_grad_norm, global_norm};
     use super::*;
     use candle_core::Device;
 

@@ -1,0 +1,151 @@
+//! SGD with momentum: `torch.optim.SGD`'s update. Per parameter `p` with gradient `g`:
+//! ```text
+//! g ← g + weight_decay · p                        (L2, as torch: added to the gradient)
+//! b ← g at the first update, then momentum · b + (1 − dampening) · g
+//! g ← g + momentum · b  (nesterov)   or   g ← b
+//! p ← p − lr · g
+//! ```
+//! With `momentum = 0` there is no buffer and no state besides the update count.
+use super::ParamSettings;
+use crate::{Error, Result};
+use candle_core::{DType, Tensor, Var};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::path::Path;
+
+/// `[train.sgd]`: torch.optim.SGD's keys.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SgdConfig {
+    #[serde(default)]
+    pub momentum: f64,
+    #[serde(default)]
+    pub dampening: f64,
+    #[serde(default)]
+    pub nesterov: bool,
+    /// Set from `[train] weight_decay`.
+    #[serde(skip)]
+    pub weight_decay: f64,
+}
+
+impl Default for SgdConfig {
+    fn default() -> Self {
+        SgdConfig {
+            momentum: 0.0,
+            dampening: 0.0,
+            nesterov: false,
+            weight_decay: 0.0,
+        }
+    }
+}
+
+impl SgdConfig {
+    /// torch's own checks: Nesterov needs momentum and no dampening.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        if !(0.0..1.0).contains(&self.momentum) {
+            return Err(format!("momentum {} is not in [0, 1)", self.momentum));
+        }
+        if self.nesterov && (self.momentum <= 0.0 || self.dampening != 0.0) {
+            return Err("nesterov = true needs momentum > 0 and dampening = 0".into());
+        }
+        Ok(())
+    }
+}
+
+pub struct Sgd {
+    params: Vec<(String, Var)>,
+    settings: Vec<ParamSettings>,
+    /// The momentum buffers (empty without momentum).
+    buf: Vec<Tensor>,
+    t: u64,
+    cfg: SgdConfig,
+}
+
+impl Sgd {
+    pub fn new(
+        params: Vec<(String, Var)>,
+        cfg: SgdConfig,
+        settings: Vec<ParamSettings>,
+    ) -> Result<Self> {
+        cfg.validate()
+            .map_err(|e| Error::msg(format!("sgd: {e}")))?;
+        let buf = if cfg.momentum != 0.0 {
+            params
+                .iter()
+                .map(|(_, v)| Tensor::zeros(v.shape(), DType::F32, v.device()))
+                .collect::<candle_core::Result<_>>()?
+        } else {
+            Vec::new()
+        };
+        Ok(Sgd {
+            params,
+            settings,
+            buf,
+            t: 0,
+            cfg,
+        })
+    }
+
+    pub fn params(&self) -> &[(String, Var)] {
+        &self.params
+    }
+
+    pub fn step_count(&self) -> u64 {
+        self.t
+    }
+
+    pub fn step(&mut self, grads: &[Tensor], lr: f64) -> Result<()> {
+        super::check_grads(grads.len(), self.params.len(), super::OptimizerKind::Sgd)?;
+        let first = self.t == 0;
+        self.t += 1;
+        let c = self.cfg;
+        for (i, (_, p)) in self.params.iter().enumerate() {
+            let lr = lr * self.settings[i].lr_scale;
+            let w = p.as_tensor().detach().to_dtype(DType::F32)?;
+            let mut g = grads[i].to_dtype(DType::F32)?;
+            if c.weight_decay != 0.0 && self.settings[i].decay {
+                g = (g + (&w * c.weight_decay)?)?;
+            }
+            if c.momentum != 0.0 {
+                let b = if first {
+                    g.clone()
+                } else {
+                    ((&self.buf[i] * c.momentum)? + (&g * (1.0 - c.dampening))?)?
+                };
+                g = if c.nesterov {
+                    (g + (&b * c.momentum)?)?
+                } else {
+                    b.clone()
+                };
+                self.buf[i] = b;
+            }
+            let w = (w - (g * lr)?)?;
+            p.set(&w.to_dtype(p.dtype())?)?;
+        }
+        Ok(())
+    }
+
+    /// `momentum_buffer.<name>` (with momentum) and `step`.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let mut sd = HashMap::new();
+        for (i, b) in self.buf.iter().enumerate() {
+            sd.insert(format!("momentum_buffer.{}", self.params[i].0), b.clone());
+        }
+        super::write_state(path, sd, self.t, &super::device_of(&self.params))
+    }
+
+    pub fn load(&mut self, path: &Path) -> Result<()> {
+        let mut r = super::StateReader::open(path, &super::device_of(&self.params))?;
+        let mut buf = Vec::new();
+        if self.cfg.momentum != 0.0 {
+            for (name, p) in &self.params {
+                buf.push(r.take(&format!("momentum_buffer.{name}"), p.dims(), DType::F32)?);
+            }
+        }
+        let step = r.step()?;
+        r.finish()?;
+        self.buf = buf;
+        self.t = step;
+        Ok(())
+    }
+}

@@ -1,0 +1,334 @@
+//! Full and selective fine-tuning end to end on a tiny model (tests/fixtures/models, 2
+//! layers) with a word-level tokenizer: every optimizer lowers the loss comparably, selective
+//! rules (regex, layers, bitfit) train exactly what they select and the changed tensors put
+//! onto the base give the trained model.
+use candle_core::{DType, Device};
+use ferrotune::model::{self, LoadOptions};
+use ferrotune::train::{self, ProgressMode, RunOptions};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+
+const WORDS: &[&str] = &[
+    "<unk>", "<s>", "</s>", "<pad>", "=", "say", "rev", "red", "green", "blue", "cat", "dog",
+    "sun", "moon", "tree", "rock", "fish", "bird", "one", "two", "three", "four", "five", "six",
+];
+
+fn repo() -> PathBuf {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    p.canonicalize().unwrap_or(p)
+}
+
+/// A fresh folder for one test.
+fn tmp(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("ferrotune-full-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// Copy of the tiny GQA fixture with a word-level tokenizer over `WORDS`.
+fn tiny_model(dir: &Path) -> PathBuf {
+    let d = dir.join("model");
+    std::fs::create_dir_all(&d).unwrap();
+    let src = repo().join("tests/fixtures/models/tiny-llama-gqa-untied");
+    for f in ["config.json", "model.safetensors", "generation_config.json"] {
+        std::fs::copy(src.join(f), d.join(f)).unwrap();
+    }
+    let vocab: serde_json::Map<String, Value> = WORDS
+        .iter()
+        .enumerate()
+        .map(|(i, w)| (w.to_string(), (i as u64).into()))
+        .collect();
+    let special = |id: usize| {
+        serde_json::json!({"id": id, "content": WORDS[id], "single_word": false, "lstrip": false,
+            "rstrip": false, "normalized": false, "special": true})
+    };
+    let tok = serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null,
+        "added_tokens": [special(1), special(2), special(3)],
+        "normalizer": null, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null,
+        "decoder": null,
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"}
+    });
+    std::fs::write(d.join("tokenizer.json"), tok.to_string()).unwrap();
+    std::fs::write(
+        d.join("tokenizer_config.json"),
+        serde_json::json!({"eos_token": "</s>", "bos_token": "<s>", "pad_token": "<pad>",
+            "add_bos_token": true})
+        .to_string(),
+    )
+    .unwrap();
+    d
+}
+
+/// `n` rows of "say a b c =" -> " c b a" (reverse the words), of varying length.
+fn reverse_rows(n: usize, seed: u64) -> String {
+    let content = &WORDS[7..];
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut out = String::new();
+    for _ in 0..n {
+        let k = rng.random_range(1..=6);
+        let ws: Vec<&str> = (0..k)
+            .map(|_| content[rng.random_range(0..content.len())])
+            .collect();
+        let rev: Vec<&str> = ws.iter().rev().copied().collect();
+        out.push_str(
+            &serde_json::json!({"q": format!("rev {}", ws.join(" ")), "a": rev.join(" ")})
+                .to_string(),
+        );
+        out.push('\n');
+    }
+    out
+}
+
+/// A run folder with the tiny model and the reverse task; `body` is appended to the config
+/// (method, sections).
+fn setup(tag: &str, body: &str) -> (PathBuf, train::LoadedConfig) {
+    let dir = tmp(tag);
+    tiny_model(&dir);
+    let rows = reverse_rows(8, 5);
+    std::fs::write(dir.join("train.jsonl"), &rows).unwrap();
+    std::fs::write(dir.join("dev.jsonl"), &rows).unwrap();
+    let text = format!(
+        r#"model = "model"
+output_dir = "out"
+{body}
+[data]
+train = "train.jsonl"
+validation = "dev.jsonl"
+template = "{{q}} ="
+completion = " {{a}}"
+"#
+    );
+    let config = dir.join("run.toml");
+    std::fs::write(&config, text).unwrap();
+    let c = train::load_config(&config, &[]).unwrap();
+    (dir, c)
+}
+
+fn quiet() -> RunOptions {
+    RunOptions {
+        progress: ProgressMode::Quiet,
+        ..Default::default()
+    }
+}
+
+const TRAIN: &str = "batch_size = 4\nmax_seq_len = 32\nlog_every = 1000\nmax_steps = 30\neval_batches = 0\nwarmup_steps = 3\nweight_decay = 0.01\n";
+
+#[test]
+fn every_optimizer_lowers_the_loss_comparably_in_full_fine_tuning() {
+    let mut finals = Vec::new();
+    for (opt, extra) in [
+        ("adamw", "lr = 3e-3\n"),
+        (
+            "adamw_8bit",
+            "lr = 3e-3\n[train.adamw_8bit]\nmin_8bit_size = 256\n",
+        ),
+        ("adafactor", "lr = 3e-3\n[train.adafactor]\nbeta1 = 0.9\n"),
+        (
+            "sgd",
+            "lr = 0.1\n[train.sgd]\nmomentum = 0.9\nnesterov = true\n",
+        ),
+    ] {
+        let body = format!("method = \"full\"\n[train]\noptimizer = \"{opt}\"\n{TRAIN}{extra}");
+        let (dir, c) = setup(&format!("opt-{opt}"), &body);
+        let s = train::run(&c, &quiet()).unwrap();
+        let (first, last) = (s.initial_val_loss.unwrap(), s.final_val_loss.unwrap());
+        eprintln!("{opt}: val loss {first:.6} -> {last:.6}");
+        assert!(last < 0.5 * first, "{opt}: val loss {first} -> {last}");
+        assert!(dir.join("out/model/model.safetensors").is_file());
+        finals.push((opt, (first - last) / first));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+    // 8-bit AdamW and Adafactor remove as much of the initial loss as AdamW, within 5% (on a
+    // task the tiny model memorises; the issue's comparison on the quickstart is the lead's).
+    let adamw = finals[0].1;
+    for (opt, gain) in &finals[1..3] {
+        assert!(*gain > 0.95 * adamw, "{opt}: {gain} vs adamw {adamw}");
+    }
+}
+
+/// Every parameter of a saved HF folder.
+fn weights(dir: &Path) -> std::collections::HashMap<String, Vec<f32>> {
+    candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu)
+        .unwrap()
+        .into_iter()
+        .map(|(k, v)| {
+            (
+                k,
+                v.to_dtype(DType::F32)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn selective_rules_train_what_they_select_and_the_changes_apply_to_the_base() {
+    let body = format!(
+        "method = \"selective\"\n[selective]\nregex = \"mlp\\\\.(up|down)_proj\"\nlayers = \"1\"\n[train]\n{TRAIN}lr = 3e-3\n"
+    );
+    let (dir, c) = setup("selective", &body);
+    let s = train::run(&c, &quiet()).unwrap();
+    assert!(s.final_val_loss.unwrap() < s.initial_val_loss.unwrap());
+    let base = weights(&dir.join("model"));
+    let trained = weights(&dir.join("out/model"));
+    let want = [
+        "model.layers.1.mlp.down_proj.weight",
+        "model.layers.1.mlp.up_proj.weight",
+    ];
+    let mut changed: Vec<&str> = trained
+        .iter()
+        .filter(|(k, v)| base[*k] != **v)
+        .map(|(k, _)| k.as_str())
+        .collect();
+    changed.sort();
+    assert_eq!(changed, want, "exactly the selected tensors changed");
+    assert_eq!(
+        s.trainable_params,
+        want.iter().map(|k| base[*k].len()).sum::<usize>()
+    );
+    // adapter/: only the changed tensors, and a config naming them and the base.
+    let adapter = dir.join("out/adapter");
+    let file = candle_core::safetensors::load(adapter.join("selective.safetensors"), &Device::Cpu)
+        .unwrap();
+    let mut keys: Vec<&String> = file.keys().collect();
+    keys.sort();
+    assert_eq!(keys, want);
+    let cfg: Value = serde_json::from_str(
+        &std::fs::read_to_string(adapter.join("selective_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(cfg["peft_type"], "SELECTIVE");
+    assert_eq!(cfg["layers"], "1");
+    // Onto the base: its state dict becomes the trained model's.
+    let mut m = model::load(
+        dir.join("model").to_str().unwrap(),
+        &LoadOptions::default(),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let n = ferrotune::peft::selective::apply(&mut *m.model, &adapter).unwrap();
+    assert_eq!(n, 2);
+    let sd = m.model.state_dict(DType::F32).unwrap();
+    for (k, v) in &trained {
+        let got: Vec<f32> = sd[k].flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(&got, v, "{k}");
+    }
+    // A file naming a tensor the model lacks is a one-line error naming it.
+    let mut bad = file.clone();
+    let t = bad.remove(want[0]).unwrap();
+    bad.insert("model.layers.9.mlp.up_proj.weight".into(), t);
+    candle_core::safetensors::save(&bad, adapter.join("selective.safetensors")).unwrap();
+    let mut m = model::load(
+        dir.join("model").to_str().unwrap(),
+        &LoadOptions::default(),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let e = ferrotune::peft::selective::apply(&mut *m.model, &adapter)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("model.layers.9.mlp.up_proj.weight") && !e.contains('\n'),
+        "{e}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn bitfit_on_a_family_without_biases_is_a_one_line_error_naming_it() {
+    let body = format!("method = \"selective\"\n[selective]\nbitfit = true\n[train]\n{TRAIN}");
+    let (dir, c) = setup("bitfit", &body);
+    let e = train::run(&c, &quiet()).unwrap_err().to_string();
+    assert!(
+        e.contains("bitfit") && e.contains("no biases") && !e.contains('\n'),
+        "{e}"
+    );
+    assert!(e.to_lowercase().contains("llama"), "names the family: {e}");
+    // An empty [selective] is a config error naming the section.
+    let (_, c2) = {
+        let d = tmp("bitfit-empty");
+        std::fs::write(d.join("run.toml"), "model = \"m\"\noutput_dir = \"o\"\nmethod = \"selective\"\n[data]\ntrain = \"t.jsonl\"\n[selective]\n").unwrap();
+        (d.clone(), train::load_config(&d.join("run.toml"), &[]))
+    };
+    let e = c2.unwrap_err().to_string();
+    assert!(e.contains("selective") && e.contains("regex"), "{e}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_full_run_shards_model_weights_above_max_shard_size_and_the_folder_loads_back() {
+    let body = format!(
+        "method = \"full\"\n[train]\n{}max_shard_size = \"40KB\"\n",
+        TRAIN.replace("max_steps = 30", "max_steps = 2")
+    );
+    let (dir, c) = setup("shards", &body);
+    train::run(&c, &quiet()).unwrap();
+    let m = dir.join("out/model");
+    assert!(!m.join("model.safetensors").exists());
+    let index: Value = serde_json::from_str(
+        &std::fs::read_to_string(m.join("model.safetensors.index.json")).unwrap(),
+    )
+    .unwrap();
+    let map = index["weight_map"].as_object().unwrap();
+    let mut files: Vec<&str> = map.values().map(|v| v.as_str().unwrap()).collect();
+    files.sort();
+    files.dedup();
+    assert!(files.len() > 1, "{files:?}");
+    let n = files.len();
+    for (i, f) in files.iter().enumerate() {
+        assert_eq!(*f, format!("model-{:05}-of-{n:05}.safetensors", i + 1));
+        let size = std::fs::metadata(m.join(f)).unwrap().len();
+        // a shard holds at most 40 KB of tensors unless one tensor alone is larger
+        let tensors = candle_core::safetensors::load(m.join(f), &Device::Cpu).unwrap();
+        assert!(size <= 41_000 || tensors.len() == 1, "{f}: {size} bytes");
+    }
+    let total: u64 = index["metadata"]["total_size"].as_u64().unwrap();
+    // The folder loads back (`--model runs/x/model`) with every trained tensor.
+    let loaded = model::load(m.to_str().unwrap(), &LoadOptions::default(), &Device::Cpu).unwrap();
+    let sd = loaded.model.state_dict(DType::F32).unwrap();
+    let sum: u64 = sd.values().map(|t| (t.elem_count() * 4) as u64).sum();
+    assert_eq!(sum, total);
+    assert_eq!(sd.len(), map.len());
+    // A bad size is a one-line error naming the key.
+    let e = train::load_config(
+        &dir.join("run.toml"),
+        &["train.max_shard_size=\"big\"".into()],
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("max_shard_size") && !e.contains('\n'), "{e}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn bitfit_on_bert_trains_only_the_biases_and_freezes_the_rest() {
+    let dir = repo().join("tests/fixtures/bert/tiny-bert");
+    let mut m = model::load(dir.to_str().unwrap(), &LoadOptions::default(), &Device::Cpu).unwrap();
+    let cfg = ferrotune::peft::selective::SelectiveConfig {
+        bitfit: true,
+        layers: Some(ferrotune::peft::selective::LayerRange::Text("0".into())),
+        ..Default::default()
+    };
+    let vars = ferrotune::peft::selective::select(&mut *m.model, &cfg).unwrap();
+    assert!(!vars.is_empty());
+    for (n, _) in &vars {
+        assert!(n.ends_with("bias") && n.contains(".layer.0."), "{n}");
+    }
+    // Every selected bias is a linear's (LayerNorm biases are norms') or a norm's; no linear
+    // weight stayed trainable.
+    for lin in m.model.linears() {
+        assert!(
+            !matches!(lin.weight(), ferrotune::nn::LinearWeight::Trainable(_)),
+            "{} is still trainable",
+            lin.name()
+        );
+    }
+}
