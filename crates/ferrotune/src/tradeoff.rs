@@ -544,7 +544,7 @@ pub fn markdown(report: &Report) -> String {
         s.push_str(&format!(
             "| {} | {} | {} | {} | {} | {} | {} | {} |",
             r.name,
-            fmt_opt(r.trainable_params, |n| crate::peft::thousands(n)),
+            fmt_opt(r.trainable_params, crate::peft::thousands),
             fmt_opt(r.trainable_percent, |p| format!("{p:.4}")),
             fmt_opt(r.adapter_bytes, bytes),
             fmt_opt(r.peak_rss_bytes, bytes),
