@@ -30,7 +30,9 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
 ROOT = Path(__file__).resolve().parent.parent
-BASE = ROOT / "tests/fixtures/models/tiny-llama-gqa-untied"
+# Relative (the script runs from the repository root), so the saved configs name no path of
+# this machine in base_model_name_or_path.
+BASE = "tests/fixtures/models/tiny-llama-gqa-untied"
 OUT = ROOT / "tests/fixtures/peft/combine"
 
 ADAPTERS = {
@@ -61,6 +63,9 @@ def make_adapter(name, seed):
 
 
 def main():
+    import os
+
+    os.chdir(ROOT)
     torch.set_num_threads(1)
     if OUT.exists():
         shutil.rmtree(OUT)

@@ -260,9 +260,11 @@ mod tests {
             .iter()
             .map(|(n, b)| (n.to_string(), *b))
             .collect();
+        // huggingface_hub's split: a tensor over the limit gets its own shard at once, ahead
+        // of the shard still being filled.
         assert_eq!(
             plan_shards(&sizes, 100),
-            vec![vec!["a", "b"], vec!["c"], vec!["d", "e"]]
+            vec![vec!["c"], vec!["a", "b"], vec!["d", "e"]]
         );
         assert_eq!(plan_shards(&sizes, 1000).len(), 1);
     }
