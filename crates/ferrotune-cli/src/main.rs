@@ -938,6 +938,10 @@ struct CompareArgs {
     /// Override a config key in every run: --set train.max_steps=200 (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     set: Vec<String>,
+    /// Override a config key in one run only: --method-set full:train.lr=5e-5 (RUN:KEY=VALUE;
+    /// RUN is a method or a rank-sweep row such as "lora r=16"; repeatable).
+    #[arg(long = "method-set", value_name = "RUN:KEY=VALUE")]
+    method_set: Vec<String>,
     /// Rows to score generations on (default: the config's test data, else its validation data).
     #[arg(long)]
     eval_data: Option<PathBuf>,
@@ -1009,8 +1013,23 @@ impl ferrotune::tradeoff::Runner for ProcessRunner {
 }
 
 fn run_compare(a: CompareArgs) -> Result<()> {
+    let method_set = a
+        .method_set
+        .iter()
+        .map(|s| {
+            s.split_once(':')
+                .filter(|(run, kv)| !run.is_empty() && kv.contains('='))
+                .map(|(run, kv)| (run.trim().to_string(), kv.to_string()))
+                .ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "--method-set `{s}`: expected RUN:KEY=VALUE, e.g. full:train.lr=5e-5"
+                    )
+                })
+        })
+        .collect::<Result<Vec<_>>>()?;
     let spec = ferrotune::tradeoff::CompareSpec {
         config: a.config,
+        method_set,
         methods: a.methods,
         lora_ranks: a.lora_ranks,
         out: a.out,

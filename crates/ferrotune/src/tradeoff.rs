@@ -48,6 +48,10 @@ pub struct CompareSpec {
     pub out: PathBuf,
     /// `--set` overrides applied to every run (e.g. `train.max_steps=200`).
     pub set: Vec<String>,
+    /// `(run, KEY=VALUE)`: overrides for one run only (full fine-tuning wants a far lower
+    /// learning rate than the adapters: `full:train.lr=5e-5`), after `set`. `run` is a method
+    /// name or a rank-sweep row (`lora r=16`).
+    pub method_set: Vec<(String, String)>,
     /// Rows the generation metric is computed on (default: the config's test file, else its
     /// validation file).
     pub eval_data: Option<PathBuf>,
@@ -106,6 +110,12 @@ pub fn plan(spec: &CompareSpec) -> Result<Vec<RunSpec>> {
             .replace("-r-", "-r");
         let dir = spec.out.join("runs").join(slug);
         let mut set = set;
+        set.extend(
+            spec.method_set
+                .iter()
+                .filter(|(run, _)| *run == name)
+                .map(|(_, kv)| kv.clone()),
+        );
         set.push(format!(
             "output_dir={}",
             toml_string(&dir.display().to_string())
@@ -118,6 +128,18 @@ pub fn plan(spec: &CompareSpec) -> Result<Vec<RunSpec>> {
         });
         Ok(())
     };
+    for (run, _) in &spec.method_set {
+        let known = spec.methods.iter().any(|m| m.trim() == run)
+            || spec
+                .lora_ranks
+                .iter()
+                .any(|r| *run == format!("lora r={r}"));
+        if !known {
+            return Err(Error::msg(format!(
+                "--method-set: `{run}` is not one of the runs (--methods / --lora-ranks)"
+            )));
+        }
+    }
     for m in &spec.methods {
         let m = m.trim();
         if !METHODS.contains(&m) {
@@ -700,6 +722,7 @@ mod tests {
             lora_ranks: ranks.to_vec(),
             out: PathBuf::from("cmp"),
             set: vec![],
+            method_set: vec![("lora r=16".into(), "train.lr=1e-4".into())],
             eval_data: None,
             eval_limit: None,
             max_new_tokens: 32,
@@ -718,11 +741,17 @@ mod tests {
         assert_eq!(runs[2].set[..2], ["method=\"lora\"", "lora.use_dora=true"]);
         assert_eq!(runs[5].set[..2], ["method=\"lora\"", "lora.r=16"]);
         assert_eq!(runs[5].dir, Path::new("cmp/runs/lora-r16"));
+        assert_eq!(runs[5].set[2], "train.lr=1e-4");
         assert!(
-            runs[5].set[2].starts_with("output_dir="),
+            runs[5].set[3].starts_with("output_dir="),
             "{:?}",
             runs[5].set
         );
+        assert_eq!(runs[4].set.len(), 3, "only its run gets a --method-set");
+        let mut bad = spec(&["lora"], &[]);
+        bad.method_set = vec![("ia3".into(), "train.lr=1".into())];
+        let e = plan(&bad).unwrap_err().to_string();
+        assert!(e.starts_with("--method-set") && e.contains("ia3"), "{e}");
         for bad in [&["lora", "qlora"][..], &["lora", "lora"][..], &[][..]] {
             let e = plan(&spec(bad, &[])).unwrap_err().to_string();
             assert!(e.starts_with("--methods"), "{e}");
