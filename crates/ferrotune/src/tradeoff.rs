@@ -722,7 +722,7 @@ mod tests {
             lora_ranks: ranks.to_vec(),
             out: PathBuf::from("cmp"),
             set: vec![],
-            method_set: vec![("lora r=16".into(), "train.lr=1e-4".into())],
+            method_set: vec![],
             eval_data: None,
             eval_limit: None,
             max_new_tokens: 32,
@@ -731,7 +731,9 @@ mod tests {
 
     #[test]
     fn plan_names_each_run_and_its_overrides() {
-        let runs = plan(&spec(&["base", "lora", "dora", "ia3"], &[4, 16])).unwrap();
+        let mut s = spec(&["base", "lora", "dora", "ia3"], &[4, 16]);
+        s.method_set = vec![("lora r=16".into(), "train.lr=1e-4".into())];
+        let runs = plan(&s).unwrap();
         let names: Vec<&str> = runs.iter().map(|r| r.name.as_str()).collect();
         assert_eq!(
             names,
