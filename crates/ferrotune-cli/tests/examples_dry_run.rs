@@ -60,7 +60,20 @@ fn every_example_config_parses_and_dry_runs_without_writing() {
     configs.sort();
     assert!(!configs.is_empty(), "no configs under examples/");
     for config in &configs {
-        let c = ferrotune::train::load_config(config, &[])
+        // The base config of `ferrotune compare` holds several methods' sections, which is
+        // allowed when `--set method=...` picks one, as each compared run does: dry-run it so.
+        let compare_base = config
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().contains("-compare"));
+        let set: Vec<String> = if compare_base {
+            let raw: toml::Table =
+                toml::from_str(&std::fs::read_to_string(config).unwrap()).unwrap();
+            let method = raw.get("method").and_then(|m| m.as_str()).unwrap_or("lora");
+            vec![format!("method=\"{method}\"")]
+        } else {
+            Vec::new()
+        };
+        let c = ferrotune::train::load_config(config, &set)
             .unwrap_or_else(|e| panic!("{}: {e}", config.display()));
         let model = Path::new(&c.config.model);
         assert!(
@@ -88,6 +101,10 @@ fn every_example_config_parses_and_dry_runs_without_writing() {
             config.display().to_string(),
             "--dry-run".into(),
         ];
+        for kv in &set {
+            args.push("--set".into());
+            args.push(kv.clone());
+        }
         // A checkout where the example already ran: the dry run of continuing it.
         if existed {
             args.push("--resume".into());
