@@ -218,7 +218,8 @@ pub fn load_adapter(
         AdapterConfig::Lora(cfg) => check_lora_shapes(model, cfg, dir, &path, &shapes)?,
         AdapterConfig::Ia3(cfg) => check_ia3_shapes(model, cfg, dir, &path, &shapes)?,
         AdapterConfig::Bottleneck(cfg) => check_bottleneck_shapes(model, cfg, dir, &path, &shapes)?,
-        AdapterConfig::Prompt(_) => unreachable!("loaded above"),
+        // Soft prompts returned above; an error value rather than a panic if that ever changes.
+        AdapterConfig::Prompt(c) => return Err(prompt_not_linear(dir, c)),
     }
     let tensors = candle_core::safetensors::load(&path, model.device())
         .map_err(|e| Error::file(&path, crate::error::first_line(&e.to_string())))?;
@@ -236,13 +237,13 @@ pub fn load_adapter(
             cfg.attach(model, adapter_name, 0)
                 .map_err(|e| Error::file(dir.join(CONFIG_FILE), e))?;
         }
-        AdapterConfig::Prompt(_) => unreachable!("loaded above"),
+        AdapterConfig::Prompt(c) => return Err(prompt_not_linear(dir, c)),
     }
     let implied_copies = match &config {
         AdapterConfig::Lora(cfg) => cfg.modules_to_save.is_none(),
         AdapterConfig::Ia3(cfg) => cfg.modules_to_save.is_none(),
         AdapterConfig::Bottleneck(cfg) => cfg.modules_to_save.is_none(),
-        AdapterConfig::Prompt(_) => unreachable!("loaded above"),
+        AdapterConfig::Prompt(c) => return Err(prompt_not_linear(dir, c)),
     };
     if let Err(e) = fill_from(model, adapter_name, tensors, &path, implied_copies) {
         // Leave the model as it was.
@@ -263,6 +264,16 @@ pub fn load_adapter(
         modules,
         params: param_count(model, adapter_name),
     })
+}
+
+fn prompt_not_linear(dir: &Path, c: &PromptLearningConfig) -> Error {
+    Error::file(
+        dir.join(CONFIG_FILE),
+        format!(
+            "a {} adapter is a soft prompt, not a wrapper of linear layers",
+            c.peft_type.peft_type()
+        ),
+    )
 }
 
 /// Tensor name -> shape, from a safetensors header (the header and byte ranges are validated).
