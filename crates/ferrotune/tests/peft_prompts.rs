@@ -17,9 +17,21 @@ fn repo() -> PathBuf {
     p.canonicalize().unwrap_or(p)
 }
 
+/// SmolLM2 as the reference scripts load it: the fetched GGUF dequantized to f32, whose weights
+/// are bit-identical to the f32 HF folder `scripts/convert-smollm2-hf.sh` writes for PEFT
+/// (proven by `smollm2.rs`), so CI needs no Python environment.
 fn smollm2() -> LoadedModel {
-    let dir = repo().join(".cache/models/smollm2-hf");
-    model::load(dir.to_str().unwrap(), &LoadOptions::default(), &Device::Cpu).unwrap()
+    let gguf = repo().join(".cache/models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(
+        gguf.exists(),
+        "{} is missing: run scripts/fetch-models.sh",
+        gguf.display()
+    );
+    let opts = LoadOptions {
+        dequantize: true,
+        ..Default::default()
+    };
+    model::load(gguf.to_str().unwrap(), &opts, &Device::Cpu).unwrap()
 }
 
 fn tiny() -> model::Llama {

@@ -1,5 +1,5 @@
 //! IA3, DoRA and LoRA with rank_pattern / alpha_pattern / rsLoRA to and from PEFT, on SmolLM2
-//! (`.cache/models/smollm2-hf`, CAUSAL_LM) and the tiny T5 v1.1 (SEQ_2_SEQ_LM). The PEFT-made
+//! (the fetched GGUF in f32 = `.cache/models/smollm2-hf`, CAUSAL_LM) and the tiny T5 v1.1 (SEQ_2_SEQ_LM). The PEFT-made
 //! adapters and PEFT's numbers for the committed ferrotune-made ones come from
 //! reference/peft_variants.py (see its docstring); fixtures in tests/fixtures/peft/variants/.
 use candle_core::{DType, Device, Tensor};
@@ -58,22 +58,30 @@ const FAMILIES: [&str; 2] = ["smollm2", "t5"];
 const VARIANTS: [&str; 3] = ["ia3", "dora", "patterns"];
 
 fn load(family: &str) -> Box<dyn Model> {
-    let dir = match family {
-        "smollm2" => repo().join(".cache/models/smollm2-hf"),
-        _ => repo().join("tests/fixtures/t5/t5-v1_1"),
+    // SmolLM2: the fetched GGUF dequantized to f32, bit-identical to the f32 HF folder the
+    // reference script gives PEFT (proven by smollm2.rs), so CI needs no Python environment.
+    let (source, opts) = match family {
+        "smollm2" => {
+            let gguf = repo().join(".cache/models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+            assert!(
+                gguf.exists(),
+                "{} is missing: run scripts/fetch-models.sh",
+                gguf.display()
+            );
+            let opts = LoadOptions {
+                dequantize: true,
+                ..Default::default()
+            };
+            (ModelSource::Gguf(gguf), opts)
+        }
+        _ => (
+            ModelSource::HfDir(repo().join("tests/fixtures/t5/t5-v1_1")),
+            LoadOptions::default(),
+        ),
     };
-    assert!(
-        dir.join("config.json").exists(),
-        "{} is missing: run scripts/convert-smollm2-hf.sh",
-        dir.display()
-    );
-    ferrotune::model::load_source(
-        ModelSource::HfDir(dir),
-        &LoadOptions::default(),
-        &Device::Cpu,
-    )
-    .unwrap()
-    .model
+    ferrotune::model::load_source(source, &opts, &Device::Cpu)
+        .unwrap()
+        .model
 }
 
 /// The batch of an expected.json: SmolLM2's ids as one causal row; T5's padded batch.
