@@ -448,10 +448,11 @@ fn score_generation(
             load(&base.config.model).and_then(|mut lm| compare(&mut lm, &dirs, &data, &opts));
         match result {
             Ok(scored) => {
-                if let Some(b) = base_row {
-                    set_scores(&mut rows[b], &scored[0]);
+                // compare() scores the base first, then each adapter in order.
+                if let (Some(b), Some(r)) = (base_row, scored.first()) {
+                    set_scores(&mut rows[b], r);
                 }
-                for ((i, _), r) in adapters.iter().zip(&scored[1..]) {
+                for ((i, _), r) in adapters.iter().zip(scored.iter().skip(1)) {
                     set_scores(&mut rows[*i], r);
                 }
             }
@@ -473,7 +474,11 @@ fn score_generation(
         match load(&dir.display().to_string())
             .and_then(|mut lm| compare(&mut lm, &[], &data, &opts))
         {
-            Ok(scored) => set_scores(&mut rows[i], &scored[0]),
+            Ok(scored) => {
+                if let Some(r) = scored.first() {
+                    set_scores(&mut rows[i], r);
+                }
+            }
             Err(e) => {
                 rows[i].status = "failed".to_string();
                 rows[i].error = Some(format!(

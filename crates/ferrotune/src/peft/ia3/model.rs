@@ -259,10 +259,12 @@ pub fn merge_and_unload(model: &mut dyn Model, adapter_name: &str) -> Result<Mer
         if !is_saved {
             continue;
         }
-        let copy = lin
-            .remove_adapter(adapter_name)
-            .expect("the layer has the adapter");
-        let copy = as_saved_module(&*copy).expect("checked above");
+        let Some(removed) = lin.remove_adapter(adapter_name) else {
+            continue;
+        };
+        let Some(copy) = as_saved_module(&*removed) else {
+            continue;
+        };
         if copy.is_active() {
             copy.write_into(lin)?;
             report.modules.push(lin.name().to_string());

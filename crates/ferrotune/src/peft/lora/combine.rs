@@ -233,7 +233,10 @@ fn combine_linear(parts: &[(f64, Tensor, Tensor, f64)]) -> Result<(Tensor, Tenso
             Some(x) => (x + tb)?,
         });
     }
-    Ok((a.expect("non-empty"), b.expect("non-empty")))
+    match (a, b) {
+        (Some(a), Some(b)) => Ok((a, b)),
+        _ => Err(Error::msg("combine: no adapter to combine")),
+    }
 }
 
 fn combine_cat(parts: &[(f64, Tensor, Tensor, f64)]) -> Result<(Tensor, Tensor)> {

@@ -288,7 +288,12 @@ pub fn read_prompt_embeddings(
         .map_err(|e| Error::file(&path, crate::error::first_line(&e.to_string())))?;
     let t = tensors
         .remove(PROMPT_EMBEDDINGS)
-        .expect("checked above")
+        .ok_or_else(|| {
+            Error::file(
+                &path,
+                format!("no tensor `{PROMPT_EMBEDDINGS}` (the file changed while it was read)"),
+            )
+        })?
         .to_dtype(DType::F32)?;
     Ok((config, t))
 }

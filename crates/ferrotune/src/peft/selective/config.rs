@@ -120,13 +120,24 @@ impl Rules {
     pub fn new(cfg: &SelectiveConfig) -> Result<Self> {
         cfg.validate()
             .map_err(|(k, e)| Error::msg(format!("[{k}]: {e}")))?;
+        let regex = match &cfg.regex {
+            Some(r) => Some(
+                fancy_regex::Regex::new(r)
+                    .map_err(|e| Error::msg(format!("[selective] regex: {e}")))?,
+            ),
+            None => None,
+        };
+        let layers = match &cfg.layers {
+            Some(l) => Some(
+                l.indices()
+                    .map_err(|e| Error::msg(format!("[selective] layers: {e}")))?,
+            ),
+            None => None,
+        };
         Ok(Rules {
             modules: cfg.modules.clone(),
-            regex: cfg
-                .regex
-                .as_ref()
-                .map(|r| fancy_regex::Regex::new(r).expect("validated")),
-            layers: cfg.layers.as_ref().map(|l| l.indices().expect("validated")),
+            regex,
+            layers,
             bitfit: cfg.bitfit,
         })
     }

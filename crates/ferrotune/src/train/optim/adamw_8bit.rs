@@ -91,7 +91,7 @@ pub fn dynamic_map(signed: bool) -> [f32; 256] {
     data.push(0.0);
     data.push(1.0);
     data.resize(256, 0.0);
-    data.sort_by(|a, b| a.partial_cmp(b).expect("finite"));
+    data.sort_by(f32::total_cmp);
     let mut out = [0f32; 256];
     out.copy_from_slice(&data);
     out
