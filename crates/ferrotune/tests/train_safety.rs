@@ -115,6 +115,9 @@ fn the_memory_estimate_saturates_instead_of_wrapping_around() {
             q8_backward: true,
             data_tokens: 1 << 62,
             optimizer_state_bytes: None,
+            params_in_weights: false,
+            largest_param: 1 << 40,
+            optimizer_temporaries: 3,
         };
         let est = memory::estimate(&llama, &shape);
         assert_eq!(est.activations, u64::MAX, "{est:?}");

@@ -170,10 +170,9 @@ pub fn write_model_folder_sharded(
         _ => "float32",
     }
     .into();
-    write_atomic(
-        &dir.join("config.json"),
-        serde_json::to_string_pretty(&cfg).unwrap().as_bytes(),
-    )?;
+    let cfg_text = serde_json::to_string_pretty(&cfg)
+        .map_err(|e| Error::msg(format!("cannot serialize config.json: {e}")))?;
+    write_atomic(&dir.join("config.json"), cfg_text.as_bytes())?;
 
     let tok_json = tok
         .inner()

@@ -4,7 +4,9 @@
 //! The estimate adds up what the trainer actually allocates (CPU, f32 activations):
 //! - the model's weights as loaded (quantized blocks stay quantized), plus the transposed Q8_0
 //!   copies the quantized backward pass builds ([`crate::quant::BackwardWeights`]);
-//! - trainable parameters with their gradient (f32, 8 B each) and the optimizer's state
+//! - trainable parameters with their gradient (f32, 8 B each; a model weight trained in place,
+//!   already among the weights, only adds its gradient) and the optimizer's state, plus the
+//!   temporaries of the largest trained tensor's update
 //!   ([`crate::train::optim::state_bytes`]: AdamW 8 B per parameter, SGD with momentum 4,
 //!   Adafactor a row and a column per matrix, 8-bit AdamW about 2);
 //! - activations kept for the backward pass, counted tensor by tensor from each family's
@@ -26,6 +28,8 @@ pub struct MemoryEstimate {
     pub head: u64,
     pub data: u64,
     pub runtime: u64,
+    /// Temporaries the size of the largest trained tensor while the optimizer updates it.
+    pub step_working: u64,
 }
 
 /// What the estimate depends on besides the model.
@@ -46,6 +50,14 @@ pub struct TrainShape {
     /// Bytes of optimizer state for the trainable parameters; `None`: AdamW's (8 per
     /// parameter).
     pub optimizer_state_bytes: Option<u64>,
+    /// The trainable parameters are the model's own weights (full and selective fine-tuning),
+    /// already counted in `weights`; otherwise (adapters) they are extra f32 tensors.
+    pub params_in_weights: bool,
+    /// Values of the largest trainable tensor.
+    pub largest_param: usize,
+    /// f32 temporaries of a parameter's size one optimizer update holds at once
+    /// ([`crate::train::optim::step_temporaries`]).
+    pub optimizer_temporaries: u64,
 }
 
 impl TrainShape {
@@ -99,6 +111,16 @@ impl TrainShape {
             .chain(&prepared.validation)
             .fold(0usize, |a, e| a.saturating_add(e.len()));
         TrainShape {
+            largest_param: params
+                .iter()
+                .map(|(_, v)| v.elem_count())
+                .max()
+                .unwrap_or(0),
+            optimizer_temporaries: super::optim::step_temporaries(&t.optimizer_config()),
+            params_in_weights: matches!(
+                cfg.method,
+                super::config::Method::Full | super::config::Method::Selective
+            ),
             max_batch_tokens,
             max_loss_tokens,
             trainable_params: params
@@ -135,6 +157,7 @@ impl MemoryEstimate {
             self.head,
             self.data,
             self.runtime,
+            self.step_working,
         ]
         .iter()
         .fold(self.weights, |a, &b| a.saturating_add(b))
@@ -144,12 +167,13 @@ impl MemoryEstimate {
     pub fn table(&self) -> String {
         let h = crate::inspect::human_bytes;
         format!(
-            "memory estimate: weights {} + backward copies {} + trainable state {} + activations {} + LM head {} + data {} + runtime {} = {}",
+            "memory estimate: weights {} + backward copies {} + trainable state {} + activations {} + LM head {} + step working set {} + data {} + runtime {} = {}",
             h(self.weights),
             h(self.backward_copies),
             h(self.trainable_state),
             h(self.activations),
             h(self.head),
+            h(self.step_working),
             h(self.data),
             h(self.runtime),
             h(self.total())
@@ -236,20 +260,29 @@ pub fn estimate(model: &dyn Model, shape: &TrainShape) -> MemoryEstimate {
         }
     }
 
-    // the parameter and its gradient in f32, and the optimizer's state
+    // The gradient of each trainable parameter; the parameter itself where it is not a model
+    // weight already counted above (adapters); and the optimizer's state. (Full fine-tuning in f32 with AdamW: 4 + 8 bytes beyond the weights.)
     let optimizer_state = Sat(shape
         .optimizer_state_bytes
         .unwrap_or_else(|| (shape.trainable_params as u64).saturating_mul(8)));
-    let trainable_state = Sat(shape.trainable_params as u64) * f32_bytes * Sat(2) + optimizer_state;
+    // Trained tensors are f32 whatever `train.dtype` holds the frozen ones in.
+    let per_param = if shape.params_in_weights {
+        f32_bytes
+    } else {
+        f32_bytes * Sat(2)
+    };
+    let trainable_state = Sat(shape.trainable_params as u64) * per_param + optimizer_state;
 
-    let per_layer = Sat(model.layer_floats_per_token(shape.dropout)) * f32_bytes;
-    let all_layers = Sat(model.activation_floats_per_token(shape.dropout)) * f32_bytes;
+    // Activations are f32: embeddings and every linear's output are computed in f32.
+    let act_bytes = f32_bytes;
+    let per_layer = Sat(model.layer_floats_per_token(shape.dropout)) * act_bytes;
+    let all_layers = Sat(model.activation_floats_per_token(shape.dropout)) * act_bytes;
     let activations = if shape.checkpointing {
         // every layer's input, plus one layer recomputed with its graph
-        tokens * ((layers + Sat(1)) * h * f32_bytes + per_layer)
+        tokens * ((layers + Sat(1)) * h * act_bytes + per_layer)
     } else {
         // embeddings, every layer's graph, the final norm
-        tokens * (all_layers + Sat(2) * h * f32_bytes)
+        tokens * (all_layers + Sat(2) * h * act_bytes)
     };
     // the backward pass holds about one layer's worth of gradients at a time (with
     // checkpointing, inside the recomputed layer counted above)
@@ -267,7 +300,12 @@ pub fn estimate(model: &dyn Model, shape: &TrainShape) -> MemoryEstimate {
     // ids (u32) and labels (i64) per token, plus the text they came from (about 4 bytes a token)
     let data = Sat(shape.data_tokens as u64) * Sat(16);
 
+    // The optimizer updates one tensor at a time; the largest one's temporaries set the peak.
+    let largest = Sat(shape.largest_param as u64) * f32_bytes;
+    let step_working = largest * Sat(shape.optimizer_temporaries);
+
     MemoryEstimate {
+        step_working: step_working.0,
         weights: weights.0,
         backward_copies: backward_copies.0,
         trainable_state: trainable_state.0,

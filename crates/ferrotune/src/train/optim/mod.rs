@@ -322,6 +322,22 @@ pub fn clip_grad_norm(grads: &mut [Tensor], max_norm: f64) -> Result<f64> {
     Ok(norm)
 }
 
+/// f32 temporaries of a parameter's size alive while one update of it runs (the new moments
+/// before the old ones are dropped, each step of the arithmetic, and the allocator's retained
+/// blocks): what the memory estimate adds for the largest parameter. Measured as peak RSS minus
+/// the rest of the estimate on full fine-tuning of SmolLM2-135M, whose largest tensor is the
+/// tied 49152 x 576 embedding (`bench/full_ft_memory.sh`): AdamW 7.5, Adafactor 5.6, 8-bit
+/// AdamW 4.9 (plain f32 vectors of the gradient, the weight and both decoded moments), SGD
+/// without momentum 1.4.
+pub fn step_temporaries(cfg: &OptimizerConfig) -> u64 {
+    match cfg.kind {
+        OptimizerKind::Adamw => 7,
+        OptimizerKind::Adafactor | OptimizerKind::AdamW8bit => 5,
+        OptimizerKind::Sgd if cfg.sgd.momentum != 0.0 => 2,
+        OptimizerKind::Sgd => 1,
+    }
+}
+
 /// Bytes of optimizer state (beyond the parameter and its gradient) each optimizer keeps for
 /// `shapes`: AdamW 8 per value (two f32 moments); SGD 4 with momentum, else 0; Adafactor a row
 /// and a column vector per matrix (4 B each entry) and 4 per value of vectors, plus 4 per value
