@@ -7,6 +7,7 @@
 //! attached to one base. What is shared by all methods is here: the [`PeftMethod`] trait that
 //! the loader dispatches on, parameter listing by PEFT name, and PEFT's parameter report.
 pub mod bottleneck;
+mod config_check;
 pub mod format;
 pub mod ia3;
 pub mod lora;
