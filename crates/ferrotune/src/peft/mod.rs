@@ -64,6 +64,22 @@ pub fn adapter_names(model: &dyn Model) -> Vec<String> {
     out
 }
 
+/// A name for a new adapter: non-empty and free of '.' (it is a segment of the tensor keys),
+/// and not attached yet. Every method's attach checks it first.
+pub(crate) fn check_new_adapter_name(model: &dyn Model, adapter_name: &str) -> Result<()> {
+    if adapter_name.is_empty() || adapter_name.contains('.') {
+        return Err(Error::msg(format!(
+            "adapter name `{adapter_name}` must be non-empty and contain no '.'"
+        )));
+    }
+    if adapter_names(model).iter().any(|n| n == adapter_name) {
+        return Err(Error::msg(format!(
+            "an adapter named `{adapter_name}` is already attached; pick another name or remove it first"
+        )));
+    }
+    Ok(())
+}
+
 /// The trainable tensors of adapter `adapter_name`, named as in PEFT's state dict minus the
 /// `base_model.model.` prefix: `model.layers.0.self_attn.q_proj.lora_A.weight`.
 pub fn adapter_params(model: &dyn Model, adapter_name: &str) -> Vec<(String, Var)> {
