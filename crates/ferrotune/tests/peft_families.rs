@@ -16,7 +16,8 @@ use std::path::{Path, PathBuf};
 
 mod common;
 use common::{
-    flat, floats, int_rows, load_fixture, matrix, max_abs_diff, read_json, repo, t5_batch,
+    adapter_keys, flat, floats, int_rows, load_fixture, matrix, max_abs_diff, read_json, repo,
+    t5_batch,
 };
 
 fn peft_dir(name: &str) -> PathBuf {
@@ -311,16 +312,7 @@ fn ferrotune_family_adapters_for_peft() {
     };
 
     // PEFT's key names and config.
-    let names = |d: &Path| -> Vec<String> {
-        let mut k: Vec<String> =
-            candle_core::safetensors::load(d.join(format::WEIGHTS_FILE), &Device::Cpu)
-                .unwrap()
-                .into_keys()
-                .collect();
-        k.sort();
-        k
-    };
-    let bert_keys = names(&bert_dir);
+    let bert_keys = adapter_keys(&bert_dir);
     let head: Vec<&String> = bert_keys.iter().filter(|k| !k.contains("lora_")).collect();
     assert_eq!(
         head,
@@ -339,7 +331,7 @@ fn ferrotune_family_adapters_for_peft() {
         serde_json::json!(["classifier", "score"])
     );
     assert_eq!(cfg["task_type"], "SEQ_CLS");
-    let t5_keys = names(&t5_dir);
+    let t5_keys = adapter_keys(&t5_dir);
     assert_eq!(t5_keys.len(), 2 * (2 * 7 + 3 * 11));
     assert!(t5_keys.contains(
         &"base_model.model.decoder.block.2.layer.1.EncDecAttention.o.lora_A.weight".to_string()

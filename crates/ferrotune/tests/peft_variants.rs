@@ -15,8 +15,8 @@ use std::path::{Path, PathBuf};
 
 mod common;
 use common::{
-    dequantized, load_fixture, matrix, max_abs, max_abs_diff, read_json, repo, smollm2_gguf,
-    t5_batch,
+    adapter_keys, dequantized, load_fixture, matrix, max_abs, max_abs_diff, read_json, repo,
+    smollm2_gguf, t5_batch,
 };
 
 fn variants_dir(name: &str) -> PathBuf {
@@ -347,24 +347,15 @@ fn ferrotune_variant_adapters_for_peft() {
     let _ = std::fs::remove_dir_all(&dir);
     write_ours(&dir);
     // PEFT's key names: a DoRA file holds the magnitudes, an IA3 file its vectors.
-    let keys = |d: &Path| -> Vec<String> {
-        let mut k: Vec<String> =
-            candle_core::safetensors::load(d.join(format::WEIGHTS_FILE), &Device::Cpu)
-                .unwrap()
-                .into_keys()
-                .collect();
-        k.sort();
-        k
-    };
-    let dora = keys(&dir.join("t5-dora"));
+    let dora = adapter_keys(&dir.join("t5-dora"));
     assert!(dora.contains(
         &"base_model.model.decoder.block.0.layer.0.SelfAttention.q.lora_magnitude_vector"
             .to_string()
     ));
-    let ia3k = keys(&dir.join("t5-ia3"));
+    let ia3k = adapter_keys(&dir.join("t5-ia3"));
     assert!(ia3k
         .contains(&"base_model.model.decoder.block.0.layer.2.DenseReluDense.wo.ia3_l".to_string()));
-    assert_eq!(keys(&dir.join("smollm2-ia3")).len(), 6);
+    assert_eq!(adapter_keys(&dir.join("smollm2-ia3")).len(), 6);
     if write_fixture {
         for f in FAMILIES {
             for v in VARIANTS {
@@ -440,6 +431,15 @@ fn edit_config(d: &Path, f: impl FnOnce(&mut Value)) {
     std::fs::write(&p, v.to_string()).unwrap();
 }
 
+/// The error of loading the adapter in `dir`, which must be one line.
+fn load_error(m: &mut dyn Model, dir: &Path) -> String {
+    let e = format::load_adapter(m, dir, "default")
+        .unwrap_err()
+        .to_string();
+    assert!(!e.contains('\n'), "{e}");
+    e
+}
+
 /// An IA3 vector of the wrong orientation, a DoRA config whose file has no magnitudes, and
 /// `feedforward_modules` outside `target_modules` are one-line errors naming the file and the
 /// tensor or key; nothing stays attached.
@@ -450,38 +450,25 @@ fn bad_variant_adapters_are_one_line_errors() {
         v["feedforward_modules"] = serde_json::json!([])
     });
     let mut m = load("t5");
-    let e = format::load_adapter(&mut *m, &t5_ia3, "default")
-        .unwrap_err()
-        .to_string();
+    let e = load_error(&mut *m, &t5_ia3);
     assert!(
-        e.contains("DenseReluDense.wo.ia3_l` is [1, 32]")
-            && e.contains("output scaling")
-            && !e.contains('\n'),
+        e.contains("DenseReluDense.wo.ia3_l` is [1, 32]") && e.contains("output scaling"),
         "{e}"
     );
     assert!(peft::adapter_names(&*m).is_empty());
 
     let t5_lora = copy_case("t5-patterns-peft", "dora");
     edit_config(&t5_lora, |v| v["use_dora"] = true.into());
-    let e = format::load_adapter(&mut *m, &t5_lora, "default")
-        .unwrap_err()
-        .to_string();
-    assert!(
-        e.contains("lora_magnitude_vector` is missing") && !e.contains('\n'),
-        "{e}"
-    );
+    let e = load_error(&mut *m, &t5_lora);
+    assert!(e.contains("lora_magnitude_vector` is missing"), "{e}");
 
     let t5_ff = copy_case("t5-ia3-peft", "ff");
     edit_config(&t5_ff, |v| {
         v["feedforward_modules"] = serde_json::json!(["wi_0"])
     });
-    let e = format::load_adapter(&mut *m, &t5_ff, "default")
-        .unwrap_err()
-        .to_string();
+    let e = load_error(&mut *m, &t5_ff);
     assert!(
-        e.contains("`feedforward_modules`")
-            && e.contains("adapter_config.json")
-            && !e.contains('\n'),
+        e.contains("`feedforward_modules`") && e.contains("adapter_config.json"),
         "{e}"
     );
     assert!(peft::adapter_names(&*m).is_empty());

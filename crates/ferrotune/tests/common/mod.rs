@@ -204,3 +204,14 @@ pub fn t5_batch(exp: &Value) -> Batch {
         sources: Vec::new(),
     }
 }
+
+/// The tensor names of an adapter folder's `adapter_model.safetensors`, sorted.
+pub fn adapter_keys(dir: &Path) -> Vec<String> {
+    let file = dir.join(ferrotune::peft::format::WEIGHTS_FILE);
+    let mut k: Vec<String> = candle_core::safetensors::load(file, &Device::Cpu)
+        .unwrap()
+        .into_keys()
+        .collect();
+    k.sort();
+    k
+}
