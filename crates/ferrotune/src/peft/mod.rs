@@ -65,7 +65,7 @@ pub fn adapter_names(model: &dyn Model) -> Vec<String> {
 }
 
 /// A name for a new adapter: non-empty and free of '.' (it is a segment of the tensor keys),
-/// and not attached yet. Every method's attach checks it first.
+/// and not attached yet. LoRA, IA3 and bottleneck attach check it first.
 pub(crate) fn check_new_adapter_name(model: &dyn Model, adapter_name: &str) -> Result<()> {
     if adapter_name.is_empty() || adapter_name.contains('.') {
         return Err(Error::msg(format!(

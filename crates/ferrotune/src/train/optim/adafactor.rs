@@ -99,7 +99,7 @@ enum Second {
 }
 
 pub struct Adafactor {
-    group: ParamGroup,
+    pub(super) group: ParamGroup,
     second: Vec<Second>,
     /// With beta1.
     exp_avg: Vec<Tensor>,
@@ -157,14 +157,6 @@ impl Adafactor {
             exp_avg,
             cfg,
         })
-    }
-
-    pub fn params(&self) -> &[(String, Var)] {
-        &self.group.params
-    }
-
-    pub fn step_count(&self) -> u64 {
-        self.group.t
     }
 
     pub fn step(&mut self, grads: &[Tensor], lr: f64) -> Result<()> {

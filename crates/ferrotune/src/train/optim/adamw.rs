@@ -34,7 +34,7 @@ impl Default for AdamWConfig {
 }
 
 pub struct AdamW {
-    group: ParamGroup,
+    pub(super) group: ParamGroup,
     m: Vec<Tensor>,
     v: Vec<Tensor>,
     cfg: AdamWConfig,

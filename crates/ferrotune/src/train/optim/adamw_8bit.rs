@@ -154,7 +154,7 @@ enum Moments {
 }
 
 pub struct AdamW8bit {
-    group: ParamGroup,
+    pub(super) group: ParamGroup,
     moments: Vec<Moments>,
     cfg: AdamW8bitConfig,
     signed: [f32; 256],
@@ -191,14 +191,6 @@ impl AdamW8bit {
             signed: dynamic_map(true),
             unsigned: dynamic_map(false),
         })
-    }
-
-    pub fn params(&self) -> &[(String, Var)] {
-        &self.group.params
-    }
-
-    pub fn step_count(&self) -> u64 {
-        self.group.t
     }
 
     pub fn step(&mut self, grads: &[Tensor], lr: f64) -> Result<()> {

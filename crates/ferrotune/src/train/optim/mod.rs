@@ -149,23 +149,22 @@ impl Optimizer {
         }
     }
 
-    pub fn params(&self) -> &[(String, Var)] {
+    fn group(&self) -> &ParamGroup {
         match self {
-            Optimizer::AdamW(o) => o.params(),
-            Optimizer::Sgd(o) => o.params(),
-            Optimizer::Adafactor(o) => o.params(),
-            Optimizer::AdamW8bit(o) => o.params(),
+            Optimizer::AdamW(o) => &o.group,
+            Optimizer::Sgd(o) => &o.group,
+            Optimizer::Adafactor(o) => &o.group,
+            Optimizer::AdamW8bit(o) => &o.group,
         }
+    }
+
+    pub fn params(&self) -> &[(String, Var)] {
+        &self.group().params
     }
 
     /// Updates done so far.
     pub fn step_count(&self) -> u64 {
-        match self {
-            Optimizer::AdamW(o) => o.step_count(),
-            Optimizer::Sgd(o) => o.step_count(),
-            Optimizer::Adafactor(o) => o.step_count(),
-            Optimizer::AdamW8bit(o) => o.step_count(),
-        }
+        self.group().t
     }
 
     /// One update with `grads[i]` the gradient of `params()[i]` and `lr` the schedule's

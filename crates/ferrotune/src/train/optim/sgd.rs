@@ -53,7 +53,7 @@ impl SgdConfig {
 }
 
 pub struct Sgd {
-    group: ParamGroup,
+    pub(super) group: ParamGroup,
     /// The momentum buffers (empty without momentum).
     buf: Vec<Tensor>,
     cfg: SgdConfig,
@@ -80,14 +80,6 @@ impl Sgd {
             buf,
             cfg,
         })
-    }
-
-    pub fn params(&self) -> &[(String, Var)] {
-        &self.group.params
-    }
-
-    pub fn step_count(&self) -> u64 {
-        self.group.t
     }
 
     pub fn step(&mut self, grads: &[Tensor], lr: f64) -> Result<()> {
