@@ -14,7 +14,7 @@ use serde_json::Value;
 use std::path::{Path, PathBuf};
 
 mod common;
-use common::{rev_model as tiny_model, reverse_rows, tmp};
+use common::{max_abs_diff, rev_model as tiny_model, reverse_rows, tmp};
 
 /// A run folder: model, train.jsonl / dev.jsonl, and a config with `extra` appended to
 /// [train] (and `lora_extra` to [lora]).
@@ -431,15 +431,10 @@ fn run_outputs_summary_metrics_plot_and_a_loadable_adapter() {
     );
     let ids = Tensor::new(&[[1u32, 6, 7, 8, 4]], &Device::Cpu).unwrap();
     let base = model::load(&c.config.model, &LoadOptions::default(), &Device::Cpu).unwrap();
-    let d = (fresh.llama().unwrap().forward(&ids, None).unwrap()
-        - base.llama().unwrap().forward(&ids, None).unwrap())
-    .unwrap()
-    .abs()
-    .unwrap()
-    .max_all()
-    .unwrap()
-    .to_scalar::<f32>()
-    .unwrap();
+    let d = max_abs_diff(
+        &fresh.llama().unwrap().forward(&ids, None).unwrap(),
+        &base.llama().unwrap().forward(&ids, None).unwrap(),
+    );
     assert!(d > 1e-4, "the trained adapter changes nothing");
     // The final checkpoint holds the same adapter.
     assert_eq!(
