@@ -11,31 +11,9 @@ use serde_json::Value;
 use std::path::Path;
 use support::{arg, json, repo, succeeds, tiny_model, tmp};
 
-/// `n` JSONL rows {"q": "rev a b c", "a": "c b a"}, seeded.
+/// `n` rows {"q": "rev a b c", "a": "c b a"} of 1 to 4 words, seeded.
 fn reverse_rows(n: usize, seed: u64) -> String {
-    let words = &support::WORDS[7..];
-    let mut s = seed;
-    let mut next = || {
-        s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = s;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    };
-    let mut out = String::new();
-    for _ in 0..n {
-        let k = 1 + (next() % 4) as usize;
-        let ws: Vec<&str> = (0..k)
-            .map(|_| words[(next() % words.len() as u64) as usize])
-            .collect();
-        let rev: Vec<&str> = ws.iter().rev().copied().collect();
-        out.push_str(
-            &serde_json::json!({"q": format!("rev {}", ws.join(" ")), "a": rev.join(" ")})
-                .to_string(),
-        );
-        out.push('\n');
-    }
-    out
+    support::reverse_rows(&support::WORDS[7..], 4, n, seed)
 }
 
 /// A run folder with the tiny model, data and `base.toml` (extra TOML appended).

@@ -20,87 +20,15 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant, SystemTime};
 
-const WORDS: &[&str] = &[
-    "<unk>", "<s>", "</s>", "<pad>", "=", "say", "rev", "red", "green", "blue", "cat", "dog",
-    "sun", "moon", "tree", "rock", "fish", "bird", "one", "two", "three", "four", "five", "six",
-];
-const VOCAB: usize = 256;
+mod support;
+use support::{
+    check_error, checkpoint_steps, fails, ferrotune, logged_steps, merge, rev_model as tiny_model,
+    succeeds, tmp, REV_WORDS,
+};
 
-fn repo() -> PathBuf {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
-    p.canonicalize().unwrap_or(p)
-}
-
-/// A fresh folder for one test.
-fn tmp(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("ferrotune-files-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-/// `dir/model`: the tiny GQA fixture with a word-level tokenizer that adds BOS.
-fn tiny_model(dir: &Path) -> PathBuf {
-    let d = dir.join("model");
-    std::fs::create_dir_all(&d).unwrap();
-    let src = repo().join("tests/fixtures/models/tiny-llama-gqa-untied");
-    for f in ["config.json", "model.safetensors", "generation_config.json"] {
-        std::fs::copy(src.join(f), d.join(f)).unwrap();
-    }
-    let vocab: serde_json::Map<String, Value> = (0..VOCAB)
-        .map(|i| {
-            let w = WORDS.get(i).map_or(format!("w{i}"), |w| w.to_string());
-            (w, (i as u64).into())
-        })
-        .collect();
-    let special = |id: usize| {
-        serde_json::json!({"id": id, "content": WORDS[id], "single_word": false, "lstrip": false,
-            "rstrip": false, "normalized": false, "special": true})
-    };
-    let tok = serde_json::json!({
-        "version": "1.0", "truncation": null, "padding": null,
-        "added_tokens": [special(1), special(2), special(3)],
-        "normalizer": null, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null,
-        "decoder": null,
-        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"}
-    });
-    std::fs::write(d.join("tokenizer.json"), tok.to_string()).unwrap();
-    std::fs::write(
-        d.join("tokenizer_config.json"),
-        serde_json::json!({"eos_token": "</s>", "bos_token": "<s>", "pad_token": "<pad>",
-            "add_bos_token": true})
-        .to_string(),
-    )
-    .unwrap();
-    d
-}
-
-fn splitmix64(x: &mut u64) -> u64 {
-    *x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    let mut z = *x;
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
-
-/// `n` JSONL rows {"q": "rev a b c", "a": "c b a"} of 1 to 6 words, seeded.
+/// `n` rows {"q": "rev a b c", "a": "c b a"} of 1 to 6 words, seeded.
 fn reverse_rows(n: usize, seed: u64) -> String {
-    let content = &WORDS[7..];
-    let mut s = seed;
-    let mut out = String::new();
-    for _ in 0..n {
-        let k = 1 + (splitmix64(&mut s) % 6) as usize;
-        let ws: Vec<&str> = (0..k)
-            .map(|_| content[(splitmix64(&mut s) % content.len() as u64) as usize])
-            .collect();
-        let rev: Vec<&str> = ws.iter().rev().copied().collect();
-        out.push_str(
-            &serde_json::json!({"q": format!("rev {}", ws.join(" ")), "a": rev.join(" ")})
-                .to_string(),
-        );
-        out.push('\n');
-    }
-    out
+    support::reverse_rows(&REV_WORDS[7..], 6, n, seed)
 }
 
 /// The text of a run config over `model/`, `train.jsonl` and `dev.jsonl`.
@@ -166,43 +94,6 @@ fn bin() -> Command {
     Command::new(env!("CARGO_BIN_EXE_ferrotune"))
 }
 
-fn ferrotune<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Output {
-    bin().args(args).output().unwrap()
-}
-
-fn succeeds<S: AsRef<std::ffi::OsStr> + std::fmt::Debug>(args: &[S]) -> Output {
-    let out = ferrotune(args);
-    assert!(
-        out.status.success(),
-        "{args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-/// Exit code 1 and exactly one `error:` line (no panic); returns the line.
-fn check_one_error_line(args: &dyn std::fmt::Debug, out: &Output) -> String {
-    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-    assert_eq!(
-        out.status.code(),
-        Some(1),
-        "exit code for {args:?}; stderr: {stderr}"
-    );
-    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert_eq!(lines.len(), 1, "one error line for {args:?}, got: {stderr}");
-    assert!(lines[0].starts_with("error: "), "{stderr}");
-    assert!(
-        !stderr.contains("panicked") && !stderr.contains("internal error"),
-        "{stderr}"
-    );
-    lines[0].to_string()
-}
-
-fn fails<S: AsRef<std::ffi::OsStr> + std::fmt::Debug>(args: &[S]) -> String {
-    let out = ferrotune(args);
-    check_one_error_line(&args, &out)
-}
-
 /// `args`, killed and failed if it runs longer than `limit` (a hang is a failure, not a stuck
 /// test run).
 fn run_with_limit(args: &[String], limit: Duration) -> Output {
@@ -247,29 +138,6 @@ fn snapshot(dir: &Path) -> Snapshot {
     let mut out = BTreeMap::new();
     walk(dir, dir, &mut out);
     out
-}
-
-fn checkpoint_steps(out: &Path) -> Vec<usize> {
-    let Ok(rd) = std::fs::read_dir(out.join("checkpoints")) else {
-        return Vec::new();
-    };
-    let mut v: Vec<usize> = rd
-        .filter_map(|e| {
-            let name = e.ok()?.file_name().to_string_lossy().to_string();
-            name.strip_prefix("step-")?.parse().ok()
-        })
-        .collect();
-    v.sort();
-    v
-}
-
-fn logged_steps(out: &Path) -> Vec<u64> {
-    let text = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap_or_default();
-    text.lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter(|v| v["type"] == "train")
-        .filter_map(|v| v["step"].as_u64())
-        .collect()
 }
 
 // ---- train: the run folder ------------------------------------------------------------------
@@ -508,7 +376,7 @@ fn a_checkpoint_state_that_does_not_fit_the_run_is_an_error_naming_the_file_and_
         std::fs::write(&state_path, v.to_string()).unwrap();
         let args = s.train_args(&["--resume"]);
         let out = run_with_limit(&args, Duration::from_secs(120));
-        let e = check_one_error_line(&what, &out);
+        let e = check_error(&format!("{what:?}"), &out);
         assert!(
             e.contains("checkpoints/step-2/trainer_state.json") && e.contains(field),
             "{what}: {e}"
@@ -999,14 +867,6 @@ fn merge_out_never_writes_into_its_inputs() {
     assert_eq!(snapshot(&model), model_before);
     assert_eq!(snapshot(&adapter), adapter_before);
     let merged = s.dir.join("merged");
-    succeeds(&[
-        "merge",
-        "--model",
-        model.to_str().unwrap(),
-        "--adapter",
-        adapter.to_str().unwrap(),
-        "--out",
-        merged.to_str().unwrap(),
-    ]);
+    merge(&model, &adapter, &merged);
     assert_complete_hf_folder(&merged);
 }

@@ -12,89 +12,14 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-/// The first words of the tokenizer; ids 24..256 are `w24`..`w255`, so that every id the model
-/// can generate decodes to a word and generated texts can be compared token for token.
-const WORDS: &[&str] = &[
-    "<unk>", "<s>", "</s>", "<pad>", "=", "say", "rev", "red", "green", "blue", "cat", "dog",
-    "sun", "moon", "tree", "rock", "fish", "bird", "one", "two", "three", "four", "five", "six",
-];
-const VOCAB: usize = 256;
+mod support;
+use support::{
+    checkpoint_steps, fails, logged_steps, merge, rev_model as tiny_model, succeeds, tmp, REV_WORDS,
+};
 
-fn repo() -> PathBuf {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
-    p.canonicalize().unwrap_or(p)
-}
-
-/// A fresh folder for one test.
-fn tmp(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("ferrotune-cli-train-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-/// `dir/model`: the tiny GQA fixture with a word-level tokenizer that adds BOS.
-fn tiny_model(dir: &Path) -> PathBuf {
-    let d = dir.join("model");
-    std::fs::create_dir_all(&d).unwrap();
-    let src = repo().join("tests/fixtures/models/tiny-llama-gqa-untied");
-    for f in ["config.json", "model.safetensors", "generation_config.json"] {
-        std::fs::copy(src.join(f), d.join(f)).unwrap();
-    }
-    let vocab: serde_json::Map<String, Value> = (0..VOCAB)
-        .map(|i| {
-            let w = WORDS.get(i).map_or(format!("w{i}"), |w| w.to_string());
-            (w, (i as u64).into())
-        })
-        .collect();
-    let special = |id: usize| {
-        serde_json::json!({"id": id, "content": WORDS[id], "single_word": false, "lstrip": false,
-            "rstrip": false, "normalized": false, "special": true})
-    };
-    let tok = serde_json::json!({
-        "version": "1.0", "truncation": null, "padding": null,
-        "added_tokens": [special(1), special(2), special(3)],
-        "normalizer": null, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null,
-        "decoder": null,
-        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"}
-    });
-    std::fs::write(d.join("tokenizer.json"), tok.to_string()).unwrap();
-    std::fs::write(
-        d.join("tokenizer_config.json"),
-        serde_json::json!({"eos_token": "</s>", "bos_token": "<s>", "pad_token": "<pad>",
-            "add_bos_token": true})
-        .to_string(),
-    )
-    .unwrap();
-    d
-}
-
-fn splitmix64(x: &mut u64) -> u64 {
-    *x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    let mut z = *x;
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
-
-/// `n` JSONL rows {"q": "rev a b c", "a": "c b a"} of 1 to 6 words, seeded.
+/// `n` rows {"q": "rev a b c", "a": "c b a"} of 1 to 6 words, seeded.
 fn reverse_rows(n: usize, seed: u64) -> String {
-    let content = &WORDS[7..];
-    let mut s = seed;
-    let mut out = String::new();
-    for _ in 0..n {
-        let k = 1 + (splitmix64(&mut s) % 6) as usize;
-        let ws: Vec<&str> = (0..k)
-            .map(|_| content[(splitmix64(&mut s) % content.len() as u64) as usize])
-            .collect();
-        let rev: Vec<&str> = ws.iter().rev().copied().collect();
-        out.push_str(
-            &serde_json::json!({"q": format!("rev {}", ws.join(" ")), "a": rev.join(" ")})
-                .to_string(),
-        );
-        out.push('\n');
-    }
-    out
+    support::reverse_rows(&REV_WORDS[7..], 6, n, seed)
 }
 
 /// A run folder: `model/`, `train.jsonl`, `dev.jsonl` and `run.toml` (output_dir `out`), with
@@ -169,45 +94,6 @@ log_every = 1000
     fn train_ok(&self, args: &[&str]) -> Output {
         succeeds(&self.train_args(args))
     }
-}
-
-fn ferrotune<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_ferrotune"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn succeeds<S: AsRef<std::ffi::OsStr> + std::fmt::Debug>(args: &[S]) -> Output {
-    let out = ferrotune(args);
-    assert!(
-        out.status.success(),
-        "{args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-/// Run the CLI, expect exit code 1 and exactly one `error:` line on stderr (no panic, no
-/// backtrace); return that line.
-fn fails<S: AsRef<std::ffi::OsStr> + std::fmt::Debug>(args: &[S]) -> String {
-    let out = ferrotune(args);
-    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-    assert_eq!(
-        out.status.code(),
-        Some(1),
-        "exit code for {args:?}; stderr: {stderr}"
-    );
-    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert_eq!(lines.len(), 1, "one error line for {args:?}, got: {stderr}");
-    assert!(lines[0].starts_with("error: "), "{stderr}");
-    assert!(
-        !stderr.contains("panicked")
-            && !stderr.contains("backtrace")
-            && !stderr.contains("internal error"),
-        "{stderr}"
-    );
-    lines[0].to_string()
 }
 
 fn metrics(out: &Path) -> Vec<Value> {
@@ -425,31 +311,6 @@ fn bad_set_key_names_the_override() {
 
 // ---- Kill and resume ---------------------------------------------------------------------------
 
-/// The complete checkpoints of a run (a checkpoint folder appears by rename, complete).
-fn checkpoint_steps(out: &Path) -> Vec<usize> {
-    let Ok(rd) = std::fs::read_dir(out.join("checkpoints")) else {
-        return Vec::new();
-    };
-    let mut v: Vec<usize> = rd
-        .filter_map(|e| {
-            let name = e.ok()?.file_name().to_string_lossy().to_string();
-            name.strip_prefix("step-")?.parse().ok()
-        })
-        .collect();
-    v.sort();
-    v
-}
-
-/// The steps of the complete train lines of metrics.jsonl (a kill may cut the last line).
-fn logged_steps(out: &Path) -> Vec<u64> {
-    let text = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap_or_default();
-    text.lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter(|v| v["type"] == "train")
-        .filter_map(|v| v["step"].as_u64())
-        .collect()
-}
-
 #[test]
 fn kill_9_then_resume_equals_an_uninterrupted_run() {
     // Dropout, gradient accumulation, evaluations and several epochs: everything a resume has
@@ -598,15 +459,7 @@ fn merged_model_generates_what_the_adapter_on_the_fly_generates() {
     let model = s.dir.join("model");
     let adapter = s.out().join("adapter");
     let merged = s.dir.join("merged");
-    let m = succeeds(&[
-        "merge",
-        "--model",
-        model.to_str().unwrap(),
-        "--adapter",
-        adapter.to_str().unwrap(),
-        "--out",
-        merged.to_str().unwrap(),
-    ]);
+    let m = merge(&model, &adapter, &merged);
     let stderr = String::from_utf8_lossy(&m.stderr);
     assert!(stderr.contains("merged 14 modules"), "{stderr}");
 
@@ -733,15 +586,7 @@ fn ia3_and_dora_train_and_their_adapters_load_back() {
         assert!(header.contains(key), "{tag}: {header}");
         let model = s.dir.join("model");
         let merged = s.dir.join("merged");
-        succeeds(&[
-            "merge",
-            "--model",
-            model.to_str().unwrap(),
-            "--adapter",
-            adapter.to_str().unwrap(),
-            "--out",
-            merged.to_str().unwrap(),
-        ]);
+        merge(&model, &adapter, &merged);
         let base = generate(&model, None);
         let on_the_fly = generate(&model, Some(&adapter));
         let from_merged = generate(&merged, None);

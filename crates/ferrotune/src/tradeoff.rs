@@ -612,7 +612,9 @@ fn write_report(report: &Report, out: &Path) -> Result<()> {
 
 /// The task metric against trainable parameters (log scale), one labelled point per method.
 pub fn render_chart(report: &Report) -> Result<Vec<u8>> {
-    use crate::train::report::{draw_text, encode_png_rgb, fmt_tick, ticks};
+    use crate::train::report::{
+        draw_text, encode_png_rgb, fmt_tick, framed_chart, padded_range, ticks,
+    };
     use plotters::prelude::*;
     const W: u32 = 800;
     const H: u32 = 500;
@@ -636,47 +638,13 @@ pub fn render_chart(report: &Report) -> Result<Vec<u8>> {
         let xmin = pts.iter().map(|p| p.1).fold(xmax, f64::min).floor() - 0.5;
         let ymax = pts.iter().map(|p| p.2).fold(f64::MIN, f64::max);
         let ymin = pts.iter().map(|p| p.2).fold(f64::MAX, f64::min);
-        let (ymin, ymax) = if ymax < ymin {
-            (0.0, 1.0)
-        } else {
-            let pad = ((ymax - ymin) * 0.1).max(1e-2);
-            ((ymin - pad).max(0.0), ymax + pad)
-        };
-        let mut chart = ChartBuilder::on(&root)
-            .margin_left(80)
-            .margin_bottom(50)
-            .margin_top(40)
-            .margin_right(40)
-            .build_cartesian_2d(xmin..xmax, ymin..ymax)
-            .map_err(|e| err(&e))?;
-        let grid = RGBColor(225, 225, 225);
+        let (ymin, ymax) = padded_range(ymin, ymax, 0.1, 1e-2);
         let black = RGBColor(20, 20, 20);
         let xt: Vec<f64> = (xmin.ceil() as i64..=xmax.floor() as i64)
             .map(|x| x as f64)
             .collect();
         let yt = ticks(ymin, ymax, 6);
-        for &x in &xt {
-            chart
-                .draw_series(std::iter::once(PathElement::new(
-                    vec![(x, ymin), (x, ymax)],
-                    grid,
-                )))
-                .map_err(|e| err(&e))?;
-        }
-        for &y in &yt {
-            chart
-                .draw_series(std::iter::once(PathElement::new(
-                    vec![(xmin, y), (xmax, y)],
-                    grid,
-                )))
-                .map_err(|e| err(&e))?;
-        }
-        chart
-            .draw_series(std::iter::once(PathElement::new(
-                vec![(xmin, ymax), (xmin, ymin), (xmax, ymin)],
-                RGBColor(60, 60, 60),
-            )))
-            .map_err(|e| err(&e))?;
+        let mut chart = framed_chart(&root, 40, (xmin, xmax), (ymin, ymax), (&xt, &yt), &err)?;
         let dot = RGBColor(31, 119, 180);
         chart
             .draw_series(pts.iter().map(|p| Circle::new((p.1, p.2), 5, dot.filled())))

@@ -4,33 +4,21 @@
 //! bottleneck adapters); a file that does not fit the model is a one-line error.
 use candle_core::{DType, Device, Tensor};
 use ferrotune::data::{Batch, Targets};
-use ferrotune::model::{LoadOptions, Model, ModelSource, SafetensorsSource};
+use ferrotune::model::Model;
 use ferrotune::peft::bottleneck::{self, AdapterType, BottleneckConfig};
 use ferrotune::peft::{self, format, PeftMethod};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use std::path::PathBuf;
 
-fn repo() -> PathBuf {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
-    p.canonicalize().unwrap_or(p)
-}
+mod common;
+use common::{flat, load_fixture, max_diff};
 
 fn load(rel: &str) -> Box<dyn Model> {
-    let dir = repo().join(rel);
     // The tiny LLaMA fixtures have no tokenizer: build the model alone.
-    if rel.starts_with("tests/fixtures/models/") {
-        let cfg = ferrotune::model::config_from_hf_dir(&dir).unwrap();
-        let src = SafetensorsSource::open(&dir, &LoadOptions::default(), &Device::Cpu).unwrap();
-        return Box::new(ferrotune::model::Llama::load(&src, &cfg).unwrap());
+    match rel.strip_prefix("tests/fixtures/models/") {
+        Some(name) => Box::new(common::tiny(name)),
+        None => load_fixture(rel),
     }
-    ferrotune::model::load_source(
-        ModelSource::HfDir(dir),
-        &LoadOptions::default(),
-        &Device::Cpu,
-    )
-    .unwrap()
-    .model
 }
 
 const LLAMA: &str = "tests/fixtures/models/tiny-llama-gqa-untied";
@@ -77,20 +65,7 @@ fn batch(m: &dyn Model) -> Batch {
 }
 
 fn logits(m: &dyn Model) -> Vec<f32> {
-    m.logits(&batch(m))
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap()
-}
-
-fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
+    flat(&m.logits(&batch(m)).unwrap())
 }
 
 fn cfg(t: AdapterType) -> BottleneckConfig {

@@ -2,17 +2,10 @@
 //! and gradients reach the input through quantized (Q4_1 / Q8_0) linears.
 use candle_core::quantized::GgmlDType;
 use candle_core::{Device, Tensor, Var};
-use ferrotune::model::{self, LoadOptions, SafetensorsSource};
-use std::path::PathBuf;
+use ferrotune::model::{self, LoadOptions};
 
-fn tiny(name: &str, opts: &LoadOptions) -> model::Llama {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures/models")
-        .join(name);
-    let cfg = model::config_from_hf_dir(&dir).unwrap();
-    let src = SafetensorsSource::open(&dir, opts, &Device::Cpu).unwrap();
-    model::Llama::load(&src, &cfg).unwrap()
-}
+mod common;
+use common::{finite_difference, tiny_with as tiny};
 
 fn lm_loss(m: &model::Llama, ids: &[u32]) -> Tensor {
     let input = Tensor::new(&ids[..ids.len() - 1], &Device::Cpu)
@@ -78,17 +71,9 @@ fn model_gradient_matches_finite_differences() {
             .unwrap();
         let base: Vec<f32> = v.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
         for &i in &[0usize, 5, 37] {
-            let eps = 1e-2f32;
-            let bump = |delta: f32| {
-                let mut w = base.clone();
-                w[i] += delta;
-                v.set(&Tensor::from_vec(w, v.shape(), &Device::Cpu).unwrap())
-                    .unwrap();
+            let fd = finite_difference(v, &base, i, 1e-2, || {
                 lm_loss(&m, &ids).to_scalar::<f32>().unwrap()
-            };
-            let fd = (bump(eps) - bump(-eps)) / (2.0 * eps);
-            v.set(&Tensor::from_vec(base.clone(), v.shape(), &Device::Cpu).unwrap())
-                .unwrap();
+            });
             assert!(
                 (fd - g[i]).abs() < 2e-3 + 2e-2 * g[i].abs(),
                 "{pname}[{i}]: autograd {} vs finite diff {fd}",

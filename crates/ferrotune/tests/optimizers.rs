@@ -8,20 +8,15 @@ use ferrotune::train::optim::{
 };
 use serde_json::Value;
 
+mod common;
+use common::floats;
+
 fn fixture() -> Value {
     let path = concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/../../tests/fixtures/optim/optimizers.json"
     );
     serde_json::from_str(&std::fs::read_to_string(path).expect("the optimizer fixture")).unwrap()
-}
-
-fn floats(v: &Value) -> Vec<f32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap() as f32)
-        .collect()
 }
 
 const NAMES: [&str; 2] = ["w", "b"];

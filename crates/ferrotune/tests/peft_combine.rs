@@ -3,17 +3,15 @@
 //! same products B·A (singular vectors are defined up to sign), and the combined adapter is
 //! saved in PEFT's files.
 use candle_core::{Device, Tensor};
-use ferrotune::model::{LoadOptions, Model, SafetensorsSource};
+use ferrotune::model::Model;
 use ferrotune::peft::format::{self, AdapterConfig, KEY_PREFIX};
 use ferrotune::peft::lora::{add_weighted_adapter, Combination, LoraConfig, WeightedAdapter};
 use serde_json::Value;
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-fn repo() -> PathBuf {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
-    p.canonicalize().unwrap_or(p)
-}
+mod common;
+use common::{max_abs_diff, repo};
 
 fn fixture(name: &str) -> PathBuf {
     repo().join("tests/fixtures/peft/combine").join(name)
@@ -21,10 +19,7 @@ fn fixture(name: &str) -> PathBuf {
 
 fn model() -> Box<dyn Model> {
     // The tiny LLaMA fixture has no tokenizer: build the model alone.
-    let dir = repo().join("tests/fixtures/models/tiny-llama-gqa-untied");
-    let cfg = ferrotune::model::config_from_hf_dir(&dir).unwrap();
-    let src = SafetensorsSource::open(&dir, &LoadOptions::default(), &Device::Cpu).unwrap();
-    Box::new(ferrotune::model::Llama::load(&src, &cfg).unwrap())
+    Box::new(common::tiny("tiny-llama-gqa-untied"))
 }
 
 fn peft_tensors(case: &str) -> HashMap<String, Tensor> {
@@ -35,18 +30,6 @@ fn peft_tensors(case: &str) -> HashMap<String, Tensor> {
             p.display()
         )
     })
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar()
-        .unwrap()
 }
 
 /// Load the case's adapters, combine them as PEFT did, save the result; return ours (by PEFT

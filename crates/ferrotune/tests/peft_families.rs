@@ -3,9 +3,9 @@
 //! and reference/bert_fixtures.py. The PEFT-made adapters and PEFT's numbers for the committed
 //! ferrotune-made ones are written by reference/peft_families.py (see its docstring).
 use candle_core::{DType, Device, Tensor};
-use ferrotune::data::{Batch, Targets};
+use ferrotune::data::Batch;
 use ferrotune::model::bert::{self, Bert, BertHead, BertInput};
-use ferrotune::model::{LoadOptions, Model, ModelSource, SafetensorsSource};
+use ferrotune::model::{LoadOptions, Model, SafetensorsSource};
 use ferrotune::nn::LinearWeight;
 use ferrotune::peft::lora::{self, LoraConfig};
 use ferrotune::peft::{self, format};
@@ -14,57 +14,14 @@ use rand::{Rng, SeedableRng};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 
-fn repo() -> PathBuf {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
-    p.canonicalize().unwrap_or(p)
-}
+mod common;
+use common::{
+    adapter_keys, flat, floats, int_rows, load_fixture, matrix, max_abs_diff, read_json, repo,
+    t5_batch,
+};
 
 fn peft_dir(name: &str) -> PathBuf {
     repo().join("tests/fixtures/peft").join(name)
-}
-
-fn read_json(p: &Path) -> Value {
-    let text = std::fs::read_to_string(p).unwrap_or_else(|e| {
-        panic!(
-            "{}: {e} (written by .venv/bin/python reference/peft_families.py)",
-            p.display()
-        )
-    });
-    serde_json::from_str(&text).unwrap()
-}
-
-fn floats(v: &Value) -> Vec<f32> {
-    match v {
-        Value::Array(a) => a.iter().flat_map(floats).collect(),
-        x => vec![x.as_f64().unwrap() as f32],
-    }
-}
-
-fn int_rows(v: &Value) -> Vec<Vec<i64>> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|r| {
-            r.as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x.as_i64().unwrap())
-                .collect()
-        })
-        .collect()
-}
-
-fn matrix(v: &Value, dtype: DType) -> Tensor {
-    let rows = int_rows(v);
-    let (b, t) = (rows.len(), rows[0].len());
-    Tensor::from_vec(rows.concat(), (b, t), &Device::Cpu)
-        .unwrap()
-        .to_dtype(dtype)
-        .unwrap()
-}
-
-fn flat(t: &Tensor) -> Vec<f32> {
-    t.flatten_all().unwrap().to_vec1().unwrap()
 }
 
 /// max |got - want| / max |want|: the logits' difference relative to their scale.
@@ -91,29 +48,7 @@ fn temp_dir(tag: &str) -> PathBuf {
 // ---- T5 ------------------------------------------------------------------------------------
 
 fn t5() -> Box<dyn Model> {
-    let dir = repo().join("tests/fixtures/t5/t5-v1_1");
-    ferrotune::model::load_source(
-        ModelSource::HfDir(dir),
-        &LoadOptions::default(),
-        &Device::Cpu,
-    )
-    .unwrap()
-    .model
-}
-
-fn t5_batch(exp: &Value) -> Batch {
-    let mask = matrix(&exp["attention_mask"], DType::U8);
-    Batch {
-        input_ids: matrix(&exp["input_ids"], DType::U32),
-        labels: matrix(&exp["labels"], DType::I64),
-        targets: Targets::Decoder,
-        position_ids: mask.to_dtype(DType::U32).unwrap(),
-        attention_mask: mask,
-        segment_ids: None,
-        n_loss_tokens: 0,
-        n_tokens: 0,
-        sources: Vec::new(),
-    }
+    load_fixture("tests/fixtures/t5/t5-v1_1")
 }
 
 /// Mean NLL over the labelled tokens and the decoder logits, as transformers computes them.
@@ -136,9 +71,9 @@ fn cls_model(flavor: &str) -> Bert {
 
 fn bert_input(exp: &Value) -> BertInput {
     BertInput {
-        input_ids: matrix(&exp["input_ids"], DType::U32),
-        token_type_ids: matrix(&exp["token_type_ids"], DType::U32),
-        attention_mask: matrix(&exp["attention_mask"], DType::U32),
+        input_ids: matrix(&int_rows(&exp["input_ids"]), DType::U32),
+        token_type_ids: matrix(&int_rows(&exp["token_type_ids"]), DType::U32),
+        attention_mask: matrix(&int_rows(&exp["attention_mask"]), DType::U32),
     }
 }
 
@@ -251,14 +186,7 @@ fn peft_seq_cls_adapters_match_peft() {
         for lin in m.linears() {
             if heads.iter().any(|h| h == lin.name()) {
                 let key = format!("base_model.model.{}.weight", lin.name());
-                let d = (lin.weight().to_dense_f32().unwrap() - &file[&key])
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .max_all()
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap();
+                let d = max_abs_diff(&lin.weight().to_dense_f32().unwrap(), &file[&key]);
                 assert_eq!(d, 0.0, "{key}");
                 assert!(matches!(lin.weight(), LinearWeight::Frozen(_)));
             }
@@ -384,16 +312,7 @@ fn ferrotune_family_adapters_for_peft() {
     };
 
     // PEFT's key names and config.
-    let names = |d: &Path| -> Vec<String> {
-        let mut k: Vec<String> =
-            candle_core::safetensors::load(d.join(format::WEIGHTS_FILE), &Device::Cpu)
-                .unwrap()
-                .into_keys()
-                .collect();
-        k.sort();
-        k
-    };
-    let bert_keys = names(&bert_dir);
+    let bert_keys = adapter_keys(&bert_dir);
     let head: Vec<&String> = bert_keys.iter().filter(|k| !k.contains("lora_")).collect();
     assert_eq!(
         head,
@@ -412,7 +331,7 @@ fn ferrotune_family_adapters_for_peft() {
         serde_json::json!(["classifier", "score"])
     );
     assert_eq!(cfg["task_type"], "SEQ_CLS");
-    let t5_keys = names(&t5_dir);
+    let t5_keys = adapter_keys(&t5_dir);
     assert_eq!(t5_keys.len(), 2 * (2 * 7 + 3 * 11));
     assert!(t5_keys.contains(
         &"base_model.model.decoder.block.2.layer.1.EncDecAttention.o.lora_A.weight".to_string()

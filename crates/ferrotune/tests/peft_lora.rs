@@ -4,28 +4,21 @@
 //! (fixtures written by reference/peft_check.py).
 use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Tensor};
-use ferrotune::model::{self, LoadOptions, SafetensorsSource};
+use ferrotune::model::{self, LoadOptions};
 use ferrotune::nn::LinearWeight;
 use ferrotune::peft::lora::{self, LoraConfig, ModuleSpec};
 use ferrotune::peft::{self, format};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use serde_json::Value;
 use std::path::{Path, PathBuf};
 
+mod common;
+use common::{
+    finite_difference, flat, floats, max_abs_diff as tensor_diff, max_diff, read_json, repo,
+    tiny_with,
+};
+
 const BASE: &str = "tiny-llama-gqa-untied";
-
-fn repo() -> PathBuf {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
-    p.canonicalize().unwrap_or(p)
-}
-
-fn tiny_with(name: &str, opts: &LoadOptions) -> model::Llama {
-    let dir = repo().join("tests/fixtures/models").join(name);
-    let cfg = model::config_from_hf_dir(&dir).unwrap();
-    let src = SafetensorsSource::open(&dir, opts, &Device::Cpu).unwrap();
-    model::Llama::load(&src, &cfg).unwrap()
-}
 
 fn tiny() -> model::Llama {
     tiny_with(BASE, &LoadOptions::default())
@@ -40,31 +33,7 @@ fn logits(m: &model::Llama, ids: &[u32]) -> Vec<f32> {
         .unwrap()
         .unsqueeze(0)
         .unwrap();
-    m.forward(&t, None)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap()
-}
-
-fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
-}
-
-fn tensor_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap())
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar()
-        .unwrap()
+    flat(&m.forward(&t, None).unwrap())
 }
 
 fn nll_mean(m: &model::Llama, ids: &[u32]) -> f64 {
@@ -92,22 +61,6 @@ fn lm_loss(m: &model::Llama, ids: &[u32]) -> Tensor {
     let h = m.forward_hidden(&input, None, true).unwrap();
     let logits = m.lm_head.forward_t(&h, true).unwrap().squeeze(0).unwrap();
     candle_nn::loss::cross_entropy(&logits, &target).unwrap()
-}
-
-fn read_json(p: &Path) -> Value {
-    serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
-}
-
-fn floats(v: &Value) -> Vec<f32> {
-    let mut out = Vec::new();
-    fn walk(v: &Value, out: &mut Vec<f32>) {
-        match v {
-            Value::Array(a) => a.iter().for_each(|x| walk(x, out)),
-            x => out.push(x.as_f64().unwrap() as f32),
-        }
-    }
-    walk(v, &mut out);
-    out
 }
 
 fn temp_dir(tag: &str) -> PathBuf {
@@ -244,17 +197,9 @@ fn lora_gradient_matches_finite_differences() {
             .unwrap();
         let base: Vec<f32> = v.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
         for &i in &[0usize, 7, 50] {
-            let eps = 1e-2f32;
-            let bump = |delta: f32| {
-                let mut w = base.clone();
-                w[i] += delta;
-                v.set(&Tensor::from_vec(w, v.shape(), &Device::Cpu).unwrap())
-                    .unwrap();
+            let fd = finite_difference(v, &base, i, 1e-2, || {
                 lm_loss(&m, &ids).to_scalar::<f32>().unwrap()
-            };
-            let fd = (bump(eps) - bump(-eps)) / (2.0 * eps);
-            v.set(&Tensor::from_vec(base.clone(), v.shape(), &Device::Cpu).unwrap())
-                .unwrap();
+            });
             assert!(
                 (fd - g[i]).abs() < 2e-3 + 2e-2 * g[i].abs(),
                 "{pname}[{i}]: autograd {} vs finite diff {fd}",

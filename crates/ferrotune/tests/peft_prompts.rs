@@ -3,49 +3,32 @@
 //! differences, cached generation against the full forward pass, and the readout.
 use candle_core::{DType, Device, Tensor, Var};
 use ferrotune::data::{Batch, Loc, Source, Targets};
-use ferrotune::model::{self, LoadOptions, LoadedModel, Model, SafetensorsSource, VirtualTokens};
+use ferrotune::model::{self, LoadedModel, Model, VirtualTokens};
 use ferrotune::peft::format::{self, AdapterConfig};
 use ferrotune::peft::prompt_learning::{
     self, attach_prompt, PromptEncoder, PromptLearningConfig, PromptMethod, PromptTuningInit,
 };
 use serde_json::Value;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
-fn repo() -> PathBuf {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
-    p.canonicalize().unwrap_or(p)
-}
+mod common;
+use common::{dequantized, finite_difference, max_abs_diff, read_json, repo, smollm2_gguf};
 
 /// SmolLM2 as the reference scripts load it: the fetched GGUF dequantized to f32, whose weights
 /// are bit-identical to the f32 HF folder `scripts/convert-smollm2-hf.sh` writes for PEFT
 /// (proven by `smollm2.rs`), so CI needs no Python environment.
 fn smollm2() -> LoadedModel {
-    let gguf = repo().join(".cache/models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(
-        gguf.exists(),
-        "{} is missing: run scripts/fetch-models.sh",
-        gguf.display()
-    );
-    let opts = LoadOptions {
-        dequantize: true,
-        ..Default::default()
-    };
-    model::load(gguf.to_str().unwrap(), &opts, &Device::Cpu).unwrap()
+    model::load(
+        smollm2_gguf().to_str().unwrap(),
+        &dequantized(),
+        &Device::Cpu,
+    )
+    .unwrap()
 }
 
 fn tiny() -> model::Llama {
-    let dir = repo().join("tests/fixtures/models/tiny-llama-gqa-untied");
-    let cfg = model::config_from_hf_dir(&dir).unwrap();
-    let src = SafetensorsSource::open(&dir, &LoadOptions::default(), &Device::Cpu).unwrap();
-    model::Llama::load(&src, &cfg).unwrap()
-}
-
-fn read_json(p: &Path) -> Value {
-    serde_json::from_str(
-        &std::fs::read_to_string(p).unwrap_or_else(|e| panic!("{}: {e}", p.display())),
-    )
-    .unwrap()
+    common::tiny("tiny-llama-gqa-untied")
 }
 
 /// One row whose labels are its ids, as `model(input_ids, labels=input_ids)` in PEFT (the
@@ -149,14 +132,7 @@ fn peft_made_prompt_adapters_match_peft() {
                     let want = emb
                         .index_select(&Tensor::new(want_ids.as_slice(), &Device::Cpu).unwrap(), 0)
                         .unwrap();
-                    let diff = (a.encoder.output().unwrap() - want)
-                        .unwrap()
-                        .abs()
-                        .unwrap()
-                        .max_all()
-                        .unwrap()
-                        .to_scalar::<f32>()
-                        .unwrap();
+                    let diff = max_abs_diff(&a.encoder.output().unwrap(), &want);
                     assert_eq!(diff, 0.0, "{case}: TEXT init differs from PEFT's tokens");
                     let text = cfg.prompt_tuning_init_text.as_deref().unwrap();
                     assert_eq!(
@@ -305,17 +281,8 @@ fn prompt_gradients_match_finite_differences() {
             let base: Vec<f32> = v.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
             let n = base.len();
             for i in [0, n / 3, n - 1] {
-                let eps = 1e-2f32;
-                let bump = |delta: f32| {
-                    let mut w = base.clone();
-                    w[i] += delta;
-                    v.set(&Tensor::from_vec(w, v.shape(), &Device::Cpu).unwrap())
-                        .unwrap();
-                    loss(&m).to_scalar::<f32>().unwrap()
-                };
-                let fd = (bump(eps) - bump(-eps)) / (2.0 * eps);
-                v.set(&Tensor::from_vec(base.clone(), v.shape(), &Device::Cpu).unwrap())
-                    .unwrap();
+                let fd =
+                    finite_difference(v, &base, i, 1e-2, || loss(&m).to_scalar::<f32>().unwrap());
                 assert!(
                     (fd - g[i]).abs() < 3e-3 + 3e-2 * g[i].abs(),
                     "{method:?} projection={projection} {name}[{i}]: autograd {} vs finite diff {fd}",
@@ -324,6 +291,34 @@ fn prompt_gradients_match_finite_differences() {
             }
         }
     }
+}
+
+/// `prompt` and `n` ids picked greedily by the full forward pass (no cache) at each step.
+fn greedy_without_cache(m: &model::Llama, prompt: &[u32], n: usize) -> Vec<u32> {
+    let mut ids = prompt.to_vec();
+    for _ in 0..n {
+        let t = Tensor::new(ids.as_slice(), &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let logits = m
+            .forward_last(&t, None)
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        ids.push(argmax(&logits));
+    }
+    ids
+}
+
+fn argmax(l: &[f32]) -> u32 {
+    l.iter()
+        .enumerate()
+        .max_by(|a, b| a.1.total_cmp(b.1))
+        .unwrap()
+        .0 as u32
 }
 
 /// Greedy decoding with the KV cache (the prompt's virtual tokens cached first) gives the ids
@@ -340,13 +335,6 @@ fn cached_generation_with_a_prompt_equals_the_full_forward() {
         let prompt: Vec<u32> = vec![5, 17, 42, 99];
         let mut dec =
             ferrotune::generate::decoder_for(&m, ferrotune::generate::Engine::Auto).unwrap();
-        let argmax = |l: &[f32]| {
-            l.iter()
-                .enumerate()
-                .max_by(|a, b| a.1.total_cmp(b.1))
-                .unwrap()
-                .0 as u32
-        };
         let mut cached = prompt.clone();
         let mut next = argmax(&dec.prefill(&prompt).unwrap());
         for _ in 0..6 {
@@ -354,40 +342,12 @@ fn cached_generation_with_a_prompt_equals_the_full_forward() {
             next = argmax(&dec.step(next).unwrap());
         }
         cached.push(next);
-        let mut full = prompt.clone();
-        for _ in 0..7 {
-            let t = Tensor::new(full.as_slice(), &Device::Cpu)
-                .unwrap()
-                .unsqueeze(0)
-                .unwrap();
-            let logits = m
-                .forward_last(&t, None)
-                .unwrap()
-                .squeeze(0)
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap();
-            full.push(argmax(&logits));
-        }
+        let full = greedy_without_cache(&m, &prompt, 7);
         drop(dec);
         assert_eq!(cached, full, "{method:?}: cached vs full forward");
         // The prompt changes what is generated (it is really read).
         m.set_virtual_prompt(None).unwrap();
-        let mut plain = prompt.clone();
-        for _ in 0..7 {
-            let t = Tensor::new(plain.as_slice(), &Device::Cpu)
-                .unwrap()
-                .unsqueeze(0)
-                .unwrap();
-            let logits = m
-                .forward_last(&t, None)
-                .unwrap()
-                .squeeze(0)
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap();
-            plain.push(argmax(&logits));
-        }
+        let plain = greedy_without_cache(&m, &prompt, 7);
         eprintln!("{method:?}: with prompt {full:?}, without {plain:?}");
     }
 }

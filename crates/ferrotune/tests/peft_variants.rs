@@ -4,7 +4,7 @@
 //! reference/peft_variants.py (see its docstring); fixtures in tests/fixtures/peft/variants/.
 use candle_core::{DType, Device, Tensor};
 use ferrotune::data::{Batch, Targets, IGNORE};
-use ferrotune::model::{LoadOptions, Model, ModelSource};
+use ferrotune::model::{Model, ModelSource};
 use ferrotune::peft::ia3::{self, Ia3Config};
 use ferrotune::peft::lora::{self, LoraConfig, ModuleSpec};
 use ferrotune::peft::{self, format};
@@ -13,45 +13,14 @@ use rand::{Rng, SeedableRng};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 
-fn repo() -> PathBuf {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
-    p.canonicalize().unwrap_or(p)
-}
+mod common;
+use common::{
+    adapter_keys, dequantized, load_fixture, matrix, max_abs, max_abs_diff, read_json, repo,
+    smollm2_gguf, t5_batch,
+};
 
 fn variants_dir(name: &str) -> PathBuf {
     repo().join("tests/fixtures/peft/variants").join(name)
-}
-
-fn read_json(p: &Path) -> Value {
-    let text = std::fs::read_to_string(p).unwrap_or_else(|e| {
-        panic!(
-            "{}: {e} (written by .venv/bin/python reference/peft_variants.py)",
-            p.display()
-        )
-    });
-    serde_json::from_str(&text).unwrap()
-}
-
-fn int_rows(v: &Value) -> Vec<Vec<i64>> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|r| {
-            r.as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x.as_i64().unwrap())
-                .collect()
-        })
-        .collect()
-}
-
-fn matrix(rows: &[Vec<i64>], dtype: DType) -> Tensor {
-    let (b, t) = (rows.len(), rows[0].len());
-    Tensor::from_vec(rows.concat(), (b, t), &Device::Cpu)
-        .unwrap()
-        .to_dtype(dtype)
-        .unwrap()
 }
 
 const FAMILIES: [&str; 2] = ["smollm2", "t5"];
@@ -60,28 +29,18 @@ const VARIANTS: [&str; 3] = ["ia3", "dora", "patterns"];
 fn load(family: &str) -> Box<dyn Model> {
     // SmolLM2: the fetched GGUF dequantized to f32, bit-identical to the f32 HF folder the
     // reference script gives PEFT (proven by smollm2.rs), so CI needs no Python environment.
-    let (source, opts) = match family {
+    match family {
         "smollm2" => {
-            let gguf = repo().join(".cache/models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
-            assert!(
-                gguf.exists(),
-                "{} is missing: run scripts/fetch-models.sh",
-                gguf.display()
-            );
-            let opts = LoadOptions {
-                dequantize: true,
-                ..Default::default()
-            };
-            (ModelSource::Gguf(gguf), opts)
+            ferrotune::model::load_source(
+                ModelSource::Gguf(smollm2_gguf()),
+                &dequantized(),
+                &Device::Cpu,
+            )
+            .unwrap()
+            .model
         }
-        _ => (
-            ModelSource::HfDir(repo().join("tests/fixtures/t5/t5-v1_1")),
-            LoadOptions::default(),
-        ),
-    };
-    ferrotune::model::load_source(source, &opts, &Device::Cpu)
-        .unwrap()
-        .model
+        _ => load_fixture("tests/fixtures/t5/t5-v1_1"),
+    }
 }
 
 /// The batch of an expected.json: SmolLM2's ids as one causal row; T5's padded batch.
@@ -111,18 +70,7 @@ fn batch(family: &str, exp: &Value) -> Batch {
             sources: Vec::new(),
         };
     }
-    let mask = matrix(&int_rows(&exp["attention_mask"]), DType::U8);
-    Batch {
-        input_ids: matrix(&int_rows(&exp["input_ids"]), DType::U32),
-        labels: matrix(&int_rows(&exp["labels"]), DType::I64),
-        targets: Targets::Decoder,
-        position_ids: mask.to_dtype(DType::U32).unwrap(),
-        attention_mask: mask,
-        segment_ids: None,
-        n_loss_tokens: 0,
-        n_tokens: 0,
-        sources: Vec::new(),
-    }
+    t5_batch(exp)
 }
 
 /// Mean NLL over the labelled tokens, as transformers computes it.
@@ -133,6 +81,31 @@ fn nll(m: &dyn Model, b: &Batch) -> f64 {
 
 fn rel(got: f64, want: f64) -> f64 {
     ((got - want) / want).abs()
+}
+
+/// A merged model: PEFT's merged NLL (`merged_nll_mean`) and, for T5, PEFT's merged target
+/// weights (`targets`, a safetensors file).
+fn check_merged(
+    m: &dyn Model,
+    b: &Batch,
+    exp: &Value,
+    family: &str,
+    variant: &str,
+    targets: &Path,
+) {
+    let merged = nll(m, b);
+    let want = exp["merged_nll_mean"].as_f64().unwrap();
+    assert!(
+        rel(merged, want) < 1e-4,
+        "{family}-{variant} merged: {merged} vs {want}"
+    );
+    if family == "t5" {
+        let d = merged_weights_diff(m, targets);
+        assert!(
+            d < 1e-5,
+            "{family}-{variant}: merged weights differ from PEFT's by {d:e}"
+        );
+    }
 }
 
 /// Every adapted weight of `m` against `file` (PEFT's merge_and_unload): max |diff| relative
@@ -149,21 +122,8 @@ fn merged_weights_diff(m: &dyn Model, file: &Path) -> f32 {
             .find(|l| l.name() == name)
             .unwrap_or_else(|| panic!("{name}: no such linear"));
         let got = lin.weight().to_dense_f32().unwrap();
-        let d = (got - &w)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        let s = w
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let d = max_abs_diff(&got, &w);
+        let s = max_abs(&w);
         worst = worst.max(d / s);
     }
     worst
@@ -218,19 +178,14 @@ fn peft_made_variant_adapters_match_peft() {
                 assert!(rel(nll(&*m, &b), got) < 1e-5, "{family}-{variant}: unmerge");
             }
             peft::merge_and_unload(&mut *m, "default").unwrap();
-            let merged = nll(&*m, &b);
-            let want = exp["merged_nll_mean"].as_f64().unwrap();
-            assert!(
-                rel(merged, want) < 1e-4,
-                "{family}-{variant} merged: {merged} vs {want}"
+            check_merged(
+                &*m,
+                &b,
+                &exp,
+                family,
+                variant,
+                &d.join("merged_targets.safetensors"),
             );
-            if family == "t5" {
-                let d = merged_weights_diff(&*m, &d.join("merged_targets.safetensors"));
-                assert!(
-                    d < 1e-5,
-                    "{family}-{variant}: merged weights differ from PEFT's by {d:e}"
-                );
-            }
         }
     }
 }
@@ -392,24 +347,15 @@ fn ferrotune_variant_adapters_for_peft() {
     let _ = std::fs::remove_dir_all(&dir);
     write_ours(&dir);
     // PEFT's key names: a DoRA file holds the magnitudes, an IA3 file its vectors.
-    let keys = |d: &Path| -> Vec<String> {
-        let mut k: Vec<String> =
-            candle_core::safetensors::load(d.join(format::WEIGHTS_FILE), &Device::Cpu)
-                .unwrap()
-                .into_keys()
-                .collect();
-        k.sort();
-        k
-    };
-    let dora = keys(&dir.join("t5-dora"));
+    let dora = adapter_keys(&dir.join("t5-dora"));
     assert!(dora.contains(
         &"base_model.model.decoder.block.0.layer.0.SelfAttention.q.lora_magnitude_vector"
             .to_string()
     ));
-    let ia3k = keys(&dir.join("t5-ia3"));
+    let ia3k = adapter_keys(&dir.join("t5-ia3"));
     assert!(ia3k
         .contains(&"base_model.model.decoder.block.0.layer.2.DenseReluDense.wo.ia3_l".to_string()));
-    assert_eq!(keys(&dir.join("smollm2-ia3")).len(), 6);
+    assert_eq!(adapter_keys(&dir.join("smollm2-ia3")).len(), 6);
     if write_fixture {
         for f in FAMILIES {
             for v in VARIANTS {
@@ -450,19 +396,14 @@ fn committed_ferrotune_variant_adapters_match_peft() {
             );
             assert!(rel(got, want) < 1e-4, "{family}-{variant}: {got} vs {want}");
             peft::merge_and_unload(&mut *m, "default").unwrap();
-            let merged = nll(&*m, &b);
-            let want = exp["merged_nll_mean"].as_f64().unwrap();
-            assert!(
-                rel(merged, want) < 1e-4,
-                "{family}-{variant} merged: {merged} vs {want}"
+            check_merged(
+                &*m,
+                &b,
+                &exp,
+                family,
+                variant,
+                &d.join("peft_merged_targets.safetensors"),
             );
-            if family == "t5" {
-                let diff = merged_weights_diff(&*m, &d.join("peft_merged_targets.safetensors"));
-                assert!(
-                    diff < 1e-5,
-                    "{family}-{variant}: merged weights differ by {diff:e}"
-                );
-            }
         }
     }
 }
@@ -490,6 +431,15 @@ fn edit_config(d: &Path, f: impl FnOnce(&mut Value)) {
     std::fs::write(&p, v.to_string()).unwrap();
 }
 
+/// The error of loading the adapter in `dir`, which must be one line.
+fn load_error(m: &mut dyn Model, dir: &Path) -> String {
+    let e = format::load_adapter(m, dir, "default")
+        .unwrap_err()
+        .to_string();
+    assert!(!e.contains('\n'), "{e}");
+    e
+}
+
 /// An IA3 vector of the wrong orientation, a DoRA config whose file has no magnitudes, and
 /// `feedforward_modules` outside `target_modules` are one-line errors naming the file and the
 /// tensor or key; nothing stays attached.
@@ -500,38 +450,25 @@ fn bad_variant_adapters_are_one_line_errors() {
         v["feedforward_modules"] = serde_json::json!([])
     });
     let mut m = load("t5");
-    let e = format::load_adapter(&mut *m, &t5_ia3, "default")
-        .unwrap_err()
-        .to_string();
+    let e = load_error(&mut *m, &t5_ia3);
     assert!(
-        e.contains("DenseReluDense.wo.ia3_l` is [1, 32]")
-            && e.contains("output scaling")
-            && !e.contains('\n'),
+        e.contains("DenseReluDense.wo.ia3_l` is [1, 32]") && e.contains("output scaling"),
         "{e}"
     );
     assert!(peft::adapter_names(&*m).is_empty());
 
     let t5_lora = copy_case("t5-patterns-peft", "dora");
     edit_config(&t5_lora, |v| v["use_dora"] = true.into());
-    let e = format::load_adapter(&mut *m, &t5_lora, "default")
-        .unwrap_err()
-        .to_string();
-    assert!(
-        e.contains("lora_magnitude_vector` is missing") && !e.contains('\n'),
-        "{e}"
-    );
+    let e = load_error(&mut *m, &t5_lora);
+    assert!(e.contains("lora_magnitude_vector` is missing"), "{e}");
 
     let t5_ff = copy_case("t5-ia3-peft", "ff");
     edit_config(&t5_ff, |v| {
         v["feedforward_modules"] = serde_json::json!(["wi_0"])
     });
-    let e = format::load_adapter(&mut *m, &t5_ff, "default")
-        .unwrap_err()
-        .to_string();
+    let e = load_error(&mut *m, &t5_ff);
     assert!(
-        e.contains("`feedforward_modules`")
-            && e.contains("adapter_config.json")
-            && !e.contains('\n'),
+        e.contains("`feedforward_modules`") && e.contains("adapter_config.json"),
         "{e}"
     );
     assert!(peft::adapter_names(&*m).is_empty());

@@ -5,83 +5,11 @@
 use candle_core::{DType, Device};
 use ferrotune::model::{self, LoadOptions};
 use ferrotune::train::{self, ProgressMode, RunOptions};
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 
-const WORDS: &[&str] = &[
-    "<unk>", "<s>", "</s>", "<pad>", "=", "say", "rev", "red", "green", "blue", "cat", "dog",
-    "sun", "moon", "tree", "rock", "fish", "bird", "one", "two", "three", "four", "five", "six",
-];
-
-fn repo() -> PathBuf {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
-    p.canonicalize().unwrap_or(p)
-}
-
-/// A fresh folder for one test.
-fn tmp(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("ferrotune-full-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-/// Copy of the tiny GQA fixture with a word-level tokenizer over `WORDS`.
-fn tiny_model(dir: &Path) -> PathBuf {
-    let d = dir.join("model");
-    std::fs::create_dir_all(&d).unwrap();
-    let src = repo().join("tests/fixtures/models/tiny-llama-gqa-untied");
-    for f in ["config.json", "model.safetensors", "generation_config.json"] {
-        std::fs::copy(src.join(f), d.join(f)).unwrap();
-    }
-    let vocab: serde_json::Map<String, Value> = WORDS
-        .iter()
-        .enumerate()
-        .map(|(i, w)| (w.to_string(), (i as u64).into()))
-        .collect();
-    let special = |id: usize| {
-        serde_json::json!({"id": id, "content": WORDS[id], "single_word": false, "lstrip": false,
-            "rstrip": false, "normalized": false, "special": true})
-    };
-    let tok = serde_json::json!({
-        "version": "1.0", "truncation": null, "padding": null,
-        "added_tokens": [special(1), special(2), special(3)],
-        "normalizer": null, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null,
-        "decoder": null,
-        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"}
-    });
-    std::fs::write(d.join("tokenizer.json"), tok.to_string()).unwrap();
-    std::fs::write(
-        d.join("tokenizer_config.json"),
-        serde_json::json!({"eos_token": "</s>", "bos_token": "<s>", "pad_token": "<pad>",
-            "add_bos_token": true})
-        .to_string(),
-    )
-    .unwrap();
-    d
-}
-
-/// `n` rows of "say a b c =" -> " c b a" (reverse the words), of varying length.
-fn reverse_rows(n: usize, seed: u64) -> String {
-    let content = &WORDS[7..];
-    let mut rng = StdRng::seed_from_u64(seed);
-    let mut out = String::new();
-    for _ in 0..n {
-        let k = rng.random_range(1..=6);
-        let ws: Vec<&str> = (0..k)
-            .map(|_| content[rng.random_range(0..content.len())])
-            .collect();
-        let rev: Vec<&str> = ws.iter().rev().copied().collect();
-        out.push_str(
-            &serde_json::json!({"q": format!("rev {}", ws.join(" ")), "a": rev.join(" ")})
-                .to_string(),
-        );
-        out.push('\n');
-    }
-    out
-}
+mod common;
+use common::{repo, rev_model as tiny_model, reverse_rows, tmp};
 
 /// A run folder with the tiny model and the reverse task; `body` is appended to the config
 /// (method, sections).

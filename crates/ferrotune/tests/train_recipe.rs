@@ -13,78 +13,8 @@ use rand::{Rng, SeedableRng};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 
-const WORDS: &[&str] = &[
-    "<unk>", "<s>", "</s>", "<pad>", "=", "say", "rev", "red", "green", "blue", "cat", "dog",
-    "sun", "moon", "tree", "rock", "fish", "bird", "one", "two", "three", "four", "five", "six",
-];
-
-fn repo() -> PathBuf {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
-    p.canonicalize().unwrap_or(p)
-}
-
-/// A fresh folder for one test.
-fn tmp(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("ferrotune-train-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-/// Copy of the tiny GQA fixture with a word-level tokenizer over `WORDS`.
-fn tiny_model(dir: &Path) -> PathBuf {
-    let d = dir.join("model");
-    std::fs::create_dir_all(&d).unwrap();
-    let src = repo().join("tests/fixtures/models/tiny-llama-gqa-untied");
-    for f in ["config.json", "model.safetensors", "generation_config.json"] {
-        std::fs::copy(src.join(f), d.join(f)).unwrap();
-    }
-    let vocab: serde_json::Map<String, Value> = WORDS
-        .iter()
-        .enumerate()
-        .map(|(i, w)| (w.to_string(), (i as u64).into()))
-        .collect();
-    let special = |id: usize| {
-        serde_json::json!({"id": id, "content": WORDS[id], "single_word": false, "lstrip": false,
-            "rstrip": false, "normalized": false, "special": true})
-    };
-    let tok = serde_json::json!({
-        "version": "1.0", "truncation": null, "padding": null,
-        "added_tokens": [special(1), special(2), special(3)],
-        "normalizer": null, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null,
-        "decoder": null,
-        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"}
-    });
-    std::fs::write(d.join("tokenizer.json"), tok.to_string()).unwrap();
-    std::fs::write(
-        d.join("tokenizer_config.json"),
-        serde_json::json!({"eos_token": "</s>", "bos_token": "<s>", "pad_token": "<pad>",
-            "add_bos_token": true})
-        .to_string(),
-    )
-    .unwrap();
-    d
-}
-
-/// `n` rows of "say a b c =" -> " c b a" (reverse the words), of varying length.
-fn reverse_rows(n: usize, seed: u64) -> String {
-    let content = &WORDS[7..];
-    let mut rng = StdRng::seed_from_u64(seed);
-    let mut out = String::new();
-    for _ in 0..n {
-        let k = rng.random_range(1..=6);
-        let ws: Vec<&str> = (0..k)
-            .map(|_| content[rng.random_range(0..content.len())])
-            .collect();
-        let rev: Vec<&str> = ws.iter().rev().copied().collect();
-        out.push_str(
-            &serde_json::json!({"q": format!("rev {}", ws.join(" ")), "a": rev.join(" ")})
-                .to_string(),
-        );
-        out.push('\n');
-    }
-    out
-}
+mod common;
+use common::{max_abs_diff, rev_model as tiny_model, reverse_rows, tmp};
 
 /// A run folder: model, train.jsonl / dev.jsonl, and a config with `extra` appended to
 /// [train] (and `lora_extra` to [lora]).
@@ -501,15 +431,10 @@ fn run_outputs_summary_metrics_plot_and_a_loadable_adapter() {
     );
     let ids = Tensor::new(&[[1u32, 6, 7, 8, 4]], &Device::Cpu).unwrap();
     let base = model::load(&c.config.model, &LoadOptions::default(), &Device::Cpu).unwrap();
-    let d = (fresh.llama().unwrap().forward(&ids, None).unwrap()
-        - base.llama().unwrap().forward(&ids, None).unwrap())
-    .unwrap()
-    .abs()
-    .unwrap()
-    .max_all()
-    .unwrap()
-    .to_scalar::<f32>()
-    .unwrap();
+    let d = max_abs_diff(
+        &fresh.llama().unwrap().forward(&ids, None).unwrap(),
+        &base.llama().unwrap().forward(&ids, None).unwrap(),
+    );
     assert!(d > 1e-4, "the trained adapter changes nothing");
     // The final checkpoint holds the same adapter.
     assert_eq!(

@@ -6,6 +6,11 @@ use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+#[path = "../../../ferrotune/tests/common/word_model.rs"]
+mod word_model;
+#[allow(unused_imports)] // each test file uses its own part
+pub use word_model::{repo, reverse_row, tmp, word_level_model, REV_WORDS};
+
 /// The first words of the tokenizer; ids 24..256 are `w24`..`w255`, so every id decodes to one
 /// word and a text of words encodes to exactly those ids.
 pub const WORDS: &[&str] = &[
@@ -39,55 +44,69 @@ pub const VOCAB: usize = 256;
 /// The tiny model's chat template: one `role: content` line per message.
 pub const CHAT_TEMPLATE: &str = "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}";
 
-pub fn repo() -> PathBuf {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
-    p.canonicalize().unwrap_or(p)
-}
-
-/// A fresh folder for one test.
-pub fn tmp(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("ferrotune-cli-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
 /// The word for a token id.
 pub fn word(id: usize) -> String {
     WORDS.get(id).map_or(format!("w{id}"), |w| w.to_string())
 }
 
-/// `dir/model`: the tiny GQA fixture (untied, context 256) with a word-level tokenizer, EOS
-/// `</s>`, and the chat template above; `add_bos` says whether encoding prepends `<s>`.
+/// `dir/model`: the tiny GQA fixture (untied, context 256) with a word-level tokenizer over
+/// [`WORDS`], EOS `</s>`, and the chat template above; `add_bos` says whether encoding prepends
+/// `<s>`.
 pub fn tiny_model(dir: &Path, add_bos: bool) -> PathBuf {
-    let d = dir.join("model");
-    std::fs::create_dir_all(&d).unwrap();
-    let src = repo().join("tests/fixtures/models/tiny-llama-gqa-untied");
-    for f in ["config.json", "model.safetensors", "generation_config.json"] {
-        std::fs::copy(src.join(f), d.join(f)).unwrap();
-    }
-    let vocab: serde_json::Map<String, Value> =
-        (0..VOCAB).map(|i| (word(i), (i as u64).into())).collect();
-    let special = |id: usize| {
-        serde_json::json!({"id": id, "content": WORDS[id], "single_word": false, "lstrip": false,
-            "rstrip": false, "normalized": false, "special": true})
+    word_level_model(dir, WORDS, VOCAB, add_bos, Some(CHAT_TEMPLATE))
+}
+
+/// `dir/model`: the tiny fixture with the reverse task's word-level tokenizer ([`REV_WORDS`],
+/// then `w24`..`w255`), adding BOS, no chat template.
+pub fn rev_model(dir: &Path) -> PathBuf {
+    word_level_model(dir, REV_WORDS, VOCAB, true, None)
+}
+
+/// `n` reverse-task rows of 1 to `max_words` words of `content`, from a splitmix64 stream
+/// seeded with `seed`.
+pub fn reverse_rows(content: &[&str], max_words: u64, n: usize, seed: u64) -> String {
+    let mut s = seed;
+    let mut next = || {
+        s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = s;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
     };
-    let tok = serde_json::json!({
-        "version": "1.0", "truncation": null, "padding": null,
-        "added_tokens": [special(1), special(2), special(3)],
-        "normalizer": null, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null,
-        "decoder": null,
-        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"}
-    });
-    std::fs::write(d.join("tokenizer.json"), tok.to_string()).unwrap();
-    std::fs::write(
-        d.join("tokenizer_config.json"),
-        serde_json::json!({"eos_token": "</s>", "bos_token": "<s>", "pad_token": "<pad>",
-            "add_bos_token": add_bos, "chat_template": CHAT_TEMPLATE})
-        .to_string(),
-    )
-    .unwrap();
-    d
+    let mut out = String::new();
+    for _ in 0..n {
+        let k = 1 + (next() % max_words) as usize;
+        let ws: Vec<&str> = (0..k)
+            .map(|_| content[(next() % content.len() as u64) as usize])
+            .collect();
+        out.push_str(&reverse_row(&ws));
+    }
+    out
+}
+
+/// The complete checkpoints of a run (a checkpoint folder appears by rename, complete).
+pub fn checkpoint_steps(out: &Path) -> Vec<usize> {
+    let Ok(rd) = std::fs::read_dir(out.join("checkpoints")) else {
+        return Vec::new();
+    };
+    let mut v: Vec<usize> = rd
+        .filter_map(|e| {
+            let name = e.ok()?.file_name().to_string_lossy().to_string();
+            name.strip_prefix("step-")?.parse().ok()
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+/// The steps of the complete train lines of metrics.jsonl (a kill may cut the last line).
+pub fn logged_steps(out: &Path) -> Vec<u64> {
+    let text = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap_or_default();
+    text.lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v["type"] == "train")
+        .filter_map(|v| v["step"].as_u64())
+        .collect()
 }
 
 /// The SmolLM2 GGUF the tests read (fetched by scripts/fetch-models.sh).
@@ -154,6 +173,19 @@ pub fn json(out: &Output) -> Value {
             String::from_utf8_lossy(&out.stdout)
         )
     })
+}
+
+/// `ferrotune merge --model model --adapter adapter --out out`, expecting success.
+pub fn merge(model: &Path, adapter: &Path, out: &Path) -> Output {
+    succeeds(&[
+        "merge",
+        "--model",
+        model.to_str().unwrap(),
+        "--adapter",
+        adapter.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ])
 }
 
 /// `p` as an argument.

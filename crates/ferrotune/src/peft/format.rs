@@ -14,7 +14,7 @@ use crate::model::{Model, TaskType};
 use crate::{Error, Result};
 use candle_core::{DType, Tensor};
 use serde_json::Value;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
 pub const CONFIG_FILE: &str = "adapter_config.json";
@@ -277,7 +277,7 @@ fn prompt_not_linear(dir: &Path, c: &PromptLearningConfig) -> Error {
 }
 
 /// Tensor name -> shape, from a safetensors header (the header and byte ranges are validated).
-fn header_shapes(path: &Path) -> Result<HashMap<String, Vec<usize>>> {
+pub(crate) fn header_shapes(path: &Path) -> Result<HashMap<String, Vec<usize>>> {
     let file = std::fs::File::open(path).map_err(|e| Error::file(path, e))?;
     // SAFETY: read-only map of a file we only read; a concurrent writer could change the bytes
     // but not the memory safety of reading them.
@@ -301,10 +301,8 @@ fn check_lora_shapes(
     path: &Path,
     shapes: &HashMap<String, Vec<usize>>,
 ) -> Result<()> {
-    let config_path = dir.join(CONFIG_FILE);
-    let targets =
-        super::lora::resolve_targets(model, cfg).map_err(|e| Error::file(&config_path, e))?;
-    let mut expected = std::collections::HashSet::new();
+    let mut check = ShapeCheck::new(dir, path, shapes);
+    let targets = super::lora::resolve_targets(model, cfg).map_err(|e| check.config_error(e))?;
     for lin in model.linears() {
         if !targets.iter().any(|t| t == lin.name()) {
             continue;
@@ -314,55 +312,33 @@ fn check_lora_shapes(
         let rank_key = if cfg.r == r { "r" } else { "rank_pattern" };
         for (part, want) in [("lora_A", [r, in_f]), ("lora_B", [out_f, r])] {
             let key = format!("{KEY_PREFIX}{}.{part}.weight", lin.name());
-            let got = shapes.get(&key).ok_or_else(|| {
-                Error::file(
-                    path,
-                    format!("tensor `{key}` is missing (the config targets this module)"),
+            let config_path = check.config_path.display().to_string();
+            check.targeted(key, &want, || {
+                format!(
+                    "module `{}` ({in_f} in, {out_f} out) with {config_path} key `{rank_key}` {r} implies {want:?}",
+                    lin.name(),
                 )
             })?;
-            if got.as_slice() != want {
-                return Err(Error::file(
-                    path,
-                    format!(
-                        "tensor `{key}` is {got:?} but module `{}` ({in_f} in, {out_f} out) with {} key `{rank_key}` {r} implies {want:?}",
-                        lin.name(),
-                        config_path.display()
-                    ),
-                ));
-            }
-            expected.insert(key);
         }
         if cfg.use_dora {
             let key = format!("{KEY_PREFIX}{}.lora_magnitude_vector", lin.name());
-            match shapes.get(&key) {
-                Some(got) if got.as_slice() == [out_f] => {}
-                Some(got) => {
-                    return Err(Error::file(
-                        path,
-                        format!("tensor `{key}` is {got:?} but module `{}` has {out_f} outputs (DoRA: one magnitude per output)", lin.name()),
-                    ))
-                }
-                None => {
-                    return Err(Error::file(
-                        path,
-                        format!("tensor `{key}` is missing ({} sets use_dora)", config_path.display()),
-                    ))
-                }
-            }
-            expected.insert(key);
+            let config_path = check.config_path.display().to_string();
+            check.tensor(
+                key,
+                &[out_f],
+                || format!("{config_path} sets use_dora"),
+                || {
+                    format!(
+                        "module `{}` has {out_f} outputs (DoRA: one magnitude per output)",
+                        lin.name()
+                    )
+                },
+            )?;
         }
     }
-    let saved = super::lora::resolve_modules_to_save(model, cfg)
-        .map_err(|e| Error::file(&config_path, e))?;
-    check_saved_and_extra(
-        model,
-        &saved,
-        cfg.modules_to_save.is_none(),
-        expected,
-        &config_path,
-        path,
-        shapes,
-    )
+    let saved =
+        super::lora::resolve_modules_to_save(model, cfg).map_err(|e| check.config_error(e))?;
+    check.finish(model, &saved, cfg.modules_to_save.is_none())
 }
 
 /// The IA3 vector of every target must be in the file shaped as PEFT saves it ((out, 1), or
@@ -374,10 +350,8 @@ fn check_ia3_shapes(
     path: &Path,
     shapes: &HashMap<String, Vec<usize>>,
 ) -> Result<()> {
-    let config_path = dir.join(CONFIG_FILE);
-    let targets =
-        super::ia3::resolve_targets(model, cfg).map_err(|e| Error::file(&config_path, e))?;
-    let mut expected = std::collections::HashSet::new();
+    let mut check = ShapeCheck::new(dir, path, shapes);
+    let targets = super::ia3::resolve_targets(model, cfg).map_err(|e| check.config_error(e))?;
     for lin in model.linears() {
         let Some((_, ff)) = targets.iter().find(|(n, _)| n == lin.name()) else {
             continue;
@@ -385,39 +359,24 @@ fn check_ia3_shapes(
         let (in_f, out_f) = (lin.in_features(), lin.out_features());
         let want = if *ff { [1, in_f] } else { [out_f, 1] };
         let key = format!("{KEY_PREFIX}{}.ia3_l", lin.name());
-        let got = shapes.get(&key).ok_or_else(|| {
-            Error::file(
-                path,
-                format!("tensor `{key}` is missing (the config targets this module)"),
+        check.targeted(key, &want, || {
+            format!(
+                "module `{}` ({in_f} in, {out_f} out, {}) implies {want:?}",
+                lin.name(),
+                if *ff {
+                    "feed-forward: input scaling"
+                } else {
+                    "output scaling"
+                }
             )
         })?;
-        if got.as_slice() != want {
-            return Err(Error::file(
-                path,
-                format!(
-                    "tensor `{key}` is {got:?} but module `{}` ({in_f} in, {out_f} out, {}) implies {want:?}",
-                    lin.name(),
-                    if *ff { "feed-forward: input scaling" } else { "output scaling" }
-                ),
-            ));
-        }
-        expected.insert(key);
     }
     let full = super::ia3::config_for_model(model, cfg);
-    let saved = super::modules_to_save::resolve(
+    check.finish_listed(
         model,
-        full.modules_to_save.as_deref().unwrap_or(&[]),
+        full.modules_to_save.as_deref(),
         "IA3 config",
-    )
-    .map_err(|e| Error::file(&config_path, e))?;
-    check_saved_and_extra(
-        model,
-        &saved,
         cfg.modules_to_save.is_none(),
-        expected,
-        &config_path,
-        path,
-        shapes,
     )
 }
 
@@ -430,43 +389,20 @@ fn check_bottleneck_shapes(
     path: &Path,
     shapes: &HashMap<String, Vec<usize>>,
 ) -> Result<()> {
-    let config_path = dir.join(CONFIG_FILE);
-    let want =
-        super::bottleneck::expected_shapes(model, cfg).map_err(|e| Error::file(&config_path, e))?;
-    let mut expected = std::collections::HashSet::new();
+    let mut check = ShapeCheck::new(dir, path, shapes);
+    let want = super::bottleneck::expected_shapes(model, cfg).map_err(|e| check.config_error(e))?;
     for (key, shape) in want {
-        let got = shapes.get(&key).ok_or_else(|| {
-            Error::file(
-                path,
-                format!("tensor `{key}` is missing (the config targets this module)"),
-            )
+        let config_path = check.config_path.display().to_string();
+        check.targeted(key, &shape, || {
+            format!("the model and {config_path} imply {shape:?}")
         })?;
-        if *got != shape {
-            return Err(Error::file(
-                path,
-                format!(
-                    "tensor `{key}` is {got:?} but the model and {} imply {shape:?}",
-                    config_path.display()
-                ),
-            ));
-        }
-        expected.insert(key);
     }
     let full = super::bottleneck::model::config_for_model(model, cfg);
-    let saved = super::modules_to_save::resolve(
+    check.finish_listed(
         model,
-        full.modules_to_save.as_deref().unwrap_or(&[]),
+        full.modules_to_save.as_deref(),
         "adapter config",
-    )
-    .map_err(|e| Error::file(&config_path, e))?;
-    check_saved_and_extra(
-        model,
-        &saved,
         cfg.modules_to_save.is_none(),
-        expected,
-        &config_path,
-        path,
-        shapes,
     )
 }
 
@@ -479,69 +415,143 @@ fn is_module_copy(model: &dyn Model, param: &str) -> bool {
     module.is_some_and(|m| model.linears().iter().any(|l| l.name() == m))
 }
 
-/// The weight and bias of every module in `modules_to_save` (`saved`) must be in the file
-/// with the base module's shapes, and the file may hold nothing beyond them and `expected`.
-fn check_saved_and_extra(
-    model: &dyn Model,
-    saved: &[String],
-    implied_copies: bool,
-    mut expected: std::collections::HashSet<String>,
-    config_path: &Path,
-    path: &Path,
-    shapes: &HashMap<String, Vec<usize>>,
-) -> Result<()> {
-    for lin in model.linears() {
-        if !saved.iter().any(|s| s == lin.name()) {
-            continue;
-        }
-        let (in_f, out_f) = (lin.in_features(), lin.out_features());
-        let mut parts = vec![("weight", vec![out_f, in_f])];
-        if lin.bias().is_some() {
-            parts.push(("bias", vec![out_f]));
-        }
-        // PEFT adds a SEQ_CLS / TOKEN_CLS model's classifier to modules_to_save on its own; an
-        // adapter whose config names none and whose file has no tensors for it keeps the base's
-        // head (PEFT loads it with the copy left as the original).
-        let weight_key = format!("{KEY_PREFIX}{}.weight", lin.name());
-        if implied_copies && !shapes.contains_key(&weight_key) {
-            continue;
-        }
-        for (part, want) in parts {
-            let key = format!("{KEY_PREFIX}{}.{part}", lin.name());
-            let got = shapes.get(&key).ok_or_else(|| {
-                Error::file(
-                    path,
-                    format!(
-                        "tensor `{key}` is missing (modules_to_save in {} selects module `{}`)",
-                        config_path.display(),
-                        lin.name()
-                    ),
-                )
-            })?;
-            if *got != want {
-                return Err(Error::file(
-                    path,
-                    format!(
-                        "tensor `{key}` is {got:?} but the model's `{}` ({in_f} in, {out_f} out) is {want:?} (a head for another number of labels?)",
-                        lin.name()
-                    ),
-                ));
-            }
-            expected.insert(key);
-        }
-    }
-    let mut extra: Vec<&String> = shapes.keys().filter(|k| !expected.contains(*k)).collect();
-    extra.sort();
-    if let Some(first) = extra.first() {
-        return Err(Error::file(
+/// An adapter file's tensor shapes (from its header) checked against what its config and the
+/// model imply, one tensor at a time; what has been checked is `expected`, and [`Self::finish`]
+/// refuses anything else in the file. The same checks and messages for every method.
+struct ShapeCheck<'a> {
+    config_path: std::path::PathBuf,
+    path: &'a Path,
+    shapes: &'a HashMap<String, Vec<usize>>,
+    expected: HashSet<String>,
+}
+
+impl<'a> ShapeCheck<'a> {
+    fn new(dir: &Path, path: &'a Path, shapes: &'a HashMap<String, Vec<usize>>) -> Self {
+        ShapeCheck {
+            config_path: dir.join(CONFIG_FILE),
             path,
-            format!(
-                "tensor `{first}` belongs to no module the config targets ({} unexpected tensors)",
-                extra.len()
-            ),
-        ));
+            shapes,
+            expected: HashSet::new(),
+        }
     }
-    Ok(())
+
+    /// An error in what the config file says (its targets, its `modules_to_save`).
+    fn config_error(&self, e: impl std::fmt::Display) -> Error {
+        Error::file(&self.config_path, e)
+    }
+
+    /// Tensor `key` must be in the file with shape `want`: if missing, the error says why it
+    /// should be there (`missing`); if of another shape, what implies `want` (`implies`).
+    fn tensor(
+        &mut self,
+        key: String,
+        want: &[usize],
+        missing: impl FnOnce() -> String,
+        implies: impl FnOnce() -> String,
+    ) -> Result<()> {
+        let got = self.shapes.get(&key).ok_or_else(|| {
+            Error::file(
+                self.path,
+                format!("tensor `{key}` is missing ({})", missing()),
+            )
+        })?;
+        if got.as_slice() != want {
+            return Err(Error::file(
+                self.path,
+                format!("tensor `{key}` is {got:?} but {}", implies()),
+            ));
+        }
+        self.expected.insert(key);
+        Ok(())
+    }
+
+    /// [`Self::tensor`] for a tensor of a module the config targets.
+    fn targeted(
+        &mut self,
+        key: String,
+        want: &[usize],
+        implies: impl FnOnce() -> String,
+    ) -> Result<()> {
+        self.tensor(
+            key,
+            want,
+            || "the config targets this module".to_string(),
+            implies,
+        )
+    }
+
+    /// [`Self::finish`] with `modules_to_save` as the config lists it (`None`: none), resolved
+    /// against the model's modules (`source` names the config in errors).
+    fn finish_listed(
+        self,
+        model: &dyn Model,
+        modules_to_save: Option<&[String]>,
+        source: &str,
+        implied_copies: bool,
+    ) -> Result<()> {
+        let saved = super::modules_to_save::resolve(model, modules_to_save.unwrap_or(&[]), source)
+            .map_err(|e| self.config_error(e))?;
+        self.finish(model, &saved, implied_copies)
+    }
+
+    /// The weight and bias of every module in `modules_to_save` (`saved`) must be in the file
+    /// with the base module's shapes, and the file may hold nothing beyond them and what was
+    /// checked before.
+    fn finish(mut self, model: &dyn Model, saved: &[String], implied_copies: bool) -> Result<()> {
+        for lin in model.linears() {
+            if !saved.iter().any(|s| s == lin.name()) {
+                continue;
+            }
+            let (in_f, out_f) = (lin.in_features(), lin.out_features());
+            let mut parts = vec![("weight", vec![out_f, in_f])];
+            if lin.bias().is_some() {
+                parts.push(("bias", vec![out_f]));
+            }
+            // PEFT adds a SEQ_CLS / TOKEN_CLS model's classifier to modules_to_save on its own; an
+            // adapter whose config names none and whose file has no tensors for it keeps the base's
+            // head (PEFT loads it with the copy left as the original).
+            let weight_key = format!("{KEY_PREFIX}{}.weight", lin.name());
+            if implied_copies && !self.shapes.contains_key(&weight_key) {
+                continue;
+            }
+            for (part, want) in parts {
+                let key = format!("{KEY_PREFIX}{}.{part}", lin.name());
+                let config_path = self.config_path.display().to_string();
+                self.tensor(
+                    key,
+                    &want,
+                    || {
+                        format!(
+                            "modules_to_save in {config_path} selects module `{}`",
+                            lin.name()
+                        )
+                    },
+                    || {
+                        format!(
+                            "the model's `{}` ({in_f} in, {out_f} out) is {want:?} (a head for another number of labels?)",
+                            lin.name()
+                        )
+                    },
+                )?;
+            }
+        }
+        let mut extra: Vec<&String> = self
+            .shapes
+            .keys()
+            .filter(|k| !self.expected.contains(*k))
+            .collect();
+        extra.sort();
+        if let Some(first) = extra.first() {
+            return Err(Error::file(
+                self.path,
+                format!(
+                    "tensor `{first}` belongs to no module the config targets ({} unexpected tensors)",
+                    extra.len()
+                ),
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// Copy the file's tensors into the freshly attached adapter's parameters.

@@ -7,6 +7,7 @@
 //! attached to one base. What is shared by all methods is here: the [`PeftMethod`] trait that
 //! the loader dispatches on, parameter listing by PEFT name, and PEFT's parameter report.
 pub mod bottleneck;
+mod config_check;
 pub mod format;
 pub mod ia3;
 pub mod lora;
@@ -61,6 +62,22 @@ pub fn adapter_names(model: &dyn Model) -> Vec<String> {
         }
     }
     out
+}
+
+/// A name for a new adapter: non-empty and free of '.' (it is a segment of the tensor keys),
+/// and not attached yet. LoRA, IA3 and bottleneck attach check it first.
+pub(crate) fn check_new_adapter_name(model: &dyn Model, adapter_name: &str) -> Result<()> {
+    if adapter_name.is_empty() || adapter_name.contains('.') {
+        return Err(Error::msg(format!(
+            "adapter name `{adapter_name}` must be non-empty and contain no '.'"
+        )));
+    }
+    if adapter_names(model).iter().any(|n| n == adapter_name) {
+        return Err(Error::msg(format!(
+            "an adapter named `{adapter_name}` is already attached; pick another name or remove it first"
+        )));
+    }
+    Ok(())
 }
 
 /// The trainable tensors of adapter `adapter_name`, named as in PEFT's state dict minus the

@@ -162,45 +162,10 @@ pub fn render_loss_png(train: &[(f64, f64)], val: &[(f64, f64)]) -> Result<Vec<u
             .min(0.0);
         let ymax = pts().filter(finite).map(|p| p.1).fold(f64::MIN, f64::max);
         let ymin = pts().filter(finite).map(|p| p.1).fold(f64::MAX, f64::min);
-        let (ymin, ymax) = if ymax < ymin {
-            (0.0, 1.0)
-        } else {
-            let pad = ((ymax - ymin) * 0.05).max(1e-3);
-            ((ymin - pad).max(0.0), ymax + pad)
-        };
-        let mut chart = ChartBuilder::on(&root)
-            .margin_left(80)
-            .margin_bottom(50)
-            .margin_top(40)
-            .margin_right(30)
-            .build_cartesian_2d(xmin..xmax, ymin..ymax)
-            .map_err(|e| err(&e))?;
-        let grid = RGBColor(225, 225, 225);
+        let (ymin, ymax) = padded_range(ymin, ymax, 0.05, 1e-3);
         let xt = ticks(xmin, xmax, 8);
         let yt = ticks(ymin, ymax, 6);
-        for &x in &xt {
-            chart
-                .draw_series(std::iter::once(PathElement::new(
-                    vec![(x, ymin), (x, ymax)],
-                    grid,
-                )))
-                .map_err(|e| err(&e))?;
-        }
-        for &y in &yt {
-            chart
-                .draw_series(std::iter::once(PathElement::new(
-                    vec![(xmin, y), (xmax, y)],
-                    grid,
-                )))
-                .map_err(|e| err(&e))?;
-        }
-        let axis = RGBColor(60, 60, 60);
-        chart
-            .draw_series(std::iter::once(PathElement::new(
-                vec![(xmin, ymax), (xmin, ymin), (xmax, ymin)],
-                axis,
-            )))
-            .map_err(|e| err(&e))?;
+        let mut chart = framed_chart(&root, 30, (xmin, xmax), (ymin, ymax), (&xt, &yt), &err)?;
         let (r, g, b) = TRAIN_COLOR;
         let tc = RGBColor(r, g, b);
         chart
@@ -262,6 +227,66 @@ pub fn render_loss_png(train: &[(f64, f64)], val: &[(f64, f64)]) -> Result<Vec<u
         root.present().map_err(|e| err(&e))?;
     }
     Ok(encode_png_rgb(&buf, W, H))
+}
+
+/// `ymin..ymax` widened by `frac` of its span (at least `min_pad`) on each side, not below 0;
+/// `0..1` when there is no value (`ymax < ymin`).
+pub(crate) fn padded_range(ymin: f64, ymax: f64, frac: f64, min_pad: f64) -> (f64, f64) {
+    if ymax < ymin {
+        (0.0, 1.0)
+    } else {
+        let pad = ((ymax - ymin) * frac).max(min_pad);
+        ((ymin - pad).max(0.0), ymax + pad)
+    }
+}
+
+/// A chart on the f64 ranges `x`, `y` in the plots' common frame: light grid lines at the ticks
+/// `xt`, `yt` and dark left and bottom axes; `margin_right` leaves room for labels.
+pub(crate) fn framed_chart<'a, 'b>(
+    root: &'a plotters::drawing::DrawingArea<
+        plotters::prelude::BitMapBackend<'b>,
+        plotters::coord::Shift,
+    >,
+    margin_right: u32,
+    (xmin, xmax): (f64, f64),
+    (ymin, ymax): (f64, f64),
+    (xt, yt): (&[f64], &[f64]),
+    err: &dyn Fn(&dyn std::fmt::Display) -> Error,
+) -> Result<
+    plotters::chart::ChartContext<
+        'a,
+        plotters::prelude::BitMapBackend<'b>,
+        plotters::coord::cartesian::Cartesian2d<
+            plotters::coord::types::RangedCoordf64,
+            plotters::coord::types::RangedCoordf64,
+        >,
+    >,
+> {
+    use plotters::prelude::*;
+    let mut chart = ChartBuilder::on(root)
+        .margin_left(80)
+        .margin_bottom(50)
+        .margin_top(40)
+        .margin_right(margin_right)
+        .build_cartesian_2d(xmin..xmax, ymin..ymax)
+        .map_err(|e| err(&e))?;
+    let grid = RGBColor(225, 225, 225);
+    let lines = xt
+        .iter()
+        .map(|&x| vec![(x, ymin), (x, ymax)])
+        .chain(yt.iter().map(|&y| vec![(xmin, y), (xmax, y)]));
+    for line in lines {
+        chart
+            .draw_series(std::iter::once(PathElement::new(line, grid)))
+            .map_err(|e| err(&e))?;
+    }
+    chart
+        .draw_series(std::iter::once(PathElement::new(
+            vec![(xmin, ymax), (xmin, ymin), (xmax, ymin)],
+            RGBColor(60, 60, 60),
+        )))
+        .map_err(|e| err(&e))?;
+    Ok(chart)
 }
 
 /// Draw `s` at pixel (x, y) with the 8×8 bitmap font (plotters' own text needs a system font).

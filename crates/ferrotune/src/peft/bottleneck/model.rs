@@ -6,7 +6,7 @@ use crate::model::Model;
 use crate::nn::LinearAdapter;
 use crate::peft::format::KEY_PREFIX;
 use crate::peft::lora::config::name_matches_entry;
-use crate::peft::{adapter_names, modules_to_save, param_count, ParamCount};
+use crate::peft::{modules_to_save, param_count, ParamCount};
 use crate::{Error, Result};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
@@ -116,16 +116,7 @@ pub fn attach_bottleneck(
 ) -> Result<BottleneckInfo> {
     use crate::peft::PeftMethod;
     cfg.validate("adapter config")?;
-    if adapter_name.is_empty() || adapter_name.contains('.') {
-        return Err(Error::msg(format!(
-            "adapter name `{adapter_name}` must be non-empty and contain no '.'"
-        )));
-    }
-    if adapter_names(model).iter().any(|n| n == adapter_name) {
-        return Err(Error::msg(format!(
-            "an adapter named `{adapter_name}` is already attached; pick another name or remove it first"
-        )));
-    }
+    crate::peft::check_new_adapter_name(model, adapter_name)?;
     let cfg = config_for_model(model, cfg);
     let targets = resolve_targets(model, &cfg)?;
     let saved = modules_to_save::resolve(

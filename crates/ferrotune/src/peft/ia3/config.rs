@@ -5,6 +5,7 @@
 //! named exactly so or ending in `.entry`, a string is a whole-name regex); which targets are
 //! feed-forward follows PEFT's `_check_target_module_feedforward`: a string is a whole-name
 //! regex, a list entry matches any name that merely *ends with* it (no `.` needed, as in PEFT).
+use crate::peft::config_check;
 use crate::peft::lora::config::{name_matches_entry, ModuleSpec};
 use crate::{Error, Result};
 use fancy_regex::Regex;
@@ -127,9 +128,7 @@ impl Ia3Config {
     /// Check the settings; `source` names the file (or the TOML table) in messages.
     pub fn validate(&self, source: &str) -> Result<()> {
         let bad = |key: &str, what: String| Err(Error::key(source, key, what));
-        if self.peft_type != "IA3" {
-            return bad("peft_type", format!("`{}` is not IA3", self.peft_type));
-        }
+        config_check::peft_type(source, &self.peft_type, "IA3")?;
         if self.fan_in_fan_out {
             return bad(
                 "fan_in_fan_out",
@@ -145,9 +144,7 @@ impl Ia3Config {
                 Some(ModuleSpec::One(s)) if !s.eq_ignore_ascii_case("all-linear") => {
                     full_regex(s).map_err(|e| Error::key(source, key, e))?;
                 }
-                Some(ModuleSpec::List(l)) if l.iter().any(String::is_empty) => {
-                    return bad(key, "holds an empty name".into());
-                }
+                Some(ModuleSpec::List(l)) => config_check::no_empty_name(source, key, l)?,
                 _ => {}
             }
         }
@@ -162,12 +159,11 @@ impl Ia3Config {
                 );
             }
         }
-        for m in self.modules_to_save.iter().flatten() {
-            if m.is_empty() {
-                return bad("modules_to_save", "holds an empty name".into());
-            }
-        }
-        Ok(())
+        config_check::no_empty_name(
+            source,
+            "modules_to_save",
+            self.modules_to_save.iter().flatten(),
+        )
     }
 
     /// Whether PEFT would wrap module `name` (`output` is the model's output layer, which

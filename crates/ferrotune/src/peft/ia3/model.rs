@@ -8,7 +8,7 @@ use crate::model::Model;
 use crate::nn::{Linear, LinearAdapter, LinearWeight};
 use crate::peft::lora::MergeReport;
 use crate::peft::modules_to_save::{self, as_saved_module};
-use crate::peft::{adapter_names, no_such_adapter, param_count, ParamCount, PeftMethod};
+use crate::peft::{no_such_adapter, param_count, ParamCount, PeftMethod};
 use crate::{Error, Result};
 use candle_core::{DType, Tensor};
 use rand::rngs::StdRng;
@@ -102,16 +102,7 @@ pub fn attach_ia3(
     seed: u64,
 ) -> Result<Ia3ModelInfo> {
     cfg.validate("IA3 config")?;
-    if adapter_name.is_empty() || adapter_name.contains('.') {
-        return Err(Error::msg(format!(
-            "adapter name `{adapter_name}` must be non-empty and contain no '.'"
-        )));
-    }
-    if adapter_names(model).iter().any(|n| n == adapter_name) {
-        return Err(Error::msg(format!(
-            "an adapter named `{adapter_name}` is already attached; pick another name or remove it first"
-        )));
-    }
+    crate::peft::check_new_adapter_name(model, adapter_name)?;
     let targets = resolve_targets(model, cfg)?;
     let full = config_for_model(model, cfg);
     let saved = modules_to_save::resolve(

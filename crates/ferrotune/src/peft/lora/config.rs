@@ -4,6 +4,7 @@
 //! Module matching follows PEFT's `check_target_module_exists`: a list entry matches a module
 //! whose name equals it or ends in `.entry`; a single string is a regex that must match the whole
 //! name (`"all-linear"` is the exception: every linear but the output layer).
+use crate::peft::config_check;
 use crate::{Error, Result};
 use fancy_regex::Regex;
 use serde::{Deserialize, Serialize};
@@ -247,9 +248,7 @@ impl LoraConfig {
     /// Check the hyper-parameters; `source` names the file (or "--lora-*" flags) in messages.
     pub fn validate(&self, source: &str) -> Result<()> {
         let bad = |key: &str, what: String| Err(Error::key(source, key, what));
-        if self.peft_type != "LORA" {
-            return bad("peft_type", format!("`{}` is not LORA", self.peft_type));
-        }
+        config_check::peft_type(source, &self.peft_type, "LORA")?;
         if self.r == 0 {
             return bad("r", "must be at least 1".into());
         }
@@ -268,12 +267,7 @@ impl LoraConfig {
                 format!("alpha of `{k}` is {a}; it must be a finite number"),
             );
         }
-        if !(0.0..1.0).contains(&self.lora_dropout) {
-            return bad(
-                "lora_dropout",
-                format!("{} is not in [0, 1)", self.lora_dropout),
-            );
-        }
+        config_check::probability(source, "lora_dropout", self.lora_dropout)?;
         if self.bias != "none" {
             return bad(
                 "bias",
@@ -287,9 +281,7 @@ impl LoraConfig {
             );
         }
         for m in self.modules_to_save.iter().flatten() {
-            if m.is_empty() {
-                return bad("modules_to_save", "holds an empty name".into());
-            }
+            config_check::no_empty_name(source, "modules_to_save", [m])?;
             saved_module_regex(m).map_err(|e| Error::key(source, "modules_to_save", e))?;
         }
         match &self.init_lora_weights {

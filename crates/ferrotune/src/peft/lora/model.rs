@@ -187,16 +187,7 @@ pub fn attach_lora(
     seed: u64,
 ) -> Result<LoraModelInfo> {
     cfg.validate("LoRA config")?;
-    if adapter_name.is_empty() || adapter_name.contains('.') {
-        return Err(Error::msg(format!(
-            "adapter name `{adapter_name}` must be non-empty and contain no '.'"
-        )));
-    }
-    if adapter_names(model).iter().any(|n| n == adapter_name) {
-        return Err(Error::msg(format!(
-            "an adapter named `{adapter_name}` is already attached; pick another name or remove it first"
-        )));
-    }
+    crate::peft::check_new_adapter_name(model, adapter_name)?;
     let targets = resolve_targets(model, cfg)?;
     let saved = resolve_modules_to_save(model, cfg)?;
     modules_to_save::check_free(model, &saved)?;

@@ -2,6 +2,7 @@
 //! (`PromptTuningConfig`, `PrefixTuningConfig`, `PromptEncoderConfig`, all
 //! `PromptLearningConfig`s).
 use crate::model::{Model, TaskType};
+use crate::peft::config_check;
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
 
@@ -154,22 +155,14 @@ impl PromptLearningConfig {
     /// Check the hyper-parameters; `source` names the file or section in one-line errors.
     pub fn validate(&self, source: &str) -> Result<()> {
         let bad = |key: &str, what: String| Err(Error::key(source, key, what));
-        if self.num_virtual_tokens == 0 || self.num_virtual_tokens > MAX_VIRTUAL_TOKENS {
-            return bad(
-                "num_virtual_tokens",
-                format!(
-                    "{} is out of range (1 to {MAX_VIRTUAL_TOKENS})",
-                    self.num_virtual_tokens
-                ),
-            );
-        }
+        config_check::size_in_range(
+            source,
+            "num_virtual_tokens",
+            self.num_virtual_tokens,
+            MAX_VIRTUAL_TOKENS,
+        )?;
         if let Some(h) = self.encoder_hidden_size {
-            if h == 0 || h > MAX_ENCODER_HIDDEN {
-                return bad(
-                    "encoder_hidden_size",
-                    format!("{h} is out of range (1 to {MAX_ENCODER_HIDDEN})"),
-                );
-            }
+            config_check::size_in_range(source, "encoder_hidden_size", h, MAX_ENCODER_HIDDEN)?;
         }
         if let Some(s) = self.num_transformer_submodules {
             if !(1..=2).contains(&s) {
@@ -206,9 +199,7 @@ impl PromptLearningConfig {
                 }
             }
             if let Some(d) = self.encoder_dropout {
-                if !(0.0..1.0).contains(&d) {
-                    return bad("encoder_dropout", format!("{d} is not in [0, 1)"));
-                }
+                config_check::probability(source, "encoder_dropout", d)?;
             }
         }
         Ok(())

@@ -112,7 +112,7 @@ pub fn apply(model: &mut dyn Model, dir: &Path) -> Result<usize> {
         ));
     }
     let path = dir.join(WEIGHTS_FILE);
-    let shapes = header_shapes(&path)?;
+    let shapes = crate::peft::format::header_shapes(&path)?;
     // Every parameter by HF name (a dense model: its weights become f32 variables here, and
     // are frozen again below).
     let params = model.make_trainable(None).map_err(|e| {
@@ -154,18 +154,4 @@ pub fn apply(model: &mut dyn Model, dir: &Path) -> Result<usize> {
     }
     freeze_all(model);
     Ok(tensors.len())
-}
-
-/// Tensor name -> shape, from the safetensors header.
-fn header_shapes(path: &Path) -> Result<HashMap<String, Vec<usize>>> {
-    let file = std::fs::File::open(path).map_err(|e| Error::file(path, e))?;
-    // SAFETY: read-only map of a file we only read.
-    let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::file(path, e))?;
-    let st = safetensors::SafeTensors::deserialize(&mmap)
-        .map_err(|e| Error::file(path, format!("not a valid safetensors file: {e}")))?;
-    Ok(st
-        .tensors()
-        .into_iter()
-        .map(|(name, view)| (name, view.shape().to_vec()))
-        .collect())
 }

@@ -15,7 +15,7 @@
 //! ```
 //! The factored second moment keeps one row and one column vector per matrix instead of a
 //! full copy: the T5 standard, and far leaner than AdamW for large models.
-use super::ParamSettings;
+use super::{ParamGroup, ParamSettings};
 use crate::{Error, Result};
 use candle_core::{DType, Tensor, Var, D};
 use serde::{Deserialize, Serialize};
@@ -99,12 +99,10 @@ enum Second {
 }
 
 pub struct Adafactor {
-    params: Vec<(String, Var)>,
-    settings: Vec<ParamSettings>,
+    pub(super) group: ParamGroup,
     second: Vec<Second>,
     /// With beta1.
     exp_avg: Vec<Tensor>,
-    t: u64,
     cfg: AdafactorConfig,
 }
 
@@ -154,34 +152,20 @@ impl Adafactor {
             }
         }
         Ok(Adafactor {
-            params,
-            settings,
+            group: ParamGroup::new(params, settings),
             second,
             exp_avg,
-            t: 0,
             cfg,
         })
     }
 
-    pub fn params(&self) -> &[(String, Var)] {
-        &self.params
-    }
-
-    pub fn step_count(&self) -> u64 {
-        self.t
-    }
-
     pub fn step(&mut self, grads: &[Tensor], lr: f64) -> Result<()> {
-        super::check_grads(
-            grads.len(),
-            self.params.len(),
-            super::OptimizerKind::Adafactor,
-        )?;
-        self.t += 1;
+        self.group
+            .begin_step(grads, super::OptimizerKind::Adafactor)?;
         let c = self.cfg;
-        let t = self.t as f64;
+        let t = self.group.t as f64;
         let beta2t = 1.0 - t.powf(c.decay_rate);
-        for (i, (_, p)) in self.params.iter().enumerate() {
+        for (i, (_, p)) in self.group.params.iter().enumerate() {
             let g = grads[i].to_dtype(DType::F32)?;
             let w = p.as_tensor().detach().to_dtype(DType::F32)?;
             let mut rel = lr;
@@ -189,7 +173,7 @@ impl Adafactor {
                 let min_step = if c.warmup_init { 1e-6 * t } else { 1e-2 };
                 rel = min_step.min(1.0 / t.sqrt());
             }
-            rel *= self.settings[i].lr_scale;
+            rel *= self.group.settings[i].lr_scale;
             let scale = if c.scale_parameter {
                 c.eps[1].max(rms(&w)?)
             } else {
@@ -222,7 +206,7 @@ impl Adafactor {
                 update = m;
             }
             let mut w = w;
-            if c.weight_decay != 0.0 && self.settings[i].decay {
+            if c.weight_decay != 0.0 && self.group.settings[i].decay {
                 w = (&w + (&w * (-c.weight_decay * lr_t))?)?;
             }
             let w = (w - update)?;
@@ -235,7 +219,7 @@ impl Adafactor {
     /// or `exp_avg_sq.<name>`, `exp_avg.<name>` with beta1, and `step`.
     pub fn save(&self, path: &Path) -> Result<()> {
         let mut sd = HashMap::new();
-        for (i, (name, _)) in self.params.iter().enumerate() {
+        for (i, (name, _)) in self.group.params.iter().enumerate() {
             match &self.second[i] {
                 Second::Factored { row, col } => {
                     sd.insert(format!("exp_avg_sq_row.{name}"), row.clone());
@@ -249,14 +233,14 @@ impl Adafactor {
                 sd.insert(format!("exp_avg.{name}"), m.clone());
             }
         }
-        super::write_state(path, sd, self.t, &super::device_of(&self.params))
+        self.group.write_state(path, sd)
     }
 
     pub fn load(&mut self, path: &Path) -> Result<()> {
-        let mut r = super::StateReader::open(path, &super::device_of(&self.params))?;
+        let mut r = self.group.state_reader(path)?;
         let mut second = Vec::new();
         let mut exp_avg = Vec::new();
-        for (name, p) in &self.params {
+        for (name, p) in &self.group.params {
             second.push(if p.rank() >= 2 {
                 let (rs, cs) = factored_shapes(p.dims());
                 Second::Factored {
@@ -270,11 +254,10 @@ impl Adafactor {
                 exp_avg.push(r.take(&format!("exp_avg.{name}"), p.dims(), DType::F32)?);
             }
         }
-        let step = r.step()?;
-        r.finish()?;
+        let step = r.finish_step()?;
         self.second = second;
         self.exp_avg = exp_avg;
-        self.t = step;
+        self.group.t = step;
         Ok(())
     }
 }

@@ -10,7 +10,7 @@
 //! `lr` is the schedule's times the parameter's lr scale; parameters that do not decay
 //! ([`super::decays`]) skip the first line. The state is kept in f32 whatever the parameter
 //! dtype (trained weights are f32 master copies anyway).
-use super::ParamSettings;
+use super::{ParamGroup, ParamSettings};
 use crate::Result;
 use candle_core::{DType, Tensor, Var};
 use std::collections::HashMap;
@@ -34,12 +34,9 @@ impl Default for AdamWConfig {
 }
 
 pub struct AdamW {
-    params: Vec<(String, Var)>,
-    settings: Vec<ParamSettings>,
+    pub(super) group: ParamGroup,
     m: Vec<Tensor>,
     v: Vec<Tensor>,
-    /// Updates done so far.
-    t: u64,
     cfg: AdamWConfig,
 }
 
@@ -67,48 +64,45 @@ impl AdamW {
             .map(|(_, v)| zeros(v))
             .collect::<candle_core::Result<_>>()?;
         Ok(AdamW {
-            params,
-            settings,
+            group: ParamGroup::new(params, settings),
             m,
             v,
-            t: 0,
             cfg,
         })
     }
 
     /// Scale the learning rate of `params()[i]` by `scales[i]` from now on.
     pub fn set_lr_scales(&mut self, scales: Vec<f64>) {
-        for (s, k) in self.settings.iter_mut().zip(scales) {
+        for (s, k) in self.group.settings.iter_mut().zip(scales) {
             s.lr_scale = k;
         }
     }
 
     pub fn params(&self) -> &[(String, Var)] {
-        &self.params
+        &self.group.params
     }
 
     /// Updates done so far.
     pub fn step_count(&self) -> u64 {
-        self.t
+        self.group.t
     }
 
     /// One update with `grads[i]` the gradient of `params()[i]`.
     pub fn step(&mut self, grads: &[Tensor], lr: f64) -> Result<()> {
-        super::check_grads(grads.len(), self.params.len(), super::OptimizerKind::Adamw)?;
-        self.t += 1;
+        self.group.begin_step(grads, super::OptimizerKind::Adamw)?;
         let [b1, b2] = self.cfg.betas;
-        let bc1 = 1.0 - b1.powi(self.t as i32);
-        let bc2 = 1.0 - b2.powi(self.t as i32);
+        let bc1 = 1.0 - b1.powi(self.group.t as i32);
+        let bc2 = 1.0 - b2.powi(self.group.t as i32);
         let bc2_sqrt = bc2.sqrt();
-        for (i, (_, p)) in self.params.iter().enumerate() {
-            let lr = lr * self.settings[i].lr_scale;
+        for (i, (_, p)) in self.group.params.iter().enumerate() {
+            let lr = lr * self.group.settings[i].lr_scale;
             let step_size = lr / bc1;
             let g = grads[i].to_dtype(DType::F32)?;
             let m = ((&self.m[i] * b1)? + (&g * (1.0 - b1))?)?;
             let v = ((&self.v[i] * b2)? + (g.sqr()? * (1.0 - b2))?)?;
             let denom = ((v.sqrt()? / bc2_sqrt)? + self.cfg.eps)?;
             let mut w = p.as_tensor().detach().to_dtype(DType::F32)?;
-            if self.cfg.weight_decay != 0.0 && self.settings[i].decay {
+            if self.cfg.weight_decay != 0.0 && self.group.settings[i].decay {
                 w = (w * (1.0 - lr * self.cfg.weight_decay))?;
             }
             let w = (w - ((&m / &denom)? * step_size)?)?;
@@ -122,27 +116,26 @@ impl AdamW {
     /// Write `m.<name>`, `v.<name>` and `step` (i64) to a safetensors file.
     pub fn save(&self, path: &Path) -> Result<()> {
         let mut sd: HashMap<String, Tensor> = HashMap::new();
-        for (i, (name, _)) in self.params.iter().enumerate() {
+        for (i, (name, _)) in self.group.params.iter().enumerate() {
             sd.insert(format!("m.{name}"), self.m[i].clone());
             sd.insert(format!("v.{name}"), self.v[i].clone());
         }
-        super::write_state(path, sd, self.t, &super::device_of(&self.params))
+        self.group.write_state(path, sd)
     }
 
     /// Restore what [`AdamW::save`] wrote; the parameters must be the same (names and shapes).
     pub fn load(&mut self, path: &Path) -> Result<()> {
-        let mut r = super::StateReader::open(path, &super::device_of(&self.params))?;
+        let mut r = self.group.state_reader(path)?;
         let mut m = Vec::new();
         let mut v = Vec::new();
-        for (name, p) in &self.params {
+        for (name, p) in &self.group.params {
             m.push(r.take(&format!("m.{name}"), p.dims(), DType::F32)?);
             v.push(r.take(&format!("v.{name}"), p.dims(), DType::F32)?);
         }
-        let step = r.step()?;
-        r.finish()?;
+        let step = r.finish_step()?;
         self.m = m;
         self.v = v;
-        self.t = step;
+        self.group.t = step;
         Ok(())
     }
 }

@@ -10,7 +10,7 @@
 //! Error: a moment value is off by at most half the gap between two neighbouring codes
 //! times its block's absmax; the dynamic code's relative gap is under 1/16 for values within
 //! 10× of the absmax and keeps 1/64-ish resolution at each decade (see the tests).
-use super::ParamSettings;
+use super::{ParamGroup, ParamSettings};
 use crate::{Error, Result};
 use candle_core::{DType, Tensor, Var};
 use serde::{Deserialize, Serialize};
@@ -154,10 +154,8 @@ enum Moments {
 }
 
 pub struct AdamW8bit {
-    params: Vec<(String, Var)>,
-    settings: Vec<ParamSettings>,
+    pub(super) group: ParamGroup,
     moments: Vec<Moments>,
-    t: u64,
     cfg: AdamW8bitConfig,
     signed: [f32; 256],
     unsigned: [f32; 256],
@@ -187,40 +185,26 @@ impl AdamW8bit {
             })
             .collect();
         Ok(AdamW8bit {
-            params,
-            settings,
+            group: ParamGroup::new(params, settings),
             moments,
-            t: 0,
             cfg,
             signed: dynamic_map(true),
             unsigned: dynamic_map(false),
         })
     }
 
-    pub fn params(&self) -> &[(String, Var)] {
-        &self.params
-    }
-
-    pub fn step_count(&self) -> u64 {
-        self.t
-    }
-
     pub fn step(&mut self, grads: &[Tensor], lr: f64) -> Result<()> {
-        super::check_grads(
-            grads.len(),
-            self.params.len(),
-            super::OptimizerKind::AdamW8bit,
-        )?;
-        self.t += 1;
+        self.group
+            .begin_step(grads, super::OptimizerKind::AdamW8bit)?;
         let [b1, b2] = self.cfg.betas;
         let (b1f, b2f) = (b1 as f32, b2 as f32);
-        let c1 = 1.0 - b1.powi(self.t as i32);
-        let c2 = (1.0 - b2.powi(self.t as i32)).sqrt();
+        let c1 = 1.0 - b1.powi(self.group.t as i32);
+        let c2 = (1.0 - b2.powi(self.group.t as i32)).sqrt();
         let eps = self.cfg.eps as f32;
         let (sb, ub) = (bounds_of(&self.signed), bounds_of(&self.unsigned));
-        for (i, (_, p)) in self.params.iter().enumerate() {
-            let lr = lr * self.settings[i].lr_scale;
-            let decay = if self.settings[i].decay {
+        for (i, (_, p)) in self.group.params.iter().enumerate() {
+            let lr = lr * self.group.settings[i].lr_scale;
+            let decay = if self.group.settings[i].decay {
                 self.cfg.weight_decay
             } else {
                 0.0
@@ -270,9 +254,9 @@ impl AdamW8bit {
     /// bnb's state names: `state1.<name>` / `state2.<name>` (u8 codes, or f32 for small
     /// tensors), `absmax1.<name>` / `absmax2.<name>` (f32 per block), and `step`.
     pub fn save(&self, path: &Path) -> Result<()> {
-        let dev = super::device_of(&self.params);
+        let dev = super::device_of(&self.group.params);
         let mut sd = HashMap::new();
-        for (i, (name, p)) in self.params.iter().enumerate() {
+        for (i, (name, p)) in self.group.params.iter().enumerate() {
             match &self.moments[i] {
                 Moments::Bits8 { m, v } => {
                     for (k, q) in [("1", m), ("2", v)] {
@@ -298,13 +282,13 @@ impl AdamW8bit {
                 }
             }
         }
-        super::write_state(path, sd, self.t, &dev)
+        self.group.write_state(path, sd)
     }
 
     pub fn load(&mut self, path: &Path) -> Result<()> {
-        let mut r = super::StateReader::open(path, &super::device_of(&self.params))?;
+        let mut r = self.group.state_reader(path)?;
         let mut moments = Vec::new();
-        for (i, (name, p)) in self.params.iter().enumerate() {
+        for (i, (name, p)) in self.group.params.iter().enumerate() {
             let n = p.elem_count();
             let flat = |t: Tensor| -> Result<Tensor> { Ok(t.flatten_all()?) };
             moments.push(match &self.moments[i] {
@@ -329,16 +313,15 @@ impl AdamW8bit {
                 },
             });
         }
-        let step = r.step()?;
-        r.finish()?;
-        if moments.len() != self.params.len() {
+        let step = r.finish_step()?;
+        if moments.len() != self.group.params.len() {
             return Err(Error::file(
                 path,
                 "optimizer state does not fit the parameters",
             ));
         }
         self.moments = moments;
-        self.t = step;
+        self.group.t = step;
         Ok(())
     }
 }

@@ -149,23 +149,22 @@ impl Optimizer {
         }
     }
 
-    pub fn params(&self) -> &[(String, Var)] {
+    fn group(&self) -> &ParamGroup {
         match self {
-            Optimizer::AdamW(o) => o.params(),
-            Optimizer::Sgd(o) => o.params(),
-            Optimizer::Adafactor(o) => o.params(),
-            Optimizer::AdamW8bit(o) => o.params(),
+            Optimizer::AdamW(o) => &o.group,
+            Optimizer::Sgd(o) => &o.group,
+            Optimizer::Adafactor(o) => &o.group,
+            Optimizer::AdamW8bit(o) => &o.group,
         }
+    }
+
+    pub fn params(&self) -> &[(String, Var)] {
+        &self.group().params
     }
 
     /// Updates done so far.
     pub fn step_count(&self) -> u64 {
-        match self {
-            Optimizer::AdamW(o) => o.step_count(),
-            Optimizer::Sgd(o) => o.step_count(),
-            Optimizer::Adafactor(o) => o.step_count(),
-            Optimizer::AdamW8bit(o) => o.step_count(),
-        }
+        self.group().t
     }
 
     /// One update with `grads[i]` the gradient of `params()[i]` and `lr` the schedule's
@@ -199,6 +198,42 @@ impl Optimizer {
             Optimizer::Adafactor(o) => o.load(path),
             Optimizer::AdamW8bit(o) => o.load(path),
         }
+    }
+}
+
+/// What every optimizer keeps besides its own state: the named parameters (the names key the
+/// saved state), each one's settings, and the number of updates done.
+pub(crate) struct ParamGroup {
+    pub params: Vec<(String, Var)>,
+    pub settings: Vec<ParamSettings>,
+    /// Updates done so far.
+    pub t: u64,
+}
+
+impl ParamGroup {
+    pub fn new(params: Vec<(String, Var)>, settings: Vec<ParamSettings>) -> Self {
+        ParamGroup {
+            params,
+            settings,
+            t: 0,
+        }
+    }
+
+    /// Start an update: one gradient per parameter, then count the step.
+    pub fn begin_step(&mut self, grads: &[Tensor], kind: OptimizerKind) -> Result<()> {
+        check_grads(grads.len(), self.params.len(), kind)?;
+        self.t += 1;
+        Ok(())
+    }
+
+    /// Write the optimizer's state tensors `sd` with the update count.
+    pub fn write_state(&self, path: &Path, sd: HashMap<String, Tensor>) -> Result<()> {
+        write_state(path, sd, self.t, &device_of(&self.params))
+    }
+
+    /// Open a state file for reading onto the parameters' device.
+    pub fn state_reader<'a>(&self, path: &'a Path) -> Result<StateReader<'a>> {
+        StateReader::open(path, &device_of(&self.params))
     }
 }
 
@@ -276,6 +311,13 @@ impl<'a> StateReader<'a> {
             ));
         }
         Ok(s as u64)
+    }
+
+    /// The saved update count, once every key has been taken ([`Self::finish`]).
+    pub fn finish_step(mut self) -> Result<u64> {
+        let step = self.step()?;
+        self.finish()?;
+        Ok(step)
     }
 
     /// Fails on a key no parameter took.

@@ -6,7 +6,7 @@
 //! p ← p − lr · g
 //! ```
 //! With `momentum = 0` there is no buffer and no state besides the update count.
-use super::ParamSettings;
+use super::{ParamGroup, ParamSettings};
 use crate::{Error, Result};
 use candle_core::{DType, Tensor, Var};
 use serde::{Deserialize, Serialize};
@@ -53,11 +53,9 @@ impl SgdConfig {
 }
 
 pub struct Sgd {
-    params: Vec<(String, Var)>,
-    settings: Vec<ParamSettings>,
+    pub(super) group: ParamGroup,
     /// The momentum buffers (empty without momentum).
     buf: Vec<Tensor>,
-    t: u64,
     cfg: SgdConfig,
 }
 
@@ -78,32 +76,21 @@ impl Sgd {
             Vec::new()
         };
         Ok(Sgd {
-            params,
-            settings,
+            group: ParamGroup::new(params, settings),
             buf,
-            t: 0,
             cfg,
         })
     }
 
-    pub fn params(&self) -> &[(String, Var)] {
-        &self.params
-    }
-
-    pub fn step_count(&self) -> u64 {
-        self.t
-    }
-
     pub fn step(&mut self, grads: &[Tensor], lr: f64) -> Result<()> {
-        super::check_grads(grads.len(), self.params.len(), super::OptimizerKind::Sgd)?;
-        let first = self.t == 0;
-        self.t += 1;
+        let first = self.group.t == 0;
+        self.group.begin_step(grads, super::OptimizerKind::Sgd)?;
         let c = self.cfg;
-        for (i, (_, p)) in self.params.iter().enumerate() {
-            let lr = lr * self.settings[i].lr_scale;
+        for (i, (_, p)) in self.group.params.iter().enumerate() {
+            let lr = lr * self.group.settings[i].lr_scale;
             let w = p.as_tensor().detach().to_dtype(DType::F32)?;
             let mut g = grads[i].to_dtype(DType::F32)?;
-            if c.weight_decay != 0.0 && self.settings[i].decay {
+            if c.weight_decay != 0.0 && self.group.settings[i].decay {
                 g = (g + (&w * c.weight_decay)?)?;
             }
             if c.momentum != 0.0 {
@@ -129,23 +116,25 @@ impl Sgd {
     pub fn save(&self, path: &Path) -> Result<()> {
         let mut sd = HashMap::new();
         for (i, b) in self.buf.iter().enumerate() {
-            sd.insert(format!("momentum_buffer.{}", self.params[i].0), b.clone());
+            sd.insert(
+                format!("momentum_buffer.{}", self.group.params[i].0),
+                b.clone(),
+            );
         }
-        super::write_state(path, sd, self.t, &super::device_of(&self.params))
+        self.group.write_state(path, sd)
     }
 
     pub fn load(&mut self, path: &Path) -> Result<()> {
-        let mut r = super::StateReader::open(path, &super::device_of(&self.params))?;
+        let mut r = self.group.state_reader(path)?;
         let mut buf = Vec::new();
         if self.cfg.momentum != 0.0 {
-            for (name, p) in &self.params {
+            for (name, p) in &self.group.params {
                 buf.push(r.take(&format!("momentum_buffer.{name}"), p.dims(), DType::F32)?);
             }
         }
-        let step = r.step()?;
-        r.finish()?;
+        let step = r.finish_step()?;
         self.buf = buf;
-        self.t = step;
+        self.group.t = step;
         Ok(())
     }
 }
