@@ -884,3 +884,27 @@ fn t5_cached_generation_with_a_prompt_equals_the_full_forward() {
         assert_eq!(cached, full, "{method:?}: cached vs full forward");
     }
 }
+
+/// On T5 the readout lists the n virtual tokens the encoder reads (not the 2n rows of PEFT's
+/// table), and a TEXT-initialised prompt reads back the text's tokens (with `</s>`, repeated).
+#[test]
+fn t5_readout_of_a_text_initialised_prompt_is_the_text() {
+    let mut lm = t5();
+    let text = "the token span";
+    let mut cfg = PromptLearningConfig::new(PromptMethod::PromptTuning, 6);
+    cfg.prompt_tuning_init = Some(PromptTuningInit::Text);
+    cfg.prompt_tuning_init_text = Some(text.into());
+    let a = attach_prompt(&mut *lm.model, &cfg, Some(&lm.tokenizer), 0, "test").unwrap();
+    assert_eq!(a.encoder.output().unwrap().dims(), [12, 16]);
+    let dir = std::env::temp_dir().join(format!("ferrotune-t5-readout-{}", std::process::id()));
+    prompt_learning::save_prompt_adapter(&a.config, &a.encoder, &dir).unwrap();
+    let want = prompt_learning::model::init_text_ids(&lm.tokenizer, text, 6).unwrap();
+    assert!(want.contains(&1), "the text's ids end with </s>: {want:?}");
+    let r = prompt_learning::model::readout_adapter(&lm.model, &lm.tokenizer, &dir, 1).unwrap();
+    assert_eq!(r.len(), 6);
+    for (t, id) in r.iter().zip(&want) {
+        assert_eq!(t.nearest[0].id, *id, "virtual token {}", t.index);
+        assert!((t.nearest[0].cosine - 1.0).abs() < 1e-5);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
