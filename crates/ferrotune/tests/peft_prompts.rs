@@ -908,3 +908,31 @@ fn t5_readout_of_a_text_initialised_prompt_is_the_text() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A T5 prefix whose sizes do not fit the decoder's self-attention (PEFT's defaults on this
+/// T5: d_model 16 instead of heads × d_kv = 24, the encoder's 2 layers instead of the
+/// decoder's 3) is a one-line error naming the key, and nothing is attached.
+#[test]
+fn t5_prefix_with_sizes_that_do_not_fit_is_a_one_line_error() {
+    let mut lm = t5();
+    let src = repo().join("tests/fixtures/peft/prompts/t5/t5-prefix");
+    let dir = std::env::temp_dir().join(format!("ferrotune-t5-bad-prefix-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for f in ["adapter_model.safetensors", "adapter_config.json"] {
+        std::fs::copy(src.join(f), dir.join(f)).unwrap();
+    }
+    let good = std::fs::read_to_string(dir.join("adapter_config.json")).unwrap();
+    for (from, to, key) in [
+        ("\"token_dim\": 24", "\"token_dim\": 16", "token_dim"),
+        ("\"num_layers\": 3", "\"num_layers\": 2", "num_layers"),
+    ] {
+        assert!(good.contains(from), "{good}");
+        std::fs::write(dir.join("adapter_config.json"), good.replace(from, to)).unwrap();
+        let e = format::load_adapter(&mut *lm.model, &dir, "default")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(key) && !e.contains('\n'), "{e}");
+        assert!(lm.model.virtual_prompt().is_none());
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
