@@ -20,6 +20,16 @@ Run from the repository root with the reference environment (`scripts/setup-refe
         tests/fixtures/peft/prompts-ferrotune/ folders are made that way:
         FERROTUNE_WRITE_PROMPT_FIXTURES=1 cargo test --release -p ferrotune --test peft_prompts
         then this with --check tests/fixtures/peft/prompts-ferrotune --write).
+
+    The same on the tiny T5 (tests/fixtures/t5/t5-v1_0, SEQ_2_SEQ_LM): PEFT-made adapters in
+    tests/fixtures/peft/prompts/t5/ (the tiny model's prompts are committed whole), each
+    expected.json with the encoder batch (input_ids, attention_mask, labels: -100 ignored) and
+    PEFT's `model(input_ids, attention_mask, labels).loss`; ours are checked with
+    --check tests/fixtures/peft/prompts-ferrotune/t5 (the task_type of each adapter picks the
+    base). `--family t5` (or smollm2) makes only that family's fixtures. On this T5, d_model
+    (16) is not heads x d_kv (24) and the decoder has 3 layers to the encoder's 2, so prefix
+    tuning needs token_dim = 24, num_attention_heads = 3, num_layers = 3 (PEFT's defaults,
+    d_model and the encoder's num_layers, do not fit the decoder's self-attention).
 One CPU thread, float32, fixed seeds.
 """
 
@@ -50,13 +60,47 @@ CASES = {
 }
 
 
+T5_BASE = "tests/fixtures/t5/t5-v1_0"
+T5_OUT = OUT / "t5"
+# Two rows, the second padded, the labels of the second cut short with -100.
+T5_BATCH = {
+    "input_ids": [[5, 17, 42, 99, 3, 120, 1], [8, 64, 200, 1, 0, 0, 0]],
+    "attention_mask": [[1, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0, 0]],
+    "labels": [[10, 11, 12, 13, 1], [30, 31, 1, -100, -100]],
+}
+T5_PREFIX_SIZES = dict(token_dim=24, num_attention_heads=3, num_layers=3)
+T5_CASES = {
+    "t5-prompt-random": dict(peft_type="PROMPT_TUNING", num_virtual_tokens=3, prompt_tuning_init="RANDOM"),
+    "t5-prompt-sample-vocab": dict(peft_type="PROMPT_TUNING", num_virtual_tokens=4,
+                                   prompt_tuning_init="SAMPLE_VOCAB"),
+    "t5-prompt-text": dict(peft_type="PROMPT_TUNING", num_virtual_tokens=5, prompt_tuning_init="TEXT",
+                           prompt_tuning_init_text="Summarize the dialogue:", tokenizer_name_or_path=T5_BASE),
+    "t5-prefix": dict(peft_type="PREFIX_TUNING", num_virtual_tokens=2, **T5_PREFIX_SIZES),
+    "t5-prefix-projection": dict(peft_type="PREFIX_TUNING", num_virtual_tokens=3, prefix_projection=True,
+                                 encoder_hidden_size=12, **T5_PREFIX_SIZES),
+    "t5-p-tuning": dict(peft_type="P_TUNING", num_virtual_tokens=3, encoder_hidden_size=12),
+}
+
+
 def load_base():
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(ROOT / BASE, dtype=torch.float32).eval()
 
 
-def make_config(kw):
+def load_t5():
+    from transformers import AutoModelForSeq2SeqLM
+
+    return AutoModelForSeq2SeqLM.from_pretrained(ROOT / T5_BASE, dtype=torch.float32).eval()
+
+
+@torch.no_grad()
+def t5_nll(model, batch) -> float:
+    t = {k: torch.tensor(v) for k, v in batch.items()}
+    return float(model(input_ids=t["input_ids"], attention_mask=t["attention_mask"], labels=t["labels"]).loss)
+
+
+def make_config(kw, task_type="CAUSAL_LM"):
     from peft import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig
 
     kw = dict(kw)
@@ -64,7 +108,7 @@ def make_config(kw):
            "P_TUNING": PromptEncoderConfig}[kw.pop("peft_type")]
     if "tokenizer_name_or_path" in kw:
         kw["tokenizer_name_or_path"] = str(ROOT / kw["tokenizer_name_or_path"])
-    return cls(task_type="CAUSAL_LM", **kw)
+    return cls(task_type=task_type, **kw)
 
 
 @torch.no_grad()
@@ -126,21 +170,67 @@ def make_fixtures():
         print(f"{name}: nll {value:.6f} (base {exp['base_nll_mean']:.6f}), prompt {tuple(saved.shape)}")
 
 
+def make_t5_fixtures():
+    from peft import PeftModel, get_peft_model
+
+    emb = load_t5().get_input_embeddings().weight.detach()
+    for i, (name, kw) in enumerate(T5_CASES.items()):
+        torch.manual_seed(200 + i)
+        model = get_peft_model(load_t5(), make_config(kw, "SEQ_2_SEQ_LM"))
+        if kw["peft_type"] != "PROMPT_TUNING" or kw["prompt_tuning_init"] == "RANDOM":
+            g = torch.Generator().manual_seed(17 + i)
+            with torch.no_grad():
+                for _, p in model.named_parameters():
+                    if p.requires_grad:
+                        p.add_(torch.randn(p.shape, generator=g) * 0.05)
+        model.eval()
+        d = T5_OUT / name
+        d.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(d)
+        (d / "README.md").unlink(missing_ok=True)
+        cfg_path = d / "adapter_config.json"
+        cfg = json.loads(cfg_path.read_text())
+        if cfg.get("tokenizer_name_or_path"):
+            cfg["tokenizer_name_or_path"] = T5_BASE  # machine-independent
+        cfg["base_model_name_or_path"] = T5_BASE
+        cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True))
+        saved = load_file(str(d / "adapter_model.safetensors"))["prompt_embeddings"]
+        loaded = PeftModel.from_pretrained(load_t5(), d).eval()
+        value, loaded_value = t5_nll(model, T5_BATCH), t5_nll(loaded, T5_BATCH)
+        assert abs(value - loaded_value) < 1e-5 * abs(value), (value, loaded_value)
+        exp = dict(T5_BATCH, nll_mean=value, base_nll_mean=t5_nll(load_t5(), T5_BATCH), shape=list(saved.shape))
+        if kw["peft_type"] == "PROMPT_TUNING" and kw["prompt_tuning_init"] != "RANDOM":
+            ids = []
+            for row in saved:
+                hit = (emb == row).all(dim=1).nonzero().flatten().tolist()
+                assert hit, "a prompt row is no embedding row"
+                ids.append(hit[0])
+            exp["token_ids"] = ids
+        write_json(d / "expected.json", exp)
+        print(f"{name}: nll {value:.6f} (base {exp['base_nll_mean']:.6f}), prompt {tuple(saved.shape)}")
+
+
 def check(d: Path, write: bool) -> int:
     from peft import PeftModel
 
     bad = 0
     for case in sorted(p for p in d.iterdir() if (p / "adapter_config.json").is_file()):
         exp = json.loads((case / "expected.json").read_text())
-        model = PeftModel.from_pretrained(load_base(), case).eval()
-        value = nll(model, exp["input_ids"])
+        seq2seq = json.loads((case / "adapter_config.json").read_text()).get("task_type") == "SEQ_2_SEQ_LM"
+        model = PeftModel.from_pretrained(load_t5() if seq2seq else load_base(), case).eval()
+        if seq2seq:
+            batch = {k: exp[k] for k in T5_BATCH}
+            value = t5_nll(model, batch)
+        else:
+            value = nll(model, exp["input_ids"])
         rel = abs(value - exp["nll_mean"]) / abs(exp["nll_mean"])
         ok = rel < 1e-4
         bad += not ok
         print(f"{case.name}: PEFT nll {value:.8f}, ferrotune {exp['nll_mean']:.8f}, rel {rel:.2e} "
               f"{'ok' if ok else 'MISMATCH'}")
         if write:
-            write_json(case / "peft_expected.json", {"input_ids": exp["input_ids"], "nll_mean": value})
+            keep = T5_BATCH if seq2seq else ["input_ids"]
+            write_json(case / "peft_expected.json", dict({k: exp[k] for k in keep}, nll_mean=value))
     return 1 if bad else 0
 
 
@@ -149,10 +239,14 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--check", type=Path)
     ap.add_argument("--write", action="store_true")
+    ap.add_argument("--family", choices=["all", "smollm2", "t5"], default="all")
     a = ap.parse_args()
     if a.check:
         sys.exit(check(a.check, a.write))
-    make_fixtures()
+    if a.family in ("all", "smollm2"):
+        make_fixtures()
+    if a.family in ("all", "t5"):
+        make_t5_fixtures()
 
 
 if __name__ == "__main__":

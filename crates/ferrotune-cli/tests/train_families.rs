@@ -152,6 +152,143 @@ lr = 1e-2
     );
 }
 
+/// `method = "prompt_tuning" | "prefix_tuning" | "p_tuning"` on a T5 (`seq2seq_lm`): the
+/// validation loss falls, the adapter is PEFT's SEQ_2_SEQ_LM prompt (prompt tuning's table has a
+/// prompt per stack, 2n rows; prefix tuning one (key, value) pair per decoder layer), and
+/// `generate` / `perplexity` take it with `--adapter`.
+#[test]
+fn t5_soft_prompt_methods_train_and_load() {
+    let d = tmp("t5-soft-prompts");
+    let mut rng = StdRng::seed_from_u64(2);
+    let mut pairs = String::new();
+    for _ in 0..200 {
+        let k = rng.random_range(1..=2);
+        let ws: Vec<&str> = (0..k)
+            .map(|_| T5_WORDS[rng.random_range(0..T5_WORDS.len())])
+            .collect();
+        let a: Vec<&str> = ws.iter().map(|w| t5_target(w)).collect();
+        pairs.push_str(&serde_json::json!({ "q": ws.join(" "), "a": a.join(" ") }).to_string());
+        pairs.push('\n');
+    }
+    write(&d, "pairs.jsonl", &pairs);
+    let base = repo().join("tests/fixtures/t5/t5-v1_1");
+    // (method, section, prompt_embeddings shape): d_model 16; 3 decoder layers × 2 × 3 heads ×
+    // d_kv 8 = 144.
+    for (method, section, shape) in [
+        (
+            "prompt_tuning",
+            "num_virtual_tokens = 4\nprompt_tuning_init = \"TEXT\"\nprompt_tuning_init_text = \"what token\"\n",
+            [8, 16],
+        ),
+        (
+            "prefix_tuning",
+            "num_virtual_tokens = 4\nprefix_projection = true\nencoder_hidden_size = 16\n",
+            [4, 144],
+        ),
+        (
+            "p_tuning",
+            "num_virtual_tokens = 4\nencoder_hidden_size = 16\n",
+            [8, 16],
+        ),
+    ] {
+        let out = format!("out-{method}");
+        write(
+            &d,
+            &format!("{method}.toml"),
+            &format!(
+                r#"model = "{}"
+method = "{method}"
+task = "seq2seq_lm"
+output_dir = "{out}"
+[data]
+train = "pairs.jsonl"
+template = "{{q}}"
+completion = "{{a}}"
+split = [0.9, 0.1]
+[{method}]
+{section}
+[train]
+batch_size = 8
+max_seq_len = 16
+max_steps = 30
+lr = 3e-2
+eval_every = 10
+"#,
+                base.display().to_string().replace('\\', "/")
+            ),
+        );
+        succeeds(&["train", "-q", "--config", &arg(&d.join(format!("{method}.toml")))]);
+        let s = summary(&d.join(&out));
+        let (v0, v1) = (
+            s["initial_val_loss"].as_f64().unwrap(),
+            s["final_val_loss"].as_f64().unwrap(),
+        );
+        assert!(v1 < 0.9 * v0, "{method}: val loss {v0} -> {v1}");
+        let adapter = d.join(&out).join("adapter");
+        let cfg: Value = serde_json::from_str(
+            &std::fs::read_to_string(adapter.join("adapter_config.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(cfg["task_type"], "SEQ_2_SEQ_LM", "{method}");
+        assert_eq!(cfg["num_transformer_submodules"], 2, "{method}");
+        let st = std::fs::read(adapter.join("adapter_model.safetensors")).unwrap();
+        let n = u64::from_le_bytes(st[..8].try_into().unwrap()) as usize;
+        let header: Value = serde_json::from_slice(&st[8..8 + n]).unwrap();
+        assert_eq!(
+            header["prompt_embeddings"]["shape"],
+            serde_json::json!(shape),
+            "{method}"
+        );
+        let v = support::json(&succeeds(&[
+            "generate",
+            "-q",
+            "--model",
+            &arg(&base),
+            "--adapter",
+            &arg(&adapter),
+            "--prompt",
+            "the token",
+            "--max-new-tokens",
+            "4",
+            "--json",
+        ]));
+        assert!(v["text"].is_string(), "{v}");
+        let with = support::json(&succeeds(&[
+            "perplexity",
+            "-q",
+            "--model",
+            &arg(&base),
+            "--adapter",
+            &arg(&adapter),
+            "--data",
+            &arg(&d.join("pairs.jsonl")),
+            "--template",
+            "{q}",
+            "--completion",
+            "{a}",
+            "--json",
+        ]));
+        let without = support::json(&succeeds(&[
+            "perplexity",
+            "-q",
+            "--model",
+            &arg(&base),
+            "--data",
+            &arg(&d.join("pairs.jsonl")),
+            "--template",
+            "{q}",
+            "--completion",
+            "{a}",
+            "--json",
+        ]));
+        eprintln!("{method}: perplexity with the adapter {with}, without {without}");
+        assert!(
+            with["perplexity"].as_f64().unwrap() < without["perplexity"].as_f64().unwrap(),
+            "{method}: the trained prompt does not lower the perplexity"
+        );
+    }
+}
+
 /// Rows whose label is whether the sentence has the word "good" (the tiny BERT's vocabulary is
 /// whatever its WordPiece tokenizer splits into; the signal is one token).
 fn cls_rows(n: usize, seed: u64) -> String {

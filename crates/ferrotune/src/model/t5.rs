@@ -14,8 +14,30 @@
 //! differences in `t5_tests.rs`), so the same code serves generation and training:
 //! [`T5::loss_sum`] takes encoder ids and decoder labels (-100 ignored) like
 //! `T5ForConditionalGeneration(labels=...)`.
+//!
+//! Soft prompts ([`Model::set_virtual_prompt`]) enter as PEFT's `PeftModelForSeq2SeqLM`
+//! (peft 0.21, transformers 5) puts them:
+//! - prompt tuning and P-tuning: the virtual tokens' embeddings go before the ENCODER input
+//!   only (`inputs_embeds = cat(prompts[:, :n], embeds)`), the encoder attention mask gets
+//!   ones in front, and that extended mask is also the decoder's cross-attention mask; the
+//!   virtual tokens take encoder positions 0..n in the relative position bias (the input
+//!   shifts by n). The decoder inputs and labels are untouched. PEFT's table holds
+//!   `num_virtual_tokens · num_transformer_submodules` (= 2n) rows and saves them all, but its
+//!   forward reads only the first n;
+//! - prefix tuning: the prefix is past keys/values of the DECODER's self-attention only. The
+//!   encoder gets nothing, and the cross-attention prefixes PEFT builds are dropped
+//!   (`get_prompt` replaces the `EncoderDecoderCache`'s cross-attention cache with an empty
+//!   one). The decoder's queries then sit at positions n.. in the causal relative position
+//!   bias and see every prefix key. Which prefix rows a layer reads follows PEFT's split of
+//!   the prompt for two submodules: the `(n, 2L, heads, d_kv)` view is concatenated with
+//!   itself to 4L rows and cut in groups of four (self key, self value, cross key, cross
+//!   value), so decoder layer i's self-attention reads key `4i mod 2L`, value `4i + 1 mod
+//!   2L` (for L = 3: (0, 1), (4, 5), (2, 3)). `num_layers` must be the decoder's layer count
+//!   and `token_dim` heads · d_kv.
 use super::config::limits;
-use super::family::{ArchitectureKind, Dims, Model, Objective, Task, TaskType};
+use super::family::{
+    ArchitectureKind, Dims, Model, Objective, SoftPrompt, Task, TaskType, VirtualTokens,
+};
 use super::weights::{ExpectedTensor, WeightSource};
 use super::ModelSource;
 use crate::beam::{BeamConfig, BeamDecoder, BeamOutput};
@@ -32,6 +54,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use serde_json::Value;
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
 
 /// `model_type`s this file implements.
 pub const MODEL_TYPES: &[&str] = &["t5", "mt5"];
@@ -438,6 +461,8 @@ pub struct T5 {
     /// The model's own dropout in training (`cfg.dropout_rate`), seeded per run.
     pub dropout: ModelDropout,
     device: Device,
+    /// A soft prompt read by every forward pass (see [`Model::set_virtual_prompt`]).
+    prompt: Option<Arc<dyn SoftPrompt>>,
 }
 
 /// The dropout of one forward pass at T5's one rate.
@@ -968,6 +993,7 @@ impl T5 {
             lm_head_tied,
             dropout: ModelDropout::default(),
             device: src.device().clone(),
+            prompt: None,
         })
     }
 
@@ -1209,9 +1235,69 @@ impl T5 {
             .unsqueeze(0)
     }
 
+    /// The soft prompt of `kind`, if the model reads one of that kind: its values `(n, width)`
+    /// checked against the width the model takes.
+    fn prompt_values(&self, kind: VirtualTokens) -> Result<Option<Tensor>> {
+        let Some(p) = self.prompt.as_ref().filter(|p| p.kind() == kind) else {
+            return Ok(None);
+        };
+        let v = p.values()?;
+        let n = p.num_virtual_tokens();
+        let c = &self.cfg;
+        let (width, what) = match kind {
+            VirtualTokens::Embeddings => (c.d_model, "num_virtual_tokens, d_model"),
+            VirtualTokens::Prefix => (
+                c.num_decoder_layers * 2 * c.inner_dim(),
+                "num_virtual_tokens, decoder layers · 2 · heads · d_kv",
+            ),
+        };
+        if v.dims() != [n, width] {
+            return Err(Error::msg(format!(
+                "soft prompt is {:?} but {} takes ({n}, {width}) ({what})",
+                v.dims(),
+                Model::describe(self)
+            )));
+        }
+        Ok(Some(v))
+    }
+
+    /// Prefix tuning's past keys and values of each decoder layer's self-attention, for `b`
+    /// rows: each (b, heads, n, d_kv), picked as PEFT does (see the module docs).
+    fn prompt_prefix(&self, b: usize) -> Result<Option<Vec<(Tensor, Tensor)>>> {
+        let Some(v) = self.prompt_values(VirtualTokens::Prefix)? else {
+            return Ok(None);
+        };
+        let n = v.dim(0)?;
+        let (l, h, d) = (
+            self.cfg.num_decoder_layers,
+            self.cfg.num_heads,
+            self.cfg.d_kv,
+        );
+        // PEFT: view(b, n, 2L, heads, d_kv), cat with itself on the 2L axis, permute to
+        // (4L, b, heads, n, d_kv) and split in fours.
+        let v = v.reshape((n, 2 * l, h, d))?;
+        let part = |j: usize| -> candle_core::Result<Tensor> {
+            v.narrow(1, j, 1)?
+                .squeeze(1)?
+                .transpose(0, 1)?
+                .unsqueeze(0)?
+                .broadcast_as((b, h, n, d))?
+                .contiguous()
+        };
+        let kv = (0..l)
+            .map(|i| {
+                let k = (4 * i) % (2 * l);
+                Ok((part(k)?, part(k + 1)?))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Some(kv))
+    }
+
     /// The encoder: ids (b, s) and an optional attention mask (b, s) (1 = token, 0 =
     /// padding) -> hidden states (b, s, d_model) after the final norm. `train` enables adapter
-    /// dropout; the model's own dropout is [`Self::loss_sum`]'s.
+    /// dropout; the model's own dropout is [`Self::loss_sum`]'s. With a prompt tuning or
+    /// P-tuning soft prompt the output is (b, n + s, d_model), the virtual tokens first (the
+    /// decoder then needs the mask with n ones put in front: [`Self::forward`] does that).
     pub fn encode(
         &self,
         input_ids: &Tensor,
@@ -1219,7 +1305,9 @@ impl T5 {
         train: bool,
     ) -> Result<Tensor> {
         let off = DropoutPass::off();
-        self.encode_with(input_ids, attention_mask, train, self.dropping(&off))
+        Ok(self
+            .encode_with(input_ids, attention_mask, train, self.dropping(&off))?
+            .0)
     }
 
     fn dropping<'a>(&self, pass: &'a DropoutPass) -> Dropping<'a> {
@@ -1229,13 +1317,15 @@ impl T5 {
         }
     }
 
+    /// [`Self::encode`]; also returns the attention mask the decoder's cross-attention reads:
+    /// the given one with ones put before it for the virtual tokens of a soft prompt.
     fn encode_with(
         &self,
         input_ids: &Tensor,
         attention_mask: Option<&Tensor>,
         train: bool,
         drop: Dropping,
-    ) -> Result<Tensor> {
+    ) -> Result<(Tensor, Option<Tensor>)> {
         let (b, s) = input_ids.dims2()?;
         self.check_ids(input_ids, "encoder input")?;
         let mask = match attention_mask {
@@ -1245,37 +1335,63 @@ impl T5 {
                     m.dims()
                 )))
             }
-            Some(m) => Some(padding_mask(m)?),
+            Some(m) => Some(m.clone()),
             None => None,
         };
+        let mut x = self.shared.forward(input_ids)?;
+        let mut mask = mask;
+        if let Some(p) = self.prompt_values(VirtualTokens::Embeddings)? {
+            let n = p.dim(0)?;
+            let p = p
+                .to_dtype(x.dtype())?
+                .unsqueeze(0)?
+                .broadcast_as((b, n, self.cfg.d_model))?
+                .contiguous()?;
+            x = Tensor::cat(&[&p, &x], 1)?;
+            if let Some(m) = &mask {
+                let ones = Tensor::ones((b, n), m.dtype(), m.device())?;
+                mask = Some(Tensor::cat(&[&ones, m], 1)?);
+            }
+        }
+        let s = x.dim(1)?;
+        let additive = mask.as_ref().map(padding_mask).transpose()?;
         let bias = self.position_bias(&self.encoder, s, s, 0, true)?;
-        let mut x = drop.apply(&self.shared.forward(input_ids)?)?;
+        let mut x = drop.apply(&x)?;
         for block in &self.encoder.blocks {
             x = block.forward_encoder(
                 &x,
                 &bias,
-                mask.as_ref(),
+                additive.as_ref(),
                 self.cfg.activation,
                 train,
                 drop,
             )?;
         }
-        Ok(drop.apply(&self.encoder.final_layer_norm.forward(&x)?)?)
+        let out = drop.apply(&self.encoder.final_layer_norm.forward(&x)?)?;
+        Ok((out, mask))
     }
 
     /// Start decoding over `encoder_out (b, s, d_model)`: its cross-attention keys and values
-    /// for every decoder layer, computed once.
+    /// for every decoder layer, computed once. A prefix tuning prompt is cached first, as the
+    /// past keys and values PEFT passes.
     pub fn start_cache(
         &self,
         encoder_out: &Tensor,
         attention_mask: Option<&Tensor>,
     ) -> Result<T5Cache> {
         let cross_kv = self.cross_key_values(encoder_out, false)?;
+        let (self_kv, len) = match self.prompt_prefix(encoder_out.dim(0)?)? {
+            Some(kv) => {
+                let n = kv.first().map(|(k, _)| k.dim(2)).transpose()?.unwrap_or(0);
+                (kv.into_iter().map(Some).collect(), n)
+            }
+            None => (vec![None; self.decoder.blocks.len()], 0),
+        };
         Ok(T5Cache {
-            self_kv: vec![None; self.decoder.blocks.len()],
+            self_kv,
             cross_kv,
             enc_mask: attention_mask.map(padding_mask).transpose()?,
-            len: 0,
+            len,
         })
     }
 
@@ -1363,7 +1479,23 @@ impl T5 {
     ) -> Result<Tensor> {
         let cross_kv = self.cross_key_values(encoder_out, train)?;
         let mask = attention_mask.map(padding_mask).transpose()?;
-        self.run_decoder(decoder_ids, &cross_kv, mask.as_ref(), None, 0, train, drop)
+        match self.prompt_prefix(decoder_ids.dim(0)?)? {
+            None => self.run_decoder(decoder_ids, &cross_kv, mask.as_ref(), None, 0, train, drop),
+            Some(kv) => {
+                // The prefix is the past of every row: the decoder's positions start after it.
+                let n = kv.first().map(|(k, _)| k.dim(2)).transpose()?.unwrap_or(0);
+                let mut slots: Vec<KvSlot> = kv.into_iter().map(Some).collect();
+                self.run_decoder(
+                    decoder_ids,
+                    &cross_kv,
+                    mask.as_ref(),
+                    Some(&mut slots),
+                    n,
+                    train,
+                    drop,
+                )
+            }
+        }
     }
 
     /// Logits (b, t, vocab) for encoder ids and whole decoder inputs (transformers'
@@ -1374,8 +1506,10 @@ impl T5 {
         attention_mask: Option<&Tensor>,
         decoder_ids: &Tensor,
     ) -> Result<Tensor> {
-        let enc = self.encode(input_ids, attention_mask, false)?;
-        let h = self.decode_hidden(decoder_ids, &enc, attention_mask, false)?;
+        let off = DropoutPass::off();
+        let drop = self.dropping(&off);
+        let (enc, mask) = self.encode_with(input_ids, attention_mask, false, drop)?;
+        let h = self.decode_hidden_with(decoder_ids, &enc, mask.as_ref(), false, drop)?;
         Ok(self.lm_head.forward(&h)?)
     }
 
@@ -1464,8 +1598,8 @@ impl T5 {
         let dec: Vec<u32> = self.shift_right(&rows).concat();
         let dec = Tensor::from_vec(dec, (b, t), &self.device)?;
         let drop = self.dropping(&pass);
-        let enc = self.encode_with(input_ids, attention_mask, train, drop)?;
-        let h = self.decode_hidden_with(&dec, &enc, attention_mask, train, drop)?;
+        let (enc, mask) = self.encode_with(input_ids, attention_mask, train, drop)?;
+        let h = self.decode_hidden_with(&dec, &enc, mask.as_ref(), train, drop)?;
         let d = h.dim(2)?;
         let n = picked.len();
         let h = h
@@ -1536,8 +1670,9 @@ impl T5 {
             return Err(Error::msg("the prompt is empty (0 tokens)"));
         }
         let ids = Tensor::new(prompt_ids, &self.device)?.unsqueeze(0)?;
-        let enc = self.encode(&ids, None, false)?;
-        let mut cache = self.start_cache(&enc, None)?;
+        let off = DropoutPass::off();
+        let (enc, mask) = self.encode_with(&ids, None, false, self.dropping(&off))?;
+        let mut cache = self.start_cache(&enc, mask.as_ref())?;
         if rows != 1 {
             cache.select(&vec![0; rows])?;
         }
@@ -1945,6 +2080,14 @@ impl Model for T5 {
     }
     fn set_dropout_calls(&self, calls: u64) {
         self.dropout.set_calls(calls)
+    }
+
+    fn set_virtual_prompt(&mut self, prompt: Option<Arc<dyn SoftPrompt>>) -> Result<()> {
+        self.prompt = prompt;
+        Ok(())
+    }
+    fn virtual_prompt(&self) -> Option<Arc<dyn SoftPrompt>> {
+        self.prompt.clone()
     }
 
     fn state_dict(&self, dtype: DType) -> Result<HashMap<String, Tensor>> {

@@ -215,14 +215,28 @@ impl PromptLearningConfig {
             TaskType::Seq2SeqLm => 2,
             _ => 1,
         };
-        let layers = if d.decoder_layers > 0 {
-            d.decoder_layers
-        } else {
-            d.layers
-        };
-        let (token_dim, heads) = match c.peft_type {
-            PromptMethod::PrefixTuning => (d.kv_heads * d.head_dim, d.kv_heads),
-            _ => (d.hidden_size, d.attention_heads),
+        // Prefix tuning feeds the decoder's self-attention: one prefix per decoder layer, as
+        // wide as its keys. The other methods only record PEFT's defaults (`num_hidden_layers`:
+        // the encoder's layers on T5).
+        let (layers, token_dim, heads) = match c.peft_type {
+            PromptMethod::PrefixTuning => (
+                if d.decoder_layers > 0 {
+                    d.decoder_layers
+                } else {
+                    d.layers
+                },
+                d.kv_heads * d.head_dim,
+                d.kv_heads,
+            ),
+            _ => (
+                if d.encoder_layers > 0 {
+                    d.encoder_layers
+                } else {
+                    d.layers
+                },
+                d.hidden_size,
+                d.attention_heads,
+            ),
         };
         let want = [
             ("token_dim", &mut c.token_dim, token_dim),

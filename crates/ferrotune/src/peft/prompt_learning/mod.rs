@@ -8,6 +8,15 @@
 //! `model` (attach to a model through [`Model::set_virtual_prompt`](crate::model::Model),
 //! save and load PEFT's single `prompt_embeddings` tensor, and the readout of the nearest
 //! vocabulary tokens).
+//!
+//! Families: LLaMA (the prompt before the input, prefixes as every layer's past keys/values)
+//! and T5 (`SEQ_2_SEQ_LM`, PEFT's `num_transformer_submodules = 2`): prompt tuning and
+//! P-tuning put the first `num_virtual_tokens` rows of a 2n-row table before the encoder input
+//! only, prefix tuning feeds the decoder's self-attention only (PEFT drops the
+//! cross-attention prefixes); the exact layout is in [`crate::model::t5`]'s docs. On T5,
+//! `num_layers`, `token_dim` and `num_attention_heads` of a prefix are the decoder's layers and
+//! heads × d_kv (PEFT's defaults, the encoder's `num_layers` and `d_model`, agree on the
+//! published T5 checkpoints); for the other methods they only record PEFT's defaults.
 pub mod config;
 pub mod layer;
 pub mod model;

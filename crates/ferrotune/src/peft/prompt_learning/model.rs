@@ -416,6 +416,9 @@ pub fn readout_adapter(
     if k == 0 {
         return Err(Error::msg("--k must be at least 1"));
     }
-    let (_, t) = read_prompt_embeddings(model, &cfg, dir)?;
+    let (config, t) = read_prompt_embeddings(model, &cfg, dir)?;
+    // An encoder-decoder's table holds a prompt per stack (2n rows); the model, as PEFT's
+    // forward, reads the first n: those are the virtual tokens.
+    let t = t.narrow(0, 0, config.num_virtual_tokens.min(t.dim(0)?))?;
     readout(model, tokenizer, &t, k)
 }
