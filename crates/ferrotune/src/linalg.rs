@@ -359,7 +359,8 @@ fn tql2(t: &mut [Vec<f64>], d: &mut [f64], e: &mut [f64]) -> std::result::Result
                 p = -s * s2 * c3 * el1 * e[l] / dl1;
                 e[l] = s * p;
                 d[l] = c * p;
-                if !(e[l].abs() > eps * tst1) {
+                // (written so that a NaN stops the iteration too)
+                if e[l].abs().partial_cmp(&(eps * tst1)) != Some(std::cmp::Ordering::Greater) {
                     break;
                 }
             }
@@ -400,8 +401,8 @@ pub fn svd_top(a: &Mat, k: usize) -> std::result::Result<(Mat, Vec<f64>, Mat), S
     }
     .map_err(|e| e.to_string())?;
     let tiny = s.first().copied().unwrap_or(0.0) * f64::EPSILON * (m.max(n) as f64);
-    for j in 0..k {
-        let inv = if s[j] > tiny { 1.0 / s[j] } else { 0.0 };
+    for (j, &sj) in s.iter().enumerate() {
+        let inv = if sj > tiny { 1.0 / sj } else { 0.0 };
         for i in 0..other.rows {
             let x = other.at(i, j) * inv;
             other.set(i, j, x);

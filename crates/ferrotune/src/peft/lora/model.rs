@@ -313,7 +313,9 @@ fn check_mutating_init(model: &dyn Model, cfg: &LoraConfig, targets: &[String]) 
                 ),
             ));
         }
-        if matches!(cfg.init_lora_weights.kind(), Ok(InitKind::Pissa { .. })) && !(p.scale > 0.0) {
+        if matches!(cfg.init_lora_weights.kind(), Ok(InitKind::Pissa { .. }))
+            && p.scale.partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater)
+        {
             return Err(Error::key(
                 "LoRA config",
                 "lora_alpha",
