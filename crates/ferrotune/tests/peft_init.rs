@@ -440,3 +440,53 @@ fn committed_ferrotune_init_adapters_match_peft() {
         assert!(rel(merged, wm) < 1e-4, "{case} merged: {merged} vs {wm}");
     }
 }
+
+/// A rank above min(in, out) of a target and an unsupported init are one-line errors naming
+/// the key; a bad adapter_config.json names its file; nothing is attached and the base is kept.
+#[test]
+fn bad_init_settings_are_one_line_errors() {
+    let mut m = load("t5");
+    let before = our_weight(&*m);
+    let mut c = case_config("t5-olora");
+    c.r = 17;
+    let e = lora::attach_lora(&mut *m, &c, "default", 0)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("key `r`") && e.contains("min(in, out) = 16") && !e.contains('\n'),
+        "{e}"
+    );
+    assert!(peft::adapter_names(&*m).is_empty());
+    assert_eq!(our_weight(&*m), before);
+    let dir = std::env::temp_dir().join(format!("ferrotune-peft-init-bad-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    for f in [format::CONFIG_FILE, format::WEIGHTS_FILE] {
+        std::fs::copy(case_dir("t5-olora").join("peft").join(f), dir.join(f)).unwrap();
+    }
+    let p = dir.join(format::CONFIG_FILE);
+    let mut v = read_json(&p);
+    v["init_lora_weights"] = "eva".into();
+    std::fs::write(&p, v.to_string()).unwrap();
+    let e = format::load_adapter(&mut *m, &dir, "default")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("adapter_config.json")
+            && e.contains("`init_lora_weights`: `eva` is not supported")
+            && !e.contains('\n'),
+        "{e}"
+    );
+    assert_eq!(our_weight(&*m), before);
+}
+
+fn our_weight(m: &dyn Model) -> Vec<f32> {
+    m.linears()[0]
+        .weight()
+        .to_dense_f32()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
