@@ -24,6 +24,7 @@ pub mod fuzzing;
 pub mod generate;
 pub mod icl;
 pub mod inspect;
+pub mod linalg;
 pub mod model;
 pub mod nn;
 pub mod ops;

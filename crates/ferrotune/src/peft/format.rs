@@ -107,13 +107,24 @@ pub fn save_adapter<M: PeftMethod>(
     if params.is_empty() {
         return Err(super::no_such_adapter(model, adapter_name));
     }
-    std::fs::create_dir_all(dir).map_err(|e| Error::file(dir, e))?;
     let mut sd: HashMap<String, Tensor> = HashMap::new();
     for (name, v) in params {
         let t = v.as_tensor().detach().to_dtype(DType::F32)?.contiguous()?;
         sd.insert(format!("{KEY_PREFIX}{name}"), t);
     }
-    write_safetensors(&dir.join(WEIGHTS_FILE), &sd)?;
+    save_adapter_with(model, cfg, &sd, dir)
+}
+
+/// [`save_adapter`] for tensors computed elsewhere (PEFT key names): a PiSSA adapter converted
+/// for the original base (`peft::lora::convert`).
+pub fn save_adapter_with<M: PeftMethod>(
+    model: &dyn Model,
+    cfg: &M,
+    sd: &HashMap<String, Tensor>,
+    dir: &Path,
+) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::file(dir, e))?;
+    write_safetensors(&dir.join(WEIGHTS_FILE), sd)?;
 
     let mut json = serde_json::to_value(cfg)
         .map_err(|e| Error::msg(format!("cannot serialize the adapter config: {e}")))?;
@@ -246,7 +257,8 @@ pub fn load_adapter(
         AdapterConfig::Prompt(c) => return Err(prompt_not_linear(dir, c)),
     };
     if let Err(e) = fill_from(model, adapter_name, tensors, &path, implied_copies) {
-        // Leave the model as it was.
+        // Leave the model as it was (a PiSSA / OLoRA attach changed the base weights).
+        super::lora::convert::undo_mutated_init(model, adapter_name)?;
         for lin in model.linears_mut() {
             lin.remove_adapter(adapter_name);
         }

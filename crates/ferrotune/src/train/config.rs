@@ -32,6 +32,8 @@
 //! rank_pattern = { v_proj = 2 }      # per-module rank / alpha (PEFT's keys)
 //! alpha_pattern = { v_proj = 4 }
 //! loraplus_lr_ratio = 16  # LoRA+: B matrices learn 16x faster (not saved in the adapter)
+//! init_lora_weights = "pissa"  # or true, false, "gaussian", "pissa_niter_4", "olora": PiSSA /
+//!                         # OLoRA change the base; adapter/ is saved converted for the original
 //!                         # PEFT's names work too: lora_alpha, lora_dropout, target_modules,
 //!                         # use_rslora, init_lora_weights (a key and its alias: an error)
 //!
@@ -317,7 +319,7 @@ pub struct LoraSection {
     /// DoRA: a trained magnitude per output row (PEFT's `use_dora`).
     #[serde(default)]
     pub use_dora: bool,
-    /// PEFT's `init_lora_weights`: true, false or "gaussian".
+    /// PEFT's `init_lora_weights`: true, false, "gaussian", "pissa", "pissa_niter_K" or "olora".
     #[serde(default)]
     pub init_lora_weights: Option<crate::peft::lora::InitLoraWeights>,
     /// Per-module ranks and alphas (PEFT's regex / suffix keys).

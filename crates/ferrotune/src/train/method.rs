@@ -24,6 +24,10 @@ pub const PROMPT_ENCODER_CHECKPOINT_FILE: &str = "prompt_encoder.safetensors";
 /// The file a full or selective run's checkpoint holds its trained weights in (HF names).
 pub const WEIGHTS_CHECKPOINT_FILE: &str = "model.safetensors";
 
+/// The file a PiSSA / OLoRA run's checkpoint holds the initial (A₀, B₀) in, beside the
+/// unconverted adapter: the final `adapter/` is converted against them.
+pub const LORA_INIT_CHECKPOINT_FILE: &str = "lora_init.safetensors";
+
 /// A method attached to a model.
 #[derive(Debug, Clone)]
 pub enum Tuner {
@@ -97,6 +101,13 @@ impl Tuner {
                 // The config saved with the adapter lists the classifier of a SEQ_CLS model
                 // in modules_to_save, as PEFT's does.
                 let config = config_for_model(model, &config);
+                // A PiSSA / OLoRA run saves its adapter converted for the original base:
+                // refuse what cannot be converted before training, not at the end.
+                if mutates_base(&config) {
+                    if let Some(why) = crate::peft::lora::convert::conversion_blocker(&config) {
+                        return Err(Error::key("[lora]", "init_lora_weights", why));
+                    }
+                }
                 let info = attach_lora(model, &config, ADAPTER_NAME, cfg.train.seed)?;
                 Ok(Tuner::Lora {
                     config: Box::new(config),
@@ -222,12 +233,17 @@ impl Tuner {
         }
     }
 
-    /// Write the run's final adapter folder (PEFT's files only); LoRA: [`Tuner::save`].
+    /// Write the run's final adapter folder (PEFT's files only); LoRA: [`Tuner::save`], except
+    /// that a PiSSA / OLoRA adapter is converted for the original base (rank 2r, as PEFT's
+    /// `save_pretrained(path_initial_model_for_weight_conversion=...)` writes it).
     pub fn save_adapter(&self, model: &dyn Model, dir: &Path) -> Result<()> {
         match self {
             Tuner::Prompt {
                 config, encoder, ..
             } => prompt_learning::save_prompt_adapter(config, encoder, dir),
+            Tuner::Lora { config, .. } if mutates_base(config) => {
+                crate::peft::lora::convert::save_converted(model, ADAPTER_NAME, config, dir)
+            }
             _ => self.save(model, dir),
         }
     }
@@ -236,7 +252,14 @@ impl Tuner {
     /// for `full` / `selective` the trained tensors by HF name ([`WEIGHTS_CHECKPOINT_FILE`]).
     pub fn save(&self, model: &dyn Model, dir: &Path) -> Result<()> {
         match self {
-            Tuner::Lora { config, .. } => save_adapter(model, ADAPTER_NAME, &**config, dir),
+            Tuner::Lora { config, .. } => {
+                save_adapter(model, ADAPTER_NAME, &**config, dir)?;
+                if mutates_base(config) {
+                    let init = crate::peft::lora::convert::init_tensors(model, ADAPTER_NAME);
+                    crate::fsutil::write_safetensors(&dir.join(LORA_INIT_CHECKPOINT_FILE), &init)?;
+                }
+                Ok(())
+            }
             Tuner::Adapter { config, .. } => save_adapter(model, ADAPTER_NAME, &**config, dir),
             Tuner::Ia3 { config, .. } => save_adapter(model, ADAPTER_NAME, &**config, dir),
             Tuner::Prompt {
@@ -342,6 +365,21 @@ impl Tuner {
         }
     }
 
+    /// [`Tuner::restore`], and for a PiSSA / OLoRA run the checkpoint's initial (A₀, B₀),
+    /// which the residual base and the final conversion then follow exactly.
+    pub fn restore_mut(&self, model: &mut dyn Model, dir: &Path) -> Result<()> {
+        self.restore(model, dir)?;
+        match self {
+            Tuner::Lora { config, .. } if mutates_base(config) => {
+                let path = dir.join(LORA_INIT_CHECKPOINT_FILE);
+                let tensors = candle_core::safetensors::load(&path, model.device())
+                    .map_err(|e| Error::file(&path, crate::error::first_line(&e.to_string())))?;
+                crate::peft::lora::convert::restore_init(model, ADAPTER_NAME, tensors, &path)
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// Bring the dropout masks to where they were after `calls` training forward passes. Each
     /// LoRA layer draws its k-th mask from its own seed and k alone (a counter-based stream, see
     /// `peft::lora::layer`), so this sets the counters: no mask is drawn, whatever `calls` is.
@@ -364,6 +402,14 @@ impl Tuner {
             }
         }
     }
+}
+
+/// Whether the LoRA config's init changes the base weights (PiSSA, OLoRA).
+fn mutates_base(config: &LoraConfig) -> bool {
+    config
+        .init_lora_weights
+        .kind()
+        .is_ok_and(|k| k.mutates_base())
 }
 
 #[cfg(test)]

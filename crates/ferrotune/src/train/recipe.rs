@@ -273,7 +273,7 @@ impl<'a> Recipe<'a> {
         let progress_total = self.max_steps.min(t.stop_after.unwrap_or(usize::MAX));
         let mut resumed_from_step = None;
         if let Some((step, dir, saved)) = self.resume_from.take() {
-            self.tuner.restore(&*self.model, &dir)?;
+            self.tuner.restore_mut(&mut *self.model, &dir)?;
             self.opt.load(&dir.join(checkpoint::OPTIMIZER_FILE))?;
             self.batcher
                 .seek(saved.data_cursor)

@@ -21,13 +21,81 @@ pub enum ModuleSpec {
 }
 
 /// `init_lora_weights`: `true` (A Kaiming-uniform, B zero), `false` (both Kaiming-uniform, so the
-/// adapter changes the output from the start; PEFT uses it for tests) or `"gaussian"`
-/// (A ~ N(0, 1/r), B zero). PEFT's data-driven inits (PiSSA, LoftQ, EVA, ...) are not supported.
+/// adapter changes the output from the start; PEFT uses it for tests), `"gaussian"`
+/// (A ~ N(0, 1/r), B zero), or one of the inits that move part of the base weight into the
+/// adapter (see `peft::lora::init`): `"pissa"` (the top-r singular triplets), `"pissa_niter_K"`
+/// (the same from a randomized SVD with K subspace iterations) and `"olora"` (the leading r
+/// columns of a QR decomposition). PEFT's data-driven or quantization-aware inits (LoftQ, EVA,
+/// CorDA, ...) are not supported.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum InitLoraWeights {
     Bool(bool),
     Name(String),
+}
+
+/// [`InitLoraWeights`] parsed as PEFT's `LoraLayer.update_layer` reads it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InitKind {
+    /// `true`.
+    Default,
+    /// `false`.
+    Random,
+    /// `"gaussian"` (any case, as PEFT lower-cases it).
+    Gaussian,
+    /// `"pissa"` (`niter: None`, a full SVD) or `"pissa_niter_K"`.
+    Pissa { niter: Option<usize> },
+    /// `"olora"` (any case).
+    Olora,
+}
+
+impl InitKind {
+    /// PiSSA and OLoRA replace the base weight W by `W − scale·B₀A₀`: the adapter is only
+    /// meaningful on that residual base, or converted against (A₀, B₀) for the original one.
+    pub fn mutates_base(self) -> bool {
+        matches!(self, InitKind::Pissa { .. } | InitKind::Olora)
+    }
+}
+
+/// The most subspace iterations `"pissa_niter_K"` accepts (PEFT's examples use 4 to 16; each is
+/// two QR decompositions of an (out × r) matrix).
+pub const MAX_PISSA_NITER: usize = 1000;
+
+impl InitLoraWeights {
+    /// What the value asks for; an error names the supported values.
+    pub fn kind(&self) -> std::result::Result<InitKind, String> {
+        let n = match self {
+            InitLoraWeights::Bool(true) => return Ok(InitKind::Default),
+            InitLoraWeights::Bool(false) => return Ok(InitKind::Random),
+            InitLoraWeights::Name(n) => n.as_str(),
+        };
+        // PEFT compares "pissa..." and "corda" as written, the others lower-cased.
+        if n == "pissa" {
+            return Ok(InitKind::Pissa { niter: None });
+        }
+        if let Some(k) = n.strip_prefix("pissa_niter_") {
+            return match k.parse::<usize>() {
+                Ok(k) if k <= MAX_PISSA_NITER => Ok(InitKind::Pissa { niter: Some(k) }),
+                Ok(k) => Err(format!(
+                    "`{n}`: {k} subspace iterations is more than the limit {MAX_PISSA_NITER}"
+                )),
+                Err(_) => Err(format!(
+                    "`{n}`: the number after `pissa_niter_` must be a whole number of iterations"
+                )),
+            };
+        }
+        let lower = n.to_ascii_lowercase();
+        match lower.as_str() {
+            "gaussian" => Ok(InitKind::Gaussian),
+            "olora" => Ok(InitKind::Olora),
+            _ if n.starts_with("corda") || ["loftq", "eva", "mica", "orthogonal", "lora_ga"].contains(&lower.as_str()) => Err(format!(
+                "`{n}` is not supported (supported: true, false, \"gaussian\", \"pissa\", \"pissa_niter_K\", \"olora\")"
+            )),
+            _ => Err(format!(
+                "`{n}` is not a LoRA initialisation (supported: true, false, \"gaussian\", \"pissa\", \"pissa_niter_K\", \"olora\")"
+            )),
+        }
+    }
 }
 
 /// `layers_to_transform`: one layer index or a list of them.
@@ -284,15 +352,8 @@ impl LoraConfig {
             config_check::no_empty_name(source, "modules_to_save", [m])?;
             saved_module_regex(m).map_err(|e| Error::key(source, "modules_to_save", e))?;
         }
-        match &self.init_lora_weights {
-            InitLoraWeights::Bool(_) => {}
-            InitLoraWeights::Name(n) if n.eq_ignore_ascii_case("gaussian") => {}
-            InitLoraWeights::Name(n) => {
-                return bad(
-                    "init_lora_weights",
-                    format!("`{n}` is not supported (true, false or \"gaussian\")"),
-                )
-            }
+        if let Err(e) = self.init_lora_weights.kind() {
+            return bad("init_lora_weights", e);
         }
         if let Some((k, what)) = UNSUPPORTED_KEYS
             .iter()
@@ -620,12 +681,11 @@ mod tests {
         c.bias = "all".into();
         assert!(c.validate("x").unwrap_err().to_string().contains("`bias`"));
         let mut c = base.clone();
-        c.init_lora_weights = InitLoraWeights::Name("pissa".into());
-        assert!(c
-            .validate("x")
-            .unwrap_err()
-            .to_string()
-            .contains("`init_lora_weights`"));
+        c.init_lora_weights = InitLoraWeights::Name("loftq".into());
+        assert_eq!(
+            c.validate("x").unwrap_err().to_string(),
+            "x: key `init_lora_weights`: `loftq` is not supported (supported: true, false, \"gaussian\", \"pissa\", \"pissa_niter_K\", \"olora\")"
+        );
         let mut c = base.clone();
         c.target_modules = Some(ModuleSpec::One("(".into()));
         let e = c.validate("x").unwrap_err().to_string();
@@ -633,6 +693,37 @@ mod tests {
         let mut c = base;
         c.lora_dropout = 1.0;
         assert!(c.validate("x").is_err());
+    }
+
+    #[test]
+    fn init_lora_weights_parse_as_peft_reads_them() {
+        let kind = |v: Value| serde_json::from_value::<InitLoraWeights>(v).unwrap().kind();
+        assert_eq!(kind(Value::Bool(true)), Ok(InitKind::Default));
+        assert_eq!(kind(Value::Bool(false)), Ok(InitKind::Random));
+        assert_eq!(kind("Gaussian".into()), Ok(InitKind::Gaussian));
+        assert_eq!(kind("OLoRA".into()), Ok(InitKind::Olora));
+        assert_eq!(kind("pissa".into()), Ok(InitKind::Pissa { niter: None }));
+        assert_eq!(
+            kind("pissa_niter_4".into()),
+            Ok(InitKind::Pissa { niter: Some(4) })
+        );
+        assert!(InitKind::Olora.mutates_base() && !InitKind::Gaussian.mutates_base());
+        for bad in [
+            "PiSSA",
+            "pissa_niter_",
+            "pissa_niter_x",
+            "pissa_niter_-1",
+            "eva",
+            "corda",
+            "kaiming",
+        ] {
+            let e = kind(bad.into()).unwrap_err();
+            assert!(e.contains(&format!("`{bad}`")) && !e.contains('\n'), "{e}");
+        }
+        assert!(kind("pissa_niter_1001".into())
+            .unwrap_err()
+            .contains("limit 1000"));
+        assert!(kind("eva".into()).unwrap_err().contains("not supported"));
     }
 
     #[test]

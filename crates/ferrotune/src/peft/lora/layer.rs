@@ -36,6 +36,9 @@ pub struct LoraAdapter {
     magnitude: Option<Var>,
     /// The row norms of W + ΔW when DoRA was merged, to unmerge exactly (PEFT caches them too).
     merged_norm: std::sync::Mutex<Option<Tensor>>,
+    /// (A₀, B₀) of a PiSSA / OLoRA init, f32: `scale·B₀A₀` was taken out of the base weight,
+    /// so the adapter is saved converted against them (`peft::lora::convert`).
+    mutated_init: std::sync::Mutex<Option<(Tensor, Tensor)>>,
 }
 
 /// How A and B start (PEFT's `init_lora_weights`).
@@ -124,7 +127,24 @@ impl LoraAdapter {
             merged: AtomicBool::new(false),
             magnitude: None,
             merged_norm: std::sync::Mutex::new(None),
+            mutated_init: std::sync::Mutex::new(None),
         })
+    }
+
+    /// Record the initial (A₀, B₀) of an init that changed the base weight (PiSSA, OLoRA).
+    pub fn with_mutated_init(self, a0: Tensor, b0: Tensor) -> Self {
+        self.set_mutated_init(a0, b0);
+        self
+    }
+
+    /// Replace the recorded (A₀, B₀) (a checkpoint's, on resume).
+    pub fn set_mutated_init(&self, a0: Tensor, b0: Tensor) {
+        *self.mutated_init.lock().expect("not poisoned") = Some((a0, b0));
+    }
+
+    /// (A₀, B₀) when the adapter was made by PiSSA / OLoRA on this model.
+    pub fn mutated_init(&self) -> Option<(Tensor, Tensor)> {
+        self.mutated_init.lock().expect("not poisoned").clone()
     }
 
     /// Make this a DoRA adapter over the base weight `w` (out, in): the magnitude starts at the

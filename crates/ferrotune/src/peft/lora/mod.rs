@@ -3,14 +3,18 @@
 //! - [`config`]: `LoraConfig`, PEFT's `adapter_config.json` fields and module matching.
 //! - [`layer`]: `LoraAdapter`, the per-linear adapter.
 //! - [`model`]: attach / select / merge / unmerge on a whole model.
+//! - [`init`]: PiSSA / OLoRA, the inits that move part of the base weight into the adapter;
+//!   [`convert`]: such an adapter as a plain LoRA for the original base, as PEFT saves it.
 pub mod combine;
 pub mod config;
+pub mod convert;
 mod fused;
+pub mod init;
 pub mod layer;
 pub mod model;
 
 pub use combine::{add_weighted_adapter, Combination, WeightedAdapter};
-pub use config::{InitLoraWeights, LayerIndices, LoraConfig, ModuleParams, ModuleSpec};
+pub use config::{InitKind, InitLoraWeights, LayerIndices, LoraConfig, ModuleParams, ModuleSpec};
 pub use layer::{LoraAdapter, LoraInit};
 pub use model::{
     as_lora, attach_lora, config_for_model, merge_adapter, merge_and_unload,

@@ -1,6 +1,7 @@
 //! Model-level LoRA: attach adapters to the targeted linears, select adapters, merge them into
 //! the base weights and back (PEFT's `LoraModel`).
-use super::config::{InitLoraWeights, LoraConfig, ModuleSpec};
+use super::config::{InitKind, InitLoraWeights, LoraConfig, ModuleSpec};
+use super::init;
 use super::layer::{LoraAdapter, LoraInit};
 use crate::model::Model;
 use crate::nn::{Linear, LinearAdapter, LinearWeight};
@@ -33,12 +34,29 @@ pub struct LoraModelInfo {
     pub modules_to_save: Vec<String>,
     /// Counted after attaching; `params.to_string()` is PEFT's `print_trainable_parameters` line.
     pub params: ParamCount,
+    /// Stored types of quantized base weights a PiSSA / OLoRA init replaced by a dense f32
+    /// residual ("Q4_1", ...); see [`LoraModelInfo::note`].
+    pub dequantized: Vec<String>,
 }
 
 impl LoraModelInfo {
     /// `trainable params: N || all params: M || trainable%: P`, as PEFT prints it.
     pub fn report(&self) -> String {
         self.params.to_string()
+    }
+
+    /// e.g. "init_lora_weights: dequantized the Q4_1 base of 60 modules to f32 (their weight is now the residual)".
+    pub fn note(&self) -> Option<String> {
+        let mut types: Vec<&str> = self.dequantized.iter().map(String::as_str).collect();
+        types.sort();
+        types.dedup();
+        (!types.is_empty()).then(|| {
+            format!(
+                "init_lora_weights: dequantized the {} base of {} modules to f32 (their weight is now the residual W - scale*B0*A0)",
+                types.join(", "),
+                self.dequantized.len()
+            )
+        })
     }
 }
 
@@ -191,11 +209,20 @@ pub fn attach_lora(
     let targets = resolve_targets(model, cfg)?;
     let saved = resolve_modules_to_save(model, cfg)?;
     modules_to_save::check_free(model, &saved)?;
-    let init = match &cfg.init_lora_weights {
-        InitLoraWeights::Bool(true) => LoraInit::Default,
-        InitLoraWeights::Bool(false) => LoraInit::Random,
-        InitLoraWeights::Name(_) => LoraInit::Gaussian, // validate() allows only "gaussian"
+    // validate() has checked the value.
+    let kind = cfg
+        .init_lora_weights
+        .kind()
+        .map_err(|e| Error::key("LoRA config", "init_lora_weights", e))?;
+    let init = match kind {
+        InitKind::Random => LoraInit::Random,
+        InitKind::Gaussian => LoraInit::Gaussian,
+        _ => LoraInit::Default,
     };
+    if kind.mutates_base() {
+        check_mutating_init(model, cfg, &targets)?;
+    }
+    let mut dequantized = Vec::new();
     let dev = model.device().clone();
     let mut rng = StdRng::seed_from_u64(seed);
     let mut modules = Vec::new();
@@ -210,18 +237,24 @@ pub fn attach_lora(
         let dropout_seed = seed
             .wrapping_add(i as u64 + 1)
             .wrapping_mul(0xD6E8_FEB8_6659_FD93);
-        let a = LoraAdapter::new(
-            in_f,
-            out_f,
-            p.r,
-            p.alpha,
-            p.scale,
-            cfg.dropout(),
-            init,
-            &mut rng,
-            dropout_seed,
-            &dev,
-        )?;
+        let a = if kind.mutates_base() {
+            let (a, deq) = mutating_init(lin, kind, p, cfg.dropout(), dropout_seed, &dev)?;
+            dequantized.extend(deq);
+            a
+        } else {
+            LoraAdapter::new(
+                in_f,
+                out_f,
+                p.r,
+                p.alpha,
+                p.scale,
+                cfg.dropout(),
+                init,
+                &mut rng,
+                dropout_seed,
+                &dev,
+            )?
+        };
         let a = if cfg.use_dora {
             a.with_dora(lin.weight())?
         } else {
@@ -243,7 +276,99 @@ pub fn attach_lora(
         modules,
         modules_to_save: saved,
         params: param_count(model, adapter_name),
+        dequantized,
     })
+}
+
+/// PiSSA / OLoRA need r ≤ min(in, out) on every target (PEFT would silently build a smaller
+/// adapter than the config says), and a positive scaling for PiSSA's square roots.
+fn check_mutating_init(model: &dyn Model, cfg: &LoraConfig, targets: &[String]) -> Result<()> {
+    let init = match &cfg.init_lora_weights {
+        InitLoraWeights::Name(n) => n.clone(),
+        InitLoraWeights::Bool(b) => b.to_string(),
+    };
+    for lin in model.linears() {
+        if !targets.iter().any(|t| t == lin.name()) {
+            continue;
+        }
+        let p = cfg.module_params(lin.name());
+        let k = lin.in_features().min(lin.out_features());
+        if p.r > k {
+            return Err(Error::key(
+                "LoRA config",
+                "r",
+                format!(
+                    "init_lora_weights = \"{init}\" needs r <= min(in, out) = {k} of `{}`, but its rank is {}",
+                    lin.name(),
+                    p.r
+                ),
+            ));
+        }
+        if matches!(cfg.init_lora_weights.kind(), Ok(InitKind::Pissa { .. }))
+            && p.scale.partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater)
+        {
+            return Err(Error::key(
+                "LoRA config",
+                "lora_alpha",
+                format!(
+                    "init_lora_weights = \"{init}\" needs a positive scaling (alpha / r), `{}` has {}",
+                    lin.name(),
+                    p.scale
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A PiSSA / OLoRA adapter for `lin`, whose base weight becomes the residual `W − s·B₀A₀` in
+/// its own dtype (PEFT casts it back too; a quantized weight becomes dense f32: its type is
+/// returned). The decomposition runs on the CPU in f64.
+fn mutating_init(
+    lin: &mut Linear,
+    kind: InitKind,
+    p: super::config::ModuleParams,
+    dropout: f32,
+    dropout_seed: u64,
+    dev: &candle_core::Device,
+) -> Result<(LoraAdapter, Option<String>)> {
+    let w = lin
+        .weight()
+        .to_dense_f32()?
+        .to_device(&candle_core::Device::Cpu)?;
+    let m = match kind {
+        InitKind::Olora => init::olora(&w, p.r, p.scale)?,
+        InitKind::Pissa { niter } => init::pissa(&w, p.r, p.scale, niter, dropout_seed)?,
+        _ => unreachable!("only mutating inits come here"),
+    };
+    let residual = m.residual.to_device(dev)?;
+    let deq = match lin.weight() {
+        LinearWeight::Frozen(w) => {
+            let dt = w.dtype();
+            lin.set_weight(LinearWeight::Frozen(residual.to_dtype(dt)?));
+            None
+        }
+        LinearWeight::Trainable(v) => {
+            v.set(&residual.to_dtype(v.dtype())?)?;
+            None
+        }
+        LinearWeight::Quantized(_) => {
+            let ty = lin.weight().stored_type().to_uppercase();
+            lin.set_weight(LinearWeight::Frozen(residual));
+            Some(ty)
+        }
+    };
+    let (a0, b0) = (m.a.to_device(dev)?, m.b.to_device(dev)?);
+    let a = LoraAdapter::from_weights(
+        a0.clone(),
+        b0.clone(),
+        p.alpha,
+        p.scale,
+        dropout,
+        dropout_seed,
+    )?
+    .with_mutated_init(a0, b0);
+    Ok((a, deq))
 }
 
 /// Every LoRA layer of adapter `adapter_name` with its module name; errors if there is none.
