@@ -3,7 +3,7 @@
 //! differences, cached generation against the full forward pass, and the readout.
 use candle_core::{DType, Device, Tensor, Var};
 use ferrotune::data::{Batch, Loc, Source, Targets};
-use ferrotune::model::{self, LoadedModel, Model, VirtualTokens};
+use ferrotune::model::{self, LoadOptions, LoadedModel, Model, VirtualTokens};
 use ferrotune::peft::format::{self, AdapterConfig};
 use ferrotune::peft::prompt_learning::{
     self, attach_prompt, PromptEncoder, PromptLearningConfig, PromptMethod, PromptTuningInit,
