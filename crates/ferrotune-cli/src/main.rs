@@ -959,7 +959,12 @@ struct ProcessRunner {
 }
 
 impl ferrotune::tradeoff::Runner for ProcessRunner {
-    fn train(&self, config: &Path, set: &[String], resume: bool) -> ferrotune::Result<()> {
+    fn train(
+        &self,
+        config: &Path,
+        set: &[String],
+        start: ferrotune::tradeoff::Start,
+    ) -> ferrotune::Result<()> {
         use std::io::{Read, Write};
         let exe = std::env::current_exe()
             .map_err(|e| ferrotune::Error::msg(format!("cannot find the ferrotune binary: {e}")))?;
@@ -971,8 +976,14 @@ impl ferrotune::tradeoff::Runner for ProcessRunner {
         for s in set {
             cmd.arg("--set").arg(s);
         }
-        if resume {
-            cmd.arg("--resume");
+        match start {
+            ferrotune::tradeoff::Start::Fresh => {}
+            ferrotune::tradeoff::Start::Resume => {
+                cmd.arg("--resume");
+            }
+            ferrotune::tradeoff::Start::Restart => {
+                cmd.arg("--overwrite");
+            }
         }
         let mut child = cmd
             .stdin(std::process::Stdio::null())
@@ -1018,7 +1029,12 @@ fn run_compare(a: CompareArgs) -> Result<()> {
         .iter()
         .map(|s| {
             s.split_once(':')
-                .filter(|(run, kv)| !run.is_empty() && kv.contains('='))
+                .filter(|(run, kv)| {
+                    !run.is_empty()
+                        && kv
+                            .split_once('=')
+                            .is_some_and(|(k, _)| !k.trim().is_empty())
+                })
                 .map(|(run, kv)| (run.trim().to_string(), kv.to_string()))
                 .ok_or_else(|| {
                     anyhow::anyhow!(
@@ -1041,6 +1057,9 @@ fn run_compare(a: CompareArgs) -> Result<()> {
     if a.eval_limit == 0 {
         anyhow::bail!("--eval-limit: got 0, expected at least 1 row");
     }
+    if a.max_new_tokens == 0 {
+        anyhow::bail!("--max-new-tokens: got 0, expected at least 1 token to score");
+    }
     let runner = ProcessRunner {
         quiet: QUIET.load(Ordering::Relaxed),
     };
@@ -1052,6 +1071,13 @@ fn run_compare(a: CompareArgs) -> Result<()> {
         spec.out.join(ferrotune::tradeoff::JSON_FILE).display(),
         spec.out.join(ferrotune::tradeoff::CHART_FILE).display()
     );
+    // A failed method is its row; a comparison in which every method failed is a failure.
+    if !report.rows.is_empty() && report.rows.iter().all(|r| r.status != "ok") {
+        anyhow::bail!(
+            "compare: every run failed (see the error column of {})",
+            spec.out.join(ferrotune::tradeoff::MARKDOWN_FILE).display()
+        );
+    }
     Ok(())
 }
 

@@ -9,7 +9,7 @@ mod support;
 
 use serde_json::Value;
 use std::path::Path;
-use support::{arg, json, repo, succeeds, tiny_model, tmp};
+use support::{arg, fails, ferrotune, json, repo, succeeds, tiny_model, tmp};
 
 /// `n` rows {"q": "rev a b c", "a": "c b a"} of 1 to 4 words, seeded.
 fn reverse_rows(n: usize, seed: u64) -> String {
@@ -138,6 +138,85 @@ fn compare_runs_each_method_reports_failures_in_their_row_and_resumes() {
         .modified()
         .unwrap();
     assert_eq!(before, after);
+
+    // With a setting changed, a kept run would report the old settings: lora is trained again
+    // (and only the runs the change reaches are: here every one, through --set).
+    let r = succeeds(&[
+        "compare",
+        "--config",
+        &arg(&dir.join("base.toml")),
+        "--methods",
+        "lora",
+        "--out",
+        &arg(&out),
+        "--eval-limit",
+        "4",
+        "--max-new-tokens",
+        "6",
+        "--set",
+        "lora.r=2",
+    ]);
+    let stderr = String::from_utf8_lossy(&r.stderr);
+    assert!(
+        stderr.contains("lora: training (its settings changed"),
+        "{stderr}"
+    );
+    let report: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("compare.json")).unwrap()).unwrap();
+    assert_eq!(
+        report["rows"][0]["trainable_params"],
+        row("lora r=2")["trainable_params"],
+        "the rerun has r = 2"
+    );
+
+    // A run's method is its name; every run failing is a failed comparison.
+    let base = arg(&dir.join("base.toml"));
+    let e = fails(&[
+        "compare",
+        "--config",
+        &base,
+        "--methods",
+        "lora",
+        "--method-set",
+        "lora:method=\"full\"",
+        "--out",
+        &arg(&dir.join("cmp2")),
+    ]);
+    assert!(
+        e.contains("--method-set") && !e.trim().contains('\n'),
+        "{e}"
+    );
+    // (the failed run's own error is on stderr before the comparison's last line)
+    let out3 = ferrotune(&[
+        "compare",
+        "--config",
+        &base,
+        "--methods",
+        "selective",
+        "--out",
+        &arg(&dir.join("cmp3")),
+        "--eval-limit",
+        "2",
+    ]);
+    let stderr = String::from_utf8_lossy(&out3.stderr);
+    assert_eq!(out3.status.code(), Some(1), "{stderr}");
+    let last = stderr.lines().rfind(|l| !l.trim().is_empty()).unwrap_or("");
+    assert!(
+        last.starts_with("error: compare: every run failed"),
+        "{stderr}"
+    );
+    let e = fails(&[
+        "compare",
+        "--config",
+        &base,
+        "--methods",
+        "base",
+        "--out",
+        &arg(&dir.join("cmp4")),
+        "--max-new-tokens",
+        "0",
+    ]);
+    assert!(e.contains("--max-new-tokens"), "{e}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -812,3 +812,18 @@ fn soft_prompt_config_errors_name_the_key() {
         );
     }
 }
+
+#[test]
+fn an_update_that_overflows_the_weights_stops_without_saving() {
+    // A finite loss and gradient, but lr 1e39 turns the weights into infinities: the run must
+    // not write them as its adapter.
+    let s = Setup::new("overflow", "", "", "max_steps = 1\nwarmup_steps = 0");
+    // (the run had started: its folder holds its log, as after a NaN loss)
+    let e = fails(&s.train_args(&["--quiet", "--set", "train.lr=1e39"]));
+    assert!(e.contains("non-finite") && e.contains("step 1"), "{e}");
+    assert!(!s.out().join("adapter").exists(), "no adapter is written");
+    assert!(
+        !s.out().join("summary.json").exists(),
+        "no summary is written"
+    );
+}

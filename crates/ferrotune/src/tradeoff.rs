@@ -76,7 +76,27 @@ pub struct RunSpec {
 /// Starts one training run of `config` with `set` overrides and waits for it. `resume`: the
 /// run's folder holds an unfinished run to continue.
 pub trait Runner {
-    fn train(&self, config: &Path, set: &[String], resume: bool) -> Result<()>;
+    fn train(&self, config: &Path, set: &[String], start: Start) -> Result<()>;
+}
+
+/// How a run starts in its folder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Start {
+    /// An empty folder.
+    Fresh,
+    /// Continue the unfinished run there (`train --resume`), made with the same settings.
+    Resume,
+    /// The run there was made with other settings (the config file or a --set changed): start
+    /// again (`train --overwrite`, which removes only that run's files).
+    Restart,
+}
+
+/// What a run was made from: the config file's text and the overrides, in order. Kept beside
+/// the run folder (`runs/<run>.settings`) so a rerun of `compare` keeps a finished run only when
+/// nothing it was made from changed.
+fn run_settings(config: &Path, set: &[String]) -> Result<String> {
+    let text = std::fs::read_to_string(config).map_err(|e| Error::file(config, e))?;
+    Ok(format!("{text}\n--- overrides ---\n{}\n", set.join("\n")))
 }
 
 /// The runs `spec` asks for, in order (methods, then the rank sweep). Unknown methods, repeats
@@ -128,7 +148,15 @@ pub fn plan(spec: &CompareSpec) -> Result<Vec<RunSpec>> {
         });
         Ok(())
     };
-    for (run, _) in &spec.method_set {
+    for (run, kv) in &spec.method_set {
+        if kv
+            .split_once('=')
+            .is_some_and(|(k, _)| k.trim() == "method")
+        {
+            return Err(Error::msg(format!(
+                "--method-set `{run}:{kv}`: a run's method is its name in --methods; set other keys here"
+            )));
+        }
         let known = spec.methods.iter().any(|m| m.trim() == run)
             || spec
                 .lora_ranks
@@ -268,7 +296,12 @@ pub fn run(spec: &CompareSpec, runner: &dyn Runner, log: &dyn Fn(&str)) -> Resul
             });
             continue;
         }
-        let done = read_summary(&r.dir).is_some_and(|s| is_finished(&s));
+        let mut set = spec.set.clone();
+        set.extend(r.set.iter().cloned());
+        let settings = run_settings(&spec.config, &set)?;
+        let settings_file = r.dir.with_extension("settings");
+        let same = std::fs::read_to_string(&settings_file).is_ok_and(|s| s == settings);
+        let done = same && read_summary(&r.dir).is_some_and(|s| is_finished(&s));
         if done {
             log(&format!(
                 "[{}/{}] {}: finished earlier, kept",
@@ -277,11 +310,20 @@ pub fn run(spec: &CompareSpec, runner: &dyn Runner, log: &dyn Fn(&str)) -> Resul
                 r.name
             ));
         } else {
-            log(&format!("[{}/{}] {}: training", i + 1, runs.len(), r.name));
-            let mut set = spec.set.clone();
-            set.extend(r.set.iter().cloned());
-            let resume = r.dir.join("checkpoints").exists();
-            if let Err(e) = runner.train(&spec.config, &set, resume) {
+            let start = if !r.dir.exists() {
+                Start::Fresh
+            } else if same && r.dir.join("checkpoints").exists() {
+                Start::Resume
+            } else {
+                Start::Restart
+            };
+            let what = match start {
+                Start::Restart => "training (its settings changed: starting again)",
+                _ => "training",
+            };
+            log(&format!("[{}/{}] {}: {what}", i + 1, runs.len(), r.name));
+            crate::fsutil::write_atomic(&settings_file, settings.as_bytes())?;
+            if let Err(e) = runner.train(&spec.config, &set, start) {
                 log(&format!("{}: failed: {e}", r.name));
                 rows.push(Row::failed(&r.name, e));
                 continue;

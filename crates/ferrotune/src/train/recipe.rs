@@ -376,6 +376,14 @@ impl<'a> Recipe<'a> {
         }
         if n_loss > 0 {
             self.opt.step(&grads, lr)?;
+            // A finite gradient can still overflow the weights (a huge lr or LoRA+ ratio):
+            // stop before such weights are saved as the run's result.
+            if let Some(name) = optim::first_non_finite(&self.params)? {
+                s.progress.finish();
+                return Err(Error::msg(format!(
+                    "step {step}: the update made `{name}` non-finite (lr {lr:.3e}); training stopped without saving (lower train.lr or the method's lr settings)"
+                )));
+            }
         }
         let optimizer_s = t_opt.elapsed().as_secs_f64();
         let tokens: usize = batches.iter().map(|b| b.n_tokens).sum();

@@ -96,6 +96,12 @@ pub fn add_weighted_adapter(
                 a.name
             )));
         }
+        if a.config.use_dora {
+            return Err(Error::msg(format!(
+                "combine: adapter `{}` is a DoRA adapter (use_dora); its magnitude vectors cannot be combined (PEFT refuses too)",
+                a.name
+            )));
+        }
     }
     // PEFT: a single adapter is always combined linearly.
     let how = if adapters.len() == 1 {
@@ -194,6 +200,18 @@ pub fn add_weighted_adapter(
         };
         // Zero-padded to the new rank, as PEFT fills the leading rows / columns of a fresh
         // zero adapter.
+        for t in [&a, &b] {
+            let sum = t
+                .to_dtype(candle_core::DType::F32)?
+                .sum_all()?
+                .to_scalar::<f32>()?;
+            if !sum.is_finite() {
+                return Err(Error::msg(format!(
+                    "combine: the combined adapter on `{}` is not finite (a weight too large, or an input adapter holding NaN / inf)",
+                    lin.name()
+                )));
+            }
+        }
         let a = pad_rows(&a, new_rank, in_f)?;
         let b = pad_rows(&b.t()?, new_rank, out_f)?.t()?;
         let adapter = LoraAdapter::from_weights(a, b, alpha, scale, 0.0, 0)?;

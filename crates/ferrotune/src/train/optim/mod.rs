@@ -348,6 +348,22 @@ pub fn global_norm(grads: &[Tensor]) -> Result<f64> {
     Ok(sum.sqrt())
 }
 
+/// The name of the first parameter holding a NaN or an infinity, if any (the sum of its
+/// values is not finite).
+pub fn first_non_finite(params: &[(String, Var)]) -> Result<Option<String>> {
+    for (name, v) in params {
+        let sum = v
+            .as_tensor()
+            .to_dtype(DType::F32)?
+            .sum_all()?
+            .to_scalar::<f32>()?;
+        if !sum.is_finite() {
+            return Ok(Some(name.clone()));
+        }
+    }
+    Ok(None)
+}
+
 /// Scale the gradients so their global norm is at most `max_norm` (torch's
 /// `clip_grad_norm_`: factor `max_norm / (norm + 1e-6)` when below 1). Returns the norm before
 /// clipping. `max_norm = 0` only measures.
