@@ -78,10 +78,24 @@ impl AdafactorConfig {
                 return Err(format!("beta1 {b} is not in [0, 1)"));
             }
         }
-        if self.clip_threshold <= 0.0 {
+        // Written so that NaN fails each test.
+        if !(self.clip_threshold > 0.0 && self.clip_threshold.is_finite()) {
             return Err(format!(
                 "clip_threshold {} must be positive",
                 self.clip_threshold
+            ));
+        }
+        // beta2 at step t is 1 - t^decay_rate: in [0, 1) and rising to 1 only when negative.
+        if !(self.decay_rate < 0.0 && self.decay_rate.is_finite()) {
+            return Err(format!(
+                "decay_rate {} must be negative (transformers' default -0.8)",
+                self.decay_rate
+            ));
+        }
+        if !self.eps.iter().all(|e| *e >= 0.0 && e.is_finite()) {
+            return Err(format!(
+                "eps {:?} must be two finite values >= 0 (default [1e-30, 1e-3])",
+                self.eps
             ));
         }
         Ok(())
@@ -259,5 +273,47 @@ impl Adafactor {
         self.exp_avg = exp_avg;
         self.group.t = step;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::AdafactorConfig;
+
+    /// NaN, infinite and out-of-range settings are refused before a run (they used to pass and
+    /// stop the run later with a NaN loss blamed on the lr).
+    #[test]
+    fn out_of_range_settings_are_refused() {
+        assert!(AdafactorConfig::default().validate().is_ok());
+        let bad = [
+            AdafactorConfig {
+                clip_threshold: f64::NAN,
+                ..Default::default()
+            },
+            AdafactorConfig {
+                clip_threshold: f64::INFINITY,
+                ..Default::default()
+            },
+            AdafactorConfig {
+                decay_rate: 0.5,
+                ..Default::default()
+            },
+            AdafactorConfig {
+                decay_rate: f64::NAN,
+                ..Default::default()
+            },
+            AdafactorConfig {
+                eps: [f64::NAN, 1e-3],
+                ..Default::default()
+            },
+            AdafactorConfig {
+                eps: [1e-30, -1.0],
+                ..Default::default()
+            },
+        ];
+        for c in bad {
+            let e = c.validate().unwrap_err();
+            assert!(!e.contains('\n'), "{e}");
+        }
     }
 }

@@ -45,6 +45,9 @@ impl SgdConfig {
         if !(0.0..1.0).contains(&self.momentum) {
             return Err(format!("momentum {} is not in [0, 1)", self.momentum));
         }
+        if !(0.0..=1.0).contains(&self.dampening) {
+            return Err(format!("dampening {} is not in [0, 1]", self.dampening));
+        }
         if self.nesterov && (self.momentum <= 0.0 || self.dampening != 0.0) {
             return Err("nesterov = true needs momentum > 0 and dampening = 0".into());
         }
@@ -136,5 +139,28 @@ impl Sgd {
         self.buf = buf;
         self.group.t = step;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::SgdConfig;
+
+    #[test]
+    fn dampening_outside_0_1_or_nan_is_refused() {
+        for d in [f64::NAN, -1.0, 1.5] {
+            let c = SgdConfig {
+                momentum: 0.9,
+                dampening: d,
+                ..Default::default()
+            };
+            assert!(c.validate().unwrap_err().contains("dampening"), "{d}");
+        }
+        let ok = SgdConfig {
+            momentum: 0.9,
+            dampening: 0.1,
+            ..Default::default()
+        };
+        assert!(ok.validate().is_ok());
     }
 }
