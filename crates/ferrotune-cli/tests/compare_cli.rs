@@ -217,6 +217,33 @@ fn compare_runs_each_method_reports_failures_in_their_row_and_resumes() {
         "0",
     ]);
     assert!(e.contains("--max-new-tokens"), "{e}");
+    // --out must be compare's own folder; --eval-data is read before anything trains.
+    let e = fails(&[
+        "compare",
+        "--config",
+        &base,
+        "--methods",
+        "base",
+        "--out",
+        &arg(&dir.join("model")),
+    ]);
+    assert!(
+        e.contains("--out") && e.contains("no comparison wrote"),
+        "{e}"
+    );
+    let e = fails(&[
+        "compare",
+        "--config",
+        &base,
+        "--methods",
+        "lora",
+        "--out",
+        &arg(&dir.join("cmp5")),
+        "--eval-data",
+        &arg(&dir.join("nope.jsonl")),
+    ]);
+    assert!(e.contains("--eval-data") && e.contains("nope.jsonl"), "{e}");
+    assert!(!dir.join("cmp5/runs/lora").exists(), "nothing trained");
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -283,6 +283,21 @@ pub fn run(spec: &CompareSpec, runner: &dyn Runner, log: &dyn Fn(&str)) -> Resul
     let mut set = vec![format!("method={}", toml_string(&own_method))];
     set.extend(spec.set.iter().cloned());
     let base = load_config(&spec.config, &set)?;
+    // Read problems of the scoring data surface now, not after every method has trained.
+    if let Some(p) = &spec.eval_data {
+        std::fs::File::open(p).map_err(|e| Error::file(p, format!("--eval-data: {e}")))?;
+    }
+    // --out is compare's own folder: a new one, or one an earlier compare wrote (it resumes
+    // there); never a folder of something else (a model, a training run, the repository).
+    if let Ok(mut entries) = std::fs::read_dir(&spec.out) {
+        let ours = spec.out.join("runs").is_dir() || spec.out.join(JSON_FILE).is_file();
+        if !ours && entries.next().is_some() {
+            return Err(Error::file(
+                &spec.out,
+                "--out: the folder holds files that no comparison wrote; choose a new or empty folder",
+            ));
+        }
+    }
     std::fs::create_dir_all(spec.out.join("runs")).map_err(|e| Error::file(&spec.out, e))?;
     let mut rows: Vec<Row> = Vec::new();
     for (i, r) in runs.iter().enumerate() {
