@@ -339,7 +339,12 @@ fn mutating_init(
     let m = match kind {
         InitKind::Olora => init::olora(&w, p.r, p.scale)?,
         InitKind::Pissa { niter } => init::pissa(&w, p.r, p.scale, niter, dropout_seed)?,
-        _ => unreachable!("only mutating inits come here"),
+        other => {
+            return Err(crate::Error::msg(format!(
+                "{}: init_lora_weights {other:?} does not change the base weight",
+                lin.name()
+            )))
+        }
     };
     let residual = m.residual.to_device(dev)?;
     let deq = match lin.weight() {
