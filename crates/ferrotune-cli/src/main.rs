@@ -869,6 +869,11 @@ fn run_peft_combine(a: CombineArgs) -> Result<()> {
     if a.adapter.is_empty() {
         anyhow::bail!("--adapter: name at least one adapter as DIR:WEIGHT");
     }
+    if a.svd_rank.is_some() && how != Combination::Svd {
+        anyhow::bail!(
+            "--svd-rank: only --how svd takes a rank (linear keeps r, cat sums the ranks)"
+        );
+    }
     let parsed: Vec<(PathBuf, f64)> = a
         .adapter
         .iter()
@@ -948,6 +953,11 @@ struct CompareArgs {
     /// Score the first N rows.
     #[arg(long, default_value_t = 200)]
     eval_limit: usize,
+    /// The reference of each scored row, a template over its fields (default: the config's
+    /// data.completion), e.g. " {summary1}" for DialogSum's test split.
+    #[arg(long)]
+    eval_completion: Option<String>,
+    /// Greedy tokens generated per scored row.
     #[arg(long, default_value_t = 64)]
     max_new_tokens: usize,
 }
@@ -1052,6 +1062,7 @@ fn run_compare(a: CompareArgs) -> Result<()> {
         set: a.set,
         eval_data: a.eval_data,
         eval_limit: Some(a.eval_limit),
+        eval_completion: a.eval_completion,
         max_new_tokens: a.max_new_tokens,
     };
     if a.eval_limit == 0 {

@@ -360,6 +360,25 @@ fn peft_combine_writes_peft_linear_combination() {
         &arg(&dir.join("x")),
     ]);
     assert!(e.contains("DIR:WEIGHT"), "{e}");
+    // --svd-rank belongs to --how svd (PEFT ignores it otherwise; a user who gives it meant svd).
+    let e = support::fails(&[
+        "peft",
+        "combine",
+        "--model",
+        &arg(&m),
+        "--adapter",
+        &format!("{}:1", arg(&fx.join("a"))),
+        "--adapter",
+        &format!("{}:1", arg(&fx.join("b"))),
+        "--how",
+        "cat",
+        "--svd-rank",
+        "4",
+        "--out",
+        &arg(&dir.join("x")),
+    ]);
+    assert!(e.contains("--svd-rank") && e.contains("svd"), "{e}");
+    assert!(!dir.join("x").exists());
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -813,6 +813,48 @@ fn soft_prompt_config_errors_name_the_key() {
     }
 }
 
+/// What a soft prompt cannot run with is found by `--dry-run` and before a real run writes
+/// anything: gradient checkpointing, packed rows, and virtual tokens that push the longest
+/// row past the context window (the tiny model's is 256).
+#[test]
+fn soft_prompt_limits_are_found_before_the_run_writes() {
+    for (data, train, section, want) in [
+        (
+            "",
+            "gradient_checkpointing = true",
+            "num_virtual_tokens = 4",
+            "train.gradient_checkpointing",
+        ),
+        (
+            "packing = true",
+            "",
+            "num_virtual_tokens = 4",
+            "data.packing",
+        ),
+        (
+            "",
+            "",
+            "num_virtual_tokens = 250",
+            "prompt_tuning.num_virtual_tokens",
+        ),
+    ] {
+        let s = Setup::new("soft-limits", data, "", &format!("max_steps = 2\n{train}"));
+        let text = std::fs::read_to_string(&s.config).unwrap();
+        std::fs::write(
+            &s.config,
+            format!("method = \"prompt_tuning\"\n{text}\n[prompt_tuning]\n{section}\n"),
+        )
+        .unwrap();
+        for args in [&["--dry-run"][..], &[]] {
+            let e = s.train_fails(args);
+            assert!(
+                e.contains(want) && e.contains("run.toml"),
+                "{want} {args:?}: {e}"
+            );
+        }
+    }
+}
+
 #[test]
 fn an_update_that_overflows_the_weights_stops_without_saving() {
     // A finite loss and gradient, but lr 1e39 turns the weights into infinities: the run must

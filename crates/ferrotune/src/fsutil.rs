@@ -94,9 +94,19 @@ pub fn write_safetensors(
     tensors: &std::collections::HashMap<String, candle_core::Tensor>,
 ) -> Result<()> {
     let tmp = tmp_sibling(path)?;
-    if let Err(e) = candle_core::safetensors::save(tensors, &tmp) {
+    // safetensors writes through its own temporary file (mode 0600) and renames it onto `tmp`:
+    // give the result the permissions a plain File::create gives (0666 less the umask), as
+    // every other file we write has, so that a shared model folder stays readable.
+    let perms = std::fs::File::create(&tmp)
+        .and_then(|f| f.metadata())
+        .map(|m| m.permissions())
+        .map_err(|e| Error::file(&tmp, e))?;
+    let saved = candle_core::safetensors::save(tensors, &tmp)
+        .map_err(|e| crate::error::first_line(&e.to_string()))
+        .and_then(|()| std::fs::set_permissions(&tmp, perms).map_err(|e| e.to_string()));
+    if let Err(e) = saved {
         let _ = std::fs::remove_file(&tmp);
-        return Err(Error::file(&tmp, crate::error::first_line(&e.to_string())));
+        return Err(Error::file(&tmp, e));
     }
     rename_into_place(&tmp, path)
 }
@@ -425,6 +435,20 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(names, vec![std::ffi::OsString::from("x.json")]);
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    /// safetensors' own temporary file is 0600: ours get the mode every other file gets.
+    #[test]
+    fn safetensors_files_get_the_mode_of_any_other_file() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tmp("st-mode");
+        let t = candle_core::Tensor::new(&[1f32, 2.0], &candle_core::Device::Cpu).unwrap();
+        let p = d.join("a.safetensors");
+        write_safetensors(&p, &[("t".to_string(), t)].into_iter().collect()).unwrap();
+        write_atomic(&d.join("b.json"), b"{}").unwrap();
+        let mode = |f: &str| std::fs::metadata(d.join(f)).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode("a.safetensors"), mode("b.json"));
         std::fs::remove_dir_all(&d).unwrap();
     }
 

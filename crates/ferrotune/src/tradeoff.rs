@@ -57,6 +57,10 @@ pub struct CompareSpec {
     pub eval_data: Option<PathBuf>,
     /// Score only the first N rows (default 200).
     pub eval_limit: Option<usize>,
+    /// The reference of each scored row (default: the config's `data.completion`), for test
+    /// files whose fields differ from the training file's (DialogSum's test split has
+    /// `summary1..3` where train has `summary`).
+    pub eval_completion: Option<String>,
     pub max_new_tokens: usize,
 }
 
@@ -444,8 +448,11 @@ fn score_generation(
         .template
         .clone()
         .or_else(|| d.templates.as_ref().and_then(|t| t.first().cloned()));
-    let (Some(data), Some(template), Some(completion)) = (data, template, d.completion.clone())
-    else {
+    let completion = spec
+        .eval_completion
+        .clone()
+        .or_else(|| d.completion.clone());
+    let (Some(data), Some(template), Some(completion)) = (data, template, completion) else {
         log("scores: no generation metric (the config has no template + completion, or no test / validation data; pass --eval-data)");
         return None;
     };
@@ -755,6 +762,7 @@ mod tests {
             method_set: vec![],
             eval_data: None,
             eval_limit: None,
+            eval_completion: None,
             max_new_tokens: 32,
         }
     }

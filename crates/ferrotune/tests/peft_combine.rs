@@ -169,4 +169,60 @@ fn bad_combinations_are_one_line_errors() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("already attached"), "{e}");
+    // A weight that is not a number, or one so large that the product overflows.
+    for weight in [f64::NAN, f64::INFINITY] {
+        let e = add_weighted_adapter(
+            &mut *m,
+            &[w(0, "a", weight), w(1, "c", 1.0)],
+            "x",
+            Combination::Cat,
+            None,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("weight") && e.contains("`a`"), "{e}");
+    }
+    let e = add_weighted_adapter(
+        &mut *m,
+        &[w(0, "a", 1e200), w(1, "c", 1.0)],
+        "x",
+        Combination::Cat,
+        None,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("not finite") && !e.contains('\n'), "{e}");
+    // An SVD rank no target module can hold (the tiny model's linears are at most 64 wide).
+    let e = add_weighted_adapter(
+        &mut *m,
+        &[w(0, "a", 1.0), w(1, "c", 1.0)],
+        "x",
+        Combination::Svd,
+        Some(4096),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("svd rank 4096") && !e.contains('\n'), "{e}");
+    // A DoRA adapter: its magnitude vectors cannot be combined (PEFT refuses too).
+    let mut dora = configs[0].clone();
+    dora.use_dora = true;
+    let e = add_weighted_adapter(
+        &mut *m,
+        &[
+            WeightedAdapter {
+                name: "a",
+                config: &dora,
+                weight: 1.0,
+            },
+            w(1, "c", 1.0),
+        ],
+        "x",
+        Combination::Cat,
+        None,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("DoRA") && e.contains("`a`"), "{e}");
+    // Nothing was attached by the refused calls.
+    assert!(!ferrotune::peft::adapter_names(&*m).iter().any(|n| n == "x"));
 }

@@ -434,6 +434,29 @@ fn bad_prompt_adapters_are_one_line_errors() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("LSTM is not supported"), "{e}");
+    // A prompt holding NaN (a diverged run, a damaged file) would make every output NaN.
+    std::fs::write(&cfg_path, &good).unwrap();
+    let weights = dir.join("adapter_model.safetensors");
+    let mut t = candle_core::safetensors::load(&weights, &Device::Cpu).unwrap();
+    let p = t.remove("prompt_embeddings").unwrap();
+    let mut v = p.to_vec2::<f32>().unwrap();
+    v[1][5] = f32::NAN;
+    let bad = candle_core::Tensor::new(v, &Device::Cpu).unwrap();
+    candle_core::safetensors::save(
+        &[("prompt_embeddings".to_string(), bad)]
+            .into_iter()
+            .collect(),
+        &weights,
+    )
+    .unwrap();
+    let e = format::load_adapter(&mut m, &dir, "default")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("virtual token 1") && e.contains("non-finite") && !e.contains('\n'),
+        "{e}"
+    );
+    assert!(m.virtual_prompt().is_none());
     let _ = std::fs::remove_dir_all(&dir);
 }
 

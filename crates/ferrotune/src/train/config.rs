@@ -894,10 +894,22 @@ fn toml_message(text: &str, e: &toml::de::Error) -> String {
         .replace("missing field", "missing key");
     match e.span() {
         Some(span) if !text.is_empty() => {
-            let before = &text[..span.start.min(text.len())];
+            let mut start = span.start.min(text.len());
+            // A missing key is reported over its whole table, from the blank line before the
+            // header: point at the header, so the table named is the one missing the key.
+            if msg.starts_with("missing key") {
+                let spanned = &text[start..span.end.clamp(start, text.len())];
+                let skip = spanned.len() - spanned.trim_start().len();
+                if spanned.trim_start().starts_with('[') {
+                    start += skip;
+                }
+            }
+            let before = &text[..start];
             let line = before.matches('\n').count() + 1;
             let col = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
-            let section = section_at(before);
+            // The table the line at `start` is in (that line may be the table's header).
+            let line_end = text[start..].find('\n').map_or(text.len(), |i| start + i);
+            let section = section_at(&text[..line_end]);
             // A bad value: name its key too (an unknown key is already named).
             let key = text
                 .lines()
@@ -1371,6 +1383,30 @@ completion = " {a}"
         );
         let e = parse(MINIMAL, &["train"]).unwrap_err().to_string();
         assert!(e.contains("expected key=value"), "{e}");
+    }
+
+    /// A missing key is blamed on the table that lacks it (serde's span starts before its
+    /// header), and a value of the wrong shape says what the key takes.
+    #[test]
+    fn missing_keys_name_their_table_and_bad_shapes_what_they_take() {
+        let text = format!(
+            "method = \"prompt_tuning\"\n{MINIMAL}[train]\nlr = 1e-2\n\n[prompt_tuning]\nprompt_tuning_init = \"TEXT\"\n"
+        );
+        let e = parse(&text, &[]).unwrap_err().to_string();
+        assert!(
+            e.contains("(in [prompt_tuning])") && e.contains("missing key `num_virtual_tokens`"),
+            "{e}"
+        );
+        assert!(e.starts_with("cfg/run.toml: line 12,"), "{e}");
+        let e = parse(&format!("{MINIMAL}[lora]\ntargets = 5\n"), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("lora.targets")
+                && e.contains("a list of module names")
+                && !e.contains("untagged"),
+            "{e}"
+        );
     }
 
     #[test]

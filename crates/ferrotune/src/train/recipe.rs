@@ -808,6 +808,7 @@ fn setup_model(
             .map_err(|e| c.key_error("ia3.target_modules", e))?;
     }
     let tuner = Tuner::attach_with(cfg, &mut *m, &cfg.model, Some(&tokenizer))?;
+    check_soft_prompt(c, &*m, data)?;
     // The model's own dropout (T5 dropout_rate, BERT hidden / attention dropout), seeded like
     // the adapters' so a resumed run draws the same masks.
     m.configure_dropout(cfg.train.seed, cfg.train.model_dropout);
@@ -819,6 +820,53 @@ fn setup_model(
         tuner,
         params,
     })
+}
+
+/// What a soft prompt cannot run with, found before the run writes anything (the forward pass
+/// would refuse it at the first step): packed rows, gradient checkpointing, and virtual tokens
+/// that push the longest row past the model's context window.
+fn check_soft_prompt(c: &LoadedConfig, m: &dyn Model, data: &RunData) -> Result<()> {
+    let Some(prompt) = m.virtual_prompt() else {
+        return Ok(());
+    };
+    let method = c.config.method.as_str();
+    if data.train_bc.packing {
+        return Err(c.key_error(
+            "data.packing",
+            format!("{method} cannot run on packed rows (each row reads the virtual tokens first): set data.packing = false"),
+        ));
+    }
+    if c.config.train.gradient_checkpointing {
+        return Err(c.key_error(
+            "train.gradient_checkpointing",
+            format!("not supported with a soft prompt ({method}) yet: set it to false"),
+        ));
+    }
+    // Prompt tuning and P-tuning add positions in front of the input; prefix tuning shifts
+    // the real tokens' positions by the prefix length: either way, n more positions.
+    let n = prompt.num_virtual_tokens();
+    let p = &data.prepared;
+    let longest = p
+        .train
+        .iter()
+        .chain(&p.validation)
+        .map(crate::data::Example::len)
+        .max()
+        .unwrap_or(0);
+    if m.kind() != model::ArchitectureKind::EncoderDecoder {
+        if let Some(ctx) = m.context_length() {
+            if n + longest > ctx {
+                return Err(c.key_error(
+                    &format!("{method}.num_virtual_tokens"),
+                    format!(
+                        "{n} virtual tokens + the longest row's {longest} tokens = {} positions, more than the model's context window of {ctx}; lower it or the max_seq_len",
+                        n + longest
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The head a run's examples need on a family with several (BERT): a classifier with the

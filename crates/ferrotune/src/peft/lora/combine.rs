@@ -193,6 +193,13 @@ pub fn add_weighted_adapter(
             continue;
         }
         let (in_f, out_f) = (lin.in_features(), lin.out_features());
+        if how == Combination::Svd && new_rank > in_f.min(out_f) {
+            return Err(Error::msg(format!(
+                "combine: svd rank {new_rank} is more than `{}` can hold ({out_f} x {in_f}: at most {})",
+                lin.name(),
+                in_f.min(out_f)
+            )));
+        }
         let (a, b) = match how {
             Combination::Linear => combine_linear(&parts)?,
             Combination::Cat => combine_cat(&parts)?,

@@ -14,7 +14,10 @@ use std::collections::BTreeMap;
 /// A list of module names, or one string (a regex matched against the whole module name, or
 /// `"all-linear"`). PEFT's `target_modules` / `exclude_modules` / `layers_pattern` take either.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(untagged)]
+#[serde(
+    untagged,
+    expecting = "expected a list of module names, or one string (a regex over the whole name, or \"all-linear\")"
+)]
 pub enum ModuleSpec {
     List(Vec<String>),
     One(String),
@@ -28,7 +31,10 @@ pub enum ModuleSpec {
 /// columns of a QR decomposition). PEFT's data-driven or quantization-aware inits (LoftQ, EVA,
 /// CorDA, ...) are not supported.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(untagged)]
+#[serde(
+    untagged,
+    expecting = "expected true, false, \"gaussian\", \"pissa\", \"pissa_niter_K\" or \"olora\""
+)]
 pub enum InitLoraWeights {
     Bool(bool),
     Name(String),
@@ -100,7 +106,7 @@ impl InitLoraWeights {
 
 /// `layers_to_transform`: one layer index or a list of them.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(untagged)]
+#[serde(untagged, expecting = "expected a layer index or a list of them")]
 pub enum LayerIndices {
     One(usize),
     List(Vec<usize>),
@@ -290,6 +296,8 @@ fn regex_matches(re: &Regex, s: &str) -> bool {
 /// 4 to 256; the bound stops a typo such as 2^40 from sizing an allocation, while the adapter
 /// tensors in a file are checked against the base model's modules as well.
 pub const MAX_RANK: usize = 1 << 16;
+/// The largest |lora_alpha| accepted (LoRA alphas are 1 to a few thousand).
+pub const MAX_ALPHA: f64 = 1e6;
 
 /// Resolved per-module hyper-parameters.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -326,13 +334,22 @@ impl LoraConfig {
                 format!("{} is larger than the limit {MAX_RANK}", self.r),
             );
         }
-        if !(self.lora_alpha.is_finite()) {
-            return bad("lora_alpha", "must be a finite number".into());
+        // PEFT takes any alpha (a negative one flips the update's sign); past MAX_ALPHA the
+        // scale alpha / r overflows what f32 updates can hold, and a typo is the likelier cause.
+        let sane = |a: f64| a.is_finite() && a.abs() <= MAX_ALPHA;
+        if !sane(self.lora_alpha) {
+            return bad(
+                "lora_alpha",
+                format!(
+                    "{} is not a number between -{MAX_ALPHA:e} and {MAX_ALPHA:e}",
+                    self.lora_alpha
+                ),
+            );
         }
-        if let Some((k, a)) = self.alpha_pattern.iter().find(|(_, a)| !a.is_finite()) {
+        if let Some((k, a)) = self.alpha_pattern.iter().find(|(_, a)| !sane(**a)) {
             return bad(
                 "alpha_pattern",
-                format!("alpha of `{k}` is {a}; it must be a finite number"),
+                format!("alpha of `{k}` is {a}; it must be a number between -{MAX_ALPHA:e} and {MAX_ALPHA:e}"),
             );
         }
         config_check::probability(source, "lora_dropout", self.lora_dropout)?;
@@ -755,6 +772,30 @@ mod tests {
             let e = c.validate("x").unwrap_err().to_string();
             assert!(e.contains("`alpha_pattern`") && e.contains("q_proj"), "{e}");
         }
+        // Past MAX_ALPHA the scale overflows f32 updates; a negative alpha is PEFT's too.
+        for (alpha, ok) in [
+            (1e30, false),
+            (-1e7, false),
+            (MAX_ALPHA, true),
+            (-4.0, true),
+        ] {
+            let mut c = base.clone();
+            c.lora_alpha = alpha;
+            assert_eq!(c.validate("x").is_ok(), ok, "lora_alpha {alpha}");
+            let mut c = base.clone();
+            c.alpha_pattern.insert("q_proj".into(), alpha);
+            assert_eq!(c.validate("x").is_ok(), ok, "alpha_pattern {alpha}");
+        }
+        // A target list of the wrong type says what it takes (not serde's enum name).
+        let e = serde_json::from_value::<LoraConfig>(
+            serde_json::json!({"peft_type": "LORA", "r": 4, "target_modules": 5}),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("a list of module names") && !e.contains("untagged"),
+            "{e}"
+        );
         for p in [f64::NAN, -0.1, 1.0] {
             let mut c = base.clone();
             c.lora_dropout = p;

@@ -295,6 +295,14 @@ pub fn read_prompt_embeddings(
             )
         })?
         .to_dtype(DType::F32)?;
+    // A prompt that diverged in training (or a damaged file) would turn every output into NaN.
+    let rows = t.to_vec2::<f32>()?;
+    if let Some(i) = rows.iter().position(|r| r.iter().any(|x| !x.is_finite())) {
+        return Err(Error::file(
+            &path,
+            format!("tensor `{PROMPT_EMBEDDINGS}`: virtual token {i} holds a non-finite value (NaN or infinity)"),
+        ));
+    }
     Ok((config, t))
 }
 

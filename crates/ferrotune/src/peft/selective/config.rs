@@ -11,7 +11,10 @@ pub const PEFT_TYPE: &str = "SELECTIVE";
 
 /// A layer range: `"0-3"` (inclusive), `"5"`, or a list `[0, 1, 2]`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(untagged)]
+#[serde(
+    untagged,
+    expecting = "expected a layer range: \"0-3\", \"5\" or a list [0, 1, 2]"
+)]
 pub enum LayerRange {
     List(Vec<usize>),
     Text(String),

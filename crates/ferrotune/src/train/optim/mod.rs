@@ -263,8 +263,7 @@ pub(crate) fn write_state(
     dev: &Device,
 ) -> Result<()> {
     sd.insert("step".into(), Tensor::new(&[step as i64], dev)?);
-    candle_core::safetensors::save(&sd, path)
-        .map_err(|e| Error::file(path, crate::error::first_line(&e.to_string())))
+    crate::fsutil::write_safetensors(path, &sd)
 }
 
 /// The state file being read back: each key is taken once, with its shape checked; keys left
