@@ -976,8 +976,17 @@ impl ferrotune::tradeoff::Runner for ProcessRunner {
         start: ferrotune::tradeoff::Start,
     ) -> ferrotune::Result<()> {
         use std::io::{Read, Write};
-        let exe = std::env::current_exe()
-            .map_err(|e| ferrotune::Error::msg(format!("cannot find the ferrotune binary: {e}")))?;
+        // Every run of a comparison uses this very binary, even when the file is rebuilt or
+        // replaced while the comparison runs (hours): on Linux /proc/self/exe still opens the
+        // running program's file; current_exe() would name the replacement, or nothing.
+        let proc_exe = Path::new("/proc/self/exe");
+        let exe = if proc_exe.exists() {
+            proc_exe.to_path_buf()
+        } else {
+            std::env::current_exe().map_err(|e| {
+                ferrotune::Error::msg(format!("cannot find the ferrotune binary: {e}"))
+            })?
+        };
         let mut cmd = std::process::Command::new(exe);
         if self.quiet {
             cmd.arg("--quiet");
@@ -1243,6 +1252,15 @@ struct EvalArgs {
 /// Load each `--adapter` folder onto the model (named adapter0, adapter1, ...; all active).
 fn attach_adapters(lm: &mut LoadedModel, dirs: &[PathBuf]) -> Result<()> {
     for (i, d) in dirs.iter().enumerate() {
+        // A selective run's `adapter/` holds changed base tensors: they replace the base's.
+        if ferrotune::peft::selective::is_selective_dir(d) {
+            let n = ferrotune::peft::selective::apply(&mut *lm.model, d)?;
+            info!(
+                "adapter {} (SELECTIVE, {n} tensors put onto the base)",
+                d.display()
+            );
+            continue;
+        }
         let a = ferrotune::peft::load_adapter(&mut *lm.model, d, &format!("adapter{i}"))?;
         info!(
             "adapter {} ({}, {} modules)",
@@ -1437,6 +1455,17 @@ fn run_merge(a: MergeArgs) -> Result<()> {
     let mut lm = load(&a.m)?;
     inputs.push(Input::new("the --model", lm.source.path()));
     fsutil::check_output_dir(&a.out, "--out", a.overwrite, &inputs)?;
+    if ferrotune::peft::selective::is_selective_dir(&a.adapter) {
+        // The changed tensors become the base's own: the merged model (equal to the run's
+        // `model/`).
+        let n = ferrotune::peft::selective::apply(&mut *lm.model, &a.adapter)?;
+        info!("SELECTIVE: {n} tensors put onto the base");
+        fsutil::replace_dir(&a.out, |dir| {
+            ferrotune::model::convert::write_hf_folder_dtype(&lm, dir, out_dtype)
+        })?;
+        info!("wrote {}", a.out.display());
+        return Ok(());
+    }
     let loaded = ferrotune::peft::load_adapter(&mut *lm.model, &a.adapter, "merge")?;
     if let ferrotune::peft::AdapterConfig::Bottleneck(_) = &loaded.config {
         anyhow::bail!(
@@ -1503,6 +1532,12 @@ fn run_eval(a: EvalArgs) -> Result<()> {
     input_file("--data", &a.data)?;
     for d in &a.adapter {
         input_dir("--adapter", d)?;
+        if ferrotune::peft::selective::is_selective_dir(d) {
+            anyhow::bail!(
+                "--adapter {}: a selective run's changed tensors replace the base's own, and eval scores the base and each adapter in turn; evaluate the run's model/ folder with --model",
+                d.display()
+            );
+        }
     }
     let mut lm = load(&a.m)?;
     inputs.push(Input::new("the --model", lm.source.path()));

@@ -869,3 +869,78 @@ fn an_update_that_overflows_the_weights_stops_without_saving() {
         "no summary is written"
     );
 }
+
+/// A selective run's `adapter/` (the changed tensors) works as `--adapter` on the base: the
+/// same perplexity as the run's `model/`, and `merge` writes that model; `eval`, which scores
+/// the base and each adapter in turn, refuses it with a one-line error.
+#[test]
+fn a_selective_adapter_loads_onto_the_base_and_merges_into_the_run_model() {
+    let s = Setup::new("selective-adapter", "", "", "max_steps = 6\nlr = 1e-2");
+    let text = std::fs::read_to_string(&s.config).unwrap();
+    std::fs::write(
+        &s.config,
+        format!("method = \"selective\"\n{text}\n[selective]\nregex = 'self_attn'\n"),
+    )
+    .unwrap();
+    s.train_ok(&["--quiet"]);
+    let file = s.dir.join("text.txt");
+    std::fs::write(&file, "rev red blue = blue red rev green = green").unwrap();
+    let ppl = |model: &Path, adapter: Option<&Path>| -> f64 {
+        let mut args = vec![
+            "perplexity".to_string(),
+            "--model".into(),
+            model.display().to_string(),
+            "--file".into(),
+            file.display().to_string(),
+            "--json".into(),
+        ];
+        if let Some(a) = adapter {
+            args.extend(["--adapter".to_string(), a.display().to_string()]);
+        }
+        support::json(&succeeds(&args))["perplexity"]
+            .as_f64()
+            .unwrap()
+    };
+    let base = s.dir.join("model");
+    let adapter = s.out().join("adapter");
+    let trained = ppl(&s.out().join("model"), None);
+    let before = ppl(&base, None);
+    let with_adapter = ppl(&base, Some(&adapter));
+    assert!(
+        (with_adapter - trained).abs() < 1e-5 * trained,
+        "{with_adapter} vs {trained}"
+    );
+    assert!(
+        (before - trained).abs() > 1e-3 * trained,
+        "training changed nothing"
+    );
+    let merged = s.dir.join("merged");
+    succeeds(&[
+        "merge",
+        "--model",
+        &base.display().to_string(),
+        "--adapter",
+        &adapter.display().to_string(),
+        "--out",
+        &merged.display().to_string(),
+    ]);
+    let m = ppl(&merged, None);
+    assert!(
+        (m - trained).abs() < 1e-5 * trained,
+        "merged {m} vs {trained}"
+    );
+    let e = fails(&[
+        "eval",
+        "--model",
+        &base.display().to_string(),
+        "--adapter",
+        &adapter.display().to_string(),
+        "--data",
+        &s.dir.join("dev.jsonl").display().to_string(),
+        "--template",
+        "{q} =",
+        "--completion",
+        " {a}",
+    ]);
+    assert!(e.contains("selective") && e.contains("model/"), "{e}");
+}
