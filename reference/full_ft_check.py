@@ -7,7 +7,7 @@ logits? (issue 11 acceptance)
 
 --fixture DIR: DIR/model is the committed folder of a tiny full fine-tuning run and DIR/input.json
 its text and ids (both written by `FERROTUNE_WRITE_FULL_FT_FIXTURES=1 cargo test --release -p
-ferrotune --test train_full a_fully_fine_tuned`). transformers loads the folder
+ferrotune --test integration train_full::a_fully_fine_tuned`). transformers loads the folder
 (AutoModelForCausalLM, f32, eager attention; the sharded index too) and its tokenizer; with
 --write its token ids of the text and its logits go to DIR/transformers_expected.json, which that
 cargo test compares with ours.

@@ -8,7 +8,7 @@ Writes tests/fixtures/optim/optimizers.json:
   cases:  [{"name", "optimizer", "config", "lr", "expected": {name: [...]}}]
           `config` uses ferrotune's [train] keys (weight_decay, betas, eps) and the keys of
           [train.sgd] / [train.adafactor] / [train.adamw_8bit].
-`cargo test -p ferrotune --test optimizers` checks ferrotune against it.
+`cargo test -p ferrotune --test integration optimizers::` checks ferrotune against it.
 
 Run: .venv/bin/python reference/optimizer_fixtures.py   (a few seconds, CPU, one thread)
 """

@@ -30,7 +30,7 @@ Run from the repository root, with the reference environment (`scripts/setup-ref
             ferrotune's merged weights in DIR/merged_targets.safetensors (1e-5 absolute) and
             that the merged model's NLL is unchanged. Exit status 1 on any mismatch.
         DIR is the temp folder printed by
-        `cargo test --release -p ferrotune --test peft_lora ferrotune_adapter_for_peft -- --nocapture`
+        `cargo test --release -p ferrotune --test integration peft_lora::ferrotune_adapter_for_peft -- --nocapture`
         (FERROTUNE_WRITE_PEFT_FIXTURE=1 makes that test rewrite the committed adapter instead:
         then run (d) again).
 
@@ -164,7 +164,7 @@ def make_ferrotune_adapter_expected(d: Path = OURS_DIR):
     for name in ["adapter_config.json", "adapter_model.safetensors"]:
         if not (d / name).is_file():
             raise SystemExit(f"{d / name}: missing (FERROTUNE_WRITE_PEFT_FIXTURE=1 cargo test "
-                             "--release -p ferrotune --test peft_lora ferrotune_adapter_for_peft "
+                             "--release -p ferrotune --test integration peft_lora::ferrotune_adapter_for_peft "
                              "writes it)")
     # is_trainable: the report then counts the adapter's parameters, as ferrotune's load does.
     model = PeftModel.from_pretrained(load_base(), d, is_trainable=True).eval()

@@ -17,7 +17,7 @@ Run from the repository root with the reference environment (`scripts/setup-refe
             expected.json (below).
         (d) for each ferrotune-made adapter committed under tests/fixtures/peft/
             {t5,bert}-lora-ferrotune/ (written by `FERROTUNE_WRITE_PEFT_FIXTURE=1 cargo test
-            --release -p ferrotune --test peft_families ferrotune_family_adapters_for_peft`), loads
+            --release -p ferrotune --test integration peft_families::ferrotune_family_adapters_for_peft`), loads
             it in PEFT and writes PEFT's numbers for it there as peft_expected.json.
 
     .venv/bin/python reference/peft_families.py --ferrotune-fixture-only
@@ -25,8 +25,8 @@ Run from the repository root with the reference environment (`scripts/setup-refe
 
     .venv/bin/python reference/peft_families.py --check DIR
         (b) DIR/t5 and DIR/bert hold adapters ferrotune wrote with its own numbers
-            (expected.json), from `cargo test --release -p ferrotune --test peft_families
-            ferrotune_family_adapters_for_peft -- --nocapture`, which prints DIR. Loads each in
+            (expected.json), from `cargo test --release -p ferrotune --test integration
+            peft_families::ferrotune_family_adapters_for_peft -- --nocapture`, which prints DIR. Loads each in
             PEFT (PeftModel.from_pretrained on the same base) and compares: T5 mean NLL within 1e-4
             relative; BERT logits within 1e-4 relative (max |PEFT - ferrotune| / max |PEFT|);
             merge_and_unload() must keep PEFT's numbers. Exit status 1 on any mismatch.
@@ -217,7 +217,7 @@ def make_ferrotune_expected():
         d = OUT / f"{family}-lora-ferrotune"
         if not (d / "adapter_model.safetensors").is_file():
             print(f"{d.relative_to(ROOT)}: no adapter (FERROTUNE_WRITE_PEFT_FIXTURE=1 cargo test "
-                  "--release -p ferrotune --test peft_families ferrotune_family_adapters_for_peft "
+                  "--release -p ferrotune --test integration peft_families::ferrotune_family_adapters_for_peft "
                   "writes it); skipped")
             continue
         ours = json.loads((d / "expected.json").read_text())

@@ -23,7 +23,7 @@ Run from the repository root with the reference environment (`scripts/setup-refe
               (`reload_nll_mean`); the base's (`base_nll_mean`).
         and (b) PEFT's numbers for the ferrotune-made converted adapters committed under
           tests/fixtures/peft/init/<case>/ferrotune/ (written by `FERROTUNE_WRITE_PEFT_FIXTURE=1
-          cargo test --release -p ferrotune --test peft_init ferrotune_init_adapters_for_peft`):
+          cargo test --release -p ferrotune --test integration peft_init::ferrotune_init_adapters_for_peft`):
           peft_expected.json (PeftModel.from_pretrained on the ORIGINAL base: mean NLL, and after
           merge_and_unload()).
 
@@ -32,7 +32,7 @@ Run from the repository root with the reference environment (`scripts/setup-refe
 
     .venv/bin/python reference/peft_init.py --check DIR
         DIR/<case>/ hold converted adapters ferrotune wrote with its own NLL (expected.json),
-        from `cargo test --release -p ferrotune --test peft_init ferrotune_init_adapters_for_peft
+        from `cargo test --release -p ferrotune --test integration peft_init::ferrotune_init_adapters_for_peft
         -- --nocapture` (prints DIR); compares PEFT's NLL (1e-4 relative). Exit status 1 on any
         mismatch.
 
@@ -205,7 +205,7 @@ def make_ferrotune_expected():
         d = OUT / case / "ferrotune"
         if not (d / "adapter_model.safetensors").is_file():
             print(f"{d.relative_to(ROOT)}: no adapter (FERROTUNE_WRITE_PEFT_FIXTURE=1 cargo test "
-                  "--release -p ferrotune --test peft_init ferrotune_init_adapters_for_peft writes "
+                  "--release -p ferrotune --test integration peft_init::ferrotune_init_adapters_for_peft writes "
                   "it); skipped")
             continue
         ours = json.loads((d / "expected.json").read_text())

@@ -18,8 +18,8 @@ Run from the repository root with the reference environment (`scripts/setup-refe
         and asserts the NLL equals ferrotune's within 1e-4 relative; with --write, stores
         PEFT's NLL as peft_expected.json next to it (the committed
         tests/fixtures/peft/prompts-ferrotune/ folders are made that way:
-        FERROTUNE_WRITE_PROMPT_FIXTURES=1 cargo test --release -p ferrotune --test peft_prompts
-        then this with --check tests/fixtures/peft/prompts-ferrotune --write).
+        FERROTUNE_WRITE_PROMPT_FIXTURES=1 cargo test --release -p ferrotune --test integration
+        peft_prompts::, then this with --check tests/fixtures/peft/prompts-ferrotune --write).
 
     The same on the tiny T5 (tests/fixtures/t5/t5-v1_0, SEQ_2_SEQ_LM): PEFT-made adapters in
     tests/fixtures/peft/prompts/t5/ (the tiny model's prompts are committed whole), each

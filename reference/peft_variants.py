@@ -11,8 +11,8 @@ Run from the repository root with the reference environment (`scripts/setup-refe
             save_pretrained) and expected.json (below);
         (d) for each ferrotune-made adapter committed under
             tests/fixtures/peft/variants/<model>-<variant>-ferrotune/ (written by
-            `FERROTUNE_WRITE_PEFT_FIXTURE=1 cargo test --release -p ferrotune --test peft_variants
-            ferrotune_variant_adapters_for_peft`), loads it in PEFT and writes PEFT's numbers for
+            `FERROTUNE_WRITE_PEFT_FIXTURE=1 cargo test --release -p ferrotune --test integration
+            peft_variants::ferrotune_variant_adapters_for_peft`), loads it in PEFT and writes PEFT's numbers for
             it there as peft_expected.json.
 
     .venv/bin/python reference/peft_variants.py --ferrotune-fixture-only
@@ -20,8 +20,8 @@ Run from the repository root with the reference environment (`scripts/setup-refe
 
     .venv/bin/python reference/peft_variants.py --check DIR
         (b) DIR/<model>-<variant>/ hold adapters ferrotune wrote with its own numbers
-            (expected.json), from `cargo test --release -p ferrotune --test peft_variants
-            ferrotune_variant_adapters_for_peft -- --nocapture` (prints DIR). Loads each with
+            (expected.json), from `cargo test --release -p ferrotune --test integration
+            peft_variants::ferrotune_variant_adapters_for_peft -- --nocapture` (prints DIR). Loads each with
             PeftModel.from_pretrained on the same base and compares the mean NLL (1e-4 relative),
             also after merge_and_unload(). Exit status 1 on any mismatch.
 
@@ -185,7 +185,7 @@ def make_ferrotune_expected():
         d = OUT / f"{family}-{variant}-ferrotune"
         if not (d / "adapter_model.safetensors").is_file():
             print(f"{d.relative_to(ROOT)}: no adapter (FERROTUNE_WRITE_PEFT_FIXTURE=1 cargo test "
-                  "--release -p ferrotune --test peft_variants ferrotune_variant_adapters_for_peft "
+                  "--release -p ferrotune --test integration peft_variants::ferrotune_variant_adapters_for_peft "
                   "writes it); skipped")
             continue
         ours = json.loads((d / "expected.json").read_text())

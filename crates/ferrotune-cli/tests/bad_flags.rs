@@ -1,6 +1,6 @@
 //! Flags out of range and misleading messages: every case is one `error:` line that names the
 //! flag (or the file), exit code 1, no panic and no hang; a valid but odd value is a warning.
-mod support;
+use crate::support;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};

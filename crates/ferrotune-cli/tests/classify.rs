@@ -1,7 +1,7 @@
 //! `ferrotune classify`: accuracy and macro-F1 of a sequence-classification model on a data
 //! file, checked against predictions from transformers' logits (the committed fixture of
 //! reference/bert_fixtures.py) and metrics computed here by hand; and its one-line errors.
-mod support;
+use crate::support;
 
 use serde_json::Value;
 use std::collections::BTreeSet;

@@ -1,7 +1,7 @@
 //! The success paths of the commands, each checked against values known without ferrotune:
 //! the model's published shapes, transformers' logits and perplexities (committed fixtures),
 //! rouge-score / sacrebleu numbers (committed fixtures), and the inputs' own text.
-mod support;
+use crate::support;
 
 use candle_core::{DType, Device, Tensor};
 use serde_json::Value;

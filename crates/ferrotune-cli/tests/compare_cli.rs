@@ -5,7 +5,7 @@
 //!   run again, it keeps the finished runs;
 //! - bottleneck adapters train (validation loss falls) and their folder works with --adapter;
 //! - `peft combine` writes PEFT's add_weighted_adapter result.
-mod support;
+use crate::support;
 
 use serde_json::Value;
 use std::path::Path;

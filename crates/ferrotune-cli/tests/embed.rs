@@ -1,6 +1,6 @@
 //! `ferrotune embed`: sentence embeddings checked against sentence-transformers' (the committed
 //! fixture of reference/bert_fixtures.py), its options, and its one-line errors.
-mod support;
+use crate::support;
 
 use serde_json::Value;
 use std::path::{Path, PathBuf};

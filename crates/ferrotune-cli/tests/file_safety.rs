@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant, SystemTime};
 
-mod support;
+use crate::support;
 use support::{
     check_error, checkpoint_steps, fails, ferrotune, logged_steps, merge, rev_model as tiny_model,
     succeeds, tmp, REV_WORDS,

@@ -2,7 +2,7 @@
 //! the family, the architecture kind and the pre-training objective; `perplexity --data`
 //! scores completions given prompts; the train config's `task` and `objective` are checked
 //! against the model with one-line errors naming the key.
-mod support;
+use crate::support;
 use support::*;
 
 fn data_file(dir: &std::path::Path) -> std::path::PathBuf {

@@ -1,7 +1,7 @@
 //! `--adapter` and `merge` with the PEFT-made T5 LoRA (tests/fixtures/peft/t5-lora-peft, written
 //! by reference/peft_families.py): the adapter applied on the fly and merged into the folder
 //! `ferrotune merge` writes score and generate the same.
-mod support;
+use crate::support;
 
 use support::{arg, json, repo, succeeds, tmp};
 

@@ -1,7 +1,7 @@
 //! `ferrotune generate` on T5 folders (the prompt is the encoder input), against the text that
 //! transformers' `generate()` produced for the same tiny models (tests/fixtures/t5, written by
 //! reference/t5_fixtures.py).
-mod support;
+use crate::support;
 
 use serde_json::Value;
 use std::path::PathBuf;

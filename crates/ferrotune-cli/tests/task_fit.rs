@@ -1,6 +1,6 @@
 //! Issue 10's bad inputs, each one clear line: a train config whose `task` the model cannot do
 //! at all, a classification label outside `[data] labels`, and an encoder asked to generate.
-mod support;
+use crate::support;
 
 use std::path::{Path, PathBuf};
 use support::{arg, fails, repo, smollm2, tmp};

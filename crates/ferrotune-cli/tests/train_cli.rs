@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-mod support;
+use crate::support;
 use support::{
     checkpoint_steps, fails, logged_steps, merge, rev_model as tiny_model, succeeds, tmp, REV_WORDS,
 };

@@ -2,7 +2,7 @@
 //! fixtures (tests/fixtures/t5, tests/fixtures/bert): span-corruption pre-training of a T5 with
 //! full fine-tuning, then LoRA `seq2seq_lm` on a task it reaches; a bare BERT encoder given a
 //! fresh classifier that learns a separable task; masked-LM continued pre-training.
-mod support;
+use crate::support;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};

@@ -10,7 +10,7 @@ use ferrotune::peft::{self, format, PeftMethod};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-mod common;
+use crate::common;
 use common::{flat, load_fixture, max_diff};
 
 fn load(rel: &str) -> Box<dyn Model> {

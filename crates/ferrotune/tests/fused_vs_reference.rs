@@ -10,7 +10,7 @@ use ferrotune::train::{self, AdamW, AdamWConfig};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-mod common;
+use crate::common;
 use common::{examples, tiny};
 
 /// `n` examples of random lengths (6..20 tokens).

@@ -4,7 +4,7 @@ use candle_core::quantized::GgmlDType;
 use candle_core::{Device, Tensor, Var};
 use ferrotune::model::{self, LoadOptions};
 
-mod common;
+use crate::common;
 use common::{finite_difference, tiny_with as tiny};
 
 fn lm_loss(m: &model::Llama, ids: &[u32]) -> Tensor {

@@ -8,7 +8,7 @@ use ferrotune::train::optim::{
 };
 use serde_json::Value;
 
-mod common;
+use crate::common;
 use common::floats;
 
 fn fixture() -> Value {

@@ -6,7 +6,7 @@ use ferrotune::data::{BatchConfig, Batcher};
 use ferrotune::peft::{self, lora};
 use ferrotune::train;
 
-mod common;
+use crate::common;
 use common::{examples, max_abs, tiny};
 
 const MODELS: &[&str] = &[

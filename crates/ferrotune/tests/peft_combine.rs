@@ -10,7 +10,7 @@ use serde_json::Value;
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-mod common;
+use crate::common;
 use common::{max_abs_diff, repo};
 
 fn fixture(name: &str) -> PathBuf {

@@ -14,7 +14,7 @@ use rand::{Rng, SeedableRng};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 
-mod common;
+use crate::common;
 use common::{
     adapter_keys, flat, floats, int_rows, load_fixture, matrix, max_abs_diff, read_json, repo,
     t5_batch,

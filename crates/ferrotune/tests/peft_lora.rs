@@ -12,7 +12,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::path::{Path, PathBuf};
 
-mod common;
+use crate::common;
 use common::{
     finite_difference, flat, floats, max_abs_diff as tensor_diff, max_diff, read_json, repo,
     tiny_with,

@@ -12,7 +12,7 @@ use serde_json::Value;
 use std::path::Path;
 use std::sync::Arc;
 
-mod common;
+use crate::common;
 use common::{dequantized, finite_difference, max_abs_diff, read_json, repo, smollm2_gguf};
 
 /// SmolLM2 as the reference scripts load it: the fetched GGUF dequantized to f32, whose weights

@@ -13,7 +13,7 @@ use rand::{Rng, SeedableRng};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 
-mod common;
+use crate::common;
 use common::{
     adapter_keys, dequantized, load_fixture, matrix, max_abs, max_abs_diff, read_json, repo,
     smollm2_gguf, t5_batch,

@@ -8,7 +8,7 @@ use ferrotune::train::{self, ProgressMode, RunOptions};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 
-mod common;
+use crate::common;
 use common::{repo, rev_model as tiny_model, reverse_rows, tmp};
 
 /// A run folder with the tiny model and the reverse task; `body` is appended to the config

@@ -13,7 +13,7 @@ use rand::{Rng, SeedableRng};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 
-mod common;
+use crate::common;
 use common::{max_abs_diff, rev_model as tiny_model, reverse_rows, tmp};
 
 /// A run folder: model, train.jsonl / dev.jsonl, and a config with `extra` appended to

@@ -2,7 +2,7 @@
 //! same masks as drawing them one by one), the memory estimate saturates instead of wrapping
 //! around, and every out-of-range config value is a one-line error naming the file, the line
 //! and the key.
-mod common;
+use crate::common;
 
 use candle_core::{DType, Device, Tensor};
 use ferrotune::data::{BatchConfig, Prepared};
