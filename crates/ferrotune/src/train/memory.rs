@@ -202,8 +202,8 @@ impl std::ops::Mul for Sat {
 
 /// f32 values the adapters of `lin` keep per token for the backward pass: each LoRA adapter
 /// (fused with its base, see `peft::lora::fused`) its rank-r product (r) and, with dropout, the
-/// masked input (in); a bottleneck adapter its input and output (2 out) and its two
-/// bottleneck-wide intermediates.
+/// masked input (in); a DoRA adapter, unfused, more (see below); a bottleneck adapter its input
+/// and output (2 out) and its two bottleneck-wide intermediates.
 pub fn adapter_floats(lin: &Linear, dropout: bool) -> u64 {
     if !lin.has_active_adapters() {
         return 0;
@@ -222,12 +222,27 @@ pub fn adapter_floats(lin: &Linear, dropout: bool) -> u64 {
                     .unwrap_or(0);
                 return out.saturating_mul(2).saturating_add(b.saturating_mul(2));
             }
-            let r: u64 = a
-                .trainable_params()
+            let params = a.trainable_params();
+            let r: u64 = params
                 .iter()
                 .find(|(n, _)| n.contains("lora_A"))
                 .map(|(_, v)| v.dims()[0] as u64)
                 .unwrap_or(0);
+            if params
+                .iter()
+                .any(|(n, _)| n.contains("lora_magnitude_vector"))
+            {
+                // DoRA runs unfused (`LoraAdapter::forward_with_base`): x·Aᵀ (r), then six
+                // module-wide tensors (the low-rank output, it scaled, it rescaled by the row
+                // factor, the rescaled base part, their sum, the output); with dropout also the
+                // mask, the dropped input and the base product recomputed on it.
+                let drop = if dropout {
+                    inp.saturating_mul(2).saturating_add(out)
+                } else {
+                    0
+                };
+                return r.saturating_add(out.saturating_mul(6)).saturating_add(drop);
+            }
             r.saturating_add(if dropout { inp } else { 0 })
         })
         .fold(0u64, u64::saturating_add)
@@ -331,5 +346,52 @@ pub fn available_bytes() -> Option<u64> {
     match (cgroup, meminfo) {
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::peft::lora::{LoraAdapter, LoraInit};
+    use candle_core::{DType, Device, Tensor};
+    use rand::SeedableRng;
+
+    /// A (out, in) linear with one r-rank LoRA adapter, DoRA when `dora`.
+    fn adapted(out: usize, inp: usize, r: usize, dora: bool) -> Linear {
+        let dev = Device::Cpu;
+        let w = LinearWeight::Frozen(Tensor::ones((out, inp), DType::F32, &dev).unwrap());
+        let mut rng = rand::rngs::StdRng::seed_from_u64(0);
+        let mut a = LoraAdapter::new(
+            inp,
+            out,
+            r,
+            16.0,
+            2.0,
+            0.1,
+            LoraInit::Default,
+            &mut rng,
+            0,
+            &dev,
+        )
+        .unwrap();
+        if dora {
+            a = a.with_dora(&w).unwrap();
+        }
+        let mut lin = Linear::new("q_proj", w, None);
+        lin.add_adapter("default", Box::new(a));
+        lin
+    }
+
+    #[test]
+    fn dora_counts_its_unfused_tensors_and_lora_its_fused_ones() {
+        let (out, inp, r) = (12, 20, 4);
+        assert_eq!(adapter_floats(&adapted(out, inp, r, false), false), 4);
+        assert_eq!(adapter_floats(&adapted(out, inp, r, false), true), 4 + 20);
+        // r + 6 out; with dropout + 2 in + out
+        assert_eq!(adapter_floats(&adapted(out, inp, r, true), false), 4 + 72);
+        assert_eq!(
+            adapter_floats(&adapted(out, inp, r, true), true),
+            4 + 72 + 40 + 12
+        );
     }
 }
