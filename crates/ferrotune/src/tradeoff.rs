@@ -595,14 +595,10 @@ fn fmt_opt<T>(v: Option<T>, f: impl Fn(T) -> String) -> String {
     v.map(f).unwrap_or_else(|| "-".to_string())
 }
 
+/// Decimal units, as `train` prints its peak RSS and the memory estimate (the table's 1.84 GB is
+/// the 1.84 GB the run printed).
 fn bytes(b: u64) -> String {
-    if b >= 1 << 30 {
-        format!("{:.2} GB", b as f64 / (1u64 << 30) as f64)
-    } else if b >= 1 << 20 {
-        format!("{:.1} MB", b as f64 / (1u64 << 20) as f64)
-    } else {
-        format!("{:.1} KB", b as f64 / 1024.0)
-    }
+    crate::inspect::human_bytes(b)
 }
 
 /// The table as Markdown (what `compare.md` holds and the CLI prints).
@@ -809,7 +805,7 @@ mod tests {
             all_params: Some(100_000),
             trainable_percent: Some(1.234),
             adapter_bytes: Some(5000),
-            peak_rss_bytes: Some(3 << 30),
+            peak_rss_bytes: Some(3_000_000_000),
             s_per_step: Some(0.5),
             tokens_per_s: Some(900.0),
             steps: Some(10),
@@ -829,7 +825,7 @@ mod tests {
             rows: vec![ok, failed],
         };
         let md = markdown(&report);
-        assert!(md.contains("| lora | 1,234 | 1.2340 | 4.9 KB | 3.00 GB | 0.50 | 900 | 1.5000 | 0.3100 | 0.2500 |"), "{md}");
+        assert!(md.contains("| lora | 1,234 | 1.2340 | 5.0 kB | 3.00 GB | 0.50 | 900 | 1.5000 | 0.3100 | 0.2500 |"), "{md}");
         let failed_line = md.lines().find(|l| l.starts_with("| ia3")).unwrap();
         assert!(
             failed_line.contains("boom \\| bang") && !failed_line.contains("second"),
