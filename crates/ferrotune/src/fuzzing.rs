@@ -783,6 +783,14 @@ fn data_rows_seeds() -> Vec<Vec<u8>> {
         pack(&[
             (
                 "data.toml",
+                b"[data]\nmixture = [{path = \"data.tsv\", template = \"Q: {question}\\nA:\", completion = \" {answer}\"}, {path = \"data.jsonl\", weight = 3.0}]\nmixing_rates = \"temperature\"\nmixing_cap = 2\nmixing_temperature = 2.0\nmixture_size = 8\n",
+            ),
+            ("data.tsv", &tsv),
+            ("data.jsonl", chat.as_bytes()),
+        ]),
+        pack(&[
+            (
+                "data.toml",
                 b"[data]\ntrain = \"data.jsonl\"\nmessages_field = \"messages\"\nsplit = [0.5, 0.25, 0.25]\n",
             ),
             ("data.jsonl", chat.repeat(2).as_bytes()),

@@ -12,6 +12,8 @@
 //! # length_policy = "truncate_prompt_start" | "drop" | "error"
 //! # max_seq_len = 1024, packing = false, seed = 0
 //! # mixture_size = 10000, mixing = "interleave" | "sample"
+//! # mixing_rates = "weights" | "examples_proportional" | "temperature"
+//! #   mixing_cap = 3000 (FLAN's K), mixing_temperature = 2.0
 //!
 //! # Other tasks (see [`super::tasks`]): the train config's `task` / `objective` pick how rows
 //! # become examples ([`DataTask`]).
@@ -30,7 +32,7 @@ use serde::Deserialize;
 
 use super::objectives::Masking;
 pub use super::read::Format;
-pub use super::split::Mixing;
+pub use super::split::{Mixing, MixingRates};
 use super::tasks::{self, DataTask};
 use super::{
     apply_length_policy, mix, read_rows, split_rows, BatchConfig, Encoder, Example, LabelMap,
@@ -74,6 +76,13 @@ pub struct DataConfig {
     pub mixture_size: Option<usize>,
     #[serde(default)]
     pub mixing: Mixing,
+    /// How the mixture's shares are set: the weights, examples-proportional (capped at
+    /// `mixing_cap`) or temperature-scaled (`mixing_temperature`); each weight multiplies its
+    /// dataset's share.
+    #[serde(default)]
+    pub mixing_rates: MixingRates,
+    pub mixing_cap: Option<usize>,
+    pub mixing_temperature: Option<f64>,
     /// Raw text for pre-training objectives (`clm`, `mlm`, `span_corruption`): a template such
     /// as `"{text}"`; documents are concatenated and cut into `max_seq_len` chunks.
     pub text: Option<String>,
@@ -392,6 +401,7 @@ pub fn load_task(
             ))
         }
         (Some(train), true) => {
+            no_mixing_keys(cfg)?;
             let enc = cfg.main_encoder()?;
             let rows = read(train, None)?;
             let train_rows = match &cfg.split {
@@ -444,7 +454,15 @@ pub fn load_task(
                 datasets.push((rows.file.display().to_string(), exs));
                 weights.push(m.weight);
             }
-            prepared.train = mix(&datasets, &weights, cfg.mixture_size, cfg.mixing, cfg.seed)?;
+            let sizes: Vec<usize> = datasets.iter().map(|(_, e)| e.len()).collect();
+            let rates = super::split::mixture_rates(
+                &sizes,
+                &weights,
+                cfg.mixing_rates,
+                cfg.mixing_cap,
+                cfg.mixing_temperature,
+            )?;
+            prepared.train = mix(&datasets, &rates, cfg.mixture_size, cfg.mixing, cfg.seed)?;
         }
     }
     let enc = || cfg.main_encoder();
@@ -473,6 +491,25 @@ pub fn load_task(
     Ok(prepared)
 }
 
+/// A key that only shapes a mixture, set beside a single `train` file, would be ignored: refuse
+/// it by name.
+fn no_mixing_keys(cfg: &DataConfig) -> Result<()> {
+    let set = [
+        ("mixture_size", cfg.mixture_size.is_some()),
+        ("mixing_rates", cfg.mixing_rates != MixingRates::Weights),
+        ("mixing_cap", cfg.mixing_cap.is_some()),
+        ("mixing_temperature", cfg.mixing_temperature.is_some()),
+    ];
+    match set.iter().find(|(_, on)| *on) {
+        Some((k, _)) => Err(Error::key(
+            SECTION,
+            *k,
+            "only applies to a `mixture` (this config has one `train` file)",
+        )),
+        None => Ok(()),
+    }
+}
+
 /// The rows of each split of a single-file config: `train` (cut by `split` when given), else
 /// `validation` / `test` files.
 fn split_files(cfg: &DataConfig, base_dir: &Path) -> Result<(Rows, Option<Rows>, Option<Rows>)> {
@@ -483,6 +520,7 @@ fn split_files(cfg: &DataConfig, base_dir: &Path) -> Result<(Rows, Option<Rows>,
             "mixtures are for causal LM supervised data; give a `train` file",
         ));
     }
+    no_mixing_keys(cfg)?;
     let train = cfg
         .train
         .as_ref()
@@ -681,6 +719,38 @@ mod tests {
         }
         for e in from_a {
             assert_eq!(e.input_ids, words(&tok, &format!("<s> a {} b </s>", n(e))));
+        }
+        // Examples-proportional: a (4 rows) : b8 (8 rows) is 4 : 8, capped at 4 it is 4 : 4.
+        d.write(
+            "b8.jsonl",
+            &(0..8)
+                .map(|i| json!({"y": i}).to_string())
+                .collect::<Vec<_>>()
+                .join("\n"),
+        );
+        for (cap, want_b) in [(None, 8), (Some(4), 6)] {
+            let cfg = config(json!({
+                "template": "a {x}", "completion": "b",
+                "mixture": [{"path": "a.jsonl"}, {"path": "b8.jsonl", "template": "c {y}"}],
+                "mixing_rates": "examples_proportional", "mixing_cap": cap, "mixture_size": 12
+            }));
+            let p = load(&cfg, d.dir(), &tok, 64).unwrap();
+            let from_b = p
+                .train
+                .iter()
+                .filter(|e| e.source.file.ends_with("b8.jsonl"));
+            assert_eq!(from_b.count(), want_b, "cap {cap:?}");
+        }
+        // A mixing key beside one train file would be ignored: it is refused by name.
+        for (k, v) in [
+            ("mixing_temperature", json!(2.0)),
+            ("mixing_cap", json!(3)),
+            ("mixture_size", json!(3)),
+        ] {
+            let mut c = json!({"train": "a.jsonl", "template": "a {x}", "completion": "b"});
+            c[k] = v;
+            let e = load(&config(c), d.dir(), &tok, 64).unwrap_err().to_string();
+            assert!(e.contains(k) && e.contains("mixture"), "{e}");
         }
         // A chat dataset in a templated mixture, marked by its `messages_field`.
         let chat_tok = tiny_tokenizer(Some(TINY_CHAT));

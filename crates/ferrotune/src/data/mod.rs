@@ -48,7 +48,8 @@ pub(crate) mod testutil;
 
 pub use batch::{Batch, BatchConfig, Batcher, DataCursor, Targets};
 pub use config::{
-    load, load_task, pad_id, DataConfig, Format, Mixing, MixtureEntry, Prepared, SplitStats,
+    load, load_task, pad_id, DataConfig, Format, Mixing, MixingRates, MixtureEntry, Prepared,
+    SplitStats,
 };
 pub use labels::LabelMap;
 pub use length::{apply_length_policy, LengthPolicy, LengthStats};
