@@ -415,6 +415,11 @@ fn kill_9_then_resume_equals_an_uninterrupted_run() {
             .unwrap();
     assert_eq!(summary["train_tokens"], summary_a["train_tokens"]);
     assert_eq!(summary["final_val_loss"], summary_a["final_val_loss"]);
+    // The examples the resumed run drew include its first session's.
+    assert!(summary["task_mix"]
+        .as_object()
+        .is_some_and(|m| !m.is_empty()));
+    assert_eq!(summary["task_mix"], summary_a["task_mix"]);
 }
 
 // ---- Merge, generate -----------------------------------------------------------------------------
@@ -512,6 +517,11 @@ fn train_writes_summary_adapter_metrics_and_plot() {
         );
     }
     assert_eq!(v["steps"], 6);
+    // 6 steps of 2 examples, all from the one train file.
+    let mix = v["task_mix"].as_object().expect("task_mix");
+    assert_eq!(mix.len(), 1, "{mix:?}");
+    let (file, n) = mix.iter().next().unwrap();
+    assert!(file.ends_with("train.jsonl") && n == 12, "{mix:?}");
     assert!(v["train_tokens"].as_u64().unwrap() > 0);
     assert!(v["train_tokens_per_s"].as_f64().unwrap() > 0.0);
     assert!(v["peak_rss_bytes"].as_u64().unwrap() > 1 << 20);

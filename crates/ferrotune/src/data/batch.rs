@@ -310,6 +310,32 @@ impl Batcher {
         batches
     }
 
+    /// Training examples drawn up to the cursor (every earlier epoch whole, this one up to the
+    /// cursor), counted by the file each came from: the mix of datasets a run actually saw.
+    /// Computed from the seeded plan, so a resumed run counts what its earlier sessions drew.
+    pub fn seen_per_source(&self) -> std::collections::BTreeMap<String, u64> {
+        let mut per_epoch = std::collections::BTreeMap::<String, u64>::new();
+        for e in &self.examples {
+            *per_epoch
+                .entry(e.source.file.display().to_string())
+                .or_default() += 1;
+        }
+        let mut seen: std::collections::BTreeMap<String, u64> = per_epoch
+            .into_iter()
+            .map(|(k, n)| (k, n.saturating_mul(self.cursor.epoch as u64)))
+            .collect();
+        let done = self.cursor.index.min(self.plan.len());
+        for batch in &self.plan[..done] {
+            for &i in batch.iter().flatten() {
+                *seen
+                    .entry(self.examples[i].source.file.display().to_string())
+                    .or_default() += 1;
+            }
+        }
+        seen.retain(|_, n| *n > 0);
+        seen
+    }
+
     pub fn batches_per_epoch(&self) -> usize {
         self.plan.len()
     }
@@ -565,6 +591,42 @@ mod tests {
         assert_eq!(batch.n_loss_tokens, 5);
         assert_eq!(batch.labels.dtype(), candle_core::DType::I64);
         assert_eq!(batch.input_ids.dtype(), candle_core::DType::U32);
+    }
+
+    #[test]
+    fn examples_seen_are_counted_by_source_across_epochs_and_a_seek() {
+        // Examples 0..3 from a.jsonl, 3..10 from b.jsonl; batches of 2 (5 per epoch).
+        let mut exs = examples(&[3; 10]);
+        for (i, e) in exs.iter_mut().enumerate() {
+            let f = if i < 3 { "a.jsonl" } else { "b.jsonl" };
+            e.source.file = Arc::from(Path::new(f));
+        }
+        let cfg = BatchConfig::new(2, 8, 0);
+        let mut b = Batcher::new(exs.clone(), cfg.clone(), Device::Cpu).unwrap();
+        assert!(b.seen_per_source().is_empty());
+        let mut want = std::collections::BTreeMap::<String, u64>::new();
+        for _ in 0..7 {
+            let (mut e, mut i) = (b.cursor().epoch, b.cursor().index);
+            if i == b.batches_per_epoch() {
+                (e, i) = (e + 1, 0);
+            }
+            let plan = b.plan_for(e);
+            b.next_batch().unwrap();
+            for &k in plan[i].iter().flatten() {
+                *want
+                    .entry(exs[k].source.file.display().to_string())
+                    .or_default() += 1;
+            }
+        }
+        let seen = b.seen_per_source();
+        assert_eq!(seen, want);
+        assert_eq!(seen.values().sum::<u64>(), 14);
+        // One whole epoch is every example once: 3 from a, 7 from b.
+        assert!(seen["a.jsonl"] >= 3 && seen["b.jsonl"] >= 7, "{seen:?}");
+        // A resumed batcher counts what the earlier session drew.
+        let mut resumed = Batcher::new(exs, cfg, Device::Cpu).unwrap();
+        resumed.seek(b.cursor()).unwrap();
+        assert_eq!(resumed.seen_per_source(), seen);
     }
 
     #[test]

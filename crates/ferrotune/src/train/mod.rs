@@ -128,6 +128,10 @@ pub struct Summary {
     /// Classification: accuracy on the validation data at the last evaluation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub final_val_accuracy: Option<f64>,
+    /// Training examples drawn, by the file they came from (over all sessions): the mix of
+    /// datasets the run actually saw (a `mixture`'s realised shares).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub task_mix: std::collections::BTreeMap<String, u64>,
     /// Set (not saved) when `--resume` found the run finished: this is its saved summary and
     /// nothing was done.
     #[serde(skip)]

@@ -590,6 +590,7 @@ impl<'a> Recipe<'a> {
             adapter_dir,
             model_dir,
             final_val_accuracy: s.last_val_accuracy,
+            task_mix: self.batcher.seen_per_source(),
             already_finished: false,
         };
         let text = serde_json::to_string_pretty(&summary).expect("the summary always serializes");
