@@ -148,7 +148,7 @@ pub fn mixture_rates(
         }
     }
     let capped = |n: usize| n.min(cap.unwrap_or(usize::MAX)) as f64;
-    Ok(sizes
+    let rates: Vec<f64> = sizes
         .iter()
         .zip(weights)
         .map(|(&n, &w)| match rule {
@@ -156,7 +156,18 @@ pub fn mixture_rates(
             MixingRates::ExamplesProportional => w * capped(n),
             MixingRates::Temperature => w * capped(n).powf(1.0 / temperature.unwrap_or(1.0)),
         })
-        .collect())
+        .collect();
+    // A tiny temperature raises sizes to huge powers: say so rather than blame the weights.
+    if rule == MixingRates::Temperature && rates.iter().sum::<f64>().is_infinite() {
+        return Err(key(
+            "mixing_temperature",
+            format!(
+                "{} is too small: the shares overflow (use T >= 0.1; T < 1 favours the large datasets)",
+                temperature.unwrap_or(1.0)
+            ),
+        ));
+    }
+    Ok(rates)
 }
 
 /// How many times over a mixture may draw its examples (`mixture_size` / examples available).
@@ -458,6 +469,11 @@ mod tests {
                 "{e}"
             );
         }
+        let e = err(MixingRates::Temperature, None, Some(1e-5));
+        assert!(
+            e.contains("mixing_temperature") && e.contains("too small"),
+            "{e}"
+        );
         // T = 1 without a cap is examples-proportional.
         let a = mixture_rates(
             &[3, 4],
