@@ -324,13 +324,9 @@ impl Batcher {
             .into_iter()
             .map(|(k, n)| (k, n.saturating_mul(self.cursor.epoch as u64)))
             .collect();
-        let done = self.cursor.index.min(self.plan.len());
-        for batch in &self.plan[..done] {
-            for &i in batch.iter().flatten() {
-                *seen
-                    .entry(self.examples[i].source.file.display().to_string())
-                    .or_default() += 1;
-            }
+        let drawn = self.plan.iter().take(self.cursor.index).flatten().flatten();
+        for e in drawn.filter_map(|&i| self.examples.get(i)) {
+            *seen.entry(e.source.file.display().to_string()).or_default() += 1;
         }
         seen.retain(|_, n| *n > 0);
         seen

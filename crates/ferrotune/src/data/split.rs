@@ -151,21 +151,20 @@ pub fn mixture_rates(
     let rates: Vec<f64> = sizes
         .iter()
         .zip(weights)
-        .map(|(&n, &w)| match rule {
-            MixingRates::Weights => w,
-            MixingRates::ExamplesProportional => w * capped(n),
-            MixingRates::Temperature => w * capped(n).powf(1.0 / temperature.unwrap_or(1.0)),
+        .map(|(&n, &w)| match (rule, temperature) {
+            (MixingRates::Weights, _) => w,
+            (MixingRates::Temperature, Some(t)) => w * capped(n).powf(1.0 / t),
+            _ => w * capped(n),
         })
         .collect();
     // A tiny temperature raises sizes to huge powers: say so rather than blame the weights.
-    if rule == MixingRates::Temperature && rates.iter().sum::<f64>().is_infinite() {
-        return Err(key(
-            "mixing_temperature",
-            format!(
-                "{} is too small: the shares overflow (use T >= 0.1; T < 1 favours the large datasets)",
-                temperature.unwrap_or(1.0)
-            ),
-        ));
+    if let (MixingRates::Temperature, Some(t)) = (rule, temperature) {
+        if rates.iter().sum::<f64>().is_infinite() {
+            return Err(key(
+                "mixing_temperature",
+                format!("{t} is too small: the shares overflow (use T >= 0.1; T < 1 favours the large datasets)"),
+            ));
+        }
     }
     Ok(rates)
 }
