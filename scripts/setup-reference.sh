@@ -29,6 +29,7 @@ PINS=(
   "sentence-transformers==6.2.0"  # reference/bert_fixtures.py (all-MiniLM-L6-v2 embeddings)
   "bitsandbytes==0.50.2"   # reference/optimizer_fixtures.py (8-bit AdamW; runs on the CPU)
   "scikit-learn==1.9.1"    # reference/classification_fixtures.py (accuracy, macro-F1)
+  "lm-eval==0.4.13"        # reference/lm_eval_fixtures.py, bench/bench_vs_lm_eval.py (lm-evaluation-harness)
 )
 LLAMA_PIN="llama-cpp-python==0.3.36"
 

@@ -80,6 +80,9 @@ enum Command {
     Classify(ClassifyArgs),
     /// Run several fine-tuning methods on one config (same data, steps, seed) and print the trade-off table.
     Compare(CompareArgs),
+    /// Run lm-evaluation-harness task files (YAML) on a model, with lm-eval's prompts, metrics,
+    /// standard errors and results layout; with --adapter, the forgetting table against the base.
+    Bench(BenchArgs),
     /// Inspect training data.
     Data {
         #[command(subcommand)]
@@ -90,6 +93,48 @@ enum Command {
         #[command(subcommand)]
         cmd: PeftCommand,
     },
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    #[command(flatten)]
+    m: ModelArgs,
+    /// Adapter folders: each is benchmarked after the base, and a forgetting table compares
+    /// them (paired bootstrap over the same documents).
+    #[arg(long)]
+    adapter: Vec<PathBuf>,
+    /// Comma-separated: task YAML files, folders of them, or shipped task names (sst2,
+    /// dialogsum, self_instruct, mmlu_abstract_algebra, hellaswag, arc_easy, arc_challenge,
+    /// boolq, piqa, winogrande).
+    #[arg(long)]
+    tasks: String,
+    /// Few-shot examples per prompt (default: each task's num_fewshot, else 0).
+    #[arg(long)]
+    num_fewshot: Option<usize>,
+    /// Score the first N documents of each task.
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Recorded in the results; requests share prefixes instead of padded batches.
+    #[arg(long, default_value_t = 1)]
+    batch_size: usize,
+    /// Wrap each prompt in the model's chat template (recorded in the results).
+    #[arg(long)]
+    apply_chat_template: bool,
+    /// Also write per-sample logs (samples_<task>.jsonl beside --output, or to stdout's folder).
+    #[arg(long)]
+    log_samples: bool,
+    /// Results file (lm-eval's layout; with adapters: {"base", "adapters", "forgetting"}).
+    #[arg(long)]
+    output: Option<PathBuf>,
+    /// Replace an existing --output file (never an input).
+    #[arg(long, requires = "output")]
+    overwrite: bool,
+    /// Print lm-eval's `results` object on one line (one line per model with adapters).
+    #[arg(long)]
+    json: bool,
+    /// The few-shot sampler's seed (lm-eval's --fewshot_random_seed).
+    #[arg(long, default_value_t = ferrotune::bench::FEWSHOT_SEED)]
+    fewshot_seed: u64,
 }
 
 #[derive(Args)]
@@ -787,6 +832,7 @@ fn main() {
         Command::Train(a) => run_train(a),
         Command::Merge(a) => run_merge(a),
         Command::Eval(a) => run_eval(a),
+        Command::Bench(a) => run_bench(a),
         Command::Embed(a) => run_embed(a),
         Command::Classify(a) => run_classify(a),
         Command::Compare(a) => run_compare(a),
@@ -1503,6 +1549,114 @@ fn run_merge(a: MergeArgs) -> Result<()> {
         report.modules.len(),
         a.out.display()
     );
+    Ok(())
+}
+
+fn run_bench(a: BenchArgs) -> Result<()> {
+    use ferrotune::bench::{self, forgetting, BenchOptions};
+    let opts = BenchOptions {
+        num_fewshot: a.num_fewshot,
+        limit: a.limit,
+        batch_size: a.batch_size,
+        apply_chat_template: a.apply_chat_template,
+        fewshot_seed: a.fewshot_seed,
+        log_samples: a.log_samples,
+    };
+    opts.validate().map_err(flag_error)?;
+    if a.log_samples && a.output.is_none() {
+        anyhow::bail!("--log-samples writes samples_<task>.jsonl beside --output: pass --output");
+    }
+    let (tasks, groups) = bench::task::resolve_tasks(&a.tasks)?;
+    let mut inputs = model_inputs(&a.m.model, None);
+    for d in &a.adapter {
+        input_dir("--adapter", d)?;
+        inputs.push(Input::new("an --adapter folder", d));
+    }
+    if let Some(path) = &a.output {
+        fsutil::check_output_file(path, "--output", a.overwrite, &inputs)?;
+    }
+    let quiet = a.json || QUIET.load(Ordering::Relaxed);
+    let progress: Box<dyn ferrotune::progress::Progress> = if quiet {
+        Box::new(ferrotune::progress::NoProgress)
+    } else {
+        Box::new(bar())
+    };
+    let mut runs = Vec::new();
+    let names: Vec<Option<&PathBuf>> = std::iter::once(None)
+        .chain(a.adapter.iter().map(Some))
+        .collect();
+    for adapter in names {
+        let mut lm = load(&a.m)?;
+        if let Some(d) = adapter {
+            attach_adapters(&mut lm, std::slice::from_ref(d))?;
+        }
+        let mut report = bench::run(
+            &*lm.model,
+            &lm.tokenizer,
+            &tasks,
+            &groups,
+            &opts,
+            progress.as_ref(),
+        )?;
+        report.model = a.m.model.clone();
+        report.adapter = adapter.map(|d| d.display().to_string());
+        if a.json {
+            println!("{}", report.results_object());
+        } else {
+            let who = adapter.map_or("base".to_string(), |d| format!("adapter {}", d.display()));
+            println!("{who}:\n{}", report.table());
+        }
+        runs.push(report);
+    }
+    let forgetting: Vec<forgetting::Report> = runs
+        .iter()
+        .skip(1)
+        .map(|r| {
+            let after = r.adapter.clone().unwrap_or_default();
+            forgetting::compare(&runs[0], r, "base", &after)
+        })
+        .collect();
+    if !a.json {
+        for f in &forgetting {
+            println!("{}", f.markdown());
+        }
+    }
+    if let Some(path) = &a.output {
+        let doc = if runs.len() == 1 {
+            runs[0].to_lm_eval_json()
+        } else {
+            let adapters: serde_json::Map<String, serde_json::Value> = runs
+                .iter()
+                .skip(1)
+                .map(|r| (r.adapter.clone().unwrap_or_default(), r.to_lm_eval_json()))
+                .collect();
+            serde_json::json!({"base": runs[0].to_lm_eval_json(), "adapters": adapters, "forgetting": forgetting})
+        };
+        fsutil::check_output_file(path, "--output", a.overwrite, &inputs)?;
+        fsutil::write_atomic(
+            path,
+            format!("{}\n", serde_json::to_string_pretty(&doc)?).as_bytes(),
+        )?;
+        if a.log_samples {
+            let dir = path.parent().unwrap_or(Path::new("."));
+            for (ri, r) in runs.iter().enumerate() {
+                for t in &r.tasks {
+                    let suffix = if ri == 0 {
+                        String::new()
+                    } else {
+                        format!("_adapter{ri}")
+                    };
+                    let f = dir.join(format!("samples_{}{suffix}.jsonl", t.task));
+                    let mut text = String::new();
+                    for s in &t.samples {
+                        text.push_str(&format!("{s}\n"));
+                    }
+                    fsutil::check_output_file(&f, "--log-samples", a.overwrite, &inputs)?;
+                    fsutil::write_atomic(&f, text.as_bytes())?;
+                }
+            }
+        }
+    }
     Ok(())
 }
 

@@ -39,13 +39,6 @@ impl Mat {
         }
     }
 
-    fn out_dim(&self) -> usize {
-        match self {
-            Mat::Quant(q) => q.shape().0,
-            Mat::Dense(_, o, _) => *o,
-        }
-    }
-
     /// (out, in).
     fn shape(&self) -> (usize, usize) {
         match self {
@@ -74,14 +67,56 @@ impl Mat {
                 let y = q.forward(&Tensor::from_slice(x, (m, k), &Device::Cpu)?)?;
                 out.copy_from_slice(&y.flatten_all()?.to_vec1::<f32>()?);
             }
-            Mat::Dense(_, _, i) => {
-                for (xr, or) in x.chunks_exact(*i).zip(out.chunks_exact_mut(self.out_dim())) {
-                    self.matvec(xr, or);
-                }
-            }
+            Mat::Dense(w, o, i) => dense_matmul(x, m, w, *o, *i, out)?,
         }
         Ok(())
     }
+}
+
+/// out (m, o) = x (m, i) W^T for a dense row-major W (o, i), through gemm on every core (a
+/// prompt of many tokens is a matrix product, not m matrix-vector products).
+fn dense_matmul(x: &[f32], m: usize, w: &[f32], o: usize, i: usize, out: &mut [f32]) -> Result<()> {
+    let fits = |len: usize, a: usize, b: usize| a.checked_mul(b) == Some(len);
+    if !(fits(x.len(), m, i) && fits(w.len(), o, i) && fits(out.len(), m, o)) {
+        return Err(crate::Error::msg(format!(
+            "dense matmul: shapes disagree (x {} for {m}x{i}, w {} for {o}x{i}, out {})",
+            x.len(),
+            w.len(),
+            out.len()
+        )));
+    }
+    let threads = rayon::current_num_threads();
+    let par = if threads > 1 && m > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: the three slices hold exactly m*i, o*i and m*o elements (checked above), which
+    // is every element gemm reads or writes with these strides; `out` is a distinct &mut.
+    unsafe {
+        gemm::gemm(
+            m,
+            o,
+            i,
+            out.as_mut_ptr(),
+            1,
+            o as isize,
+            false,
+            x.as_ptr(),
+            1,
+            i as isize,
+            w.as_ptr(),
+            i as isize,
+            1,
+            0.0f32,
+            1.0f32,
+            false,
+            false,
+            false,
+            par,
+        )
+    }
+    Ok(())
 }
 
 struct Lin {
@@ -303,7 +338,38 @@ impl FastDecoder {
 
     /// Run `ids` (new positions after the cached ones); return the last position's logits.
     fn forward(&mut self, ids: &[u32]) -> Result<Vec<f32>> {
+        self.forward_rows(ids, ids.len().saturating_sub(1))
+    }
+
+    /// Positions in the cache.
+    pub fn cached(&self) -> usize {
+        self.pos
+    }
+
+    /// Scoring with a shared prefix: keep the first `keep` cached positions (drop the rest),
+    /// run `ids` after them, and return the logits of `ids[from..]` ((len - from) x vocab,
+    /// row-major). Several continuations of one context each rewind to the context's end.
+    pub fn extend(&mut self, keep: usize, ids: &[u32], from: usize) -> Result<Vec<f32>> {
+        if ids.is_empty() || from >= ids.len() {
+            return Err(crate::Error::msg(format!(
+                "engine: no positions to score ({} tokens, logits from {from})",
+                ids.len()
+            )));
+        }
+        self.pos = keep.min(self.pos);
+        self.forward_rows(ids, from)
+    }
+
+    /// The vocabulary size (the length of one row of logits).
+    pub fn vocab_size(&self) -> usize {
+        self.vocab
+    }
+
+    fn forward_rows(&mut self, ids: &[u32], from: usize) -> Result<Vec<f32>> {
         let t = ids.len();
+        if t == 0 || from >= t {
+            return Err(crate::Error::msg("engine: empty forward"));
+        }
         if self.pos + t > self.ctx {
             return Err(crate::Error::ContextOverflow {
                 tokens: self.pos + t,
@@ -419,11 +485,16 @@ impl FastDecoder {
             x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
         }
         self.pos += t;
-        let last = &x[(t - 1) * h..];
-        let mut ln = vec![0f32; h];
+        let rows = t - from;
+        let last = &x[from * h..];
+        let mut ln = vec![0f32; rows * h];
         rms_norm_rows(last, &self.norm, self.eps, &mut ln);
-        let mut logits = vec![0f32; self.vocab];
-        self.lm_head.matvec(&ln, &mut logits);
+        let mut logits = vec![0f32; rows * self.vocab];
+        if rows == 1 {
+            self.lm_head.matvec(&ln, &mut logits);
+        } else {
+            self.lm_head.matmul(&ln, rows, &mut logits)?;
+        }
         Ok(logits)
     }
 }

@@ -11,6 +11,7 @@
 //! - [`progress`]: how long calls report their progress (the caller picks a bar or nothing).
 //! - [`train`]: fine-tuning recipes (LoRA) from a TOML config, with checkpoints and exact resume.
 pub mod beam;
+pub mod bench;
 pub mod classify;
 pub mod data;
 pub mod embed;

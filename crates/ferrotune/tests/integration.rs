@@ -2,6 +2,8 @@
 //! `cargo test --release` within a small CI disk and cuts its link time. Run one file's tests
 //! with a filter: `cargo test --release -p ferrotune --test integration <file>::`.
 
+mod bench_lm_eval;
+mod bench_tasks;
 mod bert;
 mod bottleneck;
 mod checkpointing;

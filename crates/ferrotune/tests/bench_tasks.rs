@@ -1,0 +1,198 @@
+//! Task files for `ferrotune bench`: every shipped task parses, the hub tasks (which cannot be
+//! fetched here) build the prompts lm-eval's Python builds for a hand-written document, and bad
+//! task files fail with one line naming the file, the key, the field or the place looked in.
+use ferrotune::bench::prompt::Prompter;
+use ferrotune::bench::task::{self, OutputType, TaskFile, SHIPPED};
+use serde_json::{json, Map, Value};
+use std::path::PathBuf;
+
+fn doc(v: Value) -> Map<String, Value> {
+    v.as_object().unwrap().clone()
+}
+
+fn shipped(name: &str) -> task::TaskConfig {
+    let (tasks, _) = task::resolve_tasks(name).unwrap();
+    assert_eq!(tasks.len(), 1);
+    tasks.into_iter().next().unwrap()
+}
+
+fn tmp_yaml(name: &str, text: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("ferrotune-bench-tasks-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+#[test]
+fn every_shipped_task_parses() {
+    for (name, _) in SHIPPED {
+        let t = shipped(name);
+        assert_eq!(&t.task, name);
+        assert!(!t.metric_list.is_empty(), "{name}");
+    }
+    assert_eq!(shipped("sst2").output_type, OutputType::MultipleChoice);
+    assert_eq!(shipped("dialogsum").output_type, OutputType::GenerateUntil);
+}
+
+#[test]
+fn hub_tasks_build_lm_evals_prompts() {
+    // arc_easy: the target is the index of answerKey among the labels; choices a list.
+    let t = shipped("arc_easy");
+    let d = doc(
+        json!({"question": "Which is a gas?", "choices": {"text": ["ice", "steam", "rock"], "label": ["A", "B", "C"]}, "answerKey": "B"}),
+    );
+    let p = Prompter::new(&t, &d).unwrap();
+    assert_eq!(
+        p.contexts(&d, 0, &[], None).unwrap(),
+        vec!["Question: Which is a gas?\nAnswer:"]
+    );
+    assert_eq!(
+        p.choices(&d, 0, false).unwrap(),
+        vec!["ice", "steam", "rock"]
+    );
+    assert_eq!(p.target(&d, 0, false).unwrap(), json!(1));
+
+    // winogrande: each choice is a context, the rest of the sentence the shared continuation.
+    let t = shipped("winogrande");
+    let d = doc(
+        json!({"sentence": "The trophy doesn't fit in the suitcase because _ is too big.", "option1": "the trophy", "option2": "the suitcase", "answer": "2"}),
+    );
+    let p = Prompter::new(&t, &d).unwrap();
+    assert!(p.multiple_input);
+    assert_eq!(p.text(&d, 0, false).unwrap(), json!(1));
+    assert_eq!(
+        p.contexts(&d, 0, &[], None).unwrap(),
+        vec![
+            "The trophy doesn't fit in the suitcase because the trophy",
+            "The trophy doesn't fit in the suitcase because the suitcase"
+        ]
+    );
+    assert_eq!(p.target(&d, 0, false).unwrap(), json!("is too big."));
+
+    // hellaswag: lm-eval's preprocess (strip, " [title]" -> ". ", drop [markup], "  " -> " ").
+    let t = shipped("hellaswag");
+    let d = doc(
+        json!({"activity_label": "Removing ice from car", "ctx_a": "Then, the man writes over the snow [header] covering the window.", "ctx_b": "then", "endings": [" the man adds wax [title]to the car.", ", the man stops."], "label": "1"}),
+    );
+    let p = Prompter::new(&t, &d).unwrap();
+    // Python: preprocess("Removing ice from car: " + ctx_a + " " + "then".capitalize())
+    assert_eq!(
+        p.contexts(&d, 0, &[], None).unwrap(),
+        vec!["Removing ice from car: Then, the man writes over the snow covering the window. Then"]
+    );
+    assert_eq!(
+        p.choices(&d, 0, false).unwrap(),
+        vec!["the man adds wax. to the car.", ", the man stops."]
+    );
+    assert_eq!(p.target(&d, 0, false).unwrap(), json!(1));
+
+    // mmlu: the description in front, question stripped, lettered choices.
+    let t = shipped("mmlu_abstract_algebra");
+    let d = doc(
+        json!({"question": " Find the order of 2 in Z_4. ", "choices": ["1", "2", "3", "4"], "answer": 1}),
+    );
+    let p = Prompter::new(&t, &d).unwrap();
+    assert_eq!(
+        p.contexts(&d, 0, &[], None).unwrap(),
+        vec!["The following are multiple choice questions (with answers) about abstract algebra.\n\nFind the order of 2 in Z_4.\nA. 1\nB. 2\nC. 3\nD. 4\nAnswer:"]
+    );
+    // One first_n shot: question, " " + answer letter, "\n\n".
+    let shot = doc(
+        json!({"question": "Is Z_2 a group?", "choices": ["yes", "no", "maybe", "never"], "answer": 0}),
+    );
+    let ctx = p.contexts(&d, 0, &[(0, &shot)], None).unwrap();
+    assert!(
+        ctx[0].contains(
+            "Is Z_2 a group?\nA. yes\nB. no\nC. maybe\nD. never\nAnswer: A\n\nFind the order"
+        ),
+        "{}",
+        ctx[0]
+    );
+
+    // piqa: a list built in the template.
+    let t = shipped("piqa");
+    let d = doc(
+        json!({"goal": "Open a jar", "sol1": "Twist the lid.", "sol2": "Freeze it.", "label": 0}),
+    );
+    let p = Prompter::new(&t, &d).unwrap();
+    assert_eq!(
+        p.choices(&d, 0, false).unwrap(),
+        vec!["Twist the lid.", "Freeze it."]
+    );
+}
+
+#[test]
+fn an_unsupported_key_names_the_key_and_the_file() {
+    let p = tmp_yaml(
+        "bad_key.yaml",
+        "task: x\ndataset_path: json\nprocess_docs: foo\n",
+    );
+    let e = match task::parse_task_file(&p, None) {
+        Err(e) => e.to_string(),
+        Ok(_) => panic!("accepted"),
+    };
+    assert!(
+        e.contains("process_docs") && e.contains("bad_key.yaml") && !e.contains('\n'),
+        "{e}"
+    );
+    let p = tmp_yaml(
+        "func.yaml",
+        "task: x\ndataset_path: json\ndoc_to_text: !function utils.doc_to_text\n",
+    );
+    let e = task::parse_task_file(&p, None).err().unwrap().to_string();
+    assert!(
+        e.contains("doc_to_text") && e.contains("!function") && e.contains("line 3"),
+        "{e}"
+    );
+    let p = tmp_yaml("metric.yaml", "task: x\ndataset_path: json\noutput_type: multiple_choice\ndoc_to_choice: [a, b]\nmetric_list:\n  - metric: bertscore\n");
+    let e = task::parse_task_file(&p, None).err().unwrap().to_string();
+    assert!(
+        e.contains("metric_list[0].metric") && e.contains("bertscore"),
+        "{e}"
+    );
+    let e = task::resolve_tasks("no_such_task")
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("no_such_task") && e.contains("sst2"), "{e}");
+}
+
+#[test]
+fn a_template_reading_a_missing_field_names_the_field_and_the_sample() {
+    let p = tmp_yaml("missing_field.yaml", "task: x\ndataset_path: json\noutput_type: generate_until\ndoc_to_text: \"Q: {{question}}\"\ndoc_to_target: answer\n");
+    let t = match task::parse_task_file(&p, None).unwrap() {
+        TaskFile::Task(t) => *t,
+        TaskFile::Group(_) => panic!("a group"),
+    };
+    let good = doc(json!({"question": "q", "answer": "a"}));
+    let bad = doc(json!({"query": "q", "answer": "a"}));
+    let pr = Prompter::new(&t, &good).unwrap();
+    let e = pr.contexts(&bad, 7, &[], None).err().unwrap().to_string();
+    assert!(
+        e.contains("sample 7") && e.contains("`question`") && e.contains("missing_field.yaml"),
+        "{e}"
+    );
+}
+
+#[test]
+fn data_that_cannot_be_found_says_where_it_looked() {
+    let p = tmp_yaml(
+        "nodata.yaml",
+        "task: x\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: nowhere/data.jsonl\ntest_split: test\noutput_type: generate_until\ndoc_to_text: q\ndoc_to_target: a\n",
+    );
+    let t = match task::parse_task_file(&p, None).unwrap() {
+        TaskFile::Task(t) => *t,
+        TaskFile::Group(_) => panic!("a group"),
+    };
+    let e = ferrotune::bench::docs::load_split(&t, "test")
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("nowhere/data.jsonl")
+            && e.contains("looked in")
+            && e.contains(&p.parent().unwrap().display().to_string()),
+        "{e}"
+    );
+}
