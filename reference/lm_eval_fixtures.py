@@ -11,7 +11,7 @@ in tests/fixtures/lm_eval/tasks, and writes per task and shot count:
 `cargo test --release -p ferrotune --test integration bench_lm_eval::` compares ferrotune with
 these: the same metrics on the same samples and per-sample log-likelihoods within 1e-3.
 
-Run from anywhere:  .venv/bin/python reference/lm_eval_fixtures.py
+Run from anywhere:  .venv/bin/python reference/lm_eval_fixtures.py [TASK...]  (default: all)
 (scripts/setup-reference.sh creates .venv; data sets are read from ../shared/data.)
 """
 import json
@@ -51,7 +51,9 @@ _orig = HFLM._loglikelihood_tokens
 
 
 def _recording(self, requests, *args, **kwargs):
-    for (ctx, cont), ctx_enc, cont_enc in requests:
+    for key, ctx_enc, cont_enc in requests:
+        # Rolling windows come as token ids only (key None).
+        ctx, cont = key if key is not None else (None, None)
         RECORDED.append({"context": ctx, "continuation": cont,
                          "context_enc": list(ctx_enc), "continuation_enc": list(cont_enc)})
     return _orig(self, requests, *args, **kwargs)
@@ -65,7 +67,10 @@ def main():
         sys.exit(f"{HF_DIR}: missing; run scripts/convert-smollm2-hf.sh first")
     tm = TaskManager(include_path=str(TASKS_DIR))
     lm = HFLM(pretrained=str(HF_DIR), dtype="float32", device="cpu", batch_size=1)
+    only = set(sys.argv[1:])
     for task, k, limit in RUNS:
+        if only and task not in only:
+            continue
         RECORDED.clear()
         res = simple_evaluate(
             model=lm, tasks=[task], num_fewshot=k, limit=limit, log_samples=True,
@@ -82,7 +87,7 @@ def main():
             })
         # Generation arguments hold the kwargs dict: keep the context only.
         for s in samples:
-            s["arguments"] = [[a[0], a[1] if isinstance(a[1], str) else None] for a in s["arguments"]]
+            s["arguments"] = [[a[0], a[1] if len(a) > 1 and isinstance(a[1], str) else None] for a in s["arguments"]]
         out = {
             "task": task, "num_fewshot": k, "limit": limit,
             "lm_eval_version": lm_eval.__version__,

@@ -25,6 +25,7 @@ mod peft_prompts;
 mod peft_variants;
 mod repo_hygiene;
 mod smollm2;
+mod train_eval;
 mod train_full;
 mod train_recipe;
 mod train_safety;

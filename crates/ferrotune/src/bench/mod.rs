@@ -615,6 +615,11 @@ fn process(
             record.insert("target".into(), p.gold.clone());
             let args: Vec<Value> = if t.output_type == OutputType::GenerateUntil {
                 vec![json!({"arg_0": p.contexts.first(), "arg_1": t.generation_kwargs})]
+            } else if t.output_type == OutputType::LoglikelihoodRolling {
+                p.pairs
+                    .iter()
+                    .map(|(_, text)| json!({"arg_0": text}))
+                    .collect()
             } else {
                 p.pairs
                     .iter()

@@ -128,6 +128,9 @@ pub struct TrainConfig {
     pub p_tuning: Option<PTuningSection>,
     #[serde(default)]
     pub train: TrainSection,
+    /// `[eval]`: benchmark tasks run on the base and on the result (the forgetting report).
+    #[serde(default)]
+    pub eval: Option<super::bench_eval::EvalSection>,
 }
 
 /// `[adapter]`: bottleneck adapters (`method = "adapter"`); the keys of the adapter's

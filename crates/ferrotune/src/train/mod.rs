@@ -17,6 +17,7 @@
 //! dropout RNG are restored, so on CPU a run interrupted and resumed ends with the same adapter,
 //! bit for bit, as one that was never interrupted. [`RunOptions::interrupt`] (Ctrl-C) stops a
 //! run at the next step boundary with a checkpoint; `--resume` of a finished run does nothing.
+pub mod bench_eval;
 pub mod checkpoint;
 pub mod checkpointing;
 pub mod compare;

@@ -103,6 +103,8 @@ struct Recipe<'a> {
     memory: memory::MemoryEstimate,
     available: Option<u64>,
     model_line: String,
+    /// `[eval]`: the benchmarks run on the base and on the result when the run finishes.
+    eval_plan: Option<super::bench_eval::EvalPlan>,
 }
 
 /// The state of this session of a run (a resumed run is a new session).
@@ -147,6 +149,8 @@ impl<'a> Recipe<'a> {
             .device()?;
         let source = model::resolve(&cfg.model)?;
         let data = setup_data(c, &source, &device)?;
+        // `[eval]` tasks are read and their data found now, not after training.
+        let eval_plan = super::bench_eval::plan(c)?;
         let (folder, resume_from) = match decide_output(c, opts, &source, &data)? {
             OutputPlan::AlreadyFinished(s) => return Ok(Setup::AlreadyFinished(Box::new(s))),
             OutputPlan::Run { folder, resume } => (folder, resume),
@@ -196,6 +200,7 @@ impl<'a> Recipe<'a> {
             memory,
             available,
             model_line,
+            eval_plan,
         })))
     }
 
@@ -561,6 +566,32 @@ impl<'a> Recipe<'a> {
                 (adapter, Some(dir))
             }
         };
+        // Benchmarks on the base and on what the run wrote: the forgetting report.
+        if finished {
+            if let Some(plan) = &self.eval_plan {
+                let report = super::bench_eval::run(
+                    self.c,
+                    plan,
+                    &self.out,
+                    adapter_dir.as_deref(),
+                    model_dir.as_deref(),
+                    &crate::progress::NoProgress,
+                )?;
+                for r in &report.rows {
+                    s.progress.println(&format!(
+                        "eval {} {}: {:.4} -> {:.4} ({:+.4}, 95% CI [{:+.4}, {:+.4}]): {}",
+                        r.task,
+                        r.metric,
+                        r.before,
+                        r.after,
+                        r.delta,
+                        r.ci_low,
+                        r.ci_high,
+                        r.verdict
+                    ));
+                }
+            }
+        }
         let st = &s.state;
         let summary = Summary {
             method: self.tuner.method().to_string(),
