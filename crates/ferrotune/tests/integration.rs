@@ -26,3 +26,4 @@ mod smollm2;
 mod train_full;
 mod train_recipe;
 mod train_safety;
+mod train_tasks;
