@@ -83,7 +83,15 @@ fn every_example_config_parses_and_dry_runs_without_writing() {
             model.display()
         );
         let d = &c.config.data;
-        for p in [&d.train, &d.validation, &d.test].into_iter().flatten() {
+        let task_files = d
+            .tasks
+            .iter()
+            .flat_map(|t| std::iter::once(&t.train).chain(&t.validation));
+        for p in [&d.train, &d.validation, &d.test]
+            .into_iter()
+            .flatten()
+            .chain(task_files)
+        {
             let p = c.base_dir.join(p);
             assert!(
                 p.exists(),

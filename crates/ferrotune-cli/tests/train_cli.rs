@@ -422,6 +422,76 @@ fn kill_9_then_resume_equals_an_uninterrupted_run() {
     assert_eq!(summary["task_mix"], summary_a["task_mix"]);
 }
 
+// ---- Multi-task ----------------------------------------------------------------------------------
+
+/// `[[tasks]]` instead of `[data] train`: two tasks on one file. The progress line after each
+/// evaluation ends with each task's validation loss; a repeated task name is one error line
+/// naming the file, the line, the task and the key, with nothing written.
+#[test]
+fn tasks_run_prints_each_tasks_val_loss_and_refuses_a_repeated_name() {
+    let s = Setup::new("tasks", "", "", "max_steps = 4\neval_every = 2");
+    let text = std::fs::read_to_string(&s.config).unwrap();
+    let (head, rest) = text.split_once("[data]").unwrap();
+    let (_, tail) = rest.split_once("[lora]").unwrap();
+    let tasks = r#"[data]
+split = [0.75, 0.25]
+
+[[tasks]]
+name = "rev"
+train = "train.jsonl"
+validation = "dev.jsonl"
+template = "{q} ="
+completion = " {a}"
+
+[[tasks]]
+name = "say"
+train = "train.jsonl"
+template = "say {q} ="
+completion = " {q}"
+
+"#;
+    std::fs::write(&s.config, format!("{head}{tasks}[lora]{tail}")).unwrap();
+    let r = s.train_ok(&[]);
+    let stderr = String::from_utf8_lossy(&r.stderr);
+    let evals: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains(": val loss"))
+        .collect();
+    assert_eq!(evals.len(), 3, "steps 0, 2, 4: {stderr}");
+    for l in &evals {
+        let (_, tasks) = l.split_once(" [").unwrap_or_else(|| panic!("{l}"));
+        let parts: Vec<&str> = tasks.trim_end_matches(']').split(" · ").collect();
+        assert_eq!(parts.len(), 2, "{l}");
+        assert!(
+            parts[0].starts_with("rev ") && parts[1].starts_with("say "),
+            "{l}"
+        );
+        for p in parts {
+            let loss: f64 = p.split_once(' ').unwrap().1.parse().unwrap();
+            assert!(loss.is_finite() && loss > 0.0, "{l}");
+        }
+    }
+    assert!(
+        stderr.contains("tasks (train / validation examples): rev"),
+        "{stderr}"
+    );
+    let v: Value =
+        serde_json::from_str(&std::fs::read_to_string(s.out().join("summary.json")).unwrap())
+            .unwrap();
+    let mix = v["task_mix"].as_object().expect("task_mix");
+    assert_eq!(mix.keys().collect::<Vec<_>>(), ["rev", "say"], "{v}");
+
+    let dup = format!("{head}{}[lora]{tail}", tasks.replace("\"say\"", "\"rev\""));
+    std::fs::write(&s.config, dup).unwrap();
+    std::fs::remove_dir_all(s.out()).unwrap();
+    let e = s.train_fails(&[]);
+    assert!(
+        e.contains("run.toml: line 15: [[tasks]] #2 (\"rev\"): key `name`:")
+            && e.contains("unique"),
+        "{e}"
+    );
+}
+
 // ---- Merge, generate -----------------------------------------------------------------------------
 
 /// `generate --json` greedily, 16 tokens past any EOS: (text, prompt tokens, generated tokens).

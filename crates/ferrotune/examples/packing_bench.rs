@@ -119,6 +119,7 @@ fn model_bench(path: &str) {
                 source: Source {
                     file: Arc::from(Path::new("bench")),
                     loc: Loc::Line(e + 1),
+                    task: None,
                 },
             }
         })

@@ -485,6 +485,7 @@ mod tests {
         let src = data::Source {
             file: std::sync::Arc::from(Path::new("f.jsonl")),
             loc: data::Loc::Line(3),
+            task: None,
         };
         let render = |t: &str| opts(t).template().unwrap().render(&row, &src).unwrap();
         assert_eq!(render("sentence"), "a b");

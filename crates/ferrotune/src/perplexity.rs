@@ -131,6 +131,7 @@ fn sequence_nll_counted(
                 source: data::Source {
                     file: std::sync::Arc::from(Path::new("text")),
                     loc: data::Loc::Line(1),
+                    task: None,
                 },
             };
             let nll = example_nll(model, ex, data::Targets::NextToken)?;

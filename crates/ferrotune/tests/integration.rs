@@ -29,3 +29,4 @@ mod train_eval;
 mod train_full;
 mod train_recipe;
 mod train_safety;
+mod train_tasks;

@@ -58,6 +58,7 @@ fn batch(ids: &[u32]) -> Batch {
         sources: vec![Source {
             file: Arc::from(Path::new("test")),
             loc: Loc::Line(1),
+            task: None,
         }],
     }
 }
@@ -515,6 +516,7 @@ fn t5_batch(exp: &Value) -> Batch {
             .map(|i| Source {
                 file: Arc::from(Path::new("test")),
                 loc: Loc::Line(i + 1),
+                task: None,
             })
             .collect(),
     }

@@ -311,14 +311,13 @@ impl Batcher {
     }
 
     /// Training examples drawn up to the cursor (every earlier epoch whole, this one up to the
-    /// cursor), counted by the file each came from: the mix of datasets a run actually saw.
-    /// Computed from the seeded plan, so a resumed run counts what its earlier sessions drew.
+    /// cursor), counted by the task each belongs to (`[[tasks]]` names), or else by the file
+    /// each came from ([`Source::mix_key`]): the mix of tasks a run actually saw. Computed from
+    /// the seeded plan, so a resumed run counts what its earlier sessions drew.
     pub fn seen_per_source(&self) -> std::collections::BTreeMap<String, u64> {
         let mut per_epoch = std::collections::BTreeMap::<String, u64>::new();
         for e in &self.examples {
-            *per_epoch
-                .entry(e.source.file.display().to_string())
-                .or_default() += 1;
+            *per_epoch.entry(e.source.mix_key()).or_default() += 1;
         }
         let mut seen: std::collections::BTreeMap<String, u64> = per_epoch
             .into_iter()
@@ -326,7 +325,7 @@ impl Batcher {
             .collect();
         let drawn = self.plan.iter().take(self.cursor.index).flatten().flatten();
         for e in drawn.filter_map(|&i| self.examples.get(i)) {
-            *seen.entry(e.source.file.display().to_string()).or_default() += 1;
+            *seen.entry(e.source.mix_key()).or_default() += 1;
         }
         seen.retain(|_, n| *n > 0);
         seen
@@ -539,6 +538,7 @@ mod tests {
                     source: Source {
                         file: Arc::from(Path::new("t.jsonl")),
                         loc: Loc::Line(i + 1),
+                        task: None,
                     },
                 }
             })
@@ -739,6 +739,7 @@ mod tests {
             source: Source {
                 file: Arc::from(Path::new("t.jsonl")),
                 loc: Loc::Line(line),
+                task: None,
             },
         }
     }

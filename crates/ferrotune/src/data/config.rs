@@ -15,6 +15,14 @@
 //! # mixing_rates = "weights" | "examples_proportional" | "temperature"
 //! #   mixing_cap = 3000 (FLAN's K), mixing_temperature = 2.0
 //!
+//! # Multi-task instruction tuning: top-level `[[tasks]]` of the train config instead of
+//! # `train` / `mixture` ([`TaskConfig`], copied into [`DataConfig::tasks`]); `[data]` keeps the
+//! # shared settings (mixing_rates, mixing_cap, mixing_temperature, mixture_size, split, ...).
+//! #   [[tasks]]
+//! #   name = "sum"                       # required, unique: the task's identity everywhere
+//! #   train = "dialogsum.train.jsonl"    # validation = "dev.jsonl" (else its share of `split`)
+//! #   template = "..."  (or templates = [...]), completion = "...", weight = 1.0
+//!
 //! # Other tasks (see [`super::tasks`]): the train config's `task` / `objective` pick how rows
 //! # become examples ([`DataTask`]).
 //! # sequence_classification: template = "{sentence}", label_field = "label",
@@ -26,6 +34,7 @@
 //! #   noise_density = 0.15, mean_noise_span_length = 3.0
 //! ```
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use rayon::prelude::*;
 use serde::Deserialize;
@@ -42,6 +51,8 @@ use crate::tokenizer::Tokenizer;
 use crate::{Error, Result};
 
 const SECTION: &str = "[data]";
+/// The source an error about the `[[tasks]]` array as a whole names.
+pub const TASKS: &str = "[[tasks]]";
 
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -104,6 +115,11 @@ pub struct DataConfig {
     pub noise_density: Option<f64>,
     /// Span corruption: mean length of a removed span (default 3).
     pub mean_noise_span_length: Option<f64>,
+    /// The tasks of a multi-task run: the train config's top-level `[[tasks]]` (not a `[data]`
+    /// key; `train::config` copies them here so that [`load`] sees the whole data description).
+    /// When set they replace `train` / `mixture`, and this section's mixing keys apply to them.
+    #[serde(skip)]
+    pub tasks: Vec<TaskConfig>,
 }
 
 /// One dataset of a mixture; unset templates come from the `[data]` section.
@@ -123,6 +139,49 @@ pub struct MixtureEntry {
 
 fn one() -> f64 {
     1.0
+}
+
+/// One task of a multi-task run: a top-level `[[tasks]]` entry of the train config. It is a
+/// mixture entry with a name: the name is the task's identity in the batch plan's counts
+/// (`summary.json` `task_mix`) and in validation (`val_loss_by_task`), so two tasks may read the
+/// same file with different templates and stay apart. Unset templates come from `[data]`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaskConfig {
+    pub name: String,
+    /// The task's training rows.
+    pub train: PathBuf,
+    /// The task's validation rows; without it, the task's share of `[data] split` of `train`.
+    pub validation: Option<PathBuf>,
+    /// Multiplies the share `[data] mixing_rates` gives the task (default 1).
+    #[serde(default = "one")]
+    pub weight: f64,
+    /// The format of the task's files (default: from each file's extension, or `[data] format`).
+    pub format: Option<Format>,
+    pub template: Option<String>,
+    /// Several prompt templates; each example gets one, picked with the seed (FLAN style).
+    pub templates: Option<Vec<String>>,
+    pub completion: Option<String>,
+    pub chat: Option<bool>,
+    pub messages_field: Option<String>,
+}
+
+/// What is wrong with the `[[tasks]]` of a config, found before any file is read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TaskProblem {
+    /// The entry at fault (0-based), or `None` for a `[data]` key that conflicts with tasks.
+    pub task: Option<usize>,
+    /// The key (of the entry, or of `[data]`).
+    pub key: &'static str,
+    pub what: String,
+}
+
+/// How errors name task `i`: `[[tasks]] #2 ("qa")` (1-based, as a reader counts the entries).
+pub fn task_label(tasks: &[TaskConfig], i: usize) -> String {
+    match tasks.get(i) {
+        Some(t) if !t.name.trim().is_empty() => format!("{TASKS} #{} ({:?})", i + 1, t.name),
+        _ => format!("{TASKS} #{}", i + 1),
+    }
 }
 
 /// What [`load`] did with one split.
@@ -171,6 +230,36 @@ impl Prepared {
         }
     }
 
+    /// The validation examples of each named task (`[[tasks]]`), in the order the tasks first
+    /// appear; empty when the examples carry no task names (single-dataset and mixture runs).
+    pub fn validation_by_task(&self) -> Vec<(String, Vec<Example>)> {
+        group_by_task(&self.validation)
+    }
+
+    /// With `[[tasks]]`: one line with each task's training examples (as mixed) and validation
+    /// examples, e.g. `tasks (train / validation examples): sum 600 / 50, qa 400 / 25`.
+    fn tasks_line(&self) -> Option<String> {
+        let train = group_by_task(&self.train);
+        if train.is_empty() {
+            return None;
+        }
+        let val = self.validation_by_task();
+        let parts: Vec<String> = train
+            .iter()
+            .map(|(name, exs)| {
+                let v = val
+                    .iter()
+                    .find(|(n, _)| n == name)
+                    .map_or(0, |(_, e)| e.len());
+                format!("{name} {} / {v}", exs.len())
+            })
+            .collect();
+        Some(format!(
+            "tasks (train / validation examples): {}",
+            parts.join(", ")
+        ))
+    }
+
     /// One line per split, e.g. `train: 450 rows -> 450 examples, 101234 tokens (20811 trained);
     /// 3 prompts truncated, 0 completions truncated, 0 dropped`.
     pub fn summary(&self) -> String {
@@ -200,9 +289,26 @@ impl Prepared {
                 let more = if l.len() > 20 { ", ..." } else { "" };
                 format!("classes: {}{more}", names.join(", "))
             }))
+            .chain(self.tasks_line())
             .collect::<Vec<_>>()
             .join("\n")
     }
+}
+
+/// Examples grouped by their task name, tasks in the order they first appear; empty unless
+/// every example has one (a list either comes from `[[tasks]]` or it does not).
+fn group_by_task(examples: &[Example]) -> Vec<(String, Vec<Example>)> {
+    let mut groups: Vec<(String, Vec<Example>)> = Vec::new();
+    for ex in examples {
+        let Some(name) = &ex.source.task else {
+            return Vec::new();
+        };
+        match groups.iter_mut().find(|(n, _)| **n == **name) {
+            Some((_, g)) => g.push(ex.clone()),
+            None => groups.push((name.to_string(), vec![ex.clone()])),
+        }
+    }
+    groups
 }
 
 /// The id padding is written with: the tokenizer's pad id, else its first eos id, else 0.
@@ -301,6 +407,107 @@ impl DataConfig {
         })
     }
 
+    /// The first problem with the `[[tasks]]` (none when there are no tasks): a `[data]` key
+    /// that tasks replace (`train`, `mixture`, `validation`, `test`) or that they leave unused
+    /// (`split` when every task has its own validation file), an empty, unprintable or repeated
+    /// name, a weight that is not a positive finite number.
+    pub fn task_problem(&self) -> Option<TaskProblem> {
+        if self.tasks.is_empty() {
+            return None;
+        }
+        let data = |key, what: &str| {
+            Some(TaskProblem {
+                task: None,
+                key,
+                what: what.to_string(),
+            })
+        };
+        if self.train.is_some() {
+            return data(
+                "train",
+                "not used with [[tasks]]: each task names its own `train` file",
+            );
+        }
+        if !self.mixture.is_empty() {
+            return data(
+                "mixture",
+                "give either [[data.mixture]] or [[tasks]], not both (a task is a named mixture entry)",
+            );
+        }
+        if self.validation.is_some() {
+            return data(
+                "validation",
+                "not used with [[tasks]]: give each task its own `validation` file (or set `split`)",
+            );
+        }
+        if self.test.is_some() {
+            return data(
+                "test",
+                "not used with [[tasks]] (split = [train, validation, test] ratios cut each task's file)",
+            );
+        }
+        if self.split.is_some() && self.tasks.iter().all(|t| t.validation.is_some()) {
+            return data(
+                "split",
+                "every task has its own `validation` file, so the ratios would split nothing",
+            );
+        }
+        for (i, t) in self.tasks.iter().enumerate() {
+            let bad = |key, what: String| {
+                Some(TaskProblem {
+                    task: Some(i),
+                    key,
+                    what,
+                })
+            };
+            if t.name.trim().is_empty() {
+                return bad(
+                    "name",
+                    "is empty: name the task (e.g. \"summarize\")".into(),
+                );
+            }
+            // Names go into one-line errors, the progress line and JSON keys.
+            if t.name.chars().any(char::is_control) {
+                return bad("name", format!("{:?} has control characters", t.name));
+            }
+            if let Some(j) = self.tasks[..i].iter().position(|o| o.name == t.name) {
+                return bad(
+                    "name",
+                    format!(
+                        "{:?} is also the name of task #{}: task names must be unique",
+                        t.name,
+                        j + 1
+                    ),
+                );
+            }
+            // Written so that NaN fails.
+            if !(t.weight > 0.0 && t.weight.is_finite()) {
+                return bad(
+                    "weight",
+                    format!("must be a positive finite number, got {}", t.weight),
+                );
+            }
+        }
+        None
+    }
+
+    /// [`Self::task_problem`] as an error naming `[data]` and its key, or the task and its key.
+    pub fn check_tasks(&self) -> Result<()> {
+        match self.task_problem() {
+            None => Ok(()),
+            Some(TaskProblem {
+                task: None,
+                key,
+                what,
+            }) => Err(Error::key(SECTION, key, what)),
+            Some(TaskProblem {
+                task: Some(i),
+                key,
+                what,
+            }) => Err(Error::key(task_label(&self.tasks, i), key, what)),
+        }
+    }
+
     fn main_encoder(&self) -> Result<Encoder> {
         self.encoder(
             &self.template,
@@ -339,6 +546,17 @@ pub fn load_task(
         return Err(Error::key(SECTION, "max_seq_len", "must be at least 2"));
     }
     tasks::check_keys(cfg, kind)?;
+    if !cfg.tasks.is_empty() && kind != DataTask::CausalSft {
+        return Err(Error::key(
+            TASKS,
+            "tasks",
+            format!(
+                "multi-task runs are for causal LM instruction data (objective = \"sft\" on a decoder), not {} data",
+                kind.name()
+            ),
+        ));
+    }
+    cfg.check_tasks()?;
     if kind != DataTask::CausalSft {
         let (train, validation, test) = split_files(cfg, base_dir)?;
         return tasks::load(cfg, tok, max_len, kind, train, validation, test);
@@ -384,8 +602,79 @@ pub fn load_task(
     let mut test_stats = named("test");
     let mut val_rows = Vec::new();
     let mut test_rows = Vec::new();
+    // Whether the validation / test splits exist (they may exist and be empty: every example
+    // dropped by the length policy).
+    let (mut has_val, mut has_test) = (false, false);
 
     match (&cfg.train, cfg.mixture.is_empty()) {
+        _ if !cfg.tasks.is_empty() => {
+            let mut datasets = Vec::new();
+            let mut weights = Vec::new();
+            for (i, task) in cfg.tasks.iter().enumerate() {
+                let label = task_label(&cfg.tasks, i);
+                let enc = cfg.encoder(
+                    &task.template,
+                    &task.templates,
+                    &task.completion,
+                    task.chat,
+                    &task.messages_field,
+                    &label,
+                )?;
+                let rows = read(&task.train, task.format)?;
+                // Every task is split with the same seed, so two tasks that read the same file
+                // get the same cut: no row is trained on by one task and validated on by the
+                // other.
+                let (train_rows, val, test) = match (&task.validation, &cfg.split) {
+                    (Some(v), _) => (rows, Some(read(v, task.format)?), None),
+                    (None, Some(ratios)) => {
+                        let mut parts = split_rows(&rows, ratios, cfg.seed)?.into_iter();
+                        let train = parts
+                            .next()
+                            .ok_or_else(|| Error::key(SECTION, "split", "gave no training part"))?;
+                        (train, parts.next(), parts.next())
+                    }
+                    (None, None) => (rows, None, None),
+                };
+                let name: Arc<str> = Arc::from(task.name.as_str());
+                let named = |mut exs: Vec<Example>| {
+                    for e in &mut exs {
+                        e.source.task = Some(name.clone());
+                    }
+                    exs
+                };
+                let exs = named(encode(&train_rows, &enc, &mut train_stats)?);
+                if exs.is_empty() {
+                    return Err(Error::file(
+                        &*train_rows.file,
+                        format!(
+                            "task {:?}: every example was dropped by length_policy = \"drop\" (raise max_seq_len?)",
+                            task.name
+                        ),
+                    ));
+                }
+                datasets.push((label, exs));
+                weights.push(task.weight);
+                if let Some(v) = val {
+                    has_val = true;
+                    let exs = named(encode(&v, &enc, &mut val_stats)?);
+                    prepared.validation.extend(exs);
+                }
+                if let Some(t) = test {
+                    has_test = true;
+                    let exs = named(encode(&t, &enc, &mut test_stats)?);
+                    prepared.test.extend(exs);
+                }
+            }
+            let sizes: Vec<usize> = datasets.iter().map(|(_, e)| e.len()).collect();
+            let rates = super::split::mixture_rates(
+                &sizes,
+                &weights,
+                cfg.mixing_rates,
+                cfg.mixing_cap,
+                cfg.mixing_temperature,
+            )?;
+            prepared.train = mix(&datasets, &rates, cfg.mixture_size, cfg.mixing, cfg.seed)?;
+        }
         (Some(_), false) => {
             return Err(Error::key(
                 SECTION,
@@ -415,7 +704,9 @@ pub fn load_task(
                         ));
                     }
                     let mut parts = split_rows(&rows, ratios, cfg.seed)?.into_iter();
-                    let train = parts.next().expect("split gives 2 or 3 parts");
+                    let train = parts
+                        .next()
+                        .ok_or_else(|| Error::key(SECTION, "split", "gave no training part"))?;
                     val_rows.extend(parts.next());
                     test_rows.extend(parts.next());
                     train
@@ -482,10 +773,10 @@ pub fn load_task(
     val_stats.count(&prepared.validation);
     test_stats.count(&prepared.test);
     prepared.stats.push(train_stats);
-    if !val_rows.is_empty() {
+    if has_val || !val_rows.is_empty() {
         prepared.stats.push(val_stats);
     }
-    if !test_rows.is_empty() {
+    if has_test || !test_rows.is_empty() {
         prepared.stats.push(test_stats);
     }
     Ok(prepared)
@@ -537,7 +828,9 @@ fn split_files(cfg: &DataConfig, base_dir: &Path) -> Result<(Rows, Option<Rows>,
                 ));
             }
             let mut parts = split_rows(&rows, ratios, cfg.seed)?.into_iter();
-            let train = parts.next().expect("split gives 2 or 3 parts");
+            let train = parts
+                .next()
+                .ok_or_else(|| Error::key(SECTION, "split", "gave no training part"))?;
             Ok((train, parts.next(), parts.next()))
         }
         None => Ok((

@@ -40,6 +40,8 @@ pub mod text;
 pub mod tokenize;
 
 #[cfg(test)]
+mod multitask_tests;
+#[cfg(test)]
 mod objectives_tests;
 #[cfg(test)]
 mod tasks_tests;
@@ -49,7 +51,7 @@ pub(crate) mod testutil;
 pub use batch::{Batch, BatchConfig, Batcher, DataCursor, Targets};
 pub use config::{
     load, load_task, pad_id, DataConfig, Format, Mixing, MixingRates, MixtureEntry, Prepared,
-    SplitStats,
+    SplitStats, TaskConfig,
 };
 pub use labels::LabelMap;
 pub use length::{apply_length_policy, LengthPolicy, LengthStats};
@@ -68,15 +70,34 @@ pub use tokenize::{
 /// The label of a token that is not trained on (PyTorch's `ignore_index`).
 pub const IGNORE: i64 = -100;
 
-/// Where an example came from: the file and its line (JSONL, CSV) or row (JSON, Parquet).
+/// Where an example came from: the file and its line (JSONL, CSV) or row (JSON, Parquet), and
+/// the `[[tasks]]` entry it was made for.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Source {
     pub file: Arc<Path>,
     pub loc: Loc,
+    /// The name of the task (a `[[tasks]]` entry) the example belongs to; `None` outside
+    /// multi-task runs. Two tasks may read the same file (with different templates): the name,
+    /// not the file, tells them apart in the batch plan's counts and in validation.
+    pub task: Option<Arc<str>>,
+}
+
+impl Source {
+    /// What a run's counts group the example under: its task's name, else its file.
+    pub fn mix_key(&self) -> String {
+        match &self.task {
+            Some(t) => t.to_string(),
+            None => self.file.display().to_string(),
+        }
+    }
 }
 
 impl fmt::Display for Source {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.file.display(), self.loc)
+        write!(f, "{}: {}", self.file.display(), self.loc)?;
+        match &self.task {
+            Some(t) => write!(f, " (task {t:?})"),
+            None => Ok(()),
+        }
     }
 }

@@ -49,6 +49,7 @@ impl Rows {
         Source {
             file: self.file.clone(),
             loc: row.loc,
+            task: None,
         }
     }
 }

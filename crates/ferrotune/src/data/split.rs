@@ -341,6 +341,7 @@ mod tests {
                 source: Source {
                     file: Arc::from(Path::new("m.jsonl")),
                     loc: Loc::Line(i + 1),
+                    task: None,
                 },
             })
             .collect()

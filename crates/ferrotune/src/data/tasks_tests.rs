@@ -535,6 +535,7 @@ fn example(ids: &[u32], labels: &[i64]) -> Example {
         source: Source {
             file: std::sync::Arc::from(std::path::Path::new("t.jsonl")),
             loc: Loc::Line(1),
+            task: None,
         },
     }
 }

@@ -170,6 +170,7 @@ mod tests {
         Source {
             file: Arc::from(Path::new("d/train.jsonl")),
             loc: Loc::Line(line),
+            task: None,
         }
     }
 

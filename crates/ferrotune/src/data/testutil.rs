@@ -49,6 +49,7 @@ pub fn src(line: usize) -> Source {
     Source {
         file: Arc::from(Path::new("d/train.jsonl")),
         loc: Loc::Line(line),
+        task: None,
     }
 }
 

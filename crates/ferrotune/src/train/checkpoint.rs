@@ -42,6 +42,9 @@ pub struct TrainerState {
     pub last_train_loss: Option<f64>,
     pub initial_val_loss: Option<f64>,
     pub last_val_loss: Option<f64>,
+    /// Multi-task runs: the last validation loss of each task (`None`: no tokens to score).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub last_val_loss_by_task: std::collections::BTreeMap<String, Option<f64>>,
     pub best_val_loss: Option<f64>,
     pub best_step: Option<usize>,
     /// Evaluations since the best one (early stopping).
@@ -319,6 +322,7 @@ mod tests {
             last_train_loss: None,
             initial_val_loss: None,
             last_val_loss: None,
+            last_val_loss_by_task: Default::default(),
             best_val_loss: None,
             best_step: None,
             evals_since_best: 0,

@@ -18,6 +18,12 @@
 //! template = "Summarize the following conversation.\n\n{dialogue}\n\nSummary:"
 //! completion = " {summary}"
 //!
+//! [[tasks]]               # multi-task instruction tuning, instead of [data] train / mixture:
+//! name = "summarize"      # one entry per task (data::TaskConfig); [data] keeps the shared
+//! train = "train.jsonl"   # settings (mixing_rates, mixing_cap, split, max_seq_len, ...)
+//! validation = "dev.jsonl"
+//! template = "..."        # or templates = [...]; completion = "..."; weight = 1.0
+//!
 //! [lora]
 //! r = 16                  # rank (default 8)
 //! alpha = 32              # scale is alpha / r (default 2 r)
@@ -106,7 +112,13 @@ pub struct TrainConfig {
     pub objective: Objective,
     /// Where checkpoints, metrics, the plot, the final adapter and the summary go.
     pub output_dir: PathBuf,
+    /// `[data]`: required unless `[[tasks]]` give the data (then it holds the shared settings).
+    #[serde(default)]
     pub data: DataConfig,
+    /// `[[tasks]]`: the tasks of a multi-task run. [`parse_config`] copies them into
+    /// `data.tasks`, where the data loader reads them.
+    #[serde(default)]
+    pub tasks: Vec<crate::data::TaskConfig>,
     #[serde(default)]
     pub lora: LoraSection,
     /// `[ia3]`: PEFT's IA3Config keys for `method = "ia3"`.
@@ -728,6 +740,37 @@ pub fn key_line(text: &str, key: &str) -> Option<usize> {
     None
 }
 
+/// The 1-based line of `key` in the `index`-th (0-based) `[[tasks]]` entry of TOML `text`, else
+/// the line of that entry's header, if the file has it.
+pub fn task_key_line(text: &str, index: usize, key: &str) -> Option<usize> {
+    let mut header = None;
+    let mut seen = 0;
+    for (i, line) in text.lines().enumerate() {
+        let l = line.trim();
+        if l.starts_with('[') {
+            if header.is_some() {
+                // The entry ended without setting the key.
+                break;
+            }
+            let inner: String = l.chars().filter(|c| !c.is_whitespace()).collect();
+            if inner.starts_with("[[tasks]]") {
+                if seen == index {
+                    header = Some(i + 1);
+                }
+                seen += 1;
+            }
+            continue;
+        }
+        if header.is_some() {
+            let k = l.split_once('=').map(|(k, _)| k.trim().trim_matches('"'));
+            if k == Some(key) {
+                return Some(i + 1);
+            }
+        }
+    }
+    header
+}
+
 /// Read `path`, apply `--set key=value` overrides, check every value. See the module docs.
 pub fn load_config(path: &Path, overrides: &[String]) -> Result<LoadedConfig> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::file(path, e))?;
@@ -774,6 +817,7 @@ pub fn parse_config(
     if !data_seed_set {
         config.data.seed = config.train.seed;
     }
+    config.data.tasks = config.tasks.clone();
     let cwd = std::env::current_dir().map_err(|e| Error::msg(format!("current directory: {e}")))?;
     let resolve = |key: &str, p: &Path| -> PathBuf {
         if p.is_absolute() {
@@ -1028,6 +1072,32 @@ fn validate(c: &LoadedConfig) -> Result<()> {
     if cfg.model.trim().is_empty() {
         return bad("model", "is empty");
     }
+    if cfg.tasks.is_empty() && !c.effective.contains_key("data") {
+        return Err(Error::msg(format!(
+            "{}: missing [data] section (or [[tasks]]): say what to train on",
+            c.source()
+        )));
+    }
+    match cfg.data.task_problem() {
+        None => {}
+        Some(crate::data::config::TaskProblem {
+            task: None,
+            key,
+            what,
+        }) => return bad(&format!("data.{key}"), &what),
+        Some(crate::data::config::TaskProblem {
+            task: Some(i),
+            key,
+            what,
+        }) => {
+            let at = match task_key_line(&c.text, i, key) {
+                Some(line) => format!("{}: line {line}", c.source()),
+                None => c.source(),
+            };
+            let task = crate::data::config::task_label(&cfg.tasks, i);
+            return Err(Error::key(format!("{at}: {task}"), key, what));
+        }
+    }
     // The raw value: after resolving, "" would be the config's own folder.
     let raw_out = c.effective.get("output_dir").and_then(|v| v.as_str());
     if raw_out.is_some_and(|o| o.trim().is_empty()) {
@@ -1153,13 +1223,15 @@ fn validate(c: &LoadedConfig) -> Result<()> {
             );
         }
     }
+    let task_validation = cfg.tasks.iter().any(|t| t.validation.is_some());
     if t.early_stopping_patience.is_some()
         && cfg.data.validation.is_none()
         && cfg.data.split.is_none()
+        && !task_validation
     {
         return bad(
             "train.early_stopping_patience",
-            "needs a validation split ([data] validation or split)",
+            "needs a validation split ([data] validation or split, or a task's validation)",
         );
     }
     parse_device(&t.device).map_err(|e| c.key_error("train.device", e))?;
@@ -1348,6 +1420,130 @@ completion = " {a}"
         assert_eq!(cfg.lora.to_peft("m").lora_alpha, 16.0);
         // Data paths from the file stay relative (data::load joins them to base_dir).
         assert_eq!(cfg.data.train.as_deref(), Some(Path::new("train.jsonl")));
+    }
+
+    const TASKS: &str = r#"
+model = "m.gguf"
+output_dir = "out"
+
+[data]
+split = [0.9, 0.1]
+mixing_rates = "examples_proportional"
+mixing_cap = 3000
+
+[[tasks]]
+name = "sum"
+train = "d.jsonl"
+validation = "dev.jsonl"
+template = "Summarize: {dialogue}"
+completion = " {summary}"
+weight = 2.0
+
+[[tasks]]
+name = "qa"
+train = "q.jsonl"
+templates = ["Q: {q}", "Question: {q}"]
+completion = " {a}"
+"#;
+
+    #[test]
+    fn tasks_are_parsed_and_their_errors_name_file_line_task_and_key() {
+        let c = parse(TASKS, &[]).unwrap();
+        let tasks = &c.config.tasks;
+        assert_eq!(tasks.len(), 2);
+        assert_eq!(
+            c.config.data.tasks, *tasks,
+            "copied where the data loader reads them"
+        );
+        assert_eq!((tasks[0].name.as_str(), tasks[0].weight), ("sum", 2.0));
+        assert_eq!(tasks[1].weight, 1.0, "weight defaults to 1");
+        assert_eq!(tasks[1].templates.as_ref().map(Vec::len), Some(2));
+        // Task paths stay relative, like the [data] ones (data::load joins them to base_dir).
+        assert_eq!(tasks[0].validation.as_deref(), Some(Path::new("dev.jsonl")));
+        // [[tasks]] without a [data] section: the defaults.
+        let no_data = TASKS.replace(
+            "[data]\nsplit = [0.9, 0.1]\nmixing_rates = \"examples_proportional\"\nmixing_cap = 3000\n",
+            "",
+        );
+        assert!(!no_data.contains("[data]"));
+        let c = parse(&no_data, &[]).unwrap();
+        assert_eq!(c.config.data.tasks.len(), 2);
+        // Neither [data] nor [[tasks]].
+        let e = parse("model = \"m\"\noutput_dir = \"o\"\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("missing [data]") && !e.contains('\n'), "{e}");
+
+        // An entry's error: the file, the line of the key in that entry, the task, the key.
+        let e = parse(&TASKS.replace("name = \"qa\"", "name = \"sum\""), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("cfg/run.toml: line 19: [[tasks]] #2 (\"sum\"): key `name`:")
+                && e.contains("unique"),
+            "{e}"
+        );
+        let e = parse(&TASKS.replace("weight = 2.0", "weight = -1.0"), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("cfg/run.toml: line 16: [[tasks]] #1 (\"sum\"): key `weight`:"),
+            "{e}"
+        );
+        let e = parse(&TASKS.replace("weight = 2.0", "weight = nan"), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("key `weight`") && e.contains("NaN"), "{e}");
+        let e = parse(&TASKS.replace("name = \"qa\"", "name = \"\""), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("line 19") && e.contains("key `name`: is empty"),
+            "{e}"
+        );
+        // A key the entry does not set: the line of the entry's header.
+        assert_eq!(task_key_line(TASKS, 1, "weight"), Some(18));
+        assert_eq!(task_key_line(TASKS, 1, "name"), Some(19));
+        assert_eq!(task_key_line(TASKS, 2, "name"), None);
+        // [data] keys that [[tasks]] replace or leave unused: the [data] key, by line.
+        for (extra, key) in [
+            ("train = \"t.jsonl\"\n", "data.train"),
+            ("validation = \"v.jsonl\"\n", "data.validation"),
+            ("test = \"t.jsonl\"\n", "data.test"),
+            ("[[data.mixture]]\npath = \"m.jsonl\"\n", "data.mixture"),
+        ] {
+            let text = TASKS.replacen("\n[[tasks]]", &format!("{extra}\n[[tasks]]"), 1);
+            let e = parse(&text, &[]).unwrap_err().to_string();
+            assert!(e.contains(&format!("key `{key}`")), "{key}: {e}");
+            assert!(!e.contains('\n'), "{e}");
+        }
+        let all_validated = TASKS.replace(
+            "completion = \" {a}\"",
+            "completion = \" {a}\"\nvalidation = \"qdev.jsonl\"",
+        );
+        let e = parse(&all_validated, &[]).unwrap_err().to_string();
+        assert!(
+            e.starts_with("cfg/run.toml: line 6: key `data.split`") && e.contains("split nothing"),
+            "{e}"
+        );
+        // Keys an entry does not have, and a missing name: serde's errors, by line.
+        let e = parse(&TASKS.replace("weight = 2.0", "wieght = 2.0"), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("line 16") && e.contains("unknown key `wieght`"),
+            "{e}"
+        );
+        let e = parse(&TASKS.replace("name = \"qa\"\n", ""), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("missing key `name`"), "{e}");
+        // A task's validation is enough for early stopping.
+        let c = parse(
+            &format!("{no_data}\n[train]\nearly_stopping_patience = 2\n"),
+            &[],
+        );
+        assert!(c.is_ok(), "{:?}", c.err());
     }
 
     #[test]

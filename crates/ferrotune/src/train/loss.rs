@@ -161,6 +161,7 @@ mod tests {
                     source: Source {
                         file: std::sync::Arc::from(std::path::Path::new("t.jsonl")),
                         loc: Loc::Line(e + 1),
+                        task: None,
                     },
                 }
             })

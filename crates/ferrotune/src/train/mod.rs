@@ -129,10 +129,13 @@ pub struct Summary {
     /// Classification: accuracy on the validation data at the last evaluation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub final_val_accuracy: Option<f64>,
-    /// Training examples drawn, by the file they came from (over all sessions): the mix of
-    /// datasets the run actually saw (a `mixture`'s realised shares).
+    /// Training examples drawn (over all sessions), by task name with `[[tasks]]`, else by the
+    /// file they came from: the mix the run actually saw (a mixture's realised shares).
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub task_mix: std::collections::BTreeMap<String, u64>,
+    /// `[[tasks]]`: each task's validation loss at the last evaluation (`None`: no tokens).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub final_val_loss_by_task: std::collections::BTreeMap<String, Option<f64>>,
     /// Set (not saved) when `--resume` found the run finished: this is its saved summary and
     /// nothing was done.
     #[serde(skip)]
@@ -148,6 +151,47 @@ pub struct EvalResult {
     /// Classification (sequence or token targets of a classifier): the share of labelled rows
     /// (tokens) whose highest logit is the label.
     pub accuracy: Option<f64>,
+}
+
+/// What an evaluation adds up; [`EvalResult`]s of several batchers combine exactly from these.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+struct EvalSums {
+    /// Summed NLL over the loss tokens.
+    nll: f64,
+    tokens: usize,
+    correct: usize,
+    labelled: usize,
+}
+
+impl EvalSums {
+    fn add(&mut self, o: &EvalSums) {
+        self.nll += o.nll;
+        self.tokens += o.tokens;
+        self.correct += o.correct;
+        self.labelled += o.labelled;
+    }
+
+    fn result(&self) -> EvalResult {
+        let loss = if self.tokens == 0 {
+            f64::NAN
+        } else {
+            self.nll / self.tokens as f64
+        };
+        EvalResult {
+            loss,
+            perplexity: loss.exp(),
+            tokens: self.tokens,
+            accuracy: (self.labelled > 0).then(|| self.correct as f64 / self.labelled as f64),
+        }
+    }
+}
+
+/// The validation of a multi-task run: the overall result and each task's, by name.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskEval {
+    /// Over every task's tokens: the token-weighted mean of the tasks' losses.
+    pub overall: EvalResult,
+    pub by_task: Vec<(String, EvalResult)>,
 }
 
 /// Set the worker threads for rayon, candle's matmul and our quantized kernels. Only the first
@@ -291,6 +335,19 @@ pub fn prepare_data(
             key,
             what,
         } if source_name == "[data]" => c.key_error(&format!("data.{key}"), what),
+        // A task's key: the file, the line of the key in that `[[tasks]]` entry, the task.
+        Error::Key {
+            source_name,
+            key,
+            what,
+        } if source_name.starts_with(data::config::TASKS) => {
+            let index = (0..c.config.tasks.len())
+                .find(|&i| data::config::task_label(&c.config.tasks, i) == source_name);
+            let at = index
+                .and_then(|i| config::task_key_line(&c.text, i, &key))
+                .map_or_else(|| c.source(), |l| format!("{}: line {l}", c.source()));
+            Error::key(format!("{at}: {source_name}"), key, what)
+        }
         other => other,
     })
 }
@@ -315,41 +372,55 @@ pub fn preview(c: &LoadedConfig, n: usize, ansi: bool) -> Result<String> {
 
 /// Mean loss over the first `max_batches` batches of `batcher` (0 = all), without dropout.
 pub fn evaluate(model: &dyn Model, batcher: &Batcher, max_batches: usize) -> Result<EvalResult> {
+    Ok(eval_sums(model, batcher, max_batches)?.result())
+}
+
+/// [`evaluate`] of each task's batcher (the first `max_batches` batches of each, so every task
+/// gets the same budget however large its validation set), and over all of them: the overall
+/// loss is the NLL summed over every task's tokens divided by their number, i.e. the
+/// token-weighted mean of the tasks' losses.
+pub fn evaluate_tasks(
+    model: &dyn Model,
+    tasks: &[(String, Batcher)],
+    max_batches: usize,
+) -> Result<TaskEval> {
+    let mut all = EvalSums::default();
+    let mut by_task = Vec::with_capacity(tasks.len());
+    for (name, batcher) in tasks {
+        let sums = eval_sums(model, batcher, max_batches)?;
+        all.add(&sums);
+        by_task.push((name.clone(), sums.result()));
+    }
+    Ok(TaskEval {
+        overall: all.result(),
+        by_task,
+    })
+}
+
+fn eval_sums(model: &dyn Model, batcher: &Batcher, max_batches: usize) -> Result<EvalSums> {
     let plan = batcher.plan_for(0);
     let n = if max_batches == 0 {
         plan.len()
     } else {
         max_batches.min(plan.len())
     };
-    let mut total = 0.0f64;
-    let mut tokens = 0usize;
     let classifier = matches!(
         model.task_type(),
         model::TaskType::SeqCls | model::TaskType::TokenCls
     );
-    let (mut correct, mut labelled) = (0usize, 0usize);
-    for rows in &plan[..n] {
+    let mut sums = EvalSums::default();
+    for rows in plan.iter().take(n) {
         let batch = batcher.build(rows)?;
         let (sum, k) = model.loss_sum(&batch, false)?;
-        total += sum.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
-        tokens += k;
+        sums.nll += sum.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+        sums.tokens += k;
         if classifier {
             let (c, l) = count_correct(model, &batch)?;
-            correct += c;
-            labelled += l;
+            sums.correct += c;
+            sums.labelled += l;
         }
     }
-    let loss = if tokens == 0 {
-        f64::NAN
-    } else {
-        total / tokens as f64
-    };
-    Ok(EvalResult {
-        loss,
-        perplexity: loss.exp(),
-        tokens,
-        accuracy: (labelled > 0).then(|| correct as f64 / labelled as f64),
-    })
+    Ok(sums)
 }
 
 /// Rows (tokens) of a classification batch whose highest logit is their label, and how many

@@ -14,9 +14,10 @@ use super::checkpoint::{self, RngState, TrainerState};
 use super::config::{self, LoadedConfig, Method, TrainSection};
 use super::report::{self, MetricsLog, Progress, StepLine};
 use super::{
-    accumulate_gradients_with, evaluate, finished_summary, interrupted, memory, optim, output,
-    prepare_data, set_threads, tokenizer_and_context, DryRun, EvalResult, Outcome, RunOptions,
-    Schedule, StepGrads, StopReason, Summary, Tuner, ADAPTER_DIR, CONFIG_FILE, SUMMARY_FILE,
+    accumulate_gradients_with, evaluate, evaluate_tasks, finished_summary, interrupted, memory,
+    optim, output, prepare_data, set_threads, tokenizer_and_context, DryRun, EvalResult, Outcome,
+    RunOptions, Schedule, StepGrads, StopReason, Summary, Tuner, ADAPTER_DIR, CONFIG_FILE,
+    SUMMARY_FILE,
 };
 use crate::data::{BatchConfig, Batcher, DataTask};
 use crate::model::{self, LoadOptions, LoadedModel, Model, ModelSource, Task};
@@ -93,7 +94,7 @@ struct Recipe<'a> {
     opt: optim::Optimizer,
     schedule: Schedule,
     batcher: Batcher,
-    val_batcher: Option<Batcher>,
+    validation: Validation,
     data_summary: String,
     n_train: usize,
     batches_per_epoch: usize,
@@ -191,7 +192,7 @@ impl<'a> Recipe<'a> {
             schedule,
             data_summary: data.prepared.summary(),
             batcher: data.batcher,
-            val_batcher: data.val_batcher,
+            validation: data.validation,
             n_train: data.n_train,
             batches_per_epoch: data.batches_per_epoch,
             max_steps: data.max_steps,
@@ -267,6 +268,7 @@ impl<'a> Recipe<'a> {
             last_train_loss: None,
             initial_val_loss: None,
             last_val_loss: None,
+            last_val_loss_by_task: Default::default(),
             best_val_loss: None,
             best_step: None,
             evals_since_best: 0,
@@ -421,12 +423,20 @@ impl<'a> Recipe<'a> {
         Ok(step)
     }
 
-    /// Validation loss (if there is validation data): metrics, progress, best-so-far, plot.
+    /// Validation loss (if there is validation data), overall and, with `[[tasks]]`, per task:
+    /// metrics, progress, best-so-far (on the overall loss), plot.
     fn evaluate(&self, s: &mut Session) -> Result<Option<EvalResult>> {
-        let Some(vb) = &self.val_batcher else {
-            return Ok(None);
+        let (r, by_task) = match &self.validation {
+            Validation::None => return Ok(None),
+            Validation::Single(vb) => (
+                evaluate(&*self.model, vb, self.t().eval_batches)?,
+                Vec::new(),
+            ),
+            Validation::Tasks(tasks) => {
+                let e = evaluate_tasks(&*self.model, tasks, self.t().eval_batches)?;
+                (e.overall, e.by_task)
+            }
         };
-        let r = evaluate(&*self.model, vb, self.t().eval_batches)?;
         let st = &mut s.state;
         let mut line = json!({
             "type": "eval", "step": st.step, "val_loss": r.loss,
@@ -435,6 +445,20 @@ impl<'a> Recipe<'a> {
         if let Some(a) = r.accuracy {
             line["val_accuracy"] = a.into();
         }
+        if !by_task.is_empty() {
+            // The tokens too, so the overall loss can be checked as the tasks' token-weighted
+            // mean. A NaN loss (no tokens) is written as null, as serde_json writes NaN.
+            let losses: serde_json::Map<String, serde_json::Value> = by_task
+                .iter()
+                .map(|(n, e)| (n.clone(), json!(e.loss)))
+                .collect();
+            let tokens: serde_json::Map<String, serde_json::Value> = by_task
+                .iter()
+                .map(|(n, e)| (n.clone(), json!(e.tokens)))
+                .collect();
+            line["val_loss_by_task"] = losses.into();
+            line["val_tokens_by_task"] = tokens.into();
+        }
         s.metrics.write(&line)?;
         s.last_val_accuracy = r.accuracy;
         let accuracy = r
@@ -442,9 +466,17 @@ impl<'a> Recipe<'a> {
             .map(|a| format!(", accuracy {a:.4}"))
             .unwrap_or_default();
         s.progress.println(&format!(
-            "step {}: val loss {:.4} perplexity {:.3} ({} tokens{accuracy})",
-            st.step, r.loss, r.perplexity, r.tokens
+            "step {}: val loss {:.4} perplexity {:.3} ({} tokens{accuracy}){}",
+            st.step,
+            r.loss,
+            r.perplexity,
+            r.tokens,
+            report::task_losses(&by_task)
         ));
+        st.last_val_loss_by_task = by_task
+            .iter()
+            .map(|(n, e)| (n.clone(), e.loss.is_finite().then_some(e.loss)))
+            .collect();
         if st.initial_val_loss.is_none() {
             st.initial_val_loss = Some(r.loss);
         }
@@ -622,6 +654,7 @@ impl<'a> Recipe<'a> {
             model_dir,
             final_val_accuracy: s.last_val_accuracy,
             task_mix: self.batcher.seen_per_source(),
+            final_val_loss_by_task: st.last_val_loss_by_task.clone(),
             already_finished: false,
         };
         let text = serde_json::to_string_pretty(&summary).expect("the summary always serializes");
@@ -632,6 +665,15 @@ impl<'a> Recipe<'a> {
 
 // ---- setup steps ------------------------------------------------------------------------------
 
+/// The validation batches of a run.
+enum Validation {
+    None,
+    /// One list of validation examples (a single dataset, or a `[[data.mixture]]`).
+    Single(Batcher),
+    /// `[[tasks]]`: each task's validation examples, by task name, in the config's order.
+    Tasks(Vec<(String, Batcher)>),
+}
+
 /// The data of a run, tokenized and batched, and the number of steps it makes.
 struct RunData {
     /// What the examples are (the run's task and objective).
@@ -639,7 +681,7 @@ struct RunData {
     prepared: crate::data::Prepared,
     train_bc: BatchConfig,
     batcher: Batcher,
-    val_batcher: Option<Batcher>,
+    validation: Validation,
     n_train: usize,
     batches_per_epoch: usize,
     max_steps: usize,
@@ -679,14 +721,24 @@ fn setup_data(
     ));
     train_bc.shuffle = true;
     let batcher = Batcher::new(prepared.train.clone(), train_bc.clone(), device.clone())?;
-    let val_batcher = if prepared.validation.is_empty() {
-        None
+    let vc = BatchConfig {
+        shuffle: false,
+        ..train_bc.clone()
+    };
+    let by_task = prepared.validation_by_task();
+    let validation = if !by_task.is_empty() {
+        // One batcher per task: its batches hold only its examples, so each batch's loss is
+        // that task's.
+        Validation::Tasks(
+            by_task
+                .into_iter()
+                .map(|(name, exs)| Ok((name, Batcher::new(exs, vc.clone(), device.clone())?)))
+                .collect::<Result<Vec<_>>>()?,
+        )
+    } else if prepared.validation.is_empty() {
+        Validation::None
     } else {
-        let vc = BatchConfig {
-            shuffle: false,
-            ..train_bc.clone()
-        };
-        Some(Batcher::new(
+        Validation::Single(Batcher::new(
             prepared.validation.clone(),
             vc,
             device.clone(),
@@ -705,7 +757,7 @@ fn setup_data(
         prepared,
         train_bc,
         batcher,
-        val_batcher,
+        validation,
         batches_per_epoch: bpe,
         max_steps,
         seed: t.seed,
@@ -1000,6 +1052,19 @@ fn check_inputs(c: &LoadedConfig, source: &ModelSource) -> Result<()> {
             "a data.mixture file",
             c.base_dir.join(&m.path),
         ));
+    }
+    for t in &cfg.data.tasks {
+        for (what, p) in [
+            ("train", Some(&t.train)),
+            ("validation", t.validation.as_ref()),
+        ] {
+            if let Some(p) = p {
+                inputs.push(crate::fsutil::Input::new(
+                    format!("the {what} file of task {:?}", t.name),
+                    c.base_dir.join(p),
+                ));
+            }
+        }
     }
     inputs.push(crate::fsutil::Input::new("the model", source.path()));
     output::check_inputs(&cfg.output_dir, &inputs)

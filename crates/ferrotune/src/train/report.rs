@@ -447,6 +447,19 @@ impl Progress {
     }
 }
 
+/// The tasks' validation losses for the progress line, after the overall one:
+/// ` [sum 1.1000 · qa 1.4000]`; empty without tasks.
+pub fn task_losses(by_task: &[(String, super::EvalResult)]) -> String {
+    if by_task.is_empty() {
+        return String::new();
+    }
+    let parts: Vec<String> = by_task
+        .iter()
+        .map(|(name, e)| format!("{name} {:.4}", e.loss))
+        .collect();
+    format!(" [{}]", parts.join(" · "))
+}
+
 fn hms(s: f64) -> String {
     let s = s.max(0.0).round() as u64;
     format!("{}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60)
@@ -498,6 +511,21 @@ mod tests {
         // Nothing to draw is still a valid (empty) plot, as are NaN points.
         render_loss_png(&[], &[]).unwrap();
         render_loss_png(&[(1.0, f64::NAN)], &[]).unwrap();
+    }
+
+    #[test]
+    fn task_losses_are_one_compact_bracket() {
+        let e = |loss: f64| super::super::EvalResult {
+            loss,
+            perplexity: loss.exp(),
+            tokens: 3,
+            accuracy: None,
+        };
+        assert_eq!(task_losses(&[]), "");
+        assert_eq!(
+            task_losses(&[("sum".into(), e(1.1)), ("qa".into(), e(f64::NAN))]),
+            " [sum 1.1000 · qa NaN]"
+        );
     }
 
     #[test]

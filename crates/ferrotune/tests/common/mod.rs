@@ -46,6 +46,7 @@ pub fn examples(lens: &[usize], vocab: u32, seed: u64) -> Vec<Example> {
                 source: Source {
                     file: Arc::from(Path::new("t.jsonl")),
                     loc: Loc::Line(e + 1),
+                    task: None,
                 },
             }
         })
