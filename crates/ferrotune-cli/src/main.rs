@@ -1589,6 +1589,21 @@ fn run_bench(a: BenchArgs) -> Result<()> {
         let mut lm = load(&a.m)?;
         if let Some(d) = adapter {
             attach_adapters(&mut lm, std::slice::from_ref(d))?;
+            // A LoRA or IA3 adapter on dense weights folds into them (exactly, up to rounding),
+            // so the result scores on the fast engine; on quantized weights it stays attached.
+            let dense = lm
+                .model
+                .linears()
+                .iter()
+                .all(|l| !matches!(l.weight(), ferrotune::nn::LinearWeight::Quantized(_)));
+            let weight_space = matches!(
+                ferrotune::peft::read_adapter_config(d),
+                Ok(ferrotune::peft::AdapterConfig::Lora(_)
+                    | ferrotune::peft::AdapterConfig::Ia3(_))
+            );
+            if dense && weight_space && !ferrotune::peft::selective::is_selective_dir(d) {
+                ferrotune::peft::merge_and_unload(&mut *lm.model, "adapter0")?;
+            }
         }
         let mut report = bench::run(
             &*lm.model,

@@ -52,8 +52,23 @@ impl Mat {
         match self {
             Mat::Quant(q) => q.matvec_into(x, out),
             Mat::Dense(w, _, i) => {
-                for (o, row) in out.iter_mut().zip(w.chunks_exact(*i)) {
-                    *o = dot(row, x);
+                // Rows in blocks across the cores: a decode step reads every weight once, and
+                // one core alone cannot pull f32 weights as fast as memory delivers them.
+                const BLOCK: usize = 256;
+                let work = |(oc, wc): (&mut [f32], &[f32])| {
+                    for (o, row) in oc.iter_mut().zip(wc.chunks_exact(*i)) {
+                        *o = dot(row, x);
+                    }
+                };
+                if out.len() * *i >= 1 << 20 {
+                    use rayon::prelude::*;
+                    out.par_chunks_mut(BLOCK)
+                        .zip(w.par_chunks(BLOCK * *i))
+                        .for_each(work);
+                } else {
+                    out.chunks_mut(BLOCK)
+                        .zip(w.chunks(BLOCK * *i))
+                        .for_each(work);
                 }
             }
         }
