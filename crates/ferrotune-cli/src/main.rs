@@ -120,7 +120,7 @@ struct BenchArgs {
     /// Wrap each prompt in the model's chat template (recorded in the results).
     #[arg(long)]
     apply_chat_template: bool,
-    /// Also write per-sample logs (samples_<task>.jsonl beside --output, or to stdout's folder).
+    /// Also write per-sample logs: samples_<task>.jsonl beside --output (needs --output).
     #[arg(long)]
     log_samples: bool,
     /// Results file (lm-eval's layout; with adapters: {"base", "adapters", "forgetting"}).
@@ -1567,13 +1567,54 @@ fn run_bench(a: BenchArgs) -> Result<()> {
         anyhow::bail!("--log-samples writes samples_<task>.jsonl beside --output: pass --output");
     }
     let (tasks, groups) = bench::task::resolve_tasks(&a.tasks)?;
+    // Every task's data and first prompt, before any model loads.
+    for t in &tasks {
+        if matches!(t.dataset_path.as_str(), "json" | "csv" | "parquet") {
+            bench::check_task(t, &opts)?;
+        }
+    }
     let mut inputs = model_inputs(&a.m.model, None);
+    for t in &tasks {
+        for f in bench::docs::input_files(t) {
+            inputs.push(Input::new("a task or data file", f));
+        }
+    }
     for d in &a.adapter {
         input_dir("--adapter", d)?;
         inputs.push(Input::new("an --adapter folder", d));
     }
+    // Every file the run will write, checked before the minutes of scoring.
+    let mut sample_files = Vec::new();
     if let Some(path) = &a.output {
         fsutil::check_output_file(path, "--output", a.overwrite, &inputs)?;
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        if !dir.is_dir() {
+            anyhow::bail!(
+                "--output {}: the folder {} does not exist",
+                path.display(),
+                dir.display()
+            );
+        }
+        if a.log_samples {
+            for ri in 0..=a.adapter.len() {
+                for t in &tasks {
+                    let suffix = if ri == 0 {
+                        String::new()
+                    } else {
+                        format!("_adapter{ri}")
+                    };
+                    let f = dir.join(format!(
+                        "samples_{}{suffix}.jsonl",
+                        bench::docs::file_stem(&t.task)
+                    ));
+                    fsutil::check_output_file(&f, "--log-samples", a.overwrite, &inputs)?;
+                    sample_files.push((ri, t.task.clone(), f));
+                }
+            }
+        }
     }
     let quiet = a.json || QUIET.load(Ordering::Relaxed);
     let progress: Box<dyn ferrotune::progress::Progress> = if quiet {
@@ -1652,24 +1693,19 @@ fn run_bench(a: BenchArgs) -> Result<()> {
             path,
             format!("{}\n", serde_json::to_string_pretty(&doc)?).as_bytes(),
         )?;
-        if a.log_samples {
-            let dir = path.parent().unwrap_or(Path::new("."));
-            for (ri, r) in runs.iter().enumerate() {
-                for t in &r.tasks {
-                    let suffix = if ri == 0 {
-                        String::new()
-                    } else {
-                        format!("_adapter{ri}")
-                    };
-                    let f = dir.join(format!("samples_{}{suffix}.jsonl", t.task));
-                    let mut text = String::new();
-                    for s in &t.samples {
-                        text.push_str(&format!("{s}\n"));
-                    }
-                    fsutil::check_output_file(&f, "--log-samples", a.overwrite, &inputs)?;
-                    fsutil::write_atomic(&f, text.as_bytes())?;
-                }
+        for (ri, task, f) in &sample_files {
+            let Some(t) = runs
+                .get(*ri)
+                .and_then(|r| r.tasks.iter().find(|t| &t.task == task))
+            else {
+                continue;
+            };
+            let mut text = String::new();
+            for s in &t.samples {
+                text.push_str(&format!("{s}\n"));
             }
+            fsutil::check_output_file(f, "--log-samples", a.overwrite, &inputs)?;
+            fsutil::write_atomic(f, text.as_bytes())?;
         }
     }
     Ok(())

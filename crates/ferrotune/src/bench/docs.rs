@@ -41,6 +41,13 @@ fn locate(t: &TaskConfig, rel: &str) -> Result<PathBuf> {
     if let Some(found) = cands.iter().find(|c| c.is_file()) {
         return Ok(found.clone());
     }
+    if let Some(dir) = cands.iter().find(|c| c.is_dir()) {
+        return Err(Error::key(
+            t.file.display().to_string(),
+            "dataset_kwargs.data_files",
+            format!("`{rel}` is a folder ({}), not a data file", dir.display()),
+        ));
+    }
     let looked: Vec<String> = cands.iter().map(|c| c.display().to_string()).collect();
     Err(Error::key(
         t.file.display().to_string(),
@@ -52,7 +59,8 @@ fn locate(t: &TaskConfig, rel: &str) -> Result<PathBuf> {
 /// The files of `split` named by `data_files` (a single file or list means split `train`, as
 /// in `datasets`).
 fn split_files(t: &TaskConfig, split: &str) -> Result<Option<Vec<String>>> {
-    let Some(files) = &t.dataset_kwargs.data_files else {
+    let files = t.dataset_kwargs.files(&t.file.display().to_string())?;
+    let Some(files) = files else {
         return Err(Error::key(
             t.file.display().to_string(),
             "dataset_kwargs.data_files",
@@ -62,7 +70,7 @@ fn split_files(t: &TaskConfig, split: &str) -> Result<Option<Vec<String>>> {
             ),
         ));
     };
-    Ok(match files {
+    Ok(match &files {
         DataFiles::One(f) => (split == "train").then(|| vec![f.clone()]),
         DataFiles::Many(v) => (split == "train").then(|| v.clone()),
         DataFiles::Splits(m) => m.get(split).map(|f| f.to_vec()),
@@ -143,7 +151,7 @@ pub fn load_split(t: &TaskConfig, split: &str) -> Result<Split> {
                 Error::key(
                     t.file.display().to_string(),
                     "dataset_kwargs.data_files",
-                    format!("no files for split `{split}`"),
+                    format!("no files for split `{split}` (the split a training_split / validation_split / test_split / fewshot_split key names)"),
                 )
             })?;
             let mut docs = Vec::new();
@@ -232,6 +240,36 @@ fn load_hub_split(t: &TaskConfig, id: &str, split: &str) -> Result<Split> {
         docs,
         files,
     })
+}
+
+/// The files a task reads from disk (its YAML and the local data files that exist): outputs
+/// must never overwrite them.
+pub fn input_files(t: &TaskConfig) -> Vec<PathBuf> {
+    let mut out = vec![t.file.clone()];
+    if let Ok(Some(files)) = t.dataset_kwargs.files(&t.file.display().to_string()) {
+        let names: Vec<String> = match files {
+            DataFiles::One(f) => vec![f],
+            DataFiles::Many(v) => v,
+            DataFiles::Splits(m) => m.values().flat_map(|f| f.to_vec()).collect(),
+        };
+        out.extend(names.iter().filter_map(|n| locate(t, n).ok()));
+    }
+    out
+}
+
+/// A task name as a file-name part (`samples_<task>.jsonl`): letters, digits, `.`, `_`, `-`.
+pub fn file_stem(task: &str) -> String {
+    task.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect::<String>()
+        .trim_start_matches('.')
+        .to_string()
 }
 
 /// The documents scored: the test split, else validation (lm-eval's `eval_docs`).

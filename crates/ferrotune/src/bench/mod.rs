@@ -64,19 +64,19 @@ impl BenchOptions {
         if self.limit == Some(0) || self.limit.is_some_and(|l| l > MAX_LIMIT) {
             return Err(Error::key(
                 "bench",
-                "--limit",
+                "limit",
                 format!("expected 1 to {MAX_LIMIT}"),
             ));
         }
         if self.num_fewshot.is_some_and(|k| k > MAX_FEWSHOT) {
             return Err(Error::key(
                 "bench",
-                "--num-fewshot",
+                "num_fewshot",
                 format!("expected 0 to {MAX_FEWSHOT}"),
             ));
         }
         if self.batch_size == 0 || self.batch_size > 4096 {
-            return Err(Error::key("bench", "--batch-size", "expected 1 to 4096"));
+            return Err(Error::key("bench", "batch_size", "expected 1 to 4096"));
         }
         Ok(())
     }
@@ -194,14 +194,15 @@ fn shots_for<'d>(
     }
     let draw = if exclude { k + 1 } else { k };
     if draw > pool.len() {
-        return Err(Error::key(
-            &src,
-            "num_fewshot",
+        let what = if exclude {
+            format!("{k} examples asked for besides the document itself, the few-shot split has {} documents in all", pool.len())
+        } else {
             format!(
                 "{k} examples asked for, the few-shot split has {}",
                 pool.len()
-            ),
-        ));
+            )
+        };
+        return Err(Error::key(&src, "num_fewshot", what));
     }
     let picked: Vec<(usize, &Doc)> = rnd
         .sample(pool.len(), draw)
@@ -241,6 +242,49 @@ fn max_length(model: &dyn Model) -> usize {
     model.context_length().unwrap_or(2048)
 }
 
+/// Check a task before any model runs: its documents load, and the first document's prompt
+/// (with its few-shot examples) and answer build. What `train --dry-run` and `bench` check
+/// up front, so a typo fails in seconds, not after a base model's benchmark or a training run.
+pub fn check_task(t: &TaskConfig, opts: &BenchOptions) -> Result<()> {
+    let eval = docs::load_split(t, docs::eval_split_name(t)?)?;
+    let Some(first) = eval.docs.first() else {
+        return Err(Error::key(
+            t.file.display().to_string(),
+            "dataset_path",
+            "the split has no documents",
+        ));
+    };
+    let k = opts.num_fewshot.or(t.num_fewshot).unwrap_or(0);
+    let pool = fewshot_pool(t, k, &eval.docs)?;
+    let prompter = Prompter::new(t, first)?;
+    let mut rnd = pyrandom::PyRandom::new(opts.fewshot_seed);
+    let shots = shots_for(t, &pool, k, first, &mut rnd)?;
+    prompter.contexts(first, 0, &shots, None)?;
+    if t.doc_to_choice.is_some() {
+        prompter.choices(first, 0, false)?;
+    }
+    prompter.target(first, 0, false)?;
+    Ok(())
+}
+
+/// The documents few-shot examples are drawn from (none for 0-shot).
+fn fewshot_pool(t: &TaskConfig, k: usize, eval_docs: &[Doc]) -> Result<Vec<Doc>> {
+    if k == 0 {
+        return Ok(Vec::new());
+    }
+    let name = docs::fewshot_split_name(t).ok_or_else(|| {
+        Error::key(
+            t.file.display().to_string(),
+            "fewshot_split",
+            "few-shot examples need a split to come from",
+        )
+    })?;
+    if Some(name) == docs::eval_split_name(t).ok() {
+        return Ok(eval_docs.to_vec());
+    }
+    docs::load_split(t, name).map(|s| s.docs)
+}
+
 /// Run one task.
 pub fn run_task(
     model: &dyn Model,
@@ -267,23 +311,11 @@ pub fn run_task(
     }
     let n = opts.limit.unwrap_or(usize::MAX).min(n_original);
     let docs = &eval.docs[..n];
-    let k = opts.num_fewshot.or(t.num_fewshot).unwrap_or(0);
-    let fewshot_docs = if k > 0 {
-        let name = docs::fewshot_split_name(t).ok_or_else(|| {
-            Error::key(
-                t.file.display().to_string(),
-                "fewshot_split",
-                "few-shot examples need a split to come from",
-            )
-        })?;
-        if Some(name) == docs::eval_split_name(t).ok() {
-            eval.docs.clone()
-        } else {
-            docs::load_split(t, name)?.docs
-        }
-    } else {
-        Vec::new()
+    let Some(first_doc) = docs.first() else {
+        return Err(Error::key("bench", "limit", "expected at least 1 document"));
     };
+    let k = opts.num_fewshot.or(t.num_fewshot).unwrap_or(0);
+    let fewshot_docs = fewshot_pool(t, k, &eval.docs)?;
     let chat = if opts.apply_chat_template {
         Some(tok.chat_template().ok_or_else(|| {
             Error::msg("--apply-chat-template: the model's tokenizer has no chat template")
@@ -291,7 +323,7 @@ pub fn run_task(
     } else {
         None
     };
-    let prompter = Prompter::new(t, &docs[0])?;
+    let prompter = Prompter::new(t, first_doc)?;
     let mut rnd = pyrandom::PyRandom::new(opts.fewshot_seed);
     let mc_delim = if chat.is_some() {
         String::new()
@@ -405,7 +437,7 @@ fn answer(
             } else {
                 0.0
             };
-            let mut until = g.until.clone().unwrap_or_default();
+            let mut until = g.stops();
             // lm-eval adds the EOS text to the stops; generation stops on EOS here anyway.
             if let Some(eos) = tok.eos_token() {
                 if !until.iter().any(|u| u == eos) {
@@ -490,6 +522,8 @@ fn process(
     }
     let wants = |m: &str| t.metric_list.iter().any(|s| s.metric == m);
     let mut calib = Vec::new();
+    // Documents whose gold answer is not among the choices (lm-eval warns and scores them wrong).
+    let mut off_choices: Vec<usize> = Vec::new();
     let mut samples = Vec::new();
     for (p, resp) in plans.iter().zip(&responses) {
         let mut record = Map::new();
@@ -504,6 +538,9 @@ fn process(
                 let byte: Vec<f64> = lls.iter().zip(&bytes).map(|(l, n)| l / n).collect();
                 let pred_byte = metrics::argmax(&byte);
                 let (gold, multi) = gold_indices(&p.gold, &p.choices);
+                if gold.is_empty() || gold.contains(&-100) {
+                    off_choices.push(p.doc_id);
+                }
                 let hit = |i: usize| f64::from(u8::from(gold.contains(&(i as i64))));
                 let first_gold = gold.first().copied().unwrap_or(-100);
                 let em = if multi {
@@ -640,6 +677,14 @@ fn process(
             }
             samples.push(Value::Object(record));
         }
+    }
+    if let Some(&first) = off_choices.first() {
+        tracing::warn!(
+            "{}: {} of {} documents have a target that is not one of their choices (first: sample {first}); they count as wrong",
+            t.file.display(),
+            off_choices.len(),
+            plans.len()
+        );
     }
     let mut out_metrics = Vec::new();
     for (name, its) in items {

@@ -10,6 +10,12 @@ use crate::{Error, Result};
 use minijinja::{Environment, UndefinedBehavior};
 use serde_json::Value;
 
+/// The most work one template render may do (minijinja's fuel: about one unit per
+/// instruction); a lm-eval template uses a few hundred.
+pub const MAX_TEMPLATE_FUEL: u64 = 20_000_000;
+/// The longest prompt a template may render (far beyond any context window).
+pub const MAX_PROMPT_BYTES: usize = 16 << 20;
+
 /// Prompt building for one task. Templates are compiled once, at construction.
 pub struct Prompter<'t> {
     pub task: &'t TaskConfig,
@@ -96,6 +102,8 @@ impl<'t> Prompter<'t> {
         env.set_keep_trailing_newline(true);
         env.set_unknown_method_callback(unknown_method);
         env.add_filter("regex_replace", regex_replace);
+        // A template is user input: bound the work of one render (nested loops) …
+        env.set_fuel(Some(MAX_TEMPLATE_FUEL));
         let src = task.file.display().to_string();
         let specs = [
             ("doc_to_text", task.doc_to_text.as_ref()),
@@ -201,13 +209,25 @@ impl<'t> Prompter<'t> {
             .env
             .get_template(name)
             .map_err(|e| Error::msg(format!("{name}: {}", jinja_msg(&e))))?;
-        tmpl.render(doc).map_err(|e| {
+        let out = tmpl.render(doc).map_err(|e| {
             Error::key(
                 self.task.file.display().to_string(),
                 name,
                 format!("sample {idx}: {}", jinja_msg(&e)),
             )
-        })
+        })?;
+        // … and the size of what it gives.
+        if out.len() > MAX_PROMPT_BYTES {
+            return Err(Error::key(
+                self.task.file.display().to_string(),
+                name,
+                format!(
+                    "sample {idx}: the template gave {} bytes, more than the {MAX_PROMPT_BYTES} a prompt may have",
+                    out.len()
+                ),
+            ));
+        }
+        Ok(out)
     }
 
     /// A template that is one `{{ expression }}`, evaluated to a value (a list stays a list,
@@ -383,7 +403,7 @@ impl<'t> Prompter<'t> {
         Error::key(
             self.task.file.display().to_string(),
             "doc_to_target",
-            format!("sample {idx}: target {a} is not one of the {n} choices"),
+            format!("sample {idx}: target {a} is not one of the {n} choices (an index from 0, or a choice's text)"),
         )
     }
 
@@ -553,6 +573,11 @@ pub fn parse_list_literal(s: &str) -> Option<Value> {
 }
 
 fn jinja_msg(e: &minijinja::Error) -> String {
+    if e.kind() == minijinja::ErrorKind::OutOfFuel {
+        return format!(
+            "the template does more than {MAX_TEMPLATE_FUEL} steps of work (a loop too long?)"
+        );
+    }
     let mut s = e.kind().to_string();
     if let Some(d) = e.detail() {
         s.push_str(": ");

@@ -202,6 +202,11 @@ fn causal_input(r: &TokenRequest, max_len: usize) -> Result<(Vec<u32>, usize)> {
             "a continuation of {m} tokens is longer than the model's {max_len}-token context"
         )));
     }
+    if r.context.is_empty() {
+        return Err(Error::msg(
+            "a request's context encodes to no tokens (a context of only whitespace?): nothing to condition on",
+        ));
+    }
     let mut full: Vec<u32> = r.context.iter().chain(&r.continuation).copied().collect();
     if full.len() > max_len + 1 {
         full.drain(..full.len() - (max_len + 1));

@@ -64,8 +64,9 @@ pub struct FewshotConfig {
 #[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct GenerationKwargs {
-    #[serde(default, deserialize_with = "str_or_list")]
-    pub until: Option<Vec<String>>,
+    /// Stop strings: one, or a list (checked in [`parse_task`], which names the key).
+    #[serde(default)]
+    pub until: Option<Value>,
     pub max_gen_toks: Option<usize>,
     pub max_new_tokens: Option<usize>,
     #[serde(default)]
@@ -75,30 +76,29 @@ pub struct GenerationKwargs {
     pub top_k: Option<usize>,
 }
 
-fn str_or_list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Vec<String>>, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum S {
-        One(String),
-        Many(Vec<String>),
+impl GenerationKwargs {
+    /// The stop strings (`until`: a string or a list of strings, checked at parse time).
+    pub fn stops(&self) -> Vec<String> {
+        match &self.until {
+            Some(Value::String(s)) => vec![s.clone()],
+            Some(Value::Array(v)) => v
+                .iter()
+                .filter_map(|x| x.as_str().map(str::to_string))
+                .collect(),
+            _ => Vec::new(),
+        }
     }
-    Ok(Option::<S>::deserialize(d)?.map(|s| match s {
-        S::One(x) => vec![x],
-        S::Many(v) => v,
-    }))
 }
 
 /// `dataset_kwargs.data_files`: one file, a list, or files per split.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(untagged)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum DataFiles {
     One(String),
     Many(Vec<String>),
     Splits(std::collections::BTreeMap<String, OneOrMany>),
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(untagged)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum OneOrMany {
     One(String),
     Many(Vec<String>),
@@ -117,12 +117,56 @@ impl OneOrMany {
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DatasetKwargs {
-    pub data_files: Option<DataFiles>,
+    /// One file, a list, or files per split (parsed by [`DatasetKwargs::files`]).
+    pub data_files: Option<Value>,
     /// CSV: the field separator (`delimiter` or pandas' `sep`).
     pub delimiter: Option<String>,
     pub sep: Option<String>,
     /// Accepted for compatibility; nothing runs remote code here.
     pub trust_remote_code: Option<bool>,
+}
+
+impl DatasetKwargs {
+    /// `data_files` as [`DataFiles`]; `src` names the task file in the error.
+    pub fn files(&self, src: &str) -> Result<Option<DataFiles>> {
+        let bad = || {
+            Error::key(
+                src,
+                "dataset_kwargs.data_files",
+                "expected a file, a list of files, or a mapping of split names to files",
+            )
+        };
+        let list = |v: &Value| -> Option<Vec<String>> {
+            match v {
+                Value::String(s) => Some(vec![s.clone()]),
+                Value::Array(items) => items
+                    .iter()
+                    .map(|x| x.as_str().map(str::to_string))
+                    .collect(),
+                _ => None,
+            }
+        };
+        Ok(match &self.data_files {
+            None | Some(Value::Null) => None,
+            Some(Value::String(s)) => Some(DataFiles::One(s.clone())),
+            Some(v @ Value::Array(_)) => Some(DataFiles::Many(list(v).ok_or_else(bad)?)),
+            Some(Value::Object(m)) => {
+                let mut splits = std::collections::BTreeMap::new();
+                for (k, v) in m {
+                    let files = list(v).ok_or_else(|| {
+                        Error::key(
+                            src,
+                            format!("dataset_kwargs.data_files.{k}"),
+                            "expected a file or a list of files",
+                        )
+                    })?;
+                    splits.insert(k.clone(), OneOrMany::Many(files));
+                }
+                Some(DataFiles::Splits(splits))
+            }
+            Some(_) => return Err(bad()),
+        })
+    }
 }
 
 /// A task, as lm-eval's `TaskConfig` with its defaults applied.
@@ -223,7 +267,12 @@ pub enum GroupMember {
 
 /// Read a YAML file's mapping, following `include:` (relative to the including file; the
 /// including file's keys win, as in lm-eval).
-pub fn read_yaml_map(path: &Path, text: Option<&str>, depth: usize) -> Result<Map<String, Value>> {
+pub fn read_yaml_map(
+    path: &Path,
+    text: Option<&str>,
+    depth: usize,
+    chain: &[PathBuf],
+) -> Result<Map<String, Value>> {
     if depth > MAX_INCLUDE_DEPTH {
         return Err(Error::file(
             path,
@@ -234,10 +283,11 @@ pub fn read_yaml_map(path: &Path, text: Option<&str>, depth: usize) -> Result<Ma
     let text = match text {
         Some(t) => t,
         None => {
-            owned = std::fs::read_to_string(path).map_err(|e| Error::file(path, e))?;
+            owned = read_task_text(path)?;
             owned.as_str()
         }
     };
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     for (i, line) in text.lines().enumerate() {
         if let Some(at) = line.find("!function") {
             let key = line[..at].trim().trim_end_matches(':').trim();
@@ -271,13 +321,32 @@ pub fn read_yaml_map(path: &Path, text: Option<&str>, depth: usize) -> Result<Ma
         };
         let base_dir = path.parent().unwrap_or(Path::new("."));
         let inc_path = base_dir.join(&inc);
-        let mut base = read_yaml_map(&inc_path, None, depth + 1).map_err(|e| {
-            Error::key(
+        let mut chain = chain.to_vec();
+        chain.push(path.to_path_buf());
+        if chain.iter().any(|p| same_file(p, &inc_path)) {
+            let names: Vec<String> = chain
+                .iter()
+                .chain([&inc_path])
+                .map(|p| p.display().to_string())
+                .collect();
+            return Err(Error::key(
                 path.display().to_string(),
                 "include",
-                crate::error::first_line(&e.to_string()),
-            )
-        })?;
+                format!("a cycle: {}", names.join(" -> ")),
+            ));
+        }
+        let mut base = match read_yaml_map(&inc_path, None, depth + 1, &chain) {
+            Ok(m) => m,
+            // An error inside the included file names that file already.
+            Err(e @ Error::Key { .. }) => return Err(e),
+            Err(e) => {
+                return Err(Error::key(
+                    path.display().to_string(),
+                    "include",
+                    crate::error::first_line(&e.to_string()),
+                ))
+            }
+        };
         for (k, v) in map {
             base.insert(k, v);
         }
@@ -286,9 +355,37 @@ pub fn read_yaml_map(path: &Path, text: Option<&str>, depth: usize) -> Result<Ma
     Ok(map)
 }
 
+/// The largest task file read (lm-eval's are a few kB).
+pub const MAX_TASK_FILE_BYTES: u64 = 4 << 20;
+
+/// A task file's text: a regular file of sane size, checked before it is read.
+fn read_task_text(path: &Path) -> Result<String> {
+    let meta = std::fs::metadata(path).map_err(|e| Error::file(path, e))?;
+    if !meta.is_file() {
+        return Err(Error::file(path, "not a regular file"));
+    }
+    if meta.len() > MAX_TASK_FILE_BYTES {
+        return Err(Error::file(
+            path,
+            format!(
+                "{} bytes: a task file is at most {MAX_TASK_FILE_BYTES}",
+                meta.len()
+            ),
+        ));
+    }
+    std::fs::read_to_string(path).map_err(|e| Error::file(path, e))
+}
+
+fn same_file(a: &Path, b: &Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(x), Ok(y)) => x == y,
+        _ => a == b,
+    }
+}
+
 /// Parse a task or group file. `text` is its content when it is not on disk (a shipped task).
 pub fn parse_task_file(path: &Path, text: Option<&str>) -> Result<TaskFile> {
-    let map = read_yaml_map(path, text, 0)?;
+    let map = read_yaml_map(path, text, 0, &[])?;
     if map.contains_key("group") {
         return parse_group(path, map).map(TaskFile::Group);
     }
@@ -384,9 +481,15 @@ fn typed<T: serde::de::DeserializeOwned>(
 ) -> Result<Option<T>> {
     match map.get(key) {
         None | Some(Value::Null) => Ok(None),
-        Some(v) => serde_json::from_value(v.clone())
-            .map(Some)
-            .map_err(|e| Error::key(src, key, crate::error::first_line(&e.to_string()))),
+        Some(v) => serde_json::from_value(v.clone()).map(Some).map_err(|e| {
+            // serde names our Rust types ("expected struct FewshotConfig"); say "a mapping".
+            let msg = crate::error::first_line(&e.to_string());
+            let msg = match msg.find("struct ") {
+                Some(at) => format!("{}a mapping of keys", &msg[..at]),
+                None => msg,
+            };
+            Error::key(src, key, msg)
+        }),
     }
 }
 
@@ -460,11 +563,58 @@ pub fn parse_task(path: &Path, map: Map<String, Value>) -> Result<TaskConfig> {
             top_p: None,
             top_k: None,
         });
-        if g.until.is_none() {
-            g.until = Some(vec![fewshot_delimiter.clone()]);
+        match &g.until {
+            None | Some(Value::Null) => {
+                g.until = Some(Value::from(vec![fewshot_delimiter.clone()]))
+            }
+            Some(Value::String(_)) => {}
+            Some(Value::Array(v)) if v.iter().all(Value::is_string) => {}
+            Some(_) => {
+                return Err(Error::key(
+                    &src,
+                    "generation_kwargs.until",
+                    "expected a string or a list of strings",
+                ))
+            }
+        }
+        let max = g.max_gen_toks.or(g.max_new_tokens).unwrap_or(256);
+        if max == 0 || max > crate::generate::MAX_NEW_TOKENS_LIMIT {
+            return Err(Error::key(
+                &src,
+                "generation_kwargs.max_gen_toks",
+                format!(
+                    "{max}: expected 1 to {}",
+                    crate::generate::MAX_NEW_TOKENS_LIMIT
+                ),
+            ));
         }
     }
-    let metric_list: Vec<MetricSpec> = typed(&src, &map, "metric_list")?.unwrap_or_default();
+    let metric_list: Vec<MetricSpec> = match map.get("metric_list") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::Array(items)) => items
+            .iter()
+            .enumerate()
+            .map(|(i, v)| {
+                serde_json::from_value(v.clone()).map_err(|e| {
+                    Error::key(
+                        &src,
+                        format!("metric_list[{i}]"),
+                        format!(
+                            "{} (expected a mapping such as {{metric: acc}})",
+                            crate::error::first_line(&e.to_string())
+                        ),
+                    )
+                })
+            })
+            .collect::<Result<_>>()?,
+        Some(_) => {
+            return Err(Error::key(
+                &src,
+                "metric_list",
+                "expected a list of {metric: NAME} entries",
+            ))
+        }
+    };
     let metric_list = if metric_list.is_empty() {
         default_metrics(output_type)
     } else {
@@ -504,6 +654,8 @@ pub fn parse_task(path: &Path, map: Map<String, Value>) -> Result<TaskConfig> {
         }
     }
     let num_fewshot: Option<usize> = typed(&src, &map, "num_fewshot")?;
+    let dataset_kwargs: DatasetKwargs = typed(&src, &map, "dataset_kwargs")?.unwrap_or_default();
+    dataset_kwargs.files(&src)?;
     let version = map
         .get("metadata")
         .and_then(|m| m.get("version"))
@@ -523,7 +675,7 @@ pub fn parse_task(path: &Path, map: Map<String, Value>) -> Result<TaskConfig> {
         file: path.to_path_buf(),
         dataset_path,
         dataset_name: opt_string(&src, &map, "dataset_name")?,
-        dataset_kwargs: typed(&src, &map, "dataset_kwargs")?.unwrap_or_default(),
+        dataset_kwargs,
         training_split: opt_string(&src, &map, "training_split")?,
         validation_split: opt_string(&src, &map, "validation_split")?,
         test_split: opt_string(&src, &map, "test_split")?,
@@ -633,7 +785,7 @@ pub fn resolve_tasks(spec: &str) -> Result<(Vec<TaskConfig>, Vec<GroupConfig>)> 
     if items.is_empty() {
         return Err(Error::key(
             "bench",
-            "--tasks",
+            "tasks",
             "expected a task name, YAML file or folder",
         ));
     }
@@ -654,7 +806,7 @@ pub fn resolve_tasks(spec: &str) -> Result<(Vec<TaskConfig>, Vec<GroupConfig>)> 
             let names: Vec<&str> = SHIPPED.iter().map(|(n, _)| *n).collect();
             return Err(Error::key(
                 "bench",
-                "--tasks",
+                "tasks",
                 format!(
                     "`{item}` is not a file, a folder or a shipped task (shipped: {})",
                     names.join(", ")

@@ -46,6 +46,19 @@ pub struct EvalPlan {
     pub limits: std::collections::BTreeMap<String, usize>,
 }
 
+/// An error of the bench library inside an `[eval]` key's error: its own text, without the
+/// `bench: key ...` frame when it has one (the config key is named instead).
+fn inner_msg(e: &Error) -> String {
+    match e {
+        Error::Key {
+            source_name,
+            key,
+            what,
+        } if source_name == "bench" => format!("{key}: {what}"),
+        e => crate::error::first_line(&e.to_string()),
+    }
+}
+
 /// Read the tasks named by `[eval]` and locate their data; None without `[eval] tasks`.
 pub fn plan(c: &LoadedConfig) -> Result<Option<EvalPlan>> {
     let Some(e) = &c.config.eval else {
@@ -108,12 +121,27 @@ pub fn plan(c: &LoadedConfig) -> Result<Option<EvalPlan>> {
         } else {
             name.to_string()
         };
-        let (found, groups) = bench::task::resolve_tasks(&what)
-            .map_err(|err| c.key_error(&key, crate::error::first_line(&err.to_string())))?;
+        let (found, groups) =
+            bench::task::resolve_tasks(&what).map_err(|err| c.key_error(&key, inner_msg(&err)))?;
         if !groups.is_empty() {
             return Err(c.key_error(&key, format!("`{spec}` is a group: list its tasks instead")));
         }
         for t in found {
+            if tasks
+                .iter()
+                .any(|(x, s): &(TaskConfig, Option<usize>)| x.task == t.task && *s == shots)
+            {
+                return Err(c.key_error(&key, format!("`{spec}` is listed twice")));
+            }
+            // The data, the first prompt and its answer must build now, not after training
+            // (a hub task is fetched only when it runs).
+            if matches!(t.dataset_path.as_str(), "json" | "csv" | "parquet") {
+                let mut o = opts.clone();
+                if shots.is_some() {
+                    o.num_fewshot = shots;
+                }
+                bench::check_task(&t, &o).map_err(|err| c.key_error(&key, inner_msg(&err)))?;
+            }
             // The evaluation split must be there now, not after training.
             let split = bench::docs::eval_split_name(&t)
                 .map_err(|err| c.key_error(&key, crate::error::first_line(&err.to_string())))?;
