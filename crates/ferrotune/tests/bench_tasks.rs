@@ -196,3 +196,69 @@ fn data_that_cannot_be_found_says_where_it_looked() {
         "{e}"
     );
 }
+
+fn parse_err(name: &str, text: &str) -> String {
+    let p = tmp_yaml(name, text);
+    match task::parse_task_file(&p, None) {
+        Err(e) => e.to_string(),
+        Ok(_) => panic!("{name} was accepted"),
+    }
+}
+
+#[test]
+fn malformed_values_name_their_key_and_include_cycles_are_named() {
+    let base = "task: x\ndataset_path: json\noutput_type: generate_until\ndoc_to_text: q\n";
+    let e = parse_err(
+        "until.yaml",
+        &format!("{base}generation_kwargs:\n  until: 3\n"),
+    );
+    assert!(
+        e.contains("generation_kwargs.until") && !e.contains("enum"),
+        "{e}"
+    );
+    let e = parse_err(
+        "df.yaml",
+        &format!("{base}dataset_kwargs:\n  data_files:\n    test: 5\n"),
+    );
+    assert!(e.contains("data_files.test") && !e.contains("enum"), "{e}");
+    let e = parse_err("ml.yaml", &format!("{base}metric_list: [exact_match]\n"));
+    assert!(e.contains("metric_list[0]") && !e.contains("struct"), "{e}");
+    let e = parse_err(
+        "mgt.yaml",
+        &format!("{base}generation_kwargs:\n  max_gen_toks: 1000000000\n"),
+    );
+    assert!(
+        e.contains("max_gen_toks") && e.contains("expected 1 to"),
+        "{e}"
+    );
+    tmp_yaml("cyc_b.yaml", "include: cyc_a.yaml\n");
+    let e = parse_err("cyc_a.yaml", "include: cyc_b.yaml\ntask: x\n");
+    assert!(
+        e.contains("a cycle") && e.contains("cyc_a.yaml -> ") && !e.contains('\n'),
+        "{e}"
+    );
+    // A byte-order mark is not a second YAML document.
+    let p = tmp_yaml("bom.yaml", &format!("\u{feff}{base}doc_to_target: a\n"));
+    assert!(task::parse_task_file(&p, None).is_ok());
+}
+
+#[test]
+fn a_template_that_loops_too_long_fails_instead_of_hanging() {
+    let p = tmp_yaml(
+        "loop.yaml",
+        "task: x\ndataset_path: json\noutput_type: generate_until\ndoc_to_text: \"{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}{{q}}\"\ndoc_to_target: a\n",
+    );
+    let t = match task::parse_task_file(&p, None).unwrap() {
+        TaskFile::Task(t) => *t,
+        TaskFile::Group(_) => panic!("a group"),
+    };
+    let d = doc(json!({"q": "q", "a": "a"}));
+    let pr = Prompter::new(&t, &d).unwrap();
+    let t0 = std::time::Instant::now();
+    let e = pr.contexts(&d, 0, &[], None).err().unwrap().to_string();
+    assert!(
+        e.contains("doc_to_text") && e.contains("steps of work"),
+        "{e}"
+    );
+    assert!(t0.elapsed().as_secs() < 30, "took {:?}", t0.elapsed());
+}

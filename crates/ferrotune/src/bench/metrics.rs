@@ -22,6 +22,8 @@ pub enum Item {
     Weighted(f64, f64),
     /// (prediction, references) for corpus BLEU.
     Text(String, Vec<String>),
+    /// (confidence of the top choice, whether it was right) for the calibration error.
+    Calib(f64, bool),
 }
 
 impl Item {
@@ -35,6 +37,7 @@ impl Item {
                 let refs: Vec<&str> = r.iter().map(String::as_str).collect();
                 rouge(p, &refs).rouge_l
             }
+            Item::Calib(c, _) => *c,
         }
     }
 }
@@ -49,6 +52,8 @@ pub enum Aggregation {
     F1,
     Mcc,
     Bleu,
+    /// Expected calibration error over 10 bins of [`Item::Calib`] items.
+    Ece,
 }
 
 impl Aggregation {
@@ -61,6 +66,7 @@ impl Aggregation {
             Aggregation::F1 => "f1",
             Aggregation::Mcc => "matthews_corrcoef",
             Aggregation::Bleu => "bleu",
+            Aggregation::Ece => "ece",
         }
     }
 
@@ -97,6 +103,16 @@ impl Aggregation {
                     mcc(&pairs)
                 }
             }
+            Aggregation::Ece => {
+                let s: Vec<(f64, bool)> = items
+                    .iter()
+                    .filter_map(|it| match it {
+                        Item::Calib(c, ok) => Some((*c, *ok)),
+                        _ => None,
+                    })
+                    .collect();
+                ece(&s, 10)
+            }
             Aggregation::Bleu => {
                 let (mut preds, mut refs) = (Vec::new(), Vec::new());
                 for it in items {
@@ -121,7 +137,7 @@ impl Aggregation {
                 Some(bootstrap_stderr(self, items, BOOTSTRAP_ITERS))
             }
             Aggregation::Bleu => Some(bootstrap_stderr(self, items, 100)),
-            Aggregation::WeightedPerplexity | Aggregation::BitsPerByte => None,
+            Aggregation::WeightedPerplexity | Aggregation::BitsPerByte | Aggregation::Ece => None,
         }
     }
 }

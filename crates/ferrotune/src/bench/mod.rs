@@ -727,13 +727,14 @@ fn process(
     }
     if t.output_type == OutputType::MultipleChoice && !calib.is_empty() {
         // Beyond lm-eval: how well the choice probabilities are calibrated (lower is better).
+        let items: Vec<Item> = calib.iter().map(|&(c, ok)| Item::Calib(c, ok)).collect();
         out_metrics.push(MetricResult {
             name: "ece".into(),
-            aggregation: Aggregation::Mean,
+            aggregation: Aggregation::Ece,
             higher_is_better: false,
-            value: metrics::ece(&calib, 10),
+            value: Aggregation::Ece.apply(&items),
             stderr: None,
-            items: Vec::new(),
+            items,
         });
     }
     Ok(TaskResult {

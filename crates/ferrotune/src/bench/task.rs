@@ -474,6 +474,16 @@ fn opt_string(src: &str, map: &Map<String, Value>, key: &str) -> Result<Option<S
     }
 }
 
+/// serde's message without our Rust type names ("expected struct FewshotConfig" reads
+/// "expected a mapping of keys").
+fn serde_msg(e: &serde_json::Error) -> String {
+    let msg = crate::error::first_line(&e.to_string());
+    match msg.find("struct ") {
+        Some(at) => format!("{}a mapping of keys", &msg[..at]),
+        None => msg,
+    }
+}
+
 fn typed<T: serde::de::DeserializeOwned>(
     src: &str,
     map: &Map<String, Value>,
@@ -481,15 +491,9 @@ fn typed<T: serde::de::DeserializeOwned>(
 ) -> Result<Option<T>> {
     match map.get(key) {
         None | Some(Value::Null) => Ok(None),
-        Some(v) => serde_json::from_value(v.clone()).map(Some).map_err(|e| {
-            // serde names our Rust types ("expected struct FewshotConfig"); say "a mapping".
-            let msg = crate::error::first_line(&e.to_string());
-            let msg = match msg.find("struct ") {
-                Some(at) => format!("{}a mapping of keys", &msg[..at]),
-                None => msg,
-            };
-            Error::key(src, key, msg)
-        }),
+        Some(v) => serde_json::from_value(v.clone())
+            .map(Some)
+            .map_err(|e| Error::key(src, key, serde_msg(&e))),
     }
 }
 
@@ -599,10 +603,7 @@ pub fn parse_task(path: &Path, map: Map<String, Value>) -> Result<TaskConfig> {
                     Error::key(
                         &src,
                         format!("metric_list[{i}]"),
-                        format!(
-                            "{} (expected a mapping such as {{metric: acc}})",
-                            crate::error::first_line(&e.to_string())
-                        ),
+                        format!("{} such as {{metric: acc}}", serde_msg(&e)),
                     )
                 })
             })
