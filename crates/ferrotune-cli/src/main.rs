@@ -114,8 +114,9 @@ struct BenchArgs {
     /// Score the first N documents of each task.
     #[arg(long)]
     limit: Option<usize>,
-    /// Recorded in the results; requests share prefixes instead of padded batches.
-    #[arg(long, default_value_t = 1)]
+    /// Sequences per scoring pass (recorded in the results); a batch's common prefix (few-shot
+    /// examples, a question before its choices) runs once.
+    #[arg(long, default_value_t = ferrotune::bench::DEFAULT_BATCH_SIZE)]
     batch_size: usize,
     /// Wrap each prompt in the model's chat template (recorded in the results).
     #[arg(long)]

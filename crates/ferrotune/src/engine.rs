@@ -363,16 +363,35 @@ impl FastDecoder {
 
     /// Scoring with a shared prefix: keep the first `keep` cached positions (drop the rest),
     /// run `ids` after them, and return the logits of `ids[from..]` ((len - from) x vocab,
-    /// row-major). Several continuations of one context each rewind to the context's end.
+    /// row-major; none when `from == ids.len()`, which only fills the cache). The cache then
+    /// holds `keep + ids.len()` positions.
     pub fn extend(&mut self, keep: usize, ids: &[u32], from: usize) -> Result<Vec<f32>> {
-        if ids.is_empty() || from >= ids.len() {
+        if ids.is_empty() || from > ids.len() {
             return Err(crate::Error::msg(format!(
-                "engine: no positions to score ({} tokens, logits from {from})",
+                "engine: no positions to run ({} tokens, logits from {from})",
                 ids.len()
             )));
         }
         self.pos = keep.min(self.pos);
-        self.forward_rows(ids, from)
+        self.forward_batch(&[(ids, from)], true)
+    }
+
+    /// Several sequences at once, each after the first `keep` cached positions (a shared
+    /// prefix, e.g. few-shot examples): one pass of every weight for all their tokens, each
+    /// attending to the prefix and to its own earlier tokens only. Returns the logits of each
+    /// `ids[from..]`, one sequence after the other. The cache keeps only the `keep` prefix.
+    pub fn score_batch(&mut self, keep: usize, seqs: &[(&[u32], usize)]) -> Result<Vec<f32>> {
+        if let Some((ids, from)) = seqs
+            .iter()
+            .find(|(ids, from)| ids.is_empty() || *from > ids.len())
+        {
+            return Err(crate::Error::msg(format!(
+                "engine: no positions to run ({} tokens, logits from {from})",
+                ids.len()
+            )));
+        }
+        self.pos = keep.min(self.pos);
+        self.forward_batch(seqs, seqs.len() == 1)
     }
 
     /// The vocabulary size (the length of one row of logits).
@@ -381,18 +400,46 @@ impl FastDecoder {
     }
 
     fn forward_rows(&mut self, ids: &[u32], from: usize) -> Result<Vec<f32>> {
-        let t = ids.len();
-        if t == 0 || from >= t {
+        if ids.is_empty() || from >= ids.len() {
             return Err(crate::Error::msg("engine: empty forward"));
         }
-        if self.pos + t > self.ctx {
-            return Err(crate::Error::ContextOverflow {
-                tokens: self.pos + t,
-                context: self.ctx,
-                hint: String::new(),
-            });
+        self.forward_batch(&[(ids, from)], true)
+    }
+
+    /// The forward pass of `seqs` placed after the `pos` cached positions. Sequence `s` writes
+    /// its keys and values at cache positions `pos + off_s ..` (`off_s`: the tokens of the
+    /// sequences before it) and takes RoPE positions `pos ..`; `advance` (one sequence only)
+    /// keeps it in the cache.
+    fn forward_batch(&mut self, seqs: &[(&[u32], usize)], advance: bool) -> Result<Vec<f32>> {
+        let base = self.pos;
+        let t: usize = seqs.iter().map(|(ids, _)| ids.len()).sum();
+        if t == 0 {
+            return Err(crate::Error::msg("engine: empty forward"));
         }
-        self.reserve(self.pos + t);
+        if let Some(longest) = seqs.iter().map(|(ids, _)| ids.len()).max() {
+            if base + longest > self.ctx {
+                return Err(crate::Error::ContextOverflow {
+                    tokens: base + longest,
+                    context: self.ctx,
+                    hint: String::new(),
+                });
+            }
+        }
+        // Each row: (cache offset of its sequence's first token, its index in the sequence).
+        let mut row_seq: Vec<(usize, usize)> = Vec::with_capacity(t);
+        let mut ids_all: Vec<u32> = Vec::with_capacity(t);
+        let mut scored: Vec<usize> = Vec::new();
+        for (ids, from) in seqs {
+            let off = row_seq.len();
+            for i in 0..ids.len() {
+                if i >= *from {
+                    scored.push(off + i);
+                }
+                row_seq.push((off, i));
+            }
+            ids_all.extend_from_slice(ids);
+        }
+        self.reserve(base + t);
         let (h, hd, nh, nkv, inter) = (
             self.hidden,
             self.head_dim,
@@ -401,7 +448,7 @@ impl FastDecoder {
             self.inter,
         );
         let mut x = vec![0f32; t * h];
-        self.embed_rows(ids, &mut x)?;
+        self.embed_rows(&ids_all, &mut x)?;
         let mut xn = vec![0f32; t * h];
         let mut q = vec![0f32; t * nh * hd];
         let mut k = vec![0f32; t * nkv * hd];
@@ -410,8 +457,6 @@ impl FastDecoder {
         let mut o = vec![0f32; t * h];
         let mut g = vec![0f32; t * inter];
         let mut u = vec![0f32; t * inter];
-        let mut scores = vec![0f32; self.pos + t];
-        let scale = 1.0 / (hd as f32).sqrt();
         let cap = self.cap;
         for li in 0..self.layers.len() {
             let layer = &self.layers[li];
@@ -425,56 +470,61 @@ impl FastDecoder {
                 layer.k.matmul(&xn, t, &mut k)?;
                 layer.v.matmul(&xn, t, &mut v)?;
             }
-            for i in 0..t {
-                let p = self.pos + i;
+            for (r, &(_, i)) in row_seq.iter().enumerate() {
+                let p = base + i;
                 let (cos, sin) = (
                     &self.cos[p * hd / 2..(p + 1) * hd / 2],
                     &self.sin[p * hd / 2..(p + 1) * hd / 2],
                 );
-                for hq in q[i * nh * hd..(i + 1) * nh * hd].chunks_exact_mut(hd) {
+                for hq in q[r * nh * hd..(r + 1) * nh * hd].chunks_exact_mut(hd) {
                     rope(hq, cos, sin);
                 }
-                for hk in k[i * nkv * hd..(i + 1) * nkv * hd].chunks_exact_mut(hd) {
+                for hk in k[r * nkv * hd..(r + 1) * nkv * hd].chunks_exact_mut(hd) {
                     rope(hk, cos, sin);
                 }
             }
             let layer = &mut self.layers[li];
-            for i in 0..t {
-                let p = self.pos + i;
+            for r in 0..t {
+                let p = base + r;
                 for kh in 0..nkv {
                     let dst = (kh * cap + p) * hd;
-                    let src = (i * nkv + kh) * hd;
+                    let src = (r * nkv + kh) * hd;
                     layer.k_cache[dst..dst + hd].copy_from_slice(&k[src..src + hd]);
                     layer.v_cache[dst..dst + hd].copy_from_slice(&v[src..src + hd]);
                 }
             }
-            let group = nh / nkv;
-            for i in 0..t {
-                let n_keys = self.pos + i + 1;
-                for head in 0..nh {
-                    let kh = head / group;
-                    let qv = &q[(i * nh + head) * hd..(i * nh + head + 1) * hd];
-                    let kc = &layer.k_cache[kh * cap * hd..];
-                    let vc = &layer.v_cache[kh * cap * hd..];
-                    let s = &mut scores[..n_keys];
-                    let mut max = f32::NEG_INFINITY;
-                    for (j, sj) in s.iter_mut().enumerate() {
-                        *sj = dot(qv, &kc[j * hd..(j + 1) * hd]) * scale;
-                        max = max.max(*sj);
-                    }
-                    let mut sum = 0f32;
-                    for sj in s.iter_mut() {
-                        *sj = (*sj - max).exp();
-                        sum += *sj;
-                    }
-                    let out = &mut att[(i * nh + head) * hd..(i * nh + head + 1) * hd];
-                    out.iter_mut().for_each(|o| *o = 0.0);
-                    for (j, &w) in s.iter().enumerate() {
-                        axpy(w / sum, &vc[j * hd..(j + 1) * hd], out);
-                    }
+            let layer = &self.layers[li];
+            let shape = AttnShape {
+                base,
+                cap,
+                hd,
+                nh,
+                group: nh / nkv,
+            };
+            let attend_row = |r: usize, out: &mut [f32], scores: &mut Vec<f32>| {
+                let (off, i) = row_seq[r];
+                attend(
+                    &shape,
+                    &q[r * nh * hd..(r + 1) * nh * hd],
+                    &layer.k_cache,
+                    &layer.v_cache,
+                    off,
+                    i,
+                    out,
+                    scores,
+                );
+            };
+            if t >= 4 {
+                use rayon::prelude::*;
+                att.par_chunks_mut(nh * hd)
+                    .enumerate()
+                    .for_each_init(Vec::new, |scores, (r, out)| attend_row(r, out, scores));
+            } else {
+                let mut scores = Vec::new();
+                for (r, out) in att.chunks_exact_mut(nh * hd).enumerate() {
+                    attend_row(r, out, &mut scores);
                 }
             }
-            let layer = &self.layers[li];
             if t == 1 {
                 layer.o.matvec(&att, &mut o);
             } else {
@@ -499,11 +549,19 @@ impl FastDecoder {
             }
             x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
         }
-        self.pos += t;
-        let rows = t - from;
-        let last = &x[from * h..];
+        if advance && seqs.len() == 1 {
+            self.pos += t;
+        }
+        let rows = scored.len();
+        if rows == 0 {
+            return Ok(Vec::new());
+        }
+        let mut last = vec![0f32; rows * h];
+        for (dst, &r) in last.chunks_exact_mut(h).zip(&scored) {
+            dst.copy_from_slice(&x[r * h..(r + 1) * h]);
+        }
         let mut ln = vec![0f32; rows * h];
-        rms_norm_rows(last, &self.norm, self.eps, &mut ln);
+        rms_norm_rows(&last, &self.norm, self.eps, &mut ln);
         let mut logits = vec![0f32; rows * self.vocab];
         if rows == 1 {
             self.lm_head.matvec(&ln, &mut logits);
@@ -511,6 +569,62 @@ impl FastDecoder {
             self.lm_head.matmul(&ln, rows, &mut logits)?;
         }
         Ok(logits)
+    }
+}
+
+/// What one attention row needs to know about the cache layout.
+struct AttnShape {
+    /// Cached prefix positions every row attends to.
+    base: usize,
+    /// Positions per kv head in the cache.
+    cap: usize,
+    hd: usize,
+    nh: usize,
+    /// Query heads per kv head.
+    group: usize,
+}
+
+/// Causal attention of one row (all its query heads) at index `i` of a sequence whose keys
+/// start at cache position `base + off`: keys `[0, base)` and `[base + off, base + off + i]`.
+#[allow(clippy::too_many_arguments)]
+fn attend(
+    s: &AttnShape,
+    q: &[f32],
+    k_cache: &[f32],
+    v_cache: &[f32],
+    off: usize,
+    i: usize,
+    out: &mut [f32],
+    scores: &mut Vec<f32>,
+) {
+    let hd = s.hd;
+    let scale = 1.0 / (hd as f32).sqrt();
+    let n_keys = s.base + i + 1;
+    scores.resize(n_keys, 0.0);
+    // Key j of this row sits at cache position j (prefix) or j + off (its own tokens).
+    let key_pos = |j: usize| if j < s.base { j } else { j + off };
+    for head in 0..s.nh {
+        let kh = head / s.group;
+        let qv = &q[head * hd..(head + 1) * hd];
+        let kc = &k_cache[kh * s.cap * hd..];
+        let vc = &v_cache[kh * s.cap * hd..];
+        let mut max = f32::NEG_INFINITY;
+        for (j, sj) in scores.iter_mut().enumerate() {
+            let p = key_pos(j);
+            *sj = dot(qv, &kc[p * hd..(p + 1) * hd]) * scale;
+            max = max.max(*sj);
+        }
+        let mut sum = 0f32;
+        for sj in scores.iter_mut() {
+            *sj = (*sj - max).exp();
+            sum += *sj;
+        }
+        let o = &mut out[head * hd..(head + 1) * hd];
+        o.iter_mut().for_each(|x| *x = 0.0);
+        for (j, &w) in scores.iter().enumerate() {
+            let p = key_pos(j);
+            axpy(w / sum, &vc[p * hd..(p + 1) * hd], o);
+        }
     }
 }
 

@@ -92,3 +92,76 @@ fn engine_matches_model_quantized() {
         eprintln!("{q:?}: engine vs model max |logit diff| {worst:e}");
     }
 }
+
+/// Scoring several sequences in one pass after a shared cached prefix gives each the logits it
+/// gets alone: each attends to the prefix and its own tokens only, at its own positions.
+#[test]
+fn batched_sequences_after_a_shared_prefix_score_as_if_alone() {
+    for (name, opts, tol) in [
+        ("tiny-llama-gqa-untied", LoadOptions::default(), 1e-4f32),
+        ("tiny-qwen2", LoadOptions::default(), 1e-4),
+        (
+            "tiny-llama-gqa-untied",
+            LoadOptions {
+                requantize: Some(GgmlDType::Q4_1),
+                ..Default::default()
+            },
+            // A different row count moves 16-bit activation quantisation (see above).
+            5e-3,
+        ),
+    ] {
+        let m = tiny(name, &opts);
+        let prefix: Vec<u32> = (0..11u32).map(|i| (i * 37 + 5) % 256).collect();
+        let suffixes: Vec<Vec<u32>> = (0..5u32)
+            .map(|s| {
+                (0..(3 + 2 * s))
+                    .map(|i| (s * 53 + i * 17 + 1) % 256)
+                    .collect()
+            })
+            .collect();
+        // Alone: prefix + suffix from scratch, logits of every suffix position.
+        let mut alone = FastDecoder::new(&m).unwrap();
+        let expected: Vec<Vec<f32>> = suffixes
+            .iter()
+            .map(|s| {
+                let full: Vec<u32> = prefix.iter().chain(s).copied().collect();
+                alone.extend(0, &full, prefix.len()).unwrap()
+            })
+            .collect();
+        let mut fast = FastDecoder::new(&m).unwrap();
+        let filled = fast.extend(0, &prefix, prefix.len()).unwrap();
+        assert!(filled.is_empty(), "filling the cache returns no logits");
+        assert_eq!(fast.cached(), prefix.len());
+        let parts: Vec<(&[u32], usize)> = suffixes.iter().map(|s| (s.as_slice(), 0)).collect();
+        let batched = fast.score_batch(prefix.len(), &parts).unwrap();
+        assert_eq!(
+            fast.cached(),
+            prefix.len(),
+            "the batch leaves only the prefix cached"
+        );
+        let want: Vec<f32> = expected.concat();
+        assert_eq!(batched.len(), want.len());
+        let worst = max_diff(&batched, &want);
+        assert!(worst < tol, "{name}: batched vs alone {worst} >= {tol}");
+        // Scored rows start where each sequence asks: the last two positions of each.
+        let parts: Vec<(&[u32], usize)> = suffixes
+            .iter()
+            .map(|s| (s.as_slice(), s.len() - 2))
+            .collect();
+        let tail = fast.score_batch(prefix.len(), &parts).unwrap();
+        let vocab = fast.vocab_size();
+        let want: Vec<f32> = expected
+            .iter()
+            .flat_map(|e| e[e.len() - 2 * vocab..].to_vec())
+            .collect();
+        let worst_tail = max_diff(&tail, &want);
+        assert!(
+            worst_tail < tol,
+            "{name}: scored tails {worst_tail} >= {tol}"
+        );
+        // A sequence longer than the context is refused, not sliced past the tables.
+        let too_long = vec![1u32; 100_000];
+        assert!(fast.score_batch(prefix.len(), &[(&too_long, 0)]).is_err());
+        eprintln!("{name}: batched vs alone max |logit diff| {worst:e}");
+    }
+}

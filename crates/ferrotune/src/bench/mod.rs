@@ -29,6 +29,9 @@ use task::{GroupConfig, OutputType, TaskConfig};
 pub const FEWSHOT_SEED: u64 = 1234;
 /// Most documents per task `--limit` accepts (a larger one is a typo).
 pub const MAX_LIMIT: usize = 10_000_000;
+/// Sequences per scoring pass unless `--batch-size` says otherwise: enough rows that every
+/// weight is read once for many tokens.
+pub const DEFAULT_BATCH_SIZE: usize = 32;
 /// Most few-shot examples.
 pub const MAX_FEWSHOT: usize = 1024;
 
@@ -38,7 +41,8 @@ pub struct BenchOptions {
     pub num_fewshot: Option<usize>,
     /// Score the first N documents of each task.
     pub limit: Option<usize>,
-    /// Recorded in the results (scoring shares prefixes instead of padding batches).
+    /// Sequences per forward pass when scoring log-likelihoods (recorded in the results);
+    /// each batch also shares the prefix its sequences have in common.
     pub batch_size: usize,
     pub apply_chat_template: bool,
     pub fewshot_seed: u64,
@@ -51,7 +55,7 @@ impl Default for BenchOptions {
         Self {
             num_fewshot: None,
             limit: None,
-            batch_size: 1,
+            batch_size: DEFAULT_BATCH_SIZE,
             apply_chat_template: false,
             fewshot_seed: FEWSHOT_SEED,
             log_samples: false,
@@ -373,7 +377,7 @@ pub fn run_task(
         });
         pairs_total += plans.last().map_or(0, |p| p.count);
     }
-    let responses = answer(model, tok, t, &plans, seq2seq, progress)?;
+    let responses = answer(model, tok, t, &plans, seq2seq, opts.batch_size, progress)?;
     let mut result = process(t, &plans, docs, responses, k, n_original, opts)?;
     result.alias = t.alias.clone().unwrap_or_else(|| t.task.clone());
     Ok(result)
@@ -386,6 +390,7 @@ fn answer(
     t: &TaskConfig,
     plans: &[DocPlan],
     seq2seq: bool,
+    self_batch: usize,
     progress: &dyn Progress,
 ) -> Result<Vec<Response>> {
     let max_len = max_length(model);
@@ -397,7 +402,7 @@ fn answer(
                     reqs.push(encode_pair(tok, c, x, seq2seq)?);
                 }
             }
-            let lls = score::loglikelihoods(model, &reqs, max_len, progress)?;
+            let lls = score::loglikelihoods(model, &reqs, max_len, self_batch, progress)?;
             Ok(plans
                 .iter()
                 .map(|p| {
@@ -421,7 +426,7 @@ fn answer(
                 spans.push((reqs.len(), w.len()));
                 reqs.extend(w);
             }
-            let lls = score::loglikelihoods(model, &reqs, max_len, progress)?;
+            let lls = score::loglikelihoods(model, &reqs, max_len, self_batch, progress)?;
             Ok(spans
                 .iter()
                 .map(|&(a, n)| Response::Rolling(lls[a..a + n].iter().map(|l| l.ll).sum()))
