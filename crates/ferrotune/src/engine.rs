@@ -209,6 +209,22 @@ pub struct FastDecoder {
     /// Positions the caches can hold before growing.
     cap: usize,
     pos: usize,
+    /// Activation buffers kept between calls: freshly allocated ones of this size cost a page
+    /// fault per 4 KiB on first touch, every call.
+    scratch: Scratch,
+}
+
+#[derive(Default)]
+struct Scratch {
+    x: Vec<f32>,
+    xn: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    att: Vec<f32>,
+    o: Vec<f32>,
+    g: Vec<f32>,
+    u: Vec<f32>,
 }
 
 fn vec_f32(t: &Tensor) -> Option<Vec<f32>> {
@@ -268,6 +284,7 @@ impl FastDecoder {
             ctx: cfg.max_position_embeddings,
             cap: 0,
             pos: 0,
+            scratch: Scratch::default(),
         };
         decoder.shapes_fit().then_some(decoder)
     }
@@ -447,16 +464,23 @@ impl FastDecoder {
             self.n_kv,
             self.inter,
         );
-        let mut x = vec![0f32; t * h];
+        // Every buffer is overwritten before it is read: resizing only sets the length.
+        let mut sc = std::mem::take(&mut self.scratch);
+        let sized = |b: &mut Vec<f32>, n: usize| -> Vec<f32> {
+            let mut b = std::mem::take(b);
+            b.resize(n, 0.0);
+            b
+        };
+        let mut x = sized(&mut sc.x, t * h);
         self.embed_rows(&ids_all, &mut x)?;
-        let mut xn = vec![0f32; t * h];
-        let mut q = vec![0f32; t * nh * hd];
-        let mut k = vec![0f32; t * nkv * hd];
-        let mut v = vec![0f32; t * nkv * hd];
-        let mut att = vec![0f32; t * nh * hd];
-        let mut o = vec![0f32; t * h];
-        let mut g = vec![0f32; t * inter];
-        let mut u = vec![0f32; t * inter];
+        let mut xn = sized(&mut sc.xn, t * h);
+        let mut q = sized(&mut sc.q, t * nh * hd);
+        let mut k = sized(&mut sc.k, t * nkv * hd);
+        let mut v = sized(&mut sc.v, t * nkv * hd);
+        let mut att = sized(&mut sc.att, t * nh * hd);
+        let mut o = sized(&mut sc.o, t * h);
+        let mut g = sized(&mut sc.g, t * inter);
+        let mut u = sized(&mut sc.u, t * inter);
         let cap = self.cap;
         for li in 0..self.layers.len() {
             let layer = &self.layers[li];
@@ -539,9 +563,12 @@ impl FastDecoder {
                 layer.gate.matmul(&xn, t, &mut g)?;
                 layer.up.matmul(&xn, t, &mut u)?;
             }
-            for (gi, ui) in g.iter_mut().zip(&u) {
-                *gi = *gi / (1.0 + (-*gi).exp()) * ui;
-            }
+            let swiglu = |g: &mut [f32], u: &[f32]| {
+                for (gi, ui) in g.iter_mut().zip(u) {
+                    *gi = *gi / (1.0 + (-*gi).exp()) * ui;
+                }
+            };
+            swiglu(&mut g, &u);
             if t == 1 {
                 layer.down.matvec(&g, &mut o);
             } else {
@@ -553,12 +580,23 @@ impl FastDecoder {
             self.pos += t;
         }
         let rows = scored.len();
-        if rows == 0 {
-            return Ok(Vec::new());
-        }
         let mut last = vec![0f32; rows * h];
         for (dst, &r) in last.chunks_exact_mut(h).zip(&scored) {
             dst.copy_from_slice(&x[r * h..(r + 1) * h]);
+        }
+        self.scratch = Scratch {
+            x,
+            xn,
+            q,
+            k,
+            v,
+            att,
+            o,
+            g,
+            u,
+        };
+        if rows == 0 {
+            return Ok(Vec::new());
         }
         let mut ln = vec![0f32; rows * h];
         rms_norm_rows(&last, &self.norm, self.eps, &mut ln);
