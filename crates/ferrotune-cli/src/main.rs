@@ -116,7 +116,7 @@ struct BenchArgs {
     limit: Option<usize>,
     /// Sequences per scoring pass (recorded in the results); a batch's common prefix (few-shot
     /// examples, a question before its choices) runs once.
-    #[arg(long, default_value_t = ferrotune::bench::DEFAULT_BATCH_SIZE)]
+    #[arg(long, default_value_t = ferrotune::bench::DEFAULT_BATCH_SIZE, allow_negative_numbers = true)]
     batch_size: usize,
     /// Wrap each prompt in the model's chat template (recorded in the results).
     #[arg(long)]

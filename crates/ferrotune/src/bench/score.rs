@@ -312,6 +312,13 @@ fn score_fast(
             .map(|s| (&s.input[shared..], s.from - shared))
             .collect();
         let logits = dec.score_batch(shared, &parts)?;
+        let want_rows: usize = group.iter().map(|s| s.input.len() - s.from).sum();
+        if logits.len() != want_rows * vocab {
+            return Err(Error::msg(format!(
+                "engine: {} logits for {want_rows} scored positions of {vocab}",
+                logits.len()
+            )));
+        }
         cached = if group.len() == 1 {
             group[0].input.clone()
         } else {
