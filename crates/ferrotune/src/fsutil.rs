@@ -87,6 +87,27 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     rename_into_place(&tmp, path)
 }
 
+/// [`write_atomic`] for a file too large to hold in memory: `fill` streams it into the
+/// temporary sibling (buffered), which is flushed to disk and renamed into place only if `fill`
+/// succeeds; on failure the temporary file is removed.
+pub fn write_atomic_with(
+    path: &Path,
+    fill: impl FnOnce(&mut std::io::BufWriter<std::fs::File>) -> Result<()>,
+) -> Result<()> {
+    let tmp = tmp_sibling(path)?;
+    let file = std::fs::File::create(&tmp).map_err(|e| Error::file(&tmp, e))?;
+    let mut w = std::io::BufWriter::with_capacity(1 << 20, file);
+    let done = fill(&mut w).and_then(|()| {
+        let f = w.into_inner().map_err(|e| Error::file(&tmp, e.error()))?;
+        f.sync_all().map_err(|e| Error::file(&tmp, e))
+    });
+    if let Err(e) = done {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    rename_into_place(&tmp, path)
+}
+
 /// Write `tensors` as a safetensors file at `path` the same way as [`write_atomic`] (a
 /// temporary sibling, then a rename), without holding the file's bytes in memory.
 pub fn write_safetensors(

@@ -18,6 +18,7 @@ pub mod embed;
 pub mod engine;
 pub mod error;
 pub mod eval;
+pub mod export;
 pub mod fsutil;
 /// Fuzz targets shared by `fuzz/` (cargo-fuzz) and the `fuzz_smoke` test; not a public API.
 #[doc(hidden)]

@@ -31,6 +31,7 @@
 //!
 //! Threads: a dedicated pool (see [`set_num_threads`]) splits output rows across cores; small
 //! matrices run on the calling thread because waking a worker costs more than the work.
+pub mod ggml_quants;
 mod format;
 mod kernels;
 mod pool;
