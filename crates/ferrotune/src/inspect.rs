@@ -65,7 +65,7 @@ pub struct Report {
 }
 
 /// Bytes per parameter of the stored weights at each precision (block scales included).
-fn weight_bytes_per_param(precision: &str) -> f64 {
+pub(crate) fn weight_bytes_per_param(precision: &str) -> f64 {
     match precision {
         "fp32" => 4.0,
         "bf16" => 2.0,

@@ -32,6 +32,7 @@ pub mod nn;
 pub mod ops;
 pub mod peft;
 pub mod perplexity;
+pub mod plan;
 pub mod progress;
 pub mod quant;
 pub mod tokenizer;

@@ -38,6 +38,43 @@ pub fn download(spec: &str) -> Result<ModelSource> {
     Ok(ModelSource::HfDir(fetch_hf_folder(spec, &mut get)?))
 }
 
+/// `hf:org/name[@revision]`'s config.json alone (what `plan` reads; no weights, no tokenizer):
+/// the cache folder holding it.
+pub fn download_config(spec: &str) -> Result<ModelSource> {
+    let (repo_part, revision) = match spec.split_once('@') {
+        Some((r, rev)) => (r, rev.to_string()),
+        None => (spec, "main".to_string()),
+    };
+    let parts: Vec<&str> = repo_part.split('/').collect();
+    if parts.len() != 2 || parts[0].is_empty() || parts[1].is_empty() {
+        return Err(Error::msg(format!(
+            "--model hf:{spec}: expected hf:org/name[@revision] or hf:org/name/file.gguf"
+        )));
+    }
+    let api = hf_hub::api::sync::ApiBuilder::from_env()
+        .with_progress(false)
+        .build()
+        .map_err(|e| Error::msg(format!("hf:{spec}: cannot start the Hub client: {e}")))?;
+    let repo = api.repo(hf_hub::Repo::with_revision(
+        repo_part.to_string(),
+        hf_hub::RepoType::Model,
+        revision,
+    ));
+    let config = repo.get("config.json").map_err(|e| {
+        download_error(
+            spec,
+            "config.json",
+            &crate::error::first_line(&e.to_string()),
+        )
+    })?;
+    Ok(ModelSource::HfDir(
+        config
+            .parent()
+            .ok_or_else(|| Error::msg("hub cache path has no parent"))?
+            .to_path_buf(),
+    ))
+}
+
 /// Files of an HF model folder fetched when the repository has them: what
 /// `Tokenizer::from_hf_dir` reads besides tokenizer.json (`chat_template.jinja` is where
 /// transformers >= 4.43 saves the chat template).
