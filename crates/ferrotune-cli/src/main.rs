@@ -83,6 +83,9 @@ enum Command {
     /// Run lm-evaluation-harness task files (YAML) on a model, with lm-eval's prompts, metrics,
     /// standard errors and results layout; with --adapter, the forgetting table against the base.
     Bench(BenchArgs),
+    /// Plan a training run before renting a GPU: memory per device (weights, gradients,
+    /// optimizer, activations, buffers) and whether it fits, FLOPs, time, Chinchilla tokens.
+    Plan(PlanArgs),
     /// Inspect training data.
     Data {
         #[command(subcommand)]
@@ -247,6 +250,87 @@ struct InspectArgs {
     /// when that is shorter).
     #[arg(long, allow_negative_numbers = true)]
     seq_len: Option<usize>,
+}
+
+#[derive(Args)]
+struct PlanArgs {
+    /// A .gguf file, an HF folder, or hf:org/name[@revision] (only the config is read).
+    #[arg(long)]
+    model: Option<String>,
+    /// Parameter count instead of a model: 7e9, 7B, 135M (a LLaMA-style shape is derived
+    /// unless the shape flags give it).
+    #[arg(long, allow_negative_numbers = true)]
+    params: Option<String>,
+    /// Shape with --params: transformer layers.
+    #[arg(long, allow_negative_numbers = true)]
+    layers: Option<usize>,
+    /// Shape with --params: hidden size.
+    #[arg(long, allow_negative_numbers = true)]
+    hidden: Option<usize>,
+    /// Shape with --params: attention heads.
+    #[arg(long, allow_negative_numbers = true)]
+    heads: Option<usize>,
+    /// Shape with --params: key/value heads (GQA; default: --heads).
+    #[arg(long, allow_negative_numbers = true)]
+    kv_heads: Option<usize>,
+    /// Shape with --params: vocabulary size (default 32000).
+    #[arg(long, allow_negative_numbers = true)]
+    vocab: Option<usize>,
+    /// Shape with --params: MLP width.
+    #[arg(long, allow_negative_numbers = true)]
+    intermediate: Option<usize>,
+    /// full, lora, qlora, dora or prompt-tuning.
+    #[arg(long, default_value = "full")]
+    method: String,
+    /// Weights and compute: bf16, fp16, fp32, tf32, or int8 (a frozen LoRA base).
+    #[arg(long, default_value = "bf16")]
+    dtype: String,
+    /// adamw, adamw-8bit or sgd.
+    #[arg(long, default_value = "adamw")]
+    optimizer: String,
+    /// LoRA rank (lora, qlora, dora; default 8).
+    #[arg(long, allow_negative_numbers = true)]
+    rank: Option<usize>,
+    /// LoRA target modules, comma-separated, or all-linear (default: PEFT's, e.g. q_proj,v_proj).
+    #[arg(long)]
+    targets: Option<String>,
+    /// Prompt tuning's virtual tokens (default 20).
+    #[arg(long, allow_negative_numbers = true)]
+    virtual_tokens: Option<usize>,
+    /// Micro-batch per device (sequences).
+    #[arg(long, default_value_t = 1, allow_negative_numbers = true)]
+    batch: usize,
+    /// Tokens per sequence (default: 2048, or the model's context when shorter).
+    #[arg(long, allow_negative_numbers = true)]
+    seq_len: Option<usize>,
+    /// Data-parallel devices.
+    #[arg(long, default_value_t = 1, allow_negative_numbers = true)]
+    gpus: usize,
+    /// a100, a100-40gb, h100, h100-pcie, h200 or l4.
+    #[arg(long, default_value = "h100")]
+    gpu: String,
+    /// ddp, zero1, zero2, zero3 (fsdp).
+    #[arg(long, default_value = "ddp")]
+    strategy: String,
+    /// Plan with gradient (activation) checkpointing.
+    #[arg(long)]
+    gradient_checkpointing: bool,
+    /// flash (flash attention / SDPA) or eager (keeps the s×s attention scores).
+    #[arg(long, default_value = "flash")]
+    attention: String,
+    /// Training tokens, e.g. 1.4e12 or 2B (default: one step).
+    #[arg(long, allow_negative_numbers = true)]
+    tokens: Option<String>,
+    /// A FLOP budget, e.g. 1e21: Chinchilla's compute-optimal parameters and tokens for it
+    /// (alone, without a model, prints just that).
+    #[arg(long, allow_negative_numbers = true)]
+    flops_budget: Option<String>,
+    /// Model FLOPs utilization assumed for the time estimate.
+    #[arg(long, default_value_t = ferrotune::plan::DEFAULT_MFU, allow_negative_numbers = true)]
+    mfu: f64,
+    /// One JSON line.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -639,6 +723,56 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
     Ok(())
 }
 
+fn run_plan(a: PlanArgs) -> Result<()> {
+    use ferrotune::plan;
+    // A FLOP budget alone asks only for the compute-optimal model and data.
+    let shape_given = a.layers.is_some() || a.hidden.is_some();
+    if let (None, None, false, Some(budget)) = (&a.model, &a.params, shape_given, &a.flops_budget) {
+        let c = plan::plan_budget_only(budget)?;
+        if a.json {
+            println!("{}", serde_json::json!({ "compute_optimal": c }));
+        } else {
+            print!("{}", plan::text::compute_optimal_text(&c));
+        }
+        return Ok(());
+    }
+    let req = plan::Request {
+        model: a.model,
+        params: a.params,
+        shape: plan::ShapeFlags {
+            layers: a.layers,
+            hidden: a.hidden,
+            heads: a.heads,
+            kv_heads: a.kv_heads,
+            vocab: a.vocab,
+            intermediate: a.intermediate,
+        },
+        method: a.method,
+        dtype: a.dtype,
+        optimizer: a.optimizer,
+        rank: a.rank,
+        targets: a.targets,
+        virtual_tokens: a.virtual_tokens,
+        batch: a.batch,
+        seq_len: a.seq_len,
+        gpus: a.gpus,
+        gpu: a.gpu,
+        strategy: a.strategy,
+        gradient_checkpointing: a.gradient_checkpointing,
+        attention: a.attention,
+        tokens: a.tokens,
+        flops_budget: a.flops_budget,
+        mfu: a.mfu,
+    };
+    let p = plan::plan(&req)?;
+    if a.json {
+        println!("{}", serde_json::to_string(&p)?);
+    } else {
+        print!("{}", p.to_text());
+    }
+    Ok(())
+}
+
 fn run_inspect(a: InspectArgs) -> Result<()> {
     let lm = load(&a.m)?;
     let seq_len = a
@@ -837,6 +971,7 @@ fn main() {
         Command::Embed(a) => run_embed(a),
         Command::Classify(a) => run_classify(a),
         Command::Compare(a) => run_compare(a),
+        Command::Plan(a) => run_plan(a),
         Command::Data {
             cmd: DataCommand::Preview(a),
         } => run_data_preview(a),
