@@ -70,8 +70,12 @@ enum Command {
     Score(ScoreArgs),
     /// Fine-tune (LoRA, full, selective; any task or pre-training objective) from a TOML config; --resume continues from the newest checkpoint.
     Train(TrainArgs),
-    /// Fold an adapter into its base model and write an HF folder.
+    /// Fold an adapter into its base model and write an HF folder (or, with --format gguf, a GGUF file).
     Merge(MergeArgs),
+    /// Write a model (optionally with a LoRA / IA3 adapter merged) as a quantized file:
+    /// `--to f32|f16|bf16|q8_0|q4_0|q4_1|q5_0|q5_1|q4_k_m|q5_k_m|q6_k --out FILE.gguf` (GGUF v3
+    /// with llama.cpp's per-tensor type mix and its quantizers' bytes).
+    Quantize(QuantizeArgs),
     /// Generate over a data file with the base model and each adapter; score them side by side.
     Eval(EvalArgs),
     /// Sentence embeddings from a BERT-family encoder: one JSON line {"embedding": [...]} per row.
@@ -966,6 +970,7 @@ fn main() {
         Command::Score(a) => run_score(a),
         Command::Train(a) => run_train(a),
         Command::Merge(a) => run_merge(a),
+        Command::Quantize(a) => run_quantize(a),
         Command::Eval(a) => run_eval(a),
         Command::Bench(a) => run_bench(a),
         Command::Embed(a) => run_embed(a),
@@ -1379,15 +1384,45 @@ struct MergeArgs {
     /// PEFT adapter folder.
     #[arg(long)]
     adapter: PathBuf,
-    /// Output HF folder: written whole into a temporary sibling, then renamed into place.
+    /// Output: an HF folder (written whole into a temporary sibling, then renamed into place),
+    /// or with --format gguf one GGUF file.
     #[arg(long)]
     out: PathBuf,
-    /// Replace --out even if it holds files ferrotune did not write (never an input).
+    /// Replace --out even if it holds files ferrotune did not write (never an input; a GGUF
+    /// --out only if ferrotune wrote it).
     #[arg(long)]
     overwrite: bool,
     /// Stored dtype of the written weights: f32, bf16 or f16.
     #[arg(long = "out-dtype", default_value = "f32")]
     out_dtype: String,
+    /// What --out is: `hf` (a Hugging Face folder) or `gguf` (one GGUF file, see `quantize`).
+    #[arg(long, default_value = "hf")]
+    format: String,
+    /// With --format gguf: the GGUF type (f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q4_k_m,
+    /// q5_k_m, q6_k); default f16.
+    #[arg(long)]
+    quant: Option<String>,
+}
+
+#[derive(Args)]
+struct QuantizeArgs {
+    #[command(flatten)]
+    m: ModelArgs,
+    /// PEFT adapter folder (LoRA, IA3, selective) merged into the weights first.
+    #[arg(long)]
+    adapter: Option<PathBuf>,
+    /// Target: a GGUF type (f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q4_k_m, q5_k_m, q6_k).
+    #[arg(long)]
+    to: String,
+    /// Output file (GGUF); written through a temporary sibling and renamed into place.
+    #[arg(long)]
+    out: PathBuf,
+    /// Replace --out if it is a GGUF ferrotune wrote (never a file it did not write, never an input).
+    #[arg(long)]
+    overwrite: bool,
+    /// `general.name` in the file (default: the source's name).
+    #[arg(long)]
+    name: Option<String>,
 }
 
 #[derive(Args)]
@@ -1630,13 +1665,44 @@ fn run_data_preview(a: DataPreviewArgs) -> Result<()> {
 
 fn run_merge(a: MergeArgs) -> Result<()> {
     let out_dtype = parse_dtype("--out-dtype", &a.out_dtype)?;
+    let gguf = match a.format.to_ascii_lowercase().as_str() {
+        "hf" => {
+            if a.quant.is_some() {
+                bail!("--quant: only with --format gguf (an HF folder's dtype is --out-dtype)");
+            }
+            None
+        }
+        "gguf" => Some(
+            ferrotune::export::gguf::Preset::parse(a.quant.as_deref().unwrap_or("f16"))
+                .map_err(|e| anyhow!("--quant: {e}"))?,
+        ),
+        other => bail!("--format: `{other}` is not a format (expected hf or gguf)"),
+    };
     input_dir("--adapter", &a.adapter)?;
     let mut inputs = model_inputs(&a.m.model, None);
     inputs.push(Input::new("the --adapter folder", &a.adapter));
-    fsutil::check_output_dir(&a.out, "--out", a.overwrite, &inputs)?;
+    let check_out = |inputs: &[Input]| -> Result<()> {
+        match gguf {
+            Some(_) => ferrotune::export::gguf::check_output(&a.out, a.overwrite, inputs)?,
+            None => fsutil::check_output_dir(&a.out, "--out", a.overwrite, inputs)?,
+        }
+        Ok(())
+    };
+    check_out(&inputs)?;
     let mut lm = load(&a.m)?;
     inputs.push(Input::new("the --model", lm.source.path()));
-    fsutil::check_output_dir(&a.out, "--out", a.overwrite, &inputs)?;
+    check_out(&inputs)?;
+    if let Some(preset) = gguf {
+        fold_adapter(&mut lm, &a.adapter, "merge")?;
+        let opts = ferrotune::export::gguf::GgufExportOptions {
+            preset,
+            name: None,
+            overwrite: a.overwrite,
+        };
+        let report = ferrotune::export::gguf::write_gguf(&lm, &a.out, &opts)?;
+        println!("{}", report.summary());
+        return Ok(());
+    }
     if ferrotune::peft::selective::is_selective_dir(&a.adapter) {
         // The changed tensors become the base's own: the merged model (equal to the run's
         // `model/`).
@@ -1685,6 +1751,73 @@ fn run_merge(a: MergeArgs) -> Result<()> {
         report.modules.len(),
         a.out.display()
     );
+    Ok(())
+}
+
+/// Fold the adapter in `dir` into `lm`'s weights: a selective adapter's tensors become the
+/// base's, a LoRA / IA3 adapter is merged; adapters that are not weight changes are refused.
+fn fold_adapter(lm: &mut LoadedModel, dir: &Path, what: &str) -> Result<()> {
+    if ferrotune::peft::selective::is_selective_dir(dir) {
+        let n = ferrotune::peft::selective::apply(&mut *lm.model, dir)?;
+        info!("SELECTIVE: {n} tensors put onto the base");
+        return Ok(());
+    }
+    let loaded = ferrotune::peft::load_adapter(&mut *lm.model, dir, what)?;
+    match &loaded.config {
+        ferrotune::peft::AdapterConfig::Bottleneck(_) => bail!(
+            "--adapter {}: bottleneck adapters are non-linear in their module's output and cannot be merged into the weights",
+            dir.display()
+        ),
+        ferrotune::peft::AdapterConfig::Prompt(c) => bail!(
+            "{}: a {} adapter is a soft prompt, not a weight change: there is nothing to merge",
+            dir.display(),
+            c.peft_type.peft_type()
+        ),
+        _ => {}
+    }
+    let report = ferrotune::peft::merge_and_unload(&mut *lm.model, what)?;
+    if let Some(msg) = report.message() {
+        info!("note: {msg}");
+    }
+    info!(
+        "merged {} modules of {}",
+        report.modules.len(),
+        dir.display()
+    );
+    Ok(())
+}
+
+fn run_quantize(a: QuantizeArgs) -> Result<()> {
+    use ferrotune::export::gguf::{self, GgufExportOptions, Preset};
+    let to = a.to.trim().to_ascii_lowercase();
+    if matches!(to.as_str(), "nf4" | "fp4" | "int8") {
+        bail!(
+            "--to {to}: the bitsandbytes HF-folder export is not available yet; GGUF types: {}",
+            Preset::ALL.map(Preset::name).join(", ")
+        );
+    }
+    let preset = Preset::parse(&a.to).map_err(|e| anyhow!("--to: {e}"))?;
+    if let Some(d) = &a.adapter {
+        input_dir("--adapter", d)?;
+    }
+    let mut inputs = model_inputs(&a.m.model, None);
+    if let Some(d) = &a.adapter {
+        inputs.push(Input::new("the --adapter folder", d));
+    }
+    gguf::check_output(&a.out, a.overwrite, &inputs)?;
+    let mut lm = load(&a.m)?;
+    inputs.push(Input::new("the --model", lm.source.path()));
+    gguf::check_output(&a.out, a.overwrite, &inputs)?;
+    if let Some(d) = &a.adapter {
+        fold_adapter(&mut lm, d, "quantize")?;
+    }
+    let opts = GgufExportOptions {
+        preset,
+        name: a.name.clone(),
+        overwrite: a.overwrite,
+    };
+    let report = gguf::write_gguf(&lm, &a.out, &opts)?;
+    println!("{}", report.summary());
     Ok(())
 }
 

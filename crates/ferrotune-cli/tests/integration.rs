@@ -11,6 +11,7 @@ mod compare_cli;
 mod embed;
 mod examples_dry_run;
 mod file_safety;
+mod gguf_cli;
 mod model_interface;
 mod peft_families_cli;
 mod support;

@@ -503,7 +503,19 @@ impl WeightSource for GgufSource {
             return Ok(w.clone());
         }
         let q = self.qtensor(name)?;
-        let w = if Self::is_float(q.dtype()) || self.opts.dequantize || !self.device.is_cpu() {
+        // Types without our own kernels (Q5_0, Q5_1, the K-quants) are held dense (f32): the
+        // fast engine and the training paths then treat them as any dense weight; Q4_0, Q4_1 and
+        // Q8_0 stay quantized on our kernels.
+        let own_kernels = matches!(
+            q.dtype(),
+            GgmlDType::Q4_0 | GgmlDType::Q4_1 | GgmlDType::Q8_0
+        );
+        let keep_quantized = own_kernels || self.opts.requantize.is_some();
+        let w = if Self::is_float(q.dtype())
+            || self.opts.dequantize
+            || !self.device.is_cpu()
+            || !keep_quantized
+        {
             LinearWeight::Frozen(self.dense_of(&q, name)?)
         } else {
             let qw = match self.opts.requantize {
