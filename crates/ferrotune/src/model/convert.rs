@@ -173,7 +173,18 @@ pub fn write_model_folder_sharded(
     let cfg_text = serde_json::to_string_pretty(&cfg)
         .map_err(|e| Error::msg(format!("cannot serialize config.json: {e}")))?;
     write_atomic(&dir.join("config.json"), cfg_text.as_bytes())?;
+    write_folder_extras(model, tok, dir, &cfg)
+}
 
+/// The files of an HF folder besides its config and weights: tokenizer.json,
+/// tokenizer_config.json and, for a model that generates, generation_config.json (from `cfg`,
+/// the config.json written).
+pub fn write_folder_extras(
+    model: &dyn Model,
+    tok: &crate::tokenizer::Tokenizer,
+    dir: &Path,
+    cfg: &serde_json::Value,
+) -> Result<()> {
     let tok_json = tok
         .inner()
         .to_string(true)
