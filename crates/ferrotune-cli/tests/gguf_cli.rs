@@ -74,12 +74,13 @@ fn quantize_to_q8_0_writes_a_gguf_that_generates() {
 
 #[test]
 fn quantize_refuses_bad_types_and_foreign_files() {
+    let model = tiny_gguf();
     let dir = tmp("gguf-bad");
     let out = dir.join("m.gguf");
     let e = fails(&[
         "quantize",
         "--model",
-        &tiny_gguf(),
+        &model,
         "--to",
         "q3_k",
         "--out",
@@ -92,7 +93,7 @@ fn quantize_refuses_bad_types_and_foreign_files() {
     let e = fails(&[
         "quantize",
         "--model",
-        &tiny_gguf(),
+        &model,
         "--to",
         "nf4",
         "--out",
@@ -104,7 +105,7 @@ fn quantize_refuses_bad_types_and_foreign_files() {
         let mut args = vec![
             "quantize",
             "--model",
-            &tiny_gguf(),
+            &model,
             "--to",
             "q8_0",
             "--out",
@@ -117,7 +118,7 @@ fn quantize_refuses_bad_types_and_foreign_files() {
     let e = fails(&[
         "quantize",
         "--model",
-        &tiny_gguf(),
+        &model,
         "--to",
         "q8_0",
         "--out",
@@ -130,11 +131,11 @@ fn quantize_refuses_bad_types_and_foreign_files() {
     let e = fails(&[
         "quantize",
         "--model",
-        &tiny_gguf(),
+        &model,
         "--to",
         "q8_0",
         "--out",
-        &tiny_gguf(),
+        &model,
         "--overwrite",
     ]);
     assert!(e.contains("--out"), "{e}");
