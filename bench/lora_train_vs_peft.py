@@ -7,12 +7,21 @@ measured peak) in their markdown format.
     scripts/bench.sh train [flags]        # the README tables: builds, fetches, prints the CPU
     .venv/bin/python bench/lora_train_vs_peft.py [--shapes 4x256,1x1024] [--steps 6]
         [--rank 8] [--targets q_proj,v_proj] [--threads 2] [--rows peft,f32,q4_1,q4_1_ckpt]
-        [--ft-set key=value ...]
+        [--isa native|avx2] [--ft-set key=value ...]
 
 Rows: `peft` PyTorch + PEFT on the f32 weights; `f32` ferrotune on the same f32 weights
 (`train.dequantize = true`); `q4_1` ferrotune on the Q4_1 base kept quantized (QLoRA-style);
-`q4_1_ckpt` the same with `train.gradient_checkpointing = true`. Ratios are against the
-PyTorch + PEFT row of the same shape (the first row when `peft` is not run).
+`q4_1_ckpt` the same with `train.gradient_checkpointing = true`; `nf4` ferrotune on the f32 HF
+folder with `train.base_quant = "nf4"` (QLoRA: bitsandbytes' NF4 with double quantization,
+quantized at load); `nf4_ckpt` the same with checkpointing. Ratios are against the PyTorch + PEFT
+row of the same shape (the first row when `peft` is not run).
+
+`--isa avx2` measures what an AVX2-only CPU runs, on an AVX-512 machine: ferrotune built without
+its `avx512` feature (`cargo build --release -p ferrotune-cli --no-default-features
+--target-dir target/avx2`: gemm's AVX2 microkernels only) with `FERROTUNE_QUANT_ISA=avx2` (our
+quantized kernels' AVX2 level), and PyTorch with `ATEN_CPU_CAPABILITY=avx2`,
+`MKL_ENABLE_INSTRUCTIONS=AVX2` and `ONEDNN_MAX_CPU_ISA=AVX2` (its vectorized kernels, MKL's
+GEMM and oneDNN capped at AVX2). The header prints the CPU and the level each side runs at.
 
 The model is SmolLM2-135M-Instruct from the shipped Q4_1 GGUF. PyTorch loads it through
 transformers (`scripts/convert-smollm2-hf.sh`, run here when needed, dequantizes it to an f32 HF
@@ -45,9 +54,17 @@ ENGINES = {
     "q4_1": ("**ferrotune, Q4_1 base (QLoRA)**", False, []),
     "q4_1_ckpt": ("ferrotune, Q4_1, `gradient_checkpointing`", False,
                   ["train.gradient_checkpointing=true"]),
+    "nf4": ("**ferrotune, NF4 base (QLoRA)**", None, ["train.base_quant=nf4"]),
+    "nf4_ckpt": ("ferrotune, NF4, `gradient_checkpointing`", None,
+                 ["train.base_quant=nf4", "train.gradient_checkpointing=true"]),
 }
+# Environment that caps each side at AVX2 (--isa avx2).
+AVX2_ENV_FERROTUNE = {"FERROTUNE_QUANT_ISA": "avx2"}
+AVX2_ENV_TORCH = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+                  "ONEDNN_MAX_CPU_ISA": "AVX2"}
 # README memory-estimate table labels of the ferrotune rows.
-ESTIMATE_LABELS = {"f32": "f32", "q4_1": "Q4_1", "q4_1_ckpt": "Q4_1, {shape}, checkpointing"}
+ESTIMATE_LABELS = {"f32": "f32", "q4_1": "Q4_1", "q4_1_ckpt": "Q4_1, {shape}, checkpointing",
+                   "nf4": "NF4", "nf4_ckpt": "NF4, {shape}, checkpointing"}
 TEMPLATE = "Summarize the following conversation.\n\n{dialogue}\n\nSummary:"
 COMPLETION = " {summary}"
 
@@ -89,6 +106,9 @@ def peer_worker(a):
     from peft import LoraConfig, get_peft_model
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
+    if a.report_isa:
+        print(json.dumps({"torch_cpu_capability": torch.backends.cpu.get_cpu_capability()}))
+        return
     tok = AutoTokenizer.from_pretrained(HF_DIR)
     model = AutoModelForCausalLM.from_pretrained(HF_DIR, dtype=torch.float32)
     model = get_peft_model(model, LoraConfig(r=a.rank, lora_alpha=2 * a.rank, lora_dropout=0.0,
@@ -119,11 +139,15 @@ def peer_worker(a):
     print(json.dumps({"step_s": times, "tokens_per_step": tokens, "peak_rss_bytes": vm_hwm_bytes()}))
 
 
+def peer_env(a):
+    return dict(os.environ, **(AVX2_ENV_TORCH if a.isa == "avx2" else {}))
+
+
 def run_peer(a, data, batch, seq_len):
     out = subprocess.run([sys.executable, __file__, "--peer-worker", "--data", data, "--batch", str(batch),
                           "--seq-len", str(seq_len), "--steps", str(a.steps), "--rank", str(a.rank),
                           "--targets", a.targets, "--threads", str(a.threads)],
-                         check=True, capture_output=True, text=True)
+                         check=True, capture_output=True, text=True, env=peer_env(a))
     v = json.loads(out.stdout.strip().splitlines()[-1])
     return v["step_s"], v["tokens_per_step"], v["peak_rss_bytes"]
 
@@ -139,16 +163,29 @@ def parse_human_bytes(text):
     return float(value) * {"GB": 1e9, "MB": 1e6, "kB": 1e3, "B": 1}[unit]
 
 
-def run_ferrotune(a, data, batch, seq_len, row, work):
-    exe = os.path.join(ROOT, "target/release/ferrotune")
+def ferrotune_exe(a):
+    if a.isa == "avx2":
+        exe = os.path.join(ROOT, "target/avx2/release/ferrotune")
+        how = ("cargo build --release -p ferrotune-cli --no-default-features "
+               "--target-dir target/avx2")
+    else:
+        exe = os.path.join(ROOT, "target/release/ferrotune")
+        how = "cargo build --release (scripts/bench.sh train does)"
     if not os.path.exists(exe):
-        sys.exit(f"{exe} missing: run cargo build --release (scripts/bench.sh train does)")
+        sys.exit(f"{exe} missing: run {how}")
+    return exe
+
+
+def run_ferrotune(a, data, batch, seq_len, row, work):
+    exe = ferrotune_exe(a)
     _, dequantize, row_set = ENGINES[row]
+    # the NF4 rows quantize the f32 HF folder at load; the others run the shipped Q4_1 GGUF
+    model = HF_DIR if dequantize is None else GGUF
     out_dir = os.path.join(work, f"ft-{batch}x{seq_len}-{row}")
     cfg = os.path.join(work, "bench.toml")
     targets = ", ".join(f'"{t}"' for t in a.targets.split(","))
     with open(cfg, "w") as f:
-        f.write(f'''model = {json.dumps(GGUF)}
+        f.write(f'''model = {json.dumps(model)}
 method = "lora"
 output_dir = {json.dumps(out_dir)}
 [data]
@@ -173,8 +210,9 @@ dequantize = {"true" if dequantize else "false"}
 seed = 0
 ''')
     sets = row_set + a.ft_set
+    env = dict(os.environ, **(AVX2_ENV_FERROTUNE if a.isa == "avx2" else {}))
     r = subprocess.run([exe, "train", "--config", cfg] + sum((["--set", s] for s in sets), []),
-                       capture_output=True, text=True)
+                       capture_output=True, text=True, env=env)
     if r.returncode != 0:
         sys.exit(f"ferrotune train failed:\n{r.stderr}")
     estimate = None
@@ -199,6 +237,31 @@ seed = 0
     return times, toks, summary["peak_rss_bytes"], estimate
 
 
+def cpu_header(a):
+    """The CPU, its SIMD levels, and the level each side runs at."""
+    model, flags = "unknown CPU", set()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name") and model == "unknown CPU":
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    cpu_level = "AVX-512" if "avx512f" in flags else ("AVX2" if "avx2" in flags else "SSE")
+    out = subprocess.run([sys.executable, __file__, "--peer-worker", "--report-isa"],
+                         capture_output=True, text=True, env=peer_env(a))
+    try:
+        torch_level = json.loads(out.stdout.strip().splitlines()[-1])["torch_cpu_capability"]
+    except (ValueError, IndexError, KeyError):
+        torch_level = "unknown"
+    ft_level = "AVX2 (no avx512 feature, FERROTUNE_QUANT_ISA=avx2)" if a.isa == "avx2" else \
+        f"{cpu_level} (native)"
+    return (f"CPU: {model}, {os.cpu_count()} logical cores, {cpu_level}"
+            f"{' + VNNI' if 'avx512_vnni' in flags else ''}; ferrotune runs at {ft_level}; "
+            f"PyTorch at {torch_level}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shapes", default="4x256,1x1024")
@@ -209,7 +272,10 @@ def main():
     ap.add_argument("--rows", default="peft,f32,q4_1",
                     help=f"engines to run, of {','.join(ENGINES)}")
     ap.add_argument("--ft-set", action="append", default=[], help="extra --set for ferrotune train")
+    ap.add_argument("--isa", choices=["native", "avx2"], default="native",
+                    help="avx2: run both sides at AVX2 on an AVX-512 machine (see the docstring)")
     ap.add_argument("--peer-worker", action="store_true")
+    ap.add_argument("--report-isa", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--data"), ap.add_argument("--batch", type=int), ap.add_argument("--seq-len", type=int)
     a = ap.parse_args()
     if a.peer_worker:
@@ -232,6 +298,7 @@ def main():
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(HF_DIR)
     work = tempfile.mkdtemp(prefix="ferrotune-bench-")
+    print(cpu_header(a))
     print(f"LoRA r={a.rank} on {a.targets}, {a.threads} threads, {a.steps} steps (median s/step after the first)")
     print(f"{'shape':>8} {'engine':<22} {'s/step':>8} {'tok/s':>8} {'peak RSS':>10} {'speed':>7} {'RSS':>6}")
     table, estimates = [], []

@@ -5,7 +5,13 @@
 //! cargo run --release --example quant_bench -- one q4_1|q8_0 OUT IN THREADS   # one matvec shape
 //! cargo run --release --example quant_bench -- one-batch q4_1|q8_0 OUT IN ROWS THREADS
 //! cargo run --release --example quant_bench -- decode [GGUF]   # every matvec of one token
+//! cargo run --release --example quant_bench -- train [ROWS] [THREADS]   # QLoRA formats, batched
 //! ```
+//!
+//! * `train`: the batched forward (`m` activation rows, default 1024) and input-gradient products
+//!   of a training step on SmolLM2's layer shapes for Q4_1 (8-bit activations, as training runs
+//!   it), NF4 (decoded tiles + f32 GEMM), and f32 (candle's matmul), at the best level allowed
+//!   by `FERROTUNE_QUANT_ISA`.
 //!
 //! * `decode`, `one`, `one-batch` and `batch` time both activation precisions (16-bit, the
 //!   default, and 8-bit); the `matvec` table uses the one `FERROTUNE_ACT_BITS` selects.
@@ -86,6 +92,10 @@ fn main() {
         env("RAYON_NUM_THREADS")
     );
     match what {
+        "train" => {
+            let arg = |i: usize, d: usize| args.get(i).and_then(|s| s.parse().ok()).unwrap_or(d);
+            train_shapes(arg(2, 1024), arg(3, 2), per_batch, batches);
+        }
         "one" => {
             let arg = |i: usize, d: usize| args.get(i).and_then(|s| s.parse().ok()).unwrap_or(d);
             let dtype = dtype_arg(args.get(2));
@@ -296,6 +306,54 @@ fn one(dtype: GgmlDType, n: usize, k: usize, threads: usize, per_batch: Duration
 }
 
 /// One batched shape: ours (every kernel level) against candle's f32 matmul, in GMAC/s.
+/// Forward and input-gradient products of one training step's layer shapes, per format.
+fn train_shapes(m: usize, threads: usize, per_batch: Duration, batches: usize) {
+    use ferrotune::quant::{BackwardWeights, BaseQuant};
+    ferrotune::quant::set_num_threads(threads);
+    let isa = Isa::best();
+    println!("rows {m}, {threads} threads, {isa:?}");
+    let nf4 = BaseQuant::parse("nf4", true).unwrap().unwrap();
+    let mut totals = [0f64; 6];
+    for (n, k, what) in &SHAPES[..4] {
+        let (n, k) = (*n, *k);
+        let wf = random_weight(n, k);
+        let q41 = QuantWeight::quantize(&wf, GgmlDType::Q4_1).unwrap();
+        q41.set_settings(QuantSettings {
+            activation: ActPrecision::I8,
+            backward: BackwardWeights::Q8Transposed,
+        });
+        let q4n = nf4.quantize(&wf).unwrap().unwrap();
+        q4n.set_settings(QuantSettings {
+            activation: ActPrecision::I8,
+            backward: BackwardWeights::Q8Transposed,
+        });
+        let x = Tensor::randn(0f32, 1.0, (m, k), &Device::Cpu).unwrap();
+        let g = Tensor::randn(0f32, 1.0, (m, n), &Device::Cpu).unwrap();
+        let wt = wf.t().unwrap().contiguous().unwrap();
+        let gmac = (m * n * k) as f64 / 1e9;
+        let t = [
+            time(|| drop(q41.forward(&x).unwrap()), per_batch, batches),
+            time(|| drop(q4n.forward(&x).unwrap()), per_batch, batches),
+            time(|| drop(x.matmul(&wt).unwrap()), per_batch, batches),
+            time(|| drop(q41.backward_input(&g).unwrap()), per_batch, batches),
+            time(|| drop(q4n.backward_input(&g).unwrap()), per_batch, batches),
+            time(|| drop(g.matmul(&wf).unwrap()), per_batch, batches),
+        ];
+        for (tot, v) in totals.iter_mut().zip(&t) {
+            *tot += v;
+        }
+        println!(
+            "{what:<9} {n}x{k}: forward q4_1 {:.2} ms ({:.0} GMAC/s), nf4 {:.2} ms ({:.0}), f32 {:.2} ms ({:.0}); backward q4_1 {:.2} ms ({:.0}), nf4 {:.2} ms ({:.0}), f32 {:.2} ms ({:.0})",
+            t[0] * 1e3, gmac / t[0], t[1] * 1e3, gmac / t[1], t[2] * 1e3, gmac / t[2],
+            t[3] * 1e3, gmac / t[3], t[4] * 1e3, gmac / t[4], t[5] * 1e3, gmac / t[5],
+        );
+    }
+    println!(
+        "sum over the 4 shapes (ms): forward q4_1 {:.1}, nf4 {:.1}, f32 {:.1}; backward q4_1 {:.1}, nf4 {:.1}, f32 {:.1}",
+        totals[0] * 1e3, totals[1] * 1e3, totals[2] * 1e3, totals[3] * 1e3, totals[4] * 1e3, totals[5] * 1e3
+    );
+}
+
 fn one_batch(
     dtype: GgmlDType,
     n: usize,

@@ -62,6 +62,74 @@ pub struct Report {
     pub train_batch_size: usize,
     pub train_seq_len: usize,
     pub memory: Vec<MemoryRow>,
+    /// The weights' size in memory per storage format: the decoder's linears in that format
+    /// (as `train.base_quant` / `--base-quant` quantize them), everything else at 32 bits
+    /// (f32) or 16 bits (the others).
+    pub weights_by_format: Vec<FormatRow>,
+}
+
+/// One row of [`Report::weights_by_format`].
+#[derive(Debug, Clone, Serialize)]
+pub struct FormatRow {
+    pub format: String,
+    pub bits_per_weight: f64,
+    /// Parameters stored in the format (the rest stay 16/32-bit).
+    pub quantized_params: u64,
+    pub weights_bytes: u64,
+}
+
+/// [`Report::weights_by_format`] for a model.
+fn weights_by_format(m: &dyn Model, params: u64) -> Vec<FormatRow> {
+    use crate::quant::BaseQuant;
+    let linears: Vec<(String, usize, usize)> = m
+        .linears()
+        .iter()
+        .map(|l| (l.name().to_string(), l.out_features(), l.in_features()))
+        .collect();
+    let mut rows = vec![
+        FormatRow {
+            format: "f32".into(),
+            bits_per_weight: 32.0,
+            quantized_params: 0,
+            weights_bytes: params * 4,
+        },
+        FormatRow {
+            format: "bf16/f16".into(),
+            bits_per_weight: 16.0,
+            quantized_params: 0,
+            weights_bytes: params * 2,
+        },
+    ];
+    for name in ["int8", "q8_0", "q4_1", "q4_0", "nf4", "fp4"] {
+        let Ok(Some(bq)) = BaseQuant::parse(name, true) else {
+            continue;
+        };
+        let block = match bq {
+            BaseQuant::FourBit { .. } => crate::quant::FOUR_BIT_BLOCKSIZE,
+            BaseQuant::Int8 => 1,
+            BaseQuant::Ggml(d) => d.block_size(),
+        };
+        let (mut q_params, mut q_bytes) = (0u64, 0f64);
+        for (lname, out, inp) in &linears {
+            let target = crate::model::weights::is_base_quant_target(&format!("{lname}.weight"));
+            if target && *inp > 0 && inp % block == 0 {
+                let n = (*out as u64) * (*inp as u64);
+                q_params += n;
+                q_bytes += match bq {
+                    // one f32 absmax (SCB) per row
+                    BaseQuant::Int8 => n as f64 + 4.0 * *out as f64,
+                    _ => n as f64 * bq.bits_per_weight() / 8.0,
+                };
+            }
+        }
+        rows.push(FormatRow {
+            format: bq.name(),
+            bits_per_weight: bq.bits_per_weight(),
+            quantized_params: q_params,
+            weights_bytes: q_bytes as u64 + params.saturating_sub(q_params) * 2,
+        });
+    }
+    rows
 }
 
 /// Bytes per parameter of the stored weights at each precision (block scales included).
@@ -183,6 +251,7 @@ pub fn inspect(lm: &LoadedModel, name: &str, batch: usize, seq_len: usize) -> Re
         train_batch_size: batch,
         train_seq_len: seq_len,
         memory,
+        weights_by_format: weights_by_format(m, params),
     })
 }
 
@@ -285,6 +354,22 @@ impl Report {
                 human_bytes(r.optimizer_bytes),
                 human_bytes(r.activations_bytes),
                 human_bytes(r.train_total_bytes)
+            ));
+        }
+        s.push_str(
+            "\nWeights per storage format (decoder linears in the format, the rest 16-bit; f32 all 32-bit):\n",
+        );
+        s.push_str(&format!(
+            "{:<9} {:>8} {:>14} {:>11}\n",
+            "format", "bits/w", "quantized", "weights"
+        ));
+        for r in &self.weights_by_format {
+            s.push_str(&format!(
+                "{:<9} {:>8.3} {:>13.1}% {:>11}\n",
+                r.format,
+                r.bits_per_weight,
+                r.quantized_params as f64 * 100.0 / self.parameters.max(1) as f64,
+                human_bytes(r.weights_bytes)
             ));
         }
         s

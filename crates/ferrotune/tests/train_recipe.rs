@@ -659,3 +659,55 @@ fn pissa_and_olora_runs_save_a_converted_adapter_and_resume_exactly() {
         assert_eq!(train_losses(&out_a), train_losses(&out_b));
     }
 }
+
+/// `train.base_quant` (QLoRA and relatives): the frozen base's linears are quantized at load,
+/// so the untrained model scores differently from the f32 one (but close), the adapter still
+/// learns the task, and it loads on the f32 base as a plain PEFT LoRA. Bad values and methods
+/// that train the base itself are refused naming the key.
+#[test]
+fn base_quant_runs_train_lora_on_a_quantized_base() {
+    let rows = reverse_rows(6, 21);
+    let extra = "max_steps = 30\nlr = 1e-2\neval_every = 30\neval_batches = 0\nwarmup_steps = 3";
+    let s = setup("bq-none", &rows, &rows, extra, "");
+    let f32_run = train::run(&load(&s, &[]), &quiet(false)).unwrap();
+    let f32_initial = f32_run.initial_val_loss.unwrap();
+    for bq in ["nf4", "fp4", "int8", "q4_0"] {
+        let s = setup(&format!("bq-{bq}"), &rows, &rows, extra, "");
+        let summary = train::run(
+            &load(&s, &[&format!("train.base_quant={bq}")]),
+            &quiet(false),
+        )
+        .unwrap();
+        let (first, last) = (
+            summary.initial_val_loss.unwrap(),
+            summary.final_val_loss.unwrap(),
+        );
+        assert!(
+            first != f32_initial && (first - f32_initial).abs() < 0.1 * f32_initial,
+            "{bq}: the quantized base scores {first}, the f32 one {f32_initial}"
+        );
+        assert!(last < 0.3 * first, "{bq}: val loss {first} -> {last}");
+        let mut m = model::load(
+            s.dir.join("model").to_str().unwrap(),
+            &LoadOptions::default(),
+            &Device::Cpu,
+        )
+        .unwrap();
+        peft::load_adapter(&mut m.model, &s.dir.join("out/adapter"), "qlora").unwrap();
+    }
+    for (set, want) in [
+        (vec!["train.base_quant=nf3"], "train.base_quant"),
+        (
+            vec!["train.base_quant=nf4", "method=full"],
+            "train.base_quant",
+        ),
+    ] {
+        let s = setup("bq-bad", &rows, &rows, extra, "");
+        let set: Vec<String> = set.iter().map(|x| x.to_string()).collect();
+        let e = train::load_config(&s.config, &set)
+            .and_then(|c| train::run(&c, &quiet(false)).map(|_| ()))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(want), "{set:?}: {e}");
+    }
+}

@@ -599,7 +599,7 @@ pub fn parameter_storage(model: &dyn Model) -> Vec<(String, u64, u64)> {
                 (v.elem_count() * v.dtype().size_in_bytes()) as u64,
             ),
             EmbeddingWeight::Quantized(q) => (
-                format!("{:?}", q.dtype()).to_lowercase(),
+                q.format().name(),
                 q.shape().0 as u64 * q.shape().1 as u64,
                 q.storage_bytes() as u64,
             ),

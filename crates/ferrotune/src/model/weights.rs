@@ -19,6 +19,11 @@ pub struct LoadOptions {
     pub dequantize: bool,
     /// Re-quantize quantized weights to this GGML type at load (e.g. Q8_0 for faster kernels).
     pub requantize: Option<GgmlDType>,
+    /// Quantize the linear weights of the decoder layers at load (`train.base_quant`: QLoRA's
+    /// NF4 and the other formats of [`crate::quant::BaseQuant`]); embeddings and the LM head
+    /// stay as they are, as transformers' bitsandbytes integration leaves them. Weights whose
+    /// rows are not whole blocks stay dense.
+    pub base_quant: Option<crate::quant::BaseQuant>,
     /// The head to put on a family that has several (BERT): `None` loads the one the folder was
     /// saved with.
     pub head: Option<HeadSpec>,
@@ -205,6 +210,9 @@ impl WeightSource for SafetensorsSource {
     }
     fn linear_weight(&self, name: &str) -> Result<LinearWeight> {
         let t = self.raw(name)?;
+        if let Some(w) = quantize_base(&self.opts, name, &t)? {
+            return Ok(w);
+        }
         if let Some(q) = self.opts.requantize {
             return Ok(LinearWeight::Quantized(Arc::new(QuantWeight::quantize(
                 &t.to_dtype(DType::F32)?,
@@ -216,6 +224,32 @@ impl WeightSource for SafetensorsSource {
     fn embedding_weight(&self, name: &str) -> Result<EmbeddingWeight> {
         Ok(EmbeddingWeight::Frozen(self.raw(name)?))
     }
+}
+
+/// `LoadOptions::base_quant` applied to linear weight `name` (None: not asked for, not a
+/// decoder-layer linear, or a shape the format cannot hold).
+fn quantize_base(opts: &LoadOptions, name: &str, t: &Tensor) -> Result<Option<LinearWeight>> {
+    let Some(bq) = opts.base_quant else {
+        return Ok(None);
+    };
+    if !is_base_quant_target(name) || t.rank() != 2 {
+        return Ok(None);
+    }
+    Ok(bq
+        .quantize(t)
+        .map_err(|e| Error::msg(format!("{name}: base_quant {}: {e}", bq.name())))?
+        .map(|q| LinearWeight::Quantized(Arc::new(q))))
+}
+
+/// The linears `base_quant` quantizes: every weight matrix except the embeddings and the LM
+/// head (which transformers' `BitsAndBytesConfig` keeps in 16/32-bit by default).
+pub fn is_base_quant_target(name: &str) -> bool {
+    name.ends_with(".weight")
+        && !name.contains("embed")
+        && !name.starts_with("lm_head")
+        && !name.contains("shared.")
+        && !name.contains("classifier")
+        && !name.contains("score.")
 }
 
 /// One more than the highest layer index among tensor names with their layer prefix stripped
@@ -503,6 +537,14 @@ impl WeightSource for GgufSource {
             return Ok(w.clone());
         }
         let q = self.qtensor(name)?;
+        if self.opts.base_quant.is_some() && is_base_quant_target(name) {
+            // a GGUF base re-quantized to the asked format: from its f32 values, rows in HF order
+            let dense = self.dense_of(&q, name)?;
+            if let Some(w) = quantize_base(&self.opts, name, &dense)? {
+                self.loaded.borrow_mut().insert(name.to_string(), w.clone());
+                return Ok(w);
+            }
+        }
         // Types without our own kernels (Q5_0, Q5_1, the K-quants) are held dense (f32): the
         // fast engine and the training paths then treat them as any dense weight; Q4_0, Q4_1 and
         // Q8_0 stay quantized on our kernels.

@@ -35,7 +35,7 @@ impl LinearWeight {
         match self {
             LinearWeight::Frozen(w) => format!("{:?}", w.dtype()).to_lowercase(),
             LinearWeight::Trainable(v) => format!("{:?}", v.dtype()).to_lowercase(),
-            LinearWeight::Quantized(q) => format!("{:?}", q.dtype()).to_lowercase(),
+            LinearWeight::Quantized(q) => q.format().name(),
         }
     }
     /// Bytes used to hold this weight in memory.

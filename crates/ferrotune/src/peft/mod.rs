@@ -11,6 +11,7 @@ mod config_check;
 pub mod format;
 pub mod ia3;
 pub mod lora;
+pub mod merge_check;
 pub mod modules_to_save;
 pub mod prompt_learning;
 pub mod selective;

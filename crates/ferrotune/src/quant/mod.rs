@@ -32,8 +32,11 @@
 //! Threads: a dedicated pool (see [`set_num_threads`]) splits output rows across cores; small
 //! matrices run on the calling thread because waking a worker costs more than the work.
 pub mod ggml_quants;
+mod base;
+pub mod bnb;
 mod format;
 mod kernels;
+mod lut4;
 mod pool;
 #[cfg(test)]
 mod tests;
@@ -47,8 +50,10 @@ use std::borrow::Cow;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, OnceLock};
 
+pub use base::{four_bit_weight, BaseQuant, BASE_QUANT_NAMES, FOUR_BIT_BLOCKSIZE};
 pub use format::ActPrecision;
 pub use kernels::Isa;
+pub use lut4::{BlockScales, FourBitWeight, Int8RowsWeight};
 pub use pool::{num_threads, set_num_threads};
 
 /// `FERROTUNE_ACT_BITS`: "8" selects 8 bits; unset, "16" or anything else, 16 bits.
@@ -123,11 +128,37 @@ pub fn parallel_chunks<F: Fn(std::ops::Range<usize>) + Sync>(
     pool::for_each_chunk(n_items, min_chunk, threads, f)
 }
 
-/// An `(out, in)` weight matrix stored as GGML blocks (row-major, rows are whole blocks).
+/// How a [`QuantWeight`] stores its values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WeightFormat {
+    /// GGML blocks (GGUF's types).
+    Ggml(GgmlDType),
+    /// bitsandbytes' 4-bit NormalFloat, one absmax per block (see [`FourBitWeight`]).
+    Nf4,
+    /// bitsandbytes' 4-bit float.
+    Fp4,
+    /// LLM.int8's row-wise int8 (weight only; see [`Int8RowsWeight`]).
+    Int8,
+}
+
+impl WeightFormat {
+    /// Lower-case name, as config files and reports write it (`q4_1`, `nf4`, ...).
+    pub fn name(self) -> String {
+        match self {
+            WeightFormat::Ggml(d) => format!("{d:?}").to_lowercase(),
+            WeightFormat::Nf4 => "nf4".into(),
+            WeightFormat::Fp4 => "fp4".into(),
+            WeightFormat::Int8 => "int8".into(),
+        }
+    }
+}
+
+/// An `(out, in)` weight matrix stored quantized: GGML blocks (row-major, rows are whole
+/// blocks), or a bitsandbytes format (4-bit blocks that lie within rows, or int8 rows).
 pub struct QuantWeight {
     out_dim: usize,
     in_dim: usize,
-    dtype: GgmlDType,
+    format: WeightFormat,
     repr: Repr,
     /// `W^T` as Q8_0 `(in, out)` for [`BackwardWeights::Q8Transposed`]; `None` inside when the
     /// output dimension is not a whole number of blocks.
@@ -145,6 +176,10 @@ enum Repr {
         q: Arc<QTensor>,
         mm: OnceLock<QMatMul>,
     },
+    /// NF4 / FP4: decoded to f32 per row (decode) or per tile of rows (batched, then gemm).
+    FourBit(FourBitWeight),
+    /// Row-wise int8, computed like `FourBit`.
+    Int8(Int8RowsWeight),
 }
 
 impl std::fmt::Debug for QuantWeight {
@@ -152,7 +187,9 @@ impl std::fmt::Debug for QuantWeight {
         write!(
             f,
             "QuantWeight({}x{}, {:?})",
-            self.out_dim, self.in_dim, self.dtype
+            self.out_dim,
+            self.in_dim,
+            self.format.name()
         )
     }
 }
@@ -219,7 +256,7 @@ impl QuantWeight {
         let w = QuantWeight {
             out_dim,
             in_dim,
-            dtype,
+            format: WeightFormat::Ggml(dtype),
             repr,
             transposed: OnceLock::new(),
             settings: AtomicU8::new(QuantSettings::default().encode()),
@@ -289,18 +326,29 @@ impl QuantWeight {
                 let src = q.data()?;
                 let mut out = AlignedBytes::zeroed(src.len());
                 permute(&src, out.as_bytes_mut());
-                let st =
-                    QStorage::from_data(Cow::Borrowed(out.as_bytes()), &Device::Cpu, self.dtype)?;
+                let st = QStorage::from_data(
+                    Cow::Borrowed(out.as_bytes()),
+                    &Device::Cpu,
+                    q.dtype(),
+                )?;
                 Repr::Candle {
                     q: Arc::new(QTensor::new(st, (self.out_dim, self.in_dim))?),
                     mm: OnceLock::new(),
                 }
             }
+            Repr::FourBit(_) | Repr::Int8(_) => {
+                // Only GGUF's q/k RoPE order needs this, and GGUF has no bitsandbytes formats
+                // (a nested absmax block spans rows, so a row permutation would not be exact).
+                return Err(crate::Error::msg(format!(
+                    "permute_rows: not supported for {} weights",
+                    self.format.name()
+                )));
+            }
         };
         Ok(QuantWeight {
             out_dim: self.out_dim,
             in_dim: self.in_dim,
-            dtype: self.dtype,
+            format: self.format,
             repr,
             transposed: OnceLock::new(),
             settings: AtomicU8::new(self.settings.load(Ordering::Relaxed)),
@@ -312,8 +360,90 @@ impl QuantWeight {
         (self.out_dim, self.in_dim)
     }
 
-    pub fn dtype(&self) -> GgmlDType {
-        self.dtype
+    /// How the values are stored.
+    pub fn format(&self) -> WeightFormat {
+        self.format
+    }
+
+    /// The GGML type, for GGML-format weights.
+    pub fn ggml_dtype(&self) -> Option<GgmlDType> {
+        match self.format {
+            WeightFormat::Ggml(d) => Some(d),
+            _ => None,
+        }
+    }
+
+    /// The [`BaseQuant`] that reproduces this weight's format (what re-quantizing a merged
+    /// weight to the same format means); `None` for GGML types `BaseQuant` does not write.
+    pub fn base_quant(&self) -> Option<BaseQuant> {
+        match (&self.format, &self.repr) {
+            (WeightFormat::Nf4 | WeightFormat::Fp4, Repr::FourBit(w)) => Some(BaseQuant::FourBit {
+                kind: if self.format == WeightFormat::Nf4 {
+                    bnb::FourBitKind::Nf4
+                } else {
+                    bnb::FourBitKind::Fp4
+                },
+                double_quant: matches!(w.scales, BlockScales::Nested { .. }),
+            }),
+            (WeightFormat::Int8, _) => Some(BaseQuant::Int8),
+            (WeightFormat::Ggml(d), _) => {
+                matches!(d, GgmlDType::Q8_0 | GgmlDType::Q4_0 | GgmlDType::Q4_1)
+                    .then_some(BaseQuant::Ggml(*d))
+            }
+            _ => None,
+        }
+    }
+
+    /// Values per block along a row (the unit of `dequant_row_blocks`; int8 rows: 1).
+    fn block_size(&self) -> usize {
+        match (&self.format, &self.repr) {
+            (WeightFormat::Ggml(d), _) => d.block_size(),
+            (_, Repr::FourBit(w)) => w.blocksize,
+            _ => 1,
+        }
+    }
+
+    /// A 4-bit weight in bitsandbytes' layout (see [`FourBitWeight`]); `nf4` picks the format
+    /// name only (the table is in `w`). The row length must be a multiple of the block size.
+    pub fn from_four_bit(
+        out_dim: usize,
+        in_dim: usize,
+        nf4: bool,
+        w: FourBitWeight,
+    ) -> crate::Result<Self> {
+        w.check(out_dim, in_dim).map_err(crate::Error::msg)?;
+        Ok(Self::with_repr(
+            out_dim,
+            in_dim,
+            if nf4 {
+                WeightFormat::Nf4
+            } else {
+                WeightFormat::Fp4
+            },
+            Repr::FourBit(w),
+        ))
+    }
+
+    /// An LLM.int8 row-wise weight (see [`Int8RowsWeight`]).
+    pub fn from_int8_rows(out_dim: usize, in_dim: usize, w: Int8RowsWeight) -> crate::Result<Self> {
+        w.check(out_dim, in_dim).map_err(crate::Error::msg)?;
+        Ok(Self::with_repr(
+            out_dim,
+            in_dim,
+            WeightFormat::Int8,
+            Repr::Int8(w),
+        ))
+    }
+
+    fn with_repr(out_dim: usize, in_dim: usize, format: WeightFormat, repr: Repr) -> Self {
+        QuantWeight {
+            out_dim,
+            in_dim,
+            format,
+            repr,
+            transposed: OnceLock::new(),
+            settings: AtomicU8::new(QuantSettings::default().encode()),
+        }
     }
 
     /// How this weight runs (see [`QuantSettings`]).
@@ -331,11 +461,17 @@ impl QuantWeight {
         match &self.repr {
             Repr::Own { data, .. } => data.len(),
             Repr::Candle { q, .. } => q.storage_size_in_bytes(),
+            Repr::FourBit(w) => w.storage_bytes(),
+            Repr::Int8(w) => w.storage_bytes(),
         }
     }
 
+    /// Bytes per row of a GGML-format weight.
     fn row_bytes(&self) -> usize {
-        self.in_dim / self.dtype.block_size() * self.dtype.type_size()
+        match self.format {
+            WeightFormat::Ggml(d) => self.in_dim / d.block_size() * d.type_size(),
+            _ => 0,
+        }
     }
 
     /// `y = x @ W^T`: `x (..., in)` -> `(..., out)`. No autograd (see [`linear`] for that).
@@ -380,6 +516,11 @@ impl QuantWeight {
                 }
                 Ok(y)
             }
+            Repr::FourBit(_) | Repr::Int8(_) => {
+                let mut y = vec![0f32; m * self.out_dim];
+                self.decoded_forward_into(Isa::best(), num_threads(), x, m, &mut y);
+                Ok(y)
+            }
             Repr::Candle { q, mm } => {
                 let mm = match mm.get() {
                     Some(mm) => mm,
@@ -419,6 +560,9 @@ impl QuantWeight {
                 x,
                 out,
             ),
+            Repr::FourBit(_) | Repr::Int8(_) => {
+                self.decoded_forward_into(Isa::best(), num_threads(), x, 1, out)
+            }
             Repr::Candle { .. } => {
                 let y = self
                     .forward_slice(x, 1)
@@ -464,7 +608,7 @@ impl QuantWeight {
         act: &mut QAct<T>,
     ) {
         let Repr::Own { fmt, data } = &self.repr else {
-            panic!("matvec_with: {:?} has no own kernel", self.dtype)
+            panic!("matvec_with: {} has no own kernel", self.format.name())
         };
         let (fmt, k, n) = (*fmt, self.in_dim, self.out_dim);
         assert!(x.len() == k && out.len() == n);
@@ -513,26 +657,11 @@ impl QuantWeight {
         out: &mut [f32],
     ) {
         let Repr::Own { fmt, data } = &self.repr else {
-            panic!("matmul_with: {:?} has no own kernel", self.dtype)
+            panic!("matmul_with: {} has no own kernel", self.format.name())
         };
         let (fmt, k, n) = (*fmt, self.in_dim, self.out_dim);
         assert!(x.len() == m * k && out.len() == m * n);
-        let mut act = QAct::<T>::zeros(m, k);
-        {
-            let (qp, dp) = (SyncPtr(act.qs.as_mut_ptr()), SyncPtr(act.ds.as_mut_ptr()));
-            let nb = k / QK;
-            pool::for_each_chunk(m, 16, threads, |rows| {
-                let len = rows.len();
-                // SAFETY: disjoint row ranges of the activation buffers.
-                let (q, d) = unsafe {
-                    (
-                        std::slice::from_raw_parts_mut(qp.get().add(rows.start * k), len * k),
-                        std::slice::from_raw_parts_mut(dp.get().add(rows.start * nb), len * nb),
-                    )
-                };
-                kernels::quantize_into(isa, &x[rows.start * k..rows.end * k], q, d);
-            });
-        }
+        let act = quantize_act_rows::<T>(isa, threads, x, m, k);
         let rb = act.nb() * fmt.block_bytes();
         let outp = SyncPtr(out.as_mut_ptr());
         // 16 weight rows = two 8-row panels per kernel call; small units so every thread gets work
@@ -553,6 +682,124 @@ impl QuantWeight {
         });
     }
 
+    /// Decode columns of row `row` of a bitsandbytes-format weight: blocks `b0..b1`.
+    fn decode_bnb(&self, isa: Isa, row: usize, b0: usize, b1: usize, out: &mut [f32]) {
+        match &self.repr {
+            Repr::FourBit(w) => w.decode(isa, self.in_dim, row, b0, b1, out),
+            Repr::Int8(w) => w.decode(self.in_dim, row, b0, b1, out),
+            _ => unreachable!("decode_bnb on a GGML weight"),
+        }
+    }
+
+    /// `y = x @ W^T` for the bitsandbytes formats (`x`: `m x in`, `y`: `m x out`). One row:
+    /// each weight row decoded into L1 and dotted with `x`. More: tiles of weight rows decoded
+    /// to f32 and multiplied with gemm, each thread owning a range of output columns.
+    #[doc(hidden)]
+    pub fn decoded_forward_into(
+        &self,
+        isa: Isa,
+        threads: usize,
+        x: &[f32],
+        m: usize,
+        y: &mut [f32],
+    ) {
+        let (n, k) = (self.out_dim, self.in_dim);
+        assert!(x.len() == m * k && y.len() == m * n);
+        if m == 0 || n == 0 {
+            return;
+        }
+        let nbk = k / self.block_size();
+        let yp = SyncPtr(y.as_mut_ptr());
+        if m > 1
+            && self.settings().activation == ActPrecision::I8
+            && k.is_multiple_of(QK)
+            && matches!(&self.repr, Repr::FourBit(w) if w.blocksize.is_multiple_of(QK))
+        {
+            return self.four_bit_q8_forward(isa, threads, x, m, y);
+        }
+        if m == 1 {
+            thread_local! {
+                static ROW: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+            }
+            // about 32K weights per chunk: a few microseconds of decoding
+            let min_rows = (32 * 1024 / k.max(1)).max(4);
+            pool::for_each_chunk(n, min_rows, threads, |rows| {
+                ROW.with(|cell| {
+                    let mut buf = cell.borrow_mut();
+                    buf.resize(k, 0.0);
+                    for r in rows {
+                        self.decode_bnb(isa, r, 0, nbk, &mut buf);
+                        // SAFETY: each chunk writes its own rows of `y`.
+                        unsafe { *yp.get().add(r) = lut4::dot(isa, &buf, x) };
+                    }
+                });
+            });
+            return;
+        }
+        // rows per tile: ~256 KiB of f32 (L2), a multiple of 16, and enough tiles for every thread
+        let by_cache = (64 * 1024 / k.max(1)).clamp(16, 256);
+        let t_rows = by_cache.min(n.div_ceil(threads.max(1))).next_multiple_of(16);
+        pool::for_each_chunk(n.div_ceil(t_rows), 1, threads, |tiles| {
+            let mut tile = vec![0f32; t_rows * k];
+            for ti in tiles {
+                let n0 = ti * t_rows;
+                let t = t_rows.min(n - n0);
+                for i in 0..t {
+                    self.decode_bnb(isa, n0 + i, 0, nbk, &mut tile[i * k..(i + 1) * k]);
+                }
+                // SAFETY: dst is y[:, n0..n0+t] (row stride n), written by this chunk only; lhs
+                // is x (m x k, row stride k); rhs is the tile transposed (k x t: element
+                // (kk, j) at tile[j * k + kk]).
+                unsafe {
+                    gemm::gemm(
+                        m,
+                        t,
+                        k,
+                        yp.get().add(n0),
+                        1,
+                        n as isize,
+                        false,
+                        x.as_ptr(),
+                        1,
+                        k as isize,
+                        tile.as_ptr(),
+                        k as isize,
+                        1,
+                        0.0f32,
+                        1.0f32,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    )
+                }
+            }
+        });
+    }
+
+    /// The training forward of a 4-bit weight with 8-bit activations: each thread converts its
+    /// weight rows to Q8_0 (see [`FourBitWeight::row_to_q8_0`]) and runs the integer Q8_0
+    /// kernels against the activations, quantized once; on AVX2 the integer products run at
+    /// about twice the f32 GEMM's rate.
+    fn four_bit_q8_forward(&self, isa: Isa, threads: usize, x: &[f32], m: usize, y: &mut [f32]) {
+        let Repr::FourBit(w) = &self.repr else {
+            unreachable!("four_bit_q8_forward on a {} weight", self.format.name())
+        };
+        let (n, k) = (self.out_dim, self.in_dim);
+        let act = quantize_act_rows::<i8>(isa, threads, x, m, k);
+        let rb = k / QK * Fmt::Q8_0.block_bytes();
+        let outp = SyncPtr(y.as_mut_ptr());
+        pool::for_each_chunk(n.div_ceil(16), 1, threads, |units| {
+            let (c0, c1) = (units.start * 16, (units.end * 16).min(n));
+            let mut rows = vec![0u8; (c1 - c0) * rb];
+            for (i, r) in (c0..c1).enumerate() {
+                w.row_to_q8_0(k, r, &mut rows[i * rb..(i + 1) * rb]);
+            }
+            // SAFETY: `out` is m x n; this chunk alone writes its columns c0..c1.
+            unsafe { kernels::gemm(isa, Fmt::Q8_0, &rows, c1 - c0, &act, outp.get().add(c0), n) };
+        });
+    }
+
     /// Dequantise blocks `b0..b1` of row `row` into `out` (`(b1 - b0) * block_size` values).
     fn dequant_row_blocks(
         &self,
@@ -561,7 +808,7 @@ impl QuantWeight {
         b1: usize,
         out: &mut [f32],
     ) -> candle_core::Result<()> {
-        let ts = self.dtype.type_size();
+        let ts = self.ggml_dtype().map_or(0, |d| d.type_size());
         let start = row * self.row_bytes();
         let (lo, hi) = (start + b0 * ts, start + b1 * ts);
         match &self.repr {
@@ -569,12 +816,14 @@ impl QuantWeight {
             Repr::Candle { q, .. } => {
                 let data = q.data()?;
                 // `data` is candle's typed block vector, so every block boundary is aligned
-                let st = self.dtype.from_data(Cow::Borrowed(&data[lo..hi]));
+                let st = q.dtype().from_data(Cow::Borrowed(&data[lo..hi]));
                 match st.dequantize(out.len())? {
                     CpuStorage::F32(v) => out.copy_from_slice(&v),
-                    _ => candle_core::bail!("dequantize of {:?} did not give f32", self.dtype),
+                    _ => candle_core::bail!("dequantize of {:?} did not give f32", q.dtype()),
                 }
             }
+            Repr::FourBit(w) => w.decode(Isa::best(), self.in_dim, row, b0, b1, out),
+            Repr::Int8(w) => w.decode(self.in_dim, row, b0, b1, out),
         }
         Ok(())
     }
@@ -637,7 +886,7 @@ impl QuantWeight {
         threads: usize,
     ) -> candle_core::Result<Vec<f32>> {
         let (n, k) = (self.out_dim, self.in_dim);
-        let bs = self.dtype.block_size();
+        let bs = self.block_size();
         let nbk = k / bs;
         let mut gx = vec![0f32; m * k];
         if m == 0 || n == 0 || k == 0 {
@@ -712,7 +961,7 @@ impl QuantWeight {
 
     fn build_transposed_q8(&self) -> candle_core::Result<Option<QuantWeight>> {
         let (n, k) = (self.out_dim, self.in_dim);
-        let bs = self.dtype.block_size();
+        let bs = self.block_size();
         if n % QK != 0 || n == 0 || k == 0 || bs == 0 {
             return Ok(None);
         }
@@ -762,7 +1011,7 @@ impl QuantWeight {
         Ok(Some(QuantWeight {
             out_dim: k,
             in_dim: n,
-            dtype: GgmlDType::Q8_0,
+            format: WeightFormat::Ggml(GgmlDType::Q8_0),
             repr: Repr::Own {
                 fmt: Fmt::Q8_0,
                 data,
@@ -781,13 +1030,22 @@ impl QuantWeight {
                 Tensor::from_vec(out, (self.out_dim, self.in_dim), &Device::Cpu)
             }
             Repr::Candle { q, .. } => q.dequantize(&Device::Cpu),
+            Repr::FourBit(_) | Repr::Int8(_) => {
+                let (n, k) = (self.out_dim, self.in_dim);
+                let nbk = k / self.block_size();
+                let mut out = vec![0f32; n * k];
+                for (r, o) in out.chunks_exact_mut(k.max(1)).enumerate() {
+                    self.dequant_row_blocks(r, 0, nbk, o)?;
+                }
+                Tensor::from_vec(out, (n, k), &Device::Cpu)
+            }
         }
     }
 
     /// Rows `ids` as f32 `(ids.len(), in)` (quantized token embeddings).
     pub fn embedding(&self, ids: &[u32]) -> candle_core::Result<Tensor> {
         let k = self.in_dim;
-        let nbk = k / self.dtype.block_size();
+        let nbk = k / self.block_size();
         let mut out = vec![0f32; ids.len() * k];
         for (&id, o) in ids.iter().zip(out.chunks_exact_mut(k.max(1))) {
             if id as usize >= self.out_dim {
@@ -800,6 +1058,31 @@ impl QuantWeight {
         }
         Tensor::from_vec(out, (ids.len(), k), &Device::Cpu)
     }
+}
+
+/// `m` rows of `k` activations quantized per 32-value block, rows split across threads.
+fn quantize_act_rows<T: ActInt>(
+    isa: Isa,
+    threads: usize,
+    x: &[f32],
+    m: usize,
+    k: usize,
+) -> QAct<T> {
+    let mut act = QAct::<T>::zeros(m, k);
+    let (qp, dp) = (SyncPtr(act.qs.as_mut_ptr()), SyncPtr(act.ds.as_mut_ptr()));
+    let nb = k / QK;
+    pool::for_each_chunk(m, 16, threads, |rows| {
+        let len = rows.len();
+        // SAFETY: disjoint row ranges of the activation buffers.
+        let (q, d) = unsafe {
+            (
+                std::slice::from_raw_parts_mut(qp.get().add(rows.start * k), len * k),
+                std::slice::from_raw_parts_mut(dp.get().add(rows.start * nb), len * nb),
+            )
+        };
+        kernels::quantize_into(isa, &x[rows.start * k..rows.end * k], q, d);
+    });
+    act
 }
 
 /// Calls `f` with the contiguous f32 data of a CPU tensor.

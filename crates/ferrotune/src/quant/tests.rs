@@ -402,7 +402,7 @@ fn every_ggml_type_works() {
     ] {
         let (w, deq) = weight(&mut rng, n, k, dtype);
         assert_eq!(w.shape(), (n, k));
-        assert_eq!(w.dtype(), dtype);
+        assert_eq!(w.ggml_dtype(), Some(dtype));
         assert_eq!(
             w.storage_bytes(),
             n * k / dtype.block_size() * dtype.type_size()
@@ -1011,4 +1011,187 @@ fn act_bits_environment_values() {
     // anything else keeps the precise default
     assert_eq!(act_bits_from_env(Some("4")), ActPrecision::I16);
     assert_eq!(act_bits_from_env(Some(" 8")), ActPrecision::I16);
+}
+
+/// A 4-bit weight with random codes and absmax (the table is NF4's shape, not exactly it: the
+/// kernels take any table), `nested` with double-quantised scales.
+fn four_bit(rng: &mut StdRng, n: usize, k: usize, nested: bool) -> QuantWeight {
+    let mut table = [0f32; 16];
+    for (i, t) in table.iter_mut().enumerate() {
+        *t = (i as f32 - 7.0) / 8.0 + rng.random::<f32>() * 1e-3;
+    }
+    let blocks = n * k / 64;
+    let scales = if nested {
+        let mut code = Box::new([0f32; 256]);
+        for (i, c) in code.iter_mut().enumerate() {
+            *c = (i as f32 - 127.5) / 128.0;
+        }
+        BlockScales::Nested {
+            codes: (0..blocks).map(|_| rng.random::<u8>()).collect(),
+            code,
+            nested_absmax: (0..blocks.div_ceil(256))
+                .map(|_| 0.02 + rng.random::<f32>() * 0.02)
+                .collect(),
+            nested_blocksize: 256,
+            offset: 0.05,
+        }
+    } else {
+        BlockScales::Plain(
+            (0..blocks)
+                .map(|_| 0.01 + rng.random::<f32>() * 0.1)
+                .collect(),
+        )
+    };
+    let w = FourBitWeight {
+        table,
+        blocksize: 64,
+        packed: (0..n * k / 2).map(|_| rng.random::<u8>()).collect(),
+        scales,
+    };
+    QuantWeight::from_four_bit(n, k, true, w).unwrap()
+}
+
+fn int8_rows(rng: &mut StdRng, n: usize, k: usize) -> QuantWeight {
+    let w = Int8RowsWeight {
+        data: (0..n * k).map(|_| rng.random::<i8>()).collect(),
+        scb: (0..n).map(|_| rng.random::<f32>() * 0.3).collect(),
+    };
+    QuantWeight::from_int8_rows(n, k, w).unwrap()
+}
+
+#[test]
+fn bnb_formats_forward_matches_dequantised_matmul() {
+    let mut rng = StdRng::seed_from_u64(41);
+    // (m, n, k): decode, a short prefill, and a training-sized batch with ragged tiles
+    for (m, n, k) in [(1, 96, 128), (3, 40, 192), (70, 200, 320)] {
+        for (name, w) in [
+            ("nf4", four_bit(&mut rng, n, k, false)),
+            ("nf4+dq", four_bit(&mut rng, n, k, true)),
+            ("int8", int8_rows(&mut rng, n, k)),
+        ] {
+            let deq = w.dequantize().unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let x = randn(&mut rng, m * k, 1.0);
+            let want = ref_matmul(&x, &deq, m, k, n);
+            for isa in isas() {
+                for threads in [1, 3] {
+                    let mut y = vec![0f32; m * n];
+                    w.decoded_forward_into(isa, threads, &x, m, &mut y);
+                    check_close(&format!("{name} {isa:?} m={m} t={threads}"), &y, &want, 1e-5);
+                }
+            }
+            // the public entry points take the same path
+            let xt = Tensor::from_vec(x.clone(), (m, k), &Device::Cpu).unwrap();
+            let y = w.forward(&xt).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            check_close(&format!("{name} forward m={m}"), &y, &want, 1e-5);
+            if m == 1 {
+                let mut o = vec![0f32; n];
+                w.matvec_into(&x, &mut o);
+                check_close(&format!("{name} matvec_into"), &o, &want, 1e-5);
+            }
+        }
+    }
+}
+
+#[test]
+fn bnb_formats_decode_rows_and_blocks_consistently() {
+    let mut rng = StdRng::seed_from_u64(42);
+    let w = four_bit(&mut rng, 6, 256, true);
+    let full = w.dequantize().unwrap().to_vec2::<f32>().unwrap();
+    // any block range of any row equals the same slice of the whole matrix, on every level
+    for isa in isas() {
+        let mut part = vec![0f32; 128];
+        w.decode_bnb(isa, 4, 1, 3, &mut part);
+        assert_eq!(part, full[4][64..192], "{isa:?}");
+    }
+    // embeddings (rows by id) read the same values
+    let e = w.embedding(&[5, 0]).unwrap().to_vec2::<f32>().unwrap();
+    assert_eq!(e[0], full[5]);
+    assert_eq!(e[1], full[0]);
+    assert!(w.embedding(&[6]).is_err());
+    assert!(w.permute_rows(&[0, 1, 2, 3, 4, 5]).is_err());
+}
+
+#[test]
+fn bnb_formats_backward_matches_reference() {
+    let mut rng = StdRng::seed_from_u64(43);
+    let (m, n, k) = (9, 64, 192);
+    for w in [four_bit(&mut rng, n, k, true), int8_rows(&mut rng, n, k)] {
+        let deq = w.dequantize().unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let gy = randn(&mut rng, m * n, 1.0);
+        let want = ref_backward(&gy, &deq, m, n, k);
+        let g = Tensor::from_vec(gy, (m, n), &Device::Cpu).unwrap();
+        let exact = w.backward_input_with(&g, BackwardWeights::Exact).unwrap();
+        check_close(
+            &format!("{w:?} exact"),
+            &exact.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            &want,
+            1e-5,
+        );
+        let q8 = w
+            .backward_input_with(&g, BackwardWeights::Q8Transposed)
+            .unwrap();
+        check_close(
+            &format!("{w:?} q8"),
+            &q8.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            &want,
+            3e-2,
+        );
+    }
+}
+
+#[test]
+fn bnb_formats_refuse_inconsistent_sizes() {
+    let mut rng = StdRng::seed_from_u64(44);
+    let w = FourBitWeight {
+        table: [0.0; 16],
+        blocksize: 64,
+        packed: vec![0; 64 * 96 / 2],
+        scales: BlockScales::Plain(vec![1.0; 64 * 96 / 64]),
+    };
+    // 96 is not a multiple of 64: blocks would span rows
+    assert!(QuantWeight::from_four_bit(64, 96, true, w).is_err());
+    let w = FourBitWeight {
+        table: [0.0; 16],
+        blocksize: 64,
+        packed: vec![0; 10],
+        scales: BlockScales::Plain(vec![1.0; 1]),
+    };
+    assert!(QuantWeight::from_four_bit(2, 64, true, w).is_err());
+    let w = Int8RowsWeight {
+        data: vec![0; 6],
+        scb: vec![1.0; 3],
+    };
+    assert!(QuantWeight::from_int8_rows(2, 3, w).is_err());
+    let ok = int8_rows(&mut rng, 2, 3);
+    assert_eq!(ok.format(), WeightFormat::Int8);
+    assert_eq!(ok.storage_bytes(), 6 + 8);
+}
+
+/// With 8-bit activations (training's default) a 4-bit weight runs on the Q8_0 integer
+/// kernels; the result stays within the 8-bit activations' error of the exact product, and a
+/// weight set back to 16 bits takes the exact f32 path again.
+#[test]
+fn four_bit_with_8_bit_activations_runs_the_integer_kernels() {
+    let mut rng = StdRng::seed_from_u64(45);
+    let (m, n, k) = (40, 72, 256);
+    for nested in [false, true] {
+        let w = four_bit(&mut rng, n, k, nested);
+        let deq = w.dequantize().unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let x = randn(&mut rng, m * k, 1.0);
+        let want = ref_matmul(&x, &deq, m, k, n);
+        let xt = Tensor::from_vec(x.clone(), (m, k), &Device::Cpu).unwrap();
+        for isa in isas() {
+            w.set_settings(QuantSettings {
+                activation: ActPrecision::I8,
+                backward: BackwardWeights::Exact,
+            });
+            let mut y = vec![0f32; m * n];
+            w.decoded_forward_into(isa, 2, &x, m, &mut y);
+            let e = rel_l2(&y, &want);
+            assert!(e < 3e-2 && e > 1e-6, "{isa:?} nested={nested}: rel L2 {e}");
+            w.set_settings(QuantSettings::default());
+            let y16 = w.forward(&xt).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            assert!(rel_l2(&y16, &want) < 1e-6, "16-bit path: {}", rel_l2(&y16, &want));
+        }
+    }
 }

@@ -77,6 +77,9 @@
 //! seed = 42               # LoRA init, dropout, data order (default 42; [data] seed defaults to it)
 //! threads = 2             # worker threads (default: all cores)
 //! dequantize = false      # dequantize a quantized (GGUF) base to f32 at load
+//! base_quant = "nf4"      # quantize the frozen base's linears at load (QLoRA): nf4 | fp4 |
+//!                         # int8 | q8_0 | q4_0 | q4_1 | none (default none); PEFT methods only
+//! double_quant = true     # nf4/fp4: 8-bit quantized absmax, as QLoRA (default true)
 //! device = "cpu"          # cpu or cuda[:N]
 //! stop_after = 150        # stop (with a checkpoint) after this step; resume continues the run
 //! model_dropout = true    # the model's own dropout (T5 dropout_rate, BERT hidden/attention)
@@ -548,6 +551,12 @@ pub struct TrainSection {
     pub threads: Option<usize>,
     #[serde(default)]
     pub dequantize: bool,
+    /// Quantize the frozen base's linear weights at load (`quant::BaseQuant`: nf4, fp4, int8,
+    /// q8_0, q4_0, q4_1; "none" or absent: keep them as stored).
+    pub base_quant: Option<String>,
+    /// Double quantization of the 4-bit formats' absmax (QLoRA's default: on).
+    #[serde(default = "yes")]
+    pub double_quant: bool,
     /// Hold the frozen dense base weights in this dtype (`f32`, `bf16`, `f16`; default: as
     /// stored). Trainable parameters (the LoRA matrices) stay f32 master copies whatever it is.
     pub dtype: Option<String>,
@@ -1108,6 +1117,25 @@ fn validate(c: &LoadedConfig) -> Result<()> {
             "output_dir",
             "is the root of the file system: name a new folder for the run",
         );
+    }
+    if let Some(bq) = &t.base_quant {
+        let parsed = crate::quant::BaseQuant::parse(bq, t.double_quant)
+            .map_err(|e| c.key_error("train.base_quant", e))?;
+        if parsed.is_some() && matches!(cfg.method, Method::Full | Method::Selective) {
+            return bad(
+                "train.base_quant",
+                &format!(
+                    "quantizes the frozen base, but method `{}` trains the base's own weights: use a PEFT method (lora, ia3, ...) or base_quant = \"none\"",
+                    cfg.method.as_str()
+                ),
+            );
+        }
+        if parsed.is_some() && t.dequantize {
+            return bad(
+                "train.base_quant",
+                "and train.dequantize = true contradict each other: choose one",
+            );
+        }
     }
     if t.batch_size == 0 {
         return bad("train.batch_size", "must be at least 1");

@@ -1085,9 +1085,15 @@ fn load_options(c: &LoadedConfig) -> Result<LoadOptions> {
             ))
         }
     };
+    let base_quant = match t.base_quant.as_deref() {
+        None => None,
+        Some(name) => crate::quant::BaseQuant::parse(name, t.double_quant)
+            .map_err(|e| c.key_error("train.base_quant", e))?,
+    };
     Ok(LoadOptions {
         dtype,
         dequantize: t.dequantize,
+        base_quant,
         ..Default::default()
     })
 }
