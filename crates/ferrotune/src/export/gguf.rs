@@ -464,8 +464,11 @@ fn model_metadata(cfg: &LlamaConfig, name: &str, preset: Preset) -> Result<Vec<(
     Ok(m)
 }
 
+/// Metadata keys to write, and the `tokenizer.ggml.pre` among them.
+type TokenizerKeys = (Vec<(String, Value)>, Option<String>);
+
 /// The tokenizer keys of a GGUF source, unchanged, and its `tokenizer.ggml.pre`.
-fn tokenizer_from_gguf(path: &Path) -> Result<(Vec<(String, Value)>, Option<String>)> {
+fn tokenizer_from_gguf(path: &Path) -> Result<TokenizerKeys> {
     let ct = crate::model::gguf::read_header(path)?;
     let mut keys: Vec<(String, Value)> = ct
         .metadata
@@ -558,11 +561,7 @@ fn detect_pre(pre: &serde_json::Value) -> Option<&'static str> {
 /// `tokenizer.json` (`_set_vocab_gpt2` + `SpecialVocab`), padded to `vocab_size` with
 /// `[PADn]` tokens; `add_bos` is what the loaded tokenizer does (written explicitly, so
 /// llama.cpp's default for the pre-tokenizer does not decide it).
-fn tokenizer_from_hf(
-    dir: &Path,
-    vocab_size: usize,
-    add_bos: bool,
-) -> Result<(Vec<(String, Value)>, Option<String>)> {
+fn tokenizer_from_hf(dir: &Path, vocab_size: usize, add_bos: bool) -> Result<TokenizerKeys> {
     let tj_path = dir.join("tokenizer.json");
     let tj = read_json(&tj_path)?.ok_or_else(|| {
         Error::file(

@@ -444,11 +444,11 @@ fn make_qx_quants(nmax: i32, x: &[f32], l: &mut [i8]) -> f32 {
         iscale = -(nmax as f32 + 0.1f32 * is as f32) / max;
         sumlx = 0.0;
         suml2 = 0.0;
-        for i in 0..n {
-            let li = nearest_int(iscale * x[i]).clamp(-nmax, nmax - 1);
-            let w = x[i] * x[i];
+        for &xi in x {
+            let li = nearest_int(iscale * xi).clamp(-nmax, nmax - 1);
+            let w = xi * xi;
             let lf = li as f32;
-            sumlx += w * x[i] * lf;
+            sumlx += w * xi * lf;
             suml2 += w * lf * lf;
         }
         if suml2 > 0.0 && sumlx * sumlx > best * suml2 {
