@@ -694,7 +694,9 @@ pub fn plan(req: &Request) -> Result<Plan> {
                 ));
             }
             virt = Some(v as u64);
-            v as u64 * shape.hidden
+            // PEFT gives an encoder-decoder a prompt for each stack (num_transformer_submodules 2).
+            let stacks = if shape.family == "t5" { 2 } else { 1 };
+            stacks * v as u64 * shape.hidden
         }
     };
     let t = trainable as f64;

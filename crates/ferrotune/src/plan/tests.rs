@@ -453,3 +453,50 @@ fn a_config_folder_plans_with_its_exact_count_and_the_text_shows_both_figures() 
     }
     assert!(j["fits"].is_boolean() && j["flops"].is_f64() && j["chinchilla_tokens"].is_f64());
 }
+
+/// Parameter counts against transformers + PEFT on the same configs
+/// (`reference/plan_counts.py`): the model's parameters, LoRA's trainable count for PEFT's
+/// default targets and all-linear at two ranks, DoRA's, and prompt tuning's.
+#[test]
+fn counts_match_transformers_and_peft() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures");
+    let text = std::fs::read_to_string(root.join("plan/counts.json")).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let models = v["models"].as_array().unwrap();
+    assert!(models.len() >= 9);
+    for m in models {
+        let dir = root.join(m["dir"].as_str().unwrap());
+        let base = Request {
+            model: Some(dir.display().to_string()),
+            ..Default::default()
+        };
+        let name = m["dir"].as_str().unwrap();
+        let p = plan(&base).unwrap();
+        assert_eq!(p.params, m["params"].as_u64().unwrap(), "{name}: params");
+        for c in m["lora"].as_array().unwrap() {
+            let dora = c["dora"].as_bool().unwrap();
+            let r = Request {
+                method: if dora { "dora" } else { "lora" }.into(),
+                rank: Some(c["r"].as_u64().unwrap() as usize),
+                targets: c["targets"].as_str().map(String::from),
+                ..base.clone()
+            };
+            assert_eq!(
+                plan(&r).unwrap().trainable_params,
+                c["trainable"].as_u64().unwrap(),
+                "{name}: {c}"
+            );
+        }
+        let pt = &m["prompt_tuning"];
+        let r = Request {
+            method: "prompt-tuning".into(),
+            virtual_tokens: Some(pt["virtual_tokens"].as_u64().unwrap() as usize),
+            ..base.clone()
+        };
+        assert_eq!(
+            plan(&r).unwrap().trainable_params,
+            pt["trainable"].as_u64().unwrap(),
+            "{name}: prompt tuning"
+        );
+    }
+}

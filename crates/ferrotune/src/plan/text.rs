@@ -287,11 +287,16 @@ impl Plan {
             100.0 * (ratio - 1.0),
             fwhy.join("; ")
         ));
+        let share = self.tokens / r.chinchilla_tokens.max(1.0);
         s.push_str(&format!(
-            "  data         20 tokens/param = {} tokens; this plan trains on {} ({:.3}× that)\n",
+            "  data         20 tokens/param = {} tokens; this plan trains on {} ({} of that)\n",
             sci(r.chinchilla_tokens),
             sci(self.tokens),
-            self.tokens / r.chinchilla_tokens.max(1.0)
+            if share < 1.0 {
+                format!("{:.3}%", 100.0 * share)
+            } else {
+                format!("{share:.2}×")
+            }
         ));
         if !self.notes.is_empty() {
             s.push_str("\nnotes\n");
