@@ -244,8 +244,23 @@ def write_tiny():
     save_tiny(BitsAndBytesConfig(load_in_8bit=True), "tiny-int8")
     ids = torch.tensor([[1, 5, 9, 77, 200, 3, 42]])
     with torch.no_grad():
+        # On a CPU with AVX512-BF16, Linear4bit repacks its weight and multiplies in bf16 (about
+        # 0.1 off in these logits); without it, bnb dequantizes to f32 and runs an f32 matmul,
+        # which is what ferrotune's dequantized load computes.
+        logits_bf16 = m4(ids).logits[0]
+        m4 = AutoModelForCausalLM_from(OUT / "tiny-nf4-dq")
+        for mod in m4.modules():
+            if isinstance(mod, bnb.nn.Linear4bit):
+                mod.support_avx512bf16_for_cpu = False
         logits = m4(ids).logits[0]
+    print(f"  tiny-nf4-dq: bf16 CPU kernel vs f32 dequant path: max |delta logit| = {(logits - logits_bf16).abs().max().item():.3e}")
     save_file({"ids": ids[0], "logits": logits.contiguous()}, OUT / "tiny-nf4-dq.logits.safetensors")
+
+
+def AutoModelForCausalLM_from(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
 
 
 def main():

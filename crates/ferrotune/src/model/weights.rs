@@ -89,6 +89,8 @@ pub struct SafetensorsSource {
     opts: LoadOptions,
     device: Device,
     loaded: RefCell<HashMap<String, Tensor>>,
+    /// A bitsandbytes checkpoint's quantized weights (dequantized to f32 when read).
+    bnb: crate::quant::bnb::hf::BnbIndex,
 }
 
 impl SafetensorsSource {
@@ -154,6 +156,10 @@ impl SafetensorsSource {
         }
         let st = unsafe { candle_core::safetensors::MmapedSafetensors::multi(&files) }
             .map_err(|e| Error::file(dir, crate::error::first_line(&e.to_string())))?;
+        let bnb = match crate::quant::bnb::hf::bnb_quantization_config(dir)? {
+            Some(_) => crate::quant::bnb::hf::BnbIndex::build(dir, &mut names, &st)?,
+            None => Default::default(),
+        };
         Ok(Self {
             dir: dir.to_path_buf(),
             st,
@@ -161,6 +167,7 @@ impl SafetensorsSource {
             opts: opts.clone(),
             device: device.clone(),
             loaded: RefCell::new(HashMap::new()),
+            bnb,
         })
     }
 
@@ -174,6 +181,15 @@ impl SafetensorsSource {
                 format!("tensor `{name}` not found in the safetensors files"),
             )
         })?;
+        if let Some((v, shape)) = self
+            .bnb
+            .load(name, &self.st)
+            .map_err(|e| Error::file(file, e))?
+        {
+            let t = convert_dense(Tensor::from_vec(v, shape, &self.device)?, &self.opts)?;
+            self.loaded.borrow_mut().insert(name.to_string(), t.clone());
+            return Ok(t);
+        }
         let t = self.st.load(name, &self.device).map_err(|e| {
             Error::file(
                 file,

@@ -268,3 +268,309 @@ fn bad_shapes_and_blocksizes_are_errors() {
     q.packed.pop();
     assert!(q.validate().is_err());
 }
+
+// ------------------------------------------------------------------ the safetensors layout
+
+mod folders {
+    use super::super::hf::*;
+    use super::*;
+    use crate::model::{config_from_hf_dir, Llama, LoadOptions, SafetensorsSource};
+    use candle_core::{Device, Tensor};
+    use std::collections::{BTreeMap, HashSet};
+    use std::path::Path;
+
+    fn tiny_dir(name: &str) -> PathBuf {
+        fixtures().join(name)
+    }
+
+    fn f32_source() -> PathBuf {
+        fixtures().join("../models/tiny-llama-gqa-untied")
+    }
+
+    fn read_folder(dir: &Path) -> BTreeMap<String, RawTensor> {
+        let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
+        let st = SafeTensors::deserialize(&bytes).unwrap();
+        st.tensors()
+            .into_iter()
+            .map(|(n, v)| {
+                (
+                    n,
+                    RawTensor {
+                        dtype: v.dtype(),
+                        shape: v.shape().to_vec(),
+                        data: v.data().to_vec(),
+                    },
+                )
+            })
+            .collect()
+    }
+
+    /// The f32 tiny model's tensors, and the linears transformers quantizes in it.
+    fn f32_tensors() -> (Vec<(String, Vec<usize>, Vec<f32>)>, HashSet<String>) {
+        let st = read_folder(&f32_source());
+        let mut targets = HashSet::new();
+        let tensors = st
+            .into_iter()
+            .map(|(n, t)| {
+                if n.starts_with("model.layers.") && n.ends_with("proj.weight") {
+                    targets.insert(n.trim_end_matches(".weight").to_string());
+                }
+                let v = t
+                    .data
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                    .collect();
+                (n, t.shape, v)
+            })
+            .collect();
+        (tensors, targets)
+    }
+
+    /// Every tensor of our quantization of the f32 tiny model equals the one transformers saved
+    /// (same names, dtypes, shapes and bytes, the quant-state JSON included).
+    fn check_same_as_transformers(folder: &str, spec: BnbSpec) {
+        let (tensors, targets) = f32_tensors();
+        assert_eq!(targets.len(), 14);
+        let ours = quantize_tensors(tensors, &targets, &spec, WeightDtype::F32).unwrap();
+        let theirs = read_folder(&tiny_dir(folder));
+        let a: Vec<&String> = ours.keys().collect();
+        let b: Vec<&String> = theirs.keys().collect();
+        assert_eq!(a, b, "{folder}: tensor names");
+        for (name, t) in &theirs {
+            let o = &ours[name];
+            assert_eq!((o.dtype, &o.shape), (t.dtype, &t.shape), "{folder}: {name}");
+            if name.contains(".quant_state.") {
+                assert_eq!(
+                    String::from_utf8_lossy(&o.data),
+                    String::from_utf8_lossy(&t.data),
+                    "{name}"
+                );
+            }
+            assert_bytes(&format!("{folder}: {name}"), &o.data, &t.data);
+        }
+        // And config.json's quantization_config.
+        let cfg: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(tiny_dir(folder).join("config.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            quantization_config(&spec),
+            cfg["quantization_config"],
+            "{folder}"
+        );
+    }
+
+    #[test]
+    fn nf4_double_quant_folder_is_transformers_byte_for_byte() {
+        check_same_as_transformers(
+            "tiny-nf4-dq",
+            BnbSpec {
+                format: BnbFormat::FourBit(FourBitKind::Nf4),
+                double_quant: true,
+                blocksize: 64,
+            },
+        );
+    }
+
+    #[test]
+    fn int8_folder_is_transformers_byte_for_byte() {
+        check_same_as_transformers(
+            "tiny-int8",
+            BnbSpec {
+                format: BnbFormat::Int8,
+                double_quant: false,
+                blocksize: 64,
+            },
+        );
+    }
+
+    #[test]
+    fn transformers_folders_read_back() {
+        for folder in ["tiny-nf4-dq", "tiny-int8"] {
+            let bytes = std::fs::read(tiny_dir(folder).join("model.safetensors")).unwrap();
+            let st = SafeTensors::deserialize(&bytes).unwrap();
+            let names: Vec<String> = st.names().into_iter().map(String::from).collect();
+            let all = read_all(&st, &names).unwrap();
+            assert_eq!(all.len(), 14, "{folder}");
+            for (name, w) in &all {
+                match w {
+                    BnbWeight::FourBit(q) => {
+                        assert_eq!(q.kind, FourBitKind::Nf4);
+                        assert_eq!(q.blocksize, 64);
+                        assert!(matches!(q.absmax, Absmax::Nested { .. }), "{name}");
+                        // Writing it again gives the same tensors.
+                        for (n, t) in four_bit_tensors(name, q) {
+                            let (d, s, b) = st.tensor_bytes(&n).unwrap();
+                            assert_eq!((t.dtype, &t.shape, t.data.as_slice()), (d, &s, b), "{n}");
+                        }
+                    }
+                    BnbWeight::Int8(q) => {
+                        let m = name.strip_suffix(".weight").unwrap();
+                        for (n, t) in int8_tensors(m, q) {
+                            let (d, s, b) = st.tensor_bytes(&n).unwrap();
+                            assert_eq!((t.dtype, &t.shape, t.data.as_slice()), (d, &s, b), "{n}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn four_bit_round_trips_through_the_layout() {
+        let f = Fixture::open("random.safetensors");
+        for (case, kind, dq) in [
+            ("odd", FourBitKind::Fp4, true),
+            ("cols50", FourBitKind::Nf4, false),
+            ("m64", FourBitKind::Nf4, true),
+        ] {
+            let input = f.f32s(&format!("{case}.input"));
+            let shape = f.shape(&format!("{case}.input"));
+            let mut q = quantize_4bit(&input, &shape, kind, 64, dq).unwrap();
+            q.dtype = WeightDtype::BF16;
+            let map: BTreeMap<String, RawTensor> = four_bit_tensors("w", &q).into_iter().collect();
+            let back = read_four_bit(&map, "w").unwrap();
+            assert_eq!(back, q, "{case}");
+            let q8 = quantize_int8(&input, shape[0], shape[1]).unwrap();
+            let map: BTreeMap<String, RawTensor> = int8_tensors("m", &q8).into_iter().collect();
+            assert_eq!(read_int8(&map, "m").unwrap(), q8);
+        }
+    }
+
+    #[test]
+    fn hostile_quant_states_are_errors() {
+        let input: Vec<f32> = (0..200).map(|i| (i as f32 * 0.37).sin()).collect();
+        let q = quantize_4bit(&input, &[200], FourBitKind::Nf4, 64, true).unwrap();
+        let good: BTreeMap<String, RawTensor> = four_bit_tensors("w", &q).into_iter().collect();
+        let key = "w.quant_state.bitsandbytes__nf4";
+        let cases: Vec<(&str, Box<dyn Fn(&mut BTreeMap<String, RawTensor>)>)> = vec![
+            (
+                "absmax",
+                Box::new(|m| {
+                    m.remove("w.absmax");
+                }),
+            ),
+            (
+                "packed",
+                Box::new(|m| {
+                    m.get_mut("w").unwrap().data.pop();
+                }),
+            ),
+            (
+                "shape",
+                Box::new(move |m| {
+                    let j = quant_state_json(&q).replace("[200]", "[1099511627776, 1099511627776]");
+                    m.insert(key.into(), RawTensor::u8(vec![j.len()], j.into_bytes()));
+                }),
+            ),
+            (
+                "quant_type",
+                Box::new(|m| {
+                    let j = r#"{"quant_type": "fp4", "blocksize": 64}"#;
+                    m.insert(
+                        key.into(),
+                        RawTensor::u8(vec![j.len()], j.as_bytes().to_vec()),
+                    );
+                }),
+            ),
+            (
+                "blocksize",
+                Box::new(|m| {
+                    let j = r#"{"quant_type": "nf4", "blocksize": 48, "dtype": "float32", "shape": [200], "nested_blocksize": 256, "nested_dtype": "float32", "nested_offset": 0.5}"#;
+                    m.insert(
+                        key.into(),
+                        RawTensor::u8(vec![j.len()], j.as_bytes().to_vec()),
+                    );
+                }),
+            ),
+            (
+                "quant state",
+                Box::new(|m| {
+                    m.insert(key.into(), RawTensor::u8(vec![3], b"{no".to_vec()));
+                }),
+            ),
+            (
+                "nested_blocksize",
+                Box::new(|m| {
+                    let j = r#"{"quant_type": "nf4", "blocksize": 64, "dtype": "float32", "shape": [200], "nested_blocksize": 0, "nested_dtype": "float32", "nested_offset": 0.5}"#;
+                    m.insert(
+                        key.into(),
+                        RawTensor::u8(vec![j.len()], j.as_bytes().to_vec()),
+                    );
+                }),
+            ),
+        ];
+        for (what, spoil) in cases {
+            let mut m = good.clone();
+            spoil(&mut m);
+            let e = read_four_bit(&m, "w").unwrap_err();
+            assert!(e.contains(what) || e.contains("block"), "{what}: {e}");
+        }
+    }
+
+    #[test]
+    fn python_float_repr_is_pythons() {
+        for (x, want) in [
+            (0.524048924446106f64, "0.524048924446106"),
+            (0.5, "0.5"),
+            (1.0, "1.0"),
+            (123456.0, "123456.0"),
+            (1e-05, "1e-05"),
+            (1.5e-05, "1.5e-05"),
+            (0.0001, "0.0001"),
+            (1e16, "1e+16"),
+            (1234567890123456.0, "1234567890123456.0"),
+            (-0.0123, "-0.0123"),
+            (0.1f32 as f64, "0.10000000149011612"),
+        ] {
+            assert_eq!(python_float_repr(x), want);
+        }
+    }
+
+    /// The tiny folder transformers quantized, loaded by ferrotune (dequantized to f32), against
+    /// transformers' own logits from the same folder.
+    #[test]
+    fn loaded_nf4_folder_matches_transformers_logits() {
+        let dir = tiny_dir("tiny-nf4-dq");
+        let cfg = config_from_hf_dir(&dir).unwrap();
+        let src = SafetensorsSource::open(&dir, &LoadOptions::default(), &Device::Cpu).unwrap();
+        let model = Llama::load(&src, &cfg).unwrap();
+        let f = Fixture::open("tiny-nf4-dq.logits.safetensors");
+        let ids: Vec<u32> = f.i64s("ids").iter().map(|&i| i as u32).collect();
+        let want = f.f32s("logits");
+        let t = Tensor::new(ids.as_slice(), &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let got: Vec<f32> = model
+            .forward(&t, None)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert_eq!(got.len(), want.len());
+        let worst = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        eprintln!("max |logit - transformers| on the NF4 folder: {worst:e}");
+        assert!(worst < 1e-4, "{worst}");
+        // The dequantized weights are bnb's exactly.
+        let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
+        let st = SafeTensors::deserialize(&bytes).unwrap();
+        let q = read_four_bit(&st, "model.layers.1.mlp.down_proj.weight").unwrap();
+        let w: Vec<f32> = model.layers[1]
+            .mlp
+            .down_proj
+            .weight()
+            .to_dense_f32()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert_bits("down_proj", &w, &q.dequantize());
+    }
+}
