@@ -64,6 +64,10 @@ def ferrotune(*args):
     return run([EXE, *args])
 
 
+def log(*a):
+    print(*a, flush=True)
+
+
 _SILENT = None
 
 
@@ -83,8 +87,10 @@ def silence_llama_cpp():
 
 def quiet_llama(path, n_ctx, logits_all=False):
     import llama_cpp
+    # An f32 KV cache, as ferrotune keeps it (llama.cpp's default is f16).
     return llama_cpp.Llama(model_path=path, n_ctx=n_ctx, n_batch=n_ctx, n_threads=os.cpu_count(),
-                           logits_all=logits_all, verbose=False)
+                           logits_all=logits_all, type_k=llama_cpp.GGML_TYPE_F32,
+                           type_v=llama_cpp.GGML_TYPE_F32, verbose=False)
 
 
 def llama_quantize(src, dst, ftype):
@@ -113,44 +119,67 @@ def compare_bytes(ours, theirs):
 
 
 def llama_greedy(path, prompt, n_new):
-    m = quiet_llama(path, 1024)
+    """llama.cpp's greedy tokens, their text, and per step the text length so far and the gap
+    between the two largest logits (how close the step was to a tie)."""
+    # logits_all: without it llama-cpp-python 0.3.36 leaves `scores` zero after eval.
+    m = quiet_llama(path, 512, logits_all=True)
     toks = m.tokenize(prompt.encode(), add_bos=False, special=True)
     m.eval(toks)
-    out = []
+    out, ends, gaps = [], [], []
     for _ in range(n_new):
-        nxt = int(np.argmax(m.scores[m.n_tokens - 1]))
+        row = np.asarray(m.scores[m.n_tokens - 1])
+        top2 = np.sort(row)[-2:]
+        nxt = int(np.argmax(row))
         out.append(nxt)
+        gaps.append(float(top2[1] - top2[0]))
+        ends.append(len(m.detokenize(out).decode("utf-8", errors="replace")))
         m.eval([nxt])
-    return toks, out, m.detokenize(out).decode("utf-8", errors="replace")
+    return toks, out, m.detokenize(out).decode("utf-8", errors="replace"), ends, gaps
 
 
-def ferrotune_greedy(model, prompt, n_new, adapter=None):
+def ferrotune_greedy(model, prompt, n_new, adapter=None, act_bits=None):
+    """ferrotune's greedy text for n_new + 1 tokens (its streaming text holds back the end of
+    the last token, so one more makes the first n_new complete)."""
     extra = ["--adapter", adapter] if adapter else []
-    out, _ = ferrotune("generate", "--model", model, "--prompt", prompt, "--max-new-tokens", str(n_new),
-                       "--ignore-eos", "--json", *extra)
+    env = dict(os.environ)
+    if act_bits:
+        env["FERROTUNE_ACT_BITS"] = str(act_bits)
+    out, _ = run([EXE, "generate", "--model", model, "--prompt", prompt, "--max-new-tokens", str(n_new + 1),
+                  "--ignore-eos", "--json", *extra], env=env)
     return json.loads(out.stdout)["text"]
 
 
-def greedy_table(label, files, n_new, adapter_model=None, adapter=None):
-    """files: llama.cpp runs each; ferrotune runs adapter_model+adapter if given, else the same file."""
+def greedy_table(label, files, n_new, adapter_model=None, adapter=None, act_bits=(16, 8)):
+    """llama.cpp runs each of `files`; ferrotune runs adapter_model + adapter if given, else the
+    same file, once per activation precision. Identical: llama.cpp's text of n_new tokens is a
+    prefix of ferrotune's (n_new + 1 tokens)."""
     rows = []
     for q in QUESTIONS:
         p = chat(q)
         for f in files:
-            _, ids, lt = llama_greedy(f, p, n_new)
-            ft = ferrotune_greedy(adapter_model or f, p, n_new, adapter)
-            same = lt == ft
-            first = next((i for i, (x, y) in enumerate(zip(lt, ft)) if x != y), min(len(lt), len(ft)))
-            rows.append({"file": os.path.basename(f), "prompt": q[:40], "identical": same,
-                         "first_diff_char": None if same else first, "llama_cpp": lt, "ferrotune": ft})
-    n_same = sum(r["identical"] for r in rows)
-    print(f"\n[{label}] greedy {n_new} tokens: {n_same}/{len(rows)} identical")
+            _, ids, lt, ends, gaps = llama_greedy(f, p, n_new)
+            for bits in act_bits:
+                ft = ferrotune_greedy(adapter_model or f, p, n_new, adapter, bits)
+                same = ft.startswith(lt)
+                c = next((i for i, (x, y) in enumerate(zip(lt, ft)) if x != y), min(len(lt), len(ft)))
+                step = next((k for k, e in enumerate(ends) if e > c), len(ends) - 1)
+                rows.append({"file": os.path.basename(f), "act_bits": bits, "prompt": q[:40], "identical": same,
+                             "first_diff_char": None if same else c,
+                             "first_diff_token": None if same else step,
+                             "llama_cpp_top2_gap_there": None if same else gaps[step],
+                             "llama_cpp_min_gap": min(gaps), "llama_cpp": lt, "ferrotune": ft})
+    log(f"\n[{label}] greedy, first {n_new} tokens:")
+    for bits in act_bits:
+        for f in files:
+            sel = [r for r in rows if r["act_bits"] == bits and r["file"] == os.path.basename(f)]
+            log(f"  {os.path.basename(f)}, ferrotune activations {bits}-bit: {sum(r['identical'] for r in sel)}/{len(sel)} identical")
     for r in rows:
         if not r["identical"]:
             c = r["first_diff_char"]
-            print(f"  {r['file']} / {r['prompt']!r}: first difference at char {c}:\n"
-                  f"    llama.cpp: {r['llama_cpp'][max(0, c - 30):c + 40]!r}\n"
-                  f"    ferrotune: {r['ferrotune'][max(0, c - 30):c + 40]!r}")
+            log(f"  {r['file']} ({r['act_bits']}-bit) / {r['prompt']!r}: first difference at token {r['first_diff_token']} "
+                f"(llama.cpp's top-2 logit gap there {r['llama_cpp_top2_gap_there']:.3f}):\n"
+                f"    llama.cpp: {r['llama_cpp'][max(0, c - 30):c + 40]!r}\n"
+                f"    ferrotune: {r['ferrotune'][max(0, c - 30):c + 40]!r}")
     return rows
 
 
@@ -214,7 +243,7 @@ seed = 7
     if os.path.isdir(os.path.join(run_dir, "adapter")):
         return os.path.join(run_dir, "adapter")
     _, dt = ferrotune("train", "--config", cfg)
-    print(f"trained a LoRA adapter ({steps} steps, {dt:.0f} s): {run_dir}/adapter")
+    log(f"trained a LoRA adapter ({steps} steps, {dt:.0f} s): {run_dir}/adapter")
     return os.path.join(run_dir, "adapter")
 
 
@@ -236,31 +265,32 @@ def main():
     w = lambda n: os.path.join(a.work, n)
     import llama_cpp
     silence_llama_cpp()
-    print(f"llama-cpp-python {llama_cpp.__version__}; source {a.hf}")
+    log(f"llama-cpp-python {llama_cpp.__version__}; source {a.hf}")
 
     # 1. exports.
     results = {"exports": {}}
-    for to in ["f16", "q8_0", "q4_k_m"]:
+    for to in ["f32", "f16", "q8_0", "q4_k_m"]:
         out, dt = ferrotune("quantize", "--model", a.hf, "--to", to, "--out", w(f"ours-{to}.gguf"), "--overwrite")
-        print(f"\n$ ferrotune quantize --model {a.hf} --to {to} --out {w(f'ours-{to}.gguf')}  ({dt:.1f} s)\n{out.stdout.strip()}")
+        log(f"\n$ ferrotune quantize --model {a.hf} --to {to} --out {w(f'ours-{to}.gguf')}  ({dt:.1f} s)\n{out.stdout.strip()}")
         results["exports"][to] = {"bytes": os.path.getsize(w(f"ours-{to}.gguf")), "seconds": dt}
     ftypes = {"q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, "q4_k_m": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M}
     for to, ft in ftypes.items():
         t0 = time.perf_counter()
         llama_quantize(w("ours-f16.gguf"), w(f"llamacpp-{to}.gguf"), ft)
-        print(f"llama_model_quantize(ours-f16.gguf -> llamacpp-{to}.gguf, ftype {ft}): {time.perf_counter() - t0:.1f} s, "
+        log(f"llama_model_quantize(ours-f16.gguf -> llamacpp-{to}.gguf, ftype {ft}): {time.perf_counter() - t0:.1f} s, "
               f"{os.path.getsize(w(f'llamacpp-{to}.gguf'))} bytes (ours from f32: {os.path.getsize(w(f'ours-{to}.gguf'))})")
         ferrotune("quantize", "--model", w("ours-f16.gguf"), "--to", to, "--out", w(f"ours-{to}-from-f16.gguf"), "--overwrite")
         results["exports"][to]["bytes_vs_llamacpp_from_same_f16"] = c = compare_bytes(w(f"ours-{to}-from-f16.gguf"), w(f"llamacpp-{to}.gguf"))
-        print(f"  {to}: same f16 input -> tensors with llama.cpp's type {c['same_type']}/{c['tensors']}, "
+        log(f"  {to}: same f16 input -> tensors with llama.cpp's type {c['same_type']}/{c['tensors']}, "
               f"identical bytes {c['same_bytes']}/{c['tensors']} {c['differing'] or ''}")
         results["exports"][to]["bytes_vs_llamacpp_ours_from_f32"] = c = compare_bytes(w(f"ours-{to}.gguf"), w(f"llamacpp-{to}.gguf"))
-        print(f"  {to}: ours from the f32 folder -> same type {c['same_type']}/{c['tensors']}, identical bytes "
+        log(f"  {to}: ours from the f32 folder -> same type {c['same_type']}/{c['tensors']}, identical bytes "
               f"{c['same_bytes']}/{c['tensors']} (f32 vs f16-rounded input)")
 
     # 2. greedy text, same file both engines.
     if "greedy" not in skip:
-        results["greedy"] = greedy_table("ours q8_0 / q4_k_m, llama.cpp vs ferrotune", [w("ours-q8_0.gguf"), w("ours-q4_k_m.gguf")], a.new)
+        results["greedy"] = greedy_table("same file, llama.cpp vs ferrotune",
+                                         [w("ours-f32.gguf"), w("ours-q8_0.gguf"), w("ours-q4_k_m.gguf")], a.new)
 
     # 3. perplexity.
     if "ppl" not in skip:
@@ -269,7 +299,7 @@ def main():
         with open(tf, "w") as f:
             f.write(text)
         results["perplexity"] = {}
-        print(f"\nperplexity: DialogSum dev, first {a.dialogues} rows, windows of {a.ctx} tokens, no overlap")
+        log(f"\nperplexity: DialogSum dev, first {a.dialogues} rows, windows of {a.ctx} tokens, no overlap")
         for to in ["q8_0", "q4_k_m"]:
             m = quiet_llama(w(f"ours-{to}.gguf"), a.ctx)
             ids = m.tokenize(text.encode(), add_bos=False, special=False)
@@ -281,12 +311,12 @@ def main():
                  "llama_cpp_on_llamacpp_quant": theirs_lc, "ratio_ours_vs_llamacpp_quant": ours_lc / theirs_lc,
                  "ferrotune_on_ours": ours_ft, "ratio_ferrotune_vs_llama_cpp_same_file": ours_ft / ours_lc}
             results["perplexity"][to] = r
-            print(f"  {to}: llama.cpp on our file {ours_lc:.4f} | llama.cpp on its own quantization {theirs_lc:.4f} "
+            log(f"  {to}: llama.cpp on our file {ours_lc:.4f} | llama.cpp on its own quantization {theirs_lc:.4f} "
                   f"| ratio {ours_lc / theirs_lc:.4f}   ({n} tokens scored)")
-            print(f"  {to}: ferrotune on our file {ours_ft:.4f} ({n_ft} tokens) | ratio to llama.cpp on the same file {ours_ft / ours_lc:.4f}")
+            log(f"  {to}: ferrotune on our file {ours_ft:.4f} ({n_ft} tokens) | ratio to llama.cpp on the same file {ours_ft / ours_lc:.4f}")
         f16_lc, _ = llama_ppl(w("ours-f16.gguf"), ids, a.ctx)
         results["perplexity"]["f16_llama_cpp"] = f16_lc
-        print(f"  f16: llama.cpp on our f16 file {f16_lc:.4f}")
+        log(f"  f16: llama.cpp on our f16 file {f16_lc:.4f}")
 
     # 4. LoRA merged to GGUF.
     if "lora" not in skip:
@@ -294,12 +324,13 @@ def main():
         for q in ["f32", "q8_0"]:
             out, dt = ferrotune("merge", "--model", a.hf, "--adapter", adapter, "--format", "gguf", "--quant", q,
                                 "--out", w(f"lora-{q}.gguf"), "--overwrite")
-            print(f"\n$ ferrotune merge --model {a.hf} --adapter {adapter} --format gguf --quant {q} --out {w(f'lora-{q}.gguf')} ({dt:.1f} s)")
+            log(f"\n$ ferrotune merge --model {a.hf} --adapter {adapter} --format gguf --quant {q} --out {w(f'lora-{q}.gguf')} ({dt:.1f} s)")
         results["lora"] = greedy_table("LoRA: llama.cpp on the merged GGUF vs ferrotune generate --adapter (f32 base)",
-                                       [w("lora-f32.gguf"), w("lora-q8_0.gguf")], a.new, adapter_model=a.hf, adapter=adapter)
+                                       [w("lora-f32.gguf"), w("lora-q8_0.gguf")], a.new, adapter_model=a.hf, adapter=adapter,
+                                       act_bits=(16,))
     with open(w("results.json"), "w") as f:
         json.dump(results, f, indent=1)
-    print(f"\nresults: {w('results.json')}")
+    log(f"\nresults: {w('results.json')}")
 
 
 if __name__ == "__main__":
