@@ -1464,6 +1464,10 @@ struct QuantizeArgs {
     /// `general.name` in the file (default: the source's name).
     #[arg(long)]
     name: Option<String>,
+    /// nf4 / fp4: store the block absmaxes double-quantized (8-bit codes around their mean),
+    /// transformers' `bnb_4bit_use_double_quant`.
+    #[arg(long = "double-quant", action = clap::ArgAction::Set, value_name = "true|false")]
+    double_quant: Option<bool>,
 }
 
 #[derive(Args)]
@@ -1857,10 +1861,10 @@ fn run_quantize(a: QuantizeArgs) -> Result<()> {
     use ferrotune::export::gguf::{self, GgufExportOptions, Preset};
     let to = a.to.trim().to_ascii_lowercase();
     if matches!(to.as_str(), "nf4" | "fp4" | "int8") {
-        bail!(
-            "--to {to}: the bitsandbytes HF-folder export is not available yet; GGUF types: {}",
-            Preset::ALL.map(Preset::name).join(", ")
-        );
+        return run_quantize_bnb(&a, &to);
+    }
+    if a.double_quant.is_some() {
+        bail!("--double-quant: only for the bitsandbytes targets nf4 and fp4 (--to {to})");
     }
     let preset = Preset::parse(&a.to).map_err(|e| anyhow!("--to: {e}"))?;
     if let Some(d) = &a.adapter {
@@ -1884,6 +1888,60 @@ fn run_quantize(a: QuantizeArgs) -> Result<()> {
     };
     let report = gguf::write_gguf(&lm, &a.out, &opts)?;
     println!("{}", report.summary());
+    Ok(())
+}
+
+/// `quantize --to nf4|fp4|int8`: an HF folder in bitsandbytes' layout, as transformers saves a
+/// model loaded with `BitsAndBytesConfig` (every linear but the LM head quantized).
+fn run_quantize_bnb(a: &QuantizeArgs, to: &str) -> Result<()> {
+    use ferrotune::quant::bnb::{
+        hf::{BnbFormat, BnbSpec},
+        FourBitKind,
+    };
+    let format = match FourBitKind::parse(to) {
+        Some(k) => BnbFormat::FourBit(k),
+        None => BnbFormat::Int8,
+    };
+    if format == BnbFormat::Int8 && a.double_quant == Some(true) {
+        bail!("--double-quant true: only for nf4 and fp4 (int8 has one scale per row)");
+    }
+    if a.name.is_some() {
+        bail!("--name: only for GGUF outputs (--to {to} writes an HF folder)");
+    }
+    if a.out.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) {
+        bail!(
+            "--out {}: --to {to} writes a Hugging Face folder (bitsandbytes layout), not a GGUF file",
+            a.out.display()
+        );
+    }
+    if let Some(d) = &a.adapter {
+        input_dir("--adapter", d)?;
+    }
+    let mut inputs = model_inputs(&a.m.model, None);
+    if let Some(d) = &a.adapter {
+        inputs.push(Input::new("the --adapter folder", d));
+    }
+    fsutil::check_output_dir(&a.out, "--out", a.overwrite, &inputs)?;
+    let mut lm = load(&a.m)?;
+    inputs.push(Input::new("the --model", lm.source.path()));
+    fsutil::check_output_dir(&a.out, "--out", a.overwrite, &inputs)?;
+    if let Some(d) = &a.adapter {
+        fold_adapter(&mut lm, d, "quantize")?;
+    }
+    let spec = BnbSpec {
+        format,
+        double_quant: a.double_quant.unwrap_or(false),
+        blocksize: 64,
+    };
+    let n = ferrotune::quant::bnb::hf::quantize_targets(&*lm.model).len();
+    fsutil::replace_dir(&a.out, |dir| {
+        ferrotune::quant::bnb::hf::write_hf_folder(&lm, dir, &spec)
+    })?;
+    info!(
+        "quantized {n} linear weights to {to}{}; wrote {}",
+        if spec.double_quant { " (double quant)" } else { "" },
+        a.out.display()
+    );
     Ok(())
 }
 

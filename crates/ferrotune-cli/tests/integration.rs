@@ -5,6 +5,7 @@
 mod bad_flags;
 mod bad_input;
 mod bad_model;
+mod bnb_cli;
 mod classify;
 mod cli_success;
 mod compare_cli;
