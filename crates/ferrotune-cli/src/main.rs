@@ -267,7 +267,7 @@ struct PlanArgs {
     model: Option<String>,
     /// Parameter count instead of a model: 7e9, 7B, 135M (a LLaMA-style shape is derived
     /// unless the shape flags give it).
-    #[arg(long, allow_negative_numbers = true)]
+    #[arg(long, allow_hyphen_values = true)]
     params: Option<String>,
     /// Shape with --params: transformer layers.
     #[arg(long, allow_negative_numbers = true)]
@@ -327,11 +327,11 @@ struct PlanArgs {
     #[arg(long, default_value = "flash")]
     attention: String,
     /// Training tokens, e.g. 1.4e12 or 2B (default: one step).
-    #[arg(long, allow_negative_numbers = true)]
+    #[arg(long, allow_hyphen_values = true)]
     tokens: Option<String>,
     /// A FLOP budget, e.g. 1e21: Chinchilla's compute-optimal parameters and tokens for it
     /// (alone, without a model, prints just that).
-    #[arg(long, allow_negative_numbers = true)]
+    #[arg(long, allow_hyphen_values = true)]
     flops_budget: Option<String>,
     /// Model FLOPs utilization assumed for the time estimate.
     #[arg(long, default_value_t = ferrotune::plan::DEFAULT_MFU, allow_negative_numbers = true)]

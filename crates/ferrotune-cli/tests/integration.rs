@@ -15,6 +15,7 @@ mod file_safety;
 mod gguf_cli;
 mod model_interface;
 mod peft_families_cli;
+mod plan_cli;
 mod support;
 mod t5_cli;
 mod task_fit;
