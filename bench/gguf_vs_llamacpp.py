@@ -17,7 +17,8 @@ tools on SmolLM2-135M, in one run:
    `ferrotune merge --format gguf --quant q8_0` (and f32) run in llama.cpp, against
    `ferrotune generate --adapter` on the f32 base, greedy.
 
-    .venv/bin/python bench/gguf_vs_llamacpp.py [--hf DIR] [--work DIR] [--adapter DIR]
+    .venv/bin/python bench/gguf_vs_llamacpp.py [--hf DIR] [--work DIR] [--adapter DIR] [--all-presets]
+        [--skip greedy,ppl,lora]
 
 Needs a release build (`cargo build --release -p ferrotune-cli`), the SmolLM2 HF folder
 (`scripts/convert-smollm2-hf.sh`), llama-cpp-python in .venv (`scripts/setup-reference.sh`) and
@@ -257,6 +258,8 @@ def main():
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--dialogues", type=int, default=20, help="DialogSum validation rows in the text")
     ap.add_argument("--skip", default="", help="comma list of parts to skip: greedy,ppl,lora")
+    ap.add_argument("--all-presets", action="store_true",
+                    help="also compare the bytes of q4_0 q4_1 q5_0 q5_1 q5_k_m q6_k bf16 with llama.cpp's")
     a = ap.parse_args()
     skip = set(filter(None, a.skip.split(",")))
     if not os.path.exists(EXE):
@@ -286,6 +289,16 @@ def main():
         results["exports"][to]["bytes_vs_llamacpp_ours_from_f32"] = c = compare_bytes(w(f"ours-{to}.gguf"), w(f"llamacpp-{to}.gguf"))
         log(f"  {to}: ours from the f32 folder -> same type {c['same_type']}/{c['tensors']}, identical bytes "
               f"{c['same_bytes']}/{c['tensors']} (f32 vs f16-rounded input)")
+
+    # The other presets: bytes only (from the same f16 file).
+    if a.all_presets:
+        for to, ft in [("q4_0", 2), ("q4_1", 3), ("q5_0", 8), ("q5_1", 9), ("q5_k_m", 17), ("q6_k", 18), ("bf16", 32)]:
+            llama_quantize(w("ours-f16.gguf"), w(f"llamacpp-{to}.gguf"), ft)
+            ferrotune("quantize", "--model", w("ours-f16.gguf"), "--to", to, "--out", w(f"ours-{to}-from-f16.gguf"), "--overwrite")
+            c = compare_bytes(w(f"ours-{to}-from-f16.gguf"), w(f"llamacpp-{to}.gguf"))
+            results["exports"][to] = {"bytes_vs_llamacpp_from_same_f16": c}
+            log(f"  {to}: same f16 input -> llama.cpp's type {c['same_type']}/{c['tensors']}, identical bytes "
+                f"{c['same_bytes']}/{c['tensors']} {c['differing'] or ''}")
 
     # 2. greedy text, same file both engines.
     if "greedy" not in skip:
