@@ -16,6 +16,7 @@ import pathlib
 import subprocess
 import sys
 import tempfile
+import warnings
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
@@ -23,6 +24,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 BIN = ROOT / "target" / "release" / "ferrotune"
 
+warnings.filterwarnings("ignore", message="MatMul8bitLt")  # once per int8 matmul otherwise
 torch.set_num_threads(1)  # the double-quant offset is a torch.mean: one thread, as ferrotune
 
 

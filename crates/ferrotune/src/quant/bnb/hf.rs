@@ -504,7 +504,7 @@ impl BnbIndex {
         &self,
         name: &str,
         st: &dyn TensorBytes,
-    ) -> std::result::Result<Option<(Vec<f32>, Vec<usize>)>, String> {
+    ) -> std::result::Result<Option<Dequantized>, String> {
         match self.entries.get(name) {
             None => Ok(None),
             Some(Entry::FourBit) => {
@@ -519,6 +519,9 @@ impl BnbIndex {
         }
     }
 }
+
+/// Dequantized values and their shape.
+pub type Dequantized = (Vec<f32>, Vec<usize>);
 
 /// The format `ferrotune quantize` writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -224,13 +224,7 @@ fn clamp_min_1e38(x: f32) -> f32 {
 
 /// `torch.clamp(x, -1, 1)` (NaN stays NaN).
 fn clamp_unit(x: f32) -> f32 {
-    if x < -1.0 {
-        -1.0
-    } else if x > 1.0 {
-        1.0
-    } else {
-        x
-    }
+    x.clamp(-1.0, 1.0)
 }
 
 /// `max |x|` as torch's `abs().max()`: NaN if any value is NaN.
@@ -329,7 +323,7 @@ pub fn quantize_4bit(
             let scaled = clamp_unit(if full { x * recip } else { x / stored });
             let q = order[bucketize(scaled, &bounds) as usize];
             let i = b * blocksize + j;
-            packed[i / 2] |= if i % 2 == 0 { q << 4 } else { q };
+            packed[i / 2] |= if i.is_multiple_of(2) { q << 4 } else { q };
         }
     }
     if n % 2 == 1 {
@@ -411,13 +405,7 @@ pub fn quantize_blockwise_cpu(
         for &v in block {
             let c = v * inv;
             // std::clamp(c, -1, 1) keeps NaN.
-            let c = if c < -1.0 {
-                -1.0
-            } else if c > 1.0 {
-                1.0
-            } else {
-                c
-            };
+            let c = c.clamp(-1.0, 1.0);
             // The compiled kernel: vaddss, vmulss 0.5, vfmadd (…, 65535, 0.5), vcvttss2si, low
             // 16 bits (NaN gives 0x80000000, whose low bits are 0, as `as i32` gives 0).
             let f = ((c + 1.0f32) * 0.5f32).mul_add(65535.0f32, 0.5f32);
@@ -495,6 +483,7 @@ fn ceil_log2(x: usize) -> usize {
     }
 }
 
+#[allow(clippy::needless_range_loop)] // indexed as SumKernel.cpp indexes it
 /// `multi_row_sum` of SumKernel.cpp: four levels of partial sums, each level flushed into the
 /// next every `2^level_power` items.
 fn multi_row_sum<const L: usize, const NR: usize>(
@@ -637,7 +626,7 @@ impl FourBit {
     /// The code of element `i`.
     pub fn code_at(&self, i: usize) -> u8 {
         let b = self.packed[i / 2];
-        if i % 2 == 0 {
+        if i.is_multiple_of(2) {
             b >> 4
         } else {
             b & 0x0f

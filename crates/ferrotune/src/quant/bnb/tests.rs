@@ -306,7 +306,10 @@ mod folders {
     }
 
     /// The f32 tiny model's tensors, and the linears transformers quantizes in it.
-    fn f32_tensors() -> (Vec<(String, Vec<usize>, Vec<f32>)>, HashSet<String>) {
+    type NamedTensors = Vec<(String, Vec<usize>, Vec<f32>)>;
+    type Spoil = Box<dyn Fn(&mut BTreeMap<String, RawTensor>)>;
+
+    fn f32_tensors() -> (NamedTensors, HashSet<String>) {
         let st = read_folder(&f32_source());
         let mut targets = HashSet::new();
         let tensors = st
@@ -443,7 +446,7 @@ mod folders {
         let q = quantize_4bit(&input, &[200], FourBitKind::Nf4, 64, true).unwrap();
         let good: BTreeMap<String, RawTensor> = four_bit_tensors("w", &q).into_iter().collect();
         let key = "w.quant_state.bitsandbytes__nf4";
-        let cases: Vec<(&str, Box<dyn Fn(&mut BTreeMap<String, RawTensor>)>)> = vec![
+        let cases: Vec<(&str, Spoil)> = vec![
             (
                 "absmax",
                 Box::new(|m| {
