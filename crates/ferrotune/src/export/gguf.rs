@@ -465,10 +465,10 @@ fn model_metadata(cfg: &LlamaConfig, name: &str, preset: Preset) -> Result<Vec<(
 }
 
 /// Metadata keys to write, and the `tokenizer.ggml.pre` among them.
-type TokenizerKeys = (Vec<(String, Value)>, Option<String>);
+pub type TokenizerKeys = (Vec<(String, Value)>, Option<String>);
 
 /// The tokenizer keys of a GGUF source, unchanged, and its `tokenizer.ggml.pre`.
-fn tokenizer_from_gguf(path: &Path) -> Result<TokenizerKeys> {
+pub fn tokenizer_from_gguf(path: &Path) -> Result<TokenizerKeys> {
     let ct = crate::model::gguf::read_header(path)?;
     let mut keys: Vec<(String, Value)> = ct
         .metadata
@@ -781,14 +781,38 @@ pub fn check_output(path: &Path, overwrite: bool, inputs: &[fsutil::Input]) -> R
 pub fn write_gguf(lm: &LoadedModel, out: &Path, opts: &GgufExportOptions) -> Result<ExportReport> {
     let inputs = [fsutil::Input::new("the --model", lm.source.path())];
     check_output(out, opts.overwrite, &inputs)?;
-    let llama = lm.model.as_any().downcast_ref::<Llama>().ok_or_else(|| {
+    let cfg = &llama_of(lm)?.cfg;
+    // Tokenizer first: a source we cannot describe fails before minutes of quantization.
+    let tokenizer = match &lm.source {
+        ModelSource::Gguf(p) => tokenizer_from_gguf(p)?,
+        ModelSource::HfDir(d) => tokenizer_from_hf(d, cfg.vocab_size, lm.tokenizer.add_bos())?,
+    };
+    write_gguf_with_tokenizer(lm, out, opts, tokenizer)
+}
+
+/// The LLaMA model inside `lm`, or a one-line refusal of other families.
+fn llama_of(lm: &LoadedModel) -> Result<&Llama> {
+    lm.model.as_any().downcast_ref::<Llama>().ok_or_else(|| {
         Error::msg(format!(
             "{}: a {} model: GGUF export writes LLaMA-family decoders (llama, mistral) only",
             lm.source.path().display(),
             lm.model.family()
         ))
-    })?;
-    let cfg = &llama.cfg;
+    })
+}
+
+/// [`write_gguf`] with the tokenizer keys given (`tokenizer.*` metadata and the `pre` among them)
+/// rather than read from the model's source: for a model whose source has no tokenizer we can
+/// describe. The output path is checked as [`write_gguf`] checks it.
+pub fn write_gguf_with_tokenizer(
+    lm: &LoadedModel,
+    out: &Path,
+    opts: &GgufExportOptions,
+    tokenizer: TokenizerKeys,
+) -> Result<ExportReport> {
+    let inputs = [fsutil::Input::new("the --model", lm.source.path())];
+    check_output(out, opts.overwrite, &inputs)?;
+    let cfg = &llama_of(lm)?.cfg;
     if cfg.architecture == "Qwen2ForCausalLM" || cfg.qkv_bias || cfg.mlp_bias {
         return Err(Error::msg(format!(
             "{}: {} (biases on the projections) is not exported to GGUF yet: only LLaMA/Mistral layouts are",
@@ -800,11 +824,7 @@ pub fn write_gguf(lm: &LoadedModel, out: &Path, opts: &GgufExportOptions) -> Res
         return Err(Error::msg(format!("head_dim {} is not even", cfg.head_dim)));
     }
 
-    // Tokenizer (first: a source we cannot describe fails before minutes of quantization).
-    let (tok_keys, pre) = match &lm.source {
-        ModelSource::Gguf(p) => tokenizer_from_gguf(p)?,
-        ModelSource::HfDir(d) => tokenizer_from_hf(d, cfg.vocab_size, lm.tokenizer.add_bos())?,
-    };
+    let (tok_keys, pre) = tokenizer;
     let name = match &opts.name {
         Some(n) => n.clone(),
         None => source_name(&lm.source),

@@ -419,3 +419,66 @@ fn pre_tokenizers_are_told_apart_or_refused() {
         None
     );
 }
+
+/// PEFT's LoRA adapter for the tiny GQA model, merged and exported: the GGUF read back gives the
+/// logits of the base with the adapter attached (f32: to rounding; q8_0: within its precision).
+/// The tiny folder has no tokenizer, so the tiny GGUF's (same 256-token vocabulary) is written.
+#[test]
+fn merged_lora_exported_to_gguf_gives_the_adapter_logits() {
+    let dir = repo("tests/fixtures/models/tiny-llama-gqa-untied");
+    let donor = load(&repo("tests/fixtures/gguf/tiny-llama3-rope-freqs.gguf"));
+    let cfg = crate::model::config_from_hf_dir(&dir).unwrap();
+    let src =
+        crate::model::weights::SafetensorsSource::open(&dir, &LoadOptions::default(), &Device::Cpu)
+            .unwrap();
+    let mut lm = LoadedModel {
+        model: Box::new(Llama::load(&src, &cfg).unwrap()),
+        tokenizer: donor.tokenizer,
+        source: ModelSource::HfDir(dir.clone()),
+        file_bytes: 0,
+    };
+    let ids: Vec<u32> = vec![1, 17, 42, 99, 3, 250, 128, 7];
+    let base = logits(&lm, &ids);
+    crate::peft::load_adapter(
+        &mut *lm.model,
+        &repo("tests/fixtures/peft/tiny-lora-peft"),
+        "default",
+    )
+    .unwrap();
+    let with_adapter = logits(&lm, &ids);
+    let moved = base
+        .iter()
+        .zip(&with_adapter)
+        .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+    assert!(moved > 1e-3, "the adapter changes the logits ({moved})");
+    crate::peft::merge_and_unload(&mut *lm.model, "default").unwrap();
+    let scale = with_adapter.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let out_dir = tmp("lora");
+    for (preset, tol) in [(Preset::F32, 1e-5), (Preset::Q8_0, 6e-2)] {
+        let out = out_dir.join(format!("merged-{}.gguf", preset.name()));
+        let tok =
+            tokenizer_from_gguf(&repo("tests/fixtures/gguf/tiny-llama3-rope-freqs.gguf")).unwrap();
+        let opts = GgufExportOptions {
+            preset,
+            name: Some("tiny-lora".into()),
+            overwrite: false,
+        };
+        write_gguf_with_tokenizer(&lm, &out, &opts, tok).unwrap();
+        let back = load_with(
+            &out,
+            &LoadOptions {
+                dequantize: true,
+                ..Default::default()
+            },
+        );
+        let got = logits(&back, &ids);
+        let err = with_adapter
+            .iter()
+            .zip(&got)
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(
+            err <= tol * scale,
+            "{preset:?}: max |diff| {err} vs the adapter's logits (scale {scale})"
+        );
+    }
+}
