@@ -173,3 +173,78 @@ fn quantize_bnb_refuses_bad_flags() {
     assert!(e.contains("--double-quant"), "{e}");
     assert!(!out.exists());
 }
+
+/// A LoRA adapter on both layers' q_proj of the tiny model, in PEFT's file layout.
+fn lora_adapter(dir: &Path) -> std::path::PathBuf {
+    let d = dir.join("adapter");
+    std::fs::create_dir_all(&d).unwrap();
+    let cfg = serde_json::json!({
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 2, "lora_alpha": 4,
+        "target_modules": ["q_proj"], "lora_dropout": 0.0, "bias": "none",
+        "fan_in_fan_out": false, "modules_to_save": null, "base_model_name_or_path": null
+    });
+    std::fs::write(d.join("adapter_config.json"), cfg.to_string()).unwrap();
+    let mut tensors = Vec::new();
+    for layer in 0..2 {
+        let p = format!("base_model.model.model.layers.{layer}.self_attn.q_proj");
+        let a: Vec<f32> = (0..2 * 64)
+            .map(|i| ((i * 7 + layer) % 13) as f32 * 0.01 - 0.06)
+            .collect();
+        let b: Vec<f32> = (0..64 * 2)
+            .map(|i| ((i * 5 + layer) % 11) as f32 * 0.02 - 0.1)
+            .collect();
+        tensors.push((format!("{p}.lora_A.weight"), vec![2usize, 64], a));
+        tensors.push((format!("{p}.lora_B.weight"), vec![64usize, 2], b));
+    }
+    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
+        .into_iter()
+        .map(|(n, s, v)| (n, s, v.iter().flat_map(|x| x.to_le_bytes()).collect()))
+        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = bytes
+        .iter()
+        .map(|(n, s, b)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
+                    .unwrap(),
+            )
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, &d.join("adapter_model.safetensors")).unwrap();
+    d
+}
+
+/// `quantize --adapter A` is `merge` then `quantize`: the same bytes.
+#[test]
+fn quantize_with_an_adapter_merges_it_first() {
+    let dir = tmp("bnb-adapter");
+    let model = tiny_model(&dir, true);
+    let adapter = lora_adapter(&dir);
+    let with = dir.join("with");
+    quantize(
+        &model,
+        "nf4",
+        &["--adapter", adapter.to_str().unwrap()],
+        &with,
+    );
+    let merged = dir.join("merged");
+    succeeds(&[
+        "merge",
+        "--model",
+        model.to_str().unwrap(),
+        "--adapter",
+        adapter.to_str().unwrap(),
+        "--out",
+        merged.to_str().unwrap(),
+    ]);
+    let after = dir.join("after");
+    quantize(&merged, "nf4", &[], &after);
+    let without = dir.join("without");
+    quantize(&model, "nf4", &[], &without);
+    let read = |d: &Path| std::fs::read(d.join("model.safetensors")).unwrap();
+    assert!(
+        read(&with) == read(&after),
+        "quantize --adapter differs from merge + quantize"
+    );
+    assert!(read(&with) != read(&without), "the adapter changed nothing");
+}
