@@ -1790,7 +1790,10 @@ fn run_merge(a: MergeArgs) -> Result<()> {
         info!("{}", check.summary());
         (report, Some(check))
     } else {
-        (ferrotune::peft::merge_and_unload(&mut *lm.model, "merge")?, None)
+        (
+            ferrotune::peft::merge_and_unload(&mut *lm.model, "merge")?,
+            None,
+        )
     };
     if let Some(msg) = report.message() {
         info!("note: {msg}");
@@ -1812,7 +1815,7 @@ fn run_merge(a: MergeArgs) -> Result<()> {
             // beside the weights, so the merged folder says what merging cost
             let json = serde_json::to_string_pretty(c).map_err(ferrotune::Error::msg)?;
             std::fs::write(dir.join("merge_check.json"), json + "\n")
-                .map_err(|e| ferrotune::Error::file(&dir.join("merge_check.json"), e))?;
+                .map_err(|e| ferrotune::Error::file(dir.join("merge_check.json"), e))?;
         }
         Ok(())
     })?;
@@ -1908,7 +1911,10 @@ fn run_quantize_bnb(a: &QuantizeArgs, to: &str) -> Result<()> {
     if a.name.is_some() {
         bail!("--name: only for GGUF outputs (--to {to} writes an HF folder)");
     }
-    if a.out.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) {
+    if a.out
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+    {
         bail!(
             "--out {}: --to {to} writes a Hugging Face folder (bitsandbytes layout), not a GGUF file",
             a.out.display()
@@ -1939,7 +1945,11 @@ fn run_quantize_bnb(a: &QuantizeArgs, to: &str) -> Result<()> {
     })?;
     info!(
         "quantized {n} linear weights to {to}{}; wrote {}",
-        if spec.double_quant { " (double quant)" } else { "" },
+        if spec.double_quant {
+            " (double quant)"
+        } else {
+            ""
+        },
         a.out.display()
     );
     Ok(())

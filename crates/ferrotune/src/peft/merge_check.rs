@@ -102,7 +102,10 @@ fn compare(a: &[Vec<f32>], b: &[Vec<f32>]) -> (f64, f64, f64) {
         let argmax = |r: &[f32]| {
             r.iter()
                 .enumerate()
-                .fold((0, f32::NEG_INFINITY), |m, (i, &v)| if v > m.1 { (i, v) } else { m })
+                .fold(
+                    (0, f32::NEG_INFINITY),
+                    |m, (i, &v)| if v > m.1 { (i, v) } else { m },
+                )
                 .0
         };
         agree += usize::from(argmax(ra) == argmax(rb));

@@ -68,8 +68,7 @@ impl BaseQuant {
                 ..
             } => 4.0 + 32.0 / 64.0,
             BaseQuant::FourBit {
-                double_quant: true,
-                ..
+                double_quant: true, ..
             } => 4.0 + 8.0 / 64.0 + 32.0 / (64.0 * 256.0),
             BaseQuant::Int8 => 8.0,
             BaseQuant::Ggml(d) => d.type_size() as f64 * 8.0 / d.block_size() as f64,
@@ -130,15 +129,16 @@ pub fn four_bit_weight(q: bnb::FourBit) -> crate::Result<FourBitWeight> {
             nested_blocksize,
             nested_code,
         } => {
-            let code: Box<[f32; 256]> = nested_code
-                .into_boxed_slice()
-                .try_into()
-                .map_err(|v: Box<[f32]>| {
-                    crate::Error::msg(format!(
-                        "4-bit weight: the nested quant map has {} entries, expected 256",
-                        v.len()
-                    ))
-                })?;
+            let code: Box<[f32; 256]> =
+                nested_code
+                    .into_boxed_slice()
+                    .try_into()
+                    .map_err(|v: Box<[f32]>| {
+                        crate::Error::msg(format!(
+                            "4-bit weight: the nested quant map has {} entries, expected 256",
+                            v.len()
+                        ))
+                    })?;
             BlockScales::Nested {
                 codes,
                 code,
@@ -174,7 +174,10 @@ mod tests {
             BaseQuant::parse("NF4", true).unwrap().unwrap().name(),
             "nf4+dq"
         );
-        assert_eq!(BaseQuant::parse("q4_0", true).unwrap().unwrap().name(), "q4_0");
+        assert_eq!(
+            BaseQuant::parse("q4_0", true).unwrap().unwrap().name(),
+            "q4_0"
+        );
         let e = BaseQuant::parse("nf3", true).unwrap_err();
         assert!(e.contains("nf3") && e.contains("nf4"), "{e}");
     }
@@ -198,12 +201,24 @@ mod tests {
             let want = bnb::quantize_4bit(&wf, &[8, 128], kind, 64, dq)
                 .unwrap()
                 .dequantize();
-            let got = q.dequantize().unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let got = q
+                .dequantize()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
             assert_eq!(got, want, "{kind:?} dq={dq}");
         }
         let q = BaseQuant::Int8.quantize(&w).unwrap().unwrap();
         let want = bnb::quantize_int8(&wf, 8, 128).unwrap().dequantize();
-        let got = q.dequantize().unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let got = q
+            .dequantize()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
         assert_eq!(got, want);
     }
 
@@ -213,7 +228,10 @@ mod tests {
         let nf4 = BaseQuant::parse("nf4", true).unwrap().unwrap();
         assert!(nf4.quantize(&w).unwrap().is_none());
         assert!(BaseQuant::Int8.quantize(&w).unwrap().is_some());
-        assert!(BaseQuant::Ggml(GgmlDType::Q8_0).quantize(&w).unwrap().is_some());
+        assert!(BaseQuant::Ggml(GgmlDType::Q8_0)
+            .quantize(&w)
+            .unwrap()
+            .is_some());
     }
 
     #[test]

@@ -80,10 +80,7 @@ impl BlockScales {
     /// Checks the nested statistics cover `blocks` blocks.
     fn check(&self, blocks: usize) -> Result<(), String> {
         if self.len() != blocks {
-            return Err(format!(
-                "{} absmax values for {blocks} blocks",
-                self.len()
-            ));
+            return Err(format!("{} absmax values for {blocks} blocks", self.len()));
         }
         if let BlockScales::Nested {
             nested_absmax,
@@ -91,8 +88,7 @@ impl BlockScales {
             ..
         } = self
         {
-            if *nested_blocksize == 0 || nested_absmax.len() != blocks.div_ceil(*nested_blocksize)
-            {
+            if *nested_blocksize == 0 || nested_absmax.len() != blocks.div_ceil(*nested_blocksize) {
                 return Err(format!(
                     "{} nested absmax values for {blocks} blocks in groups of {nested_blocksize}",
                     nested_absmax.len()
@@ -189,11 +185,24 @@ impl FourBitWeight {
         }
         let nbr = in_dim / bs;
         let bytes = &self.packed[row * in_dim / 2..(row + 1) * in_dim / 2];
+        #[cfg(target_arch = "x86_64")]
+        let simd = Isa::best() >= Isa::Avx2;
+        #[cfg(not(target_arch = "x86_64"))]
+        let simd = false;
         for (j, ob) in out.chunks_exact_mut(34).enumerate() {
             let absmax = self.scales.get(row * nbr + j * 32 / bs);
             let d = half::f16::from_f32(absmax / 127.0);
             ob[..2].copy_from_slice(&d.to_bits().to_le_bytes());
-            for (i, pair) in bytes[j * 16..(j + 1) * 16].iter().enumerate() {
+            let src = &bytes[j * 16..(j + 1) * 16];
+            if simd {
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: AVX2 is available (`simd`); 16 source and 32 destination bytes.
+                unsafe {
+                    x86::codes_to_i8_avx2(&q, src, &mut ob[2..])
+                };
+                continue;
+            }
+            for (i, pair) in src.iter().enumerate() {
                 ob[2 + 2 * i] = q[(pair >> 4) as usize] as u8;
                 ob[3 + 2 * i] = q[(pair & 15) as usize] as u8;
             }
@@ -315,11 +324,7 @@ mod x86 {
             let c = [_mm_unpacklo_epi8(hi, lo), _mm_unpackhi_epi8(hi, lo)];
             for (h, &ch) in c.iter().enumerate() {
                 for q in 0..2 {
-                    let idx = _mm256_cvtepu8_epi32(if q == 0 {
-                        ch
-                    } else {
-                        _mm_srli_si128(ch, 8)
-                    });
+                    let idx = _mm256_cvtepu8_epi32(if q == 0 { ch } else { _mm_srli_si128(ch, 8) });
                     let a = _mm256_permutevar8x32_ps(lut_lo, idx);
                     let b = _mm256_permutevar8x32_ps(lut_hi, idx);
                     // bit 3 of the code, moved to the sign bit, picks the upper half
@@ -355,6 +360,21 @@ mod x86 {
         }
     }
 
+    /// 16 bytes of packed codes (32 values, high nibble first) -> 32 bytes of `table[code]`.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn codes_to_i8_avx2(table: &[i8; 16], src: &[u8], dst: &mut [u8]) {
+        debug_assert!(src.len() >= 16 && dst.len() >= 32);
+        let lut = _mm_loadu_si128(table.as_ptr() as *const __m128i);
+        let mask = _mm_set1_epi8(0x0f);
+        let v = _mm_loadu_si128(src.as_ptr() as *const __m128i);
+        let hi = _mm_and_si128(_mm_srli_epi16(v, 4), mask);
+        let lo = _mm_and_si128(v, mask);
+        let a = _mm_shuffle_epi8(lut, _mm_unpacklo_epi8(hi, lo));
+        let b = _mm_shuffle_epi8(lut, _mm_unpackhi_epi8(hi, lo));
+        _mm_storeu_si128(dst.as_mut_ptr() as *mut __m128i, a);
+        _mm_storeu_si128(dst.as_mut_ptr().add(16) as *mut __m128i, b);
+    }
+
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn dot_avx2(x: &[f32], y: &[f32]) -> f32 {
         let n = x.len();
@@ -372,7 +392,11 @@ mod x86 {
             i += 32;
         }
         while i + 8 <= n {
-            acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(xp.add(i)), _mm256_loadu_ps(yp.add(i)), acc[0]);
+            acc[0] = _mm256_fmadd_ps(
+                _mm256_loadu_ps(xp.add(i)),
+                _mm256_loadu_ps(yp.add(i)),
+                acc[0],
+            );
             i += 8;
         }
         let v = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
@@ -405,9 +429,7 @@ mod tests {
             *t = (i as f32 - 7.5) / 7.5 + (next() % 100) as f32 * 1e-4;
         }
         let packed = (0..n / 2).map(|_| next() as u8).collect();
-        let scales = (0..n / bs)
-            .map(|_| (next() % 1000) as f32 / 97.0)
-            .collect();
+        let scales = (0..n / bs).map(|_| (next() % 1000) as f32 / 97.0).collect();
         FourBitWeight {
             table,
             blocksize: bs,
@@ -454,6 +476,32 @@ mod tests {
         assert_eq!(part, all[192..256]);
         w.check(3, 128).unwrap();
         assert!(w.check(3, 96).is_err());
+    }
+
+    #[test]
+    fn q8_0_rows_hold_the_rounded_table_values() {
+        let w = random_weight(9, 2 * 128, 64);
+        let mut got = vec![0u8; 128 / 32 * 34];
+        w.row_to_q8_0(128, 1, &mut got);
+        let BlockScales::Plain(scales) = &w.scales else {
+            unreachable!()
+        };
+        for (j, ob) in got.chunks_exact(34).enumerate() {
+            let d = half::f16::from_le_bytes([ob[0], ob[1]]);
+            assert_eq!(d, half::f16::from_f32(scales[2 + j / 2] / 127.0));
+            for i in 0..32 {
+                let v = 128 + j * 32 + i;
+                let code = if v % 2 == 0 {
+                    w.packed[v / 2] >> 4
+                } else {
+                    w.packed[v / 2] & 15
+                };
+                let want = (127.0 * w.table[code as usize])
+                    .round()
+                    .clamp(-127.0, 127.0) as i8;
+                assert_eq!(ob[2 + i] as i8, want, "block {j} value {i}");
+            }
+        }
     }
 
     #[test]

@@ -31,10 +31,10 @@
 //!
 //! Threads: a dedicated pool (see [`set_num_threads`]) splits output rows across cores; small
 //! matrices run on the calling thread because waking a worker costs more than the work.
-pub mod ggml_quants;
 mod base;
 pub mod bnb;
 mod format;
+pub mod ggml_quants;
 mod kernels;
 mod lut4;
 mod pool;
@@ -326,11 +326,8 @@ impl QuantWeight {
                 let src = q.data()?;
                 let mut out = AlignedBytes::zeroed(src.len());
                 permute(&src, out.as_bytes_mut());
-                let st = QStorage::from_data(
-                    Cow::Borrowed(out.as_bytes()),
-                    &Device::Cpu,
-                    q.dtype(),
-                )?;
+                let st =
+                    QStorage::from_data(Cow::Borrowed(out.as_bytes()), &Device::Cpu, q.dtype())?;
                 Repr::Candle {
                     q: Arc::new(QTensor::new(st, (self.out_dim, self.in_dim))?),
                     mm: OnceLock::new(),
@@ -738,7 +735,9 @@ impl QuantWeight {
         }
         // rows per tile: ~256 KiB of f32 (L2), a multiple of 16, and enough tiles for every thread
         let by_cache = (64 * 1024 / k.max(1)).clamp(16, 256);
-        let t_rows = by_cache.min(n.div_ceil(threads.max(1))).next_multiple_of(16);
+        let t_rows = by_cache
+            .min(n.div_ceil(threads.max(1)))
+            .next_multiple_of(16);
         pool::for_each_chunk(n.div_ceil(t_rows), 1, threads, |tiles| {
             let mut tile = vec![0f32; t_rows * k];
             for ti in tiles {

@@ -1069,19 +1069,36 @@ fn bnb_formats_forward_matches_dequantised_matmul() {
             ("nf4+dq", four_bit(&mut rng, n, k, true)),
             ("int8", int8_rows(&mut rng, n, k)),
         ] {
-            let deq = w.dequantize().unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let deq = w
+                .dequantize()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
             let x = randn(&mut rng, m * k, 1.0);
             let want = ref_matmul(&x, &deq, m, k, n);
             for isa in isas() {
                 for threads in [1, 3] {
                     let mut y = vec![0f32; m * n];
                     w.decoded_forward_into(isa, threads, &x, m, &mut y);
-                    check_close(&format!("{name} {isa:?} m={m} t={threads}"), &y, &want, 1e-5);
+                    check_close(
+                        &format!("{name} {isa:?} m={m} t={threads}"),
+                        &y,
+                        &want,
+                        1e-5,
+                    );
                 }
             }
             // the public entry points take the same path
             let xt = Tensor::from_vec(x.clone(), (m, k), &Device::Cpu).unwrap();
-            let y = w.forward(&xt).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let y = w
+                .forward(&xt)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
             check_close(&format!("{name} forward m={m}"), &y, &want, 1e-5);
             if m == 1 {
                 let mut o = vec![0f32; n];
@@ -1116,7 +1133,13 @@ fn bnb_formats_backward_matches_reference() {
     let mut rng = StdRng::seed_from_u64(43);
     let (m, n, k) = (9, 64, 192);
     for w in [four_bit(&mut rng, n, k, true), int8_rows(&mut rng, n, k)] {
-        let deq = w.dequantize().unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let deq = w
+            .dequantize()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
         let gy = randn(&mut rng, m * n, 1.0);
         let want = ref_backward(&gy, &deq, m, n, k);
         let g = Tensor::from_vec(gy, (m, n), &Device::Cpu).unwrap();
@@ -1176,7 +1199,13 @@ fn four_bit_with_8_bit_activations_runs_the_integer_kernels() {
     let (m, n, k) = (40, 72, 256);
     for nested in [false, true] {
         let w = four_bit(&mut rng, n, k, nested);
-        let deq = w.dequantize().unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let deq = w
+            .dequantize()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
         let x = randn(&mut rng, m * k, 1.0);
         let want = ref_matmul(&x, &deq, m, k, n);
         let xt = Tensor::from_vec(x.clone(), (m, k), &Device::Cpu).unwrap();
@@ -1190,8 +1219,18 @@ fn four_bit_with_8_bit_activations_runs_the_integer_kernels() {
             let e = rel_l2(&y, &want);
             assert!(e < 3e-2 && e > 1e-6, "{isa:?} nested={nested}: rel L2 {e}");
             w.set_settings(QuantSettings::default());
-            let y16 = w.forward(&xt).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-            assert!(rel_l2(&y16, &want) < 1e-6, "16-bit path: {}", rel_l2(&y16, &want));
+            let y16 = w
+                .forward(&xt)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            assert!(
+                rel_l2(&y16, &want) < 1e-6,
+                "16-bit path: {}",
+                rel_l2(&y16, &want)
+            );
         }
     }
 }
