@@ -148,7 +148,10 @@ fn inspect_tiny_model_text_and_json() {
             "no line {line:?} in:\n{text}"
         );
     }
-    let rows: Vec<&str> = text
+    let (memory, formats) = text
+        .split_once("Weights per storage format")
+        .unwrap_or_else(|| panic!("no weights-per-format table in:\n{text}"));
+    let rows: Vec<&str> = memory
         .lines()
         .filter(|l| {
             ["fp32 ", "bf16 ", "int8 ", "nf4 "]
@@ -157,6 +160,31 @@ fn inspect_tiny_model_text_and_json() {
         })
         .collect();
     assert_eq!(rows.len(), 4, "{text}");
+    // one row per storage format, the decoder's linears (all of this model's rows are whole
+    // blocks) in the format: fewer bits, fewer bytes
+    let weights: Vec<(String, f64)> = v["weights_by_format"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["format"].as_str().unwrap().to_string(),
+                r["weights_bytes"].as_f64().unwrap(),
+            )
+        })
+        .collect();
+    let bytes = |f: &str| weights.iter().find(|w| w.0 == f).map(|w| w.1).unwrap();
+    assert_eq!(bytes("f32"), 4.0 * params as f64);
+    assert!(bytes("nf4+dq") < bytes("q4_1") && bytes("q4_1") < bytes("q8_0"));
+    assert!(bytes("q8_0") < bytes("bf16/f16") && bytes("bf16/f16") < bytes("f32"));
+    for f in [
+        "f32", "bf16/f16", "int8", "q8_0", "q4_1", "q4_0", "nf4+dq", "fp4+dq",
+    ] {
+        assert!(
+            formats.lines().any(|l| l.starts_with(&format!("{f} "))),
+            "no {f} row in:\n{formats}"
+        );
+    }
 }
 
 #[test]
