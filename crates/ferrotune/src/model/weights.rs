@@ -205,6 +205,66 @@ impl SafetensorsSource {
     }
 }
 
+impl SafetensorsSource {
+    /// A bitsandbytes-quantized linear of a pre-quantized folder, kept in its format (NF4 / FP4
+    /// rows that are whole blocks, int8 rows) for our kernels, unless the options ask for dense
+    /// weights (`--dequantize`, another `--base-quant`/`--requantize`, a non-CPU device); None
+    /// otherwise, and the weight is read dequantized.
+    fn bnb_quantized(&self, name: &str) -> Result<Option<LinearWeight>> {
+        use crate::quant::bnb::{hf::BnbWeight, FourBitKind};
+        if self.bnb.is_empty()
+            || self.opts.dequantize
+            || self.opts.requantize.is_some()
+            || self.opts.base_quant.is_some()
+            || !self.device.is_cpu()
+        {
+            return Ok(None);
+        }
+        let file = self
+            .names
+            .get(name)
+            .map(|(f, _)| f.clone())
+            .unwrap_or_else(|| self.dir.clone());
+        let Some(stored) = self
+            .bnb
+            .stored(name, &self.st)
+            .map_err(|e| Error::file(&file, e))?
+        else {
+            return Ok(None);
+        };
+        let q = match stored {
+            BnbWeight::FourBit(f) => {
+                let [n, k] = f.shape[..] else {
+                    return Ok(None);
+                };
+                // a 16-bit original is dequantized rounded to its dtype (bnb's output): only an
+                // f32 one decodes to exactly the kernels' values
+                if k % f.blocksize != 0 || f.dtype != crate::quant::bnb::WeightDtype::F32 {
+                    return Ok(None);
+                }
+                let nf4 = f.kind == FourBitKind::Nf4;
+                crate::quant::QuantWeight::from_four_bit(
+                    n,
+                    k,
+                    nf4,
+                    crate::quant::four_bit_weight(f)?,
+                )
+                .map_err(|e| Error::file(&file, format!("`{name}`: {e}")))?
+            }
+            BnbWeight::Int8(w) => crate::quant::QuantWeight::from_int8_rows(
+                w.rows,
+                w.cols,
+                crate::quant::Int8RowsWeight {
+                    data: w.data,
+                    scb: w.scb,
+                },
+            )
+            .map_err(|e| Error::file(&file, format!("`{name}`: {e}")))?,
+        };
+        Ok(Some(LinearWeight::Quantized(Arc::new(q))))
+    }
+}
+
 impl WeightSource for SafetensorsSource {
     fn device(&self) -> &Device {
         &self.device
@@ -225,6 +285,9 @@ impl WeightSource for SafetensorsSource {
         self.raw(name)
     }
     fn linear_weight(&self, name: &str) -> Result<LinearWeight> {
+        if let Some(w) = self.bnb_quantized(name)? {
+            return Ok(w);
+        }
         let t = self.raw(name)?;
         if let Some(w) = quantize_base(&self.opts, name, &t)? {
             return Ok(w);

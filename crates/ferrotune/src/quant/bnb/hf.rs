@@ -498,6 +498,22 @@ impl BnbIndex {
         self.entries.is_empty()
     }
 
+    /// Weight `name` as bnb stored it; `None` when `name` is not a bnb-quantized weight.
+    pub fn stored(
+        &self,
+        name: &str,
+        st: &dyn TensorBytes,
+    ) -> std::result::Result<Option<BnbWeight>, String> {
+        match self.entries.get(name) {
+            None => Ok(None),
+            Some(Entry::FourBit) => Ok(Some(BnbWeight::FourBit(read_four_bit(st, name)?))),
+            Some(Entry::Int8) => {
+                let m = name.strip_suffix(".weight").unwrap_or(name);
+                Ok(Some(BnbWeight::Int8(read_int8(st, m)?)))
+            }
+        }
+    }
+
     /// Weight `name` dequantized to f32 as bnb dequantizes it, with its logical shape; `None`
     /// when `name` is not a bnb-quantized weight.
     pub fn load(

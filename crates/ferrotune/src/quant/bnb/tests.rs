@@ -575,5 +575,15 @@ mod folders {
             .to_vec1()
             .unwrap();
         assert_bits("down_proj", &w, &q.dequantize());
+        // ... and stay NF4 in memory, on the 4-bit kernels (unless asked for dense weights)
+        let lin = &model.layers[1].mlp.down_proj;
+        assert_eq!(lin.weight().stored_type(), "nf4");
+        let dense = LoadOptions {
+            dequantize: true,
+            ..Default::default()
+        };
+        let src = SafetensorsSource::open(&dir, &dense, &Device::Cpu).unwrap();
+        let model = Llama::load(&src, &cfg).unwrap();
+        assert_eq!(model.layers[1].mlp.down_proj.weight().stored_type(), "f32");
     }
 }
