@@ -216,53 +216,9 @@ fn ggml_type_id(t: GgmlDType) -> u32 {
     }
 }
 
-fn put_str(b: &mut Vec<u8>, s: &str) {
-    b.extend_from_slice(&(s.len() as u64).to_le_bytes());
-    b.extend_from_slice(s.as_bytes());
-}
-
-fn value_type(v: &Value) -> u32 {
-    match v {
-        Value::U8(_) => 0,
-        Value::I8(_) => 1,
-        Value::U16(_) => 2,
-        Value::I16(_) => 3,
-        Value::U32(_) => 4,
-        Value::I32(_) => 5,
-        Value::F32(_) => 6,
-        Value::Bool(_) => 7,
-        Value::String(_) => 8,
-        Value::Array(_) => 9,
-        Value::U64(_) => 10,
-        Value::I64(_) => 11,
-        Value::F64(_) => 12,
-    }
-}
-
-fn put_value(b: &mut Vec<u8>, v: &Value) {
-    match v {
-        Value::U8(x) => b.push(*x),
-        Value::I8(x) => b.extend_from_slice(&x.to_le_bytes()),
-        Value::U16(x) => b.extend_from_slice(&x.to_le_bytes()),
-        Value::I16(x) => b.extend_from_slice(&x.to_le_bytes()),
-        Value::U32(x) => b.extend_from_slice(&x.to_le_bytes()),
-        Value::I32(x) => b.extend_from_slice(&x.to_le_bytes()),
-        Value::F32(x) => b.extend_from_slice(&x.to_le_bytes()),
-        Value::Bool(x) => b.push(u8::from(*x)),
-        Value::String(s) => put_str(b, s),
-        Value::U64(x) => b.extend_from_slice(&x.to_le_bytes()),
-        Value::I64(x) => b.extend_from_slice(&x.to_le_bytes()),
-        Value::F64(x) => b.extend_from_slice(&x.to_le_bytes()),
-        Value::Array(items) => {
-            let ty = items.first().map(value_type).unwrap_or(4);
-            b.extend_from_slice(&ty.to_le_bytes());
-            b.extend_from_slice(&(items.len() as u64).to_le_bytes());
-            for x in items {
-                put_value(b, x);
-            }
-        }
-    }
-}
+// GGUF's value encoding: the library's own writer (export::gguf), so hostile files differ from
+// real ones only where a test makes them differ.
+use ferrotune::export::gguf::{put_str, put_value, value_type};
 
 /// Write `g` into a fresh folder and run `inspect` on it (inspect loads the whole model).
 fn inspect_gguf(test: &str, g: &Gguf) -> (PathBuf, Vec<String>) {

@@ -323,12 +323,14 @@ pub fn tensor_types(
 
 const GGUF_ALIGNMENT: usize = 32;
 
-fn put_str(out: &mut Vec<u8>, s: &str) {
+/// A GGUF string: u64 length, then the bytes.
+pub fn put_str(out: &mut Vec<u8>, s: &str) {
     out.extend((s.len() as u64).to_le_bytes());
     out.extend(s.as_bytes());
 }
 
-fn value_type(v: &Value) -> u32 {
+/// GGUF's type id of a metadata value.
+pub fn value_type(v: &Value) -> u32 {
     match v {
         Value::U8(_) => 0,
         Value::I8(_) => 1,
@@ -346,7 +348,8 @@ fn value_type(v: &Value) -> u32 {
     }
 }
 
-fn put_value(out: &mut Vec<u8>, v: &Value) {
+/// A metadata value's bytes (arrays: element type, count, items), as GGUF v3 stores them.
+pub fn put_value(out: &mut Vec<u8>, v: &Value) {
     match v {
         Value::U8(x) => out.push(*x),
         Value::I8(x) => out.push(*x as u8),
@@ -898,9 +901,11 @@ pub fn write_gguf_with_tokenizer(
         for (g, dims, t) in &index {
             let values: Vec<f32> = match hf_of.get(g) {
                 Some(hf) => {
-                    let tensor = sd
-                        .remove(hf)
-                        .expect("every indexed tensor is in the state dict");
+                    let tensor = sd.remove(hf).ok_or_else(|| {
+                        Error::msg(format!(
+                            "GGUF export: tensor `{hf}` is missing from the model"
+                        ))
+                    })?;
                     let heads = if hf.contains("self_attn.q_proj.") {
                         Some(cfg.num_attention_heads)
                     } else if hf.contains("self_attn.k_proj.") {

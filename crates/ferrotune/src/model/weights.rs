@@ -290,6 +290,9 @@ impl WeightSource for SafetensorsSource {
         }
         let t = self.raw(name)?;
         if let Some(w) = quantize_base(&self.opts, name, &t)? {
+            // drop the f32 copy now rather than when loading ends: otherwise the whole model is
+            // held in f32 beside its quantized form at the load's peak (28 GB more for a 7B)
+            self.loaded.borrow_mut().remove(name);
             return Ok(w);
         }
         if let Some(q) = self.opts.requantize {
