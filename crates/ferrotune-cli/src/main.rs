@@ -492,6 +492,9 @@ impl ModelArgs {
             dequantize: self.dequantize,
             requantize: self.requantize.as_deref().map(parse_ggml).transpose()?,
             base_quant: match self.base_quant.as_deref() {
+                Some(_) if self.dequantize || self.requantize.is_some() => bail!(
+                    "--base-quant and --dequantize / --requantize contradict each other: choose one"
+                ),
                 None => None,
                 Some(s) => ferrotune::quant::BaseQuant::parse(s, true)
                     .map_err(|e| anyhow::anyhow!("--base-quant {e}"))?,
@@ -1458,7 +1461,8 @@ struct QuantizeArgs {
     /// Output file (GGUF); written through a temporary sibling and renamed into place.
     #[arg(long)]
     out: PathBuf,
-    /// Replace --out if it is a GGUF ferrotune wrote (never a file it did not write, never an input).
+    /// Replace --out: a GGUF only if ferrotune wrote it; a folder (nf4/fp4/int8) even if it holds
+    /// files ferrotune did not write, as `merge --overwrite` does. Never an input.
     #[arg(long)]
     overwrite: bool,
     /// `general.name` in the file (default: the source's name).
@@ -1779,12 +1783,17 @@ fn run_merge(a: MergeArgs) -> Result<()> {
     });
     let (report, check) = if on_quantized {
         let text = match &a.check_text {
-            Some(p) => std::fs::read_to_string(p)
-                .with_context(|| format!("--check-text {}", p.display()))?,
+            // the check reads at most 1024 tokens: 1 MiB of text is plenty
+            Some(p) => {
+                fsutil::read_text_limited(p, 1 << 20).map_err(|e| anyhow!("--check-text: {e}"))?
+            }
             None => ferrotune::peft::merge_check::SAMPLE_TEXT.to_string(),
         };
         let mut ids = lm.tokenizer.encode(&text, true)?;
         ids.truncate(lm.model.context_length().unwrap_or(usize::MAX).min(1024));
+        if ids.len() < 2 {
+            bail!("--check-text: the merge check needs a text of at least 2 tokens");
+        }
         let (report, check) =
             ferrotune::peft::merge_check::merge_and_check(&mut *lm.model, "merge", &ids)?;
         info!("{}", check.summary());

@@ -248,3 +248,65 @@ fn quantize_with_an_adapter_merges_it_first() {
     );
     assert!(read(&with) != read(&without), "the adapter changed nothing");
 }
+
+/// `--base-quant` with flags that ask for something else, an endless `--file` and a
+/// `--check-text` too short or endless: one-line errors naming the flag, nothing read forever.
+#[test]
+fn base_quant_and_check_text_refuse_contradictions_and_endless_input() {
+    let dir = tmp("bnb-hostile");
+    let model = tiny_model(&dir, true);
+    let m = model.display().to_string();
+    let e = fails(&[
+        "generate",
+        "--model",
+        &m,
+        "--base-quant",
+        "nf4",
+        "--dequantize",
+        "--prompt",
+        "a",
+    ]);
+    assert!(
+        e.contains("--base-quant") && e.contains("--dequantize"),
+        "{e}"
+    );
+    let e = fails(&[
+        "perplexity",
+        "--model",
+        &m,
+        "--base-quant",
+        "nf4",
+        "--file",
+        "/dev/zero",
+    ]);
+    assert!(e.contains("/dev/zero") && e.contains("larger than"), "{e}");
+    let adapter = lora_adapter(&dir);
+    let a = adapter.display().to_string();
+    let out = dir.join("merged").display().to_string();
+    for (text, want) in [("/dev/zero", "larger than"), ("", "at least 2 tokens")] {
+        let path = if text.is_empty() {
+            let p = dir.join("empty.txt");
+            std::fs::write(&p, "").unwrap();
+            p.display().to_string()
+        } else {
+            text.to_string()
+        };
+        let e = fails(&[
+            "merge",
+            "--model",
+            &m,
+            "--base-quant",
+            "nf4",
+            "--adapter",
+            &a,
+            "--check-text",
+            &path,
+            "--out",
+            &out,
+        ]);
+        assert!(
+            e.contains("--check-text") && e.contains(want),
+            "{path}: {e}"
+        );
+    }
+}

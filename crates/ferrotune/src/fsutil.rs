@@ -72,6 +72,24 @@ fn rename_into_place(tmp: &Path, path: &Path) -> Result<()> {
 
 /// Write `bytes` to `path` through a temporary sibling (`.NAME.PID.tmp`), flushed to disk, and
 /// a rename: a crash never leaves a half-written file under the final name.
+/// A text file read whole, refusing more than `limit` bytes before reading past it (a
+/// character device such as /dev/zero, or a huge file, would otherwise fill memory).
+pub fn read_text_limited(path: &Path, limit: u64) -> Result<String> {
+    use std::io::Read;
+    let f = std::fs::File::open(path).map_err(|e| Error::file(path, e))?;
+    let mut bytes = Vec::new();
+    f.take(limit.saturating_add(1))
+        .read_to_end(&mut bytes)
+        .map_err(|e| Error::file(path, e))?;
+    if bytes.len() as u64 > limit {
+        return Err(Error::file(
+            path,
+            format!("larger than {limit} bytes, the most this reads"),
+        ));
+    }
+    String::from_utf8(bytes).map_err(|_| Error::file(path, "not UTF-8 text"))
+}
+
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     use std::io::Write;
     let tmp = tmp_sibling(path)?;

@@ -212,7 +212,8 @@ pub fn completion_perplexity(
 /// Texts to score from a file: a `.jsonl` file gives one text per line (field `text`, or the
 /// only string field), anything else is one text.
 pub fn read_texts(path: &Path) -> Result<Vec<String>> {
-    let content = std::fs::read_to_string(path).map_err(|e| Error::file(path, e))?;
+    // 1 GiB of text is about 250M tokens: far past what one run scores
+    let content = crate::fsutil::read_text_limited(path, 1 << 30)?;
     let is_jsonl = path.extension().map(|e| e == "jsonl").unwrap_or(false);
     if !is_jsonl {
         if content.trim().is_empty() {

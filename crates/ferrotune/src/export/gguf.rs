@@ -698,9 +698,16 @@ fn tokenizer_from_hf(dir: &Path, vocab_size: usize, add_bos: bool) -> Result<Tok
         ("tokenizer.ggml.tokens".into(), Value::Array(tokens)),
         ("tokenizer.ggml.token_type".into(), Value::Array(types)),
     ];
-    if !merges.is_empty() {
-        keys.push(("tokenizer.ggml.merges".into(), Value::Array(merges)));
+    if merges.is_empty() {
+        // llama.cpp (and our reader) refuse a BPE vocabulary without merges: do not write a
+        // file nothing can load
+        return Err(Error::key(
+            dir.join("tokenizer.json").display().to_string(),
+            "model.merges",
+            "is empty: a GGUF BPE tokenizer needs its merges",
+        ));
     }
+    keys.push(("tokenizer.ggml.merges".into(), Value::Array(merges)));
     // SpecialVocab: ids named in tokenizer_config.json (by content), then config.json's.
     let tc_path = dir.join("tokenizer_config.json");
     let tc = read_json(&tc_path)?.unwrap_or_default();
