@@ -362,6 +362,16 @@ pub fn read_four_bit(st: &dyn TensorBytes, name: &str) -> std::result::Result<Fo
     };
     q.validate()
         .map_err(|e| format!("4-bit weight `{name}`: {e}"))?;
+    // a checkpoint's absmax values come from real weights: a NaN/Inf one only turns outputs
+    // into NaN (checked after double quantization is undone, on what the kernels use)
+    if let Some((i, v)) = q
+        .absmax_f32()
+        .into_iter()
+        .enumerate()
+        .find(|(_, v)| !v.is_finite())
+    {
+        return Err(format!("4-bit weight `{name}`: absmax of block {i} is {v}"));
+    }
     Ok(q)
 }
 
@@ -390,6 +400,10 @@ pub fn read_int8(st: &dyn TensorBytes, module: &str) -> std::result::Result<Int8
     };
     q.validate()
         .map_err(|e| format!("int8 weight `{wname}`: {e}"))?;
+    // a checkpoint's scales come from real weights: a NaN/Inf one only turns outputs into NaN
+    if let Some(i) = q.scb.iter().position(|v| !v.is_finite()) {
+        return Err(format!("int8 weight `{wname}`: SCB[{i}] is {}", q.scb[i]));
+    }
     Ok(q)
 }
 

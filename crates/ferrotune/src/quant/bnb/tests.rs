@@ -509,6 +509,11 @@ mod folders {
             let e = read_four_bit(&m, "w").unwrap_err();
             assert!(e.contains(what) || e.contains("block"), "{what}: {e}");
         }
+        // a NaN scale in the nested statistics: every block it covers would decode to NaN
+        let mut m = good.clone();
+        m.get_mut("w.nested_absmax").unwrap().data[..4].copy_from_slice(&f32::NAN.to_le_bytes());
+        let e = read_four_bit(&m, "w").unwrap_err();
+        assert!(e.contains("absmax of block 0 is NaN"), "{e}");
     }
 
     #[test]
