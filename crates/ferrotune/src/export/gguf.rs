@@ -560,6 +560,70 @@ fn detect_pre(pre: &serde_json::Value) -> Option<&'static str> {
     }
 }
 
+/// The pre-tokenizer ferrotune writes for a GGUF tokenizer (`tokenizer/gguf.rs`): llama.cpp's
+/// regexes as isolated splits, then a byte-level step without a regex. Named by the first
+/// llama.cpp name (in order of how common it is) with the same splits, `ignore_merges` and NFC,
+/// so an HF folder written from a GGUF exports back to a GGUF that tokenizes alike.
+fn detect_llama_cpp_splits(tj: &serde_json::Value) -> Option<&'static str> {
+    let pre = tj.get("pre_tokenizer")?;
+    if pre.get("type")?.as_str()? != "Sequence" {
+        return None;
+    }
+    let parts = pre.get("pretokenizers")?.as_array()?;
+    let (last, splits) = parts.split_last()?;
+    let byte_level_plain = last.get("type")?.as_str()? == "ByteLevel"
+        && !last.get("use_regex")?.as_bool()?
+        && !last
+            .get("add_prefix_space")
+            .and_then(|b| b.as_bool())
+            .unwrap_or(false);
+    if !byte_level_plain {
+        return None;
+    }
+    let regexes: Vec<&str> = splits
+        .iter()
+        .map(|sp| {
+            let isolated = sp.get("type")?.as_str()? == "Split"
+                && sp.get("behavior")?.as_str()? == "Isolated"
+                && !sp.get("invert").and_then(|b| b.as_bool()).unwrap_or(false);
+            isolated
+                .then(|| sp.get("pattern")?.get("Regex")?.as_str())
+                .flatten()
+        })
+        .collect::<Option<_>>()?;
+    let ignore_merges = tj
+        .get("model")
+        .and_then(|m| m.get("ignore_merges"))
+        .and_then(|b| b.as_bool())
+        .unwrap_or(false);
+    let nfc = tj
+        .get("normalizer")
+        .and_then(|n| n.get("type"))
+        .and_then(|t| t.as_str())
+        == Some("NFC");
+    const PREFERRED: &[&str] = &[
+        "gpt-2",
+        "llama-bpe",
+        "smollm",
+        "qwen2",
+        "stablelm2",
+        "dbrx",
+        "tekken",
+        "gpt-4o",
+        "default",
+        "falcon",
+        "deepseek-llm",
+        "deepseek-coder",
+    ];
+    PREFERRED.iter().copied().find(|name| {
+        crate::tokenizer::gguf::pre_spec(name).is_some_and(|spec| {
+            spec.splits == regexes.as_slice()
+                && spec.ignore_merges == ignore_merges
+                && spec.nfc == nfc
+        })
+    })
+}
+
 /// The tokenizer keys `convert_hf_to_gguf.py` writes for an HF folder with a byte-level BPE
 /// `tokenizer.json` (`_set_vocab_gpt2` + `SpecialVocab`), padded to `vocab_size` with
 /// `[PADn]` tokens; `add_bos` is what the loaded tokenizer does (written explicitly, so
@@ -591,7 +655,9 @@ fn tokenizer_from_hf(dir: &Path, vocab_size: usize, add_bos: bool) -> Result<Tok
         ));
     }
     let pre_v = tj.get("pre_tokenizer").cloned().unwrap_or_default();
-    let pre = detect_pre(&pre_v).ok_or_else(|| {
+    let pre = detect_pre(&pre_v)
+        .or_else(|| detect_llama_cpp_splits(&tj))
+        .ok_or_else(|| {
         Error::key(
             tj_path.display().to_string(),
             "pre_tokenizer",

@@ -205,6 +205,9 @@ pub fn write_folder_extras(
     if let Some(e) = tok.eos_token() {
         tcfg["eos_token"] = e.into();
     }
+    if let Some(u) = tok.unk_token() {
+        tcfg["unk_token"] = u.into();
+    }
     if let Some(p) = tok.pad_id().and_then(|id| tok.inner().id_to_token(id)) {
         tcfg["pad_token"] = p.into();
     }

@@ -41,6 +41,7 @@ pub(crate) struct GgufTokenizer {
     /// `tokenizer.ggml.eot_token_id` / `eom_token_id`: further end-of-generation ids.
     pub extra_eog_ids: Vec<u32>,
     pub pad_id: Option<u32>,
+    pub unk_id: Option<u32>,
     pub add_bos: bool,
     pub chat_template: Option<String>,
 }
@@ -139,6 +140,7 @@ pub(crate) fn build(ct: &Content, path: &Path) -> Result<GgufTokenizer> {
         eos_id,
         extra_eog_ids,
         pad_id,
+        unk_id,
         add_bos,
         chat_template,
     })

@@ -13,7 +13,7 @@ use crate::{Error, Result};
 
 mod chat;
 mod encoder_input;
-mod gguf;
+pub(crate) mod gguf;
 pub mod spiece;
 mod stream;
 
@@ -42,6 +42,9 @@ pub struct Tokenizer {
     eos: Option<(u32, String)>,
     eos_ids: Vec<u32>,
     pad_id: Option<u32>,
+    /// The unknown token, where the source names one (written back as `unk_token`, so a
+    /// folder exported to GGUF keeps `tokenizer.ggml.unknown_token_id`).
+    unk: Option<(u32, String)>,
     add_bos: bool,
     /// Append EOS to encoded text (T5's tokenizer does; decoders' prompts never get one).
     add_eos: bool,
@@ -124,6 +127,10 @@ impl Tokenizer {
         let bos = resolve("bos_token")?;
         let eos = resolve("eos_token")?;
         let pad_id = resolve("pad_token")?.map(|(id, _)| id);
+        // Only recorded: a tokenizer works without it, so a name outside the vocabulary is
+        // not an error (transformers would add it as a new token).
+        let unk =
+            token_text("unk_token")?.and_then(|text| inner.token_to_id(&text).map(|id| (id, text)));
 
         let gen_path = dir.join("generation_config.json");
         let mut eos_ids: Vec<u32> = eos.iter().map(|(id, _)| *id).collect();
@@ -166,15 +173,9 @@ impl Tokenizer {
         };
         let chat_template =
             template_src.map(|src| load_template(src, &bos, &eos, &dir.display().to_string()));
-        Ok(Self::assemble(
-            inner,
-            bos,
-            eos,
-            eos_ids,
-            pad_id,
-            add_bos,
-            chat_template,
-        ))
+        let mut tok = Self::assemble(inner, bos, eos, eos_ids, pad_id, add_bos, chat_template);
+        tok.unk = unk;
+        Ok(tok)
     }
 
     /// Build the tokenizer a GGUF file describes (`path` is only used in error messages).
@@ -183,13 +184,14 @@ impl Tokenizer {
         let text = |id: Option<u32>| id.and_then(|id| g.inner.id_to_token(id).map(|t| (id, t)));
         let bos = text(g.bos_id);
         let eos = text(g.eos_id);
+        let unk = text(g.unk_id);
         let mut eos_ids: Vec<u32> = eos.iter().map(|(id, _)| *id).collect();
         eos_ids.extend(&g.extra_eog_ids);
         let chat_template = g.chat_template.map(|src| {
             let origin = format!("{}: tokenizer.chat_template", path.display());
             load_template(src, &bos, &eos, &origin)
         });
-        Ok(Self::assemble(
+        let mut tok = Self::assemble(
             g.inner,
             bos,
             eos,
@@ -197,7 +199,9 @@ impl Tokenizer {
             g.pad_id,
             g.add_bos,
             chat_template,
-        ))
+        );
+        tok.unk = unk;
+        Ok(tok)
     }
 
     fn assemble(
@@ -225,6 +229,7 @@ impl Tokenizer {
             eos,
             eos_ids,
             pad_id,
+            unk: None,
             add_bos,
             add_eos: false,
             chat_template,
@@ -304,6 +309,11 @@ impl Tokenizer {
 
     pub fn eos_token(&self) -> Option<&str> {
         self.eos.as_ref().map(|e| e.1.as_str())
+    }
+
+    /// The unknown token's text, where the source names one.
+    pub fn unk_token(&self) -> Option<&str> {
+        self.unk.as_ref().map(|(_, t)| t.as_str())
     }
 
     pub fn pad_id(&self) -> Option<u32> {
