@@ -35,6 +35,7 @@ pub mod perplexity;
 pub mod plan;
 pub mod progress;
 pub mod quant;
+pub mod serve;
 pub mod tokenizer;
 pub mod tradeoff;
 pub mod train;

@@ -1,0 +1,1 @@
+//! JSON mode constraint (in progress).
