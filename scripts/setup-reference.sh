@@ -2,7 +2,8 @@
 # Create the reference environment that bench/ and reference/ run in: a git-ignored virtualenv
 # at .venv with every reference tool pinned here (the one place versions are pinned).
 #   scripts/setup-reference.sh            # everything (llama-cpp-python builds llama.cpp, ~5 min)
-#   scripts/setup-reference.sh --no-llama # skip llama-cpp-python (bench/decode_vs_llamacpp.py needs it)
+#   scripts/setup-reference.sh --no-llama # skip llama-cpp-python and its server (bench/decode_vs_llamacpp.py
+#                                         # and bench/serve_load.py need them)
 # Then: .venv/bin/python bench/... or .venv/bin/python reference/...
 # Idempotent: a venv already built with these exact pins is left alone (FORCE=1 rebuilds it).
 # The interpreter that creates the venv is $PYTHON, else python3 (3.10 or newer).
@@ -30,8 +31,19 @@ PINS=(
   "bitsandbytes==0.50.2"   # reference/optimizer_fixtures.py (8-bit AdamW; runs on the CPU)
   "scikit-learn==1.9.1"    # reference/classification_fixtures.py (accuracy, macro-F1)
   "lm-eval==0.4.13"        # reference/lm_eval_fixtures.py, bench/bench_vs_lm_eval.py (lm-evaluation-harness)
+  "openai==3.60.0"         # reference/openai_client_check.py, bench/serve_load.py (the official client)
 )
 LLAMA_PIN="llama-cpp-python==0.3.36"
+# llama-cpp-python's [server] extra (bench/serve_load.py runs `python -m llama_cpp.server`), pinned
+# one by one and installed after llama-cpp-python so that its build is never redone for them.
+LLAMA_SERVER_PINS=(
+  "fastapi==0.165.0"
+  "uvicorn==0.55.0"
+  "sse-starlette==3.7.1"
+  "starlette-context==0.3.6"
+  "pydantic-settings==2.16.3"
+  "PyYAML==6.0.4"
+)
 
 with_llama=1
 for a in "$@"; do
@@ -43,7 +55,7 @@ for a in "$@"; do
 done
 
 want="${PINS[*]}"
-[ "$with_llama" = 1 ] && want="$want $LLAMA_PIN"
+[ "$with_llama" = 1 ] && want="$want $LLAMA_PIN ${LLAMA_SERVER_PINS[*]}"
 stamp="$venv/.ferrotune-pins"
 if [ -z "${FORCE:-}" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   echo "$venv is up to date ($(wc -w <"$stamp") pinned packages; FORCE=1 to rebuild)"
@@ -66,17 +78,21 @@ fi
 "$venv/bin/python" -m pip install -q "${PINS[@]}"
 if [ "$with_llama" = 1 ]; then
   # Builds llama.cpp from source for this CPU (GGML_NATIVE), as a user of llama.cpp would.
+  # An llama-cpp-python already at $LLAMA_PIN is "already satisfied": pip does not rebuild it.
   CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=ON}" "$venv/bin/python" -m pip install -q --no-cache-dir "$LLAMA_PIN"
+  "$venv/bin/python" -m pip install -q "${LLAMA_SERVER_PINS[@]}"
 fi
 "$venv/bin/python" - <<'PYEOF'
 import importlib
 for m in ["torch", "transformers", "peft", "gguf", "safetensors", "numpy", "rouge_score", "sacrebleu", "nltk",
-          "sentencepiece", "regex", "sentence_transformers"]:
+          "sentencepiece", "regex", "sentence_transformers", "openai"]:
     importlib.import_module(m)
 try:
     import llama_cpp  # noqa: F401
 except ImportError:
     pass
+else:
+    import llama_cpp.server.app  # noqa: F401  (the [server] extra's packages import)
 print("reference environment ready")
 PYEOF
 echo "$want" >"$stamp"
