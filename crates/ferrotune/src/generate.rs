@@ -174,13 +174,20 @@ impl<'a> LlamaDecoder<'a> {
         }
     }
     fn run(&mut self, ids: &[u32]) -> Result<Vec<f32>> {
-        let t = Tensor::new(ids, self.model.device())?.unsqueeze(0)?;
-        let logits = self.model.forward_last(&t, Some(&mut self.cache))?;
-        Ok(logits
-            .squeeze(0)?
-            .to_dtype(candle_core::DType::F32)?
-            .to_vec1()?)
+        llama_logits(self.model, ids, &mut self.cache)
     }
+}
+
+/// Feed `ids` after the positions in `cache` and return the last position's logits: one step
+/// of [`LlamaDecoder`], with a cache the caller owns (the serving backend keeps one per
+/// sequence), so both compute exactly the same values.
+pub fn llama_logits(model: &Llama, ids: &[u32], cache: &mut KvCache) -> Result<Vec<f32>> {
+    let t = Tensor::new(ids, model.device())?.unsqueeze(0)?;
+    let logits = model.forward_last(&t, Some(cache))?;
+    Ok(logits
+        .squeeze(0)?
+        .to_dtype(candle_core::DType::F32)?
+        .to_vec1()?)
 }
 
 impl Decoder for LlamaDecoder<'_> {

@@ -1750,16 +1750,30 @@ pub struct T5Decoder<'a> {
     cache: Option<T5Cache>,
 }
 
+impl T5 {
+    /// Encode `prompt_ids` and feed the decoder start token: the first generated token's
+    /// logits and the cache to continue from. [`T5Decoder`]'s prefill, with a cache the caller
+    /// owns (the serving backend keeps one per sequence), so both compute the same values.
+    pub fn prefill_cache(&self, prompt_ids: &[u32]) -> Result<(T5Cache, Vec<f32>)> {
+        let mut cache = self.start_from_prompt(prompt_ids, 1)?;
+        let start = Tensor::new(&[[self.cfg.decoder_start_token_id]], &self.device)?;
+        let logits = self.decode_step(&start, &mut cache)?;
+        Ok((cache, T5::last_rows(&logits)?.remove(0)))
+    }
+
+    /// Feed one generated token after `cache` (from [`Self::prefill_cache`]); its logits.
+    pub fn step_cache(&self, cache: &mut T5Cache, id: u32) -> Result<Vec<f32>> {
+        let ids = Tensor::new(&[[id]], &self.device)?;
+        let logits = self.decode_step(&ids, cache)?;
+        Ok(T5::last_rows(&logits)?.remove(0))
+    }
+}
+
 impl crate::generate::Decoder for T5Decoder<'_> {
     fn prefill(&mut self, ids: &[u32]) -> Result<Vec<f32>> {
-        let mut cache = self.model.start_from_prompt(ids, 1)?;
-        let start = Tensor::new(
-            &[[self.model.cfg.decoder_start_token_id]],
-            &self.model.device,
-        )?;
-        let logits = self.model.decode_step(&start, &mut cache)?;
+        let (cache, logits) = self.model.prefill_cache(ids)?;
         self.cache = Some(cache);
-        Ok(T5::last_rows(&logits)?.remove(0))
+        Ok(logits)
     }
 
     fn step(&mut self, id: u32) -> Result<Vec<f32>> {
@@ -1767,9 +1781,7 @@ impl crate::generate::Decoder for T5Decoder<'_> {
             .cache
             .as_mut()
             .ok_or_else(|| Error::msg("T5 decoder: step before prefill"))?;
-        let ids = Tensor::new(&[[id]], &self.model.device)?;
-        let logits = self.model.decode_step(&ids, cache)?;
-        Ok(T5::last_rows(&logits)?.remove(0))
+        self.model.step_cache(cache, id)
     }
 
     /// Relative positions set no hard limit; the prompt is not part of the decoder's context.

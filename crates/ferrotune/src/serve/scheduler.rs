@@ -1,7 +1,37 @@
-//! The scheduler thread (in progress).
-use super::{BatchBackend, EventSink, GenRequest, MetricsSnapshot, SubmitError};
-use std::path::Path;
-use std::time::Duration;
+//! The scheduler thread: continuous batching over one [`BatchBackend`].
+//!
+//! One OS thread owns the backend. Callers talk to it through a [`SchedulerHandle`] (cheap to
+//! clone, usable from any thread): [`SchedulerHandle::submit`] validates a request and puts it in
+//! a bounded queue; the thread loops over iterations, each of which
+//!
+//! 1. takes commands (adapter load/unload), cancellations and new sequences (up to
+//!    `max_concurrent` open slots) under one short lock;
+//! 2. closes cancelled and timed-out sequences;
+//! 3. prefills pending prompts, at most `prefill_chunk` tokens in all per iteration (FIFO), so a
+//!    long prompt is spread over several iterations and never stalls the decoding sequences for
+//!    long (a backend without chunked prefill gets each prompt whole, one or more per
+//!    iteration while the budget lasts);
+//! 4. runs ONE batched [`BatchBackend::step`] over every decoding sequence;
+//! 5. samples each sequence's next token with its own sampler and sends its events.
+//!
+//! Events go to each sequence's [`EventSink`], called on this thread and outside every lock.
+//! Backend calls and sinks run under `catch_unwind`: a panic fails the sequences concerned (or
+//! cancels, for a sink) and the thread carries on, so no caller is left waiting. When idle the
+//! thread sleeps on a condition variable.
+use super::backend::SlotId;
+use super::{
+    BatchBackend, EventSink, FinishReason, GenRequest, MetricsSnapshot, SamplingParams, SeqEvent,
+    SubmitError, TokenConstraint, TokenLogprob, TTFT_BUCKETS,
+};
+use crate::generate::{GenerationConfig, Sampler};
+use crate::{Error, Result};
+use std::collections::{HashMap, VecDeque};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 /// Limits of the scheduler.
 #[derive(Debug, Clone)]
@@ -12,43 +42,1037 @@ pub struct SchedulerConfig {
     pub max_queue: usize,
     /// Most prompt tokens prefilled per iteration (so a long prompt does not stall decoding).
     pub prefill_chunk: usize,
-    /// A sequence running longer is cancelled.
+    /// A sequence running longer is cancelled (measured from its submission, so time spent
+    /// queued counts: it bounds what the client waits).
     pub request_timeout: Option<Duration>,
 }
 
-/// Talks to the scheduler thread; cheap to clone, usable from any thread.
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        Self {
+            max_concurrent: 8,
+            max_queue: 64,
+            prefill_chunk: 512,
+            request_timeout: None,
+        }
+    }
+}
+
+/// Generated tokens/s is measured over this window.
+const RATE_WINDOW: Duration = Duration::from_secs(5);
+
+/// What the thread reads once from the backend, so that `submit` can validate without it.
+#[derive(Debug, Clone, Copy)]
+struct BackendInfo {
+    vocab: usize,
+    context: usize,
+    prompt_in_context: bool,
+    chunked_prefill: bool,
+}
+
+/// A request waiting for a slot.
+struct Queued {
+    id: u64,
+    req: GenRequest,
+    sink: EventSink,
+    submitted: Instant,
+}
+
+type Reply = mpsc::Sender<Result<()>>;
+
+/// Work for the thread that must run between steps (the backend is not shared).
+enum Command {
+    Load {
+        name: String,
+        dir: PathBuf,
+        reply: Reply,
+    },
+    Unload {
+        name: String,
+        reply: Reply,
+    },
+}
+
+/// What submitters and the thread share, behind one mutex held only briefly.
+struct State {
+    queue: VecDeque<Queued>,
+    commands: Vec<Command>,
+    cancels: Vec<u64>,
+    shutting_down: bool,
+    /// The thread has ended: nothing will be served any more.
+    finished: bool,
+    /// Sequences holding a slot (prefill or decode).
+    running: usize,
+    /// Attached adapters (the thread's copy of `backend.adapters()`).
+    adapters: Vec<String>,
+    /// Queued and running sequences per adapter: unload is refused while it is not zero.
+    in_use: HashMap<String, usize>,
+    /// Current estimate for [`SubmitError::QueueFull`].
+    retry_after: Duration,
+}
+
+/// Counters the thread updates and `metrics()` copies.
+#[derive(Default)]
+struct Metrics {
+    snap: MetricsSnapshot,
+    /// (when, tokens generated in that iteration), the last [`RATE_WINDOW`].
+    recent: VecDeque<(Instant, u64)>,
+}
+
+struct Shared {
+    cfg: SchedulerConfig,
+    info: BackendInfo,
+    state: Mutex<State>,
+    /// Wakes the thread: work arrived or shutdown.
+    wake: Condvar,
+    /// Tells `join` the thread has ended.
+    done: Condvar,
+    metrics: Mutex<Metrics>,
+    next_id: AtomicU64,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+/// A poisoned lock only means a panic elsewhere while it was held; every update here leaves
+/// the data consistent, so carry on rather than take the whole server down.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Shared {
+    fn shutdown(&self) {
+        lock(&self.state).shutting_down = true;
+        self.wake.notify_all();
+    }
+
+    fn command(&self, make: impl FnOnce(Reply) -> Command) -> Result<()> {
+        let (tx, rx) = mpsc::channel();
+        {
+            let mut st = lock(&self.state);
+            if st.finished {
+                return Err(Error::msg("the scheduler has stopped"));
+            }
+            st.commands.push(make(tx));
+        }
+        self.wake.notify_all();
+        // The thread replies, or drops the sender when it ends: recv never blocks forever.
+        rx.recv()
+            .unwrap_or_else(|_| Err(Error::msg("the scheduler stopped before the command ran")))
+    }
+}
+
+/// Ends the scheduler when the last handle is dropped (else the thread would wait forever).
+struct Owner(Arc<Shared>);
+
+impl Drop for Owner {
+    fn drop(&mut self) {
+        self.0.shutdown();
+    }
+}
+
+/// Talks to the scheduler thread; cheap to clone, usable from any thread. Dropping the last
+/// clone shuts the scheduler down (queued and running sequences still finish).
 #[derive(Clone)]
-pub struct SchedulerHandle {}
+pub struct SchedulerHandle {
+    shared: Arc<Shared>,
+    _owner: Arc<Owner>,
+}
 
 impl SchedulerHandle {
     /// Queue a sequence; its events go to `sink`. Returns the sequence's id.
-    pub fn submit(&self, _req: GenRequest, _sink: EventSink) -> Result<u64, SubmitError> {
-        Err(SubmitError::ShuttingDown)
+    ///
+    /// Checked here, so a bad request never reaches the thread: the prompt (non-empty, ids in
+    /// the vocabulary, shorter than the context where it occupies it), `max_tokens` (at least
+    /// 1), the sampling values and the adapter (attached). Then capacity: at most
+    /// `max_concurrent` running plus `max_queue` waiting.
+    pub fn submit(&self, req: GenRequest, sink: EventSink) -> Result<u64, SubmitError> {
+        let s = &self.shared;
+        validate(&req, &s.info)?;
+        let mut st = lock(&s.state);
+        if st.shutting_down || st.finished {
+            return Err(SubmitError::ShuttingDown);
+        }
+        if let Some(a) = &req.adapter {
+            if !st.adapters.iter().any(|n| n == a) {
+                return Err(SubmitError::Invalid(format!(
+                    "adapter: no adapter named `{a}` is loaded (loaded: {})",
+                    list_or_none(&st.adapters)
+                )));
+            }
+        }
+        if st.running + st.queue.len() >= s.cfg.max_concurrent.max(1) + s.cfg.max_queue {
+            return Err(SubmitError::QueueFull {
+                retry_after: st.retry_after,
+            });
+        }
+        let id = s.next_id.fetch_add(1, Ordering::Relaxed);
+        if let Some(a) = &req.adapter {
+            *st.in_use.entry(a.clone()).or_default() += 1;
+        }
+        st.queue.push_back(Queued {
+            id,
+            req,
+            sink,
+            submitted: Instant::now(),
+        });
+        drop(st);
+        lock(&s.metrics).snap.requests_total += 1;
+        s.wake.notify_all();
+        Ok(id)
     }
-    /// Cancel a sequence (no-op if it finished).
-    pub fn cancel(&self, _id: u64) {}
+
+    /// Cancel a sequence (no-op if it finished): its slot is closed between steps and it ends
+    /// with `Finished { reason: Cancelled }`.
+    pub fn cancel(&self, id: u64) {
+        lock(&self.shared.state).cancels.push(id);
+        self.shared.wake.notify_all();
+    }
+
     /// Attach an adapter between decode steps; blocks until done.
-    pub fn load_adapter(&self, _name: &str, _dir: &Path) -> crate::Result<()> {
-        Err(crate::Error::msg("not yet"))
+    pub fn load_adapter(&self, name: &str, dir: &Path) -> crate::Result<()> {
+        let (name, dir) = (name.to_string(), dir.to_path_buf());
+        self.shared
+            .command(|reply| Command::Load { name, dir, reply })
     }
-    /// Detach an adapter; refused while a sequence uses it.
-    pub fn unload_adapter(&self, _name: &str) -> crate::Result<()> {
-        Err(crate::Error::msg("not yet"))
+
+    /// Detach an adapter; refused while a queued or running sequence uses it.
+    pub fn unload_adapter(&self, name: &str) -> crate::Result<()> {
+        let name = name.to_string();
+        self.shared.command(|reply| Command::Unload { name, reply })
     }
+
     /// Names of the attached adapters.
     pub fn adapters(&self) -> Vec<String> {
-        Vec::new()
+        lock(&self.shared.state).adapters.clone()
     }
+
+    /// A copy of the counters (two short locks; no work on the scheduler thread).
     pub fn metrics(&self) -> MetricsSnapshot {
-        MetricsSnapshot::default()
+        let (queue_depth, active) = {
+            let st = lock(&self.shared.state);
+            (st.queue.len(), st.running)
+        };
+        let mut m = lock(&self.shared.metrics);
+        let now = Instant::now();
+        while m
+            .recent
+            .front()
+            .is_some_and(|(t, _)| now.duration_since(*t) > RATE_WINDOW)
+        {
+            m.recent.pop_front();
+        }
+        let tokens: u64 = m.recent.iter().map(|(_, n)| n).sum();
+        let mut snap = m.snap.clone();
+        snap.queue_depth = queue_depth;
+        snap.active_sequences = active;
+        snap.recent_tokens_per_s = tokens as f64 / RATE_WINDOW.as_secs_f64();
+        snap
     }
-    /// Refuse new requests; sequences in flight finish.
-    pub fn shutdown(&self) {}
+
+    /// The backend's context length (prompt included where [`Self::prompt_in_context`]).
+    pub fn context_length(&self) -> usize {
+        self.shared.info.context
+    }
+
+    /// Whether the prompt occupies the context (decoders) or is read by an encoder.
+    pub fn prompt_in_context(&self) -> bool {
+        self.shared.info.prompt_in_context
+    }
+
+    /// Length of a row of logits (token ids must be below it).
+    pub fn vocab_size(&self) -> usize {
+        self.shared.info.vocab
+    }
+
+    /// The limits the scheduler runs with.
+    pub fn config(&self) -> &SchedulerConfig {
+        &self.shared.cfg
+    }
+
+    /// Refuse new requests; sequences in flight and queued finish.
+    pub fn shutdown(&self) {
+        self.shared.shutdown();
+    }
+
     /// Wait for the scheduler thread to end (after [`Self::shutdown`] and the last sequence).
-    pub fn join(&self) {}
+    /// Must not be called from a sink (that runs on the scheduler thread itself).
+    pub fn join(&self) {
+        let handle = lock(&self.shared.thread).take();
+        match handle {
+            Some(h) => {
+                let _ = h.join();
+            }
+            None => {
+                // Another clone is joining: wait for the thread's end signal.
+                let mut st = lock(&self.shared.state);
+                while !st.finished {
+                    st = self.shared.done.wait(st).unwrap_or_else(|e| e.into_inner());
+                }
+            }
+        }
+    }
 }
 
 /// Start the scheduler thread over `backend`.
-pub fn start(_backend: Box<dyn BatchBackend>, _cfg: SchedulerConfig) -> SchedulerHandle {
-    SchedulerHandle {}
+pub fn start(backend: Box<dyn BatchBackend>, cfg: SchedulerConfig) -> SchedulerHandle {
+    let info = BackendInfo {
+        vocab: backend.vocab_size(),
+        context: backend.context_length(),
+        prompt_in_context: backend.prompt_in_context(),
+        chunked_prefill: backend.chunked_prefill(),
+    };
+    let adapters = backend.adapters();
+    let shared = Arc::new(Shared {
+        info,
+        state: Mutex::new(State {
+            queue: VecDeque::new(),
+            commands: Vec::new(),
+            cancels: Vec::new(),
+            shutting_down: false,
+            finished: false,
+            running: 0,
+            adapters,
+            in_use: HashMap::new(),
+            retry_after: Duration::from_secs(1),
+        }),
+        wake: Condvar::new(),
+        done: Condvar::new(),
+        metrics: Mutex::new(Metrics {
+            snap: MetricsSnapshot {
+                ttft_buckets: vec![0; TTFT_BUCKETS.len()],
+                ..Default::default()
+            },
+            recent: VecDeque::new(),
+        }),
+        next_id: AtomicU64::new(1),
+        thread: Mutex::new(None),
+        cfg,
+    });
+    let thread_shared = Arc::clone(&shared);
+    let spawned = std::thread::Builder::new()
+        .name("ferrotune-scheduler".into())
+        .spawn(move || Worker::new(thread_shared, backend).run());
+    match spawned {
+        Ok(h) => *lock(&shared.thread) = Some(h),
+        // No thread: every call answers at once (submit: ShuttingDown) instead of hanging.
+        Err(_) => {
+            let mut st = lock(&shared.state);
+            st.finished = true;
+            st.shutting_down = true;
+        }
+    }
+    SchedulerHandle {
+        _owner: Arc::new(Owner(Arc::clone(&shared))),
+        shared,
+    }
+}
+
+fn list_or_none(names: &[String]) -> String {
+    if names.is_empty() {
+        "none".to_string()
+    } else {
+        names.join(", ")
+    }
+}
+
+/// The request's own checks (the adapter is checked against the attached ones under the lock).
+fn validate(req: &GenRequest, info: &BackendInfo) -> Result<(), SubmitError> {
+    let bad = |m: String| Err(SubmitError::Invalid(m));
+    if req.prompt.is_empty() {
+        return bad("prompt: empty (0 tokens)".into());
+    }
+    if let Some(&t) = req.prompt.iter().find(|&&t| t as usize >= info.vocab) {
+        return bad(format!(
+            "prompt: token id {t} is outside the vocabulary of {} tokens",
+            info.vocab
+        ));
+    }
+    if info.prompt_in_context && req.prompt.len() >= info.context {
+        return bad(format!(
+            "prompt: {} tokens but the model's context window is {} tokens (a prompt must leave room for at least one generated token)",
+            req.prompt.len(),
+            info.context
+        ));
+    }
+    if req.max_tokens == 0 {
+        return bad("max_tokens: got 0, expected at least 1".into());
+    }
+    let s = &req.sampling;
+    if !(s.temperature.is_finite() && s.temperature >= 0.0) {
+        return bad(format!(
+            "temperature: got {}, expected a number >= 0 (0 decodes greedily)",
+            s.temperature
+        ));
+    }
+    if let Some(p) = s.top_p {
+        if !(p > 0.0 && p <= 1.0) {
+            return bad(format!("top_p: got {p}, expected a number in (0, 1]"));
+        }
+    }
+    if s.top_k == Some(0) {
+        return bad("top_k: got 0, expected at least 1".into());
+    }
+    for (name, v) in [
+        ("presence_penalty", s.presence_penalty),
+        ("frequency_penalty", s.frequency_penalty),
+    ] {
+        if !v.is_finite() {
+            return bad(format!("{name}: got {v}, expected a finite number"));
+        }
+    }
+    Ok(())
+}
+
+/// Picks one sequence's tokens: OpenAI's penalties, the constraint's mask, log-probabilities,
+/// then [`Sampler`] (greedy is exactly [`crate::generate::argmax`], as `ferrotune generate`).
+struct SeqSampler {
+    params: SamplingParams,
+    inner: Sampler,
+    /// How often each token was generated (presence and frequency penalties).
+    counts: HashMap<u32, u32>,
+}
+
+/// One picked token.
+struct Pick {
+    id: u32,
+    logprob: Option<TokenLogprob>,
+}
+
+impl SeqSampler {
+    fn new(params: &SamplingParams) -> Self {
+        let cfg = GenerationConfig {
+            temperature: params.temperature,
+            top_k: params.top_k,
+            top_p: params.top_p,
+            // No seed: a fresh one per request, so that equal requests differ (OpenAI).
+            seed: params.seed.unwrap_or_else(rand::random),
+            // OpenAI's penalties replace HF's repetition penalty (applied here, before masks).
+            repetition_penalty: 1.0,
+            ..Default::default()
+        };
+        Self {
+            params: params.clone(),
+            inner: Sampler::new(&cfg),
+            counts: HashMap::new(),
+        }
+    }
+
+    fn pick(
+        &mut self,
+        mut logits: Vec<f32>,
+        constraint: Option<&mut Box<dyn TokenConstraint>>,
+        logprobs: Option<usize>,
+    ) -> std::result::Result<Pick, String> {
+        let (pp, fp) = (self.params.presence_penalty, self.params.frequency_penalty);
+        if pp != 0.0 || fp != 0.0 {
+            for (&t, &c) in &self.counts {
+                if let Some(l) = logits.get_mut(t as usize) {
+                    *l -= pp + fp * c as f32;
+                }
+            }
+        }
+        if let Some(c) = constraint {
+            c.mask(&mut logits);
+        }
+        if !logits.iter().any(|l| l.is_finite()) {
+            return Err("no token may come next (every logit is masked or not finite)".into());
+        }
+        let logprob = logprobs.map(|k| self.log_softmax(&logits, k));
+        let id = self.inner.sample(&mut logits, &[]);
+        let logprob = logprob.map(|(lp, top)| TokenLogprob {
+            logprob: lp.get(id as usize).copied().unwrap_or(f32::NEG_INFINITY),
+            top,
+        });
+        *self.counts.entry(id).or_default() += 1;
+        Ok(Pick { id, logprob })
+    }
+
+    /// Log-softmax of the processed logits (scaled by the temperature when sampling, as the
+    /// sampled distribution is) and its `k` best entries, best first (ties: lower id first).
+    fn log_softmax(&self, logits: &[f32], k: usize) -> (Vec<f32>, Vec<(u32, f32)>) {
+        let t = if self.params.temperature > 0.0 {
+            (self.params.temperature as f32).max(f32::MIN_POSITIVE)
+        } else {
+            1.0
+        };
+        let max = logits
+            .iter()
+            .copied()
+            .filter(|l| !l.is_nan())
+            .fold(f32::NEG_INFINITY, f32::max);
+        let scaled: Vec<f32> = logits.iter().map(|&l| (l - max) / t).collect();
+        let sum: f64 = scaled.iter().map(|&s| (s as f64).exp()).sum();
+        let lse = sum.ln() as f32;
+        let lp: Vec<f32> = scaled.iter().map(|&s| s - lse).collect();
+        let k = k.min(lp.len());
+        let mut idx: Vec<u32> = (0..lp.len() as u32).collect();
+        let better = |a: &u32, b: &u32| lp[*b as usize].total_cmp(&lp[*a as usize]).then(a.cmp(b));
+        if k > 0 && k < idx.len() {
+            idx.select_nth_unstable_by(k - 1, better);
+            idx.truncate(k);
+        }
+        idx.sort_unstable_by(better);
+        idx.truncate(k);
+        let top = idx.into_iter().map(|i| (i, lp[i as usize])).collect();
+        (lp, top)
+    }
+}
+
+/// How a sequence ends.
+enum Outcome {
+    Finished(FinishReason),
+    /// The sink said nobody listens: cancelled, no more events.
+    Gone,
+    Failed(String),
+}
+
+/// A sequence holding a slot.
+struct Seq {
+    id: u64,
+    slot: SlotId,
+    prompt: Vec<u32>,
+    /// Prompt tokens fed to the backend so far.
+    fed: usize,
+    adapter: Option<String>,
+    max_tokens: usize,
+    stop_ids: Vec<u32>,
+    constraint: Option<Box<dyn TokenConstraint>>,
+    logprobs: Option<usize>,
+    sampler: SeqSampler,
+    sink: EventSink,
+    submitted: Instant,
+    started: Instant,
+    deadline: Option<Instant>,
+    generated: usize,
+    ttft: Option<Duration>,
+    /// The token to feed at the next step (decoding).
+    next: Option<u32>,
+    outcome: Option<Outcome>,
+}
+
+/// Send `ev` to a sink; a panicking sink counts as one nobody listens to.
+fn send(sink: &mut EventSink, ev: SeqEvent) -> bool {
+    catch_unwind(AssertUnwindSafe(|| sink(ev))).unwrap_or(false)
+}
+
+/// A panic payload as text.
+fn panic_text(p: Box<dyn std::any::Any + Send>) -> String {
+    if let Some(s) = p.downcast_ref::<&str>() {
+        s.to_string()
+    } else if let Some(s) = p.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "unknown panic".to_string()
+    }
+}
+
+/// Run a backend call; a panic becomes an error (the backend's state for the slots concerned
+/// is then unknown, so the caller fails them).
+fn guarded<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(r) => r,
+        Err(p) => Err(Error::msg(format!(
+            "the backend panicked: {}",
+            panic_text(p)
+        ))),
+    }
+}
+
+/// The scheduler thread's own state.
+struct Worker {
+    shared: Arc<Shared>,
+    backend: Box<dyn BatchBackend>,
+    seqs: Vec<Seq>,
+    /// Mean seconds a sequence holds a slot (moving average), for `retry_after`.
+    mean_seq_s: Option<f64>,
+    /// Tokens generated this iteration, added to the metrics once per iteration.
+    tokens_now: u64,
+}
+
+impl Drop for Worker {
+    /// However the thread ends (normally, or a panic in this file's own code), callers must
+    /// not hang: mark the end, fail what is still queued or running, drop pending commands
+    /// (their callers get an error) and wake `join`.
+    fn drop(&mut self) {
+        let (queued, commands) = {
+            let mut st = lock(&self.shared.state);
+            st.finished = true;
+            st.shutting_down = true;
+            st.running = 0;
+            (
+                std::mem::take(&mut st.queue),
+                std::mem::take(&mut st.commands),
+            )
+        };
+        drop(commands);
+        for mut q in queued {
+            send(
+                &mut q.sink,
+                SeqEvent::Failed("the scheduler stopped".into()),
+            );
+        }
+        for s in &mut self.seqs {
+            if s.outcome.is_none() {
+                send(
+                    &mut s.sink,
+                    SeqEvent::Failed("the scheduler stopped".into()),
+                );
+            }
+        }
+        self.shared.done.notify_all();
+    }
+}
+
+impl Worker {
+    fn new(shared: Arc<Shared>, backend: Box<dyn BatchBackend>) -> Self {
+        Self {
+            shared,
+            backend,
+            seqs: Vec::new(),
+            mean_seq_s: None,
+            tokens_now: 0,
+        }
+    }
+
+    fn run(mut self) {
+        loop {
+            let Some((commands, cancelled_queued, admitted)) = self.take_work() else {
+                return;
+            };
+            for c in commands {
+                self.run_command(c);
+            }
+            for q in cancelled_queued {
+                self.end_queued(q, FinishReason::Cancelled);
+            }
+            for q in admitted {
+                self.admit(q);
+            }
+            self.check_timeouts();
+            self.prefill();
+            self.decode();
+            self.sweep();
+        }
+    }
+
+    /// Wait until there is something to do, then take it under one lock: commands,
+    /// cancellations (queued ones leave the queue here, running ones are marked) and new
+    /// sequences for the free slots. `None`: shut down and drained, the thread ends.
+    #[allow(clippy::type_complexity)]
+    fn take_work(&mut self) -> Option<(Vec<Command>, Vec<Queued>, Vec<Queued>)> {
+        let shared = Arc::clone(&self.shared);
+        let mut st = lock(&shared.state);
+        loop {
+            let work = !self.seqs.is_empty()
+                || !st.queue.is_empty()
+                || !st.commands.is_empty()
+                || !st.cancels.is_empty();
+            if work {
+                break;
+            }
+            if st.shutting_down {
+                return None;
+            }
+            st = shared.wake.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+        let commands = std::mem::take(&mut st.commands);
+        let cancels = std::mem::take(&mut st.cancels);
+        let mut cancelled = Vec::new();
+        for id in cancels {
+            if let Some(pos) = st.queue.iter().position(|q| q.id == id) {
+                cancelled.extend(st.queue.remove(pos));
+            } else if let Some(s) = self.seqs.iter_mut().find(|s| s.id == id) {
+                s.outcome
+                    .get_or_insert(Outcome::Finished(FinishReason::Cancelled));
+            }
+        }
+        // Queued requests past their deadline end without ever taking a slot.
+        if let Some(timeout) = shared.cfg.request_timeout {
+            let now = Instant::now();
+            let mut i = 0;
+            while i < st.queue.len() {
+                if now.duration_since(st.queue[i].submitted) >= timeout {
+                    cancelled.extend(st.queue.remove(i));
+                } else {
+                    i += 1;
+                }
+            }
+        }
+        let free = shared
+            .cfg
+            .max_concurrent
+            .max(1)
+            .saturating_sub(self.seqs.len());
+        let n = free.min(st.queue.len());
+        let admitted: Vec<Queued> = st.queue.drain(..n).collect();
+        st.running = self.seqs.len() + admitted.len();
+        Some((commands, cancelled, admitted))
+    }
+
+    fn run_command(&mut self, c: Command) {
+        match c {
+            Command::Load { name, dir, reply } => {
+                let r = guarded(|| self.backend.load_adapter(&name, &dir));
+                if r.is_ok() {
+                    let names = catch_unwind(AssertUnwindSafe(|| self.backend.adapters()))
+                        .unwrap_or_else(|_| vec![name.clone()]);
+                    let mut st = lock(&self.shared.state);
+                    for n in names {
+                        if !st.adapters.contains(&n) {
+                            st.adapters.push(n);
+                        }
+                    }
+                }
+                let _ = reply.send(r);
+            }
+            Command::Unload { name, reply } => {
+                // Checked and removed from the list under the lock, so no submit can pick the
+                // adapter between the check and the unload.
+                let refused = {
+                    let mut st = lock(&self.shared.state);
+                    let users = st.in_use.get(&name).copied().unwrap_or(0);
+                    if users > 0 {
+                        Some(format!(
+                            "adapter `{name}` is in use by {users} queued or running request(s); unload it when they finish"
+                        ))
+                    } else if let Some(pos) = st.adapters.iter().position(|n| *n == name) {
+                        st.adapters.remove(pos);
+                        None
+                    } else {
+                        Some(format!(
+                            "no adapter named `{name}` is loaded (loaded: {})",
+                            list_or_none(&st.adapters)
+                        ))
+                    }
+                };
+                let r = match refused {
+                    Some(m) => Err(Error::msg(m)),
+                    None => {
+                        let r = guarded(|| self.backend.unload_adapter(&name));
+                        if r.is_err() {
+                            lock(&self.shared.state).adapters.push(name);
+                        }
+                        r
+                    }
+                };
+                let _ = reply.send(r);
+            }
+        }
+    }
+
+    /// Give a request a slot and its sampler.
+    fn admit(&mut self, q: Queued) {
+        let Queued {
+            id,
+            req,
+            mut sink,
+            submitted,
+        } = q;
+        let adapter = req.adapter.clone();
+        match guarded(|| self.backend.open(adapter.as_deref())) {
+            Ok(slot) => self.seqs.push(Seq {
+                id,
+                slot,
+                sampler: SeqSampler::new(&req.sampling),
+                prompt: req.prompt,
+                fed: 0,
+                adapter,
+                max_tokens: req.max_tokens,
+                stop_ids: req.stop_ids,
+                constraint: req.constraint,
+                logprobs: req.logprobs.map(|k| k.min(self.shared.info.vocab)),
+                sink,
+                submitted,
+                started: Instant::now(),
+                deadline: self.shared.cfg.request_timeout.map(|t| submitted + t),
+                generated: 0,
+                ttft: None,
+                next: None,
+                outcome: None,
+            }),
+            Err(e) => {
+                send(&mut sink, SeqEvent::Failed(e.to_string()));
+                self.release(adapter.as_deref(), false);
+                lock(&self.shared.metrics).snap.requests_failed += 1;
+            }
+        }
+    }
+
+    /// A request that never took a slot ends (cancelled or timed out while queued).
+    fn end_queued(&mut self, mut q: Queued, reason: FinishReason) {
+        send(
+            &mut q.sink,
+            SeqEvent::Finished {
+                reason,
+                prompt_tokens: q.req.prompt.len(),
+                completion_tokens: 0,
+                time_to_first_token: None,
+            },
+        );
+        self.release(q.req.adapter.as_deref(), false);
+        lock(&self.shared.metrics).snap.requests_cancelled += 1;
+    }
+
+    /// One fewer user of `adapter`; `slot`: it also held a slot.
+    fn release(&self, adapter: Option<&str>, slot: bool) {
+        let mut st = lock(&self.shared.state);
+        if let Some(a) = adapter {
+            if let Some(n) = st.in_use.get_mut(a) {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    st.in_use.remove(a);
+                }
+            }
+        }
+        if slot {
+            st.running = st.running.saturating_sub(1);
+        }
+    }
+
+    fn check_timeouts(&mut self) {
+        let now = Instant::now();
+        for s in &mut self.seqs {
+            if s.deadline.is_some_and(|d| now >= d) {
+                s.outcome
+                    .get_or_insert(Outcome::Finished(FinishReason::Cancelled));
+            }
+        }
+    }
+
+    /// Feed pending prompts, FIFO, within this iteration's token budget.
+    fn prefill(&mut self) {
+        let chunked = self.shared.info.chunked_prefill;
+        let mut budget = self.shared.cfg.prefill_chunk.max(1);
+        let mut fed_any = false;
+        for i in 0..self.seqs.len() {
+            let s = &self.seqs[i];
+            if s.outcome.is_some() || s.fed >= s.prompt.len() {
+                continue;
+            }
+            let left = s.prompt.len() - s.fed;
+            let n = if chunked {
+                left.min(budget)
+            } else if left <= budget || !fed_any {
+                // Whole prompts only: always one per iteration, more while the budget lasts.
+                left
+            } else {
+                0
+            };
+            if n == 0 {
+                break;
+            }
+            budget = budget.saturating_sub(n);
+            fed_any = true;
+            let (slot, from) = (s.slot, s.fed);
+            let last = from + n == s.prompt.len();
+            let ids = &self.seqs[i].prompt[from..from + n];
+            let backend = &mut self.backend;
+            let r = guarded(|| backend.prefill(slot, ids, last));
+            let s = &mut self.seqs[i];
+            s.fed += n;
+            match r {
+                Err(e) => s.outcome = Some(Outcome::Failed(e.to_string())),
+                Ok(Some(logits)) if last => self.token(i, logits),
+                Ok(None) if last => {
+                    s.outcome = Some(Outcome::Failed(
+                        "the backend returned no logits for the prompt's last position".into(),
+                    ))
+                }
+                Ok(_) => {}
+            }
+            if budget == 0 {
+                break;
+            }
+        }
+    }
+
+    /// One batched step over every decoding sequence.
+    fn decode(&mut self) {
+        let rows: Vec<usize> = (0..self.seqs.len())
+            .filter(|&i| self.seqs[i].outcome.is_none() && self.seqs[i].next.is_some())
+            .collect();
+        if rows.is_empty() {
+            return;
+        }
+        let batch: Vec<(SlotId, u32)> = rows
+            .iter()
+            .map(|&i| (self.seqs[i].slot, self.seqs[i].next.unwrap_or(0)))
+            .collect();
+        let backend = &mut self.backend;
+        let out = catch_unwind(AssertUnwindSafe(|| backend.step_rows(&batch)));
+        {
+            let mut m = lock(&self.shared.metrics);
+            m.snap.decode_steps += 1;
+            m.snap.decode_rows += rows.len() as u64;
+        }
+        match out {
+            Err(p) => {
+                let m = format!("the backend panicked: {}", panic_text(p));
+                for &i in &rows {
+                    self.seqs[i].outcome = Some(Outcome::Failed(m.clone()));
+                }
+            }
+            Ok(results) if results.len() != rows.len() => {
+                let m = format!(
+                    "the backend returned {} rows of logits for a batch of {}",
+                    results.len(),
+                    rows.len()
+                );
+                for &i in &rows {
+                    self.seqs[i].outcome = Some(Outcome::Failed(m.clone()));
+                }
+            }
+            Ok(results) => {
+                for (&i, r) in rows.iter().zip(results) {
+                    self.seqs[i].next = None;
+                    match r {
+                        Ok(logits) => self.token(i, logits),
+                        Err(e) => self.seqs[i].outcome = Some(Outcome::Failed(e.to_string())),
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sample sequence `i`'s next token from `logits`, report it, and decide whether the
+    /// sequence goes on.
+    fn token(&mut self, i: usize, logits: Vec<f32>) {
+        let vocab = self.shared.info.vocab;
+        let ctx = self.shared.info.context;
+        let in_ctx = self.shared.info.prompt_in_context;
+        let s = &mut self.seqs[i];
+        if logits.len() != vocab {
+            s.outcome = Some(Outcome::Failed(format!(
+                "the backend returned {} logits, expected {vocab}",
+                logits.len()
+            )));
+            return;
+        }
+        let pick = match s.sampler.pick(logits, s.constraint.as_mut(), s.logprobs) {
+            Ok(p) => p,
+            Err(m) => {
+                s.outcome = Some(Outcome::Failed(m));
+                return;
+            }
+        };
+        s.generated += 1;
+        self.tokens_now += 1;
+        if s.ttft.is_none() {
+            s.ttft = Some(s.submitted.elapsed());
+        }
+        if let Some(c) = s.constraint.as_mut() {
+            c.accept(pick.id);
+        }
+        let listening = send(
+            &mut s.sink,
+            SeqEvent::Token {
+                id: pick.id,
+                logprob: pick.logprob,
+            },
+        );
+        let used = if in_ctx {
+            s.prompt.len() + s.generated
+        } else {
+            s.generated
+        };
+        s.outcome = if !listening {
+            Some(Outcome::Gone)
+        } else if s.stop_ids.contains(&pick.id)
+            || s.constraint.as_ref().is_some_and(|c| c.is_complete())
+        {
+            Some(Outcome::Finished(FinishReason::Stop))
+        } else if s.generated >= s.max_tokens || used >= ctx {
+            // `ferrotune generate` stops the same way: the token that fills the context is
+            // reported, never fed.
+            Some(Outcome::Finished(FinishReason::Length))
+        } else {
+            s.next = Some(pick.id);
+            None
+        };
+    }
+
+    /// Close the slots of ended sequences, send their last event and count them.
+    fn sweep(&mut self) {
+        let mut i = 0;
+        while i < self.seqs.len() {
+            if self.seqs[i].outcome.is_none() {
+                i += 1;
+                continue;
+            }
+            let mut s = self.seqs.remove(i);
+            let slot = s.slot;
+            let backend = &mut self.backend;
+            // A panicking close only leaks that slot's memory; the sequence ends either way.
+            let _ = catch_unwind(AssertUnwindSafe(|| backend.close(slot)));
+            self.release(s.adapter.as_deref(), true);
+            let held = s.started.elapsed().as_secs_f64();
+            self.mean_seq_s = Some(match self.mean_seq_s {
+                None => held,
+                Some(m) => 0.8 * m + 0.2 * held,
+            });
+            let mut m = lock(&self.shared.metrics);
+            m.snap.prompt_tokens_total += s.fed as u64;
+            m.snap.completion_tokens_total += s.generated as u64;
+            if let Some(t) = s.ttft {
+                let secs = t.as_secs_f64();
+                m.snap.ttft_seconds_sum += secs;
+                m.snap.ttft_count += 1;
+                for (b, &bound) in m.snap.ttft_buckets.iter_mut().zip(TTFT_BUCKETS) {
+                    if secs <= bound {
+                        *b += 1;
+                    }
+                }
+            }
+            let ev = match s.outcome.take() {
+                Some(Outcome::Finished(reason)) => {
+                    if reason == FinishReason::Cancelled {
+                        m.snap.requests_cancelled += 1;
+                    }
+                    Some(SeqEvent::Finished {
+                        reason,
+                        prompt_tokens: s.prompt.len(),
+                        completion_tokens: s.generated,
+                        time_to_first_token: s.ttft,
+                    })
+                }
+                Some(Outcome::Failed(msg)) => {
+                    m.snap.requests_failed += 1;
+                    Some(SeqEvent::Failed(msg))
+                }
+                Some(Outcome::Gone) | None => {
+                    m.snap.requests_cancelled += 1;
+                    None
+                }
+            };
+            drop(m);
+            if let Some(ev) = ev {
+                send(&mut s.sink, ev);
+            }
+        }
+        self.flush_rate();
+    }
+
+    /// Record this iteration's tokens for `recent_tokens_per_s` and the queue estimate.
+    fn flush_rate(&mut self) {
+        let now = Instant::now();
+        let n = std::mem::take(&mut self.tokens_now);
+        if n > 0 {
+            let mut m = lock(&self.shared.metrics);
+            m.recent.push_back((now, n));
+            while m
+                .recent
+                .front()
+                .is_some_and(|(t, _)| now.duration_since(*t) > RATE_WINDOW)
+            {
+                m.recent.pop_front();
+            }
+        }
+        if let Some(mean) = self.mean_seq_s {
+            let mut st = lock(&self.shared.state);
+            // Slots free up about every mean / max_concurrent seconds; a request behind
+            // `queue` others waits for that many frees, plus its own.
+            let per_free = mean / self.shared.cfg.max_concurrent.max(1) as f64;
+            let wait = per_free * (st.queue.len() + 1) as f64;
+            st.retry_after = Duration::from_secs_f64(wait.clamp(1.0, 600.0));
+        }
+    }
 }
