@@ -5,11 +5,15 @@
 #   scripts/bench.sh decode [flags]   # "Speed: decode vs llama.cpp" (bench/decode_vs_llamacpp.py)
 #   scripts/bench.sh train [flags]    # "Speed and memory vs PyTorch + PEFT" and the memory
 #                                     # estimate table (bench/lora_train_vs_peft.py)
+#   scripts/bench.sh serve [flags]    # `ferrotune serve` with the official openai client
+#                                     # (reference/openai_client_check.py), then under load vs
+#                                     # llama.cpp's server (bench/serve_load.py)
 # Flags go to the Python script after the README's settings, so they override them:
 #   decode: --runs 5 --configs 2:16,2:8,1:16
 #   train:  --shapes 4x256,1x1024 --steps 6 --rows peft,f32,q4_1,q4_1_ckpt
-# Quickest check that everything runs: `scripts/bench.sh decode --runs 1 --new 16 --configs 2:16`
-# and `scripts/bench.sh train --steps 2 --shapes 1x64`.
+#   serve:  --clients 32 --requests 8 (flags go to bench/serve_load.py only)
+# Quickest check that everything runs: `scripts/bench.sh decode --runs 1 --new 16 --configs 2:16`,
+# `scripts/bench.sh train --steps 2 --shapes 1x64` and `scripts/bench.sh serve --clients 4 --requests 2`.
 # Needs the reference environment (scripts/setup-reference.sh; $PYTHON overrides .venv/bin/python)
 # and, for train, DialogSum in ../shared/data/dialogsum ($FERROTUNE_SHARED_DIR overrides ../shared).
 # Fetches the models (scripts/fetch-models.sh) and builds ferrotune in release when needed.
@@ -17,7 +21,7 @@ set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
 
-usage() { sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; }
 what="${1:-}"
 case "$what" in
   decode)
@@ -30,8 +34,13 @@ case "$what" in
     defaults=(--shapes 4x256,1x1024 --steps 6 --rows peft,f32,q4_1,q4_1_ckpt)
     modules=(torch transformers peft)
     ;;
+  serve)
+    script=bench/serve_load.py
+    defaults=(--clients 32 --requests 8)
+    modules=(openai llama_cpp)
+    ;;
   -h|--help) usage; exit 0 ;;
-  *) echo "bench.sh: expected \`decode\` or \`train\`, got \`$what\` (scripts/bench.sh --help)" >&2; exit 2 ;;
+  *) echo "bench.sh: expected \`decode\`, \`train\` or \`serve\`, got \`$what\` (scripts/bench.sh --help)" >&2; exit 2 ;;
 esac
 shift
 
@@ -81,4 +90,16 @@ echo "CPU: $cpu; $(nproc) cores available (nproc); SIMD: $simd (${present[*]:-no
 echo "load average at start: $(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null || echo unknown)"
 if [ -n "${FERROTUNE_QUANT_ISA:-}" ]; then echo "FERROTUNE_QUANT_ISA=$FERROTUNE_QUANT_ISA"; fi
 echo
+if [ "$what" = serve ]; then
+  # The acceptance's client check runs here (CI runs it only where its python has openai); the
+  # load run goes on after a failed check, and the exit status reports both.
+  check_rc=0
+  "$PY" reference/openai_client_check.py || check_rc=$?
+  echo
+  load_rc=0
+  "$PY" "$script" "${defaults[@]}" "$@" || load_rc=$?
+  if [ "$check_rc" != 0 ]; then echo "bench.sh: reference/openai_client_check.py failed" >&2; fi
+  if [ "$check_rc" != 0 ] || [ "$load_rc" != 0 ]; then exit 1; fi
+  exit 0
+fi
 exec "$PY" "$script" "${defaults[@]}" "$@"

@@ -1,0 +1,333 @@
+#!/usr/bin/env python3
+"""Serving under load, loopback only, bounded: `ferrotune serve` (continuous batching, an adapter
+per request) and llama.cpp's server (`python -m llama_cpp.server`, llama-cpp-python) on the same
+GGUF, the same thread count and the same client load, in one run (issue 14's acceptance).
+
+    scripts/bench.sh serve [flags]        # builds, fetches, prints the machine header
+    .venv/bin/python bench/serve_load.py [--model GGUF] [--threads 2] [--clients 32]
+        [--requests 8] [--max-tokens 32] [--streams 1,8] [--max-seconds 1200]
+        [--adapter NAME=DIR ...] [--no-llamacpp] [--no-check]
+
+For each server, in turn (the other idle):
+1. reference outputs: every (prompt, adapter) job of the load run alone, greedy;
+2. throughput: 1 and 8 concurrent streams (each 3 requests, greedy, --long-tokens each, base
+   model) -> aggregate generated tokens/s over the wall time (prefill included: prompts are
+   ~40 tokens), and the rate one stream sees after its first token;
+3. load: --clients concurrent clients x --requests requests each, streamed, greedy; ferrotune
+   cycles through the base and every adapter (a mixed-adapter batch), llama.cpp serves the base
+   only (it cannot choose a LoRA per request). Checks: 0 errors, every output identical to its
+   single-request output. Reports requests/s, generated tokens/s, p50/p99 time to first token
+   (first non-empty delta) and request latency.
+Then the ratios ferrotune / llama.cpp, and (ferrotune) tokens/s at 8 streams / 1 stream, which the
+acceptance wants >= 3. Exit status 1 if any check fails (--no-check: report only).
+
+llama.cpp's server here is llama-cpp-python's: one model object behind a global lock, so it runs
+one request at a time (concurrent requests queue; it has no continuous batching), and by default
+(`interrupt_requests`) a queued request cuts the running stream short; this bench starts it with
+`--interrupt_requests False` so every request runs to its end. Its streamed chunks carry no usage
+(no stream_options), so its token counts are counted chunks (one per token, bar held-back UTF-8).
+The demo adapters (runs/serve-check/, trained once, ~30 s) are reference/serve_harness.py's.
+"""
+import argparse, concurrent.futures as cf, os, subprocess, sys, threading, time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "reference"))
+import serve_harness as H  # noqa: E402
+
+API_KEY = "sk-ferrotune-bench"
+# Short chat prompts of the load run (each with every adapter on ferrotune).
+PROMPTS = [
+    "What is the capital of France?",
+    "What is 2+2?",
+    "Write the date in this sentence as YYYY-MM-DD.\n\nSentence: The shop opened on May 4th, 2001.",
+    "Name three colors.",
+    "The bridge reopened on March 3rd, 1999.",
+    "Give me a synonym for happy.",
+    "What does a baker do?",
+    "Translate 'good morning' into French.",
+]
+LONG_PROMPTS = [
+    "Write a long story about a lighthouse keeper who finds a message in a bottle.",
+    "Write a long story about a dragon who learns to cook.",
+    "Write a long essay about the history of bread.",
+    "Write a long story about a robot exploring an abandoned city.",
+    "Write a long poem about the sea and the stars.",
+    "Write a long story about two friends lost in a forest.",
+    "Write a long letter to a friend about a trip to the mountains.",
+    "Write a long story about a cat who becomes mayor.",
+]
+
+
+def pct(xs, p):
+    xs = sorted(xs)
+    if not xs:
+        return float("nan")
+    k = (len(xs) - 1) * p / 100
+    lo, hi = int(k), min(int(k) + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
+class Target:
+    """One server under test, and how to ask it."""
+
+    def __init__(self, name, server, model_id, adapters, usage_in_stream):
+        import openai
+        self.name, self.server, self.model_id = name, server, model_id
+        self.adapters = adapters  # [None] + names served per request
+        self.usage_in_stream = usage_in_stream
+        self.client = openai.OpenAI(base_url=server.base + "/v1", api_key=API_KEY, max_retries=0,
+                                    timeout=600)
+
+    def model(self, adapter):
+        return self.model_id if adapter is None else f"{self.model_id}:{adapter}"
+
+    def run(self, prompt, adapter, max_tokens):
+        """One streamed greedy chat request: dict(text, tokens, ttft, latency, t_first, t_end)."""
+        kw = {"stream_options": {"include_usage": True}} if self.usage_in_stream else {}
+        t0 = time.perf_counter()
+        s = self.client.chat.completions.create(
+            model=self.model(adapter), messages=[{"role": "user", "content": prompt}],
+            max_tokens=max_tokens, temperature=0, stream=True, **kw)
+        text, chunks, usage, t_first = [], 0, None, None
+        for ch in s:
+            if getattr(ch, "usage", None) is not None:
+                usage = ch.usage.completion_tokens
+            for c in ch.choices:
+                if c.delta.content:
+                    if t_first is None:
+                        t_first = time.perf_counter()
+                    chunks += 1
+                    text.append(c.delta.content)
+        t_end = time.perf_counter()
+        return {"text": "".join(text), "tokens": usage if usage is not None else chunks,
+                "ttft": (t_first or t_end) - t0, "latency": t_end - t0,
+                "t_first": t_first or t_end, "t_end": t_end}
+
+
+def references(tgt, jobs, max_tokens, deadline):
+    ref = {}
+    for job in jobs:
+        if time.monotonic() > deadline:
+            raise TimeoutError("--max-seconds reached while taking reference outputs")
+        ref[job] = tgt.run(job[0], job[1], max_tokens)["text"]
+    return ref
+
+
+def concurrent(tgt, plan, max_tokens, deadline):
+    """plan: one list of (prompt, adapter) per client; clients run their lists concurrently.
+    Returns (results [(job, result or exception)], wall seconds)."""
+    out, lock = [], threading.Lock()
+
+    def client(jobs):
+        for job in jobs:
+            if time.monotonic() > deadline:
+                with lock:
+                    out.append((job, TimeoutError("--max-seconds reached")))
+                continue
+            try:
+                r = tgt.run(job[0], job[1], max_tokens)
+            except Exception as e:  # counted as an error of the run
+                r = e
+            with lock:
+                out.append((job, r))
+    t0 = time.perf_counter()
+    with cf.ThreadPoolExecutor(len(plan)) as ex:
+        list(ex.map(client, plan))
+    return out, time.perf_counter() - t0
+
+
+def throughput(tgt, streams, long_tokens, deadline, per_stream=3):
+    plan = [[(LONG_PROMPTS[(s * per_stream + i) % len(LONG_PROMPTS)], None) for i in range(per_stream)]
+            for s in range(streams)]
+    res, wall = concurrent(tgt, plan, long_tokens, deadline)
+    errs = [r for _, r in res if isinstance(r, Exception)]
+    ok = [r for _, r in res if not isinstance(r, Exception)]
+    toks = sum(r["tokens"] for r in ok)
+    rates = [(r["tokens"] - 1) / (r["t_end"] - r["t_first"]) for r in ok
+             if r["tokens"] > 1 and r["t_end"] > r["t_first"]]
+    per_stream = sum(rates) / len(rates) if rates else float("nan")
+    return {"streams": streams, "tokens": toks, "wall": wall, "tok_s": toks / wall,
+            "per_stream_tok_s": per_stream, "errors": errs,
+            "mean_tokens": toks / max(len(ok), 1)}
+
+
+def load(tgt, clients, requests, max_tokens, ref, deadline):
+    jobs = [(p, a) for p in PROMPTS for a in tgt.adapters]
+    plan = [[jobs[(c * requests + i) % len(jobs)] for i in range(requests)] for c in range(clients)]
+    res, wall = concurrent(tgt, plan, max_tokens, deadline)
+    errors = [(j, r) for j, r in res if isinstance(r, Exception)]
+    ok = [(j, r) for j, r in res if not isinstance(r, Exception)]
+    mismatch = [(j, r["text"]) for j, r in ok if r["text"] != ref[j]]
+    return {"n": len(res), "wall": wall, "errors": errors, "mismatch": mismatch,
+            "tokens": sum(r["tokens"] for _, r in ok),
+            "ttft": [r["ttft"] for _, r in ok], "latency": [r["latency"] for _, r in ok]}
+
+
+def bench_target(tgt, a, deadline, results, failures):
+    name = tgt.name
+    jobs = sorted({(p, ad) for p in PROMPTS for ad in tgt.adapters}, key=lambda j: (j[0], j[1] or ""))
+    t0 = time.perf_counter()
+    ref = references(tgt, jobs, a.max_tokens, deadline)
+    print(f"{name}: {len(jobs)} reference outputs (one request at a time) in "
+          f"{time.perf_counter() - t0:.1f} s", flush=True)
+    # Warm-up so that the first measured phase does not pay for page faults.
+    tgt.run(LONG_PROMPTS[0], None, 8)
+    tp = {}
+    for s in a.streams:
+        r = throughput(tgt, s, a.long_tokens, deadline)
+        tp[s] = r
+        print(f"{name}: {s} stream(s) x 3 requests: {r['tokens']} tokens in {r['wall']:.1f} s = "
+              f"{r['tok_s']:.1f} tok/s aggregate (a stream sees {r['per_stream_tok_s']:.1f} tok/s after "
+              f"its first token; {r['mean_tokens']:.0f} tokens/request); errors {len(r['errors'])}", flush=True)
+        if r["errors"]:
+            failures.append(f"{name}: {len(r['errors'])} errors at {s} streams: {r['errors'][0]!r}")
+    ld = load(tgt, a.clients, a.requests, a.max_tokens, ref, deadline)
+    print(f"{name}: load {a.clients} clients x {a.requests} requests"
+          f"{' (adapters: ' + ', '.join(x or 'base' for x in tgt.adapters) + ')' if len(tgt.adapters) > 1 else ''}"
+          f": {ld['n']} requests in {ld['wall']:.1f} s = {ld['n'] / ld['wall']:.2f} req/s, "
+          f"{ld['tokens'] / ld['wall']:.1f} tok/s; TTFT p50 {pct(ld['ttft'], 50):.3f} s, "
+          f"p99 {pct(ld['ttft'], 99):.3f} s; latency p50 {pct(ld['latency'], 50):.2f} s, "
+          f"p99 {pct(ld['latency'], 99):.2f} s; errors {len(ld['errors'])}, "
+          f"outputs != single-request {len(ld['mismatch'])}", flush=True)
+    for j, e in ld["errors"][:3]:
+        print(f"  error: {j[1] or 'base'} {j[0][:40]!r}: {type(e).__name__}: {str(e)[:300]}")
+    for j, t in ld["mismatch"][:3]:
+        print(f"  mismatch: {j[1] or 'base'} {j[0][:40]!r}: {t!r} != single {ref[j]!r}")
+    if ld["errors"]:
+        failures.append(f"{name}: {len(ld['errors'])} errors under load")
+    if ld["mismatch"]:
+        failures.append(f"{name}: {len(ld['mismatch'])} outputs under load differ from their "
+                        "single-request output")
+    results[name] = {"tp": tp, "load": ld}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default=H.DEFAULT_GGUF)
+    ap.add_argument("--bin", help="ferrotune binary (default: $FERROTUNE_BIN, target/release/ferrotune)")
+    ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    ap.add_argument("--clients", type=int, default=32)
+    ap.add_argument("--requests", type=int, default=8)
+    ap.add_argument("--max-tokens", type=int, default=32, help="max_tokens of the load requests")
+    ap.add_argument("--long-tokens", type=int, default=64,
+                    help="max_tokens of the throughput requests")
+    ap.add_argument("--streams", default="1,8", help="concurrent streams of the throughput runs")
+    ap.add_argument("--max-seconds", type=float, default=1200,
+                    help="the whole run's bound: servers are stopped and the run fails past it")
+    ap.add_argument("--adapter", action="append", metavar="NAME=DIR",
+                    help="adapters for ferrotune (default: the two demo adapters)")
+    ap.add_argument("--workdir", default=H.DEFAULT_WORKDIR)
+    ap.add_argument("--serve-args", default="", help="more `ferrotune serve` arguments")
+    ap.add_argument("--no-llamacpp", action="store_true", help="ferrotune only")
+    ap.add_argument("--no-ferrotune", action="store_true", help="llama.cpp only")
+    ap.add_argument("--no-check", action="store_true", help="report only; exit 0 on failed checks")
+    a = ap.parse_args()
+    a.streams = [int(s) for s in a.streams.split(",")]
+    try:
+        import openai
+    except ImportError:
+        sys.exit("the openai client is missing from this Python: run scripts/setup-reference.sh")
+    if not a.no_llamacpp:
+        try:
+            import llama_cpp.server.app  # noqa: F401
+        except ImportError as e:
+            sys.exit(f"llama-cpp-python's server is missing ({e}): run scripts/setup-reference.sh "
+                     "without --no-llama")
+    if not os.path.isfile(a.model):
+        sys.exit(f"{a.model}: no such GGUF (scripts/fetch-models.sh fetches the default)")
+    os.makedirs(a.workdir, exist_ok=True)
+    start = time.monotonic()
+    deadline = start + a.max_seconds
+    servers = []
+
+    def watchdog():
+        print(f"serve_load: --max-seconds {a.max_seconds:.0f} s passed: stopping", flush=True)
+        for s in servers:
+            s.kill()
+        os._exit(2)
+    timer = threading.Timer(a.max_seconds + 60, watchdog)
+    timer.daemon = True
+    timer.start()
+
+    print(H.cpu_line())
+    print(f"model {os.path.relpath(a.model, ROOT)}; {a.threads} threads each; load {a.clients} "
+          f"clients x {a.requests} requests, max_tokens {a.max_tokens}, greedy; throughput at "
+          f"{a.streams} streams, max_tokens {a.long_tokens}; openai {openai.__version__}", flush=True)
+    results, failures = {}, []
+    mid = H.model_id(a.model)
+    if not a.no_ferrotune:
+        exe = H.ferrotune_bin(a.bin)
+        adapters = H.parse_adapter_args(a.adapter) or H.demo_adapters(exe, a.model, a.workdir)
+        port = H.free_port()
+        cmd = [exe, "serve", "--model", a.model, "--host", "127.0.0.1", "--port", str(port),
+               "--api-key", API_KEY, "--threads", str(a.threads),
+               "--max-concurrent", str(max(a.clients, max(a.streams)))]
+        for n, d in adapters.items():
+            cmd += ["--adapter", f"{n}={d}"]
+        cmd += a.serve_args.split()
+        print(f"ferrotune: {' '.join(os.path.relpath(x, ROOT) if x.startswith(ROOT) else x for x in cmd)}",
+              flush=True)
+        srv = H.Server("ferrotune serve", cmd, port, os.path.join(a.workdir, "serve-load-ferrotune.log"))
+        servers.append(srv)
+        try:
+            bench_target(Target("ferrotune", srv, mid, [None] + list(adapters), True), a, deadline,
+                         results, failures)
+        except Exception as e:
+            failures.append(f"ferrotune: {type(e).__name__}: {e}")
+            print(f"ferrotune: {type(e).__name__}: {e}\n{srv.log_tail()}", flush=True)
+        finally:
+            srv.terminate()
+    if not a.no_llamacpp:
+        port = H.free_port()
+        cmd = [sys.executable, "-m", "llama_cpp.server", "--model", a.model, "--model_alias", mid,
+               "--n_threads", str(a.threads), "--n_threads_batch", str(a.threads), "--n_ctx", "2048",
+               "--host", "127.0.0.1", "--port", str(port), "--api_key", API_KEY,
+               "--interrupt_requests", "False", "--verbose", "False"]
+        print(f"llama.cpp: python -m llama_cpp.server {' '.join(cmd[3:])}".replace(ROOT + "/", ""),
+              flush=True)
+        srv = H.Server("llama_cpp.server", cmd, port, os.path.join(a.workdir, "serve-load-llamacpp.log"),
+                       health_path="/docs")  # FastAPI's page: up, no key needed
+        servers.append(srv)
+        try:
+            bench_target(Target("llama.cpp", srv, mid, [None], False), a, deadline, results, failures)
+        except Exception as e:
+            failures.append(f"llama.cpp: {type(e).__name__}: {e}")
+            print(f"llama.cpp: {type(e).__name__}: {e}\n{srv.log_tail()}", flush=True)
+        finally:
+            srv.terminate()
+
+    print()
+    ft, lc = results.get("ferrotune"), results.get("llama.cpp")
+    if ft and len(a.streams) > 1:
+        lo, hi = a.streams[0], a.streams[-1]
+        ratio = ft["tp"][hi]["tok_s"] / ft["tp"][lo]["tok_s"]
+        print(f"ferrotune: {hi} streams / {lo} stream = {ratio:.2f}x aggregate tokens/s; "
+              "the acceptance wants >= 3x")
+        if ratio < 3:
+            failures.append(f"ferrotune: {hi} streams give {ratio:.2f}x the tokens/s of {lo}, < 3x")
+    if lc and len(a.streams) > 1:
+        lo, hi = a.streams[0], a.streams[-1]
+        print(f"llama.cpp: {hi} streams / {lo} stream = "
+              f"{lc['tp'][hi]['tok_s'] / lc['tp'][lo]['tok_s']:.2f}x aggregate tokens/s")
+    if ft and lc:
+        for s in a.streams:
+            print(f"ferrotune / llama.cpp at {s} stream(s): "
+                  f"{ft['tp'][s]['tok_s'] / lc['tp'][s]['tok_s']:.2f}x aggregate tokens/s")
+        fl, ll = ft["load"], lc["load"]
+        print(f"ferrotune / llama.cpp under load ({a.clients} x {a.requests}; ferrotune with mixed "
+              f"adapters, llama.cpp base only): {(fl['tokens'] / fl['wall']) / (ll['tokens'] / ll['wall']):.2f}x "
+              f"tokens/s, {(fl['n'] / fl['wall']) / (ll['n'] / ll['wall']):.2f}x requests/s; TTFT p50 "
+              f"{pct(fl['ttft'], 50):.3f} vs {pct(ll['ttft'], 50):.3f} s, p99 {pct(fl['ttft'], 99):.3f} "
+              f"vs {pct(ll['ttft'], 99):.3f} s")
+    print(f"total {time.monotonic() - start:.0f} s")
+    timer.cancel()
+    if failures:
+        print("FAILED: " + "; ".join(failures))
+        if not a.no_check:
+            sys.exit(1)
+    else:
+        print("all checks passed")
+
+
+if __name__ == "__main__":
+    main()
