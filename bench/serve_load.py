@@ -178,7 +178,8 @@ def bench_target(tgt, a, deadline, results, failures):
         tp[s] = r
         print(f"{name}: {s} stream(s) x 3 requests: {r['tokens']} tokens in {r['wall']:.1f} s = "
               f"{r['tok_s']:.1f} tok/s aggregate (a stream sees {r['per_stream_tok_s']:.1f} tok/s after "
-              f"its first token; {r['mean_tokens']:.0f} tokens/request); errors {len(r['errors'])}", flush=True)
+              f"its first token; {r['mean_tokens']:.0f} tokens/request); errors {len(r['errors'])}; "
+              f"load average {os.getloadavg()[0]:.1f}", flush=True)
         if r["errors"]:
             failures.append(f"{name}: {len(r['errors'])} errors at {s} streams: {r['errors'][0]!r}")
     ld = load(tgt, a.clients, a.requests, a.max_tokens, ref, deadline)
@@ -188,7 +189,8 @@ def bench_target(tgt, a, deadline, results, failures):
           f"{ld['tokens'] / ld['wall']:.1f} tok/s; TTFT p50 {pct(ld['ttft'], 50):.3f} s, "
           f"p99 {pct(ld['ttft'], 99):.3f} s; latency p50 {pct(ld['latency'], 50):.2f} s, "
           f"p99 {pct(ld['latency'], 99):.2f} s; errors {len(ld['errors'])}, "
-          f"outputs != single-request {len(ld['mismatch'])}", flush=True)
+          f"outputs != single-request {len(ld['mismatch'])}; load average {os.getloadavg()[0]:.1f}",
+          flush=True)
     for j, e in ld["errors"][:3]:
         print(f"  error: {j[1] or 'base'} {j[0][:40]!r}: {type(e).__name__}: {str(e)[:300]}")
     for j, t in ld["mismatch"][:3]:
@@ -319,7 +321,9 @@ def main():
               f"tokens/s, {(fl['n'] / fl['wall']) / (ll['n'] / ll['wall']):.2f}x requests/s; TTFT p50 "
               f"{pct(fl['ttft'], 50):.3f} vs {pct(ll['ttft'], 50):.3f} s, p99 {pct(fl['ttft'], 99):.3f} "
               f"vs {pct(ll['ttft'], 99):.3f} s")
-    print(f"total {time.monotonic() - start:.0f} s")
+    print(f"total {time.monotonic() - start:.0f} s; load average at the end "
+          f"{' '.join(f'{x:.1f}' for x in os.getloadavg())} (other processes on these cores skew "
+          "every figure: compare runs made on an idle machine)")
     timer.cancel()
     if failures:
         print("FAILED: " + "; ".join(failures))

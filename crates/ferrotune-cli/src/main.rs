@@ -32,6 +32,9 @@ macro_rules! warn {
     };
 }
 
+// After the macros above, which it uses.
+mod serve;
+
 /// The progress bar of a long command: shown on a terminal, never with `--quiet`.
 fn bar() -> Bar {
     Bar::stderr(QUIET.load(Ordering::Relaxed))
@@ -60,6 +63,8 @@ struct Cli {
 enum Command {
     /// Generate text (plain prompt, chat, or few-shot).
     Generate(GenerateArgs),
+    /// Serve the model over an OpenAI-compatible HTTP API (adapters per request, batching).
+    Serve(serve::ServeArgs),
     /// Show a model's architecture, size, stored types and memory needs.
     Inspect(InspectArgs),
     /// Perplexity of a model on a text or JSONL file.
@@ -1003,6 +1008,7 @@ fn main() {
     QUIET.store(cli.quiet, Ordering::Relaxed);
     let res = match cli.cmd {
         Command::Generate(a) => run_generate(a),
+        Command::Serve(a) => serve::run_serve(a),
         Command::Inspect(a) => run_inspect(a),
         Command::Perplexity(a) => run_perplexity(a),
         Command::Convert(a) => run_convert(a),

@@ -4,12 +4,34 @@
 //! a few short loops. It reads the weights of a loaded `Llama` (no copy of the big matrices)
 //! and is checked against it in tests. Prefill runs batched through the same kernels.
 //!
-//! Used by `generate` when every linear layer is quantized or dense f32 on the CPU and no
-//! adapter is attached; anything else decodes through the differentiable model.
+//! Plain LoRA adapters run here too (`scale * B (A x)` added to the adapted projections, per
+//! row): [`FastDecoder`] applies every active LoRA adapter attached to the model (what
+//! `generate --adapter` attaches), and the serving backend ([`crate::serve::fast`]) picks one
+//! adapter per sequence, so one batched step serves several adapters.
+//!
+//! Arithmetic that must not depend on batching. The serving backend runs many sequences
+//! through [`Weights::forward`], and a sequence's greedy output must be the same whatever
+//! shares its steps and however its prompt is chunked, and the same as `generate`'s (which
+//! runs [`FastDecoder`] over the same function). So each row's result is computed the same way
+//! whatever the other rows:
+//! - decode steps ([`Kernel::Decode`]) use the matrix-vector arithmetic for every row
+//!   ([`QuantWeight::matvec_rows_into`]: one pass over each weight for all rows, each row
+//!   bit-identical to `matvec_into`);
+//! - prompt chunks ([`Kernel::Prefill`]) use the batched kernels' arithmetic even for a chunk
+//!   of one token (GGML Q4_0/Q4_1/Q8_0: the packed-panel kernels, whose rows do not depend on
+//!   the row count; dense and other formats: the matrix-vector arithmetic), so a prompt fed in
+//!   chunks of any size leaves the same cache and gives the same logits as one feed;
+//! - norms, RoPE, attention (over the row's own cache), SwiGLU and LoRA run per row.
+//!
+//! Scoring ([`FastDecoder::extend`], [`FastDecoder::score_batch`]) keeps the fastest kernels
+//! ([`Kernel::Score`]): it needs logits to within rounding, not bit-identity across batches.
+//!
+//! Used by `generate` when every linear layer is quantized or dense f32 on the CPU and every
+//! adapter is a plain LoRA; anything else decodes through the differentiable model.
 use crate::generate::Decoder;
 use crate::model::{Llama, Model};
 use crate::nn::{EmbeddingWeight, Linear, LinearWeight};
-use crate::quant::QuantWeight;
+use crate::quant::{Isa, QuantWeight};
 use crate::Result;
 use candle_core::{DType, Device, Tensor};
 use std::sync::Arc;
@@ -19,6 +41,21 @@ enum Mat {
     /// Dense f32 (out, in), row-major.
     Dense(Vec<f32>, usize, usize),
 }
+
+/// How a forward pass multiplies activation rows by a weight (see the module docs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Kernel {
+    /// The fastest: one row by the matrix-vector kernel, several by the batched kernels.
+    Score,
+    /// Prompt chunks: the batched kernels' per-row arithmetic whatever the row count.
+    Prefill,
+    /// Decode steps: the matrix-vector kernel's per-row arithmetic whatever the row count.
+    Decode,
+}
+
+/// Dense rows per parallel block of [`Mat::rows`]: a decode step reads every weight once, and
+/// one core alone cannot pull f32 weights as fast as memory delivers them.
+const DENSE_BLOCK: usize = 256;
 
 impl Mat {
     fn from_linear(l: &Linear) -> Option<Self> {
@@ -47,46 +84,76 @@ impl Mat {
         }
     }
 
-    /// out = W x for one row.
-    fn matvec(&self, x: &[f32], out: &mut [f32]) {
+    /// out (m, out) = x (m, in) W^T, each row exactly as the single-row matrix-vector product
+    /// computes it, each weight read once for all rows.
+    fn rows(&self, x: &[f32], m: usize, out: &mut [f32]) {
         match self {
-            Mat::Quant(q) => q.matvec_into(x, out),
-            Mat::Dense(w, _, i) => {
-                // Rows in blocks across the cores: a decode step reads every weight once, and
-                // one core alone cannot pull f32 weights as fast as memory delivers them.
-                const BLOCK: usize = 256;
-                let work = |(oc, wc): (&mut [f32], &[f32])| {
-                    for (o, row) in oc.iter_mut().zip(wc.chunks_exact(*i)) {
-                        *o = dot(row, x);
+            Mat::Quant(q) => q.matvec_rows_into(x, m, out),
+            Mat::Dense(w, o, i) => {
+                let (o, i) = (*o, *i);
+                // Blocks of weight rows; within a block, every activation row against the block
+                // (still in cache). Each output is `dot(weight row, x row)`, as for one row.
+                let work = |b: usize, wc: &[f32], outp: &SyncOut| {
+                    for (c, row) in wc.chunks_exact(i).enumerate() {
+                        for r in 0..m {
+                            let v = dot(row, &x[r * i..(r + 1) * i]);
+                            // SAFETY: block `b` alone writes columns b*BLOCK.. of every row.
+                            unsafe { *outp.0.add(r * o + b * DENSE_BLOCK + c) = v };
+                        }
                     }
                 };
-                if out.len() * *i >= 1 << 20 {
+                let outp = SyncOut(out.as_mut_ptr());
+                assert!(out.len() == m * o && x.len() == m * i);
+                if o * i * m >= 1 << 20 {
                     use rayon::prelude::*;
-                    out.par_chunks_mut(BLOCK)
-                        .zip(w.par_chunks(BLOCK * *i))
-                        .for_each(work);
+                    w.par_chunks(DENSE_BLOCK * i)
+                        .enumerate()
+                        .for_each(|(b, wc)| work(b, wc, &outp));
                 } else {
-                    out.chunks_mut(BLOCK)
-                        .zip(w.chunks(BLOCK * *i))
-                        .for_each(work);
+                    w.chunks(DENSE_BLOCK * i)
+                        .enumerate()
+                        .for_each(|(b, wc)| work(b, wc, &outp));
                 }
             }
         }
     }
 
-    /// out (m, out) = x (m, in) W^T.
-    fn matmul(&self, x: &[f32], m: usize, out: &mut [f32]) -> Result<()> {
-        match self {
-            Mat::Quant(q) => {
+    /// out (m, out) = x (m, in) W^T for `kernel` (see [`Kernel`]).
+    fn apply(&self, kernel: Kernel, x: &[f32], m: usize, out: &mut [f32]) -> Result<()> {
+        match (kernel, self) {
+            (Kernel::Decode, _) => self.rows(x, m, out),
+            (Kernel::Prefill, Mat::Quant(q)) if own_kernels(q) => q.matmul_with(
+                Isa::best(),
+                q.settings().activation,
+                crate::quant::num_threads(),
+                x,
+                m,
+                out,
+            ),
+            (Kernel::Prefill, _) => self.rows(x, m, out),
+            (Kernel::Score, _) if m == 1 => self.rows(x, m, out),
+            (Kernel::Score, Mat::Quant(q)) => {
                 let k = q.shape().1;
                 let y = q.forward(&Tensor::from_slice(x, (m, k), &Device::Cpu)?)?;
                 out.copy_from_slice(&y.flatten_all()?.to_vec1::<f32>()?);
             }
-            Mat::Dense(w, o, i) => dense_matmul(x, m, w, *o, *i, out)?,
+            (Kernel::Score, Mat::Dense(w, o, i)) => dense_matmul(x, m, w, *o, *i, out)?,
         }
         Ok(())
     }
 }
+
+/// Whether `q` runs on our GGML block kernels (Q4_0, Q4_1, Q8_0), whose batched rows do not
+/// depend on the row count.
+fn own_kernels(q: &QuantWeight) -> bool {
+    use candle_core::quantized::GgmlDType as G;
+    matches!(q.ggml_dtype(), Some(G::Q4_0 | G::Q4_1 | G::Q8_0))
+}
+
+/// A raw output pointer shared by workers writing disjoint elements.
+struct SyncOut(*mut f32);
+// SAFETY: only used for disjoint writes (see `Mat::rows`).
+unsafe impl Sync for SyncOut {}
 
 /// out (m, o) = x (m, i) W^T for a dense row-major W (o, i), through gemm on every core (a
 /// prompt of many tokens is a matrix product, not m matrix-vector products).
@@ -134,24 +201,97 @@ fn dense_matmul(x: &[f32], m: usize, w: &[f32], o: usize, i: usize, out: &mut [f
     Ok(())
 }
 
+/// Which adapters a row runs with: an index into [`Weights`]' adapter sets (`None`: the base).
+pub(crate) type AdapterSet = Option<u32>;
+
+/// One plain LoRA adapter on one projection: `out += B (scale · A x)` (PEFT's LoRA at inference,
+/// dropout off; the scale is `alpha / r`, or `alpha / sqrt(r)` with rsLoRA, as attached).
+pub(crate) struct LoraDelta {
+    /// The adapter set it belongs to.
+    pub set: u32,
+    pub r: usize,
+    /// (r, in), row-major.
+    pub a: Vec<f32>,
+    /// (out, r), row-major.
+    pub b: Vec<f32>,
+    pub scale: f32,
+}
+
+impl LoraDelta {
+    /// From a plain LoRA layer of a `(out, in)` linear; `None` for what the engine cannot run
+    /// (DoRA, a shape that does not fit).
+    pub(crate) fn from_lora(
+        l: &crate::peft::LoraAdapter,
+        set: u32,
+        out: usize,
+        inp: usize,
+    ) -> Option<Self> {
+        if l.magnitude().is_some() {
+            return None;
+        }
+        let a = vec_f32(l.a().as_tensor())?;
+        let b = vec_f32(l.b().as_tensor())?;
+        let r = l.r();
+        (a.len() == r * inp && b.len() == out * r && r > 0).then(|| LoraDelta {
+            set,
+            r,
+            a,
+            b,
+            scale: l.scale() as f32,
+        })
+    }
+
+    /// `out += B (scale · A x)` for one row; `h` is scratch of `r` values.
+    fn add_row(&self, x: &[f32], out: &mut [f32], h: &mut Vec<f32>) {
+        let inp = x.len();
+        h.clear();
+        h.extend(
+            self.a
+                .chunks_exact(inp)
+                .map(|a_row| dot(a_row, x) * self.scale),
+        );
+        for (o, b_row) in out.iter_mut().zip(self.b.chunks_exact(self.r)) {
+            *o += dot(b_row, h);
+        }
+    }
+}
+
 struct Lin {
     w: Mat,
     bias: Option<Vec<f32>>,
+    /// Applied in order after the base projection and its bias, each to the rows of its set.
+    loras: Vec<LoraDelta>,
 }
 
 impl Lin {
+    /// The base projection of `l` with its active plain LoRA adapters as set 0 (what
+    /// [`FastDecoder`] runs); `None` when another kind of adapter is active or a mixed batch
+    /// is set on the layer.
     fn new(l: &Linear) -> Option<Self> {
-        if l.has_active_adapters() {
-            return None;
-        }
         let bias = match l.bias() {
             Some(b) => Some(b.to_dtype(DType::F32).ok()?.to_vec1::<f32>().ok()?),
             None => None,
         };
-        Some(Self {
+        let mut lin = Self {
             w: Mat::from_linear(l)?,
             bias,
-        })
+            loras: Vec::new(),
+        };
+        if l.has_active_adapters() {
+            if l.row_adapters().is_some() {
+                return None;
+            }
+            let (out, inp) = lin.w.shape();
+            for (_, a) in l.adapters() {
+                let lora = crate::peft::lora::as_lora(a)?;
+                // The model path skips these too (a merged one is in the base weight).
+                if !lora.is_active() || lora.is_merged() {
+                    continue;
+                }
+                lin.loras.push(LoraDelta::from_lora(lora, 0, out, inp)?);
+            }
+        }
+        Some(lin)
     }
     /// Whether this is an (out, in) matrix with a bias of `out` values, if any.
     fn has_shape(&self, out: usize, inp: usize) -> bool {
@@ -165,13 +305,30 @@ impl Lin {
             }
         }
     }
-    fn matvec(&self, x: &[f32], out: &mut [f32]) {
-        self.w.matvec(x, out);
+    /// out (m, out) = x (m, in) W^T + bias, plus each row's LoRA adapters (`sets[r]`; empty:
+    /// the base for every row).
+    fn apply(
+        &self,
+        kernel: Kernel,
+        x: &[f32],
+        m: usize,
+        out: &mut [f32],
+        sets: &[AdapterSet],
+        h: &mut Vec<f32>,
+    ) -> Result<()> {
+        self.w.apply(kernel, x, m, out)?;
         self.add_bias(out);
-    }
-    fn matmul(&self, x: &[f32], m: usize, out: &mut [f32]) -> Result<()> {
-        self.w.matmul(x, m, out)?;
-        self.add_bias(out);
+        if self.loras.is_empty() || sets.is_empty() {
+            return Ok(());
+        }
+        let (o, i) = self.w.shape();
+        for lora in &self.loras {
+            for (r, set) in sets.iter().enumerate().take(m) {
+                if *set == Some(lora.set) {
+                    lora.add_row(&x[r * i..(r + 1) * i], &mut out[r * o..(r + 1) * o], h);
+                }
+            }
+        }
         Ok(())
     }
 }
@@ -186,12 +343,26 @@ struct Layer {
     gate: Lin,
     up: Lin,
     down: Lin,
-    /// Keys and values, [kv_head][position][head_dim], capacity `cap` positions.
-    k_cache: Vec<f32>,
-    v_cache: Vec<f32>,
 }
 
-pub struct FastDecoder {
+impl Layer {
+    /// The projections in the order of `Llama::linears`.
+    fn lins_mut(&mut self) -> [&mut Lin; 7] {
+        [
+            &mut self.q,
+            &mut self.k,
+            &mut self.v,
+            &mut self.o,
+            &mut self.gate,
+            &mut self.up,
+            &mut self.down,
+        ]
+    }
+}
+
+/// The model as the engine runs it: weights (quantized ones shared with the `Llama`, not
+/// copied), RoPE tables, shapes, and the LoRA adapters attached to the projections.
+pub(crate) struct Weights {
     layers: Vec<Layer>,
     embed: EmbeddingWeight,
     norm: Vec<f32>,
@@ -206,16 +377,54 @@ pub struct FastDecoder {
     inter: usize,
     vocab: usize,
     ctx: usize,
-    /// Positions the caches can hold before growing.
-    cap: usize,
-    pos: usize,
-    /// Activation buffers kept between calls: freshly allocated ones of this size cost a page
-    /// fault per 4 KiB on first touch, every call.
-    scratch: Scratch,
 }
 
+/// One sequence's keys and values per layer, `[kv_head][position][head_dim]` with room for
+/// `cap` positions per head (grown by doubling, up to the context length).
 #[derive(Default)]
-struct Scratch {
+pub(crate) struct KvCache {
+    k: Vec<Vec<f32>>,
+    v: Vec<Vec<f32>>,
+    cap: usize,
+    /// Positions held.
+    pub len: usize,
+}
+
+impl KvCache {
+    /// Make room for `n` positions in every layer (keeps the first `len`).
+    fn reserve(&mut self, w: &Weights, n: usize) {
+        if self.k.len() != w.layers.len() {
+            self.k = vec![Vec::new(); w.layers.len()];
+            self.v = vec![Vec::new(); w.layers.len()];
+            self.cap = 0;
+        }
+        if n <= self.cap {
+            return;
+        }
+        let new_cap = n.max(self.cap * 2).max(256).min(w.ctx.max(n));
+        let (hd, old) = (w.head_dim, self.cap);
+        let used = self.len.min(old) * hd;
+        for cache in self.k.iter_mut().chain(self.v.iter_mut()) {
+            let mut grown = vec![0f32; w.n_kv * new_cap * hd];
+            for h in 0..w.n_kv {
+                grown[h * new_cap * hd..h * new_cap * hd + used]
+                    .copy_from_slice(&cache[h * old * hd..h * old * hd + used]);
+            }
+            *cache = grown;
+        }
+        self.cap = new_cap;
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        4 * (self.k.iter().chain(&self.v).map(Vec::len).sum::<usize>())
+    }
+}
+
+/// Activation buffers kept between calls: freshly allocated ones of this size cost a page
+/// fault per 4 KiB on first touch, every call.
+#[derive(Default)]
+pub(crate) struct Scratch {
     x: Vec<f32>,
     xn: Vec<f32>,
     q: Vec<f32>,
@@ -225,6 +434,18 @@ struct Scratch {
     o: Vec<f32>,
     g: Vec<f32>,
     u: Vec<f32>,
+    /// LoRA's rank-sized intermediate.
+    h: Vec<f32>,
+}
+
+/// One token of [`Weights::forward`]: sequence `seq` (an index into the caches) at position
+/// `pos`, run with adapter set `set`.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Row {
+    pub seq: usize,
+    pub pos: usize,
+    pub id: u32,
+    pub set: AdapterSet,
 }
 
 fn vec_f32(t: &Tensor) -> Option<Vec<f32>> {
@@ -236,10 +457,11 @@ fn vec_f32(t: &Tensor) -> Option<Vec<f32>> {
         .ok()
 }
 
-impl FastDecoder {
-    /// None when the model cannot run here (not a LLaMA-family model, not on CPU, adapters
-    /// attached, unsupported weights).
-    pub fn new(model: &dyn Model) -> Option<Self> {
+impl Weights {
+    /// None when the model cannot run here (not a LLaMA-family model, not on CPU, an adapter
+    /// other than plain LoRA active, unsupported weights). Active plain LoRA adapters become
+    /// adapter set 0.
+    pub(crate) fn new(model: &dyn Model) -> Option<Self> {
         let model: &Llama = model.downcast_ref::<Llama>()?;
         // The engine has no soft prompt (virtual tokens, key/value prefixes).
         if !model.device().is_cpu() || Model::virtual_prompt(model).is_some() {
@@ -260,14 +482,12 @@ impl FastDecoder {
                 gate: Lin::new(&m.gate_proj)?,
                 up: Lin::new(&m.up_proj)?,
                 down: Lin::new(&m.down_proj)?,
-                k_cache: Vec::new(),
-                v_cache: Vec::new(),
             });
         }
         if matches!(model.embed_tokens.weight(), EmbeddingWeight::Trainable(_)) {
             return None;
         }
-        let decoder = Self {
+        let w = Self {
             layers,
             embed: model.embed_tokens.weight().clone(),
             norm: vec_f32(model.norm.weight())?,
@@ -282,11 +502,79 @@ impl FastDecoder {
             inter: cfg.intermediate_size,
             vocab: cfg.vocab_size,
             ctx: cfg.max_position_embeddings,
-            cap: 0,
-            pos: 0,
-            scratch: Scratch::default(),
         };
-        decoder.shapes_fit().then_some(decoder)
+        w.shapes_fit().then_some(w)
+    }
+
+    /// The most positions a sequence may hold.
+    pub(crate) fn context_length(&self) -> usize {
+        self.ctx
+    }
+
+    /// The vocabulary size (the length of one row of logits).
+    pub(crate) fn vocab_size(&self) -> usize {
+        self.vocab
+    }
+
+    /// Whether any projection carries a LoRA adapter.
+    pub(crate) fn has_loras(&self) -> bool {
+        self.all_lins().any(|l| !l.loras.is_empty())
+    }
+
+    fn all_lins(&self) -> impl Iterator<Item = &Lin> {
+        self.layers
+            .iter()
+            .flat_map(|l| [&l.q, &l.k, &l.v, &l.o, &l.gate, &l.up, &l.down])
+            .chain(std::iter::once(&self.lm_head))
+    }
+
+    /// The projections in the order of `Llama::linears` (layer by layer q, k, v, o, gate, up,
+    /// down; then the LM head), with their (out, in) shapes.
+    fn lins_mut(&mut self) -> Vec<&mut Lin> {
+        let mut v: Vec<&mut Lin> = Vec::with_capacity(self.layers.len() * 7 + 1);
+        for l in &mut self.layers {
+            v.extend(l.lins_mut());
+        }
+        v.push(&mut self.lm_head);
+        v
+    }
+
+    /// Attach `deltas[i]` (a LoRA of set `set`) to projection `i` in the order of
+    /// `Llama::linears`; `None` leaves it. Errors (before changing anything) when a delta's
+    /// shape does not fit its projection.
+    pub(crate) fn add_loras(&mut self, deltas: Vec<Option<LoraDelta>>) -> Result<()> {
+        let mut lins = self.lins_mut();
+        if deltas.len() != lins.len() {
+            return Err(crate::Error::msg(format!(
+                "engine: {} LoRA slots given for {} projections",
+                deltas.len(),
+                lins.len()
+            )));
+        }
+        for (i, (lin, d)) in lins.iter().zip(&deltas).enumerate() {
+            if let Some(d) = d {
+                let (o, inp) = lin.w.shape();
+                if d.a.len() != d.r * inp || d.b.len() != o * d.r {
+                    return Err(crate::Error::msg(format!(
+                        "engine: LoRA of rank {} does not fit projection {i} ({o}x{inp})",
+                        d.r
+                    )));
+                }
+            }
+        }
+        for (lin, d) in lins.iter_mut().zip(deltas) {
+            if let Some(d) = d {
+                lin.loras.push(d);
+            }
+        }
+        Ok(())
+    }
+
+    /// Drop every LoRA of adapter set `set`.
+    pub(crate) fn remove_loras(&mut self, set: u32) {
+        for lin in self.lins_mut() {
+            lin.loras.retain(|d| d.set != set);
+        }
     }
 
     /// Every buffer below is sized from the config and sliced without bounds checks of its own:
@@ -325,34 +613,21 @@ impl FastDecoder {
             })
     }
 
-    /// Make room for `n` positions in every layer's cache (grows by doubling, copying heads).
-    fn reserve(&mut self, n: usize) {
-        if n <= self.cap {
-            return;
-        }
-        let new_cap = n.max(self.cap * 2).max(256).min(self.ctx.max(n));
-        let (hd, old) = (self.head_dim, self.cap);
-        for l in &mut self.layers {
-            for cache in [&mut l.k_cache, &mut l.v_cache] {
-                let mut grown = vec![0f32; self.n_kv * new_cap * hd];
-                for h in 0..self.n_kv {
-                    let used = self.pos.min(old) * hd;
-                    grown[h * new_cap * hd..h * new_cap * hd + used]
-                        .copy_from_slice(&cache[h * old * hd..h * old * hd + used]);
-                }
-                *cache = grown;
-            }
-        }
-        self.cap = new_cap;
-    }
-
     fn embed_rows(&self, ids: &[u32], out: &mut [f32]) -> Result<()> {
+        if let Some(&bad) = ids.iter().find(|&&id| id as usize >= self.vocab) {
+            return Err(crate::Error::msg(format!(
+                "engine: token id {bad} is out of range for a vocabulary of {}",
+                self.vocab
+            )));
+        }
         let t = match &self.embed {
             EmbeddingWeight::Quantized(q) => q.embedding(ids)?,
             EmbeddingWeight::Frozen(w) => w
                 .index_select(&Tensor::new(ids, &Device::Cpu)?, 0)?
                 .to_dtype(DType::F32)?,
-            EmbeddingWeight::Trainable(_) => unreachable!("rejected in new()"),
+            EmbeddingWeight::Trainable(_) => {
+                return Err(crate::Error::msg("engine: a trainable embedding"))
+            }
         };
         let rows = t.flatten_all()?.to_vec1::<f32>()?;
         if rows.len() != out.len() {
@@ -368,14 +643,243 @@ impl FastDecoder {
         Ok(())
     }
 
-    /// Run `ids` (new positions after the cached ones); return the last position's logits.
-    fn forward(&mut self, ids: &[u32]) -> Result<Vec<f32>> {
-        self.forward_rows(ids, ids.len().saturating_sub(1))
+    /// Run `rows` (each after the positions its sequence's cache holds; a sequence's rows at
+    /// consecutive positions from `caches[seq].len`) and return the logits of the rows listed
+    /// in `want`, in that order (`want.len() x vocab`). Every row writes its key and value to
+    /// its cache at its position and attends to positions `0..=pos` of its own cache; each
+    /// cache's `len` then counts its new rows. Nothing is changed on an error.
+    pub(crate) fn forward(
+        &self,
+        caches: &mut [&mut KvCache],
+        rows: &[Row],
+        want: &[usize],
+        kernel: Kernel,
+        sc: &mut Scratch,
+    ) -> Result<Vec<f32>> {
+        let t = rows.len();
+        if t == 0 {
+            return Err(crate::Error::msg("engine: empty forward"));
+        }
+        // Each cache's new rows, checked before anything is written.
+        let mut added = vec![0usize; caches.len()];
+        for r in rows {
+            let Some(n) = added.get_mut(r.seq) else {
+                return Err(crate::Error::msg(format!(
+                    "engine: row of sequence {} but {} caches",
+                    r.seq,
+                    caches.len()
+                )));
+            };
+            if r.pos != caches[r.seq].len + *n {
+                return Err(crate::Error::msg(format!(
+                    "engine: row at position {} of a sequence holding {} (+{} in this pass)",
+                    r.pos, caches[r.seq].len, n
+                )));
+            }
+            *n += 1;
+        }
+        if let Some(r) = rows.iter().find(|r| r.pos >= self.ctx) {
+            return Err(crate::Error::ContextOverflow {
+                tokens: r.pos + 1,
+                context: self.ctx,
+                hint: String::new(),
+            });
+        }
+        if want.iter().any(|&w| w >= t) {
+            return Err(crate::Error::msg("engine: logits asked of a row not run"));
+        }
+        let ids: Vec<u32> = rows.iter().map(|r| r.id).collect();
+        let sets: Vec<AdapterSet> = rows.iter().map(|r| r.set).collect();
+        let (h, hd, nh, nkv, inter) = (
+            self.hidden,
+            self.head_dim,
+            self.n_heads,
+            self.n_kv,
+            self.inter,
+        );
+        // Every buffer is overwritten before it is read: resizing only sets the length.
+        let sized = |b: &mut Vec<f32>, n: usize| -> Vec<f32> {
+            let mut b = std::mem::take(b);
+            b.resize(n, 0.0);
+            b
+        };
+        let mut x = sized(&mut sc.x, t * h);
+        if let Err(e) = self.embed_rows(&ids, &mut x) {
+            sc.x = x;
+            return Err(e);
+        }
+        for (c, n) in caches.iter_mut().zip(&added) {
+            if *n > 0 {
+                c.reserve(self, c.len + n);
+            }
+        }
+        let mut xn = sized(&mut sc.xn, t * h);
+        let mut q = sized(&mut sc.q, t * nh * hd);
+        let mut k = sized(&mut sc.k, t * nkv * hd);
+        let mut v = sized(&mut sc.v, t * nkv * hd);
+        let mut att = sized(&mut sc.att, t * nh * hd);
+        let mut o = sized(&mut sc.o, t * h);
+        let mut g = sized(&mut sc.g, t * inter);
+        let mut u = sized(&mut sc.u, t * inter);
+        let mut hbuf = std::mem::take(&mut sc.h);
+        let result = (|| -> Result<()> {
+            for (li, layer) in self.layers.iter().enumerate() {
+                rms_norm_rows(&x, &layer.attn_norm, self.eps, &mut xn);
+                layer.q.apply(kernel, &xn, t, &mut q, &sets, &mut hbuf)?;
+                layer.k.apply(kernel, &xn, t, &mut k, &sets, &mut hbuf)?;
+                layer.v.apply(kernel, &xn, t, &mut v, &sets, &mut hbuf)?;
+                for (r, row) in rows.iter().enumerate() {
+                    let p = row.pos;
+                    let (cos, sin) = (
+                        &self.cos[p * hd / 2..(p + 1) * hd / 2],
+                        &self.sin[p * hd / 2..(p + 1) * hd / 2],
+                    );
+                    for hq in q[r * nh * hd..(r + 1) * nh * hd].chunks_exact_mut(hd) {
+                        rope(hq, cos, sin);
+                    }
+                    for hk in k[r * nkv * hd..(r + 1) * nkv * hd].chunks_exact_mut(hd) {
+                        rope(hk, cos, sin);
+                    }
+                    let c = &mut *caches[row.seq];
+                    let cap = c.cap;
+                    for kh in 0..nkv {
+                        let dst = (kh * cap + p) * hd;
+                        let src = (r * nkv + kh) * hd;
+                        c.k[li][dst..dst + hd].copy_from_slice(&k[src..src + hd]);
+                        c.v[li][dst..dst + hd].copy_from_slice(&v[src..src + hd]);
+                    }
+                }
+                let group = nh / nkv;
+                let caches_ro: &[&mut KvCache] = caches;
+                let attend_row = |r: usize, out: &mut [f32], scores: &mut Vec<f32>| {
+                    let row = rows[r];
+                    let c = &*caches_ro[row.seq];
+                    let shape = AttnShape {
+                        base: 0,
+                        cap: c.cap,
+                        hd,
+                        nh,
+                        group,
+                    };
+                    attend(
+                        &shape,
+                        &q[r * nh * hd..(r + 1) * nh * hd],
+                        &c.k[li],
+                        &c.v[li],
+                        0,
+                        row.pos,
+                        out,
+                        scores,
+                    );
+                };
+                if t >= 4 {
+                    use rayon::prelude::*;
+                    att.par_chunks_mut(nh * hd)
+                        .enumerate()
+                        .for_each_init(Vec::new, |scores, (r, out)| attend_row(r, out, scores));
+                } else {
+                    let mut scores = Vec::new();
+                    for (r, out) in att.chunks_exact_mut(nh * hd).enumerate() {
+                        attend_row(r, out, &mut scores);
+                    }
+                }
+                layer.o.apply(kernel, &att, t, &mut o, &sets, &mut hbuf)?;
+                x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
+                rms_norm_rows(&x, &layer.ffn_norm, self.eps, &mut xn);
+                layer.gate.apply(kernel, &xn, t, &mut g, &sets, &mut hbuf)?;
+                layer.up.apply(kernel, &xn, t, &mut u, &sets, &mut hbuf)?;
+                swiglu(&mut g, &u);
+                layer.down.apply(kernel, &g, t, &mut o, &sets, &mut hbuf)?;
+                x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
+            }
+            Ok(())
+        })();
+        let logits = result.and_then(|()| {
+            let n = want.len();
+            if n == 0 {
+                return Ok(Vec::new());
+            }
+            let mut last = vec![0f32; n * h];
+            for (dst, &r) in last.chunks_exact_mut(h).zip(want) {
+                dst.copy_from_slice(&x[r * h..(r + 1) * h]);
+            }
+            let mut ln = vec![0f32; n * h];
+            rms_norm_rows(&last, &self.norm, self.eps, &mut ln);
+            let mut logits = vec![0f32; n * self.vocab];
+            let want_sets: Vec<AdapterSet> = want.iter().map(|&r| sets[r]).collect();
+            // The LM head runs on the wanted rows only; a prompt chunk wants one row, so the
+            // matrix-vector arithmetic serves both kernels.
+            let head_kernel = match kernel {
+                Kernel::Score => Kernel::Score,
+                _ => Kernel::Decode,
+            };
+            self.lm_head
+                .apply(head_kernel, &ln, n, &mut logits, &want_sets, &mut hbuf)?;
+            Ok(logits)
+        });
+        // The rows' keys and values are in the caches; count them only on success (a later
+        // run overwrites the positions of a failed one).
+        if logits.is_ok() {
+            for (c, n) in caches.iter_mut().zip(&added) {
+                c.len += n;
+            }
+        }
+        *sc = Scratch {
+            x,
+            xn,
+            q,
+            k,
+            v,
+            att,
+            o,
+            g,
+            u,
+            h: hbuf,
+        };
+        logits
+    }
+}
+
+fn swiglu(g: &mut [f32], u: &[f32]) {
+    for (gi, ui) in g.iter_mut().zip(u) {
+        *gi = *gi / (1.0 + (-*gi).exp()) * ui;
+    }
+}
+
+pub struct FastDecoder {
+    w: Weights,
+    cache: KvCache,
+    /// The adapter set every row runs with: set 0 when LoRA adapters are attached.
+    set: AdapterSet,
+    scratch: Scratch,
+}
+
+impl FastDecoder {
+    /// None when the model cannot run here (not a LLaMA-family model, not on CPU, an adapter
+    /// other than plain LoRA active, unsupported weights).
+    pub fn new(model: &dyn Model) -> Option<Self> {
+        let w = Weights::new(model)?;
+        Some(Self {
+            set: w.has_loras().then_some(0),
+            w,
+            cache: KvCache::default(),
+            scratch: Scratch::default(),
+        })
+    }
+
+    /// Whether LoRA adapters run with the base.
+    pub fn has_adapters(&self) -> bool {
+        self.set.is_some()
     }
 
     /// Positions in the cache.
     pub fn cached(&self) -> usize {
-        self.pos
+        self.cache.len
+    }
+
+    /// The vocabulary size (the length of one row of logits).
+    pub fn vocab_size(&self) -> usize {
+        self.w.vocab
     }
 
     /// Scoring with a shared prefix: keep the first `keep` cached positions (drop the rest),
@@ -389,7 +893,7 @@ impl FastDecoder {
                 ids.len()
             )));
         }
-        self.pos = keep.min(self.pos);
+        self.cache.len = keep.min(self.cache.len);
         self.forward_batch(&[(ids, from)], true)
     }
 
@@ -407,37 +911,26 @@ impl FastDecoder {
                 ids.len()
             )));
         }
-        self.pos = keep.min(self.pos);
+        self.cache.len = keep.min(self.cache.len);
         self.forward_batch(seqs, seqs.len() == 1)
     }
 
-    /// The vocabulary size (the length of one row of logits).
-    pub fn vocab_size(&self) -> usize {
-        self.vocab
-    }
-
-    fn forward_rows(&mut self, ids: &[u32], from: usize) -> Result<Vec<f32>> {
-        if ids.is_empty() || from >= ids.len() {
-            return Err(crate::Error::msg("engine: empty forward"));
-        }
-        self.forward_batch(&[(ids, from)], true)
-    }
-
-    /// The forward pass of `seqs` placed after the `pos` cached positions. Sequence `s` writes
-    /// its keys and values at cache positions `pos + off_s ..` (`off_s`: the tokens of the
-    /// sequences before it) and takes RoPE positions `pos ..`; `advance` (one sequence only)
+    /// The forward pass of `seqs` placed after the `len` cached positions. Sequence `s` writes
+    /// its keys and values at cache positions `len + off_s ..` (`off_s`: the tokens of the
+    /// sequences before it) and takes RoPE positions `len ..`; `advance` (one sequence only)
     /// keeps it in the cache.
     fn forward_batch(&mut self, seqs: &[(&[u32], usize)], advance: bool) -> Result<Vec<f32>> {
-        let base = self.pos;
+        let w = &self.w;
+        let base = self.cache.len;
         let t: usize = seqs.iter().map(|(ids, _)| ids.len()).sum();
         if t == 0 {
             return Err(crate::Error::msg("engine: empty forward"));
         }
         if let Some(longest) = seqs.iter().map(|(ids, _)| ids.len()).max() {
-            if base + longest > self.ctx {
+            if base + longest > w.ctx {
                 return Err(crate::Error::ContextOverflow {
                     tokens: base + longest,
-                    context: self.ctx,
+                    context: w.ctx,
                     hint: String::new(),
                 });
             }
@@ -456,23 +949,23 @@ impl FastDecoder {
             }
             ids_all.extend_from_slice(ids);
         }
-        self.reserve(base + t);
-        let (h, hd, nh, nkv, inter) = (
-            self.hidden,
-            self.head_dim,
-            self.n_heads,
-            self.n_kv,
-            self.inter,
-        );
-        // Every buffer is overwritten before it is read: resizing only sets the length.
-        let mut sc = std::mem::take(&mut self.scratch);
+        let sets = vec![self.set; t];
+        let mut x = std::mem::take(&mut self.scratch.x);
+        x.resize(t * w.hidden, 0.0);
+        if let Err(e) = w.embed_rows(&ids_all, &mut x) {
+            self.scratch.x = x;
+            return Err(e);
+        }
+        // The shared-prefix layout packs all sequences after the prefix (base + t positions,
+        // which may exceed the context length in total though no sequence does).
+        self.cache.reserve(w, base + t);
+        let (h, hd, nh, nkv, inter) = (w.hidden, w.head_dim, w.n_heads, w.n_kv, w.inter);
+        let sc = &mut self.scratch;
         let sized = |b: &mut Vec<f32>, n: usize| -> Vec<f32> {
             let mut b = std::mem::take(b);
             b.resize(n, 0.0);
             b
         };
-        let mut x = sized(&mut sc.x, t * h);
-        self.embed_rows(&ids_all, &mut x)?;
         let mut xn = sized(&mut sc.xn, t * h);
         let mut q = sized(&mut sc.q, t * nh * hd);
         let mut k = sized(&mut sc.k, t * nkv * hd);
@@ -481,24 +974,20 @@ impl FastDecoder {
         let mut o = sized(&mut sc.o, t * h);
         let mut g = sized(&mut sc.g, t * inter);
         let mut u = sized(&mut sc.u, t * inter);
-        let cap = self.cap;
-        for li in 0..self.layers.len() {
-            let layer = &self.layers[li];
-            rms_norm_rows(&x, &layer.attn_norm, self.eps, &mut xn);
-            if t == 1 {
-                layer.q.matvec(&xn, &mut q);
-                layer.k.matvec(&xn, &mut k);
-                layer.v.matvec(&xn, &mut v);
-            } else {
-                layer.q.matmul(&xn, t, &mut q)?;
-                layer.k.matmul(&xn, t, &mut k)?;
-                layer.v.matmul(&xn, t, &mut v)?;
-            }
+        let mut hbuf = std::mem::take(&mut sc.h);
+        let kernel = Kernel::Score;
+        let cache = &mut self.cache;
+        let cap = cache.cap;
+        for (li, layer) in w.layers.iter().enumerate() {
+            rms_norm_rows(&x, &layer.attn_norm, w.eps, &mut xn);
+            layer.q.apply(kernel, &xn, t, &mut q, &sets, &mut hbuf)?;
+            layer.k.apply(kernel, &xn, t, &mut k, &sets, &mut hbuf)?;
+            layer.v.apply(kernel, &xn, t, &mut v, &sets, &mut hbuf)?;
             for (r, &(_, i)) in row_seq.iter().enumerate() {
                 let p = base + i;
                 let (cos, sin) = (
-                    &self.cos[p * hd / 2..(p + 1) * hd / 2],
-                    &self.sin[p * hd / 2..(p + 1) * hd / 2],
+                    &w.cos[p * hd / 2..(p + 1) * hd / 2],
+                    &w.sin[p * hd / 2..(p + 1) * hd / 2],
                 );
                 for hq in q[r * nh * hd..(r + 1) * nh * hd].chunks_exact_mut(hd) {
                     rope(hq, cos, sin);
@@ -507,17 +996,15 @@ impl FastDecoder {
                     rope(hk, cos, sin);
                 }
             }
-            let layer = &mut self.layers[li];
             for r in 0..t {
                 let p = base + r;
                 for kh in 0..nkv {
                     let dst = (kh * cap + p) * hd;
                     let src = (r * nkv + kh) * hd;
-                    layer.k_cache[dst..dst + hd].copy_from_slice(&k[src..src + hd]);
-                    layer.v_cache[dst..dst + hd].copy_from_slice(&v[src..src + hd]);
+                    cache.k[li][dst..dst + hd].copy_from_slice(&k[src..src + hd]);
+                    cache.v[li][dst..dst + hd].copy_from_slice(&v[src..src + hd]);
                 }
             }
-            let layer = &self.layers[li];
             let shape = AttnShape {
                 base,
                 cap,
@@ -525,13 +1012,14 @@ impl FastDecoder {
                 nh,
                 group: nh / nkv,
             };
+            let (kc, vc) = (&cache.k[li], &cache.v[li]);
             let attend_row = |r: usize, out: &mut [f32], scores: &mut Vec<f32>| {
                 let (off, i) = row_seq[r];
                 attend(
                     &shape,
                     &q[r * nh * hd..(r + 1) * nh * hd],
-                    &layer.k_cache,
-                    &layer.v_cache,
+                    kc,
+                    vc,
                     off,
                     i,
                     out,
@@ -549,42 +1037,24 @@ impl FastDecoder {
                     attend_row(r, out, &mut scores);
                 }
             }
-            if t == 1 {
-                layer.o.matvec(&att, &mut o);
-            } else {
-                layer.o.matmul(&att, t, &mut o)?;
-            }
+            layer.o.apply(kernel, &att, t, &mut o, &sets, &mut hbuf)?;
             x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
-            rms_norm_rows(&x, &layer.ffn_norm, self.eps, &mut xn);
-            if t == 1 {
-                layer.gate.matvec(&xn, &mut g);
-                layer.up.matvec(&xn, &mut u);
-            } else {
-                layer.gate.matmul(&xn, t, &mut g)?;
-                layer.up.matmul(&xn, t, &mut u)?;
-            }
-            let swiglu = |g: &mut [f32], u: &[f32]| {
-                for (gi, ui) in g.iter_mut().zip(u) {
-                    *gi = *gi / (1.0 + (-*gi).exp()) * ui;
-                }
-            };
+            rms_norm_rows(&x, &layer.ffn_norm, w.eps, &mut xn);
+            layer.gate.apply(kernel, &xn, t, &mut g, &sets, &mut hbuf)?;
+            layer.up.apply(kernel, &xn, t, &mut u, &sets, &mut hbuf)?;
             swiglu(&mut g, &u);
-            if t == 1 {
-                layer.down.matvec(&g, &mut o);
-            } else {
-                layer.down.matmul(&g, t, &mut o)?;
-            }
+            layer.down.apply(kernel, &g, t, &mut o, &sets, &mut hbuf)?;
             x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
         }
         if advance && seqs.len() == 1 {
-            self.pos += t;
+            cache.len += t;
         }
         let rows = scored.len();
         let mut last = vec![0f32; rows * h];
         for (dst, &r) in last.chunks_exact_mut(h).zip(&scored) {
             dst.copy_from_slice(&x[r * h..(r + 1) * h]);
         }
-        self.scratch = Scratch {
+        *sc = Scratch {
             x,
             xn,
             q,
@@ -594,19 +1064,42 @@ impl FastDecoder {
             o,
             g,
             u,
+            h: hbuf,
         };
         if rows == 0 {
             return Ok(Vec::new());
         }
         let mut ln = vec![0f32; rows * h];
-        rms_norm_rows(&last, &self.norm, self.eps, &mut ln);
-        let mut logits = vec![0f32; rows * self.vocab];
-        if rows == 1 {
-            self.lm_head.matvec(&ln, &mut logits);
-        } else {
-            self.lm_head.matmul(&ln, rows, &mut logits)?;
-        }
+        rms_norm_rows(&last, &w.norm, w.eps, &mut ln);
+        let mut logits = vec![0f32; rows * w.vocab];
+        let head_sets = vec![self.set; rows];
+        w.lm_head
+            .apply(kernel, &ln, rows, &mut logits, &head_sets, &mut sc.h)?;
         Ok(logits)
+    }
+
+    /// `ids` after the cached positions through [`Weights::forward`] with `kernel`; the last
+    /// row's logits.
+    fn run(&mut self, ids: &[u32], kernel: Kernel) -> Result<Vec<f32>> {
+        let base = self.cache.len;
+        let rows: Vec<Row> = ids
+            .iter()
+            .enumerate()
+            .map(|(i, &id)| Row {
+                seq: 0,
+                pos: base + i,
+                id,
+                set: self.set,
+            })
+            .collect();
+        let want = [ids.len().saturating_sub(1)];
+        self.w.forward(
+            &mut [&mut self.cache],
+            &rows,
+            &want,
+            kernel,
+            &mut self.scratch,
+        )
     }
 }
 
@@ -715,14 +1208,14 @@ fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
 
 impl Decoder for FastDecoder {
     fn prefill(&mut self, ids: &[u32]) -> Result<Vec<f32>> {
-        self.pos = 0;
-        self.forward(ids)
+        self.cache.len = 0;
+        self.run(ids, Kernel::Prefill)
     }
     fn step(&mut self, id: u32) -> Result<Vec<f32>> {
-        self.forward(&[id])
+        self.run(&[id], Kernel::Decode)
     }
     fn context_length(&self) -> usize {
-        self.ctx
+        self.w.ctx
     }
 }
 
@@ -755,6 +1248,52 @@ mod tests {
             let mut m = tiny();
             edit(&mut m.cfg);
             assert!(FastDecoder::new(&m).is_none(), "edit {i} was accepted");
+        }
+    }
+
+    /// The batched decode kernel gives each row exactly what the single-row kernel gives it,
+    /// for every kernel level this CPU has, both activation widths, any row count and thread
+    /// count: a sequence's logits must not depend on what shares its decode step.
+    #[test]
+    fn matvec_rows_equal_matvec_bit_for_bit() {
+        use crate::quant::ActPrecision;
+        use candle_core::quantized::GgmlDType;
+        let (n, k) = (70, 96);
+        let wv: Vec<f32> = (0..n * k)
+            .map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * 0.3)
+            .collect();
+        let wt = Tensor::from_vec(wv, (n, k), &Device::Cpu).unwrap();
+        for dt in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
+            let q = QuantWeight::quantize(&wt, dt).unwrap();
+            for isa in [Isa::Scalar, Isa::Avx2, Isa::Avx512] {
+                if !isa.available() {
+                    continue;
+                }
+                for prec in [ActPrecision::I8, ActPrecision::I16] {
+                    for m in [1, 2, 3, 5, 8, 9, 13] {
+                        let x: Vec<f32> = (0..m * k)
+                            .map(|i| {
+                                ((i * 104729 % 997) as f32 / 498.0 - 1.0) * (1.0 + (i / k) as f32)
+                            })
+                            .collect();
+                        for threads in [1, 2] {
+                            let mut rows = vec![0f32; m * n];
+                            q.matvec_rows_with(isa, prec, threads, &x, m, &mut rows);
+                            for r in 0..m {
+                                let mut one = vec![0f32; n];
+                                q.matvec_with(isa, prec, 1, &x[r * k..(r + 1) * k], &mut one);
+                                let got = &rows[r * n..(r + 1) * n];
+                                assert!(
+                                    got.iter()
+                                        .zip(&one)
+                                        .all(|(a, b)| a.to_bits() == b.to_bits()),
+                                    "{dt:?} {isa:?} {prec:?} m={m} threads={threads} row {r}"
+                                );
+                            }
+                        }
+                    }
+                }
+            }
         }
     }
 }

@@ -189,3 +189,65 @@ pub(crate) unsafe fn gemm<T: ActInt>(
         _ => format::gemm_scalar(fmt, w, n_w, act, out, ldo),
     }
 }
+
+/// `out[r * ldo + c] = W[c, :] . x_r` for every activation row `r` of `act` and weight rows
+/// `c < n_w` at the start of `w`, each output computed exactly as [`gemv`] computes it for that
+/// activation row alone (bit-identical), with each weight block read once for all rows.
+///
+/// # Safety
+/// As [`gemm`]: `out` must be valid for writes at `r * ldo + c` for all `r < act.rows`,
+/// `c < n_w`, and no other thread may access those elements during the call.
+pub(crate) unsafe fn gemv_multi<T: ActInt>(
+    isa: Isa,
+    fmt: Fmt,
+    w: &[u8],
+    n_w: usize,
+    act: &QAct<T>,
+    out: *mut f32,
+    ldo: usize,
+) {
+    let nb = act.nb();
+    let row_bytes = nb * fmt.block_bytes();
+    assert!(w.len() >= n_w * row_bytes && n_w <= ldo);
+    assert!(act.qs.len() == act.rows * act.k && act.ds.len() == act.rows * nb);
+    assert!(
+        isa.available(),
+        "{isa:?} kernels are not supported on this CPU"
+    );
+    if n_w == 0 || act.rows == 0 {
+        return;
+    }
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 | Isa::Avx512 => {
+            use super::{format::ActPrecision, x86::*};
+            let a = ActPtrs {
+                qs: act.qs.as_ptr() as *const u8,
+                ds: act.ds.as_ptr(),
+                rows: act.rows,
+                k: act.k,
+            };
+            let wp = w.as_ptr();
+            // SAFETY: `w` and `act` bounds asserted above, `out` per the contract; the CPU
+            // supports the level; `T` is the type `T::PREC` names.
+            match (T::PREC, isa) {
+                (ActPrecision::I8, Isa::Avx2) => gemv_multi_avx2(fmt, wp, n_w, a, out, ldo),
+                (ActPrecision::I8, _) => gemv_multi_avx512(fmt, wp, n_w, a, out, ldo),
+                (ActPrecision::I16, Isa::Avx2) => gemv16_multi_avx2(fmt, wp, n_w, a, out, ldo),
+                (ActPrecision::I16, _) => gemv16_multi_avx512(fmt, wp, n_w, a, out, ldo),
+            }
+        }
+        _ => {
+            // The portable path: `gemv`'s own per-row dot product, row by row.
+            let (aq, ads) = (&act.qs, &act.ds);
+            for r in 0..act.rows {
+                let (q, d) = (&aq[r * act.k..(r + 1) * act.k], &ads[r * nb..(r + 1) * nb]);
+                for c in 0..n_w {
+                    let v =
+                        format::dot_row_scalar(fmt, &w[c * row_bytes..(c + 1) * row_bytes], q, d);
+                    *out.add(r * ldo + c) = v;
+                }
+            }
+        }
+    }
+}

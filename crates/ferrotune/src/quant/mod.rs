@@ -1084,6 +1084,96 @@ fn quantize_act_rows<T: ActInt>(
     act
 }
 
+impl QuantWeight {
+    /// Batched decode: `m` activation rows (`x`: `m x in`, `out`: `m x out`), each row's output
+    /// bit-identical to [`Self::matvec_into`] on that row alone, whatever `m` and whatever the
+    /// other rows, while each weight block is read once for all rows (GGML Q4_0/Q4_1/Q8_0; other
+    /// formats run row by row). Continuous batching needs both: a sequence's greedy output must
+    /// not depend on which other requests share its decode steps, and a step of 8 sequences
+    /// must not cost 8 passes over the weights. (The batched [`Self::forward`] kernels
+    /// accumulate in another order, so their rows differ from `matvec_into`'s in the last bits.)
+    pub fn matvec_rows_into(&self, x: &[f32], m: usize, out: &mut [f32]) {
+        self.matvec_rows_with(
+            Isa::best(),
+            self.settings().activation,
+            num_threads(),
+            x,
+            m,
+            out,
+        )
+    }
+
+    /// [`Self::matvec_rows_into`] with an explicit kernel level, activation precision and thread
+    /// count (tests, benchmarks).
+    #[doc(hidden)]
+    pub fn matvec_rows_with(
+        &self,
+        isa: Isa,
+        prec: ActPrecision,
+        threads: usize,
+        x: &[f32],
+        m: usize,
+        out: &mut [f32],
+    ) {
+        let (k, n) = (self.in_dim, self.out_dim);
+        assert!(
+            x.len() == m * k && out.len() == m * n,
+            "matvec_rows: x has {} values and out {} for {m} rows of a {n}x{k} weight",
+            x.len(),
+            out.len()
+        );
+        if m == 1 || !matches!(self.repr, Repr::Own { .. }) {
+            for (xr, or) in x.chunks_exact(k).zip(out.chunks_exact_mut(n)) {
+                match &self.repr {
+                    Repr::Own { .. } => self.matvec_with(isa, prec, threads, xr, or),
+                    _ => self.matvec_into(xr, or),
+                }
+            }
+            return;
+        }
+        match prec {
+            ActPrecision::I8 => self.matvec_rows_act::<i8>(isa, threads, x, m, out),
+            ActPrecision::I16 => self.matvec_rows_act::<i16>(isa, threads, x, m, out),
+        }
+    }
+
+    fn matvec_rows_act<T: ActInt>(
+        &self,
+        isa: Isa,
+        threads: usize,
+        x: &[f32],
+        m: usize,
+        out: &mut [f32],
+    ) {
+        let Repr::Own { fmt, data } = &self.repr else {
+            unreachable!("checked by the caller")
+        };
+        let (fmt, k, n) = (*fmt, self.in_dim, self.out_dim);
+        // Each row is quantised by the same `quantize_into` as `matvec_with`'s single row.
+        let act = quantize_act_rows::<T>(isa, threads, x, m, k);
+        let nb = k / QK;
+        let rb = nb * fmt.block_bytes();
+        // The work per weight row grows with m: split into chunks of about the matvec's size.
+        let min_rows = MIN_BLOCKS_PER_CHUNK.div_ceil(nb * m).max(4);
+        let outp = SyncPtr(out.as_mut_ptr());
+        pool::for_each_chunk(n, min_rows, threads, |rows| {
+            let (r0, r1) = (rows.start, rows.end);
+            // SAFETY: `out` is m x n; this chunk alone writes its columns r0..r1.
+            unsafe {
+                kernels::gemv_multi(
+                    isa,
+                    fmt,
+                    &data[r0 * rb..r1 * rb],
+                    r1 - r0,
+                    &act,
+                    outp.get().add(r0),
+                    n,
+                )
+            };
+        });
+    }
+}
+
 /// Calls `f` with the contiguous f32 data of a CPU tensor.
 fn with_f32_slice<R>(
     t: &Tensor,

@@ -739,3 +739,149 @@ pub(crate) fn has_avx512() -> bool {
         && is_x86_feature_detected!("avx512vl")
         && is_x86_feature_detected!("avx512vnni")
 }
+
+// ---- Decode of several sequences at once (continuous batching) ----
+
+/// One weight row times `M` activation rows: for each (row, activation) pair exactly the
+/// instruction sequence [`gemv_rows`] runs for one row (the same integer block sums, the same
+/// FMA into the same eight f32 lanes, the same horizontal sum), so every output is
+/// bit-identical to what `gemv` gives for that activation row alone, whatever `M` and whatever
+/// the other rows. The weight block is loaded (and widened) once for all `M` rows: a batched
+/// decode step reads each weight once instead of once per sequence.
+#[inline(always)]
+unsafe fn gemv_acts<const F: u8, const M: usize, const VNNI: bool, const A16: bool>(
+    w: *const u8,
+    nb: usize,
+    aq: [*const u8; M],
+    ads: [*const [f32; 2]; M],
+    out: [*mut f32; M],
+) {
+    let ab = QK * act_bytes(A16);
+    let mut acc = [_mm256_setzero_ps(); M];
+    let mut acco = [_mm_setzero_ps(); M];
+    for b in 0..nb {
+        let blk = w.add(b * bb(F));
+        let ws = wscale::<F>(blk);
+        let [w0, w1] = if A16 {
+            wload16::<F>(blk)
+        } else {
+            let w = wload::<F>(blk);
+            [w, w]
+        };
+        for r in 0..M {
+            let a0 = _mm256_loadu_si256(aq[r].add(b * ab) as *const __m256i);
+            let a1 = if A16 {
+                _mm256_loadu_si256(aq[r].add(b * ab + 32) as *const __m256i)
+            } else {
+                a0
+            };
+            let a_ds = _mm_castpd_ps(_mm_load_sd(ads[r].add(b) as *const f64));
+            let sc = _mm_mul_ps(ws, a_ds);
+            let dot = if A16 {
+                dot16::<VNNI>(dot16::<VNNI>(_mm256_setzero_si256(), w0, a0), w1, a1)
+            } else {
+                wdot::<F, VNNI>(w0, a0)
+            };
+            acc[r] = _mm256_fmadd_ps(_mm256_broadcastss_ps(sc), _mm256_cvtepi32_ps(dot), acc[r]);
+            if F != F_Q8_0 {
+                acco[r] = _mm_add_ps(acco[r], sc);
+            }
+        }
+    }
+    for r in 0..M {
+        let v = hsum(acc[r]);
+        let o = _mm_cvtss_f32(_mm_movehdup_ps(acco[r]));
+        *out[r] = match F {
+            F_Q4_1 => v + o,
+            F_Q4_0 => v - 8.0 * o,
+            _ => v,
+        };
+    }
+}
+
+/// `out[r * ldo + i] = W[i, :] . x_r` for `n` weight rows at `w` and the `m` activation rows of
+/// `act`, in groups of up to `MA` activation rows per pass over a weight row (the row's blocks
+/// stay in L1 between groups).
+#[inline(always)]
+unsafe fn gemv_multi_impl<const F: u8, const MA: usize, const VNNI: bool, const A16: bool>(
+    w: *const u8,
+    n: usize,
+    act: ActPtrs,
+    out: *mut f32,
+    ldo: usize,
+) {
+    let nb = act.k / QK;
+    let row_bytes = nb * bb(F);
+    let abytes = act.k * act_bytes(A16);
+    for i in 0..n {
+        let wr = w.add(i * row_bytes);
+        let mut r0 = 0;
+        while r0 < act.rows {
+            let g = (act.rows - r0).min(MA);
+            macro_rules! group {
+                ($m:literal) => {{
+                    let mut aq = [std::ptr::null(); $m];
+                    let mut ad = [std::ptr::null(); $m];
+                    let mut o = [std::ptr::null_mut(); $m];
+                    for j in 0..$m {
+                        aq[j] = act.qs.add((r0 + j) * abytes);
+                        ad[j] = act.ds.add((r0 + j) * nb);
+                        o[j] = out.add((r0 + j) * ldo + i);
+                    }
+                    gemv_acts::<F, $m, VNNI, A16>(wr, nb, aq, ad, o)
+                }};
+            }
+            match g {
+                1 => group!(1),
+                2 => group!(2),
+                3 => group!(3),
+                4 => group!(4),
+                5 if MA > 4 => group!(5),
+                6 if MA > 4 => group!(6),
+                7 if MA > 4 => group!(7),
+                _ if MA > 4 => group!(8),
+                _ => group!(4),
+            }
+            r0 += g;
+        }
+    }
+}
+
+/// The `#[target_feature]` entry points of [`gemv_multi_impl`]; `$ma` activation rows per pass
+/// (AVX-512VL's 32 vector registers hold 8 rows of accumulators, AVX2's 16 hold 4).
+macro_rules! gemv_multi_entry {
+    ($feat:literal, $vnni:literal, $a16:literal, $ma:literal, $name:ident) => {
+        #[target_feature(enable = $feat)]
+        pub(crate) unsafe fn $name(
+            fmt: Fmt,
+            w: *const u8,
+            n: usize,
+            act: ActPtrs,
+            out: *mut f32,
+            ldo: usize,
+        ) {
+            match fmt {
+                Fmt::Q4_0 => gemv_multi_impl::<F_Q4_0, $ma, $vnni, $a16>(w, n, act, out, ldo),
+                Fmt::Q4_1 => gemv_multi_impl::<F_Q4_1, $ma, $vnni, $a16>(w, n, act, out, ldo),
+                Fmt::Q8_0 => gemv_multi_impl::<F_Q8_0, $ma, $vnni, $a16>(w, n, act, out, ldo),
+            }
+        }
+    };
+}
+
+gemv_multi_entry!("avx2,fma,f16c", false, false, 4, gemv_multi_avx2);
+gemv_multi_entry!(
+    "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni",
+    true,
+    false,
+    8,
+    gemv_multi_avx512
+);
+gemv_multi_entry!("avx2,fma,f16c", false, true, 4, gemv16_multi_avx2);
+gemv_multi_entry!(
+    "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni",
+    true,
+    true,
+    8,
+    gemv16_multi_avx512
+);

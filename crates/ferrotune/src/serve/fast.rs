@@ -1,1 +1,809 @@
-//! The fast CPU batch engine (in progress).
+//! [`FastBatchBackend`]: the allocation-free CPU LLaMA engine of [`crate::engine`] serving many
+//! sequences at once, each in its own slot (KV cache) with its own LoRA adapter.
+//!
+//! - A decode step ([`BatchBackend::step`]) runs all its rows through one pass over each weight
+//!   matrix ([`crate::quant::QuantWeight::matvec_rows_into`]); attention runs per row over its
+//!   own cache and position, LoRA per row (`scale · B (A x)`, the rows of each adapter).
+//! - Every row's logits are bit-identical whatever the batch size and whatever else is in the
+//!   batch, prefill chunking does not change them either, and they equal what `generate`'s
+//!   [`crate::engine::FastDecoder`] computes for the same prompt, base and adapter: both run
+//!   [`crate::engine::Weights::forward`] (see the engine's module docs for how).
+//! - Adapters: plain LoRA (rsLoRA scaling and per-module ranks/alphas included) on any of the
+//!   attention and MLP projections and the LM head, read from PEFT folders. DoRA, IA3,
+//!   bottleneck adapters, soft prompts, `modules_to_save` and PiSSA/OLoRA inits (which change
+//!   the base weights) are one-line errors: the caller serves those with the generic
+//!   [`super::backend::ModelBackend`].
+use super::backend::{BatchBackend, SlotId};
+use crate::engine::{Kernel, KvCache, LoraDelta, Row, Scratch, Weights};
+use crate::model::Model;
+use crate::peft::lora::InitKind;
+use crate::peft::AdapterConfig;
+use crate::{Error, Result};
+use std::path::Path;
+
+/// A closed slot keeps its cache for the next sequence unless it grew past this many bytes
+/// (a long sequence's cache is freed rather than held while idle).
+const KEEP_CACHE_BYTES: usize = 64 << 20;
+
+struct Slot {
+    cache: KvCache,
+    /// The adapter set of its sequence (`None`: the base), and whether a sequence holds it.
+    set: Option<u32>,
+    open: bool,
+}
+
+/// One attached adapter: its name and the engine's adapter set.
+struct Adapter {
+    name: String,
+    set: u32,
+}
+
+/// Many sequences over one LLaMA model on the CPU, a LoRA adapter per sequence.
+pub struct FastBatchBackend {
+    /// The base model: adapters are attached to it only while their weights are read.
+    model: Box<dyn Model>,
+    w: Weights,
+    slots: Vec<Slot>,
+    adapters: Vec<Adapter>,
+    next_set: u32,
+    scratch: Scratch,
+}
+
+impl FastBatchBackend {
+    /// Why `model` cannot run on this backend (not a LLaMA-family model on the CPU with
+    /// quantized or dense f32 weights, or adapters already attached), as a one-line error.
+    pub fn check(model: &dyn Model) -> Result<()> {
+        let attached = crate::peft::adapter_names(model);
+        if !attached.is_empty() || model.virtual_prompt().is_some() {
+            return Err(Error::msg(format!(
+                "the fast engine takes a base model without adapters (attached: {}); load them through the backend",
+                if attached.is_empty() {
+                    "a soft prompt".to_string()
+                } else {
+                    attached.join(", ")
+                }
+            )));
+        }
+        if Weights::new(model).is_none() {
+            return Err(Error::msg(format!(
+                "the fast engine does not run this model (a {} model; it runs LLaMA-family decoders on the CPU with GGML-quantized, bitsandbytes or dense weights)",
+                model.family()
+            )));
+        }
+        Ok(())
+    }
+
+    /// A backend over `model` (see [`Self::check`] for what it runs).
+    pub fn new(model: Box<dyn Model>) -> Result<Self> {
+        Self::check(&*model)?;
+        let w = Weights::new(&*model)
+            .ok_or_else(|| Error::msg("the fast engine does not run this model"))?;
+        Ok(Self {
+            model,
+            w,
+            slots: Vec::new(),
+            adapters: Vec::new(),
+            next_set: 0,
+            scratch: Scratch::default(),
+        })
+    }
+
+    /// The base model (without adapters).
+    pub fn model(&self) -> &dyn Model {
+        &*self.model
+    }
+
+    /// Open sequences.
+    pub fn open_slots(&self) -> usize {
+        self.slots.iter().filter(|s| s.open).count()
+    }
+
+    /// Positions held by `slot`'s cache (0 for a closed or unknown slot).
+    pub fn cached(&self, slot: SlotId) -> usize {
+        self.slots
+            .get(slot)
+            .filter(|s| s.open)
+            .map_or(0, |s| s.cache.len)
+    }
+
+    fn slot_mut(&mut self, slot: SlotId) -> Result<&mut Slot> {
+        match self.slots.get_mut(slot) {
+            Some(s) if s.open => Ok(s),
+            _ => Err(Error::msg(format!("slot {slot} is not open"))),
+        }
+    }
+
+    fn set_of(&self, name: &str) -> Result<u32> {
+        self.adapters
+            .iter()
+            .find(|a| a.name == name)
+            .map(|a| a.set)
+            .ok_or_else(|| {
+                Error::msg(format!(
+                    "unknown adapter `{name}` (loaded: {})",
+                    if self.adapters.is_empty() {
+                        "none".to_string()
+                    } else {
+                        self.adapter_list()
+                    }
+                ))
+            })
+    }
+
+    fn adapter_list(&self) -> String {
+        self.adapters
+            .iter()
+            .map(|a| a.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// Why the adapter folder `dir` cannot run on this backend (the fast engine runs plain LoRA).
+    pub fn check_adapter_config(dir: &Path) -> Result<()> {
+        let cfg = crate::peft::read_adapter_config(dir)?;
+        let where_ = dir.join("adapter_config.json");
+        let refuse = |what: &str| {
+            Err(Error::file(
+                where_.clone(),
+                format!("{what}: the fast engine does not run it (it runs plain LoRA); serve this model with the generic backend (`ferrotune serve --engine model`)"),
+            ))
+        };
+        match &cfg {
+            AdapterConfig::Lora(c) => {
+                if c.use_dora {
+                    return refuse("a DoRA adapter (use_dora)");
+                }
+                if c.modules_to_save.as_ref().is_some_and(|m| !m.is_empty()) {
+                    return refuse("an adapter with modules_to_save");
+                }
+                if matches!(
+                    c.init_lora_weights.kind(),
+                    Ok(InitKind::Pissa { .. } | InitKind::Olora)
+                ) {
+                    return refuse("a PiSSA/OLoRA adapter (its init changes the base weights)");
+                }
+                Ok(())
+            }
+            other => refuse(&format!("a {} adapter", other.peft_type())),
+        }
+    }
+
+    /// The LoRA of adapter `name` on each projection of the model (in the order of
+    /// `Llama::linears`), or an error naming the first module the engine cannot run.
+    fn extract(&self, name: &str, set: u32) -> Result<Vec<Option<LoraDelta>>> {
+        let mut out = Vec::new();
+        for lin in self.model.linears() {
+            let mut delta = None;
+            for (n, a) in lin.adapters() {
+                if n != name {
+                    continue;
+                }
+                let lora = crate::peft::lora::as_lora(a).filter(|l| !l.is_merged());
+                let (o, i) = (lin.out_features(), lin.in_features());
+                delta = lora.and_then(|l| LoraDelta::from_lora(l, set, o, i));
+                if delta.is_none() {
+                    return Err(Error::msg(format!(
+                        "adapter `{name}`: module `{}` is a {} layer: the fast engine does not run it (it runs plain LoRA); serve this model with the generic backend (`ferrotune serve --engine model`)",
+                        lin.name(),
+                        a.method()
+                    )));
+                }
+            }
+            out.push(delta);
+        }
+        Ok(out)
+    }
+}
+
+impl BatchBackend for FastBatchBackend {
+    fn vocab_size(&self) -> usize {
+        self.w.vocab_size()
+    }
+
+    fn context_length(&self) -> usize {
+        self.w.context_length()
+    }
+
+    fn open(&mut self, adapter: Option<&str>) -> Result<SlotId> {
+        let set = adapter.map(|a| self.set_of(a)).transpose()?;
+        let i = match self.slots.iter().position(|s| !s.open) {
+            Some(i) => i,
+            None => {
+                self.slots.push(Slot {
+                    cache: KvCache::default(),
+                    set: None,
+                    open: false,
+                });
+                self.slots.len() - 1
+            }
+        };
+        let s = &mut self.slots[i];
+        s.cache.len = 0;
+        s.set = set;
+        s.open = true;
+        Ok(i)
+    }
+
+    fn prefill(&mut self, slot: SlotId, ids: &[u32], last: bool) -> Result<Option<Vec<f32>>> {
+        if ids.is_empty() {
+            return Err(Error::msg(format!("slot {slot}: an empty prompt chunk")));
+        }
+        let ctx = self.w.context_length();
+        let s = self.slot_mut(slot)?;
+        let base = s.cache.len;
+        if base + ids.len() > ctx {
+            return Err(Error::ContextOverflow {
+                tokens: base + ids.len(),
+                context: ctx,
+                hint: String::new(),
+            });
+        }
+        let set = s.set;
+        let rows: Vec<Row> = ids
+            .iter()
+            .enumerate()
+            .map(|(i, &id)| Row {
+                seq: 0,
+                pos: base + i,
+                id,
+                set,
+            })
+            .collect();
+        let want: &[usize] = if last { &[ids.len() - 1] } else { &[] };
+        let s = &mut self.slots[slot];
+        let logits = self.w.forward(
+            &mut [&mut s.cache],
+            &rows,
+            want,
+            Kernel::Prefill,
+            &mut self.scratch,
+        )?;
+        Ok(last.then_some(logits))
+    }
+
+    fn step(&mut self, batch: &[(SlotId, u32)]) -> Result<Vec<Vec<f32>>> {
+        if batch.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ctx = self.w.context_length();
+        // Each slot once, open, prefilled, with room for one more position.
+        let mut order: Vec<usize> = (0..batch.len()).collect();
+        order.sort_by_key(|&i| batch[i].0);
+        for w in order.windows(2) {
+            if batch[w[0]].0 == batch[w[1]].0 {
+                return Err(Error::msg(format!(
+                    "slot {} appears twice in one step",
+                    batch[w[0]].0
+                )));
+            }
+        }
+        for &(slot, _) in batch {
+            let s = self.slot_mut(slot)?;
+            if s.cache.len == 0 {
+                return Err(Error::msg(format!(
+                    "slot {slot}: a step before its prompt was prefilled"
+                )));
+            }
+            if s.cache.len >= ctx {
+                return Err(Error::ContextOverflow {
+                    tokens: s.cache.len + 1,
+                    context: ctx,
+                    hint: String::new(),
+                });
+            }
+        }
+        // The batch's caches in slot order (one mutable borrow each), and each row's index
+        // into them.
+        let mut seq_of = vec![0usize; batch.len()];
+        for (k, &i) in order.iter().enumerate() {
+            seq_of[i] = k;
+        }
+        let mut wanted = order.iter().map(|&i| batch[i].0).peekable();
+        let mut caches: Vec<&mut KvCache> = Vec::with_capacity(batch.len());
+        let mut sets = vec![None; batch.len()];
+        for (id, s) in self.slots.iter_mut().enumerate() {
+            if wanted.peek() == Some(&id) {
+                wanted.next();
+                sets[caches.len()] = s.set;
+                caches.push(&mut s.cache);
+            }
+        }
+        let rows: Vec<Row> = batch
+            .iter()
+            .enumerate()
+            .map(|(i, &(_, id))| {
+                let seq = seq_of[i];
+                Row {
+                    seq,
+                    pos: caches[seq].len,
+                    id,
+                    set: sets[seq],
+                }
+            })
+            .collect();
+        let want: Vec<usize> = (0..batch.len()).collect();
+        let logits =
+            self.w
+                .forward(&mut caches, &rows, &want, Kernel::Decode, &mut self.scratch)?;
+        let v = self.w.vocab_size();
+        Ok(logits.chunks_exact(v).map(<[f32]>::to_vec).collect())
+    }
+
+    fn close(&mut self, slot: SlotId) {
+        if let Some(s) = self.slots.get_mut(slot) {
+            s.open = false;
+            s.set = None;
+            s.cache.len = 0;
+            if s.cache.bytes() > KEEP_CACHE_BYTES {
+                s.cache = KvCache::default();
+            }
+        }
+    }
+
+    fn load_adapter(&mut self, name: &str, dir: &Path) -> Result<()> {
+        if name.is_empty() || name.contains('.') {
+            return Err(Error::msg(format!(
+                "adapter name `{name}` must be non-empty and contain no '.'"
+            )));
+        }
+        if self.adapters.iter().any(|a| a.name == name) {
+            return Err(Error::msg(format!(
+                "an adapter named `{name}` is already loaded; unload it first"
+            )));
+        }
+        Self::check_adapter_config(dir)?;
+        crate::peft::load_adapter(&mut *self.model, dir, name)?;
+        let set = self.next_set;
+        // The base model goes back to no adapters whatever happens: the engine holds copies.
+        let extracted = self.extract(name, set);
+        let detached = crate::peft::remove_adapter(&mut *self.model, name);
+        let deltas = extracted?;
+        detached?;
+        if self.model.virtual_prompt().is_some() {
+            return Err(Error::msg(format!(
+                "adapter `{name}`: a soft prompt: the fast engine does not run it"
+            )));
+        }
+        self.w.add_loras(deltas)?;
+        self.next_set += 1;
+        self.adapters.push(Adapter {
+            name: name.to_string(),
+            set,
+        });
+        Ok(())
+    }
+
+    fn unload_adapter(&mut self, name: &str) -> Result<()> {
+        let set = self.set_of(name)?;
+        let users = self
+            .slots
+            .iter()
+            .filter(|s| s.open && s.set == Some(set))
+            .count();
+        if users > 0 {
+            return Err(Error::msg(format!(
+                "adapter `{name}` is in use by {users} sequence(s); unload it when they finish"
+            )));
+        }
+        self.w.remove_loras(set);
+        self.adapters.retain(|a| a.name != name);
+        Ok(())
+    }
+
+    fn adapters(&self) -> Vec<String> {
+        self.adapters.iter().map(|a| a.name.clone()).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::testutil::TempDir;
+    use crate::engine::FastDecoder;
+    use crate::generate::{Decoder, LlamaDecoder};
+    use crate::model::{config_from_hf_dir, Llama, LoadOptions, SafetensorsSource};
+    use crate::peft::lora::{InitLoraWeights, LoraConfig, ModuleSpec};
+    use candle_core::quantized::GgmlDType;
+    use candle_core::Device;
+
+    /// The tiny random LLaMA of the fixtures (GQA, untied head), dense or requantized.
+    fn tiny(q: Option<GgmlDType>) -> Llama {
+        let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/fixtures/models/tiny-llama-gqa-untied");
+        let cfg = config_from_hf_dir(&dir).unwrap();
+        let opts = LoadOptions {
+            requantize: q,
+            ..Default::default()
+        };
+        let src = SafetensorsSource::open(&dir, &opts, &Device::Cpu).unwrap();
+        Llama::load(&src, &cfg).unwrap()
+    }
+
+    /// A LoRA adapter with random A and B (so it changes the output) saved as a PEFT folder.
+    fn lora_dir(tmp: &TempDir, name: &str, targets: &[&str], r: usize, rslora: bool, seed: u64) {
+        let mut m = tiny(None);
+        let cfg = LoraConfig {
+            r,
+            lora_alpha: 2.0 * r as f64 + 1.0,
+            use_rslora: rslora,
+            target_modules: Some(ModuleSpec::List(
+                targets.iter().map(|t| t.to_string()).collect(),
+            )),
+            init_lora_weights: InitLoraWeights::Bool(false),
+            ..Default::default()
+        };
+        crate::peft::attach_lora(&mut m, &cfg, "a", seed).unwrap();
+        crate::peft::save_adapter(&m, "a", &cfg, &tmp.path(name)).unwrap();
+    }
+
+    /// Two adapters: q/v at rank 4, and every projection at rank 8 with rsLoRA.
+    fn adapters(tmp: &TempDir) -> [(&'static str, std::path::PathBuf); 2] {
+        lora_dir(tmp, "qv", &["q_proj", "v_proj"], 4, false, 1);
+        let all = [
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ];
+        lora_dir(tmp, "all", &all, 8, true, 2);
+        [("qv", tmp.path("qv")), ("all", tmp.path("all"))]
+    }
+
+    fn prompt(s: usize, len: usize) -> Vec<u32> {
+        (0..len)
+            .map(|i| ((s * 71 + i * 29 + 3) % 250) as u32)
+            .collect()
+    }
+
+    /// What `generate` computes: the engine over the model with the adapter (if any) attached.
+    fn alone(
+        q: Option<GgmlDType>,
+        adapter: Option<&std::path::Path>,
+        prompt: &[u32],
+        feed: &[u32],
+    ) -> Vec<Vec<f32>> {
+        let mut m = tiny(q);
+        if let Some(dir) = adapter {
+            crate::peft::load_adapter(&mut m, dir, "x").unwrap();
+        }
+        let mut dec = FastDecoder::new(&m).expect("the engine runs plain LoRA");
+        assert_eq!(dec.has_adapters(), adapter.is_some());
+        let mut out = vec![dec.prefill(prompt).unwrap()];
+        for &t in feed {
+            out.push(dec.step(t).unwrap());
+        }
+        out
+    }
+
+    fn same_bits(a: &[f32], b: &[f32]) -> bool {
+        a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
+    }
+
+    /// Eight sequences of different prompt lengths and adapters (base, q/v, all projections),
+    /// prefilled in chunks of different sizes and stepped in batches of 1 to 8 whose members
+    /// change every step: every row's logits are bit-identical to the sequence decoded alone
+    /// by `generate`'s engine.
+    #[test]
+    fn rows_are_bit_identical_whatever_the_batch() {
+        let tmp = TempDir::new("fast-batch-rows");
+        let ads = adapters(&tmp);
+        for q in [Some(GgmlDType::Q4_1), Some(GgmlDType::Q8_0), None] {
+            let mut be = FastBatchBackend::new(Box::new(tiny(q))).unwrap();
+            for (n, d) in &ads {
+                be.load_adapter(n, d).unwrap();
+            }
+            let n_seq = 8;
+            let steps = 6;
+            let seqs: Vec<(Option<usize>, Vec<u32>, Vec<u32>)> = (0..n_seq)
+                .map(|s| {
+                    let adapter = [None, Some(0), Some(1)][s % 3];
+                    let feed = prompt(s + 100, steps);
+                    (adapter, prompt(s, 3 + 5 * s), feed)
+                })
+                .collect();
+            let want: Vec<Vec<Vec<f32>>> = seqs
+                .iter()
+                .map(|(a, p, f)| alone(q, a.map(|i| ads[i].1.as_path()), p, f))
+                .collect();
+            let mut slots = Vec::new();
+            let mut done = vec![0usize; n_seq];
+            for (s, (a, p, _)) in seqs.iter().enumerate() {
+                let slot = be.open(a.map(|i| ads[i].0)).unwrap();
+                // chunks of 1, 2, 3, ... tokens (the last may be shorter)
+                let chunk = 1 + s % 4;
+                let mut got = None;
+                for (ci, c) in p.chunks(chunk).enumerate() {
+                    let last = (ci + 1) * chunk >= p.len();
+                    got = be.prefill(slot, c, last).unwrap();
+                    assert_eq!(got.is_some(), last);
+                }
+                assert!(
+                    same_bits(&got.unwrap(), &want[s][0]),
+                    "{q:?}: sequence {s}: prefill logits differ from generate's"
+                );
+                slots.push(slot);
+            }
+            // Batches of changing membership and size: step k takes the sequences whose
+            // index is not a multiple of (k % 4 + 2), then every sequence catches up.
+            let mut k = 0;
+            while done.iter().any(|&d| d < steps) {
+                let members: Vec<usize> = (0..n_seq)
+                    .filter(|&s| done[s] < steps && (k >= 6 || s % (k % 4 + 2) != 0))
+                    .rev()
+                    .collect();
+                let batch: Vec<(SlotId, u32)> = members
+                    .iter()
+                    .map(|&s| (slots[s], seqs[s].2[done[s]]))
+                    .collect();
+                let out = be.step(&batch).unwrap();
+                for (&s, row) in members.iter().zip(&out) {
+                    done[s] += 1;
+                    assert!(
+                        same_bits(row, &want[s][done[s]]),
+                        "{q:?}: sequence {s} step {} in a batch of {}: logits differ from alone",
+                        done[s],
+                        members.len()
+                    );
+                }
+                k += 1;
+            }
+        }
+    }
+
+    /// A prompt fed in chunks leaves the same cache and logits as one feed, bit for bit.
+    #[test]
+    fn chunked_prefill_equals_one_shot() {
+        for q in [Some(GgmlDType::Q4_1), None] {
+            let mut be = FastBatchBackend::new(Box::new(tiny(q))).unwrap();
+            let p = prompt(7, 23);
+            let one = be.open(None).unwrap();
+            let a = be.prefill(one, &p, true).unwrap().unwrap();
+            let a2 = be.step(&[(one, 5)]).unwrap();
+            for chunk in [1, 2, 7, 22] {
+                let s = be.open(None).unwrap();
+                let mut last = None;
+                for c in p.chunks(chunk) {
+                    last = be.prefill(s, c, true).unwrap();
+                }
+                assert!(same_bits(&last.unwrap(), &a), "{q:?} chunks of {chunk}");
+                let b2 = be.step(&[(s, 5)]).unwrap();
+                assert!(same_bits(&b2[0], &a2[0]), "{q:?} chunks of {chunk}: step");
+                be.close(s);
+            }
+        }
+    }
+
+    /// The engine's LoRA (what `generate --adapter` now runs) agrees with the differentiable
+    /// model's LoRA path (`Engine::Model`) to within the engine's usual rounding.
+    #[test]
+    fn fast_lora_matches_the_model_path() {
+        let tmp = TempDir::new("fast-lora-model");
+        let ads = adapters(&tmp);
+        for (q, tol) in [(None, 1e-4f32), (Some(GgmlDType::Q4_1), 5e-3)] {
+            for (_, dir) in &ads {
+                let mut m = tiny(q);
+                crate::peft::load_adapter(&mut m, dir, "x").unwrap();
+                let ids = prompt(3, 12);
+                let mut fast = FastDecoder::new(&m).unwrap();
+                let mut slow = LlamaDecoder::new(&m);
+                let mut worst = 0f32;
+                let diff = |a: &[f32], b: &[f32]| {
+                    a.iter()
+                        .zip(b)
+                        .map(|(x, y)| (x - y).abs())
+                        .fold(0f32, f32::max)
+                };
+                worst = worst.max(diff(
+                    &fast.prefill(&ids).unwrap(),
+                    &slow.prefill(&ids).unwrap(),
+                ));
+                for t in [4u32, 77, 200, 9] {
+                    worst = worst.max(diff(&fast.step(t).unwrap(), &slow.step(t).unwrap()));
+                }
+                assert!(
+                    worst < tol,
+                    "{q:?} {}: engine vs model {worst}",
+                    dir.display()
+                );
+                // The adapter moves the logits far more than that: the engine does apply it.
+                let mut base = FastDecoder::new(&tiny(q)).unwrap();
+                let moved = diff(&base.prefill(&ids).unwrap(), &fast.prefill(&ids).unwrap());
+                assert!(
+                    moved > 100.0 * tol,
+                    "the adapter changed the logits by only {moved}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn closed_slots_are_reused_with_a_fresh_cache() {
+        let mut be = FastBatchBackend::new(Box::new(tiny(Some(GgmlDType::Q4_1)))).unwrap();
+        let a = be.open(None).unwrap();
+        let b = be.open(None).unwrap();
+        assert_ne!(a, b);
+        let p = prompt(1, 9);
+        let first = be.prefill(a, &p, true).unwrap().unwrap();
+        be.prefill(b, &prompt(2, 30), true).unwrap();
+        be.step(&[(b, 3)]).unwrap();
+        be.close(b);
+        assert_eq!(be.open_slots(), 1);
+        let c = be.open(None).unwrap();
+        assert_eq!(c, b, "the freed slot is reused");
+        assert_eq!(be.cached(c), 0);
+        let again = be.prefill(c, &p, true).unwrap().unwrap();
+        assert!(same_bits(&first, &again), "a reused slot starts empty");
+        // Closed slots are refused.
+        be.close(a);
+        assert!(be
+            .prefill(a, &p, true)
+            .unwrap_err()
+            .to_string()
+            .contains("not open"));
+        assert!(be
+            .step(&[(a, 1)])
+            .unwrap_err()
+            .to_string()
+            .contains("not open"));
+        let e = be.step(&[(c, 1), (c, 2)]).unwrap_err().to_string();
+        assert!(e.contains("twice"), "{e}");
+    }
+
+    /// Past the context length: an error, not a panic, and the slot keeps its state.
+    #[test]
+    fn context_length_is_an_error() {
+        let mut be = FastBatchBackend::new(Box::new(tiny(Some(GgmlDType::Q4_1)))).unwrap();
+        let ctx = be.context_length();
+        let s = be.open(None).unwrap();
+        let long = prompt(4, ctx + 1);
+        let e = be.prefill(s, &long, true).unwrap_err();
+        assert!(matches!(e, Error::ContextOverflow { .. }), "{e}");
+        assert_eq!(be.cached(s), 0);
+        be.prefill(s, &long[..ctx - 1], true).unwrap();
+        let e = be.prefill(s, &long[..2], true).unwrap_err();
+        assert!(matches!(e, Error::ContextOverflow { .. }), "{e}");
+        be.step(&[(s, 1)]).unwrap();
+        assert_eq!(be.cached(s), ctx);
+        let e = be.step(&[(s, 1)]).unwrap_err();
+        assert!(matches!(e, Error::ContextOverflow { .. }), "{e}");
+        // A bad token id is an error too.
+        let t = be.open(None).unwrap();
+        let e = be.prefill(t, &[9999], true).unwrap_err().to_string();
+        assert!(e.contains("out of range"), "{e}");
+        assert_eq!(be.cached(t), 0);
+    }
+
+    /// What the engine does not run is a one-line error that leaves the backend as it was.
+    #[test]
+    fn unsupported_adapters_are_errors() {
+        let tmp = TempDir::new("fast-unsupported");
+        let mut m = tiny(None);
+        let dora = LoraConfig {
+            use_dora: true,
+            ..Default::default()
+        };
+        crate::peft::attach_lora(&mut m, &dora, "d", 1).unwrap();
+        crate::peft::save_adapter(&m, "d", &dora, &tmp.path("dora")).unwrap();
+        let mut m = tiny(None);
+        let ia3 = crate::peft::Ia3Config::default();
+        crate::peft::attach_ia3(&mut m, &ia3, "i", 1).unwrap();
+        crate::peft::save_adapter(&m, "i", &ia3, &tmp.path("ia3")).unwrap();
+        lora_dir(&tmp, "ok", &["q_proj"], 2, false, 3);
+
+        let mut be = FastBatchBackend::new(Box::new(tiny(None))).unwrap();
+        for (dir, what) in [("dora", "DoRA"), ("ia3", "IA3")] {
+            let e = be
+                .load_adapter(dir, &tmp.path(dir))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains(what) && e.contains("fast engine does not run"),
+                "{e}"
+            );
+            assert_eq!(e.lines().count(), 1, "{e}");
+        }
+        assert!(be.adapters().is_empty());
+        assert!(crate::peft::adapter_names(be.model()).is_empty());
+        let e = be.open(Some("ok")).unwrap_err().to_string();
+        assert!(e.contains("unknown adapter `ok`"), "{e}");
+        be.load_adapter("ok", &tmp.path("ok")).unwrap();
+        assert!(
+            crate::peft::adapter_names(be.model()).is_empty(),
+            "the base stays bare"
+        );
+        let e = be
+            .load_adapter("ok", &tmp.path("ok"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("already loaded"), "{e}");
+        let s = be.open(Some("ok")).unwrap();
+        let e = be.unload_adapter("ok").unwrap_err().to_string();
+        assert!(e.contains("in use"), "{e}");
+        be.close(s);
+        be.unload_adapter("ok").unwrap();
+        assert!(be.adapters().is_empty());
+        // A model that already carries adapters is refused (they belong to the backend).
+        let mut m = tiny(None);
+        crate::peft::load_adapter(&mut m, &tmp.path("ok"), "x").unwrap();
+        let e = FastBatchBackend::new(Box::new(m))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("without adapters"), "{e}");
+    }
+
+    /// The real SmolLM2-135M GGUF (Q4_1): three sequences (base, and a random LoRA on q/v) in
+    /// batches give `generate`'s engine's logits bit for bit.
+    #[test]
+    fn smollm2_batched_rows_equal_generate() {
+        let path = crate::data::testutil::SMOL_GGUF;
+        let load = || crate::model::load(path, &LoadOptions::default(), &Device::Cpu).unwrap();
+        let tmp = TempDir::new("fast-smollm2");
+        let cfg = LoraConfig {
+            r: 8,
+            lora_alpha: 16.0,
+            target_modules: Some(ModuleSpec::List(vec!["q_proj".into(), "v_proj".into()])),
+            init_lora_weights: InitLoraWeights::Bool(false),
+            ..Default::default()
+        };
+        let mut m = load();
+        crate::peft::attach_lora(&mut *m.model, &cfg, "a", 5).unwrap();
+        crate::peft::save_adapter(&*m.model, "a", &cfg, &tmp.path("qv")).unwrap();
+        let dir = tmp.path("qv");
+        let prompts: Vec<Vec<u32>> = ["The capital of France is", "Once upon a time", "1, 2, 3,"]
+            .iter()
+            .map(|p| m.tokenizer.encode(p, true).unwrap())
+            .collect();
+        let adapters = [None, Some("qv"), Some("qv")];
+        let feed = [28u32, 2000, 13];
+        let mut want = Vec::new();
+        for (p, a) in prompts.iter().zip(adapters) {
+            let mut m = load();
+            if a.is_some() {
+                crate::peft::load_adapter(&mut *m.model, &dir, "x").unwrap();
+            }
+            let mut dec = FastDecoder::new(&*m.model).unwrap();
+            let mut v = vec![dec.prefill(p).unwrap()];
+            for &t in &feed {
+                v.push(dec.step(t).unwrap());
+            }
+            want.push(v);
+        }
+        let mut be = FastBatchBackend::new(load().model).unwrap();
+        be.load_adapter("qv", &dir).unwrap();
+        let slots: Vec<SlotId> = prompts
+            .iter()
+            .zip(adapters)
+            .enumerate()
+            .map(|(i, (p, a))| {
+                let s = be.open(a).unwrap();
+                let mut last = None;
+                for c in p.chunks(2) {
+                    last = be.prefill(s, c, true).unwrap();
+                }
+                assert!(same_bits(&last.unwrap(), &want[i][0]), "prefill {i}");
+                s
+            })
+            .collect();
+        // Step 1: sequences 0 and 2; then all three; then 1 and 0 catch up.
+        let mut done = [0usize; 3];
+        for members in [vec![0, 2], vec![2, 1, 0], vec![1, 0], vec![1, 2, 0]] {
+            let members: Vec<usize> = members.into_iter().filter(|&s| done[s] < 3).collect();
+            let batch: Vec<(SlotId, u32)> =
+                members.iter().map(|&s| (slots[s], feed[done[s]])).collect();
+            let out = be.step(&batch).unwrap();
+            for (&s, row) in members.iter().zip(&out) {
+                done[s] += 1;
+                assert!(
+                    same_bits(row, &want[s][done[s]]),
+                    "sequence {s} step {}",
+                    done[s]
+                );
+            }
+        }
+        assert_eq!(done, [3, 3, 3]);
+    }
+}

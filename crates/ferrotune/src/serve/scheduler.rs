@@ -1076,3 +1076,665 @@ impl Worker {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The scheduler over a fake backend whose next token is `last + 1` (+1 more with an
+    //! adapter), with delays and failures on chosen tokens. The real model backend is tested
+    //! against `generate` in `backend.rs`.
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+
+    const VOCAB: usize = 32;
+    /// Fed to `step`: an error for that row.
+    const ERR_TOKEN: u32 = 20;
+    /// Fed to `step`: a panic (the whole batch fails).
+    const PANIC_STEP_TOKEN: u32 = 25;
+    /// In a prompt: `prefill` panics.
+    const PANIC_PROMPT_TOKEN: u32 = 30;
+
+    #[derive(Default)]
+    struct Log {
+        open: usize,
+        max_open: usize,
+        /// "p{slot}:{n}" per prefill call, "s{rows}" per step.
+        events: Vec<String>,
+    }
+
+    struct Fake {
+        log: Arc<Mutex<Log>>,
+        context: usize,
+        chunked: bool,
+        step_delay: Duration,
+        /// Per slot: its adapter shift and its last token.
+        slots: Vec<Option<(u32, u32)>>,
+        adapters: Vec<String>,
+    }
+
+    fn fake(context: usize, step_ms: u64) -> (Fake, Arc<Mutex<Log>>) {
+        let log = Arc::new(Mutex::new(Log::default()));
+        (
+            Fake {
+                log: Arc::clone(&log),
+                context,
+                chunked: true,
+                step_delay: Duration::from_millis(step_ms),
+                slots: Vec::new(),
+                adapters: Vec::new(),
+            },
+            log,
+        )
+    }
+
+    /// The next token is `last + 1 + shift` (logit 5), its successor is second best (logit 4).
+    fn logits(last: u32, shift: u32) -> Vec<f32> {
+        let mut l = vec![0.0; VOCAB];
+        let next = (last + 1 + shift) as usize % VOCAB;
+        l[next] = 5.0;
+        l[(next + 1) % VOCAB] = 4.0;
+        l
+    }
+
+    impl BatchBackend for Fake {
+        fn vocab_size(&self) -> usize {
+            VOCAB
+        }
+        fn context_length(&self) -> usize {
+            self.context
+        }
+        fn chunked_prefill(&self) -> bool {
+            self.chunked
+        }
+        fn open(&mut self, adapter: Option<&str>) -> Result<SlotId> {
+            if let Some(a) = adapter {
+                if !self.adapters.iter().any(|n| n == a) {
+                    return Err(Error::msg(format!("no adapter `{a}`")));
+                }
+            }
+            let mut log = lock(&self.log);
+            log.open += 1;
+            log.max_open = log.max_open.max(log.open);
+            self.slots.push(Some((u32::from(adapter.is_some()), 0)));
+            Ok(self.slots.len() - 1)
+        }
+        fn prefill(&mut self, slot: SlotId, ids: &[u32], last: bool) -> Result<Option<Vec<f32>>> {
+            lock(&self.log)
+                .events
+                .push(format!("p{slot}:{}", ids.len()));
+            if ids.contains(&PANIC_PROMPT_TOKEN) {
+                panic!("prefill panic");
+            }
+            let s = self.slots[slot].as_mut().unwrap();
+            s.1 = *ids.last().unwrap();
+            Ok(last.then(|| logits(s.1, s.0)))
+        }
+        fn step(&mut self, batch: &[(SlotId, u32)]) -> Result<Vec<Vec<f32>>> {
+            self.step_rows(batch).into_iter().collect()
+        }
+        fn step_rows(&mut self, batch: &[(SlotId, u32)]) -> Vec<Result<Vec<f32>>> {
+            lock(&self.log).events.push(format!("s{}", batch.len()));
+            std::thread::sleep(self.step_delay);
+            if batch.iter().any(|&(_, t)| t == PANIC_STEP_TOKEN) {
+                panic!("step panic");
+            }
+            batch
+                .iter()
+                .map(|&(slot, t)| {
+                    if t == ERR_TOKEN {
+                        return Err(Error::msg(format!("boom on {t}")));
+                    }
+                    let s = self.slots[slot].as_mut().unwrap();
+                    s.1 = t;
+                    Ok(logits(t, s.0))
+                })
+                .collect()
+        }
+        fn close(&mut self, slot: SlotId) {
+            if self.slots[slot].take().is_some() {
+                lock(&self.log).open -= 1;
+            }
+        }
+        fn load_adapter(&mut self, name: &str, _dir: &Path) -> Result<()> {
+            if name == "bad" {
+                return Err(Error::msg("cannot load `bad`"));
+            }
+            self.adapters.push(name.to_string());
+            Ok(())
+        }
+        fn unload_adapter(&mut self, name: &str) -> Result<()> {
+            self.adapters.retain(|n| n != name);
+            Ok(())
+        }
+        fn adapters(&self) -> Vec<String> {
+            self.adapters.clone()
+        }
+    }
+
+    fn cfg(max_concurrent: usize, max_queue: usize) -> SchedulerConfig {
+        SchedulerConfig {
+            max_concurrent,
+            max_queue,
+            prefill_chunk: 64,
+            request_timeout: None,
+        }
+    }
+
+    fn req(prompt: &[u32], max_tokens: usize) -> GenRequest {
+        GenRequest {
+            prompt: prompt.to_vec(),
+            adapter: None,
+            max_tokens,
+            sampling: SamplingParams {
+                temperature: 0.0,
+                ..Default::default()
+            },
+            logprobs: None,
+            stop_ids: Vec::new(),
+            constraint: None,
+        }
+    }
+
+    fn submit(h: &SchedulerHandle, r: GenRequest) -> (u64, mpsc::Receiver<SeqEvent>) {
+        let (tx, rx) = mpsc::channel();
+        let id = h
+            .submit(r, Box::new(move |ev| tx.send(ev).is_ok()))
+            .unwrap();
+        (id, rx)
+    }
+
+    /// Every event up to the last one (which is returned apart); fails rather than hangs.
+    fn collect(rx: &mpsc::Receiver<SeqEvent>) -> (Vec<u32>, SeqEvent) {
+        let mut ids = Vec::new();
+        loop {
+            let ev = rx
+                .recv_timeout(Duration::from_secs(10))
+                .expect("no event within 10 s");
+            match ev {
+                SeqEvent::Token { id, .. } => ids.push(id),
+                other => return (ids, other),
+            }
+        }
+    }
+
+    fn reason(ev: &SeqEvent) -> FinishReason {
+        match ev {
+            SeqEvent::Finished { reason, .. } => *reason,
+            other => panic!("expected Finished, got {other:?}"),
+        }
+    }
+
+    /// Poll `f` until true (10 s at most).
+    fn wait_for(what: &str, f: impl Fn() -> bool) {
+        let t = Instant::now();
+        while !f() {
+            assert!(t.elapsed() < Duration::from_secs(10), "timed out: {what}");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    #[test]
+    fn tokens_stop_ids_max_tokens_and_context_end_sequences() {
+        let (b, log) = fake(64, 0);
+        let h = start(Box::new(b), cfg(4, 4));
+        let (_, rx) = submit(&h, req(&[1, 2, 3], 5));
+        let (ids, last) = collect(&rx);
+        assert_eq!(ids, vec![4, 5, 6, 7, 8]);
+        match last {
+            SeqEvent::Finished {
+                reason,
+                prompt_tokens,
+                completion_tokens,
+                time_to_first_token,
+            } => {
+                assert_eq!(reason, FinishReason::Length);
+                assert_eq!((prompt_tokens, completion_tokens), (3, 5));
+                assert!(time_to_first_token.is_some());
+            }
+            other => panic!("{other:?}"),
+        }
+        // A stop id is reported, then the sequence stops.
+        let mut r = req(&[1, 2, 3], 50);
+        r.stop_ids = vec![6];
+        let (_, rx) = submit(&h, r);
+        let (ids, last) = collect(&rx);
+        assert_eq!((ids, reason(&last)), (vec![4, 5, 6], FinishReason::Stop));
+        // The context: 60 prompt tokens leave 4 to generate.
+        let long: Vec<u32> = (0..60).map(|i| i % 16).collect();
+        let (_, rx) = submit(&h, req(&long, 100));
+        let (ids, last) = collect(&rx);
+        assert_eq!((ids.len(), reason(&last)), (4, FinishReason::Length));
+        h.shutdown();
+        h.join();
+        let m = h.metrics();
+        assert_eq!(m.requests_total, 3);
+        assert_eq!(m.completion_tokens_total, 5 + 3 + 4);
+        assert_eq!(m.prompt_tokens_total, 3 + 3 + 60);
+        assert_eq!(m.ttft_count, 3);
+        assert_eq!(m.ttft_buckets.len(), TTFT_BUCKETS.len());
+        assert_eq!(*m.ttft_buckets.last().unwrap(), 3);
+        assert_eq!((m.queue_depth, m.active_sequences), (0, 0));
+        assert!(m.recent_tokens_per_s > 0.0);
+        assert_eq!(lock(&log).open, 0);
+    }
+
+    #[test]
+    fn invalid_requests_are_one_line_errors_naming_the_field() {
+        let (b, _) = fake(64, 0);
+        let h = start(Box::new(b), cfg(1, 1));
+        let cases: Vec<(GenRequest, &str)> = vec![
+            (req(&[], 5), "prompt"),
+            (req(&[1; 64], 5), "context window"),
+            (req(&[1, 99], 5), "vocabulary"),
+            (req(&[1], 0), "max_tokens"),
+            (
+                GenRequest {
+                    adapter: Some("nope".into()),
+                    ..req(&[1], 5)
+                },
+                "adapter: no adapter named `nope`",
+            ),
+            (
+                GenRequest {
+                    sampling: SamplingParams {
+                        temperature: f64::NAN,
+                        ..Default::default()
+                    },
+                    ..req(&[1], 5)
+                },
+                "temperature",
+            ),
+            (
+                GenRequest {
+                    sampling: SamplingParams {
+                        top_p: Some(0.0),
+                        ..Default::default()
+                    },
+                    ..req(&[1], 5)
+                },
+                "top_p",
+            ),
+            (
+                GenRequest {
+                    sampling: SamplingParams {
+                        frequency_penalty: f32::INFINITY,
+                        ..Default::default()
+                    },
+                    ..req(&[1], 5)
+                },
+                "frequency_penalty",
+            ),
+        ];
+        for (r, want) in cases {
+            match h.submit(r, Box::new(|_| true)) {
+                Err(SubmitError::Invalid(m)) => {
+                    assert!(m.contains(want), "{m} should name {want}");
+                    assert_eq!(m.lines().count(), 1, "{m}");
+                }
+                other => panic!("{want}: {other:?}"),
+            }
+        }
+        // 63 tokens leave room for one.
+        let (_, rx) = submit(&h, req(&[1; 63], 5));
+        assert_eq!(collect(&rx).0.len(), 1);
+        assert_eq!(h.metrics().requests_total, 1);
+    }
+
+    #[test]
+    fn a_full_queue_is_refused_with_a_retry_estimate() {
+        let (b, _) = fake(1 << 20, 2);
+        let h = start(Box::new(b), cfg(1, 1));
+        let (a, rxa) = submit(&h, req(&[1], 1 << 19));
+        let (b, rxb) = submit(&h, req(&[1], 1 << 19));
+        match h.submit(req(&[1], 5), Box::new(|_| true)) {
+            Err(SubmitError::QueueFull { retry_after }) => {
+                assert!(retry_after >= Duration::from_secs(1), "{retry_after:?}")
+            }
+            other => panic!("expected QueueFull, got {other:?}"),
+        }
+        assert_eq!(h.metrics().queue_depth + h.metrics().active_sequences, 2);
+        h.cancel(b);
+        h.cancel(a);
+        assert_eq!(reason(&collect(&rxa).1), FinishReason::Cancelled);
+        let (ids, last) = collect(&rxb);
+        assert_eq!((ids.len(), reason(&last)), (0, FinishReason::Cancelled));
+        // Room again.
+        let (_, rx) = submit(&h, req(&[1], 2));
+        assert_eq!(collect(&rx).0, vec![2, 3]);
+        assert_eq!(h.metrics().requests_cancelled, 2);
+    }
+
+    #[test]
+    fn cancel_and_a_gone_sink_free_the_slot() {
+        let (b, log) = fake(1 << 20, 1);
+        let h = start(Box::new(b), cfg(1, 4));
+        let (a, rxa) = submit(&h, req(&[1], 1 << 19));
+        let (_, rxb) = submit(&h, req(&[1], 3));
+        // A is running (B waits for its slot): cancel it mid-generation.
+        assert!(matches!(
+            rxa.recv_timeout(Duration::from_secs(10)),
+            Ok(SeqEvent::Token { .. })
+        ));
+        h.cancel(a);
+        assert_eq!(reason(&collect(&rxa).1), FinishReason::Cancelled);
+        let (ids, last) = collect(&rxb);
+        assert_eq!((ids, reason(&last)), (vec![2, 3, 4], FinishReason::Length));
+        // A sink that stops listening after 3 tokens: the sequence ends, no more events.
+        let calls = Arc::new(AtomicUsize::new(0));
+        let c = Arc::clone(&calls);
+        h.submit(
+            req(&[1], 1 << 19),
+            Box::new(move |_| c.fetch_add(1, Ordering::SeqCst) < 2),
+        )
+        .unwrap();
+        wait_for("the gone sink's sequence ends", || {
+            h.metrics().requests_cancelled == 2 && h.metrics().active_sequences == 0
+        });
+        assert_eq!(calls.load(Ordering::SeqCst), 3);
+        assert_eq!(lock(&log).open, 0);
+        assert_eq!(lock(&log).max_open, 1);
+        // cancel of a finished id is a no-op.
+        h.cancel(a);
+        let (_, rx) = submit(&h, req(&[5], 1));
+        assert_eq!(collect(&rx).0, vec![6]);
+    }
+
+    #[test]
+    fn a_request_past_its_timeout_is_cancelled_running_or_queued() {
+        // Steps of 400 ms, a timeout of 150 ms: A has its first token (from the prefill) when
+        // its first step ends past the deadline; B, queued behind it all along, never starts.
+        let (b, log) = fake(1 << 20, 400);
+        let mut c = cfg(1, 4);
+        c.request_timeout = Some(Duration::from_millis(150));
+        let h = start(Box::new(b), c);
+        let t = Instant::now();
+        let (_, rxa) = submit(&h, req(&[1], 1 << 19));
+        let (_, rxb) = submit(&h, req(&[1], 1 << 19));
+        let (ids, last) = collect(&rxa);
+        assert_eq!(reason(&last), FinishReason::Cancelled);
+        assert!(!ids.is_empty());
+        let (ids, last) = collect(&rxb);
+        assert_eq!(reason(&last), FinishReason::Cancelled);
+        assert!(ids.is_empty(), "B never got the slot");
+        let took = t.elapsed();
+        assert!(
+            took >= Duration::from_millis(150) && took < Duration::from_secs(3),
+            "{took:?}"
+        );
+        wait_for("slot closed", || lock(&log).open == 0);
+        assert_eq!(h.metrics().requests_cancelled, 2);
+    }
+
+    #[test]
+    fn unload_is_refused_while_a_queued_or_running_request_uses_the_adapter() {
+        let (b, _) = fake(1 << 20, 1);
+        let h = start(Box::new(b), cfg(1, 4));
+        let e = h.load_adapter("bad", Path::new("x")).unwrap_err();
+        assert!(e.to_string().contains("bad"));
+        h.load_adapter("a", Path::new("x")).unwrap();
+        assert_eq!(h.adapters(), vec!["a".to_string()]);
+        // Running with it.
+        let (id, rx) = submit(
+            &h,
+            GenRequest {
+                adapter: Some("a".into()),
+                ..req(&[1], 1 << 19)
+            },
+        );
+        let first = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        // The adapter's shift: 1 -> 3.
+        assert!(matches!(first, SeqEvent::Token { id: 3, .. }), "{first:?}");
+        let e = h.unload_adapter("a").unwrap_err().to_string();
+        assert!(e.contains("in use"), "{e}");
+        h.cancel(id);
+        collect(&rx);
+        // Queued behind a base request.
+        let (base, rxbase) = submit(&h, req(&[1], 1 << 19));
+        let (q, rxq) = submit(
+            &h,
+            GenRequest {
+                adapter: Some("a".into()),
+                ..req(&[1], 2)
+            },
+        );
+        let e = h.unload_adapter("a").unwrap_err().to_string();
+        assert!(e.contains("in use by 1"), "{e}");
+        h.cancel(q);
+        h.cancel(base);
+        collect(&rxq);
+        collect(&rxbase);
+        h.unload_adapter("a").unwrap();
+        assert!(h.adapters().is_empty());
+        assert!(h
+            .unload_adapter("a")
+            .unwrap_err()
+            .to_string()
+            .contains("no adapter"));
+        match h.submit(
+            GenRequest {
+                adapter: Some("a".into()),
+                ..req(&[1], 2)
+            },
+            Box::new(|_| true),
+        ) {
+            Err(SubmitError::Invalid(m)) => assert!(m.contains("`a`"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn shutdown_refuses_new_requests_and_drains_the_others() {
+        let (b, log) = fake(64, 1);
+        let h = start(Box::new(b), cfg(1, 8));
+        let rxs: Vec<_> = (0..3).map(|i| submit(&h, req(&[i], 5)).1).collect();
+        h.shutdown();
+        assert_eq!(
+            h.submit(req(&[1], 5), Box::new(|_| true)).unwrap_err(),
+            SubmitError::ShuttingDown
+        );
+        h.join();
+        for (i, rx) in rxs.iter().enumerate() {
+            let (ids, last) = collect(rx);
+            let want: Vec<u32> = (1..=5).map(|k| i as u32 + k).collect();
+            assert_eq!((ids, reason(&last)), (want, FinishReason::Length));
+        }
+        assert_eq!(lock(&log).open, 0);
+        assert!(h.load_adapter("a", Path::new("x")).is_err(), "thread gone");
+        h.join(); // twice: returns at once
+    }
+
+    #[test]
+    fn dropping_every_handle_ends_the_thread() {
+        let (b, log) = fake(64, 0);
+        let h = start(Box::new(b), cfg(1, 8));
+        let (_, rx) = submit(&h, req(&[1], 3));
+        let shared = Arc::clone(&h.shared);
+        drop(h);
+        assert_eq!(collect(&rx).0, vec![2, 3, 4], "in flight finishes");
+        wait_for("thread ends", || lock(&shared.state).finished);
+        assert_eq!(lock(&log).open, 0);
+    }
+
+    #[test]
+    fn backend_errors_and_panics_fail_only_the_sequences_concerned() {
+        let (b, log) = fake(64, 0);
+        let h = start(Box::new(b), cfg(4, 8));
+        // Steps on 18, 19, then 20 errs: 3 tokens, then Failed.
+        let (_, err) = submit(&h, req(&[17], 10));
+        let (_, panics) = submit(&h, req(&[PANIC_PROMPT_TOKEN], 10));
+        let (_, ok1) = submit(&h, req(&[1], 6));
+        let (_, ok2) = submit(&h, req(&[2], 6));
+        let (ids, last) = collect(&err);
+        assert_eq!(ids, vec![18, 19, 20]);
+        assert!(
+            matches!(&last, SeqEvent::Failed(m) if m.contains("boom on 20")),
+            "{last:?}"
+        );
+        let (ids, last) = collect(&panics);
+        assert!(ids.is_empty());
+        assert!(
+            matches!(&last, SeqEvent::Failed(m) if m.contains("panicked") && m.contains("prefill panic")),
+            "{last:?}"
+        );
+        assert_eq!(collect(&ok1).0, (2..8).collect::<Vec<u32>>());
+        assert_eq!(collect(&ok2).0, (3..9).collect::<Vec<u32>>());
+        // A panic in a step fails that step's rows, and the thread carries on.
+        let (_, p) = submit(&h, req(&[PANIC_STEP_TOKEN - 1], 5));
+        let (ids, last) = collect(&p);
+        assert_eq!(ids, vec![PANIC_STEP_TOKEN]);
+        assert!(
+            matches!(&last, SeqEvent::Failed(m) if m.contains("step panic")),
+            "{last:?}"
+        );
+        let (_, rx) = submit(&h, req(&[1], 2));
+        assert_eq!(collect(&rx).0, vec![2, 3]);
+        assert_eq!(h.metrics().requests_failed, 3);
+        wait_for("slots closed", || lock(&log).open == 0);
+    }
+
+    #[test]
+    fn long_prompts_are_prefilled_in_chunks_between_decode_steps() {
+        let (b, log) = fake(1 << 20, 1);
+        let mut c = cfg(4, 8);
+        c.prefill_chunk = 4;
+        let h = start(Box::new(b), c);
+        let (a, rxa) = submit(&h, req(&[1], 1 << 19));
+        rxa.recv_timeout(Duration::from_secs(10)).unwrap();
+        let (_, rxb) = submit(&h, req(&[1; 10], 2));
+        assert_eq!(collect(&rxb).0, vec![2, 3]);
+        h.cancel(a);
+        collect(&rxa);
+        let events = lock(&log).events.clone();
+        let b_chunks: Vec<(usize, &String)> = events
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| e.starts_with("p1:"))
+            .collect();
+        let sizes: Vec<&str> = b_chunks.iter().map(|(_, e)| &e[3..]).collect();
+        assert_eq!(sizes, vec!["4", "4", "2"], "{events:?}");
+        // A kept decoding between B's chunks.
+        for w in b_chunks.windows(2) {
+            assert!(
+                events[w[0].0..w[1].0].iter().any(|e| e.starts_with('s')),
+                "{events:?}"
+            );
+        }
+        // A backend without chunked prefill gets the prompt whole.
+        let (mut b, log) = fake(64, 0);
+        b.chunked = false;
+        let mut c = cfg(4, 8);
+        c.prefill_chunk = 4;
+        let h = start(Box::new(b), c);
+        let (_, rx) = submit(&h, req(&[1; 10], 1));
+        collect(&rx);
+        assert_eq!(lock(&log).events[0], "p0:10");
+    }
+
+    /// Allows only token 7, and is complete after two of them.
+    struct OnlySevens(usize);
+    impl TokenConstraint for OnlySevens {
+        fn mask(&mut self, logits: &mut [f32]) {
+            for (i, l) in logits.iter_mut().enumerate() {
+                if i != 7 {
+                    *l = f32::NEG_INFINITY;
+                }
+            }
+        }
+        fn accept(&mut self, id: u32) {
+            assert_eq!(id, 7);
+            self.0 += 1;
+        }
+        fn is_complete(&self) -> bool {
+            self.0 >= 2
+        }
+    }
+
+    #[test]
+    fn constraints_penalties_and_logprobs() {
+        let (b, _) = fake(64, 0);
+        let h = start(Box::new(b), cfg(4, 8));
+        let mut r = req(&[1], 10);
+        r.constraint = Some(Box::new(OnlySevens(0)));
+        r.logprobs = Some(2);
+        let (_, rx) = submit(&h, r);
+        let mut got = Vec::new();
+        loop {
+            match rx.recv_timeout(Duration::from_secs(10)).unwrap() {
+                SeqEvent::Token { id, logprob } => got.push((id, logprob.unwrap())),
+                last => {
+                    assert_eq!(reason(&last), FinishReason::Stop);
+                    break;
+                }
+            }
+        }
+        assert_eq!(got.len(), 2);
+        for (id, lp) in &got {
+            // Masked to one token: it has all the probability.
+            assert_eq!(*id, 7);
+            assert!(lp.logprob.abs() < 1e-6, "{lp:?}");
+            assert_eq!(lp.top[0].0, 7);
+        }
+        // Presence penalty 2 turns "last + 1" (logit 5) into the runner-up (logit 4) once a
+        // token repeats; the fake's tokens never repeat in 5 steps, so compare one sampler.
+        let mut s = SeqSampler::new(&SamplingParams {
+            temperature: 0.0,
+            presence_penalty: 2.0,
+            ..Default::default()
+        });
+        let l = |best: usize| {
+            let mut v = vec![0.0f32; 8];
+            v[best] = 5.0;
+            v[(best + 1) % 8] = 4.0;
+            v
+        };
+        assert_eq!(s.pick(l(3), None, None).unwrap().id, 3);
+        assert_eq!(s.pick(l(3), None, None).unwrap().id, 4, "3 penalised");
+        let mut f = SeqSampler::new(&SamplingParams {
+            temperature: 0.0,
+            frequency_penalty: 0.6,
+            ..Default::default()
+        });
+        // 3 wins until it was picked twice: 5 - 2·0.6 < 4.
+        let picks: Vec<u32> = (0..3)
+            .map(|_| f.pick(l(3), None, None).unwrap().id)
+            .collect();
+        assert_eq!(picks, vec![3, 3, 4]);
+        // Log-probabilities: a distribution, best first, the pick's own value.
+        let mut g = SeqSampler::new(&SamplingParams {
+            temperature: 0.0,
+            ..Default::default()
+        });
+        let p = g.pick(vec![1.0, 3.0, 2.0, 0.5], None, Some(3)).unwrap();
+        let lp = p.logprob.unwrap();
+        assert_eq!(p.id, 1, "greedy is argmax");
+        let ids: Vec<u32> = lp.top.iter().map(|t| t.0).collect();
+        assert_eq!(ids, vec![1, 2, 0]);
+        assert_eq!(lp.logprob, lp.top[0].1);
+        let (all, _) = g.log_softmax(&[1.0, 3.0, 2.0, 0.5], 0);
+        let total: f32 = all.iter().map(|x| x.exp()).sum();
+        assert!((total - 1.0).abs() < 1e-5, "{total}");
+        // Temperature scales the reported distribution as it scales the sampled one.
+        let hot = SeqSampler::new(&SamplingParams {
+            temperature: 2.0,
+            seed: Some(1),
+            ..Default::default()
+        });
+        let (warm, _) = hot.log_softmax(&[1.0, 3.0], 0);
+        let want = (1.0f32 / (1.0 + (-1.0f32).exp())).ln();
+        assert!((warm[1] - want).abs() < 1e-6, "{warm:?}");
+        // A constraint that masks everything fails the sequence rather than picking garbage.
+        struct Nothing;
+        impl TokenConstraint for Nothing {
+            fn mask(&mut self, l: &mut [f32]) {
+                l.fill(f32::NEG_INFINITY)
+            }
+            fn accept(&mut self, _: u32) {}
+            fn is_complete(&self) -> bool {
+                false
+            }
+        }
+        let mut r = req(&[1], 10);
+        r.constraint = Some(Box::new(Nothing));
+        let (_, rx) = submit(&h, r);
+        assert!(matches!(collect(&rx).1, SeqEvent::Failed(m) if m.contains("masked")));
+    }
+}
