@@ -14,6 +14,7 @@ pub mod beam;
 pub mod bench;
 pub mod classify;
 pub mod data;
+pub mod dist;
 pub mod embed;
 pub mod engine;
 pub mod error;

@@ -8,6 +8,8 @@ mod bert;
 mod bottleneck;
 mod checkpointing;
 mod common;
+#[cfg(feature = "mpi")]
+mod dist_mpi;
 mod engine;
 mod fidelity;
 mod fused_vs_reference;

@@ -1,0 +1,101 @@
+//! The MPI back-end (cargo feature `mpi`): Open MPI through rsmpi (the `mpi` crate). MPI is
+//! started with `MPI_THREAD_MULTIPLE` so that the watchdog thread may call `MPI_Abort` while
+//! the main thread is blocked in a collective; MPI ends when the back-end is dropped.
+//!
+//! MPI's default error handler aborts the job on any MPI error, so the collectives here return
+//! `Ok` or never return.
+use super::Collectives;
+use crate::{Error, Result};
+use mpi::collective::SystemOperation;
+use mpi::topology::{Communicator, SimpleCommunicator};
+use mpi::traits::*;
+
+pub struct MpiBackend {
+    world: SimpleCommunicator,
+    rank: usize,
+    size: usize,
+    local_rank: usize,
+    /// Dropped last: `MPI_Finalize`.
+    _universe: mpi::environment::Universe,
+}
+
+// SAFETY: MPI was initialised with MPI_THREAD_MULTIPLE (checked in `init`), under which any
+// thread may call MPI on these handles; the handles themselves are plain integers / pointers
+// owned by the MPI library for the life of the process.
+unsafe impl Send for MpiBackend {}
+unsafe impl Sync for MpiBackend {}
+
+impl MpiBackend {
+    /// Start MPI (once per process). Under mpirun or srun this joins the job; started on its
+    /// own it is a job of one rank.
+    pub fn init() -> Result<Self> {
+        let (universe, threading) = mpi::initialize_with_threading(mpi::Threading::Multiple)
+            .ok_or_else(|| {
+                Error::msg("MPI was already started in this process (it starts once)")
+            })?;
+        if threading != mpi::Threading::Multiple {
+            return Err(Error::msg(format!(
+                "the MPI library offers threading level {threading:?}, but the watchdog needs MULTIPLE (Open MPI 4 has it; is another MPI first on the library path?)"
+            )));
+        }
+        let world = universe.world();
+        let rank = world.rank() as usize;
+        let size = world.size() as usize;
+        // The ranks that share this machine's memory, in world order.
+        let local_rank = world.split_shared(world.rank()).rank() as usize;
+        Ok(MpiBackend {
+            world,
+            rank,
+            size,
+            local_rank,
+            _universe: universe,
+        })
+    }
+}
+
+impl Collectives for MpiBackend {
+    fn backend(&self) -> &'static str {
+        "mpi"
+    }
+    fn rank(&self) -> usize {
+        self.rank
+    }
+    fn world_size(&self) -> usize {
+        self.size
+    }
+    fn local_rank(&self) -> usize {
+        self.local_rank
+    }
+    fn all_reduce_sum(&self, buf: &mut [f32]) -> Result<()> {
+        let send = buf.to_vec();
+        self.world
+            .all_reduce_into(&send[..], buf, SystemOperation::sum());
+        Ok(())
+    }
+    fn all_reduce_sum_f64(&self, buf: &mut [f64]) -> Result<()> {
+        let send = buf.to_vec();
+        self.world
+            .all_reduce_into(&send[..], buf, SystemOperation::sum());
+        Ok(())
+    }
+    fn reduce_scatter_sum(&self, send: &[f32], recv: &mut [f32]) -> Result<()> {
+        self.world
+            .reduce_scatter_block_into(send, recv, SystemOperation::sum());
+        Ok(())
+    }
+    fn all_gather(&self, send: &[f32], recv: &mut [f32]) -> Result<()> {
+        self.world.all_gather_into(send, recv);
+        Ok(())
+    }
+    fn broadcast(&self, buf: &mut [f32], root: usize) -> Result<()> {
+        self.world.process_at_rank(root as i32).broadcast_into(buf);
+        Ok(())
+    }
+    fn barrier(&self) -> Result<()> {
+        self.world.barrier();
+        Ok(())
+    }
+    fn abort(&self, code: i32) -> ! {
+        self.world.abort(code)
+    }
+}
