@@ -13,6 +13,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::Arc;
 
+mod launch;
+
 /// `--quiet`: no progress bars and no informational lines on stderr.
 static QUIET: AtomicBool = AtomicBool::new(false);
 
@@ -75,6 +77,9 @@ enum Command {
     Score(ScoreArgs),
     /// Fine-tune (LoRA, full, selective; any task or pre-training objective) from a TOML config; --resume continues from the newest checkpoint.
     Train(TrainArgs),
+    /// Start N ranks of a distributed run on this machine (Open MPI; the `mpi` feature):
+    /// `ferrotune launch --nproc 2 -- train --config run.toml`.
+    Launch(launch::LaunchArgs),
     /// Fold an adapter into its base model and write an HF folder (or, with --format gguf, a GGUF file).
     Merge(MergeArgs),
     /// Write a model (optionally with a LoRA / IA3 adapter merged) as a quantized file:
@@ -1014,6 +1019,11 @@ fn main() {
         Command::Convert(a) => run_convert(a),
         Command::Score(a) => run_score(a),
         Command::Train(a) => run_train(a),
+        Command::Launch(a) => launch::run(a).map(|code| {
+            if code != 0 {
+                std::process::exit(code)
+            }
+        }),
         Command::Merge(a) => run_merge(a),
         Command::Quantize(a) => run_quantize(a),
         Command::Eval(a) => run_eval(a),
@@ -1038,11 +1048,16 @@ fn main() {
 
 /// `error: ...` on one line.
 fn print_error(e: &anyhow::Error) {
+    eprintln!("error: {}", error_line(e));
+}
+
+/// An error and its causes on one line.
+fn error_line(e: &anyhow::Error) -> String {
     let chain: Vec<String> = e
         .chain()
         .map(|c| ferrotune::error::first_line(&c.to_string()))
         .collect();
-    eprintln!("error: {}", chain.join(": "));
+    chain.join(": ")
 }
 
 /// clap's message for a bad command line as one line: its text up to the usage block, e.g.
@@ -1352,6 +1367,9 @@ struct TrainArgs {
     /// Check everything (config, data, model, targets, memory, output_dir) and write nothing.
     #[arg(long)]
     dry_run: bool,
+    /// Worker threads (train.threads; `launch` sets it per rank).
+    #[arg(long)]
+    threads: Option<usize>,
 }
 
 #[derive(Subcommand)]
@@ -1598,9 +1616,23 @@ fn run_train(a: TrainArgs) -> Result<()> {
         stop.load(Ordering::SeqCst)
             .then(|| 128 + signal.load(Ordering::SeqCst))
     };
+    // The ranks of a distributed run (mpirun, srun, launch), once the config is read.
+    let mut ranks: Option<ferrotune::dist::Dist> = None;
     let result = (|| -> Result<(PathBuf, Outcome)> {
-        let c = train::load_config(&a.config, &a.set)?;
+        let mut set = a.set.clone();
+        if let Some(n) = a.threads {
+            if n == 0 || n > MAX_THREADS {
+                bail!("--threads {n}: expected 1 to {MAX_THREADS}");
+            }
+            set.push(format!("train.threads={n}"));
+        }
+        let c = train::load_config(&a.config, &set)?;
         let out = c.config.output_dir.clone();
+        let dist = ferrotune::dist::Dist::from_environment(
+            std::time::Duration::from_secs(c.config.train.dist_timeout_s),
+            false,
+        )?;
+        ranks = Some(dist.clone());
         let opts = train::RunOptions {
             resume: a.resume,
             overwrite: a.overwrite,
@@ -1610,6 +1642,7 @@ fn run_train(a: TrainArgs) -> Result<()> {
                 train::ProgressMode::Auto
             },
             interrupt: Some(Arc::clone(&stop)),
+            dist,
         };
         if a.dry_run {
             return Ok((out, train::dry_run(&c, &opts)?));
@@ -1622,9 +1655,17 @@ fn run_train(a: TrainArgs) -> Result<()> {
         };
         Ok((out, outcome))
     })();
+    let multi_rank = ranks.as_ref().filter(|d| d.world_size() > 1);
     let (output_dir, outcome) = match result {
+        Ok(_) if multi_rank.is_some_and(|d| !d.is_root()) => return Ok(()),
         Ok(o) => o,
         Err(e) => {
+            if let Some(d) = multi_rank {
+                // The other ranks may be waiting for this one in a collective: end the job
+                // (MPI's normal exit would wait for them), naming this rank.
+                eprintln!("error: {}{}", d.label(), error_line(&e));
+                d.abort(1);
+            }
             if let Some(code) = exit_code_if_interrupted() {
                 print_error(&e);
                 std::process::exit(code);
@@ -1642,6 +1683,9 @@ fn run_train(a: TrainArgs) -> Result<()> {
         for o in &a.set {
             words.push("--set".into());
             words.push(shell_word(o));
+        }
+        if let Some(n) = a.threads {
+            words.push(format!("--threads {n}"));
         }
         words.push("--resume".into());
         words.join(" ")

@@ -9,6 +9,7 @@ mod bnb_cli;
 mod classify;
 mod cli_success;
 mod compare_cli;
+mod distributed_cli;
 mod embed;
 mod examples_dry_run;
 mod file_safety;

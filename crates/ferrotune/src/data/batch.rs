@@ -358,6 +358,18 @@ impl Batcher {
 
     /// The batch at the cursor; the cursor moves on (into the next epoch after the last batch).
     pub fn next_batch(&mut self) -> Result<Batch> {
+        let rows = self.advance().to_vec();
+        self.build(&rows)
+    }
+
+    /// Move the cursor past the batch at it without building it (another rank of a
+    /// distributed run trains it): the cursor ends where [`Self::next_batch`] would leave it.
+    pub fn skip_batch(&mut self) {
+        self.advance();
+    }
+
+    /// The rows of the batch at the cursor, moving the cursor on.
+    fn advance(&mut self) -> &[Vec<usize>] {
         if self.cursor.index >= self.plan.len() {
             self.cursor = DataCursor {
                 epoch: self.cursor.epoch + 1,
@@ -365,9 +377,8 @@ impl Batcher {
             };
             self.plan = self.plan_for(self.cursor.epoch);
         }
-        let rows = self.plan[self.cursor.index].clone();
         self.cursor.index += 1;
-        self.build(&rows)
+        &self.plan[self.cursor.index - 1]
     }
 
     /// Tensors for rows of example indices.
@@ -698,6 +709,27 @@ mod tests {
                 .unwrap()
                 .plan_for(0)
         );
+    }
+
+    #[test]
+    fn skipping_a_batch_moves_the_cursor_as_drawing_it_does() {
+        // Two epochs of 3 batches: a rank that trains every other batch sees the batches, and
+        // ends at the cursor, of one process that trains them all.
+        let cfg = BatchConfig::new(2, 16, 0);
+        let mut all =
+            Batcher::new(examples(&[3, 4, 5, 6, 7, 8]), cfg.clone(), Device::Cpu).unwrap();
+        let mut half = Batcher::new(examples(&[3, 4, 5, 6, 7, 8]), cfg, Device::Cpu).unwrap();
+        for i in 0..7 {
+            let b = all.next_batch().unwrap();
+            if i % 2 == 1 {
+                let h = half.next_batch().unwrap();
+                assert_eq!(rows2(&h.input_ids), rows2(&b.input_ids), "batch {i}");
+            } else {
+                half.skip_batch();
+            }
+            assert_eq!(half.cursor(), all.cursor(), "batch {i}");
+        }
+        assert_eq!(half.cursor(), DataCursor { epoch: 2, index: 1 });
     }
 
     #[test]

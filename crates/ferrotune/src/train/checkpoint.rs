@@ -54,6 +54,17 @@ pub struct TrainerState {
     pub batches_per_epoch: usize,
     pub batch_size: usize,
     pub grad_accum: usize,
+    /// Ranks of the session that saved it: a step took `grad_accum × world_size` micro-batches
+    /// (a resume may change the two, not their product).
+    #[serde(default = "one")]
+    pub world_size: usize,
+    /// Seconds rank 0 spent in collectives, over all sessions.
+    #[serde(default)]
+    pub comm_time_s: f64,
+}
+
+fn one() -> usize {
+    1
 }
 
 pub fn checkpoints_dir(output_dir: &Path) -> PathBuf {
@@ -170,6 +181,8 @@ pub struct RunShape<'a> {
     pub batches_per_epoch: usize,
     pub batch_size: usize,
     pub grad_accum: usize,
+    /// Ranks of this run (`grad_accum` is per rank).
+    pub world_size: usize,
     /// With packing an epoch's number of batches varies, so the data cursor is only bounded.
     pub packing: bool,
 }
@@ -183,7 +196,6 @@ pub fn validate_state(checkpoint: &Path, s: &TrainerState, run: &RunShape) -> Re
         |name: &str, what: String| Err(Error::file(&path, format!("field `{name}`: {what}")));
     for (name, saved, now) in [
         ("batch_size", s.batch_size, run.batch_size),
-        ("grad_accum", s.grad_accum, run.grad_accum),
         ("train_examples", s.train_examples, run.train_examples),
         (
             "batches_per_epoch",
@@ -197,6 +209,38 @@ pub fn validate_state(checkpoint: &Path, s: &TrainerState, run: &RunShape) -> Re
                 format!("cannot resume: {saved} in the checkpoint but {now} in this run (the data or batch settings changed)"),
             );
         }
+    }
+    // The data cursor is global: any world size resumes it, if a step still takes as many
+    // micro-batches.
+    if s.world_size == 0 || s.grad_accum == 0 {
+        return field(
+            "world_size",
+            "and grad_accum must be at least 1".to_string(),
+        );
+    }
+    let Some(per_step) = s.grad_accum.checked_mul(s.world_size) else {
+        return field(
+            "world_size",
+            format!(
+                "{} ranks of grad_accum {} overflow",
+                s.world_size, s.grad_accum
+            ),
+        );
+    };
+    let now = run.grad_accum * run.world_size;
+    if per_step != now {
+        let hint = if per_step.is_multiple_of(run.world_size) {
+            format!("set train.grad_accum = {}", per_step / run.world_size)
+        } else {
+            format!("run on a number of ranks that divides {per_step}")
+        };
+        return field(
+            "grad_accum",
+            format!(
+                "cannot resume: the checkpoint's steps took {per_step} micro-batches (grad_accum {} x {} ranks) but this run's take {now} (grad_accum {} x {} ranks): {hint}",
+                s.grad_accum, s.world_size, run.grad_accum, run.world_size
+            ),
+        );
     }
     if s.method != run.method {
         return field(
@@ -231,20 +275,20 @@ pub fn validate_state(checkpoint: &Path, s: &TrainerState, run: &RunShape) -> Re
             format!("{} is past the run's max_steps {}", s.step, run.max_steps),
         );
     }
-    // Every step draws grad_accum micro-batches; each training forward pass draws one dropout
-    // mask per adapter (a micro-batch without loss tokens is skipped).
-    let Some(micro) = s.step.checked_mul(s.grad_accum) else {
+    // Every step draws grad_accum micro-batches (on each rank); each training forward pass
+    // draws one dropout mask per adapter (a micro-batch without loss tokens is skipped).
+    let Some(micro) = s.step.checked_mul(per_step) else {
         return field(
             "step",
-            format!("{} steps of grad_accum {} overflow", s.step, s.grad_accum),
+            format!("{} steps of {per_step} micro-batches overflow", s.step),
         );
     };
     if s.rng.dropout_calls > micro as u64 {
         return field(
             "rng.dropout_calls",
             format!(
-                "{} is more than the {micro} micro-batches of {} steps of grad_accum {}",
-                s.rng.dropout_calls, s.step, s.grad_accum
+                "{} is more than the {micro} micro-batches of {} steps of {per_step}",
+                s.rng.dropout_calls, s.step
             ),
         );
     }
@@ -330,6 +374,8 @@ mod tests {
             batches_per_epoch: 1,
             batch_size: 1,
             grad_accum: 1,
+            world_size: 1,
+            comm_time_s: 0.0,
         }
     }
 

@@ -585,6 +585,45 @@ pub struct TrainSection {
     /// `[lora] dropout`). Families without dropout ignore it.
     #[serde(default = "yes")]
     pub model_dropout: bool,
+    /// Training across processes (`train::distributed`): `none` (default) or `ddp`; run under
+    /// `mpirun` / `srun` / `ferrotune launch` (the `mpi` feature). `zero1` / `zero2` / `zero3`
+    /// are reserved names, refused until they exist.
+    #[serde(default)]
+    pub distributed: Distributed,
+    /// A collective that waits this long for the other ranks (a rank died or hangs) ends the
+    /// job with an error naming the rank (`dist`'s watchdog).
+    #[serde(default = "default_dist_timeout_s")]
+    pub dist_timeout_s: u64,
+}
+
+/// `[train] distributed`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Distributed {
+    /// One process (a multi-rank launch is refused: N copies would write one folder).
+    #[default]
+    None,
+    /// Data parallel: a full replica per rank, gradients averaged across ranks.
+    Ddp,
+    Zero1,
+    Zero2,
+    Zero3,
+}
+
+impl Distributed {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Distributed::None => "none",
+            Distributed::Ddp => "ddp",
+            Distributed::Zero1 => "zero1",
+            Distributed::Zero2 => "zero2",
+            Distributed::Zero3 => "zero3",
+        }
+    }
+}
+
+fn default_dist_timeout_s() -> u64 {
+    crate::dist::DEFAULT_TIMEOUT.as_secs()
 }
 
 /// `[train] quantized_backward`.
@@ -1263,6 +1302,21 @@ fn validate(c: &LoadedConfig) -> Result<()> {
         );
     }
     parse_device(&t.device).map_err(|e| c.key_error("train.device", e))?;
+    if matches!(
+        t.distributed,
+        Distributed::Zero1 | Distributed::Zero2 | Distributed::Zero3
+    ) {
+        return bad(
+            "train.distributed",
+            &format!(
+                "`{}` (ZeRO sharding) is not implemented yet: use \"ddp\" (a full replica per rank) or \"none\"",
+                t.distributed.as_str()
+            ),
+        );
+    }
+    if t.dist_timeout_s == 0 {
+        return bad("train.dist_timeout_s", "must be at least 1 (seconds)");
+    }
     match cfg.method {
         Method::Lora => {
             let l = &cfg.lora;

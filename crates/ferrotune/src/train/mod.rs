@@ -12,6 +12,8 @@
 //! - [`output`]: the run folder: created and marked by ferrotune, never a folder of the user's;
 //!   a run in it needs `--resume` or `--overwrite`.
 //! - [`compare`]: generate over a data file with the base model and adapters and score them.
+//! - [`distributed`]: DDP across ranks (`train.distributed = "ddp"`, collectives from
+//!   [`crate::dist`]): each rank's share of a step, token counts, gradient all-reduce.
 //!
 //! A resumed run continues exactly: the adapter, the optimizer state, the data cursor and the
 //! dropout RNG are restored, so on CPU a run interrupted and resumed ends with the same adapter,
@@ -22,6 +24,7 @@ pub mod checkpoint;
 pub mod checkpointing;
 pub mod compare;
 pub mod config;
+pub mod distributed;
 pub mod loss;
 pub mod memory;
 pub mod method;
@@ -31,7 +34,9 @@ mod recipe;
 pub mod report;
 pub mod schedule;
 
-pub use config::{load_config, parse_config, LoadedConfig, LrSchedule, Method, TrainConfig};
+pub use config::{
+    load_config, parse_config, Distributed, LoadedConfig, LrSchedule, Method, TrainConfig,
+};
 pub use method::{Tuner, ADAPTER_NAME};
 pub use optim::{AdamW, AdamWConfig, Optimizer, OptimizerKind};
 pub use report::ProgressMode;
@@ -68,6 +73,9 @@ pub struct RunOptions {
     /// Set (e.g. by a Ctrl-C handler) to stop at the next step boundary: the run writes a
     /// checkpoint and returns with [`StopReason::Interrupted`]; `--resume` continues it.
     pub interrupt: Option<Arc<AtomicBool>>,
+    /// The ranks of a distributed run (default: this process alone). Rank 0 writes the run's
+    /// files; every rank trains its share ([`distributed`]).
+    pub dist: crate::dist::Dist,
 }
 
 /// Why the loop ended.
@@ -136,10 +144,21 @@ pub struct Summary {
     /// `[[tasks]]`: each task's validation loss at the last evaluation (`None`: no tokens).
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub final_val_loss_by_task: std::collections::BTreeMap<String, Option<f64>>,
+    /// Ranks that trained (the last session's; 1 for a single process).
+    #[serde(default = "one_rank")]
+    pub world_size: usize,
+    /// Seconds rank 0 spent in collectives (waiting for the other ranks included), over all
+    /// sessions: part of `train_time_s`.
+    #[serde(default)]
+    pub comm_time_s: f64,
     /// Set (not saved) when `--resume` found the run finished: this is its saved summary and
     /// nothing was done.
     #[serde(skip)]
     pub already_finished: bool,
+}
+
+fn one_rank() -> usize {
+    1
 }
 
 /// Validation loss of some batches: mean NLL per loss token and its perplexity.
@@ -169,6 +188,27 @@ impl EvalSums {
         self.tokens += o.tokens;
         self.correct += o.correct;
         self.labelled += o.labelled;
+    }
+
+    /// Add every rank's sums (counts are exact in f64).
+    fn all_reduce(&mut self, dist: &crate::dist::Dist) -> Result<()> {
+        if dist.world_size() == 1 {
+            return Ok(());
+        }
+        let mut v = [
+            self.nll,
+            self.tokens as f64,
+            self.correct as f64,
+            self.labelled as f64,
+        ];
+        dist.all_reduce_sum_f64(&mut v)?;
+        *self = EvalSums {
+            nll: v[0],
+            tokens: v[1] as usize,
+            correct: v[2] as usize,
+            labelled: v[3] as usize,
+        };
+        Ok(())
     }
 
     fn result(&self) -> EvalResult {
@@ -372,7 +412,20 @@ pub fn preview(c: &LoadedConfig, n: usize, ansi: bool) -> Result<String> {
 
 /// Mean loss over the first `max_batches` batches of `batcher` (0 = all), without dropout.
 pub fn evaluate(model: &dyn Model, batcher: &Batcher, max_batches: usize) -> Result<EvalResult> {
-    Ok(eval_sums(model, batcher, max_batches)?.result())
+    evaluate_on(model, batcher, max_batches, &crate::dist::Dist::default())
+}
+
+/// [`evaluate`] with the batches shared among the ranks of `dist` (batch i on rank i mod N)
+/// and the sums added across them: every rank gets the result of the whole evaluation.
+pub fn evaluate_on(
+    model: &dyn Model,
+    batcher: &Batcher,
+    max_batches: usize,
+    dist: &crate::dist::Dist,
+) -> Result<EvalResult> {
+    let mut sums = eval_sums(model, batcher, max_batches, dist)?;
+    sums.all_reduce(dist)?;
+    Ok(sums.result())
 }
 
 /// [`evaluate`] of each task's batcher (the first `max_batches` batches of each, so every task
@@ -384,10 +437,21 @@ pub fn evaluate_tasks(
     tasks: &[(String, Batcher)],
     max_batches: usize,
 ) -> Result<TaskEval> {
+    evaluate_tasks_on(model, tasks, max_batches, &crate::dist::Dist::default())
+}
+
+/// [`evaluate_tasks`] shared among the ranks of `dist`, as [`evaluate_on`].
+pub fn evaluate_tasks_on(
+    model: &dyn Model,
+    tasks: &[(String, Batcher)],
+    max_batches: usize,
+    dist: &crate::dist::Dist,
+) -> Result<TaskEval> {
     let mut all = EvalSums::default();
     let mut by_task = Vec::with_capacity(tasks.len());
     for (name, batcher) in tasks {
-        let sums = eval_sums(model, batcher, max_batches)?;
+        let mut sums = eval_sums(model, batcher, max_batches, dist)?;
+        sums.all_reduce(dist)?;
         all.add(&sums);
         by_task.push((name.clone(), sums.result()));
     }
@@ -397,7 +461,13 @@ pub fn evaluate_tasks(
     })
 }
 
-fn eval_sums(model: &dyn Model, batcher: &Batcher, max_batches: usize) -> Result<EvalSums> {
+/// This rank's sums over its share of the first `max_batches` batches.
+fn eval_sums(
+    model: &dyn Model,
+    batcher: &Batcher,
+    max_batches: usize,
+    dist: &crate::dist::Dist,
+) -> Result<EvalSums> {
     let plan = batcher.plan_for(0);
     let n = if max_batches == 0 {
         plan.len()
@@ -409,7 +479,8 @@ fn eval_sums(model: &dyn Model, batcher: &Batcher, max_batches: usize) -> Result
         model::TaskType::SeqCls | model::TaskType::TokenCls
     );
     let mut sums = EvalSums::default();
-    for rows in plan.iter().take(n) {
+    let (rank, world) = (dist.rank(), dist.world_size());
+    for rows in plan.iter().take(n).skip(rank).step_by(world) {
         let batch = batcher.build(rows)?;
         let (sum, k) = model.loss_sum(&batch, false)?;
         sums.nll += sum.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
@@ -453,6 +524,8 @@ fn count_correct(model: &dyn Model, batch: &data::Batch) -> Result<(usize, usize
 pub struct StepGrads {
     /// Mean loss per loss token over the step's micro-batches.
     pub loss: f64,
+    /// The summed loss over the micro-batches' loss tokens (`loss` times the normaliser).
+    pub loss_sum: f64,
     /// Gradients of the parameters, in order.
     pub grads: Vec<candle_core::Tensor>,
     /// Loss tokens over the step.
@@ -485,6 +558,19 @@ pub fn accumulate_gradients_with(
     checkpointing: bool,
 ) -> Result<StepGrads> {
     let n_total: usize = batches.iter().map(|b| b.n_loss_tokens).sum();
+    accumulate_gradients_over(model, params, batches, checkpointing, n_total, |_| Ok(()))
+}
+
+/// [`accumulate_gradients_with`] dividing by `n_total` loss tokens (a distributed step's, over
+/// every rank's micro-batches), calling `before_forward(i)` before micro-batch i's forward pass.
+pub fn accumulate_gradients_over(
+    model: &dyn Model,
+    params: &[(String, candle_core::Var)],
+    batches: &[Batch],
+    checkpointing: bool,
+    n_total: usize,
+    mut before_forward: impl FnMut(usize) -> Result<()>,
+) -> Result<StepGrads> {
     let mut grads: Vec<Option<candle_core::Tensor>> = vec![None; params.len()];
     let mut loss_sum = 0.0f64;
     let mut forwards = 0;
@@ -496,11 +582,12 @@ pub fn accumulate_gradients_with(
         });
         Ok(())
     };
-    for batch in batches {
+    for (i, batch) in batches.iter().enumerate() {
         if batch.n_loss_tokens == 0 {
             continue;
         }
         forwards += 1;
+        before_forward(i)?;
         if checkpointing {
             let mb = model.loss_and_grads_checkpointed(params, batch, 1.0 / n_total as f64)?;
             loss_sum += mb.loss_sum;
@@ -546,6 +633,7 @@ pub fn accumulate_gradients_with(
     };
     Ok(StepGrads {
         loss: mean,
+        loss_sum,
         grads,
         loss_tokens: n_total,
         forwards,

@@ -9,14 +9,18 @@
 //! finish     last evaluation and checkpoint, the adapter, summary.json
 //! ```
 //!
-//! Everything model-specific goes through [`Model`]: any family trains here.
+//! Everything model-specific goes through [`Model`]: any family trains here. A distributed
+//! run (DDP, [`super::distributed`]) runs this same recipe on every rank: each trains its share
+//! of a step and evaluates its share of the validation batches, the ranks add their sums, and
+//! rank 0 alone writes (checkpoints, metrics, the adapter, `summary.json`).
 use super::checkpoint::{self, RngState, TrainerState};
-use super::config::{self, LoadedConfig, Method, TrainSection};
+use super::config::{self, Distributed, LoadedConfig, Method, TrainSection};
+use super::distributed::{self, StepCounts};
 use super::report::{self, MetricsLog, Progress, StepLine};
 use super::{
-    accumulate_gradients_with, evaluate, evaluate_tasks, finished_summary, interrupted, memory,
-    optim, output, prepare_data, set_threads, tokenizer_and_context, DryRun, EvalResult, Outcome,
-    RunOptions, Schedule, StepGrads, StopReason, Summary, Tuner, ADAPTER_DIR, CONFIG_FILE,
+    accumulate_gradients_over, evaluate_on, evaluate_tasks_on, finished_summary, interrupted,
+    memory, optim, output, prepare_data, set_threads, tokenizer_and_context, DryRun, EvalResult,
+    Outcome, RunOptions, Schedule, StepGrads, StopReason, Summary, Tuner, ADAPTER_DIR, CONFIG_FILE,
     SUMMARY_FILE,
 };
 use crate::data::{BatchConfig, Batcher, DataTask};
@@ -47,7 +51,7 @@ pub(super) fn execute(c: &LoadedConfig, opts: &RunOptions, dry: bool) -> Result<
     }
     let mut stop_reason = StopReason::MaxSteps;
     while session.state.step < run.max_steps {
-        if let Some(reason) = run.stop_before_step(&session) {
+        if let Some(reason) = run.stop_before_step(&session)? {
             stop_reason = reason;
             break;
         }
@@ -111,7 +115,8 @@ struct Recipe<'a> {
 /// The state of this session of a run (a resumed run is a new session).
 struct Session {
     state: TrainerState,
-    metrics: MetricsLog,
+    /// Rank 0's (the other ranks of a distributed run write nothing).
+    metrics: Option<MetricsLog>,
     progress: Progress,
     resumed_from_step: Option<usize>,
     last_saved: Option<usize>,
@@ -125,6 +130,10 @@ struct Session {
 impl<'a> Recipe<'a> {
     fn t(&self) -> &'a TrainSection {
         &self.c.config.train
+    }
+
+    fn dist(&self) -> &'a crate::dist::Dist {
+        &self.opts.dist
     }
 
     // ---- setup ------------------------------------------------------------------------------
@@ -142,6 +151,7 @@ impl<'a> Recipe<'a> {
                 "--resume continues the run in output_dir and --overwrite starts it again: give one of them",
             ));
         }
+        check_distributed(c, &opts.dist)?;
         if let Some(n) = cfg.train.threads {
             set_threads(n);
         }
@@ -246,12 +256,17 @@ impl<'a> Recipe<'a> {
     /// The output folder, the state to resume from, the metrics log and the progress display:
     /// from here on the run writes.
     fn open(&mut self) -> Result<Session> {
-        let (out, t) = (&self.out, self.t());
-        if self.opts.overwrite && self.folder != output::RunFolder::Fresh {
-            output::remove_run_files(out)?;
+        let (out, t, dist) = (&self.out, self.t(), self.dist());
+        // Every rank has looked at output_dir (setup); only now may rank 0 change it.
+        dist.barrier()?;
+        let root = dist.is_root();
+        if root {
+            if self.opts.overwrite && self.folder != output::RunFolder::Fresh {
+                output::remove_run_files(out)?;
+            }
+            output::create(out)?;
+            checkpoint::remove_partial(out)?;
         }
-        output::create(out)?;
-        checkpoint::remove_partial(out)?;
         let mut state = TrainerState {
             step: 0,
             max_steps: self.max_steps,
@@ -276,6 +291,8 @@ impl<'a> Recipe<'a> {
             batches_per_epoch: self.batches_per_epoch,
             batch_size: t.batch_size,
             grad_accum: t.grad_accum,
+            world_size: dist.world_size(),
+            comm_time_s: 0.0,
         };
         let progress_total = self.max_steps.min(t.stop_after.unwrap_or(usize::MAX));
         let mut resumed_from_step = None;
@@ -290,16 +307,44 @@ impl<'a> Recipe<'a> {
             self.model.set_dropout_calls(saved.rng.dropout_calls);
             state = TrainerState {
                 max_steps: self.max_steps,
+                grad_accum: t.grad_accum,
+                world_size: dist.world_size(),
                 ..saved
             };
             resumed_from_step = Some(step);
         }
-        let metrics = MetricsLog::open(out, resumed_from_step)?;
-        let effective = toml::to_string(&self.c.effective).unwrap_or_default();
-        crate::fsutil::write_atomic(&out.join(CONFIG_FILE), effective.as_bytes())?;
+        let metrics = if root {
+            let effective = toml::to_string(&self.c.effective).unwrap_or_default();
+            crate::fsutil::write_atomic(&out.join(CONFIG_FILE), effective.as_bytes())?;
+            Some(MetricsLog::open(out, resumed_from_step)?)
+        } else {
+            None
+        };
 
-        let progress = Progress::new(self.opts.progress, progress_total, state.step, t.log_every);
+        let mode = if root {
+            self.opts.progress
+        } else {
+            report::ProgressMode::Quiet
+        };
+        let progress = Progress::new(mode, progress_total, state.step, t.log_every);
         progress.println(&self.model_line);
+        if dist.world_size() > 1 {
+            progress.println(&format!(
+                "distributed: {} on {} ranks ({}); a step takes grad_accum {} x {} ranks = {} micro-batches of {}",
+                t.distributed.as_str(),
+                dist.world_size(),
+                dist.backend(),
+                t.grad_accum,
+                dist.world_size(),
+                t.grad_accum * dist.world_size(),
+                t.batch_size
+            ));
+            if t.threads.is_none() {
+                progress.println(
+                    "note: train.threads is not set, so every rank uses all cores (ferrotune launch sets it; with mpirun pass --threads)",
+                );
+            }
+        }
         progress.println(&self.tuner.params_report());
         progress.println(&self.memory.table());
         progress.println(&self.data_summary);
@@ -328,37 +373,68 @@ impl<'a> Recipe<'a> {
 
     /// Why the run stops before the next step, if it does: `stop_after` reached, or Ctrl-C
     /// (then the checkpoint is written by [`Self::finish`]).
-    fn stop_before_step(&self, s: &Session) -> Option<StopReason> {
+    fn stop_before_step(&self, s: &Session) -> Result<Option<StopReason>> {
         if self.t().stop_after.is_some_and(|a| s.state.step >= a) {
-            return Some(StopReason::StopAfter);
+            return Ok(Some(StopReason::StopAfter));
         }
-        interrupted(self.opts).then_some(StopReason::Interrupted)
+        // Every rank stops at the same step, whichever saw the Ctrl-C.
+        let mut stop = [f64::from(u8::from(interrupted(self.opts)))];
+        self.dist().all_reduce_sum_f64(&mut stop)?;
+        Ok((stop[0] > 0.0).then_some(StopReason::Interrupted))
     }
 
     /// One optimizer step: `grad_accum` micro-batches, their loss and gradients, clipping, the
     /// optimizer update; metrics and progress. Returns the step number.
     fn step(&mut self, s: &mut Session) -> Result<usize> {
-        let t = self.t();
+        let (t, dist) = (self.t(), self.dist());
         let t0 = Instant::now();
+        let comm0 = dist.comm_seconds();
         let step = s.state.step + 1;
-        let batches = (0..t.grad_accum)
-            .map(|_| self.batcher.next_batch())
-            .collect::<Result<Vec<_>>>()?;
+        // This rank's micro-batches of the step (all of them in one process), then every
+        // micro-batch's counts: the losses are divided by the step's loss tokens on all ranks.
+        let per_step = t.grad_accum * dist.world_size();
+        let drawn = distributed::draw_step(&mut self.batcher, t.grad_accum, dist)?;
+        let counts = StepCounts::exchange(&drawn, per_step, dist)?;
+        let n_loss = counts.loss_tokens_total();
+        let (index, batches): (Vec<usize>, Vec<_>) =
+            drawn.into_iter().map(|d| (d.index, d.batch)).unzip();
+        let passes = s.state.rng.dropout_calls;
+        let (model, tuner) = (&*self.model, &self.tuner);
         let StepGrads {
-            loss,
+            loss_sum,
             mut grads,
-            loss_tokens: n_loss,
-            forwards,
             forward_s,
             backward_s,
-        } = accumulate_gradients_with(
-            &*self.model,
+            ..
+        } = accumulate_gradients_over(
+            model,
             &self.params,
             &batches,
             t.gradient_checkpointing,
+            n_loss,
+            |i| {
+                // Dropout masks of the micro-batch's pass number in the whole step, as one
+                // process would draw them (one process counts them itself).
+                if dist.world_size() > 1 {
+                    let calls = passes + counts.forwards_before(index[i]) as u64;
+                    tuner.replay_rng(model, calls)?;
+                    model.set_dropout_calls(calls);
+                }
+                Ok(())
+            },
         )?;
+        // The ranks' gradients (each already over the step's tokens) and losses, added.
+        distributed::all_reduce_grads(&mut grads, dist, distributed::BUCKET_FLOATS)?;
+        let mut loss_sum = [loss_sum];
+        dist.all_reduce_sum_f64(&mut loss_sum)?;
+        let loss = if n_loss == 0 {
+            0.0
+        } else {
+            loss_sum[0] / n_loss as f64
+        };
+        let comm_s = dist.comm_seconds() - comm0;
         let t_opt = Instant::now();
-        s.state.rng.dropout_calls += forwards as u64;
+        s.state.rng.dropout_calls += counts.forwards() as u64;
         let lr = self.schedule.lr_at(step);
         let norm = optim::clip_grad_norm(&mut grads, t.max_grad_norm)?;
         if !loss.is_finite() || !norm.is_finite() {
@@ -393,7 +469,7 @@ impl<'a> Recipe<'a> {
             }
         }
         let optimizer_s = t_opt.elapsed().as_secs_f64();
-        let tokens: usize = batches.iter().map(|b| b.n_tokens).sum();
+        let tokens = counts.tokens_total();
         let dt = t0.elapsed().as_secs_f64();
         s.session_time += dt;
         s.session_tokens += tokens as u64;
@@ -402,23 +478,34 @@ impl<'a> Recipe<'a> {
         st.train_tokens += tokens as u64;
         st.loss_tokens += n_loss as u64;
         st.train_time_s += dt;
+        st.comm_time_s += comm_s;
         st.last_train_loss = Some(loss);
         st.data_cursor = self.batcher.cursor();
         st.epoch = st.data_cursor.epoch as f64
             + st.data_cursor.index as f64 / self.batches_per_epoch as f64;
         let tps = s.session_tokens as f64 / s.session_time.max(1e-9);
-        s.metrics.write(&json!({
-            "type": "train", "step": step, "loss": loss, "lr": lr, "grad_norm": norm,
-            "tokens": tokens, "loss_tokens": n_loss, "tokens_per_s": tokens as f64 / dt.max(1e-9),
-            "epoch": st.epoch, "elapsed_s": self.wall.elapsed().as_secs_f64(),
-            "step_s": dt, "forward_s": forward_s, "backward_s": backward_s,
-            "optimizer_s": optimizer_s,
-        }))?;
+        if let Some(m) = &mut s.metrics {
+            let mut line = json!({
+                "type": "train", "step": step, "loss": loss, "lr": lr, "grad_norm": norm,
+                "tokens": tokens, "loss_tokens": n_loss, "tokens_per_s": tokens as f64 / dt.max(1e-9),
+                "epoch": st.epoch, "elapsed_s": self.wall.elapsed().as_secs_f64(),
+                "step_s": dt, "forward_s": forward_s, "backward_s": backward_s,
+                "optimizer_s": optimizer_s,
+            });
+            if dist.world_size() > 1 {
+                // Rank 0's own forward and backward; its time in collectives.
+                line["world_size"] = dist.world_size().into();
+                line["comm_s"] = comm_s.into();
+            }
+            m.write(&line)?;
+        }
         s.progress.step(&StepLine {
             step,
             loss,
             lr,
             tokens_per_s: tps,
+            world_size: dist.world_size(),
+            comm_share: st.comm_time_s / st.train_time_s.max(1e-9),
         });
         Ok(step)
     }
@@ -429,11 +516,11 @@ impl<'a> Recipe<'a> {
         let (r, by_task) = match &self.validation {
             Validation::None => return Ok(None),
             Validation::Single(vb) => (
-                evaluate(&*self.model, vb, self.t().eval_batches)?,
+                evaluate_on(&*self.model, vb, self.t().eval_batches, self.dist())?,
                 Vec::new(),
             ),
             Validation::Tasks(tasks) => {
-                let e = evaluate_tasks(&*self.model, tasks, self.t().eval_batches)?;
+                let e = evaluate_tasks_on(&*self.model, tasks, self.t().eval_batches, self.dist())?;
                 (e.overall, e.by_task)
             }
         };
@@ -459,7 +546,9 @@ impl<'a> Recipe<'a> {
             line["val_loss_by_task"] = losses.into();
             line["val_tokens_by_task"] = tokens.into();
         }
-        s.metrics.write(&line)?;
+        if let Some(m) = &mut s.metrics {
+            m.write(&line)?;
+        }
         s.last_val_accuracy = r.accuracy;
         let accuracy = r
             .accuracy
@@ -488,8 +577,10 @@ impl<'a> Recipe<'a> {
         } else {
             st.evals_since_best += 1;
         }
-        let (train_curve, val_curve) = s.metrics.curves();
-        report::plot_loss(&self.out.join(report::PLOT_FILE), &train_curve, &val_curve)?;
+        if let Some(m) = &s.metrics {
+            let (train_curve, val_curve) = m.curves();
+            report::plot_loss(&self.out.join(report::PLOT_FILE), &train_curve, &val_curve)?;
+        }
         Ok(Some(r))
     }
 
@@ -509,17 +600,20 @@ impl<'a> Recipe<'a> {
         true
     }
 
-    /// A checkpoint of the current step (the method's weights, the optimizer, the state).
-    fn save(&self, s: &mut Session) -> Result<PathBuf> {
-        let dir = checkpoint::save(&self.out, s.state.step, &s.state, |tmp| {
-            self.tuner.save(&*self.model, tmp)?;
-            self.opt.save(&tmp.join(checkpoint::OPTIMIZER_FILE))
-        })?;
-        if let Some(k) = self.t().keep_checkpoints {
-            checkpoint::prune(&self.out, k)?;
+    /// A checkpoint of the current step (the method's weights, the optimizer, the state),
+    /// written by rank 0 (the replicas are equal).
+    fn save(&self, s: &mut Session) -> Result<()> {
+        if self.dist().is_root() {
+            checkpoint::save(&self.out, s.state.step, &s.state, |tmp| {
+                self.tuner.save(&*self.model, tmp)?;
+                self.opt.save(&tmp.join(checkpoint::OPTIMIZER_FILE))
+            })?;
+            if let Some(k) = self.t().keep_checkpoints {
+                checkpoint::prune(&self.out, k)?;
+            }
         }
         s.last_saved = Some(s.state.step);
-        Ok(dir)
+        Ok(())
     }
 
     // ---- finish -----------------------------------------------------------------------------
@@ -542,7 +636,12 @@ impl<'a> Recipe<'a> {
         if s.last_saved != Some(s.state.step) {
             self.save(&mut s)?;
         }
-        let (train_curve, val_curve) = s.metrics.curves();
+        let Some(metrics) = &s.metrics else {
+            // Not rank 0: rank 0 writes the result and summary.json; this rank's summary is
+            // returned only.
+            return Ok(Outcome::Trained(self.summary(&s, stop_reason, None, None)));
+        };
+        let (train_curve, val_curve) = metrics.curves();
         report::plot_loss(&self.out.join(report::PLOT_FILE), &train_curve, &val_curve)?;
         let (adapter_dir, model_dir) = match (finished, &self.tuner) {
             (false, _) => (None, None),
@@ -624,8 +723,22 @@ impl<'a> Recipe<'a> {
                 }
             }
         }
+        let summary = self.summary(&s, stop_reason, adapter_dir, model_dir);
+        let text = serde_json::to_string_pretty(&summary).expect("the summary always serializes");
+        crate::fsutil::write_atomic(&self.out.join(SUMMARY_FILE), text.as_bytes())?;
+        Ok(Outcome::Trained(summary))
+    }
+
+    /// `summary.json` of the session.
+    fn summary(
+        &self,
+        s: &Session,
+        stop_reason: StopReason,
+        adapter_dir: Option<PathBuf>,
+        model_dir: Option<PathBuf>,
+    ) -> Summary {
         let st = &s.state;
-        let summary = Summary {
+        Summary {
             method: self.tuner.method().to_string(),
             steps: st.step,
             max_steps: self.max_steps,
@@ -655,11 +768,10 @@ impl<'a> Recipe<'a> {
             final_val_accuracy: s.last_val_accuracy,
             task_mix: self.batcher.seen_per_source(),
             final_val_loss_by_task: st.last_val_loss_by_task.clone(),
+            world_size: self.dist().world_size(),
+            comm_time_s: st.comm_time_s,
             already_finished: false,
-        };
-        let text = serde_json::to_string_pretty(&summary).expect("the summary always serializes");
-        crate::fsutil::write_atomic(&self.out.join(SUMMARY_FILE), text.as_bytes())?;
-        Ok(Outcome::Trained(summary))
+        }
     }
 }
 
@@ -807,6 +919,7 @@ fn decide_output(
                             batches_per_epoch: data.batches_per_epoch,
                             batch_size: t.batch_size,
                             grad_accum: t.grad_accum,
+                            world_size: opts.dist.world_size(),
                             packing: data.train_bc.packing,
                         },
                     )?;
@@ -1030,6 +1143,22 @@ fn setup_memory(
 }
 
 // ---- setup helpers ----------------------------------------------------------------------------
+
+/// A job of several ranks needs `train.distributed` (else N copies of one run would write one
+/// output_dir); `ddp` in one process is simply a single-process run.
+fn check_distributed(c: &LoadedConfig, dist: &crate::dist::Dist) -> Result<()> {
+    let t = &c.config.train;
+    if dist.world_size() > 1 && t.distributed == Distributed::None {
+        return Err(c.key_error(
+            "train.distributed",
+            format!(
+                "is \"none\", but this process is one of {} ranks: set it to \"ddp\" (or start one process)",
+                dist.world_size()
+            ),
+        ));
+    }
+    Ok(())
+}
 
 /// No output of the run may land on one of its inputs (the config, the data, the model).
 fn check_inputs(c: &LoadedConfig, source: &ModelSource) -> Result<()> {

@@ -375,7 +375,12 @@ pub struct StepLine {
     pub step: usize,
     pub loss: f64,
     pub lr: f64,
+    /// Over all ranks.
     pub tokens_per_s: f64,
+    /// Ranks training (1: nothing more is shown).
+    pub world_size: usize,
+    /// The share of the training time rank 0 spent in collectives.
+    pub comm_share: f64,
 }
 
 impl Progress {
@@ -415,10 +420,17 @@ impl Progress {
     }
 
     pub fn step(&self, s: &StepLine) {
-        let msg = format!(
+        let mut msg = format!(
             "loss {:.4} lr {:.2e} {:.0} tok/s",
             s.loss, s.lr, s.tokens_per_s
         );
+        if s.world_size > 1 {
+            msg.push_str(&format!(
+                " | {} ranks, comm {:.0}%",
+                s.world_size,
+                100.0 * s.comm_share
+            ));
+        }
         if let Some(b) = &self.bar {
             b.set_message(msg);
             b.set_position(s.step as u64);

@@ -1,0 +1,111 @@
+//! `ferrotune launch --nproc N -- train --config run.toml`: N ranks of a distributed run on
+//! this machine, started with Open MPI's `mpirun` (the `mpi` feature's back-end). Each rank
+//! gets `--threads` so that ranks × threads stays within the cores. On a cluster, start the
+//! ranks with `mpirun` or `srun` directly (README: Distributed training).
+use anyhow::{bail, Result};
+use clap::Args;
+use std::path::PathBuf;
+use std::process::Command;
+
+#[derive(Args)]
+pub struct LaunchArgs {
+    /// Ranks (processes) to start on this machine.
+    #[arg(long)]
+    pub nproc: usize,
+    /// Worker threads per rank (default: the cores shared among the ranks, at least 1).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// The command every rank runs, after `--`: `train --config run.toml [--resume ...]`.
+    #[arg(last = true, required = true, value_name = "COMMAND")]
+    pub command: Vec<String>,
+}
+
+/// Most ranks `--nproc` accepts on one machine (more is a typo).
+const MAX_NPROC: usize = 1024;
+
+/// Start the ranks and wait for them; the job's exit status is returned.
+pub fn run(a: LaunchArgs) -> Result<i32> {
+    if !ferrotune::dist::MPI_BUILT {
+        bail!(
+            "this ferrotune was built without the `mpi` feature, which `launch` starts its ranks with: rebuild with `cargo build --release --features mpi` (needs Open MPI: apt-get install openmpi-bin libopenmpi-dev libclang-dev)"
+        );
+    }
+    if a.nproc == 0 || a.nproc > MAX_NPROC {
+        bail!("--nproc {}: expected 1 to {MAX_NPROC}", a.nproc);
+    }
+    if a.command.first().map(String::as_str) != Some("train") {
+        bail!(
+            "launch runs `train` on every rank: ferrotune launch --nproc {} -- train --config run.toml (got `{}`)",
+            a.nproc,
+            a.command.join(" ")
+        );
+    }
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = match a.threads {
+        Some(0) => bail!("--threads 0: expected at least 1"),
+        Some(t) => t,
+        None => (cores / a.nproc).max(1),
+    };
+    if a.nproc * threads > cores {
+        eprintln!(
+            "warning: {} ranks x {threads} threads is more than the {cores} cores: the ranks will slow each other down",
+            a.nproc
+        );
+    }
+    let Some(mpirun) = find_in_path("mpirun") else {
+        bail!(
+            "mpirun not found on PATH: install Open MPI (Debian/Ubuntu: apt-get install openmpi-bin), or start the ranks with your cluster's launcher (srun)"
+        );
+    };
+    let exe = std::env::current_exe()?;
+    let mut cmd = Command::new(&mpirun);
+    cmd.args(["-np", &a.nproc.to_string()])
+        // Threads per rank are set by --threads: MPI's default binding would pin each rank,
+        // threads and all, to one core.
+        .args(["--bind-to", "none"]);
+    if a.nproc > cores {
+        cmd.arg("--oversubscribe");
+    }
+    if is_root_user() {
+        // Containers commonly run as root, which Open MPI refuses unless told; whoever runs
+        // launch as root has chosen to.
+        cmd.arg("--allow-run-as-root");
+    }
+    cmd.arg(&exe).args(&a.command);
+    let has_threads = a
+        .command
+        .iter()
+        .any(|w| w == "--threads" || w.starts_with("--threads=") || w.contains("train.threads="));
+    if !has_threads {
+        cmd.args(["--threads", &threads.to_string()]);
+    }
+    eprintln!(
+        "launch: {} ranks x {threads} threads on {cores} cores: {}",
+        a.nproc,
+        shown(&cmd)
+    );
+    let status = cmd
+        .status()
+        .map_err(|e| anyhow::anyhow!("{}: {e}", mpirun.display()))?;
+    Ok(status.code().unwrap_or(1))
+}
+
+fn find_in_path(name: &str) -> Option<PathBuf> {
+    std::env::split_paths(&std::env::var_os("PATH")?)
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+}
+
+fn is_root_user() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// The command line as one would type it.
+fn shown(cmd: &Command) -> String {
+    std::iter::once(cmd.get_program())
+        .chain(cmd.get_args())
+        .map(|s| s.to_string_lossy().into_owned())
+        .collect::<Vec<_>>()
+        .join(" ")
+}

@@ -1,0 +1,404 @@
+//! Distributed training (issue 15) through the real binary on the tiny test model:
+//! - DDP on 2 ranks (`mpirun -np 2`, 1 thread each) with batch b per rank gives the losses,
+//!   validation losses and final adapter of one process with grad_accum 2 x batch b, within
+//!   1e-5 relative (LoRA dropout on: each micro-batch draws the masks of its global pass);
+//! - a 2-rank checkpoint resumes in one process (grad_accum doubled) to the same adapter;
+//! - `ferrotune launch --nproc 2` runs the same job; rank 0 alone writes; summary.json and the
+//!   progress line report the world size and the time in communication;
+//! - a rank killed mid-run ends the job within 60 s naming it, and `--resume` completes it;
+//! - refusals: a multi-rank job with `distributed = "none"`, ZeRO not yet, launch without the
+//!   `mpi` feature.
+//!
+//! The mpirun tests need the `mpi` feature and `mpirun` (skipped with a note without it).
+use crate::support::{self, arg, fails, rev_model, succeeds, tmp, REV_WORDS};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// A run folder with the tiny model, 12 training rows and 6 validation rows; `train_extra`
+/// is appended to `[train]`.
+struct Setup {
+    dir: PathBuf,
+    config: PathBuf,
+}
+
+impl Setup {
+    fn new(tag: &str, train_extra: &str) -> Setup {
+        let dir = tmp(tag);
+        rev_model(&dir);
+        let rows = |n, seed| support::reverse_rows(&REV_WORDS[7..], 6, n, seed);
+        std::fs::write(dir.join("train.jsonl"), rows(12, 11)).unwrap();
+        std::fs::write(dir.join("dev.jsonl"), rows(6, 12)).unwrap();
+        let text = format!(
+            r#"model = "model"
+output_dir = "out"
+
+[data]
+train = "train.jsonl"
+validation = "dev.jsonl"
+template = "{{q}} ="
+completion = " {{a}}"
+
+[lora]
+r = 4
+alpha = 8
+dropout = 0.1
+targets = "all-linear"
+
+[train]
+batch_size = 2
+max_seq_len = 32
+log_every = 1
+lr = 5e-3
+warmup_steps = 1
+seed = 5
+{train_extra}
+"#
+        );
+        let config = dir.join("run.toml");
+        std::fs::write(&config, text).unwrap();
+        Setup { dir, config }
+    }
+
+    /// `train --config run.toml --set output_dir=<dir/name>` plus `args`.
+    fn train_args(&self, name: &str, args: &[&str]) -> Vec<String> {
+        let mut v = vec![
+            "train".to_string(),
+            "--config".into(),
+            arg(&self.config),
+            "--set".into(),
+            format!("output_dir={}", arg(&self.dir.join(name))),
+        ];
+        v.extend(args.iter().map(|s| s.to_string()));
+        v
+    }
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "status {:?}\nstdout:\n{}\nstderr:\n{}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+#[test]
+fn zero_stages_are_refused_until_they_exist() {
+    let s = Setup::new("dist-zero", "max_steps = 1");
+    for stage in ["zero1", "zero2", "zero3"] {
+        let e = fails(&s.train_args("out", &["--set", &format!("train.distributed=\"{stage}\"")]));
+        assert!(e.contains("train.distributed"), "{e}");
+        assert!(
+            e.contains(&format!("`{stage}`")) && e.contains("not implemented yet"),
+            "{e}"
+        );
+    }
+    let e = fails(&s.train_args("out", &["--set", "train.distributed=\"fsdp\""]));
+    assert!(e.contains("distributed"), "{e}");
+}
+
+#[test]
+fn ddp_in_one_process_is_a_single_process_run() {
+    let s = Setup::new("dist-one", "max_steps = 2");
+    succeeds(&s.train_args(
+        "out",
+        &["--set", "train.distributed=\"ddp\"", "--threads", "1"],
+    ));
+    let sum = summary(&s.dir.join("out"));
+    assert_eq!(sum["world_size"], 1, "{sum}");
+    assert_eq!(sum["comm_time_s"], 0.0, "{sum}");
+}
+
+#[cfg(not(feature = "mpi"))]
+#[test]
+fn launch_needs_the_mpi_feature() {
+    let e = fails(&[
+        "launch", "--nproc", "2", "--", "train", "--config", "run.toml",
+    ]);
+    assert!(e.contains("without the `mpi` feature"), "{e}");
+}
+
+#[test]
+fn launch_refuses_a_bad_command_line() {
+    if cfg!(feature = "mpi") {
+        let e = fails(&[
+            "launch", "--nproc", "0", "--", "train", "--config", "x.toml",
+        ]);
+        assert!(e.contains("--nproc 0"), "{e}");
+        let e = fails(&["launch", "--nproc", "2", "--", "merge", "--model", "m"]);
+        assert!(e.contains("launch runs `train`"), "{e}");
+    }
+    // No command after `--`: clap's one-line usage error.
+    let e = fails(&["launch", "--nproc", "2"]);
+    assert!(e.contains("COMMAND"), "{e}");
+}
+
+fn summary(out: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap()
+}
+
+fn metrics(out: &Path) -> Vec<Value> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// (type, step, loss) of every metrics line.
+fn losses(out: &Path) -> Vec<(String, u64, f64)> {
+    metrics(out)
+        .iter()
+        .map(|v| {
+            let kind = v["type"].as_str().unwrap().to_string();
+            let loss = if kind == "train" {
+                &v["loss"]
+            } else {
+                &v["val_loss"]
+            };
+            (kind, v["step"].as_u64().unwrap(), loss.as_f64().unwrap())
+        })
+        .collect()
+}
+
+fn rel(a: f64, b: f64) -> f64 {
+    (a - b).abs() / a.abs().max(b.abs()).max(1e-30)
+}
+
+/// Every tensor of two adapters agrees within `tol` relative to its largest value.
+fn assert_adapters_close(a: &Path, b: &Path, tol: f64) {
+    let read = |p: &Path| std::fs::read(p.join("adapter/adapter_model.safetensors")).unwrap();
+    let (ba, bb) = (read(a), read(b));
+    let (ta, tb) = (
+        safetensors::SafeTensors::deserialize(&ba).unwrap(),
+        safetensors::SafeTensors::deserialize(&bb).unwrap(),
+    );
+    let mut names = ta.names();
+    names.sort();
+    let mut names_b = tb.names();
+    names_b.sort();
+    assert_eq!(names, names_b);
+    assert!(!names.is_empty());
+    for n in names {
+        let f = |t: safetensors::tensor::TensorView| -> Vec<f32> {
+            t.data()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect()
+        };
+        let (x, y) = (f(ta.tensor(n).unwrap()), f(tb.tensor(n).unwrap()));
+        let scale = x.iter().fold(0f32, |m, v| m.max(v.abs())) as f64;
+        let diff = x
+            .iter()
+            .zip(&y)
+            .fold(0f64, |m, (p, q)| m.max((p - q).abs() as f64));
+        assert!(
+            diff <= tol * scale.max(1e-30),
+            "{n}: max difference {diff:e} against max {scale:e} ({} vs {})",
+            a.display(),
+            b.display()
+        );
+    }
+}
+
+fn assert_losses_close(a: &Path, b: &Path) {
+    let (la, lb) = (losses(a), losses(b));
+    assert_eq!(la.len(), lb.len(), "{la:?}\n{lb:?}");
+    for (x, y) in la.iter().zip(&lb) {
+        assert_eq!((&x.0, x.1), (&y.0, y.1));
+        assert!(rel(x.2, y.2) < 1e-5, "{x:?} vs {y:?}");
+    }
+}
+
+#[cfg(feature = "mpi")]
+mod mpi {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    /// `mpirun -np 2 --oversubscribe ferrotune <args>`; None (with a note) without mpirun.
+    fn mpirun(args: &[String]) -> Option<Command> {
+        if Command::new("mpirun").arg("--version").output().is_err() {
+            eprintln!("note: mpirun not found; the distributed training tests are skipped");
+            return None;
+        }
+        let mut c = Command::new("mpirun");
+        c.args(["-np", "2", "--oversubscribe", "--bind-to", "none"])
+            .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+            .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+            .arg(env!("CARGO_BIN_EXE_ferrotune"))
+            .args(args);
+        Some(c)
+    }
+
+    fn ddp(s: &Setup, name: &str, extra: &[&str]) -> Option<Output> {
+        let mut args = vec!["--set", "train.distributed=\"ddp\"", "--threads", "1"];
+        args.extend_from_slice(extra);
+        let o = mpirun(&s.train_args(name, &args))?.output().unwrap();
+        Some(o)
+    }
+
+    #[test]
+    fn ddp_on_two_ranks_equals_one_process_with_twice_the_accumulation() {
+        let s = Setup::new("dist-ddp", "max_steps = 6\neval_every = 2");
+        let Some(o) = ddp(&s, "ddp", &[]) else { return };
+        assert!(o.status.success(), "{}", text(&o));
+        succeeds(&s.train_args("single", &["--set", "train.grad_accum=2", "--threads", "1"]));
+        let (d, one) = (s.dir.join("ddp"), s.dir.join("single"));
+        assert_losses_close(&d, &one);
+        assert_adapters_close(&d, &one, 1e-5);
+        // Rank 0 alone wrote: every step logged once; the world size and communication time.
+        let steps: Vec<u64> = losses(&d)
+            .iter()
+            .filter(|l| l.0 == "train")
+            .map(|l| l.1)
+            .collect();
+        assert_eq!(steps, [1, 2, 3, 4, 5, 6]);
+        let sum = summary(&d);
+        assert_eq!(sum["world_size"], 2, "{sum}");
+        assert!(sum["comm_time_s"].as_f64().unwrap() > 0.0, "{sum}");
+        assert_eq!(sum["train_tokens"], summary(&one)["train_tokens"]);
+        let line = &metrics(&d)[1];
+        assert_eq!(line["world_size"], 2, "{line}");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains("distributed: ddp on 2 ranks (mpi)"), "{err}");
+        assert!(err.contains("| 2 ranks, comm "), "{err}");
+    }
+
+    #[test]
+    fn a_two_rank_checkpoint_resumes_in_one_process() {
+        let s = Setup::new(
+            "dist-resume",
+            "max_steps = 6\neval_every = 2\nsave_every = 2",
+        );
+        let Some(o) = ddp(&s, "run", &["--set", "train.stop_after=3"]) else {
+            return;
+        };
+        assert!(o.status.success(), "{}", text(&o));
+        // One process must take the same micro-batches per step: said in one line.
+        let e = fails(&s.train_args("run", &["--resume"]));
+        assert!(
+            e.contains("trainer_state.json")
+                && e.contains("field `grad_accum`")
+                && e.contains("set train.grad_accum = 2"),
+            "{e}"
+        );
+        succeeds(&s.train_args(
+            "run",
+            &["--resume", "--set", "train.grad_accum=2", "--threads", "1"],
+        ));
+        succeeds(&s.train_args("single", &["--set", "train.grad_accum=2", "--threads", "1"]));
+        assert_losses_close(&s.dir.join("run"), &s.dir.join("single"));
+        assert_adapters_close(&s.dir.join("run"), &s.dir.join("single"), 1e-5);
+    }
+
+    #[test]
+    fn a_multi_rank_job_needs_train_distributed() {
+        let s = Setup::new("dist-none", "max_steps = 1");
+        let Some(mut c) = mpirun(&s.train_args("out", &[])) else {
+            return;
+        };
+        let o = c.output().unwrap();
+        assert!(!o.status.success(), "{}", text(&o));
+        let t = text(&o);
+        assert!(
+            t.contains("key `train.distributed`: is \"none\", but this process is one of 2 ranks"),
+            "{t}"
+        );
+        assert!(!s.dir.join("out").exists(), "{t}");
+    }
+
+    #[test]
+    fn launch_starts_the_ranks_with_a_thread_each_and_rank_0_writes() {
+        let s = Setup::new("dist-launch", "max_steps = 2");
+        if Command::new("mpirun").arg("--version").output().is_err() {
+            return;
+        }
+        let mut args = vec![
+            "launch".to_string(),
+            "--nproc".into(),
+            "2".into(),
+            "--threads".into(),
+            "1".into(),
+            "--".into(),
+        ];
+        args.extend(s.train_args("out", &["--set", "train.distributed=\"ddp\""]));
+        let o = support::ferrotune(&args);
+        assert!(o.status.success(), "{}", text(&o));
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains("launch: 2 ranks x 1 threads"), "{err}");
+        assert!(err.contains("--threads 1"), "{err}");
+        assert_eq!(summary(&s.dir.join("out"))["world_size"], 2);
+    }
+
+    /// The pid of rank `rank` among mpirun's children.
+    fn rank_pid(mpirun: u32, rank: usize) -> Option<u32> {
+        for e in std::fs::read_dir("/proc").ok()?.flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let ppid = stat
+                .rsplit(')')
+                .next()
+                .and_then(|r| r.split_whitespace().nth(1))
+                .and_then(|p| p.parse::<u32>().ok());
+            if ppid != Some(mpirun) {
+                continue;
+            }
+            let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+            let want = format!("OMPI_COMM_WORLD_RANK={rank}");
+            if env.split(|&b| b == 0).any(|v| v == want.as_bytes()) {
+                return Some(pid);
+            }
+        }
+        None
+    }
+
+    #[test]
+    fn a_rank_killed_mid_run_ends_the_job_naming_it_and_resume_completes_it() {
+        // Long enough (a few seconds) to be killed after its first checkpoint.
+        let s = Setup::new(
+            "dist-kill",
+            "max_steps = 300\nsave_every = 2\nkeep_checkpoints = 2\neval_every = 300",
+        );
+        let args = s.train_args(
+            "run",
+            &["--set", "train.distributed=\"ddp\"", "--threads", "1"],
+        );
+        let Some(mut c) = mpirun(&args) else { return };
+        let child = c
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Wait for the first checkpoint, then kill rank 1.
+        let t0 = Instant::now();
+        while support::checkpoint_steps(&s.dir.join("run")).is_empty() {
+            assert!(t0.elapsed() < Duration::from_secs(120), "no checkpoint");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let Some(pid) = rank_pid(child.id(), 1) else {
+            panic!(
+                "rank 1 is not a child of mpirun: {}",
+                text(&child.wait_with_output().unwrap())
+            );
+        };
+        // SAFETY: kill(2) on a pid we found as our child's child.
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        let killed = Instant::now();
+        let o = child.wait_with_output().unwrap();
+        assert!(killed.elapsed() < Duration::from_secs(60));
+        let t = text(&o);
+        assert!(!o.status.success(), "{t}");
+        assert!(t.contains("rank 1"), "{t}");
+        // The last checkpoint is whole: the job resumes from it and ends as one never killed.
+        let o = mpirun(&[args.clone(), vec!["--resume".into()]].concat())
+            .unwrap()
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", text(&o));
+        succeeds(&s.train_args("single", &["--set", "train.grad_accum=2", "--threads", "1"]));
+        assert_adapters_close(&s.dir.join("run"), &s.dir.join("single"), 1e-5);
+    }
+}
