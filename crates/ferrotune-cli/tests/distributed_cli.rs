@@ -10,6 +10,8 @@
 //!   `mpi` feature.
 //!
 //! The mpirun tests need the `mpi` feature and `mpirun` (skipped with a note without it).
+// Without the feature the helpers serve no test.
+#![cfg_attr(not(feature = "mpi"), allow(dead_code, unused_imports))]
 use crate::support::{self, arg, fails, rev_model, succeeds, tmp, REV_WORDS};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
