@@ -197,7 +197,9 @@ def bench_target(tgt, a, deadline, results, failures):
         print(f"  mismatch: {j[1] or 'base'} {j[0][:40]!r}: {t!r} != single {ref[j]!r}")
     if ld["errors"]:
         failures.append(f"{name}: {len(ld['errors'])} errors under load")
-    if ld["mismatch"]:
+    # The acceptance holds ferrotune to identical outputs; llama.cpp's server is only reported
+    # (its batched decode rounds a row differently from a lone one).
+    if ld["mismatch"] and tgt.name == "ferrotune":
         failures.append(f"{name}: {len(ld['mismatch'])} outputs under load differ from their "
                         "single-request output")
     results[name] = {"tp": tp, "load": ld}
@@ -259,7 +261,7 @@ def main():
     mid = H.model_id(a.model)
     if not a.no_ferrotune:
         exe = H.ferrotune_bin(a.bin)
-        adapters = H.parse_adapter_args(a.adapter) or H.demo_adapters(exe, a.model, a.workdir)
+        adapters = H.parse_adapter_args(a.adapter) or H.demo_adapters(exe, a.model, a.workdir, lora_only=True)
         port = H.free_port()
         cmd = [exe, "serve", "--model", a.model, "--host", "127.0.0.1", "--port", str(port),
                "--api-key", API_KEY, "--threads", str(a.threads),

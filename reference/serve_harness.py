@@ -197,11 +197,12 @@ def _train(exe, config, out_dir, sets, log):
     return os.path.join(out_dir, "adapter")
 
 
-def demo_adapters(exe, model, workdir, log=sys.stderr):
+def demo_adapters(exe, model, workdir, log=sys.stderr, lora_only=False):
     """Two small adapters that change SmolLM2's greedy output, trained once (~30 s on 2 cores)
     and reused: `date` (LoRA on q/k/v/o, the quickstart task: a sentence's date as YYYY-MM-DD)
     and `fruit` (IA3: answers everything with "PINEAPPLE PINEAPPLE"), so that a mixed batch
-    holds two PEFT methods."""
+    holds two PEFT methods. lora_only: `fruit` is a LoRA too (`fruit-lora`), so that the server
+    keeps its fast batched engine (which runs LoRA; other methods use the model's own forward)."""
     os.makedirs(workdir, exist_ok=True)
     model_set = f"model={json.dumps(os.path.abspath(model))}"
     quick = ["train.max_steps=8", "train.eval_every=100", "train.save_every=100"]
@@ -212,14 +213,16 @@ def demo_adapters(exe, model, workdir, log=sys.stderr):
         for line in list(f)[:64]:
             g.write(json.dumps({"q": json.loads(line)["sentence"], "a": "PINEAPPLE PINEAPPLE"}) + "\n")
     os.replace(fruit_data + ".tmp", fruit_data)
-    fruit_cfg = os.path.join(workdir, "fruit.toml")
+    fruit_cfg = os.path.join(workdir, "fruit-lora.toml" if lora_only else "fruit.toml")
     with open(fruit_cfg + ".tmp", "w") as g:
-        g.write('method = "ia3"\n[data]\ntrain = "fruit.jsonl"\ntemplate = "{q}"\n'
+        method, lr = ("lora", "1e-2") if lora_only else ("ia3", "3e-2")
+        g.write(f'method = "{method}"\n[data]\ntrain = "fruit.jsonl"\ntemplate = "{{q}}"\n'
                 'completion = " {a}"\n[train]\nbatch_size = 8\nmax_steps = 10\nmax_seq_len = 64\n'
-                'lr = 3e-2\nwarmup_steps = 1\neval_every = 100\nsave_every = 100\nseed = 7\n')
+                f'lr = {lr}\nwarmup_steps = 1\neval_every = 100\nsave_every = 100\nseed = 7\n')
     os.replace(fruit_cfg + ".tmp", fruit_cfg)
-    fruit = _train(exe, fruit_cfg, os.path.join(workdir, "fruit"), [model_set], log)
-    return {"date": date, "fruit": fruit}
+    name = "fruit-lora" if lora_only else "fruit"
+    fruit = _train(exe, fruit_cfg, os.path.join(workdir, name), [model_set], log)
+    return {"date": date, name: fruit}
 
 
 def parse_adapter_args(items):

@@ -17,6 +17,7 @@ mod gguf_cli;
 mod model_interface;
 mod peft_families_cli;
 mod plan_cli;
+mod serve_cli;
 mod support;
 mod t5_cli;
 mod task_fit;

@@ -86,6 +86,10 @@ pub struct Common {
     pub stream: Option<bool>,
     #[serde(default)]
     pub stream_options: Option<StreamOptions>,
+    /// Not OpenAI's, but vLLM's: keep generating past end-of-sequence tokens (benchmarks,
+    /// fixed-length outputs).
+    #[serde(default)]
+    pub ignore_eos: Option<bool>,
 }
 
 /// The fields only chat has (read from the same body as [`Common`]).

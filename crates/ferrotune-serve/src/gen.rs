@@ -34,6 +34,8 @@ pub struct Params {
     pub logprobs: Option<usize>,
     pub stop: Vec<String>,
     pub json_mode: bool,
+    /// End-of-sequence tokens do not end the sequence (vLLM's `ignore_eos`).
+    pub ignore_eos: bool,
 }
 
 /// A generated token as the response reports it.
@@ -122,7 +124,11 @@ pub fn submit_all(st: &AppState, seqs: Vec<Seq>, p: &Params) -> Result<Running, 
         open: Vec::with_capacity(seqs.len()),
         choices: seqs.iter().map(|s| s.choice).collect(),
         stops: p.stop.clone(),
-        stop_ids: st.tok.eos_ids().to_vec(),
+        stop_ids: if p.ignore_eos {
+            Vec::new()
+        } else {
+            st.tok.eos_ids().to_vec()
+        },
         logprobs: p.logprobs.is_some(),
         deadline: st
             .cfg

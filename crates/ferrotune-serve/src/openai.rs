@@ -243,6 +243,7 @@ fn prepare(
             logprobs,
             stop,
             json_mode,
+            ignore_eos: c.ignore_eos.unwrap_or(false),
         },
         stream: c.stream.unwrap_or(false),
         include_usage: c
