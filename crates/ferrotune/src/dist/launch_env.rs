@@ -1,7 +1,8 @@
 //! What the launcher says about this process before any back-end starts: whether it is one of
 //! several ranks, and which. Read from the variables each launcher sets: Open MPI's mpirun
 //! (`OMPI_COMM_WORLD_*`), PMIx (`PMIX_RANK`, Slurm `srun --mpi=pmix`), PMI (MPICH, Intel MPI),
-//! Slurm (`SLURM_PROCID` / `SLURM_NTASKS` / `SLURM_LOCALID`) and torchrun (`RANK`,
+//! Slurm's srun (`SLURM_PROCID` / `SLURM_STEP_NUM_TASKS` / `SLURM_LOCALID`: the job step's,
+//! not `SLURM_NTASKS`, which a batch script's own shell also has) and torchrun (`RANK`,
 //! `WORLD_SIZE`, `LOCAL_RANK`).
 
 /// The launch as the environment describes it.
@@ -23,7 +24,12 @@ const SCHEMES: &[(&str, &str, &str, &str)] = &[
         "OMPI_COMM_WORLD_LOCAL_RANK",
     ),
     ("pmi", "PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID"),
-    ("srun", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"),
+    (
+        "srun",
+        "SLURM_PROCID",
+        "SLURM_STEP_NUM_TASKS",
+        "SLURM_LOCALID",
+    ),
     ("torchrun", "RANK", "WORLD_SIZE", "LOCAL_RANK"),
 ];
 
@@ -107,10 +113,15 @@ mod tests {
             (e.launcher, e.rank, e.world_size),
             ("torchrun", Some(3), Some(4))
         );
-        // A one-task Slurm allocation is a single process.
-        let e = env(&[("SLURM_PROCID", "0"), ("SLURM_NTASKS", "1")]);
+        // A one-task srun step is a single process; so is the shell of an `sbatch -n 4`
+        // script (no job step yet), whatever its allocation.
+        let e = env(&[("SLURM_PROCID", "0"), ("SLURM_STEP_NUM_TASKS", "1")]);
         assert_eq!(e.launcher, "srun");
         assert!(!e.is_multi_rank());
+        let batch_shell = env(&[("SLURM_PROCID", "0"), ("SLURM_NTASKS", "4")]);
+        assert!(!batch_shell.is_multi_rank());
+        let step = env(&[("SLURM_PROCID", "2"), ("SLURM_STEP_NUM_TASKS", "4")]);
+        assert_eq!((step.rank, step.world_size), (Some(2), Some(4)));
         assert!(env(&[("PMIX_RANK", "0")]).is_multi_rank());
         let none = env(&[]);
         assert_eq!(none.launcher, "none");
