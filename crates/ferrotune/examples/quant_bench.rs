@@ -5,6 +5,7 @@
 //! cargo run --release --example quant_bench -- one q4_1|q8_0 OUT IN THREADS   # one matvec shape
 //! cargo run --release --example quant_bench -- one-batch q4_1|q8_0 OUT IN ROWS THREADS
 //! cargo run --release --example quant_bench -- decode [GGUF]   # every matvec of one token
+//! cargo run --release --example quant_bench -- decode-rows q4_1|q8_0 OUT IN THREADS   # batched decode
 //! cargo run --release --example quant_bench -- train [ROWS] [THREADS]   # QLoRA formats, batched
 //! ```
 //!
@@ -107,6 +108,12 @@ fn main() {
             let dtype = dtype_arg(args.get(2));
             let (n, k, m, threads) = (arg(3, 1536), arg(4, 576), arg(5, 512), arg(6, 1));
             one_batch(dtype, n, k, m, threads, per_batch, batches);
+        }
+        "decode-rows" => {
+            let arg = |i: usize, d: usize| args.get(i).and_then(|s| s.parse().ok()).unwrap_or(d);
+            let dtype = dtype_arg(args.get(2));
+            let (n, k, threads) = (arg(3, 1536), arg(4, 576), arg(5, 1));
+            decode_rows(dtype, n, k, threads, per_batch, batches);
         }
         "decode" => {
             let path = args
@@ -525,5 +532,67 @@ fn batch(per_batch: Duration, batches: usize) {
                 println!("| {dtype:?} | {n}x{k} {name} | {m} | {fwd} | {fwd8} | {fwd2} | {fwd28} | {tc} | {tf} | {tb} | {tfb} |");
             }
         }
+    }
+}
+
+/// Batched decode (`decode_rows_with`) at 1-16 rows, both arithmetics, weights hot (one
+/// matrix) and cold (rotating over copies larger than any cache, as in a real decode step).
+fn decode_rows(
+    dtype: GgmlDType,
+    n: usize,
+    k: usize,
+    threads: usize,
+    per_batch: Duration,
+    batches: usize,
+) {
+    use ferrotune::quant::DecodeArith;
+    let wf = random_weight(n, k);
+    let w = QuantWeight::quantize(&wf, dtype).unwrap();
+    let copies = (COLD_BYTES / w.storage_bytes()).max(2);
+    let cold: Vec<QuantWeight> = (0..copies)
+        .map(|_| QuantWeight::quantize(&wf, dtype).unwrap())
+        .collect();
+    let isa = Isa::best();
+    println!(
+        "{dtype:?} {n}x{k}, {threads}T, {isa:?}, activations {:?} (Int); GMAC/s and per-row cost vs 1 row",
+        w.settings().activation
+    );
+    println!("| rows | Int hot | F32 hot | Int cold | F32 cold |");
+    println!("|---|---|---|---|---|");
+    let mut base = [0f64; 4];
+    for m in [1usize, 2, 4, 8, 16] {
+        let x: Vec<f32> = Tensor::randn(0f32, 1.0, (m * k,), &Device::Cpu)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let mut y = vec![0f32; m * n];
+        let gmac = (m * n * k) as f64 / 1e9;
+        let mut cells = Vec::new();
+        for (j, (arith, hot)) in [
+            (DecodeArith::Int, true),
+            (DecodeArith::F32, true),
+            (DecodeArith::Int, false),
+            (DecodeArith::F32, false),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let mut i = 0;
+            let t = time(
+                || {
+                    let wi = if hot { &w } else { &cold[i % copies] };
+                    i += 1;
+                    wi.decode_rows_with(isa, arith, threads, &x, m, &mut y)
+                },
+                per_batch,
+                batches,
+            );
+            let rate = gmac / t;
+            if m == 1 {
+                base[j] = rate;
+            }
+            cells.push(format!("{rate:.1} ({:.2}x)", rate / base[j]));
+        }
+        println!("| {m} | {} |", cells.join(" | "));
     }
 }

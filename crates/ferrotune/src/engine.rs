@@ -88,7 +88,7 @@ impl Mat {
     /// computes it, each weight read once for all rows.
     fn rows(&self, x: &[f32], m: usize, out: &mut [f32]) {
         match self {
-            Mat::Quant(q) => q.matvec_rows_into(x, m, out),
+            Mat::Quant(q) => q.decode_rows_into(x, m, out),
             Mat::Dense(w, o, i) => {
                 let (o, i) = (*o, *i);
                 // Blocks of weight rows; within a block, every activation row against the block
@@ -1290,6 +1290,73 @@ mod tests {
                                     "{dt:?} {isa:?} {prec:?} m={m} threads={threads} row {r}"
                                 );
                             }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    /// The f32 decode arithmetic: each row bit-identical to that row alone for any row count
+    /// (tiles of 1-8 rows, 1-4 weight rows per pass, remainders) and thread count, identical
+    /// across kernel levels (the portable path reproduces the SIMD lane order), and equal to
+    /// the f32 product with the dequantised weights to within rounding.
+    #[test]
+    fn decode_rows_f32_is_batch_independent_and_exact() {
+        use crate::quant::DecodeArith;
+        use candle_core::quantized::GgmlDType;
+        let (n, k) = (70, 96);
+        let wv: Vec<f32> = (0..n * k)
+            .map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * 0.3)
+            .collect();
+        let wt = Tensor::from_vec(wv, (n, k), &Device::Cpu).unwrap();
+        for dt in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
+            let q = QuantWeight::quantize(&wt, dt).unwrap();
+            let deq = q.dequantize().unwrap().to_vec2::<f32>().unwrap();
+            for m in [1, 2, 3, 4, 5, 7, 8, 9, 13, 17] {
+                let x: Vec<f32> = (0..m * k)
+                    .map(|i| ((i * 104729 % 997) as f32 / 498.0 - 1.0) * (1.0 + (i / k) as f32))
+                    .collect();
+                let mut scalar = vec![0f32; m * n];
+                q.decode_rows_with(Isa::Scalar, DecodeArith::F32, 1, &x, m, &mut scalar);
+                for (r, row) in scalar.chunks_exact(n).enumerate() {
+                    let xr = &x[r * k..(r + 1) * k];
+                    for (c, &v) in row.iter().enumerate() {
+                        let exact: f64 = deq[c]
+                            .iter()
+                            .zip(xr)
+                            .map(|(&a, &b)| a as f64 * b as f64)
+                            .sum();
+                        let scale: f64 = deq[c]
+                            .iter()
+                            .zip(xr)
+                            .map(|(&a, &b)| (a * b).abs() as f64)
+                            .sum();
+                        assert!(
+                            (v as f64 - exact).abs() <= 1e-5 * scale,
+                            "{dt:?} m={m} ({r},{c}): {v} vs f64 {exact}"
+                        );
+                    }
+                }
+                for isa in [Isa::Scalar, Isa::Avx2, Isa::Avx512] {
+                    if !isa.available() {
+                        continue;
+                    }
+                    for threads in [1, 2] {
+                        let mut rows = vec![0f32; m * n];
+                        q.decode_rows_with(isa, DecodeArith::F32, threads, &x, m, &mut rows);
+                        for r in 0..m {
+                            let mut one = vec![0f32; n];
+                            let xr = &x[r * k..(r + 1) * k];
+                            q.decode_rows_with(isa, DecodeArith::F32, 1, xr, 1, &mut one);
+                            let got = &rows[r * n..(r + 1) * n];
+                            let same = |a: &[f32], b: &[f32]| {
+                                a.iter().zip(b).all(|(a, b)| a.to_bits() == b.to_bits())
+                            };
+                            assert!(same(got, &one), "{dt:?} {isa:?} m={m} t={threads} row {r}");
+                            assert!(
+                                same(got, &scalar[r * n..(r + 1) * n]),
+                                "{dt:?} {isa:?} m={m} t={threads} row {r} differs from the portable path"
+                            );
                         }
                     }
                 }

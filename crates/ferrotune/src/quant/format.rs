@@ -235,6 +235,49 @@ fn dot_row<T: ActInt, const BB: usize, const OFF: usize>(
     acc
 }
 
+/// One block's 32 weights as f32 the way the f32-activation decode kernels compute them:
+/// Q4_1 `fma(q, d, m)`, Q4_0 `fma(q, d, -8d)` (= `d (q - 8)` with one rounding), Q8_0 `q * d`.
+#[inline(always)]
+pub(crate) fn dequant_block_f32(fmt: Fmt, blk: &[u8], w: &mut [f32; QK]) {
+    let d = f16_at(blk, 0);
+    match fmt {
+        Fmt::Q8_0 => {
+            for j in 0..QK {
+                w[j] = blk[2 + j] as i8 as f32 * d;
+            }
+        }
+        Fmt::Q4_0 | Fmt::Q4_1 => {
+            let (off, m) = if fmt == Fmt::Q4_1 {
+                (4, f16_at(blk, 2))
+            } else {
+                (2, -8.0 * d)
+            };
+            for j in 0..16 {
+                w[j] = ((blk[off + j] & 0x0F) as f32).mul_add(d, m);
+                w[j + 16] = ((blk[off + j] >> 4) as f32).mul_add(d, m);
+            }
+        }
+    }
+}
+
+/// One weight row (whole blocks) times one f32 activation row, bit-identical to the SIMD
+/// f32-activation kernels: eight lanes, `lane[l] = fma(w[8j + l], x[8j + l], lane[l])` for
+/// j = 0..3 in each block, then the lanes summed in the order of their horizontal sum
+/// (`((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7))`).
+pub(crate) fn dot_row_f32_scalar(fmt: Fmt, row: &[u8], x: &[f32]) -> f32 {
+    let mut lane = [0f32; 8];
+    let mut w = [0f32; QK];
+    for (blk, xb) in row.chunks_exact(fmt.block_bytes()).zip(x.chunks_exact(QK)) {
+        dequant_block_f32(fmt, blk, &mut w);
+        for j in 0..4 {
+            for l in 0..8 {
+                lane[l] = w[8 * j + l].mul_add(xb[8 * j + l], lane[l]);
+            }
+        }
+    }
+    ((lane[0] + lane[4]) + (lane[2] + lane[6])) + ((lane[1] + lane[5]) + (lane[3] + lane[7]))
+}
+
 /// Dequantise whole blocks: `out.len()` must be `QK * bytes.len() / block_bytes`.
 pub(crate) fn dequant_blocks(fmt: Fmt, bytes: &[u8], out: &mut [f32]) {
     let bb = fmt.block_bytes();

@@ -251,3 +251,55 @@ pub(crate) unsafe fn gemv_multi<T: ActInt>(
         }
     }
 }
+
+/// `out[r * ldo + c] = W[c, :] . x_r` for the `m` f32 activation rows of `x` (`k` values each)
+/// and weight rows `c < n_w` at the start of `w`, with the weights dequantised to f32 in
+/// registers and f32 FMAs (`DecodeArith::F32`): no activation rounding, and each output is
+/// bit-identical whatever `m`, the other rows and the kernel level (the portable path
+/// reproduces the SIMD lane order).
+///
+/// # Safety
+/// As [`gemm`]: `out` must be valid for writes at `r * ldo + c` for all `r < m`, `c < n_w`,
+/// and no other thread may access those elements during the call.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemv_f32(
+    isa: Isa,
+    fmt: Fmt,
+    w: &[u8],
+    n_w: usize,
+    x: &[f32],
+    m: usize,
+    k: usize,
+    out: *mut f32,
+    ldo: usize,
+) {
+    assert!(k.is_multiple_of(QK) && x.len() == m * k);
+    let nb = k / QK;
+    let row_bytes = nb * fmt.block_bytes();
+    assert!(w.len() >= n_w * row_bytes && n_w <= ldo);
+    assert!(
+        isa.available(),
+        "{isa:?} kernels are not supported on this CPU"
+    );
+    if n_w == 0 || m == 0 {
+        return;
+    }
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `w` and `x` bounds asserted above, `out` per the contract; the CPU supports
+        // AVX2 + FMA + F16C (implied by either level).
+        Isa::Avx2 | Isa::Avx512 => {
+            super::x86::gemv_f32_avx2(fmt, w.as_ptr(), n_w, nb, x.as_ptr(), m, k, out, ldo)
+        }
+        _ => {
+            for r in 0..m {
+                let xr = &x[r * k..(r + 1) * k];
+                for c in 0..n_w {
+                    let v =
+                        format::dot_row_f32_scalar(fmt, &w[c * row_bytes..(c + 1) * row_bytes], xr);
+                    *out.add(r * ldo + c) = v;
+                }
+            }
+        }
+    }
+}

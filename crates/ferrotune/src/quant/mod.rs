@@ -64,6 +64,36 @@ fn act_bits_from_env(v: Option<&str>) -> ActPrecision {
     }
 }
 
+/// The arithmetic of decode steps ([`QuantWeight::decode_rows_into`], what `generate` and
+/// `serve` run): both must use the same one, so a served sequence's greedy output equals
+/// `generate`'s whatever shares its steps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DecodeArith {
+    /// Activations quantised to integers per block (the [`QuantSettings::activation`]
+    /// precision) and integer block dot products, as llama.cpp does. Fastest for one sequence
+    /// where integer multiplies are cheap (AVX-512 VNNI); a batched step still pays the
+    /// per-row integer work and scaling for every row.
+    Int,
+    /// Weights dequantised to f32 in registers and multiplied with the f32 activations: exact
+    /// activations, and a batched step dequantises each weight block once for up to 8 rows,
+    /// then runs only FMAs per row. On AVX2-only CPUs (two 256-bit FMA pipes, one or two
+    /// integer multiply pipes) this makes batched decode 2-3x cheaper per row.
+    F32,
+}
+
+impl DecodeArith {
+    /// `FERROTUNE_DECODE_ARITH=f32` selects `F32`; unset or anything else, `Int`.
+    pub fn best() -> DecodeArith {
+        static BEST: OnceLock<DecodeArith> = OnceLock::new();
+        *BEST.get_or_init(
+            || match std::env::var("FERROTUNE_DECODE_ARITH").as_deref() {
+                Ok("f32") => DecodeArith::F32,
+                _ => DecodeArith::Int,
+            },
+        )
+    }
+}
+
 /// How [`QuantWeight::backward_input`] computes `grad_y @ W`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BackwardWeights {
@@ -1166,6 +1196,67 @@ impl QuantWeight {
                     &data[r0 * rb..r1 * rb],
                     r1 - r0,
                     &act,
+                    outp.get().add(r0),
+                    n,
+                )
+            };
+        });
+    }
+}
+
+impl QuantWeight {
+    /// Decode steps of `m` sequences (`x`: `m x in`, `out`: `m x out`) with the process's
+    /// [`DecodeArith::best`]: each row bit-identical to the same call with that row alone,
+    /// whatever `m` and the other rows, each weight read once for all rows. `generate` and
+    /// `serve` both decode through this.
+    pub fn decode_rows_into(&self, x: &[f32], m: usize, out: &mut [f32]) {
+        self.decode_rows_with(Isa::best(), DecodeArith::best(), num_threads(), x, m, out)
+    }
+
+    /// [`Self::decode_rows_into`] with an explicit kernel level, arithmetic and thread count
+    /// (tests, benchmarks). `Int` is [`Self::matvec_rows_with`] at the weight's activation
+    /// precision; formats without our kernels (NF4, int8, candle's) run as `Int` does.
+    #[doc(hidden)]
+    pub fn decode_rows_with(
+        &self,
+        isa: Isa,
+        arith: DecodeArith,
+        threads: usize,
+        x: &[f32],
+        m: usize,
+        out: &mut [f32],
+    ) {
+        let (k, n) = (self.in_dim, self.out_dim);
+        assert!(
+            x.len() == m * k && out.len() == m * n,
+            "decode_rows: x has {} values and out {} for {m} rows of a {n}x{k} weight",
+            x.len(),
+            out.len()
+        );
+        let Repr::Own { fmt, data } = &self.repr else {
+            return self.matvec_rows_with(isa, self.settings().activation, threads, x, m, out);
+        };
+        if arith == DecodeArith::Int {
+            return self.matvec_rows_with(isa, self.settings().activation, threads, x, m, out);
+        }
+        let fmt = *fmt;
+        let nb = k / QK;
+        let rb = nb * fmt.block_bytes();
+        // chunks of about a matvec's work, and at least 16 weight rows (four per FMA stream)
+        let min_rows = MIN_BLOCKS_PER_CHUNK.div_ceil(nb * m).max(16);
+        let outp = SyncPtr(out.as_mut_ptr());
+        pool::for_each_chunk(n, min_rows, threads, |rows| {
+            let (r0, r1) = (rows.start, rows.end);
+            // SAFETY: `out` is m x n; this chunk alone writes its columns r0..r1.
+            unsafe {
+                kernels::gemv_f32(
+                    isa,
+                    fmt,
+                    &data[r0 * rb..r1 * rb],
+                    r1 - r0,
+                    x,
+                    m,
+                    k,
                     outp.get().add(r0),
                     n,
                 )

@@ -885,3 +885,180 @@ gemv_multi_entry!(
     8,
     gemv16_multi_avx512
 );
+
+// ---- Decode with f32 activations (`DecodeArith::F32`) ----
+
+/// The low 8 bytes of `q` as signed weights, times `d`. (A function, not a closure: a closure
+/// would not inherit the caller's target features.)
+#[inline(always)]
+unsafe fn deq8_i8(q: __m128i, d: __m256) -> __m256 {
+    _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), d)
+}
+
+/// The low 8 bytes of `q` (nibble values 0..15) as `fma(q, d, m)`.
+#[inline(always)]
+unsafe fn deq8_u4(q: __m128i, d: __m256, m: __m256) -> __m256 {
+    _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(q)), d, m)
+}
+
+/// The 32 weights of one block as f32, values 0..7, 8..15, 16..23, 24..31: Q4_1
+/// `fma(q, d, m)`, Q4_0 `fma(q, d, -8d)` (= `d (q - 8)` rounded once), Q8_0 `q * d`, exactly
+/// as `format::dequant_block_f32` computes them.
+#[inline(always)]
+unsafe fn wdeq<const F: u8>(blk: *const u8) -> [__m256; 4] {
+    let sc = wscale::<F>(blk);
+    let d = _mm256_broadcastss_ps(sc);
+    if F == F_Q8_0 {
+        let q0 = _mm_loadu_si128(blk.add(2) as *const __m128i);
+        let q1 = _mm_loadu_si128(blk.add(18) as *const __m128i);
+        [
+            deq8_i8(q0, d),
+            deq8_i8(_mm_srli_si128(q0, 8), d),
+            deq8_i8(q1, d),
+            deq8_i8(_mm_srli_si128(q1, 8), d),
+        ]
+    } else {
+        let m = if F == F_Q4_1 {
+            _mm256_broadcastss_ps(_mm_movehdup_ps(sc))
+        } else {
+            _mm256_mul_ps(d, _mm256_set1_ps(-8.0))
+        };
+        let off = if F == F_Q4_1 { 4 } else { 2 };
+        let q = _mm_loadu_si128(blk.add(off) as *const __m128i);
+        let lo = _mm_and_si128(q, _mm_set1_epi8(0x0F));
+        let hi = _mm_and_si128(_mm_srli_epi16(q, 4), _mm_set1_epi8(0x0F));
+        [
+            deq8_u4(lo, d, m),
+            deq8_u4(_mm_srli_si128(lo, 8), d, m),
+            deq8_u4(hi, d, m),
+            deq8_u4(_mm_srli_si128(hi, 8), d, m),
+        ]
+    }
+}
+
+/// `C` weight rows times `M` f32 activation rows: per (weight row, activation row) pair one
+/// eight-lane accumulator that takes, block after block, the four fused products of the
+/// block's dequantised weights with the activations, then the horizontal sum. That sequence is
+/// the same for a pair whatever `C` and `M` (and whatever the other rows), so each output is
+/// bit-identical to a lone matrix-vector product; `C` and `M` only decide how many independent
+/// FMA chains run and how often a block is dequantised (once per `M` rows).
+#[inline(always)]
+unsafe fn f32_tile<const F: u8, const C: usize, const M: usize>(
+    w: [*const u8; C],
+    nb: usize,
+    x: [*const f32; M],
+    out: [[*mut f32; M]; C],
+) {
+    let mut acc = [[_mm256_setzero_ps(); M]; C];
+    for b in 0..nb {
+        for c in 0..C {
+            let wv = wdeq::<F>(w[c].add(b * bb(F)));
+            for r in 0..M {
+                let xp = x[r].add(b * QK);
+                let mut a = acc[c][r];
+                a = _mm256_fmadd_ps(wv[0], _mm256_loadu_ps(xp), a);
+                a = _mm256_fmadd_ps(wv[1], _mm256_loadu_ps(xp.add(8)), a);
+                a = _mm256_fmadd_ps(wv[2], _mm256_loadu_ps(xp.add(16)), a);
+                a = _mm256_fmadd_ps(wv[3], _mm256_loadu_ps(xp.add(24)), a);
+                acc[c][r] = a;
+            }
+        }
+    }
+    for c in 0..C {
+        for r in 0..M {
+            *out[c][r] = hsum(acc[c][r]);
+        }
+    }
+}
+
+/// `n` weight rows at `w` times `M` activation rows (`x` rows `ldx` apart) into `out` (rows
+/// `ldo` apart): `C` weight rows per pass, a quarter (or half) of the range apart as in
+/// [`gemv_impl`] (separate DRAM streams), the rest one by one.
+#[inline(always)]
+unsafe fn f32_rows<const F: u8, const C: usize, const M: usize>(
+    w: *const u8,
+    n: usize,
+    nb: usize,
+    x: *const f32,
+    ldx: usize,
+    out: *mut f32,
+    ldo: usize,
+) {
+    let row_bytes = nb * bb(F);
+    let xs: [*const f32; M] = std::array::from_fn(|r| x.add(r * ldx));
+    let outs = |i: usize| -> [*mut f32; M] { std::array::from_fn(|r| out.add(r * ldo + i)) };
+    let mut i = 0;
+    if C > 1 && n >= 4 * C {
+        let q = n / C;
+        for j in 0..q {
+            let cols: [usize; C] = std::array::from_fn(|c| j + c * q);
+            f32_tile::<F, C, M>(
+                cols.map(|c| w.add(c * row_bytes)),
+                nb,
+                xs,
+                cols.map(&outs),
+            );
+        }
+        i = C * q;
+    }
+    while i < n {
+        f32_tile::<F, 1, M>([w.add(i * row_bytes)], nb, xs, [outs(i)]);
+        i += 1;
+    }
+}
+
+/// `out[r * ldo + i] = W[i, :] . x_r` for `n` weight rows at `w` and `m` f32 activation rows
+/// at `x` (`ldx` apart), in groups of up to 8 activation rows per pass over the weights.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemv_f32_impl<const F: u8>(
+    w: *const u8,
+    n: usize,
+    nb: usize,
+    x: *const f32,
+    m: usize,
+    ldx: usize,
+    out: *mut f32,
+    ldo: usize,
+) {
+    let mut r0 = 0;
+    while r0 < m {
+        // balanced groups of at most 8 (10 rows: 5 + 5, not 8 + 2)
+        let groups = (m - r0).div_ceil(8);
+        let g = (m - r0).div_ceil(groups);
+        let (xg, og) = (x.add(r0 * ldx), out.add(r0 * ldo));
+        match g {
+            1 => f32_rows::<F, 4, 1>(w, n, nb, xg, ldx, og, ldo),
+            2 => f32_rows::<F, 4, 2>(w, n, nb, xg, ldx, og, ldo),
+            3 => f32_rows::<F, 2, 3>(w, n, nb, xg, ldx, og, ldo),
+            4 => f32_rows::<F, 2, 4>(w, n, nb, xg, ldx, og, ldo),
+            5 => f32_rows::<F, 1, 5>(w, n, nb, xg, ldx, og, ldo),
+            6 => f32_rows::<F, 1, 6>(w, n, nb, xg, ldx, og, ldo),
+            7 => f32_rows::<F, 1, 7>(w, n, nb, xg, ldx, og, ldo),
+            _ => f32_rows::<F, 1, 8>(w, n, nb, xg, ldx, og, ldo),
+        }
+        r0 += g;
+    }
+}
+
+/// The `#[target_feature]` entry point of [`gemv_f32_impl`] (AVX2 + FMA + F16C; AVX-512
+/// machines run it too: 256-bit FMAs are what the decode loop needs).
+#[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemv_f32_avx2(
+    fmt: Fmt,
+    w: *const u8,
+    n: usize,
+    nb: usize,
+    x: *const f32,
+    m: usize,
+    ldx: usize,
+    out: *mut f32,
+    ldo: usize,
+) {
+    match fmt {
+        Fmt::Q4_0 => gemv_f32_impl::<F_Q4_0>(w, n, nb, x, m, ldx, out, ldo),
+        Fmt::Q4_1 => gemv_f32_impl::<F_Q4_1>(w, n, nb, x, m, ldx, out, ldo),
+        Fmt::Q8_0 => gemv_f32_impl::<F_Q8_0>(w, n, nb, x, m, ldx, out, ldo),
+    }
+}
