@@ -46,6 +46,9 @@ pub trait Collectives: Send + Sync {
     /// `send` is `world_size` blocks of `recv.len()` values; rank r receives the element-wise
     /// sum over the ranks of block r.
     fn reduce_scatter_sum(&self, send: &[f32], recv: &mut [f32]) -> Result<()>;
+    /// Element-wise sum over the ranks into `root`'s `buf` (the other ranks' `buf` is left as
+    /// it was or holds partial sums: callers must not read it).
+    fn reduce_sum(&self, buf: &mut [f32], root: usize) -> Result<()>;
     /// Every rank's `send` (all the same length), concatenated in rank order into `recv`.
     fn all_gather(&self, send: &[f32], recv: &mut [f32]) -> Result<()>;
     /// `root`'s `buf` into every rank's.
@@ -243,6 +246,23 @@ impl Dist {
         })
     }
 
+    /// Element-wise sum over the ranks into `root`'s `buf` (the others' `buf` is unspecified
+    /// after the call).
+    pub fn reduce_sum(&self, buf: &mut [f32], root: usize) -> Result<()> {
+        if root >= self.inner.world {
+            return Err(Error::msg(format!(
+                "reduce to rank {root}, but there are {} ranks",
+                self.inner.world
+            )));
+        }
+        if self.inner.world == 1 {
+            return Ok(());
+        }
+        self.timed("reduce", buf.len(), || {
+            self.inner.backend.reduce_sum(buf, root)
+        })
+    }
+
     /// Every rank's `send`, concatenated in rank order into `recv`.
     pub fn all_gather(&self, send: &[f32], recv: &mut [f32]) -> Result<()> {
         if recv.len() != send.len() * self.inner.world {
@@ -368,6 +388,10 @@ mod tests {
         }
         fn reduce_scatter_sum(&self, send: &[f32], recv: &mut [f32]) -> Result<()> {
             recv.copy_from_slice(&send[recv.len()..]);
+            Ok(())
+        }
+        fn reduce_sum(&self, buf: &mut [f32], _root: usize) -> Result<()> {
+            buf.iter_mut().for_each(|x| *x *= 2.0);
             Ok(())
         }
         fn all_gather(&self, send: &[f32], recv: &mut [f32]) -> Result<()> {

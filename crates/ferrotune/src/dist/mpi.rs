@@ -83,6 +83,16 @@ impl Collectives for MpiBackend {
             .reduce_scatter_block_into(send, recv, SystemOperation::sum());
         Ok(())
     }
+    fn reduce_sum(&self, buf: &mut [f32], root: usize) -> Result<()> {
+        let send = buf.to_vec();
+        let at = self.world.process_at_rank(root as i32);
+        if self.rank == root {
+            at.reduce_into_root(&send[..], buf, SystemOperation::sum());
+        } else {
+            at.reduce_into(&send[..], SystemOperation::sum());
+        }
+        Ok(())
+    }
     fn all_gather(&self, send: &[f32], recv: &mut [f32]) -> Result<()> {
         self.world.all_gather_into(send, recv);
         Ok(())

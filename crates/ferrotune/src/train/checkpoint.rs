@@ -129,13 +129,37 @@ pub fn save(
     state: &TrainerState,
     fill: impl FnOnce(&Path) -> Result<()>,
 ) -> Result<PathBuf> {
+    begin(output_dir, step)?;
+    commit(output_dir, step, state, fill)
+}
+
+/// The unfinished folder of the checkpoint of `step` (what [`begin`] creates).
+pub fn pending_dir(output_dir: &Path, step: usize) -> PathBuf {
+    checkpoints_dir(output_dir).join(format!("{TMP_PREFIX}{PREFIX}{step}"))
+}
+
+/// Create the empty unfinished folder of the checkpoint of `step` (a leftover one is removed):
+/// files go there (from every rank of a ZeRO run) until [`commit`] makes it final.
+pub fn begin(output_dir: &Path, step: usize) -> Result<PathBuf> {
     let dir = checkpoints_dir(output_dir);
     std::fs::create_dir_all(&dir).map_err(|e| Error::file(&dir, e))?;
-    let tmp = dir.join(format!("{TMP_PREFIX}{PREFIX}{step}"));
+    let tmp = pending_dir(output_dir, step);
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).map_err(|e| Error::file(&tmp, e))?;
     }
     std::fs::create_dir_all(&tmp).map_err(|e| Error::file(&tmp, e))?;
+    Ok(tmp)
+}
+
+/// `fill` the unfinished folder of [`begin`], add the state, and rename it into place.
+pub fn commit(
+    output_dir: &Path,
+    step: usize,
+    state: &TrainerState,
+    fill: impl FnOnce(&Path) -> Result<()>,
+) -> Result<PathBuf> {
+    let dir = checkpoints_dir(output_dir);
+    let tmp = pending_dir(output_dir, step);
     fill(&tmp)?;
     let json = serde_json::to_string_pretty(state).expect("the state always serializes");
     let state_path = tmp.join(STATE_FILE);

@@ -585,9 +585,9 @@ pub struct TrainSection {
     /// `[lora] dropout`). Families without dropout ignore it.
     #[serde(default = "yes")]
     pub model_dropout: bool,
-    /// Training across processes (`train::distributed`): `none` (default) or `ddp`; run under
-    /// `mpirun` / `srun` / `ferrotune launch` (the `mpi` feature). `zero1` / `zero2` / `zero3`
-    /// are reserved names, refused until they exist.
+    /// Training across processes (`train::distributed`, `train::zero`): `none` (default),
+    /// `ddp`, `zero1` (optimizer state sharded) or `zero2` (and gradients); run under `mpirun` /
+    /// `srun` / `ferrotune launch` (the `mpi` feature). `zero3` is refused until it exists.
     #[serde(default)]
     pub distributed: Distributed,
     /// A collective that waits this long for the other ranks (a rank died or hangs) ends the
@@ -605,8 +605,11 @@ pub enum Distributed {
     None,
     /// Data parallel: a full replica per rank, gradients averaged across ranks.
     Ddp,
+    /// ZeRO-1: each rank keeps the optimizer state of the parameters it owns.
     Zero1,
+    /// ZeRO-2: and receives only its parameters' summed gradients.
     Zero2,
+    /// ZeRO-3 (parameters sharded): refused, not implemented.
     Zero3,
 }
 
@@ -1302,16 +1305,10 @@ fn validate(c: &LoadedConfig) -> Result<()> {
         );
     }
     parse_device(&t.device).map_err(|e| c.key_error("train.device", e))?;
-    if matches!(
-        t.distributed,
-        Distributed::Zero1 | Distributed::Zero2 | Distributed::Zero3
-    ) {
+    if t.distributed == Distributed::Zero3 {
         return bad(
             "train.distributed",
-            &format!(
-                "`{}` (ZeRO sharding) is not implemented yet: use \"ddp\" (a full replica per rank) or \"none\"",
-                t.distributed.as_str()
-            ),
+            "`zero3` (parameters sharded across ranks) is not implemented yet: use \"zero2\" (optimizer state and gradients sharded), \"zero1\" or \"ddp\"",
         );
     }
     if t.dist_timeout_s == 0 {

@@ -33,6 +33,7 @@ pub mod output;
 mod recipe;
 pub mod report;
 pub mod schedule;
+pub mod zero;
 
 pub use config::{
     load_config, parse_config, Distributed, LoadedConfig, LrSchedule, Method, TrainConfig,

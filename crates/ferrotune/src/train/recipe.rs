@@ -26,7 +26,7 @@ use super::{
 use crate::data::{BatchConfig, Batcher, DataTask};
 use crate::model::{self, LoadOptions, LoadedModel, Model, ModelSource, Task};
 use crate::{Error, Result};
-use candle_core::Var;
+use candle_core::{Tensor, Var};
 use serde_json::json;
 use std::path::PathBuf;
 use std::time::Instant;
@@ -95,6 +95,9 @@ struct Recipe<'a> {
     labels: Option<crate::data::LabelMap>,
     tuner: Tuner,
     params: Vec<(String, Var)>,
+    /// ZeRO-1/2: which rank owns (updates, keeps optimizer state for) each parameter.
+    zero: Option<super::zero::Partition>,
+    /// This rank's optimizer: every parameter, or under ZeRO the ones it owns.
     opt: optim::Optimizer,
     schedule: Schedule,
     batcher: Batcher,
@@ -173,8 +176,16 @@ impl<'a> Recipe<'a> {
             tuner,
             params,
         } = setup_model(c, source, &device, &data)?;
-        let (schedule, opt) = setup_optimizer(c, &tuner, &params, data.max_steps)?;
-        let (memory, available) = setup_memory(c, &*model, &data, &params)?;
+        let zero = matches!(
+            cfg.train.distributed,
+            Distributed::Zero1 | Distributed::Zero2
+        )
+        .then(|| {
+            let sizes: Vec<usize> = params.iter().map(|(_, v)| v.elem_count()).collect();
+            super::zero::Partition::new(&sizes, opts.dist.world_size(), opts.dist.rank())
+        });
+        let (schedule, opt) = setup_optimizer(c, &tuner, &params, zero.as_ref(), data.max_steps)?;
+        let (memory, available) = setup_memory(c, &*model, &data, &params, zero.as_ref())?;
         let mut model_line = format!(
             "model {} ({}, {} layers); method {}",
             cfg.model,
@@ -198,6 +209,7 @@ impl<'a> Recipe<'a> {
             labels: data.prepared.labels.clone(),
             tuner,
             params,
+            zero,
             opt,
             schedule,
             data_summary: data.prepared.summary(),
@@ -347,6 +359,11 @@ impl<'a> Recipe<'a> {
         }
         progress.println(&self.tuner.params_report());
         progress.println(&self.memory.table());
+        if self.zero.is_some() && !root {
+            // Under ZeRO each rank's share differs (the rank owning the largest tensor holds
+            // its update temporaries): every rank says its own estimate.
+            eprintln!("{}{}", self.dist().label(), self.memory.table());
+        }
         progress.println(&self.data_summary);
         match resumed_from_step {
             Some(s) => progress.println(&format!("resuming from step {s} of {}", self.max_steps)),
@@ -423,8 +440,13 @@ impl<'a> Recipe<'a> {
                 Ok(())
             },
         )?;
-        // The ranks' gradients (each already over the step's tokens) and losses, added.
-        distributed::all_reduce_grads(&mut grads, dist, distributed::BUCKET_FLOATS)?;
+        // The ranks' gradients (each already over the step's tokens) and losses, added: on
+        // every rank (DDP, ZeRO-1), or on each gradient's owner (ZeRO-2).
+        let zero2 = t.distributed == Distributed::Zero2 && self.zero.is_some();
+        match &self.zero {
+            Some(part) if zero2 => super::zero::reduce_grads(&mut grads, part, dist)?,
+            _ => distributed::all_reduce_grads(&mut grads, dist, distributed::BUCKET_FLOATS)?,
+        }
         let mut loss_sum = [loss_sum];
         dist.all_reduce_sum_f64(&mut loss_sum)?;
         let loss = if n_loss == 0 {
@@ -432,11 +454,15 @@ impl<'a> Recipe<'a> {
         } else {
             loss_sum[0] / n_loss as f64
         };
-        let comm_s = dist.comm_seconds() - comm0;
         let t_opt = Instant::now();
         s.state.rng.dropout_calls += counts.forwards() as u64;
         let lr = self.schedule.lr_at(step);
-        let norm = optim::clip_grad_norm(&mut grads, t.max_grad_norm)?;
+        let norm = match &self.zero {
+            Some(part) if zero2 => {
+                super::zero::clip_grad_norm_sharded(&mut grads, part, dist, t.max_grad_norm)?
+            }
+            _ => optim::clip_grad_norm(&mut grads, t.max_grad_norm)?,
+        };
         if !loss.is_finite() || !norm.is_finite() {
             s.progress.finish();
             let what = if loss.is_finite() {
@@ -458,7 +484,18 @@ impl<'a> Recipe<'a> {
             )));
         }
         if n_loss > 0 {
-            self.opt.step(&grads, lr)?;
+            match &self.zero {
+                Some(part) => {
+                    // this rank's parameters, then every parameter from its owner
+                    let mine: Vec<Tensor> =
+                        part.mine().into_iter().map(|i| grads[i].clone()).collect();
+                    drop(grads);
+                    self.opt.step(&mine, lr)?;
+                    drop(mine);
+                    super::zero::sync_params(&self.params, part, dist)?;
+                }
+                None => self.opt.step(&grads, lr)?,
+            }
             // A finite gradient can still overflow the weights (a huge lr or LoRA+ ratio):
             // stop before such weights are saved as the run's result.
             if let Some(name) = optim::first_non_finite(&self.params)? {
@@ -469,6 +506,7 @@ impl<'a> Recipe<'a> {
             }
         }
         let optimizer_s = t_opt.elapsed().as_secs_f64();
+        let comm_s = dist.comm_seconds() - comm0;
         let tokens = counts.tokens_total();
         let dt = t0.elapsed().as_secs_f64();
         s.session_time += dt;
@@ -603,11 +641,36 @@ impl<'a> Recipe<'a> {
     /// A checkpoint of the current step (the method's weights, the optimizer, the state),
     /// written by rank 0 (the replicas are equal).
     fn save(&self, s: &mut Session) -> Result<()> {
-        if self.dist().is_root() {
+        let dist = self.dist();
+        if self.zero.is_some() {
+            // Every rank writes its optimizer shard into rank 0's unfinished checkpoint folder
+            // (a file system all ranks share, as for any sharded checkpoint); rank 0 then adds
+            // the weights and the state and makes it final.
+            let step = s.state.step;
+            let tmp = checkpoint::pending_dir(&self.out, step);
+            if dist.is_root() {
+                checkpoint::begin(&self.out, step)?;
+            }
+            dist.barrier()?;
+            let shard = optim::shard_path(
+                &tmp.join(checkpoint::OPTIMIZER_FILE),
+                dist.rank(),
+                dist.world_size(),
+            );
+            self.opt.save(&shard)?;
+            dist.barrier()?;
+            if dist.is_root() {
+                checkpoint::commit(&self.out, step, &s.state, |tmp| {
+                    self.tuner.save(&*self.model, tmp)
+                })?;
+            }
+        } else if dist.is_root() {
             checkpoint::save(&self.out, s.state.step, &s.state, |tmp| {
                 self.tuner.save(&*self.model, tmp)?;
                 self.opt.save(&tmp.join(checkpoint::OPTIMIZER_FILE))
             })?;
+        }
+        if dist.is_root() {
             if let Some(k) = self.t().keep_checkpoints {
                 checkpoint::prune(&self.out, k)?;
             }
@@ -1101,6 +1164,7 @@ fn setup_optimizer(
     c: &LoadedConfig,
     tuner: &Tuner,
     params: &[(String, Var)],
+    zero: Option<&super::zero::Partition>,
     max_steps: usize,
 ) -> Result<(Schedule, optim::Optimizer)> {
     let t = &c.config.train;
@@ -1111,15 +1175,23 @@ fn setup_optimizer(
         total: max_steps,
         min_lr_ratio: t.min_lr_ratio,
     };
-    let settings = params
+    // Under ZeRO this rank's optimizer sees only the parameters it owns.
+    let mine: Vec<(String, Var)> = match zero {
+        Some(part) => part.mine().into_iter().map(|i| params[i].clone()).collect(),
+        None => params.to_vec(),
+    };
+    let settings = mine
         .iter()
         .map(|(name, _)| optim::ParamSettings {
             lr_scale: tuner.lr_scale(name),
             decay: optim::decays(name),
         })
         .collect();
-    let opt = optim::Optimizer::new(&t.optimizer_config(), params.to_vec(), settings)
+    let mut opt = optim::Optimizer::new(&t.optimizer_config(), mine, settings)
         .map_err(|e| c.key_error("train.optimizer", e))?;
+    if zero.is_some() {
+        opt.mark_shard();
+    }
     Ok((schedule, opt))
 }
 
@@ -1130,13 +1202,21 @@ fn setup_memory(
     model: &dyn Model,
     data: &RunData,
     params: &[(String, Var)],
+    zero: Option<&super::zero::Partition>,
 ) -> Result<(memory::MemoryEstimate, Option<u64>)> {
     let (cfg, t) = (&c.config, &c.config.train);
     model.set_quant_settings(quant_settings(c)?);
-    let mem = memory::estimate(
-        model,
-        &memory::TrainShape::for_run(&data.prepared, &data.train_bc, params, cfg, t),
-    );
+    let mut shape = memory::TrainShape::for_run(&data.prepared, &data.train_bc, params, cfg, t);
+    if let Some(part) = zero {
+        // ZeRO: this rank keeps optimizer state for, and updates, its own parameters only.
+        let mine: Vec<_> = part.mine().into_iter().map(|i| &params[i].1).collect();
+        shape.optimizer_state_bytes = Some(optim::state_bytes(
+            &t.optimizer_config(),
+            &mine.iter().map(|v| v.dims().to_vec()).collect::<Vec<_>>(),
+        ));
+        shape.largest_param = mine.iter().map(|v| v.elem_count()).max().unwrap_or(0);
+    }
+    let mem = memory::estimate(model, &shape);
     let available = memory::available_bytes();
     check_memory(c, &mem, available)?;
     Ok((mem, available))

@@ -158,6 +158,21 @@ impl Optimizer {
         }
     }
 
+    fn group_mut(&mut self) -> &mut ParamGroup {
+        match self {
+            Optimizer::AdamW(o) => &mut o.group,
+            Optimizer::Sgd(o) => &mut o.group,
+            Optimizer::Adafactor(o) => &mut o.group,
+            Optimizer::AdamW8bit(o) => &mut o.group,
+        }
+    }
+
+    /// This optimizer updates one rank's share of a ZeRO run: loading state reads only its
+    /// parameters' entries from a file (or the shards) that may hold others' too.
+    pub fn mark_shard(&mut self) {
+        self.group_mut().shard = true;
+    }
+
     pub fn params(&self) -> &[(String, Var)] {
         &self.group().params
     }
@@ -208,6 +223,9 @@ pub(crate) struct ParamGroup {
     pub settings: Vec<ParamSettings>,
     /// Updates done so far.
     pub t: u64,
+    /// A shard of a ZeRO run: a state file may hold other ranks' parameters too (a whole-run
+    /// file, or every rank's shard), and only this group's are read.
+    pub shard: bool,
 }
 
 impl ParamGroup {
@@ -216,6 +234,7 @@ impl ParamGroup {
             params,
             settings,
             t: 0,
+            shard: false,
         }
     }
 
@@ -231,9 +250,14 @@ impl ParamGroup {
         write_state(path, sd, self.t, &device_of(&self.params))
     }
 
-    /// Open a state file for reading onto the parameters' device.
+    /// Open a state file (or, where it is absent, the ZeRO shards beside it: see
+    /// [`StateReader::open`]) for reading onto the parameters' device; a shard group reads only
+    /// its own parameters' entries.
     pub fn state_reader<'a>(&self, path: &'a Path) -> Result<StateReader<'a>> {
-        StateReader::open(path, &device_of(&self.params))
+        let keep: Option<std::collections::HashSet<&str>> = self
+            .shard
+            .then(|| self.params.iter().map(|(n, _)| n.as_str()).collect());
+        StateReader::open(path, &device_of(&self.params), keep.as_ref())
     }
 }
 
@@ -273,10 +297,117 @@ pub(crate) struct StateReader<'a> {
     sd: HashMap<String, Tensor>,
 }
 
+/// The ZeRO shard of rank `rank` (0-based) of `world` for the state file `path`
+/// (`optimizer.safetensors` → `optimizer-00001-of-00002.safetensors`, Hugging Face's shard
+/// naming).
+pub fn shard_path(path: &Path, rank: usize, world: usize) -> std::path::PathBuf {
+    let stem = path
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .unwrap_or("optimizer");
+    path.with_file_name(format!("{stem}-{:05}-of-{world:05}.safetensors", rank + 1))
+}
+
+/// The shards of `path` that exist, in rank order: all `world` of one world size, else an
+/// error naming the first missing one; none when there are none.
+fn shard_set(path: &Path) -> Result<Vec<std::path::PathBuf>> {
+    let (Some(dir), Some(stem)) = (path.parent(), path.file_stem().and_then(|s| s.to_str())) else {
+        return Ok(Vec::new());
+    };
+    let prefix = format!("{stem}-");
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Ok(Vec::new());
+    };
+    let mut world = None;
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name
+            .strip_prefix(&prefix)
+            .and_then(|r| r.strip_suffix(".safetensors"))
+        else {
+            continue;
+        };
+        if let Some((_, w)) = rest.split_once("-of-") {
+            if let Ok(w) = w.parse::<usize>() {
+                world = Some(world.map_or(w, |x: usize| x.max(w)));
+            }
+        }
+    }
+    let Some(world) = world.filter(|&w| w > 0) else {
+        return Ok(Vec::new());
+    };
+    let all: Vec<_> = (0..world).map(|r| shard_path(path, r, world)).collect();
+    if let Some(missing) = all.iter().find(|p| !p.is_file()) {
+        return Err(Error::file(
+            missing,
+            format!("a ZeRO optimizer shard of {world} is missing (the checkpoint is incomplete)"),
+        ));
+    }
+    Ok(all)
+}
+
+/// Whether the state key `key` (`<kind>.<parameter name>`, or `step`) is to be read.
+fn wanted(key: &str, keep: Option<&std::collections::HashSet<&str>>) -> bool {
+    match keep {
+        None => true,
+        Some(k) => key == "step" || key.split_once('.').is_some_and(|(_, n)| k.contains(n)),
+    }
+}
+
 impl<'a> StateReader<'a> {
-    pub fn open(path: &'a Path, dev: &Device) -> Result<Self> {
-        let sd = candle_core::safetensors::load(path, dev)
-            .map_err(|e| Error::file(path, crate::error::first_line(&e.to_string())))?;
+    /// Read `path`, or where it does not exist, the ZeRO shards a sharded run wrote beside it
+    /// ([`shard_path`]: every rank's, merged by name, so a run resumes at any world size).
+    /// With `keep`, only the entries of those parameters are read (the rest stay on disk).
+    pub fn open(
+        path: &'a Path,
+        dev: &Device,
+        keep: Option<&std::collections::HashSet<&str>>,
+    ) -> Result<Self> {
+        let files = if path.exists() {
+            vec![path.to_path_buf()]
+        } else {
+            let shards = shard_set(path)?;
+            if shards.is_empty() {
+                return Err(Error::file(
+                    path,
+                    "no optimizer state (the checkpoint is incomplete)",
+                ));
+            }
+            shards
+        };
+        let mut sd = HashMap::new();
+        let mut step: Option<(Tensor, &std::path::PathBuf)> = None;
+        for f in &files {
+            let fe =
+                |e: candle_core::Error| Error::file(f, crate::error::first_line(&e.to_string()));
+            // SAFETY: the file is mapped read-only and not modified while mapped (a checkpoint
+            // folder is complete and never rewritten in place).
+            let st = unsafe { candle_core::safetensors::MmapedSafetensors::new(f) }.map_err(fe)?;
+            for (name, _) in st.tensors() {
+                if !wanted(&name, keep) {
+                    continue;
+                }
+                let t = st.load(&name, dev).map_err(fe)?;
+                if name == "step" {
+                    // every shard holds the update count: they must agree
+                    if let Some((s0, f0)) = &step {
+                        let (a, b) = (s0.to_vec1::<i64>()?, t.to_vec1::<i64>()?);
+                        if a != b {
+                            return Err(Error::file(
+                                f,
+                                format!(
+                                    "optimizer `step` is {b:?}, but {} says {a:?}",
+                                    f0.display()
+                                ),
+                            ));
+                        }
+                        continue;
+                    }
+                    step = Some((t.clone(), f));
+                }
+                sd.insert(name, t);
+            }
+        }
         Ok(StateReader { path, sd })
     }
 
