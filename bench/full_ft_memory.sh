@@ -12,12 +12,14 @@ root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
 out="${1:-runs/bench-full-ft}"
 bin="${FERROTUNE:-target/release/ferrotune}"
+# an absolute OUT_DIR as given, a relative one under the repository
+case "$out" in /*) ;; *) out="$root/$out" ;; esac
 mkdir -p "$out"
 grep -m1 "model name" /proc/cpuinfo | sed 's/.*: /cpu: /'
 echo "cores: $(nproc); simd: $(grep -o -w -m1 -E 'avx512f|avx2' /proc/cpuinfo | sort -u | tr '\n' ' ')"
 run() { # run NAME CONFIG [--set ...]
   local name="$1" cfg="$2"; shift 2
-  "$bin" train --config "$cfg" --set "output_dir=\"$root/$out/$name\"" --overwrite "$@" \
+  "$bin" train --config "$cfg" --set "output_dir=\"$out/$name\"" --overwrite "$@" \
     > "$out/$name.log" 2>&1
 }
 seeds="${SEEDS:-42 1}"

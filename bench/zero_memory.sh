@@ -11,6 +11,8 @@ cd "$root"
 out="${1:-runs/bench-zero-memory}"
 bin="${FERROTUNE:-target/release/ferrotune}"
 steps="${STEPS:-4}"
+# an absolute OUT_DIR as given, a relative one under the repository
+case "$out" in /*) ;; *) out="$root/$out" ;; esac
 mkdir -p "$out"
 grep -m1 "model name" /proc/cpuinfo | sed 's/.*: /cpu: /'
 echo "cores: $(nproc); simd: $(grep -o -w -m1 -E 'avx512f|avx2' /proc/cpuinfo | sort -u | tr '\n' ' ')"
@@ -18,7 +20,7 @@ export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 common=(train --config examples/quickstart/quickstart-full-adamw.toml --overwrite --threads 1
   --set "train.max_steps=$steps" --set "train.save_every=$steps" --set "train.eval_every=$steps")
 for stage in none ddp zero1 zero2; do
-  args=("${common[@]}" --set "output_dir=\"$root/$out/$stage\"" --set "train.distributed=\"$stage\"")
+  args=("${common[@]}" --set "output_dir=\"$out/$stage\"" --set "train.distributed=\"$stage\"")
   if [ "$stage" = none ]; then
     /usr/bin/time -f "peak RSS %M kB" "$bin" "${args[@]}" > "$out/$stage.log" 2>&1
   else

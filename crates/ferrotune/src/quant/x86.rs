@@ -992,12 +992,7 @@ unsafe fn f32_rows<const F: u8, const C: usize, const M: usize>(
         let q = n / C;
         for j in 0..q {
             let cols: [usize; C] = std::array::from_fn(|c| j + c * q);
-            f32_tile::<F, C, M>(
-                cols.map(|c| w.add(c * row_bytes)),
-                nb,
-                xs,
-                cols.map(&outs),
-            );
+            f32_tile::<F, C, M>(cols.map(|c| w.add(c * row_bytes)), nb, xs, cols.map(&outs));
         }
         i = C * q;
     }
