@@ -77,6 +77,16 @@ pub(crate) struct ServeArgs {
     /// Only warnings on stderr (no per-request lines).
     #[arg(long)]
     quiet_requests: bool,
+    /// Most open client connections; more wait until one closes.
+    #[arg(long, default_value_t = 1024, allow_negative_numbers = true)]
+    max_connections: usize,
+    /// Seconds a client has to send a request's headers, also on an idle keep-alive connection
+    /// (then the connection is closed).
+    #[arg(long, default_value_t = 10.0, allow_negative_numbers = true)]
+    header_timeout: f64,
+    /// Seconds a client has to send a request's body (then 408).
+    #[arg(long, default_value_t = 30.0, allow_negative_numbers = true)]
+    body_timeout: f64,
 }
 
 /// `NAME=DIR` of `--adapter`.
@@ -166,6 +176,21 @@ pub(crate) fn run_serve(a: ServeArgs) -> Result<()> {
             "--max-body {}: expected 1024 to {MAX_BODY} bytes",
             a.max_body
         );
+    }
+    if a.max_connections == 0 || a.max_connections > 1 << 20 {
+        bail!(
+            "--max-connections {}: expected 1 to {}",
+            a.max_connections,
+            1 << 20
+        );
+    }
+    for (flag, v) in [
+        ("--header-timeout", a.header_timeout),
+        ("--body-timeout", a.body_timeout),
+    ] {
+        if !v.is_finite() || !(0.1..=86400.0).contains(&v) {
+            bail!("{flag} {v}: expected 0.1 to 86400 seconds");
+        }
     }
     if !a.request_timeout.is_finite() || a.request_timeout < 0.0 || a.request_timeout > 1e6 {
         bail!(
@@ -278,6 +303,10 @@ pub(crate) fn run_serve(a: ServeArgs) -> Result<()> {
     cfg.max_prompt_tokens = a.max_prompt_tokens;
     cfg.adapter_dir = adapter_dir;
     cfg.request_timeout = timeout;
+    cfg.max_sequences = a.max_concurrent + a.max_queue;
+    cfg.max_connections = a.max_connections;
+    cfg.header_timeout = Duration::from_secs_f64(a.header_timeout);
+    cfg.body_timeout = Duration::from_secs_f64(a.body_timeout);
     // JSON mode: the vocabulary's byte spellings are worked out once, shared by every request.
     match JsonVocab::new(&tok) {
         Ok(vocab) => {

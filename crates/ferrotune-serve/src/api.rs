@@ -90,6 +90,9 @@ pub struct Common {
     /// fixed-length outputs).
     #[serde(default)]
     pub ignore_eos: Option<bool>,
+    /// OpenAI: token id (as a string) to a bias from -100 to 100 added to its logit.
+    #[serde(default)]
+    pub logit_bias: Option<serde_json::Map<String, serde_json::Value>>,
 }
 
 /// The fields only chat has (read from the same body as [`Common`]).

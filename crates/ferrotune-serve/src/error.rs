@@ -113,6 +113,19 @@ impl ApiError {
         .code("conflict")
     }
 
+    /// 408: the body did not arrive within `--body-timeout`.
+    pub fn body_timeout(t: std::time::Duration) -> Self {
+        Self::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "invalid_request_error",
+            format!(
+                "the request body did not arrive within {} s (--body-timeout)",
+                t.as_secs_f64()
+            ),
+        )
+        .code("request_timeout")
+    }
+
     /// 413: the body is over `--max-body`.
     pub fn too_large(limit: usize) -> Self {
         Self::new(

@@ -106,6 +106,17 @@ pub struct ServerConfig {
     pub request_timeout: Option<Duration>,
     /// JSON mode; `None`: `response_format: json_object` is refused.
     pub json_mode: Option<ConstraintFactory>,
+    /// Most sequences the scheduler holds at once (running + queued): a request needing more
+    /// can never be admitted (400, not 429).
+    pub max_sequences: usize,
+    /// Most open connections; more wait in the listen backlog until one closes.
+    pub max_connections: usize,
+    /// A request head must arrive within this time, also on an idle keep-alive connection
+    /// awaiting its next request (else the connection is closed): slow or silent clients
+    /// cannot hold connections open.
+    pub header_timeout: Duration,
+    /// A request body must arrive within this time (408 after).
+    pub body_timeout: Duration,
 }
 
 impl ServerConfig {
@@ -122,6 +133,10 @@ impl ServerConfig {
             adapter_dir: None,
             request_timeout: None,
             json_mode: None,
+            max_sequences: usize::MAX,
+            max_connections: 1024,
+            header_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -304,19 +319,77 @@ pub fn log_line(method: &str, path: &str, status: u16, info: &LogInfo, latency: 
 
 /// Serve on `listener` until `shutdown` resolves; then refuse new requests, let in-flight ones
 /// finish (their streams included), and wait for the scheduler to end.
+///
+/// Our own accept loop (rather than `axum::serve`) for what a server open to the network needs:
+/// at most `max_connections` open connections (more wait in the backlog), hyper's header-read
+/// timeout on every connection (also while idle between keep-alive requests), and a clean
+/// graceful shutdown of each connection.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: Arc<AppState>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let st = state.clone();
-    axum::serve(listener, router(state.clone()))
-        .with_graceful_shutdown(async move {
-            shutdown.await;
-            tracing::info!(target: "ferrotune_serve", "shutting down: finishing requests in flight");
-            st.begin_shutdown();
-        })
-        .await?;
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    use tower::ServiceExt;
+    let app = router(state.clone());
+    let permits = Arc::new(tokio::sync::Semaphore::new(
+        state.cfg.max_connections.max(1),
+    ));
+    // Dropping the sender tells every connection to finish its request in flight and close.
+    let (close_tx, close_rx) = tokio::sync::watch::channel(());
+    let header_timeout = state.cfg.header_timeout;
+    let mut conns = tokio::task::JoinSet::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let permit = tokio::select! {
+            p = permits.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+            _ = &mut shutdown => break,
+        };
+        let stream = tokio::select! {
+            r = listener.accept() => match r {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    // Out of file descriptors and the like: wait a moment, keep serving.
+                    tracing::warn!(target: "ferrotune_serve", "accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = &mut shutdown => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let app = app.clone();
+        let mut close = close_rx.clone();
+        conns.spawn(async move {
+            let _permit = permit;
+            let service =
+                hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    app.clone().oneshot(req.map(axum::body::Body::new))
+                });
+            let mut http = hyper::server::conn::http1::Builder::new();
+            http.timer(TokioTimer::new())
+                .header_read_timeout(header_timeout)
+                .keep_alive(true);
+            let conn = http.serve_connection(TokioIo::new(stream), service);
+            let mut conn = std::pin::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                _ = close.changed() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
+        });
+        while conns.try_join_next().is_some() {}
+    }
+    tracing::info!(target: "ferrotune_serve", "shutting down: finishing requests in flight");
+    state.begin_shutdown();
+    drop(listener);
+    drop(close_tx);
+    while conns.join_next().await.is_some() {}
     // The scheduler was told to stop when the signal came (also when the server ended by an
     // error, so the join below cannot wait forever).
     state.begin_shutdown();

@@ -31,8 +31,11 @@ pub async fn read_body(st: &AppState, req: Request) -> Result<Bytes, ApiError> {
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(ApiError::too_large(limit));
     }
-    axum::body::to_bytes(req.into_body(), limit)
+    // A body that does not arrive in time (a stalled or trickling client) ends the request.
+    let timeout = st.cfg.body_timeout;
+    tokio::time::timeout(timeout, axum::body::to_bytes(req.into_body(), limit))
         .await
+        .map_err(|_| ApiError::body_timeout(timeout))?
         .map_err(|e| {
             if is_length_limit(&e) {
                 ApiError::too_large(limit)
@@ -126,11 +129,11 @@ fn prepare(
         Some(v) => v as usize,
     };
     let temperature = real_in("temperature", c.temperature, 0.0, 2.0)?.unwrap_or(1.0);
-    let top_p = real_in("top_p", c.top_p, 0.0, 1.0)?;
-    if top_p == Some(0.0) {
+    let top_p = c.top_p;
+    if let Some(p) = top_p.filter(|p| !(*p > 0.0 && *p <= 1.0)) {
         return Err(ApiError::field(
             "top_p",
-            "0 is out of range: expected (0, 1]",
+            format!("{p} is out of range: expected a number in (0, 1]"),
         ));
     }
     // vLLM's convention: 0 or -1 means no top-k.
@@ -157,6 +160,24 @@ fn prepare(
             ),
         ));
     }
+    // Every sequence must fit in the server at once (running + queued): a request for more
+    // could never be admitted, so it is a 400, not a 429 to retry.
+    if n * prompts.len() > st.cfg.max_sequences {
+        let what = if prompts.len() > 1 {
+            format!("{n} choices for each of {} prompts", prompts.len())
+        } else {
+            format!("{n} choices")
+        };
+        return Err(ApiError::field(
+            if n > 1 { "n" } else { field },
+            format!(
+                "{what} = {} sequences, but this server holds at most {} at once (--max-concurrent + --max-queue)",
+                n * prompts.len(),
+                st.cfg.max_sequences
+            ),
+        ));
+    }
+    let logit_bias = logit_bias(c.logit_bias.as_ref(), st.tok.vocab_size())?;
     let stop = match c.stop {
         Some(s) => s.strings()?,
         None => Vec::new(),
@@ -239,6 +260,7 @@ fn prepare(
                 seed: None,
                 presence_penalty: presence as f32,
                 frequency_penalty: frequency as f32,
+                logit_bias,
             },
             logprobs,
             stop,
@@ -251,6 +273,46 @@ fn prepare(
             .and_then(|o| o.include_usage)
             .unwrap_or(false),
     })
+}
+
+/// OpenAI's `logit_bias`: keys are token ids (strings), values numbers from -100 to 100.
+fn logit_bias(
+    m: Option<&serde_json::Map<String, serde_json::Value>>,
+    vocab: usize,
+) -> Result<Vec<(u32, f32)>, ApiError> {
+    let Some(m) = m else { return Ok(Vec::new()) };
+    let mut out = Vec::with_capacity(m.len());
+    for (k, v) in m {
+        let key: String = if k.chars().count() > 24 {
+            k.chars().take(24).chain("...".chars()).collect()
+        } else {
+            k.clone()
+        };
+        let id = k
+            .parse::<u32>()
+            .ok()
+            .filter(|&t| (t as usize) < vocab)
+            .ok_or_else(|| {
+                ApiError::field(
+                    "logit_bias",
+                    format!(
+                        "key `{key}`: expected a token id from 0 to {}",
+                        vocab.saturating_sub(1)
+                    ),
+                )
+            })?;
+        let b = v
+            .as_f64()
+            .filter(|b| b.is_finite() && (-100.0..=100.0).contains(b))
+            .ok_or_else(|| {
+                ApiError::field(
+                    "logit_bias",
+                    format!("token {id}: expected a number from -100 to 100"),
+                )
+            })?;
+        out.push((id, b as f32));
+    }
+    Ok(out)
 }
 
 /// The chat template applied to the messages, as `ferrotune generate --chat` does.

@@ -860,3 +860,134 @@ fn wait_for(mut cond: impl FnMut() -> bool, what: &str) {
         std::thread::sleep(Duration::from_millis(10));
     }
 }
+
+#[test]
+fn logit_bias_is_forwarded_and_checked() {
+    let (srv, eng) = fake_server(ServerConfig::new("tiny", 256), &[]);
+    let r = post(
+        srv.addr,
+        "/v1/completions",
+        &json!({"model": "tiny", "prompt": "cat", "max_tokens": 1,
+                "logit_bias": {"5": 100, "3": -2.5}}),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    let mut bias = eng.submitted()[0].sampling.logit_bias.clone();
+    bias.sort_by_key(|b| b.0);
+    assert_eq!(bias, vec![(3, -2.5), (5, 100.0)]);
+    for (b, what) in [
+        (json!({"abc": 1}), "key `abc`"),
+        (json!({"999999": 1}), "key `999999`"),
+        (json!({"-1": 1}), "key `-1`"),
+        (json!({"5": 101}), "token 5"),
+        (json!({"5": "x"}), "token 5"),
+    ] {
+        let r = post(
+            srv.addr,
+            "/v1/completions",
+            &json!({"model": "tiny", "prompt": "cat", "max_tokens": 1, "logit_bias": b}),
+        );
+        assert_error(&r, 400, None);
+        assert!(
+            r.body.contains("logit_bias") && r.body.contains(what),
+            "{}",
+            r.body
+        );
+    }
+    assert_eq!(eng.submitted().len(), 1);
+}
+
+#[test]
+fn more_sequences_than_the_server_holds_is_400_not_429() {
+    let mut cfg = ServerConfig::new("tiny", 256);
+    cfg.max_sequences = 4;
+    let (srv, eng) = fake_server(cfg, &[]);
+    for (body, what) in [
+        (
+            json!({"model": "tiny", "prompt": "cat", "max_tokens": 1, "n": 5}),
+            "5 choices",
+        ),
+        (
+            json!({"model": "tiny", "prompt": ["cat", "cat"], "max_tokens": 1, "n": 3}),
+            "3 choices for each of 2 prompts",
+        ),
+    ] {
+        let r = post(srv.addr, "/v1/completions", &body);
+        assert_error(&r, 400, None);
+        assert!(
+            r.body.contains(what) && r.body.contains("at most 4"),
+            "{}",
+            r.body
+        );
+    }
+    assert!(eng.submitted().is_empty());
+    let r = post(
+        srv.addr,
+        "/v1/completions",
+        &json!({"model": "tiny", "prompt": "cat", "max_tokens": 1, "n": 4}),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+}
+
+/// Reads until the server closes the connection; how long that took.
+fn until_closed(mut s: TcpStream) -> (Duration, Vec<u8>) {
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let t0 = Instant::now();
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf);
+    (t0.elapsed(), buf)
+}
+
+#[test]
+fn slow_or_silent_clients_are_cut_off() {
+    let mut cfg = ServerConfig::new("tiny", 256);
+    cfg.header_timeout = Duration::from_millis(300);
+    cfg.body_timeout = Duration::from_millis(300);
+    let (srv, eng) = fake_server(cfg, &[]);
+    // Headers never finished, and a connection that says nothing: both closed.
+    let mut half = TcpStream::connect(srv.addr).unwrap();
+    half.write_all(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n")
+        .unwrap();
+    let silent = TcpStream::connect(srv.addr).unwrap();
+    for s in [half, silent] {
+        let (t, _) = until_closed(s);
+        assert!(t < Duration::from_secs(5), "still open after {t:?}");
+    }
+    // A body that stalls: 408 in OpenAI's shape.
+    let mut s = TcpStream::connect(srv.addr).unwrap();
+    s.write_all(
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 44\r\n\r\n{\"model\":",
+    )
+    .unwrap();
+    let (t, buf) = until_closed(s);
+    let text = String::from_utf8_lossy(&buf);
+    assert!(t < Duration::from_secs(5), "{t:?}");
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    assert!(
+        text.contains("request_timeout") && text.contains("--body-timeout"),
+        "{text}"
+    );
+    assert!(eng.submitted().is_empty());
+    assert_eq!(get(srv.addr, "/health").status, 200);
+}
+
+#[test]
+fn connections_beyond_the_limit_wait_for_a_free_one() {
+    let mut cfg = ServerConfig::new("tiny", 256);
+    cfg.max_connections = 2;
+    cfg.header_timeout = Duration::from_millis(500);
+    let (srv, _eng) = fake_server(cfg, &[]);
+    // Two silent clients hold both connections: a third is served once one is cut off.
+    let held = [
+        TcpStream::connect(srv.addr).unwrap(),
+        TcpStream::connect(srv.addr).unwrap(),
+    ];
+    std::thread::sleep(Duration::from_millis(100));
+    let t0 = Instant::now();
+    assert_eq!(get(srv.addr, "/health").status, 200);
+    assert!(
+        t0.elapsed() >= Duration::from_millis(250),
+        "{:?}",
+        t0.elapsed()
+    );
+    drop(held);
+}

@@ -44,6 +44,9 @@ pub struct SamplingParams {
     pub presence_penalty: f32,
     /// OpenAI: subtracted from a token's logit once per time it was generated.
     pub frequency_penalty: f32,
+    /// OpenAI's `logit_bias`: added to these tokens' logits before every pick (-100..=100;
+    /// +-100 in effect forces or bans a token).
+    pub logit_bias: Vec<(u32, f32)>,
 }
 
 impl Default for SamplingParams {
@@ -55,6 +58,7 @@ impl Default for SamplingParams {
             seed: None,
             presence_penalty: 0.0,
             frequency_penalty: 0.0,
+            logit_bias: Vec::new(),
         }
     }
 }

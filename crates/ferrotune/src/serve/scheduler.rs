@@ -419,6 +419,19 @@ fn validate(req: &GenRequest, info: &BackendInfo) -> Result<(), SubmitError> {
             return bad(format!("{name}: got {v}, expected a finite number"));
         }
     }
+    for &(t, b) in &s.logit_bias {
+        if t as usize >= info.vocab {
+            return bad(format!(
+                "logit_bias: token id {t} is out of the vocabulary ({} ids)",
+                info.vocab
+            ));
+        }
+        if !(b.is_finite() && (-100.0..=100.0).contains(&b)) {
+            return bad(format!(
+                "logit_bias: {b} for token {t}, expected -100 to 100"
+            ));
+        }
+    }
     Ok(())
 }
 
@@ -468,6 +481,11 @@ impl SeqSampler {
                 if let Some(l) = logits.get_mut(t as usize) {
                     *l -= pp + fp * c as f32;
                 }
+            }
+        }
+        for &(t, b) in &self.params.logit_bias {
+            if let Some(l) = logits.get_mut(t as usize) {
+                *l += b;
             }
         }
         if let Some(c) = constraint {
@@ -1698,6 +1716,21 @@ mod tests {
             .map(|_| f.pick(l(3), None, None).unwrap().id)
             .collect();
         assert_eq!(picks, vec![3, 3, 4]);
+        // logit_bias: +100 forces a token, -100 bans the best one; the bias shows in logprobs.
+        let mut b = SeqSampler::new(&SamplingParams {
+            temperature: 0.0,
+            logit_bias: vec![(6, 100.0), (3, -100.0)],
+            ..Default::default()
+        });
+        let p = b.pick(l(3), None, Some(1)).unwrap();
+        assert_eq!(p.id, 6);
+        assert!(p.logprob.unwrap().logprob > -1e-3);
+        let mut ban = SeqSampler::new(&SamplingParams {
+            temperature: 0.0,
+            logit_bias: vec![(3, -100.0)],
+            ..Default::default()
+        });
+        assert_eq!(ban.pick(l(3), None, None).unwrap().id, 4);
         // Log-probabilities: a distribution, best first, the pick's own value.
         let mut g = SeqSampler::new(&SamplingParams {
             temperature: 0.0,
