@@ -409,6 +409,10 @@ mod mpi {
             &["--resume", "--set", "train.grad_accum=2", "--threads", "1"],
         ));
         assert_adapters_close(&s.dir.join("run"), &s.dir.join("ddp"), 1e-5);
+        // And by the same 2 ranks, each reading its own entries from both shards.
+        sharded(&s, "again", "zero2", &["--set", "train.stop_after=3"]).unwrap();
+        sharded(&s, "again", "zero2", &["--resume"]).unwrap();
+        assert_adapters_close(&s.dir.join("again"), &s.dir.join("ddp"), 1e-5);
     }
 
     #[test]

@@ -333,6 +333,37 @@ impl Lin {
     }
 }
 
+/// Attention for each of `t` rows of `att` (`width` values a row): `attend_row(r, out,
+/// scores)`, rows in parallel from 4 rows on (prefill chunks, batched steps).
+fn attend_all(
+    att: &mut [f32],
+    width: usize,
+    t: usize,
+    attend_row: impl Fn(usize, &mut [f32], &mut Vec<f32>) + Sync,
+) {
+    if t >= 4 {
+        use rayon::prelude::*;
+        att.par_chunks_mut(width)
+            .enumerate()
+            .for_each_init(Vec::new, |scores, (r, out)| attend_row(r, out, scores));
+    } else {
+        let mut scores = Vec::new();
+        for (r, out) in att.chunks_exact_mut(width).enumerate() {
+            attend_row(r, out, &mut scores);
+        }
+    }
+}
+
+/// The working rows a layer's second half writes: the residual stream `x` and scratch.
+struct LayerBufs<'a> {
+    x: &'a mut [f32],
+    xn: &'a mut [f32],
+    o: &'a mut [f32],
+    g: &'a mut [f32],
+    u: &'a mut [f32],
+    h: &'a mut Vec<f32>,
+}
+
 struct Layer {
     attn_norm: Vec<f32>,
     ffn_norm: Vec<f32>,
@@ -357,6 +388,28 @@ impl Layer {
             &mut self.up,
             &mut self.down,
         ]
+    }
+
+    /// The layer after attention, for `t` rows: output projection and residual, then the
+    /// SwiGLU MLP and its residual (each row on its own, whatever `t`).
+    fn finish(
+        &self,
+        kernel: Kernel,
+        eps: f32,
+        att: &[f32],
+        t: usize,
+        sets: &[AdapterSet],
+        b: &mut LayerBufs,
+    ) -> Result<()> {
+        self.o.apply(kernel, att, t, b.o, sets, b.h)?;
+        b.x.iter_mut().zip(&*b.o).for_each(|(a, o)| *a += o);
+        rms_norm_rows(b.x, &self.ffn_norm, eps, b.xn);
+        self.gate.apply(kernel, b.xn, t, b.g, sets, b.h)?;
+        self.up.apply(kernel, b.xn, t, b.u, sets, b.h)?;
+        swiglu(b.g, b.u);
+        self.down.apply(kernel, b.g, t, b.o, sets, b.h)?;
+        b.x.iter_mut().zip(&*b.o).for_each(|(a, o)| *a += o);
+        Ok(())
     }
 }
 
@@ -772,25 +825,16 @@ impl Weights {
                         scores,
                     );
                 };
-                if t >= 4 {
-                    use rayon::prelude::*;
-                    att.par_chunks_mut(nh * hd)
-                        .enumerate()
-                        .for_each_init(Vec::new, |scores, (r, out)| attend_row(r, out, scores));
-                } else {
-                    let mut scores = Vec::new();
-                    for (r, out) in att.chunks_exact_mut(nh * hd).enumerate() {
-                        attend_row(r, out, &mut scores);
-                    }
-                }
-                layer.o.apply(kernel, &att, t, &mut o, &sets, &mut hbuf)?;
-                x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
-                rms_norm_rows(&x, &layer.ffn_norm, self.eps, &mut xn);
-                layer.gate.apply(kernel, &xn, t, &mut g, &sets, &mut hbuf)?;
-                layer.up.apply(kernel, &xn, t, &mut u, &sets, &mut hbuf)?;
-                swiglu(&mut g, &u);
-                layer.down.apply(kernel, &g, t, &mut o, &sets, &mut hbuf)?;
-                x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
+                attend_all(&mut att, nh * hd, t, attend_row);
+                let mut bufs = LayerBufs {
+                    x: &mut x,
+                    xn: &mut xn,
+                    o: &mut o,
+                    g: &mut g,
+                    u: &mut u,
+                    h: &mut hbuf,
+                };
+                layer.finish(kernel, self.eps, &att, t, &sets, &mut bufs)?;
             }
             Ok(())
         })();
@@ -1026,25 +1070,16 @@ impl FastDecoder {
                     scores,
                 );
             };
-            if t >= 4 {
-                use rayon::prelude::*;
-                att.par_chunks_mut(nh * hd)
-                    .enumerate()
-                    .for_each_init(Vec::new, |scores, (r, out)| attend_row(r, out, scores));
-            } else {
-                let mut scores = Vec::new();
-                for (r, out) in att.chunks_exact_mut(nh * hd).enumerate() {
-                    attend_row(r, out, &mut scores);
-                }
-            }
-            layer.o.apply(kernel, &att, t, &mut o, &sets, &mut hbuf)?;
-            x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
-            rms_norm_rows(&x, &layer.ffn_norm, w.eps, &mut xn);
-            layer.gate.apply(kernel, &xn, t, &mut g, &sets, &mut hbuf)?;
-            layer.up.apply(kernel, &xn, t, &mut u, &sets, &mut hbuf)?;
-            swiglu(&mut g, &u);
-            layer.down.apply(kernel, &g, t, &mut o, &sets, &mut hbuf)?;
-            x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
+            attend_all(&mut att, nh * hd, t, attend_row);
+            let mut bufs = LayerBufs {
+                x: &mut x,
+                xn: &mut xn,
+                o: &mut o,
+                g: &mut g,
+                u: &mut u,
+                h: &mut hbuf,
+            };
+            layer.finish(kernel, w.eps, &att, t, &sets, &mut bufs)?;
         }
         if advance && seqs.len() == 1 {
             cache.len += t;
