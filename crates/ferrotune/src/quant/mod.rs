@@ -1185,21 +1185,9 @@ impl QuantWeight {
         let rb = nb * fmt.block_bytes();
         // The work per weight row grows with m: split into chunks of about the matvec's size.
         let min_rows = MIN_BLOCKS_PER_CHUNK.div_ceil(nb * m).max(4);
-        let outp = SyncPtr(out.as_mut_ptr());
-        pool::for_each_chunk(n, min_rows, threads, |rows| {
-            let (r0, r1) = (rows.start, rows.end);
-            // SAFETY: `out` is m x n; this chunk alone writes its columns r0..r1.
-            unsafe {
-                kernels::gemv_multi(
-                    isa,
-                    fmt,
-                    &data[r0 * rb..r1 * rb],
-                    r1 - r0,
-                    &act,
-                    outp.get().add(r0),
-                    n,
-                )
-            };
+        for_column_chunks(n, min_rows, threads, out, |r0, r1, o| {
+            // SAFETY: `o` is column r0 of the m x n `out`, which this chunk alone writes.
+            unsafe { kernels::gemv_multi(isa, fmt, &data[r0 * rb..r1 * rb], r1 - r0, &act, o, n) }
         });
     }
 }
@@ -1233,36 +1221,36 @@ impl QuantWeight {
             x.len(),
             out.len()
         );
-        let Repr::Own { fmt, data } = &self.repr else {
+        let (Repr::Own { fmt, data }, DecodeArith::F32) = (&self.repr, arith) else {
             return self.matvec_rows_with(isa, self.settings().activation, threads, x, m, out);
         };
-        if arith == DecodeArith::Int {
-            return self.matvec_rows_with(isa, self.settings().activation, threads, x, m, out);
-        }
         let fmt = *fmt;
         let nb = k / QK;
         let rb = nb * fmt.block_bytes();
         // chunks of about a matvec's work, and at least 16 weight rows (four per FMA stream)
         let min_rows = MIN_BLOCKS_PER_CHUNK.div_ceil(nb * m).max(16);
-        let outp = SyncPtr(out.as_mut_ptr());
-        pool::for_each_chunk(n, min_rows, threads, |rows| {
-            let (r0, r1) = (rows.start, rows.end);
-            // SAFETY: `out` is m x n; this chunk alone writes its columns r0..r1.
-            unsafe {
-                kernels::gemv_f32(
-                    isa,
-                    fmt,
-                    &data[r0 * rb..r1 * rb],
-                    r1 - r0,
-                    x,
-                    m,
-                    k,
-                    outp.get().add(r0),
-                    n,
-                )
-            };
+        for_column_chunks(n, min_rows, threads, out, |r0, r1, o| {
+            // SAFETY: `o` is column r0 of the m x n `out`, which this chunk alone writes.
+            unsafe { kernels::gemv_f32(isa, fmt, &data[r0 * rb..r1 * rb], r1 - r0, x, m, k, o, n) }
         });
     }
+}
+
+/// Batched decode's threading: the `n` weight rows (output columns) split into chunks of at
+/// least `min_rows` over `threads`; `f(r0, r1, o)` computes columns `r0..r1` of every output
+/// row, `o` pointing at column `r0` of the first (`out` is rows of `n`).
+fn for_column_chunks(
+    n: usize,
+    min_rows: usize,
+    threads: usize,
+    out: &mut [f32],
+    f: impl Fn(usize, usize, *mut f32) + Sync,
+) {
+    let outp = SyncPtr(out.as_mut_ptr());
+    pool::for_each_chunk(n, min_rows, threads, |rows| {
+        // SAFETY: `rows.start < n <= out.len()`: an in-bounds column of the first row.
+        f(rows.start, rows.end, unsafe { outp.get().add(rows.start) })
+    });
 }
 
 /// Calls `f` with the contiguous f32 data of a CPU tensor.

@@ -336,12 +336,20 @@ fn shard_set(path: &Path) -> Result<Vec<std::path::PathBuf>> {
     let Some(world) = world.filter(|&w| w > 0) else {
         return Ok(Vec::new());
     };
-    let all: Vec<_> = (0..world).map(|r| shard_path(path, r, world)).collect();
-    if let Some(missing) = all.iter().find(|p| !p.is_file()) {
-        return Err(Error::file(
-            missing,
-            format!("a ZeRO optimizer shard of {world} is missing (the checkpoint is incomplete)"),
-        ));
+    // The world size comes from a file name: stop at the first missing shard, so that a name
+    // claiming 10^18 shards costs one check, not a list of 10^18 paths.
+    let mut all = Vec::new();
+    for r in 0..world {
+        let p = shard_path(path, r, world);
+        if !p.is_file() {
+            return Err(Error::file(
+                &p,
+                format!(
+                    "a ZeRO optimizer shard of {world} is missing (the checkpoint is incomplete)"
+                ),
+            ));
+        }
+        all.push(p);
     }
     Ok(all)
 }
@@ -575,6 +583,36 @@ pub fn state_bytes(cfg: &OptimizerConfig, shapes: &[Vec<usize>]) -> u64 {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_shard_name_claiming_a_huge_world_is_a_missing_shard_not_an_allocation() {
+        let dir = crate::data::testutil::TempDir::new("optim-shards");
+        let whole = dir.path("optimizer.safetensors");
+        std::fs::write(
+            dir.path("optimizer-00001-of-999999999999999999.safetensors"),
+            b"x",
+        )
+        .unwrap();
+        let e = StateReader::open(&whole, &Device::Cpu, None)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("optimizer-00002-of-999999999999999999") && e.contains("is missing"),
+            "{e}"
+        );
+        // No shard and no file: one line naming the file.
+        std::fs::remove_file(dir.path("optimizer-00001-of-999999999999999999.safetensors"))
+            .unwrap();
+        let e = StateReader::open(&whole, &Device::Cpu, None)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("optimizer.safetensors") && e.contains("no optimizer state"),
+            "{e}"
+        );
+    }
     use super::*;
 
     #[test]
