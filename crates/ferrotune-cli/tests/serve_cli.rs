@@ -24,6 +24,9 @@ fn serve_refuses_bad_flags_in_one_line() {
         (vec!["--served-name", "a:b"], "without `:`"),
         (vec!["--adapter-dir", "/no/such/dir"], "no such folder"),
         (vec!["--request-timeout", "-1"], "--request-timeout"),
+        (vec!["--max-connections", "0"], "--max-connections 0"),
+        (vec!["--header-timeout", "nan"], "--header-timeout"),
+        (vec!["--body-timeout", "0"], "--body-timeout 0"),
         (
             vec!["--max-prompt-tokens", "100000"],
             "context is 256 tokens",
