@@ -7,7 +7,10 @@ tools on SmolLM2-135M, in one run:
    `ferrotune quantize` of our f16 file to q8_0 / q4_k_m too, so both quantizers start from
    the same f16 values: per tensor, are the type and the bytes identical?
 2. greedy text: on 5 chat prompts, the first --new tokens from llama.cpp (llama-cpp-python) and
-   from `ferrotune generate` on the same file;
+   from `ferrotune generate` on the same file, with ferrotune's activations at 16 bits (its
+   default), 8 bits and llama.cpp's own 8-bit rounding (`FERROTUNE_ACT_BITS=llamacpp`); and, as
+   the control, ferrotune against itself with its portable kernels (`FERROTUNE_QUANT_ISA=scalar`:
+   the same rounding, only the order of f32 additions differs) at each activation precision;
 3. perplexity on DialogSum validation text (the first dialogues, about --ppl-tokens tokens),
    windows of --ctx tokens without overlap on both sides (each window scores its tokens after
    the first, as `ferrotune perplexity --window N --stride N` does); llama.cpp's from its logits
@@ -138,19 +141,42 @@ def llama_greedy(path, prompt, n_new):
     return toks, out, m.detokenize(out).decode("utf-8", errors="replace"), ends, gaps
 
 
-def ferrotune_greedy(model, prompt, n_new, adapter=None, act_bits=None):
+def ferrotune_greedy(model, prompt, n_new, adapter=None, act_bits=None, isa=None):
     """ferrotune's greedy text for n_new + 1 tokens (its streaming text holds back the end of
     the last token, so one more makes the first n_new complete)."""
     extra = ["--adapter", adapter] if adapter else []
     env = dict(os.environ)
     if act_bits:
         env["FERROTUNE_ACT_BITS"] = str(act_bits)
+    if isa:
+        env["FERROTUNE_QUANT_ISA"] = isa
     out, _ = run([EXE, "generate", "--model", model, "--prompt", prompt, "--max-new-tokens", str(n_new + 1),
                   "--ignore-eos", "--json", *extra], env=env)
     return json.loads(out.stdout)["text"]
 
 
-def greedy_table(label, files, n_new, adapter_model=None, adapter=None, act_bits=(16, 8)):
+def bits_label(bits):
+    return f"{bits}-bit" if str(bits).isdigit() else "llama.cpp's 8-bit rounding"
+
+
+def self_consistency(files, n_new, act_bits=(16, 8, "llamacpp")):
+    """ferrotune's greedy text with its best kernels vs its portable ones (same activation
+    rounding; only the order of f32 additions differs): how much a last-bit difference moves
+    the text at each activation precision."""
+    rows = {}
+    log(f"\n[control] ferrotune's best kernels vs its portable (scalar) ones, first {n_new} tokens:")
+    for f in files:
+        for bits in act_bits:
+            same = 0
+            for q in QUESTIONS:
+                p = chat(q)
+                same += ferrotune_greedy(f, p, n_new, act_bits=bits) == ferrotune_greedy(f, p, n_new, act_bits=bits, isa="scalar")
+            rows[f"{os.path.basename(f)}/{bits}"] = same
+            log(f"  {os.path.basename(f)}, activations {bits_label(bits)}: {same}/{len(QUESTIONS)} identical")
+    return rows
+
+
+def greedy_table(label, files, n_new, adapter_model=None, adapter=None, act_bits=(16, 8, "llamacpp")):
     """llama.cpp runs each of `files`; ferrotune runs adapter_model + adapter if given, else the
     same file, once per activation precision. Identical: llama.cpp's text of n_new tokens is a
     prefix of ferrotune's (n_new + 1 tokens)."""
@@ -173,11 +199,11 @@ def greedy_table(label, files, n_new, adapter_model=None, adapter=None, act_bits
     for bits in act_bits:
         for f in files:
             sel = [r for r in rows if r["act_bits"] == bits and r["file"] == os.path.basename(f)]
-            log(f"  {os.path.basename(f)}, ferrotune activations {bits}-bit: {sum(r['identical'] for r in sel)}/{len(sel)} identical")
+            log(f"  {os.path.basename(f)}, ferrotune activations {bits_label(bits)}: {sum(r['identical'] for r in sel)}/{len(sel)} identical")
     for r in rows:
         if not r["identical"]:
             c = r["first_diff_char"]
-            log(f"  {r['file']} ({r['act_bits']}-bit) / {r['prompt']!r}: first difference at token {r['first_diff_token']} "
+            log(f"  {r['file']} ({bits_label(r['act_bits'])}) / {r['prompt']!r}: first difference at token {r['first_diff_token']} "
                 f"(llama.cpp's top-2 logit gap there {r['llama_cpp_top2_gap_there']:.3f}):\n"
                 f"    llama.cpp: {r['llama_cpp'][max(0, c - 30):c + 40]!r}\n"
                 f"    ferrotune: {r['ferrotune'][max(0, c - 30):c + 40]!r}")
@@ -208,9 +234,12 @@ def llama_ppl(path, ids, ctx):
     return math.exp(nll / n), n
 
 
-def ferrotune_ppl(model, text_file, ctx):
-    out, _ = ferrotune("perplexity", "--model", model, "--file", text_file, "--window", str(ctx),
-                       "--stride", str(ctx), "--json")
+def ferrotune_ppl(model, text_file, ctx, act_bits=None):
+    env = dict(os.environ)
+    if act_bits:
+        env["FERROTUNE_ACT_BITS"] = act_bits
+    out, _ = run([EXE, "perplexity", "--model", model, "--file", text_file, "--window", str(ctx),
+                  "--stride", str(ctx), "--json"], env=env)
     v = json.loads(out.stdout.strip().splitlines()[-1])
     return v["perplexity"], v["tokens"]
 
@@ -304,6 +333,7 @@ def main():
     if "greedy" not in skip:
         results["greedy"] = greedy_table("same file, llama.cpp vs ferrotune",
                                          [w("ours-f32.gguf"), w("ours-q8_0.gguf"), w("ours-q4_k_m.gguf")], a.new)
+        results["greedy_control"] = self_consistency([w("ours-q8_0.gguf"), w("ours-q4_k_m.gguf")], a.new)
 
     # 3. perplexity.
     if "ppl" not in skip:
@@ -320,13 +350,17 @@ def main():
             ours_lc, n = llama_ppl(w(f"ours-{to}.gguf"), ids, a.ctx)
             theirs_lc, _ = llama_ppl(w(f"llamacpp-{to}.gguf"), ids, a.ctx)
             ours_ft, n_ft = ferrotune_ppl(w(f"ours-{to}.gguf"), tf, a.ctx)
+            ours_ft_lc, _ = ferrotune_ppl(w(f"ours-{to}.gguf"), tf, a.ctx, "llamacpp")
             r = {"tokens_llama_cpp": n, "tokens_ferrotune": n_ft, "llama_cpp_on_ours": ours_lc,
                  "llama_cpp_on_llamacpp_quant": theirs_lc, "ratio_ours_vs_llamacpp_quant": ours_lc / theirs_lc,
-                 "ferrotune_on_ours": ours_ft, "ratio_ferrotune_vs_llama_cpp_same_file": ours_ft / ours_lc}
+                 "ferrotune_on_ours": ours_ft, "ratio_ferrotune_vs_llama_cpp_same_file": ours_ft / ours_lc,
+                 "ferrotune_llamacpp_rounding_on_ours": ours_ft_lc,
+                 "ratio_ferrotune_llamacpp_rounding_vs_llama_cpp": ours_ft_lc / ours_lc}
             results["perplexity"][to] = r
             log(f"  {to}: llama.cpp on our file {ours_lc:.4f} | llama.cpp on its own quantization {theirs_lc:.4f} "
                   f"| ratio {ours_lc / theirs_lc:.4f}   ({n} tokens scored)")
             log(f"  {to}: ferrotune on our file {ours_ft:.4f} ({n_ft} tokens) | ratio to llama.cpp on the same file {ours_ft / ours_lc:.4f}")
+            log(f"  {to}: ferrotune with llama.cpp's activation rounding {ours_ft_lc:.4f} | ratio {ours_ft_lc / ours_lc:.4f}")
         f16_lc, _ = llama_ppl(w("ours-f16.gguf"), ids, a.ctx)
         results["perplexity"]["f16_llama_cpp"] = f16_lc
         log(f"  f16: llama.cpp on our f16 file {f16_lc:.4f}")

@@ -70,8 +70,8 @@ pub(crate) fn quantize_into<T: ActInt>(isa: Isa, x: &[f32], q: &mut [T], ds: &mu
             use super::{format::ActPrecision, x86::*};
             let qp = q.as_mut_ptr() as *mut u8;
             match (T::PREC, isa) {
-                (ActPrecision::I8, Isa::Avx2) => quantize_avx2(x, qp, ds),
-                (ActPrecision::I8, _) => quantize_avx512(x, qp, ds),
+                (ActPrecision::I8 | ActPrecision::LlamaCpp, Isa::Avx2) => quantize_avx2(x, qp, ds),
+                (ActPrecision::I8 | ActPrecision::LlamaCpp, _) => quantize_avx512(x, qp, ds),
                 (ActPrecision::I16, Isa::Avx2) => quantize16_avx2(x, qp, ds),
                 (ActPrecision::I16, _) => quantize16_avx512(x, qp, ds),
             }
@@ -129,8 +129,12 @@ pub(crate) fn gemv<T: ActInt>(
             // (asserted above); the CPU supports the level; `T` is the type `T::PREC` names.
             unsafe {
                 match (T::PREC, isa) {
-                    (ActPrecision::I8, Isa::Avx2) => gemv_avx2(fmt, wp, n, nb, aq as _, ads, op),
-                    (ActPrecision::I8, _) => gemv_avx512(fmt, wp, n, nb, aq as _, ads, op),
+                    (ActPrecision::I8 | ActPrecision::LlamaCpp, Isa::Avx2) => {
+                        gemv_avx2(fmt, wp, n, nb, aq as _, ads, op)
+                    }
+                    (ActPrecision::I8 | ActPrecision::LlamaCpp, _) => {
+                        gemv_avx512(fmt, wp, n, nb, aq as _, ads, op)
+                    }
                     (ActPrecision::I16, Isa::Avx2) => gemv16_avx2(fmt, wp, n, nb, aq as _, ads, op),
                     (ActPrecision::I16, _) => gemv16_avx512(fmt, wp, n, nb, aq as _, ads, op),
                 }
@@ -180,8 +184,12 @@ pub(crate) unsafe fn gemm<T: ActInt>(
             // SAFETY: `w` and `act` bounds asserted above, `out` per the contract; the CPU
             // supports the level; `T` is the type `T::PREC` names.
             match (T::PREC, isa) {
-                (ActPrecision::I8, Isa::Avx2) => gemm_avx2(fmt, wp, n_w, a, out, ldo),
-                (ActPrecision::I8, _) => gemm_avx512(fmt, wp, n_w, a, out, ldo),
+                (ActPrecision::I8 | ActPrecision::LlamaCpp, Isa::Avx2) => {
+                    gemm_avx2(fmt, wp, n_w, a, out, ldo)
+                }
+                (ActPrecision::I8 | ActPrecision::LlamaCpp, _) => {
+                    gemm_avx512(fmt, wp, n_w, a, out, ldo)
+                }
                 (ActPrecision::I16, Isa::Avx2) => gemm16_avx2(fmt, wp, n_w, a, out, ldo),
                 (ActPrecision::I16, _) => gemm16_avx512(fmt, wp, n_w, a, out, ldo),
             }
@@ -231,8 +239,12 @@ pub(crate) unsafe fn gemv_multi<T: ActInt>(
             // SAFETY: `w` and `act` bounds asserted above, `out` per the contract; the CPU
             // supports the level; `T` is the type `T::PREC` names.
             match (T::PREC, isa) {
-                (ActPrecision::I8, Isa::Avx2) => gemv_multi_avx2(fmt, wp, n_w, a, out, ldo),
-                (ActPrecision::I8, _) => gemv_multi_avx512(fmt, wp, n_w, a, out, ldo),
+                (ActPrecision::I8 | ActPrecision::LlamaCpp, Isa::Avx2) => {
+                    gemv_multi_avx2(fmt, wp, n_w, a, out, ldo)
+                }
+                (ActPrecision::I8 | ActPrecision::LlamaCpp, _) => {
+                    gemv_multi_avx512(fmt, wp, n_w, a, out, ldo)
+                }
                 (ActPrecision::I16, Isa::Avx2) => gemv16_multi_avx2(fmt, wp, n_w, a, out, ldo),
                 (ActPrecision::I16, _) => gemv16_multi_avx512(fmt, wp, n_w, a, out, ldo),
             }

@@ -56,10 +56,12 @@ pub use kernels::Isa;
 pub use lut4::{BlockScales, FourBitWeight, Int8RowsWeight};
 pub use pool::{num_threads, set_num_threads};
 
-/// `FERROTUNE_ACT_BITS`: "8" selects 8 bits; unset, "16" or anything else, 16 bits.
+/// `FERROTUNE_ACT_BITS`: "8" selects 8 bits, "llamacpp" llama.cpp's 8-bit rounding; unset,
+/// "16" or anything else, 16 bits.
 fn act_bits_from_env(v: Option<&str>) -> ActPrecision {
     match v {
         Some("8") => ActPrecision::I8,
+        Some("llamacpp") => ActPrecision::LlamaCpp,
         _ => ActPrecision::I16,
     }
 }
@@ -126,14 +128,18 @@ impl Default for QuantSettings {
 }
 
 impl QuantSettings {
-    /// One byte, for an atomic: bit 0 = 8-bit activations, bit 1 = Q8 transposed backward.
+    /// One byte, for an atomic: bit 0 = 8-bit activations, bit 1 = Q8 transposed backward,
+    /// bit 2 = llama.cpp's 8-bit rounding.
     fn encode(self) -> u8 {
         u8::from(self.activation == ActPrecision::I8)
             | (u8::from(self.backward == BackwardWeights::Q8Transposed) << 1)
+            | (u8::from(self.activation == ActPrecision::LlamaCpp) << 2)
     }
     fn decode(b: u8) -> Self {
         QuantSettings {
-            activation: if b & 1 != 0 {
+            activation: if b & 4 != 0 {
+                ActPrecision::LlamaCpp
+            } else if b & 1 != 0 {
                 ActPrecision::I8
             } else {
                 ActPrecision::I16
@@ -617,18 +623,17 @@ impl QuantWeight {
                 std::cell::RefCell::new(QAct::zeros(0, 0));
         }
         match prec {
-            ActPrecision::I8 => {
-                ACT8.with(|cell| self.matvec_act(isa, threads, x, out, &mut cell.borrow_mut()))
-            }
-            ActPrecision::I16 => {
-                ACT16.with(|cell| self.matvec_act(isa, threads, x, out, &mut cell.borrow_mut()))
-            }
+            ActPrecision::I8 | ActPrecision::LlamaCpp => ACT8
+                .with(|cell| self.matvec_act(isa, prec, threads, x, out, &mut cell.borrow_mut())),
+            ActPrecision::I16 => ACT16
+                .with(|cell| self.matvec_act(isa, prec, threads, x, out, &mut cell.borrow_mut())),
         }
     }
 
     fn matvec_act<T: ActInt>(
         &self,
         isa: Isa,
+        prec: ActPrecision,
         threads: usize,
         x: &[f32],
         out: &mut [f32],
@@ -642,7 +647,7 @@ impl QuantWeight {
         if act.k != k || act.rows != 1 {
             *act = QAct::zeros(1, k);
         }
-        kernels::quantize_into(isa, x, &mut act.qs, &mut act.ds);
+        quantize_blocks(isa, prec, fmt, x, &mut act.qs, &mut act.ds);
         let act = &*act;
         let nb = k / QK;
         let rb = nb * fmt.block_bytes();
@@ -670,14 +675,17 @@ impl QuantWeight {
         out: &mut [f32],
     ) {
         match prec {
-            ActPrecision::I8 => self.matmul_act::<i8>(isa, threads, x, m, out),
-            ActPrecision::I16 => self.matmul_act::<i16>(isa, threads, x, m, out),
+            ActPrecision::I8 | ActPrecision::LlamaCpp => {
+                self.matmul_act::<i8>(isa, prec, threads, x, m, out)
+            }
+            ActPrecision::I16 => self.matmul_act::<i16>(isa, prec, threads, x, m, out),
         }
     }
 
     fn matmul_act<T: ActInt>(
         &self,
         isa: Isa,
+        prec: ActPrecision,
         threads: usize,
         x: &[f32],
         m: usize,
@@ -688,7 +696,7 @@ impl QuantWeight {
         };
         let (fmt, k, n) = (*fmt, self.in_dim, self.out_dim);
         assert!(x.len() == m * k && out.len() == m * n);
-        let act = quantize_act_rows::<T>(isa, threads, x, m, k);
+        let act = quantize_act_rows::<T>(isa, prec, fmt, threads, x, m, k);
         let rb = act.nb() * fmt.block_bytes();
         let outp = SyncPtr(out.as_mut_ptr());
         // 16 weight rows = two 8-row panels per kernel call; small units so every thread gets work
@@ -815,7 +823,7 @@ impl QuantWeight {
             unreachable!("four_bit_q8_forward on a {} weight", self.format.name())
         };
         let (n, k) = (self.out_dim, self.in_dim);
-        let act = quantize_act_rows::<i8>(isa, threads, x, m, k);
+        let act = quantize_act_rows::<i8>(isa, ActPrecision::I8, Fmt::Q8_0, threads, x, m, k);
         let rb = k / QK * Fmt::Q8_0.block_bytes();
         let outp = SyncPtr(y.as_mut_ptr());
         pool::for_each_chunk(n.div_ceil(16), 1, threads, |units| {
@@ -1089,9 +1097,29 @@ impl QuantWeight {
     }
 }
 
+/// Whole blocks of `x` quantised into `q` / `ds` for a weight of format `fmt`: our quantiser at
+/// `prec`, or llama.cpp's (scalar: its cost is per activation, not per weight).
+fn quantize_blocks<T: ActInt>(
+    isa: Isa,
+    prec: ActPrecision,
+    fmt: Fmt,
+    x: &[f32],
+    q: &mut [T],
+    ds: &mut [[f32; 2]],
+) {
+    if prec != ActPrecision::LlamaCpp {
+        return kernels::quantize_into(isa, x, q, ds);
+    }
+    for ((xb, qb), d) in x.chunks_exact(QK).zip(q.chunks_exact_mut(QK)).zip(ds) {
+        *d = format::quantize_block_llama(fmt, xb, qb);
+    }
+}
+
 /// `m` rows of `k` activations quantized per 32-value block, rows split across threads.
 fn quantize_act_rows<T: ActInt>(
     isa: Isa,
+    prec: ActPrecision,
+    fmt: Fmt,
     threads: usize,
     x: &[f32],
     m: usize,
@@ -1109,7 +1137,7 @@ fn quantize_act_rows<T: ActInt>(
                 std::slice::from_raw_parts_mut(dp.get().add(rows.start * nb), len * nb),
             )
         };
-        kernels::quantize_into(isa, &x[rows.start * k..rows.end * k], q, d);
+        quantize_blocks(isa, prec, fmt, &x[rows.start * k..rows.end * k], q, d);
     });
     act
 }
@@ -1162,14 +1190,17 @@ impl QuantWeight {
             return;
         }
         match prec {
-            ActPrecision::I8 => self.matvec_rows_act::<i8>(isa, threads, x, m, out),
-            ActPrecision::I16 => self.matvec_rows_act::<i16>(isa, threads, x, m, out),
+            ActPrecision::I8 | ActPrecision::LlamaCpp => {
+                self.matvec_rows_act::<i8>(isa, prec, threads, x, m, out)
+            }
+            ActPrecision::I16 => self.matvec_rows_act::<i16>(isa, prec, threads, x, m, out),
         }
     }
 
     fn matvec_rows_act<T: ActInt>(
         &self,
         isa: Isa,
+        prec: ActPrecision,
         threads: usize,
         x: &[f32],
         m: usize,
@@ -1179,8 +1210,8 @@ impl QuantWeight {
             unreachable!("checked by the caller")
         };
         let (fmt, k, n) = (*fmt, self.in_dim, self.out_dim);
-        // Each row is quantised by the same `quantize_into` as `matvec_with`'s single row.
-        let act = quantize_act_rows::<T>(isa, threads, x, m, k);
+        // Each row is quantised by the same `quantize_blocks` as `matvec_with`'s single row.
+        let act = quantize_act_rows::<T>(isa, prec, fmt, threads, x, m, k);
         let nb = k / QK;
         let rb = nb * fmt.block_bytes();
         // The work per weight row grows with m: split into chunks of about the matvec's size.

@@ -26,14 +26,14 @@ const REL_L2_I16: f64 = 1e-4;
 fn qmax(p: ActPrecision) -> f64 {
     match p {
         ActPrecision::I16 => i16::QMAX as f64,
-        ActPrecision::I8 => i8::QMAX as f64,
+        ActPrecision::I8 | ActPrecision::LlamaCpp => i8::QMAX as f64,
     }
 }
 
 fn rel_l2_bound(p: ActPrecision) -> f64 {
     match p {
         ActPrecision::I16 => REL_L2_I16,
-        ActPrecision::I8 => 3e-2,
+        ActPrecision::I8 | ActPrecision::LlamaCpp => 3e-2,
     }
 }
 
@@ -1003,8 +1003,127 @@ fn weight_settings_select_the_kernels() {
     }
 }
 
+/// llama.cpp's result for one weight row (raw GGML blocks) and activation row, written from its
+/// x86 `quantize_row_q8_0` / `quantize_row_q8_1` and `ggml_vec_dot_*` (f64 sums): the reference
+/// for [`ActPrecision::LlamaCpp`].
+fn llama_cpp_dot(fmt: Fmt, row: &[u8], x: &[f32]) -> f64 {
+    let f16 = |b: &[u8]| half::f16::from_le_bytes([b[0], b[1]]).to_f32() as f64;
+    let mut acc = 0f64;
+    for (blk, xb) in row.chunks_exact(fmt.block_bytes()).zip(x.chunks_exact(QK)) {
+        let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+        let q: Vec<i32> = xb
+            .iter()
+            .map(|v| (v * id).round_ties_even() as i32)
+            .collect();
+        let dx = half::f16::from_f32(amax / 127.0).to_f32() as f64;
+        let dw = f16(&blk[0..2]);
+        let (mut iprod, isum) = (0i64, q.iter().sum::<i32>());
+        for j in 0..QK {
+            let wq = match fmt {
+                Fmt::Q8_0 => blk[2 + j] as i8 as i64,
+                Fmt::Q4_0 | Fmt::Q4_1 => {
+                    let qs = &blk[if fmt == Fmt::Q4_1 { 4 } else { 2 }..];
+                    let nib = if j < 16 { qs[j] & 15 } else { qs[j - 16] >> 4 } as i64;
+                    nib - if fmt == Fmt::Q4_0 { 8 } else { 0 }
+                }
+            };
+            iprod += wq * q[j] as i64;
+        }
+        acc += dw * dx * iprod as f64;
+        if fmt == Fmt::Q4_1 {
+            let s = half::f16::from_f32(amax / 127.0 * isum as f32).to_f32() as f64;
+            acc += f16(&blk[2..4]) * s;
+        }
+    }
+    acc
+}
+
+#[test]
+fn llama_cpp_activations_give_llama_cpp_dot_products() {
+    let mut rng = StdRng::seed_from_u64(31);
+    let (m, k, n) = (3, 256, 24);
+    let x = randn(&mut rng, m * k, 1.0);
+    for (dtype, fmt) in OWN.into_iter().zip([Fmt::Q4_0, Fmt::Q4_1, Fmt::Q8_0]) {
+        let w = Tensor::from_vec(randn(&mut rng, n * k, 0.05), (n, k), &Device::Cpu).unwrap();
+        let q = QTensor::quantize(&w, dtype).unwrap();
+        let raw = q.data().unwrap().to_vec();
+        let qw = QuantWeight::from_qtensor(q).unwrap();
+        let rb = raw.len() / n;
+        let want: Vec<f64> = (0..m)
+            .flat_map(|r| {
+                let xr = &x[r * k..(r + 1) * k];
+                raw.chunks_exact(rb)
+                    .map(move |row| llama_cpp_dot(fmt, row, xr))
+            })
+            .collect();
+        let scale = want.iter().fold(0f64, |a, v| a.max(v.abs()));
+        let err = |y: &[f32]| {
+            y.iter()
+                .zip(&want)
+                .map(|(a, b)| (*a as f64 - b).abs())
+                .fold(0f64, f64::max)
+                / scale
+        };
+        for isa in isas() {
+            let run = |prec: ActPrecision| {
+                let mut rows = vec![0f32; m * n];
+                qw.matvec_rows_with(isa, prec, 2, &x, m, &mut rows);
+                let mut batched = vec![0f32; m * n];
+                qw.matmul_with(isa, prec, 2, &x, m, &mut batched);
+                let mut one = vec![0f32; n];
+                qw.matvec_with(isa, prec, 1, &x[..k], &mut one);
+                (rows, batched, one)
+            };
+            let (rows, batched, one) = run(ActPrecision::LlamaCpp);
+            let (e_rows, e_batched, e_one) = (err(&rows), err(&batched), err(&one[..]));
+            // only the order of f32 additions differs from llama.cpp
+            for (what, e) in [("rows", e_rows), ("batched", e_batched)] {
+                assert!(
+                    e < 2e-6,
+                    "{fmt:?} {isa:?} {what}: {e:e} from llama.cpp's dot products"
+                );
+            }
+            let e1 = one
+                .iter()
+                .zip(&want[..n])
+                .map(|(a, b)| (*a as f64 - b).abs());
+            assert!(e1.fold(0f64, f64::max) / scale < 2e-6 && e_one.is_finite());
+            // our own 8-bit rounding (f32 scales) is measurably further from llama.cpp
+            let (i8_rows, _, _) = run(ActPrecision::I8);
+            assert!(
+                err(&i8_rows) > 20.0 * e_rows,
+                "{fmt:?} {isa:?}: I8 {:e} vs LlamaCpp {e_rows:e}",
+                err(&i8_rows)
+            );
+        }
+    }
+}
+
+#[test]
+fn llama_cpp_rounding_ties_to_even_and_f16_scales() {
+    // max 127: the multiplier is exactly 1, so 2.5 and -2.5 are ties
+    let mut x = [0f32; QK];
+    x[..5].copy_from_slice(&[127.0, 2.5, 3.5, -2.5, 0.3]);
+    let mut q = [0i8; QK];
+    let [d, s] = super::format::quantize_block_llama(Fmt::Q4_1, &x, &mut q);
+    assert_eq!(&q[..5], &[127, 2, 4, -2, 0]);
+    assert_eq!(d, 1.0);
+    assert_eq!(s, 131.0);
+    // a scale f16 cannot hold is rounded to the nearest f16, as llama.cpp stores it
+    x[0] = 100.0;
+    let [d, s] = super::format::quantize_block_llama(Fmt::Q8_0, &x, &mut q);
+    assert_eq!(d, half::f16::from_f32(100.0 / 127.0).to_f32());
+    assert_ne!(d, 100.0 / 127.0);
+    assert_eq!(s, d * q.iter().map(|v| *v as i32).sum::<i32>() as f32);
+    // all zeros: zero scale, no NaN
+    let [d, s] = super::format::quantize_block_llama(Fmt::Q4_1, &[0.0; QK], &mut q);
+    assert_eq!((d, s, q), (0.0, 0.0, [0i8; QK]));
+}
+
 #[test]
 fn act_bits_environment_values() {
+    assert_eq!(act_bits_from_env(Some("llamacpp")), ActPrecision::LlamaCpp);
     assert_eq!(act_bits_from_env(Some("8")), ActPrecision::I8);
     assert_eq!(act_bits_from_env(Some("16")), ActPrecision::I16);
     assert_eq!(act_bits_from_env(None), ActPrecision::I16);
