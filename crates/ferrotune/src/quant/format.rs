@@ -190,6 +190,11 @@ pub(crate) fn quantize_block_scalar<T: ActInt>(x: &[f32], q: &mut [T]) -> [f32; 
 pub(crate) fn quantize_block_llama<T: ActInt>(fmt: Fmt, x: &[f32], q: &mut [T]) -> [f32; 2] {
     debug_assert_eq!(T::QMAX, 127.0, "llama.cpp quantises activations to 8 bits");
     let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+    if !amax.is_finite() {
+        // an overflowed activation: zeros, as our own quantiser stores a block it cannot scale
+        q.iter_mut().for_each(|v| *v = T::from_rounded(0.0));
+        return [0.0, 0.0];
+    }
     let d = amax / 127.0;
     let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
     let mut isum = 0i32;

@@ -1119,6 +1119,10 @@ fn llama_cpp_rounding_ties_to_even_and_f16_scales() {
     // all zeros: zero scale, no NaN
     let [d, s] = super::format::quantize_block_llama(Fmt::Q4_1, &[0.0; QK], &mut q);
     assert_eq!((d, s, q), (0.0, 0.0, [0i8; QK]));
+    // an infinite activation: a zero block, not NaN scales
+    x[3] = f32::INFINITY;
+    let [d, s] = super::format::quantize_block_llama(Fmt::Q4_1, &x, &mut q);
+    assert_eq!((d, s, q), (0.0, 0.0, [0i8; QK]));
 }
 
 #[test]
