@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
 # Full fine-tuning of SmolLM2-135M (AdamW, f32) on 2 MPI ranks, 1 thread each: every rank's peak
-# RSS under DDP, ZeRO-1 and ZeRO-2 against the memory estimate rank 0 prints before it starts
-# (issue 15: within 15%, falling stage by stage), and one process alone for reference.
-#   bench/zero_memory.sh [OUT_DIR]      (default runs/bench-zero-memory; STEPS=4 steps a run)
+# RSS under DDP, ZeRO-1, ZeRO-2 and ZeRO-3 against the memory estimate each rank prints before it
+# starts (issue 15: within 15%, falling stage by stage), and one process alone for reference.
+# ZeRO-3 walks the layers as activation checkpointing does, so `zero2-ckpt` (ZeRO-2 with
+# train.gradient_checkpointing) separates what sharding the parameters saves from what
+# checkpointing saves.
+#   bench/zero_memory.sh [OUT_DIR]      (default runs/bench-zero-memory; STEPS=4 steps a run;
+#   STAGES="none ddp zero1 zero2 zero2-ckpt zero3" to pick rows)
 # Needs the `mpi` build (cargo build --release -p ferrotune-cli --features mpi), mpirun (Open MPI),
 # GNU time (/usr/bin/time) and scripts/fetch-models.sh.
 set -euo pipefail
@@ -19,30 +23,44 @@ echo "cores: $(nproc); simd: $(grep -o -w -m1 -E 'avx512f|avx2' /proc/cpuinfo | 
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 common=(train --config examples/quickstart/quickstart-full-adamw.toml --overwrite --threads 1
   --set "train.max_steps=$steps" --set "train.save_every=$steps" --set "train.eval_every=$steps")
-for stage in none ddp zero1 zero2; do
-  args=("${common[@]}" --set "output_dir=\"$out/$stage\"" --set "train.distributed=\"$stage\"")
+stages="${STAGES:-none ddp zero1 zero2 zero2-ckpt zero3}"
+for stage in $stages; do
+  args=("${common[@]}" --set "output_dir=\"$out/$stage\"" --set "train.distributed=\"${stage%-ckpt}\"")
+  case "$stage" in *-ckpt) args+=(--set "train.gradient_checkpointing=true") ;; esac
   if [ "$stage" = none ]; then
     /usr/bin/time -f "peak RSS %M kB" "$bin" "${args[@]}" > "$out/$stage.log" 2>&1
   else
+    # each rank's GNU time line in its own file ($stage.rss.RANK): interleaved output can split it
     mpirun -np 2 --oversubscribe --bind-to none --tag-output \
-      /usr/bin/time -f "peak RSS %M kB" "$bin" "${args[@]}" > "$out/$stage.log" 2>&1
+      bash -c 'exec /usr/bin/time -f "peak RSS %M kB" -o "$0.rss.$OMPI_COMM_WORLD_RANK" "$@"' \
+      "$out/$stage" "$bin" "${args[@]}" > "$out/$stage.log" 2>&1
   fi
 done
-python3 - "$out" <<'PY'
+python3 - "$out" $stages <<'PY'
 import re, sys, os
 out = sys.argv[1]
 units = {"B": 1, "kB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12}
-print(f"{'stage':<6} {'est r0':>11} {'RSS r0':>11} {'est/RSS r0':>11} {'est r1':>11} {'RSS r1':>11} {'est/RSS r1':>11}")
-for stage in ["none", "ddp", "zero1", "zero2"]:
+print(f"{'stage':<10} {'est r0':>11} {'RSS r0':>11} {'est/RSS r0':>11} {'est r1':>11} {'RSS r1':>11} {'est/RSS r1':>11}")
+for stage in sys.argv[2:]:
     log = open(os.path.join(out, stage + ".log")).read()
+    # mpirun tags every write with [job,rank]: put each rank's stream back together
+    streams = {}
+    parts = re.split(r"\[\d+,(\d+)\]<std(?:out|err)>:", log)
+    streams[0] = parts[0]
+    for rank, text in zip(parts[1::2], parts[2::2]):
+        streams[int(rank)] = streams.get(int(rank), "") + text
+    for rank in (0, 1):
+        if os.path.exists(os.path.join(out, f"{stage}.rss.{rank}")):
+            streams.setdefault(rank, "")
     rss, est = {}, {}
-    for line in log.splitlines():
-        t = re.match(r"\[\d+,(\d+)\]", line)
-        rank = int(t.group(1)) if t else 0
-        r = re.search(r"peak RSS (\d+) kB", line)
+    for rank, text in streams.items():
+        for f in [os.path.join(out, f"{stage}.rss.{rank}")]:
+            if os.path.exists(f):
+                text += open(f).read()
+        r = re.search(r"peak RSS (\d+) kB", text)
         if r:
             rss[rank] = int(r.group(1)) * 1e3
-        m = re.search(r"memory estimate: .* = ([\d.]+) (\w+)", line)
+        m = re.search(r"memory estimate: [^\n]* = ([\d.]+) (\w+)", text)
         if m:
             est[rank] = float(m.group(1)) * units[m.group(2)]
     # DDP's ranks are replicas: rank 0's estimate is every rank's
@@ -51,5 +69,5 @@ for stage in ["none", "ddp", "zero1", "zero2"]:
     cells = [f"{rss[r]/1e9:>10.2f}G" if r in rss else f"{'-':>11}" for r in (0, 1)]
     ests = [f"{est[r]/1e9:>10.2f}G" if r in rss else f"{'-':>11}" for r in (0, 1)]
     ratios = [f"{est[r]/rss[r]:>11.3f}" if r in rss else f"{'-':>11}" for r in (0, 1)]
-    print(f"{stage:<6} {ests[0]} {cells[0]} {ratios[0]} {ests[1]} {cells[1]} {ratios[1]}")
+    print(f"{stage:<10} {ests[0]} {cells[0]} {ratios[0]} {ests[1]} {cells[1]} {ratios[1]}")
 PY

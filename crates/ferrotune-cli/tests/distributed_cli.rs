@@ -9,8 +9,10 @@
 //! - ZeRO-1 and ZeRO-2 full fine-tuning give DDP's losses and weights (within 1e-5; gradient
 //!   clipping on), each rank writing its optimizer shard; ZeRO-2 LoRA equals DDP, and its
 //!   2-rank checkpoint resumes in one process to the same adapter;
-//! - refusals: a multi-rank job with `distributed = "none"`, ZeRO-3 not yet, launch without the
-//!   `mpi` feature.
+//! - ZeRO-3 full fine-tuning gives DDP's losses and weights (within 1e-5), each rank holding
+//!   only its own weights between steps; its 2-rank checkpoint resumes in one process and on 2
+//!   ranks to the same weights; ZeRO-3 LoRA equals DDP; in one process it is the checkpointed run;
+//! - refusals: a multi-rank job with `distributed = "none"`, launch without the `mpi` feature.
 //!
 //! The mpirun tests need the `mpi` feature and `mpirun` (skipped with a note without it).
 // Without the feature the helpers serve no test.
@@ -89,16 +91,42 @@ fn text(o: &Output) -> String {
 }
 
 #[test]
-fn zero3_is_refused_until_it_exists() {
-    let s = Setup::new("dist-zero", "max_steps = 1");
-    let e = fails(&s.train_args("out", &["--set", "train.distributed=\"zero3\""]));
-    assert!(e.contains("train.distributed"), "{e}");
-    assert!(
-        e.contains("`zero3`") && e.contains("not implemented yet"),
-        "{e}"
+fn zero3_in_one_process_is_a_checkpointed_run_and_fsdp_is_refused() {
+    // One rank owns every weight: ZeRO-3's layer walk is activation checkpointing's, bit for
+    // bit (full fine-tuning, so the weights themselves go through the walk's slots).
+    let s = Setup::new(
+        "dist-zero3-one",
+        "max_steps = 2\nsave_every = 2\neval_every = 1",
     );
+    let full = ["--set", "method=\"full\"", "--threads", "1"];
+    let mut z3 = full.to_vec();
+    z3.extend(["--set", "train.distributed=\"zero3\""]);
+    succeeds(&s.train_args("zero3", &z3));
+    let mut ck = full.to_vec();
+    ck.extend(["--set", "train.gradient_checkpointing=true"]);
+    succeeds(&s.train_args("plain", &ck));
+    assert_weights_close(&s.dir.join("zero3"), &s.dir.join("plain"), 0.0);
+    assert_eq!(losses(&s.dir.join("zero3")), losses(&s.dir.join("plain")));
     let e = fails(&s.train_args("out", &["--set", "train.distributed=\"fsdp\""]));
     assert!(e.contains("distributed"), "{e}");
+}
+
+#[test]
+fn zero3_needs_a_llama_family_model() {
+    // The layer walk that gathers each layer's weights is the LLaMA one: T5 is refused before
+    // the run writes anything, naming the key.
+    let s = Setup::new("dist-zero3-t5", "max_steps = 1");
+    let t5 = support::repo().join("tests/fixtures/t5/t5-v1_1");
+    let model = format!("model=\"{}\"", arg(&t5));
+    let e = fails(&s.train_args(
+        "out",
+        &["--set", &model, "--set", "train.distributed=\"zero3\""],
+    ));
+    assert!(
+        e.contains("train.distributed") && e.contains("LLaMA-family") && e.contains("zero2"),
+        "{e}"
+    );
+    assert!(!s.dir.join("out").exists());
 }
 
 #[test]
@@ -339,7 +367,7 @@ mod mpi {
     }
 
     #[test]
-    fn zero1_and_zero2_full_fine_tuning_give_ddp_weights() {
+    fn zero1_zero2_and_zero3_full_fine_tuning_give_ddp_weights() {
         // Full fine-tuning with gradient clipping on (the ZeRO-2 norm is assembled from the
         // ranks' shares) and checkpoints.
         let s = Setup::new(
@@ -350,7 +378,7 @@ mod mpi {
         let Some(_) = sharded(&s, "ddp", "ddp", &full) else {
             return;
         };
-        for stage in ["zero1", "zero2"] {
+        for stage in ["zero1", "zero2", "zero3"] {
             let o = sharded(&s, stage, stage, &full).unwrap();
             let err = String::from_utf8_lossy(&o.stderr);
             assert!(
@@ -413,6 +441,59 @@ mod mpi {
         sharded(&s, "again", "zero2", &["--set", "train.stop_after=3"]).unwrap();
         sharded(&s, "again", "zero2", &["--resume"]).unwrap();
         assert_adapters_close(&s.dir.join("again"), &s.dir.join("ddp"), 1e-5);
+    }
+
+    #[test]
+    fn zero3_checkpoints_resume_in_one_process_and_on_two_ranks() {
+        let s = Setup::new(
+            "dist-zero3-resume",
+            "max_steps = 6\neval_every = 2\nsave_every = 2\nmax_grad_norm = 0.05",
+        );
+        let full = ["--set", "method=\"full\""];
+        let Some(_) = sharded(&s, "ddp", "ddp", &full) else {
+            return;
+        };
+        let mut stop = full.to_vec();
+        stop.extend(["--set", "train.stop_after=3"]);
+        // Stopped after step 3 (checkpoint at 2, weights gathered onto rank 0 for it), resumed
+        // by one process: the same weights as the uninterrupted DDP run.
+        sharded(&s, "run", "zero3", &stop).unwrap();
+        // Resume from step 2's checkpoint, written mid-run (step 3's was written at the end,
+        // with the whole model gathered).
+        std::fs::remove_dir_all(s.dir.join("run/checkpoints/step-3")).unwrap();
+        succeeds(&s.train_args(
+            "run",
+            &[
+                "--resume",
+                "--set",
+                "train.grad_accum=2",
+                "--set",
+                "method=\"full\"",
+                "--threads",
+                "1",
+            ],
+        ));
+        assert_weights_close(&s.dir.join("run"), &s.dir.join("ddp"), 1e-5);
+        // And by 2 ranks again, each taking back only its own weights.
+        sharded(&s, "again", "zero3", &stop).unwrap();
+        let mut resume = full.to_vec();
+        resume.push("--resume");
+        sharded(&s, "again", "zero3", &resume).unwrap();
+        assert_weights_close(&s.dir.join("again"), &s.dir.join("ddp"), 1e-5);
+        assert_losses_close(&s.dir.join("again"), &s.dir.join("ddp"));
+    }
+
+    #[test]
+    fn zero3_lora_equals_ddp() {
+        // Adapters are replicated under ZeRO-3 (the frozen base is not sharded): LoRA's tensors
+        // are reduced onto their owners layer by layer and broadcast back after the update.
+        let s = Setup::new("dist-zero3-lora", "max_steps = 4\neval_every = 2");
+        let Some(_) = sharded(&s, "ddp", "ddp", &[]) else {
+            return;
+        };
+        sharded(&s, "zero3", "zero3", &[]).unwrap();
+        assert_losses_close(&s.dir.join("zero3"), &s.dir.join("ddp"));
+        assert_adapters_close(&s.dir.join("zero3"), &s.dir.join("ddp"), 1e-5);
     }
 
     #[test]

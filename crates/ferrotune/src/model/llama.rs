@@ -95,6 +95,13 @@ fn linear(src: &dyn WeightSource, name: &str, bias: bool) -> crate::Result<Linea
     Ok(Linear::new(name, weight, bias))
 }
 
+/// `model.layers.{i}.{rest}` -> `(i, rest)`.
+pub fn layer_of_parameter(name: &str) -> Option<(usize, &str)> {
+    let rest = name.strip_prefix("model.layers.")?;
+    let (i, rest) = rest.split_once('.')?;
+    Some((i.parse().ok()?, rest))
+}
+
 /// Every tensor `cfg` implies, with its shape. The LM head is listed only when the source has an
 /// untied one.
 fn expected_tensors<'a>(cfg: &'a LlamaConfig, src: &dyn WeightSource) -> Vec<ExpectedTensor<'a>> {
@@ -346,6 +353,63 @@ impl Llama {
         }
         params.push(("model.norm.weight".to_string(), self.norm.make_trainable()?));
         Ok(params)
+    }
+
+    /// Put `var` in the place of the trainable weight called `name` (an HF name that
+    /// [`Self::make_all_trainable`] returns): the tied LM head follows the embeddings. ZeRO-3
+    /// (`train::zero3`) installs gathered parameters this way before a layer runs and an empty
+    /// placeholder after, so a rank holds only its own weights in between. `Ok(false)`: not a
+    /// weight of this model (an adapter's tensor, say).
+    pub fn set_parameter(&mut self, name: &str, var: &Var) -> crate::Result<bool> {
+        use crate::nn::LinearWeight;
+        let tied = self.cfg.tie_word_embeddings;
+        match name {
+            "model.embed_tokens.weight" => {
+                self.embed_tokens
+                    .set_weight(EmbeddingWeight::Trainable(var.clone()));
+                if tied {
+                    self.lm_head
+                        .set_weight(LinearWeight::Trainable(var.clone()));
+                }
+                return Ok(true);
+            }
+            "lm_head.weight" if !tied => {
+                self.lm_head
+                    .set_weight(LinearWeight::Trainable(var.clone()));
+                return Ok(true);
+            }
+            "model.norm.weight" => {
+                self.norm.set_weight(var.as_tensor().clone());
+                return Ok(true);
+            }
+            _ => {}
+        }
+        let Some((i, rest)) = layer_of_parameter(name) else {
+            return Ok(false);
+        };
+        let Some(l) = self.layers.get_mut(i) else {
+            return Ok(false);
+        };
+        match rest {
+            "input_layernorm.weight" => l.input_layernorm.set_weight(var.as_tensor().clone()),
+            "post_attention_layernorm.weight" => l
+                .post_attention_layernorm
+                .set_weight(var.as_tensor().clone()),
+            _ => {
+                let lin = match rest {
+                    "self_attn.q_proj.weight" => &mut l.self_attn.q_proj,
+                    "self_attn.k_proj.weight" => &mut l.self_attn.k_proj,
+                    "self_attn.v_proj.weight" => &mut l.self_attn.v_proj,
+                    "self_attn.o_proj.weight" => &mut l.self_attn.o_proj,
+                    "mlp.gate_proj.weight" => &mut l.mlp.gate_proj,
+                    "mlp.up_proj.weight" => &mut l.mlp.up_proj,
+                    "mlp.down_proj.weight" => &mut l.mlp.down_proj,
+                    _ => return Ok(false),
+                };
+                lin.set_weight(LinearWeight::Trainable(var.clone()));
+            }
+        }
+        Ok(true)
     }
 
     /// All linear layers with their module names, for PEFT methods to wrap.

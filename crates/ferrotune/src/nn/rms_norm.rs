@@ -23,6 +23,10 @@ impl RmsNorm {
         self.weight = v.as_tensor().clone();
         Ok(v)
     }
+    /// Replace the scale (ZeRO-3 swaps a gathered parameter in and a placeholder back).
+    pub fn set_weight(&mut self, weight: Tensor) {
+        self.weight = weight;
+    }
     pub fn eps(&self) -> f64 {
         self.eps
     }

@@ -585,9 +585,10 @@ pub struct TrainSection {
     /// `[lora] dropout`). Families without dropout ignore it.
     #[serde(default = "yes")]
     pub model_dropout: bool,
-    /// Training across processes (`train::distributed`, `train::zero`): `none` (default),
-    /// `ddp`, `zero1` (optimizer state sharded) or `zero2` (and gradients); run under `mpirun` /
-    /// `srun` / `ferrotune launch` (the `mpi` feature). `zero3` is refused until it exists.
+    /// Training across processes (`train::distributed`, `train::zero`, `train::zero3`): `none`
+    /// (default), `ddp`, `zero1` (optimizer state sharded), `zero2` (and gradients) or `zero3`
+    /// (and the parameters; LLaMA family); run under `mpirun` / `srun` / `ferrotune launch`
+    /// (the `mpi` feature).
     #[serde(default)]
     pub distributed: Distributed,
     /// A collective that waits this long for the other ranks (a rank died or hangs) ends the
@@ -609,7 +610,8 @@ pub enum Distributed {
     Zero1,
     /// ZeRO-2: and receives only its parameters' summed gradients.
     Zero2,
-    /// ZeRO-3 (parameters sharded): refused, not implemented.
+    /// ZeRO-3 / FSDP full shard: and holds only its own weights between uses, each layer's
+    /// gathered just before it runs (LLaMA family; see `train::zero3`).
     Zero3,
 }
 
@@ -1305,12 +1307,6 @@ fn validate(c: &LoadedConfig) -> Result<()> {
         );
     }
     parse_device(&t.device).map_err(|e| c.key_error("train.device", e))?;
-    if t.distributed == Distributed::Zero3 {
-        return bad(
-            "train.distributed",
-            "`zero3` (parameters sharded across ranks) is not implemented yet: use \"zero2\" (optimizer state and gradients sharded), \"zero1\" or \"ddp\"",
-        );
-    }
     if t.dist_timeout_s == 0 {
         return bad("train.dist_timeout_s", "must be at least 1 (seconds)");
     }

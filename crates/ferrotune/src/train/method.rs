@@ -169,6 +169,19 @@ impl Tuner {
         }
     }
 
+    /// ZeRO-3: the trained weights called `name` are now `var` (a placeholder while another
+    /// rank holds them, the gathered tensor while the whole model is present), so what the
+    /// tuner saves is what the model holds. Only full / selective runs keep such a list.
+    pub fn replace_vars<'n>(&mut self, vars: impl IntoIterator<Item = (&'n str, Var)>) {
+        if let Tuner::Weights { vars: mine, .. } = self {
+            for (name, var) in vars {
+                if let Some(slot) = mine.iter_mut().find(|(n, _)| n == name) {
+                    slot.1 = var;
+                }
+            }
+        }
+    }
+
     pub fn method(&self) -> &'static str {
         match self {
             Tuner::Lora { .. } => Method::Lora.as_str(),

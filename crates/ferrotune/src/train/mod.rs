@@ -34,6 +34,7 @@ mod recipe;
 pub mod report;
 pub mod schedule;
 pub mod zero;
+pub mod zero3;
 
 pub use config::{
     load_config, parse_config, Distributed, LoadedConfig, LrSchedule, Method, TrainConfig,
@@ -452,6 +453,51 @@ pub fn evaluate_tasks_on(
     let mut by_task = Vec::with_capacity(tasks.len());
     for (name, batcher) in tasks {
         let mut sums = eval_sums(model, batcher, max_batches, dist)?;
+        sums.all_reduce(dist)?;
+        all.add(&sums);
+        by_task.push((name.clone(), sums.result()));
+    }
+    Ok(TaskEval {
+        overall: all.result(),
+        by_task,
+    })
+}
+
+/// A batch's summed loss and loss tokens (`None`: no batch, only the collectives).
+pub type BatchLoss<'a> = dyn FnMut(Option<&Batch>) -> Result<(f64, usize)> + 'a;
+
+/// [`evaluate_tasks_on`] with each batch's summed loss and loss tokens computed by `loss`, which
+/// takes part in collectives (ZeRO-3's layer walk gathers each layer's weights): every rank
+/// calls it the same number of times, with `None` once its share of a task's batches has run
+/// out. Loss only (no classification accuracy).
+pub fn evaluate_tasks_lockstep(
+    tasks: &[(String, &Batcher)],
+    max_batches: usize,
+    dist: &crate::dist::Dist,
+    loss: &mut BatchLoss<'_>,
+) -> Result<TaskEval> {
+    let mut all = EvalSums::default();
+    let mut by_task = Vec::with_capacity(tasks.len());
+    let (rank, world) = (dist.rank(), dist.world_size());
+    for (name, batcher) in tasks {
+        let plan = batcher.plan_for(0);
+        let n = if max_batches == 0 {
+            plan.len()
+        } else {
+            max_batches.min(plan.len())
+        };
+        let mut sums = EvalSums::default();
+        for round in 0..n.div_ceil(world) {
+            let i = round * world + rank;
+            let batch = if i < n {
+                Some(batcher.build(&plan[i])?)
+            } else {
+                None
+            };
+            let (sum, k) = loss(batch.as_ref())?;
+            sums.nll += sum;
+            sums.tokens += k;
+        }
         sums.all_reduce(dist)?;
         all.add(&sums);
         by_task.push((name.clone(), sums.result()));

@@ -46,6 +46,8 @@ pub(super) fn execute(c: &LoadedConfig, opts: &RunOptions, dry: bool) -> Result<
         ));
     }
     let mut session = run.open()?;
+    // ZeRO-3: from here on each rank holds only its own weights (resumed values included).
+    run.zero3_release()?;
     if session.resumed_from_step.is_none() {
         run.evaluate(&mut session)?;
     }
@@ -95,8 +97,10 @@ struct Recipe<'a> {
     labels: Option<crate::data::LabelMap>,
     tuner: Tuner,
     params: Vec<(String, Var)>,
-    /// ZeRO-1/2: which rank owns (updates, keeps optimizer state for) each parameter.
+    /// ZeRO-1/2/3: which rank owns (updates, keeps optimizer state for) each parameter.
     zero: Option<super::zero::Partition>,
+    /// ZeRO-3: the parameters themselves sharded, and how they are gathered.
+    zero3: Option<super::zero3::Zero3>,
     /// This rank's optimizer: every parameter, or under ZeRO the ones it owns.
     opt: optim::Optimizer,
     schedule: Schedule,
@@ -178,14 +182,21 @@ impl<'a> Recipe<'a> {
         } = setup_model(c, source, &device, &data)?;
         let zero = matches!(
             cfg.train.distributed,
-            Distributed::Zero1 | Distributed::Zero2
+            Distributed::Zero1 | Distributed::Zero2 | Distributed::Zero3
         )
         .then(|| {
             let sizes: Vec<usize> = params.iter().map(|(_, v)| v.elem_count()).collect();
             super::zero::Partition::new(&sizes, opts.dist.world_size(), opts.dist.rank())
         });
+        let zero3 = match &zero {
+            Some(part) if cfg.train.distributed == Distributed::Zero3 => {
+                Some(setup_zero3(c, &*model, &params, part.clone())?)
+            }
+            _ => None,
+        };
         let (schedule, opt) = setup_optimizer(c, &tuner, &params, zero.as_ref(), data.max_steps)?;
-        let (memory, available) = setup_memory(c, &*model, &data, &params, zero.as_ref())?;
+        let (memory, available) =
+            setup_memory(c, &*model, &data, &params, zero.as_ref(), zero3.as_ref())?;
         let mut model_line = format!(
             "model {} ({}, {} layers); method {}",
             cfg.model,
@@ -210,6 +221,7 @@ impl<'a> Recipe<'a> {
             tuner,
             params,
             zero,
+            zero3,
             opt,
             schedule,
             data_summary: data.prepared.summary(),
@@ -308,7 +320,8 @@ impl<'a> Recipe<'a> {
         };
         let progress_total = self.max_steps.min(t.stop_after.unwrap_or(usize::MAX));
         let mut resumed_from_step = None;
-        if let Some((step, dir, saved)) = self.resume_from.take() {
+        let resume_from = self.resume_from.take();
+        if let Some((step, dir, saved)) = resume_from {
             self.tuner.restore_mut(&mut *self.model, &dir)?;
             self.opt.load(&dir.join(checkpoint::OPTIMIZER_FILE))?;
             self.batcher
@@ -416,34 +429,41 @@ impl<'a> Recipe<'a> {
         let (index, batches): (Vec<usize>, Vec<_>) =
             drawn.into_iter().map(|d| (d.index, d.batch)).unzip();
         let passes = s.state.rng.dropout_calls;
-        let (model, tuner) = (&*self.model, &self.tuner);
         let StepGrads {
             loss_sum,
             mut grads,
             forward_s,
             backward_s,
             ..
-        } = accumulate_gradients_over(
-            model,
-            &self.params,
-            &batches,
-            t.gradient_checkpointing,
-            n_loss,
-            |i| {
-                // Dropout masks of the micro-batch's pass number in the whole step, as one
-                // process would draw them (one process counts them itself).
-                if dist.world_size() > 1 {
-                    let calls = passes + counts.forwards_before(index[i]) as u64;
-                    tuner.replay_rng(model, calls)?;
-                    model.set_dropout_calls(calls);
-                }
-                Ok(())
-            },
-        )?;
+        } = if self.zero3.is_some() {
+            // ZeRO-3: the gradients arrive summed on their owners, layer by layer.
+            self.zero3_gradients(&batches, &index, &counts, passes, n_loss)?
+        } else {
+            let (model, tuner) = (&*self.model, &self.tuner);
+            accumulate_gradients_over(
+                model,
+                &self.params,
+                &batches,
+                t.gradient_checkpointing,
+                n_loss,
+                |i| {
+                    // Dropout masks of the micro-batch's pass number in the whole step, as one
+                    // process would draw them (one process counts them itself).
+                    if dist.world_size() > 1 {
+                        let calls = passes + counts.forwards_before(index[i]) as u64;
+                        tuner.replay_rng(model, calls)?;
+                        model.set_dropout_calls(calls);
+                    }
+                    Ok(())
+                },
+            )?
+        };
         // The ranks' gradients (each already over the step's tokens) and losses, added: on
-        // every rank (DDP, ZeRO-1), or on each gradient's owner (ZeRO-2).
-        let zero2 = t.distributed == Distributed::Zero2 && self.zero.is_some();
+        // every rank (DDP, ZeRO-1), or on each gradient's owner (ZeRO-2; ZeRO-3 did it).
+        let zero2 =
+            matches!(t.distributed, Distributed::Zero2 | Distributed::Zero3) && self.zero.is_some();
         match &self.zero {
+            Some(_) if self.zero3.is_some() => {}
             Some(part) if zero2 => super::zero::reduce_grads(&mut grads, part, dist)?,
             _ => distributed::all_reduce_grads(&mut grads, dist, distributed::BUCKET_FLOATS)?,
         }
@@ -492,7 +512,11 @@ impl<'a> Recipe<'a> {
                     drop(grads);
                     self.opt.step(&mine, lr)?;
                     drop(mine);
-                    super::zero::sync_params(&self.params, part, dist)?;
+                    match &self.zero3 {
+                        // The weights stay with their owners; adapters are replicated.
+                        Some(z) => z.sync_replicated(&self.params, dist)?,
+                        None => super::zero::sync_params(&self.params, part, dist)?,
+                    }
                 }
                 None => self.opt.step(&grads, lr)?,
             }
@@ -504,6 +528,9 @@ impl<'a> Recipe<'a> {
                     "step {step}: the update made `{name}` non-finite (lr {lr:.3e}); training stopped without saving (lower train.lr or the method's lr settings)"
                 )));
             }
+        }
+        if self.zero3.is_some() {
+            super::zero3::return_free_memory();
         }
         let optimizer_s = t_opt.elapsed().as_secs_f64();
         let comm_s = dist.comm_seconds() - comm0;
@@ -550,7 +577,49 @@ impl<'a> Recipe<'a> {
 
     /// Validation loss (if there is validation data), overall and, with `[[tasks]]`, per task:
     /// metrics, progress, best-so-far (on the overall loss), plot.
-    fn evaluate(&self, s: &mut Session) -> Result<Option<EvalResult>> {
+    fn evaluate(&mut self, s: &mut Session) -> Result<Option<EvalResult>> {
+        if matches!(self.validation, Validation::None) {
+            return Ok(None);
+        }
+        if self.zero3.as_ref().is_some_and(|z| !z.is_gathered()) {
+            if self.model.task_type() == model::TaskType::CausalLm {
+                // ZeRO-3: the validation loss through the layer walk, one layer's weights at a
+                // time, as in training.
+                let e = self.zero3_evaluate()?;
+                return self.record_evaluation(s, e.overall, e.by_task);
+            }
+            // Accuracy needs the model's own logits: the whole model on every rank for the
+            // evaluation, then sharded again.
+            self.zero3_gather()?;
+            let r = self.evaluate_gathered(s);
+            self.zero3_release()?;
+            return r;
+        }
+        self.evaluate_gathered(s)
+    }
+
+    /// ZeRO-3's validation losses, overall and per task.
+    fn zero3_evaluate(&mut self) -> Result<super::TaskEval> {
+        let dist = self.dist();
+        let max = self.t().eval_batches;
+        let tasks: Vec<(String, &crate::data::Batcher)> = match &self.validation {
+            Validation::None => Vec::new(),
+            Validation::Single(vb) => vec![(String::new(), vb)],
+            Validation::Tasks(tasks) => tasks.iter().map(|(n, b)| (n.clone(), b)).collect(),
+        };
+        let z = self.zero3.as_ref().expect("called under zero3");
+        let llama = Self::llama_mut(&mut *self.model)?;
+        let params = &self.params;
+        let mut e = super::evaluate_tasks_lockstep(&tasks, max, dist, &mut |b| {
+            z.eval_loss(llama, params, b, dist)
+        })?;
+        if matches!(self.validation, Validation::Single(_)) {
+            e.by_task.clear();
+        }
+        Ok(e)
+    }
+
+    fn evaluate_gathered(&self, s: &mut Session) -> Result<Option<EvalResult>> {
         let (r, by_task) = match &self.validation {
             Validation::None => return Ok(None),
             Validation::Single(vb) => (
@@ -562,6 +631,16 @@ impl<'a> Recipe<'a> {
                 (e.overall, e.by_task)
             }
         };
+        self.record_evaluation(s, r, by_task)
+    }
+
+    /// Metrics, progress, best-so-far (on the overall loss) and plot of one evaluation.
+    fn record_evaluation(
+        &self,
+        s: &mut Session,
+        r: EvalResult,
+        by_task: Vec<(String, EvalResult)>,
+    ) -> Result<Option<EvalResult>> {
         let st = &mut s.state;
         let mut line = json!({
             "type": "eval", "step": st.step, "val_loss": r.loss,
@@ -659,9 +738,24 @@ impl<'a> Recipe<'a> {
             );
             self.opt.save(&shard)?;
             dist.barrier()?;
+            // ZeRO-3 between steps: the weights from their owners onto rank 0, a bucket at a
+            // time, written as the tuner writes them.
+            let gathered = match &self.zero3 {
+                Some(z) if !z.is_gathered() && z.has_sharded() => {
+                    Some(z.gather_to_root(&self.params, dist)?)
+                }
+                _ => None,
+            };
             if dist.is_root() {
-                checkpoint::commit(&self.out, step, &s.state, |tmp| {
-                    self.tuner.save(&*self.model, tmp)
+                checkpoint::commit(&self.out, step, &s.state, |tmp| match &gathered {
+                    Some(Some(tensors)) => {
+                        let map = tensors.iter().cloned().collect();
+                        crate::fsutil::write_safetensors(
+                            &tmp.join(super::method::WEIGHTS_CHECKPOINT_FILE),
+                            &map,
+                        )
+                    }
+                    _ => self.tuner.save(&*self.model, tmp),
                 })?;
             }
         } else if dist.is_root() {
@@ -679,11 +773,116 @@ impl<'a> Recipe<'a> {
         Ok(())
     }
 
+    // ---- ZeRO-3 -----------------------------------------------------------------------------
+
+    /// The LLaMA model under the run's `Box<dyn Model>` (ZeRO-3 checked the family at setup).
+    fn llama_mut(model: &mut dyn Model) -> Result<&mut crate::model::Llama> {
+        model
+            .as_any_mut()
+            .downcast_mut::<crate::model::Llama>()
+            .ok_or_else(|| Error::msg("zero3 needs a LLaMA-family model"))
+    }
+
+    /// ZeRO-3: drop the weights other ranks own (from the model, the parameter list and the
+    /// tuner). Nothing to do otherwise.
+    fn zero3_release(&mut self) -> Result<()> {
+        let Some(z) = self.zero3.as_mut() else {
+            return Ok(());
+        };
+        let llama = Self::llama_mut(&mut *self.model)?;
+        let names = z.release_all(llama, &mut self.params)?;
+        let released: Vec<(&str, Var)> = self
+            .params
+            .iter()
+            .filter(|(n, _)| names.contains(n))
+            .map(|(n, v)| (n.as_str(), v.clone()))
+            .collect();
+        self.tuner.replace_vars(released);
+        Ok(())
+    }
+
+    /// ZeRO-3: every rank gathers the whole model (evaluation, the end of the run). Returns
+    /// whether it did (it was sharded).
+    fn zero3_gather(&mut self) -> Result<bool> {
+        let dist = self.dist();
+        let Some(z) = self.zero3.as_mut().filter(|z| !z.is_gathered()) else {
+            return Ok(false);
+        };
+        let llama = Self::llama_mut(&mut *self.model)?;
+        let vars = z.gather_all(llama, &mut self.params, dist)?;
+        let named: Vec<(String, Var)> = vars
+            .into_iter()
+            .map(|(i, v)| (self.params[i].0.clone(), v))
+            .collect();
+        self.tuner
+            .replace_vars(named.iter().map(|(n, v)| (n.as_str(), v.clone())));
+        Ok(true)
+    }
+
+    /// ZeRO-3's step: each of this rank's micro-batches walked layer by layer with the weights
+    /// gathered as needed (an empty one only takes part in the collectives); the gradients
+    /// come back summed on their owners.
+    fn zero3_gradients(
+        &mut self,
+        batches: &[crate::data::Batch],
+        index: &[usize],
+        counts: &StepCounts,
+        passes: u64,
+        n_loss: usize,
+    ) -> Result<StepGrads> {
+        let dist = self.dist();
+        let z = self.zero3.as_ref().expect("called under zero3");
+        let mut grads: Vec<Option<Vec<f32>>> = vec![None; self.params.len()];
+        let mut out = StepGrads {
+            loss: 0.0,
+            loss_tokens: n_loss,
+            loss_sum: 0.0,
+            grads: Vec::new(),
+            forward_s: 0.0,
+            backward_s: 0.0,
+            forwards: 0,
+        };
+        for (i, batch) in batches.iter().enumerate() {
+            let batch = (batch.n_loss_tokens > 0).then_some(batch);
+            if batch.is_some() {
+                out.forwards += 1;
+                // Dropout masks of the micro-batch's pass number in the whole step.
+                let calls = passes + counts.forwards_before(index[i]) as u64;
+                self.tuner.replay_rng(&*self.model, calls)?;
+                self.model.set_dropout_calls(calls);
+            }
+            let scale = 1.0 / n_loss.max(1) as f64;
+            let llama = Self::llama_mut(&mut *self.model)?;
+            let m = z.loss_and_grads(llama, &self.params, batch, scale, dist, &mut grads)?;
+            out.loss_sum += m.loss_sum;
+            out.forward_s += m.forward_s;
+            out.backward_s += m.backward_s;
+        }
+        out.loss = out.loss_sum / n_loss.max(1) as f64;
+        // This rank's tensors: their summed gradients (zeros where no micro-batch reached
+        // them); the others' are empty placeholders the update never reads.
+        out.grads = grads
+            .into_iter()
+            .enumerate()
+            .map(|(i, g)| {
+                let v = &self.params[i].1;
+                match g {
+                    Some(g) => Ok(Tensor::from_vec(g, v.shape(), v.device())?.to_dtype(v.dtype())?),
+                    None if z.partition().is_mine(i) => {
+                        Ok(Tensor::zeros(v.shape(), v.dtype(), v.device())?)
+                    }
+                    None => Ok(Tensor::zeros(0, v.dtype(), v.device())?),
+                }
+            })
+            .collect::<Result<_>>()?;
+        Ok(out)
+    }
+
     // ---- finish -----------------------------------------------------------------------------
 
     /// The end of the session: the last evaluation and checkpoint, the plot, the adapter (when
     /// the run finished) and `summary.json`.
-    fn finish(self, mut s: Session, mut stop_reason: StopReason) -> Result<Outcome> {
+    fn finish(mut self, mut s: Session, mut stop_reason: StopReason) -> Result<Outcome> {
         let t = self.t();
         if stop_reason != StopReason::Interrupted
             && t.stop_after.is_some_and(|a| s.state.step >= a)
@@ -698,6 +897,12 @@ impl<'a> Recipe<'a> {
         }
         if s.last_saved != Some(s.state.step) {
             self.save(&mut s)?;
+        }
+        if self.zero3.is_some() {
+            // ZeRO-3: the checkpoint holds the optimizer state, so it can go; then the whole
+            // model for the files the run writes (every rank takes part in the gathering).
+            self.opt = optim::Optimizer::new(&t.optimizer_config(), Vec::new(), Vec::new())?;
+            self.zero3_gather()?;
         }
         let Some(metrics) = &s.metrics else {
             // Not rank 0: rank 0 writes the result and summary.json; this rank's summary is
@@ -1195,6 +1400,35 @@ fn setup_optimizer(
     Ok((schedule, opt))
 }
 
+/// ZeRO-3's plan: a LLaMA-family model without a soft prompt (the layer walk of activation
+/// checkpointing is what gathers and frees each layer's weights).
+fn setup_zero3(
+    c: &LoadedConfig,
+    model: &dyn Model,
+    params: &[(String, Var)],
+    part: super::zero::Partition,
+) -> Result<super::zero3::Zero3> {
+    let Some(llama) = model.as_any().downcast_ref::<crate::model::Llama>() else {
+        return Err(c.key_error(
+            "train.distributed",
+            format!(
+                "`zero3` shards the layers of LLaMA-family models; this model is {}: use \"zero2\"",
+                model.family()
+            ),
+        ));
+    };
+    if model.virtual_prompt().is_some() {
+        return Err(c.key_error(
+            "train.distributed",
+            format!(
+                "`zero3` does not run with a soft prompt ({}) yet: use \"zero2\"",
+                c.config.method.as_str()
+            ),
+        ));
+    }
+    super::zero3::Zero3::new(llama, params, part)
+}
+
 /// The run's quantization settings on its model, the memory estimate, and the refusal of a
 /// run that cannot fit; returns the estimate and the memory available.
 fn setup_memory(
@@ -1203,6 +1437,7 @@ fn setup_memory(
     data: &RunData,
     params: &[(String, Var)],
     zero: Option<&super::zero::Partition>,
+    zero3: Option<&super::zero3::Zero3>,
 ) -> Result<(memory::MemoryEstimate, Option<u64>)> {
     let (cfg, t) = (&c.config, &c.config.train);
     model.set_quant_settings(quant_settings(c)?);
@@ -1216,7 +1451,29 @@ fn setup_memory(
         ));
         shape.largest_param = mine.iter().map(|v| v.elem_count()).max().unwrap_or(0);
     }
-    let mem = memory::estimate(model, &shape);
+    if let Some(z) = zero3 {
+        // ZeRO-3 walks the layers as activation checkpointing does. A rank keeps the
+        // gradients of its own tensors, and for a while those of the gathered outer group and
+        // one layer (until their reduce).
+        let (_, gathered) = z.held_values();
+        shape.checkpointing = true;
+        if shape.params_in_weights {
+            let mine: usize = zero
+                .map(|p| p.mine().into_iter().map(|i| params[i].1.elem_count()).sum())
+                .unwrap_or(0);
+            shape.trainable_params = mine + gathered;
+        }
+    }
+    let mut mem = memory::estimate(model, &shape);
+    if let Some(z) = zero3 {
+        // Weights: the others' tensors are dropped, the outer group and one layer gathered.
+        let (_, gathered) = z.held_values();
+        let f32_bytes = |n: usize| (n as u64).saturating_mul(4);
+        mem.weights = mem
+            .weights
+            .saturating_sub(f32_bytes(z.released_values()))
+            .saturating_add(f32_bytes(gathered));
+    }
     let available = memory::available_bytes();
     check_memory(c, &mem, available)?;
     Ok((mem, available))

@@ -58,6 +58,10 @@ impl Partition {
         self.owner[i]
     }
 
+    pub fn world(&self) -> usize {
+        self.world
+    }
+
     pub fn is_mine(&self, i: usize) -> bool {
         self.owner[i] == self.rank
     }

@@ -1,0 +1,836 @@
+//! ZeRO-3 / FSDP full shard (`train.distributed = "zero3"`), for the LLaMA family: the
+//! parameters themselves are sharded. Beyond ZeRO-2 ([`super::zero`]):
+//!
+//! - **Between steps** a rank holds only the model weights it owns ([`Partition`]: whole
+//!   tensors); the model's slot of every other trainable weight holds an empty placeholder
+//!   (`Llama::set_parameter`), and so do the run's parameter list and the tuner's.
+//! - **In a micro-batch** ([`Zero3::loss_and_grads`]) the decoder layers are walked as
+//!   activation checkpointing walks them (`super::checkpointing`), one layer's weights present
+//!   at a time: before a layer runs (forward, then again for its recomputation and backward)
+//!   its weights are broadcast from their owners and installed as fresh variables; after its
+//!   backward its gradients are summed onto their owners (`reduce`) and the gathered copies are
+//!   dropped. The outer weights (embeddings, final norm, an untied head) stay gathered for the
+//!   whole micro-batch, as FSDP keeps its root unit's parameters.
+//! - **The step**: each gradient now lives on its owner only, so clipping and the update are
+//!   ZeRO-2's; only tensors that are not model weights (adapters: LoRA's A and B) are
+//!   replicated and broadcast from their owners after the update.
+//!
+//! A micro-batch without loss tokens runs no forward pass, but its rank still takes part in
+//! every gather and reduce (with zero gradients): all ranks call the same collectives in the
+//! same order. In one process (one owner of everything) this is exactly the checkpointed run.
+//!
+//! Frozen weights (a PEFT method's base) are not sharded: every rank keeps the whole frozen
+//! base, as with ZeRO-2. Evaluation, and the end of the run, gather the whole model on every
+//! rank ([`Zero3::gather_all`]), as DeepSpeed's `GatheredParameters` does; a mid-run checkpoint
+//! gathers the weights onto rank 0 only, one bucket at a time ([`Zero3::gather_to_root`]).
+use super::zero::{Partition, BUCKET_FLOATS};
+use crate::data::Batch;
+use crate::dist::Dist;
+use crate::model::Llama;
+use crate::nn::EmbeddingWeight;
+use crate::{Error, Result};
+use candle_core::{DType, Shape, Tensor, Var};
+use std::time::Instant;
+
+/// How the run's trainable tensors are sharded and grouped.
+pub struct Zero3 {
+    part: Partition,
+    /// Whether tensor `i` is a model weight (held by its owner only); else it is replicated.
+    sharded: Vec<bool>,
+    /// The tensors of each decoder layer, and those outside every layer, in index order.
+    layers: Vec<Vec<usize>>,
+    outer: Vec<usize>,
+    shapes: Vec<Shape>,
+    dtypes: Vec<DType>,
+    /// Whether every rank holds the whole model now (evaluation, the end of the run).
+    gathered: bool,
+}
+
+/// One micro-batch's loss and times.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct MicroStats {
+    pub loss_sum: f64,
+    pub forward_s: f64,
+    pub backward_s: f64,
+}
+
+/// The decoder layer a tensor belongs to: the number after a `layers` component of its name
+/// (`model.layers.3.mlp.up_proj.weight`, `base_model.model.model.layers.3....lora_A.weight`).
+pub fn layer_index(name: &str) -> Option<usize> {
+    let mut parts = name.split('.');
+    while let Some(p) = parts.next() {
+        if p == "layers" {
+            return parts.next()?.parse().ok();
+        }
+    }
+    None
+}
+
+fn placeholder(dtype: DType, dev: &candle_core::Device) -> Result<Var> {
+    Ok(Var::from_tensor(&Tensor::zeros(0, dtype, dev)?)?)
+}
+
+fn flatten(ts: &[&Tensor]) -> Result<Vec<f32>> {
+    let mut flat = Vec::with_capacity(ts.iter().map(|t| t.elem_count()).sum());
+    for t in ts {
+        flat.extend(t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?);
+    }
+    Ok(flat)
+}
+
+impl Zero3 {
+    /// The plan for `params` of `llama` (every rank computes the same one).
+    pub fn new(llama: &Llama, params: &[(String, Var)], part: Partition) -> Result<Self> {
+        let n_layers = llama.layers.len();
+        let mut layers = vec![Vec::new(); n_layers];
+        let mut outer = Vec::new();
+        let mut sharded = Vec::with_capacity(params.len());
+        for (i, (name, _)) in params.iter().enumerate() {
+            match layer_index(name) {
+                Some(l) if l < n_layers => layers[l].push(i),
+                Some(l) => {
+                    return Err(Error::msg(format!(
+                        "zero3: parameter `{name}` names layer {l} of a {n_layers}-layer model"
+                    )))
+                }
+                None => outer.push(i),
+            }
+            sharded.push(is_model_weight(name));
+        }
+        Ok(Zero3 {
+            part,
+            sharded,
+            layers,
+            outer,
+            shapes: params.iter().map(|(_, v)| v.shape().clone()).collect(),
+            dtypes: params.iter().map(|(_, v)| v.dtype()).collect(),
+            gathered: true,
+        })
+    }
+
+    pub fn partition(&self) -> &Partition {
+        &self.part
+    }
+
+    /// Whether tensor `i` is sharded (a model weight), not replicated.
+    pub fn is_sharded(&self, i: usize) -> bool {
+        self.sharded[i]
+    }
+
+    /// Whether any tensor is a model weight (full or selective fine-tuning), not only adapters.
+    pub fn has_sharded(&self) -> bool {
+        self.sharded.iter().any(|&s| s)
+    }
+
+    /// Whether every rank holds the whole model now.
+    pub fn is_gathered(&self) -> bool {
+        self.gathered
+    }
+
+    /// Values this rank holds between steps: its own sharded tensors and every replicated one.
+    /// And the most it holds of other ranks' tensors at once in a micro-batch: the outer
+    /// group and the largest layer (as weights, and again as their gradients before the
+    /// reduce).
+    pub fn held_values(&self) -> (usize, usize) {
+        let n = |i: usize| self.shapes[i].elem_count();
+        let held = (0..self.sharded.len())
+            .filter(|&i| !self.sharded[i] || self.part.is_mine(i))
+            .map(n)
+            .sum();
+        let others = |idx: &[usize]| -> usize {
+            idx.iter()
+                .filter(|&&i| self.sharded[i] && !self.part.is_mine(i))
+                .map(|&i| n(i))
+                .sum()
+        };
+        let layer = self.layers.iter().map(|l| others(l)).max().unwrap_or(0);
+        (held, others(&self.outer) + layer)
+    }
+
+    /// Values of the sharded tensors other ranks own (what this rank drops).
+    pub fn released_values(&self) -> usize {
+        (0..self.sharded.len())
+            .filter(|&i| self.sharded[i] && !self.part.is_mine(i))
+            .map(|i| self.shapes[i].elem_count())
+            .sum()
+    }
+
+    /// Drop the tensors other ranks own: a placeholder in the model's slot and in `params`.
+    /// Returns the names released (the caller also drops any other copy it holds).
+    pub fn release_all(
+        &mut self,
+        llama: &mut Llama,
+        params: &mut [(String, Var)],
+    ) -> Result<Vec<String>> {
+        let all: Vec<usize> = (0..params.len()).collect();
+        let mut live: Vec<Var> = params.iter().map(|(_, v)| v.clone()).collect();
+        let names = self.release(llama, params, &all, &mut live)?;
+        for &i in &all {
+            if self.sharded[i] && !self.part.is_mine(i) {
+                params[i].1 = live[i].clone();
+            }
+        }
+        self.gathered = false;
+        return_free_memory();
+        Ok(names)
+    }
+
+    /// Every rank gathers every tensor (evaluation, the end of the run): installed in the
+    /// model and put in `params`. Returns the new variables by index.
+    pub fn gather_all(
+        &mut self,
+        llama: &mut Llama,
+        params: &mut [(String, Var)],
+        dist: &Dist,
+    ) -> Result<Vec<(usize, Var)>> {
+        let all: Vec<usize> = (0..params.len()).collect();
+        let mut live: Vec<Var> = params.iter().map(|(_, v)| v.clone()).collect();
+        self.gather(llama, params, &all, &mut live, dist)?;
+        let mut out = Vec::new();
+        for &i in &all {
+            if self.sharded[i] && !self.part.is_mine(i) {
+                params[i].1 = live[i].clone();
+                out.push((i, live[i].clone()));
+            }
+        }
+        self.gathered = true;
+        Ok(out)
+    }
+
+    /// Every tensor's value on rank 0 (`Some` there, `None` elsewhere), one bucket of an
+    /// owner's tensors at a time: what a checkpoint writes.
+    pub fn gather_to_root(
+        &self,
+        params: &[(String, Var)],
+        dist: &Dist,
+    ) -> Result<Option<Vec<(String, Tensor)>>> {
+        let root = dist.is_root();
+        let mut out: Vec<Option<Tensor>> = vec![None; params.len()];
+        let idx: Vec<usize> = (0..params.len()).filter(|&i| self.sharded[i]).collect();
+        for (owner, bucket) in self.buckets(&idx) {
+            let mut flat = self.owner_buffer(params, &bucket, owner, dist)?;
+            dist.broadcast(&mut flat, owner)?;
+            if root {
+                let mut at = 0;
+                for &i in &bucket {
+                    let k = self.shapes[i].elem_count();
+                    out[i] = Some(self.tensor_from(&flat[at..at + k], i, params)?);
+                    at += k;
+                }
+            }
+        }
+        if !root {
+            return Ok(None);
+        }
+        Ok(Some(
+            params
+                .iter()
+                .zip(out)
+                .map(|((n, v), t)| (n.clone(), t.unwrap_or_else(|| v.as_tensor().clone())))
+                .collect(),
+        ))
+    }
+
+    /// One micro-batch (`None`: this rank's micro-batch has no loss token; it only takes part
+    /// in the collectives): the loss of `batch` and the gradients of `loss · scale`, summed
+    /// onto each tensor's owner and added to its `grads[i]` there (f32 values in the tensor's
+    /// element order; other ranks' entries stay as they are). See the module docs for the walk.
+    ///
+    /// Gradients are held as flat f32 buffers and added in place, so a tensor's gradient costs
+    /// its size once, not once per contribution. The outer weights are dropped as soon as the
+    /// head's backward pass is done: the embeddings' gradient (a scatter-add of the first
+    /// layer's input gradient into their rows) needs no weight, and is added in the order
+    /// autograd adds it, so one process gets exactly the checkpointed run's values.
+    pub fn loss_and_grads(
+        &self,
+        llama: &mut Llama,
+        params: &[(String, Var)],
+        batch: Option<&Batch>,
+        scale: f64,
+        dist: &Dist,
+        grads: &mut [Option<Vec<f32>>],
+    ) -> Result<MicroStats> {
+        if self.gathered {
+            return Err(Error::msg(
+                "zero3: a training pass needs the sharded model (the whole model is gathered)",
+            ));
+        }
+        let t0 = Instant::now();
+        let mut stats = MicroStats::default();
+        // The variables the model holds now, by parameter index (what gradients are read by).
+        let mut live: Vec<Var> = params.iter().map(|(_, v)| v.clone()).collect();
+        // This micro-batch's gradients on this rank, before the reduce.
+        let mut local: Vec<Option<Grad>> = vec![None; params.len()];
+        let collect = |store: &candle_core::backprop::GradStore,
+                       live: &[Var],
+                       local: &mut Vec<Option<Grad>>|
+         -> Result<()> {
+            for (i, var) in live.iter().enumerate() {
+                if let Some(g) = store.get(var.as_tensor()) {
+                    local[i] = Some(match local[i].take() {
+                        None => Grad::Tensor(g.clone()),
+                        Some(acc) => Grad::Flat(acc.add(g)?),
+                    });
+                }
+            }
+            Ok(())
+        };
+
+        self.gather(llama, params, &self.outer, &mut live, dist)?;
+        // Forward: keep each layer's input (as `checkpointing` does).
+        let mut prepared = match batch {
+            Some(b) => {
+                let packed = b.segment_ids.as_ref().map(|seg| (&b.position_ids, seg));
+                let ctx = llama.layer_context(&b.input_ids, packed)?;
+                let e = llama.embed_tokens.forward(&b.input_ids)?;
+                Some((b, ctx, vec![e]))
+            }
+            None => None,
+        };
+        let mut rng_states = Vec::with_capacity(llama.layers.len());
+        for i in 0..llama.layers.len() {
+            self.gather(llama, params, &self.layers[i], &mut live, dist)?;
+            if let Some((_, ctx, inputs)) = prepared.as_mut() {
+                let before = llama.layer_rng_states(i);
+                let x = inputs.last().expect("the embeddings come first").detach();
+                let y = llama.run_layer(i, &x, ctx, true)?.detach();
+                inputs.push(y);
+                rng_states.push((before, llama.layer_rng_states(i)));
+            }
+            self.release(llama, params, &self.layers[i], &mut live)?;
+        }
+
+        // The head, then the layers from the last one back: recompute, backpropagate, reduce.
+        let mut g = None;
+        let t1 = Instant::now();
+        if let Some((b, _, inputs)) = prepared.as_mut() {
+            let last = Var::from_tensor(&inputs.pop().expect("one input per layer"))?;
+            let hidden = llama.norm.forward(last.as_tensor())?;
+            let (sum, _) = super::loss::loss_from_hidden(&llama.lm_head, &hidden, b, true)?;
+            stats.loss_sum = sum.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            let store = (sum * scale)?.backward()?;
+            collect(&store, &live, &mut local)?;
+            g = Some(
+                store
+                    .get(last.as_tensor())
+                    .ok_or_else(|| {
+                        Error::msg("zero3: the loss has no gradient for the last layer")
+                    })?
+                    .detach(),
+            );
+        }
+        let embeddings_trained =
+            matches!(llama.embed_tokens.weight(), EmbeddingWeight::Trainable(_));
+        let embed_index = params
+            .iter()
+            .position(|(n, _)| n == "model.embed_tokens.weight");
+        self.release(llama, params, &self.outer, &mut live)?;
+        stats.forward_s = (t1 - t0).as_secs_f64();
+        for i in (0..llama.layers.len()).rev() {
+            self.gather(llama, params, &self.layers[i], &mut live, dist)?;
+            if let (Some((_, ctx, inputs)), Some(gy)) = (prepared.as_mut(), g.as_ref()) {
+                let x = Var::from_tensor(&inputs.pop().expect("one input per layer"))?;
+                llama.set_layer_rng_states(i, &rng_states[i].0);
+                let y = llama.run_layer(i, x.as_tensor(), ctx, true)?;
+                llama.set_layer_rng_states(i, &rng_states[i].1);
+                let store = (y * gy)?.sum_all()?.backward()?;
+                collect(&store, &live, &mut local)?;
+                g = Some(
+                    store
+                        .get(x.as_tensor())
+                        .ok_or_else(|| Error::msg(format!("zero3: layer {i} passes no gradient")))?
+                        .detach(),
+                );
+            }
+            self.reduce(&self.layers[i], &mut local, grads, dist)?;
+            self.release(llama, params, &self.layers[i], &mut live)?;
+        }
+        // The embeddings' rows, when they are trained (full fine-tuning).
+        if let (Some((b, _, _)), Some(gy), Some(e), true) = (
+            prepared.as_ref(),
+            g.as_ref(),
+            embed_index,
+            embeddings_trained,
+        ) {
+            let rows = scatter_rows(&b.input_ids, gy, &self.shapes[e])?;
+            // The head's gradient (tied embeddings) plus the rows, summed into the rows'
+            // buffer: addition commutes exactly, so this is autograd's `head + rows`.
+            local[e] = Some(Grad::Flat(match local[e].take() {
+                Some(head) => head.add_to(rows)?,
+                None => rows,
+            }));
+        }
+        self.reduce(&self.outer, &mut local, grads, dist)?;
+        stats.backward_s = t1.elapsed().as_secs_f64();
+        Ok(stats)
+    }
+
+    /// The summed loss and loss tokens of `batch` (validation: no dropout, no graph), the layers
+    /// walked with their weights gathered one at a time, as in training; `None` only takes
+    /// part in the collectives. Returns `(0, 0)` then.
+    pub fn eval_loss(
+        &self,
+        llama: &mut Llama,
+        params: &[(String, Var)],
+        batch: Option<&Batch>,
+        dist: &Dist,
+    ) -> Result<(f64, usize)> {
+        if self.gathered {
+            return Err(Error::msg(
+                "zero3: the layer walk needs the sharded model (the whole model is gathered)",
+            ));
+        }
+        let mut live: Vec<Var> = params.iter().map(|(_, v)| v.clone()).collect();
+        self.gather(llama, params, &self.outer, &mut live, dist)?;
+        let mut state = match batch {
+            Some(b) => {
+                let packed = b.segment_ids.as_ref().map(|seg| (&b.position_ids, seg));
+                let ctx = llama.layer_context(&b.input_ids, packed)?;
+                let x = llama.embed_tokens.forward(&b.input_ids)?.detach();
+                Some((b, ctx, x))
+            }
+            None => None,
+        };
+        for i in 0..llama.layers.len() {
+            self.gather(llama, params, &self.layers[i], &mut live, dist)?;
+            if let Some((_, ctx, x)) = state.as_mut() {
+                *x = llama.run_layer(i, x, ctx, false)?.detach();
+            }
+            self.release(llama, params, &self.layers[i], &mut live)?;
+        }
+        let out = match &state {
+            Some((b, _, x)) => {
+                let hidden = llama.norm.forward(x)?;
+                let (sum, n) = super::loss::loss_from_hidden(&llama.lm_head, &hidden, b, false)?;
+                (sum.to_dtype(DType::F64)?.to_scalar::<f64>()?, n)
+            }
+            None => (0.0, 0),
+        };
+        self.release(llama, params, &self.outer, &mut live)?;
+        Ok(out)
+    }
+
+    /// After the update: each replicated tensor (an adapter's) broadcast from its owner.
+    pub fn sync_replicated(&self, params: &[(String, Var)], dist: &Dist) -> Result<()> {
+        if dist.world_size() == 1 {
+            return Ok(());
+        }
+        let idx: Vec<usize> = (0..params.len()).filter(|&i| !self.sharded[i]).collect();
+        for (owner, bucket) in self.buckets(&idx) {
+            let mut flat = self.owner_buffer(params, &bucket, owner, dist)?;
+            dist.broadcast(&mut flat, owner)?;
+            if owner == dist.rank() {
+                continue;
+            }
+            let mut at = 0;
+            for &i in &bucket {
+                let k = self.shapes[i].elem_count();
+                params[i]
+                    .1
+                    .set(&self.tensor_from(&flat[at..at + k], i, params)?)?;
+                at += k;
+            }
+        }
+        Ok(())
+    }
+
+    // ---- the collectives of a group of tensors ------------------------------------------------
+
+    /// Buckets of at most [`BUCKET_FLOATS`] of one owner's tensors among `idx`, owners in rank
+    /// order, tensors in index order: the same sequence on every rank.
+    fn buckets(&self, idx: &[usize]) -> Vec<(usize, Vec<usize>)> {
+        let mut out = Vec::new();
+        for r in 0..self.world() {
+            let mut cur: Vec<usize> = Vec::new();
+            let mut n = 0;
+            for &i in idx.iter().filter(|&&i| self.part.owner(i) == r) {
+                let k = self.shapes[i].elem_count();
+                if !cur.is_empty() && n + k > BUCKET_FLOATS {
+                    out.push((r, std::mem::take(&mut cur)));
+                    n = 0;
+                }
+                cur.push(i);
+                n += k;
+            }
+            if !cur.is_empty() {
+                out.push((r, cur));
+            }
+        }
+        out
+    }
+
+    fn world(&self) -> usize {
+        self.part.world()
+    }
+
+    /// The owner's values of `bucket`, or zeros of the same length on the other ranks.
+    fn owner_buffer(
+        &self,
+        params: &[(String, Var)],
+        bucket: &[usize],
+        owner: usize,
+        dist: &Dist,
+    ) -> Result<Vec<f32>> {
+        if owner == dist.rank() {
+            flatten(
+                &bucket
+                    .iter()
+                    .map(|&i| params[i].1.as_tensor())
+                    .collect::<Vec<_>>(),
+            )
+        } else {
+            Ok(vec![
+                0.0f32;
+                bucket
+                    .iter()
+                    .map(|&i| self.shapes[i].elem_count())
+                    .sum()
+            ])
+        }
+    }
+
+    fn tensor_from(&self, values: &[f32], i: usize, params: &[(String, Var)]) -> Result<Tensor> {
+        Ok(
+            Tensor::from_slice(values, self.shapes[i].clone(), params[i].1.device())?
+                .to_dtype(self.dtypes[i])?,
+        )
+    }
+
+    /// Install the sharded tensors of `idx` that other ranks own, broadcast from their owners.
+    /// Nothing to do while the whole model is gathered.
+    fn gather(
+        &self,
+        llama: &mut Llama,
+        params: &[(String, Var)],
+        idx: &[usize],
+        live: &mut [Var],
+        dist: &Dist,
+    ) -> Result<()> {
+        if self.gathered {
+            return Ok(());
+        }
+        let sharded: Vec<usize> = idx.iter().copied().filter(|&i| self.sharded[i]).collect();
+        for (owner, bucket) in self.buckets(&sharded) {
+            let mut flat = self.owner_buffer(params, &bucket, owner, dist)?;
+            dist.broadcast(&mut flat, owner)?;
+            if owner == dist.rank() {
+                continue;
+            }
+            if let [i] = bucket[..] {
+                if self.dtypes[i] == DType::F32 {
+                    // One tensor (the embeddings): the received buffer becomes the variable.
+                    let var = Var::from_vec(flat, self.shapes[i].clone(), params[i].1.device())?;
+                    install(llama, &params[i].0, &var)?;
+                    live[i] = var;
+                    continue;
+                }
+            }
+            let mut at = 0;
+            for &i in &bucket {
+                let k = self.shapes[i].elem_count();
+                let var = if self.dtypes[i] == DType::F32 {
+                    Var::from_slice(
+                        &flat[at..at + k],
+                        self.shapes[i].clone(),
+                        params[i].1.device(),
+                    )?
+                } else {
+                    Var::from_tensor(&self.tensor_from(&flat[at..at + k], i, params)?)?
+                };
+                install(llama, &params[i].0, &var)?;
+                live[i] = var;
+                at += k;
+            }
+        }
+        Ok(())
+    }
+
+    /// Put placeholders back in place of the gathered tensors of `idx`; returns their names.
+    fn release(
+        &self,
+        llama: &mut Llama,
+        params: &[(String, Var)],
+        idx: &[usize],
+        live: &mut [Var],
+    ) -> Result<Vec<String>> {
+        let mut names = Vec::new();
+        for &i in idx {
+            if self.sharded[i] && !self.part.is_mine(i) {
+                let p = placeholder(self.dtypes[i], params[i].1.device())?;
+                install(llama, &params[i].0, &p)?;
+                live[i] = p;
+                names.push(params[i].0.clone());
+            }
+        }
+        Ok(names)
+    }
+
+    /// Sum the gradients of `idx` onto their owners, who add them to `grads`; every rank's
+    /// `local` entries of `idx` are dropped. A tensor alone in its bucket is sent from its own
+    /// buffer (the embeddings: no second copy of their size).
+    fn reduce(
+        &self,
+        idx: &[usize],
+        local: &mut [Option<Grad>],
+        grads: &mut [Option<Vec<f32>>],
+        dist: &Dist,
+    ) -> Result<()> {
+        for (owner, bucket) in self.buckets(idx) {
+            let size = |i: usize| self.shapes[i].elem_count();
+            let mut flat = if let [i] = bucket[..] {
+                match local[i].take() {
+                    Some(g) => g.into_vec()?,
+                    None => vec![0.0; size(i)],
+                }
+            } else {
+                let mut flat = Vec::with_capacity(bucket.iter().map(|&i| size(i)).sum());
+                for &i in &bucket {
+                    match local[i].take() {
+                        Some(g) => g.extend(&mut flat)?,
+                        None => flat.resize(flat.len() + size(i), 0.0),
+                    }
+                }
+                flat
+            };
+            dist.reduce_sum(&mut flat, owner)?;
+            if owner != dist.rank() {
+                continue;
+            }
+            if let [i] = bucket[..] {
+                match grads[i].as_mut() {
+                    Some(acc) => acc.iter_mut().zip(&flat).for_each(|(a, g)| *a += g),
+                    None => grads[i] = Some(flat),
+                }
+                continue;
+            }
+            let mut at = 0;
+            for &i in &bucket {
+                let part = &flat[at..at + size(i)];
+                match grads[i].as_mut() {
+                    Some(acc) => acc.iter_mut().zip(part).for_each(|(a, g)| *a += g),
+                    None => grads[i] = Some(part.to_vec()),
+                }
+                at += size(i);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A gradient before its reduce: autograd's tensor as it came (no copy while it is the only
+/// contribution), or f32 values in element order once contributions were added.
+#[derive(Clone)]
+enum Grad {
+    Tensor(Tensor),
+    Flat(Vec<f32>),
+}
+
+/// `f` on the f32 values of `t` in element order: read in place where `t` is a contiguous f32
+/// CPU tensor (autograd's gradients are), else from a copy.
+fn with_values<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    if t.dtype() == DType::F32 && t.device().is_cpu() && t.is_contiguous() {
+        let (storage, layout) = t.storage_and_layout();
+        let v = crate::ops::kernels::cpu_contiguous::<f32>(&storage, layout, "zero3")?;
+        return Ok(f(v));
+    }
+    let v = t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+    Ok(f(&v))
+}
+
+impl Grad {
+    /// This gradient plus `g` (`self + g`, element by element).
+    fn add(self, g: &Tensor) -> Result<Vec<f32>> {
+        let mut v = self.into_vec()?;
+        with_values(g, |x| v.iter_mut().zip(x).for_each(|(a, b)| *a += b))?;
+        Ok(v)
+    }
+
+    /// `self + other` computed in `other`'s buffer (f32 addition commutes exactly).
+    fn add_to(self, mut other: Vec<f32>) -> Result<Vec<f32>> {
+        match self {
+            Grad::Tensor(t) => {
+                with_values(&t, |x| other.iter_mut().zip(x).for_each(|(o, a)| *o += a))?
+            }
+            Grad::Flat(v) => other.iter_mut().zip(&v).for_each(|(o, a)| *o += a),
+        }
+        Ok(other)
+    }
+
+    fn into_vec(self) -> Result<Vec<f32>> {
+        match self {
+            Grad::Flat(v) => Ok(v),
+            Grad::Tensor(t) => with_values(&t, |x| x.to_vec()),
+        }
+    }
+
+    fn extend(self, out: &mut Vec<f32>) -> Result<()> {
+        match self {
+            Grad::Flat(v) => out.extend_from_slice(&v),
+            Grad::Tensor(t) => with_values(&t, |x| out.extend_from_slice(x))?,
+        }
+        Ok(())
+    }
+}
+
+/// The gradient of an embedding lookup: `grad`'s row for each token added into that token's
+/// row of a zero table of `shape` (vocab, hidden), tokens in order, as autograd's `index_add`
+/// adds them.
+fn scatter_rows(ids: &Tensor, grad: &Tensor, shape: &Shape) -> Result<Vec<f32>> {
+    let (vocab, hidden) = shape.dims2()?;
+    let ids = ids.flatten_all()?.to_vec1::<u32>()?;
+    let g = grad.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+    if g.len() != ids.len() * hidden {
+        return Err(Error::msg(format!(
+            "zero3: {} embedding gradient values for {} tokens of width {hidden}",
+            g.len(),
+            ids.len()
+        )));
+    }
+    let mut rows = vec![0.0f32; vocab * hidden];
+    for (t, &id) in ids.iter().enumerate() {
+        let id = id as usize;
+        if id >= vocab {
+            return Err(Error::msg(format!(
+                "zero3: token id {id} is outside the {vocab}-row embeddings"
+            )));
+        }
+        let dst = &mut rows[id * hidden..(id + 1) * hidden];
+        dst.iter_mut()
+            .zip(&g[t * hidden..(t + 1) * hidden])
+            .for_each(|(d, s)| *d += s);
+    }
+    Ok(rows)
+}
+
+/// Give the pages of freed memory back to the kernel (glibc's `malloc_trim`). The CLI keeps
+/// freed blocks up to 32 MiB in the heap and never trims it, which makes activation buffers
+/// cheap to reuse; under ZeRO-3, where memory is the point, the per-layer gathers and
+/// gradient buffers of different sizes fragment that heap, and without a trim its resident
+/// size grew by 0.1-0.2 GB a step on SmolLM2. Called once after each step (milliseconds).
+pub fn return_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases free heap pages; it is thread-safe in glibc.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+/// Whether `name` is a weight of the LLaMA model itself (what `Llama::set_parameter` takes),
+/// decided from the name alone so every rank decides alike.
+fn is_model_weight(name: &str) -> bool {
+    matches!(
+        name,
+        "model.embed_tokens.weight" | "lm_head.weight" | "model.norm.weight"
+    ) || crate::model::llama::layer_of_parameter(name).is_some_and(|(_, rest)| {
+        matches!(
+            rest,
+            "input_layernorm.weight"
+                | "post_attention_layernorm.weight"
+                | "self_attn.q_proj.weight"
+                | "self_attn.k_proj.weight"
+                | "self_attn.v_proj.weight"
+                | "self_attn.o_proj.weight"
+                | "mlp.gate_proj.weight"
+                | "mlp.up_proj.weight"
+                | "mlp.down_proj.weight"
+        )
+    })
+}
+
+fn install(llama: &mut Llama, name: &str, var: &Var) -> Result<()> {
+    if llama.set_parameter(name, var)? {
+        Ok(())
+    } else {
+        Err(Error::msg(format!(
+            "zero3: `{name}` is not a weight of the model"
+        )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{config_from_hf_dir, LoadOptions, SafetensorsSource};
+    use std::path::Path;
+
+    fn tiny_llama(fixture: &str) -> Llama {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/fixtures/models")
+            .join(fixture);
+        let cfg = config_from_hf_dir(&dir).unwrap();
+        let src = SafetensorsSource::open(&dir, &LoadOptions::default(), &candle_core::Device::Cpu)
+            .unwrap();
+        Llama::load(&src, &cfg).unwrap()
+    }
+
+    #[test]
+    fn layer_index_reads_the_number_after_layers() {
+        assert_eq!(layer_index("model.layers.3.mlp.up_proj.weight"), Some(3));
+        assert_eq!(
+            layer_index("base_model.model.model.layers.12.self_attn.q_proj.lora_A.weight"),
+            Some(12)
+        );
+        assert_eq!(layer_index("model.embed_tokens.weight"), None);
+        assert_eq!(layer_index("model.layers.x.mlp"), None);
+        assert!(is_model_weight("model.layers.0.mlp.down_proj.weight"));
+        assert!(!is_model_weight(
+            "model.layers.0.mlp.down_proj.lora_A.weight"
+        ));
+    }
+
+    #[test]
+    fn a_rank_keeps_only_its_own_weights_and_gathering_needs_the_sharded_model() {
+        for fixture in ["tiny-llama-gqa-untied", "tiny-llama-mha-tied"] {
+            let mut m = tiny_llama(fixture);
+            let mut params = m.make_all_trainable().unwrap();
+            let total: usize = params.iter().map(|(_, v)| v.elem_count()).sum();
+            let sizes: Vec<usize> = params.iter().map(|(_, v)| v.elem_count()).collect();
+            let part = Partition::new(&sizes, 2, 1);
+            let mut z = Zero3::new(&m, &params, part.clone()).unwrap();
+            assert!(z.has_sharded());
+            let before: Vec<Var> = params.iter().map(|(_, v)| v.clone()).collect();
+            let names = z.release_all(&mut m, &mut params).unwrap();
+            assert!(!z.is_gathered());
+            let (held, gathered) = z.held_values();
+            assert_eq!(held + z.released_values(), total, "{fixture}");
+            assert!(gathered > 0 && gathered < z.released_values(), "{fixture}");
+            for (i, (name, v)) in params.iter().enumerate() {
+                if part.is_mine(i) {
+                    // the very same variable (the optimizer's) is still in place
+                    assert_eq!(v.as_tensor().id(), before[i].as_tensor().id(), "{name}");
+                    assert!(!names.contains(name));
+                } else {
+                    assert_eq!(v.elem_count(), 0, "{name}");
+                    assert!(names.contains(name));
+                }
+            }
+            // The model's own slots hold the placeholders: what it holds adds up to `held`.
+            let in_model: usize = m
+                .linears()
+                .iter()
+                .filter(|l| !(m.cfg.tie_word_embeddings && l.name() == "lm_head"))
+                .map(|l| l.weight().shape().0 * l.weight().shape().1)
+                .sum::<usize>()
+                + match m.embed_tokens.weight() {
+                    EmbeddingWeight::Trainable(v) => v.elem_count(),
+                    _ => unreachable!(),
+                }
+                + m.norm.weight().elem_count()
+                + m.layers
+                    .iter()
+                    .map(|l| {
+                        l.input_layernorm.weight().elem_count()
+                            + l.post_attention_layernorm.weight().elem_count()
+                    })
+                    .sum::<usize>();
+            assert_eq!(in_model, held, "{fixture}");
+            // A training pass on the gathered model is refused, not silently unsharded.
+            z.gathered = true;
+            let e = z
+                .loss_and_grads(&mut m, &params, None, 1.0, &Dist::default(), &mut [])
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("sharded model"), "{e}");
+        }
+    }
+}
