@@ -487,13 +487,22 @@ mod mpi {
     fn zero3_lora_equals_ddp() {
         // Adapters are replicated under ZeRO-3 (the frozen base is not sharded): LoRA's tensors
         // are reduced onto their owners layer by layer and broadcast back after the update.
-        let s = Setup::new("dist-zero3-lora", "max_steps = 4\neval_every = 2");
+        // Two micro-batches a rank: gradients accumulate on the owners across them, each with
+        // its own dropout masks.
+        let s = Setup::new(
+            "dist-zero3-lora",
+            "max_steps = 4\neval_every = 2\ngrad_accum = 2",
+        );
         let Some(_) = sharded(&s, "ddp", "ddp", &[]) else {
             return;
         };
         sharded(&s, "zero3", "zero3", &[]).unwrap();
         assert_losses_close(&s.dir.join("zero3"), &s.dir.join("ddp"));
-        assert_adapters_close(&s.dir.join("zero3"), &s.dir.join("ddp"), 1e-5);
+        // The sums are grouped differently: DDP adds a rank's two micro-batches, then the
+        // ranks; ZeRO-3 reduces each micro-batch's gradient as its backward pass ends (as FSDP
+        // does), then adds them on the owner. Measured: 1.2e-5 of the largest value on one
+        // LoRA B matrix after 4 AdamW steps; a lost or doubled micro-batch is off by far more.
+        assert_adapters_close(&s.dir.join("zero3"), &s.dir.join("ddp"), 3e-5);
     }
 
     #[test]
