@@ -74,11 +74,22 @@ impl Partition {
     /// Buckets of at most `bucket` floats (a larger tensor alone), each of one owner's tensors
     /// in index order, owners in rank order: the same sequence of collectives on every rank.
     fn buckets(&self, sizes: &[usize], bucket: usize) -> Vec<(usize, Vec<usize>)> {
+        let all: Vec<usize> = (0..self.owner.len()).collect();
+        self.buckets_among(&all, sizes, bucket)
+    }
+
+    /// [`Self::buckets`] of the tensors in `idx` only (ZeRO-3 gathers and reduces one layer's).
+    pub(super) fn buckets_among(
+        &self,
+        idx: &[usize],
+        sizes: &[usize],
+        bucket: usize,
+    ) -> Vec<(usize, Vec<usize>)> {
         let mut out = Vec::new();
         for r in 0..self.world {
             let mut cur: Vec<usize> = Vec::new();
             let mut n = 0;
-            for i in (0..self.owner.len()).filter(|&i| self.owner[i] == r) {
+            for &i in idx.iter().filter(|&&i| self.owner[i] == r) {
                 if !cur.is_empty() && n + sizes[i] > bucket {
                     out.push((r, std::mem::take(&mut cur)));
                     n = 0;
@@ -94,7 +105,8 @@ impl Partition {
     }
 }
 
-fn flatten(ts: &[&Tensor]) -> Result<Vec<f32>> {
+/// The tensors' values as f32, one after the other.
+pub(super) fn flatten(ts: &[&Tensor]) -> Result<Vec<f32>> {
     let mut flat = Vec::with_capacity(ts.iter().map(|t| t.elem_count()).sum());
     for t in ts {
         flat.extend(t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?);

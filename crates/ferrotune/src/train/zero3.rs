@@ -23,7 +23,7 @@
 //! base, as with ZeRO-2. Evaluation, and the end of the run, gather the whole model on every
 //! rank ([`Zero3::gather_all`]), as DeepSpeed's `GatheredParameters` does; a mid-run checkpoint
 //! gathers the weights onto rank 0 only, one bucket at a time ([`Zero3::gather_to_root`]).
-use super::zero::{Partition, BUCKET_FLOATS};
+use super::zero::{flatten, Partition, BUCKET_FLOATS};
 use crate::data::Batch;
 use crate::dist::Dist;
 use crate::model::Llama;
@@ -68,14 +68,6 @@ pub fn layer_index(name: &str) -> Option<usize> {
 
 fn placeholder(dtype: DType, dev: &candle_core::Device) -> Result<Var> {
     Ok(Var::from_tensor(&Tensor::zeros(0, dtype, dev)?)?)
-}
-
-fn flatten(ts: &[&Tensor]) -> Result<Vec<f32>> {
-    let mut flat = Vec::with_capacity(ts.iter().map(|t| t.elem_count()).sum());
-    for t in ts {
-        flat.extend(t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?);
-    }
-    Ok(flat)
 }
 
 impl Zero3 {
@@ -439,28 +431,8 @@ impl Zero3 {
     /// Buckets of at most [`BUCKET_FLOATS`] of one owner's tensors among `idx`, owners in rank
     /// order, tensors in index order: the same sequence on every rank.
     fn buckets(&self, idx: &[usize]) -> Vec<(usize, Vec<usize>)> {
-        let mut out = Vec::new();
-        for r in 0..self.world() {
-            let mut cur: Vec<usize> = Vec::new();
-            let mut n = 0;
-            for &i in idx.iter().filter(|&&i| self.part.owner(i) == r) {
-                let k = self.shapes[i].elem_count();
-                if !cur.is_empty() && n + k > BUCKET_FLOATS {
-                    out.push((r, std::mem::take(&mut cur)));
-                    n = 0;
-                }
-                cur.push(i);
-                n += k;
-            }
-            if !cur.is_empty() {
-                out.push((r, cur));
-            }
-        }
-        out
-    }
-
-    fn world(&self) -> usize {
-        self.part.world()
+        let sizes: Vec<usize> = self.shapes.iter().map(|s| s.elem_count()).collect();
+        self.part.buckets_among(idx, &sizes, BUCKET_FLOATS)
     }
 
     /// The owner's values of `bucket`, or zeros of the same length on the other ranks.
