@@ -95,6 +95,26 @@ fn linear(src: &dyn WeightSource, name: &str, bias: bool) -> crate::Result<Linea
     Ok(Linear::new(name, weight, bias))
 }
 
+/// The weights of each decoder layer, relative to `model.layers.{i}`.
+pub const LAYER_WEIGHTS: [&str; 9] = [
+    "input_layernorm.weight",
+    "post_attention_layernorm.weight",
+    "self_attn.q_proj.weight",
+    "self_attn.k_proj.weight",
+    "self_attn.v_proj.weight",
+    "self_attn.o_proj.weight",
+    "mlp.gate_proj.weight",
+    "mlp.up_proj.weight",
+    "mlp.down_proj.weight",
+];
+
+/// A weight's new value for [`Llama::set_parameter`] / [`Llama::set_frozen_weight`].
+#[derive(Clone, Copy)]
+enum WeightValue<'a> {
+    Trainable(&'a Var),
+    Frozen(&'a Tensor),
+}
+
 /// `model.layers.{i}.{rest}` -> `(i, rest)`.
 pub fn layer_of_parameter(name: &str) -> Option<(usize, &str)> {
     let rest = name.strip_prefix("model.layers.")?;
@@ -361,25 +381,96 @@ impl Llama {
     /// placeholder after, so a rank holds only its own weights in between. `Ok(false)`: not a
     /// weight of this model (an adapter's tensor, say).
     pub fn set_parameter(&mut self, name: &str, var: &Var) -> crate::Result<bool> {
+        self.set_weight_value(name, WeightValue::Trainable(var))
+    }
+
+    /// [`Self::set_parameter`] for a frozen dense weight (a PEFT method's base under ZeRO-3).
+    pub fn set_frozen_weight(&mut self, name: &str, weight: &Tensor) -> crate::Result<bool> {
+        self.set_weight_value(name, WeightValue::Frozen(weight))
+    }
+
+    /// The dense tensor of the weight called `name` (trainable or frozen), `None` for a
+    /// quantized weight or a name the model does not have.
+    pub fn dense_weight(&self, name: &str) -> Option<Tensor> {
         use crate::nn::LinearWeight;
         let tied = self.cfg.tie_word_embeddings;
+        let lin = |l: &Linear| match l.weight() {
+            LinearWeight::Frozen(t) => Some(t.clone()),
+            LinearWeight::Trainable(v) => Some(v.as_tensor().clone()),
+            LinearWeight::Quantized(_) => None,
+        };
         match name {
             "model.embed_tokens.weight" => {
-                self.embed_tokens
-                    .set_weight(EmbeddingWeight::Trainable(var.clone()));
+                return match self.embed_tokens.weight() {
+                    EmbeddingWeight::Frozen(t) => Some(t.clone()),
+                    EmbeddingWeight::Trainable(v) => Some(v.as_tensor().clone()),
+                    EmbeddingWeight::Quantized(_) => None,
+                }
+            }
+            "lm_head.weight" if !tied => return lin(&self.lm_head),
+            "model.norm.weight" => return Some(self.norm.weight().clone()),
+            _ => {}
+        }
+        let (i, rest) = layer_of_parameter(name)?;
+        let l = self.layers.get(i)?;
+        match rest {
+            "input_layernorm.weight" => Some(l.input_layernorm.weight().clone()),
+            "post_attention_layernorm.weight" => Some(l.post_attention_layernorm.weight().clone()),
+            "self_attn.q_proj.weight" => lin(&l.self_attn.q_proj),
+            "self_attn.k_proj.weight" => lin(&l.self_attn.k_proj),
+            "self_attn.v_proj.weight" => lin(&l.self_attn.v_proj),
+            "self_attn.o_proj.weight" => lin(&l.self_attn.o_proj),
+            "mlp.gate_proj.weight" => lin(&l.mlp.gate_proj),
+            "mlp.up_proj.weight" => lin(&l.mlp.up_proj),
+            "mlp.down_proj.weight" => lin(&l.mlp.down_proj),
+            _ => None,
+        }
+    }
+
+    /// The HF names of every weight of the model (the embeddings, an untied head, the final
+    /// norm, each layer's norms and projections), in that order.
+    pub fn weight_names(&self) -> Vec<String> {
+        let mut out = vec!["model.embed_tokens.weight".to_string()];
+        if !self.cfg.tie_word_embeddings {
+            out.push("lm_head.weight".to_string());
+        }
+        out.push("model.norm.weight".to_string());
+        for i in 0..self.layers.len() {
+            for rest in LAYER_WEIGHTS {
+                out.push(format!("model.layers.{i}.{rest}"));
+            }
+        }
+        out
+    }
+
+    fn set_weight_value(&mut self, name: &str, value: WeightValue) -> crate::Result<bool> {
+        use crate::nn::LinearWeight;
+        let tied = self.cfg.tie_word_embeddings;
+        let linear = || match value {
+            WeightValue::Trainable(v) => LinearWeight::Trainable(v.clone()),
+            WeightValue::Frozen(t) => LinearWeight::Frozen(t.clone()),
+        };
+        let tensor = || match value {
+            WeightValue::Trainable(v) => v.as_tensor().clone(),
+            WeightValue::Frozen(t) => t.clone(),
+        };
+        match name {
+            "model.embed_tokens.weight" => {
+                self.embed_tokens.set_weight(match value {
+                    WeightValue::Trainable(v) => EmbeddingWeight::Trainable(v.clone()),
+                    WeightValue::Frozen(t) => EmbeddingWeight::Frozen(t.clone()),
+                });
                 if tied {
-                    self.lm_head
-                        .set_weight(LinearWeight::Trainable(var.clone()));
+                    self.lm_head.set_weight(linear());
                 }
                 return Ok(true);
             }
             "lm_head.weight" if !tied => {
-                self.lm_head
-                    .set_weight(LinearWeight::Trainable(var.clone()));
+                self.lm_head.set_weight(linear());
                 return Ok(true);
             }
             "model.norm.weight" => {
-                self.norm.set_weight(var.as_tensor().clone());
+                self.norm.set_weight(tensor());
                 return Ok(true);
             }
             _ => {}
@@ -391,10 +482,8 @@ impl Llama {
             return Ok(false);
         };
         match rest {
-            "input_layernorm.weight" => l.input_layernorm.set_weight(var.as_tensor().clone()),
-            "post_attention_layernorm.weight" => l
-                .post_attention_layernorm
-                .set_weight(var.as_tensor().clone()),
+            "input_layernorm.weight" => l.input_layernorm.set_weight(tensor()),
+            "post_attention_layernorm.weight" => l.post_attention_layernorm.set_weight(tensor()),
             _ => {
                 let lin = match rest {
                     "self_attn.q_proj.weight" => &mut l.self_attn.q_proj,
@@ -406,7 +495,7 @@ impl Llama {
                     "mlp.down_proj.weight" => &mut l.mlp.down_proj,
                     _ => return Ok(false),
                 };
-                lin.set_weight(LinearWeight::Trainable(var.clone()));
+                lin.set_weight(linear());
             }
         }
         Ok(true)

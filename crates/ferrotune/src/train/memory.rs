@@ -30,6 +30,9 @@ pub struct MemoryEstimate {
     pub runtime: u64,
     /// Temporaries the size of the largest trained tensor while the optimizer updates it.
     pub step_working: u64,
+    /// The resident set while the whole model loads, when that is more than training needs
+    /// (ZeRO-3: every rank reads the whole model, then drops the other ranks' share); 0: none.
+    pub load_floor: u64,
 }
 
 /// What the estimate depends on besides the model.
@@ -148,8 +151,13 @@ const RUNTIME_BYTES: u64 = 60 << 20;
 const HEAD_CHUNK_FLOATS: u64 = 8 << 20;
 
 impl MemoryEstimate {
-    /// The sum, saturating at `u64::MAX` (which no machine has).
+    /// The sum, saturating at `u64::MAX` (which no machine has), or the load floor if higher.
     pub fn total(&self) -> u64 {
+        self.training_total().max(self.load_floor)
+    }
+
+    /// The sum of the training components.
+    fn training_total(&self) -> u64 {
         [
             self.backward_copies,
             self.trainable_state,
@@ -166,7 +174,7 @@ impl MemoryEstimate {
     /// One line per component, then the total.
     pub fn table(&self) -> String {
         let h = crate::inspect::human_bytes;
-        format!(
+        let line = format!(
             "memory estimate: weights {} + backward copies {} + trainable state {} + activations {} + LM head {} + step working set {} + data {} + runtime {} = {}",
             h(self.weights),
             h(self.backward_copies),
@@ -176,8 +184,16 @@ impl MemoryEstimate {
             h(self.step_working),
             h(self.data),
             h(self.runtime),
-            h(self.total())
-        )
+            h(self.training_total())
+        );
+        if self.load_floor > self.training_total() {
+            format!(
+                "{line}; peak {} while the whole model loads",
+                h(self.load_floor)
+            )
+        } else {
+            line
+        }
     }
 }
 
@@ -328,6 +344,7 @@ pub fn estimate(model: &dyn Model, shape: &TrainShape) -> MemoryEstimate {
         head: head.0,
         data: data.0,
         runtime: RUNTIME_BYTES,
+        load_floor: 0,
     }
 }
 

@@ -62,6 +62,10 @@ impl Partition {
         self.world
     }
 
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+
     pub fn is_mine(&self, i: usize) -> bool {
         self.owner[i] == self.rank
     }
