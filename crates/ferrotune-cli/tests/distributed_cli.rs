@@ -485,7 +485,7 @@ mod mpi {
 
     #[test]
     fn zero3_lora_equals_ddp() {
-        // Adapters are replicated under ZeRO-3 (the frozen base is not sharded): LoRA's tensors
+        // Adapters are replicated under ZeRO-3 (the frozen f32 base is sharded): LoRA's tensors
         // are reduced onto their owners layer by layer and broadcast back after the update.
         // Two micro-batches a rank: gradients accumulate on the owners across them, each with
         // its own dropout masks.

@@ -449,18 +449,38 @@ pub fn evaluate_tasks_on(
     max_batches: usize,
     dist: &crate::dist::Dist,
 ) -> Result<TaskEval> {
+    let tasks = tasks.iter().map(|(n, b)| (n.as_str(), b));
+    combine_tasks(tasks, dist, |b| eval_sums(model, b, max_batches, dist))
+}
+
+/// Each task's sums from `sums_of` (this rank's share), added over the ranks, and over all
+/// tasks: the overall loss is the token-weighted mean of the tasks'.
+fn combine_tasks<'b>(
+    tasks: impl Iterator<Item = (&'b str, &'b Batcher)>,
+    dist: &crate::dist::Dist,
+    mut sums_of: impl FnMut(&Batcher) -> Result<EvalSums>,
+) -> Result<TaskEval> {
     let mut all = EvalSums::default();
-    let mut by_task = Vec::with_capacity(tasks.len());
+    let mut by_task = Vec::new();
     for (name, batcher) in tasks {
-        let mut sums = eval_sums(model, batcher, max_batches, dist)?;
+        let mut sums = sums_of(batcher)?;
         sums.all_reduce(dist)?;
         all.add(&sums);
-        by_task.push((name.clone(), sums.result()));
+        by_task.push((name.to_string(), sums.result()));
     }
     Ok(TaskEval {
         overall: all.result(),
         by_task,
     })
+}
+
+/// How many of a validation set's `planned` batches an evaluation takes (`max_batches` 0: all).
+fn eval_batch_count(planned: usize, max_batches: usize) -> usize {
+    if max_batches == 0 {
+        planned
+    } else {
+        max_batches.min(planned)
+    }
 }
 
 /// A batch's summed loss and loss tokens (`None`: no batch, only the collectives).
@@ -476,16 +496,11 @@ pub fn evaluate_tasks_lockstep(
     dist: &crate::dist::Dist,
     loss: &mut BatchLoss<'_>,
 ) -> Result<TaskEval> {
-    let mut all = EvalSums::default();
-    let mut by_task = Vec::with_capacity(tasks.len());
     let (rank, world) = (dist.rank(), dist.world_size());
-    for (name, batcher) in tasks {
+    let tasks = tasks.iter().map(|(n, b)| (n.as_str(), *b));
+    combine_tasks(tasks, dist, |batcher| {
         let plan = batcher.plan_for(0);
-        let n = if max_batches == 0 {
-            plan.len()
-        } else {
-            max_batches.min(plan.len())
-        };
+        let n = eval_batch_count(plan.len(), max_batches);
         let mut sums = EvalSums::default();
         for round in 0..n.div_ceil(world) {
             let i = round * world + rank;
@@ -498,13 +513,7 @@ pub fn evaluate_tasks_lockstep(
             sums.nll += sum;
             sums.tokens += k;
         }
-        sums.all_reduce(dist)?;
-        all.add(&sums);
-        by_task.push((name.clone(), sums.result()));
-    }
-    Ok(TaskEval {
-        overall: all.result(),
-        by_task,
+        Ok(sums)
     })
 }
 
@@ -516,11 +525,7 @@ fn eval_sums(
     dist: &crate::dist::Dist,
 ) -> Result<EvalSums> {
     let plan = batcher.plan_for(0);
-    let n = if max_batches == 0 {
-        plan.len()
-    } else {
-        max_batches.min(plan.len())
-    };
+    let n = eval_batch_count(plan.len(), max_batches);
     let classifier = matches!(
         model.task_type(),
         model::TaskType::SeqCls | model::TaskType::TokenCls

@@ -607,7 +607,11 @@ impl<'a> Recipe<'a> {
             Validation::Single(vb) => vec![(String::new(), vb)],
             Validation::Tasks(tasks) => tasks.iter().map(|(n, b)| (n.clone(), b)).collect(),
         };
-        let z = self.zero3.as_ref().expect("called under zero3");
+        let Some(z) = self.zero3.as_ref() else {
+            return Err(Error::msg(
+                "internal error: a ZeRO-3 pass without the ZeRO-3 plan",
+            ));
+        };
         let llama = Self::llama_mut(&mut *self.model)?;
         let params = &self.params;
         let mut e = super::evaluate_tasks_lockstep(&tasks, max, dist, &mut |b| {
@@ -831,7 +835,11 @@ impl<'a> Recipe<'a> {
         n_loss: usize,
     ) -> Result<StepGrads> {
         let dist = self.dist();
-        let z = self.zero3.as_ref().expect("called under zero3");
+        let Some(z) = self.zero3.as_ref() else {
+            return Err(Error::msg(
+                "internal error: a ZeRO-3 pass without the ZeRO-3 plan",
+            ));
+        };
         let mut grads: Vec<Option<Vec<f32>>> = vec![None; self.params.len()];
         let mut out = StepGrads {
             loss: 0.0,

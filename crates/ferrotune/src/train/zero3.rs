@@ -96,6 +96,11 @@ pub fn layer_index(name: &str) -> Option<usize> {
     None
 }
 
+/// The walk keeps one input per layer (the embeddings first): one missing is a bug here.
+fn no_input() -> Error {
+    Error::msg("zero3: internal error: a layer's input is missing")
+}
+
 fn placeholder(dtype: DType, dev: &candle_core::Device) -> Result<Var> {
     Ok(Var::from_tensor(&Tensor::zeros(0, dtype, dev)?)?)
 }
@@ -383,7 +388,7 @@ impl Zero3 {
             self.gather_group(llama, params, Group::Layer(i), &mut live, dist)?;
             if let Some((_, ctx, inputs)) = prepared.as_mut() {
                 let before = llama.layer_rng_states(i);
-                let x = inputs.last().expect("the embeddings come first").detach();
+                let x = inputs.last().ok_or_else(no_input)?.detach();
                 let y = llama.run_layer(i, &x, ctx, true)?.detach();
                 inputs.push(y);
                 rng_states.push((before, llama.layer_rng_states(i)));
@@ -395,7 +400,7 @@ impl Zero3 {
         let mut g = None;
         let t1 = Instant::now();
         if let Some((b, _, inputs)) = prepared.as_mut() {
-            let last = Var::from_tensor(&inputs.pop().expect("one input per layer"))?;
+            let last = Var::from_tensor(&inputs.pop().ok_or_else(no_input)?)?;
             let hidden = llama.norm.forward(last.as_tensor())?;
             let (sum, _) = super::loss::loss_from_hidden(&llama.lm_head, &hidden, b, true)?;
             stats.loss_sum = sum.to_dtype(DType::F64)?.to_scalar::<f64>()?;
@@ -420,7 +425,7 @@ impl Zero3 {
         for i in (0..llama.layers.len()).rev() {
             self.gather_group(llama, params, Group::Layer(i), &mut live, dist)?;
             if let (Some((_, ctx, inputs)), Some(gy)) = (prepared.as_mut(), g.as_ref()) {
-                let x = Var::from_tensor(&inputs.pop().expect("one input per layer"))?;
+                let x = Var::from_tensor(&inputs.pop().ok_or_else(no_input)?)?;
                 llama.set_layer_rng_states(i, &rng_states[i].0);
                 let y = llama.run_layer(i, x.as_tensor(), ctx, true)?;
                 llama.set_layer_rng_states(i, &rng_states[i].1);
@@ -910,14 +915,16 @@ mod tests {
         // No trained model weight (a PEFT method's run): the frozen dense weights are shared
         // out instead, each rank keeping about half of them.
         let mut m = tiny_llama("tiny-llama-gqa-untied");
-        let total: u64 = m
-            .weight_names()
-            .iter()
-            .map(|n| {
-                let t = m.dense_weight(n).unwrap();
-                (t.elem_count() * t.dtype().size_in_bytes()) as u64
-            })
-            .sum();
+        let held_bytes = |m: &Llama| -> u64 {
+            m.weight_names()
+                .iter()
+                .map(|n| {
+                    let t = m.dense_weight(n).unwrap();
+                    (t.elem_count() * t.dtype().size_in_bytes()) as u64
+                })
+                .sum()
+        };
+        let total = held_bytes(&m);
         let mut params: Vec<(String, Var)> = Vec::new();
         let mut z = Zero3::new(&m, &params, Partition::new(&[], 2, 0)).unwrap();
         assert!(!z.has_sharded());
@@ -927,15 +934,7 @@ mod tests {
             "{released} of {total}"
         );
         z.release_all(&mut m, &mut params).unwrap();
-        let held: u64 = m
-            .weight_names()
-            .iter()
-            .map(|n| {
-                let t = m.dense_weight(n).unwrap();
-                (t.elem_count() * t.dtype().size_in_bytes()) as u64
-            })
-            .sum();
-        assert_eq!(held, total - released);
+        assert_eq!(held_bytes(&m), total - released);
         let empty = m
             .weight_names()
             .iter()
