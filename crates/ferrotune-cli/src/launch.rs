@@ -1,7 +1,9 @@
 //! `ferrotune launch --nproc N -- train --config run.toml`: N ranks of a distributed run on
-//! this machine, started with Open MPI's `mpirun` (the `mpi` feature's back-end). Each rank
-//! gets `--threads` so that ranks × threads stays within the cores. On a cluster, start the
-//! ranks with `mpirun` or `srun` directly (README: Distributed training).
+//! this machine, started with Open MPI's `mpirun` (the `mpi` feature's back-end), or with
+//! `--backend nccl` as torchrun starts them (one per GPU; `RANK`, `WORLD_SIZE`, `LOCAL_RANK`,
+//! `MASTER_ADDR`, `MASTER_PORT`; `ferrotune::dist::local_launch`). Each rank gets `--threads`
+//! so that ranks × threads stays within the cores. On a cluster, start the ranks with `mpirun`,
+//! `srun` or torchrun directly (README: Distributed training).
 use anyhow::{bail, Result};
 use clap::Args;
 use std::path::PathBuf;
@@ -15,6 +17,10 @@ pub struct LaunchArgs {
     /// Worker threads per rank (default: the cores shared among the ranks, at least 1).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// The collectives: `mpi` (CPUs; started with mpirun) or `nccl` (GPUs, one rank per GPU;
+    /// started as torchrun does). Default: mpi when this build has it, else nccl.
+    #[arg(long, value_parser = ["mpi", "nccl"])]
+    pub backend: Option<String>,
     /// The command every rank runs, after `--`: `train --config run.toml [--resume ...]`.
     #[arg(last = true, required = true, value_name = "COMMAND")]
     pub command: Vec<String>,
@@ -25,9 +31,20 @@ const MAX_NPROC: usize = 1024;
 
 /// Start the ranks and wait for them; the job's exit status is returned.
 pub fn run(a: LaunchArgs) -> Result<i32> {
-    if !ferrotune::dist::MPI_BUILT {
+    use ferrotune::dist::{MPI_BUILT, NCCL_BUILT};
+    let backend = match a.backend.as_deref() {
+        Some(b) => b,
+        None if MPI_BUILT || !NCCL_BUILT => "mpi",
+        None => "nccl",
+    };
+    if backend == "mpi" && !MPI_BUILT {
         bail!(
-            "this ferrotune was built without the `mpi` feature, which `launch` starts its ranks with: rebuild with `cargo build --release --features mpi` (needs Open MPI: apt-get install openmpi-bin libopenmpi-dev libclang-dev)"
+            "this ferrotune was built without the `mpi` feature, which `launch` starts its ranks with: rebuild with `cargo build --release --features mpi` (needs Open MPI: apt-get install openmpi-bin libopenmpi-dev libclang-dev), or use --backend nccl on GPUs"
+        );
+    }
+    if backend == "nccl" && !NCCL_BUILT {
+        bail!(
+            "--backend nccl: this ferrotune was built without the `nccl` feature: build it with scripts/build-cuda.sh"
         );
     }
     if a.nproc == 0 || a.nproc > MAX_NPROC {
@@ -52,12 +69,23 @@ pub fn run(a: LaunchArgs) -> Result<i32> {
             a.nproc
         );
     }
+    let has_threads = a
+        .command
+        .iter()
+        .any(|w| w == "--threads" || w.starts_with("--threads=") || w.contains("train.threads="));
+    let mut rank_args: Vec<String> = a.command.clone();
+    if !has_threads {
+        rank_args.extend(["--threads".to_string(), threads.to_string()]);
+    }
+    let exe = std::env::current_exe()?;
+    if backend == "nccl" {
+        return launch_nccl(&exe, &rank_args, a.nproc, threads, cores);
+    }
     let Some(mpirun) = find_in_path("mpirun") else {
         bail!(
             "mpirun not found on PATH: install Open MPI (Debian/Ubuntu: apt-get install openmpi-bin), or start the ranks with your cluster's launcher (srun)"
         );
     };
-    let exe = std::env::current_exe()?;
     let mut cmd = Command::new(&mpirun);
     cmd.args(["-np", &a.nproc.to_string()])
         // Threads per rank are set by --threads: MPI's default binding would pin each rank,
@@ -71,14 +99,7 @@ pub fn run(a: LaunchArgs) -> Result<i32> {
         // launch as root has chosen to.
         cmd.arg("--allow-run-as-root");
     }
-    cmd.arg(&exe).args(&a.command);
-    let has_threads = a
-        .command
-        .iter()
-        .any(|w| w == "--threads" || w.starts_with("--threads=") || w.contains("train.threads="));
-    if !has_threads {
-        cmd.args(["--threads", &threads.to_string()]);
-    }
+    cmd.arg(&exe).args(&rank_args);
     eprintln!(
         "launch: {} ranks x {threads} threads on {cores} cores: {}",
         a.nproc,
@@ -88,6 +109,42 @@ pub fn run(a: LaunchArgs) -> Result<i32> {
         .status()
         .map_err(|e| anyhow::anyhow!("{}: {e}", mpirun.display()))?;
     Ok(status.code().unwrap_or(1))
+}
+
+/// One process per GPU, torchrun-style; a rank that fails stops the others.
+fn launch_nccl(
+    exe: &std::path::Path,
+    args: &[String],
+    nproc: usize,
+    threads: usize,
+    cores: usize,
+) -> Result<i32> {
+    let mut args: Vec<std::ffi::OsString> = args.iter().map(Into::into).collect();
+    let runs_on_gpu = args
+        .iter()
+        .any(|w| w.to_string_lossy().contains("train.device="));
+    if !runs_on_gpu {
+        // NCCL runs between GPUs: `cuda` is each rank's own (LOCAL_RANK) under NCCL.
+        args.extend(["--set".into(), "train.device=cuda".into()]);
+    }
+    eprintln!(
+        "launch: {nproc} ranks (NCCL, one GPU each) x {threads} threads on {cores} cores: {} {}",
+        exe.display(),
+        args.iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    // Long enough for a rank to finish writing a checkpoint after a peer failed.
+    let grace = std::time::Duration::from_secs(30);
+    let out = ferrotune::dist::local_launch::run_ranks(exe, &args, nproc, grace)?;
+    if let Some(r) = out.failed_rank {
+        eprintln!(
+            "launch: rank {r} of {nproc} exited with status {}; the other ranks were stopped",
+            out.code
+        );
+    }
+    Ok(out.code)
 }
 
 fn find_in_path(name: &str) -> Option<PathBuf> {

@@ -510,6 +510,7 @@ impl ModelArgs {
                     .map_err(|e| anyhow::anyhow!("--base-quant {e}"))?,
             },
             head: None,
+            placeholders: None,
         })
     }
 }
@@ -1630,7 +1631,8 @@ fn run_train(a: TrainArgs) -> Result<()> {
         let out = c.config.output_dir.clone();
         let dist = ferrotune::dist::Dist::from_environment(
             std::time::Duration::from_secs(c.config.train.dist_timeout_s),
-            false,
+            c.config.train.dist_backend,
+            c.config.train.device.starts_with("cuda"),
         )?;
         ranks = Some(dist.clone());
         let opts = train::RunOptions {

@@ -17,7 +17,7 @@
 //! The mpirun tests need the `mpi` feature and `mpirun` (skipped with a note without it).
 // Without the feature the helpers serve no test.
 #![cfg_attr(not(feature = "mpi"), allow(dead_code, unused_imports))]
-use crate::support::{self, arg, fails, rev_model, succeeds, tmp, REV_WORDS};
+use crate::support::{self, arg, check_error, fails, rev_model, succeeds, tmp, REV_WORDS};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -164,6 +164,63 @@ fn launch_needs_the_mpi_feature() {
         "launch", "--nproc", "2", "--", "train", "--config", "run.toml",
     ]);
     assert!(e.contains("without the `mpi` feature"), "{e}");
+}
+
+/// `train` as rank 0 of 2 of a torchrun-style launch (RANK / WORLD_SIZE / MASTER_ADDR).
+fn torchrun_rank0(args: &[String]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_ferrotune"))
+        .args(args)
+        .env("RANK", "0")
+        .env("WORLD_SIZE", "2")
+        .env("LOCAL_RANK", "0")
+        .env("MASTER_ADDR", "127.0.0.1")
+        .env("MASTER_PORT", "1")
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn torchrun_style_ranks_need_nccl_and_a_gpu() {
+    // A torchrun-style launch is NCCL's (MPI cannot join it): on the CPU that is refused with
+    // the way out; `dist_backend = "mpi"` asks for MPI, which must then be built; a GPU run
+    // needs the `nccl` feature. Each is one line, before anything is written.
+    let s = Setup::new("dist-torchrun", "max_steps = 1\ndistributed = \"ddp\"");
+    let e = check_error("cpu", &torchrun_rank0(&s.train_args("out", &[])));
+    assert!(
+        e.contains("NCCL back-end, which runs between GPUs, but train.device is the CPU")
+            && e.contains("torchrun"),
+        "{e}"
+    );
+    if !cfg!(feature = "nccl") {
+        let gpu = s.train_args("out", &["--set", "train.device=\"cuda\""]);
+        let e = check_error("cuda", &torchrun_rank0(&gpu));
+        assert!(e.contains("without the `nccl` feature"), "{e}");
+    }
+    if !cfg!(feature = "mpi") {
+        let mpi = s.train_args("out", &["--set", "train.dist_backend=\"mpi\""]);
+        let e = check_error("mpi", &torchrun_rank0(&mpi));
+        assert!(e.contains("without the `mpi` feature"), "{e}");
+    }
+    let e = fails(&s.train_args("out", &["--set", "train.dist_backend=\"gloo\""]));
+    assert!(e.contains("dist_backend"), "{e}");
+    assert!(!s.dir.join("out").exists());
+    if !cfg!(feature = "nccl") {
+        let e = fails(&[
+            "launch",
+            "--backend",
+            "nccl",
+            "--nproc",
+            "2",
+            "--",
+            "train",
+            "--config",
+            "x.toml",
+        ]);
+        assert!(
+            e.contains("--backend nccl") && e.contains("`nccl` feature"),
+            "{e}"
+        );
+    }
 }
 
 #[test]
@@ -496,7 +553,13 @@ mod mpi {
         let Some(_) = sharded(&s, "ddp", "ddp", &[]) else {
             return;
         };
-        sharded(&s, "zero3", "zero3", &[]).unwrap();
+        let z3 = sharded(&s, "zero3", "zero3", &[]).unwrap();
+        // The frozen base other ranks own was never read here (placeholders until gathered).
+        assert!(
+            text(&z3).contains("ZeRO-3: this rank read its own"),
+            "{}",
+            text(&z3)
+        );
         assert_losses_close(&s.dir.join("zero3"), &s.dir.join("ddp"));
         // The sums are grouped differently: DDP adds a rank's two micro-batches, then the
         // ranks; ZeRO-3 reduces each micro-batch's gradient as its backward pass ends (as FSDP

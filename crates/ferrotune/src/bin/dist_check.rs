@@ -1,10 +1,12 @@
 //! Checks every collective of `ferrotune::dist` on the MPI back-end against the value it must
-//! give; run as `mpirun -np N ferrotune-dist-check` (the distributed tests do). Each rank prints
+//! give; run as `mpirun -np N ferrotune-dist-check` (the distributed tests do). Built as
+//! `ferrotune-nccl-check` (feature `nccl`) it checks the NCCL back-end instead, one rank per
+//! GPU under a torchrun-style launch (bench/nccl_check.sh). Each rank prints
 //! `rank R of N: ok` or fails with the first wrong result. `ferrotune-dist-check hang R`: rank R
 //! stops answering before the first collective, so the others must end the job through the
 //! watchdog (`FERROTUNE_DIST_TIMEOUT_S`, default 5 s here); `ferrotune-dist-check die R`: rank
 //! R aborts (SIGABRT), so mpirun must end the job naming it.
-use ferrotune::dist::{Dist, LaunchEnv};
+use ferrotune::dist::{BackendChoice, Dist, LaunchEnv};
 use std::time::Duration;
 
 fn check(what: &str, got: &[f32], want: &[f32]) {
@@ -14,12 +16,18 @@ fn check(what: &str, got: &[f32], want: &[f32]) {
     }
 }
 
-fn main() {
+pub fn main() {
     let timeout = std::env::var("FERROTUNE_DIST_TIMEOUT_S")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(5);
-    let d = match Dist::from_environment(Duration::from_secs(timeout), true) {
+    let nccl = env!("CARGO_BIN_NAME") == "ferrotune-nccl-check";
+    let choice = if nccl {
+        BackendChoice::Nccl
+    } else {
+        BackendChoice::Mpi
+    };
+    let d = match Dist::from_environment(Duration::from_secs(timeout), choice, nccl) {
         Ok(d) => d,
         Err(e) => {
             eprintln!("error: {e}");
@@ -69,6 +77,12 @@ fn main() {
     d.all_gather(&[rf, -rf], &mut all).unwrap();
     let want: Vec<f32> = (0..n).flat_map(|q| [q as f32, -(q as f32)]).collect();
     check("all_gather", &all, &want);
+    // reduce to rank 0: sum over ranks of (rank + 1) * [1, 2].
+    let mut red = vec![rf + 1.0, 2.0 * (rf + 1.0)];
+    d.reduce_sum(&mut red, 0).unwrap();
+    if r == 0 {
+        check("reduce", &red, &[tri, 2.0 * tri]);
+    }
     // broadcast from the last rank.
     let mut b = vec![rf; 4];
     d.broadcast(&mut b, n - 1).unwrap();

@@ -6,6 +6,10 @@
 //! - `MpiBackend` (cargo feature `mpi`): Open MPI through rsmpi, so a job runs under the
 //!   launchers clusters already have (`mpirun`, Slurm's `srun`). Rank, world size and local
 //!   rank come from the communicator.
+//! - `NcclBackend` (cargo feature `nccl`, with `cuda`): NCCL between GPUs, one process per
+//!   GPU, started torchrun-style (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `MASTER_ADDR`,
+//!   `MASTER_PORT`: torchrun, `ferrotune launch --backend nccl`, or srun / mpirun with
+//!   `MASTER_ADDR` set); NCCL's unique id goes from rank 0 to the others over [`Rendezvous`].
 //!
 //! A multi-rank [`Dist`] times every collective (the run reports its time in communication) and
 //! watches it ([`watchdog`]): a collective that has not completed within the timeout (a peer died
@@ -16,14 +20,21 @@
 //! Sums are over f32 (gradients) or f64 (token counts and loss sums, exact as integers up to
 //! 2^53); all ranks must call the same collectives in the same order with the same lengths.
 mod launch_env;
+pub mod local_launch;
 #[cfg(feature = "mpi")]
 mod mpi;
+#[cfg(feature = "nccl")]
+mod nccl;
+mod rendezvous;
 mod single;
 mod watchdog;
 
 pub use launch_env::LaunchEnv;
 #[cfg(feature = "mpi")]
 pub use mpi::MpiBackend;
+#[cfg(feature = "nccl")]
+pub use nccl::NcclBackend;
+pub use rendezvous::Rendezvous;
 pub use single::SingleProcess;
 
 use crate::{Error, Result};
@@ -66,6 +77,42 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// Whether this build has the MPI back-end (cargo feature `mpi`).
 pub const MPI_BUILT: bool = cfg!(feature = "mpi");
+
+/// Whether this build has the NCCL back-end (cargo feature `nccl`).
+pub const NCCL_BUILT: bool = cfg!(feature = "nccl");
+
+/// Which collectives a multi-rank job uses (`train.dist_backend`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BackendChoice {
+    /// NCCL when the run trains on a GPU and this build has it, or when the launch is
+    /// torchrun-style (`RANK` / `WORLD_SIZE`, which MPI cannot join); MPI otherwise.
+    #[default]
+    Auto,
+    Mpi,
+    Nccl,
+}
+
+impl BackendChoice {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackendChoice::Auto => "auto",
+            BackendChoice::Mpi => "mpi",
+            BackendChoice::Nccl => "nccl",
+        }
+    }
+
+    /// The back-end a multi-rank launch by `launcher` uses for a run on a GPU (`gpu`) or not.
+    pub fn resolve(self, launcher: &str, gpu: bool) -> BackendChoice {
+        match self {
+            BackendChoice::Auto if (gpu && NCCL_BUILT) || launcher == "torchrun" => {
+                BackendChoice::Nccl
+            }
+            BackendChoice::Auto => BackendChoice::Mpi,
+            chosen => chosen,
+        }
+    }
+}
 
 /// The exit status of a job ended by the watchdog.
 pub const TIMEOUT_EXIT_CODE: i32 = 75;
@@ -130,14 +177,23 @@ impl Dist {
         }
     }
 
-    /// The back-end the launch environment asks for: MPI when the process was started as one of
-    /// several ranks (mpirun, srun) or `mpi` is set, else one process. A multi-rank launch of a
-    /// binary built without the `mpi` feature is an error, not N copies of one run.
-    pub fn from_environment(timeout: Duration, mpi: bool) -> Result<Self> {
+    /// The back-end the launch environment asks for: one process unless the process was
+    /// started as one of several ranks (mpirun, srun, torchrun, `launch`) or `choice` is `Mpi`
+    /// (MPI started in one process is a job of one); then MPI or NCCL as
+    /// [`BackendChoice::resolve`] says for a run on a GPU (`gpu`) or not. A multi-rank launch
+    /// of a binary without the back-end it needs is an error, not N copies of one run.
+    pub fn from_environment(timeout: Duration, choice: BackendChoice, gpu: bool) -> Result<Self> {
         let env = LaunchEnv::read();
-        if !(mpi || env.is_multi_rank()) {
+        if !(choice == BackendChoice::Mpi || env.is_multi_rank()) {
             return Ok(Dist::default());
         }
+        match choice.resolve(env.launcher, gpu) {
+            BackendChoice::Nccl => Self::nccl(&env, timeout, gpu),
+            _ => Self::mpi(&env, timeout),
+        }
+    }
+
+    fn mpi(env: &LaunchEnv, timeout: Duration) -> Result<Self> {
         #[cfg(feature = "mpi")]
         {
             let backend = MpiBackend::init()?;
@@ -155,6 +211,35 @@ impl Dist {
             let _ = timeout;
             Err(Error::msg(format!(
                 "started as one of {} ranks ({}), but this ferrotune was built without the `mpi` feature: rebuild with `cargo build --release --features mpi` (needs Open MPI: libopenmpi-dev)",
+                env.world_size.map_or("several".to_string(), |n| n.to_string()),
+                env.launcher
+            )))
+        }
+    }
+
+    fn nccl(env: &LaunchEnv, timeout: Duration, gpu: bool) -> Result<Self> {
+        if !gpu {
+            return Err(Error::msg(format!(
+                "started as one of {} ranks ({}) on the NCCL back-end, which runs between GPUs, but train.device is the CPU: set train.device = \"cuda\", or start the ranks with mpirun / `ferrotune launch` for CPUs",
+                env.world_size.map_or("several".to_string(), |n| n.to_string()),
+                env.launcher
+            )));
+        }
+        #[cfg(feature = "nccl")]
+        {
+            let Some(rendezvous) = Rendezvous::from_env()? else {
+                return Err(Error::msg(
+                    "the NCCL back-end needs MASTER_ADDR (rank 0's host) and MASTER_PORT to exchange NCCL's id: torchrun and `ferrotune launch --backend nccl` set them; under srun / mpirun export them",
+                ));
+            };
+            let backend = NcclBackend::init(env, &rendezvous, timeout)?;
+            Ok(Dist::new(Arc::new(backend), timeout))
+        }
+        #[cfg(not(feature = "nccl"))]
+        {
+            let _ = timeout;
+            Err(Error::msg(format!(
+                "started as one of {} ranks ({}) on GPUs, but this ferrotune was built without the `nccl` feature: build it with scripts/build-cuda.sh (cargo feature nccl)",
                 env.world_size.map_or("several".to_string(), |n| n.to_string()),
                 env.launcher
             )))
@@ -339,6 +424,21 @@ mod tests {
         d.barrier().unwrap();
         // No time is counted: nothing was waited on.
         assert_eq!(d.comm_seconds(), 0.0);
+    }
+
+    #[test]
+    fn the_back_end_follows_the_launcher_and_the_device() {
+        use BackendChoice::*;
+        // mpirun / srun on CPUs: MPI; torchrun-style: NCCL (MPI cannot join it).
+        assert_eq!(Auto.resolve("mpirun", false), Mpi);
+        assert_eq!(Auto.resolve("srun", false), Mpi);
+        assert_eq!(Auto.resolve("torchrun", false), Nccl);
+        // On GPUs NCCL when built, whoever launched.
+        let gpu = if NCCL_BUILT { Nccl } else { Mpi };
+        assert_eq!(Auto.resolve("srun", true), gpu);
+        // A choice is kept.
+        assert_eq!(Mpi.resolve("torchrun", true), Mpi);
+        assert_eq!(Nccl.resolve("mpirun", false), Nccl);
     }
 
     #[test]

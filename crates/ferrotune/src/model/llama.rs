@@ -430,12 +430,17 @@ impl Llama {
     /// The HF names of every weight of the model (the embeddings, an untied head, the final
     /// norm, each layer's norms and projections), in that order.
     pub fn weight_names(&self) -> Vec<String> {
+        Self::weight_names_for(&self.cfg, self.layers.len())
+    }
+
+    /// [`Self::weight_names`] of a model with `cfg` and `layers` layers, before it is loaded.
+    pub fn weight_names_for(cfg: &LlamaConfig, layers: usize) -> Vec<String> {
         let mut out = vec!["model.embed_tokens.weight".to_string()];
-        if !self.cfg.tie_word_embeddings {
+        if !cfg.tie_word_embeddings {
             out.push("lm_head.weight".to_string());
         }
         out.push("model.norm.weight".to_string());
-        for i in 0..self.layers.len() {
+        for i in 0..layers {
             for rest in LAYER_WEIGHTS {
                 out.push(format!("model.layers.{i}.{rest}"));
             }

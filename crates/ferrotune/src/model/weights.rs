@@ -27,6 +27,10 @@ pub struct LoadOptions {
     /// The head to put on a family that has several (BERT): `None` loads the one the folder was
     /// saved with.
     pub head: Option<HeadSpec>,
+    /// Dense weights of a safetensors folder that load as placeholders of their shape and
+    /// dtype holding no data (one broadcast element): ZeRO-3's frozen weights that another rank
+    /// owns, gathered from their owner before each use, so that no rank reads the whole model.
+    pub placeholders: Option<Arc<std::collections::HashSet<String>>>,
 }
 
 /// A head asked for by a run or a command, rather than the one a folder was saved with.
@@ -175,6 +179,9 @@ impl SafetensorsSource {
         if let Some(t) = self.loaded.borrow().get(name) {
             return Ok(t.clone());
         }
+        if let Some(t) = self.placeholder(name)? {
+            return Ok(t);
+        }
         let (file, _) = self.names.get(name).ok_or_else(|| {
             Error::file(
                 &self.dir,
@@ -206,6 +213,33 @@ impl SafetensorsSource {
 }
 
 impl SafetensorsSource {
+    /// [`LoadOptions::placeholders`]: `name`'s shape and dtype (after `dtype`) with no data, if
+    /// the options name it and it is stored as a float (anything else loads as usual).
+    fn placeholder(&self, name: &str) -> Result<Option<Tensor>> {
+        if !self
+            .opts
+            .placeholders
+            .as_ref()
+            .is_some_and(|p| p.contains(name))
+        {
+            return Ok(None);
+        }
+        let Ok(view) = self.st.get(name) else {
+            return Ok(None);
+        };
+        let stored = match view.dtype() {
+            safetensors::Dtype::F32 => DType::F32,
+            safetensors::Dtype::F16 => DType::F16,
+            safetensors::Dtype::BF16 => DType::BF16,
+            _ => return Ok(None),
+        };
+        let dtype = self.opts.dtype.unwrap_or(stored);
+        let shape = view.shape().to_vec();
+        Ok(Some(
+            Tensor::zeros((), dtype, &self.device)?.broadcast_as(shape)?,
+        ))
+    }
+
     /// A bitsandbytes-quantized linear of a pre-quantized folder, kept in its format (NF4 / FP4
     /// rows that are whole blocks, int8 rows) for our kernels, unless the options ask for dense
     /// weights (`--dequantize`, another `--base-quant`/`--requantize`, a non-CPU device); None

@@ -595,6 +595,10 @@ pub struct TrainSection {
     /// job with an error naming the rank (`dist`'s watchdog).
     #[serde(default = "default_dist_timeout_s")]
     pub dist_timeout_s: u64,
+    /// The collectives of a multi-rank job: `auto` (NCCL for a run on GPUs when built with the
+    /// `nccl` feature, or under a torchrun-style launch; MPI otherwise), `mpi` or `nccl`.
+    #[serde(default)]
+    pub dist_backend: crate::dist::BackendChoice,
 }
 
 /// `[train] distributed`.

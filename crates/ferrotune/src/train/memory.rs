@@ -30,8 +30,9 @@ pub struct MemoryEstimate {
     pub runtime: u64,
     /// Temporaries the size of the largest trained tensor while the optimizer updates it.
     pub step_working: u64,
-    /// The resident set while the whole model loads, when that is more than training needs
-    /// (ZeRO-3: every rank reads the whole model, then drops the other ranks' share); 0: none.
+    /// The resident set while the model loads, when that is more than training needs (ZeRO-3:
+    /// a rank reads the whole model, or with a frozen dense base only its own share, then
+    /// drops the other ranks' share); 0: none.
     pub load_floor: u64,
 }
 
@@ -187,10 +188,7 @@ impl MemoryEstimate {
             h(self.training_total())
         );
         if self.load_floor > self.training_total() {
-            format!(
-                "{line}; peak {} while the whole model loads",
-                h(self.load_floor)
-            )
+            format!("{line}; peak {} while the model loads", h(self.load_floor))
         } else {
             line
         }

@@ -162,9 +162,13 @@ impl<'a> Recipe<'a> {
         if let Some(n) = cfg.train.threads {
             set_threads(n);
         }
-        let device = config::parse_device(&cfg.train.device)
-            .map_err(|e| c.key_error("train.device", e))?
-            .device()?;
+        let mut device_spec =
+            config::parse_device(&cfg.train.device).map_err(|e| c.key_error("train.device", e))?;
+        if opts.dist.backend() == "nccl" && cfg.train.device == "cuda" {
+            // One GPU per rank: `cuda` is this rank's (LOCAL_RANK), as torchrun scripts do.
+            device_spec = config::DeviceSpec::Cuda(opts.dist.local_rank());
+        }
+        let device = device_spec.device()?;
         let source = model::resolve(&cfg.model)?;
         let data = setup_data(c, &source, &device)?;
         // `[eval]` tasks are read and their data found now, not after training.
@@ -173,13 +177,14 @@ impl<'a> Recipe<'a> {
             OutputPlan::AlreadyFinished(s) => return Ok(Setup::AlreadyFinished(Box::new(s))),
             OutputPlan::Run { folder, resume } => (folder, resume),
         };
+        let placeholders = zero3_placeholders(c, &source, &opts.dist)?;
         let RunModel {
             model,
             source,
             tokenizer,
             tuner,
             params,
-        } = setup_model(c, source, &device, &data)?;
+        } = setup_model(c, source, &device, &data, placeholders.clone())?;
         let zero = matches!(
             cfg.train.distributed,
             Distributed::Zero1 | Distributed::Zero2 | Distributed::Zero3
@@ -190,13 +195,23 @@ impl<'a> Recipe<'a> {
         });
         let zero3 = match &zero {
             Some(part) if cfg.train.distributed == Distributed::Zero3 => {
-                Some(setup_zero3(c, &*model, &params, part.clone())?)
+                let z = setup_zero3(c, &*model, &params, part.clone())?;
+                if let Some(p) = &placeholders {
+                    z.check_placeholders(p)?;
+                }
+                Some(z)
             }
             _ => None,
         };
         let (schedule, opt) = setup_optimizer(c, &tuner, &params, zero.as_ref(), data.max_steps)?;
-        let (memory, available) =
-            setup_memory(c, &*model, &data, &params, zero.as_ref(), zero3.as_ref())?;
+        let (memory, available) = setup_memory(
+            c,
+            &*model,
+            &data,
+            &params,
+            zero.as_ref(),
+            zero3.as_ref().map(|z| (z, placeholders.is_some())),
+        )?;
         let mut model_line = format!(
             "model {} ({}, {} layers); method {}",
             cfg.model,
@@ -208,6 +223,14 @@ impl<'a> Recipe<'a> {
             model_line.push_str(&format!(
                 "; the quantized GGUF base is dequantized to f32 for {} fine-tuning",
                 tuner.method()
+            ));
+        }
+        if let (Some(p), Some(z)) = (&placeholders, &zero3) {
+            model_line.push_str(&format!(
+                "; ZeRO-3: this rank read its own {} of the {} frozen weights, not the others' {}",
+                z.frozen_count() - p.len(),
+                z.frozen_count(),
+                p.len()
             ));
         }
         Ok(Setup::Ready(Box::new(Recipe {
@@ -1240,10 +1263,12 @@ fn setup_model(
     source: ModelSource,
     device: &candle_core::Device,
     data: &RunData,
+    placeholders: Option<std::sync::Arc<std::collections::HashSet<String>>>,
 ) -> Result<RunModel> {
     let cfg = &c.config;
     let mut opts = load_options(c)?;
     opts.head = head_for(data);
+    opts.placeholders = placeholders;
     // Full and selective runs train the base's own weights: a quantized (GGUF) base is
     // dequantized to f32 first (said in the run's model line).
     if cfg.method != Method::Lora && matches!(source, ModelSource::Gguf(_)) {
@@ -1410,6 +1435,58 @@ fn setup_optimizer(
 
 /// ZeRO-3's plan: a LLaMA-family model without a soft prompt (the layer walk of activation
 /// checkpointing is what gathers and frees each layer's weights).
+/// ZeRO-3 of a PEFT method whose set-up reads no base weight, on a dense LLaMA safetensors
+/// folder: the frozen weights other ranks own, which this rank then loads as placeholders
+/// ([`super::zero3::frozen_placeholders`]), so no rank holds the whole model at any time.
+/// `None`, and every weight loads: one rank, another mode, a GGUF or quantized base, a method
+/// that trains base weights (full, selective, `modules_to_save`) or reads them to start (DoRA's
+/// magnitudes, PiSSA / OLoRA / LoftQ / EVA inits), other families.
+fn zero3_placeholders(
+    c: &LoadedConfig,
+    source: &ModelSource,
+    dist: &crate::dist::Dist,
+) -> Result<Option<std::sync::Arc<std::collections::HashSet<String>>>> {
+    use crate::peft::lora::config::InitKind;
+    let (cfg, t) = (&c.config, &c.config.train);
+    if t.distributed != Distributed::Zero3
+        || dist.world_size() < 2
+        || t.base_quant.as_deref().is_some_and(|q| q != "none")
+    {
+        return Ok(None);
+    }
+    let reads_base = match cfg.method {
+        Method::Lora => {
+            let l = &cfg.lora;
+            let plain_init = match &l.init_lora_weights {
+                None => true,
+                Some(w) => matches!(
+                    w.kind(),
+                    Ok(InitKind::Default | InitKind::Random | InitKind::Gaussian)
+                ),
+            };
+            l.use_dora || l.modules_to_save.is_some() || !plain_init
+        }
+        Method::Ia3 => cfg.ia3.modules_to_save.is_some(),
+        _ => true,
+    };
+    let ModelSource::HfDir(dir) = source else {
+        return Ok(None);
+    };
+    if reads_base
+        || model::peek_task(source).0 != model::ArchitectureKind::Decoder
+        || crate::quant::bnb::hf::bnb_quantization_config(dir)?.is_some()
+    {
+        return Ok(None);
+    }
+    let Ok(lc) = model::config_from_hf_dir(dir) else {
+        return Ok(None);
+    };
+    Ok(
+        super::zero3::frozen_placeholders(dir, &lc, dist.world_size(), dist.rank())?
+            .map(std::sync::Arc::new),
+    )
+}
+
 fn setup_zero3(
     c: &LoadedConfig,
     model: &dyn Model,
@@ -1445,7 +1522,7 @@ fn setup_memory(
     data: &RunData,
     params: &[(String, Var)],
     zero: Option<&super::zero::Partition>,
-    zero3: Option<&super::zero3::Zero3>,
+    zero3: Option<(&super::zero3::Zero3, bool)>,
 ) -> Result<(memory::MemoryEstimate, Option<u64>)> {
     let (cfg, t) = (&c.config, &c.config.train);
     model.set_quant_settings(quant_settings(c)?);
@@ -1459,7 +1536,7 @@ fn setup_memory(
         ));
         shape.largest_param = mine.iter().map(|v| v.elem_count()).max().unwrap_or(0);
     }
-    if let Some(z) = zero3 {
+    if let Some((z, _)) = zero3 {
         // ZeRO-3 walks the layers as activation checkpointing does. A rank keeps the
         // gradients of its own tensors, and for a while those of the gathered outer group and
         // one layer (until their reduce).
@@ -1472,12 +1549,17 @@ fn setup_memory(
         }
     }
     let mut mem = memory::estimate(model, &shape);
-    if let Some(z) = zero3 {
-        // Every rank first loads the whole model (a file mapping plus the tensors read from
-        // it), then drops the others' share: with a small trained part (LoRA) that load is the
-        // peak (SmolLM2 f32: 1.10 GB at load, 0.5 GB training).
-        mem.load_floor = mem
-            .weights
+    if let Some((z, sharded_load)) = zero3 {
+        // Unless the others' frozen weights loaded as placeholders, every rank first loads the
+        // whole model (a file mapping plus the tensors read from it), then drops the others'
+        // share: with a small trained part (LoRA) that load is the peak (SmolLM2 f32: 1.10 GB
+        // at load, 0.5 GB training). With placeholders it reads its own share only.
+        let loaded = if sharded_load {
+            mem.weights.saturating_sub(z.released_bytes())
+        } else {
+            mem.weights
+        };
+        mem.load_floor = loaded
             .saturating_mul(2)
             .saturating_add(mem.runtime)
             .saturating_add(mem.data);

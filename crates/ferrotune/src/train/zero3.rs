@@ -105,7 +105,66 @@ fn placeholder(dtype: DType, dev: &candle_core::Device) -> Result<Var> {
     Ok(Var::from_tensor(&Tensor::zeros(0, dtype, dev)?)?)
 }
 
+/// The frozen weights another rank will own, computed before the model loads from the names
+/// and shapes in a safetensors folder's headers, so that they load as placeholders holding no
+/// data (`LoadOptions::placeholders`) and no rank reads the whole model. This is the ownership
+/// [`Zero3::new`] gives the frozen weights when the method trains none of the model's own
+/// weights and the base is dense (the caller's conditions); [`Zero3::check_placeholders`]
+/// confirms it once the plan is made. `None` when a weight is missing from the headers (the
+/// load then reports it).
+pub fn frozen_placeholders(
+    dir: &std::path::Path,
+    cfg: &crate::model::LlamaConfig,
+    world: usize,
+    rank: usize,
+) -> Result<Option<std::collections::HashSet<String>>> {
+    use crate::model::WeightSource;
+    let src = crate::model::SafetensorsSource::open(
+        dir,
+        &crate::model::LoadOptions::default(),
+        &candle_core::Device::Cpu,
+    )?;
+    let names = Llama::weight_names_for(cfg, cfg.num_hidden_layers);
+    let mut sizes = Vec::with_capacity(names.len());
+    for n in &names {
+        match src.tensor_shape(n) {
+            Some(shape) => sizes.push(shape.iter().product::<usize>()),
+            None => return Ok(None),
+        }
+    }
+    let part = Partition::new(&sizes, world, rank);
+    Ok(Some(
+        names
+            .into_iter()
+            .enumerate()
+            .filter(|&(k, _)| !part.is_mine(k))
+            .map(|(_, n)| n)
+            .collect(),
+    ))
+}
+
 impl Zero3 {
+    /// Every weight loaded as a placeholder must be a frozen weight another rank owns (its
+    /// owner gathers it before use); anything else would train or run on a weight with no
+    /// data.
+    pub fn check_placeholders(
+        &self,
+        placeholders: &std::collections::HashSet<String>,
+    ) -> Result<()> {
+        let f = &self.frozen;
+        for name in placeholders {
+            match f.names.iter().position(|n| n == name) {
+                Some(k) if !f.part.is_mine(k) => {}
+                _ => {
+                    return Err(Error::msg(format!(
+                        "zero3: internal error: `{name}` was loaded without its data but this rank needs it; set train.distributed = \"zero2\" and report this"
+                    )))
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// The plan for `params` of `llama` (every rank computes the same one).
     pub fn new(llama: &Llama, params: &[(String, Var)], part: Partition) -> Result<Self> {
         let n_layers = llama.layers.len();
@@ -164,6 +223,11 @@ impl Zero3 {
             dtypes: params.iter().map(|(_, v)| v.dtype()).collect(),
             gathered: true,
         })
+    }
+
+    /// How many frozen weights the plan shards (a PEFT method's dense base).
+    pub fn frozen_count(&self) -> usize {
+        self.frozen.names.len()
     }
 
     pub fn partition(&self) -> &Partition {
@@ -941,6 +1005,61 @@ mod tests {
             .filter(|n| m.dense_weight(n).unwrap().elem_count() == 0)
             .count();
         assert!(empty > 0);
+    }
+
+    #[test]
+    fn the_others_frozen_weights_load_as_placeholders_matching_the_plan() {
+        // The ownership computed from the headers before loading is the plan's: each rank's
+        // placeholders are exactly the frozen weights the other rank owns, they hold no data
+        // (one broadcast element), and the weights a rank owns load whole and equal the file.
+        let fixture = "tiny-llama-gqa-untied";
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/fixtures/models")
+            .join(fixture);
+        let cfg = config_from_hf_dir(&dir).unwrap();
+        let full = tiny_llama(fixture);
+        let mut seen = std::collections::HashSet::new();
+        for rank in 0..2 {
+            let ph = frozen_placeholders(&dir, &cfg, 2, rank).unwrap().unwrap();
+            assert!(!ph.is_empty());
+            let opts = LoadOptions {
+                placeholders: Some(std::sync::Arc::new(ph.clone())),
+                ..Default::default()
+            };
+            let src = SafetensorsSource::open(&dir, &opts, &candle_core::Device::Cpu).unwrap();
+            let m = Llama::load(&src, &cfg).unwrap();
+            let z = Zero3::new(&m, &[], Partition::new(&[], 2, rank)).unwrap();
+            z.check_placeholders(&ph).unwrap();
+            for name in m.weight_names() {
+                let t = m.dense_weight(&name).unwrap();
+                let want = full.dense_weight(&name).unwrap();
+                assert_eq!(t.dims(), want.dims(), "{name}");
+                if ph.contains(&name) {
+                    assert!(t.stride().iter().all(|&s| s == 0), "{name} holds data");
+                    assert!(seen.insert(name.clone()), "{name} missing on both ranks");
+                } else {
+                    let diff = (t - &want).unwrap().abs().unwrap().max_all().unwrap();
+                    assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0, "{name}");
+                }
+            }
+        }
+        // Every weight is real on exactly one rank.
+        assert_eq!(seen.len(), full.weight_names().len());
+        // A placeholder this rank needs is refused.
+        let z = Zero3::new(&full, &[], Partition::new(&[], 2, 0)).unwrap();
+        let mine: std::collections::HashSet<String> = full
+            .weight_names()
+            .into_iter()
+            .filter(|n| {
+                !frozen_placeholders(&dir, &cfg, 2, 0)
+                    .unwrap()
+                    .unwrap()
+                    .contains(n)
+            })
+            .take(1)
+            .collect();
+        let e = z.check_placeholders(&mine).unwrap_err().to_string();
+        assert!(e.contains("loaded without its data"), "{e}");
     }
 
     #[test]
