@@ -15,8 +15,8 @@
 //! then ends each of them at the timeout, naming the rank and the collective.
 use super::{Collectives, LaunchEnv, Rendezvous};
 use crate::{Error, Result};
-use candle_core::cuda_backend::cudarc::driver::{CudaContext, CudaSlice, CudaStream};
-use candle_core::cuda_backend::cudarc::nccl::safe::{Comm, Id, ReduceOp};
+use candle_core::cuda_backend::cudarc::driver::{CudaContext, CudaSlice, CudaStream, DeviceRepr};
+use candle_core::cuda_backend::cudarc::nccl::safe::{Comm, Id, NcclType, ReduceOp};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -34,6 +34,12 @@ pub struct NcclBackend {
 // cudarc's thread-safe handle.
 unsafe impl Send for NcclBackend {}
 unsafe impl Sync for NcclBackend {}
+
+/// A communicator on its way from the thread that created it to the back-end.
+struct SendComm(Comm);
+// SAFETY: an NCCL communicator is not tied to the thread that created it; it is used by one
+// thread at a time (here: handed over once, then only under the back-end's mutex).
+unsafe impl Send for SendComm {}
 
 fn nccl_err(what: &str, e: impl std::fmt::Debug) -> Error {
     Error::msg(format!("NCCL {what}: {e:?}"))
@@ -88,11 +94,20 @@ impl NcclBackend {
         let (tx, rx) = std::sync::mpsc::channel();
         let init_stream = stream.clone();
         std::thread::spawn(move || {
-            let comm = Comm::from_rank(init_stream, rank, world, Id::uninit(internal));
-            let _ = tx.send(comm.map_err(|e| format!("{e:?}")));
+            // NCCL takes the calling thread's current device as the communicator's GPU.
+            let comm = init_stream
+                .context()
+                .bind_to_thread()
+                .map_err(|e| format!("GPU {local_rank}: {e}"))
+                .and_then(|_| {
+                    Comm::from_rank(init_stream, rank, world, Id::uninit(internal))
+                        .map(SendComm)
+                        .map_err(|e| format!("{e:?}"))
+                });
+            let _ = tx.send(comm);
         });
         let comm = match rx.recv_timeout(timeout) {
-            Ok(Ok(c)) => c,
+            Ok(Ok(SendComm(c))) => c,
             Ok(Err(e)) => return Err(Error::msg(format!("rank {rank}: NCCL init: {e}"))),
             Err(_) => {
                 return Err(Error::msg(format!(
@@ -118,24 +133,29 @@ impl NcclBackend {
             .map_err(|_| Error::msg("NCCL: an earlier collective failed on this rank"))
     }
 
-    fn to_device<T: candle_core::cuda_backend::cudarc::driver::DeviceRepr>(
-        &self,
-        host: &[T],
-    ) -> Result<CudaSlice<T>> {
+    fn to_device<T: DeviceRepr>(&self, host: &[T]) -> Result<CudaSlice<T>> {
         self.stream
             .clone_htod(host)
             .map_err(|e| Error::msg(format!("copy to GPU {}: {e}", self.local_rank)))
     }
 
-    fn to_host<T: candle_core::cuda_backend::cudarc::driver::DeviceRepr>(
-        &self,
-        dev: &CudaSlice<T>,
-        host: &mut [T],
-    ) -> Result<()> {
+    fn to_host<T: DeviceRepr>(&self, dev: &CudaSlice<T>, host: &mut [T]) -> Result<()> {
         self.stream
             .memcpy_dtoh(dev, host)
             .and_then(|_| self.stream.synchronize())
             .map_err(|e| Error::msg(format!("copy from GPU {}: {e}", self.local_rank)))
+    }
+
+    /// All-reduce (sum) of `buf` in f32 or f64, in place.
+    fn sum_in_place<T: DeviceRepr + NcclType>(&self, buf: &mut [T]) -> Result<()> {
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let comm = self.comm()?;
+        let mut d = self.to_device(buf)?;
+        comm.all_reduce_in_place(&mut d, &ReduceOp::Sum)
+            .map_err(|e| nccl_err("all_reduce", e))?;
+        self.to_host(&d, buf)
     }
 
     fn zeros(&self, n: usize) -> Result<CudaSlice<f32>> {
@@ -159,24 +179,10 @@ impl Collectives for NcclBackend {
         self.local_rank
     }
     fn all_reduce_sum(&self, buf: &mut [f32]) -> Result<()> {
-        if buf.is_empty() {
-            return Ok(());
-        }
-        let comm = self.comm()?;
-        let mut d = self.to_device(buf)?;
-        comm.all_reduce_in_place(&mut d, &ReduceOp::Sum)
-            .map_err(|e| nccl_err("all_reduce", e))?;
-        self.to_host(&d, buf)
+        self.sum_in_place(buf)
     }
     fn all_reduce_sum_f64(&self, buf: &mut [f64]) -> Result<()> {
-        if buf.is_empty() {
-            return Ok(());
-        }
-        let comm = self.comm()?;
-        let mut d = self.to_device(buf)?;
-        comm.all_reduce_in_place(&mut d, &ReduceOp::Sum)
-            .map_err(|e| nccl_err("all_reduce", e))?;
-        self.to_host(&d, buf)
+        self.sum_in_place(buf)
     }
     fn reduce_scatter_sum(&self, send: &[f32], recv: &mut [f32]) -> Result<()> {
         if recv.is_empty() {

@@ -23,6 +23,8 @@ pub struct Rendezvous {
 const MAGIC: &[u8; 8] = b"FTRDZV01";
 /// The largest answer accepted (the NCCL id is 128 bytes; an error message a line).
 const MAX_ANSWER: usize = 64 * 1024;
+/// The most ranks a job may have (rank 0 keeps one flag per rank; NCCL's own limit is lower).
+const MAX_WORLD: usize = 1 << 20;
 /// How long a rank waits between attempts to reach rank 0.
 const RETRY: Duration = Duration::from_millis(100);
 
@@ -70,9 +72,14 @@ impl Rendezvous {
         make: impl FnOnce() -> Result<Vec<u8>>,
         timeout: Duration,
     ) -> Result<Vec<u8>> {
-        if world == 0 || rank >= world || world > u32::MAX as usize {
+        if world == 0 || rank >= world {
             return Err(Error::msg(format!(
                 "rendezvous: rank {rank} of {world} ranks is not a rank of the job"
+            )));
+        }
+        if world > MAX_WORLD {
+            return Err(Error::msg(format!(
+                "rendezvous: WORLD_SIZE {world} is more than the {MAX_WORLD} ranks a job may have"
             )));
         }
         let deadline = Instant::now() + timeout;
