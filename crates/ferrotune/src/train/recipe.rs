@@ -1433,8 +1433,6 @@ fn setup_optimizer(
     Ok((schedule, opt))
 }
 
-/// ZeRO-3's plan: a LLaMA-family model without a soft prompt (the layer walk of activation
-/// checkpointing is what gathers and frees each layer's weights).
 /// ZeRO-3 of a PEFT method whose set-up reads no base weight, on a dense LLaMA safetensors
 /// folder: the frozen weights other ranks own, which this rank then loads as placeholders
 /// ([`super::zero3::frozen_placeholders`]), so no rank holds the whole model at any time.
@@ -1487,6 +1485,8 @@ fn zero3_placeholders(
     )
 }
 
+/// ZeRO-3's plan: a LLaMA-family model without a soft prompt (the layer walk of activation
+/// checkpointing is what gathers and frees each layer's weights).
 fn setup_zero3(
     c: &LoadedConfig,
     model: &dyn Model,
