@@ -627,7 +627,7 @@ impl<'a> Recipe<'a> {
         let max = self.t().eval_batches;
         let tasks: Vec<(String, &crate::data::Batcher)> = match &self.validation {
             Validation::None => Vec::new(),
-            Validation::Single(vb) => vec![(String::new(), vb)],
+            Validation::Single(vb) => vec![(String::new(), &**vb)],
             Validation::Tasks(tasks) => tasks.iter().map(|(n, b)| (n.clone(), b)).collect(),
         };
         let Some(z) = self.zero3.as_ref() else {
@@ -1079,8 +1079,9 @@ impl<'a> Recipe<'a> {
 /// The validation batches of a run.
 enum Validation {
     None,
-    /// One list of validation examples (a single dataset, or a `[[data.mixture]]`).
-    Single(Batcher),
+    /// One list of validation examples (a single dataset, or a `[[data.mixture]]`). Boxed: a
+    /// batcher holds its device, which is large in a CUDA build.
+    Single(Box<Batcher>),
     /// `[[tasks]]`: each task's validation examples, by task name, in the config's order.
     Tasks(Vec<(String, Batcher)>),
 }
@@ -1149,11 +1150,11 @@ fn setup_data(
     } else if prepared.validation.is_empty() {
         Validation::None
     } else {
-        Validation::Single(Batcher::new(
+        Validation::Single(Box::new(Batcher::new(
             prepared.validation.clone(),
             vc,
             device.clone(),
-        )?)
+        )?))
     };
     let bpe = batcher.batches_per_epoch();
     let max_steps = match t.max_steps {
