@@ -50,6 +50,11 @@ pub trait Collectives: Send + Sync {
     fn world_size(&self) -> usize;
     /// This rank's index among the ranks on its machine.
     fn local_rank(&self) -> usize;
+    /// The CUDA device a GPU back-end drives for this rank (`train.device = "cuda"` means it);
+    /// `None` for the CPU back-ends.
+    fn gpu(&self) -> Option<usize> {
+        None
+    }
     /// Element-wise sum over the ranks, in place: every rank ends with the same sums.
     fn all_reduce_sum(&self, buf: &mut [f32]) -> Result<()>;
     /// [`Self::all_reduce_sum`] in f64.
@@ -257,6 +262,10 @@ impl Dist {
     }
     pub fn local_rank(&self) -> usize {
         self.inner.backend.local_rank()
+    }
+    /// The CUDA device this rank's collectives run on (NCCL), if any.
+    pub fn gpu(&self) -> Option<usize> {
+        self.inner.backend.gpu()
     }
     /// Rank 0: the one that writes the run's files.
     pub fn is_root(&self) -> bool {

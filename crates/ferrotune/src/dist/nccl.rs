@@ -27,6 +27,8 @@ pub struct NcclBackend {
     rank: usize,
     world: usize,
     local_rank: usize,
+    /// The CUDA device this rank drives (its ordinal among those this process sees).
+    gpu: usize,
 }
 
 // SAFETY: the communicator is a handle NCCL owns for the life of the process; every call on it
@@ -62,16 +64,26 @@ impl NcclBackend {
             )));
         }
         let local_rank = env.local_rank.unwrap_or(rank);
-        let ctx = CudaContext::new(local_rank).map_err(|e| {
-            Error::msg(format!(
-                "rank {rank}: GPU {local_rank} (LOCAL_RANK): {e}; one GPU per rank on each machine"
-            ))
-        })?;
-        let stream = ctx.new_stream().map_err(|e| {
-            Error::msg(format!(
-                "rank {rank}: a CUDA stream on GPU {local_rank}: {e}"
-            ))
-        })?;
+        let visible = CudaContext::device_count()
+            .map_err(|e| Error::msg(format!("rank {rank}: no CUDA devices: {e}")))?
+            .max(0) as usize;
+        // One GPU per rank: GPU LOCAL_RANK of the machine's, or the only one this process sees
+        // (Slurm's --gpus-per-task 1 and other launchers narrow CUDA_VISIBLE_DEVICES per rank).
+        let gpu = match visible {
+            0 => return Err(Error::msg(format!("rank {rank}: no CUDA device is visible"))),
+            1 => 0,
+            n if local_rank < n => local_rank,
+            n => {
+                return Err(Error::msg(format!(
+                    "rank {rank}: LOCAL_RANK {local_rank}, but this process sees {n} GPUs: one GPU per rank on each machine"
+                )))
+            }
+        };
+        let ctx = CudaContext::new(gpu)
+            .map_err(|e| Error::msg(format!("rank {rank}: GPU {gpu}: {e}")))?;
+        let stream = ctx
+            .new_stream()
+            .map_err(|e| Error::msg(format!("rank {rank}: a CUDA stream on GPU {gpu}: {e}")))?;
         let id = rendezvous.share(
             rank,
             world,
@@ -98,7 +110,7 @@ impl NcclBackend {
             let comm = init_stream
                 .context()
                 .bind_to_thread()
-                .map_err(|e| format!("GPU {local_rank}: {e}"))
+                .map_err(|e| format!("GPU {gpu}: {e}"))
                 .and_then(|_| {
                     Comm::from_rank(init_stream, rank, world, Id::uninit(internal))
                         .map(SendComm)
@@ -122,6 +134,7 @@ impl NcclBackend {
             rank,
             world,
             local_rank,
+            gpu,
         })
     }
 
@@ -136,14 +149,14 @@ impl NcclBackend {
     fn to_device<T: DeviceRepr>(&self, host: &[T]) -> Result<CudaSlice<T>> {
         self.stream
             .clone_htod(host)
-            .map_err(|e| Error::msg(format!("copy to GPU {}: {e}", self.local_rank)))
+            .map_err(|e| Error::msg(format!("copy to GPU {}: {e}", self.gpu)))
     }
 
     fn to_host<T: DeviceRepr>(&self, dev: &CudaSlice<T>, host: &mut [T]) -> Result<()> {
         self.stream
             .memcpy_dtoh(dev, host)
             .and_then(|_| self.stream.synchronize())
-            .map_err(|e| Error::msg(format!("copy from GPU {}: {e}", self.local_rank)))
+            .map_err(|e| Error::msg(format!("copy from GPU {}: {e}", self.gpu)))
     }
 
     /// All-reduce (sum) of `buf` in f32 or f64, in place.
@@ -161,7 +174,7 @@ impl NcclBackend {
     fn zeros(&self, n: usize) -> Result<CudaSlice<f32>> {
         self.stream
             .alloc_zeros::<f32>(n)
-            .map_err(|e| Error::msg(format!("{n} floats on GPU {}: {e}", self.local_rank)))
+            .map_err(|e| Error::msg(format!("{n} floats on GPU {}: {e}", self.gpu)))
     }
 }
 
@@ -177,6 +190,9 @@ impl Collectives for NcclBackend {
     }
     fn local_rank(&self) -> usize {
         self.local_rank
+    }
+    fn gpu(&self) -> Option<usize> {
+        Some(self.gpu)
     }
     fn all_reduce_sum(&self, buf: &mut [f32]) -> Result<()> {
         self.sum_in_place(buf)
@@ -209,7 +225,7 @@ impl Collectives for NcclBackend {
             // The others' buffers are unspecified after a reduce; only wait for the send.
             self.stream
                 .synchronize()
-                .map_err(|e| Error::msg(format!("GPU {}: {e}", self.local_rank)))
+                .map_err(|e| Error::msg(format!("GPU {}: {e}", self.gpu)))
         }
     }
     fn all_gather(&self, send: &[f32], recv: &mut [f32]) -> Result<()> {

@@ -164,9 +164,9 @@ impl<'a> Recipe<'a> {
         }
         let mut device_spec =
             config::parse_device(&cfg.train.device).map_err(|e| c.key_error("train.device", e))?;
-        if opts.dist.backend() == "nccl" && cfg.train.device == "cuda" {
-            // One GPU per rank: `cuda` is this rank's (LOCAL_RANK), as torchrun scripts do.
-            device_spec = config::DeviceSpec::Cuda(opts.dist.local_rank());
+        if let (Some(gpu), "cuda") = (opts.dist.gpu(), cfg.train.device.as_str()) {
+            // One GPU per rank: `cuda` is the one this rank's collectives run on.
+            device_spec = config::DeviceSpec::Cuda(gpu);
         }
         let device = device_spec.device()?;
         let source = model::resolve(&cfg.model)?;
