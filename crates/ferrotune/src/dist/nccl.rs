@@ -16,6 +16,7 @@
 use super::{Collectives, LaunchEnv, Rendezvous};
 use crate::{Error, Result};
 use candle_core::cuda_backend::cudarc::driver::{CudaContext, CudaSlice, CudaStream, DeviceRepr};
+use candle_core::cuda_backend::cudarc::nccl::result::NcclError;
 use candle_core::cuda_backend::cudarc::nccl::safe::{Comm, Id, NcclType, ReduceOp};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -171,6 +172,29 @@ impl NcclBackend {
         self.to_host(&d, buf)
     }
 
+    /// A collective from a send buffer into a separate receive buffer (reduce-scatter,
+    /// all-gather): both staged on the GPU, the result copied back into `recv`.
+    fn send_receive<R>(
+        &self,
+        send: &[f32],
+        recv: &mut [f32],
+        what: &str,
+        op: impl FnOnce(
+            &Comm,
+            &CudaSlice<f32>,
+            &mut CudaSlice<f32>,
+        ) -> std::result::Result<R, NcclError>,
+    ) -> Result<()> {
+        if send.is_empty() || recv.is_empty() {
+            return Ok(());
+        }
+        let comm = self.comm()?;
+        let s = self.to_device(send)?;
+        let mut r = self.zeros(recv.len())?;
+        op(&comm, &s, &mut r).map_err(|e| nccl_err(what, e))?;
+        self.to_host(&r, recv)
+    }
+
     fn zeros(&self, n: usize) -> Result<CudaSlice<f32>> {
         self.stream
             .alloc_zeros::<f32>(n)
@@ -201,15 +225,9 @@ impl Collectives for NcclBackend {
         self.sum_in_place(buf)
     }
     fn reduce_scatter_sum(&self, send: &[f32], recv: &mut [f32]) -> Result<()> {
-        if recv.is_empty() {
-            return Ok(());
-        }
-        let comm = self.comm()?;
-        let s = self.to_device(send)?;
-        let mut r = self.zeros(recv.len())?;
-        comm.reduce_scatter(&s, &mut r, &ReduceOp::Sum)
-            .map_err(|e| nccl_err("reduce_scatter", e))?;
-        self.to_host(&r, recv)
+        self.send_receive(send, recv, "reduce_scatter", |c, s, r| {
+            c.reduce_scatter(s, r, &ReduceOp::Sum)
+        })
     }
     fn reduce_sum(&self, buf: &mut [f32], root: usize) -> Result<()> {
         if buf.is_empty() {
@@ -229,15 +247,7 @@ impl Collectives for NcclBackend {
         }
     }
     fn all_gather(&self, send: &[f32], recv: &mut [f32]) -> Result<()> {
-        if send.is_empty() {
-            return Ok(());
-        }
-        let comm = self.comm()?;
-        let s = self.to_device(send)?;
-        let mut r = self.zeros(recv.len())?;
-        comm.all_gather(&s, &mut r)
-            .map_err(|e| nccl_err("all_gather", e))?;
-        self.to_host(&r, recv)
+        self.send_receive(send, recv, "all_gather", |c, s, r| c.all_gather(s, r))
     }
     fn broadcast(&self, buf: &mut [f32], root: usize) -> Result<()> {
         if buf.is_empty() {

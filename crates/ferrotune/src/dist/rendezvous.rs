@@ -154,8 +154,9 @@ impl Rendezvous {
             if &hello[..8] != MAGIC {
                 continue;
             }
-            let their_rank = u32::from_le_bytes(hello[8..12].try_into().unwrap()) as usize;
-            let their_world = u32::from_le_bytes(hello[12..16].try_into().unwrap()) as usize;
+            let [_, _, _, _, _, _, _, _, r0, r1, r2, r3, w0, w1, w2, w3] = hello;
+            let their_rank = u32::from_le_bytes([r0, r1, r2, r3]) as usize;
+            let their_world = u32::from_le_bytes([w0, w1, w2, w3]) as usize;
             let refusal = if their_world != world {
                 Some(format!(
                     "rank {their_rank} (from {peer}) was started for {their_world} ranks, rank 0 for {world}"
@@ -164,7 +165,7 @@ impl Rendezvous {
                 Some(format!(
                     "a process at {peer} says it is rank {their_rank} of {world}"
                 ))
-            } else if served[their_rank] {
+            } else if served.get(their_rank).copied().unwrap_or(true) {
                 Some(format!(
                     "two processes say they are rank {their_rank} (the second from {peer})"
                 ))
@@ -176,7 +177,9 @@ impl Rendezvous {
                 return Err(Error::msg(format!("rendezvous at {}: {why}", self.shown())));
             }
             if answer(&mut stream, 0, blob).is_ok() {
-                served[their_rank] = true;
+                if let Some(s) = served.get_mut(their_rank) {
+                    *s = true;
+                }
             }
         }
         Ok(())
@@ -250,7 +253,8 @@ impl Rendezvous {
         stream.write_all(&hello)?;
         let mut head = [0u8; 5];
         stream.read_exact(&mut head)?;
-        let len = u32::from_le_bytes(head[1..5].try_into().unwrap()) as usize;
+        let [status, l0, l1, l2, l3] = head;
+        let len = u32::from_le_bytes([l0, l1, l2, l3]) as usize;
         if len > MAX_ANSWER {
             return Err(std::io::Error::new(
                 ErrorKind::InvalidData,
@@ -259,7 +263,7 @@ impl Rendezvous {
         }
         let mut body = vec![0u8; len];
         stream.read_exact(&mut body)?;
-        Ok(match head[0] {
+        Ok(match status {
             0 => Answer::Value(body),
             _ => Answer::Refused(String::from_utf8_lossy(&body).into_owned()),
         })
