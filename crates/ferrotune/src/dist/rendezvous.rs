@@ -412,6 +412,28 @@ mod tests {
     }
 
     #[test]
+    fn an_absurd_answer_is_refused_before_allocating() {
+        // Something on the port that answers every hello with a 2 GiB length: never read,
+        // the rank gives up at its deadline.
+        let listener = TcpListener::bind(("127.0.0.1", 0)).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        thread::spawn(move || {
+            for mut s in listener.incoming().flatten() {
+                let mut hello = [0u8; 16];
+                let _ = s.read_exact(&mut hello);
+                let _ = s.write_all(&[0, 0xff, 0xff, 0xff, 0x7f]);
+            }
+        });
+        let t0 = Instant::now();
+        let e = at(port)
+            .share(1, 2, || unreachable!(), Duration::from_millis(800))
+            .unwrap_err()
+            .to_string();
+        assert!(t0.elapsed() < Duration::from_secs(8));
+        assert!(e.contains("is not rank 0's"), "{e}");
+    }
+
+    #[test]
     fn the_environment_is_read_and_checked() {
         let vars = |pairs: &'static [(&'static str, &'static str)]| {
             move |k: &str| {
