@@ -7,7 +7,8 @@
 # train.gradient_checkpointing) separates what sharding the parameters saves from what
 # checkpointing saves.
 #   bench/zero_memory.sh [OUT_DIR]      (default runs/bench-zero-memory; STEPS=4 steps a run;
-#   STAGES="none ddp zero1 zero2 zero2-ckpt zero3" to pick rows)
+#   STAGES="none ddp zero1 zero2 zero2-ckpt zero3" to pick rows; a stage ending in -seq, e.g.
+#   zero3-seq, runs with train.overlap_comm = false)
 # Needs the `mpi` build (cargo build --release -p ferrotune-cli --features mpi), mpirun (Open MPI),
 # GNU time (/usr/bin/time) and scripts/fetch-models.sh.
 set -euo pipefail
@@ -31,8 +32,13 @@ common=(train --config "$config" "${model[@]}" --overwrite --threads 1
   --set "train.max_steps=$steps" --set "train.save_every=$steps" --set "train.eval_every=$steps")
 stages="${STAGES:-none ddp zero1 zero2 zero2-ckpt zero3}"
 for stage in $stages; do
-  args=("${common[@]}" --set "output_dir=\"$out/$stage\"" --set "train.distributed=\"${stage%-ckpt}\"")
-  case "$stage" in *-ckpt) args+=(--set "train.gradient_checkpointing=true") ;; esac
+  mode="${stage%-ckpt}"; mode="${mode%-seq}"
+  args=("${common[@]}" --set "output_dir=\"$out/$stage\"" --set "train.distributed=\"$mode\"")
+  case "$stage" in
+    *-ckpt) args+=(--set "train.gradient_checkpointing=true") ;;
+    # sequential: the collectives on the training thread (train.overlap_comm = false)
+    *-seq) args+=(--set "train.overlap_comm=false") ;;
+  esac
   if [ "$stage" = none ]; then
     /usr/bin/time -f "peak RSS %M kB" "$bin" "${args[@]}" > "$out/$stage.log" 2>&1
   else
@@ -77,5 +83,13 @@ for stage in sys.argv[2:]:
     cells = [f"{rss[r]/1e9:>10.2f}G" if r in rss else f"{'-':>11}" for r in (0, 1)]
     ests = [f"{est[r]/1e9:>10.2f}G" if r in rss else f"{'-':>11}" for r in (0, 1)]
     ratios = [f"{est[r]/rss[r]:>11.3f}" if r in rss else f"{'-':>11}" for r in (0, 1)]
-    print(f"{stage:<10} {ests[0]} {cells[0]} {ratios[0]} {ests[1]} {cells[1]} {ratios[1]}")
+    speed = ""
+    summary = os.path.join(out, stage, "summary.json")
+    if os.path.exists(summary):
+        import json
+        s = json.load(open(summary))
+        t = max(s["train_time_s"], 1e-9)
+        speed = (f" {s['train_tokens_per_s']:>8.1f} tok/s, collectives {s.get('comm_time_s', 0) / t:.1%},"
+                 f" waited {s.get('comm_wait_time_s', s.get('comm_time_s', 0)) / t:.1%}")
+    print(f"{stage:<10} {ests[0]} {cells[0]} {ratios[0]} {ests[1]} {cells[1]} {ratios[1]}{speed}")
 PY

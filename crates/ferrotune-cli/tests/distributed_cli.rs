@@ -12,6 +12,9 @@
 //! - ZeRO-3 full fine-tuning gives DDP's losses and weights (within 1e-5), each rank holding
 //!   only its own weights between steps; its 2-rank checkpoint resumes in one process and on 2
 //!   ranks to the same weights; ZeRO-3 LoRA equals DDP; in one process it is the checkpointed run;
+//! - gradients sent during the backward pass (`train.overlap_comm`, the default) equal those sent
+//!   after it: DDP LoRA, ZeRO-2 full fine-tuning with checkpointing and accumulation; ZeRO-3's
+//!   prefetching, overlapped walk gives its sequential walk's weights bit for bit;
 //! - refusals: a multi-rank job with `distributed = "none"`, launch without the `mpi` feature.
 //!
 //! The mpirun tests need the `mpi` feature and `mpirun` (skipped with a note without it).
@@ -566,6 +569,59 @@ mod mpi {
         // does), then adds them on the owner. Measured: 1.2e-5 of the largest value on one
         // LoRA B matrix after 4 AdamW steps; a lost or doubled micro-batch is off by far more.
         assert_adapters_close(&s.dir.join("zero3"), &s.dir.join("ddp"), 3e-5);
+    }
+
+    #[test]
+    fn gradients_sent_during_the_backward_pass_equal_those_sent_after_it() {
+        // train.overlap_comm (on by default) against off: DDP LoRA with dropout, and ZeRO-2
+        // full fine-tuning (reduce onto owners, a tied embedding that is final only at the
+        // end) with two micro-batches a rank and activation checkpointing (the recomputing
+        // walk), clipping on.
+        let s = Setup::new(
+            "dist-overlap",
+            "max_steps = 4\neval_every = 2\ngrad_accum = 2\nmax_grad_norm = 0.05",
+        );
+        let off = ["--set", "train.overlap_comm=false"];
+        let Some(on) = sharded(&s, "ddp-on", "ddp", &[]) else {
+            return;
+        };
+        assert!(
+            text(&on).contains("gradients sent during the backward pass"),
+            "{}",
+            text(&on)
+        );
+        assert!(text(&on).contains("waited)"), "{}", text(&on));
+        let o = sharded(&s, "ddp-off", "ddp", &off).unwrap();
+        assert!(!text(&o).contains("gradients sent during the backward pass"));
+        assert_losses_close(&s.dir.join("ddp-on"), &s.dir.join("ddp-off"));
+        assert_adapters_close(&s.dir.join("ddp-on"), &s.dir.join("ddp-off"), 1e-6);
+        let sum = summary(&s.dir.join("ddp-on"));
+        let (comm, wait) = (
+            sum["comm_time_s"].as_f64().unwrap(),
+            sum["comm_wait_time_s"].as_f64().unwrap(),
+        );
+        assert!(comm > 0.0 && wait >= 0.0, "{sum}");
+        let full = [
+            "--set",
+            "method=\"full\"",
+            "--set",
+            "train.gradient_checkpointing=true",
+        ];
+        sharded(&s, "zero2-on", "zero2", &full).unwrap();
+        let mut full_off = full.to_vec();
+        full_off.extend_from_slice(&off);
+        sharded(&s, "zero2-off", "zero2", &full_off).unwrap();
+        assert_losses_close(&s.dir.join("zero2-on"), &s.dir.join("zero2-off"));
+        assert_weights_close(&s.dir.join("zero2-on"), &s.dir.join("zero2-off"), 1e-6);
+        // ZeRO-3: the next layer's weights gathered while one computes, the gradients reduced
+        // on the queue's thread; the same collectives and additions: the same bits.
+        let z3 = ["--set", "method=\"full\""];
+        sharded(&s, "zero3-on", "zero3", &z3).unwrap();
+        let mut z3_off = z3.to_vec();
+        z3_off.extend_from_slice(&off);
+        sharded(&s, "zero3-off", "zero3", &z3_off).unwrap();
+        assert_losses_close(&s.dir.join("zero3-on"), &s.dir.join("zero3-off"));
+        assert_weights_close(&s.dir.join("zero3-on"), &s.dir.join("zero3-off"), 0.0);
     }
 
     #[test]

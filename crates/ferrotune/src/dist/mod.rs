@@ -19,6 +19,7 @@
 //!
 //! Sums are over f32 (gradients) or f64 (token counts and loss sums, exact as integers up to
 //! 2^53); all ranks must call the same collectives in the same order with the same lengths.
+pub mod background;
 mod launch_env;
 pub mod local_launch;
 #[cfg(feature = "mpi")]
@@ -55,10 +56,28 @@ pub trait Collectives: Send + Sync {
     fn gpu(&self) -> Option<usize> {
         None
     }
+    /// Ready the calling thread for collectives (NCCL: make the rank's GPU current); a thread
+    /// other than the one that started the back-end calls it before its first collective.
+    fn prepare_thread(&self) -> Result<()> {
+        Ok(())
+    }
     /// Element-wise sum over the ranks, in place: every rank ends with the same sums.
     fn all_reduce_sum(&self, buf: &mut [f32]) -> Result<()>;
     /// [`Self::all_reduce_sum`] in f64.
     fn all_reduce_sum_f64(&self, buf: &mut [f64]) -> Result<()>;
+    /// [`Self::all_reduce_sum`] from a thread that shares the cores with the training thread
+    /// (overlapped gradient communication): waiting for the other ranks must not take a core.
+    fn all_reduce_sum_background(&self, buf: &mut [f32]) -> Result<()> {
+        self.all_reduce_sum(buf)
+    }
+    /// [`Self::reduce_sum`] from such a thread.
+    fn reduce_sum_background(&self, buf: &mut [f32], root: usize) -> Result<()> {
+        self.reduce_sum(buf, root)
+    }
+    /// [`Self::broadcast`] from such a thread.
+    fn broadcast_background(&self, buf: &mut [f32], root: usize) -> Result<()> {
+        self.broadcast(buf, root)
+    }
     /// `send` is `world_size` blocks of `recv.len()` values; rank r receives the element-wise
     /// sum over the ranks of block r.
     fn reduce_scatter_sum(&self, send: &[f32], recv: &mut [f32]) -> Result<()>;
@@ -279,6 +298,11 @@ impl Dist {
             String::new()
         }
     }
+    /// Ready the calling thread for this back-end's collectives (see
+    /// [`Collectives::prepare_thread`]).
+    pub fn prepare_thread(&self) -> Result<()> {
+        self.inner.backend.prepare_thread()
+    }
     /// Seconds this rank has spent inside collectives (waiting for the others included).
     pub fn comm_seconds(&self) -> f64 {
         self.inner.comm_ns.load(Ordering::Relaxed) as f64 * 1e-9
@@ -308,6 +332,33 @@ impl Dist {
         }
         self.timed("all_reduce", buf.len(), || {
             self.inner.backend.all_reduce_sum(buf)
+        })
+    }
+
+    /// [`Self::all_reduce_sum`] from a background thread (see
+    /// [`Collectives::all_reduce_sum_background`]).
+    pub fn all_reduce_sum_background(&self, buf: &mut [f32]) -> Result<()> {
+        if self.inner.world == 1 {
+            return Ok(());
+        }
+        self.timed("all_reduce", buf.len(), || {
+            self.inner.backend.all_reduce_sum_background(buf)
+        })
+    }
+
+    /// [`Self::reduce_sum`] from a background thread.
+    pub fn reduce_sum_background(&self, buf: &mut [f32], root: usize) -> Result<()> {
+        if root >= self.inner.world {
+            return Err(Error::msg(format!(
+                "reduce to rank {root}, but there are {} ranks",
+                self.inner.world
+            )));
+        }
+        if self.inner.world == 1 {
+            return Ok(());
+        }
+        self.timed("reduce", buf.len(), || {
+            self.inner.backend.reduce_sum_background(buf, root)
         })
     }
 
@@ -389,6 +440,22 @@ impl Dist {
         }
         self.timed("broadcast", buf.len(), || {
             self.inner.backend.broadcast(buf, root)
+        })
+    }
+
+    /// [`Self::broadcast`] from a background thread.
+    pub fn broadcast_background(&self, buf: &mut [f32], root: usize) -> Result<()> {
+        if root >= self.inner.world {
+            return Err(Error::msg(format!(
+                "broadcast from rank {root}, but there are {} ranks",
+                self.inner.world
+            )));
+        }
+        if self.inner.world == 1 {
+            return Ok(());
+        }
+        self.timed("broadcast", buf.len(), || {
+            self.inner.backend.broadcast_background(buf, root)
         })
     }
 

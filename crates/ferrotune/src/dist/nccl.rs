@@ -218,6 +218,13 @@ impl Collectives for NcclBackend {
     fn gpu(&self) -> Option<usize> {
         Some(self.gpu)
     }
+    fn prepare_thread(&self) -> Result<()> {
+        // NCCL and the staging copies run on the calling thread's current device.
+        self.stream
+            .context()
+            .bind_to_thread()
+            .map_err(|e| Error::msg(format!("GPU {}: {e}", self.gpu)))
+    }
     fn all_reduce_sum(&self, buf: &mut [f32]) -> Result<()> {
         self.sum_in_place(buf)
     }

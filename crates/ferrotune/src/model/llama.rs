@@ -821,6 +821,18 @@ impl Llama {
         crate::train::loss::head_loss_sum(&self.lm_head, &hidden, rows, targets, train)
     }
 
+    /// Whether `batch` can be trained by walking the layers one at a time
+    /// (`train::checkpointing::walk`): next-token targets, no soft prompt.
+    pub fn check_layer_walk(&self, batch: &Batch) -> crate::Result<()> {
+        self.check_targets(batch)?;
+        if self.prompt.is_some() {
+            return Err(crate::Error::msg(
+                "train.gradient_checkpointing does not support soft prompts (prompt tuning, prefix tuning, P-tuning) yet; set it to false",
+            ));
+        }
+        Ok(())
+    }
+
     fn check_targets(&self, batch: &Batch) -> crate::Result<()> {
         if batch.targets != Targets::NextToken {
             return Err(crate::Error::msg(format!(
@@ -985,12 +997,6 @@ impl Model for Llama {
         batch: &Batch,
         scale: f64,
     ) -> crate::Result<MicroBatchGrads> {
-        self.check_targets(batch)?;
-        if self.prompt.is_some() {
-            return Err(crate::Error::msg(
-                "train.gradient_checkpointing does not support soft prompts (prompt tuning, prefix tuning, P-tuning) yet; set it to false",
-            ));
-        }
         crate::train::checkpointing::loss_and_grads(self, params, batch, scale)
     }
     fn activation_floats_per_token(&self, dropout: bool) -> u64 {

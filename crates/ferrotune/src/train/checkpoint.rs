@@ -61,6 +61,9 @@ pub struct TrainerState {
     /// Seconds rank 0 spent in collectives, over all sessions.
     #[serde(default)]
     pub comm_time_s: f64,
+    /// Of which the training waited for (see `Summary::comm_wait_time_s`).
+    #[serde(default)]
+    pub comm_wait_time_s: f64,
 }
 
 fn one() -> usize {
@@ -400,6 +403,7 @@ mod tests {
             grad_accum: 1,
             world_size: 1,
             comm_time_s: 0.0,
+            comm_wait_time_s: 0.0,
         }
     }
 

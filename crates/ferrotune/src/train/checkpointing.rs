@@ -14,6 +14,11 @@
 //! next `g`) and the trainable parameters' gradients of that layer. Dropout masks are replayed
 //! exactly: the adapters' random streams are saved before each layer's first pass and restored
 //! before the recomputation.
+//!
+//! The same walk without the recomputation ([`Activations::Keep`]: each layer's graph kept, as
+//! one autograd pass keeps it) is how data parallel training overlaps communication with the
+//! backward pass: a layer's gradients are final as soon as its backward pass has run, and
+//! `train::overlap` sends them while the layers before it are still being differentiated.
 use super::loss;
 use crate::data::Batch;
 use crate::model::Llama;
@@ -32,6 +37,46 @@ pub fn loss_and_grads(
     batch: &Batch,
     scale: f64,
 ) -> Result<MicroBatchGrads> {
+    walk(
+        model,
+        params,
+        batch,
+        scale,
+        Activations::Recompute,
+        &mut |_, _| Ok(()),
+    )
+}
+
+/// What the layer walk does with a layer's activations between its forward and its backward
+/// pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activations {
+    /// Keep only the layer's input and recompute its graph in the backward pass
+    /// (activation checkpointing).
+    Recompute,
+    /// Keep the layer's graph, as one autograd pass does: the same memory and arithmetic as
+    /// the model's own backward pass, but the layers' gradients arrive one layer at a time,
+    /// so data parallel training can send a layer's gradients while the next layer's backward
+    /// pass runs (`train::overlap`).
+    Keep,
+}
+
+/// Called right after layer `i`'s backward pass with the micro-batch's gradients so far:
+/// those of layer `i`'s parameters are final for this micro-batch (the callee may take them,
+/// leaving a marker).
+pub type LayerDone<'a> = dyn FnMut(usize, &mut [Option<Tensor>]) -> Result<()> + 'a;
+
+/// The loss of one micro-batch and the gradients of `params`, walking the decoder layers from
+/// the last to the first in the backward pass; `layer_done` is called after each layer's.
+pub fn walk(
+    model: &Llama,
+    params: &[(String, Var)],
+    batch: &Batch,
+    scale: f64,
+    activations: Activations,
+    layer_done: &mut LayerDone<'_>,
+) -> Result<MicroBatchGrads> {
+    model.check_layer_walk(batch)?;
     let t0 = Instant::now();
     let mut grads: Vec<Option<Tensor>> = vec![None; params.len()];
     let collect =
@@ -47,28 +92,42 @@ pub fn loss_and_grads(
             Ok(())
         };
 
-    // Forward: keep each layer's input, drop its graph.
+    // Forward: keep each layer's input, and its graph unless it is recomputed.
     let packed = batch
         .segment_ids
         .as_ref()
         .map(|seg| (&batch.position_ids, seg));
     let ctx = model.layer_context(&batch.input_ids, packed)?;
-    let mut inputs: Vec<Tensor> = Vec::with_capacity(model.layers.len() + 1);
-    inputs.push(model.embed_tokens.forward(&batch.input_ids)?);
-    // (before, after) each layer's first pass: the recomputation replays from `before`, then
-    // the streams are left at `after`, so they advance once per forward pass as without
-    // checkpointing (which keeps `--resume`'s replay and the masks themselves identical).
-    let mut rng_states = Vec::with_capacity(model.layers.len());
-    for i in 0..model.layers.len() {
-        let before = model.layer_rng_states(i);
-        let x = inputs.last().expect("the embeddings are pushed first");
-        let y = model.run_layer(i, &x.detach(), &ctx, true)?.detach();
-        inputs.push(y);
-        rng_states.push((before, model.layer_rng_states(i)));
+    let n_layers = model.layers.len();
+    let mut inputs: Vec<Tensor> = Vec::with_capacity(n_layers + 1);
+    // Keep: each layer's input variable and output, graph attached.
+    let mut kept: Vec<(Var, Tensor)> = Vec::new();
+    // Recompute: (before, after) each layer's first pass: the recomputation replays from
+    // `before`, then the streams are left at `after`, so they advance once per forward pass
+    // as without checkpointing (which keeps `--resume`'s replay and the masks themselves
+    // identical).
+    let mut rng_states = Vec::with_capacity(n_layers);
+    let mut h = model.embed_tokens.forward(&batch.input_ids)?;
+    for i in 0..n_layers {
+        match activations {
+            Activations::Recompute => {
+                let before = model.layer_rng_states(i);
+                let y = model.run_layer(i, &h.detach(), &ctx, true)?.detach();
+                inputs.push(std::mem::replace(&mut h, y));
+                rng_states.push((before, model.layer_rng_states(i)));
+            }
+            Activations::Keep => {
+                let x = Var::from_tensor(&h.detach())?;
+                let y = model.run_layer(i, x.as_tensor(), &ctx, true)?;
+                h = y.clone();
+                kept.push((x, y));
+            }
+        }
     }
 
     // The head: final norm, LM head on the loss rows, the loss (counted as forward time).
-    let last = Var::from_tensor(&inputs.pop().expect("one input per layer"))?;
+    let last = Var::from_tensor(&h.detach())?;
+    drop(h);
     let hidden = model.norm.forward(last.as_tensor())?;
     let (sum, n) = loss::loss_from_hidden(&model.lm_head, &hidden, batch, true)?;
     let loss_sum = sum.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
@@ -77,22 +136,30 @@ pub fn loss_and_grads(
     collect(&store, &mut grads)?;
     let mut g = store
         .get(last.as_tensor())
-        .ok_or_else(|| Error::msg("checkpointing: the loss has no gradient for the last layer"))?
+        .ok_or_else(|| Error::msg("layer walk: the loss has no gradient for the last layer"))?
         .detach();
     drop(store);
 
-    // Backward, last layer first: recompute, backpropagate, free.
-    for i in (0..model.layers.len()).rev() {
-        let x = Var::from_tensor(&inputs.pop().expect("one input per layer"))?;
-        model.set_layer_rng_states(i, &rng_states[i].0);
-        let y = model.run_layer(i, x.as_tensor(), &ctx, true)?;
-        model.set_layer_rng_states(i, &rng_states[i].1);
+    // Backward, last layer first: (recompute,) backpropagate, free.
+    for i in (0..n_layers).rev() {
+        let (x, y) = match activations {
+            Activations::Recompute => {
+                let x = Var::from_tensor(&inputs.pop().ok_or_else(no_input)?)?;
+                model.set_layer_rng_states(i, &rng_states[i].0);
+                let y = model.run_layer(i, x.as_tensor(), &ctx, true)?;
+                model.set_layer_rng_states(i, &rng_states[i].1);
+                (x, y)
+            }
+            Activations::Keep => kept.pop().ok_or_else(no_input)?,
+        };
         let store = (y * &g)?.sum_all()?.backward()?;
         collect(&store, &mut grads)?;
         g = store
             .get(x.as_tensor())
-            .ok_or_else(|| Error::msg(format!("checkpointing: layer {i} passes no gradient")))?
+            .ok_or_else(|| Error::msg(format!("layer walk: layer {i} passes no gradient")))?
             .detach();
+        drop(store);
+        layer_done(i, &mut grads)?;
     }
     // The embeddings: only when they are trained (full fine-tuning).
     if let EmbeddingWeight::Trainable(_) = model.embed_tokens.weight() {
@@ -107,4 +174,9 @@ pub fn loss_and_grads(
         forward_s: (t1 - t0).as_secs_f64(),
         backward_s: t1.elapsed().as_secs_f64(),
     })
+}
+
+/// The walk keeps one input per layer: one missing is a bug here.
+fn no_input() -> Error {
+    Error::msg("layer walk: a layer's kept input is missing")
 }

@@ -599,6 +599,11 @@ pub struct TrainSection {
     /// `nccl` feature, or under a torchrun-style launch; MPI otherwise), `mpi` or `nccl`.
     #[serde(default)]
     pub dist_backend: crate::dist::BackendChoice,
+    /// DDP, ZeRO-1 and ZeRO-2 on the LLaMA family: send each decoder layer's gradients while
+    /// the backward pass goes on through the layers before it (`train::overlap`; default true,
+    /// as PyTorch DDP does). `false` sends them all after the backward pass.
+    #[serde(default = "yes")]
+    pub overlap_comm: bool,
 }
 
 /// `[train] distributed`.

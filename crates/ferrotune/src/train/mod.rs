@@ -30,6 +30,7 @@ pub mod memory;
 pub mod method;
 pub mod optim;
 pub mod output;
+pub mod overlap;
 mod recipe;
 pub mod report;
 pub mod schedule;
@@ -153,6 +154,10 @@ pub struct Summary {
     /// sessions: part of `train_time_s`.
     #[serde(default)]
     pub comm_time_s: f64,
+    /// Seconds rank 0's training waited for collectives, over all sessions: `comm_time_s`
+    /// less the gradient collectives that ran during the backward pass (`train.overlap_comm`).
+    #[serde(default)]
+    pub comm_wait_time_s: f64,
     /// Set (not saved) when `--resume` found the run finished: this is its saved summary and
     /// nothing was done.
     #[serde(skip)]
@@ -610,11 +615,31 @@ pub fn accumulate_gradients_with(
     checkpointing: bool,
 ) -> Result<StepGrads> {
     let n_total: usize = batches.iter().map(|b| b.n_loss_tokens).sum();
-    accumulate_gradients_over(model, params, batches, checkpointing, n_total, |_| Ok(()))
+    accumulate_gradients_over(
+        model,
+        params,
+        batches,
+        checkpointing,
+        n_total,
+        |_| Ok(()),
+        None,
+    )
 }
+
+/// Called during the backward pass of a step's last micro-batch, right after decoder layer
+/// `i`'s, with the earlier micro-batches' summed gradients and this one's so far (see
+/// [`overlap`]).
+pub type LastLayerDone<'a> = dyn FnMut(
+        usize,
+        &mut [Option<candle_core::Tensor>],
+        &mut [Option<candle_core::Tensor>],
+    ) -> Result<()>
+    + 'a;
 
 /// [`accumulate_gradients_with`] dividing by `n_total` loss tokens (a distributed step's, over
 /// every rank's micro-batches), calling `before_forward(i)` before micro-batch i's forward pass.
+/// With `last_layer_done` (LLaMA family) the last micro-batch with a loss token walks its
+/// layers in the backward pass and reports each ([`checkpointing::walk`]).
 pub fn accumulate_gradients_over(
     model: &dyn Model,
     params: &[(String, candle_core::Var)],
@@ -622,32 +647,59 @@ pub fn accumulate_gradients_over(
     checkpointing: bool,
     n_total: usize,
     mut before_forward: impl FnMut(usize) -> Result<()>,
+    mut last_layer_done: Option<&mut LastLayerDone<'_>>,
 ) -> Result<StepGrads> {
     let mut grads: Vec<Option<candle_core::Tensor>> = vec![None; params.len()];
     let mut loss_sum = 0.0f64;
     let mut forwards = 0;
     let (mut forward_s, mut backward_s) = (0.0, 0.0);
-    let mut add = |i: usize, g: &candle_core::Tensor| -> Result<()> {
+    fn add(
+        grads: &mut [Option<candle_core::Tensor>],
+        i: usize,
+        g: &candle_core::Tensor,
+    ) -> Result<()> {
         grads[i] = Some(match grads[i].take() {
             None => g.clone(),
             Some(acc) => (acc + g)?,
         });
         Ok(())
-    };
+    }
+    let last = batches.iter().rposition(|b| b.n_loss_tokens > 0);
     for (i, batch) in batches.iter().enumerate() {
         if batch.n_loss_tokens == 0 {
             continue;
         }
         forwards += 1;
         before_forward(i)?;
-        if checkpointing {
-            let mb = model.loss_and_grads_checkpointed(params, batch, 1.0 / n_total as f64)?;
+        let walk_hook = last_layer_done.as_deref_mut().filter(|_| Some(i) == last);
+        if checkpointing || walk_hook.is_some() {
+            let scale = 1.0 / n_total as f64;
+            let mb = match walk_hook {
+                Some(hook) => {
+                    let llama = model
+                        .as_any()
+                        .downcast_ref::<crate::model::Llama>()
+                        .ok_or_else(|| {
+                            Error::msg("overlapped gradient communication needs the LLaMA family")
+                        })?;
+                    let activations = if checkpointing {
+                        checkpointing::Activations::Recompute
+                    } else {
+                        checkpointing::Activations::Keep
+                    };
+                    let acc = &mut grads;
+                    checkpointing::walk(llama, params, batch, scale, activations, &mut |l, mb| {
+                        hook(l, acc, mb)
+                    })?
+                }
+                None => model.loss_and_grads_checkpointed(params, batch, scale)?,
+            };
             loss_sum += mb.loss_sum;
             forward_s += mb.forward_s;
             backward_s += mb.backward_s;
             for (i, ((name, _), g)) in params.iter().zip(mb.grads).enumerate() {
                 let g = g.ok_or_else(|| no_gradient(name))?;
-                add(i, &g)?;
+                add(&mut grads, i, &g)?;
             }
             continue;
         }
@@ -662,7 +714,7 @@ pub fn accumulate_gradients_over(
             let g = store
                 .get(var.as_tensor())
                 .ok_or_else(|| no_gradient(name))?;
-            add(i, g)?;
+            add(&mut grads, i, g)?;
         }
         backward_s += t1.elapsed().as_secs_f64();
     }

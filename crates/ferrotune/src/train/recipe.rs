@@ -29,6 +29,7 @@ use crate::{Error, Result};
 use candle_core::{Tensor, Var};
 use serde_json::json;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Instant;
 
 /// Run the recipe. `dry`: stop after setup, having checked everything and written nothing.
@@ -101,6 +102,8 @@ struct Recipe<'a> {
     zero: Option<super::zero::Partition>,
     /// ZeRO-3: the parameters themselves sharded, and how they are gathered.
     zero3: Option<super::zero3::Zero3>,
+    /// `train.overlap_comm`: the gradient collectives sent during the backward pass.
+    overlap: Option<Arc<super::overlap::BucketPlan>>,
     /// This rank's optimizer: every parameter, or under ZeRO the ones it owns.
     opt: optim::Optimizer,
     schedule: Schedule,
@@ -203,6 +206,7 @@ impl<'a> Recipe<'a> {
             }
             _ => None,
         };
+        let overlap = setup_overlap(c, &*model, &params, zero.as_ref(), &opts.dist);
         let (schedule, opt) = setup_optimizer(c, &tuner, &params, zero.as_ref(), data.max_steps)?;
         let (memory, available) = setup_memory(
             c,
@@ -225,6 +229,9 @@ impl<'a> Recipe<'a> {
                 tuner.method()
             ));
         }
+        if overlap.is_some() {
+            model_line.push_str("; gradients sent during the backward pass (train.overlap_comm)");
+        }
         if let (Some(p), Some(z)) = (&placeholders, &zero3) {
             model_line.push_str(&format!(
                 "; ZeRO-3: this rank read its own {} of the {} frozen weights, not the others' {}",
@@ -245,6 +252,7 @@ impl<'a> Recipe<'a> {
             params,
             zero,
             zero3,
+            overlap,
             opt,
             schedule,
             data_summary: data.prepared.summary(),
@@ -340,6 +348,7 @@ impl<'a> Recipe<'a> {
             grad_accum: t.grad_accum,
             world_size: dist.world_size(),
             comm_time_s: 0.0,
+            comm_wait_time_s: 0.0,
         };
         let progress_total = self.max_steps.min(t.stop_after.unwrap_or(usize::MAX));
         let mut resumed_from_step = None;
@@ -452,6 +461,7 @@ impl<'a> Recipe<'a> {
         let (index, batches): (Vec<usize>, Vec<_>) =
             drawn.into_iter().map(|d| (d.index, d.batch)).unzip();
         let passes = s.state.rng.dropout_calls;
+        let mut overlapped: Option<super::overlap::OverlapTimes> = None;
         let StepGrads {
             loss_sum,
             mut grads,
@@ -463,29 +473,51 @@ impl<'a> Recipe<'a> {
             self.zero3_gradients(&batches, &index, &counts, passes, n_loss)?
         } else {
             let (model, tuner) = (&*self.model, &self.tuner);
-            accumulate_gradients_over(
-                model,
-                &self.params,
-                &batches,
-                t.gradient_checkpointing,
-                n_loss,
-                |i| {
-                    // Dropout masks of the micro-batch's pass number in the whole step, as one
-                    // process would draw them (one process counts them itself).
-                    if dist.world_size() > 1 {
-                        let calls = passes + counts.forwards_before(index[i]) as u64;
-                        tuner.replay_rng(model, calls)?;
-                        model.set_dropout_calls(calls);
-                    }
-                    Ok(())
-                },
-            )?
+            let before_forward = |i: usize| {
+                // Dropout masks of the micro-batch's pass number in the whole step, as one
+                // process would draw them (one process counts them itself).
+                if dist.world_size() > 1 {
+                    let calls = passes + counts.forwards_before(index[i]) as u64;
+                    tuner.replay_rng(model, calls)?;
+                    model.set_dropout_calls(calls);
+                }
+                Ok(())
+            };
+            let ckpt = t.gradient_checkpointing;
+            match &self.overlap {
+                Some(plan) => {
+                    // Each layer's gradients leave while the layers before it are
+                    // differentiated; the rest after the backward pass.
+                    let mut reducer = super::overlap::Reducer::start(dist, plan.clone())?;
+                    let mut sg = accumulate_gradients_over(
+                        model,
+                        &self.params,
+                        &batches,
+                        ckpt,
+                        n_loss,
+                        before_forward,
+                        Some(&mut |l, acc, mb| reducer.layer_done(l, acc, mb)),
+                    )?;
+                    overlapped = Some(reducer.finish(&mut sg.grads, dist.rank())?);
+                    sg
+                }
+                None => accumulate_gradients_over(
+                    model,
+                    &self.params,
+                    &batches,
+                    ckpt,
+                    n_loss,
+                    before_forward,
+                    None,
+                )?,
+            }
         };
         // The ranks' gradients (each already over the step's tokens) and losses, added: on
         // every rank (DDP, ZeRO-1), or on each gradient's owner (ZeRO-2; ZeRO-3 did it).
         let zero2 =
             matches!(t.distributed, Distributed::Zero2 | Distributed::Zero3) && self.zero.is_some();
         match &self.zero {
+            _ if overlapped.is_some() => {}
             Some(_) if self.zero3.is_some() => {}
             Some(part) if zero2 => super::zero::reduce_grads(&mut grads, part, dist)?,
             _ => distributed::all_reduce_grads(&mut grads, dist, distributed::BUCKET_FLOATS)?,
@@ -557,6 +589,12 @@ impl<'a> Recipe<'a> {
         }
         let optimizer_s = t_opt.elapsed().as_secs_f64();
         let comm_s = dist.comm_seconds() - comm0;
+        // What communication cost the step: the collectives of the training thread and its
+        // wait for the overlapped ones, not their time under the backward pass.
+        let comm_wait_s = match overlapped {
+            Some(o) => (comm_s - o.comm_s).max(0.0) + o.wait_s,
+            None => comm_s,
+        };
         let tokens = counts.tokens_total();
         let dt = t0.elapsed().as_secs_f64();
         s.session_time += dt;
@@ -567,6 +605,7 @@ impl<'a> Recipe<'a> {
         st.loss_tokens += n_loss as u64;
         st.train_time_s += dt;
         st.comm_time_s += comm_s;
+        st.comm_wait_time_s += comm_wait_s;
         st.last_train_loss = Some(loss);
         st.data_cursor = self.batcher.cursor();
         st.epoch = st.data_cursor.epoch as f64
@@ -584,6 +623,7 @@ impl<'a> Recipe<'a> {
                 // Rank 0's own forward and backward; its time in collectives.
                 line["world_size"] = dist.world_size().into();
                 line["comm_s"] = comm_s.into();
+                line["comm_wait_s"] = comm_wait_s.into();
             }
             m.write(&line)?;
         }
@@ -594,6 +634,10 @@ impl<'a> Recipe<'a> {
             tokens_per_s: tps,
             world_size: dist.world_size(),
             comm_share: st.comm_time_s / st.train_time_s.max(1e-9),
+            comm_wait_share: self
+                .overlap
+                .as_ref()
+                .map(|_| st.comm_wait_time_s / st.train_time_s.max(1e-9)),
         });
         Ok(step)
     }
@@ -1069,6 +1113,7 @@ impl<'a> Recipe<'a> {
             final_val_loss_by_task: st.last_val_loss_by_task.clone(),
             world_size: self.dist().world_size(),
             comm_time_s: st.comm_time_s,
+            comm_wait_time_s: st.comm_wait_time_s,
             already_finished: false,
         }
     }
@@ -1399,6 +1444,39 @@ fn data_task_of(kind: DataTask) -> Option<Task> {
 
 /// The learning-rate schedule and the optimizer over the trainable parameters, each with the
 /// method's lr scale and the weight-decay rule ([`optim::decays`]).
+/// `train.overlap_comm`: the plan of the gradient collectives sent during the backward pass,
+/// for a multi-rank DDP / ZeRO-1 / ZeRO-2 run of a LLaMA-family model without a soft prompt
+/// (the models whose layers the trainer can walk one at a time); `None` sends them after the
+/// backward pass. Every rank decides the same from the same config and model.
+fn setup_overlap(
+    c: &LoadedConfig,
+    model: &dyn Model,
+    params: &[(String, Var)],
+    zero: Option<&super::zero::Partition>,
+    dist: &crate::dist::Dist,
+) -> Option<Arc<super::overlap::BucketPlan>> {
+    let t = &c.config.train;
+    let walkable = model
+        .as_any()
+        .downcast_ref::<crate::model::Llama>()
+        .is_some_and(|_| model.virtual_prompt().is_none());
+    let mode = match t.distributed {
+        Distributed::Ddp | Distributed::Zero1 => Some(None),
+        Distributed::Zero2 => Some(zero),
+        Distributed::None | Distributed::Zero3 => None,
+    };
+    let owners = mode.filter(|_| t.overlap_comm && walkable && dist.world_size() > 1)?;
+    let names: Vec<String> = params.iter().map(|(n, _)| n.clone()).collect();
+    let shapes: Vec<candle_core::Shape> = params.iter().map(|(_, v)| v.shape().clone()).collect();
+    Some(Arc::new(super::overlap::BucketPlan::new(
+        &names,
+        &shapes,
+        model.dims().layers,
+        owners,
+        super::distributed::BUCKET_FLOATS,
+    )))
+}
+
 fn setup_optimizer(
     c: &LoadedConfig,
     tuner: &Tuner,
@@ -1512,7 +1590,7 @@ fn setup_zero3(
             ),
         ));
     }
-    super::zero3::Zero3::new(llama, params, part)
+    Ok(super::zero3::Zero3::new(llama, params, part)?.with_overlap(c.config.train.overlap_comm))
 }
 
 /// The run's quantization settings on its model, the memory estimate, and the refusal of a

@@ -381,6 +381,8 @@ pub struct StepLine {
     pub world_size: usize,
     /// The share of the training time rank 0 spent in collectives.
     pub comm_share: f64,
+    /// With overlapped gradient communication: the share the training waited for it.
+    pub comm_wait_share: Option<f64>,
 }
 
 impl Progress {
@@ -430,6 +432,9 @@ impl Progress {
                 s.world_size,
                 100.0 * s.comm_share
             ));
+            if let Some(w) = s.comm_wait_share {
+                msg.push_str(&format!(" ({:.0}% waited)", 100.0 * w));
+            }
         }
         if let Some(b) = &self.bar {
             b.set_message(msg);

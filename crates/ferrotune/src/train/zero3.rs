@@ -28,6 +28,7 @@
 //! ([`Zero3::gather_to_root`]).
 use super::zero::{flatten, Partition, BUCKET_FLOATS};
 use crate::data::Batch;
+use crate::dist::background::{Background, Collective};
 use crate::dist::Dist;
 use crate::model::Llama;
 use crate::nn::EmbeddingWeight;
@@ -49,6 +50,8 @@ pub struct Zero3 {
     frozen: FrozenShards,
     /// Whether every rank holds the whole model now (evaluation, the end of the run).
     gathered: bool,
+    /// `train.overlap_comm`: gathers one layer ahead and reduces on a thread of their own.
+    overlap: bool,
 }
 
 /// The frozen dense weights of the model (not trained, so no gradient or optimizer state):
@@ -222,7 +225,21 @@ impl Zero3 {
             shapes: params.iter().map(|(_, v)| v.shape().clone()).collect(),
             dtypes: params.iter().map(|(_, v)| v.dtype()).collect(),
             gathered: true,
+            overlap: false,
         })
+    }
+
+    /// With `on`, a multi-rank walk prefetches the next layer's weights while a layer computes
+    /// and reduces a layer's gradients while the next is differentiated, on a thread of their
+    /// own (`train.overlap_comm`); the arithmetic is the same either way.
+    pub fn with_overlap(mut self, on: bool) -> Self {
+        self.overlap = on;
+        self
+    }
+
+    /// Whether the walk overlaps its collectives with the computation.
+    pub fn overlaps(&self) -> bool {
+        self.overlap
     }
 
     /// How many frozen weights the plan shards (a PEFT method's dense base).
@@ -263,7 +280,8 @@ impl Zero3 {
     }
 
     /// The most bytes of other ranks' weights this rank holds at once in a micro-batch: the
-    /// outer group and the largest layer.
+    /// outer group and the largest layer (two with overlap: the next one arrives while one
+    /// runs).
     pub fn gathered_bytes(&self) -> u64 {
         let group = |g: Group| -> u64 {
             let (idx, fidx) = self.group(g);
@@ -283,7 +301,16 @@ impl Zero3 {
             .map(|i| group(Group::Layer(i)))
             .max()
             .unwrap_or(0);
-        group(Group::Outer) + layer
+        group(Group::Outer) + layer * self.layers_in_flight()
+    }
+
+    /// Layers whose weights (or gradients) are held at once.
+    fn layers_in_flight(&self) -> u64 {
+        if self.overlap {
+            2
+        } else {
+            1
+        }
     }
 
     /// The most values of other ranks' trained tensors whose gradients this rank holds at once
@@ -296,7 +323,7 @@ impl Zero3 {
                 .sum()
         };
         let layer = self.layers.iter().map(|l| others(l)).max().unwrap_or(0);
-        others(&self.outer) + layer
+        others(&self.outer) + layer * self.layers_in_flight() as usize
     }
 
     fn param_bytes(&self, i: usize) -> u64 {
@@ -343,9 +370,9 @@ impl Zero3 {
     ) -> Result<Vec<(usize, Var)>> {
         let all: Vec<usize> = (0..params.len()).collect();
         let mut live: Vec<Var> = params.iter().map(|(_, v)| v.clone()).collect();
-        self.gather(llama, params, &all, &mut live, dist)?;
         let frozen: Vec<usize> = (0..self.frozen.names.len()).collect();
-        self.gather_frozen(llama, &frozen, dist)?;
+        let jobs = self.gather_jobs(llama, params, &all, &frozen, dist)?;
+        self.run_now(jobs, llama, params, &mut live, &mut [], dist)?;
         let mut out = Vec::new();
         for &i in &all {
             if self.sharded[i] && !self.part.is_mine(i) {
@@ -435,8 +462,31 @@ impl Zero3 {
             }
             Ok(())
         };
+        // The walk's collectives, in this order on every rank. With overlap, each layer's
+        // gather is submitted one layer ahead (the next layer's weights travel while this one
+        // computes) and each reduce as soon as its layer's backward pass is done, on the queue's
+        // thread; without, each runs when submitted.
+        let mut w = Walk::new(if self.overlap && dist.world_size() > 1 {
+            Background::start(dist)?
+        } else {
+            Background::inline(dist)
+        });
+        let n_layers = llama.layers.len();
+        let layer = |i: usize| Group::Layer(i);
+        let jobs = |g: Group, llama: &Llama| {
+            let (idx, fidx) = self.group(g);
+            self.gather_jobs(llama, params, idx, fidx, dist)
+        };
 
-        self.gather_group(llama, params, Group::Outer, &mut live, dist)?;
+        // Prefetch only on the queue's thread: inline, a gather ahead would only hold a
+        // second layer's weights longer.
+        let prefetch = w.queue.is_background();
+        let outer = w.submit(jobs(Group::Outer, llama)?)?;
+        let mut next = match n_layers {
+            n if n > 0 && prefetch => Some(w.submit(jobs(layer(0), llama)?)?),
+            _ => None,
+        };
+        self.wait_for(&mut w, outer, llama, params, &mut live, grads, dist)?;
         // Forward: keep each layer's input (as `checkpointing` does).
         let mut prepared = match batch {
             Some(b) => {
@@ -447,9 +497,19 @@ impl Zero3 {
             }
             None => None,
         };
-        let mut rng_states = Vec::with_capacity(llama.layers.len());
-        for i in 0..llama.layers.len() {
-            self.gather_group(llama, params, Group::Layer(i), &mut live, dist)?;
+        let mut rng_states = Vec::with_capacity(n_layers);
+        for i in 0..n_layers {
+            let this = match next.take() {
+                Some(t) => t,
+                None => w.submit(jobs(layer(i), llama)?)?,
+            };
+            if prefetch {
+                // The next layer's weights; after the last layer, the last layer's again for
+                // the backward pass (it starts there).
+                let ahead = if i + 1 < n_layers { i + 1 } else { i };
+                next = Some(w.submit(jobs(layer(ahead), llama)?)?);
+            }
+            self.wait_for(&mut w, this, llama, params, &mut live, grads, dist)?;
             if let Some((_, ctx, inputs)) = prepared.as_mut() {
                 let before = llama.layer_rng_states(i);
                 let x = inputs.last().ok_or_else(no_input)?.detach();
@@ -457,7 +517,7 @@ impl Zero3 {
                 inputs.push(y);
                 rng_states.push((before, llama.layer_rng_states(i)));
             }
-            self.release_group(llama, params, Group::Layer(i), &mut live)?;
+            self.release_group(llama, params, layer(i), &mut live)?;
         }
 
         // The head, then the layers from the last one back: recompute, backpropagate, reduce.
@@ -486,8 +546,15 @@ impl Zero3 {
             .position(|(n, _)| n == "model.embed_tokens.weight");
         self.release_group(llama, params, Group::Outer, &mut live)?;
         stats.forward_s = (t1 - t0).as_secs_f64();
-        for i in (0..llama.layers.len()).rev() {
-            self.gather_group(llama, params, Group::Layer(i), &mut live, dist)?;
+        for i in (0..n_layers).rev() {
+            let this = match next.take() {
+                Some(t) => t,
+                None => w.submit(jobs(layer(i), llama)?)?,
+            };
+            if prefetch && i > 0 {
+                next = Some(w.submit(jobs(layer(i - 1), llama)?)?);
+            }
+            self.wait_for(&mut w, this, llama, params, &mut live, grads, dist)?;
             if let (Some((_, ctx, inputs)), Some(gy)) = (prepared.as_mut(), g.as_ref()) {
                 let x = Var::from_tensor(&inputs.pop().ok_or_else(no_input)?)?;
                 llama.set_layer_rng_states(i, &rng_states[i].0);
@@ -502,8 +569,8 @@ impl Zero3 {
                         .detach(),
                 );
             }
-            self.reduce(&self.layers[i], &mut local, grads, dist)?;
-            self.release_group(llama, params, Group::Layer(i), &mut live)?;
+            w.submit(self.reduce_jobs(&self.layers[i], &mut local)?)?;
+            self.release_group(llama, params, layer(i), &mut live)?;
         }
         // The embeddings' rows, when they are trained (full fine-tuning).
         if let (Some((b, _, _)), Some(gy), Some(e), true) = (
@@ -520,7 +587,8 @@ impl Zero3 {
                 None => rows,
             }));
         }
-        self.reduce(&self.outer, &mut local, grads, dist)?;
+        let all = w.submit(self.reduce_jobs(&self.outer, &mut local)?)?;
+        self.wait_for(&mut w, all, llama, params, &mut live, grads, dist)?;
         stats.backward_s = t1.elapsed().as_secs_f64();
         Ok(stats)
     }
@@ -636,6 +704,7 @@ impl Zero3 {
         )
     }
 
+    /// Gather group `g` now (blocking; see [`Walk`] for the overlapped form).
     fn gather_group(
         &self,
         llama: &mut Llama,
@@ -645,8 +714,8 @@ impl Zero3 {
         dist: &Dist,
     ) -> Result<()> {
         let (idx, fidx) = self.group(g);
-        self.gather(llama, params, idx, live, dist)?;
-        self.gather_frozen(llama, fidx, dist)
+        let jobs = self.gather_jobs(llama, params, idx, fidx, dist)?;
+        self.run_now(jobs, llama, params, live, &mut [], dist)
     }
 
     fn release_group(
@@ -661,16 +730,45 @@ impl Zero3 {
         self.release_frozen(llama, fidx)
     }
 
-    /// Install the frozen weights of `idx` that other ranks own, broadcast from their owners
-    /// (values sent as f32: exact for the f32, bf16 and f16 weights a model holds).
-    fn gather_frozen(&self, llama: &mut Llama, idx: &[usize], dist: &Dist) -> Result<()> {
+    /// Run `jobs` one after the other on this thread, completing each.
+    fn run_now(
+        &self,
+        jobs: Vec<(Job, Vec<f32>)>,
+        llama: &mut Llama,
+        params: &[(String, Var)],
+        live: &mut [Var],
+        grads: &mut [Option<Vec<f32>>],
+        dist: &Dist,
+    ) -> Result<()> {
+        let mut w = Walk::new(Background::inline(dist));
+        let ticket = w.submit(jobs)?;
+        self.wait_for(&mut w, ticket, llama, params, live, grads, dist)
+    }
+
+    /// The broadcasts that gather the trained tensors `idx` and the frozen weights `fidx` onto
+    /// every rank: each bucket's values on its owner, zeros elsewhere. Nothing while the
+    /// whole model is gathered.
+    fn gather_jobs(
+        &self,
+        llama: &Llama,
+        params: &[(String, Var)],
+        idx: &[usize],
+        fidx: &[usize],
+        dist: &Dist,
+    ) -> Result<Vec<(Job, Vec<f32>)>> {
+        let mut jobs = Vec::new();
         if self.gathered {
-            return Ok(());
+            return Ok(jobs);
+        }
+        let sharded: Vec<usize> = idx.iter().copied().filter(|&i| self.sharded[i]).collect();
+        for (owner, bucket) in self.buckets(&sharded) {
+            let flat = self.owner_buffer(params, &bucket, owner, dist)?;
+            jobs.push((Job::Gather { owner, bucket }, flat));
         }
         let f = &self.frozen;
         let sizes: Vec<usize> = f.shapes.iter().map(|s| s.elem_count()).collect();
-        for (owner, bucket) in f.part.buckets_among(idx, &sizes, BUCKET_FLOATS) {
-            let mut flat = if owner == dist.rank() {
+        for (owner, bucket) in f.part.buckets_among(fidx, &sizes, BUCKET_FLOATS) {
+            let flat = if owner == dist.rank() {
                 let mut held = Vec::with_capacity(bucket.len());
                 for &k in &bucket {
                     held.push(llama.dense_weight(&f.names[k]).ok_or_else(|| {
@@ -681,18 +779,160 @@ impl Zero3 {
             } else {
                 vec![0.0f32; bucket.iter().map(|&k| sizes[k]).sum()]
             };
-            dist.broadcast(&mut flat, owner)?;
-            if owner == dist.rank() {
-                continue;
+            jobs.push((Job::GatherFrozen { owner, bucket }, flat));
+        }
+        Ok(jobs)
+    }
+
+    /// The reduces that sum the gradients of `idx` onto their owners; every rank's `local`
+    /// entries of `idx` are taken. A tensor alone in its bucket is sent from its own buffer
+    /// (the embeddings: no second copy of their size).
+    fn reduce_jobs(
+        &self,
+        idx: &[usize],
+        local: &mut [Option<Grad>],
+    ) -> Result<Vec<(Job, Vec<f32>)>> {
+        let mut jobs = Vec::new();
+        for (owner, bucket) in self.buckets(idx) {
+            let size = |i: usize| self.shapes[i].elem_count();
+            let flat = if let [i] = bucket[..] {
+                match local[i].take() {
+                    Some(g) => g.into_vec()?,
+                    None => vec![0.0; size(i)],
+                }
+            } else {
+                let mut flat = Vec::with_capacity(bucket.iter().map(|&i| size(i)).sum());
+                for &i in &bucket {
+                    match local[i].take() {
+                        Some(g) => g.extend(&mut flat)?,
+                        None => flat.resize(flat.len() + size(i), 0.0),
+                    }
+                }
+                flat
+            };
+            jobs.push((Job::Reduce { owner, bucket }, flat));
+        }
+        Ok(jobs)
+    }
+
+    /// Take the walk's collectives back in order up to `ticket`, completing each: a gathered
+    /// bucket installed in the model (trained tensors as fresh variables, also in `live`), a
+    /// reduced one added to the owner's `grads`.
+    #[allow(clippy::too_many_arguments)]
+    fn wait_for(
+        &self,
+        w: &mut Walk,
+        ticket: usize,
+        llama: &mut Llama,
+        params: &[(String, Var)],
+        live: &mut [Var],
+        grads: &mut [Option<Vec<f32>>],
+        dist: &Dist,
+    ) -> Result<()> {
+        while w.completed < ticket {
+            let flat = w.queue.take_next()?;
+            let job = w
+                .jobs
+                .pop_front()
+                .ok_or_else(|| Error::msg("zero3: a collective came back that was not sent"))?;
+            w.completed += 1;
+            self.complete(job, flat, llama, params, live, grads, dist)?;
+        }
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn complete(
+        &self,
+        job: Job,
+        flat: Vec<f32>,
+        llama: &mut Llama,
+        params: &[(String, Var)],
+        live: &mut [Var],
+        grads: &mut [Option<Vec<f32>>],
+        dist: &Dist,
+    ) -> Result<()> {
+        match job {
+            Job::Gather { owner, .. } | Job::GatherFrozen { owner, .. } if owner == dist.rank() => {
+                Ok(())
             }
-            let dev = llama.device().clone();
-            let mut at = 0;
-            for &k in &bucket {
-                let t = Tensor::from_slice(&flat[at..at + sizes[k]], f.shapes[k].clone(), &dev)?
-                    .to_dtype(f.dtypes[k])?;
-                install_frozen(llama, &f.names[k], &t)?;
-                at += sizes[k];
+            Job::Gather { bucket, .. } => self.install_gathered(llama, params, &bucket, flat, live),
+            Job::GatherFrozen { bucket, .. } => {
+                let f = &self.frozen;
+                let dev = llama.device().clone();
+                let mut at = 0;
+                for &k in &bucket {
+                    let n = f.shapes[k].elem_count();
+                    let t = Tensor::from_slice(&flat[at..at + n], f.shapes[k].clone(), &dev)?
+                        .to_dtype(f.dtypes[k])?;
+                    install_frozen(llama, &f.names[k], &t)?;
+                    at += n;
+                }
+                Ok(())
             }
+            Job::Reduce { owner, .. } if owner != dist.rank() => Ok(()),
+            Job::Reduce { bucket, .. } => {
+                if bucket.iter().any(|&i| i >= grads.len()) {
+                    return Err(Error::msg("zero3: a reduce without gradients to add to"));
+                }
+                if let [i] = bucket[..] {
+                    // One tensor (the embeddings): the received buffer becomes the sum.
+                    grads[i] = Some(match grads[i].take() {
+                        Some(mut acc) => {
+                            acc.iter_mut().zip(&flat).for_each(|(a, g)| *a += g);
+                            acc
+                        }
+                        None => flat,
+                    });
+                    return Ok(());
+                }
+                let mut at = 0;
+                for &i in &bucket {
+                    let part = &flat[at..at + self.shapes[i].elem_count()];
+                    match grads[i].as_mut() {
+                        Some(acc) => acc.iter_mut().zip(part).for_each(|(a, g)| *a += g),
+                        None => grads[i] = Some(part.to_vec()),
+                    }
+                    at += part.len();
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Install the trained tensors of a gathered bucket as fresh variables.
+    fn install_gathered(
+        &self,
+        llama: &mut Llama,
+        params: &[(String, Var)],
+        bucket: &[usize],
+        flat: Vec<f32>,
+        live: &mut [Var],
+    ) -> Result<()> {
+        if let [i] = bucket[..] {
+            if self.dtypes[i] == DType::F32 {
+                // One tensor (the embeddings): the received buffer becomes the variable.
+                let var = Var::from_vec(flat, self.shapes[i].clone(), params[i].1.device())?;
+                install(llama, &params[i].0, &var)?;
+                live[i] = var;
+                return Ok(());
+            }
+        }
+        let mut at = 0;
+        for &i in bucket {
+            let k = self.shapes[i].elem_count();
+            let var = if self.dtypes[i] == DType::F32 {
+                Var::from_slice(
+                    &flat[at..at + k],
+                    self.shapes[i].clone(),
+                    params[i].1.device(),
+                )?
+            } else {
+                Var::from_tensor(&self.tensor_from(&flat[at..at + k], i, params)?)?
+            };
+            install(llama, &params[i].0, &var)?;
+            live[i] = var;
+            at += k;
         }
         Ok(())
     }
@@ -704,55 +944,6 @@ impl Zero3 {
             if !f.part.is_mine(k) {
                 let p = Tensor::zeros(0, f.dtypes[k], llama.device())?;
                 install_frozen(llama, &f.names[k], &p)?;
-            }
-        }
-        Ok(())
-    }
-
-    /// Install the sharded tensors of `idx` that other ranks own, broadcast from their owners.
-    /// Nothing to do while the whole model is gathered.
-    fn gather(
-        &self,
-        llama: &mut Llama,
-        params: &[(String, Var)],
-        idx: &[usize],
-        live: &mut [Var],
-        dist: &Dist,
-    ) -> Result<()> {
-        if self.gathered {
-            return Ok(());
-        }
-        let sharded: Vec<usize> = idx.iter().copied().filter(|&i| self.sharded[i]).collect();
-        for (owner, bucket) in self.buckets(&sharded) {
-            let mut flat = self.owner_buffer(params, &bucket, owner, dist)?;
-            dist.broadcast(&mut flat, owner)?;
-            if owner == dist.rank() {
-                continue;
-            }
-            if let [i] = bucket[..] {
-                if self.dtypes[i] == DType::F32 {
-                    // One tensor (the embeddings): the received buffer becomes the variable.
-                    let var = Var::from_vec(flat, self.shapes[i].clone(), params[i].1.device())?;
-                    install(llama, &params[i].0, &var)?;
-                    live[i] = var;
-                    continue;
-                }
-            }
-            let mut at = 0;
-            for &i in &bucket {
-                let k = self.shapes[i].elem_count();
-                let var = if self.dtypes[i] == DType::F32 {
-                    Var::from_slice(
-                        &flat[at..at + k],
-                        self.shapes[i].clone(),
-                        params[i].1.device(),
-                    )?
-                } else {
-                    Var::from_tensor(&self.tensor_from(&flat[at..at + k], i, params)?)?
-                };
-                install(llama, &params[i].0, &var)?;
-                live[i] = var;
-                at += k;
             }
         }
         Ok(())
@@ -777,56 +968,56 @@ impl Zero3 {
         }
         Ok(names)
     }
+}
 
-    /// Sum the gradients of `idx` onto their owners, who add them to `grads`; every rank's
-    /// `local` entries of `idx` are dropped. A tensor alone in its bucket is sent from its own
-    /// buffer (the embeddings: no second copy of their size).
-    fn reduce(
-        &self,
-        idx: &[usize],
-        local: &mut [Option<Grad>],
-        grads: &mut [Option<Vec<f32>>],
-        dist: &Dist,
-    ) -> Result<()> {
-        for (owner, bucket) in self.buckets(idx) {
-            let size = |i: usize| self.shapes[i].elem_count();
-            let mut flat = if let [i] = bucket[..] {
-                match local[i].take() {
-                    Some(g) => g.into_vec()?,
-                    None => vec![0.0; size(i)],
-                }
-            } else {
-                let mut flat = Vec::with_capacity(bucket.iter().map(|&i| size(i)).sum());
-                for &i in &bucket {
-                    match local[i].take() {
-                        Some(g) => g.extend(&mut flat)?,
-                        None => flat.resize(flat.len() + size(i), 0.0),
-                    }
-                }
-                flat
-            };
-            dist.reduce_sum(&mut flat, owner)?;
-            if owner != dist.rank() {
-                continue;
+/// A collective of the layer walk and what its result is for.
+enum Job {
+    /// Trained tensors broadcast from `owner`, installed on the other ranks.
+    Gather { owner: usize, bucket: Vec<usize> },
+    /// Frozen weights broadcast from `owner`, installed on the other ranks.
+    GatherFrozen { owner: usize, bucket: Vec<usize> },
+    /// Gradients summed onto `owner`, who adds them to its `grads`.
+    Reduce { owner: usize, bucket: Vec<usize> },
+}
+
+impl Job {
+    fn collective(&self) -> Collective {
+        match *self {
+            Job::Gather { owner, .. } | Job::GatherFrozen { owner, .. } => {
+                Collective::Broadcast { root: owner }
             }
-            if let [i] = bucket[..] {
-                match grads[i].as_mut() {
-                    Some(acc) => acc.iter_mut().zip(&flat).for_each(|(a, g)| *a += g),
-                    None => grads[i] = Some(flat),
-                }
-                continue;
-            }
-            let mut at = 0;
-            for &i in &bucket {
-                let part = &flat[at..at + size(i)];
-                match grads[i].as_mut() {
-                    Some(acc) => acc.iter_mut().zip(part).for_each(|(a, g)| *a += g),
-                    None => grads[i] = Some(part.to_vec()),
-                }
-                at += size(i);
-            }
+            Job::Reduce { owner, .. } => Collective::Reduce { root: owner },
         }
-        Ok(())
+    }
+}
+
+/// The collectives of one walk in flight: submitted in the walk's order (the same on every
+/// rank), taken back in that order by [`Zero3::wait_for`].
+struct Walk {
+    queue: Background,
+    jobs: std::collections::VecDeque<Job>,
+    submitted: usize,
+    completed: usize,
+}
+
+impl Walk {
+    fn new(queue: Background) -> Self {
+        Walk {
+            queue,
+            jobs: Default::default(),
+            submitted: 0,
+            completed: 0,
+        }
+    }
+
+    /// Queue `jobs`; returns the ticket to wait for them.
+    fn submit(&mut self, jobs: Vec<(Job, Vec<f32>)>) -> Result<usize> {
+        for (job, flat) in jobs {
+            self.queue.submit(job.collective(), flat)?;
+            self.jobs.push_back(job);
+            self.submitted += 1;
+        }
+        Ok(self.submitted)
     }
 }
 
