@@ -9,6 +9,19 @@ use ferrotune::train;
 use crate::common;
 use common::{examples, max_abs, tiny};
 
+/// The tiny fixture `name` with a seeded LoRA on every linear (non-zero B, dropout 0.3), and its
+/// trainable parameters: two calls give identical models.
+fn lora_model(name: &str) -> (ferrotune::model::Llama, Vec<(String, candle_core::Var)>) {
+    let mut m = tiny(name);
+    let mut cfg = lora::LoraConfig::new(4, 8.0, &[]);
+    cfg.target_modules = Some(lora::ModuleSpec::One("all-linear".into()));
+    cfg.init_lora_weights = lora::InitLoraWeights::Bool(false);
+    cfg.lora_dropout = 0.3;
+    lora::attach_lora(&mut m, &cfg, "default", 5).unwrap();
+    let params = peft::adapter_params(&m, "default");
+    (m, params)
+}
+
 #[test]
 fn checkpointed_gradients_equal_plain_gradients() {
     for (name, packing) in [
@@ -18,16 +31,7 @@ fn checkpointed_gradients_equal_plain_gradients() {
     ] {
         // Two identical models with identical adapters (same seeds, dropout 0.3): one runs the
         // plain backward pass, the other the checkpointed one, over the same batches.
-        let build = || {
-            let mut m = tiny(name);
-            let mut cfg = lora::LoraConfig::new(4, 8.0, &[]);
-            cfg.target_modules = Some(lora::ModuleSpec::One("all-linear".into()));
-            cfg.init_lora_weights = lora::InitLoraWeights::Bool(false);
-            cfg.lora_dropout = 0.3;
-            lora::attach_lora(&mut m, &cfg, "default", 5).unwrap();
-            let params = peft::adapter_params(&m, "default");
-            (m, params)
-        };
+        let build = || lora_model(name);
         let (plain, plain_params) = build();
         let (ckpt, ckpt_params) = build();
         let exs = examples(&[11, 4, 17, 8, 6, 13], plain.cfg.vocab_size as u32, 3);
@@ -83,16 +87,7 @@ fn the_layer_walk_reports_each_layer_with_its_final_gradients() {
         ("tiny-llama-mha-tied", false),
         ("tiny-llama-mha-tied", true),
     ] {
-        let build = || {
-            let mut m = tiny(name);
-            let mut cfg = lora::LoraConfig::new(4, 8.0, &[]);
-            cfg.target_modules = Some(lora::ModuleSpec::One("all-linear".into()));
-            cfg.init_lora_weights = lora::InitLoraWeights::Bool(false);
-            cfg.lora_dropout = 0.3;
-            lora::attach_lora(&mut m, &cfg, "default", 5).unwrap();
-            let params = peft::adapter_params(&m, "default");
-            (m, params)
-        };
+        let build = || lora_model(name);
         let (plain, plain_params) = build();
         let (walked, walked_params) = build();
         let n_layers = walked.layers.len();

@@ -298,6 +298,17 @@ impl Dist {
             String::new()
         }
     }
+    /// A collective rooted at `root` needs that rank to exist.
+    fn check_root(&self, what: &str, root: usize) -> Result<()> {
+        if root >= self.inner.world {
+            return Err(Error::msg(format!(
+                "{what} rank {root}, but there are {} ranks",
+                self.inner.world
+            )));
+        }
+        Ok(())
+    }
+
     /// Ready the calling thread for this back-end's collectives (see
     /// [`Collectives::prepare_thread`]).
     pub fn prepare_thread(&self) -> Result<()> {
@@ -348,12 +359,7 @@ impl Dist {
 
     /// [`Self::reduce_sum`] from a background thread.
     pub fn reduce_sum_background(&self, buf: &mut [f32], root: usize) -> Result<()> {
-        if root >= self.inner.world {
-            return Err(Error::msg(format!(
-                "reduce to rank {root}, but there are {} ranks",
-                self.inner.world
-            )));
-        }
+        self.check_root("reduce to", root)?;
         if self.inner.world == 1 {
             return Ok(());
         }
@@ -394,12 +400,7 @@ impl Dist {
     /// Element-wise sum over the ranks into `root`'s `buf` (the others' `buf` is unspecified
     /// after the call).
     pub fn reduce_sum(&self, buf: &mut [f32], root: usize) -> Result<()> {
-        if root >= self.inner.world {
-            return Err(Error::msg(format!(
-                "reduce to rank {root}, but there are {} ranks",
-                self.inner.world
-            )));
-        }
+        self.check_root("reduce to", root)?;
         if self.inner.world == 1 {
             return Ok(());
         }
@@ -429,12 +430,7 @@ impl Dist {
 
     /// `root`'s `buf` into every rank's.
     pub fn broadcast(&self, buf: &mut [f32], root: usize) -> Result<()> {
-        if root >= self.inner.world {
-            return Err(Error::msg(format!(
-                "broadcast from rank {root}, but there are {} ranks",
-                self.inner.world
-            )));
-        }
+        self.check_root("broadcast from", root)?;
         if self.inner.world == 1 {
             return Ok(());
         }
@@ -445,12 +441,7 @@ impl Dist {
 
     /// [`Self::broadcast`] from a background thread.
     pub fn broadcast_background(&self, buf: &mut [f32], root: usize) -> Result<()> {
-        if root >= self.inner.world {
-            return Err(Error::msg(format!(
-                "broadcast from rank {root}, but there are {} ranks",
-                self.inner.world
-            )));
-        }
+        self.check_root("broadcast from", root)?;
         if self.inner.world == 1 {
             return Ok(());
         }

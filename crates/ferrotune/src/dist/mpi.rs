@@ -79,9 +79,12 @@ impl Collectives for MpiBackend {
         Ok(())
     }
     fn all_reduce_sum_background(&self, buf: &mut [f32]) -> Result<()> {
+        if wait_policy() == WaitPolicy::Block {
+            return self.all_reduce_sum(buf);
+        }
         let send = buf.to_vec();
         mpi::request::scope(|scope| {
-            wait_sleeping(self.world.immediate_all_reduce_into(
+            wait_patiently(self.world.immediate_all_reduce_into(
                 scope,
                 &send[..],
                 buf,
@@ -91,25 +94,31 @@ impl Collectives for MpiBackend {
         Ok(())
     }
     fn reduce_sum_background(&self, buf: &mut [f32], root: usize) -> Result<()> {
+        if wait_policy() == WaitPolicy::Block {
+            return self.reduce_sum(buf, root);
+        }
         let send = buf.to_vec();
         let at = self.world.process_at_rank(root as i32);
         mpi::request::scope(|scope| {
             if self.rank == root {
-                wait_sleeping(at.immediate_reduce_into_root(
+                wait_patiently(at.immediate_reduce_into_root(
                     scope,
                     &send[..],
                     buf,
                     SystemOperation::sum(),
                 ))
             } else {
-                wait_sleeping(at.immediate_reduce_into(scope, &send[..], SystemOperation::sum()))
+                wait_patiently(at.immediate_reduce_into(scope, &send[..], SystemOperation::sum()))
             }
         });
         Ok(())
     }
     fn broadcast_background(&self, buf: &mut [f32], root: usize) -> Result<()> {
+        if wait_policy() == WaitPolicy::Block {
+            return self.broadcast(buf, root);
+        }
         let at = self.world.process_at_rank(root as i32);
-        mpi::request::scope(|scope| wait_sleeping(at.immediate_broadcast_into(scope, buf)));
+        mpi::request::scope(|scope| wait_patiently(at.immediate_broadcast_into(scope, buf)));
         Ok(())
     }
     fn reduce_scatter_sum(&self, send: &[f32], recv: &mut [f32]) -> Result<()> {
@@ -144,23 +153,46 @@ impl Collectives for MpiBackend {
     }
 }
 
-/// How long a background collective sleeps between looks at its request.
-const POLL: std::time::Duration = std::time::Duration::from_micros(100);
+/// How a background collective waits for the other ranks (`FERROTUNE_COMM_WAIT`): `yield`
+/// (default) tests its non-blocking request and yields the core between tests, so a training
+/// thread on the same core runs while the other ranks are not there yet and the transfer still
+/// progresses at every test (Open MPI advances non-blocking collectives only inside MPI calls,
+/// a fragment at a time over shared memory); `sleep` sleeps 100 us between tests (the least CPU,
+/// but a large bucket crawls); `block` is MPI's own blocking call, which spins.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum WaitPolicy {
+    Yield,
+    Sleep,
+    Block,
+}
 
-/// Wait for a non-blocking collective by testing it and sleeping in between: MPI's own wait
-/// spins on a core, which a background thread on a machine with a rank per core takes from
-/// the training thread (measured: DDP 0.85x with overlapped, spinning communication on two
-/// cores). Each test also advances the collective (Open MPI progresses non-blocking
-/// collectives inside MPI calls).
-fn wait_sleeping<'a, D: ?Sized, S: mpi::request::Scope<'a>>(
+fn wait_policy() -> WaitPolicy {
+    static POLICY: std::sync::OnceLock<WaitPolicy> = std::sync::OnceLock::new();
+    *POLICY.get_or_init(|| match std::env::var("FERROTUNE_COMM_WAIT").as_deref() {
+        Ok("sleep") => WaitPolicy::Sleep,
+        Ok("block") => WaitPolicy::Block,
+        _ => WaitPolicy::Yield,
+    })
+}
+
+/// Wait for a non-blocking collective by testing it, yielding or sleeping in between (see
+/// [`WaitPolicy`]): MPI's own wait spins on a core, which a background thread on a machine with
+/// a rank per core takes from the training thread (measured: DDP 0.85x with overlapped, spinning
+/// communication on two cores).
+fn wait_patiently<'a, D: ?Sized, S: mpi::request::Scope<'a>>(
     mut request: mpi::request::Request<'a, D, S>,
 ) {
+    let sleep = wait_policy() == WaitPolicy::Sleep;
     loop {
         match request.test() {
             Ok(_) => return,
             Err(pending) => {
                 request = pending;
-                std::thread::sleep(POLL);
+                if sleep {
+                    std::thread::sleep(std::time::Duration::from_micros(100));
+                } else {
+                    std::thread::yield_now();
+                }
             }
         }
     }

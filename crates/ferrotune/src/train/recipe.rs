@@ -470,7 +470,9 @@ impl<'a> Recipe<'a> {
             ..
         } = if self.zero3.is_some() {
             // ZeRO-3: the gradients arrive summed on their owners, layer by layer.
-            self.zero3_gradients(&batches, &index, &counts, passes, n_loss)?
+            let (sg, times) = self.zero3_gradients(&batches, &index, &counts, passes, n_loss)?;
+            overlapped = times;
+            sg
         } else {
             let (model, tuner) = (&*self.model, &self.tuner);
             let before_forward = |i: usize| {
@@ -483,34 +485,33 @@ impl<'a> Recipe<'a> {
                 }
                 Ok(())
             };
-            let ckpt = t.gradient_checkpointing;
-            match &self.overlap {
-                Some(plan) => {
-                    // Each layer's gradients leave while the layers before it are
-                    // differentiated; the rest after the backward pass.
-                    let mut reducer = super::overlap::Reducer::start(dist, plan.clone())?;
-                    let mut sg = accumulate_gradients_over(
-                        model,
-                        &self.params,
-                        &batches,
-                        ckpt,
-                        n_loss,
-                        before_forward,
-                        Some(&mut |l, acc, mb| reducer.layer_done(l, acc, mb)),
-                    )?;
-                    overlapped = Some(reducer.finish(&mut sg.grads, dist.rank())?);
-                    sg
-                }
-                None => accumulate_gradients_over(
-                    model,
-                    &self.params,
-                    &batches,
-                    ckpt,
-                    n_loss,
-                    before_forward,
-                    None,
-                )?,
+            // With overlap each layer's gradients leave while the layers before it are
+            // differentiated, the rest after the backward pass.
+            let mut reducer = match &self.overlap {
+                Some(plan) => Some(super::overlap::Reducer::start(dist, plan.clone())?),
+                None => None,
+            };
+            let overlap = reducer.is_some();
+            let mut layer_done =
+                |l: usize, acc: &mut [Option<Tensor>], mb: &mut [Option<Tensor>]| match reducer
+                    .as_mut()
+                {
+                    Some(r) => r.layer_done(l, acc, mb),
+                    None => Ok(()),
+                };
+            let mut sg = accumulate_gradients_over(
+                model,
+                &self.params,
+                &batches,
+                t.gradient_checkpointing,
+                n_loss,
+                before_forward,
+                overlap.then_some(&mut layer_done as &mut super::LastLayerDone),
+            )?;
+            if let Some(r) = reducer {
+                overlapped = Some(r.finish(&mut sg.grads, dist.rank())?);
             }
+            sg
         };
         // The ranks' gradients (each already over the step's tokens) and losses, added: on
         // every rank (DDP, ZeRO-1), or on each gradient's owner (ZeRO-2; ZeRO-3 did it).
@@ -900,7 +901,7 @@ impl<'a> Recipe<'a> {
         counts: &StepCounts,
         passes: u64,
         n_loss: usize,
-    ) -> Result<StepGrads> {
+    ) -> Result<(StepGrads, Option<super::overlap::OverlapTimes>)> {
         let dist = self.dist();
         let Some(z) = self.zero3.as_ref() else {
             return Err(Error::msg(
@@ -917,6 +918,7 @@ impl<'a> Recipe<'a> {
             backward_s: 0.0,
             forwards: 0,
         };
+        let mut times = super::overlap::OverlapTimes::default();
         for (i, batch) in batches.iter().enumerate() {
             let batch = (batch.n_loss_tokens > 0).then_some(batch);
             if batch.is_some() {
@@ -932,6 +934,8 @@ impl<'a> Recipe<'a> {
             out.loss_sum += m.loss_sum;
             out.forward_s += m.forward_s;
             out.backward_s += m.backward_s;
+            times.comm_s += m.comm_background_s;
+            times.wait_s += m.comm_waited_s;
         }
         out.loss = out.loss_sum / n_loss.max(1) as f64;
         // This rank's tensors: their summed gradients (zeros where no micro-batch reached
@@ -950,7 +954,7 @@ impl<'a> Recipe<'a> {
                 }
             })
             .collect::<Result<_>>()?;
-        Ok(out)
+        Ok((out, z.overlaps().then_some(times)))
     }
 
     // ---- finish -----------------------------------------------------------------------------

@@ -85,6 +85,10 @@ pub struct MicroStats {
     pub loss_sum: f64,
     pub forward_s: f64,
     pub backward_s: f64,
+    /// With overlap: seconds the queue's thread spent in collectives, and seconds the training
+    /// thread waited for them.
+    pub comm_background_s: f64,
+    pub comm_waited_s: f64,
 }
 
 /// The decoder layer a tensor belongs to: the number after a `layers` component of its name
@@ -371,8 +375,8 @@ impl Zero3 {
         let all: Vec<usize> = (0..params.len()).collect();
         let mut live: Vec<Var> = params.iter().map(|(_, v)| v.clone()).collect();
         let frozen: Vec<usize> = (0..self.frozen.names.len()).collect();
-        let jobs = self.gather_jobs(llama, params, &all, &frozen, dist)?;
-        self.run_now(jobs, llama, params, &mut live, &mut [], dist)?;
+        let plan = self.gather_plan(&all, &frozen);
+        self.gather_now(plan, llama, params, &mut live, dist)?;
         let mut out = Vec::new();
         for &i in &all {
             if self.sharded[i] && !self.part.is_mine(i) {
@@ -462,31 +466,27 @@ impl Zero3 {
             }
             Ok(())
         };
-        // The walk's collectives, in this order on every rank. With overlap, each layer's
-        // gather is submitted one layer ahead (the next layer's weights travel while this one
-        // computes) and each reduce as soon as its layer's backward pass is done, on the queue's
-        // thread; without, each runs when submitted.
-        let mut w = Walk::new(if self.overlap && dist.world_size() > 1 {
-            Background::start(dist)?
-        } else {
-            Background::inline(dist)
-        });
+        // The walk's collectives, in this order on every rank. With overlap they go to a queue
+        // with a thread of its own: each layer's gather one layer ahead (the next layer's
+        // weights travel while this one computes), each reduce as soon as its layer's backward
+        // pass is done. Without, each runs on this thread where it is needed.
+        let mut w = match self.overlap && dist.world_size() > 1 {
+            true => Some(Walk::new(Background::start(dist)?)),
+            false => None,
+        };
         let n_layers = llama.layers.len();
         let layer = |i: usize| Group::Layer(i);
-        let jobs = |g: Group, llama: &Llama| {
-            let (idx, fidx) = self.group(g);
-            self.gather_jobs(llama, params, idx, fidx, dist)
-        };
 
-        // Prefetch only on the queue's thread: inline, a gather ahead would only hold a
-        // second layer's weights longer.
-        let prefetch = w.queue.is_background();
-        let outer = w.submit(jobs(Group::Outer, llama)?)?;
-        let mut next = match n_layers {
-            n if n > 0 && prefetch => Some(w.submit(jobs(layer(0), llama)?)?),
-            _ => None,
-        };
-        self.wait_for(&mut w, outer, llama, params, &mut live, grads, dist)?;
+        let mut next = None;
+        if let Some(w) = w.as_mut() {
+            let outer = self.gather_ahead(w, Group::Outer, llama, params, dist)?;
+            if n_layers > 0 {
+                next = Some(self.gather_ahead(w, layer(0), llama, params, dist)?);
+            }
+            self.wait_for(w, outer, llama, params, &mut live, grads, dist)?;
+        } else {
+            self.gather_group(llama, params, Group::Outer, &mut live, dist)?;
+        }
         // Forward: keep each layer's input (as `checkpointing` does).
         let mut prepared = match batch {
             Some(b) => {
@@ -499,17 +499,16 @@ impl Zero3 {
         };
         let mut rng_states = Vec::with_capacity(n_layers);
         for i in 0..n_layers {
-            let this = match next.take() {
-                Some(t) => t,
-                None => w.submit(jobs(layer(i), llama)?)?,
-            };
-            if prefetch {
+            if let Some(w) = w.as_mut() {
+                let this = next.take().ok_or_else(no_input)?;
                 // The next layer's weights; after the last layer, the last layer's again for
                 // the backward pass (it starts there).
                 let ahead = if i + 1 < n_layers { i + 1 } else { i };
-                next = Some(w.submit(jobs(layer(ahead), llama)?)?);
+                next = Some(self.gather_ahead(w, layer(ahead), llama, params, dist)?);
+                self.wait_for(w, this, llama, params, &mut live, grads, dist)?;
+            } else {
+                self.gather_group(llama, params, layer(i), &mut live, dist)?;
             }
-            self.wait_for(&mut w, this, llama, params, &mut live, grads, dist)?;
             if let Some((_, ctx, inputs)) = prepared.as_mut() {
                 let before = llama.layer_rng_states(i);
                 let x = inputs.last().ok_or_else(no_input)?.detach();
@@ -547,14 +546,15 @@ impl Zero3 {
         self.release_group(llama, params, Group::Outer, &mut live)?;
         stats.forward_s = (t1 - t0).as_secs_f64();
         for i in (0..n_layers).rev() {
-            let this = match next.take() {
-                Some(t) => t,
-                None => w.submit(jobs(layer(i), llama)?)?,
-            };
-            if prefetch && i > 0 {
-                next = Some(w.submit(jobs(layer(i - 1), llama)?)?);
+            if let Some(w) = w.as_mut() {
+                let this = next.take().ok_or_else(no_input)?;
+                if i > 0 {
+                    next = Some(self.gather_ahead(w, layer(i - 1), llama, params, dist)?);
+                }
+                self.wait_for(w, this, llama, params, &mut live, grads, dist)?;
+            } else {
+                self.gather_group(llama, params, layer(i), &mut live, dist)?;
             }
-            self.wait_for(&mut w, this, llama, params, &mut live, grads, dist)?;
             if let (Some((_, ctx, inputs)), Some(gy)) = (prepared.as_mut(), g.as_ref()) {
                 let x = Var::from_tensor(&inputs.pop().ok_or_else(no_input)?)?;
                 llama.set_layer_rng_states(i, &rng_states[i].0);
@@ -569,7 +569,13 @@ impl Zero3 {
                         .detach(),
                 );
             }
-            w.submit(self.reduce_jobs(&self.layers[i], &mut local)?)?;
+            let reduces = self.reduce_jobs(&self.layers[i], &mut local)?;
+            match w.as_mut() {
+                Some(w) => {
+                    w.submit(reduces)?;
+                }
+                None => self.reduce_now(reduces, grads, dist)?,
+            }
             self.release_group(llama, params, layer(i), &mut live)?;
         }
         // The embeddings' rows, when they are trained (full fine-tuning).
@@ -587,8 +593,15 @@ impl Zero3 {
                 None => rows,
             }));
         }
-        let all = w.submit(self.reduce_jobs(&self.outer, &mut local)?)?;
-        self.wait_for(&mut w, all, llama, params, &mut live, grads, dist)?;
+        let reduces = self.reduce_jobs(&self.outer, &mut local)?;
+        match w.as_mut() {
+            Some(w) => {
+                let all = w.submit(reduces)?;
+                self.wait_for(w, all, llama, params, &mut live, grads, dist)?;
+                (stats.comm_background_s, stats.comm_waited_s) = w.queue.times();
+            }
+            None => self.reduce_now(reduces, grads, dist)?,
+        }
         stats.backward_s = t1.elapsed().as_secs_f64();
         Ok(stats)
     }
@@ -704,7 +717,7 @@ impl Zero3 {
         )
     }
 
-    /// Gather group `g` now (blocking; see [`Walk`] for the overlapped form).
+    /// Gather group `g` now, on this thread, a bucket at a time.
     fn gather_group(
         &self,
         llama: &mut Llama,
@@ -714,8 +727,8 @@ impl Zero3 {
         dist: &Dist,
     ) -> Result<()> {
         let (idx, fidx) = self.group(g);
-        let jobs = self.gather_jobs(llama, params, idx, fidx, dist)?;
-        self.run_now(jobs, llama, params, live, &mut [], dist)
+        let plan = self.gather_plan(idx, fidx);
+        self.gather_now(plan, llama, params, live, dist)
     }
 
     fn release_group(
@@ -730,58 +743,111 @@ impl Zero3 {
         self.release_frozen(llama, fidx)
     }
 
-    /// Run `jobs` one after the other on this thread, completing each.
-    fn run_now(
+    /// Run the gathers of `plan` one after the other on this thread: one bucket's buffer at
+    /// a time.
+    fn gather_now(
         &self,
-        jobs: Vec<(Job, Vec<f32>)>,
+        plan: Vec<Job>,
         llama: &mut Llama,
         params: &[(String, Var)],
         live: &mut [Var],
+        dist: &Dist,
+    ) -> Result<()> {
+        for job in plan {
+            let mut flat = self.gather_buffer(&job, llama, params, dist)?;
+            job.collective().run(dist, &mut flat, false)?;
+            self.complete(job, flat, llama, params, live, &mut [], dist)?;
+        }
+        Ok(())
+    }
+
+    /// Run reduces on this thread, each added to the owner's `grads` at once.
+    fn reduce_now(
+        &self,
+        jobs: Vec<(Job, Vec<f32>)>,
         grads: &mut [Option<Vec<f32>>],
         dist: &Dist,
     ) -> Result<()> {
-        let mut w = Walk::new(Background::inline(dist));
-        let ticket = w.submit(jobs)?;
-        self.wait_for(&mut w, ticket, llama, params, live, grads, dist)
+        for (job, mut flat) in jobs {
+            job.collective().run(dist, &mut flat, false)?;
+            self.add_reduced(&job, flat, grads, dist)?;
+        }
+        Ok(())
+    }
+
+    /// Queue group `g`'s gathers (their buffers made now); returns the ticket to wait for.
+    fn gather_ahead(
+        &self,
+        w: &mut Walk,
+        g: Group,
+        llama: &Llama,
+        params: &[(String, Var)],
+        dist: &Dist,
+    ) -> Result<usize> {
+        let (idx, fidx) = self.group(g);
+        let jobs = self
+            .gather_plan(idx, fidx)
+            .into_iter()
+            .map(|job| {
+                let flat = self.gather_buffer(&job, llama, params, dist)?;
+                Ok((job, flat))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        w.submit(jobs)
     }
 
     /// The broadcasts that gather the trained tensors `idx` and the frozen weights `fidx` onto
-    /// every rank: each bucket's values on its owner, zeros elsewhere. Nothing while the
-    /// whole model is gathered.
-    fn gather_jobs(
-        &self,
-        llama: &Llama,
-        params: &[(String, Var)],
-        idx: &[usize],
-        fidx: &[usize],
-        dist: &Dist,
-    ) -> Result<Vec<(Job, Vec<f32>)>> {
-        let mut jobs = Vec::new();
+    /// every rank, one per bucket of one owner's tensors. Nothing while the whole model is
+    /// gathered.
+    fn gather_plan(&self, idx: &[usize], fidx: &[usize]) -> Vec<Job> {
         if self.gathered {
-            return Ok(jobs);
+            return Vec::new();
         }
         let sharded: Vec<usize> = idx.iter().copied().filter(|&i| self.sharded[i]).collect();
-        for (owner, bucket) in self.buckets(&sharded) {
-            let flat = self.owner_buffer(params, &bucket, owner, dist)?;
-            jobs.push((Job::Gather { owner, bucket }, flat));
-        }
+        let mut plan: Vec<Job> = self
+            .buckets(&sharded)
+            .into_iter()
+            .map(|(owner, bucket)| Job::Gather { owner, bucket })
+            .collect();
         let f = &self.frozen;
         let sizes: Vec<usize> = f.shapes.iter().map(|s| s.elem_count()).collect();
-        for (owner, bucket) in f.part.buckets_among(fidx, &sizes, BUCKET_FLOATS) {
-            let flat = if owner == dist.rank() {
+        plan.extend(
+            f.part
+                .buckets_among(fidx, &sizes, BUCKET_FLOATS)
+                .into_iter()
+                .map(|(owner, bucket)| Job::GatherFrozen { owner, bucket }),
+        );
+        plan
+    }
+
+    /// A gather's buffer: the bucket's values on its owner, zeros of its length elsewhere.
+    fn gather_buffer(
+        &self,
+        job: &Job,
+        llama: &Llama,
+        params: &[(String, Var)],
+        dist: &Dist,
+    ) -> Result<Vec<f32>> {
+        match job {
+            Job::Gather { owner, bucket } => self.owner_buffer(params, bucket, *owner, dist),
+            Job::GatherFrozen { owner, bucket } => {
+                let f = &self.frozen;
+                if *owner != dist.rank() {
+                    return Ok(vec![
+                        0.0f32;
+                        bucket.iter().map(|&k| f.shapes[k].elem_count()).sum()
+                    ]);
+                }
                 let mut held = Vec::with_capacity(bucket.len());
-                for &k in &bucket {
+                for &k in bucket {
                     held.push(llama.dense_weight(&f.names[k]).ok_or_else(|| {
                         Error::msg(format!("zero3: `{}` is not held here", f.names[k]))
                     })?);
                 }
-                flatten(&held.iter().collect::<Vec<_>>())?
-            } else {
-                vec![0.0f32; bucket.iter().map(|&k| sizes[k]).sum()]
-            };
-            jobs.push((Job::GatherFrozen { owner, bucket }, flat));
+                flatten(&held.iter().collect::<Vec<_>>())
+            }
+            Job::Reduce { .. } => Err(Error::msg("zero3: a reduce is not a gather")),
         }
-        Ok(jobs)
     }
 
     /// The reduces that sum the gradients of `idx` onto their owners; every rank's `local`
@@ -870,34 +936,48 @@ impl Zero3 {
                 }
                 Ok(())
             }
-            Job::Reduce { owner, .. } if owner != dist.rank() => Ok(()),
-            Job::Reduce { bucket, .. } => {
-                if bucket.iter().any(|&i| i >= grads.len()) {
-                    return Err(Error::msg("zero3: a reduce without gradients to add to"));
-                }
-                if let [i] = bucket[..] {
-                    // One tensor (the embeddings): the received buffer becomes the sum.
-                    grads[i] = Some(match grads[i].take() {
-                        Some(mut acc) => {
-                            acc.iter_mut().zip(&flat).for_each(|(a, g)| *a += g);
-                            acc
-                        }
-                        None => flat,
-                    });
-                    return Ok(());
-                }
-                let mut at = 0;
-                for &i in &bucket {
-                    let part = &flat[at..at + self.shapes[i].elem_count()];
-                    match grads[i].as_mut() {
-                        Some(acc) => acc.iter_mut().zip(part).for_each(|(a, g)| *a += g),
-                        None => grads[i] = Some(part.to_vec()),
-                    }
-                    at += part.len();
-                }
-                Ok(())
-            }
+            Job::Reduce { .. } => self.add_reduced(&job, flat, grads, dist),
         }
+    }
+
+    /// A reduced bucket: on its owner, added to `grads`.
+    fn add_reduced(
+        &self,
+        job: &Job,
+        flat: Vec<f32>,
+        grads: &mut [Option<Vec<f32>>],
+        dist: &Dist,
+    ) -> Result<()> {
+        let Job::Reduce { owner, bucket } = job else {
+            return Err(Error::msg("zero3: a gather is not a reduce"));
+        };
+        if *owner != dist.rank() {
+            return Ok(());
+        }
+        if bucket.iter().any(|&i| i >= grads.len()) {
+            return Err(Error::msg("zero3: a reduce without gradients to add to"));
+        }
+        if let [i] = bucket[..] {
+            // One tensor (the embeddings): the received buffer becomes the sum.
+            grads[i] = Some(match grads[i].take() {
+                Some(mut acc) => {
+                    acc.iter_mut().zip(&flat).for_each(|(a, g)| *a += g);
+                    acc
+                }
+                None => flat,
+            });
+            return Ok(());
+        }
+        let mut at = 0;
+        for &i in bucket {
+            let part = &flat[at..at + self.shapes[i].elem_count()];
+            match grads[i].as_mut() {
+                Some(acc) => acc.iter_mut().zip(part).for_each(|(a, g)| *a += g),
+                None => grads[i] = Some(part.to_vec()),
+            }
+            at += part.len();
+        }
+        Ok(())
     }
 
     /// Install the trained tensors of a gathered bucket as fresh variables.
