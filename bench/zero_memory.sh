@@ -8,7 +8,8 @@
 # checkpointing saves.
 #   bench/zero_memory.sh [OUT_DIR]      (default runs/bench-zero-memory; STEPS=4 steps a run;
 #   STAGES="none ddp zero1 zero2 zero2-ckpt zero3" to pick rows; a stage ending in -seq, e.g.
-#   zero3-seq, runs with train.overlap_comm = false)
+#   zero3-seq, runs with train.overlap_comm = false, one ending in -ovl with true; the others
+#   with its default, auto)
 # Needs the `mpi` build (cargo build --release -p ferrotune-cli --features mpi), mpirun (Open MPI),
 # GNU time (/usr/bin/time) and scripts/fetch-models.sh.
 set -euo pipefail
@@ -32,12 +33,13 @@ common=(train --config "$config" "${model[@]}" --overwrite --threads 1
   --set "train.max_steps=$steps" --set "train.save_every=$steps" --set "train.eval_every=$steps")
 stages="${STAGES:-none ddp zero1 zero2 zero2-ckpt zero3}"
 for stage in $stages; do
-  mode="${stage%-ckpt}"; mode="${mode%-seq}"
+  mode="${stage%-ckpt}"; mode="${mode%-seq}"; mode="${mode%-ovl}"
   args=("${common[@]}" --set "output_dir=\"$out/$stage\"" --set "train.distributed=\"$mode\"")
   case "$stage" in
     *-ckpt) args+=(--set "train.gradient_checkpointing=true") ;;
     # sequential: the collectives on the training thread (train.overlap_comm = false)
     *-seq) args+=(--set "train.overlap_comm=false") ;;
+    *-ovl) args+=(--set "train.overlap_comm=true") ;;
   esac
   if [ "$stage" = none ]; then
     /usr/bin/time -f "peak RSS %M kB" "$bin" "${args[@]}" > "$out/$stage.log" 2>&1

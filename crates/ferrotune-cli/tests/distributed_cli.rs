@@ -387,6 +387,8 @@ mod mpi {
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(err.contains("distributed: ddp on 2 ranks (mpi)"), "{err}");
         assert!(err.contains("| 2 ranks, comm "), "{err}");
+        // train.overlap_comm's default (auto) says what it decided on this machine, and why.
+        assert!(err.contains("(train.overlap_comm, auto: "), "{err}");
     }
 
     #[test]
@@ -573,7 +575,7 @@ mod mpi {
 
     #[test]
     fn gradients_sent_during_the_backward_pass_equal_those_sent_after_it() {
-        // train.overlap_comm (on by default) against off: DDP LoRA with dropout, and ZeRO-2
+        // train.overlap_comm on against off (its default, auto, picks by the cores): DDP LoRA with dropout, and ZeRO-2
         // full fine-tuning (reduce onto owners, a tied embedding that is final only at the
         // end) with two micro-batches a rank and activation checkpointing (the recomputing
         // walk), clipping on.
@@ -582,7 +584,8 @@ mod mpi {
             "max_steps = 4\neval_every = 2\ngrad_accum = 2\nmax_grad_norm = 0.05",
         );
         let off = ["--set", "train.overlap_comm=false"];
-        let Some(on) = sharded(&s, "ddp-on", "ddp", &[]) else {
+        let forced = ["--set", "train.overlap_comm=true"];
+        let Some(on) = sharded(&s, "ddp-on", "ddp", &forced) else {
             return;
         };
         assert!(
@@ -607,7 +610,9 @@ mod mpi {
             "--set",
             "train.gradient_checkpointing=true",
         ];
-        sharded(&s, "zero2-on", "zero2", &full).unwrap();
+        let mut full_on = full.to_vec();
+        full_on.extend_from_slice(&forced);
+        sharded(&s, "zero2-on", "zero2", &full_on).unwrap();
         let mut full_off = full.to_vec();
         full_off.extend_from_slice(&off);
         sharded(&s, "zero2-off", "zero2", &full_off).unwrap();
@@ -616,7 +621,14 @@ mod mpi {
         // ZeRO-3: the next layer's weights gathered while one computes, the gradients reduced
         // on the queue's thread; the same collectives and additions: the same bits.
         let z3 = ["--set", "method=\"full\""];
-        sharded(&s, "zero3-on", "zero3", &z3).unwrap();
+        let mut z3_on = z3.to_vec();
+        z3_on.extend_from_slice(&forced);
+        let o = sharded(&s, "zero3-on", "zero3", &z3_on).unwrap();
+        assert!(
+            text(&o).contains("ZeRO-3's collectives on a thread of their own"),
+            "{}",
+            text(&o)
+        );
         let mut z3_off = z3.to_vec();
         z3_off.extend_from_slice(&off);
         sharded(&s, "zero3-off", "zero3", &z3_off).unwrap();

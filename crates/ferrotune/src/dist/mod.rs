@@ -51,6 +51,10 @@ pub trait Collectives: Send + Sync {
     fn world_size(&self) -> usize;
     /// This rank's index among the ranks on its machine.
     fn local_rank(&self) -> usize;
+    /// How many ranks share this rank's machine (all of them unless the back-end knows).
+    fn local_size(&self) -> usize {
+        self.world_size()
+    }
     /// The CUDA device a GPU back-end drives for this rank (`train.device = "cuda"` means it);
     /// `None` for the CPU back-ends.
     fn gpu(&self) -> Option<usize> {
@@ -281,6 +285,10 @@ impl Dist {
     }
     pub fn local_rank(&self) -> usize {
         self.inner.backend.local_rank()
+    }
+    /// How many ranks share this rank's machine.
+    pub fn local_size(&self) -> usize {
+        self.inner.backend.local_size()
     }
     /// The CUDA device this rank's collectives run on (NCCL), if any.
     pub fn gpu(&self) -> Option<usize> {

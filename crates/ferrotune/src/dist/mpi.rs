@@ -15,6 +15,7 @@ pub struct MpiBackend {
     rank: usize,
     size: usize,
     local_rank: usize,
+    local_size: usize,
     /// Dropped last: `MPI_Finalize`.
     _universe: mpi::environment::Universe,
 }
@@ -42,12 +43,14 @@ impl MpiBackend {
         let rank = world.rank() as usize;
         let size = world.size() as usize;
         // The ranks that share this machine's memory, in world order.
-        let local_rank = world.split_shared(world.rank()).rank() as usize;
+        let shared = world.split_shared(world.rank());
+        let (local_rank, local_size) = (shared.rank() as usize, shared.size() as usize);
         Ok(MpiBackend {
             world,
             rank,
             size,
             local_rank,
+            local_size,
             _universe: universe,
         })
     }
@@ -65,6 +68,9 @@ impl Collectives for MpiBackend {
     }
     fn local_rank(&self) -> usize {
         self.local_rank
+    }
+    fn local_size(&self) -> usize {
+        self.local_size
     }
     fn all_reduce_sum(&self, buf: &mut [f32]) -> Result<()> {
         let send = buf.to_vec();

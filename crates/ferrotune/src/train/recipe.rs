@@ -196,9 +196,10 @@ impl<'a> Recipe<'a> {
             let sizes: Vec<usize> = params.iter().map(|(_, v)| v.elem_count()).collect();
             super::zero::Partition::new(&sizes, opts.dist.world_size(), opts.dist.rank())
         });
+        let (overlap_on, overlap_why) = resolve_overlap(c, &opts.dist);
         let zero3 = match &zero {
             Some(part) if cfg.train.distributed == Distributed::Zero3 => {
-                let z = setup_zero3(c, &*model, &params, part.clone())?;
+                let z = setup_zero3(c, &*model, &params, part.clone(), overlap_on)?;
                 if let Some(p) = &placeholders {
                     z.check_placeholders(p)?;
                 }
@@ -206,7 +207,7 @@ impl<'a> Recipe<'a> {
             }
             _ => None,
         };
-        let overlap = setup_overlap(c, &*model, &params, zero.as_ref(), &opts.dist);
+        let overlap = setup_overlap(c, &*model, &params, zero.as_ref(), &opts.dist, overlap_on);
         let (schedule, opt) = setup_optimizer(c, &tuner, &params, zero.as_ref(), data.max_steps)?;
         let (memory, available) = setup_memory(
             c,
@@ -229,8 +230,19 @@ impl<'a> Recipe<'a> {
                 tuner.method()
             ));
         }
+        let why = overlap_why.map(|w| format!(", {w}")).unwrap_or_default();
         if overlap.is_some() {
-            model_line.push_str("; gradients sent during the backward pass (train.overlap_comm)");
+            model_line.push_str(&format!(
+                "; gradients sent during the backward pass (train.overlap_comm{why})"
+            ));
+        } else if zero3.as_ref().is_some_and(|z| z.overlaps()) {
+            model_line.push_str(&format!(
+                "; ZeRO-3's collectives on a thread of their own (train.overlap_comm{why})"
+            ));
+        } else if !overlap_on && opts.dist.world_size() > 1 && !why.is_empty() {
+            model_line.push_str(&format!(
+                "; collectives not overlapped with computing (train.overlap_comm{why})"
+            ));
         }
         if let (Some(p), Some(z)) = (&placeholders, &zero3) {
             model_line.push_str(&format!(
@@ -1458,6 +1470,7 @@ fn setup_overlap(
     params: &[(String, Var)],
     zero: Option<&super::zero::Partition>,
     dist: &crate::dist::Dist,
+    overlap_on: bool,
 ) -> Option<Arc<super::overlap::BucketPlan>> {
     let t = &c.config.train;
     let walkable = model
@@ -1469,7 +1482,7 @@ fn setup_overlap(
         Distributed::Zero2 => Some(zero),
         Distributed::None | Distributed::Zero3 => None,
     };
-    let owners = mode.filter(|_| t.overlap_comm && walkable && dist.world_size() > 1)?;
+    let owners = mode.filter(|_| overlap_on && walkable && dist.world_size() > 1)?;
     let names: Vec<String> = params.iter().map(|(n, _)| n.clone()).collect();
     let shapes: Vec<candle_core::Shape> = params.iter().map(|(_, v)| v.shape().clone()).collect();
     Some(Arc::new(super::overlap::BucketPlan::new(
@@ -1568,6 +1581,24 @@ fn zero3_placeholders(
     )
 }
 
+/// `train.overlap_comm` for this job: whether its collectives overlap computing, and why when
+/// `auto` decided. The cores a rank's communication thread could use are this machine's, or
+/// those the launcher bound the ranks to (`mpirun` binds each of 2 ranks to one core).
+fn resolve_overlap(c: &LoadedConfig, dist: &crate::dist::Dist) -> (bool, Option<String>) {
+    let own = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // SAFETY: sysconf reads a system constant.
+    let online = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+    let all = usize::try_from(online).unwrap_or(own).max(own);
+    let ranks_here = dist.local_size().max(1);
+    c.config.train.overlap_comm.resolve(
+        dist.backend(),
+        dist.world_size(),
+        ranks_here,
+        rayon::current_num_threads(),
+        all.min(own * ranks_here),
+    )
+}
+
 /// ZeRO-3's plan: a LLaMA-family model without a soft prompt (the layer walk of activation
 /// checkpointing is what gathers and frees each layer's weights).
 fn setup_zero3(
@@ -1575,6 +1606,7 @@ fn setup_zero3(
     model: &dyn Model,
     params: &[(String, Var)],
     part: super::zero::Partition,
+    overlap_on: bool,
 ) -> Result<super::zero3::Zero3> {
     let Some(llama) = model.as_any().downcast_ref::<crate::model::Llama>() else {
         return Err(c.key_error(
@@ -1594,7 +1626,7 @@ fn setup_zero3(
             ),
         ));
     }
-    Ok(super::zero3::Zero3::new(llama, params, part)?.with_overlap(c.config.train.overlap_comm))
+    Ok(super::zero3::Zero3::new(llama, params, part)?.with_overlap(overlap_on))
 }
 
 /// The run's quantization settings on its model, the memory estimate, and the refusal of a
