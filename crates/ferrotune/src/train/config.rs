@@ -613,9 +613,10 @@ pub struct TrainSection {
 pub enum OverlapComm {
     /// On for NCCL (the GPU runs the collectives) and for MPI ranks on several machines (a
     /// network carries them) or with a core to spare on this one; off where every core trains:
-    /// MPI's shared-memory collectives copy and add on the CPU, so overlapped they only take
-    /// time from the training threads (measured: DDP and ZeRO-3 on 2 ranks x 1 thread on 2 cores
-    /// ran 3-13% slower overlapped).
+    /// MPI's shared-memory collectives copy and add on the CPU, and Open MPI progresses them only
+    /// inside MPI calls, so the communication thread must run beside the training threads
+    /// (measured: DDP and ZeRO-3 on 2 ranks x 1 thread on 2 cores ran 6-13% slower overlapped,
+    /// with the same CPU time in the step: the wall time grew).
     #[default]
     Auto,
     On,
