@@ -196,7 +196,7 @@ impl<'a> Recipe<'a> {
             let sizes: Vec<usize> = params.iter().map(|(_, v)| v.elem_count()).collect();
             super::zero::Partition::new(&sizes, opts.dist.world_size(), opts.dist.rank())
         });
-        let (overlap_on, overlap_why) = resolve_overlap(c, &opts.dist);
+        let (overlap_on, overlap_why) = resolve_overlap(c, &opts.dist)?;
         let zero3 = match &zero {
             Some(part) if cfg.train.distributed == Distributed::Zero3 => {
                 let z = setup_zero3(c, &*model, &params, part.clone(), overlap_on)?;
@@ -1584,19 +1584,31 @@ fn zero3_placeholders(
 /// `train.overlap_comm` for this job: whether its collectives overlap computing, and why when
 /// `auto` decided. The cores a rank's communication thread could use are this machine's, or
 /// those the launcher bound the ranks to (`mpirun` binds each of 2 ranks to one core).
-fn resolve_overlap(c: &LoadedConfig, dist: &crate::dist::Dist) -> (bool, Option<String>) {
+fn resolve_overlap(c: &LoadedConfig, dist: &crate::dist::Dist) -> Result<(bool, Option<String>)> {
     let own = std::thread::available_parallelism().map_or(1, |n| n.get());
     // SAFETY: sysconf reads a system constant.
     let online = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
     let all = usize::try_from(online).unwrap_or(own).max(own);
     let ranks_here = dist.local_size().max(1);
-    c.config.train.overlap_comm.resolve(
+    let (mut on, mut why) = c.config.train.overlap_comm.resolve(
         dist.backend(),
         dist.world_size(),
         ranks_here,
         rayon::current_num_threads(),
         all.min(own * ranks_here),
-    )
+    );
+    // The ranks must agree (their collectives pair up in one order): `auto` can see other
+    // cores on another machine or under another binding, so it overlaps only if every rank
+    // would.
+    if dist.world_size() > 1 {
+        let mut votes = [if on { 1.0f32 } else { 0.0 }];
+        dist.all_reduce_sum(&mut votes)?;
+        if on && (votes[0] as usize) < dist.world_size() {
+            on = false;
+            why = Some("auto: another rank has no core to spare".into());
+        }
+    }
+    Ok((on, why))
 }
 
 /// ZeRO-3's plan: a LLaMA-family model without a soft prompt (the layer walk of activation
