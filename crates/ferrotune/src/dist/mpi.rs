@@ -177,7 +177,13 @@ fn wait_policy() -> WaitPolicy {
     *POLICY.get_or_init(|| match std::env::var("FERROTUNE_COMM_WAIT").as_deref() {
         Ok("sleep") => WaitPolicy::Sleep,
         Ok("block") => WaitPolicy::Block,
-        _ => WaitPolicy::Yield,
+        Ok("yield") | Err(_) => WaitPolicy::Yield,
+        Ok(other) => {
+            eprintln!(
+                "warning: FERROTUNE_COMM_WAIT=`{other}` is not yield, sleep or block: yield is used"
+            );
+            WaitPolicy::Yield
+        }
     })
 }
 
