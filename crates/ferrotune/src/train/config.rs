@@ -624,8 +624,9 @@ pub enum OverlapComm {
 }
 
 impl OverlapComm {
-    /// Whether this rank overlaps, and why when `auto` decided. Every rank of a job decides the
-    /// same: the inputs are the job's (back-end, ranks per machine, threads per rank, cores).
+    /// Whether this rank would overlap, and why when `auto` decided, from the job's back-end,
+    /// ranks per machine, threads per rank and cores. Ranks on different machines or bindings
+    /// may see different cores: the trainer has them vote, so all overlap or none does.
     pub fn resolve(
         self,
         backend: &str,
