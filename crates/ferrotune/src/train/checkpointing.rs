@@ -145,9 +145,10 @@ pub fn walk(
         let (x, y) = match activations {
             Activations::Recompute => {
                 let x = Var::from_tensor(&inputs.pop().ok_or_else(no_input)?)?;
-                model.set_layer_rng_states(i, &rng_states[i].0);
+                let (before, after) = rng_states.get(i).ok_or_else(no_input)?;
+                model.set_layer_rng_states(i, before);
                 let y = model.run_layer(i, x.as_tensor(), &ctx, true)?;
-                model.set_layer_rng_states(i, &rng_states[i].1);
+                model.set_layer_rng_states(i, after);
                 (x, y)
             }
             Activations::Keep => kept.pop().ok_or_else(no_input)?,

@@ -185,6 +185,8 @@ impl Reducer {
         acc: &mut [Option<Tensor>],
         mb: &mut [Option<Tensor>],
     ) -> Result<()> {
+        self.check_len(acc.len())?;
+        self.check_len(mb.len())?;
         self.send_where(
             |b| b.layer == Some(layer),
             |i| {
@@ -201,6 +203,7 @@ impl Reducer {
     /// them in `grads` (ZeRO-2: the summed gradient where this rank owns the tensor, an empty
     /// placeholder elsewhere, as `zero::reduce_grads` leaves them).
     pub fn finish(mut self, grads: &mut [Tensor], rank: usize) -> Result<OverlapTimes> {
+        self.check_len(grads.len())?;
         let shapes: Vec<candle_core::Shape> = self.plan.shapes.clone();
         let kinds: Vec<(DType, candle_core::Device)> = grads
             .iter()
@@ -218,7 +221,7 @@ impl Reducer {
         let reduced = self
             .thread
             .take()
-            .expect("finish runs once")
+            .ok_or_else(ended_early)?
             .join()
             .map_err(|_| Error::msg("the gradient communication thread panicked"))??;
         for (b, sums) in self.plan.buckets.iter().zip(reduced.sums) {
@@ -228,7 +231,10 @@ impl Reducer {
                 let (dtype, device) = &kinds[i];
                 let k = shapes[i].elem_count();
                 grads[i] = if b.root.is_none_or(|r| r == rank) {
-                    Tensor::from_slice(&flat[at..at + k], &shapes[i], device)?.to_dtype(*dtype)?
+                    let part = flat
+                        .get(at..at + k)
+                        .ok_or_else(|| Error::msg("a reduced gradient bucket came back short"))?;
+                    Tensor::from_slice(part, &shapes[i], device)?.to_dtype(*dtype)?
                 } else {
                     Tensor::zeros(0, *dtype, device)?
                 };
@@ -257,8 +263,11 @@ impl Reducer {
                 .iter()
                 .map(|&i| take(i))
                 .collect::<Result<Vec<_>>>()?;
-            let tx = self.tx.as_ref().expect("sending before finish");
-            if tx.send(Job { bucket: k, tensors }).is_err() {
+            let sent = self
+                .tx
+                .as_ref()
+                .is_some_and(|tx| tx.send(Job { bucket: k, tensors }).is_ok());
+            if !sent {
                 // The thread ended early: its error comes out of the join.
                 return self.thread_error();
             }
@@ -270,9 +279,24 @@ impl Reducer {
     fn thread_error(&mut self) -> Result<()> {
         match self.thread.take().map(|t| t.join()) {
             Some(Ok(Err(e))) => Err(e),
-            _ => Err(Error::msg("the gradient communication thread ended early")),
+            _ => Err(ended_early()),
         }
     }
+
+    /// The gradients handed in are one per parameter of the plan.
+    fn check_len(&self, n: usize) -> Result<()> {
+        if n == self.plan.shapes.len() {
+            return Ok(());
+        }
+        Err(Error::msg(format!(
+            "overlap: {n} gradients for a plan of {} parameters",
+            self.plan.shapes.len()
+        )))
+    }
+}
+
+fn ended_early() -> Error {
+    Error::msg("the gradient communication thread ended early")
 }
 
 /// The communication thread: every bucket in plan order, each as it arrives.
@@ -383,6 +407,27 @@ mod tests {
         let mut all: Vec<usize> = p.buckets.iter().flat_map(|b| b.params.clone()).collect();
         all.sort();
         assert_eq!(all, [0, 1, 2, 3, 4, 5]);
+    }
+
+    #[test]
+    fn gradients_of_another_length_than_the_plan_are_an_error() {
+        let dev = candle_core::Device::Cpu;
+        let plan = Arc::new(BucketPlan::new(
+            &names(),
+            &shapes(&[3, 2, 2, 2, 2, 1]),
+            2,
+            None,
+            1000,
+        ));
+        let dist = Dist::default();
+        let mut r = Reducer::start(&dist, plan.clone()).unwrap();
+        let (mut acc, mut mb) = (vec![None; 5], vec![None; 6]);
+        let e = r.layer_done(1, &mut acc, &mut mb).unwrap_err();
+        assert!(e.to_string().contains("5 gradients for a plan of 6"), "{e}");
+        let r = Reducer::start(&dist, plan).unwrap();
+        let mut short = vec![Tensor::zeros(3, DType::F32, &dev).unwrap()];
+        let e = r.finish(&mut short, 0).unwrap_err();
+        assert!(e.to_string().contains("1 gradients for a plan of 6"), "{e}");
     }
 
     #[test]

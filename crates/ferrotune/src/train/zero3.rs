@@ -104,6 +104,13 @@ pub fn layer_index(name: &str) -> Option<usize> {
 }
 
 /// The walk keeps one input per layer (the embeddings first): one missing is a bug here.
+/// `n` values of a gathered or reduced bucket from `at`: a bucket that came back shorter than
+/// it was sent is an error, not a panic.
+fn bucket_slice(flat: &[f32], at: usize, n: usize) -> Result<&[f32]> {
+    flat.get(at..at + n)
+        .ok_or_else(|| Error::msg("zero3: a bucket came back shorter than it was sent"))
+}
+
 fn no_input() -> Error {
     Error::msg("zero3: internal error: a layer's input is missing")
 }
@@ -405,7 +412,7 @@ impl Zero3 {
                 let mut at = 0;
                 for &i in &bucket {
                     let k = self.shapes[i].elem_count();
-                    out[i] = Some(self.tensor_from(&flat[at..at + k], i, params)?);
+                    out[i] = Some(self.tensor_from(bucket_slice(&flat, at, k)?, i, params)?);
                     at += k;
                 }
             }
@@ -557,9 +564,10 @@ impl Zero3 {
             }
             if let (Some((_, ctx, inputs)), Some(gy)) = (prepared.as_mut(), g.as_ref()) {
                 let x = Var::from_tensor(&inputs.pop().ok_or_else(no_input)?)?;
-                llama.set_layer_rng_states(i, &rng_states[i].0);
+                let (before, after) = rng_states.get(i).ok_or_else(no_input)?;
+                llama.set_layer_rng_states(i, before);
                 let y = llama.run_layer(i, x.as_tensor(), ctx, true)?;
-                llama.set_layer_rng_states(i, &rng_states[i].1);
+                llama.set_layer_rng_states(i, after);
                 let store = (y * gy)?.sum_all()?.backward()?;
                 collect(&store, &live, &mut local)?;
                 g = Some(
@@ -668,7 +676,7 @@ impl Zero3 {
                 let k = self.shapes[i].elem_count();
                 params[i]
                     .1
-                    .set(&self.tensor_from(&flat[at..at + k], i, params)?)?;
+                    .set(&self.tensor_from(bucket_slice(&flat, at, k)?, i, params)?)?;
                 at += k;
             }
         }
@@ -929,8 +937,9 @@ impl Zero3 {
                 let mut at = 0;
                 for &k in &bucket {
                     let n = f.shapes[k].elem_count();
-                    let t = Tensor::from_slice(&flat[at..at + n], f.shapes[k].clone(), &dev)?
-                        .to_dtype(f.dtypes[k])?;
+                    let t =
+                        Tensor::from_slice(bucket_slice(&flat, at, n)?, f.shapes[k].clone(), &dev)?
+                            .to_dtype(f.dtypes[k])?;
                     install_frozen(llama, &f.names[k], &t)?;
                     at += n;
                 }
@@ -970,7 +979,7 @@ impl Zero3 {
         }
         let mut at = 0;
         for &i in bucket {
-            let part = &flat[at..at + self.shapes[i].elem_count()];
+            let part = bucket_slice(&flat, at, self.shapes[i].elem_count())?;
             match grads[i].as_mut() {
                 Some(acc) => acc.iter_mut().zip(part).for_each(|(a, g)| *a += g),
                 None => grads[i] = Some(part.to_vec()),
@@ -1003,12 +1012,12 @@ impl Zero3 {
             let k = self.shapes[i].elem_count();
             let var = if self.dtypes[i] == DType::F32 {
                 Var::from_slice(
-                    &flat[at..at + k],
+                    bucket_slice(&flat, at, k)?,
                     self.shapes[i].clone(),
                     params[i].1.device(),
                 )?
             } else {
-                Var::from_tensor(&self.tensor_from(&flat[at..at + k], i, params)?)?
+                Var::from_tensor(&self.tensor_from(bucket_slice(&flat, at, k)?, i, params)?)?
             };
             install(llama, &params[i].0, &var)?;
             live[i] = var;
