@@ -694,7 +694,13 @@ impl<'de> Deserialize<'de> for OverlapComm {
             ) -> std::result::Result<OverlapComm, E> {
                 match v {
                     "auto" => Ok(OverlapComm::Auto),
-                    _ => Err(E::invalid_value(serde::de::Unexpected::Str(v), &self)),
+                    // At most 40 characters of what was given: the error stays one line.
+                    _ => {
+                        let shown: String = v.chars().take(40).collect();
+                        let more = if shown.len() < v.len() { "..." } else { "" };
+                        let given = format!("{shown}{more}");
+                        Err(E::invalid_value(serde::de::Unexpected::Str(&given), &self))
+                    }
                 }
             }
         }
