@@ -90,8 +90,14 @@ pub fn prometheus_text(
     one(
         "ferrotune_prompt_tokens_total",
         "counter",
-        "Prompt tokens prefilled.",
+        "Prompt tokens of ended sequences (prefilled or taken from the prefix cache).",
         m.prompt_tokens_total.to_string(),
+    );
+    one(
+        "ferrotune_prompt_tokens_cached_total",
+        "counter",
+        "Prompt tokens taken from a cached prefix of an earlier sequence instead of prefilled.",
+        m.prompt_tokens_cached_total.to_string(),
     );
     one(
         "ferrotune_completion_tokens_total",

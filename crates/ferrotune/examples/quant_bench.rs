@@ -553,13 +553,20 @@ fn decode_rows(
         .map(|_| QuantWeight::quantize(&wf, dtype).unwrap())
         .collect();
     let isa = Isa::best();
+    // build every copy's decode panels before timing (a real decode step finds them built)
+    for wi in cold.iter().chain([&w]) {
+        let x1 = vec![0.5f32; k];
+        wi.decode_rows_with(isa, DecodeArith::Int, threads, &x1, 1, &mut vec![0f32; n]);
+    }
     println!(
         "{dtype:?} {n}x{k}, {threads}T, {isa:?}, activations {:?} (Int); GMAC/s and per-row cost vs 1 row",
         w.settings().activation
     );
-    println!("| rows | Int hot | F32 hot | Int cold | F32 cold |");
-    println!("|---|---|---|---|---|");
-    let mut base = [0f64; 4];
+    // Int: the decode panels; row-major: the `gemv` kernels on GGML's blocks (before panels)
+    println!("| rows | Int hot | row-major hot | F32 hot | Int cold | row-major cold | F32 cold |");
+    println!("|---|---|---|---|---|---|---|");
+    let prec = w.settings().activation;
+    let mut base = [0f64; 6];
     for m in [1usize, 2, 4, 8, 16] {
         let x: Vec<f32> = Tensor::randn(0f32, 1.0, (m * k,), &Device::Cpu)
             .unwrap()
@@ -569,10 +576,12 @@ fn decode_rows(
         let gmac = (m * n * k) as f64 / 1e9;
         let mut cells = Vec::new();
         for (j, (arith, hot)) in [
-            (DecodeArith::Int, true),
-            (DecodeArith::F32, true),
-            (DecodeArith::Int, false),
-            (DecodeArith::F32, false),
+            (Some(DecodeArith::Int), true),
+            (None, true),
+            (Some(DecodeArith::F32), true),
+            (Some(DecodeArith::Int), false),
+            (None, false),
+            (Some(DecodeArith::F32), false),
         ]
         .into_iter()
         .enumerate()
@@ -582,7 +591,10 @@ fn decode_rows(
                 || {
                     let wi = if hot { &w } else { &cold[i % copies] };
                     i += 1;
-                    wi.decode_rows_with(isa, arith, threads, &x, m, &mut y)
+                    match arith {
+                        Some(a) => wi.decode_rows_with(isa, a, threads, &x, m, &mut y),
+                        None => wi.matvec_rows_with(isa, prec, threads, &x, m, &mut y),
+                    }
                 },
                 per_batch,
                 batches,

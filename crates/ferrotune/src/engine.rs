@@ -14,9 +14,11 @@
 //! shares its steps and however its prompt is chunked, and the same as `generate`'s (which
 //! runs [`FastDecoder`] over the same function). So each row's result is computed the same way
 //! whatever the other rows:
-//! - decode steps ([`Kernel::Decode`]) use the matrix-vector arithmetic for every row
-//!   ([`QuantWeight::matvec_rows_into`]: one pass over each weight for all rows, each row
-//!   bit-identical to `matvec_into`);
+//! - decode steps ([`Kernel::Decode`]) use the decode arithmetic for every row
+//!   ([`QuantWeight::decode_rows_into`]: one pass over each weight for all rows; GGML
+//!   Q4_0/Q4_1/Q8_0 on decode panels, whose block-exact arithmetic gives every row the same bits
+//!   whatever the batch, see `quant/panel.rs`); q, k and v (and gate and up) share one pass
+//!   ([`QuantWeight::decode_rows_many`]), bit-identical to three;
 //! - prompt chunks ([`Kernel::Prefill`]) use the batched kernels' arithmetic even for a chunk
 //!   of one token (GGML Q4_0/Q4_1/Q8_0: the packed-panel kernels, whose rows do not depend on
 //!   the row count; dense and other formats: the matrix-vector arithmetic), so a prompt fed in
@@ -318,8 +320,21 @@ impl Lin {
     ) -> Result<()> {
         self.w.apply(kernel, x, m, out)?;
         self.add_bias(out);
+        self.add_loras(x, m, out, sets, h);
+        Ok(())
+    }
+
+    /// Each row's LoRA adapters (`sets[r]`) onto the base projection `out` of `x`.
+    fn add_loras(
+        &self,
+        x: &[f32],
+        m: usize,
+        out: &mut [f32],
+        sets: &[AdapterSet],
+        h: &mut Vec<f32>,
+    ) {
         if self.loras.is_empty() || sets.is_empty() {
-            return Ok(());
+            return;
         }
         let (o, i) = self.w.shape();
         for lora in &self.loras {
@@ -329,23 +344,67 @@ impl Lin {
                 }
             }
         }
+    }
+
+    /// [`Self::apply`] of several projections of the same rows `x` (q, k and v; gate and up),
+    /// `outs[j]` for `lins[j]`. In decode steps of panel weights the base products run as one
+    /// fused pass ([`QuantWeight::decode_rows_many`]: the rows quantised once, one fork/join),
+    /// bit-identical to running them one by one, which is what happens otherwise.
+    fn apply_many(
+        kernel: Kernel,
+        lins: &[&Lin],
+        x: &[f32],
+        m: usize,
+        outs: &mut [&mut [f32]],
+        sets: &[AdapterSet],
+        h: &mut Vec<f32>,
+    ) -> Result<()> {
+        let quants: Option<Vec<&QuantWeight>> = lins
+            .iter()
+            .map(|l| match &l.w {
+                Mat::Quant(q) => Some(&**q),
+                Mat::Dense(..) => None,
+            })
+            .collect();
+        let fused = kernel == Kernel::Decode
+            && quants.is_some_and(|qs| QuantWeight::decode_rows_many(&qs, x, m, outs));
+        for (lin, out) in lins.iter().zip(outs.iter_mut()) {
+            if fused {
+                lin.add_bias(out);
+                lin.add_loras(x, m, out, sets, h);
+            } else {
+                lin.apply(kernel, x, m, out, sets, h)?;
+            }
+        }
         Ok(())
     }
 }
 
 /// Attention for each of `t` rows of `att` (`width` values a row): `attend_row(r, out,
-/// scores)`, rows in parallel from 4 rows on (prefill chunks, batched steps).
+/// scores)`, rows in parallel from 2 rows on (prefill chunks, batched steps). On the quantized
+/// kernels' pool, whose workers are already spinning between the step's matmuls: rayon's would
+/// be a second set of busy threads on the same cores (measured: 11% of a batched step's time
+/// in yields between the two pools).
 fn attend_all(
     att: &mut [f32],
     width: usize,
     t: usize,
     attend_row: impl Fn(usize, &mut [f32], &mut Vec<f32>) + Sync,
 ) {
-    if t >= 4 {
-        use rayon::prelude::*;
-        att.par_chunks_mut(width)
-            .enumerate()
-            .for_each_init(Vec::new, |scores, (r, out)| attend_row(r, out, scores));
+    assert_eq!(att.len(), t * width, "attention rows");
+    let threads = crate::quant::num_threads();
+    if t >= 2 && threads > 1 {
+        let outp = SyncOut(att.as_mut_ptr());
+        let outp = &outp;
+        crate::quant::parallel_chunks(t, 1, threads, |rows| {
+            let mut scores = Vec::new();
+            for r in rows {
+                // SAFETY: row r of `att` (t * width values, asserted above); chunks are
+                // disjoint row ranges, so no other thread touches it.
+                let out = unsafe { std::slice::from_raw_parts_mut(outp.0.add(r * width), width) };
+                attend_row(r, out, &mut scores);
+            }
+        });
     } else {
         let mut scores = Vec::new();
         for (r, out) in att.chunks_exact_mut(width).enumerate() {
@@ -404,8 +463,15 @@ impl Layer {
         self.o.apply(kernel, att, t, b.o, sets, b.h)?;
         b.x.iter_mut().zip(&*b.o).for_each(|(a, o)| *a += o);
         rms_norm_rows(b.x, &self.ffn_norm, eps, b.xn);
-        self.gate.apply(kernel, b.xn, t, b.g, sets, b.h)?;
-        self.up.apply(kernel, b.xn, t, b.u, sets, b.h)?;
+        Lin::apply_many(
+            kernel,
+            &[&self.gate, &self.up],
+            b.xn,
+            t,
+            &mut [&mut *b.g, &mut *b.u],
+            sets,
+            b.h,
+        )?;
         swiglu(b.g, b.u);
         self.down.apply(kernel, b.g, t, b.o, sets, b.h)?;
         b.x.iter_mut().zip(&*b.o).for_each(|(a, o)| *a += o);
@@ -778,9 +844,15 @@ impl Weights {
         let result = (|| -> Result<()> {
             for (li, layer) in self.layers.iter().enumerate() {
                 rms_norm_rows(&x, &layer.attn_norm, self.eps, &mut xn);
-                layer.q.apply(kernel, &xn, t, &mut q, &sets, &mut hbuf)?;
-                layer.k.apply(kernel, &xn, t, &mut k, &sets, &mut hbuf)?;
-                layer.v.apply(kernel, &xn, t, &mut v, &sets, &mut hbuf)?;
+                Lin::apply_many(
+                    kernel,
+                    &[&layer.q, &layer.k, &layer.v],
+                    &xn,
+                    t,
+                    &mut [&mut q[..], &mut k[..], &mut v[..]],
+                    &sets,
+                    &mut hbuf,
+                )?;
                 for (r, row) in rows.iter().enumerate() {
                     let p = row.pos;
                     let (cos, sin) = (
@@ -884,9 +956,18 @@ impl Weights {
     }
 }
 
+/// `g <- silu(g) * u`, with the vectorising polynomial `exp` of `ops::kernels` in an AVX2 frame
+/// where the CPU has it (libm's `expf`, one value at a time, was 1.4% of a batched decode step).
 fn swiglu(g: &mut [f32], u: &[f32]) {
+    swiglu_rows(g, u)
+}
+
+crate::ops::kernels::multiversion!(fn swiglu_rows<T>(g: &mut [T], u: &[T]) = swiglu_body;);
+
+#[inline(always)]
+fn swiglu_body<T: crate::ops::kernels::Float>(g: &mut [T], u: &[T]) {
     for (gi, ui) in g.iter_mut().zip(u) {
-        *gi = *gi / (1.0 + (-*gi).exp()) * ui;
+        *gi = *gi / (T::ONE + (-*gi).exp()) * *ui;
     }
 }
 
@@ -1024,9 +1105,15 @@ impl FastDecoder {
         let cap = cache.cap;
         for (li, layer) in w.layers.iter().enumerate() {
             rms_norm_rows(&x, &layer.attn_norm, w.eps, &mut xn);
-            layer.q.apply(kernel, &xn, t, &mut q, &sets, &mut hbuf)?;
-            layer.k.apply(kernel, &xn, t, &mut k, &sets, &mut hbuf)?;
-            layer.v.apply(kernel, &xn, t, &mut v, &sets, &mut hbuf)?;
+            Lin::apply_many(
+                kernel,
+                &[&layer.q, &layer.k, &layer.v],
+                &xn,
+                t,
+                &mut [&mut q[..], &mut k[..], &mut v[..]],
+                &sets,
+                &mut hbuf,
+            )?;
             for (r, &(_, i)) in row_seq.iter().enumerate() {
                 let p = base + i;
                 let (cos, sin) = (
@@ -1152,6 +1239,9 @@ struct AttnShape {
 
 /// Causal attention of one row (all its query heads) at index `i` of a sequence whose keys
 /// start at cache position `base + off`: keys `[0, base)` and `[base + off, base + off + i]`.
+/// Scores and the weighted sum of values run on the AVX2 kernels of `ops::kernels` where the CPU
+/// has them (the default x86-64 target compiles plain loops to 4-wide SSE: attention took 14%
+/// of a batched decode step, 3.5x the kernels' time per multiply-add).
 #[allow(clippy::too_many_arguments)]
 fn attend(
     s: &AttnShape,
@@ -1163,34 +1253,50 @@ fn attend(
     out: &mut [f32],
     scores: &mut Vec<f32>,
 ) {
+    attend_rows(s, q, k_cache, v_cache, off, i, out, scores)
+}
+
+crate::ops::kernels::multiversion!(fn attend_rows<T>(s: &AttnShape, q: &[T], k_cache: &[T], v_cache: &[T], off: usize, i: usize, out: &mut [T], scores: &mut Vec<T>) = attend_body;);
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn attend_body<T: crate::ops::kernels::Float>(
+    s: &AttnShape,
+    q: &[T],
+    k_cache: &[T],
+    v_cache: &[T],
+    off: usize,
+    i: usize,
+    out: &mut [T],
+    scores: &mut Vec<T>,
+) {
+    use crate::ops::kernels as k;
     let hd = s.hd;
-    let scale = 1.0 / (hd as f32).sqrt();
+    let scale = T::from_f64((1.0 / (hd as f32).sqrt()) as f64);
     let n_keys = s.base + i + 1;
-    scores.resize(n_keys, 0.0);
-    // Key j of this row sits at cache position j (prefix) or j + off (its own tokens).
-    let key_pos = |j: usize| if j < s.base { j } else { j + off };
+    scores.resize(n_keys, T::ZERO);
+    // keys [0, base) sit at cache positions 0..base, the row's own at base + off ..
+    let own_at = (s.base + off) * hd;
     for head in 0..s.nh {
         let kh = head / s.group;
         let qv = &q[head * hd..(head + 1) * hd];
         let kc = &k_cache[kh * s.cap * hd..];
         let vc = &v_cache[kh * s.cap * hd..];
-        let mut max = f32::NEG_INFINITY;
-        for (j, sj) in scores.iter_mut().enumerate() {
-            let p = key_pos(j);
-            *sj = dot(qv, &kc[p * hd..(p + 1) * hd]) * scale;
-            max = max.max(*sj);
+        let (pre, own) = scores.split_at_mut(s.base);
+        if !pre.is_empty() {
+            k::dot_rows(qv, kc, hd, scale, pre);
         }
-        let mut sum = 0f32;
-        for sj in scores.iter_mut() {
-            *sj = (*sj - max).exp();
-            sum += *sj;
-        }
+        k::dot_rows(qv, &kc[own_at..], hd, scale, own);
+        let max = k::max(scores);
+        let sum = k::exp_shift_sum(scores, max);
+        k::scale(scores, T::ONE / sum);
         let o = &mut out[head * hd..(head + 1) * hd];
-        o.iter_mut().for_each(|x| *x = 0.0);
-        for (j, &w) in scores.iter().enumerate() {
-            let p = key_pos(j);
-            axpy(w / sum, &vc[p * hd..(p + 1) * hd], o);
+        o.fill(T::ZERO);
+        let (pre, own) = scores.split_at(s.base);
+        if !pre.is_empty() {
+            k::axpy_rows(o, pre, vc, hd);
         }
+        k::axpy_rows(o, own, &vc[own_at..], hd);
     }
 }
 
@@ -1232,13 +1338,6 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
         s += x * y;
     }
     s
-}
-
-#[inline]
-fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
-    for (yi, xi) in y.iter_mut().zip(x) {
-        *yi += a * xi;
-    }
 }
 
 impl Decoder for FastDecoder {

@@ -37,11 +37,14 @@ mod format;
 pub mod ggml_quants;
 mod kernels;
 mod lut4;
+mod panel;
 mod pool;
 #[cfg(test)]
 mod tests;
 #[cfg(target_arch = "x86_64")]
 mod x86;
+#[cfg(target_arch = "x86_64")]
+mod x86_panel;
 
 use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor};
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Module, Shape, Storage, Tensor};
@@ -199,6 +202,8 @@ pub struct QuantWeight {
     /// `W^T` as Q8_0 `(in, out)` for [`BackwardWeights::Q8Transposed`]; `None` inside when the
     /// output dimension is not a whole number of blocks.
     transposed: OnceLock<Option<Box<QuantWeight>>>,
+    /// The decode layout of an `Own` weight (see `panel.rs`), built on the first decode step.
+    panels: OnceLock<panel::Panels>,
     /// [`QuantSettings::encode`]d: how this weight runs (see [`QuantWeight::set_settings`]).
     settings: AtomicU8,
 }
@@ -295,6 +300,7 @@ impl QuantWeight {
             format: WeightFormat::Ggml(dtype),
             repr,
             transposed: OnceLock::new(),
+            panels: OnceLock::new(),
             settings: AtomicU8::new(QuantSettings::default().encode()),
         };
         let expect = out_dim * (in_dim / bs) * dtype.type_size();
@@ -384,6 +390,7 @@ impl QuantWeight {
             format: self.format,
             repr,
             transposed: OnceLock::new(),
+            panels: OnceLock::new(),
             settings: AtomicU8::new(self.settings.load(Ordering::Relaxed)),
         })
     }
@@ -475,6 +482,7 @@ impl QuantWeight {
             format,
             repr,
             transposed: OnceLock::new(),
+            panels: OnceLock::new(),
             settings: AtomicU8::new(QuantSettings::default().encode()),
         }
     }
@@ -492,7 +500,7 @@ impl QuantWeight {
     /// Bytes of block data held (what the weight costs in memory).
     pub fn storage_bytes(&self) -> usize {
         match &self.repr {
-            Repr::Own { data, .. } => data.len(),
+            Repr::Own { data, .. } => data.len() + self.panels.get().map_or(0, |p| p.data.len()),
             Repr::Candle { q, .. } => q.storage_size_in_bytes(),
             Repr::FourBit(w) => w.storage_bytes(),
             Repr::Int8(w) => w.storage_bytes(),
@@ -1054,6 +1062,7 @@ impl QuantWeight {
                 data,
             },
             transposed: OnceLock::new(),
+            panels: OnceLock::new(),
             settings: AtomicU8::new(QuantSettings::default().encode()),
         }))
     }
@@ -1233,8 +1242,10 @@ impl QuantWeight {
     }
 
     /// [`Self::decode_rows_into`] with an explicit kernel level, arithmetic and thread count
-    /// (tests, benchmarks). `Int` is [`Self::matvec_rows_with`] at the weight's activation
-    /// precision; formats without our kernels (NF4, int8, candle's) run as `Int` does.
+    /// (tests, benchmarks). `Int` at 8 or 16 bits runs GGML Q4_0/Q4_1/Q8_0 weights on their
+    /// decode panels (`panel.rs`, built on first use), and at llama.cpp's rounding
+    /// (`ActPrecision::LlamaCpp`) [`Self::matvec_rows_with`], llama.cpp's summation; formats
+    /// without our kernels (NF4, int8, candle's) run as `Int` does.
     #[doc(hidden)]
     pub fn decode_rows_with(
         &self,
@@ -1252,8 +1263,18 @@ impl QuantWeight {
             x.len(),
             out.len()
         );
+        let prec = self.settings().activation;
         let (Repr::Own { fmt, data }, DecodeArith::F32) = (&self.repr, arith) else {
-            return self.matvec_rows_with(isa, self.settings().activation, threads, x, m, out);
+            return match (&self.repr, prec) {
+                (Repr::Own { .. }, ActPrecision::I8) => {
+                    self.decode_panels::<i8>(isa, prec, threads, x, m, out)
+                }
+                (Repr::Own { .. }, ActPrecision::I16) => {
+                    self.decode_panels::<i16>(isa, prec, threads, x, m, out)
+                }
+                // llama.cpp's rounding keeps llama.cpp's summation (`gemv`); others have no panels
+                _ => self.matvec_rows_with(isa, prec, threads, x, m, out),
+            };
         };
         let fmt = *fmt;
         let nb = k / QK;
@@ -1263,6 +1284,138 @@ impl QuantWeight {
         for_column_chunks(n, min_rows, threads, out, |r0, r1, o| {
             // SAFETY: `o` is column r0 of the m x n `out`, which this chunk alone writes.
             unsafe { kernels::gemv_f32(isa, fmt, &data[r0 * rb..r1 * rb], r1 - r0, x, m, k, o, n) }
+        });
+    }
+}
+
+impl QuantWeight {
+    /// Decode steps of several weights that read the same input rows (a layer's q, k and v
+    /// projections; gate and up) as one parallel pass: `x` (`m x in`) quantised once, and the
+    /// threads take panels of any of the weights, so a step pays one fork/join instead of one
+    /// per weight. Each `outs[i]` (`m x out_i`) is bit-identical to `ws[i].decode_rows_into`.
+    /// Returns false, computing nothing, unless every weight decodes through panels (Q4_0,
+    /// Q4_1, Q8_0 with integer arithmetic at 8 or 16 bits, the same for all) with `in` columns;
+    /// callers then run each weight on its own.
+    pub fn decode_rows_many(
+        ws: &[&QuantWeight],
+        x: &[f32],
+        m: usize,
+        outs: &mut [&mut [f32]],
+    ) -> bool {
+        let Some(first) = ws.first() else {
+            return true;
+        };
+        let (k, prec) = (first.in_dim, first.settings().activation);
+        let paneled = |w: &QuantWeight| {
+            matches!(w.repr, Repr::Own { .. }) && w.in_dim == k && w.settings().activation == prec
+        };
+        if DecodeArith::best() != DecodeArith::Int
+            || !matches!(prec, ActPrecision::I8 | ActPrecision::I16)
+            || !ws.iter().all(|w| paneled(w))
+        {
+            return false;
+        }
+        assert!(
+            outs.len() == ws.len()
+                && x.len() == m * k
+                && ws
+                    .iter()
+                    .zip(outs.iter())
+                    .all(|(w, o)| o.len() == m * w.out_dim),
+            "decode_rows_many: shapes disagree"
+        );
+        match prec {
+            ActPrecision::I8 => Self::decode_many::<i8>(ws, prec, x, m, outs),
+            _ => Self::decode_many::<i16>(ws, prec, x, m, outs),
+        }
+        true
+    }
+
+    fn decode_many<T: ActInt>(
+        ws: &[&QuantWeight],
+        prec: ActPrecision,
+        x: &[f32],
+        m: usize,
+        outs: &mut [&mut [f32]],
+    ) {
+        let (isa, threads, k) = (Isa::best(), num_threads(), ws[0].in_dim);
+        let panels: Vec<&panel::Panels> = ws.iter().map(|w| w.panels_built(threads)).collect();
+        // quantisation does not depend on the weight's format at 8 or 16 bits
+        let act = quantize_act_rows::<T>(isa, prec, panels[0].fmt, threads, x, m, k);
+        let mut starts = vec![0usize];
+        for p in &panels {
+            starts.push(starts.last().copied().unwrap_or(0) + p.panels());
+        }
+        let total = *starts.last().expect("non-empty");
+        let outps: Vec<SyncPtr<f32>> = outs.iter_mut().map(|o| SyncPtr(o.as_mut_ptr())).collect();
+        let min_panels = MIN_BLOCKS_PER_CHUNK
+            .div_ceil((k / QK) * m * panel::PANEL)
+            .max(1);
+        pool::for_each_chunk(total, min_panels, threads, |range| {
+            for (i, p) in panels.iter().enumerate() {
+                let (p0, p1) = (
+                    range.start.max(starts[i]) - starts[i],
+                    range.end.min(starts[i + 1]).max(starts[i]) - starts[i],
+                );
+                if p0 < p1 {
+                    // SAFETY: outs[i] is m x out_i; this chunk alone writes its panels p0..p1.
+                    unsafe {
+                        panel::decode(
+                            isa,
+                            p,
+                            p0,
+                            p1,
+                            &act,
+                            outps[i].get().add(p0 * panel::PANEL),
+                            ws[i].out_dim,
+                        )
+                    }
+                }
+            }
+        });
+    }
+
+    /// The decode panels of an `Own` weight, built on first use.
+    fn panels_built(&self, threads: usize) -> &panel::Panels {
+        let Repr::Own { fmt, data } = &self.repr else {
+            unreachable!("only `Own` weights have panels")
+        };
+        self.panels
+            .get_or_init(|| panel::Panels::pack(*fmt, data, self.out_dim, self.in_dim, threads))
+    }
+
+    /// Decode through the panel layout (built here on first use): block-exact, so each output
+    /// row is bit-identical whatever `m`, the other rows, the thread count and the kernel level.
+    fn decode_panels<T: ActInt>(
+        &self,
+        isa: Isa,
+        prec: ActPrecision,
+        threads: usize,
+        x: &[f32],
+        m: usize,
+        out: &mut [f32],
+    ) {
+        let (k, n) = (self.in_dim, self.out_dim);
+        let panels = self.panels_built(threads);
+        let fmt = panels.fmt;
+        let act = quantize_act_rows::<T>(isa, prec, fmt, threads, x, m, k);
+        let nb = k / QK;
+        // chunks of about a matvec's work (in panels of 16 rows)
+        let min_panels = MIN_BLOCKS_PER_CHUNK.div_ceil(nb * m * panel::PANEL).max(1);
+        let outp = SyncPtr(out.as_mut_ptr());
+        pool::for_each_chunk(panels.panels(), min_panels, threads, |ps| {
+            // SAFETY: `out` is m x n; this chunk alone writes columns 16 ps.start.. of each row.
+            unsafe {
+                panel::decode(
+                    isa,
+                    panels,
+                    ps.start,
+                    ps.end,
+                    &act,
+                    outp.get().add(ps.start * panel::PANEL),
+                    n,
+                )
+            }
         });
     }
 }

@@ -1357,3 +1357,174 @@ fn four_bit_with_8_bit_activations_runs_the_integer_kernels() {
         }
     }
 }
+
+/// The block-exact decode arithmetic (`panel.rs`) computed straight from the row-major GGML
+/// blocks, without the panel layout, in f32 as the module docs write it: what every decode
+/// kernel must give bit for bit. Activations quantised by the portable code (identical on every
+/// level: `quantised_activations_identical_on_every_isa`).
+fn block_exact_from_blocks<T: ActInt>(
+    fmt: Fmt,
+    rows: &[u8],
+    n: usize,
+    k: usize,
+    x: &[f32],
+) -> Vec<f32> {
+    let (nb, bb) = (k / QK, fmt.block_bytes());
+    let m = x.len() / k;
+    let f16 = |b: &[u8]| half::f16::from_le_bytes([b[0], b[1]]).to_f32();
+    let mut out = vec![0f32; m * n];
+    for r in 0..m {
+        let mut qa = vec![T::default(); k];
+        let mut ds = vec![[0f32; 2]; nb];
+        kernels::quantize_into(Isa::Scalar, &x[r * k..(r + 1) * k], &mut qa, &mut ds);
+        for c in 0..n {
+            let mut acc = 0f32;
+            for b in 0..nb {
+                let blk = &rows[(c * nb + b) * bb..][..bb];
+                let mut isum = 0i32;
+                for v in 0..QK {
+                    let q = match fmt {
+                        Fmt::Q8_0 => blk[2 + v] as i8 as i32,
+                        _ => {
+                            let qs = &blk[bb - 16..];
+                            (if v < 16 { qs[v] & 15 } else { qs[v - 16] >> 4 }) as i32
+                        }
+                    };
+                    isum += q * qa[b * QK + v].widen();
+                }
+                let [dx, sx] = ds[b];
+                let d = f16(&blk[..2]);
+                acc = (isum as f32 * dx).mul_add(d, acc);
+                acc = match fmt {
+                    Fmt::Q4_1 => f16(&blk[2..4]).mul_add(sx, acc),
+                    Fmt::Q4_0 => (-8.0 * d).mul_add(sx, acc),
+                    Fmt::Q8_0 => acc,
+                };
+            }
+            out[r * n + c] = acc;
+        }
+    }
+    out
+}
+
+fn same_bits(a: &[f32], b: &[f32]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
+}
+
+/// Decode steps (`decode_rows_with`, integer arithmetic) run on the panel layout: on every
+/// kernel level, thread count and number of rows, each output is bit-identical to the
+/// block-exact arithmetic on the original blocks, so a row decodes the same alone or batched;
+/// and the result is within the activation-rounding bound of the dequantised matmul. Shapes
+/// with a partial last panel (n = 40, 3) and one block per row (k = 32).
+#[test]
+fn decode_panels_are_block_exact_on_every_isa() {
+    let mut rng = StdRng::seed_from_u64(41);
+    for (n, k) in [(40usize, 96usize), (16, 32), (3, 64), (72, 256)] {
+        for dtype in OWN {
+            let (w, deq) = weight(&mut rng, n, k, dtype);
+            let Repr::Own { fmt, data } = &w.repr else {
+                unreachable!()
+            };
+            for prec in PRECS {
+                w.set_settings(QuantSettings {
+                    activation: prec,
+                    ..Default::default()
+                });
+                let m_max = 11;
+                let x = randn(&mut rng, m_max * k, 1.0);
+                let want = match prec {
+                    ActPrecision::I16 => block_exact_from_blocks::<i16>(*fmt, data, n, k, &x),
+                    _ => block_exact_from_blocks::<i8>(*fmt, data, n, k, &x),
+                };
+                check_against_reference(
+                    &format!("{dtype:?} {n}x{k} block-exact decode"),
+                    prec,
+                    &want,
+                    &x,
+                    &deq,
+                    m_max,
+                    k,
+                    n,
+                );
+                for isa in isas() {
+                    for threads in [1, 2] {
+                        for m in [1usize, 2, 3, 4, 5, 8, 9, 11] {
+                            let mut y = vec![f32::NAN; m * n];
+                            w.decode_rows_with(
+                                isa,
+                                DecodeArith::Int,
+                                threads,
+                                &x[..m * k],
+                                m,
+                                &mut y,
+                            );
+                            assert!(
+                                same_bits(&y, &want[..m * n]),
+                                "{dtype:?} {prec:?} {isa:?} {n}x{k} m={m} threads={threads}: \
+                                 decode differs from the block-exact reference \
+                                 (first: {:?} vs {:?})",
+                                &y[..n.min(4)],
+                                &want[..n.min(4)]
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Extreme block sums (all nibbles 15 against activations of one sign, Q8_0 at +-127 x
+/// +-32767) stay exact in the panel kernels' integer lanes: the AVX2 8-bit Q4 path sums in i16
+/// lanes over a whole block.
+#[test]
+fn decode_panels_extreme_values_do_not_overflow() {
+    let (n, k, m): (usize, usize, usize) = (24, 256, 3);
+    for dtype in OWN {
+        let wv: Vec<f32> = (0..n * k)
+            .map(|i| match dtype {
+                GgmlDType::Q8_0 => {
+                    if (i / k) % 2 == 0 {
+                        1.0
+                    } else {
+                        -1.0
+                    }
+                }
+                _ => {
+                    if i % QK == 0 {
+                        0.0
+                    } else {
+                        1.0
+                    }
+                }
+            })
+            .collect();
+        let q =
+            QTensor::quantize(&Tensor::from_vec(wv, (n, k), &Device::Cpu).unwrap(), dtype).unwrap();
+        let w = QuantWeight::from_qtensor(q).unwrap();
+        let Repr::Own { fmt, data } = &w.repr else {
+            unreachable!()
+        };
+        let x: Vec<f32> = (0..m * k).map(|i| [1.0, -1.0, 0.5][i / k]).collect();
+        for prec in PRECS {
+            w.set_settings(QuantSettings {
+                activation: prec,
+                ..Default::default()
+            });
+            let want = match prec {
+                ActPrecision::I16 => block_exact_from_blocks::<i16>(*fmt, data, n, k, &x),
+                _ => block_exact_from_blocks::<i8>(*fmt, data, n, k, &x),
+            };
+            for isa in isas() {
+                let mut y = vec![0f32; m * n];
+                w.decode_rows_with(isa, DecodeArith::Int, 1, &x, m, &mut y);
+                assert!(
+                    same_bits(&y, &want),
+                    "{dtype:?} {prec:?} {isa:?}: {:?} vs {:?}",
+                    &y[..4],
+                    &want[..4]
+                );
+            }
+        }
+    }
+}

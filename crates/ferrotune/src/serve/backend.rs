@@ -32,6 +32,19 @@ pub trait BatchBackend: Send {
     /// Open a slot for a sequence run with `adapter` (`None`: the base). Errors name an
     /// unknown adapter.
     fn open(&mut self, adapter: Option<&str>) -> Result<SlotId>;
+    /// [`Self::open`] for a sequence whose prompt is `prompt`, returning how many of its first
+    /// tokens the slot already holds (prefix caching: a start shared with an earlier sequence,
+    /// such as a chat template's system prompt or few-shot examples), computed exactly as
+    /// prefilling them would; the caller feeds the prompt from there. At most all but the last
+    /// token. The default reuses nothing.
+    fn open_with_prompt(
+        &mut self,
+        adapter: Option<&str>,
+        prompt: &[u32],
+    ) -> Result<(SlotId, usize)> {
+        let _ = prompt;
+        Ok((self.open(adapter)?, 0))
+    }
     /// Feed prompt tokens to `slot`, after those fed before. With `last`, return the logits
     /// of the prompt's last position (the first generated token's distribution).
     fn prefill(&mut self, slot: SlotId, ids: &[u32], last: bool) -> Result<Option<Vec<f32>>>;

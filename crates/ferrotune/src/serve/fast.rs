@@ -2,8 +2,11 @@
 //! sequences at once, each in its own slot (KV cache) with its own LoRA adapter.
 //!
 //! - A decode step ([`BatchBackend::step`]) runs all its rows through one pass over each weight
-//!   matrix ([`crate::quant::QuantWeight::matvec_rows_into`]); attention runs per row over its
+//!   matrix ([`crate::quant::QuantWeight::decode_rows_into`]); attention runs per row over its
 //!   own cache and position, LoRA per row (`scale · B (A x)`, the rows of each adapter).
+//! - Prefix caching ([`BatchBackend::open_with_prompt`]): a closed slot keeps its prefilled
+//!   prompt tokens, and a new prompt of the same adapter that starts the same way reopens it
+//!   holding those positions (a chat template's system prompt, few-shot examples).
 //! - Every row's logits are bit-identical whatever the batch size and whatever else is in the
 //!   batch, prefill chunking does not change them either, and they equal what `generate`'s
 //!   [`crate::engine::FastDecoder`] computes for the same prompt, base and adapter: both run
@@ -25,11 +28,20 @@ use std::path::Path;
 /// (a long sequence's cache is freed rather than held while idle).
 const KEEP_CACHE_BYTES: usize = 64 << 20;
 
+/// Closed slots kept for their prompt prefixes before a new sequence recycles one (each holds
+/// its KV cache: 12 MB for SmolLM2-135M at the first 256 positions).
+const PREFIX_SLOTS: usize = 4;
+
 struct Slot {
     cache: KvCache,
     /// The adapter set of its sequence (`None`: the base), and whether a sequence holds it.
     set: Option<u32>,
     open: bool,
+    /// The prompt tokens at the cache's first positions, whose keys and values were computed by
+    /// prefill (not by decode steps, whose arithmetic differs), with adapter set `prefix_set`.
+    /// They outlive the sequence: a later prompt with the same start and adapter reuses them.
+    prefix: Vec<u32>,
+    prefix_set: Option<u32>,
 }
 
 /// One attached adapter: its name and the engine's adapter set.
@@ -206,22 +218,70 @@ impl BatchBackend for FastBatchBackend {
 
     fn open(&mut self, adapter: Option<&str>) -> Result<SlotId> {
         let set = adapter.map(|a| self.set_of(a)).transpose()?;
-        let i = match self.slots.iter().position(|s| !s.open) {
+        // A closed slot without a reusable prefix; else a new slot while fewer than
+        // PREFIX_SLOTS closed ones keep prefixes; else the closed one with the shortest prefix.
+        let closed: Vec<usize> = (0..self.slots.len())
+            .filter(|&i| !self.slots[i].open)
+            .collect();
+        let shortest = closed
+            .iter()
+            .copied()
+            .min_by_key(|&i| self.slots[i].prefix.len());
+        let free =
+            shortest.filter(|&i| self.slots[i].prefix.is_empty() || closed.len() >= PREFIX_SLOTS);
+        let i = match free {
             Some(i) => i,
             None => {
                 self.slots.push(Slot {
                     cache: KvCache::default(),
                     set: None,
                     open: false,
+                    prefix: Vec::new(),
+                    prefix_set: None,
                 });
                 self.slots.len() - 1
             }
         };
         let s = &mut self.slots[i];
         s.cache.len = 0;
+        s.prefix.clear();
+        s.prefix_set = set;
         s.set = set;
         s.open = true;
         Ok(i)
+    }
+
+    /// Prefix caching: the closed slot of the same adapter whose prefilled tokens share the
+    /// longest start with `prompt` is reopened holding those positions (at most all but the
+    /// prompt's last token, which must run for its logits). Their keys and values are what a
+    /// fresh prefill would compute, bit for bit: a prompt row's arithmetic does not depend on
+    /// the chunk it ran in (`chunked_prefill_equals_one_shot`), and only prefill rows count.
+    fn open_with_prompt(
+        &mut self,
+        adapter: Option<&str>,
+        prompt: &[u32],
+    ) -> Result<(SlotId, usize)> {
+        let set = adapter.map(|a| self.set_of(a)).transpose()?;
+        let limit = prompt.len().saturating_sub(1);
+        let best = (0..self.slots.len())
+            .filter(|&i| !self.slots[i].open && self.slots[i].prefix_set == set)
+            .map(|i| {
+                let p = &self.slots[i].prefix;
+                let n = p.iter().zip(prompt).take_while(|(a, b)| a == b).count();
+                (i, n.min(limit))
+            })
+            .max_by_key(|&(_, n)| n);
+        match best {
+            Some((i, n)) if n > 0 => {
+                let s = &mut self.slots[i];
+                s.prefix.truncate(n);
+                s.cache.len = n;
+                s.set = set;
+                s.open = true;
+                Ok((i, n))
+            }
+            _ => Ok((self.open(adapter)?, 0)),
+        }
     }
 
     fn prefill(&mut self, slot: SlotId, ids: &[u32], last: bool) -> Result<Option<Vec<f32>>> {
@@ -258,6 +318,10 @@ impl BatchBackend for FastBatchBackend {
             Kernel::Prefill,
             &mut self.scratch,
         )?;
+        // reusable while every position before these came from prefill too
+        if s.prefix.len() == base {
+            s.prefix.extend_from_slice(ids);
+        }
         Ok(last.then_some(logits))
     }
 
@@ -336,6 +400,7 @@ impl BatchBackend for FastBatchBackend {
             s.cache.len = 0;
             if s.cache.bytes() > KEEP_CACHE_BYTES {
                 s.cache = KvCache::default();
+                s.prefix.clear();
             }
         }
     }
@@ -619,6 +684,69 @@ mod tests {
         }
     }
 
+    /// Prefix caching: a closed slot's prefilled positions serve a later prompt with the same
+    /// start and adapter, and the result is bit-identical to a fresh prefill (logits of the
+    /// prompt's end and of the steps after it). Only prefill positions count (not the decoded
+    /// tokens after them), at most all but the prompt's last token, never across adapters.
+    #[test]
+    fn prompt_prefixes_are_reused_bit_for_bit() {
+        let tmp = TempDir::new("fast-prefix");
+        let ads = adapters(&tmp);
+        for q in [Some(GgmlDType::Q4_1), Some(GgmlDType::Q8_0), None] {
+            let mut be = FastBatchBackend::new(Box::new(tiny(q))).unwrap();
+            be.load_adapter(ads[0].0, &ads[0].1).unwrap();
+            let system = prompt(5, 17);
+            let first: Vec<u32> = system.iter().copied().chain(prompt(6, 5)).collect();
+            let (a, reused) = be.open_with_prompt(None, &first).unwrap();
+            assert_eq!(reused, 0, "nothing to reuse yet");
+            be.prefill(a, &first[..10], false).unwrap();
+            be.prefill(a, &first[10..], true).unwrap();
+            be.step(&[(a, 7)]).unwrap();
+            be.step(&[(a, 8)]).unwrap();
+            be.close(a);
+            let second: Vec<u32> = system.iter().copied().chain(prompt(9, 6)).collect();
+            // another adapter finds nothing
+            let (o, n) = be.open_with_prompt(Some(ads[0].0), &second).unwrap();
+            assert_eq!(
+                n, 0,
+                "{q:?}: a prefix computed without the adapter was reused with it"
+            );
+            be.close(o);
+            let (b, n) = be.open_with_prompt(None, &second).unwrap();
+            assert_eq!(
+                (b, n),
+                (a, system.len()),
+                "{q:?}: the system prompt is reused"
+            );
+            let got = be.prefill(b, &second[n..], true).unwrap().unwrap();
+            let want = alone(q, None, &second, &[3, 4]);
+            assert!(
+                same_bits(&got, &want[0]),
+                "{q:?}: prefill after a reused prefix"
+            );
+            for (i, t) in [3u32, 4].into_iter().enumerate() {
+                let row = be.step(&[(b, t)]).unwrap();
+                assert!(
+                    same_bits(&row[0], &want[i + 1]),
+                    "{q:?}: step {i} after reuse"
+                );
+            }
+            be.close(b);
+            // the whole earlier prompt plus its decoded tokens: only the prompt is reused, and
+            // the same prompt again keeps its last token to run
+            let longer: Vec<u32> = second.iter().copied().chain([3, 4, 11]).collect();
+            let (_, n) = be.open_with_prompt(None, &longer).unwrap();
+            assert_eq!(n, second.len(), "{q:?}: decoded positions are not reused");
+            let (c, n) = be.open_with_prompt(None, &first).unwrap();
+            assert!(n < first.len(), "{q:?}: the last token always runs");
+            let got = be.prefill(c, &first[n..], true).unwrap().unwrap();
+            assert!(
+                same_bits(&got, &alone(q, None, &first, &[])[0]),
+                "{q:?}: same prompt again"
+            );
+        }
+    }
+
     #[test]
     fn closed_slots_are_reused_with_a_fresh_cache() {
         let mut be = FastBatchBackend::new(Box::new(tiny(Some(GgmlDType::Q4_1)))).unwrap();
@@ -632,8 +760,18 @@ mod tests {
         be.close(b);
         assert_eq!(be.open_slots(), 1);
         let c = be.open(None).unwrap();
-        assert_eq!(c, b, "the freed slot is reused");
         assert_eq!(be.cached(c), 0);
+        // closed slots are kept for their prefixes up to PREFIX_SLOTS, then recycled
+        for i in 0..3 * PREFIX_SLOTS {
+            let s = be.open(None).unwrap();
+            be.prefill(s, &prompt(10 + i, 5), true).unwrap();
+            be.close(s);
+        }
+        assert!(
+            be.slots.len() <= 2 + PREFIX_SLOTS + 1,
+            "{} slots",
+            be.slots.len()
+        );
         let again = be.prefill(c, &p, true).unwrap().unwrap();
         assert!(same_bits(&first, &again), "a reused slot starts empty");
         // Closed slots are refused.

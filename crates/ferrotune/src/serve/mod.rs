@@ -176,7 +176,9 @@ pub struct MetricsSnapshot {
     pub requests_total: u64,
     pub requests_failed: u64,
     pub requests_cancelled: u64,
+    /// Prompt tokens of ended sequences, and those of them taken from the prefix cache.
     pub prompt_tokens_total: u64,
+    pub prompt_tokens_cached_total: u64,
     pub completion_tokens_total: u64,
     /// Requests waiting for a slot.
     pub queue_depth: usize,

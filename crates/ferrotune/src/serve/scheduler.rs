@@ -548,8 +548,10 @@ struct Seq {
     id: u64,
     slot: SlotId,
     prompt: Vec<u32>,
-    /// Prompt tokens fed to the backend so far.
+    /// Prompt tokens fed to the backend so far (counting those reused from a cached prefix).
     fed: usize,
+    /// Prompt tokens the backend held already (prefix cache).
+    cached: usize,
     adapter: Option<String>,
     max_tokens: usize,
     stop_ids: Vec<u32>,
@@ -786,13 +788,17 @@ impl Worker {
             submitted,
         } = q;
         let adapter = req.adapter.clone();
-        match guarded(|| self.backend.open(adapter.as_deref())) {
-            Ok(slot) => self.seqs.push(Seq {
+        let (prompt, backend) = (&req.prompt, &mut self.backend);
+        // a backend that reuses a prompt's start still leaves its last token to run
+        let most = prompt.len().saturating_sub(1);
+        match guarded(|| backend.open_with_prompt(adapter.as_deref(), prompt)) {
+            Ok((slot, reused)) => self.seqs.push(Seq {
                 id,
                 slot,
                 sampler: SeqSampler::new(&req.sampling),
                 prompt: req.prompt,
-                fed: 0,
+                fed: reused.min(most),
+                cached: reused.min(most),
                 adapter,
                 max_tokens: req.max_tokens,
                 stop_ids: req.stop_ids,
@@ -1029,6 +1035,7 @@ impl Worker {
             });
             let mut m = lock(&self.shared.metrics);
             m.snap.prompt_tokens_total += s.fed as u64;
+            m.snap.prompt_tokens_cached_total += s.cached as u64;
             m.snap.completion_tokens_total += s.generated as u64;
             if let Some(t) = s.ttft {
                 let secs = t.as_secs_f64();
