@@ -79,6 +79,9 @@ fi
 if [ "$with_llama" = 1 ]; then
   # Builds llama.cpp from source for this CPU (GGML_NATIVE), as a user of llama.cpp would.
   # An llama-cpp-python already at $LLAMA_PIN is "already satisfied": pip does not rebuild it.
+  # (On a KVM Intel Xeon with AMX, 2026-12-05, the GGML_NATIVE=ON build segfaulted on its first
+  # chat completion; CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON
+  # -DGGML_F16C=ON -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON" worked there, with --force-reinstall.)
   CMAKE_ARGS="${CMAKE_ARGS:--DGGML_NATIVE=ON}" "$venv/bin/python" -m pip install -q --no-cache-dir "$LLAMA_PIN"
   "$venv/bin/python" -m pip install -q "${LLAMA_SERVER_PINS[@]}"
 fi

@@ -577,6 +577,15 @@ fn vec_f32(t: &Tensor) -> Option<Vec<f32>> {
 }
 
 impl Weights {
+    /// Build every quantized weight's decode layout now (see [`QuantWeight::prepare_decode`]).
+    pub(crate) fn prepare_decode(&self) {
+        for lin in self.all_lins() {
+            if let Mat::Quant(q) = &lin.w {
+                q.prepare_decode();
+            }
+        }
+    }
+
     /// None when the model cannot run here (not a LLaMA-family model, not on CPU, an adapter
     /// other than plain LoRA active, unsupported weights). Active plain LoRA adapters become
     /// adapter set 0.

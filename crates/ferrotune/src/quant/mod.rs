@@ -1375,6 +1375,19 @@ impl QuantWeight {
         });
     }
 
+    /// Build the decode panels now if this weight decodes through them (else nothing): a
+    /// server does it at start, so its first request does not pay for it (about 85 ms for
+    /// SmolLM2-135M on 2 threads). Decode steps build them on first use otherwise.
+    pub fn prepare_decode(&self) {
+        let prec = self.settings().activation;
+        if matches!(self.repr, Repr::Own { .. })
+            && DecodeArith::best() == DecodeArith::Int
+            && matches!(prec, ActPrecision::I8 | ActPrecision::I16)
+        {
+            self.panels_built(num_threads());
+        }
+    }
+
     /// The decode panels of an `Own` weight, built on first use.
     fn panels_built(&self, threads: usize) -> &panel::Panels {
         let Repr::Own { fmt, data } = &self.repr else {

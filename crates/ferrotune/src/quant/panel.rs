@@ -191,7 +191,9 @@ pub(crate) unsafe fn decode<T: ActInt>(
     }
 }
 
-/// The portable kernel, and the reference the SIMD kernels must equal bit for bit.
+/// The portable kernel (aarch64 and other targets), and the reference the SIMD kernels must
+/// equal bit for bit. Per panel block the 16 rows' quants are unpacked once into fixed-size
+/// arrays, so the per-row integer dot products are plain loops the compiler vectorises.
 ///
 /// # Safety
 /// As [`decode`], for `ncols` columns.
@@ -207,32 +209,54 @@ unsafe fn decode_scalar<T: ActInt>(
     let pbb = panel_block_bytes(fmt);
     let qb = quant_bytes(fmt);
     let f16_at = |b: &[u8], i: usize| half::f16::from_le_bytes([b[i], b[i + 1]]).to_f32();
-    for col in 0..ncols {
-        let (p, c) = (col / PANEL, col % PANEL);
-        for r in 0..act.rows {
-            let (aq, ads) = (act.row_qs(r), act.row_ds(r));
-            let mut acc = 0f32;
-            for b in 0..nb {
-                let blk = &data[(p * nb + b) * pbb..][..pbb];
-                let mut isum = 0i32;
-                for v in 0..QK {
+    let rows = act.rows;
+    let mut acc = vec![0f32; rows * PANEL];
+    let mut w = [[0i32; QK]; PANEL];
+    let mut a = [0i32; QK];
+    for p in 0..ncols.div_ceil(PANEL) {
+        let cols = (ncols - p * PANEL).min(PANEL);
+        acc.fill(0.0);
+        for b in 0..nb {
+            let blk = &data[(p * nb + b) * pbb..][..pbb];
+            for (c, wc) in w.iter_mut().enumerate().take(cols) {
+                for (v, q) in wc.iter_mut().enumerate() {
                     let (g, i) = (v / 4, v % 4);
-                    let q = match fmt {
+                    *q = match fmt {
                         Fmt::Q8_0 => blk[g * 64 + 4 * c + i] as i8 as i32,
                         _ => ((blk[g * 32 + 4 * (c % 8) + i] >> (4 * (c / 8))) & 0x0F) as i32,
                     };
-                    isum += q * aq[b * QK + v].widen();
-                }
-                let [dx, sx] = ads[b];
-                let d = f16_at(blk, qb + 2 * c);
-                acc = (isum as f32 * dx).mul_add(d, acc);
-                match fmt {
-                    Fmt::Q4_1 => acc = f16_at(blk, qb + 32 + 2 * c).mul_add(sx, acc),
-                    Fmt::Q4_0 => acc = (-8.0 * d).mul_add(sx, acc),
-                    Fmt::Q8_0 => {}
                 }
             }
-            *out.add(r * ldo + col) = acc;
+            // each row's scale d and offset o (m for Q4_1, -8 d for Q4_0, none for Q8_0)
+            let mut d = [0f32; PANEL];
+            let mut o = [0f32; PANEL];
+            for c in 0..cols {
+                d[c] = f16_at(blk, qb + 2 * c);
+                o[c] = match fmt {
+                    Fmt::Q4_1 => f16_at(blk, qb + 32 + 2 * c),
+                    Fmt::Q4_0 => -8.0 * d[c],
+                    Fmt::Q8_0 => 0.0,
+                };
+            }
+            for r in 0..rows {
+                for (av, q) in a.iter_mut().zip(&act.row_qs(r)[b * QK..(b + 1) * QK]) {
+                    *av = q.widen();
+                }
+                let [dx, sx] = act.row_ds(r)[b];
+                for (c, wc) in w.iter().enumerate().take(cols) {
+                    let isum: i32 = wc.iter().zip(&a).map(|(x, y)| x * y).sum();
+                    let acc = &mut acc[r * PANEL + c];
+                    *acc = (isum as f32 * dx).mul_add(d[c], *acc);
+                    if fmt != Fmt::Q8_0 {
+                        *acc = o[c].mul_add(sx, *acc);
+                    }
+                }
+            }
+        }
+        for r in 0..rows {
+            for c in 0..cols {
+                *out.add(r * ldo + p * PANEL + c) = acc[r * PANEL + c];
+            }
         }
     }
 }

@@ -259,8 +259,8 @@ unsafe fn panels_impl<const F: u8, const MA: usize, const A16: bool>(
     }
 }
 
-/// The AVX2 entry points; `$ma` activation rows per tile (16 vector registers hold 3-4 rows of
-/// accumulators).
+/// The AVX2 entry points; `$ma` activation rows per tile (16 vector registers: 4 rows of
+/// accumulators; at 16 bits 4 rows measured 4% faster than 3 despite a few spills).
 macro_rules! panel_entry {
     ($a16:literal, $ma:literal, $name:ident) => {
         #[target_feature(enable = "avx2,fma,f16c")]
@@ -282,7 +282,7 @@ macro_rules! panel_entry {
 }
 
 panel_entry!(false, 4, panels_avx2);
-panel_entry!(true, 3, panels16_avx2);
+panel_entry!(true, 4, panels16_avx2);
 
 // ---- AVX-512: a whole panel per 512-bit vector ----
 

@@ -90,6 +90,7 @@ impl FastBatchBackend {
         Self::check(&*model)?;
         let w = Weights::new(&*model)
             .ok_or_else(|| Error::msg("the fast engine does not run this model"))?;
+        w.prepare_decode();
         Ok(Self {
             model,
             w,
