@@ -1325,28 +1325,36 @@ impl QuantWeight {
             "decode_rows_many: shapes disagree"
         );
         match prec {
-            ActPrecision::I8 => Self::decode_many::<i8>(ws, prec, x, m, outs),
-            _ => Self::decode_many::<i16>(ws, prec, x, m, outs),
+            ActPrecision::I8 => {
+                Self::decode_many::<i8>(ws, Isa::best(), prec, num_threads(), x, m, outs)
+            }
+            _ => Self::decode_many::<i16>(ws, Isa::best(), prec, num_threads(), x, m, outs),
         }
         true
     }
 
+    /// The panel decode of `ws` (all `Own`, `in` columns each) on `x`, one fork/join.
     fn decode_many<T: ActInt>(
         ws: &[&QuantWeight],
+        isa: Isa,
         prec: ActPrecision,
+        threads: usize,
         x: &[f32],
         m: usize,
         outs: &mut [&mut [f32]],
     ) {
-        let (isa, threads, k) = (Isa::best(), num_threads(), ws[0].in_dim);
+        let Some(first) = ws.first() else {
+            return;
+        };
+        let k = first.in_dim;
         let panels: Vec<&panel::Panels> = ws.iter().map(|w| w.panels_built(threads)).collect();
         // quantisation does not depend on the weight's format at 8 or 16 bits
         let act = quantize_act_rows::<T>(isa, prec, panels[0].fmt, threads, x, m, k);
         let mut starts = vec![0usize];
         for p in &panels {
-            starts.push(starts.last().copied().unwrap_or(0) + p.panels());
+            starts.push(starts[starts.len() - 1] + p.panels());
         }
-        let total = *starts.last().expect("non-empty");
+        let total = starts[panels.len()];
         let outps: Vec<SyncPtr<f32>> = outs.iter_mut().map(|o| SyncPtr(o.as_mut_ptr())).collect();
         let min_panels = MIN_BLOCKS_PER_CHUNK
             .div_ceil((k / QK) * m * panel::PANEL)
@@ -1408,28 +1416,7 @@ impl QuantWeight {
         m: usize,
         out: &mut [f32],
     ) {
-        let (k, n) = (self.in_dim, self.out_dim);
-        let panels = self.panels_built(threads);
-        let fmt = panels.fmt;
-        let act = quantize_act_rows::<T>(isa, prec, fmt, threads, x, m, k);
-        let nb = k / QK;
-        // chunks of about a matvec's work (in panels of 16 rows)
-        let min_panels = MIN_BLOCKS_PER_CHUNK.div_ceil(nb * m * panel::PANEL).max(1);
-        let outp = SyncPtr(out.as_mut_ptr());
-        pool::for_each_chunk(panels.panels(), min_panels, threads, |ps| {
-            // SAFETY: `out` is m x n; this chunk alone writes columns 16 ps.start.. of each row.
-            unsafe {
-                panel::decode(
-                    isa,
-                    panels,
-                    ps.start,
-                    ps.end,
-                    &act,
-                    outp.get().add(ps.start * panel::PANEL),
-                    n,
-                )
-            }
-        });
+        Self::decode_many::<T>(&[self], isa, prec, threads, x, m, &mut [out])
     }
 }
 

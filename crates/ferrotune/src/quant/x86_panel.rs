@@ -78,6 +78,19 @@ unsafe fn dot16(acc: __m256i, w: __m256i, a: __m256i) -> __m256i {
     _mm256_add_epi32(acc, _mm256_madd_epi16(w, a))
 }
 
+/// Prefetch the same block of the next panel (`nb` blocks on): decode streams weights from
+/// DRAM, and one sequential stream per thread leaves the memory system idle between misses.
+/// (Past the last panel the addresses are only prefetched, never read: prefetches do not fault.)
+#[inline(always)]
+unsafe fn prefetch_next_panel<const F: u8>(blk: *const u8, nb: usize) {
+    let ahead = blk.wrapping_add(nb * pbb(F));
+    let mut off = 0;
+    while off < pbb(F) {
+        _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(off) as *const i8);
+        off += 64;
+    }
+}
+
 /// Half `h` of the panel at `pp` (`nb` blocks) times `RA` activation rows: the eight f32 sums
 /// per row, in the lane order of [`half_rows`].
 #[inline(always)]
@@ -109,14 +122,7 @@ unsafe fn half_tile<const F: u8, const RA: usize, const A16: bool>(
     for b in 0..nb {
         let blk = pp.add(b * pbb(F));
         if prefetch {
-            // the same block of the next panel: decode streams weights from DRAM, and one
-            // sequential stream per thread leaves the memory system idle between misses
-            let ahead = blk.wrapping_add(nb * pbb(F));
-            let mut off = 0;
-            while off < pbb(F) {
-                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(off) as *const i8);
-                off += 64;
-            }
+            prefetch_next_panel::<F>(blk, nb);
         }
         let mut iacc = [[_mm256_setzero_si256(); 2]; RA];
         for g in 0..8 {
@@ -308,13 +314,7 @@ unsafe fn panel_tile512<const F: u8, const RA: usize, const A16: bool>(
     for b in 0..nb {
         let blk = pp.add(b * pbb(F));
         if prefetch {
-            // see `half_tile`
-            let ahead = blk.wrapping_add(nb * pbb(F));
-            let mut off = 0;
-            while off < pbb(F) {
-                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(off) as *const i8);
-                off += 64;
-            }
+            prefetch_next_panel::<F>(blk, nb);
         }
         let mut iacc = [[zero; 2]; RA];
         for g in 0..8 {
