@@ -38,6 +38,10 @@ use crate::Result;
 use candle_core::{DType, Device, Tensor};
 use std::sync::Arc;
 
+mod attend;
+pub(crate) use attend::KvCache;
+use attend::{attend, AttnShape};
+
 enum Mat {
     Quant(Arc<QuantWeight>),
     /// Dense f32 (out, in), row-major.
@@ -498,48 +502,6 @@ pub(crate) struct Weights {
     ctx: usize,
 }
 
-/// One sequence's keys and values per layer, `[kv_head][position][head_dim]` with room for
-/// `cap` positions per head (grown by doubling, up to the context length).
-#[derive(Default)]
-pub(crate) struct KvCache {
-    k: Vec<Vec<f32>>,
-    v: Vec<Vec<f32>>,
-    cap: usize,
-    /// Positions held.
-    pub len: usize,
-}
-
-impl KvCache {
-    /// Make room for `n` positions in every layer (keeps the first `len`).
-    fn reserve(&mut self, w: &Weights, n: usize) {
-        if self.k.len() != w.layers.len() {
-            self.k = vec![Vec::new(); w.layers.len()];
-            self.v = vec![Vec::new(); w.layers.len()];
-            self.cap = 0;
-        }
-        if n <= self.cap {
-            return;
-        }
-        let new_cap = n.max(self.cap * 2).max(256).min(w.ctx.max(n));
-        let (hd, old) = (w.head_dim, self.cap);
-        let used = self.len.min(old) * hd;
-        for cache in self.k.iter_mut().chain(self.v.iter_mut()) {
-            let mut grown = vec![0f32; w.n_kv * new_cap * hd];
-            for h in 0..w.n_kv {
-                grown[h * new_cap * hd..h * new_cap * hd + used]
-                    .copy_from_slice(&cache[h * old * hd..h * old * hd + used]);
-            }
-            *cache = grown;
-        }
-        self.cap = new_cap;
-    }
-
-    /// Bytes held.
-    pub fn bytes(&self) -> usize {
-        4 * (self.k.iter().chain(&self.v).map(Vec::len).sum::<usize>())
-    }
-}
-
 /// Activation buffers kept between calls: freshly allocated ones of this size cost a page
 /// fault per 4 KiB on first touch, every call.
 #[derive(Default)]
@@ -632,6 +594,11 @@ impl Weights {
             ctx: cfg.max_position_embeddings,
         };
         w.shapes_fit().then_some(w)
+    }
+
+    /// Make room in `c` for `n` positions of this model.
+    fn reserve_cache(&self, c: &mut KvCache, n: usize) {
+        c.reserve(self.layers.len(), self.n_kv, self.head_dim, self.ctx, n);
     }
 
     /// The most positions a sequence may hold.
@@ -838,7 +805,7 @@ impl Weights {
         }
         for (c, n) in caches.iter_mut().zip(&added) {
             if *n > 0 {
-                c.reserve(self, c.len + n);
+                self.reserve_cache(c, c.len + n);
             }
         }
         let mut xn = sized(&mut sc.xn, t * h);
@@ -875,12 +842,9 @@ impl Weights {
                         rope(hk, cos, sin);
                     }
                     let c = &mut *caches[row.seq];
-                    let cap = c.cap;
                     for kh in 0..nkv {
-                        let dst = (kh * cap + p) * hd;
                         let src = (r * nkv + kh) * hd;
-                        c.k[li][dst..dst + hd].copy_from_slice(&k[src..src + hd]);
-                        c.v[li][dst..dst + hd].copy_from_slice(&v[src..src + hd]);
+                        c.put(li, kh, p, &k[src..src + hd], &v[src..src + hd]);
                     }
                 }
                 let group = nh / nkv;
@@ -891,6 +855,7 @@ impl Weights {
                     let shape = AttnShape {
                         base: 0,
                         cap: c.cap,
+                        k_head: c.k_head,
                         hd,
                         nh,
                         group,
@@ -967,8 +932,22 @@ impl Weights {
 
 /// `g <- silu(g) * u`, with the vectorising polynomial `exp` of `ops::kernels` in an AVX2 frame
 /// where the CPU has it (libm's `expf`, one value at a time, was 1.4% of a batched decode step).
+/// Batched rows (8 decode rows of SmolLM2: 12k values) split across the kernels' pool: done on
+/// one thread, the other core waited for it at every layer.
 fn swiglu(g: &mut [f32], u: &[f32]) {
-    swiglu_rows(g, u)
+    const MIN_PER_THREAD: usize = 4096;
+    assert_eq!(g.len(), u.len(), "swiglu operands");
+    let threads = crate::quant::num_threads();
+    if g.len() < 2 * MIN_PER_THREAD || threads < 2 {
+        return swiglu_rows(g, u);
+    }
+    let gp = SyncOut(g.as_mut_ptr());
+    let gp = &gp;
+    crate::quant::parallel_chunks(g.len(), MIN_PER_THREAD, threads, |r| {
+        // SAFETY: `r` lies inside `g` (parallel_chunks covers 0..g.len() with disjoint ranges).
+        let gs = unsafe { std::slice::from_raw_parts_mut(gp.0.add(r.start), r.len()) };
+        swiglu_rows(gs, &u[r]);
+    });
 }
 
 crate::ops::kernels::multiversion!(fn swiglu_rows<T>(g: &mut [T], u: &[T]) = swiglu_body;);
@@ -1092,7 +1071,7 @@ impl FastDecoder {
         }
         // The shared-prefix layout packs all sequences after the prefix (base + t positions,
         // which may exceed the context length in total though no sequence does).
-        self.cache.reserve(w, base + t);
+        w.reserve_cache(&mut self.cache, base + t);
         let (h, hd, nh, nkv, inter) = (w.hidden, w.head_dim, w.n_heads, w.n_kv, w.inter);
         let sc = &mut self.scratch;
         let sized = |b: &mut Vec<f32>, n: usize| -> Vec<f32> {
@@ -1139,15 +1118,14 @@ impl FastDecoder {
             for r in 0..t {
                 let p = base + r;
                 for kh in 0..nkv {
-                    let dst = (kh * cap + p) * hd;
                     let src = (r * nkv + kh) * hd;
-                    cache.k[li][dst..dst + hd].copy_from_slice(&k[src..src + hd]);
-                    cache.v[li][dst..dst + hd].copy_from_slice(&v[src..src + hd]);
+                    cache.put(li, kh, p, &k[src..src + hd], &v[src..src + hd]);
                 }
             }
             let shape = AttnShape {
                 base,
                 cap,
+                k_head: cache.k_head,
                 hd,
                 nh,
                 group: nh / nkv,
@@ -1231,81 +1209,6 @@ impl FastDecoder {
             kernel,
             &mut self.scratch,
         )
-    }
-}
-
-/// What one attention row needs to know about the cache layout.
-struct AttnShape {
-    /// Cached prefix positions every row attends to.
-    base: usize,
-    /// Positions per kv head in the cache.
-    cap: usize,
-    hd: usize,
-    nh: usize,
-    /// Query heads per kv head.
-    group: usize,
-}
-
-/// Causal attention of one row (all its query heads) at index `i` of a sequence whose keys
-/// start at cache position `base + off`: keys `[0, base)` and `[base + off, base + off + i]`.
-/// Scores and the weighted sum of values run on the AVX2 kernels of `ops::kernels` where the CPU
-/// has them (the default x86-64 target compiles plain loops to 4-wide SSE: attention took 14%
-/// of a batched decode step, 3.5x the kernels' time per multiply-add).
-#[allow(clippy::too_many_arguments)]
-fn attend(
-    s: &AttnShape,
-    q: &[f32],
-    k_cache: &[f32],
-    v_cache: &[f32],
-    off: usize,
-    i: usize,
-    out: &mut [f32],
-    scores: &mut Vec<f32>,
-) {
-    attend_rows(s, q, k_cache, v_cache, off, i, out, scores)
-}
-
-crate::ops::kernels::multiversion!(fn attend_rows<T>(s: &AttnShape, q: &[T], k_cache: &[T], v_cache: &[T], off: usize, i: usize, out: &mut [T], scores: &mut Vec<T>) = attend_body;);
-
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn attend_body<T: crate::ops::kernels::Float>(
-    s: &AttnShape,
-    q: &[T],
-    k_cache: &[T],
-    v_cache: &[T],
-    off: usize,
-    i: usize,
-    out: &mut [T],
-    scores: &mut Vec<T>,
-) {
-    use crate::ops::kernels as k;
-    let hd = s.hd;
-    let scale = T::from_f64((1.0 / (hd as f32).sqrt()) as f64);
-    let n_keys = s.base + i + 1;
-    scores.resize(n_keys, T::ZERO);
-    // keys [0, base) sit at cache positions 0..base, the row's own at base + off ..
-    let own_at = (s.base + off) * hd;
-    for head in 0..s.nh {
-        let kh = head / s.group;
-        let qv = &q[head * hd..(head + 1) * hd];
-        let kc = &k_cache[kh * s.cap * hd..];
-        let vc = &v_cache[kh * s.cap * hd..];
-        let (pre, own) = scores.split_at_mut(s.base);
-        if !pre.is_empty() {
-            k::dot_rows(qv, kc, hd, scale, pre);
-        }
-        k::dot_rows(qv, &kc[own_at..], hd, scale, own);
-        let max = k::max(scores);
-        let sum = k::exp_shift_sum(scores, max);
-        k::scale(scores, T::ONE / sum);
-        let o = &mut out[head * hd..(head + 1) * hd];
-        o.fill(T::ZERO);
-        let (pre, own) = scores.split_at(s.base);
-        if !pre.is_empty() {
-            k::axpy_rows(o, pre, vc, hd);
-        }
-        k::axpy_rows(o, own, &vc[own_at..], hd);
     }
 }
 
