@@ -6,7 +6,7 @@ GGUF, the same thread count and the same client load, in one run (issue 14's acc
     scripts/bench.sh serve [flags]        # builds, fetches, prints the machine header
     .venv/bin/python bench/serve_load.py [--model GGUF] [--threads 2] [--clients 32]
         [--requests 8] [--max-tokens 32] [--streams 1,8] [--max-seconds 1200]
-        [--adapter NAME=DIR ...] [--no-llamacpp] [--no-check]
+        [--adapter NAME=DIR ...] [--no-stream] [--no-llamacpp] [--no-check]
 
 For each server, in turn (the other idle):
 1. reference outputs: every (prompt, adapter) job of the load run alone, greedy;
@@ -81,10 +81,18 @@ class Target:
     def model(self, adapter):
         return self.model_id if adapter is None else f"{self.model_id}:{adapter}"
 
-    def run(self, prompt, adapter, max_tokens):
-        """One streamed greedy chat request: dict(text, tokens, ttft, latency, t_first, t_end)."""
+    def run(self, prompt, adapter, max_tokens, stream=True):
+        """One streamed greedy chat request: dict(text, tokens, ttft, latency, t_first, t_end).
+        Not streamed: the first token's time is unknown (ttft = latency)."""
         kw = {"stream_options": {"include_usage": True}} if self.usage_in_stream else {}
         t0 = time.perf_counter()
+        if not stream:
+            r = self.client.chat.completions.create(
+                model=self.model(adapter), messages=[{"role": "user", "content": prompt}],
+                max_tokens=max_tokens, temperature=0)
+            t_end = time.perf_counter()
+            return {"text": r.choices[0].message.content or "", "tokens": r.usage.completion_tokens,
+                    "ttft": t_end - t0, "latency": t_end - t0, "t_first": t_end, "t_end": t_end}
         s = self.client.chat.completions.create(
             model=self.model(adapter), messages=[{"role": "user", "content": prompt}],
             max_tokens=max_tokens, temperature=0, stream=True, **kw)
@@ -113,7 +121,7 @@ def references(tgt, jobs, max_tokens, deadline):
     return ref
 
 
-def concurrent(tgt, plan, max_tokens, deadline):
+def concurrent(tgt, plan, max_tokens, deadline, stream=True):
     """plan: one list of (prompt, adapter) per client; clients run their lists concurrently.
     Returns (results [(job, result or exception)], wall seconds)."""
     out, lock = [], threading.Lock()
@@ -125,7 +133,7 @@ def concurrent(tgt, plan, max_tokens, deadline):
                     out.append((job, TimeoutError("--max-seconds reached")))
                 continue
             try:
-                r = tgt.run(job[0], job[1], max_tokens)
+                r = tgt.run(job[0], job[1], max_tokens, stream)
             except Exception as e:  # counted as an error of the run
                 r = e
             with lock:
@@ -136,10 +144,10 @@ def concurrent(tgt, plan, max_tokens, deadline):
     return out, time.perf_counter() - t0
 
 
-def throughput(tgt, streams, long_tokens, deadline, per_stream=3):
+def throughput(tgt, streams, long_tokens, deadline, per_stream=3, stream=True):
     plan = [[(LONG_PROMPTS[(s * per_stream + i) % len(LONG_PROMPTS)], None) for i in range(per_stream)]
             for s in range(streams)]
-    res, wall = concurrent(tgt, plan, long_tokens, deadline)
+    res, wall = concurrent(tgt, plan, long_tokens, deadline, stream)
     errs = [r for _, r in res if isinstance(r, Exception)]
     ok = [r for _, r in res if not isinstance(r, Exception)]
     toks = sum(r["tokens"] for r in ok)
@@ -174,7 +182,7 @@ def bench_target(tgt, a, deadline, results, failures):
     tgt.run(LONG_PROMPTS[0], None, 8)
     tp = {}
     for s in a.streams:
-        r = throughput(tgt, s, a.long_tokens, deadline)
+        r = throughput(tgt, s, a.long_tokens, deadline, stream=not a.no_stream)
         tp[s] = r
         print(f"{name}: {s} stream(s) x 3 requests: {r['tokens']} tokens in {r['wall']:.1f} s = "
               f"{r['tok_s']:.1f} tok/s aggregate (a stream sees {r['per_stream_tok_s']:.1f} tok/s after "
@@ -222,6 +230,9 @@ def main():
                     help="adapters for ferrotune (default: the two demo adapters)")
     ap.add_argument("--workdir", default=H.DEFAULT_WORKDIR)
     ap.add_argument("--serve-args", default="", help="more `ferrotune serve` arguments")
+    ap.add_argument("--no-stream", action="store_true",
+                    help="throughput requests not streamed: the client's per-chunk parsing shares "
+                         "the server's cores (no per-stream rate then)")
     ap.add_argument("--no-llamacpp", action="store_true", help="ferrotune only")
     ap.add_argument("--no-ferrotune", action="store_true", help="llama.cpp only")
     ap.add_argument("--no-check", action="store_true", help="report only; exit 0 on failed checks")

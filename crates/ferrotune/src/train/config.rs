@@ -853,7 +853,7 @@ impl LoadedConfig {
     /// (`run.toml: line 12`), else the file.
     pub fn key_source(&self, key: &str) -> String {
         if let Some((_, o)) = self.overrides.iter().rev().find(|(k, _)| k == key) {
-            return format!("--set `{o}`");
+            return format!("--set `{}`", shown(o));
         }
         match key_line(&self.text, key) {
             Some(line) => format!("{}: line {line}", self.source()),
@@ -1059,12 +1059,14 @@ fn normalize(p: &Path) -> PathBuf {
 pub fn apply_override(table: &mut toml::Table, o: &str) -> Result<String> {
     let (key, value) = o
         .split_once('=')
-        .ok_or_else(|| Error::msg(format!("--set `{o}`: expected key=value")))?;
+        .ok_or_else(|| Error::msg(format!("--set `{}`: expected key=value", shown(o))))?;
     let key = key.trim();
     let parts: Vec<&str> = key.split('.').map(str::trim).collect();
     if parts.iter().any(|p| p.is_empty()) {
         return Err(Error::msg(format!(
-            "--set `{o}`: empty key part in `{key}`"
+            "--set `{}`: empty key part in `{}`",
+            shown(o),
+            shown(key)
         )));
     }
     let value = parse_value(value.trim());
@@ -1075,13 +1077,83 @@ pub fn apply_override(table: &mut toml::Table, o: &str) -> Result<String> {
             .or_insert_with(|| toml::Value::Table(toml::Table::new()));
         t = entry.as_table_mut().ok_or_else(|| {
             Error::msg(format!(
-                "--set `{o}`: `{}` is not a table",
-                parts[..=i].join(".")
+                "--set `{}`: `{}` is not a table",
+                shown(o),
+                shown(&parts[..=i].join("."))
             ))
         })?;
     }
     t.insert(parts[parts.len() - 1].to_string(), value);
     Ok(parts.join("."))
+}
+
+/// Characters of a `--set` (or a value quoted from it) that messages show: the error stays one
+/// short line whatever was given.
+const SHOWN_CHARS: usize = 60;
+
+/// `s` for a one-line message: control characters escaped (a newline would split the line),
+/// at most [`SHOWN_CHARS`] characters, then how long it was.
+fn shown(s: &str) -> String {
+    let n = s.chars().count();
+    let mut out: String = s
+        .chars()
+        .take(SHOWN_CHARS)
+        .flat_map(|c| {
+            if c.is_control() {
+                c.escape_default().collect::<Vec<_>>()
+            } else {
+                vec![c]
+            }
+        })
+        .collect();
+    if n > SHOWN_CHARS {
+        out.push_str(&format!("... ({n} characters)"));
+    }
+    out
+}
+
+/// `msg` with every `"..."` and `` `...` `` span passed through [`shown`] (serde quotes the
+/// offending value or key in full).
+fn clip_quoted(msg: &str) -> String {
+    let mut out = String::with_capacity(msg.len().min(512));
+    let mut rest = msg;
+    while let Some(i) = rest.find(['"', '`']) {
+        let q = rest[i..].chars().next().unwrap_or('"');
+        out.push_str(&rest[..=i]);
+        rest = &rest[i + 1..];
+        // the closing quote: the next one not escaped by a backslash (serde escapes the value)
+        let mut esc = false;
+        let close = rest.char_indices().find_map(|(j, c)| {
+            let hit = c == q && !esc;
+            esc = c == '\\' && !esc;
+            hit.then_some(j)
+        });
+        match close {
+            Some(j) => {
+                out.push_str(&shown(&rest[..j]));
+                out.push(q);
+                rest = &rest[j + 1..];
+            }
+            None => break,
+        }
+    }
+    out.push_str(&shown_tail(rest));
+    out
+}
+
+/// The unquoted remainder of a message: control characters escaped, at most 200 characters
+/// (a value with quotes of its own can leave part of itself outside the pairs).
+fn shown_tail(s: &str) -> String {
+    s.chars()
+        .take(200)
+        .flat_map(|c| {
+            if c.is_control() {
+                c.escape_default().collect::<Vec<_>>()
+            } else {
+                vec![c]
+            }
+        })
+        .collect()
 }
 
 fn parse_value(s: &str) -> toml::Value {
@@ -1171,14 +1243,20 @@ fn override_error(
         // `--set a.b=..` causes errors at `a.b` and below, and the unknown key `a` when no table
         // `a` exists. (A missing key is reported at its table, which a `--set` below it does
         // not cause.) The last `--set` of a key is the one in force.
-        let unknown = e.message().starts_with("unknown field");
+        // A `--set a.b.c=..` also turns a value `a.b` into a table ("invalid type: map").
+        let below = e.message().starts_with("unknown field")
+            || e.message().starts_with("invalid type: map");
         let hit = keys.iter().rposition(|k| {
             *k == at
                 || at.starts_with(&format!("{k}."))
-                || (unknown && k.starts_with(&format!("{at}.")))
+                || (below && k.starts_with(&format!("{at}.")))
         });
         if let Some(i) = hit {
-            return Error::msg(format!("--set `{}`: {}", overrides[i], toml_message("", e)));
+            return Error::msg(format!(
+                "--set `{}`: {}",
+                shown(&overrides[i]),
+                clip_quoted(&toml_message("", e))
+            ));
         }
     }
     match toml::from_str::<TrainConfig>(text) {
@@ -1895,6 +1973,19 @@ completion = " {a}"
             assert!(e.contains(key.rsplit('.').next().unwrap()), "{set}: {e}");
             assert!(e.starts_with(&format!("--set `{set}`")), "{set}: {e}");
             assert!(!e.contains('\n'), "{e}");
+        }
+        // A huge or multi-line value or key: one short line that still names the key.
+        let long = "x".repeat(5000);
+        for set in [
+            format!("train.epochs={long}"),
+            format!("train.{long}=1"),
+            format!("train.lr=\"a\n{long}\""),
+            format!("train.epochs.{long}=1"),
+            "train.lr=\"a\nb\"".to_string(),
+        ] {
+            let e = parse(MINIMAL, &[set.as_str()]).unwrap_err().to_string();
+            assert!(!e.contains('\n') && !e.contains(&long[..100]), "{e}");
+            assert!(e.starts_with("--set `train."), "{e}");
         }
     }
 
