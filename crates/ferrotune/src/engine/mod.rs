@@ -596,6 +596,21 @@ impl Weights {
         w.shapes_fit().then_some(w)
     }
 
+    /// RoPE at position `p` on one row's query heads `q` and key heads `k`.
+    fn rope_row(&self, q: &mut [f32], k: &mut [f32], p: usize) {
+        let half = self.head_dim / 2;
+        let (cos, sin) = (
+            &self.cos[p * half..(p + 1) * half],
+            &self.sin[p * half..(p + 1) * half],
+        );
+        for head in q
+            .chunks_exact_mut(self.head_dim)
+            .chain(k.chunks_exact_mut(self.head_dim))
+        {
+            rope(head, cos, sin);
+        }
+    }
+
     /// Make room in `c` for `n` positions of this model.
     fn reserve_cache(&self, c: &mut KvCache, n: usize) {
         c.reserve(self.layers.len(), self.n_kv, self.head_dim, self.ctx, n);
@@ -831,16 +846,11 @@ impl Weights {
                 )?;
                 for (r, row) in rows.iter().enumerate() {
                     let p = row.pos;
-                    let (cos, sin) = (
-                        &self.cos[p * hd / 2..(p + 1) * hd / 2],
-                        &self.sin[p * hd / 2..(p + 1) * hd / 2],
+                    self.rope_row(
+                        &mut q[r * nh * hd..(r + 1) * nh * hd],
+                        &mut k[r * nkv * hd..(r + 1) * nkv * hd],
+                        p,
                     );
-                    for hq in q[r * nh * hd..(r + 1) * nh * hd].chunks_exact_mut(hd) {
-                        rope(hq, cos, sin);
-                    }
-                    for hk in k[r * nkv * hd..(r + 1) * nkv * hd].chunks_exact_mut(hd) {
-                        rope(hk, cos, sin);
-                    }
                     let c = &mut *caches[row.seq];
                     for kh in 0..nkv {
                         let src = (r * nkv + kh) * hd;
@@ -1103,17 +1113,11 @@ impl FastDecoder {
                 &mut hbuf,
             )?;
             for (r, &(_, i)) in row_seq.iter().enumerate() {
-                let p = base + i;
-                let (cos, sin) = (
-                    &w.cos[p * hd / 2..(p + 1) * hd / 2],
-                    &w.sin[p * hd / 2..(p + 1) * hd / 2],
+                w.rope_row(
+                    &mut q[r * nh * hd..(r + 1) * nh * hd],
+                    &mut k[r * nkv * hd..(r + 1) * nkv * hd],
+                    base + i,
                 );
-                for hq in q[r * nh * hd..(r + 1) * nh * hd].chunks_exact_mut(hd) {
-                    rope(hq, cos, sin);
-                }
-                for hk in k[r * nkv * hd..(r + 1) * nkv * hd].chunks_exact_mut(hd) {
-                    rope(hk, cos, sin);
-                }
             }
             for r in 0..t {
                 let p = base + r;

@@ -1330,10 +1330,10 @@ impl QuantWeight {
             }
             _ => Self::decode_many::<i16>(ws, Isa::best(), prec, num_threads(), x, m, outs),
         }
-        true
     }
 
-    /// The panel decode of `ws` (all `Own`, `in` columns each) on `x`, one fork/join.
+    /// The panel decode of `ws` (`in` columns each) on `x`, one fork/join. False, computing
+    /// nothing, when a weight has no panels (not `Own`).
     fn decode_many<T: ActInt>(
         ws: &[&QuantWeight],
         isa: Isa,
@@ -1342,12 +1342,18 @@ impl QuantWeight {
         x: &[f32],
         m: usize,
         outs: &mut [&mut [f32]],
-    ) {
+    ) -> bool {
         let Some(first) = ws.first() else {
-            return;
+            return true;
         };
         let k = first.in_dim;
-        let panels: Vec<&panel::Panels> = ws.iter().map(|w| w.panels_built(threads)).collect();
+        let Some(panels) = ws
+            .iter()
+            .map(|w| w.panels_built(threads))
+            .collect::<Option<Vec<&panel::Panels>>>()
+        else {
+            return false;
+        };
         // quantisation does not depend on the weight's format at 8 or 16 bits
         let act = quantize_act_rows::<T>(isa, prec, panels[0].fmt, threads, x, m, k);
         let mut starts = vec![0usize];
@@ -1381,6 +1387,7 @@ impl QuantWeight {
                 }
             }
         });
+        true
     }
 
     /// Build the decode panels now if this weight decodes through them (else nothing): a
@@ -1397,12 +1404,16 @@ impl QuantWeight {
     }
 
     /// The decode panels of an `Own` weight, built on first use.
-    fn panels_built(&self, threads: usize) -> &panel::Panels {
+    /// (None for other representations: only `Own` weights have panels.)
+    fn panels_built(&self, threads: usize) -> Option<&panel::Panels> {
         let Repr::Own { fmt, data } = &self.repr else {
-            unreachable!("only `Own` weights have panels")
+            return None;
         };
-        self.panels
-            .get_or_init(|| panel::Panels::pack(*fmt, data, self.out_dim, self.in_dim, threads))
+        Some(
+            self.panels.get_or_init(|| {
+                panel::Panels::pack(*fmt, data, self.out_dim, self.in_dim, threads)
+            }),
+        )
     }
 
     /// Decode through the panel layout (built here on first use): block-exact, so each output
@@ -1416,7 +1427,9 @@ impl QuantWeight {
         m: usize,
         out: &mut [f32],
     ) {
-        Self::decode_many::<T>(&[self], isa, prec, threads, x, m, &mut [out])
+        if !Self::decode_many::<T>(&[self], isa, prec, threads, x, m, &mut [&mut *out]) {
+            self.matvec_rows_with(isa, prec, threads, x, m, out);
+        }
     }
 }
 
