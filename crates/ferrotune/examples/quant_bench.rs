@@ -567,7 +567,7 @@ fn decode_rows(
     println!("|---|---|---|---|---|---|---|");
     let prec = w.settings().activation;
     let mut base = [0f64; 6];
-    for m in [1usize, 2, 4, 8, 16] {
+    for m in [1usize, 2, 4, 6, 8, 12, 16] {
         let x: Vec<f32> = Tensor::randn(0f32, 1.0, (m * k,), &Device::Cpu)
             .unwrap()
             .to_vec1()

@@ -72,7 +72,14 @@ thread_local! {
 static THREADS: AtomicUsize = AtomicUsize::new(0);
 static POOL: OnceLock<Pool> = OnceLock::new();
 
+/// Read once: `num_threads` runs on every kernel call, and reading the environment takes a
+/// process-wide lock and allocates (it cost a third of a single-stream decode's speed).
 fn default_threads() -> usize {
+    static DEFAULT: OnceLock<usize> = OnceLock::new();
+    *DEFAULT.get_or_init(default_threads_from_env)
+}
+
+fn default_threads_from_env() -> usize {
     let env = ["FERROTUNE_NUM_THREADS", "RAYON_NUM_THREADS"]
         .iter()
         .find_map(|k| {
