@@ -156,7 +156,7 @@ impl Mat {
 /// and are faster for the short ones a server sees (a request's suffix after its cached
 /// prefix: ~1.3x at 15-30 rows). On AVX2 the GEMM stays (the panels are ~20% slower there for
 /// long prompts). Fixed per process, so every chunk of every prompt uses the same arithmetic.
-fn prefill_on_panels() -> bool {
+pub(crate) fn prefill_on_panels() -> bool {
     Isa::best() == Isa::Avx512
 }
 

@@ -10,6 +10,20 @@ use std::sync::Arc;
 /// A slot: one sequence's state (KV cache, adapter) inside a backend.
 pub type SlotId = usize;
 
+/// A prompt chunk of a mixed step ([`BatchBackend::step_mixed`]): `ids` fed to `slot` after the
+/// tokens it holds; `last` marks the prompt's last chunk, whose last position's logits are
+/// wanted.
+#[derive(Debug, Clone, Copy)]
+pub struct PromptChunk<'a> {
+    pub slot: SlotId,
+    pub ids: &'a [u32],
+    pub last: bool,
+}
+
+/// What a mixed step returns: per prompt chunk its logits (`Some` for a last chunk) or its
+/// error, and per decode row its logits or its error, each in the order given.
+pub type MixedResults = (Vec<Result<Option<Vec<f32>>>>, Vec<Result<Vec<f32>>>);
+
 /// A model that runs many sequences at once (continuous batching). Slots are opened for a
 /// sequence, fed its prompt (in chunks), then stepped one token at a time together with the
 /// other open slots, and closed when the sequence ends. Runs on the scheduler's thread only.
@@ -63,6 +77,19 @@ pub trait BatchBackend: Send {
             }
         }
     }
+    /// Whether [`Self::step_mixed`] runs prompt chunks and decode rows in one pass (each
+    /// weight read once for both). The scheduler then gives each iteration's prompt chunks and
+    /// decode rows to one call; otherwise it prefills, then steps, as two calls.
+    fn mixed_steps(&self) -> bool {
+        false
+    }
+    /// Prompt chunks (each slot once, with its prefill arithmetic) and one token for each
+    /// `(slot, token)` of `decode` (as [`Self::step_rows`]), in one call; no slot may appear
+    /// twice. An error in one chunk or row fails that one only where the backend can tell.
+    /// The default runs [`Self::prefill`] per chunk, then [`Self::step_rows`].
+    fn step_mixed(&mut self, chunks: &[PromptChunk<'_>], decode: &[(SlotId, u32)]) -> MixedResults {
+        separately(self, chunks, decode)
+    }
     /// Free the slot (its KV cache may be reused).
     fn close(&mut self, slot: SlotId);
     /// Attach the PEFT adapter folder `dir` as `name` (no slot may be using `name`).
@@ -71,6 +98,25 @@ pub trait BatchBackend: Send {
     fn unload_adapter(&mut self, name: &str) -> Result<()>;
     /// Names of the attached adapters.
     fn adapters(&self) -> Vec<String>;
+}
+
+/// [`BatchBackend::step_mixed`] as two passes: [`BatchBackend::prefill`] per chunk, then
+/// [`BatchBackend::step_rows`].
+pub fn separately<B: BatchBackend + ?Sized>(
+    b: &mut B,
+    chunks: &[PromptChunk<'_>],
+    decode: &[(SlotId, u32)],
+) -> MixedResults {
+    let pre = chunks
+        .iter()
+        .map(|c| b.prefill(c.slot, c.ids, c.last))
+        .collect();
+    let rows = if decode.is_empty() {
+        Vec::new()
+    } else {
+        b.step_rows(decode)
+    };
+    (pre, rows)
 }
 
 // ------------------------------------------------------------------------------------------

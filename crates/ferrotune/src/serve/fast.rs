@@ -16,7 +16,7 @@
 //!   bottleneck adapters, soft prompts, `modules_to_save` and PiSSA/OLoRA inits (which change
 //!   the base weights) are one-line errors: the caller serves those with the generic
 //!   [`super::backend::ModelBackend`].
-use super::backend::{BatchBackend, SlotId};
+use super::backend::{BatchBackend, MixedResults, PromptChunk, SlotId};
 use crate::engine::{Kernel, KvCache, LoraDelta, Row, Scratch, Weights};
 use crate::model::Model;
 use crate::peft::lora::InitKind;
@@ -394,6 +394,162 @@ impl BatchBackend for FastBatchBackend {
         Ok(logits.chunks_exact(v).map(<[f32]>::to_vec).collect())
     }
 
+    fn mixed_steps(&self) -> bool {
+        crate::engine::prefill_on_panels()
+    }
+
+    /// One forward pass over the prompt chunks' rows and the decode rows: each weight is read
+    /// once for both, and the pass carries more rows. Only where prompt chunks run the decode
+    /// arithmetic ([`Self::mixed_steps`]), so every row's result is the one the separate
+    /// passes give, bit for bit (`mixed_steps_equal_separate_passes`). Each chunk and row is
+    /// checked on its own first: one that fails (a slot not open, past the context, named
+    /// twice) gets its error and the others run.
+    fn step_mixed(&mut self, chunks: &[PromptChunk<'_>], decode: &[(SlotId, u32)]) -> MixedResults {
+        if !self.mixed_steps() {
+            return super::backend::separately(self, chunks, decode);
+        }
+        let ctx = self.w.context_length();
+        let mut pre: Vec<Result<Option<Vec<f32>>>> = chunks.iter().map(|_| Ok(None)).collect();
+        let mut dec: Vec<Result<Vec<f32>>> = decode.iter().map(|_| Ok(Vec::new())).collect();
+        let mut seen = std::collections::HashSet::new();
+        let mut twice = |slot: SlotId| -> Result<()> {
+            if seen.insert(slot) {
+                Ok(())
+            } else {
+                Err(Error::msg(format!("slot {slot} appears twice in one step")))
+            }
+        };
+        // (slot, first position, count) of each row group that runs: chunks, then decode rows
+        let mut ok_chunks = Vec::new();
+        for (j, c) in chunks.iter().enumerate() {
+            let r = twice(c.slot).and_then(|()| {
+                if c.ids.is_empty() {
+                    return Err(Error::msg(format!(
+                        "slot {}: an empty prompt chunk",
+                        c.slot
+                    )));
+                }
+                let base = self.slot_mut(c.slot)?.cache.len;
+                if base + c.ids.len() > ctx {
+                    return Err(Error::ContextOverflow {
+                        tokens: base + c.ids.len(),
+                        context: ctx,
+                        hint: String::new(),
+                    });
+                }
+                Ok(base)
+            });
+            match r {
+                Ok(base) => ok_chunks.push((j, base)),
+                Err(e) => pre[j] = Err(e),
+            }
+        }
+        let mut ok_rows = Vec::new();
+        for (j, &(slot, _)) in decode.iter().enumerate() {
+            let r = twice(slot).and_then(|()| {
+                let len = self.slot_mut(slot)?.cache.len;
+                if len == 0 {
+                    return Err(Error::msg(format!(
+                        "slot {slot}: a step before its prompt was prefilled"
+                    )));
+                }
+                if len >= ctx {
+                    return Err(Error::ContextOverflow {
+                        tokens: len + 1,
+                        context: ctx,
+                        hint: String::new(),
+                    });
+                }
+                Ok(len)
+            });
+            match r {
+                Ok(len) => ok_rows.push((j, len)),
+                Err(e) => dec[j] = Err(e),
+            }
+        }
+        if ok_chunks.is_empty() && ok_rows.is_empty() {
+            return (pre, dec);
+        }
+        // the caches in slot order (one mutable borrow each), and each slot's index into them
+        let mut used: Vec<SlotId> = ok_chunks
+            .iter()
+            .map(|&(j, _)| chunks[j].slot)
+            .chain(ok_rows.iter().map(|&(j, _)| decode[j].0))
+            .collect();
+        used.sort_unstable();
+        let seq_of = |slot: SlotId| used.binary_search(&slot).unwrap_or(0);
+        let mut caches: Vec<&mut KvCache> = Vec::with_capacity(used.len());
+        let mut sets = vec![None; used.len()];
+        let mut wanted = used.iter().peekable();
+        for (id, s) in self.slots.iter_mut().enumerate() {
+            if wanted.peek() == Some(&&id) {
+                wanted.next();
+                sets[caches.len()] = s.set;
+                caches.push(&mut s.cache);
+            }
+        }
+        let mut rows: Vec<Row> = Vec::new();
+        let mut want: Vec<usize> = Vec::new();
+        for &(j, len) in &ok_rows {
+            let (slot, id) = decode[j];
+            let seq = seq_of(slot);
+            want.push(rows.len());
+            rows.push(Row {
+                seq,
+                pos: len,
+                id,
+                set: sets[seq],
+            });
+        }
+        for &(j, base) in &ok_chunks {
+            let c = &chunks[j];
+            let seq = seq_of(c.slot);
+            rows.extend(c.ids.iter().enumerate().map(|(i, &id)| Row {
+                seq,
+                pos: base + i,
+                id,
+                set: sets[seq],
+            }));
+            if c.last {
+                want.push(rows.len() - 1);
+            }
+        }
+        let out = self
+            .w
+            .forward(&mut caches, &rows, &want, Kernel::Decode, &mut self.scratch);
+        drop(caches);
+        let logits = match out {
+            Ok(l) => l,
+            Err(e) => {
+                let m = e.to_string();
+                for &(j, _) in &ok_chunks {
+                    pre[j] = Err(Error::msg(m.clone()));
+                }
+                for &(j, _) in &ok_rows {
+                    dec[j] = Err(Error::msg(m.clone()));
+                }
+                return (pre, dec);
+            }
+        };
+        let v = self.w.vocab_size();
+        let mut next = logits.chunks_exact(v);
+        for &(j, _) in &ok_rows {
+            dec[j] = Ok(next.next().map(<[f32]>::to_vec).unwrap_or_default());
+        }
+        for &(j, base) in &ok_chunks {
+            let c = &chunks[j];
+            if c.last {
+                pre[j] = Ok(next.next().map(<[f32]>::to_vec));
+            }
+            // reusable while every position before these came from prefill too
+            let s = &mut self.slots[c.slot];
+            if s.prefix.len() == base {
+                s.prefix.extend_from_slice(c.ids);
+            }
+        }
+        (pre, dec)
+    }
+
     fn close(&mut self, slot: SlotId) {
         if let Some(s) = self.slots.get_mut(slot) {
             s.open = false;
@@ -616,6 +772,129 @@ mod tests {
                 }
                 k += 1;
             }
+        }
+    }
+
+    /// Mixed steps (prompt chunks and decode rows in one pass, mixed adapters) give every
+    /// sequence the logits it gets alone (`generate`'s), bit for bit, while others join, feed
+    /// their prompts in chunks of different sizes and leave; a chunk or row that cannot run
+    /// (a slot not open, named twice, past the context) gets its own error and the others run.
+    /// Where prompt chunks do not run the decode arithmetic (no AVX-512) the backend runs the
+    /// two passes apart and the same comparison holds.
+    #[test]
+    fn mixed_steps_equal_separate_passes() {
+        let tmp = TempDir::new("fast-mixed");
+        let ads = adapters(&tmp);
+        for q in [Some(GgmlDType::Q4_1), Some(GgmlDType::Q8_0), None] {
+            let mut be = FastBatchBackend::new(Box::new(tiny(q))).unwrap();
+            for (n, d) in &ads {
+                be.load_adapter(n, d).unwrap();
+            }
+            let (n_seq, steps) = (6usize, 5usize);
+            let seqs: Vec<(Option<usize>, Vec<u32>, Vec<u32>)> = (0..n_seq)
+                .map(|s| {
+                    (
+                        [None, Some(0), Some(1)][s % 3],
+                        prompt(s, 4 + 3 * s),
+                        prompt(s + 50, steps),
+                    )
+                })
+                .collect();
+            let want: Vec<Vec<Vec<f32>>> = seqs
+                .iter()
+                .map(|(a, p, f)| alone(q, a.map(|i| ads[i].1.as_path()), p, f))
+                .collect();
+            // sequence s joins at iteration s; `fed` prompt tokens, `done` decode steps
+            let mut slot = vec![None; n_seq];
+            let (mut fed, mut done) = (vec![0usize; n_seq], vec![0usize; n_seq]);
+            let mut it = 0;
+            while done.iter().any(|&d| d < steps) {
+                for s in 0..n_seq.min(it + 1) {
+                    if slot[s].is_none() {
+                        slot[s] = Some(be.open(seqs[s].0.map(|i| ads[i].0)).unwrap());
+                    }
+                }
+                let mut chunks = Vec::new();
+                let mut owners = Vec::new();
+                for s in 0..n_seq {
+                    let p = &seqs[s].1;
+                    if let Some(sl) = slot[s].filter(|_| fed[s] < p.len()) {
+                        let n = (1 + (s + it) % 4).min(p.len() - fed[s]);
+                        chunks.push(PromptChunk {
+                            slot: sl,
+                            ids: &p[fed[s]..fed[s] + n],
+                            last: fed[s] + n == p.len(),
+                        });
+                        owners.push((s, n));
+                    }
+                }
+                // sequences whose prompt ended in an earlier pass decode
+                let members: Vec<usize> = (0..n_seq)
+                    .filter(|&s| fed[s] == seqs[s].1.len() && done[s] < steps)
+                    .collect();
+                let batch: Vec<(SlotId, u32)> = members
+                    .iter()
+                    .map(|&s| (slot[s].unwrap(), seqs[s].2[done[s]]))
+                    .collect();
+                // a closed slot's chunk and a slot named twice fail alone
+                let mut bad = chunks.clone();
+                bad.push(PromptChunk {
+                    slot: 999,
+                    ids: &[1],
+                    last: true,
+                });
+                if let Some(sl) = chunks.first().map(|c| c.slot) {
+                    bad.push(PromptChunk {
+                        slot: sl,
+                        ids: &[1],
+                        last: false,
+                    });
+                }
+                let (pre, dec) = be.step_mixed(&bad, &batch);
+                assert_eq!((pre.len(), dec.len()), (bad.len(), batch.len()));
+                for r in &pre[chunks.len()..] {
+                    assert!(r.is_err(), "{q:?}: a bad chunk ran");
+                }
+                for (&(s, n), r) in owners.iter().zip(&pre) {
+                    fed[s] += n;
+                    let got = r.as_ref().unwrap();
+                    assert_eq!(got.is_some(), fed[s] == seqs[s].1.len());
+                    if let Some(l) = got {
+                        assert!(
+                            same_bits(l, &want[s][0]),
+                            "{q:?}: sequence {s}: prompt logits differ from alone"
+                        );
+                    }
+                }
+                for (&s, r) in members.iter().zip(&dec) {
+                    done[s] += 1;
+                    assert!(
+                        same_bits(r.as_ref().unwrap(), &want[s][done[s]]),
+                        "{q:?}: sequence {s} step {} in a mixed pass of {} chunks and {} rows: \
+                         logits differ from alone",
+                        done[s],
+                        chunks.len(),
+                        members.len()
+                    );
+                }
+                it += 1;
+            }
+            // past the context: that row alone fails
+            let ctx = be.context_length();
+            let sl = be.open(None).unwrap();
+            let long = prompt(7, ctx + 1);
+            let (pre, _) = be.step_mixed(
+                &[PromptChunk {
+                    slot: sl,
+                    ids: &long,
+                    last: true,
+                }],
+                &[],
+            );
+            assert!(
+                matches!(pre[0], Err(Error::ContextOverflow { .. })),
+                "{q:?}"
+            );
         }
     }
 

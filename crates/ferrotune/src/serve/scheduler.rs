@@ -18,7 +18,7 @@
 //! Backend calls and sinks run under `catch_unwind`: a panic fails the sequences concerned (or
 //! cancels, for a sink) and the thread carries on, so no caller is left waiting. When idle the
 //! thread sleeps on a condition variable.
-use super::backend::SlotId;
+use super::backend::{PromptChunk, SlotId};
 use super::{
     BatchBackend, EventSink, FinishReason, GenRequest, MetricsSnapshot, SamplingParams, SeqEvent,
     SubmitError, TokenConstraint, TokenLogprob, TTFT_BUCKETS,
@@ -668,8 +668,12 @@ impl Worker {
                 self.admit(q);
             }
             self.check_timeouts();
-            self.prefill();
-            self.decode();
+            if self.backend.mixed_steps() {
+                self.mixed();
+            } else {
+                self.prefill();
+                self.decode();
+            }
             self.sweep();
         }
     }
@@ -862,13 +866,13 @@ impl Worker {
         }
     }
 
-    /// Feed pending prompts, FIFO, within this iteration's token budget.
-    fn prefill(&mut self) {
+    /// This iteration's prompt chunks, FIFO within its token budget: `(sequence, tokens)`.
+    fn prefill_plan(&self) -> Vec<(usize, usize)> {
         let chunked = self.shared.info.chunked_prefill;
         let mut budget = self.shared.cfg.prefill_chunk.max(1);
         let mut fed_any = false;
-        for i in 0..self.seqs.len() {
-            let s = &self.seqs[i];
+        let mut plan = Vec::new();
+        for (i, s) in self.seqs.iter().enumerate() {
             if s.outcome.is_some() || s.fed >= s.prompt.len() {
                 continue;
             }
@@ -886,41 +890,126 @@ impl Worker {
             }
             budget = budget.saturating_sub(n);
             fed_any = true;
+            plan.push((i, n));
+            if budget == 0 {
+                break;
+            }
+        }
+        plan
+    }
+
+    /// Feed pending prompts, FIFO, within this iteration's token budget.
+    fn prefill(&mut self) {
+        for (i, n) in self.prefill_plan() {
+            let s = &self.seqs[i];
             let (slot, from) = (s.slot, s.fed);
             let last = from + n == s.prompt.len();
             let ids = &self.seqs[i].prompt[from..from + n];
             let backend = &mut self.backend;
             let r = guarded(|| backend.prefill(slot, ids, last));
-            let s = &mut self.seqs[i];
-            s.fed += n;
-            match r {
-                Err(e) => s.outcome = Some(Outcome::Failed(e.to_string())),
-                Ok(Some(logits)) if last => self.token(i, logits),
-                Ok(None) if last => {
-                    s.outcome = Some(Outcome::Failed(
-                        "the backend returned no logits for the prompt's last position".into(),
-                    ))
-                }
-                Ok(_) => {}
+            self.seqs[i].fed += n;
+            self.prompt_fed(i, last, r);
+        }
+    }
+
+    /// The result of feeding sequence `i` a prompt chunk (`last`: its prompt's last).
+    fn prompt_fed(&mut self, i: usize, last: bool, r: Result<Option<Vec<f32>>>) {
+        match r {
+            Err(e) => self.seqs[i].outcome = Some(Outcome::Failed(e.to_string())),
+            Ok(Some(logits)) if last => self.token(i, logits),
+            Ok(None) if last => {
+                self.seqs[i].outcome = Some(Outcome::Failed(
+                    "the backend returned no logits for the prompt's last position".into(),
+                ))
             }
-            if budget == 0 {
-                break;
+            Ok(_) => {}
+        }
+    }
+
+    /// One pass for this iteration's prompt chunks (as [`Self::prefill`] picks them) and the
+    /// next token of every decoding sequence, for backends that run both at once. A sequence
+    /// whose prompt ends here decodes from the next iteration on.
+    fn mixed(&mut self) {
+        let plan = self.prefill_plan();
+        let rows = self.decoding();
+        if plan.is_empty() && rows.is_empty() {
+            return;
+        }
+        let seqs = &self.seqs;
+        let chunks: Vec<PromptChunk<'_>> = plan
+            .iter()
+            .map(|&(i, n)| {
+                let s = &seqs[i];
+                PromptChunk {
+                    slot: s.slot,
+                    ids: &s.prompt[s.fed..s.fed + n],
+                    last: s.fed + n == s.prompt.len(),
+                }
+            })
+            .collect();
+        let lasts: Vec<bool> = chunks.iter().map(|c| c.last).collect();
+        let batch = self.batch_of(&rows);
+        let backend = &mut self.backend;
+        let out = catch_unwind(AssertUnwindSafe(|| backend.step_mixed(&chunks, &batch)));
+        drop(chunks);
+        if !rows.is_empty() {
+            let mut m = lock(&self.shared.metrics);
+            m.snap.decode_steps += 1;
+            m.snap.decode_rows += rows.len() as u64;
+        }
+        for &(i, n) in &plan {
+            self.seqs[i].fed += n;
+        }
+        let everyone = plan.iter().map(|&(i, _)| i).chain(rows.iter().copied());
+        match out {
+            Err(p) => {
+                let m = format!("the backend panicked: {}", panic_text(p));
+                for i in everyone {
+                    self.seqs[i].outcome = Some(Outcome::Failed(m.clone()));
+                }
+            }
+            Ok((pre, dec)) if pre.len() != plan.len() || dec.len() != rows.len() => {
+                let m = format!(
+                    "the backend returned {} prompt results and {} rows of logits for {} and {}",
+                    pre.len(),
+                    dec.len(),
+                    plan.len(),
+                    rows.len()
+                );
+                for i in everyone {
+                    self.seqs[i].outcome = Some(Outcome::Failed(m.clone()));
+                }
+            }
+            Ok((pre, dec)) => {
+                for ((&(i, _), r), last) in plan.iter().zip(pre).zip(lasts) {
+                    self.prompt_fed(i, last, r);
+                }
+                self.decoded(&rows, dec);
             }
         }
     }
 
+    /// The sequences that decode this iteration.
+    fn decoding(&self) -> Vec<usize> {
+        (0..self.seqs.len())
+            .filter(|&i| self.seqs[i].outcome.is_none() && self.seqs[i].next.is_some())
+            .collect()
+    }
+
+    /// `(slot, next token)` of each of `rows`.
+    fn batch_of(&self, rows: &[usize]) -> Vec<(SlotId, u32)> {
+        rows.iter()
+            .map(|&i| (self.seqs[i].slot, self.seqs[i].next.unwrap_or(0)))
+            .collect()
+    }
+
     /// One batched step over every decoding sequence.
     fn decode(&mut self) {
-        let rows: Vec<usize> = (0..self.seqs.len())
-            .filter(|&i| self.seqs[i].outcome.is_none() && self.seqs[i].next.is_some())
-            .collect();
+        let rows = self.decoding();
         if rows.is_empty() {
             return;
         }
-        let batch: Vec<(SlotId, u32)> = rows
-            .iter()
-            .map(|&i| (self.seqs[i].slot, self.seqs[i].next.unwrap_or(0)))
-            .collect();
+        let batch = self.batch_of(&rows);
         let backend = &mut self.backend;
         let out = catch_unwind(AssertUnwindSafe(|| backend.step_rows(&batch)));
         {
@@ -935,24 +1024,28 @@ impl Worker {
                     self.seqs[i].outcome = Some(Outcome::Failed(m.clone()));
                 }
             }
-            Ok(results) if results.len() != rows.len() => {
-                let m = format!(
-                    "the backend returned {} rows of logits for a batch of {}",
-                    results.len(),
-                    rows.len()
-                );
-                for &i in &rows {
-                    self.seqs[i].outcome = Some(Outcome::Failed(m.clone()));
-                }
+            Ok(results) => self.decoded(&rows, results),
+        }
+    }
+
+    /// The results of a decode step over `rows` (one per row, else every row fails).
+    fn decoded(&mut self, rows: &[usize], results: Vec<Result<Vec<f32>>>) {
+        if results.len() != rows.len() {
+            let m = format!(
+                "the backend returned {} rows of logits for a batch of {}",
+                results.len(),
+                rows.len()
+            );
+            for &i in rows {
+                self.seqs[i].outcome = Some(Outcome::Failed(m.clone()));
             }
-            Ok(results) => {
-                for (&i, r) in rows.iter().zip(results) {
-                    self.seqs[i].next = None;
-                    match r {
-                        Ok(logits) => self.token(i, logits),
-                        Err(e) => self.seqs[i].outcome = Some(Outcome::Failed(e.to_string())),
-                    }
-                }
+            return;
+        }
+        for (&i, r) in rows.iter().zip(results) {
+            self.seqs[i].next = None;
+            match r {
+                Ok(logits) => self.token(i, logits),
+                Err(e) => self.seqs[i].outcome = Some(Outcome::Failed(e.to_string())),
             }
         }
     }
