@@ -119,6 +119,163 @@ impl FastBatchBackend {
             .map_or(0, |s| s.cache.len)
     }
 
+    /// Prompt chunks and decode rows (one token each) in one forward pass with `kernel`: what
+    /// `prefill`, `step_rows` and `step_mixed` run. Each chunk and row is checked on its own
+    /// first (a slot not open or named twice, an empty chunk, a step before the prompt, past
+    /// the context): one that fails gets its error and the others run; an error of the pass
+    /// itself is every row's. Returns, per chunk, the logits of its last position when it is
+    /// its prompt's last chunk, and per decode row its logits.
+    fn pass(
+        &mut self,
+        chunks: &[PromptChunk<'_>],
+        decode: &[(SlotId, u32)],
+        kernel: Kernel,
+    ) -> MixedResults {
+        let ctx = self.w.context_length();
+        let mut pre: Vec<Result<Option<Vec<f32>>>> = chunks.iter().map(|_| Ok(None)).collect();
+        let mut dec: Vec<Result<Vec<f32>>> = decode.iter().map(|_| Ok(Vec::new())).collect();
+        let mut seen = std::collections::HashSet::new();
+        let mut once = |slot: SlotId| -> Result<()> {
+            if seen.insert(slot) {
+                Ok(())
+            } else {
+                Err(Error::msg(format!("slot {slot} appears twice in one step")))
+            }
+        };
+        let overflow = |tokens: usize| Error::ContextOverflow {
+            tokens,
+            context: ctx,
+            hint: String::new(),
+        };
+        // chunks and rows that run, with their first position
+        let mut ok_chunks = Vec::new();
+        for (j, c) in chunks.iter().enumerate() {
+            let r = once(c.slot).and_then(|()| {
+                if c.ids.is_empty() {
+                    return Err(Error::msg(format!(
+                        "slot {}: an empty prompt chunk",
+                        c.slot
+                    )));
+                }
+                let base = self.slot_mut(c.slot)?.cache.len;
+                if base + c.ids.len() > ctx {
+                    return Err(overflow(base + c.ids.len()));
+                }
+                Ok(base)
+            });
+            match r {
+                Ok(base) => ok_chunks.push((j, base)),
+                Err(e) => pre[j] = Err(e),
+            }
+        }
+        let mut ok_rows = Vec::new();
+        for (j, &(slot, _)) in decode.iter().enumerate() {
+            let r = once(slot).and_then(|()| {
+                let len = self.slot_mut(slot)?.cache.len;
+                if len == 0 {
+                    return Err(Error::msg(format!(
+                        "slot {slot}: a step before its prompt was prefilled"
+                    )));
+                }
+                if len >= ctx {
+                    return Err(overflow(len + 1));
+                }
+                Ok(len)
+            });
+            match r {
+                Ok(len) => ok_rows.push((j, len)),
+                Err(e) => dec[j] = Err(e),
+            }
+        }
+        if ok_chunks.is_empty() && ok_rows.is_empty() {
+            return (pre, dec);
+        }
+        // the caches in slot order (one mutable borrow each), and each slot's index into them
+        let mut used: Vec<SlotId> = ok_chunks
+            .iter()
+            .map(|&(j, _)| chunks[j].slot)
+            .chain(ok_rows.iter().map(|&(j, _)| decode[j].0))
+            .collect();
+        used.sort_unstable();
+        let seq_of = |slot: SlotId| used.binary_search(&slot).unwrap_or(0);
+        let mut caches: Vec<&mut KvCache> = Vec::with_capacity(used.len());
+        let mut sets = vec![None; used.len()];
+        let mut wanted = used.iter().peekable();
+        for (id, s) in self.slots.iter_mut().enumerate() {
+            if wanted.peek() == Some(&&id) {
+                wanted.next();
+                sets[caches.len()] = s.set;
+                caches.push(&mut s.cache);
+            }
+        }
+        let mut rows: Vec<Row> = Vec::new();
+        let mut want: Vec<usize> = Vec::new();
+        for &(j, len) in &ok_rows {
+            let (slot, id) = decode[j];
+            let seq = seq_of(slot);
+            want.push(rows.len());
+            rows.push(Row {
+                seq,
+                pos: len,
+                id,
+                set: sets[seq],
+            });
+        }
+        for &(j, base) in &ok_chunks {
+            let c = &chunks[j];
+            let seq = seq_of(c.slot);
+            rows.extend(c.ids.iter().enumerate().map(|(i, &id)| Row {
+                seq,
+                pos: base + i,
+                id,
+                set: sets[seq],
+            }));
+            if c.last {
+                want.push(rows.len() - 1);
+            }
+        }
+        let out = self
+            .w
+            .forward(&mut caches, &rows, &want, kernel, &mut self.scratch);
+        drop(caches);
+        let logits = match out {
+            Ok(l) => l,
+            Err(e) => {
+                // one entry keeps the error as it is; several get its text each
+                match (&ok_chunks[..], &ok_rows[..]) {
+                    ([(j, _)], []) => pre[*j] = Err(e),
+                    ([], [(j, _)]) => dec[*j] = Err(e),
+                    _ => {
+                        let m = e.to_string();
+                        for &(j, _) in &ok_chunks {
+                            pre[j] = Err(Error::msg(m.clone()));
+                        }
+                        for &(j, _) in &ok_rows {
+                            dec[j] = Err(Error::msg(m.clone()));
+                        }
+                    }
+                }
+                return (pre, dec);
+            }
+        };
+        let mut next = logits.chunks_exact(self.w.vocab_size());
+        for &(j, _) in &ok_rows {
+            dec[j] = Ok(next.next().map(<[f32]>::to_vec).unwrap_or_default());
+        }
+        for &(j, base) in &ok_chunks {
+            let c = &chunks[j];
+            if c.last {
+                pre[j] = Ok(next.next().map(<[f32]>::to_vec));
+            }
+            // reusable while every position before these came from prefill too
+            let s = &mut self.slots[c.slot];
+            if s.prefix.len() == base {
+                s.prefix.extend_from_slice(c.ids);
+            }
+        }
+        (pre, dec)
+    }
+
     fn slot_mut(&mut self, slot: SlotId) -> Result<&mut Slot> {
         match self.slots.get_mut(slot) {
             Some(s) if s.open => Ok(s),
@@ -286,268 +443,33 @@ impl BatchBackend for FastBatchBackend {
     }
 
     fn prefill(&mut self, slot: SlotId, ids: &[u32], last: bool) -> Result<Option<Vec<f32>>> {
-        if ids.is_empty() {
-            return Err(Error::msg(format!("slot {slot}: an empty prompt chunk")));
-        }
-        let ctx = self.w.context_length();
-        let s = self.slot_mut(slot)?;
-        let base = s.cache.len;
-        if base + ids.len() > ctx {
-            return Err(Error::ContextOverflow {
-                tokens: base + ids.len(),
-                context: ctx,
-                hint: String::new(),
-            });
-        }
-        let set = s.set;
-        let rows: Vec<Row> = ids
-            .iter()
-            .enumerate()
-            .map(|(i, &id)| Row {
-                seq: 0,
-                pos: base + i,
-                id,
-                set,
-            })
-            .collect();
-        let want: &[usize] = if last { &[ids.len() - 1] } else { &[] };
-        let s = &mut self.slots[slot];
-        let logits = self.w.forward(
-            &mut [&mut s.cache],
-            &rows,
-            want,
-            Kernel::Prefill,
-            &mut self.scratch,
-        )?;
-        // reusable while every position before these came from prefill too
-        if s.prefix.len() == base {
-            s.prefix.extend_from_slice(ids);
-        }
-        Ok(last.then_some(logits))
+        let chunk = PromptChunk { slot, ids, last };
+        let (mut pre, _) = self.pass(&[chunk], &[], Kernel::Prefill);
+        pre.pop().unwrap_or(Ok(None))
     }
 
     fn step(&mut self, batch: &[(SlotId, u32)]) -> Result<Vec<Vec<f32>>> {
-        if batch.is_empty() {
-            return Ok(Vec::new());
-        }
-        let ctx = self.w.context_length();
-        // Each slot once, open, prefilled, with room for one more position.
-        let mut order: Vec<usize> = (0..batch.len()).collect();
-        order.sort_by_key(|&i| batch[i].0);
-        for w in order.windows(2) {
-            if batch[w[0]].0 == batch[w[1]].0 {
-                return Err(Error::msg(format!(
-                    "slot {} appears twice in one step",
-                    batch[w[0]].0
-                )));
-            }
-        }
-        for &(slot, _) in batch {
-            let s = self.slot_mut(slot)?;
-            if s.cache.len == 0 {
-                return Err(Error::msg(format!(
-                    "slot {slot}: a step before its prompt was prefilled"
-                )));
-            }
-            if s.cache.len >= ctx {
-                return Err(Error::ContextOverflow {
-                    tokens: s.cache.len + 1,
-                    context: ctx,
-                    hint: String::new(),
-                });
-            }
-        }
-        // The batch's caches in slot order (one mutable borrow each), and each row's index
-        // into them.
-        let mut seq_of = vec![0usize; batch.len()];
-        for (k, &i) in order.iter().enumerate() {
-            seq_of[i] = k;
-        }
-        let mut wanted = order.iter().map(|&i| batch[i].0).peekable();
-        let mut caches: Vec<&mut KvCache> = Vec::with_capacity(batch.len());
-        let mut sets = vec![None; batch.len()];
-        for (id, s) in self.slots.iter_mut().enumerate() {
-            if wanted.peek() == Some(&id) {
-                wanted.next();
-                sets[caches.len()] = s.set;
-                caches.push(&mut s.cache);
-            }
-        }
-        let rows: Vec<Row> = batch
-            .iter()
-            .enumerate()
-            .map(|(i, &(_, id))| {
-                let seq = seq_of[i];
-                Row {
-                    seq,
-                    pos: caches[seq].len,
-                    id,
-                    set: sets[seq],
-                }
-            })
-            .collect();
-        let want: Vec<usize> = (0..batch.len()).collect();
-        let logits =
-            self.w
-                .forward(&mut caches, &rows, &want, Kernel::Decode, &mut self.scratch)?;
-        let v = self.w.vocab_size();
-        Ok(logits.chunks_exact(v).map(<[f32]>::to_vec).collect())
+        self.step_rows(batch).into_iter().collect()
+    }
+
+    fn step_rows(&mut self, batch: &[(SlotId, u32)]) -> Vec<Result<Vec<f32>>> {
+        self.pass(&[], batch, Kernel::Decode).1
     }
 
     fn mixed_steps(&self) -> bool {
         crate::engine::prefill_on_panels()
     }
 
-    /// One forward pass over the prompt chunks' rows and the decode rows: each weight is read
-    /// once for both, and the pass carries more rows. Only where prompt chunks run the decode
-    /// arithmetic ([`Self::mixed_steps`]), so every row's result is the one the separate
-    /// passes give, bit for bit (`mixed_steps_equal_separate_passes`). Each chunk and row is
-    /// checked on its own first: one that fails (a slot not open, past the context, named
-    /// twice) gets its error and the others run.
+    /// One forward pass over the prompt chunks' rows and the decode rows where prompt chunks
+    /// run the decode arithmetic ([`Self::mixed_steps`]): each weight is read once for both,
+    /// and every row's result is the one the separate passes give, bit for bit
+    /// (`mixed_steps_equal_separate_passes`). Elsewhere the two passes.
     fn step_mixed(&mut self, chunks: &[PromptChunk<'_>], decode: &[(SlotId, u32)]) -> MixedResults {
-        if !self.mixed_steps() {
-            return super::backend::separately(self, chunks, decode);
+        if self.mixed_steps() {
+            self.pass(chunks, decode, Kernel::Decode)
+        } else {
+            super::backend::separately(self, chunks, decode)
         }
-        let ctx = self.w.context_length();
-        let mut pre: Vec<Result<Option<Vec<f32>>>> = chunks.iter().map(|_| Ok(None)).collect();
-        let mut dec: Vec<Result<Vec<f32>>> = decode.iter().map(|_| Ok(Vec::new())).collect();
-        let mut seen = std::collections::HashSet::new();
-        let mut twice = |slot: SlotId| -> Result<()> {
-            if seen.insert(slot) {
-                Ok(())
-            } else {
-                Err(Error::msg(format!("slot {slot} appears twice in one step")))
-            }
-        };
-        // (slot, first position, count) of each row group that runs: chunks, then decode rows
-        let mut ok_chunks = Vec::new();
-        for (j, c) in chunks.iter().enumerate() {
-            let r = twice(c.slot).and_then(|()| {
-                if c.ids.is_empty() {
-                    return Err(Error::msg(format!(
-                        "slot {}: an empty prompt chunk",
-                        c.slot
-                    )));
-                }
-                let base = self.slot_mut(c.slot)?.cache.len;
-                if base + c.ids.len() > ctx {
-                    return Err(Error::ContextOverflow {
-                        tokens: base + c.ids.len(),
-                        context: ctx,
-                        hint: String::new(),
-                    });
-                }
-                Ok(base)
-            });
-            match r {
-                Ok(base) => ok_chunks.push((j, base)),
-                Err(e) => pre[j] = Err(e),
-            }
-        }
-        let mut ok_rows = Vec::new();
-        for (j, &(slot, _)) in decode.iter().enumerate() {
-            let r = twice(slot).and_then(|()| {
-                let len = self.slot_mut(slot)?.cache.len;
-                if len == 0 {
-                    return Err(Error::msg(format!(
-                        "slot {slot}: a step before its prompt was prefilled"
-                    )));
-                }
-                if len >= ctx {
-                    return Err(Error::ContextOverflow {
-                        tokens: len + 1,
-                        context: ctx,
-                        hint: String::new(),
-                    });
-                }
-                Ok(len)
-            });
-            match r {
-                Ok(len) => ok_rows.push((j, len)),
-                Err(e) => dec[j] = Err(e),
-            }
-        }
-        if ok_chunks.is_empty() && ok_rows.is_empty() {
-            return (pre, dec);
-        }
-        // the caches in slot order (one mutable borrow each), and each slot's index into them
-        let mut used: Vec<SlotId> = ok_chunks
-            .iter()
-            .map(|&(j, _)| chunks[j].slot)
-            .chain(ok_rows.iter().map(|&(j, _)| decode[j].0))
-            .collect();
-        used.sort_unstable();
-        let seq_of = |slot: SlotId| used.binary_search(&slot).unwrap_or(0);
-        let mut caches: Vec<&mut KvCache> = Vec::with_capacity(used.len());
-        let mut sets = vec![None; used.len()];
-        let mut wanted = used.iter().peekable();
-        for (id, s) in self.slots.iter_mut().enumerate() {
-            if wanted.peek() == Some(&&id) {
-                wanted.next();
-                sets[caches.len()] = s.set;
-                caches.push(&mut s.cache);
-            }
-        }
-        let mut rows: Vec<Row> = Vec::new();
-        let mut want: Vec<usize> = Vec::new();
-        for &(j, len) in &ok_rows {
-            let (slot, id) = decode[j];
-            let seq = seq_of(slot);
-            want.push(rows.len());
-            rows.push(Row {
-                seq,
-                pos: len,
-                id,
-                set: sets[seq],
-            });
-        }
-        for &(j, base) in &ok_chunks {
-            let c = &chunks[j];
-            let seq = seq_of(c.slot);
-            rows.extend(c.ids.iter().enumerate().map(|(i, &id)| Row {
-                seq,
-                pos: base + i,
-                id,
-                set: sets[seq],
-            }));
-            if c.last {
-                want.push(rows.len() - 1);
-            }
-        }
-        let out = self
-            .w
-            .forward(&mut caches, &rows, &want, Kernel::Decode, &mut self.scratch);
-        drop(caches);
-        let logits = match out {
-            Ok(l) => l,
-            Err(e) => {
-                let m = e.to_string();
-                for &(j, _) in &ok_chunks {
-                    pre[j] = Err(Error::msg(m.clone()));
-                }
-                for &(j, _) in &ok_rows {
-                    dec[j] = Err(Error::msg(m.clone()));
-                }
-                return (pre, dec);
-            }
-        };
-        let v = self.w.vocab_size();
-        let mut next = logits.chunks_exact(v);
-        for &(j, _) in &ok_rows {
-            dec[j] = Ok(next.next().map(<[f32]>::to_vec).unwrap_or_default());
-        }
-        for &(j, base) in &ok_chunks {
-            let c = &chunks[j];
-            if c.last {
-                pre[j] = Ok(next.next().map(<[f32]>::to_vec));
-            }
-            // reusable while every position before these came from prefill too
-            let s = &mut self.slots[c.slot];
-            if s.prefix.len() == base {
-                s.prefix.extend_from_slice(c.ids);
-            }
-        }
-        (pre, dec)
     }
 
     fn close(&mut self, slot: SlotId) {
