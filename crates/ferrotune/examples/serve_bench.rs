@@ -35,23 +35,34 @@ fn main() {
             )
             .into()
         });
+    // a count from a flag, 1 to `max`; anything else is a one-line error
+    let count = |name: &str, v: &str, max: usize| -> usize {
+        match v.trim().parse::<usize>() {
+            Ok(n) if (1..=max).contains(&n) => n,
+            _ => fail(&format!(
+                "{name} {v:?}: expected a whole number from 1 to {max}"
+            )),
+        }
+    };
     let streams: Vec<usize> = flag("--streams")
         .unwrap_or_else(|| "1,8".into())
         .split(',')
-        .map(|s| s.parse().expect("--streams: numbers"))
+        .map(|s| count("--streams", s, 256))
         .collect();
-    let requests: usize = flag("--requests").map_or(3, |s| s.parse().expect("--requests"));
-    let tokens: usize = flag("--tokens").map_or(64, |s| s.parse().expect("--tokens"));
+    let requests = flag("--requests").map_or(3, |s| count("--requests", &s, 10_000));
+    let tokens = flag("--tokens").map_or(64, |s| count("--tokens", &s, 100_000));
     if let Some(t) = flag("--threads") {
-        ferrotune::quant::set_num_threads(t.parse().expect("--threads"));
+        ferrotune::quant::set_num_threads(count("--threads", &t, 1024));
     }
     let lm = model::load(&path, &LoadOptions::default(), &candle_core::Device::Cpu).unwrap_or_else(
         |e| {
-            eprintln!("error: {path}: {e} (run scripts/fetch-models.sh, or pass a model)");
-            std::process::exit(1)
+            fail(&format!(
+                "{e} (run scripts/fetch-models.sh, or pass a model)"
+            ))
         },
     );
-    let backend = FastBatchBackend::new(lm.model).expect("the fast engine runs this model");
+    let backend = FastBatchBackend::new(lm.model)
+        .unwrap_or_else(|e| fail(&format!("{path}: the fast engine cannot run it: {e}")));
     let max = streams.iter().copied().max().unwrap_or(1);
     let handle = ferrotune::serve::start(
         Box::new(backend),
@@ -74,8 +85,8 @@ fn main() {
         ferrotune::quant::num_threads()
     );
     for &n in &streams {
-        let (tx, rx) = mpsc::channel::<usize>();
-        let submit = |k: usize, tx: mpsc::Sender<usize>| {
+        let (tx, rx) = mpsc::channel::<Result<usize, String>>();
+        let submit = |k: usize, tx: mpsc::Sender<Result<usize, String>>| {
             let mut prompt = prefix.clone();
             prompt.extend(ids(100 + k as u32, 15));
             let req = GenRequest {
@@ -95,17 +106,21 @@ fn main() {
                 match e {
                     SeqEvent::Token { .. } => count += 1,
                     SeqEvent::Finished { .. } => {
-                        let _ = tx.send(count);
+                        let _ = tx.send(Ok(count));
                     }
-                    SeqEvent::Failed(m) => panic!("request failed: {m}"),
+                    SeqEvent::Failed(m) => {
+                        let _ = tx.send(Err(m));
+                    }
                 }
                 true
             });
-            handle.submit(req, sink).expect("submit");
+            if let Err(e) = handle.submit(req, sink) {
+                fail(&format!("a request was refused: {e:?}"));
+            }
         };
         // warm-up: one request (panels built, prefix cached)
         submit(0, tx.clone());
-        rx.recv().expect("warm-up");
+        finished(&rx);
         let t0 = Instant::now();
         let mut next = 0;
         for _ in 0..n {
@@ -114,7 +129,7 @@ fn main() {
         }
         let (mut done, mut total) = (0, 0);
         while done < n * requests {
-            total += rx.recv().expect("a finished request");
+            total += finished(&rx);
             done += 1;
             if next < n * requests {
                 submit(next, tx.clone());
@@ -131,4 +146,18 @@ fn main() {
     }
     handle.shutdown();
     handle.join();
+}
+
+fn fail(msg: &str) -> ! {
+    eprintln!("error: {msg}");
+    std::process::exit(2)
+}
+
+/// The next finished request's token count; a failed request ends the run.
+fn finished(rx: &mpsc::Receiver<Result<usize, String>>) -> usize {
+    match rx.recv() {
+        Ok(Ok(n)) => n,
+        Ok(Err(m)) => fail(&format!("a request failed: {m}")),
+        Err(_) => fail("the scheduler stopped"),
+    }
 }
