@@ -4,8 +4,9 @@
 //! Why a second layout: GGML's row-major blocks give one integer dot product per (weight row,
 //! activation row, block) that must be scaled and summed across SIMD lanes on its own, about
 //! seven instructions per 32 multiply-adds whatever the batch. In a panel, 16 weight rows are
-//! interleaved four values at a time, so one `vpdpbusd` / `vpdpwssd` against four broadcast
-//! activation values advances eight rows at once and the block's scaling is one multiply and
+//! interleaved four values at a time, so one `vpdpbusd` against four broadcast activation
+//! values (16-bit ones: two, on their high and low bytes; `vpmaddwd` on AVX2) advances eight
+//! or sixteen rows at once and the block's scaling is one multiply and
 //! one or two FMAs per eight rows: a batched step does 2-5x fewer instructions per row, and a
 //! single row does fewer too. The layout holds the same bytes as the blocks it came from (16
 //! blocks' quants, scales and minima per panel block), so it costs one more copy of the

@@ -1,14 +1,17 @@
 //! x86-64 kernels on decode panels (layout and arithmetic: `panel.rs`).
 //!
 //! AVX-512 (F, BW, VNNI): one 512-bit vector of 16 i32 block sums per activation row covers a
-//! whole panel. For every group of four values the panel's weights are unpacked once (Q4
-//! nibbles: one broadcast, shift and mask; or widened to i16 for 16-bit activations) and
-//! multiplied with the group's four activation values broadcast (`vpdpbusd` / `vpdpwssd`), for
-//! up to 8 activation rows; at the block's end each row's 16 sums are converted, scaled and
-//! added into its 16 f32 accumulators. A block costs 8 multiply instructions (16 at 16 bits)
-//! plus 4 for scaling per 16 weight rows and activation row, against about 7 per weight row in
-//! the row-major `gemv`. Measured on an Intel Xeon (AVX-512 VNNI), one core, Q4_1 1536x576,
-//! 16 rows: 67 GMAC/s at 16-bit activations (near one 512-bit `vpdpwssd` a cycle), 152 at 8
+//! whole panel, lane `i` weight row `i`. For every group of four values the panel's weights
+//! are unpacked once (Q4 nibbles: one broadcast, shift and mask) and multiplied with the
+//! group's four activation values broadcast (`vpdpbusd`), for up to 8 activation rows; at the
+//! block's end each row's 16 sums are converted, scaled and added into its 16 f32
+//! accumulators. 16-bit activations are split into their high and low bytes once per call, so
+//! they take two `vpdpbusd` where 8-bit ones take one (see [`panel_tile512_split`]: this beat
+//! widening the weights to i16 for `vpdpwssd`, whose sums need two `vpermt2d` per row and
+//! block, by 1.2-1.35x). A block costs 8 multiply instructions (16 at 16 bits) plus 4-5 for
+//! scaling per 16 weight rows and activation row, against about 7 per weight row in the
+//! row-major `gemv`. Measured on an Intel Xeon (AVX-512 VNNI), one core, Q4_1 1536x576, 8 rows,
+//! weights in cache: 93-98 GMAC/s at 16-bit activations (70-74 with `vpdpwssd`), 152 at 8
 //! bits, against 29 and 41 for the row-major kernels
 //! (`cargo run --release --example quant_bench -- decode-rows q4_1 1536 576 1`).
 //!
@@ -18,8 +21,8 @@
 //! nibbles). 16-bit activations take two values per lane: each row's block sum is spread over
 //! two lanes, and one `vphaddd` of the low- and high-nibble sums folds them into the order of
 //! [`half_rows`]. The scales are fetched in the same order with one `vpermd`, and only the
-//! final stores put rows in place. (At 512 bits the order is natural: two `vpermt2d` fold the
-//! 16-bit lanes.)
+//! final stores put rows in place. (AVX2 keeps i16 products: without VNNI a byte split saves
+//! nothing, `vpmaddubsw`'s i16 pair sums needing a `vpmaddwd` to widen them.)
 #![allow(clippy::missing_safety_doc, clippy::needless_range_loop)]
 use super::format::{Fmt, QK};
 use super::x86::ActPtrs;
@@ -292,12 +295,11 @@ panel_entry!(true, 4, panels16_avx2);
 
 // ---- AVX-512: a whole panel per 512-bit vector ----
 
-/// The whole panel at `pp` (`nb` blocks) times `RA` activation rows with 512-bit vectors: one
-/// vector of 16 i32 block sums per activation row, rows in natural order (8-bit activations:
-/// low nibbles are rows 0-7, high nibbles rows 8-15; 16-bit: two lanes per row, folded by two
-/// `vpermt2d` and an add at the block's end).
+/// The whole panel at `pp` (`nb` blocks) times `RA` rows of 8-bit activations with 512-bit
+/// vectors: one vector of 16 i32 block sums per activation row, rows in natural order (Q4:
+/// low nibbles are rows 0-7, high nibbles rows 8-15).
 #[inline(always)]
-unsafe fn panel_tile512<const F: u8, const RA: usize, const A16: bool>(
+unsafe fn panel_tile512<const F: u8, const RA: usize>(
     pp: *const u8,
     nb: usize,
     aq: [*const u8; RA],
@@ -305,10 +307,7 @@ unsafe fn panel_tile512<const F: u8, const RA: usize, const A16: bool>(
     prefetch: bool,
 ) -> [__m512; RA] {
     let nib = _mm512_set1_epi8(0x0F);
-    let nib16 = _mm512_set1_epi16(0x0F);
     let shifts = _mm512_setr_epi64(0, 0, 0, 0, 4, 4, 4, 4);
-    let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-    let odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
     let zero = _mm512_setzero_si512();
     let mut facc = [_mm512_setzero_ps(); RA];
     for b in 0..nb {
@@ -316,50 +315,29 @@ unsafe fn panel_tile512<const F: u8, const RA: usize, const A16: bool>(
         if prefetch {
             prefetch_next_panel::<F>(blk, nb);
         }
-        let mut iacc = [[zero; 2]; RA];
+        let mut iacc = [zero; RA];
         for g in 0..8 {
-            if A16 {
-                let [wl, wh] = if F == F_Q8_0 {
-                    let c = blk.add(g * 64);
-                    [
-                        _mm512_cvtepi8_epi16(load256(c)),
-                        _mm512_cvtepi8_epi16(load256(c.add(32))),
-                    ]
-                } else {
-                    let x = _mm512_cvtepu8_epi16(load256(blk.add(g * 32)));
-                    [_mm512_and_si512(x, nib16), _mm512_srli_epi16::<4>(x)]
-                };
-                for r in 0..RA {
-                    let a = _mm512_set1_epi64(
-                        (aq[r].add((b * QK + 4 * g) * 2) as *const i64).read_unaligned(),
-                    );
-                    iacc[r][0] = _mm512_dpwssd_epi32(iacc[r][0], wl, a);
-                    iacc[r][1] = _mm512_dpwssd_epi32(iacc[r][1], wh, a);
-                }
+            let w = if F == F_Q8_0 {
+                _mm512_loadu_si512(blk.add(g * 64) as *const _)
             } else {
-                let w = if F == F_Q8_0 {
-                    _mm512_loadu_si512(blk.add(g * 64) as *const _)
+                let x = _mm512_broadcast_i64x4(load256(blk.add(g * 32)));
+                _mm512_and_si512(_mm512_srlv_epi64(x, shifts), nib)
+            };
+            // Q8_0: |w| times the activation negated where w < 0 (no 512-bit `vpsignb`)
+            let (wa, neg) = if F == F_Q8_0 {
+                (_mm512_abs_epi8(w), _mm512_movepi8_mask(w))
+            } else {
+                (w, 0)
+            };
+            for r in 0..RA {
+                let a =
+                    _mm512_set1_epi32((aq[r].add(b * QK + 4 * g) as *const i32).read_unaligned());
+                let a = if F == F_Q8_0 {
+                    _mm512_mask_sub_epi8(a, neg, zero, a)
                 } else {
-                    let x = _mm512_broadcast_i64x4(load256(blk.add(g * 32)));
-                    _mm512_and_si512(_mm512_srlv_epi64(x, shifts), nib)
+                    a
                 };
-                // Q8_0: |w| times the activation negated where w < 0 (no 512-bit `vpsignb`)
-                let (wa, neg) = if F == F_Q8_0 {
-                    (_mm512_abs_epi8(w), _mm512_movepi8_mask(w))
-                } else {
-                    (w, 0)
-                };
-                for r in 0..RA {
-                    let a = _mm512_set1_epi32(
-                        (aq[r].add(b * QK + 4 * g) as *const i32).read_unaligned(),
-                    );
-                    let a = if F == F_Q8_0 {
-                        _mm512_mask_sub_epi8(a, neg, zero, a)
-                    } else {
-                        a
-                    };
-                    iacc[r][0] = _mm512_dpbusd_epi32(iacc[r][0], wa, a);
-                }
+                iacc[r] = _mm512_dpbusd_epi32(iacc[r], wa, a);
             }
         }
         let dv = _mm512_cvtph_ps(load256(blk.add(qbytes(F))));
@@ -369,14 +347,85 @@ unsafe fn panel_tile512<const F: u8, const RA: usize, const A16: bool>(
             _ => _mm512_setzero_ps(),
         };
         for r in 0..RA {
-            let isum = if A16 {
-                _mm512_add_epi32(
-                    _mm512_permutex2var_epi32(iacc[r][0], even, iacc[r][1]),
-                    _mm512_permutex2var_epi32(iacc[r][0], odd, iacc[r][1]),
+            let [dx, sx] = *ads[r].add(b);
+            let t = _mm512_mul_ps(_mm512_cvtepi32_ps(iacc[r]), _mm512_set1_ps(dx));
+            facc[r] = _mm512_fmadd_ps(t, dv, facc[r]);
+            if F != F_Q8_0 {
+                facc[r] = _mm512_fmadd_ps(ov, _mm512_set1_ps(sx), facc[r]);
+            }
+        }
+    }
+    facc
+}
+
+/// The whole panel at `pp` (`nb` blocks) times `RA` rows of 16-bit activations, each split
+/// into bytes (`x = 256 hi + lo`, `hi` signed, `lo` unsigned) so that the products are
+/// `vpdpbusd`'s: the same number of multiply instructions as `vpdpwssd`, but one 8-bit unpack
+/// per group instead of a widening to i16, and lane `i` is weight row `i` in both halves, so a
+/// block's sums need a shift and an add instead of two `vpermt2d` and an add (about 8% fewer
+/// vector instructions at 8 rows). Q4 nibbles (0..15) are the unsigned operand against `hi`
+/// and the signed one against `lo`; Q8_0 weights are signed, so against `hi` they enter as
+/// `w + 128` (unsigned) and each row's block correction `128 sum(hi)` is taken back (`corr`
+/// holds `32768 sum(hi)` per row and block, the correction already shifted). The sums are
+/// exact in i32 (|hi . (w + 128)| <= 32 * 255 * 128), so the block sums, and everything after
+/// them, equal [`panel_tile512`]'s bit for bit.
+#[inline(always)]
+unsafe fn panel_tile512_split<const F: u8, const RA: usize>(
+    pp: *const u8,
+    nb: usize,
+    hi: [*const u8; RA],
+    lo: [*const u8; RA],
+    corr: [*const i32; RA],
+    ads: [*const [f32; 2]; RA],
+    prefetch: bool,
+) -> [__m512; RA] {
+    let nib = _mm512_set1_epi8(0x0F);
+    let flip = _mm512_set1_epi8(-128);
+    let shifts = _mm512_setr_epi64(0, 0, 0, 0, 4, 4, 4, 4);
+    let zero = _mm512_setzero_si512();
+    let mut facc = [_mm512_setzero_ps(); RA];
+    for b in 0..nb {
+        let blk = pp.add(b * pbb(F));
+        if prefetch {
+            prefetch_next_panel::<F>(blk, nb);
+        }
+        let mut ah = [zero; RA];
+        let mut al = [zero; RA];
+        for g in 0..8 {
+            // `wh` against the signed high bytes (unsigned operand), `wl` against the unsigned
+            // low bytes (signed operand)
+            let (wh, wl) = if F == F_Q8_0 {
+                let w = _mm512_loadu_si512(blk.add(g * 64) as *const _);
+                (_mm512_xor_si512(w, flip), w)
+            } else {
+                let x = _mm512_broadcast_i64x4(load256(blk.add(g * 32)));
+                let w = _mm512_and_si512(_mm512_srlv_epi64(x, shifts), nib);
+                (w, w)
+            };
+            let at = b * QK + 4 * g;
+            for r in 0..RA {
+                let h = _mm512_set1_epi32((hi[r].add(at) as *const i32).read_unaligned());
+                let l = _mm512_set1_epi32((lo[r].add(at) as *const i32).read_unaligned());
+                ah[r] = _mm512_dpbusd_epi32(ah[r], wh, h);
+                al[r] = _mm512_dpbusd_epi32(al[r], l, wl);
+            }
+        }
+        let dv = _mm512_cvtph_ps(load256(blk.add(qbytes(F))));
+        let ov = match F {
+            F_Q4_1 => _mm512_cvtph_ps(load256(blk.add(qbytes(F) + 32))),
+            F_Q4_0 => _mm512_mul_ps(dv, _mm512_set1_ps(-8.0)),
+            _ => _mm512_setzero_ps(),
+        };
+        for r in 0..RA {
+            let h = if F == F_Q8_0 {
+                _mm512_sub_epi32(
+                    _mm512_slli_epi32::<8>(ah[r]),
+                    _mm512_set1_epi32(*corr[r].add(b)),
                 )
             } else {
-                iacc[r][0]
+                _mm512_slli_epi32::<8>(ah[r])
             };
+            let isum = _mm512_add_epi32(h, al[r]);
             let [dx, sx] = *ads[r].add(b);
             let t = _mm512_mul_ps(_mm512_cvtepi32_ps(isum), _mm512_set1_ps(dx));
             facc[r] = _mm512_fmadd_ps(t, dv, facc[r]);
@@ -388,9 +437,62 @@ unsafe fn panel_tile512<const F: u8, const RA: usize, const A16: bool>(
     facc
 }
 
-/// [`panels_impl`] with [`panel_tile512`].
+/// 16-bit activations as [`panel_tile512_split`] reads them: per row, the `k` high bytes, the
+/// `k` low bytes, and (Q8_0) `32768 sum(hi)` per block.
+#[derive(Default)]
+struct SplitAct {
+    hi: Vec<u8>,
+    lo: Vec<u8>,
+    corr: Vec<i32>,
+}
+
+impl SplitAct {
+    /// Split `act` (i16 values) into `self`, reusing its buffers.
+    #[inline(always)]
+    unsafe fn fill(&mut self, act: &ActPtrs, q8: bool) {
+        let n = act.rows * act.k;
+        let nb = act.k / QK;
+        self.hi.resize(n, 0);
+        self.lo.resize(n, 0);
+        let src = act.qs as *const i16;
+        let mut i = 0;
+        while i + 32 <= n {
+            let v = _mm512_loadu_si512(src.add(i) as *const _);
+            _mm256_storeu_si256(
+                self.lo.as_mut_ptr().add(i) as *mut __m256i,
+                _mm512_cvtepi16_epi8(v),
+            );
+            _mm256_storeu_si256(
+                self.hi.as_mut_ptr().add(i) as *mut __m256i,
+                _mm512_cvtepi16_epi8(_mm512_srai_epi16::<8>(v)),
+            );
+            i += 32;
+        }
+        while i < n {
+            let v = *src.add(i);
+            self.lo[i] = v as u8;
+            self.hi[i] = (v >> 8) as u8;
+            i += 1;
+        }
+        if q8 {
+            self.corr.resize(act.rows * nb, 0);
+            for (c, blk) in self.corr.iter_mut().zip(self.hi.chunks_exact(QK)) {
+                *c = 32768 * blk.iter().map(|&h| h as i8 as i32).sum::<i32>();
+            }
+        }
+    }
+}
+
+thread_local! {
+    /// Each thread's split activations, kept between calls (a decode step makes hundreds).
+    static SPLIT: std::cell::Cell<SplitAct> = const {
+        std::cell::Cell::new(SplitAct { hi: Vec::new(), lo: Vec::new(), corr: Vec::new() })
+    };
+}
+
+/// [`panels_impl`] at 16-bit activations with [`panel_tile512_split`].
 #[inline(always)]
-unsafe fn panels512_impl<const F: u8, const MA: usize, const A16: bool>(
+unsafe fn panels512_split_impl<const F: u8, const MA: usize>(
     w: *const u8,
     ncols: usize,
     act: ActPtrs,
@@ -398,7 +500,68 @@ unsafe fn panels512_impl<const F: u8, const MA: usize, const A16: bool>(
     ldo: usize,
 ) {
     let nb = act.k / QK;
-    let ab = if A16 { 2 } else { 1 };
+    // Out of the thread-local for the loop: a closure body would not be compiled with this
+    // function's target features (every intrinsic a call).
+    let mut sp = SPLIT.take();
+    {
+        sp.fill(&act, F == F_Q8_0);
+        let corr0 = if F == F_Q8_0 {
+            sp.corr.as_ptr()
+        } else {
+            std::ptr::null()
+        };
+        for p in 0..ncols.div_ceil(16) {
+            let pp = w.add(p * nb * pbb(F));
+            let lim = (ncols - 16 * p).min(16);
+            let mask: __mmask16 = if lim == 16 { !0 } else { (1u16 << lim) - 1 };
+            let mut r0 = 0;
+            while r0 < act.rows {
+                let g = (act.rows - r0).min(MA);
+                macro_rules! tile {
+                    ($ra:literal) => {{
+                        let mut hi = [std::ptr::null(); $ra];
+                        let mut lo = [std::ptr::null(); $ra];
+                        let mut corr = [std::ptr::null(); $ra];
+                        let mut ad = [std::ptr::null(); $ra];
+                        for j in 0..$ra {
+                            hi[j] = sp.hi.as_ptr().add((r0 + j) * act.k);
+                            lo[j] = sp.lo.as_ptr().add((r0 + j) * act.k);
+                            corr[j] = corr0.wrapping_add((r0 + j) * nb);
+                            ad[j] = act.ds.add((r0 + j) * nb);
+                        }
+                        let f = panel_tile512_split::<F, $ra>(pp, nb, hi, lo, corr, ad, r0 == 0);
+                        for j in 0..$ra {
+                            _mm512_mask_storeu_ps(out.add((r0 + j) * ldo + 16 * p), mask, f[j]);
+                        }
+                    }};
+                }
+                match g {
+                    1 => tile!(1),
+                    2 => tile!(2),
+                    3 => tile!(3),
+                    4 => tile!(4),
+                    5 => tile!(5),
+                    6 => tile!(6),
+                    7 => tile!(7),
+                    _ => tile!(8),
+                }
+                r0 += g;
+            }
+        }
+    }
+    SPLIT.set(sp);
+}
+
+/// [`panels_impl`] with [`panel_tile512`].
+#[inline(always)]
+unsafe fn panels512_impl<const F: u8, const MA: usize>(
+    w: *const u8,
+    ncols: usize,
+    act: ActPtrs,
+    out: *mut f32,
+    ldo: usize,
+) {
+    let nb = act.k / QK;
     for p in 0..ncols.div_ceil(16) {
         let pp = w.add(p * nb * pbb(F));
         let lim = (ncols - 16 * p).min(16);
@@ -411,10 +574,10 @@ unsafe fn panels512_impl<const F: u8, const MA: usize, const A16: bool>(
                     let mut aq = [std::ptr::null(); $ra];
                     let mut ad = [std::ptr::null(); $ra];
                     for j in 0..$ra {
-                        aq[j] = act.qs.add((r0 + j) * act.k * ab);
+                        aq[j] = act.qs.add((r0 + j) * act.k);
                         ad[j] = act.ds.add((r0 + j) * nb);
                     }
-                    let f = panel_tile512::<F, $ra, A16>(pp, nb, aq, ad, r0 == 0);
+                    let f = panel_tile512::<F, $ra>(pp, nb, aq, ad, r0 == 0);
                     for j in 0..$ra {
                         _mm512_mask_storeu_ps(out.add((r0 + j) * ldo + 16 * p), mask, f[j]);
                     }
@@ -435,9 +598,11 @@ unsafe fn panels512_impl<const F: u8, const MA: usize, const A16: bool>(
     }
 }
 
-/// The AVX-512 entry points (8 activation rows per tile: 32 vector registers).
+/// The AVX-512 entry points (8 activation rows per tile: 32 vector registers): 8-bit
+/// activations with [`panels512_impl`], 16-bit ones split into bytes with
+/// [`panels512_split_impl`].
 macro_rules! panel512_entry {
-    ($a16:literal, $name:ident) => {
+    ($impl:ident, $name:ident) => {
         #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
         pub(crate) unsafe fn $name(
             fmt: Fmt,
@@ -448,13 +613,13 @@ macro_rules! panel512_entry {
             ldo: usize,
         ) {
             match fmt {
-                Fmt::Q4_0 => panels512_impl::<F_Q4_0, 8, $a16>(w, ncols, act, out, ldo),
-                Fmt::Q4_1 => panels512_impl::<F_Q4_1, 8, $a16>(w, ncols, act, out, ldo),
-                Fmt::Q8_0 => panels512_impl::<F_Q8_0, 8, $a16>(w, ncols, act, out, ldo),
+                Fmt::Q4_0 => $impl::<F_Q4_0, 8>(w, ncols, act, out, ldo),
+                Fmt::Q4_1 => $impl::<F_Q4_1, 8>(w, ncols, act, out, ldo),
+                Fmt::Q8_0 => $impl::<F_Q8_0, 8>(w, ncols, act, out, ldo),
             }
         }
     };
 }
 
-panel512_entry!(false, panels_avx512);
-panel512_entry!(true, panels16_avx512);
+panel512_entry!(panels512_impl, panels_avx512);
+panel512_entry!(panels512_split_impl, panels16_avx512);
