@@ -101,21 +101,48 @@ pub trait BatchBackend: Send {
 }
 
 /// [`BatchBackend::step_mixed`] as two passes: [`BatchBackend::prefill`] per chunk, then
-/// [`BatchBackend::step_rows`].
+/// [`BatchBackend::step_rows`]. A slot named a second time (by a chunk or a row) gets an error
+/// for that entry and the others run, as in the one-pass engines: run one after the other, a
+/// second chunk of the same slot would otherwise extend its prompt.
 pub fn separately<B: BatchBackend + ?Sized>(
     b: &mut B,
     chunks: &[PromptChunk<'_>],
     decode: &[(SlotId, u32)],
 ) -> MixedResults {
-    let pre = chunks
+    let twice = |slot: SlotId| Error::msg(format!("slot {slot} appears twice in one step"));
+    let mut seen = std::collections::HashSet::new();
+    let mut pre = Vec::with_capacity(chunks.len());
+    for c in chunks {
+        pre.push(if seen.insert(c.slot) {
+            b.prefill(c.slot, c.ids, c.last)
+        } else {
+            Err(twice(c.slot))
+        });
+    }
+    let runs: Vec<bool> = decode.iter().map(|&(s, _)| seen.insert(s)).collect();
+    let run: Vec<(SlotId, u32)> = decode
         .iter()
-        .map(|c| b.prefill(c.slot, c.ids, c.last))
+        .zip(&runs)
+        .filter_map(|(&r, &ok)| ok.then_some(r))
         .collect();
-    let rows = if decode.is_empty() {
+    let mut got = if run.is_empty() {
         Vec::new()
     } else {
-        b.step_rows(decode)
-    };
+        b.step_rows(&run)
+    }
+    .into_iter();
+    let rows = decode
+        .iter()
+        .zip(&runs)
+        .map(|(&(s, _), &ok)| {
+            if ok {
+                got.next()
+                    .unwrap_or_else(|| Err(Error::msg(format!("slot {s}: no result for its row"))))
+            } else {
+                Err(twice(s))
+            }
+        })
+        .collect();
     (pre, rows)
 }
 
