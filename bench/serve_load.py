@@ -255,8 +255,10 @@ def main():
     a = ap.parse_args()
     a.streams = [int(s) for s in a.streams.split(",")]
     a.throughput = ["plain"] if a.no_stream else [m.strip() for m in a.throughput.split(",")]
-    if not a.throughput or any(m not in ("plain", "stream") for m in a.throughput):
-        ap.error(f"--throughput {','.join(a.throughput)!r}: expected plain and/or stream")
+    if (not a.throughput or any(m not in ("plain", "stream") for m in a.throughput)
+            or len(set(a.throughput)) != len(a.throughput)):
+        ap.error(f"--throughput {','.join(a.throughput)!r}: expected plain and/or stream, "
+                 "each once")
     try:
         import openai
     except ImportError:
