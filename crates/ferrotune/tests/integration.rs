@@ -2,6 +2,7 @@
 //! `cargo test --release` within a small CI disk and cuts its link time. Run one file's tests
 //! with a filter: `cargo test --release -p ferrotune --test integration <file>::`.
 
+mod backprop;
 mod bench_lm_eval;
 mod bench_tasks;
 mod bert;

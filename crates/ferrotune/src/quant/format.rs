@@ -372,17 +372,26 @@ pub(crate) unsafe fn gemm_scalar<T: ActInt>(
 }
 
 /// Quantise `x` (a multiple of 32 values) to Q8_0 blocks in `out` (34 bytes per block) the way
-/// GGML's `quantize_row_q8_0_ref` does: `d = max|x| / 127`, `q = round(x / d)`, `d` stored as f16.
-pub(crate) fn quantize_row_q8_0(x: &[f32], out: &mut [u8]) {
+/// GGML's `quantize_row_q8_0_ref` does for `qmax = 127`: `d = max|x| / qmax`, `q = round(x /
+/// d)`, `d` stored as f16. `qmax = 63` gives the narrow copies of
+/// [`super::kernels::gemm_q8_narrow`] (clamped, so even a subnormal block stays in range).
+pub(crate) fn quantize_row_q8_0_to(x: &[f32], out: &mut [u8], qmax: f32) {
     debug_assert_eq!(x.len() % QK, 0);
     debug_assert_eq!(out.len(), x.len() / QK * 34);
     for (xb, ob) in x.chunks_exact(QK).zip(out.chunks_exact_mut(34)) {
         let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let d = amax / 127.0;
+        let d = amax / qmax;
         let id = if d != 0.0 { 1.0 / d } else { 0.0 };
         ob[..2].copy_from_slice(&f16::from_f32(d).to_bits().to_le_bytes());
         for (o, v) in ob[2..].iter_mut().zip(xb) {
-            *o = (v * id).round() as i8 as u8;
+            let q = (v * id).round();
+            // a subnormal block's inverse scale overflows; the narrow kernels rely on the range
+            let q = if qmax < 127.0 {
+                q.clamp(-qmax, qmax)
+            } else {
+                q
+            };
+            *o = q as i8 as u8;
         }
     }
 }

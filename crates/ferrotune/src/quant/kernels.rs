@@ -198,6 +198,50 @@ pub(crate) unsafe fn gemm<T: ActInt>(
     }
 }
 
+/// [`gemm`] for Q8_0 weight rows whose values all lie in -63..=63 ([`narrow_q8_backward`]
+/// copies): with 8-bit activations at AVX2 (without VNNI) a kernel that needs no sign step;
+/// otherwise the Q8_0 kernel.
+///
+/// # Safety
+/// As [`gemm`]; and every weight value of `w` must lie in -63..=63.
+pub(crate) unsafe fn gemm_q8_narrow<T: ActInt>(
+    isa: Isa,
+    w: &[u8],
+    n_w: usize,
+    act: &QAct<T>,
+    out: *mut f32,
+    ldo: usize,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx2 && T::PREC == format::ActPrecision::I8 && n_w > 0 && act.rows > 0 {
+        let nb = act.nb();
+        assert!(w.len() >= n_w * nb * Fmt::Q8_0.block_bytes() && n_w <= ldo);
+        assert!(act.qs.len() == act.rows * act.k && act.ds.len() == act.rows * nb);
+        assert!(
+            isa.available(),
+            "Avx2 kernels are not supported on this CPU"
+        );
+        let a = super::x86::ActPtrs {
+            qs: act.qs.as_ptr() as *const u8,
+            ds: act.ds.as_ptr(),
+            rows: act.rows,
+            k: act.k,
+        };
+        // SAFETY: bounds asserted above, `out` and the value range per the contract.
+        return super::x86::gemm_q8_narrow_avx2(w.as_ptr(), n_w, a, out, ldo);
+    }
+    gemm(isa, Fmt::Q8_0, w, n_w, act, out, ldo)
+}
+
+/// Whether the backward pass's transposed weight copies are built with Q8_0 values narrowed to
+/// -63..=63 ([`gemm_q8_narrow`]): at the AVX2 level (no VNNI), where full-range signed 8-bit
+/// products need a sign step that costs a fifth of the kernel's speed. One bit of the copy's
+/// precision is the price: it carries the input gradient only (the forward keeps its weights),
+/// for a 4-bit base the copy's rounding error stays an order of magnitude below the base's own.
+pub(crate) fn narrow_q8_backward() -> bool {
+    Isa::best() == Isa::Avx2
+}
+
 /// `out[r * ldo + c] = W[c, :] . x_r` for every activation row `r` of `act` and weight rows
 /// `c < n_w` at the start of `w`, each output computed exactly as [`gemv`] computes it for that
 /// activation row alone (bit-identical), with each weight block read once for all rows.

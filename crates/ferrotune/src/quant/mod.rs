@@ -235,6 +235,20 @@ impl std::fmt::Debug for QuantWeight {
     }
 }
 
+/// A vector of `n` values that `fill` writes, all of them, through the pointer it is given.
+/// The batched kernels overwrite their whole output: zero-filling it first would be a serial
+/// pass over megabytes per call on the thread that allocates it (3% of a QLoRA step on a
+/// 2-core AVX2 CPU went to such fills).
+///
+/// # Safety
+/// `fill` must write every one of the `n` values before it returns.
+unsafe fn written_vec(n: usize, fill: impl FnOnce(*mut f32)) -> Vec<f32> {
+    let mut v = Vec::<f32>::with_capacity(n);
+    fill(v.as_mut_ptr());
+    v.set_len(n);
+    v
+}
+
 /// A raw pointer that may be shared by worker threads writing disjoint ranges.
 #[derive(Clone, Copy)]
 struct SyncPtr<T>(*mut T);
@@ -548,14 +562,18 @@ impl QuantWeight {
         debug_assert_eq!(x.len(), m * self.in_dim);
         match &self.repr {
             Repr::Own { .. } => {
-                let mut y = vec![0f32; m * self.out_dim];
                 let p = self.settings().activation;
                 if m == 1 {
+                    let mut y = vec![0f32; self.out_dim];
                     self.matvec_with(Isa::best(), p, num_threads(), x, &mut y);
-                } else {
-                    self.matmul_with(Isa::best(), p, num_threads(), x, m, &mut y);
+                    return Ok(y);
                 }
-                Ok(y)
+                // SAFETY: the batched kernels write every one of the m x out values.
+                Ok(unsafe {
+                    written_vec(m * self.out_dim, |y| {
+                        self.matmul_act_dispatch(Isa::best(), p, num_threads(), x, m, y)
+                    })
+                })
             }
             Repr::FourBit(_) | Repr::Int8(_) => {
                 let mut y = vec![0f32; m * self.out_dim];
@@ -682,46 +700,68 @@ impl QuantWeight {
         m: usize,
         out: &mut [f32],
     ) {
-        match prec {
-            ActPrecision::I8 | ActPrecision::LlamaCpp => {
-                self.matmul_act::<i8>(isa, prec, threads, x, m, out)
-            }
-            ActPrecision::I16 => self.matmul_act::<i16>(isa, prec, threads, x, m, out),
-        }
+        assert!(out.len() == m * self.out_dim);
+        // SAFETY: `out` holds the m x out values the kernels write.
+        unsafe { self.matmul_act_dispatch(isa, prec, threads, x, m, out.as_mut_ptr()) }
     }
 
-    fn matmul_act<T: ActInt>(
+    /// [`Self::matmul_with`] into `m x out` values at `out`, every one of them written (the
+    /// callers that allocate the output skip zero-filling it).
+    ///
+    /// # Safety
+    /// `out` must be valid for writes of `m * out_dim` values.
+    unsafe fn matmul_act_dispatch(
         &self,
         isa: Isa,
         prec: ActPrecision,
         threads: usize,
         x: &[f32],
         m: usize,
-        out: &mut [f32],
+        out: *mut f32,
+    ) {
+        match prec {
+            ActPrecision::I8 | ActPrecision::LlamaCpp => {
+                self.matmul_act::<i8>(isa, prec, false, threads, x, m, out)
+            }
+            ActPrecision::I16 => self.matmul_act::<i16>(isa, prec, false, threads, x, m, out),
+        }
+    }
+
+    /// `narrow`: this is a Q8_0 weight with values in -63..=63 (a narrow backward copy) and the
+    /// activations are 8-bit: [`kernels::gemm_q8_narrow`] runs.
+    ///
+    /// # Safety
+    /// `out` must be valid for writes of `m * out_dim` values; all of them are written.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn matmul_act<T: ActInt>(
+        &self,
+        isa: Isa,
+        prec: ActPrecision,
+        narrow: bool,
+        threads: usize,
+        x: &[f32],
+        m: usize,
+        out: *mut f32,
     ) {
         let Repr::Own { fmt, data } = &self.repr else {
             panic!("matmul_with: {} has no own kernel", self.format.name())
         };
         let (fmt, k, n) = (*fmt, self.in_dim, self.out_dim);
-        assert!(x.len() == m * k && out.len() == m * n);
+        assert!(x.len() == m * k);
         let act = quantize_act_rows::<T>(isa, prec, fmt, threads, x, m, k);
         let rb = act.nb() * fmt.block_bytes();
-        let outp = SyncPtr(out.as_mut_ptr());
+        let outp = SyncPtr(out);
         // 16 weight rows = two 8-row panels per kernel call; small units so every thread gets work
         pool::for_each_chunk(n.div_ceil(16), 1, threads, |units| {
             let (c0, c1) = (units.start * 16, (units.end * 16).min(n));
             // SAFETY: `out` is m x n; this chunk alone writes its columns c0..c1.
-            unsafe {
-                kernels::gemm(
-                    isa,
-                    fmt,
-                    &data[c0 * rb..c1 * rb],
-                    c1 - c0,
-                    &act,
-                    outp.get().add(c0),
-                    n,
-                )
-            };
+            let (w, out) = (&data[c0 * rb..c1 * rb], outp.get().add(c0));
+            if narrow && fmt == Fmt::Q8_0 {
+                // SAFETY: as below; the caller vouches for the narrow value range.
+                unsafe { kernels::gemm_q8_narrow(isa, w, c1 - c0, &act, out, n) }
+            } else {
+                unsafe { kernels::gemm(isa, fmt, w, c1 - c0, &act, out, n) }
+            }
         });
     }
 
@@ -834,14 +874,26 @@ impl QuantWeight {
         let act = quantize_act_rows::<i8>(isa, ActPrecision::I8, Fmt::Q8_0, threads, x, m, k);
         let rb = k / QK * Fmt::Q8_0.block_bytes();
         let outp = SyncPtr(y.as_mut_ptr());
+        // where the backward copies are narrow, so are these rows (the same kernel's speed)
+        let narrow = isa == Isa::Avx2 && kernels::narrow_q8_backward();
+        let qmax = if narrow { 63.0 } else { 127.0 };
         pool::for_each_chunk(n.div_ceil(16), 1, threads, |units| {
             let (c0, c1) = (units.start * 16, (units.end * 16).min(n));
             let mut rows = vec![0u8; (c1 - c0) * rb];
             for (i, r) in (c0..c1).enumerate() {
-                w.row_to_q8_0(k, r, &mut rows[i * rb..(i + 1) * rb]);
+                w.row_to_q8_0(k, r, &mut rows[i * rb..(i + 1) * rb], qmax);
             }
-            // SAFETY: `out` is m x n; this chunk alone writes its columns c0..c1.
-            unsafe { kernels::gemm(isa, Fmt::Q8_0, &rows, c1 - c0, &act, outp.get().add(c0), n) };
+            let n_w = c1 - c0;
+            // SAFETY: `out` is m x n; this chunk alone writes its columns c0..c1; narrow rows
+            // hold values in -63..=63.
+            unsafe {
+                let out = outp.get().add(c0);
+                if narrow {
+                    kernels::gemm_q8_narrow(isa, &rows, n_w, &act, out, n)
+                } else {
+                    kernels::gemm(isa, Fmt::Q8_0, &rows, n_w, &act, out, n)
+                }
+            };
         });
     }
 
@@ -913,9 +965,20 @@ impl QuantWeight {
             Some(t) => with_f32_slice(&g, |s| {
                 // 8-bit gradient blocks whatever the forward's activation setting (see
                 // `BackwardWeights::Q8Transposed`)
-                let mut gx = vec![0f32; m * self.in_dim];
-                t.matmul_with(Isa::best(), ActPrecision::I8, num_threads(), s, m, &mut gx);
-                Ok(gx)
+                // SAFETY: the batched kernels write every one of the m x in values.
+                Ok(unsafe {
+                    written_vec(m * self.in_dim, |gx| {
+                        t.matmul_act::<i8>(
+                            Isa::best(),
+                            ActPrecision::I8,
+                            kernels::narrow_q8_backward(),
+                            num_threads(),
+                            s,
+                            m,
+                            gx,
+                        )
+                    })
+                })
             })?,
             None => with_f32_slice(&g, |s| self.backward_slice(s, m, num_threads()))?,
         };
@@ -996,15 +1059,21 @@ impl QuantWeight {
     /// `W^T` requantised to Q8_0, built on first call (in parallel, one 32-column block of `W`
     /// at a time, so the f32 scratch stays at `out x 32` per thread). `None` when `out` is not
     /// a multiple of 32 (the Q8_0 block runs along it).
+    /// Its values are narrowed to -63..=63 where [`kernels::narrow_q8_backward`] says so.
     fn transposed_q8(&self) -> candle_core::Result<Option<&QuantWeight>> {
         if let Some(t) = self.transposed.get() {
             return Ok(t.as_deref());
         }
-        let built = self.build_transposed_q8()?.map(Box::new);
+        let qmax = if kernels::narrow_q8_backward() {
+            63.0
+        } else {
+            127.0
+        };
+        let built = self.build_transposed_q8(qmax)?.map(Box::new);
         Ok(self.transposed.get_or_init(|| built).as_deref())
     }
 
-    fn build_transposed_q8(&self) -> candle_core::Result<Option<QuantWeight>> {
+    fn build_transposed_q8(&self, qmax: f32) -> candle_core::Result<Option<QuantWeight>> {
         let (n, k) = (self.out_dim, self.in_dim);
         let bs = self.block_size();
         if n % QK != 0 || n == 0 || k == 0 || bs == 0 {
@@ -1046,7 +1115,7 @@ impl QuantWeight {
                             row_bytes,
                         )
                     };
-                    format::quantize_row_q8_0(&row, out);
+                    format::quantize_row_q8_0_to(&row, out, qmax);
                 }
             }
         });

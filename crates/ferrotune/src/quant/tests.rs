@@ -556,9 +556,10 @@ fn q8_transposed_backward_is_close_to_exact() {
         let err = rel_l2(&got, &want);
         // Q8_0 moves each weight, and the 8-bit gradient blocks each gradient entry, by at most
         // 1/254 of its block's largest magnitude: for Gaussian values with 1% 8x outliers about
-        // 0.8% relative in L2 each; nonzero, or the copy was not used
+        // 0.8% relative in L2 each (1.2% together); the narrow copy of an AVX2-only CPU moves
+        // each weight by up to 1/126 (1.8-1.9% together); nonzero, or the copy was not used
         assert!(
-            err < 2e-2 && err > 1e-6,
+            err < 3e-2 && err > 1e-6,
             "{dtype:?}: relative L2 error {err}"
         );
         eprintln!("{dtype:?}: q8 transposed backward relative L2 error {err:.2e}");
@@ -576,6 +577,98 @@ fn q8_transposed_backward_is_close_to_exact() {
             .to_vec1()
             .unwrap();
         check_close(&format!("{dtype:?} fallback"), &got, &want, 1e-5);
+    }
+}
+
+#[test]
+fn narrow_q8_kernel_matches_the_q8_kernels() {
+    // Q8_0 rows with values in -63..=63 (the narrow backward copies, extremes included): the
+    // AVX2 kernel without a sign step against the scalar and every other Q8_0 kernel on the
+    // same quantised activations; only f32 summation order (and the offset term's rounding)
+    // may differ. 37 rows and 2, 6, 7 activation rows: whole and partial panels, every row tile.
+    let mut rng = StdRng::seed_from_u64(23);
+    let (n, k) = (37, 352);
+    let nb = k / QK;
+    let mut data = vec![0u8; n * nb * 34];
+    for (i, blk) in data.chunks_exact_mut(34).enumerate() {
+        let d = half::f16::from_f32(rng.random_range(0.001f32..0.05));
+        blk[..2].copy_from_slice(&d.to_bits().to_le_bytes());
+        for (j, q) in blk[2..].iter_mut().enumerate() {
+            *q = match (i + j) % 11 {
+                0 => 63i8,
+                1 => -63,
+                _ => rng.random_range(-63i8..=63),
+            } as u8;
+        }
+    }
+    for m in [2, 6, 7] {
+        let mut x = randn(&mut rng, m * k, 1.0);
+        x[5] = 40.0; // a block whose activations reach +-127
+        let act = kernels::quantize_act::<i8>(Isa::Scalar, &x, m, k);
+        let mut want = vec![0f32; m * n];
+        // SAFETY: want is m x n.
+        unsafe { kernels::gemm(Isa::Scalar, Fmt::Q8_0, &data, n, &act, want.as_mut_ptr(), n) };
+        let scale = want.iter().fold(0f32, |a, v| a.max(v.abs()));
+        for isa in isas() {
+            let mut got = vec![f32::NAN; m * n];
+            // SAFETY: got is m x n; every weight value lies in -63..=63.
+            unsafe { kernels::gemm_q8_narrow(isa, &data, n, &act, got.as_mut_ptr(), n) };
+            for i in 0..m * n {
+                assert!(
+                    (got[i] - want[i]).abs() <= 1e-5 * scale,
+                    "{isa:?} m={m} [{i}]: {} vs scalar {}",
+                    got[i],
+                    want[i]
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn narrow_transposed_copy_stays_in_range_and_close() {
+    // The copy both qmax values build: narrow values stay in -63..=63 (the kernel's
+    // precondition). Its rounding step is twice the full copy's: on these Gaussian weights
+    // with 1% 8x outliers the input gradient's relative L2 error (8-bit gradient blocks
+    // included) goes from about 1.2% to 1.9%.
+    let mut rng = StdRng::seed_from_u64(29);
+    let (n, k, m) = (608, 256, 5);
+    for dtype in OWN {
+        let (w, deq) = weight(&mut rng, n, k, dtype);
+        let gy = randn(&mut rng, m * n, 1.0);
+        let want = ref_backward(&gy, &deq, m, n, k);
+        let mut errs = vec![];
+        for (qmax, narrow) in [(127.0, false), (63.0, true)] {
+            let t = w.build_transposed_q8(qmax).unwrap().unwrap();
+            let Repr::Own { data, .. } = &t.repr else {
+                unreachable!()
+            };
+            let widest = data
+                .chunks_exact(34)
+                .flat_map(|b| b[2..].iter().map(|&q| (q as i8).unsigned_abs()))
+                .max()
+                .unwrap();
+            assert!(
+                widest as f32 <= qmax && widest as f32 > qmax / 2.0,
+                "{dtype:?} {widest}"
+            );
+            // SAFETY: the output holds m x k values, all written.
+            let got = unsafe {
+                written_vec(m * k, |o| {
+                    t.matmul_act::<i8>(Isa::best(), ActPrecision::I8, narrow, 2, &gy, m, o)
+                })
+            };
+            errs.push(rel_l2(&got, &want));
+        }
+        eprintln!(
+            "{dtype:?}: transposed copy error full {:.2e}, narrow {:.2e}",
+            errs[0], errs[1]
+        );
+        assert!(errs[0] < 2e-2 && errs[1] < 3e-2, "{dtype:?}: {errs:?}");
+        assert!(
+            errs[1] > errs[0] * 1.2 && errs[1] < errs[0] * 2.5,
+            "{dtype:?}: {errs:?}"
+        );
     }
 }
 

@@ -289,6 +289,10 @@ unsafe fn transpose8(v: [__m256i; 8]) -> [__m256i; 8] {
 /// SIGN: Q8_0 kept signed, `vpsignb` moves each weight's sign onto the activation and
 /// `vpmaddubsw` multiplies by `|w|` (u8 + 128 would overflow `vpmaddubsw`'s i16 pairs), widened
 /// to i32 every group.
+/// U7: Q8_0 blocks whose values lie in -63..=63 (the AVX2 backward copy, see
+/// [`gemm_q8_narrow_avx2`]) packed unsigned as `q + 64` (1..=127), so `vpmaddubsw` needs no sign
+/// step (`127 * 127 * 2` fits its i16 pairs), widened to i32 every group: 3 vector ops per 32
+/// products instead of SIGN's 4.
 /// 16-bit activations: W16_VNNI: `vpdpwssd` on i16 weights; W16: `vpmaddwd` + `vpaddd`. Q8_0
 /// and Q4_0 (as nibble - 8) are packed signed, with no offset term: the products are signed x
 /// signed.
@@ -297,6 +301,7 @@ const MODE_UBS: u8 = 1;
 const MODE_SIGN: u8 = 2;
 const MODE_W16_VNNI: u8 = 3;
 const MODE_W16: u8 = 4;
+const MODE_U7: u8 = 5;
 
 const fn is_w16(mode: u8) -> bool {
     mode == MODE_W16_VNNI || mode == MODE_W16
@@ -358,6 +363,10 @@ unsafe fn pack_panel<const F: u8, const MODE: u8>(
                 F_Q4_1 => _mm_cvtss_f32(_mm_movehdup_ps(sc)),
                 F_Q4_0 if is_w16(MODE) => 0.0,
                 F_Q4_0 => -8.0 * d[j],
+                _ if MODE == MODE_U7 => {
+                    v[j] = _mm256_add_epi8(v[j], _mm256_set1_epi8(64));
+                    -64.0 * d[j]
+                }
                 _ if MODE != MODE_VNNI => 0.0,
                 _ => {
                     v[j] = _mm256_xor_si256(v[j], _mm256_set1_epi8(-128));
@@ -406,7 +415,7 @@ unsafe fn packed_tile<const F: u8, const RA: usize, const NP: usize, const MODE:
     let offset = match F {
         F_Q4_1 => true,
         F_Q4_0 => !is_w16(MODE),
-        _ => MODE == MODE_VNNI,
+        _ => MODE == MODE_VNNI || MODE == MODE_U7,
     };
     let ones = _mm256_set1_epi16(1);
     let mut facc = [[_mm256_setzero_ps(); NP]; RA];
@@ -432,6 +441,10 @@ unsafe fn packed_tile<const F: u8, const RA: usize, const NP: usize, const MODE:
                         MODE_UBS => _mm256_add_epi16(iacc[r][p], _mm256_maddubs_epi16(wv[p], xb)),
                         MODE_W16_VNNI => _mm256_dpwssd_epi32(iacc[r][p], wv[p], xb),
                         MODE_W16 => _mm256_add_epi32(iacc[r][p], _mm256_madd_epi16(wv[p], xb)),
+                        MODE_U7 => _mm256_add_epi32(
+                            iacc[r][p],
+                            _mm256_madd_epi16(_mm256_maddubs_epi16(wv[p], xb), ones),
+                        ),
                         _ => {
                             let xs = _mm256_sign_epi8(xb, wv[p]);
                             let pairs = _mm256_maddubs_epi16(wa[p], xs);
@@ -742,6 +755,20 @@ entry_points!(
     gemm16_avx512,
     quantize16_avx512
 );
+
+/// `out[r * ldo + c] = W[c, :] . x_r` for Q8_0 weight rows whose values all lie in -63..=63
+/// (8-bit activations). On a Zen 3 EPYC, one thread, 1024 x 1536 against 576 rows: 68-69
+/// GMAC/s where the full-range Q8_0 kernel (`MODE_SIGN`) runs 57-58.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn gemm_q8_narrow_avx2(
+    w: *const u8,
+    n_w: usize,
+    act: ActPtrs,
+    out: *mut f32,
+    ldo: usize,
+) {
+    gemm_packed::<F_Q8_0, 4, 2, MODE_U7>(w, n_w, act, out, ldo)
+}
 
 pub(crate) fn has_avx2() -> bool {
     is_x86_feature_detected!("avx2")
