@@ -171,21 +171,17 @@ impl FourBitWeight {
 
 impl FourBitWeight {
     /// Row `row` as Q8_0 blocks (34 bytes per 32 values; `in_dim` a multiple of 32 and of the
-    /// block size): value `j` becomes `f16(absmax / qmax) * round(qmax * table[code_j])`. For
-    /// the training forward with 8-bit activations, which then runs on the integer Q8_0 kernels:
-    /// with `qmax = 127` the weight moves by at most half of 1/127 of its block's absmax (plus
-    /// the f16 rounding of the scale), the same order as the activations' own 8-bit rounding;
-    /// `qmax = 63` (the narrow kernel of AVX2-only CPUs, [`kernels::gemm_q8_narrow`]) doubles
-    /// that, still a tenth of NF4's smallest half-step (0.04 of the absmax).
-    ///
-    /// [`kernels::gemm_q8_narrow`]: super::kernels::gemm_q8_narrow
-    pub(crate) fn row_to_q8_0(&self, in_dim: usize, row: usize, out: &mut [u8], qmax: f32) {
+    /// block size): value `j` becomes `f16(absmax / 127) * round(127 * table[code_j])`. For the
+    /// training forward with 8-bit activations, which then runs on the integer Q8_0 kernels:
+    /// the weight moves by at most half of 1/127 of its block's absmax (plus the f16 rounding
+    /// of the scale), the same order as the activations' own 8-bit rounding.
+    pub(crate) fn row_to_q8_0(&self, in_dim: usize, row: usize, out: &mut [u8]) {
         let bs = self.blocksize;
         debug_assert!(in_dim.is_multiple_of(32) && bs.is_multiple_of(32));
         debug_assert_eq!(out.len(), in_dim / 32 * 34);
         let mut q = [0i8; 16];
         for (qi, t) in q.iter_mut().zip(&self.table) {
-            *qi = (qmax * t).round().clamp(-qmax, qmax) as i8;
+            *qi = (127.0 * t).round().clamp(-127.0, 127.0) as i8;
         }
         let nbr = in_dim / bs;
         let bytes = &self.packed[row * in_dim / 2..(row + 1) * in_dim / 2];
@@ -195,7 +191,7 @@ impl FourBitWeight {
         let simd = false;
         for (j, ob) in out.chunks_exact_mut(34).enumerate() {
             let absmax = self.scales.get(row * nbr + j * 32 / bs);
-            let d = half::f16::from_f32(absmax / qmax);
+            let d = half::f16::from_f32(absmax / 127.0);
             ob[..2].copy_from_slice(&d.to_bits().to_le_bytes());
             let src = &bytes[j * 16..(j + 1) * 16];
             if simd {
@@ -485,26 +481,25 @@ mod tests {
     #[test]
     fn q8_0_rows_hold_the_rounded_table_values() {
         let w = random_weight(9, 2 * 128, 64);
+        let mut got = vec![0u8; 128 / 32 * 34];
+        w.row_to_q8_0(128, 1, &mut got);
         let BlockScales::Plain(scales) = &w.scales else {
             unreachable!()
         };
-        // full-range rows, and the narrow ones of AVX2-only CPUs
-        for qmax in [127.0f32, 63.0] {
-            let mut got = vec![0u8; 128 / 32 * 34];
-            w.row_to_q8_0(128, 1, &mut got, qmax);
-            for (j, ob) in got.chunks_exact(34).enumerate() {
-                let d = half::f16::from_le_bytes([ob[0], ob[1]]);
-                assert_eq!(d, half::f16::from_f32(scales[2 + j / 2] / qmax));
-                for i in 0..32 {
-                    let v = 128 + j * 32 + i;
-                    let code = if v % 2 == 0 {
-                        w.packed[v / 2] >> 4
-                    } else {
-                        w.packed[v / 2] & 15
-                    };
-                    let want = (qmax * w.table[code as usize]).round().clamp(-qmax, qmax) as i8;
-                    assert_eq!(ob[2 + i] as i8, want, "qmax {qmax} block {j} value {i}");
-                }
+        for (j, ob) in got.chunks_exact(34).enumerate() {
+            let d = half::f16::from_le_bytes([ob[0], ob[1]]);
+            assert_eq!(d, half::f16::from_f32(scales[2 + j / 2] / 127.0));
+            for i in 0..32 {
+                let v = 128 + j * 32 + i;
+                let code = if v % 2 == 0 {
+                    w.packed[v / 2] >> 4
+                } else {
+                    w.packed[v / 2] & 15
+                };
+                let want = (127.0 * w.table[code as usize])
+                    .round()
+                    .clamp(-127.0, 127.0) as i8;
+                assert_eq!(ob[2 + i] as i8, want, "block {j} value {i}");
             }
         }
     }
