@@ -4,6 +4,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/fetch-models.sh
+# The tests (and the processes they start) write their files under the system temp folder: give
+# them one folder of their own, removed when everything passed and kept, named, when something
+# failed (a run of the whole suite writes about 600 MB there; under /tmp it would pile up).
+scratch=$(mktemp -d "${TMPDIR:-/tmp}/ferrotune-test.XXXXXX")
+export TMPDIR="$scratch"
+trap 'rc=$?; if [ "$rc" = 0 ]; then rm -rf "$scratch"; else echo "test.sh: the tests'"'"' files are kept in $scratch" >&2; fi' EXIT
 cargo test --workspace --release "$@"
 # Distributed training (issue 15): the `mpi` feature's back-end under `mpirun -np 2`. Open MPI and
 # libclang (for the MPI bindings) come from the OS; installed here when missing, if we are root

@@ -394,6 +394,25 @@ fn one_batch(
             );
         }
     }
+    // The same product as the training backward runs it: through the transposed Q8_0 copy of a
+    // (k x n) weight (narrowed to -63..=63 where the backward narrows it), 8-bit activations.
+    let wk = QuantWeight::quantize(&random_weight(k, n), dtype).unwrap();
+    ferrotune::quant::set_num_threads(threads);
+    let t = time(
+        || {
+            drop(
+                wk.backward_input_with(&x, ferrotune::quant::BackwardWeights::Q8Transposed)
+                    .unwrap(),
+            )
+        },
+        per_batch,
+        batches,
+    );
+    println!(
+        "transposed Q8_0 copy (as the backward), {threads}T: {:.2} ms, {:.1} GMAC/s",
+        t * 1e3,
+        gmac / t
+    );
     let t = time(|| drop(x.matmul(&wt).unwrap()), per_batch, batches);
     println!(
         "f32 matmul (RAYON_NUM_THREADS threads): {:.2} ms, {:.1} GMAC/s",

@@ -7,6 +7,13 @@
 //! h reads kv head h / (hq/hkv) through an index). Only the per-row log-sum-exp is kept for the
 //! backward pass, which recomputes the probabilities block by block (flash-attention style).
 //!
+//! Backward, per (batch, kv head): the group's query heads add into the same dk/dv, so one task
+//! does the whole group and a block's rows of all its query heads go through each product
+//! stacked (k and v packed once per block, no per-head copies of dk/dv to sum). When there are
+//! few heads for the threads (SmolLM2 at batch 1: 9 query heads, 3 kv groups, on 2 threads) each
+//! head's or group's blocks are also split into parts of equal cost ([`Plan`]), parts of the
+//! backward each with their own dk/dv, summed at the end.
+//!
 //! Matrix products on blocks use the `gemm` crate directly (the same one candle uses), reading
 //! q/k/v through their strides, so transposed q and a narrowed KV cache cost no copy. Calls
 //! with fewer than [`DECODE_MAX_T`] query tokens (the per-token decode step) take a
@@ -423,11 +430,14 @@ fn softmax_row<T: Float>(row: &mut [T], n_valid: usize) -> T {
     m + sum.ln()
 }
 
-/// Forward for one (batch, query head): fills `out` (t × d) and `lse` (t).
+/// Forward for one (batch, query head) and a run of its query blocks (a [`Part`]): fills
+/// `out` and `lse`, which hold the part's query rows from `row0` on.
 #[inline(always)]
 fn head_forward_body<T: Float>(
     c: &Ctx<'_, T>,
     bh: usize,
+    blocks: &[Block],
+    row0: usize,
     out: &mut [T],
     lse: &mut [T],
     scratch: &mut Vec<T>,
@@ -435,46 +445,43 @@ fn head_forward_body<T: Float>(
     let d = c.dims.d;
     let (b, h, g) = c.head(bh);
     let q = &c.q[c.qr.head(b, h)..];
-    for &(a, e) in c.runs(b) {
+    for &Block { a, r0, rows } in blocks {
         // Keys a.. only: the run's first key (0 without segments).
         let k = &c.k[c.kr.head(b, g) + a * c.kr.rs..];
         let v = &c.v[c.vr.head(b, g) + a * c.vr.rs..];
-        for r0 in (a..e).step_by(BLOCK_ROWS) {
-            let rows = BLOCK_ROWS.min(e - r0);
-            let nk = c.q_offset + r0 + rows - a; // keys visible to the block's last row
-            scratch.clear();
-            scratch.resize(rows * nk, T::ZERO);
-            let q_blk = &q[r0 * c.qr.rs..];
-            let out_blk = &mut out[r0 * d..(r0 + rows) * d];
-            block_gemm(
-                (rows, nk, d),
-                scratch,
-                (nk, 1),
-                false,
-                q_blk,
-                (c.qr.rs, 1),
-                k,
-                (1, c.kr.rs),
-                c.scale,
-            );
-            for (i, srow) in scratch.chunks_exact_mut(nk).enumerate() {
-                lse[r0 + i] = softmax_row(srow, c.q_offset + r0 + i + 1 - a);
-            }
-            block_gemm(
-                (rows, d, nk),
-                out_blk,
-                (d, 1),
-                false,
-                scratch,
-                (nk, 1),
-                v,
-                (c.vr.rs, 1),
-                T::ONE,
-            );
+        let nk = c.q_offset + r0 + rows - a; // keys visible to the block's last row
+        scratch.clear();
+        scratch.resize(rows * nk, T::ZERO);
+        let q_blk = &q[r0 * c.qr.rs..];
+        let out_blk = &mut out[(r0 - row0) * d..(r0 - row0 + rows) * d];
+        block_gemm(
+            (rows, nk, d),
+            scratch,
+            (nk, 1),
+            false,
+            q_blk,
+            (c.qr.rs, 1),
+            k,
+            (1, c.kr.rs),
+            c.scale,
+        );
+        for (i, srow) in scratch.chunks_exact_mut(nk).enumerate() {
+            lse[r0 - row0 + i] = softmax_row(srow, c.q_offset + r0 + i + 1 - a);
         }
+        block_gemm(
+            (rows, d, nk),
+            out_blk,
+            (d, 1),
+            false,
+            scratch,
+            (nk, 1),
+            v,
+            (c.vr.rs, 1),
+            T::ONE,
+        );
     }
 }
-multiversion!(fn head_forward<T>(c: &Ctx<'_, T>, bh: usize, out: &mut [T], lse: &mut [T], scratch: &mut Vec<T>) = head_forward_body;);
+multiversion!(fn head_forward<T>(c: &Ctx<'_, T>, bh: usize, blocks: &[Block], row0: usize, out: &mut [T], lse: &mut [T], scratch: &mut Vec<T>) = head_forward_body;);
 
 fn forward<T: Float>(c: &Ctx<'_, T>) -> (Vec<T>, Vec<T>) {
     let Dims { b, hq, t, s, d, .. } = c.dims;
@@ -484,25 +491,169 @@ fn forward<T: Float>(c: &Ctx<'_, T>) -> (Vec<T>, Vec<T>) {
     }
     let mut out = vec![T::ZERO; b * hq * t * d];
     let mut lse = vec![T::ZERO; b * hq * t];
-    let work = b * hq * t * s * d;
-    if work < PARALLEL_MIN_WORK {
-        let mut scratch = Vec::new();
-        for (bh, (o, l)) in out
-            .chunks_exact_mut(t * d)
-            .zip(lse.chunks_exact_mut(t))
-            .enumerate()
-        {
-            head_forward(c, bh, o, l, &mut scratch);
-        }
+    let parallel = b * hq * t * s * d >= PARALLEL_MIN_WORK;
+    let threads = if parallel {
+        rayon::current_num_threads()
     } else {
-        out.par_chunks_exact_mut(t * d)
-            .zip(lse.par_chunks_exact_mut(t))
-            .enumerate()
-            .for_each_init(Vec::new, |scratch, (bh, (o, l))| {
-                head_forward(c, bh, o, l, scratch)
-            });
+        1
+    };
+    let plan = Plan::new(c, b * hq, threads);
+    // One task per (head, part): each owns its rows of `out` and `lse`.
+    let mut tasks = Vec::with_capacity(b * hq * plan.parts);
+    for (bh, (o, l)) in out
+        .chunks_exact_mut(t * d)
+        .zip(lse.chunks_exact_mut(t))
+        .enumerate()
+    {
+        let (mut o, mut l) = (o, l);
+        for part in plan.parts(bh / hq) {
+            let (po, rest) = std::mem::take(&mut o).split_at_mut(part.rows.len() * d);
+            let (pl, lrest) = std::mem::take(&mut l).split_at_mut(part.rows.len());
+            (o, l) = (rest, lrest);
+            tasks.push((bh, part, po, pl));
+        }
+    }
+    let run = |scratch: &mut Vec<T>, (bh, part, o, l): (usize, &Part, &mut [T], &mut [T])| {
+        let blocks = &plan.blocks[bh / hq][part.blocks.clone()];
+        head_forward(c, bh, blocks, part.rows.start, o, l, scratch)
+    };
+    if parallel {
+        tasks.into_par_iter().for_each_init(Vec::new, run);
+    } else {
+        let mut scratch = Vec::new();
+        tasks.into_iter().for_each(|task| run(&mut scratch, task));
     }
     (out, lse)
+}
+
+/// A block of query rows `r0..r0 + rows` of the run that starts at `a`: the unit of work that
+/// shares one pass over its keys.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Block {
+    a: usize,
+    r0: usize,
+    rows: usize,
+}
+
+/// Consecutive query blocks of one head done by one task: `blocks` indexes the batch row's
+/// block list, `rows` the query rows they cover (the parts of a head tile `0..t`).
+#[derive(Clone, Debug, PartialEq)]
+struct Part {
+    blocks: std::ops::Range<usize>,
+    rows: std::ops::Range<usize>,
+}
+
+/// How the per-head work is cut into tasks. A task per (batch, query head) leaves threads
+/// idle when there are few heads: SmolLM2's 9 heads at batch 1 keep 2 threads busy for 9 of 10
+/// task lengths and use only 9 of 16 threads. So each head's blocks are split into `parts`
+/// runs of about equal cost (a block's cost grows with its keys), `parts` the smallest count
+/// that gives the threads equal shares of tasks.
+struct Plan {
+    /// Per batch row: its query blocks in row order.
+    blocks: Vec<Vec<Block>>,
+    /// Per batch row: `parts` consecutive ranges of its blocks.
+    split: Vec<Vec<Part>>,
+    parts: usize,
+}
+
+impl Plan {
+    /// `heads`: the tasks before splitting (query heads forward, kv groups backward).
+    fn new<T>(c: &Ctx<'_, T>, heads: usize, threads: usize) -> Self {
+        let Dims { b, t, .. } = c.dims;
+        let blocks: Vec<Vec<Block>> = (0..b)
+            .map(|row| {
+                let mut v = Vec::new();
+                for &(a, e) in c.runs(row) {
+                    for r0 in (a..e).step_by(BLOCK_ROWS) {
+                        v.push(Block {
+                            a,
+                            r0,
+                            rows: BLOCK_ROWS.min(e - r0),
+                        });
+                    }
+                }
+                v
+            })
+            .collect();
+        let min_blocks = blocks.iter().map(Vec::len).min().unwrap_or(0);
+        let parts = parts_per_head(heads, min_blocks, threads);
+        let split = blocks
+            .iter()
+            .map(|bl| {
+                let cost = |x: &Block| x.rows * (c.q_offset + x.r0 + x.rows - x.a);
+                split_blocks(bl, parts, t, cost)
+            })
+            .collect();
+        Self {
+            blocks,
+            split,
+            parts,
+        }
+    }
+
+    fn parts(&self, row: usize) -> &[Part] {
+        &self.split[row]
+    }
+}
+
+/// Parts per head for `heads` (batch × query heads) heads of at least `blocks` blocks each on
+/// `threads` threads: the fewest (up to 8, and no more than the blocks) whose task count
+/// splits evenly enough (at least 95% of the threads' time busy, with equal tasks).
+fn parts_per_head(heads: usize, blocks: usize, threads: usize) -> usize {
+    let busy = |tasks: usize| tasks as f64 / (threads * tasks.div_ceil(threads)) as f64;
+    let max_parts = blocks.clamp(1, 8);
+    if threads <= 1 || heads == 0 {
+        return 1;
+    }
+    let mut best = 1;
+    for p in 1..=max_parts {
+        if busy(heads * p) >= 0.95 {
+            return p;
+        }
+        if busy(heads * p) > busy(heads * best) + 1e-9 {
+            best = p;
+        }
+    }
+    best
+}
+
+/// Cuts `blocks` (in row order, covering rows `0..t`) into `parts` consecutive ranges of about
+/// equal total `cost`; ranges may be empty. Their row ranges tile `0..t`.
+fn split_blocks(
+    blocks: &[Block],
+    parts: usize,
+    t: usize,
+    cost: impl Fn(&Block) -> usize,
+) -> Vec<Part> {
+    let total: usize = blocks.iter().map(&cost).sum();
+    let mut out = Vec::with_capacity(parts);
+    let (mut first, mut done, mut row) = (0, 0usize, 0);
+    for j in 0..parts {
+        let mut last = first;
+        if j + 1 == parts {
+            last = blocks.len();
+        } else {
+            // Take blocks while the part's middle stays below its share's end.
+            let share_end = total * (j + 1);
+            while last < blocks.len() && (2 * done + cost(&blocks[last])) * parts < 2 * share_end {
+                done += cost(&blocks[last]);
+                last += 1;
+            }
+        }
+        let end = if j + 1 == parts {
+            t
+        } else if last > first {
+            blocks[last - 1].r0 + blocks[last - 1].rows
+        } else {
+            row
+        };
+        out.push(Part {
+            blocks: first..last,
+            rows: row..end,
+        });
+        (first, row) = (last, end);
+    }
+    out
 }
 
 /// Decode path (t < [`DECODE_MAX_T`]): flash-decoding. Work is split into tasks of
@@ -642,120 +793,177 @@ struct Grads<'a, T> {
     lse: &'a [T],
 }
 
-/// Backward for one (batch, query head): writes dq (t × d) and this head's contributions to
-/// dk, dv (s × d each; summed over the kv group afterwards).
-#[allow(clippy::too_many_arguments)]
-#[inline(always)]
-fn head_backward_body<T: Float>(
-    c: &Ctx<'_, T>,
-    gr: &Grads<'_, T>,
-    bh: usize,
-    dq: &mut [T],
-    dk: &mut [T],
-    dv: &mut [T],
-    scratch: &mut (Vec<T>, Vec<T>),
-) {
-    let Dims { t, d, .. } = c.dims;
-    let (b, h, g) = c.head(bh);
-    let q = &c.q[c.qr.head(b, h)..];
-    let o = &gr.o[bh * t * d..(bh + 1) * t * d];
-    let dout = &gr.dout[bh * t * d..(bh + 1) * t * d];
-    let lse = &gr.lse[bh * t..(bh + 1) * t];
-    let (p, ds) = scratch;
-    for &(a, e) in c.runs(b) {
-        // Keys a.. only (see head_forward_body); dk/dv rows a.. receive this run's gradient.
-        let k = &c.k[c.kr.head(b, g) + a * c.kr.rs..];
-        let v = &c.v[c.vr.head(b, g) + a * c.vr.rs..];
-        for r0 in (a..e).step_by(BLOCK_ROWS) {
-            let rows = BLOCK_ROWS.min(e - r0);
-            let nk = c.q_offset + r0 + rows - a;
-            p.clear();
-            p.resize(rows * nk, T::ZERO);
-            ds.clear();
-            ds.resize(rows * nk, T::ZERO);
-            let q_blk = &q[r0 * c.qr.rs..];
-            let do_blk = &dout[r0 * d..(r0 + rows) * d];
-            // P = exp(scale·Q Kᵀ − lse), zero above the diagonal.
-            block_gemm(
-                (rows, nk, d),
-                p,
-                (nk, 1),
-                false,
-                q_blk,
-                (c.qr.rs, 1),
-                k,
-                (1, c.kr.rs),
-                c.scale,
-            );
-            for (i, prow) in p.chunks_exact_mut(nk).enumerate() {
-                let n_valid = c.q_offset + r0 + i + 1 - a;
-                let l = lse[r0 + i];
-                let (valid, masked) = prow.split_at_mut(n_valid);
-                for x in valid.iter_mut() {
-                    *x = (*x - l).exp();
-                }
-                masked.fill(T::ZERO);
-            }
-            // dV += Pᵀ dO;  dP = dO Vᵀ
-            block_gemm(
-                (nk, d, rows),
-                &mut dv[a * d..],
-                (d, 1),
-                true,
-                p,
-                (1, nk),
-                do_blk,
-                (d, 1),
-                T::ONE,
-            );
-            block_gemm(
-                (rows, nk, d),
-                ds,
-                (nk, 1),
-                false,
-                do_blk,
-                (d, 1),
-                v,
-                (1, c.vr.rs),
-                T::ONE,
-            );
-            // dS = P ∘ (dP − ⟨dO, O⟩) · scale  (the row sum of P ∘ dP equals ⟨dO_i, O_i⟩)
-            for (i, (prow, dsrow)) in p.chunks_exact(nk).zip(ds.chunks_exact_mut(nk)).enumerate() {
-                let oi = &o[(r0 + i) * d..(r0 + i + 1) * d];
-                let di = kernels::dot(&do_blk[i * d..(i + 1) * d], oi);
-                for (x, pv) in dsrow.iter_mut().zip(prow) {
-                    *x = *pv * (*x - di) * c.scale;
-                }
-            }
-            // dQ = dS K;  dK += dSᵀ Q
-            block_gemm(
-                (rows, d, nk),
-                &mut dq[r0 * d..(r0 + rows) * d],
-                (d, 1),
-                false,
-                ds,
-                (nk, 1),
-                k,
-                (c.kr.rs, 1),
-                T::ONE,
-            );
-            block_gemm(
-                (nk, d, rows),
-                &mut dk[a * d..],
-                (d, 1),
-                true,
-                ds,
-                (1, nk),
-                q_blk,
-                (c.qr.rs, 1),
-                T::ONE,
-            );
+/// Per-task buffers of the backward pass, reused from block to block.
+struct BackwardScratch<T> {
+    /// The block's rows of every query head of the group, stacked: q, dO and (after the
+    /// products) dQ, `n_rep · rows × d` each; ⟨dO, O⟩ and lse per stacked row.
+    q: Vec<T>,
+    dout: Vec<T>,
+    dq: Vec<T>,
+    di: Vec<T>,
+    lse: Vec<T>,
+    /// P and dP / dS, `n_rep · rows × nk`.
+    p: Vec<T>,
+    ds: Vec<T>,
+}
+
+impl<T> Default for BackwardScratch<T> {
+    fn default() -> Self {
+        Self {
+            q: Vec::new(),
+            dout: Vec::new(),
+            dq: Vec::new(),
+            di: Vec::new(),
+            lse: Vec::new(),
+            p: Vec::new(),
+            ds: Vec::new(),
         }
     }
 }
-multiversion!(fn head_backward<T>(c: &Ctx<'_, T>, gr: &Grads<'_, T>, bh: usize, dq: &mut [T], dk: &mut [T], dv: &mut [T], scratch: &mut (Vec<T>, Vec<T>)) = head_backward_body;);
+
+/// Backward for one (batch, kv head) and one [`Part`] of its query blocks: writes dq of the
+/// part's rows (`dqs[r]` for the group's query head `r`, starting at row `row0`) and adds the
+/// part's contributions to the group's dk, dv (s × d each), which no other task writes.
+///
+/// The group's query heads see the same keys through the same causal mask, so a block's rows
+/// of all of them are stacked (`n_rep · rows` rows) and go through each product once: k and v
+/// are packed once per block instead of once per head, and dk, dv take one product with an
+/// inner dimension of `n_rep · rows` instead of `n_rep` accumulations.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn group_backward_body<T: Float>(
+    c: &Ctx<'_, T>,
+    gr: &Grads<'_, T>,
+    bg: usize,
+    blocks: &[Block],
+    row0: usize,
+    dqs: &mut [&mut [T]],
+    dk: &mut [T],
+    dv: &mut [T],
+    sc: &mut BackwardScratch<T>,
+) {
+    let Dims { t, d, hq, hkv, .. } = c.dims;
+    let n_rep = hq / hkv;
+    let (b, g) = (bg / hkv, bg % hkv);
+    let heads: Vec<(usize, usize)> = (0..n_rep)
+        .map(|r| (c.qr.head(b, g * n_rep + r), b * hq + g * n_rep + r))
+        .collect();
+    for &Block { a, r0, rows } in blocks {
+        // Keys a.. only (see head_forward_body); dk/dv rows a.. receive this run's gradient.
+        let k = &c.k[c.kr.head(b, g) + a * c.kr.rs..];
+        let v = &c.v[c.vr.head(b, g) + a * c.vr.rs..];
+        let nk = c.q_offset + r0 + rows - a;
+        let m = n_rep * rows;
+        for buf in [&mut sc.q, &mut sc.dout, &mut sc.dq] {
+            buf.clear();
+            buf.resize(m * d, T::ZERO);
+        }
+        sc.di.clear();
+        sc.lse.clear();
+        for (r, &(q_at, bh)) in heads.iter().enumerate() {
+            for i in 0..rows {
+                let row = r * rows + i;
+                let qi = q_at + (r0 + i) * c.qr.rs;
+                sc.q[row * d..(row + 1) * d].copy_from_slice(&c.q[qi..qi + d]);
+                let oi = (bh * t + r0 + i) * d;
+                let doi = &gr.dout[oi..oi + d];
+                sc.dout[row * d..(row + 1) * d].copy_from_slice(doi);
+                sc.di.push(kernels::dot(doi, &gr.o[oi..oi + d]));
+                sc.lse.push(gr.lse[bh * t + r0 + i]);
+            }
+        }
+        let (p, ds) = (&mut sc.p, &mut sc.ds);
+        p.clear();
+        p.resize(m * nk, T::ZERO);
+        ds.clear();
+        ds.resize(m * nk, T::ZERO);
+        // P = exp(scale·Q Kᵀ − lse), zero above the diagonal.
+        block_gemm(
+            (m, nk, d),
+            p,
+            (nk, 1),
+            false,
+            &sc.q,
+            (d, 1),
+            k,
+            (1, c.kr.rs),
+            c.scale,
+        );
+        for (row, prow) in p.chunks_exact_mut(nk).enumerate() {
+            let n_valid = c.q_offset + r0 + row % rows + 1 - a;
+            let l = sc.lse[row];
+            let (valid, masked) = prow.split_at_mut(n_valid);
+            for x in valid.iter_mut() {
+                *x = (*x - l).exp();
+            }
+            masked.fill(T::ZERO);
+        }
+        // dV += Pᵀ dO;  dP = dO Vᵀ
+        block_gemm(
+            (nk, d, m),
+            &mut dv[a * d..],
+            (d, 1),
+            true,
+            p,
+            (1, nk),
+            &sc.dout,
+            (d, 1),
+            T::ONE,
+        );
+        block_gemm(
+            (m, nk, d),
+            ds,
+            (nk, 1),
+            false,
+            &sc.dout,
+            (d, 1),
+            v,
+            (1, c.vr.rs),
+            T::ONE,
+        );
+        // dS = P ∘ (dP − ⟨dO, O⟩) · scale  (the row sum of P ∘ dP equals ⟨dO_i, O_i⟩)
+        for ((prow, dsrow), &di) in p.chunks_exact(nk).zip(ds.chunks_exact_mut(nk)).zip(&sc.di) {
+            for (x, pv) in dsrow.iter_mut().zip(prow) {
+                *x = *pv * (*x - di) * c.scale;
+            }
+        }
+        // dQ = dS K;  dK += dSᵀ Q
+        block_gemm(
+            (m, d, nk),
+            &mut sc.dq,
+            (d, 1),
+            false,
+            ds,
+            (nk, 1),
+            k,
+            (c.kr.rs, 1),
+            T::ONE,
+        );
+        block_gemm(
+            (nk, d, m),
+            &mut dk[a * d..],
+            (d, 1),
+            true,
+            ds,
+            (1, nk),
+            &sc.q,
+            (d, 1),
+            T::ONE,
+        );
+        for (r, dq) in dqs.iter_mut().enumerate() {
+            let at = (r0 - row0) * d;
+            dq[at..at + rows * d].copy_from_slice(&sc.dq[r * rows * d..(r + 1) * rows * d]);
+        }
+    }
+}
+multiversion!(fn group_backward<T>(c: &Ctx<'_, T>, gr: &Grads<'_, T>, bg: usize, blocks: &[Block], row0: usize, dqs: &mut [&mut [T]], dk: &mut [T], dv: &mut [T], sc: &mut BackwardScratch<T>) = group_backward_body;);
 
 /// Returns (dq, dk, dv), contiguous in the shapes of q, k, v.
+///
+/// A task is one (batch, kv head) and one part of the query blocks: the group's query heads
+/// all add into the same dk/dv, so a task per group needs no per-query-head copies of them and
+/// no sum over the group afterwards; with more than one part, each part has its own dk/dv
+/// slab and the parts are summed.
 fn backward<T: Float>(c: &Ctx<'_, T>, gr: &Grads<'_, T>) -> (Vec<T>, Vec<T>, Vec<T>) {
     let Dims {
         b,
@@ -766,40 +974,76 @@ fn backward<T: Float>(c: &Ctx<'_, T>, gr: &Grads<'_, T>) -> (Vec<T>, Vec<T>, Vec
         d,
     } = c.dims;
     let n_rep = hq / hkv;
+    let plan = Plan::new(c, b * hkv, rayon::current_num_threads());
+    let parts = plan.parts;
     let mut dq = vec![T::ZERO; b * hq * t * d];
-    // One dk/dv slab per *query* head so tasks never share an output; the group sum follows.
-    let mut dk_h = vec![T::ZERO; b * hq * s * d];
-    let mut dv_h = vec![T::ZERO; b * hq * s * d];
-    dq.par_chunks_exact_mut(t * d)
-        .zip(dk_h.par_chunks_exact_mut(s * d))
-        .zip(dv_h.par_chunks_exact_mut(s * d))
-        .enumerate()
-        .for_each_init(
-            || (Vec::new(), Vec::new()),
-            |scratch, (bh, ((dq, dk), dv))| head_backward(c, gr, bh, dq, dk, dv, scratch),
-        );
-    if n_rep == 1 {
-        return (dq, dk_h, dv_h);
+    let mut dk_p = vec![T::ZERO; b * hkv * parts * s * d];
+    let mut dv_p = vec![T::ZERO; b * hkv * parts * s * d];
+    // dq rows of every (query head, part), then gathered per (kv group, part).
+    let mut pieces: Vec<Vec<&mut [T]>> = Vec::with_capacity(b * hq);
+    for (bh, dq) in dq.chunks_exact_mut(t * d).enumerate() {
+        let mut dq = dq;
+        let mut per_part = Vec::with_capacity(parts);
+        for part in plan.parts(bh / hq) {
+            let (pq, rest) = std::mem::take(&mut dq).split_at_mut(part.rows.len() * d);
+            dq = rest;
+            per_part.push(pq);
+        }
+        pieces.push(per_part);
     }
-    let group_sum = |per_head: &[T]| {
+    let mut pieces = pieces.into_iter().map(Vec::into_iter).collect::<Vec<_>>();
+    let mut slabs = dk_p
+        .chunks_exact_mut(s * d)
+        .zip(dv_p.chunks_exact_mut(s * d));
+    let mut tasks = Vec::with_capacity(b * hkv * parts);
+    for bg in 0..b * hkv {
+        let first = (bg / hkv) * hq + (bg % hkv) * n_rep;
+        for part in plan.parts(bg / hkv) {
+            let dqs: Vec<&mut [T]> = (first..first + n_rep)
+                .map(|bh| pieces[bh].next().expect("one dq piece per head and part"))
+                .collect();
+            let (dk, dv) = slabs.next().expect("one slab per group and part");
+            tasks.push((bg, part, dqs, dk, dv));
+        }
+    }
+    tasks.into_par_iter().for_each_init(
+        BackwardScratch::default,
+        |scratch, (bg, part, mut dqs, dk, dv)| {
+            let blocks = &plan.blocks[bg / hkv][part.blocks.clone()];
+            group_backward(
+                c,
+                gr,
+                bg,
+                blocks,
+                part.rows.start,
+                &mut dqs,
+                dk,
+                dv,
+                scratch,
+            )
+        },
+    );
+    if parts == 1 {
+        return (dq, dk_p, dv_p);
+    }
+    // Sum the parts' slabs, in row chunks so every thread gets a share.
+    let sum_parts = |slabs: &[T]| {
         let mut out = vec![T::ZERO; b * hkv * s * d];
         out.par_chunks_exact_mut(s * d)
             .enumerate()
             .for_each(|(bg, o)| {
-                let first = bg * n_rep; // (b, g) ↦ query heads b·hq + g·n_rep + r
-                for r in 0..n_rep {
-                    kernels::axpy(
-                        o,
-                        T::ONE,
-                        &per_head[(first + r) * s * d..(first + r + 1) * s * d],
-                    );
-                }
+                o.par_chunks_mut(64 * d).enumerate().for_each(|(i, o)| {
+                    for j in 0..parts {
+                        let at = (bg * parts + j) * s * d + i * 64 * d;
+                        kernels::axpy(o, T::ONE, &slabs[at..at + o.len()]);
+                    }
+                })
             });
         out
     };
-    let dk = group_sum(&dk_h);
-    drop(dk_h);
-    let dv = group_sum(&dv_h);
+    let dk = sum_parts(&dk_p);
+    drop(dk_p);
+    let dv = sum_parts(&dv_p);
     (dq, dk, dv)
 }
 
@@ -1091,6 +1335,104 @@ mod tests {
                     &format!("attention {dt:?} {case:?}"),
                 )?;
             }
+        }
+        Ok(())
+    }
+
+    /// The per-head work split into parts (more tasks than heads when heads are few): rows
+    /// tiled, blocks each in one part, and parts of about equal cost.
+    #[test]
+    fn split_blocks_tiles_rows_with_balanced_costs() {
+        let plain: Vec<Block> = (0..1024)
+            .step_by(BLOCK_ROWS)
+            .map(|r0| Block { a: 0, r0, rows: 64 })
+            .collect();
+        let runs = [(0usize, 50usize), (50, 200), (200, 203), (203, 330)];
+        let packed: Vec<Block> = runs
+            .iter()
+            .flat_map(|&(a, e)| {
+                (a..e).step_by(BLOCK_ROWS).map(move |r0| Block {
+                    a,
+                    r0,
+                    rows: BLOCK_ROWS.min(e - r0),
+                })
+            })
+            .collect();
+        for (blocks, t, q_offset) in [(&plain, 1024, 0), (&plain, 1024, 300), (&packed, 330, 0)] {
+            let cost = |x: &Block| x.rows * (q_offset + x.r0 + x.rows - x.a);
+            let total: usize = blocks.iter().map(cost).sum();
+            let biggest = blocks.iter().map(cost).max().unwrap();
+            for parts in 1..=8 {
+                let split = split_blocks(blocks, parts, t, cost);
+                assert_eq!(split.len(), parts);
+                let (mut block, mut row) = (0, 0);
+                for part in &split {
+                    assert_eq!(
+                        (part.blocks.start, part.rows.start),
+                        (block, row),
+                        "{split:?}"
+                    );
+                    for x in &blocks[part.blocks.clone()] {
+                        assert!(part.rows.contains(&x.r0) && x.r0 + x.rows <= part.rows.end);
+                    }
+                    let c: usize = blocks[part.blocks.clone()].iter().map(cost).sum();
+                    assert!(
+                        c * parts <= total + parts * biggest,
+                        "part cost {c} of {total} in {parts} parts: {split:?}"
+                    );
+                    (block, row) = (part.blocks.end, part.rows.end);
+                }
+                assert_eq!((block, row), (blocks.len(), t));
+            }
+        }
+    }
+
+    #[test]
+    fn parts_per_head_fills_the_threads() {
+        assert_eq!(parts_per_head(9, 16, 2), 2); // SmolLM2 at batch 1: 9 tasks would idle 10%
+        assert_eq!(parts_per_head(3, 16, 2), 2); // its backward: 3 kv groups
+        assert_eq!(parts_per_head(36, 4, 2), 1);
+        assert_eq!(parts_per_head(9, 16, 16), 7); // 63 tasks on 16 threads
+        assert_eq!(parts_per_head(9, 1, 2), 1); // one block: nothing to split
+        assert_eq!(parts_per_head(9, 16, 1), 1);
+        assert_eq!(parts_per_head(1, 3, 4), 3); // at most one part per block
+    }
+
+    /// Forward and gradients are right however the heads are split into tasks: the same
+    /// inputs on pools of 1, 2, 3, 5 and 16 threads (1 to 5 parts per head), plain and packed,
+    /// each against the composed reference; the forward is identical on every pool.
+    #[test]
+    fn every_split_of_the_heads_matches_the_reference() -> Result<()> {
+        let [q, k, v] = qkv((1, 3, 1, 300, 20, 16), DType::F32, 7100)?;
+        let ([sq, sk, sv], seg) =
+            seg_inputs((1, 2, 1, 290, 8, &[&[150, 3, 137]]), DType::F32, 7200)?;
+        let (scale, sscale) = (0.25, 1.0 / 8f64.sqrt());
+        let first = causal_attention(&q, &k, &v, scale, 20)?;
+        for threads in [1, 2, 3, 5, 16] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            pool.install(|| -> Result<()> {
+                let what = format!("{threads} threads");
+                let y = causal_attention(&q, &k, &v, scale, 20)?;
+                let d = (y - &first)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                assert_eq!(d, 0.0, "{what}: forward differs from 1 thread's");
+                compare_grads(
+                    |x| causal_attention(&x[0], &x[1], &x[2], scale, 20),
+                    |x| causal_attention_reference(&x[0], &x[1], &x[2], scale, 20),
+                    &[q.clone(), k.clone(), v.clone()],
+                    1e-5,
+                    &what,
+                )?;
+                compare_grads(
+                    |x| causal_attention_segments(&x[0], &x[1], &x[2], sscale, &seg),
+                    |x| causal_attention_segments_reference(&x[0], &x[1], &x[2], sscale, &seg),
+                    &[sq.clone(), sk.clone(), sv.clone()],
+                    1e-5,
+                    &format!("segments, {what}"),
+                )
+            })?;
         }
         Ok(())
     }
