@@ -39,7 +39,7 @@ reference environment (`scripts/setup-reference.sh`: torch, transformers, peft),
 (`scripts/fetch-models.sh`) and a release build (`cargo build --release`); `scripts/bench.sh
 train` does the last two.
 """
-import argparse, json, os, statistics, subprocess, sys, tempfile, time
+import argparse, atexit, json, os, shutil, statistics, subprocess, sys, tempfile, time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CACHE = os.environ.get("FERROTUNE_CACHE", os.path.join(ROOT, ".cache"))
@@ -298,6 +298,8 @@ def main():
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(HF_DIR)
     work = tempfile.mkdtemp(prefix="ferrotune-bench-")
+    # the rows and the runs (15-30 MB) go when the script ends, however it ends
+    atexit.register(shutil.rmtree, work, True)
     print(cpu_header(a))
     print(f"LoRA r={a.rank} on {a.targets}, {a.threads} threads, {a.steps} steps (median s/step after the first)")
     print(f"{'shape':>8} {'engine':<22} {'s/step':>8} {'tok/s':>8} {'peak RSS':>10} {'speed':>7} {'RSS':>6}")
