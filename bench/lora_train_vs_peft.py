@@ -7,7 +7,7 @@ measured peak) in their markdown format.
     scripts/bench.sh train [flags]        # the README tables: builds, fetches, prints the CPU
     .venv/bin/python bench/lora_train_vs_peft.py [--shapes 4x256,1x1024] [--steps 6]
         [--rank 8] [--targets q_proj,v_proj] [--threads 2] [--rows peft,f32,q4_1,q4_1_ckpt]
-        [--isa native|avx2] [--ft-set key=value ...]
+        [--isa native|avx2] [--ft-set key=value ...] [--rounds 1]
 
 Rows: `peft` PyTorch + PEFT on the f32 weights; `f32` ferrotune on the same f32 weights
 (`train.dequantize = true`); `q4_1` ferrotune on the Q4_1 base kept quantized (QLoRA-style);
@@ -34,7 +34,11 @@ only (labels -100 on the prompt, as TRL's completion-only collator does). Dialog
 data/dialogsum in $FERROTUNE_SHARED_DIR, default the `../shared` beside the repository.
 
 Each side runs in its own process; peak RSS is that process's high-water mark (VmHWM) and
-includes loading. Time per step is the median over steps after the first (warm-up). It needs the
+includes loading. Time per step is the median over steps after the first (warm-up). With
+`--rounds N` every engine runs N times, interleaved (peft, q4_1, nf4, peft, q4_1, ...): on a
+shared host whose speed drifts by 10-20% within minutes, the ratio of runs minutes apart is
+steadier than that of runs far apart; the speed printed is the median of the rounds' ratios, with
+their range, the s/step the median of the rounds' medians and the RSS the highest. It needs the
 reference environment (`scripts/setup-reference.sh`: torch, transformers, peft), the model
 (`scripts/fetch-models.sh`) and a release build (`cargo build --release`); `scripts/bench.sh
 train` does the last two.
@@ -182,6 +186,7 @@ def run_ferrotune(a, data, batch, seq_len, row, work):
     # the NF4 rows quantize the f32 HF folder at load; the others run the shipped Q4_1 GGUF
     model = HF_DIR if dequantize is None else GGUF
     out_dir = os.path.join(work, f"ft-{batch}x{seq_len}-{row}")
+    shutil.rmtree(out_dir, ignore_errors=True)  # an earlier round's run: start afresh
     cfg = os.path.join(work, "bench.toml")
     targets = ", ".join(f'"{t}"' for t in a.targets.split(","))
     with open(cfg, "w") as f:
@@ -266,6 +271,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shapes", default="4x256,1x1024")
     ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run every engine this many times, interleaved; speed = median ratio")
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--targets", default="q_proj,v_proj")
     ap.add_argument("--threads", type=int, default=2)
@@ -286,6 +293,8 @@ def main():
         sys.exit(f"--rows: unknown {unknown} (expected some of {','.join(ENGINES)})")
     if a.steps < 1:
         sys.exit("--steps must be at least 1")
+    if a.rounds < 1:
+        sys.exit("--rounds must be at least 1")
     for path, how in [(GGUF, "run scripts/fetch-models.sh"),
                       (DIALOGSUM, "put ../shared beside the repository or set FERROTUNE_SHARED_DIR")]:
         if not os.path.isfile(path):
@@ -301,7 +310,8 @@ def main():
     # the rows and the runs (15-30 MB) go when the script ends, however it ends
     atexit.register(shutil.rmtree, work, True)
     print(cpu_header(a))
-    print(f"LoRA r={a.rank} on {a.targets}, {a.threads} threads, {a.steps} steps (median s/step after the first)")
+    print(f"LoRA r={a.rank} on {a.targets}, {a.threads} threads, {a.steps} steps (median s/step after the first)"
+          + (f", {a.rounds} interleaved rounds (speed: the median of the rounds' ratios)" if a.rounds > 1 else ""))
     print(f"{'shape':>8} {'engine':<22} {'s/step':>8} {'tok/s':>8} {'peak RSS':>10} {'speed':>7} {'RSS':>6}")
     table, estimates = [], []
     for shape in a.shapes.split(","):
@@ -311,29 +321,45 @@ def main():
             sys.exit(f"--shapes: `{shape}` is not BATCHxLENGTH (e.g. 4x256)")
         data = os.path.join(work, f"rows-{seq_len}.jsonl")
         make_rows(tok, seq_len, batch * a.steps, data)
-        results = []
-        for row in rows:
-            if row == "peft":
-                results.append((row,) + run_peer(a, data, batch, seq_len) + (None,))
-            else:
-                results.append((row,) + run_ferrotune(a, data, batch, seq_len, row, work))
+        # Rounds: every engine once per round, in the same order, so an engine and PyTorch +
+        # PEFT run minutes apart and a slow spell of the shared host moves both; the speed is
+        # the median of the rounds' ratios.
+        runs = {row: [] for row in rows}
+        for _ in range(a.rounds):
+            for row in rows:
+                if row == "peft":
+                    runs[row].append(run_peer(a, data, batch, seq_len) + (None,))
+                else:
+                    runs[row].append(run_ferrotune(a, data, batch, seq_len, row, work))
+
         def step_s(times):
             return statistics.median(times[1:] if len(times) > 1 else times)
 
-        # Ratios against PyTorch + PEFT of the same shape (the first row without it).
-        _, b_times, b_toks, b_rss, _ = next((r for r in results if r[0] == "peft"), results[0])
-        b_tps = b_toks / step_s(b_times)
-        for row, times, toks, rss, estimate in results:
-            s = step_s(times)
+        # Ratios against PyTorch + PEFT of the same shape and round (the first row without it).
+        base = runs["peft"] if "peft" in runs else runs[rows[0]]
+        for row in rows:
+            per_round = runs[row]
+            s = statistics.median(step_s(t) for t, _, _, _ in per_round)
+            toks = per_round[0][1]
             tps = toks / s
-            speed, mem = tps / b_tps, rss / b_rss
+            speeds = [(toks / step_s(t)) / (b[1] / step_s(b[0]))
+                      for (t, _, _, _), b in zip(per_round, base)]
+            speed = statistics.median(speeds)
+            rss = max(r[2] for r in per_round)
+            mem = rss / max(r[2] for r in base)
+            estimate = per_round[0][3]
+            rounds_note = ""
+            if a.rounds > 1:
+                rounds_note = "  rounds: " + " ".join(f"{x:.2f}x" for x in speeds) + \
+                    "  s/step: " + " ".join(f"{step_s(t):.2f}" for t, _, _, _ in per_round)
             print(f"{shape:>8} {row:<22} {s:8.2f} {tps:8.1f} {rss / 1e9:8.2f}GB "
-                  f"{speed:6.2f}x {mem:5.2f}x", flush=True)
+                  f"{speed:6.2f}x {mem:5.2f}x{rounds_note}", flush=True)
             label = ENGINES[row][0]
             bold = "**" if label.startswith("**") else ""
             pretty = f"{batch} × {seq_len}"
+            spread = f" ({min(speeds):.2f}-{max(speeds):.2f}x)" if a.rounds > 1 else ""
             table.append(f"| {pretty} | {label} | {s:.2f} | {tps:.1f} | {rss / 1e9:.2f} GB | "
-                         f"{bold}{speed:.2f}x{bold} | {bold}{mem:.2f}x{bold} |")
+                         f"{bold}{speed:.2f}x{bold}{spread} | {bold}{mem:.2f}x{bold} |")
             if estimate is not None:
                 name = ESTIMATE_LABELS[row].format(shape=pretty)
                 if "{shape}" not in ESTIMATE_LABELS[row]:

@@ -1,18 +1,19 @@
 //! Causal grouped-query attention with a KV cache, fused: softmax(scale·q·kᵀ + causal mask)·v.
 //!
-//! Forward, per (batch, query head): query rows are processed in blocks of [`BLOCK_ROWS`]; a block
-//! only looks at the keys its last row may see, computes its scores into a scratch buffer of
-//! `rows × keys`, applies the causal softmax in place and multiplies by v. Nothing of size
+//! Forward, per (batch, kv head): query rows are processed in blocks of [`BLOCK_ROWS`], the
+//! block's rows of every query head of the kv group stacked; a block only looks at the keys its
+//! last row may see, computes its scores into a scratch buffer of `rows × keys`, applies the
+//! causal softmax in place and multiplies by v. Nothing of size
 //! `t × s` outlives the block, there is no mask tensor and no materialised `repeat_kv` (query head
 //! h reads kv head h / (hq/hkv) through an index). Only the per-row log-sum-exp is kept for the
 //! backward pass, which recomputes the probabilities block by block (flash-attention style).
 //!
-//! Backward, per (batch, kv head): the group's query heads add into the same dk/dv, so one task
-//! does the whole group and a block's rows of all its query heads go through each product
-//! stacked (k and v packed once per block, no per-head copies of dk/dv to sum). When there are
-//! few heads for the threads (SmolLM2 at batch 1: 9 query heads, 3 kv groups, on 2 threads) each
-//! head's or group's blocks are also split into parts of equal cost ([`Plan`]), parts of the
-//! backward each with their own dk/dv, summed at the end.
+//! Backward, per (batch, kv head) too: the group's query heads add into the same dk/dv, so one
+//! task does the whole group, its heads stacked through each product as forward (k and v packed
+//! once per block, no per-head copies of dk/dv to sum). When there are few groups for the
+//! threads (SmolLM2 at batch 1: 3 kv groups on 2 threads) each group's blocks are also split
+//! into parts of equal cost ([`Plan`]), parts of the backward each with their own dk/dv, summed
+//! at the end.
 //!
 //! Matrix products on blocks use the `gemm` crate directly (the same one candle uses), reading
 //! q/k/v through their strides, so transposed q and a narrowed KV cache cost no copy. Calls
@@ -400,13 +401,6 @@ struct Ctx<'a, T> {
 }
 
 impl<T> Ctx<'_, T> {
-    /// (batch, query head, kv head) of task `bh`.
-    #[inline(always)]
-    fn head(&self, bh: usize) -> (usize, usize, usize) {
-        let (b, h) = (bh / self.dims.hq, bh % self.dims.hq);
-        (b, h, h / (self.dims.hq / self.dims.hkv))
-    }
-
     /// The query runs of batch row `b`: a query of run `(a, e)` sees keys
     /// `a ..= q_offset + i` (and `a` is 0 without segments).
     #[inline(always)]
@@ -430,65 +424,112 @@ fn softmax_row<T: Float>(row: &mut [T], n_valid: usize) -> T {
     m + sum.ln()
 }
 
-/// Forward for one (batch, query head) and a run of its query blocks (a [`Part`]): fills
-/// `out` and `lse`, which hold the part's query rows from `row0` on.
+/// Per-task buffers of the forward pass, reused from block to block: the block's rows of every
+/// query head of the group stacked (`n_rep · rows × d`), their output, and the scores
+/// (`n_rep · rows × nk`).
+struct ForwardScratch<T> {
+    q: Vec<T>,
+    out: Vec<T>,
+    scores: Vec<T>,
+}
+
+impl<T> Default for ForwardScratch<T> {
+    fn default() -> Self {
+        Self {
+            q: Vec::new(),
+            out: Vec::new(),
+            scores: Vec::new(),
+        }
+    }
+}
+
+/// Forward for one (batch, kv head) and a run of its query blocks (a [`Part`]): fills `outs[r]`
+/// and `lses[r]` for the group's query head `r`, which hold the part's query rows from `row0`
+/// on. As in the backward pass, a block's rows of the group's query heads are stacked and go
+/// through each product once (k and v packed once per block).
+#[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn head_forward_body<T: Float>(
+fn group_forward_body<T: Float>(
     c: &Ctx<'_, T>,
-    bh: usize,
+    bg: usize,
     blocks: &[Block],
     row0: usize,
-    out: &mut [T],
-    lse: &mut [T],
-    scratch: &mut Vec<T>,
+    outs: &mut [&mut [T]],
+    lses: &mut [&mut [T]],
+    sc: &mut ForwardScratch<T>,
 ) {
-    let d = c.dims.d;
-    let (b, h, g) = c.head(bh);
-    let q = &c.q[c.qr.head(b, h)..];
+    let Dims { d, hq, hkv, .. } = c.dims;
+    let n_rep = hq / hkv;
+    let (b, g) = (bg / hkv, bg % hkv);
     for &Block { a, r0, rows } in blocks {
         // Keys a.. only: the run's first key (0 without segments).
         let k = &c.k[c.kr.head(b, g) + a * c.kr.rs..];
         let v = &c.v[c.vr.head(b, g) + a * c.vr.rs..];
         let nk = c.q_offset + r0 + rows - a; // keys visible to the block's last row
-        scratch.clear();
-        scratch.resize(rows * nk, T::ZERO);
-        let q_blk = &q[r0 * c.qr.rs..];
-        let out_blk = &mut out[(r0 - row0) * d..(r0 - row0 + rows) * d];
+        let m = n_rep * rows;
+        sc.q.clear();
+        for r in 0..n_rep {
+            let q = c.qr.head(b, g * n_rep + r);
+            for i in r0..r0 + rows {
+                let at = q + i * c.qr.rs;
+                sc.q.extend_from_slice(&c.q[at..at + d]);
+            }
+        }
+        sc.scores.clear();
+        sc.scores.resize(m * nk, T::ZERO);
+        sc.out.clear();
+        sc.out.resize(m * d, T::ZERO);
         block_gemm(
-            (rows, nk, d),
-            scratch,
+            (m, nk, d),
+            &mut sc.scores,
             (nk, 1),
             false,
-            q_blk,
-            (c.qr.rs, 1),
+            &sc.q,
+            (d, 1),
             k,
             (1, c.kr.rs),
             c.scale,
         );
-        for (i, srow) in scratch.chunks_exact_mut(nk).enumerate() {
-            lse[r0 - row0 + i] = softmax_row(srow, c.q_offset + r0 + i + 1 - a);
+        for (row, srow) in sc.scores.chunks_exact_mut(nk).enumerate() {
+            let (r, i) = (row / rows, row % rows);
+            lses[r][r0 - row0 + i] = softmax_row(srow, c.q_offset + r0 + i + 1 - a);
         }
         block_gemm(
-            (rows, d, nk),
-            out_blk,
+            (m, d, nk),
+            &mut sc.out,
             (d, 1),
             false,
-            scratch,
+            &sc.scores,
             (nk, 1),
             v,
             (c.vr.rs, 1),
             T::ONE,
         );
+        for (r, out) in outs.iter_mut().enumerate() {
+            let at = (r0 - row0) * d;
+            out[at..at + rows * d].copy_from_slice(&sc.out[r * rows * d..(r + 1) * rows * d]);
+        }
     }
 }
-multiversion!(fn head_forward<T>(c: &Ctx<'_, T>, bh: usize, blocks: &[Block], row0: usize, out: &mut [T], lse: &mut [T], scratch: &mut Vec<T>) = head_forward_body;);
+multiversion!(fn group_forward<T>(c: &Ctx<'_, T>, bg: usize, blocks: &[Block], row0: usize, outs: &mut [&mut [T]], lses: &mut [&mut [T]], sc: &mut ForwardScratch<T>) = group_forward_body;);
+
+/// (kv group, part, its query heads' rows of `out`, of `lse`).
+type ForwardTask<'a, T> = (usize, &'a Part, Vec<&'a mut [T]>, Vec<&'a mut [T]>);
 
 fn forward<T: Float>(c: &Ctx<'_, T>) -> (Vec<T>, Vec<T>) {
-    let Dims { b, hq, t, s, d, .. } = c.dims;
+    let Dims {
+        b,
+        hq,
+        hkv,
+        t,
+        s,
+        d,
+    } = c.dims;
     // The decode path knows no segments; packed rows are long anyway.
     if t < DECODE_MAX_T && c.runs.is_none() {
         return forward_decode(c);
     }
+    let n_rep = hq / hkv;
     let mut out = vec![T::ZERO; b * hq * t * d];
     let mut lse = vec![T::ZERO; b * hq * t];
     let parallel = b * hq * t * s * d >= PARALLEL_MIN_WORK;
@@ -497,31 +538,46 @@ fn forward<T: Float>(c: &Ctx<'_, T>) -> (Vec<T>, Vec<T>) {
     } else {
         1
     };
-    let plan = Plan::new(c, b * hq, threads);
-    // One task per (head, part): each owns its rows of `out` and `lse`.
-    let mut tasks = Vec::with_capacity(b * hq * plan.parts);
+    let plan = Plan::new(c, b * hkv, threads);
+    // The rows of `out` and `lse` of every (query head, part), then gathered per (kv group,
+    // part): each task owns its pieces.
+    let mut pieces = Vec::with_capacity(b * hq);
     for (bh, (o, l)) in out
         .chunks_exact_mut(t * d)
         .zip(lse.chunks_exact_mut(t))
         .enumerate()
     {
         let (mut o, mut l) = (o, l);
+        let mut per_part = Vec::with_capacity(plan.parts);
         for part in plan.parts(bh / hq) {
             let (po, rest) = std::mem::take(&mut o).split_at_mut(part.rows.len() * d);
             let (pl, lrest) = std::mem::take(&mut l).split_at_mut(part.rows.len());
             (o, l) = (rest, lrest);
-            tasks.push((bh, part, po, pl));
+            per_part.push((po, pl));
+        }
+        pieces.push(per_part.into_iter());
+    }
+    let mut tasks: Vec<ForwardTask<'_, T>> = Vec::with_capacity(b * hkv * plan.parts);
+    for bg in 0..b * hkv {
+        let first = (bg / hkv) * hq + (bg % hkv) * n_rep;
+        for part in plan.parts(bg / hkv) {
+            let (outs, lses): (Vec<&mut [T]>, Vec<&mut [T]>) = (first..first + n_rep)
+                .map(|bh| pieces[bh].next().expect("one piece per head and part"))
+                .unzip();
+            tasks.push((bg, part, outs, lses));
         }
     }
-    let run = |scratch: &mut Vec<T>, (bh, part, o, l): (usize, &Part, &mut [T], &mut [T])| {
-        let blocks = &plan.blocks[bh / hq][part.blocks.clone()];
-        head_forward(c, bh, blocks, part.rows.start, o, l, scratch)
+    let run = |sc: &mut ForwardScratch<T>, (bg, part, mut outs, mut lses): ForwardTask<'_, T>| {
+        let blocks = &plan.blocks[bg / hkv][part.blocks.clone()];
+        group_forward(c, bg, blocks, part.rows.start, &mut outs, &mut lses, sc)
     };
     if parallel {
-        tasks.into_par_iter().for_each_init(Vec::new, run);
+        tasks
+            .into_par_iter()
+            .for_each_init(ForwardScratch::default, run);
     } else {
-        let mut scratch = Vec::new();
-        tasks.into_iter().for_each(|task| run(&mut scratch, task));
+        let mut sc = ForwardScratch::default();
+        tasks.into_iter().for_each(|task| run(&mut sc, task));
     }
     (out, lse)
 }
@@ -849,7 +905,7 @@ fn group_backward_body<T: Float>(
         .map(|r| (c.qr.head(b, g * n_rep + r), b * hq + g * n_rep + r))
         .collect();
     for &Block { a, r0, rows } in blocks {
-        // Keys a.. only (see head_forward_body); dk/dv rows a.. receive this run's gradient.
+        // Keys a.. only (see group_forward_body); dk/dv rows a.. receive this run's gradient.
         let k = &c.k[c.kr.head(b, g) + a * c.kr.rs..];
         let v = &c.v[c.vr.head(b, g) + a * c.vr.rs..];
         let nk = c.q_offset + r0 + rows - a;
