@@ -599,9 +599,9 @@ struct Part {
     rows: std::ops::Range<usize>,
 }
 
-/// How the per-head work is cut into tasks. A task per (batch, query head) leaves threads
-/// idle when there are few heads: SmolLM2's 9 heads at batch 1 keep 2 threads busy for 9 of 10
-/// task lengths and use only 9 of 16 threads. So each head's blocks are split into `parts`
+/// How the per-group work is cut into tasks. A task per (batch, kv head) leaves threads idle
+/// when there are few groups: SmolLM2's 3 kv heads at batch 1 keep 2 threads busy for 3 of 4
+/// task lengths and use only 3 of 16 threads. So each group's blocks are split into `parts`
 /// runs of about equal cost (a block's cost grows with its keys), `parts` the smallest count
 /// that gives the threads equal shares of tasks.
 struct Plan {
@@ -652,7 +652,7 @@ impl Plan {
     }
 }
 
-/// Parts per head for `heads` (batch × query heads) heads of at least `blocks` blocks each on
+/// Parts per head for `heads` tasks (batch × kv heads) of at least `blocks` blocks each on
 /// `threads` threads: the fewest (up to 8, and no more than the blocks) whose task count
 /// splits evenly enough (at least 95% of the threads' time busy, with equal tasks).
 fn parts_per_head(heads: usize, blocks: usize, threads: usize) -> usize {
@@ -1445,8 +1445,8 @@ mod tests {
 
     #[test]
     fn parts_per_head_fills_the_threads() {
-        assert_eq!(parts_per_head(9, 16, 2), 2); // SmolLM2 at batch 1: 9 tasks would idle 10%
-        assert_eq!(parts_per_head(3, 16, 2), 2); // its backward: 3 kv groups
+        assert_eq!(parts_per_head(9, 16, 2), 2); // 9 tasks on 2 threads would idle 10%
+        assert_eq!(parts_per_head(3, 16, 2), 2); // SmolLM2 at batch 1: 3 kv groups
         assert_eq!(parts_per_head(36, 4, 2), 1);
         assert_eq!(parts_per_head(9, 16, 16), 7); // 63 tasks on 16 threads
         assert_eq!(parts_per_head(9, 1, 2), 1); // one block: nothing to split
