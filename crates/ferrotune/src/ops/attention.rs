@@ -424,6 +424,24 @@ fn softmax_row<T: Float>(row: &mut [T], n_valid: usize) -> T {
     m + sum.ln()
 }
 
+/// `scores (m × nk) = scale · q kᵀ` for the stacked query rows `q` (`m × d`, contiguous) of a
+/// block against its `nk` keys: the first product of both passes.
+#[inline(always)]
+fn stacked_scores<T: Float>(c: &Ctx<'_, T>, q: &[T], k: &[T], nk: usize, scores: &mut [T]) {
+    let d = c.dims.d;
+    block_gemm(
+        (q.len() / d, nk, d),
+        scores,
+        (nk, 1),
+        false,
+        q,
+        (d, 1),
+        k,
+        (1, c.kr.rs),
+        c.scale,
+    );
+}
+
 /// Per-task buffers of the forward pass, reused from block to block: the block's rows of every
 /// query head of the group stacked (`n_rep · rows × d`), their output, and the scores
 /// (`n_rep · rows × nk`).
@@ -479,17 +497,7 @@ fn group_forward_body<T: Float>(
         sc.scores.resize(m * nk, T::ZERO);
         sc.out.clear();
         sc.out.resize(m * d, T::ZERO);
-        block_gemm(
-            (m, nk, d),
-            &mut sc.scores,
-            (nk, 1),
-            false,
-            &sc.q,
-            (d, 1),
-            k,
-            (1, c.kr.rs),
-            c.scale,
-        );
+        stacked_scores(c, &sc.q, k, nk, &mut sc.scores);
         for (row, srow) in sc.scores.chunks_exact_mut(nk).enumerate() {
             let (r, i) = (row / rows, row % rows);
             lses[r][r0 - row0 + i] = softmax_row(srow, c.q_offset + r0 + i + 1 - a);
@@ -934,17 +942,7 @@ fn group_backward_body<T: Float>(
         ds.clear();
         ds.resize(m * nk, T::ZERO);
         // P = exp(scale·Q Kᵀ − lse), zero above the diagonal.
-        block_gemm(
-            (m, nk, d),
-            p,
-            (nk, 1),
-            false,
-            &sc.q,
-            (d, 1),
-            k,
-            (1, c.kr.rs),
-            c.scale,
-        );
+        stacked_scores(c, &sc.q, k, nk, p);
         for (row, prow) in p.chunks_exact_mut(nk).enumerate() {
             let n_valid = c.q_offset + r0 + row % rows + 1 - a;
             let l = sc.lse[row];
