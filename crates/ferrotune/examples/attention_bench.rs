@@ -32,6 +32,11 @@ fn main() -> candle_core::Result<()> {
             eprintln!("error: shape {shape:?} is not BATCHxSEQ");
             std::process::exit(2);
         };
+        // q, its gradient and the outputs take ~3 KB a token: keep it to a few hundred MB
+        if b == 0 || t == 0 || b.saturating_mul(t) > 1 << 16 {
+            eprintln!("error: shape {shape:?}: batch and length must be at least 1, batch x length at most 65536 tokens");
+            std::process::exit(2);
+        }
         let q = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, hq, t, d), &Device::Cpu)?)?;
         let k = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, hkv, t, d), &Device::Cpu)?)?;
         let v = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, hkv, t, d), &Device::Cpu)?)?;
