@@ -901,6 +901,7 @@ fn model_inputs(spec: &str, loaded: Option<&LoadedModel>) -> Vec<Input> {
 }
 
 fn run_convert(a: ConvertArgs) -> Result<()> {
+    on_interrupt_remove_partial_outputs();
     let out_dtype = parse_dtype("--out-dtype", &a.out_dtype)?;
     fsutil::check_output_dir(
         &a.out,
@@ -1012,6 +1013,17 @@ fn main() {
         }
     };
     QUIET.store(cli.quiet, Ordering::Relaxed);
+    if !matches!(cli.cmd, Command::Serve(_)) {
+        // The library reports what it did not do as asked (e.g. a linear kept unquantized) as
+        // tracing warnings; `serve` installs its own request log instead.
+        let _ = tracing_subscriber::fmt()
+            .with_writer(std::io::stderr)
+            .with_max_level(tracing_subscriber::filter::LevelFilter::WARN)
+            .with_target(false)
+            .without_time()
+            .with_ansi(false)
+            .try_init();
+    }
     let res = match cli.cmd {
         Command::Generate(a) => run_generate(a),
         Command::Serve(a) => serve::run_serve(a),
@@ -1456,9 +1468,9 @@ struct MergeArgs {
     /// --out only if ferrotune wrote it).
     #[arg(long)]
     overwrite: bool,
-    /// Stored dtype of the written weights: f32, bf16 or f16.
-    #[arg(long = "out-dtype", default_value = "f32")]
-    out_dtype: String,
+    /// Stored dtype of the written weights of an HF folder: f32 (default), bf16 or f16.
+    #[arg(long = "out-dtype")]
+    out_dtype: Option<String>,
     /// What --out is: `hf` (a Hugging Face folder) or `gguf` (one GGUF file, see `quantize`).
     #[arg(long, default_value = "hf")]
     format: String,
@@ -1577,6 +1589,7 @@ fn on_interrupt_stop_at_step_boundary() -> Result<(Arc<AtomicBool>, Arc<AtomicI3
         for sig in signals.forever() {
             let name = if sig == SIGINT { "Ctrl-C" } else { "SIGTERM" };
             if flag.swap(true, Ordering::SeqCst) {
+                fsutil::remove_in_flight();
                 eprintln!("\n{name} again: quitting at once, without a checkpoint");
                 std::process::exit(128 + sig);
             }
@@ -1587,6 +1600,31 @@ fn on_interrupt_stop_at_step_boundary() -> Result<(Arc<AtomicBool>, Arc<AtomicI3
         }
     });
     Ok((stop, signal))
+}
+
+/// Ctrl-C (SIGINT) or SIGTERM while a command writes its output (`quantize`, `merge`,
+/// `convert`): the half-written temporary file or folder is removed before the process exits
+/// (the output itself is only ever renamed into place whole).
+fn on_interrupt_remove_partial_outputs() {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    // Without the handler an interrupt still never damages the output; only the temporary file
+    // stays until the next run to the same path clears it.
+    let Ok(mut signals) = signal_hook::iterator::Signals::new([SIGINT, SIGTERM]) else {
+        return;
+    };
+    std::thread::spawn(move || {
+        if let Some(sig) = signals.forever().next() {
+            let n = fsutil::remove_in_flight();
+            let name = if sig == SIGINT { "Ctrl-C" } else { "SIGTERM" };
+            let what = if n > 0 {
+                "; the partial output was removed"
+            } else {
+                ""
+            };
+            eprintln!("\n{name}: stopped, nothing written{what}");
+            std::process::exit(128 + sig);
+        }
+    });
 }
 
 /// `s` as one shell word.
@@ -1765,23 +1803,50 @@ fn run_data_preview(a: DataPreviewArgs) -> Result<()> {
 }
 
 fn run_merge(a: MergeArgs) -> Result<()> {
-    let out_dtype = parse_dtype("--out-dtype", &a.out_dtype)?;
+    on_interrupt_remove_partial_outputs();
+    let out_dtype_name = a.out_dtype.clone().unwrap_or_else(|| "f32".into());
+    let out_dtype = parse_dtype("--out-dtype", &out_dtype_name)?;
     let gguf = match a.format.to_ascii_lowercase().as_str() {
         "hf" => {
             if a.quant.is_some() {
                 bail!("--quant: only with --format gguf (an HF folder's dtype is --out-dtype)");
             }
+            if a.out
+                .extension()
+                .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+            {
+                bail!(
+                    "--out {}: --format hf writes a folder; for a GGUF file pass --format gguf",
+                    a.out.display()
+                );
+            }
             None
         }
-        "gguf" => Some(
-            ferrotune::export::gguf::Preset::parse(a.quant.as_deref().unwrap_or("f16"))
-                .map_err(|e| anyhow!("--quant: {e}"))?,
-        ),
+        "gguf" => {
+            if a.out_dtype.is_some() {
+                bail!("--out-dtype: only with --format hf (a GGUF file's type is --quant)");
+            }
+            Some(
+                ferrotune::export::gguf::Preset::parse(a.quant.as_deref().unwrap_or("f16"))
+                    .map_err(|e| anyhow!("--quant: {e}"))?,
+            )
+        }
         other => bail!("--format: `{other}` is not a format (expected hf or gguf)"),
     };
     input_dir("--adapter", &a.adapter)?;
+    // Read now, whether or not the merge check runs: a wrong path is an error, not ignored.
+    // The check reads at most 1024 tokens: 1 MiB of text is plenty.
+    let check_text = match &a.check_text {
+        Some(p) => {
+            Some(fsutil::read_text_limited(p, 1 << 20).map_err(|e| anyhow!("--check-text: {e}"))?)
+        }
+        None => None,
+    };
     let mut inputs = model_inputs(&a.m.model, None);
     inputs.push(Input::new("the --adapter folder", &a.adapter));
+    if let Some(p) = &a.check_text {
+        inputs.push(Input::new("the --check-text file", p));
+    }
     let check_out = |inputs: &[Input]| -> Result<()> {
         match gguf {
             Some(_) => ferrotune::export::gguf::check_output(&a.out, a.overwrite, inputs)?,
@@ -1794,6 +1859,9 @@ fn run_merge(a: MergeArgs) -> Result<()> {
     inputs.push(Input::new("the --model", lm.source.path()));
     check_out(&inputs)?;
     if let Some(preset) = gguf {
+        if a.check_text.is_some() {
+            info!("note: --check-text is not used with --format gguf (the merge check runs for an HF folder from a quantized base)");
+        }
         fold_adapter(&mut lm, &a.adapter, "merge")?;
         let opts = ferrotune::export::gguf::GgufExportOptions {
             preset,
@@ -1834,13 +1902,9 @@ fn run_merge(a: MergeArgs) -> Result<()> {
             && l.adapters().any(|(n, _)| n == "merge")
     });
     let (report, check) = if on_quantized {
-        let text = match &a.check_text {
-            // the check reads at most 1024 tokens: 1 MiB of text is plenty
-            Some(p) => {
-                fsutil::read_text_limited(p, 1 << 20).map_err(|e| anyhow!("--check-text: {e}"))?
-            }
-            None => ferrotune::peft::merge_check::SAMPLE_TEXT.to_string(),
-        };
+        let text = check_text
+            .clone()
+            .unwrap_or_else(|| ferrotune::peft::merge_check::SAMPLE_TEXT.to_string());
         let mut ids = lm.tokenizer.encode(&text, true)?;
         ids.truncate(lm.model.context_length().unwrap_or(usize::MAX).min(1024));
         if ids.len() < 2 {
@@ -1851,6 +1915,9 @@ fn run_merge(a: MergeArgs) -> Result<()> {
         info!("{}", check.summary());
         (report, Some(check))
     } else {
+        if a.check_text.is_some() {
+            info!("note: --check-text is not used: the base is not quantized, so merging is exact and there is nothing to check");
+        }
         (
             ferrotune::peft::merge_and_unload(&mut *lm.model, "merge")?,
             None,
@@ -1865,10 +1932,7 @@ fn run_merge(a: MergeArgs) -> Result<()> {
         .iter()
         .any(|l| matches!(l.weight(), ferrotune::nn::LinearWeight::Quantized(_)));
     if still_quantized {
-        info!(
-            "note: the other quantized weights are dequantized to {} for the HF folder",
-            a.out_dtype
-        );
+        info!("note: the other quantized weights are dequantized to {out_dtype_name} for the HF folder");
     }
     fsutil::replace_dir(&a.out, |dir| {
         ferrotune::model::convert::write_hf_folder_dtype(&lm, dir, out_dtype)?;
@@ -1922,6 +1986,7 @@ fn fold_adapter(lm: &mut LoadedModel, dir: &Path, what: &str) -> Result<()> {
 }
 
 fn run_quantize(a: QuantizeArgs) -> Result<()> {
+    on_interrupt_remove_partial_outputs();
     use ferrotune::export::gguf::{self, GgufExportOptions, Preset};
     let to = a.to.trim().to_ascii_lowercase();
     if matches!(to.as_str(), "nf4" | "fp4" | "int8") {

@@ -866,6 +866,25 @@ fn merge_out_never_writes_into_its_inputs() {
     }
     assert_eq!(snapshot(&model), model_before);
     assert_eq!(snapshot(&adapter), adapter_before);
+    // --check-text is an input too: an --out folder holding it is refused even with --overwrite
+    let holder = s.dir.join("holder");
+    std::fs::create_dir_all(&holder).unwrap();
+    let check = holder.join("check.txt");
+    std::fs::write(&check, "The quick brown fox jumps over the lazy dog.").unwrap();
+    let e = fails(&[
+        "merge",
+        "--model",
+        model.to_str().unwrap(),
+        "--adapter",
+        adapter.to_str().unwrap(),
+        "--check-text",
+        check.to_str().unwrap(),
+        "--out",
+        holder.to_str().unwrap(),
+        "--overwrite",
+    ]);
+    assert!(e.contains("--check-text") && e.contains("an input"), "{e}");
+    assert!(check.is_file());
     let merged = s.dir.join("merged");
     merge(&model, &adapter, &merged);
     assert_complete_hf_folder(&merged);

@@ -183,4 +183,34 @@ fn merge_format_flags_are_checked() {
         out.to_str().unwrap(),
     ]);
     assert!(e.contains("--quant") && e.contains("`q9`"), "{e}");
+    // flags that would be ignored are refused: a GGUF's type is --quant, not --out-dtype
+    let e = fails(&[
+        "merge",
+        "--model",
+        &tiny_gguf(),
+        "--adapter",
+        dir.to_str().unwrap(),
+        "--format",
+        "gguf",
+        "--out-dtype",
+        "bf16",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(
+        e.contains("--out-dtype") && e.contains("--format hf"),
+        "{e}"
+    );
+    // an HF folder named like a GGUF file is almost surely a forgotten --format gguf
+    let e = fails(&[
+        "merge",
+        "--model",
+        &tiny_gguf(),
+        "--adapter",
+        dir.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(e.contains("--format gguf"), "{e}");
+    assert!(!out.exists());
 }

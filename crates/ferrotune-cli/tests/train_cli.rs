@@ -233,6 +233,28 @@ fn bf16_base_with_checkpointing_trains() {
 }
 
 #[test]
+fn double_quant_with_a_format_it_does_not_apply_to_is_named() {
+    // A QLoRA config rerun with another base_quant: its double_quant is reported as unused
+    // (a warning, not an error: the documented `--set train.base_quant=...` comparisons work).
+    let s = Setup::new("dq", "", "", "max_steps = 1");
+    let r = s.train_ok(&[
+        "--dry-run",
+        "--set",
+        "train.base_quant=int8",
+        "--set",
+        "train.double_quant=true",
+    ]);
+    let stderr = String::from_utf8_lossy(&r.stderr);
+    assert!(
+        stderr.contains("train.double_quant = true has no effect") && stderr.contains("\"int8\""),
+        "{stderr}"
+    );
+    let r = s.train_ok(&["--dry-run", "--set", "train.base_quant=nf4"]);
+    let stderr = String::from_utf8_lossy(&r.stderr);
+    assert!(!stderr.contains("no effect"), "{stderr}");
+}
+
+#[test]
 fn a_run_that_cannot_fit_in_memory_is_refused_before_it_starts() {
     // Ten million rows per micro-batch: the activations alone would need terabytes.
     let s = Setup::new("oom", "", "", "max_steps = 2");

@@ -58,20 +58,101 @@ fn tmp_sibling(path: &Path) -> Result<PathBuf> {
     let name = path
         .file_name()
         .ok_or_else(|| Error::file(path, "is not a file path"))?
-        .to_string_lossy();
-    Ok(path.with_file_name(format!(".{name}.{}.tmp", std::process::id())))
+        .to_string_lossy()
+        .to_string();
+    remove_stale_tmp_siblings(path, &name);
+    let tmp = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
+    in_flight().push(tmp.clone());
+    Ok(tmp)
+}
+
+/// Temporary files and folders being written now (see [`remove_in_flight`]).
+fn in_flight() -> std::sync::MutexGuard<'static, Vec<PathBuf>> {
+    static IN_FLIGHT: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+    IN_FLIGHT.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn done_in_flight(tmp: &Path) {
+    in_flight().retain(|p| p != tmp);
+}
+
+/// Remove the temporary files and folders this process is writing (half-written outputs that
+/// will never be renamed into place): for a Ctrl-C or SIGTERM handler before it exits, so an
+/// interrupted `quantize` or `merge` leaves nothing behind. Returns how many it removed.
+pub fn remove_in_flight() -> usize {
+    let paths = std::mem::take(&mut *in_flight());
+    let mut n = 0;
+    for p in paths {
+        let gone = if p.is_dir() {
+            std::fs::remove_dir_all(&p)
+        } else {
+            std::fs::remove_file(&p)
+        };
+        n += gone.is_ok() as usize;
+    }
+    n
+}
+
+/// `.NAME.PID.tmp` siblings of `path` left by a process that no longer runs (a kill -9 or a
+/// power cut while it wrote): removed, since only a live writer can still finish them. Only
+/// where `/proc` tells which processes run.
+fn remove_stale_tmp_siblings(path: &Path, name: &str) {
+    let proc_root = Path::new("/proc/self");
+    if !proc_root.exists() {
+        return;
+    }
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let prefix = format!(".{name}.");
+    for e in entries.flatten() {
+        let file = e.file_name().to_string_lossy().to_string();
+        let Some(pid) = file
+            .strip_prefix(&prefix)
+            .and_then(|r| r.strip_suffix(".tmp"))
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let alive = Path::new("/proc").join(pid.to_string()).exists();
+        if !alive && e.file_type().is_ok_and(|t| t.is_file()) {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
 }
 
 /// Rename the finished temporary file `tmp` to `path` (removing `tmp` on failure).
 fn rename_into_place(tmp: &Path, path: &Path) -> Result<()> {
-    std::fs::rename(tmp, path).map_err(|e| {
+    let r = std::fs::rename(tmp, path).map_err(|e| {
         let _ = std::fs::remove_file(tmp);
         Error::file(path, e)
-    })
+    });
+    done_in_flight(tmp);
+    r
 }
 
 /// Write `bytes` to `path` through a temporary sibling (`.NAME.PID.tmp`), flushed to disk, and
 /// a rename: a crash never leaves a half-written file under the final name.
+/// `std::fs::read_to_string` for a file of a model folder (config.json, tokenizer.json, an
+/// index, a chat template): only a regular file (after symlinks) is opened, since opening a
+/// FIFO blocks until a writer appears and a device such as /dev/zero never ends. (Files the
+/// user names on the command line may be pipes, as `--config <(...)` is: those are read with
+/// the usual calls, and [`read_text_limited`] where they could be endless.)
+pub fn read_to_string(path: impl AsRef<Path>) -> std::io::Result<String> {
+    let path = path.as_ref();
+    if !std::fs::metadata(path)?.is_file() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "is not a regular file (a folder, FIFO or device); refused",
+        ));
+    }
+    std::fs::read_to_string(path)
+}
+
 /// A text file read whole, refusing more than `limit` bytes before reading past it (a
 /// character device such as /dev/zero, or a huge file, would otherwise fill memory).
 pub fn read_text_limited(path: &Path, limit: u64) -> Result<String> {
@@ -100,9 +181,22 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     };
     if let Err(e) = write() {
         let _ = std::fs::remove_file(&tmp);
-        return Err(Error::file(&tmp, e));
+        done_in_flight(&tmp);
+        return Err(tmp_error(path, &tmp, e));
     }
     rename_into_place(&tmp, path)
+}
+
+/// A failure writing `tmp`, the temporary sibling of `path`: named by the file the user asked
+/// for, the temporary name after it.
+fn tmp_error(path: &Path, tmp: &Path, e: impl std::fmt::Display) -> Error {
+    Error::file(
+        path,
+        format!(
+            "{e} (writing it through the temporary file {} beside it)",
+            tmp.file_name().unwrap_or_default().to_string_lossy()
+        ),
+    )
 }
 
 /// [`write_atomic`] for a file too large to hold in memory: `fill` streams it into the
@@ -113,14 +207,20 @@ pub fn write_atomic_with(
     fill: impl FnOnce(&mut std::io::BufWriter<std::fs::File>) -> Result<()>,
 ) -> Result<()> {
     let tmp = tmp_sibling(path)?;
-    let file = std::fs::File::create(&tmp).map_err(|e| Error::file(&tmp, e))?;
+    let file = std::fs::File::create(&tmp).map_err(|e| {
+        done_in_flight(&tmp);
+        tmp_error(path, &tmp, e)
+    })?;
     let mut w = std::io::BufWriter::with_capacity(1 << 20, file);
     let done = fill(&mut w).and_then(|()| {
-        let f = w.into_inner().map_err(|e| Error::file(&tmp, e.error()))?;
-        f.sync_all().map_err(|e| Error::file(&tmp, e))
+        let f = w
+            .into_inner()
+            .map_err(|e| tmp_error(path, &tmp, e.error()))?;
+        f.sync_all().map_err(|e| tmp_error(path, &tmp, e))
     });
     if let Err(e) = done {
         let _ = std::fs::remove_file(&tmp);
+        done_in_flight(&tmp);
         return Err(e);
     }
     rename_into_place(&tmp, path)
@@ -145,7 +245,8 @@ pub fn write_safetensors(
         .and_then(|()| std::fs::set_permissions(&tmp, perms).map_err(|e| e.to_string()));
     if let Err(e) = saved {
         let _ = std::fs::remove_file(&tmp);
-        return Err(Error::file(&tmp, e));
+        done_in_flight(&tmp);
+        return Err(tmp_error(path, &tmp, e));
     }
     rename_into_place(&tmp, path)
 }
@@ -268,8 +369,22 @@ pub fn protected_dir(dir: &Path) -> Option<&'static str> {
 /// `overwrite`; never a folder.
 pub fn check_output_file(path: &Path, flag: &str, overwrite: bool, inputs: &[Input]) -> Result<()> {
     check_not_input(path, flag, inputs)?;
-    if path.is_dir() {
+    if path.is_dir() || path.as_os_str().to_string_lossy().ends_with('/') {
         return Err(Error::file(path, format!("{flag} is a folder, not a file")));
+    }
+    // Before any work: a file cannot be written into a folder that is not there.
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    if !parent.is_dir() {
+        return Err(Error::file(
+            path,
+            format!(
+                "{flag}: the folder {} does not exist; create it first",
+                parent.display()
+            ),
+        ));
     }
     if !overwrite && (path.exists() || path.is_symlink()) {
         return Err(Error::file(
@@ -400,6 +515,7 @@ pub fn replace_dir(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result
         }
     }
     std::fs::create_dir(&tmp).map_err(|e| Error::file(&tmp, e))?;
+    in_flight().push(tmp.clone());
     // The marker goes first, so that a half-written folder is recognisably ours.
     write_marker(&tmp, &Marker::new(HF_FOLDER_KIND, Vec::new()))?;
     let filled = fill(&tmp).and_then(|()| {
@@ -414,18 +530,25 @@ pub fn replace_dir(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result
     });
     if let Err(e) = filled {
         let _ = std::fs::remove_dir_all(&tmp);
+        done_in_flight(&tmp);
         return Err(e);
     }
-    match dir_state(dir)? {
-        DirState::Missing | DirState::Empty => {
-            // rename(2) replaces an empty folder atomically.
-            std::fs::rename(&tmp, dir).map_err(|e| Error::file(dir, e))?;
+    let placed = match dir_state(dir) {
+        Err(e) => Err(e),
+        // rename(2) replaces an empty folder atomically.
+        Ok(DirState::Missing | DirState::Empty) => {
+            std::fs::rename(&tmp, dir).map_err(|e| Error::file(dir, e))
         }
-        _ => {
-            std::fs::rename(dir, &old).map_err(|e| Error::file(dir, e))?;
-            std::fs::rename(&tmp, dir).map_err(|e| Error::file(dir, e))?;
-            std::fs::remove_dir_all(&old).map_err(|e| Error::file(&old, e))?;
-        }
+        Ok(_) => std::fs::rename(dir, &old)
+            .and_then(|()| std::fs::rename(&tmp, dir))
+            .map_err(|e| Error::file(dir, e)),
+    };
+    // Renamed or not, it is no longer a half-written output for an interrupt to remove (a
+    // failed rename leaves the finished folder for the next run to clear or restore).
+    done_in_flight(&tmp);
+    placed?;
+    if old.exists() {
+        std::fs::remove_dir_all(&old).map_err(|e| Error::file(&old, e))?;
     }
     Ok(())
 }
@@ -453,6 +576,61 @@ fn remove_if_ours(p: &Path) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn stale_temporary_files_of_dead_writers_are_cleared_and_live_ones_kept() {
+        let dir = tmp("stale-tmp");
+        let out = dir.join("x.gguf");
+        // pid 1 always runs; no process has a pid of 2^31 - 1
+        let (live, dead) = (
+            dir.join(".x.gguf.1.tmp"),
+            dir.join(".x.gguf.2147483647.tmp"),
+        );
+        let other = dir.join(".y.gguf.2147483647.tmp");
+        for p in [&live, &dead, &other] {
+            std::fs::write(p, b"partial").unwrap();
+        }
+        write_atomic(&out, b"whole").unwrap();
+        assert_eq!(std::fs::read(&out).unwrap(), b"whole");
+        assert!(!dead.exists(), "a dead writer's temporary file stays");
+        assert!(live.exists() && other.exists());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn temporary_outputs_are_in_flight_until_renamed_or_removed() {
+        // (`remove_in_flight` itself is exercised through the binary: calling it here would
+        // remove the temporary files of tests running beside this one.)
+        let dir = tmp("in-flight");
+        let half = tmp_sibling(&dir.join("half.txt")).unwrap();
+        assert!(in_flight().contains(&half));
+        std::fs::write(&half, b"x").unwrap();
+        rename_into_place(&half, &dir.join("half.txt")).unwrap();
+        assert!(!in_flight().contains(&half));
+        let failed = dir.join("no-such-folder").join("f.txt");
+        assert!(write_atomic(&failed, b"x").is_err());
+        assert!(!in_flight()
+            .iter()
+            .any(|p| p.starts_with(dir.join("no-such-folder"))));
+        replace_dir(&dir.join("out"), |d| write_atomic(&d.join("a"), b"a")).unwrap();
+        assert!(!in_flight().iter().any(|p| p.starts_with(&dir)));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn model_folder_files_that_are_fifos_or_devices_are_refused() {
+        let dir = tmp("fifo");
+        let fifo = dir.join("config.json");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: a valid C string; mkfifo only creates the node.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        // would block forever if opened
+        let e = read_to_string(&fifo).unwrap_err().to_string();
+        assert!(e.contains("not a regular file"), "{e}");
+        assert!(read_to_string(&dir).is_err());
+        assert!(read_to_string("/dev/zero").is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
     use super::*;
 
     fn tmp(tag: &str) -> PathBuf {

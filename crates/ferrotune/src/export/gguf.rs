@@ -163,6 +163,19 @@ pub struct ExportReport {
     pub n_elements: u64,
     /// `tokenizer.ggml.pre` written (or carried over).
     pub tokenizer_pre: Option<String>,
+    /// Tensors whose rows are not whole blocks of the type the preset picks for them, and the
+    /// type they got instead (llama.cpp's `tensor_type_fallback`).
+    pub fallbacks: Vec<Fallback>,
+}
+
+/// One tensor that took llama.cpp's fallback type.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fallback {
+    pub name: String,
+    /// Values per row.
+    pub row: usize,
+    pub wanted: GgmlType,
+    pub got: GgmlType,
 }
 
 impl ExportReport {
@@ -202,8 +215,35 @@ impl ExportReport {
         if let Some(p) = &self.tokenizer_pre {
             s.push_str(&format!("  tokenizer.ggml.pre = {p}\n"));
         }
+        if let Some(line) = self.fallback_summary() {
+            s.push_str(&line);
+            s.push('\n');
+        }
         s.pop();
         s
+    }
+
+    /// One line for the fallbacks, grouped by (wanted, got, row length); None without any.
+    pub fn fallback_summary(&self) -> Option<String> {
+        if self.fallbacks.is_empty() {
+            return None;
+        }
+        let mut groups: BTreeMap<(&str, &str, usize), usize> = BTreeMap::new();
+        for f in &self.fallbacks {
+            *groups
+                .entry((f.wanted.name(), f.got.name(), f.row))
+                .or_default() += 1;
+        }
+        let parts: Vec<String> = groups
+            .iter()
+            .map(|((w, g, row), n)| {
+                format!("{w} -> {g} x{n} (rows of {row} values are not whole {w} blocks)")
+            })
+            .collect();
+        Some(format!(
+            "  fallback (as llama.cpp's tensor_type_fallback): {}",
+            parts.join("; ")
+        ))
     }
 }
 
@@ -246,6 +286,16 @@ pub fn tensor_types(
     preset: Preset,
     p: MixParams,
 ) -> Result<Vec<GgmlType>> {
+    Ok(tensor_types_and_fallbacks(tensors, preset, p)?.0)
+}
+
+/// [`tensor_types`], and the tensors that took a fallback type.
+pub fn tensor_types_and_fallbacks(
+    tensors: &[(String, Vec<usize>)],
+    preset: Preset,
+    p: MixParams,
+) -> Result<(Vec<GgmlType>, Vec<Fallback>)> {
+    let mut fallbacks = Vec::new();
     let default = preset.default_type();
     let use_more_bits = |i: i64, n: i64| i < n / 8 || i >= 7 * n / 8 || (i - n / 8) % 3 == 2;
     let tied = !tensors.iter().any(|(n, _)| n == "output.weight");
@@ -298,6 +348,7 @@ pub fn tensor_types(
         }
         // tensor_type_fallback: rows that are not whole blocks of the chosen type.
         if !nx.is_multiple_of(t.block_size()) {
+            let wanted = t;
             t = match t {
                 GgmlType::Q4K => GgmlType::Q5_0,
                 GgmlType::Q5K => GgmlType::Q5_1,
@@ -313,10 +364,16 @@ pub fn tensor_types(
             if !nx.is_multiple_of(t.block_size()) {
                 t = GgmlType::F16;
             }
+            fallbacks.push(Fallback {
+                name: name.clone(),
+                row: nx,
+                wanted,
+                got: t,
+            });
         }
         out.push(t);
     }
-    Ok(out)
+    Ok((out, fallbacks))
 }
 
 // ------------------------------------------------------------------ GGUF serialisation
@@ -497,7 +554,7 @@ fn read_json(path: &Path) -> Result<Option<serde_json::Value>> {
     if !path.is_file() {
         return Ok(None);
     }
-    let text = std::fs::read_to_string(path).map_err(|e| Error::file(path, e))?;
+    let text = crate::fsutil::read_to_string(path).map_err(|e| Error::file(path, e))?;
     serde_json::from_str(&text)
         .map(Some)
         .map_err(|e| Error::file(path, format!("invalid JSON: {e}")))
@@ -820,7 +877,7 @@ fn tokenizer_from_hf(dir: &Path, vocab_size: usize, add_bos: bool) -> Result<Tok
         _ => {
             let jinja = dir.join("chat_template.jinja");
             if jinja.is_file() {
-                Some(std::fs::read_to_string(&jinja).map_err(|e| Error::file(&jinja, e))?)
+                Some(crate::fsutil::read_to_string(&jinja).map_err(|e| Error::file(&jinja, e))?)
             } else {
                 None
             }
@@ -949,7 +1006,7 @@ pub fn write_gguf_with_tokenizer(
         }
     };
     let shapes: Vec<(String, Vec<usize>)> = names.iter().map(|n| (n.clone(), dims_of(n))).collect();
-    let types = tensor_types(
+    let (types, fallbacks) = tensor_types_and_fallbacks(
         &shapes,
         opts.preset,
         MixParams {
@@ -994,6 +1051,8 @@ pub fn write_gguf_with_tokenizer(
                 }
                 None => rope_freqs.clone().unwrap_or_default(),
             };
+            crate::quant::check_finite(&values, dims[0])
+                .map_err(|e| Error::msg(format!("tensor `{g}`: {e}")))?;
             let bytes = quantize_rows(*t, &values, dims[0])
                 .map_err(|e| Error::msg(format!("tensor `{g}`: {e}")))?;
             let padded = bytes.len().next_multiple_of(GGUF_ALIGNMENT);
@@ -1018,6 +1077,7 @@ pub fn write_gguf_with_tokenizer(
         file_bytes: written,
         n_elements,
         tokenizer_pre: pre,
+        fallbacks,
     })
 }
 

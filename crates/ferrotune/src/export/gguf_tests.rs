@@ -124,6 +124,20 @@ fn type_mix_for_a_smollm2_shaped_model() {
         }
         assert_eq!(g("attn_norm"), GgmlType::F32);
     }
+    // Every fallback is reported: 14 attn_v Q6_K -> Q8_0, the other 16 attn_v and the five
+    // 576-column classes Q4_K -> Q5_0 (30 x 5 + 16 = 166); the tied output's Q8_0 is llama.cpp's
+    // own choice for it, not a fallback; ffn_down needs none.
+    let (_, fallbacks) = tensor_types_and_fallbacks(&t, Preset::Q4KM, p).unwrap();
+    let count = |w: GgmlType, g: GgmlType| {
+        fallbacks
+            .iter()
+            .filter(|f| f.wanted == w && f.got == g && f.row == 576)
+            .count()
+    };
+    assert_eq!(count(GgmlType::Q6K, GgmlType::Q8_0), 14);
+    assert_eq!(count(GgmlType::Q4K, GgmlType::Q5_0), 166);
+    assert_eq!(fallbacks.len(), 180);
+    assert!(!fallbacks.iter().any(|f| f.name.contains("ffn_down")));
     let m = types_of(&t, Preset::Q8_0, p);
     assert!(t.iter().all(|(n, d)| m[n]
         == if d.len() == 1 {

@@ -512,7 +512,7 @@ fn parse_labels(v: &Value, source: &str) -> Result<Vec<String>> {
 /// Read and validate `config.json` of an HF folder as a BERT-family config.
 pub fn config_from_hf_dir(dir: &Path) -> Result<BertConfig> {
     let p = dir.join("config.json");
-    let text = std::fs::read_to_string(&p).map_err(|e| Error::file(&p, e))?;
+    let text = crate::fsutil::read_to_string(&p).map_err(|e| Error::file(&p, e))?;
     let v: Value =
         serde_json::from_str(&text).map_err(|e| Error::file(&p, format!("invalid JSON: {e}")))?;
     BertConfig::from_hf_json(&v, &p.display().to_string())
@@ -1850,7 +1850,7 @@ fn read_json_file(path: &Path) -> Result<Option<Value>> {
     if !path.is_file() {
         return Ok(None);
     }
-    let text = std::fs::read_to_string(path).map_err(|e| Error::file(path, e))?;
+    let text = crate::fsutil::read_to_string(path).map_err(|e| Error::file(path, e))?;
     serde_json::from_str(&text)
         .map(Some)
         .map_err(|e| Error::file(path, format!("invalid JSON: {e}")))

@@ -172,6 +172,17 @@ fn ggml_dtype(id: u32) -> Option<GgmlDType> {
 }
 
 /// One tensor as the header describes it, before its byte range can be checked.
+/// The kind of a metadata value, for messages.
+fn value_kind(v: &Value) -> &'static str {
+    match v {
+        Value::String(_) => "string",
+        Value::Bool(_) => "boolean",
+        Value::F32(_) | Value::F64(_) => "floating-point",
+        Value::Array(_) => "array",
+        _ => "negative integer",
+    }
+}
+
 struct RawTensor {
     name: String,
     /// Where its entry starts, for messages.
@@ -401,11 +412,24 @@ impl<R: Read> HeaderReader<R> {
         }
 
         let mut metadata = HashMap::with_capacity(kv_count as usize);
+        let mut alignment_at = self.pos;
         for i in 0..kv_count {
             let at = self.pos;
             let key = self
                 .string(u16::MAX as u64)
                 .within(|| format!("metadata entry {i}: key"))?;
+            if key.chars().any(char::is_control) {
+                return self.fault(
+                    at,
+                    format!(
+                        "metadata entry {i}: key `{}` holds a control character",
+                        key.escape_debug()
+                    ),
+                );
+            }
+            if key == "general.alignment" {
+                alignment_at = at;
+            }
             let value = self
                 .value_type()
                 .and_then(|t| self.value(t, 0))
@@ -415,7 +439,7 @@ impl<R: Read> HeaderReader<R> {
             }
             metadata.insert(key, value);
         }
-        let alignment = self.alignment(&metadata)?;
+        let alignment = self.alignment(&metadata, alignment_at)?;
 
         let mut raw = Vec::with_capacity(tensor_count as usize);
         let mut seen = std::collections::HashSet::with_capacity(tensor_count as usize);
@@ -424,6 +448,15 @@ impl<R: Read> HeaderReader<R> {
             let name = self
                 .string(u16::MAX as u64)
                 .within(|| format!("tensor {i}: name"))?;
+            if name.chars().any(char::is_control) {
+                return self.fault(
+                    at,
+                    format!(
+                        "tensor {i}: name `{}` holds a control character",
+                        name.escape_debug()
+                    ),
+                );
+            }
             let t = self
                 .tensor_info(name.clone(), at, alignment)
                 .within(|| format!("tensor `{name}`"))?;
@@ -438,6 +471,22 @@ impl<R: Read> HeaderReader<R> {
             Some(o) => o,
             None => return self.fault(header_end, "tensor data offset overflows"),
         };
+        // Tensor data may not overlap (llama.cpp lays tensors out back to back and checks each
+        // offset): a retyped or hand-edited entry would otherwise read its neighbour's bytes.
+        let mut by_offset: Vec<&RawTensor> = raw.iter().collect();
+        by_offset.sort_by_key(|t| t.offset);
+        for w in by_offset.windows(2) {
+            let (a, b) = (w[0], w[1]);
+            if a.offset.saturating_add(a.bytes) > b.offset {
+                return self.fault(
+                    b.at,
+                    format!(
+                        "tensor `{}` ({} bytes of {:?} from data offset {}) overlaps tensor `{}` at data offset {}",
+                        a.name, a.bytes, a.dtype, a.offset, b.name, b.offset
+                    ),
+                );
+            }
+        }
         let mut tensor_infos = HashMap::with_capacity(raw.len());
         for t in raw {
             let end = tensor_data_offset
@@ -480,7 +529,7 @@ impl<R: Read> HeaderReader<R> {
 
     /// `general.alignment` (default 32): candle accepts any integer type there, so do we, but it
     /// must be a power of two (0 would divide by zero, 3 would misplace every tensor).
-    fn alignment(&self, metadata: &HashMap<String, Value>) -> Parse<u64> {
+    fn alignment(&self, metadata: &HashMap<String, Value>, at: u64) -> Parse<u64> {
         const KEY: &str = "general.alignment";
         let Some(v) = metadata.get(KEY) else {
             return Ok(candle_core::quantized::gguf_file::DEFAULT_ALIGNMENT);
@@ -499,9 +548,13 @@ impl<R: Read> HeaderReader<R> {
         match n {
             Some(n) if n.is_power_of_two() && n <= self.limits.max_alignment => Ok(n),
             _ => self.fault(
-                self.pos,
+                at,
                 format!(
-                    "metadata key `{KEY}`: {v:?} is not a power of two up to {}",
+                    "metadata key `{KEY}`: {} is not a power of two up to {}",
+                    match n {
+                        Some(n) => n.to_string(),
+                        None => format!("a {} value", value_kind(v)),
+                    },
                     self.limits.max_alignment
                 ),
             ),
@@ -909,6 +962,37 @@ mod tests {
         v.push(0);
         let b = Raw::default().kv_raw("deep", TYPE_ARRAY, &v).bytes();
         refused(&b, &["`deep`", "nested more than"]);
+    }
+
+    #[test]
+    fn overlapping_tensor_data_and_control_characters_in_names_are_refused() {
+        // `w` is 32 f32 = 128 bytes from offset 0, `v` starts at 64: inside `w`'s bytes.
+        let b = Raw::default()
+            .tensor("w", &[32], 0, 0)
+            .tensor("v", &[8], 0, 64)
+            .data(256)
+            .bytes();
+        refused(&b, &["tensor `w`", "overlaps tensor `v`"]);
+        // back to back is fine
+        let b = Raw::default()
+            .tensor("w", &[32], 0, 0)
+            .tensor("v", &[8], 0, 128)
+            .data(256)
+            .bytes();
+        parse(&b).unwrap();
+        let b = Raw::default()
+            .tensor("blk.0\nattn_k.weight", &[8], 0, 0)
+            .data(64)
+            .bytes();
+        let e = refused(&b, &["tensor 0: name", "control character"]);
+        assert!(e.contains(r"blk.0\nattn_k"), "{e}");
+        let b = Raw::default().kv_u32("a\u{7}b", 1).bytes();
+        refused(&b, &["metadata entry 0", "control character"]);
+        let b = Raw::default().kv_u32("general.alignment", 0).bytes();
+        refused(
+            &b,
+            &["byte 24", "`general.alignment`: 0 is not a power of two"],
+        );
     }
 
     #[test]

@@ -15,6 +15,7 @@ pub fn download(spec: &str) -> Result<ModelSource> {
             "--model hf:{spec}: expected hf:org/name[@revision] or hf:org/name/file.gguf"
         )));
     }
+    check_spec(spec, &parts, &revision)?;
     let repo_id = format!("{}/{}", parts[0], parts[1]);
     let api = hf_hub::api::sync::ApiBuilder::from_env()
         .with_progress(true)
@@ -38,6 +39,49 @@ pub fn download(spec: &str) -> Result<ModelSource> {
     Ok(ModelSource::HfDir(fetch_hf_folder(spec, &mut get)?))
 }
 
+/// The Hub's own rules for the parts of `hf:org/name[/file][@revision]`, checked before any
+/// request: an org or name of letters, digits, `-`, `_` and `.` (not `.` or `..`), a file path
+/// without empty, `.` or `..` components, a revision without `..`. The parts become paths of
+/// the local cache, so nothing may climb out of it.
+fn check_spec(spec: &str, parts: &[&str], revision: &str) -> Result<()> {
+    let name_ok = |s: &str| {
+        !s.is_empty()
+            && s.len() <= 96
+            && s != "."
+            && s != ".."
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    };
+    let bad = |what: String| Err(Error::msg(format!("--model hf:{spec}: {what}")));
+    for (what, s) in [("org", parts[0]), ("name", parts[1])] {
+        if !name_ok(s) {
+            return bad(format!(
+                "`{}` is not a Hub {what} (letters, digits, `-`, `_` and `.`)",
+                s.escape_debug()
+            ));
+        }
+    }
+    if parts[2..]
+        .iter()
+        .any(|c| c.is_empty() || *c == "." || *c == ".." || c.chars().any(char::is_control))
+    {
+        return bad(format!(
+            "the file path `{}` must be a plain relative path (no empty, `.` or `..` parts)",
+            parts[2..].join("/").escape_debug()
+        ));
+    }
+    if revision.is_empty()
+        || revision.contains("..")
+        || revision.starts_with('/')
+        || revision
+            .chars()
+            .any(|c| c.is_control() || c.is_whitespace())
+    {
+        return bad(format!("`{}` is not a revision", revision.escape_debug()));
+    }
+    Ok(())
+}
+
 /// `hf:org/name[@revision]`'s config.json alone (what `plan` reads; no weights, no tokenizer):
 /// the cache folder holding it.
 pub fn download_config(spec: &str) -> Result<ModelSource> {
@@ -51,6 +95,7 @@ pub fn download_config(spec: &str) -> Result<ModelSource> {
             "--model hf:{spec}: expected hf:org/name[@revision] or hf:org/name/file.gguf"
         )));
     }
+    check_spec(spec, &parts, &revision)?;
     let api = hf_hub::api::sync::ApiBuilder::from_env()
         .with_progress(false)
         .build()
@@ -118,7 +163,7 @@ fn fetch_hf_folder(
     }
     match fetch("model.safetensors.index.json") {
         Ok(index) => {
-            let text = std::fs::read_to_string(&index).map_err(|e| Error::file(&index, e))?;
+            let text = crate::fsutil::read_to_string(&index).map_err(|e| Error::file(&index, e))?;
             let v: serde_json::Value =
                 serde_json::from_str(&text).map_err(|e| Error::file(&index, e))?;
             let mut shards: Vec<String> = v

@@ -71,6 +71,12 @@ pub fn resolve(spec: &str) -> Result<ModelSource> {
             "not a GGUF file (bad magic); pass a .gguf file or an HF model folder",
         ));
     }
+    if !p.is_dir() {
+        return Err(Error::file(
+            &p,
+            "is neither a regular file nor a folder (a FIFO or device?); pass a .gguf file or an HF model folder",
+        ));
+    }
     if p.join("config.json").exists() {
         return Ok(ModelSource::HfDir(p));
     }
@@ -301,7 +307,7 @@ fn check_no_head(opts: &LoadOptions, what: &str, file: &Path) -> Result<()> {
 /// Whether `dir/config.json` names a BERT-family encoder (unreadable: no, the LLaMA path
 /// reports the file's error).
 fn is_bert_dir(dir: &Path) -> bool {
-    std::fs::read_to_string(dir.join("config.json"))
+    crate::fsutil::read_to_string(dir.join("config.json"))
         .ok()
         .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
         .is_some_and(|v| bert::BertConfig::is_bert_family(&v))
@@ -309,7 +315,7 @@ fn is_bert_dir(dir: &Path) -> bool {
 
 pub fn config_from_hf_dir(dir: &Path) -> Result<LlamaConfig> {
     let p = dir.join("config.json");
-    let text = std::fs::read_to_string(&p).map_err(|e| Error::file(&p, e))?;
+    let text = crate::fsutil::read_to_string(&p).map_err(|e| Error::file(&p, e))?;
     let v: serde_json::Value =
         serde_json::from_str(&text).map_err(|e| Error::file(&p, format!("invalid JSON: {e}")))?;
     if bert::BertConfig::is_bert_family(&v) {
@@ -347,7 +353,8 @@ fn check_tokenizer_fits(
 }
 
 fn content_arch(ct: &gguf_file::Content, path: &Path) -> Result<String> {
-    ct.metadata
+    let arch = ct
+        .metadata
         .get("general.architecture")
         .and_then(|v| v.to_string().ok())
         .cloned()
@@ -357,7 +364,15 @@ fn content_arch(ct: &gguf_file::Content, path: &Path) -> Result<String> {
                 "general.architecture",
                 "missing",
             )
-        })
+        })?;
+    if arch.is_empty() || arch.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        return Err(Error::key(
+            path.display().to_string(),
+            "general.architecture",
+            format!("`{}` is not an architecture name", arch.escape_debug()),
+        ));
+    }
+    Ok(arch)
 }
 
 /// A non-negative integer GGUF metadata value of any integer type.
@@ -426,6 +441,9 @@ pub fn config_from_gguf(ct: &gguf_file::Content, path: &Path) -> Result<LlamaCon
     let kv = get_u("attention.head_count_kv")?.unwrap_or(heads);
     if heads == 0 {
         return Err(keys.err(&keys.num_attention_heads, "must be at least 1"));
+    }
+    if hidden == 0 {
+        return Err(keys.err(&keys.hidden_size, "must be at least 1"));
     }
     // llama.cpp: the head size is attention.key_length, else embedding_length / head_count; RoPE
     // turns rope.dimension_count of those dimensions (default: all of them).

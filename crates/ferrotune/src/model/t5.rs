@@ -1850,7 +1850,7 @@ impl LoadedT5 {
 /// Read and parse `dir/config.json` as a T5 config.
 pub fn config_from_hf_dir(dir: &Path) -> Result<T5Config> {
     let p = dir.join("config.json");
-    let text = std::fs::read_to_string(&p).map_err(|e| Error::file(&p, e))?;
+    let text = crate::fsutil::read_to_string(&p).map_err(|e| Error::file(&p, e))?;
     let v: Value =
         serde_json::from_str(&text).map_err(|e| Error::file(&p, format!("invalid JSON: {e}")))?;
     T5Config::from_hf_json(&v, &p.display().to_string())
@@ -1862,7 +1862,7 @@ pub fn is_t5_source(source: &ModelSource) -> bool {
     let ModelSource::HfDir(dir) = source else {
         return false;
     };
-    std::fs::read_to_string(dir.join("config.json"))
+    crate::fsutil::read_to_string(dir.join("config.json"))
         .ok()
         .and_then(|t| serde_json::from_str::<Value>(&t).ok())
         .is_some_and(|v| is_t5_config(&v))

@@ -101,7 +101,7 @@ impl SafetensorsSource {
     pub fn open(dir: &Path, opts: &LoadOptions, device: &Device) -> Result<Self> {
         let index = dir.join("model.safetensors.index.json");
         let files: Vec<PathBuf> = if index.exists() {
-            let text = std::fs::read_to_string(&index).map_err(|e| Error::file(&index, e))?;
+            let text = crate::fsutil::read_to_string(&index).map_err(|e| Error::file(&index, e))?;
             let v: serde_json::Value = serde_json::from_str(&text)
                 .map_err(|e| Error::file(&index, format!("invalid JSON: {e}")))?;
             let map = v
@@ -152,8 +152,10 @@ impl SafetensorsSource {
             // file must be a clear error, not a crash deep inside a matmul.
             let file = std::fs::File::open(f).map_err(|e| Error::file(f, e))?;
             let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::file(f, e))?;
-            let st = safetensors::SafeTensors::deserialize(&mmap)
-                .map_err(|e| Error::file(f, format!("not a valid safetensors file: {e}")))?;
+            let st = safetensors::SafeTensors::deserialize(&mmap).map_err(|e| {
+                let why = diagnose_safetensors(&mmap).unwrap_or_else(|| e.to_string());
+                Error::file(f, format!("not a valid safetensors file: {why}"))
+            })?;
             for (n, view) in st.tensors() {
                 names.insert(n, (f.clone(), view.shape().to_vec()));
             }
@@ -196,6 +198,18 @@ impl SafetensorsSource {
             let t = convert_dense(Tensor::from_vec(v, shape, &self.device)?, &self.opts)?;
             self.loaded.borrow_mut().insert(name.to_string(), t.clone());
             return Ok(t);
+        }
+        if let Ok(view) = self.st.get(name) {
+            use safetensors::Dtype as D;
+            if !matches!(view.dtype(), D::F32 | D::F16 | D::BF16 | D::F64) {
+                return Err(Error::file(
+                    file,
+                    format!(
+                        "tensor `{name}` is stored as {:?}; model weights must be floating point (F32, F16, BF16)",
+                        view.dtype()
+                    ),
+                ));
+            }
         }
         let t = self.st.load(name, &self.device).map_err(|e| {
             Error::file(
@@ -342,6 +356,76 @@ impl WeightSource for SafetensorsSource {
     }
 }
 
+/// Which tensor of a safetensors file the `safetensors` crate refused, and why: it reports
+/// "invalid shape, data type, or offset for tensor" without the name. Reads the JSON header
+/// and checks each entry's byte range against its shape and dtype and against the entries
+/// before it (in offset order). None if nothing specific is found.
+fn diagnose_safetensors(bytes: &[u8]) -> Option<String> {
+    let n = u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?) as usize;
+    let header: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(bytes.get(8..8usize.checked_add(n)?)?).ok()?;
+    let data_len = (bytes.len() - 8 - n) as u64;
+    let mut ranges: Vec<(u64, u64, &str)> = Vec::new();
+    for (name, info) in &header {
+        if name == "__metadata__" {
+            continue;
+        }
+        let dtype = info.get("dtype")?.as_str()?;
+        let size: u64 = match dtype {
+            "BOOL" | "U8" | "I8" | "F8_E4M3" | "F8_E5M2" => 1,
+            "U16" | "I16" | "F16" | "BF16" => 2,
+            "U32" | "I32" | "F32" => 4,
+            "U64" | "I64" | "F64" => 8,
+            other => return Some(format!("tensor `{name}`: unknown dtype `{other}`")),
+        };
+        let shape: Option<Vec<u64>> = info
+            .get("shape")?
+            .as_array()?
+            .iter()
+            .map(|d| d.as_u64())
+            .collect();
+        let Some(shape) = shape else {
+            return Some(format!("tensor `{name}`: shape is not a list of sizes"));
+        };
+        let offs: Option<Vec<u64>> = info
+            .get("data_offsets")?
+            .as_array()?
+            .iter()
+            .map(|d| d.as_u64())
+            .collect();
+        let (begin, end) = match offs.as_deref() {
+            Some([b, e]) if b <= e => (*b, *e),
+            _ => return Some(format!("tensor `{name}`: data_offsets is not [begin, end]")),
+        };
+        let want = shape
+            .iter()
+            .try_fold(size, |a, &d| a.checked_mul(d))
+            .unwrap_or(u64::MAX);
+        if end - begin != want {
+            return Some(format!(
+                "tensor `{name}`: shape {shape:?} of {dtype} takes {want} bytes, but its data_offsets [{begin}, {end}] hold {}",
+                end - begin
+            ));
+        }
+        if end > data_len {
+            return Some(format!(
+                "tensor `{name}`: data_offsets end {end} is past the {data_len} bytes of data (truncated?)"
+            ));
+        }
+        ranges.push((begin, end, name));
+    }
+    ranges.sort();
+    for w in ranges.windows(2) {
+        if w[0].1 != w[1].0 {
+            return Some(format!(
+                "tensor `{}`: data_offsets begin {} does not follow tensor `{}`, which ends at {}",
+                w[1].2, w[1].0, w[0].2, w[0].1
+            ));
+        }
+    }
+    None
+}
+
 /// `LoadOptions::base_quant` applied to linear weight `name` (None: not asked for, not a
 /// decoder-layer linear, or a shape the format cannot hold).
 fn quantize_base(opts: &LoadOptions, name: &str, t: &Tensor) -> Result<Option<LinearWeight>> {
@@ -351,10 +435,20 @@ fn quantize_base(opts: &LoadOptions, name: &str, t: &Tensor) -> Result<Option<Li
     if !is_base_quant_target(name) || t.rank() != 2 {
         return Ok(None);
     }
-    Ok(bq
+    let q = bq
         .quantize(t)
-        .map_err(|e| Error::msg(format!("{name}: base_quant {}: {e}", bq.name())))?
-        .map(|q| LinearWeight::Quantized(Arc::new(q))))
+        .map_err(|e| Error::msg(format!("{name}: base_quant {}: {e}", bq.name())))?;
+    if q.is_none() {
+        // as llama.cpp's quantizer does for a row that is not whole blocks: keep it, and say so
+        tracing::warn!(
+            "{name}: rows of {} values are not whole {}-value blocks of {}; kept in {:?}, not quantized",
+            t.dims().last().copied().unwrap_or(0),
+            bq.block_size(),
+            bq.name(),
+            t.dtype()
+        );
+    }
+    Ok(q.map(|q| LinearWeight::Quantized(Arc::new(q))))
 }
 
 /// The linears `base_quant` quantizes: every weight matrix except the embeddings and the LM
@@ -737,6 +831,47 @@ impl ExpectedTensor<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A safetensors file from a JSON header and `data` bytes.
+    fn st_bytes(header: &str, data: usize) -> Vec<u8> {
+        let mut b = (header.len() as u64).to_le_bytes().to_vec();
+        b.extend(header.as_bytes());
+        b.extend(vec![0u8; data]);
+        b
+    }
+
+    #[test]
+    fn a_refused_safetensors_file_is_explained_by_tensor_name() {
+        let ok = r#"{"a":{"dtype":"F32","shape":[2,2],"data_offsets":[0,16]},"b":{"dtype":"F16","shape":[4],"data_offsets":[16,24]}}"#;
+        assert!(safetensors::SafeTensors::deserialize(&st_bytes(ok, 24)).is_ok());
+        assert_eq!(diagnose_safetensors(&st_bytes(ok, 24)), None);
+        let cases = [
+            (
+                r#"{"a":{"dtype":"F32","shape":[2,3],"data_offsets":[0,16]}}"#,
+                16,
+                "tensor `a`: shape [2, 3] of F32 takes 24 bytes",
+            ),
+            (
+                r#"{"a":{"dtype":"F32","shape":[4],"data_offsets":[0,16]},"b":{"dtype":"F32","shape":[1],"data_offsets":[20,24]}}"#,
+                24,
+                "tensor `b`: data_offsets begin 20 does not follow tensor `a`",
+            ),
+            (
+                r#"{"a":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}}"#,
+                8,
+                "tensor `a`: data_offsets end 16 is past the 8 bytes",
+            ),
+        ];
+        for (header, data, want) in cases {
+            let b = st_bytes(header, data);
+            assert!(
+                safetensors::SafeTensors::deserialize(&b).is_err(),
+                "{header}"
+            );
+            let got = diagnose_safetensors(&b).unwrap_or_default();
+            assert!(got.contains(want), "{header}: {got}");
+        }
+    }
 
     fn tmp(name: &str) -> PathBuf {
         let d =

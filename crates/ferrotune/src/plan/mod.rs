@@ -112,6 +112,9 @@ const MAX_TOKENS: f64 = 1e18;
 const MAX_FLOPS_BUDGET: f64 = 1e32;
 const MAX_BATCH: usize = 1 << 24;
 const MAX_GPUS: usize = 1 << 20;
+/// The smallest `--flops-budget`: 6·N·D for a 10k-parameter model on 200k tokens (Chinchilla's
+/// fitted law was fit on models of 70M and up; below this its optimum is not a model at all).
+const MIN_FLOPS_BUDGET: f64 = 1.2e10;
 const MAX_VIRTUAL_TOKENS: usize = 1 << 20;
 
 /// Bytes of CUDA context, cuBLAS / cuDNN workspaces and NCCL buffers on each device.
@@ -564,10 +567,14 @@ pub fn plan(req: &Request) -> Result<Plan> {
             ));
         }
     }
-    if !(req.mfu > 0.0 && req.mfu <= 1.0) {
+    // Below 0.1% no GPU plan makes sense, and the times would run to hundreds of digits.
+    if !(req.mfu >= 1e-3 && req.mfu <= 1.0) {
         return Err(flag(
             "--mfu",
-            format!("got {}, expected a fraction in (0, 1], e.g. 0.4", req.mfu),
+            format!(
+                "got {:e}, expected a fraction in [0.001, 1], e.g. 0.4",
+                req.mfu
+            ),
         ));
     }
     if dtype == Dtype::Int8 && matches!(method, Method::Full) {
@@ -606,6 +613,15 @@ pub fn plan(req: &Request) -> Result<Plan> {
         .as_deref()
         .map(|c| parse_count("--flops-budget", c, MAX_FLOPS_BUDGET))
         .transpose()?;
+    if tokens_given.is_some_and(|t| t < 1.0) {
+        return Err(flag("--tokens", "expected at least 1 token"));
+    }
+    if budget.is_some_and(|c| c < MIN_FLOPS_BUDGET) {
+        return Err(flag(
+            "--flops-budget",
+            format!("expected at least {MIN_FLOPS_BUDGET:e} FLOPs (the fitted scaling law says nothing about smaller budgets)"),
+        ));
+    }
     let params_given = req
         .params
         .as_deref()

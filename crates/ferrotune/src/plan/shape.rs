@@ -217,7 +217,7 @@ pub fn from_model(spec: &str) -> Result<ModelShape> {
         }
         ModelSource::HfDir(dir) => {
             let p = dir.join("config.json");
-            let text = std::fs::read_to_string(&p).map_err(|e| Error::file(&p, e))?;
+            let text = crate::fsutil::read_to_string(&p).map_err(|e| Error::file(&p, e))?;
             let v: serde_json::Value = serde_json::from_str(&text)
                 .map_err(|e| Error::file(&p, format!("invalid JSON: {e}")))?;
             let name = p.display().to_string();
@@ -373,6 +373,22 @@ pub fn derived(params: Option<u64>, f: &ShapeFlags) -> Result<ModelShape> {
         None => round_to(8.0 * h as f64 / 3.0, 256),
     };
     let shape_params = fixed + l * 3 * h * i;
+    // A width or depth derived from --params is capped at the limits above: past them the shape
+    // would hold far fewer parameters than the plan budgets for, so refuse rather than mislead.
+    if let Some(p) =
+        params.filter(|_| layers.is_none() || hidden.is_none() || intermediate.is_none())
+    {
+        let off = (shape_params as f64 - p as f64).abs() / p.max(1) as f64;
+        if off > 0.1 {
+            return Err(bad(
+                "--params",
+                format!(
+                    "{p} parameters do not fit a shape within the limits here: {l} layers of width {h}, MLP width {i} (at most {}), vocabulary {vocab} hold {shape_params}; give --layers/--hidden that can hold it",
+                    limits::MAX_WIDTH
+                ),
+            ));
+        }
+    }
     let mut what: Vec<String> = Vec::new();
     if params.is_some() {
         what.push("--params".into());
@@ -478,6 +494,12 @@ mod tests {
             (None, f(Some(2), Some(100), Some(3), None), "--heads"),
             (None, f(Some(2), Some(128), Some(4), Some(3)), "--kv-heads"),
             (None, f(Some(2), Some(usize::MAX), None, None), "--hidden"),
+            // 7B in one layer of width 64 would need an MLP far past the width limit
+            (
+                Some(7_000_000_000),
+                f(Some(1), Some(64), None, None),
+                "--params",
+            ),
         ];
         for (p, flags, want) in cases {
             let e = derived(p, &flags).unwrap_err().to_string();

@@ -341,6 +341,27 @@ fn bad_requests_are_one_line_errors_naming_the_flag() {
         ),
         (
             Request {
+                flops_budget: Some("1".into()),
+                ..req("7B")
+            },
+            "--flops-budget",
+        ),
+        (
+            Request {
+                tokens: Some("0.5".into()),
+                ..req("7B")
+            },
+            "--tokens",
+        ),
+        (
+            Request {
+                mfu: 1e-300,
+                ..req("7B")
+            },
+            "--mfu",
+        ),
+        (
+            Request {
                 params: Some("1e20".into()),
                 ..Default::default()
             },

@@ -48,6 +48,15 @@ impl BaseQuant {
         }))
     }
 
+    /// Values per block along a row: the row length must be a multiple of it.
+    pub fn block_size(self) -> usize {
+        match self {
+            BaseQuant::FourBit { .. } => FOUR_BIT_BLOCKSIZE,
+            BaseQuant::Int8 => 1,
+            BaseQuant::Ggml(d) => d.block_size(),
+        }
+    }
+
     /// Short name for reports (`nf4+dq`, `int8`, `q4_0`).
     pub fn name(self) -> String {
         match self {
@@ -84,11 +93,7 @@ impl BaseQuant {
                 w.shape()
             ))
         })?;
-        let block = match self {
-            BaseQuant::FourBit { .. } => FOUR_BIT_BLOCKSIZE,
-            BaseQuant::Int8 => 1,
-            BaseQuant::Ggml(d) => d.block_size(),
-        };
+        let block = self.block_size();
         if k == 0 || !k.is_multiple_of(block) {
             return Ok(None);
         }
@@ -97,6 +102,7 @@ impl BaseQuant {
             .to_dtype(DType::F32)?
             .flatten_all()?
             .to_vec1::<f32>()?;
+        super::check_finite(&wf, k).map_err(crate::Error::msg)?;
         Ok(Some(match self {
             BaseQuant::FourBit { kind, double_quant } => {
                 let q = bnb::quantize_4bit(&wf, &[n, k], kind, FOUR_BIT_BLOCKSIZE, double_quant)?;
@@ -232,6 +238,22 @@ mod tests {
             .quantize(&w)
             .unwrap()
             .is_some());
+    }
+
+    #[test]
+    fn weights_that_are_not_finite_are_refused_naming_the_value() {
+        let mut v = vec![0.01f32; 4 * 128];
+        v[2 * 128 + 5] = f32::NAN;
+        v[3 * 128] = f32::INFINITY;
+        let w = Tensor::from_vec(v, (4, 128), &Device::Cpu).unwrap();
+        for name in ["nf4", "int8", "q8_0", "q4_1"] {
+            let bq = BaseQuant::parse(name, name == "nf4").unwrap().unwrap();
+            let e = bq.quantize(&w).unwrap_err().to_string();
+            assert!(
+                e.contains("NaN at row 2, column 5") && e.contains("not finite"),
+                "{name}: {e}"
+            );
+        }
     }
 
     #[test]

@@ -32,6 +32,25 @@
 //! Threads: a dedicated pool (see [`set_num_threads`]) splits output rows across cores; small
 //! matrices run on the calling thread because waking a worker costs more than the work.
 mod base;
+
+/// Refuse weights that hold NaN or an infinity (a broken checkpoint): no format quantizes them
+/// into anything but garbage scales. `values` is a row-major matrix of rows of `row` values; the
+/// error names the first bad value's row and column.
+pub fn check_finite(values: &[f32], row: usize) -> std::result::Result<(), String> {
+    match values.iter().position(|v| !v.is_finite()) {
+        None => Ok(()),
+        Some(i) => {
+            let row = row.max(1);
+            Err(format!(
+                "value {} at row {}, column {} is not finite; the weights are broken (no format can quantize them)",
+                values[i],
+                i / row,
+                i % row
+            ))
+        }
+    }
+}
+
 pub mod bnb;
 mod format;
 pub mod ggml_quants;

@@ -158,7 +158,7 @@ impl Tokenizer {
         // tokenizer_config.json (a string, or a list of named templates).
         let jinja = dir.join("chat_template.jinja");
         let template_src = if jinja.is_file() {
-            Some(std::fs::read_to_string(&jinja).with_path(&jinja)?)
+            Some(crate::fsutil::read_to_string(&jinja).with_path(&jinja)?)
         } else {
             match config.as_ref().and_then(|c| c.get("chat_template")) {
                 None | Some(serde_json::Value::Null) => None,
@@ -380,7 +380,7 @@ fn post_processor_adds(inner: &tokenizers::Tokenizer, bos: Option<u32>) -> bool 
 /// normalizer. So the syntax is checked first (an error with line and column), and the rest
 /// runs under [`catch_panic`](crate::error::catch_panic).
 fn parse_tokenizer_json(path: &Path) -> Result<tokenizers::Tokenizer> {
-    let text = std::fs::read_to_string(path).with_path(path)?;
+    let text = crate::fsutil::read_to_string(path).with_path(path)?;
     serde_json::from_str::<serde::de::IgnoredAny>(&text)
         .map_err(|e| Error::file(path, format!("invalid JSON: {e}")))?;
     match crate::error::catch_panic(|| text.parse::<tokenizers::Tokenizer>()) {
@@ -396,7 +396,7 @@ fn read_json(path: &Path) -> Result<Option<serde_json::Value>> {
     if !path.is_file() {
         return Ok(None);
     }
-    let text = std::fs::read_to_string(path).with_path(path)?;
+    let text = crate::fsutil::read_to_string(path).with_path(path)?;
     serde_json::from_str(&text).map(Some).with_path(path)
 }
 

@@ -194,7 +194,7 @@ pub fn prune(output_dir: &Path, keep: usize) -> Result<()> {
 
 pub fn read_state(checkpoint: &Path) -> Result<TrainerState> {
     let p = checkpoint.join(STATE_FILE);
-    let text = std::fs::read_to_string(&p).map_err(|e| Error::file(&p, e))?;
+    let text = crate::fsutil::read_to_string(&p).map_err(|e| Error::file(&p, e))?;
     serde_json::from_str(&text).map_err(|e| Error::file(&p, format!("invalid trainer state: {e}")))
 }
 

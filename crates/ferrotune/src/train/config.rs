@@ -1352,6 +1352,24 @@ fn validate(c: &LoadedConfig) -> Result<()> {
             "is the root of the file system: name a new folder for the run",
         );
     }
+    let double_quant_set = c
+        .effective
+        .get("train")
+        .and_then(|t| t.get("double_quant"))
+        .and_then(|v| v.as_bool())
+        == Some(true);
+    // A config written for QLoRA is often rerun with another base_quant (`--set
+    // train.base_quant=int8`): say that its double_quant no longer applies rather than refuse.
+    let other_quant = t
+        .base_quant
+        .as_deref()
+        .map(str::to_ascii_lowercase)
+        .filter(|b| !matches!(b.as_str(), "nf4" | "fp4" | "none"));
+    if let (true, Some(b)) = (double_quant_set, other_quant) {
+        tracing::warn!(
+            "train.double_quant = true has no effect with train.base_quant = \"{b}\": it applies to the 4-bit formats (nf4, fp4) only"
+        );
+    }
     if let Some(bq) = &t.base_quant {
         let parsed = crate::quant::BaseQuant::parse(bq, t.double_quant)
             .map_err(|e| c.key_error("train.base_quant", e))?;

@@ -611,6 +611,8 @@ pub fn quantize_tensors(
             continue;
         }
         let module = module.unwrap_or_default();
+        crate::quant::check_finite(&values, shape[1])
+            .map_err(|e| Error::msg(format!("{name}: {e}")))?;
         let pieces = match spec.format {
             BnbFormat::FourBit(kind) => {
                 let mut q =
