@@ -59,10 +59,13 @@ pub fn run(a: LaunchArgs) -> Result<i32> {
     }
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let threads = match a.threads {
-        Some(0) => bail!("--threads 0: expected at least 1"),
+        Some(t) if t == 0 || t > crate::MAX_THREADS => {
+            bail!("--threads {t}: expected 1 to {}", crate::MAX_THREADS)
+        }
         Some(t) => t,
         None => (cores / a.nproc).max(1),
     };
+    check_train_config(&a.command[1..], a.nproc)?;
     if a.nproc * threads > cores {
         eprintln!(
             "warning: {} ranks x {threads} threads is more than the {cores} cores: the ranks will slow each other down",
@@ -109,6 +112,41 @@ pub fn run(a: LaunchArgs) -> Result<i32> {
         .status()
         .map_err(|e| anyhow::anyhow!("{}: {e}", mpirun.display()))?;
     Ok(status.code().unwrap_or(1))
+}
+
+/// The ranks' config, read here before any rank starts: a missing or bad config would otherwise
+/// fail on every rank at once, each printing the error, with the launcher's abort banner after.
+/// (The rest — data, model — each rank checks as a single run does.)
+fn check_train_config(args: &[String], nproc: usize) -> Result<()> {
+    let mut config = None;
+    let mut sets = Vec::new();
+    let mut it = args.iter();
+    while let Some(w) = it.next() {
+        let value = |flag: &str, it: &mut std::slice::Iter<String>| -> Result<String> {
+            match w.strip_prefix(&format!("{flag}=")) {
+                Some(v) => Ok(v.to_string()),
+                None => it
+                    .next()
+                    .cloned()
+                    .ok_or_else(|| anyhow::anyhow!("train {flag}: a value is missing")),
+            }
+        };
+        if w == "--config" || w.starts_with("--config=") {
+            config = Some(value("--config", &mut it)?);
+        } else if w == "--set" || w.starts_with("--set=") {
+            sets.push(value("--set", &mut it)?);
+        }
+    }
+    let Some(config) = config else {
+        bail!("launch: `train` needs --config FILE (ferrotune launch --nproc {nproc} -- train --config run.toml)");
+    };
+    let c = ferrotune::train::load_config(std::path::Path::new(&config), &sets)?;
+    if nproc > 1 && c.config.train.distributed == ferrotune::train::config::Distributed::None {
+        bail!(
+            "{config}: train.distributed is none (one process): set it to ddp, zero1, zero2 or zero3 to launch {nproc} ranks (--set train.distributed=ddp)"
+        );
+    }
+    Ok(())
 }
 
 /// One process per GPU, torchrun-style; a rank that fails stops the others.

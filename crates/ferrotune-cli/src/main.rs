@@ -43,7 +43,7 @@ fn bar() -> Bar {
 }
 
 /// Most worker threads `--threads` accepts: more is a typo, and each one is an OS thread.
-const MAX_THREADS: usize = 1024;
+pub(crate) const MAX_THREADS: usize = 1024;
 
 #[derive(Parser)]
 #[command(
@@ -220,8 +220,8 @@ struct GenerateArgs {
     /// Divide the logits of tokens already present by this (> 0; 1 = no penalty).
     #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     repetition_penalty: f32,
-    /// Stop when this string is generated (repeatable).
-    #[arg(long)]
+    /// Stop when this string is generated (repeatable; not empty).
+    #[arg(long, value_parser = non_empty_stop)]
     stop: Vec<String>,
     /// Keep generating past end-of-sequence tokens.
     #[arg(long)]
@@ -1535,8 +1535,8 @@ struct EvalArgs {
     limit: Option<usize>,
     #[arg(long, default_value_t = 64, allow_negative_numbers = true)]
     max_new_tokens: usize,
-    /// Stop generating at this string (repeatable).
-    #[arg(long)]
+    /// Stop generating at this string (repeatable; not empty).
+    #[arg(long, value_parser = non_empty_stop)]
     stop: Vec<String>,
     /// Comma-separated: rouge, bleu, accuracy, perplexity.
     #[arg(long, default_value = "rouge,bleu")]
@@ -1625,6 +1625,15 @@ fn on_interrupt_remove_partial_outputs() {
             std::process::exit(128 + sig);
         }
     });
+}
+
+/// A `--stop` string: an empty one would match before the first token and stop every output
+/// empty (OpenAI's API and `serve` refuse it too).
+fn non_empty_stop(s: &str) -> std::result::Result<String, String> {
+    if s.is_empty() {
+        return Err("an empty stop string would end every output before its first token".into());
+    }
+    Ok(s.to_string())
 }
 
 /// `s` as one shell word.

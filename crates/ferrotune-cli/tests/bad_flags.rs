@@ -47,6 +47,7 @@ fn sampling_flags_out_of_range_name_the_flag() {
         (&["--max-new-tokens", "100000000000"], "--max-new-tokens"),
         (&["--threads", "0"], "--threads"),
         (&["--threads", "1000000"], "--threads"),
+        (&["--stop", ""], "--stop"),
     ];
     for (extra, flag) in cases {
         let e = fails(&generate_with(&model, extra));

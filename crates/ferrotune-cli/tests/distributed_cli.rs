@@ -235,6 +235,31 @@ fn launch_refuses_a_bad_command_line() {
         assert!(e.contains("--nproc 0"), "{e}");
         let e = fails(&["launch", "--nproc", "2", "--", "merge", "--model", "m"]);
         assert!(e.contains("launch runs `train`"), "{e}");
+        // the ranks' config is read before any rank starts: one line, no launcher banner
+        let e = fails(&["launch", "--nproc", "2", "--", "train"]);
+        assert!(e.contains("needs --config"), "{e}");
+        let e = fails(&[
+            "launch",
+            "--nproc",
+            "2",
+            "--",
+            "train",
+            "--config",
+            "no-such.toml",
+        ]);
+        assert!(e.contains("no-such.toml"), "{e}");
+        let e = fails(&[
+            "launch",
+            "--nproc",
+            "2",
+            "--threads",
+            "99999",
+            "--",
+            "train",
+            "--config",
+            "x.toml",
+        ]);
+        assert!(e.contains("--threads 99999"), "{e}");
     }
     // No command after `--`: clap's one-line usage error.
     let e = fails(&["launch", "--nproc", "2"]);

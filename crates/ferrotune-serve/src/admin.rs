@@ -3,6 +3,7 @@ use crate::api::from_value;
 use crate::error::ApiError;
 use crate::openai::read_body;
 use crate::{json_response, AppState, LogInfo};
+use axum::extract::rejection::PathRejection;
 use axum::extract::{Path as UrlPath, Request, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -32,7 +33,14 @@ pub async fn models(State(st): State<Arc<AppState>>) -> Response {
 }
 
 /// `GET /v1/models/{id}`.
-pub async fn model(State(st): State<Arc<AppState>>, UrlPath(id): UrlPath<String>) -> Response {
+pub async fn model(
+    State(st): State<Arc<AppState>>,
+    id: Result<UrlPath<String>, PathRejection>,
+) -> Response {
+    let id = match id {
+        Ok(UrlPath(id)) => id,
+        Err(e) => return path_rejection("model", e),
+    };
     match crate::openai::resolve_model(&st, &id) {
         Ok(_) => json_response(StatusCode::OK, &model_card(&st, &id)),
         Err(e) => e.into_response(),
@@ -188,6 +196,12 @@ fn check_name(name: &str) -> Result<(), ApiError> {
     }
 }
 
+/// A path segment axum could not decode (e.g. `%ff`, not UTF-8): OpenAI's JSON error shape,
+/// not axum's plain-text 400.
+fn path_rejection(param: &str, e: PathRejection) -> Response {
+    ApiError::field(param, format!("the URL path: {}", e.body_text())).into_response()
+}
+
 /// `path` of `POST /v1/adapters`, resolved inside `root` (canonical). A relative path without
 /// `..`, whose canonical form (symlinks followed) is still under `root`: anything else is 403.
 /// Messages name the path as the client gave it (the server's own layout stays private).
@@ -228,6 +242,29 @@ pub fn resolve_adapter_path(root: &Path, rel: &str) -> Result<PathBuf, ApiError>
             "path",
             format!("`{rel}` is not a folder (an adapter is a PEFT folder)"),
         ));
+    }
+    // The files in it are read too: each must resolve inside the folder tree and be a regular
+    // file (a FIFO would block the loader, and with it every request, forever; a link to
+    // /dev/zero would never end).
+    let entries = std::fs::read_dir(&canon)
+        .map_err(|_| ApiError::field("path", format!("`{rel}` cannot be read in --adapter-dir")))?;
+    for e in entries.flatten() {
+        let file = e.file_name().to_string_lossy().to_string();
+        let Ok(real) = e.path().canonicalize() else {
+            continue; // a dangling link: whatever needs it reports it missing
+        };
+        if !real.starts_with(root) {
+            return Err(ApiError::forbidden(format!(
+                "path: `{rel}/{file}` leads outside --adapter-dir (through a symlink)"
+            ))
+            .param("path"));
+        }
+        if !real.is_file() && !real.is_dir() {
+            return Err(ApiError::field(
+                "path",
+                format!("`{rel}/{file}` is not a regular file (a FIFO or device?)"),
+            ));
+        }
     }
     Ok(canon)
 }
@@ -272,14 +309,17 @@ async fn load_adapter_inner(st: &Arc<AppState>, req: Request) -> Result<Response
         .await
         .map_err(|e| ApiError::internal(format!("loading the adapter: {e}")))?
         .map_err(|e| {
-            ApiError::field(
-                "path",
-                format!(
-                    "`{}`: {}",
-                    la.path,
-                    ferrotune::error::first_line(&e.to_string())
-                ),
-            )
+            let msg = ferrotune::error::first_line(&e.to_string());
+            // Two requests for one name at once both pass the check above; the engine refuses
+            // the second, which is the same conflict.
+            if st.engine.adapters().contains(&la.name) && msg.contains("already loaded") {
+                return ApiError::conflict(format!(
+                    "an adapter named `{}` is already loaded (DELETE /v1/adapters/{} first)",
+                    la.name, la.name
+                ))
+                .param("name");
+            }
+            ApiError::field("path", format!("`{}`: {msg}", la.path))
         })?;
     let id = format!("{}:{}", st.cfg.model_id, la.name);
     let mut r = json_response(
@@ -296,8 +336,12 @@ async fn load_adapter_inner(st: &Arc<AppState>, req: Request) -> Result<Response
 /// `DELETE /v1/adapters/{name}`: detach (refused with 409 while a sequence uses it).
 pub async fn unload_adapter(
     State(st): State<Arc<AppState>>,
-    UrlPath(name): UrlPath<String>,
+    name: Result<UrlPath<String>, PathRejection>,
 ) -> Response {
+    let name = match name {
+        Ok(UrlPath(name)) => name,
+        Err(e) => return path_rejection("name", e),
+    };
     if !st.engine.adapters().contains(&name) {
         return ApiError::model_not_found(format!("no adapter named `{name}` is loaded"))
             .param("name")

@@ -584,6 +584,21 @@ fn adapters_load_inside_adapter_dir_only() {
     {
         std::os::unix::fs::symlink(dir.join("outside"), root.join("escape")).unwrap();
         std::os::unix::fs::symlink(root.join("good"), root.join("alias")).unwrap();
+        // a folder inside whose file links outside, and one holding a FIFO
+        std::fs::write(dir.join("outside/adapter_config.json"), "{}").unwrap();
+        std::fs::create_dir_all(root.join("linkfile")).unwrap();
+        std::os::unix::fs::symlink(
+            dir.join("outside/adapter_config.json"),
+            root.join("linkfile/adapter_config.json"),
+        )
+        .unwrap();
+        std::fs::create_dir_all(root.join("fifo")).unwrap();
+        let fifo = root.join("fifo/adapter_config.json");
+        let st = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(st.success(), "mkfifo");
     }
     let mut cfg = ServerConfig::new("tiny", 256);
     let (srv, _eng) = fake_server(cfg.clone(), &[]);
@@ -608,6 +623,8 @@ fn adapters_load_inside_adapter_dir_only() {
     ];
     if cfg!(unix) {
         cases.push(("escape", 403));
+        cases.push(("linkfile", 403));
+        cases.push(("fifo", 400));
     }
     for (path, status) in cases {
         let r = post(
@@ -622,6 +639,15 @@ fn adapters_load_inside_adapter_dir_only() {
             "{}",
             r.body
         );
+    }
+    // path segments that are not UTF-8: OpenAI's JSON error shape, not a plain-text 400
+    for (method, path, param) in [
+        ("DELETE", "/v1/adapters/%ff", "name"),
+        ("GET", "/v1/models/%ff%fe", "model"),
+    ] {
+        let r = request(srv.addr, method, path, &[], None);
+        assert_error(&r, 400, None);
+        assert_eq!(r.json()["error"]["param"], param, "{}", r.body);
     }
     for bad in [
         json!({"name": "a:b", "path": "good"}),

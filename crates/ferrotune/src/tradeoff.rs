@@ -191,8 +191,11 @@ pub fn plan(spec: &CompareSpec) -> Result<Vec<RunSpec>> {
         push(m.to_string(), set, m != "base").map_err(|e| Error::msg(format!("--methods: {e}")))?;
     }
     for &r in &spec.lora_ranks {
-        if r == 0 {
-            return Err(Error::msg("--lora-ranks: a rank must be at least 1"));
+        let max = crate::peft::lora::config::MAX_RANK;
+        if r == 0 || r > max {
+            return Err(Error::msg(format!(
+                "--lora-ranks: {r} is not a rank; a rank must be in 1..={max}"
+            )));
         }
         push(
             format!("lora r={r}"),
@@ -792,8 +795,10 @@ mod tests {
             let e = plan(&spec(bad, &[])).unwrap_err().to_string();
             assert!(e.starts_with("--methods"), "{e}");
         }
-        let e = plan(&spec(&["lora"], &[0])).unwrap_err().to_string();
-        assert!(e.starts_with("--lora-ranks"), "{e}");
+        for r in [0, 99_999_999_999] {
+            let e = plan(&spec(&["lora"], &[r])).unwrap_err().to_string();
+            assert!(e.starts_with("--lora-ranks") && e.contains("1..="), "{e}");
+        }
     }
 
     #[test]

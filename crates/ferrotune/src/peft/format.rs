@@ -52,7 +52,7 @@ pub fn read_adapter_config(dir: &Path) -> Result<AdapterConfig> {
             "missing: not a PEFT adapter folder (expected adapter_config.json and adapter_model.safetensors)",
         ));
     }
-    let text = std::fs::read_to_string(&path).map_err(|e| Error::file(&path, e))?;
+    let text = crate::fsutil::read_to_string(&path).map_err(|e| Error::file(&path, e))?;
     let v: Value = serde_json::from_str(&text)
         .map_err(|e| Error::file(&path, format!("invalid JSON: {e}")))?;
     let src = path.display().to_string();
@@ -155,7 +155,7 @@ pub struct LoadedAdapter {
 /// missing or null `task_type` is accepted (PEFT allows it).
 pub fn check_task_type(model: &dyn Model, dir: &Path) -> Result<()> {
     let path = dir.join(CONFIG_FILE);
-    let text = std::fs::read_to_string(&path).map_err(|e| Error::file(&path, e))?;
+    let text = crate::fsutil::read_to_string(&path).map_err(|e| Error::file(&path, e))?;
     let v: Value = serde_json::from_str(&text)
         .map_err(|e| Error::file(&path, format!("invalid JSON: {e}")))?;
     let src = path.display().to_string();
@@ -232,8 +232,7 @@ pub fn load_adapter(
         // Soft prompts returned above; an error value rather than a panic if that ever changes.
         AdapterConfig::Prompt(c) => return Err(prompt_not_linear(dir, c)),
     }
-    let tensors = candle_core::safetensors::load(&path, model.device())
-        .map_err(|e| Error::file(&path, crate::error::first_line(&e.to_string())))?;
+    let tensors = load_finite(&path, model.device())?;
     match &config {
         AdapterConfig::Lora(cfg) => {
             // Initial values do not matter: every tensor is overwritten from the file.
@@ -289,7 +288,44 @@ fn prompt_not_linear(dir: &Path, c: &PromptLearningConfig) -> Error {
 }
 
 /// Tensor name -> shape, from a safetensors header (the header and byte ranges are validated).
+/// The tensors of an adapter file, every value finite: an adapter that diverged in training (or
+/// a damaged file) would otherwise turn every output into NaN or garbage without a word.
+pub(crate) fn load_finite(
+    path: &Path,
+    device: &candle_core::Device,
+) -> Result<HashMap<String, candle_core::Tensor>> {
+    let tensors = candle_core::safetensors::load(path, device)
+        .map_err(|e| Error::file(path, crate::error::first_line(&e.to_string())))?;
+    let mut names: Vec<&String> = tensors.keys().collect();
+    names.sort();
+    for name in names {
+        let v = tensors[name]
+            .to_dtype(candle_core::DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+            return Err(Error::file(
+                path,
+                format!(
+                    "tensor `{name}` holds {} at index {i}: the adapter diverged in training or the file is damaged",
+                    v[i]
+                ),
+            ));
+        }
+    }
+    Ok(tensors)
+}
+
 pub(crate) fn header_shapes(path: &Path) -> Result<HashMap<String, Vec<usize>>> {
+    if !std::fs::metadata(path)
+        .map_err(|e| Error::file(path, e))?
+        .is_file()
+    {
+        return Err(Error::file(
+            path,
+            "is not a regular file (a folder, FIFO or device); refused",
+        ));
+    }
     let file = std::fs::File::open(path).map_err(|e| Error::file(path, e))?;
     // SAFETY: read-only map of a file we only read; a concurrent writer could change the bytes
     // but not the memory safety of reading them.
@@ -613,4 +649,34 @@ fn fill_from(
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn adapter_tensors_that_are_not_finite_are_refused_by_name() {
+        let dir =
+            std::env::temp_dir().join(format!("ferrotune-load-finite-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(WEIGHTS_FILE);
+        let dev = candle_core::Device::Cpu;
+        let ok = Tensor::new(&[[0.5f32, -1.0], [2.0, 0.0]], &dev).unwrap();
+        let mut bad = vec![0.1f32; 6];
+        bad[4] = f32::NAN;
+        let bad = Tensor::from_vec(bad, (2, 3), &dev).unwrap();
+        let mut tensors = HashMap::new();
+        tensors.insert("a.lora_A.weight".to_string(), ok.clone());
+        write_safetensors(&path, &tensors).unwrap();
+        assert_eq!(load_finite(&path, &dev).unwrap().len(), 1);
+        tensors.insert("b.lora_B.weight".to_string(), bad);
+        write_safetensors(&path, &tensors).unwrap();
+        let e = load_finite(&path, &dev).unwrap_err().to_string();
+        assert!(
+            e.contains("`b.lora_B.weight` holds NaN at index 4") && !e.contains('\n'),
+            "{e}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

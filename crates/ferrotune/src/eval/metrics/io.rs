@@ -93,6 +93,9 @@ pub fn read_predictions(path: &Path) -> Result<Vec<(String, Vec<String>)>> {
         }
         let row =
             parse_row(line).map_err(|what| Error::file(path, format!("line {}: {what}", i + 1)))?;
+        let refs: Vec<&str> = row.1.iter().map(String::as_str).collect();
+        super::rouge::check_lcs_size(&row.0, &refs)
+            .map_err(|what| Error::file(path, format!("line {}: {what}", i + 1)))?;
         rows.push(row);
     }
     if rows.is_empty() {

@@ -104,8 +104,29 @@ fn score_ngrams(target: &[String], prediction: &[String], n: usize) -> Prf {
 }
 
 /// `_lcs_table`: (rows+1) x (cols+1), row-major.
-fn lcs_table(r: &[String], c: &[String]) -> Vec<Vec<usize>> {
-    let mut t = vec![vec![0usize; c.len() + 1]; r.len() + 1];
+/// The most word pairs one prediction and one reference may make ([`check_lcs_size`]): ROUGE-L
+/// compares every word of one with every word of the other, and ROUGE-Lsum keeps that table
+/// (4 bytes a cell here: 400 MB at this size; rouge-score's Python lists take ten times that).
+pub const MAX_LCS_CELLS: u64 = 100_000_000;
+
+/// Refuse a prediction / reference pair whose LCS table would pass [`MAX_LCS_CELLS`].
+pub fn check_lcs_size(prediction: &str, references: &[&str]) -> Result<(), String> {
+    let p = tokenize(prediction).len() as u64;
+    for (i, r) in references.iter().enumerate() {
+        let n = tokenize(r).len() as u64;
+        if p.saturating_mul(n) > MAX_LCS_CELLS {
+            return Err(format!(
+                "the prediction ({p} words) and reference {} ({n} words) make {} word pairs for ROUGE-L, over the {MAX_LCS_CELLS} it compares; score shorter texts",
+                i + 1,
+                p.saturating_mul(n)
+            ));
+        }
+    }
+    Ok(())
+}
+
+pub(super) fn lcs_table(r: &[String], c: &[String]) -> Vec<Vec<u32>> {
+    let mut t = vec![vec![0u32; c.len() + 1]; r.len() + 1];
     for i in 1..=r.len() {
         for j in 1..=c.len() {
             t[i][j] = if r[i - 1] == c[j - 1] {
@@ -118,11 +139,27 @@ fn lcs_table(r: &[String], c: &[String]) -> Vec<Vec<usize>> {
     t
 }
 
+/// The LCS length alone, two rows of the table at a time (memory linear in `c`).
+pub(super) fn lcs_len(r: &[String], c: &[String]) -> u32 {
+    let (mut prev, mut cur) = (vec![0u32; c.len() + 1], vec![0u32; c.len() + 1]);
+    for ri in r {
+        for j in 1..=c.len() {
+            cur[j] = if *ri == c[j - 1] {
+                prev[j - 1] + 1
+            } else {
+                prev[j].max(cur[j - 1])
+            };
+        }
+        std::mem::swap(&mut prev, &mut cur);
+    }
+    prev[c.len()]
+}
+
 fn score_lcs(target: &[String], prediction: &[String]) -> Prf {
     if target.is_empty() || prediction.is_empty() {
         return Prf::default();
     }
-    let lcs = lcs_table(target, prediction)[target.len()][prediction.len()] as f64;
+    let lcs = lcs_len(target, prediction) as f64;
     Prf::new(lcs / prediction.len() as f64, lcs / target.len() as f64)
 }
 

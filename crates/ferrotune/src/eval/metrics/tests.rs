@@ -429,6 +429,34 @@ fn read_predictions_reads_both_row_forms() {
 }
 
 #[test]
+fn texts_too_long_for_rouge_l_are_refused_by_line_and_the_lcs_matches_the_table() {
+    let long = "a ".repeat(20_000);
+    let row = format!("{{\"prediction\": \"{long}\", \"reference\": \"{long}\"}}\n");
+    let f = Scratch::new(
+        "huge.jsonl",
+        &format!("{{\"prediction\": \"a\", \"reference\": \"a\"}}\n{row}"),
+    );
+    let e = read_predictions(&f.0).unwrap_err().to_string();
+    assert!(
+        e.contains("line 2") && e.contains("20000 words") && e.contains("word pairs"),
+        "{e}"
+    );
+    assert!(!e.contains('\n'));
+    // the two-row LCS length agrees with the full table on the fixtures' kind of text
+    let t = |s: &str| rouge::tokenize(s);
+    for (a, b) in [
+        ("the cat sat on the mat", "the mat sat on a cat"),
+        ("a b c d e f", "f e d c b a"),
+        ("", "a"),
+        ("x y x y x", "y x y"),
+    ] {
+        let (a, b) = (t(a), t(b));
+        let table = rouge::lcs_table(&a, &b)[a.len()][b.len()];
+        assert_eq!(rouge::lcs_len(&a, &b), table, "{a:?} {b:?}");
+    }
+}
+
+#[test]
 fn read_predictions_errors_name_file_line_and_field() {
     let good = "{\"prediction\": \"p\", \"reference\": \"r\"}\n";
     let cases: &[(&str, &str, &[&str])] = &[

@@ -101,7 +101,7 @@ pub fn is_selective_dir(dir: &Path) -> bool {
 /// read. Returns the number of tensors set.
 pub fn apply(model: &mut dyn Model, dir: &Path) -> Result<usize> {
     let cfg_path = dir.join(CONFIG_FILE);
-    let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::file(&cfg_path, e))?;
+    let text = crate::fsutil::read_to_string(&cfg_path).map_err(|e| Error::file(&cfg_path, e))?;
     let v: serde_json::Value = serde_json::from_str(&text)
         .map_err(|e| Error::file(&cfg_path, format!("invalid JSON: {e}")))?;
     if v.get("peft_type").and_then(|t| t.as_str()) != Some(PEFT_TYPE) {
@@ -147,8 +147,7 @@ pub fn apply(model: &mut dyn Model, dir: &Path) -> Result<usize> {
             ));
         }
     }
-    let tensors = candle_core::safetensors::load(&path, model.device())
-        .map_err(|e| Error::file(&path, crate::error::first_line(&e.to_string())))?;
+    let tensors = crate::peft::format::load_finite(&path, model.device())?;
     for (name, t) in &tensors {
         by_name[name.as_str()].set(&t.to_dtype(DType::F32)?)?;
     }
