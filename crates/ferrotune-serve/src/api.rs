@@ -202,7 +202,7 @@ pub fn real_in(field: &str, v: Option<f64>, lo: f64, hi: f64) -> Result<Option<f
         None => Ok(None),
         Some(x) if !(x.is_finite() && x >= lo && x <= hi) => Err(ApiError::field(
             field,
-            format!("{x} is out of range: expected {lo} to {hi}"),
+            format!("{x:?} is out of range: expected {lo} to {hi}"),
         )),
         Some(x) => Ok(Some(x)),
     }

@@ -367,6 +367,7 @@ fn bad_requests_get_openai_errors_naming_the_field() {
         (chat, r#"{"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_tokens": 51}"#.into(), 400, Some("max_tokens")),
         (chat, r#"{"model": "tiny", "messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 0}"#.into(), 400, Some("max_completion_tokens")),
         (chat, r#"{"model": "tiny", "messages": [{"role": "user", "content": "x"}], "temperature": 2.5}"#.into(), 400, Some("temperature")),
+        (chat, r#"{"model": "tiny", "messages": [{"role": "user", "content": "x"}], "temperature": 1e308}"#.into(), 400, Some("temperature")),
         (chat, r#"{"model": "tiny", "messages": [{"role": "user", "content": "x"}], "top_p": 0}"#.into(), 400, Some("top_p")),
         (chat, r#"{"model": "tiny", "messages": [{"role": "user", "content": "x"}], "presence_penalty": 2.5}"#.into(), 400, Some("presence_penalty")),
         (chat, r#"{"model": "tiny", "messages": [{"role": "user", "content": "x"}], "frequency_penalty": -3}"#.into(), 400, Some("frequency_penalty")),
@@ -388,6 +389,8 @@ fn bad_requests_get_openai_errors_naming_the_field() {
     for (path, body, status, param) in &cases {
         let r = request(srv.addr, "POST", path, &[], Some(body.as_bytes()));
         assert_error(&r, *status, None);
+        // short messages: a huge number is written in its shortest form (1e308)
+        assert!(r.body.len() < 400, "{}", r.body);
         assert_eq!(
             r.json()["error"]["param"].as_str(),
             *param,
