@@ -238,6 +238,7 @@ pub(crate) fn run_serve(a: ServeArgs) -> Result<()> {
     let source = model::resolve(&a.m.model)?;
     set_threads(&a.m);
     let lm = model::load_source_with_progress(source, &opts, &dev, &bar())?;
+    a.m.configure(&*lm.model)?;
     if lm.model.kind() == ArchitectureKind::Encoder {
         return Err(ferrotune::model::family::cannot_generate(&*lm.model).into());
     }

@@ -48,10 +48,50 @@ fn sampling_flags_out_of_range_name_the_flag() {
         (&["--threads", "0"], "--threads"),
         (&["--threads", "1000000"], "--threads"),
         (&["--stop", ""], "--stop"),
+        (&["--activation-bits", "4"], "--activation-bits"),
+        (&["--activation-bits", "-8"], "--activation-bits"),
+        (&["--kv-cache", "f8"], "--kv-cache"),
+        (&["--kv-cache", "F16 "], "--kv-cache"),
     ];
     for (extra, flag) in cases {
         let e = fails(&generate_with(&model, extra));
         assert!(e.contains(flag), "{extra:?}: {e}");
+    }
+}
+
+/// `--activation-bits` and `--kv-cache` change the arithmetic of a quantized model's decode
+/// (greedy text stays well formed); `--activation-bits` on a model without quantized weights
+/// says it has no effect.
+#[test]
+fn decode_precision_flags_apply_or_warn() {
+    let (model, _) = setup("precision");
+    let run = |extra: &[&str]| -> (serde_json::Value, String) {
+        let mut args = generate_with(&model, extra);
+        args.extend(["--max-new-tokens", "4", "--json"].map(String::from));
+        let out = succeeds(&args);
+        (json(&out), String::from_utf8_lossy(&out.stderr).to_string())
+    };
+    let (dense, warn) = run(&["--activation-bits", "8"]);
+    assert!(warn.contains("--activation-bits has no effect"), "{warn}");
+    assert!(dense["generated_tokens"].as_u64().unwrap() <= 4, "{dense}");
+    for extra in [
+        &["--requantize", "q4_1", "--activation-bits", "8"][..],
+        &[
+            "--requantize",
+            "q4_1",
+            "--activation-bits",
+            "16",
+            "--kv-cache",
+            "f16",
+        ],
+        &["--kv-cache", "f32"],
+    ] {
+        let (v, warn) = run(extra);
+        assert!(!warn.contains("no effect"), "{extra:?}: {warn}");
+        assert!(
+            v["generated_tokens"].as_u64().unwrap() <= 4,
+            "{extra:?}: {v}"
+        );
     }
 }
 

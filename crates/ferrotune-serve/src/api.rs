@@ -53,6 +53,12 @@ pub struct Message {
     /// `null` for an assistant turn that only called tools.
     #[serde(default)]
     pub content: Option<Content>,
+    /// An assistant turn's tool calls (read only to allow its `content` to be null).
+    #[serde(default)]
+    pub tool_calls: Option<serde_json::Value>,
+    /// A tool message's answer to the call of this id (required, as OpenAI requires it).
+    #[serde(default)]
+    pub tool_call_id: Option<String>,
 }
 
 /// The sampling and limit fields both endpoints share.
@@ -93,6 +99,9 @@ pub struct Common {
     /// OpenAI: token id (as a string) to a bias from -100 to 100 added to its logit.
     #[serde(default)]
     pub logit_bias: Option<serde_json::Map<String, serde_json::Value>>,
+    /// OpenAI's end-user id: only its type is checked (a string), as OpenAI checks it.
+    #[serde(default)]
+    pub user: Option<String>,
 }
 
 /// The fields only chat has (read from the same body as [`Common`]).

@@ -1,8 +1,8 @@
 //! `POST /v1/completions` and `POST /v1/chat/completions`: OpenAI's request and response
 //! shapes, whole or streamed as server-sent events.
 use crate::api::{
-    int_in, parse_body, real_in, ChatRequest, Common, CompletionRequest, Prompt, MAX_CHOICES,
-    MAX_TOP_LOGPROBS,
+    int_in, parse_body, real_in, ChatRequest, Common, CompletionRequest, Content, Prompt,
+    MAX_CHOICES, MAX_TOP_LOGPROBS,
 };
 use crate::error::ApiError;
 use crate::gen::{submit_all, DriveError, Params, Running, Seq, TokenInfo, Update, Usage};
@@ -216,6 +216,21 @@ fn prepare(
             )
             .code("context_length_exceeded"));
         }
+        // An explicit output budget must fit beside the prompt, as OpenAI and vLLM require
+        // (without one, generation stops at the context with finish_reason "length").
+        if st.cfg.prompt_in_context && mt.is_some() && p.len() + max_tokens > st.cfg.context_length
+        {
+            return Err(ApiError::field(
+                mt_field,
+                format!(
+                    "this model's context is {} tokens; {} were requested ({} in the prompt, {max_tokens} for the output): lower {mt_field} or shorten the prompt",
+                    st.cfg.context_length,
+                    p.len() + max_tokens,
+                    p.len()
+                ),
+            )
+            .code("context_length_exceeded"));
+        }
         if let Some(limit) = st.cfg.max_prompt_tokens.filter(|&l| p.len() > l) {
             return Err(ApiError::field(
                 field,
@@ -343,10 +358,33 @@ fn chat_prompt(st: &AppState, req: ChatRequest) -> Result<Vec<u32>, ApiError> {
                 ))
             }
         };
+        let field = format!("messages[{i}].content");
         let content = match m.content {
-            Some(c) => c.text(&format!("messages[{i}].content"))?,
-            None => String::new(),
+            Some(Content::Parts(parts)) if parts.is_empty() => {
+                return Err(ApiError::field(
+                    &field,
+                    "an empty list: give at least one content part",
+                ))
+            }
+            Some(c) => c.text(&field)?,
+            // OpenAI: content may be left out only by an assistant turn that called tools
+            None if role == "assistant" && m.tool_calls.is_some() => String::new(),
+            None => {
+                return Err(ApiError::field(
+                    &field,
+                    format!(
+                        "missing or null: a {} message needs content (only an assistant message with tool_calls may omit it)",
+                        m.role
+                    ),
+                ))
+            }
         };
+        if m.role == "tool" && m.tool_call_id.as_deref().is_none_or(str::is_empty) {
+            return Err(ApiError::field(
+                &format!("messages[{i}].tool_call_id"),
+                "missing: a tool message answers the assistant's tool call of this id",
+            ));
+        }
         msgs.push(ChatMessage { role, content });
     }
     let extra = json!({ "bos_token": tok.bos_token(), "eos_token": tok.eos_token() });

@@ -377,6 +377,15 @@ fn bad_requests_get_openai_errors_naming_the_field() {
         (chat, r#"{"model": "tiny", "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}"#.into(), 400, Some("top_logprobs")),
         (chat, r#"{"model": "tiny", "messages": [{"role": "user", "content": "x"}], "logprobs": true, "top_logprobs": 21}"#.into(), 400, Some("top_logprobs")),
         (chat, r#"{"model": "tiny", "messages": [{"role": "user", "content": "x"}], "stream": "yes"}"#.into(), 400, Some("stream")),
+        (chat, r#"{"model": "tiny", "messages": [{"role": "user", "content": "x"}], "user": 5}"#.into(), 400, Some("user")),
+        (chat, r#"{"model": "tiny", "messages": [{"role": "user"}]}"#.into(), 400, Some("messages[0].content")),
+        (chat, r#"{"model": "tiny", "messages": [{"role": "user", "content": null}]}"#.into(), 400, Some("messages[0].content")),
+        (chat, r#"{"model": "tiny", "messages": [{"role": "user", "content": []}]}"#.into(), 400, Some("messages[0].content")),
+        (chat, r#"{"model": "tiny", "messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": null}]}"#.into(), 400, Some("messages[1].content")),
+        (chat, r#"{"model": "tiny", "messages": [{"role": "user", "content": "x"}, {"role": "tool", "content": "4"}]}"#.into(), 400, Some("messages[1].tool_call_id")),
+        // 1 prompt token + 8 for the output: over the context of 8
+        (comp, r#"{"model": "tiny", "prompt": "cat", "max_tokens": 8}"#.into(), 400, Some("max_tokens")),
+        (comp, r#"{"model": "tiny", "prompt": "cat", "max_completion_tokens": 8}"#.into(), 400, Some("max_completion_tokens")),
         // The template renders 9 tokens for this: over the context of 8.
         (chat, r#"{"model": "tiny", "messages": [{"role": "user", "content": "cat dog sun moon"}]}"#.into(), 400, Some("messages")),
         (comp, r#"{"model": "tiny", "prompt": "cat dog sun moon tree rock fish bird"}"#.into(), 400, Some("prompt")),
@@ -422,6 +431,28 @@ fn bad_requests_get_openai_errors_naming_the_field() {
         )
         .status,
         200
+    );
+    // A tool round trip as OpenAI's clients send it passes the checks above.
+    let r = post(
+        srv.addr,
+        chat,
+        &json!({"model": "tiny", "max_tokens": 1, "user": "u1", "messages": [
+            {"role": "user", "content": "x"},
+            {"role": "assistant", "content": null, "tool_calls": [{"id": "c1", "type": "function",
+             "function": {"name": "f", "arguments": "{}"}}]},
+            {"role": "tool", "tool_call_id": "c1", "content": "4"}]}),
+    );
+    assert_ne!(
+        r.json()["error"]["param"].as_str(),
+        Some("messages[1].content"),
+        "{}",
+        r.body
+    );
+    assert_ne!(
+        r.json()["error"]["param"].as_str(),
+        Some("messages[2].tool_call_id"),
+        "{}",
+        r.body
     );
 }
 
@@ -527,7 +558,8 @@ fn n_over_capacity_cancels_the_sequences_already_queued() {
 fn client_gone_mid_stream_cancels_its_generation() {
     let (srv, eng) = fake_server(ServerConfig::new("tiny", 256), &[]);
     eng.set_delay(Duration::from_millis(20));
-    let body = json!({"model": "tiny", "prompt": "cat", "max_tokens": 1000, "stream": true});
+    // 250 tokens at 20 ms: long enough to hang up mid-stream, within the context of 256
+    let body = json!({"model": "tiny", "prompt": "cat", "max_tokens": 250, "stream": true});
     let mut s = send_raw(
         srv.addr,
         "POST",
@@ -561,7 +593,7 @@ fn client_gone_mid_stream_cancels_its_generation() {
 fn client_gone_before_a_whole_response_cancels_its_generation() {
     let (srv, eng) = fake_server(ServerConfig::new("tiny", 256), &[]);
     eng.set_delay(Duration::from_millis(20));
-    let body = json!({"model": "tiny", "prompt": "cat", "max_tokens": 1000});
+    let body = json!({"model": "tiny", "prompt": "cat", "max_tokens": 250});
     let s = send_raw(
         srv.addr,
         "POST",

@@ -4,7 +4,7 @@
 //! (`bench/serve_load.py` is the end-to-end figure).
 //!
 //! `cargo run --release --example serve_bench -- [MODEL] [--streams 1,8] [--requests 3]
-//! [--tokens 64] [--threads T]`
+//! [--tokens 64] [--threads T] [--activation-bits 8|16] [--kv-cache f32|f16]`
 //!
 //! Each stream runs `--requests` requests one after another (closed loop, like a client);
 //! each prompt is a shared 30-token prefix plus its own 15 tokens (the bench's chat prompts:
@@ -61,6 +61,26 @@ fn main() {
             ))
         },
     );
+    if let Some(b) = flag("--activation-bits") {
+        use ferrotune::quant::{ActPrecision, QuantSettings};
+        let activation = match b.as_str() {
+            "8" => ActPrecision::I8,
+            "16" => ActPrecision::I16,
+            _ => fail(&format!("--activation-bits {b:?}: expected 8 or 16")),
+        };
+        lm.model.set_quant_settings(QuantSettings {
+            activation,
+            ..lm.model.quant_settings()
+        });
+    }
+    if let Some(c) = flag("--kv-cache") {
+        let dtype = ferrotune::engine::KvDtype::parse(&c)
+            .unwrap_or_else(|| fail(&format!("--kv-cache {c:?}: expected f32 or f16")));
+        match lm.model.downcast_ref::<ferrotune::model::Llama>() {
+            Some(l) => l.set_kv_cache_dtype(dtype),
+            None => fail("--kv-cache: the fast engine runs LLaMA-family models"),
+        }
+    }
     let backend = FastBatchBackend::new(lm.model)
         .unwrap_or_else(|e| fail(&format!("{path}: the fast engine cannot run it: {e}")));
     let max = streams.iter().copied().max().unwrap_or(1);

@@ -8,6 +8,12 @@
 //! key and value load. Writing a new position is a strided store of `head_dim` values, once per
 //! token.
 //!
+//! The cache holds f32 values, or f16 ([`KvDtype::F16`], llama.cpp's default cache type): half
+//! the memory, and half the bytes a batched decode step reads, where the weights streaming
+//! through the caches between layers leave every row's keys and values in DRAM. An f16 head is
+//! widened to f32 into the caller's scratch (exact) before the same kernels run on it, so the
+//! arithmetic is that of an f32 cache holding the f16-rounded values.
+//!
 //! Each score and output value accumulates its products in a fixed order (dimensions in order
 //! for a score, positions in order for an output), one fused multiply-add at a time, so the
 //! AVX-512 and AVX2 kernels give the same bits; the portable loop rounds the product separately.
@@ -23,12 +29,138 @@ const KEY_BLOCK: usize = 16;
 /// in registers: 4 heads x 2 vectors of positions, 4 heads x 4 vectors of dimensions).
 const HEADS_PER_PASS: usize = 4;
 
+/// The element type of a [`KvCache`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum KvDtype {
+    /// Exact: the keys and values the layers computed.
+    #[default]
+    F32,
+    /// IEEE half precision, rounded to nearest even (relative error at most 2^-11).
+    F16,
+}
+
+impl KvDtype {
+    /// `f32` or `f16`.
+    pub fn parse(s: &str) -> Option<KvDtype> {
+        match s {
+            "f32" => Some(KvDtype::F32),
+            "f16" => Some(KvDtype::F16),
+            _ => None,
+        }
+    }
+
+    /// Bytes per cached value.
+    pub fn bytes(self) -> usize {
+        match self {
+            KvDtype::F32 => 4,
+            KvDtype::F16 => 2,
+        }
+    }
+}
+
+/// Per layer, one sequence's keys or values: f32, or f16 bits.
+pub(super) enum KvStore {
+    F32(Vec<Vec<f32>>),
+    F16(Vec<Vec<u16>>),
+}
+
+impl Default for KvStore {
+    fn default() -> Self {
+        KvStore::F32(Vec::new())
+    }
+}
+
+impl KvStore {
+    fn new(dtype: KvDtype, layers: usize) -> KvStore {
+        match dtype {
+            KvDtype::F32 => KvStore::F32(vec![Vec::new(); layers]),
+            KvDtype::F16 => KvStore::F16(vec![Vec::new(); layers]),
+        }
+    }
+
+    fn dtype(&self) -> KvDtype {
+        match self {
+            KvStore::F32(_) => KvDtype::F32,
+            KvStore::F16(_) => KvDtype::F16,
+        }
+    }
+
+    fn layers(&self) -> usize {
+        match self {
+            KvStore::F32(l) => l.len(),
+            KvStore::F16(l) => l.len(),
+        }
+    }
+
+    /// Give every layer `len` values; copy `used` values of each of `heads` heads from stride
+    /// `old` to stride `new`.
+    fn regrow(&mut self, heads: usize, len: usize, old: usize, new: usize, used: usize) {
+        fn each<T: Copy + Default>(
+            l: &mut [Vec<T>],
+            heads: usize,
+            len: usize,
+            old: usize,
+            new: usize,
+            used: usize,
+        ) {
+            for cache in l.iter_mut() {
+                let mut grown = vec![T::default(); len];
+                for h in 0..heads {
+                    grown[h * new..][..used].copy_from_slice(&cache[h * old..][..used]);
+                }
+                *cache = grown;
+            }
+        }
+        match self {
+            KvStore::F32(l) => each(l, heads, len, old, new, used),
+            KvStore::F16(l) => each(l, heads, len, old, new, used),
+        }
+    }
+
+    fn bytes(&self) -> usize {
+        match self {
+            KvStore::F32(l) => 4 * l.iter().map(Vec::len).sum::<usize>(),
+            KvStore::F16(l) => 2 * l.iter().map(Vec::len).sum::<usize>(),
+        }
+    }
+}
+
+/// One layer of a cache, as [`attend`] reads it.
+#[derive(Clone, Copy)]
+pub(super) enum KvLayer<'a> {
+    F32 { k: &'a [f32], v: &'a [f32] },
+    F16 { k: &'a [u16], v: &'a [u16] },
+}
+
+impl KvLayer<'_> {
+    fn k_len(&self) -> usize {
+        match self {
+            KvLayer::F32 { k, .. } => k.len(),
+            KvLayer::F16 { k, .. } => k.len(),
+        }
+    }
+    fn v_len(&self) -> usize {
+        match self {
+            KvLayer::F32 { v, .. } => v.len(),
+            KvLayer::F16 { v, .. } => v.len(),
+        }
+    }
+}
+
+/// Per-thread working memory of [`attend`]: the scores, and an f16 head widened to f32.
+#[derive(Default)]
+pub(super) struct AttnScratch {
+    scores: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+}
+
 /// One sequence's keys and values per layer, with room for `cap` positions per kv head (grown
 /// by doubling, up to the context length). Layout in the module docs.
 #[derive(Default)]
 pub(crate) struct KvCache {
-    pub(super) k: Vec<Vec<f32>>,
-    pub(super) v: Vec<Vec<f32>>,
+    pub(super) k: KvStore,
+    pub(super) v: KvStore,
     pub(super) cap: usize,
     /// Values per kv head in `k` (whole key blocks).
     pub(super) k_head: usize,
@@ -39,12 +171,24 @@ pub(crate) struct KvCache {
 impl KvCache {
     /// Make room for `n` positions in each of `layers` layers of `n_kv` heads of `hd` values
     /// (keeps the first `len` positions); at most `ctx` positions unless `n` asks for more.
-    pub(super) fn reserve(&mut self, layers: usize, n_kv: usize, hd: usize, ctx: usize, n: usize) {
-        if self.k.len() != layers {
-            self.k = vec![Vec::new(); layers];
-            self.v = vec![Vec::new(); layers];
+    /// A cache of `dtype` values is made on first use (or when the layer count or type
+    /// changes: a slot reused by an engine of another setting starts over).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn reserve(
+        &mut self,
+        layers: usize,
+        n_kv: usize,
+        hd: usize,
+        ctx: usize,
+        n: usize,
+        dtype: KvDtype,
+    ) {
+        if self.k.layers() != layers || self.k.dtype() != dtype {
+            self.k = KvStore::new(dtype, layers);
+            self.v = KvStore::new(dtype, layers);
             self.cap = 0;
             self.k_head = 0;
+            self.len = 0;
         }
         if n <= self.cap {
             return;
@@ -53,24 +197,27 @@ impl KvCache {
         let new_k_head = new_cap.div_ceil(KEY_BLOCK) * hd * KEY_BLOCK;
         let (old, used) = (self.cap, self.len.min(self.cap));
         let used_k = used.div_ceil(KEY_BLOCK) * hd * KEY_BLOCK;
-        for cache in self.k.iter_mut() {
-            let mut grown = vec![0f32; n_kv * new_k_head];
-            for h in 0..n_kv {
-                grown[h * new_k_head..][..used_k]
-                    .copy_from_slice(&cache[h * self.k_head..][..used_k]);
-            }
-            *cache = grown;
-        }
-        for cache in self.v.iter_mut() {
-            let mut grown = vec![0f32; n_kv * new_cap * hd];
-            for h in 0..n_kv {
-                grown[h * new_cap * hd..][..used * hd]
-                    .copy_from_slice(&cache[h * old * hd..][..used * hd]);
-            }
-            *cache = grown;
-        }
+        self.k
+            .regrow(n_kv, n_kv * new_k_head, self.k_head, new_k_head, used_k);
+        self.v
+            .regrow(n_kv, n_kv * new_cap * hd, old * hd, new_cap * hd, used * hd);
         self.cap = new_cap;
         self.k_head = new_k_head;
+    }
+
+    /// Layer `li` for [`attend`].
+    pub(super) fn layer(&self, li: usize) -> KvLayer<'_> {
+        match (&self.k, &self.v) {
+            (KvStore::F32(k), KvStore::F32(v)) => KvLayer::F32 {
+                k: &k[li],
+                v: &v[li],
+            },
+            (KvStore::F16(k), KvStore::F16(v)) => KvLayer::F16 {
+                k: &k[li],
+                v: &v[li],
+            },
+            _ => unreachable!("keys and values are made with one type"),
+        }
     }
 
     /// Store the key and value of kv head `kh` at position `p` of layer `li` (`p < cap`).
@@ -79,16 +226,39 @@ impl KvCache {
         let (hd, cap) = (key.len(), self.cap);
         assert!(p < cap && value.len() == hd, "KV cache write out of range");
         let blk = kh * self.k_head + (p / KEY_BLOCK) * hd * KEY_BLOCK + p % KEY_BLOCK;
-        let k = &mut self.k[li][blk..blk + (hd - 1) * KEY_BLOCK + 1];
-        for (d, &x) in key.iter().enumerate() {
-            k[d * KEY_BLOCK] = x;
+        let at = (kh * cap + p) * hd;
+        match (&mut self.k, &mut self.v) {
+            (KvStore::F32(kc), KvStore::F32(vc)) => {
+                let k = &mut kc[li][blk..blk + (hd - 1) * KEY_BLOCK + 1];
+                for (d, &x) in key.iter().enumerate() {
+                    k[d * KEY_BLOCK] = x;
+                }
+                vc[li][at..][..hd].copy_from_slice(value);
+            }
+            (KvStore::F16(kc), KvStore::F16(vc)) => {
+                use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
+                // the slice conversions run F16C where the CPU has it (round to nearest even,
+                // as `f16::from_f32`)
+                let k = &mut kc[li][blk..blk + (hd - 1) * KEY_BLOCK + 1];
+                let mut bits = [half::f16::ZERO; 128];
+                for (c, part) in key.chunks(bits.len()).enumerate() {
+                    let kb = &mut bits[..part.len()];
+                    kb.convert_from_f32_slice(part);
+                    for (d, b) in kb.iter().enumerate() {
+                        k[(c * 128 + d) * KEY_BLOCK] = b.to_bits();
+                    }
+                }
+                vc[li][at..][..hd]
+                    .reinterpret_cast_mut::<half::f16>()
+                    .convert_from_f32_slice(value);
+            }
+            _ => unreachable!("keys and values are made with one type"),
         }
-        self.v[li][(kh * cap + p) * hd..][..hd].copy_from_slice(value);
     }
 
     /// Bytes held.
     pub fn bytes(&self) -> usize {
-        4 * (self.k.iter().chain(&self.v).map(Vec::len).sum::<usize>())
+        self.k.bytes() + self.v.bytes()
     }
 }
 
@@ -113,12 +283,11 @@ pub(super) struct AttnShape {
 pub(super) fn attend(
     s: &AttnShape,
     q: &[f32],
-    k_cache: &[f32],
-    v_cache: &[f32],
+    kv: KvLayer<'_>,
     off: usize,
     i: usize,
     out: &mut [f32],
-    scores: &mut Vec<f32>,
+    scratch: &mut AttnScratch,
 ) {
     let (hd, cap, kh_len) = (s.hd, s.cap, s.k_head);
     let n_keys = s.base + i + 1;
@@ -130,13 +299,30 @@ pub(super) fn attend(
     );
     let n_kv = s.nh / s.group;
     assert!(kh_len >= cap.div_ceil(KEY_BLOCK) * hd * KEY_BLOCK);
-    assert!(k_cache.len() >= n_kv * kh_len && v_cache.len() >= n_kv * cap * hd);
+    assert!(kv.k_len() >= n_kv * kh_len && kv.v_len() >= n_kv * cap * hd);
     let isa = level();
     let scale = 1.0 / (hd as f32).sqrt();
+    let AttnScratch {
+        scores,
+        k: k_wide,
+        v: v_wide,
+    } = scratch;
     scores.resize(HEADS_PER_PASS * n_keys, 0.0);
+    // positions 0..used of a head are read (both ranges lie inside)
+    let used = s.base + off + i + 1;
+    let used_k = used.div_ceil(KEY_BLOCK) * hd * KEY_BLOCK;
     for kh in 0..n_kv {
-        let kt = &k_cache[kh * kh_len..(kh + 1) * kh_len];
-        let vc = &v_cache[kh * cap * hd..(kh + 1) * cap * hd];
+        let (kt, vc): (&[f32], &[f32]) = match kv {
+            KvLayer::F32 { k, v } => (
+                &k[kh * kh_len..(kh + 1) * kh_len],
+                &v[kh * cap * hd..(kh + 1) * cap * hd],
+            ),
+            KvLayer::F16 { k, v } => {
+                widen_f16(isa, &k[kh * kh_len..][..used_k], k_wide);
+                widen_f16(isa, &v[kh * cap * hd..][..used * hd], v_wide);
+                (&k_wide[..], &v_wide[..])
+            }
+        };
         let mut h0 = kh * s.group;
         while h0 < (kh + 1) * s.group {
             let g = ((kh + 1) * s.group - h0).min(HEADS_PER_PASS);
@@ -161,6 +347,21 @@ pub(super) fn attend(
             }
             h0 += g;
         }
+    }
+}
+
+/// `out` = the f16 values `x` as f32 (exact).
+fn widen_f16(isa: Isa, x: &[u16], out: &mut Vec<f32>) {
+    out.resize(x.len(), 0.0);
+    #[cfg(target_arch = "x86_64")]
+    if isa != Isa::Scalar && std::arch::is_x86_feature_detected!("f16c") {
+        // SAFETY: F16C is available (checked above); `out` holds x.len() values.
+        unsafe { x86::widen_f16c(x, out) };
+        return;
+    }
+    let _ = isa;
+    for (o, &b) in out.iter_mut().zip(x) {
+        *o = half::f16::from_bits(b).to_f32();
     }
 }
 
@@ -361,6 +562,20 @@ mod x86 {
         }
     }
 
+    /// `out[i] = f32(x[i])` for the f16 bits `x` (`out.len() == x.len()`).
+    #[target_feature(enable = "avx,f16c")]
+    pub(super) unsafe fn widen_f16c(x: &[u16], out: &mut [f32]) {
+        assert_eq!(x.len(), out.len());
+        let n8 = x.len() / 8 * 8;
+        for i in (0..n8).step_by(8) {
+            let h = _mm_loadu_si128(x.as_ptr().add(i).cast());
+            _mm256_storeu_ps(out.as_mut_ptr().add(i), _mm256_cvtph_ps(h));
+        }
+        for i in n8..x.len() {
+            out[i] = half::f16::from_bits(x[i]).to_f32();
+        }
+    }
+
     /// `_mm256_maskload_ps` mask of the first `n` (≤ 8) lanes.
     #[inline(always)]
     unsafe fn mask8(n: usize) -> __m256i {
@@ -504,20 +719,26 @@ mod tests {
 
     /// Every kernel level against an f64 reference, over head dims and key counts that hit
     /// the vector tails, 1-8 query heads per kv head, a shared prefix and a packed own range;
-    /// the two SIMD levels must agree bit for bit.
+    /// the two SIMD levels must agree bit for bit. An f16 cache gives, on every level, the
+    /// bits an f32 cache holding the f16-rounded keys and values gives.
     #[test]
     fn attention_matches_a_plain_reference_on_every_isa() {
         let levels: Vec<Isa> = [Isa::Scalar, Isa::Avx2, Isa::Avx512]
             .into_iter()
             .filter(|i| i.available())
             .collect();
-        for (hd, nh, group) in [
-            (64usize, 9usize, 3usize),
-            (8, 2, 1),
-            (20, 8, 8),
-            (72, 5, 5),
-            (16, 4, 2),
-        ] {
+        let round16 = |x: f32| half::f16::from_f32(x).to_f32();
+        for (dtype, (hd, nh, group)) in [KvDtype::F32, KvDtype::F16].into_iter().flat_map(|d| {
+            [
+                (64usize, 9usize, 3usize),
+                (8, 2, 1),
+                (20, 8, 8),
+                (72, 5, 5),
+                (16, 4, 2),
+                (136, 2, 2),
+            ]
+            .map(|shape| (d, shape))
+        }) {
             let n_kv = nh / group;
             for (base, off, i) in [
                 (0usize, 0usize, 0usize),
@@ -526,10 +747,7 @@ mod tests {
                 (33, 0, 0),
                 (5, 11, 16),
             ] {
-                let mut c = KvCache::default();
                 let used = base + off + i + 1;
-                c.reserve(1, n_kv, hd, 4096, used);
-                // grow once more so the re-layout is exercised
                 let rows: Vec<(Vec<f32>, Vec<f32>)> = (0..used)
                     .map(|p| {
                         let k = (0..n_kv * hd).map(|x| val(p * 977 + x)).collect();
@@ -537,22 +755,36 @@ mod tests {
                         (k, v)
                     })
                     .collect();
-                for (p, (k, v)) in rows.iter().enumerate().take(used / 2) {
-                    for kh in 0..n_kv {
-                        c.put(0, kh, p, &k[kh * hd..][..hd], &v[kh * hd..][..hd]);
+                let fill = |dtype: KvDtype| {
+                    let mut c = KvCache::default();
+                    c.reserve(1, n_kv, hd, 4096, used, dtype);
+                    for (p, (k, v)) in rows.iter().enumerate().take(used / 2) {
+                        for kh in 0..n_kv {
+                            c.put(0, kh, p, &k[kh * hd..][..hd], &v[kh * hd..][..hd]);
+                        }
                     }
-                }
-                c.len = used / 2;
-                c.reserve(1, n_kv, hd, 4096, c.cap + 1);
-                for (p, (k, v)) in rows.iter().enumerate().skip(used / 2) {
-                    for kh in 0..n_kv {
-                        c.put(0, kh, p, &k[kh * hd..][..hd], &v[kh * hd..][..hd]);
+                    c.len = used / 2;
+                    // grow once more so the re-layout is exercised
+                    c.reserve(1, n_kv, hd, 4096, c.cap + 1, dtype);
+                    for (p, (k, v)) in rows.iter().enumerate().skip(used / 2) {
+                        for kh in 0..n_kv {
+                            c.put(0, kh, p, &k[kh * hd..][..hd], &v[kh * hd..][..hd]);
+                        }
                     }
-                }
+                    c
+                };
+                let c = fill(dtype);
+                assert_eq!(c.bytes(), (c.k_head + c.cap * hd) * n_kv * dtype.bytes());
                 let q: Vec<f32> = (0..nh * hd).map(|x| val(x * 31 + 3)).collect();
                 let seen: Vec<usize> = (0..base).chain(base + off..base + off + i + 1).collect();
-                let keys: Vec<Vec<f32>> = seen.iter().map(|&p| rows[p].0.clone()).collect();
-                let vals: Vec<Vec<f32>> = seen.iter().map(|&p| rows[p].1.clone()).collect();
+                let held = |x: &Vec<f32>| -> Vec<f32> {
+                    match dtype {
+                        KvDtype::F32 => x.clone(),
+                        KvDtype::F16 => x.iter().map(|&v| round16(v)).collect(),
+                    }
+                };
+                let keys: Vec<Vec<f32>> = seen.iter().map(|&p| held(&rows[p].0)).collect();
+                let vals: Vec<Vec<f32>> = seen.iter().map(|&p| held(&rows[p].1)).collect();
                 let want = naive(&q, &keys, &vals, nh, group);
                 let shape = AttnShape {
                     base,
@@ -562,17 +794,44 @@ mod tests {
                     nh,
                     group,
                 };
+                // the f32 cache of the rounded values, for the f16 cache's bits
+                let rounded = (dtype == KvDtype::F16).then(|| {
+                    let mut r = KvCache::default();
+                    r.reserve(1, n_kv, hd, 4096, c.cap, KvDtype::F32);
+                    for (p, (k, v)) in rows.iter().enumerate() {
+                        for kh in 0..n_kv {
+                            r.put(
+                                0,
+                                kh,
+                                p,
+                                &held(k)[kh * hd..][..hd],
+                                &held(v)[kh * hd..][..hd],
+                            );
+                        }
+                    }
+                    r
+                });
                 let mut simd: Option<Vec<f32>> = None;
                 for &isa in &levels {
                     let mut out = vec![0f32; nh * hd];
-                    let mut sc = Vec::new();
+                    let mut sc = AttnScratch::default();
                     with_isa(isa, || {
-                        attend(&shape, &q, &c.k[0], &c.v[0], off, i, &mut out, &mut sc)
+                        attend(&shape, &q, c.layer(0), off, i, &mut out, &mut sc)
                     });
                     for (x, (a, b)) in out.iter().zip(&want).enumerate() {
                         assert!(
                             (*a as f64 - b).abs() < 1e-5 * (1.0 + b.abs()),
-                            "{isa:?} hd {hd} nh {nh} group {group} ({base},{off},{i}) [{x}]: {a} vs {b}"
+                            "{dtype:?} {isa:?} hd {hd} nh {nh} group {group} ({base},{off},{i}) [{x}]: {a} vs {b}"
+                        );
+                    }
+                    if let Some(r) = &rounded {
+                        let mut same = vec![0f32; nh * hd];
+                        with_isa(isa, || {
+                            attend(&shape, &q, r.layer(0), off, i, &mut same, &mut sc)
+                        });
+                        assert!(
+                            same.iter().zip(&out).all(|(a, b)| a.to_bits() == b.to_bits()),
+                            "{isa:?}: the f16 cache differs from an f32 cache of its values (hd {hd})"
                         );
                     }
                     if isa != Isa::Scalar {
@@ -580,7 +839,7 @@ mod tests {
                             None => simd = Some(out),
                             Some(s) => assert!(
                                 s.iter().zip(&out).all(|(a, b)| a.to_bits() == b.to_bits()),
-                                "AVX2 and AVX-512 attention differ (hd {hd}, group {group})"
+                                "AVX2 and AVX-512 attention differ ({dtype:?}, hd {hd}, group {group})"
                             ),
                         }
                     }
@@ -626,7 +885,7 @@ mod timing {
         for n in [100usize, 470] {
             let mut caches: Vec<KvCache> = (0..seqs).map(|_| KvCache::default()).collect();
             for c in caches.iter_mut() {
-                c.reserve(layers, n_kv, hd, 8192, n);
+                c.reserve(layers, n_kv, hd, 8192, n, KvDtype::F32);
                 for li in 0..layers {
                     for p in 0..n {
                         for kh in 0..n_kv {
@@ -639,7 +898,7 @@ mod timing {
                 c.len = n;
             }
             let q: Vec<f32> = (0..nh * hd).map(|x| (x % 5) as f32 / 5.0).collect();
-            let (mut out, mut sc) = (vec![0f32; nh * hd], Vec::new());
+            let (mut out, mut sc) = (vec![0f32; nh * hd], AttnScratch::default());
             let bytes = (seqs * layers * 2 * n_kv * n * hd * 4) as f64;
             for isa in [Isa::Avx512, Isa::Avx2, Isa::Scalar]
                 .into_iter()
@@ -659,7 +918,7 @@ mod timing {
                                 group,
                             };
                             tests::with_isa(isa, || {
-                                attend(&shape, &q, &c.k[li], &c.v[li], 0, n - 1, &mut out, &mut sc)
+                                attend(&shape, &q, c.layer(li), 0, n - 1, &mut out, &mut sc)
                             });
                         }
                     }

@@ -42,7 +42,8 @@ use std::sync::Arc;
 
 mod attend;
 pub(crate) use attend::KvCache;
-use attend::{attend, AttnShape};
+pub use attend::KvDtype;
+use attend::{attend, AttnScratch, AttnShape};
 
 enum Mat {
     Quant(Arc<QuantWeight>),
@@ -396,7 +397,7 @@ impl Lin {
 }
 
 /// Attention for each of `t` rows of `att` (`width` values a row): `attend_row(r, out,
-/// scores)`, rows in parallel from 2 rows on (prefill chunks, batched steps). On the quantized
+/// scratch)`, rows in parallel from 2 rows on (prefill chunks, batched steps). On the quantized
 /// kernels' pool, whose workers are already spinning between the step's matmuls: rayon's would
 /// be a second set of busy threads on the same cores (measured: 11% of a batched step's time
 /// in yields between the two pools).
@@ -404,7 +405,7 @@ fn attend_all(
     att: &mut [f32],
     width: usize,
     t: usize,
-    attend_row: impl Fn(usize, &mut [f32], &mut Vec<f32>) + Sync,
+    attend_row: impl Fn(usize, &mut [f32], &mut AttnScratch) + Sync,
 ) {
     assert_eq!(att.len(), t * width, "attention rows");
     let threads = crate::quant::num_threads();
@@ -412,18 +413,18 @@ fn attend_all(
         let outp = SyncOut(att.as_mut_ptr());
         let outp = &outp;
         crate::quant::parallel_chunks(t, 1, threads, |rows| {
-            let mut scores = Vec::new();
+            let mut scratch = AttnScratch::default();
             for r in rows {
                 // SAFETY: row r of `att` (t * width values, asserted above); chunks are
                 // disjoint row ranges, so no other thread touches it.
                 let out = unsafe { std::slice::from_raw_parts_mut(outp.0.add(r * width), width) };
-                attend_row(r, out, &mut scores);
+                attend_row(r, out, &mut scratch);
             }
         });
     } else {
-        let mut scores = Vec::new();
+        let mut scratch = AttnScratch::default();
         for (r, out) in att.chunks_exact_mut(width).enumerate() {
-            attend_row(r, out, &mut scores);
+            attend_row(r, out, &mut scratch);
         }
     }
 }
@@ -511,6 +512,8 @@ pub(crate) struct Weights {
     inter: usize,
     vocab: usize,
     ctx: usize,
+    /// The element type of the KV caches this engine makes (the model's setting).
+    kv_dtype: KvDtype,
 }
 
 /// Activation buffers kept between calls: freshly allocated ones of this size cost a page
@@ -603,6 +606,7 @@ impl Weights {
             inter: cfg.intermediate_size,
             vocab: cfg.vocab_size,
             ctx: cfg.max_position_embeddings,
+            kv_dtype: model.kv_cache_dtype(),
         };
         w.shapes_fit().then_some(w)
     }
@@ -624,7 +628,14 @@ impl Weights {
 
     /// Make room in `c` for `n` positions of this model.
     fn reserve_cache(&self, c: &mut KvCache, n: usize) {
-        c.reserve(self.layers.len(), self.n_kv, self.head_dim, self.ctx, n);
+        c.reserve(
+            self.layers.len(),
+            self.n_kv,
+            self.head_dim,
+            self.ctx,
+            n,
+            self.kv_dtype,
+        );
     }
 
     /// The most positions a sequence may hold.
@@ -874,7 +885,7 @@ impl Weights {
                 }
                 let group = nh / nkv;
                 let caches_ro: &[&mut KvCache] = caches;
-                let attend_row = |r: usize, out: &mut [f32], scores: &mut Vec<f32>| {
+                let attend_row = |r: usize, out: &mut [f32], scratch: &mut AttnScratch| {
                     let row = rows[r];
                     let c = &*caches_ro[row.seq];
                     let shape = AttnShape {
@@ -888,12 +899,11 @@ impl Weights {
                     attend(
                         &shape,
                         &q[r * nh * hd..(r + 1) * nh * hd],
-                        &c.k[li],
-                        &c.v[li],
+                        c.layer(li),
                         0,
                         row.pos,
                         out,
-                        scores,
+                        scratch,
                     );
                 };
                 attend_all(&mut att, nh * hd, t, attend_row);
@@ -1154,18 +1164,17 @@ impl FastDecoder {
                 nh,
                 group: nh / nkv,
             };
-            let (kc, vc) = (&cache.k[li], &cache.v[li]);
-            let attend_row = |r: usize, out: &mut [f32], scores: &mut Vec<f32>| {
+            let kv = cache.layer(li);
+            let attend_row = |r: usize, out: &mut [f32], scratch: &mut AttnScratch| {
                 let (off, i) = row_seq[r];
                 attend(
                     &shape,
                     &q[r * nh * hd..(r + 1) * nh * hd],
-                    kc,
-                    vc,
+                    kv,
                     off,
                     i,
                     out,
-                    scores,
+                    scratch,
                 );
             };
             attend_all(&mut att, nh * hd, t, attend_row);

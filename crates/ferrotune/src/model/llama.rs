@@ -75,6 +75,9 @@ pub struct Llama {
     device: Device,
     /// A soft prompt read by every forward pass (see [`Model::set_virtual_prompt`]).
     prompt: Option<Arc<dyn SoftPrompt>>,
+    /// The fast engine's KV cache type (`generate` / `serve --kv-cache`): 0 f32, 1 f16. An
+    /// atomic so it is set through a shared `&dyn Model`, as the quantized weights' settings are.
+    kv_f16: std::sync::atomic::AtomicBool,
 }
 
 /// A soft prompt's values shaped for a batch of rows.
@@ -313,11 +316,31 @@ impl Llama {
             sin,
             device,
             prompt: None,
+            kv_f16: Default::default(),
         })
     }
 
     pub fn device(&self) -> &Device {
         &self.device
+    }
+
+    /// The KV cache type of the fast engine (`generate`, `serve`) on this model: f32 (the
+    /// default, exact) or f16 (llama.cpp's default: half the cache memory and the bytes a
+    /// batched decode step reads). The model's own forward keeps its f32 cache.
+    pub fn set_kv_cache_dtype(&self, dtype: crate::engine::KvDtype) {
+        self.kv_f16.store(
+            dtype == crate::engine::KvDtype::F16,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
+
+    /// See [`Self::set_kv_cache_dtype`].
+    pub fn kv_cache_dtype(&self) -> crate::engine::KvDtype {
+        if self.kv_f16.load(std::sync::atomic::Ordering::Relaxed) {
+            crate::engine::KvDtype::F16
+        } else {
+            crate::engine::KvDtype::F32
+        }
     }
 
     pub fn new_cache(&self) -> KvCache {

@@ -543,7 +543,7 @@ impl BatchBackend for FastBatchBackend {
 mod tests {
     use super::*;
     use crate::data::testutil::TempDir;
-    use crate::engine::FastDecoder;
+    use crate::engine::{FastDecoder, KvDtype};
     use crate::generate::{Decoder, LlamaDecoder};
     use crate::model::{config_from_hf_dir, Llama, LoadOptions, SafetensorsSource};
     use crate::peft::lora::{InitLoraWeights, LoraConfig, ModuleSpec};
@@ -609,7 +609,19 @@ mod tests {
         prompt: &[u32],
         feed: &[u32],
     ) -> Vec<Vec<f32>> {
+        alone_kv(q, KvDtype::F32, adapter, prompt, feed)
+    }
+
+    /// [`alone`] with a KV cache of `kv` values.
+    fn alone_kv(
+        q: Option<GgmlDType>,
+        kv: KvDtype,
+        adapter: Option<&std::path::Path>,
+        prompt: &[u32],
+        feed: &[u32],
+    ) -> Vec<Vec<f32>> {
         let mut m = tiny(q);
+        m.set_kv_cache_dtype(kv);
         if let Some(dir) = adapter {
             crate::peft::load_adapter(&mut m, dir, "x").unwrap();
         }
@@ -707,8 +719,14 @@ mod tests {
     fn mixed_steps_equal_separate_passes() {
         let tmp = TempDir::new("fast-mixed");
         let ads = adapters(&tmp);
-        for q in [Some(GgmlDType::Q4_1), Some(GgmlDType::Q8_0), None] {
-            let mut be = FastBatchBackend::new(Box::new(tiny(q))).unwrap();
+        let cases = [Some(GgmlDType::Q4_1), Some(GgmlDType::Q8_0), None]
+            .into_iter()
+            .map(|q| (q, KvDtype::F32))
+            .chain([(Some(GgmlDType::Q4_1), KvDtype::F16), (None, KvDtype::F16)]);
+        for (q, kv) in cases {
+            let model = tiny(q);
+            model.set_kv_cache_dtype(kv);
+            let mut be = FastBatchBackend::new(Box::new(model)).unwrap();
             for (n, d) in &ads {
                 be.load_adapter(n, d).unwrap();
             }
@@ -724,8 +742,25 @@ mod tests {
                 .collect();
             let want: Vec<Vec<Vec<f32>>> = seqs
                 .iter()
-                .map(|(a, p, f)| alone(q, a.map(|i| ads[i].1.as_path()), p, f))
+                .map(|(a, p, f)| alone_kv(q, kv, a.map(|i| ads[i].1.as_path()), p, f))
                 .collect();
+            if kv == KvDtype::F16 {
+                // the setting took effect: rounded keys and values move the logits a little
+                let (p, f) = (&seqs[1].1, &seqs[1].2);
+                let exact = alone(q, None, p, f);
+                let half = alone_kv(q, kv, None, p, f);
+                let moved = exact.iter().zip(&half).any(|(a, b)| !same_bits(a, b));
+                let worst = exact
+                    .iter()
+                    .flatten()
+                    .zip(half.iter().flatten())
+                    .map(|(a, b)| (a - b).abs() / (1.0 + a.abs()))
+                    .fold(0f32, f32::max);
+                assert!(
+                    moved && worst < 1e-2,
+                    "f16 cache: moved {moved}, worst {worst}"
+                );
+            }
             // sequence s joins at iteration s; `fed` prompt tokens, `done` decode steps
             let mut slot = vec![None; n_seq];
             let (mut fed, mut done) = (vec![0usize; n_seq], vec![0usize; n_seq]);
