@@ -1214,6 +1214,10 @@ fn run_peft_combine(a: CombineArgs) -> Result<()> {
             "--svd-rank: only --how svd takes a rank (linear keeps r, cat sums the ranks)"
         );
     }
+    let max = ferrotune::peft::lora::config::MAX_RANK;
+    if let Some(k) = a.svd_rank.filter(|k| !(1..=max).contains(k)) {
+        anyhow::bail!("--svd-rank {k}: expected 1 to {max}");
+    }
     let parsed: Vec<(PathBuf, f64)> = a
         .adapter
         .iter()

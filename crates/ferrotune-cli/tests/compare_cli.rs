@@ -378,6 +378,22 @@ fn peft_combine_writes_peft_linear_combination() {
         &arg(&dir.join("x")),
     ]);
     assert!(e.contains("--svd-rank") && e.contains("svd"), "{e}");
+    // a rank of 0 is named as the flag's value, before any adapter is read
+    let e = support::fails(&[
+        "peft",
+        "combine",
+        "--model",
+        &arg(&m),
+        "--adapter",
+        &format!("{}:1", arg(&fx.join("a"))),
+        "--how",
+        "svd",
+        "--svd-rank",
+        "0",
+        "--out",
+        &arg(&dir.join("x")),
+    ]);
+    assert!(e.contains("--svd-rank 0: expected 1 to"), "{e}");
     assert!(!dir.join("x").exists());
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -168,7 +168,14 @@ pub fn read_text_limited(path: &Path, limit: u64) -> Result<String> {
             format!("larger than {limit} bytes, the most this reads"),
         ));
     }
-    String::from_utf8(bytes).map_err(|_| Error::file(path, "not UTF-8 text"))
+    String::from_utf8(bytes).map_err(|e| Error::file(path, not_utf8(e.as_bytes(), e.utf8_error())))
+}
+
+/// "not UTF-8 text", with the line and byte where the first invalid sequence starts.
+fn not_utf8(bytes: &[u8], e: std::str::Utf8Error) -> String {
+    let at = e.valid_up_to();
+    let line = 1 + bytes[..at].iter().filter(|&&b| b == b'\n').count();
+    format!("not UTF-8 text (line {line}, byte {at}: an invalid byte sequence)")
 }
 
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
@@ -576,6 +583,21 @@ fn remove_if_ours(p: &Path) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn text_that_is_not_utf8_is_placed_by_line_and_byte() {
+        let p = tmp("not-utf8").join("rows.jsonl");
+        std::fs::write(&p, b"{\"text\": \"ok\"}\n{\"text\": \"\xff bad\"}\n").unwrap();
+        let e = super::read_text_limited(&p, 1 << 20)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("rows.jsonl") && e.contains("line 2, byte 25"),
+            "{e}"
+        );
+        std::fs::write(&p, "{\"text\": \"é\"}\n").unwrap();
+        assert!(super::read_text_limited(&p, 1 << 20).is_ok());
+    }
+
     #[test]
     fn stale_temporary_files_of_dead_writers_are_cleared_and_live_ones_kept() {
         let dir = tmp("stale-tmp");

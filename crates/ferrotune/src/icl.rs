@@ -100,9 +100,14 @@ impl Template {
             match p {
                 Part::Text(t) => out.push_str(t),
                 Part::Field(f) => out.push_str(&field_text(row, f).ok_or_else(|| {
-                    Error::msg(format!(
-                        "{what}: template placeholder `{{{f}}}` has no field `{f}` in the data"
-                    ))
+                    Error::msg(match row.get(f.as_str()) {
+                        Some(Value::Null) => format!(
+                            "{what}: template placeholder `{{{f}}}`: field `{f}` is null in the data"
+                        ),
+                        _ => format!(
+                            "{what}: template placeholder `{{{f}}}` has no field `{f}` in the data"
+                        ),
+                    })
                 })?),
             }
         }
@@ -245,6 +250,27 @@ mod tests {
             t.render_query(&row(serde_json::json!({"question": "3+3?"}))),
             "Q: 3+3? {x}\nA:"
         );
+    }
+
+    #[test]
+    fn a_null_field_is_named_as_null() {
+        let t = Template::parse("Q: {question}").unwrap();
+        let null = t
+            .render(
+                &row(serde_json::json!({"question": null})),
+                "f.jsonl: line 2",
+            )
+            .unwrap_err()
+            .to_string();
+        assert!(
+            null.contains("line 2") && null.contains("`question` is null"),
+            "{null}"
+        );
+        let missing = t
+            .render(&row(serde_json::json!({})), "x")
+            .unwrap_err()
+            .to_string();
+        assert!(missing.contains("has no field `question`"), "{missing}");
     }
 
     #[test]

@@ -81,9 +81,13 @@ impl PromptTemplate {
                     .iter()
                     .find(|v| matches!(row.get(v.as_str()), None | Some(Value::Null)))
                 {
-                    return Err(Error::msg(format!(
-                        "{src}: template placeholder `{v}` has no field `{v}` in the data"
-                    )));
+                    return Err(Error::msg(if row.get(v.as_str()).is_some() {
+                        format!(
+                            "{src}: template placeholder `{v}`: field `{v}` is null in the data"
+                        )
+                    } else {
+                        format!("{src}: template placeholder `{v}` has no field `{v}` in the data")
+                    }));
                 }
                 let tmpl = env.get_template(NAME).expect("added at parse");
                 tmpl.render(minijinja::Value::from_serialize(row))
