@@ -268,6 +268,12 @@ pub(crate) fn run_serve(a: ServeArgs) -> Result<()> {
             false
         }
     };
+    if !use_fast && a.m.kv_cache.as_deref() == Some("f16") {
+        warn!(
+            "--kv-cache f16 has no effect: the model's own forward (--engine model, or this model's \
+             adapters) keeps f32 keys and values"
+        );
+    }
     let mut backend: Box<dyn BatchBackend> = if use_fast {
         Box::new(FastBatchBackend::new(lm.model)?)
     } else {
