@@ -360,39 +360,26 @@ fn peft_combine_writes_peft_linear_combination() {
         &arg(&dir.join("x")),
     ]);
     assert!(e.contains("DIR:WEIGHT"), "{e}");
+    // `peft combine` with two adapters (or one) and `extra` flags: its one error line
+    let combine_fails = |adapters: &[&str], extra: &[&str]| {
+        let mut args = vec![
+            "peft".to_string(),
+            "combine".into(),
+            "--model".into(),
+            arg(&m),
+        ];
+        for a in adapters {
+            args.extend(["--adapter".into(), format!("{}:1", arg(&fx.join(a)))]);
+        }
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args.extend(["--out".into(), arg(&dir.join("x"))]);
+        support::fails(&args)
+    };
     // --svd-rank belongs to --how svd (PEFT ignores it otherwise; a user who gives it meant svd).
-    let e = support::fails(&[
-        "peft",
-        "combine",
-        "--model",
-        &arg(&m),
-        "--adapter",
-        &format!("{}:1", arg(&fx.join("a"))),
-        "--adapter",
-        &format!("{}:1", arg(&fx.join("b"))),
-        "--how",
-        "cat",
-        "--svd-rank",
-        "4",
-        "--out",
-        &arg(&dir.join("x")),
-    ]);
+    let e = combine_fails(&["a", "b"], &["--how", "cat", "--svd-rank", "4"]);
     assert!(e.contains("--svd-rank") && e.contains("svd"), "{e}");
     // a rank of 0 is named as the flag's value, before any adapter is read
-    let e = support::fails(&[
-        "peft",
-        "combine",
-        "--model",
-        &arg(&m),
-        "--adapter",
-        &format!("{}:1", arg(&fx.join("a"))),
-        "--how",
-        "svd",
-        "--svd-rank",
-        "0",
-        "--out",
-        &arg(&dir.join("x")),
-    ]);
+    let e = combine_fails(&["a"], &["--how", "svd", "--svd-rank", "0"]);
     assert!(e.contains("--svd-rank 0: expected 1 to"), "{e}");
     assert!(!dir.join("x").exists());
     let _ = std::fs::remove_dir_all(&dir);

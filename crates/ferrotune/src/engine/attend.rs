@@ -58,23 +58,62 @@ impl KvDtype {
     }
 }
 
-/// Per layer, one sequence's keys or values: f32, or f16 bits.
+/// Per layer, one sequence's keys (`k`) and values (`v`) of one element type.
+#[derive(Default)]
+pub(super) struct Planes<T> {
+    k: Vec<Vec<T>>,
+    v: Vec<Vec<T>>,
+}
+
+impl<T: Copy + Default> Planes<T> {
+    fn new(layers: usize) -> Self {
+        Planes {
+            k: vec![Vec::new(); layers],
+            v: vec![Vec::new(); layers],
+        }
+    }
+
+    /// Give every layer `len` values of `planes` (keys or values); copy `used` values of each
+    /// of `heads` heads from stride `old` to stride `new`.
+    fn regrow(
+        planes: &mut [Vec<T>],
+        heads: usize,
+        len: usize,
+        old: usize,
+        new: usize,
+        used: usize,
+    ) {
+        for cache in planes.iter_mut() {
+            let mut grown = vec![T::default(); len];
+            for h in 0..heads {
+                grown[h * new..][..used].copy_from_slice(&cache[h * old..][..used]);
+            }
+            *cache = grown;
+        }
+    }
+
+    fn values(&self) -> usize {
+        self.k.iter().chain(&self.v).map(Vec::len).sum()
+    }
+}
+
+/// A sequence's cache: f32 values, or f16 bits (keys and values always of one type).
 pub(super) enum KvStore {
-    F32(Vec<Vec<f32>>),
-    F16(Vec<Vec<u16>>),
+    F32(Planes<f32>),
+    F16(Planes<u16>),
 }
 
 impl Default for KvStore {
     fn default() -> Self {
-        KvStore::F32(Vec::new())
+        KvStore::F32(Planes::default())
     }
 }
 
 impl KvStore {
     fn new(dtype: KvDtype, layers: usize) -> KvStore {
         match dtype {
-            KvDtype::F32 => KvStore::F32(vec![Vec::new(); layers]),
-            KvDtype::F16 => KvStore::F16(vec![Vec::new(); layers]),
+            KvDtype::F32 => KvStore::F32(Planes::new(layers)),
+            KvDtype::F16 => KvStore::F16(Planes::new(layers)),
         }
     }
 
@@ -87,40 +126,15 @@ impl KvStore {
 
     fn layers(&self) -> usize {
         match self {
-            KvStore::F32(l) => l.len(),
-            KvStore::F16(l) => l.len(),
-        }
-    }
-
-    /// Give every layer `len` values; copy `used` values of each of `heads` heads from stride
-    /// `old` to stride `new`.
-    fn regrow(&mut self, heads: usize, len: usize, old: usize, new: usize, used: usize) {
-        fn each<T: Copy + Default>(
-            l: &mut [Vec<T>],
-            heads: usize,
-            len: usize,
-            old: usize,
-            new: usize,
-            used: usize,
-        ) {
-            for cache in l.iter_mut() {
-                let mut grown = vec![T::default(); len];
-                for h in 0..heads {
-                    grown[h * new..][..used].copy_from_slice(&cache[h * old..][..used]);
-                }
-                *cache = grown;
-            }
-        }
-        match self {
-            KvStore::F32(l) => each(l, heads, len, old, new, used),
-            KvStore::F16(l) => each(l, heads, len, old, new, used),
+            KvStore::F32(p) => p.k.len(),
+            KvStore::F16(p) => p.k.len(),
         }
     }
 
     fn bytes(&self) -> usize {
         match self {
-            KvStore::F32(l) => 4 * l.iter().map(Vec::len).sum::<usize>(),
-            KvStore::F16(l) => 2 * l.iter().map(Vec::len).sum::<usize>(),
+            KvStore::F32(p) => 4 * p.values(),
+            KvStore::F16(p) => 2 * p.values(),
         }
     }
 }
@@ -159,8 +173,7 @@ pub(super) struct AttnScratch {
 /// by doubling, up to the context length). Layout in the module docs.
 #[derive(Default)]
 pub(crate) struct KvCache {
-    pub(super) k: KvStore,
-    pub(super) v: KvStore,
+    kv: KvStore,
     pub(super) cap: usize,
     /// Values per kv head in `k` (whole key blocks).
     pub(super) k_head: usize,
@@ -183,9 +196,8 @@ impl KvCache {
         n: usize,
         dtype: KvDtype,
     ) {
-        if self.k.layers() != layers || self.k.dtype() != dtype {
-            self.k = KvStore::new(dtype, layers);
-            self.v = KvStore::new(dtype, layers);
+        if self.kv.layers() != layers || self.kv.dtype() != dtype {
+            self.kv = KvStore::new(dtype, layers);
             self.cap = 0;
             self.k_head = 0;
             self.len = 0;
@@ -197,26 +209,33 @@ impl KvCache {
         let new_k_head = new_cap.div_ceil(KEY_BLOCK) * hd * KEY_BLOCK;
         let (old, used) = (self.cap, self.len.min(self.cap));
         let used_k = used.div_ceil(KEY_BLOCK) * hd * KEY_BLOCK;
-        self.k
-            .regrow(n_kv, n_kv * new_k_head, self.k_head, new_k_head, used_k);
-        self.v
-            .regrow(n_kv, n_kv * new_cap * hd, old * hd, new_cap * hd, used * hd);
+        let (k_len, v_len) = (n_kv * new_k_head, n_kv * new_cap * hd);
+        let (k_old, k_new, v_old, v_new) = (self.k_head, new_k_head, old * hd, new_cap * hd);
+        match &mut self.kv {
+            KvStore::F32(p) => {
+                Planes::regrow(&mut p.k, n_kv, k_len, k_old, k_new, used_k);
+                Planes::regrow(&mut p.v, n_kv, v_len, v_old, v_new, used * hd);
+            }
+            KvStore::F16(p) => {
+                Planes::regrow(&mut p.k, n_kv, k_len, k_old, k_new, used_k);
+                Planes::regrow(&mut p.v, n_kv, v_len, v_old, v_new, used * hd);
+            }
+        }
         self.cap = new_cap;
         self.k_head = new_k_head;
     }
 
     /// Layer `li` for [`attend`].
     pub(super) fn layer(&self, li: usize) -> KvLayer<'_> {
-        match (&self.k, &self.v) {
-            (KvStore::F32(k), KvStore::F32(v)) => KvLayer::F32 {
-                k: &k[li],
-                v: &v[li],
+        match &self.kv {
+            KvStore::F32(p) => KvLayer::F32 {
+                k: &p.k[li],
+                v: &p.v[li],
             },
-            (KvStore::F16(k), KvStore::F16(v)) => KvLayer::F16 {
-                k: &k[li],
-                v: &v[li],
+            KvStore::F16(p) => KvLayer::F16 {
+                k: &p.k[li],
+                v: &p.v[li],
             },
-            _ => unreachable!("keys and values are made with one type"),
         }
     }
 
@@ -227,15 +246,15 @@ impl KvCache {
         assert!(p < cap && value.len() == hd, "KV cache write out of range");
         let blk = kh * self.k_head + (p / KEY_BLOCK) * hd * KEY_BLOCK + p % KEY_BLOCK;
         let at = (kh * cap + p) * hd;
-        match (&mut self.k, &mut self.v) {
-            (KvStore::F32(kc), KvStore::F32(vc)) => {
+        match &mut self.kv {
+            KvStore::F32(Planes { k: kc, v: vc }) => {
                 let k = &mut kc[li][blk..blk + (hd - 1) * KEY_BLOCK + 1];
                 for (d, &x) in key.iter().enumerate() {
                     k[d * KEY_BLOCK] = x;
                 }
                 vc[li][at..][..hd].copy_from_slice(value);
             }
-            (KvStore::F16(kc), KvStore::F16(vc)) => {
+            KvStore::F16(Planes { k: kc, v: vc }) => {
                 use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
                 // the slice conversions run F16C where the CPU has it (round to nearest even,
                 // as `f16::from_f32`)
@@ -252,13 +271,12 @@ impl KvCache {
                     .reinterpret_cast_mut::<half::f16>()
                     .convert_from_f32_slice(value);
             }
-            _ => unreachable!("keys and values are made with one type"),
         }
     }
 
     /// Bytes held.
     pub fn bytes(&self) -> usize {
-        self.k.bytes() + self.v.bytes()
+        self.kv.bytes()
     }
 }
 
