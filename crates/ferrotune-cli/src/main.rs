@@ -597,6 +597,42 @@ fn has_quantized_weights(model: &dyn model::Model) -> bool {
             .any(|e| matches!(e.weight(), EmbeddingWeight::Quantized(_)))
 }
 
+/// What a command computes with the model it loads, for the flags that only change how a
+/// model computes (`--kv-cache`, `--activation-bits`): naming one that the command has no use
+/// for is a warning, not silence.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Runs {
+    /// Decodes token by token (the fast engine and its KV cache): every flag acts.
+    Decode,
+    /// Runs whole sequences through the model's forward pass (perplexity, merge's check): no
+    /// KV cache.
+    Forward,
+    /// Reads or writes weights only: nothing is computed with them.
+    Nothing,
+}
+
+impl ModelArgs {
+    fn warn_unused(&self, command: &str, runs: Runs) {
+        let why = match runs {
+            Runs::Decode => return,
+            Runs::Forward => "it scores whole sequences in one forward pass, with no KV cache",
+            Runs::Nothing => "it reads and writes weights without running the model",
+        };
+        if self.kv_cache.is_some() {
+            warn!("--kv-cache has no effect on `{command}`: {why}");
+        }
+        if self.activation_bits.is_some() && runs == Runs::Nothing {
+            warn!("--activation-bits has no effect on `{command}`: {why}");
+        }
+    }
+}
+
+/// [`load`] for a command that does not decode: warns about the flags it ignores.
+fn load_for(m: &ModelArgs, command: &str, runs: Runs) -> Result<LoadedModel> {
+    m.warn_unused(command, runs);
+    load(m)
+}
+
 fn load(m: &ModelArgs) -> Result<LoadedModel> {
     let opts = m.load_options()?;
     set_threads(m);
@@ -881,7 +917,7 @@ fn run_plan(a: PlanArgs) -> Result<()> {
 }
 
 fn run_inspect(a: InspectArgs) -> Result<()> {
-    let lm = load(&a.m)?;
+    let lm = load_for(&a.m, "inspect", Runs::Nothing)?;
     let seq_len = a
         .seq_len
         .unwrap_or(512.min(lm.model.context_length().unwrap_or(512)));
@@ -911,7 +947,7 @@ fn run_perplexity(a: PerplexityArgs) -> Result<()> {
         for d in &a.adapter {
             input_dir("--adapter", d)?;
         }
-        let mut lm = load(&a.m)?;
+        let mut lm = load_for(&a.m, "perplexity", Runs::Forward)?;
         attach_adapters(&mut lm, &a.adapter)?;
         completion_perplexity(
             &*lm.model,
@@ -941,7 +977,7 @@ fn run_perplexity(a: PerplexityArgs) -> Result<()> {
         for d in &a.adapter {
             input_dir("--adapter", d)?;
         }
-        let mut lm = load(&a.m)?;
+        let mut lm = load_for(&a.m, "perplexity", Runs::Forward)?;
         attach_adapters(&mut lm, &a.adapter)?;
         let ctx = lm.model.context_length().unwrap_or(usize::MAX);
         let mut window = a.window.unwrap_or(ctx);
@@ -989,7 +1025,7 @@ fn run_convert(a: ConvertArgs) -> Result<()> {
         a.overwrite,
         &model_inputs(&a.m.model, None),
     )?;
-    let lm = load(&a.m)?;
+    let lm = load_for(&a.m, "convert", Runs::Nothing)?;
     let inputs = model_inputs(&a.m.model, Some(&lm));
     fsutil::check_output_dir(&a.out, "--out", a.overwrite, &inputs)?;
     let quantized = lm
@@ -1229,7 +1265,7 @@ fn run_peft_combine(a: CombineArgs) -> Result<()> {
         inputs.push(Input::new("an --adapter folder", d));
     }
     fsutil::check_output_dir(&a.out, "--out", a.overwrite, &inputs)?;
-    let mut lm = load(&a.m)?;
+    let mut lm = load_for(&a.m, "peft combine", Runs::Nothing)?;
     let mut configs = Vec::new();
     for (i, (d, _)) in parsed.iter().enumerate() {
         let loaded = ferrotune::peft::load_adapter(&mut *lm.model, d, &format!("adapter{i}"))?;
@@ -1498,7 +1534,7 @@ fn run_peft_readout(a: PeftReadoutArgs) -> Result<()> {
     if a.k == 0 {
         anyhow::bail!("--k must be at least 1");
     }
-    let lm = load(&a.m)?;
+    let lm = load_for(&a.m, "peft readout", Runs::Nothing)?;
     let tokens = ferrotune::peft::prompt_learning::model::readout_adapter(
         &*lm.model,
         &lm.tokenizer,
@@ -1948,7 +1984,7 @@ fn run_merge(a: MergeArgs) -> Result<()> {
         Ok(())
     };
     check_out(&inputs)?;
-    let mut lm = load(&a.m)?;
+    let mut lm = load_for(&a.m, "merge", Runs::Forward)?;
     inputs.push(Input::new("the --model", lm.source.path()));
     check_out(&inputs)?;
     if let Some(preset) = gguf {
@@ -2097,7 +2133,7 @@ fn run_quantize(a: QuantizeArgs) -> Result<()> {
         inputs.push(Input::new("the --adapter folder", d));
     }
     gguf::check_output(&a.out, a.overwrite, &inputs)?;
-    let mut lm = load(&a.m)?;
+    let mut lm = load_for(&a.m, "quantize", Runs::Nothing)?;
     inputs.push(Input::new("the --model", lm.source.path()));
     gguf::check_output(&a.out, a.overwrite, &inputs)?;
     if let Some(d) = &a.adapter {
@@ -2147,7 +2183,7 @@ fn run_quantize_bnb(a: &QuantizeArgs, to: &str) -> Result<()> {
         inputs.push(Input::new("the --adapter folder", d));
     }
     fsutil::check_output_dir(&a.out, "--out", a.overwrite, &inputs)?;
-    let mut lm = load(&a.m)?;
+    let mut lm = load_for(&a.m, "quantize", Runs::Nothing)?;
     inputs.push(Input::new("the --model", lm.source.path()));
     fsutil::check_output_dir(&a.out, "--out", a.overwrite, &inputs)?;
     if let Some(d) = &a.adapter {

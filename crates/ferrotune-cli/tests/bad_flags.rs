@@ -95,6 +95,39 @@ fn decode_precision_flags_apply_or_warn() {
     }
 }
 
+/// A command that never decodes says which of the compute flags it ignores, and still runs:
+/// `perplexity` scores in one forward pass (no KV cache), `inspect` computes nothing.
+#[test]
+fn compute_flags_a_command_does_not_use_are_named() {
+    let (model, text) = setup("unused");
+    let m = arg(&model);
+    let both = ["--kv-cache", "f16", "--activation-bits", "8"];
+    let mut ppl = vec!["perplexity", "--model", &m, "--file"];
+    let t = arg(&text);
+    ppl.push(&t);
+    ppl.extend(["--requantize", "q4_1", "--json"]);
+    ppl.extend(both);
+    let out = succeeds(&ppl.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--kv-cache has no effect on `perplexity`"),
+        "{err}"
+    );
+    assert!(!err.contains("--activation-bits has no effect"), "{err}");
+    assert!(json(&out)["perplexity"].as_f64().unwrap().is_finite());
+
+    let mut insp = vec!["inspect", "--model", &m];
+    insp.extend(both);
+    let out = succeeds(&insp.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+    let err = String::from_utf8_lossy(&out.stderr);
+    for flag in ["--kv-cache", "--activation-bits"] {
+        assert!(
+            err.contains(&format!("{flag} has no effect on `inspect`")),
+            "{flag}: {err}"
+        );
+    }
+}
+
 #[test]
 fn valid_edge_values_are_accepted() {
     let (model, _) = setup("edges");
