@@ -352,12 +352,43 @@ pub fn check_not_input(out: &Path, what: &str, inputs: &[Input]) -> Result<()> {
     Ok(())
 }
 
+/// The folders of a Unix system's own layout: never an output folder (`--out /tmp
+/// --overwrite` would otherwise move every user's files in `/tmp` aside and delete them).
+const SYSTEM_DIRS: &[&str] = &[
+    "/bin",
+    "/boot",
+    "/dev",
+    "/etc",
+    "/home",
+    "/lib",
+    "/lib32",
+    "/lib64",
+    "/media",
+    "/mnt",
+    "/opt",
+    "/proc",
+    "/root",
+    "/run",
+    "/sbin",
+    "/srv",
+    "/sys",
+    "/tmp",
+    "/usr",
+    "/usr/local",
+    "/var",
+    "/var/tmp",
+];
+
 /// Why `dir` may never be replaced or filled, whatever the flags: the root of the file system,
-/// the home folder, or the current directory or one above it.
+/// a system folder (`/tmp`, `/usr`, ...), a shared folder (the sticky bit, as `/tmp` has), a
+/// mount point, the home folder, or the current directory or one above it.
 pub fn protected_dir(dir: &Path) -> Option<&'static str> {
     let r = resolve(dir);
     if r.parent().is_none() {
         return Some("the root of the file system");
+    }
+    if SYSTEM_DIRS.iter().any(|s| r == Path::new(s)) {
+        return Some("a folder of the system's own layout");
     }
     if let Some(home) = std::env::var_os("HOME").filter(|h| !h.is_empty()) {
         if r == resolve(Path::new(&home)) {
@@ -367,6 +398,19 @@ pub fn protected_dir(dir: &Path) -> Option<&'static str> {
     if let Ok(cwd) = std::env::current_dir() {
         if resolve(&cwd).starts_with(&r) {
             return Some("the current directory or a folder above it");
+        }
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        if let Ok(m) = std::fs::metadata(&r) {
+            if m.is_dir() && m.mode() & 0o1000 != 0 {
+                return Some("a shared folder (its sticky bit is set, as /tmp's is)");
+            }
+            let parent = r.parent().and_then(|p| std::fs::metadata(p).ok());
+            if m.is_dir() && parent.is_some_and(|p| p.dev() != m.dev()) {
+                return Some("a mount point");
+            }
         }
     }
     None
@@ -475,7 +519,23 @@ pub fn check_output_dir(dir: &Path, flag: &str, overwrite: bool, inputs: &[Input
                 .iter()
                 .filter(|e| *e != MARKER_FILE && !ours.is_some_and(|m| m.files.contains(e)))
                 .collect();
-            if foreign.is_empty() || overwrite {
+            if foreign.is_empty() {
+                return Ok(());
+            }
+            // --overwrite replaces files, never a tree of someone else's: a subfolder that
+            // ferrotune did not write (a `.git`, a dataset, other runs) stops it.
+            if let Some(sub) = foreign.iter().find(|e| {
+                let p = dir.join(e);
+                p.is_dir() && !p.is_symlink()
+            }) {
+                return Err(Error::file(
+                    dir,
+                    format!(
+                        "{flag} holds the folder `{sub}`, which ferrotune did not write; --overwrite replaces a folder of files only: move it away, or choose a new folder"
+                    ),
+                ));
+            }
+            if overwrite {
                 return Ok(());
             }
             let what = if ours.is_some() {
@@ -546,7 +606,11 @@ pub fn replace_dir(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result
         Ok(DirState::Missing | DirState::Empty) => {
             std::fs::rename(&tmp, dir).map_err(|e| Error::file(dir, e))
         }
-        Ok(_) => std::fs::rename(dir, &old)
+        // The replacement keeps the folder's permissions (a folder shared with a group stays
+        // shared).
+        Ok(_) => std::fs::metadata(dir)
+            .and_then(|m| std::fs::set_permissions(&tmp, m.permissions()))
+            .and_then(|()| std::fs::rename(dir, &old))
             .and_then(|()| std::fs::rename(&tmp, dir))
             .map_err(|e| Error::file(dir, e)),
     };
@@ -737,6 +801,54 @@ mod tests {
             .to_string();
         assert!(e.contains("notes.txt") && e.contains("--overwrite"), "{e}");
         check_output_dir(&out, "--out", true, &[]).unwrap();
+        // A replaced folder keeps its permissions.
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&out, std::fs::Permissions::from_mode(0o750)).unwrap();
+            replace_dir(&out, |t| write_atomic(&t.join("c"), b"3")).unwrap();
+            let mode = std::fs::metadata(&out).unwrap().permissions().mode();
+            assert_eq!(mode & 0o7777, 0o750);
+        }
+        // A subfolder someone else put there: not even with --overwrite.
+        std::fs::create_dir_all(out.join(".git/objects")).unwrap();
+        for overwrite in [false, true] {
+            let e = check_output_dir(&out, "--out", overwrite, &[])
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("`.git`") && e.contains("did not write"), "{e}");
+        }
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    /// System folders, shared (sticky) folders and the root are never an output folder,
+    /// `--overwrite` or not; a plain folder below them is.
+    #[test]
+    fn system_and_shared_folders_are_never_outputs() {
+        for dir in ["/", "/tmp", "/usr", "/var/tmp", "/etc/", "/tmp/../usr"] {
+            for overwrite in [false, true] {
+                let e = check_output_dir(Path::new(dir), "--out", overwrite, &[])
+                    .unwrap_err()
+                    .to_string();
+                assert!(e.contains("never replaced"), "{dir}: {e}");
+            }
+        }
+        let d = tmp("sticky");
+        let shared = d.join("shared");
+        std::fs::create_dir_all(&shared).unwrap();
+        std::fs::write(shared.join("someone.txt"), "theirs").unwrap();
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o1777)).unwrap();
+            let e = check_output_dir(&shared, "--out", true, &[])
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("sticky"), "{e}");
+            std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        check_output_dir(&shared, "--out", true, &[]).unwrap();
+        check_output_dir(&d.join("new"), "--out", false, &[]).unwrap();
         std::fs::remove_dir_all(&d).unwrap();
     }
 }
