@@ -26,6 +26,8 @@ pub struct InputEncoder {
     inner: tokenizers::Tokenizer,
     max_len: usize,
     lowercase: bool,
+    /// The tokenizer's file, for messages.
+    origin: String,
 }
 
 /// Fewest tokens a row may be limited to: room for the special tokens of a pair and one token
@@ -71,6 +73,7 @@ impl Tokenizer {
             inner,
             max_len,
             lowercase,
+            origin: self.origin.clone(),
         })
     }
 }
@@ -96,8 +99,8 @@ impl InputEncoder {
             None => self.inner.encode_fast(a.as_str(), true),
             Some(b) => self.inner.encode_fast((a.as_str(), b.as_str()), true),
         })
-        .map_err(|p| Error::msg(format!("tokenizer: encoding failed: {p}")))?
-        .map_err(|e| Error::msg(format!("tokenizer: encoding failed: {e}")))?;
+        .map_err(|p| super::failed(&self.origin, "encoding", p))?
+        .map_err(|e| super::failed(&self.origin, "encoding", e))?;
         Ok(EncodedInput {
             ids: enc.get_ids().to_vec(),
             type_ids: enc.get_type_ids().to_vec(),

@@ -49,6 +49,8 @@ pub struct Tokenizer {
     /// Append EOS to encoded text (T5's tokenizer does; decoders' prompts never get one).
     add_eos: bool,
     chat_template: Option<ChatTemplate>,
+    /// The file it came from, for messages (an encoding can fail on the input's text).
+    origin: String,
 }
 
 impl fmt::Debug for Tokenizer {
@@ -77,6 +79,8 @@ impl Tokenizer {
         let (inner, spm_specials, config) = if tj.is_file() {
             let inner = parse_tokenizer_json(&tj)?;
             (inner, None, read_json(&config_path)?)
+        } else if tj.is_dir() {
+            return Err(Error::file(&tj, "is a folder, not a tokenizer file"));
         } else if spm.is_file() {
             let config = read_json(&config_path)?;
             let extra_ids = t5_extra_ids(config.as_ref(), &config_path)?;
@@ -175,6 +179,7 @@ impl Tokenizer {
             template_src.map(|src| load_template(src, &bos, &eos, &dir.display().to_string()));
         let mut tok = Self::assemble(inner, bos, eos, eos_ids, pad_id, add_bos, chat_template);
         tok.unk = unk;
+        tok.origin = if tj.is_file() { tj } else { spm }.display().to_string();
         Ok(tok)
     }
 
@@ -201,6 +206,7 @@ impl Tokenizer {
             chat_template,
         );
         tok.unk = unk;
+        tok.origin = path.display().to_string();
         Ok(tok)
     }
 
@@ -233,6 +239,7 @@ impl Tokenizer {
             add_bos,
             add_eos: false,
             chat_template,
+            origin: String::new(),
         }
     }
 
@@ -255,8 +262,8 @@ impl Tokenizer {
         // Under catch_panic: a malformed tokenizer.json can make the tokenizers crate panic
         // while encoding or decoding (e.g. a Strip decoder on an empty token).
         let enc = crate::error::catch_panic(|| self.inner.encode_fast(text, false))
-            .map_err(|p| Error::msg(format!("tokenizer: encoding failed: {p}")))?
-            .map_err(|e| Error::msg(format!("tokenizer: encoding failed: {e}")))?;
+            .map_err(|p| self.failed("encoding", p))?
+            .map_err(|e| self.failed("encoding", e))?;
         let ids = enc.get_ids();
         let mut out = match (&self.bos, add_special_tokens && self.add_bos) {
             (Some((bos, _)), true) => std::iter::once(*bos).chain(ids.iter().copied()).collect(),
@@ -270,8 +277,13 @@ impl Tokenizer {
 
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
         crate::error::catch_panic(|| self.inner.decode(ids, skip_special_tokens))
-            .map_err(|p| Error::msg(format!("tokenizer: decoding failed: {p}")))?
-            .map_err(|e| Error::msg(format!("tokenizer: decoding failed: {e}")))
+            .map_err(|p| self.failed("decoding", p))?
+            .map_err(|e| self.failed("decoding", e))
+    }
+
+    /// An encoding or decoding error, naming the tokenizer's file.
+    fn failed(&self, what: &str, e: impl fmt::Display) -> Error {
+        failed(&self.origin, what, e)
     }
 
     /// Number of ids, added tokens included.
@@ -361,14 +373,24 @@ fn load_template(
     t
 }
 
+/// An encoding or decoding error of the tokenizer read from `origin` (a file; empty: unknown).
+fn failed(origin: &str, what: &str, e: impl fmt::Display) -> Error {
+    let e = crate::error::first_line(&e.to_string());
+    if origin.is_empty() {
+        Error::msg(format!("tokenizer: {what} failed: {e}"))
+    } else {
+        Error::msg(format!("tokenizer {origin}: {what} failed: {e}"))
+    }
+}
+
 /// Whether the folder's own post-processor (e.g. Llama's `TemplateProcessing "<s> $A"`) adds BOS.
 fn post_processor_adds(inner: &tokenizers::Tokenizer, bos: Option<u32>) -> bool {
     let (Some(bos), Some(_)) = (bos, inner.get_post_processor()) else {
         return false;
     };
     let first = |special| {
-        inner
-            .encode_fast("a", special)
+        crate::error::catch_panic(|| inner.encode_fast("a", special))
+            .ok()?
             .ok()
             .and_then(|e| e.get_ids().first().copied())
     };
@@ -383,13 +405,27 @@ fn parse_tokenizer_json(path: &Path) -> Result<tokenizers::Tokenizer> {
     let text = crate::fsutil::read_to_string(path).with_path(path)?;
     serde_json::from_str::<serde::de::IgnoredAny>(&text)
         .map_err(|e| Error::file(path, format!("invalid JSON: {e}")))?;
-    match crate::error::catch_panic(|| text.parse::<tokenizers::Tokenizer>()) {
-        Ok(parsed) => parsed.with_path(path),
-        Err(panic) => Err(Error::file(
-            path,
-            format!("malformed tokenizer (the tokenizers library failed: {panic})"),
-        )),
+    let inner = match crate::error::catch_panic(|| text.parse::<tokenizers::Tokenizer>()) {
+        Ok(parsed) => parsed.with_path(path)?,
+        Err(panic) => {
+            return Err(Error::file(
+                path,
+                format!("malformed tokenizer (the tokenizers library failed: {panic})"),
+            ))
+        }
+    };
+    // The library does not check a post-processor as it reads it (a `TemplateProcessing`
+    // naming a special token it does not define, or a second sequence in the single-text
+    // template, panics on the first encoding): one encoding now, so the file is named.
+    for special in [false, true] {
+        if let Err(panic) = crate::error::catch_panic(|| inner.encode_fast("a", special)) {
+            return Err(Error::file(
+                path,
+                format!("post_processor: encoding with it fails (the tokenizers library failed: {panic})"),
+            ));
+        }
     }
+    Ok(inner)
 }
 
 fn read_json(path: &Path) -> Result<Option<serde_json::Value>> {
@@ -539,7 +575,39 @@ mod robustness_tests {
         let _ = std::fs::remove_dir_all(&dir);
         let e = tok.decode(&[2, 1], false).unwrap_err().to_string();
         assert!(
-            e.starts_with("tokenizer: decoding failed") && !e.contains('\n'),
+            e.starts_with("tokenizer ")
+                && e.contains("tokenizer.json: decoding failed")
+                && !e.contains('\n'),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn post_processor_naming_an_undefined_special_token() {
+        // tokenizers 0.23 reads this, then indexes its special-token map on the first encoding.
+        let json = format!(
+            r#"{{"post_processor": {{"type": "TemplateProcessing", "single": [{{"SpecialToken": {{"id": "[NOPE]", "type_id": 0}}}}, {{"Sequence": {{"id": "A", "type_id": 0}}}}], "pair": [], "special_tokens": {{}}}}, {MODEL}}}"#
+        );
+        let e = load("postproc", &json);
+        assert!(e.contains("post_processor"), "{e}");
+        // a second sequence in the single-text template
+        let json = format!(
+            r#"{{"post_processor": {{"type": "TemplateProcessing", "single": [{{"Sequence": {{"id": "B", "type_id": 0}}}}], "pair": [], "special_tokens": {{}}}}, {MODEL}}}"#
+        );
+        let e = load("postproc-b", &json);
+        assert!(e.contains("post_processor"), "{e}");
+    }
+
+    #[test]
+    fn a_tokenizer_json_folder_is_named() {
+        let dir =
+            std::env::temp_dir().join(format!("ferrotune-tok-robust-dir-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("tokenizer.json")).unwrap();
+        let e = Tokenizer::from_hf_dir(&dir).unwrap_err().to_string();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(
+            e.contains("tokenizer.json") && e.contains("is a folder"),
             "{e}"
         );
     }
