@@ -7,10 +7,11 @@
 //! 1. takes commands (adapter load/unload), cancellations and new sequences (up to
 //!    `max_concurrent` open slots) under one short lock;
 //! 2. closes cancelled and timed-out sequences;
-//! 3. prefills pending prompts, at most `prefill_chunk` tokens in all per iteration (FIFO), so a
+//! 3. prefills pending prompts, at most `prefill_chunk` tokens in all per iteration, so a
 //!    long prompt is spread over several iterations and never stalls the decoding sequences for
-//!    long (a backend without chunked prefill gets each prompt whole, one or more per
-//!    iteration while the budget lasts);
+//!    long; the shortest prompts go first (a short request is not queued behind a long prompt)
+//!    while the oldest always gets a quarter of the budget (a backend without chunked prefill
+//!    gets each prompt whole, FIFO, one or more per iteration while the budget lasts);
 //! 4. runs ONE batched [`BatchBackend::step`] over every decoding sequence;
 //! 5. samples each sequence's next token with its own sampler and sends its events.
 //!
@@ -866,10 +867,50 @@ impl Worker {
         }
     }
 
-    /// This iteration's prompt chunks, FIFO within its token budget: `(sequence, tokens)`.
+    /// This iteration's prompt chunks within its token budget: `(sequence, tokens)`.
+    ///
+    /// Chunked: the prompts with the fewest tokens left go first (a short request that
+    /// arrives while a long prompt is being read gets its first token after its own prompt,
+    /// not after the long one: with FIFO it waited for all of it), and the oldest prompt in
+    /// prefill always gets a quarter of the budget, so a stream of short prompts cannot stall
+    /// it. Whole prompts (a backend without chunking): FIFO.
     fn prefill_plan(&self) -> Vec<(usize, usize)> {
-        let chunked = self.shared.info.chunked_prefill;
-        let mut budget = self.shared.cfg.prefill_chunk.max(1);
+        let budget = self.shared.cfg.prefill_chunk.max(1);
+        if !self.shared.info.chunked_prefill {
+            return self.prefill_plan_whole(budget);
+        }
+        let waiting: Vec<(usize, usize)> = self
+            .seqs
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.outcome.is_none() && s.fed < s.prompt.len())
+            .map(|(i, s)| (i, s.prompt.len() - s.fed))
+            .collect();
+        let Some(&(oldest, oldest_left)) = waiting.first() else {
+            return Vec::new();
+        };
+        let reserved = oldest_left.min((budget / 4).max(1));
+        let mut rest = budget - reserved;
+        let mut shortest = waiting[1..].to_vec();
+        shortest.sort_by_key(|&(i, left)| (left, i));
+        let mut plan = Vec::new();
+        for (i, left) in shortest {
+            if rest == 0 {
+                break;
+            }
+            let n = left.min(rest);
+            rest -= n;
+            plan.push((i, n));
+        }
+        plan.push((oldest, oldest_left.min(reserved + rest)));
+        plan.sort_unstable();
+        plan
+    }
+
+    /// [`Self::prefill_plan`] for whole prompts: FIFO, one per iteration and more while the
+    /// budget lasts.
+    fn prefill_plan_whole(&self, budget: usize) -> Vec<(usize, usize)> {
+        let mut budget = budget;
         let mut fed_any = false;
         let mut plan = Vec::new();
         for (i, s) in self.seqs.iter().enumerate() {
@@ -877,17 +918,10 @@ impl Worker {
                 continue;
             }
             let left = s.prompt.len() - s.fed;
-            let n = if chunked {
-                left.min(budget)
-            } else if left <= budget || !fed_any {
-                // Whole prompts only: always one per iteration, more while the budget lasts.
-                left
-            } else {
-                0
-            };
-            if n == 0 {
+            if left > budget && fed_any {
                 break;
             }
+            let n = left;
             budget = budget.saturating_sub(n);
             fed_any = true;
             plan.push((i, n));
@@ -1224,6 +1258,7 @@ mod tests {
         context: usize,
         chunked: bool,
         step_delay: Duration,
+        prefill_delay: Duration,
         /// Per slot: its adapter shift and its last token.
         slots: Vec<Option<(u32, u32)>>,
         adapters: Vec<String>,
@@ -1237,6 +1272,7 @@ mod tests {
                 context,
                 chunked: true,
                 step_delay: Duration::from_millis(step_ms),
+                prefill_delay: Duration::ZERO,
                 slots: Vec::new(),
                 adapters: Vec::new(),
             },
@@ -1282,6 +1318,7 @@ mod tests {
             if ids.contains(&PANIC_PROMPT_TOKEN) {
                 panic!("prefill panic");
             }
+            std::thread::sleep(self.prefill_delay);
             let s = self.slots[slot].as_mut().unwrap();
             s.1 = *ids.last().unwrap();
             Ok(last.then(|| logits(s.1, s.0)))
@@ -1745,6 +1782,41 @@ mod tests {
         let (_, rx) = submit(&h, req(&[1; 10], 1));
         collect(&rx);
         assert_eq!(lock(&log).events[0], "p0:10");
+    }
+
+    /// A short prompt that arrives while a long one is being read goes first (its first token
+    /// does not wait for the long prompt), and the long one keeps a quarter of each pass.
+    #[test]
+    fn a_short_prompt_is_not_queued_behind_a_long_one() {
+        let (mut b, log) = fake(1 << 20, 0);
+        // 512 chunks of the long prompt take at least half a second
+        b.prefill_delay = Duration::from_millis(1);
+        let mut c = cfg(4, 8);
+        c.prefill_chunk = 8;
+        let h = start(Box::new(b), c);
+        let (_, rxa) = submit(&h, req(&[1; 4096], 1));
+        wait_for("the long prompt's first chunk", || {
+            lock(&log).events.iter().any(|e| e.starts_with("p0:"))
+        });
+        let (_, rxb) = submit(&h, req(&[1; 10], 2));
+        assert_eq!(collect(&rxb).0, vec![2, 3]);
+        collect(&rxa);
+        let events = lock(&log).events.clone();
+        let b_chunks: Vec<usize> = events
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| e.starts_with("p1:"))
+            .map(|(i, _)| i)
+            .collect();
+        let sizes: Vec<&str> = b_chunks.iter().map(|&i| &events[i][3..]).collect();
+        // 8 a pass, 2 of them the long prompt's: 6, then the last 4
+        assert_eq!(sizes, vec!["6", "4"], "{events:?}");
+        let a_last = events.iter().rposition(|e| e.starts_with("p0:")).unwrap();
+        assert!(b_chunks[1] < a_last, "B waited for A's whole prompt");
+        // the long prompt's share of the same passes (it runs first: slot order): its quarter,
+        // then its quarter and what B left
+        let a_share: Vec<&str> = b_chunks.iter().map(|&i| events[i - 1].as_str()).collect();
+        assert_eq!(a_share, vec!["p0:2", "p0:4"], "{events:?}");
     }
 
     /// Allows only token 7, and is complete after two of them.
