@@ -597,13 +597,12 @@ fn has_quantized_weights(model: &dyn model::Model) -> bool {
             .any(|e| matches!(e.weight(), EmbeddingWeight::Quantized(_)))
 }
 
-/// What a command computes with the model it loads, for the flags that only change how a
-/// model computes (`--kv-cache`, `--activation-bits`): naming one that the command has no use
-/// for is a warning, not silence.
+/// What a command that does not decode computes with the model it loads, for the flags that
+/// only change how a model computes (`--kv-cache`, `--activation-bits`): naming one that the
+/// command has no use for is a warning, not silence. (Decoding commands load with [`load`]:
+/// every flag acts there.)
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Runs {
-    /// Decodes token by token (the fast engine and its KV cache): every flag acts.
-    Decode,
     /// Runs whole sequences through the model's forward pass (perplexity, merge's check): no
     /// KV cache.
     Forward,
@@ -614,7 +613,6 @@ enum Runs {
 impl ModelArgs {
     fn warn_unused(&self, command: &str, runs: Runs) {
         let why = match runs {
-            Runs::Decode => return,
             Runs::Forward => "it scores whole sequences in one forward pass, with no KV cache",
             Runs::Nothing => "it reads and writes weights without running the model",
         };

@@ -180,18 +180,21 @@ pub fn check_adapter_name(name: &str) -> Result<(), String> {
 }
 
 fn check_name(name: &str) -> Result<(), ApiError> {
+    // No '.': the engines address an adapter's modules by dotted paths (`...q_proj.NAME`).
     let ok = !name.is_empty()
         && name.len() <= 64
-        && !name.starts_with('.')
         && name
             .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-'));
     if ok {
         Ok(())
     } else {
         Err(ApiError::field(
             "name",
-            format!("`{name}`: expected 1 to 64 of A-Z a-z 0-9 _ - . (not starting with .)"),
+            format!(
+                "`{}`: expected 1 to 64 of A-Z a-z 0-9 _ -",
+                crate::error::quoted(name)
+            ),
         ))
     }
 }
@@ -312,7 +315,8 @@ async fn load_adapter_inner(st: &Arc<AppState>, req: Request) -> Result<Response
             let msg = ferrotune::error::first_line(&e.to_string());
             // Two requests for one name at once both pass the check above; the engine refuses
             // the second, which is the same conflict.
-            if st.engine.adapters().contains(&la.name) && msg.contains("already loaded") {
+            // (Only the message: by now a DELETE may have unloaded the winner again.)
+            if msg.contains("already loaded") {
                 return ApiError::conflict(format!(
                     "an adapter named `{}` is already loaded (DELETE /v1/adapters/{} first)",
                     la.name, la.name
@@ -343,9 +347,12 @@ pub async fn unload_adapter(
         Err(e) => return path_rejection("name", e),
     };
     if !st.engine.adapters().contains(&name) {
-        return ApiError::model_not_found(format!("no adapter named `{name}` is loaded"))
-            .param("name")
-            .into_response();
+        return ApiError::model_not_found(format!(
+            "no adapter named `{}` is loaded",
+            crate::error::quoted(&name)
+        ))
+        .param("name")
+        .into_response();
     }
     let engine = st.engine.clone();
     let n = name.clone();

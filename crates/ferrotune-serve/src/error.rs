@@ -205,3 +205,13 @@ impl IntoResponse for ApiError {
         resp
     }
 }
+
+/// A client's string as an error message quotes it: at most 100 characters (a 100 KB model
+/// name is not sent back whole).
+pub fn quoted(s: &str) -> String {
+    const MAX: usize = 100;
+    match s.char_indices().nth(MAX) {
+        Some((cut, _)) => format!("{}... ({} bytes)", &s[..cut], s.len()),
+        None => s.to_string(),
+    }
+}

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
-/// Extra time past `--timeout` before the HTTP layer gives up on the scheduler itself (the
+/// Extra time past `--request-timeout` before the HTTP layer gives up on the scheduler itself (the
 /// scheduler enforces the timeout; this only guards against a stuck one).
 const TIMEOUT_GRACE: Duration = Duration::from_secs(10);
 
@@ -232,7 +232,7 @@ impl Running {
                 _ = &mut closed => return Err(DriveError::Gone),
                 _ = &mut deadline => {
                     return Err(ApiError::timeout(
-                        "the request ran past the server's --timeout and was cancelled",
+                        "the request ran past the server's --request-timeout and was cancelled",
                     )
                     .into())
                 }
@@ -303,11 +303,19 @@ impl Running {
                     if !hit {
                         text.push_str(&matchers[i].finish());
                     }
+                    // Nobody here cancelled it: the scheduler's --timeout cut it short. That
+                    // is an error (504, code `timeout`; in a stream, an error event after the
+                    // text sent so far), not a finish reason: a 200 with "length" would pass
+                    // a truncated or empty answer off as a complete one.
+                    if matches!(reason, FinishReason::Cancelled) && !hit {
+                        return Err(ApiError::timeout(format!(
+                            "the request ran past the server's --request-timeout after {} completion tokens and was cancelled",
+                            tokens[i].max(completion_tokens)
+                        ))
+                        .into());
+                    }
                     let reason = match reason {
                         _ if hit => "stop",
-                        // Nobody here cancelled it: the scheduler's --timeout cut it short.
-                        // OpenAI has no "timeout" reason; "length" says the text is truncated.
-                        FinishReason::Cancelled => "length",
                         r => r.as_openai(),
                     };
                     usage.completion_tokens += completion_tokens;

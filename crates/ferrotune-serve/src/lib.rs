@@ -260,19 +260,37 @@ async fn auth(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Resp
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            v.strip_prefix("Bearer ")
-                .or_else(|| v.strip_prefix("bearer "))
-        })
-        .map(str::trim);
+        .map(bearer_token);
     match given {
         None => ApiError::unauthorized(
             "no API key: send it as `Authorization: Bearer KEY` (this server was started with --api-key)",
         )
         .into_response(),
-        Some(k) if st.cfg.api_keys.iter().any(|key| same_secret(key, k)) => next.run(req).await,
-        Some(_) => ApiError::unauthorized("incorrect API key").into_response(),
+        Some(None) => ApiError::unauthorized(
+            "the Authorization header is not `Bearer KEY`: send the API key as `Authorization: Bearer KEY`",
+        )
+        .into_response(),
+        Some(Some(k)) => {
+            if st.cfg.api_keys.iter().any(|key| same_secret(key, k)) {
+                next.run(req).await
+            } else {
+                ApiError::unauthorized("incorrect API key").into_response()
+            }
+        }
     }
+}
+
+/// The credentials of an `Authorization` value with the `Bearer` scheme: the scheme's name
+/// in any case and the whitespace around the key as HTTP allows (RFC 9110 11.1, 11.4);
+/// `None` for another scheme or none.
+fn bearer_token(value: &str) -> Option<&str> {
+    let v = value.trim_matches([' ', '\t']);
+    let split = v.find([' ', '\t'])?;
+    let (scheme, key) = v.split_at(split);
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| key.trim_matches([' ', '\t']))
+        .filter(|k| !k.is_empty())
 }
 
 /// Compares without returning early on the first differing byte (no timing hint of how much
@@ -453,4 +471,23 @@ pub fn run(
         on_listening(listener.local_addr()?);
         serve(listener, state, shutdown_signal()).await
     })
+}
+
+#[cfg(test)]
+mod auth_tests {
+    #[test]
+    fn bearer_scheme_in_any_case_with_any_spacing() {
+        for v in [
+            "Bearer k1",
+            "bearer k1",
+            "BEARER k1",
+            "Bearer\tk1",
+            "  Bearer   k1  ",
+        ] {
+            assert_eq!(super::bearer_token(v), Some("k1"), "{v:?}");
+        }
+        for v in ["Basic azE=", "Bearer", "Bearer   ", "Bearerk1", "k1", ""] {
+            assert_eq!(super::bearer_token(v), None, "{v:?}");
+        }
+    }
 }

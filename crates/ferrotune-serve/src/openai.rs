@@ -70,11 +70,14 @@ pub fn resolve_model(st: &AppState, model: &str) -> Result<Option<String>, ApiEr
             return Ok(Some(name.to_string()));
         }
         return Err(ApiError::model_not_found(format!(
-            "the model `{model}` does not exist: no adapter `{name}` is loaded (see GET /v1/models)"
+            "the model `{}` does not exist: no adapter `{}` is loaded (see GET /v1/models)",
+            crate::error::quoted(model),
+            crate::error::quoted(name)
         )));
     }
     Err(ApiError::model_not_found(format!(
-        "the model `{model}` does not exist: this server has `{base}` and `{base}:ADAPTER` for its adapters (see GET /v1/models)"
+        "the model `{}` does not exist: this server has `{base}` and `{base}:ADAPTER` for its adapters (see GET /v1/models)",
+        crate::error::quoted(model)
     )))
 }
 
@@ -358,6 +361,31 @@ fn chat_prompt(st: &AppState, req: ChatRequest) -> Result<Vec<u32>, ApiError> {
                 ))
             }
         };
+        match &m.tool_calls {
+            None | Some(serde_json::Value::Null) => {}
+            Some(serde_json::Value::Array(calls)) if role == "assistant" && !calls.is_empty() => {}
+            Some(serde_json::Value::Array(_)) if role == "assistant" => {
+                return Err(ApiError::field(
+                    &format!("messages[{i}].tool_calls"),
+                    "an empty list: give the calls, or leave the field out",
+                ))
+            }
+            Some(serde_json::Value::Array(_)) => {
+                return Err(ApiError::field(
+                    &format!("messages[{i}].tool_calls"),
+                    format!(
+                        "only an assistant message calls tools, not a {} message",
+                        m.role
+                    ),
+                ))
+            }
+            Some(other) => {
+                return Err(ApiError::field(
+                    &format!("messages[{i}].tool_calls"),
+                    format!("expected a list of tool calls, found {}", json_kind(other)),
+                ))
+            }
+        }
         let field = format!("messages[{i}].content");
         let content = match m.content {
             Some(Content::Parts(parts)) if parts.is_empty() => {
@@ -368,7 +396,9 @@ fn chat_prompt(st: &AppState, req: ChatRequest) -> Result<Vec<u32>, ApiError> {
             }
             Some(c) => c.text(&field)?,
             // OpenAI: content may be left out only by an assistant turn that called tools
-            None if role == "assistant" && m.tool_calls.is_some() => String::new(),
+            None if role == "assistant" && m.tool_calls.as_ref().is_some_and(|t| t.is_array()) => {
+                String::new()
+            }
             None => {
                 return Err(ApiError::field(
                     &field,
@@ -730,4 +760,16 @@ fn stream_response(st: Arc<AppState>, p: Prepared, mut running: Running, t0: Ins
         ..Default::default()
     });
     r
+}
+
+/// What a JSON value is, for messages ("a string", "a number", ...).
+fn json_kind(v: &serde_json::Value) -> &'static str {
+    match v {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "a boolean",
+        serde_json::Value::Number(_) => "a number",
+        serde_json::Value::String(_) => "a string",
+        serde_json::Value::Array(_) => "a list",
+        serde_json::Value::Object(_) => "an object",
+    }
 }

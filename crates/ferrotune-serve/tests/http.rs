@@ -383,6 +383,9 @@ fn bad_requests_get_openai_errors_naming_the_field() {
         (chat, r#"{"model": "tiny", "messages": [{"role": "user", "content": []}]}"#.into(), 400, Some("messages[0].content")),
         (chat, r#"{"model": "tiny", "messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": null}]}"#.into(), 400, Some("messages[1].content")),
         (chat, r#"{"model": "tiny", "messages": [{"role": "user", "content": "x"}, {"role": "tool", "content": "4"}]}"#.into(), 400, Some("messages[1].tool_call_id")),
+        (chat, r#"{"model": "tiny", "messages": [{"role": "user", "content": "x"}, {"role": "assistant", "tool_calls": "zz"}]}"#.into(), 400, Some("messages[1].tool_calls")),
+        (chat, r#"{"model": "tiny", "messages": [{"role": "user", "content": "x"}, {"role": "assistant", "tool_calls": []}]}"#.into(), 400, Some("messages[1].tool_calls")),
+        (chat, r#"{"model": "tiny", "messages": [{"role": "user", "content": "x", "tool_calls": [{"id": "c"}]}]}"#.into(), 400, Some("messages[0].tool_calls")),
         // 1 prompt token + 8 for the output: over the context of 8
         (comp, r#"{"model": "tiny", "prompt": "cat", "max_tokens": 8}"#.into(), 400, Some("max_tokens")),
         (comp, r#"{"model": "tiny", "prompt": "cat", "max_completion_tokens": 8}"#.into(), 400, Some("max_completion_tokens")),
@@ -687,10 +690,14 @@ fn adapters_load_inside_adapter_dir_only() {
     for bad in [
         json!({"name": "a:b", "path": "good"}),
         json!({"name": "", "path": "good"}),
+        json!({"name": "a.b", "path": "good"}),
+        json!({"name": "x".repeat(100_000), "path": "good"}),
     ] {
         let r = post(srv.addr, "/v1/adapters", &bad);
         assert_error(&r, 400, None);
         assert_eq!(r.json()["error"]["param"], "name");
+        // a long name is not echoed whole
+        assert!(r.body.len() < 1000, "{} bytes", r.body.len());
     }
     assert_error(
         &post(srv.addr, "/v1/adapters", &json!({"name": "a"})),
@@ -799,6 +806,55 @@ fn real_scheduler_greedy_chat_n_and_stop() {
     assert!(last["usage"]["completion_tokens"].as_u64().unwrap() >= 3);
     let m = get(srv.addr, "/metrics").body;
     assert!(m.contains("ferrotune_requests_total 4"), "{m}");
+}
+
+/// A request the scheduler cuts off at `--request-timeout` is an error (504, code `timeout`),
+/// not a 200 that passes truncated text off as complete; streamed, the error event follows the
+/// text sent so far, then `[DONE]`. A queued request that times out before it runs, too.
+#[test]
+fn real_scheduler_request_timeout_is_an_error() {
+    let mut backend = CountingBackend::new(256);
+    // "cat" runs 8 tokens to its end of sequence: 700 ms at 100 ms a step
+    backend.step_delay = Duration::from_millis(100);
+    let handle = serve::start(
+        Box::new(backend),
+        SchedulerConfig {
+            max_concurrent: 1,
+            request_timeout: Some(Duration::from_millis(350)),
+            ..Default::default()
+        },
+    );
+    let srv = start_server(ServerConfig::new("tiny", 256), std::sync::Arc::new(handle));
+    let r = post(
+        srv.addr,
+        "/v1/completions",
+        &json!({"model": "tiny", "prompt": "cat", "max_tokens": 200}),
+    );
+    assert_error(&r, 504, Some("timeout"));
+    assert!(r.body.contains("--request-timeout"), "{}", r.body);
+    let r = post(
+        srv.addr,
+        "/v1/completions",
+        &json!({"model": "tiny", "prompt": "cat", "max_tokens": 200, "stream": true}),
+    );
+    assert_eq!(r.status, 200);
+    let events: Vec<&str> = r
+        .body
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .collect();
+    assert_eq!(events.last(), Some(&"[DONE]"), "{}", r.body);
+    let err: Value = serde_json::from_str(events[events.len() - 2]).unwrap();
+    assert_eq!(err["error"]["code"], "timeout", "{}", r.body);
+    assert!(events.len() >= 3, "text before the error: {}", r.body);
+    // within the timeout: a normal completion
+    let r = post(
+        srv.addr,
+        "/v1/completions",
+        &json!({"model": "tiny", "prompt": "cat", "max_tokens": 2}),
+    );
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["choices"][0]["finish_reason"], "length");
 }
 
 #[test]
