@@ -84,7 +84,8 @@ enum Command {
     Merge(MergeArgs),
     /// Write a model (optionally with a LoRA / IA3 adapter merged) as a quantized file:
     /// `--to f32|f16|bf16|q8_0|q4_0|q4_1|q5_0|q5_1|q4_k_m|q5_k_m|q6_k --out FILE.gguf` (GGUF v3
-    /// with llama.cpp's per-tensor type mix and its quantizers' bytes).
+    /// with llama.cpp's per-tensor type mix and its quantizers' bytes), or `--to nf4|fp4|int8
+    /// --out DIR` (an HF folder in bitsandbytes' layout).
     Quantize(QuantizeArgs),
     /// Generate over a data file with the base model and each adapter; score them side by side.
     Eval(EvalArgs),
@@ -1610,14 +1611,16 @@ struct QuantizeArgs {
     /// PEFT adapter folder (LoRA, IA3, selective) merged into the weights first.
     #[arg(long)]
     adapter: Option<PathBuf>,
-    /// Target: a GGUF type (f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q4_k_m, q5_k_m, q6_k).
+    /// Target: a GGUF type (f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q4_k_m, q5_k_m, q6_k),
+    /// or a bitsandbytes format for an HF folder (nf4, fp4, int8).
     #[arg(long)]
     to: String,
     /// Output file (GGUF); written through a temporary sibling and renamed into place.
     #[arg(long)]
     out: PathBuf,
     /// Replace --out: a GGUF only if ferrotune wrote it; a folder (nf4/fp4/int8) even if it holds
-    /// files ferrotune did not write, as `merge --overwrite` does. Never an input.
+    /// files ferrotune did not write (never subfolders), as `merge --overwrite` does. Never an
+    /// input.
     #[arg(long)]
     overwrite: bool,
     /// `general.name` in the file (default: the source's name).

@@ -131,6 +131,8 @@ fn plan_bad_flags_are_one_line_errors_naming_the_flag() {
             "--targets",
         ),
         (&["--batch", "4"], "--params"),
+        (&["--flops-budget", "1e-300"], "--flops-budget"),
+        (&["--flops-budget", "1e9"], "--flops-budget"),
         (&["--model", "no-such-model-folder"], "no-such-model-folder"),
     ];
     for (extra, flag) in cases {

@@ -268,6 +268,25 @@ impl LlamaConfig {
             ));
         }
         size(&k.vocab_size, self.vocab_size, MAX_VOCAB)?;
+        // Special tokens index the embeddings (and a GGUF export's token list).
+        let in_vocab = |key: &str, id: u32| -> Result<()> {
+            if id as usize >= self.vocab_size {
+                return Err(k.err(
+                    key,
+                    format!(
+                        "token id {id} is outside the vocabulary (vocab_size {})",
+                        self.vocab_size
+                    ),
+                ));
+            }
+            Ok(())
+        };
+        if let Some(b) = self.bos_token_id {
+            in_vocab("bos_token_id", b)?;
+        }
+        for &e in &self.eos_token_ids {
+            in_vocab("eos_token_id", e)?;
+        }
         size(
             &k.max_position_embeddings,
             self.max_position_embeddings,
@@ -877,6 +896,13 @@ mod tests {
         assert!(e.contains("`eos_token_id`"), "{e}");
         let e = err_with(|c| c["bos_token_id"] = (-1).into());
         assert!(e.contains("`bos_token_id`"), "{e}");
+        let e = err_with(|c| c["bos_token_id"] = 99_999_999.into());
+        assert!(
+            e.contains("`bos_token_id`") && e.contains("outside the vocabulary"),
+            "{e}"
+        );
+        let e = err_with(|c| c["eos_token_id"] = serde_json::json!([2, 9_999_999]));
+        assert!(e.contains("`eos_token_id`") && e.contains("9999999"), "{e}");
     }
 
     fn llama31_like() -> LlamaConfig {

@@ -299,6 +299,14 @@ pub(crate) fn load_finite(
     let mut names: Vec<&String> = tensors.keys().collect();
     names.sort();
     for name in names {
+        // An integer tensor would be read as numbers of another meaning: PEFT writes floats.
+        let dtype = tensors[name].dtype();
+        if !dtype.is_float() {
+            return Err(Error::file(
+                path,
+                format!("tensor `{name}` is stored as {dtype:?}: an adapter's weights are floating point (f32, f16, bf16)"),
+            ));
+        }
         let v = tensors[name]
             .to_dtype(candle_core::DType::F32)?
             .flatten_all()?
@@ -677,6 +685,15 @@ mod tests {
             e.contains("`b.lora_B.weight` holds NaN at index 4") && !e.contains('\n'),
             "{e}"
         );
+        // integer weights are not read as numbers
+        let mut tensors = HashMap::new();
+        tensors.insert(
+            "a.lora_A.weight".to_string(),
+            Tensor::new(&[[1i64, 2], [3, 4]], &dev).unwrap(),
+        );
+        write_safetensors(&path, &tensors).unwrap();
+        let e = load_finite(&path, &dev).unwrap_err().to_string();
+        assert!(e.contains("`a.lora_A.weight` is stored as I64"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -616,11 +616,8 @@ pub fn plan(req: &Request) -> Result<Plan> {
     if tokens_given.is_some_and(|t| t < 1.0) {
         return Err(flag("--tokens", "expected at least 1 token"));
     }
-    if budget.is_some_and(|c| c < MIN_FLOPS_BUDGET) {
-        return Err(flag(
-            "--flops-budget",
-            format!("expected at least {MIN_FLOPS_BUDGET:e} FLOPs (the fitted scaling law says nothing about smaller budgets)"),
-        ));
+    if let Some(c) = budget {
+        check_flops_budget(c)?;
     }
     let params_given = req
         .params
@@ -952,11 +949,20 @@ pub fn plan(req: &Request) -> Result<Plan> {
 
 /// Only the compute-optimal N and D for `--flops-budget` (no model given).
 pub fn plan_budget_only(budget: &str) -> Result<ComputeOptimal> {
-    Ok(compute_optimal(parse_count(
-        "--flops-budget",
-        budget,
-        MAX_FLOPS_BUDGET,
-    )?))
+    let c = parse_count("--flops-budget", budget, MAX_FLOPS_BUDGET)?;
+    check_flops_budget(c)?;
+    Ok(compute_optimal(c))
+}
+
+/// The same floor with or without a model: below it the fitted law's optimum is not a model.
+fn check_flops_budget(c: f64) -> Result<()> {
+    if c < MIN_FLOPS_BUDGET {
+        return Err(flag(
+            "--flops-budget",
+            format!("expected at least {MIN_FLOPS_BUDGET:e} FLOPs (the fitted scaling law says nothing about smaller budgets)"),
+        ));
+    }
+    Ok(())
 }
 
 /// The linear groups `targets` names (comma-separated, PEFT's suffix match, or `all-linear`);

@@ -91,6 +91,15 @@ impl ChatTemplate {
         }
     }
 
+    /// Name where the template came from in its compile error (a file, a GGUF key), which
+    /// `render` returns: the error then says which template broke.
+    pub fn with_origin(mut self, origin: &str) -> Self {
+        if let Some(e) = &mut self.compile_error {
+            *e = format!("{origin}: {e}");
+        }
+        self
+    }
+
     /// Why the template cannot be rendered, if it did not compile.
     pub fn compile_error(&self) -> Option<&str> {
         self.compile_error.as_deref()

@@ -175,8 +175,13 @@ impl Tokenizer {
                 })?),
             }
         };
+        let template_origin = if jinja.is_file() {
+            jinja.display().to_string()
+        } else {
+            format!("{}: chat_template", config_path.display())
+        };
         let chat_template =
-            template_src.map(|src| load_template(src, &bos, &eos, &dir.display().to_string()));
+            template_src.map(|src| load_template(src, &bos, &eos, &template_origin));
         let mut tok = Self::assemble(inner, bos, eos, eos_ids, pad_id, add_bos, chat_template);
         tok.unk = unk;
         tok.origin = if tj.is_file() { tj } else { spm }.display().to_string();
@@ -362,15 +367,14 @@ fn load_template(
     eos: &Option<(u32, String)>,
     origin: &str,
 ) -> ChatTemplate {
-    let t = ChatTemplate::compile(
+    // A template that does not compile breaks chat formatting only: the error (naming
+    // `origin`) comes when a command renders it, not as a warning at every load.
+    ChatTemplate::compile(
         src,
         bos.as_ref().map(|b| b.1.as_str()),
         eos.as_ref().map(|e| e.1.as_str()),
-    );
-    if let Some(e) = t.compile_error() {
-        tracing::warn!("{origin}: chat template does not compile: {e}");
-    }
-    t
+    )
+    .with_origin(origin)
 }
 
 /// An encoding or decoding error of the tokenizer read from `origin` (a file; empty: unknown).

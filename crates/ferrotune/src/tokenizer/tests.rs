@@ -588,7 +588,8 @@ fn hf_chat_template_unknown_variable_is_an_error() {
         .unwrap_err()
         .to_string();
     assert!(
-        msg.starts_with("chat template: syntax error")
+        msg.starts_with("chat template: ")
+            && msg.contains("tokenizer_config.json: chat_template: syntax error")
             && msg.contains("line 2")
             && !msg.contains('\n'),
         "{msg}"

@@ -1175,7 +1175,16 @@ fn toml_message(text: &str, e: &toml::de::Error) -> String {
         .message()
         .trim()
         .replace("unknown field", "unknown key")
-        .replace("missing field", "missing key");
+        .replace("missing field", "missing key")
+        // toml's words for a number or boolean where a name (`method = "lora"`) belongs
+        .replace(
+            "invalid type: unit variant, expected string only",
+            "expected a name in quotes (a string), found a value of another type",
+        )
+        .replace(
+            "wanted string or table",
+            "expected a name in quotes (a string), found a value of another type",
+        );
     match e.span() {
         Some(span) if !text.is_empty() => {
             let mut start = span.start.min(text.len());
@@ -1863,6 +1872,23 @@ completion = " {a}"
             &[],
         );
         assert!(c.is_ok(), "{:?}", c.err());
+    }
+
+    #[test]
+    fn a_number_where_a_name_belongs_says_so() {
+        for o in ["method=5", "method=true"] {
+            let e = parse(MINIMAL, &[o]).unwrap_err().to_string();
+            assert!(
+                e.contains("expected a name in quotes") && !e.contains("unit variant"),
+                "{o}: {e}"
+            );
+        }
+        let text = MINIMAL.replacen("model =", "method = 5\nmodel =", 1);
+        let e = parse(&text, &[]).unwrap_err().to_string();
+        assert!(
+            e.contains("expected a name in quotes") && e.contains("`method`"),
+            "{e}"
+        );
     }
 
     #[test]
