@@ -272,6 +272,21 @@ pub fn resolve_adapter_path(root: &Path, rel: &str) -> Result<PathBuf, ApiError>
     Ok(canon)
 }
 
+/// `msg` with the adapter folder's absolute location (as given and as resolved) cut to the
+/// path under it.
+fn without_root(msg: &str, root: &Path) -> String {
+    let mut out = msg.to_string();
+    let mut roots = vec![root.to_path_buf()];
+    roots.extend(root.canonicalize().ok());
+    for r in roots {
+        let r = r.display().to_string();
+        if !r.is_empty() {
+            out = out.replace(&format!("{r}/"), "").replace(&r, ".");
+        }
+    }
+    out
+}
+
 /// `POST /v1/adapters {"name", "path"}`: attach a PEFT folder from inside `--adapter-dir`.
 pub async fn load_adapter(State(st): State<Arc<AppState>>, req: Request) -> Response {
     match load_adapter_inner(&st, req).await {
@@ -323,6 +338,9 @@ async fn load_adapter_inner(st: &Arc<AppState>, req: Request) -> Result<Response
                 ))
                 .param("name");
             }
+            // The client named the folder relative to --adapter-dir: the server's own
+            // location on disk is not its business.
+            let msg = without_root(&msg, &root);
             ApiError::field("path", format!("`{}`: {msg}", la.path))
         })?;
     let id = format!("{}:{}", st.cfg.model_id, la.name);
@@ -367,5 +385,19 @@ pub async fn unload_adapter(
         ))
         .into_response(),
         Err(e) => ApiError::internal(format!("unloading the adapter: {e}")).into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn adapter_errors_do_not_show_the_server_folder() {
+        let root = std::path::Path::new("/srv/adapters");
+        assert_eq!(
+            super::without_root("/srv/adapters/a/adapter_config.json: invalid JSON", root),
+            "a/adapter_config.json: invalid JSON"
+        );
+        assert_eq!(super::without_root("in /srv/adapters", root), "in .");
+        assert_eq!(super::without_root("other /srv/x", root), "other /srv/x");
     }
 }
