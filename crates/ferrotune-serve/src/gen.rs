@@ -303,7 +303,7 @@ impl Running {
                     if !hit {
                         text.push_str(&matchers[i].finish());
                     }
-                    // Nobody here cancelled it: the scheduler's --timeout cut it short. That
+                    // Nobody here cancelled it: the scheduler's --request-timeout cut it short. That
                     // is an error (504, code `timeout`; in a stream, an error event after the
                     // text sent so far), not a finish reason: a 200 with "length" would pass
                     // a truncated or empty answer off as a complete one.
