@@ -227,12 +227,10 @@ pub fn resolve_adapter_path(root: &Path, rel: &str) -> Result<PathBuf, ApiError>
         ))
         .param("path"));
     }
-    let canon = root.join(p).canonicalize().map_err(|_| {
-        ApiError::field(
-            "path",
-            format!("`{rel}` does not exist in the server's --adapter-dir"),
-        )
-    })?;
+    let canon = root
+        .join(p)
+        .canonicalize()
+        .map_err(|e| unreadable(rel, &e, "does not exist in the server's --adapter-dir"))?;
     // A symlink inside the folder may point anywhere: the resolved path decides.
     if !canon.starts_with(root) {
         return Err(ApiError::forbidden(format!(
@@ -250,7 +248,7 @@ pub fn resolve_adapter_path(root: &Path, rel: &str) -> Result<PathBuf, ApiError>
     // file (a FIFO would block the loader, and with it every request, forever; a link to
     // /dev/zero would never end).
     let entries = std::fs::read_dir(&canon)
-        .map_err(|_| ApiError::field("path", format!("`{rel}` cannot be read in --adapter-dir")))?;
+        .map_err(|e| unreadable(rel, &e, "cannot be read in --adapter-dir"))?;
     for e in entries.flatten() {
         let file = e.file_name().to_string_lossy().to_string();
         let Ok(real) = e.path().canonicalize() else {
@@ -270,6 +268,26 @@ pub fn resolve_adapter_path(root: &Path, rel: &str) -> Result<PathBuf, ApiError>
         }
     }
     Ok(canon)
+}
+
+/// A failed read of `rel` under `--adapter-dir`: the client's fault (400: `what`) when the
+/// path is not there or not readable, the server's (500) otherwise (out of file descriptors,
+/// an I/O error): a client must not be told to change a request that would work.
+fn unreadable(rel: &str, e: &std::io::Error, what: &str) -> ApiError {
+    use std::io::ErrorKind::*;
+    match e.kind() {
+        NotFound | NotADirectory | InvalidInput | InvalidFilename => {
+            ApiError::field("path", format!("`{rel}` {what}"))
+        }
+        PermissionDenied => ApiError::field(
+            "path",
+            format!("`{rel}` cannot be read in --adapter-dir (permission denied)"),
+        ),
+        _ => ApiError::internal(format!(
+            "reading `{rel}` in --adapter-dir failed on the server: {}",
+            ferrotune::error::first_line(&e.to_string())
+        )),
+    }
 }
 
 /// `msg` with the adapter folder's absolute location (as given and as resolved) cut to the
@@ -390,6 +408,18 @@ pub async fn unload_adapter(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn an_unreadable_adapter_path_is_the_client_s_fault_only_when_it_is() {
+        use std::io::{Error, ErrorKind};
+        let e = super::unreadable("a", &Error::from(ErrorKind::NotFound), "does not exist");
+        assert_eq!(e.status.as_u16(), 400);
+        let e = super::unreadable("a", &Error::from(ErrorKind::PermissionDenied), "x");
+        assert_eq!(e.status.as_u16(), 400);
+        // EMFILE: too many open files on the server
+        let e = super::unreadable("a", &Error::from_raw_os_error(24), "x");
+        assert_eq!(e.status.as_u16(), 500, "{}", e.message);
+    }
+
     #[test]
     fn adapter_errors_do_not_show_the_server_folder() {
         let root = std::path::Path::new("/srv/adapters");
