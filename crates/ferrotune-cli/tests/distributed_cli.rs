@@ -599,6 +599,46 @@ mod mpi {
     }
 
     #[test]
+    fn zero3_shards_a_quantized_base_and_equals_ddp() {
+        // FSDP + QLoRA: the NF4 base (double quantization) is sharded like a dense one, its
+        // weights sent as their own blocks. Each rank quantizes only the weights it owns (the
+        // others load as placeholders); DoRA reads its base to start, so with it every rank
+        // loads and quantizes the whole model, then drops the others' share: both paths must
+        // compute what DDP computes on the whole quantized base. One micro-batch a rank: the
+        // gradients are summed in DDP's order, so the adapters agree to the last bits.
+        let s = Setup::new(
+            "dist-zero3-qlora",
+            "max_steps = 3\neval_every = 3\nbase_quant = \"nf4\"",
+        );
+        let Some(_) = sharded(&s, "ddp", "ddp", &[]) else {
+            return;
+        };
+        let z3 = sharded(&s, "zero3", "zero3", &[]).unwrap();
+        let t = text(&z3);
+        assert!(t.contains("ZeRO-3: this rank read its own"), "{t}");
+        assert!(
+            t.contains("ZeRO-3 shards the quantized base too (14 weights sent as their blocks)"),
+            "{t}"
+        );
+        assert_losses_close(&s.dir.join("zero3"), &s.dir.join("ddp"));
+        assert_adapters_close(&s.dir.join("zero3"), &s.dir.join("ddp"), 1e-9);
+
+        let q4 = [
+            "--set",
+            "train.base_quant=\"q4_0\"",
+            "--set",
+            "lora.use_dora=true",
+        ];
+        sharded(&s, "ddp-q4", "ddp", &q4).unwrap();
+        let z3 = sharded(&s, "zero3-q4", "zero3", &q4).unwrap();
+        let t = text(&z3);
+        assert!(!t.contains("this rank read its own"), "{t}");
+        assert!(t.contains("ZeRO-3 shards the quantized base too"), "{t}");
+        assert_losses_close(&s.dir.join("zero3-q4"), &s.dir.join("ddp-q4"));
+        assert_adapters_close(&s.dir.join("zero3-q4"), &s.dir.join("ddp-q4"), 1e-9);
+    }
+
+    #[test]
     fn gradients_sent_during_the_backward_pass_equal_those_sent_after_it() {
         // train.overlap_comm on against off (its default, auto, picks by the cores): DDP LoRA with dropout, and ZeRO-2
         // full fine-tuning (reduce onto owners, a tied embedding that is final only at the

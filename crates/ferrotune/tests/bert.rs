@@ -180,6 +180,13 @@ fn check_tiny(flavor: &str) {
             ("mlm_loss", &mlm, labels("mlm_labels", &[b, tl])),
         ] {
             let (sum, n) = model.loss_sum(&input, &labels, false).unwrap();
+            // an evaluation's loss, without the autograd graph: the same to the bit
+            let (again, _) =
+                ferrotune::nn::without_graph(|| model.loss_sum(&input, &labels, false)).unwrap();
+            assert_eq!(
+                sum.to_scalar::<f32>().unwrap().to_bits(),
+                again.to_scalar::<f32>().unwrap().to_bits()
+            );
             let mean = sum.to_scalar::<f32>().unwrap() / n as f32;
             let want = case[what].as_f64().unwrap() as f32;
             assert!(

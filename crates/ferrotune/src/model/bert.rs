@@ -1450,6 +1450,7 @@ impl Bert {
         let (b, t) = input.input_ids.dims2()?;
         let keep = input.attention_mask.to_dtype(DType::F32)?;
         let bias = ((keep - 1.0)? * f64::from(f32::MAX))?.reshape((b, 1, 1, t))?;
+        let detach = crate::nn::graph_off();
         for layer in &self.layers {
             x = layer.forward(
                 &x,
@@ -1458,6 +1459,9 @@ impl Bert {
                 train,
                 &self.layer_dropping(drop),
             )?;
+            if detach {
+                x = x.detach();
+            }
         }
         Ok(x)
     }

@@ -116,6 +116,7 @@ pub const LAYER_WEIGHTS: [&str; 9] = [
 enum WeightValue<'a> {
     Trainable(&'a Var),
     Frozen(&'a Tensor),
+    Quantized(&'a Arc<crate::quant::QuantWeight>),
 }
 
 /// `model.layers.{i}.{rest}` -> `(i, rest)`.
@@ -412,6 +413,47 @@ impl Llama {
         self.set_weight_value(name, WeightValue::Frozen(weight))
     }
 
+    /// [`Self::set_frozen_weight`] for a quantized weight (ZeRO-3's sharded quantized base).
+    pub fn set_frozen_quantized(
+        &mut self,
+        name: &str,
+        weight: &Arc<crate::quant::QuantWeight>,
+    ) -> crate::Result<bool> {
+        self.set_weight_value(name, WeightValue::Quantized(weight))
+    }
+
+    /// The quantized weight called `name`, `None` for a dense weight or a name the model does
+    /// not have.
+    pub fn quantized_weight(&self, name: &str) -> Option<Arc<crate::quant::QuantWeight>> {
+        use crate::nn::LinearWeight;
+        let lin = |l: &Linear| match l.weight() {
+            LinearWeight::Quantized(q) => Some(q.clone()),
+            _ => None,
+        };
+        match name {
+            "model.embed_tokens.weight" => {
+                return match self.embed_tokens.weight() {
+                    EmbeddingWeight::Quantized(q) => Some(q.clone()),
+                    _ => None,
+                }
+            }
+            "lm_head.weight" if !self.cfg.tie_word_embeddings => return lin(&self.lm_head),
+            _ => {}
+        }
+        let (i, rest) = layer_of_parameter(name)?;
+        let l = self.layers.get(i)?;
+        match rest {
+            "self_attn.q_proj.weight" => lin(&l.self_attn.q_proj),
+            "self_attn.k_proj.weight" => lin(&l.self_attn.k_proj),
+            "self_attn.v_proj.weight" => lin(&l.self_attn.v_proj),
+            "self_attn.o_proj.weight" => lin(&l.self_attn.o_proj),
+            "mlp.gate_proj.weight" => lin(&l.mlp.gate_proj),
+            "mlp.up_proj.weight" => lin(&l.mlp.up_proj),
+            "mlp.down_proj.weight" => lin(&l.mlp.down_proj),
+            _ => None,
+        }
+    }
+
     /// The dense tensor of the weight called `name` (trainable or frozen), `None` for a
     /// quantized weight or a name the model does not have.
     pub fn dense_weight(&self, name: &str) -> Option<Tensor> {
@@ -477,16 +519,21 @@ impl Llama {
         let linear = || match value {
             WeightValue::Trainable(v) => LinearWeight::Trainable(v.clone()),
             WeightValue::Frozen(t) => LinearWeight::Frozen(t.clone()),
+            WeightValue::Quantized(q) => LinearWeight::Quantized(q.clone()),
         };
         let tensor = || match value {
-            WeightValue::Trainable(v) => v.as_tensor().clone(),
-            WeightValue::Frozen(t) => t.clone(),
+            WeightValue::Trainable(v) => Ok(v.as_tensor().clone()),
+            WeightValue::Frozen(t) => Ok(t.clone()),
+            WeightValue::Quantized(_) => Err(crate::Error::msg(format!(
+                "{name}: a norm's scale is never quantized"
+            ))),
         };
         match name {
             "model.embed_tokens.weight" => {
                 self.embed_tokens.set_weight(match value {
                     WeightValue::Trainable(v) => EmbeddingWeight::Trainable(v.clone()),
                     WeightValue::Frozen(t) => EmbeddingWeight::Frozen(t.clone()),
+                    WeightValue::Quantized(q) => EmbeddingWeight::Quantized(q.clone()),
                 });
                 if tied {
                     self.lm_head.set_weight(linear());
@@ -498,7 +545,7 @@ impl Llama {
                 return Ok(true);
             }
             "model.norm.weight" => {
-                self.norm.set_weight(tensor());
+                self.norm.set_weight(tensor()?);
                 return Ok(true);
             }
             _ => {}
@@ -510,8 +557,8 @@ impl Llama {
             return Ok(false);
         };
         match rest {
-            "input_layernorm.weight" => l.input_layernorm.set_weight(tensor()),
-            "post_attention_layernorm.weight" => l.post_attention_layernorm.set_weight(tensor()),
+            "input_layernorm.weight" => l.input_layernorm.set_weight(tensor()?),
+            "post_attention_layernorm.weight" => l.post_attention_layernorm.set_weight(tensor()?),
             _ => {
                 let lin = match rest {
                     "self_attn.q_proj.weight" => &mut l.self_attn.q_proj,
@@ -617,9 +664,13 @@ impl Llama {
         }
         let cos = self.cos.narrow(0, offset, t)?;
         let sin = self.sin.narrow(0, offset, t)?;
+        let detach = crate::nn::graph_off();
         for (i, layer) in self.layers.iter().enumerate() {
             let slot = cache.as_mut().map(|c| &mut c.layers[i]);
             x = layer.forward_masked(&x, &cos, &sin, offset, slot, None, train)?;
+            if detach {
+                x = x.detach();
+            }
         }
         Ok((self.norm.forward(&x)?, prepended))
     }
@@ -696,8 +747,12 @@ impl Llama {
     ) -> Result<Tensor> {
         let ctx = self.layer_context(ids, Some((positions, segments)))?;
         let mut x = self.embed_tokens.forward(ids)?;
+        let detach = crate::nn::graph_off();
         for i in 0..self.layers.len() {
             x = self.run_layer(i, &x, &ctx, train)?;
+            if detach {
+                x = x.detach();
+            }
         }
         self.norm.forward(&x)
     }

@@ -1357,6 +1357,7 @@ impl T5 {
         let additive = mask.as_ref().map(padding_mask).transpose()?;
         let bias = self.position_bias(&self.encoder, s, s, 0, true)?;
         let mut x = drop.apply(&x)?;
+        let detach = crate::nn::graph_off();
         for block in &self.encoder.blocks {
             x = block.forward_encoder(
                 &x,
@@ -1366,6 +1367,9 @@ impl T5 {
                 train,
                 drop,
             )?;
+            if detach {
+                x = x.detach();
+            }
         }
         let out = drop.apply(&self.encoder.final_layer_norm.forward(&x)?)?;
         Ok((out, mask))
@@ -1433,6 +1437,7 @@ impl T5 {
             None
         };
         let mut x = drop.apply(&self.shared.forward(ids)?)?;
+        let detach = crate::nn::graph_off();
         for (i, block) in self.decoder.blocks.iter().enumerate() {
             let slot = self_cache.as_deref_mut().map(|c| &mut c[i]);
             x = block.forward_decoder(
@@ -1446,6 +1451,9 @@ impl T5 {
                 train,
                 drop,
             )?;
+            if detach {
+                x = x.detach();
+            }
         }
         let h = drop.apply(&self.decoder.final_layer_norm.forward(&x)?)?;
         Ok(if self.cfg.scale_decoder_outputs {

@@ -872,6 +872,12 @@ fn t5_through_the_model_interface_matches_transformers_loss() {
         };
         let (sum, n) = m.loss_sum(&batch, false).unwrap();
         assert!(n > 0 && n <= labels.elem_count() && n_labels > 0);
+        // An evaluation's loss, computed without the autograd graph: the same to the bit.
+        let (again, _) = crate::nn::without_graph(|| m.loss_sum(&batch, false)).unwrap();
+        assert_eq!(
+            sum.to_scalar::<f32>().unwrap().to_bits(),
+            again.to_scalar::<f32>().unwrap().to_bits()
+        );
         let got = sum.to_scalar::<f32>().unwrap() as f64 / n as f64;
         let want = case["loss"].as_f64().unwrap();
         assert!(

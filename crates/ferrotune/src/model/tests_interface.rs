@@ -567,3 +567,46 @@ fn run(m: &Llama, ids: &Tensor) -> (Vec<f32>, Vec<f32>) {
     let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
     (flat(&logits), flat(g.get(x.as_tensor()).unwrap()))
 }
+
+#[test]
+fn an_evaluation_without_the_graph_gives_the_same_loss_and_keeps_no_graph() {
+    // The evaluation's loss (`nn::without_graph`) must be the training-mode-off loss to the
+    // bit, and hold no autograd graph back to the trainable weights of the layers.
+    let mut m = tiny();
+    let params = m.make_all_trainable().unwrap();
+    let ids: Vec<u32> = (0..12).map(|i| (i * 37 + 5) % 256).collect();
+    let labels: Vec<i64> = ids.iter().map(|&id| id as i64).collect();
+    let ex = Example {
+        input_ids: ids,
+        labels,
+        source: crate::data::testutil::src(1),
+    };
+    let bc = BatchConfig {
+        shuffle: false,
+        ..BatchConfig::new(1, 12, 0)
+    };
+    let batch = Batcher::new(vec![ex], bc, Device::Cpu)
+        .unwrap()
+        .build(&[vec![0]])
+        .unwrap();
+    let (with_graph, _) = m.loss_sum(&batch, false).unwrap();
+    let (without, _) = crate::nn::without_graph(|| m.loss_sum(&batch, false)).unwrap();
+    assert!(!crate::nn::graph_off(), "the flag is restored");
+    let v = |t: &Tensor| t.to_scalar::<f32>().unwrap();
+    assert_eq!(v(&with_graph).to_bits(), v(&without).to_bits());
+    let layer_weight = &params
+        .iter()
+        .find(|(n, _)| n == "model.layers.0.mlp.up_proj.weight")
+        .unwrap()
+        .1;
+    assert!(with_graph
+        .backward()
+        .unwrap()
+        .get(layer_weight.as_tensor())
+        .is_some());
+    assert!(without
+        .backward()
+        .unwrap()
+        .get(layer_weight.as_tensor())
+        .is_none());
+}

@@ -177,6 +177,18 @@ impl SafetensorsSource {
         })
     }
 
+    /// Bytes of the folder's safetensors files (what reading every weight maps in).
+    pub fn file_bytes(&self) -> u64 {
+        let mut files: Vec<&PathBuf> = self.names.values().map(|(f, _)| f).collect();
+        files.sort();
+        files.dedup();
+        files
+            .iter()
+            .filter_map(|f| std::fs::metadata(f).ok())
+            .map(|m| m.len())
+            .sum()
+    }
+
     fn raw(&self, name: &str) -> Result<Tensor> {
         if let Some(t) = self.loaded.borrow().get(name) {
             return Ok(t.clone());
@@ -227,6 +239,14 @@ impl SafetensorsSource {
 }
 
 impl SafetensorsSource {
+    /// Whether `name` is one of [`LoadOptions::placeholders`].
+    fn is_placeholder(&self, name: &str) -> bool {
+        self.opts
+            .placeholders
+            .as_ref()
+            .is_some_and(|p| p.contains(name))
+    }
+
     /// [`LoadOptions::placeholders`]: `name`'s shape and dtype (after `dtype`) with no data, if
     /// the options name it and it is stored as a float (anything else loads as usual).
     fn placeholder(&self, name: &str) -> Result<Option<Tensor>> {
@@ -337,6 +357,10 @@ impl WeightSource for SafetensorsSource {
             return Ok(w);
         }
         let t = self.raw(name)?;
+        if self.is_placeholder(name) {
+            // another ZeRO-3 rank's weight: it quantizes its own and sends the blocks
+            return Ok(LinearWeight::Frozen(t));
+        }
         if let Some(w) = quantize_base(&self.opts, name, &t)? {
             // drop the f32 copy now rather than when loading ends: otherwise the whole model is
             // held in f32 beside its quantized form at the load's peak (28 GB more for a 7B)

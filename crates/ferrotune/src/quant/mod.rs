@@ -60,6 +60,7 @@ mod panel;
 mod pool;
 #[cfg(test)]
 mod tests;
+mod wire;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 #[cfg(target_arch = "x86_64")]

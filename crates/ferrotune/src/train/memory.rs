@@ -31,8 +31,9 @@ pub struct MemoryEstimate {
     /// Temporaries the size of the largest trained tensor while the optimizer updates it.
     pub step_working: u64,
     /// The resident set while the model loads, when that is more than training needs (ZeRO-3:
-    /// a rank reads the whole model, or with a frozen dense base only its own share, then
-    /// drops the other ranks' share); 0: none.
+    /// a rank reads the whole model, or with a frozen base only its own share, then drops the
+    /// other ranks' share; `train.base_quant`: the stored weights are read before they are
+    /// quantized); 0: none.
     pub load_floor: u64,
 }
 

@@ -539,7 +539,7 @@ fn eval_sums(
     let (rank, world) = (dist.rank(), dist.world_size());
     for rows in plan.iter().take(n).skip(rank).step_by(world) {
         let batch = batcher.build(rows)?;
-        let (sum, k) = model.loss_sum(&batch, false)?;
+        let (sum, k) = crate::nn::without_graph(|| model.loss_sum(&batch, false))?;
         sums.nll += sum.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
         sums.tokens += k;
         if classifier {

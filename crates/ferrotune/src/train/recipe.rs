@@ -199,7 +199,7 @@ impl<'a> Recipe<'a> {
         let (overlap_on, overlap_why) = resolve_overlap(c, &opts.dist)?;
         let zero3 = match &zero {
             Some(part) if cfg.train.distributed == Distributed::Zero3 => {
-                let z = setup_zero3(c, &*model, &params, part.clone(), overlap_on)?;
+                let z = setup_zero3(c, &*model, &params, part.clone(), overlap_on, &opts.dist)?;
                 if let Some(p) = &placeholders {
                     z.check_placeholders(p)?;
                 }
@@ -211,6 +211,7 @@ impl<'a> Recipe<'a> {
         let (schedule, opt) = setup_optimizer(c, &tuner, &params, zero.as_ref(), data.max_steps)?;
         let (memory, available) = setup_memory(
             c,
+            &source,
             &*model,
             &data,
             &params,
@@ -250,6 +251,15 @@ impl<'a> Recipe<'a> {
                 z.frozen_count() - p.len(),
                 z.frozen_count(),
                 p.len()
+            ));
+        }
+        if let Some(z) = zero3
+            .as_ref()
+            .filter(|z| z.frozen_quantized_count() > 0 && opts.dist.world_size() > 1)
+        {
+            model_line.push_str(&format!(
+                "; ZeRO-3 shards the quantized base too ({} weights sent as their blocks)",
+                z.frozen_quantized_count()
             ));
         }
         Ok(Setup::Ready(Box::new(Recipe {
@@ -1530,11 +1540,12 @@ fn setup_optimizer(
 }
 
 /// ZeRO-3 of a PEFT method whose set-up reads no base weight, on a dense LLaMA safetensors
-/// folder: the frozen weights other ranks own, which this rank then loads as placeholders
-/// ([`super::zero3::frozen_placeholders`]), so no rank holds the whole model at any time.
-/// `None`, and every weight loads: one rank, another mode, a GGUF or quantized base, a method
-/// that trains base weights (full, selective, `modules_to_save`) or reads them to start (DoRA's
-/// magnitudes, PiSSA / OLoRA / LoftQ / EVA inits), other families.
+/// folder (quantized at load by `train.base_quant` or not): the frozen weights other ranks
+/// own, which this rank then loads as placeholders ([`super::zero3::frozen_placeholders`];
+/// nor does it quantize them), so no rank holds the whole model at any time. `None`, and every
+/// weight loads: one rank, another mode, a GGUF or a pre-quantized folder, a method that trains
+/// base weights (full, selective, `modules_to_save`) or reads them to start (DoRA's magnitudes,
+/// PiSSA / OLoRA / LoftQ / EVA inits), other families.
 fn zero3_placeholders(
     c: &LoadedConfig,
     source: &ModelSource,
@@ -1542,10 +1553,7 @@ fn zero3_placeholders(
 ) -> Result<Option<std::sync::Arc<std::collections::HashSet<String>>>> {
     use crate::peft::lora::config::InitKind;
     let (cfg, t) = (&c.config, &c.config.train);
-    if t.distributed != Distributed::Zero3
-        || dist.world_size() < 2
-        || t.base_quant.as_deref().is_some_and(|q| q != "none")
-    {
+    if t.distributed != Distributed::Zero3 || dist.world_size() < 2 {
         return Ok(None);
     }
     let reads_base = match cfg.method {
@@ -1619,6 +1627,7 @@ fn setup_zero3(
     params: &[(String, Var)],
     part: super::zero::Partition,
     overlap_on: bool,
+    dist: &crate::dist::Dist,
 ) -> Result<super::zero3::Zero3> {
     let Some(llama) = model.as_any().downcast_ref::<crate::model::Llama>() else {
         return Err(c.key_error(
@@ -1638,13 +1647,16 @@ fn setup_zero3(
             ),
         ));
     }
-    Ok(super::zero3::Zero3::new(llama, params, part)?.with_overlap(overlap_on))
+    let mut z = super::zero3::Zero3::new(llama, params, part)?.with_overlap(overlap_on);
+    z.agree_on_frozen(dist)?;
+    Ok(z)
 }
 
 /// The run's quantization settings on its model, the memory estimate, and the refusal of a
 /// run that cannot fit; returns the estimate and the memory available.
 fn setup_memory(
     c: &LoadedConfig,
+    source: &ModelSource,
     model: &dyn Model,
     data: &RunData,
     params: &[(String, Var)],
@@ -1695,6 +1707,32 @@ fn setup_memory(
             .weights
             .saturating_sub(z.released_bytes())
             .saturating_add(z.gathered_bytes());
+        if shape.q8_backward {
+            // and so are the transposed copies of the others' quantized weights
+            let (released, gathered) = z.backward_copy_bytes();
+            mem.backward_copies = mem
+                .backward_copies
+                .saturating_sub(released)
+                .saturating_add(gathered);
+        }
+    }
+    if let Some(read) = quantized_at_load_read_bytes(c, source, zero3)? {
+        // `train.base_quant` on a dense folder: each weight is read (through a file mapping
+        // whose pages stay resident until the load ends) before it is quantized, so the load
+        // holds the stored weights beside the quantized ones (SmolLM2's f32 folder: 0.81-0.85
+        // GB per rank at load, 0.5-0.7 GB training with checkpointing).
+        let held = match zero3 {
+            Some((z, true)) => {
+                let all = memory::estimate(model, &shape).weights;
+                all.saturating_sub(z.released_bytes())
+            }
+            _ => memory::estimate(model, &shape).weights,
+        };
+        mem.load_floor = mem.load_floor.max(
+            read.saturating_add(held)
+                .saturating_add(mem.runtime)
+                .saturating_add(mem.data),
+        );
     }
     let available = memory::available_bytes();
     check_memory(c, &mem, available)?;
@@ -1702,6 +1740,38 @@ fn setup_memory(
 }
 
 // ---- setup helpers ----------------------------------------------------------------------------
+
+/// Bytes of stored weights a run that quantizes its base at load (`train.base_quant`) reads
+/// from a dense safetensors folder: the files' size, or under ZeRO-3 with placeholders this
+/// rank's share of them. `None` for other runs.
+fn quantized_at_load_read_bytes(
+    c: &LoadedConfig,
+    source: &ModelSource,
+    zero3: Option<(&super::zero3::Zero3, bool)>,
+) -> Result<Option<u64>> {
+    let quantizes = c
+        .config
+        .train
+        .base_quant
+        .as_deref()
+        .is_some_and(|q| q != "none");
+    let ModelSource::HfDir(dir) = source else {
+        return Ok(None);
+    };
+    if !quantizes || crate::quant::bnb::hf::bnb_quantization_config(dir)?.is_some() {
+        return Ok(None);
+    }
+    let src = model::SafetensorsSource::open(
+        dir,
+        &model::LoadOptions::default(),
+        &candle_core::Device::Cpu,
+    )?;
+    let bytes = src.file_bytes();
+    Ok(Some(match zero3 {
+        Some((z, true)) => (bytes as f64 * z.frozen_share_read()) as u64,
+        _ => bytes,
+    }))
+}
 
 /// A job of several ranks needs `train.distributed` (else N copies of one run would write one
 /// output_dir); `ddp` in one process is simply a single-process run.

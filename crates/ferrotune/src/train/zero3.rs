@@ -20,8 +20,9 @@
 //! every gather and reduce (with zero gradients): all ranks call the same collectives in the
 //! same order. In one process (one owner of everything) this is exactly the checkpointed run.
 //!
-//! A PEFT method's frozen dense base is sharded the same way (`Llama::set_frozen_weight`; no
-//! gradient to reduce); a quantized base stays whole on every rank. Validation walks the layers
+//! A PEFT method's frozen base is sharded the same way (`Llama::set_frozen_weight`; no
+//! gradient to reduce), a quantized one too (FSDP + QLoRA): its weights travel as their own
+//! blocks (`QuantWeight::to_bytes`) and are installed as they are. Validation walks the layers
 //! too ([`Zero3::eval_loss`]); classification accuracy and the end of the run gather the whole
 //! model on every rank ([`Zero3::gather_all`]), as DeepSpeed's `GatheredParameters` does; a
 //! mid-run checkpoint gathers the trained weights onto rank 0 only, one bucket at a time
@@ -54,8 +55,10 @@ pub struct Zero3 {
     overlap: bool,
 }
 
-/// The frozen dense weights of the model (not trained, so no gradient or optimizer state):
-/// each owned by one rank, gathered and dropped with their layer like the trained ones.
+/// The frozen weights of the model (not trained, so no gradient or optimizer state):
+/// each owned by one rank, gathered and dropped with their layer like the trained ones. A
+/// quantized weight (QLoRA's NF4 base, a GGUF's blocks) travels as its own bytes
+/// (`QuantWeight::to_bytes`), so the copy computes exactly what the owner's does.
 struct FrozenShards {
     names: Vec<String>,
     shapes: Vec<Shape>,
@@ -63,11 +66,33 @@ struct FrozenShards {
     part: Partition,
     layers: Vec<Vec<usize>>,
     outer: Vec<usize>,
+    /// Bytes this rank's model holds for the weight now (a placeholder counts its dense size,
+    /// as the memory estimate does).
+    held: Vec<u64>,
+    /// `Some(bytes)`: the weight is quantized and sent as that many bytes. Every rank must agree
+    /// ([`Zero3::agree_on_frozen`]): a rank that loaded another's weight as a placeholder sees
+    /// a dense weight where its owner holds a quantized one.
+    wire: Vec<Option<usize>>,
+    /// Whether this rank's model held the weight quantized when the plan was made (not a
+    /// placeholder): its transposed backward copy then counts in the memory estimate.
+    held_quantized: Vec<bool>,
 }
 
 impl FrozenShards {
-    fn bytes(&self, i: usize) -> u64 {
-        (self.shapes[i].elem_count() * self.dtypes[i].size_in_bytes()) as u64
+    /// Bytes of a gathered copy.
+    fn bytes(&self, k: usize) -> u64 {
+        match self.wire[k] {
+            Some(b) => b as u64,
+            None => (self.shapes[k].elem_count() * self.dtypes[k].size_in_bytes()) as u64,
+        }
+    }
+
+    /// f32 words the weight takes in a gather's buffer.
+    fn words(&self, k: usize) -> usize {
+        match self.wire[k] {
+            Some(b) => b.div_ceil(4),
+            None => self.shapes[k].elem_count(),
+        }
     }
 }
 
@@ -208,12 +233,21 @@ impl Zero3 {
             part: Partition::new(&[], 1, 0),
             layers: vec![Vec::new(); n_layers],
             outer: Vec::new(),
+            held: Vec::new(),
+            wire: Vec::new(),
+            held_quantized: Vec::new(),
         };
         for name in llama.weight_names() {
             if trained.contains(name.as_str()) {
                 continue;
             }
-            let Some(t) = llama.dense_weight(&name) else {
+            let (shape, dtype, held, quant) = if let Some(t) = llama.dense_weight(&name) {
+                let bytes = (t.elem_count() * t.dtype().size_in_bytes()) as u64;
+                (t.shape().clone(), t.dtype(), bytes, None)
+            } else if let Some(q) = llama.quantized_weight(&name) {
+                let bytes = q.storage_bytes() as u64;
+                (Shape::from(q.shape()), DType::F32, bytes, Some(q))
+            } else {
                 continue;
             };
             let k = frozen.names.len();
@@ -221,10 +255,16 @@ impl Zero3 {
                 Some(l) => frozen.layers[l].push(k),
                 None => frozen.outer.push(k),
             }
-            frozen.shapes.push(t.shape().clone());
-            frozen.dtypes.push(t.dtype());
+            frozen.shapes.push(shape);
+            frozen.dtypes.push(dtype);
+            frozen.held.push(held);
+            frozen.held_quantized.push(quant.is_some());
+            frozen
+                .wire
+                .push(quant.map(|q| q.to_bytes().map(|b| b.len())).transpose()?);
             frozen.names.push(name);
         }
+        // Ownership by parameter count, as `frozen_placeholders` computes it from the headers.
         let sizes: Vec<usize> = frozen.shapes.iter().map(|s| s.elem_count()).collect();
         frozen.part = Partition::new(&sizes, part.world(), part.rank());
         Ok(Zero3 {
@@ -238,6 +278,92 @@ impl Zero3 {
             gathered: true,
             overlap: false,
         })
+    }
+
+    /// Every rank learns from each frozen weight's owner whether it is quantized and how many
+    /// bytes it is sent as (a rank that loaded the weight as a placeholder cannot know). All
+    /// ranks call this once, after [`Self::new`].
+    pub fn agree_on_frozen(&mut self, dist: &Dist) -> Result<()> {
+        if dist.world_size() < 2 {
+            return Ok(());
+        }
+        let f = &mut self.frozen;
+        // The owner's word: -bytes for a quantized weight, the value count for a dense one.
+        let mut said: Vec<f64> = (0..f.names.len())
+            .map(|k| match (f.part.is_mine(k), f.wire[k]) {
+                (false, _) => 0.0,
+                (true, Some(b)) => -(b as f64),
+                (true, None) => f.shapes[k].elem_count() as f64,
+            })
+            .collect();
+        dist.all_reduce_sum_f64(&mut said)?;
+        for (k, &v) in said.iter().enumerate() {
+            if v < 0.0 {
+                f.wire[k] = Some(-v as usize);
+            } else if v > 0.0 && v as usize == f.shapes[k].elem_count() {
+                f.wire[k] = None;
+            } else {
+                return Err(Error::msg(format!(
+                    "zero3: the ranks disagree on the frozen weight `{}` ({} values here, its owner says {v})",
+                    f.names[k],
+                    f.shapes[k].elem_count()
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// The fraction of the frozen weights' values this rank owns (what it reads when the
+    /// others' load as placeholders).
+    pub fn frozen_share_read(&self) -> f64 {
+        let f = &self.frozen;
+        let (mut mine, mut all) = (0usize, 0usize);
+        for (k, s) in f.shapes.iter().enumerate() {
+            all += s.elem_count();
+            if f.part.is_mine(k) {
+                mine += s.elem_count();
+            }
+        }
+        if all == 0 {
+            1.0
+        } else {
+            mine as f64 / all as f64
+        }
+    }
+
+    /// Bytes of the transposed Q8_0 copies a quantized backward pass builds
+    /// (`BackwardWeights::Q8Transposed`): those of the other ranks' weights this rank's model
+    /// held when the plan was made (dropped with them), and the most held at once for gathered
+    /// weights (the outer group and the largest layer, dropped with their copy).
+    pub fn backward_copy_bytes(&self) -> (u64, u64) {
+        let f = &self.frozen;
+        let copy = |k: usize| -> u64 {
+            let (out, inp) = match f.shapes[k].dims() {
+                [o, i] => (*o, *i),
+                _ => return 0,
+            };
+            if f.wire[k].is_none() || !out.is_multiple_of(32) {
+                return 0;
+            }
+            (inp * (out / 32) * 34) as u64
+        };
+        let released = (0..f.names.len())
+            .filter(|&k| f.held_quantized[k] && !f.part.is_mine(k))
+            .map(copy)
+            .sum();
+        let others = |idx: &[usize]| -> u64 {
+            idx.iter()
+                .filter(|&&k| !f.part.is_mine(k))
+                .map(|&k| copy(k))
+                .sum()
+        };
+        let layer = f.layers.iter().map(|l| others(l)).max().unwrap_or(0);
+        (released, others(&f.outer) + layer * self.layers_in_flight())
+    }
+
+    /// How many frozen weights are quantized (sent as their blocks).
+    pub fn frozen_quantized_count(&self) -> usize {
+        self.frozen.wire.iter().filter(|w| w.is_some()).count()
     }
 
     /// With `on`, a multi-rank walk prefetches the next layer's weights while a layer computes
@@ -285,7 +411,7 @@ impl Zero3 {
             .sum();
         let frozen: u64 = (0..self.frozen.names.len())
             .filter(|&k| !self.frozen.part.is_mine(k))
-            .map(|k| self.frozen.bytes(k))
+            .map(|k| self.frozen.held[k])
             .sum();
         trained + frozen
     }
@@ -818,7 +944,7 @@ impl Zero3 {
             .map(|(owner, bucket)| Job::Gather { owner, bucket })
             .collect();
         let f = &self.frozen;
-        let sizes: Vec<usize> = f.shapes.iter().map(|s| s.elem_count()).collect();
+        let sizes: Vec<usize> = (0..f.names.len()).map(|k| f.words(k)).collect();
         plan.extend(
             f.part
                 .buckets_among(fidx, &sizes, BUCKET_FLOATS)
@@ -840,19 +966,34 @@ impl Zero3 {
             Job::Gather { owner, bucket } => self.owner_buffer(params, bucket, *owner, dist),
             Job::GatherFrozen { owner, bucket } => {
                 let f = &self.frozen;
+                let words = bucket.iter().map(|&k| f.words(k)).sum();
                 if *owner != dist.rank() {
-                    return Ok(vec![
-                        0.0f32;
-                        bucket.iter().map(|&k| f.shapes[k].elem_count()).sum()
-                    ]);
+                    return Ok(vec![0.0f32; words]);
                 }
-                let mut held = Vec::with_capacity(bucket.len());
+                let mut flat = Vec::with_capacity(words);
+                let missing =
+                    |k: usize| Error::msg(format!("zero3: `{}` is not held here", f.names[k]));
                 for &k in bucket {
-                    held.push(llama.dense_weight(&f.names[k]).ok_or_else(|| {
-                        Error::msg(format!("zero3: `{}` is not held here", f.names[k]))
-                    })?);
+                    let before = flat.len();
+                    if f.wire[k].is_some() {
+                        let q = llama
+                            .quantized_weight(&f.names[k])
+                            .ok_or_else(|| missing(k))?;
+                        push_bytes(&mut flat, &q.to_bytes()?);
+                    } else {
+                        let t = llama.dense_weight(&f.names[k]).ok_or_else(|| missing(k))?;
+                        // straight from the tensor: a second copy of the embeddings' size
+                        // would sit on the owner beside the buffer
+                        with_values(&t, |v| flat.extend_from_slice(v))?;
+                    }
+                    if flat.len() - before != f.words(k) {
+                        return Err(Error::msg(format!(
+                            "zero3: `{}` changed size since the plan was made",
+                            f.names[k]
+                        )));
+                    }
                 }
-                flatten(&held.iter().collect::<Vec<_>>())
+                Ok(flat)
             }
             Job::Reduce { .. } => Err(Error::msg("zero3: a reduce is not a gather")),
         }
@@ -934,13 +1075,28 @@ impl Zero3 {
             Job::GatherFrozen { bucket, .. } => {
                 let f = &self.frozen;
                 let dev = llama.device().clone();
+                if let [k] = bucket[..] {
+                    if f.wire[k].is_none() && f.dtypes[k] == DType::F32 {
+                        // One dense tensor (the embeddings): the received buffer becomes it.
+                        let t = Tensor::from_vec(flat, f.shapes[k].clone(), &dev)?;
+                        return install_frozen(llama, &f.names[k], &t);
+                    }
+                }
                 let mut at = 0;
                 for &k in &bucket {
-                    let n = f.shapes[k].elem_count();
-                    let t =
-                        Tensor::from_slice(bucket_slice(&flat, at, n)?, f.shapes[k].clone(), &dev)?
+                    let n = f.words(k);
+                    let part = bucket_slice(&flat, at, n)?;
+                    if let Some(b) = f.wire[k] {
+                        let q = crate::quant::QuantWeight::from_bytes(&words_to_bytes(part, b))
+                            .map_err(|e| {
+                                Error::msg(format!("zero3: `{}` as gathered: {e}", f.names[k]))
+                            })?;
+                        install_frozen_quantized(llama, &f.names[k], &std::sync::Arc::new(q))?;
+                    } else {
+                        let t = Tensor::from_slice(part, f.shapes[k].clone(), &dev)?
                             .to_dtype(f.dtypes[k])?;
-                    install_frozen(llama, &f.names[k], &t)?;
+                        install_frozen(llama, &f.names[k], &t)?;
+                    }
                     at += n;
                 }
                 Ok(())
@@ -1218,6 +1374,41 @@ fn is_model_weight(name: &str) -> bool {
         .is_some_and(|(_, rest)| crate::model::llama::LAYER_WEIGHTS.contains(&rest))
 }
 
+/// `bytes` as f32 words (little-endian, the last padded with zeros): a broadcast copies them
+/// bit for bit.
+fn push_bytes(flat: &mut Vec<f32>, bytes: &[u8]) {
+    flat.reserve(bytes.len().div_ceil(4));
+    for c in bytes.chunks(4) {
+        let mut w = [0u8; 4];
+        w[..c.len()].copy_from_slice(c);
+        flat.push(f32::from_bits(u32::from_le_bytes(w)));
+    }
+}
+
+/// The first `len` bytes of words [`push_bytes`] wrote.
+fn words_to_bytes(words: &[f32], len: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(words.len() * 4);
+    for w in words {
+        out.extend_from_slice(&w.to_bits().to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+fn install_frozen_quantized(
+    llama: &mut Llama,
+    name: &str,
+    q: &std::sync::Arc<crate::quant::QuantWeight>,
+) -> Result<()> {
+    if llama.set_frozen_quantized(name, q)? {
+        Ok(())
+    } else {
+        Err(Error::msg(format!(
+            "zero3: `{name}` is not a weight of the model"
+        )))
+    }
+}
+
 fn install_frozen(llama: &mut Llama, name: &str, t: &Tensor) -> Result<()> {
     if llama.set_frozen_weight(name, t)? {
         Ok(())
@@ -1252,6 +1443,65 @@ mod tests {
         let src = SafetensorsSource::open(&dir, &LoadOptions::default(), &candle_core::Device::Cpu)
             .unwrap();
         Llama::load(&src, &cfg).unwrap()
+    }
+
+    #[test]
+    fn a_quantized_base_is_sharded_as_its_blocks() {
+        // QLoRA's NF4 base: every linear of the layers is a frozen quantized weight; a rank
+        // keeps the ones it owns, and the bytes a gathered copy costs are its blocks'.
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/fixtures/models/tiny-llama-gqa-untied");
+        let cfg = config_from_hf_dir(&dir).unwrap();
+        let opts = LoadOptions {
+            base_quant: crate::quant::BaseQuant::parse("nf4", true).unwrap(),
+            ..Default::default()
+        };
+        let src = SafetensorsSource::open(&dir, &opts, &candle_core::Device::Cpu).unwrap();
+        let mut m = Llama::load(&src, &cfg).unwrap();
+        let quantized: Vec<String> = m
+            .weight_names()
+            .into_iter()
+            .filter(|n| m.quantized_weight(n).is_some())
+            .collect();
+        assert_eq!(quantized.len(), 14);
+        let mut params: Vec<(String, Var)> = Vec::new();
+        let mut z = Zero3::new(&m, &params, Partition::new(&[], 2, 1)).unwrap();
+        assert_eq!(z.frozen_quantized_count(), 14);
+        let storage: u64 = quantized
+            .iter()
+            .map(|n| m.quantized_weight(n).unwrap().storage_bytes() as u64)
+            .sum();
+        let released = z.released_bytes();
+        // The others' transposed backward copies go with their weights; one layer's come back.
+        let (copies_released, copies_gathered) = z.backward_copy_bytes();
+        assert!(copies_released > copies_gathered && copies_gathered > 0);
+        z.release_all(&mut m, &mut params).unwrap();
+        let kept: Vec<&String> = quantized
+            .iter()
+            .filter(|n| m.quantized_weight(n).is_some())
+            .collect();
+        assert!(!kept.is_empty() && kept.len() < 14, "{kept:?}");
+        let kept_bytes: u64 = kept
+            .iter()
+            .map(|n| m.quantized_weight(n).unwrap().storage_bytes() as u64)
+            .sum();
+        // What was released: the others' quantized weights and their dense weights (norms,
+        // embeddings, head).
+        assert!(
+            released >= storage - kept_bytes,
+            "{released} {storage} {kept_bytes}"
+        );
+        // A gathered layer costs its blocks' bytes, not f32's: the same plan on the f32 model
+        // (the same owners: ownership goes by parameter count) gathers more.
+        let dense = tiny_llama("tiny-llama-gqa-untied");
+        let zd = Zero3::new(&dense, &[], Partition::new(&[], 2, 1)).unwrap();
+        assert_eq!(zd.frozen_quantized_count(), 0);
+        assert!(
+            z.gathered_bytes() > 0 && z.gathered_bytes() < zd.gathered_bytes(),
+            "{} vs {}",
+            z.gathered_bytes(),
+            zd.gathered_bytes()
+        );
     }
 
     #[test]
