@@ -554,7 +554,7 @@ fn eval_sums(
 /// Rows (tokens) of a classification batch whose highest logit is their label, and how many
 /// carry a label.
 fn count_correct(model: &dyn Model, batch: &data::Batch) -> Result<(usize, usize)> {
-    let logits = model.logits(batch)?;
+    let logits = crate::nn::without_graph(|| model.logits(batch))?;
     let pred = logits.argmax(candle_core::D::Minus1)?.flatten_all()?;
     let pred = pred.to_dtype(candle_core::DType::I64)?.to_vec1::<i64>()?;
     let gold = batch
