@@ -222,8 +222,8 @@ impl Zero3 {
             }
             sharded.push(is_model_weight(name));
         }
-        // The model's other dense weights: frozen (a PEFT method's base), sharded too. A
-        // quantized base stays whole on every rank.
+        // The model's other weights: frozen (a PEFT method's base, dense or quantized),
+        // sharded too.
         let trained: std::collections::HashSet<&str> =
             params.iter().map(|(n, _)| n.as_str()).collect();
         let mut frozen = FrozenShards {
