@@ -200,6 +200,12 @@ impl QuantWeight {
         r.u8("the header")?;
         let out_dim = r.u64("the shape")?;
         let in_dim = r.u64("the shape")?;
+        // The formats' own checks multiply the two: no product may wrap.
+        if out_dim == 0 || in_dim == 0 || out_dim.checked_mul(in_dim).is_none_or(|n| n > 1 << 40) {
+            return Err(Error::msg(format!(
+                "quantized weight bytes: a {out_dim}x{in_dim} weight"
+            )));
+        }
         let w = match kind {
             KIND_GGML => {
                 let i = r.u8("the GGML type")? as usize;
@@ -389,6 +395,12 @@ mod tests {
         let mut wrong_shape = bytes.clone();
         wrong_shape[8..16].copy_from_slice(&33u64.to_le_bytes());
         assert!(QuantWeight::from_bytes(&wrong_shape).is_err());
+        // a shape whose product wraps around
+        let mut wraps = bytes.clone();
+        wraps[8..16].copy_from_slice(&(1u64 << 63).to_le_bytes());
+        wraps[16..24].copy_from_slice(&4u64.to_le_bytes());
+        let e = QuantWeight::from_bytes(&wraps).unwrap_err().to_string();
+        assert!(e.contains("weight bytes"), "{e}");
         assert!(QuantWeight::from_bytes(b"nope").is_err());
     }
 }
