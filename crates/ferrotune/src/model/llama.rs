@@ -426,44 +426,42 @@ impl Llama {
     /// not have.
     pub fn quantized_weight(&self, name: &str) -> Option<Arc<crate::quant::QuantWeight>> {
         use crate::nn::LinearWeight;
-        let lin = |l: &Linear| match l.weight() {
+        if name == "model.embed_tokens.weight" {
+            return match self.embed_tokens.weight() {
+                EmbeddingWeight::Quantized(q) => Some(q.clone()),
+                _ => None,
+            };
+        }
+        match self.linear_named(name)?.weight() {
             LinearWeight::Quantized(q) => Some(q.clone()),
             _ => None,
-        };
-        match name {
-            "model.embed_tokens.weight" => {
-                return match self.embed_tokens.weight() {
-                    EmbeddingWeight::Quantized(q) => Some(q.clone()),
-                    _ => None,
-                }
-            }
-            "lm_head.weight" if !self.cfg.tie_word_embeddings => return lin(&self.lm_head),
-            _ => {}
+        }
+    }
+
+    /// The linear layer whose weight is called `name` (an untied head or a layer's
+    /// projection).
+    fn linear_named(&self, name: &str) -> Option<&Linear> {
+        if name == "lm_head.weight" {
+            return (!self.cfg.tie_word_embeddings).then_some(&self.lm_head);
         }
         let (i, rest) = layer_of_parameter(name)?;
         let l = self.layers.get(i)?;
-        match rest {
-            "self_attn.q_proj.weight" => lin(&l.self_attn.q_proj),
-            "self_attn.k_proj.weight" => lin(&l.self_attn.k_proj),
-            "self_attn.v_proj.weight" => lin(&l.self_attn.v_proj),
-            "self_attn.o_proj.weight" => lin(&l.self_attn.o_proj),
-            "mlp.gate_proj.weight" => lin(&l.mlp.gate_proj),
-            "mlp.up_proj.weight" => lin(&l.mlp.up_proj),
-            "mlp.down_proj.weight" => lin(&l.mlp.down_proj),
-            _ => None,
-        }
+        Some(match rest {
+            "self_attn.q_proj.weight" => &l.self_attn.q_proj,
+            "self_attn.k_proj.weight" => &l.self_attn.k_proj,
+            "self_attn.v_proj.weight" => &l.self_attn.v_proj,
+            "self_attn.o_proj.weight" => &l.self_attn.o_proj,
+            "mlp.gate_proj.weight" => &l.mlp.gate_proj,
+            "mlp.up_proj.weight" => &l.mlp.up_proj,
+            "mlp.down_proj.weight" => &l.mlp.down_proj,
+            _ => return None,
+        })
     }
 
     /// The dense tensor of the weight called `name` (trainable or frozen), `None` for a
     /// quantized weight or a name the model does not have.
     pub fn dense_weight(&self, name: &str) -> Option<Tensor> {
         use crate::nn::LinearWeight;
-        let tied = self.cfg.tie_word_embeddings;
-        let lin = |l: &Linear| match l.weight() {
-            LinearWeight::Frozen(t) => Some(t.clone()),
-            LinearWeight::Trainable(v) => Some(v.as_tensor().clone()),
-            LinearWeight::Quantized(_) => None,
-        };
         match name {
             "model.embed_tokens.weight" => {
                 return match self.embed_tokens.weight() {
@@ -472,23 +470,23 @@ impl Llama {
                     EmbeddingWeight::Quantized(_) => None,
                 }
             }
-            "lm_head.weight" if !tied => return lin(&self.lm_head),
             "model.norm.weight" => return Some(self.norm.weight().clone()),
             _ => {}
         }
-        let (i, rest) = layer_of_parameter(name)?;
-        let l = self.layers.get(i)?;
-        match rest {
-            "input_layernorm.weight" => Some(l.input_layernorm.weight().clone()),
-            "post_attention_layernorm.weight" => Some(l.post_attention_layernorm.weight().clone()),
-            "self_attn.q_proj.weight" => lin(&l.self_attn.q_proj),
-            "self_attn.k_proj.weight" => lin(&l.self_attn.k_proj),
-            "self_attn.v_proj.weight" => lin(&l.self_attn.v_proj),
-            "self_attn.o_proj.weight" => lin(&l.self_attn.o_proj),
-            "mlp.gate_proj.weight" => lin(&l.mlp.gate_proj),
-            "mlp.up_proj.weight" => lin(&l.mlp.up_proj),
-            "mlp.down_proj.weight" => lin(&l.mlp.down_proj),
-            _ => None,
+        if let Some((i, rest)) = layer_of_parameter(name) {
+            let l = self.layers.get(i)?;
+            match rest {
+                "input_layernorm.weight" => return Some(l.input_layernorm.weight().clone()),
+                "post_attention_layernorm.weight" => {
+                    return Some(l.post_attention_layernorm.weight().clone())
+                }
+                _ => {}
+            }
+        }
+        match self.linear_named(name)?.weight() {
+            LinearWeight::Frozen(t) => Some(t.clone()),
+            LinearWeight::Trainable(v) => Some(v.as_tensor().clone()),
+            LinearWeight::Quantized(_) => None,
         }
     }
 

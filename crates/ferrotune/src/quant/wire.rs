@@ -90,7 +90,10 @@ impl<'a> Reader<'a> {
         Ok(s)
     }
     fn u8(&mut self, what: &str) -> Result<u8> {
-        Ok(self.take(1, what)?[0])
+        self.take(1, what)?
+            .first()
+            .copied()
+            .ok_or_else(|| short(what))
     }
     fn u64(&mut self, what: &str) -> Result<usize> {
         let b = self.take(8, what)?;
@@ -110,7 +113,7 @@ impl<'a> Reader<'a> {
         let n = self.u64(what)?;
         let b = self.take(n.checked_mul(4).ok_or_else(|| short(what))?, what)?;
         Ok(b.chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap_or([0; 4])))
             .collect())
     }
 }

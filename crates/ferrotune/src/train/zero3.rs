@@ -298,7 +298,10 @@ impl Zero3 {
             .collect();
         dist.all_reduce_sum_f64(&mut said)?;
         for (k, &v) in said.iter().enumerate() {
-            if v < 0.0 {
+            // A quantized weight is never larger than its f32 values plus its statistics and
+            // header: a size past that is a broken rank, refused before a buffer is made.
+            let most = 4.0 * f.shapes[k].elem_count() as f64 + 65536.0;
+            if v < 0.0 && -v <= most {
                 f.wire[k] = Some(-v as usize);
             } else if v > 0.0 && v as usize == f.shapes[k].elem_count() {
                 f.wire[k] = None;
