@@ -472,6 +472,14 @@ mod mpi {
                 err.contains(&format!("distributed: {stage} on 2 ranks")),
                 "{err}"
             );
+            if stage == "zero3" {
+                // Each rank loaded only the weights it owns (the others' as placeholders).
+                assert!(
+                    err.contains("ZeRO-3: this rank read its own ")
+                        && err.contains(" weights, not the others' "),
+                    "{err}"
+                );
+            }
             assert_losses_close(&s.dir.join(stage), &s.dir.join("ddp"));
             // ZeRO-1 runs DDP's arithmetic element for element: bit-identical.
             let tol = if stage == "zero1" { 0.0 } else { 1e-5 };

@@ -348,29 +348,48 @@ impl Llama {
         KvCache::new(self.layers.len())
     }
 
-    /// Make every weight trainable (full fine-tuning) and return the parameters by HF name.
-    /// Quantized weights cannot be trained in place: load with `dequantize` first.
+    /// Make every weight trainable (full fine-tuning) and return the parameters by HF name, in
+    /// the order of [`Self::trainable_names_for`]. Quantized weights cannot be trained in place:
+    /// load with `dequantize` first.
+    ///
+    /// A weight loaded as a placeholder (ZeRO-3: another rank owns it, see
+    /// [`crate::model::LoadOptions::placeholders`]) becomes an empty variable, not a copy of
+    /// its broadcast shape, and the model's slot keeps the placeholder, whose shape ZeRO-3's
+    /// plan reads ([`crate::train::zero3::param_shape`]) before it installs its own.
     pub fn make_all_trainable(&mut self) -> crate::Result<Vec<(String, Var)>> {
         use crate::nn::LinearWeight;
         let mut params = Vec::new();
+        let dev = self.device.clone();
         let emb = match self.embed_tokens.weight() {
-            EmbeddingWeight::Frozen(t) => Var::from_tensor(&t.to_dtype(DType::F32)?)?,
-            EmbeddingWeight::Trainable(v) => v.clone(),
+            EmbeddingWeight::Frozen(t) if crate::model::is_placeholder(t) => None,
+            EmbeddingWeight::Frozen(t) => Some(Var::from_tensor(&t.to_dtype(DType::F32)?)?),
+            EmbeddingWeight::Trainable(v) => Some(v.clone()),
             EmbeddingWeight::Quantized(_) => {
                 return Err(crate::Error::msg(
                     "full fine-tuning needs dense weights: load the model with --dequantize",
                 ))
             }
         };
-        self.embed_tokens
-            .set_weight(EmbeddingWeight::Trainable(emb.clone()));
-        params.push(("model.embed_tokens.weight".to_string(), emb.clone()));
+        match &emb {
+            Some(e) => {
+                self.embed_tokens
+                    .set_weight(EmbeddingWeight::Trainable(e.clone()));
+                params.push(("model.embed_tokens.weight".to_string(), e.clone()));
+            }
+            None => params.push(("model.embed_tokens.weight".to_string(), empty_var(&dev)?)),
+        }
         let tied = self.cfg.tie_word_embeddings;
         for lin in self.linears_mut() {
             let v = match lin.weight() {
-                // The tied head shares the embedding parameter.
+                // The tied head shares the embedding parameter (or its placeholder).
                 _ if tied && lin.name() == "lm_head" => {
-                    lin.set_weight(LinearWeight::Trainable(emb.clone()));
+                    if let Some(e) = &emb {
+                        lin.set_weight(LinearWeight::Trainable(e.clone()));
+                    }
+                    continue;
+                }
+                LinearWeight::Frozen(t) if crate::model::is_placeholder(t) => {
+                    params.push((format!("{}.weight", lin.name()), empty_var(&dev)?));
                     continue;
                 }
                 LinearWeight::Frozen(t) => Var::from_tensor(&t.to_dtype(DType::F32)?)?,
@@ -385,18 +404,48 @@ impl Llama {
             lin.set_weight(LinearWeight::Trainable(v.clone()));
             params.push((format!("{}.weight", lin.name()), v));
         }
+        let norm = |n: &mut RmsNorm| -> crate::Result<Var> {
+            if crate::model::is_placeholder(n.weight()) {
+                empty_var(&dev)
+            } else {
+                Ok(n.make_trainable()?)
+            }
+        };
         for (i, l) in self.layers.iter_mut().enumerate() {
             params.push((
                 format!("model.layers.{i}.input_layernorm.weight"),
-                l.input_layernorm.make_trainable()?,
+                norm(&mut l.input_layernorm)?,
             ));
             params.push((
                 format!("model.layers.{i}.post_attention_layernorm.weight"),
-                l.post_attention_layernorm.make_trainable()?,
+                norm(&mut l.post_attention_layernorm)?,
             ));
         }
-        params.push(("model.norm.weight".to_string(), self.norm.make_trainable()?));
+        params.push(("model.norm.weight".to_string(), norm(&mut self.norm)?));
         Ok(params)
+    }
+
+    /// The names [`Self::make_all_trainable`] returns, in its order, for a model with `cfg`
+    /// and `layers` layers before it is loaded (ZeRO-3 plans full fine-tuning from the files'
+    /// headers with them): the embeddings, every layer's projections, an untied head, every
+    /// layer's norms, the final norm.
+    pub fn trainable_names_for(cfg: &LlamaConfig, layers: usize) -> Vec<String> {
+        let mut out = vec!["model.embed_tokens.weight".to_string()];
+        for i in 0..layers {
+            for rest in &LAYER_WEIGHTS[2..] {
+                out.push(format!("model.layers.{i}.{rest}"));
+            }
+        }
+        if !cfg.tie_word_embeddings {
+            out.push("lm_head.weight".to_string());
+        }
+        for i in 0..layers {
+            for rest in &LAYER_WEIGHTS[..2] {
+                out.push(format!("model.layers.{i}.{rest}"));
+            }
+        }
+        out.push("model.norm.weight".to_string());
+        out
     }
 
     /// Put `var` in the place of the trainable weight called `name` (an HF name that
@@ -1135,6 +1184,12 @@ impl Model for Llama {
 }
 
 /// Make `lin`'s weight a trainable f32 parameter (or return the one it has).
+/// The parameter of a weight another rank owns under ZeRO-3: no values until its owner sends
+/// them (`train::zero3` sizes it from the model's placeholder).
+fn empty_var(device: &Device) -> crate::Result<Var> {
+    Ok(Var::from_tensor(&Tensor::zeros(0, DType::F32, device)?)?)
+}
+
 fn make_linear_trainable(lin: &mut Linear) -> crate::Result<Var> {
     use crate::nn::LinearWeight;
     let v = match lin.weight() {

@@ -19,7 +19,9 @@ pub use family::{ArchitectureKind, Dims, MicroBatchGrads, Model, Objective, Task
 pub use family::{SoftPrompt, VirtualTokens};
 pub use llama::{KvCache, LayerContext, Llama};
 pub use t5::{LoadedT5, T5Config, T5};
-pub use weights::{GgufSource, HeadKind, HeadSpec, LoadOptions, SafetensorsSource, WeightSource};
+pub use weights::{
+    is_placeholder, GgufSource, HeadKind, HeadSpec, LoadOptions, SafetensorsSource, WeightSource,
+};
 
 use crate::progress::{CountingSource, NoProgress, Progress};
 use crate::tokenizer::Tokenizer;

@@ -238,6 +238,12 @@ impl SafetensorsSource {
     }
 }
 
+/// Whether `t` is a placeholder [`LoadOptions::placeholders`] made: a weight's shape over one
+/// broadcast value, holding no data of its own.
+pub fn is_placeholder(t: &Tensor) -> bool {
+    t.rank() > 0 && t.layout().stride().iter().all(|&s| s == 0)
+}
+
 impl SafetensorsSource {
     /// Whether `name` is one of [`LoadOptions::placeholders`].
     fn is_placeholder(&self, name: &str) -> bool {

@@ -157,7 +157,8 @@ impl Tuner {
                     )));
                 }
                 let params = ParamCount {
-                    trainable: vars.iter().map(|(_, v)| v.elem_count()).sum(),
+                    // (ZeRO-3: another rank's weight may be an empty variable here.)
+                    trainable: crate::train::zero3::param_sizes(model, &vars).iter().sum(),
                     all: crate::peft::param_count(model, ADAPTER_NAME).all,
                 };
                 Ok(Tuner::Weights {
@@ -325,22 +326,38 @@ impl Tuner {
             }
             Tuner::Weights { vars, .. } => {
                 let path = dir.join(WEIGHTS_CHECKPOINT_FILE);
-                let mut tensors = candle_core::safetensors::load(&path, model.device())
-                    .map_err(|e| Error::file(&path, crate::error::first_line(&e.to_string())))?;
+                let fe = |e: candle_core::Error| {
+                    Error::file(&path, crate::error::first_line(&e.to_string()))
+                };
+                // SAFETY: the checkpoint is ours and not written while it is read. Mapped, not
+                // read whole: under ZeRO-3 a rank reads only the weights it owns.
+                let file = unsafe { candle_core::safetensors::MmapedSafetensors::new(&path) }
+                    .map_err(fe)?;
+                let llama = model.as_any().downcast_ref::<crate::model::Llama>();
                 for (name, var) in vars {
-                    let t: Tensor = tensors
-                        .remove(name)
-                        .ok_or_else(|| Error::file(&path, format!("tensor `{name}` is missing")))?;
-                    if t.dims() != var.dims() {
+                    let view = file
+                        .get(name)
+                        .map_err(|_| Error::file(&path, format!("tensor `{name}` is missing")))?;
+                    let dims = match llama {
+                        Some(l) => crate::train::zero3::param_shape(l, name, var)
+                            .dims()
+                            .to_vec(),
+                        None => var.dims().to_vec(),
+                    };
+                    if view.shape() != dims {
                         return Err(Error::file(
                             &path,
                             format!(
-                                "tensor `{name}` has shape {:?}, the model {:?}",
-                                t.dims(),
-                                var.dims()
+                                "tensor `{name}` has shape {:?}, the model {dims:?}",
+                                view.shape(),
                             ),
                         ));
                     }
+                    if var.elem_count() == 0 && dims.iter().product::<usize>() > 0 {
+                        // ZeRO-3: another rank owns this weight and restores it.
+                        continue;
+                    }
+                    let t = file.load(name, model.device()).map_err(fe)?;
                     var.set(&t.to_dtype(var.dtype())?)?;
                 }
                 Ok(())

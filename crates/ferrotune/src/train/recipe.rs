@@ -180,7 +180,7 @@ impl<'a> Recipe<'a> {
             OutputPlan::AlreadyFinished(s) => return Ok(Setup::AlreadyFinished(Box::new(s))),
             OutputPlan::Run { folder, resume } => (folder, resume),
         };
-        let placeholders = zero3_placeholders(c, &source, &opts.dist)?;
+        let placeholders = zero3_placeholders(c, &source, &data, &opts.dist)?;
         let RunModel {
             model,
             source,
@@ -193,7 +193,9 @@ impl<'a> Recipe<'a> {
             Distributed::Zero1 | Distributed::Zero2 | Distributed::Zero3
         )
         .then(|| {
-            let sizes: Vec<usize> = params.iter().map(|(_, v)| v.elem_count()).collect();
+            // (A weight another rank owns may have loaded without its values: its size is
+            // the placeholder's.)
+            let sizes = super::zero3::param_sizes(&*model, &params);
             super::zero::Partition::new(&sizes, opts.dist.world_size(), opts.dist.rank())
         });
         let (overlap_on, overlap_why) = resolve_overlap(c, &opts.dist)?;
@@ -201,7 +203,7 @@ impl<'a> Recipe<'a> {
             Some(part) if cfg.train.distributed == Distributed::Zero3 => {
                 let z = setup_zero3(c, &*model, &params, part.clone(), overlap_on, &opts.dist)?;
                 if let Some(p) = &placeholders {
-                    z.check_placeholders(p)?;
+                    z.check_placeholders(p, &params)?;
                 }
                 Some(z)
             }
@@ -246,10 +248,13 @@ impl<'a> Recipe<'a> {
             ));
         }
         if let (Some(p), Some(z)) = (&placeholders, &zero3) {
+            let (all, what) = match z.frozen_count() {
+                0 => (params.len(), "weights"),
+                n => (n, "frozen weights"),
+            };
             model_line.push_str(&format!(
-                "; ZeRO-3: this rank read its own {} of the {} frozen weights, not the others' {}",
-                z.frozen_count() - p.len(),
-                z.frozen_count(),
+                "; ZeRO-3: this rank read its own {} of the {all} {what}, not the others' {}",
+                all.saturating_sub(p.len()),
                 p.len()
             ));
         }
@@ -898,12 +903,22 @@ impl<'a> Recipe<'a> {
     /// ZeRO-3: every rank gathers the whole model (evaluation, the end of the run). Returns
     /// whether it did (it was sharded).
     fn zero3_gather(&mut self) -> Result<bool> {
+        self.zero3_gather_onto(false)
+    }
+
+    /// [`Self::zero3_gather`], with `root_only` onto rank 0 alone (the end of the run: the
+    /// other ranks send their shares and never hold the whole model).
+    fn zero3_gather_onto(&mut self, root_only: bool) -> Result<bool> {
         let dist = self.dist();
         let Some(z) = self.zero3.as_mut().filter(|z| !z.is_gathered()) else {
             return Ok(false);
         };
         let llama = Self::llama_mut(&mut *self.model)?;
-        let vars = z.gather_all(llama, &mut self.params, dist)?;
+        let vars = if root_only {
+            z.gather_all_on_root(llama, &mut self.params, dist)?
+        } else {
+            z.gather_all(llama, &mut self.params, dist)?
+        };
         let named: Vec<(String, Var)> = vars
             .into_iter()
             .map(|(i, v)| (self.params[i].0.clone(), v))
@@ -1001,9 +1016,10 @@ impl<'a> Recipe<'a> {
         }
         if self.zero3.is_some() {
             // ZeRO-3: the checkpoint holds the optimizer state, so it can go; then the whole
-            // model for the files the run writes (every rank takes part in the gathering).
+            // model on rank 0 for the files it writes (every rank takes part in the
+            // gathering; the others go on holding their share only).
             self.opt = optim::Optimizer::new(&t.optimizer_config(), Vec::new(), Vec::new())?;
-            self.zero3_gather()?;
+            self.zero3_gather_onto(true)?;
         }
         let Some(metrics) = &s.metrics else {
             // Not rank 0: rank 0 writes the result and summary.json; this rank's summary is
@@ -1539,16 +1555,19 @@ fn setup_optimizer(
     Ok((schedule, opt))
 }
 
-/// ZeRO-3 of a PEFT method whose set-up reads no base weight, on a dense LLaMA safetensors
-/// folder (quantized at load by `train.base_quant` or not): the frozen weights other ranks
-/// own, which this rank then loads as placeholders ([`super::zero3::frozen_placeholders`];
-/// nor does it quantize them), so no rank holds the whole model at any time. `None`, and every
-/// weight loads: one rank, another mode, a GGUF or a pre-quantized folder, a method that trains
-/// base weights (full, selective, `modules_to_save`) or reads them to start (DoRA's magnitudes,
-/// PiSSA / OLoRA / LoftQ / EVA inits), other families.
+/// ZeRO-3 of a PEFT method whose set-up reads no base weight, or of full fine-tuning of a
+/// causal LM, on a dense LLaMA safetensors folder (quantized at load by `train.base_quant` or
+/// not): the weights other ranks own, which this rank then loads as placeholders
+/// ([`super::zero3::frozen_placeholders`], [`super::zero3::trained_placeholders`]; nor does it
+/// quantize them, nor make variables of them), so no rank holds the whole model while it
+/// loads. `None`, and every weight loads: one rank, another mode, a GGUF or a pre-quantized
+/// folder, a method that trains some base weights (selective, `modules_to_save`) or reads
+/// them to start (DoRA's magnitudes, PiSSA / OLoRA / LoftQ / EVA inits), a new head, other
+/// families.
 fn zero3_placeholders(
     c: &LoadedConfig,
     source: &ModelSource,
+    data: &RunData,
     dist: &crate::dist::Dist,
 ) -> Result<Option<std::sync::Arc<std::collections::HashSet<String>>>> {
     use crate::peft::lora::config::InitKind;
@@ -1569,6 +1588,9 @@ fn zero3_placeholders(
             l.use_dora || l.modules_to_save.is_some() || !plain_init
         }
         Method::Ia3 => cfg.ia3.modules_to_save.is_some(),
+        // Every weight is trained and none is read to start; a head the file lacks would be
+        // made on every rank.
+        Method::Full => head_for(data).is_some(),
         _ => true,
     };
     let ModelSource::HfDir(dir) = source else {
@@ -1583,10 +1605,12 @@ fn zero3_placeholders(
     let Ok(lc) = model::config_from_hf_dir(dir) else {
         return Ok(None);
     };
-    Ok(
+    let plan = if cfg.method == Method::Full {
+        super::zero3::trained_placeholders(dir, &lc, dist.world_size(), dist.rank())?
+    } else {
         super::zero3::frozen_placeholders(dir, &lc, dist.world_size(), dist.rank())?
-            .map(std::sync::Arc::new),
-    )
+    };
+    Ok(plan.map(std::sync::Arc::new))
 }
 
 /// `train.overlap_comm` for this job: whether its collectives overlap computing, and why when

@@ -23,10 +23,16 @@
 //! A PEFT method's frozen base is sharded the same way (`Llama::set_frozen_weight`; no
 //! gradient to reduce), a quantized one too (FSDP + QLoRA): its weights travel as their own
 //! blocks (`QuantWeight::to_bytes`) and are installed as they are. Validation walks the layers
-//! too ([`Zero3::eval_loss`]); classification accuracy and the end of the run gather the whole
-//! model on every rank ([`Zero3::gather_all`]), as DeepSpeed's `GatheredParameters` does; a
-//! mid-run checkpoint gathers the trained weights onto rank 0 only, one bucket at a time
+//! too ([`Zero3::eval_loss`]); classification accuracy gathers the whole model on every rank
+//! ([`Zero3::gather_all`]), as DeepSpeed's `GatheredParameters` does, and the end of the run
+//! onto rank 0 only, which writes the files ([`Zero3::gather_all_on_root`]); a mid-run
+//! checkpoint gathers the trained weights onto rank 0 only, one bucket at a time
 //! ([`Zero3::gather_to_root`]).
+//!
+//! Loading: where the plan can be made from the safetensors headers (full fine-tuning of a
+//! causal LM, or a PEFT method that reads no base weight to start), a rank loads the weights
+//! the others will own as placeholders ([`frozen_placeholders`], [`trained_placeholders`]) and
+//! never holds the whole model.
 use super::zero::{flatten, Partition, BUCKET_FLOATS};
 use crate::data::Batch;
 use crate::dist::background::{Background, Collective};
@@ -157,13 +163,36 @@ pub fn frozen_placeholders(
     world: usize,
     rank: usize,
 ) -> Result<Option<std::collections::HashSet<String>>> {
+    let names = Llama::weight_names_for(cfg, cfg.num_hidden_layers);
+    others_in_headers(dir, names, world, rank)
+}
+
+/// [`frozen_placeholders`] for full fine-tuning: every weight is trained, and the plan shares
+/// them out in the order `Llama::make_all_trainable` lists them, which is the order given here.
+pub fn trained_placeholders(
+    dir: &std::path::Path,
+    cfg: &crate::model::LlamaConfig,
+    world: usize,
+    rank: usize,
+) -> Result<Option<std::collections::HashSet<String>>> {
+    let names = Llama::trainable_names_for(cfg, cfg.num_hidden_layers);
+    others_in_headers(dir, names, world, rank)
+}
+
+/// The names of `names` (in plan order) that [`Partition`] gives to other ranks, sized from
+/// the folder's headers; `None` when one is missing there.
+fn others_in_headers(
+    dir: &std::path::Path,
+    names: Vec<String>,
+    world: usize,
+    rank: usize,
+) -> Result<Option<std::collections::HashSet<String>>> {
     use crate::model::WeightSource;
     let src = crate::model::SafetensorsSource::open(
         dir,
         &crate::model::LoadOptions::default(),
         &candle_core::Device::Cpu,
     )?;
-    let names = Llama::weight_names_for(cfg, cfg.num_hidden_layers);
     let mut sizes = Vec::with_capacity(names.len());
     for n in &names {
         match src.tensor_shape(n) {
@@ -182,23 +211,67 @@ pub fn frozen_placeholders(
     ))
 }
 
+/// The shape of parameter `name`: its variable's, or for the empty variable of a weight that
+/// loaded as a placeholder (full fine-tuning under ZeRO-3, `Llama::make_all_trainable`), the
+/// placeholder's in the model's slot.
+pub fn param_shape(llama: &Llama, name: &str, var: &Var) -> Shape {
+    if var.elem_count() == 0 {
+        if let Some(t) = llama
+            .dense_weight(name)
+            .filter(crate::model::is_placeholder)
+        {
+            return t.shape().clone();
+        }
+    }
+    var.shape().clone()
+}
+
+/// The value counts of `params` as [`param_shape`] gives them (what a ZeRO partition shares
+/// out); a model other than LLaMA has no placeholders.
+pub fn param_sizes(model: &dyn crate::model::Model, params: &[(String, Var)]) -> Vec<usize> {
+    let llama = model.as_any().downcast_ref::<Llama>();
+    params
+        .iter()
+        .map(|(n, v)| match llama {
+            Some(l) => param_shape(l, n, v).elem_count(),
+            None => v.elem_count(),
+        })
+        .collect()
+}
+
 impl Zero3 {
-    /// Every weight loaded as a placeholder must be a frozen weight another rank owns (its
-    /// owner gathers it before use); anything else would train or run on a weight with no
-    /// data.
+    /// Every weight loaded as a placeholder must be one another rank owns, frozen or trained
+    /// (its owner gathers it before use), and every trained weight this rank owns must have
+    /// its values; anything else would train or run on a weight with no data.
     pub fn check_placeholders(
         &self,
         placeholders: &std::collections::HashSet<String>,
+        params: &[(String, Var)],
     ) -> Result<()> {
         let f = &self.frozen;
+        let internal = |name: &str| {
+            Error::msg(format!(
+                "zero3: internal error: `{name}` was loaded without its data but this rank needs it; set train.distributed = \"zero2\" and report this"
+            ))
+        };
         for name in placeholders {
-            match f.names.iter().position(|n| n == name) {
-                Some(k) if !f.part.is_mine(k) => {}
-                _ => {
-                    return Err(Error::msg(format!(
-                        "zero3: internal error: `{name}` was loaded without its data but this rank needs it; set train.distributed = \"zero2\" and report this"
-                    )))
-                }
+            let frozen_other = f
+                .names
+                .iter()
+                .position(|n| n == name)
+                .is_some_and(|k| !f.part.is_mine(k));
+            let trained_other = params
+                .iter()
+                .position(|(n, _)| n == name)
+                .is_some_and(|i| !self.part.is_mine(i));
+            if !frozen_other && !trained_other {
+                return Err(internal(name));
+            }
+        }
+        for i in self.part.mine() {
+            let (name, var) = &params[i];
+            if var.elem_count() == 0 && self.shapes[i].elem_count() > 0 {
+                return Err(internal(name));
             }
         }
         Ok(())
@@ -273,7 +346,10 @@ impl Zero3 {
             sharded,
             layers,
             outer,
-            shapes: params.iter().map(|(_, v)| v.shape().clone()).collect(),
+            shapes: params
+                .iter()
+                .map(|(n, v)| param_shape(llama, n, v))
+                .collect(),
             dtypes: params.iter().map(|(_, v)| v.dtype()).collect(),
             gathered: true,
             overlap: false,
@@ -522,6 +598,27 @@ impl Zero3 {
         }
         self.gathered = true;
         Ok(out)
+    }
+
+    /// [`Self::gather_all`] onto rank 0 only (the end of the run: rank 0 writes the files):
+    /// every rank sends its share, the others drop what they receive and stay sharded, as
+    /// FSDP's `FULL_STATE_DICT` with `rank0_only`. Returns the new variables on rank 0.
+    pub fn gather_all_on_root(
+        &mut self,
+        llama: &mut Llama,
+        params: &mut [(String, Var)],
+        dist: &Dist,
+    ) -> Result<Vec<(usize, Var)>> {
+        if !dist.is_root() {
+            let all: Vec<usize> = (0..params.len()).collect();
+            let frozen: Vec<usize> = (0..self.frozen.names.len()).collect();
+            for job in self.gather_plan(&all, &frozen) {
+                let mut flat = self.gather_buffer(&job, llama, params, dist)?;
+                job.collective().run(dist, &mut flat, false)?;
+            }
+            return Ok(Vec::new());
+        }
+        self.gather_all(llama, params, dist)
     }
 
     /// Every tensor's value on rank 0 (`Some` there, `None` elsewhere), one bucket of an
@@ -1562,7 +1659,7 @@ mod tests {
             let src = SafetensorsSource::open(&dir, &opts, &candle_core::Device::Cpu).unwrap();
             let m = Llama::load(&src, &cfg).unwrap();
             let z = Zero3::new(&m, &[], Partition::new(&[], 2, rank)).unwrap();
-            z.check_placeholders(&ph).unwrap();
+            z.check_placeholders(&ph, &[]).unwrap();
             for name in m.weight_names() {
                 let t = m.dense_weight(&name).unwrap();
                 let want = full.dense_weight(&name).unwrap();
@@ -1591,8 +1688,80 @@ mod tests {
             })
             .take(1)
             .collect();
-        let e = z.check_placeholders(&mine).unwrap_err().to_string();
+        let e = z.check_placeholders(&mine, &[]).unwrap_err().to_string();
         assert!(e.contains("loaded without its data"), "{e}");
+    }
+
+    #[test]
+    fn full_fine_tuning_loads_only_its_own_weights_and_plans_as_the_whole_model() {
+        // Full fine-tuning under ZeRO-3: the weights another rank will own load as placeholders
+        // and become empty variables; the plan made from them (sizes, ownership, shapes) is the
+        // plan made from the whole model, each rank's own weights hold the file's values, and
+        // every weight has its values on exactly one rank.
+        for fixture in ["tiny-llama-gqa-untied", "tiny-llama-mha-tied"] {
+            let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../../tests/fixtures/models")
+                .join(fixture);
+            let cfg = config_from_hf_dir(&dir).unwrap();
+            let mut full = tiny_llama(fixture);
+            let full_params = full.make_all_trainable().unwrap();
+            let names: Vec<String> = full_params.iter().map(|(n, _)| n.clone()).collect();
+            assert_eq!(
+                names,
+                Llama::trainable_names_for(&cfg, cfg.num_hidden_layers),
+                "{fixture}"
+            );
+            let full_sizes: Vec<usize> = full_params.iter().map(|(_, v)| v.elem_count()).collect();
+            let mut seen = std::collections::HashSet::new();
+            for rank in 0..2 {
+                let ph = trained_placeholders(&dir, &cfg, 2, rank).unwrap().unwrap();
+                assert!(!ph.is_empty(), "{fixture}");
+                let opts = LoadOptions {
+                    placeholders: Some(std::sync::Arc::new(ph.clone())),
+                    ..Default::default()
+                };
+                let src = SafetensorsSource::open(&dir, &opts, &candle_core::Device::Cpu).unwrap();
+                let mut m = Llama::load(&src, &cfg).unwrap();
+                let params = m.make_all_trainable().unwrap();
+                let sizes = param_sizes(&m, &params);
+                assert_eq!(sizes, full_sizes, "{fixture}");
+                let part = Partition::new(&sizes, 2, rank);
+                let z = Zero3::new(&m, &params, part.clone()).unwrap();
+                z.check_placeholders(&ph, &params).unwrap();
+                let whole =
+                    Zero3::new(&full, &full_params, Partition::new(&full_sizes, 2, rank)).unwrap();
+                assert_eq!(z.shapes, whole.shapes, "{fixture}");
+                assert_eq!(z.released_bytes(), whole.released_bytes(), "{fixture}");
+                for (i, (name, v)) in params.iter().enumerate() {
+                    if part.is_mine(i) {
+                        assert!(!ph.contains(name), "{fixture}: {name}");
+                        let want = full_params[i].1.as_tensor();
+                        let diff = (v.as_tensor() - want).unwrap().abs().unwrap();
+                        let diff = diff.flatten_all().unwrap().max(0).unwrap();
+                        assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0, "{name}");
+                        assert!(seen.insert(name.clone()), "{name} on both ranks");
+                    } else {
+                        assert!(ph.contains(name), "{fixture}: {name}");
+                        assert_eq!(v.elem_count(), 0, "{fixture}: {name} holds data");
+                    }
+                }
+                // A weight this rank owns loaded without its data is refused.
+                let own = names[part.mine()[0]].clone();
+                let mut more = ph.clone();
+                more.insert(own);
+                let opts = LoadOptions {
+                    placeholders: Some(std::sync::Arc::new(more.clone())),
+                    ..Default::default()
+                };
+                let src = SafetensorsSource::open(&dir, &opts, &candle_core::Device::Cpu).unwrap();
+                let mut broken = Llama::load(&src, &cfg).unwrap();
+                let bp = broken.make_all_trainable().unwrap();
+                let zb = Zero3::new(&broken, &bp, part.clone()).unwrap();
+                let e = zb.check_placeholders(&more, &bp).unwrap_err().to_string();
+                assert!(e.contains("loaded without its data"), "{e}");
+            }
+            assert_eq!(seen.len(), names.len(), "{fixture}");
+        }
     }
 
     #[test]
