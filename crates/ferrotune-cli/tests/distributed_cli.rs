@@ -305,6 +305,11 @@ fn assert_adapters_close(a: &Path, b: &Path, tol: f64) {
 
 /// The trained weights of a run folder: the adapter, or the fully fine-tuned model.
 fn weights_file(run: &Path) -> PathBuf {
+    // a checkpoint folder of a full or selective run
+    let checkpoint = run.join("model.safetensors");
+    if checkpoint.is_file() {
+        return checkpoint;
+    }
     let adapter = run.join("adapter/adapter_model.safetensors");
     if adapter.is_file() {
         return adapter;
@@ -604,6 +609,67 @@ mod mpi {
         // does), then adds them on the owner. Measured: 1.2e-5 of the largest value on one
         // LoRA B matrix after 4 AdamW steps; a lost or doubled micro-batch is off by far more.
         assert_adapters_close(&s.dir.join("zero3"), &s.dir.join("ddp"), 3e-5);
+    }
+
+    #[test]
+    fn zero3_reads_only_its_share_of_a_gguf_and_equals_ddp() {
+        // A GGUF base (Q8_0 blocks): under ZeRO-3 the ownership is planned from the file's
+        // header and each rank reads only the blocks of the weights it owns, for LoRA (the
+        // quantized base sharded as its blocks) and for full fine-tuning (dequantized to f32):
+        // both compute what DDP computes on the whole file.
+        let s = Setup::new("dist-zero3-gguf", "max_steps = 3\neval_every = 3");
+        let gguf = s.dir.join("model-q8_0.gguf");
+        let tiny = support::repo().join("tests/fixtures/gguf/tiny-llama3-rope-freqs.gguf");
+        succeeds(&[
+            "quantize",
+            "--model",
+            tiny.to_str().unwrap(),
+            "--to",
+            "q8_0",
+            "--out",
+            gguf.to_str().unwrap(),
+        ]);
+        let model = format!("model=\"{}\"", gguf.display());
+        let lora = ["--set", model.as_str()];
+        let Some(_) = sharded(&s, "ddp", "ddp", &lora) else {
+            return;
+        };
+        let z3 = sharded(&s, "zero3", "zero3", &lora).unwrap();
+        let t = text(&z3);
+        assert!(t.contains("ZeRO-3: this rank read its own"), "{t}");
+        assert!(t.contains("ZeRO-3 shards the quantized base too"), "{t}");
+        assert_losses_close(&s.dir.join("zero3"), &s.dir.join("ddp"));
+        assert_adapters_close(&s.dir.join("zero3"), &s.dir.join("ddp"), 1e-9);
+
+        // Full fine-tuning stops after step 3 and compares that step's checkpoint: the final
+        // HF folder cannot be written for this file (its Llama 3 RoPE factors have no
+        // config.json form), whatever the mode.
+        let full = [
+            "--set",
+            model.as_str(),
+            "--set",
+            "method=\"full\"",
+            "--set",
+            "train.max_steps=4",
+            "--set",
+            "train.save_every=3",
+            "--set",
+            "train.stop_after=3",
+        ];
+        sharded(&s, "ddp-full", "ddp", &full).unwrap();
+        let z3 = sharded(&s, "zero3-full", "zero3", &full).unwrap();
+        let t = text(&z3);
+        assert!(
+            t.contains("ZeRO-3: this rank read its own")
+                && t.contains(" weights, not the others' "),
+            "{t}"
+        );
+        assert_losses_close(&s.dir.join("zero3-full"), &s.dir.join("ddp-full"));
+        assert_weights_close(
+            &s.dir.join("zero3-full/checkpoints/step-3"),
+            &s.dir.join("ddp-full/checkpoints/step-3"),
+            1e-5,
+        );
     }
 
     #[test]

@@ -1183,13 +1183,13 @@ impl Model for Llama {
     }
 }
 
-/// Make `lin`'s weight a trainable f32 parameter (or return the one it has).
 /// The parameter of a weight another rank owns under ZeRO-3: no values until its owner sends
 /// them (`train::zero3` sizes it from the model's placeholder).
 fn empty_var(device: &Device) -> crate::Result<Var> {
     Ok(Var::from_tensor(&Tensor::zeros(0, DType::F32, device)?)?)
 }
 
+/// Make `lin`'s weight a trainable f32 parameter (or return the one it has).
 fn make_linear_trainable(lin: &mut Linear) -> crate::Result<Var> {
     use crate::nn::LinearWeight;
     let v = match lin.weight() {

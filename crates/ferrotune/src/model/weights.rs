@@ -721,6 +721,26 @@ impl GgufSource {
         matches!(dt, GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16)
     }
 
+    /// [`LoadOptions::placeholders`]: `name`'s shape with no data (f32, or the options'
+    /// `dtype`), its blocks never read, if the options name it and the file has it.
+    fn placeholder(&self, name: &str) -> Result<Option<Tensor>> {
+        if !self
+            .opts
+            .placeholders
+            .as_ref()
+            .is_some_and(|p| p.contains(name))
+        {
+            return Ok(None);
+        }
+        let Some(shape) = self.tensor_shape(name) else {
+            return Ok(None);
+        };
+        let dtype = self.opts.dtype.unwrap_or(DType::F32);
+        Ok(Some(
+            Tensor::zeros((), dtype, &self.device)?.broadcast_as(shape)?,
+        ))
+    }
+
     fn dense_of(&self, q: &QTensor, hf_name: &str) -> Result<Tensor> {
         let stored = match q.dtype() {
             GgmlDType::F16 => DType::F16,
@@ -768,6 +788,9 @@ impl WeightSource for GgufSource {
         )
     }
     fn dense(&self, name: &str) -> Result<Tensor> {
+        if let Some(t) = self.placeholder(name)? {
+            return Ok(t);
+        }
         let q = self.qtensor(name)?;
         self.dense_of(&q, name)
     }
@@ -775,6 +798,11 @@ impl WeightSource for GgufSource {
         // Cached so a tied LM head shares the embedding's storage.
         if let Some(w) = self.loaded.borrow().get(name) {
             return Ok(w.clone());
+        }
+        if let Some(t) = self.placeholder(name)? {
+            let w = LinearWeight::Frozen(t);
+            self.loaded.borrow_mut().insert(name.to_string(), w.clone());
+            return Ok(w);
         }
         let q = self.qtensor(name)?;
         if self.opts.base_quant.is_some() && is_base_quant_target(name) {

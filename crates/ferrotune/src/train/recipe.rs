@@ -1557,13 +1557,13 @@ fn setup_optimizer(
 
 /// ZeRO-3 of a PEFT method whose set-up reads no base weight, or of full fine-tuning of a
 /// causal LM, on a dense LLaMA safetensors folder (quantized at load by `train.base_quant` or
-/// not): the weights other ranks own, which this rank then loads as placeholders
-/// ([`super::zero3::frozen_placeholders`], [`super::zero3::trained_placeholders`]; nor does it
-/// quantize them, nor make variables of them), so no rank holds the whole model while it
-/// loads. `None`, and every weight loads: one rank, another mode, a GGUF or a pre-quantized
-/// folder, a method that trains some base weights (selective, `modules_to_save`) or reads
-/// them to start (DoRA's magnitudes, PiSSA / OLoRA / LoftQ / EVA inits), a new head, other
-/// families.
+/// not) or a GGUF file: the weights other ranks own, which this rank then loads as
+/// placeholders ([`super::zero3::frozen_placeholders`], [`super::zero3::trained_placeholders`],
+/// [`super::zero3::gguf_placeholders`]; nor does it read, quantize or make variables of them),
+/// so no rank holds the whole model while it loads. `None`, and every weight loads: one rank,
+/// another mode, a pre-quantized folder, a method that trains some base weights (selective,
+/// `modules_to_save`) or reads them to start (DoRA's magnitudes, PiSSA / OLoRA / LoftQ / EVA
+/// inits), a new head, other families.
 fn zero3_placeholders(
     c: &LoadedConfig,
     source: &ModelSource,
@@ -1593,11 +1593,22 @@ fn zero3_placeholders(
         Method::Full => head_for(data).is_some(),
         _ => true,
     };
-    let ModelSource::HfDir(dir) = source else {
+    if reads_base {
         return Ok(None);
+    }
+    let dir = match source {
+        ModelSource::HfDir(dir) => dir,
+        ModelSource::Gguf(path) => {
+            let plan = super::zero3::gguf_placeholders(
+                path,
+                cfg.method == Method::Full,
+                dist.world_size(),
+                dist.rank(),
+            )?;
+            return Ok(plan.map(std::sync::Arc::new));
+        }
     };
-    if reads_base
-        || model::peek_task(source).0 != model::ArchitectureKind::Decoder
+    if model::peek_task(source).0 != model::ArchitectureKind::Decoder
         || crate::quant::bnb::hf::bnb_quantization_config(dir)?.is_some()
     {
         return Ok(None);

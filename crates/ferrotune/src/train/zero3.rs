@@ -29,10 +29,11 @@
 //! checkpoint gathers the trained weights onto rank 0 only, one bucket at a time
 //! ([`Zero3::gather_to_root`]).
 //!
-//! Loading: where the plan can be made from the safetensors headers (full fine-tuning of a
-//! causal LM, or a PEFT method that reads no base weight to start), a rank loads the weights
-//! the others will own as placeholders ([`frozen_placeholders`], [`trained_placeholders`]) and
-//! never holds the whole model.
+//! Loading: where the plan can be made from the file headers (a safetensors folder or a GGUF;
+//! full fine-tuning of a causal LM, or a PEFT method that reads no base weight to start), a
+//! rank loads the weights the others will own as placeholders ([`frozen_placeholders`],
+//! [`trained_placeholders`], [`gguf_placeholders`]), so no rank holds the whole model while
+//! it loads or trains.
 use super::zero::{flatten, Partition, BUCKET_FLOATS};
 use crate::data::Batch;
 use crate::dist::background::{Background, Collective};
@@ -179,6 +180,31 @@ pub fn trained_placeholders(
     others_in_headers(dir, names, world, rank)
 }
 
+/// [`frozen_placeholders`] (or with `trained`, [`trained_placeholders`]) of a GGUF file, from
+/// its header: the weights other ranks own are then never read from it.
+pub fn gguf_placeholders(
+    path: &std::path::Path,
+    trained: bool,
+    world: usize,
+    rank: usize,
+) -> Result<Option<std::collections::HashSet<String>>> {
+    let content = crate::model::read_gguf(path)?;
+    let cfg = crate::model::config_from_gguf(&content, path)?;
+    let src = crate::model::GgufSource::open(
+        path,
+        content,
+        None,
+        &crate::model::LoadOptions::default(),
+        &candle_core::Device::Cpu,
+    )?;
+    let names = if trained {
+        Llama::trainable_names_for(&cfg, cfg.num_hidden_layers)
+    } else {
+        Llama::weight_names_for(&cfg, cfg.num_hidden_layers)
+    };
+    others_in_source(&src, names, world, rank)
+}
+
 /// The names of `names` (in plan order) that [`Partition`] gives to other ranks, sized from
 /// the folder's headers; `None` when one is missing there.
 fn others_in_headers(
@@ -187,12 +213,21 @@ fn others_in_headers(
     world: usize,
     rank: usize,
 ) -> Result<Option<std::collections::HashSet<String>>> {
-    use crate::model::WeightSource;
     let src = crate::model::SafetensorsSource::open(
         dir,
         &crate::model::LoadOptions::default(),
         &candle_core::Device::Cpu,
     )?;
+    others_in_source(&src, names, world, rank)
+}
+
+/// [`others_in_headers`] of any source: sizes from the stored shapes, no data read.
+fn others_in_source(
+    src: &dyn crate::model::WeightSource,
+    names: Vec<String>,
+    world: usize,
+    rank: usize,
+) -> Result<Option<std::collections::HashSet<String>>> {
     let mut sizes = Vec::with_capacity(names.len());
     for n in &names {
         match src.tensor_shape(n) {
@@ -269,8 +304,10 @@ impl Zero3 {
             }
         }
         for i in self.part.mine() {
-            let (name, var) = &params[i];
-            if var.elem_count() == 0 && self.shapes[i].elem_count() > 0 {
+            let (Some((name, var)), Some(shape)) = (params.get(i), self.shapes.get(i)) else {
+                continue;
+            };
+            if var.elem_count() == 0 && shape.elem_count() > 0 {
                 return Err(internal(name));
             }
         }
