@@ -376,7 +376,10 @@ impl Llama {
                     .set_weight(EmbeddingWeight::Trainable(e.clone()));
                 params.push(("model.embed_tokens.weight".to_string(), e.clone()));
             }
-            None => params.push(("model.embed_tokens.weight".to_string(), empty_var(&dev)?)),
+            None => params.push((
+                "model.embed_tokens.weight".to_string(),
+                empty_var(DType::F32, &dev)?,
+            )),
         }
         let tied = self.cfg.tie_word_embeddings;
         for lin in self.linears_mut() {
@@ -389,7 +392,10 @@ impl Llama {
                     continue;
                 }
                 LinearWeight::Frozen(t) if crate::model::is_placeholder(t) => {
-                    params.push((format!("{}.weight", lin.name()), empty_var(&dev)?));
+                    params.push((
+                        format!("{}.weight", lin.name()),
+                        empty_var(DType::F32, &dev)?,
+                    ));
                     continue;
                 }
                 LinearWeight::Frozen(t) => Var::from_tensor(&t.to_dtype(DType::F32)?)?,
@@ -406,7 +412,7 @@ impl Llama {
         }
         let norm = |n: &mut RmsNorm| -> crate::Result<Var> {
             if crate::model::is_placeholder(n.weight()) {
-                empty_var(&dev)
+                empty_var(DType::F32, &dev)
             } else {
                 Ok(n.make_trainable()?)
             }
@@ -1184,9 +1190,10 @@ impl Model for Llama {
 }
 
 /// The parameter of a weight another rank owns under ZeRO-3: no values until its owner sends
-/// them (`train::zero3` sizes it from the model's placeholder).
-fn empty_var(device: &Device) -> crate::Result<Var> {
-    Ok(Var::from_tensor(&Tensor::zeros(0, DType::F32, device)?)?)
+/// them (`train::zero3` sizes it from the model's placeholder, and puts one of these back in
+/// its place between uses).
+pub(crate) fn empty_var(dtype: DType, device: &Device) -> crate::Result<Var> {
+    Ok(Var::from_tensor(&Tensor::zeros(0, dtype, device)?)?)
 }
 
 /// Make `lin`'s weight a trainable f32 parameter (or return the one it has).

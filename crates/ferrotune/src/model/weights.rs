@@ -33,6 +33,18 @@ pub struct LoadOptions {
     pub placeholders: Option<Arc<std::collections::HashSet<String>>>,
 }
 
+impl LoadOptions {
+    /// Whether `name` is one of [`Self::placeholders`].
+    pub fn is_placeholder(&self, name: &str) -> bool {
+        self.placeholders.as_ref().is_some_and(|p| p.contains(name))
+    }
+
+    /// A placeholder of `shape` and `dtype` on `device`: one broadcast value, no data.
+    fn placeholder_tensor(dtype: DType, shape: Vec<usize>, device: &Device) -> Result<Tensor> {
+        Ok(Tensor::zeros((), dtype, device)?.broadcast_as(shape)?)
+    }
+}
+
 /// A head asked for by a run or a command, rather than the one a folder was saved with.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HeadSpec {
@@ -247,21 +259,13 @@ pub fn is_placeholder(t: &Tensor) -> bool {
 impl SafetensorsSource {
     /// Whether `name` is one of [`LoadOptions::placeholders`].
     fn is_placeholder(&self, name: &str) -> bool {
-        self.opts
-            .placeholders
-            .as_ref()
-            .is_some_and(|p| p.contains(name))
+        self.opts.is_placeholder(name)
     }
 
     /// [`LoadOptions::placeholders`]: `name`'s shape and dtype (after `dtype`) with no data, if
     /// the options name it and it is stored as a float (anything else loads as usual).
     fn placeholder(&self, name: &str) -> Result<Option<Tensor>> {
-        if !self
-            .opts
-            .placeholders
-            .as_ref()
-            .is_some_and(|p| p.contains(name))
-        {
+        if !self.is_placeholder(name) {
             return Ok(None);
         }
         let Ok(view) = self.st.get(name) else {
@@ -274,10 +278,7 @@ impl SafetensorsSource {
             _ => return Ok(None),
         };
         let dtype = self.opts.dtype.unwrap_or(stored);
-        let shape = view.shape().to_vec();
-        Ok(Some(
-            Tensor::zeros((), dtype, &self.device)?.broadcast_as(shape)?,
-        ))
+        LoadOptions::placeholder_tensor(dtype, view.shape().to_vec(), &self.device).map(Some)
     }
 
     /// A bitsandbytes-quantized linear of a pre-quantized folder, kept in its format (NF4 / FP4
@@ -724,21 +725,14 @@ impl GgufSource {
     /// [`LoadOptions::placeholders`]: `name`'s shape with no data (f32, or the options'
     /// `dtype`), its blocks never read, if the options name it and the file has it.
     fn placeholder(&self, name: &str) -> Result<Option<Tensor>> {
-        if !self
-            .opts
-            .placeholders
-            .as_ref()
-            .is_some_and(|p| p.contains(name))
-        {
+        if !self.opts.is_placeholder(name) {
             return Ok(None);
         }
         let Some(shape) = self.tensor_shape(name) else {
             return Ok(None);
         };
         let dtype = self.opts.dtype.unwrap_or(DType::F32);
-        Ok(Some(
-            Tensor::zeros((), dtype, &self.device)?.broadcast_as(shape)?,
-        ))
+        LoadOptions::placeholder_tensor(dtype, shape, &self.device).map(Some)
     }
 
     fn dense_of(&self, q: &QTensor, hf_name: &str) -> Result<Tensor> {

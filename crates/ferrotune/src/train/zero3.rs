@@ -148,7 +148,7 @@ fn no_input() -> Error {
 }
 
 fn placeholder(dtype: DType, dev: &candle_core::Device) -> Result<Var> {
-    Ok(Var::from_tensor(&Tensor::zeros(0, dtype, dev)?)?)
+    crate::model::llama::empty_var(dtype, dev)
 }
 
 /// The frozen weights another rank will own, computed before the model loads from the names
