@@ -679,7 +679,7 @@ fn run_generate(a: GenerateArgs) -> Result<()> {
         (Some(p), _) => p.clone(),
         (None, Some(f)) => {
             input_file("--prompt-file", f)?;
-            std::fs::read_to_string(f).with_context(|| format!("{}", f.display()))?
+            ferrotune::fsutil::read_input_text(f)?
         }
         (None, None) => bail!("give --prompt TEXT or --prompt-file FILE"),
     };

@@ -456,6 +456,53 @@ fn gguf_bad_rope_freqs_tensor() {
 }
 
 #[test]
+fn gguf_nan_weights_block_scales_and_a_numeric_architecture() {
+    // A NaN in an f32 weight: refused at load naming the tensor and the place (it used to run
+    // and print a perplexity of 1e42 with exit status 0).
+    let mut g = Gguf::fixture();
+    let t = g.tensor("blk.0.attn_norm.weight");
+    assert_eq!(t.dtype, GgmlDType::F32);
+    t.data[8..12].copy_from_slice(&f32::NAN.to_le_bytes());
+    gguf_fails(
+        "nan-norm",
+        &g,
+        &[
+            "blk.0.attn_norm.weight",
+            "row 0, column 2",
+            "NaN or infinite",
+        ],
+    );
+    // A GGML block whose scale is infinite (the weight is quantized here for the test).
+    let mut g = Gguf::fixture();
+    let t = g.tensor("blk.0.ffn_down.weight");
+    let (rows, cols) = (t.dims[0] as usize, t.dims[1] as usize);
+    let values: Vec<f32> = t
+        .data
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+        .collect();
+    assert_eq!(t.dtype, GgmlDType::F32);
+    let w = candle_core::Tensor::from_vec(values, (rows, cols), &Device::Cpu).unwrap();
+    let q = candle_core::quantized::QTensor::quantize(&w, GgmlDType::Q8_0).unwrap();
+    t.data = q.data().unwrap().into_owned();
+    t.dtype = GgmlDType::Q8_0;
+    let block = 34 * (cols / 32); // the first block of row 1
+    t.data[block..block + 2].copy_from_slice(&0x7c00u16.to_le_bytes());
+    gguf_fails(
+        "inf-scale",
+        &g,
+        &["blk.0.ffn_down.weight", "block 0 of row 1", "scale of inf"],
+    );
+    // general.architecture of the wrong type is named as such, not as missing
+    let g = Gguf::fixture().set("general.architecture", Value::U32(7));
+    gguf_fails(
+        "arch-u32",
+        &g,
+        &["general.architecture", "expected a string"],
+    );
+}
+
+#[test]
 fn gguf_truncated_tensor_data() {
     let mut g = Gguf::fixture();
     // The last tensor in the file claims more rows than the file holds.

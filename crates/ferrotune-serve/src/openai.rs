@@ -471,11 +471,18 @@ pub async fn completions(State(st): State<Arc<AppState>>, req: Request) -> Respo
         if comp.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
             return Err(ApiError::field("suffix", "not supported by this server"));
         }
-        if comp.best_of.is_some_and(|b| b > common.n.unwrap_or(1)) {
-            return Err(ApiError::field(
-                "best_of",
-                "more than n is not supported by this server",
-            ));
+        match comp.best_of {
+            // OpenAI's own check: best_of candidates are what the n choices are picked from
+            Some(b) if b < common.n.unwrap_or(1) => {
+                return Err(ApiError::field("best_of", "must be at least n"));
+            }
+            Some(b) if b > common.n.unwrap_or(1) => {
+                return Err(ApiError::field(
+                    "best_of",
+                    "more than n is not supported by this server",
+                ));
+            }
+            _ => {}
         }
         let top = int_in("logprobs", comp.logprobs, 0, MAX_TOP_LOGPROBS as i64)?;
         resolve_model(&st, &common.model)?;

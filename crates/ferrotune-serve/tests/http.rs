@@ -397,6 +397,8 @@ fn bad_requests_get_openai_errors_naming_the_field() {
         (comp, r#"{"model": "tiny", "prompt": [9999]}"#.into(), 400, Some("prompt")),
         (comp, r#"{"model": "tiny", "prompt": "cat", "logprobs": true}"#.into(), 400, Some("logprobs")),
         (comp, r#"{"model": "tiny", "prompt": "cat", "echo": true}"#.into(), 400, Some("echo")),
+        (comp, r#"{"model": "tiny", "prompt": "cat", "n": 2, "best_of": 1}"#.into(), 400, Some("best_of")),
+        (comp, r#"{"model": "tiny", "prompt": "cat", "best_of": 0}"#.into(), 400, Some("best_of")),
     ];
     for (path, body, status, param) in &cases {
         let r = request(srv.addr, "POST", path, &[], Some(body.as_bytes()));

@@ -153,10 +153,12 @@ pub fn read_to_string(path: impl AsRef<Path>) -> std::io::Result<String> {
     std::fs::read_to_string(path)
 }
 
-/// A text file read whole, refusing more than `limit` bytes before reading past it (a
-/// character device such as /dev/zero, or a huge file, would otherwise fill memory).
+/// A text file read whole, refusing more than `limit` bytes before reading past it (a huge
+/// file or an endless pipe would otherwise fill memory), and a folder or a device at once.
 pub fn read_text_limited(path: &Path, limit: u64) -> Result<String> {
     use std::io::Read;
+    // a folder or a device is refused before a byte is read (/dev/zero would fill `limit`)
+    input_size_limit(path)?;
     let f = std::fs::File::open(path).map_err(|e| Error::file(path, e))?;
     let mut bytes = Vec::new();
     f.take(limit.saturating_add(1))
@@ -169,6 +171,66 @@ pub fn read_text_limited(path: &Path, limit: u64) -> Result<String> {
         ));
     }
     String::from_utf8(bytes).map_err(|e| Error::file(path, not_utf8(e.as_bytes(), e.utf8_error())))
+}
+
+/// The most a user-named input that is not a regular file (a pipe, as `<(...)` gives) may
+/// hold: a regular file is read whole at its size, a pipe has none to check.
+pub const PIPE_INPUT_LIMIT: u64 = 4 << 30;
+
+/// A text file the user named (data, prompts, predictions, few-shot examples), read whole as
+/// UTF-8. A folder or a device (`/dev/zero` never ends) is refused before any read; a pipe is
+/// read up to [`PIPE_INPUT_LIMIT`]; invalid UTF-8 names its line. Errors name the file.
+pub fn read_input_text(path: &Path) -> Result<String> {
+    let limit = input_size_limit(path)?;
+    read_text_limited(path, limit)
+}
+
+/// Refuse what cannot be an input file (a folder, a character or block device, a socket)
+/// with a one-line error naming it; the bytes a read of it may take otherwise.
+pub fn input_size_limit(path: &Path) -> Result<u64> {
+    let meta = std::fs::metadata(path).map_err(|e| Error::file(path, e))?;
+    let ft = meta.file_type();
+    if ft.is_dir() {
+        return Err(Error::file(path, "is a folder, expected a file"));
+    }
+    #[cfg(unix)]
+    let device = {
+        use std::os::unix::fs::FileTypeExt;
+        ft.is_char_device() || ft.is_block_device() || ft.is_socket()
+    };
+    #[cfg(not(unix))]
+    let device = false;
+    if device {
+        return Err(Error::file(
+            path,
+            "is a device or socket, not a file; refused",
+        ));
+    }
+    Ok(if ft.is_file() {
+        meta.len()
+    } else {
+        PIPE_INPUT_LIMIT
+    })
+}
+
+/// A file of a model or adapter folder opened for reading (to map or parse): only a regular
+/// file, since opening a FIFO blocks until a writer appears and a device never ends.
+pub fn open_regular(path: &Path) -> Result<std::fs::File> {
+    check_regular(path)?;
+    std::fs::File::open(path).map_err(|e| Error::file(path, e))
+}
+
+/// [`open_regular`]'s check alone, for files another library opens (candle's mapped
+/// safetensors).
+pub fn check_regular(path: &Path) -> Result<()> {
+    let meta = std::fs::metadata(path).map_err(|e| Error::file(path, e))?;
+    if !meta.is_file() {
+        return Err(Error::file(
+            path,
+            "is not a regular file (a folder, FIFO or device); refused",
+        ));
+    }
+    Ok(())
 }
 
 /// "not UTF-8 text", with the line and byte where the first invalid sequence starts.
@@ -849,6 +911,36 @@ mod tests {
         }
         check_output_dir(&shared, "--out", true, &[]).unwrap();
         check_output_dir(&d.join("new"), "--out", false, &[]).unwrap();
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn inputs_that_are_not_files_are_refused_before_any_read() {
+        let d = tmp("inputs");
+        // a device never ends: refused at once, not read until memory runs out
+        let e = read_input_text(Path::new("/dev/zero"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("/dev/zero") && e.contains("device"), "{e}");
+        let e = read_input_text(&d).unwrap_err().to_string();
+        assert!(e.contains("is a folder"), "{e}");
+        // a FIFO in a model folder would block its opener until a writer came
+        let fifo = d.join("model.safetensors");
+        let made = std::process::Command::new("mkfifo").arg(&fifo).status();
+        if made.is_ok_and(|s| s.success()) {
+            let e = open_regular(&fifo).unwrap_err().to_string();
+            assert!(e.contains("model.safetensors") && e.contains("FIFO"), "{e}");
+            assert!(check_regular(&fifo).is_err());
+        }
+        // invalid UTF-8 names its line
+        let bad = d.join("bad.jsonl");
+        std::fs::write(&bad, b"{\"a\": 1}\n{\"a\": \"\xff\"}\n").unwrap();
+        let e = read_input_text(&bad).unwrap_err().to_string();
+        assert!(e.contains("bad.jsonl") && e.contains("line 2"), "{e}");
+        let good = d.join("good.txt");
+        std::fs::write(&good, "one\ntwo\n").unwrap();
+        assert_eq!(read_input_text(&good).unwrap(), "one\ntwo\n");
+        assert!(open_regular(&good).is_ok());
         std::fs::remove_dir_all(&d).unwrap();
     }
 }

@@ -140,7 +140,7 @@ fn field_text(row: &Map<String, Value>, f: &str) -> Option<String> {
 
 /// Read a JSONL file of objects; errors name the file and line.
 pub fn read_jsonl(path: &Path) -> Result<Vec<Map<String, Value>>> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::file(path, e))?;
+    let text = crate::fsutil::read_input_text(path)?;
     let mut rows = Vec::new();
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {

@@ -100,6 +100,8 @@ pub fn read_rows(path: &Path, format: Option<Format>) -> Result<Rows> {
         Some(f) => f,
         None => Format::from_path(path)?,
     };
+    // a folder or a device (`/dev/zero`) is refused before any reader starts on it
+    crate::fsutil::input_size_limit(path)?;
     let rows = match format {
         Format::Jsonl => read_jsonl(path)?,
         Format::Json => read_json(path)?,
@@ -118,7 +120,7 @@ pub fn read_rows(path: &Path, format: Option<Format>) -> Result<Rows> {
 
 /// A text file, without the UTF-8 byte order mark some editors write (JSON parsers reject it).
 fn read_text(path: &Path) -> Result<String> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::file(path, e))?;
+    let text = crate::fsutil::read_input_text(path)?;
     Ok(match text.strip_prefix('\u{feff}') {
         Some(rest) => rest.to_string(),
         None => text,

@@ -355,18 +355,14 @@ fn check_tokenizer_fits(
 }
 
 fn content_arch(ct: &gguf_file::Content, path: &Path) -> Result<String> {
-    let arch = ct
-        .metadata
-        .get("general.architecture")
-        .and_then(|v| v.to_string().ok())
-        .cloned()
-        .ok_or_else(|| {
-            Error::key(
-                path.display().to_string(),
-                "general.architecture",
-                "missing",
-            )
-        })?;
+    let key = |why: String| Error::key(path.display().to_string(), "general.architecture", why);
+    let arch = match ct.metadata.get("general.architecture") {
+        None => return Err(key("missing".into())),
+        Some(v) => v
+            .to_string()
+            .cloned()
+            .map_err(|_| key(format!("expected a string, found a {:?}", v.value_type())))?,
+    };
     if arch.is_empty() || arch.chars().any(|c| c.is_control() || c.is_whitespace()) {
         return Err(Error::key(
             path.display().to_string(),

@@ -162,7 +162,7 @@ impl SafetensorsSource {
             }
             // Validate the header and every tensor's byte range before use: a truncated or corrupt
             // file must be a clear error, not a crash deep inside a matmul.
-            let file = std::fs::File::open(f).map_err(|e| Error::file(f, e))?;
+            let file = crate::fsutil::open_regular(f)?;
             let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::file(f, e))?;
             let st = safetensors::SafeTensors::deserialize(&mmap).map_err(|e| {
                 let why = diagnose_safetensors(&mmap).unwrap_or_else(|| e.to_string());
@@ -244,9 +244,55 @@ impl SafetensorsSource {
                 ),
             )
         })?;
+        check_finite_tensor(&t, file, name)?;
         let t = convert_dense(t, &self.opts)?;
         self.loaded.borrow_mut().insert(name.to_string(), t.clone());
         Ok(t)
+    }
+}
+
+/// Refuse a weight that holds NaN or an infinity (a corrupt or broken checkpoint), naming the
+/// file, the tensor and the first bad value: it would run, and give numbers that mean nothing
+/// (a NaN norm weight gave a perplexity of 1.8e42 with exit status 0). One pass over each
+/// weight as it loads, on the CPU; weights loaded straight onto a GPU are not copied back for it.
+fn check_finite_tensor(t: &Tensor, file: &Path, name: &str) -> Result<()> {
+    if !t.device().is_cpu() || is_placeholder(t) {
+        return Ok(());
+    }
+    use candle_core::{CpuStorage, Storage};
+    let first_bad = {
+        let (storage, layout) = t.storage_and_layout();
+        match (&*storage, layout.contiguous_offsets()) {
+            // read in place: no copy of the weight
+            (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) => {
+                v[a..b].iter().position(|x| !x.is_finite())
+            }
+            (Storage::Cpu(CpuStorage::F16(v)), Some((a, b))) => {
+                v[a..b].iter().position(|x| !x.is_finite())
+            }
+            (Storage::Cpu(CpuStorage::BF16(v)), Some((a, b))) => {
+                v[a..b].iter().position(|x| !x.is_finite())
+            }
+            _ => {
+                drop(storage);
+                let v = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                v.iter().position(|x| !x.is_finite())
+            }
+        }
+    };
+    match first_bad {
+        None => Ok(()),
+        Some(i) => {
+            let row = t.dims().last().copied().unwrap_or(1).max(1);
+            Err(Error::file(
+                file,
+                format!(
+                    "tensor `{name}`: the value at row {}, column {} is NaN or infinite; the weights are broken",
+                    i / row,
+                    i % row
+                ),
+            ))
+        }
     }
 }
 
@@ -742,6 +788,8 @@ impl GgufSource {
             _ => DType::F32,
         };
         let mut t = q.dequantize(&Device::Cpu)?;
+        let label = gguf_tensor_name(hf_name).unwrap_or_else(|| hf_name.to_string());
+        check_finite_tensor(&t, &self.path, &label)?;
         if let Some(n) = self.qk_heads(hf_name) {
             let perm: Vec<u32> = unpermute_rows(t.dim(0)?, n)
                 .into_iter()
@@ -826,7 +874,11 @@ impl WeightSource for GgufSource {
                 Some(target) if target != q.dtype() => {
                     QuantWeight::quantize(&q.dequantize(&Device::Cpu)?, target)?
                 }
-                _ => QuantWeight::from_qtensor(q)?,
+                _ => {
+                    let g = gguf_tensor_name(name).unwrap_or_else(|| name.to_string());
+                    QuantWeight::from_qtensor(q)
+                        .map_err(|e| Error::file(&self.path, format!("tensor `{g}`: {e}")))?
+                }
             };
             let qw = match self.qk_heads(name) {
                 Some(n) => qw.permute_rows(&unpermute_rows(qw.shape().0, n))?,
@@ -890,6 +942,76 @@ mod tests {
         b.extend(header.as_bytes());
         b.extend(vec![0u8; data]);
         b
+    }
+
+    #[test]
+    fn weights_holding_nan_or_infinity_are_refused_by_file_tensor_and_place() {
+        // safetensors: a NaN in an f32 tensor, an infinity in an f16 one, a finite neighbour
+        let dir = tmp("nonfinite");
+        let mut data = Vec::new();
+        for v in [1.0f32, 2.0, 3.0, f32::NAN] {
+            data.extend(v.to_le_bytes());
+        }
+        for v in [0.5f32, f32::INFINITY, 1.0, 2.0] {
+            data.extend(half::f16::from_f32(v).to_le_bytes());
+        }
+        for v in [0.25f32, -0.5] {
+            data.extend(v.to_le_bytes());
+        }
+        let header = r#"{"a":{"dtype":"F32","shape":[2,2],"data_offsets":[0,16]},"b":{"dtype":"F16","shape":[4],"data_offsets":[16,24]},"c":{"dtype":"F32","shape":[2],"data_offsets":[24,32]}}"#;
+        let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+        bytes.extend(header.as_bytes());
+        bytes.extend(data);
+        std::fs::write(dir.join("model.safetensors"), bytes).unwrap();
+        let src = SafetensorsSource::open(&dir, &LoadOptions::default(), &Device::Cpu).unwrap();
+        let e = src.dense("a").unwrap_err().to_string();
+        assert!(
+            e.contains("model.safetensors")
+                && e.contains("tensor `a`")
+                && e.contains("row 1, column 1"),
+            "{e}"
+        );
+        let e = src.dense("b").unwrap_err().to_string();
+        assert!(
+            e.contains("tensor `b`") && e.contains("row 0, column 1"),
+            "{e}"
+        );
+        assert_eq!(
+            src.dense("c").unwrap().to_vec1::<f32>().unwrap(),
+            [0.25, -0.5]
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+
+        // GGML blocks: a Q8_0 weight whose second row's scale is NaN, a Q4_1 one whose `m` is inf
+        use candle_core::quantized::QStorage;
+        use std::borrow::Cow;
+        let w = Tensor::arange(0f32, 64.0, &Device::Cpu)
+            .unwrap()
+            .reshape((2, 32))
+            .unwrap();
+        for (dtype, at, bad, want) in [
+            (
+                GgmlDType::Q8_0,
+                34,
+                0x7e00u16,
+                "block 0 of row 1 has a scale of NaN",
+            ),
+            (
+                GgmlDType::Q4_1,
+                2,
+                0x7c00u16,
+                "block 0 of row 0 has a scale of inf",
+            ),
+        ] {
+            let q = QTensor::quantize(&w, dtype).unwrap();
+            let mut raw = q.data().unwrap().into_owned();
+            assert!(QuantWeight::from_qtensor(q).is_ok());
+            raw[at..at + 2].copy_from_slice(&bad.to_le_bytes());
+            let storage = QStorage::from_data(Cow::Owned(raw), &Device::Cpu, dtype).unwrap();
+            let q = QTensor::new(storage, (2, 32)).unwrap();
+            let e = QuantWeight::from_qtensor(q).unwrap_err().to_string();
+            assert!(e.contains(want), "{dtype:?}: {e}");
+        }
     }
 
     #[test]

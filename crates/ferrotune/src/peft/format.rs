@@ -334,7 +334,7 @@ pub(crate) fn header_shapes(path: &Path) -> Result<HashMap<String, Vec<usize>>> 
             "is not a regular file (a folder, FIFO or device); refused",
         ));
     }
-    let file = std::fs::File::open(path).map_err(|e| Error::file(path, e))?;
+    let file = crate::fsutil::open_regular(path)?;
     // SAFETY: read-only map of a file we only read; a concurrent writer could change the bytes
     // but not the memory safety of reading them.
     let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::file(path, e))?;

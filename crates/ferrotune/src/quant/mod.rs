@@ -42,13 +42,32 @@ pub fn check_finite(values: &[f32], row: usize) -> std::result::Result<(), Strin
         Some(i) => {
             let row = row.max(1);
             Err(format!(
-                "value {} at row {}, column {} is not finite; the weights are broken (no format can quantize them)",
+                "value {} at row {}, column {} is not finite; the weights are broken",
                 values[i],
                 i / row,
                 i % row
             ))
         }
     }
+}
+
+/// Refuse GGML blocks whose scale (`d`, and Q4_1's `m`) is NaN or an infinity: such a
+/// weight runs and gives meaningless numbers. `blocks_per_row` places the first bad block.
+fn check_block_scales(fmt: Fmt, data: &[u8], blocks_per_row: usize) -> crate::Result<()> {
+    let scales = if fmt == Fmt::Q4_1 { 2 } else { 1 };
+    for (b, blk) in data.chunks_exact(fmt.block_bytes()).enumerate() {
+        for s in 0..scales {
+            let v = half::f16::from_le_bytes([blk[2 * s], blk[2 * s + 1]]);
+            if !v.is_finite() {
+                return Err(crate::Error::msg(format!(
+                    "block {} of row {} has a scale of {v}; the weights are broken",
+                    b % blocks_per_row.max(1),
+                    b / blocks_per_row.max(1)
+                )));
+            }
+        }
+    }
+    Ok(())
 }
 
 pub mod bnb;
@@ -308,10 +327,11 @@ impl QuantWeight {
             )));
         }
         let repr = match Fmt::from_ggml(dtype) {
-            Some(fmt) => Repr::Own {
-                fmt,
-                data: q.data()?.into_owned(),
-            },
+            Some(fmt) => {
+                let data = q.data()?.into_owned();
+                check_block_scales(fmt, &data, in_dim / bs)?;
+                Repr::Own { fmt, data }
+            }
             None => {
                 let q = if q.device().is_cpu() {
                     q

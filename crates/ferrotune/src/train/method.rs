@@ -329,6 +329,7 @@ impl Tuner {
                 let fe = |e: candle_core::Error| {
                     Error::file(&path, crate::error::first_line(&e.to_string()))
                 };
+                crate::fsutil::check_regular(&path)?;
                 // SAFETY: the checkpoint is ours and not written while it is read. Mapped, not
                 // read whole: under ZeRO-3 a rank reads only the weights it owns.
                 let file = unsafe { candle_core::safetensors::MmapedSafetensors::new(&path) }

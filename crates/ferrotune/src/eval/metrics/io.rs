@@ -85,7 +85,7 @@ fn parse_row(line: &str) -> std::result::Result<(String, Vec<String>), String> {
 
 /// `(prediction, references)` rows of a JSONL file (see the module docs for the format).
 pub fn read_predictions(path: &Path) -> Result<Vec<(String, Vec<String>)>> {
-    let content = std::fs::read_to_string(path).map_err(|e| Error::file(path, e))?;
+    let content = crate::fsutil::read_input_text(path)?;
     let mut rows = Vec::new();
     for (i, line) in content.lines().enumerate() {
         if line.trim().is_empty() {

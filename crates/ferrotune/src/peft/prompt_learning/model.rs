@@ -254,7 +254,7 @@ pub fn read_prompt_embeddings(
         return Err(Error::file(&path, "missing"));
     }
     let want = [config.total_virtual_tokens(), config.prompt_width()];
-    let file = std::fs::File::open(&path).map_err(|e| Error::file(&path, e))?;
+    let file = crate::fsutil::open_regular(&path)?;
     // SAFETY: read-only map of a file we only read.
     let mmap = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| Error::file(&path, e))?;
     let st = safetensors::SafeTensors::deserialize(&mmap)

@@ -388,6 +388,7 @@ impl<'a> StateReader<'a> {
         for f in &files {
             let fe =
                 |e: candle_core::Error| Error::file(f, crate::error::first_line(&e.to_string()));
+            crate::fsutil::check_regular(f)?;
             // SAFETY: the file is mapped read-only and not modified while mapped (a checkpoint
             // folder is complete and never rewritten in place).
             let st = unsafe { candle_core::safetensors::MmapedSafetensors::new(f) }.map_err(fe)?;
