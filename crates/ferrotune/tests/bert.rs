@@ -635,6 +635,10 @@ fn minilm_embeddings_match_sentence_transformers() {
         .map(|s| s.as_str().unwrap().to_string())
         .collect();
     let enc = lm.input_encoder(None).unwrap();
+    // a length past the model's positions is an error, not quietly capped
+    assert!(lm.input_encoder(Some(512)).is_ok());
+    let e = lm.input_encoder(Some(100_000)).err().unwrap().to_string();
+    assert!(e.contains("100000") && e.contains("512"), "{e}");
     for (s, ids) in sentences.iter().zip(rows_u32(&want["input_ids"])) {
         assert_eq!(enc.encode(s, None).unwrap().ids, ids, "token ids of {s:?}");
     }

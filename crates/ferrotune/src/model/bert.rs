@@ -1962,6 +1962,12 @@ impl LoadedBert {
     /// `max_seq_length` when the folder has one, else the model's position limit).
     pub fn input_encoder(&self, max_len: Option<usize>) -> Result<InputEncoder> {
         let limit = self.model.cfg.max_tokens();
+        if let Some(m) = max_len.filter(|&m| m > limit) {
+            // capping it quietly would embed other text than the user asked for
+            return Err(Error::msg(format!(
+                "max length {m} is more than this model takes: {limit} tokens (max_position_embeddings)"
+            )));
+        }
         let n = max_len
             .or(self.sentence.max_seq_length)
             .unwrap_or(limit)

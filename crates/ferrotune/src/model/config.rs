@@ -303,10 +303,12 @@ impl LlamaConfig {
                 ),
             ));
         }
-        if !self.rms_norm_eps.is_finite() || self.rms_norm_eps < 0.0 {
+        // an epsilon beyond 1 swamps the activations' mean square (1e308 zeroed every
+        // output: the model ran and printed nothing); real models use 1e-6 to 1e-5
+        if !self.rms_norm_eps.is_finite() || !(0.0..=1.0).contains(&self.rms_norm_eps) {
             return Err(k.err(
                 &k.rms_norm_eps,
-                format!("{} must be a finite number >= 0", self.rms_norm_eps),
+                format!("{} must be a number from 0 to 1", self.rms_norm_eps),
             ));
         }
         if !self.rope_theta.is_finite() || self.rope_theta <= 0.0 {
@@ -828,6 +830,8 @@ mod tests {
             ("rope_theta", 0.0),
             ("rope_theta", 1e39),
             ("rms_norm_eps", -1e-6),
+            ("rms_norm_eps", 1e308),
+            ("rms_norm_eps", 2.0),
         ] {
             let e = err_with(|c| c[key] = serde_json::json!(v));
             assert!(e.contains(&format!("`{key}`")), "{key}={v}: {e}");
