@@ -156,9 +156,14 @@ pub fn read_to_string(path: impl AsRef<Path>) -> std::io::Result<String> {
 /// A text file read whole, refusing more than `limit` bytes before reading past it (a huge
 /// file or an endless pipe would otherwise fill memory), and a folder or a device at once.
 pub fn read_text_limited(path: &Path, limit: u64) -> Result<String> {
-    use std::io::Read;
     // a folder or a device is refused before a byte is read (/dev/zero would fill `limit`)
     input_size_limit(path)?;
+    read_at_most(path, limit)
+}
+
+/// `path` read whole as UTF-8, refusing more than `limit` bytes (the caller checked its type).
+fn read_at_most(path: &Path, limit: u64) -> Result<String> {
+    use std::io::Read;
     let f = std::fs::File::open(path).map_err(|e| Error::file(path, e))?;
     let mut bytes = Vec::new();
     f.take(limit.saturating_add(1))
@@ -182,7 +187,7 @@ pub const PIPE_INPUT_LIMIT: u64 = 4 << 30;
 /// read up to [`PIPE_INPUT_LIMIT`]; invalid UTF-8 names its line. Errors name the file.
 pub fn read_input_text(path: &Path) -> Result<String> {
     let limit = input_size_limit(path)?;
-    read_text_limited(path, limit)
+    read_at_most(path, limit)
 }
 
 /// Refuse what cannot be an input file (a folder, a character or block device, a socket)

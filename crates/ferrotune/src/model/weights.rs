@@ -264,15 +264,15 @@ fn check_finite_tensor(t: &Tensor, file: &Path, name: &str) -> Result<()> {
         let (storage, layout) = t.storage_and_layout();
         match (&*storage, layout.contiguous_offsets()) {
             // read in place: no copy of the weight
-            (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) => {
-                v[a..b].iter().position(|x| !x.is_finite())
-            }
-            (Storage::Cpu(CpuStorage::F16(v)), Some((a, b))) => {
-                v[a..b].iter().position(|x| !x.is_finite())
-            }
-            (Storage::Cpu(CpuStorage::BF16(v)), Some((a, b))) => {
-                v[a..b].iter().position(|x| !x.is_finite())
-            }
+            (Storage::Cpu(CpuStorage::F32(v)), Some((a, b))) => v
+                .get(a..b)
+                .and_then(|s| s.iter().position(|x| !x.is_finite())),
+            (Storage::Cpu(CpuStorage::F16(v)), Some((a, b))) => v
+                .get(a..b)
+                .and_then(|s| s.iter().position(|x| !x.is_finite())),
+            (Storage::Cpu(CpuStorage::BF16(v)), Some((a, b))) => v
+                .get(a..b)
+                .and_then(|s| s.iter().position(|x| !x.is_finite())),
             _ => {
                 drop(storage);
                 let v = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;

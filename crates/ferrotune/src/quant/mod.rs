@@ -56,8 +56,10 @@ pub fn check_finite(values: &[f32], row: usize) -> std::result::Result<(), Strin
 fn check_block_scales(fmt: Fmt, data: &[u8], blocks_per_row: usize) -> crate::Result<()> {
     let scales = if fmt == Fmt::Q4_1 { 2 } else { 1 };
     for (b, blk) in data.chunks_exact(fmt.block_bytes()).enumerate() {
-        for s in 0..scales {
-            let v = half::f16::from_le_bytes([blk[2 * s], blk[2 * s + 1]]);
+        // the f16 scales lead each block: `d`, then Q4_1's `m`
+        for pair in blk.chunks_exact(2).take(scales) {
+            let &[lo, hi] = pair else { continue };
+            let v = half::f16::from_le_bytes([lo, hi]);
             if !v.is_finite() {
                 return Err(crate::Error::msg(format!(
                     "block {} of row {} has a scale of {v}; the weights are broken",
