@@ -503,6 +503,31 @@ fn gguf_nan_weights_block_scales_and_a_numeric_architecture() {
 }
 
 #[test]
+fn qwen2_gguf_without_its_qkv_biases() {
+    // The Llama fixture relabelled as Qwen2: every Qwen2 has q/k/v biases (llama.cpp requires
+    // them), so a file without them is an error naming the first, not a model that runs
+    // without them.
+    let mut g = Gguf::fixture();
+    for (k, _) in g.meta.iter_mut() {
+        if let Some(rest) = k.strip_prefix("llama.") {
+            *k = format!("qwen2.{rest}");
+        }
+    }
+    let g = g.set("general.architecture", Value::String("qwen2".into()));
+    gguf_fails("qwen2-no-bias", &g, &["blk.0.attn_q.bias", "missing"]);
+}
+
+#[test]
+fn gguf_special_token_ids_outside_the_vocabulary_name_the_gguf_key() {
+    // named as the file names it, not as config.json's `bos_token_id`
+    for key in ["tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id"] {
+        let g = Gguf::fixture().set(key, Value::U32(1 << 30));
+        let e = gguf_fails("bos-far", &g, &[key, "outside the vocabulary"]);
+        assert!(!e.contains("key `bos_token_id`"), "{e}");
+    }
+}
+
+#[test]
 fn gguf_truncated_tensor_data() {
     let mut g = Gguf::fixture();
     // The last tensor in the file claims more rows than the file holds.
@@ -563,6 +588,33 @@ fn hf_fails(dir: &Path, names: &[&str]) -> String {
 fn the_unedited_hf_fixture_loads() {
     let d = hf_model("hf-ok", |_| {});
     let out = run(&["inspect", "--model", d.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn hf_untied_model_without_its_lm_head() {
+    // tie_word_embeddings false and no lm_head.weight: transformers starts the head from random
+    // values; ferrotune used to tie it to the embeddings without a word. Now: an error.
+    let d = hf_model("hf-no-head", |_| {});
+    let path = d.join("model.safetensors");
+    let mut t = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
+    assert!(
+        t.remove("lm_head.weight").is_some(),
+        "the fixture is untied"
+    );
+    candle_core::safetensors::save(&t, &path).unwrap();
+    fails_naming(
+        &["inspect", "--model", d.to_str().unwrap()],
+        &["lm_head.weight", "missing", "tie_word_embeddings"],
+    );
+    // told that the head is the embedding table, it loads
+    let d2 = hf_model("hf-no-head-tied", set("tie_word_embeddings", true.into()));
+    std::fs::copy(&path, d2.join("model.safetensors")).unwrap();
+    let out = run(&["inspect", "--model", d2.to_str().unwrap()]);
     assert!(
         out.status.success(),
         "{}",
@@ -920,6 +972,14 @@ fn adapter_alpha_nan_or_infinite() {
     )
     .unwrap();
     adapter_fails("alpha-inf", &a, &["adapter_config.json", "invalid JSON"]);
+    // Finite but past the limit: the value as written, not as 309 digits.
+    let a = adapter("alpha-huge", |c| c["lora_alpha"] = 1e308.into());
+    let e = adapter_fails(
+        "alpha-huge",
+        &a,
+        &["adapter_config.json", "lora_alpha", "1e308 is not"],
+    );
+    assert!(e.len() < 300, "{e}");
 }
 
 /// Replace the adapter's weights with `tensors`.

@@ -253,3 +253,41 @@ fn embed_errors_are_one_line() {
         "{e}"
     );
 }
+
+#[test]
+fn a_sentence_transformers_module_embed_does_not_run_is_an_error() {
+    // A Dense projection after pooling changes every vector: skipping it silently gave
+    // embeddings sentence-transformers never computes.
+    let dir = tmp("embed-modules").join("model");
+    std::fs::create_dir_all(&dir).unwrap();
+    for f in std::fs::read_dir(tiny_bert()).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, dir.join(f.file_name().unwrap())).unwrap();
+    }
+    let good = jsonl(dir.parent().unwrap(), "good.jsonl", &["a cat"]);
+    let modules = |types: &[&str]| {
+        let list: Vec<Value> = types
+            .iter()
+            .enumerate()
+            .map(|(i, t)| serde_json::json!({"idx": i, "name": i.to_string(), "path": "", "type": t}))
+            .collect();
+        std::fs::write(dir.join("modules.json"), Value::Array(list).to_string()).unwrap();
+    };
+    let embed = ["embed", "--model", &arg(&dir), "--data", &arg(&good), "-q"];
+    modules(&[
+        "sentence_transformers.models.Transformer",
+        "sentence_transformers.models.Normalize",
+    ]);
+    succeeds(&embed);
+    modules(&[
+        "sentence_transformers.models.Transformer",
+        "sentence_transformers.models.Dense",
+    ]);
+    let e = fails(&embed);
+    assert!(
+        e.contains("modules.json")
+            && e.contains("[1].type")
+            && e.contains("`sentence_transformers.models.Dense` is not supported"),
+        "{e}"
+    );
+}

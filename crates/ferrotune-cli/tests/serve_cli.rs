@@ -202,3 +202,39 @@ fn served_greedy_equals_generate_for_base_and_adapter() {
     assert_eq!(st, 404, "{r}");
     assert_eq!(r["error"]["code"], "model_not_found", "{r}");
 }
+
+#[test]
+fn a_second_sigterm_ends_a_graceful_shutdown_at_once() {
+    let tmp = tmp("serve-two-signals");
+    let model = tiny_model(&tmp, false);
+    let mut srv = start(&["--model", &arg(&model), "--body-timeout", "120"]);
+    // A request whose body never finishes arriving: the graceful shutdown waits for it.
+    let mut stalled = TcpStream::connect(("127.0.0.1", srv.port)).unwrap();
+    write!(
+        stalled,
+        "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{{\"prompt\": "
+    )
+    .unwrap();
+    stalled.flush().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let pid = srv.child.id() as i32;
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    std::thread::sleep(Duration::from_millis(700));
+    assert!(
+        srv.child.try_wait().unwrap().is_none(),
+        "one SIGTERM waits for the request in flight"
+    );
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(s) = srv.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "the second SIGTERM did not end the server"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(130));
+}

@@ -469,8 +469,23 @@ pub fn run(
     rt.block_on(async move {
         let listener = tokio::net::TcpListener::bind(addr).await?;
         on_listening(listener.local_addr()?);
-        serve(listener, state, shutdown_signal()).await
+        serve(listener, state, first_of_two_signals()).await
     })
+}
+
+/// Resolves on the first Ctrl-C / SIGTERM (a graceful shutdown begins) and leaves a watcher
+/// that ends the process on the second, as uvicorn and vLLM do: an operator who signals twice
+/// does not want to wait for the requests in flight (or a client that stalls mid-body).
+async fn first_of_two_signals() {
+    shutdown_signal().await;
+    tokio::spawn(async {
+        shutdown_signal().await;
+        tracing::warn!(
+            target: "ferrotune_serve",
+            "second signal: exiting without finishing the requests in flight"
+        );
+        std::process::exit(130);
+    });
 }
 
 #[cfg(test)]

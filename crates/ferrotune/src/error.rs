@@ -81,6 +81,28 @@ pub fn first_line(s: &str) -> String {
     s.lines().next().unwrap_or("").trim().to_string()
 }
 
+/// A number for an error message as a person would write it: `0.4`, `0`, `1e308` (Rust's
+/// `{}` spells 1e308 with 309 digits, and `{:e}` spells 0 as `0e0`).
+pub fn shown(x: f64) -> String {
+    if x != 0.0 && x.is_finite() && !(1e-4..1e6).contains(&x.abs()) {
+        format!("{x:e}")
+    } else {
+        format!("{x}")
+    }
+}
+
+#[cfg(test)]
+#[test]
+fn numbers_are_shown_short() {
+    assert_eq!(shown(1e308), "1e308");
+    assert_eq!(shown(-2.5e-7), "-2.5e-7");
+    assert_eq!(shown(0.0), "0");
+    assert_eq!(shown(0.4), "0.4");
+    assert_eq!(shown(32.0), "32");
+    assert_eq!(shown(f64::NAN), "NaN");
+    assert_eq!(shown(f64::NEG_INFINITY), "-inf");
+}
+
 /// Run `f`, turning a panic inside it into `Err(message)` without printing it. Only for
 /// third-party code that panics on malformed input (e.g. the tokenizers crate on some broken
 /// tokenizer.json files): that is a bug there, but the user is still owed a one-line error.

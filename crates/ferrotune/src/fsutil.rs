@@ -178,6 +178,9 @@ fn read_at_most(path: &Path, limit: u64) -> Result<String> {
     String::from_utf8(bytes).map_err(|e| Error::file(path, not_utf8(e.as_bytes(), e.utf8_error())))
 }
 
+/// How far past its reported size a regular input file is read.
+pub const REGULAR_INPUT_SLACK: u64 = 1 << 20;
+
 /// The most a user-named input that is not a regular file (a pipe, as `<(...)` gives) may
 /// hold: a regular file is read whole at its size, a pipe has none to check.
 pub const PIPE_INPUT_LIMIT: u64 = 4 << 30;
@@ -211,8 +214,10 @@ pub fn input_size_limit(path: &Path) -> Result<u64> {
             "is a device or socket, not a file; refused",
         ));
     }
+    // A regular file's size, plus room: procfs and sysfs files report 0 bytes and still hold
+    // text, and a file that grows a little between the stat and the read is still read.
     Ok(if ft.is_file() {
-        meta.len()
+        meta.len().saturating_add(REGULAR_INPUT_SLACK)
     } else {
         PIPE_INPUT_LIMIT
     })
@@ -946,6 +951,12 @@ mod tests {
         std::fs::write(&good, "one\ntwo\n").unwrap();
         assert_eq!(read_input_text(&good).unwrap(), "one\ntwo\n");
         assert!(open_regular(&good).is_ok());
+        // procfs reports a size of 0 for files that hold text: they are read, not seen empty
+        #[cfg(target_os = "linux")]
+        {
+            let status = read_input_text(Path::new("/proc/self/status")).unwrap();
+            assert!(status.contains("Pid:"), "{status}");
+        }
         std::fs::remove_dir_all(&d).unwrap();
     }
 }

@@ -81,7 +81,7 @@ pub struct DataConfig {
     pub packing: bool,
     #[serde(default)]
     pub seed: u64,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "non_empty_list")]
     pub mixture: Vec<MixtureEntry>,
     /// Number of training examples a mixture makes (default: all of its datasets' examples).
     pub mixture_size: Option<usize>,
@@ -120,6 +120,22 @@ pub struct DataConfig {
     /// When set they replace `train` / `mixture`, and this section's mixing keys apply to them.
     #[serde(skip)]
     pub tasks: Vec<TaskConfig>,
+}
+
+/// A list key that, when present, must hold an entry: `mixture = []` (or `tasks = []`) left
+/// out every dataset while the run went on with whatever else the section named.
+pub(crate) fn non_empty_list<'de, D, T>(d: D) -> std::result::Result<Vec<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    let v = Vec::<T>::deserialize(d)?;
+    if v.is_empty() {
+        return Err(serde::de::Error::custom(
+            "an empty list: give at least one entry, or leave the key out",
+        ));
+    }
+    Ok(v)
 }
 
 /// One dataset of a mixture; unset templates come from the `[data]` section.

@@ -1860,6 +1860,9 @@ fn read_json_file(path: &Path) -> Result<Option<Value>> {
         .map_err(|e| Error::file(path, format!("invalid JSON: {e}")))
 }
 
+/// The sentence-transformers modules (`modules.json` types, last path part) that `embed` runs.
+const SENTENCE_MODULES: &[&str] = &["Transformer", "Pooling", "Normalize", "Dropout"];
+
 impl SentenceConfig {
     /// Read the sentence-transformers files of `dir`, if any.
     pub fn from_dir(dir: &Path) -> Result<Self> {
@@ -1870,7 +1873,27 @@ impl SentenceConfig {
                 .as_array()
                 .ok_or_else(|| Error::file(&modules_path, "expected a list of modules"))?;
             for (i, m) in list.iter().enumerate() {
-                let ty = m.get("type").and_then(|t| t.as_str()).unwrap_or("");
+                let ty = m.get("type").and_then(|t| t.as_str()).ok_or_else(|| {
+                    Error::key(
+                        modules_path.display().to_string(),
+                        format!("[{i}].type"),
+                        "missing or not a string",
+                    )
+                })?;
+                // A module this reader would skip (a Dense projection, a LayerNorm...) changes
+                // the embedding: skipping it would give vectors sentence-transformers never
+                // computes. Dropout does nothing at inference.
+                let short = ty.rsplit('.').next().unwrap_or(ty);
+                if !SENTENCE_MODULES.contains(&short) {
+                    return Err(Error::key(
+                        modules_path.display().to_string(),
+                        format!("[{i}].type"),
+                        format!(
+                            "`{ty}` is not supported (supported: {})",
+                            SENTENCE_MODULES.join(", ")
+                        ),
+                    ));
+                }
                 if ty.ends_with(".Normalize") {
                     cfg.normalize = true;
                 }

@@ -77,6 +77,8 @@ pub struct ConfigKeys {
     pub rope_theta: String,
     pub rope_scaling: String,
     pub max_position_embeddings: String,
+    pub bos_token_id: String,
+    pub eos_token_id: String,
 }
 
 /// Provenance is for messages only: two configs that describe the same model are equal
@@ -103,6 +105,8 @@ impl ConfigKeys {
             rope_theta: "rope_theta".into(),
             rope_scaling: "rope_scaling".into(),
             max_position_embeddings: "max_position_embeddings".into(),
+            bos_token_id: "bos_token_id".into(),
+            eos_token_id: "eos_token_id".into(),
         }
     }
 
@@ -121,6 +125,8 @@ impl ConfigKeys {
             rope_theta: format!("{arch}.rope.freq_base"),
             rope_scaling: format!("{arch}.rope.scaling"),
             max_position_embeddings: format!("{arch}.context_length"),
+            bos_token_id: "tokenizer.ggml.bos_token_id".into(),
+            eos_token_id: "tokenizer.ggml.eos_token_id".into(),
         }
     }
 
@@ -282,10 +288,10 @@ impl LlamaConfig {
             Ok(())
         };
         if let Some(b) = self.bos_token_id {
-            in_vocab("bos_token_id", b)?;
+            in_vocab(&k.bos_token_id, b)?;
         }
         for &e in &self.eos_token_ids {
-            in_vocab("eos_token_id", e)?;
+            in_vocab(&k.eos_token_id, e)?;
         }
         size(
             &k.max_position_embeddings,

@@ -126,9 +126,8 @@ pub fn layer_of_parameter(name: &str) -> Option<(usize, &str)> {
     Some((i.parse().ok()?, rest))
 }
 
-/// Every tensor `cfg` implies, with its shape. The LM head is listed only when the source has an
-/// untied one.
-fn expected_tensors<'a>(cfg: &'a LlamaConfig, src: &dyn WeightSource) -> Vec<ExpectedTensor<'a>> {
+/// Every tensor `cfg` implies, with its shape (the LM head when the config says it is untied).
+fn expected_tensors<'a>(cfg: &'a LlamaConfig) -> Vec<ExpectedTensor<'a>> {
     let k = &cfg.keys;
     let h = (k.hidden_size.as_str(), cfg.hidden_size);
     let heads = (k.num_attention_heads.as_str(), cfg.num_attention_heads);
@@ -211,7 +210,9 @@ fn expected_tensors<'a>(cfg: &'a LlamaConfig, src: &dyn WeightSource) -> Vec<Exp
         }
     }
     t("model.norm.weight".into(), &[cfg.hidden_size], &[h]);
-    if !cfg.tie_word_embeddings && src.contains("lm_head.weight") {
+    // Untied and no head: transformers would start `lm_head` from random values (a warning
+    // among many); a model that prints noise is worse than an error that names the key.
+    if !cfg.tie_word_embeddings {
         t(
             "lm_head.weight".into(),
             &[cfg.vocab_size, cfg.hidden_size],
@@ -244,11 +245,18 @@ pub fn check_shapes(src: &dyn WeightSource, cfg: &LlamaConfig) -> crate::Result<
     } else {
         k.file.clone()
     };
-    for t in expected_tensors(cfg, src) {
+    for t in expected_tensors(cfg) {
         let label = src.tensor_label(&t.name);
         let Some(shape) = src.tensor_shape(&t.name) else {
+            let why = if t.name == "lm_head.weight" {
+                format!(
+                    " ({config_file}: tie_word_embeddings is false or absent, so the head is not the embedding table; set it to true if it is)"
+                )
+            } else {
+                String::new()
+            };
             return Err(crate::Error::msg(format!(
-                "{source}: tensor `{label}` is missing"
+                "{source}: tensor `{label}` is missing{why}"
             )));
         };
         t.check_shape(&source, &label, &shape, &config_file)?;
@@ -296,7 +304,7 @@ impl Llama {
             });
         }
         let norm = RmsNorm::new(src.dense("model.norm.weight")?, cfg.rms_norm_eps)?;
-        let lm_head = if cfg.tie_word_embeddings || !src.contains("lm_head.weight") {
+        let lm_head = if cfg.tie_word_embeddings {
             // Tied: the LM head reads the embedding table (same storage, no copy).
             Linear::new(
                 "lm_head",

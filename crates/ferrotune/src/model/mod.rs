@@ -551,7 +551,9 @@ pub fn config_from_gguf(ct: &gguf_file::Content, path: &Path) -> Result<LlamaCon
         rope_scaling,
         max_position_embeddings: get_u("context_length")?.unwrap_or(2048),
         tie_word_embeddings: !ct.tensor_infos.contains_key("output.weight"),
-        qkv_bias: ct.tensor_infos.contains_key("blk.0.attn_q.bias"),
+        // Qwen2 always has q/k/v biases (llama.cpp requires them too): a file without them
+        // is an error naming the tensor, not a model that quietly computes something else.
+        qkv_bias: arch == "qwen2" || ct.tensor_infos.contains_key("blk.0.attn_q.bias"),
         o_bias: ct.tensor_infos.contains_key("blk.0.attn_output.bias"),
         mlp_bias: ct.tensor_infos.contains_key("blk.0.ffn_up.bias"),
         bos_token_id: meta_u32("tokenizer.ggml.bos_token_id"),

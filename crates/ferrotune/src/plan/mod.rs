@@ -572,8 +572,8 @@ pub fn plan(req: &Request) -> Result<Plan> {
         return Err(flag(
             "--mfu",
             format!(
-                "got {:e}, expected a fraction in [0.001, 1], e.g. 0.4",
-                req.mfu
+                "got {}, expected a fraction in [0.001, 1], e.g. 0.4",
+                crate::error::shown(req.mfu)
             ),
         ));
     }

@@ -115,7 +115,11 @@ mod tests {
     /// A WordPiece tokenizer with BERT's normalizer, pre-tokenizer and post-processor, and a
     /// tokenizer.json that pads to 16 and truncates to 8 (which the encoder must ignore).
     fn bert_like() -> Tokenizer {
-        let dir = std::env::temp_dir().join(format!("ferrotune-encin-{}", std::process::id()));
+        // one folder per call: tests run in parallel threads of one process
+        static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir =
+            std::env::temp_dir().join(format!("ferrotune-encin-{}-{call}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let words = [
             "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "cat", "sat", "on", "mat", "a",

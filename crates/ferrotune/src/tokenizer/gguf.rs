@@ -51,6 +51,11 @@ pub(crate) fn build(ct: &Content, path: &Path) -> Result<GgufTokenizer> {
     let model = md.req_str("tokenizer.ggml.model")?;
     let tokens = md.req_str_array("tokenizer.ggml.tokens")?;
     let types = md.opt_int_array("tokenizer.ggml.token_type", tokens.len())?;
+    if md.get("tokenizer.ggml.scores").is_some() {
+        // Often unused here (a byte-level vocabulary, or merges given), but llama.cpp reads a
+        // score per token: a short array is a broken file there, so it is one here too.
+        md.req_f32_array("tokenizer.ggml.scores", tokens.len())?;
+    }
     let check_id = |key: &str| -> Result<Option<u32>> {
         match md.opt_u32(key)? {
             Some(id) if id as usize >= tokens.len() => Err(md.key_err(
@@ -148,6 +153,18 @@ pub(crate) fn build(ct: &Content, path: &Path) -> Result<GgufTokenizer> {
 
 /// GPT-2 style byte-level BPE (`tokenizer.ggml.model = gpt2`). Also returns whether BOS is added
 /// when the file has no `tokenizer.ggml.add_bos_token`.
+/// A tokenizer build error, with the first token that appears twice in the vocabulary when
+/// there is one: the usual cause, which the BPE's own message ("... out of vocabulary") hides.
+fn with_duplicate_hint(e: impl std::fmt::Display, tokens: &[String]) -> String {
+    let mut first: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+    for (i, t) in tokens.iter().enumerate() {
+        if let Some(j) = first.insert(t.as_str(), i) {
+            return format!("{e} (tokenizer.ggml.tokens holds `{t}` twice, at ids {j} and {i})");
+        }
+    }
+    e.to_string()
+}
+
 fn byte_level_bpe(md: &Meta, tokens: &[String]) -> Result<(tokenizers::Tokenizer, bool)> {
     let pre = match md.opt_str("tokenizer.ggml.pre")? {
         Some(p) => p,
@@ -199,7 +216,7 @@ fn byte_level_bpe(md: &Meta, tokens: &[String]) -> Result<(tokenizers::Tokenizer
         .vocab_and_merges(vocab, merges)
         .ignore_merges(spec.ignore_merges)
         .build()
-        .map_err(|e| md.key_err("tokenizer.ggml.merges", e))?;
+        .map_err(|e| md.key_err("tokenizer.ggml.merges", with_duplicate_hint(e, tokens)))?;
 
     let mut tok = tokenizers::Tokenizer::new(bpe);
     let mut steps: Vec<PreTokenizerWrapper> = Vec::new();
@@ -266,7 +283,7 @@ fn sentencepiece_bpe(
     }
     let bpe = builder
         .build()
-        .map_err(|e| md.key_err("tokenizer.ggml.tokens", e))?;
+        .map_err(|e| md.key_err("tokenizer.ggml.tokens", with_duplicate_hint(e, tokens)))?;
     let mut tok = tokenizers::Tokenizer::new(bpe);
     let prefix = md
         .opt_bool("tokenizer.ggml.add_space_prefix")?

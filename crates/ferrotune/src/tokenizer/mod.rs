@@ -407,8 +407,15 @@ fn post_processor_adds(inner: &tokenizers::Tokenizer, bos: Option<u32>) -> bool 
 /// runs under [`catch_panic`](crate::error::catch_panic).
 fn parse_tokenizer_json(path: &Path) -> Result<tokenizers::Tokenizer> {
     let text = crate::fsutil::read_to_string(path).with_path(path)?;
-    serde_json::from_str::<serde::de::IgnoredAny>(&text)
-        .map_err(|e| Error::file(path, format!("invalid JSON: {e}")))?;
+    let json: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| Error::file(path, format!("invalid JSON: {e}")))?;
+    if let Some(at) = empty_replace_pattern(&json, String::new()) {
+        // the library takes it and then panics on the first text ("index out of bounds")
+        return Err(Error::file(
+            path,
+            format!("{at}: a Replace with an empty pattern (it would match between every two characters)"),
+        ));
+    }
     let inner = match crate::error::catch_panic(|| text.parse::<tokenizers::Tokenizer>()) {
         Ok(parsed) => parsed.with_path(path)?,
         Err(panic) => {
@@ -430,6 +437,41 @@ fn parse_tokenizer_json(path: &Path) -> Result<tokenizers::Tokenizer> {
         }
     }
     Ok(inner)
+}
+
+/// Where in a tokenizer.json a `Replace` step (normalizer, pre-tokenizer or decoder, at any
+/// depth of `Sequence`s) has an empty pattern, as a JSON path (`normalizer.normalizers[1]`).
+fn empty_replace_pattern(v: &serde_json::Value, at: String) -> Option<String> {
+    use serde_json::Value;
+    match v {
+        Value::Object(m) => {
+            let empty = |p: &Value| {
+                ["String", "Regex"]
+                    .iter()
+                    .any(|k| p.get(k).and_then(Value::as_str) == Some(""))
+            };
+            if m.get("type").and_then(Value::as_str) == Some("Replace")
+                && m.get("pattern").is_some_and(empty)
+            {
+                return Some(if at.is_empty() { "Replace".into() } else { at });
+            }
+            m.iter()
+                .filter(|(k, _)| k.as_str() != "model" && k.as_str() != "added_tokens")
+                .find_map(|(k, x)| {
+                    let next = if at.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{at}.{k}")
+                    };
+                    empty_replace_pattern(x, next)
+                })
+        }
+        Value::Array(xs) => xs
+            .iter()
+            .enumerate()
+            .find_map(|(i, x)| empty_replace_pattern(x, format!("{at}[{i}]"))),
+        _ => None,
+    }
 }
 
 fn read_json(path: &Path) -> Result<Option<serde_json::Value>> {
@@ -553,6 +595,34 @@ mod robustness_tests {
         let json = format!(r#"{{"decoder": {{"type": "ByteLevel" "x": 1}}, {MODEL}}}"#);
         let e = load("decoder", &json);
         assert!(e.contains("invalid JSON") && e.contains("line 1"), "{e}");
+    }
+
+    #[test]
+    fn replace_with_an_empty_pattern_is_named_by_its_place() {
+        // tokenizers 0.23 reads it and panics on the first text: "index out of bounds".
+        let json = format!(
+            r#"{{"normalizer": {{"type": "Sequence", "normalizers": [{{"type": "NFC"}},
+                {{"type": "Replace", "pattern": {{"String": ""}}, "content": "x"}}]}}, {MODEL}}}"#
+        );
+        let e = load("replace-empty", &json);
+        assert!(
+            e.contains("normalizer.normalizers[1]") && e.contains("empty pattern"),
+            "{e}"
+        );
+        // a pattern that is not empty loads
+        let json = format!(
+            r#"{{"normalizer": {{"type": "Replace", "pattern": {{"String": " "}}, "content": "x"}}, {MODEL}}}"#
+        );
+        let dir = std::env::temp_dir().join(format!(
+            "ferrotune-tok-robust-replace-ok-{}",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("tokenizer.json"), json).unwrap();
+        let ok = Tokenizer::from_hf_dir(&dir);
+        let _ = std::fs::remove_dir_all(&dir);
+        ok.unwrap();
     }
 
     #[test]

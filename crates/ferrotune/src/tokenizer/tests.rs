@@ -631,3 +631,39 @@ fn stream_holds_back_multibyte_chars_split_across_byte_tokens() {
     assert_eq!(stream.push(emoji[0]).unwrap(), None);
     assert_eq!(stream.finish().unwrap().as_deref(), Some("\u{FFFD}"));
 }
+
+#[test]
+fn gguf_scores_of_the_wrong_length_and_duplicate_tokens_are_named() {
+    let mut ct = tiny_gpt2_content(Some("default"));
+    let n = match &ct.metadata["tokenizer.ggml.tokens"] {
+        Value::Array(v) => v.len(),
+        _ => unreachable!(),
+    };
+    ct.metadata.insert(
+        "tokenizer.ggml.scores".to_string(),
+        Value::Array(vec![Value::F32(0.0); n - 1]),
+    );
+    let e = Tokenizer::from_gguf(&ct, Path::new("m.gguf"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("tokenizer.ggml.scores") && e.contains(&format!("for {n} tokens")),
+        "{e}"
+    );
+    // the right length loads
+    ct.metadata.insert(
+        "tokenizer.ggml.scores".to_string(),
+        Value::Array(vec![Value::F32(0.0); n]),
+    );
+    Tokenizer::from_gguf(&ct, Path::new("m.gguf")).unwrap();
+
+    // "ab" replaced by a second "a": the merge `a b` has no result; the error names the twin
+    let mut ct = tiny_gpt2_content(Some("default"));
+    if let Some(Value::Array(v)) = ct.metadata.get_mut("tokenizer.ggml.tokens") {
+        *v.last_mut().unwrap() = Value::String("a".into());
+    }
+    let e = Tokenizer::from_gguf(&ct, Path::new("m.gguf"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("`a` twice, at ids") && !e.contains('\n'), "{e}");
+}

@@ -120,7 +120,7 @@ pub struct TrainConfig {
     pub data: DataConfig,
     /// `[[tasks]]`: the tasks of a multi-task run. [`parse_config`] copies them into
     /// `data.tasks`, where the data loader reads them.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::data::config::non_empty_list")]
     pub tasks: Vec<crate::data::TaskConfig>,
     #[serde(default)]
     pub lora: LoraSection,
@@ -2005,6 +2005,8 @@ completion = " {a}"
         for (set, key) in [
             ("train.batch_size=0", "train.batch_size"),
             ("train.lr=-1", "train.lr"),
+            ("data.mixture=[]", "data.mixture"),
+            ("tasks=[]", "tasks"),
             ("train.betas=[0.9, 1.0]", "train.betas"),
             ("lora.dropout=1.5", "lora.dropout"),
             ("train.device=\"tpu\"", "train.device"),

@@ -342,14 +342,17 @@ impl LoraConfig {
                 "lora_alpha",
                 format!(
                     "{} is not a number between -{MAX_ALPHA:e} and {MAX_ALPHA:e}",
-                    self.lora_alpha
+                    crate::error::shown(self.lora_alpha)
                 ),
             );
         }
         if let Some((k, a)) = self.alpha_pattern.iter().find(|(_, a)| !sane(**a)) {
             return bad(
                 "alpha_pattern",
-                format!("alpha of `{k}` is {a}; it must be a number between -{MAX_ALPHA:e} and {MAX_ALPHA:e}"),
+                format!(
+                    "alpha of `{k}` is {}; it must be a number between -{MAX_ALPHA:e} and {MAX_ALPHA:e}",
+                    crate::error::shown(*a)
+                ),
             );
         }
         config_check::probability(source, "lora_dropout", self.lora_dropout)?;
