@@ -1459,6 +1459,18 @@ fn run_compare(a: CompareArgs) -> Result<()> {
     if a.max_new_tokens == 0 {
         anyhow::bail!("--max-new-tokens: got 0, expected at least 1 token to score");
     }
+    // Checked before any method trains (they were checked when scoring, after all of them).
+    if spec.max_new_tokens > ferrotune::generate::MAX_NEW_TOKENS_LIMIT {
+        anyhow::bail!(
+            "--max-new-tokens: got {}, expected at most {} (longer than any context window)",
+            spec.max_new_tokens,
+            ferrotune::generate::MAX_NEW_TOKENS_LIMIT
+        );
+    }
+    if let Some(c) = &spec.eval_completion {
+        ferrotune::data::template::PromptTemplate::parse(c)
+            .map_err(|e| anyhow::anyhow!("--eval-completion: {e}"))?;
+    }
     let runner = ProcessRunner {
         quiet: QUIET.load(Ordering::Relaxed),
     };
@@ -2281,6 +2293,14 @@ fn run_bench(a: BenchArgs) -> Result<()> {
     } else {
         Box::new(bar())
     };
+    // Each adapter's config is read now: a broken one used to surface only after the base
+    // had been benchmarked (hours on a real task).
+    for d in &a.adapter {
+        if !ferrotune::peft::selective::is_selective_dir(d) {
+            ferrotune::peft::read_adapter_config(d)
+                .map_err(|e| anyhow::anyhow!("--adapter {}: {e}", d.display()))?;
+        }
+    }
     let mut runs = Vec::new();
     let names: Vec<Option<&PathBuf>> = std::iter::once(None)
         .chain(a.adapter.iter().map(Some))

@@ -537,3 +537,40 @@ fn perplexity_of_a_json_file_warns_that_it_is_plain_text() {
         "{stderr}"
     );
 }
+
+#[test]
+fn bench_reads_each_adapter_config_before_benchmarking_the_base() {
+    let (model, _) = setup("bench-adapter");
+    let d = tmp("flags-bench-adapter-data");
+    std::fs::write(d.join("d.jsonl"), "{\"q\": \"a\", \"a\": \"b\"}\n").unwrap();
+    let task = d.join("t.yaml");
+    std::fs::write(
+        &task,
+        "task: t\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: d.jsonl\ntest_split: test\noutput_type: generate_until\ndoc_to_text: \"{{q}}\"\ndoc_to_target: \"{{a}}\"\ngeneration_kwargs:\n  max_gen_toks: 2\nmetric_list:\n  - metric: exact_match\n",
+    )
+    .unwrap();
+    let adapter = d.join("adapter");
+    std::fs::create_dir_all(&adapter).unwrap();
+    std::fs::write(
+        adapter.join("adapter_config.json"),
+        "{\"peft_type\": \"LORA\", \"r\": -1}",
+    )
+    .unwrap();
+    let e = fails_within(
+        &[
+            "bench".to_string(),
+            "--model".into(),
+            arg(&model),
+            "--tasks".into(),
+            arg(&task),
+            "--adapter".into(),
+            arg(&adapter),
+            "-q".into(),
+        ],
+        60,
+    );
+    assert!(
+        e.contains("--adapter") && e.contains("adapter_config.json"),
+        "{e}"
+    );
+}

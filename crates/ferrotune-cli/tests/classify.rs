@@ -305,6 +305,54 @@ fn a_label_outside_the_label_list_names_the_file_line_and_field() {
         e.contains("rows.tsv: line 2: no label field `label` (the row has: "),
         "{e}"
     );
+    // A null label is named as null; a huge label value is shown cut short.
+    let jsonl = dir.join("rows.jsonl");
+    let huge = "b ".repeat(100_000);
+    std::fs::write(
+        &jsonl,
+        format!(
+            "{}\n{}\n",
+            serde_json::json!({"sentence": "fine", "label": null}),
+            serde_json::json!({"sentence": "fine", "label": huge})
+        ),
+    )
+    .unwrap();
+    let args = |limit: &str| {
+        vec![
+            "classify".to_string(),
+            "--model".into(),
+            arg(&model),
+            "--data".into(),
+            arg(&jsonl),
+            "--text".into(),
+            "{sentence}".into(),
+            "--label-field".into(),
+            "label".into(),
+            "--limit".into(),
+            limit.into(),
+        ]
+    };
+    let e = fails(&args("1"));
+    assert!(
+        e.contains("rows.jsonl: line 1: label field `label` is null"),
+        "{e}"
+    );
+    std::fs::write(
+        &jsonl,
+        format!(
+            "{}\n",
+            serde_json::json!({"sentence": "fine", "label": huge})
+        ),
+    )
+    .unwrap();
+    let e = fails(&args("1"));
+    assert!(
+        e.contains("line 1: field `label`: label \"b b")
+            && e.contains("(200000 characters)")
+            && e.len() < 400,
+        "{}",
+        &e[..e.len().min(400)]
+    );
 }
 
 #[test]

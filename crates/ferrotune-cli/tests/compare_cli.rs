@@ -244,6 +244,29 @@ fn compare_runs_each_method_reports_failures_in_their_row_and_resumes() {
     ]);
     assert!(e.contains("--eval-data") && e.contains("nope.jsonl"), "{e}");
     assert!(!dir.join("cmp5/runs/lora").exists(), "nothing trained");
+    // so are a device as --eval-data, a budget past any context and a broken completion
+    for (flag, value, want) in [
+        ("--eval-data", "/dev/zero", "device"),
+        ("--max-new-tokens", "999999999999", "expected at most"),
+        ("--eval-completion", "{{ x", "--eval-completion"),
+    ] {
+        let e = fails(&[
+            "compare",
+            "--config",
+            &base,
+            "--methods",
+            "lora",
+            "--out",
+            &arg(&dir.join("cmp6")),
+            flag,
+            value,
+        ]);
+        assert!(e.contains(flag) && e.contains(want), "{flag}: {e}");
+        assert!(
+            !dir.join("cmp6/runs/lora").exists(),
+            "{flag}: nothing trained"
+        );
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
 

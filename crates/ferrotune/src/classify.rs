@@ -344,7 +344,10 @@ fn preview(names: &[String]) -> String {
 fn gold_value<'a>(row: &'a data::Row, field: &str, src: &data::Source) -> Result<&'a Value> {
     match row.fields.get(field) {
         Some(v) if !v.is_null() => Ok(v),
-        _ => {
+        Some(_) => Err(Error::msg(format!(
+            "{src}: label field `{field}` is null (every row needs a label to score against)"
+        ))),
+        None => {
             let mut names: Vec<&str> = row.fields.keys().map(String::as_str).collect();
             names.truncate(8);
             Err(Error::msg(format!(

@@ -81,6 +81,31 @@ pub fn first_line(s: &str) -> String {
     s.lines().next().unwrap_or("").trim().to_string()
 }
 
+/// Characters of a value from a file or a flag that messages show: the error stays one short
+/// line whatever was given.
+pub const SHOWN_CHARS: usize = 60;
+
+/// `s` for a one-line message: control characters escaped (a newline would split the line),
+/// at most [`SHOWN_CHARS`] characters, then how long it was.
+pub fn clipped(s: &str) -> String {
+    let n = s.chars().count();
+    let mut out: String = s
+        .chars()
+        .take(SHOWN_CHARS)
+        .flat_map(|c| {
+            if c.is_control() {
+                c.escape_default().collect::<Vec<_>>()
+            } else {
+                vec![c]
+            }
+        })
+        .collect();
+    if n > SHOWN_CHARS {
+        out.push_str(&format!("... ({n} characters)"));
+    }
+    out
+}
+
 /// A number for an error message as a person would write it: `0.4`, `0`, `1e308` (Rust's
 /// `{}` spells 1e308 with 309 digits, and `{:e}` spells 0 as `0e0`).
 pub fn shown(x: f64) -> String {

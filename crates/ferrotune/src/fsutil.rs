@@ -517,6 +517,16 @@ pub fn check_output_file(path: &Path, flag: &str, overwrite: bool, inputs: &[Inp
             ),
         ));
     }
+    // The write renames a temporary file over the path: over a device or a FIFO (`/dev/full`)
+    // that would replace the node itself, even with --overwrite.
+    if let Ok(meta) = std::fs::metadata(path) {
+        if !meta.is_file() {
+            return Err(Error::file(
+                path,
+                format!("{flag}: is a device, FIFO or socket, not a regular file; refused"),
+            ));
+        }
+    }
     Ok(())
 }
 
@@ -951,6 +961,16 @@ mod tests {
         std::fs::write(&good, "one\ntwo\n").unwrap();
         assert_eq!(read_input_text(&good).unwrap(), "one\ntwo\n");
         assert!(open_regular(&good).is_ok());
+        // an output over a device is refused even with --overwrite (the rename would replace
+        // the device node)
+        let e = check_output_file(Path::new("/dev/null"), "--output", true, &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("/dev/null") && e.contains("not a regular file"),
+            "{e}"
+        );
+        check_output_file(&good, "--output", true, &[]).unwrap();
         // procfs reports a size of 0 for files that hold text: they are read, not seen empty
         #[cfg(target_os = "linux")]
         {

@@ -292,6 +292,8 @@ pub fn run(spec: &CompareSpec, runner: &dyn Runner, log: &dyn Fn(&str)) -> Resul
     let base = load_config(&spec.config, &set)?;
     // Read problems of the scoring data surface now, not after every method has trained.
     if let Some(p) = &spec.eval_data {
+        // a folder or a device is refused here too, not after every method has trained
+        crate::fsutil::input_size_limit(p).map_err(|e| Error::msg(format!("--eval-data: {e}")))?;
         std::fs::File::open(p).map_err(|e| Error::file(p, format!("--eval-data: {e}")))?;
     }
     // --out is compare's own folder: a new one, or one an earlier compare wrote (it resumes
@@ -623,7 +625,7 @@ pub fn markdown(report: &Report) -> String {
         if r.status != "ok" {
             let cols = if classification { 8 } else { 9 };
             s.push_str(&format!(
-                "| {} | {} failed: {}{} |\n",
+                "| {} | {}: {}{} |\n",
                 r.name,
                 r.status,
                 r.error.as_deref().unwrap_or("").replace('|', "\\|"),

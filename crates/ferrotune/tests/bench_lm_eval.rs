@@ -228,3 +228,33 @@ fn loglikelihood_matches_lm_eval() {
 fn loglikelihood_rolling_matches_lm_eval() {
     check("ft_dialogsum_rolling", 0);
 }
+
+#[test]
+fn loglikelihood_rolling_over_empty_documents_is_an_error_not_nan() {
+    let dir = std::env::temp_dir().join(format!("ferrotune-rolling-empty-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("d.jsonl"), "{\"t\": \"\"}\n{\"t\": \"\"}\n").unwrap();
+    let file = dir.join("empty.yaml");
+    std::fs::write(
+        &file,
+        "task: empty\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: d.jsonl\noutput_type: loglikelihood_rolling\ntest_split: test\ndoc_to_text: \"\"\ndoc_to_target: \"{{t}}\"\nmetric_list:\n  - metric: byte_perplexity\n",
+    )
+    .unwrap();
+    let (tasks, _) = bench::task::resolve_tasks(file.to_str().unwrap()).unwrap();
+    let lm = smollm2();
+    let e = bench::run_task(
+        &*lm.model,
+        &lm.tokenizer,
+        &tasks[0],
+        &BenchOptions::default(),
+        &ferrotune::progress::NoProgress,
+    )
+    .map(|_| ())
+    .expect_err("NaN perplexities were reported as a result")
+    .to_string();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        e.contains("empty.yaml") && e.contains("every document is empty"),
+        "{e}"
+    );
+}

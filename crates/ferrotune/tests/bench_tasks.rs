@@ -240,6 +240,60 @@ fn malformed_values_name_their_key_and_include_cycles_are_named() {
     // A byte-order mark is not a second YAML document.
     let p = tmp_yaml("bom.yaml", &format!("\u{feff}{base}doc_to_target: a\n"));
     assert!(task::parse_task_file(&p, None).is_ok());
+    for (kv, key) in [
+        ("temperature: -5", "generation_kwargs.temperature"),
+        ("top_p: 7", "generation_kwargs.top_p"),
+        ("top_k: 0", "generation_kwargs.top_k"),
+    ] {
+        let e = parse_err(
+            "gk.yaml",
+            &format!("{base}generation_kwargs:\n  do_sample: true\n  {kv}\n"),
+        );
+        assert!(e.contains("gk.yaml") && e.contains(key), "{e}");
+    }
+    for (entry, key) in [
+        (
+            "weight_by_size: \"yes\"",
+            "aggregate_metric_list[0].weight_by_size",
+        ),
+        ("bogus_key: 1", "aggregate_metric_list[0].bogus_key"),
+    ] {
+        let e = parse_err(
+            "grp.yaml",
+            &format!(
+                "group: g\ntask:\n  - x\naggregate_metric_list:\n  - metric: acc\n    {entry}\n"
+            ),
+        );
+        assert!(e.contains("grp.yaml") && e.contains(key), "{e}");
+    }
+    // 400,000 nested `[`: refused by line before the parser's scan (which took minutes)
+    let t0 = std::time::Instant::now();
+    let e = parse_err(
+        "deep.yaml",
+        &format!("{base}metadata: {}\n", "[".repeat(400_000)),
+    );
+    assert!(
+        e.contains("deep.yaml") && e.contains("line 5") && e.contains("nested more than"),
+        "{e}"
+    );
+    assert!(t0.elapsed().as_secs() < 10, "{:?}", t0.elapsed());
+}
+
+#[test]
+fn a_data_file_that_is_a_device_is_named_as_one() {
+    let p = tmp_yaml(
+        "devzero.yaml",
+        "task: x\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: /dev/zero\ntest_split: test\noutput_type: generate_until\ndoc_to_text: q\ndoc_to_target: a\n",
+    );
+    let t = match task::parse_task_file(&p, None).unwrap() {
+        TaskFile::Task(t) => *t,
+        TaskFile::Group(_) => panic!("a group"),
+    };
+    let e = ferrotune::bench::docs::load_split(&t, "test")
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("/dev/zero") && e.contains("device"), "{e}");
 }
 
 #[test]
@@ -261,4 +315,62 @@ fn a_template_that_loops_too_long_fails_instead_of_hanging() {
         "{e}"
     );
     assert!(t0.elapsed().as_secs() < 30, "took {:?}", t0.elapsed());
+}
+
+#[test]
+fn few_shot_examples_that_add_up_past_the_prompt_cap_are_refused() {
+    let p = tmp_yaml(
+        "bigshots.yaml",
+        "task: x\ndataset_path: json\noutput_type: generate_until\ndoc_to_text: \"{{q}}\"\ndoc_to_target: a\n",
+    );
+    let t = match task::parse_task_file(&p, None).unwrap() {
+        TaskFile::Task(t) => *t,
+        TaskFile::Group(_) => panic!("a group"),
+    };
+    // each 1 MiB (under the per-render cap), 20 of them past the 16 MiB of a prompt
+    let big = doc(json!({"q": "w ".repeat(1 << 19), "a": "a"}));
+    let d = doc(json!({"q": "q", "a": "a"}));
+    let pr = Prompter::new(&t, &d).unwrap();
+    let shots: Vec<(usize, &Map<String, Value>)> = (0..20).map(|i| (i, &big)).collect();
+    let e = pr.contexts(&d, 3, &shots, None).err().unwrap().to_string();
+    assert!(
+        e.contains("num_fewshot") && e.contains("sample 3") && e.contains("20 few-shot"),
+        "{e}"
+    );
+    // a few of them fit
+    assert_eq!(pr.contexts(&d, 3, &shots[..4], None).unwrap().len(), 1);
+}
+
+#[test]
+fn an_inline_group_member_follows_its_include() {
+    tmp_yaml(
+        "inl_base.yaml",
+        "dataset_path: json\noutput_type: generate_until\ndoc_to_text: \"Q: {{q}}\"\ndoc_to_target: a\n",
+    );
+    let p = tmp_yaml(
+        "inl_group.yaml",
+        "group: g\ntask:\n  - task: inl\n    include: inl_base.yaml\n    doc_to_target: b\n",
+    );
+    let g = match task::parse_task_file(&p, None).unwrap() {
+        TaskFile::Group(g) => g,
+        TaskFile::Task(_) => panic!("a task"),
+    };
+    let task::GroupMember::Inline(t) = &g.members[0] else {
+        panic!("an inline member")
+    };
+    assert_eq!(t.dataset_path, "json");
+    assert_eq!(t.doc_to_text, Some(json!("Q: {{q}}")));
+    assert_eq!(
+        t.doc_to_target,
+        Some(json!("b")),
+        "the member's own key wins"
+    );
+    let e = parse_err(
+        "inl_bad.yaml",
+        "group: g\ntask:\n  - task: inl\n    include: nosuch.yaml\n",
+    );
+    assert!(
+        e.contains("task[0].include") && e.contains("nosuch.yaml"),
+        "{e}"
+    );
 }

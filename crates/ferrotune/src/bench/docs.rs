@@ -41,6 +41,11 @@ fn locate(t: &TaskConfig, rel: &str) -> Result<PathBuf> {
     if let Some(found) = cands.iter().find(|c| c.is_file()) {
         return Ok(found.clone());
     }
+    // there, but neither a file nor a folder: a device is refused as such (a pipe is read)
+    if let Some(other) = cands.iter().find(|c| c.exists() && !c.is_dir()) {
+        crate::fsutil::input_size_limit(other)?;
+        return Ok(other.clone());
+    }
     if let Some(dir) = cands.iter().find(|c| c.is_dir()) {
         return Err(Error::key(
             t.file.display().to_string(),

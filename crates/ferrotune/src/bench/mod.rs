@@ -416,6 +416,18 @@ fn answer(
                 .collect())
         }
         OutputType::LoglikelihoodRolling => {
+            // lm-eval divides by the documents' total length: with no text at all that is
+            // 0 / 0, and the perplexities came out NaN with exit status 0.
+            if plans
+                .iter()
+                .all(|p| p.pairs.first().is_none_or(|x| x.1.is_empty()))
+            {
+                return Err(Error::key(
+                    t.file.display().to_string(),
+                    "doc_to_target",
+                    "every document is empty: loglikelihood_rolling has no text to score",
+                ));
+            }
             let prefix = score::prefix_token(tok)?;
             let mut reqs: Vec<TokenRequest> = Vec::new();
             let mut spans = Vec::with_capacity(plans.len());
@@ -813,6 +825,11 @@ fn group_result(g: &GroupConfig, results: &[TaskResult]) -> GroupResult {
             })
             .collect();
         if rows.is_empty() {
+            tracing::warn!(
+                "group `{}` ({}): no member reports `{metric}`, which its aggregate_metric_list names; no group row for it",
+                g.group,
+                g.file.display()
+            );
             continue;
         }
         let w: Vec<f64> = rows

@@ -10,9 +10,7 @@ use crate::{Error, Result};
 use minijinja::{Environment, UndefinedBehavior};
 use serde_json::Value;
 
-/// The most work one template render may do (minijinja's fuel: about one unit per
-/// instruction); a lm-eval template uses a few hundred.
-pub const MAX_TEMPLATE_FUEL: u64 = 20_000_000;
+pub use crate::data::template::MAX_TEMPLATE_FUEL;
 /// The longest prompt a template may render (far beyond any context window).
 pub const MAX_PROMPT_BYTES: usize = 16 << 20;
 
@@ -432,7 +430,23 @@ impl<'t> Prompter<'t> {
             .fewshot_delimiter
             .clone()
             .unwrap_or_else(|| t.fewshot_delimiter.clone());
+        // Each render is capped, but num_fewshot of them are joined: the whole context is
+        // capped too, as it grows (250 shots of 15 MB each aborted on a failed allocation).
+        let mut context_bytes = msgs.iter().map(|(_, c, _)| c.len()).sum::<usize>();
+        let too_big = || {
+            Error::key(
+                t.file.display().to_string(),
+                "num_fewshot",
+                format!(
+                    "sample {idx}: its {} few-shot examples come to more than the {MAX_PROMPT_BYTES} bytes a prompt may have",
+                    shots.len()
+                ),
+            )
+        };
         for (si, sd) in shots {
+            if context_bytes > MAX_PROMPT_BYTES {
+                return Err(too_big());
+            }
             let q = self.text(sd, *si, true)?;
             let c = if t.doc_to_choice.is_some() {
                 Some(self.choices(sd, *si, true)?)
@@ -452,6 +466,7 @@ impl<'t> Prompter<'t> {
                 (value_text(&q), c)
             };
             let has_answer = !(a.is_null() || a == Value::String(String::new()));
+            context_bytes += q.len() + tgt_delim.len() + few_delim.len();
             msgs.push((
                 "user",
                 q,
@@ -462,12 +477,13 @@ impl<'t> Prompter<'t> {
                 },
             ));
             if has_answer {
-                msgs.push((
-                    "assistant",
-                    self.answer_text(&a, c.as_deref(), *si)?,
-                    few_delim.clone(),
-                ));
+                let answer = self.answer_text(&a, c.as_deref(), *si)?;
+                context_bytes += answer.len();
+                msgs.push(("assistant", answer, few_delim.clone()));
             }
+        }
+        if context_bytes > MAX_PROMPT_BYTES {
+            return Err(too_big());
         }
         let questions: Vec<String> = if self.multiple_input {
             self.choices(doc, idx, false)?
@@ -574,9 +590,7 @@ pub fn parse_list_literal(s: &str) -> Option<Value> {
 
 fn jinja_msg(e: &minijinja::Error) -> String {
     if e.kind() == minijinja::ErrorKind::OutOfFuel {
-        return format!(
-            "the template does more than {MAX_TEMPLATE_FUEL} steps of work (a loop too long?)"
-        );
+        return crate::data::template::out_of_fuel();
     }
     let mut s = e.kind().to_string();
     if let Some(d) = e.detail() {

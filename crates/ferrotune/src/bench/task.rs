@@ -265,6 +265,29 @@ pub enum GroupMember {
     Inline(Box<TaskConfig>),
 }
 
+/// Deeper nesting of `[` and `{` than a task file has (Jinja's `{{ }}` and `{% %}` count 2).
+const MAX_FLOW_NESTING: usize = 1000;
+
+/// The line where `[` / `{` first nest deeper than `limit` (closers lower the count, never
+/// below 0; quotes are not parsed, so brackets in strings count too: the limit allows for them).
+fn flow_nesting_past(text: &str, limit: usize) -> Option<usize> {
+    let (mut depth, mut line) = (0usize, 1usize);
+    for b in text.bytes() {
+        match b {
+            b'\n' => line += 1,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > limit {
+                    return Some(line);
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    None
+}
+
 /// Read a YAML file's mapping, following `include:` (relative to the including file; the
 /// including file's keys win, as in lm-eval).
 pub fn read_yaml_map(
@@ -300,6 +323,15 @@ pub fn read_yaml_map(
                 ),
             ));
         }
+    }
+    // The YAML parser stops at 128 levels, but only after a scan whose time grows with the
+    // square of the nesting (400,000 `[` ran for minutes): brackets nested far deeper than any
+    // task file are refused first, by line.
+    if let Some(line) = flow_nesting_past(text, MAX_FLOW_NESTING) {
+        return Err(Error::file(
+            path,
+            format!("line {line}: brackets nested more than {MAX_FLOW_NESTING} deep; refused"),
+        ));
     }
     let yaml: serde_norway::Value = serde_norway::from_str(text)
         .map_err(|e| Error::file(path, format!("invalid YAML: {e}")))?;
@@ -392,6 +424,37 @@ pub fn parse_task_file(path: &Path, text: Option<&str>) -> Result<TaskFile> {
     parse_task(path, map).map(|t| TaskFile::Task(Box::new(t)))
 }
 
+/// An inline task of a group's `task:` list, with its `include:` (relative to the group file)
+/// applied as in a task file: the member's own keys win. (It was dropped without a word.)
+fn inline_member(
+    path: &Path,
+    i: usize,
+    mut member: Map<String, Value>,
+) -> Result<Map<String, Value>> {
+    let Some(inc) = member.remove("include") else {
+        return Ok(member);
+    };
+    let Value::String(inc) = inc else {
+        return Err(Error::key(
+            path.display().to_string(),
+            format!("task[{i}].include"),
+            "expected a file name",
+        ));
+    };
+    let inc_path = path.parent().unwrap_or(Path::new(".")).join(&inc);
+    let mut base =
+        read_yaml_map(&inc_path, None, 1, &[path.to_path_buf()]).map_err(|e| match e {
+            e @ Error::Key { .. } => e,
+            e => Error::key(
+                path.display().to_string(),
+                format!("task[{i}].include"),
+                crate::error::first_line(&e.to_string()),
+            ),
+        })?;
+    base.extend(member);
+    Ok(base)
+}
+
 fn parse_group(path: &Path, map: Map<String, Value>) -> Result<GroupConfig> {
     let src = path.display().to_string();
     for k in map.keys() {
@@ -416,9 +479,9 @@ fn parse_group(path: &Path, map: Map<String, Value>) -> Result<GroupConfig> {
             .enumerate()
             .map(|(i, v)| match v {
                 Value::String(s) => Ok(GroupMember::Name(s.clone())),
-                Value::Object(m) => {
-                    parse_task(path, m.clone()).map(|t| GroupMember::Inline(Box::new(t)))
-                }
+                Value::Object(m) => inline_member(path, i, m.clone())
+                    .and_then(|m| parse_task(path, m))
+                    .map(|t| GroupMember::Inline(Box::new(t))),
                 _ => Err(Error::key(
                     &src,
                     format!("task[{i}]"),
@@ -450,10 +513,29 @@ fn parse_group(path: &Path, map: Map<String, Value>) -> Result<GroupConfig> {
                     ));
                 }
             }
-            let weight = it
-                .get("weight_by_size")
-                .and_then(Value::as_bool)
-                .unwrap_or(true);
+            let weight = match it.get("weight_by_size") {
+                None | Some(Value::Null) => true,
+                Some(Value::Bool(b)) => *b,
+                Some(_) => {
+                    return Err(Error::key(
+                        &src,
+                        format!("aggregate_metric_list[{i}].weight_by_size"),
+                        "expected true or false",
+                    ))
+                }
+            };
+            if let Some(k) = it.as_object().and_then(|o| {
+                o.keys().find(|k| {
+                    !["metric", "aggregation", "weight_by_size", "filter_list"]
+                        .contains(&k.as_str())
+                })
+            }) {
+                return Err(Error::key(
+                    &src,
+                    format!("aggregate_metric_list[{i}].{}", crate::error::clipped(k)),
+                    "unknown key (known: metric, aggregation, weight_by_size, filter_list)",
+                ));
+            }
             aggregate.push((metric.to_string(), weight));
         }
     }
@@ -590,6 +672,29 @@ pub fn parse_task(path: &Path, map: Map<String, Value>) -> Result<TaskConfig> {
                     "{max}: expected 1 to {}",
                     crate::generate::MAX_NEW_TOKENS_LIMIT
                 ),
+            ));
+        }
+        // Sampling values are checked here, by file and key, not after the model has loaded
+        // (where they were named as `generation config: key ...`).
+        if let Some(x) = g.temperature.filter(|x| !(x.is_finite() && *x >= 0.0)) {
+            return Err(Error::key(
+                &src,
+                "generation_kwargs.temperature",
+                format!("{}: expected a number >= 0", crate::error::shown(x)),
+            ));
+        }
+        if let Some(p) = g.top_p.filter(|p| !(*p > 0.0 && *p <= 1.0)) {
+            return Err(Error::key(
+                &src,
+                "generation_kwargs.top_p",
+                format!("{}: expected a number in (0, 1]", crate::error::shown(p)),
+            ));
+        }
+        if g.top_k == Some(0) {
+            return Err(Error::key(
+                &src,
+                "generation_kwargs.top_k",
+                "0: expected at least 1",
             ));
         }
     }

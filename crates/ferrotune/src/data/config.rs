@@ -417,6 +417,19 @@ impl DataConfig {
                 "missing: a prompt template needs a completion template (e.g. \" {answer}\")",
             )
         })?;
+        // A template that does not parse is named by its key (the message quotes it).
+        let key = |i: usize| {
+            if template.is_some() {
+                "template".to_string()
+            } else {
+                format!("templates[{i}]")
+            }
+        };
+        for (i, p) in prompts.iter().enumerate() {
+            super::template::PromptTemplate::parse(p).map_err(|e| Error::key(what, key(i), e))?;
+        }
+        super::template::PromptTemplate::parse(completion)
+            .map_err(|e| Error::key(what, "completion", e))?;
         Ok(Encoder::Pair {
             templates: TemplateSet::new(&prompts, completion, self.seed)?,
             chat: chat.unwrap_or(self.chat),

@@ -138,7 +138,7 @@ impl LabelMap {
         }
         match (first_int, first_str, max_int) {
             (Some((isrc, i)), Some((ssrc, s)), _) => Err(Error::msg(format!(
-                "field `{field}` mixes integer and string labels ({isrc}: {i}; {ssrc}: {s:?}); set `labels = [...]` in [data] to name the classes"
+                "field `{field}` mixes integer and string labels ({isrc}: {i}; {ssrc}: \"{}\"); set `labels = [...]` in [data] to name the classes", crate::error::clipped(s)
             ))),
             (_, None, Some(max)) => {
                 let n = max as usize + 1;
@@ -191,7 +191,8 @@ impl LabelMap {
                 match int_text(s) {
                     Some(i) => in_range(i),
                     None => Err(bad(format!(
-                        "label {s:?} is not one of the labels ({})",
+                        "label \"{}\" is not one of the labels ({})",
+                        crate::error::clipped(s),
                         self.preview_names()
                     ))),
                 }
@@ -201,7 +202,12 @@ impl LabelMap {
 
     /// The names for an error message (the first few).
     fn preview_names(&self) -> String {
-        let shown: Vec<&str> = self.names.iter().take(10).map(String::as_str).collect();
+        let shown: Vec<String> = self
+            .names
+            .iter()
+            .take(10)
+            .map(|n| crate::error::clipped(n))
+            .collect();
         let more = if self.names.len() > 10 {
             format!(", ... {} in all", self.names.len())
         } else {

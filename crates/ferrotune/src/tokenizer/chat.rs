@@ -78,6 +78,8 @@ impl ChatTemplate {
         env.add_function("raise_exception", raise_exception);
         env.add_function("strftime_now", strftime_now);
         env.add_filter("tojson", tojson);
+        // A template comes with a downloaded model: bound its work (a nested loop hung here).
+        env.set_fuel(Some(crate::data::template::MAX_TEMPLATE_FUEL));
         let compile_error = env
             .add_template_owned(NAME, source.clone())
             .err()
@@ -160,6 +162,9 @@ fn template_error(e: &minijinja::Error, source: &str) -> Error {
 
 /// One line: what went wrong, the offending source text (e.g. the undefined variable) and the line.
 fn template_msg(e: &minijinja::Error, source: &str) -> String {
+    if e.kind() == ErrorKind::OutOfFuel {
+        return crate::data::template::out_of_fuel();
+    }
     // `raise_exception` messages are the template author's words; show them as they are.
     if e.kind() == ErrorKind::InvalidOperation {
         if let Some(msg) = e.detail().and_then(|d| d.strip_prefix(RAISED)) {
@@ -541,6 +546,16 @@ mod tests {
         // Formats themselves are checked against Python in tokenizer::tests::strftime_matches_python.
         assert!(strftime("%Q", 0).is_err());
         assert!(strftime("100%", 0).is_err());
+    }
+
+    #[test]
+    fn a_template_that_loops_too_long_is_an_error() {
+        let src =
+            "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}hi";
+        let e = render(src, serde_json::Value::Null)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("steps of work"), "{e}");
     }
 
     #[test]

@@ -1088,29 +1088,9 @@ pub fn apply_override(table: &mut toml::Table, o: &str) -> Result<String> {
     Ok(parts.join("."))
 }
 
-/// Characters of a `--set` (or a value quoted from it) that messages show: the error stays one
-/// short line whatever was given.
-const SHOWN_CHARS: usize = 60;
-
-/// `s` for a one-line message: control characters escaped (a newline would split the line),
-/// at most [`SHOWN_CHARS`] characters, then how long it was.
+/// `s` for a one-line message (see [`crate::error::clipped`]).
 fn shown(s: &str) -> String {
-    let n = s.chars().count();
-    let mut out: String = s
-        .chars()
-        .take(SHOWN_CHARS)
-        .flat_map(|c| {
-            if c.is_control() {
-                c.escape_default().collect::<Vec<_>>()
-            } else {
-                vec![c]
-            }
-        })
-        .collect();
-    if n > SHOWN_CHARS {
-        out.push_str(&format!("... ({n} characters)"));
-    }
-    out
+    crate::error::clipped(s)
 }
 
 /// `msg` with every `"..."` and `` `...` `` span passed through [`shown`] (serde quotes the
