@@ -11,8 +11,9 @@ use minijinja::{Environment, UndefinedBehavior};
 use serde_json::Value;
 
 pub use crate::data::template::MAX_TEMPLATE_FUEL;
-/// The longest prompt a template may render (far beyond any context window).
-pub const MAX_PROMPT_BYTES: usize = 16 << 20;
+/// The longest prompt a template may render, or few-shot examples may make (far beyond any
+/// context window).
+pub const MAX_PROMPT_BYTES: usize = crate::data::template::MAX_RENDER_BYTES;
 
 /// Prompt building for one task. Templates are compiled once, at construction.
 pub struct Prompter<'t> {
@@ -207,7 +208,7 @@ impl<'t> Prompter<'t> {
             .env
             .get_template(name)
             .map_err(|e| Error::msg(format!("{name}: {}", jinja_msg(&e))))?;
-        let out = tmpl.render(doc).map_err(|e| {
+        let out = crate::data::template::render_capped(&tmpl, doc).map_err(|e| {
             Error::key(
                 self.task.file.display().to_string(),
                 name,
@@ -591,6 +592,9 @@ pub fn parse_list_literal(s: &str) -> Option<Value> {
 fn jinja_msg(e: &minijinja::Error) -> String {
     if e.kind() == minijinja::ErrorKind::OutOfFuel {
         return crate::data::template::out_of_fuel();
+    }
+    if let Some(m) = crate::data::template::render_cap_msg(e) {
+        return m;
     }
     let mut s = e.kind().to_string();
     if let Some(d) = e.detail() {

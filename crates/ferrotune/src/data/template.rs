@@ -91,7 +91,7 @@ impl PromptTemplate {
                     }));
                 }
                 let tmpl = env.get_template(NAME).expect("added at parse");
-                tmpl.render(minijinja::Value::from_serialize(row))
+                render_capped(&tmpl, minijinja::Value::from_serialize(row))
                     .map_err(|e| Error::msg(format!("{src}: template: {}", jinja_msg(&e))))
             }
         }
@@ -103,6 +103,57 @@ impl PromptTemplate {
 /// chat and benchmark templates take well under 100,000.
 pub const MAX_TEMPLATE_FUEL: u64 = 20_000_000;
 
+/// The most text one render of a user's template may write (far beyond any context window).
+pub const MAX_RENDER_BYTES: usize = 16 << 20;
+
+/// A writer that refuses to hold more than its cap: the render stops with an error at the cap
+/// instead of building the whole text first (a loop printing a 100 MB string ran out of memory).
+struct CappedText {
+    buf: Vec<u8>,
+    cap: usize,
+}
+
+impl std::io::Write for CappedText {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        if self.buf.len().saturating_add(b.len()) > self.cap {
+            return Err(std::io::Error::other(RENDER_CAP_HIT));
+        }
+        self.buf.extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+const RENDER_CAP_HIT: &str = "render cap";
+
+/// `tmpl` rendered with `ctx`, writing at most [`MAX_RENDER_BYTES`]; past them, an error whose
+/// message [`render_msg`] turns into one saying so.
+pub(crate) fn render_capped<S: serde::Serialize>(
+    tmpl: &minijinja::Template<'_, '_>,
+    ctx: S,
+) -> std::result::Result<String, minijinja::Error> {
+    let mut out = CappedText {
+        buf: Vec::new(),
+        cap: MAX_RENDER_BYTES,
+    };
+    tmpl.render_captured_to(ctx, &mut out)?;
+    // minijinja writes `str` pieces, but a cut could only come from the cap, which errs first
+    String::from_utf8(out.buf).map_err(|_| {
+        minijinja::Error::new(minijinja::ErrorKind::WriteFailure, "output is not UTF-8")
+    })
+}
+
+/// The message for a render that stopped at [`MAX_RENDER_BYTES`], if `e` is one.
+pub(crate) fn render_cap_msg(e: &minijinja::Error) -> Option<String> {
+    (e.kind() == minijinja::ErrorKind::WriteFailure).then(|| {
+        format!(
+            "the template writes more than {MAX_RENDER_BYTES} bytes (a loop printing too much?)"
+        )
+    })
+}
+
 /// The message for a template that ran out of [`MAX_TEMPLATE_FUEL`].
 pub(crate) fn out_of_fuel() -> String {
     format!("the template does more than {MAX_TEMPLATE_FUEL} steps of work (a loop too long?)")
@@ -111,6 +162,9 @@ pub(crate) fn out_of_fuel() -> String {
 fn jinja_msg(e: &minijinja::Error) -> String {
     if e.kind() == minijinja::ErrorKind::OutOfFuel {
         return out_of_fuel();
+    }
+    if let Some(m) = render_cap_msg(e) {
+        return m;
     }
     let mut msg = match e.detail() {
         Some(d) => format!("{}: {d}", e.kind()),
@@ -244,6 +298,19 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("line 3") && e.contains("steps of work"), "{e}");
+        // 1,000 prints of a 10 MB string: stopped at the cap, not built whole
+        let t = PromptTemplate::parse(
+            "{% set big = 'a' * 10000000 %}{% for i in range(1000) %}{{ big }}{% endfor %}{{ text }}",
+        )
+        .unwrap();
+        let e = t
+            .render(&row(3, json!({"text": "x"})).fields, &src(3))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("line 3") && e.contains("writes more than"),
+            "{e}"
+        );
     }
 
     #[test]

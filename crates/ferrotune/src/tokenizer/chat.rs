@@ -151,7 +151,7 @@ impl ChatTemplate {
             .env
             .get_template(NAME)
             .map_err(|e| template_error(&e, &self.source))?;
-        tmpl.render(Value::from_serialize(&ctx))
+        crate::data::template::render_capped(&tmpl, Value::from_serialize(&ctx))
             .map_err(|e| template_error(&e, &self.source))
     }
 }
@@ -164,6 +164,9 @@ fn template_error(e: &minijinja::Error, source: &str) -> Error {
 fn template_msg(e: &minijinja::Error, source: &str) -> String {
     if e.kind() == ErrorKind::OutOfFuel {
         return crate::data::template::out_of_fuel();
+    }
+    if let Some(m) = crate::data::template::render_cap_msg(e) {
+        return m;
     }
     // `raise_exception` messages are the template author's words; show them as they are.
     if e.kind() == ErrorKind::InvalidOperation {
