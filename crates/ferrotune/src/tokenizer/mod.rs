@@ -407,8 +407,24 @@ fn post_processor_adds(inner: &tokenizers::Tokenizer, bos: Option<u32>) -> bool 
 /// runs under [`catch_panic`](crate::error::catch_panic).
 fn parse_tokenizer_json(path: &Path) -> Result<tokenizers::Tokenizer> {
     let text = crate::fsutil::read_to_string(path).with_path(path)?;
-    let json: serde_json::Value =
+    // The steps that may hold a `Replace`, as values; the vocabulary and merges are only
+    // skipped over (checking the syntax of the whole file) rather than built as values.
+    #[derive(serde::Deserialize)]
+    struct Steps {
+        #[serde(default)]
+        normalizer: serde_json::Value,
+        #[serde(default)]
+        pre_tokenizer: serde_json::Value,
+        #[serde(default)]
+        decoder: serde_json::Value,
+    }
+    let steps: Steps =
         serde_json::from_str(&text).map_err(|e| Error::file(path, format!("invalid JSON: {e}")))?;
+    let json = serde_json::json!({
+        "normalizer": steps.normalizer,
+        "pre_tokenizer": steps.pre_tokenizer,
+        "decoder": steps.decoder,
+    });
     if let Some(at) = empty_replace_pattern(&json, String::new()) {
         // the library takes it and then panics on the first text ("index out of bounds")
         return Err(Error::file(
@@ -455,16 +471,14 @@ fn empty_replace_pattern(v: &serde_json::Value, at: String) -> Option<String> {
             {
                 return Some(if at.is_empty() { "Replace".into() } else { at });
             }
-            m.iter()
-                .filter(|(k, _)| k.as_str() != "model" && k.as_str() != "added_tokens")
-                .find_map(|(k, x)| {
-                    let next = if at.is_empty() {
-                        k.clone()
-                    } else {
-                        format!("{at}.{k}")
-                    };
-                    empty_replace_pattern(x, next)
-                })
+            m.iter().find_map(|(k, x)| {
+                let next = if at.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{at}.{k}")
+                };
+                empty_replace_pattern(x, next)
+            })
         }
         Value::Array(xs) => xs
             .iter()
