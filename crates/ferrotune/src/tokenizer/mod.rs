@@ -180,8 +180,11 @@ impl Tokenizer {
         } else {
             format!("{}: chat_template", config_path.display())
         };
-        let chat_template =
-            template_src.map(|src| load_template(src, &bos, &eos, &template_origin));
+        // An empty template is no template, as in transformers (where "" is falsy and
+        // apply_chat_template says none is set): it rendered every conversation as nothing.
+        let chat_template = template_src
+            .filter(|src| !src.trim().is_empty())
+            .map(|src| load_template(src, &bos, &eos, &template_origin));
         let mut tok = Self::assemble(inner, bos, eos, eos_ids, pad_id, add_bos, chat_template);
         tok.unk = unk;
         tok.origin = if tj.is_file() { tj } else { spm }.display().to_string();
@@ -197,10 +200,13 @@ impl Tokenizer {
         let unk = text(g.unk_id);
         let mut eos_ids: Vec<u32> = eos.iter().map(|(id, _)| *id).collect();
         eos_ids.extend(&g.extra_eog_ids);
-        let chat_template = g.chat_template.map(|src| {
-            let origin = format!("{}: tokenizer.chat_template", path.display());
-            load_template(src, &bos, &eos, &origin)
-        });
+        let chat_template = g
+            .chat_template
+            .filter(|src| !src.trim().is_empty())
+            .map(|src| {
+                let origin = format!("{}: tokenizer.chat_template", path.display());
+                load_template(src, &bos, &eos, &origin)
+            });
         let mut tok = Self::assemble(
             g.inner,
             bos,

@@ -573,6 +573,14 @@ fn hf_chat_template_unknown_variable_is_an_error() {
         "{msg}"
     );
 
+    // An empty template is none (transformers: "" is falsy), not one that renders nothing.
+    dir.write(
+        "tokenizer_config.json",
+        &json!({"chat_template": " \n"}).to_string(),
+    );
+    let tok = Tokenizer::from_hf_dir(&dir.0).unwrap();
+    assert!(tok.chat_template().is_none());
+
     // A template that does not compile still lets the tokenizer load; rendering reports the line.
     let cfg = json!({"chat_template": "{% for m in messages %}\n{{ m.content }\n{% endfor %}"});
     dir.write("tokenizer_config.json", &cfg.to_string());
