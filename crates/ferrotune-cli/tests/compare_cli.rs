@@ -186,6 +186,19 @@ fn compare_runs_each_method_reports_failures_in_their_row_and_resumes() {
         e.contains("--method-set") && !e.trim().contains('\n'),
         "{e}"
     );
+    // Settings for the base run (which does not train) are refused.
+    let e = fails(&[
+        "compare",
+        "--config",
+        &base,
+        "--methods",
+        "base,lora",
+        "--method-set",
+        "base:train.lr=1e-3",
+        "--out",
+        &arg(&dir.join("cmp7")),
+    ]);
+    assert!(e.contains("the base run does not train"), "{e}");
     // (the failed run's own error is on stderr before the comparison's last line)
     let out3 = ferrotune(&[
         "compare",

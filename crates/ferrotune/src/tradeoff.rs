@@ -161,6 +161,11 @@ pub fn plan(spec: &CompareSpec) -> Result<Vec<RunSpec>> {
                 "--method-set `{run}:{kv}`: a run's method is its name in --methods; set other keys here"
             )));
         }
+        if run == "base" {
+            return Err(Error::msg(format!(
+                "--method-set `{run}:{kv}`: the base run does not train, so its settings would be unused"
+            )));
+        }
         let known = spec.methods.iter().any(|m| m.trim() == run)
             || spec
                 .lora_ranks
