@@ -161,10 +161,7 @@ fn an_unsupported_key_names_the_key_and_the_file() {
 #[test]
 fn a_template_reading_a_missing_field_names_the_field_and_the_sample() {
     let p = tmp_yaml("missing_field.yaml", "task: x\ndataset_path: json\noutput_type: generate_until\ndoc_to_text: \"Q: {{question}}\"\ndoc_to_target: answer\n");
-    let t = match task::parse_task_file(&p, None).unwrap() {
-        TaskFile::Task(t) => *t,
-        TaskFile::Group(_) => panic!("a group"),
-    };
+    let t = one_task(&p);
     let good = doc(json!({"question": "q", "answer": "a"}));
     let bad = doc(json!({"query": "q", "answer": "a"}));
     let pr = Prompter::new(&t, &good).unwrap();
@@ -181,10 +178,7 @@ fn data_that_cannot_be_found_says_where_it_looked() {
         "nodata.yaml",
         "task: x\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: nowhere/data.jsonl\ntest_split: test\noutput_type: generate_until\ndoc_to_text: q\ndoc_to_target: a\n",
     );
-    let t = match task::parse_task_file(&p, None).unwrap() {
-        TaskFile::Task(t) => *t,
-        TaskFile::Group(_) => panic!("a group"),
-    };
+    let t = one_task(&p);
     let e = ferrotune::bench::docs::load_split(&t, "test")
         .err()
         .unwrap()
@@ -195,6 +189,14 @@ fn data_that_cannot_be_found_says_where_it_looked() {
             && e.contains(&p.parent().unwrap().display().to_string()),
         "{e}"
     );
+}
+
+/// The task a task file (not a group file) at `p` describes.
+fn one_task(p: &std::path::Path) -> task::TaskConfig {
+    match task::parse_task_file(p, None).unwrap() {
+        TaskFile::Task(t) => *t,
+        TaskFile::Group(_) => panic!("{}: a group", p.display()),
+    }
 }
 
 fn parse_err(name: &str, text: &str) -> String {
@@ -285,10 +287,7 @@ fn a_data_file_that_is_a_device_is_named_as_one() {
         "devzero.yaml",
         "task: x\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: /dev/zero\ntest_split: test\noutput_type: generate_until\ndoc_to_text: q\ndoc_to_target: a\n",
     );
-    let t = match task::parse_task_file(&p, None).unwrap() {
-        TaskFile::Task(t) => *t,
-        TaskFile::Group(_) => panic!("a group"),
-    };
+    let t = one_task(&p);
     let e = ferrotune::bench::docs::load_split(&t, "test")
         .err()
         .unwrap()
@@ -302,10 +301,7 @@ fn a_template_that_loops_too_long_fails_instead_of_hanging() {
         "loop.yaml",
         "task: x\ndataset_path: json\noutput_type: generate_until\ndoc_to_text: \"{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}{{q}}\"\ndoc_to_target: a\n",
     );
-    let t = match task::parse_task_file(&p, None).unwrap() {
-        TaskFile::Task(t) => *t,
-        TaskFile::Group(_) => panic!("a group"),
-    };
+    let t = one_task(&p);
     let d = doc(json!({"q": "q", "a": "a"}));
     let pr = Prompter::new(&t, &d).unwrap();
     let t0 = std::time::Instant::now();
@@ -323,10 +319,7 @@ fn few_shot_examples_that_add_up_past_the_prompt_cap_are_refused() {
         "bigshots.yaml",
         "task: x\ndataset_path: json\noutput_type: generate_until\ndoc_to_text: \"{{q}}\"\ndoc_to_target: a\n",
     );
-    let t = match task::parse_task_file(&p, None).unwrap() {
-        TaskFile::Task(t) => *t,
-        TaskFile::Group(_) => panic!("a group"),
-    };
+    let t = one_task(&p);
     // each 1 MiB (under the per-render cap), 20 of them past the 16 MiB of a prompt
     let big = doc(json!({"q": "w ".repeat(1 << 19), "a": "a"}));
     let d = doc(json!({"q": "q", "a": "a"}));
