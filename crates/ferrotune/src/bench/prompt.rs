@@ -590,10 +590,7 @@ pub fn parse_list_literal(s: &str) -> Option<Value> {
 }
 
 fn jinja_msg(e: &minijinja::Error) -> String {
-    if e.kind() == minijinja::ErrorKind::OutOfFuel {
-        return crate::data::template::out_of_fuel();
-    }
-    if let Some(m) = crate::data::template::render_cap_msg(e) {
+    if let Some(m) = crate::data::template::limit_msg(e) {
         return m;
     }
     let mut s = e.kind().to_string();

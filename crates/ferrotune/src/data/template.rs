@@ -129,7 +129,7 @@ impl std::io::Write for CappedText {
 const RENDER_CAP_HIT: &str = "render cap";
 
 /// `tmpl` rendered with `ctx`, writing at most [`MAX_RENDER_BYTES`]; past them, an error whose
-/// message [`render_msg`] turns into one saying so.
+/// message [`limit_msg`] turns into one saying so.
 pub(crate) fn render_capped<S: serde::Serialize>(
     tmpl: &minijinja::Template<'_, '_>,
     ctx: S,
@@ -141,29 +141,29 @@ pub(crate) fn render_capped<S: serde::Serialize>(
     tmpl.render_captured_to(ctx, &mut out)?;
     // minijinja writes `str` pieces, but a cut could only come from the cap, which errs first
     String::from_utf8(out.buf).map_err(|_| {
-        minijinja::Error::new(minijinja::ErrorKind::WriteFailure, "output is not UTF-8")
-    })
-}
-
-/// The message for a render that stopped at [`MAX_RENDER_BYTES`], if `e` is one.
-pub(crate) fn render_cap_msg(e: &minijinja::Error) -> Option<String> {
-    (e.kind() == minijinja::ErrorKind::WriteFailure).then(|| {
-        format!(
-            "the template writes more than {MAX_RENDER_BYTES} bytes (a loop printing too much?)"
+        minijinja::Error::new(
+            minijinja::ErrorKind::InvalidOperation,
+            "output is not UTF-8",
         )
     })
 }
 
-/// The message for a template that ran out of [`MAX_TEMPLATE_FUEL`].
-pub(crate) fn out_of_fuel() -> String {
-    format!("the template does more than {MAX_TEMPLATE_FUEL} steps of work (a loop too long?)")
+/// The message for a render stopped by one of the limits every user template runs under (the
+/// work bound [`MAX_TEMPLATE_FUEL`], the output cap [`MAX_RENDER_BYTES`]), if `e` is one.
+pub(crate) fn limit_msg(e: &minijinja::Error) -> Option<String> {
+    match e.kind() {
+        minijinja::ErrorKind::OutOfFuel => Some(format!(
+            "the template does more than {MAX_TEMPLATE_FUEL} steps of work (a loop too long?)"
+        )),
+        minijinja::ErrorKind::WriteFailure => Some(format!(
+            "the template writes more than {MAX_RENDER_BYTES} bytes (a loop printing too much?)"
+        )),
+        _ => None,
+    }
 }
 
 fn jinja_msg(e: &minijinja::Error) -> String {
-    if e.kind() == minijinja::ErrorKind::OutOfFuel {
-        return out_of_fuel();
-    }
-    if let Some(m) = render_cap_msg(e) {
+    if let Some(m) = limit_msg(e) {
         return m;
     }
     let mut msg = match e.detail() {

@@ -1873,21 +1873,26 @@ impl SentenceConfig {
                 .as_array()
                 .ok_or_else(|| Error::file(&modules_path, "expected a list of modules"))?;
             for (i, m) in list.iter().enumerate() {
-                let ty = m.get("type").and_then(|t| t.as_str()).ok_or_else(|| {
+                let bad = |field: &str, what: String| {
                     Error::key(
                         modules_path.display().to_string(),
-                        format!("[{i}].type"),
-                        "missing or not a string",
+                        format!("[{i}].{field}"),
+                        what,
                     )
-                })?;
+                };
+                let string = |field: &str| {
+                    m.get(field)
+                        .and_then(|v| v.as_str())
+                        .ok_or_else(|| bad(field, "missing or not a string".into()))
+                };
+                let ty = string("type")?;
                 // A module this reader would skip (a Dense projection, a LayerNorm...) changes
                 // the embedding: skipping it would give vectors sentence-transformers never
                 // computes. Dropout does nothing at inference.
                 let short = ty.rsplit('.').next().unwrap_or(ty);
                 if !SENTENCE_MODULES.contains(&short) {
-                    return Err(Error::key(
-                        modules_path.display().to_string(),
-                        format!("[{i}].type"),
+                    return Err(bad(
+                        "type",
                         format!(
                             "`{ty}` is not supported (supported: {})",
                             SENTENCE_MODULES.join(", ")
@@ -1898,13 +1903,7 @@ impl SentenceConfig {
                     cfg.normalize = true;
                 }
                 if ty.ends_with(".Pooling") {
-                    let rel = m.get("path").and_then(|p| p.as_str()).ok_or_else(|| {
-                        Error::key(
-                            modules_path.display().to_string(),
-                            format!("[{i}].path"),
-                            "missing or not a string",
-                        )
-                    })?;
+                    let rel = string("path")?;
                     let pdir = super::weights::file_inside(dir, rel, &modules_path)?;
                     cfg.pooling = read_pooling(&pdir.join("config.json"))?;
                 }

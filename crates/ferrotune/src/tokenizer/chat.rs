@@ -162,10 +162,7 @@ fn template_error(e: &minijinja::Error, source: &str) -> Error {
 
 /// One line: what went wrong, the offending source text (e.g. the undefined variable) and the line.
 fn template_msg(e: &minijinja::Error, source: &str) -> String {
-    if e.kind() == ErrorKind::OutOfFuel {
-        return crate::data::template::out_of_fuel();
-    }
-    if let Some(m) = crate::data::template::render_cap_msg(e) {
+    if let Some(m) = crate::data::template::limit_msg(e) {
         return m;
     }
     // `raise_exception` messages are the template author's words; show them as they are.
