@@ -564,11 +564,17 @@ fn compare_scores_the_base_model_and_a_trained_adapter() {
 
 /// Mean next-token NLL of `ids` (one row) under `m`.
 fn row_nll(m: &dyn model::Model, ids: &[u32]) -> f64 {
+    let (sum, n) = m.loss_sum(&row_batch(ids), false).unwrap();
+    sum.to_scalar::<f32>().unwrap() as f64 / n as f64
+}
+
+/// `ids` as a one-row batch that scores every token after the first.
+fn row_batch(ids: &[u32]) -> data::Batch {
     let t = ids.len();
     let input = Tensor::from_vec(ids.to_vec(), (1, t), &Device::Cpu).unwrap();
     let mut labels: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
     labels[0] = IGNORE;
-    let b = data::Batch {
+    data::Batch {
         input_ids: input,
         labels: Tensor::from_vec(labels, (1, t), &Device::Cpu).unwrap(),
         targets: data::Targets::NextToken,
@@ -581,9 +587,7 @@ fn row_nll(m: &dyn model::Model, ids: &[u32]) -> f64 {
         n_loss_tokens: t - 1,
         n_tokens: t,
         sources: Vec::new(),
-    };
-    let (sum, n) = m.loss_sum(&b, false).unwrap();
-    sum.to_scalar::<f32>().unwrap() as f64 / n as f64
+    }
 }
 
 /// `init_lora_weights = "pissa"` / `"olora"` train through the normal loop: the run's
@@ -658,6 +662,122 @@ fn pissa_and_olora_runs_save_a_converted_adapter_and_resume_exactly() {
         assert!(a == b, "{init}: the resumed adapter differs");
         assert_eq!(train_losses(&out_a), train_losses(&out_b));
     }
+}
+
+/// `init_lora_weights = "loftq"` on a base quantized at load (`train.base_quant = "nf4"`): the
+/// run starts closer to the f32 model than plain QLoRA does, its `adapter/` is converted for
+/// the original base (rank 2r, `init_lora_weights: true`, no `loftq_config`) and loads there,
+/// and an interrupted run resumes to the same adapter. `loftq_bits` that disagree with the
+/// base's format are refused naming the key.
+#[test]
+fn loftq_on_a_quantized_base_starts_closer_to_the_f32_model() {
+    let rows = reverse_rows(6, 21);
+    let extra =
+        "max_steps = 4\nlr = 5e-3\neval_every = 4\neval_batches = 0\nsave_every = 2\nseed = 3";
+    let lora = "init_lora_weights = \"loftq\"\nloftq_config = { loftq_iter = 5 }";
+    let s = setup("loftq", &rows, &rows, extra, lora);
+    let out = |name: &str| format!("output_dir={}", s.dir.join(name).display());
+
+    // Before training: logits of the NF4 base with its LoftQ adapter against the f32 model's,
+    // and the plain NF4 base's.
+    let dir = s.dir.join("model");
+    let nf4 = LoadOptions {
+        base_quant: ferrotune::quant::BaseQuant::parse("nf4", true).unwrap(),
+        ..Default::default()
+    };
+    let load_with = |o: &LoadOptions| {
+        model::load(dir.to_str().unwrap(), o, &Device::Cpu)
+            .unwrap()
+            .model
+    };
+    let batch = row_batch(&[1, 5, 7, 8, 9, 4, 9, 8, 7, 2]);
+    let logits = |m: &dyn model::Model| common::flat(&m.logits(&batch).unwrap());
+    let reference = logits(&*load_with(&LoadOptions::default()));
+    let rms = |x: Vec<f32>| {
+        let n = x.len() as f64;
+        (x.iter()
+            .zip(&reference)
+            .map(|(a, b)| ((a - b) as f64).powi(2))
+            .sum::<f64>()
+            / n)
+            .sqrt()
+    };
+    let plain = rms(logits(&*load_with(&nf4)));
+    let mut m = load_with(&nf4);
+    let st = model::weights::SafetensorsSource::open(&dir, &LoadOptions::default(), &Device::Cpu)
+        .unwrap();
+    let read = |n: &str| st.stored_f32(&format!("{n}.weight"));
+    let mut cfg = load(&s, &[]).config.lora.to_peft("m");
+    cfg.target_modules = Some(peft::lora::ModuleSpec::One("all-linear".into()));
+    peft::lora::attach_lora_with(&mut *m, &cfg, "default", 3, Some(&read)).unwrap();
+    let fixed = rms(logits(&*m));
+
+    assert!(
+        fixed < 0.9 * plain,
+        "logits vs f32: nf4 {plain}, nf4 + LoftQ {fixed}"
+    );
+    // without the file's weights there is nothing to measure the quantized base against
+    let mut m = load_with(&nf4);
+    let e = peft::lora::attach_lora(&mut *m, &cfg, "default", 3)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("unquantized weights") && !e.contains('\n'),
+        "{e}"
+    );
+
+    train::run(
+        &load(&s, &[&out("a"), "train.base_quant=nf4"]),
+        &quiet(false),
+    )
+    .unwrap();
+    let adapter = s.dir.join("a/adapter");
+    let cfg: Value = serde_json::from_str(
+        &std::fs::read_to_string(adapter.join("adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        (cfg["r"].clone(), cfg["init_lora_weights"].clone()),
+        (8.into(), true.into())
+    );
+    assert!(cfg.get("loftq_config").is_none(), "{cfg}");
+    let mut m = model::load(
+        s.dir.join("model").to_str().unwrap(),
+        &LoadOptions::default(),
+        &Device::Cpu,
+    )
+    .unwrap();
+    peft::load_adapter(&mut m.model, &adapter, "loftq").unwrap();
+
+    train::run(
+        &load(
+            &s,
+            &[&out("b"), "train.base_quant=nf4", "train.stop_after=2"],
+        ),
+        &quiet(false),
+    )
+    .unwrap();
+    let b = train::run(
+        &load(&s, &[&out("b"), "train.base_quant=nf4"]),
+        &quiet(true),
+    )
+    .unwrap();
+    assert_eq!(b.resumed_from_step, Some(2));
+    let read =
+        |d: &str| std::fs::read(s.dir.join(d).join("adapter/adapter_model.safetensors")).unwrap();
+    assert!(read("a") == read("b"), "the resumed adapter differs");
+
+    // refused when the config is read, naming the key
+    let set = [
+        out("c"),
+        "train.base_quant=nf4".into(),
+        "lora.loftq_config={loftq_bits=8}".into(),
+    ];
+    let e = train::load_config(&s.config, &set).unwrap_err().to_string();
+    assert!(
+        e.contains("lora.loftq_config") && e.contains("loftq_bits = 8") && !e.contains('\n'),
+        "{e}"
+    );
 }
 
 /// `train.base_quant` (QLoRA and relatives): the frozen base's linears are quantized at load,

@@ -303,6 +303,30 @@ pub fn is_placeholder(t: &Tensor) -> bool {
 }
 
 impl SafetensorsSource {
+    /// Tensor `name` as the folder stores it, as f32 on the CPU, read past the options (no
+    /// `base_quant`, no cache); `None` when it is absent or stored in a non-float type (a
+    /// bitsandbytes-quantized weight). LoftQ measures a base quantized at load against it.
+    pub fn stored_f32(&self, name: &str) -> Result<Option<Tensor>> {
+        use safetensors::Dtype as D;
+        let Some((file, _)) = self.names.get(name) else {
+            return Ok(None);
+        };
+        match self.st.get(name) {
+            Ok(v) if matches!(v.dtype(), D::F32 | D::F16 | D::BF16 | D::F64) => {}
+            _ => return Ok(None),
+        }
+        let t = self.st.load(name, &Device::Cpu).map_err(|e| {
+            Error::file(
+                file,
+                format!(
+                    "tensor `{name}`: {}",
+                    crate::error::first_line(&e.to_string())
+                ),
+            )
+        })?;
+        Ok(Some(t.to_dtype(DType::F32)?))
+    }
+
     /// Whether `name` is one of [`LoadOptions::placeholders`].
     fn is_placeholder(&self, name: &str) -> bool {
         self.opts.is_placeholder(name)

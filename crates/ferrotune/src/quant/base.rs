@@ -68,6 +68,14 @@ impl BaseQuant {
         }
     }
 
+    /// Bits of each weight's code (4 or 8), the width LoftQ's `loftq_bits` names.
+    pub fn code_bits(self) -> u32 {
+        match self {
+            BaseQuant::Int8 | BaseQuant::Ggml(GgmlDType::Q8_0) => 8,
+            _ => 4,
+        }
+    }
+
     /// Bits per weight of a large matrix in this format (what the memory estimate uses).
     pub fn bits_per_weight(self) -> f64 {
         match self {

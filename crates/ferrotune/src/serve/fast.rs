@@ -326,11 +326,10 @@ impl FastBatchBackend {
                 if c.modules_to_save.as_ref().is_some_and(|m| !m.is_empty()) {
                     return refuse("an adapter with modules_to_save");
                 }
-                if matches!(
-                    c.init_lora_weights.kind(),
-                    Ok(InitKind::Pissa { .. } | InitKind::Olora)
-                ) {
-                    return refuse("a PiSSA/OLoRA adapter (its init changes the base weights)");
+                if c.init_lora_weights.kind().is_ok_and(InitKind::mutates_base) {
+                    return refuse(
+                        "a PiSSA/OLoRA/LoftQ adapter (its init changes the base weights)",
+                    );
                 }
                 Ok(())
             }

@@ -337,9 +337,13 @@ pub struct LoraSection {
     /// DoRA: a trained magnitude per output row (PEFT's `use_dora`).
     #[serde(default)]
     pub use_dora: bool,
-    /// PEFT's `init_lora_weights`: true, false, "gaussian", "pissa", "pissa_niter_K" or "olora".
+    /// PEFT's `init_lora_weights`: true, false, "gaussian", "pissa", "pissa_niter_K", "olora" or
+    /// "loftq".
     #[serde(default)]
     pub init_lora_weights: Option<crate::peft::lora::InitLoraWeights>,
+    /// PEFT's `LoftQConfig` for `init_lora_weights = "loftq"`.
+    #[serde(default)]
+    pub loftq_config: Option<LoftqSection>,
     /// Per-module ranks and alphas (PEFT's regex / suffix keys).
     #[serde(default)]
     pub rank_pattern: std::collections::BTreeMap<String, usize>,
@@ -353,6 +357,25 @@ pub struct LoraSection {
 
 fn default_r() -> usize {
     8
+}
+
+/// `[lora] loftq_config = { loftq_bits = 4, loftq_iter = 1 }` (PEFT's `LoftQConfig`, its
+/// defaults). Checked with the rest of the LoRA config when the adapter is attached.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoftqSection {
+    #[serde(default = "default_loftq_bits")]
+    pub loftq_bits: u64,
+    #[serde(default = "default_loftq_iter")]
+    pub loftq_iter: u64,
+}
+
+fn default_loftq_bits() -> u64 {
+    4
+}
+
+fn default_loftq_iter() -> u64 {
+    1
 }
 
 impl Default for LoraSection {
@@ -370,6 +393,7 @@ impl Default for LoraSection {
             use_rslora: None,
             use_dora: false,
             init_lora_weights: None,
+            loftq_config: None,
             rank_pattern: Default::default(),
             alpha_pattern: Default::default(),
             loraplus_lr_ratio: None,
@@ -414,6 +438,13 @@ impl LoraSection {
         Ok(())
     }
 
+    /// Whether `init_lora_weights` is `"loftq"`.
+    pub fn is_loftq(&self) -> bool {
+        self.init_lora_weights
+            .as_ref()
+            .is_some_and(|w| matches!(w.kind(), Ok(crate::peft::lora::InitKind::Loftq)))
+    }
+
     /// The PEFT config this section stands for (what `adapter_config.json` will hold), with
     /// LLaMA's default targets when none are set ([`Self::to_peft_for`] takes the model's).
     pub fn to_peft(&self, base_model: &str) -> LoraConfig {
@@ -440,6 +471,21 @@ impl LoraSection {
             alpha_pattern: self.alpha_pattern.clone(),
             modules_to_save: self.modules_to_save.clone(),
             base_model_name_or_path: Some(base_model.to_string()),
+            // PEFT refuses "loftq" without a loftq_config: write its defaults when none is set
+            extra: self
+                .loftq_config
+                .or_else(|| {
+                    self.is_loftq().then_some(LoftqSection {
+                        loftq_bits: default_loftq_bits(),
+                        loftq_iter: default_loftq_iter(),
+                    })
+                })
+                .map(|l| {
+                    let v =
+                        serde_json::json!({"loftq_bits": l.loftq_bits, "loftq_iter": l.loftq_iter});
+                    std::collections::BTreeMap::from([("loftq_config".to_string(), v)])
+                })
+                .unwrap_or_default(),
             ..LoraConfig::default()
         }
     }
@@ -1535,6 +1581,30 @@ fn validate(c: &LoadedConfig) -> Result<()> {
             l.to_peft(&cfg.model)
                 .validate(&format!("{}: [lora]", c.source()))
                 .map_err(|e| Error::msg(e.to_string()))?;
+            // LoftQ re-quantizes the base in the run's own format: its width must agree
+            let base = t
+                .base_quant
+                .as_deref()
+                .and_then(|b| crate::quant::BaseQuant::parse(b, t.double_quant).ok().flatten());
+            let bits = l.loftq_config.map_or(default_loftq_bits(), |x| x.loftq_bits);
+            if let (Some(bq), true) = (base, l.is_loftq()) {
+                let want = u64::from(bq.code_bits());
+                if bits != want {
+                    return bad(
+                        "lora.loftq_config",
+                        &format!(
+                            "loftq_bits = {bits} (PEFT's default 4 when unset) but train.base_quant = \"{}\" is {want}-bit: set loftq_config = {{ loftq_bits = {want} }}",
+                            t.base_quant.as_deref().unwrap_or_default()
+                        ),
+                    );
+                }
+            }
+            // as PEFT does (a config is often rerun with another init through --set)
+            if l.loftq_config.is_some() && !l.is_loftq() {
+                tracing::warn!(
+                    "lora.loftq_config has no effect unless lora.init_lora_weights = \"loftq\""
+                );
+            }
         }
         Method::Full => {}
         Method::Ia3 => cfg

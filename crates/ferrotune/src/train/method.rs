@@ -7,7 +7,7 @@ use crate::model::Model;
 use crate::peft::bottleneck::BottleneckConfig;
 use crate::peft::format::{save_adapter, KEY_PREFIX, WEIGHTS_FILE};
 use crate::peft::ia3::Ia3Config;
-use crate::peft::lora::{as_lora, attach_lora, config_for_model, LoraConfig};
+use crate::peft::lora::{as_lora, attach_lora_with, config_for_model, LoraConfig};
 use crate::peft::prompt_learning::{self, PromptEncoder, PromptLearningConfig};
 use crate::peft::{adapter_params, ParamCount};
 use crate::{Error, Result};
@@ -63,15 +63,17 @@ pub enum Tuner {
 impl Tuner {
     /// Attach the configured method to `model` with freshly initialised weights (seeded).
     pub fn attach(cfg: &TrainConfig, model: &mut dyn Model, model_name: &str) -> Result<Tuner> {
-        Tuner::attach_with(cfg, model, model_name, None)
+        Tuner::attach_with(cfg, model, model_name, None, None)
     }
 
-    /// [`Tuner::attach`] with the model's tokenizer (prompt tuning's `TEXT` init needs it).
+    /// [`Tuner::attach`] with the model's tokenizer (prompt tuning's `TEXT` init needs it) and
+    /// the base's unquantized weights (LoftQ on a base quantized at load needs them).
     pub fn attach_with(
         cfg: &TrainConfig,
         model: &mut dyn Model,
         model_name: &str,
         tokenizer: Option<&crate::tokenizer::Tokenizer>,
+        originals: Option<crate::peft::lora::OriginalWeights>,
     ) -> Result<Tuner> {
         match cfg.method {
             Method::PromptTuning | Method::PrefixTuning | Method::PTuning => {
@@ -108,7 +110,8 @@ impl Tuner {
                         return Err(Error::key("[lora]", "init_lora_weights", why));
                     }
                 }
-                let info = attach_lora(model, &config, ADAPTER_NAME, cfg.train.seed)?;
+                let info =
+                    attach_lora_with(model, &config, ADAPTER_NAME, cfg.train.seed, originals)?;
                 Ok(Tuner::Lora {
                     config: Box::new(config),
                     params: info.params,

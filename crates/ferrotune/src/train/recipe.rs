@@ -1333,6 +1333,17 @@ fn decide_output(
     Ok(OutputPlan::Run { folder, resume })
 }
 
+/// Whether the run's LoRA starts from LoftQ on a base quantized at load (`train.base_quant`).
+fn loftq_reads_originals(cfg: &config::TrainConfig) -> bool {
+    cfg.method == Method::Lora
+        && cfg.lora.is_loftq()
+        && cfg
+            .train
+            .base_quant
+            .as_deref()
+            .is_some_and(|b| !b.eq_ignore_ascii_case("none"))
+}
+
 /// The model of a run with its method attached.
 struct RunModel {
     model: Box<dyn Model>,
@@ -1393,7 +1404,24 @@ fn setup_model(
         crate::peft::ia3::resolve_targets(&*m, &cfg.ia3.to_peft(&cfg.model))
             .map_err(|e| c.key_error("ia3.target_modules", e))?;
     }
-    let tuner = Tuner::attach_with(cfg, &mut *m, &cfg.model, Some(&tokenizer))?;
+    // LoftQ on a base quantized at load measures it against the file's own weights, read one
+    // at a time (never the whole f32 model beside the quantized one).
+    let stored = match (&source, loftq_reads_originals(cfg)) {
+        (ModelSource::HfDir(dir), true) => Some(model::weights::SafetensorsSource::open(
+            dir,
+            &LoadOptions::default(),
+            &candle_core::Device::Cpu,
+        )?),
+        _ => None,
+    };
+    let read_stored = |module: &str| match &stored {
+        Some(st) => st.stored_f32(&format!("{module}.weight")),
+        None => Ok(None),
+    };
+    let originals: Option<crate::peft::lora::OriginalWeights> =
+        stored.as_ref().map(|_| &read_stored as _);
+    let tuner = Tuner::attach_with(cfg, &mut *m, &cfg.model, Some(&tokenizer), originals)?;
+    drop(stored);
     check_soft_prompt(c, &*m, data)?;
     // The model's own dropout (T5 dropout_rate, BERT hidden / attention dropout), seeded like
     // the adapters' so a resumed run draws the same masks.

@@ -28,12 +28,13 @@ pub enum ModuleSpec {
 /// (A ~ N(0, 1/r), B zero), or one of the inits that move part of the base weight into the
 /// adapter (see `peft::lora::init`): `"pissa"` (the top-r singular triplets), `"pissa_niter_K"`
 /// (the same from a randomized SVD with K subspace iterations) and `"olora"` (the leading r
-/// columns of a QR decomposition). PEFT's data-driven or quantization-aware inits (LoftQ, EVA,
-/// CorDA, ...) are not supported.
+/// columns of a QR decomposition), and `"loftq"` (LoftQ: the base is quantized and the adapter
+/// starts as the best rank-r fix of the quantization error; settings in `loftq_config`, see
+/// `peft::lora::init::loftq`). PEFT's data-driven inits (EVA, CorDA, ...) are not supported.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(
     untagged,
-    expecting = "expected true, false, \"gaussian\", \"pissa\", \"pissa_niter_K\" or \"olora\""
+    expecting = "expected true, false, \"gaussian\", \"pissa\", \"pissa_niter_K\", \"olora\" or \"loftq\""
 )]
 pub enum InitLoraWeights {
     Bool(bool),
@@ -53,15 +54,39 @@ pub enum InitKind {
     Pissa { niter: Option<usize> },
     /// `"olora"` (any case).
     Olora,
+    /// `"loftq"` (any case), with [`LoraConfig::loftq_config`].
+    Loftq,
 }
 
 impl InitKind {
-    /// PiSSA and OLoRA replace the base weight W by `W − scale·B₀A₀`: the adapter is only
-    /// meaningful on that residual base, or converted against (A₀, B₀) for the original one.
+    /// PiSSA and OLoRA replace the base weight W by `W − scale·B₀A₀`, LoftQ by a quantized
+    /// `W − scale·B₀A₀`: the adapter is only meaningful on that base, or converted against
+    /// (A₀, B₀) for the original one.
     pub fn mutates_base(self) -> bool {
-        matches!(self, InitKind::Pissa { .. } | InitKind::Olora)
+        matches!(
+            self,
+            InitKind::Pissa { .. } | InitKind::Olora | InitKind::Loftq
+        )
     }
 }
+
+/// The values of `init_lora_weights` we implement, for messages.
+const SUPPORTED_INITS: &str =
+    "true, false, \"gaussian\", \"pissa\", \"pissa_niter_K\", \"olora\", \"loftq\"";
+
+/// PEFT's `LoftQConfig` (`loftq_config` beside `init_lora_weights = "loftq"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoftqConfig {
+    /// `loftq_bits`: 4 or 8 (PEFT's default 4). On a base quantized at load it must be that
+    /// format's width.
+    pub bits: u32,
+    /// `loftq_iter`: alternating quantize / low-rank steps (PEFT's default 1).
+    pub iter: usize,
+}
+
+/// The most `loftq_iter` accepts (the LoftQ paper uses 1 to 5; each is one quantization and one
+/// truncated SVD of every target weight).
+pub const MAX_LOFTQ_ITER: usize = 100;
 
 /// The most subspace iterations `"pissa_niter_K"` accepts (PEFT's examples use 4 to 16; each is
 /// two QR decompositions of an (out × r) matrix).
@@ -94,11 +119,16 @@ impl InitLoraWeights {
         match lower.as_str() {
             "gaussian" => Ok(InitKind::Gaussian),
             "olora" => Ok(InitKind::Olora),
-            _ if n.starts_with("corda") || ["loftq", "eva", "mica", "orthogonal", "lora_ga"].contains(&lower.as_str()) => Err(format!(
-                "`{n}` is not supported (supported: true, false, \"gaussian\", \"pissa\", \"pissa_niter_K\", \"olora\")"
-            )),
+            "loftq" => Ok(InitKind::Loftq),
+            _ if n.starts_with("corda")
+                || ["eva", "mica", "orthogonal", "lora_ga"].contains(&lower.as_str()) =>
+            {
+                Err(format!(
+                    "`{n}` is not supported (supported: {SUPPORTED_INITS})"
+                ))
+            }
             _ => Err(format!(
-                "`{n}` is not a LoRA initialisation (supported: true, false, \"gaussian\", \"pissa\", \"pissa_niter_K\", \"olora\")"
+                "`{n}` is not a LoRA initialisation (supported: {SUPPORTED_INITS})"
             )),
         }
     }
@@ -375,6 +405,9 @@ impl LoraConfig {
         if let Err(e) = self.init_lora_weights.kind() {
             return bad("init_lora_weights", e);
         }
+        if let Err(e) = self.loftq_config() {
+            return bad("loftq_config", e);
+        }
         if let Some((k, what)) = UNSUPPORTED_KEYS
             .iter()
             .find(|(k, _)| self.extra.get(*k).is_some_and(is_on))
@@ -497,6 +530,49 @@ impl LoraConfig {
             }
         }
         Ok(idx.is_some_and(|i| layers.contains(i)))
+    }
+
+    /// `loftq_config` (kept in `extra`): PEFT's `{"loftq_bits": 4, "loftq_iter": 1}`, either key
+    /// left out taking PEFT's default; `None` when absent or empty (`{}`, PEFT's default for
+    /// every other init). Unknown keys and values PEFT would refuse are errors.
+    pub fn loftq_config(&self) -> std::result::Result<Option<LoftqConfig>, String> {
+        let v = match self.extra.get("loftq_config") {
+            None | Some(Value::Null) => return Ok(None),
+            Some(Value::Object(m)) if m.is_empty() => return Ok(None),
+            Some(Value::Object(m)) => m,
+            Some(_) => return Err("must be a table: {loftq_bits = 4, loftq_iter = 1}".into()),
+        };
+        let mut c = LoftqConfig { bits: 4, iter: 1 };
+        for (k, x) in v {
+            let n = x.as_u64();
+            match k.as_str() {
+                "loftq_bits" => match n {
+                    Some(b @ (4 | 8)) => c.bits = b as u32,
+                    _ => {
+                        return Err(format!(
+                            "loftq_bits: must be 4 or 8, got {}",
+                            crate::error::clipped(&x.to_string())
+                        ))
+                    }
+                },
+                "loftq_iter" => match n {
+                    Some(i) if (1..=MAX_LOFTQ_ITER as u64).contains(&i) => c.iter = i as usize,
+                    _ => {
+                        return Err(format!(
+                            "loftq_iter: must be a whole number from 1 to {MAX_LOFTQ_ITER}, got {}",
+                            crate::error::clipped(&x.to_string())
+                        ))
+                    }
+                },
+                other => {
+                    return Err(format!(
+                        "unknown key `{}` (known: loftq_bits, loftq_iter)",
+                        crate::error::clipped(other)
+                    ))
+                }
+            }
+        }
+        Ok(Some(c))
     }
 
     /// Rank, alpha and scale for module `name` (rank_pattern / alpha_pattern applied; the first
@@ -701,11 +777,49 @@ mod tests {
         c.bias = "all".into();
         assert!(c.validate("x").unwrap_err().to_string().contains("`bias`"));
         let mut c = base.clone();
-        c.init_lora_weights = InitLoraWeights::Name("loftq".into());
+        c.init_lora_weights = InitLoraWeights::Name("eva".into());
         assert_eq!(
             c.validate("x").unwrap_err().to_string(),
-            "x: key `init_lora_weights`: `loftq` is not supported (supported: true, false, \"gaussian\", \"pissa\", \"pissa_niter_K\", \"olora\")"
+            "x: key `init_lora_weights`: `eva` is not supported (supported: true, false, \"gaussian\", \"pissa\", \"pissa_niter_K\", \"olora\", \"loftq\")"
         );
+        // LoftQ: PEFT's loftq_config, its defaults for keys left out, errors naming the key
+        let mut c = base.clone();
+        c.init_lora_weights = InitLoraWeights::Name("LoftQ".into());
+        assert_eq!(c.init_lora_weights.kind(), Ok(InitKind::Loftq));
+        assert!(InitKind::Loftq.mutates_base());
+        assert_eq!(c.loftq_config(), Ok(None));
+        c.extra
+            .insert("loftq_config".into(), serde_json::json!({"loftq_iter": 5}));
+        assert_eq!(c.loftq_config(), Ok(Some(LoftqConfig { bits: 4, iter: 5 })));
+        c.validate("x").unwrap();
+        for (v, want) in [
+            (
+                serde_json::json!({"loftq_bits": 3}),
+                "loftq_bits: must be 4 or 8, got 3",
+            ),
+            (
+                serde_json::json!({"loftq_iter": 0}),
+                "loftq_iter: must be a whole number from 1 to 100, got 0",
+            ),
+            (
+                serde_json::json!({"loftq_iter": 1.5}),
+                "loftq_iter: must be a whole number from 1 to 100, got 1.5",
+            ),
+            (
+                serde_json::json!({"bits": 4}),
+                "unknown key `bits` (known: loftq_bits, loftq_iter)",
+            ),
+            (
+                serde_json::json!(4),
+                "must be a table: {loftq_bits = 4, loftq_iter = 1}",
+            ),
+        ] {
+            c.extra.insert("loftq_config".into(), v);
+            assert_eq!(
+                c.validate("x").unwrap_err().to_string(),
+                format!("x: key `loftq_config`: {want}")
+            );
+        }
         let mut c = base.clone();
         c.target_modules = Some(ModuleSpec::One("(".into()));
         let e = c.validate("x").unwrap_err().to_string();

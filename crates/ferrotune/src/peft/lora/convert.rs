@@ -50,6 +50,8 @@ pub fn converted_config(cfg: &LoraConfig) -> Result<LoraConfig> {
     }
     let mut c = cfg.clone();
     c.init_lora_weights = InitLoraWeights::Bool(true);
+    // PEFT ignores (and warns about) a loftq_config beside any other init
+    c.extra.remove("loftq_config");
     c.r *= 2;
     c.lora_alpha *= if c.use_rslora { 2f64.sqrt() } else { 2.0 };
     for v in c.rank_pattern.values_mut() {

@@ -14,10 +14,12 @@ pub mod layer;
 pub mod model;
 
 pub use combine::{add_weighted_adapter, Combination, WeightedAdapter};
-pub use config::{InitKind, InitLoraWeights, LayerIndices, LoraConfig, ModuleParams, ModuleSpec};
+pub use config::{
+    InitKind, InitLoraWeights, LayerIndices, LoftqConfig, LoraConfig, ModuleParams, ModuleSpec,
+};
 pub use layer::{LoraAdapter, LoraInit};
 pub use model::{
-    as_lora, attach_lora, config_for_model, merge_adapter, merge_and_unload,
+    as_lora, attach_lora, attach_lora_with, config_for_model, merge_adapter, merge_and_unload,
     resolve_modules_to_save, resolve_targets, set_active_adapters, set_adapter_active,
-    unmerge_adapter, LoraModelInfo, LoraModuleInfo, MergeReport,
+    unmerge_adapter, LoraModelInfo, LoraModuleInfo, MergeReport, OriginalWeights,
 };

@@ -1,6 +1,6 @@
 //! Model-level LoRA: attach adapters to the targeted linears, select adapters, merge them into
 //! the base weights and back (PEFT's `LoraModel`).
-use super::config::{InitKind, InitLoraWeights, LoraConfig, ModuleSpec};
+use super::config::{InitKind, InitLoraWeights, LoftqConfig, LoraConfig, ModuleSpec};
 use super::init;
 use super::layer::{LoraAdapter, LoraInit};
 use crate::model::Model;
@@ -8,7 +8,7 @@ use crate::nn::{Linear, LinearAdapter, LinearWeight};
 use crate::peft::modules_to_save::{self, as_saved_module};
 use crate::peft::{adapter_names, no_such_adapter, param_count, ParamCount, PeftMethod};
 use crate::{Error, Result};
-use candle_core::DType;
+use candle_core::{DType, Tensor};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use std::any::Any;
@@ -204,6 +204,22 @@ pub fn attach_lora(
     adapter_name: &str,
     seed: u64,
 ) -> Result<LoraModelInfo> {
+    attach_lora_with(model, cfg, adapter_name, seed, None)
+}
+
+/// Where LoftQ reads the unquantized weight of a linear whose base was quantized at load: the
+/// module's name in, its `(out, in)` f32 values out (`None`: the file has no such weight).
+pub type OriginalWeights<'a> = &'a dyn Fn(&str) -> Result<Option<Tensor>>;
+
+/// [`attach_lora`] with the base's unquantized weights at hand, which `init_lora_weights =
+/// "loftq"` needs on a base quantized at load (`train.base_quant`).
+pub fn attach_lora_with(
+    model: &mut dyn Model,
+    cfg: &LoraConfig,
+    adapter_name: &str,
+    seed: u64,
+    originals: Option<OriginalWeights>,
+) -> Result<LoraModelInfo> {
     cfg.validate("LoRA config")?;
     crate::peft::check_new_adapter_name(model, adapter_name)?;
     let targets = resolve_targets(model, cfg)?;
@@ -237,7 +253,15 @@ pub fn attach_lora(
         let dropout_seed = seed
             .wrapping_add(i as u64 + 1)
             .wrapping_mul(0xD6E8_FEB8_6659_FD93);
-        let a = if kind.mutates_base() {
+        let loftq = if kind == InitKind::Loftq {
+            let lq = loftq_settings(cfg)?;
+            loftq_init(lin, lq, p, cfg.dropout(), dropout_seed, &dev, originals)?
+        } else {
+            None
+        };
+        let a = if let Some(a) = loftq {
+            a
+        } else if kind.mutates_base() && kind != InitKind::Loftq {
             let (a, deq) = mutating_init(lin, kind, p, cfg.dropout(), dropout_seed, &dev)?;
             dequantized.extend(deq);
             a
@@ -304,8 +328,10 @@ fn check_mutating_init(model: &dyn Model, cfg: &LoraConfig, targets: &[String]) 
                 ),
             ));
         }
-        if matches!(cfg.init_lora_weights.kind(), Ok(InitKind::Pissa { .. }))
-            && p.scale.partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater)
+        if matches!(
+            cfg.init_lora_weights.kind(),
+            Ok(InitKind::Pissa { .. } | InitKind::Loftq)
+        ) && p.scale.partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater)
         {
             return Err(Error::key(
                 "LoRA config",
@@ -374,6 +400,138 @@ fn mutating_init(
     )?
     .with_mutated_init(a0, b0);
     Ok((a, deq))
+}
+
+/// `loftq_config` (PEFT's defaults when absent).
+fn loftq_settings(cfg: &LoraConfig) -> Result<LoftqConfig> {
+    Ok(cfg
+        .loftq_config()
+        .map_err(|e| Error::key("LoRA config", "loftq_config", e))?
+        .unwrap_or(LoftqConfig { bits: 4, iter: 1 }))
+}
+
+/// A LoftQ adapter for `lin` (see `init::loftq`). A base quantized at load is re-quantized in
+/// its own format from the file's weight (`originals`), so `loftq_bits` must be that format's
+/// width; a dense base becomes the dequantized LoftQ base, NF4 without double quantization for
+/// 4 bits and int8 for 8, as PEFT's `loftq_init` leaves it. `None` for a dense weight whose rows
+/// are not whole blocks of that format (`base_quant` kept it dense, and said so): it gets the
+/// default init.
+fn loftq_init(
+    lin: &mut Linear,
+    lq: LoftqConfig,
+    p: super::config::ModuleParams,
+    dropout: f32,
+    dropout_seed: u64,
+    dev: &candle_core::Device,
+    originals: Option<OriginalWeights>,
+) -> Result<Option<LoraAdapter>> {
+    use crate::quant::{bnb::FourBitKind, BaseQuant, QuantWeight};
+    let name = lin.name().to_string();
+    let shape = (lin.out_features(), lin.in_features());
+    let quantizer = |bq: BaseQuant| {
+        let name = name.clone();
+        move |t: &Tensor| -> Result<(QuantWeight, Tensor)> {
+            let q = bq.quantize(t)?.ok_or_else(|| {
+                Error::msg(format!(
+                    "{name}: rows of {} values are not whole {}-value blocks of {}, which LoftQ needs",
+                    shape.1,
+                    bq.block_size(),
+                    bq.name()
+                ))
+            })?;
+            let d = q.dequantize()?;
+            Ok((q, d))
+        }
+    };
+    let (a0, b0) = match lin.weight() {
+        LinearWeight::Quantized(q) => {
+            let stored = lin.weight().stored_type();
+            let bq = q.base_quant().ok_or_else(|| {
+                Error::msg(format!(
+                    "{name}: init_lora_weights = \"loftq\" re-quantizes the base, and there is no quantizer for its {stored} weights"
+                ))
+            })?;
+            let want = bq.code_bits();
+            if lq.bits != want {
+                return Err(Error::key(
+                    "LoRA config",
+                    "loftq_config",
+                    format!(
+                        "loftq_bits = {} but the base is quantized to {} ({want} bits): set loftq_bits = {want}",
+                        lq.bits,
+                        bq.name(),
+                    ),
+                ));
+            }
+            let w = match originals.map(|f| f(&name)).transpose()?.flatten() {
+                Some(w) => w,
+                None => {
+                    return Err(Error::msg(format!(
+                        "{name}: init_lora_weights = \"loftq\" measures the quantized base against its unquantized weights, and this one was stored {stored}: quantize a dense safetensors base at load instead (train.base_quant)"
+                    )))
+                }
+            };
+            if w.dims() != [shape.0, shape.1] {
+                return Err(Error::msg(format!(
+                    "{name}: the stored weight has shape {:?}, the layer {shape:?}",
+                    w.dims()
+                )));
+            }
+            let (qw, a0, b0) =
+                init::loftq(&w, p.r, p.scale, lq.iter, dropout_seed, &mut quantizer(bq))?;
+            lin.set_weight(LinearWeight::Quantized(std::sync::Arc::new(qw)));
+            (a0, b0)
+        }
+        dense => {
+            let bq = if lq.bits == 4 {
+                BaseQuant::FourBit {
+                    kind: FourBitKind::Nf4,
+                    double_quant: false,
+                }
+            } else {
+                BaseQuant::Int8
+            };
+            if !shape.1.is_multiple_of(bq.block_size()) {
+                tracing::warn!(
+                    "{name}: rows of {} values are not whole {}-value blocks of {}: no LoftQ, the default init",
+                    shape.1,
+                    bq.block_size(),
+                    bq.name()
+                );
+                return Ok(None);
+            }
+            let w = dense.to_dense_f32()?.to_device(&candle_core::Device::Cpu)?;
+            let quantize = quantizer(bq);
+            let mut dequantized = |t: &Tensor| quantize(t).map(|(_, d)| (d.clone(), d));
+            let (deq, a0, b0) =
+                init::loftq(&w, p.r, p.scale, lq.iter, dropout_seed, &mut dequantized)?;
+            let deq = deq.to_device(dev)?;
+            let dtype = match lin.weight() {
+                LinearWeight::Trainable(v) => {
+                    v.set(&deq.to_dtype(v.dtype())?)?;
+                    None
+                }
+                LinearWeight::Frozen(t) => Some(t.dtype()),
+                LinearWeight::Quantized(_) => Some(DType::F32),
+            };
+            if let Some(dt) = dtype {
+                lin.set_weight(LinearWeight::Frozen(deq.to_dtype(dt)?));
+            }
+            (a0, b0)
+        }
+    };
+    let (a0, b0) = (a0.to_device(dev)?, b0.to_device(dev)?);
+    Ok(Some(
+        LoraAdapter::from_weights(
+            a0.clone(),
+            b0.clone(),
+            p.alpha,
+            p.scale,
+            dropout,
+            dropout_seed,
+        )?
+        .with_mutated_init(a0, b0),
+    ))
 }
 
 /// Every LoRA layer of adapter `adapter_name` with its module name; errors if there is none.
