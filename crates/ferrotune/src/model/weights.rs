@@ -235,16 +235,7 @@ impl SafetensorsSource {
                 ));
             }
         }
-        let t = self.st.load(name, &self.device).map_err(|e| {
-            Error::file(
-                file,
-                format!(
-                    "tensor `{name}`: {}",
-                    crate::error::first_line(&e.to_string())
-                ),
-            )
-        })?;
-        check_finite_tensor(&t, file, name)?;
+        let t = self.load_checked(name, file, &self.device)?;
         let t = convert_dense(t, &self.opts)?;
         self.loaded.borrow_mut().insert(name.to_string(), t.clone());
         Ok(t)
@@ -315,7 +306,13 @@ impl SafetensorsSource {
             Ok(v) if matches!(v.dtype(), D::F32 | D::F16 | D::BF16 | D::F64) => {}
             _ => return Ok(None),
         }
-        let t = self.st.load(name, &Device::Cpu).map_err(|e| {
+        let t = self.load_checked(name, file, &Device::Cpu)?;
+        Ok(Some(t.to_dtype(DType::F32)?))
+    }
+
+    /// Tensor `name` of shard `file` onto `device` as stored, checked finite; errors name both.
+    fn load_checked(&self, name: &str, file: &Path, device: &Device) -> Result<Tensor> {
+        let t = self.st.load(name, device).map_err(|e| {
             Error::file(
                 file,
                 format!(
@@ -324,7 +321,8 @@ impl SafetensorsSource {
                 ),
             )
         })?;
-        Ok(Some(t.to_dtype(DType::F32)?))
+        check_finite_tensor(&t, file, name)?;
+        Ok(t)
     }
 
     /// Whether `name` is one of [`LoadOptions::placeholders`].

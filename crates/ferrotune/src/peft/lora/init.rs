@@ -58,17 +58,7 @@ pub fn pissa(
     let wm = Mat::from_tensor(w)?;
     let (u, s, v) = match niter {
         None => svd_top(&wm, r),
-        Some(k) => {
-            let mut rng = StdRng::seed_from_u64(seed);
-            let mut gauss = |rows: usize, cols: usize| Mat {
-                rows,
-                cols,
-                data: (0..rows * cols)
-                    .map(|_| standard_normal(&mut rng))
-                    .collect(),
-            };
-            svd_lowrank(&wm, r, k, &mut gauss)
-        }
+        Some(k) => svd_lowrank(&wm, r, k, &mut gaussian_sketch(seed)),
     }
     .map_err(candle_core::Error::Msg)?;
     let (a, b) = balanced_factors(u, &s, &v, scale);
@@ -127,14 +117,7 @@ pub fn loftq<Q>(
             wm.rows, wm.cols
         )));
     }
-    let mut rng = StdRng::seed_from_u64(seed);
-    let mut gauss = |rows: usize, cols: usize| Mat {
-        rows,
-        cols,
-        data: (0..rows * cols)
-            .map(|_| standard_normal(&mut rng))
-            .collect(),
-    };
+    let mut gauss = gaussian_sketch(seed);
     let dev = Device::Cpu;
     let mut target = w.to_device(&dev)?.to_dtype(DType::F32)?;
     let mut round = 1;
@@ -170,6 +153,18 @@ pub fn olora(w: &Tensor, r: usize, scale: f64) -> Result<MutatedInit> {
     let wm = Mat::from_tensor(w)?;
     let (q, rr) = qr_leading(&wm, r);
     finish(&wm, rr, q, scale)
+}
+
+/// Standard-normal (rows × cols) sketches for the randomized SVD, drawn from `seed`.
+fn gaussian_sketch(seed: u64) -> impl FnMut(usize, usize) -> Mat {
+    let mut rng = StdRng::seed_from_u64(seed);
+    move |rows, cols| Mat {
+        rows,
+        cols,
+        data: (0..rows * cols)
+            .map(|_| standard_normal(&mut rng))
+            .collect(),
+    }
 }
 
 /// Box–Muller (rand 0.9 has no normal distribution without rand_distr).

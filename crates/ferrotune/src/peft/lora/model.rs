@@ -389,8 +389,22 @@ fn mutating_init(
             Some(ty)
         }
     };
-    let (a0, b0) = (m.a.to_device(dev)?, m.b.to_device(dev)?);
-    let a = LoraAdapter::from_weights(
+    let a = started_at(m.a, m.b, p, dropout, dropout_seed, dev)?;
+    Ok((a, deq))
+}
+
+/// A LoRA layer that starts at (A₀, B₀) of a base-changing init and keeps them (for the
+/// conversion at save and for resuming).
+fn started_at(
+    a0: Tensor,
+    b0: Tensor,
+    p: super::config::ModuleParams,
+    dropout: f32,
+    dropout_seed: u64,
+    dev: &candle_core::Device,
+) -> Result<LoraAdapter> {
+    let (a0, b0) = (a0.to_device(dev)?, b0.to_device(dev)?);
+    Ok(LoraAdapter::from_weights(
         a0.clone(),
         b0.clone(),
         p.alpha,
@@ -398,8 +412,7 @@ fn mutating_init(
         dropout,
         dropout_seed,
     )?
-    .with_mutated_init(a0, b0);
-    Ok((a, deq))
+    .with_mutated_init(a0, b0))
 }
 
 /// `loftq_config` (PEFT's defaults when absent).
@@ -520,18 +533,7 @@ fn loftq_init(
             (a0, b0)
         }
     };
-    let (a0, b0) = (a0.to_device(dev)?, b0.to_device(dev)?);
-    Ok(Some(
-        LoraAdapter::from_weights(
-            a0.clone(),
-            b0.clone(),
-            p.alpha,
-            p.scale,
-            dropout,
-            dropout_seed,
-        )?
-        .with_mutated_init(a0, b0),
-    ))
+    started_at(a0, b0, p, dropout, dropout_seed, dev).map(Some)
 }
 
 /// Every LoRA layer of adapter `adapter_name` with its module name; errors if there is none.
