@@ -26,10 +26,12 @@ echo "cores: $(nproc); simd: $(grep -o -w -m1 -E 'avx512f|avx2' /proc/cpuinfo | 
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 # CONFIG / MODEL: another run, e.g. LoRA on the f32 HF folder, whose frozen base ZeRO-3 shards:
 #   CONFIG=examples/quickstart/quickstart.toml MODEL=.cache/models/smollm2-hf STAGES="ddp zero2 zero3"
+# SETS: more arguments for every run, split at spaces, e.g. SETS="--set lora.init_lora_weights=true"
 config="${CONFIG:-examples/quickstart/quickstart-full-adamw.toml}"
 model=()
 if [ -n "${MODEL:-}" ]; then model=(--set "model=\"$root/$MODEL\""); fi
-common=(train --config "$config" "${model[@]}" --overwrite --threads 1
+read -r -a sets <<< "${SETS:-}"
+common=(train --config "$config" "${model[@]}" "${sets[@]}" --overwrite --threads 1
   --set "train.max_steps=$steps" --set "train.save_every=$steps" --set "train.eval_every=$steps")
 stages="${STAGES:-none ddp zero1 zero2 zero2-ckpt zero3}"
 for stage in $stages; do

@@ -726,6 +726,22 @@ fn loftq_on_a_quantized_base_starts_closer_to_the_f32_model() {
         "{e}"
     );
 
+    // a dry run checks LoftQ (with one round) and writes nothing
+    let dry = train::dry_run(
+        &load(
+            &s,
+            &[
+                &out("dry"),
+                "train.base_quant=nf4",
+                "lora.loftq_config={loftq_iter=100}",
+            ],
+        ),
+        &quiet(false),
+    )
+    .unwrap();
+    assert!(matches!(dry, train::Outcome::DryRun(_)));
+    assert!(!s.dir.join("dry").exists());
+
     train::run(
         &load(&s, &[&out("a"), "train.base_quant=nf4"]),
         &quiet(false),

@@ -908,12 +908,38 @@ impl QuantWeight {
     /// weight rows to Q8_0 (see [`FourBitWeight::row_to_q8_0`]) and runs the integer Q8_0
     /// kernels against the activations, quantized once; on AVX2 the integer products run at
     /// about twice the f32 GEMM's rate.
+    ///
+    /// On AVX2 without AVX-512 the activations are quantized to 16 bits instead: full-range
+    /// Q8_0 weights against 8-bit activations need the sign trick (`vpsignb`, `vpmaddubsw`,
+    /// `vpmaddwd` per 32 products) where weights widened to i16 need one `vpmaddwd` per 16, and
+    /// the 16-bit kernel is the faster one there (`quant_bench one-batch q8_0 1536 576 1024 1`,
+    /// Zen 4 capped at AVX2: 67.7 against 58.3 GMAC/s; `quant_bench train 1024 1`, NF4's
+    /// forward over SmolLM2's four layer shapes: 38.2-39.1 ms → 32.6-32.8 with the 4 x 2
+    /// register tile its 16-bit Q8_0 kernel has for this), besides being the more exact (the
+    /// DialogSum validation loss of the NF4 base before training: 2.9030 → 2.8987; exact f32
+    /// 2.8904).
     fn four_bit_q8_forward(&self, isa: Isa, threads: usize, x: &[f32], m: usize, y: &mut [f32]) {
+        if isa == Isa::Avx2 {
+            self.four_bit_q8_forward_with::<i16>(isa, ActPrecision::I16, threads, x, m, y)
+        } else {
+            self.four_bit_q8_forward_with::<i8>(isa, ActPrecision::I8, threads, x, m, y)
+        }
+    }
+
+    fn four_bit_q8_forward_with<T: ActInt>(
+        &self,
+        isa: Isa,
+        prec: ActPrecision,
+        threads: usize,
+        x: &[f32],
+        m: usize,
+        y: &mut [f32],
+    ) {
         let Repr::FourBit(w) = &self.repr else {
             unreachable!("four_bit_q8_forward on a {} weight", self.format.name())
         };
         let (n, k) = (self.out_dim, self.in_dim);
-        let act = quantize_act_rows::<i8>(isa, ActPrecision::I8, Fmt::Q8_0, threads, x, m, k);
+        let act = quantize_act_rows::<T>(isa, prec, Fmt::Q8_0, threads, x, m, k);
         let rb = k / QK * Fmt::Q8_0.block_bytes();
         let outp = SyncPtr(y.as_mut_ptr());
         // Full-range rows even where the backward copies are narrow: narrowed rows ran this

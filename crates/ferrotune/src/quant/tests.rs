@@ -1412,12 +1412,15 @@ fn bnb_formats_refuse_inconsistent_sizes() {
 
 /// With 8-bit activations (training's default) a 4-bit weight runs on the Q8_0 integer
 /// kernels; the result stays within the 8-bit activations' error of the exact product, and a
-/// weight set back to 16 bits takes the exact f32 path again.
+/// weight set back to 16 bits takes the exact f32 path again. On AVX2 the integer kernel takes
+/// 16-bit activations (faster there), so only the Q8_0 weights' rounding is left: a smaller
+/// error than AVX-512's 8-bit activations add to it.
 #[test]
 fn four_bit_with_8_bit_activations_runs_the_integer_kernels() {
     let mut rng = StdRng::seed_from_u64(45);
     let (m, n, k) = (40, 72, 256);
     for nested in [false, true] {
+        let mut errors = std::collections::BTreeMap::new();
         let w = four_bit(&mut rng, n, k, nested);
         let deq = w
             .dequantize()
@@ -1438,6 +1441,7 @@ fn four_bit_with_8_bit_activations_runs_the_integer_kernels() {
             w.decoded_forward_into(isa, 2, &x, m, &mut y);
             let e = rel_l2(&y, &want);
             assert!(e < 3e-2 && e > 1e-6, "{isa:?} nested={nested}: rel L2 {e}");
+            errors.insert(isa, e);
             w.set_settings(QuantSettings::default());
             let y16 = w
                 .forward(&xt)
@@ -1451,6 +1455,9 @@ fn four_bit_with_8_bit_activations_runs_the_integer_kernels() {
                 "16-bit path: {}",
                 rel_l2(&y16, &want)
             );
+        }
+        if let (Some(a2), Some(a512)) = (errors.get(&Isa::Avx2), errors.get(&Isa::Avx512)) {
+            assert!(a2 < &(0.9 * a512), "rel L2: AVX2 {a2}, AVX-512 {a512}");
         }
     }
 }

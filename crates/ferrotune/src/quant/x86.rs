@@ -733,11 +733,14 @@ entry_points!(
     gemm_avx512,
     quantize_avx512
 );
+// Q8_0 at 16 bits takes 4 activation rows a tile: it is a 4-bit base's training forward on
+// AVX2 (`QuantWeight::four_bit_q8_forward`), 1024 rows at a time, where 4 x 2 ran 3% faster
+// than 2 x 2 (11 of the 16 ymm registers).
 entry_points!(
     "avx2,fma,f16c",
     false,
     true,
-    [(MODE_W16, 2, 2), (MODE_W16, 2, 2), (MODE_W16, 2, 2)],
+    [(MODE_W16, 2, 2), (MODE_W16, 2, 2), (MODE_W16, 4, 2)],
     gemv16_avx2,
     gemm16_avx2,
     quantize16_avx2
