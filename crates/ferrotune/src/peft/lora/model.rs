@@ -480,7 +480,7 @@ fn loftq_init(
                 Some(w) => w,
                 None => {
                     return Err(Error::msg(format!(
-                        "{name}: init_lora_weights = \"loftq\" measures the quantized base against its unquantized weights, and this one was stored {stored}: quantize a dense safetensors base at load instead (train.base_quant)"
+                        "{name}: init_lora_weights = \"loftq\" measures the quantized base against its unquantized weights, and there are none for this {stored} weight: LoftQ reads them from a dense safetensors folder quantized at load (train.base_quant), not from a GGUF file or a pre-quantized folder"
                     )))
                 }
             };
