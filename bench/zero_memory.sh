@@ -34,6 +34,12 @@ read -r -a sets <<< "${SETS:-}"
 common=(train --config "$config" "${model[@]}" "${sets[@]}" --overwrite --threads 1
   --set "train.max_steps=$steps" --set "train.save_every=$steps" --set "train.eval_every=$steps")
 stages="${STAGES:-none ddp zero1 zero2 zero2-ckpt zero3}"
+# a run that fails stops the bench and shows why (its log's first lines), not just the status
+failed() {
+  echo "stage $1 failed; $out/$1.log begins:" >&2
+  head -n 5 "$out/$1.log" >&2
+  exit 1
+}
 for stage in $stages; do
   mode="${stage%-ckpt}"; mode="${mode%-seq}"; mode="${mode%-ovl}"
   args=("${common[@]}" --set "output_dir=\"$out/$stage\"" --set "train.distributed=\"$mode\"")
@@ -44,12 +50,12 @@ for stage in $stages; do
     *-ovl) args+=(--set "train.overlap_comm=true") ;;
   esac
   if [ "$stage" = none ]; then
-    /usr/bin/time -f "peak RSS %M kB" "$bin" "${args[@]}" > "$out/$stage.log" 2>&1
+    /usr/bin/time -f "peak RSS %M kB" "$bin" "${args[@]}" > "$out/$stage.log" 2>&1 || failed "$stage"
   else
     # each rank's GNU time line in its own file ($stage.rss.RANK): interleaved output can split it
     mpirun -np 2 --oversubscribe --bind-to none --tag-output \
       bash -c 'exec /usr/bin/time -f "peak RSS %M kB" -o "$0.rss.$OMPI_COMM_WORLD_RANK" "$@"' \
-      "$out/$stage" "$bin" "${args[@]}" > "$out/$stage.log" 2>&1
+      "$out/$stage" "$bin" "${args[@]}" > "$out/$stage.log" 2>&1 || failed "$stage"
   fi
 done
 python3 - "$out" $stages <<'PY'
