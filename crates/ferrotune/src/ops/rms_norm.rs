@@ -98,13 +98,17 @@ impl RmsNorm {
         let x = kernels::contiguous::<T>(s1, l1, "rms_norm")?;
         let w = kernels::contiguous::<T>(s2, l2, "rms_norm")?;
         let d = w.len();
-        let mut out = vec![T::ZERO; x.len()];
         let eps = T::from_f64(self.eps);
         let rows = kernels::rows_per_task(x.len() / d.max(1), d);
-        kernels::for_each_chunk_mut(&mut out, rows * d, |i, oc| {
-            let start = i * rows * d;
-            fwd_rows(&x[start..start + oc.len()], w, oc, eps)
-        });
+        // SAFETY: the chunks cover `out`, and `fwd_rows` writes every value of its rows.
+        let out = unsafe {
+            kernels::filled_vec(x.len(), |out| {
+                kernels::for_each_chunk_mut(out, rows * d, |i, oc| {
+                    let start = i * rows * d;
+                    fwd_rows(&x[start..start + oc.len()], w, oc, eps)
+                })
+            })
+        };
         Ok((T::to_cpu_storage_owned(out), l1.shape().clone()))
     }
 
@@ -124,20 +128,25 @@ impl RmsNorm {
         let gv = kernels::cpu_contiguous::<T>(&gs, gl, "rms_norm")?;
         let d = wv.len();
         let eps = T::from_f64(self.eps);
-        let mut dx = vec![T::ZERO; xv.len()];
         let rows = kernels::rows_per_task(xv.len() / d.max(1), d);
         // Each task sums its own rows' dw; the partial sums are added at the end.
-        let partial_dw = kernels::map_chunks_mut(&mut dx, rows * d, |i, dxc| {
-            let start = i * rows * d;
-            let mut dw = if need_dw {
-                vec![T::ZERO; d]
-            } else {
-                Vec::new()
-            };
-            let end = start + dxc.len();
-            bwd_rows(&xv[start..end], wv, &gv[start..end], dxc, &mut dw, eps);
-            dw
-        });
+        let mut partial_dw = Vec::new();
+        // SAFETY: the chunks cover `dx`, and `bwd_rows` writes every value of its rows.
+        let dx = unsafe {
+            kernels::filled_vec(xv.len(), |dx| {
+                partial_dw = kernels::map_chunks_mut(dx, rows * d, |i, dxc| {
+                    let start = i * rows * d;
+                    let mut dw = if need_dw {
+                        vec![T::ZERO; d]
+                    } else {
+                        Vec::new()
+                    };
+                    let end = start + dxc.len();
+                    bwd_rows(&xv[start..end], wv, &gv[start..end], dxc, &mut dw, eps);
+                    dw
+                })
+            })
+        };
         let dx = kernels::tensor_from_vec(dx, x.shape())?;
         let dw = if need_dw {
             let mut acc = vec![T::ZERO; d];

@@ -176,12 +176,15 @@ fn rotate<T: Float>(x: &[T], geom: &Geom, cos: &[T], sin: &[T], sign: T) -> Vec<
     } else {
         geom.dims[2]
     };
-    let mut out = vec![T::ZERO; n_rows * d];
     let rows = kernels::rows_per_task(n_rows, d);
-    kernels::for_each_chunk_mut(&mut out, rows * d, |i, oc| {
-        rotate_rows(x, geom, (cos, sin, table_b), oc, i * rows, sign)
-    });
-    out
+    // SAFETY: the chunks cover `out`, and `rotate_rows` writes both halves of every row.
+    unsafe {
+        kernels::filled_vec(n_rows * d, |out| {
+            kernels::for_each_chunk_mut(out, rows * d, |i, oc| {
+                rotate_rows(x, geom, (cos, sin, table_b), oc, i * rows, sign)
+            })
+        })
+    }
 }
 
 impl Rope {

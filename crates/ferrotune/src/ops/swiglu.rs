@@ -93,11 +93,15 @@ impl SwiGlu {
     ) -> Result<(CpuStorage, Shape)> {
         let gate = kernels::contiguous::<T>(s1, l1, "swiglu")?;
         let up = kernels::contiguous::<T>(s2, l2, "swiglu")?;
-        let mut out = vec![T::ZERO; gate.len()];
-        kernels::for_each_chunk_mut(&mut out, CHUNK, |i, oc| {
-            let r = i * CHUNK..i * CHUNK + oc.len();
-            fwd_chunk(&gate[r.clone()], &up[r], oc)
-        });
+        // SAFETY: the chunks cover `out`, and `fwd_chunk` writes every value of its chunk.
+        let out = unsafe {
+            kernels::filled_vec(gate.len(), |out| {
+                kernels::for_each_chunk_mut(out, CHUNK, |i, oc| {
+                    let r = i * CHUNK..i * CHUNK + oc.len();
+                    fwd_chunk(&gate[r.clone()], &up[r], oc)
+                })
+            })
+        };
         Ok((T::to_cpu_storage_owned(out), l1.shape().clone()))
     }
 
@@ -116,43 +120,44 @@ impl SwiGlu {
         let u = kernels::cpu_contiguous::<T>(&us, ul, "swiglu")?;
         let d = kernels::cpu_contiguous::<T>(&ds, dl, "swiglu")?;
         let n = g.len();
-        let mut dgate = if need_gate {
-            vec![T::ZERO; n]
-        } else {
-            Vec::new()
-        };
-        let mut dup = if need_up {
-            vec![T::ZERO; n]
-        } else {
-            Vec::new()
-        };
         // Both outputs are chunked identically; the one(s) not needed stay empty.
         let tasks = n.div_ceil(CHUNK).max(1);
         let run = |i: usize, dg: &mut [T], du: &mut [T]| {
             let r = i * CHUNK..((i + 1) * CHUNK).min(n);
             bwd_chunk(&g[r.clone()], &u[r.clone()], &d[r], dg, du)
         };
-        if tasks == 1 {
-            run(0, &mut dgate, &mut dup);
-        } else {
-            use rayon::prelude::*;
-            match (need_gate, need_up) {
-                (true, true) => dgate
-                    .par_chunks_mut(CHUNK)
-                    .zip(dup.par_chunks_mut(CHUNK))
-                    .enumerate()
-                    .for_each(|(i, (dg, du))| run(i, dg, du)),
-                (true, false) => dgate
-                    .par_chunks_mut(CHUNK)
-                    .enumerate()
-                    .for_each(|(i, dg)| run(i, dg, &mut [])),
-                (false, true) => dup
-                    .par_chunks_mut(CHUNK)
-                    .enumerate()
-                    .for_each(|(i, du)| run(i, &mut [], du)),
-                (false, false) => {}
+        let fill = |dgate: &mut [T], dup: &mut [T]| {
+            if tasks == 1 {
+                run(0, dgate, dup);
+            } else {
+                use rayon::prelude::*;
+                match (need_gate, need_up) {
+                    (true, true) => dgate
+                        .par_chunks_mut(CHUNK)
+                        .zip(dup.par_chunks_mut(CHUNK))
+                        .enumerate()
+                        .for_each(|(i, (dg, du))| run(i, dg, du)),
+                    (true, false) => dgate
+                        .par_chunks_mut(CHUNK)
+                        .enumerate()
+                        .for_each(|(i, dg)| run(i, dg, &mut [])),
+                    (false, true) => dup
+                        .par_chunks_mut(CHUNK)
+                        .enumerate()
+                        .for_each(|(i, du)| run(i, &mut [], du)),
+                    (false, false) => {}
+                }
             }
-        }
+        };
+        let (n_gate, n_up) = (if need_gate { n } else { 0 }, if need_up { n } else { 0 });
+        let mut dup = Vec::new();
+        // SAFETY: the chunks cover both outputs (each n values, or empty when not needed), and
+        // `bwd_chunk` writes every value of the chunks it is given.
+        let dgate = unsafe {
+            kernels::filled_vec(n_gate, |dgate| {
+                dup = kernels::filled_vec(n_up, |dup| fill(dgate, dup));
+            })
+        };
         let shape = gate.shape();
         let dgate = if need_gate {
             Some(kernels::tensor_from_vec(dgate, shape)?)

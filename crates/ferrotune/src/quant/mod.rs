@@ -618,9 +618,15 @@ impl QuantWeight {
                 })
             }
             Repr::FourBit(_) | Repr::Int8(_) => {
-                let mut y = vec![0f32; m * self.out_dim];
-                self.decoded_forward_into(Isa::best(), num_threads(), x, m, &mut y);
-                Ok(y)
+                let n = m * self.out_dim;
+                // SAFETY: `decoded_forward_into` writes every one of the m x out values and
+                // reads none of them (its GEMM runs with `read_dst` off).
+                Ok(unsafe {
+                    written_vec(n, |y| {
+                        let y = std::slice::from_raw_parts_mut(y, n);
+                        self.decoded_forward_into(Isa::best(), num_threads(), x, m, y)
+                    })
+                })
             }
             Repr::Candle { q, mm } => {
                 let mm = match mm.get() {
@@ -794,7 +800,7 @@ impl QuantWeight {
         let rb = act.nb() * fmt.block_bytes();
         let outp = SyncPtr(out);
         // 16 weight rows = two 8-row panels per kernel call; small units so every thread gets work
-        pool::for_each_chunk(n.div_ceil(16), 1, threads, |units| {
+        pool::for_each_chunk_rows(m, n.div_ceil(16), 1, threads, |units| {
             let (c0, c1) = (units.start * 16, (units.end * 16).min(n));
             // SAFETY: `out` is m x n; this chunk alone writes its columns c0..c1; with
             // `narrow` the caller vouches for the weights' -63..=63 range.
@@ -866,7 +872,7 @@ impl QuantWeight {
         let t_rows = by_cache
             .min(n.div_ceil(threads.max(1)))
             .next_multiple_of(16);
-        pool::for_each_chunk(n.div_ceil(t_rows), 1, threads, |tiles| {
+        pool::for_each_chunk_rows(m, n.div_ceil(t_rows), 1, threads, |tiles| {
             let mut tile = vec![0f32; t_rows * k];
             for ti in tiles {
                 let n0 = ti * t_rows;
@@ -946,7 +952,7 @@ impl QuantWeight {
         // product a fifth faster on AVX2, but moved NF4's validation loss on DialogSum from
         // 2.9033 to 2.9113 before training (the forward is the loss; the backward's narrowing
         // left the loss curve as close to the exact one as the full copy does).
-        pool::for_each_chunk(n.div_ceil(16), 1, threads, |units| {
+        pool::for_each_chunk_rows(m, n.div_ceil(16), 1, threads, |units| {
             let (c0, c1) = (units.start * 16, (units.end * 16).min(n));
             let mut rows = vec![0u8; (c1 - c0) * rb];
             for (i, r) in (c0..c1).enumerate() {
@@ -1064,7 +1070,7 @@ impl QuantWeight {
         let err = std::sync::Mutex::new(None);
         // at least 64 columns per thread so each tile product has some width
         let min_blocks = 64usize.div_ceil(bs);
-        pool::for_each_chunk(nbk, min_blocks, threads, |blocks| {
+        pool::for_each_chunk_rows(m, nbk, min_blocks, threads, |blocks| {
             let (c0, width) = (blocks.start * bs, blocks.len() * bs);
             // rows per tile: at least 128 (fewer made the tile products short in their inner
             // dimension and 25% slower than one f32 matmul; 128+ matches it), about 512 KiB of f32
@@ -1263,12 +1269,18 @@ fn quantize_act_rows<T: ActInt>(
     m: usize,
     k: usize,
 ) -> QAct<T> {
-    let mut act = QAct::<T>::zeros(m, k);
-    let (qp, dp) = (SyncPtr(act.qs.as_mut_ptr()), SyncPtr(act.ds.as_mut_ptr()));
     let nb = k / QK;
-    pool::for_each_chunk(m, 16, threads, |rows| {
+    // Not zero-filled first: every value is written below (zeroing a training step's
+    // activation buffers was 1% of its time, on the thread the others wait for).
+    let (mut qs, mut ds) = (
+        Vec::<T>::with_capacity(m * k),
+        Vec::<[f32; 2]>::with_capacity(m * nb),
+    );
+    let (qp, dp) = (SyncPtr(qs.as_mut_ptr()), SyncPtr(ds.as_mut_ptr()));
+    pool::for_each_chunk_rows(m, m, 16, threads, |rows| {
         let len = rows.len();
-        // SAFETY: disjoint row ranges of the activation buffers.
+        // SAFETY: disjoint row ranges inside the buffers' capacity; `quantize_blocks` only
+        // writes them (integers and floats, for which any written bits are valid).
         let (q, d) = unsafe {
             (
                 std::slice::from_raw_parts_mut(qp.get().add(rows.start * k), len * k),
@@ -1277,7 +1289,12 @@ fn quantize_act_rows<T: ActInt>(
         };
         quantize_blocks(isa, prec, fmt, &x[rows.start * k..rows.end * k], q, d);
     });
-    act
+    // SAFETY: the chunks covered rows 0..m, so every value of both buffers is written.
+    unsafe {
+        qs.set_len(m * k);
+        ds.set_len(m * nb);
+    }
+    QAct { rows: m, k, qs, ds }
 }
 
 impl QuantWeight {
@@ -1494,7 +1511,7 @@ impl QuantWeight {
         let min_panels = MIN_BLOCKS_PER_CHUNK
             .div_ceil((k / QK) * m * panel::PANEL)
             .max(1);
-        pool::for_each_chunk(total, min_panels, threads, |range| {
+        pool::for_each_chunk_rows(m, total, min_panels, threads, |range| {
             for (i, p) in panels.iter().enumerate() {
                 let (p0, p1) = (
                     range.start.max(starts[i]) - starts[i],

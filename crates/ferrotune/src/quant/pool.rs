@@ -288,6 +288,9 @@ fn broadcast<F: Fn() + Sync>(n: usize, f: F) {
     }
 }
 
+/// Activation rows from which a product runs on rayon's global pool ([`for_each_chunk_rows`]).
+pub(crate) const RAYON_MIN_ROWS: usize = 64;
+
 /// Calls `f` on disjoint ranges covering `0..n_items`, on up to `threads` threads, never giving
 /// a thread less than about `min_chunk` items. Items are handed out in equal chunks through a
 /// shared cursor, up to four per thread and a multiple of the thread count, so uneven progress
@@ -299,17 +302,12 @@ pub(crate) fn for_each_chunk<F: Fn(Range<usize>) + Sync>(
     threads: usize,
     f: F,
 ) {
-    if n_items == 0 {
+    let Some((threads, chunk)) = chunking(n_items, min_chunk, threads) else {
+        if n_items > 0 {
+            f(0..n_items);
+        }
         return;
-    }
-    let min_chunk = min_chunk.max(1);
-    let threads = threads.min(n_items / min_chunk).max(1);
-    if threads == 1 {
-        f(0..n_items);
-        return;
-    }
-    let n_chunks = threads * (n_items / (min_chunk * threads)).clamp(1, 4);
-    let chunk = n_items.div_ceil(n_chunks);
+    };
     let cursor = AtomicUsize::new(0);
     let stop = AtomicBool::new(false);
     broadcast(threads, || {
@@ -322,6 +320,73 @@ pub(crate) fn for_each_chunk<F: Fn(Range<usize>) + Sync>(
             f(start..n_items.min(start + chunk));
         }
     });
+}
+
+/// [`for_each_chunk`] for a product over `rows` activation rows: from [`RAYON_MIN_ROWS`] rows
+/// (training, evaluation, prompt prefill) the chunks run on rayon's global pool instead of
+/// this one, the calling thread waiting, and in chunks of `min_chunk` items.
+///
+/// Why rayon: between two such products the model runs rayon ops (attention, SwiGLU, norms,
+/// candle's matmuls), and rayon's workers keep polling for work a while after each; products
+/// on this pool then had more threads running than there are cores (`perf sched` on 2 cores:
+/// a thread preempted in the middle of its share of a product for a whole time slice, twice
+/// as many context switches per QLoRA step as with one pool). A product this size takes
+/// milliseconds, so rayon's wake-up (tens of microseconds) costs nothing; small ones (decode)
+/// keep this pool's microsecond fork/join.
+pub(crate) fn for_each_chunk_rows<F: Fn(Range<usize>) + Sync>(
+    rows: usize,
+    n_items: usize,
+    min_chunk: usize,
+    threads: usize,
+    f: F,
+) {
+    if rows < RAYON_MIN_ROWS || IN_POOL.with(|c| c.get()) {
+        return for_each_chunk(n_items, min_chunk, threads, f);
+    }
+    let Some((threads, _)) = chunking(n_items, min_chunk, threads) else {
+        if n_items > 0 {
+            f(0..n_items);
+        }
+        return;
+    };
+    // The smallest chunks the caller allows, not `for_each_chunk`'s four per thread: with
+    // 64+ rows a chunk is microseconds of work or more (a fetch_add hands it out), and with
+    // four per thread the thread that took the last one ran on alone for up to an eighth of
+    // the product (the cores were idle 10-11% of a QLoRA step on 2 threads with four per
+    // thread, 7-8% with the smallest)
+    let chunk = min_chunk.max(1);
+    let cursor = AtomicUsize::new(0);
+    let work = || loop {
+        let start = cursor.fetch_add(chunk, Ordering::Relaxed);
+        if start >= n_items {
+            break;
+        }
+        f(start..n_items.min(start + chunk));
+    };
+    let work = &work;
+    // `threads` tasks at most, whatever the size of rayon's pool, each taking chunks until
+    // none is left (a task that starts late finds fewer)
+    rayon::scope(|s| {
+        for _ in 1..threads {
+            s.spawn(move |_| work());
+        }
+        work();
+    });
+}
+
+/// The threads to use and the chunk size for `n_items` (see [`for_each_chunk`]); `None` where
+/// one thread does everything.
+fn chunking(n_items: usize, min_chunk: usize, threads: usize) -> Option<(usize, usize)> {
+    if n_items == 0 {
+        return None;
+    }
+    let min_chunk = min_chunk.max(1);
+    let threads = threads.min(n_items / min_chunk).max(1);
+    if threads == 1 {
+        return None;
+    }
+    let n_chunks = threads * (n_items / (min_chunk * threads)).clamp(1, 4);
+    Some((threads, n_items.div_ceil(n_chunks)))
 }
 
 #[cfg(test)]
@@ -344,6 +409,55 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn products_of_many_rows_run_on_rayon_and_visit_every_item_once() {
+        for rows in [1, RAYON_MIN_ROWS - 1, RAYON_MIN_ROWS, 1024] {
+            for threads in 1..=3 {
+                for n in [1usize, 7, 100, 1000] {
+                    let hits: Vec<AtomicUsize> = (0..n).map(|_| AtomicUsize::new(0)).collect();
+                    let on_rayon = AtomicUsize::new(0);
+                    let workers = Mutex::new(std::collections::HashSet::new());
+                    for_each_chunk_rows(rows, n, 3, threads, |r| {
+                        if rayon::current_thread_index().is_some() {
+                            on_rayon.fetch_add(1, Ordering::Relaxed);
+                        }
+                        workers.lock().unwrap().insert(std::thread::current().id());
+                        for i in r {
+                            hits[i].fetch_add(1, Ordering::Relaxed);
+                        }
+                    });
+                    let case = format!("rows={rows} n={n} threads={threads}");
+                    assert!(
+                        hits.iter().all(|h| h.load(Ordering::Relaxed) == 1),
+                        "{case}"
+                    );
+                    // split work goes to rayon exactly when the product is large
+                    let split = threads > 1 && n / 3 > 1;
+                    let expect_rayon = split && rows >= RAYON_MIN_ROWS;
+                    assert_eq!(on_rayon.load(Ordering::Relaxed) > 0, expect_rayon, "{case}");
+                    assert!(workers.lock().unwrap().len() <= threads, "{case}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn panics_on_the_rayon_path_propagate() {
+        let r = std::panic::catch_unwind(|| {
+            for_each_chunk_rows(RAYON_MIN_ROWS, 64, 1, 2, |r| {
+                if r.contains(&40) {
+                    panic!("boom");
+                }
+            })
+        });
+        assert!(r.is_err());
+        let sum = AtomicUsize::new(0);
+        for_each_chunk_rows(RAYON_MIN_ROWS, 64, 1, 2, |r| {
+            sum.fetch_add(r.len(), Ordering::Relaxed);
+        });
+        assert_eq!(sum.load(Ordering::Relaxed), 64);
     }
 
     #[test]
