@@ -8,11 +8,12 @@ a slow spell of a shared host moves every binary alike), and prints per run the 
 (`step_s` in metrics.jsonl, the first two steps left out) and the share of the machine's CPU
 time that was idle (/proc/stat, from the end of the second step to the end of the run). On a
 machine running nothing else, idle time during steps is time the training threads waited for
-one another: serial code on one thread, the tail of a split product, wake-ups. The config's
-`output_dir` is removed before each run. Extra environment (e.g. FERROTUNE_QUANT_ISA=avx2) is
-passed through. Linux only.
+one another: serial code on one thread, the tail of a split product, wake-ups. Extra
+environment (e.g. FERROTUNE_QUANT_ISA=avx2) is passed through. Each run is started with
+`--overwrite`, which removes only an earlier run's files from the config's `output_dir`. Linux
+only.
 """
-import argparse, json, os, shutil, statistics, subprocess, sys, time
+import argparse, json, os, statistics, subprocess, sys, time
 
 
 def cpu_times():
@@ -21,10 +22,17 @@ def cpu_times():
 
 
 def output_dir(cfg):
-    for line in open(cfg):
+    try:
+        lines = open(cfg).read().splitlines()
+    except OSError as e:
+        sys.exit(f"{cfg}: {e.strerror}")
+    for line in lines:
         key, _, value = line.partition("=")
         if key.strip() == "output_dir":
-            return json.loads(value.strip())
+            try:
+                return json.loads(value.strip())
+            except ValueError:
+                sys.exit(f"{cfg}: output_dir is not a quoted string")
     sys.exit(f"{cfg}: no output_dir")
 
 
@@ -34,18 +42,26 @@ def main():
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("exes", nargs="+")
     a = ap.parse_args()
+    if a.rounds < 1:
+        sys.exit("--rounds must be at least 1")
     out = output_dir(a.config)
     metrics = os.path.join(out, "metrics.jsonl")
     res = {e: [] for e in a.exes}
     for _ in range(a.rounds):
         for exe in a.exes:
-            shutil.rmtree(out, ignore_errors=True)
-            p = subprocess.Popen([exe, "train", "--config", a.config],
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            # `--overwrite` removes only an earlier run's files; an earlier metrics file counts
+            # only once this run has written it
+            started = time.time()
+            try:
+                p = subprocess.Popen([exe, "train", "--config", a.config, "--overwrite"],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            except OSError as e:
+                sys.exit(f"{exe}: {e.strerror}")
             start = last = None
             while p.poll() is None:
                 try:
-                    done = sum(1 for l in open(metrics) if '"train"' in l)
+                    fresh = os.stat(metrics).st_mtime >= started
+                    done = sum(1 for l in open(metrics) if '"train"' in l) if fresh else 0
                 except OSError:
                     done = 0
                 if done >= 2:
