@@ -180,6 +180,12 @@ impl Tensor {
             // derivatives but these are out of scope at the moment.
             let do_not_detach = CANDLE_GRAD_DO_NOT_DETACH.with(|b| *b);
             let grad = if do_not_detach { grad } else { grad.detach() };
+            // The layout `GradStore::accumulate` used to give every gradient (vendored change,
+            // see vendor/README.md): contiguous, except where the node only re-views it.
+            let grad = match node.op() {
+                Some(Op::Transpose(..) | Op::Permute(..)) => grad,
+                _ => grad.contiguous()?,
+            };
             if let Some(op) = node.op() {
                 match op {
                     Op::Binary(lhs, rhs, BinaryOp::Add) => {
@@ -725,7 +731,16 @@ impl GradStore {
             }
             Entry::Vacant(entry) => {
                 let first = if grad.shape() == tensor.shape() && grad.dtype() == tensor.dtype() {
-                    grad.contiguous()?
+                    // A variable's gradient is what callers read, so it is made contiguous
+                    // here; an intermediate one when its node's backward op takes it (in
+                    // `backward`), unless that op is a transpose or permute: their backward is a
+                    // view again, and a transposed gradient turns contiguous without a copy (q,
+                    // k and v of every attention layer).
+                    if tensor.is_variable() {
+                        grad.contiguous()?
+                    } else {
+                        grad.clone()
+                    }
                 } else {
                     // what the addition to zeros did: the same error, or the same result
                     tensor.zeros_like()?.add(grad)?

@@ -411,6 +411,64 @@ pub(crate) unsafe fn filled_vec<T: Float>(n: usize, fill: impl FnOnce(&mut [T]))
     v
 }
 
+/// `dst (m × n, row-major) = [dst +] beta · lhs (m × k, row-major) · R` on rayon's threads,
+/// where R's element `(kk, j)` is `rhs[kk * rhs_rs + j * rhs_cs]`. One call of gemm as candle's
+/// matmul makes it, with the sum written into (`accumulate`) the destination instead of added
+/// by a separate pass: `dst + 1 · acc` rounds once, as `dst + (acc)` does. With `accumulate`
+/// off, `dst` is only written (it may be uninitialised memory, see [`filled_vec`]).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm_into(
+    dst: &mut [f32],
+    accumulate: bool,
+    lhs: &[f32],
+    rhs: &[f32],
+    (m, n, k): (usize, usize, usize),
+    (rhs_rs, rhs_cs): (usize, usize),
+    beta: f32,
+) -> Result<()> {
+    let rhs_needed = match (k, n) {
+        (0, _) | (_, 0) => 0,
+        _ => (k - 1) * rhs_rs + (n - 1) * rhs_cs + 1,
+    };
+    if dst.len() != m * n || lhs.len() != m * k || rhs.len() < rhs_needed {
+        bail!(
+            "internal error: product shapes ({m} x {k}) x ({k} x {n}) do not match buffers of {}, {} and {} values",
+            lhs.len(),
+            rhs.len(),
+            dst.len()
+        )
+    }
+    if m == 0 || n == 0 {
+        return Ok(());
+    }
+    // SAFETY: the bounds were checked above (row-major dst and lhs, rhs through its strides);
+    // `dst` is borrowed mutably, so nothing else touches it during the call.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            lhs.as_ptr(),
+            1,
+            k as isize,
+            rhs.as_ptr(),
+            rhs_cs as isize,
+            rhs_rs as isize,
+            if accumulate { 1.0 } else { 0.0 },
+            beta,
+            false,
+            false,
+            false,
+            gemm::Parallelism::Rayon(rayon::current_num_threads()),
+        )
+    }
+    Ok(())
+}
+
 /// [`map_chunks_mut`] without results.
 pub(crate) fn for_each_chunk_mut<T, F>(out: &mut [T], chunk_len: usize, f: F)
 where

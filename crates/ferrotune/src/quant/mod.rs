@@ -600,7 +600,7 @@ impl QuantWeight {
     }
 
     /// `m` rows of `in` values -> `m` rows of `out` values.
-    fn forward_slice(&self, x: &[f32], m: usize) -> candle_core::Result<Vec<f32>> {
+    pub(crate) fn forward_slice(&self, x: &[f32], m: usize) -> candle_core::Result<Vec<f32>> {
         debug_assert_eq!(x.len(), m * self.in_dim);
         match &self.repr {
             Repr::Own { .. } => {
@@ -1023,34 +1023,43 @@ impl QuantWeight {
         let in_dtype = grad_y.dtype();
         let g = grad_y.detach().to_dtype(DType::F32)?.contiguous()?;
         let m = g.elem_count() / self.out_dim;
+        let gx = with_f32_slice(&g, |s| self.backward_input_slice(s, m, method))?;
+        let mut out_dims = dims.to_vec();
+        *out_dims.last_mut().expect("non-empty dims") = self.in_dim;
+        Tensor::from_vec(gx, out_dims, &Device::Cpu)?.to_dtype(in_dtype)
+    }
+
+    /// [`Self::backward_input_with`] on `m` rows of `out` f32 values: `m` rows of `in` values.
+    pub(crate) fn backward_input_slice(
+        &self,
+        gy: &[f32],
+        m: usize,
+        method: BackwardWeights,
+    ) -> candle_core::Result<Vec<f32>> {
+        debug_assert_eq!(gy.len(), m * self.out_dim);
         let transposed = match method {
             BackwardWeights::Exact => None,
             BackwardWeights::Q8Transposed => self.transposed_q8()?,
         };
-        let gx = match transposed {
-            Some(t) => with_f32_slice(&g, |s| {
-                // 8-bit gradient blocks whatever the forward's activation setting (see
-                // `BackwardWeights::Q8Transposed`)
-                // SAFETY: the batched kernels write every one of the m x in values.
-                Ok(unsafe {
-                    written_vec(m * self.in_dim, |gx| {
-                        t.matmul_act::<i8>(
-                            Isa::best(),
-                            ActPrecision::I8,
-                            kernels::narrow_q8_backward(),
-                            num_threads(),
-                            s,
-                            m,
-                            gx,
-                        )
-                    })
+        match transposed {
+            // 8-bit gradient blocks whatever the forward's activation setting (see
+            // `BackwardWeights::Q8Transposed`)
+            // SAFETY: the batched kernels write every one of the m x in values.
+            Some(t) => Ok(unsafe {
+                written_vec(m * self.in_dim, |gx| {
+                    t.matmul_act::<i8>(
+                        Isa::best(),
+                        ActPrecision::I8,
+                        kernels::narrow_q8_backward(),
+                        num_threads(),
+                        gy,
+                        m,
+                        gx,
+                    )
                 })
-            })?,
-            None => with_f32_slice(&g, |s| self.backward_slice(s, m, num_threads()))?,
-        };
-        let mut out_dims = dims.to_vec();
-        *out_dims.last_mut().expect("non-empty dims") = self.in_dim;
-        Tensor::from_vec(gx, out_dims, &Device::Cpu)?.to_dtype(in_dtype)
+            }),
+            None => self.backward_slice(gy, m, num_threads()),
+        }
     }
 
     fn backward_slice(
@@ -1597,7 +1606,7 @@ fn for_column_chunks(
 }
 
 /// Calls `f` with the contiguous f32 data of a CPU tensor.
-fn with_f32_slice<R>(
+pub(crate) fn with_f32_slice<R>(
     t: &Tensor,
     f: impl FnOnce(&[f32]) -> candle_core::Result<R>,
 ) -> candle_core::Result<R> {
