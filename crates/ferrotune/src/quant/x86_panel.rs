@@ -15,14 +15,22 @@
 //! bits, against 29 and 41 for the row-major kernels
 //! (`cargo run --release --example quant_bench -- decode-rows q4_1 1536 576 1`).
 //!
-//! AVX2: the same loop on the two 8-row halves of a panel, 256-bit vectors, `vpmaddubsw` /
-//! `vpmaddwd` for the products. Lane order: 8-bit activations take four whole values per i32
-//! lane, so a Q4 half's 16 bytes hold rows `4h..4h+4` (low nibbles) and `8+4h..8+4h+4` (high
-//! nibbles). 16-bit activations take two values per lane: each row's block sum is spread over
-//! two lanes, and one `vphaddd` of the low- and high-nibble sums folds them into the order of
-//! [`half_rows`]. The scales are fetched in the same order with one `vpermd`, and only the
-//! final stores put rows in place. (AVX2 keeps i16 products: without VNNI a byte split saves
-//! nothing, `vpmaddubsw`'s i16 pair sums needing a `vpmaddwd` to widen them.)
+//! AVX2, 8-bit activations: the same loop on the two 8-row halves of a panel, 256-bit vectors,
+//! `vpmaddubsw` for the products. Lane order: four whole values per i32 lane, so a Q4 half's 16
+//! bytes hold rows `4h..4h+4` (low nibbles) and `8+4h..8+4h+4` (high nibbles), in the order of
+//! [`half_rows`]; the scales are fetched in the same order with one `vpermd`, and only the final
+//! stores put rows in place.
+//!
+//! AVX2, 16-bit activations ([`panel_tile16`]): the whole panel, its bytes read as 16-bit words
+//! (two values of one row each), unpacked with shifts and masks inside the word lanes and
+//! multiplied with `vpmaddwd` against pairs of activation values, so that each row's sum stays
+//! in one lane, in row order. (Without VNNI a byte split as on AVX-512 saves nothing:
+//! `vpmaddubsw`'s i16 pair sums need a `vpmaddwd` to widen them.) Measured on a Zen 4 EPYC
+//! capped at AVX2, one thread, against the half-panel kernel it replaced (which widened each
+//! half's bytes to i16 and summed lane pairs with `vphaddd`): Q4_1 1536 x 576 at 8 rows 53-69
+//! GMAC/s where it ran 49-55, one row 35-50 where it ran 32 (weights in cache); the Q8_0 head
+//! 49152 x 576 one row 34 where it ran 18
+//! (`cargo run --release --example quant_bench -- decode-rows q4_1 1536 576 1`).
 #![allow(clippy::missing_safety_doc, clippy::needless_range_loop)]
 use super::format::{Fmt, QK};
 use super::x86::ActPtrs;
@@ -50,18 +58,14 @@ const fn qbytes(f: u8) -> usize {
     }
 }
 
-/// The panel rows of half `h` in the order of the kernel's lanes.
-const fn half_rows(f: u8, h: usize, a16: bool) -> [usize; 8] {
+/// The panel rows of half `h` in the order of the 8-bit kernel's lanes.
+const fn half_rows(f: u8, h: usize) -> [usize; 8] {
     let (l, u) = if f == F_Q8_0 {
         (8 * h, 8 * h + 4)
     } else {
         (4 * h, 8 + 4 * h)
     };
-    if a16 {
-        [l, l + 1, u, u + 1, l + 2, l + 3, u + 2, u + 3]
-    } else {
-        [l, l + 1, l + 2, l + 3, u, u + 1, u + 2, u + 3]
-    }
+    [l, l + 1, l + 2, l + 3, u, u + 1, u + 2, u + 3]
 }
 
 #[inline(always)]
@@ -72,13 +76,6 @@ unsafe fn load128(p: *const u8) -> __m128i {
 #[inline(always)]
 unsafe fn load256(p: *const u8) -> __m256i {
     _mm256_loadu_si256(p as *const __m256i)
-}
-
-/// `acc + sum of w[i] * a[i]` over pairs of i16, as eight i32 lanes (a pair sum overflows
-/// only for (-32768)^2 * 2; activations stay within +-32767).
-#[inline(always)]
-unsafe fn dot16(acc: __m256i, w: __m256i, a: __m256i) -> __m256i {
-    _mm256_add_epi32(acc, _mm256_madd_epi16(w, a))
 }
 
 /// Prefetch the same block of the next panel (`nb` blocks on): decode streams weights from
@@ -94,10 +91,10 @@ unsafe fn prefetch_next_panel<const F: u8>(blk: *const u8, nb: usize) {
     }
 }
 
-/// Half `h` of the panel at `pp` (`nb` blocks) times `RA` activation rows: the eight f32 sums
-/// per row, in the lane order of [`half_rows`].
+/// Half `h` of the panel at `pp` (`nb` blocks) times `RA` rows of 8-bit activations: the eight
+/// f32 sums per row, in the lane order of [`half_rows`].
 #[inline(always)]
-unsafe fn half_tile<const F: u8, const RA: usize, const A16: bool>(
+unsafe fn half_tile<const F: u8, const RA: usize>(
     pp: *const u8,
     nb: usize,
     h: usize,
@@ -105,7 +102,7 @@ unsafe fn half_tile<const F: u8, const RA: usize, const A16: bool>(
     ads: [*const [f32; 2]; RA],
     prefetch: bool,
 ) -> [__m256; RA] {
-    let ord = half_rows(F, h, A16);
+    let ord = half_rows(F, h);
     // dword (= f16 pair) indices of this half's scales, in lane order
     let idx = _mm256_setr_epi32(
         (ord[0] / 2) as i32,
@@ -118,7 +115,6 @@ unsafe fn half_tile<const F: u8, const RA: usize, const A16: bool>(
         0,
     );
     let nib = _mm256_set1_epi8(0x0F);
-    let nib16 = _mm256_set1_epi16(0x0F);
     let ones = _mm256_set1_epi16(1);
     let shifts = _mm256_setr_epi64x(0, 0, 4, 4);
     let mut facc = [_mm256_setzero_ps(); RA];
@@ -127,49 +123,28 @@ unsafe fn half_tile<const F: u8, const RA: usize, const A16: bool>(
         if prefetch {
             prefetch_next_panel::<F>(blk, nb);
         }
-        let mut iacc = [[_mm256_setzero_si256(); 2]; RA];
+        let mut iacc = [_mm256_setzero_si256(); RA];
         for g in 0..8 {
-            if A16 {
-                let [wl, wh] = if F == F_Q8_0 {
-                    let c = blk.add(g * 64 + 32 * h);
-                    [
-                        _mm256_cvtepi8_epi16(load128(c)),
-                        _mm256_cvtepi8_epi16(load128(c.add(16))),
-                    ]
-                } else {
-                    let x = _mm256_cvtepu8_epi16(load128(blk.add(g * 32 + 16 * h)));
-                    [_mm256_and_si256(x, nib16), _mm256_srli_epi16(x, 4)]
-                };
-                for r in 0..RA {
-                    let a = _mm256_set1_epi64x(
-                        (aq[r].add((b * QK + 4 * g) * 2) as *const i64).read_unaligned(),
-                    );
-                    iacc[r][0] = dot16(iacc[r][0], wl, a);
-                    iacc[r][1] = dot16(iacc[r][1], wh, a);
-                }
+            let w = if F == F_Q8_0 {
+                load256(blk.add(g * 64 + 32 * h))
             } else {
-                let w = if F == F_Q8_0 {
-                    load256(blk.add(g * 64 + 32 * h))
+                // the 16 bytes in both lanes, the upper lane shifted by 4: low nibbles in
+                // the lower lane, high nibbles in the upper one
+                let x = _mm256_broadcastsi128_si256(load128(blk.add(g * 32 + 16 * h)));
+                _mm256_and_si256(_mm256_srlv_epi64(x, shifts), nib)
+            };
+            // Q8_0 is signed x signed: the weight's sign moves onto the activation
+            let wa = if F == F_Q8_0 { _mm256_abs_epi8(w) } else { w };
+            for r in 0..RA {
+                let a =
+                    _mm256_set1_epi32((aq[r].add(b * QK + 4 * g) as *const i32).read_unaligned());
+                iacc[r] = if F == F_Q8_0 {
+                    let pairs = _mm256_maddubs_epi16(wa, _mm256_sign_epi8(a, w));
+                    _mm256_add_epi32(iacc[r], _mm256_madd_epi16(pairs, ones))
                 } else {
-                    // the 16 bytes in both lanes, the upper lane shifted by 4: low nibbles in
-                    // the lower lane, high nibbles in the upper one
-                    let x = _mm256_broadcastsi128_si256(load128(blk.add(g * 32 + 16 * h)));
-                    _mm256_and_si256(_mm256_srlv_epi64(x, shifts), nib)
+                    // i16 lanes: 8 groups x 2 x 15 x 127 < 2^15, widened at the block's end
+                    _mm256_add_epi16(iacc[r], _mm256_maddubs_epi16(w, a))
                 };
-                // Q8_0 is signed x signed: the weight's sign moves onto the activation
-                let wa = if F == F_Q8_0 { _mm256_abs_epi8(w) } else { w };
-                for r in 0..RA {
-                    let a = _mm256_set1_epi32(
-                        (aq[r].add(b * QK + 4 * g) as *const i32).read_unaligned(),
-                    );
-                    iacc[r][0] = if F == F_Q8_0 {
-                        let pairs = _mm256_maddubs_epi16(wa, _mm256_sign_epi8(a, w));
-                        _mm256_add_epi32(iacc[r][0], _mm256_madd_epi16(pairs, ones))
-                    } else {
-                        // i16 lanes: 8 groups x 2 x 15 x 127 < 2^15, widened at the block's end
-                        _mm256_add_epi16(iacc[r][0], _mm256_maddubs_epi16(w, a))
-                    };
-                }
             }
         }
         let dv = scales(blk.add(qbytes(F)), idx);
@@ -179,12 +154,10 @@ unsafe fn half_tile<const F: u8, const RA: usize, const A16: bool>(
             _ => _mm256_setzero_ps(),
         };
         for r in 0..RA {
-            let isum = if A16 {
-                _mm256_hadd_epi32(iacc[r][0], iacc[r][1])
-            } else if F != F_Q8_0 {
-                _mm256_madd_epi16(iacc[r][0], ones)
+            let isum = if F != F_Q8_0 {
+                _mm256_madd_epi16(iacc[r], ones)
             } else {
-                iacc[r][0]
+                iacc[r]
             };
             let [dx, sx] = *ads[r].add(b);
             let t = _mm256_mul_ps(_mm256_cvtepi32_ps(isum), _mm256_set1_ps(dx));
@@ -218,9 +191,9 @@ unsafe fn store_rows(v: __m256, ord: &[usize; 8], o: *mut f32, lim: usize) {
 }
 
 /// `out[r * ldo + c] = W[c, :] . x_r` for the first `ncols` rows of the panels at `w` and every
-/// activation row of `act`, in tiles of up to `MA` activation rows.
+/// 8-bit activation row of `act`, in tiles of up to `MA` activation rows.
 #[inline(always)]
-unsafe fn panels_impl<const F: u8, const MA: usize, const A16: bool>(
+unsafe fn panels_impl<const F: u8, const MA: usize>(
     w: *const u8,
     ncols: usize,
     act: ActPtrs,
@@ -228,12 +201,11 @@ unsafe fn panels_impl<const F: u8, const MA: usize, const A16: bool>(
     ldo: usize,
 ) {
     let nb = act.k / QK;
-    let ab = if A16 { 2 } else { 1 };
     for p in 0..ncols.div_ceil(16) {
         let pp = w.add(p * nb * pbb(F));
         let lim = ncols - 16 * p;
         for h in 0..2 {
-            let ord = half_rows(F, h, A16);
+            let ord = half_rows(F, h);
             if ord.iter().all(|&c| c >= lim) {
                 continue;
             }
@@ -245,11 +217,11 @@ unsafe fn panels_impl<const F: u8, const MA: usize, const A16: bool>(
                         let mut aq = [std::ptr::null(); $ra];
                         let mut ad = [std::ptr::null(); $ra];
                         for j in 0..$ra {
-                            aq[j] = act.qs.add((r0 + j) * act.k * ab);
+                            aq[j] = act.qs.add((r0 + j) * act.k);
                             ad[j] = act.ds.add((r0 + j) * nb);
                         }
                         let pf = h == 0 && r0 == 0;
-                        let f = half_tile::<F, $ra, A16>(pp, nb, h, aq, ad, pf);
+                        let f = half_tile::<F, $ra>(pp, nb, h, aq, ad, pf);
                         for j in 0..$ra {
                             store_rows(f[j], &ord, out.add((r0 + j) * ldo + 16 * p), lim);
                         }
@@ -268,10 +240,190 @@ unsafe fn panels_impl<const F: u8, const MA: usize, const A16: bool>(
     }
 }
 
-/// The AVX2 entry points; `$ma` activation rows per tile (16 vector registers: 4 rows of
-/// accumulators; at 16 bits 4 rows measured 4% faster than 3 despite a few spills).
+// ---- AVX2, 16-bit activations: whole panels on 16-bit words ----
+
+/// The whole panel at `pp` (`nb` blocks) times `RA` rows of 16-bit activations, AVX2: per
+/// activation row two vectors of eight i32 block sums, lane `i` weight row `i` and `8 + i`.
+///
+/// The panel's bytes are read as 16-bit words, two bytes of one weight row each (values `v`
+/// and `v + 1`, `v` = 0 or 2 of the group), so shifts and masks in the word lanes give four
+/// vectors of weights whose adjacent words are one row's values 0 and 2, or 1 and 3 (Q4: low
+/// nibbles rows 0-7, high nibbles rows 8-15; Q8_0: low bytes and high bytes, sign-extended,
+/// of each 32-byte half). `vpmaddwd` against the pairs (`x_0`, `x_2`) and (`x_1`, `x_3`)
+/// broadcast from [`perm_act`]'s copy then leaves every row's sum in one lane: no unpacking
+/// to i16 (the shuffle port), no horizontal adds, and each group's weights are unpacked once
+/// for all 16 rows. The integer sums are exact, and the float steps per lane are
+/// `panel.rs`'s, so the outputs equal every other kernel's bit for bit.
+#[inline(always)]
+unsafe fn panel_tile16<const F: u8, const RA: usize>(
+    pp: *const u8,
+    nb: usize,
+    aq: [*const i16; RA],
+    ads: [*const [f32; 2]; RA],
+    prefetch: bool,
+) -> [[__m256; 2]; RA] {
+    let nib = _mm256_set1_epi16(0x0F);
+    let mut facc = [[_mm256_setzero_ps(); 2]; RA];
+    for b in 0..nb {
+        let blk = pp.add(b * pbb(F));
+        if prefetch {
+            prefetch_next_panel::<F>(blk, nb);
+        }
+        let mut iacc = [[_mm256_setzero_si256(); 2]; RA];
+        for g in 0..8 {
+            // [rows 0-7 values (0, 2), rows 0-7 (1, 3), rows 8-15 (0, 2), rows 8-15 (1, 3)]
+            let w = if F == F_Q8_0 {
+                let x0 = load256(blk.add(g * 64));
+                let x1 = load256(blk.add(g * 64 + 32));
+                [
+                    _mm256_srai_epi16::<8>(_mm256_slli_epi16::<8>(x0)),
+                    _mm256_srai_epi16::<8>(x0),
+                    _mm256_srai_epi16::<8>(_mm256_slli_epi16::<8>(x1)),
+                    _mm256_srai_epi16::<8>(x1),
+                ]
+            } else {
+                let x = load256(blk.add(g * 32));
+                [
+                    _mm256_and_si256(x, nib),
+                    _mm256_and_si256(_mm256_srli_epi16::<8>(x), nib),
+                    _mm256_and_si256(_mm256_srli_epi16::<4>(x), nib),
+                    _mm256_srli_epi16::<12>(x),
+                ]
+            };
+            for r in 0..RA {
+                let at = aq[r].add(b * QK + 4 * g) as *const i32;
+                let a02 = _mm256_set1_epi32(at.read_unaligned());
+                let a13 = _mm256_set1_epi32(at.add(1).read_unaligned());
+                let lo =
+                    _mm256_add_epi32(_mm256_madd_epi16(w[0], a02), _mm256_madd_epi16(w[1], a13));
+                let hi =
+                    _mm256_add_epi32(_mm256_madd_epi16(w[2], a02), _mm256_madd_epi16(w[3], a13));
+                iacc[r][0] = _mm256_add_epi32(iacc[r][0], lo);
+                iacc[r][1] = _mm256_add_epi32(iacc[r][1], hi);
+            }
+        }
+        let sc = blk.add(qbytes(F));
+        let dv = [0, 1].map(|h| _mm256_cvtph_ps(load128(sc.add(16 * h))));
+        let ov = [0, 1].map(|h| match F {
+            F_Q4_1 => _mm256_cvtph_ps(load128(sc.add(32 + 16 * h))),
+            F_Q4_0 => _mm256_mul_ps(dv[h], _mm256_set1_ps(-8.0)),
+            _ => _mm256_setzero_ps(),
+        });
+        for r in 0..RA {
+            let [dx, sx] = *ads[r].add(b);
+            for h in 0..2 {
+                let t = _mm256_mul_ps(_mm256_cvtepi32_ps(iacc[r][h]), _mm256_set1_ps(dx));
+                facc[r][h] = _mm256_fmadd_ps(t, dv[h], facc[r][h]);
+                if F != F_Q8_0 {
+                    facc[r][h] = _mm256_fmadd_ps(ov[h], _mm256_set1_ps(sx), facc[r][h]);
+                }
+            }
+        }
+    }
+    facc
+}
+
+/// Each group of four 16-bit activations `x_0 x_1 x_2 x_3` of `act` as `x_0 x_2 x_1 x_3`, the
+/// pairs [`panel_tile16`] broadcasts, into `dst` (resized to `act.rows * act.k`).
+#[inline(always)]
+unsafe fn perm_act(act: &ActPtrs, dst: &mut Vec<i16>) {
+    let n = act.rows * act.k;
+    dst.resize(n, 0);
+    let src = act.qs as *const i16;
+    let shuf = _mm256_setr_epi8(
+        0, 1, 4, 5, 2, 3, 6, 7, 8, 9, 12, 13, 10, 11, 14, 15, 0, 1, 4, 5, 2, 3, 6, 7, 8, 9, 12, 13,
+        10, 11, 14, 15,
+    );
+    let mut i = 0;
+    while i + 16 <= n {
+        let v = _mm256_loadu_si256(src.add(i) as *const __m256i);
+        _mm256_storeu_si256(
+            dst.as_mut_ptr().add(i) as *mut __m256i,
+            _mm256_shuffle_epi8(v, shuf),
+        );
+        i += 16;
+    }
+    // never reached (`k` is a multiple of 32); it keeps the function right for any length
+    while i + 4 <= n {
+        let g = [
+            *src.add(i),
+            *src.add(i + 2),
+            *src.add(i + 1),
+            *src.add(i + 3),
+        ];
+        dst[i..i + 4].copy_from_slice(&g);
+        i += 4;
+    }
+}
+
+thread_local! {
+    /// Each thread's permuted 16-bit activations, kept between calls.
+    static PERM16: std::cell::Cell<Vec<i16>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// `out[r * ldo + c] = W[c, :] . x_r` for the first `ncols` rows of the panels at `w` and every
+/// 16-bit activation row of `act`, with [`panel_tile16`] in tiles of up to `MA` rows.
+#[inline(always)]
+unsafe fn panels16_impl<const F: u8, const MA: usize>(
+    w: *const u8,
+    ncols: usize,
+    act: ActPtrs,
+    out: *mut f32,
+    ldo: usize,
+) {
+    let nb = act.k / QK;
+    // out of the thread-local for the loop (a closure would lose the target features)
+    let mut perm = PERM16.take();
+    perm_act(&act, &mut perm);
+    for p in 0..ncols.div_ceil(16) {
+        let pp = w.add(p * nb * pbb(F));
+        let lim = (ncols - 16 * p).min(16);
+        let mut r0 = 0;
+        while r0 < act.rows {
+            let g = (act.rows - r0).min(MA);
+            macro_rules! tile {
+                ($ra:literal) => {{
+                    let mut aq = [std::ptr::null(); $ra];
+                    let mut ad = [std::ptr::null(); $ra];
+                    for j in 0..$ra {
+                        aq[j] = perm.as_ptr().add((r0 + j) * act.k);
+                        ad[j] = act.ds.add((r0 + j) * nb);
+                    }
+                    let f = panel_tile16::<F, $ra>(pp, nb, aq, ad, r0 == 0);
+                    for j in 0..$ra {
+                        let o = out.add((r0 + j) * ldo + 16 * p);
+                        if lim == 16 {
+                            _mm256_storeu_ps(o, f[j][0]);
+                            _mm256_storeu_ps(o.add(8), f[j][1]);
+                        } else {
+                            let mut t = [0f32; 16];
+                            _mm256_storeu_ps(t.as_mut_ptr(), f[j][0]);
+                            _mm256_storeu_ps(t.as_mut_ptr().add(8), f[j][1]);
+                            std::ptr::copy_nonoverlapping(t.as_ptr(), o, lim);
+                        }
+                    }
+                }};
+            }
+            match g {
+                1 => tile!(1),
+                2 => tile!(2),
+                3 => tile!(3),
+                _ if MA >= 4 => tile!(4),
+                _ => tile!(3),
+            }
+            r0 += g;
+        }
+    }
+    PERM16.set(perm);
+}
+
+/// The AVX2 entry points: 8-bit activations with [`panels_impl`], 16-bit ones with
+/// [`panels16_impl`]; 4 activation rows per tile (16 vector registers: 8 accumulators at 16
+/// bits, plus the group's four weight vectors; on a Zen 4 capped at AVX2, 8 rows of Q4_1
+/// 1536 x 576 and of the Q8_0 head 49152 x 576 ran at or above 3-row tiles, whose extra tile
+/// per 8 rows costs another unpack of every group).
 macro_rules! panel_entry {
-    ($a16:literal, $ma:literal, $name:ident) => {
+    ($impl:ident, $name:ident) => {
         #[target_feature(enable = "avx2,fma,f16c")]
         pub(crate) unsafe fn $name(
             fmt: Fmt,
@@ -282,16 +434,16 @@ macro_rules! panel_entry {
             ldo: usize,
         ) {
             match fmt {
-                Fmt::Q4_0 => panels_impl::<F_Q4_0, $ma, $a16>(w, ncols, act, out, ldo),
-                Fmt::Q4_1 => panels_impl::<F_Q4_1, $ma, $a16>(w, ncols, act, out, ldo),
-                Fmt::Q8_0 => panels_impl::<F_Q8_0, $ma, $a16>(w, ncols, act, out, ldo),
+                Fmt::Q4_0 => $impl::<F_Q4_0, 4>(w, ncols, act, out, ldo),
+                Fmt::Q4_1 => $impl::<F_Q4_1, 4>(w, ncols, act, out, ldo),
+                Fmt::Q8_0 => $impl::<F_Q8_0, 4>(w, ncols, act, out, ldo),
             }
         }
     };
 }
 
-panel_entry!(false, 4, panels_avx2);
-panel_entry!(true, 4, panels16_avx2);
+panel_entry!(panels_impl, panels_avx2);
+panel_entry!(panels16_impl, panels16_avx2);
 
 // ---- AVX-512: a whole panel per 512-bit vector ----
 
