@@ -256,21 +256,25 @@ async fn auth(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Resp
     if st.cfg.api_keys.is_empty() {
         return next.run(req).await;
     }
+    // A value that is not visible ASCII holds no key we issued: a wrong key, not a missing one.
     let given = req
         .headers()
         .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .map(bearer_token);
+        .map(|v| v.to_str().map(bearer_token));
     match given {
         None => ApiError::unauthorized(
             "no API key: send it as `Authorization: Bearer KEY` (this server was started with --api-key)",
         )
         .into_response(),
-        Some(None) => ApiError::unauthorized(
+        Some(Err(_)) => ApiError::unauthorized(
+            "incorrect API key (the Authorization header holds bytes other than visible ASCII)",
+        )
+        .into_response(),
+        Some(Ok(None)) => ApiError::unauthorized(
             "the Authorization header is not `Bearer KEY`: send the API key as `Authorization: Bearer KEY`",
         )
         .into_response(),
-        Some(Some(k)) => {
+        Some(Ok(Some(k))) => {
             if st.cfg.api_keys.iter().any(|key| same_secret(key, k)) {
                 next.run(req).await
             } else {

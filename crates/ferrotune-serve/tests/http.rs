@@ -513,6 +513,16 @@ fn api_key_required_on_v1_only() {
         None,
     );
     assert_eq!(r.status, 200);
+    // A key in bytes other than visible ASCII is a wrong key, not a missing one.
+    let r = request(
+        srv.addr,
+        "GET",
+        "/v1/models",
+        &[("Authorization", "Bearer s\u{e9}krit")],
+        None,
+    );
+    assert_error(&r, 401, Some("invalid_api_key"));
+    assert!(r.body.contains("incorrect API key"), "{}", r.body);
     // Probes and scrapers need no key.
     assert_eq!(get(srv.addr, "/health").status, 200);
     assert_eq!(get(srv.addr, "/metrics").status, 200);

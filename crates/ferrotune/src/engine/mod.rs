@@ -158,9 +158,9 @@ impl Mat {
 /// decode steps of the other sequences (`mixed_steps`: one pass over the weights for both).
 /// Measured on a Zen 4 capped at AVX2, 2 threads, 16-bit activations, SmolLM2's Q4_1 shapes:
 /// 1.1-1.4x the GEMM at 8-30 rows, 0.83-0.97x at 64-512 rows (a long prompt's prefill); on
-/// AVX-512 as fast for long prompts. The panels' arithmetic is bit-identical on every level,
-/// so a prompt also gives the same logits on an AVX2 and an AVX-512 CPU. Fixed per process,
-/// so every chunk of every prompt uses the same arithmetic. (The portable level keeps the
+/// AVX-512 as fast for long prompts. (The panels' products are bit-identical on every level,
+/// so a prompt's projections no longer differ between AVX2 and AVX-512 CPUs; attention's sums
+/// still may.) Fixed per process, so every chunk of every prompt uses the same arithmetic. (The portable level keeps the
 /// GEMM's matrix-vector arithmetic: its panel kernel is the slow reference.)
 pub(crate) fn prefill_on_panels() -> bool {
     matches!(Isa::best(), Isa::Avx2 | Isa::Avx512)
