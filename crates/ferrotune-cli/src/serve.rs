@@ -108,8 +108,9 @@ fn parse_adapter(s: &str) -> Result<(String, PathBuf)> {
 fn api_keys(a: &ServeArgs) -> Result<Vec<String>> {
     let mut keys = Vec::new();
     for k in &a.api_key {
-        if k.trim().is_empty() || k.chars().any(char::is_control) {
-            bail!("--api-key: a key must be non-empty printable text");
+        // HTTP header values carry visible ASCII only: another key could never be sent
+        if k.trim().is_empty() || !k.is_ascii() || k.chars().any(char::is_control) {
+            bail!("--api-key: a key must be non-empty visible ASCII text (HTTP headers carry no other characters)");
         }
         keys.push(k.trim().to_string());
     }
@@ -130,8 +131,12 @@ fn api_keys(a: &ServeArgs) -> Result<Vec<String>> {
             if k.is_empty() || k.starts_with('#') {
                 continue;
             }
-            if k.chars().any(char::is_control) {
-                bail!("{}:{}: a key must be printable text", f.display(), i + 1);
+            if !k.is_ascii() || k.chars().any(char::is_control) {
+                bail!(
+                    "{}:{}: a key must be visible ASCII text (HTTP headers carry no other characters)",
+                    f.display(),
+                    i + 1
+                );
             }
             keys.push(k.to_string());
         }

@@ -17,6 +17,8 @@ fn serve_refuses_bad_flags_in_one_line() {
     let m = arg(&model);
     for (flags, says) in [
         (vec!["--adapter", "noequals"], "expected NAME=DIR"),
+        (vec!["--api-key", "s\u{e9}krit"], "visible ASCII"),
+        (vec!["--api-key", " "], "visible ASCII"),
         (vec!["--adapter", "a=/no/such/dir"], "no such folder"),
         (vec!["--host", "localhost:80"], "expected an IP address"),
         (vec!["--max-concurrent", "0"], "--max-concurrent 0"),
