@@ -27,8 +27,8 @@
 //! in one lane, in row order. (Without VNNI a byte split as on AVX-512 saves nothing:
 //! `vpmaddubsw`'s i16 pair sums need a `vpmaddwd` to widen them.) Measured on a Zen 4 EPYC
 //! capped at AVX2, one thread, against the half-panel kernel it replaced (which widened each
-//! half's bytes to i16 and summed lane pairs with `vphaddd`): Q4_1 1536 x 576 at 8 rows 53-69
-//! GMAC/s where it ran 49-55, one row 35-50 where it ran 32 (weights in cache); the Q8_0 head
+//! half's bytes to i16 and summed lane pairs with `vphaddd`): Q4_1 1536 x 576 at 8 rows 50-69
+//! GMAC/s where it ran 49-55, one row 38-50 where it ran 32 (weights in cache); the Q8_0 head
 //! 49152 x 576 one row 34 where it ran 18
 //! (`cargo run --release --example quant_bench -- decode-rows q4_1 1536 576 1`).
 #![allow(clippy::missing_safety_doc, clippy::needless_range_loop)]
